@@ -1,0 +1,51 @@
+//! [`ContainerDriver`]: where a session's worker comes from.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::ids::SessionId;
+
+/// How to reach a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerEndpoint {
+    /// Stable id of the worker (container id, pod name, or the static URL).
+    pub worker_id: String,
+    /// Base URL of its HTTP API, without a trailing slash (`http://10.0.0.5:8080`).
+    pub base_url: String,
+}
+
+/// A worker as listed by a driver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// Where it is.
+    pub endpoint: WorkerEndpoint,
+    /// The session it serves, if it is per session.
+    pub session_id: Option<SessionId>,
+    /// Whether its last health check passed.
+    pub healthy: bool,
+}
+
+/// Gives each session a worker: a fixed URL, a container, or a pod.
+///
+/// Errors: `Unavailable` when the engine or API cannot be reached, `RateLimited` on a quota,
+/// `NotFound` when the worker image is missing, each with a message that says what to fix.
+#[async_trait]
+pub trait ContainerDriver: Send + Sync + 'static {
+    /// Short name (`static`, `docker`, `k8s`).
+    fn name(&self) -> &str;
+
+    /// A healthy worker for `session_id`: reused if one exists and answers `/health`, created
+    /// otherwise. Concurrent calls for one session create at most one worker.
+    async fn get_worker(&self, session_id: &SessionId) -> Result<WorkerEndpoint>;
+
+    /// Lets the worker of `session_id` go (stop it, or forget it). Releasing an unknown
+    /// session is not an error.
+    async fn release(&self, session_id: &SessionId) -> Result<()>;
+
+    /// Whether the worker answers its `/health` within the driver's timeout.
+    async fn is_healthy(&self, endpoint: &WorkerEndpoint) -> bool;
+
+    /// The workers this driver knows, including ones adopted after a restart.
+    async fn list(&self) -> Result<Vec<WorkerInfo>>;
+}

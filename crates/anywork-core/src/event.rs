@@ -1,0 +1,407 @@
+//! [`TaskEvent`]: the one event format of AnyWork.
+//!
+//! The same JSON object travels as a worker SSE `data:` line, is stored as a task log and is
+//! relayed to WebSocket clients: `{"type": "...", "content": "...", "metadata": {...}}`, the
+//! shape the original AnyWork used. [`TaskEvent`] is the typed view of it; [`WireEvent`] the
+//! raw one. Types this version does not know are kept as [`TaskEvent::Other`], so a newer
+//! worker never loses events on an older server.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::status::TaskStatus;
+use crate::task::TokenUsage;
+
+/// The raw event object: a type name, a text content and free-form metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireEvent {
+    /// Event type (`text`, `tool_call`, ...).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The main text of the event (text, tool name, result, error message).
+    #[serde(default)]
+    pub content: String,
+    /// Everything else, as a JSON object.
+    #[serde(default = "empty_object")]
+    pub metadata: Value,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Map::new())
+}
+
+/// One thing that happened while a task ran.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "WireEvent", into = "WireEvent")]
+#[non_exhaustive]
+pub enum TaskEvent {
+    /// Assistant text (a whole block or a streamed piece). Wire: `text`, content = text.
+    Text {
+        /// The text.
+        text: String,
+    },
+    /// Model reasoning shown to the user. Wire: `thinking`, content = text.
+    Thinking {
+        /// The text.
+        text: String,
+    },
+    /// The agent calls a tool. Wire: `tool_call`, content = tool name, metadata `{id, input}`.
+    ToolCall {
+        /// Tool-use id that the matching [`TaskEvent::ToolResult`] names.
+        id: String,
+        /// Tool name (`Bash`, `mcp__calc__add`).
+        name: String,
+        /// Tool arguments.
+        input: Value,
+    },
+    /// A tool's answer. Wire: `tool_result`, content = output, metadata `{tool_use_id, is_error}`.
+    ToolResult {
+        /// The id of the call this answers.
+        tool_use_id: String,
+        /// Output text.
+        content: String,
+        /// Whether the tool failed.
+        is_error: bool,
+    },
+    /// The agent waits for the user. Wire: `input_required`, content = prompt.
+    InputRequired(InputRequest),
+    /// Token usage so far. Wire: `usage`, metadata `{usage, cost_usd?}`.
+    Usage {
+        /// Tokens counted.
+        usage: TokenUsage,
+        /// Cost in US dollars, when known.
+        cost_usd: Option<f64>,
+    },
+    /// The task's status changed. Wire: `status`, content = the status name.
+    Status {
+        /// New status.
+        status: TaskStatus,
+    },
+    /// A problem worth showing; not terminal by itself. Wire: `error`, content = message.
+    Error {
+        /// What went wrong, for people.
+        message: String,
+        /// A stable code, when there is one (`api_error`, `max_turns`).
+        code: Option<String>,
+    },
+    /// The run is over: exactly one per run, always last. Wire: `done`, content = result text.
+    Done(TaskOutcome),
+    /// An event type this version does not know, kept as it came.
+    Other(WireEvent),
+}
+
+/// How a run ended, carried by [`TaskEvent::Done`] and stored on the task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskOutcome {
+    /// `completed`, `failed` or `canceled`; `completed` when absent, as the original worker's
+    /// `done` event has no status.
+    #[serde(default = "completed_status")]
+    pub status: TaskStatus,
+    /// Final answer text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    /// Structured output, when the agent produced one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub structured_output: Option<Value>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Cost in US dollars, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    /// Tokens used by the whole run.
+    #[serde(default)]
+    pub usage: TokenUsage,
+    /// Model turns taken.
+    #[serde(default)]
+    pub num_turns: u32,
+    /// Wall-clock time of the run.
+    #[serde(default)]
+    pub duration_ms: u64,
+}
+
+fn completed_status() -> TaskStatus {
+    TaskStatus::Completed
+}
+
+impl TaskOutcome {
+    /// A completed outcome with `result`.
+    pub fn completed(result: impl Into<String>) -> Self {
+        Self {
+            status: TaskStatus::Completed,
+            result: Some(result.into()),
+            ..Self::empty(TaskStatus::Completed)
+        }
+    }
+
+    /// A failed outcome with `error`.
+    pub fn failed(error: impl Into<String>) -> Self {
+        Self {
+            error: Some(error.into()),
+            ..Self::empty(TaskStatus::Failed)
+        }
+    }
+
+    /// A canceled outcome.
+    pub fn canceled() -> Self {
+        Self::empty(TaskStatus::Canceled)
+    }
+
+    fn empty(status: TaskStatus) -> Self {
+        Self {
+            status,
+            result: None,
+            structured_output: None,
+            error: None,
+            cost_usd: None,
+            usage: TokenUsage::default(),
+            num_turns: 0,
+            duration_ms: 0,
+        }
+    }
+}
+
+/// What kind of answer an [`InputRequest`] wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputKind {
+    /// A free-text answer to a question.
+    Question,
+    /// Allow or deny a tool call.
+    Permission,
+}
+
+/// The agent asks the user something and waits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputRequest {
+    /// Id to quote in the [`InputResponse`].
+    pub request_id: String,
+    /// Question or permission.
+    pub kind: InputKind,
+    /// Text to show.
+    #[serde(skip)]
+    pub prompt: String,
+    /// For permissions: the tool that wants to run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_name: Option<String>,
+    /// For permissions: the tool's arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<Value>,
+    /// Suggested answers, if any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<String>,
+}
+
+/// The user's answer to an [`InputRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputResponse {
+    /// The request answered.
+    pub request_id: String,
+    /// Free-text answer (questions), or a reason (denied permissions).
+    #[serde(default)]
+    pub answer: String,
+    /// For permissions: allow (`true`) or deny (`false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<bool>,
+}
+
+impl TaskEvent {
+    /// The wire type name (`text`, `tool_call`, ...).
+    pub fn kind(&self) -> &str {
+        match self {
+            TaskEvent::Text { .. } => "text",
+            TaskEvent::Thinking { .. } => "thinking",
+            TaskEvent::ToolCall { .. } => "tool_call",
+            TaskEvent::ToolResult { .. } => "tool_result",
+            TaskEvent::InputRequired(_) => "input_required",
+            TaskEvent::Usage { .. } => "usage",
+            TaskEvent::Status { .. } => "status",
+            TaskEvent::Error { .. } => "error",
+            TaskEvent::Done(_) => "done",
+            TaskEvent::Other(w) => &w.kind,
+        }
+    }
+
+    /// Whether this event ends a run.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, TaskEvent::Done(_))
+    }
+
+    /// Shorthand for a [`TaskEvent::Text`].
+    pub fn text(text: impl Into<String>) -> Self {
+        TaskEvent::Text { text: text.into() }
+    }
+
+    /// Shorthand for a [`TaskEvent::Error`] without a code.
+    pub fn error(message: impl Into<String>) -> Self {
+        TaskEvent::Error {
+            message: message.into(),
+            code: None,
+        }
+    }
+
+    /// The raw form of this event.
+    pub fn to_wire(&self) -> WireEvent {
+        self.clone().into()
+    }
+}
+
+fn meta<T: Serialize>(value: T) -> Value {
+    serde_json::to_value(value).unwrap_or_else(|_| empty_object())
+}
+
+#[derive(Serialize, Deserialize)]
+struct ToolCallMeta {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    input: Value,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ToolResultMeta {
+    #[serde(default)]
+    tool_use_id: String,
+    #[serde(default)]
+    is_error: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct UsageMeta {
+    #[serde(default)]
+    usage: TokenUsage,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cost_usd: Option<f64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ErrorMeta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    code: Option<String>,
+}
+
+impl From<TaskEvent> for WireEvent {
+    fn from(event: TaskEvent) -> Self {
+        let (kind, content, metadata) = match event {
+            TaskEvent::Text { text } => ("text", text, empty_object()),
+            TaskEvent::Thinking { text } => ("thinking", text, empty_object()),
+            TaskEvent::ToolCall { id, name, input } => {
+                ("tool_call", name, meta(ToolCallMeta { id, input }))
+            }
+            TaskEvent::ToolResult {
+                tool_use_id,
+                content,
+                is_error,
+            } => (
+                "tool_result",
+                content,
+                meta(ToolResultMeta {
+                    tool_use_id,
+                    is_error,
+                }),
+            ),
+            TaskEvent::InputRequired(req) => {
+                let prompt = req.prompt.clone();
+                ("input_required", prompt, meta(req))
+            }
+            TaskEvent::Usage { usage, cost_usd } => {
+                ("usage", String::new(), meta(UsageMeta { usage, cost_usd }))
+            }
+            TaskEvent::Status { status } => ("status", status.as_str().to_owned(), empty_object()),
+            TaskEvent::Error { message, code } => ("error", message, meta(ErrorMeta { code })),
+            TaskEvent::Done(mut outcome) => {
+                let content = outcome.result.take().unwrap_or_default();
+                ("done", content, meta(outcome))
+            }
+            TaskEvent::Other(wire) => return wire,
+        };
+        WireEvent {
+            kind: kind.to_owned(),
+            content,
+            metadata,
+        }
+    }
+}
+
+impl TryFrom<WireEvent> for TaskEvent {
+    type Error = Error;
+
+    fn try_from(wire: WireEvent) -> Result<Self> {
+        fn parse<T: serde::de::DeserializeOwned>(kind: &str, metadata: Value) -> Result<T> {
+            let metadata = if metadata.is_null() {
+                empty_object()
+            } else {
+                metadata
+            };
+            serde_json::from_value(metadata).map_err(|e| {
+                Error::invalid_input(format!("`{kind}` event has invalid metadata: {e}"))
+            })
+        }
+        let WireEvent {
+            kind,
+            content,
+            metadata,
+        } = wire;
+        Ok(match kind.as_str() {
+            "text" => TaskEvent::Text { text: content },
+            "thinking" => TaskEvent::Thinking { text: content },
+            "tool_call" => {
+                let m: ToolCallMeta = parse(&kind, metadata)?;
+                TaskEvent::ToolCall {
+                    id: m.id,
+                    name: content,
+                    input: m.input,
+                }
+            }
+            "tool_result" => {
+                let m: ToolResultMeta = parse(&kind, metadata)?;
+                TaskEvent::ToolResult {
+                    tool_use_id: m.tool_use_id,
+                    content,
+                    is_error: m.is_error,
+                }
+            }
+            "input_required" => {
+                let mut req: InputRequest = parse(&kind, metadata)?;
+                req.prompt = content;
+                TaskEvent::InputRequired(req)
+            }
+            "usage" => {
+                let m: UsageMeta = parse(&kind, metadata)?;
+                TaskEvent::Usage {
+                    usage: m.usage,
+                    cost_usd: m.cost_usd,
+                }
+            }
+            "status" => TaskEvent::Status {
+                status: content.parse()?,
+            },
+            "error" => {
+                let m: ErrorMeta = parse(&kind, metadata)?;
+                TaskEvent::Error {
+                    message: content,
+                    code: m.code,
+                }
+            }
+            "done" => {
+                let mut outcome: TaskOutcome = parse(&kind, metadata)?;
+                if !outcome.status.is_terminal() {
+                    return Err(Error::invalid_input(format!(
+                        "`done` event has non-terminal status {}",
+                        outcome.status
+                    )));
+                }
+                if !content.is_empty() {
+                    outcome.result = Some(content);
+                }
+                TaskEvent::Done(outcome)
+            }
+            _ => TaskEvent::Other(WireEvent {
+                kind,
+                content,
+                metadata,
+            }),
+        })
+    }
+}

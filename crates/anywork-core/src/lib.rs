@@ -1,0 +1,40 @@
+//! The contract of AnyWork: domain types, the wire format and the four traits every
+//! implementation plugs into.
+//!
+//! This crate does no I/O and depends on nothing heavy, so that an embedder can implement a
+//! [`Channel`], [`ContainerDriver`], [`TaskStore`] or [`Executor`] without pulling in a
+//! database driver, an HTTP stack or a container client.
+//!
+//! - [`session`], [`task`], [`log`]: what is stored ([`Session`], [`Task`], [`TaskLog`]).
+//! - [`status`]: [`TaskStatus`] and the one function that says which transitions are legal.
+//! - [`event`]: [`TaskEvent`], the event stream shared by worker SSE, task logs and WebSocket.
+//! - [`ws`]: the WebSocket client/server messages, spelled as the original AnyWork spells them.
+//! - [`spec`]: what a task asks the worker to set up ([`SkillSpec`], [`McpServerConfig`]).
+//! - [`error`]: the one [`Error`] type, with a matchable [`ErrorKind`].
+
+pub mod channel;
+pub mod driver;
+pub mod error;
+pub mod event;
+pub mod executor;
+pub mod ids;
+pub mod log;
+pub mod session;
+pub mod spec;
+pub mod status;
+pub mod store;
+pub mod task;
+pub mod ws;
+
+pub use channel::{Channel, ChannelDefaults, Inbound, InboundRequest};
+pub use driver::{ContainerDriver, WorkerEndpoint, WorkerInfo};
+pub use error::{Error, ErrorKind, Result};
+pub use event::{InputKind, InputRequest, InputResponse, TaskEvent, TaskOutcome, WireEvent};
+pub use executor::{EventStream, Execution, ExecutionControl, ExecutionRequest, Executor};
+pub use ids::{SessionId, TaskId, Timestamp};
+pub use log::{NewTaskLog, TaskLog};
+pub use session::{NewSession, Page, Session, SessionSummary};
+pub use spec::{McpServerConfig, SkillSpec};
+pub use status::TaskStatus;
+pub use store::TaskStore;
+pub use task::{Lease, NewTask, PushNotification, Task, TaskChange, TaskRequest, TokenUsage};

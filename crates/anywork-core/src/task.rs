@@ -1,0 +1,406 @@
+//! Tasks: one unit of agent work in a session.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::event::TaskOutcome;
+use crate::ids::{SessionId, TaskId, Timestamp};
+use crate::spec::{McpServers, SkillSpec, validate_mcp_servers};
+use crate::status::TaskStatus;
+
+/// Where to POST the outcome when a task ends (a webhook's `callback_url`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushNotification {
+    /// URL to POST to.
+    pub url: String,
+    /// Value of the `Authorization` header, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<String>,
+}
+
+/// Tokens counted by the model API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TokenUsage {
+    /// Prompt tokens, cache excluded.
+    #[serde(default)]
+    pub input_tokens: u64,
+    /// Generated tokens.
+    #[serde(default)]
+    pub output_tokens: u64,
+    /// Tokens written to the prompt cache.
+    #[serde(default)]
+    pub cache_creation_input_tokens: u64,
+    /// Tokens read from the prompt cache.
+    #[serde(default)]
+    pub cache_read_input_tokens: u64,
+}
+
+impl TokenUsage {
+    /// Adds `other` to `self` (saturating).
+    pub fn add(&mut self, other: &TokenUsage) {
+        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+        self.cache_creation_input_tokens = self
+            .cache_creation_input_tokens
+            .saturating_add(other.cache_creation_input_tokens);
+        self.cache_read_input_tokens = self
+            .cache_read_input_tokens
+            .saturating_add(other.cache_read_input_tokens);
+    }
+}
+
+/// Who is running a task, and until when, so that a crashed server's tasks can be found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// Server instance holding the task.
+    pub owner: String,
+    /// After this time, anyone may take the task over.
+    pub expires_at: Timestamp,
+}
+
+/// A stored task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    /// Id (UUID v7).
+    pub id: TaskId,
+    /// The session it belongs to.
+    pub session_id: SessionId,
+    /// The channel it came from (`webchat`, `github`, ...).
+    pub channel_type: String,
+    /// Channel-specific data needed to deliver the answer (repo and issue, Slack thread).
+    pub channel_meta: Value,
+    /// Where it is in its life.
+    pub status: TaskStatus,
+    /// The user's message.
+    pub message: String,
+    /// Skills the worker sets up before the run.
+    pub skills: Vec<SkillSpec>,
+    /// MCP servers the worker sets up before the run.
+    pub mcp_servers: McpServers,
+    /// Final answer text.
+    pub result: Option<String>,
+    /// Structured output, when the agent produced one.
+    pub structured_output: Option<Value>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Cost in US dollars, when known.
+    pub cost_usd: Option<f64>,
+    /// Tokens used.
+    pub usage: TokenUsage,
+    /// Model turns taken.
+    pub num_turns: u32,
+    /// Run time of the worker.
+    pub duration_ms: Option<u64>,
+    /// The worker that ran it.
+    pub worker_id: Option<String>,
+    /// Where to POST the outcome.
+    pub push_notification: Option<PushNotification>,
+    /// The current lease, while running.
+    pub lease: Option<Lease>,
+    /// When it was submitted.
+    pub created_at: Timestamp,
+    /// When it first started running.
+    pub started_at: Option<Timestamp>,
+    /// When it reached a terminal status.
+    pub finished_at: Option<Timestamp>,
+}
+
+/// A request for work, as a channel or the API produces it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRequest {
+    /// An existing session to continue; `None` finds one by `channel_key` or creates one.
+    #[serde(default)]
+    pub session_id: Option<SessionId>,
+    /// The channel it came from.
+    pub channel_type: String,
+    /// A key that finds the session again (`owner/repo#12`, a Slack thread).
+    #[serde(default)]
+    pub channel_key: Option<String>,
+    /// Channel-specific delivery data.
+    #[serde(default)]
+    pub channel_meta: Value,
+    /// The user's message.
+    pub message: String,
+    /// Skills for the worker.
+    #[serde(default)]
+    pub skills: Vec<SkillSpec>,
+    /// MCP servers for the worker.
+    #[serde(default)]
+    pub mcp_servers: McpServers,
+    /// Where to POST the outcome.
+    #[serde(default)]
+    pub push_notification: Option<PushNotification>,
+}
+
+impl TaskRequest {
+    /// The longest message accepted, in bytes.
+    pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+    /// A plain request with just a message.
+    pub fn new(channel_type: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            session_id: None,
+            channel_type: channel_type.into(),
+            channel_key: None,
+            channel_meta: Value::Null,
+            message: message.into(),
+            skills: Vec::new(),
+            mcp_servers: McpServers::new(),
+            push_notification: None,
+        }
+    }
+
+    /// Checks the request before anything is stored.
+    pub fn validate(&self) -> Result<()> {
+        if self.message.trim().is_empty() {
+            return Err(Error::invalid_input("`message` must not be empty"));
+        }
+        if self.message.len() > Self::MAX_MESSAGE_BYTES {
+            return Err(Error::invalid_input(format!(
+                "`message` is longer than {} bytes",
+                Self::MAX_MESSAGE_BYTES
+            )));
+        }
+        crate::spec::validate_name("channel type", &self.channel_type)?;
+        for skill in &self.skills {
+            skill.validate()?;
+        }
+        validate_mcp_servers(&self.mcp_servers)
+    }
+}
+
+/// What a store needs to create a task (status starts as `pending`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewTask {
+    /// Id to use; [`TaskId::generate`] by default.
+    pub id: TaskId,
+    /// An existing session.
+    pub session_id: SessionId,
+    /// The channel it came from.
+    pub channel_type: String,
+    /// Channel-specific delivery data.
+    pub channel_meta: Value,
+    /// The user's message.
+    pub message: String,
+    /// Skills for the worker.
+    pub skills: Vec<SkillSpec>,
+    /// MCP servers for the worker.
+    pub mcp_servers: McpServers,
+    /// Where to POST the outcome.
+    pub push_notification: Option<PushNotification>,
+    /// Submission time.
+    pub created_at: Timestamp,
+}
+
+impl NewTask {
+    /// A task in `session_id` built from `request`, created now.
+    pub fn from_request(session_id: SessionId, request: TaskRequest) -> Self {
+        Self {
+            id: TaskId::generate(),
+            session_id,
+            channel_type: request.channel_type,
+            channel_meta: request.channel_meta,
+            message: request.message,
+            skills: request.skills,
+            mcp_servers: request.mcp_servers,
+            push_notification: request.push_notification,
+            created_at: Timestamp::now(),
+        }
+    }
+
+    /// The task as stored right after creation.
+    pub fn into_task(self) -> Task {
+        Task {
+            id: self.id,
+            session_id: self.session_id,
+            channel_type: self.channel_type,
+            channel_meta: self.channel_meta,
+            status: TaskStatus::Pending,
+            message: self.message,
+            skills: self.skills,
+            mcp_servers: self.mcp_servers,
+            result: None,
+            structured_output: None,
+            error: None,
+            cost_usd: None,
+            usage: TokenUsage::default(),
+            num_turns: 0,
+            duration_ms: None,
+            worker_id: None,
+            push_notification: self.push_notification,
+            lease: None,
+            created_at: self.created_at,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+}
+
+/// A status change with the fields that go with it, applied by
+/// [`TaskStore::update_task`](crate::TaskStore::update_task) as one compare-and-set.
+///
+/// Applying it ([`TaskChange::apply`]) also keeps the timestamps and the lease right:
+/// `started_at` is set the first time a task runs, `finished_at` and lease removal happen on
+/// terminal statuses, and going back to `pending` drops the lease.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskChange {
+    /// The new status.
+    pub status: TaskStatus,
+    /// When the change happened.
+    pub at: Timestamp,
+    /// Sets the worker that runs the task.
+    pub worker_id: Option<String>,
+    /// Sets the lease (only kept while the task is active).
+    pub lease: Option<Lease>,
+    /// Copies result, error, cost, usage, turns and duration.
+    pub outcome: Option<TaskOutcome>,
+    /// Sets the error without a whole outcome (e.g. a recovered task that failed).
+    pub error: Option<String>,
+}
+
+impl TaskChange {
+    /// A change to `status`, now.
+    pub fn to(status: TaskStatus) -> Self {
+        Self {
+            status,
+            at: Timestamp::now(),
+            worker_id: None,
+            lease: None,
+            outcome: None,
+            error: None,
+        }
+    }
+
+    /// The change that records `outcome` (its status included).
+    pub fn finish(outcome: TaskOutcome) -> Self {
+        Self {
+            outcome: Some(outcome.clone()),
+            ..Self::to(outcome.status)
+        }
+    }
+
+    /// Sets the time of the change.
+    pub fn at(mut self, at: Timestamp) -> Self {
+        self.at = at;
+        self
+    }
+
+    /// Sets the worker id.
+    pub fn worker(mut self, worker_id: impl Into<String>) -> Self {
+        self.worker_id = Some(worker_id.into());
+        self
+    }
+
+    /// Sets the lease.
+    pub fn lease(mut self, owner: impl Into<String>, expires_at: Timestamp) -> Self {
+        self.lease = Some(Lease {
+            owner: owner.into(),
+            expires_at,
+        });
+        self
+    }
+
+    /// Sets the error text.
+    pub fn error(mut self, error: impl Into<String>) -> Self {
+        self.error = Some(error.into());
+        self
+    }
+
+    /// Applies the change to `task` after checking that `task.status` may become
+    /// `self.status`. Stores call this so that every backend has the same semantics.
+    pub fn apply(&self, task: &mut Task) -> Result<()> {
+        task.status.check_transition(self.status)?;
+        if let Some(outcome) = &self.outcome
+            && outcome.status != self.status
+        {
+            return Err(Error::invalid_input(format!(
+                "outcome status {} does not match the new status {}",
+                outcome.status, self.status
+            )));
+        }
+        task.status = self.status;
+        if let Some(w) = &self.worker_id {
+            task.worker_id = Some(w.clone());
+        }
+        if self.status == TaskStatus::Running && task.started_at.is_none() {
+            task.started_at = Some(self.at);
+        }
+        if let Some(lease) = &self.lease {
+            task.lease = Some(lease.clone());
+        }
+        if self.status.is_terminal() || self.status == TaskStatus::Pending {
+            task.lease = None;
+        }
+        if self.status.is_terminal() {
+            task.finished_at = Some(self.at);
+        }
+        if let Some(o) = &self.outcome {
+            task.result = o.result.clone();
+            task.structured_output = o.structured_output.clone();
+            task.error = o.error.clone();
+            task.cost_usd = o.cost_usd;
+            task.usage = o.usage;
+            task.num_turns = o.num_turns;
+            task.duration_ms = Some(o.duration_ms);
+        }
+        if let Some(e) = &self.error {
+            task.error = Some(e.clone());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task() -> Task {
+        NewTask::from_request(SessionId::new("s1").unwrap(), TaskRequest::new("webchat", "hi"))
+            .into_task()
+    }
+
+    #[test]
+    fn apply_sets_timestamps_and_lease() {
+        let mut t = task();
+        TaskChange::to(TaskStatus::Running)
+            .at(Timestamp(10))
+            .worker("w1")
+            .lease("srv", Timestamp(100))
+            .apply(&mut t)
+            .unwrap();
+        assert_eq!(t.started_at, Some(Timestamp(10)));
+        assert_eq!(t.lease.as_ref().unwrap().owner, "srv");
+        let mut outcome = TaskOutcome::completed("42");
+        outcome.num_turns = 3;
+        TaskChange::finish(outcome)
+            .at(Timestamp(20))
+            .apply(&mut t)
+            .unwrap();
+        assert_eq!(t.status, TaskStatus::Completed);
+        assert_eq!(t.finished_at, Some(Timestamp(20)));
+        assert_eq!(t.started_at, Some(Timestamp(10)));
+        assert_eq!(t.result.as_deref(), Some("42"));
+        assert_eq!(t.num_turns, 3);
+        assert!(t.lease.is_none());
+        assert!(TaskChange::to(TaskStatus::Running).apply(&mut t).is_err());
+    }
+
+    #[test]
+    fn outcome_must_match_status() {
+        let mut t = task();
+        let mut change = TaskChange::finish(TaskOutcome::completed("x"));
+        change.status = TaskStatus::Canceled;
+        assert!(change.apply(&mut t).is_err());
+        assert_eq!(t.status, TaskStatus::Pending);
+    }
+
+    #[test]
+    fn requests_are_validated() {
+        assert!(TaskRequest::new("webchat", "hello").validate().is_ok());
+        assert!(TaskRequest::new("webchat", "  ").validate().is_err());
+        assert!(TaskRequest::new("web chat", "x").validate().is_err());
+        let big = "x".repeat(TaskRequest::MAX_MESSAGE_BYTES + 1);
+        assert!(TaskRequest::new("webchat", big).validate().is_err());
+    }
+}

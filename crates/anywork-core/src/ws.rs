@@ -1,0 +1,209 @@
+//! The WebSocket messages of `/ws`, spelled exactly as the original AnyWork spells them, plus
+//! task ids, sequence numbers, `input_required` and resume after reconnect.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::event::{InputResponse, TaskEvent, WireEvent};
+use crate::ids::{SessionId, TaskId};
+use crate::spec::{McpServers, SkillSpec};
+
+/// A message from the browser.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    /// Send a message; without `session_id` a new session is made.
+    Chat {
+        /// Session to continue.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session_id: Option<SessionId>,
+        /// The text.
+        message: String,
+        /// Skills for this task.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        skills: Vec<SkillSpec>,
+        /// MCP servers for this task.
+        #[serde(default, skip_serializing_if = "McpServers::is_empty")]
+        mcp_servers: McpServers,
+    },
+    /// Keep-alive; answered by [`ServerMessage::Pong`].
+    Ping,
+    /// After a reconnect: replay a task's events after `after_seq`, then follow it live.
+    Resume {
+        /// The task to follow.
+        task_id: TaskId,
+        /// The last seq the client saw (0 for all).
+        #[serde(default)]
+        after_seq: u64,
+    },
+    /// Cancel a task.
+    Cancel {
+        /// The task.
+        task_id: TaskId,
+    },
+    /// Answer an `input_required` event.
+    InputResponse {
+        /// The waiting task.
+        task_id: TaskId,
+        /// The answer.
+        #[serde(flatten)]
+        response: InputResponse,
+    },
+}
+
+/// A message to the browser. Serialized flat: `{"type", ...fields}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "FlatServerMessage", into = "FlatServerMessage")]
+#[non_exhaustive]
+pub enum ServerMessage {
+    /// A task event: `{type, content, metadata, session_id, task_id?, seq?}`.
+    Event {
+        /// The session, when there is one (an "Invalid JSON" error has none).
+        session_id: Option<SessionId>,
+        /// The task, when the event belongs to one.
+        task_id: Option<TaskId>,
+        /// The event's seq in the task log, for resume.
+        seq: Option<u64>,
+        /// The event.
+        event: TaskEvent,
+    },
+    /// A chat without `session_id` made this session: `{type, session_id}`.
+    SessionCreated {
+        /// The new session.
+        session_id: SessionId,
+    },
+    /// A chat was accepted as this task: `{type, session_id, task_id}`.
+    TaskCreated {
+        /// Its session.
+        session_id: SessionId,
+        /// The task.
+        task_id: TaskId,
+    },
+    /// The session got a title: `{type, content, session_id}`.
+    SessionTitle {
+        /// The session.
+        session_id: SessionId,
+        /// The title.
+        title: String,
+    },
+    /// Answer to a ping: `{type}`.
+    Pong,
+}
+
+impl ServerMessage {
+    /// An error not tied to a task (`{"type":"error","content":message}`).
+    pub fn error(message: impl Into<String>) -> Self {
+        ServerMessage::Event {
+            session_id: None,
+            task_id: None,
+            seq: None,
+            event: TaskEvent::error(message),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct FlatServerMessage {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    metadata: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    session_id: Option<SessionId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    task_id: Option<TaskId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+}
+
+impl FlatServerMessage {
+    fn control(kind: &str) -> Self {
+        Self {
+            kind: kind.to_owned(),
+            content: None,
+            metadata: None,
+            session_id: None,
+            task_id: None,
+            seq: None,
+        }
+    }
+}
+
+impl From<ServerMessage> for FlatServerMessage {
+    fn from(m: ServerMessage) -> Self {
+        match m {
+            ServerMessage::Event {
+                session_id,
+                task_id,
+                seq,
+                event,
+            } => {
+                let wire = WireEvent::from(event);
+                FlatServerMessage {
+                    kind: wire.kind,
+                    content: Some(wire.content),
+                    metadata: Some(wire.metadata),
+                    session_id,
+                    task_id,
+                    seq,
+                }
+            }
+            ServerMessage::SessionCreated { session_id } => FlatServerMessage {
+                session_id: Some(session_id),
+                ..Self::control("session_created")
+            },
+            ServerMessage::TaskCreated {
+                session_id,
+                task_id,
+            } => FlatServerMessage {
+                session_id: Some(session_id),
+                task_id: Some(task_id),
+                ..Self::control("task_created")
+            },
+            ServerMessage::SessionTitle { session_id, title } => FlatServerMessage {
+                session_id: Some(session_id),
+                content: Some(title),
+                ..Self::control("session_title")
+            },
+            ServerMessage::Pong => Self::control("pong"),
+        }
+    }
+}
+
+impl TryFrom<FlatServerMessage> for ServerMessage {
+    type Error = Error;
+    fn try_from(f: FlatServerMessage) -> Result<Self> {
+        let need_session = |s: Option<SessionId>, kind: &str| {
+            s.ok_or_else(|| Error::invalid_input(format!("`{kind}` message needs `session_id`")))
+        };
+        Ok(match f.kind.as_str() {
+            "session_created" => ServerMessage::SessionCreated {
+                session_id: need_session(f.session_id, &f.kind)?,
+            },
+            "task_created" => ServerMessage::TaskCreated {
+                session_id: need_session(f.session_id, &f.kind)?,
+                task_id: f.task_id.ok_or_else(|| {
+                    Error::invalid_input("`task_created` message needs `task_id`")
+                })?,
+            },
+            "session_title" => ServerMessage::SessionTitle {
+                session_id: need_session(f.session_id, &f.kind)?,
+                title: f.content.unwrap_or_default(),
+            },
+            "pong" => ServerMessage::Pong,
+            _ => ServerMessage::Event {
+                event: TaskEvent::try_from(WireEvent {
+                    kind: f.kind,
+                    content: f.content.unwrap_or_default(),
+                    metadata: f.metadata.unwrap_or_else(|| Value::Object(Default::default())),
+                })?,
+                session_id: f.session_id,
+                task_id: f.task_id,
+                seq: f.seq,
+            },
+        })
+    }
+}
