@@ -2,7 +2,27 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Error, Result};
 use crate::ids::{SessionId, Timestamp};
+
+/// The longest title accepted, in characters.
+pub const MAX_TITLE_CHARS: usize = 500;
+
+/// Checks a session title: at most [`MAX_TITLE_CHARS`] characters, no control characters
+/// other than tab. Every store applies it, so a title that one backend takes, all take.
+pub fn validate_title(title: &str) -> Result<()> {
+    if title.chars().count() > MAX_TITLE_CHARS {
+        return Err(Error::invalid_input(format!(
+            "title is longer than {MAX_TITLE_CHARS} characters"
+        )));
+    }
+    if title.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(Error::invalid_input(
+            "title may not contain control characters (newlines, NUL)",
+        ));
+    }
+    Ok(())
+}
 
 /// A stored session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

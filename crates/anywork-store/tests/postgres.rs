@@ -1,0 +1,76 @@
+//! The conformance suite on [`PostgresStore`], each case in a fresh schema of the database
+//! named by `ANYWORK_TEST_DATABASE_URL` (the test script starts one). Without that variable
+//! these tests fail: a missing database must never pass silently.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use anywork_core::TaskStore;
+use anywork_store::PostgresStore;
+use anywork_test::store_conformance::KeepAlive;
+use sqlx::postgres::PgConnectOptions;
+
+fn database_url() -> String {
+    std::env::var("ANYWORK_TEST_DATABASE_URL").expect(
+        "ANYWORK_TEST_DATABASE_URL is not set: run the tests with scripts/test.sh, which starts \
+         PostgreSQL, or point it at a database you own",
+    )
+}
+
+/// Drops the test schema when the store is dropped.
+struct Schema {
+    url: String,
+    name: String,
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let (url, name) = (self.url.clone(), self.name.clone());
+        // Drop runs inside the test's runtime; do the cleanup on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            if let Ok(rt) = rt {
+                rt.block_on(async {
+                    if let Ok(pool) = sqlx::PgPool::connect(&url).await {
+                        let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                            .execute(&pool)
+                            .await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
+async fn fresh() -> Arc<dyn TaskStore> {
+    let url = database_url();
+    let name = format!("t_{}", uuid_simple());
+    let admin = sqlx::PgPool::connect(&url).await.expect("connect to the test database");
+    sqlx::query(&format!("CREATE SCHEMA {name}"))
+        .execute(&admin)
+        .await
+        .expect("create test schema");
+    admin.close().await;
+    let options = PgConnectOptions::from_str(&url)
+        .unwrap()
+        .options([("search_path", name.as_str())]);
+    let store = PostgresStore::connect_with(options, 8).await.expect("open PostgresStore");
+    Arc::new(KeepAlive::new(store, Schema { url, name }))
+}
+
+fn uuid_simple() -> String {
+    anywork_core::TaskId::generate().0.simple().to_string()
+}
+
+anywork_test::store_conformance_tests!(fresh);
+
+#[tokio::test]
+async fn bad_url_is_a_clear_error() {
+    let err = PostgresStore::connect("not a url", 1).await.unwrap_err();
+    assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+    let err = PostgresStore::connect("postgres://nobody@127.0.0.1:1/none", 1)
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "unreachable database is retryable: {err}");
+}
