@@ -36,6 +36,9 @@ fn empty_object() -> Value {
 #[serde(try_from = "WireEvent", into = "WireEvent")]
 #[non_exhaustive]
 pub enum TaskEvent {
+    /// The agent runtime started and reports what it sees. Wire: `init`, content = model,
+    /// metadata = the rest of [`AgentInit`].
+    Init(AgentInit),
     /// Assistant text (a whole block or a streamed piece). Wire: `text`, content = text.
     Text {
         /// The text.
@@ -89,6 +92,35 @@ pub enum TaskEvent {
     Done(TaskOutcome),
     /// An event type this version does not know, kept as it came.
     Other(WireEvent),
+}
+
+/// What an agent runtime reports when it starts (Claude Code's `system/init` line).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct AgentInit {
+    /// Model name.
+    #[serde(skip)]
+    pub model: String,
+    /// The runtime's own conversation id (Claude Code's `session_id`), used to resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_session_id: Option<String>,
+    /// Tool names available to the model.
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// Skill names discovered in the workspace.
+    #[serde(default)]
+    pub skills: Vec<String>,
+    /// MCP servers and whether they connected.
+    #[serde(default)]
+    pub mcp_servers: Vec<McpServerStatus>,
+}
+
+/// One MCP server as the runtime reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct McpServerStatus {
+    /// Server name (the key in `.mcp.json`).
+    pub name: String,
+    /// `connected`, `failed`, ...
+    pub status: String,
 }
 
 /// How a run ended, carried by [`TaskEvent::Done`] and stored on the task.
@@ -210,6 +242,7 @@ impl TaskEvent {
     /// The wire type name (`text`, `tool_call`, ...).
     pub fn kind(&self) -> &str {
         match self {
+            TaskEvent::Init(_) => "init",
             TaskEvent::Text { .. } => "text",
             TaskEvent::Thinking { .. } => "thinking",
             TaskEvent::ToolCall { .. } => "tool_call",
@@ -284,6 +317,10 @@ struct ErrorMeta {
 impl From<TaskEvent> for WireEvent {
     fn from(event: TaskEvent) -> Self {
         let (kind, content, metadata) = match event {
+            TaskEvent::Init(init) => {
+                let model = init.model.clone();
+                ("init", model, meta(init))
+            }
             TaskEvent::Text { text } => ("text", text, empty_object()),
             TaskEvent::Thinking { text } => ("thinking", text, empty_object()),
             TaskEvent::ToolCall { id, name, input } => {
@@ -344,6 +381,11 @@ impl TryFrom<WireEvent> for TaskEvent {
             metadata,
         } = wire;
         Ok(match kind.as_str() {
+            "init" => {
+                let mut init: AgentInit = parse(&kind, metadata)?;
+                init.model = content;
+                TaskEvent::Init(init)
+            }
             "text" => TaskEvent::Text { text: content },
             "thinking" => TaskEvent::Thinking { text: content },
             "tool_call" => {

@@ -76,6 +76,7 @@ pub trait TaskStore: Send + Sync + 'static {
     /// `NotFound` if the task is unknown.
     async fn append_logs(&self, task_id: TaskId, logs: Vec<NewTaskLog>) -> Result<u64>;
 
-    /// Up to `limit` events with seq greater than `after`, in seq order.
+    /// Up to `limit` events with seq greater than `after`, in seq order; empty for an unknown
+    /// task (callers that must tell the two apart check the task first).
     async fn read_logs(&self, task_id: TaskId, after: u64, limit: u32) -> Result<Vec<TaskLog>>;
 }

@@ -16,6 +16,25 @@ fn golden(event: TaskEvent, expected: Value) {
 }
 
 #[test]
+fn init() {
+    golden(
+        TaskEvent::Init(anywork_core::AgentInit {
+            model: "claude-sonnet-5-5".into(),
+            agent_session_id: Some("0b1c".into()),
+            tools: vec!["Bash".into(), "mcp__calc__add".into()],
+            skills: vec!["greet".into()],
+            mcp_servers: vec![anywork_core::McpServerStatus {
+                name: "calc".into(),
+                status: "connected".into(),
+            }],
+        }),
+        json!({"type": "init", "content": "claude-sonnet-5-5", "metadata": {
+            "agent_session_id": "0b1c", "tools": ["Bash", "mcp__calc__add"], "skills": ["greet"],
+            "mcp_servers": [{"name": "calc", "status": "connected"}]}}),
+    );
+}
+
+#[test]
 fn text_and_thinking() {
     golden(
         TaskEvent::text("Hello"),

@@ -1,0 +1,59 @@
+# Shared by scripts/*.sh: installing packages and a throw-away PostgreSQL on loopback.
+# Source it; it defines functions only.
+
+log() { printf '\n==> %s\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        echo "need root to run: $*" >&2
+        return 1
+    fi
+}
+
+apt_updated=
+apt_install() {
+    if [ -z "$apt_updated" ]; then
+        as_root apt-get update -qq
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+pg_bindir() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+
+# --- PostgreSQL -------------------------------------------------------------------------
+start_postgres() {
+    local bin dir port owner run
+    bin=$(pg_bindir)
+    if [ -z "$bin" ] || [ ! -x "$bin/initdb" ]; then
+        log "installing PostgreSQL"
+        apt_install postgresql
+        bin=$(pg_bindir)
+    fi
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/anywork-pg.XXXXXX")
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    run=()
+    if [ "$(id -u)" = 0 ]; then
+        # initdb refuses to run as root: use the postgres user the package made (or our own).
+        owner=postgres
+        id "$owner" >/dev/null 2>&1 || { owner=anywork-pg; id "$owner" >/dev/null 2>&1 || useradd --system --no-create-home "$owner"; }
+        chown "$owner" "$dir"
+        run=(runuser -u "$owner" --)
+    fi
+    log "starting PostgreSQL ($bin) on 127.0.0.1:$port in $dir"
+    "${run[@]}" "$bin/initdb" -A trust -U postgres -E UTF8 --locale=C -D "$dir/data" >"$dir/initdb.log" 2>&1 \
+        || { cat "$dir/initdb.log" >&2; return 1; }
+    "${run[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
+        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300" start >/dev/null \
+        || { cat "$dir/server.log" >&2; return 1; }
+    PG_STOP=("${run[@]}" "$bin/pg_ctl" -D "$dir/data" -m immediate stop)
+    PG_DIR=$dir
+    export ANYWORK_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+}
+
+stop_postgres() {
+    if [ -n "${PG_DIR:-}" ]; then
+        "${PG_STOP[@]}" >/dev/null 2>&1 || true
+        rm -rf "$PG_DIR"
+    fi
+}
