@@ -159,9 +159,6 @@ mod tests {
         let io = std::io::Error::other("disk");
         let e = Error::storage("write failed").with_source(io);
         assert_eq!(e.to_string(), "write failed");
-        assert_eq!(
-            std::error::Error::source(&e).unwrap().to_string(),
-            "disk"
-        );
+        assert_eq!(std::error::Error::source(&e).unwrap().to_string(), "disk");
     }
 }

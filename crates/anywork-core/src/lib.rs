@@ -29,7 +29,10 @@ pub mod ws;
 pub use channel::{Channel, ChannelDefaults, Inbound, InboundRequest};
 pub use driver::{ContainerDriver, WorkerEndpoint, WorkerInfo};
 pub use error::{Error, ErrorKind, Result};
-pub use event::{AgentInit, InputKind, McpServerStatus, InputRequest, InputResponse, TaskEvent, TaskOutcome, WireEvent};
+pub use event::{
+    AgentInit, InputKind, InputRequest, InputResponse, McpServerStatus, TaskEvent, TaskOutcome,
+    WireEvent,
+};
 pub use executor::{EventStream, Execution, ExecutionControl, ExecutionRequest, Executor};
 pub use ids::{SessionId, TaskId, Timestamp};
 pub use log::{NewTaskLog, TaskLog};

@@ -143,11 +143,14 @@ struct RawMcp {
 impl TryFrom<RawMcp> for McpServerConfig {
     type Error = Error;
     fn try_from(raw: RawMcp) -> Result<Self> {
-        let kind = raw.kind.as_deref().unwrap_or(if raw.url.is_some() && raw.command.is_none() {
-            "http"
-        } else {
-            "stdio"
-        });
+        let kind = raw
+            .kind
+            .as_deref()
+            .unwrap_or(if raw.url.is_some() && raw.command.is_none() {
+                "http"
+            } else {
+                "stdio"
+            });
         match kind {
             "stdio" => {
                 let command = raw.command.filter(|c| !c.is_empty()).ok_or_else(|| {
@@ -254,7 +257,10 @@ mod tests {
         for (v, needle) in [
             (json!({"type": "stdio"}), "command"),
             (json!({"type": "http"}), "url"),
-            (json!({"type": "ws", "url": "ws://x"}), "unknown MCP server type"),
+            (
+                json!({"type": "ws", "url": "ws://x"}),
+                "unknown MCP server type",
+            ),
             (json!({"type": "http", "url": "file:///etc"}), "http://"),
         ] {
             let err = serde_json::from_value::<McpServerConfig>(v).unwrap_err();

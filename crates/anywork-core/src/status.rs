@@ -77,7 +77,10 @@ impl TaskStatus {
         matches!(
             (self, next),
             (Pending, Running | Failed | Canceled)
-                | (Running, Pending | InputRequired | Completed | Failed | Canceled)
+                | (
+                    Running,
+                    Pending | InputRequired | Completed | Failed | Canceled
+                )
                 | (InputRequired, Running | Failed | Canceled)
         )
     }

@@ -28,8 +28,7 @@ pub trait TaskStore: Send + Sync + 'static {
     async fn get_session(&self, id: &SessionId) -> Result<Session>;
 
     /// The session a channel made for `channel_key`, if any.
-    async fn find_session(&self, channel_type: &str, channel_key: &str)
-    -> Result<Option<Session>>;
+    async fn find_session(&self, channel_type: &str, channel_key: &str) -> Result<Option<Session>>;
 
     /// Sessions with their task counts, most recently active first (ties: newest id first).
     async fn list_sessions(&self, page: Page) -> Result<Vec<SessionSummary>>;
@@ -53,8 +52,12 @@ pub trait TaskStore: Send + Sync + 'static {
     /// Atomically applies `change` if the task's status is still `expected`: a lost race gives
     /// `Conflict` and changes nothing; an illegal transition gives `InvalidTransition`.
     /// Returns the task as stored after the change.
-    async fn update_task(&self, id: TaskId, expected: TaskStatus, change: TaskChange)
-    -> Result<Task>;
+    async fn update_task(
+        &self,
+        id: TaskId,
+        expected: TaskStatus,
+        change: TaskChange,
+    ) -> Result<Task>;
 
     /// A session's tasks, oldest first.
     async fn tasks_by_session(&self, session_id: &SessionId, page: Page) -> Result<Vec<Task>>;

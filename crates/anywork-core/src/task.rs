@@ -356,8 +356,11 @@ mod tests {
     use super::*;
 
     fn task() -> Task {
-        NewTask::from_request(SessionId::new("s1").unwrap(), TaskRequest::new("webchat", "hi"))
-            .into_task()
+        NewTask::from_request(
+            SessionId::new("s1").unwrap(),
+            TaskRequest::new("webchat", "hi"),
+        )
+        .into_task()
     }
 
     #[test]

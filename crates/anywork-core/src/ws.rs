@@ -198,7 +198,9 @@ impl TryFrom<FlatServerMessage> for ServerMessage {
                 event: TaskEvent::try_from(WireEvent {
                     kind: f.kind,
                     content: f.content.unwrap_or_default(),
-                    metadata: f.metadata.unwrap_or_else(|| Value::Object(Default::default())),
+                    metadata: f
+                        .metadata
+                        .unwrap_or_else(|| Value::Object(Default::default())),
                 })?,
                 session_id: f.session_id,
                 task_id: f.task_id,

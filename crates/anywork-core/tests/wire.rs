@@ -148,7 +148,10 @@ fn the_original_workers_done_event_is_understood() {
         panic!("not done")
     };
     assert_eq!(o.status, TaskStatus::Completed);
-    assert_eq!((o.cost_usd, o.num_turns, o.duration_ms), (Some(0.5), 3, 900));
+    assert_eq!(
+        (o.cost_usd, o.num_turns, o.duration_ms),
+        (Some(0.5), 3, 900)
+    );
     // Missing metadata and content are fine too.
     let e: TaskEvent = serde_json::from_str(r#"{"type":"text"}"#).unwrap();
     assert_eq!(e, TaskEvent::text(""));
@@ -165,11 +168,19 @@ fn unknown_types_are_kept_and_bad_metadata_is_refused() {
         json!({"type": "tool_result", "metadata": {"is_error": "yes"}}),
     )
     .unwrap_err();
-    assert!(err.to_string().contains("`tool_result` event has invalid metadata"), "{err}");
-    assert!(serde_json::from_value::<TaskEvent>(json!({"type": "status", "content": "x"})).is_err());
     assert!(
-        serde_json::from_value::<TaskEvent>(json!({"type": "done", "metadata": {"status": "running"}}))
-            .is_err()
+        err.to_string()
+            .contains("`tool_result` event has invalid metadata"),
+        "{err}"
+    );
+    assert!(
+        serde_json::from_value::<TaskEvent>(json!({"type": "status", "content": "x"})).is_err()
+    );
+    assert!(
+        serde_json::from_value::<TaskEvent>(
+            json!({"type": "done", "metadata": {"status": "running"}})
+        )
+        .is_err()
     );
     assert!(serde_json::from_value::<TaskEvent>(json!({"content": "no type"})).is_err());
 }
@@ -211,7 +222,13 @@ fn websocket_client_messages() {
         json!({"type": "resume", "task_id": id.to_string(), "after_seq": 7}),
     )
     .unwrap();
-    assert_eq!(resume, ClientMessage::Resume { task_id: id, after_seq: 7 });
+    assert_eq!(
+        resume,
+        ClientMessage::Resume {
+            task_id: id,
+            after_seq: 7
+        }
+    );
     let answer: ClientMessage = serde_json::from_value(json!({"type": "input_response",
         "task_id": id.to_string(), "request_id": "r1", "allow": true}))
     .unwrap();
@@ -236,16 +253,24 @@ fn websocket_server_messages() {
     let t: TaskId = "01936f4e-8f5a-7cc0-9a2b-000000000002".parse().unwrap();
     let cases = [
         (
-            ServerMessage::SessionCreated { session_id: s.clone() },
+            ServerMessage::SessionCreated {
+                session_id: s.clone(),
+            },
             json!({"type": "session_created", "session_id": "s1"}),
         ),
         (
-            ServerMessage::TaskCreated { session_id: s.clone(), task_id: t },
+            ServerMessage::TaskCreated {
+                session_id: s.clone(),
+                task_id: t,
+            },
             json!({"type": "task_created", "session_id": "s1",
                    "task_id": "01936f4e-8f5a-7cc0-9a2b-000000000002"}),
         ),
         (
-            ServerMessage::SessionTitle { session_id: s.clone(), title: "Weather".into() },
+            ServerMessage::SessionTitle {
+                session_id: s.clone(),
+                title: "Weather".into(),
+            },
             json!({"type": "session_title", "content": "Weather", "session_id": "s1"}),
         ),
         (ServerMessage::Pong, json!({"type": "pong"})),
@@ -266,7 +291,10 @@ fn websocket_server_messages() {
     ];
     for (msg, expected) in cases {
         assert_eq!(serde_json::to_value(&msg).unwrap(), expected);
-        assert_eq!(serde_json::from_value::<ServerMessage>(expected).unwrap(), msg);
+        assert_eq!(
+            serde_json::from_value::<ServerMessage>(expected).unwrap(),
+            msg
+        );
     }
     assert!(serde_json::from_value::<ServerMessage>(json!({"type": "session_created"})).is_err());
 }

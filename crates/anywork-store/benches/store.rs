@@ -3,6 +3,8 @@
 //! `cargo bench -p anywork-store --all-features --bench store`
 //! PostgreSQL is measured when `ANYWORK_TEST_DATABASE_URL` names a database (as
 //! `scripts/bench-store.sh` arranges); results go to docs/benchmarks.md.
+// criterion_group! generates an undocumented public function.
+#![allow(missing_docs)]
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,13 +104,20 @@ fn append(c: &mut Criterion) {
         for batch in [1usize, 10, 100, 1000] {
             let task = rt.block_on(task_in(backend.store.as_ref()));
             group.throughput(Throughput::Elements(batch as u64));
-            group.bench_with_input(BenchmarkId::new(backend.name, batch), &batch, |b, &batch| {
-                b.iter_batched(
-                    || events(batch),
-                    |logs| rt.block_on(backend.store.append_logs(task, logs)).expect("append"),
-                    criterion::BatchSize::SmallInput,
-                )
-            });
+            group.bench_with_input(
+                BenchmarkId::new(backend.name, batch),
+                &batch,
+                |b, &batch| {
+                    b.iter_batched(
+                        || events(batch),
+                        |logs| {
+                            rt.block_on(backend.store.append_logs(task, logs))
+                                .expect("append")
+                        },
+                        criterion::BatchSize::SmallInput,
+                    )
+                },
+            );
         }
     }
     group.finish();
@@ -122,7 +131,11 @@ fn read_after(c: &mut Criterion) {
         let task = rt.block_on(async {
             let task = task_in(backend.store.as_ref()).await;
             for _ in 0..10 {
-                backend.store.append_logs(task, events(1000)).await.expect("fill");
+                backend
+                    .store
+                    .append_logs(task, events(1000))
+                    .await
+                    .expect("fill");
             }
             task
         });

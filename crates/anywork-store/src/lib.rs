@@ -7,10 +7,10 @@
 //! [`connect`] picks one from a URL, so a binary can take `DATABASE_URL` and stay generic.
 
 mod memory;
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
-mod sql;
 #[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod sql;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 

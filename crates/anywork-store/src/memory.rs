@@ -4,11 +4,11 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
-use anywork_core::{
-    Error, NewSession, NewTask, NewTaskLog, Page, Result, Session, SessionId, SessionSummary,
-    Task, TaskChange, TaskId, TaskLog, TaskStatus, TaskStore, Timestamp,
-};
 use anywork_core::session::validate_title;
+use anywork_core::{
+    Error, NewSession, NewTask, NewTaskLog, Page, Result, Session, SessionId, SessionSummary, Task,
+    TaskChange, TaskId, TaskLog, TaskStatus, TaskStore, Timestamp,
+};
 use async_trait::async_trait;
 
 /// A [`TaskStore`] kept in memory behind one lock.
@@ -69,7 +69,10 @@ impl TaskStore for MemoryStore {
         validate_title(&new.title)?;
         let mut inner = self.lock();
         if inner.sessions.contains_key(&new.id) {
-            return Err(Error::conflict(format!("session {} already exists", new.id)));
+            return Err(Error::conflict(format!(
+                "session {} already exists",
+                new.id
+            )));
         }
         if let Some(key) = &new.channel_key
             && inner
@@ -95,16 +98,14 @@ impl TaskStore for MemoryStore {
             .ok_or_else(|| session_not_found(id))
     }
 
-    async fn find_session(
-        &self,
-        channel_type: &str,
-        channel_key: &str,
-    ) -> Result<Option<Session>> {
+    async fn find_session(&self, channel_type: &str, channel_key: &str) -> Result<Option<Session>> {
         Ok(self
             .lock()
             .sessions
             .values()
-            .find(|s| s.channel_type == channel_type && s.channel_key.as_deref() == Some(channel_key))
+            .find(|s| {
+                s.channel_type == channel_type && s.channel_key.as_deref() == Some(channel_key)
+            })
             .cloned())
     }
 
@@ -136,21 +137,30 @@ impl TaskStore for MemoryStore {
     async fn set_session_title(&self, id: &SessionId, title: &str) -> Result<()> {
         validate_title(title)?;
         let mut inner = self.lock();
-        let s = inner.sessions.get_mut(id).ok_or_else(|| session_not_found(id))?;
+        let s = inner
+            .sessions
+            .get_mut(id)
+            .ok_or_else(|| session_not_found(id))?;
         s.title = title.to_owned();
         Ok(())
     }
 
     async fn touch_session(&self, id: &SessionId, at: Timestamp) -> Result<()> {
         let mut inner = self.lock();
-        let s = inner.sessions.get_mut(id).ok_or_else(|| session_not_found(id))?;
+        let s = inner
+            .sessions
+            .get_mut(id)
+            .ok_or_else(|| session_not_found(id))?;
         s.last_active = s.last_active.max(at);
         Ok(())
     }
 
     async fn delete_session(&self, id: &SessionId) -> Result<()> {
         let mut inner = self.lock();
-        inner.sessions.remove(id).ok_or_else(|| session_not_found(id))?;
+        inner
+            .sessions
+            .remove(id)
+            .ok_or_else(|| session_not_found(id))?;
         let doomed: Vec<TaskId> = inner
             .tasks
             .values()
@@ -277,7 +287,9 @@ impl TaskStore for MemoryStore {
         let Some(entries) = inner.logs.get(&task_id) else {
             return Ok(Vec::new());
         };
-        let start = usize::try_from(after).unwrap_or(usize::MAX).min(entries.len());
+        let start = usize::try_from(after)
+            .unwrap_or(usize::MAX)
+            .min(entries.len());
         let end = start.saturating_add(limit as usize).min(entries.len());
         Ok(entries[start..end].to_vec())
     }

@@ -28,7 +28,9 @@ impl Drop for Schema {
         let (url, name) = (self.url.clone(), self.name.clone());
         // Drop runs inside the test's runtime; do the cleanup on a thread of its own.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
             if let Ok(rt) = rt {
                 rt.block_on(async {
                     if let Ok(pool) = sqlx::PgPool::connect(&url).await {
@@ -46,7 +48,9 @@ impl Drop for Schema {
 async fn fresh() -> Arc<dyn TaskStore> {
     let url = database_url();
     let name = format!("t_{}", uuid_simple());
-    let admin = sqlx::PgPool::connect(&url).await.expect("connect to the test database");
+    let admin = sqlx::PgPool::connect(&url)
+        .await
+        .expect("connect to the test database");
     sqlx::query(&format!("CREATE SCHEMA {name}"))
         .execute(&admin)
         .await
@@ -55,7 +59,9 @@ async fn fresh() -> Arc<dyn TaskStore> {
     let options = PgConnectOptions::from_str(&url)
         .unwrap()
         .options([("search_path", name.as_str())]);
-    let store = PostgresStore::connect_with(options, 8).await.expect("open PostgresStore");
+    let store = PostgresStore::connect_with(options, 8)
+        .await
+        .expect("open PostgresStore");
     Arc::new(KeepAlive::new(store, Schema { url, name }))
 }
 
@@ -72,5 +78,8 @@ async fn bad_url_is_a_clear_error() {
     let err = PostgresStore::connect("postgres://nobody@127.0.0.1:1/none", 1)
         .await
         .unwrap_err();
-    assert!(err.is_retryable(), "unreachable database is retryable: {err}");
+    assert!(
+        err.is_retryable(),
+        "unreachable database is retryable: {err}"
+    );
 }

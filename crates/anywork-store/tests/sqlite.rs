@@ -8,7 +8,9 @@ use anywork_test::store_conformance::KeepAlive;
 
 async fn fresh() -> Arc<dyn TaskStore> {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = SqliteStore::open_in_dir(dir.path()).await.expect("open SQLite");
+    let store = SqliteStore::open_in_dir(dir.path())
+        .await
+        .expect("open SQLite");
     Arc::new(KeepAlive::new(store, dir))
 }
 
@@ -39,7 +41,9 @@ async fn data_survives_reopening_the_file() {
 
 #[tokio::test]
 async fn unwritable_directory_is_a_clear_error() {
-    let err = SqliteStore::open_in_dir("/proc/anywork-cannot-be-here").await.unwrap_err();
+    let err = SqliteStore::open_in_dir("/proc/anywork-cannot-be-here")
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("DB_DIR"), "{err}");
 }
 

@@ -115,7 +115,9 @@ impl RecordedRequest {
 
     /// A header's value by case-insensitive name.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
     }
 
     /// The body's `model`.
@@ -463,7 +465,9 @@ impl Reply {
     }
 
     fn has_tool_use(&self) -> bool {
-        self.blocks.iter().any(|b| matches!(b, Block::ToolUse { .. }))
+        self.blocks
+            .iter()
+            .any(|b| matches!(b, Block::ToolUse { .. }))
     }
 
     fn anthropic_stop_reason(&self) -> String {
@@ -1053,7 +1057,8 @@ fn openai_completion(reply: &Reply, model: &str, id: u64) -> Value {
             })),
         }
     }
-    let mut message = json!({"role": "assistant", "content": if has_text { json!(text) } else { Value::Null }});
+    let mut message =
+        json!({"role": "assistant", "content": if has_text { json!(text) } else { Value::Null }});
     if !tool_calls.is_empty() {
         message["tool_calls"] = Value::Array(tool_calls);
     }
@@ -1084,7 +1089,10 @@ fn openai_frames(reply: &Reply, model: &str, id: u64, include_usage: bool) -> Ve
         }
         sse_data(&chunk.to_string())
     };
-    let mut frames = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
+    let mut frames = vec![chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    )];
     let mut tool_index = 0usize;
     for block in &reply.blocks {
         match block {
@@ -1118,7 +1126,9 @@ fn openai_frames(reply: &Reply, model: &str, id: u64, include_usage: bool) -> Ve
         Ending::StreamError {
             error_type,
             message,
-        } => frames.push(sse_data(&openai_error_body(error_type, message).to_string())),
+        } => frames.push(sse_data(
+            &openai_error_body(error_type, message).to_string(),
+        )),
         Ending::Complete => {
             frames.push(chunk(json!({}), json!(reply.openai_finish_reason())));
             if include_usage {
@@ -1167,8 +1177,7 @@ fn error_response(api: Api, error: &ApiError, extra: &[(String, String)]) -> Res
         Api::Anthropic => anthropic_error_body(&error.error_type, &error.message),
         Api::OpenAi => openai_error_body(&error.error_type, &error.message),
     };
-    let status =
-        StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let status = StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     json_response(status, &body, extra)
 }
 

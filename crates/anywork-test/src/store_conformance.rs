@@ -82,7 +82,10 @@ async fn session_with_task(store: &Store, session: &str, n: u128) -> Task {
         .create_session(new_session(session, 1))
         .await
         .expect("create session");
-    store.create_task(new_task(session, n, 2)).await.expect("create task")
+    store
+        .create_task(new_task(session, n, 2))
+        .await
+        .expect("create task")
 }
 
 fn text_logs(prefix: &str, n: usize) -> Vec<NewTaskLog> {
@@ -111,14 +114,29 @@ pub async fn sessions_crud(store: Store) {
     let s = store.create_session(new_session("s1", 1000)).await.unwrap();
     assert_eq!(s.last_active, Timestamp(1000));
     assert_eq!(store.get_session(&sid("s1")).await.unwrap(), s);
-    let dup = store.create_session(new_session("s1", 5)).await.unwrap_err();
+    let dup = store
+        .create_session(new_session("s1", 5))
+        .await
+        .unwrap_err();
     assert_eq!(dup.kind(), ErrorKind::Conflict);
 
-    store.set_session_title(&sid("s1"), "Weather in Paris").await.unwrap();
-    assert_eq!(store.get_session(&sid("s1")).await.unwrap().title, "Weather in Paris");
+    store
+        .set_session_title(&sid("s1"), "Weather in Paris")
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_session(&sid("s1")).await.unwrap().title,
+        "Weather in Paris"
+    );
 
-    store.touch_session(&sid("s1"), Timestamp(2000)).await.unwrap();
-    store.touch_session(&sid("s1"), Timestamp(1500)).await.unwrap();
+    store
+        .touch_session(&sid("s1"), Timestamp(2000))
+        .await
+        .unwrap();
+    store
+        .touch_session(&sid("s1"), Timestamp(1500))
+        .await
+        .unwrap();
     assert_eq!(
         store.get_session(&sid("s1")).await.unwrap().last_active,
         Timestamp(2000),
@@ -126,16 +144,30 @@ pub async fn sessions_crud(store: Store) {
     );
 
     let nope = sid("nope");
-    assert_eq!(store.get_session(&nope).await.unwrap_err().kind(), ErrorKind::NotFound);
     assert_eq!(
-        store.set_session_title(&nope, "x").await.unwrap_err().kind(),
+        store.get_session(&nope).await.unwrap_err().kind(),
         ErrorKind::NotFound
     );
     assert_eq!(
-        store.touch_session(&nope, Timestamp(1)).await.unwrap_err().kind(),
+        store
+            .set_session_title(&nope, "x")
+            .await
+            .unwrap_err()
+            .kind(),
         ErrorKind::NotFound
     );
-    assert_eq!(store.delete_session(&nope).await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(
+        store
+            .touch_session(&nope, Timestamp(1))
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        store.delete_session(&nope).await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
 }
 
 /// `(channel_type, channel_key)` finds a session again and is unique per channel.
@@ -146,13 +178,32 @@ pub async fn session_keys_are_unique_per_channel(store: Store) {
     }
     .with_key("owner/repo#12");
     store.create_session(gh.clone()).await.unwrap();
-    let found = store.find_session("github", "owner/repo#12").await.unwrap().unwrap();
+    let found = store
+        .find_session("github", "owner/repo#12")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(found.id, sid("g1"));
     assert_eq!(found.channel_key.as_deref(), Some("owner/repo#12"));
-    assert!(store.find_session("github", "owner/repo#13").await.unwrap().is_none());
-    assert!(store.find_session("slack", "owner/repo#12").await.unwrap().is_none());
+    assert!(
+        store
+            .find_session("github", "owner/repo#13")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .find_session("slack", "owner/repo#12")
+            .await
+            .unwrap()
+            .is_none()
+    );
 
-    let again = store.create_session(gh.with_id(sid("g2"))).await.unwrap_err();
+    let again = store
+        .create_session(gh.with_id(sid("g2")))
+        .await
+        .unwrap_err();
     assert_eq!(again.kind(), ErrorKind::Conflict);
     // The same key on another channel is another session.
     let slack = NewSession {
@@ -183,26 +234,54 @@ pub async fn list_sessions_order_and_pages(store: Store) {
         .collect();
     let mut sorted = keys.clone();
     sorted.sort_by(|a, b| b.cmp(a));
-    assert_eq!(keys, sorted, "newest last_active first, then larger id first");
+    assert_eq!(
+        keys, sorted,
+        "newest last_active first, then larger id first"
+    );
 
     let mut paged = Vec::new();
     for offset in (0..30).step_by(10) {
-        paged.extend(store.list_sessions(Page { limit: 10, offset }).await.unwrap());
+        paged.extend(
+            store
+                .list_sessions(Page { limit: 10, offset })
+                .await
+                .unwrap(),
+        );
     }
     assert_eq!(paged, all, "pages concatenate to the whole list");
-    assert!(store.list_sessions(Page { limit: 10, offset: 25 }).await.unwrap().is_empty());
+    assert!(
+        store
+            .list_sessions(Page {
+                limit: 10,
+                offset: 25
+            })
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // Counts: one finished and two active tasks in s03.
     for n in 0..3u128 {
-        store.create_task(new_task("s03", n, 500 + n as i64)).await.unwrap();
+        store
+            .create_task(new_task("s03", n, 500 + n as i64))
+            .await
+            .unwrap();
     }
     let first = TaskId(uuid_from(0));
     store
-        .update_task(first, TaskStatus::Pending, TaskChange::to(TaskStatus::Canceled))
+        .update_task(
+            first,
+            TaskStatus::Pending,
+            TaskChange::to(TaskStatus::Canceled),
+        )
         .await
         .unwrap();
     let top = store.list_sessions(Page::first(1)).await.unwrap();
-    assert_eq!(top[0].session.id, sid("s03"), "creating a task makes the session active");
+    assert_eq!(
+        top[0].session.id,
+        sid("s03"),
+        "creating a task makes the session active"
+    );
     assert_eq!(top[0].session.last_active, Timestamp(502));
     assert_eq!((top[0].task_count, top[0].active_task_count), (3, 2));
 }
@@ -281,10 +360,16 @@ pub async fn task_round_trips_every_field(store: Store) {
     assert_eq!(store.get_task(created.id).await.unwrap(), done);
 
     let missing = TaskId(uuid_from(999));
-    assert_eq!(store.get_task(missing).await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(
+        store.get_task(missing).await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
     let dup = store.create_task(new).await.unwrap_err();
     assert_eq!(dup.kind(), ErrorKind::Conflict);
-    let orphan = store.create_task(new_task("ghost", 8, 1)).await.unwrap_err();
+    let orphan = store
+        .create_task(new_task("ghost", 8, 1))
+        .await
+        .unwrap_err();
     assert_eq!(orphan.kind(), ErrorKind::NotFound);
 }
 
@@ -292,7 +377,11 @@ pub async fn task_round_trips_every_field(store: Store) {
 pub async fn status_changes_are_compare_and_set(store: Store) {
     let task = session_with_task(&store, "s1", 1).await;
     store
-        .update_task(task.id, TaskStatus::Pending, TaskChange::to(TaskStatus::Running))
+        .update_task(
+            task.id,
+            TaskStatus::Pending,
+            TaskChange::to(TaskStatus::Running),
+        )
         .await
         .unwrap();
     let stale = store
@@ -309,11 +398,19 @@ pub async fn status_changes_are_compare_and_set(store: Store) {
     assert_eq!(now.error, None);
     // Through input_required and back.
     store
-        .update_task(task.id, TaskStatus::Running, TaskChange::to(TaskStatus::InputRequired))
+        .update_task(
+            task.id,
+            TaskStatus::Running,
+            TaskChange::to(TaskStatus::InputRequired),
+        )
         .await
         .unwrap();
     store
-        .update_task(task.id, TaskStatus::InputRequired, TaskChange::to(TaskStatus::Running))
+        .update_task(
+            task.id,
+            TaskStatus::InputRequired,
+            TaskChange::to(TaskStatus::Running),
+        )
         .await
         .unwrap();
     let missing = store
@@ -343,7 +440,10 @@ pub async fn illegal_transitions_are_refused(store: Store) {
     for path in paths {
         for to in TaskStatus::ALL {
             n += 1;
-            let task = store.create_task(new_task("s1", n, n as i64)).await.unwrap();
+            let task = store
+                .create_task(new_task("s1", n, n as i64))
+                .await
+                .unwrap();
             let mut from = TaskStatus::Pending;
             for step in path {
                 store
@@ -361,7 +461,11 @@ pub async fn illegal_transitions_are_refused(store: Store) {
                 .await
                 .unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidTransition, "{from} -> {to}");
-            assert_eq!(store.get_task(task.id).await.unwrap(), before, "{from} -> {to}");
+            assert_eq!(
+                store.get_task(task.id).await.unwrap(),
+                before,
+                "{from} -> {to}"
+            );
         }
     }
 }
@@ -394,7 +498,10 @@ pub async fn one_winner_among_concurrent_updates(store: Store) {
         }
     }
     assert_eq!(wins.len(), 1, "exactly one compare-and-set wins");
-    assert_eq!(store.get_task(task.id).await.unwrap().worker_id, wins[0].worker_id);
+    assert_eq!(
+        store.get_task(task.id).await.unwrap().worker_id,
+        wins[0].worker_id
+    );
 }
 
 /// Leases are renewed by their owner only and found once expired.
@@ -413,11 +520,20 @@ pub async fn leases_renew_and_expire(store: Store) {
             .await
             .unwrap();
     }
-    assert!(store.expired_leases(Timestamp(99), 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .expired_leases(Timestamp(99), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let expired = store.expired_leases(Timestamp(100), 10).await.unwrap();
     assert_eq!(expired.iter().map(|t| t.id).collect::<Vec<_>>(), vec![a.id]);
 
-    store.renew_lease(a.id, "srv-1", Timestamp(300)).await.unwrap();
+    store
+        .renew_lease(a.id, "srv-1", Timestamp(300))
+        .await
+        .unwrap();
     let ids: Vec<TaskId> = store
         .expired_leases(Timestamp(250), 10)
         .await
@@ -427,13 +543,25 @@ pub async fn leases_renew_and_expire(store: Store) {
         .collect();
     assert_eq!(ids, vec![b.id]);
     assert_eq!(
-        store.get_task(a.id).await.unwrap().lease.unwrap().expires_at,
+        store
+            .get_task(a.id)
+            .await
+            .unwrap()
+            .lease
+            .unwrap()
+            .expires_at,
         Timestamp(300)
     );
 
-    let theft = store.renew_lease(a.id, "srv-2", Timestamp(999)).await.unwrap_err();
+    let theft = store
+        .renew_lease(a.id, "srv-2", Timestamp(999))
+        .await
+        .unwrap_err();
     assert_eq!(theft.kind(), ErrorKind::Conflict);
-    let unleased = store.renew_lease(c.id, "srv-1", Timestamp(999)).await.unwrap_err();
+    let unleased = store
+        .renew_lease(c.id, "srv-1", Timestamp(999))
+        .await
+        .unwrap_err();
     assert_eq!(unleased.kind(), ErrorKind::Conflict);
     let missing = store
         .renew_lease(TaskId(uuid_from(77)), "srv-1", Timestamp(1))
@@ -443,17 +571,38 @@ pub async fn leases_renew_and_expire(store: Store) {
 
     // Requeueing or finishing drops the lease; a finished task is never "expired".
     store
-        .update_task(b.id, TaskStatus::Running, TaskChange::to(TaskStatus::Pending))
+        .update_task(
+            b.id,
+            TaskStatus::Running,
+            TaskChange::to(TaskStatus::Pending),
+        )
         .await
         .unwrap();
     assert_eq!(store.get_task(b.id).await.unwrap().lease, None);
     store
-        .update_task(a.id, TaskStatus::Running, TaskChange::finish(TaskOutcome::canceled()))
+        .update_task(
+            a.id,
+            TaskStatus::Running,
+            TaskChange::finish(TaskOutcome::canceled()),
+        )
         .await
         .unwrap();
-    assert!(store.expired_leases(Timestamp(10_000), 10).await.unwrap().is_empty());
-    let gone = store.renew_lease(a.id, "srv-1", Timestamp(1)).await.unwrap_err();
-    assert_eq!(gone.kind(), ErrorKind::Conflict, "finished tasks have no lease to renew");
+    assert!(
+        store
+            .expired_leases(Timestamp(10_000), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let gone = store
+        .renew_lease(a.id, "srv-1", Timestamp(1))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        gone.kind(),
+        ErrorKind::Conflict,
+        "finished tasks have no lease to renew"
+    );
     // The limit is honoured.
     for (t, st) in [(&b, TaskStatus::Pending), (&c, TaskStatus::Pending)] {
         store
@@ -465,7 +614,10 @@ pub async fn leases_renew_and_expire(store: Store) {
             .await
             .unwrap();
     }
-    assert_eq!(store.expired_leases(Timestamp(10), 1).await.unwrap().len(), 1);
+    assert_eq!(
+        store.expired_leases(Timestamp(10), 1).await.unwrap().len(),
+        1
+    );
 }
 
 /// Tasks by session and by status come oldest first, paged.
@@ -479,24 +631,52 @@ pub async fn tasks_by_session_and_status(store: Store) {
     let ids = |ts: Vec<Task>| ts.iter().map(|t| t.id).collect::<Vec<_>>();
     let t = |n| TaskId(uuid_from(n));
     assert_eq!(
-        ids(store.tasks_by_session(&sid("a"), Page::first(10)).await.unwrap()),
+        ids(store
+            .tasks_by_session(&sid("a"), Page::first(10))
+            .await
+            .unwrap()),
         vec![t(2), t(4), t(1)]
     );
     assert_eq!(
-        ids(store.tasks_by_session(&sid("a"), Page { limit: 1, offset: 1 }).await.unwrap()),
+        ids(store
+            .tasks_by_session(
+                &sid("a"),
+                Page {
+                    limit: 1,
+                    offset: 1
+                }
+            )
+            .await
+            .unwrap()),
         vec![t(4)]
     );
-    assert!(store.tasks_by_session(&sid("zzz"), Page::first(10)).await.unwrap().is_empty());
+    assert!(
+        store
+            .tasks_by_session(&sid("zzz"), Page::first(10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     store
-        .update_task(t(3), TaskStatus::Pending, TaskChange::to(TaskStatus::Running))
+        .update_task(
+            t(3),
+            TaskStatus::Pending,
+            TaskChange::to(TaskStatus::Running),
+        )
         .await
         .unwrap();
     assert_eq!(
-        ids(store.tasks_by_status(TaskStatus::Pending, Page::first(10)).await.unwrap()),
+        ids(store
+            .tasks_by_status(TaskStatus::Pending, Page::first(10))
+            .await
+            .unwrap()),
         vec![t(2), t(4), t(1)]
     );
     assert_eq!(
-        ids(store.tasks_by_status(TaskStatus::Running, Page::first(10)).await.unwrap()),
+        ids(store
+            .tasks_by_status(TaskStatus::Running, Page::first(10))
+            .await
+            .unwrap()),
         vec![t(3)]
     );
     assert!(
@@ -534,24 +714,51 @@ pub async fn logs_are_numbered_from_one_and_read_after_seq(store: Store) {
             timestamp: Timestamp(1000 + i as i64),
         })
         .collect();
-    assert_eq!(store.append_logs(task.id, logs[..1].to_vec()).await.unwrap(), 1);
-    assert_eq!(store.append_logs(task.id, logs[1..].to_vec()).await.unwrap(), 4);
+    assert_eq!(
+        store
+            .append_logs(task.id, logs[..1].to_vec())
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .append_logs(task.id, logs[1..].to_vec())
+            .await
+            .unwrap(),
+        4
+    );
     assert_eq!(store.append_logs(task.id, Vec::new()).await.unwrap(), 4);
 
     let read = store.read_logs(task.id, 0, 100).await.unwrap();
-    assert_eq!(read.iter().map(|l| l.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
-    assert_eq!(read.iter().map(|l| l.event.clone()).collect::<Vec<_>>(), events);
+    assert_eq!(
+        read.iter().map(|l| l.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert_eq!(
+        read.iter().map(|l| l.event.clone()).collect::<Vec<_>>(),
+        events
+    );
     assert_eq!(read[2].timestamp, Timestamp(1002));
     assert!(read.iter().all(|l| l.task_id == task.id));
 
     let mid = store.read_logs(task.id, 1, 2).await.unwrap();
     assert_eq!(mid.iter().map(|l| l.seq).collect::<Vec<_>>(), vec![2, 3]);
     assert!(store.read_logs(task.id, 4, 100).await.unwrap().is_empty());
-    assert!(store.read_logs(task.id, 1000, 100).await.unwrap().is_empty());
+    assert!(
+        store
+            .read_logs(task.id, 1000, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(store.read_logs(task.id, 0, 0).await.unwrap().is_empty());
     let ghost = TaskId(uuid_from(404));
     assert!(store.read_logs(ghost, 0, 10).await.unwrap().is_empty());
-    let err = store.append_logs(ghost, text_logs("x", 1)).await.unwrap_err();
+    let err = store
+        .append_logs(ghost, text_logs("x", 1))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
 }
 
@@ -583,7 +790,10 @@ pub async fn concurrent_appenders_get_gap_free_seqs(store: Store) {
     }
     for h in handles {
         let lasts = h.await.expect("join");
-        assert!(lasts.windows(2).all(|p| p[0] < p[1]), "an appender's seqs grow");
+        assert!(
+            lasts.windows(2).all(|p| p[0] < p[1]),
+            "an appender's seqs grow"
+        );
     }
     let logs = all_logs(&store, task.id).await;
     assert_eq!(logs.len(), expected_total);
@@ -601,7 +811,12 @@ pub async fn concurrent_appenders_get_gap_free_seqs(store: Store) {
                 panic!()
             };
             let stem = text.rsplit_once("-i").unwrap().0;
-            assert_eq!(prev, &format!("{stem}-i{}", idx - 1), "batch split at seq {}", log.seq);
+            assert_eq!(
+                prev,
+                &format!("{stem}-i{}", idx - 1),
+                "batch split at seq {}",
+                log.seq
+            );
         }
     }
 }
@@ -611,9 +826,17 @@ pub async fn ten_thousand_logs(store: Store) {
     let task = session_with_task(&store, "s1", 1).await;
     let mut last = 0;
     for b in 0..75 {
-        last = store.append_logs(task.id, text_logs(&format!("b{b}-"), 100)).await.unwrap();
+        last = store
+            .append_logs(task.id, text_logs(&format!("b{b}-"), 100))
+            .await
+            .unwrap();
     }
-    last = last.max(store.append_logs(task.id, text_logs("big-", 2500)).await.unwrap());
+    last = last.max(
+        store
+            .append_logs(task.id, text_logs("big-", 2500))
+            .await
+            .unwrap(),
+    );
     assert_eq!(last, 10_000);
     let logs = all_logs(&store, task.id).await;
     assert_eq!(logs.len(), 10_000);
@@ -639,12 +862,25 @@ pub async fn delete_session_cascades(store: Store) {
         ErrorKind::NotFound
     );
     for t in [&doomed, &second] {
-        assert_eq!(store.get_task(t.id).await.unwrap_err().kind(), ErrorKind::NotFound);
+        assert_eq!(
+            store.get_task(t.id).await.unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
         assert!(store.read_logs(t.id, 0, 10).await.unwrap().is_empty());
     }
-    assert!(store.tasks_by_session(&sid("doomed"), Page::first(10)).await.unwrap().is_empty());
+    assert!(
+        store
+            .tasks_by_session(&sid("doomed"), Page::first(10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(
-        store.delete_session(&sid("doomed")).await.unwrap_err().kind(),
+        store
+            .delete_session(&sid("doomed"))
+            .await
+            .unwrap_err()
+            .kind(),
         ErrorKind::NotFound
     );
     assert_eq!(store.get_task(kept.id).await.unwrap(), kept);
@@ -658,8 +894,17 @@ pub async fn delete_session_cascades(store: Store) {
         .collect();
     assert_eq!(listed.len(), 1);
     // A recreated session of the same id starts empty.
-    store.create_session(new_session("doomed", 9)).await.unwrap();
-    assert!(store.tasks_by_session(&sid("doomed"), Page::first(10)).await.unwrap().is_empty());
+    store
+        .create_session(new_session("doomed", 9))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .tasks_by_session(&sid("doomed"), Page::first(10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// Any Unicode (NUL and astral planes included) and 1 MB payloads round-trip.
@@ -671,7 +916,11 @@ pub async fn unicode_and_large_payloads(store: Store) {
     let session = store.create_session(s).await.unwrap();
     assert_eq!(store.get_session(&session.id).await.unwrap(), session);
     assert_eq!(
-        store.find_session("webchat", "键/🔑#1").await.unwrap().map(|s| s.id),
+        store
+            .find_session("webchat", "键/🔑#1")
+            .await
+            .unwrap()
+            .map(|s| s.id),
         Some(session.id.clone())
     );
 
@@ -697,14 +946,25 @@ pub async fn unicode_and_large_payloads(store: Store) {
         }),
     ];
     store
-        .append_logs(task.id, events.iter().cloned().map(NewTaskLog::now).collect())
+        .append_logs(
+            task.id,
+            events.iter().cloned().map(NewTaskLog::now).collect(),
+        )
         .await
         .unwrap();
-    let read: Vec<TaskEvent> = all_logs(&store, task.id).await.into_iter().map(|l| l.event).collect();
+    let read: Vec<TaskEvent> = all_logs(&store, task.id)
+        .await
+        .into_iter()
+        .map(|l| l.event)
+        .collect();
     assert_eq!(read, events);
 
     store
-        .update_task(task.id, TaskStatus::Pending, TaskChange::to(TaskStatus::Running))
+        .update_task(
+            task.id,
+            TaskStatus::Pending,
+            TaskChange::to(TaskStatus::Running),
+        )
         .await
         .unwrap();
     let mut outcome = TaskOutcome::completed(format!("{weird}{big}"));
@@ -720,7 +980,10 @@ pub async fn unicode_and_large_payloads(store: Store) {
 pub async fn bad_input_is_refused_cleanly(store: Store) {
     store.create_session(new_session("s1", 1)).await.unwrap();
     for title in ["a\u{0}b", "line\nbreak", &"t".repeat(501)] {
-        let err = store.set_session_title(&sid("s1"), title).await.unwrap_err();
+        let err = store
+            .set_session_title(&sid("s1"), title)
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidInput, "{title:?}");
         let mut s = new_session("s2", 1);
         s.title = title.to_string();
@@ -729,7 +992,10 @@ pub async fn bad_input_is_refused_cleanly(store: Store) {
             ErrorKind::InvalidInput
         );
     }
-    assert_eq!(store.get_session(&sid("s1")).await.unwrap().title, "New Chat");
+    assert_eq!(
+        store.get_session(&sid("s1")).await.unwrap().title,
+        "New Chat"
+    );
     assert_eq!(
         store.get_session(&sid("s2")).await.unwrap_err().kind(),
         ErrorKind::NotFound
@@ -737,14 +1003,24 @@ pub async fn bad_input_is_refused_cleanly(store: Store) {
     // An outcome whose status disagrees with the change is refused before any write.
     let task = store.create_task(new_task("s1", 1, 2)).await.unwrap();
     store
-        .update_task(task.id, TaskStatus::Pending, TaskChange::to(TaskStatus::Running))
+        .update_task(
+            task.id,
+            TaskStatus::Pending,
+            TaskChange::to(TaskStatus::Running),
+        )
         .await
         .unwrap();
     let mut change = TaskChange::finish(TaskOutcome::completed("x"));
     change.status = TaskStatus::Failed;
-    let err = store.update_task(task.id, TaskStatus::Running, change).await.unwrap_err();
+    let err = store
+        .update_task(task.id, TaskStatus::Running, change)
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
-    assert_eq!(store.get_task(task.id).await.unwrap().status, TaskStatus::Running);
+    assert_eq!(
+        store.get_task(task.id).await.unwrap().status,
+        TaskStatus::Running
+    );
 }
 
 pub use model::model_check;
@@ -760,19 +1036,60 @@ mod model {
 
     #[derive(Debug, Clone)]
     enum Op {
-        CreateSession { s: u8, key: Option<u8>, at: i64 },
-        CreateTask { s: u8, t: u8, at: i64 },
-        Update { t: u8, expected: TaskStatus, to: TaskStatus, at: i64 },
-        Append { t: u8, n: u8 },
-        Read { t: u8, after: u8, limit: u8 },
-        Touch { s: u8, at: i64 },
-        Title { s: u8, title: String },
-        Delete { s: u8 },
-        List { limit: u8, offset: u8 },
-        BySession { s: u8 },
-        ByStatus { status: TaskStatus },
-        Renew { t: u8, owner: bool, at: i64 },
-        Expired { at: i64 },
+        CreateSession {
+            s: u8,
+            key: Option<u8>,
+            at: i64,
+        },
+        CreateTask {
+            s: u8,
+            t: u8,
+            at: i64,
+        },
+        Update {
+            t: u8,
+            expected: TaskStatus,
+            to: TaskStatus,
+            at: i64,
+        },
+        Append {
+            t: u8,
+            n: u8,
+        },
+        Read {
+            t: u8,
+            after: u8,
+            limit: u8,
+        },
+        Touch {
+            s: u8,
+            at: i64,
+        },
+        Title {
+            s: u8,
+            title: String,
+        },
+        Delete {
+            s: u8,
+        },
+        List {
+            limit: u8,
+            offset: u8,
+        },
+        BySession {
+            s: u8,
+        },
+        ByStatus {
+            status: TaskStatus,
+        },
+        Renew {
+            t: u8,
+            owner: bool,
+            at: i64,
+        },
+        Expired {
+            at: i64,
+        },
     }
 
     fn status() -> impl Strategy<Value = TaskStatus> {
@@ -787,8 +1104,14 @@ mod model {
             (s.clone(), proptest::option::of(0u8..2), at.clone())
                 .prop_map(|(s, key, at)| Op::CreateSession { s, key, at }),
             (s.clone(), t.clone(), at.clone()).prop_map(|(s, t, at)| Op::CreateTask { s, t, at }),
-            (t.clone(), status(), status(), at.clone())
-                .prop_map(|(t, expected, to, at)| Op::Update { t, expected, to, at }),
+            (t.clone(), status(), status(), at.clone()).prop_map(|(t, expected, to, at)| {
+                Op::Update {
+                    t,
+                    expected,
+                    to,
+                    at,
+                }
+            }),
             (t.clone(), 0u8..5).prop_map(|(t, n)| Op::Append { t, n }),
             (t.clone(), 0u8..8, 0u8..4).prop_map(|(t, after, limit)| Op::Read { t, after, limit }),
             (s.clone(), at.clone()).prop_map(|(s, at)| Op::Touch { s, at }),
@@ -835,7 +1158,12 @@ mod model {
                 let n = new_task(sname(s).as_str(), u128::from(t) + 1, at);
                 out(store.create_task(n).await, |t| Out::Task(Box::new(t)))
             }
-            Op::Update { t, expected, to, at } => {
+            Op::Update {
+                t,
+                expected,
+                to,
+                at,
+            } => {
                 let mut change = TaskChange::to(to).at(Timestamp(at));
                 if to == TaskStatus::Running {
                     change = change.lease("owner", Timestamp(at + 10)).worker("w");
@@ -852,7 +1180,9 @@ mod model {
                 })
             }
             Op::Append { t, n } => out(
-                store.append_logs(tid(t), text_logs("e", usize::from(n))).await,
+                store
+                    .append_logs(tid(t), text_logs("e", usize::from(n)))
+                    .await,
                 Out::Seq,
             ),
             Op::Read { t, after, limit } => out(
@@ -864,9 +1194,9 @@ mod model {
             Op::Touch { s, at } => out(store.touch_session(&sname(s), Timestamp(at)).await, |_| {
                 Out::Unit
             }),
-            Op::Title { s, title } => {
-                out(store.set_session_title(&sname(s), &title).await, |_| Out::Unit)
-            }
+            Op::Title { s, title } => out(store.set_session_title(&sname(s), &title).await, |_| {
+                Out::Unit
+            }),
             Op::Delete { s } => out(store.delete_session(&sname(s)).await, |_| Out::Unit),
             Op::List { limit, offset } => out(
                 store
@@ -984,7 +1314,10 @@ mod memory_model {
         }
         async fn get_session(&self, id: &SessionId) -> Result<Session> {
             let st = self.state.lock().unwrap();
-            st.0.iter().find(|s| &s.id == id).cloned().ok_or_else(|| nf("session"))
+            st.0.iter()
+                .find(|s| &s.id == id)
+                .cloned()
+                .ok_or_else(|| nf("session"))
         }
         async fn find_session(&self, ct: &str, key: &str) -> Result<Option<Session>> {
             let st = self.state.lock().unwrap();
@@ -996,19 +1329,18 @@ mod memory_model {
         }
         async fn list_sessions(&self, p: Page) -> Result<Vec<SessionSummary>> {
             let st = self.state.lock().unwrap();
-            let mut v: Vec<SessionSummary> = st
-                .0
-                .iter()
-                .map(|s| SessionSummary {
-                    session: s.clone(),
-                    task_count: st.1.iter().filter(|t| t.session_id == s.id).count() as u64,
-                    active_task_count: st
-                        .1
-                        .iter()
-                        .filter(|t| t.session_id == s.id && t.status.is_active())
-                        .count() as u64,
-                })
-                .collect();
+            let mut v: Vec<SessionSummary> =
+                st.0.iter()
+                    .map(|s| SessionSummary {
+                        session: s.clone(),
+                        task_count: st.1.iter().filter(|t| t.session_id == s.id).count() as u64,
+                        active_task_count: st
+                            .1
+                            .iter()
+                            .filter(|t| t.session_id == s.id && t.status.is_active())
+                            .count() as u64,
+                    })
+                    .collect();
             v.sort_by(|a, b| {
                 (b.session.last_active, &b.session.id).cmp(&(a.session.last_active, &a.session.id))
             });
@@ -1017,13 +1349,19 @@ mod memory_model {
         async fn set_session_title(&self, id: &SessionId, title: &str) -> Result<()> {
             validate_title(title)?;
             let mut st = self.state.lock().unwrap();
-            let s = st.0.iter_mut().find(|s| &s.id == id).ok_or_else(|| nf("session"))?;
+            let s =
+                st.0.iter_mut()
+                    .find(|s| &s.id == id)
+                    .ok_or_else(|| nf("session"))?;
             s.title = title.into();
             Ok(())
         }
         async fn touch_session(&self, id: &SessionId, at: Timestamp) -> Result<()> {
             let mut st = self.state.lock().unwrap();
-            let s = st.0.iter_mut().find(|s| &s.id == id).ok_or_else(|| nf("session"))?;
+            let s =
+                st.0.iter_mut()
+                    .find(|s| &s.id == id)
+                    .ok_or_else(|| nf("session"))?;
             s.last_active = s.last_active.max(at);
             Ok(())
         }
@@ -1035,7 +1373,10 @@ mod memory_model {
                 return Err(nf("session"));
             }
             let gone: Vec<TaskId> =
-                st.1.iter().filter(|t| &t.session_id == id).map(|t| t.id).collect();
+                st.1.iter()
+                    .filter(|t| &t.session_id == id)
+                    .map(|t| t.id)
+                    .collect();
             st.1.retain(|t| &t.session_id != id);
             st.2.retain(|l| !gone.contains(&l.task_id));
             Ok(())
@@ -1045,11 +1386,10 @@ mod memory_model {
             if st.1.iter().any(|t| t.id == new.id) {
                 return Err(Error::conflict("exists"));
             }
-            let s = st
-                .0
-                .iter_mut()
-                .find(|s| s.id == new.session_id)
-                .ok_or_else(|| nf("session"))?;
+            let s =
+                st.0.iter_mut()
+                    .find(|s| s.id == new.session_id)
+                    .ok_or_else(|| nf("session"))?;
             s.last_active = s.last_active.max(new.created_at);
             let t = new.into_task();
             st.1.push(t.clone());
@@ -1057,11 +1397,17 @@ mod memory_model {
         }
         async fn get_task(&self, id: TaskId) -> Result<Task> {
             let st = self.state.lock().unwrap();
-            st.1.iter().find(|t| t.id == id).cloned().ok_or_else(|| nf("task"))
+            st.1.iter()
+                .find(|t| t.id == id)
+                .cloned()
+                .ok_or_else(|| nf("task"))
         }
         async fn update_task(&self, id: TaskId, exp: TaskStatus, c: TaskChange) -> Result<Task> {
             let mut st = self.state.lock().unwrap();
-            let t = st.1.iter_mut().find(|t| t.id == id).ok_or_else(|| nf("task"))?;
+            let t =
+                st.1.iter_mut()
+                    .find(|t| t.id == id)
+                    .ok_or_else(|| nf("task"))?;
             if t.status != exp {
                 return Err(Error::conflict("status changed"));
             }
@@ -1072,7 +1418,11 @@ mod memory_model {
         }
         async fn tasks_by_session(&self, id: &SessionId, p: Page) -> Result<Vec<Task>> {
             let st = self.state.lock().unwrap();
-            let mut v: Vec<Task> = st.1.iter().filter(|t| &t.session_id == id).cloned().collect();
+            let mut v: Vec<Task> =
+                st.1.iter()
+                    .filter(|t| &t.session_id == id)
+                    .cloned()
+                    .collect();
             v.sort_by_key(|t| (t.created_at, t.id));
             Ok(page(v, p))
         }
@@ -1084,7 +1434,10 @@ mod memory_model {
         }
         async fn renew_lease(&self, id: TaskId, owner: &str, at: Timestamp) -> Result<()> {
             let mut st = self.state.lock().unwrap();
-            let t = st.1.iter_mut().find(|t| t.id == id).ok_or_else(|| nf("task"))?;
+            let t =
+                st.1.iter_mut()
+                    .find(|t| t.id == id)
+                    .ok_or_else(|| nf("task"))?;
             let active = t.status.is_active();
             match t.lease.as_mut() {
                 Some(l) if l.owner == owner && active => {
@@ -1096,14 +1449,14 @@ mod memory_model {
         }
         async fn expired_leases(&self, now: Timestamp, limit: u32) -> Result<Vec<Task>> {
             let st = self.state.lock().unwrap();
-            let mut v: Vec<Task> =
-                st.1.iter()
-                    .filter(|t| {
-                        t.status.is_active()
-                            && t.lease.as_ref().is_some_and(|l| l.expires_at <= now)
-                    })
-                    .cloned()
-                    .collect();
+            let mut v: Vec<Task> = st
+                .1
+                .iter()
+                .filter(|t| {
+                    t.status.is_active() && t.lease.as_ref().is_some_and(|l| l.expires_at <= now)
+                })
+                .cloned()
+                .collect();
             v.sort_by_key(|t| (t.created_at, t.id));
             v.truncate(limit as usize);
             Ok(v)
