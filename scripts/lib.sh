@@ -57,3 +57,29 @@ stop_postgres() {
         rm -rf "$PG_DIR"
     fi
 }
+
+# --- The Claude Code CLI ------------------------------------------------------------------
+# PyPI's claude-agent-sdk wheel ships the native `claude` binary; no npm needed.
+claude_from_wheel() {
+    python3 - <<'PY' 2>/dev/null
+import os, claude_agent_sdk
+p = os.path.join(os.path.dirname(claude_agent_sdk.__file__), "_bundled", "claude")
+print(p if os.access(p, os.X_OK) else "")
+PY
+}
+
+ensure_claude() {
+    if [ -n "${CLAUDE_BIN:-}" ] && [ -x "$CLAUDE_BIN" ]; then return 0; fi
+    command -v python3 >/dev/null || apt_install python3 python3-pip
+    local bin
+    bin=$(claude_from_wheel || true)
+    if [ -z "$bin" ]; then
+        log "installing the claude CLI (pip install claude-agent-sdk)"
+        python3 -m pip install --quiet claude-agent-sdk \
+            || python3 -m pip install --quiet --break-system-packages claude-agent-sdk
+        bin=$(claude_from_wheel || true)
+    fi
+    [ -n "$bin" ] || { echo "could not install the claude CLI" >&2; return 1; }
+    export CLAUDE_BIN=$bin
+    log "claude CLI: $CLAUDE_BIN ($("$CLAUDE_BIN" --version 2>/dev/null || echo '?'))"
+}

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Runs AnyWork's whole test suite on a fresh machine: installs what is missing, starts a
-# throw-away PostgreSQL on loopback, then runs rustfmt, clippy and every test.
+# Runs AnyWork's whole test suite on a fresh machine: installs what is missing (PostgreSQL,
+# the claude CLI), starts a throw-away PostgreSQL on loopback, then runs rustfmt, clippy and
+# every test.
 #
 #   bash scripts/test.sh            # everything
 #   bash scripts/test.sh -p anywork-store   # extra args go to `cargo test`
 #
 # Environment: CARGO_TARGET_DIR (reused if set), ANYWORK_TEST_DATABASE_URL (if set, that
-# database is used and no PostgreSQL is started), CI (set by CI: nothing may be skipped).
+# database is used and no PostgreSQL is started), CLAUDE_BIN (the claude CLI to test with),
+# CI (set by CI: nothing may be skipped).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -17,6 +19,7 @@ trap stop_postgres EXIT
 if [ -z "${ANYWORK_TEST_DATABASE_URL:-}" ]; then
     start_postgres
 fi
+ensure_claude
 
 # --- Rust checks and tests ----------------------------------------------------------------
 command -v cargo >/dev/null || { echo "cargo is missing: install Rust from https://rustup.rs" >&2; exit 1; }

@@ -1,0 +1,90 @@
+//! [`StaticDriver`]: every session uses one worker at a fixed URL (`STATIC_WORKER_URL`).
+
+use std::time::Duration;
+
+use anywork_core::{
+    ContainerDriver, Error, ErrorKind, Result, SessionId, WorkerEndpoint, WorkerInfo,
+};
+use async_trait::async_trait;
+
+/// Hands out one worker URL to every session. The worker serves many sessions at once.
+#[derive(Debug, Clone)]
+pub struct StaticDriver {
+    endpoint: WorkerEndpoint,
+    client: reqwest::Client,
+}
+
+impl StaticDriver {
+    /// How long `/health` may take before the worker counts as down.
+    pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+
+    /// A driver for the worker at `url` (`http://host:port`, no path).
+    pub fn new(url: &str) -> Result<Self> {
+        let base_url = url.trim_end_matches('/').to_owned();
+        let parsed = reqwest::Url::parse(&base_url).map_err(|e| {
+            Error::invalid_input(format!(
+                "STATIC_WORKER_URL {url:?} is not a URL ({e}); expected e.g. http://127.0.0.1:8080"
+            ))
+        })?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+            return Err(Error::invalid_input(format!(
+                "STATIC_WORKER_URL {url:?} must be an http:// or https:// URL with a host"
+            )));
+        }
+        let client = reqwest::Client::builder()
+            .timeout(Self::HEALTH_TIMEOUT)
+            .build()
+            .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
+        Ok(Self {
+            endpoint: WorkerEndpoint {
+                worker_id: format!("static:{base_url}"),
+                base_url,
+            },
+            client,
+        })
+    }
+
+    /// The one endpoint.
+    pub fn endpoint(&self) -> &WorkerEndpoint {
+        &self.endpoint
+    }
+}
+
+#[async_trait]
+impl ContainerDriver for StaticDriver {
+    fn name(&self) -> &str {
+        "static"
+    }
+
+    async fn get_worker(&self, _session_id: &SessionId) -> Result<WorkerEndpoint> {
+        if self.is_healthy(&self.endpoint).await {
+            Ok(self.endpoint.clone())
+        } else {
+            Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "the worker at {} does not answer GET /health: start it, or fix STATIC_WORKER_URL",
+                    self.endpoint.base_url
+                ),
+            ))
+        }
+    }
+
+    async fn release(&self, _session_id: &SessionId) -> Result<()> {
+        // The worker is shared; nothing to stop.
+        Ok(())
+    }
+
+    async fn is_healthy(&self, endpoint: &WorkerEndpoint) -> bool {
+        let url = format!("{}/health", endpoint.base_url);
+        matches!(self.client.get(url).send().await, Ok(r) if r.status().is_success())
+    }
+
+    async fn list(&self) -> Result<Vec<WorkerInfo>> {
+        Ok(vec![WorkerInfo {
+            endpoint: self.endpoint.clone(),
+            session_id: None,
+            healthy: self.is_healthy(&self.endpoint).await,
+        }])
+    }
+}

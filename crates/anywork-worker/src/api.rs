@@ -1,0 +1,496 @@
+//! The worker's HTTP API, as an axum [`Router`].
+//!
+//! | method and path | body | answer |
+//! | --- | --- | --- |
+//! | `GET /health` | | `{"status":"ok","version","executor","busy_sessions":[..]}` |
+//! | `POST /prepare` | `{session_id, skills?, mcp_servers?, soul?}` | `{"status":"ready"}` |
+//! | `POST /chat` | `{task_id, session_id, message}` | `text/event-stream` of [`TaskEvent`](anywork_core::TaskEvent)s |
+//! | `POST /cancel` | `{task_id}` | `{"status": <final status>, "task_id"}`, or 202 `canceling` |
+//! | `POST /input` | `{task_id, request_id, answer?, allow?}` | `{"status":"accepted"}` |
+//! | `GET /sessions/{id}/messages` | | `{"messages":[..]}` |
+//! | `GET /sessions/{id}/files` | | `{"files":[{path,size,modified}]}` |
+//! | `GET /workspace/{soul\|agents}?session_id=` | | `{"file":"SOUL.md","content":..}` |
+//! | `PUT /workspace/{soul\|agents}?session_id=` | `{content}` | `{"file":"SOUL.md","status":"saved"}` |
+//!
+//! Errors are `{"error":{"code":<ErrorKind::as_str>,"message":..}}` with the status of
+//! [`status_for`]; bodies that cannot be read answer 400 (bad JSON), 413 (too large), 415 (not
+//! JSON) or 422 (wrong fields), in the same shape with code `invalid_input`.
+//!
+//! `/chat` answers 4xx JSON only when the request itself is refused (bad body, session busy,
+//! task id already running, workspace unusable). Once accepted, it always answers 200 with an
+//! event stream that ends with exactly one `done`: if the executor cannot start, the stream is
+//! that single `failed` done.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anywork_core::spec::McpServers;
+use anywork_core::{
+    Error, ErrorKind, ExecutionRequest, InputResponse, SessionId, SkillSpec, TaskId,
+};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::sse::{KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::history::HistoryMessage;
+use crate::run;
+use crate::state::WorkerState;
+use crate::workspace::WorkspaceDoc;
+
+/// The worker's routes over `state`.
+pub fn router(state: WorkerState) -> Router {
+    let limit = state.config().max_body_bytes;
+    Router::new()
+        .route("/health", get(health))
+        .route("/prepare", post(prepare))
+        .route("/chat", post(chat))
+        .route("/cancel", post(cancel))
+        .route("/input", post(input))
+        .route("/sessions/{id}/messages", get(messages))
+        .route("/sessions/{id}/files", get(files))
+        .route("/workspace/{file}", get(get_doc).put(put_doc))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Serves the worker's API on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: WorkerState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// The HTTP status of each [`ErrorKind`]: the one place this mapping is made.
+pub fn status_for(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Conflict | ErrorKind::InvalidTransition | ErrorKind::Canceled => {
+            StatusCode::CONFLICT
+        }
+        ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorKind::Protocol => StatusCode::BAD_GATEWAY,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// An error answer: `{"error":{"code":..,"message":..}}` with a status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: Error,
+}
+
+impl ApiError {
+    /// An answer with an explicit status (for statuses no [`ErrorKind`] maps to, like 413).
+    pub fn with_status(status: StatusCode, error: Error) -> Self {
+        Self { status, error }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The error.
+    pub fn error(&self) -> &Error {
+        &self.error
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(error: Error) -> Self {
+        Self {
+            status: status_for(error.kind()),
+            error,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = %self.status, error = %self.error, "request failed");
+        }
+        let body = json!({
+            "error": {
+                "code": self.error.kind().as_str(),
+                "message": self.error.message(),
+            }
+        });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+fn rejection(status: StatusCode, message: String) -> ApiError {
+    ApiError::with_status(status, Error::invalid_input(message))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Extractors whose rejections are JSON errors
+
+/// A JSON request body; malformed, mistyped or oversized bodies answer a JSON [`ApiError`].
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<WorkerState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &WorkerState) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rej) => Err(json_rejection(rej, state.config().max_body_bytes)),
+        }
+    }
+}
+
+fn json_rejection(rej: JsonRejection, limit: usize) -> ApiError {
+    let status = rej.status();
+    let message = match &rej {
+        _ if status == StatusCode::PAYLOAD_TOO_LARGE => {
+            format!("the request body is larger than the limit of {limit} bytes")
+        }
+        JsonRejection::MissingJsonContentType(_) => {
+            "the request body must be JSON with `Content-Type: application/json`".to_owned()
+        }
+        JsonRejection::JsonSyntaxError(_) => {
+            format!("the request body is not valid JSON: {}", rej.body_text())
+        }
+        JsonRejection::JsonDataError(_) => {
+            format!("the request body has wrong fields: {}", rej.body_text())
+        }
+        _ => rej.body_text(),
+    };
+    rejection(status, message)
+}
+
+/// A path parameter; a bad one answers a JSON [`ApiError`].
+#[derive(Debug)]
+pub struct PathParam<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for PathParam<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(Self(value)),
+            Err(rej) => Err(path_rejection(rej)),
+        }
+    }
+}
+
+fn path_rejection(rej: PathRejection) -> ApiError {
+    rejection(rej.status(), rej.body_text())
+}
+
+/// A query string; a bad one answers a JSON [`ApiError`].
+#[derive(Debug)]
+pub struct QueryParams<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for QueryParams<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(Self(value)),
+            Err(rej) => Err(query_rejection(rej)),
+        }
+    }
+}
+
+fn query_rejection(rej: QueryRejection) -> ApiError {
+    rejection(
+        StatusCode::BAD_REQUEST,
+        format!("bad query string: {}", rej.body_text()),
+    )
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    Error::not_found(format!("no route for {method} {}", uri.path())).into()
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    rejection(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+/// Runs blocking workspace I/O off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anywork_core::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(e) => Err(Error::internal(format!("a workspace operation failed: {e}")).into()),
+    }
+}
+
+fn session_param(id: String) -> Result<SessionId, ApiError> {
+    SessionId::new(id).map_err(ApiError::from)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handlers
+
+async fn health(State(state): State<WorkerState>) -> Json<Value> {
+    let busy: Vec<String> = state
+        .busy_sessions()
+        .into_iter()
+        .map(String::from)
+        .collect();
+    Json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "executor": state.executor().name(),
+        "busy_sessions": busy,
+    }))
+}
+
+/// Body of `POST /prepare`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrepareBody {
+    session_id: SessionId,
+    #[serde(default)]
+    skills: Option<Vec<SkillSpec>>,
+    #[serde(default)]
+    mcp_servers: Option<McpServers>,
+    #[serde(default)]
+    soul: Option<String>,
+}
+
+async fn prepare(
+    State(state): State<WorkerState>,
+    JsonBody(body): JsonBody<PrepareBody>,
+) -> Result<Json<Value>, ApiError> {
+    let workspace = state.workspace().clone();
+    blocking(move || {
+        workspace.prepare(
+            &body.session_id,
+            &body.skills.unwrap_or_default(),
+            &body.mcp_servers.unwrap_or_default(),
+            body.soul.as_deref(),
+        )
+    })
+    .await?;
+    Ok(Json(json!({ "status": "ready" })))
+}
+
+/// Body of `POST /chat`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChatBody {
+    task_id: TaskId,
+    session_id: SessionId,
+    message: String,
+}
+
+async fn chat(
+    State(state): State<WorkerState>,
+    JsonBody(body): JsonBody<ChatBody>,
+) -> Result<Response, ApiError> {
+    if body.message.trim().is_empty() {
+        return Err(Error::invalid_input("`message` must not be empty").into());
+    }
+    let guard = state.reserve(body.task_id, &body.session_id)?;
+    let workspace = state.workspace().clone();
+    let session_id = body.session_id.clone();
+    let user = HistoryMessage::user(body.task_id, body.message.clone());
+    let dir = blocking(move || {
+        let dir = workspace.ensure_session(&session_id)?;
+        workspace.append_history(&session_id, &user)?;
+        Ok(dir)
+    })
+    .await?;
+    let request = ExecutionRequest {
+        task_id: body.task_id,
+        session_id: body.session_id,
+        message: body.message,
+        workspace: dir,
+    };
+    let events = run::spawn(guard, request);
+    // A zero interval would send comments without pause.
+    let interval = state
+        .config()
+        .keep_alive
+        .max(std::time::Duration::from_millis(100));
+    let keep_alive = KeepAlive::new().interval(interval);
+    Ok(Sse::new(run::sse_stream(events))
+        .keep_alive(keep_alive)
+        .into_response())
+}
+
+/// Body of `POST /cancel`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    task_id: TaskId,
+}
+
+async fn cancel(
+    State(state): State<WorkerState>,
+    JsonBody(body): JsonBody<CancelBody>,
+) -> Result<Response, ApiError> {
+    let (signal, mut ended) = state.cancel_handle(body.task_id)?;
+    signal.notify_one();
+    // The driver ends the run within the grace period; allow a little more for the rest.
+    let wait = state.config().cancel_grace + std::time::Duration::from_secs(1);
+    let result = tokio::time::timeout(wait, async {
+        ended.wait_for(Option::is_some).await.map(|status| *status)
+    })
+    .await;
+    let task_id = body.task_id.to_string();
+    Ok(match result {
+        Ok(Ok(Some(status))) => {
+            Json(json!({ "status": status.as_str(), "task_id": task_id })).into_response()
+        }
+        // The run went away without a status (its request was dropped before it started).
+        Ok(_) => Json(json!({ "status": "canceled", "task_id": task_id })).into_response(),
+        Err(_) => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "status": "canceling", "task_id": task_id })),
+        )
+            .into_response(),
+    })
+}
+
+/// Body of `POST /input`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputBody {
+    task_id: TaskId,
+    request_id: String,
+    #[serde(default)]
+    answer: Option<String>,
+    #[serde(default)]
+    allow: Option<bool>,
+}
+
+async fn input(
+    State(state): State<WorkerState>,
+    JsonBody(body): JsonBody<InputBody>,
+) -> Result<Json<Value>, ApiError> {
+    if body.request_id.is_empty() {
+        return Err(Error::invalid_input("`request_id` must not be empty").into());
+    }
+    let control: Arc<dyn anywork_core::ExecutionControl> = state.control(body.task_id)?;
+    let response = InputResponse {
+        request_id: body.request_id,
+        answer: body.answer.unwrap_or_default(),
+        allow: body.allow,
+    };
+    let timeout = state.config().control_timeout;
+    match tokio::time::timeout(timeout, control.respond(response)).await {
+        Ok(Ok(())) => Ok(Json(json!({ "status": "accepted" }))),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(Error::new(
+            ErrorKind::Timeout,
+            format!("the executor did not take the answer within {timeout:?}"),
+        )
+        .into()),
+    }
+}
+
+async fn messages(
+    State(state): State<WorkerState>,
+    PathParam(id): PathParam<String>,
+) -> Result<Json<Value>, ApiError> {
+    let session = session_param(id)?;
+    let workspace = state.workspace().clone();
+    let messages = blocking(move || workspace.history(&session)).await?;
+    Ok(Json(json!({ "messages": messages })))
+}
+
+async fn files(
+    State(state): State<WorkerState>,
+    PathParam(id): PathParam<String>,
+) -> Result<Json<Value>, ApiError> {
+    let session = session_param(id)?;
+    let workspace = state.workspace().clone();
+    let listing = blocking(move || workspace.list_files(&session)).await?;
+    let value = serde_json::to_value(&listing)
+        .map_err(|e| Error::internal(format!("cannot encode the file list: {e}")))?;
+    Ok(Json(value))
+}
+
+/// Query of `/workspace/{file}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DocQuery {
+    #[serde(default)]
+    session_id: Option<String>,
+}
+
+/// Body of `PUT /workspace/{file}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DocBody {
+    content: String,
+}
+
+fn doc_param(file: &str) -> Result<WorkspaceDoc, ApiError> {
+    WorkspaceDoc::from_slug(file).ok_or_else(|| {
+        Error::not_found(format!(
+            "unknown workspace file {file:?}: use `soul` (SOUL.md) or `agents` (AGENTS.md)"
+        ))
+        .into()
+    })
+}
+
+fn doc_session(query: DocQuery) -> Result<Option<SessionId>, ApiError> {
+    query.session_id.map(session_param).transpose()
+}
+
+async fn get_doc(
+    State(state): State<WorkerState>,
+    PathParam(file): PathParam<String>,
+    QueryParams(query): QueryParams<DocQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let doc = doc_param(&file)?;
+    let session = doc_session(query)?;
+    let workspace = state.workspace().clone();
+    let content = blocking(move || workspace.read_doc(session.as_ref(), doc)).await?;
+    Ok(Json(json!({ "file": doc.file_name(), "content": content })))
+}
+
+async fn put_doc(
+    State(state): State<WorkerState>,
+    PathParam(file): PathParam<String>,
+    QueryParams(query): QueryParams<DocQuery>,
+    JsonBody(body): JsonBody<DocBody>,
+) -> Result<Json<Value>, ApiError> {
+    let doc = doc_param(&file)?;
+    let session = doc_session(query)?;
+    let workspace = state.workspace().clone();
+    blocking(move || workspace.write_doc(session.as_ref(), doc, &body.content)).await?;
+    Ok(Json(json!({ "file": doc.file_name(), "status": "saved" })))
+}

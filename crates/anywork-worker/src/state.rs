@@ -1,0 +1,293 @@
+//! [`WorkerConfig`] and [`WorkerState`]: what the HTTP handlers share.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anywork_core::{Error, ExecutionControl, Executor, Result, SessionId, TaskId, TaskStatus};
+use tokio::sync::{Notify, watch};
+
+use crate::workspace::Workspace;
+
+/// The worker's settings. Build with [`WorkerConfig::new`] and the `with_*` methods.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The workspace root (`WORKSPACE_DIR`).
+    pub workspace_root: PathBuf,
+    /// Largest request body accepted, in bytes (default 8 MiB).
+    pub max_body_bytes: usize,
+    /// How long a canceled run may take to end by itself before the worker drops its event
+    /// stream (default 1 s).
+    pub cancel_grace: Duration,
+    /// Interval of SSE keep-alive comments (default 15 s; at least 100 ms is used).
+    pub keep_alive: Duration,
+    /// Longest wait for [`ExecutionControl::respond`] (default 10 s).
+    pub control_timeout: Duration,
+    /// Events buffered between a run and its SSE client (default 64).
+    pub event_buffer: usize,
+}
+
+impl WorkerConfig {
+    /// Default of [`max_body_bytes`](Self::max_body_bytes): 8 MiB.
+    pub const DEFAULT_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
+    /// Defaults, with the workspace at `workspace_root`.
+    pub fn new(workspace_root: impl Into<PathBuf>) -> Self {
+        Self {
+            workspace_root: workspace_root.into(),
+            max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
+            cancel_grace: Duration::from_secs(1),
+            keep_alive: Duration::from_secs(15),
+            control_timeout: Duration::from_secs(10),
+            event_buffer: 64,
+        }
+    }
+
+    /// Sets [`max_body_bytes`](Self::max_body_bytes).
+    pub fn with_max_body_bytes(mut self, bytes: usize) -> Self {
+        self.max_body_bytes = bytes;
+        self
+    }
+
+    /// Sets [`cancel_grace`](Self::cancel_grace).
+    pub fn with_cancel_grace(mut self, grace: Duration) -> Self {
+        self.cancel_grace = grace;
+        self
+    }
+
+    /// Sets [`keep_alive`](Self::keep_alive).
+    pub fn with_keep_alive(mut self, interval: Duration) -> Self {
+        self.keep_alive = interval;
+        self
+    }
+
+    /// Sets [`control_timeout`](Self::control_timeout).
+    pub fn with_control_timeout(mut self, timeout: Duration) -> Self {
+        self.control_timeout = timeout;
+        self
+    }
+
+    /// Sets [`event_buffer`](Self::event_buffer) (at least 1).
+    pub fn with_event_buffer(mut self, events: usize) -> Self {
+        self.event_buffer = events.max(1);
+        self
+    }
+}
+
+/// Everything the HTTP handlers share: configuration, workspace, executor and running tasks.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct WorkerState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: WorkerConfig,
+    workspace: Workspace,
+    executor: Arc<dyn Executor>,
+    runs: Mutex<Runs>,
+}
+
+#[derive(Default)]
+struct Runs {
+    tasks: HashMap<TaskId, RunEntry>,
+    sessions: HashMap<SessionId, TaskId>,
+}
+
+struct RunEntry {
+    control: Option<Arc<dyn ExecutionControl>>,
+    cancel: Arc<Notify>,
+    ended: watch::Receiver<Option<TaskStatus>>,
+}
+
+impl fmt::Debug for WorkerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerState")
+            .field("config", &self.inner.config)
+            .field("executor", &self.inner.executor.name())
+            .field("busy_sessions", &self.busy_sessions())
+            .finish()
+    }
+}
+
+impl WorkerState {
+    /// A state for `executor`; creates the workspace root and its default `SOUL.md` and
+    /// `AGENTS.md` when missing.
+    pub fn new(config: WorkerConfig, executor: Arc<dyn Executor>) -> Result<Self> {
+        let workspace = Workspace::new(config.workspace_root.clone());
+        workspace.init()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                workspace,
+                executor,
+                runs: Mutex::new(Runs::default()),
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &WorkerConfig {
+        &self.inner.config
+    }
+
+    /// The workspace.
+    pub fn workspace(&self) -> &Workspace {
+        &self.inner.workspace
+    }
+
+    /// The executor that runs tasks.
+    pub fn executor(&self) -> &Arc<dyn Executor> {
+        &self.inner.executor
+    }
+
+    /// Sessions with a running task, sorted.
+    pub fn busy_sessions(&self) -> Vec<SessionId> {
+        let mut sessions: Vec<SessionId> = self.runs().sessions.keys().cloned().collect();
+        sessions.sort();
+        sessions
+    }
+
+    /// Whether `session` has a running task.
+    pub fn is_busy(&self, session: &SessionId) -> bool {
+        self.runs().sessions.contains_key(session)
+    }
+
+    fn runs(&self) -> MutexGuard<'_, Runs> {
+        // The map stays consistent even if a holder panicked: every update is one insert or
+        // remove.
+        self.inner
+            .runs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Marks `session` busy with `task_id`; `Conflict` when the session or the task id is
+    /// already running. The returned guard frees both when dropped.
+    pub(crate) fn reserve(&self, task_id: TaskId, session_id: &SessionId) -> Result<RunGuard> {
+        let mut runs = self.runs();
+        if let Some(running) = runs.sessions.get(session_id) {
+            return Err(Error::conflict(format!(
+                "session {session_id} is busy with task {running}; wait for it to end or cancel it"
+            )));
+        }
+        if runs.tasks.contains_key(&task_id) {
+            return Err(Error::conflict(format!(
+                "task {task_id} is already running"
+            )));
+        }
+        let cancel = Arc::new(Notify::new());
+        let (ended_tx, ended_rx) = watch::channel(None);
+        runs.tasks.insert(
+            task_id,
+            RunEntry {
+                control: None,
+                cancel: cancel.clone(),
+                ended: ended_rx,
+            },
+        );
+        runs.sessions.insert(session_id.clone(), task_id);
+        Ok(RunGuard {
+            state: self.clone(),
+            task_id,
+            session_id: session_id.clone(),
+            cancel,
+            ended: ended_tx,
+            status: None,
+        })
+    }
+
+    /// Records the control handle of a started run.
+    pub(crate) fn set_control(&self, task_id: TaskId, control: Arc<dyn ExecutionControl>) {
+        if let Some(entry) = self.runs().tasks.get_mut(&task_id) {
+            entry.control = Some(control);
+        }
+    }
+
+    /// The cancel signal and end watch of a running task; `NotFound` when it is not running.
+    pub(crate) fn cancel_handle(
+        &self,
+        task_id: TaskId,
+    ) -> Result<(Arc<Notify>, watch::Receiver<Option<TaskStatus>>)> {
+        self.runs()
+            .tasks
+            .get(&task_id)
+            .map(|e| (e.cancel.clone(), e.ended.clone()))
+            .ok_or_else(|| not_running(task_id))
+    }
+
+    /// The control handle of a running task: `NotFound` when it is not running, `Conflict`
+    /// while its executor is still starting.
+    pub(crate) fn control(&self, task_id: TaskId) -> Result<Arc<dyn ExecutionControl>> {
+        let runs = self.runs();
+        let entry = runs
+            .tasks
+            .get(&task_id)
+            .ok_or_else(|| not_running(task_id))?;
+        entry.control.clone().ok_or_else(|| {
+            Error::conflict(format!(
+                "task {task_id} is still starting; it asks for input with an `input_required` event"
+            ))
+        })
+    }
+}
+
+fn not_running(task_id: TaskId) -> Error {
+    Error::not_found(format!(
+        "task {task_id} is not running on this worker (unknown or already ended)"
+    ))
+}
+
+/// Holds a session busy for one run; frees it when dropped, however the run ends.
+pub(crate) struct RunGuard {
+    state: WorkerState,
+    task_id: TaskId,
+    session_id: SessionId,
+    cancel: Arc<Notify>,
+    ended: watch::Sender<Option<TaskStatus>>,
+    status: Option<TaskStatus>,
+}
+
+impl RunGuard {
+    /// The worker state this run belongs to.
+    pub(crate) fn state(&self) -> &WorkerState {
+        &self.state
+    }
+
+    /// The task.
+    pub(crate) fn task_id(&self) -> TaskId {
+        self.task_id
+    }
+
+    /// The session.
+    pub(crate) fn session_id(&self) -> &SessionId {
+        &self.session_id
+    }
+
+    /// Fires when `/cancel` asks this run to stop.
+    pub(crate) fn cancel_signal(&self) -> Arc<Notify> {
+        self.cancel.clone()
+    }
+
+    /// Publishes how the run ended and frees the session.
+    pub(crate) fn finish(mut self, status: TaskStatus) {
+        self.status = Some(status);
+    }
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        let mut runs = self.state.runs();
+        runs.tasks.remove(&self.task_id);
+        if runs.sessions.get(&self.session_id) == Some(&self.task_id) {
+            runs.sessions.remove(&self.session_id);
+        }
+        drop(runs);
+        // Only now, with the session free, tell `/cancel` how the run ended.
+        if let Some(status) = self.status {
+            self.ended.send_replace(Some(status));
+        }
+    }
+}
