@@ -10,6 +10,7 @@
 //! - [`event`]: [`TaskEvent`], the event stream shared by worker SSE, task logs and WebSocket.
 //! - [`ws`]: the WebSocket client/server messages, spelled as the original AnyWork spells them.
 //! - [`spec`]: what a task asks the worker to set up ([`SkillSpec`], [`McpServerConfig`]).
+//! - [`worker_api`]: the worker's HTTP API, shared by the worker and the server.
 //! - [`error`]: the one [`Error`] type, with a matchable [`ErrorKind`].
 
 pub mod channel;
@@ -24,6 +25,7 @@ pub mod spec;
 pub mod status;
 pub mod store;
 pub mod task;
+pub mod worker_api;
 pub mod ws;
 
 pub use channel::{Channel, ChannelDefaults, Inbound, InboundRequest};

@@ -24,10 +24,11 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use anywork_core::spec::McpServers;
-use anywork_core::{
-    Error, ErrorKind, ExecutionRequest, InputResponse, SessionId, SkillSpec, TaskId,
+use anywork_core::worker_api::{
+    CANCEL_PATH, CHAT_PATH, CancelRequest, ChatRequest, HEALTH_PATH, INPUT_PATH, InputAnswer,
+    PREPARE_PATH, PrepareRequest,
 };
+use anywork_core::{Error, ErrorKind, ExecutionRequest, InputResponse, SessionId};
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
@@ -49,11 +50,11 @@ use crate::workspace::WorkspaceDoc;
 pub fn router(state: WorkerState) -> Router {
     let limit = state.config().max_body_bytes;
     Router::new()
-        .route("/health", get(health))
-        .route("/prepare", post(prepare))
-        .route("/chat", post(chat))
-        .route("/cancel", post(cancel))
-        .route("/input", post(input))
+        .route(HEALTH_PATH, get(health))
+        .route(PREPARE_PATH, post(prepare))
+        .route(CHAT_PATH, post(chat))
+        .route(CANCEL_PATH, post(cancel))
+        .route(INPUT_PATH, post(input))
         .route("/sessions/{id}/messages", get(messages))
         .route("/sessions/{id}/files", get(files))
         .route("/workspace/{file}", get(get_doc).put(put_doc))
@@ -275,22 +276,9 @@ async fn health(State(state): State<WorkerState>) -> Json<Value> {
     }))
 }
 
-/// Body of `POST /prepare`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PrepareBody {
-    session_id: SessionId,
-    #[serde(default)]
-    skills: Option<Vec<SkillSpec>>,
-    #[serde(default)]
-    mcp_servers: Option<McpServers>,
-    #[serde(default)]
-    soul: Option<String>,
-}
-
 async fn prepare(
     State(state): State<WorkerState>,
-    JsonBody(body): JsonBody<PrepareBody>,
+    JsonBody(body): JsonBody<PrepareRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let workspace = state.workspace().clone();
     blocking(move || {
@@ -305,18 +293,9 @@ async fn prepare(
     Ok(Json(json!({ "status": "ready" })))
 }
 
-/// Body of `POST /chat`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ChatBody {
-    task_id: TaskId,
-    session_id: SessionId,
-    message: String,
-}
-
 async fn chat(
     State(state): State<WorkerState>,
-    JsonBody(body): JsonBody<ChatBody>,
+    JsonBody(body): JsonBody<ChatRequest>,
 ) -> Result<Response, ApiError> {
     if body.message.trim().is_empty() {
         return Err(Error::invalid_input("`message` must not be empty").into());
@@ -349,16 +328,9 @@ async fn chat(
         .into_response())
 }
 
-/// Body of `POST /cancel`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CancelBody {
-    task_id: TaskId,
-}
-
 async fn cancel(
     State(state): State<WorkerState>,
-    JsonBody(body): JsonBody<CancelBody>,
+    JsonBody(body): JsonBody<CancelRequest>,
 ) -> Result<Response, ApiError> {
     let (signal, mut ended) = state.cancel_handle(body.task_id)?;
     signal.notify_one();
@@ -383,21 +355,9 @@ async fn cancel(
     })
 }
 
-/// Body of `POST /input`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct InputBody {
-    task_id: TaskId,
-    request_id: String,
-    #[serde(default)]
-    answer: Option<String>,
-    #[serde(default)]
-    allow: Option<bool>,
-}
-
 async fn input(
     State(state): State<WorkerState>,
-    JsonBody(body): JsonBody<InputBody>,
+    JsonBody(body): JsonBody<InputAnswer>,
 ) -> Result<Json<Value>, ApiError> {
     if body.request_id.is_empty() {
         return Err(Error::invalid_input("`request_id` must not be empty").into());
