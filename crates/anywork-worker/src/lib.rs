@@ -6,16 +6,24 @@
 //! - [`api`]: the HTTP API ([`api::router`], [`api::serve`]) that runs tasks on an
 //!   [`Executor`](anywork_core::Executor) and streams their [`TaskEvent`](anywork_core::TaskEvent)s
 //!   as server-sent events.
+//! - [`native`]: [`NativeExecutor`], an agent loop in Rust over the Anthropic or an
+//!   OpenAI-compatible API; [`mcp`]: its MCP client manager.
 //! - [`state`]: [`WorkerConfig`] and [`WorkerState`], what the handlers share.
 
 pub mod api;
+pub mod claude;
 pub mod history;
+pub mod mcp;
+pub mod native;
 mod run;
 pub mod state;
 pub mod workspace;
 
 pub use api::{ApiError, router, serve};
+pub use claude::{ClaudeCodeConfig, ClaudeCodeExecutor, PermissionMode};
 pub use history::{HistoryMessage, Role, ToolCallRecord};
+pub use mcp::{McpClients, McpServerReport, ToolDef, ToolOutcome};
+pub use native::{NativeConfig, NativeExecutor, Provider, RetryPolicy};
 pub use run::NO_RESULT;
 pub use state::{WorkerConfig, WorkerState};
 pub use workspace::{FileEntry, FileListing, Workspace, WorkspaceDoc, encode_session_id};

@@ -1,0 +1,814 @@
+//! [`ClaudeCodeExecutor`] against the real Claude Code CLI, which talks to [`FakeLlm`] on
+//! loopback. The CLI is `$CLAUDE_BIN` or the one bundled with the `claude-agent-sdk` wheel;
+//! without it these tests print a loud skip banner (and fail when `CI` is set). The tests at the
+//! end drive small shell scripts instead and always run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anywork_core::{
+    ErrorKind, Execution, ExecutionRequest, Executor, InputKind, InputResponse, SessionId,
+    TaskEvent, TaskId, TaskOutcome, TaskStatus,
+};
+use anywork_test::fake_llm::{FakeLlm, Reply};
+use anywork_worker::claude::{HISTORY_LOST, LINE_TOO_LONG, SESSION_ID_FILE, SESSIONS_DIR};
+use anywork_worker::{ClaudeCodeConfig, ClaudeCodeExecutor, PermissionMode};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+/// Longest a whole run may take in these tests.
+const RUN_LIMIT: Duration = Duration::from_secs(120);
+/// A marker put in every workspace's SOUL.md, expected in the system prompt.
+const SOUL_MARKER: &str = "SOUL-MARKER-7f3a";
+
+/// The Claude Code binary: `$CLAUDE_BIN`, else the one bundled with `claude-agent-sdk`.
+fn find_claude() -> Option<PathBuf> {
+    if let Some(bin) = std::env::var_os("CLAUDE_BIN").filter(|b| !b.is_empty()) {
+        let bin = PathBuf::from(bin);
+        return bin.is_file().then_some(bin);
+    }
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            "import claude_agent_sdk,os;print(os.path.dirname(claude_agent_sdk.__file__))",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let dir = String::from_utf8(output.stdout).ok()?;
+    let bin = PathBuf::from(dir.trim()).join("_bundled").join("claude");
+    bin.is_file().then_some(bin)
+}
+
+/// Finds the CLI, or fails (with `CI` set) / prints a loud skip banner and returns `None`.
+fn claude_or_skip(test: &str) -> Option<PathBuf> {
+    let found = find_claude();
+    if found.is_none() {
+        if std::env::var_os("CI").is_some() {
+            panic!(
+                "{test}: Claude Code CLI not found (set CLAUDE_BIN or `pip install claude-agent-sdk`); required when CI is set"
+            );
+        }
+        let bar = "!".repeat(88);
+        eprintln!("\n{bar}");
+        eprintln!("!! SKIPPED {test}: Claude Code CLI not found.");
+        eprintln!(
+            "!! Set CLAUDE_BIN or run `pip install claude-agent-sdk`. (With CI set this FAILS.)"
+        );
+        eprintln!("{bar}");
+    }
+    found
+}
+
+/// The settings every test starts from: offline against `fake`, no retries.
+fn config(claude: &Path, fake: &FakeLlm) -> ClaudeCodeConfig {
+    ClaudeCodeConfig::new(claude)
+        .with_api_key("test")
+        .with_base_url(fake.url())
+        .with_max_turns(5)
+        .with_timeout(RUN_LIMIT)
+        .with_env("CLAUDE_CODE_MAX_RETRIES", "0")
+}
+
+/// A session workspace with `files/` and a SOUL.md holding [`SOUL_MARKER`].
+fn workspace() -> tempfile::TempDir {
+    let ws = tempfile::tempdir().unwrap();
+    std::fs::create_dir(ws.path().join("files")).unwrap();
+    std::fs::write(
+        ws.path().join("SOUL.md"),
+        format!("# Soul\n\nYou are careful. {SOUL_MARKER}\n"),
+    )
+    .unwrap();
+    std::fs::write(ws.path().join("AGENTS.md"), "# Agents\n\n- Be brief.\n").unwrap();
+    ws
+}
+
+fn request(ws: &Path, message: &str) -> ExecutionRequest {
+    ExecutionRequest {
+        task_id: TaskId::generate(),
+        session_id: SessionId::new("s-claude-test").unwrap(),
+        message: message.to_owned(),
+        workspace: ws.to_path_buf(),
+    }
+}
+
+/// Reads events until the stream ends; panics after [`RUN_LIMIT`].
+async fn collect(execution: &mut Execution) -> Vec<TaskEvent> {
+    let mut events = Vec::new();
+    let deadline = Instant::now() + RUN_LIMIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, execution.events.next()).await {
+            Ok(Some(event)) => events.push(event),
+            Ok(None) => return events,
+            Err(_) => panic!("the run did not end within {RUN_LIMIT:?}; events: {events:#?}"),
+        }
+    }
+}
+
+/// Reads events until `pick` returns something.
+async fn wait_for<T>(
+    execution: &mut Execution,
+    seen: &mut Vec<TaskEvent>,
+    pick: impl Fn(&TaskEvent) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + RUN_LIMIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = tokio::time::timeout(left, execution.events.next())
+            .await
+            .unwrap_or_else(|_| panic!("no expected event within {RUN_LIMIT:?}: {seen:#?}"))
+            .unwrap_or_else(|| panic!("the stream ended before the expected event: {seen:#?}"));
+        let found = pick(&event);
+        seen.push(event);
+        if let Some(found) = found {
+            return found;
+        }
+    }
+}
+
+/// Runs `message` in `ws` to the end.
+async fn run(executor: &ClaudeCodeExecutor, ws: &Path, message: &str) -> Vec<TaskEvent> {
+    let started = Instant::now();
+    let mut execution = executor.start(request(ws, message)).await.expect("start");
+    let events = collect(&mut execution).await;
+    eprintln!(
+        "run {message:?} took {:?}: {:?}",
+        started.elapsed(),
+        events.iter().map(TaskEvent::kind).collect::<Vec<_>>()
+    );
+    events
+}
+
+/// The `Done` outcome, checking that there is exactly one and that it is last.
+fn done(events: &[TaskEvent]) -> &TaskOutcome {
+    let dones = events.iter().filter(|e| e.is_terminal()).count();
+    assert_eq!(dones, 1, "exactly one done: {events:#?}");
+    match events.last() {
+        Some(TaskEvent::Done(outcome)) => outcome,
+        _ => panic!("done is not last: {events:#?}"),
+    }
+}
+
+fn init(events: &[TaskEvent]) -> &anywork_core::AgentInit {
+    events
+        .iter()
+        .find_map(|e| match e {
+            TaskEvent::Init(init) => Some(init),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no init event: {events:#?}"))
+}
+
+fn error_codes(events: &[TaskEvent]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            TaskEvent::Error { message, code } => {
+                Some((code.clone().unwrap_or_default(), message.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Processes whose working directory is inside `ws` (the CLI and anything it started).
+fn processes_in(ws: &Path) -> Vec<i32> {
+    let ws = std::fs::canonicalize(ws).unwrap();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cwd = std::fs::read_link(entry.path().join("cwd")).ok()?;
+            cwd.starts_with(&ws).then_some(pid)
+        })
+        .collect()
+}
+
+/// Waits until no process runs in `ws`; panics after `limit`.
+async fn assert_no_processes(ws: &Path, limit: Duration) {
+    let started = Instant::now();
+    loop {
+        let left = processes_in(ws);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "processes still running in the workspace after {limit:?}: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn stored_session_id(ws: &Path) -> Option<String> {
+    std::fs::read_to_string(ws.join(SESSIONS_DIR).join(SESSION_ID_FILE))
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+// ---------------------------------------------------------------------------------------------
+// With the real CLI.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_tool_writes_a_file_and_streams_events() {
+    let Some(claude) = claude_or_skip("write_tool_writes_a_file_and_streams_events") else {
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    fake.push(Reply::text("I'll create the file.").with_tool_use(
+        "toolu_write_1",
+        "Write",
+        json!({"file_path": "{cwd}/files/out.txt", "content": "hello"}),
+    ));
+    fake.push(Reply::text("done"));
+    let ws = workspace();
+    let executor = ClaudeCodeExecutor::new(config(&claude, &fake).with_model("-claude-test-model"));
+    assert_eq!(executor.name(), "claude-code");
+
+    let events = run(&executor, ws.path(), "write the file").await;
+
+    assert_eq!(
+        std::fs::read_to_string(ws.path().join("files/out.txt")).expect("the file was written"),
+        "hello"
+    );
+    assert!(matches!(events[0], TaskEvent::Init(_)), "{events:#?}");
+    let init = init(&events);
+    assert!(!init.model.is_empty());
+    assert!(init.tools.iter().any(|t| t == "Write"), "{:?}", init.tools);
+    let session = init.agent_session_id.clone().expect("a CLI session id");
+    assert_eq!(stored_session_id(ws.path()), Some(session));
+
+    let position = |pred: &dyn Fn(&TaskEvent) -> bool| {
+        events
+            .iter()
+            .position(pred)
+            .unwrap_or_else(|| panic!("missing event: {events:#?}"))
+    };
+    let call = position(&|e| {
+        matches!(e, TaskEvent::ToolCall { id, name, input }
+            if id == "toolu_write_1" && name == "Write" && input["content"] == "hello")
+    });
+    let result = position(&|e| {
+        matches!(e, TaskEvent::ToolResult { tool_use_id, is_error: false, content }
+            if tool_use_id == "toolu_write_1" && !content.is_empty())
+    });
+    let first_text =
+        position(&|e| matches!(e, TaskEvent::Text { text } if text == "I'll create the file."));
+    let last_text = position(&|e| matches!(e, TaskEvent::Text { text } if text == "done"));
+    let usage = position(&|e| {
+        matches!(e, TaskEvent::Usage { usage, cost_usd: Some(cost) }
+            if usage.input_tokens > 0 && usage.output_tokens > 0 && *cost > 0.0)
+    });
+    assert!(first_text < call && call < result && result < last_text && last_text < usage);
+
+    let outcome = done(&events);
+    assert_eq!(outcome.status, TaskStatus::Completed, "{outcome:?}");
+    assert_eq!(outcome.result.as_deref(), Some("done"));
+    assert_eq!(outcome.error, None);
+    assert!(outcome.cost_usd.is_some_and(|c| c > 0.0), "{outcome:?}");
+    assert!(outcome.num_turns >= 2, "{outcome:?}");
+    assert!(outcome.duration_ms > 0);
+    assert!(outcome.usage.input_tokens > 0);
+    assert!(error_codes(&events).is_empty(), "{events:#?}");
+
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 2);
+    assert!(
+        requests[0].contains_text(SOUL_MARKER),
+        "SOUL.md is in the system prompt"
+    );
+    assert!(requests[0].contains_text("Be brief."), "AGENTS.md too");
+    assert_eq!(requests[0].header("x-api-key"), Some("test"));
+    assert_eq!(requests[0].model(), Some("-claude-test-model"));
+    assert_no_processes(ws.path(), Duration::from_secs(2)).await;
+    assert!(
+        !ws.path().join(".home/.claude").exists(),
+        "state goes to CLAUDE_CONFIG_DIR, not HOME"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_task_resumes_the_conversation_even_after_a_restart() {
+    let Some(claude) = claude_or_skip("second_task_resumes_the_conversation_even_after_a_restart")
+    else {
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    let ws = workspace();
+    fake.push(Reply::text("I'll create the file.").with_tool_use(
+        "toolu_resume_1",
+        "Write",
+        json!({"file_path": "{cwd}/files/hello.txt", "content": "hello\n"}),
+    ));
+    fake.push(Reply::text("Done: created files/hello.txt."));
+    fake.push(Reply::text("Nothing else to do."));
+    fake.push(Reply::text("Still here."));
+
+    let executor = ClaudeCodeExecutor::new(config(&claude, &fake));
+    let first = run(&executor, ws.path(), "create hello").await;
+    assert_eq!(done(&first).status, TaskStatus::Completed);
+    let session = init(&first).agent_session_id.clone().unwrap();
+
+    let second = run(&executor, ws.path(), "and now?").await;
+    assert_eq!(done(&second).status, TaskStatus::Completed, "{second:#?}");
+    assert_eq!(done(&second).result.as_deref(), Some("Nothing else to do."));
+    assert_eq!(
+        init(&second).agent_session_id.as_deref(),
+        Some(session.as_str())
+    );
+
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 3);
+    let resumed = &requests[2];
+    for text in [
+        "create hello",
+        "I'll create the file.",
+        "Done: created files/hello.txt.",
+        "and now?",
+    ] {
+        assert!(
+            resumed.contains_text(text),
+            "task 2's request has {text:?}: {:#}",
+            Value::Array(resumed.messages().to_vec())
+        );
+    }
+    let results = resumed.tool_results();
+    assert_eq!(results.len(), 1, "task 1's tool result is replayed");
+    assert_eq!(results[0]["tool_use_id"], "toolu_resume_1");
+    let roles: Vec<&str> = resumed
+        .messages()
+        .iter()
+        .filter_map(|m| m["role"].as_str())
+        .collect();
+    assert!(
+        roles.ends_with(&["assistant", "user", "assistant", "user"]),
+        "{roles:?}"
+    );
+
+    // A worker restart: a new executor finds the conversation through the workspace.
+    let restarted = ClaudeCodeExecutor::new(config(&claude, &fake));
+    let third = run(&restarted, ws.path(), "are you still there?").await;
+    assert_eq!(done(&third).status, TaskStatus::Completed, "{third:#?}");
+    assert_eq!(
+        init(&third).agent_session_id.as_deref(),
+        Some(session.as_str())
+    );
+    let last = fake.last_request().unwrap();
+    for text in [
+        "create hello",
+        "and now?",
+        "Nothing else to do.",
+        "are you still there?",
+    ] {
+        assert!(last.contains_text(text), "task 3's request has {text:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgotten_conversation_starts_a_new_one() {
+    let Some(claude) = claude_or_skip("forgotten_conversation_starts_a_new_one") else {
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    fake.push(Reply::text("fresh start"));
+    let ws = workspace();
+    let unknown = "1475dbc3-8016-45ca-808a-9c2d8ea388d2";
+    std::fs::create_dir(ws.path().join(SESSIONS_DIR)).unwrap();
+    std::fs::write(
+        ws.path().join(SESSIONS_DIR).join(SESSION_ID_FILE),
+        format!("{unknown}\n"),
+    )
+    .unwrap();
+
+    let executor = ClaudeCodeExecutor::new(config(&claude, &fake));
+    let events = run(&executor, ws.path(), "hello again").await;
+    let errors = error_codes(&events);
+    assert_eq!(errors.len(), 1, "{events:#?}");
+    assert_eq!(errors[0].0, HISTORY_LOST);
+    assert!(errors[0].1.contains(unknown), "{}", errors[0].1);
+    let outcome = done(&events);
+    assert_eq!(outcome.status, TaskStatus::Completed, "{outcome:?}");
+    assert_eq!(outcome.result.as_deref(), Some("fresh start"));
+    let new_id = init(&events).agent_session_id.clone().unwrap();
+    assert_ne!(new_id, unknown);
+    assert_eq!(stored_session_id(ws.path()), Some(new_id));
+    assert_eq!(fake.request_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workspace_skill_is_listed_in_init() {
+    let Some(claude) = claude_or_skip("workspace_skill_is_listed_in_init") else {
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    fake.push(Reply::text("hi"));
+    let ws = workspace();
+    let skill = ws.path().join(".claude/skills/greet");
+    std::fs::create_dir_all(&skill).unwrap();
+    std::fs::write(
+        skill.join("SKILL.md"),
+        "---\nname: greet\ndescription: Greets the user warmly\n---\n\n# Greet\n\nSay hello.\n",
+    )
+    .unwrap();
+
+    let executor = ClaudeCodeExecutor::new(config(&claude, &fake));
+    let events = run(&executor, ws.path(), "greet me").await;
+    assert!(
+        init(&events).skills.iter().any(|s| s == "greet"),
+        "skills: {:?}",
+        init(&events).skills
+    );
+    assert_eq!(done(&events).status, TaskStatus::Completed);
+    assert!(fake.requests()[0].contains_text("Greets the user warmly"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_error_fails_with_its_text() {
+    let Some(claude) = claude_or_skip("api_error_fails_with_its_text") else {
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    fake.push(Reply::error(500, "api_error", "fake 500 from the test"));
+    let ws = workspace();
+    let executor = ClaudeCodeExecutor::new(config(&claude, &fake));
+    let events = run(&executor, ws.path(), "hello").await;
+
+    let outcome = done(&events);
+    assert_eq!(outcome.status, TaskStatus::Failed, "{outcome:?}");
+    let error = outcome.error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("500") && error.contains("fake 500 from the test"),
+        "{error}"
+    );
+    assert_eq!(outcome.result, None);
+    let errors = error_codes(&events);
+    assert_eq!(errors.len(), 1, "{events:#?}");
+    assert_eq!(errors[0].0, "api_error");
+    assert!(
+        !events.iter().any(|e| matches!(e, TaskEvent::Text { .. })),
+        "the synthetic API-error message is not assistant text: {events:#?}"
+    );
+    assert_eq!(fake.request_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_turns_fails() {
+    let Some(claude) = claude_or_skip("max_turns_fails") else {
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    for i in 0..3 {
+        fake.push(Reply::tool_use(
+            format!("toolu_turn_{i}"),
+            "Bash",
+            json!({"command": format!("echo turn{i}"), "description": "Echo"}),
+        ));
+    }
+    let ws = workspace();
+    let executor = ClaudeCodeExecutor::new(config(&claude, &fake).with_max_turns(2));
+    let events = run(&executor, ws.path(), "loop").await;
+
+    let outcome = done(&events);
+    assert_eq!(outcome.status, TaskStatus::Failed, "{outcome:?}");
+    assert!(
+        outcome
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("maximum number of turns")),
+        "{outcome:?}"
+    );
+    assert!(
+        error_codes(&events)
+            .iter()
+            .any(|(code, _)| code == "max_turns"),
+        "{events:#?}"
+    );
+    let results = events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                TaskEvent::ToolResult {
+                    is_error: false,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(results, 2, "{events:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_mid_stream_ends_canceled_and_kills_the_process() {
+    let Some(claude) = claude_or_skip("cancel_mid_stream_ends_canceled_and_kills_the_process")
+    else {
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    fake.push(Reply::text("a long story that never ends").hanging());
+    let ws = workspace();
+    let executor = ClaudeCodeExecutor::new(config(&claude, &fake));
+    let mut execution = executor
+        .start(request(ws.path(), "tell me a long story"))
+        .await
+        .unwrap();
+    assert!(
+        fake.wait_for_requests(1, Duration::from_secs(60)).await,
+        "the CLI called the model"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!processes_in(ws.path()).is_empty(), "the CLI is running");
+
+    let canceled = Instant::now();
+    execution.control.cancel().await.unwrap();
+    let events = collect(&mut execution).await;
+    let took = canceled.elapsed();
+    eprintln!(
+        "cancel → done in {took:?}: {:?}",
+        events.iter().map(TaskEvent::kind).collect::<Vec<_>>()
+    );
+    let outcome = done(&events);
+    assert_eq!(outcome.status, TaskStatus::Canceled, "{outcome:?}");
+    assert!(took < Duration::from_secs(2), "done {took:?} after cancel");
+    assert_no_processes(ws.path(), Duration::from_secs(1)).await;
+    // Canceling a finished run is harmless; answering it is not possible.
+    execution.control.cancel().await.unwrap();
+    let late = execution
+        .control
+        .respond(InputResponse {
+            request_id: "nope".into(),
+            answer: String::new(),
+            allow: Some(true),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(late.kind(), ErrorKind::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_right_after_start_ends_canceled() {
+    let Some(claude) = claude_or_skip("cancel_right_after_start_ends_canceled") else {
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    fake.push(Reply::hang());
+    let ws = workspace();
+    let executor = ClaudeCodeExecutor::new(config(&claude, &fake));
+    let mut execution = executor.start(request(ws.path(), "hi")).await.unwrap();
+    let canceled = Instant::now();
+    execution.control.cancel().await.unwrap();
+    let events = collect(&mut execution).await;
+    let took = canceled.elapsed();
+    eprintln!(
+        "early cancel → done in {took:?}: {:?}",
+        events.iter().map(TaskEvent::kind).collect::<Vec<_>>()
+    );
+    assert_eq!(done(&events).status, TaskStatus::Canceled, "{events:#?}");
+    assert!(took < Duration::from_secs(2), "done {took:?} after cancel");
+    assert_no_processes(ws.path(), Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_stream_kills_the_process() {
+    let Some(claude) = claude_or_skip("dropping_the_stream_kills_the_process") else {
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    fake.push(Reply::hang());
+    let ws = workspace();
+    let executor = ClaudeCodeExecutor::new(config(&claude, &fake));
+    let execution = executor.start(request(ws.path(), "hang")).await.unwrap();
+    assert!(fake.wait_for_requests(1, Duration::from_secs(60)).await);
+    let before = processes_in(ws.path());
+    assert!(!before.is_empty(), "the CLI is running");
+
+    let dropped = Instant::now();
+    drop(execution);
+    assert_no_processes(ws.path(), Duration::from_secs(2)).await;
+    eprintln!(
+        "processes {before:?} gone {:?} after the drop",
+        dropped.elapsed()
+    );
+    while fake.aborted_streams() == 0 && dropped.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(fake.aborted_streams(), 1, "the model stream was cut");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hard_timeout_fails_and_kills() {
+    let Some(claude) = claude_or_skip("hard_timeout_fails_and_kills") else {
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    fake.push(Reply::hang());
+    let ws = workspace();
+    let executor =
+        ClaudeCodeExecutor::new(config(&claude, &fake).with_timeout(Duration::from_secs(3)));
+    let started = Instant::now();
+    let events = run(&executor, ws.path(), "hang").await;
+    let outcome = done(&events);
+    assert_eq!(outcome.status, TaskStatus::Failed);
+    assert_eq!(outcome.error.as_deref(), Some("timed out after 3s"));
+    assert!(started.elapsed() < Duration::from_secs(6));
+    assert_no_processes(ws.path(), Duration::from_secs(1)).await;
+}
+
+/// Runs a Bash call in [`PermissionMode::Prompt`] and answers the prompt with `allow`.
+async fn permission_run(allow: bool) {
+    let test = format!("permission_prompt_allow_{allow}");
+    let Some(claude) = claude_or_skip(&test) else {
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    fake.push(Reply::tool_use(
+        "toolu_bash_1",
+        "Bash",
+        json!({"command": "echo hi > {cwd}/files/bash-out.txt", "description": "Write hi to a file"}),
+    ));
+    fake.push(Reply::text("Bash step finished."));
+    let ws = workspace();
+    let executor = ClaudeCodeExecutor::new(
+        config(&claude, &fake).with_permission_mode(PermissionMode::Prompt),
+    );
+    let mut execution = executor
+        .start(request(ws.path(), "run bash please"))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let prompt = wait_for(&mut execution, &mut seen, |e| match e {
+        TaskEvent::InputRequired(request) => Some(request.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(prompt.kind, InputKind::Permission);
+    assert_eq!(prompt.tool_name.as_deref(), Some("Bash"));
+    assert!(
+        prompt.input.as_ref().is_some_and(|i| i["command"]
+            .as_str()
+            .is_some_and(|c| c.contains("bash-out.txt"))),
+        "{prompt:?}"
+    );
+    assert!(!prompt.prompt.is_empty());
+    assert!(
+        !ws.path().join("files/bash-out.txt").exists(),
+        "nothing ran before the answer"
+    );
+    // A wrong id is refused; the right one goes through.
+    let wrong = execution
+        .control
+        .respond(InputResponse {
+            request_id: "not-a-request".into(),
+            answer: String::new(),
+            allow: Some(true),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.kind(), ErrorKind::NotFound);
+    execution
+        .control
+        .respond(InputResponse {
+            request_id: prompt.request_id.clone(),
+            answer: String::new(),
+            allow: Some(allow),
+        })
+        .await
+        .unwrap();
+    seen.extend(collect(&mut execution).await);
+    eprintln!(
+        "{test}: {:?}",
+        seen.iter().map(TaskEvent::kind).collect::<Vec<_>>()
+    );
+
+    let (content, is_error) = seen
+        .iter()
+        .find_map(|e| match e {
+            TaskEvent::ToolResult {
+                tool_use_id,
+                content,
+                is_error,
+            } if tool_use_id == "toolu_bash_1" => Some((content.clone(), *is_error)),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no tool result: {seen:#?}"));
+    let written = ws.path().join("files/bash-out.txt");
+    if allow {
+        assert!(!is_error, "{content}");
+        assert_eq!(std::fs::read_to_string(&written).unwrap(), "hi\n");
+    } else {
+        assert!(is_error, "{content}");
+        assert_eq!(content, "Denied by the user");
+        assert!(!written.exists());
+    }
+    let outcome = done(&seen);
+    assert_eq!(outcome.status, TaskStatus::Completed, "{outcome:?}");
+    assert_eq!(outcome.result.as_deref(), Some("Bash step finished."));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permission_prompt_allow_runs_the_tool() {
+    permission_run(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permission_prompt_deny_refuses_the_tool() {
+    permission_run(false).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Without the real CLI.
+
+#[tokio::test]
+async fn missing_binary_is_a_clear_start_error() {
+    let ws = workspace();
+    let executor = ClaudeCodeExecutor::new(ClaudeCodeConfig::new("/nonexistent/bin/claude"));
+    let error = match executor.start(request(ws.path(), "hi")).await {
+        Ok(_) => panic!("started without a binary"),
+        Err(error) => error,
+    };
+    assert_eq!(error.kind(), ErrorKind::Unavailable);
+    let message = error.to_string();
+    assert!(message.contains("/nonexistent/bin/claude"), "{message}");
+    assert!(message.contains("CLAUDE_BIN"), "{message}");
+    assert!(
+        message.contains("pip install claude-agent-sdk"),
+        "{message}"
+    );
+}
+
+/// An executable shell script standing in for the CLI.
+fn script(dir: &Path, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("fake-claude.sh");
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn exit_without_result_fails_with_stderr() {
+    let bin_dir = tempfile::tempdir().unwrap();
+    let bin = script(
+        bin_dir.path(),
+        r#"read -r line
+echo 'this is not JSON'
+echo '{"type":"mystery","x":1}'
+echo '{"type":"assistant","message":{"content":[{"type":"text","text":"partial"}]}}'
+echo 'Error: Session ID 123 is already in use.' >&2
+exit 3"#,
+    );
+    let ws = workspace();
+    let executor = ClaudeCodeExecutor::new(ClaudeCodeConfig::new(bin));
+    let events = run(&executor, ws.path(), "hi").await;
+    assert_eq!(events.len(), 2, "{events:#?}");
+    assert_eq!(events[0], TaskEvent::text("partial"));
+    let outcome = done(&events);
+    assert_eq!(outcome.status, TaskStatus::Failed);
+    let error = outcome.error.as_deref().unwrap();
+    assert!(error.contains("without a result"), "{error}");
+    assert!(error.contains("exit status: 3"), "{error}");
+    assert!(error.contains("is already in use"), "{error}");
+}
+
+#[tokio::test]
+async fn over_long_lines_are_skipped_and_a_hung_exit_is_killed() {
+    let bin_dir = tempfile::tempdir().unwrap();
+    // Reads the message, writes an over-long line and a result, then ignores stdin's end.
+    let bin = script(
+        bin_dir.path(),
+        r#"read -r line
+case "$line" in *'"content":"hi"'*) ;; *) echo "unexpected stdin: $line" >&2; exit 9;; esac
+head -c 5000 /dev/zero | tr '\0' a; echo
+echo '{"type":"result","subtype":"success","is_error":false,"result":"ok","num_turns":1,"duration_ms":5,"total_cost_usd":0.5,"usage":{"input_tokens":1,"output_tokens":2}}'
+sleep 30"#,
+    );
+    let ws = workspace();
+    let executor = ClaudeCodeExecutor::new(ClaudeCodeConfig::new(bin).with_max_line_bytes(1024));
+    let started = Instant::now();
+    let events = run(&executor, ws.path(), "hi").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let errors = error_codes(&events);
+    assert_eq!(errors.len(), 1, "{events:#?}");
+    assert_eq!(errors[0].0, LINE_TOO_LONG);
+    assert!(
+        matches!(&events[1], TaskEvent::Usage { usage, cost_usd: Some(c) } if usage.output_tokens == 2 && *c == 0.5),
+        "{events:#?}"
+    );
+    let outcome = done(&events);
+    assert_eq!(outcome.status, TaskStatus::Completed, "{outcome:?}");
+    assert_eq!(outcome.result.as_deref(), Some("ok"));
+    assert_eq!(outcome.num_turns, 1);
+    assert_no_processes(ws.path(), Duration::from_secs(1)).await;
+}
