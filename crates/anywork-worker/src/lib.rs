@@ -16,6 +16,7 @@ pub mod history;
 pub mod mcp;
 pub mod native;
 mod run;
+pub mod select;
 pub mod state;
 pub mod workspace;
 
@@ -25,5 +26,6 @@ pub use history::{HistoryMessage, Role, ToolCallRecord};
 pub use mcp::{McpClients, McpServerReport, ToolDef, ToolOutcome};
 pub use native::{NativeConfig, NativeExecutor, Provider, RetryPolicy};
 pub use run::NO_RESULT;
+pub use select::{MODEL_HINT, executor_from_env, executor_from_vars};
 pub use state::{WorkerConfig, WorkerState};
 pub use workspace::{FileEntry, FileListing, Workspace, WorkspaceDoc, encode_session_id};

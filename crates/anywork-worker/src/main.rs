@@ -1,0 +1,69 @@
+//! `anywork-worker`: serves the worker HTTP API for the sessions of one container (or many,
+//! behind the static driver). Wiring only: the library does the work.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use anywork_worker::{WorkerConfig, WorkerState, executor_from_env, serve};
+use clap::Parser;
+
+/// The AnyWork worker: runs agent tasks for the server.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on (0.0.0.0 inside a container).
+    #[arg(long, env = "WORKER_HOST", default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Port to listen on.
+    #[arg(long, env = "WORKER_PORT", default_value_t = 8080)]
+    port: u16,
+    /// Root of the session workspaces.
+    #[arg(long, env = "WORKSPACE_DIR", default_value = "./workspace")]
+    workspace_dir: PathBuf,
+    /// `claude-code` or `native`; by default chosen from the model settings.
+    #[arg(long, env = "EXECUTOR")]
+    executor: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let executor = match &args.executor {
+        Some(name) => anywork_worker::executor_from_vars(
+            std::env::vars().chain([("EXECUTOR".to_owned(), name.clone())]),
+        ),
+        None => executor_from_env(),
+    }
+    .context("cannot choose an executor")?;
+    let state = WorkerState::new(WorkerConfig::new(&args.workspace_dir), executor)
+        .with_context(|| format!("cannot use WORKSPACE_DIR {}", args.workspace_dir.display()))?;
+    let addr = SocketAddr::new(args.host, args.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (set WORKER_HOST / WORKER_PORT)"))?;
+    tracing::info!(%addr, executor = state.executor().name(), "worker listening");
+    serve(listener, state, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}
