@@ -96,7 +96,12 @@ impl McpServerReport {
     pub fn status(&self) -> McpServerStatus {
         McpServerStatus {
             name: self.name.clone(),
-            status: if self.connected { "connected" } else { "failed" }.to_owned(),
+            status: if self.connected {
+                "connected"
+            } else {
+                "failed"
+            }
+            .to_owned(),
         }
     }
 }
@@ -123,7 +128,10 @@ impl std::fmt::Debug for McpClients {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("McpClients")
             .field("servers", &self.servers.len())
-            .field("tools", &self.tools.iter().map(|t| &t.name).collect::<Vec<_>>())
+            .field(
+                "tools",
+                &self.tools.iter().map(|t| &t.name).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -241,8 +249,9 @@ async fn connect_one(
                     .map_err(|_| format!("invalid value of header {key:?}"))?;
                 custom.insert(name, value);
             }
-            let transport =
-                rmcp::transport::StreamableHttpClientTransport::from_config(config.custom_headers(custom));
+            let transport = rmcp::transport::StreamableHttpClientTransport::from_config(
+                config.custom_headers(custom),
+            );
             let service = ()
                 .serve(transport)
                 .await
@@ -276,9 +285,7 @@ impl McpClients {
         let attempts = servers.iter().map(|(name, config)| async move {
             let result = tokio::time::timeout(timeout, connect_one(name, config, workspace))
                 .await
-                .unwrap_or_else(|_| {
-                    Err(format!("did not start within {} s", timeout.as_secs()))
-                });
+                .unwrap_or_else(|_| Err(format!("did not start within {} s", timeout.as_secs())));
             (name.clone(), result)
         });
         let results = join_all(attempts).await;
@@ -299,7 +306,9 @@ impl McpClients {
                                 .description
                                 .as_deref()
                                 .map(str::to_owned)
-                                .unwrap_or_else(|| format!("Tool {} of MCP server {name}", tool.name)),
+                                .unwrap_or_else(|| {
+                                    format!("Tool {} of MCP server {name}", tool.name)
+                                }),
                             input_schema: Value::Object((*tool.input_schema).clone()),
                         });
                         clients.routes.insert(
@@ -430,5 +439,7 @@ pub(crate) fn cut(s: &mut String, max: usize) {
         end -= 1;
     }
     s.truncate(end);
-    s.push_str(&format!("\n[output truncated: {total} bytes, showing the first {end}]"));
+    s.push_str(&format!(
+        "\n[output truncated: {total} bytes, showing the first {end}]"
+    ));
 }

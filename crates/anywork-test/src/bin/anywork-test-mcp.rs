@@ -1,12 +1,20 @@
-//! A tiny MCP server on stdin/stdout for tests: tools `add {a, b}` and `echo {text}`.
+//! A tiny MCP server for tests: tools `add {a, b}` (answers `{"result": a+b}`) and
+//! `echo {text}`.
 //!
-//! Point an MCP client at it with `.mcp.json` such as
-//! `{"mcpServers": {"calc": {"command": "/path/to/anywork-test-mcp"}}}`.
-//! It logs nothing on stdout (the protocol channel); diagnostics go to stderr.
+//! - `anywork-test-mcp`: MCP on stdin/stdout. Point a client at it with `.mcp.json` such as
+//!   `{"mcpServers": {"calc": {"command": "/path/to/anywork-test-mcp"}}}`. Nothing but the
+//!   protocol is written to stdout; diagnostics go to stderr.
+//! - `anywork-test-mcp --http 127.0.0.1:0`: streamable HTTP on `/mcp`; the first stdout line
+//!   is the endpoint URL (`http://127.0.0.1:PORT/mcp`).
+
+use std::io::Write;
+use std::sync::Arc;
 
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{ServerCapabilities, ServerConfig};
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{ServerHandler, ServiceExt, schemars, tool, tool_handler, tool_router};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -75,17 +83,47 @@ impl ServerHandler for TestServer {
     }
 }
 
+/// Stops with a message on stderr.
+fn fail(what: &str, error: impl std::fmt::Display) -> ! {
+    eprintln!("anywork-test-mcp: {what}: {error}");
+    std::process::exit(1);
+}
+
+/// Serves streamable HTTP on `addr` until killed.
+async fn serve_http(addr: &str) {
+    let service = StreamableHttpService::new(
+        || Ok(TestServer::new()),
+        Arc::new(LocalSessionManager::default()),
+        StreamableHttpServerConfig::default(),
+    );
+    let app = axum::Router::new().nest_service("/mcp", service);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .unwrap_or_else(|e| fail(&format!("cannot bind {addr}"), e));
+    let local = listener
+        .local_addr()
+        .unwrap_or_else(|e| fail("no local address", e));
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "http://{local}/mcp");
+    let _ = stdout.flush();
+    if let Err(e) = axum::serve(listener, app).await {
+        fail("HTTP server failed", e);
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [] => {}
+        [flag, addr] if flag == "--http" => return serve_http(addr).await,
+        _ => fail("usage", "anywork-test-mcp [--http ADDR]"),
+    }
     let service = match TestServer::new().serve(rmcp::transport::stdio()).await {
         Ok(service) => service,
-        Err(e) => {
-            eprintln!("anywork-test-mcp: cannot start: {e}");
-            std::process::exit(1);
-        }
+        Err(e) => fail("cannot start", e),
     };
     if let Err(e) = service.waiting().await {
-        eprintln!("anywork-test-mcp: {e}");
-        std::process::exit(1);
+        fail("stopped", e);
     }
 }

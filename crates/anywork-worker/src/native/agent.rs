@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anywork_core::spec::McpServers;
 use anywork_core::{
@@ -200,14 +200,11 @@ impl Run {
 
     async fn run_loop(&self, stats: &mut Stats) -> End {
         let ws = self.workspace.as_path();
-        let builtins = match Builtins::new(
-            ws,
-            self.config.bash_timeout,
-            self.config.max_tool_output,
-        ) {
-            Ok(b) => b,
-            Err(e) => return End::Failed(format!("cannot open the workspace: {e}")),
-        };
+        let builtins =
+            match Builtins::new(ws, self.config.bash_timeout, self.config.max_tool_output) {
+                Ok(b) => b,
+                Err(e) => return End::Failed(format!("cannot open the workspace: {e}")),
+            };
         let skills = skills::scan(ws);
         let system = skills::system_prompt(ws, &skills);
 
@@ -249,7 +246,15 @@ impl Run {
         history.push(first);
 
         let end = self
-            .turns(stats, &mut history, &system, &tools, &builtins, &skills, &mcp)
+            .turns(
+                stats,
+                &mut history,
+                &system,
+                &tools,
+                &builtins,
+                &skills,
+                &mcp,
+            )
             .await;
         mcp.shutdown().await;
         end
@@ -340,7 +345,9 @@ impl Run {
 
             let mut results = Vec::with_capacity(calls.len());
             for (id, name, input) in calls {
-                let outcome = self.run_tool(&id, &name, input, builtins, skills, mcp).await;
+                let outcome = self
+                    .run_tool(&id, &name, input, builtins, skills, mcp)
+                    .await;
                 self.emit(TaskEvent::ToolResult {
                     tool_use_id: id.clone(),
                     content: outcome.content.clone(),
@@ -383,7 +390,10 @@ impl Run {
                     let backoff = retry.backoff(attempt - 1);
                     let wait = match failure.retry_after {
                         Some(after) => after.min(retry.max_backoff),
-                        None => backoff.mul_f64(0.75 + 0.5 * jitter()),
+                        None => Duration::try_from_secs_f64(
+                            backoff.as_secs_f64() * (0.75 + 0.5 * jitter()),
+                        )
+                        .unwrap_or(backoff),
                     };
                     tracing::warn!(
                         task = %self.request.task_id,

@@ -53,13 +53,17 @@ pub fn messages_json(messages: &[Message]) -> Vec<Value> {
                 Part::Thinking {
                     text,
                     signature: Some(signature),
-                } if message.role == Role::Assistant => blocks.push(
-                    json!({"type": "thinking", "thinking": text, "signature": signature}),
-                ),
+                } if message.role == Role::Assistant => blocks
+                    .push(json!({"type": "thinking", "thinking": text, "signature": signature})),
                 Part::Thinking { .. } => {}
                 Part::ToolUse { id, name, input } if message.role == Role::Assistant => {
-                    let input = if input.is_object() { input.clone() } else { json!({}) };
-                    blocks.push(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
+                    let input = if input.is_object() {
+                        input.clone()
+                    } else {
+                        json!({})
+                    };
+                    blocks
+                        .push(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
                 }
                 Part::ToolUse { .. } => {}
                 Part::ToolResult {
@@ -67,7 +71,11 @@ pub fn messages_json(messages: &[Message]) -> Vec<Value> {
                     content,
                     is_error,
                 } => {
-                    let content = if content.is_empty() { "(no output)" } else { content };
+                    let content = if content.is_empty() {
+                        "(no output)"
+                    } else {
+                        content
+                    };
                     results.push(json!({
                         "type": "tool_result",
                         "tool_use_id": tool_use_id,
@@ -133,8 +141,15 @@ pub fn request_body(request: &TurnRequest<'_>) -> Value {
 /// A content block being streamed.
 enum Building {
     Text(String),
-    Thinking { text: String, signature: String },
-    ToolUse { id: String, name: String, json: String },
+    Thinking {
+        text: String,
+        signature: String,
+    },
+    ToolUse {
+        id: String,
+        name: String,
+        json: String,
+    },
     Ignored,
 }
 
@@ -281,8 +296,10 @@ impl ModelBackend for Anthropic {
                             let piece = str_of("thinking");
                             if !piece.is_empty() {
                                 text.push_str(piece);
-                                out.emit(TaskEvent::Thinking { text: piece.to_owned() })
-                                    .await;
+                                out.emit(TaskEvent::Thinking {
+                                    text: piece.to_owned(),
+                                })
+                                .await;
                             }
                         }
                         ("signature_delta", Building::Thinking { signature, .. }) => {

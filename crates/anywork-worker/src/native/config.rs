@@ -160,11 +160,15 @@ impl NativeConfig {
     ///
     /// With none of the keys set, the error is [`MISSING_CONFIG`], which names the variables.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
-        let get = |name: &str| lookup(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+        let get = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
         let model = get("MODEL");
         let mut config = if let Some(api_key) = get("ANTHROPIC_API_KEY") {
-            let base_url = get("ANTHROPIC_BASE_URL")
-                .unwrap_or_else(|| DEFAULT_ANTHROPIC_BASE_URL.to_owned());
+            let base_url =
+                get("ANTHROPIC_BASE_URL").unwrap_or_else(|| DEFAULT_ANTHROPIC_BASE_URL.to_owned());
             Self::new(
                 Provider::Anthropic { api_key, base_url },
                 model.unwrap_or_else(|| DEFAULT_ANTHROPIC_MODEL.to_owned()),

@@ -50,7 +50,11 @@ fn expand_braces(pattern: &str) -> Vec<String> {
         return vec![pattern.to_owned()];
     };
     let close = open + close_rel;
-    let (head, inner, tail) = (&pattern[..open], &pattern[open + 1..close], &pattern[close + 1..]);
+    let (head, inner, tail) = (
+        &pattern[..open],
+        &pattern[open + 1..close],
+        &pattern[close + 1..],
+    );
     let mut out = Vec::new();
     for choice in inner.split(',') {
         for rest in expand_braces(tail) {

@@ -74,14 +74,18 @@ impl NativeExecutor {
     pub fn new(config: NativeConfig) -> Result<Self> {
         config.validate()?;
         let client = reqwest::Client::builder()
-            .connect_timeout(config.request_timeout.min(std::time::Duration::from_secs(30)))
+            .connect_timeout(
+                config
+                    .request_timeout
+                    .min(std::time::Duration::from_secs(30)),
+            )
             .build()
             .map_err(|e| Error::internal(format!("cannot build the HTTP client: {e}")))?;
         let idle = config.request_timeout;
         let backend: Arc<dyn ModelBackend> = match &config.provider {
-            Provider::Anthropic { api_key, base_url } => Arc::new(anthropic::Anthropic::new(
-                client, base_url, api_key, idle,
-            )),
+            Provider::Anthropic { api_key, base_url } => {
+                Arc::new(anthropic::Anthropic::new(client, base_url, api_key, idle))
+            }
             Provider::OpenAi { api_key, base_url } => {
                 Arc::new(openai::OpenAi::new(client, base_url, api_key, idle))
             }

@@ -257,7 +257,10 @@ impl ModelBackend for OpenAi {
                     .filter(|s| !s.is_empty())
                 {
                     thinking.push_str(piece);
-                    out.emit(TaskEvent::Thinking { text: piece.to_owned() }).await;
+                    out.emit(TaskEvent::Thinking {
+                        text: piece.to_owned(),
+                    })
+                    .await;
                 }
                 if let Some(piece) = delta
                     .get("content")
@@ -284,9 +287,7 @@ impl ModelBackend for OpenAi {
                     if let Some(name) = call.pointer("/function/name").and_then(Value::as_str) {
                         entry.name.push_str(name);
                     }
-                    if let Some(args) = call
-                        .pointer("/function/arguments")
-                        .and_then(Value::as_str)
+                    if let Some(args) = call.pointer("/function/arguments").and_then(Value::as_str)
                     {
                         entry.arguments.push_str(args);
                     }

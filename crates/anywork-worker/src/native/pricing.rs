@@ -51,7 +51,11 @@ const TABLE: &[(&str, Price)] = &[
 
 /// The price of `model` (a provider prefix such as `anthropic/` is ignored).
 pub fn price(model: &str) -> Option<Price> {
-    let model = model.rsplit('/').next().unwrap_or(model).to_ascii_lowercase();
+    let model = model
+        .rsplit('/')
+        .next()
+        .unwrap_or(model)
+        .to_ascii_lowercase();
     TABLE
         .iter()
         .filter(|(prefix, _)| model.starts_with(prefix))
@@ -77,7 +81,10 @@ mod tests {
 
     #[test]
     fn prefixes() {
-        assert_eq!(price("claude-opus-4-5-20251101").map(|p| p.input), Some(5.0));
+        assert_eq!(
+            price("claude-opus-4-5-20251101").map(|p| p.input),
+            Some(5.0)
+        );
         assert_eq!(price("claude-opus-4-1").map(|p| p.input), Some(15.0));
         assert_eq!(price("gpt-4o-mini-2024").map(|p| p.input), Some(0.15));
         assert!(price("fake-model").is_none());

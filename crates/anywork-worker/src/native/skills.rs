@@ -131,7 +131,8 @@ mod tests {
 
     #[test]
     fn front_matter() {
-        let (n, d, b) = parse_skill_md("---\nname: greet\ndescription: \"Say hi\"\n---\nBody\nmore");
+        let (n, d, b) =
+            parse_skill_md("---\nname: greet\ndescription: \"Say hi\"\n---\nBody\nmore");
         assert_eq!(n.as_deref(), Some("greet"));
         assert_eq!(d.as_deref(), Some("Say hi"));
         assert_eq!(b, "Body\nmore");

@@ -298,12 +298,17 @@ impl Builtins {
             return Err(format!("{raw} is a folder"));
         }
         if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(|e| format!("cannot create the folder of {raw}: {e}"))?;
+            fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create the folder of {raw}: {e}"))?;
         }
         // Resolve again now that the parents exist (a link may have appeared in between).
         let path = self.resolve(raw)?;
         fs::write(&path, content).map_err(|e| format!("cannot write {raw}: {e}"))?;
-        Ok(format!("wrote {} bytes to {}", content.len(), self.show(&path)))
+        Ok(format!(
+            "wrote {} bytes to {}",
+            content.len(),
+            self.show(&path)
+        ))
     }
 
     fn edit_file(&self, input: &Value) -> Result<String, String> {
@@ -319,7 +324,8 @@ impl Builtins {
         if meta.len() > MAX_SCAN_BYTES {
             return Err(format!("{raw} is too large to edit ({} bytes)", meta.len()));
         }
-        let text = fs::read_to_string(&path).map_err(|e| format!("cannot read {raw} as text: {e}"))?;
+        let text =
+            fs::read_to_string(&path).map_err(|e| format!("cannot read {raw} as text: {e}"))?;
         let count = text.matches(old).count();
         if count == 0 {
             return Err(format!("old_string was not found in {raw}"));
@@ -369,7 +375,10 @@ impl Builtins {
         });
         found.sort();
         if found.is_empty() {
-            return Ok(format!("no files match {pattern:?} in {}", self.show(&base)));
+            return Ok(format!(
+                "no files match {pattern:?} in {}",
+                self.show(&base)
+            ));
         }
         let mut out = found.join("\n");
         if truncated {
@@ -421,11 +430,15 @@ impl Builtins {
         let mut out = Vec::new();
         let mut truncated = false;
         'files: for file in &files {
-            let Ok(meta) = fs::metadata(file) else { continue };
+            let Ok(meta) = fs::metadata(file) else {
+                continue;
+            };
             if meta.len() > MAX_SCAN_BYTES {
                 continue;
             }
-            let Ok(mut f) = fs::File::open(file) else { continue };
+            let Ok(mut f) = fs::File::open(file) else {
+                continue;
+            };
             let mut bytes = Vec::new();
             if f.read_to_end(&mut bytes).is_err() || bytes.iter().take(8192).any(|b| *b == 0) {
                 continue;
@@ -465,7 +478,10 @@ impl Builtins {
         let timeout = opt_u64(input, "timeout")
             .map(Duration::from_secs)
             .unwrap_or(self.bash_timeout)
-            .clamp(Duration::from_secs(1), MAX_BASH_TIMEOUT.max(self.bash_timeout));
+            .clamp(
+                Duration::from_secs(1),
+                MAX_BASH_TIMEOUT.max(self.bash_timeout),
+            );
         let mut cmd = tokio::process::Command::new("bash");
         cmd.arg("-c")
             .arg(command)
@@ -485,8 +501,14 @@ impl Builtins {
         // Kills the whole group when this future ends or is dropped (cancel, timeout).
         let group = child.id().map(ProcessGroup);
         let limit = self.max_output;
-        let stdout = child.stdout.take().map(|s| tokio::spawn(read_limited(s, limit)));
-        let stderr = child.stderr.take().map(|s| tokio::spawn(read_limited(s, limit)));
+        let stdout = child
+            .stdout
+            .take()
+            .map(|s| tokio::spawn(read_limited(s, limit)));
+        let stderr = child
+            .stderr
+            .take()
+            .map(|s| tokio::spawn(read_limited(s, limit)));
         let status = tokio::time::timeout(timeout, child.wait()).await;
         drop(group); // the command ended or timed out: nothing of it may linger
         let collect = |handle: Option<tokio::task::JoinHandle<(Vec<u8>, usize)>>| async move {
@@ -641,7 +663,9 @@ fn walk(base: &Path, f: &mut dyn FnMut(&Path, &str) -> bool) {
     let mut stack = vec![(base.to_path_buf(), String::new(), 0usize)];
     let mut visited = 0usize;
     while let Some((dir, rel, depth)) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
         let mut entries: Vec<_> = entries.flatten().collect();
         entries.sort_by_key(|e| e.file_name());
         let mut subdirs = Vec::new();
@@ -656,7 +680,9 @@ fn walk(base: &Path, f: &mut dyn FnMut(&Path, &str) -> bool) {
             } else {
                 format!("{rel}/{name}")
             };
-            let Ok(kind) = entry.file_type() else { continue };
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
             if kind.is_dir() {
                 if name != ".git" && depth < 64 {
                     subdirs.push((entry.path(), child_rel));

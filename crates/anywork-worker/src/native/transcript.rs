@@ -87,7 +87,10 @@ pub fn append(workspace: &Path, message: &Message) -> io::Result<()> {
 fn is_user_turn(m: &Message) -> bool {
     m.role == Role::User
         && m.content.iter().any(|p| matches!(p, Part::Text { .. }))
-        && !m.content.iter().any(|p| matches!(p, Part::ToolResult { .. }))
+        && !m
+            .content
+            .iter()
+            .any(|p| matches!(p, Part::ToolResult { .. }))
 }
 
 /// Makes a conversation the model APIs accept (see the module docs).
@@ -105,7 +108,10 @@ pub fn repair(mut messages: Vec<Message>) -> Vec<Message> {
         match message.role {
             Role::Assistant => {
                 close_calls(&mut out, &mut open_calls);
-                open_calls = message.tool_uses().map(|(id, _, _)| id.to_owned()).collect();
+                open_calls = message
+                    .tool_uses()
+                    .map(|(id, _, _)| id.to_owned())
+                    .collect();
                 if !message.content.is_empty() {
                     out.push(message);
                 }
