@@ -704,6 +704,10 @@ fn serve_thread(
             .with_state(inner.clone());
         let mut stop = inner.shutdown.subscribe();
         let mut stop_forced = inner.shutdown.subscribe();
+        // Without TCP_NODELAY, small SSE frames wait for the client's delayed ACK (~40 ms).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = stop.wait_for(|s| *s).await;
         });

@@ -1,0 +1,267 @@
+//! Worker benchmarks.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use anywork_core::{Executor, TaskEvent, TaskId, TaskStatus};
+use anywork_test::fake_llm::{FakeLlm, Reply};
+use anywork_worker::{
+    ClaudeCodeConfig, ClaudeCodeExecutor, NativeConfig, NativeExecutor, Provider, WorkerConfig,
+    WorkerState,
+};
+use futures_util::StreamExt;
+use serde_json::json;
+
+use crate::stats::{ms, summarize};
+
+/// Options of `anywork-bench worker`.
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Tasks per executor for the `/chat` latencies (Claude Code runs a tenth of this).
+    #[arg(long, default_value_t = 300)]
+    tasks: usize,
+    /// Model turns in the per-turn overhead task.
+    #[arg(long, default_value_t = 50)]
+    turns: usize,
+    /// The `claude` CLI (default: CLAUDE_BIN, else the claude-agent-sdk wheel's binary).
+    #[arg(long, env = "CLAUDE_BIN")]
+    claude_bin: Option<PathBuf>,
+    /// The release worker binary for the RSS figure (default: next to this binary).
+    #[arg(long)]
+    worker_bin: Option<PathBuf>,
+}
+
+struct Worker {
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_worker(executor: Arc<dyn Executor>) -> anyhow::Result<Worker> {
+    let dir = tempfile::tempdir()?;
+    let state = WorkerState::new(WorkerConfig::new(dir.path()), executor)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(anywork_worker::serve(listener, state, std::future::pending()));
+    Ok(Worker { url, _dir: dir })
+}
+
+/// One `/chat`: (time to the first body byte, time to `done`, the outcome status, turns).
+async fn chat(
+    client: &reqwest::Client,
+    url: &str,
+    session: &str,
+    message: &str,
+) -> anyhow::Result<(Duration, Duration, TaskStatus, u32)> {
+    let started = Instant::now();
+    let response = client
+        .post(format!("{url}/chat"))
+        .json(&json!({"task_id": TaskId::generate(), "session_id": session, "message": message}))
+        .send()
+        .await?
+        .error_for_status()?;
+    let mut body = response.bytes_stream();
+    let mut first = None;
+    let mut buffer = String::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        first.get_or_insert_with(|| started.elapsed());
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let frame: String = buffer.drain(..end + 2).collect();
+            for line in frame.lines() {
+                if let Some(data) = line.strip_prefix("data:") {
+                    if let Ok(TaskEvent::Done(outcome)) = serde_json::from_str(data.trim()) {
+                        let first = first.unwrap_or_default();
+                        return Ok((first, started.elapsed(), outcome.status, outcome.num_turns));
+                    }
+                }
+            }
+        }
+    }
+    bail!("the stream ended without done")
+}
+
+async fn chat_latency(
+    name: &str,
+    executor: Arc<dyn Executor>,
+    fake: &FakeLlm,
+    tasks: usize,
+) -> anyhow::Result<()> {
+    let worker = start_worker(executor).await?;
+    let client = reqwest::Client::new();
+    fake.set_responder(|_| Reply::text("Hello from the fake model."));
+    // Warm up (first process start, connection pool).
+    chat(&client, &worker.url, "warm", "hi").await?;
+    let (mut firsts, mut dones) = (Vec::new(), Vec::new());
+    for i in 0..tasks {
+        let (first, done, status, _) = chat(&client, &worker.url, &format!("s{i}"), "hi").await?;
+        if status != TaskStatus::Completed {
+            bail!("{name}: task {i} ended {status}");
+        }
+        firsts.push(first);
+        dones.push(done);
+    }
+    println!(
+        "{name:12} /chat -> first SSE byte: {}",
+        summarize(&mut firsts).context("no samples")?
+    );
+    println!(
+        "{name:12} /chat -> done:           {}",
+        summarize(&mut dones).context("no samples")?
+    );
+    Ok(())
+}
+
+/// A task of `turns` model calls (each but the last asks for a cheap tool), against a fake that
+/// answers at once. Overhead per turn = (run time − the fake's own round trips) / turns.
+async fn native_turn_overhead(fake: &FakeLlm, turns: usize) -> anyhow::Result<()> {
+    let executor = native(fake);
+    let worker = start_worker(executor).await?;
+    let client = reqwest::Client::new();
+    let remaining = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = remaining.clone();
+    fake.set_responder(move |_| {
+        if counter.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) > 1 {
+            Reply::tool_use("", "list_files", json!({"pattern": "*"}))
+        } else {
+            Reply::text("done")
+        }
+    });
+    let mut per_turn = Vec::new();
+    for i in 0..20 {
+        remaining.store(turns, std::sync::atomic::Ordering::SeqCst);
+        let (_, done, status, num_turns) =
+            chat(&client, &worker.url, &format!("turns{i}"), "go").await?;
+        if status != TaskStatus::Completed || num_turns as usize != turns {
+            bail!("turn task ended {status} after {num_turns} turns");
+        }
+        per_turn.push(done / turns as u32);
+    }
+    // The fake's own cost of one streamed reply, measured the same way the executor calls it.
+    let mut raw = Vec::new();
+    fake.set_responder(|_| Reply::tool_use("", "list_files", json!({"pattern": "*"})));
+    for _ in 0..500 {
+        let started = Instant::now();
+        let body = client
+            .post(format!("{}/v1/messages", fake.url()))
+            .json(&json!({"model": "m", "max_tokens": 10, "stream": true,
+                          "messages": [{"role": "user", "content": "x"}]}))
+            .send()
+            .await?
+            .bytes()
+            .await?;
+        anyhow::ensure!(!body.is_empty());
+        raw.push(started.elapsed());
+    }
+    let turn = summarize(&mut per_turn).context("no samples")?;
+    let fake_rt = summarize(&mut raw).context("no samples")?;
+    println!("native       one model turn, all in:    {turn}");
+    println!("native       the fake's round trip:     {fake_rt}");
+    println!(
+        "native       overhead per turn (p50):   {}",
+        ms(turn.p50.saturating_sub(fake_rt.p50))
+    );
+    Ok(())
+}
+
+fn native(fake: &FakeLlm) -> Arc<dyn Executor> {
+    let config = NativeConfig::new(
+        Provider::Anthropic {
+            api_key: "bench".into(),
+            base_url: fake.url(),
+        },
+        "claude-bench",
+    );
+    Arc::new(NativeExecutor::new(config).expect("native config"))
+}
+
+fn claude(fake: &FakeLlm, bin: &Path) -> Arc<dyn Executor> {
+    let config = ClaudeCodeConfig::new(bin.to_path_buf())
+        .with_api_key("bench")
+        .with_base_url(fake.url())
+        .with_env("CLAUDE_CODE_MAX_RETRIES", "0")
+        .with_max_turns(3);
+    Arc::new(ClaudeCodeExecutor::new(config))
+}
+
+fn claude_from_wheel() -> Option<PathBuf> {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import claude_agent_sdk,os;print(os.path.dirname(claude_agent_sdk.__file__))",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let dir = String::from_utf8(out.stdout).ok()?;
+    let bin = PathBuf::from(dir.trim()).join("_bundled/claude");
+    bin.is_file().then_some(bin)
+}
+
+/// RSS of the worker binary after it has started and served `/health`, idle for a second.
+async fn idle_rss(bin: &Path) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let mut child = tokio::process::Command::new(bin)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("API_KEY", "bench")
+        .env("API_BASE_URL", "http://127.0.0.1:9/v1")
+        .env("MODEL", "bench")
+        .env("WORKER_PORT", port.to_string())
+        .env("WORKSPACE_DIR", dir.path())
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/health");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if client.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the worker did not come up");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = child.id().context("no pid")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .context("no VmRSS")?
+        .trim()
+        .to_owned();
+    println!("worker       idle RSS (release binary): {rss}");
+    child.kill().await?;
+    Ok(())
+}
+
+/// Runs the worker benchmarks and prints one line per figure.
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let fake = FakeLlm::start().await;
+    chat_latency("native", native(&fake), &fake, options.tasks).await?;
+    native_turn_overhead(&fake, options.turns).await?;
+    match options.claude_bin.or_else(claude_from_wheel) {
+        Some(bin) => {
+            let tasks = (options.tasks / 10).max(5);
+            chat_latency("claude-code", claude(&fake, &bin), &fake, tasks).await?;
+        }
+        None => println!("claude-code  skipped: no claude CLI (set CLAUDE_BIN)"),
+    }
+    let worker_bin = match options.worker_bin {
+        Some(b) => b,
+        None => std::env::current_exe()?.with_file_name("anywork-worker"),
+    };
+    idle_rss(&worker_bin).await?;
+    Ok(())
+}
