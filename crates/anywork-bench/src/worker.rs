@@ -44,7 +44,11 @@ async fn start_worker(executor: Arc<dyn Executor>) -> anyhow::Result<Worker> {
     let state = WorkerState::new(WorkerConfig::new(dir.path()), executor)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(anywork_worker::serve(listener, state, std::future::pending()));
+    tokio::spawn(anywork_worker::serve(
+        listener,
+        state,
+        std::future::pending(),
+    ));
     Ok(Worker { url, _dir: dir })
 }
 
@@ -72,11 +76,11 @@ async fn chat(
         while let Some(end) = buffer.find("\n\n") {
             let frame: String = buffer.drain(..end + 2).collect();
             for line in frame.lines() {
-                if let Some(data) = line.strip_prefix("data:") {
-                    if let Ok(TaskEvent::Done(outcome)) = serde_json::from_str(data.trim()) {
-                        let first = first.unwrap_or_default();
-                        return Ok((first, started.elapsed(), outcome.status, outcome.num_turns));
-                    }
+                if let Some(data) = line.strip_prefix("data:")
+                    && let Ok(TaskEvent::Done(outcome)) = serde_json::from_str(data.trim())
+                {
+                    let first = first.unwrap_or_default();
+                    return Ok((first, started.elapsed(), outcome.status, outcome.num_turns));
                 }
             }
         }
@@ -224,7 +228,12 @@ async fn idle_rss(bin: &Path) -> anyhow::Result<()> {
     let url = format!("http://127.0.0.1:{port}/health");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if client.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
+        if client
+            .get(&url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
             break;
         }
         if Instant::now() > deadline {
