@@ -31,12 +31,14 @@ async fn hands_out_the_healthy_worker_to_every_session() {
 
 #[tokio::test]
 async fn an_unhealthy_or_absent_worker_is_unavailable() {
-    let sick = serve(Router::new().route(
-        "/health",
-        get(|| async { StatusCode::SERVICE_UNAVAILABLE }),
-    ))
-    .await;
-    let err = StaticDriver::new(&sick).unwrap().get_worker(&sid("a")).await.unwrap_err();
+    let sick =
+        serve(Router::new().route("/health", get(|| async { StatusCode::SERVICE_UNAVAILABLE })))
+            .await;
+    let err = StaticDriver::new(&sick)
+        .unwrap()
+        .get_worker(&sid("a"))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unavailable);
     assert!(err.is_retryable());
     assert!(err.to_string().contains("STATIC_WORKER_URL"), "{err}");

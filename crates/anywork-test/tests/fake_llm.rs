@@ -596,28 +596,6 @@ async fn drop_stops_the_server() {
 // ---------------------------------------------------------------------------------------------
 // Smoke test against the real Claude Code CLI.
 
-/// The Claude Code binary: `$CLAUDE_BIN`, else the one bundled with the `claude-agent-sdk` wheel.
-fn find_claude() -> Option<PathBuf> {
-    if let Some(bin) = std::env::var_os("CLAUDE_BIN").filter(|b| !b.is_empty()) {
-        let bin = PathBuf::from(bin);
-        return bin.is_file().then_some(bin);
-    }
-    let output = Command::new("python3")
-        .args([
-            "-c",
-            "import claude_agent_sdk,os;print(os.path.dirname(claude_agent_sdk.__file__))",
-        ])
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    if !output.status.success() {
-        return None;
-    }
-    let dir = String::from_utf8(output.stdout).ok()?;
-    let bin = PathBuf::from(dir.trim()).join("_bundled").join("claude");
-    bin.is_file().then_some(bin)
-}
-
 /// Runs `cmd` with a deadline; returns (exit success, stdout, stderr).
 fn run_with_timeout(mut cmd: Command, timeout: Duration) -> (bool, String, String) {
     let mut child = cmd
@@ -658,30 +636,6 @@ fn run_with_timeout(mut cmd: Command, timeout: Duration) -> (bool, String, Strin
         out.join().unwrap_or_default(),
         err.join().unwrap_or_default(),
     )
-}
-
-/// Finds the CLI, or fails (with `CI` set) / prints a loud skip message and returns `None`.
-fn claude_or_skip(test: &str) -> Option<PathBuf> {
-    let found = find_claude();
-    if found.is_none() {
-        if std::env::var_os("CI").is_some() {
-            panic!(
-                "{test}: Claude Code CLI not found (set CLAUDE_BIN or `pip install claude-agent-sdk`); required when CI is set"
-            );
-        }
-        eprintln!();
-        eprintln!(
-            "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
-        );
-        eprintln!("!! SKIPPED {test}: Claude Code CLI not found.");
-        eprintln!(
-            "!! Set CLAUDE_BIN or run `pip install claude-agent-sdk`. (With CI set this FAILS.)"
-        );
-        eprintln!(
-            "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
-        );
-    }
-    found
 }
 
 /// The outcome of one `claude -p` run.
@@ -775,7 +729,9 @@ async fn run_claude(claude: &PathBuf, fake: &FakeLlm, workspace: &std::path::Pat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_claude_cli_writes_a_file_through_the_fake() {
-    let Some(claude) = claude_or_skip("real_claude_cli_writes_a_file_through_the_fake") else {
+    let Some(claude) =
+        anywork_test::bins::claude_cli("real_claude_cli_writes_a_file_through_the_fake")
+    else {
         return;
     };
     let fake = FakeLlm::start().await;
@@ -838,7 +794,8 @@ async fn real_claude_cli_writes_a_file_through_the_fake() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_claude_cli_reports_an_api_error() {
-    let Some(claude) = claude_or_skip("real_claude_cli_reports_an_api_error") else {
+    let Some(claude) = anywork_test::bins::claude_cli("real_claude_cli_reports_an_api_error")
+    else {
         return;
     };
     let fake = FakeLlm::start().await;
@@ -867,7 +824,9 @@ async fn real_claude_cli_reports_an_api_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_claude_cli_killed_during_hang_is_noticed() {
-    let Some(claude) = claude_or_skip("real_claude_cli_killed_during_hang_is_noticed") else {
+    let Some(claude) =
+        anywork_test::bins::claude_cli("real_claude_cli_killed_during_hang_is_noticed")
+    else {
         return;
     };
     let fake = FakeLlm::start().await;

@@ -4,13 +4,13 @@
 //! end drive small shell scripts instead and always run.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anywork_core::{
     ErrorKind, Execution, ExecutionRequest, Executor, InputKind, InputResponse, SessionId,
     TaskEvent, TaskId, TaskOutcome, TaskStatus,
 };
+use anywork_test::bins::claude_cli;
 use anywork_test::fake_llm::{FakeLlm, Reply};
 use anywork_worker::claude::{HISTORY_LOST, LINE_TOO_LONG, SESSION_ID_FILE, SESSIONS_DIR};
 use anywork_worker::{ClaudeCodeConfig, ClaudeCodeExecutor, PermissionMode};
@@ -21,48 +21,6 @@ use serde_json::{Value, json};
 const RUN_LIMIT: Duration = Duration::from_secs(120);
 /// A marker put in every workspace's SOUL.md, expected in the system prompt.
 const SOUL_MARKER: &str = "SOUL-MARKER-7f3a";
-
-/// The Claude Code binary: `$CLAUDE_BIN`, else the one bundled with `claude-agent-sdk`.
-fn find_claude() -> Option<PathBuf> {
-    if let Some(bin) = std::env::var_os("CLAUDE_BIN").filter(|b| !b.is_empty()) {
-        let bin = PathBuf::from(bin);
-        return bin.is_file().then_some(bin);
-    }
-    let output = Command::new("python3")
-        .args([
-            "-c",
-            "import claude_agent_sdk,os;print(os.path.dirname(claude_agent_sdk.__file__))",
-        ])
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    if !output.status.success() {
-        return None;
-    }
-    let dir = String::from_utf8(output.stdout).ok()?;
-    let bin = PathBuf::from(dir.trim()).join("_bundled").join("claude");
-    bin.is_file().then_some(bin)
-}
-
-/// Finds the CLI, or fails (with `CI` set) / prints a loud skip banner and returns `None`.
-fn claude_or_skip(test: &str) -> Option<PathBuf> {
-    let found = find_claude();
-    if found.is_none() {
-        if std::env::var_os("CI").is_some() {
-            panic!(
-                "{test}: Claude Code CLI not found (set CLAUDE_BIN or `pip install claude-agent-sdk`); required when CI is set"
-            );
-        }
-        let bar = "!".repeat(88);
-        eprintln!("\n{bar}");
-        eprintln!("!! SKIPPED {test}: Claude Code CLI not found.");
-        eprintln!(
-            "!! Set CLAUDE_BIN or run `pip install claude-agent-sdk`. (With CI set this FAILS.)"
-        );
-        eprintln!("{bar}");
-    }
-    found
-}
 
 /// The settings every test starts from: offline against `fake`, no retries.
 fn config(claude: &Path, fake: &FakeLlm) -> ClaudeCodeConfig {
@@ -219,7 +177,7 @@ fn stored_session_id(ws: &Path) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_tool_writes_a_file_and_streams_events() {
-    let Some(claude) = claude_or_skip("write_tool_writes_a_file_and_streams_events") else {
+    let Some(claude) = claude_cli("write_tool_writes_a_file_and_streams_events") else {
         return;
     };
     let fake = FakeLlm::start().await;
@@ -297,7 +255,7 @@ async fn write_tool_writes_a_file_and_streams_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_task_resumes_the_conversation_even_after_a_restart() {
-    let Some(claude) = claude_or_skip("second_task_resumes_the_conversation_even_after_a_restart")
+    let Some(claude) = claude_cli("second_task_resumes_the_conversation_even_after_a_restart")
     else {
         return;
     };
@@ -374,7 +332,7 @@ async fn second_task_resumes_the_conversation_even_after_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forgotten_conversation_starts_a_new_one() {
-    let Some(claude) = claude_or_skip("forgotten_conversation_starts_a_new_one") else {
+    let Some(claude) = claude_cli("forgotten_conversation_starts_a_new_one") else {
         return;
     };
     let fake = FakeLlm::start().await;
@@ -405,7 +363,7 @@ async fn forgotten_conversation_starts_a_new_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workspace_skill_is_listed_in_init() {
-    let Some(claude) = claude_or_skip("workspace_skill_is_listed_in_init") else {
+    let Some(claude) = claude_cli("workspace_skill_is_listed_in_init") else {
         return;
     };
     let fake = FakeLlm::start().await;
@@ -432,7 +390,7 @@ async fn workspace_skill_is_listed_in_init() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_error_fails_with_its_text() {
-    let Some(claude) = claude_or_skip("api_error_fails_with_its_text") else {
+    let Some(claude) = claude_cli("api_error_fails_with_its_text") else {
         return;
     };
     let fake = FakeLlm::start().await;
@@ -461,7 +419,7 @@ async fn api_error_fails_with_its_text() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_turns_fails() {
-    let Some(claude) = claude_or_skip("max_turns_fails") else {
+    let Some(claude) = claude_cli("max_turns_fails") else {
         return;
     };
     let fake = FakeLlm::start().await;
@@ -508,8 +466,7 @@ async fn max_turns_fails() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_mid_stream_ends_canceled_and_kills_the_process() {
-    let Some(claude) = claude_or_skip("cancel_mid_stream_ends_canceled_and_kills_the_process")
-    else {
+    let Some(claude) = claude_cli("cancel_mid_stream_ends_canceled_and_kills_the_process") else {
         return;
     };
     let fake = FakeLlm::start().await;
@@ -555,7 +512,7 @@ async fn cancel_mid_stream_ends_canceled_and_kills_the_process() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_right_after_start_ends_canceled() {
-    let Some(claude) = claude_or_skip("cancel_right_after_start_ends_canceled") else {
+    let Some(claude) = claude_cli("cancel_right_after_start_ends_canceled") else {
         return;
     };
     let fake = FakeLlm::start().await;
@@ -578,7 +535,7 @@ async fn cancel_right_after_start_ends_canceled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_stream_kills_the_process() {
-    let Some(claude) = claude_or_skip("dropping_the_stream_kills_the_process") else {
+    let Some(claude) = claude_cli("dropping_the_stream_kills_the_process") else {
         return;
     };
     let fake = FakeLlm::start().await;
@@ -605,7 +562,7 @@ async fn dropping_the_stream_kills_the_process() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hard_timeout_fails_and_kills() {
-    let Some(claude) = claude_or_skip("hard_timeout_fails_and_kills") else {
+    let Some(claude) = claude_cli("hard_timeout_fails_and_kills") else {
         return;
     };
     let fake = FakeLlm::start().await;
@@ -625,7 +582,7 @@ async fn hard_timeout_fails_and_kills() {
 /// Runs a Bash call in [`PermissionMode::Prompt`] and answers the prompt with `allow`.
 async fn permission_run(allow: bool) {
     let test = format!("permission_prompt_allow_{allow}");
-    let Some(claude) = claude_or_skip(&test) else {
+    let Some(claude) = claude_cli(&test) else {
         return;
     };
     let fake = FakeLlm::start().await;

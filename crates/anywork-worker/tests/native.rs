@@ -1,7 +1,6 @@
 //! The native executor against the fake model APIs on loopback (and the test MCP server).
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anywork_core::{
@@ -113,49 +112,9 @@ fn result_text(v: &Value) -> String {
     }
 }
 
-/// The test MCP server binary, built on first use. Cargo does not build the binaries of
-/// dependencies, so this runs `cargo build -p anywork-test --bin anywork-test-mcp` once per
-/// test process (a no-op when it is fresh) into the same target folder as this test.
-fn mcp_server_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        // target/<profile>/deps/native-HASH
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-        let bin = profile_dir.join("anywork-test-mcp");
-        if let Some(path) = std::env::var_os("ANYWORK_TEST_MCP_BIN") {
-            return PathBuf::from(path);
-        }
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev".to_owned(),
-            Some(other) => other.to_owned(),
-        };
-        let workspace_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let cargo = option_env!("CARGO").unwrap_or("cargo");
-        let status = std::process::Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "anywork-test",
-                "--bin",
-                "anywork-test-mcp",
-            ])
-            .args(["--profile", &profile])
-            .env("CARGO_TARGET_DIR", profile_dir.parent().unwrap())
-            .current_dir(workspace_root)
-            .status()
-            .expect("run cargo to build anywork-test-mcp");
-        assert!(status.success(), "building anywork-test-mcp failed");
-        assert!(bin.exists(), "{} missing after the build", bin.display());
-        bin
-    })
-    .clone()
-}
-
 fn write_mcp_json(ws: &Path) {
     let mcp = json!({"mcpServers": {
-        "calc": {"command": mcp_server_bin()},
+        "calc": {"command": anywork_test::bins::test_mcp_server()},
         "broken": {"command": "/nonexistent/anywork-no-such-server"},
     }});
     std::fs::write(ws.join(".mcp.json"), mcp.to_string()).unwrap();
@@ -830,7 +789,7 @@ struct HttpMcp {
 impl HttpMcp {
     fn start() -> HttpMcp {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(mcp_server_bin())
+        let mut child = std::process::Command::new(anywork_test::bins::test_mcp_server())
             .args(["--http", "127.0.0.1:0"])
             .stdout(std::process::Stdio::piped())
             .spawn()
