@@ -3,8 +3,8 @@
 //!
 //! - `stdio` servers are spawned with their `args` and `env`, working directory = the
 //!   workspace; their stderr is kept (last lines) to explain failures.
-//! - `http` servers use rmcp's streamable HTTP client. Only `http://` URLs work: the rmcp
-//!   HTTP client is built without TLS (see [`HTTPS_UNSUPPORTED`]).
+//! - `http` servers use rmcp's streamable HTTP client, over `http://` or `https://` (rustls
+//!   with the ring provider, the system's root certificates).
 //! - `sse` (the older HTTP + SSE transport) has no client in rmcp 3 and is reported as failed.
 //!
 //! A server that fails to start is reported as `failed` and its tools are absent; the others
@@ -33,9 +33,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_RESULT_BYTES: usize = 100_000;
 /// Longest tool name the model APIs accept.
 pub const MAX_TOOL_NAME: usize = 64;
-/// The error of an `https://` MCP server.
-pub const HTTPS_UNSUPPORTED: &str = "https:// MCP servers are not supported yet by the native \
-executor (its MCP HTTP client is built without TLS); use http:// or a stdio server";
 /// The error of an `sse` MCP server.
 pub const SSE_UNSUPPORTED: &str = "the legacy \"sse\" MCP transport is not supported by the \
 native executor (rmcp 3 has no SSE client); use \"type\": \"http\" (streamable HTTP)";
@@ -229,9 +226,9 @@ async fn connect_one(
             Ok((service, tools))
         }
         McpServerConfig::Http { url, headers } => {
-            if url.starts_with("https://") {
-                return Err(HTTPS_UNSUPPORTED.to_owned());
-            }
+            // rmcp's HTTP client is built with rustls but no crypto provider: use ring, as
+            // the rest of the worker does. Installing twice is harmless (the first one stays).
+            let _ = rustls::crypto::ring::default_provider().install_default();
             let mut config = StreamableHttpClientTransportConfig::with_uri(url.as_str());
             let mut custom = HashMap::new();
             for (key, value) in headers {

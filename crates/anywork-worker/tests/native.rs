@@ -823,7 +823,8 @@ async fn mcp_over_streamable_http_and_unsupported_transports() {
     let servers: anywork_core::spec::McpServers = serde_json::from_value(json!({
         "web": {"type": "http", "url": server.url, "headers": {"X-Test": "1"}},
         "old": {"type": "sse", "url": "http://127.0.0.1:9/sse"},
-        "tls": {"type": "http", "url": "https://example.invalid/mcp"},
+        // A plain-HTTP server spoken to over TLS: the handshake must be tried, and fail.
+        "tls": {"type": "http", "url": server.url.replacen("http://", "https://", 1)},
     }))
     .unwrap();
     let ws = tempfile::tempdir().unwrap();
@@ -832,7 +833,12 @@ async fn mcp_over_streamable_http_and_unsupported_transports() {
     assert!(report("web").connected, "{reports:?}");
     assert_eq!(report("web").tools, 2);
     assert!(report("old").error.unwrap().contains("sse"));
-    assert!(report("tls").error.unwrap().contains("https://"));
+    let tls = report("tls").error.unwrap();
+    assert!(
+        tls.contains("MCP handshake with https://127.0.0.1:"),
+        "{tls}"
+    );
+    assert!(!report("tls").connected);
     let names: Vec<String> = clients.tools().into_iter().map(|t| t.name).collect();
     assert_eq!(names, vec!["mcp__web__add", "mcp__web__echo"]);
     let echoed = clients
