@@ -1,7 +1,6 @@
 //! Worker benchmarks.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -191,20 +190,6 @@ fn claude(fake: &FakeLlm, bin: &Path) -> Arc<dyn Executor> {
     Arc::new(ClaudeCodeExecutor::new(config))
 }
 
-fn claude_from_wheel() -> Option<PathBuf> {
-    let out = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import claude_agent_sdk,os;print(os.path.dirname(claude_agent_sdk.__file__))",
-        ])
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    let dir = String::from_utf8(out.stdout).ok()?;
-    let bin = PathBuf::from(dir.trim()).join("_bundled/claude");
-    bin.is_file().then_some(bin)
-}
-
 /// RSS of the worker binary after it has started and served `/health`, idle for a second.
 async fn idle_rss(bin: &Path) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -260,7 +245,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let fake = FakeLlm::start().await;
     chat_latency("native", native(&fake), &fake, options.tasks).await?;
     native_turn_overhead(&fake, options.turns).await?;
-    match options.claude_bin.or_else(claude_from_wheel) {
+    match options.claude_bin.or_else(anywork_test::bins::find_claude) {
         Some(bin) => {
             let tasks = (options.tasks / 10).max(5);
             chat_latency("claude-code", claude(&fake, &bin), &fake, tasks).await?;

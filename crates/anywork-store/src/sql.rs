@@ -208,6 +208,31 @@ macro_rules! impl_sql_store {
                     .map_err(|e| $crate::sql::db_err(context, e))
             }
 
+            /// Tasks whose `column` equals `value`, oldest first. `column` is one of ours,
+            /// never the caller's.
+            async fn tasks_where(
+                &self,
+                column: &'static str,
+                value: &str,
+                page: anywork_core::Page,
+            ) -> anywork_core::Result<Vec<anywork_core::Task>> {
+                let sql = format!(
+                    "SELECT {} FROM tasks WHERE {column} = $1 ORDER BY created_at, id \
+                     LIMIT $2 OFFSET $3",
+                    $crate::sql::TASK_COLUMNS
+                );
+                sqlx::query(&sql)
+                    .bind(value)
+                    .bind(i64::from(page.limit))
+                    .bind(i64::from(page.offset))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| $crate::sql::db_err("list tasks", e))?
+                    .iter()
+                    .map(task_from_row)
+                    .collect()
+            }
+
             async fn lock_task(
                 tx: &mut sqlx::Transaction<'static, $db>,
                 id: anywork_core::TaskId,
@@ -530,21 +555,7 @@ macro_rules! impl_sql_store {
                 session_id: &anywork_core::SessionId,
                 page: anywork_core::Page,
             ) -> anywork_core::Result<Vec<anywork_core::Task>> {
-                let sql = format!(
-                    "SELECT {} FROM tasks WHERE session_id = $1 ORDER BY created_at, id \
-                     LIMIT $2 OFFSET $3",
-                    $crate::sql::TASK_COLUMNS
-                );
-                sqlx::query(&sql)
-                    .bind(session_id.as_str())
-                    .bind(i64::from(page.limit))
-                    .bind(i64::from(page.offset))
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(|e| $crate::sql::db_err("list tasks", e))?
-                    .iter()
-                    .map(task_from_row)
-                    .collect()
+                self.tasks_where("session_id", session_id.as_str(), page).await
             }
 
             async fn tasks_by_status(
@@ -552,21 +563,7 @@ macro_rules! impl_sql_store {
                 status: anywork_core::TaskStatus,
                 page: anywork_core::Page,
             ) -> anywork_core::Result<Vec<anywork_core::Task>> {
-                let sql = format!(
-                    "SELECT {} FROM tasks WHERE status = $1 ORDER BY created_at, id \
-                     LIMIT $2 OFFSET $3",
-                    $crate::sql::TASK_COLUMNS
-                );
-                sqlx::query(&sql)
-                    .bind(status.as_str())
-                    .bind(i64::from(page.limit))
-                    .bind(i64::from(page.offset))
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(|e| $crate::sql::db_err("list tasks", e))?
-                    .iter()
-                    .map(task_from_row)
-                    .collect()
+                self.tasks_where("status", status.as_str(), page).await
             }
 
             async fn renew_lease(

@@ -262,6 +262,30 @@ pub fn truncate_chars(s: &str, max: usize) -> String {
     }
 }
 
+/// The next event of a model's SSE stream: `Ok(None)` at its end; a silence longer than
+/// `idle` or a broken stream is a transient failure (retried if nothing was emitted yet).
+pub async fn next_sse_event<S, E>(
+    events: &mut S,
+    idle: Duration,
+) -> Result<Option<eventsource_stream::Event>, ApiFailure>
+where
+    S: futures_util::Stream<Item = Result<eventsource_stream::Event, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    use futures_util::StreamExt;
+    match tokio::time::timeout(idle, events.next()).await {
+        Err(_) => Err(ApiFailure::transient(format!(
+            "the model stream was silent for {} s",
+            idle.as_secs()
+        ))),
+        Ok(None) => Ok(None),
+        Ok(Some(Err(e))) => Err(ApiFailure::transient(format!(
+            "the model stream broke: {e}"
+        ))),
+        Ok(Some(Ok(event))) => Ok(Some(event)),
+    }
+}
+
 /// Reads an error body, at most 64 KiB.
 pub async fn read_error_body(response: reqwest::Response) -> String {
     use futures_util::StreamExt;

@@ -7,12 +7,11 @@ use std::time::Duration;
 use anywork_core::{TaskEvent, TokenUsage};
 use async_trait::async_trait;
 use eventsource_stream::Eventsource;
-use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use super::model::{
     ApiFailure, Emitter, Message, ModelBackend, Part, Role, StopReason, TurnRequest, TurnResponse,
-    http_failure, parse_tool_input, read_error_body,
+    http_failure, next_sse_event, parse_tool_input, read_error_body,
 };
 
 /// Talks to an OpenAI-compatible chat completions API.
@@ -205,24 +204,10 @@ impl ModelBackend for OpenAi {
             Err(f)
         };
         loop {
-            let next = match tokio::time::timeout(self.idle_timeout, events.next()).await {
-                Err(_) => {
-                    return fail(
-                        out,
-                        ApiFailure::transient(format!(
-                            "the model stream was silent for {} s",
-                            self.idle_timeout.as_secs()
-                        )),
-                    );
-                }
+            let next = match next_sse_event(&mut events, self.idle_timeout).await {
+                Ok(Some(event)) => event,
                 Ok(None) => break,
-                Ok(Some(Err(e))) => {
-                    return fail(
-                        out,
-                        ApiFailure::transient(format!("the model stream broke: {e}")),
-                    );
-                }
-                Ok(Some(Ok(event))) => event,
+                Err(f) => return fail(out, f),
             };
             let data = next.data.trim();
             if data == "[DONE]" {
