@@ -83,3 +83,13 @@ ensure_claude() {
     export CLAUDE_BIN=$bin
     log "claude CLI: $CLAUDE_BIN ($("$CLAUDE_BIN" --version 2>/dev/null || echo '?'))"
 }
+
+# --- Chromium for the web UI's browser test --------------------------------------------------
+ensure_chromium() {
+    if ! command -v chromedriver >/dev/null || ! { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; }; then
+        log "installing chromium and chromium-driver"
+        apt_install chromium chromium-driver
+    fi
+    CHROMEDRIVER=$(command -v chromedriver)
+    export CHROMEDRIVER
+}

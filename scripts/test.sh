@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs AnyWork's whole test suite on a fresh machine: installs what is missing (PostgreSQL,
-# the claude CLI), starts a throw-away PostgreSQL on loopback, then runs rustfmt, clippy and
-# every test.
+# the claude CLI, chromium + chromedriver), starts a throw-away PostgreSQL on loopback, then
+# runs rustfmt, clippy and every test.
 #
 #   bash scripts/test.sh            # everything
 #   bash scripts/test.sh -p anywork-store   # extra args go to `cargo test`
@@ -20,6 +20,7 @@ if [ -z "${ANYWORK_TEST_DATABASE_URL:-}" ]; then
     start_postgres
 fi
 ensure_claude
+ensure_chromium
 
 # --- Rust checks and tests ----------------------------------------------------------------
 command -v cargo >/dev/null || { echo "cargo is missing: install Rust from https://rustup.rs" >&2; exit 1; }

@@ -3,8 +3,10 @@
 //!
 //! ```sh
 //! cargo run --release -p anywork-bench -- worker     # see docs/benchmarks.md
+//! cargo run --release -p anywork-bench -- server
 //! ```
 
+mod server;
 mod stats;
 mod worker;
 
@@ -22,11 +24,15 @@ enum Command {
     /// Worker: `/chat` → first SSE byte and → `done` per executor, native overhead per model
     /// turn, idle RSS of the worker binary.
     Worker(worker::Options),
+    /// Server: dispatch overhead (WebSocket chat → executor start) and tasks/s with N
+    /// concurrent sessions on SQLite, RSS per idle WebSocket session of the server binary.
+    Server(server::Options),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Args::parse().command {
         Command::Worker(options) => worker::run(options).await,
+        Command::Server(options) => server::run(options).await,
     }
 }

@@ -33,12 +33,20 @@ pub struct Options {
     worker_bin: Option<PathBuf>,
 }
 
-struct Worker {
-    url: String,
+/// An in-process worker; its workspace lives as long as this.
+pub struct Worker {
+    pub url: String,
     _dir: tempfile::TempDir,
 }
 
-async fn start_worker(executor: Arc<dyn Executor>) -> anyhow::Result<Worker> {
+impl Worker {
+    /// The worker at `url` with its workspace `dir`.
+    pub fn new(url: String, dir: tempfile::TempDir) -> Self {
+        Self { url, _dir: dir }
+    }
+}
+
+pub async fn start_worker(executor: Arc<dyn Executor>) -> anyhow::Result<Worker> {
     let dir = tempfile::tempdir()?;
     let state = WorkerState::new(WorkerConfig::new(dir.path()), executor)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -170,7 +178,7 @@ async fn native_turn_overhead(fake: &FakeLlm, turns: usize) -> anyhow::Result<()
     Ok(())
 }
 
-fn native(fake: &FakeLlm) -> Arc<dyn Executor> {
+pub fn native(fake: &FakeLlm) -> Arc<dyn Executor> {
     let config = NativeConfig::new(
         Provider::Anthropic {
             api_key: "bench".into(),

@@ -50,6 +50,22 @@ impl ErrorKind {
             ErrorKind::Internal => "internal",
         }
     }
+
+    /// The HTTP status an API answers with for this kind: the one place this mapping is
+    /// made, for the worker's and the server's APIs alike.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorKind::NotFound => 404,
+            ErrorKind::Conflict | ErrorKind::InvalidTransition | ErrorKind::Canceled => 409,
+            ErrorKind::InvalidInput => 400,
+            ErrorKind::Unavailable => 503,
+            ErrorKind::Timeout => 504,
+            ErrorKind::RateLimited => 429,
+            ErrorKind::Unauthorized => 401,
+            ErrorKind::Protocol => 502,
+            ErrorKind::Storage | ErrorKind::Internal => 500,
+        }
+    }
 }
 
 impl fmt::Display for ErrorKind {

@@ -48,47 +48,59 @@ pub fn claude_cli(test: &str) -> Option<PathBuf> {
     found
 }
 
-/// The `anywork-test-mcp` binary (an MCP server with `add` and `echo`), built once per test
-/// process into the calling test's target directory. Cargo does not build the binaries of a
-/// dev-dependency, hence the explicit build. `ANYWORK_TEST_MCP_BIN` overrides the path.
+/// The test MCP server binary (`anywork-test-mcp`), built on first use
+/// (`ANYWORK_TEST_MCP_BIN` overrides).
 pub fn test_mcp_server() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(path) = std::env::var_os("ANYWORK_TEST_MCP_BIN") {
-            return PathBuf::from(path);
-        }
-        let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<test>-HASH
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test executable in target/<profile>/deps")
-            .to_path_buf();
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev".to_owned(),
-            Some(other) => other.to_owned(),
-        };
-        let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
-        let workspace_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "anywork-test",
-                "--bin",
-                "anywork-test-mcp",
-            ])
-            .args(["--profile", &profile])
-            .env("CARGO_TARGET_DIR", &target_dir)
-            .current_dir(workspace_root)
-            .status()
-            .expect("run cargo to build anywork-test-mcp");
-        assert!(status.success(), "building anywork-test-mcp failed");
-        let bin = profile_dir.join("anywork-test-mcp");
-        assert!(bin.exists(), "{} missing after the build", bin.display());
-        bin
-    })
-    .clone()
+    workspace_bin("anywork-test", "anywork-test-mcp", "ANYWORK_TEST_MCP_BIN")
+}
+
+/// The worker binary (`anywork-worker`), built on first use (`ANYWORK_WORKER_BIN` overrides).
+pub fn worker_bin() -> PathBuf {
+    workspace_bin("anywork-worker", "anywork-worker", "ANYWORK_WORKER_BIN")
+}
+
+/// A binary of this workspace, built with the test's own profile and target dir the first
+/// time it is asked for, so tests of one crate can run another crate's program. `env_override`
+/// names a variable that points at a prebuilt binary instead.
+pub fn workspace_bin(package: &str, bin: &str, env_override: &str) -> PathBuf {
+    static BINS: OnceLock<std::sync::Mutex<std::collections::HashMap<String, PathBuf>>> =
+        OnceLock::new();
+    let bins = BINS.get_or_init(Default::default);
+    let mut bins = bins.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = bins.get(bin) {
+        return path.clone();
+    }
+    let path = match std::env::var_os(env_override) {
+        Some(path) => PathBuf::from(path),
+        None => build_bin(package, bin),
+    };
+    bins.insert(bin.to_owned(), path.clone());
+    path
+}
+
+fn build_bin(package: &str, bin: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable in target/<profile>/deps")
+        .to_path_buf();
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev".to_owned(),
+        Some(other) => other.to_owned(),
+    };
+    let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
+    let workspace_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "-p", package, "--bin", bin])
+        .args(["--profile", &profile])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .current_dir(workspace_root)
+        .status()
+        .unwrap_or_else(|e| panic!("run cargo to build {bin}: {e}"));
+    assert!(status.success(), "building {bin} failed");
+    let path = profile_dir.join(bin);
+    assert!(path.exists(), "{} missing after the build", path.display());
+    path
 }

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::model::{
     ApiFailure, Emitter, Message, ModelBackend, Part, Role, StopReason, TurnRequest, TurnResponse,
-    http_failure, next_sse_event, parse_tool_input, read_error_body,
+    next_sse_event, parse_tool_input, send_model_request,
 };
 
 /// The API version header value.
@@ -186,26 +186,7 @@ impl ModelBackend for Anthropic {
             .header("accept", "text/event-stream")
             .json(&request_body(request))
             .send();
-        let response = match tokio::time::timeout(self.idle_timeout, send).await {
-            Err(_) => {
-                return Err(ApiFailure::transient(format!(
-                    "the model API did not answer within {} s",
-                    self.idle_timeout.as_secs()
-                )));
-            }
-            Ok(Err(e)) => {
-                return Err(ApiFailure::transient(format!(
-                    "cannot reach the model API: {e}"
-                )));
-            }
-            Ok(Ok(r)) => r,
-        };
-        let status = response.status();
-        if !status.is_success() {
-            let headers = response.headers().clone();
-            let body = read_error_body(response).await;
-            return Err(http_failure(status.as_u16(), &headers, &body));
-        }
+        let response = send_model_request(send, self.idle_timeout).await?;
 
         let mut events = response.bytes_stream().eventsource();
         let mut blocks: BTreeMap<u64, Building> = BTreeMap::new();

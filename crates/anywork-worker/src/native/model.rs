@@ -286,6 +286,35 @@ where
     }
 }
 
+/// Awaits a model API request (`send`), giving up after `idle` without an answer; a non-2xx
+/// answer becomes the matching [`ApiFailure`] (shared by both backends).
+pub async fn send_model_request(
+    send: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+    idle: Duration,
+) -> Result<reqwest::Response, ApiFailure> {
+    let response = match tokio::time::timeout(idle, send).await {
+        Err(_) => {
+            return Err(ApiFailure::transient(format!(
+                "the model API did not answer within {} s",
+                idle.as_secs()
+            )));
+        }
+        Ok(Err(e)) => {
+            return Err(ApiFailure::transient(format!(
+                "cannot reach the model API: {e}"
+            )));
+        }
+        Ok(Ok(r)) => r,
+    };
+    let status = response.status();
+    if !status.is_success() {
+        let headers = response.headers().clone();
+        let body = read_error_body(response).await;
+        return Err(http_failure(status.as_u16(), &headers, &body));
+    }
+    Ok(response)
+}
+
 /// Reads an error body, at most 64 KiB.
 pub async fn read_error_body(response: reqwest::Response) -> String {
     use futures_util::StreamExt;

@@ -1,0 +1,132 @@
+//! JSON errors and extractors whose rejections are JSON errors.
+
+use anywork_core::{Error, ErrorKind};
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+/// The HTTP status of each [`ErrorKind`].
+pub fn status_for(kind: ErrorKind) -> StatusCode {
+    StatusCode::from_u16(kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+/// An error answer: `{"error":{"code","message"}}` with the matching status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: Error,
+}
+
+impl ApiError {
+    /// An answer with an explicit status.
+    pub fn with_status(status: StatusCode, error: Error) -> Self {
+        Self { status, error }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(error: Error) -> Self {
+        Self {
+            status: status_for(error.kind()),
+            error,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = %self.status, error = %self.error, "request failed");
+        }
+        let body =
+            json!({"error": {"code": self.error.kind().as_str(), "message": self.error.message()}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+fn invalid(status: StatusCode, message: String) -> ApiError {
+    ApiError::with_status(status, Error::invalid_input(message))
+}
+
+pub(crate) async fn no_route() -> ApiError {
+    ApiError::from(Error::not_found("no such route"))
+}
+
+pub(crate) async fn method_not_allowed() -> ApiError {
+    invalid(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "this route does not take that method".into(),
+    )
+}
+
+/// A JSON body; malformed, mistyped or oversized bodies answer a JSON [`ApiError`].
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let rej = match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => return Ok(Self(value)),
+            Err(rej) => rej,
+        };
+        let status = rej.status();
+        let message = match &rej {
+            _ if status == StatusCode::PAYLOAD_TOO_LARGE => {
+                "the request body is larger than the server's limit".to_owned()
+            }
+            JsonRejection::MissingJsonContentType(_) => {
+                "the request body must be JSON with `Content-Type: application/json`".to_owned()
+            }
+            JsonRejection::JsonSyntaxError(_) => {
+                format!("the request body is not valid JSON: {}", rej.body_text())
+            }
+            JsonRejection::JsonDataError(_) => {
+                format!("the request body has wrong fields: {}", rej.body_text())
+            }
+            _ => rej.body_text(),
+        };
+        Err(invalid(status, message))
+    }
+}
+
+/// A path parameter; a bad one answers a JSON [`ApiError`].
+#[derive(Debug)]
+pub struct PathParam<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for PathParam<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(v)| Self(v))
+            .map_err(|rej: PathRejection| invalid(StatusCode::BAD_REQUEST, rej.body_text()))
+    }
+}
+
+/// A query string; a bad one answers a JSON [`ApiError`].
+#[derive(Debug)]
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(v)| Self(v))
+            .map_err(|rej: QueryRejection| {
+                invalid(
+                    StatusCode::BAD_REQUEST,
+                    format!("bad query string: {}", rej.body_text()),
+                )
+            })
+    }
+}

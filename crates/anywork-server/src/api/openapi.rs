@@ -1,0 +1,299 @@
+//! `/api/openapi.json`: an OpenAPI 3.1 document built from one table of the routes and their
+//! shapes, so that adding a route means adding a row here (a test checks that every API route
+//! of the router is in the table).
+
+use serde_json::{Map, Value, json};
+
+/// One operation.
+struct Op {
+    method: &'static str,
+    path: &'static str,
+    summary: &'static str,
+    /// Schema name of the JSON body, if any.
+    body: Option<&'static str>,
+    /// Success status and schema name of its JSON answer.
+    ok: (u16, &'static str),
+    /// Query parameters: (name, type, description).
+    query: &'static [(&'static str, &'static str, &'static str)],
+}
+
+const OPS: &[Op] = &[
+    Op {
+        method: "get",
+        path: "/api/health",
+        summary: "Server status and version",
+        body: None,
+        ok: (200, "Health"),
+        query: &[],
+    },
+    Op {
+        method: "get",
+        path: "/api/sessions",
+        summary: "Sessions, most recently active first",
+        body: None,
+        ok: (200, "SessionList"),
+        query: PAGE,
+    },
+    Op {
+        method: "post",
+        path: "/api/sessions",
+        summary: "Create a session",
+        body: Some("CreateSession"),
+        ok: (201, "Session"),
+        query: &[],
+    },
+    Op {
+        method: "get",
+        path: "/api/sessions/{id}",
+        summary: "One session",
+        body: None,
+        ok: (200, "Session"),
+        query: &[],
+    },
+    Op {
+        method: "patch",
+        path: "/api/sessions/{id}",
+        summary: "Rename a session",
+        body: Some("Rename"),
+        ok: (200, "Success"),
+        query: &[],
+    },
+    Op {
+        method: "delete",
+        path: "/api/sessions/{id}",
+        summary: "Delete a session with its tasks and logs (active tasks are canceled)",
+        body: None,
+        ok: (200, "Success"),
+        query: &[],
+    },
+    Op {
+        method: "get",
+        path: "/api/sessions/{id}/tasks",
+        summary: "A session's tasks, oldest first",
+        body: None,
+        ok: (200, "TaskList"),
+        query: PAGE,
+    },
+    Op {
+        method: "get",
+        path: "/api/sessions/{id}/messages",
+        summary: "The conversation as the worker keeps it ([] when the worker cannot be reached)",
+        body: None,
+        ok: (200, "Messages"),
+        query: &[],
+    },
+    Op {
+        method: "post",
+        path: "/api/tasks",
+        summary: "Submit a task",
+        body: Some("CreateTask"),
+        ok: (202, "TaskAccepted"),
+        query: &[],
+    },
+    Op {
+        method: "get",
+        path: "/api/tasks/{id}",
+        summary: "One task",
+        body: None,
+        ok: (200, "Task"),
+        query: &[],
+    },
+    Op {
+        method: "get",
+        path: "/api/tasks/{id}/logs",
+        summary: "A task's events with seq > after; with wait, long-polls for the first new one",
+        body: None,
+        ok: (200, "LogPage"),
+        query: &[
+            ("after", "integer", "Last seq seen (exclusive); 0 for all"),
+            (
+                "limit",
+                "integer",
+                "At most this many (default 100, max 500)",
+            ),
+            (
+                "wait",
+                "number",
+                "Seconds to wait for a new event when there is none (max 30)",
+            ),
+        ],
+    },
+    Op {
+        method: "post",
+        path: "/api/tasks/{id}/cancel",
+        summary: "Cancel a pending, running or input_required task",
+        body: None,
+        ok: (200, "Task"),
+        query: &[],
+    },
+    Op {
+        method: "post",
+        path: "/api/tasks/{id}/input",
+        summary: "Answer a task's input_required event",
+        body: Some("InputResponse"),
+        ok: (200, "Ok"),
+        query: &[],
+    },
+    Op {
+        method: "post",
+        path: "/api/channel/{type}/webhook",
+        summary: "Inbound event of a channel (verified and parsed by the channel)",
+        body: Some("Any"),
+        ok: (202, "TaskAccepted"),
+        query: &[],
+    },
+    Op {
+        method: "get",
+        path: "/api/workspace/{file}",
+        summary: "SOUL.md (file=soul) or AGENTS.md (file=agents)",
+        body: None,
+        ok: (200, "WorkspaceFile"),
+        query: &[],
+    },
+    Op {
+        method: "put",
+        path: "/api/workspace/{file}",
+        summary: "Replace SOUL.md or AGENTS.md",
+        body: Some("WorkspaceContent"),
+        ok: (200, "WorkspaceFile"),
+        query: &[],
+    },
+    Op {
+        method: "get",
+        path: "/api/admin/workers",
+        summary: "The driver's workers and the dispatcher's load",
+        body: None,
+        ok: (200, "Workers"),
+        query: &[],
+    },
+    Op {
+        method: "get",
+        path: "/api/openapi.json",
+        summary: "This document",
+        body: None,
+        ok: (200, "Any"),
+        query: &[],
+    },
+];
+
+const PAGE: &[(&str, &str, &str)] = &[
+    ("limit", "integer", "Page size"),
+    ("offset", "integer", "Rows to skip"),
+];
+
+/// The paths of the table, for the router test.
+#[cfg(test)]
+pub(crate) fn documented_paths() -> Vec<(&'static str, &'static str)> {
+    OPS.iter().map(|o| (o.method, o.path)).collect()
+}
+
+fn schema_ref(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+fn schemas() -> Value {
+    let string = json!({"type": "string"});
+    let int = json!({"type": "integer"});
+    let nullable = |t: &str| json!({"type": [t, "null"]});
+    let session = json!({"type": "object", "required": ["id", "channel_type", "title", "created_at", "last_active"], "properties": {
+        "id": string, "channel_type": string, "channel_key": string, "title": string,
+        "created_at": {"type": "integer", "description": "unix seconds"}, "last_active": {"type": "integer", "description": "unix seconds"},
+        "task_count": int, "active_task_count": int}});
+    let status = json!({"type": "string", "enum": ["pending", "running", "input_required", "completed", "failed", "canceled"]});
+    let task = json!({"type": "object", "required": ["id", "sessionId", "status", "message"], "properties": {
+        "id": {"type": "string", "format": "uuid"}, "sessionId": string, "channelType": string, "status": status,
+        "message": string, "result": nullable("string"), "structuredOutput": {}, "error": nullable("string"),
+        "costUsd": nullable("number"), "usage": {"type": "object"}, "numTurns": int, "durationMs": nullable("integer"),
+        "workerId": nullable("string"), "createdAt": int, "startedAt": nullable("integer"), "finishedAt": nullable("integer")}});
+    let log = json!({"type": "object", "required": ["seq", "type", "content", "metadata", "timestamp"], "properties": {
+        "seq": int, "type": {"type": "string", "description": "init, text, thinking, tool_call, tool_result, input_required, usage, status, error, done"},
+        "content": string, "metadata": {"type": "object"}, "timestamp": int}});
+    let skill = json!({"type": "object", "required": ["name", "content"], "properties": {"name": string, "content": string, "files": {"type": "object"}}});
+    json!({
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {"code": string, "message": string}}}},
+        "Any": {},
+        "Ok": {"type": "object", "properties": {"ok": {"type": "boolean"}}},
+        "Success": {"type": "object", "properties": {"success": {"type": "boolean"}}},
+        "Health": {"type": "object", "required": ["status", "version"], "properties": {"status": string, "version": string, "driver": string, "demo": {"type": "boolean"}, "warning": string}},
+        "Session": session,
+        "SessionList": {"type": "object", "properties": {"sessions": {"type": "array", "items": schema_ref("Session")}}},
+        "CreateSession": {"type": "object", "properties": {"title": string, "channelType": string}},
+        "Rename": {"type": "object", "required": ["title"], "properties": {"title": string}},
+        "Task": task,
+        "TaskList": {"type": "object", "properties": {"tasks": {"type": "array", "items": schema_ref("Task")}}},
+        "TaskAccepted": {"type": "object", "required": ["taskId"], "properties": {"taskId": string, "sessionId": string, "status": status}},
+        "CreateTask": {"type": "object", "required": ["message"], "additionalProperties": false, "properties": {
+            "message": string, "session_id": string, "channel_type": string, "channel_key": string, "channel_meta": {},
+            "skills": {"type": "array", "items": skill}, "mcp_servers": {"type": "object", "description": "as in .mcp.json's mcpServers"},
+            "push_notification": {"type": "object", "required": ["url"], "properties": {"url": string, "authorization": string}}}},
+        "TaskLog": log,
+        "LogPage": {"type": "object", "properties": {"logs": {"type": "array", "items": schema_ref("TaskLog")}, "hasMore": {"type": "boolean"}, "next": int}},
+        "InputResponse": {"type": "object", "required": ["request_id"], "properties": {"request_id": string, "answer": string, "allow": {"type": "boolean"}}},
+        "Messages": {"type": "object", "properties": {"messages": {"type": "array", "items": {"type": "object"}}}},
+        "WorkspaceFile": {"type": "object", "properties": {"file": string, "content": string}},
+        "WorkspaceContent": {"type": "object", "required": ["content"], "properties": {"content": string}},
+        "Workers": {"type": "object", "properties": {"driver": string, "workers": {"type": "array", "items": {"type": "object"}}, "running": int, "queueDepth": int}},
+    })
+}
+
+/// The document.
+pub fn openapi_document() -> Value {
+    let mut paths = Map::new();
+    for op in OPS {
+        let mut params: Vec<Value> = op
+            .path
+            .split('/')
+            .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .collect();
+        params.extend(op.query.iter().map(|(name, ty, description)| {
+            json!({"name": name, "in": "query", "required": false, "description": description, "schema": {"type": ty}})
+        }));
+        let error = json!({"description": "Error", "content": {"application/json": {"schema": schema_ref("Error")}}});
+        let mut operation = json!({
+            "summary": op.summary,
+            "parameters": params,
+            "responses": {
+                op.ok.0.to_string(): {"description": "OK", "content": {"application/json": {"schema": schema_ref(op.ok.1)}}},
+                "4XX": error.clone(),
+                "5XX": error,
+            },
+        });
+        if let Some(body) = op.body {
+            operation["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema_ref(body)}}});
+        }
+        let entry = paths.entry(op.path.to_owned()).or_insert_with(|| json!({}));
+        entry[op.method] = operation;
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "AnyWork API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Sessions, tasks and their event logs. Live events: WebSocket /ws (see ARCHITECTURE.md). Metrics: GET /metrics (Prometheus text).",
+            "license": {"name": "MIT"},
+        },
+        "paths": paths,
+        "components": {"schemas": schemas()},
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reference_resolves() {
+        let doc = openapi_document();
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        let text = doc.to_string();
+        for part in text.split("#/components/schemas/").skip(1) {
+            let name: String = part.chars().take_while(|c| c.is_alphanumeric()).collect();
+            assert!(schemas.contains_key(&name), "missing schema {name}");
+        }
+        assert_eq!(
+            doc["paths"]["/api/tasks"]["post"]["responses"]["202"]["description"],
+            "OK"
+        );
+    }
+}

@@ -1,0 +1,444 @@
+//! Router tests without sockets: the REST surface, its errors and CORS.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anywork_core::{
+    Channel, Error, ErrorKind, Inbound, InboundRequest, Result, Task, TaskOutcome, TaskRequest,
+};
+use anywork_drivers::StaticDriver;
+use anywork_store::MemoryStore;
+use axum::body::{Body, to_bytes};
+use axum::http::{Method, Request, StatusCode};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use super::{ApiOptions, AppState, router};
+use crate::dispatcher::{Backoff, Dispatcher, DispatcherConfig};
+
+/// A channel for the webhook route: `x-secret: s` or 401; body `skip` is skipped.
+#[derive(Default)]
+struct TestChannel {
+    delivered: Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl Channel for TestChannel {
+    fn channel_type(&self) -> &str {
+        "test"
+    }
+
+    async fn parse(&self, request: InboundRequest) -> Result<Inbound> {
+        if request.header("x-secret") != Some("s") {
+            return Err(Error::new(ErrorKind::Unauthorized, "bad secret"));
+        }
+        let body = String::from_utf8(request.body)
+            .map_err(|_| Error::invalid_input("the body is not UTF-8"))?;
+        if body == "skip" {
+            return Ok(Inbound::Skip {
+                reason: "asked to skip".into(),
+            });
+        }
+        let mut task = TaskRequest::new("whatever", body);
+        task.channel_key = Some("thread-1".into());
+        Ok(Inbound::Task(Box::new(task)))
+    }
+
+    async fn deliver(&self, task: &Task, _outcome: &TaskOutcome) -> Result<()> {
+        self.delivered.lock().unwrap().push(task.id.to_string());
+        Ok(())
+    }
+}
+
+async fn app_with(options: ApiOptions) -> (axum::Router, AppState) {
+    // A worker that never answers: tasks stay pending while the driver is retried.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let driver = Arc::new(StaticDriver::new(&format!("http://127.0.0.1:{port}")).unwrap());
+    let dispatcher = Dispatcher::builder(Arc::new(MemoryStore::new()), driver)
+        .config(DispatcherConfig {
+            retry: Backoff {
+                attempts: 1000,
+                initial: Duration::from_millis(200),
+                max: Duration::from_millis(200),
+            },
+            ..DispatcherConfig::default()
+        })
+        .channel(Arc::new(TestChannel::default()))
+        .start()
+        .await
+        .unwrap();
+    let state = AppState::new(dispatcher, options);
+    (router(state.clone()), state)
+}
+
+async fn app() -> axum::Router {
+    app_with(ApiOptions::default()).await.0
+}
+
+async fn call(
+    app: &axum::Router,
+    method: Method,
+    uri: &str,
+    body: Option<&str>,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let req = req
+        .body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned())))
+        .unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    let status = res.status();
+    let bytes = to_bytes(res.into_body(), 1 << 20).await.unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| json!(String::from_utf8_lossy(&bytes))),
+    )
+}
+
+fn assert_error(body: &Value, code: &str) {
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(!body["error"]["message"].as_str().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn health_and_unknown_routes() {
+    let app = app().await;
+    let (s, b) = call(&app, Method::GET, "/api/health", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["status"], "ok");
+    assert_eq!(b["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(b["driver"], "static");
+    let (s, b) = call(&app, Method::GET, "/api/nope", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_error(&b, "not_found");
+    let (s, b) = call(&app, Method::DELETE, "/api/health", None).await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert_error(&b, "invalid_input");
+}
+
+#[tokio::test]
+async fn sessions_crud_and_errors() {
+    let app = app().await;
+    let (s, created) = call(&app, Method::POST, "/api/sessions", None).await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(created["title"], "New Chat");
+    assert_eq!(created["channel_type"], "webchat");
+    assert!(
+        created["created_at"].as_i64().unwrap() > 1_600_000_000,
+        "unix seconds"
+    );
+    let id = created["id"].as_str().unwrap();
+    let (s, named) = call(
+        &app,
+        Method::POST,
+        "/api/sessions",
+        Some(r#"{"title":"Plans","channelType":"api"}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(named["title"], "Plans");
+    assert_eq!(named["channel_type"], "api");
+
+    let (s, b) = call(
+        &app,
+        Method::PATCH,
+        &format!("/api/sessions/{id}"),
+        Some(r#"{"title":"Renamed"}"#),
+    )
+    .await;
+    assert_eq!((s, b), (StatusCode::OK, json!({"success": true})));
+    let (_, b) = call(&app, Method::GET, &format!("/api/sessions/{id}"), None).await;
+    assert_eq!(b["title"], "Renamed");
+    let (_, list) = call(&app, Method::GET, "/api/sessions?limit=10", None).await;
+    assert_eq!(list["sessions"].as_array().unwrap().len(), 2);
+    assert_eq!(list["sessions"][0]["task_count"], 0);
+
+    // Bad input: clear errors, nothing changed.
+    let (s, b) = call(
+        &app,
+        Method::PATCH,
+        &format!("/api/sessions/{id}"),
+        Some(r#"{"title":""}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_error(&b, "invalid_input");
+    let (s, _) = call(
+        &app,
+        Method::PATCH,
+        &format!("/api/sessions/{id}"),
+        Some(r#"{"title":"x","extra":1}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    let (s, _) = call(&app, Method::POST, "/api/sessions", Some("{not json")).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, b) = call(
+        &app,
+        Method::PATCH,
+        "/api/sessions/unknown",
+        Some(r#"{"title":"x"}"#),
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::NOT_FOUND,
+        "unlike the original, an unknown session is not a success"
+    );
+    assert_error(&b, "not_found");
+    let long = "x".repeat(200);
+    let (s, _) = call(&app, Method::GET, &format!("/api/sessions/{long}"), None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    let (s, _) = call(&app, Method::DELETE, &format!("/api/sessions/{id}"), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = call(&app, Method::DELETE, &format!("/api/sessions/{id}"), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = call(
+        &app,
+        Method::GET,
+        &format!("/api/sessions/{id}/tasks"),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn tasks_submit_read_cancel_and_errors() {
+    let app = app().await;
+    let (s, b) = call(
+        &app,
+        Method::POST,
+        "/api/tasks",
+        Some(r#"{"message":"  "}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(b["error"]["message"].as_str().unwrap().contains("message"));
+    let (s, _) = call(
+        &app,
+        Method::POST,
+        "/api/tasks",
+        Some(r#"{"mesage":"typo"}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    let (s, b) = call(
+        &app,
+        Method::POST,
+        "/api/tasks",
+        Some(r#"{"message":"hi","session_id":"nope"}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_error(&b, "not_found");
+    let (s, _) = call(
+        &app,
+        Method::POST,
+        "/api/tasks",
+        Some(r#"{"message":"hi","skills":[{"name":"../x","content":"y"}]}"#),
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::BAD_REQUEST,
+        "path traversal in a skill name is refused"
+    );
+
+    let (s, created) = call(
+        &app,
+        Method::POST,
+        "/api/tasks",
+        Some(r#"{"message":"hi"}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{created}");
+    let id = created["taskId"].as_str().unwrap();
+    let (s, task) = call(&app, Method::GET, &format!("/api/tasks/{id}"), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(task["status"], "pending");
+    assert_eq!(task["channelType"], "api");
+    assert_eq!(task["message"], "hi");
+    let (_, logs) = call(&app, Method::GET, &format!("/api/tasks/{id}/logs"), None).await;
+    assert_eq!(logs, json!({"logs": [], "hasMore": false, "next": 0}));
+
+    let (s, task) = call(&app, Method::POST, &format!("/api/tasks/{id}/cancel"), None).await;
+    assert_eq!(s, StatusCode::OK, "{task}");
+    assert_eq!(task["status"], "canceled");
+    let (s, b) = call(&app, Method::POST, &format!("/api/tasks/{id}/cancel"), None).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!(
+        b["error"]["message"],
+        "Cannot cancel task in status: canceled"
+    );
+    let (_, logs) = call(
+        &app,
+        Method::GET,
+        &format!("/api/tasks/{id}/logs?after=0&limit=1"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        logs["logs"][0]["seq"], 1,
+        "seq starts at 1 and after=0 includes it"
+    );
+    assert_eq!(logs["logs"][0]["type"], "done");
+    let (s, _) = call(
+        &app,
+        Method::POST,
+        &format!("/api/tasks/{id}/input"),
+        Some(r#"{"request_id":"r","answer":"a"}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "not waiting for input");
+
+    let unknown = anywork_core::TaskId::generate();
+    let (s, _) = call(&app, Method::GET, &format!("/api/tasks/{unknown}"), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = call(
+        &app,
+        Method::GET,
+        &format!("/api/tasks/{unknown}/logs"),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = call(&app, Method::GET, "/api/tasks/not-a-uuid", None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = call(
+        &app,
+        Method::GET,
+        &format!("/api/tasks/{id}/logs?after=-1"),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn channel_webhook_routes_verifies_and_skips() {
+    let app = app().await;
+    let webhook = |secret: &'static str, body: &'static str| {
+        Request::builder()
+            .method(Method::POST)
+            .uri("/api/channel/test/webhook")
+            .header("x-secret", secret)
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let res = app.clone().oneshot(webhook("wrong", "hi")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let res = app.clone().oneshot(webhook("s", "skip")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body: Value =
+        serde_json::from_slice(&to_bytes(res.into_body(), 1 << 16).await.unwrap()).unwrap();
+    assert_eq!(body["skipped"], true);
+    let res = app.clone().oneshot(webhook("s", "do it")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let first: Value =
+        serde_json::from_slice(&to_bytes(res.into_body(), 1 << 16).await.unwrap()).unwrap();
+    let res = app.clone().oneshot(webhook("s", "again")).await.unwrap();
+    let second: Value =
+        serde_json::from_slice(&to_bytes(res.into_body(), 1 << 16).await.unwrap()).unwrap();
+    assert_eq!(
+        first["sessionId"], second["sessionId"],
+        "the channel key finds the session again"
+    );
+    let (_, task) = call(
+        &app,
+        Method::GET,
+        &format!("/api/tasks/{}", first["taskId"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    assert_eq!(task["channelType"], "test", "the route's type wins");
+    let (s, b) = call(&app, Method::POST, "/api/channel/slack/webhook", Some("{}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_error(&b, "not_found");
+}
+
+#[tokio::test]
+async fn every_documented_route_exists_and_metrics_render() {
+    let app = app().await;
+    let (s, doc) = call(&app, Method::GET, "/api/openapi.json", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(doc["openapi"], "3.1.0");
+    for (method, path) in super::openapi::documented_paths() {
+        let uri = path
+            .replace("{id}", "00000000-0000-7000-8000-000000000000")
+            .replace("{type}", "nope")
+            .replace("{file}", "nope");
+        let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap();
+        let (_, b) = call(&app, method.clone(), &uri, Some("{}")).await;
+        assert_ne!(
+            b["error"]["message"], "no such route",
+            "{method} {path} is documented but not routed"
+        );
+        assert!(doc["paths"][path][method.as_str().to_ascii_lowercase()].is_object());
+    }
+    let (s, text) = call(&app, Method::GET, "/metrics", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let text = text.as_str().unwrap();
+    assert!(text.contains("anywork_tasks_submitted_total 0"), "{text}");
+    assert!(text.contains("anywork_queue_depth 0"));
+    let (s, b) = call(&app, Method::GET, "/api/workspace/secrets", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_error(&b, "not_found");
+}
+
+#[tokio::test]
+async fn cors_answers_configured_origins_only() {
+    let (app, _) = app_with(ApiOptions {
+        cors_origins: vec!["http://app.example".into()],
+        ..ApiOptions::default()
+    })
+    .await;
+    let preflight = |origin: &'static str| {
+        Request::builder()
+            .method(Method::OPTIONS)
+            .uri("/api/tasks")
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let res = app
+        .clone()
+        .oneshot(preflight("http://app.example"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        "http://app.example"
+    );
+    let res = app
+        .clone()
+        .oneshot(preflight("http://evil.example"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    assert!(res.headers().get("access-control-allow-origin").is_none());
+    let res = app
+        .clone()
+        .oneshot(
+            Request::builder()
+                .uri("/api/health")
+                .header("origin", "http://app.example")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        "http://app.example"
+    );
+}

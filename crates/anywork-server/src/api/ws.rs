@@ -1,0 +1,208 @@
+//! `/ws`: chat, follow and resume tasks, cancel, answer input requests.
+//!
+//! One Tokio task per connection reads the socket and writes what the followers and the hub
+//! send it; each followed task has a follower task that ends with the task's `done`. An idle
+//! connection holds no follower, only small socket buffers.
+
+use std::collections::HashMap;
+
+use anywork_core::ws::{ClientMessage, ServerMessage};
+use anywork_core::{Error, SessionId, TaskId, TaskRequest};
+use axum::extract::State;
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::AppState;
+use crate::hub::LiveEvent;
+
+/// Channel type of tasks made over the WebSocket.
+pub const WEBCHAT: &str = "webchat";
+
+/// Largest client message.
+const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
+
+pub(crate) async fn upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    // Small buffers: most connections sit idle; they grow when a message needs it.
+    ws.read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(MAX_MESSAGE_BYTES)
+        .max_frame_size(MAX_MESSAGE_BYTES)
+        .on_upgrade(move |socket| connection(state, socket))
+}
+
+struct Connection {
+    state: AppState,
+    /// Events of followed tasks, from their follower tasks.
+    events: mpsc::Sender<LiveEvent>,
+    /// Replies made off the connection task (cancel, input answers).
+    replies: mpsc::Sender<ServerMessage>,
+    followers: HashMap<TaskId, JoinHandle<()>>,
+}
+
+async fn connection(state: AppState, mut socket: WebSocket) {
+    let _guard = state.ws_opened();
+    let (events_tx, mut events) = mpsc::channel::<LiveEvent>(64);
+    let (replies_tx, mut replies) = mpsc::channel::<ServerMessage>(16);
+    let mut notices = state.dispatcher().hub().notices();
+    let closing = state.closing().clone();
+    let mut conn = Connection {
+        state,
+        events: events_tx,
+        replies: replies_tx,
+        followers: HashMap::new(),
+    };
+    loop {
+        let out = tokio::select! {
+            _ = closing.cancelled() => {
+                let _ = socket.send(Message::Close(None)).await;
+                break;
+            }
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Text(text))) => conn.handle(text.as_str()).await,
+                Some(Ok(Message::Binary(_))) => vec![ServerMessage::error("Binary messages are not supported; send JSON text")],
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+            },
+            Some(event) = events.recv() => {
+                if let anywork_core::TaskEvent::Done(_) = event.event {
+                    conn.followers.remove(&event.task_id);
+                }
+                vec![event.to_message()]
+            }
+            Some(reply) = replies.recv() => vec![reply],
+            notice = notices.recv() => match notice {
+                Ok(n) => vec![n],
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
+        };
+        for message in out {
+            if send(&mut socket, &message).await.is_err() {
+                break;
+            }
+        }
+    }
+    for (_, follower) in conn.followers.drain() {
+        follower.abort();
+    }
+}
+
+async fn send(socket: &mut WebSocket, message: &ServerMessage) -> Result<(), axum::Error> {
+    let text = serde_json::to_string(message).unwrap_or_else(|e| {
+        serde_json::json!({"type": "error", "content": format!("cannot encode a message: {e}")})
+            .to_string()
+    });
+    socket.send(Message::Text(Utf8Bytes::from(text))).await
+}
+
+impl Connection {
+    async fn handle(&mut self, text: &str) -> Vec<ServerMessage> {
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(text) else {
+            return vec![ServerMessage::error("Invalid JSON")];
+        };
+        let message = match serde_json::from_value::<ClientMessage>(value) {
+            Ok(m) => m,
+            Err(e) => return vec![ServerMessage::error(format!("Invalid message: {e}"))],
+        };
+        match message {
+            ClientMessage::Ping => vec![ServerMessage::Pong],
+            ClientMessage::Chat {
+                session_id,
+                message,
+                skills,
+                mcp_servers,
+            } => self.chat(session_id, message, skills, mcp_servers).await,
+            ClientMessage::Resume { task_id, after_seq } => {
+                match self.state.dispatcher().store().get_task(task_id).await {
+                    Ok(_) => {
+                        self.follow(task_id, after_seq);
+                        vec![]
+                    }
+                    Err(e) => vec![task_error(None, Some(task_id), &e)],
+                }
+            }
+            ClientMessage::Cancel { task_id } => {
+                let (d, replies) = (self.state.dispatcher().clone(), self.replies.clone());
+                // Cancel waits for the worker; keep reading meanwhile.
+                tokio::spawn(async move {
+                    if let Err(e) = d.cancel(task_id).await {
+                        let _ = replies.send(task_error(None, Some(task_id), &e)).await;
+                    }
+                });
+                vec![]
+            }
+            ClientMessage::InputResponse { task_id, response } => {
+                let (d, replies) = (self.state.dispatcher().clone(), self.replies.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = d.respond(task_id, response).await {
+                        let _ = replies.send(task_error(None, Some(task_id), &e)).await;
+                    }
+                });
+                vec![]
+            }
+        }
+    }
+
+    async fn chat(
+        &mut self,
+        session_id: Option<SessionId>,
+        message: String,
+        skills: Vec<anywork_core::SkillSpec>,
+        mcp_servers: anywork_core::spec::McpServers,
+    ) -> Vec<ServerMessage> {
+        let mut request = TaskRequest::new(WEBCHAT, message);
+        request.session_id = session_id.clone();
+        request.skills = skills;
+        request.mcp_servers = mcp_servers;
+        match self.state.dispatcher().submit(request).await {
+            Ok(submitted) => {
+                let task = submitted.task;
+                let mut out = Vec::with_capacity(2);
+                if submitted.session_created {
+                    out.push(ServerMessage::SessionCreated {
+                        session_id: task.session_id.clone(),
+                    });
+                }
+                out.push(ServerMessage::TaskCreated {
+                    session_id: task.session_id.clone(),
+                    task_id: task.id,
+                });
+                self.follow(task.id, 0);
+                out
+            }
+            Err(e) => vec![task_error(session_id, None, &e)],
+        }
+    }
+
+    fn follow(&mut self, task_id: TaskId, after: u64) {
+        if let Some(old) = self.followers.remove(&task_id) {
+            old.abort();
+        }
+        self.followers.retain(|_, h| !h.is_finished());
+        let (d, events, replies) = (
+            self.state.dispatcher().clone(),
+            self.events.clone(),
+            self.replies.clone(),
+        );
+        let handle = tokio::spawn(async move {
+            if let Err(e) = crate::follow::follow(&d, task_id, after, &events).await {
+                let _ = replies.send(task_error(None, Some(task_id), &e)).await;
+            }
+        });
+        self.followers.insert(task_id, handle);
+    }
+}
+
+fn task_error(session_id: Option<SessionId>, task_id: Option<TaskId>, e: &Error) -> ServerMessage {
+    ServerMessage::Event {
+        session_id,
+        task_id,
+        seq: None,
+        event: anywork_core::TaskEvent::Error {
+            message: e.message().to_owned(),
+            code: Some(e.kind().as_str().to_owned()),
+        },
+    }
+}

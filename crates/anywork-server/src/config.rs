@@ -1,0 +1,241 @@
+//! [`Config`]: every setting of the reference server, from flags or the environment (the
+//! original AnyWork's variable names), and [`Config::build`], which wires store, driver,
+//! dispatcher and API together.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use anywork_core::{ContainerDriver, TaskStore};
+use clap::Parser;
+
+use crate::api::{ApiOptions, AppState};
+use crate::dispatcher::{Dispatcher, DispatcherConfig};
+use crate::title::Titler;
+
+/// The AnyWork server: dispatcher, REST + WebSocket API and web UI.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "anywork-server", version, about)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "SERVER_HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// Port to listen on.
+    #[arg(long, env = "SERVER_PORT", default_value_t = 3001)]
+    pub port: u16,
+    /// Folder of the SQLite database (anywork.db) and, for the local worker, its workspace.
+    #[arg(long, env = "DB_DIR", default_value = "./data")]
+    pub db_dir: PathBuf,
+    /// PostgreSQL (`postgres://…`) or SQLite (`sqlite:…`) URL; overrides DB_DIR's database.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// `local` (a worker inside this process), or `static` (the worker at STATIC_WORKER_URL).
+    /// Default: `static` when STATIC_WORKER_URL is set, else `local`.
+    #[arg(long, env = "CONTAINER_DRIVER")]
+    pub container_driver: Option<String>,
+    /// URL of the worker for the static driver (`http://127.0.0.1:8080`).
+    #[arg(long, env = "STATIC_WORKER_URL")]
+    pub static_worker_url: Option<String>,
+    /// Workspace root of the local worker (default: DB_DIR/workspace).
+    #[arg(long, env = "WORKSPACE_DIR")]
+    pub workspace_dir: Option<PathBuf>,
+    /// Key of an OpenAI-compatible API (titles; also the native executor's).
+    #[arg(long, env = "API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Base URL of that API (`https://api.openai.com/v1`).
+    #[arg(long, env = "API_BASE_URL")]
+    pub api_base_url: Option<String>,
+    /// Model of the native executor (used for titles when TITLE_MODEL is unset).
+    #[arg(long, env = "MODEL")]
+    pub model: Option<String>,
+    /// Model that writes session titles.
+    #[arg(long, env = "TITLE_MODEL")]
+    pub title_model: Option<String>,
+    /// Tasks running at once.
+    #[arg(long, env = "MAX_CONCURRENT_TASKS", default_value_t = 64)]
+    pub max_concurrent_tasks: usize,
+    /// A task running longer fails with the reason.
+    #[arg(long, env = "TASK_TIMEOUT_SECONDS", default_value_t = 1800)]
+    pub task_timeout_seconds: u64,
+    /// Lease of a running task; after a crash its tasks fail once it expires.
+    #[arg(long, env = "LEASE_TTL_SECONDS", default_value_t = 30)]
+    pub lease_ttl_seconds: u64,
+    /// Origins allowed by CORS, comma-separated (`*` for any; empty for none).
+    #[arg(long, env = "CORS_ORIGINS", default_value = "")]
+    pub cors_origins: String,
+    /// Seconds to let running tasks finish on shutdown.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
+    pub shutdown_grace_seconds: u64,
+}
+
+/// A built server: the API state and, with the local driver, the worker it runs.
+pub struct Built {
+    /// The API state (holds the dispatcher).
+    pub state: AppState,
+    /// Where the local worker listens, when there is one.
+    pub local_worker: Option<String>,
+}
+
+impl Config {
+    /// Store, driver, dispatcher and API state, ready to serve.
+    pub async fn build(&self) -> anyhow::Result<Built> {
+        let store = self.store().await?;
+        let mut warning = None;
+        let driver_name = match (&self.container_driver, &self.static_worker_url) {
+            (Some(d), _) => d.trim().to_ascii_lowercase(),
+            (None, Some(url)) if !url.trim().is_empty() => "static".to_owned(),
+            (None, _) => "local".to_owned(),
+        };
+        let (driver, local_worker): (Arc<dyn ContainerDriver>, Option<String>) = match driver_name
+            .as_str()
+        {
+            "static" => {
+                let url = self
+                        .static_worker_url
+                        .as_deref()
+                        .filter(|u| !u.trim().is_empty())
+                        .context("CONTAINER_DRIVER=static needs STATIC_WORKER_URL (e.g. http://127.0.0.1:8080)")?;
+                (Arc::new(anywork_drivers::StaticDriver::new(url)?), None)
+            }
+            "local" => {
+                let (url, warn) = self.start_local_worker().await?;
+                warning = warn;
+                (
+                    Arc::new(anywork_drivers::StaticDriver::new(&url)?),
+                    Some(url),
+                )
+            }
+            other => bail!(
+                "CONTAINER_DRIVER={other:?} is not available in this build: use `local` or `static`"
+            ),
+        };
+        let dispatcher = Dispatcher::builder(store, driver)
+            .config(DispatcherConfig {
+                max_concurrent: self.max_concurrent_tasks.max(1),
+                task_timeout: Duration::from_secs(self.task_timeout_seconds.max(1)),
+                lease_ttl: Duration::from_secs(self.lease_ttl_seconds.max(1)),
+                ..DispatcherConfig::default()
+            })
+            .titler(self.titler()?)
+            .start()
+            .await?;
+        let options = ApiOptions {
+            warning,
+            cors_origins: self
+                .cors_origins
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            ..ApiOptions::default()
+        };
+        Ok(Built {
+            state: AppState::new(dispatcher, options),
+            local_worker,
+        })
+    }
+
+    async fn store(&self) -> anyhow::Result<Arc<dyn TaskStore>> {
+        if let Some(url) = self
+            .database_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+        {
+            return anywork_store::connect(url)
+                .await
+                .context("cannot open DATABASE_URL");
+        }
+        #[cfg(feature = "sqlite")]
+        {
+            let store = anywork_store::SqliteStore::open_in_dir(&self.db_dir)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot open the database in DB_DIR {}",
+                        self.db_dir.display()
+                    )
+                })?;
+            Ok(Arc::new(store))
+        }
+        #[cfg(not(feature = "sqlite"))]
+        bail!("this build has no SQLite: set DATABASE_URL")
+    }
+
+    fn titler(&self) -> anyhow::Result<Titler> {
+        let model = self.title_model.as_deref().or(self.model.as_deref());
+        match (&self.api_key, &self.api_base_url, model) {
+            (Some(key), Some(base), Some(model))
+                if !key.trim().is_empty()
+                    && !base.trim().is_empty()
+                    && !model.trim().is_empty() =>
+            {
+                Ok(Titler::model(base, key, model)?)
+            }
+            _ => Ok(Titler::first_words()),
+        }
+    }
+
+    /// Starts the in-process worker on a loopback port; returns its URL, and the warning to
+    /// show when no model is configured.
+    #[cfg(feature = "local-worker")]
+    async fn start_local_worker(&self) -> anyhow::Result<(String, Option<String>)> {
+        let workspace = self
+            .workspace_dir
+            .clone()
+            .unwrap_or_else(|| self.db_dir.join("workspace"));
+        let (executor, warning) = match anywork_worker::executor_from_env() {
+            Ok(e) => (e, None),
+            Err(e) => {
+                tracing::warn!("{}", e.message());
+                let message = e.message().to_owned();
+                (
+                    Arc::new(Unconfigured(message.clone())) as Arc<dyn anywork_core::Executor>,
+                    Some(message),
+                )
+            }
+        };
+        let state = anywork_worker::WorkerState::new(
+            anywork_worker::WorkerConfig::new(&workspace),
+            executor,
+        )
+        .with_context(|| format!("cannot use WORKSPACE_DIR {}", workspace.display()))?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("cannot start the local worker")?;
+        let url = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(anywork_worker::serve(
+            listener,
+            state,
+            std::future::pending(),
+        ));
+        tracing::info!(%url, workspace = %workspace.display(), "local worker started");
+        Ok((url, warning))
+    }
+
+    #[cfg(not(feature = "local-worker"))]
+    async fn start_local_worker(&self) -> anyhow::Result<(String, Option<String>)> {
+        bail!("this build has no local worker: set CONTAINER_DRIVER=static and STATIC_WORKER_URL")
+    }
+}
+
+/// The executor of a local worker with no model: every task fails saying what to set.
+#[cfg(feature = "local-worker")]
+struct Unconfigured(String);
+
+#[cfg(feature = "local-worker")]
+#[async_trait::async_trait]
+impl anywork_core::Executor for Unconfigured {
+    fn name(&self) -> &str {
+        "unconfigured"
+    }
+
+    async fn start(
+        &self,
+        _request: anywork_core::ExecutionRequest,
+    ) -> anywork_core::Result<anywork_core::Execution> {
+        Err(anywork_core::Error::invalid_input(self.0.clone()))
+    }
+}

@@ -1,0 +1,439 @@
+//! End to end: the server in-process, a real `anywork-worker` process, the fake model.
+
+mod common;
+
+use std::time::Duration;
+
+use anywork_server::{DispatcherConfig, Titler};
+use anywork_test::fake_llm::{FakeLlm, Reply};
+use common::{TestServer, WorkerProcess, Ws};
+use serde_json::{Value, json};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_chat_streams_events_and_the_log_has_the_same_gap_free() {
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| Reply::text("Hello from the fake model."));
+    let worker = WorkerProcess::start(&fake).await;
+    let server = TestServer::start(&worker.url).await;
+    let mut ws = server.ws().await;
+
+    let (session, task, before) = ws.chat(None, "Please say hello to me").await;
+    assert_eq!(before[0]["type"], "session_created");
+    assert_eq!(before[0]["session_id"], session.as_str());
+    let all = ws
+        .recv_until(|v| v["type"] == "done" && v["task_id"] == task.as_str())
+        .await;
+    let events: Vec<Value> = all
+        .iter()
+        .filter(|v| v["task_id"] == task.as_str())
+        .cloned()
+        .collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"status"), "{kinds:?}");
+    assert!(kinds.contains(&"text"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"done"));
+    let text: String = events
+        .iter()
+        .filter(|e| e["type"] == "text")
+        .map(|e| e["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, "Hello from the fake model.");
+    let done = events.last().unwrap();
+    assert_eq!(done["metadata"]["status"], "completed");
+    assert_eq!(done["session_id"], session.as_str());
+    // Seqs are 1..=n with no gap, and the log endpoint returns the very same events.
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>());
+    let logs = server.logs(&task).await;
+    assert_eq!(logs.len(), events.len());
+    for (log, ev) in logs.iter().zip(&events) {
+        assert_eq!(log["seq"], ev["seq"]);
+        assert_eq!(log["type"], ev["type"]);
+        assert_eq!(log["content"], ev["content"]);
+        assert_eq!(log["metadata"], ev["metadata"]);
+    }
+    // The title arrives, before or after done (first words: no title model here).
+    let title = match all.iter().find(|v| v["type"] == "session_title") {
+        Some(t) => t.clone(),
+        None => ws
+            .recv_until(|v| v["type"] == "session_title")
+            .await
+            .pop()
+            .unwrap(),
+    };
+    assert_eq!(title["content"], "Please say hello to me");
+    assert_eq!(title["session_id"], session.as_str());
+
+    let stored = server.wait_final(&task).await;
+    assert_eq!(stored["status"], "completed");
+    assert_eq!(stored["result"], "Hello from the fake model.");
+    assert_eq!(stored["numTurns"], 1);
+    assert!(stored["workerId"].as_str().unwrap().starts_with("static:"));
+    let (_, sessions) = server.get("/api/sessions").await;
+    assert_eq!(sessions["sessions"][0]["id"], session.as_str());
+    assert_eq!(sessions["sessions"][0]["title"], "Please say hello to me");
+    assert_eq!(sessions["sessions"][0]["task_count"], 1);
+
+    // A second chat in the same session continues the conversation on the worker.
+    let (s2, task2, before) = ws.chat(Some(&session), "And again").await;
+    assert_eq!(s2, session);
+    assert!(before.iter().all(|m| m["type"] != "session_created"));
+    ws.events_until_done(&task2).await;
+    let last = fake.last_request().unwrap();
+    assert!(
+        last.contains_text("Please say hello to me"),
+        "history sent again"
+    );
+    let (_, history) = server
+        .get(&format!("/api/sessions/{session}/messages"))
+        .await;
+    assert!(
+        history["messages"].as_array().unwrap().len() >= 4,
+        "{history}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_after_reconnect_replays_from_the_seq_the_client_saw() {
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| {
+        Reply::text("one two three four five").with_event_delay(Duration::from_millis(30))
+    });
+    let worker = WorkerProcess::start(&fake).await;
+    let server = TestServer::start(&worker.url).await;
+    let mut ws = server.ws().await;
+    let (_, task, _) = ws.chat(None, "count").await;
+    // See the first two events, then drop the connection mid-task.
+    let seen = ws.recv_until(|v| v["seq"] == 2).await;
+    assert!(seen.iter().any(|v| v["seq"] == 1));
+    drop(ws);
+    let mut ws = server.ws().await;
+    ws.send(json!({"type": "resume", "task_id": task, "after_seq": 2}))
+        .await;
+    let rest = ws.events_until_done(&task).await;
+    assert_eq!(
+        rest[0]["seq"], 3,
+        "replay starts right after the last seq seen"
+    );
+    let seqs: Vec<u64> = rest.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (3..3 + rest.len() as u64).collect::<Vec<_>>());
+    // Resuming a finished task replays it whole, ending with done.
+    ws.send(json!({"type": "resume", "task_id": task, "after_seq": 0}))
+        .await;
+    let all = ws.events_until_done(&task).await;
+    assert_eq!(all.len() as u64, 2 + rest.len() as u64);
+    assert_eq!(
+        server.dispatcher().hub().live_tasks(),
+        0,
+        "no channel left behind"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_a_running_task_and_a_queued_one() {
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| Reply::hang());
+    let worker = WorkerProcess::start(&fake).await;
+    let server = TestServer::start(&worker.url).await;
+    let mut ws = server.ws().await;
+    let (session, running, _) = ws.chat(None, "take forever").await;
+    // A second task of the same session waits behind the first.
+    let (_, queued, _) = ws.chat(Some(&session), "me too").await;
+    assert!(fake.wait_for_requests(1, Duration::from_secs(10)).await);
+    let (_, t) = server.get(&format!("/api/tasks/{queued}")).await;
+    assert_eq!(t["status"], "pending");
+
+    let started = std::time::Instant::now();
+    let (status, task) = server
+        .post(&format!("/api/tasks/{running}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{task}");
+    assert_eq!(task["status"], "canceled");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let events = ws.events_until_done(&running).await;
+    assert_eq!(events.last().unwrap()["metadata"]["status"], "canceled");
+    let dones = server
+        .logs(&running)
+        .await
+        .iter()
+        .filter(|l| l["type"] == "done")
+        .count();
+    assert_eq!(dones, 1, "exactly one done in the log");
+
+    // The queued task now runs (and hangs); cancel it over the WebSocket.
+    assert!(fake.wait_for_requests(2, Duration::from_secs(10)).await);
+    ws.send(json!({"type": "cancel", "task_id": queued})).await;
+    let events = ws.events_until_done(&queued).await;
+    assert_eq!(events.last().unwrap()["metadata"]["status"], "canceled");
+
+    // A pending task is canceled without a worker: stop the worker first.
+    let (status, again) = server
+        .post(&format!("/api/tasks/{running}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, 409);
+    assert_eq!(
+        again["error"]["message"],
+        "Cannot cancel task in status: canceled"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_task_is_canceled_without_touching_a_worker() {
+    // No worker at all: the task stays pending while the dispatcher retries the driver.
+    let server = TestServer::without_worker(anywork_server::Backoff {
+        attempts: 50,
+        initial: Duration::from_millis(100),
+        max: Duration::from_millis(200),
+    })
+    .await;
+    let (status, created) = server.post("/api/tasks", json!({"message": "hi"})).await;
+    assert_eq!(status, 202, "{created}");
+    let id = created["taskId"].as_str().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, task) = server
+        .post(&format!("/api/tasks/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{task}");
+    assert_eq!(task["status"], "canceled");
+    assert!(task["startedAt"].is_null(), "it never ran");
+    let logs = server.logs(id).await;
+    assert_eq!(logs.len(), 1);
+    assert_eq!(logs[0]["type"], "done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_worker_fails_the_task_with_the_reason() {
+    let server = TestServer::without_worker(anywork_server::Backoff {
+        attempts: 3,
+        initial: Duration::from_millis(20),
+        max: Duration::from_millis(50),
+    })
+    .await;
+    let (_, created) = server.post("/api/tasks", json!({"message": "hi"})).await;
+    let task = server.wait_final(created["taskId"].as_str().unwrap()).await;
+    assert_eq!(task["status"], "failed");
+    let error = task["error"].as_str().unwrap();
+    assert!(error.contains("STATIC_WORKER_URL"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_sessions_and_fifo_within_a_session() {
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|req| {
+        let n = req.messages().len();
+        Reply::text(format!("answer {n}")).with_event_delay(Duration::from_millis(2))
+    });
+    let worker = WorkerProcess::start(&fake).await;
+    let server = TestServer::start(&worker.url).await;
+    let mut clients = Vec::new();
+    for i in 0..24 {
+        let url = server.url.clone();
+        clients.push(tokio::spawn(async move {
+            let mut ws = Ws::connect(&url).await;
+            let (session, t1, _) = ws.chat(None, &format!("first {i}")).await;
+            // Two more right away in the same session: they queue behind the first.
+            let (_, t2, _) = ws.chat(Some(&session), &format!("second {i}")).await;
+            let (_, t3, _) = ws.chat(Some(&session), &format!("third {i}")).await;
+            let mut done = Vec::new();
+            while done.len() < 3 {
+                let v = ws.recv().await;
+                if v["type"] == "done" {
+                    assert_eq!(v["metadata"]["status"], "completed", "{v}");
+                    done.push(v["task_id"].as_str().unwrap().to_owned());
+                }
+            }
+            assert_eq!(
+                done,
+                vec![t1.clone(), t2.clone(), t3.clone()],
+                "FIFO per session"
+            );
+            (t1, t2, t3)
+        }));
+    }
+    for c in clients {
+        let (t1, t2, t3) = c.await.unwrap();
+        let a = server.wait_final(&t1).await;
+        let b = server.wait_final(&t2).await;
+        let c = server.wait_final(&t3).await;
+        // One task at a time per session, and the worker saw the earlier turns.
+        assert!(b["startedAt"].as_i64() >= a["finishedAt"].as_i64());
+        assert!(c["startedAt"].as_i64() >= b["finishedAt"].as_i64());
+        let n = |t: &Value| -> usize {
+            t["result"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("answer ")
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(
+            n(&c) - n(&a),
+            4,
+            "the third turn sees the two earlier exchanges"
+        );
+    }
+    assert_eq!(server.dispatcher().running(), 0);
+    assert_eq!(server.dispatcher().queue_depth(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_required_pauses_the_task_and_the_answer_resumes_it() {
+    let fake = FakeLlm::start().await;
+    fake.push(Reply::tool_use(
+        "call_1",
+        "ask_user",
+        json!({"question": "Which colour?", "options": ["red", "blue"]}),
+    ));
+    fake.push(Reply::text("You chose blue."));
+    let worker = WorkerProcess::start(&fake).await;
+    let server = TestServer::start(&worker.url).await;
+    let mut ws = server.ws().await;
+    let (_, task, _) = ws.chat(None, "pick a colour").await;
+    let got = ws.recv_until(|v| v["type"] == "input_required").await;
+    let ask = got.last().unwrap();
+    assert_eq!(ask["content"], "Which colour?");
+    let request_id = ask["metadata"]["request_id"].as_str().unwrap().to_owned();
+    // The stored status follows.
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    loop {
+        let (_, t) = server.get(&format!("/api/tasks/{task}")).await;
+        if t["status"] == "input_required" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{t}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A wrong request id is refused by the worker; the task keeps waiting.
+    ws.send(
+        json!({"type": "input_response", "task_id": task, "request_id": "nope", "answer": "x"}),
+    )
+    .await;
+    let err = ws.recv_until(|v| v["type"] == "error").await;
+    assert!(
+        err.last().unwrap()["content"]
+            .as_str()
+            .unwrap()
+            .contains("nope")
+            || err.last().unwrap()["metadata"]["code"].is_string()
+    );
+    ws.send(json!({"type": "input_response", "task_id": task, "request_id": request_id, "answer": "blue"}))
+        .await;
+    let events = ws.events_until_done(&task).await;
+    let done = events.last().unwrap();
+    assert_eq!(done["metadata"]["status"], "completed", "{events:?}");
+    assert_eq!(done["content"], "You chose blue.");
+    let tool_result = fake.last_request().unwrap();
+    assert!(tool_result.contains_text("blue"));
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "status" && e["content"] == "running")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn title_comes_from_the_title_model_when_configured() {
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|req| {
+        if req.model() == Some("title-model") {
+            Reply::text("\"Sea Poem Request\"")
+        } else {
+            Reply::text("Waves.")
+        }
+    });
+    let worker = WorkerProcess::start(&fake).await;
+    let titler = Titler::model(&format!("{}/v1", fake.url()), "key", "title-model").unwrap();
+    let server = TestServer::start_with(&worker.url, DispatcherConfig::default(), titler).await;
+    let mut ws = server.ws().await;
+    let (session, _, _) = ws.chat(None, "write me a poem about the sea").await;
+    let t = ws.recv_until(|v| v["type"] == "session_title").await;
+    let t = t.last().unwrap();
+    assert_eq!(t["content"], "Sea Poem Request");
+    assert_eq!(t["session_id"], session.as_str());
+    let (_, s) = server.get(&format!("/api/sessions/{session}")).await;
+    assert_eq!(s["title"], "Sea Poem Request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_long_poll_returns_when_the_first_new_event_arrives() {
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| Reply::text("slow").with_event_delay(Duration::from_millis(300)));
+    let worker = WorkerProcess::start(&fake).await;
+    let server = TestServer::start(&worker.url).await;
+    let (_, created) = server.post("/api/tasks", json!({"message": "hi"})).await;
+    let id = created["taskId"].as_str().unwrap().to_owned();
+    let mut after = 0;
+    let mut seen: Vec<Value> = Vec::new();
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while !seen.iter().any(|l| l["type"] == "done") {
+        assert!(tokio::time::Instant::now() < deadline);
+        let (status, page) = server
+            .get(&format!("/api/tasks/{id}/logs?after={after}&wait=10"))
+            .await;
+        assert_eq!(status, 200);
+        let logs = page["logs"].as_array().unwrap();
+        assert!(
+            !logs.is_empty(),
+            "a long-poll returns with events, not empty"
+        );
+        after = page["next"].as_u64().unwrap();
+        seen.extend(logs.iter().cloned());
+    }
+    let seqs: Vec<u64> = seen.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seen.len() as u64).collect::<Vec<_>>());
+    // On a finished task, wait does not wait.
+    let started = std::time::Instant::now();
+    let (_, page) = server
+        .get(&format!("/api/tasks/{id}/logs?after={after}&wait=10"))
+        .await;
+    assert!(page["logs"].as_array().unwrap().is_empty());
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_notification_is_posted_when_the_task_ends() {
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| Reply::text("pushed"));
+    let worker = WorkerProcess::start(&fake).await;
+    let server = TestServer::start(&worker.url).await;
+    // A receiver that fails once (503), then records.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Option<String>, Value)>(4);
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, axum::Json(body): axum::Json<Value>| {
+                let (tx, calls) = (tx.clone(), calls.clone());
+                async move {
+                    if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    let auth = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    let _ = tx.send((auth, body)).await;
+                    axum::http::StatusCode::OK
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (status, created) = server
+        .post(
+            "/api/tasks",
+            json!({"message": "hi", "push_notification": {"url": hook, "authorization": "Bearer s3cret"}}),
+        )
+        .await;
+    assert_eq!(status, 202, "{created}");
+    let (auth, body) = tokio::time::timeout(Duration::from_secs(15), rx.recv())
+        .await
+        .expect("the push arrives after a retry")
+        .unwrap();
+    assert_eq!(auth.as_deref(), Some("Bearer s3cret"));
+    assert_eq!(body["id"], created["taskId"]);
+    assert_eq!(body["status"], "completed");
+    assert_eq!(body["result"], "pushed");
+}

@@ -1,0 +1,105 @@
+//! Restart recovery with the real `anywork-server` binary: killed mid-task, started again on
+//! the same database, it fails the orphaned task with the reason and runs the queued one.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anywork_test::fake_llm::{FakeLlm, Reply};
+use common::{WAIT, WorkerProcess, free_port, wait_healthy};
+use serde_json::{Value, json};
+
+fn start_server(db_dir: &std::path::Path, worker_url: &str) -> (tokio::process::Child, String) {
+    let port = free_port();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_anywork-server"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SERVER_PORT", port.to_string())
+        .env("DB_DIR", db_dir)
+        .env("CONTAINER_DRIVER", "static")
+        .env("STATIC_WORKER_URL", worker_url)
+        .env("LEASE_TTL_SECONDS", "1")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start anywork-server");
+    (child, format!("http://127.0.0.1:{port}"))
+}
+
+async fn get(url: &str) -> Value {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
+async fn wait_status(url: &str, task: &str, want: &[&str]) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let t = get(&format!("{url}/api/tasks/{task}")).await;
+        if want.contains(&t["status"].as_str().unwrap_or_default()) {
+            return t;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "task {task}: {t}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_leaves_no_task_running_forever() {
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| Reply::hang());
+    let worker = WorkerProcess::start(&fake).await;
+    let db = tempfile::tempdir().unwrap();
+    let (mut server, url) = start_server(db.path(), &worker.url);
+    wait_healthy(&format!("{url}/api/health")).await;
+
+    let http = reqwest::Client::new();
+    let first: Value = http
+        .post(format!("{url}/api/tasks"))
+        .json(&json!({"message": "this hangs"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let t1 = first["taskId"].as_str().unwrap().to_owned();
+    let session = first["sessionId"].as_str().unwrap().to_owned();
+    let second: Value = http
+        .post(format!("{url}/api/tasks"))
+        .json(&json!({"message": "queued behind", "session_id": session}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let t2 = second["taskId"].as_str().unwrap().to_owned();
+    wait_status(&url, &t1, &["running"]).await;
+    assert!(fake.wait_for_requests(1, WAIT).await);
+
+    // Crash: no graceful shutdown, the lease is left behind.
+    server.kill().await.unwrap();
+    fake.set_responder(|_| Reply::text("recovered"));
+    let (_server, url) = start_server(db.path(), &worker.url);
+    wait_healthy(&format!("{url}/api/health")).await;
+
+    let t1 = wait_status(&url, &t1, &["failed", "completed", "canceled"]).await;
+    assert_eq!(t1["status"], "failed", "{t1}");
+    let error = t1["error"].as_str().unwrap();
+    assert!(error.contains("stopped before it finished"), "{error}");
+    let logs = get(&format!(
+        "{url}/api/tasks/{}/logs",
+        t1["id"].as_str().unwrap()
+    ))
+    .await;
+    let last = logs["logs"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["type"], "done", "followers learn the end");
+
+    let t2 = wait_status(&url, &t2, &["failed", "completed", "canceled"]).await;
+    assert_eq!(
+        t2["status"], "completed",
+        "the queued task ran after the restart: {t2}"
+    );
+    assert_eq!(t2["result"], "recovered");
+}

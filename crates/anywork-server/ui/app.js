@@ -1,0 +1,1175 @@
+// AnyWork web UI: sessions, streaming chat over /ws with resume after reconnect, tool cards,
+// input prompts and the SOUL.md / AGENTS.md editor. Plain ES2020, no framework, no build step.
+"use strict";
+(() => {
+const $ = (s, root = document) => root.querySelector(s);
+const TERMINAL = new Set(["completed", "failed", "canceled"]);
+const THEME_KEY = "anywork-theme";
+
+const S = {
+  ws: null, wsOpen: false, backoff: 500, retry: null, ping: null, everOpen: false,
+  sessions: [], moreSessions: false, current: null,
+  view: 0,               // bumped whenever the chat panel is reset
+  tasks: new Map(),      // task_id -> task view of the open session
+  pending: [],           // chats sent (or queued until the socket opens), waiting for task_created
+  loading: -1,           // view whose history is being fetched
+  refreshTimer: null,
+};
+
+// ---- small helpers
+const ESC = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+const escapeHtml = (s) => String(s).replace(/[&<>"']/g, (c) => ESC[c]);
+const unescapeHtml = (s) => s.replace(/&(amp|lt|gt|quot|#39);/g, (_, e) =>
+  ({ amp: "&", lt: "<", gt: ">", quot: '"', "#39": "'" }[e]));
+
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text != null) e.textContent = text;
+  return e;
+}
+
+// A <button type="button"> with an optional click handler.
+function button(cls, text, onClick) {
+  const b = el("button", cls, text);
+  b.type = "button";
+  if (onClick) b.addEventListener("click", onClick);
+  return b;
+}
+
+function toast(msg, kind = "error") {
+  const t = el("div", "toast " + kind, msg);
+  $("#toasts").appendChild(t);
+  setTimeout(() => t.classList.add("out"), 4500);
+  setTimeout(() => t.remove(), 5000);
+}
+
+async function api(method, path, body) {
+  const opts = { method, headers: { accept: "application/json" } };
+  if (body !== undefined) {
+    opts.headers["content-type"] = "application/json";
+    opts.body = JSON.stringify(body);
+  }
+  let r;
+  try { r = await fetch(path, opts); } catch (e) { throw new Error("Network error: " + e.message); }
+  const data = await r.json().catch(() => ({}));
+  if (!r.ok) throw new Error((data && data.error && data.error.message) || r.status + " " + r.statusText);
+  return data;
+}
+
+async function copyText(text, btn) {
+  let ok = false;
+  try {
+    if (navigator.clipboard && window.isSecureContext) { await navigator.clipboard.writeText(text); ok = true; }
+  } catch (_) { /* fall back below */ }
+  if (!ok) {
+    const ta = el("textarea");
+    ta.value = text;
+    ta.style.cssText = "position:fixed;opacity:0;top:0;left:0";
+    document.body.appendChild(ta);
+    ta.select();
+    try { ok = document.execCommand("copy"); } catch (_) { ok = false; }
+    ta.remove();
+  }
+  if (btn) {
+    const old = btn.textContent;
+    btn.textContent = ok ? "Copied" : "Copy failed";
+    setTimeout(() => { btn.textContent = old; }, 1400);
+  }
+}
+
+function relTime(secs) {
+  const d = Date.now() / 1000 - secs;
+  if (d < 60) return "now";
+  if (d < 3600) return Math.floor(d / 60) + "m";
+  if (d < 86400) return Math.floor(d / 3600) + "h";
+  if (d < 86400 * 7) return Math.floor(d / 86400) + "d";
+  return new Date(secs * 1000).toLocaleDateString(undefined, { month: "short", day: "numeric" });
+}
+
+// ---- markdown
+// Everything is HTML-escaped first; only a small set of constructs becomes markup afterwards.
+const FENCE_RE = /^(\s*)(`{3,}|~{3,})\s*([\w+#.-]*)/;
+const LIST_RE = /^(\s*)([-*+]|\d{1,9}[.)])(\s+)(.*)$/;
+const HR_RE = /^\s{0,3}([-*_])(\s*\1){2,}\s*$/;
+const HEAD_RE = /^\s{0,3}(#{1,6})\s+(.*?)(?:\s+#+)?\s*$/;
+const QUOTE_RE = /^\s{0,3}&gt;\s?(.*)$/;
+const TABLE_SEP_RE = /^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$/;
+
+function markdown(src) {
+  const text = String(src == null ? "" : src).replace(/\u0000/g, "").replace(/\r\n?/g, "\n");
+  const lines = escapeHtml(text).split("\n");
+  try { return blocks(lines, 0); } catch (_) { return "<p>" + lines.join("<br>") + "</p>"; }
+}
+
+function isBlockStart(lines, i) {
+  const l = lines[i];
+  return FENCE_RE.test(l) || HEAD_RE.test(l) || HR_RE.test(l) || QUOTE_RE.test(l) || LIST_RE.test(l) || isTable(lines, i);
+}
+
+function isTable(lines, i) {
+  return i + 1 < lines.length && lines[i].includes("|") && lines[i + 1].includes("|") && TABLE_SEP_RE.test(lines[i + 1]);
+}
+
+function blocks(lines, depth) {
+  if (depth > 10) return "<p>" + lines.filter((l) => l.trim()).map((l) => inline(l.trim())).join("<br>") + "</p>";
+  const out = [];
+  let i = 0, m;
+  while (i < lines.length) {
+    const line = lines[i];
+    if (!line.trim()) { i++; continue; }
+    if ((m = line.match(FENCE_RE))) {
+      const indent = m[1].length, fence = m[2], code = [];
+      const close = new RegExp("^\\s*" + fence[0] + "{" + fence.length + ",}\\s*$");
+      i++;
+      while (i < lines.length && !close.test(lines[i])) {
+        const l = lines[i++];
+        const lead = l.match(/^ */)[0].length;
+        code.push(l.slice(Math.min(lead, indent)));
+      }
+      i++;
+      out.push(codeBlock(code.join("\n"), m[3]));
+      continue;
+    }
+    if ((m = line.match(HEAD_RE))) {
+      const n = m[1].length;
+      out.push("<h" + n + ">" + inline(m[2]) + "</h" + n + ">");
+      i++;
+      continue;
+    }
+    if (HR_RE.test(line)) { out.push("<hr>"); i++; continue; }
+    if (QUOTE_RE.test(line)) {
+      const q = [];
+      while (i < lines.length && (m = lines[i].match(QUOTE_RE))) { q.push(m[1]); i++; }
+      out.push("<blockquote>" + blocks(q, depth + 1) + "</blockquote>");
+      continue;
+    }
+    if (LIST_RE.test(line)) {
+      const [html, next] = list(lines, i, depth);
+      out.push(html);
+      i = next;
+      continue;
+    }
+    if (isTable(lines, i)) {
+      const [html, next] = table(lines, i);
+      out.push(html);
+      i = next;
+      continue;
+    }
+    const para = [line.trim()];
+    i++;
+    while (i < lines.length && lines[i].trim() && !isBlockStart(lines, i)) para.push(lines[i++].trim());
+    out.push("<p>" + para.map(inline).join("<br>") + "</p>");
+  }
+  return out.join("");
+}
+
+function list(lines, i, depth) {
+  const first = lines[i].match(LIST_RE);
+  const base = first[1].length;
+  const ordered = /\d/.test(first[2]);
+  const items = [];
+  let cur = null;
+  while (i < lines.length) {
+    const l = lines[i];
+    const m = l.match(LIST_RE);
+    if (m && m[1].length <= base + 1) {
+      if (/\d/.test(m[2]) !== ordered) break;
+      cur = { body: [m[4]], ci: m[1].length + m[2].length + m[3].length };
+      items.push(cur);
+      i++;
+      continue;
+    }
+    const lead = l.match(/^\s*/)[0].length;
+    if (!l.trim()) {
+      let j = i + 1;
+      while (j < lines.length && !lines[j].trim()) j++;
+      if (j >= lines.length) { i = j; break; }
+      const mm = lines[j].match(LIST_RE);
+      const sibling = mm && mm[1].length <= base + 1 && /\d/.test(mm[2]) === ordered;
+      if (sibling || lines[j].match(/^\s*/)[0].length > base) { cur.body.push(""); i = j; continue; }
+      break;
+    }
+    if (lead > base) { cur.body.push(l.slice(Math.min(lead, cur.ci))); i++; continue; }
+    if (cur.body[cur.body.length - 1] !== "" && !isBlockStart(lines, i)) { cur.body.push(l.trim()); i++; continue; }
+    break;
+  }
+  const tag = ordered ? "ol" : "ul";
+  const start = ordered ? parseInt(first[2], 10) : 1;
+  const open = "<" + tag + (ordered && start !== 1 ? ' start="' + start + '"' : "") + ">";
+  const body = items.map((it) => {
+    const loose = it.body.some((b, k) => b === "" && k < it.body.length - 1);
+    let html = blocks(it.body, depth + 1);
+    if (!loose) html = html.replace(/^<p>([\s\S]*?)<\/p>/, "$1");
+    return "<li>" + html + "</li>";
+  }).join("");
+  return [open + body + "</" + tag + ">", i];
+}
+
+function table(lines, i) {
+  const cells = (l) => l.trim().replace(/^\|/, "").replace(/\|$/, "").split("|").map((c) => c.trim());
+  const head = cells(lines[i]);
+  const aligns = cells(lines[i + 1]).map((c) =>
+    c.startsWith(":") && c.endsWith(":") ? "center" : c.endsWith(":") ? "right" : c.startsWith(":") ? "left" : "");
+  const cell = (tag, c, k) => "<" + tag + (aligns[k] ? ' style="text-align:' + aligns[k] + '"' : "") + ">" + inline(c) + "</" + tag + ">";
+  let html = '<div class="table-wrap"><table><thead><tr>' + head.map((c, k) => cell("th", c, k)).join("") + "</tr></thead><tbody>";
+  i += 2;
+  while (i < lines.length && lines[i].includes("|") && lines[i].trim()) {
+    const row = cells(lines[i++]);
+    html += "<tr>" + head.map((_, k) => cell("td", row[k] || "", k)).join("") + "</tr>";
+  }
+  return [html + "</tbody></table></div>", i];
+}
+
+function codeBlock(code, lang) {
+  const l = lang ? escapeHtml(lang) : "";
+  return '<div class="code-block"><div class="code-head"><span>' + (l || "code") +
+    '</span><button class="copy" type="button">Copy</button></div><pre><code' +
+    (l ? ' class="language-' + l + '"' : "") + ">" + code + "</code></pre></div>";
+}
+
+// `s` is already escaped. Code spans and links are set aside as placeholders first so that
+// emphasis never reaches into them.
+function inline(s) {
+  const held = [];
+  const hold = (html) => "\u0000" + (held.push(html) - 1) + "\u0000";
+  s = s.replace(/(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)/g, (_, __, c) => hold("<code>" + c.trim() + "</code>"));
+  s = s.replace(/\[([^\]]+)\]\(\s*([^)\s]+)\s*\)/g, (m, text, url) => {
+    if (!/^(https?:\/\/|mailto:)/i.test(unescapeHtml(url))) return m;
+    return hold('<a href="' + url + '" target="_blank" rel="noopener noreferrer">' + emphasis(text) + "</a>");
+  });
+  s = s.replace(/\bhttps?:\/\/(?:(?!&quot;|&#39;|&lt;|&gt;|\u0000)\S)+/g, (url) => {
+    const trail = url.match(/(?:[.,:;!?)\]]|&amp;)+$/);
+    const tail = trail ? trail[0] : "";
+    const u = url.slice(0, url.length - tail.length);
+    return hold('<a href="' + u + '" target="_blank" rel="noopener noreferrer">' + u + "</a>") + tail;
+  });
+  s = emphasis(s);
+  for (let k = 0; k < 3 && s.includes("\u0000"); k++) s = s.replace(/\u0000(\d+)\u0000/g, (_, n) => held[+n]);
+  return s;
+}
+
+function emphasis(s) {
+  return s
+    .replace(/\*\*\*(?=\S)([^*]*?\S)\*\*\*/g, "<strong><em>$1</em></strong>")
+    .replace(/\*\*(?=\S)([\s\S]*?\S)\*\*/g, "<strong>$1</strong>")
+    .replace(/(^|[^\w])__(?=\S)([\s\S]*?\S)__(?!\w)/g, "$1<strong>$2</strong>")
+    .replace(/(^|[^\w*])\*(?=[^\s*])([^*]*?[^\s*])\*(?![\w*])/g, "$1<em>$2</em>")
+    .replace(/(^|[^\w])_(?=[^\s_])([^_]*?[^\s_])_(?!\w)/g, "$1<em>$2</em>")
+    .replace(/~~(?=\S)([^~]*?\S)~~/g, "<del>$1</del>");
+}
+
+// ---- sidebar
+async function loadSessions(append = false) {
+  const offset = append ? S.sessions.length : 0;
+  const data = await api("GET", "/api/sessions?limit=50&offset=" + offset);
+  const rows = data.sessions || [];
+  if (append) {
+    const known = new Set(S.sessions.map((s) => s.id));
+    S.sessions.push(...rows.filter((r) => !known.has(r.id)));
+  } else {
+    // Keep rows this page knows of but the server does not list yet (just created).
+    const ids = new Set(rows.map((r) => r.id));
+    const keep = S.sessions.filter((s) => s.local && !ids.has(s.id));
+    S.sessions = keep.concat(rows);
+  }
+  S.moreSessions = rows.length === 50;
+  renderSidebar();
+}
+
+function refreshSessionsSoon() {
+  clearTimeout(S.refreshTimer);
+  S.refreshTimer = setTimeout(() => loadSessions().catch(() => {}), 400);
+}
+
+function groupOf(secs) {
+  const now = new Date();
+  const today = new Date(now.getFullYear(), now.getMonth(), now.getDate()).getTime() / 1000;
+  if (secs >= today) return "Today";
+  if (secs >= today - 86400) return "Yesterday";
+  if (secs >= today - 86400 * 7) return "Previous 7 days";
+  return "Older";
+}
+
+function renderSidebar() {
+  const nav = $("#session-list");
+  nav.textContent = "";
+  if (!S.sessions.length) {
+    nav.appendChild(el("div", "side-empty", "No conversations yet"));
+    return;
+  }
+  let group = null;
+  for (const s of S.sessions) {
+    const g = groupOf(s.last_active || s.created_at || 0);
+    if (g !== group) { group = g; nav.appendChild(el("div", "side-group", g)); }
+    const item = el("div", "session-item" + (s.id === S.current ? " active" : ""));
+    item.dataset.sessionId = s.id;
+    item.tabIndex = 0;
+    item.setAttribute("role", "button");
+    const title = el("span", "session-title", s.title || "Untitled");
+    item.title = s.title || "";
+    item.appendChild(title);
+    if (s.active_task_count > 0 || s.running) item.appendChild(el("span", "session-live", ""));
+    else item.appendChild(el("span", "session-time", relTime(s.last_active || s.created_at || 0)));
+    const del = button("session-delete");
+    del.title = "Delete conversation";
+    del.setAttribute("aria-label", "Delete conversation");
+    del.innerHTML = '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M5 7h14M10 11v6M14 11v6M6 7l1 12h10l1-12M9 7V4h6v3"/></svg>';
+    item.appendChild(del);
+    nav.appendChild(item);
+  }
+  if (S.moreSessions) {
+    nav.appendChild(button("side-more", "Show more", () => loadSessions(true).catch((e) => toast(e.message))));
+  }
+}
+
+function findSession(id) { return S.sessions.find((s) => s.id === id); }
+
+function touchSession(id, patch) {
+  if (!id) return;
+  const s = findSession(id);
+  if (!s) { refreshSessionsSoon(); return; }
+  Object.assign(s, patch || {});
+  s.last_active = Math.floor(Date.now() / 1000);
+  const idx = S.sessions.indexOf(s);
+  if (idx > 0) { S.sessions.splice(idx, 1); S.sessions.unshift(s); }
+  renderSidebar();
+}
+
+function setSessionTitle(id, title) {
+  const s = findSession(id);
+  if (s) { s.title = title; renderSidebar(); } else refreshSessionsSoon();
+  if (id === S.current) setHeader(title);
+}
+
+function setHeader(title) {
+  $("#chat-title").textContent = title || "New chat";
+  document.title = title && S.current ? title + " · AnyWork" : "AnyWork";
+}
+
+async function deleteSession(id) {
+  const s = findSession(id);
+  if (!confirm('Delete "' + ((s && s.title) || "this conversation") + '"? This cannot be undone.')) return;
+  try {
+    await api("DELETE", "/api/sessions/" + encodeURIComponent(id));
+  } catch (e) { toast(e.message); return; }
+  S.sessions = S.sessions.filter((x) => x.id !== id);
+  if (S.current === id) newChat();
+  else renderSidebar();
+}
+
+// ---- chat panel
+const messages = () => $("#messages");
+
+function nearBottom() {
+  const m = messages();
+  return m.scrollHeight - m.scrollTop - m.clientHeight < 120;
+}
+function scrollBottom(force, wasNear) {
+  const m = messages();
+  if (force || wasNear) m.scrollTop = m.scrollHeight;
+}
+
+function resetPanel() {
+  S.view++;
+  S.tasks = new Map();
+  const m = messages();
+  m.textContent = "";
+  removePromptBox();
+  updateCancel();
+}
+
+function showEmpty() {
+  const m = messages();
+  if (m.querySelector(".msg")) return;
+  m.textContent = "";
+  const box = el("div", "empty");
+  box.appendChild(el("div", "empty-logo"));
+  box.appendChild(el("h2", null, "How can I help?"));
+  box.appendChild(el("p", "muted", "Ask anything. The agent can use tools, read and write files in its workspace, and ask you when it needs a decision."));
+  m.appendChild(box);
+}
+
+function clearEmpty() {
+  const e = $("#messages .empty");
+  if (e) e.remove();
+}
+
+function newChat() {
+  S.current = null;
+  resetPanel();
+  setHeader(null);
+  renderSidebar();
+  showEmpty();
+  closeSidebar();
+  $("#message-input").focus();
+}
+
+function addUserBubble(text) {
+  const msg = el("div", "msg user");
+  msg.appendChild(el("div", "bubble", text));
+  messages().appendChild(msg);
+  return msg;
+}
+
+function newTaskView(id) {
+  const msg = el("div", "msg assistant");
+  if (id) msg.dataset.taskId = id;
+  const body = el("div", "body");
+  const working = el("div", "working");
+  working.innerHTML = "<i></i><i></i><i></i>";
+  working.appendChild(el("span", "working-label"));
+  const footer = el("div", "msg-footer");
+  footer.hidden = true;
+  body.append(el("div", "blocks"), working, footer);
+  msg.appendChild(body);
+  messages().appendChild(msg);
+  const t = {
+    id, el: msg, blocks: body.firstChild, working, footer, lastSeq: 0, status: "pending",
+    finished: false, seg: null, segText: "", answer: "", hasText: false, tools: new Map(),
+    usage: null, prompt: null, notices: [],
+  };
+  if (id) S.tasks.set(id, t);
+  updateIndicator(t);
+  return t;
+}
+
+function bindTask(t, id) {
+  t.id = id;
+  t.el.dataset.taskId = id;
+  S.tasks.set(id, t);
+}
+
+function updateIndicator(t) {
+  const show = !t.finished && !(t.seg && t.lastType === "text") && !t.prompt;
+  t.working.hidden = !show;
+  const label = !t.id && !S.wsOpen ? "Connecting…" : t.status === "pending" ? "Waiting for a worker…" : "";
+  t.working.lastChild.textContent = label;
+}
+
+function addBlock(t, node) {
+  t.blocks.appendChild(node);
+  t.seg = null;
+}
+
+function addText(t, text) {
+  if (!text) return;
+  if (!t.seg) {
+    t.seg = el("div", "content md");
+    t.segText = "";
+    t.blocks.appendChild(t.seg);
+  }
+  t.segText += text;
+  t.answer += text;
+  t.hasText = true;
+  t.seg.innerHTML = markdown(t.segText);
+}
+
+function addThinking(t, text) {
+  const last = t.blocks.lastElementChild;
+  if (last && last.classList.contains("thinking") && t.lastType === "thinking") {
+    last._text += text;
+    last.lastChild.textContent = last._text;
+    return;
+  }
+  const d = el("details", "thinking");
+  d.appendChild(el("summary", null, "Thinking"));
+  d._text = text;
+  d.appendChild(el("div", "thinking-body", text));
+  addBlock(t, d);
+}
+
+function previewOf(input) {
+  if (input == null) return "";
+  if (typeof input !== "object") return String(input);
+  for (const k of ["command", "file_path", "path", "pattern", "url", "query", "question", "description", "prompt", "name"]) {
+    if (typeof input[k] === "string" && input[k]) return input[k];
+  }
+  const s = JSON.stringify(input);
+  return s === "{}" ? "" : s;
+}
+const pretty = (v) => { try { return typeof v === "string" ? v : JSON.stringify(v, null, 2); } catch (_) { return String(v); } };
+const clip = (s, n) => (s.length > n ? s.slice(0, n) + "\n… (" + (s.length - n) + " more characters)" : s);
+
+function toolCard(name, input) {
+  const d = el("details", "tool-call pending");
+  const sum = el("summary");
+  sum.appendChild(el("span", "tool-state"));
+  sum.appendChild(el("span", "tool-name", name || "tool"));
+  const p = previewOf(input).replace(/\s+/g, " ").trim();
+  if (p) sum.appendChild(el("span", "tool-preview", p.length > 90 ? p.slice(0, 90) + "…" : p));
+  d.appendChild(sum);
+  const body = el("div", "tool-body");
+  if (input !== undefined && input !== null && !(typeof input === "object" && !Object.keys(input).length)) {
+    body.appendChild(el("div", "tool-label", "Input"));
+    body.appendChild(el("pre", "tool-input", clip(pretty(input), 20000)));
+  }
+  d.appendChild(body);
+  return d;
+}
+
+function addToolCall(t, name, md) {
+  const d = toolCard(name, md.input);
+  if (md.id) t.tools.set(md.id, d);
+  addBlock(t, d);
+}
+
+function addToolResult(t, content, md) {
+  let d = md.tool_use_id && t.tools.get(md.tool_use_id);
+  if (!d) { d = toolCard("Tool result"); addBlock(t, d); }
+  d.classList.remove("pending");
+  d.classList.add(md.is_error ? "error" : "ok");
+  const body = d.lastChild;
+  body.appendChild(el("div", "tool-label", md.is_error ? "Error" : "Output"));
+  body.appendChild(el("pre", "tool-output", content ? clip(content, 30000) : "(no output)"));
+  t.seg = null;
+}
+
+function addInit(t, model, md) {
+  if (t.blocks.querySelector(".init-line")) return;
+  const n = Array.isArray(md.tools) ? md.tools.length : 0;
+  const parts = [model || "model"];
+  if (n) parts.push(n + (n === 1 ? " tool" : " tools"));
+  if (Array.isArray(md.skills) && md.skills.length) parts.push(md.skills.length + " skills");
+  const line = el("div", "init-line", parts.join(" · "));
+  if (n) line.title = md.tools.join(", ");
+  t.blocks.insertBefore(line, t.blocks.firstChild);
+}
+
+function addNotice(t, text, kind) {
+  if (kind === "error" && t.notices.includes(text)) return;
+  t.notices.push(text);
+  addBlock(t, el("div", "notice " + kind, text));
+}
+
+function finish(t, content, md) {
+  removePrompt(t, null);
+  const status = md.status || "completed";
+  t.finished = true;
+  t.status = status;
+  if (!t.hasText && content && status !== "canceled") addText(t, content);
+  if (status === "failed") addNotice(t, md.error || "The task failed.", "error");
+  if (status === "canceled") addNotice(t, "Canceled", "muted");
+  renderFooter(t, md);
+  t.el.dataset.status = status;
+  updateIndicator(t);
+  updateCancel();
+}
+
+function renderFooter(t, md) {
+  const f = t.footer;
+  f.textContent = "";
+  const usage = md.usage || (t.usage && t.usage.usage) || {};
+  const cost = md.cost_usd != null ? md.cost_usd : t.usage && t.usage.cost_usd;
+  const parts = [];
+  if (md.num_turns) parts.push(md.num_turns + (md.num_turns === 1 ? " turn" : " turns"));
+  if (md.duration_ms) parts.push((md.duration_ms / 1000).toFixed(1) + "s");
+  if (cost != null && cost > 0) parts.push("$" + Number(cost).toFixed(4));
+  const info = el("span", "footer-info", parts.join(" · "));
+  const tok = [];
+  if (usage.input_tokens) tok.push(usage.input_tokens + " input tokens");
+  if (usage.output_tokens) tok.push(usage.output_tokens + " output tokens");
+  if (tok.length) info.title = tok.join(", ");
+  f.appendChild(info);
+  if (t.answer) {
+    const b = button("footer-copy", "Copy", () => copyText(t.answer, b));
+    b.title = "Copy the answer as markdown";
+    f.appendChild(b);
+  }
+  f.hidden = false;
+}
+
+// ---- input prompts
+function removePromptBox() {
+  const old = $("#input-prompt");
+  if (old) old.removeAttribute("id");
+}
+
+function showPrompt(t, text, md) {
+  removePrompt(t, null);
+  for (const other of S.tasks.values()) if (other !== t && other.prompt) removePrompt(other, null);
+  const box = el("div", "input-prompt");
+  box.id = "input-prompt";
+  const perm = md.kind === "permission";
+  box.appendChild(el("div", "prompt-kind", perm ? "Permission needed" : "The agent asks"));
+  const q = el("div", "prompt-text md");
+  q.innerHTML = markdown(text || (perm ? "Allow this tool to run?" : ""));
+  box.appendChild(q);
+  const answer = (ans, allow) => respond(t, md.request_id, ans, allow);
+  if (perm) {
+    if (md.tool_name) box.appendChild(el("div", "prompt-tool", md.tool_name));
+    if (md.input !== undefined && md.input !== null) box.appendChild(el("pre", "prompt-input", clip(pretty(md.input), 8000)));
+    const row = el("div", "prompt-actions");
+    const allow = button("btn primary", "Allow", () => answer("", true));
+    allow.id = "input-allow";
+    const deny = button("btn", "Deny", () => answer("", false));
+    deny.id = "input-deny";
+    row.append(allow, deny);
+    box.appendChild(row);
+  } else {
+    if (Array.isArray(md.options) && md.options.length) {
+      const opts = el("div", "prompt-options");
+      for (const o of md.options) {
+        opts.appendChild(button("chip", o, () => answer(o)));
+      }
+      box.appendChild(opts);
+    }
+    const row = el("form", "prompt-actions");
+    const input = el("input", "prompt-field");
+    input.id = "input-answer";
+    input.placeholder = "Your answer…";
+    input.autocomplete = "off";
+    const send = el("button", "btn primary", "Send");
+    send.id = "input-send";
+    send.type = "submit";
+    row.addEventListener("submit", (e) => {
+      e.preventDefault();
+      if (input.value.trim()) answer(input.value.trim());
+    });
+    row.append(input, send);
+    box.appendChild(row);
+  }
+  t.prompt = { box, md, text };
+  addBlock(t, box);
+  updateIndicator(t);
+  return box;
+}
+
+// Replaces the live prompt box with a muted record of what was asked / answered.
+function removePrompt(t, record) {
+  if (!t.prompt) return;
+  const { box, md, text } = t.prompt;
+  t.prompt = null;
+  const rec = el("div", "prompt-record");
+  const what = md.kind === "permission" ? "Permission asked for " + (md.tool_name || "a tool") : "Asked: " + (text || "");
+  const w = el("span");
+  w.innerHTML = inline(escapeHtml(what.replace(/\s+/g, " ")));
+  rec.appendChild(w);
+  if (record) rec.appendChild(el("span", "prompt-answer", record));
+  box.replaceWith(rec);
+  updateIndicator(t);
+}
+
+async function respond(t, requestId, answer, allow) {
+  const msg = { type: "input_response", task_id: t.id, request_id: requestId, answer };
+  if (allow !== undefined) msg.allow = allow;
+  const record = allow === undefined ? "You answered: " + answer : allow ? "Allowed" : "Denied";
+  if (S.wsOpen) {
+    S.ws.send(JSON.stringify(msg));
+  } else {
+    const body = { request_id: requestId, answer };
+    if (allow !== undefined) body.allow = allow;
+    try { await api("POST", "/api/tasks/" + encodeURIComponent(t.id) + "/input", body); } catch (e) { toast(e.message); return; }
+  }
+  removePrompt(t, record);
+}
+
+// ---- task events
+const SUPERSEDES_PROMPT = new Set(["text", "thinking", "tool_call", "tool_result", "done"]);
+
+function applyEvent(t, ev) {
+  if (ev.seq != null) {
+    if (ev.seq <= t.lastSeq) return;
+    t.lastSeq = ev.seq;
+  }
+  const md = ev.metadata && typeof ev.metadata === "object" ? ev.metadata : {};
+  const content = ev.content == null ? "" : String(ev.content);
+  if (t.finished && ev.type !== "error") return;
+  if (t.prompt && (SUPERSEDES_PROMPT.has(ev.type) || (ev.type === "status" && content === "running"))) removePrompt(t, null);
+  switch (ev.type) {
+    case "init": addInit(t, content, md); break;
+    case "text": addText(t, content); break;
+    case "thinking": addThinking(t, content); break;
+    case "tool_call": addToolCall(t, content, md); break;
+    case "tool_result": addToolResult(t, content, md); break;
+    case "input_required": showPrompt(t, content, md); break;
+    case "usage": t.usage = md; break;
+    case "status": if (!TERMINAL.has(content)) t.status = content; break;
+    case "error": addNotice(t, content || "Error", "error"); break;
+    case "done": finish(t, content, md); break;
+    default: break;
+  }
+  if (ev.type !== "usage" && ev.type !== "status") t.lastType = ev.type;
+  if (!t.finished && ["init", "text", "thinking", "tool_call", "tool_result"].includes(ev.type)) t.status = "running";
+  updateIndicator(t);
+}
+
+function onMessage(m) {
+  switch (m.type) {
+    case "pong": return;
+    case "session_created": onSessionCreated(m); return;
+    case "task_created": onTaskCreated(m); return;
+    case "session_title": setSessionTitle(m.session_id, m.content || ""); return;
+    default: break;
+  }
+  if (!m.task_id) {
+    if (m.type === "error") {
+      const p = S.pending.shift();
+      if (p && p.view === S.view) {
+        addNotice(p.t, m.content || "The message was not accepted.", "error");
+        p.t.finished = true;
+        p.t.el.dataset.status = "failed";
+        updateIndicator(p.t);
+      }
+      toast(m.content || "Error");
+    }
+    return;
+  }
+  if (m.type === "done") touchSession(m.session_id, { running: false, active_task_count: 0 });
+  if (m.session_id && m.session_id !== S.current) return;
+  const t = S.tasks.get(m.task_id);
+  if (!t) return; // not rendered yet: the resume after loading replays it
+  const wasNear = nearBottom();
+  applyEvent(t, m);
+  scrollBottom(false, wasNear);
+}
+
+function onSessionCreated(m) {
+  const p = S.pending.find((x) => !x.session);
+  if (p) p.session = m.session_id;
+  if (!findSession(m.session_id)) {
+    const now = Math.floor(Date.now() / 1000);
+    const title = p ? p.message.replace(/\s+/g, " ").slice(0, 60) : "New chat";
+    S.sessions.unshift({ id: m.session_id, title, created_at: now, last_active: now, task_count: 0, active_task_count: 1, local: true });
+  }
+  if (p && p.view === S.view && !S.current) {
+    S.current = m.session_id;
+    setHeader(findSession(m.session_id).title);
+  }
+  renderSidebar();
+}
+
+function onTaskCreated(m) {
+  const p = S.pending.shift();
+  touchSession(m.session_id, { running: true });
+  if (m.session_id !== S.current) return;
+  if (S.tasks.has(m.task_id)) {
+    if (p && p.view === S.view) { p.t.el.remove(); if (p.user) p.user.remove(); }
+    return;
+  }
+  if (p && p.view === S.view) {
+    bindTask(p.t, m.task_id);
+  } else {
+    // Sent from an earlier view of this session; this connection follows it from seq 0.
+    clearEmpty();
+    if (p) addUserBubble(p.message);
+    const t = newTaskView(m.task_id);
+    t.status = "pending";
+  }
+  updateCancel();
+}
+
+// ---- opening a session
+async function fetchLogs(taskId) {
+  const all = [];
+  let after = 0;
+  for (let guard = 0; guard < 200; guard++) {
+    const d = await api("GET", "/api/tasks/" + encodeURIComponent(taskId) + "/logs?after=" + after + "&limit=500");
+    all.push(...(d.logs || []));
+    if (!d.hasMore || d.next == null || d.next <= after) break;
+    after = d.next;
+  }
+  return all;
+}
+
+async function openSession(id) {
+  closeSidebar();
+  S.current = id;
+  resetPanel();
+  const view = S.view;
+  S.loading = view;
+  const s = findSession(id);
+  setHeader(s ? s.title : "");
+  renderSidebar();
+  const m = messages();
+  const loading = el("div", "loading", "Loading…");
+  m.appendChild(loading);
+  let tasks;
+  try {
+    tasks = (await api("GET", "/api/sessions/" + encodeURIComponent(id) + "/tasks")).tasks || [];
+  } catch (e) {
+    if (view === S.view) { S.loading = -1; loading.remove(); toast(e.message); showEmpty(); }
+    return;
+  }
+  if (view !== S.view) return;
+  let logs;
+  try {
+    logs = await Promise.all(tasks.map((t) => fetchLogs(t.id).catch((e) => { toast(e.message); return []; })));
+  } catch (e) { logs = tasks.map(() => []); }
+  if (view !== S.view) return;
+  S.loading = -1;
+  loading.remove();
+  tasks.forEach((task, k) => {
+    addUserBubble(task.message || "");
+    const t = newTaskView(task.id);
+    t.status = task.status;
+    for (const ev of logs[k]) applyEvent(t, ev);
+    if (TERMINAL.has(task.status) && !t.finished) {
+      finish(t, task.result || "", {
+        status: task.status, error: task.error, cost_usd: task.costUsd, usage: task.usage,
+        num_turns: task.numTurns, duration_ms: task.durationMs,
+      });
+    }
+  });
+  if (!tasks.length) showEmpty();
+  scrollBottom(true);
+  updateCancel();
+  resumeAll();
+}
+
+function unfinished() {
+  return [...S.tasks.values()].filter((t) => t.id && !t.finished);
+}
+
+function resumeAll() {
+  if (!S.wsOpen) return;
+  for (const t of unfinished()) S.ws.send(JSON.stringify({ type: "resume", task_id: t.id, after_seq: t.lastSeq }));
+}
+
+function updateCancel() {
+  const running = unfinished();
+  $("#cancel").hidden = running.length === 0;
+}
+
+async function cancelCurrent() {
+  const running = unfinished();
+  const t = running[running.length - 1];
+  if (!t) return;
+  const btn = $("#cancel");
+  btn.disabled = true;
+  setTimeout(() => { btn.disabled = false; }, 1500);
+  if (S.wsOpen) {
+    S.ws.send(JSON.stringify({ type: "cancel", task_id: t.id }));
+  } else {
+    try { await api("POST", "/api/tasks/" + encodeURIComponent(t.id) + "/cancel"); } catch (e) { toast(e.message); }
+  }
+}
+
+// ---- sending
+function sendMessage() {
+  const input = $("#message-input");
+  const text = input.value.trim();
+  if (!text) return;
+  if (S.loading === S.view) { toast("Loading the conversation, one moment.", "info"); return; }
+  if (!S.current && S.pending.some((p) => p.view === S.view && !p.session)) {
+    toast("One moment, the conversation is being created.", "info");
+    return;
+  }
+  clearEmpty();
+  const user = addUserBubble(text);
+  const t = newTaskView(null);
+  const payload = { type: "chat", message: text };
+  if (S.current) payload.session_id = S.current;
+  const p = { t, user, view: S.view, session: S.current, message: text, payload, sent: false };
+  S.pending.push(p);
+  if (S.wsOpen) { S.ws.send(JSON.stringify(payload)); p.sent = true; }
+  input.value = "";
+  autosize();
+  scrollBottom(true);
+}
+
+function autosize() {
+  const i = $("#message-input");
+  i.style.height = "auto";
+  i.style.height = Math.min(i.scrollHeight, 220) + "px";
+  $("#composer").classList.toggle("has-text", !!i.value.trim());
+}
+
+// ---- WebSocket
+function setConn(state) {
+  const c = $("#conn-status");
+  c.dataset.state = state;
+  c.lastChild.textContent = state === "connected" ? "Connected" : state === "reconnecting" ? "Reconnecting…" : "Connecting…";
+  c.title = state === "connected" ? "Live connection to the server" : "Trying to reach the server";
+}
+
+function connect() {
+  clearTimeout(S.retry);
+  const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
+  let ws;
+  try { ws = new WebSocket(url); } catch (_) { scheduleReconnect(); return; }
+  S.ws = ws;
+  ws.onopen = () => {
+    if (S.ws !== ws) return;
+    S.wsOpen = true;
+    S.backoff = 500;
+    setConn("connected");
+    clearInterval(S.ping);
+    S.ping = setInterval(() => { if (S.wsOpen) ws.send('{"type":"ping"}'); }, 25000);
+    if (S.everOpen) refreshSessionsSoon();
+    S.everOpen = true;
+    for (const p of S.pending) {
+      if (!p.sent) { ws.send(JSON.stringify(p.payload)); p.sent = true; }
+      updateIndicator(p.t);
+    }
+    resumeAll();
+  };
+  ws.onmessage = (e) => {
+    let m;
+    try { m = JSON.parse(e.data); } catch (_) { return; }
+    if (m && typeof m === "object") {
+      try { onMessage(m); } catch (err) { console.error(err); }
+    }
+  };
+  ws.onclose = () => {
+    if (S.ws !== ws) return;
+    S.ws = null;
+    S.wsOpen = false;
+    clearInterval(S.ping);
+    // Chats not yet acknowledged may be lost with the connection.
+    const lost = S.pending.filter((p) => p.sent);
+    S.pending = S.pending.filter((p) => !p.sent);
+    for (const p of lost) {
+      if (p.view !== S.view) continue;
+      addNotice(p.t, "The connection dropped before the server accepted this message. Please send it again.", "error");
+      p.t.finished = true;
+      p.t.el.dataset.status = "failed";
+      updateIndicator(p.t);
+    }
+    setConn("reconnecting");
+    scheduleReconnect();
+  };
+  ws.onerror = () => { /* onclose follows */ };
+}
+
+function scheduleReconnect() {
+  clearTimeout(S.retry);
+  S.retry = setTimeout(connect, S.backoff);
+  S.backoff = Math.min(S.backoff * 2, 5000);
+}
+
+// ---- health banner
+async function loadHealth() {
+  let h;
+  try { h = await api("GET", "/api/health"); } catch (e) { toast(e.message); return; }
+  const banner = $("#banner");
+  banner.textContent = "";
+  if (h.demo) {
+    const d = el("div", "banner-line demo");
+    d.appendChild(el("strong", null, "Demo mode: "));
+    d.appendChild(document.createTextNode("answers come from a built-in fake model"));
+    banner.appendChild(d);
+  }
+  if (h.warning) banner.appendChild(el("div", "banner-line warn", h.warning));
+  banner.hidden = !banner.childNodes.length;
+  if (h.version) $(".brand").title = "AnyWork " + h.version + (h.driver ? " · " + h.driver : "");
+}
+
+// ---- rename
+function startRename() {
+  if (!S.current) return;
+  const h = $("#chat-title");
+  if (h.isContentEditable) return;
+  const id = S.current;
+  const before = h.textContent;
+  h.contentEditable = "true";
+  h.classList.add("editing");
+  h.focus();
+  const range = document.createRange();
+  range.selectNodeContents(h);
+  const sel = getSelection();
+  sel.removeAllRanges();
+  sel.addRange(range);
+  let done = false;
+  const end = async (save) => {
+    if (done) return;
+    done = true;
+    h.contentEditable = "false";
+    h.classList.remove("editing");
+    h.removeEventListener("keydown", onKey);
+    const title = h.textContent.replace(/\s+/g, " ").trim();
+    if (!save || !title || title === before) { h.textContent = before; return; }
+    h.textContent = title;
+    try {
+      await api("PATCH", "/api/sessions/" + encodeURIComponent(id), { title });
+      setSessionTitle(id, title);
+    } catch (e) {
+      toast(e.message);
+      if (S.current === id) h.textContent = before;
+    }
+  };
+  const onKey = (e) => {
+    if (e.key === "Enter") { e.preventDefault(); end(true); }
+    if (e.key === "Escape") { e.preventDefault(); end(false); }
+  };
+  h.addEventListener("keydown", onKey);
+  h.addEventListener("blur", () => end(true), { once: true });
+}
+
+// ---- SOUL.md / AGENTS.md editor
+const DOC = { name: "soul", loaded: "", seq: 0 };
+const DOC_HINTS = {
+  soul: "The agent's personality and voice.",
+  agents: "Standing instructions for every task.",
+};
+
+function docStatus(text, kind) {
+  const s = $("#doc-status");
+  s.textContent = text;
+  s.dataset.kind = kind || "";
+}
+
+function docDirty() { return $("#doc-editor").value !== DOC.loaded; }
+
+async function loadDoc(name) {
+  if (name !== DOC.name && docDirty() && !confirm("Discard unsaved changes?")) return;
+  DOC.name = name;
+  const seq = ++DOC.seq;
+  for (const b of document.querySelectorAll("#doc-modal .tab")) {
+    const on = b.dataset.doc === name;
+    b.classList.toggle("active", on);
+    b.setAttribute("aria-selected", on ? "true" : "false");
+  }
+  $("#doc-hint").textContent = DOC_HINTS[name];
+  const ed = $("#doc-editor");
+  ed.value = "";
+  DOC.loaded = "";
+  ed.disabled = true;
+  docStatus("Loading…");
+  try {
+    const d = await api("GET", "/api/workspace/" + name);
+    if (seq !== DOC.seq) return;
+    DOC.loaded = d.content || "";
+    ed.value = DOC.loaded;
+    docStatus("");
+  } catch (e) {
+    if (seq !== DOC.seq) return;
+    docStatus("Could not load", "error");
+    toast(e.message);
+  }
+  ed.disabled = false;
+  ed.focus();
+}
+
+async function saveDoc() {
+  const ed = $("#doc-editor");
+  if (ed.disabled) return;
+  const name = DOC.name, content = ed.value;
+  const btn = $("#doc-save");
+  btn.disabled = true;
+  docStatus("Saving…");
+  try {
+    const d = await api("PUT", "/api/workspace/" + name, { content });
+    if (name === DOC.name) {
+      DOC.loaded = d.content != null ? d.content : content;
+      docStatus("Saved", "ok");
+      setTimeout(() => { if ($("#doc-status").textContent === "Saved") docStatus(""); }, 2500);
+    }
+  } catch (e) {
+    docStatus("Not saved", "error");
+    toast(e.message);
+  }
+  btn.disabled = false;
+}
+
+function openDocs() {
+  $("#doc-modal").hidden = false;
+  DOC.loaded = $("#doc-editor").value = "";
+  loadDoc("soul");
+}
+
+function closeDocs() {
+  if (docDirty() && !confirm("Discard unsaved changes?")) return;
+  $("#doc-modal").hidden = true;
+  DOC.seq++;
+}
+
+// ---- layout
+function openSidebar() { document.body.classList.add("sidebar-open"); $("#scrim").hidden = false; }
+function closeSidebar() { document.body.classList.remove("sidebar-open"); $("#scrim").hidden = true; }
+
+function applyTheme(theme) {
+  document.documentElement.dataset.theme = theme;
+  const b = $("#theme-toggle");
+  b.innerHTML = theme === "dark"
+    ? '<svg viewBox="0 0 24 24" aria-hidden="true"><circle cx="12" cy="12" r="4"/><path d="M12 2v2M12 20v2M4.9 4.9l1.4 1.4M17.7 17.7l1.4 1.4M2 12h2M20 12h2M4.9 19.1l1.4-1.4M17.7 6.3l1.4-1.4"/></svg>'
+    : '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M20 14.5A8 8 0 0 1 9.5 4a8 8 0 1 0 10.5 10.5z"/></svg>';
+  b.title = theme === "dark" ? "Switch to light theme" : "Switch to dark theme";
+}
+
+// ---- wiring
+function init() {
+  let theme = "dark";
+  try { theme = localStorage.getItem(THEME_KEY) === "light" ? "light" : "dark"; } catch (_) { /* private mode */ }
+  applyTheme(theme);
+  $("#theme-toggle").addEventListener("click", () => {
+    const next = document.documentElement.dataset.theme === "dark" ? "light" : "dark";
+    applyTheme(next);
+    try { localStorage.setItem(THEME_KEY, next); } catch (_) { /* ignore */ }
+  });
+
+  $("#new-chat").addEventListener("click", newChat);
+  $("#sidebar-open").addEventListener("click", openSidebar);
+  $("#sidebar-close").addEventListener("click", closeSidebar);
+  $("#scrim").addEventListener("click", closeSidebar);
+
+  const list = $("#session-list");
+  list.addEventListener("click", (e) => {
+    const item = e.target.closest(".session-item");
+    if (!item) return;
+    const id = item.dataset.sessionId;
+    if (e.target.closest(".session-delete")) { e.stopPropagation(); deleteSession(id); return; }
+    if (id !== S.current) openSession(id);
+    else closeSidebar();
+  });
+  list.addEventListener("keydown", (e) => {
+    const item = e.target.closest(".session-item");
+    if (item && (e.key === "Enter" || e.key === " ") && e.target === item) { e.preventDefault(); item.click(); }
+  });
+
+  $("#chat-title").addEventListener("dblclick", startRename);
+
+  const input = $("#message-input");
+  input.addEventListener("input", autosize);
+  input.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing && e.keyCode !== 229) {
+      e.preventDefault();
+      sendMessage();
+    }
+  });
+  $("#composer").addEventListener("submit", (e) => { e.preventDefault(); sendMessage(); });
+  $("#cancel").addEventListener("click", cancelCurrent);
+
+  messages().addEventListener("click", (e) => {
+    const b = e.target.closest(".code-block .copy");
+    if (b) copyText(b.closest(".code-block").querySelector("code").textContent, b);
+  });
+
+  $("#soul-button").addEventListener("click", openDocs);
+  $("#doc-close").addEventListener("click", closeDocs);
+  $("#doc-save").addEventListener("click", saveDoc);
+  $("#doc-tab-soul").addEventListener("click", () => { if (DOC.name !== "soul") loadDoc("soul"); });
+  $("#doc-tab-agents").addEventListener("click", () => { if (DOC.name !== "agents") loadDoc("agents"); });
+  $("#doc-modal").addEventListener("mousedown", (e) => { if (e.target.id === "doc-modal") closeDocs(); });
+  $("#doc-editor").addEventListener("keydown", (e) => {
+    if ((e.ctrlKey || e.metaKey) && e.key.toLowerCase() === "s") { e.preventDefault(); saveDoc(); }
+  });
+  document.addEventListener("keydown", (e) => {
+    if (e.key !== "Escape") return;
+    if (!$("#doc-modal").hidden) { e.preventDefault(); closeDocs(); } else closeSidebar();
+  });
+
+  setInterval(() => { if (!document.hidden) renderSidebar(); }, 60000);
+
+  setConn("connecting");
+  connect();
+  loadHealth();
+  loadSessions()
+    .then(() => {
+      if (S.current || S.pending.length) return;
+      if (S.sessions.length) openSession(S.sessions[0].id);
+      else newChat();
+    })
+    .catch((e) => { toast(e.message); if (!S.current) newChat(); });
+  showEmpty();
+  autosize();
+  input.focus();
+}
+
+// Exposed for tests in node (no DOM needed for the renderer).
+if (typeof window !== "undefined") window.AnyWorkMarkdown = markdown;
+if (typeof document !== "undefined" && document.getElementById("app")) {
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
+  else init();
+}
+})();
