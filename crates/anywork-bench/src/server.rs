@@ -248,6 +248,18 @@ impl TaskStore for Instrumented {
         let f = self.inner.update_task(id, expected, change);
         self.call("update_task", true, f).await
     }
+    async fn update_task_and_append(
+        &self,
+        id: TaskId,
+        expected: TaskStatus,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+    ) -> anywork_core::Result<(Task, u64)> {
+        let f = self
+            .inner
+            .update_task_and_append(id, expected, change, logs);
+        self.call("update_task_and_append", true, f).await
+    }
     async fn tasks_by_session(
         &self,
         session_id: &SessionId,

@@ -48,4 +48,16 @@ pub trait ContainerDriver: Send + Sync + 'static {
 
     /// The workers this driver knows, including ones adopted after a restart.
     async fn list(&self) -> Result<Vec<WorkerInfo>>;
+
+    /// Stops the workers nobody asked for (through [`get_worker`](Self::get_worker)) for
+    /// longer than the driver's idle TTL — except those of the `busy` sessions (a task running
+    /// or waiting for input) and those whose `/health` reports a busy session. A reaped
+    /// session's workspace survives where the driver keeps it (a volume, a PVC); its next
+    /// `get_worker` starts a new worker. Returns the sessions whose workers were stopped.
+    ///
+    /// Drivers without per-session workers have nothing to reap.
+    async fn reap_idle(&self, busy: &[SessionId]) -> Result<Vec<SessionId>> {
+        let _ = busy;
+        Ok(Vec::new())
+    }
 }

@@ -59,6 +59,18 @@ pub trait TaskStore: Send + Sync + 'static {
         change: TaskChange,
     ) -> Result<Task>;
 
+    /// [`update_task`](Self::update_task) and [`append_logs`](Self::append_logs) in one
+    /// transaction: both happen or neither. What a status change and the event that tells of it
+    /// (a run's `running`, its final `done`) use, so that a reader never sees one without the
+    /// other. Returns the task after the change and the seq of the last event.
+    async fn update_task_and_append(
+        &self,
+        id: TaskId,
+        expected: TaskStatus,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+    ) -> Result<(Task, u64)>;
+
     /// A session's tasks, oldest first.
     async fn tasks_by_session(&self, session_id: &SessionId, page: Page) -> Result<Vec<Task>>;
 

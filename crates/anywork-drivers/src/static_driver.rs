@@ -1,6 +1,7 @@
 //! [`StaticDriver`]: every session uses one worker at a fixed URL (`STATIC_WORKER_URL`).
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anywork_core::{
     ContainerDriver, Error, ErrorKind, Result, SessionId, WorkerEndpoint, WorkerInfo,
@@ -12,11 +13,17 @@ use async_trait::async_trait;
 pub struct StaticDriver {
     endpoint: WorkerEndpoint,
     client: reqwest::Client,
+    /// When `/health` last answered: `get_worker` trusts it for [`Self::HEALTH_FRESH`].
+    healthy_at: Arc<Mutex<Option<Instant>>>,
 }
 
 impl StaticDriver {
     /// How long `/health` may take before the worker counts as down.
     pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+
+    /// How long a passed health check stands for `get_worker`. A worker that dies within it is
+    /// found by the dispatcher's next call to it, which fails and is retried.
+    pub const HEALTH_FRESH: Duration = Duration::from_secs(1);
 
     /// A driver for the worker at `url` (`http://host:port`, no path).
     pub fn new(url: &str) -> Result<Self> {
@@ -41,6 +48,7 @@ impl StaticDriver {
                 base_url,
             },
             client,
+            healthy_at: Arc::default(),
         })
     }
 
@@ -57,7 +65,12 @@ impl ContainerDriver for StaticDriver {
     }
 
     async fn get_worker(&self, _session_id: &SessionId) -> Result<WorkerEndpoint> {
-        if self.is_healthy(&self.endpoint).await {
+        let fresh = self
+            .healthy_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() < Self::HEALTH_FRESH);
+        if fresh || self.is_healthy(&self.endpoint).await {
             Ok(self.endpoint.clone())
         } else {
             Err(Error::new(
@@ -77,7 +90,11 @@ impl ContainerDriver for StaticDriver {
 
     async fn is_healthy(&self, endpoint: &WorkerEndpoint) -> bool {
         let url = format!("{}/health", endpoint.base_url);
-        matches!(self.client.get(url).send().await, Ok(r) if r.status().is_success())
+        let healthy = matches!(self.client.get(url).send().await, Ok(r) if r.status().is_success());
+        if endpoint == &self.endpoint {
+            *self.healthy_at.lock().unwrap_or_else(|e| e.into_inner()) = healthy.then(Instant::now);
+        }
+        healthy
     }
 
     async fn list(&self) -> Result<Vec<WorkerInfo>> {

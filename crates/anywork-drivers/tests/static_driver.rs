@@ -57,3 +57,60 @@ fn bad_urls_are_refused_with_the_variable_name() {
         assert!(err.to_string().contains("STATIC_WORKER_URL"), "{err}");
     }
 }
+
+#[tokio::test]
+async fn passes_the_driver_conformance_suite() {
+    use std::sync::Arc;
+
+    use anywork_test::driver_conformance::{self, DriverSuite};
+    let url = serve(Router::new().route("/health", get(|| async { "{\"status\":\"ok\"}" }))).await;
+    driver_conformance::run(DriverSuite::shared(), || {
+        let url = url.clone();
+        async move { Arc::new(StaticDriver::new(&url).unwrap()) as Arc<dyn ContainerDriver> }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_passed_health_check_is_trusted_briefly_and_a_failed_one_at_once() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let checks = Arc::new(AtomicUsize::new(0));
+    let up = Arc::new(AtomicBool::new(true));
+    let router = {
+        let (checks, up) = (checks.clone(), up.clone());
+        Router::new().route(
+            "/health",
+            get(move || {
+                let (checks, up) = (checks.clone(), up.clone());
+                async move {
+                    checks.fetch_add(1, Ordering::SeqCst);
+                    if up.load(Ordering::SeqCst) {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
+                }
+            }),
+        )
+    };
+    let driver = StaticDriver::new(&serve(router).await).unwrap();
+    for s in ["a", "b", "c"] {
+        driver.get_worker(&sid(s)).await.unwrap();
+    }
+    assert_eq!(
+        checks.load(Ordering::SeqCst),
+        1,
+        "one check serves a burst of tasks"
+    );
+    up.store(false, Ordering::SeqCst);
+    assert!(!driver.is_healthy(driver.endpoint()).await);
+    let err = driver.get_worker(&sid("d")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable);
+    assert_eq!(
+        checks.load(Ordering::SeqCst),
+        3,
+        "a failed check is not cached"
+    );
+}

@@ -20,7 +20,7 @@ use anywork_core::{
     Page, Result, Session, SessionId, Task, TaskChange, TaskEvent, TaskId, TaskOutcome,
     TaskRequest, TaskStatus, TaskStore, Timestamp, WorkerEndpoint,
 };
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -613,10 +613,12 @@ impl Run {
         let change = TaskChange::to(TaskStatus::Running)
             .worker(endpoint.worker_id.clone())
             .lease(self.inner.config.owner.clone(), self.lease_expiry());
+        let running = vec![TaskEvent::Status {
+            status: TaskStatus::Running,
+        }];
         match self
             .inner
-            .store
-            .update_task(self.task.id, TaskStatus::Pending, change)
+            .transition(&self.task, TaskStatus::Pending, change, running)
             .await
         {
             Ok(t) => self.task = t,
@@ -627,10 +629,6 @@ impl Run {
             Err(e) => return Err(e),
         }
         self.status = TaskStatus::Running;
-        self.record(vec![TaskEvent::Status {
-            status: TaskStatus::Running,
-        }])
-        .await?;
 
         let (inner, task, worker) = (self.inner.clone(), self.task.clone(), endpoint.clone());
         let start = async move { start_chat(&inner, &task, &worker).await };
@@ -691,7 +689,10 @@ impl Run {
     }
 
     /// Reads the chat stream to its end, handling control messages, the lease and the timeout.
-    async fn follow(&mut self, mut stream: ChatStream, worker: WorkerEndpoint) -> Result<()> {
+    async fn follow(&mut self, stream: ChatStream, worker: WorkerEndpoint) -> Result<()> {
+        // The stream is read by its own task, so that while one batch is being stored the
+        // next events queue up and are stored together.
+        let mut stream = StreamReader::spawn(stream, self.inner.config.max_batch.max(1) * 4);
         let lease_every = (self.inner.config.lease_ttl / 3).max(Duration::from_millis(100));
         let mut lease =
             tokio::time::interval_at(tokio::time::Instant::now() + lease_every, lease_every);
@@ -734,7 +735,7 @@ impl Run {
                     let (stop, _) = stopping.take().unwrap_or((Stop::Canceled, far));
                     return self.finish(stop_outcome(stop)).await;
                 }
-                item = stream.next() => {
+                item = stream.events.recv() => {
                     let first = match item {
                         Some(Ok(event)) => event,
                         Some(Err(e)) => {
@@ -756,10 +757,10 @@ impl Run {
                     let mut batch = vec![first];
                     let mut broken = None;
                     while batch.len() < self.inner.config.max_batch && !batch.last().is_some_and(TaskEvent::is_terminal) {
-                        match stream.next().now_or_never() {
-                            Some(Some(Ok(e))) => batch.push(e),
-                            Some(Some(Err(e))) => { broken = Some(e); break; }
-                            Some(None) | None => break,
+                        match stream.events.try_recv() {
+                            Ok(Ok(e)) => batch.push(e),
+                            Ok(Err(e)) => { broken = Some(e); break; }
+                            Err(_) => break,
                         }
                     }
                     let done = match batch.last() {
@@ -767,9 +768,10 @@ impl Run {
                         _ => None,
                     };
                     let asks = batch.iter().any(|e| matches!(e, TaskEvent::InputRequired(_)));
-                    self.record(batch).await?;
                     if asks && self.status == TaskStatus::Running {
-                        self.set_status(TaskStatus::InputRequired).await?;
+                        self.set_status(TaskStatus::InputRequired, batch).await?;
+                    } else {
+                        self.record(batch).await?;
                     }
                     if let Some(mut outcome) = done {
                         if let Some((Stop::Failed(reason), _)) = stopping.take() {
@@ -823,20 +825,22 @@ impl Run {
             allow: response.allow,
         };
         self.inner.client.input(worker, &answer).await?;
-        self.set_status(TaskStatus::Running).await?;
-        self.record(vec![TaskEvent::Status {
-            status: TaskStatus::Running,
-        }])
+        self.set_status(
+            TaskStatus::Running,
+            vec![TaskEvent::Status {
+                status: TaskStatus::Running,
+            }],
+        )
         .await
     }
 
-    async fn set_status(&mut self, status: TaskStatus) -> Result<()> {
+    /// Moves the task to `status`, renewing the lease, with `events` in the same write.
+    async fn set_status(&mut self, status: TaskStatus, events: Vec<TaskEvent>) -> Result<()> {
         let change =
             TaskChange::to(status).lease(self.inner.config.owner.clone(), self.lease_expiry());
         self.task = self
             .inner
-            .store
-            .update_task(self.task.id, self.status, change)
+            .transition(&self.task, self.status, change, events)
             .await?;
         self.status = status;
         Ok(())
@@ -847,14 +851,15 @@ impl Run {
         self.inner.record(&self.task, events).await
     }
 
-    /// Records the outcome: status, then the `done` event, then delivery.
+    /// Records the outcome (the final status and the `done` event in one write), then
+    /// delivers it.
     async fn finish(&mut self, mut outcome: TaskOutcome) -> Result<()> {
         if outcome.duration_ms == 0 {
             outcome.duration_ms = self.started.elapsed().as_millis() as u64;
         }
         if outcome.status == TaskStatus::Completed && self.status == TaskStatus::InputRequired {
             // The worker finished without the answer it asked for; pass through running.
-            self.set_status(TaskStatus::Running).await?;
+            self.set_status(TaskStatus::Running, Vec::new()).await?;
         }
         if !outcome.status.is_terminal() {
             outcome = TaskOutcome::failed(format!(
@@ -864,11 +869,11 @@ impl Run {
         }
         let task = match self
             .inner
-            .store
-            .update_task(
-                self.task.id,
+            .transition(
+                &self.task,
                 self.status,
                 TaskChange::finish(outcome.clone()),
+                vec![TaskEvent::Done(outcome.clone())],
             )
             .await
         {
@@ -889,6 +894,32 @@ fn stop_outcome(stop: Stop) -> TaskOutcome {
     match stop {
         Stop::Canceled => TaskOutcome::canceled(),
         Stop::Failed(reason) => TaskOutcome::failed(reason),
+    }
+}
+
+/// A chat stream read by a task of its own into a queue; the task stops when this is dropped.
+struct StreamReader {
+    events: mpsc::Receiver<Result<TaskEvent>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl StreamReader {
+    fn spawn(mut stream: ChatStream, capacity: usize) -> Self {
+        let (tx, events) = mpsc::channel(capacity);
+        let reader = tokio::spawn(async move {
+            while let Some(item) = stream.next().await {
+                if tx.send(item).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Self { events, reader }
+    }
+}
+
+impl Drop for StreamReader {
+    fn drop(&mut self) {
+        self.reader.abort();
     }
 }
 
@@ -972,7 +1003,29 @@ impl Inner {
         let n = events.len() as u64;
         let logs = events.iter().cloned().map(NewTaskLog::now).collect();
         let last = self.store.append_logs(task.id, logs).await?;
-        let first = last + 1 - n;
+        self.publish(task, last + 1 - n, events);
+        Ok(())
+    }
+
+    /// Changes the task's status and appends `events` in one write, then publishes them.
+    async fn transition(
+        &self,
+        task: &Task,
+        expected: TaskStatus,
+        change: TaskChange,
+        events: Vec<TaskEvent>,
+    ) -> Result<Task> {
+        let n = events.len() as u64;
+        let logs = events.iter().cloned().map(NewTaskLog::now).collect();
+        let (stored, last) = self
+            .store
+            .update_task_and_append(task.id, expected, change, logs)
+            .await?;
+        self.publish(task, last + 1 - n, events);
+        Ok(stored)
+    }
+
+    fn publish(&self, task: &Task, first: u64, events: Vec<TaskEvent>) {
         self.hub
             .publish(events.into_iter().enumerate().map(|(i, event)| LiveEvent {
                 task_id: task.id,
@@ -980,14 +1033,17 @@ impl Inner {
                 seq: first + i as u64,
                 event,
             }));
-        Ok(())
     }
 
     /// Ends a task no run of this server holds (queued, or orphaned) with `outcome`.
     async fn finish_unrun(&self, task: &Task, outcome: TaskOutcome) -> Result<Task> {
         let stored = self
-            .store
-            .update_task(task.id, task.status, TaskChange::finish(outcome.clone()))
+            .transition(
+                task,
+                task.status,
+                TaskChange::finish(outcome.clone()),
+                vec![TaskEvent::Done(outcome.clone())],
+            )
             .await?;
         self.after_finish(&stored, outcome).await;
         if !lock(&self.runs).contains_key(&task.id) {
@@ -996,15 +1052,9 @@ impl Inner {
         Ok(stored)
     }
 
-    /// The `done` event, metrics, channel delivery and the push notification.
+    /// Metrics, channel delivery and the push notification of a task that ended.
     async fn after_finish(&self, task: &Task, outcome: TaskOutcome) {
         self.metrics.finished(task);
-        if let Err(e) = self
-            .record(task, vec![TaskEvent::Done(outcome.clone())])
-            .await
-        {
-            tracing::error!(task = %task.id, error = %e, "cannot append the done event");
-        }
         let channel = self.channels.get(&task.channel_type).cloned();
         if channel.is_none() && task.push_notification.is_none() {
             return;

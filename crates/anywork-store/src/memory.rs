@@ -61,6 +61,35 @@ impl Inner {
     fn task_mut(&mut self, id: TaskId) -> Result<&mut Task> {
         self.tasks.get_mut(&id).ok_or_else(|| task_not_found(id))
     }
+
+    fn update(&mut self, id: TaskId, expected: TaskStatus, change: TaskChange) -> Result<Task> {
+        let task = self.task_mut(id)?;
+        if task.status != expected {
+            return Err(Error::conflict(format!(
+                "task {id} is {} now, not {expected}",
+                task.status
+            )));
+        }
+        let mut updated = task.clone();
+        change.apply(&mut updated)?;
+        *task = updated.clone();
+        Ok(updated)
+    }
+
+    fn append(&mut self, task_id: TaskId, logs: Vec<NewTaskLog>) -> Result<u64> {
+        self.task(task_id)?;
+        let entries = self.logs.entry(task_id).or_default();
+        for log in logs {
+            let seq = entries.len() as u64 + 1;
+            entries.push(TaskLog {
+                task_id,
+                seq,
+                event: log.event,
+                timestamp: log.timestamp,
+            });
+        }
+        Ok(entries.len() as u64)
+    }
 }
 
 #[async_trait]
@@ -199,18 +228,20 @@ impl TaskStore for MemoryStore {
         expected: TaskStatus,
         change: TaskChange,
     ) -> Result<Task> {
+        self.lock().update(id, expected, change)
+    }
+
+    async fn update_task_and_append(
+        &self,
+        id: TaskId,
+        expected: TaskStatus,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+    ) -> Result<(Task, u64)> {
         let mut inner = self.lock();
-        let task = inner.task_mut(id)?;
-        if task.status != expected {
-            return Err(Error::conflict(format!(
-                "task {id} is {} now, not {expected}",
-                task.status
-            )));
-        }
-        let mut updated = task.clone();
-        change.apply(&mut updated)?;
-        *task = updated.clone();
-        Ok(updated)
+        let task = inner.update(id, expected, change)?;
+        let last = inner.append(id, logs)?;
+        Ok((task, last))
     }
 
     async fn tasks_by_session(&self, session_id: &SessionId, page: Page) -> Result<Vec<Task>> {
@@ -267,19 +298,7 @@ impl TaskStore for MemoryStore {
     }
 
     async fn append_logs(&self, task_id: TaskId, logs: Vec<NewTaskLog>) -> Result<u64> {
-        let mut inner = self.lock();
-        inner.task(task_id)?;
-        let entries = inner.logs.entry(task_id).or_default();
-        for log in logs {
-            let seq = entries.len() as u64 + 1;
-            entries.push(TaskLog {
-                task_id,
-                seq,
-                event: log.event,
-                timestamp: log.timestamp,
-            });
-        }
-        Ok(entries.len() as u64)
+        self.lock().append(task_id, logs)
     }
 
     async fn read_logs(&self, task_id: TaskId, after: u64, limit: u32) -> Result<Vec<TaskLog>> {

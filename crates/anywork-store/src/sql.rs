@@ -192,6 +192,18 @@ macro_rules! impl_sql_store {
             })
         }
 
+        /// `(type, payload, created_at)` rows for the log table.
+        fn encode_logs(
+            logs: Vec<anywork_core::NewTaskLog>,
+        ) -> anywork_core::Result<Vec<(String, String, i64)>> {
+            logs.into_iter()
+                .map(|log| {
+                    let wire = anywork_core::WireEvent::from(log.event);
+                    Ok((wire.kind.clone(), json_text(&wire)?, log.timestamp.0))
+                })
+                .collect()
+        }
+
         fn json_text<T: serde::Serialize>(value: &T) -> anywork_core::Result<String> {
             serde_json::to_string(value)
                 .map_err(|e| anywork_core::Error::internal(format!("cannot encode JSON: {e}")))
@@ -206,6 +218,129 @@ macro_rules! impl_sql_store {
                     .begin_with($begin)
                     .await
                     .map_err(|e| $crate::sql::db_err(context, e))
+            }
+
+            /// The compare-and-set of `update_task`, inside `tx`.
+            async fn update_in(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                id: anywork_core::TaskId,
+                expected: anywork_core::TaskStatus,
+                change: anywork_core::TaskChange,
+            ) -> anywork_core::Result<anywork_core::Task> {
+                use $crate::sql::to_i64;
+                let ctx = "update task";
+                let mut task = Self::lock_task(tx, id).await?;
+                if task.status != expected {
+                    return Err(anywork_core::Error::conflict(format!(
+                        "task {id} is {} now, not {expected}",
+                        task.status
+                    )));
+                }
+                change.apply(&mut task)?;
+                let structured = task.structured_output.as_ref().map(json_text).transpose()?;
+                let result = task.result.as_ref().map(json_text).transpose()?;
+                let error = task.error.as_ref().map(json_text).transpose()?;
+                let done = sqlx::query(
+                    "UPDATE tasks SET status = $1, result = $2, structured_output = $3, \
+                     error = $4, cost_usd = $5, input_tokens = $6, output_tokens = $7, \
+                     cache_creation_input_tokens = $8, cache_read_input_tokens = $9, \
+                     num_turns = $10, duration_ms = $11, worker_id = $12, lease_owner = $13, \
+                     lease_expires_at = $14, started_at = $15, finished_at = $16 \
+                     WHERE id = $17 AND status = $18",
+                )
+                .bind(task.status.as_str())
+                .bind(result)
+                .bind(structured)
+                .bind(error)
+                .bind(task.cost_usd)
+                .bind(to_i64(task.usage.input_tokens))
+                .bind(to_i64(task.usage.output_tokens))
+                .bind(to_i64(task.usage.cache_creation_input_tokens))
+                .bind(to_i64(task.usage.cache_read_input_tokens))
+                .bind(i64::from(task.num_turns))
+                .bind(task.duration_ms.map(to_i64))
+                .bind(&task.worker_id)
+                .bind(task.lease.as_ref().map(|l| l.owner.clone()))
+                .bind(task.lease.as_ref().map(|l| l.expires_at.0))
+                .bind(task.started_at.map(|t| t.0))
+                .bind(task.finished_at.map(|t| t.0))
+                .bind(id.to_string())
+                .bind(expected.as_str())
+                .execute(&mut **tx)
+                .await
+                .map_err(|e| $crate::sql::db_err(ctx, e))?;
+                if done.rows_affected() == 0 {
+                    return Err(anywork_core::Error::conflict(format!(
+                        "task {id} changed concurrently"
+                    )));
+                }
+                Ok(task)
+            }
+
+            /// Appends `rows` to `task_id`'s log inside `tx`; the last seq.
+            async fn append_in(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                task_id: anywork_core::TaskId,
+                rows: Vec<(String, String, i64)>,
+            ) -> anywork_core::Result<u64> {
+                use sqlx::Row as _;
+                let ctx = "append logs";
+                let id = task_id.to_string();
+                if rows.is_empty() {
+                    let row = sqlx::query("SELECT last_seq FROM tasks WHERE id = $1")
+                        .bind(&id)
+                        .fetch_optional(&mut **tx)
+                        .await
+                        .map_err(|e| $crate::sql::db_err(ctx, e))?
+                        .ok_or_else(|| {
+                            anywork_core::Error::not_found(format!("task {task_id} not found"))
+                        })?;
+                    let last: i64 = row
+                        .try_get("last_seq")
+                        .map_err(|e| $crate::sql::corrupt("last_seq", e))?;
+                    return Ok($crate::sql::to_u64(last));
+                }
+                let count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
+                // Reserving the seq range first also takes the task's row lock, which
+                // serializes appenders of one task so that seqs commit in order, gap-free.
+                let row = sqlx::query(
+                    "UPDATE tasks SET last_seq = last_seq + $1 WHERE id = $2 RETURNING last_seq",
+                )
+                .bind(count)
+                .bind(&id)
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(|e| $crate::sql::db_err(ctx, e))?
+                .ok_or_else(|| {
+                    anywork_core::Error::not_found(format!("task {task_id} not found"))
+                })?;
+                let last: i64 = row
+                    .try_get("last_seq")
+                    .map_err(|e| $crate::sql::corrupt("last_seq", e))?;
+                let mut seq = last - count;
+                let mut rows = rows.into_iter().peekable();
+                while rows.peek().is_some() {
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO task_logs (task_id, seq, type, payload, created_at) ",
+                    );
+                    insert.push_values(
+                        rows.by_ref().take($crate::sql::LOG_CHUNK),
+                        |mut b, (kind, payload, at)| {
+                            seq += 1;
+                            b.push_bind(id.clone())
+                                .push_bind(seq)
+                                .push_bind(kind)
+                                .push_bind(payload)
+                                .push_bind(at);
+                        },
+                    );
+                    insert
+                        .build()
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(|e| $crate::sql::db_err(ctx, e))?;
+                }
+                Ok($crate::sql::to_u64(last))
             }
 
             /// Tasks whose `column` equals `value`, oldest first. `column` is one of ours,
@@ -498,56 +633,27 @@ macro_rules! impl_sql_store {
                 expected: anywork_core::TaskStatus,
                 change: anywork_core::TaskChange,
             ) -> anywork_core::Result<anywork_core::Task> {
-                use $crate::sql::to_i64;
                 let ctx = "update task";
                 let mut tx = self.begin_write(ctx).await?;
-                let mut task = Self::lock_task(&mut tx, id).await?;
-                if task.status != expected {
-                    return Err(anywork_core::Error::conflict(format!(
-                        "task {id} is {} now, not {expected}",
-                        task.status
-                    )));
-                }
-                change.apply(&mut task)?;
-                let structured = task.structured_output.as_ref().map(json_text).transpose()?;
-                let result = task.result.as_ref().map(json_text).transpose()?;
-                let error = task.error.as_ref().map(json_text).transpose()?;
-                let done = sqlx::query(
-                    "UPDATE tasks SET status = $1, result = $2, structured_output = $3, \
-                     error = $4, cost_usd = $5, input_tokens = $6, output_tokens = $7, \
-                     cache_creation_input_tokens = $8, cache_read_input_tokens = $9, \
-                     num_turns = $10, duration_ms = $11, worker_id = $12, lease_owner = $13, \
-                     lease_expires_at = $14, started_at = $15, finished_at = $16 \
-                     WHERE id = $17 AND status = $18",
-                )
-                .bind(task.status.as_str())
-                .bind(result)
-                .bind(structured)
-                .bind(error)
-                .bind(task.cost_usd)
-                .bind(to_i64(task.usage.input_tokens))
-                .bind(to_i64(task.usage.output_tokens))
-                .bind(to_i64(task.usage.cache_creation_input_tokens))
-                .bind(to_i64(task.usage.cache_read_input_tokens))
-                .bind(i64::from(task.num_turns))
-                .bind(task.duration_ms.map(to_i64))
-                .bind(&task.worker_id)
-                .bind(task.lease.as_ref().map(|l| l.owner.clone()))
-                .bind(task.lease.as_ref().map(|l| l.expires_at.0))
-                .bind(task.started_at.map(|t| t.0))
-                .bind(task.finished_at.map(|t| t.0))
-                .bind(id.to_string())
-                .bind(expected.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| $crate::sql::db_err(ctx, e))?;
-                if done.rows_affected() == 0 {
-                    return Err(anywork_core::Error::conflict(format!(
-                        "task {id} changed concurrently"
-                    )));
-                }
+                let task = Self::update_in(&mut tx, id, expected, change).await?;
                 tx.commit().await.map_err(|e| $crate::sql::db_err(ctx, e))?;
                 Ok(task)
+            }
+
+            async fn update_task_and_append(
+                &self,
+                id: anywork_core::TaskId,
+                expected: anywork_core::TaskStatus,
+                change: anywork_core::TaskChange,
+                logs: Vec<anywork_core::NewTaskLog>,
+            ) -> anywork_core::Result<(anywork_core::Task, u64)> {
+                let ctx = "update task and append logs";
+                let rows = encode_logs(logs)?;
+                let mut tx = self.begin_write(ctx).await?;
+                let task = Self::update_in(&mut tx, id, expected, change).await?;
+                let last = Self::append_in(&mut tx, id, rows).await?;
+                tx.commit().await.map_err(|e| $crate::sql::db_err(ctx, e))?;
+                Ok((task, last))
             }
 
             async fn tasks_by_session(
@@ -639,56 +745,11 @@ macro_rules! impl_sql_store {
                     return Ok($crate::sql::to_u64(last));
                 }
                 // Encode before taking the write lock, to hold it as briefly as possible.
-                let rows: Vec<(String, String, i64)> = logs
-                    .into_iter()
-                    .map(|log| {
-                        let wire = anywork_core::WireEvent::from(log.event);
-                        Ok((wire.kind.clone(), json_text(&wire)?, log.timestamp.0))
-                    })
-                    .collect::<anywork_core::Result<_>>()?;
-                let count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
+                let rows = encode_logs(logs)?;
                 let mut tx = self.begin_write(ctx).await?;
-                // Reserving the seq range first also takes the task's row lock, which
-                // serializes appenders of one task so that seqs commit in order, gap-free.
-                let row = sqlx::query(
-                    "UPDATE tasks SET last_seq = last_seq + $1 WHERE id = $2 RETURNING last_seq",
-                )
-                .bind(count)
-                .bind(&id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(|e| $crate::sql::db_err(ctx, e))?
-                .ok_or_else(|| {
-                    anywork_core::Error::not_found(format!("task {task_id} not found"))
-                })?;
-                let last: i64 = row
-                    .try_get("last_seq")
-                    .map_err(|e| $crate::sql::corrupt("last_seq", e))?;
-                let mut seq = last - count;
-                let mut rows = rows.into_iter().peekable();
-                while rows.peek().is_some() {
-                    let mut insert = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO task_logs (task_id, seq, type, payload, created_at) ",
-                    );
-                    insert.push_values(
-                        rows.by_ref().take($crate::sql::LOG_CHUNK),
-                        |mut b, (kind, payload, at)| {
-                            seq += 1;
-                            b.push_bind(id.clone())
-                                .push_bind(seq)
-                                .push_bind(kind)
-                                .push_bind(payload)
-                                .push_bind(at);
-                        },
-                    );
-                    insert
-                        .build()
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(|e| $crate::sql::db_err(ctx, e))?;
-                }
+                let last = Self::append_in(&mut tx, task_id, rows).await?;
                 tx.commit().await.map_err(|e| $crate::sql::db_err(ctx, e))?;
-                Ok($crate::sql::to_u64(last))
+                Ok(last)
             }
 
             async fn read_logs(

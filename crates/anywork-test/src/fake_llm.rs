@@ -549,8 +549,17 @@ impl FakeLlm {
     /// # Panics
     /// If the port cannot be bound or the thread cannot start.
     pub async fn start() -> FakeLlm {
-        let std_listener =
-            std::net::TcpListener::bind("127.0.0.1:0").expect("fake LLM: bind 127.0.0.1:0");
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    /// Binds `ip:0` (e.g. a Docker network's gateway, so that containers reach it) and starts
+    /// serving on a background thread.
+    ///
+    /// # Panics
+    /// If the port cannot be bound or the thread cannot start.
+    pub async fn start_on(ip: std::net::IpAddr) -> FakeLlm {
+        let std_listener = std::net::TcpListener::bind((ip, 0))
+            .unwrap_or_else(|e| panic!("fake LLM: bind {ip}:0: {e}"));
         std_listener
             .set_nonblocking(true)
             .expect("fake LLM: set_nonblocking");
@@ -581,7 +590,7 @@ impl FakeLlm {
         }
     }
 
-    /// The base URL, `http://127.0.0.1:PORT` (no trailing slash). Use it as
+    /// The base URL, `http://IP:PORT` (no trailing slash). Use it as
     /// `ANTHROPIC_BASE_URL`; OpenAI clients usually want `format!("{}/v1", fake.url())`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

@@ -32,7 +32,8 @@ macro_rules! store_conformance_tests {
             leases_renew_and_expire, tasks_by_session_and_status,
             logs_are_numbered_from_one_and_read_after_seq,
             concurrent_appenders_get_gap_free_seqs, ten_thousand_logs,
-            delete_session_cascades, unicode_and_large_payloads, bad_input_is_refused_cleanly);
+            delete_session_cascades, unicode_and_large_payloads, bad_input_is_refused_cleanly,
+            status_change_and_its_event_commit_together);
 
         #[test]
         fn matches_the_memory_model_on_random_operations() {
@@ -418,6 +419,95 @@ pub async fn status_changes_are_compare_and_set(store: Store) {
             TaskId(uuid_from(404)),
             TaskStatus::Pending,
             TaskChange::to(TaskStatus::Running),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(missing.kind(), ErrorKind::NotFound);
+}
+
+/// `update_task_and_append`: both or neither; seqs continue the log.
+pub async fn status_change_and_its_event_commit_together(store: Store) {
+    let task = session_with_task(&store, "s1", 1).await;
+    store.append_logs(task.id, text_logs("a", 2)).await.unwrap();
+    let (running, last) = store
+        .update_task_and_append(
+            task.id,
+            TaskStatus::Pending,
+            TaskChange::to(TaskStatus::Running).worker("w1"),
+            vec![NewTaskLog::now(TaskEvent::Status {
+                status: TaskStatus::Running,
+            })],
+        )
+        .await
+        .unwrap();
+    assert_eq!(running.status, TaskStatus::Running);
+    assert_eq!(running.worker_id.as_deref(), Some("w1"));
+    assert_eq!(last, 3);
+    // A lost compare-and-set appends nothing.
+    let lost = store
+        .update_task_and_append(
+            task.id,
+            TaskStatus::Pending,
+            TaskChange::to(TaskStatus::Canceled),
+            text_logs("lost", 3),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(lost.kind(), ErrorKind::Conflict);
+    assert_eq!(all_logs(&store, task.id).await.len(), 3);
+    assert_eq!(
+        store.get_task(task.id).await.unwrap().status,
+        TaskStatus::Running
+    );
+    let (done, last) = store
+        .update_task_and_append(
+            task.id,
+            TaskStatus::Running,
+            TaskChange::finish(TaskOutcome::completed("ok")),
+            vec![NewTaskLog::now(TaskEvent::Done(TaskOutcome::completed(
+                "ok",
+            )))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.status, TaskStatus::Completed);
+    assert_eq!(last, 4);
+    let logs = all_logs(&store, task.id).await;
+    assert_eq!(
+        logs.iter().map(|l| l.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert!(matches!(logs[3].event, TaskEvent::Done(_)));
+    // No logs: only the change, and the current last seq.
+    let other = store.create_task(new_task("s1", 2, 3)).await.unwrap();
+    let (_, last) = store
+        .update_task_and_append(
+            other.id,
+            TaskStatus::Pending,
+            TaskChange::to(TaskStatus::Canceled),
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(last, 0);
+    // An illegal transition appends nothing either.
+    let illegal = store
+        .update_task_and_append(
+            other.id,
+            TaskStatus::Canceled,
+            TaskChange::to(TaskStatus::Running),
+            text_logs("illegal", 1),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(illegal.kind(), ErrorKind::InvalidTransition);
+    assert!(all_logs(&store, other.id).await.is_empty());
+    let missing = store
+        .update_task_and_append(
+            TaskId(uuid_from(404)),
+            TaskStatus::Pending,
+            TaskChange::to(TaskStatus::Running),
+            text_logs("x", 1),
         )
         .await
         .unwrap_err();
@@ -1416,6 +1506,17 @@ mod memory_model {
             *t = n.clone();
             Ok(n)
         }
+        async fn update_task_and_append(
+            &self,
+            id: TaskId,
+            exp: TaskStatus,
+            c: TaskChange,
+            logs: Vec<NewTaskLog>,
+        ) -> Result<(Task, u64)> {
+            // The model is used from one thread: one after the other is atomic here.
+            let task = self.update_task(id, exp, c).await?;
+            Ok((task, self.append_logs(id, logs).await?))
+        }
         async fn tasks_by_session(&self, id: &SessionId, p: Page) -> Result<Vec<Task>> {
             let st = self.state.lock().unwrap();
             let mut v: Vec<Task> =
@@ -1546,6 +1647,15 @@ mod keep_alive {
         }
         async fn update_task(&self, id: TaskId, exp: TaskStatus, c: TaskChange) -> Result<Task> {
             self.store.update_task(id, exp, c).await
+        }
+        async fn update_task_and_append(
+            &self,
+            id: TaskId,
+            exp: TaskStatus,
+            c: TaskChange,
+            logs: Vec<NewTaskLog>,
+        ) -> Result<(Task, u64)> {
+            self.store.update_task_and_append(id, exp, c, logs).await
         }
         async fn tasks_by_session(&self, id: &SessionId, page: Page) -> Result<Vec<Task>> {
             self.store.tasks_by_session(id, page).await

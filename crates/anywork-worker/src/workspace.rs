@@ -20,7 +20,7 @@
 //! plants a link cannot make the worker write outside the workspace. Files are written
 //! atomically (a temporary file in the same folder, then a rename).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -185,8 +185,9 @@ fn base64_url(bytes: &[u8]) -> String {
 #[derive(Debug, Clone)]
 pub struct Workspace {
     root: PathBuf,
-    /// Serializes [`Workspace::prepare`] calls, which rename and delete skill folders.
-    prepare_lock: Arc<Mutex<()>>,
+    /// Serializes [`Workspace::prepare`] calls per session (they rename and delete that
+    /// session's skill folders); sessions prepare in parallel.
+    prepare_locks: Arc<Mutex<HashMap<SessionId, Arc<Mutex<()>>>>>,
 }
 
 impl Workspace {
@@ -194,7 +195,7 @@ impl Workspace {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self {
             root: root.into(),
-            prepare_lock: Arc::new(Mutex::new(())),
+            prepare_locks: Arc::default(),
         }
     }
 
@@ -273,8 +274,16 @@ impl Workspace {
     ) -> Result<PathBuf> {
         validate_skills(skills)?;
         validate_mcp_servers(mcp_servers)?;
-        let _serial = self
-            .prepare_lock
+        let session_lock = {
+            let mut locks = self
+                .prepare_locks
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            // Forget the locks of sessions nobody is preparing.
+            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+            locks.entry(session.clone()).or_default().clone()
+        };
+        let _serial = session_lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let ws = self.ensure_session(session)?;
