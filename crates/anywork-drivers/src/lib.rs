@@ -6,7 +6,14 @@
 
 pub use anywork_core::driver::{ContainerDriver, WorkerEndpoint, WorkerInfo};
 
+pub mod common;
+
 #[cfg(feature = "static")]
 mod static_driver;
 #[cfg(feature = "static")]
 pub use static_driver::StaticDriver;
+
+#[cfg(feature = "k8s")]
+pub mod k8s;
+#[cfg(feature = "k8s")]
+pub use k8s::{K8sConfig, K8sDriver};

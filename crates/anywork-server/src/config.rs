@@ -31,8 +31,10 @@ pub struct Config {
     /// PostgreSQL (`postgres://…`) or SQLite (`sqlite:…`) URL; overrides DB_DIR's database.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
-    /// `local` (a worker inside this process), or `static` (the worker at STATIC_WORKER_URL).
-    /// Default: `static` when STATIC_WORKER_URL is set, else `local`.
+    /// `local` (a worker inside this process), `static` (the worker at STATIC_WORKER_URL),
+    /// `docker` (a container per session, DOCKER_* variables) or `k8s` (a pod per session,
+    /// K8S_* variables), as compiled in. Default: `static` when STATIC_WORKER_URL is set,
+    /// else `local`.
     #[arg(long, env = "CONTAINER_DRIVER")]
     pub container_driver: Option<String>,
     /// URL of the worker for the static driver (`http://127.0.0.1:8080`).
@@ -65,6 +67,10 @@ pub struct Config {
     /// Origins allowed by CORS, comma-separated (`*` for any; empty for none).
     #[arg(long, env = "CORS_ORIGINS", default_value = "")]
     pub cors_origins: String,
+    /// Seconds between asks to the driver to stop idle workers (0: never). The idle TTL itself
+    /// is the driver's (DOCKER_IDLE_TTL_SECONDS, K8S_IDLE_TTL_SECONDS).
+    #[arg(long, env = "REAP_INTERVAL_SECONDS", default_value_t = 30)]
+    pub reap_interval_seconds: u64,
     /// Seconds to let running tasks finish on shutdown.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
@@ -76,6 +82,15 @@ pub struct Built {
     pub state: AppState,
     /// Where the local worker listens, when there is one.
     pub local_worker: Option<String>,
+}
+
+/// The drivers this build has.
+fn available_drivers() -> Vec<&'static str> {
+    let mut names = vec!["local", "static"];
+    if cfg!(feature = "k8s") {
+        names.push("k8s");
+    }
+    names
 }
 
 impl Config {
@@ -107,8 +122,17 @@ impl Config {
                     Some(url),
                 )
             }
+            #[cfg(feature = "k8s")]
+            "k8s" | "kubernetes" => {
+                let config = anywork_drivers::K8sConfig::from_env()?;
+                (
+                    Arc::new(anywork_drivers::K8sDriver::connect(config).await?),
+                    None,
+                )
+            }
             other => bail!(
-                "CONTAINER_DRIVER={other:?} is not available in this build: use `local` or `static`"
+                "CONTAINER_DRIVER={other:?} is not available in this build: use one of {}",
+                available_drivers().join(", ")
             ),
         };
         let dispatcher = Dispatcher::builder(store, driver)
@@ -116,6 +140,8 @@ impl Config {
                 max_concurrent: self.max_concurrent_tasks.max(1),
                 task_timeout: Duration::from_secs(self.task_timeout_seconds.max(1)),
                 lease_ttl: Duration::from_secs(self.lease_ttl_seconds.max(1)),
+                reap_every: (self.reap_interval_seconds > 0)
+                    .then(|| Duration::from_secs(self.reap_interval_seconds)),
                 ..DispatcherConfig::default()
             })
             .titler(self.titler()?)

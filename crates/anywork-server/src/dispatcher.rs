@@ -80,6 +80,9 @@ pub struct DispatcherConfig {
     pub control_timeout: Duration,
     /// Events appended to the log in one batch, at most.
     pub max_batch: usize,
+    /// How often the driver is asked to stop idle workers ([`ContainerDriver::reap_idle`]);
+    /// `None` never.
+    pub reap_every: Option<Duration>,
 }
 
 impl Default for DispatcherConfig {
@@ -93,6 +96,7 @@ impl Default for DispatcherConfig {
             retry: Backoff::default(),
             control_timeout: Duration::from_secs(30),
             max_batch: 256,
+            reap_every: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -203,6 +207,9 @@ impl DispatcherBuilder {
         dispatcher.requeue_pending().await?;
         dispatcher.recover_expired().await;
         tokio::spawn(recovery_loop(Arc::downgrade(&dispatcher.inner)));
+        if let Some(every) = dispatcher.inner.config.reap_every {
+            tokio::spawn(reap_loop(Arc::downgrade(&dispatcher.inner), every));
+        }
         Ok(dispatcher)
     }
 }
@@ -509,6 +516,60 @@ impl Dispatcher {
             }
         }
         n
+    }
+}
+
+impl Dispatcher {
+    /// The sessions that need their worker: a task queued (`pending`), running or waiting
+    /// for input, on this server or another one sharing the store.
+    pub async fn busy_sessions(&self) -> Result<Vec<SessionId>> {
+        let inner = &self.inner;
+        let mut busy = std::collections::HashSet::new();
+        for status in [
+            TaskStatus::Pending,
+            TaskStatus::Running,
+            TaskStatus::InputRequired,
+        ] {
+            let mut offset = 0;
+            loop {
+                let page = Page {
+                    offset,
+                    limit: 1000,
+                };
+                let tasks = inner.store.tasks_by_status(status, page).await?;
+                let n = tasks.len() as u32;
+                busy.extend(tasks.into_iter().map(|t| t.session_id));
+                if n < page.limit {
+                    break;
+                }
+                offset += n;
+            }
+        }
+        Ok(busy.into_iter().collect())
+    }
+
+    /// Asks the driver to stop the idle workers of sessions that are not busy. Returns the
+    /// sessions whose workers were stopped.
+    pub async fn reap_idle(&self) -> Result<Vec<SessionId>> {
+        let busy = self.busy_sessions().await?;
+        let reaped = self.inner.driver.reap_idle(&busy).await?;
+        if !reaped.is_empty() {
+            tracing::info!(count = reaped.len(), "stopped idle workers");
+        }
+        Ok(reaped)
+    }
+}
+
+async fn reap_loop(inner: std::sync::Weak<Inner>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.stop.is_cancelled() {
+            return;
+        }
+        if let Err(e) = (Dispatcher { inner }).reap_idle().await {
+            tracing::warn!(error = %e, "reaping idle workers failed");
+        }
     }
 }
 
@@ -1124,6 +1185,66 @@ async fn push_outcome(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A driver whose workers never come up, and which records what the reaper is told.
+    #[derive(Default)]
+    struct RecordingDriver {
+        told_busy: Mutex<Vec<Vec<SessionId>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl ContainerDriver for RecordingDriver {
+        fn name(&self) -> &str {
+            "recording"
+        }
+        async fn get_worker(&self, _: &SessionId) -> Result<WorkerEndpoint> {
+            Err(Error::unavailable("no workers here"))
+        }
+        async fn release(&self, _: &SessionId) -> Result<()> {
+            Ok(())
+        }
+        async fn is_healthy(&self, _: &WorkerEndpoint) -> bool {
+            false
+        }
+        async fn list(&self) -> Result<Vec<anywork_core::WorkerInfo>> {
+            Ok(Vec::new())
+        }
+        async fn reap_idle(&self, busy: &[SessionId]) -> Result<Vec<SessionId>> {
+            lock(&self.told_busy).push(busy.to_vec());
+            Ok(Vec::new())
+        }
+    }
+
+    #[tokio::test]
+    async fn the_reaper_spares_sessions_with_work_and_only_those() {
+        let driver = Arc::new(RecordingDriver::default());
+        let store: Arc<dyn TaskStore> = Arc::new(anywork_store::MemoryStore::new());
+        let d = Dispatcher::builder(store.clone(), driver.clone())
+            .config(DispatcherConfig {
+                retry: Backoff {
+                    attempts: 1000,
+                    initial: Duration::from_millis(100),
+                    max: Duration::from_millis(100),
+                },
+                reap_every: None,
+                ..DispatcherConfig::default()
+            })
+            .start()
+            .await
+            .unwrap();
+        // A session whose task waits for a worker, and one whose only task is over.
+        let waiting = d.submit(TaskRequest::new("web", "hi")).await.unwrap().task;
+        let over = d.submit(TaskRequest::new("web", "bye")).await.unwrap().task;
+        d.cancel(over.id).await.unwrap();
+        d.reap_idle().await.unwrap();
+        let told = lock(&driver.told_busy).pop().unwrap();
+        assert!(told.contains(&waiting.session_id), "{told:?}");
+        assert!(!told.contains(&over.session_id), "{told:?}");
+        d.cancel(waiting.id).await.unwrap();
+        d.reap_idle().await.unwrap();
+        let told = lock(&driver.told_busy).pop().unwrap();
+        assert!(told.is_empty(), "{told:?}");
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

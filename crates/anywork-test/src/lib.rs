@@ -1,10 +1,15 @@
 //! Test doubles and conformance suites for AnyWork. Dev-only: nothing here ships.
 //!
 //! - [`store_conformance`]: the suite every [`TaskStore`](anywork_core::TaskStore) passes.
+//! - [`driver_conformance`]: the suite every [`ContainerDriver`](anywork_core::ContainerDriver) passes.
 //! - [`bins`]: the real `claude` CLI (or a loud skip) and the test MCP server binary.
+//! - [`fake_k8s`]: a fake Kubernetes API server (pods, services, PVCs) on loopback whose
+//!   pods run a tiny `/health` worker; it records every request and injects failures.
 //! - [`fake_llm`]: a scriptable fake of the Anthropic Messages API and of OpenAI chat
 //!   completions on loopback, which records every request.
 
 pub mod bins;
+pub mod driver_conformance;
+pub mod fake_k8s;
 pub mod fake_llm;
 pub mod store_conformance;

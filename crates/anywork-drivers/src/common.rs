@@ -1,0 +1,277 @@
+//! What the per-session drivers (Docker, Kubernetes) share: names derived from session ids,
+//! one creation at a time per session, readiness through the worker's `/health`, and the idle
+//! clock the reaper reads.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anywork_core::worker_api::{HEALTH_PATH, WorkerHealth};
+use anywork_core::{Error, ErrorKind, Result, SessionId};
+use tokio::sync::OwnedMutexGuard;
+
+/// A name fragment for `session_id` that container, volume, pod and label syntaxes all accept:
+/// up to 24 lowercase alphanumerics and dashes from the id, then a dash and 12 hex digits of a
+/// stable hash of the whole id (so ids that differ only in case or punctuation do not collide).
+/// 37 characters at most; starts and ends with an alphanumeric.
+pub fn session_slug(session_id: &SessionId) -> String {
+    let mut slug = String::with_capacity(37);
+    for c in session_id.as_str().chars() {
+        if slug.len() == 24 {
+            break;
+        }
+        let c = c.to_ascii_lowercase();
+        if c.is_ascii_alphanumeric() {
+            slug.push(c);
+        } else if !slug.is_empty() && !slug.ends_with('-') {
+            slug.push('-');
+        }
+    }
+    let slug = slug.trim_end_matches('-');
+    let hash = fnv1a64(session_id.as_str().as_bytes()) & 0xffff_ffff_ffff;
+    if slug.is_empty() {
+        format!("s-{hash:012x}")
+    } else {
+        format!("{slug}-{hash:012x}")
+    }
+}
+
+/// FNV-1a, 64 bits: stable across processes and Rust versions (unlike `DefaultHasher`).
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One lock per session: whoever holds it may create, adopt or remove that session's worker,
+/// so concurrent `get_worker` calls for one session create one worker.
+#[derive(Debug, Default)]
+pub struct SessionLocks {
+    locks: Mutex<HashMap<SessionId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl SessionLocks {
+    /// Waits for `session_id`'s lock.
+    pub async fn lock(&self, session_id: &SessionId) -> OwnedMutexGuard<()> {
+        let m = lock(&self.locks)
+            .entry(session_id.clone())
+            .or_default()
+            .clone();
+        m.lock_owned().await
+    }
+
+    /// Forgets the locks nobody holds or waits for (call now and then, e.g. from the reaper).
+    pub fn prune(&self) {
+        lock(&self.locks).retain(|_, m| Arc::strong_count(m) > 1);
+    }
+}
+
+/// When each session last asked for its worker.
+#[derive(Debug, Default)]
+pub struct IdleClock {
+    last_used: Mutex<HashMap<SessionId, Instant>>,
+}
+
+impl IdleClock {
+    /// `session_id` uses its worker now.
+    pub fn touch(&self, session_id: &SessionId) {
+        lock(&self.last_used).insert(session_id.clone(), Instant::now());
+    }
+
+    /// How long `session_id` has not used its worker; a session never seen (a worker adopted
+    /// after a restart) starts its clock now.
+    pub fn idle_for(&self, session_id: &SessionId) -> Duration {
+        lock(&self.last_used)
+            .entry(session_id.clone())
+            .or_insert_with(Instant::now)
+            .elapsed()
+    }
+
+    /// `session_id` has no worker any more.
+    pub fn forget(&self, session_id: &SessionId) {
+        lock(&self.last_used).remove(session_id);
+    }
+}
+
+/// Asks workers for `GET /health`, each request bounded by a timeout.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    client: reqwest::Client,
+    timeout: Duration,
+}
+
+impl HealthCheck {
+    /// Health checks that each give up after `timeout`.
+    pub fn new(timeout: Duration) -> Result<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
+        Ok(Self { client, timeout })
+    }
+
+    /// The worker's health at `base_url`, or `None` if it does not answer in time or not
+    /// with a 2xx and a health document.
+    pub async fn check(&self, base_url: &str) -> Option<WorkerHealth> {
+        let response = self
+            .client
+            .get(format!("{base_url}{HEALTH_PATH}"))
+            .send()
+            .await
+            .ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        response.json().await.ok()
+    }
+
+    /// Polls `base_url`'s `/health` until it answers, for at most `within`.
+    pub async fn wait_ready(&self, base_url: &str, within: Duration) -> Result<WorkerHealth> {
+        let deadline = Instant::now() + within;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            if let Some(health) = self.check(base_url).await {
+                return Ok(health);
+            }
+            if Instant::now() + pause > deadline {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "the worker at {base_url} did not answer GET {HEALTH_PATH} within {:.1} s \
+                         (each try {:.1} s)",
+                        within.as_secs_f64(),
+                        self.timeout.as_secs_f64()
+                    ),
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Whether an idle worker may be stopped: idle past `ttl`, no busy task for its session in
+/// the dispatcher's view (`busy`), and its `/health` (when it answers) reports no busy session.
+pub fn may_reap(
+    session_id: &SessionId,
+    idle_for: Duration,
+    ttl: Duration,
+    busy: &[SessionId],
+    health: Option<&WorkerHealth>,
+) -> bool {
+    idle_for >= ttl
+        && !busy.contains(session_id)
+        && health.is_none_or(|h| h.busy_sessions.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sid(s: &str) -> SessionId {
+        SessionId::new(s).unwrap()
+    }
+
+    #[test]
+    fn slugs_are_valid_names_and_do_not_collide() {
+        let ids = [
+            "Web_123",
+            "web-123",
+            "owner/repo#12",
+            "OWNER/REPO#12",
+            "---",
+            "a".repeat(128).as_str(),
+            "019a7c2e-7f1b-7d3a-9c1e-3f2b1a0c9d8e",
+        ]
+        .map(sid);
+        let slugs: Vec<String> = ids.iter().map(session_slug).collect();
+        for s in &slugs {
+            assert!(s.len() <= 37, "{s}");
+            assert!(
+                s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            );
+            assert!(s.starts_with(|c: char| c.is_ascii_alphanumeric()), "{s}");
+            assert!(s.ends_with(|c: char| c.is_ascii_alphanumeric()), "{s}");
+        }
+        let unique: std::collections::HashSet<_> = slugs.iter().collect();
+        assert_eq!(unique.len(), slugs.len(), "{slugs:?}");
+        assert_eq!(session_slug(&sid("owner/repo#12")), slugs[2], "stable");
+        assert!(slugs[2].starts_with("owner-repo-12-"));
+    }
+
+    #[test]
+    fn busy_or_recent_workers_are_not_reaped() {
+        let s = sid("s1");
+        let ttl = Duration::from_secs(60);
+        let idle = Duration::from_secs(61);
+        let health = |busy: Vec<SessionId>| WorkerHealth {
+            status: "ok".into(),
+            version: "0".into(),
+            executor: "native".into(),
+            busy_sessions: busy,
+        };
+        assert!(may_reap(&s, idle, ttl, &[], None));
+        assert!(may_reap(
+            &s,
+            idle,
+            ttl,
+            &[sid("other")],
+            Some(&health(vec![]))
+        ));
+        assert!(!may_reap(&s, Duration::from_secs(59), ttl, &[], None));
+        assert!(!may_reap(&s, idle, ttl, std::slice::from_ref(&s), None));
+        assert!(!may_reap(
+            &s,
+            idle,
+            ttl,
+            &[],
+            Some(&health(vec![s.clone()]))
+        ));
+    }
+
+    #[tokio::test]
+    async fn one_creator_per_session_at_a_time() {
+        let locks = Arc::new(SessionLocks::default());
+        let guard = locks.lock(&sid("a")).await;
+        // Another session is not blocked.
+        let _b = locks.lock(&sid("b")).await;
+        let waiter = {
+            let locks = locks.clone();
+            tokio::spawn(async move {
+                let _g = locks.lock(&sid("a")).await;
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished());
+        drop(guard);
+        waiter.await.unwrap();
+        locks.prune();
+        assert_eq!(lock(&locks.locks).len(), 1, "only b's lock is still held");
+    }
+
+    #[tokio::test]
+    async fn wait_ready_names_the_url_when_nothing_answers() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let check = HealthCheck::new(Duration::from_millis(100)).unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let e = check
+            .wait_ready(&url, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert!(e.to_string().contains(&url), "{e}");
+    }
+}

@@ -1,0 +1,231 @@
+//! The conformance suite every [`ContainerDriver`] passes.
+//!
+//! ```ignore
+//! anywork_test::driver_conformance::run(
+//!     DriverSuite::per_session().idle_ttl(Duration::from_secs(1)),
+//!     || async { Arc::new(MyDriver::new(...)) as Arc<dyn ContainerDriver> },
+//! ).await;
+//! ```
+//!
+//! `make` must return a new driver over the same backend each time it is called (the same
+//! Docker daemon, the same API server): the suite checks that a second instance adopts the
+//! first one's workers — what a restarted server does. Every session the suite makes has a
+//! fresh random id, and the suite releases them at the end, so it can run against a shared
+//! engine.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anywork_core::{ContainerDriver, SessionId, WorkerEndpoint};
+
+/// What the driver under test is.
+#[derive(Debug, Clone, Default)]
+pub struct DriverSuite {
+    per_session: bool,
+    idle_ttl: Option<Duration>,
+    /// How long a released worker may keep answering `/health`.
+    stop_within: Duration,
+}
+
+impl DriverSuite {
+    /// A driver whose sessions share one worker (the static driver).
+    pub fn shared() -> Self {
+        Self {
+            per_session: false,
+            idle_ttl: None,
+            stop_within: Duration::from_secs(10),
+        }
+    }
+
+    /// A driver that gives each session its own worker (Docker, Kubernetes).
+    pub fn per_session() -> Self {
+        Self {
+            per_session: true,
+            ..Self::shared()
+        }
+    }
+
+    /// The idle TTL the driver was built with: the reaper cases run (sleeping past it).
+    pub fn idle_ttl(mut self, ttl: Duration) -> Self {
+        self.idle_ttl = Some(ttl);
+        self
+    }
+}
+
+fn session(tag: &str) -> SessionId {
+    SessionId::new(format!("conf-{tag}-{}", uuid::Uuid::now_v7().simple())).unwrap()
+}
+
+async fn get(driver: &dyn ContainerDriver, s: &SessionId) -> WorkerEndpoint {
+    driver
+        .get_worker(s)
+        .await
+        .unwrap_or_else(|e| panic!("{}: get_worker({s}): {e}", driver.name()))
+}
+
+async fn workers_of(driver: &dyn ContainerDriver, s: &SessionId) -> Vec<WorkerEndpoint> {
+    driver
+        .list()
+        .await
+        .unwrap_or_else(|e| panic!("{}: list: {e}", driver.name()))
+        .into_iter()
+        .filter(|w| w.session_id.as_ref() == Some(s))
+        .map(|w| w.endpoint)
+        .collect()
+}
+
+/// Runs every case of the suite; panics with the first broken guarantee.
+pub async fn run<F, Fut>(suite: DriverSuite, make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn ContainerDriver>>,
+{
+    let driver = make().await;
+    let d = driver.as_ref();
+    let mut made: Vec<SessionId> = Vec::new();
+
+    // A worker is created, healthy, and reused.
+    let s1 = session("reuse");
+    made.push(s1.clone());
+    let w1 = get(d, &s1).await;
+    assert!(d.is_healthy(&w1).await, "a new worker answers /health");
+    let again = get(d, &s1).await;
+    assert_eq!(again, w1, "the same session gets the same worker back");
+
+    // Concurrent calls for one session: one worker.
+    let s2 = session("race");
+    made.push(s2.clone());
+    let calls = (0..6).map(|_| d.get_worker(&s2));
+    let results = futures_util::future::join_all(calls).await;
+    let ids: HashSet<String> = results
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|e| panic!("concurrent get_worker: {e}"))
+                .worker_id
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "concurrent get_worker calls made {ids:?}");
+
+    if suite.per_session {
+        assert_ne!(
+            get(d, &s2).await.worker_id,
+            w1.worker_id,
+            "two sessions share a worker"
+        );
+        assert_eq!(
+            workers_of(d, &s1).await,
+            vec![w1.clone()],
+            "list shows s1 once"
+        );
+        assert_eq!(workers_of(d, &s2).await.len(), 1, "list shows s2 once");
+    } else {
+        let all = d.list().await.unwrap();
+        assert!(
+            all.iter().any(|w| w.endpoint == w1 && w.healthy),
+            "list shows the shared worker: {all:?}"
+        );
+    }
+
+    // A second instance over the same backend adopts what exists.
+    let adopter = make().await;
+    let a = adopter.as_ref();
+    if suite.per_session {
+        assert_eq!(
+            workers_of(a, &s1).await,
+            vec![w1.clone()],
+            "a restarted driver lists the worker it did not create"
+        );
+    }
+    assert_eq!(
+        get(a, &s1).await,
+        w1,
+        "a restarted driver reuses, not duplicates"
+    );
+    if suite.per_session {
+        assert_eq!(workers_of(a, &s1).await.len(), 1);
+    }
+
+    // Releasing.
+    a.release(&session("never-seen"))
+        .await
+        .expect("releasing an unknown session is not an error");
+    if suite.per_session {
+        d.release(&s1).await.expect("release");
+        assert!(
+            workers_of(d, &s1).await.is_empty(),
+            "a released worker is not listed"
+        );
+        let deadline = tokio::time::Instant::now() + suite.stop_within;
+        while d.is_healthy(&w1).await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a released worker still answers after {:?}",
+                suite.stop_within
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let w1b = get(d, &s1).await;
+        assert!(
+            d.is_healthy(&w1b).await,
+            "the next get_worker brings a worker back"
+        );
+        assert_eq!(workers_of(d, &s1).await.len(), 1);
+    } else {
+        d.release(&s1).await.expect("release");
+        assert!(
+            d.is_healthy(&w1).await,
+            "a shared worker outlives one session"
+        );
+    }
+
+    // The reaper: idle workers go, busy ones stay.
+    if let Some(ttl) = suite.idle_ttl {
+        let idle = session("idle");
+        let busy = session("busy");
+        made.push(idle.clone());
+        made.push(busy.clone());
+        get(d, &idle).await;
+        get(d, &busy).await;
+        assert!(
+            d.reap_idle(&[])
+                .await
+                .expect("reap")
+                .iter()
+                .all(|s| s != &idle && s != &busy),
+            "workers used just now are not reaped"
+        );
+        tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+        let reaped = d
+            .reap_idle(std::slice::from_ref(&busy))
+            .await
+            .expect("reap");
+        assert!(
+            reaped.contains(&idle),
+            "an idle worker is reaped: {reaped:?}"
+        );
+        assert!(
+            !reaped.contains(&busy),
+            "a busy session's worker is not reaped"
+        );
+        assert!(workers_of(d, &idle).await.is_empty());
+        assert_eq!(workers_of(d, &busy).await.len(), 1);
+        let back = get(d, &idle).await;
+        assert!(
+            d.is_healthy(&back).await,
+            "a reaped session gets a new worker"
+        );
+    }
+
+    for s in &made {
+        d.release(s)
+            .await
+            .unwrap_or_else(|e| panic!("cleanup: release({s}): {e}"));
+    }
+    if suite.per_session {
+        for s in &made {
+            assert!(workers_of(d, s).await.is_empty(), "{s} released");
+        }
+    }
+}
