@@ -4,8 +4,10 @@
 //! ```sh
 //! cargo run --release -p anywork-bench -- worker     # see docs/benchmarks.md
 //! cargo run --release -p anywork-bench -- server
+//! cargo run --release -p anywork-bench -- docker     # needs a Docker engine
 //! ```
 
+mod docker;
 mod server;
 mod stats;
 mod worker;
@@ -27,6 +29,8 @@ enum Command {
     /// Server: dispatch overhead (WebSocket chat → executor start) and tasks/s with N
     /// concurrent sessions on SQLite, RSS per idle WebSocket session of the server binary.
     Server(server::Options),
+    /// Docker driver: cold `get_worker` (create + start + ready) and warm reuse, p50/p99.
+    Docker(docker::Options),
 }
 
 #[tokio::main]
@@ -34,5 +38,6 @@ async fn main() -> anyhow::Result<()> {
     match Args::parse().command {
         Command::Worker(options) => worker::run(options).await,
         Command::Server(options) => server::run(options).await,
+        Command::Docker(options) => docker::run(options).await,
     }
 }

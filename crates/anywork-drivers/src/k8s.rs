@@ -391,6 +391,18 @@ enum Found {
     Live(Box<Pod>),
 }
 
+/// A Kubernetes client for `config`. TLS uses rustls with the ring provider, installed as the
+/// process default when none is (a build that also enables aws-lc-rs cannot pick one itself).
+pub fn client_for(config: kube::Config) -> Result<kube::Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    kube::Client::try_from(config).map_err(|e| {
+        Error::new(
+            ErrorKind::Unavailable,
+            format!("cannot build a Kubernetes client: {e}"),
+        )
+    })
+}
+
 impl K8sDriver {
     /// Connects with the in-cluster service account, or else the kubeconfig
     /// (`KUBECONFIG`, `~/.kube/config`), as `kube::Config::infer` does.
@@ -405,16 +417,11 @@ impl K8sDriver {
                 ),
             )
         })?;
-        let client = kube::Client::try_from(kube_config).map_err(|e| {
-            Error::new(
-                ErrorKind::Unavailable,
-                format!("cannot build a Kubernetes client: {e}"),
-            )
-        })?;
-        Self::with_client(client, config)
+        Self::with_client(client_for(kube_config)?, config)
     }
 
-    /// A driver over an existing client (tests point one at a fake API server).
+    /// A driver over an existing client (tests point one at a fake API server; build it with
+    /// [`client_for`]).
     pub fn with_client(client: kube::Client, config: K8sConfig) -> Result<Self> {
         config.validate()?;
         let ns = config.namespace.as_str();

@@ -13,6 +13,11 @@ mod static_driver;
 #[cfg(feature = "static")]
 pub use static_driver::StaticDriver;
 
+#[cfg(feature = "docker")]
+pub mod docker;
+#[cfg(feature = "docker")]
+pub use docker::{DockerConfig, DockerDriver};
+
 #[cfg(feature = "k8s")]
 pub mod k8s;
 #[cfg(feature = "k8s")]

@@ -37,7 +37,7 @@ fn config() -> K8sConfig {
 }
 
 fn client(url: &str) -> kube::Client {
-    kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap()
+    anywork_drivers::k8s::client_for(kube::Config::new(url.parse().unwrap())).unwrap()
 }
 
 fn driver(fake: &FakeK8s, config: K8sConfig) -> K8sDriver {

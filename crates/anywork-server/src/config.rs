@@ -87,6 +87,9 @@ pub struct Built {
 /// The drivers this build has.
 fn available_drivers() -> Vec<&'static str> {
     let mut names = vec!["local", "static"];
+    if cfg!(feature = "docker") {
+        names.push("docker");
+    }
     if cfg!(feature = "k8s") {
         names.push("k8s");
     }
@@ -120,6 +123,14 @@ impl Config {
                 (
                     Arc::new(anywork_drivers::StaticDriver::new(&url)?),
                     Some(url),
+                )
+            }
+            #[cfg(feature = "docker")]
+            "docker" => {
+                let config = anywork_drivers::DockerConfig::from_env()?;
+                (
+                    Arc::new(anywork_drivers::DockerDriver::connect(config).await?),
+                    None,
                 )
             }
             #[cfg(feature = "k8s")]

@@ -3,12 +3,15 @@
 //! - [`store_conformance`]: the suite every [`TaskStore`](anywork_core::TaskStore) passes.
 //! - [`driver_conformance`]: the suite every [`ContainerDriver`](anywork_core::ContainerDriver) passes.
 //! - [`bins`]: the real `claude` CLI (or a loud skip) and the test MCP server binary.
+//! - [`docker_image`]: the worker image for tests on a real Docker engine, built from the
+//!   compiled worker binary without a registry.
 //! - [`fake_k8s`]: a fake Kubernetes API server (pods, services, PVCs) on loopback whose
 //!   pods run a tiny `/health` worker; it records every request and injects failures.
 //! - [`fake_llm`]: a scriptable fake of the Anthropic Messages API and of OpenAI chat
 //!   completions on loopback, which records every request.
 
 pub mod bins;
+pub mod docker_image;
 pub mod driver_conformance;
 pub mod fake_k8s;
 pub mod fake_llm;
