@@ -64,8 +64,8 @@ const WORKSPACE_MOUNT: &str = "/workspace";
 /// How [`DockerDriver`] runs workers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DockerConfig {
-    /// The engine: `unix:///var/run/docker.sock`, `tcp://host:2375`; `None` uses `DOCKER_HOST`
-    /// or the local socket (`DOCKER_HOST`).
+    /// The engine (`DOCKER_HOST`): `unix:///var/run/docker.sock`, `tcp://host:2375`; `None`
+    /// uses the local socket.
     pub docker_host: Option<String>,
     /// Worker image (`DOCKER_WORKER_IMAGE`, default `anywork-worker:latest`). It is never
     /// pulled: build it (`deploy/build-test-image.sh`, or `deploy/Dockerfile.worker`).

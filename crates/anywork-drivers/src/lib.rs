@@ -1,8 +1,9 @@
 //! Container drivers for AnyWork: where a session's worker runs.
 //!
 //! Each driver implements [`ContainerDriver`]: [`StaticDriver`] (one fixed worker URL,
-//! feature `static`, default); `docker` and `k8s` drivers (one container or pod per session)
-//! arrive with their own issue.
+//! feature `static`, default), `DockerDriver` (a container per session, feature `docker`) and
+//! `K8sDriver` (a pod + service per session, feature `k8s`). [`common`] holds what the
+//! per-session drivers share.
 
 pub use anywork_core::driver::{ContainerDriver, WorkerEndpoint, WorkerInfo};
 
