@@ -33,3 +33,14 @@ cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 log "cargo test (all features)"
 cargo test --workspace --all-features --locked "$@"
+
+# --- deploy files ---------------------------------------------------------------------------
+if command -v docker-compose >/dev/null; then
+    log "docker-compose config (deploy/*.yml)"
+    for f in deploy/docker-compose*.yml; do
+        DOCKER_GID=0 docker-compose -f "$f" config -q
+    done
+elif [ -n "${CI:-}" ]; then
+    echo "docker-compose is missing: cannot check deploy/docker-compose*.yml" >&2
+    exit 1
+fi

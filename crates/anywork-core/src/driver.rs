@@ -39,9 +39,21 @@ pub trait ContainerDriver: Send + Sync + 'static {
     /// otherwise. Concurrent calls for one session create at most one worker.
     async fn get_worker(&self, session_id: &SessionId) -> Result<WorkerEndpoint>;
 
-    /// Lets the worker of `session_id` go (stop it, or forget it). Releasing an unknown
+    /// Lets the worker of `session_id` go (stop it, or forget it). What the driver keeps for
+    /// the session (its workspace volume or claim) stays, so the next
+    /// [`get_worker`](Self::get_worker) finds the session's files. Releasing an unknown
     /// session is not an error.
     async fn release(&self, session_id: &SessionId) -> Result<()>;
+
+    /// Ends `session_id` for good: [`release`](Self::release), then deletes whatever the
+    /// driver keeps for the session (its workspace volume or claim), so its files and
+    /// conversation are gone. Idempotent; purging an unknown session is not an error. A later
+    /// [`get_worker`](Self::get_worker) starts a fresh worker on an empty workspace.
+    ///
+    /// The default only releases: right for drivers that keep nothing per session.
+    async fn purge(&self, session_id: &SessionId) -> Result<()> {
+        self.release(session_id).await
+    }
 
     /// Whether the worker answers its `/health` within the driver's timeout.
     async fn is_healthy(&self, endpoint: &WorkerEndpoint) -> bool;

@@ -1,10 +1,11 @@
 //! [`DockerDriver`]: one worker container per session on a Docker engine.
 //!
-//! Each session gets a container named `<prefix><slug>` (see
-//! [`session_slug`](crate::common::session_slug)) on a user-defined bridge network, and a named
-//! volume `<prefix><slug>-workspace` mounted at `/workspace`. The volume outlives the container:
-//! releasing or reaping a worker keeps the session's files and conversation, and the next
-//! [`get_worker`](ContainerDriver::get_worker) starts a new container on the same volume.
+//! Each session gets a container named `<prefix><slug>` (see [`session_slug`]) on a
+//! user-defined bridge network, and a named volume `<prefix><slug>-workspace` mounted at
+//! `/workspace`. The volume outlives the container: releasing or reaping a worker keeps the
+//! session's files and conversation, and the next [`get_worker`](ContainerDriver::get_worker)
+//! starts a new container on the same volume. [`purge`](ContainerDriver::purge) (a deleted
+//! session) removes the container and the volume.
 //!
 //! Containers carry labels ([`LABEL_MANAGED`], [`LABEL_POOL`], [`LABEL_SESSION`]) so that a
 //! restarted server (a new driver instance, or another process) finds and adopts them instead
@@ -370,23 +371,6 @@ impl DockerDriver {
             .find_map(|g| g.parse().ok()))
     }
 
-    /// Releases `session_id`'s worker and deletes its workspace volume: the session's files
-    /// and conversation are gone.
-    pub async fn purge(&self, session_id: &SessionId) -> Result<()> {
-        let _guard = self.locks.lock(session_id).await;
-        self.remove_container(session_id).await?;
-        let volume = self.volume_name(session_id);
-        match self
-            .docker
-            .remove_volume(&volume, Some(RemoveVolumeOptions { force: true }))
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) if status_of(&e) == Some(404) => Ok(()),
-            Err(e) => Err(self.engine_err(&format!("remove volume {volume}"), e)),
-        }
-    }
-
     fn labels(&self, session_id: &SessionId) -> HashMap<String, String> {
         HashMap::from([
             (LABEL_MANAGED.to_owned(), "true".to_owned()),
@@ -431,6 +415,11 @@ impl DockerDriver {
     async fn ensure_network(&self) -> Result<String> {
         self.network_id
             .get_or_try_init(|| async {
+                // Drivers of one process make the network one at a time, so that none of
+                // them sees two for a moment: a container started then fails ("network is
+                // ambiguous"). Across processes the earliest network still wins.
+                static CREATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+                let _one_at_a_time = CREATING.lock().await;
                 let name = &self.config.network;
                 if let Some(id) = self.canonical_network(name).await? {
                     return Ok(id);
@@ -843,6 +832,23 @@ impl ContainerDriver for DockerDriver {
     async fn release(&self, session_id: &SessionId) -> Result<()> {
         let _guard = self.locks.lock(session_id).await;
         self.remove_container(session_id).await
+    }
+
+    /// Removes the container, then the workspace volume (`<prefix><slug>-workspace`): the
+    /// session's files and conversation are gone. A volume already gone is fine.
+    async fn purge(&self, session_id: &SessionId) -> Result<()> {
+        let _guard = self.locks.lock(session_id).await;
+        self.remove_container(session_id).await?;
+        let volume = self.volume_name(session_id);
+        match self
+            .docker
+            .remove_volume(&volume, Some(RemoveVolumeOptions { force: true }))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if status_of(&e) == Some(404) => Ok(()),
+            Err(e) => Err(self.engine_err(&format!("remove volume {volume}"), e)),
+        }
     }
 
     async fn is_healthy(&self, endpoint: &WorkerEndpoint) -> bool {

@@ -11,7 +11,8 @@
 //! - a **Service** selecting it, owned by the Pod (deleting the Pod garbage-collects it);
 //! - with `K8S_WORKSPACE_STORAGE=pvc`, a **PersistentVolumeClaim** `<prefix><slug>-ws` for the
 //!   workspace. It is not owned by the Pod: it survives release and reaping, so the session's
-//!   next worker finds its files. Delete it yourself when the session is gone for good.
+//!   next worker finds its files. [`purge`](ContainerDriver::purge) (a deleted session) deletes
+//!   it with the Pod and Service.
 //!
 //! `get_worker` (under a per-session lock) reuses a Running+Ready pod whose `/health` answers,
 //! waits for one still starting (another server's creation is adopted, a 409 on create
@@ -19,11 +20,11 @@
 //! creates one, then waits until it is Ready and answers `/health`. `list` finds pods by label
 //! selector (so a restarted server adopts them); terminating pods, and with `pod-ip`
 //! addressing pods without an IP yet, are not listed. `release` and `reap_idle` delete the pod
-//! and its Service (a 404 is fine).
+//! and its Service, `purge` also the claim (a 404 is fine everywhere).
 //!
 //! The API calls it makes, and so the RBAC it needs (`deploy/k8s/rbac.yaml`): pods `get`,
 //! `list`, `create`, `delete`; services `get`, `create`, `delete`; persistentvolumeclaims
-//! `create`.
+//! `create`, `delete`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -895,6 +896,14 @@ impl K8sDriver {
         }
     }
 
+    async fn delete_pvc(&self, name: &str) -> Result<()> {
+        match self.pvcs.delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(e) if api_code(&e) == Some(404) => Ok(()),
+            Err(e) => Err(self.api_error(e, "delete", "persistentvolumeclaims", name)),
+        }
+    }
+
     /// Deletes the session's pod and service (the PVC stays).
     async fn remove(&self, session_id: &SessionId) -> Result<()> {
         let name = self.pod_name(session_id);
@@ -966,8 +975,8 @@ impl K8sDriver {
                         format!(
                             "the server's service account may not {what}: {msg}. Apply \
                              deploy/k8s/rbac.yaml (a Role granting pods get/list/create/delete, \
-                             services get/create/delete, persistentvolumeclaims create in \
-                             {ns}) and bind it to the server's ServiceAccount"
+                             services get/create/delete, persistentvolumeclaims create/delete \
+                             in {ns}) and bind it to the server's ServiceAccount"
                         ),
                     ),
                     401 => Error::new(
@@ -1152,6 +1161,17 @@ impl ContainerDriver for K8sDriver {
     async fn release(&self, session_id: &SessionId) -> Result<()> {
         let _guard = self.locks.lock(session_id).await;
         self.remove(session_id).await
+    }
+
+    /// Deletes the pod and service, then with `pvc` storage the workspace claim (the cluster
+    /// frees it once the pod is gone). With `emptydir` storage the workspace went with the pod.
+    async fn purge(&self, session_id: &SessionId) -> Result<()> {
+        let _guard = self.locks.lock(session_id).await;
+        self.remove(session_id).await?;
+        if matches!(self.config.storage, WorkspaceStorage::Pvc { .. }) {
+            self.delete_pvc(&self.pvc_name(session_id)).await?;
+        }
+        Ok(())
     }
 
     async fn is_healthy(&self, endpoint: &WorkerEndpoint) -> bool {

@@ -128,7 +128,18 @@ async fn passes_the_driver_conformance_suite() {
     ]);
     assert!(
         left.trim().is_empty(),
-        "containers left after release: {left}"
+        "containers left after purge: {left}"
+    );
+    let volumes = docker(&[
+        "volume",
+        "ls",
+        "-q",
+        "--filter",
+        &format!("label=io.anywork.pool={}", pool.prefix),
+    ]);
+    assert!(
+        volumes.trim().is_empty(),
+        "the suite purges its sessions, workspace volumes included: {volumes}"
     );
 }
 
@@ -231,11 +242,30 @@ async fn chats_through_a_container_and_keeps_the_workspace_across_reaping() {
         "the conversation survived: {text}"
     );
 
-    driver.purge(&s).await.unwrap();
+    // Deleting the session: the trait's purge removes the container and the volume.
+    ContainerDriver::purge(&driver, &s).await.unwrap();
+    assert!(!driver.is_healthy(&w2).await, "the purged worker is gone");
+    assert!(containers_named(&driver.container_name(&s)).is_empty());
     assert!(
         !docker(&["volume", "ls", "-q"]).lines().any(|v| v == volume),
         "purge deletes the volume"
     );
+    ContainerDriver::purge(&driver, &s)
+        .await
+        .expect("purging again is not an error");
+
+    // The session could start over, on an empty workspace.
+    let w3 = driver.get_worker(&s).await.unwrap();
+    let doc: Value = http
+        .get(format!("{}/workspace/soul?session_id={s}", w3.base_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_ne!(doc["content"], soul, "a purged workspace is gone: {doc}");
+    ContainerDriver::purge(&driver, &s).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

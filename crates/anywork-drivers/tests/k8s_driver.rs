@@ -92,7 +92,38 @@ async fn passes_the_driver_conformance_suite() {
         },
     )
     .await;
-    // Everything the suite made was released; nothing is left behind but nothing was PVC.
+    // Everything the suite made was purged; with emptydir storage there never was a claim.
+    assert!(fake.names(Resource::Pods, NS).is_empty());
+    assert!(fake.names(Resource::Services, NS).is_empty());
+    assert!(fake.names(Resource::PersistentVolumeClaims, NS).is_empty());
+    assert!(
+        fake.requests().iter().all(|r| !r.path.starts_with(PVCS)),
+        "emptydir storage makes no claim requests"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_the_driver_conformance_suite_with_pvc_storage() {
+    let fake = FakeK8s::start().await;
+    let mut c = config();
+    c.idle_ttl = Duration::from_secs(1);
+    c.storage = WorkspaceStorage::Pvc {
+        storage_class: None,
+        size: "1Gi".into(),
+    };
+    driver_conformance::run(
+        DriverSuite::per_session().idle_ttl(Duration::from_secs(1)),
+        || {
+            let d = driver(&fake, c.clone());
+            async move { Arc::new(d) as Arc<dyn ContainerDriver> }
+        },
+    )
+    .await;
+    assert!(
+        fake.requests().iter().any(|r| r.is("POST", PVCS)),
+        "the suite's sessions had claims"
+    );
+    // The suite purges every session it made: no pod, service or claim is left.
     assert!(fake.names(Resource::Pods, NS).is_empty());
     assert!(fake.names(Resource::Services, NS).is_empty());
     assert!(fake.names(Resource::PersistentVolumeClaims, NS).is_empty());
@@ -357,6 +388,120 @@ async fn pvc_storage_makes_a_claim_that_outlives_the_pod() {
         fake.names(Resource::PersistentVolumeClaims, NS),
         vec![pvc_name]
     );
+}
+
+fn pvc_config() -> K8sConfig {
+    let mut c = config();
+    c.storage = WorkspaceStorage::Pvc {
+        storage_class: None,
+        size: "1Gi".into(),
+    };
+    c
+}
+
+#[tokio::test]
+async fn purge_deletes_pod_service_and_claim() {
+    let fake = FakeK8s::start().await;
+    let d = driver(&fake, pvc_config());
+    let s = sid("purged-session");
+    let name = d.pod_name(&s);
+    let pvc_name = d.pvc_name(&s);
+    let w1 = d.get_worker(&s).await.unwrap();
+    let old_claim = fake
+        .object(Resource::PersistentVolumeClaims, NS, &pvc_name)
+        .unwrap()["metadata"]["uid"]
+        .clone();
+
+    fake.clear_requests();
+    d.purge(&s).await.unwrap();
+    assert_eq!(
+        calls(&fake.requests()),
+        vec![
+            call("DELETE", &format!("{PODS}/{name}")),
+            call("DELETE", &format!("{SERVICES}/{name}")),
+            call("DELETE", &format!("{PVCS}/{pvc_name}")),
+        ],
+        "the claim is deleted after the pod that mounts it"
+    );
+    assert!(fake.object(Resource::Pods, NS, &name).is_none());
+    assert!(fake.object(Resource::Services, NS, &name).is_none());
+    assert!(
+        fake.object(Resource::PersistentVolumeClaims, NS, &pvc_name)
+            .is_none()
+    );
+    assert!(!d.is_healthy(&w1).await, "the purged worker is gone");
+
+    // The session could start over: a new claim, not the old one.
+    let w2 = d.get_worker(&s).await.unwrap();
+    assert!(d.is_healthy(&w2).await);
+    let new_claim = fake
+        .object(Resource::PersistentVolumeClaims, NS, &pvc_name)
+        .unwrap()["metadata"]["uid"]
+        .clone();
+    assert_ne!(new_claim, old_claim, "a fresh, empty workspace");
+}
+
+#[tokio::test]
+async fn purge_tolerates_404_and_is_idempotent() {
+    let fake = FakeK8s::start().await;
+    let d = driver(&fake, pvc_config());
+    let s = sid("never-created");
+    let name = d.pod_name(&s);
+    let expected = vec![
+        call("DELETE", &format!("{PODS}/{name}")),
+        call("DELETE", &format!("{SERVICES}/{name}")),
+        call("DELETE", &format!("{PVCS}/{}", d.pvc_name(&s))),
+    ];
+    d.purge(&s).await.unwrap();
+    assert_eq!(calls(&fake.requests()), expected, "every object was absent");
+    fake.clear_requests();
+    d.purge(&s).await.unwrap();
+    assert_eq!(
+        calls(&fake.requests()),
+        expected,
+        "and purging again is fine"
+    );
+}
+
+#[tokio::test]
+async fn purge_with_emptydir_storage_makes_no_claim_request() {
+    let fake = FakeK8s::start().await;
+    let d = driver(&fake, config());
+    let s = sid("emptydir-purge");
+    let name = d.pod_name(&s);
+    d.get_worker(&s).await.unwrap();
+    fake.clear_requests();
+    d.purge(&s).await.unwrap();
+    assert_eq!(
+        calls(&fake.requests()),
+        vec![
+            call("DELETE", &format!("{PODS}/{name}")),
+            call("DELETE", &format!("{SERVICES}/{name}")),
+        ]
+    );
+    assert!(fake.names(Resource::Pods, NS).is_empty());
+}
+
+#[tokio::test]
+async fn a_refused_claim_deletion_names_the_missing_permission() {
+    let fake = FakeK8s::start().await;
+    let d = driver(&fake, pvc_config());
+    let s = sid("no-pvc-delete");
+    d.get_worker(&s).await.unwrap();
+    fake.inject(Fault::forbidden("DELETE", Resource::PersistentVolumeClaims));
+    let e = d.purge(&s).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unauthorized, "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("delete persistentvolumeclaims"), "{msg}");
+    assert!(msg.contains("deploy/k8s/rbac.yaml"), "{msg}");
+    // The worker went first; the claim is still there for the retry, which succeeds.
+    assert!(fake.names(Resource::Pods, NS).is_empty());
+    assert_eq!(
+        fake.names(Resource::PersistentVolumeClaims, NS),
+        vec![d.pvc_name(&s)]
+    );
+    d.purge(&s).await.unwrap();
+    assert!(fake.names(Resource::PersistentVolumeClaims, NS).is_empty());
 }
 
 #[tokio::test]
@@ -770,7 +915,7 @@ async fn rbac_yaml_grants_exactly_the_calls_the_driver_makes() {
     let d = driver(&fake, c);
     let s = sid("rbac-scenario");
     // Every path: a stale service replaced, creation with a claim, reuse, listing, reaping,
-    // releasing.
+    // releasing, purging.
     let mut stale = serde_json::to_value(d.service_manifest(&s, "old-uid")).unwrap();
     stale["metadata"]
         .as_object_mut()
@@ -784,6 +929,8 @@ async fn rbac_yaml_grants_exactly_the_calls_the_driver_makes() {
     assert_eq!(d.reap_idle(&[]).await.unwrap(), vec![s.clone()]);
     d.get_worker(&s).await.unwrap();
     d.release(&s).await.unwrap();
+    d.get_worker(&s).await.unwrap();
+    d.purge(&s).await.unwrap();
 
     let used: std::collections::BTreeSet<(String, String)> = fake
         .requests()

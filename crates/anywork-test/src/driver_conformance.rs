@@ -10,8 +10,8 @@
 //! `make` must return a new driver over the same backend each time it is called (the same
 //! Docker daemon, the same API server): the suite checks that a second instance adopts the
 //! first one's workers — what a restarted server does. Every session the suite makes has a
-//! fresh random id, and the suite releases them at the end, so it can run against a shared
-//! engine.
+//! fresh random id, and the suite purges them at the end (workers and workspaces), so it can
+//! run against a shared engine.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -180,6 +180,46 @@ where
         );
     }
 
+    // Purging: release plus the session's storage; idempotent, and the session can start over.
+    a.purge(&session("never-seen"))
+        .await
+        .expect("purging an unknown session is not an error");
+    let s3 = session("purge");
+    made.push(s3.clone());
+    let w3 = get(d, &s3).await;
+    d.purge(&s3).await.expect("purge");
+    d.purge(&s3)
+        .await
+        .expect("purging a purged session again is not an error");
+    if suite.per_session {
+        assert!(
+            workers_of(d, &s3).await.is_empty(),
+            "a purged worker is not listed"
+        );
+        let deadline = tokio::time::Instant::now() + suite.stop_within;
+        while d.is_healthy(&w3).await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a purged worker still answers after {:?}",
+                suite.stop_within
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    } else {
+        assert!(
+            d.is_healthy(&w3).await,
+            "a shared worker outlives a purged session"
+        );
+    }
+    let fresh = get(d, &s3).await;
+    assert!(
+        d.is_healthy(&fresh).await,
+        "get_worker after purge brings a fresh worker"
+    );
+    if suite.per_session {
+        assert_eq!(workers_of(d, &s3).await.len(), 1);
+    }
+
     // The reaper: idle workers go, busy ones stay.
     if let Some(ttl) = suite.idle_ttl {
         let idle = session("idle");
@@ -219,13 +259,13 @@ where
     }
 
     for s in &made {
-        d.release(s)
+        d.purge(s)
             .await
-            .unwrap_or_else(|e| panic!("cleanup: release({s}): {e}"));
+            .unwrap_or_else(|e| panic!("cleanup: purge({s}): {e}"));
     }
     if suite.per_session {
         for s in &made {
-            assert!(workers_of(d, s).await.is_empty(), "{s} released");
+            assert!(workers_of(d, s).await.is_empty(), "{s} purged");
         }
     }
 }

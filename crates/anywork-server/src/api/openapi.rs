@@ -61,7 +61,7 @@ const OPS: &[Op] = &[
     Op {
         method: "delete",
         path: "/api/sessions/{id}",
-        summary: "Delete a session with its tasks and logs (active tasks are canceled)",
+        summary: "Delete a session with its tasks, logs, worker and workspace (active tasks are canceled)",
         body: None,
         ok: (200, "Success"),
         query: &[],

@@ -176,8 +176,9 @@ pub(crate) async fn delete_session(
         offset += page.limit;
     }
     d.store().delete_session(&id).await?;
-    if let Err(e) = d.driver().release(&id).await {
-        tracing::warn!(session = %id, error = %e, "cannot release the session's worker");
+    // The session is gone for good: its worker and its workspace storage (volume, claim) too.
+    if let Err(e) = d.driver().purge(&id).await {
+        tracing::warn!(session = %id, error = %e, "cannot purge the session's worker and workspace");
     }
     Ok(Json(json!({"success": true})))
 }

@@ -4,7 +4,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anywork_core::{
-    Channel, Error, ErrorKind, Inbound, InboundRequest, Result, Task, TaskOutcome, TaskRequest,
+    Channel, ContainerDriver, Error, ErrorKind, Inbound, InboundRequest, Result, SessionId, Task,
+    TaskOutcome, TaskRequest, WorkerEndpoint, WorkerInfo,
 };
 use anywork_drivers::StaticDriver;
 use anywork_store::MemoryStore;
@@ -58,6 +59,13 @@ async fn app_with(options: ApiOptions) -> (axum::Router, AppState) {
         .unwrap()
         .port();
     let driver = Arc::new(StaticDriver::new(&format!("http://127.0.0.1:{port}")).unwrap());
+    app_over(driver, options).await
+}
+
+async fn app_over(
+    driver: Arc<dyn ContainerDriver>,
+    options: ApiOptions,
+) -> (axum::Router, AppState) {
     let dispatcher = Dispatcher::builder(Arc::new(MemoryStore::new()), driver)
         .config(DispatcherConfig {
             retry: Backoff {
@@ -441,4 +449,101 @@ async fn cors_answers_configured_origins_only() {
         res.headers()["access-control-allow-origin"],
         "http://app.example"
     );
+}
+
+/// A driver that has no worker to give and records which sessions were released and purged.
+#[derive(Default)]
+struct RecordingDriver {
+    released: Mutex<Vec<SessionId>>,
+    purged: Mutex<Vec<SessionId>>,
+    fail_purge: bool,
+}
+
+#[async_trait::async_trait]
+impl ContainerDriver for RecordingDriver {
+    fn name(&self) -> &str {
+        "recording"
+    }
+
+    async fn get_worker(&self, _session_id: &SessionId) -> Result<WorkerEndpoint> {
+        Err(Error::new(
+            ErrorKind::Unavailable,
+            "no workers in this test",
+        ))
+    }
+
+    async fn release(&self, session_id: &SessionId) -> Result<()> {
+        self.released.lock().unwrap().push(session_id.clone());
+        Ok(())
+    }
+
+    async fn purge(&self, session_id: &SessionId) -> Result<()> {
+        self.purged.lock().unwrap().push(session_id.clone());
+        if self.fail_purge {
+            return Err(Error::new(ErrorKind::Unavailable, "the engine is down"));
+        }
+        Ok(())
+    }
+
+    async fn is_healthy(&self, _endpoint: &WorkerEndpoint) -> bool {
+        false
+    }
+
+    async fn list(&self) -> Result<Vec<WorkerInfo>> {
+        Ok(Vec::new())
+    }
+}
+
+#[tokio::test]
+async fn deleting_a_session_purges_its_worker_and_workspace() {
+    let driver = Arc::new(RecordingDriver::default());
+    let (app, _) = app_over(driver.clone(), ApiOptions::default()).await;
+    // A session with a task still pending (no worker to run it).
+    let (s, created) = call(
+        &app,
+        Method::POST,
+        "/api/tasks",
+        Some(r#"{"message":"hi"}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{created}");
+    let id = created["sessionId"].as_str().unwrap();
+    let (_, other) = call(&app, Method::POST, "/api/sessions", None).await;
+    let other = other["id"].as_str().unwrap();
+
+    let (s, b) = call(&app, Method::DELETE, &format!("/api/sessions/{id}"), None).await;
+    assert_eq!((s, b), (StatusCode::OK, json!({"success": true})));
+    assert_eq!(
+        *driver.purged.lock().unwrap(),
+        vec![SessionId::new(id).unwrap()],
+        "the deleted session is purged, not merely released"
+    );
+    assert!(driver.released.lock().unwrap().is_empty());
+
+    // An unknown (or already deleted) session: 404, and nothing is purged.
+    let (s, _) = call(&app, Method::DELETE, &format!("/api/sessions/{id}"), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(driver.purged.lock().unwrap().len(), 1);
+    let (s, _) = call(&app, Method::GET, &format!("/api/sessions/{other}"), None).await;
+    assert_eq!(s, StatusCode::OK, "other sessions are untouched");
+}
+
+#[tokio::test]
+async fn a_failed_purge_does_not_undo_the_deletion() {
+    let driver = Arc::new(RecordingDriver {
+        fail_purge: true,
+        ..RecordingDriver::default()
+    });
+    let (app, _) = app_over(driver.clone(), ApiOptions::default()).await;
+    let (_, created) = call(&app, Method::POST, "/api/sessions", None).await;
+    let id = created["id"].as_str().unwrap();
+    let (s, _) = call(&app, Method::DELETE, &format!("/api/sessions/{id}"), None).await;
+    assert_eq!(
+        s,
+        StatusCode::OK,
+        "the session is deleted; the driver only logs"
+    );
+    assert_eq!(driver.purged.lock().unwrap().len(), 1);
+    let (s, _) = call(&app, Method::GET, &format!("/api/sessions/{id}"), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
 }
