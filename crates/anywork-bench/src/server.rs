@@ -361,6 +361,9 @@ impl ContainerDriver for TimedDriver {
     async fn release(&self, session_id: &SessionId) -> anywork_core::Result<()> {
         self.inner.release(session_id).await
     }
+    async fn purge(&self, session_id: &SessionId) -> anywork_core::Result<()> {
+        self.inner.purge(session_id).await
+    }
     async fn is_healthy(&self, endpoint: &WorkerEndpoint) -> bool {
         self.inner.is_healthy(endpoint).await
     }
@@ -373,8 +376,12 @@ impl ContainerDriver for TimedDriver {
 
 async fn connect(http_url: &str) -> anyhow::Result<Ws> {
     let url = format!("{}/ws", http_url.replacen("http://", "ws://", 1));
-    // Nagle off, as the server has it: small frames must not wait for delayed ACKs.
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
+    // Nagle off, as the server has it: small frames must not wait for delayed ACKs. A small
+    // read buffer: the default (128 KiB) is zeroed on every read, which costs the load
+    // generator CPU that the server under test then lacks.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(8 * 1024);
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
         .await
         .context("connect /ws")?;
     Ok(ws)

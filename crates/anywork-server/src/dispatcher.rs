@@ -21,7 +21,7 @@ use anywork_core::{
     TaskRequest, TaskStatus, TaskStore, Timestamp, WorkerEndpoint,
 };
 use futures_util::StreamExt;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::{Hub, LiveEvent};
@@ -126,7 +126,7 @@ struct Inner {
     http: reqwest::Client,
     metrics: Metrics,
     /// Sessions with a runner, and the tasks waiting behind the running one.
-    queues: Mutex<HashMap<SessionId, VecDeque<TaskId>>>,
+    queues: Mutex<HashMap<SessionId, VecDeque<Task>>>,
     permits: Arc<Semaphore>,
     runs: Mutex<HashMap<TaskId, mpsc::Sender<Control>>>,
     closing: AtomicBool,
@@ -282,6 +282,26 @@ impl Dispatcher {
     /// Stores a task as `pending` and queues it. The session is `request.session_id` (which
     /// must exist), else the one found by `channel_key`, else a new one.
     pub async fn submit(&self, request: TaskRequest) -> Result<Submitted> {
+        self.submit_inner(request, false).await.map(|(s, _)| s)
+    }
+
+    /// [`submit`](Self::submit), and a subscription to the task's live events taken before
+    /// it is queued: it receives every event of the run from the first (see
+    /// [`follow_submitted`](crate::follow::follow_submitted)), with no store read.
+    pub async fn submit_and_follow(
+        &self,
+        request: TaskRequest,
+    ) -> Result<(Submitted, broadcast::Receiver<Arc<LiveEvent>>)> {
+        let (submitted, live) = self.submit_inner(request, true).await?;
+        let live = live.ok_or_else(|| Error::internal("no subscription was taken"))?;
+        Ok((submitted, live))
+    }
+
+    async fn submit_inner(
+        &self,
+        request: TaskRequest,
+        follow: bool,
+    ) -> Result<(Submitted, Option<broadcast::Receiver<Arc<LiveEvent>>>)> {
         if self.inner.closing.load(Ordering::Relaxed) {
             return Err(Error::unavailable("the server is shutting down"));
         }
@@ -297,11 +317,13 @@ impl Dispatcher {
         if created || untitled {
             self.spawn_title(session.id.clone(), task.message.clone());
         }
-        self.enqueue(task.session_id.clone(), task.id);
-        Ok(Submitted {
+        let live = follow.then(|| self.inner.hub.subscribe(task.id));
+        self.enqueue(task.clone());
+        let submitted = Submitted {
             task,
             session_created: created,
-        })
+        };
+        Ok((submitted, live))
     }
 
     async fn resolve_session(&self, request: &TaskRequest) -> Result<(Session, bool)> {
@@ -361,12 +383,13 @@ impl Dispatcher {
         });
     }
 
-    fn enqueue(&self, session: SessionId, task: TaskId) {
+    fn enqueue(&self, task: Task) {
         let mut queues = lock(&self.inner.queues);
-        if let Some(queue) = queues.get_mut(&session) {
+        if let Some(queue) = queues.get_mut(&task.session_id) {
             queue.push_back(task);
             return;
         }
+        let session = task.session_id.clone();
         queues.insert(session.clone(), VecDeque::from([task]));
         drop(queues);
         tokio::spawn(session_runner(self.inner.clone(), session));
@@ -400,7 +423,12 @@ impl Dispatcher {
                 .finish_unrun(&task, TaskOutcome::canceled())
                 .await
             {
-                Ok(task) => return Ok(task),
+                Ok(task) => {
+                    if let Some(queue) = lock(&self.inner.queues).get_mut(&task.session_id) {
+                        queue.retain(|t| t.id != task_id);
+                    }
+                    return Ok(task);
+                }
                 Err(e) if e.kind() == ErrorKind::Conflict => continue,
                 Err(e) => return Err(e),
             }
@@ -461,7 +489,7 @@ impl Dispatcher {
                 .await?;
             let n = tasks.len() as u32;
             for t in tasks {
-                self.enqueue(t.session_id, t.id);
+                self.enqueue(t);
             }
             if n < page.limit {
                 return Ok(());
@@ -603,16 +631,19 @@ async fn session_runner(inner: Arc<Inner>, session: SessionId) {
         let Ok(_permit) = inner.permits.clone().acquire_owned().await else {
             return;
         };
+        let id = next.id;
         if let Err(e) = run_task(&inner, next).await {
-            tracing::error!(task = %next, error = %e, "task run failed in the dispatcher");
+            tracing::error!(task = %id, error = %e, "task run failed in the dispatcher");
         }
     }
 }
 
-async fn run_task(inner: &Arc<Inner>, task_id: TaskId) -> Result<()> {
-    let task = inner.store.get_task(task_id).await?;
+/// Runs `task` as queued (`pending`). One canceled meanwhile, or taken by another server,
+/// fails the `pending → running` compare-and-set and is left alone.
+async fn run_task(inner: &Arc<Inner>, task: Task) -> Result<()> {
+    let task_id = task.id;
     if task.status != TaskStatus::Pending {
-        return Ok(()); // canceled while queued, or taken by another server
+        return Ok(());
     }
     let (tx, rx) = mpsc::channel(8);
     lock(&inner.runs).insert(task_id, tx);

@@ -1,9 +1,11 @@
 //! [`follow`]: a task's events after a seq — first from the log, then live — with no gap and
 //! no duplicate. What makes WebSocket resume and log long-polls exact.
 
+use std::sync::Arc;
+
 use anywork_core::{Result, TaskEvent, TaskId};
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 
 use crate::dispatcher::Dispatcher;
 use crate::hub::LiveEvent;
@@ -45,42 +47,35 @@ pub async fn follow(
         if over && (follower.saw_done().await? || follower.catch_up().await?) {
             return Ok(());
         }
-        loop {
-            let next = if over {
-                match tokio::time::timeout(OVER_GRACE, live.recv()).await {
-                    Ok(next) => next,
-                    Err(_) => Err(RecvError::Closed),
-                }
-            } else {
-                live.recv().await
-            };
-            match next {
-                Ok(event) => {
-                    if event.seq <= follower.last {
-                        continue;
-                    }
-                    if event.seq > follower.last + 1 && follower.catch_up().await? {
-                        return Ok(());
-                    }
-                    if event.seq == follower.last + 1 && follower.send((*event).clone()).await? {
-                        return Ok(());
-                    }
-                }
-                Err(RecvError::Lagged(_)) => {
-                    if follower.catch_up().await? {
-                        return Ok(());
-                    }
-                }
-                Err(RecvError::Closed) => {
-                    follower.catch_up().await?;
-                    return Ok(());
-                }
-            }
-        }
+        follower.pump(&mut live, over).await
     }
     .await;
     drop(live);
     hub.release(task_id);
+    result
+}
+
+/// Sends every event of `task`, just made by
+/// [`Dispatcher::submit_and_follow`](crate::Dispatcher::submit_and_follow), to `out`, until
+/// its `done` has been sent or `out` is closed. `live` was subscribed before the task was
+/// queued, so it holds the run's events from the first: the store is read only when `live`
+/// falls behind.
+pub async fn follow_submitted(
+    dispatcher: &Dispatcher,
+    task: &anywork_core::Task,
+    mut live: broadcast::Receiver<Arc<LiveEvent>>,
+    out: &mpsc::Sender<LiveEvent>,
+) -> Result<()> {
+    let mut follower = Follower {
+        dispatcher,
+        task_id: task.id,
+        session_id: task.session_id.clone(),
+        last: 0,
+        out,
+    };
+    let result = follower.pump(&mut live, false).await;
+    drop(live);
+    dispatcher.hub().release(task.id);
     result
 }
 
@@ -93,6 +88,48 @@ struct Follower<'a> {
 }
 
 impl Follower<'_> {
+    /// Forwards live events in seq order, filling gaps from the log, until `done` was sent,
+    /// `out` closed, or the channel closed (the run ended). With `over` (the task was found
+    /// over), the wait for each event is at most `OVER_GRACE`.
+    async fn pump(
+        &mut self,
+        live: &mut broadcast::Receiver<Arc<LiveEvent>>,
+        over: bool,
+    ) -> Result<()> {
+        loop {
+            let next = if over {
+                match tokio::time::timeout(OVER_GRACE, live.recv()).await {
+                    Ok(next) => next,
+                    Err(_) => Err(RecvError::Closed),
+                }
+            } else {
+                live.recv().await
+            };
+            match next {
+                Ok(event) => {
+                    if event.seq <= self.last {
+                        continue;
+                    }
+                    if event.seq > self.last + 1 && self.catch_up().await? {
+                        return Ok(());
+                    }
+                    if event.seq == self.last + 1 && self.send((*event).clone()).await? {
+                        return Ok(());
+                    }
+                }
+                Err(RecvError::Lagged(_)) => {
+                    if self.catch_up().await? {
+                        return Ok(());
+                    }
+                }
+                Err(RecvError::Closed) => {
+                    self.catch_up().await?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
     /// Sends what the log has after `last`. `Ok(true)` once `done` was sent or `out` closed.
     async fn catch_up(&mut self) -> Result<bool> {
         loop {
@@ -262,5 +299,102 @@ mod tests {
         let started = tokio::time::Instant::now();
         follow(&d, id, 2, &tx).await.unwrap();
         assert!(started.elapsed() < OVER_GRACE);
+    }
+
+    /// A follower that falls further behind than the live channel holds re-reads the log and
+    /// still delivers every event once, in order, up to `done`.
+    #[tokio::test]
+    async fn a_submitted_task_followed_live_survives_falling_behind() {
+        let driver = Arc::new(StaticDriver::new("http://127.0.0.1:9").unwrap());
+        let d = Dispatcher::builder(Arc::new(MemoryStore::new()), driver)
+            .start()
+            .await
+            .unwrap();
+        let session = d
+            .store()
+            .create_session(NewSession::new("web"))
+            .await
+            .unwrap();
+        let task = d
+            .store()
+            .create_task(NewTask::from_request(
+                session.id,
+                TaskRequest::new("web", "hi"),
+            ))
+            .await
+            .unwrap();
+        let live = d.hub().subscribe(task.id);
+        // More events than the channel holds (1024), all published before anyone reads.
+        let mut events: Vec<TaskEvent> =
+            (0..1100).map(|i| TaskEvent::text(format!("{i}"))).collect();
+        events.push(TaskEvent::Done(TaskOutcome::completed("ok")));
+        for chunk in events.chunks(100) {
+            let logs = chunk.iter().cloned().map(NewTaskLog::now).collect();
+            let last = d.store().append_logs(task.id, logs).await.unwrap();
+            let first = last + 1 - chunk.len() as u64;
+            d.hub()
+                .publish(chunk.iter().enumerate().map(|(i, e)| LiveEvent {
+                    task_id: task.id,
+                    session_id: task.session_id.clone(),
+                    seq: first + i as u64,
+                    event: e.clone(),
+                }));
+        }
+        d.hub().close(task.id);
+        let (tx, mut rx) = mpsc::channel(2048);
+        follow_submitted(&d, &task, live, &tx).await.unwrap();
+        drop(tx);
+        let mut seqs = Vec::new();
+        while let Some(e) = rx.recv().await {
+            seqs.push(e.seq);
+            if e.seq == 1101 {
+                assert!(matches!(e.event, TaskEvent::Done(_)));
+            }
+        }
+        assert_eq!(seqs, (1..=1101).collect::<Vec<_>>());
+    }
+
+    /// `submit_and_follow` sees a run from its first event to its `done`, here one that fails
+    /// because the worker cannot be reached.
+    #[tokio::test]
+    async fn submit_and_follow_sees_the_whole_run() {
+        let driver = Arc::new(StaticDriver::new("http://127.0.0.1:9").unwrap());
+        let config = crate::DispatcherConfig {
+            retry: crate::Backoff {
+                attempts: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let d = Dispatcher::builder(Arc::new(MemoryStore::new()), driver)
+            .config(config)
+            .start()
+            .await
+            .unwrap();
+        let (submitted, live) = d
+            .submit_and_follow(TaskRequest::new("web", "hi"))
+            .await
+            .unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        follow_submitted(&d, &submitted.task, live, &tx)
+            .await
+            .unwrap();
+        drop(tx);
+        let mut got = Vec::new();
+        while let Some(e) = rx.recv().await {
+            got.push(e);
+        }
+        let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=got.len() as u64).collect::<Vec<_>>());
+        let Some(TaskEvent::Done(outcome)) = got.last().map(|e| &e.event) else {
+            panic!("no done: {got:?}");
+        };
+        assert_eq!(outcome.status, TaskStatus::Failed);
+        let logs = d
+            .store()
+            .read_logs(submitted.task.id, 0, 100)
+            .await
+            .unwrap();
+        assert_eq!(logs.len(), got.len(), "the follower saw what the log holds");
     }
 }

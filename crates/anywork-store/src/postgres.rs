@@ -53,3 +53,10 @@ impl PostgresStore {
 }
 
 crate::sql::impl_sql_store!(PostgresStore, Postgres, "BEGIN", " FOR UPDATE");
+
+impl PostgresStore {
+    /// Every write runs in a transaction of its own: PostgreSQL takes concurrent writers.
+    async fn write(&self, op: WriteOp) -> Result<Reply> {
+        self.write_on_pool(&op).await
+    }
+}

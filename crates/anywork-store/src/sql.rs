@@ -209,138 +209,380 @@ macro_rules! impl_sql_store {
                 .map_err(|e| anywork_core::Error::internal(format!("cannot encode JSON: {e}")))
         }
 
-        impl $store {
-            async fn begin_write(
-                &self,
-                context: &str,
-            ) -> anywork_core::Result<sqlx::Transaction<'static, $db>> {
-                self.pool
-                    .begin_with($begin)
-                    .await
-                    .map_err(|e| $crate::sql::db_err(context, e))
-            }
-
-            /// The compare-and-set of `update_task`, inside `tx`.
-            async fn update_in(
-                tx: &mut sqlx::Transaction<'static, $db>,
+        /// One write of the store, as data: run alone in its own transaction, or with others
+        /// in one transaction (SQLite's group commit). Running it must either succeed, or fail
+        /// with a "logical" error (conflict, not found, invalid transition or input) before
+        /// writing anything, or fail with another error, which spoils the whole transaction.
+        #[derive(Debug, Clone)]
+        pub(crate) enum WriteOp {
+            CreateSession(anywork_core::Session),
+            SetSessionTitle(anywork_core::SessionId, String),
+            TouchSession(anywork_core::SessionId, anywork_core::Timestamp),
+            DeleteSession(anywork_core::SessionId),
+            CreateTask(Box<anywork_core::Task>),
+            UpdateTask {
                 id: anywork_core::TaskId,
                 expected: anywork_core::TaskStatus,
-                change: anywork_core::TaskChange,
-            ) -> anywork_core::Result<anywork_core::Task> {
-                use $crate::sql::to_i64;
-                let ctx = "update task";
-                let mut task = Self::lock_task(tx, id).await?;
-                if task.status != expected {
-                    return Err(anywork_core::Error::conflict(format!(
-                        "task {id} is {} now, not {expected}",
-                        task.status
-                    )));
+                change: Box<anywork_core::TaskChange>,
+                rows: Option<Vec<(String, String, i64)>>,
+            },
+            RenewLease {
+                id: anywork_core::TaskId,
+                owner: String,
+                expires_at: anywork_core::Timestamp,
+            },
+            AppendLogs(anywork_core::TaskId, Vec<(String, String, i64)>),
+        }
+
+        /// What a [`WriteOp`] returns.
+        #[derive(Debug)]
+        pub(crate) enum Reply {
+            Unit,
+            Session(anywork_core::Session),
+            Task(Box<anywork_core::Task>, u64),
+            Seq(u64),
+        }
+
+        fn unexpected_reply(reply: Reply) -> anywork_core::Error {
+            anywork_core::Error::internal(format!("store write answered {reply:?}"))
+        }
+
+        type Conn = <$db as sqlx::Database>::Connection;
+
+        /// Whether `e` left the transaction as it was (a check that failed before writing).
+        #[allow(dead_code)]
+        pub(crate) fn is_logical(e: &anywork_core::Error) -> bool {
+            use anywork_core::ErrorKind::*;
+            matches!(
+                e.kind(),
+                Conflict | NotFound | InvalidTransition | InvalidInput
+            )
+        }
+
+        /// Runs `op` inside the transaction open on `conn`.
+        pub(crate) async fn apply(conn: &mut Conn, op: &WriteOp) -> anywork_core::Result<Reply> {
+            use $crate::sql::db_err;
+            match op {
+                WriteOp::CreateSession(session) => {
+                    sqlx::query(
+                        "INSERT INTO sessions (id, channel_type, channel_key, title, created_at, \
+                         last_active) VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind(session.id.as_str())
+                    .bind(&session.channel_type)
+                    .bind(&session.channel_key)
+                    .bind(&session.title)
+                    .bind(session.created_at.0)
+                    .bind(session.last_active.0)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| db_err(&format!("create session {}", session.id), e))?;
+                    Ok(Reply::Session(session.clone()))
                 }
-                change.apply(&mut task)?;
-                let structured = task.structured_output.as_ref().map(json_text).transpose()?;
-                let result = task.result.as_ref().map(json_text).transpose()?;
-                let error = task.error.as_ref().map(json_text).transpose()?;
-                let done = sqlx::query(
-                    "UPDATE tasks SET status = $1, result = $2, structured_output = $3, \
-                     error = $4, cost_usd = $5, input_tokens = $6, output_tokens = $7, \
-                     cache_creation_input_tokens = $8, cache_read_input_tokens = $9, \
-                     num_turns = $10, duration_ms = $11, worker_id = $12, lease_owner = $13, \
-                     lease_expires_at = $14, started_at = $15, finished_at = $16 \
-                     WHERE id = $17 AND status = $18",
-                )
-                .bind(task.status.as_str())
-                .bind(result)
-                .bind(structured)
-                .bind(error)
-                .bind(task.cost_usd)
-                .bind(to_i64(task.usage.input_tokens))
-                .bind(to_i64(task.usage.output_tokens))
-                .bind(to_i64(task.usage.cache_creation_input_tokens))
-                .bind(to_i64(task.usage.cache_read_input_tokens))
-                .bind(i64::from(task.num_turns))
-                .bind(task.duration_ms.map(to_i64))
-                .bind(&task.worker_id)
-                .bind(task.lease.as_ref().map(|l| l.owner.clone()))
-                .bind(task.lease.as_ref().map(|l| l.expires_at.0))
-                .bind(task.started_at.map(|t| t.0))
-                .bind(task.finished_at.map(|t| t.0))
+                WriteOp::SetSessionTitle(id, title) => {
+                    let done = sqlx::query("UPDATE sessions SET title = $1 WHERE id = $2")
+                        .bind(title)
+                        .bind(id.as_str())
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(|e| db_err("rename session", e))?;
+                    if done.rows_affected() == 0 {
+                        return Err(anywork_core::Error::not_found(format!(
+                            "session {id} not found"
+                        )));
+                    }
+                    Ok(Reply::Unit)
+                }
+                WriteOp::TouchSession(id, at) => {
+                    let done = sqlx::query(
+                        "UPDATE sessions SET last_active = \
+                         CASE WHEN last_active < $1 THEN $1 ELSE last_active END WHERE id = $2",
+                    )
+                    .bind(at.0)
+                    .bind(id.as_str())
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| db_err("touch session", e))?;
+                    if done.rows_affected() == 0 {
+                        return Err(anywork_core::Error::not_found(format!(
+                            "session {id} not found"
+                        )));
+                    }
+                    Ok(Reply::Unit)
+                }
+                WriteOp::DeleteSession(id) => {
+                    let ctx = "delete session";
+                    // A missing session has no tasks (they reference it): checked first, so
+                    // that `NotFound` writes nothing.
+                    let found = sqlx::query("SELECT 1 FROM sessions WHERE id = $1")
+                        .bind(id.as_str())
+                        .fetch_optional(&mut *conn)
+                        .await
+                        .map_err(|e| db_err(ctx, e))?;
+                    if found.is_none() {
+                        return Err(anywork_core::Error::not_found(format!(
+                            "session {id} not found"
+                        )));
+                    }
+                    sqlx::query(
+                        "DELETE FROM task_logs WHERE task_id IN \
+                         (SELECT id FROM tasks WHERE session_id = $1)",
+                    )
+                    .bind(id.as_str())
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| db_err(ctx, e))?;
+                    sqlx::query("DELETE FROM tasks WHERE session_id = $1")
+                        .bind(id.as_str())
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(|e| db_err(ctx, e))?;
+                    sqlx::query("DELETE FROM sessions WHERE id = $1")
+                        .bind(id.as_str())
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(|e| db_err(ctx, e))?;
+                    Ok(Reply::Unit)
+                }
+                WriteOp::CreateTask(task) => {
+                    let ctx = "create task";
+                    let push = task.push_notification.as_ref().map(json_text).transpose()?;
+                    sqlx::query(
+                        "INSERT INTO tasks (id, session_id, channel_type, channel_meta, status, \
+                         message, skills, mcp_servers, push_notification, created_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    )
+                    .bind(task.id.to_string())
+                    .bind(task.session_id.as_str())
+                    .bind(&task.channel_type)
+                    .bind(json_text(&task.channel_meta)?)
+                    .bind(task.status.as_str())
+                    .bind(json_text(&task.message)?)
+                    .bind(json_text(&task.skills)?)
+                    .bind(json_text(&task.mcp_servers)?)
+                    .bind(push)
+                    .bind(task.created_at.0)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| db_err(&format!("create task {}", task.id), e))?;
+                    // After the insert, so that a duplicate id is `Conflict` before a missing
+                    // session is `NotFound`, as in every store.
+                    let touched = sqlx::query(
+                        "UPDATE sessions SET last_active = \
+                         CASE WHEN last_active < $1 THEN $1 ELSE last_active END WHERE id = $2",
+                    )
+                    .bind(task.created_at.0)
+                    .bind(task.session_id.as_str())
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| db_err(ctx, e))?;
+                    if touched.rows_affected() == 0 {
+                        // Undo the insert: a logical error writes nothing.
+                        sqlx::query("DELETE FROM tasks WHERE id = $1")
+                            .bind(task.id.to_string())
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(|e| db_err(ctx, e))?;
+                        return Err(anywork_core::Error::not_found(format!(
+                            "session {} not found",
+                            task.session_id
+                        )));
+                    }
+                    Ok(Reply::Task(task.clone(), 0))
+                }
+                WriteOp::UpdateTask {
+                    id,
+                    expected,
+                    change,
+                    rows,
+                } => {
+                    let task = update_in(conn, *id, *expected, change).await?;
+                    let last = match rows {
+                        Some(rows) => append_in(conn, *id, rows).await?,
+                        None => 0,
+                    };
+                    Ok(Reply::Task(Box::new(task), last))
+                }
+                WriteOp::RenewLease {
+                    id,
+                    owner,
+                    expires_at,
+                } => {
+                    let sql = format!(
+                        "UPDATE tasks SET lease_expires_at = $1 WHERE id = $2 \
+                         AND lease_owner = $3 AND status IN {}",
+                        $crate::sql::ACTIVE
+                    );
+                    let done = sqlx::query(&sql)
+                        .bind(expires_at.0)
+                        .bind(id.to_string())
+                        .bind(owner)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(|e| db_err("renew lease", e))?;
+                    if done.rows_affected() == 0 {
+                        // Tell "no such task" apart from "not yours".
+                        lock_task(conn, *id).await?;
+                        return Err(anywork_core::Error::conflict(format!(
+                            "task {id} is not leased by {owner:?}"
+                        )));
+                    }
+                    Ok(Reply::Unit)
+                }
+                WriteOp::AppendLogs(id, rows) => Ok(Reply::Seq(append_in(conn, *id, rows).await?)),
+            }
+        }
+
+        /// The compare-and-set of `update_task`, inside the transaction on `conn`.
+        async fn update_in(
+            conn: &mut Conn,
+            id: anywork_core::TaskId,
+            expected: anywork_core::TaskStatus,
+            change: &anywork_core::TaskChange,
+        ) -> anywork_core::Result<anywork_core::Task> {
+            use $crate::sql::to_i64;
+            let ctx = "update task";
+            let mut task = lock_task(conn, id).await?;
+            if task.status != expected {
+                return Err(anywork_core::Error::conflict(format!(
+                    "task {id} is {} now, not {expected}",
+                    task.status
+                )));
+            }
+            change.apply(&mut task)?;
+            let structured = task.structured_output.as_ref().map(json_text).transpose()?;
+            let result = task.result.as_ref().map(json_text).transpose()?;
+            let error = task.error.as_ref().map(json_text).transpose()?;
+            let done = sqlx::query(
+                "UPDATE tasks SET status = $1, result = $2, structured_output = $3, \
+                 error = $4, cost_usd = $5, input_tokens = $6, output_tokens = $7, \
+                 cache_creation_input_tokens = $8, cache_read_input_tokens = $9, \
+                 num_turns = $10, duration_ms = $11, worker_id = $12, lease_owner = $13, \
+                 lease_expires_at = $14, started_at = $15, finished_at = $16 \
+                 WHERE id = $17 AND status = $18",
+            )
+            .bind(task.status.as_str())
+            .bind(result)
+            .bind(structured)
+            .bind(error)
+            .bind(task.cost_usd)
+            .bind(to_i64(task.usage.input_tokens))
+            .bind(to_i64(task.usage.output_tokens))
+            .bind(to_i64(task.usage.cache_creation_input_tokens))
+            .bind(to_i64(task.usage.cache_read_input_tokens))
+            .bind(i64::from(task.num_turns))
+            .bind(task.duration_ms.map(to_i64))
+            .bind(&task.worker_id)
+            .bind(task.lease.as_ref().map(|l| l.owner.clone()))
+            .bind(task.lease.as_ref().map(|l| l.expires_at.0))
+            .bind(task.started_at.map(|t| t.0))
+            .bind(task.finished_at.map(|t| t.0))
+            .bind(id.to_string())
+            .bind(expected.as_str())
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| $crate::sql::db_err(ctx, e))?;
+            if done.rows_affected() == 0 {
+                return Err(anywork_core::Error::conflict(format!(
+                    "task {id} changed concurrently"
+                )));
+            }
+            Ok(task)
+        }
+
+        /// Appends `rows` to `task_id`'s log inside the transaction on `conn`; the last seq.
+        async fn append_in(
+            conn: &mut Conn,
+            task_id: anywork_core::TaskId,
+            rows: &[(String, String, i64)],
+        ) -> anywork_core::Result<u64> {
+            use sqlx::Row as _;
+            let ctx = "append logs";
+            let id = task_id.to_string();
+            let count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
+            // Reserving the seq range first also takes the task's row lock, which serializes
+            // appenders of one task so that seqs commit in order, gap-free. With no rows, this
+            // reads the last seq (and `NotFound` for an unknown task).
+            let row = sqlx::query(
+                "UPDATE tasks SET last_seq = last_seq + $1 WHERE id = $2 RETURNING last_seq",
+            )
+            .bind(count)
+            .bind(&id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| $crate::sql::db_err(ctx, e))?
+            .ok_or_else(|| anywork_core::Error::not_found(format!("task {task_id} not found")))?;
+            let last: i64 = row
+                .try_get("last_seq")
+                .map_err(|e| $crate::sql::corrupt("last_seq", e))?;
+            let mut seq = last - count;
+            for chunk in rows.chunks($crate::sql::LOG_CHUNK) {
+                let mut insert = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO task_logs (task_id, seq, type, payload, created_at) ",
+                );
+                insert.push_values(chunk, |mut b, (kind, payload, at)| {
+                    seq += 1;
+                    b.push_bind(id.as_str())
+                        .push_bind(seq)
+                        .push_bind(kind.as_str())
+                        .push_bind(payload.as_str())
+                        .push_bind(*at);
+                });
+                insert
+                    .build()
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| $crate::sql::db_err(ctx, e))?;
+            }
+            Ok($crate::sql::to_u64(last))
+        }
+
+        async fn lock_task(
+            conn: &mut Conn,
+            id: anywork_core::TaskId,
+        ) -> anywork_core::Result<anywork_core::Task> {
+            let sql = format!(
+                "SELECT {} FROM tasks WHERE id = $1{}",
+                $crate::sql::TASK_COLUMNS,
+                $for_update
+            );
+            let row = sqlx::query(&sql)
                 .bind(id.to_string())
-                .bind(expected.as_str())
-                .execute(&mut **tx)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(|e| $crate::sql::db_err("read task", e))?
+                .ok_or_else(|| anywork_core::Error::not_found(format!("task {id} not found")))?;
+            task_from_row(&row)
+        }
+
+        /// Runs `op` alone in a transaction of its own on `conn`: committed when it succeeds,
+        /// rolled back when it fails.
+        #[allow(dead_code)]
+        pub(crate) async fn write_alone(
+            conn: &mut Conn,
+            op: &WriteOp,
+        ) -> anywork_core::Result<Reply> {
+            use sqlx::Connection as _;
+            let ctx = "write";
+            let mut tx = conn
+                .begin_with($begin)
                 .await
                 .map_err(|e| $crate::sql::db_err(ctx, e))?;
-                if done.rows_affected() == 0 {
-                    return Err(anywork_core::Error::conflict(format!(
-                        "task {id} changed concurrently"
-                    )));
-                }
-                Ok(task)
-            }
+            let reply = apply(&mut tx, op).await?;
+            tx.commit().await.map_err(|e| $crate::sql::db_err(ctx, e))?;
+            Ok(reply)
+        }
 
-            /// Appends `rows` to `task_id`'s log inside `tx`; the last seq.
-            async fn append_in(
-                tx: &mut sqlx::Transaction<'static, $db>,
-                task_id: anywork_core::TaskId,
-                rows: Vec<(String, String, i64)>,
-            ) -> anywork_core::Result<u64> {
-                use sqlx::Row as _;
-                let ctx = "append logs";
-                let id = task_id.to_string();
-                if rows.is_empty() {
-                    let row = sqlx::query("SELECT last_seq FROM tasks WHERE id = $1")
-                        .bind(&id)
-                        .fetch_optional(&mut **tx)
-                        .await
-                        .map_err(|e| $crate::sql::db_err(ctx, e))?
-                        .ok_or_else(|| {
-                            anywork_core::Error::not_found(format!("task {task_id} not found"))
-                        })?;
-                    let last: i64 = row
-                        .try_get("last_seq")
-                        .map_err(|e| $crate::sql::corrupt("last_seq", e))?;
-                    return Ok($crate::sql::to_u64(last));
-                }
-                let count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
-                // Reserving the seq range first also takes the task's row lock, which
-                // serializes appenders of one task so that seqs commit in order, gap-free.
-                let row = sqlx::query(
-                    "UPDATE tasks SET last_seq = last_seq + $1 WHERE id = $2 RETURNING last_seq",
-                )
-                .bind(count)
-                .bind(&id)
-                .fetch_optional(&mut **tx)
-                .await
-                .map_err(|e| $crate::sql::db_err(ctx, e))?
-                .ok_or_else(|| {
-                    anywork_core::Error::not_found(format!("task {task_id} not found"))
-                })?;
-                let last: i64 = row
-                    .try_get("last_seq")
-                    .map_err(|e| $crate::sql::corrupt("last_seq", e))?;
-                let mut seq = last - count;
-                let mut rows = rows.into_iter().peekable();
-                while rows.peek().is_some() {
-                    let mut insert = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO task_logs (task_id, seq, type, payload, created_at) ",
-                    );
-                    insert.push_values(
-                        rows.by_ref().take($crate::sql::LOG_CHUNK),
-                        |mut b, (kind, payload, at)| {
-                            seq += 1;
-                            b.push_bind(id.clone())
-                                .push_bind(seq)
-                                .push_bind(kind)
-                                .push_bind(payload)
-                                .push_bind(at);
-                        },
-                    );
-                    insert
-                        .build()
-                        .execute(&mut **tx)
-                        .await
-                        .map_err(|e| $crate::sql::db_err(ctx, e))?;
-                }
-                Ok($crate::sql::to_u64(last))
+        impl $store {
+            /// Runs `op` in a transaction of its own on a pooled connection.
+            #[allow(dead_code)]
+            async fn write_on_pool(&self, op: &WriteOp) -> anywork_core::Result<Reply> {
+                let mut conn = self
+                    .pool
+                    .acquire()
+                    .await
+                    .map_err(|e| $crate::sql::db_err("write", e))?;
+                write_alone(&mut conn, op).await
             }
 
             /// Tasks whose `column` equals `value`, oldest first. `column` is one of ours,
@@ -367,26 +609,6 @@ macro_rules! impl_sql_store {
                     .map(task_from_row)
                     .collect()
             }
-
-            async fn lock_task(
-                tx: &mut sqlx::Transaction<'static, $db>,
-                id: anywork_core::TaskId,
-            ) -> anywork_core::Result<anywork_core::Task> {
-                let sql = format!(
-                    "SELECT {} FROM tasks WHERE id = $1{}",
-                    $crate::sql::TASK_COLUMNS,
-                    $for_update
-                );
-                let row = sqlx::query(&sql)
-                    .bind(id.to_string())
-                    .fetch_optional(&mut **tx)
-                    .await
-                    .map_err(|e| $crate::sql::db_err("read task", e))?
-                    .ok_or_else(|| {
-                        anywork_core::Error::not_found(format!("task {id} not found"))
-                    })?;
-                task_from_row(&row)
-            }
         }
 
         #[async_trait::async_trait]
@@ -396,23 +618,10 @@ macro_rules! impl_sql_store {
                 new: anywork_core::NewSession,
             ) -> anywork_core::Result<anywork_core::Session> {
                 anywork_core::session::validate_title(&new.title)?;
-                let session = new.into_session();
-                sqlx::query(
-                    "INSERT INTO sessions (id, channel_type, channel_key, title, created_at, \
-                     last_active) VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(session.id.as_str())
-                .bind(&session.channel_type)
-                .bind(&session.channel_key)
-                .bind(&session.title)
-                .bind(session.created_at.0)
-                .bind(session.last_active.0)
-                .execute(&self.pool)
-                .await
-                .map_err(|e| {
-                    $crate::sql::db_err(&format!("create session {}", session.id), e)
-                })?;
-                Ok(session)
+                match self.write(WriteOp::CreateSession(new.into_session())).await? {
+                    Reply::Session(s) => Ok(s),
+                    other => Err(unexpected_reply(other)),
+                }
             }
 
             async fn get_session(
@@ -493,18 +702,9 @@ macro_rules! impl_sql_store {
                 title: &str,
             ) -> anywork_core::Result<()> {
                 anywork_core::session::validate_title(title)?;
-                let done = sqlx::query("UPDATE sessions SET title = $1 WHERE id = $2")
-                    .bind(title)
-                    .bind(id.as_str())
-                    .execute(&self.pool)
+                self.write(WriteOp::SetSessionTitle(id.clone(), title.to_owned()))
                     .await
-                    .map_err(|e| $crate::sql::db_err("rename session", e))?;
-                if done.rows_affected() == 0 {
-                    return Err(anywork_core::Error::not_found(format!(
-                        "session {id} not found"
-                    )));
-                }
-                Ok(())
+                    .map(drop)
             }
 
             async fn touch_session(
@@ -512,100 +712,24 @@ macro_rules! impl_sql_store {
                 id: &anywork_core::SessionId,
                 at: anywork_core::Timestamp,
             ) -> anywork_core::Result<()> {
-                let done = sqlx::query(
-                    "UPDATE sessions SET last_active = \
-                     CASE WHEN last_active < $1 THEN $1 ELSE last_active END WHERE id = $2",
-                )
-                .bind(at.0)
-                .bind(id.as_str())
-                .execute(&self.pool)
-                .await
-                .map_err(|e| $crate::sql::db_err("touch session", e))?;
-                if done.rows_affected() == 0 {
-                    return Err(anywork_core::Error::not_found(format!(
-                        "session {id} not found"
-                    )));
-                }
-                Ok(())
+                self.write(WriteOp::TouchSession(id.clone(), at)).await.map(drop)
             }
 
             async fn delete_session(
                 &self,
                 id: &anywork_core::SessionId,
             ) -> anywork_core::Result<()> {
-                let ctx = "delete session";
-                let mut tx = self.begin_write(ctx).await?;
-                sqlx::query(
-                    "DELETE FROM task_logs WHERE task_id IN \
-                     (SELECT id FROM tasks WHERE session_id = $1)",
-                )
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| $crate::sql::db_err(ctx, e))?;
-                sqlx::query("DELETE FROM tasks WHERE session_id = $1")
-                    .bind(id.as_str())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| $crate::sql::db_err(ctx, e))?;
-                let done = sqlx::query("DELETE FROM sessions WHERE id = $1")
-                    .bind(id.as_str())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| $crate::sql::db_err(ctx, e))?;
-                if done.rows_affected() == 0 {
-                    return Err(anywork_core::Error::not_found(format!(
-                        "session {id} not found"
-                    )));
-                }
-                tx.commit().await.map_err(|e| $crate::sql::db_err(ctx, e))
+                self.write(WriteOp::DeleteSession(id.clone())).await.map(drop)
             }
 
             async fn create_task(
                 &self,
                 new: anywork_core::NewTask,
             ) -> anywork_core::Result<anywork_core::Task> {
-                let ctx = "create task";
-                let task = new.into_task();
-                let mut tx = self.begin_write(ctx).await?;
-                let push = task.push_notification.as_ref().map(json_text).transpose()?;
-                sqlx::query(
-                    "INSERT INTO tasks (id, session_id, channel_type, channel_meta, status, \
-                     message, skills, mcp_servers, push_notification, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                )
-                .bind(task.id.to_string())
-                .bind(task.session_id.as_str())
-                .bind(&task.channel_type)
-                .bind(json_text(&task.channel_meta)?)
-                .bind(task.status.as_str())
-                .bind(json_text(&task.message)?)
-                .bind(json_text(&task.skills)?)
-                .bind(json_text(&task.mcp_servers)?)
-                .bind(push)
-                .bind(task.created_at.0)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| $crate::sql::db_err(&format!("create task {}", task.id), e))?;
-                // After the insert, so that a duplicate id is `Conflict` before a missing
-                // session is `NotFound`, as in every store.
-                let touched = sqlx::query(
-                    "UPDATE sessions SET last_active = \
-                     CASE WHEN last_active < $1 THEN $1 ELSE last_active END WHERE id = $2",
-                )
-                .bind(task.created_at.0)
-                .bind(task.session_id.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| $crate::sql::db_err(ctx, e))?;
-                if touched.rows_affected() == 0 {
-                    return Err(anywork_core::Error::not_found(format!(
-                        "session {} not found",
-                        task.session_id
-                    )));
+                match self.write(WriteOp::CreateTask(Box::new(new.into_task()))).await? {
+                    Reply::Task(t, _) => Ok(*t),
+                    other => Err(unexpected_reply(other)),
                 }
-                tx.commit().await.map_err(|e| $crate::sql::db_err(ctx, e))?;
-                Ok(task)
             }
 
             async fn get_task(
@@ -633,11 +757,16 @@ macro_rules! impl_sql_store {
                 expected: anywork_core::TaskStatus,
                 change: anywork_core::TaskChange,
             ) -> anywork_core::Result<anywork_core::Task> {
-                let ctx = "update task";
-                let mut tx = self.begin_write(ctx).await?;
-                let task = Self::update_in(&mut tx, id, expected, change).await?;
-                tx.commit().await.map_err(|e| $crate::sql::db_err(ctx, e))?;
-                Ok(task)
+                let op = WriteOp::UpdateTask {
+                    id,
+                    expected,
+                    change: Box::new(change),
+                    rows: None,
+                };
+                match self.write(op).await? {
+                    Reply::Task(t, _) => Ok(*t),
+                    other => Err(unexpected_reply(other)),
+                }
             }
 
             async fn update_task_and_append(
@@ -647,13 +776,16 @@ macro_rules! impl_sql_store {
                 change: anywork_core::TaskChange,
                 logs: Vec<anywork_core::NewTaskLog>,
             ) -> anywork_core::Result<(anywork_core::Task, u64)> {
-                let ctx = "update task and append logs";
-                let rows = encode_logs(logs)?;
-                let mut tx = self.begin_write(ctx).await?;
-                let task = Self::update_in(&mut tx, id, expected, change).await?;
-                let last = Self::append_in(&mut tx, id, rows).await?;
-                tx.commit().await.map_err(|e| $crate::sql::db_err(ctx, e))?;
-                Ok((task, last))
+                let op = WriteOp::UpdateTask {
+                    id,
+                    expected,
+                    change: Box::new(change),
+                    rows: Some(encode_logs(logs)?),
+                };
+                match self.write(op).await? {
+                    Reply::Task(t, last) => Ok((*t, last)),
+                    other => Err(unexpected_reply(other)),
+                }
             }
 
             async fn tasks_by_session(
@@ -678,26 +810,12 @@ macro_rules! impl_sql_store {
                 owner: &str,
                 expires_at: anywork_core::Timestamp,
             ) -> anywork_core::Result<()> {
-                let sql = format!(
-                    "UPDATE tasks SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 \
-                     AND status IN {}",
-                    $crate::sql::ACTIVE
-                );
-                let done = sqlx::query(&sql)
-                    .bind(expires_at.0)
-                    .bind(id.to_string())
-                    .bind(owner)
-                    .execute(&self.pool)
-                    .await
-                    .map_err(|e| $crate::sql::db_err("renew lease", e))?;
-                if done.rows_affected() == 0 {
-                    // Tell "no such task" apart from "not yours".
-                    anywork_core::TaskStore::get_task(self, id).await?;
-                    return Err(anywork_core::Error::conflict(format!(
-                        "task {id} is not leased by {owner:?}"
-                    )));
-                }
-                Ok(())
+                let op = WriteOp::RenewLease {
+                    id,
+                    owner: owner.to_owned(),
+                    expires_at,
+                };
+                self.write(op).await.map(drop)
             }
 
             async fn expired_leases(
@@ -728,14 +846,12 @@ macro_rules! impl_sql_store {
                 logs: Vec<anywork_core::NewTaskLog>,
             ) -> anywork_core::Result<u64> {
                 use sqlx::Row as _;
-                let ctx = "append logs";
-                let id = task_id.to_string();
                 if logs.is_empty() {
                     let row = sqlx::query("SELECT last_seq FROM tasks WHERE id = $1")
-                        .bind(&id)
+                        .bind(task_id.to_string())
                         .fetch_optional(&self.pool)
                         .await
-                        .map_err(|e| $crate::sql::db_err(ctx, e))?
+                        .map_err(|e| $crate::sql::db_err("append logs", e))?
                         .ok_or_else(|| {
                             anywork_core::Error::not_found(format!("task {task_id} not found"))
                         })?;
@@ -744,12 +860,10 @@ macro_rules! impl_sql_store {
                         .map_err(|e| $crate::sql::corrupt("last_seq", e))?;
                     return Ok($crate::sql::to_u64(last));
                 }
-                // Encode before taking the write lock, to hold it as briefly as possible.
-                let rows = encode_logs(logs)?;
-                let mut tx = self.begin_write(ctx).await?;
-                let last = Self::append_in(&mut tx, task_id, rows).await?;
-                tx.commit().await.map_err(|e| $crate::sql::db_err(ctx, e))?;
-                Ok(last)
+                match self.write(WriteOp::AppendLogs(task_id, encode_logs(logs)?)).await? {
+                    Reply::Seq(last) => Ok(last),
+                    other => Err(unexpected_reply(other)),
+                }
             }
 
             async fn read_logs(

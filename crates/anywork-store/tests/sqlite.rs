@@ -61,3 +61,109 @@ async fn connect_picks_the_store_from_the_url() {
     let err = anywork_store::connect("mysql://x").await.err().unwrap();
     assert_eq!(err.kind(), anywork_core::ErrorKind::InvalidInput);
 }
+
+/// Writes that queue together share one transaction (group commit). One that fails its own
+/// checks fails alone; one the database refuses spoils the shared transaction, which is then
+/// rolled back and redone write by write, so that it still fails alone and every other write
+/// lands exactly once.
+#[tokio::test]
+async fn writes_committed_together_still_fail_alone() {
+    use anywork_core::{
+        ErrorKind, NewSession, NewTask, NewTaskLog, TaskChange, TaskEvent, TaskId, TaskRequest,
+        TaskStatus, WireEvent,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open_in_dir(dir.path()).await.unwrap();
+    // A database-level refusal on demand: a trigger that aborts one kind of log row.
+    let admin = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        dir.path().join(SqliteStore::FILE_NAME).display()
+    ))
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER refuse_boom BEFORE INSERT ON task_logs WHEN NEW.type = 'boom' \
+         BEGIN SELECT RAISE(ABORT, 'boom is refused'); END",
+    )
+    .execute(&admin)
+    .await
+    .unwrap();
+
+    let session = store.create_session(NewSession::new("web")).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let new = NewTask::from_request(
+            session.id.clone(),
+            TaskRequest::new("web", format!("task {i}")),
+        );
+        tasks.push(store.create_task(new).await.unwrap().id);
+    }
+    let boom = TaskEvent::Other(WireEvent {
+        kind: "boom".into(),
+        content: String::new(),
+        metadata: serde_json::json!({}),
+    });
+    // Started together on this single-threaded runtime, they all queue before the writer
+    // runs, so they form one group.
+    let (store_ref, boom) = (&store, &boom);
+    let writes = tasks.iter().enumerate().map(|(i, &id)| async move {
+        match i {
+            0 => store_ref
+                .append_logs(id, vec![NewTaskLog::now(boom.clone())])
+                .await
+                .map(|_| ()),
+            1 => store_ref
+                .append_logs(
+                    TaskId::generate(),
+                    vec![NewTaskLog::now(TaskEvent::text("x"))],
+                )
+                .await
+                .map(|_| ()),
+            2 => store_ref
+                .update_task(
+                    id,
+                    TaskStatus::Running,
+                    TaskChange::to(TaskStatus::Completed),
+                )
+                .await
+                .map(|_| ()),
+            3 => store_ref
+                .update_task_and_append(
+                    id,
+                    TaskStatus::Pending,
+                    TaskChange::to(TaskStatus::Running),
+                    vec![NewTaskLog::now(TaskEvent::text("started"))],
+                )
+                .await
+                .map(|_| ()),
+            _ => store_ref
+                .append_logs(id, vec![NewTaskLog::now(TaskEvent::text(format!("t{i}")))])
+                .await
+                .map(|_| ()),
+        }
+    });
+    let results = futures_util::future::join_all(writes).await;
+
+    let kind = |i: usize| results[i].as_ref().err().map(|e| e.kind());
+    assert_eq!(kind(0), Some(ErrorKind::Storage), "{:?}", results[0]);
+    assert_eq!(kind(1), Some(ErrorKind::NotFound));
+    assert_eq!(kind(2), Some(ErrorKind::Conflict));
+    for (i, r) in results.iter().enumerate().skip(3) {
+        assert!(r.is_ok(), "write {i} failed: {r:?}");
+    }
+    // Nothing of the failed writes landed; everything else landed once.
+    assert!(store.read_logs(tasks[0], 0, 10).await.unwrap().is_empty());
+    assert_eq!(
+        store.get_task(tasks[2]).await.unwrap().status,
+        TaskStatus::Pending
+    );
+    assert_eq!(
+        store.get_task(tasks[3]).await.unwrap().status,
+        TaskStatus::Running
+    );
+    for (i, &id) in tasks.iter().enumerate().skip(3) {
+        let logs = store.read_logs(id, 0, 10).await.unwrap();
+        assert_eq!(logs.len(), 1, "task {i}: {logs:?}");
+        assert_eq!(logs[0].seq, 1);
+    }
+}

@@ -686,8 +686,9 @@ fn unique_suffix() -> String {
     format!("{}-{n}-{nanos}", std::process::id())
 }
 
-/// Writes a new temporary file beside `dir/name` and returns its path.
-fn write_temp(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf> {
+/// Writes a new temporary file beside `dir/name` and returns its path; with `sync`, on disk
+/// before this returns.
+fn write_temp(dir: &Path, name: &str, bytes: &[u8], sync: bool) -> Result<PathBuf> {
     let tmp = dir.join(format!(".{name}.tmp-{}", unique_suffix()));
     let result = OpenOptions::new()
         .write(true)
@@ -695,7 +696,7 @@ fn write_temp(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf> {
         .open(&tmp)
         .and_then(|mut f| {
             f.write_all(bytes)?;
-            f.sync_all()
+            if sync { f.sync_all() } else { Ok(()) }
         });
     match result {
         Ok(()) => Ok(tmp),
@@ -710,7 +711,7 @@ fn write_temp(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf> {
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     let dest = dir.join(name);
     check_file_slot(&dest)?;
-    let tmp = write_temp(dir, name, bytes)?;
+    let tmp = write_temp(dir, name, bytes, true)?;
     fs::rename(&tmp, &dest).map_err(|e| {
         let _ = fs::remove_file(&tmp);
         io_error("cannot write", &dest, e)
@@ -718,12 +719,14 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
 }
 
 /// Creates `dir/name` with `bytes` atomically unless it exists; returns whether it wrote.
+/// Used for copies of default texts only, so not synced: a copy lost to a power cut is at
+/// worst empty, which reads as no text (and a sync per new session stalls its first run).
 fn write_new_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<bool> {
     let dest = dir.join(name);
     if check_file_slot(&dest)? {
         return Ok(false);
     }
-    let tmp = write_temp(dir, name, bytes)?;
+    let tmp = write_temp(dir, name, bytes, false)?;
     // A hard link fails when `dest` exists, so a concurrent writer is never overwritten.
     let result = match fs::hard_link(&tmp, &dest) {
         Ok(()) => Ok(true),

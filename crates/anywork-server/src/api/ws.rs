@@ -20,13 +20,20 @@ use crate::hub::LiveEvent;
 /// Channel type of tasks made over the WebSocket.
 pub const WEBCHAT: &str = "webchat";
 
+/// Outgoing bytes gathered before a write to the socket; the rest of a batch is flushed.
+const WRITE_BATCH_BYTES: usize = 16 * 1024;
+
+/// Most events taken off the queue for one flush.
+const WRITE_BATCH_EVENTS: usize = 64;
+
 /// Largest client message.
 const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
 
 pub(crate) async fn upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
-    // Small buffers: most connections sit idle; they grow when a message needs it.
+    // Small buffers: most connections sit idle; they grow when a message needs it. Messages
+    // that are ready together are written together (see `connection`), up to this much.
     ws.read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BATCH_BYTES)
         .max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES)
         .on_upgrade(move |socket| connection(state, socket))
@@ -66,10 +73,19 @@ async fn connection(state: AppState, mut socket: WebSocket) {
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
             },
             Some(event) = events.recv() => {
-                if let anywork_core::TaskEvent::Done(_) = event.event {
-                    conn.followers.remove(&event.task_id);
+                // Whatever else is ready goes out in the same write.
+                let mut out = Vec::new();
+                let mut next = Some(event);
+                while let Some(event) = next.take() {
+                    if let anywork_core::TaskEvent::Done(_) = event.event {
+                        conn.followers.remove(&event.task_id);
+                    }
+                    out.push(event.to_message());
+                    if out.len() < WRITE_BATCH_EVENTS {
+                        next = events.try_recv().ok();
+                    }
                 }
-                vec![event.to_message()]
+                out
             }
             Some(reply) = replies.recv() => vec![reply],
             notice = notices.recv() => match notice {
@@ -78,10 +94,8 @@ async fn connection(state: AppState, mut socket: WebSocket) {
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             },
         };
-        for message in out {
-            if send(&mut socket, &message).await.is_err() {
-                break;
-            }
+        if send_all(&mut socket, &out).await.is_err() {
+            break;
         }
     }
     for (_, follower) in conn.followers.drain() {
@@ -89,12 +103,20 @@ async fn connection(state: AppState, mut socket: WebSocket) {
     }
 }
 
-async fn send(socket: &mut WebSocket, message: &ServerMessage) -> Result<(), axum::Error> {
-    let text = serde_json::to_string(message).unwrap_or_else(|e| {
-        serde_json::json!({"type": "error", "content": format!("cannot encode a message: {e}")})
-            .to_string()
-    });
-    socket.send(Message::Text(Utf8Bytes::from(text))).await
+/// Sends `messages` with one flush at the end.
+async fn send_all(socket: &mut WebSocket, messages: &[ServerMessage]) -> Result<(), axum::Error> {
+    use futures_util::SinkExt as _;
+    if messages.is_empty() {
+        return Ok(());
+    }
+    for message in messages {
+        let text = serde_json::to_string(message).unwrap_or_else(|e| {
+            serde_json::json!({"type": "error", "content": format!("cannot encode a message: {e}")})
+                .to_string()
+        });
+        socket.feed(Message::Text(Utf8Bytes::from(text))).await?;
+    }
+    socket.flush().await
 }
 
 impl Connection {
@@ -156,8 +178,8 @@ impl Connection {
         request.session_id = session_id.clone();
         request.skills = skills;
         request.mcp_servers = mcp_servers;
-        match self.state.dispatcher().submit(request).await {
-            Ok(submitted) => {
+        match self.state.dispatcher().submit_and_follow(request).await {
+            Ok((submitted, live)) => {
                 let task = submitted.task;
                 let mut out = Vec::with_capacity(2);
                 if submitted.session_created {
@@ -169,7 +191,19 @@ impl Connection {
                     session_id: task.session_id.clone(),
                     task_id: task.id,
                 });
-                self.follow(task.id, 0);
+                let (d, events, replies) = (
+                    self.state.dispatcher().clone(),
+                    self.events.clone(),
+                    self.replies.clone(),
+                );
+                let id = task.id;
+                let follower = tokio::spawn(async move {
+                    if let Err(e) = crate::follow::follow_submitted(&d, &task, live, &events).await
+                    {
+                        let _ = replies.send(task_error(None, Some(task.id), &e)).await;
+                    }
+                });
+                self.track(id, follower);
                 out
             }
             Err(e) => vec![task_error(session_id, None, &e)],
@@ -177,10 +211,6 @@ impl Connection {
     }
 
     fn follow(&mut self, task_id: TaskId, after: u64) {
-        if let Some(old) = self.followers.remove(&task_id) {
-            old.abort();
-        }
-        self.followers.retain(|_, h| !h.is_finished());
         let (d, events, replies) = (
             self.state.dispatcher().clone(),
             self.events.clone(),
@@ -191,7 +221,16 @@ impl Connection {
                 let _ = replies.send(task_error(None, Some(task_id), &e)).await;
             }
         });
-        self.followers.insert(task_id, handle);
+        self.track(task_id, handle);
+    }
+
+    /// Keeps `follower` as the one follower of `task_id` (a resume replaces the old one).
+    fn track(&mut self, task_id: TaskId, follower: JoinHandle<()>) {
+        if let Some(old) = self.followers.remove(&task_id) {
+            old.abort();
+        }
+        self.followers.retain(|_, h| !h.is_finished());
+        self.followers.insert(task_id, follower);
     }
 }
 

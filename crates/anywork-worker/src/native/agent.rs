@@ -205,10 +205,19 @@ impl Run {
                 Ok(b) => b,
                 Err(e) => return End::Failed(format!("cannot open the workspace: {e}")),
             };
-        let skills = skills::scan(ws);
-        let system = skills::system_prompt(ws, &skills);
-
-        let (servers, mut reports) = read_mcp_json(ws);
+        // The workspace's files, read off the runtime's threads (a slow disk must not stall
+        // the other runs).
+        let dir = self.workspace.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let skills = skills::scan(&dir);
+            let system = skills::system_prompt(&dir, &skills);
+            (skills, system, read_mcp_json(&dir), transcript::load(&dir))
+        })
+        .await;
+        let (skills, system, (servers, mut reports), mut history) = match loaded {
+            Ok(loaded) => loaded,
+            Err(e) => return End::Failed(format!("cannot read the workspace: {e}")),
+        };
         let (mcp, connected) = McpClients::connect(&servers, ws).await;
         let mcp = mcp.with_call_timeout(self.config.mcp_call_timeout);
         reports.extend(connected);
@@ -240,9 +249,8 @@ impl Run {
             .await;
         }
 
-        let mut history = transcript::load(ws);
         let first = Message::user_text(self.request.message.clone());
-        self.record(&first);
+        self.record(&first).await;
         history.push(first);
 
         let end = self
@@ -261,10 +269,16 @@ impl Run {
     }
 
     /// Appends to the transcript; a failure is logged, the run goes on.
-    fn record(&self, message: &Message) {
-        if let Err(e) = transcript::append(&self.workspace, message) {
-            tracing::warn!(task = %self.request.task_id, error = %e, "cannot write the native transcript");
-        }
+    /// Appends `message` to the transcript, off the runtime's threads.
+    async fn record(&self, message: &Message) {
+        let (dir, message) = (self.workspace.clone(), message.clone());
+        let written = tokio::task::spawn_blocking(move || transcript::append(&dir, &message)).await;
+        let error = match written {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(task = %self.request.task_id, error = %error, "cannot write the native transcript");
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -326,7 +340,7 @@ impl Run {
                 .map(|(id, name, input)| (id.to_owned(), name.to_owned(), input.clone()))
                 .collect();
             if !message.content.is_empty() {
-                self.record(&message);
+                self.record(&message).await;
                 history.push(message);
             }
             if calls.is_empty() {
@@ -364,7 +378,7 @@ impl Run {
                 role: Role::User,
                 content: results,
             };
-            self.record(&results);
+            self.record(&results).await;
             history.push(results);
         }
     }
