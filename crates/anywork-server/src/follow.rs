@@ -15,6 +15,10 @@ const PAGE: u32 = 500;
 /// How long a task already over is followed for its `done` event.
 const OVER_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long a follower waits for a live event before it reads the log (a task run by another
+/// server sharing the store publishes nothing here).
+const POLL_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Sends every event of `task_id` with seq > `after` to `out`, in seq order, until the task's
 /// `done` has been sent, the task is over, or `out` is closed. `NotFound` for an unknown task.
 pub async fn follow(
@@ -96,6 +100,7 @@ impl Follower<'_> {
         live: &mut broadcast::Receiver<Arc<LiveEvent>>,
         over: bool,
     ) -> Result<()> {
+        let mut over = over;
         loop {
             let next = if over {
                 match tokio::time::timeout(OVER_GRACE, live.recv()).await {
@@ -103,7 +108,19 @@ impl Follower<'_> {
                     Err(_) => Err(RecvError::Closed),
                 }
             } else {
-                live.recv().await
+                match tokio::time::timeout(POLL_EVERY, live.recv()).await {
+                    Ok(next) => next,
+                    // Quiet for a while: the run may be on another server sharing the
+                    // store, whose events never reach this hub. Read the log instead.
+                    Err(_) => {
+                        if self.catch_up().await? {
+                            return Ok(());
+                        }
+                        let task = self.dispatcher.store().get_task(self.task_id).await?;
+                        over = task.status.is_terminal();
+                        continue;
+                    }
+                }
             };
             match next {
                 Ok(event) => {
@@ -396,5 +413,68 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(logs.len(), got.len(), "the follower saw what the log holds");
+    }
+
+    /// A task run by another server sharing the store publishes nothing on this server's
+    /// hub: the follower reads the log when nothing arrives live, up to the `done`.
+    #[tokio::test]
+    async fn a_task_run_elsewhere_is_followed_through_the_log() {
+        let store: Arc<dyn anywork_core::TaskStore> = Arc::new(MemoryStore::new());
+        let driver = Arc::new(StaticDriver::new("http://127.0.0.1:9").unwrap());
+        let here = Dispatcher::builder(store.clone(), driver)
+            .start()
+            .await
+            .unwrap();
+        let session = store.create_session(NewSession::new("web")).await.unwrap();
+        let task = store
+            .create_task(NewTask::from_request(
+                session.id,
+                TaskRequest::new("web", "hi"),
+            ))
+            .await
+            .unwrap();
+        store
+            .update_task(
+                task.id,
+                TaskStatus::Pending,
+                TaskChange::to(TaskStatus::Running),
+            )
+            .await
+            .unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let follower = tokio::spawn(async move { follow(&here, task.id, 0, &tx).await });
+        // "The other server": writes to the store only.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        store
+            .append_logs(task.id, vec![NewTaskLog::now(TaskEvent::text("elsewhere"))])
+            .await
+            .unwrap();
+        let first = tokio::time::timeout(POLL_EVERY * 3, rx.recv())
+            .await
+            .expect("the follower reads the log")
+            .unwrap();
+        assert_eq!(first.event, TaskEvent::text("elsewhere"));
+        store
+            .update_task_and_append(
+                task.id,
+                TaskStatus::Running,
+                TaskChange::finish(TaskOutcome::completed("ok")),
+                vec![NewTaskLog::now(TaskEvent::Done(TaskOutcome::completed(
+                    "ok",
+                )))],
+            )
+            .await
+            .unwrap();
+        let last = tokio::time::timeout(POLL_EVERY * 3, rx.recv())
+            .await
+            .expect("the done is read too")
+            .unwrap();
+        assert_eq!(last.seq, 2);
+        assert!(matches!(last.event, TaskEvent::Done(_)));
+        tokio::time::timeout(POLL_EVERY, follower)
+            .await
+            .expect("the follow ends with the done")
+            .unwrap()
+            .unwrap();
     }
 }
