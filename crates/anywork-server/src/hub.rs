@@ -1,5 +1,5 @@
 //! [`Hub`]: live fan-out of task events to whoever follows a task (WebSocket clients, log
-//! long-polls), and of session notices (titles) to every WebSocket client.
+//! long-polls), and of session notices (titles) to the WebSocket clients of their session.
 //!
 //! Events are published only after the store has them, so a follower that subscribes first
 //! and then reads the log cannot miss one: anything not yet in the log arrives live.
@@ -102,7 +102,8 @@ impl Hub {
         self.tasks().len()
     }
 
-    /// Sends a session notice (e.g. `session_title`) to every WebSocket client.
+    /// Sends a session notice (e.g. `session_title`) to the WebSocket connections, each of
+    /// which passes on those of the sessions it chatted in.
     pub fn notify(&self, message: ServerMessage) {
         let _ = self.notices.send(message);
     }

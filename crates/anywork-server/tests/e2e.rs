@@ -437,3 +437,26 @@ async fn push_notification_is_posted_when_the_task_ends() {
     assert_eq!(body["status"], "completed");
     assert_eq!(body["result"], "pushed");
 }
+
+/// A session's title goes to the connections that chat in it, not to every client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn titles_reach_only_the_connections_of_their_session() {
+    let fake = FakeLlm::start().await;
+    let worker = WorkerProcess::start(&fake).await;
+    let server = TestServer::start(&worker.url).await;
+    let mut other = server.ws().await;
+    let mut ws = server.ws().await;
+    let (session, _, _) = ws.chat(None, "titles are private").await;
+    let t = ws.recv_until(|v| v["type"] == "session_title").await;
+    assert_eq!(t.last().unwrap()["session_id"], session.as_str());
+    // The notice was sent before these pings: had `other` been sent it, it would come
+    // before the second pong.
+    other.send(serde_json::json!({"type": "ping"})).await;
+    let mut seen = other.recv_until(|v| v["type"] == "pong").await;
+    other.send(serde_json::json!({"type": "ping"})).await;
+    seen.extend(other.recv_until(|v| v["type"] == "pong").await);
+    assert!(
+        seen.iter().all(|v| v["type"] == "pong"),
+        "another client got: {seen:?}"
+    );
+}

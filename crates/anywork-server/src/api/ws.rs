@@ -4,7 +4,7 @@
 //! send it; each followed task has a follower task that ends with the task's `done`. An idle
 //! connection holds no follower, only small socket buffers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use anywork_core::ws::{ClientMessage, ServerMessage};
 use anywork_core::{Error, SessionId, TaskId, TaskRequest};
@@ -46,6 +46,9 @@ struct Connection {
     /// Replies made off the connection task (cancel, input answers).
     replies: mpsc::Sender<ServerMessage>,
     followers: HashMap<TaskId, JoinHandle<()>>,
+    /// Sessions this connection chatted in or resumed a task of: the only ones whose notices
+    /// (titles) it gets, so that one client never learns of another's sessions.
+    sessions: HashSet<SessionId>,
 }
 
 async fn connection(state: AppState, mut socket: WebSocket) {
@@ -59,6 +62,7 @@ async fn connection(state: AppState, mut socket: WebSocket) {
         events: events_tx,
         replies: replies_tx,
         followers: HashMap::new(),
+        sessions: HashSet::new(),
     };
     loop {
         let out = tokio::select! {
@@ -89,7 +93,8 @@ async fn connection(state: AppState, mut socket: WebSocket) {
             }
             Some(reply) = replies.recv() => vec![reply],
             notice = notices.recv() => match notice {
-                Ok(n) => vec![n],
+                Ok(n) if conn.concerns(&n) => vec![n],
+                Ok(_) => continue,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             },
@@ -120,6 +125,14 @@ async fn send_all(socket: &mut WebSocket, messages: &[ServerMessage]) -> Result<
 }
 
 impl Connection {
+    /// Whether `notice` is for this connection.
+    fn concerns(&self, notice: &ServerMessage) -> bool {
+        match notice {
+            ServerMessage::SessionTitle { session_id, .. } => self.sessions.contains(session_id),
+            _ => true,
+        }
+    }
+
     async fn handle(&mut self, text: &str) -> Vec<ServerMessage> {
         let Ok(value) = serde_json::from_str::<serde_json::Value>(text) else {
             return vec![ServerMessage::error("Invalid JSON")];
@@ -138,7 +151,8 @@ impl Connection {
             } => self.chat(session_id, message, skills, mcp_servers).await,
             ClientMessage::Resume { task_id, after_seq } => {
                 match self.state.dispatcher().store().get_task(task_id).await {
-                    Ok(_) => {
+                    Ok(task) => {
+                        self.sessions.insert(task.session_id);
                         self.follow(task_id, after_seq);
                         vec![]
                     }
@@ -181,6 +195,7 @@ impl Connection {
         match self.state.dispatcher().submit_and_follow(request).await {
             Ok((submitted, live)) => {
                 let task = submitted.task;
+                self.sessions.insert(task.session_id.clone());
                 let mut out = Vec::with_capacity(2);
                 if submitted.session_created {
                     out.push(ServerMessage::SessionCreated {
