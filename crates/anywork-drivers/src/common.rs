@@ -172,6 +172,36 @@ pub fn may_reap(
         && health.is_none_or(|h| h.busy_sessions.is_empty())
 }
 
+/// How long ago `at` was, an RFC 3339 UTC time as container engines write it
+/// (`2026-11-25T11:00:00.123456789Z`); `None` if it does not parse or lies ahead.
+pub fn age_of_rfc3339(at: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let rest = at.strip_suffix('Z')?;
+    let (date, time) = rest.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(str::parse::<i64>);
+    let (year, month, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut t = hms.splitn(3, ':').map(str::parse::<i64>);
+    let (h, m, sec) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
+        return None;
+    }
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let nanos: u32 = format!("{frac:0<9}").get(..9)?.parse().ok()?;
+    // Days from 1970-01-01 to the date (proleptic Gregorian calendar).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = u64::try_from(days * 86_400 + h * 3600 + m * 60 + sec).ok()?;
+    let then = std::time::UNIX_EPOCH + Duration::new(secs, nanos);
+    now.duration_since(then).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,5 +303,38 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Unavailable);
         assert!(e.to_string().contains(&url), "{e}");
+    }
+
+    #[test]
+    fn rfc3339_ages() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let now = UNIX_EPOCH + Duration::from_secs(1_764_068_400); // 2025-11-25T11:00:00Z
+        assert_eq!(
+            age_of_rfc3339("2025-11-25T10:59:30Z", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            age_of_rfc3339("2025-11-25T10:59:59.75Z", now),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            age_of_rfc3339("2024-02-29T11:00:00.000000000Z", now),
+            Some(Duration::from_secs(635 * 86_400))
+        );
+        assert_eq!(
+            age_of_rfc3339("1970-01-01T00:00:00Z", UNIX_EPOCH),
+            Some(Duration::ZERO)
+        );
+        for bad in [
+            "",
+            "2025-11-25 11:00:00Z",
+            "2025-11-25T11:00:00",
+            "2025-13-01T00:00:00Z",
+            "2025-11-25T11:00:00.x1Z",
+            "0001-01-01T00:00:00Z", // the engine's "never started": before 1970
+            "2025-11-25T11:00:01Z", // ahead of now
+        ] {
+            assert_eq!(age_of_rfc3339(bad, now), None, "{bad}");
+        }
     }
 }

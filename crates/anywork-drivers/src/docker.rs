@@ -13,6 +13,11 @@
 //! `no-new-privileges`, memory / CPU / process limits, and a read-only root filesystem with a
 //! tmpfs `/tmp` (configurable).
 //!
+//! A container is ready when its worker answers `/health`; a new one gets `ready_timeout` to
+//! get there (else `get_worker` fails with its last output). A running container past that
+//! start-up time that does not answer (wedged) is replaced on the next `get_worker`; its
+//! workspace stays on the volume.
+//!
 //! The server reaches a worker at `http://<container IP on the network>:<port>`: run it on the
 //! Docker host itself, or in a container on the same network.
 
@@ -307,7 +312,8 @@ impl std::fmt::Debug for DockerDriver {
 /// What `get_worker` found under the session's name.
 enum Found {
     Nothing,
-    Running(WorkerEndpoint),
+    /// Running, for this long (`None`: the engine did not say).
+    Running(WorkerEndpoint, Option<Duration>),
     /// Created but not started (a creator that died, or one in another process).
     Created(String),
     /// Exited, dead, paused, or unusable: remove it and create anew.
@@ -504,8 +510,13 @@ impl DockerDriver {
                     .network_settings
                     .as_ref()
                     .and_then(|n| n.networks.as_ref());
+                let up_for = c
+                    .state
+                    .as_ref()
+                    .and_then(|s| s.started_at.as_deref())
+                    .and_then(|t| crate::common::age_of_rfc3339(t, std::time::SystemTime::now()));
                 match self.endpoint_of(&id, networks) {
-                    Some(endpoint) => Found::Running(endpoint),
+                    Some(endpoint) => Found::Running(endpoint, up_for),
                     // Running but not on our network (someone disconnected it): unusable.
                     None => Found::Stale(id),
                 }
@@ -733,13 +744,24 @@ impl DockerDriver {
         // again.
         for _ in 0..5 {
             match self.find(session_id).await? {
-                Found::Running(endpoint) => {
-                    match self
-                        .health
-                        .wait_ready(&endpoint.base_url, self.config.ready_timeout)
-                        .await
-                    {
+                Found::Running(endpoint, up_for) => {
+                    // A worker still within its start-up time is waited for; one past it
+                    // answers `/health` now or is wedged, and is replaced (its workspace
+                    // stays on the volume).
+                    let boot_left = match up_for {
+                        Some(up) => self.config.ready_timeout.saturating_sub(up),
+                        None => self.config.ready_timeout,
+                    };
+                    match self.health.wait_ready(&endpoint.base_url, boot_left).await {
                         Ok(_) => return Ok(endpoint),
+                        Err(_) if boot_left.is_zero() => {
+                            tracing::warn!(
+                                session = %session_id,
+                                container = %endpoint.worker_id,
+                                "the worker stopped answering /health; replacing its container"
+                            );
+                            self.remove_by_id(&endpoint.worker_id).await?;
+                        }
                         Err(e) => {
                             return Err(self.not_ready(&endpoint.worker_id, &e.to_string()).await);
                         }

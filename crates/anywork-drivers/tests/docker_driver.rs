@@ -420,3 +420,34 @@ async fn a_worker_that_cannot_start_is_reported_with_its_output() {
         "the broken container is removed"
     );
 }
+
+/// A worker that runs but stopped answering (here: its process frozen with SIGSTOP) is
+/// replaced once it is past its start-up time, instead of failing every `get_worker` after
+/// the ready timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wedged_worker_past_its_start_up_time_is_replaced() {
+    if setup("a_wedged_worker_past_its_start_up_time_is_replaced").is_none() {
+        return;
+    }
+    let pool = Pool::new("wedged");
+    let mut config = pool.config("http://127.0.0.1:9/v1");
+    config.ready_timeout = Duration::from_secs(3);
+    config.health_timeout = Duration::from_secs(1);
+    let driver = DockerDriver::connect(config).await.unwrap();
+    let s = sid("wedged");
+    let first = driver.get_worker(&s).await.unwrap();
+    docker(&["kill", "--signal=SIGSTOP", &first.worker_id]);
+    assert!(
+        !driver.is_healthy(&first).await,
+        "the frozen worker is mute"
+    );
+    let state = docker_json(&["inspect", &first.worker_id]);
+    assert_eq!(state[0]["State"]["Status"], "running", "and still running");
+    // Past its start-up time (3 s here), the next call replaces it rather than failing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let back = driver.get_worker(&s).await.unwrap();
+    assert_ne!(back.worker_id, first.worker_id, "a new container");
+    assert!(driver.is_healthy(&back).await);
+    assert_eq!(containers_named(&driver.container_name(&s)).len(), 1);
+    driver.purge(&s).await.unwrap();
+}
