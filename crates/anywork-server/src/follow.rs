@@ -208,9 +208,9 @@ mod tests {
 
     use super::*;
 
-    /// A dispatcher whose store holds one task that ended (`completed`) with `text` logged and
-    /// no `done` yet: the moment between a run's final status and its `done` event.
-    async fn ended_without_done() -> (Dispatcher, TaskId) {
+    /// A dispatcher (whose worker never answers) and a `pending` task in its store, which no
+    /// run of it holds.
+    async fn with_task() -> (Dispatcher, anywork_core::Task) {
         let driver = Arc::new(StaticDriver::new("http://127.0.0.1:9").unwrap());
         let d = Dispatcher::builder(Arc::new(MemoryStore::new()), driver)
             .start()
@@ -229,6 +229,13 @@ mod tests {
             ))
             .await
             .unwrap();
+        (d, task)
+    }
+
+    /// A dispatcher whose store holds one task that ended (`completed`) with `text` logged and
+    /// no `done` yet: the moment between a run's final status and its `done` event.
+    async fn ended_without_done() -> (Dispatcher, TaskId) {
+        let (d, task) = with_task().await;
         let store = d.store();
         store
             .update_task(
@@ -322,24 +329,7 @@ mod tests {
     /// still delivers every event once, in order, up to `done`.
     #[tokio::test]
     async fn a_submitted_task_followed_live_survives_falling_behind() {
-        let driver = Arc::new(StaticDriver::new("http://127.0.0.1:9").unwrap());
-        let d = Dispatcher::builder(Arc::new(MemoryStore::new()), driver)
-            .start()
-            .await
-            .unwrap();
-        let session = d
-            .store()
-            .create_session(NewSession::new("web"))
-            .await
-            .unwrap();
-        let task = d
-            .store()
-            .create_task(NewTask::from_request(
-                session.id,
-                TaskRequest::new("web", "hi"),
-            ))
-            .await
-            .unwrap();
+        let (d, task) = with_task().await;
         let live = d.hub().subscribe(task.id);
         // More events than the channel holds (1024), all published before anyone reads.
         let mut events: Vec<TaskEvent> =
@@ -419,20 +409,8 @@ mod tests {
     /// hub: the follower reads the log when nothing arrives live, up to the `done`.
     #[tokio::test]
     async fn a_task_run_elsewhere_is_followed_through_the_log() {
-        let store: Arc<dyn anywork_core::TaskStore> = Arc::new(MemoryStore::new());
-        let driver = Arc::new(StaticDriver::new("http://127.0.0.1:9").unwrap());
-        let here = Dispatcher::builder(store.clone(), driver)
-            .start()
-            .await
-            .unwrap();
-        let session = store.create_session(NewSession::new("web")).await.unwrap();
-        let task = store
-            .create_task(NewTask::from_request(
-                session.id,
-                TaskRequest::new("web", "hi"),
-            ))
-            .await
-            .unwrap();
+        let (here, task) = with_task().await;
+        let store = here.store().clone();
         store
             .update_task(
                 task.id,
