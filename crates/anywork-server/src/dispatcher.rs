@@ -282,7 +282,9 @@ impl Dispatcher {
     /// Stores a task as `pending` and queues it. The session is `request.session_id` (which
     /// must exist), else the one found by `channel_key`, else a new one.
     pub async fn submit(&self, request: TaskRequest) -> Result<Submitted> {
-        self.submit_inner(request, false).await.map(|(s, _)| s)
+        let submitted = self.store_new(request).await?;
+        self.enqueue(submitted.task.clone());
+        Ok(submitted)
     }
 
     /// [`submit`](Self::submit), and a subscription to the task's live events taken before
@@ -292,16 +294,14 @@ impl Dispatcher {
         &self,
         request: TaskRequest,
     ) -> Result<(Submitted, broadcast::Receiver<Arc<LiveEvent>>)> {
-        let (submitted, live) = self.submit_inner(request, true).await?;
-        let live = live.ok_or_else(|| Error::internal("no subscription was taken"))?;
+        let submitted = self.store_new(request).await?;
+        let live = self.inner.hub.subscribe(submitted.task.id);
+        self.enqueue(submitted.task.clone());
         Ok((submitted, live))
     }
 
-    async fn submit_inner(
-        &self,
-        request: TaskRequest,
-        follow: bool,
-    ) -> Result<(Submitted, Option<broadcast::Receiver<Arc<LiveEvent>>>)> {
+    /// Stores the request's task as `pending` (and its session if new), not queued yet.
+    async fn store_new(&self, request: TaskRequest) -> Result<Submitted> {
         if self.inner.closing.load(Ordering::Relaxed) {
             return Err(Error::unavailable("the server is shutting down"));
         }
@@ -317,13 +317,10 @@ impl Dispatcher {
         if created || untitled {
             self.spawn_title(session.id.clone(), task.message.clone());
         }
-        let live = follow.then(|| self.inner.hub.subscribe(task.id));
-        self.enqueue(task.clone());
-        let submitted = Submitted {
+        Ok(Submitted {
             task,
             session_created: created,
-        };
-        Ok((submitted, live))
+        })
     }
 
     async fn resolve_session(&self, request: &TaskRequest) -> Result<(Session, bool)> {
@@ -642,9 +639,6 @@ async fn session_runner(inner: Arc<Inner>, session: SessionId) {
 /// fails the `pending → running` compare-and-set and is left alone.
 async fn run_task(inner: &Arc<Inner>, task: Task) -> Result<()> {
     let task_id = task.id;
-    if task.status != TaskStatus::Pending {
-        return Ok(());
-    }
     let (tx, rx) = mpsc::channel(8);
     lock(&inner.runs).insert(task_id, tx);
     inner.metrics.started();

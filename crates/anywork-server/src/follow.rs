@@ -98,9 +98,8 @@ impl Follower<'_> {
     async fn pump(
         &mut self,
         live: &mut broadcast::Receiver<Arc<LiveEvent>>,
-        over: bool,
+        mut over: bool,
     ) -> Result<()> {
-        let mut over = over;
         loop {
             let next = if over {
                 match tokio::time::timeout(OVER_GRACE, live.recv()).await {

@@ -20,6 +20,10 @@ pub(crate) const TASK_COLUMNS: &str = "id, session_id, channel_type, channel_met
     worker_id, push_notification, lease_owner, lease_expires_at, created_at, started_at, \
     finished_at";
 
+/// Moves a session's `last_active` forward to `$1` (never back); session id `$2`.
+pub(crate) const TOUCH_SESSION: &str = "UPDATE sessions SET last_active = \
+    CASE WHEN last_active < $1 THEN $1 ELSE last_active END WHERE id = $2";
+
 pub(crate) const ACTIVE: &str = "('pending', 'running', 'input_required')";
 
 /// Migrations compiled into the binary (no `sqlx::migrate!` macro, so no proc-macro build).
@@ -213,7 +217,7 @@ macro_rules! impl_sql_store {
         /// in one transaction (SQLite's group commit). Running it must either succeed, or fail
         /// with a "logical" error (conflict, not found, invalid transition or input) before
         /// writing anything, or fail with another error, which spoils the whole transaction.
-        #[derive(Debug, Clone)]
+        #[derive(Debug)]
         pub(crate) enum WriteOp {
             CreateSession(anywork_core::Session),
             SetSessionTitle(anywork_core::SessionId, String),
@@ -295,8 +299,7 @@ macro_rules! impl_sql_store {
                 }
                 WriteOp::TouchSession(id, at) => {
                     let done = sqlx::query(
-                        "UPDATE sessions SET last_active = \
-                         CASE WHEN last_active < $1 THEN $1 ELSE last_active END WHERE id = $2",
+                        $crate::sql::TOUCH_SESSION,
                     )
                     .bind(at.0)
                     .bind(id.as_str())
@@ -368,8 +371,7 @@ macro_rules! impl_sql_store {
                     // After the insert, so that a duplicate id is `Conflict` before a missing
                     // session is `NotFound`, as in every store.
                     let touched = sqlx::query(
-                        "UPDATE sessions SET last_active = \
-                         CASE WHEN last_active < $1 THEN $1 ELSE last_active END WHERE id = $2",
+                        $crate::sql::TOUCH_SESSION,
                     )
                     .bind(task.created_at.0)
                     .bind(task.session_id.as_str())
@@ -557,7 +559,6 @@ macro_rules! impl_sql_store {
 
         /// Runs `op` alone in a transaction of its own on `conn`: committed when it succeeds,
         /// rolled back when it fails.
-        #[allow(dead_code)]
         pub(crate) async fn write_alone(
             conn: &mut Conn,
             op: &WriteOp,
@@ -575,7 +576,6 @@ macro_rules! impl_sql_store {
 
         impl $store {
             /// Runs `op` in a transaction of its own on a pooled connection.
-            #[allow(dead_code)]
             async fn write_on_pool(&self, op: &WriteOp) -> anywork_core::Result<Reply> {
                 let mut conn = self
                     .pool

@@ -206,19 +206,10 @@ impl Connection {
                     session_id: task.session_id.clone(),
                     task_id: task.id,
                 });
-                let (d, events, replies) = (
-                    self.state.dispatcher().clone(),
-                    self.events.clone(),
-                    self.replies.clone(),
-                );
                 let id = task.id;
-                let follower = tokio::spawn(async move {
-                    if let Err(e) = crate::follow::follow_submitted(&d, &task, live, &events).await
-                    {
-                        let _ = replies.send(task_error(None, Some(task.id), &e)).await;
-                    }
+                self.spawn_follower(id, move |d, events| async move {
+                    crate::follow::follow_submitted(&d, &task, live, &events).await
                 });
-                self.track(id, follower);
                 out
             }
             Err(e) => vec![task_error(session_id, None, &e)],
@@ -226,26 +217,33 @@ impl Connection {
     }
 
     fn follow(&mut self, task_id: TaskId, after: u64) {
+        self.spawn_follower(task_id, move |d, events| async move {
+            crate::follow::follow(&d, task_id, after, &events).await
+        });
+    }
+
+    /// Runs `follow` (given the dispatcher and this connection's event queue) as the one
+    /// follower of `task_id` (a resume replaces the old one); its error goes to the client.
+    fn spawn_follower<F, Fut>(&mut self, task_id: TaskId, follow: F)
+    where
+        F: FnOnce(crate::Dispatcher, mpsc::Sender<LiveEvent>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = anywork_core::Result<()>> + Send,
+    {
+        if let Some(old) = self.followers.remove(&task_id) {
+            old.abort();
+        }
+        self.followers.retain(|_, h| !h.is_finished());
         let (d, events, replies) = (
             self.state.dispatcher().clone(),
             self.events.clone(),
             self.replies.clone(),
         );
         let handle = tokio::spawn(async move {
-            if let Err(e) = crate::follow::follow(&d, task_id, after, &events).await {
+            if let Err(e) = follow(d, events).await {
                 let _ = replies.send(task_error(None, Some(task_id), &e)).await;
             }
         });
-        self.track(task_id, handle);
-    }
-
-    /// Keeps `follower` as the one follower of `task_id` (a resume replaces the old one).
-    fn track(&mut self, task_id: TaskId, follower: JoinHandle<()>) {
-        if let Some(old) = self.followers.remove(&task_id) {
-            old.abort();
-        }
-        self.followers.retain(|_, h| !h.is_finished());
-        self.followers.insert(task_id, follower);
+        self.followers.insert(task_id, handle);
     }
 }
 
