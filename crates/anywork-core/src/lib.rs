@@ -11,6 +11,7 @@
 //! - [`ws`]: the WebSocket client/server messages, spelled as the original AnyWork spells them.
 //! - [`spec`]: what a task asks the worker to set up ([`SkillSpec`], [`McpServerConfig`]).
 //! - [`worker_api`]: the worker's HTTP API, shared by the worker and the server.
+//! - [`outbound`]: which addresses a request-chosen URL may reach (no SSRF).
 //! - [`error`]: the one [`Error`] type, with a matchable [`ErrorKind`].
 
 pub mod channel;
@@ -20,6 +21,7 @@ pub mod event;
 pub mod executor;
 pub mod ids;
 pub mod log;
+pub mod outbound;
 pub mod session;
 pub mod spec;
 pub mod status;
