@@ -9,10 +9,13 @@
 //!   pods run a tiny `/health` worker; it records every request and injects failures.
 //! - [`fake_llm`]: a scriptable fake of the Anthropic Messages API and of OpenAI chat
 //!   completions on loopback, which records every request.
+//! - [`original_worker`]: a stand-in of the original AnyWork's Python worker (its `/prepare`
+//!   map form, SSE with the type on the `event:` line, its `/health` shape).
 
 pub mod bins;
 pub mod docker_image;
 pub mod driver_conformance;
 pub mod fake_k8s;
 pub mod fake_llm;
+pub mod original_worker;
 pub mod store_conformance;
