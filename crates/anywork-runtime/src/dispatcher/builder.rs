@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anywork_core::{Channel, ContainerDriver, Error, Result, TaskId, TaskStore};
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 
 use super::retry::Backoff;
 use super::upkeep::{reap_loop, recovery_loop};
@@ -142,7 +141,7 @@ impl DispatcherBuilder {
                 permits,
                 runs: Mutex::new(HashMap::new()),
                 closing: AtomicBool::new(false),
-                stop: CancellationToken::new(),
+                stopped: AtomicBool::new(false),
             }),
         };
         dispatcher.requeue_pending().await?;

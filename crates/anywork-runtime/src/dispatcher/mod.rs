@@ -40,7 +40,6 @@ use anywork_core::{
 };
 use futures_util::Stream;
 use tokio::sync::{Semaphore, mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
 pub use builder::{DispatcherBuilder, DispatcherConfig};
 pub use ops::{DocFile, InboundOutcome, WorkspaceDoc};
@@ -81,7 +80,8 @@ struct Inner {
     permits: Arc<Semaphore>,
     runs: Mutex<HashMap<TaskId, mpsc::Sender<Control>>>,
     closing: AtomicBool,
-    stop: CancellationToken,
+    /// Set by `shutdown`: the background loops end.
+    stopped: AtomicBool,
 }
 
 /// Schedules and runs tasks. Cheap to clone.
@@ -338,7 +338,7 @@ impl Dispatcher {
         while self.running() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        self.inner.stop.cancel();
+        self.inner.stopped.store(true, Ordering::Relaxed);
     }
 }
 

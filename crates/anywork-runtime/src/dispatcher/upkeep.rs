@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::Weak;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anywork_core::worker_api::CancelRequest;
@@ -123,7 +124,7 @@ pub(super) async fn reap_loop(inner: Weak<Inner>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
         let Some(inner) = inner.upgrade() else { return };
-        if inner.stop.is_cancelled() {
+        if inner.stopped.load(Ordering::Relaxed) {
             return;
         }
         if let Err(e) = (Dispatcher { inner }).reap_idle().await {
@@ -140,7 +141,7 @@ pub(super) async fn recovery_loop(inner: Weak<Inner>) {
     loop {
         tokio::time::sleep(period).await;
         let Some(inner) = inner.upgrade() else { return };
-        if inner.stop.is_cancelled() {
+        if inner.stopped.load(Ordering::Relaxed) {
             return;
         }
         Dispatcher { inner }.recover_expired().await;
