@@ -12,7 +12,8 @@ use anywork_core::{
     Session, SessionId, SessionSummary, Task, TaskChange, TaskId, TaskLog, TaskStatus, TaskStore,
     Timestamp, WorkerEndpoint,
 };
-use anywork_server::{ApiOptions, AppState, Dispatcher, DispatcherConfig};
+use anywork_runtime::{Dispatcher, DispatcherConfig};
+use anywork_server::{ApiOptions, AppState};
 use anywork_test::fake_llm::{FakeLlm, Reply};
 use anywork_worker::{WorkerConfig, WorkerState};
 use futures_util::{SinkExt, StreamExt};
@@ -620,11 +621,10 @@ async fn dispatch(fake: &FakeLlm, options: &Options) -> anyhow::Result<()> {
             timings: timings.clone(),
         });
     }
+    let mut config = DispatcherConfig::default();
+    config.max_concurrent = options.max_concurrent;
     let dispatcher = Dispatcher::builder(store, driver)
-        .config(DispatcherConfig {
-            max_concurrent: options.max_concurrent,
-            ..DispatcherConfig::default()
-        })
+        .config(config)
         .start()
         .await?;
     let state = AppState::new(dispatcher, ApiOptions::default());

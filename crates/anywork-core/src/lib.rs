@@ -12,6 +12,7 @@
 //! - [`spec`]: what a task asks the worker to set up ([`SkillSpec`], [`McpServerConfig`]).
 //! - [`worker_api`]: the worker's HTTP API, shared by the worker and the server.
 //! - [`outbound`]: which addresses a request-chosen URL may reach (no SSRF).
+//! - [`rest`]: [`WireTask`], the task as REST clients and push receivers see it.
 //! - [`error`]: the one [`Error`] type, with a matchable [`ErrorKind`].
 
 pub mod channel;
@@ -22,6 +23,7 @@ pub mod executor;
 pub mod ids;
 pub mod log;
 pub mod outbound;
+pub mod rest;
 pub mod session;
 pub mod spec;
 pub mod status;
@@ -40,6 +42,7 @@ pub use event::{
 pub use executor::{EventStream, Execution, ExecutionControl, ExecutionRequest, Executor};
 pub use ids::{SessionId, TaskId, Timestamp};
 pub use log::{NewTaskLog, TaskLog};
+pub use rest::WireTask;
 pub use session::{NewSession, Page, Session, SessionSummary};
 pub use spec::{McpServerConfig, SkillSpec};
 pub use status::TaskStatus;

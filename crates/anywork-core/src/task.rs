@@ -106,8 +106,10 @@ pub struct Task {
     pub finished_at: Option<Timestamp>,
 }
 
-/// A request for work, as a channel or the API produces it.
+/// A request for work, as a channel or the API produces it. Build it with [`TaskRequest::new`]
+/// and set the other fields on the value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct TaskRequest {
     /// An existing session to continue; `None` finds one by `channel_key` or creates one.
     #[serde(default)]

@@ -1,7 +1,8 @@
-//! Test doubles and conformance suites for AnyWork. Dev-only: nothing here ships.
+//! Test doubles for AnyWork. Dev-only: nothing here ships.
 //!
-//! - [`store_conformance`]: the suite every [`TaskStore`](anywork_core::TaskStore) passes.
-//! - [`driver_conformance`]: the suite every [`ContainerDriver`](anywork_core::ContainerDriver) passes.
+//! - [`store_conformance`], [`driver_conformance`], [`store_conformance_tests!`]: re-exported
+//!   from `anywork-conformance` (the publishable crate embedders use) for this workspace's
+//!   tests.
 //! - [`bins`]: the real `claude` CLI (or a loud skip) and the test MCP server binary.
 //! - [`docker_image`]: the worker image for tests on a real Docker engine, built from the
 //!   compiled worker binary without a registry.
@@ -14,8 +15,8 @@
 
 pub mod bins;
 pub mod docker_image;
-pub mod driver_conformance;
 pub mod fake_k8s;
 pub mod fake_llm;
 pub mod original_worker;
-pub mod store_conformance;
+
+pub use anywork_conformance::{driver_conformance, store_conformance, store_conformance_tests};

@@ -5,7 +5,7 @@
 //!
 //! ```ignore
 //! async fn fresh() -> Arc<dyn TaskStore> { Arc::new(MemoryStore::new()) }
-//! anywork_test::store_conformance_tests!(fresh);
+//! anywork_conformance::store_conformance_tests!(fresh);
 //! ```
 //!
 //! Each case is also a public async function, for stores that want to pick.
