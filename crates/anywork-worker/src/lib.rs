@@ -7,13 +7,12 @@
 //!   [`Executor`](anywork_core::Executor) and streams their [`TaskEvent`](anywork_core::TaskEvent)s
 //!   as server-sent events.
 //! - [`native`]: [`NativeExecutor`], an agent loop in Rust over the Anthropic or an
-//!   OpenAI-compatible API; [`mcp`]: its MCP client manager.
+//!   OpenAI-compatible API; [`native::mcp`]: its MCP client manager.
 //! - [`state`]: [`WorkerConfig`] and [`WorkerState`], what the handlers share.
 
 pub mod api;
 pub mod claude;
 pub mod history;
-pub mod mcp;
 pub mod native;
 mod run;
 pub mod select;
@@ -23,7 +22,9 @@ pub mod workspace;
 pub use api::{ApiError, router, serve};
 pub use claude::{ClaudeCodeConfig, ClaudeCodeExecutor, PermissionMode};
 pub use history::{HistoryMessage, Role, ToolCallRecord};
-pub use mcp::{McpClients, McpServerReport, ToolDef, ToolOutcome};
+#[cfg(feature = "mcp")]
+pub use native::mcp::McpClients;
+pub use native::mcp::{McpServerReport, ToolDef, ToolOutcome};
 pub use native::{NativeConfig, NativeExecutor, Provider, RetryPolicy};
 pub use run::NO_RESULT;
 pub use select::{MODEL_HINT, executor_from_env, executor_from_vars};

@@ -8,7 +8,7 @@ use anywork_core::{
     TaskOutcome, TaskStatus,
 };
 use anywork_test::fake_llm::{Api, FakeLlm, Reply};
-use anywork_worker::mcp::{McpClients, ToolOutcome};
+use anywork_worker::native::mcp::{McpClients, ToolOutcome};
 use anywork_worker::native::{MISSING_CONFIG, NativeConfig, NativeExecutor, Provider, transcript};
 use futures_util::StreamExt;
 use serde_json::{Value, json};

@@ -1,7 +1,7 @@
 //! [`NativeExecutor`]: an agent loop in Rust that calls a model API directly.
 //!
 //! Each run: scan the workspace's skills, connect the MCP servers of its `.mcp.json` (see
-//! [`crate::mcp`]), emit `init`, load the conversation from
+//! [`mcp`]), emit `init`, load the conversation from
 //! `<ws>/sessions/native-transcript.jsonl`, then call the model and run the tools it asks
 //! for until it answers without tool calls, streaming `text`, `thinking`, `tool_call`,
 //! `tool_result` and `usage` events, and end with exactly one `done`.
@@ -22,6 +22,7 @@ mod agent;
 mod anthropic;
 pub mod config;
 mod glob;
+pub mod mcp;
 pub mod model;
 mod openai;
 pub mod pricing;
