@@ -58,3 +58,29 @@ impl McpClients {
     /// Nothing to close.
     pub(crate) async fn shutdown(self) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn every_server_is_reported_failed_with_the_missing_feature() {
+        let servers: McpServers = serde_json::from_value(json!({
+            "calc": {"command": "calc-server"},
+            "web": {"type": "http", "url": "http://127.0.0.1:9/mcp"},
+        }))
+        .unwrap();
+        let (clients, reports) = McpClients::connect(&servers, Path::new(".")).await;
+        assert_eq!(reports.len(), 2);
+        for report in &reports {
+            assert!(!report.connected, "{report:?}");
+            let error = report.error.as_deref().unwrap_or_default();
+            assert!(error.contains("`mcp` feature"), "{error}");
+        }
+        assert!(clients.tools().is_empty());
+        assert!(!clients.has_tool("mcp__calc__add"));
+        assert!(clients.call("mcp__calc__add", json!({})).await.is_error);
+    }
+}
