@@ -9,7 +9,7 @@ use anywork_core::{
 };
 use anywork_test::fake_llm::{Api, FakeLlm, Reply};
 use anywork_worker::native::mcp::{McpClients, ToolOutcome};
-use anywork_worker::native::{MISSING_CONFIG, NativeConfig, NativeExecutor, Provider, transcript};
+use anywork_worker::native::{MISSING_CONFIG, NativeConfig, NativeExecutor, Provider};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -640,7 +640,7 @@ async fn the_conversation_continues_across_executors() {
         use std::io::Write;
         let mut file = std::fs::OpenOptions::new()
             .append(true)
-            .open(transcript::path(ws.path()))
+            .open(ws.path().join("sessions/native-transcript.jsonl"))
             .unwrap();
         file.write_all(b"{\"role\":\"user\",\"cont").unwrap();
         drop(file);

@@ -219,11 +219,6 @@ impl Builtins {
         })
     }
 
-    /// The canonical workspace.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Resolves `raw` inside the workspace, or says why not.
     pub fn resolve(&self, raw: &str) -> Result<PathBuf, String> {
         resolve(&self.root, raw)

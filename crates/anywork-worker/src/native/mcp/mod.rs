@@ -8,7 +8,7 @@
 //! - `sse` (the older HTTP + SSE transport) has no client in rmcp 3 and is reported as failed.
 //!
 //! A server that fails to start is reported as `failed` and its tools are absent; the others
-//! work. Dropping [`McpClients`] closes every connection and kills the spawned servers.
+//! work. Dropping `McpClients` closes every connection and kills the spawned servers.
 //!
 //! Without the `mcp` feature the native executor reports every server of `.mcp.json` as
 //! failed, saying that this build has no MCP client.
