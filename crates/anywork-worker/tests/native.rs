@@ -44,12 +44,12 @@ fn executor(fake: &FakeLlm, flavor: Flavor) -> NativeExecutor {
 }
 
 fn request(ws: &Path, message: &str) -> ExecutionRequest {
-    ExecutionRequest {
-        task_id: TaskId::generate(),
-        session_id: SessionId::new("s1").unwrap(),
-        message: message.into(),
-        workspace: ws.to_path_buf(),
-    }
+    ExecutionRequest::new(
+        TaskId::generate(),
+        SessionId::new("s1").unwrap(),
+        message,
+        ws,
+    )
 }
 
 /// Reads events up to and including `done` and checks it is the only one, and last.

@@ -14,8 +14,10 @@ pub const PASSED_THROUGH_ENV: &[&str] = &[
     "ANTHROPIC_BASE_URL",
 ];
 
-/// How [`DockerDriver`](super::DockerDriver) runs workers.
+/// How [`DockerDriver`](super::DockerDriver) runs workers. Build it with [`DockerConfig::new`]
+/// or [`DockerConfig::from_env`], then set fields.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct DockerConfig {
     /// The engine (`DOCKER_HOST`): `unix:///var/run/docker.sock`, `tcp://host:2375`; `None`
     /// uses the local socket.

@@ -13,6 +13,7 @@ pub const PASSED_THROUGH_ENV: &[&str] =
 
 /// Where a session's workspace lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum WorkspaceStorage {
     /// An emptyDir: gone with the pod (release or reaping loses the workspace).
     EmptyDir {
@@ -30,6 +31,7 @@ pub enum WorkspaceStorage {
 
 /// How the server reaches a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Addressing {
     /// `http://<service>.<namespace>.svc:<port>`: the server runs in the cluster.
     Service,
@@ -37,8 +39,10 @@ pub enum Addressing {
     PodIp,
 }
 
-/// CPU and memory for each worker container; `None` leaves a value out of the spec.
+/// CPU and memory for each worker container; `None` leaves a value out of the spec. Start
+/// from `Resources::default()` (nothing set).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Resources {
     /// `requests.cpu` (`250m`).
     pub cpu_request: Option<String>,
@@ -50,8 +54,10 @@ pub struct Resources {
     pub memory_limit: Option<String>,
 }
 
-/// Everything the driver needs to know; [`K8sConfig::from_env`] reads it from `K8S_*`.
+/// Everything the driver needs to know; [`K8sConfig::from_env`] reads it from `K8S_*`,
+/// [`K8sConfig::new`] gives the defaults (then set fields).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct K8sConfig {
     /// Namespace of the workers (`K8S_NAMESPACE`, default `anywork`).
     pub namespace: String,

@@ -12,6 +12,7 @@ use anywork_core::{Error, ErrorKind, Result};
 
 /// How the CLI treats tool permissions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum PermissionMode {
     /// `--dangerously-skip-permissions`: every tool runs without asking (the workspace's
     /// container is the sandbox).
@@ -24,6 +25,7 @@ pub enum PermissionMode {
 
 /// Settings of [`ClaudeCodeExecutor`](super::ClaudeCodeExecutor).
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct ClaudeCodeConfig {
     /// The `claude` executable.
     pub binary: PathBuf,
