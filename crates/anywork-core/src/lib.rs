@@ -8,6 +8,7 @@
 //! - [`session`], [`task`], [`log`]: what is stored ([`Session`], [`Task`], [`TaskLog`]).
 //! - [`status`]: [`TaskStatus`] and the one function that says which transitions are legal.
 //! - [`event`]: [`TaskEvent`], the event stream shared by worker SSE, task logs and WebSocket.
+//! - [`outcome`]: how a run ended ([`TaskOutcome`]) and the tokens it used ([`TokenUsage`]).
 //! - [`ws`]: the WebSocket client/server messages, spelled as the original AnyWork spells them.
 //! - [`spec`]: what a task asks the worker to set up ([`SkillSpec`], [`McpServerConfig`]).
 //! - [`worker_api`]: the worker's HTTP API, shared by the worker and the server.
@@ -23,6 +24,7 @@ pub mod executor;
 pub mod ids;
 pub mod log;
 pub mod outbound;
+pub mod outcome;
 pub mod rest;
 pub mod session;
 pub mod spec;
@@ -36,15 +38,15 @@ pub use channel::{Channel, ChannelDefaults, Inbound, InboundRequest};
 pub use driver::{ContainerDriver, WorkerEndpoint, WorkerInfo};
 pub use error::{Error, ErrorKind, Result};
 pub use event::{
-    AgentInit, InputKind, InputRequest, InputResponse, McpServerStatus, TaskEvent, TaskOutcome,
-    WireEvent,
+    AgentInit, InputKind, InputRequest, InputResponse, McpServerStatus, TaskEvent, WireEvent,
 };
 pub use executor::{EventStream, Execution, ExecutionControl, ExecutionRequest, Executor};
 pub use ids::{SessionId, TaskId, Timestamp};
 pub use log::{NewTaskLog, TaskLog};
+pub use outcome::{TaskOutcome, TokenUsage};
 pub use rest::WireTask;
 pub use session::{NewSession, Page, Session, SessionSummary};
 pub use spec::{McpServerConfig, SkillSpec};
 pub use status::TaskStatus;
 pub use store::TaskStore;
-pub use task::{Lease, NewTask, PushNotification, Task, TaskChange, TaskRequest, TokenUsage};
+pub use task::{Lease, NewTask, PushNotification, Task, TaskChange, TaskRequest};

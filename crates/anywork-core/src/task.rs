@@ -4,8 +4,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::event::TaskOutcome;
 use crate::ids::{SessionId, TaskId, Timestamp};
+use crate::outcome::TaskOutcome;
+pub use crate::outcome::TokenUsage;
 use crate::spec::{McpServers, SkillSpec, validate_mcp_servers};
 use crate::status::TaskStatus;
 
@@ -17,37 +18,6 @@ pub struct PushNotification {
     /// Value of the `Authorization` header, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorization: Option<String>,
-}
-
-/// Tokens counted by the model API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct TokenUsage {
-    /// Prompt tokens, cache excluded.
-    #[serde(default)]
-    pub input_tokens: u64,
-    /// Generated tokens.
-    #[serde(default)]
-    pub output_tokens: u64,
-    /// Tokens written to the prompt cache.
-    #[serde(default)]
-    pub cache_creation_input_tokens: u64,
-    /// Tokens read from the prompt cache.
-    #[serde(default)]
-    pub cache_read_input_tokens: u64,
-}
-
-impl TokenUsage {
-    /// Adds `other` to `self` (saturating).
-    pub fn add(&mut self, other: &TokenUsage) {
-        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
-        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
-        self.cache_creation_input_tokens = self
-            .cache_creation_input_tokens
-            .saturating_add(other.cache_creation_input_tokens);
-        self.cache_read_input_tokens = self
-            .cache_read_input_tokens
-            .saturating_add(other.cache_read_input_tokens);
-    }
 }
 
 /// Who is running a task, and until when, so that a crashed server's tasks can be found.
