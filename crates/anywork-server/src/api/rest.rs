@@ -250,6 +250,7 @@ pub(crate) async fn create_task(
         skills: body.skills,
         mcp_servers: body.mcp_servers,
         push_notification: body.push_notification,
+        idempotency_key: None,
     };
     let submitted = state.dispatcher().submit(request).await?;
     Ok((
