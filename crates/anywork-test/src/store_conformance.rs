@@ -1148,6 +1148,10 @@ mod model {
             s: u8,
             t: u8,
             at: i64,
+            key: Option<u8>,
+        },
+        FindByKey {
+            key: u8,
         },
         Update {
             t: u8,
@@ -1206,7 +1210,14 @@ mod model {
         prop_oneof![
             (s.clone(), proptest::option::of(0u8..2), at.clone())
                 .prop_map(|(s, key, at)| Op::CreateSession { s, key, at }),
-            (s.clone(), t.clone(), at.clone()).prop_map(|(s, t, at)| Op::CreateTask { s, t, at }),
+            (
+                s.clone(),
+                t.clone(),
+                at.clone(),
+                proptest::option::of(0u8..3)
+            )
+                .prop_map(|(s, t, at, key)| Op::CreateTask { s, t, at, key }),
+            (0u8..3).prop_map(|key| Op::FindByKey { key }),
             (t.clone(), status(), status(), at.clone()).prop_map(|(t, expected, to, at)| {
                 Op::Update {
                     t,
@@ -1257,10 +1268,17 @@ mod model {
                 n.channel_key = key.map(|k| format!("key{k}"));
                 out(store.create_session(n).await, Out::Session)
             }
-            Op::CreateTask { s, t, at } => {
-                let n = new_task(sname(s).as_str(), u128::from(t) + 1, at);
+            Op::CreateTask { s, t, at, key } => {
+                let mut n = new_task(sname(s).as_str(), u128::from(t) + 1, at);
+                n.idempotency_key = key.map(|k| format!("event-{k}"));
                 out(store.create_task(n).await, |t| Out::Task(Box::new(t)))
             }
+            Op::FindByKey { key } => out(
+                store
+                    .find_task_by_idempotency_key("webchat", &format!("event-{key}"))
+                    .await,
+                |t| Out::Tasks(t.into_iter().collect()),
+            ),
             Op::Update {
                 t,
                 expected,
@@ -1509,6 +1527,14 @@ mod memory_model {
                 .find(|t| t.id == id)
                 .cloned()
                 .ok_or_else(|| nf("task"))
+        }
+        async fn find_task_by_idempotency_key(&self, ct: &str, key: &str) -> Result<Option<Task>> {
+            let st = self.state.lock().unwrap();
+            Ok(st
+                .1
+                .iter()
+                .find(|t| t.channel_type == ct && t.idempotency_key.as_deref() == Some(key))
+                .cloned())
         }
         async fn update_task(&self, id: TaskId, exp: TaskStatus, c: TaskChange) -> Result<Task> {
             let mut st = self.state.lock().unwrap();
