@@ -259,9 +259,12 @@ pub trait TaskStore: Send + Sync + 'static {
     }
 
     /// `Ok` when the store can take writes now, for a readiness check (HTTP 503 otherwise).
-    /// SQL stores make a real write (a heartbeat row) through their normal write path, with
-    /// a bound on the wait: `Unavailable` when the database is unreachable, locked past the
-    /// bound, out of disk space or read-only. The default reads one session.
+    /// SQL stores commit a real one-row write (a heartbeat) through their normal write path
+    /// (on SQLite, the writer's queue, so a stuck writer shows), waiting at most 3 s:
+    /// `Unavailable` when the database is unreachable, locked past the bound, out of disk
+    /// space or read-only. It is one small write: a disk with a few KiB left passes it while
+    /// larger writes fail with "the disk is full". Cheap enough for a probe every few
+    /// seconds. The default reads one session.
     async fn check_ready(&self) -> Result<()> {
         self.list_sessions(Page::first(1)).await.map(drop)
     }
