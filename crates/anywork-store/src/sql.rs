@@ -80,9 +80,10 @@ pub(crate) fn db_err(context: &str, e: sqlx::Error) -> Error {
             Error::not_found(format!("{context}: referenced row does not exist"))
         }
         sqlx::Error::Database(db) => match db.code().as_deref().map(Code::of) {
-            Some(Code::Busy) => {
-                Error::unavailable(format!("{context}: database is busy, try again ({db})"))
-            }
+            Some(Code::Busy) => Error::unavailable(format!(
+                "{context}: database is busy (another connection or process holds its \
+                     write lock), try again ({db})"
+            )),
             Some(Code::DiskFull) => Error::unavailable(format!("{context}: {DISK_FULL} ({db})")),
             Some(Code::Io) => Error::unavailable(format!(
                 "{context}: disk I/O error ({db}); check that the disk holding the database \
@@ -1486,3 +1487,27 @@ macro_rules! impl_sql_store {
 }
 
 pub(crate) use impl_sql_store;
+
+#[cfg(test)]
+mod tests {
+    use super::Code;
+
+    #[test]
+    fn error_codes_of_both_backends() {
+        // SQLite: primary and extended result codes.
+        assert_eq!(Code::of("5"), Code::Busy);
+        assert_eq!(Code::of("517"), Code::Busy); // SQLITE_BUSY_SNAPSHOT
+        assert_eq!(Code::of("6"), Code::Busy);
+        assert_eq!(Code::of("13"), Code::DiskFull);
+        assert_eq!(Code::of("778"), Code::Io); // SQLITE_IOERR_WRITE
+        assert_eq!(Code::of("8"), Code::ReadOnly);
+        assert_eq!(Code::of("2067"), Code::Other); // a unique violation, matched earlier
+        // PostgreSQL SQLSTATEs.
+        assert_eq!(Code::of("40001"), Code::Busy);
+        assert_eq!(Code::of("53100"), Code::DiskFull);
+        assert_eq!(Code::of("57P01"), Code::ServerDown); // admin_shutdown
+        assert_eq!(Code::of("08006"), Code::ServerDown);
+        assert_eq!(Code::of("25006"), Code::ReadOnly);
+        assert_eq!(Code::of("23505"), Code::Other);
+    }
+}

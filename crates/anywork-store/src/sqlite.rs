@@ -1,5 +1,6 @@
 //! [`SqliteStore`]: the embedded default. One file, WAL journal, zero set-up.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -115,7 +116,7 @@ enum Work {
     /// A write, grouped with the others queued with it.
     Write(WriteOp),
     /// A statement that must run outside any transaction (vacuum, checkpoint), alone.
-    Raw(&'static str),
+    Raw(Cow<'static, str>),
 }
 
 /// Work waiting for the writer, and who waits for its reply.
@@ -233,11 +234,12 @@ impl SqliteStore {
     }
 
     /// Runs `sql` outside any transaction: on the writer, between two groups of writes.
-    async fn maintain(&self, sql: &'static str) -> Result<()> {
+    async fn maintain(&self, sql: impl Into<Cow<'static, str>>) -> Result<()> {
+        let sql = sql.into();
         if self.writer.is_some() {
             return self.submit(Work::Raw(sql)).await.map(drop);
         }
-        sqlx::query(sql)
+        sqlx::query(&sql)
             .execute(&self.pool)
             .await
             .map(drop)
@@ -291,7 +293,8 @@ impl SqliteStore {
         let mut free = self.pragma("freelist_count").await?;
         let mut steps = free / VACUUM_STEP_PAGES + 2;
         while free > 0 && steps > 0 {
-            self.maintain("PRAGMA incremental_vacuum(2048)").await?;
+            self.maintain(format!("PRAGMA incremental_vacuum({VACUUM_STEP_PAGES})"))
+                .await?;
             let left = self.pragma("freelist_count").await?;
             if left >= free {
                 break; // nothing moved (new free pages keep coming): enough for this call
