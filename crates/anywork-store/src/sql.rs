@@ -189,106 +189,130 @@ macro_rules! impl_sql_store {
     ($store:ty, $db:ty, $begin:expr, $for_update:expr, $skip_locked:expr) => {
         type Row = <$db as sqlx::Database>::Row;
 
-        fn task_from_row(row: &Row) -> anywork_core::Result<anywork_core::Task> {
-            use $crate::sql::{corrupt, to_u64};
-            use anywork_core::*;
-            use sqlx::Row as _;
-            let get_str = |c: &str| row.try_get::<String, _>(c).map_err(|e| corrupt(c, e));
-            let get_opt_str =
-                |c: &str| row.try_get::<Option<String>, _>(c).map_err(|e| corrupt(c, e));
-            let get_i64 = |c: &str| row.try_get::<i64, _>(c).map_err(|e| corrupt(c, e));
-            let get_opt_i64 =
-                |c: &str| row.try_get::<Option<i64>, _>(c).map_err(|e| corrupt(c, e));
-            fn json<T: serde::de::DeserializeOwned>(c: &str, s: &str) -> Result<T> {
-                serde_json::from_str(s).map_err(|e| corrupt(c, e))
+        /// Typed reads of one row's columns; a value that does not decode is reported with
+        /// its column's name.
+        struct Cols<'r>(&'r Row);
+
+        impl Cols<'_> {
+            fn get<T>(&self, c: &str) -> anywork_core::Result<T>
+            where
+                T: for<'q> sqlx::Decode<'q, $db> + sqlx::Type<$db>,
+            {
+                use sqlx::Row as _;
+                self.0.try_get::<T, _>(c).map_err(|e| $crate::sql::corrupt(c, e))
             }
-            let lease = match (get_opt_str("lease_owner")?, get_opt_i64("lease_expires_at")?) {
-                (Some(owner), Some(at)) => Some(Lease {
-                    owner,
-                    expires_at: Timestamp(at),
-                }),
-                _ => None,
-            };
+
+            fn str(&self, c: &str) -> anywork_core::Result<String> {
+                self.get(c)
+            }
+
+            fn opt_str(&self, c: &str) -> anywork_core::Result<Option<String>> {
+                self.get(c)
+            }
+
+            fn i64(&self, c: &str) -> anywork_core::Result<i64> {
+                self.get(c)
+            }
+
+            fn time(&self, c: &str) -> anywork_core::Result<anywork_core::Timestamp> {
+                self.i64(c).map(anywork_core::Timestamp)
+            }
+
+            fn opt_time(&self, c: &str) -> anywork_core::Result<Option<anywork_core::Timestamp>> {
+                Ok(self.get::<Option<i64>>(c)?.map(anywork_core::Timestamp))
+            }
+
+            /// A text column parsed with `FromStr` (ids, statuses).
+            fn parse<T: std::str::FromStr>(&self, c: &str) -> anywork_core::Result<T>
+            where
+                T::Err: std::fmt::Display,
+            {
+                self.str(c)?.parse().map_err(|e| $crate::sql::corrupt(c, e))
+            }
+
+            /// A column of JSON text.
+            fn json<T: serde::de::DeserializeOwned>(&self, c: &str) -> anywork_core::Result<T> {
+                serde_json::from_str(&self.str(c)?).map_err(|e| $crate::sql::corrupt(c, e))
+            }
+
+            /// A nullable column of JSON text.
+            fn opt_json<T: serde::de::DeserializeOwned>(
+                &self,
+                c: &str,
+            ) -> anywork_core::Result<Option<T>> {
+                self.opt_str(c)?
+                    .map(|s| serde_json::from_str(&s).map_err(|e| $crate::sql::corrupt(c, e)))
+                    .transpose()
+            }
+
+            /// A lease stored as an owner and an expiry column (both set, or none).
+            fn lease(
+                &self,
+                owner: &str,
+                until: &str,
+            ) -> anywork_core::Result<Option<anywork_core::Lease>> {
+                Ok(match (self.opt_str(owner)?, self.opt_time(until)?) {
+                    (Some(owner), Some(expires_at)) => {
+                        Some(anywork_core::Lease { owner, expires_at })
+                    }
+                    _ => None,
+                })
+            }
+        }
+
+        fn task_from_row(row: &Row) -> anywork_core::Result<anywork_core::Task> {
+            use $crate::sql::to_u64;
+            use anywork_core::*;
+            let r = Cols(row);
             Ok(Task {
-                id: get_str("id")?.parse().map_err(|e| corrupt("id", e))?,
-                session_id: SessionId::new(get_str("session_id")?)
-                    .map_err(|e| corrupt("session_id", e))?,
-                channel_type: get_str("channel_type")?,
-                channel_meta: json("channel_meta", &get_str("channel_meta")?)?,
-                status: get_str("status")?.parse().map_err(|e| corrupt("status", e))?,
-                message: json("message", &get_str("message")?)?,
-                skills: json("skills", &get_str("skills")?)?,
-                mcp_servers: json("mcp_servers", &get_str("mcp_servers")?)?,
-                result: get_opt_str("result")?
-                    .map(|s| json("result", &s))
-                    .transpose()?,
-                structured_output: get_opt_str("structured_output")?
-                    .map(|s| json("structured_output", &s))
-                    .transpose()?,
-                error: get_opt_str("error")?
-                    .map(|s| json("error", &s))
-                    .transpose()?,
-                cost_usd: row
-                    .try_get::<Option<f64>, _>("cost_usd")
-                    .map_err(|e| corrupt("cost_usd", e))?,
+                id: r.parse("id")?,
+                session_id: r.parse("session_id")?,
+                channel_type: r.str("channel_type")?,
+                channel_meta: r.json("channel_meta")?,
+                status: r.parse("status")?,
+                message: r.json("message")?,
+                skills: r.json("skills")?,
+                mcp_servers: r.json("mcp_servers")?,
+                result: r.opt_json("result")?,
+                structured_output: r.opt_json("structured_output")?,
+                error: r.opt_json("error")?,
+                cost_usd: r.get("cost_usd")?,
                 usage: TokenUsage {
-                    input_tokens: to_u64(get_i64("input_tokens")?),
-                    output_tokens: to_u64(get_i64("output_tokens")?),
-                    cache_creation_input_tokens: to_u64(get_i64("cache_creation_input_tokens")?),
-                    cache_read_input_tokens: to_u64(get_i64("cache_read_input_tokens")?),
+                    input_tokens: to_u64(r.i64("input_tokens")?),
+                    output_tokens: to_u64(r.i64("output_tokens")?),
+                    cache_creation_input_tokens: to_u64(r.i64("cache_creation_input_tokens")?),
+                    cache_read_input_tokens: to_u64(r.i64("cache_read_input_tokens")?),
                 },
-                num_turns: u32::try_from(get_i64("num_turns")?).unwrap_or(0),
-                duration_ms: get_opt_i64("duration_ms")?.map(to_u64),
-                worker_id: get_opt_str("worker_id")?,
-                push_notification: get_opt_str("push_notification")?
-                    .map(|s| json("push_notification", &s))
-                    .transpose()?,
-                lease,
-                idempotency_key: get_opt_str("idempotency_key")?,
-                created_at: Timestamp(get_i64("created_at")?),
-                started_at: get_opt_i64("started_at")?.map(Timestamp),
-                finished_at: get_opt_i64("finished_at")?.map(Timestamp),
-                logs_deleted_at: get_opt_i64("logs_deleted_at")?.map(Timestamp),
+                num_turns: u32::try_from(r.i64("num_turns")?).unwrap_or(0),
+                duration_ms: r.get::<Option<i64>>("duration_ms")?.map(to_u64),
+                worker_id: r.opt_str("worker_id")?,
+                push_notification: r.opt_json("push_notification")?,
+                lease: r.lease("lease_owner", "lease_expires_at")?,
+                idempotency_key: r.opt_str("idempotency_key")?,
+                created_at: r.time("created_at")?,
+                started_at: r.opt_time("started_at")?,
+                finished_at: r.opt_time("finished_at")?,
+                logs_deleted_at: r.opt_time("logs_deleted_at")?,
             })
         }
 
         /// A delivery row and its `seq` (the enqueue order).
         fn delivery_from_row(row: &Row) -> anywork_core::Result<(i64, anywork_core::Delivery)> {
-            use $crate::sql::corrupt;
-            use anywork_core::*;
-            use sqlx::Row as _;
-            let get_str = |c: &str| row.try_get::<String, _>(c).map_err(|e| corrupt(c, e));
-            let get_opt_str =
-                |c: &str| row.try_get::<Option<String>, _>(c).map_err(|e| corrupt(c, e));
-            let get_i64 = |c: &str| row.try_get::<i64, _>(c).map_err(|e| corrupt(c, e));
-            let get_opt_i64 =
-                |c: &str| row.try_get::<Option<i64>, _>(c).map_err(|e| corrupt(c, e));
-            fn json<T: serde::de::DeserializeOwned>(c: &str, s: &str) -> Result<T> {
-                serde_json::from_str(s).map_err(|e| corrupt(c, e))
-            }
-            let claim = match (get_opt_str("claim_owner")?, get_opt_i64("claim_until")?) {
-                (Some(owner), Some(at)) => Some(Lease {
-                    owner,
-                    expires_at: Timestamp(at),
-                }),
-                _ => None,
+            let r = Cols(row);
+            let delivery = anywork_core::Delivery {
+                id: r.parse("id")?,
+                task_id: r.parse("task_id")?,
+                target: r.json("target")?,
+                payload: r.json("payload")?,
+                status: r.parse("status")?,
+                attempts: u32::try_from(r.i64("attempts")?).unwrap_or(u32::MAX),
+                next_attempt_at: r.time("next_attempt_at")?,
+                last_error: r.opt_json("last_error")?,
+                claim: r.lease("claim_owner", "claim_until")?,
+                created_at: r.time("created_at")?,
+                updated_at: r.time("updated_at")?,
             };
-            let delivery = Delivery {
-                id: get_str("id")?.parse().map_err(|e| corrupt("id", e))?,
-                task_id: get_str("task_id")?.parse().map_err(|e| corrupt("task_id", e))?,
-                target: json("target", &get_str("target")?)?,
-                payload: json("payload", &get_str("payload")?)?,
-                status: get_str("status")?.parse().map_err(|e| corrupt("status", e))?,
-                attempts: u32::try_from(get_i64("attempts")?).unwrap_or(u32::MAX),
-                next_attempt_at: Timestamp(get_i64("next_attempt_at")?),
-                last_error: get_opt_str("last_error")?
-                    .map(|s| json("last_error", &s))
-                    .transpose()?,
-                claim,
-                created_at: Timestamp(get_i64("created_at")?),
-                updated_at: Timestamp(get_i64("updated_at")?),
-            };
-            Ok((get_i64("seq")?, delivery))
+            Ok((r.i64("seq")?, delivery))
         }
 
         /// Rows in enqueue order, without their seq.
@@ -302,23 +326,14 @@ macro_rules! impl_sql_store {
         }
 
         fn session_from_row(row: &Row) -> anywork_core::Result<anywork_core::Session> {
-            use $crate::sql::corrupt;
-            use anywork_core::*;
-            use sqlx::Row as _;
-            let get_str = |c: &str| row.try_get::<String, _>(c).map_err(|e| corrupt(c, e));
-            Ok(Session {
-                id: SessionId::new(get_str("id")?).map_err(|e| corrupt("id", e))?,
-                channel_type: get_str("channel_type")?,
-                channel_key: row
-                    .try_get::<Option<String>, _>("channel_key")
-                    .map_err(|e| corrupt("channel_key", e))?,
-                title: get_str("title")?,
-                created_at: Timestamp(
-                    row.try_get::<i64, _>("created_at").map_err(|e| corrupt("created_at", e))?,
-                ),
-                last_active: Timestamp(
-                    row.try_get::<i64, _>("last_active").map_err(|e| corrupt("last_active", e))?,
-                ),
+            let r = Cols(row);
+            Ok(anywork_core::Session {
+                id: r.parse("id")?,
+                channel_type: r.str("channel_type")?,
+                channel_key: r.opt_str("channel_key")?,
+                title: r.str("title")?,
+                created_at: r.time("created_at")?,
+                last_active: r.time("last_active")?,
             })
         }
 
@@ -666,7 +681,6 @@ macro_rules! impl_sql_store {
                     max_tasks,
                     now,
                 } => {
-                    use sqlx::Row as _;
                     let ctx = "delete the logs of finished tasks";
                     let sql = format!(
                         "SELECT id FROM tasks WHERE finished_at IS NOT NULL \
@@ -683,9 +697,7 @@ macro_rules! impl_sql_store {
                         .map_err(|e| db_err(ctx, e))?;
                     let mut deleted = anywork_core::DeletedLogs::default();
                     for row in &ids {
-                        let id: String = row
-                            .try_get("id")
-                            .map_err(|e| $crate::sql::corrupt("id", e))?;
+                        let id = Cols(row).str("id")?;
                         let gone = sqlx::query("DELETE FROM task_logs WHERE task_id = $1")
                             .bind(&id)
                             .execute(&mut *conn)
@@ -803,7 +815,6 @@ macro_rules! impl_sql_store {
             task_id: anywork_core::TaskId,
             rows: &[(String, String, i64)],
         ) -> anywork_core::Result<u64> {
-            use sqlx::Row as _;
             let ctx = "append logs";
             let id = task_id.to_string();
             let count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
@@ -819,9 +830,7 @@ macro_rules! impl_sql_store {
             .await
             .map_err(|e| $crate::sql::db_err(ctx, e))?
             .ok_or_else(|| anywork_core::Error::not_found(format!("task {task_id} not found")))?;
-            let last: i64 = row
-                .try_get("last_seq")
-                .map_err(|e| $crate::sql::corrupt("last_seq", e))?;
+            let last = Cols(&row).i64("last_seq")?;
             let mut seq = last - count;
             for chunk in rows.chunks($crate::sql::LOG_CHUNK) {
                 let mut insert = sqlx::QueryBuilder::<$db>::new(
@@ -900,22 +909,33 @@ macro_rules! impl_sql_store {
             Ok(())
         }
 
-        async fn lock_delivery(
-            conn: &mut Conn,
+        /// The delivery `id` read on `db`; `lock` is the row-lock suffix of the `SELECT`.
+        async fn select_delivery<'c, E>(
+            db: E,
             id: anywork_core::DeliveryId,
-        ) -> anywork_core::Result<anywork_core::Delivery> {
+            lock: &str,
+        ) -> anywork_core::Result<anywork_core::Delivery>
+        where
+            E: sqlx::Executor<'c, Database = $db>,
+        {
             let sql = format!(
-                "SELECT {} FROM deliveries WHERE id = $1{}",
-                $crate::sql::DELIVERY_COLUMNS,
-                $for_update
+                "SELECT {} FROM deliveries WHERE id = $1{lock}",
+                $crate::sql::DELIVERY_COLUMNS
             );
             let row = sqlx::query(&sql)
                 .bind(id.to_string())
-                .fetch_optional(&mut *conn)
+                .fetch_optional(db)
                 .await
                 .map_err(|e| $crate::sql::db_err("read delivery", e))?
                 .ok_or_else(|| anywork_core::Error::not_found(format!("delivery {id} not found")))?;
             Ok(delivery_from_row(&row)?.1)
+        }
+
+        async fn lock_delivery(
+            conn: &mut Conn,
+            id: anywork_core::DeliveryId,
+        ) -> anywork_core::Result<anywork_core::Delivery> {
+            select_delivery(&mut *conn, id, $for_update).await
         }
 
         /// Writes the mutable fields of `d` back, if it still has status `before` (and, with
@@ -1061,7 +1081,6 @@ macro_rules! impl_sql_store {
                 &self,
                 page: anywork_core::Page,
             ) -> anywork_core::Result<Vec<anywork_core::SessionSummary>> {
-                use sqlx::Row as _;
                 let sql = format!(
                     "SELECT s.id, s.channel_type, s.channel_key, s.title, s.created_at, \
                      s.last_active, \
@@ -1080,11 +1099,7 @@ macro_rules! impl_sql_store {
                     .map_err(|e| $crate::sql::db_err("list sessions", e))?;
                 rows.iter()
                     .map(|row| {
-                        let count = |c: &str| {
-                            row.try_get::<i64, _>(c)
-                                .map(|n| $crate::sql::to_u64(n))
-                                .map_err(|e| $crate::sql::corrupt(c, e))
-                        };
+                        let count = |c: &str| Cols(row).i64(c).map($crate::sql::to_u64);
                         Ok(anywork_core::SessionSummary {
                             session: session_from_row(row)?,
                             task_count: count("task_count")?,
@@ -1277,7 +1292,6 @@ macro_rules! impl_sql_store {
                 task_id: anywork_core::TaskId,
                 logs: Vec<anywork_core::NewTaskLog>,
             ) -> anywork_core::Result<u64> {
-                use sqlx::Row as _;
                 if logs.is_empty() {
                     let row = sqlx::query("SELECT last_seq FROM tasks WHERE id = $1")
                         .bind(task_id.to_string())
@@ -1287,10 +1301,7 @@ macro_rules! impl_sql_store {
                         .ok_or_else(|| {
                             anywork_core::Error::not_found(format!("task {task_id} not found"))
                         })?;
-                    let last: i64 = row
-                        .try_get("last_seq")
-                        .map_err(|e| $crate::sql::corrupt("last_seq", e))?;
-                    return Ok($crate::sql::to_u64(last));
+                    return Ok($crate::sql::to_u64(Cols(&row).i64("last_seq")?));
                 }
                 match self.write(WriteOp::AppendLogs(task_id, encode_logs(logs)?)).await? {
                     Reply::Seq(last) => Ok(last),
@@ -1304,8 +1315,6 @@ macro_rules! impl_sql_store {
                 after: u64,
                 limit: u32,
             ) -> anywork_core::Result<Vec<anywork_core::TaskLog>> {
-                use $crate::sql::corrupt;
-                use sqlx::Row as _;
                 let rows = sqlx::query(
                     "SELECT seq, type, payload, created_at FROM task_logs \
                      WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
@@ -1318,13 +1327,12 @@ macro_rules! impl_sql_store {
                 .map_err(|e| $crate::sql::db_err("read logs", e))?;
                 rows.iter()
                     .map(|row| {
-                        let s = |c: &str| row.try_get::<String, _>(c).map_err(|e| corrupt(c, e));
-                        let i = |c: &str| row.try_get::<i64, _>(c).map_err(|e| corrupt(c, e));
+                        let r = Cols(row);
                         Ok(anywork_core::TaskLog {
                             task_id,
-                            seq: $crate::sql::to_u64(i("seq")?),
-                            event: $crate::sql::event_from_row(&s("type")?, &s("payload")?),
-                            timestamp: anywork_core::Timestamp(i("created_at")?),
+                            seq: $crate::sql::to_u64(r.i64("seq")?),
+                            event: $crate::sql::event_from_row(&r.str("type")?, &r.str("payload")?),
+                            timestamp: r.time("created_at")?,
                         })
                     })
                     .collect()
@@ -1372,19 +1380,7 @@ macro_rules! impl_sql_store {
                 &self,
                 id: anywork_core::DeliveryId,
             ) -> anywork_core::Result<anywork_core::Delivery> {
-                let sql = format!(
-                    "SELECT {} FROM deliveries WHERE id = $1",
-                    $crate::sql::DELIVERY_COLUMNS
-                );
-                let row = sqlx::query(&sql)
-                    .bind(id.to_string())
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(|e| $crate::sql::db_err("read delivery", e))?
-                    .ok_or_else(|| {
-                        anywork_core::Error::not_found(format!("delivery {id} not found"))
-                    })?;
-                Ok(delivery_from_row(&row)?.1)
+                select_delivery(&self.pool, id, "").await
             }
 
             async fn list_deliveries(

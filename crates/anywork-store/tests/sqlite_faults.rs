@@ -24,6 +24,30 @@ async fn task_in(store: &SqliteStore) -> TaskId {
     store.create_task(task).await.unwrap().id
 }
 
+/// Appends `n` events of 64 KiB to `task` (pending), ends it and deletes its log: free
+/// pages for compaction.
+async fn fill_then_forget(store: &SqliteStore, task: TaskId, n: usize) {
+    for i in 0..n {
+        store
+            .append_logs(task, vec![chunk(i, 64 * 1024)])
+            .await
+            .unwrap();
+    }
+    store
+        .update_task(
+            task,
+            TaskStatus::Pending,
+            TaskChange::to(TaskStatus::Canceled),
+        )
+        .await
+        .unwrap();
+    let deleted = store
+        .delete_finished_logs(Timestamp(i64::MAX), 10, Timestamp::now())
+        .await
+        .unwrap();
+    assert_eq!(deleted.events, n as u64);
+}
+
 fn chunk(i: usize, bytes: usize) -> NewTaskLog {
     NewTaskLog::now(TaskEvent::text(format!("{i:06}:{}", "x".repeat(bytes))))
 }
@@ -371,25 +395,7 @@ async fn compaction_gives_deleted_space_back() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open_in_dir(dir.path()).await.unwrap();
     let task = task_in(&store).await;
-    for i in 0..64 {
-        store
-            .append_logs(task, vec![chunk(i, 64 * 1024)])
-            .await
-            .unwrap();
-    }
-    store
-        .update_task(
-            task,
-            TaskStatus::Pending,
-            TaskChange::to(TaskStatus::Canceled),
-        )
-        .await
-        .unwrap();
-    let deleted = store
-        .delete_finished_logs(Timestamp(i64::MAX), 10, Timestamp::now())
-        .await
-        .unwrap();
-    assert_eq!(deleted.events, 64);
+    fill_then_forget(&store, task, 64).await;
     let full = store.store_size().await.unwrap().unwrap();
     assert!(
         full.reclaimable_bytes >= 3 * 1024 * 1024,
@@ -434,24 +440,7 @@ async fn an_old_database_is_converted_by_one_vacuum() {
     }
     let store = SqliteStore::open(&path).await.unwrap();
     let task = task_in(&store).await;
-    for i in 0..16 {
-        store
-            .append_logs(task, vec![chunk(i, 64 * 1024)])
-            .await
-            .unwrap();
-    }
-    store
-        .update_task(
-            task,
-            TaskStatus::Pending,
-            TaskChange::to(TaskStatus::Canceled),
-        )
-        .await
-        .unwrap();
-    store
-        .delete_finished_logs(Timestamp(i64::MAX), 10, Timestamp::now())
-        .await
-        .unwrap();
+    fill_then_forget(&store, task, 16).await;
     assert_eq!(
         auto_vacuum(&path).await,
         0,

@@ -697,30 +697,16 @@ pub async fn retention_deletes_whole_logs_of_finished_tasks_only(store: Store) {
     finish(0, 200).await;
     finish(1, 100).await;
     finish(2, 900).await;
-    store
-        .update_task(
-            tasks[3].id,
-            TaskStatus::Pending,
-            TaskChange::to(TaskStatus::Running),
-        )
-        .await
-        .unwrap();
-    store
-        .update_task(
-            tasks[4].id,
-            TaskStatus::Pending,
-            TaskChange::to(TaskStatus::Running),
-        )
-        .await
-        .unwrap();
-    store
-        .update_task(
-            tasks[4].id,
-            TaskStatus::Running,
-            TaskChange::to(TaskStatus::InputRequired),
-        )
-        .await
-        .unwrap();
+    for (i, from, to) in [
+        (3, TaskStatus::Pending, TaskStatus::Running),
+        (4, TaskStatus::Pending, TaskStatus::Running),
+        (4, TaskStatus::Running, TaskStatus::InputRequired),
+    ] {
+        store
+            .update_task(tasks[i].id, from, TaskChange::to(to))
+            .await
+            .unwrap();
+    }
 
     let deleted = store
         .delete_finished_logs(Timestamp(500), 1, Timestamp(7000))
