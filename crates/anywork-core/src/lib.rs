@@ -6,6 +6,7 @@
 //! database driver, an HTTP stack or a container client.
 //!
 //! - [`session`], [`task`], [`log`]: what is stored ([`Session`], [`Task`], [`TaskLog`]).
+//! - [`delivery`]: the outbox ([`Delivery`]) that takes outcomes back to their channel.
 //! - [`status`]: [`TaskStatus`] and the one function that says which transitions are legal.
 //! - [`event`]: [`TaskEvent`], the event stream shared by worker SSE, task logs and WebSocket.
 //! - [`outcome`]: how a run ended ([`TaskOutcome`]) and the tokens it used ([`TokenUsage`]).
@@ -17,6 +18,7 @@
 //! - [`error`]: the one [`Error`] type, with a matchable [`ErrorKind`].
 
 pub mod channel;
+pub mod delivery;
 pub mod driver;
 pub mod error;
 pub mod event;
@@ -35,6 +37,10 @@ pub mod worker_api;
 pub mod ws;
 
 pub use channel::{Channel, ChannelDefaults, Inbound, InboundRequest};
+pub use delivery::{
+    DeletedLogs, Delivery, DeliveryAttempt, DeliveryId, DeliveryStatus, DeliveryTarget,
+    NewDelivery, StoreSize,
+};
 pub use driver::{ContainerDriver, WorkerEndpoint, WorkerInfo};
 pub use error::{Error, ErrorKind, Result};
 pub use event::{

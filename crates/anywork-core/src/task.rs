@@ -68,12 +68,18 @@ pub struct Task {
     pub push_notification: Option<PushNotification>,
     /// The current lease, while running.
     pub lease: Option<Lease>,
+    /// The channel's once-per-event key, if it gave one (unique per `channel_type`).
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
     /// When it was submitted.
     pub created_at: Timestamp,
     /// When it first started running.
     pub started_at: Option<Timestamp>,
     /// When it reached a terminal status.
     pub finished_at: Option<Timestamp>,
+    /// When retention deleted its log (all of it); `None` while the log is kept.
+    #[serde(default)]
+    pub logs_deleted_at: Option<Timestamp>,
 }
 
 /// A request for work, as a channel or the API produces it. Build it with [`TaskRequest::new`]
@@ -103,6 +109,10 @@ pub struct TaskRequest {
     /// Where to POST the outcome.
     #[serde(default)]
     pub push_notification: Option<PushNotification>,
+    /// A key the channel saw once per event (a GitHub delivery id, a Slack event id); a second
+    /// request with the same key in the same channel runs no second task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 impl TaskRequest {
@@ -120,6 +130,7 @@ impl TaskRequest {
             skills: Vec::new(),
             mcp_servers: McpServers::new(),
             push_notification: None,
+            idempotency_key: None,
         }
     }
 
@@ -138,8 +149,29 @@ impl TaskRequest {
         for skill in &self.skills {
             skill.validate()?;
         }
+        if let Some(key) = &self.idempotency_key {
+            validate_idempotency_key(key)?;
+        }
         validate_mcp_servers(&self.mcp_servers)
     }
+}
+
+/// The longest idempotency key accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+
+/// Checks an idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY_BYTES`] bytes, no control characters.
+pub fn validate_idempotency_key(key: &str) -> Result<()> {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(Error::invalid_input(format!(
+            "`idempotency_key` must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes long"
+        )));
+    }
+    if key.chars().any(char::is_control) {
+        return Err(Error::invalid_input(
+            "`idempotency_key` may not contain control characters",
+        ));
+    }
+    Ok(())
 }
 
 /// What a store needs to create a task (status starts as `pending`).
@@ -161,6 +193,9 @@ pub struct NewTask {
     pub mcp_servers: McpServers,
     /// Where to POST the outcome.
     pub push_notification: Option<PushNotification>,
+    /// The channel's once-per-event key: unique per `channel_type` in every store
+    /// (see [`TaskRequest::idempotency_key`]).
+    pub idempotency_key: Option<String>,
     /// Submission time.
     pub created_at: Timestamp,
 }
@@ -177,6 +212,7 @@ impl NewTask {
             skills: request.skills,
             mcp_servers: request.mcp_servers,
             push_notification: request.push_notification,
+            idempotency_key: request.idempotency_key,
             created_at: Timestamp::now(),
         }
     }
@@ -202,9 +238,11 @@ impl NewTask {
             worker_id: None,
             push_notification: self.push_notification,
             lease: None,
+            idempotency_key: self.idempotency_key,
             created_at: self.created_at,
             started_at: None,
             finished_at: None,
+            logs_deleted_at: None,
         }
     }
 }
@@ -377,5 +415,21 @@ mod tests {
         assert!(TaskRequest::new("web chat", "x").validate().is_err());
         let big = "x".repeat(TaskRequest::MAX_MESSAGE_BYTES + 1);
         assert!(TaskRequest::new("webchat", big).validate().is_err());
+        let keyed = |key: &str| TaskRequest {
+            idempotency_key: Some(key.into()),
+            ..TaskRequest::new("github", "hi")
+        };
+        assert!(
+            keyed("72d3162e-cc78-11e3-81ab-4c9367dc0958")
+                .validate()
+                .is_ok()
+        );
+        assert!(keyed("").validate().is_err());
+        assert!(keyed("a\nb").validate().is_err());
+        assert!(
+            keyed(&"k".repeat(MAX_IDEMPOTENCY_KEY_BYTES + 1))
+                .validate()
+                .is_err()
+        );
     }
 }
