@@ -9,7 +9,8 @@
 //! - [`status`]: [`TaskStatus`] and the one function that says which transitions are legal.
 //! - [`event`]: [`TaskEvent`], the event stream shared by worker SSE, task logs and WebSocket.
 //! - [`ws`]: the WebSocket client/server messages, spelled as the original AnyWork spells them.
-//! - [`spec`]: what a task asks the worker to set up ([`SkillSpec`], [`McpServerConfig`]).
+//! - [`spec`]: what a task asks the worker to set up ([`SkillSpec`], [`McpServerConfig`]), and
+//!   the request forms clients send for them ([`SkillRef`], `deserialize_*_any`).
 //! - [`worker_api`]: the worker's HTTP API, shared by the worker and the server.
 //! - [`error`]: the one [`Error`] type, with a matchable [`ErrorKind`].
 
@@ -39,7 +40,9 @@ pub use executor::{EventStream, Execution, ExecutionControl, ExecutionRequest, E
 pub use ids::{SessionId, TaskId, Timestamp};
 pub use log::{NewTaskLog, TaskLog};
 pub use session::{NewSession, Page, Session, SessionSummary};
-pub use spec::{McpServerConfig, SkillSpec};
+pub use spec::{McpServerConfig, SkillRef, SkillSpec};
 pub use status::TaskStatus;
 pub use store::TaskStore;
-pub use task::{Lease, NewTask, PushNotification, Task, TaskChange, TaskRequest, TokenUsage};
+pub use task::{
+    Lease, NewTask, PushNotification, SessionMode, Task, TaskChange, TaskRequest, TokenUsage,
+};

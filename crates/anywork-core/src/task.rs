@@ -106,12 +106,37 @@ pub struct Task {
     pub finished_at: Option<Timestamp>,
 }
 
+/// What `TaskRequest::session_id` means when it names no stored session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionMode {
+    /// The session must exist: `NotFound` otherwise (the REST API, the WebSocket chat).
+    #[default]
+    Existing,
+    /// Continued when it exists, else created with that id: a generic-webhook sender's own
+    /// `session_id`, as the original AnyWork did.
+    GetOrCreate,
+    /// Created with that id, which the channel just generated (`wh-1a2b3c4d`); an existing
+    /// session with that id is a `Conflict`, never continued, so that two senders never share
+    /// a session by chance.
+    CreateNew,
+}
+
+impl SessionMode {
+    fn is_existing(&self) -> bool {
+        *self == SessionMode::Existing
+    }
+}
+
 /// A request for work, as a channel or the API produces it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskRequest {
     /// An existing session to continue; `None` finds one by `channel_key` or creates one.
     #[serde(default)]
     pub session_id: Option<SessionId>,
+    /// What `session_id` means when no session has that id (ignored without `session_id`).
+    #[serde(default, skip_serializing_if = "SessionMode::is_existing")]
+    pub session_mode: SessionMode,
     /// The channel it came from.
     pub channel_type: String,
     /// A key that finds the session again (`owner/repo#12`, a Slack thread).
@@ -131,6 +156,10 @@ pub struct TaskRequest {
     /// Where to POST the outcome.
     #[serde(default)]
     pub push_notification: Option<PushNotification>,
+    /// A key the channel saw once per event (a GitHub delivery id, a Slack event id); a second
+    /// request with the same key in the same channel runs no second task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 impl TaskRequest {
@@ -141,6 +170,7 @@ impl TaskRequest {
     pub fn new(channel_type: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             session_id: None,
+            session_mode: SessionMode::Existing,
             channel_type: channel_type.into(),
             channel_key: None,
             channel_meta: Value::Null,
@@ -148,7 +178,32 @@ impl TaskRequest {
             skills: Vec::new(),
             mcp_servers: McpServers::new(),
             push_notification: None,
+            idempotency_key: None,
         }
+    }
+
+    /// The names of the skills asked for by name only ([`SkillSpec::is_name_only`]), which
+    /// the caller resolves (e.g. from a skills directory) before submitting.
+    pub fn unresolved_skills(&self) -> Vec<&str> {
+        self.skills
+            .iter()
+            .filter(|s| s.is_name_only())
+            .map(|s| s.name.as_str())
+            .collect()
+    }
+
+    /// Replaces every name-only skill with `resolve(name)`; the first error is returned (and
+    /// should name the skill and where it was looked for).
+    pub fn resolve_skills(
+        &mut self,
+        mut resolve: impl FnMut(&str) -> Result<SkillSpec>,
+    ) -> Result<()> {
+        for skill in &mut self.skills {
+            if skill.is_name_only() {
+                *skill = resolve(&skill.name)?;
+            }
+        }
+        Ok(())
     }
 
     /// Checks the request before anything is stored.
@@ -405,5 +460,39 @@ mod tests {
         assert!(TaskRequest::new("web chat", "x").validate().is_err());
         let big = "x".repeat(TaskRequest::MAX_MESSAGE_BYTES + 1);
         assert!(TaskRequest::new("webchat", big).validate().is_err());
+    }
+
+    #[test]
+    fn named_skills_are_resolved_by_the_caller() {
+        let mut r = TaskRequest::new("webhook", "hi");
+        r.skills = vec![SkillSpec::named("review"), SkillSpec::new("inline", "body")];
+        assert_eq!(r.unresolved_skills(), ["review"]);
+        assert!(r.validate().is_err(), "an unresolved skill must not pass");
+        r.resolve_skills(|name| Ok(SkillSpec::new(name, format!("resolved {name}"))))
+            .unwrap();
+        assert!(r.unresolved_skills().is_empty());
+        assert_eq!(r.skills[0].content, "resolved review");
+        assert_eq!(r.skills[1].content, "body");
+        r.validate().unwrap();
+        let mut r2 = TaskRequest::new("webhook", "hi");
+        r2.skills = vec![SkillSpec::named("missing")];
+        let e = r2
+            .resolve_skills(|n| Err(Error::invalid_input(format!("no skill {n}"))))
+            .unwrap_err();
+        assert_eq!(e.to_string(), "no skill missing");
+    }
+
+    #[test]
+    fn session_mode_and_idempotency_key_are_left_out_of_json_when_default() {
+        let r = TaskRequest::new("webchat", "hi");
+        let v = serde_json::to_value(&r).unwrap();
+        assert!(v.get("session_mode").is_none() && v.get("idempotency_key").is_none());
+        let mut r = r;
+        r.session_mode = SessionMode::CreateNew;
+        r.idempotency_key = Some("d-1".into());
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["session_mode"], "create_new");
+        assert_eq!(v["idempotency_key"], "d-1");
+        assert_eq!(serde_json::from_value::<TaskRequest>(v).unwrap(), r);
     }
 }

@@ -243,6 +243,7 @@ pub(crate) async fn create_task(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let request = TaskRequest {
         session_id: body.session_id,
+        session_mode: Default::default(),
         channel_type: body.channel_type.unwrap_or_else(|| "api".to_owned()),
         channel_key: body.channel_key,
         channel_meta: body.channel_meta,
@@ -250,6 +251,7 @@ pub(crate) async fn create_task(
         skills: body.skills,
         mcp_servers: body.mcp_servers,
         push_notification: body.push_notification,
+        idempotency_key: None,
     };
     let submitted = state.dispatcher().submit(request).await?;
     Ok((
@@ -362,9 +364,26 @@ pub(crate) async fn channel_webhook(
             )
                 .into_response())
         }
+        Inbound::Respond(body) => Ok(Json(body).into_response()),
         Inbound::Skip { reason } => {
             Ok(Json(json!({"ok": true, "skipped": true, "reason": reason})).into_response())
         }
+        // FollowUp / AnswerOnly (and any later kind) need the runtime's session lookup and
+        // input answering (issue 14); until that is wired, they run nothing.
+        other => Ok(Json(json!({"ok": true, "skipped": true,
+            "reason": format!("{} requests are not handled by this server yet", inbound_kind(&other))}))
+        .into_response()),
+    }
+}
+
+fn inbound_kind(inbound: &Inbound) -> &'static str {
+    match inbound {
+        Inbound::Task(_) => "task",
+        Inbound::FollowUp(_) => "follow-up",
+        Inbound::AnswerOnly(_) => "answer",
+        Inbound::Respond(_) => "respond",
+        Inbound::Skip { .. } => "skip",
+        _ => "unknown",
     }
 }
 
