@@ -79,7 +79,7 @@ pub struct ChannelDefaults {
 /// - [`Inbound::Task`], [`Inbound::FollowUp`], [`Inbound::AnswerOnly`]: the session is found
 ///   by `session_id` (see `TaskRequest::session_mode`) or by `(channel_type, channel_key)`.
 ///   If that session exists and has a task in `input_required`, the request **answers** it
-///   (`InputResponse { request_id, answer: message }`; for a permission request, an answer
+///   (`InputResponse { request_id, answer: request.answer_text() }`; for a permission request, an answer
 ///   starting with yes/y/allow/ok allows, anything else denies) instead of starting a task.
 ///   Otherwise: `Task` submits a task (creating the session if needed), `FollowUp` submits
 ///   only if the session exists, `AnswerOnly` does nothing. "Nothing" answers

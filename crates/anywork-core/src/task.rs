@@ -182,6 +182,16 @@ impl TaskRequest {
         }
     }
 
+    /// The text that answers a question the session's task is waiting on, when this request
+    /// arrives as the answer: the sender's own words (`channel_meta.text`, which a channel
+    /// sets when it wrapped them in context to make `message`), else `message`.
+    pub fn answer_text(&self) -> &str {
+        self.channel_meta
+            .get("text")
+            .and_then(Value::as_str)
+            .unwrap_or(&self.message)
+    }
+
     /// The names of the skills asked for by name only ([`SkillSpec::is_name_only`]), which
     /// the caller resolves (e.g. from a skills directory) before submitting.
     pub fn unresolved_skills(&self) -> Vec<&str> {
@@ -206,8 +216,16 @@ impl TaskRequest {
         Ok(())
     }
 
-    /// Checks the request before anything is stored.
+    /// Checks the request before anything is stored: [`validate_shape`](Self::validate_shape)
+    /// and no skill left unresolved.
     pub fn validate(&self) -> Result<()> {
+        self.validate_shape()?;
+        self.skills.iter().try_for_each(SkillSpec::validate)
+    }
+
+    /// What [`validate`](Self::validate) checks except that name-only skills (still to be
+    /// resolved by the caller) only need a valid name: what a channel checks in `parse`.
+    pub fn validate_shape(&self) -> Result<()> {
         if self.message.trim().is_empty() {
             return Err(Error::invalid_input("`message` must not be empty"));
         }
@@ -219,7 +237,11 @@ impl TaskRequest {
         }
         crate::spec::validate_name("channel type", &self.channel_type)?;
         for skill in &self.skills {
-            skill.validate()?;
+            if skill.is_name_only() {
+                crate::spec::validate_name("skill name", &skill.name)?;
+            } else {
+                skill.validate()?;
+            }
         }
         validate_mcp_servers(&self.mcp_servers)
     }
@@ -463,11 +485,20 @@ mod tests {
     }
 
     #[test]
+    fn the_answer_is_the_senders_own_words() {
+        let mut r = TaskRequest::new("github", "context…\n\nRequest:\nyes");
+        assert_eq!(r.answer_text(), r.message);
+        r.channel_meta = serde_json::json!({"text": "yes"});
+        assert_eq!(r.answer_text(), "yes");
+    }
+
+    #[test]
     fn named_skills_are_resolved_by_the_caller() {
         let mut r = TaskRequest::new("webhook", "hi");
         r.skills = vec![SkillSpec::named("review"), SkillSpec::new("inline", "body")];
         assert_eq!(r.unresolved_skills(), ["review"]);
         assert!(r.validate().is_err(), "an unresolved skill must not pass");
+        r.validate_shape().unwrap();
         r.resolve_skills(|name| Ok(SkillSpec::new(name, format!("resolved {name}"))))
             .unwrap();
         assert!(r.unresolved_skills().is_empty());
