@@ -236,15 +236,24 @@ impl WebhookChannel {
 
     /// Parses a verified body.
     fn parse_body(&self, request: &InboundRequest) -> Result<Inbound> {
-        let value: Value = serde_json::from_slice(&request.body)
-            .map_err(|e| Error::invalid_input(format!("the body is not JSON: {e}")))?;
-        if !value.is_object() {
-            return Err(Error::invalid_input(
-                "the body must be a JSON object such as {\"message\": \"…\"}",
-            ));
+        // serde would also take a struct as a JSON array: refuse anything but an object first.
+        if request.body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(
+                match serde_json::from_slice::<serde::de::IgnoredAny>(&request.body) {
+                    Ok(_) => Error::invalid_input(
+                        "the body must be a JSON object such as {\"message\": \"…\"}",
+                    ),
+                    Err(e) => Error::invalid_input(format!("the body is not JSON: {e}")),
+                },
+            );
         }
-        let body: Body = serde_json::from_value(value)
-            .map_err(|e| Error::invalid_input(format!("invalid webhook body: {e}")))?;
+        let body: Body = serde_json::from_slice(&request.body).map_err(|e| {
+            if e.is_syntax() || e.is_eof() {
+                Error::invalid_input(format!("the body is not JSON: {e}"))
+            } else {
+                Error::invalid_input(format!("invalid webhook body: {e}"))
+            }
+        })?;
         let message = match body.message {
             None | Some(Value::Null) => {
                 return Ok(Inbound::Skip {

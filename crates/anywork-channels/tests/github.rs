@@ -358,6 +358,11 @@ fn malformed_payloads_are_refused_with_the_reason() {
     bad_repo["repository"]["full_name"] = json!("../../etc");
     for (event, body) in [
         ("issue_comment", "not json".to_owned()),
+        ("issue_comment", json!(["created", {}, {}]).to_string()),
+        (
+            "issue_comment",
+            "payload=%7B%22action%22%3A%22created%22%7D".to_owned(),
+        ),
         ("issue_comment", json!({"action": "created"}).to_string()),
         (
             "issue_comment",

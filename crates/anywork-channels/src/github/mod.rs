@@ -466,6 +466,12 @@ impl GithubChannel {
                 truncate(&event, 64, "…")
             ));
         }
+        if request.body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(Error::invalid_input(format!(
+                "the {event} payload is not a JSON object: set the webhook's content type to \
+                 application/json"
+            )));
+        }
         let payload: Payload = serde_json::from_slice(&request.body).map_err(|e| {
             Error::invalid_input(format!("the {event} payload is not what GitHub sends: {e}"))
         })?;
