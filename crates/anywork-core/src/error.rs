@@ -1,6 +1,7 @@
 //! The one error type of AnyWork's libraries.
 
 use std::fmt;
+use std::time::Duration;
 
 /// What went wrong, in terms a caller can act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -82,6 +83,7 @@ pub struct Error {
     message: String,
     #[source]
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    retry_after: Option<Duration>,
 }
 
 /// `Result` with AnyWork's [`Error`].
@@ -94,6 +96,7 @@ impl Error {
             kind,
             message: message.into(),
             source: None,
+            retry_after: None,
         }
     }
 
@@ -121,6 +124,18 @@ impl Error {
         )
     }
 
+    /// Records how long the backend asked to wait before the next try (HTTP `Retry-After`).
+    pub fn with_retry_after(mut self, wait: Duration) -> Self {
+        self.retry_after = Some(wait);
+        self
+    }
+
+    /// How long the backend asked to wait before trying again, when it said so (a 429's or
+    /// 503's `Retry-After`). A retry loop waits at least this long.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
     /// [`ErrorKind::NotFound`].
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::NotFound, message)
@@ -139,6 +154,11 @@ impl Error {
     /// [`ErrorKind::Unavailable`].
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Unavailable, message)
+    }
+
+    /// [`ErrorKind::Unauthorized`].
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unauthorized, message)
     }
 
     /// [`ErrorKind::Storage`].
@@ -168,6 +188,15 @@ mod tests {
         assert!(Error::new(ErrorKind::RateLimited, "429").is_retryable());
         assert!(!Error::not_found("no task").is_retryable());
         assert!(!Error::invalid_input("bad").is_retryable());
+    }
+
+    #[test]
+    fn retry_after_is_carried() {
+        let e = Error::new(ErrorKind::RateLimited, "429").with_retry_after(Duration::from_secs(7));
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(7)));
+        assert!(e.is_retryable());
+        assert_eq!(Error::unavailable("x").retry_after(), None);
+        assert_eq!(Error::unauthorized("x").kind(), ErrorKind::Unauthorized);
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! - [`event`]: [`TaskEvent`], the event stream shared by worker SSE, task logs and WebSocket.
 //! - [`outcome`]: how a run ended ([`TaskOutcome`]) and the tokens it used ([`TokenUsage`]).
 //! - [`ws`]: the WebSocket client/server messages, spelled as the original AnyWork spells them.
-//! - [`spec`]: what a task asks the worker to set up ([`SkillSpec`], [`McpServerConfig`]).
+//! - [`spec`]: what a task asks the worker to set up ([`SkillSpec`], [`McpServerConfig`]), and
+//!   the request forms clients send for them ([`SkillRef`], `deserialize_*_any`).
 //! - [`worker_api`]: the worker's HTTP API, shared by the worker and the server.
 //! - [`outbound`]: which addresses a request-chosen URL may reach (no SSRF).
 //! - [`rest`]: [`WireTask`], the task as REST clients and push receivers see it.
@@ -52,7 +53,7 @@ pub use log::{NewTaskLog, TaskLog};
 pub use outcome::{TaskOutcome, TokenUsage};
 pub use rest::WireTask;
 pub use session::{NewSession, Page, Session, SessionSummary};
-pub use spec::{McpServerConfig, SkillSpec};
+pub use spec::{McpServerConfig, SkillRef, SkillSpec};
 pub use status::TaskStatus;
 pub use store::TaskStore;
-pub use task::{Lease, NewTask, PushNotification, Task, TaskChange, TaskRequest};
+pub use task::{Lease, NewTask, PushNotification, SessionMode, Task, TaskChange, TaskRequest};

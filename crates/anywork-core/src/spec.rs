@@ -38,6 +38,13 @@ impl SkillSpec {
             validate_relative_path(path)
                 .map_err(|e| Error::invalid_input(format!("skill {:?}: {e}", self.name)))?;
         }
+        if self.is_name_only() {
+            return Err(Error::invalid_input(format!(
+                "skill {:?} is given by name only and was not resolved to its files: install it \
+                 in the server's skills directory ({0}/SKILL.md) or send it inline with `content`",
+                self.name
+            )));
+        }
         if self.content.is_empty() && !self.files.contains_key("SKILL.md") {
             return Err(Error::invalid_input(format!(
                 "skill {:?} has no SKILL.md: set `content` or files[\"SKILL.md\"]",
@@ -45,6 +52,18 @@ impl SkillSpec {
             )));
         }
         Ok(())
+    }
+
+    /// A reference to the skill `name`, to be resolved from a skills directory by the caller
+    /// (see [`SkillRef`]): no content and no files.
+    pub fn named(name: impl Into<String>) -> Self {
+        Self::new(name, "")
+    }
+
+    /// Whether this is only a name (no content, no files): a [`SkillRef::Name`] that nobody
+    /// resolved yet. [`validate`](Self::validate) refuses it.
+    pub fn is_name_only(&self) -> bool {
+        self.content.is_empty() && self.files.is_empty()
     }
 
     /// The `SKILL.md` text: `content`, or else `files["SKILL.md"]`.
@@ -126,7 +145,13 @@ pub enum McpServerConfig {
 
 #[derive(Serialize, Deserialize)]
 struct RawMcp {
-    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    /// `type` in `.mcp.json`; `transport` in the original AnyWork's list form.
+    #[serde(
+        rename = "type",
+        alias = "transport",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     kind: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     command: Option<String>,
@@ -162,7 +187,7 @@ impl TryFrom<RawMcp> for McpServerConfig {
                     env: raw.env,
                 })
             }
-            "http" | "sse" => {
+            "http" | "sse" | "streamable-http" | "streamable_http" => {
                 let url = raw.url.filter(|u| !u.is_empty()).ok_or_else(|| {
                     Error::invalid_input(format!("an MCP {kind} server needs a `url`"))
                 })?;
@@ -172,10 +197,10 @@ impl TryFrom<RawMcp> for McpServerConfig {
                     )));
                 }
                 let headers = raw.headers;
-                Ok(if kind == "http" {
-                    McpServerConfig::Http { url, headers }
-                } else {
+                Ok(if kind == "sse" {
                     McpServerConfig::Sse { url, headers }
+                } else {
+                    McpServerConfig::Http { url, headers }
                 })
             }
             other => Err(Error::invalid_input(format!(
@@ -227,6 +252,162 @@ pub fn validate_mcp_servers(servers: &McpServers) -> Result<()> {
     servers
         .keys()
         .try_for_each(|name| validate_name("MCP server name", name))
+}
+
+/// A skill as a request names it: by name (`"code-review"`, resolved by the server from its
+/// skills directory) or inline (`{"name", "content", "files"}`), the two forms the original
+/// AnyWork's clients send.
+///
+/// A [`SkillRef::Name`] becomes a name-only [`SkillSpec`] ([`SkillSpec::named`]) so that it
+/// fits `Vec<SkillSpec>` fields; whoever accepts the request replaces those with the resolved
+/// skills ([`TaskRequest::resolve_skills`](crate::TaskRequest::resolve_skills)) before
+/// [`SkillSpec::validate`] runs, which refuses an unresolved one with a clear message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum SkillRef {
+    /// A skill known to the server by this name.
+    Name(String),
+    /// A skill sent whole.
+    Inline(SkillSpec),
+}
+
+impl SkillRef {
+    /// The skill's name.
+    pub fn name(&self) -> &str {
+        match self {
+            SkillRef::Name(n) => n,
+            SkillRef::Inline(s) => &s.name,
+        }
+    }
+}
+
+impl From<SkillRef> for SkillSpec {
+    fn from(r: SkillRef) -> Self {
+        match r {
+            SkillRef::Name(name) => SkillSpec::named(name),
+            SkillRef::Inline(spec) => spec,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SkillRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Name(String),
+            Inline(SkillSpec),
+        }
+        use serde::de::Error as _;
+        match Raw::deserialize(d).map_err(|_| {
+            D::Error::custom(
+                "a skill is a name (\"code-review\") or an object {\"name\", \"content\", \"files\"}",
+            )
+        })? {
+            Raw::Name(name) => {
+                validate_name("skill name", &name).map_err(D::Error::custom)?;
+                Ok(SkillRef::Name(name))
+            }
+            Raw::Inline(spec) => Ok(SkillRef::Inline(spec)),
+        }
+    }
+}
+
+/// Deserializes `skills` in every form a client of the original AnyWork sends: a list of
+/// names and/or inline objects, `[]` or `null`. Names become name-only [`SkillSpec`]s (see
+/// [`SkillRef`]). Use as `#[serde(default, deserialize_with = "deserialize_skills_any")]`.
+pub fn deserialize_skills_any<'de, D>(d: D) -> std::result::Result<Vec<SkillSpec>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let refs: Option<Vec<SkillRef>> = Option::deserialize(d)?;
+    Ok(refs
+        .unwrap_or_default()
+        .into_iter()
+        .map(SkillSpec::from)
+        .collect())
+}
+
+/// Deserializes `mcp_servers` in every form clients send: the original AnyWork's list
+/// (`[{"name", "transport": "stdio", "command", "args", "env"}]`,
+/// `[{"name", "transport": "http", "url", "headers"}]`), the `.mcp.json` map by name
+/// (`{"calc": {"command": …}}`), `[]`, `{}` or `null`. A name listed twice is refused. Use as
+/// `#[serde(default, deserialize_with = "deserialize_mcp_servers_any")]`.
+pub fn deserialize_mcp_servers_any<'de, D>(d: D) -> std::result::Result<McpServers, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    d.deserialize_any(McpServersVisitor)
+}
+
+/// One entry of the list form: a name and the server's fields.
+#[derive(Deserialize)]
+struct NamedMcp {
+    name: String,
+    #[serde(flatten)]
+    raw: RawMcp,
+}
+
+struct McpServersVisitor;
+
+impl<'de> serde::de::Visitor<'de> for McpServersVisitor {
+    type Value = McpServers;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "MCP servers as a list [{\"name\", \"transport\", ...}], a map {name: config}, or null",
+        )
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<McpServers, E> {
+        Ok(McpServers::new())
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> std::result::Result<McpServers, E> {
+        Ok(McpServers::new())
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> std::result::Result<McpServers, D::Error> {
+        d.deserialize_any(self)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<McpServers, A::Error> {
+        let mut servers = McpServers::new();
+        while let Some((name, config)) = map.next_entry::<String, McpServerConfig>()? {
+            if servers.insert(name.clone(), config).is_some() {
+                return Err(serde::de::Error::custom(format!(
+                    "MCP server {name:?} is given twice"
+                )));
+            }
+        }
+        Ok(servers)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<McpServers, A::Error> {
+        use serde::de::Error as _;
+        let mut servers = McpServers::new();
+        while let Some(entry) = seq.next_element::<NamedMcp>()? {
+            validate_name("MCP server name", &entry.name).map_err(A::Error::custom)?;
+            let config = McpServerConfig::try_from(entry.raw)
+                .map_err(|e| A::Error::custom(format!("MCP server {:?}: {e}", entry.name)))?;
+            if servers.insert(entry.name.clone(), config).is_some() {
+                return Err(A::Error::custom(format!(
+                    "MCP server {:?} is listed twice",
+                    entry.name
+                )));
+            }
+        }
+        Ok(servers)
+    }
 }
 
 #[cfg(test)]
@@ -287,5 +468,118 @@ mod tests {
         assert!(only_files.validate().is_ok());
         assert_eq!(only_files.skill_md(), "body");
         assert!(SkillSpec::new("empty", "").validate().is_err());
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct Req {
+        #[serde(default, deserialize_with = "deserialize_skills_any")]
+        skills: Vec<SkillSpec>,
+        #[serde(default, deserialize_with = "deserialize_mcp_servers_any")]
+        mcp_servers: McpServers,
+    }
+
+    fn req(v: serde_json::Value) -> std::result::Result<Req, serde_json::Error> {
+        serde_json::from_value(v)
+    }
+
+    #[test]
+    fn mcp_servers_come_in_every_form_the_original_sends() {
+        let expected = McpServers::from([
+            (
+                "github".to_owned(),
+                McpServerConfig::Stdio {
+                    command: "npx".into(),
+                    args: vec!["-y".into(), "server-github".into()],
+                    env: BTreeMap::from([("TOKEN".into(), "t".into())]),
+                },
+            ),
+            (
+                "docs".to_owned(),
+                McpServerConfig::Http {
+                    url: "https://docs.example/mcp".into(),
+                    headers: BTreeMap::from([("Authorization".into(), "Bearer x".into())]),
+                },
+            ),
+        ]);
+        let list = req(json!({"mcp_servers": [
+            {"name": "github", "transport": "stdio", "command": "npx",
+             "args": ["-y", "server-github"], "env": {"TOKEN": "t"}},
+            {"name": "docs", "transport": "http", "url": "https://docs.example/mcp",
+             "headers": {"Authorization": "Bearer x"}}
+        ]}))
+        .unwrap();
+        assert_eq!(list.mcp_servers, expected);
+        let map = req(json!({"mcp_servers": {
+            "github": {"command": "npx", "args": ["-y", "server-github"], "env": {"TOKEN": "t"}},
+            "docs": {"type": "http", "url": "https://docs.example/mcp",
+                     "headers": {"Authorization": "Bearer x"}}
+        }}))
+        .unwrap();
+        assert_eq!(map.mcp_servers, expected);
+        for empty in [json!([]), json!({}), json!(null)] {
+            assert!(
+                req(json!({"mcp_servers": empty}))
+                    .unwrap()
+                    .mcp_servers
+                    .is_empty()
+            );
+        }
+        assert!(req(json!({})).unwrap().mcp_servers.is_empty());
+        let streamable = req(json!({"mcp_servers": [
+            {"name": "s", "transport": "streamable-http", "url": "http://127.0.0.1:1/mcp"}]}))
+        .unwrap();
+        assert!(matches!(
+            streamable.mcp_servers["s"],
+            McpServerConfig::Http { .. }
+        ));
+    }
+
+    #[test]
+    fn bad_mcp_lists_say_what_is_wrong() {
+        for (v, needle) in [
+            (
+                json!([{"name": "a", "command": "x"}, {"name": "a", "command": "y"}]),
+                "twice",
+            ),
+            (json!([{"command": "x"}]), "name"),
+            (json!([{"name": "../x", "command": "x"}]), "MCP server name"),
+            (json!([{"name": "a", "transport": "stdio"}]), "command"),
+            (
+                json!([{"name": "a", "transport": "ws", "url": "ws://x"}]),
+                "unknown MCP server type",
+            ),
+            (json!("github"), "MCP servers as a list"),
+            (json!(3), "MCP servers as a list"),
+        ] {
+            let err = req(json!({"mcp_servers": v})).unwrap_err().to_string();
+            assert!(err.contains(needle), "{v}: {err}");
+        }
+    }
+
+    #[test]
+    fn skills_are_names_or_inline_objects() {
+        let r = req(json!({"skills": ["code-review",
+            {"name": "greet", "content": "---\nname: greet\n---\nSay hi"}]}))
+        .unwrap();
+        assert_eq!(r.skills.len(), 2);
+        assert!(r.skills[0].is_name_only());
+        assert_eq!(r.skills[0].name, "code-review");
+        let err = r.skills[0].validate().unwrap_err().to_string();
+        assert!(
+            err.contains("code-review") && err.contains("skills directory"),
+            "{err}"
+        );
+        assert!(!r.skills[1].is_name_only());
+        assert!(r.skills[1].validate().is_ok());
+        for empty in [json!([]), json!(null)] {
+            assert!(req(json!({"skills": empty})).unwrap().skills.is_empty());
+        }
+        for bad in [json!(["../etc"]), json!([3]), json!("code-review")] {
+            assert!(req(json!({"skills": bad})).is_err(), "{bad}");
+        }
+        let refs: Vec<SkillRef> = serde_json::from_value(json!(["a", {"name": "b"}])).unwrap();
+        assert_eq!(refs[0], SkillRef::Name("a".into()));
+        assert_eq!(refs[1].name(), "b");
+        assert_eq!(serde_json::to_value(&refs[0]).unwrap(), json!("a"));
     }
 }

@@ -82,6 +82,28 @@ pub struct Task {
     pub logs_deleted_at: Option<Timestamp>,
 }
 
+/// What `TaskRequest::session_id` means when it names no stored session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionMode {
+    /// The session must exist: `NotFound` otherwise (the REST API, the WebSocket chat).
+    #[default]
+    Existing,
+    /// Continued when it exists, else created with that id: a generic-webhook sender's own
+    /// `session_id`, as the original AnyWork did.
+    GetOrCreate,
+    /// Created with that id, which the channel just generated (`wh-1a2b3c4d`); an existing
+    /// session with that id is a `Conflict`, never continued, so that two senders never share
+    /// a session by chance.
+    CreateNew,
+}
+
+impl SessionMode {
+    fn is_existing(&self) -> bool {
+        *self == SessionMode::Existing
+    }
+}
+
 /// A request for work, as a channel or the API produces it. Build it with [`TaskRequest::new`]
 /// and set the other fields on the value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,6 +112,9 @@ pub struct TaskRequest {
     /// An existing session to continue; `None` finds one by `channel_key` or creates one.
     #[serde(default)]
     pub session_id: Option<SessionId>,
+    /// What `session_id` means when no session has that id (ignored without `session_id`).
+    #[serde(default, skip_serializing_if = "SessionMode::is_existing")]
+    pub session_mode: SessionMode,
     /// The channel it came from.
     pub channel_type: String,
     /// A key that finds the session again (`owner/repo#12`, a Slack thread).
@@ -123,6 +148,7 @@ impl TaskRequest {
     pub fn new(channel_type: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             session_id: None,
+            session_mode: SessionMode::Existing,
             channel_type: channel_type.into(),
             channel_key: None,
             channel_meta: Value::Null,
@@ -134,8 +160,50 @@ impl TaskRequest {
         }
     }
 
-    /// Checks the request before anything is stored.
+    /// The text that answers a question the session's task is waiting on, when this request
+    /// arrives as the answer: the sender's own words (`channel_meta.text`, which a channel
+    /// sets when it wrapped them in context to make `message`), else `message`.
+    pub fn answer_text(&self) -> &str {
+        self.channel_meta
+            .get("text")
+            .and_then(Value::as_str)
+            .unwrap_or(&self.message)
+    }
+
+    /// The names of the skills asked for by name only ([`SkillSpec::is_name_only`]), which
+    /// the caller resolves (e.g. from a skills directory) before submitting.
+    pub fn unresolved_skills(&self) -> Vec<&str> {
+        self.skills
+            .iter()
+            .filter(|s| s.is_name_only())
+            .map(|s| s.name.as_str())
+            .collect()
+    }
+
+    /// Replaces every name-only skill with `resolve(name)`; the first error is returned (and
+    /// should name the skill and where it was looked for).
+    pub fn resolve_skills(
+        &mut self,
+        mut resolve: impl FnMut(&str) -> Result<SkillSpec>,
+    ) -> Result<()> {
+        for skill in &mut self.skills {
+            if skill.is_name_only() {
+                *skill = resolve(&skill.name)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the request before anything is stored: [`validate_shape`](Self::validate_shape)
+    /// and no skill left unresolved.
     pub fn validate(&self) -> Result<()> {
+        self.validate_shape()?;
+        self.skills.iter().try_for_each(SkillSpec::validate)
+    }
+
+    /// What [`validate`](Self::validate) checks except that name-only skills (still to be
+    /// resolved by the caller) only need a valid name: what a channel checks in `parse`.
+    pub fn validate_shape(&self) -> Result<()> {
         if self.message.trim().is_empty() {
             return Err(Error::invalid_input("`message` must not be empty"));
         }
@@ -147,7 +215,11 @@ impl TaskRequest {
         }
         crate::spec::validate_name("channel type", &self.channel_type)?;
         for skill in &self.skills {
-            skill.validate()?;
+            if skill.is_name_only() {
+                crate::spec::validate_name("skill name", &skill.name)?;
+            } else {
+                skill.validate()?;
+            }
         }
         if let Some(key) = &self.idempotency_key {
             validate_idempotency_key(key)?;
@@ -431,5 +503,48 @@ mod tests {
                 .validate()
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_answer_is_the_senders_own_words() {
+        let mut r = TaskRequest::new("github", "context…\n\nRequest:\nyes");
+        assert_eq!(r.answer_text(), r.message);
+        r.channel_meta = serde_json::json!({"text": "yes"});
+        assert_eq!(r.answer_text(), "yes");
+    }
+
+    #[test]
+    fn named_skills_are_resolved_by_the_caller() {
+        let mut r = TaskRequest::new("webhook", "hi");
+        r.skills = vec![SkillSpec::named("review"), SkillSpec::new("inline", "body")];
+        assert_eq!(r.unresolved_skills(), ["review"]);
+        assert!(r.validate().is_err(), "an unresolved skill must not pass");
+        r.validate_shape().unwrap();
+        r.resolve_skills(|name| Ok(SkillSpec::new(name, format!("resolved {name}"))))
+            .unwrap();
+        assert!(r.unresolved_skills().is_empty());
+        assert_eq!(r.skills[0].content, "resolved review");
+        assert_eq!(r.skills[1].content, "body");
+        r.validate().unwrap();
+        let mut r2 = TaskRequest::new("webhook", "hi");
+        r2.skills = vec![SkillSpec::named("missing")];
+        let e = r2
+            .resolve_skills(|n| Err(Error::invalid_input(format!("no skill {n}"))))
+            .unwrap_err();
+        assert_eq!(e.to_string(), "no skill missing");
+    }
+
+    #[test]
+    fn session_mode_and_idempotency_key_are_left_out_of_json_when_default() {
+        let r = TaskRequest::new("webchat", "hi");
+        let v = serde_json::to_value(&r).unwrap();
+        assert!(v.get("session_mode").is_none() && v.get("idempotency_key").is_none());
+        let mut r = r;
+        r.session_mode = SessionMode::CreateNew;
+        r.idempotency_key = Some("d-1".into());
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["session_mode"], "create_new");
+        assert_eq!(v["idempotency_key"], "d-1");
+        assert_eq!(serde_json::from_value::<TaskRequest>(v).unwrap(), r);
     }
 }

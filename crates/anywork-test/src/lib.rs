@@ -8,6 +8,9 @@
 //!   compiled worker binary without a registry.
 //! - [`fake_k8s`]: a fake Kubernetes API server (pods, services, PVCs) on loopback whose
 //!   pods run a tiny `/health` worker; it records every request and injects failures.
+//! - [`fake_github`], [`fake_slack`]: fakes of the GitHub REST API (comments, reactions, App
+//!   installation tokens) and the Slack Web API (messages, reactions, thread replies) that
+//!   keep state, record every request and inject faults ([`fake_http`]: what they share).
 //! - [`fake_llm`]: a scriptable fake of the Anthropic Messages API and of OpenAI chat
 //!   completions on loopback, which records every request.
 //! - [`original_worker`]: a stand-in of the original AnyWork's Python worker (its `/prepare`
@@ -15,8 +18,11 @@
 
 pub mod bins;
 pub mod docker_image;
+pub mod fake_github;
+pub mod fake_http;
 pub mod fake_k8s;
 pub mod fake_llm;
+pub mod fake_slack;
 pub mod original_worker;
 
 pub use anywork_conformance::{driver_conformance, store_conformance, store_conformance_tests};

@@ -218,6 +218,10 @@ impl Dispatcher {
                 )))
             }
             Inbound::Skip { reason } => Ok(InboundOutcome::Skipped { reason }),
+            // Follow-ups, answers and handshakes are wired with the channels' endpoint.
+            other => Ok(InboundOutcome::Skipped {
+                reason: format!("this server does not handle {other:?} yet"),
+            }),
         }
     }
 
