@@ -282,7 +282,7 @@ async fn the_network_follows_sandbox_network() {
     ));
 
     let exec = executor(&fake, sandbox(&[&data.path], false));
-    let (off, _) = run_tools(&exec, &fake, &data.ws, &[connect.clone()]).await;
+    let (off, _) = run_tools(&exec, &fake, &data.ws, std::slice::from_ref(&connect)).await;
     let (output, failed) = &off[0];
     assert!(*failed, "{off:?}");
     assert!(!output.contains("connected\n"), "{off:?}");
@@ -569,4 +569,61 @@ async fn without_a_sandbox_health_and_log_say_so() {
     let output = cmd.output().await.unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("SANDBOX"));
+}
+
+/// Processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(marker) {
+            found.push(cmdline);
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn nothing_outlives_a_sandboxed_command() {
+    if !bwrap_or_skip("nothing_outlives_a_sandboxed_command") {
+        return;
+    }
+    let data = data_dir();
+    let fake = FakeLlm::start().await;
+    let exec = executor(&fake, sandbox(&[&data.path], true));
+    // Distinct sleep lengths mark the processes of this test.
+    let (results, _) = run_tools(
+        &exec,
+        &fake,
+        &data.ws,
+        &[
+            bash("sleep 3171 & echo started"),
+            ("bash", json!({"command": "sleep 3172", "timeout": 1})),
+        ],
+    )
+    .await;
+    assert_eq!(results[0], ("started\n".to_owned(), false));
+    assert!(results[1].1, "{:?}", results[1]);
+    assert!(results[1].0.contains("timed out"), "{:?}", results[1]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = processes_with("sleep 317");
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
