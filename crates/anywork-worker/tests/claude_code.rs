@@ -788,6 +788,70 @@ async fn sandboxed_cli_keeps_its_tools_in_the_workspace() {
     assert_no_processes(&ws, Duration::from_secs(5)).await;
 }
 
+/// Cancel while a sandboxed `Bash` command runs: the run ends `canceled` and the CLI, its
+/// nested sandbox and the command are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxed_cli_cancel_kills_everything() {
+    let Some(claude) = claude_cli("sandboxed_cli_cancel_kills_everything") else {
+        return;
+    };
+    let Ok(sandbox) = Sandbox::detect(SandboxConfig::default().with_mode(SandboxMode::Bwrap))
+    else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "bwrap is required when CI is set"
+        );
+        eprintln!("SKIPPED sandboxed_cli_cancel_kills_everything: bwrap does not work here");
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    fake.push(Reply::tool_use(
+        "toolu_sleep",
+        "Bash",
+        json!({"command": "echo started > {cwd}/files/started; sleep 3173", "description": "Wait"}),
+    ));
+    fake.push(Reply::text("done"));
+    let ws = workspace();
+    let executor = ClaudeCodeExecutor::new(config(&claude, &fake).with_sandbox(sandbox));
+    let mut execution = executor
+        .start(request(ws.path(), "wait a long time"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + RUN_LIMIT;
+    while !ws.path().join("files/started").exists() {
+        assert!(Instant::now() < deadline, "the command never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    execution.control.cancel().await.unwrap();
+    let events = collect(&mut execution).await;
+    assert_eq!(done(&events).status, TaskStatus::Canceled, "{events:#?}");
+    assert_no_processes(ws.path(), Duration::from_secs(5)).await;
+    // By command line too: the namespaces may hide a process's working directory.
+    let sleeping = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            })
+            .any(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("sleep\03173"))
+            })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sleeping() {
+        assert!(
+            Instant::now() < deadline,
+            "the sandboxed command outlived the cancel"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Without the real CLI.
 
