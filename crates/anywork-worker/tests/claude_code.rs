@@ -839,7 +839,7 @@ async fn sandboxed_cli_cancel_kills_everything() {
             })
             .any(|e| {
                 std::fs::read(e.path().join("cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("sleep\03173"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("sleep\u{0}3173"))
             })
     };
     let deadline = Instant::now() + Duration::from_secs(5);
