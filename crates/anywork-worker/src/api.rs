@@ -2,7 +2,7 @@
 //!
 //! | method and path | body | answer |
 //! | --- | --- | --- |
-//! | `GET /health` | | `{"status":"ok","version","executor","busy_sessions":[..]}` |
+//! | `GET /health` | | `{"status":"ok","version","executor","busy_sessions":[..],"sandbox"}` |
 //! | `POST /prepare` | `{session_id, skills?, mcp_servers?, soul?}` | `{"status":"ready"}` |
 //! | `POST /chat` | `{task_id, session_id, message}` | `text/event-stream` of [`TaskEvent`](anywork_core::TaskEvent)s |
 //! | `POST /cancel` | `{task_id}` | `{"status": <final status>, "task_id"}`, or 202 `canceling` |
@@ -101,6 +101,7 @@ async fn health(State(state): State<WorkerState>) -> Json<Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "executor": state.executor().name(),
         "busy_sessions": busy,
+        "sandbox": state.config().sandbox.status(),
     }))
 }
 

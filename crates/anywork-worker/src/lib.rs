@@ -10,6 +10,8 @@
 //!   stream-json mode.
 //! - `native` (feature `native`): `NativeExecutor`, an agent loop in Rust over the Anthropic
 //!   or an OpenAI-compatible API; `native::mcp` (feature `mcp`): its MCP client manager.
+//! - [`sandbox`]: [`Sandbox`], the confinement (bubblewrap) and clean environment of every
+//!   process the agent starts.
 //! - [`select`]: the executor named by `EXECUTOR` or the model settings, among those built in.
 //! - [`state`]: [`WorkerConfig`] and [`WorkerState`], what the handlers share.
 //!
@@ -23,6 +25,7 @@ pub mod history;
 #[cfg(feature = "native")]
 pub mod native;
 mod run;
+pub mod sandbox;
 pub mod select;
 pub mod state;
 pub mod workspace;
@@ -36,6 +39,7 @@ pub use native::mcp::{McpClients, McpServerReport, ToolDef, ToolOutcome};
 #[cfg(feature = "native")]
 pub use native::{NativeConfig, NativeExecutor, Provider, RetryPolicy};
 pub use run::NO_RESULT;
-pub use select::{MODEL_HINT, executor_from_env, executor_from_vars};
+pub use sandbox::{Sandbox, SandboxConfig, SandboxMode};
+pub use select::{MODEL_HINT, executor_from_env, executor_from_vars, executor_with_sandbox};
 pub use state::{WorkerConfig, WorkerState};
 pub use workspace::{FileEntry, FileListing, Workspace, WorkspaceDoc, encode_session_id};

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use anywork_worker::{WorkerConfig, WorkerState, executor_from_env, serve};
+use anywork_worker::{Sandbox, SandboxConfig, WorkerConfig, WorkerState, serve};
 use clap::Parser;
 
 /// The AnyWork worker: runs agent tasks for the server.
@@ -30,14 +30,20 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     anywork_http::init_tracing();
     let args = Args::parse();
-    let executor = match &args.executor {
-        Some(name) => anywork_worker::executor_from_vars(
-            std::env::vars().chain([("EXECUTOR".to_owned(), name.clone())]),
-        ),
-        None => executor_from_env(),
-    }
-    .context("cannot choose an executor")?;
-    let state = WorkerState::new(WorkerConfig::new(&args.workspace_dir), executor)
+    // SANDBOX, SANDBOX_NETWORK, SANDBOX_HIDE (+ the workspace root: other sessions), CHILD_ENV.
+    let sandbox = Sandbox::detect(SandboxConfig::from_env()?.with_hidden(&args.workspace_dir))
+        .context("cannot start without the sandbox SANDBOX asks for")?;
+    let vars = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .chain(
+            args.executor
+                .clone()
+                .map(|name| ("EXECUTOR".to_owned(), name)),
+        );
+    let executor = anywork_worker::executor_with_sandbox(vars, &sandbox)
+        .context("cannot choose an executor")?;
+    let config = WorkerConfig::new(&args.workspace_dir).with_sandbox(sandbox);
+    let state = WorkerState::new(config, executor)
         .with_context(|| format!("cannot use WORKSPACE_DIR {}", args.workspace_dir.display()))?;
     let addr = SocketAddr::new(args.host, args.port);
     let listener = tokio::net::TcpListener::bind(addr)

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use anywork_core::{Error, Executor, Result};
 
+use crate::sandbox::Sandbox;
+
 #[cfg(feature = "claude-code")]
 use crate::claude::{ClaudeCodeConfig, ClaudeCodeExecutor};
 #[cfg(feature = "native")]
@@ -28,6 +30,7 @@ pub fn executor_from_env() -> Result<Arc<dyn Executor>> {
 }
 
 /// [`executor_from_env`] over explicit variables (name, value), for tests and embedders.
+/// The executor gets no sandbox ([`Sandbox::default`]); see [`executor_with_sandbox`].
 ///
 /// An executor left out of this build (cargo features `claude-code`, `native`) is never picked
 /// by default; naming it in `EXECUTOR` is an [`Unavailable`](anywork_core::ErrorKind::Unavailable) error that says which
@@ -35,19 +38,29 @@ pub fn executor_from_env() -> Result<Arc<dyn Executor>> {
 pub fn executor_from_vars(
     vars: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Arc<dyn Executor>> {
+    executor_with_sandbox(vars, &Sandbox::default())
+}
+
+/// [`executor_from_vars`] whose executor runs the agent's processes in `sandbox` (build it
+/// once with [`Sandbox::detect`] and give the same value to
+/// [`WorkerConfig::with_sandbox`](crate::WorkerConfig::with_sandbox)).
+pub fn executor_with_sandbox(
+    vars: impl IntoIterator<Item = (String, String)>,
+    sandbox: &Sandbox,
+) -> Result<Arc<dyn Executor>> {
     let vars: HashMap<String, String> = vars
         .into_iter()
         .filter(|(_, v)| !v.trim().is_empty())
         .collect();
     match vars.get("EXECUTOR").map(|s| s.trim()) {
-        Some("claude-code" | "claude") => claude(&vars),
-        Some("native") => native(&vars),
+        Some("claude-code" | "claude") => claude(&vars, sandbox),
+        Some("native") => native(&vars, sandbox),
         Some(other) => Err(Error::invalid_input(format!(
             "EXECUTOR={other:?} is not known: use `claude-code` or `native`"
         ))),
         None => {
             if vars.contains_key("ANTHROPIC_API_KEY") {
-                match claude(&vars) {
+                match claude(&vars, sandbox) {
                     Ok(executor) => return Ok(executor),
                     // Without the native executor to fall back to, say why Claude Code failed.
                     Err(e) if !cfg!(feature = "native") => return Err(e),
@@ -55,7 +68,7 @@ pub fn executor_from_vars(
                 }
             }
             if vars.contains_key("ANTHROPIC_API_KEY") || vars.contains_key("API_KEY") {
-                native(&vars)
+                native(&vars, sandbox)
             } else {
                 Err(Error::invalid_input(MODEL_HINT))
             }
@@ -90,24 +103,25 @@ fn not_built(executor: &str) -> Error {
 }
 
 #[cfg(feature = "native")]
-fn native(vars: &HashMap<String, String>) -> Result<Arc<dyn Executor>> {
-    let config = NativeConfig::from_lookup(|name| vars.get(name).cloned())?;
+fn native(vars: &HashMap<String, String>, sandbox: &Sandbox) -> Result<Arc<dyn Executor>> {
+    let config =
+        NativeConfig::from_lookup(|name| vars.get(name).cloned())?.with_sandbox(sandbox.clone());
     Ok(Arc::new(NativeExecutor::new(config)?))
 }
 
 #[cfg(not(feature = "native"))]
-fn native(_vars: &HashMap<String, String>) -> Result<Arc<dyn Executor>> {
+fn native(_vars: &HashMap<String, String>, _sandbox: &Sandbox) -> Result<Arc<dyn Executor>> {
     Err(not_built("native"))
 }
 
 #[cfg(feature = "claude-code")]
-fn claude(vars: &HashMap<String, String>) -> Result<Arc<dyn Executor>> {
-    let config = ClaudeCodeConfig::from_vars(vars.clone())?;
+fn claude(vars: &HashMap<String, String>, sandbox: &Sandbox) -> Result<Arc<dyn Executor>> {
+    let config = ClaudeCodeConfig::from_vars(vars.clone())?.with_sandbox(sandbox.clone());
     Ok(Arc::new(ClaudeCodeExecutor::new(config)))
 }
 
 #[cfg(not(feature = "claude-code"))]
-fn claude(_vars: &HashMap<String, String>) -> Result<Arc<dyn Executor>> {
+fn claude(_vars: &HashMap<String, String>, _sandbox: &Sandbox) -> Result<Arc<dyn Executor>> {
     Err(not_built("claude-code"))
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anywork_core::{Error, ExecutionControl, Executor, Result, SessionId, TaskId, TaskStatus};
 use tokio::sync::{Notify, watch};
 
+use crate::sandbox::Sandbox;
 use crate::workspace::Workspace;
 
 /// The worker's settings. Build with [`WorkerConfig::new`] and the `with_*` methods.
@@ -28,6 +29,11 @@ pub struct WorkerConfig {
     pub control_timeout: Duration,
     /// Events buffered between a run and its SSE client (default 64).
     pub event_buffer: usize,
+    /// The sandbox the executor confines its processes with, as `/health` reports it
+    /// (`"sandbox": "bwrap"` or `"none: <reason>"`). Give it the same [`Sandbox`] as the
+    /// executor (see [`crate::select::executor_with_sandbox`]); the default says that none
+    /// was configured.
+    pub sandbox: Sandbox,
 }
 
 impl WorkerConfig {
@@ -43,7 +49,14 @@ impl WorkerConfig {
             keep_alive: Duration::from_secs(15),
             control_timeout: Duration::from_secs(10),
             event_buffer: 64,
+            sandbox: Sandbox::default(),
         }
+    }
+
+    /// Sets [`sandbox`](Self::sandbox).
+    pub fn with_sandbox(mut self, sandbox: Sandbox) -> Self {
+        self.sandbox = sandbox;
+        self
     }
 
     /// Sets [`max_body_bytes`](Self::max_body_bytes).

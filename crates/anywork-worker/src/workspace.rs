@@ -19,10 +19,16 @@
 //! [`ErrorKind::InvalidInput`](anywork_core::ErrorKind::InvalidInput), so an agent that
 //! plants a link cannot make the worker write outside the workspace. Files are written
 //! atomically (a temporary file in the same folder, then a rename).
+//!
+//! Only the worker's user may look in: the root and every folder the worker creates are
+//! created with mode 0700 (an existing root or session folder that is more open is narrowed
+//! to 0700 when used), and the files it writes (`SOUL.md`, `.mcp.json` with its servers'
+//! `env`, the history) with mode 0600.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -209,10 +215,20 @@ impl Workspace {
         self.root.join(encode_session_id(session))
     }
 
+    /// Creates the root (mode 0700, with its missing parents) or narrows an existing one to
+    /// 0700.
+    fn create_root(&self) -> Result<()> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .map_err(|e| io_error("cannot create the workspace root", &self.root, e))?;
+        private_dir(&self.root)
+    }
+
     /// Creates the root and the worker-level `SOUL.md` and `AGENTS.md` if they are missing.
     pub fn init(&self) -> Result<()> {
-        fs::create_dir_all(&self.root)
-            .map_err(|e| io_error("cannot create the workspace root", &self.root, e))?;
+        self.create_root()?;
         for doc in [WorkspaceDoc::Soul, WorkspaceDoc::Agents] {
             self.default_doc(doc)?;
         }
@@ -224,8 +240,7 @@ impl Workspace {
         if let Some(text) = read_nofollow(&self.root, &[doc.file_name()])? {
             return Ok(text);
         }
-        fs::create_dir_all(&self.root)
-            .map_err(|e| io_error("cannot create the workspace root", &self.root, e))?;
+        self.create_root()?;
         write_new_atomic(&self.root, doc.file_name(), doc.default_text().as_bytes())?;
         Ok(read_nofollow(&self.root, &[doc.file_name()])?
             .unwrap_or_else(|| doc.default_text().to_owned()))
@@ -234,9 +249,9 @@ impl Workspace {
     /// Creates the workspace of `session` if needed: its folders, and `SOUL.md` and
     /// `AGENTS.md` copied from the worker-level defaults. Returns its directory.
     pub fn ensure_session(&self, session: &SessionId) -> Result<PathBuf> {
-        fs::create_dir_all(&self.root)
-            .map_err(|e| io_error("cannot create the workspace root", &self.root, e))?;
+        self.create_root()?;
         let ws = ensure_dirs(&self.root, &[&encode_session_id(session)])?;
+        private_dir(&ws)?;
         for dirs in [
             &[SESSIONS_DIR][..],
             &[FILES_DIR],
@@ -424,6 +439,7 @@ impl Workspace {
             .read(true)
             .append(true)
             .create(true)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| io_error("cannot open", &path, e))?;
         let len = file
@@ -491,7 +507,10 @@ fn validate_skills(skills: &[SkillSpec]) -> Result<()> {
 fn sync_skills(root: &Path, skills: &[SkillSpec]) -> Result<()> {
     for skill in skills {
         let staging = root.join(format!(".staging-{}-{}", skill.name, unique_suffix()));
-        fs::create_dir(&staging).map_err(|e| io_error("cannot create", &staging, e))?;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staging)
+            .map_err(|e| io_error("cannot create", &staging, e))?;
         if let Err(e) = write_skill(&staging, skill) {
             let _ = fs::remove_dir_all(&staging);
             return Err(e);
@@ -597,12 +616,14 @@ fn ensure_dir(path: &Path) -> Result<()> {
                     path.display()
                 )));
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => match fs::create_dir(path) {
-                Ok(()) => return Ok(()),
-                // Created concurrently: look again.
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(io_error("cannot create", path, e)),
-            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                match fs::DirBuilder::new().mode(0o700).create(path) {
+                    Ok(()) => return Ok(()),
+                    // Created concurrently: look again.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(io_error("cannot create", path, e)),
+                }
+            }
             Err(e) => return Err(io_error("cannot read", path, e)),
         }
     }
@@ -610,6 +631,20 @@ fn ensure_dir(path: &Path) -> Result<()> {
         "{} keeps changing while it is created",
         path.display()
     )))
+}
+
+/// Narrows the folder `path` (not a link) to mode 0700 if group or others have any access.
+fn private_dir(path: &Path) -> Result<()> {
+    let meta = fs::symlink_metadata(path).map_err(|e| io_error("cannot read", path, e))?;
+    if meta.file_type().is_symlink() {
+        return Err(symlink_refused(path));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700))
+            .map_err(|e| io_error("cannot make private (mode 0700)", path, e))?;
+        tracing::info!(path = %path.display(), "workspace folder narrowed to mode 0700");
+    }
+    Ok(())
 }
 
 /// Checks a file path about to be replaced: absent (`false`) or a regular file (`true`);
@@ -693,6 +728,7 @@ fn write_temp(dir: &Path, name: &str, bytes: &[u8], sync: bool) -> Result<PathBu
     let result = OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(&tmp)
         .and_then(|mut f| {
             f.write_all(bytes)?;
@@ -820,6 +856,59 @@ mod tests {
                 enc.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"%_-~".contains(&b))
             );
+        }
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        fs::symlink_metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn folders_are_private_and_state_files_owner_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        // A root that already exists, open to everyone, is narrowed; a new one is created so.
+        let open_root = tmp.path().join("open");
+        fs::create_dir(&open_root).unwrap();
+        fs::set_permissions(&open_root, fs::Permissions::from_mode(0o755)).unwrap();
+        let new_root = tmp.path().join("new").join("root");
+        for root in [&open_root, &new_root] {
+            let ws = Workspace::new(root);
+            ws.init().unwrap();
+            assert_eq!(mode_of(root), 0o700, "{}", root.display());
+            let mut servers = McpServers::new();
+            servers.insert(
+                "calc".into(),
+                serde_json::from_value(serde_json::json!({"command": "calc", "env": {"T": "x"}}))
+                    .unwrap(),
+            );
+            let session = sid("s-1");
+            let dir = ws
+                .prepare(&session, &[skill("greet", &[])], &servers, Some("soul"))
+                .unwrap();
+            ws.append_history(
+                &session,
+                &HistoryMessage::user(anywork_core::TaskId::generate(), "hi"),
+            )
+            .unwrap();
+            for sub in [
+                "",
+                "sessions",
+                "files",
+                "skills",
+                ".claude",
+                ".claude/skills",
+            ] {
+                assert_eq!(mode_of(&dir.join(sub)), 0o700, "{sub:?}");
+            }
+            for file in [
+                "SOUL.md",
+                "AGENTS.md",
+                ".mcp.json",
+                "sessions/history.jsonl",
+            ] {
+                assert_eq!(mode_of(&dir.join(file)), 0o600, "{file}");
+            }
+            assert_eq!(mode_of(&root.join("SOUL.md")), 0o600);
         }
     }
 

@@ -1015,7 +1015,8 @@ async fn health_names_the_executor_and_busy_sessions() {
     assert_eq!(
         body,
         json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"),
-               "executor": "scripted", "busy_sessions": []})
+               "executor": "scripted", "busy_sessions": [],
+               "sandbox": format!("none: {}", anywork_worker::sandbox::NOT_CONFIGURED)})
     );
     h.exec.script("hang", Script::new(vec![Step::Hang]));
     let task = TaskId::generate();

@@ -13,7 +13,9 @@ use anywork_core::{
 use anywork_test::bins::claude_cli;
 use anywork_test::fake_llm::{FakeLlm, Reply};
 use anywork_worker::claude::{HISTORY_LOST, LINE_TOO_LONG, SESSION_ID_FILE, SESSIONS_DIR};
-use anywork_worker::{ClaudeCodeConfig, ClaudeCodeExecutor, PermissionMode};
+use anywork_worker::{
+    ClaudeCodeConfig, ClaudeCodeExecutor, PermissionMode, Sandbox, SandboxConfig, SandboxMode,
+};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -678,6 +680,176 @@ async fn permission_prompt_allow_runs_the_tool() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permission_prompt_deny_refuses_the_tool() {
     permission_run(false).await;
+}
+
+/// The model key of the sandbox tests: must not reach the CLI's tools or MCP servers.
+const KEY_MARKER: &str = "sk-KEY-MARKER-c1a7";
+/// The "database" of the sandbox test.
+const DB_MARKER: &str = "DB-SECRET-MARKER-0d4e";
+
+/// The CLI confined by the worker's sandbox (bwrap) with Claude Code's own sandbox for `Bash`
+/// inside it: its Bash, Read and MCP servers do not see the hidden data dir nor write outside
+/// the workspace, and MCP servers (and, with socat, Bash commands) do not get the API key;
+/// writing in the workspace works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxed_cli_keeps_its_tools_in_the_workspace() {
+    let Some(claude) = claude_cli("sandboxed_cli_keeps_its_tools_in_the_workspace") else {
+        return;
+    };
+    // The data dir outside /tmp (which the sandbox replaces anyway): the database, and the
+    // workspace root with this session below it.
+    let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let data_path = data.path().canonicalize().unwrap();
+    let db = data_path.join("anywork.db");
+    std::fs::write(&db, DB_MARKER).unwrap();
+    let ws = data_path.join("workspace").join("s1");
+    std::fs::create_dir_all(ws.join("files")).unwrap();
+    let probe = format!("env > mcp-env.txt; cat {} > mcp-db.txt 2>&1", db.display());
+    std::fs::write(
+        ws.join(".mcp.json"),
+        json!({"mcpServers": {"probe": {"command": "sh", "args": ["-c", probe]}}}).to_string(),
+    )
+    .unwrap();
+    let Ok(sandbox) = Sandbox::detect(
+        SandboxConfig::default()
+            .with_mode(SandboxMode::Bwrap)
+            .with_hidden(&data_path)
+            .with_network(false),
+    ) else {
+        let bar = "!".repeat(88);
+        eprintln!("\n{bar}\n!! SKIPPED: bwrap does not work here (apt install bubblewrap).\n{bar}");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "bwrap is required when CI is set"
+        );
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    let planted = data_path.join("planted");
+    fake.push(Reply::tool_use(
+        "toolu_bash",
+        "Bash",
+        json!({
+            "command": format!(
+                "env; cat {db}; echo evil > {planted}; echo mine > {{cwd}}/files/in.txt",
+                db = db.display(),
+                planted = planted.display()
+            ),
+            "description": "Probe"
+        }),
+    ));
+    fake.push(Reply::tool_use(
+        "toolu_read",
+        "Read",
+        json!({"file_path": db}),
+    ));
+    fake.push(Reply::text("done"));
+    let executor = ClaudeCodeExecutor::new(
+        config(&claude, &fake)
+            .with_api_key(KEY_MARKER)
+            .with_sandbox(sandbox.clone()),
+    );
+    let events = run(&executor, &ws, "probe the sandbox").await;
+    assert_eq!(done(&events).status, TaskStatus::Completed, "{events:#?}");
+    let result = |id: &str| {
+        events
+            .iter()
+            .find_map(|e| match e {
+                TaskEvent::ToolResult {
+                    tool_use_id,
+                    content,
+                    ..
+                } if tool_use_id == id => Some(content.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no result of {id}: {events:#?}"))
+    };
+    let bash = result("toolu_bash");
+    assert!(bash.contains("No such file or directory"), "{bash}");
+    assert!(bash.contains("Read-only file system"), "{bash}");
+    assert!(!bash.contains(DB_MARKER), "{bash}");
+    let read = result("toolu_read");
+    assert!(!read.contains(DB_MARKER), "{read}");
+    assert!(!planted.exists());
+    assert_eq!(
+        std::fs::read_to_string(ws.join("files/in.txt")).unwrap(),
+        "mine\n"
+    );
+    if sandbox.has_socat() {
+        // Claude Code's own sandbox runs: the key is unset for Bash.
+        assert!(!bash.contains(KEY_MARKER), "{bash}");
+    } else {
+        eprintln!("socat missing: Claude Code's Bash sandbox was off (see the module docs)");
+    }
+    let mcp_env = std::fs::read_to_string(ws.join("mcp-env.txt")).expect("the MCP server ran");
+    assert!(!mcp_env.contains(KEY_MARKER), "{mcp_env}");
+    let mcp_db = std::fs::read_to_string(ws.join("mcp-db.txt")).unwrap();
+    assert!(mcp_db.contains("No such file or directory"), "{mcp_db}");
+    assert_no_processes(&ws, Duration::from_secs(5)).await;
+}
+
+/// Cancel while a sandboxed `Bash` command runs: the run ends `canceled` and the CLI, its
+/// nested sandbox and the command are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxed_cli_cancel_kills_everything() {
+    let Some(claude) = claude_cli("sandboxed_cli_cancel_kills_everything") else {
+        return;
+    };
+    let Ok(sandbox) = Sandbox::detect(SandboxConfig::default().with_mode(SandboxMode::Bwrap))
+    else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "bwrap is required when CI is set"
+        );
+        eprintln!("SKIPPED sandboxed_cli_cancel_kills_everything: bwrap does not work here");
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    fake.push(Reply::tool_use(
+        "toolu_sleep",
+        "Bash",
+        json!({"command": "echo started > {cwd}/files/started; sleep 3173", "description": "Wait"}),
+    ));
+    fake.push(Reply::text("done"));
+    let ws = workspace();
+    let executor = ClaudeCodeExecutor::new(config(&claude, &fake).with_sandbox(sandbox));
+    let mut execution = executor
+        .start(request(ws.path(), "wait a long time"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + RUN_LIMIT;
+    while !ws.path().join("files/started").exists() {
+        assert!(Instant::now() < deadline, "the command never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    execution.control.cancel().await.unwrap();
+    let events = collect(&mut execution).await;
+    assert_eq!(done(&events).status, TaskStatus::Canceled, "{events:#?}");
+    assert_no_processes(ws.path(), Duration::from_secs(5)).await;
+    // By command line too: the namespaces may hide a process's working directory.
+    let sleeping = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            })
+            .any(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("sleep\u{0}3173"))
+            })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sleeping() {
+        assert!(
+            Instant::now() < deadline,
+            "the sandboxed command outlived the cancel"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

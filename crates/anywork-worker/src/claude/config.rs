@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use anywork_core::{Error, ErrorKind, Result};
 
+use crate::sandbox::Sandbox;
+
 /// How the CLI treats tool permissions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -47,6 +49,10 @@ pub struct ClaudeCodeConfig {
     /// Longest stdout line accepted (default 16 MiB); longer lines are skipped with an
     /// [`TaskEvent::Error`](anywork_core::TaskEvent::Error) (code [`LINE_TOO_LONG`](super::LINE_TOO_LONG)).
     pub max_line_bytes: usize,
+    /// Where the CLI runs (default: unconfined). When confined, the CLI itself runs in the
+    /// sandbox (with the network, for the model API) and its `Bash` tool in Claude Code's own
+    /// sandbox inside it; see the [module documentation](super).
+    pub sandbox: Sandbox,
 }
 
 impl fmt::Debug for ClaudeCodeConfig {
@@ -64,6 +70,7 @@ impl fmt::Debug for ClaudeCodeConfig {
                 &self.extra_env.iter().map(|(k, _)| k).collect::<Vec<_>>(),
             )
             .field("max_line_bytes", &self.max_line_bytes)
+            .field("sandbox", &self.sandbox.status())
             .finish()
     }
 }
@@ -88,6 +95,7 @@ impl ClaudeCodeConfig {
             base_url: None,
             extra_env: Vec::new(),
             max_line_bytes: Self::DEFAULT_MAX_LINE_BYTES,
+            sandbox: Sandbox::default(),
         }
     }
 
@@ -196,6 +204,12 @@ impl ClaudeCodeConfig {
     /// Sets [`max_line_bytes`](Self::max_line_bytes).
     pub fn with_max_line_bytes(mut self, bytes: usize) -> Self {
         self.max_line_bytes = bytes.max(1);
+        self
+    }
+
+    /// Sets [`sandbox`](Self::sandbox).
+    pub fn with_sandbox(mut self, sandbox: Sandbox) -> Self {
+        self.sandbox = sandbox;
         self
     }
 }

@@ -7,6 +7,8 @@
 //! claude --input-format stream-json --output-format stream-json --verbose --max-turns N
 //!        [--model=M] [--resume=<id>] [--append-system-prompt=<SOUL.md + AGENTS.md>]
 //!        (--dangerously-skip-permissions | --permission-prompt-tool stdio)
+//!        [--settings=<sandbox settings>] [--mcp-config=<ws>/.claude-state/anywork-mcp.json
+//!        --strict-mcp-config]
 //! ```
 //!
 //! The child runs in the session workspace, in its own process group, with a cleared
@@ -16,6 +18,26 @@
 //! `--dangerously-skip-permissions` as root without it), the configured extra variables, and
 //! last `HOME=<ws>/.home` and `CLAUDE_CONFIG_DIR=<ws>/.claude-state` (so that `--resume` finds
 //! the conversation after a worker restart).
+//!
+//! Confinement ([`ClaudeCodeConfig::sandbox`], see [`crate::sandbox`]):
+//!
+//! - When the sandbox is confined (bubblewrap), the CLI itself runs in it, with the network:
+//!   `/` read-only, the hidden folders empty, the workspace the only writable path. That
+//!   confines everything the CLI does — its file tools (`Read`, `Write`, `Edit`), `Bash`, MCP
+//!   servers, hooks — to the workspace, whatever its permission mode.
+//! - Inside, Claude Code's own sandbox confines `Bash` further (`--settings`, not a file the
+//!   agent could rewrite): `sandbox.enabled`, no unsandboxed escape
+//!   (`allowUnsandboxedCommands: false`), writes to the workspace only, the network per
+//!   `SANDBOX_NETWORK` (all domains, or none with `strictAllowlist`), and the model keys
+//!   unset for its commands (`credentials.envVars` deny). It needs `bwrap` and `socat` on
+//!   `PATH`; without `socat` Claude Code runs `Bash` without its own sandbox (still inside
+//!   the worker's), so its commands see `ANTHROPIC_API_KEY` and the network.
+//! - Not confined by either: the CLI's own network use (the model API, `WebFetch`,
+//!   `WebSearch`) and, when the worker's sandbox is not confined, everything (Claude Code's
+//!   `Bash` then inherits the CLI's environment, API key included).
+//! - MCP stdio servers (confined or not) are started through `env -u <key>...` from a copy of
+//!   `.mcp.json` ([`MCP_CONFIG_FILE`], mode 0600, passed with `--strict-mcp-config`), so the
+//!   model keys reach them only when their own `env` names them.
 //!
 //! The user's message is written as one stdin line; when the turn's `result` line arrives,
 //! stdin is closed and the CLI exits. Each stdout line becomes zero or more [`TaskEvent`]s:
@@ -45,6 +67,7 @@
 //! kills the process group at once.
 
 mod config;
+mod confine;
 mod driver;
 mod process;
 mod session_files;
@@ -64,6 +87,7 @@ use tokio::time::Instant;
 
 use config::INSTALL_HINT;
 pub use config::{ClaudeCodeConfig, PermissionMode};
+pub use confine::MCP_CONFIG_FILE;
 use driver::{Control, Driver};
 use process::{Group, Proc};
 use session_files::{ensure_dir, read_session_id, system_prompt};
@@ -97,6 +121,13 @@ pub struct ClaudeCodeExecutor {
 impl ClaudeCodeExecutor {
     /// An executor with `config`.
     pub fn new(config: ClaudeCodeConfig) -> Self {
+        if config.sandbox.is_confined() && !config.sandbox.has_socat() {
+            tracing::warn!(
+                "Claude Code's own sandbox needs socat (apt install socat): until it is \
+                 installed, its Bash commands run inside the worker's sandbox only, with the \
+                 network and the API key in their environment"
+            );
+        }
         Self {
             config: Arc::new(config),
         }

@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 use super::config::{ClaudeCodeConfig, INSTALL_HINT, PermissionMode};
+use super::confine::{mcp_config, sandbox_settings};
 use super::{CONFIG_DIR, HOME_DIR};
 
 /// Most bytes of stderr kept for error messages (the tail).
@@ -104,7 +105,8 @@ impl Proc {
         system_prompt: Option<&str>,
         resume: Option<&str>,
     ) -> Result<Proc> {
-        let mut cmd = Command::new(&config.binary);
+        // In the sandbox when it is confined; always with the network (the model API).
+        let mut cmd: Command = config.sandbox.wrapped(&config.binary, workspace, true);
         cmd.args([
             "--input-format",
             "stream-json",
@@ -128,6 +130,14 @@ impl Proc {
             PermissionMode::SkipPermissions => cmd.arg("--dangerously-skip-permissions"),
             PermissionMode::Prompt => cmd.args(["--permission-prompt-tool", "stdio"]),
         };
+        if let Some(settings) = sandbox_settings(&config.sandbox, workspace) {
+            cmd.arg(format!("--settings={settings}"));
+        }
+        if let Some(mcp) = mcp_config(workspace, &config.sandbox) {
+            let mut flag = std::ffi::OsString::from("--mcp-config=");
+            flag.push(mcp.as_os_str());
+            cmd.arg(flag).arg("--strict-mcp-config");
+        }
 
         cmd.current_dir(workspace).env_clear();
         for name in PASSTHROUGH_ENV {

@@ -3,6 +3,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read as _, Write as _};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -22,9 +23,11 @@ pub(super) fn ensure_dir(path: &Path) -> Result<()> {
             "`{}` exists and is not a directory",
             path.display()
         ))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(path).map_err(|e| {
-            Error::storage(format!("cannot create `{}`: {e}", path.display())).with_source(e)
-        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::DirBuilder::new().mode(0o700).create(path).map_err(|e| {
+                Error::storage(format!("cannot create `{}`: {e}", path.display())).with_source(e)
+            })
+        }
         Err(e) => {
             Err(Error::storage(format!("cannot inspect `{}`: {e}", path.display())).with_source(e))
         }
@@ -75,7 +78,11 @@ pub(super) fn write_session_id(workspace: &Path, id: &str) -> io::Result<()> {
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
     let written = (|| {
-        let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         file.write_all(format!("{id}\n").as_bytes())?;
         file.sync_all()?;
         fs::rename(&tmp, dir.join(SESSION_ID_FILE))

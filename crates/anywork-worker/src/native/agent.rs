@@ -202,11 +202,15 @@ impl Run {
 
     async fn run_loop(&self, stats: &mut Stats) -> End {
         let ws = self.workspace.as_path();
-        let builtins =
-            match Builtins::new(ws, self.config.bash_timeout, self.config.max_tool_output) {
-                Ok(b) => b,
-                Err(e) => return End::Failed(format!("cannot open the workspace: {e}")),
-            };
+        let builtins = match Builtins::new(
+            ws,
+            self.config.bash_timeout,
+            self.config.max_tool_output,
+            self.config.sandbox.clone(),
+        ) {
+            Ok(b) => b,
+            Err(e) => return End::Failed(format!("cannot open the workspace: {e}")),
+        };
         // The workspace's files, read off the runtime's threads (a slow disk must not stall
         // the other runs).
         let dir = self.workspace.clone();
@@ -220,7 +224,7 @@ impl Run {
             Ok(loaded) => loaded,
             Err(e) => return End::Failed(format!("cannot read the workspace: {e}")),
         };
-        let (mcp, connected) = McpClients::connect(&servers, ws).await;
+        let (mcp, connected) = McpClients::connect_in(&servers, ws, &self.config.sandbox).await;
         let mcp = mcp.with_call_timeout(self.config.mcp_call_timeout);
         reports.extend(connected);
 

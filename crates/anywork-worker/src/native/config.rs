@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use anywork_core::{Error, Result};
 
+use crate::sandbox::Sandbox;
+
 /// The Anthropic API's public endpoint.
 pub const DEFAULT_ANTHROPIC_BASE_URL: &str = "https://api.anthropic.com";
 /// OpenAI's public endpoint, used when `API_KEY` is set without `API_BASE_URL`.
@@ -132,6 +134,9 @@ pub struct NativeConfig {
     pub max_tool_output: usize,
     /// Time limit of one MCP tool call (default 300 s).
     pub mcp_call_timeout: Duration,
+    /// Where `bash` and the MCP stdio servers run, and with which environment (default:
+    /// unconfined, clean environment; see [`Sandbox`]).
+    pub sandbox: Sandbox,
 }
 
 impl NativeConfig {
@@ -147,7 +152,14 @@ impl NativeConfig {
             retry: RetryPolicy::default(),
             max_tool_output: 30_000,
             mcp_call_timeout: Duration::from_secs(300),
+            sandbox: Sandbox::default(),
         }
+    }
+
+    /// Sets [`sandbox`](Self::sandbox).
+    pub fn with_sandbox(mut self, sandbox: Sandbox) -> Self {
+        self.sandbox = sandbox;
+        self
     }
 
     /// Reads the configuration from the process environment; see [`NativeConfig::from_lookup`].

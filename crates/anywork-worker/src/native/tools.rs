@@ -4,9 +4,10 @@
 //! Every path is resolved against the workspace and canonicalized (the part that exists; the
 //! rest may not contain `..`), and must stay inside the canonical workspace, so `..`,
 //! absolute paths and symbolic links cannot lead outside. A refused path is an `is_error`
-//! tool result. `bash` runs with the workspace as its working directory in its own process
-//! group, which is killed on timeout, on cancel and when the command ends (so no background
-//! process outlives it); it is not otherwise sandboxed.
+//! tool result. `bash` runs through the executor's [`Sandbox`] (bubblewrap when available:
+//! the workspace is the only writable path) with the workspace as its working directory and
+//! a clean environment, in its own process group, which is killed on timeout, on cancel and
+//! when the command ends (so no background process outlives it).
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
@@ -19,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::glob::Glob;
 use super::model::ToolDef;
+use crate::sandbox::Sandbox;
 
 /// Lines `read_file` returns when no `limit` is given.
 const DEFAULT_READ_LINES: usize = 2000;
@@ -32,8 +34,6 @@ const MAX_WALK: usize = 200_000;
 const MAX_SCAN_BYTES: u64 = 10 * 1024 * 1024;
 /// Longest a `bash` command may ask to run.
 const MAX_BASH_TIMEOUT: Duration = Duration::from_secs(600);
-/// Variables removed from `bash`'s environment (the model API keys).
-const SECRET_VARS: &[&str] = &["ANTHROPIC_API_KEY", "API_KEY", "OPENAI_API_KEY"];
 
 /// The answer of a tool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,6 +185,7 @@ pub struct Builtins {
     root: PathBuf,
     bash_timeout: Duration,
     max_output: usize,
+    sandbox: Sandbox,
 }
 
 fn str_arg<'a>(input: &'a Value, key: &str) -> Result<&'a str, String> {
@@ -210,12 +211,19 @@ fn opt_bool(input: &Value, key: &str) -> bool {
 }
 
 impl Builtins {
-    /// Tools for the workspace `root`, which must exist (it is canonicalized).
-    pub fn new(root: &Path, bash_timeout: Duration, max_output: usize) -> std::io::Result<Self> {
+    /// Tools for the workspace `root`, which must exist (it is canonicalized); `bash` runs in
+    /// `sandbox`.
+    pub fn new(
+        root: &Path,
+        bash_timeout: Duration,
+        max_output: usize,
+        sandbox: Sandbox,
+    ) -> std::io::Result<Self> {
         Ok(Self {
             root: root.canonicalize()?,
             bash_timeout,
             max_output: max_output.max(1000),
+            sandbox,
         })
     }
 
@@ -520,18 +528,14 @@ impl Builtins {
                 Duration::from_secs(1),
                 MAX_BASH_TIMEOUT.max(self.bash_timeout),
             );
-        let mut cmd = tokio::process::Command::new("bash");
+        let mut cmd = self.sandbox.command("bash", &self.root);
         cmd.arg("-c")
             .arg(command)
-            .current_dir(&self.root)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        for var in SECRET_VARS {
-            cmd.env_remove(var);
-        }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => return ToolOutcome::error(format!("cannot run bash: {e}")),

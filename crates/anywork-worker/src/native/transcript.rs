@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::model::{Message, Part, Role};
@@ -60,13 +61,17 @@ pub fn load(workspace: &Path) -> Vec<Message> {
 pub fn append(workspace: &Path, message: &Message) -> io::Result<()> {
     let dir = workspace.join(DIR);
     not_a_link(&dir)?;
-    fs::create_dir_all(&dir)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)?;
     let file_path = dir.join(FILE);
     not_a_link(&file_path)?;
     let mut file = OpenOptions::new()
         .read(true)
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&file_path)?;
     let mut line = serde_json::to_string(message).map_err(io::Error::other)?;
     line.push('\n');

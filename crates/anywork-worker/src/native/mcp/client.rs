@@ -19,6 +19,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use super::McpServerReport;
 use crate::native::model::{ToolDef, truncate_chars};
 use crate::native::tools::{ToolOutcome, cut};
+use crate::sandbox::Sandbox;
 
 /// How long a server may take to start and list its tools.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -105,14 +106,13 @@ async fn connect_one(
     name: &str,
     config: &McpServerConfig,
     workspace: &Path,
+    sandbox: &Sandbox,
 ) -> Result<(RunningService<RoleClient, ()>, Vec<rmcp::model::Tool>), String> {
     match config {
         McpServerConfig::Stdio { command, args, env } => {
-            let mut cmd = tokio::process::Command::new(command);
-            cmd.args(args)
-                .envs(env)
-                .current_dir(workspace)
-                .kill_on_drop(true);
+            // The clean environment of the sandbox plus the server's own `env`.
+            let mut cmd = sandbox.command(command, workspace);
+            cmd.args(args).envs(env).kill_on_drop(true);
             let (transport, stderr) = TokioChildProcess::builder(cmd)
                 .stderr(Stdio::piped())
                 .spawn()
@@ -191,25 +191,40 @@ async fn connect_one(
 }
 
 impl McpClients {
-    /// Connects every server (concurrently, each within [`CONNECT_TIMEOUT`]). Never fails as a
-    /// whole: a server that cannot start is reported as failed and left out.
+    /// Connects every server (concurrently, each within [`CONNECT_TIMEOUT`]) without a
+    /// sandbox ([`Sandbox::default`]: a clean environment only). Never fails as a whole: a
+    /// server that cannot start is reported as failed and left out.
     pub async fn connect(
         servers: &McpServers,
         workspace: &Path,
     ) -> (McpClients, Vec<McpServerReport>) {
-        Self::connect_with_timeout(servers, workspace, CONNECT_TIMEOUT).await
+        Self::connect_with_timeout(servers, workspace, &Sandbox::default(), CONNECT_TIMEOUT).await
     }
 
-    /// [`McpClients::connect`] with another start-up limit per server.
+    /// [`McpClients::connect`] with the stdio servers started in `sandbox` (its clean
+    /// environment plus each server's `env`; confined when it is).
+    pub async fn connect_in(
+        servers: &McpServers,
+        workspace: &Path,
+        sandbox: &Sandbox,
+    ) -> (McpClients, Vec<McpServerReport>) {
+        Self::connect_with_timeout(servers, workspace, sandbox, CONNECT_TIMEOUT).await
+    }
+
+    /// [`McpClients::connect_in`] with another start-up limit per server.
     pub async fn connect_with_timeout(
         servers: &McpServers,
         workspace: &Path,
+        sandbox: &Sandbox,
         timeout: Duration,
     ) -> (McpClients, Vec<McpServerReport>) {
         let attempts = servers.iter().map(|(name, config)| async move {
-            let result = tokio::time::timeout(timeout, connect_one(name, config, workspace))
-                .await
-                .unwrap_or_else(|_| Err(format!("did not start within {} s", timeout.as_secs())));
+            let result =
+                tokio::time::timeout(timeout, connect_one(name, config, workspace, sandbox))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(format!("did not start within {} s", timeout.as_secs()))
+                    });
             (name.clone(), result)
         });
         let results = join_all(attempts).await;

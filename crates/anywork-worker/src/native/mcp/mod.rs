@@ -1,8 +1,9 @@
 //! MCP client manager: connects the servers of a workspace's `.mcp.json` through `rmcp` and
 //! exposes their tools as `mcp__<server>__<tool>`.
 //!
-//! - `stdio` servers are spawned with their `args` and `env`, working directory = the
-//!   workspace; their stderr is kept (last lines) to explain failures.
+//! - `stdio` servers are spawned through the run's [`Sandbox`](crate::sandbox::Sandbox)
+//!   (bubblewrap when available) with their `args`, a clean environment plus their `env`, and
+//!   the workspace as working directory; their stderr is kept (last lines) to explain failures.
 //! - `http` servers use rmcp's streamable HTTP client, over `http://` or `https://` (rustls
 //!   with the ring provider, the system's root certificates).
 //! - `sse` (the older HTTP + SSE transport) has no client in rmcp 3 and is reported as failed.

@@ -19,9 +19,10 @@ pub(crate) struct McpClients;
 
 impl McpClients {
     /// Reports every server as failed.
-    pub(crate) async fn connect(
+    pub(crate) async fn connect_in(
         servers: &McpServers,
         _workspace: &Path,
+        _sandbox: &crate::sandbox::Sandbox,
     ) -> (McpClients, Vec<McpServerReport>) {
         let reports = servers
             .keys()
@@ -72,7 +73,8 @@ mod tests {
             "web": {"type": "http", "url": "http://127.0.0.1:9/mcp"},
         }))
         .unwrap();
-        let (clients, reports) = McpClients::connect(&servers, Path::new(".")).await;
+        let (clients, reports) =
+            McpClients::connect_in(&servers, Path::new("."), &Default::default()).await;
         assert_eq!(reports.len(), 2);
         for report in &reports {
             assert!(!report.connected, "{report:?}");
