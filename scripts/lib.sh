@@ -93,3 +93,51 @@ ensure_chromium() {
     CHROMEDRIVER=$(command -v chromedriver)
     export CHROMEDRIVER
 }
+
+# --- crate checks -------------------------------------------------------------------------
+# `cargo check -p X` alone resolves X's features without the rest of the workspace, so code
+# that compiles only thanks to a feature another crate turns on fails here. Warnings fail too
+# (an unused import behind a missing `cfg` is a feature leak as well).
+check_crates_alone() {
+    local dir name flags out
+    for dir in crates/*/; do
+        [ -f "$dir/src/lib.rs" ] || continue
+        name=$(basename "$dir")
+        for flags in "" "--no-default-features"; do
+            echo "cargo check -p $name $flags" >&2
+            if ! out=$(cargo check -p "$name" $flags --locked --message-format short 2>&1); then
+                echo "$out" >&2
+                echo "$name does not build alone with ${flags:-its default features}" >&2
+                return 1
+            fi
+            if echo "$out" | grep -qE '(^|: )warning'; then
+                echo "$out" >&2
+                echo "$name warns when built alone with ${flags:-its default features}" >&2
+                return 1
+            fi
+        done
+    done
+}
+
+# Unique crates (name + version) in the normal dependency tree of a package, itself included.
+dependency_count() {
+    cargo tree --locked -e normal --prefix none "$@" | sed 's/ (\*)//' | grep -v '^$' | sort -u | wc -l
+}
+
+# The budget written in ARCHITECTURE.md ("Dependency budget").
+check_dependency_budget() {
+    local core runtime banned
+    core=$(dependency_count -p anywork-core)
+    runtime=$(dependency_count -p anywork-runtime)
+    echo "anywork-core: $core crates (budget 25); anywork-runtime: $runtime crates (budget 110)" >&2
+    if [ "$core" -gt 25 ] || [ "$runtime" -gt 110 ]; then
+        echo "over the dependency budget: see ARCHITECTURE.md" >&2
+        return 1
+    fi
+    banned=$(cargo tree --locked -e normal --prefix none -p example-static |
+        grep -E '^(axum|clap|anywork-worker|anywork-server) ' | sort -u || true)
+    if [ -n "$banned" ]; then
+        echo "examples/static (no HTTP server) depends on: $banned" >&2
+        return 1
+    fi
+}

@@ -31,6 +31,12 @@ cargo fmt --all --check
 log "cargo clippy (all targets, all features, -D warnings)"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
+log "every library crate alone: default features and --no-default-features (a feature leak fails)"
+check_crates_alone
+
+log "dependency budget (cargo tree, unique crates)"
+check_dependency_budget
+
 log "cargo test (all features)"
 cargo test --workspace --all-features --locked "$@"
 

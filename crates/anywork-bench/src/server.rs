@@ -12,7 +12,8 @@ use anywork_core::{
     Session, SessionId, SessionSummary, Task, TaskChange, TaskId, TaskLog, TaskStatus, TaskStore,
     Timestamp, WorkerEndpoint,
 };
-use anywork_server::{ApiOptions, AppState, Dispatcher, DispatcherConfig};
+use anywork_runtime::{Dispatcher, DispatcherConfig};
+use anywork_server::{ApiOptions, AppState};
 use anywork_test::fake_llm::{FakeLlm, Reply};
 use anywork_worker::{WorkerConfig, WorkerState};
 use futures_util::{SinkExt, StreamExt};
@@ -308,6 +309,101 @@ impl TaskStore for Instrumented {
     ) -> anywork_core::Result<Vec<TaskLog>> {
         let f = self.inner.read_logs(task_id, after, limit);
         self.call("read_logs", false, f).await
+    }
+    async fn find_task_by_idempotency_key(
+        &self,
+        channel_type: &str,
+        key: &str,
+    ) -> anywork_core::Result<Option<Task>> {
+        let f = self.inner.find_task_by_idempotency_key(channel_type, key);
+        self.call("find_task_by_idempotency_key", false, f).await
+    }
+    async fn update_task_and_enqueue(
+        &self,
+        id: TaskId,
+        expected: TaskStatus,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+        deliveries: Vec<anywork_core::NewDelivery>,
+    ) -> anywork_core::Result<(Task, u64)> {
+        let f = self
+            .inner
+            .update_task_and_enqueue(id, expected, change, logs, deliveries);
+        self.call("update_task_and_enqueue", true, f).await
+    }
+    async fn claim_deliveries(
+        &self,
+        owner: &str,
+        now: Timestamp,
+        until: Timestamp,
+        limit: u32,
+    ) -> anywork_core::Result<Vec<anywork_core::Delivery>> {
+        let f = self.inner.claim_deliveries(owner, now, until, limit);
+        self.call("claim_deliveries", true, f).await
+    }
+    async fn record_delivery_attempt(
+        &self,
+        id: anywork_core::DeliveryId,
+        owner: &str,
+        attempt: anywork_core::DeliveryAttempt,
+        at: Timestamp,
+    ) -> anywork_core::Result<anywork_core::Delivery> {
+        let f = self.inner.record_delivery_attempt(id, owner, attempt, at);
+        self.call("record_delivery_attempt", true, f).await
+    }
+    async fn get_delivery(
+        &self,
+        id: anywork_core::DeliveryId,
+    ) -> anywork_core::Result<anywork_core::Delivery> {
+        let f = self.inner.get_delivery(id);
+        self.call("get_delivery", false, f).await
+    }
+    async fn list_deliveries(
+        &self,
+        status: Option<anywork_core::DeliveryStatus>,
+        page: Page,
+    ) -> anywork_core::Result<Vec<anywork_core::Delivery>> {
+        let f = self.inner.list_deliveries(status, page);
+        self.call("list_deliveries", false, f).await
+    }
+    async fn retry_delivery(
+        &self,
+        id: anywork_core::DeliveryId,
+        now: Timestamp,
+    ) -> anywork_core::Result<anywork_core::Delivery> {
+        let f = self.inner.retry_delivery(id, now);
+        self.call("retry_delivery", true, f).await
+    }
+    async fn delete_settled_deliveries(
+        &self,
+        before: Timestamp,
+        limit: u32,
+    ) -> anywork_core::Result<u64> {
+        let f = self.inner.delete_settled_deliveries(before, limit);
+        self.call("delete_settled_deliveries", true, f).await
+    }
+    async fn delete_finished_logs(
+        &self,
+        finished_before: Timestamp,
+        max_tasks: u32,
+        now: Timestamp,
+    ) -> anywork_core::Result<anywork_core::DeletedLogs> {
+        let f = self
+            .inner
+            .delete_finished_logs(finished_before, max_tasks, now);
+        self.call("delete_finished_logs", true, f).await
+    }
+    async fn compact(&self) -> anywork_core::Result<u64> {
+        let f = self.inner.compact();
+        self.call("compact", true, f).await
+    }
+    async fn store_size(&self) -> anywork_core::Result<Option<anywork_core::StoreSize>> {
+        let f = self.inner.store_size();
+        self.call("store_size", false, f).await
+    }
+    async fn check_ready(&self) -> anywork_core::Result<()> {
+        let f = self.inner.check_ready();
+        self.call("check_ready", true, f).await
     }
 }
 
@@ -620,11 +716,10 @@ async fn dispatch(fake: &FakeLlm, options: &Options) -> anyhow::Result<()> {
             timings: timings.clone(),
         });
     }
+    let mut config = DispatcherConfig::default();
+    config.max_concurrent = options.max_concurrent;
     let dispatcher = Dispatcher::builder(store, driver)
-        .config(DispatcherConfig {
-            max_concurrent: options.max_concurrent,
-            ..DispatcherConfig::default()
-        })
+        .config(config)
         .start()
         .await?;
     let state = AppState::new(dispatcher, ApiOptions::default());

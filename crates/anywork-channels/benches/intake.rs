@@ -21,13 +21,13 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn req(headers: Vec<(&str, String)>, body: Vec<u8>) -> InboundRequest {
-    InboundRequest {
-        headers: headers
+    InboundRequest::new(
+        headers
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
             .collect(),
         body,
-    }
+    )
 }
 
 fn check(inbound: anywork_core::Result<Inbound>) {

@@ -248,13 +248,7 @@ fn run(target: Target<'_>) {
             ran.fetch_add(1, Ordering::Relaxed);
             // Only random input must never become work; a replaced header may be a harmless one.
             let (req, may_work) = match &input {
-                Input::Raw(h, b) => (
-                    InboundRequest {
-                        headers: h.clone(),
-                        body: b.clone(),
-                    },
-                    false,
-                ),
+                Input::Raw(h, b) => (InboundRequest::new(h.clone(), b.clone()), false),
                 Input::Bytes(s, edits) => {
                     let (h, v) = &target.seeds[*s];
                     let body = edit_bytes(v.to_string().into_bytes(), edits);
@@ -336,10 +330,7 @@ fn fuzz_webhook() {
         let mut headers = h.to_vec();
         headers.push(("x-anywork-timestamp".into(), ts));
         headers.push(("x-anywork-signature".into(), sig));
-        InboundRequest {
-            headers,
-            body: body.to_vec(),
-        }
+        InboundRequest::new(headers, body.to_vec())
     };
     run(Target {
         name: "webhook",
@@ -399,10 +390,7 @@ fn fuzz_github() {
             "x-hub-signature-256".into(),
             format!("sha256={}", sign(SECRET, &[body])),
         ));
-        InboundRequest {
-            headers,
-            body: body.to_vec(),
-        }
+        InboundRequest::new(headers, body.to_vec())
     };
     run(Target {
         name: "github",
@@ -461,10 +449,7 @@ fn fuzz_slack() {
         let mut headers = h.to_vec();
         headers.push(("x-slack-request-timestamp".into(), ts));
         headers.push(("x-slack-signature".into(), sig));
-        InboundRequest {
-            headers,
-            body: body.to_vec(),
-        }
+        InboundRequest::new(headers, body.to_vec())
     };
     run(Target {
         name: "slack",

@@ -8,8 +8,10 @@ use crate::event::{InputRequest, TaskOutcome};
 use crate::spec::{McpServers, SkillSpec};
 use crate::task::{Task, TaskRequest};
 
-/// An inbound HTTP request, reduced to what a channel needs (no HTTP crate in core).
+/// An inbound HTTP request, reduced to what a channel needs (no HTTP crate in core). Build it
+/// with [`InboundRequest::new`].
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct InboundRequest {
     /// Header names in lower case, with their values.
     pub headers: Vec<(String, String)>,
@@ -18,6 +20,20 @@ pub struct InboundRequest {
 }
 
 impl InboundRequest {
+    /// A request with these headers (names in lower case) and this raw body.
+    pub fn new(headers: Vec<(String, String)>, body: impl Into<Vec<u8>>) -> Self {
+        Self {
+            headers,
+            body: body.into(),
+        }
+    }
+
+    /// Adds a header (its name in lower case).
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
     /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
@@ -52,14 +68,42 @@ pub enum Inbound {
     },
 }
 
-/// Skills and MCP servers every task of a channel gets, merged with the task's own.
+/// Skills and MCP servers every task of a channel gets, merged with the task's own. Build it
+/// with [`ChannelDefaults::new`] or from [`Default`] and the `with_` methods.
 #[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct ChannelDefaults {
     /// Default skills; a task's skill of the same name wins. Name-only entries
     /// ([`SkillSpec::named`]) are resolved by the caller like a request's.
     pub skills: Vec<SkillSpec>,
     /// Default MCP servers; a task's server of the same name wins.
     pub mcp_servers: McpServers,
+}
+
+impl ChannelDefaults {
+    /// These skills and MCP servers.
+    pub fn new(skills: Vec<SkillSpec>, mcp_servers: McpServers) -> Self {
+        Self {
+            skills,
+            mcp_servers,
+        }
+    }
+
+    /// Adds a default skill.
+    pub fn with_skill(mut self, skill: SkillSpec) -> Self {
+        self.skills.push(skill);
+        self
+    }
+
+    /// Adds a default MCP server under `name`.
+    pub fn with_mcp_server(
+        mut self,
+        name: impl Into<String>,
+        server: crate::spec::McpServerConfig,
+    ) -> Self {
+        self.mcp_servers.insert(name.into(), server);
+        self
+    }
 }
 
 /// A source of tasks (webhook, GitHub, Slack, ...).

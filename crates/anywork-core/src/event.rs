@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+pub use crate::outcome::TaskOutcome;
+use crate::outcome::TokenUsage;
 use crate::status::TaskStatus;
-use crate::task::TokenUsage;
 
 /// The raw event object: a type name, a text content and free-form metadata.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,77 +122,6 @@ pub struct McpServerStatus {
     pub name: String,
     /// `connected`, `failed`, ...
     pub status: String,
-}
-
-/// How a run ended, carried by [`TaskEvent::Done`] and stored on the task.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TaskOutcome {
-    /// `completed`, `failed` or `canceled`; `completed` when absent, as the original worker's
-    /// `done` event has no status.
-    #[serde(default = "completed_status")]
-    pub status: TaskStatus,
-    /// Final answer text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<String>,
-    /// Structured output, when the agent produced one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub structured_output: Option<Value>,
-    /// Why it failed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// Cost in US dollars, when known.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cost_usd: Option<f64>,
-    /// Tokens used by the whole run.
-    #[serde(default)]
-    pub usage: TokenUsage,
-    /// Model turns taken.
-    #[serde(default)]
-    pub num_turns: u32,
-    /// Wall-clock time of the run.
-    #[serde(default)]
-    pub duration_ms: u64,
-}
-
-fn completed_status() -> TaskStatus {
-    TaskStatus::Completed
-}
-
-impl TaskOutcome {
-    /// A completed outcome with `result`.
-    pub fn completed(result: impl Into<String>) -> Self {
-        Self {
-            status: TaskStatus::Completed,
-            result: Some(result.into()),
-            ..Self::empty(TaskStatus::Completed)
-        }
-    }
-
-    /// A failed outcome with `error`.
-    pub fn failed(error: impl Into<String>) -> Self {
-        Self {
-            error: Some(error.into()),
-            ..Self::empty(TaskStatus::Failed)
-        }
-    }
-
-    /// A canceled outcome.
-    pub fn canceled() -> Self {
-        Self::empty(TaskStatus::Canceled)
-    }
-
-    fn empty(status: TaskStatus) -> Self {
-        Self {
-            status,
-            result: None,
-            structured_output: None,
-            error: None,
-            cost_usd: None,
-            usage: TokenUsage::default(),
-            num_turns: 0,
-            duration_ms: 0,
-        }
-    }
 }
 
 /// What kind of answer an [`InputRequest`] wants.

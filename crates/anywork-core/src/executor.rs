@@ -14,7 +14,7 @@ use crate::ids::{SessionId, TaskId};
 /// A stream of events that ends with exactly one [`TaskEvent::Done`].
 pub type EventStream = Pin<Box<dyn Stream<Item = TaskEvent> + Send + 'static>>;
 
-/// One run of an agent.
+/// One run of an agent. Build it with [`ExecutionRequest::new`].
 #[derive(Debug, Clone)]
 pub struct ExecutionRequest {
     /// The task.
@@ -25,6 +25,23 @@ pub struct ExecutionRequest {
     pub message: String,
     /// The session's workspace directory (skills, `.mcp.json`, `SOUL.md`, `files/`).
     pub workspace: PathBuf,
+}
+
+impl ExecutionRequest {
+    /// A run of `task_id` in `session_id` that answers `message` inside `workspace`.
+    pub fn new(
+        task_id: TaskId,
+        session_id: SessionId,
+        message: impl Into<String>,
+        workspace: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            task_id,
+            session_id,
+            message: message.into(),
+            workspace: workspace.into(),
+        }
+    }
 }
 
 /// Controls a run while its events stream.

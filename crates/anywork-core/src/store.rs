@@ -2,12 +2,23 @@
 
 use async_trait::async_trait;
 
-use crate::error::Result;
+use crate::delivery::{
+    DeletedLogs, Delivery, DeliveryAttempt, DeliveryId, DeliveryStatus, NewDelivery, StoreSize,
+};
+use crate::error::{Error, Result};
 use crate::ids::{SessionId, TaskId, Timestamp};
 use crate::log::{NewTaskLog, TaskLog};
 use crate::session::{NewSession, Page, Session, SessionSummary};
 use crate::status::TaskStatus;
 use crate::task::{NewTask, Task, TaskChange};
+
+/// What the default methods of the outbox answer on a store that does not implement it.
+fn no_outbox(what: &str) -> Error {
+    Error::internal(format!(
+        "this TaskStore keeps no deliveries (outbox), so it cannot {what}: implement the \
+         delivery methods of TaskStore, or use a store from anywork-store"
+    ))
+}
 
 /// Durable state of AnyWork. Every implementation passes the conformance suite in
 /// `anywork-test`, so callers can rely on the guarantees written here whatever the backend.
@@ -43,8 +54,23 @@ pub trait TaskStore: Send + Sync + 'static {
     async fn delete_session(&self, id: &SessionId) -> Result<()>;
 
     /// Stores a `pending` task and touches its session. `NotFound` if the session is unknown,
-    /// `Conflict` if the task id exists.
+    /// `Conflict` if the task id exists, or if a task of the same `channel_type` has the same
+    /// `idempotency_key` (then nothing is stored: look the first one up with
+    /// [`find_task_by_idempotency_key`](Self::find_task_by_idempotency_key)).
     async fn create_task(&self, new: NewTask) -> Result<Task>;
+
+    /// The task a channel created with `idempotency_key`, if any: what a duplicate event is
+    /// answered with. The key stays taken as long as the task exists (deleting its log keeps
+    /// it; deleting its session frees it). The default finds nothing, which is right for a
+    /// store that ignores the key in `create_task` (it dedupes nothing).
+    async fn find_task_by_idempotency_key(
+        &self,
+        channel_type: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<Task>> {
+        let _ = (channel_type, idempotency_key);
+        Ok(None)
+    }
 
     /// The task with `id`, or `NotFound`.
     async fn get_task(&self, id: TaskId) -> Result<Task>;
@@ -71,6 +97,32 @@ pub trait TaskStore: Send + Sync + 'static {
         logs: Vec<NewTaskLog>,
     ) -> Result<(Task, u64)>;
 
+    /// [`update_task_and_append`](Self::update_task_and_append) that also enqueues
+    /// `deliveries` for this task, all in one transaction: the change, its events and the
+    /// outbox rows commit together or not at all (a lost compare-and-set, an illegal
+    /// transition or an unknown task enqueues nothing). This is how an outcome reaches the
+    /// outbox: the run that records a terminal status passes the channel delivery and the
+    /// push notification here, so a stored outcome is always on its way out.
+    /// `Conflict` if a delivery id exists already.
+    ///
+    /// The default enqueues nothing: with `deliveries` empty it is `update_task_and_append`;
+    /// otherwise it refuses, so a store without an outbox never drops one silently.
+    async fn update_task_and_enqueue(
+        &self,
+        id: TaskId,
+        expected: TaskStatus,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+        deliveries: Vec<NewDelivery>,
+    ) -> Result<(Task, u64)> {
+        if deliveries.is_empty() {
+            self.update_task_and_append(id, expected, change, logs)
+                .await
+        } else {
+            Err(no_outbox("enqueue deliveries"))
+        }
+    }
+
     /// A session's tasks, oldest first.
     async fn tasks_by_session(&self, session_id: &SessionId, page: Page) -> Result<Vec<Task>>;
 
@@ -94,4 +146,126 @@ pub trait TaskStore: Send + Sync + 'static {
     /// Up to `limit` events with seq greater than `after`, in seq order; empty for an unknown
     /// task (callers that must tell the two apart check the task first).
     async fn read_logs(&self, task_id: TaskId, after: u64, limit: u32) -> Result<Vec<TaskLog>>;
+
+    /// Takes up to `limit` deliveries that are due, for `owner` until `until`, and returns
+    /// them (oldest due first). Due means: `pending` or `failed`, `next_attempt_at <= now`,
+    /// nobody's claim running past `now`, and no older open delivery of the same task to the
+    /// same target (one task's deliveries to one target go out one at a time, in the order
+    /// they were enqueued).
+    ///
+    /// At most one sender holds a delivery at a time, also across servers sharing the store
+    /// (PostgreSQL: `FOR UPDATE SKIP LOCKED` plus a compare-and-set on the claim). A claim
+    /// that runs out lets another sender take it: `until - now` must exceed the longest
+    /// attempt (the send timeout), or one delivery may be sent twice — receivers drop the
+    /// second copy by its [`idempotency key`](Delivery::idempotency_key). `owner` names the
+    /// sender (a server instance id, unique per process).
+    ///
+    /// The sender then tries each one and reports with
+    /// [`record_delivery_attempt`](Self::record_delivery_attempt).
+    async fn claim_deliveries(
+        &self,
+        owner: &str,
+        now: Timestamp,
+        until: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<Delivery>> {
+        let _ = (owner, now, until, limit);
+        Err(no_outbox("claim deliveries"))
+    }
+
+    /// Records the result of an attempt on a delivery `owner` claimed, at `at`, and drops the
+    /// claim: `Sent` → `sent`; `Retry` → `failed`, due again at `retry_at`; `Dead` → `dead`.
+    /// Each counts one attempt. The store does not count attempts against a budget: the
+    /// sender decides when a failure is final (e.g. `attempts + 1 >= max`, or a 4xx) and
+    /// records `Dead`. `NotFound` for an unknown delivery; `Conflict` (nothing changes) if
+    /// `owner` no longer holds it — its claim expired and another sender took it over, or it
+    /// was already settled. Returns the delivery as stored.
+    async fn record_delivery_attempt(
+        &self,
+        id: DeliveryId,
+        owner: &str,
+        attempt: DeliveryAttempt,
+        at: Timestamp,
+    ) -> Result<Delivery> {
+        let _ = (id, owner, attempt, at);
+        Err(no_outbox("record a delivery attempt"))
+    }
+
+    /// The delivery with `id`, or `NotFound`.
+    async fn get_delivery(&self, id: DeliveryId) -> Result<Delivery> {
+        let _ = id;
+        Err(no_outbox("read a delivery"))
+    }
+
+    /// Deliveries in `status` (all when `None`), oldest first, paged.
+    async fn list_deliveries(
+        &self,
+        status: Option<DeliveryStatus>,
+        page: Page,
+    ) -> Result<Vec<Delivery>> {
+        let _ = (status, page);
+        Err(no_outbox("list deliveries"))
+    }
+
+    /// Sends a `dead` delivery again: back to `pending`, due at `now`, attempts reset to 0
+    /// (a fresh budget), its last error kept. `NotFound` if unknown, `Conflict` if it is not
+    /// dead. Returns it as stored.
+    async fn retry_delivery(&self, id: DeliveryId, now: Timestamp) -> Result<Delivery> {
+        let _ = (id, now);
+        Err(no_outbox("retry a delivery"))
+    }
+
+    /// Retention of deliveries: deletes up to `limit` `sent` or `dead` deliveries last
+    /// changed before `before`, oldest first, and returns how many. Open ones (`pending`,
+    /// `failed`) are never deleted. Call it repeatedly until it returns less than `limit`.
+    async fn delete_settled_deliveries(&self, before: Timestamp, limit: u32) -> Result<u64> {
+        let _ = (before, limit);
+        Ok(0)
+    }
+
+    /// Retention of logs: deletes the whole logs of up to `max_tasks` tasks that finished
+    /// (`completed`, `failed`, `canceled`) before `finished_before`, those finished longest
+    /// ago first, and stamps them with `logs_deleted_at = now`. The task rows stay (message,
+    /// result, status, usage, idempotency key), so sessions keep their history and counts;
+    /// only the events go. Each task's log goes entirely or not at all, and a task that is
+    /// not finished is never touched. A task's seqs continue after deletion (an append gets
+    /// the next seq as before). One call is one bounded transaction: call it repeatedly
+    /// until `tasks` comes back below `max_tasks`; for a size budget, call it with
+    /// `finished_before = now` while [`store_size`](Self::store_size) is over budget.
+    /// The default deletes nothing.
+    async fn delete_finished_logs(
+        &self,
+        finished_before: Timestamp,
+        max_tasks: u32,
+        now: Timestamp,
+    ) -> Result<DeletedLogs> {
+        let _ = (finished_before, max_tasks, now);
+        Ok(DeletedLogs::default())
+    }
+
+    /// Gives free space back to the file system after deletions, in bounded steps that let
+    /// other writes through in between, and returns the bytes freed. SQLite: incremental
+    /// vacuum (databases created before this version need one full `VACUUM` first, see
+    /// `SqliteStore::vacuum`); PostgreSQL: nothing, autovacuum reuses the space. The default
+    /// does nothing.
+    async fn compact(&self) -> Result<u64> {
+        Ok(0)
+    }
+
+    /// How much room the store takes, for a metric and size-based retention; `None` when
+    /// the store cannot tell (memory). The default is `None`.
+    async fn store_size(&self) -> Result<Option<StoreSize>> {
+        Ok(None)
+    }
+
+    /// `Ok` when the store can take writes now, for a readiness check (HTTP 503 otherwise).
+    /// SQL stores commit a real one-row write (a heartbeat) through their normal write path
+    /// (on SQLite, the writer's queue, so a stuck writer shows), waiting at most 3 s:
+    /// `Unavailable` when the database is unreachable, locked past the bound, out of disk
+    /// space or read-only. It is one small write: a disk with a few KiB left passes it while
+    /// larger writes fail with "the disk is full". Cheap enough for a probe every few
+    /// seconds. The default reads one session.
+    async fn check_ready(&self) -> Result<()> {
+        self.list_sessions(Page::first(1)).await.map(drop)
+    }
 }

@@ -4,8 +4,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::event::TaskOutcome;
 use crate::ids::{SessionId, TaskId, Timestamp};
+use crate::outcome::TaskOutcome;
+pub use crate::outcome::TokenUsage;
 use crate::spec::{McpServers, SkillSpec, validate_mcp_servers};
 use crate::status::TaskStatus;
 
@@ -17,37 +18,6 @@ pub struct PushNotification {
     /// Value of the `Authorization` header, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorization: Option<String>,
-}
-
-/// Tokens counted by the model API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct TokenUsage {
-    /// Prompt tokens, cache excluded.
-    #[serde(default)]
-    pub input_tokens: u64,
-    /// Generated tokens.
-    #[serde(default)]
-    pub output_tokens: u64,
-    /// Tokens written to the prompt cache.
-    #[serde(default)]
-    pub cache_creation_input_tokens: u64,
-    /// Tokens read from the prompt cache.
-    #[serde(default)]
-    pub cache_read_input_tokens: u64,
-}
-
-impl TokenUsage {
-    /// Adds `other` to `self` (saturating).
-    pub fn add(&mut self, other: &TokenUsage) {
-        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
-        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
-        self.cache_creation_input_tokens = self
-            .cache_creation_input_tokens
-            .saturating_add(other.cache_creation_input_tokens);
-        self.cache_read_input_tokens = self
-            .cache_read_input_tokens
-            .saturating_add(other.cache_read_input_tokens);
-    }
 }
 
 /// Who is running a task, and until when, so that a crashed server's tasks can be found.
@@ -98,12 +68,18 @@ pub struct Task {
     pub push_notification: Option<PushNotification>,
     /// The current lease, while running.
     pub lease: Option<Lease>,
+    /// The channel's once-per-event key, if it gave one (unique per `channel_type`).
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
     /// When it was submitted.
     pub created_at: Timestamp,
     /// When it first started running.
     pub started_at: Option<Timestamp>,
     /// When it reached a terminal status.
     pub finished_at: Option<Timestamp>,
+    /// When retention deleted its log (all of it); `None` while the log is kept.
+    #[serde(default)]
+    pub logs_deleted_at: Option<Timestamp>,
 }
 
 /// What `TaskRequest::session_id` means when it names no stored session.
@@ -128,8 +104,10 @@ impl SessionMode {
     }
 }
 
-/// A request for work, as a channel or the API produces it.
+/// A request for work, as a channel or the API produces it. Build it with [`TaskRequest::new`]
+/// and set the other fields on the value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct TaskRequest {
     /// An existing session to continue; `None` finds one by `channel_key` or creates one.
     #[serde(default)]
@@ -243,8 +221,29 @@ impl TaskRequest {
                 skill.validate()?;
             }
         }
+        if let Some(key) = &self.idempotency_key {
+            validate_idempotency_key(key)?;
+        }
         validate_mcp_servers(&self.mcp_servers)
     }
+}
+
+/// The longest idempotency key accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+
+/// Checks an idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY_BYTES`] bytes, no control characters.
+pub fn validate_idempotency_key(key: &str) -> Result<()> {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(Error::invalid_input(format!(
+            "`idempotency_key` must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes long"
+        )));
+    }
+    if key.chars().any(char::is_control) {
+        return Err(Error::invalid_input(
+            "`idempotency_key` may not contain control characters",
+        ));
+    }
+    Ok(())
 }
 
 /// What a store needs to create a task (status starts as `pending`).
@@ -266,6 +265,9 @@ pub struct NewTask {
     pub mcp_servers: McpServers,
     /// Where to POST the outcome.
     pub push_notification: Option<PushNotification>,
+    /// The channel's once-per-event key: unique per `channel_type` in every store
+    /// (see [`TaskRequest::idempotency_key`]).
+    pub idempotency_key: Option<String>,
     /// Submission time.
     pub created_at: Timestamp,
 }
@@ -282,6 +284,7 @@ impl NewTask {
             skills: request.skills,
             mcp_servers: request.mcp_servers,
             push_notification: request.push_notification,
+            idempotency_key: request.idempotency_key,
             created_at: Timestamp::now(),
         }
     }
@@ -307,9 +310,11 @@ impl NewTask {
             worker_id: None,
             push_notification: self.push_notification,
             lease: None,
+            idempotency_key: self.idempotency_key,
             created_at: self.created_at,
             started_at: None,
             finished_at: None,
+            logs_deleted_at: None,
         }
     }
 }
@@ -482,6 +487,22 @@ mod tests {
         assert!(TaskRequest::new("web chat", "x").validate().is_err());
         let big = "x".repeat(TaskRequest::MAX_MESSAGE_BYTES + 1);
         assert!(TaskRequest::new("webchat", big).validate().is_err());
+        let keyed = |key: &str| TaskRequest {
+            idempotency_key: Some(key.into()),
+            ..TaskRequest::new("github", "hi")
+        };
+        assert!(
+            keyed("72d3162e-cc78-11e3-81ab-4c9367dc0958")
+                .validate()
+                .is_ok()
+        );
+        assert!(keyed("").validate().is_err());
+        assert!(keyed("a\nb").validate().is_err());
+        assert!(
+            keyed(&"k".repeat(MAX_IDEMPOTENCY_KEY_BYTES + 1))
+                .validate()
+                .is_err()
+        );
     }
 
     #[test]

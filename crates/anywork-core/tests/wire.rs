@@ -298,3 +298,56 @@ fn websocket_server_messages() {
     }
     assert!(serde_json::from_value::<ServerMessage>(json!({"type": "session_created"})).is_err());
 }
+
+/// The task as `GET /api/tasks/:id`, session task lists, cancel answers and push
+/// notifications send it: camelCase, unix seconds, nulls for what is not known yet, and the
+/// keys in the order they have always been sent (sorted), byte for byte.
+#[test]
+fn rest_task() {
+    let mut task = anywork_core::NewTask::from_request(
+        SessionId::new("s1").unwrap(),
+        anywork_core::TaskRequest::new("github", "Fix the bug"),
+    )
+    .into_task();
+    task.id = "01936f4e-8f5a-7cc0-9a2b-000000000002".parse().unwrap();
+    task.created_at = Timestamp(1_700_000_000_123);
+    task.started_at = Some(Timestamp(1_700_000_001_999));
+    task.status = TaskStatus::Failed;
+    task.error = Some("the worker went away".into());
+    task.usage = TokenUsage {
+        input_tokens: 10,
+        output_tokens: 5,
+        cache_creation_input_tokens: 0,
+        cache_read_input_tokens: 2,
+    };
+    task.num_turns = 2;
+    task.worker_id = Some("w-1".into());
+    let expected = json!({
+        "id": "01936f4e-8f5a-7cc0-9a2b-000000000002",
+        "sessionId": "s1",
+        "channelType": "github",
+        "status": "failed",
+        "message": "Fix the bug",
+        "result": null,
+        "structuredOutput": null,
+        "error": "the worker went away",
+        "costUsd": null,
+        "usage": {"input_tokens": 10, "output_tokens": 5,
+                  "cache_creation_input_tokens": 0, "cache_read_input_tokens": 2},
+        "numTurns": 2,
+        "durationMs": null,
+        "workerId": "w-1",
+        "createdAt": 1_700_000_000,
+        "startedAt": 1_700_000_001,
+        "finishedAt": null,
+    });
+    let wire = anywork_core::WireTask::from(&task);
+    assert_eq!(serde_json::to_value(&wire).unwrap(), expected);
+    assert_eq!(
+        serde_json::to_string(&wire).unwrap(),
+        expected.to_string(),
+        "the same bytes as before, key order included"
+    );
+    let back: anywork_core::WireTask = serde_json::from_value(expected).unwrap();
+    assert_eq!(back, wire, "clients can read it back");
+}

@@ -451,3 +451,57 @@ async fn a_wedged_worker_past_its_start_up_time_is_replaced() {
     assert_eq!(containers_named(&driver.container_name(&s)).len(), 1);
     driver.purge(&s).await.unwrap();
 }
+
+/// The image is the real one (`deploy/build-worker-image.sh`): the native agent's `bash` tool
+/// runs in it, with git and the Claude Code CLI on its PATH.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_gets_a_real_shell_with_git_and_claude_in_the_image() {
+    if setup("the_agent_gets_a_real_shell_with_git_and_claude_in_the_image").is_none() {
+        return;
+    }
+    let pool = Pool::new("shell");
+    let probe = DockerDriver::connect(pool.config("http://unused/v1"))
+        .await
+        .unwrap();
+    let gateway = probe
+        .network_gateway()
+        .await
+        .unwrap()
+        .expect("the network has a gateway");
+    let fake = FakeLlm::start_on(gateway).await;
+    let command = "echo sum=$((6*7)); set -o pipefail; git --version; \
+                   (claude --version || echo no-claude) | head -n1; echo shell=$BASH_VERSION";
+    fake.push_all([
+        Reply::tool_use("t1", "bash", json!({ "command": command })),
+        Reply::text("ran it"),
+    ]);
+    let driver = DockerDriver::connect(pool.config(&format!("{}/v1", fake.url())))
+        .await
+        .unwrap();
+    let s = sid("shell");
+    let worker = driver.get_worker(&s).await.unwrap();
+    let sse = chat(
+        &reqwest::Client::new(),
+        &worker.base_url,
+        &s,
+        "Run the checks",
+    )
+    .await;
+    assert!(sse.contains("ran it"), "{sse}");
+    let results: Vec<String> = fake
+        .requests()
+        .iter()
+        .flat_map(|r| r.tool_results().into_iter().map(|v| v.to_string()))
+        .collect();
+    let out = results.join("\n");
+    assert!(out.contains("sum=42"), "bash ran the command: {out}");
+    assert!(out.contains("git version"), "git is in the image: {out}");
+    assert!(out.contains("shell=5."), "bash is the shell: {out}");
+    if anywork_test::bins::find_claude().is_some() {
+        assert!(
+            out.contains("(Claude Code)"),
+            "the claude CLI is in the image: {out}"
+        );
+    }
+    ContainerDriver::purge(&driver, &s).await.unwrap();
+}

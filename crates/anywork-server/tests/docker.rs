@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anywork_core::{ContainerDriver, SessionId, TaskId, TaskRequest, TaskStatus, TaskStore};
 use anywork_drivers::{DockerConfig, DockerDriver};
-use anywork_server::{Dispatcher, DispatcherConfig};
+use anywork_runtime::{Dispatcher, DispatcherConfig};
 use anywork_store::MemoryStore;
 use anywork_test::docker_image::{TEST_IMAGE, docker_engine, ensure_worker_image, remove_pool};
 use anywork_test::fake_llm::{FakeLlm, Reply};
@@ -83,10 +83,8 @@ fn setup(test: &str) -> bool {
 }
 
 async fn dispatcher(store: Arc<MemoryStore>, driver: Arc<DockerDriver>) -> Dispatcher {
-    let config = DispatcherConfig {
-        reap_every: None,
-        ..DispatcherConfig::default()
-    };
+    let mut config = DispatcherConfig::default();
+    config.reap_every = None;
     Dispatcher::builder(store, driver)
         .config(config)
         .start()

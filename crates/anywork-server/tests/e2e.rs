@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use anywork_server::{DispatcherConfig, Titler};
+use anywork_runtime::{Backoff, DispatcherConfig, ModelTitles};
 use anywork_test::fake_llm::{FakeLlm, Reply};
 use common::{TestServer, WorkerProcess, Ws};
 use serde_json::{Value, json};
@@ -123,7 +123,7 @@ async fn resume_after_reconnect_replays_from_the_seq_the_client_saw() {
     let all = ws.events_until_done(&task).await;
     assert_eq!(all.len() as u64, 2 + rest.len() as u64);
     assert_eq!(
-        server.dispatcher().hub().live_tasks(),
+        server.dispatcher().live_tasks(),
         0,
         "no channel left behind"
     );
@@ -180,11 +180,11 @@ async fn cancel_a_running_task_and_a_queued_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_task_is_canceled_without_touching_a_worker() {
     // No worker at all: the task stays pending while the dispatcher retries the driver.
-    let server = TestServer::without_worker(anywork_server::Backoff {
-        attempts: 50,
-        initial: Duration::from_millis(100),
-        max: Duration::from_millis(200),
-    })
+    let server = TestServer::without_worker(Backoff::new(
+        50,
+        Duration::from_millis(100),
+        Duration::from_millis(200),
+    ))
     .await;
     let (status, created) = server.post("/api/tasks", json!({"message": "hi"})).await;
     assert_eq!(status, 202, "{created}");
@@ -203,11 +203,11 @@ async fn pending_task_is_canceled_without_touching_a_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_worker_fails_the_task_with_the_reason() {
-    let server = TestServer::without_worker(anywork_server::Backoff {
-        attempts: 3,
-        initial: Duration::from_millis(20),
-        max: Duration::from_millis(50),
-    })
+    let server = TestServer::without_worker(Backoff::new(
+        3,
+        Duration::from_millis(20),
+        Duration::from_millis(50),
+    ))
     .await;
     let (_, created) = server.post("/api/tasks", json!({"message": "hi"})).await;
     let task = server.wait_final(created["taskId"].as_str().unwrap()).await;
@@ -342,8 +342,8 @@ async fn title_comes_from_the_title_model_when_configured() {
         }
     });
     let worker = WorkerProcess::start(&fake).await;
-    let titler = Titler::model(&format!("{}/v1", fake.url()), "key", "title-model").unwrap();
-    let server = TestServer::start_with(&worker.url, DispatcherConfig::default(), titler).await;
+    let titles = ModelTitles::new(&format!("{}/v1", fake.url()), "key", "title-model").unwrap();
+    let server = TestServer::start_with(&worker.url, DispatcherConfig::default(), titles).await;
     let mut ws = server.ws().await;
     let (session, _, _) = ws.chat(None, "write me a poem about the sea").await;
     let t = ws.recv_until(|v| v["type"] == "session_title").await;

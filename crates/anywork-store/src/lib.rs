@@ -1,7 +1,8 @@
 //! [`TaskStore`](anywork_core::TaskStore) implementations.
 //!
 //! - [`MemoryStore`]: always available; no durability.
-//! - [`SqliteStore`] (feature `sqlite`, default): one file, embedded migrations, WAL.
+//! - [`SqliteStore`] (feature `sqlite`, default): one file, embedded migrations, WAL, a
+//!   group-commit writer that recovers from database errors.
 //! - [`PostgresStore`] (feature `postgres`): embedded migrations of its own.
 //!
 //! [`connect`] picks one from a URL, so a binary can take `DATABASE_URL` and stay generic.
@@ -22,7 +23,7 @@ pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
 #[cfg(feature = "sqlite")]
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteOptions, SqliteStore};
 
 /// Opens the store a URL names: `memory:`, `sqlite:PATH` / `sqlite::memory:` (feature
 /// `sqlite`), or `postgres://...` / `postgresql://...` (feature `postgres`).

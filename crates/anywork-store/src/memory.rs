@@ -1,12 +1,13 @@
 //! [`MemoryStore`]: everything in one process's memory. For tests, demos and embedders that
 //! need no durability; it is also the model the conformance suite checks other stores against.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 use anywork_core::session::validate_title;
 use anywork_core::{
-    Error, NewSession, NewTask, NewTaskLog, Page, Result, Session, SessionId, SessionSummary, Task,
+    DeletedLogs, Delivery, DeliveryAttempt, DeliveryId, DeliveryStatus, Error, Lease, NewDelivery,
+    NewSession, NewTask, NewTaskLog, Page, Result, Session, SessionId, SessionSummary, Task,
     TaskChange, TaskId, TaskLog, TaskStatus, TaskStore, Timestamp,
 };
 use async_trait::async_trait;
@@ -21,7 +22,19 @@ pub struct MemoryStore {
 struct Inner {
     sessions: HashMap<SessionId, Session>,
     tasks: HashMap<TaskId, Task>,
-    logs: HashMap<TaskId, Vec<TaskLog>>,
+    logs: HashMap<TaskId, Log>,
+    /// The outbox, by enqueue order (the SQL stores' `seq`).
+    deliveries: BTreeMap<u64, Delivery>,
+    delivery_seq: HashMap<DeliveryId, u64>,
+    next_delivery_seq: u64,
+}
+
+/// A task's log: its events in seq order, and the last seq ever given (which survives the
+/// deletion of the events by retention, so that seqs never repeat).
+#[derive(Debug, Default)]
+struct Log {
+    last_seq: u64,
+    events: Vec<TaskLog>,
 }
 
 impl MemoryStore {
@@ -78,18 +91,60 @@ impl Inner {
 
     fn append(&mut self, task_id: TaskId, logs: Vec<NewTaskLog>) -> Result<u64> {
         self.task(task_id)?;
-        let entries = self.logs.entry(task_id).or_default();
-        for log in logs {
-            let seq = entries.len() as u64 + 1;
-            entries.push(TaskLog {
+        let log = self.logs.entry(task_id).or_default();
+        for new in logs {
+            log.last_seq += 1;
+            log.events.push(TaskLog {
                 task_id,
-                seq,
-                event: log.event,
-                timestamp: log.timestamp,
+                seq: log.last_seq,
+                event: new.event,
+                timestamp: new.timestamp,
             });
         }
-        Ok(entries.len() as u64)
+        Ok(log.last_seq)
     }
+
+    fn remove_tasks(&mut self, doomed: &[TaskId]) {
+        for t in doomed {
+            self.tasks.remove(t);
+            self.logs.remove(t);
+        }
+        let gone: Vec<(u64, DeliveryId)> = self
+            .deliveries
+            .iter()
+            .filter(|(_, d)| doomed.contains(&d.task_id))
+            .map(|(seq, d)| (*seq, d.id))
+            .collect();
+        for (seq, id) in gone {
+            self.deliveries.remove(&seq);
+            self.delivery_seq.remove(&id);
+        }
+    }
+
+    fn delivery_mut(&mut self, id: DeliveryId) -> Result<&mut Delivery> {
+        self.delivery_seq
+            .get(&id)
+            .and_then(|seq| self.deliveries.get_mut(seq))
+            .ok_or_else(|| delivery_not_found(id))
+    }
+
+    /// Whether `d` may be claimed at `now`: open, due, unclaimed (or its claim ran out), and
+    /// no older open delivery of its task to its target.
+    fn claimable(&self, seq: u64, d: &Delivery, now: Timestamp) -> bool {
+        d.status.is_open()
+            && d.next_attempt_at <= now
+            && d.claim.as_ref().is_none_or(|c| c.expires_at <= now)
+            && !self.deliveries.range(..seq).any(|(_, o)| {
+                o.task_id == d.task_id
+                    && o.status.is_open()
+                    && o.target.kind() == d.target.kind()
+                    && o.target.address() == d.target.address()
+            })
+    }
+}
+
+fn delivery_not_found(id: DeliveryId) -> Error {
+    Error::not_found(format!("delivery {id} not found"))
 }
 
 #[async_trait]
@@ -196,10 +251,7 @@ impl TaskStore for MemoryStore {
             .filter(|t| &t.session_id == id)
             .map(|t| t.id)
             .collect();
-        for t in doomed {
-            inner.tasks.remove(&t);
-            inner.logs.remove(&t);
-        }
+        inner.remove_tasks(&doomed);
         Ok(())
     }
 
@@ -207,6 +259,16 @@ impl TaskStore for MemoryStore {
         let mut inner = self.lock();
         if inner.tasks.contains_key(&new.id) {
             return Err(Error::conflict(format!("task {} already exists", new.id)));
+        }
+        if let Some(key) = &new.idempotency_key
+            && inner.tasks.values().any(|t| {
+                t.channel_type == new.channel_type && t.idempotency_key.as_ref() == Some(key)
+            })
+        {
+            return Err(Error::conflict(format!(
+                "a {} task with idempotency key {key:?} already exists",
+                new.channel_type
+            )));
         }
         let session = inner
             .sessions
@@ -220,6 +282,22 @@ impl TaskStore for MemoryStore {
 
     async fn get_task(&self, id: TaskId) -> Result<Task> {
         self.lock().task(id).cloned()
+    }
+
+    async fn find_task_by_idempotency_key(
+        &self,
+        channel_type: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<Task>> {
+        Ok(self
+            .lock()
+            .tasks
+            .values()
+            .find(|t| {
+                t.channel_type == channel_type
+                    && t.idempotency_key.as_deref() == Some(idempotency_key)
+            })
+            .cloned())
     }
 
     async fn update_task(
@@ -238,9 +316,36 @@ impl TaskStore for MemoryStore {
         change: TaskChange,
         logs: Vec<NewTaskLog>,
     ) -> Result<(Task, u64)> {
+        self.update_task_and_enqueue(id, expected, change, logs, Vec::new())
+            .await
+    }
+
+    async fn update_task_and_enqueue(
+        &self,
+        id: TaskId,
+        expected: TaskStatus,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+        deliveries: Vec<NewDelivery>,
+    ) -> Result<(Task, u64)> {
         let mut inner = self.lock();
+        // Every check before the first change: a failure changes nothing.
+        inner.task(id)?;
+        for (i, d) in deliveries.iter().enumerate() {
+            if inner.delivery_seq.contains_key(&d.id)
+                || deliveries[..i].iter().any(|o| o.id == d.id)
+            {
+                return Err(Error::conflict(format!("delivery {} already exists", d.id)));
+            }
+        }
         let task = inner.update(id, expected, change)?;
         let last = inner.append(id, logs)?;
+        for d in deliveries {
+            inner.next_delivery_seq += 1;
+            let seq = inner.next_delivery_seq;
+            inner.delivery_seq.insert(d.id, seq);
+            inner.deliveries.insert(seq, d.into_delivery(id));
+        }
         Ok((task, last))
     }
 
@@ -303,13 +408,132 @@ impl TaskStore for MemoryStore {
 
     async fn read_logs(&self, task_id: TaskId, after: u64, limit: u32) -> Result<Vec<TaskLog>> {
         let inner = self.lock();
-        let Some(entries) = inner.logs.get(&task_id) else {
+        let Some(log) = inner.logs.get(&task_id) else {
             return Ok(Vec::new());
         };
-        let start = usize::try_from(after)
-            .unwrap_or(usize::MAX)
-            .min(entries.len());
-        let end = start.saturating_add(limit as usize).min(entries.len());
-        Ok(entries[start..end].to_vec())
+        let start = log.events.partition_point(|l| l.seq <= after);
+        let end = start.saturating_add(limit as usize).min(log.events.len());
+        Ok(log.events[start..end].to_vec())
+    }
+
+    async fn claim_deliveries(
+        &self,
+        owner: &str,
+        now: Timestamp,
+        until: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<Delivery>> {
+        let mut inner = self.lock();
+        let mut due: Vec<(Timestamp, u64)> = inner
+            .deliveries
+            .iter()
+            .filter(|(seq, d)| inner.claimable(**seq, d, now))
+            .map(|(seq, d)| (d.next_attempt_at, *seq))
+            .collect();
+        due.sort();
+        due.truncate(limit as usize);
+        let mut claimed = Vec::with_capacity(due.len());
+        for (_, seq) in due {
+            if let Some(d) = inner.deliveries.get_mut(&seq) {
+                d.claim = Some(Lease {
+                    owner: owner.to_owned(),
+                    expires_at: until,
+                });
+                claimed.push(d.clone());
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn record_delivery_attempt(
+        &self,
+        id: DeliveryId,
+        owner: &str,
+        attempt: DeliveryAttempt,
+        at: Timestamp,
+    ) -> Result<Delivery> {
+        let mut inner = self.lock();
+        let d = inner.delivery_mut(id)?;
+        let mut updated = d.clone();
+        attempt.apply(&mut updated, owner, at)?;
+        *d = updated.clone();
+        Ok(updated)
+    }
+
+    async fn get_delivery(&self, id: DeliveryId) -> Result<Delivery> {
+        self.lock().delivery_mut(id).map(|d| d.clone())
+    }
+
+    async fn list_deliveries(
+        &self,
+        status: Option<DeliveryStatus>,
+        page: Page,
+    ) -> Result<Vec<Delivery>> {
+        let inner = self.lock();
+        let rows = inner
+            .deliveries
+            .values()
+            .filter(|d| status.is_none_or(|s| d.status == s))
+            .cloned()
+            .collect();
+        Ok(window(rows, page))
+    }
+
+    async fn retry_delivery(&self, id: DeliveryId, now: Timestamp) -> Result<Delivery> {
+        let mut inner = self.lock();
+        let d = inner.delivery_mut(id)?;
+        d.retry(now)?;
+        Ok(d.clone())
+    }
+
+    async fn delete_settled_deliveries(&self, before: Timestamp, limit: u32) -> Result<u64> {
+        let mut inner = self.lock();
+        let mut doomed: Vec<(Timestamp, u64)> = inner
+            .deliveries
+            .iter()
+            .filter(|(_, d)| !d.status.is_open() && d.updated_at < before)
+            .map(|(seq, d)| (d.updated_at, *seq))
+            .collect();
+        doomed.sort();
+        doomed.truncate(limit as usize);
+        for (_, seq) in &doomed {
+            if let Some(d) = inner.deliveries.remove(seq) {
+                inner.delivery_seq.remove(&d.id);
+            }
+        }
+        Ok(doomed.len() as u64)
+    }
+
+    async fn delete_finished_logs(
+        &self,
+        finished_before: Timestamp,
+        max_tasks: u32,
+        now: Timestamp,
+    ) -> Result<DeletedLogs> {
+        let mut inner = self.lock();
+        let mut doomed: Vec<(Timestamp, TaskId)> = inner
+            .tasks
+            .values()
+            .filter(|t| t.status.is_terminal() && t.logs_deleted_at.is_none())
+            .filter_map(|t| {
+                t.finished_at
+                    .filter(|f| *f < finished_before)
+                    .map(|f| (f, t.id))
+            })
+            .collect();
+        doomed.sort();
+        doomed.truncate(max_tasks as usize);
+        let mut deleted = DeletedLogs::default();
+        for (_, id) in doomed {
+            if let Some(log) = inner.logs.get_mut(&id) {
+                deleted.events += log.events.len() as u64;
+                log.events.clear();
+            }
+            if let Some(t) = inner.tasks.get_mut(&id) {
+                t.logs_deleted_at = Some(now);
+            }
+            deleted.tasks += 1;
+        }
+        Ok(deleted)
     }
 }

@@ -11,14 +11,26 @@ use anywork_core::{Error, TaskEvent, WireEvent};
 use sqlx::error::BoxDynError;
 use sqlx::migrate::{Migration, MigrationSource, MigrationType};
 
+/// How long a readiness check waits for its write.
+pub(crate) const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Rows per multi-row `INSERT` when appending logs (5 parameters each).
 pub(crate) const LOG_CHUNK: usize = 1000;
 
 pub(crate) const TASK_COLUMNS: &str = "id, session_id, channel_type, channel_meta, status, \
     message, skills, mcp_servers, result, structured_output, error, cost_usd, input_tokens, \
     output_tokens, cache_creation_input_tokens, cache_read_input_tokens, num_turns, duration_ms, \
-    worker_id, push_notification, lease_owner, lease_expires_at, created_at, started_at, \
-    finished_at";
+    worker_id, push_notification, lease_owner, lease_expires_at, idempotency_key, created_at, \
+    started_at, finished_at, logs_deleted_at";
+
+pub(crate) const DELIVERY_COLUMNS: &str = "seq, id, task_id, target, payload, status, attempts, \
+    next_attempt_at, last_error, claim_owner, claim_until, created_at, updated_at";
+
+/// Deliveries a sender may still claim.
+pub(crate) const OPEN: &str = "('pending', 'failed')";
+
+/// Statuses of a finished task.
+pub(crate) const TERMINAL: &str = "('completed', 'failed', 'canceled')";
 
 /// Moves a session's `last_active` forward to `$1` (never back); session id `$2`.
 pub(crate) const TOUCH_SESSION: &str = "UPDATE sessions SET last_active = \
@@ -51,8 +63,14 @@ impl MigrationSource<'static> for Embedded {
 
 type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
+/// What to tell a user when the disk under the database is full.
+pub(crate) const DISK_FULL: &str = "the disk is full: free space on the volume that holds the \
+    database (DB_DIR, or PostgreSQL's data directory), or shorten the retention of finished \
+    tasks; writes work again by themselves once there is room";
+
 /// Maps a database error to AnyWork's error kinds: constraint violations become
-/// `Conflict`/`NotFound`, connection trouble and lock contention `Unavailable`.
+/// `Conflict`/`NotFound`; lock contention, a full disk, I/O trouble, an unreachable, shutting
+/// down or read-only server become `Unavailable` (retryable: the same write may succeed later).
 pub(crate) fn db_err(context: &str, e: sqlx::Error) -> Error {
     let err = match &e {
         sqlx::Error::Database(db) if db.is_unique_violation() => {
@@ -61,12 +79,26 @@ pub(crate) fn db_err(context: &str, e: sqlx::Error) -> Error {
         sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
             Error::not_found(format!("{context}: referenced row does not exist"))
         }
-        // SQLITE_BUSY / SQLITE_LOCKED, PostgreSQL serialization failure / deadlock.
-        sqlx::Error::Database(db)
-            if matches!(db.code().as_deref(), Some("5" | "6" | "40001" | "40P01")) =>
-        {
-            Error::unavailable(format!("{context}: database is busy, try again ({db})"))
-        }
+        sqlx::Error::Database(db) => match db.code().as_deref().map(Code::of) {
+            Some(Code::Busy) => Error::unavailable(format!(
+                "{context}: database is busy (another connection or process holds its \
+                     write lock), try again ({db})"
+            )),
+            Some(Code::DiskFull) => Error::unavailable(format!("{context}: {DISK_FULL} ({db})")),
+            Some(Code::Io) => Error::unavailable(format!(
+                "{context}: disk I/O error ({db}); check that the disk holding the database \
+                 is not full or failing"
+            )),
+            Some(Code::ServerDown) => Error::unavailable(format!(
+                "{context}: PostgreSQL is shutting down, starting or out of resources ({db}); \
+                 try again shortly"
+            )),
+            Some(Code::ReadOnly) => Error::unavailable(format!(
+                "{context}: the database is read-only ({db}); check the permissions of the \
+                 SQLite file, or point DATABASE_URL at the PostgreSQL primary"
+            )),
+            _ => Error::storage(format!("{context}: {e}")),
+        },
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
@@ -77,6 +109,47 @@ pub(crate) fn db_err(context: &str, e: sqlx::Error) -> Error {
         _ => Error::storage(format!("{context}: {e}")),
     };
     err.with_source(e)
+}
+
+/// The database error codes [`db_err`] treats specially.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Code {
+    Busy,
+    DiskFull,
+    Io,
+    ServerDown,
+    ReadOnly,
+    Other,
+}
+
+impl Code {
+    /// SQLite reports (extended) numeric result codes, PostgreSQL five-character SQLSTATEs.
+    fn of(code: &str) -> Code {
+        if code.len() == 5 {
+            return match code {
+                // serialization failure, deadlock, lock_not_available
+                "40001" | "40P01" | "55P03" => Code::Busy,
+                "53100" => Code::DiskFull,
+                "58030" => Code::Io,
+                // read_only_sql_transaction (a standby)
+                "25006" => Code::ReadOnly,
+                // admin/crash shutdown, cannot connect now, out of memory or connections,
+                // connection exceptions
+                c if c.starts_with("57P") || c.starts_with("53") || c.starts_with("08") => {
+                    Code::ServerDown
+                }
+                _ => Code::Other,
+            };
+        }
+        // The primary SQLite code is the low byte of the extended one.
+        match code.parse::<i32>().map(|c| c & 0xff) {
+            Ok(5 | 6) => Code::Busy,  // SQLITE_BUSY, SQLITE_LOCKED
+            Ok(13) => Code::DiskFull, // SQLITE_FULL
+            Ok(10) => Code::Io,       // SQLITE_IOERR
+            Ok(8) => Code::ReadOnly,  // SQLITE_READONLY
+            _ => Code::Other,
+        }
+    }
 }
 
 pub(crate) fn corrupt(column: &str, e: impl std::fmt::Display) -> Error {
@@ -110,89 +183,157 @@ pub(crate) fn event_from_row(kind: &str, payload: &str) -> TaskEvent {
 /// - `$begin`: the statement that opens a write transaction (`BEGIN IMMEDIATE` on SQLite, so
 ///   that writers queue on the busy timeout instead of failing on lock upgrade).
 /// - `$for_update`: the row-lock suffix of a `SELECT` inside a write transaction.
+/// - `$skip_locked`: the suffix of a `SELECT` that picks rows to work on while other servers
+///   do the same (`FOR UPDATE SKIP LOCKED` on PostgreSQL; SQLite has one writer at a time).
 macro_rules! impl_sql_store {
-    ($store:ty, $db:ty, $begin:expr, $for_update:expr) => {
+    ($store:ty, $db:ty, $begin:expr, $for_update:expr, $skip_locked:expr) => {
         type Row = <$db as sqlx::Database>::Row;
 
-        fn task_from_row(row: &Row) -> anywork_core::Result<anywork_core::Task> {
-            use $crate::sql::{corrupt, to_u64};
-            use anywork_core::*;
-            use sqlx::Row as _;
-            let get_str = |c: &str| row.try_get::<String, _>(c).map_err(|e| corrupt(c, e));
-            let get_opt_str =
-                |c: &str| row.try_get::<Option<String>, _>(c).map_err(|e| corrupt(c, e));
-            let get_i64 = |c: &str| row.try_get::<i64, _>(c).map_err(|e| corrupt(c, e));
-            let get_opt_i64 =
-                |c: &str| row.try_get::<Option<i64>, _>(c).map_err(|e| corrupt(c, e));
-            fn json<T: serde::de::DeserializeOwned>(c: &str, s: &str) -> Result<T> {
-                serde_json::from_str(s).map_err(|e| corrupt(c, e))
+        /// Typed reads of one row's columns; a value that does not decode is reported with
+        /// its column's name.
+        struct Cols<'r>(&'r Row);
+
+        impl Cols<'_> {
+            fn get<T>(&self, c: &str) -> anywork_core::Result<T>
+            where
+                T: for<'q> sqlx::Decode<'q, $db> + sqlx::Type<$db>,
+            {
+                use sqlx::Row as _;
+                self.0.try_get::<T, _>(c).map_err(|e| $crate::sql::corrupt(c, e))
             }
-            let lease = match (get_opt_str("lease_owner")?, get_opt_i64("lease_expires_at")?) {
-                (Some(owner), Some(at)) => Some(Lease {
-                    owner,
-                    expires_at: Timestamp(at),
-                }),
-                _ => None,
-            };
+
+            fn str(&self, c: &str) -> anywork_core::Result<String> {
+                self.get(c)
+            }
+
+            fn opt_str(&self, c: &str) -> anywork_core::Result<Option<String>> {
+                self.get(c)
+            }
+
+            fn i64(&self, c: &str) -> anywork_core::Result<i64> {
+                self.get(c)
+            }
+
+            fn time(&self, c: &str) -> anywork_core::Result<anywork_core::Timestamp> {
+                self.i64(c).map(anywork_core::Timestamp)
+            }
+
+            fn opt_time(&self, c: &str) -> anywork_core::Result<Option<anywork_core::Timestamp>> {
+                Ok(self.get::<Option<i64>>(c)?.map(anywork_core::Timestamp))
+            }
+
+            /// A text column parsed with `FromStr` (ids, statuses).
+            fn parse<T: std::str::FromStr>(&self, c: &str) -> anywork_core::Result<T>
+            where
+                T::Err: std::fmt::Display,
+            {
+                self.str(c)?.parse().map_err(|e| $crate::sql::corrupt(c, e))
+            }
+
+            /// A column of JSON text.
+            fn json<T: serde::de::DeserializeOwned>(&self, c: &str) -> anywork_core::Result<T> {
+                serde_json::from_str(&self.str(c)?).map_err(|e| $crate::sql::corrupt(c, e))
+            }
+
+            /// A nullable column of JSON text.
+            fn opt_json<T: serde::de::DeserializeOwned>(
+                &self,
+                c: &str,
+            ) -> anywork_core::Result<Option<T>> {
+                self.opt_str(c)?
+                    .map(|s| serde_json::from_str(&s).map_err(|e| $crate::sql::corrupt(c, e)))
+                    .transpose()
+            }
+
+            /// A lease stored as an owner and an expiry column (both set, or none).
+            fn lease(
+                &self,
+                owner: &str,
+                until: &str,
+            ) -> anywork_core::Result<Option<anywork_core::Lease>> {
+                Ok(match (self.opt_str(owner)?, self.opt_time(until)?) {
+                    (Some(owner), Some(expires_at)) => {
+                        Some(anywork_core::Lease { owner, expires_at })
+                    }
+                    _ => None,
+                })
+            }
+        }
+
+        fn task_from_row(row: &Row) -> anywork_core::Result<anywork_core::Task> {
+            use $crate::sql::to_u64;
+            use anywork_core::*;
+            let r = Cols(row);
             Ok(Task {
-                id: get_str("id")?.parse().map_err(|e| corrupt("id", e))?,
-                session_id: SessionId::new(get_str("session_id")?)
-                    .map_err(|e| corrupt("session_id", e))?,
-                channel_type: get_str("channel_type")?,
-                channel_meta: json("channel_meta", &get_str("channel_meta")?)?,
-                status: get_str("status")?.parse().map_err(|e| corrupt("status", e))?,
-                message: json("message", &get_str("message")?)?,
-                skills: json("skills", &get_str("skills")?)?,
-                mcp_servers: json("mcp_servers", &get_str("mcp_servers")?)?,
-                result: get_opt_str("result")?
-                    .map(|s| json("result", &s))
-                    .transpose()?,
-                structured_output: get_opt_str("structured_output")?
-                    .map(|s| json("structured_output", &s))
-                    .transpose()?,
-                error: get_opt_str("error")?
-                    .map(|s| json("error", &s))
-                    .transpose()?,
-                cost_usd: row
-                    .try_get::<Option<f64>, _>("cost_usd")
-                    .map_err(|e| corrupt("cost_usd", e))?,
+                id: r.parse("id")?,
+                session_id: r.parse("session_id")?,
+                channel_type: r.str("channel_type")?,
+                channel_meta: r.json("channel_meta")?,
+                status: r.parse("status")?,
+                message: r.json("message")?,
+                skills: r.json("skills")?,
+                mcp_servers: r.json("mcp_servers")?,
+                result: r.opt_json("result")?,
+                structured_output: r.opt_json("structured_output")?,
+                error: r.opt_json("error")?,
+                cost_usd: r.get("cost_usd")?,
                 usage: TokenUsage {
-                    input_tokens: to_u64(get_i64("input_tokens")?),
-                    output_tokens: to_u64(get_i64("output_tokens")?),
-                    cache_creation_input_tokens: to_u64(get_i64("cache_creation_input_tokens")?),
-                    cache_read_input_tokens: to_u64(get_i64("cache_read_input_tokens")?),
+                    input_tokens: to_u64(r.i64("input_tokens")?),
+                    output_tokens: to_u64(r.i64("output_tokens")?),
+                    cache_creation_input_tokens: to_u64(r.i64("cache_creation_input_tokens")?),
+                    cache_read_input_tokens: to_u64(r.i64("cache_read_input_tokens")?),
                 },
-                num_turns: u32::try_from(get_i64("num_turns")?).unwrap_or(0),
-                duration_ms: get_opt_i64("duration_ms")?.map(to_u64),
-                worker_id: get_opt_str("worker_id")?,
-                push_notification: get_opt_str("push_notification")?
-                    .map(|s| json("push_notification", &s))
-                    .transpose()?,
-                lease,
-                created_at: Timestamp(get_i64("created_at")?),
-                started_at: get_opt_i64("started_at")?.map(Timestamp),
-                finished_at: get_opt_i64("finished_at")?.map(Timestamp),
+                num_turns: u32::try_from(r.i64("num_turns")?).unwrap_or(0),
+                duration_ms: r.get::<Option<i64>>("duration_ms")?.map(to_u64),
+                worker_id: r.opt_str("worker_id")?,
+                push_notification: r.opt_json("push_notification")?,
+                lease: r.lease("lease_owner", "lease_expires_at")?,
+                idempotency_key: r.opt_str("idempotency_key")?,
+                created_at: r.time("created_at")?,
+                started_at: r.opt_time("started_at")?,
+                finished_at: r.opt_time("finished_at")?,
+                logs_deleted_at: r.opt_time("logs_deleted_at")?,
             })
         }
 
+        /// A delivery row and its `seq` (the enqueue order).
+        fn delivery_from_row(row: &Row) -> anywork_core::Result<(i64, anywork_core::Delivery)> {
+            let r = Cols(row);
+            let delivery = anywork_core::Delivery {
+                id: r.parse("id")?,
+                task_id: r.parse("task_id")?,
+                target: r.json("target")?,
+                payload: r.json("payload")?,
+                status: r.parse("status")?,
+                attempts: u32::try_from(r.i64("attempts")?).unwrap_or(u32::MAX),
+                next_attempt_at: r.time("next_attempt_at")?,
+                last_error: r.opt_json("last_error")?,
+                claim: r.lease("claim_owner", "claim_until")?,
+                created_at: r.time("created_at")?,
+                updated_at: r.time("updated_at")?,
+            };
+            Ok((r.i64("seq")?, delivery))
+        }
+
+        /// Rows in enqueue order, without their seq.
+        fn deliveries_from_rows(rows: &[Row]) -> anywork_core::Result<Vec<anywork_core::Delivery>> {
+            let mut out = rows
+                .iter()
+                .map(delivery_from_row)
+                .collect::<anywork_core::Result<Vec<_>>>()?;
+            out.sort_by_key(|(seq, _)| *seq);
+            Ok(out.into_iter().map(|(_, d)| d).collect())
+        }
+
         fn session_from_row(row: &Row) -> anywork_core::Result<anywork_core::Session> {
-            use $crate::sql::corrupt;
-            use anywork_core::*;
-            use sqlx::Row as _;
-            let get_str = |c: &str| row.try_get::<String, _>(c).map_err(|e| corrupt(c, e));
-            Ok(Session {
-                id: SessionId::new(get_str("id")?).map_err(|e| corrupt("id", e))?,
-                channel_type: get_str("channel_type")?,
-                channel_key: row
-                    .try_get::<Option<String>, _>("channel_key")
-                    .map_err(|e| corrupt("channel_key", e))?,
-                title: get_str("title")?,
-                created_at: Timestamp(
-                    row.try_get::<i64, _>("created_at").map_err(|e| corrupt("created_at", e))?,
-                ),
-                last_active: Timestamp(
-                    row.try_get::<i64, _>("last_active").map_err(|e| corrupt("last_active", e))?,
-                ),
+            let r = Cols(row);
+            Ok(anywork_core::Session {
+                id: r.parse("id")?,
+                channel_type: r.str("channel_type")?,
+                channel_key: r.opt_str("channel_key")?,
+                title: r.str("title")?,
+                created_at: r.time("created_at")?,
+                last_active: r.time("last_active")?,
             })
         }
 
@@ -229,7 +370,31 @@ macro_rules! impl_sql_store {
                 expected: anywork_core::TaskStatus,
                 change: Box<anywork_core::TaskChange>,
                 rows: Option<Vec<(String, String, i64)>>,
+                deliveries: Vec<anywork_core::Delivery>,
             },
+            ClaimDeliveries {
+                owner: String,
+                now: anywork_core::Timestamp,
+                until: anywork_core::Timestamp,
+                limit: u32,
+            },
+            RecordAttempt {
+                id: anywork_core::DeliveryId,
+                owner: String,
+                attempt: anywork_core::DeliveryAttempt,
+                at: anywork_core::Timestamp,
+            },
+            RetryDelivery(anywork_core::DeliveryId, anywork_core::Timestamp),
+            DeleteSettledDeliveries {
+                before: anywork_core::Timestamp,
+                limit: u32,
+            },
+            DeleteFinishedLogs {
+                finished_before: anywork_core::Timestamp,
+                max_tasks: u32,
+                now: anywork_core::Timestamp,
+            },
+            Heartbeat(anywork_core::Timestamp),
             RenewLease {
                 id: anywork_core::TaskId,
                 owner: String,
@@ -245,6 +410,10 @@ macro_rules! impl_sql_store {
             Session(anywork_core::Session),
             Task(Box<anywork_core::Task>, u64),
             Seq(u64),
+            Delivery(Box<anywork_core::Delivery>),
+            Deliveries(Vec<anywork_core::Delivery>),
+            Count(u64),
+            DeletedLogs(anywork_core::DeletedLogs),
         }
 
         fn unexpected_reply(reply: Reply) -> anywork_core::Error {
@@ -327,14 +496,16 @@ macro_rules! impl_sql_store {
                             "session {id} not found"
                         )));
                     }
-                    sqlx::query(
-                        "DELETE FROM task_logs WHERE task_id IN \
-                         (SELECT id FROM tasks WHERE session_id = $1)",
-                    )
-                    .bind(id.as_str())
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(|e| db_err(ctx, e))?;
+                    for table in ["task_logs", "deliveries"] {
+                        sqlx::query(&format!(
+                            "DELETE FROM {table} WHERE task_id IN \
+                             (SELECT id FROM tasks WHERE session_id = $1)"
+                        ))
+                        .bind(id.as_str())
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(|e| db_err(ctx, e))?;
+                    }
                     sqlx::query("DELETE FROM tasks WHERE session_id = $1")
                         .bind(id.as_str())
                         .execute(&mut *conn)
@@ -352,8 +523,8 @@ macro_rules! impl_sql_store {
                     let push = task.push_notification.as_ref().map(json_text).transpose()?;
                     sqlx::query(
                         "INSERT INTO tasks (id, session_id, channel_type, channel_meta, status, \
-                         message, skills, mcp_servers, push_notification, created_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                         message, skills, mcp_servers, push_notification, idempotency_key, \
+                         created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                     )
                     .bind(task.id.to_string())
                     .bind(task.session_id.as_str())
@@ -364,10 +535,20 @@ macro_rules! impl_sql_store {
                     .bind(json_text(&task.skills)?)
                     .bind(json_text(&task.mcp_servers)?)
                     .bind(push)
+                    .bind(&task.idempotency_key)
                     .bind(task.created_at.0)
                     .execute(&mut *conn)
                     .await
-                    .map_err(|e| db_err(&format!("create task {}", task.id), e))?;
+                    .map_err(|e| {
+                        let what = match &task.idempotency_key {
+                            Some(key) => format!(
+                                "create task {} (idempotency key {key:?} of channel {})",
+                                task.id, task.channel_type
+                            ),
+                            None => format!("create task {}", task.id),
+                        };
+                        db_err(&what, e)
+                    })?;
                     // After the insert, so that a duplicate id is `Conflict` before a missing
                     // session is `NotFound`, as in every store.
                     let touched = sqlx::query(
@@ -397,13 +578,149 @@ macro_rules! impl_sql_store {
                     expected,
                     change,
                     rows,
+                    deliveries,
                 } => {
+                    // Duplicate delivery ids are found before anything is written, so that
+                    // the failure stays "logical" (the op writes nothing).
+                    for (i, d) in deliveries.iter().enumerate() {
+                        let dup_in_op = deliveries[..i].iter().any(|o| o.id == d.id);
+                        if dup_in_op || delivery_exists(conn, d.id).await? {
+                            return Err(anywork_core::Error::conflict(format!(
+                                "delivery {} already exists",
+                                d.id
+                            )));
+                        }
+                    }
                     let task = update_in(conn, *id, *expected, change).await?;
                     let last = match rows {
                         Some(rows) => append_in(conn, *id, rows).await?,
                         None => 0,
                     };
+                    for d in deliveries {
+                        insert_delivery(conn, d).await?;
+                    }
                     Ok(Reply::Task(Box::new(task), last))
+                }
+                WriteOp::ClaimDeliveries {
+                    owner,
+                    now,
+                    until,
+                    limit,
+                } => {
+                    // The inner SELECT picks the due rows (skipping rows another claimer has
+                    // locked, on PostgreSQL); the outer UPDATE repeats the conditions as a
+                    // compare-and-set, so two claimers can never both take a row.
+                    let sql = format!(
+                        "UPDATE deliveries SET claim_owner = $1, claim_until = $2 \
+                         WHERE seq IN (SELECT d.seq FROM deliveries d \
+                           WHERE d.status IN {open} AND d.next_attempt_at <= $3 \
+                           AND (d.claim_until IS NULL OR d.claim_until <= $3) \
+                           AND NOT EXISTS (SELECT 1 FROM deliveries o \
+                             WHERE o.task_id = d.task_id AND o.kind = d.kind \
+                             AND o.address = d.address AND o.seq < d.seq \
+                             AND o.status IN {open}) \
+                           ORDER BY d.next_attempt_at, d.seq LIMIT $4{skip}) \
+                         AND status IN {open} \
+                         AND (claim_until IS NULL OR claim_until <= $3) \
+                         RETURNING {cols}",
+                        open = $crate::sql::OPEN,
+                        skip = $skip_locked,
+                        cols = $crate::sql::DELIVERY_COLUMNS,
+                    );
+                    let rows = sqlx::query(&sql)
+                        .bind(owner)
+                        .bind(until.0)
+                        .bind(now.0)
+                        .bind(i64::from(*limit))
+                        .fetch_all(&mut *conn)
+                        .await
+                        .map_err(|e| db_err("claim deliveries", e))?;
+                    let mut claimed = rows
+                        .iter()
+                        .map(delivery_from_row)
+                        .collect::<anywork_core::Result<Vec<_>>>()?;
+                    claimed.sort_by_key(|(seq, d)| (d.next_attempt_at, *seq));
+                    Ok(Reply::Deliveries(claimed.into_iter().map(|(_, d)| d).collect()))
+                }
+                WriteOp::RecordAttempt {
+                    id,
+                    owner,
+                    attempt,
+                    at,
+                } => {
+                    let mut d = lock_delivery(conn, *id).await?;
+                    let before = d.status;
+                    attempt.apply(&mut d, owner, *at)?;
+                    store_delivery(conn, &d, before, Some(owner)).await?;
+                    Ok(Reply::Delivery(Box::new(d)))
+                }
+                WriteOp::RetryDelivery(id, now) => {
+                    let mut d = lock_delivery(conn, *id).await?;
+                    let before = d.status;
+                    d.retry(*now)?;
+                    store_delivery(conn, &d, before, None).await?;
+                    Ok(Reply::Delivery(Box::new(d)))
+                }
+                WriteOp::DeleteSettledDeliveries { before, limit } => {
+                    let sql = format!(
+                        "DELETE FROM deliveries WHERE seq IN (SELECT seq FROM deliveries \
+                         WHERE status IN ('sent', 'dead') AND updated_at < $1 \
+                         ORDER BY updated_at, seq LIMIT $2{})",
+                        $skip_locked
+                    );
+                    let done = sqlx::query(&sql)
+                        .bind(before.0)
+                        .bind(i64::from(*limit))
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(|e| db_err("delete settled deliveries", e))?;
+                    Ok(Reply::Count(done.rows_affected()))
+                }
+                WriteOp::DeleteFinishedLogs {
+                    finished_before,
+                    max_tasks,
+                    now,
+                } => {
+                    let ctx = "delete the logs of finished tasks";
+                    let sql = format!(
+                        "SELECT id FROM tasks WHERE finished_at IS NOT NULL \
+                         AND logs_deleted_at IS NULL AND finished_at < $1 AND status IN {} \
+                         ORDER BY finished_at, id LIMIT $2{}",
+                        $crate::sql::TERMINAL,
+                        $skip_locked
+                    );
+                    let ids = sqlx::query(&sql)
+                        .bind(finished_before.0)
+                        .bind(i64::from(*max_tasks))
+                        .fetch_all(&mut *conn)
+                        .await
+                        .map_err(|e| db_err(ctx, e))?;
+                    let mut deleted = anywork_core::DeletedLogs::default();
+                    for row in &ids {
+                        let id = Cols(row).str("id")?;
+                        let gone = sqlx::query("DELETE FROM task_logs WHERE task_id = $1")
+                            .bind(&id)
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(|e| db_err(ctx, e))?;
+                        sqlx::query("UPDATE tasks SET logs_deleted_at = $1 WHERE id = $2")
+                            .bind(now.0)
+                            .bind(&id)
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(|e| db_err(ctx, e))?;
+                        deleted.tasks += 1;
+                        deleted.events += gone.rows_affected();
+                    }
+                    Ok(Reply::DeletedLogs(deleted))
+                }
+                WriteOp::Heartbeat(at) => {
+                    sqlx::query("UPDATE store_heartbeat SET beat_at = $1 WHERE id = 1")
+                        .bind(at.0)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(|e| db_err("readiness heartbeat", e))?;
+                    Ok(Reply::Unit)
                 }
                 WriteOp::RenewLease {
                     id,
@@ -498,7 +815,6 @@ macro_rules! impl_sql_store {
             task_id: anywork_core::TaskId,
             rows: &[(String, String, i64)],
         ) -> anywork_core::Result<u64> {
-            use sqlx::Row as _;
             let ctx = "append logs";
             let id = task_id.to_string();
             let count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
@@ -514,9 +830,7 @@ macro_rules! impl_sql_store {
             .await
             .map_err(|e| $crate::sql::db_err(ctx, e))?
             .ok_or_else(|| anywork_core::Error::not_found(format!("task {task_id} not found")))?;
-            let last: i64 = row
-                .try_get("last_seq")
-                .map_err(|e| $crate::sql::corrupt("last_seq", e))?;
+            let last = Cols(&row).i64("last_seq")?;
             let mut seq = last - count;
             for chunk in rows.chunks($crate::sql::LOG_CHUNK) {
                 let mut insert = sqlx::QueryBuilder::<$db>::new(
@@ -555,6 +869,110 @@ macro_rules! impl_sql_store {
                 .map_err(|e| $crate::sql::db_err("read task", e))?
                 .ok_or_else(|| anywork_core::Error::not_found(format!("task {id} not found")))?;
             task_from_row(&row)
+        }
+
+        async fn delivery_exists(
+            conn: &mut Conn,
+            id: anywork_core::DeliveryId,
+        ) -> anywork_core::Result<bool> {
+            Ok(sqlx::query("SELECT 1 FROM deliveries WHERE id = $1")
+                .bind(id.to_string())
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(|e| $crate::sql::db_err("read delivery", e))?
+                .is_some())
+        }
+
+        async fn insert_delivery(
+            conn: &mut Conn,
+            d: &anywork_core::Delivery,
+        ) -> anywork_core::Result<()> {
+            sqlx::query(
+                "INSERT INTO deliveries (id, task_id, kind, address, target, payload, status, \
+                 attempts, next_attempt_at, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            )
+            .bind(d.id.to_string())
+            .bind(d.task_id.to_string())
+            .bind(d.target.kind())
+            .bind(d.target.address())
+            .bind(json_text(&d.target)?)
+            .bind(json_text(&d.payload)?)
+            .bind(d.status.as_str())
+            .bind(i64::from(d.attempts))
+            .bind(d.next_attempt_at.0)
+            .bind(d.created_at.0)
+            .bind(d.updated_at.0)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| $crate::sql::db_err(&format!("enqueue delivery {}", d.id), e))?;
+            Ok(())
+        }
+
+        /// The delivery `id` read on `db`; `lock` is the row-lock suffix of the `SELECT`.
+        async fn select_delivery<'c, E>(
+            db: E,
+            id: anywork_core::DeliveryId,
+            lock: &str,
+        ) -> anywork_core::Result<anywork_core::Delivery>
+        where
+            E: sqlx::Executor<'c, Database = $db>,
+        {
+            let sql = format!(
+                "SELECT {} FROM deliveries WHERE id = $1{lock}",
+                $crate::sql::DELIVERY_COLUMNS
+            );
+            let row = sqlx::query(&sql)
+                .bind(id.to_string())
+                .fetch_optional(db)
+                .await
+                .map_err(|e| $crate::sql::db_err("read delivery", e))?
+                .ok_or_else(|| anywork_core::Error::not_found(format!("delivery {id} not found")))?;
+            Ok(delivery_from_row(&row)?.1)
+        }
+
+        async fn lock_delivery(
+            conn: &mut Conn,
+            id: anywork_core::DeliveryId,
+        ) -> anywork_core::Result<anywork_core::Delivery> {
+            select_delivery(&mut *conn, id, $for_update).await
+        }
+
+        /// Writes the mutable fields of `d` back, if it still has status `before` (and, with
+        /// `owner`, is still claimed by it): a compare-and-set, `Conflict` when it lost.
+        async fn store_delivery(
+            conn: &mut Conn,
+            d: &anywork_core::Delivery,
+            before: anywork_core::DeliveryStatus,
+            owner: Option<&str>,
+        ) -> anywork_core::Result<()> {
+            let last_error = d.last_error.as_ref().map(json_text).transpose()?;
+            let done = sqlx::query(
+                "UPDATE deliveries SET status = $1, attempts = $2, next_attempt_at = $3, \
+                 last_error = $4, claim_owner = $5, claim_until = $6, updated_at = $7 \
+                 WHERE id = $8 AND status = $9 \
+                 AND ($10 IS NULL OR claim_owner = $10)",
+            )
+            .bind(d.status.as_str())
+            .bind(i64::from(d.attempts))
+            .bind(d.next_attempt_at.0)
+            .bind(last_error)
+            .bind(d.claim.as_ref().map(|c| c.owner.clone()))
+            .bind(d.claim.as_ref().map(|c| c.expires_at.0))
+            .bind(d.updated_at.0)
+            .bind(d.id.to_string())
+            .bind(before.as_str())
+            .bind(owner)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| $crate::sql::db_err("update delivery", e))?;
+            if done.rows_affected() == 0 {
+                return Err(anywork_core::Error::conflict(format!(
+                    "delivery {} changed concurrently",
+                    d.id
+                )));
+            }
+            Ok(())
         }
 
         /// Runs `op` alone in a transaction of its own on `conn`: committed when it succeeds,
@@ -663,7 +1081,6 @@ macro_rules! impl_sql_store {
                 &self,
                 page: anywork_core::Page,
             ) -> anywork_core::Result<Vec<anywork_core::SessionSummary>> {
-                use sqlx::Row as _;
                 let sql = format!(
                     "SELECT s.id, s.channel_type, s.channel_key, s.title, s.created_at, \
                      s.last_active, \
@@ -682,11 +1099,7 @@ macro_rules! impl_sql_store {
                     .map_err(|e| $crate::sql::db_err("list sessions", e))?;
                 rows.iter()
                     .map(|row| {
-                        let count = |c: &str| {
-                            row.try_get::<i64, _>(c)
-                                .map(|n| $crate::sql::to_u64(n))
-                                .map_err(|e| $crate::sql::corrupt(c, e))
-                        };
+                        let count = |c: &str| Cols(row).i64(c).map($crate::sql::to_u64);
                         Ok(anywork_core::SessionSummary {
                             session: session_from_row(row)?,
                             task_count: count("task_count")?,
@@ -751,6 +1164,26 @@ macro_rules! impl_sql_store {
                 task_from_row(&row)
             }
 
+            async fn find_task_by_idempotency_key(
+                &self,
+                channel_type: &str,
+                idempotency_key: &str,
+            ) -> anywork_core::Result<Option<anywork_core::Task>> {
+                let sql = format!(
+                    "SELECT {} FROM tasks WHERE channel_type = $1 AND idempotency_key = $2",
+                    $crate::sql::TASK_COLUMNS
+                );
+                sqlx::query(&sql)
+                    .bind(channel_type)
+                    .bind(idempotency_key)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|e| $crate::sql::db_err("find task by idempotency key", e))?
+                    .as_ref()
+                    .map(task_from_row)
+                    .transpose()
+            }
+
             async fn update_task(
                 &self,
                 id: anywork_core::TaskId,
@@ -762,6 +1195,7 @@ macro_rules! impl_sql_store {
                     expected,
                     change: Box::new(change),
                     rows: None,
+                    deliveries: Vec::new(),
                 };
                 match self.write(op).await? {
                     Reply::Task(t, _) => Ok(*t),
@@ -776,11 +1210,24 @@ macro_rules! impl_sql_store {
                 change: anywork_core::TaskChange,
                 logs: Vec<anywork_core::NewTaskLog>,
             ) -> anywork_core::Result<(anywork_core::Task, u64)> {
+                self.update_task_and_enqueue(id, expected, change, logs, Vec::new())
+                    .await
+            }
+
+            async fn update_task_and_enqueue(
+                &self,
+                id: anywork_core::TaskId,
+                expected: anywork_core::TaskStatus,
+                change: anywork_core::TaskChange,
+                logs: Vec<anywork_core::NewTaskLog>,
+                deliveries: Vec<anywork_core::NewDelivery>,
+            ) -> anywork_core::Result<(anywork_core::Task, u64)> {
                 let op = WriteOp::UpdateTask {
                     id,
                     expected,
                     change: Box::new(change),
                     rows: Some(encode_logs(logs)?),
+                    deliveries: deliveries.into_iter().map(|d| d.into_delivery(id)).collect(),
                 };
                 match self.write(op).await? {
                     Reply::Task(t, last) => Ok((*t, last)),
@@ -845,7 +1292,6 @@ macro_rules! impl_sql_store {
                 task_id: anywork_core::TaskId,
                 logs: Vec<anywork_core::NewTaskLog>,
             ) -> anywork_core::Result<u64> {
-                use sqlx::Row as _;
                 if logs.is_empty() {
                     let row = sqlx::query("SELECT last_seq FROM tasks WHERE id = $1")
                         .bind(task_id.to_string())
@@ -855,10 +1301,7 @@ macro_rules! impl_sql_store {
                         .ok_or_else(|| {
                             anywork_core::Error::not_found(format!("task {task_id} not found"))
                         })?;
-                    let last: i64 = row
-                        .try_get("last_seq")
-                        .map_err(|e| $crate::sql::corrupt("last_seq", e))?;
-                    return Ok($crate::sql::to_u64(last));
+                    return Ok($crate::sql::to_u64(Cols(&row).i64("last_seq")?));
                 }
                 match self.write(WriteOp::AppendLogs(task_id, encode_logs(logs)?)).await? {
                     Reply::Seq(last) => Ok(last),
@@ -872,8 +1315,6 @@ macro_rules! impl_sql_store {
                 after: u64,
                 limit: u32,
             ) -> anywork_core::Result<Vec<anywork_core::TaskLog>> {
-                use $crate::sql::corrupt;
-                use sqlx::Row as _;
                 let rows = sqlx::query(
                     "SELECT seq, type, payload, created_at FROM task_logs \
                      WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
@@ -886,19 +1327,183 @@ macro_rules! impl_sql_store {
                 .map_err(|e| $crate::sql::db_err("read logs", e))?;
                 rows.iter()
                     .map(|row| {
-                        let s = |c: &str| row.try_get::<String, _>(c).map_err(|e| corrupt(c, e));
-                        let i = |c: &str| row.try_get::<i64, _>(c).map_err(|e| corrupt(c, e));
+                        let r = Cols(row);
                         Ok(anywork_core::TaskLog {
                             task_id,
-                            seq: $crate::sql::to_u64(i("seq")?),
-                            event: $crate::sql::event_from_row(&s("type")?, &s("payload")?),
-                            timestamp: anywork_core::Timestamp(i("created_at")?),
+                            seq: $crate::sql::to_u64(r.i64("seq")?),
+                            event: $crate::sql::event_from_row(&r.str("type")?, &r.str("payload")?),
+                            timestamp: r.time("created_at")?,
                         })
                     })
                     .collect()
+            }
+
+            async fn claim_deliveries(
+                &self,
+                owner: &str,
+                now: anywork_core::Timestamp,
+                until: anywork_core::Timestamp,
+                limit: u32,
+            ) -> anywork_core::Result<Vec<anywork_core::Delivery>> {
+                let op = WriteOp::ClaimDeliveries {
+                    owner: owner.to_owned(),
+                    now,
+                    until,
+                    limit,
+                };
+                match self.write(op).await? {
+                    Reply::Deliveries(d) => Ok(d),
+                    other => Err(unexpected_reply(other)),
+                }
+            }
+
+            async fn record_delivery_attempt(
+                &self,
+                id: anywork_core::DeliveryId,
+                owner: &str,
+                attempt: anywork_core::DeliveryAttempt,
+                at: anywork_core::Timestamp,
+            ) -> anywork_core::Result<anywork_core::Delivery> {
+                let op = WriteOp::RecordAttempt {
+                    id,
+                    owner: owner.to_owned(),
+                    attempt,
+                    at,
+                };
+                match self.write(op).await? {
+                    Reply::Delivery(d) => Ok(*d),
+                    other => Err(unexpected_reply(other)),
+                }
+            }
+
+            async fn get_delivery(
+                &self,
+                id: anywork_core::DeliveryId,
+            ) -> anywork_core::Result<anywork_core::Delivery> {
+                select_delivery(&self.pool, id, "").await
+            }
+
+            async fn list_deliveries(
+                &self,
+                status: Option<anywork_core::DeliveryStatus>,
+                page: anywork_core::Page,
+            ) -> anywork_core::Result<Vec<anywork_core::Delivery>> {
+                let cols = $crate::sql::DELIVERY_COLUMNS;
+                let rows = match status {
+                    Some(status) => {
+                        let sql = format!(
+                            "SELECT {cols} FROM deliveries WHERE status = $1 ORDER BY seq \
+                             LIMIT $2 OFFSET $3"
+                        );
+                        sqlx::query(&sql)
+                            .bind(status.as_str())
+                            .bind(i64::from(page.limit))
+                            .bind(i64::from(page.offset))
+                            .fetch_all(&self.pool)
+                            .await
+                    }
+                    None => {
+                        let sql =
+                            format!("SELECT {cols} FROM deliveries ORDER BY seq LIMIT $1 OFFSET $2");
+                        sqlx::query(&sql)
+                            .bind(i64::from(page.limit))
+                            .bind(i64::from(page.offset))
+                            .fetch_all(&self.pool)
+                            .await
+                    }
+                }
+                .map_err(|e| $crate::sql::db_err("list deliveries", e))?;
+                deliveries_from_rows(&rows)
+            }
+
+            async fn retry_delivery(
+                &self,
+                id: anywork_core::DeliveryId,
+                now: anywork_core::Timestamp,
+            ) -> anywork_core::Result<anywork_core::Delivery> {
+                match self.write(WriteOp::RetryDelivery(id, now)).await? {
+                    Reply::Delivery(d) => Ok(*d),
+                    other => Err(unexpected_reply(other)),
+                }
+            }
+
+            async fn delete_settled_deliveries(
+                &self,
+                before: anywork_core::Timestamp,
+                limit: u32,
+            ) -> anywork_core::Result<u64> {
+                match self
+                    .write(WriteOp::DeleteSettledDeliveries { before, limit })
+                    .await?
+                {
+                    Reply::Count(n) => Ok(n),
+                    other => Err(unexpected_reply(other)),
+                }
+            }
+
+            async fn delete_finished_logs(
+                &self,
+                finished_before: anywork_core::Timestamp,
+                max_tasks: u32,
+                now: anywork_core::Timestamp,
+            ) -> anywork_core::Result<anywork_core::DeletedLogs> {
+                let op = WriteOp::DeleteFinishedLogs {
+                    finished_before,
+                    max_tasks,
+                    now,
+                };
+                match self.write(op).await? {
+                    Reply::DeletedLogs(d) => Ok(d),
+                    other => Err(unexpected_reply(other)),
+                }
+            }
+
+            async fn compact(&self) -> anywork_core::Result<u64> {
+                self.compact_files().await
+            }
+
+            async fn store_size(&self) -> anywork_core::Result<Option<anywork_core::StoreSize>> {
+                self.measure().await.map(Some)
+            }
+
+            async fn check_ready(&self) -> anywork_core::Result<()> {
+                let wait = $crate::sql::READY_TIMEOUT;
+                let beat = self.write(WriteOp::Heartbeat(anywork_core::Timestamp::now()));
+                match tokio::time::timeout(wait, beat).await {
+                    Ok(reply) => reply.map(drop),
+                    Err(_) => Err(anywork_core::Error::unavailable(format!(
+                        "the database took no write within {} s (locked by another process, \
+                         overloaded or unreachable); check the database server and the disk",
+                        wait.as_secs()
+                    ))),
+                }
             }
         }
     };
 }
 
 pub(crate) use impl_sql_store;
+
+#[cfg(test)]
+mod tests {
+    use super::Code;
+
+    #[test]
+    fn error_codes_of_both_backends() {
+        // SQLite: primary and extended result codes.
+        assert_eq!(Code::of("5"), Code::Busy);
+        assert_eq!(Code::of("517"), Code::Busy); // SQLITE_BUSY_SNAPSHOT
+        assert_eq!(Code::of("6"), Code::Busy);
+        assert_eq!(Code::of("13"), Code::DiskFull);
+        assert_eq!(Code::of("778"), Code::Io); // SQLITE_IOERR_WRITE
+        assert_eq!(Code::of("8"), Code::ReadOnly);
+        assert_eq!(Code::of("2067"), Code::Other); // a unique violation, matched earlier
+        // PostgreSQL SQLSTATEs.
+        assert_eq!(Code::of("40001"), Code::Busy);
+        assert_eq!(Code::of("53100"), Code::DiskFull);
+        assert_eq!(Code::of("57P01"), Code::ServerDown); // admin_shutdown
+        assert_eq!(Code::of("08006"), Code::ServerDown);
+        assert_eq!(Code::of("25006"), Code::ReadOnly);
+        assert_eq!(Code::of("23505"), Code::Other);
+    }
+}

@@ -1,25 +1,34 @@
 //! [`SqliteStore`]: the embedded default. One file, WAL journal, zero set-up.
 
-use std::path::Path;
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use anywork_core::{Error, Result};
+use anywork_core::{Error, ErrorKind, Result, StoreSize};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+    SqliteAutoVacuum, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions,
+    SqliteSynchronous,
 };
 use sqlx::{ConnectOptions as _, Connection as _, Sqlite, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::sql::{Embedded, db_err};
 
-const MIGRATIONS: Embedded = Embedded(&[(
-    1,
-    "init",
-    include_str!("../migrations/sqlite/0001_init.sql"),
-)]);
+const MIGRATIONS: Embedded = Embedded(&[
+    (
+        1,
+        "init",
+        include_str!("../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "outbox dedupe retention",
+        include_str!("../migrations/sqlite/0002_outbox_dedupe_retention.sql"),
+    ),
+]);
 
 /// Writes one transaction may hold at most (group commit).
 const MAX_BATCH: usize = 256;
@@ -30,6 +39,45 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// WAL length (4 KiB pages) at which the writer checkpoints it to the end itself.
 const WAL_LIMIT_FRAMES: i64 = 8192;
 
+/// Free pages one compaction step gives back (8 MiB of 4 KiB pages): the writer does one
+/// step at a time between other writes.
+const VACUUM_STEP_PAGES: i64 = 2048;
+
+/// Settings of a [`SqliteStore`] besides its file.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SqliteOptions {
+    /// How long a write waits for a lock another process holds on the file before it fails
+    /// with `Unavailable` (retryable). Default: 10 s.
+    pub busy_timeout: Duration,
+    /// A cap on the database file, in pages (`PRAGMA max_page_count`); a write past it fails
+    /// as on a full disk. Default: none (the disk is the limit).
+    pub max_page_count: Option<u64>,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            busy_timeout: Duration::from_secs(10),
+            max_page_count: None,
+        }
+    }
+}
+
+impl SqliteOptions {
+    /// Sets [`busy_timeout`](Self::busy_timeout).
+    pub fn busy_timeout(mut self, wait: Duration) -> Self {
+        self.busy_timeout = wait;
+        self
+    }
+
+    /// Sets [`max_page_count`](Self::max_page_count).
+    pub fn max_page_count(mut self, pages: u64) -> Self {
+        self.max_page_count = Some(pages);
+        self
+    }
+}
+
 /// A [`TaskStore`](anywork_core::TaskStore) in a SQLite file.
 ///
 /// Reads use a small pool. SQLite lets one writer in at a time, so writes go to one writer
@@ -39,18 +87,42 @@ const WAL_LIMIT_FRAMES: i64 = 8192;
 /// A write that fails its checks (conflict, not found…) fails alone; a database error
 /// spoils the shared transaction, which is then rolled back and every write of it retried on
 /// its own, so that only the failing one fails.
+///
+/// The writer survives database errors: after one, it checks that its connection is out of
+/// the failed transaction and opens a fresh connection if not (SQLite rolls a transaction
+/// back by itself on a full disk, which left the old connection refusing every later
+/// `BEGIN`). So once the cause is gone (space freed, the lock released), writes work again
+/// with no restart. A full disk is `Unavailable` with "the disk is full" in its message; a
+/// lock held by another process past [`SqliteOptions::busy_timeout`] is `Unavailable` too.
+///
+/// The file (and SQLite's `-wal` and `-shm` files, which take its mode) is private to its
+/// owner: created `0600`, tightened to that if it was more open; a directory the store
+/// creates is `0700`. New files use incremental auto-vacuum, so
+/// [`compact`](anywork_core::TaskStore::compact) can give space back bit by bit; a file made
+/// by an older version needs one [`vacuum`](SqliteStore::vacuum) for that.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
     /// The group-commit writer; `None` for an in-memory database (one connection only),
     /// whose writes take a pooled connection each.
     writer: Option<mpsc::Sender<Job>>,
+    /// The database file; `None` in memory.
+    path: Option<PathBuf>,
 }
 
-/// A write waiting for the writer, and who waits for its reply.
+/// What the writer does for a caller.
+#[derive(Debug)]
+enum Work {
+    /// A write, grouped with the others queued with it.
+    Write(WriteOp),
+    /// A statement that must run outside any transaction (vacuum, checkpoint), alone.
+    Raw(Cow<'static, str>),
+}
+
+/// Work waiting for the writer, and who waits for its reply.
 #[derive(Debug)]
 struct Job {
-    op: WriteOp,
+    work: Work,
     reply: oneshot::Sender<Result<Reply>>,
 }
 
@@ -58,10 +130,10 @@ impl SqliteStore {
     /// The file name used inside `DB_DIR`, as in the original AnyWork.
     pub const FILE_NAME: &'static str = "anywork.db";
 
-    /// Opens (creating if needed) `<dir>/anywork.db` and brings its schema up to date.
+    /// Opens (creating if needed, `0700`) `<dir>/anywork.db` and brings its schema up to date.
     pub async fn open_in_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|e| {
+        create_private_dir(dir).map_err(|e| {
             Error::unavailable(format!(
                 "cannot create database directory {}: {e} (set DB_DIR to a writable directory)",
                 dir.display()
@@ -73,10 +145,15 @@ impl SqliteStore {
 
     /// Opens (creating if needed) the database file at `path` and migrates it.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, SqliteOptions::default()).await
+    }
+
+    /// [`open`](Self::open) with explicit [`SqliteOptions`].
+    pub async fn open_with(path: impl AsRef<Path>, settings: SqliteOptions) -> Result<Self> {
         let options = SqliteConnectOptions::new()
             .filename(path.as_ref())
             .create_if_missing(true);
-        Self::connect_with(options, 4).await
+        Self::connect_with(options, 4, settings).await
     }
 
     /// Opens a database from a `sqlite:` URL (`sqlite:///data/anywork.db`, `sqlite::memory:`).
@@ -86,20 +163,34 @@ impl SqliteStore {
             .create_if_missing(true);
         // Every connection to `:memory:` is a separate database: keep exactly one.
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-        Self::connect_with(options, if in_memory { 1 } else { 4 }).await
+        let connections = if in_memory { 1 } else { 4 };
+        Self::connect_with(options, connections, SqliteOptions::default()).await
     }
 
     /// Opens the pool (`max_connections == 1`: an in-memory database, no separate writer).
-    async fn connect_with(options: SqliteConnectOptions, max_connections: u32) -> Result<Self> {
-        let options = options
+    async fn connect_with(
+        options: SqliteConnectOptions,
+        max_connections: u32,
+        settings: SqliteOptions,
+    ) -> Result<Self> {
+        let in_memory = max_connections == 1;
+        let path = (!in_memory).then(|| options.get_filename().to_path_buf());
+        if let Some(path) = &path {
+            prepare_private_file(path)?;
+        }
+        let mut options = options
+            .auto_vacuum(SqliteAutoVacuum::Incremental)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10))
+            .busy_timeout(settings.busy_timeout)
             .foreign_keys(true);
+        if let Some(pages) = settings.max_page_count {
+            options = options.pragma("max_page_count", pages.to_string());
+        }
         let mut pool = SqlitePoolOptions::new()
             .max_connections(max_connections)
             .min_connections(1);
-        if max_connections == 1 {
+        if in_memory {
             pool = pool.idle_timeout(None).max_lifetime(None);
         }
         let pool = pool
@@ -113,47 +204,354 @@ impl SqliteStore {
             .run(&pool)
             .await
             .map_err(|e| Error::storage(format!("migrating the SQLite schema failed: {e}")))?;
-        let writer = if max_connections == 1 {
+        let writer = if in_memory {
             None
         } else {
             // The writer never checkpoints on commit: the WAL fsyncs of a checkpoint would
             // hold up every write queued behind it. A background task checkpoints instead.
-            let conn = options
-                .clone()
-                .pragma("wal_autocheckpoint", "0")
-                .connect()
-                .await
-                .map_err(|e| db_err("open the SQLite writer connection", e))?;
+            // A reopened writer must find the file, never make an empty one.
+            let writer = Writer::open(
+                options
+                    .clone()
+                    .pragma("wal_autocheckpoint", "0")
+                    .create_if_missing(false),
+            )
+            .await?;
             let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
             let wal_frames = Arc::new(AtomicI64::new(0));
-            tokio::spawn(write_loop(conn, rx, wal_frames.clone()));
+            tokio::spawn(write_loop(writer, rx, wal_frames.clone()));
             tokio::spawn(checkpoint_loop(pool.clone(), tx.downgrade(), wal_frames));
             Some(tx)
         };
-        Ok(Self { pool, writer })
+        Ok(Self { pool, writer, path })
     }
 
     async fn write(&self, op: WriteOp) -> Result<Reply> {
-        let Some(writer) = &self.writer else {
-            return self.write_on_pool(&op).await;
-        };
-        let gone = || Error::unavailable("the SQLite writer has stopped");
+        match &self.writer {
+            Some(_) => self.submit(Work::Write(op)).await,
+            None => self.write_on_pool(&op).await,
+        }
+    }
+
+    /// Runs `sql` outside any transaction: on the writer, between two groups of writes.
+    async fn maintain(&self, sql: impl Into<Cow<'static, str>>) -> Result<()> {
+        let sql = sql.into();
+        if self.writer.is_some() {
+            return self.submit(Work::Raw(sql)).await.map(drop);
+        }
+        sqlx::query(&sql)
+            .execute(&self.pool)
+            .await
+            .map(drop)
+            .map_err(|e| db_err("database maintenance", e))
+    }
+
+    async fn submit(&self, work: Work) -> Result<Reply> {
+        let gone =
+            || Error::unavailable("the SQLite writer has stopped; restart the server to reopen it");
+        let writer = self.writer.as_ref().ok_or_else(gone)?;
         let (reply, answer) = oneshot::channel();
-        writer.send(Job { op, reply }).await.map_err(|_| gone())?;
+        writer.send(Job { work, reply }).await.map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
+    }
+
+    async fn pragma(&self, name: &str) -> Result<i64> {
+        let (value,): (i64,) = sqlx::query_as(&format!("PRAGMA {name}"))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| db_err(&format!("read PRAGMA {name}"), e))?;
+        Ok(value)
+    }
+
+    /// Rewrites the whole file once with incremental auto-vacuum on, which a database
+    /// created before this version lacks (a new one has it), and gives all free pages back.
+    /// It needs free disk space about the size of the database and holds up every write
+    /// while it runs (seconds per GiB), so run it in a quiet moment; after it,
+    /// [`compact`](anywork_core::TaskStore::compact) works in small steps.
+    pub async fn vacuum(&self) -> Result<()> {
+        self.maintain("PRAGMA auto_vacuum = INCREMENTAL").await?;
+        self.maintain("VACUUM").await?;
+        if self.path.is_some() {
+            self.maintain("PRAGMA wal_checkpoint(TRUNCATE)").await?;
+        }
+        Ok(())
+    }
+
+    /// Incremental vacuum in steps of [`VACUUM_STEP_PAGES`], then a checkpoint that also
+    /// truncates the WAL; the bytes by which the database shrank.
+    async fn compact_files(&self) -> Result<u64> {
+        if self.pragma("auto_vacuum").await? != 2 {
+            tracing::warn!(
+                "this SQLite database was created without incremental auto-vacuum, so \
+                 compaction cannot give space back; run SqliteStore::vacuum once (it rewrites \
+                 the file)"
+            );
+            return Ok(0);
+        }
+        let page_size = self.pragma("page_size").await?;
+        let before = self.pragma("page_count").await?;
+        let mut free = self.pragma("freelist_count").await?;
+        let mut steps = free / VACUUM_STEP_PAGES + 2;
+        while free > 0 && steps > 0 {
+            self.maintain(format!("PRAGMA incremental_vacuum({VACUUM_STEP_PAGES})"))
+                .await?;
+            let left = self.pragma("freelist_count").await?;
+            if left >= free {
+                break; // nothing moved (new free pages keep coming): enough for this call
+            }
+            free = left;
+            steps -= 1;
+        }
+        if self.path.is_some() {
+            self.maintain("PRAGMA wal_checkpoint(TRUNCATE)").await?;
+        }
+        let after = self.pragma("page_count").await?;
+        Ok(crate::sql::to_u64((before - after) * page_size))
+    }
+
+    /// Pages in use or free, plus the WAL file.
+    async fn measure(&self) -> Result<StoreSize> {
+        let page_size = crate::sql::to_u64(self.pragma("page_size").await?);
+        let pages = crate::sql::to_u64(self.pragma("page_count").await?);
+        let free = crate::sql::to_u64(self.pragma("freelist_count").await?);
+        let wal = self
+            .path
+            .as_ref()
+            .and_then(|p| std::fs::metadata(sidecar(p, "-wal")).ok())
+            .map_or(0, |m| m.len());
+        Ok(StoreSize {
+            bytes: pages * page_size + wal,
+            reclaimable_bytes: free * page_size,
+        })
     }
 }
 
-/// The writer: takes the writes queued so far, runs them in one transaction, answers them.
-/// Ends when every store handle is gone.
-async fn write_loop(
-    mut conn: SqliteConnection,
-    mut jobs: mpsc::Receiver<Job>,
-    wal_frames: Arc<AtomicI64>,
-) {
+/// `path` with `suffix` appended to its file name (`anywork.db-wal`).
+fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Creates `dir` and its missing parents with mode `0700`; an existing directory is left as
+/// it is.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// Creates the database file with mode `0600` before SQLite opens it (SQLite gives its `-wal`
+/// and `-shm` files the mode of the database file), and takes group and other access away
+/// from files that have it.
+fn prepare_private_file(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+        let created = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path);
+        match created {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(Error::unavailable(format!(
+                    "cannot create the database file {}: {e} (set DB_DIR to a writable \
+                     directory)",
+                    path.display()
+                ))
+                .with_source(e));
+            }
+        }
+        for file in [
+            path.to_path_buf(),
+            sidecar(path, "-wal"),
+            sidecar(path, "-shm"),
+        ] {
+            let Ok(meta) = std::fs::metadata(&file) else {
+                continue;
+            };
+            let mode = meta.permissions().mode();
+            if mode & 0o077 != 0 {
+                let private = std::fs::Permissions::from_mode(mode & 0o700);
+                match std::fs::set_permissions(&file, private) {
+                    Ok(()) => tracing::info!(
+                        file = %file.display(),
+                        "database file was readable by others; made it private (0600)"
+                    ),
+                    Err(e) => tracing::warn!(
+                        file = %file.display(),
+                        error = %e,
+                        "database file is readable by others and could not be made private"
+                    ),
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// An error like `e`, for each of several writes that it failed together.
+fn copy(e: &Error) -> Error {
+    Error::new(e.kind(), e.message())
+}
+
+/// Why a group commit failed.
+enum GroupFailure {
+    /// Before any write ran (the lock could not be had, the connection is gone): every write
+    /// of the group fails with this, no write is tried alone.
+    Begin(Error),
+    /// A write or the commit: each write is redone alone.
+    Batch(Error),
+}
+
+/// The writer's connection, reopened when a failed transaction left it unusable.
+struct Writer {
+    conn: Option<SqliteConnection>,
+    options: SqliteConnectOptions,
+}
+
+impl Writer {
+    async fn open(options: SqliteConnectOptions) -> Result<Self> {
+        let conn = options
+            .connect()
+            .await
+            .map_err(|e| db_err("open the SQLite writer connection", e))?;
+        Ok(Self {
+            conn: Some(conn),
+            options,
+        })
+    }
+
+    /// The connection, opened again if the last one was dropped.
+    async fn conn(&mut self) -> Result<&mut SqliteConnection> {
+        if self.conn.is_none() {
+            let conn = self
+                .options
+                .connect()
+                .await
+                .map_err(|e| db_err("reopen the SQLite writer connection", e))?;
+            tracing::info!("SQLite writer connection reopened");
+            self.conn = Some(conn);
+        }
+        self.conn
+            .as_mut()
+            .ok_or_else(|| Error::internal("SQLite writer connection missing"))
+    }
+
+    /// After a database error: makes sure the next transaction starts on a clean connection.
+    /// A failed transaction is rolled back when dropped; if SQLite had already rolled it back
+    /// itself (it does on a full disk or an I/O error), that rollback fails and the
+    /// connection still counts itself inside a transaction, refusing every `BEGIN` after.
+    /// Such a connection (or a dead one) is closed; the next write opens a new one.
+    async fn recover(&mut self) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        // The ping runs after the queued rollback of the dropped transaction.
+        let healthy = conn.ping().await.is_ok() && !conn.is_in_transaction();
+        if !healthy && let Some(conn) = self.conn.take() {
+            tracing::warn!("SQLite writer connection left unusable by a failed write; reopening");
+            let _ = conn.close().await;
+        }
+    }
+
+    /// `op` alone in its own transaction.
+    async fn write_alone(&mut self, op: &WriteOp) -> Result<Reply> {
+        let reply = write_alone(self.conn().await?, op).await;
+        if let Err(e) = &reply
+            && !is_logical(e)
+        {
+            self.recover().await;
+        }
+        reply
+    }
+
+    /// A statement outside any transaction.
+    async fn raw(&mut self, sql: &str) -> Result<Reply> {
+        let done = sqlx::query(sql).execute(self.conn().await?).await;
+        match done {
+            Ok(_) => Ok(Reply::Unit),
+            Err(e) => {
+                self.recover().await;
+                Err(db_err("database maintenance", e))
+            }
+        }
+    }
+
+    /// The replies of `ops`, in order, after they are committed.
+    async fn run_batch(&mut self, ops: &[&WriteOp]) -> Vec<Result<Reply>> {
+        if let [op] = ops {
+            return vec![self.write_alone(op).await];
+        }
+        let failure = match self.conn().await {
+            Ok(conn) => match shared(conn, ops).await {
+                Ok(replies) => return replies,
+                Err(failure) => failure,
+            },
+            Err(e) => GroupFailure::Begin(e),
+        };
+        self.recover().await;
+        match failure {
+            GroupFailure::Begin(e) => ops.iter().map(|_| Err(copy(&e))).collect(),
+            GroupFailure::Batch(e) => {
+                tracing::debug!(error = %e, writes = ops.len(), "group commit failed; writing one by one");
+                let mut replies: Vec<Result<Reply>> = Vec::with_capacity(ops.len());
+                for op in ops {
+                    // After a store-wide failure (disk full, lock, I/O), the next writes
+                    // would only fail the same way, one slow attempt each.
+                    let store_wide = match replies.last() {
+                        Some(Err(e)) if e.kind() == ErrorKind::Unavailable => Some(copy(e)),
+                        _ => None,
+                    };
+                    replies.push(match store_wide {
+                        Some(e) => Err(e),
+                        None => self.write_alone(op).await,
+                    });
+                }
+                replies
+            }
+        }
+    }
+}
+
+/// The writer: takes the work queued so far, runs consecutive writes in one transaction and
+/// maintenance statements alone, in order, answers each. Ends when every store handle is gone.
+async fn write_loop(mut writer: Writer, mut jobs: mpsc::Receiver<Job>, wal_frames: Arc<AtomicI64>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let replies = run_batch(&mut conn, &batch).await;
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut start = 0;
+        while start < batch.len() {
+            let end = batch[start..]
+                .iter()
+                .position(|j| matches!(j.work, Work::Raw(_)))
+                .map_or(batch.len(), |n| start + n);
+            let writes: Vec<&WriteOp> = batch[start..end]
+                .iter()
+                .filter_map(|j| match &j.work {
+                    Work::Write(op) => Some(op),
+                    Work::Raw(_) => None,
+                })
+                .collect();
+            if !writes.is_empty() {
+                replies.extend(writer.run_batch(&writes).await);
+            }
+            if let Some(Job {
+                work: Work::Raw(sql),
+                ..
+            }) = batch.get(end)
+            {
+                replies.push(writer.raw(sql).await);
+            }
+            start = end + 1;
+        }
         for (job, reply) in batch.drain(..).zip(replies) {
             let _ = job.reply.send(reply);
         }
@@ -161,15 +559,14 @@ async fn write_loop(
         // it cannot start over; the writer, who alone appends, checkpoints it to the end.
         if wal_frames.load(Ordering::Relaxed) >= WAL_LIMIT_FRAMES {
             wal_frames.store(0, Ordering::Relaxed);
-            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                .execute(&mut conn)
-                .await
-            {
+            if let Err(e) = writer.raw("PRAGMA wal_checkpoint(PASSIVE)").await {
                 tracing::warn!(error = %e, "SQLite checkpoint failed");
             }
         }
     }
-    let _ = conn.close().await;
+    if let Some(conn) = writer.conn.take() {
+        let _ = conn.close().await;
+    }
 }
 
 /// Copies the WAL into the database file every [`CHECKPOINT_EVERY`], on a read connection
@@ -195,41 +592,29 @@ async fn checkpoint_loop(
     }
 }
 
-/// The replies of `batch`, in order, after they are committed.
-async fn run_batch(conn: &mut SqliteConnection, batch: &[Job]) -> Vec<Result<Reply>> {
-    if let [job] = batch {
-        return vec![write_alone(conn, &job.op).await];
-    }
-    match shared(conn, batch).await {
-        Ok(replies) => replies,
-        Err(e) => {
-            tracing::debug!(error = %e, writes = batch.len(), "group commit failed; writing one by one");
-            let mut replies = Vec::with_capacity(batch.len());
-            for job in batch {
-                replies.push(write_alone(conn, &job.op).await);
-            }
-            replies
-        }
-    }
-}
-
-/// Runs every write of `batch` in one transaction. `Err` (and nothing written) when one of
+/// Runs every write of `ops` in one transaction. `Err` (and nothing written) when one of
 /// them failed other than by its own checks, or the commit failed.
-async fn shared(conn: &mut SqliteConnection, batch: &[Job]) -> Result<Vec<Result<Reply>>> {
+async fn shared(
+    conn: &mut SqliteConnection,
+    ops: &[&WriteOp],
+) -> std::result::Result<Vec<Result<Reply>>, GroupFailure> {
     let ctx = "group commit";
     let mut tx = conn
         .begin_with("BEGIN IMMEDIATE")
         .await
-        .map_err(|e| db_err(ctx, e))?;
-    let mut replies = Vec::with_capacity(batch.len());
-    for job in batch {
-        match apply(&mut tx, &job.op).await {
-            Err(e) if !is_logical(&e) => return Err(e), // dropping `tx` rolls back
+        .map_err(|e| GroupFailure::Begin(db_err(ctx, e)))?;
+    let mut replies = Vec::with_capacity(ops.len());
+    for op in ops {
+        match apply(&mut tx, op).await {
+            // dropping `tx` rolls back
+            Err(e) if !is_logical(&e) => return Err(GroupFailure::Batch(e)),
             reply => replies.push(reply),
         }
     }
-    tx.commit().await.map_err(|e| db_err(ctx, e))?;
+    tx.commit()
+        .await
+        .map_err(|e| GroupFailure::Batch(db_err(ctx, e)))?;
     Ok(replies)
 }
 
-crate::sql::impl_sql_store!(SqliteStore, Sqlite, "BEGIN IMMEDIATE", "");
+crate::sql::impl_sql_store!(SqliteStore, Sqlite, "BEGIN IMMEDIATE", "", "");

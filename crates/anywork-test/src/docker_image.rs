@@ -1,6 +1,7 @@
 //! The worker image for tests against a real Docker engine, built from the compiled worker
-//! binary without a registry (`deploy/build-test-image.sh`), and the check that an engine is
-//! there at all.
+//! binary and the claude CLI without a registry (`deploy/build-worker-image.sh`: a Debian
+//! minimal root with bash, git and the CLI, the same image users build), and the check that
+//! an engine is there at all.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -39,7 +40,8 @@ pub fn docker_engine(test: &str) -> bool {
 }
 
 /// Makes sure `tag` holds the current worker binary ([`crate::bins::worker_bin`], built if
-/// needed): runs `deploy/build-test-image.sh`, which rebuilds only when the binary changed.
+/// needed) and the claude CLI ([`crate::bins::find_claude`]): runs
+/// `deploy/build-worker-image.sh`, which rebuilds only when one of them changed.
 /// Once per process and tag.
 ///
 /// # Panics
@@ -57,16 +59,20 @@ pub fn ensure_worker_image(tag: &str) -> String {
     tag.to_owned()
 }
 
-/// Runs `deploy/build-test-image.sh BIN TAG`.
+/// Runs `deploy/build-worker-image.sh BIN TAG` with the claude CLI the tests use
+/// (`CLAUDE_BIN` or the claude-agent-sdk wheel's; without one, an image without the CLI).
 ///
 /// # Panics
 /// If the script fails.
 pub fn build_image(bin: &Path, tag: &str) {
     let script = script_path();
-    let output = Command::new("bash")
-        .arg(&script)
-        .arg(bin)
-        .arg(tag)
+    let mut command = Command::new("bash");
+    command.arg(&script).arg(bin).arg(tag);
+    match crate::bins::find_claude() {
+        Some(claude) => command.env("CLAUDE_BIN", claude),
+        None => command.env("WITH_CLAUDE", "0"),
+    };
+    let output = command
         .output()
         .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
     assert!(
@@ -80,7 +86,7 @@ pub fn build_image(bin: &Path, tag: &str) {
 }
 
 fn script_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/build-test-image.sh")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/build-worker-image.sh")
 }
 
 /// Removes what a test run left on the engine: containers and volumes labelled with

@@ -1,7 +1,8 @@
-//! Test doubles and conformance suites for AnyWork. Dev-only: nothing here ships.
+//! Test doubles for AnyWork. Dev-only: nothing here ships.
 //!
-//! - [`store_conformance`]: the suite every [`TaskStore`](anywork_core::TaskStore) passes.
-//! - [`driver_conformance`]: the suite every [`ContainerDriver`](anywork_core::ContainerDriver) passes.
+//! - [`store_conformance`], [`driver_conformance`], [`store_conformance_tests!`]: re-exported
+//!   from `anywork-conformance` (the publishable crate embedders use) for this workspace's
+//!   tests.
 //! - [`bins`]: the real `claude` CLI (or a loud skip) and the test MCP server binary.
 //! - [`docker_image`]: the worker image for tests on a real Docker engine, built from the
 //!   compiled worker binary without a registry.
@@ -12,13 +13,16 @@
 //!   keep state, record every request and inject faults ([`fake_http`]: what they share).
 //! - [`fake_llm`]: a scriptable fake of the Anthropic Messages API and of OpenAI chat
 //!   completions on loopback, which records every request.
+//! - [`original_worker`]: a stand-in of the original AnyWork's Python worker (its `/prepare`
+//!   map form, SSE with the type on the `event:` line, its `/health` shape).
 
 pub mod bins;
 pub mod docker_image;
-pub mod driver_conformance;
 pub mod fake_github;
 pub mod fake_http;
 pub mod fake_k8s;
 pub mod fake_llm;
 pub mod fake_slack;
-pub mod store_conformance;
+pub mod original_worker;
+
+pub use anywork_conformance::{driver_conformance, store_conformance, store_conformance_tests};

@@ -14,7 +14,8 @@
 //!
 //! Errors are `{"error":{"code":<ErrorKind::as_str>,"message":..}}` with the status of
 //! [`status_for`]; bodies that cannot be read answer 400 (bad JSON), 413 (too large), 415 (not
-//! JSON) or 422 (wrong fields), in the same shape with code `invalid_input`.
+//! JSON) or 422 (wrong fields), in the same shape with code `invalid_input` (the glue shared
+//! with the server, `anywork-http`).
 //!
 //! `/chat` answers 4xx JSON only when the request itself is refused (bad body, session busy,
 //! task id already running, workspace unusable). Once accepted, it always answers 200 with an
@@ -29,16 +30,14 @@ use anywork_core::worker_api::{
     PREPARE_PATH, PrepareRequest,
 };
 use anywork_core::{Error, ErrorKind, ExecutionRequest, InputResponse, SessionId};
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
-use axum::http::request::Parts;
-use axum::http::{Method, StatusCode, Uri};
+pub use anywork_http::{ApiError, JsonBody, PathParam, QueryParams, status_for};
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::history::HistoryMessage;
@@ -49,7 +48,7 @@ use crate::workspace::WorkspaceDoc;
 /// The worker's routes over `state`.
 pub fn router(state: WorkerState) -> Router {
     let limit = state.config().max_body_bytes;
-    Router::new()
+    let routes = Router::new()
         .route(HEALTH_PATH, get(health))
         .route(PREPARE_PATH, post(prepare))
         .route(CHAT_PATH, post(chat))
@@ -57,184 +56,21 @@ pub fn router(state: WorkerState) -> Router {
         .route(INPUT_PATH, post(input))
         .route("/sessions/{id}/messages", get(messages))
         .route("/sessions/{id}/files", get(files))
-        .route("/workspace/{file}", get(get_doc).put(put_doc))
-        .fallback(no_route)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(limit))
+        .route("/workspace/{file}", get(get_doc).put(put_doc));
+    anywork_http::limit_body(routes, limit)
+        .fallback(anywork_http::no_route)
+        .method_not_allowed_fallback(anywork_http::method_not_allowed)
         .with_state(state)
 }
 
-/// Serves the worker's API on `listener` until `shutdown` completes.
+/// Serves the worker's API on `listener` until `shutdown` completes (with TCP_NODELAY, so
+/// that small SSE frames do not wait for the client's delayed ACK).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: WorkerState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    // Without TCP_NODELAY, small SSE frames wait for the client's delayed ACK (~40 ms).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
-// ---------------------------------------------------------------------------------------------
-// Errors
-
-/// The HTTP status of each [`ErrorKind`]: the one place this mapping is made.
-pub fn status_for(kind: ErrorKind) -> StatusCode {
-    StatusCode::from_u16(kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-}
-
-/// An error answer: `{"error":{"code":..,"message":..}}` with a status.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    error: Error,
-}
-
-impl ApiError {
-    /// An answer with an explicit status (for statuses no [`ErrorKind`] maps to, like 413).
-    pub fn with_status(status: StatusCode, error: Error) -> Self {
-        Self { status, error }
-    }
-
-    /// The HTTP status.
-    pub fn status(&self) -> StatusCode {
-        self.status
-    }
-
-    /// The error.
-    pub fn error(&self) -> &Error {
-        &self.error
-    }
-}
-
-impl From<Error> for ApiError {
-    fn from(error: Error) -> Self {
-        Self {
-            status: status_for(error.kind()),
-            error,
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        if self.status.is_server_error() {
-            tracing::warn!(status = %self.status, error = %self.error, "request failed");
-        }
-        let body = json!({
-            "error": {
-                "code": self.error.kind().as_str(),
-                "message": self.error.message(),
-            }
-        });
-        (self.status, Json(body)).into_response()
-    }
-}
-
-fn rejection(status: StatusCode, message: String) -> ApiError {
-    ApiError::with_status(status, Error::invalid_input(message))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Extractors whose rejections are JSON errors
-
-/// A JSON request body; malformed, mistyped or oversized bodies answer a JSON [`ApiError`].
-#[derive(Debug)]
-pub struct JsonBody<T>(pub T);
-
-impl<T: DeserializeOwned> FromRequest<WorkerState> for JsonBody<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &WorkerState) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(value)) => Ok(Self(value)),
-            Err(rej) => Err(json_rejection(rej, state.config().max_body_bytes)),
-        }
-    }
-}
-
-fn json_rejection(rej: JsonRejection, limit: usize) -> ApiError {
-    let status = rej.status();
-    let message = match &rej {
-        _ if status == StatusCode::PAYLOAD_TOO_LARGE => {
-            format!("the request body is larger than the limit of {limit} bytes")
-        }
-        JsonRejection::MissingJsonContentType(_) => {
-            "the request body must be JSON with `Content-Type: application/json`".to_owned()
-        }
-        JsonRejection::JsonSyntaxError(_) => {
-            format!("the request body is not valid JSON: {}", rej.body_text())
-        }
-        JsonRejection::JsonDataError(_) => {
-            format!("the request body has wrong fields: {}", rej.body_text())
-        }
-        _ => rej.body_text(),
-    };
-    rejection(status, message)
-}
-
-/// A path parameter; a bad one answers a JSON [`ApiError`].
-#[derive(Debug)]
-pub struct PathParam<T>(pub T);
-
-impl<T, S> FromRequestParts<S> for PathParam<T>
-where
-    T: DeserializeOwned + Send,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        match Path::<T>::from_request_parts(parts, state).await {
-            Ok(Path(value)) => Ok(Self(value)),
-            Err(rej) => Err(path_rejection(rej)),
-        }
-    }
-}
-
-fn path_rejection(rej: PathRejection) -> ApiError {
-    rejection(rej.status(), rej.body_text())
-}
-
-/// A query string; a bad one answers a JSON [`ApiError`].
-#[derive(Debug)]
-pub struct QueryParams<T>(pub T);
-
-impl<T, S> FromRequestParts<S> for QueryParams<T>
-where
-    T: DeserializeOwned + Send,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        match Query::<T>::from_request_parts(parts, state).await {
-            Ok(Query(value)) => Ok(Self(value)),
-            Err(rej) => Err(query_rejection(rej)),
-        }
-    }
-}
-
-fn query_rejection(rej: QueryRejection) -> ApiError {
-    rejection(
-        StatusCode::BAD_REQUEST,
-        format!("bad query string: {}", rej.body_text()),
-    )
-}
-
-async fn no_route(method: Method, uri: Uri) -> ApiError {
-    Error::not_found(format!("no route for {method} {}", uri.path())).into()
-}
-
-async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
-    rejection(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!("{method} is not allowed on {}", uri.path()),
-    )
+    anywork_http::serve(listener, router(state), shutdown).await
 }
 
 /// Runs blocking workspace I/O off the async threads.

@@ -6,14 +6,21 @@
 //! - [`api`]: the HTTP API ([`api::router`], [`api::serve`]) that runs tasks on an
 //!   [`Executor`](anywork_core::Executor) and streams their [`TaskEvent`](anywork_core::TaskEvent)s
 //!   as server-sent events.
-//! - [`native`]: [`NativeExecutor`], an agent loop in Rust over the Anthropic or an
-//!   OpenAI-compatible API; [`mcp`]: its MCP client manager.
+//! - `claude` (feature `claude-code`): `ClaudeCodeExecutor`, the Claude Code CLI in
+//!   stream-json mode.
+//! - `native` (feature `native`): `NativeExecutor`, an agent loop in Rust over the Anthropic
+//!   or an OpenAI-compatible API; `native::mcp` (feature `mcp`): its MCP client manager.
+//! - [`select`]: the executor named by `EXECUTOR` or the model settings, among those built in.
 //! - [`state`]: [`WorkerConfig`] and [`WorkerState`], what the handlers share.
+//!
+//! Features `claude-code`, `native` and `mcp` are on by default; without any executor the
+//! crate still builds (an embedder brings its own [`Executor`](anywork_core::Executor)).
 
 pub mod api;
+#[cfg(feature = "claude-code")]
 pub mod claude;
 pub mod history;
-pub mod mcp;
+#[cfg(feature = "native")]
 pub mod native;
 mod run;
 pub mod select;
@@ -21,9 +28,12 @@ pub mod state;
 pub mod workspace;
 
 pub use api::{ApiError, router, serve};
+#[cfg(feature = "claude-code")]
 pub use claude::{ClaudeCodeConfig, ClaudeCodeExecutor, PermissionMode};
 pub use history::{HistoryMessage, Role, ToolCallRecord};
-pub use mcp::{McpClients, McpServerReport, ToolDef, ToolOutcome};
+#[cfg(feature = "mcp")]
+pub use native::mcp::{McpClients, McpServerReport, ToolDef, ToolOutcome};
+#[cfg(feature = "native")]
 pub use native::{NativeConfig, NativeExecutor, Provider, RetryPolicy};
 pub use run::NO_RESULT;
 pub use select::{MODEL_HINT, executor_from_env, executor_from_vars};

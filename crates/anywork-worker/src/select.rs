@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use anywork_core::{Error, Executor, Result};
 
+#[cfg(feature = "claude-code")]
 use crate::claude::{ClaudeCodeConfig, ClaudeCodeExecutor};
+#[cfg(feature = "native")]
 use crate::native::{NativeConfig, NativeExecutor};
 
 /// What to set when no model is configured; shown by the worker and the server.
@@ -26,6 +28,10 @@ pub fn executor_from_env() -> Result<Arc<dyn Executor>> {
 }
 
 /// [`executor_from_env`] over explicit variables (name, value), for tests and embedders.
+///
+/// An executor left out of this build (cargo features `claude-code`, `native`) is never picked
+/// by default; naming it in `EXECUTOR` is an [`Unavailable`](anywork_core::ErrorKind::Unavailable) error that says which
+/// feature is missing.
 pub fn executor_from_vars(
     vars: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Arc<dyn Executor>> {
@@ -33,33 +39,76 @@ pub fn executor_from_vars(
         .into_iter()
         .filter(|(_, v)| !v.trim().is_empty())
         .collect();
-    let native = || -> Result<Arc<dyn Executor>> {
-        let config = NativeConfig::from_lookup(|name| vars.get(name).cloned())?;
-        Ok(Arc::new(NativeExecutor::new(config)?))
-    };
-    let claude = || -> Result<Arc<dyn Executor>> {
-        let config = ClaudeCodeConfig::from_vars(vars.clone())?;
-        Ok(Arc::new(ClaudeCodeExecutor::new(config)))
-    };
     match vars.get("EXECUTOR").map(|s| s.trim()) {
-        Some("claude-code" | "claude") => claude(),
-        Some("native") => native(),
+        Some("claude-code" | "claude") => claude(&vars),
+        Some("native") => native(&vars),
         Some(other) => Err(Error::invalid_input(format!(
             "EXECUTOR={other:?} is not known: use `claude-code` or `native`"
         ))),
         None => {
-            if vars.contains_key("ANTHROPIC_API_KEY")
-                && let Ok(executor) = claude()
-            {
-                return Ok(executor);
+            if vars.contains_key("ANTHROPIC_API_KEY") {
+                match claude(&vars) {
+                    Ok(executor) => return Ok(executor),
+                    // Without the native executor to fall back to, say why Claude Code failed.
+                    Err(e) if !cfg!(feature = "native") => return Err(e),
+                    Err(_) => {}
+                }
             }
             if vars.contains_key("ANTHROPIC_API_KEY") || vars.contains_key("API_KEY") {
-                native()
+                native(&vars)
             } else {
                 Err(Error::invalid_input(MODEL_HINT))
             }
         }
     }
+}
+
+/// The executors of this build, as `EXECUTOR` names them.
+#[cfg(not(all(feature = "claude-code", feature = "native")))]
+const BUILT_IN: &[&str] = &[
+    #[cfg(feature = "claude-code")]
+    "claude-code",
+    #[cfg(feature = "native")]
+    "native",
+];
+
+/// The error for an executor whose cargo feature this build lacks.
+#[cfg(not(all(feature = "claude-code", feature = "native")))]
+fn not_built(executor: &str) -> Error {
+    let built = if BUILT_IN.is_empty() {
+        "it has no executor".to_owned()
+    } else {
+        format!("it has only {}", BUILT_IN.join(", "))
+    };
+    Error::new(
+        anywork_core::ErrorKind::Unavailable,
+        format!(
+            "the `{executor}` executor is not in this build of anywork-worker ({built}): \
+             build it with the cargo feature `{executor}` (on by default)"
+        ),
+    )
+}
+
+#[cfg(feature = "native")]
+fn native(vars: &HashMap<String, String>) -> Result<Arc<dyn Executor>> {
+    let config = NativeConfig::from_lookup(|name| vars.get(name).cloned())?;
+    Ok(Arc::new(NativeExecutor::new(config)?))
+}
+
+#[cfg(not(feature = "native"))]
+fn native(_vars: &HashMap<String, String>) -> Result<Arc<dyn Executor>> {
+    Err(not_built("native"))
+}
+
+#[cfg(feature = "claude-code")]
+fn claude(vars: &HashMap<String, String>) -> Result<Arc<dyn Executor>> {
+    let config = ClaudeCodeConfig::from_vars(vars.clone())?;
+    Ok(Arc::new(ClaudeCodeExecutor::new(config)))
+}
+
+#[cfg(not(feature = "claude-code"))]
+fn claude(_vars: &HashMap<String, String>) -> Result<Arc<dyn Executor>> {
+    Err(not_built("claude-code"))
 }
 
 #[cfg(test)]
@@ -83,6 +132,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "native")]
     fn openai_compatible_settings_pick_the_native_executor() {
         let e = executor_from_vars(vars(&[
             ("API_KEY", "k"),
@@ -94,6 +144,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "native")]
     fn anthropic_key_without_the_cli_falls_back_to_native() {
         let e = executor_from_vars(vars(&[
             ("ANTHROPIC_API_KEY", "k"),
@@ -104,6 +155,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "claude-code")]
     fn anthropic_key_with_the_cli_picks_claude_code() {
         let dir = tempfile::tempdir().unwrap();
         let bin = dir.path().join("claude");
@@ -124,9 +176,52 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("claude-code"), "{err}");
+    }
+
+    #[test]
+    #[cfg(feature = "native")]
+    fn native_without_a_model_is_explained() {
         let err = executor_from_vars(vars(&[("EXECUTOR", "native")]))
             .err()
             .unwrap();
         assert_eq!(err.kind(), anywork_core::ErrorKind::InvalidInput, "{err}");
+    }
+
+    #[test]
+    #[cfg(not(feature = "native"))]
+    fn a_build_without_native_says_so() {
+        for pairs in [
+            &[("EXECUTOR", "native")][..],
+            &[("API_KEY", "k"), ("API_BASE_URL", "http://127.0.0.1:9/v1")][..],
+        ] {
+            let err = executor_from_vars(vars(pairs)).err().unwrap();
+            assert_eq!(err.kind(), anywork_core::ErrorKind::Unavailable, "{err}");
+            assert!(err.message().contains("cargo feature `native`"), "{err}");
+        }
+    }
+
+    #[test]
+    #[cfg(not(feature = "claude-code"))]
+    fn a_build_without_claude_code_says_so() {
+        let err = executor_from_vars(vars(&[
+            ("EXECUTOR", "claude-code"),
+            ("ANTHROPIC_API_KEY", "k"),
+        ]))
+        .err()
+        .unwrap();
+        assert_eq!(err.kind(), anywork_core::ErrorKind::Unavailable, "{err}");
+        assert!(
+            err.message().contains("cargo feature `claude-code`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    #[cfg(not(any(feature = "claude-code", feature = "native")))]
+    fn a_build_without_executors_says_so() {
+        let err = executor_from_vars(vars(&[("ANTHROPIC_API_KEY", "k")]))
+            .err()
+            .unwrap();
+        assert!(err.message().contains("it has no executor"), "{err}");
     }
 }

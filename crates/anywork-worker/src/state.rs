@@ -13,6 +13,7 @@ use crate::workspace::Workspace;
 
 /// The worker's settings. Build with [`WorkerConfig::new`] and the `with_*` methods.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct WorkerConfig {
     /// The workspace root (`WORKSPACE_DIR`).
     pub workspace_root: PathBuf,

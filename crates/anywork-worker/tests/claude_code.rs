@@ -46,12 +46,12 @@ fn workspace() -> tempfile::TempDir {
 }
 
 fn request(ws: &Path, message: &str) -> ExecutionRequest {
-    ExecutionRequest {
-        task_id: TaskId::generate(),
-        session_id: SessionId::new("s-claude-test").unwrap(),
-        message: message.to_owned(),
-        workspace: ws.to_path_buf(),
-    }
+    ExecutionRequest::new(
+        TaskId::generate(),
+        SessionId::new("s-claude-test").unwrap(),
+        message,
+        ws,
+    )
 }
 
 /// Reads events until the stream ends; panics after [`RUN_LIMIT`].

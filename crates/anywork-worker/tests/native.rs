@@ -8,8 +8,8 @@ use anywork_core::{
     TaskOutcome, TaskStatus,
 };
 use anywork_test::fake_llm::{Api, FakeLlm, Reply};
-use anywork_worker::mcp::{McpClients, ToolOutcome};
-use anywork_worker::native::{MISSING_CONFIG, NativeConfig, NativeExecutor, Provider, transcript};
+use anywork_worker::native::mcp::{McpClients, ToolOutcome};
+use anywork_worker::native::{MISSING_CONFIG, NativeConfig, NativeExecutor, Provider};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -44,12 +44,12 @@ fn executor(fake: &FakeLlm, flavor: Flavor) -> NativeExecutor {
 }
 
 fn request(ws: &Path, message: &str) -> ExecutionRequest {
-    ExecutionRequest {
-        task_id: TaskId::generate(),
-        session_id: SessionId::new("s1").unwrap(),
-        message: message.into(),
-        workspace: ws.to_path_buf(),
-    }
+    ExecutionRequest::new(
+        TaskId::generate(),
+        SessionId::new("s1").unwrap(),
+        message,
+        ws,
+    )
 }
 
 /// Reads events up to and including `done` and checks it is the only one, and last.
@@ -640,7 +640,7 @@ async fn the_conversation_continues_across_executors() {
         use std::io::Write;
         let mut file = std::fs::OpenOptions::new()
             .append(true)
-            .open(transcript::path(ws.path()))
+            .open(ws.path().join("sessions/native-transcript.jsonl"))
             .unwrap();
         file.write_all(b"{\"role\":\"user\",\"cont").unwrap();
         drop(file);

@@ -20,7 +20,8 @@ use anywork_core::{
     Channel, Error, ErrorKind, Inbound, InboundRequest, Result, Task, TaskOutcome, TaskRequest,
 };
 use anywork_drivers::StaticDriver;
-use anywork_server::{ApiOptions, AppState, Dispatcher};
+use anywork_runtime::Dispatcher;
+use anywork_server::{ApiOptions, AppState};
 use anywork_store::SqliteStore;
 use axum::Json;
 use axum::extract::{Path, State};
@@ -137,13 +138,10 @@ mod tests {
     }
 
     fn post(token: Option<&str>, body: &str) -> InboundRequest {
-        let mut headers = Vec::new();
-        if let Some(t) = token {
-            headers.push(("x-form-token".to_owned(), t.to_owned()));
-        }
-        InboundRequest {
-            headers,
-            body: body.as_bytes().to_vec(),
+        let request = InboundRequest::new(Vec::new(), body);
+        match token {
+            Some(t) => request.with_header("x-form-token", t),
+            None => request,
         }
     }
 

@@ -1,14 +1,14 @@
 //! Asks a Docker engine for a session's worker through AnyWork's `DockerDriver`: a container
 //! per session on a bridge network, its workspace on a named volume.
 //!
-//! Nothing is pulled: build the worker image first, either from a compiled worker binary
-//! without any base image (what the tests do), or from `deploy/Dockerfile.worker` where a
-//! registry is reachable (bash, git and ripgrep for the agent; the Claude Code CLI with
-//! `--build-arg CLAUDE_CODE=1`):
+//! Nothing is pulled: build the worker image first, either without a registry (a Debian
+//! minimal root made by debootstrap, with bash, git, ripgrep, the worker and the Claude Code
+//! CLI from `pip install claude-agent-sdk`: what the tests use), or from
+//! `deploy/Dockerfile.worker` where a registry is reachable:
 //!
 //! ```sh
 //! cargo build --release -p anywork-worker
-//! deploy/build-test-image.sh target/release/anywork-worker anywork-worker:latest
+//! deploy/build-worker-image.sh target/release/anywork-worker anywork-worker:latest
 //! # or: docker build -f deploy/Dockerfile.worker -t anywork-worker:latest .
 //! ```
 //!

@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use anywork_core::{TaskEvent, TaskRequest};
 use anywork_drivers::StaticDriver;
-use anywork_server::Dispatcher;
+use anywork_runtime::Dispatcher;
 use anywork_store::SqliteStore;
+use futures_util::StreamExt;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -25,20 +26,15 @@ async fn main() -> anyhow::Result<()> {
     let driver = Arc::new(StaticDriver::new(&url)?);
     let dispatcher = Dispatcher::builder(store, driver).start().await?;
 
-    let submitted = dispatcher.submit(TaskRequest::new("cli", message)).await?;
+    // The task, and every event of it as it is stored, until `done`.
+    let (submitted, events) = dispatcher
+        .submit_and_follow(TaskRequest::new("cli", message))
+        .await?;
     let task = submitted.task;
     println!("task {} in session {}", task.id, task.session_id);
-
-    // Every event after seq 0, from the log and then live, until `done`.
-    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    let follower = {
-        let dispatcher = dispatcher.clone();
-        tokio::spawn(
-            async move { anywork_server::follow::follow(&dispatcher, task.id, 0, &tx).await },
-        )
-    };
-    while let Some(live) = rx.recv().await {
-        match live.event {
+    let mut events = std::pin::pin!(events);
+    while let Some(live) = events.next().await {
+        match live?.event {
             TaskEvent::Text { text } => print!("{text}"),
             TaskEvent::Done(outcome) => {
                 println!(
@@ -50,7 +46,6 @@ async fn main() -> anyhow::Result<()> {
             other => eprintln!("[{}]", anywork_core::WireEvent::from(other).kind),
         }
     }
-    follower.await??;
     dispatcher.shutdown(std::time::Duration::from_secs(5)).await;
     Ok(())
 }

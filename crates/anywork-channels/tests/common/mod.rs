@@ -6,13 +6,13 @@ use anywork_core::{Inbound, InboundRequest, NewTask, SessionId, Task, TaskReques
 
 /// A request with `headers` (names as given) and `body`.
 pub fn request(headers: &[(&str, &str)], body: &[u8]) -> InboundRequest {
-    InboundRequest {
-        headers: headers
+    InboundRequest::new(
+        headers
             .iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned()))
             .collect(),
-        body: body.to_vec(),
-    }
+        body.to_vec(),
+    )
 }
 
 /// Hex HMAC-SHA256 of the concatenated parts.

@@ -1,7 +1,8 @@
 //! The JSON shapes of the REST API, as the original AnyWork spells them: session rows in
-//! snake_case, tasks in camelCase, times in unix seconds.
+//! snake_case, times in unix seconds. Tasks (camelCase) are [`anywork_core::WireTask`], which
+//! push notifications share.
 
-use anywork_core::{Session, SessionSummary, Task, TaskLog, WireEvent};
+use anywork_core::{Session, SessionSummary, TaskLog, WireEvent};
 use serde_json::{Value, json};
 
 /// A session row.
@@ -25,28 +26,6 @@ pub fn summary_json(s: &SessionSummary) -> Value {
     v["task_count"] = json!(s.task_count);
     v["active_task_count"] = json!(s.active_task_count);
     v
-}
-
-/// A task.
-pub fn task_json(t: &Task) -> Value {
-    json!({
-        "id": t.id,
-        "sessionId": t.session_id,
-        "channelType": t.channel_type,
-        "status": t.status,
-        "message": t.message,
-        "result": t.result,
-        "structuredOutput": t.structured_output,
-        "error": t.error,
-        "costUsd": t.cost_usd,
-        "usage": t.usage,
-        "numTurns": t.num_turns,
-        "durationMs": t.duration_ms,
-        "workerId": t.worker_id,
-        "createdAt": t.created_at.as_secs(),
-        "startedAt": t.started_at.map(|t| t.as_secs()),
-        "finishedAt": t.finished_at.map(|t| t.as_secs()),
-    })
 }
 
 /// A task log entry: `{seq, type, content, metadata, timestamp}`.

@@ -1,8 +1,8 @@
 //! The HTTP side: REST API, WebSocket, web UI, OpenAPI document and metrics, over a
-//! [`Dispatcher`]. [`router`] gives an axum `Router` an embedder can nest in its own app.
+//! [`Dispatcher`]. Offered in pieces an embedder can mount alone ([`api_router`],
+//! [`ws_router`], [`ui_router`]) or all together ([`router`]).
 
 pub mod dto;
-mod extract;
 mod openapi;
 mod rest;
 #[cfg(test)]
@@ -11,23 +11,26 @@ mod ui;
 mod ws;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use anywork_runtime::Dispatcher;
+use anywork_runtime::prometheus_client::metrics::gauge::Gauge;
+use anywork_runtime::prometheus_client::registry::Registry;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{get, post};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
-pub use extract::{ApiError, status_for};
+pub use anywork_http::{ApiError, status_for};
 pub use openapi::openapi_document;
 
-use crate::dispatcher::Dispatcher;
-
-/// Options of the HTTP API.
+/// Options of the HTTP API. Start from [`Default`] and set the fields you need: new fields may
+/// come in minor releases.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ApiOptions {
     /// Reported by `/api/health`.
     pub version: String,
@@ -35,7 +38,7 @@ pub struct ApiOptions {
     pub warning: Option<String>,
     /// Whether the worker answers from the built-in fake model (the UI labels it).
     pub demo: bool,
-    /// Origins allowed by CORS: empty for none, `*` for any.
+    /// Origins allowed by CORS ([`router`] only): empty for none, `*` for any.
     pub cors_origins: Vec<String>,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
@@ -66,18 +69,29 @@ pub struct AppState {
 struct StateInner {
     dispatcher: Dispatcher,
     options: ApiOptions,
-    websockets: AtomicUsize,
+    websockets: Gauge,
+    metrics: Registry,
     closing: tokio_util::sync::CancellationToken,
 }
 
 impl AppState {
-    /// State over `dispatcher`.
+    /// State over `dispatcher`; `/metrics` shows the dispatcher's metrics and the WebSocket
+    /// connections.
     pub fn new(dispatcher: Dispatcher, options: ApiOptions) -> Self {
+        let websockets = Gauge::default();
+        let mut metrics = Registry::default();
+        dispatcher.register_metrics(&mut metrics);
+        metrics.register(
+            "anywork_websocket_connections",
+            "Open WebSocket connections",
+            websockets.clone(),
+        );
         Self {
             inner: Arc::new(StateInner {
                 dispatcher,
                 options,
-                websockets: AtomicUsize::new(0),
+                websockets,
+                metrics,
                 closing: tokio_util::sync::CancellationToken::new(),
             }),
         }
@@ -95,7 +109,7 @@ impl AppState {
 
     /// Open WebSocket connections.
     pub fn websockets(&self) -> usize {
-        self.inner.websockets.load(Ordering::Relaxed)
+        self.inner.websockets.get().max(0) as usize
     }
 
     /// Fires when the server shuts down (WebSocket connections close on it).
@@ -103,8 +117,12 @@ impl AppState {
         &self.inner.closing
     }
 
+    fn metrics(&self) -> &Registry {
+        &self.inner.metrics
+    }
+
     fn ws_opened(&self) -> WsGuard {
-        self.inner.websockets.fetch_add(1, Ordering::Relaxed);
+        self.inner.websockets.inc();
         WsGuard(self.clone())
     }
 }
@@ -114,12 +132,13 @@ struct WsGuard(AppState);
 
 impl Drop for WsGuard {
     fn drop(&mut self) {
-        self.0.inner.websockets.fetch_sub(1, Ordering::Relaxed);
+        self.0.inner.websockets.dec();
     }
 }
 
-/// All routes: `/api/...`, `/ws`, `/metrics` and the web UI.
-pub fn router(state: AppState) -> Router {
+/// The REST API (`/api/...`) and `/metrics`, with the body limit of [`ApiOptions`]. No
+/// fallback, so that it merges into any app; [`router`] adds JSON 404s.
+pub fn api_router(state: AppState) -> Router {
     let limit = state.options().max_body_bytes;
     let api = Router::new()
         .route("/api/health", get(rest::health))
@@ -148,91 +167,110 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/admin/workers", get(rest::workers))
         .route("/metrics", get(rest::metrics))
+        .method_not_allowed_fallback(anywork_http::method_not_allowed);
+    anywork_http::limit_body(api, limit).with_state(state)
+}
+
+/// The WebSocket endpoint `/ws` (chat, follow, resume, cancel, input answers).
+pub fn ws_router(state: AppState) -> Router {
+    Router::new()
         .route("/ws", get(ws::upgrade))
+        .method_not_allowed_fallback(anywork_http::method_not_allowed)
+        .with_state(state)
+}
+
+/// The web UI: `/`, `/app.js`, `/style.css`, compiled in.
+pub fn ui_router() -> Router {
+    Router::new()
         .route("/", get(ui::index))
         .route("/app.js", get(ui::script))
         .route("/style.css", get(ui::style))
-        .fallback(extract::no_route)
-        .method_not_allowed_fallback(extract::method_not_allowed)
-        .layer(DefaultBodyLimit::max(limit));
-    let cors = !state.options().cors_origins.is_empty();
-    let app = api.with_state(state.clone());
-    if cors {
-        app.layer(middleware::from_fn_with_state(state, cors_layer))
-    } else {
-        app
+        .method_not_allowed_fallback(anywork_http::method_not_allowed)
+}
+
+/// All routes: [`api_router`], [`ws_router`] and [`ui_router`], JSON 404s for unknown routes,
+/// and CORS for [`ApiOptions::cors_origins`].
+pub fn router(state: AppState) -> Router {
+    let cors = cors_layer(&state.options().cors_origins);
+    let app = api_router(state.clone())
+        .merge(ws_router(state))
+        .merge(ui_router())
+        .fallback(anywork_http::no_route);
+    match cors {
+        Some(cors) => app.layer(cors).layer(middleware::from_fn(preflight_status)),
+        None => app,
     }
 }
 
-/// Serves `router(state)` on `listener` until `shutdown` completes, with TCP_NODELAY (small
-/// WebSocket frames would otherwise wait for delayed ACKs).
+/// Serves [`router`]`(state)` on `listener` until `shutdown` completes (TCP_NODELAY: see
+/// [`anywork_http::serve`]); open WebSocket connections are closed when it does.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     let closing = state.closing().clone();
     let shutdown = async move {
         shutdown.await;
         // WebSocket connections would keep a graceful shutdown waiting forever.
         closing.cancel();
     };
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    anywork_http::serve(listener, router(state), shutdown).await
 }
 
-/// CORS for the configured origins: answers preflights and marks responses.
-async fn cors_layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let origin = request
-        .headers()
-        .get(header::ORIGIN)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let allowed = origin.as_deref().and_then(|o| {
-        let origins = &state.options().cors_origins;
-        if origins.iter().any(|a| a == "*") {
-            Some("*".to_owned())
-        } else {
-            origins.iter().find(|a| a.as_str() == o).cloned()
-        }
-    });
+/// CORS for `origins` (`*` for any), or none when the list is empty.
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect::<Vec<_>>(),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::PATCH,
+                Method::DELETE,
+                Method::OPTIONS,
+            ])
+            .allow_headers([
+                header::CONTENT_TYPE,
+                header::AUTHORIZATION,
+                header::HeaderName::from_static("x-webhook-secret"),
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
+}
+
+/// The status of a preflight the CORS layer answered: 204 when it allowed the origin (an
+/// `Access-Control-Allow-Origin` in its answer), else 403, so that a foreign origin gets a
+/// plain refusal.
+async fn preflight_status(request: Request, next: Next) -> Response {
     let preflight = request.method() == Method::OPTIONS
         && request
             .headers()
             .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    let mut response = if preflight {
-        if allowed.is_some() {
-            StatusCode::NO_CONTENT.into_response()
+    let mut response = next.run(request).await;
+    if preflight {
+        let allowed = response
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN);
+        *response.status_mut() = if allowed {
+            StatusCode::NO_CONTENT
         } else {
-            StatusCode::FORBIDDEN.into_response()
-        }
-    } else {
-        next.run(request).await
-    };
-    if let Some(allowed) = allowed
-        && let Ok(value) = HeaderValue::from_str(&allowed)
-    {
-        let h = response.headers_mut();
-        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
-        h.insert(header::VARY, HeaderValue::from_static("Origin"));
-        if preflight {
-            h.insert(
-                header::ACCESS_CONTROL_ALLOW_METHODS,
-                HeaderValue::from_static("GET, POST, PUT, PATCH, DELETE, OPTIONS"),
-            );
-            h.insert(
-                header::ACCESS_CONTROL_ALLOW_HEADERS,
-                HeaderValue::from_static("content-type, authorization, x-webhook-secret"),
-            );
-            h.insert(
-                header::ACCESS_CONTROL_MAX_AGE,
-                HeaderValue::from_static("600"),
-            );
-        }
+            StatusCode::FORBIDDEN
+        };
     }
     response
 }

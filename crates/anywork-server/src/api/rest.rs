@@ -3,22 +3,22 @@
 use std::time::Duration;
 
 use anywork_core::{
-    Error, ErrorKind, Inbound, InboundRequest, InputResponse, NewSession, Page, PushNotification,
-    SessionId, SkillSpec, TaskId, TaskRequest, session::validate_title, spec::McpServers,
+    Error, InboundRequest, InputResponse, NewSession, Page, PushNotification, SessionId, SkillSpec,
+    TaskId, TaskRequest, WireTask, spec::McpServers,
 };
+use anywork_http::{ApiError, JsonBody, PathParam, QueryParams};
+use anywork_runtime::{InboundOutcome, WorkspaceDoc};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
 use super::AppState;
-use super::dto::{log_json, session_json, summary_json, task_json};
-use super::extract::{ApiError, JsonBody, PathParam, QueryParams};
-use crate::metrics::Gauges;
+use super::dto::{log_json, session_json, summary_json};
 
 type ApiResult<T = Json<Value>> = Result<T, ApiError>;
 
@@ -27,7 +27,7 @@ pub(crate) async fn health(State(state): State<AppState>) -> Json<Value> {
     let mut body = json!({
         "status": "ok",
         "version": options.version,
-        "driver": state.dispatcher().driver().name(),
+        "driver": state.dispatcher().driver_name(),
         "demo": options.demo,
     });
     if let Some(w) = &options.warning {
@@ -40,21 +40,16 @@ pub(crate) async fn openapi() -> Json<Value> {
     Json(super::openapi_document())
 }
 
-pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
-    let d = state.dispatcher();
-    let text = d.metrics().render(Gauges {
-        queue_depth: d.queue_depth(),
-        running: d.running(),
-        websockets: state.websockets(),
-    });
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+pub(crate) async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    use anywork_runtime::prometheus_client::encoding::prometheus_text;
+    let mut text = String::with_capacity(2048);
+    prometheus_text::encode(&mut text, state.metrics())
+        .map_err(|e| Error::internal(format!("cannot render the metrics: {e}")))?;
+    Ok((
+        [(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)],
         text,
     )
-        .into_response()
+        .into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -78,11 +73,7 @@ pub(crate) async fn list_sessions(
     State(state): State<AppState>,
     QueryParams(q): QueryParams<PageQuery>,
 ) -> ApiResult {
-    let sessions = state
-        .dispatcher()
-        .store()
-        .list_sessions(q.page(50, 500))
-        .await?;
+    let sessions = state.dispatcher().sessions(q.page(50, 500)).await?;
     Ok(Json(
         json!({"sessions": sessions.iter().map(summary_json).collect::<Vec<_>>()}),
     ))
@@ -112,12 +103,10 @@ pub(crate) async fn create_session(
             .map_err(|e| Error::invalid_input(format!("the request body has wrong fields: {e}")))?
     };
     let mut new = NewSession::new(body.channel_type.as_deref().unwrap_or("webchat"));
-    anywork_core::spec::validate_name("channel type", &new.channel_type)?;
     if let Some(title) = body.title {
-        validate_title(&title)?;
         new.title = title;
     }
-    let session = state.dispatcher().store().create_session(new).await?;
+    let session = state.dispatcher().create_session(new).await?;
     Ok((StatusCode::CREATED, Json(session_json(&session))))
 }
 
@@ -125,7 +114,7 @@ pub(crate) async fn get_session(
     State(state): State<AppState>,
     PathParam(id): PathParam<SessionId>,
 ) -> ApiResult {
-    let session = state.dispatcher().store().get_session(&id).await?;
+    let session = state.dispatcher().session(&id).await?;
     Ok(Json(session_json(&session)))
 }
 
@@ -140,15 +129,7 @@ pub(crate) async fn rename_session(
     PathParam(id): PathParam<SessionId>,
     JsonBody(body): JsonBody<Rename>,
 ) -> ApiResult {
-    if body.title.trim().is_empty() {
-        return Err(Error::invalid_input("`title` must not be empty").into());
-    }
-    validate_title(&body.title)?;
-    state
-        .dispatcher()
-        .store()
-        .set_session_title(&id, body.title.trim())
-        .await?;
+    state.dispatcher().rename_session(&id, &body.title).await?;
     Ok(Json(json!({"success": true})))
 }
 
@@ -156,30 +137,7 @@ pub(crate) async fn delete_session(
     State(state): State<AppState>,
     PathParam(id): PathParam<SessionId>,
 ) -> ApiResult {
-    let d = state.dispatcher();
-    d.store().get_session(&id).await?;
-    // Stop what still runs, so no worker keeps working for a deleted session.
-    let mut offset = 0;
-    loop {
-        let page = Page { limit: 500, offset };
-        let tasks = d.store().tasks_by_session(&id, page).await?;
-        for t in tasks.iter().filter(|t| t.status.is_active()) {
-            if let Err(e) = d.cancel(t.id).await
-                && e.kind() != ErrorKind::Conflict
-            {
-                tracing::warn!(task = %t.id, error = %e, "cannot cancel a task of a deleted session");
-            }
-        }
-        if tasks.len() < page.limit as usize {
-            break;
-        }
-        offset += page.limit;
-    }
-    d.store().delete_session(&id).await?;
-    // The session is gone for good: its worker and its workspace storage (volume, claim) too.
-    if let Err(e) = d.driver().purge(&id).await {
-        tracing::warn!(session = %id, error = %e, "cannot purge the session's worker and workspace");
-    }
+    state.dispatcher().delete_session(&id).await?;
     Ok(Json(json!({"success": true})))
 }
 
@@ -188,11 +146,12 @@ pub(crate) async fn session_tasks(
     PathParam(id): PathParam<SessionId>,
     QueryParams(q): QueryParams<PageQuery>,
 ) -> ApiResult {
-    let store = state.dispatcher().store();
-    store.get_session(&id).await?;
-    let tasks = store.tasks_by_session(&id, q.page(200, 1000)).await?;
+    let tasks = state
+        .dispatcher()
+        .session_tasks(&id, q.page(200, 1000))
+        .await?;
     Ok(Json(
-        json!({"tasks": tasks.iter().map(task_json).collect::<Vec<_>>()}),
+        json!({"tasks": tasks.iter().map(WireTask::from).collect::<Vec<_>>()}),
     ))
 }
 
@@ -200,19 +159,7 @@ pub(crate) async fn session_messages(
     State(state): State<AppState>,
     PathParam(id): PathParam<SessionId>,
 ) -> ApiResult {
-    let d = state.dispatcher();
-    d.store().get_session(&id).await?;
-    let history = async {
-        let worker = d.driver().get_worker(&id).await?;
-        d.worker_client().messages(&worker, &id).await
-    };
-    let messages = match history.await {
-        Ok(v) => v.get("messages").cloned().unwrap_or(v),
-        Err(e) => {
-            tracing::info!(session = %id, error = %e, "no history from the worker");
-            json!([])
-        }
-    };
+    let messages = state.dispatcher().session_messages(&id).await?;
     Ok(Json(json!({"messages": messages})))
 }
 
@@ -241,18 +188,16 @@ pub(crate) async fn create_task(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<CreateTask>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let request = TaskRequest {
-        session_id: body.session_id,
-        session_mode: Default::default(),
-        channel_type: body.channel_type.unwrap_or_else(|| "api".to_owned()),
-        channel_key: body.channel_key,
-        channel_meta: body.channel_meta,
-        message: body.message,
-        skills: body.skills,
-        mcp_servers: body.mcp_servers,
-        push_notification: body.push_notification,
-        idempotency_key: None,
-    };
+    let mut request = TaskRequest::new(
+        body.channel_type.unwrap_or_else(|| "api".to_owned()),
+        body.message,
+    );
+    request.session_id = body.session_id;
+    request.channel_key = body.channel_key;
+    request.channel_meta = body.channel_meta;
+    request.skills = body.skills;
+    request.mcp_servers = body.mcp_servers;
+    request.push_notification = body.push_notification;
     let submitted = state.dispatcher().submit(request).await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -267,9 +212,9 @@ pub(crate) async fn create_task(
 pub(crate) async fn get_task(
     State(state): State<AppState>,
     PathParam(id): PathParam<TaskId>,
-) -> ApiResult {
-    let task = state.dispatcher().store().get_task(id).await?;
-    Ok(Json(task_json(&task)))
+) -> ApiResult<Json<WireTask>> {
+    let task = state.dispatcher().task(id).await?;
+    Ok(Json(WireTask::from(&task)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -290,9 +235,8 @@ pub(crate) async fn task_logs(
 ) -> ApiResult {
     let d = state.dispatcher();
     let limit = q.limit.unwrap_or(100).clamp(1, 500);
-    d.store().get_task(id).await?;
     // One more than asked, to tell whether there is more.
-    let mut logs = d.store().read_logs(id, q.after, limit + 1).await?;
+    let mut logs = d.task_logs(id, q.after, limit + 1).await?;
     let wait = q
         .wait
         .filter(|w| w.is_finite() && *w > 0.0)
@@ -300,15 +244,11 @@ pub(crate) async fn task_logs(
     if logs.is_empty()
         && let Some(wait) = wait
     {
-        // Long-poll: wait for the first new event, then answer from the log.
-        let (tx, mut rx) = mpsc::channel(1);
-        let follow = crate::follow::follow(d, id, q.after, &tx);
-        tokio::select! {
-            _ = follow => {}
-            _ = rx.recv() => {}
-            _ = tokio::time::sleep(wait) => {}
-        }
-        logs = d.store().read_logs(id, q.after, limit + 1).await?;
+        // Long-poll: wait for the first new event (or the end of the task's events), then
+        // answer from the log.
+        let mut events = std::pin::pin!(d.events(id, q.after));
+        let _ = tokio::time::timeout(wait, events.next()).await;
+        logs = d.task_logs(id, q.after, limit + 1).await?;
     }
     let has_more = logs.len() > limit as usize;
     logs.truncate(limit as usize);
@@ -323,9 +263,9 @@ pub(crate) async fn task_logs(
 pub(crate) async fn cancel_task(
     State(state): State<AppState>,
     PathParam(id): PathParam<TaskId>,
-) -> ApiResult {
+) -> ApiResult<Json<WireTask>> {
     let task = state.dispatcher().cancel(id).await?;
-    Ok(Json(task_json(&task)))
+    Ok(Json(WireTask::from(&task)))
 }
 
 pub(crate) async fn answer_task(
@@ -343,76 +283,33 @@ pub(crate) async fn channel_webhook(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let d = state.dispatcher();
-    let channel = d.channel(&channel_type).cloned().ok_or_else(|| {
-        Error::not_found(format!("no channel of type {channel_type:?} is configured"))
-    })?;
-    let request = InboundRequest {
-        headers: headers
+    let request = InboundRequest::new(
+        headers
             .iter()
             .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
             .collect(),
-        body: body.to_vec(),
-    };
-    match channel.parse(request).await? {
-        Inbound::Task(mut request) => {
-            request.channel_type = channel_type;
-            let submitted = d.submit(*request).await?;
-            Ok((
-                StatusCode::ACCEPTED,
-                Json(json!({"taskId": submitted.task.id, "sessionId": submitted.task.session_id})),
-            )
-                .into_response())
-        }
-        Inbound::Respond(body) => Ok(Json(body).into_response()),
-        Inbound::Skip { reason } => {
+        body.to_vec(),
+    );
+    match state.dispatcher().inbound(&channel_type, request).await? {
+        InboundOutcome::Submitted(submitted) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"taskId": submitted.task.id, "sessionId": submitted.task.session_id})),
+        )
+            .into_response()),
+        InboundOutcome::Skipped { reason } => {
             Ok(Json(json!({"ok": true, "skipped": true, "reason": reason})).into_response())
         }
-        // FollowUp / AnswerOnly (and any later kind) need the runtime's session lookup and
-        // input answering (issue 14); until that is wired, they run nothing.
-        other => Ok(Json(json!({"ok": true, "skipped": true,
-            "reason": format!("{} requests are not handled by this server yet", inbound_kind(&other))}))
-        .into_response()),
+        other => Err(Error::internal(format!("unexpected inbound outcome {other:?}")).into()),
     }
-}
-
-fn inbound_kind(inbound: &Inbound) -> &'static str {
-    match inbound {
-        Inbound::Task(_) => "task",
-        Inbound::FollowUp(_) => "follow-up",
-        Inbound::AnswerOnly(_) => "answer",
-        Inbound::Respond(_) => "respond",
-        Inbound::Skip { .. } => "skip",
-        _ => "unknown",
-    }
-}
-
-fn doc_name(file: &str) -> Result<&'static str, ApiError> {
-    match file {
-        "soul" => Ok("soul"),
-        "agents" => Ok("agents"),
-        _ => Err(ApiError::from(Error::not_found(format!(
-            "no workspace file {file:?}; use `soul` or `agents`"
-        )))),
-    }
-}
-
-/// The session id used to reach a worker for workspace-wide files.
-fn workspace_session() -> SessionId {
-    SessionId::new("workspace").unwrap_or_else(|_| SessionId::generate())
 }
 
 pub(crate) async fn get_workspace_doc(
     State(state): State<AppState>,
     PathParam(file): PathParam<String>,
 ) -> ApiResult {
-    let doc = doc_name(&file)?;
-    let d = state.dispatcher();
-    let worker = d.any_worker(&workspace_session()).await?;
-    let v = d.worker_client().get_doc(&worker, doc).await?;
-    Ok(Json(
-        json!({"file": v.get("file"), "content": v.get("content")}),
-    ))
+    let doc: WorkspaceDoc = file.parse()?;
+    let doc = state.dispatcher().workspace_doc(doc).await?;
+    Ok(Json(json!({"file": doc.file, "content": doc.content})))
 }
 
 #[derive(Debug, Deserialize)]
@@ -426,23 +323,19 @@ pub(crate) async fn put_workspace_doc(
     PathParam(file): PathParam<String>,
     JsonBody(body): JsonBody<DocBody>,
 ) -> ApiResult {
-    let doc = doc_name(&file)?;
-    let d = state.dispatcher();
-    let worker = d.any_worker(&workspace_session()).await?;
-    let v = d
-        .worker_client()
-        .put_doc(&worker, doc, &body.content)
+    let doc: WorkspaceDoc = file.parse()?;
+    let doc = state
+        .dispatcher()
+        .put_workspace_doc(doc, &body.content)
         .await?;
-    Ok(Json(
-        json!({"file": v.get("file"), "content": body.content}),
-    ))
+    Ok(Json(json!({"file": doc.file, "content": doc.content})))
 }
 
 pub(crate) async fn workers(State(state): State<AppState>) -> ApiResult {
-    let driver = state.dispatcher().driver();
-    let workers = driver.list().await?;
+    let d = state.dispatcher();
+    let workers = d.workers().await?;
     Ok(Json(json!({
-        "driver": driver.name(),
+        "driver": d.driver_name(),
         "workers": workers,
         "running": state.dispatcher().running(),
         "queueDepth": state.dispatcher().queue_depth(),

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 use super::{ApiOptions, AppState, router};
-use crate::dispatcher::{Backoff, Dispatcher, DispatcherConfig};
+use anywork_runtime::{Backoff, Dispatcher, DispatcherConfig};
 
 /// A channel for the webhook route: `x-secret: s` or 401; body `skip` is skipped.
 #[derive(Default)]
@@ -66,15 +66,10 @@ async fn app_over(
     driver: Arc<dyn ContainerDriver>,
     options: ApiOptions,
 ) -> (axum::Router, AppState) {
+    let mut config = DispatcherConfig::default();
+    config.retry = Backoff::new(1000, Duration::from_millis(200), Duration::from_millis(200));
     let dispatcher = Dispatcher::builder(Arc::new(MemoryStore::new()), driver)
-        .config(DispatcherConfig {
-            retry: Backoff {
-                attempts: 1000,
-                initial: Duration::from_millis(200),
-                max: Duration::from_millis(200),
-            },
-            ..DispatcherConfig::default()
-        })
+        .config(config)
         .channel(Arc::new(TestChannel::default()))
         .start()
         .await
@@ -386,7 +381,8 @@ async fn every_documented_route_exists_and_metrics_render() {
         let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap();
         let (_, b) = call(&app, method.clone(), &uri, Some("{}")).await;
         assert_ne!(
-            b["error"]["message"], "no such route",
+            b["error"]["message"],
+            format!("no route for {method} {uri}"),
             "{method} {path} is documented but not routed"
         );
         assert!(doc["paths"][path][method.as_str().to_ascii_lowercase()].is_object());
@@ -403,11 +399,11 @@ async fn every_documented_route_exists_and_metrics_render() {
 
 #[tokio::test]
 async fn cors_answers_configured_origins_only() {
-    let (app, _) = app_with(ApiOptions {
+    let options = ApiOptions {
         cors_origins: vec!["http://app.example".into()],
         ..ApiOptions::default()
-    })
-    .await;
+    };
+    let (app, _) = app_with(options).await;
     let preflight = |origin: &'static str| {
         Request::builder()
             .method(Method::OPTIONS)

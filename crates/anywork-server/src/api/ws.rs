@@ -8,14 +8,15 @@ use std::collections::{HashMap, HashSet};
 
 use anywork_core::ws::{ClientMessage, ServerMessage};
 use anywork_core::{Error, SessionId, TaskId, TaskRequest};
+use anywork_runtime::LiveEvent;
 use axum::extract::State;
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
+use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::AppState;
-use crate::hub::LiveEvent;
 
 /// Channel type of tasks made over the WebSocket.
 pub const WEBCHAT: &str = "webchat";
@@ -55,7 +56,7 @@ async fn connection(state: AppState, mut socket: WebSocket) {
     let _guard = state.ws_opened();
     let (events_tx, mut events) = mpsc::channel::<LiveEvent>(64);
     let (replies_tx, mut replies) = mpsc::channel::<ServerMessage>(16);
-    let mut notices = state.dispatcher().hub().notices();
+    let mut notices = state.dispatcher().notices();
     let closing = state.closing().clone();
     let mut conn = Connection {
         state,
@@ -150,7 +151,7 @@ impl Connection {
                 mcp_servers,
             } => self.chat(session_id, message, skills, mcp_servers).await,
             ClientMessage::Resume { task_id, after_seq } => {
-                match self.state.dispatcher().store().get_task(task_id).await {
+                match self.state.dispatcher().task(task_id).await {
                     Ok(task) => {
                         self.sessions.insert(task.session_id);
                         self.follow(task_id, after_seq);
@@ -193,7 +194,7 @@ impl Connection {
         request.skills = skills;
         request.mcp_servers = mcp_servers;
         match self.state.dispatcher().submit_and_follow(request).await {
-            Ok((submitted, live)) => {
+            Ok((submitted, events)) => {
                 let task = submitted.task;
                 self.sessions.insert(task.session_id.clone());
                 let mut out = Vec::with_capacity(2);
@@ -206,10 +207,7 @@ impl Connection {
                     session_id: task.session_id.clone(),
                     task_id: task.id,
                 });
-                let id = task.id;
-                self.spawn_follower(id, move |d, events| async move {
-                    crate::follow::follow_submitted(&d, &task, live, &events).await
-                });
+                self.spawn_follower(task.id, events);
                 out
             }
             Err(e) => vec![task_error(session_id, None, &e)],
@@ -217,30 +215,36 @@ impl Connection {
     }
 
     fn follow(&mut self, task_id: TaskId, after: u64) {
-        self.spawn_follower(task_id, move |d, events| async move {
-            crate::follow::follow(&d, task_id, after, &events).await
-        });
+        let events = self.state.dispatcher().events(task_id, after);
+        self.spawn_follower(task_id, events);
     }
 
-    /// Runs `follow` (given the dispatcher and this connection's event queue) as the one
-    /// follower of `task_id` (a resume replaces the old one); its error goes to the client.
-    fn spawn_follower<F, Fut>(&mut self, task_id: TaskId, follow: F)
-    where
-        F: FnOnce(crate::Dispatcher, mpsc::Sender<LiveEvent>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = anywork_core::Result<()>> + Send,
-    {
+    /// Forwards `events` to this connection as the one follower of `task_id` (a resume
+    /// replaces the old one); an error goes to the client and ends the follow.
+    fn spawn_follower(
+        &mut self,
+        task_id: TaskId,
+        events: impl Stream<Item = anywork_core::Result<LiveEvent>> + Send + 'static,
+    ) {
         if let Some(old) = self.followers.remove(&task_id) {
             old.abort();
         }
         self.followers.retain(|_, h| !h.is_finished());
-        let (d, events, replies) = (
-            self.state.dispatcher().clone(),
-            self.events.clone(),
-            self.replies.clone(),
-        );
+        let (out, replies) = (self.events.clone(), self.replies.clone());
         let handle = tokio::spawn(async move {
-            if let Err(e) = follow(d, events).await {
-                let _ = replies.send(task_error(None, Some(task_id), &e)).await;
+            let mut events = std::pin::pin!(events);
+            while let Some(item) = events.next().await {
+                match item {
+                    Ok(event) => {
+                        if out.send(event).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = replies.send(task_error(None, Some(task_id), &e)).await;
+                        return;
+                    }
+                }
             }
         });
         self.followers.insert(task_id, handle);

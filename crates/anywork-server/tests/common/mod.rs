@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anywork_drivers::StaticDriver;
-use anywork_server::{ApiOptions, AppState, Dispatcher, DispatcherConfig, Titler};
+use anywork_runtime::{Backoff, Dispatcher, DispatcherConfig, FirstWords, TitleGenerator};
+use anywork_server::{ApiOptions, AppState};
 use anywork_store::SqliteStore;
 use anywork_test::fake_llm::FakeLlm;
 use futures_util::{SinkExt, StreamExt};
@@ -97,25 +98,20 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(worker_url: &str) -> TestServer {
-        Self::start_with(
-            worker_url,
-            DispatcherConfig::default(),
-            Titler::first_words(),
-        )
-        .await
+        Self::start_with(worker_url, DispatcherConfig::default(), FirstWords).await
     }
 
     pub async fn start_with(
         worker_url: &str,
         config: DispatcherConfig,
-        titler: Titler,
+        titles: impl TitleGenerator,
     ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open_in_dir(dir.path()).await.unwrap());
         let driver = Arc::new(StaticDriver::new(worker_url).unwrap());
         let dispatcher = Dispatcher::builder(store, driver)
             .config(config)
-            .titler(titler)
+            .titles(titles)
             .start()
             .await
             .unwrap();
@@ -136,13 +132,11 @@ impl TestServer {
     }
 
     /// A server whose static worker URL has nobody listening, retrying the driver per `retry`.
-    pub async fn without_worker(retry: anywork_server::Backoff) -> TestServer {
-        let config = DispatcherConfig {
-            retry,
-            ..DispatcherConfig::default()
-        };
+    pub async fn without_worker(retry: Backoff) -> TestServer {
+        let mut config = DispatcherConfig::default();
+        config.retry = retry;
         let url = format!("http://127.0.0.1:{}", free_port());
-        Self::start_with(&url, config, Titler::first_words()).await
+        Self::start_with(&url, config, FirstWords).await
     }
 
     pub fn dispatcher(&self) -> &Dispatcher {

@@ -13,13 +13,15 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::config::NativeConfig;
+use super::mcp::{McpClients, McpServerReport};
+use super::model::ToolDef;
 use super::model::{
     ApiFailure, Emitter, Message, ModelBackend, Part, Role, StopReason, TurnRequest, truncate_chars,
 };
 use super::skills::{self, Skill};
+use super::tools::ToolOutcome;
 use super::tools::{self, Builtins};
 use super::{pricing, transcript};
-use crate::mcp::{McpClients, McpServerReport, ToolDef, ToolOutcome};
 
 /// Name of the tool that asks the user.
 pub const ASK_USER: &str = "ask_user";

@@ -18,6 +18,7 @@ or API_KEY, API_BASE_URL and MODEL for an OpenAI-compatible chat completions API
 
 /// Which wire format to speak, where, and with which key.
 #[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Provider {
     /// The Anthropic Messages API (`POST {base_url}/v1/messages`).
     Anthropic {
@@ -74,8 +75,10 @@ impl Provider {
     }
 }
 
-/// How failed model requests are retried: exponential backoff with jitter.
+/// How failed model requests are retried: exponential backoff with jitter. Start from
+/// `RetryPolicy::default()`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RetryPolicy {
     /// Tries per model request, the first included (at least 1).
     pub max_attempts: u32,
@@ -105,8 +108,10 @@ impl RetryPolicy {
     }
 }
 
-/// Everything the [`NativeExecutor`](super::NativeExecutor) needs.
+/// Everything the [`NativeExecutor`](super::NativeExecutor) needs. Build it with
+/// [`NativeConfig::new`] or [`NativeConfig::from_lookup`], then set fields.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct NativeConfig {
     /// The model API.
     pub provider: Provider,

@@ -1,7 +1,7 @@
 //! [`NativeExecutor`]: an agent loop in Rust that calls a model API directly.
 //!
 //! Each run: scan the workspace's skills, connect the MCP servers of its `.mcp.json` (see
-//! [`crate::mcp`]), emit `init`, load the conversation from
+//! [`mcp`]), emit `init`, load the conversation from
 //! `<ws>/sessions/native-transcript.jsonl`, then call the model and run the tools it asks
 //! for until it answers without tool calls, streaming `text`, `thinking`, `tool_call`,
 //! `tool_result` and `usage` events, and end with exactly one `done`.
@@ -11,23 +11,24 @@
 //!   was streamed yet.
 //! - Tools: `bash`, `read_file`, `write_file`, `edit_file`, `list_files`, `grep` (confined
 //!   to the workspace), `ask_user` (an `input_required` event answered through
-//!   [`ExecutionControl::respond`](anywork_core::ExecutionControl::respond)), `skill` (when
+//!   [`ExecutionControl::respond`]), `skill` (when
 //!   the workspace has skills) and `mcp__<server>__<tool>`.
 //! - `usage` events carry the run's totals so far; `done` the final totals, the number of
-//!   model calls, the duration and the cost ([`pricing`], `None` for unknown models).
+//!   model calls, the duration and the cost (`pricing.rs`, `None` for unknown models).
 //! - Cancel stops the model stream and kills a running `bash` (its process group) and the
 //!   MCP servers; dropping the event stream does the same.
 
 mod agent;
 mod anthropic;
-pub mod config;
+mod config;
 mod glob;
-pub mod model;
+pub mod mcp;
+mod model;
 mod openai;
-pub mod pricing;
-pub mod skills;
-pub mod tools;
-pub mod transcript;
+mod pricing;
+mod skills;
+mod tools;
+mod transcript;
 
 use std::pin::Pin;
 use std::sync::Arc;

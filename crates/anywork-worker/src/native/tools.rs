@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::glob::Glob;
-use crate::mcp::{ToolDef, ToolOutcome, cut};
+use super::model::ToolDef;
 
 /// Lines `read_file` returns when no `limit` is given.
 const DEFAULT_READ_LINES: usize = 2000;
@@ -34,6 +34,49 @@ const MAX_SCAN_BYTES: u64 = 10 * 1024 * 1024;
 const MAX_BASH_TIMEOUT: Duration = Duration::from_secs(600);
 /// Variables removed from `bash`'s environment (the model API keys).
 const SECRET_VARS: &[&str] = &["ANTHROPIC_API_KEY", "API_KEY", "OPENAI_API_KEY"];
+
+/// The answer of a tool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolOutcome {
+    /// Output text.
+    pub content: String,
+    /// Whether the tool failed.
+    pub is_error: bool,
+}
+
+impl ToolOutcome {
+    /// A successful answer.
+    pub fn ok(content: impl Into<String>) -> Self {
+        Self {
+            content: content.into(),
+            is_error: false,
+        }
+    }
+
+    /// A failed answer.
+    pub fn error(content: impl Into<String>) -> Self {
+        Self {
+            content: content.into(),
+            is_error: true,
+        }
+    }
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary, saying so.
+pub(crate) fn cut(s: &mut String, max: usize) {
+    if s.len() <= max {
+        return;
+    }
+    let total = s.len();
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push_str(&format!(
+        "\n[output truncated: {total} bytes, showing the first {end}]"
+    ));
+}
 
 /// Names of the built-in tools that touch files or run commands.
 pub const BUILTIN_TOOLS: &[&str] = &[
@@ -174,11 +217,6 @@ impl Builtins {
             bash_timeout,
             max_output: max_output.max(1000),
         })
-    }
-
-    /// The canonical workspace.
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 
     /// Resolves `raw` inside the workspace, or says why not.

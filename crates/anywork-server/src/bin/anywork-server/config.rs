@@ -1,6 +1,6 @@
 //! [`Config`]: every setting of the reference server, from flags or the environment (the
 //! original AnyWork's variable names), and [`Config::build`], which wires store, driver,
-//! dispatcher and API together.
+//! dispatcher and API together. Part of the binary: clap and anyhow stay out of the library.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -9,11 +9,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use anywork_core::{ContainerDriver, TaskStore};
+use anywork_runtime::{Dispatcher, DispatcherConfig, FirstWords, ModelTitles, TitleGenerator};
+use anywork_server::{ApiOptions, AppState};
 use clap::Parser;
-
-use crate::api::{ApiOptions, AppState};
-use crate::dispatcher::{Dispatcher, DispatcherConfig};
-use crate::title::Titler;
 
 /// The AnyWork server: dispatcher, REST + WebSocket API and web UI.
 #[derive(Debug, Clone, Parser)]
@@ -77,6 +75,7 @@ pub struct Config {
 }
 
 /// A built server: the API state and, with the local driver, the worker it runs.
+#[derive(Debug)]
 pub struct Built {
     /// The API state (holds the dispatcher).
     pub state: AppState,
@@ -84,17 +83,8 @@ pub struct Built {
     pub local_worker: Option<String>,
 }
 
-/// The drivers this build has.
-fn available_drivers() -> Vec<&'static str> {
-    let mut names = vec!["local", "static"];
-    if cfg!(feature = "docker") {
-        names.push("docker");
-    }
-    if cfg!(feature = "k8s") {
-        names.push("k8s");
-    }
-    names
-}
+/// The values of `CONTAINER_DRIVER`: every driver is compiled into the binary.
+const DRIVERS: &str = "local, static, docker, k8s";
 
 impl Config {
     /// Store, driver, dispatcher and API state, ready to serve.
@@ -125,7 +115,6 @@ impl Config {
                     Some(url),
                 )
             }
-            #[cfg(feature = "docker")]
             "docker" => {
                 let config = anywork_drivers::DockerConfig::from_env()?;
                 (
@@ -133,7 +122,6 @@ impl Config {
                     None,
                 )
             }
-            #[cfg(feature = "k8s")]
             "k8s" | "kubernetes" => {
                 let config = anywork_drivers::K8sConfig::from_env()?;
                 (
@@ -141,34 +129,29 @@ impl Config {
                     None,
                 )
             }
-            other => bail!(
-                "CONTAINER_DRIVER={other:?} is not available in this build: use one of {}",
-                available_drivers().join(", ")
-            ),
+            other => bail!("CONTAINER_DRIVER={other:?} is not a driver: use one of {DRIVERS}"),
         };
+        let mut config = DispatcherConfig::default();
+        config.max_concurrent = self.max_concurrent_tasks.max(1);
+        config.task_timeout = Duration::from_secs(self.task_timeout_seconds.max(1));
+        config.lease_ttl = Duration::from_secs(self.lease_ttl_seconds.max(1));
+        config.reap_every = (self.reap_interval_seconds > 0)
+            .then(|| Duration::from_secs(self.reap_interval_seconds));
         let dispatcher = Dispatcher::builder(store, driver)
-            .config(DispatcherConfig {
-                max_concurrent: self.max_concurrent_tasks.max(1),
-                task_timeout: Duration::from_secs(self.task_timeout_seconds.max(1)),
-                lease_ttl: Duration::from_secs(self.lease_ttl_seconds.max(1)),
-                reap_every: (self.reap_interval_seconds > 0)
-                    .then(|| Duration::from_secs(self.reap_interval_seconds)),
-                ..DispatcherConfig::default()
-            })
-            .titler(self.titler()?)
+            .config(config)
+            .titles(self.titles()?)
             .start()
-            .await?;
-        let options = ApiOptions {
-            warning,
-            cors_origins: self
-                .cors_origins
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect(),
-            ..ApiOptions::default()
-        };
+            .await
+            .context("cannot start the dispatcher")?;
+        let mut options = ApiOptions::default();
+        options.warning = warning;
+        options.cors_origins = self
+            .cors_origins
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
         Ok(Built {
             state: AppState::new(dispatcher, options),
             local_worker,
@@ -185,23 +168,18 @@ impl Config {
                 .await
                 .context("cannot open DATABASE_URL");
         }
-        #[cfg(feature = "sqlite")]
-        {
-            let store = anywork_store::SqliteStore::open_in_dir(&self.db_dir)
-                .await
-                .with_context(|| {
-                    format!(
-                        "cannot open the database in DB_DIR {}",
-                        self.db_dir.display()
-                    )
-                })?;
-            Ok(Arc::new(store))
-        }
-        #[cfg(not(feature = "sqlite"))]
-        bail!("this build has no SQLite: set DATABASE_URL")
+        let store = anywork_store::SqliteStore::open_in_dir(&self.db_dir)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot open the database in DB_DIR {}",
+                    self.db_dir.display()
+                )
+            })?;
+        Ok(Arc::new(store))
     }
 
-    fn titler(&self) -> anyhow::Result<Titler> {
+    fn titles(&self) -> anyhow::Result<Arc<dyn TitleGenerator>> {
         let model = self.title_model.as_deref().or(self.model.as_deref());
         match (&self.api_key, &self.api_base_url, model) {
             (Some(key), Some(base), Some(model))
@@ -209,15 +187,14 @@ impl Config {
                     && !base.trim().is_empty()
                     && !model.trim().is_empty() =>
             {
-                Ok(Titler::model(base, key, model)?)
+                Ok(Arc::new(ModelTitles::new(base, key, model)?))
             }
-            _ => Ok(Titler::first_words()),
+            _ => Ok(Arc::new(FirstWords)),
         }
     }
 
     /// Starts the in-process worker on a loopback port; returns its URL, and the warning to
     /// show when no model is configured.
-    #[cfg(feature = "local-worker")]
     async fn start_local_worker(&self) -> anyhow::Result<(String, Option<String>)> {
         let workspace = self
             .workspace_dir
@@ -251,18 +228,11 @@ impl Config {
         tracing::info!(%url, workspace = %workspace.display(), "local worker started");
         Ok((url, warning))
     }
-
-    #[cfg(not(feature = "local-worker"))]
-    async fn start_local_worker(&self) -> anyhow::Result<(String, Option<String>)> {
-        bail!("this build has no local worker: set CONTAINER_DRIVER=static and STATIC_WORKER_URL")
-    }
 }
 
 /// The executor of a local worker with no model: every task fails saying what to set.
-#[cfg(feature = "local-worker")]
 struct Unconfigured(String);
 
-#[cfg(feature = "local-worker")]
 #[async_trait::async_trait]
 impl anywork_core::Executor for Unconfigured {
     fn name(&self) -> &str {

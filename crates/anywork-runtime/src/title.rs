@@ -1,69 +1,86 @@
-//! [`Titler`]: a short title for a new session, from an OpenAI-compatible model when one is
-//! configured, else from the first words of the first message.
+//! Session titles behind one small trait, [`TitleGenerator`], so an embedder can bring its
+//! own. Two come with the runtime: [`FirstWords`] (the default: the first words of the first
+//! message) and [`ModelTitles`] (an OpenAI-compatible model, falling back to the first words).
 
 use std::time::Duration;
 
+use async_trait::async_trait;
 use serde_json::{Value, json};
 
 /// The longest title kept, in characters.
 pub const MAX_TITLE_CHARS: usize = 60;
 
-/// Makes session titles.
-#[derive(Debug, Clone)]
-pub enum Titler {
-    /// The first words of the message.
-    FirstWords,
-    /// Asks `model` at `base_url` (`…/v1`), falling back to the first words on any failure.
-    Model {
-        /// HTTP client (with a timeout).
-        http: reqwest::Client,
-        /// Base URL of the OpenAI-compatible API, without `/chat/completions`.
-        base_url: String,
-        /// Bearer token.
-        api_key: String,
-        /// Model name (`TITLE_MODEL`).
-        model: String,
-    },
+/// Makes a short title for a new session from its first message.
+#[async_trait]
+pub trait TitleGenerator: Send + Sync + 'static {
+    /// A title for a session whose first message is `message`: one line, never empty (the
+    /// dispatcher falls back to [`first_words`] if it is).
+    async fn title(&self, message: &str) -> String;
 }
 
-impl Titler {
-    /// Titles from the first words.
-    pub fn first_words() -> Self {
-        Titler::FirstWords
+#[async_trait]
+impl<T: TitleGenerator + ?Sized> TitleGenerator for std::sync::Arc<T> {
+    async fn title(&self, message: &str) -> String {
+        (**self).title(message).await
     }
+}
 
-    /// Titles from a model at `base_url`.
-    pub fn model(base_url: &str, api_key: &str, model: &str) -> anywork_core::Result<Self> {
+/// Titles from the first words of the message ([`first_words`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FirstWords;
+
+#[async_trait]
+impl TitleGenerator for FirstWords {
+    async fn title(&self, message: &str) -> String {
+        first_words(message)
+    }
+}
+
+/// Titles from a model behind an OpenAI-compatible chat completions API, falling back to the
+/// first words on any failure.
+#[derive(Debug, Clone)]
+pub struct ModelTitles {
+    http: reqwest::Client,
+    base_url: String,
+    api_key: String,
+    model: String,
+}
+
+impl ModelTitles {
+    /// Asks `model` at `base_url` (`…/v1`, without `/chat/completions`) with `api_key`.
+    pub fn new(base_url: &str, api_key: &str, model: &str) -> anywork_core::Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(20))
             .build()
             .map_err(|e| anywork_core::Error::internal(format!("HTTP client: {e}")))?;
-        Ok(Titler::Model {
+        Ok(Self {
             http,
             base_url: base_url.trim_end_matches('/').to_owned(),
             api_key: api_key.to_owned(),
             model: model.to_owned(),
         })
     }
+}
 
-    /// A title for a session whose first message is `message`. Never empty.
-    pub async fn title(&self, message: &str) -> String {
-        if let Titler::Model {
-            http,
-            base_url,
-            api_key,
-            model,
-        } = self
+#[async_trait]
+impl TitleGenerator for ModelTitles {
+    async fn title(&self, message: &str) -> String {
+        match ask_model(
+            &self.http,
+            &self.base_url,
+            &self.api_key,
+            &self.model,
+            message,
+        )
+        .await
         {
-            match ask_model(http, base_url, api_key, model, message).await {
-                Ok(t) => {
-                    let t = clean(&t);
-                    if !t.is_empty() {
-                        return t;
-                    }
+            Ok(t) => {
+                let t = clean(&t);
+                if !t.is_empty() {
+                    return t;
                 }
-                Err(e) => tracing::warn!(error = %e, "title model failed; using the first words"),
             }
+            Err(e) => tracing::warn!(error = %e, "title model failed; using the first words"),
         }
         first_words(message)
     }

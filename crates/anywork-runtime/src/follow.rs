@@ -1,14 +1,21 @@
-//! [`follow`]: a task's events after a seq — first from the log, then live — with no gap and
-//! no duplicate. What makes WebSocket resume and log long-polls exact.
+//! Following a task: its events after a seq — first from the log, then live — with no gap and
+//! no duplicate, as a [`Stream`] ([`Dispatcher::events`], [`Dispatcher::submit_and_follow`]).
+//! What makes WebSocket resume and log long-polls exact.
+//!
+//! A follower pushes events into a small queue ([`follow`], [`follow_submitted`]);
+//! [`into_stream`] polls it and the queue together, so the stream needs no task of its own and
+//! dropping it stops the follower.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
 
 use anywork_core::{Result, TaskEvent, TaskId};
+use futures_util::Stream;
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 
 use crate::dispatcher::Dispatcher;
-use crate::hub::LiveEvent;
+use crate::hub::{LiveEvent, Subscription};
 
 const PAGE: u32 = 500;
 
@@ -19,19 +26,61 @@ const OVER_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// server sharing the store publishes nothing here).
 const POLL_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Events a follower may queue before the stream's reader takes them.
+const QUEUE: usize = 64;
+
+/// The stream of what `follower` sends: its events in order, then its error if it failed.
+pub(crate) fn into_stream<F, Fut>(
+    follower: F,
+) -> impl Stream<Item = Result<LiveEvent>> + Send + 'static
+where
+    F: FnOnce(mpsc::Sender<LiveEvent>) -> Fut,
+    Fut: Future<Output = Result<()>> + Send + 'static,
+{
+    struct State {
+        follower: Option<Pin<Box<dyn Future<Output = Result<()>> + Send>>>,
+        events: mpsc::Receiver<LiveEvent>,
+        error: Option<anywork_core::Error>,
+    }
+    let (tx, events) = mpsc::channel(QUEUE);
+    let state = State {
+        follower: Some(Box::pin(follower(tx))),
+        events,
+        error: None,
+    };
+    futures_util::stream::unfold(state, |mut s| async move {
+        loop {
+            let Some(follower) = s.follower.as_mut() else {
+                // The follower is done (and its sender dropped): drain, then its error.
+                return match s.events.recv().await {
+                    Some(event) => Some((Ok(event), s)),
+                    None => s.error.take().map(|e| (Err(e), s)),
+                };
+            };
+            tokio::select! {
+                biased;
+                Some(event) = s.events.recv() => return Some((Ok(event), s)),
+                result = follower => {
+                    s.follower = None;
+                    s.error = result.err();
+                }
+            }
+        }
+    })
+}
+
 /// Sends every event of `task_id` with seq > `after` to `out`, in seq order, until the task's
 /// `done` has been sent, the task is over, or `out` is closed. `NotFound` for an unknown task.
-pub async fn follow(
+pub(crate) async fn follow(
     dispatcher: &Dispatcher,
     task_id: TaskId,
     after: u64,
     out: &mpsc::Sender<LiveEvent>,
 ) -> Result<()> {
     let store = dispatcher.store();
-    let hub = dispatcher.hub();
     let task = store.get_task(task_id).await?;
     // Subscribe before reading: whatever the read misses arrives live.
-    let mut live = hub.subscribe(task_id);
+    let mut live = dispatcher.hub().subscribe(task_id);
     let mut follower = Follower {
         dispatcher,
         task_id,
@@ -39,24 +88,18 @@ pub async fn follow(
         last: after,
         out,
     };
-    let result = async {
-        if follower.catch_up().await? {
-            return Ok(());
-        }
-        // A run stores the final status before it appends `done`, and closes the task's
-        // channel after that. A task found over is followed a little longer, so its `done`
-        // is not missed; one whose `done` never comes (its server died in between) ends the
-        // follow after `OVER_GRACE`.
-        let over = store.get_task(task_id).await?.status.is_terminal();
-        if over && (follower.saw_done().await? || follower.catch_up().await?) {
-            return Ok(());
-        }
-        follower.pump(&mut live, over).await
+    if follower.catch_up().await? {
+        return Ok(());
     }
-    .await;
-    drop(live);
-    hub.release(task_id);
-    result
+    // A run stores the final status before it appends `done`, and closes the task's channel
+    // after that. A task found over is followed a little longer, so its `done` is not missed;
+    // one whose `done` never comes (its server died in between) ends the follow after
+    // `OVER_GRACE`.
+    let over = store.get_task(task_id).await?.status.is_terminal();
+    if over && (follower.saw_done().await? || follower.catch_up().await?) {
+        return Ok(());
+    }
+    follower.pump(&mut live, over).await
 }
 
 /// Sends every event of `task`, just made by
@@ -64,10 +107,10 @@ pub async fn follow(
 /// its `done` has been sent or `out` is closed. `live` was subscribed before the task was
 /// queued, so it holds the run's events from the first: the store is read only when `live`
 /// falls behind.
-pub async fn follow_submitted(
+pub(crate) async fn follow_submitted(
     dispatcher: &Dispatcher,
     task: &anywork_core::Task,
-    mut live: broadcast::Receiver<Arc<LiveEvent>>,
+    mut live: Subscription,
     out: &mpsc::Sender<LiveEvent>,
 ) -> Result<()> {
     let mut follower = Follower {
@@ -77,10 +120,7 @@ pub async fn follow_submitted(
         last: 0,
         out,
     };
-    let result = follower.pump(&mut live, false).await;
-    drop(live);
-    dispatcher.hub().release(task.id);
-    result
+    follower.pump(&mut live, false).await
 }
 
 struct Follower<'a> {
@@ -95,11 +135,7 @@ impl Follower<'_> {
     /// Forwards live events in seq order, filling gaps from the log, until `done` was sent,
     /// `out` closed, or the channel closed (the run ended). With `over` (the task was found
     /// over), the wait for each event is at most `OVER_GRACE`.
-    async fn pump(
-        &mut self,
-        live: &mut broadcast::Receiver<Arc<LiveEvent>>,
-        mut over: bool,
-    ) -> Result<()> {
+    async fn pump(&mut self, live: &mut Subscription, mut over: bool) -> Result<()> {
         loop {
             let next = if over {
                 match tokio::time::timeout(OVER_GRACE, live.recv()).await {
@@ -199,11 +235,13 @@ impl Follower<'_> {
 mod tests {
     use std::sync::Arc;
 
+    use anywork_core::ErrorKind;
     use anywork_core::{
         NewSession, NewTask, NewTaskLog, TaskChange, TaskOutcome, TaskRequest, TaskStatus,
     };
     use anywork_drivers::StaticDriver;
     use anywork_store::MemoryStore;
+    use futures_util::StreamExt;
 
     use super::*;
 
@@ -366,10 +404,7 @@ mod tests {
     async fn submit_and_follow_sees_the_whole_run() {
         let driver = Arc::new(StaticDriver::new("http://127.0.0.1:9").unwrap());
         let config = crate::DispatcherConfig {
-            retry: crate::Backoff {
-                attempts: 1,
-                ..Default::default()
-            },
+            retry: crate::Backoff::none(),
             ..Default::default()
         };
         let d = Dispatcher::builder(Arc::new(MemoryStore::new()), driver)
@@ -377,19 +412,11 @@ mod tests {
             .start()
             .await
             .unwrap();
-        let (submitted, live) = d
+        let (submitted, events) = d
             .submit_and_follow(TaskRequest::new("web", "hi"))
             .await
             .unwrap();
-        let (tx, mut rx) = mpsc::channel(64);
-        follow_submitted(&d, &submitted.task, live, &tx)
-            .await
-            .unwrap();
-        drop(tx);
-        let mut got = Vec::new();
-        while let Some(e) = rx.recv().await {
-            got.push(e);
-        }
+        let got: Vec<LiveEvent> = events.map(Result::unwrap).collect().await;
         let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
         assert_eq!(seqs, (1..=got.len() as u64).collect::<Vec<_>>());
         let Some(TaskEvent::Done(outcome)) = got.last().map(|e| &e.event) else {
@@ -453,5 +480,31 @@ mod tests {
             .expect("the follow ends with the done")
             .unwrap()
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_events_of_an_unknown_task_are_one_not_found() {
+        let (d, _) = with_task().await;
+        let got: Vec<Result<LiveEvent>> = d.events(TaskId::generate(), 0).collect().await;
+        assert_eq!(got.len(), 1, "{got:?}");
+        let e = got.into_iter().next().unwrap().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+    }
+
+    /// A stream dropped before the task ends stops its follower and forgets the task's
+    /// channel: nothing is left behind by a client that went away.
+    #[tokio::test]
+    async fn a_dropped_event_stream_leaves_nothing_behind() {
+        let (d, task) = with_task().await;
+        d.store()
+            .append_logs(task.id, vec![NewTaskLog::now(TaskEvent::text("one"))])
+            .await
+            .unwrap();
+        let mut events = Box::pin(d.events(task.id, 0));
+        let first = events.next().await.unwrap().unwrap();
+        assert_eq!((first.seq, first.event), (1, TaskEvent::text("one")));
+        assert_eq!(d.live_tasks(), 1, "the follower is subscribed");
+        drop(events);
+        assert_eq!(d.live_tasks(), 0, "the follower's channel is released");
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! ```ignore
 //! async fn fresh() -> Arc<dyn TaskStore> { Arc::new(MemoryStore::new()) }
-//! anywork_test::store_conformance_tests!(fresh);
+//! anywork_conformance::store_conformance_tests!(fresh);
 //! ```
 //!
 //! Each case is also a public async function, for stores that want to pick.
@@ -20,6 +20,11 @@ use anywork_core::{
 };
 use serde_json::json;
 
+// The cases of the outbox, idempotency keys, retention and readiness.
+#[path = "store_conformance_outbox.rs"]
+mod outbox;
+pub use outbox::*;
+
 /// Generates one `#[tokio::test]` per conformance case, plus the model-based property test,
 /// calling `$factory()` for a fresh store each time.
 #[macro_export]
@@ -33,7 +38,15 @@ macro_rules! store_conformance_tests {
             logs_are_numbered_from_one_and_read_after_seq,
             concurrent_appenders_get_gap_free_seqs, ten_thousand_logs,
             delete_session_cascades, unicode_and_large_payloads, bad_input_is_refused_cleanly,
-            status_change_and_its_event_commit_together);
+            status_change_and_its_event_commit_together,
+            idempotency_keys_are_unique_per_channel,
+            deliveries_commit_with_the_status_change_or_not_at_all,
+            one_claimer_per_delivery_and_expired_claims_move_on,
+            deliveries_are_claimed_due_first_and_in_order_per_target,
+            failed_deliveries_retry_die_and_are_retried_by_hand,
+            retention_deletes_whole_logs_of_finished_tasks_only,
+            settled_deliveries_are_deleted_by_age_open_ones_never,
+            readiness_size_and_compaction);
 
         #[test]
         fn matches_the_memory_model_on_random_operations() {
@@ -1135,6 +1148,10 @@ mod model {
             s: u8,
             t: u8,
             at: i64,
+            key: Option<u8>,
+        },
+        FindByKey {
+            key: u8,
         },
         Update {
             t: u8,
@@ -1193,7 +1210,14 @@ mod model {
         prop_oneof![
             (s.clone(), proptest::option::of(0u8..2), at.clone())
                 .prop_map(|(s, key, at)| Op::CreateSession { s, key, at }),
-            (s.clone(), t.clone(), at.clone()).prop_map(|(s, t, at)| Op::CreateTask { s, t, at }),
+            (
+                s.clone(),
+                t.clone(),
+                at.clone(),
+                proptest::option::of(0u8..3)
+            )
+                .prop_map(|(s, t, at, key)| Op::CreateTask { s, t, at, key }),
+            (0u8..3).prop_map(|key| Op::FindByKey { key }),
             (t.clone(), status(), status(), at.clone()).prop_map(|(t, expected, to, at)| {
                 Op::Update {
                     t,
@@ -1244,10 +1268,17 @@ mod model {
                 n.channel_key = key.map(|k| format!("key{k}"));
                 out(store.create_session(n).await, Out::Session)
             }
-            Op::CreateTask { s, t, at } => {
-                let n = new_task(sname(s).as_str(), u128::from(t) + 1, at);
+            Op::CreateTask { s, t, at, key } => {
+                let mut n = new_task(sname(s).as_str(), u128::from(t) + 1, at);
+                n.idempotency_key = key.map(|k| format!("event-{k}"));
                 out(store.create_task(n).await, |t| Out::Task(Box::new(t)))
             }
+            Op::FindByKey { key } => out(
+                store
+                    .find_task_by_idempotency_key("webchat", &format!("event-{key}"))
+                    .await,
+                |t| Out::Tasks(t.into_iter().collect()),
+            ),
             Op::Update {
                 t,
                 expected,
@@ -1473,7 +1504,12 @@ mod memory_model {
         }
         async fn create_task(&self, new: NewTask) -> Result<Task> {
             let mut st = self.state.lock().unwrap();
-            if st.1.iter().any(|t| t.id == new.id) {
+            let same_key = |t: &Task| {
+                new.idempotency_key.is_some()
+                    && t.channel_type == new.channel_type
+                    && t.idempotency_key == new.idempotency_key
+            };
+            if st.1.iter().any(|t| t.id == new.id || same_key(t)) {
                 return Err(Error::conflict("exists"));
             }
             let s =
@@ -1491,6 +1527,14 @@ mod memory_model {
                 .find(|t| t.id == id)
                 .cloned()
                 .ok_or_else(|| nf("task"))
+        }
+        async fn find_task_by_idempotency_key(&self, ct: &str, key: &str) -> Result<Option<Task>> {
+            let st = self.state.lock().unwrap();
+            Ok(st
+                .1
+                .iter()
+                .find(|t| t.channel_type == ct && t.idempotency_key.as_deref() == Some(key))
+                .cloned())
         }
         async fn update_task(&self, id: TaskId, exp: TaskStatus, c: TaskChange) -> Result<Task> {
             let mut st = self.state.lock().unwrap();
@@ -1596,7 +1640,10 @@ pub use keep_alive::KeepAlive;
 
 mod keep_alive {
     use super::*;
-    use anywork_core::{Result, SessionSummary, TaskLog};
+    use anywork_core::{
+        DeletedLogs, Delivery, DeliveryAttempt, DeliveryId, DeliveryStatus, NewDelivery, Result,
+        SessionSummary, StoreSize, TaskLog,
+    };
     use async_trait::async_trait;
 
     /// A store together with something that must live as long as it (a temporary
@@ -1674,6 +1721,76 @@ mod keep_alive {
         }
         async fn read_logs(&self, id: TaskId, after: u64, limit: u32) -> Result<Vec<TaskLog>> {
             self.store.read_logs(id, after, limit).await
+        }
+        async fn find_task_by_idempotency_key(&self, ct: &str, key: &str) -> Result<Option<Task>> {
+            self.store.find_task_by_idempotency_key(ct, key).await
+        }
+        async fn update_task_and_enqueue(
+            &self,
+            id: TaskId,
+            exp: TaskStatus,
+            c: TaskChange,
+            logs: Vec<NewTaskLog>,
+            deliveries: Vec<NewDelivery>,
+        ) -> Result<(Task, u64)> {
+            self.store
+                .update_task_and_enqueue(id, exp, c, logs, deliveries)
+                .await
+        }
+        async fn claim_deliveries(
+            &self,
+            owner: &str,
+            now: Timestamp,
+            until: Timestamp,
+            limit: u32,
+        ) -> Result<Vec<Delivery>> {
+            self.store.claim_deliveries(owner, now, until, limit).await
+        }
+        async fn record_delivery_attempt(
+            &self,
+            id: DeliveryId,
+            owner: &str,
+            attempt: DeliveryAttempt,
+            at: Timestamp,
+        ) -> Result<Delivery> {
+            self.store
+                .record_delivery_attempt(id, owner, attempt, at)
+                .await
+        }
+        async fn get_delivery(&self, id: DeliveryId) -> Result<Delivery> {
+            self.store.get_delivery(id).await
+        }
+        async fn list_deliveries(
+            &self,
+            status: Option<DeliveryStatus>,
+            page: Page,
+        ) -> Result<Vec<Delivery>> {
+            self.store.list_deliveries(status, page).await
+        }
+        async fn retry_delivery(&self, id: DeliveryId, now: Timestamp) -> Result<Delivery> {
+            self.store.retry_delivery(id, now).await
+        }
+        async fn delete_settled_deliveries(&self, before: Timestamp, limit: u32) -> Result<u64> {
+            self.store.delete_settled_deliveries(before, limit).await
+        }
+        async fn delete_finished_logs(
+            &self,
+            before: Timestamp,
+            max_tasks: u32,
+            now: Timestamp,
+        ) -> Result<DeletedLogs> {
+            self.store
+                .delete_finished_logs(before, max_tasks, now)
+                .await
+        }
+        async fn compact(&self) -> Result<u64> {
+            self.store.compact().await
+        }
+        async fn store_size(&self) -> Result<Option<StoreSize>> {
+            self.store.store_size().await
+        }
+        async fn check_ready(&self) -> Result<()> {
+            self.store.check_ready().await
         }
     }
 }

@@ -2,10 +2,12 @@
 //! long-polls), and of session notices (titles) to the WebSocket clients of their session.
 //!
 //! Events are published only after the store has them, so a follower that subscribes first
-//! and then reads the log cannot miss one: anything not yet in the log arrives live.
+//! and then reads the log cannot miss one: anything not yet in the log arrives live. Only the
+//! dispatcher publishes (the hub is private to this crate); callers get events through
+//! [`Dispatcher::events`](crate::Dispatcher::events).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use anywork_core::ws::ServerMessage;
 use anywork_core::{SessionId, TaskEvent, TaskId};
@@ -13,6 +15,7 @@ use tokio::sync::broadcast;
 
 /// A stored event of a running task, as fanned out.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct LiveEvent {
     /// The task.
     pub task_id: TaskId,
@@ -36,43 +39,87 @@ impl LiveEvent {
     }
 }
 
+type TaskChannels = Mutex<HashMap<TaskId, broadcast::Sender<Arc<LiveEvent>>>>;
+
+fn lock(
+    tasks: &TaskChannels,
+) -> MutexGuard<'_, HashMap<TaskId, broadcast::Sender<Arc<LiveEvent>>>> {
+    // A panic while holding this lock cannot leave the map inconsistent.
+    tasks.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Per-task broadcast channels plus one channel of session notices.
 #[derive(Debug)]
-pub struct Hub {
-    tasks: Mutex<HashMap<TaskId, broadcast::Sender<Arc<LiveEvent>>>>,
+pub(crate) struct Hub {
+    tasks: Arc<TaskChannels>,
     notices: broadcast::Sender<ServerMessage>,
     capacity: usize,
+}
+
+/// A follower's receiver of one task's live events. Dropping it forgets the task's channel
+/// once nobody follows it any more (also when the follower is aborted midway).
+#[derive(Debug)]
+pub(crate) struct Subscription {
+    tasks: Arc<TaskChannels>,
+    task_id: TaskId,
+    live: Option<broadcast::Receiver<Arc<LiveEvent>>>,
+}
+
+impl Subscription {
+    /// The next live event; `Closed` once the task is over and everything was received.
+    pub(crate) async fn recv(&mut self) -> Result<Arc<LiveEvent>, broadcast::error::RecvError> {
+        match &mut self.live {
+            Some(live) => live.recv().await,
+            None => Err(broadcast::error::RecvError::Closed),
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        drop(self.live.take());
+        let mut tasks = lock(&self.tasks);
+        if tasks
+            .get(&self.task_id)
+            .is_some_and(|s| s.receiver_count() == 0)
+        {
+            tasks.remove(&self.task_id);
+        }
+    }
 }
 
 impl Hub {
     /// A hub whose followers may fall `capacity` events behind before they must re-read the
     /// log.
-    pub fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         let (notices, _) = broadcast::channel(256);
         Self {
-            tasks: Mutex::new(HashMap::new()),
+            tasks: Arc::new(Mutex::new(HashMap::new())),
             notices,
             capacity: capacity.max(16),
         }
     }
 
-    fn tasks(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<TaskId, broadcast::Sender<Arc<LiveEvent>>>> {
-        // A panic while holding this lock cannot leave the map inconsistent.
-        self.tasks.lock().unwrap_or_else(|e| e.into_inner())
+    fn tasks(&self) -> MutexGuard<'_, HashMap<TaskId, broadcast::Sender<Arc<LiveEvent>>>> {
+        lock(&self.tasks)
     }
 
     /// Follows `task_id` from now on. Pair with a log read to get what came before.
-    pub fn subscribe(&self, task_id: TaskId) -> broadcast::Receiver<Arc<LiveEvent>> {
-        self.tasks()
+    pub(crate) fn subscribe(&self, task_id: TaskId) -> Subscription {
+        let live = self
+            .tasks()
             .entry(task_id)
             .or_insert_with(|| broadcast::channel(self.capacity).0)
-            .subscribe()
+            .subscribe();
+        Subscription {
+            tasks: self.tasks.clone(),
+            task_id,
+            live: Some(live),
+        }
     }
 
     /// Sends stored events to the task's followers, if any.
-    pub fn publish(&self, events: impl IntoIterator<Item = LiveEvent>) {
+    pub(crate) fn publish(&self, events: impl IntoIterator<Item = LiveEvent>) {
         let mut events = events.into_iter().peekable();
         let Some(first) = events.peek() else { return };
         let sender = self.tasks().get(&first.task_id).cloned();
@@ -84,32 +131,23 @@ impl Hub {
     }
 
     /// The task is over: followers get what is buffered, then the end of the stream.
-    pub fn close(&self, task_id: TaskId) {
+    pub(crate) fn close(&self, task_id: TaskId) {
         self.tasks().remove(&task_id);
     }
 
-    /// Forgets `task_id`'s channel if nobody follows it any more (a follower that found the
-    /// task already over calls this after dropping its receiver).
-    pub fn release(&self, task_id: TaskId) {
-        let mut tasks = self.tasks();
-        if tasks.get(&task_id).is_some_and(|s| s.receiver_count() == 0) {
-            tasks.remove(&task_id);
-        }
-    }
-
     /// Tasks with a live channel (for metrics and leak checks).
-    pub fn live_tasks(&self) -> usize {
+    pub(crate) fn live_tasks(&self) -> usize {
         self.tasks().len()
     }
 
     /// Sends a session notice (e.g. `session_title`) to the WebSocket connections, each of
     /// which passes on those of the sessions it chatted in.
-    pub fn notify(&self, message: ServerMessage) {
+    pub(crate) fn notify(&self, message: ServerMessage) {
         let _ = self.notices.send(message);
     }
 
     /// Receives session notices.
-    pub fn notices(&self) -> broadcast::Receiver<ServerMessage> {
+    pub(crate) fn notices(&self) -> broadcast::Receiver<ServerMessage> {
         self.notices.subscribe()
     }
 }

@@ -1,7 +1,7 @@
 //! The conformance suite every [`ContainerDriver`] passes.
 //!
 //! ```ignore
-//! anywork_test::driver_conformance::run(
+//! anywork_conformance::driver_conformance::run(
 //!     DriverSuite::per_session().idle_ttl(Duration::from_secs(1)),
 //!     || async { Arc::new(MyDriver::new(...)) as Arc<dyn ContainerDriver> },
 //! ).await;

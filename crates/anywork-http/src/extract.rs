@@ -1,21 +1,23 @@
-//! JSON errors and extractors whose rejections are JSON errors.
+//! JSON errors and extractors whose rejections are JSON errors, and the fallbacks that answer
+//! unknown routes and methods the same way.
 
 use anywork_core::{Error, ErrorKind};
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
+use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Router};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-/// The HTTP status of each [`ErrorKind`].
+/// The HTTP status of each [`ErrorKind`]: the one place this mapping is made.
 pub fn status_for(kind: ErrorKind) -> StatusCode {
     StatusCode::from_u16(kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
-/// An error answer: `{"error":{"code","message"}}` with the matching status.
+/// An error answer: `{"error":{"code","message"}}` with the matching status (5xx are logged).
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
@@ -23,9 +25,19 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    /// An answer with an explicit status.
+    /// An answer with an explicit status (for statuses no [`ErrorKind`] maps to, like 413).
     pub fn with_status(status: StatusCode, error: Error) -> Self {
         Self { status, error }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The error.
+    pub fn error(&self) -> &Error {
+        &self.error
     }
 }
 
@@ -53,18 +65,33 @@ fn invalid(status: StatusCode, message: String) -> ApiError {
     ApiError::with_status(status, Error::invalid_input(message))
 }
 
-pub(crate) async fn no_route() -> ApiError {
-    ApiError::from(Error::not_found("no such route"))
+/// The fallback for unknown routes: 404 `not_found`, naming the method and path.
+pub async fn no_route(method: Method, uri: Uri) -> ApiError {
+    Error::not_found(format!("no route for {method} {}", uri.path())).into()
 }
 
-pub(crate) async fn method_not_allowed() -> ApiError {
+/// The fallback for a known route and a method it does not take: 405 `invalid_input`.
+pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     invalid(
         StatusCode::METHOD_NOT_ALLOWED,
-        "this route does not take that method".into(),
+        format!("{method} is not allowed on {}", uri.path()),
     )
 }
 
-/// A JSON body; malformed, mistyped or oversized bodies answer a JSON [`ApiError`].
+/// The largest request body of a router, as [`limit_body`] set it (read by [`JsonBody`] to
+/// say what the limit is).
+#[derive(Debug, Clone, Copy)]
+struct BodyLimit(usize);
+
+/// Limits `router`'s request bodies to `bytes`; a larger JSON body answers 413 naming the limit.
+pub fn limit_body<S: Clone + Send + Sync + 'static>(router: Router<S>, bytes: usize) -> Router<S> {
+    router
+        .layer(DefaultBodyLimit::max(bytes))
+        .layer(Extension(BodyLimit(bytes)))
+}
+
+/// A JSON body; malformed, mistyped or oversized bodies answer a JSON [`ApiError`] (400 bad
+/// JSON, 413 too large, 415 not JSON, 422 wrong fields; code `invalid_input`).
 #[derive(Debug)]
 pub struct JsonBody<T>(pub T);
 
@@ -72,15 +99,19 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let limit = req.extensions().get::<BodyLimit>().map(|l| l.0);
         let rej = match Json::<T>::from_request(req, state).await {
             Ok(Json(value)) => return Ok(Self(value)),
             Err(rej) => rej,
         };
         let status = rej.status();
         let message = match &rej {
-            _ if status == StatusCode::PAYLOAD_TOO_LARGE => {
-                "the request body is larger than the server's limit".to_owned()
-            }
+            _ if status == StatusCode::PAYLOAD_TOO_LARGE => match limit {
+                Some(limit) => {
+                    format!("the request body is larger than the limit of {limit} bytes")
+                }
+                None => "the request body is larger than the server's limit".to_owned(),
+            },
             JsonRejection::MissingJsonContentType(_) => {
                 "the request body must be JSON with `Content-Type: application/json`".to_owned()
             }
@@ -96,7 +127,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     }
 }
 
-/// A path parameter; a bad one answers a JSON [`ApiError`].
+/// A path parameter; a bad one answers a JSON [`ApiError`] (400).
 #[derive(Debug)]
 pub struct PathParam<T>(pub T);
 
@@ -111,7 +142,7 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for PathPar
     }
 }
 
-/// A query string; a bad one answers a JSON [`ApiError`].
+/// A query string; a bad one answers a JSON [`ApiError`] (400).
 #[derive(Debug)]
 pub struct QueryParams<T>(pub T);
 

@@ -1,14 +1,4 @@
-//! MCP client manager: connects the servers of a workspace's `.mcp.json` through `rmcp` and
-//! exposes their tools as `mcp__<server>__<tool>`.
-//!
-//! - `stdio` servers are spawned with their `args` and `env`, working directory = the
-//!   workspace; their stderr is kept (last lines) to explain failures.
-//! - `http` servers use rmcp's streamable HTTP client, over `http://` or `https://` (rustls
-//!   with the ring provider, the system's root certificates).
-//! - `sse` (the older HTTP + SSE transport) has no client in rmcp 3 and is reported as failed.
-//!
-//! A server that fails to start is reported as `failed` and its tools are absent; the others
-//! work. Dropping [`McpClients`] closes every connection and kills the spawned servers.
+//! The MCP client manager over `rmcp` (feature `mcp`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
@@ -16,7 +6,6 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anywork_core::McpServerStatus;
 use anywork_core::spec::{McpServerConfig, McpServers};
 use futures_util::future::join_all;
 use rmcp::model::CallToolRequestParams;
@@ -27,6 +16,10 @@ use rmcp::{RoleClient, ServiceExt};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+use super::McpServerReport;
+use crate::native::model::{ToolDef, truncate_chars};
+use crate::native::tools::{ToolOutcome, cut};
+
 /// How long a server may take to start and list its tools.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest tool output kept, in bytes.
@@ -36,72 +29,6 @@ pub const MAX_TOOL_NAME: usize = 64;
 /// The error of an `sse` MCP server.
 pub const SSE_UNSUPPORTED: &str = "the legacy \"sse\" MCP transport is not supported by the \
 native executor (rmcp 3 has no SSE client); use \"type\": \"http\" (streamable HTTP)";
-
-/// A tool as the model sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ToolDef {
-    /// Name (`mcp__calc__add` for MCP tools).
-    pub name: String,
-    /// What it does.
-    pub description: String,
-    /// JSON Schema of its arguments.
-    pub input_schema: Value,
-}
-
-/// The answer of a tool.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ToolOutcome {
-    /// Output text.
-    pub content: String,
-    /// Whether the tool failed.
-    pub is_error: bool,
-}
-
-impl ToolOutcome {
-    /// A successful answer.
-    pub fn ok(content: impl Into<String>) -> Self {
-        Self {
-            content: content.into(),
-            is_error: false,
-        }
-    }
-
-    /// A failed answer.
-    pub fn error(content: impl Into<String>) -> Self {
-        Self {
-            content: content.into(),
-            is_error: true,
-        }
-    }
-}
-
-/// How connecting one server went.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct McpServerReport {
-    /// Server name (the key in `.mcp.json`).
-    pub name: String,
-    /// Whether it is usable.
-    pub connected: bool,
-    /// Why not, when it is not.
-    pub error: Option<String>,
-    /// How many tools it offers.
-    pub tools: usize,
-}
-
-impl McpServerReport {
-    /// The status as [`anywork_core::AgentInit`] reports it (`connected` or `failed`).
-    pub fn status(&self) -> McpServerStatus {
-        McpServerStatus {
-            name: self.name.clone(),
-            status: if self.connected {
-                "connected"
-            } else {
-                "failed"
-            }
-            .to_owned(),
-        }
-    }
-}
 
 struct Server {
     service: RunningService<RoleClient, ()>,
@@ -369,7 +296,7 @@ impl McpClients {
             other => {
                 return ToolOutcome::error(format!(
                     "the arguments of {name} must be a JSON object, got: {}",
-                    crate::native::model::truncate_chars(&other.to_string(), 200)
+                    truncate_chars(&other.to_string(), 200)
                 ));
             }
         };
@@ -423,20 +350,4 @@ impl McpClients {
         });
         join_all(closing).await;
     }
-}
-
-/// Cuts `s` to at most `max` bytes on a character boundary, saying so.
-pub(crate) fn cut(s: &mut String, max: usize) {
-    if s.len() <= max {
-        return;
-    }
-    let total = s.len();
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s.truncate(end);
-    s.push_str(&format!(
-        "\n[output truncated: {total} bytes, showing the first {end}]"
-    ));
 }

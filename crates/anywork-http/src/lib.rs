@@ -1,0 +1,60 @@
+//! The HTTP glue AnyWork's server and worker share, so that both answer errors the same way
+//! and `anywork-core` stays free of HTTP:
+//!
+//! - [`ApiError`] (`{"error":{"code","message"}}` with the status of [`status_for`]) and
+//!   extractors whose rejections are such errors: [`JsonBody`], [`PathParam`], [`QueryParams`];
+//!   [`limit_body`]; the fallbacks [`no_route`] and [`method_not_allowed`].
+//! - [`serve`]: an axum app on a listener with TCP_NODELAY and a graceful shutdown.
+//! - With feature `binary`, what a `main` needs: [`init_tracing`] and [`shutdown_signal`].
+
+mod extract;
+
+pub use extract::{
+    ApiError, JsonBody, PathParam, QueryParams, limit_body, method_not_allowed, no_route,
+    status_for,
+};
+
+use std::future::Future;
+
+/// Serves `app` on `listener` until `shutdown` completes, with TCP_NODELAY: small frames (SSE
+/// events, WebSocket messages) would otherwise wait for the peer's delayed ACK (~40 ms).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`). Call once, at the start of `main`.
+#[cfg(feature = "binary")]
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+}
+
+/// Completes on Ctrl-C or SIGTERM (what `docker stop` and Kubernetes send), logging it.
+#[cfg(feature = "binary")]
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,155 @@
+//! [`DispatcherConfig`] and [`DispatcherBuilder`]: what a dispatcher is made of, and its
+//! start (re-queueing what a previous run left pending, recovering expired leases, the
+//! background loops).
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anywork_core::{Channel, ContainerDriver, Error, Result, TaskId, TaskStore};
+use tokio::sync::Semaphore;
+
+use super::retry::Backoff;
+use super::upkeep::{reap_loop, recovery_loop};
+use super::{Dispatcher, Inner};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::title::{FirstWords, TitleGenerator};
+use crate::worker_client::WorkerClient;
+
+/// How the dispatcher behaves. Start from [`Default`] and set the fields you need: new fields
+/// may come in minor releases.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DispatcherConfig {
+    /// Tasks running at once, over all sessions.
+    pub max_concurrent: usize,
+    /// A run that takes longer ends as failed with the reason.
+    pub task_timeout: Duration,
+    /// How long a running task's lease lasts; renewed every third of it. After a crash, a task
+    /// whose lease expired is failed with the reason.
+    pub lease_ttl: Duration,
+    /// How long a canceled run may take to stop before it is recorded as canceled anyway.
+    pub cancel_grace: Duration,
+    /// This server's name in leases (unique per process).
+    pub owner: String,
+    /// Retries of worker calls.
+    pub retry: Backoff,
+    /// Timeout of worker control calls (`/prepare`, `/cancel`, `/input`).
+    pub control_timeout: Duration,
+    /// Events appended to the log in one batch, at most.
+    pub max_batch: usize,
+    /// How often the driver is asked to stop idle workers ([`ContainerDriver::reap_idle`]);
+    /// `None` never.
+    pub reap_every: Option<Duration>,
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 64,
+            task_timeout: Duration::from_secs(30 * 60),
+            lease_ttl: Duration::from_secs(30),
+            cancel_grace: Duration::from_secs(5),
+            owner: format!("server-{}", TaskId::generate()),
+            retry: Backoff::default(),
+            control_timeout: Duration::from_secs(30),
+            max_batch: 256,
+            reap_every: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// Builds a [`Dispatcher`]: [`Dispatcher::builder`], then `config`, `channel`, `titles`, and
+/// [`start`](Self::start).
+pub struct DispatcherBuilder {
+    store: Arc<dyn TaskStore>,
+    driver: Arc<dyn ContainerDriver>,
+    config: DispatcherConfig,
+    channels: HashMap<String, Arc<dyn Channel>>,
+    titles: Arc<dyn TitleGenerator>,
+}
+
+impl std::fmt::Debug for DispatcherBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DispatcherBuilder")
+            .field("driver", &self.driver.name())
+            .field("config", &self.config)
+            .field("channels", &self.channels.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dispatcher {
+    /// A builder over a store and a driver.
+    pub fn builder(
+        store: Arc<dyn TaskStore>,
+        driver: Arc<dyn ContainerDriver>,
+    ) -> DispatcherBuilder {
+        DispatcherBuilder {
+            store,
+            driver,
+            config: DispatcherConfig::default(),
+            channels: HashMap::new(),
+            titles: Arc::new(FirstWords),
+        }
+    }
+}
+
+impl DispatcherBuilder {
+    /// Sets the configuration.
+    pub fn config(mut self, config: DispatcherConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Adds a channel: its defaults apply to its tasks, and finished tasks are delivered to it.
+    pub fn channel(mut self, channel: Arc<dyn Channel>) -> Self {
+        self.channels
+            .insert(channel.channel_type().to_owned(), channel);
+        self
+    }
+
+    /// Sets how session titles are made (default: [`FirstWords`]).
+    pub fn titles(mut self, titles: impl TitleGenerator) -> Self {
+        self.titles = Arc::new(titles);
+        self
+    }
+
+    /// Starts the dispatcher: its background recovery loop, and the tasks a previous run left
+    /// pending are queued again. Needs a Tokio runtime.
+    pub async fn start(self) -> Result<Dispatcher> {
+        let client = WorkerClient::new(self.config.control_timeout)?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
+        let permits = Arc::new(Semaphore::new(self.config.max_concurrent.max(1)));
+        let dispatcher = Dispatcher {
+            inner: Arc::new(Inner {
+                store: self.store,
+                driver: self.driver,
+                client,
+                hub: Hub::default(),
+                config: self.config,
+                channels: self.channels,
+                titles: self.titles,
+                http,
+                metrics: Metrics::default(),
+                queues: Mutex::new(HashMap::new()),
+                permits,
+                runs: Mutex::new(HashMap::new()),
+                closing: AtomicBool::new(false),
+                stopped: AtomicBool::new(false),
+            }),
+        };
+        dispatcher.requeue_pending().await?;
+        dispatcher.recover_expired().await;
+        tokio::spawn(recovery_loop(Arc::downgrade(&dispatcher.inner)));
+        if let Some(every) = dispatcher.inner.config.reap_every {
+            tokio::spawn(reap_loop(Arc::downgrade(&dispatcher.inner), every));
+        }
+        Ok(dispatcher)
+    }
+}

@@ -1,0 +1,404 @@
+//! [`Dispatcher`]: takes task requests, runs each on its session's worker, records every event
+//! and fans it out. Not tied to HTTP: the API, channels and embedders all call it.
+//!
+//! Life of a task: [`Dispatcher::submit`] stores it `pending` and queues it on its session
+//! (one task at a time per session, FIFO). A session's runner waits for a global permit, takes
+//! the worker from the [`ContainerDriver`], marks the task `running` with a lease, calls
+//! `/prepare` and `/chat`, appends the streamed events to the task log in batches (the store
+//! numbers them), publishes them on the hub, and records the outcome. Cancel, input answers
+//! and the timeout reach the run through one control channel, so a running task's status has a
+//! single writer.
+//!
+//! The engine is closed: events are published only by the dispatcher, after the store has
+//! them, so "persist, then publish" holds by construction. Callers read and change state
+//! through the operations here and in [`ops`](self) (sessions, logs, live events, workspace
+//! documents, inbound channel requests).
+//!
+//! - `builder.rs`: [`DispatcherConfig`], [`DispatcherBuilder`], start-up.
+//! - this file: submit, cancel, respond, shutdown; the store-then-publish primitives.
+//! - `run.rs`: the run of one task. `retry.rs`: [`Backoff`] and retries.
+//! - `deliver.rs`: channel delivery and push notifications after a task ends.
+//! - `upkeep.rs`: recovery of expired leases, re-queueing at start, the idle-worker reaper.
+//! - `ops.rs`: the operations an API calls (sessions, logs, events, workspace docs, inbound).
+
+mod builder;
+mod deliver;
+mod ops;
+mod retry;
+mod run;
+mod upkeep;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anywork_core::{
+    Channel, ContainerDriver, Error, ErrorKind, InputResponse, NewSession, NewTask, NewTaskLog,
+    Result, Session, SessionId, Task, TaskChange, TaskEvent, TaskId, TaskOutcome, TaskRequest,
+    TaskStatus, TaskStore,
+};
+use futures_util::Stream;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+pub use builder::{DispatcherBuilder, DispatcherConfig};
+pub use ops::{DocFile, InboundOutcome, WorkspaceDoc};
+pub use retry::Backoff;
+
+use crate::hub::{Hub, LiveEvent};
+use crate::metrics::Metrics;
+use crate::title::TitleGenerator;
+use crate::worker_client::WorkerClient;
+
+/// What [`Dispatcher::submit`] did.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Submitted {
+    /// The task, as stored (`pending`).
+    pub task: Task,
+    /// Whether the request made a new session.
+    pub session_created: bool,
+}
+
+enum Control {
+    Cancel(oneshot::Sender<()>),
+    Input(InputResponse, oneshot::Sender<Result<()>>),
+}
+
+struct Inner {
+    store: Arc<dyn TaskStore>,
+    driver: Arc<dyn ContainerDriver>,
+    client: WorkerClient,
+    hub: Hub,
+    config: DispatcherConfig,
+    channels: HashMap<String, Arc<dyn Channel>>,
+    titles: Arc<dyn TitleGenerator>,
+    http: reqwest::Client,
+    metrics: Metrics,
+    /// Sessions with a runner, and the tasks waiting behind the running one.
+    queues: Mutex<HashMap<SessionId, VecDeque<Task>>>,
+    permits: Arc<Semaphore>,
+    runs: Mutex<HashMap<TaskId, mpsc::Sender<Control>>>,
+    closing: AtomicBool,
+    /// Set by `shutdown`: the background loops end.
+    stopped: AtomicBool,
+}
+
+/// Schedules and runs tasks. Cheap to clone.
+#[derive(Clone)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("driver", &self.inner.driver.name())
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing here panics while holding a lock; should it, the data is still consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Dispatcher {
+    /// The store (inside the crate only: callers outside use the operations, so that nothing
+    /// is published that was not stored).
+    pub(crate) fn store(&self) -> &Arc<dyn TaskStore> {
+        &self.inner.store
+    }
+
+    /// The live event hub (inside the crate only).
+    pub(crate) fn hub(&self) -> &Hub {
+        &self.inner.hub
+    }
+
+    /// The name of the container driver (`static`, `docker`, `k8s`, …).
+    pub fn driver_name(&self) -> &str {
+        self.inner.driver.name()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DispatcherConfig {
+        &self.inner.config
+    }
+
+    /// The channel registered for `channel_type`.
+    pub fn channel(&self, channel_type: &str) -> Option<&Arc<dyn Channel>> {
+        self.inner.channels.get(channel_type)
+    }
+
+    /// Tasks waiting in session queues (not counting the running ones).
+    pub fn queue_depth(&self) -> usize {
+        lock(&self.inner.queues).values().map(VecDeque::len).sum()
+    }
+
+    /// Tasks being run by this dispatcher.
+    pub fn running(&self) -> usize {
+        lock(&self.inner.runs).len()
+    }
+
+    /// Tasks with a live event channel (followed or running); 0 when idle, for leak checks.
+    pub fn live_tasks(&self) -> usize {
+        self.inner.hub.live_tasks()
+    }
+
+    /// Stores a task as `pending` and queues it. The session is `request.session_id` (which
+    /// must exist), else the one found by `channel_key`, else a new one.
+    pub async fn submit(&self, request: TaskRequest) -> Result<Submitted> {
+        let submitted = self.store_new(request).await?;
+        self.enqueue(submitted.task.clone());
+        Ok(submitted)
+    }
+
+    /// [`submit`](Self::submit), and the task's events from its first to its `done`. The
+    /// subscription is taken before the task is queued, so the events arrive live with no
+    /// store read (the log is read only if the stream falls behind).
+    pub async fn submit_and_follow(
+        &self,
+        request: TaskRequest,
+    ) -> Result<(
+        Submitted,
+        impl Stream<Item = Result<LiveEvent>> + Send + 'static,
+    )> {
+        let submitted = self.store_new(request).await?;
+        let live = self.inner.hub.subscribe(submitted.task.id);
+        self.enqueue(submitted.task.clone());
+        let (d, task) = (self.clone(), submitted.task.clone());
+        let events = crate::follow::into_stream(move |out| async move {
+            crate::follow::follow_submitted(&d, &task, live, &out).await
+        });
+        Ok((submitted, events))
+    }
+
+    /// Stores the request's task as `pending` (and its session if new), not queued yet.
+    async fn store_new(&self, request: TaskRequest) -> Result<Submitted> {
+        if self.inner.closing.load(Ordering::Relaxed) {
+            return Err(Error::unavailable("the server is shutting down"));
+        }
+        request.validate()?;
+        let (session, created) = self.resolve_session(&request).await?;
+        let untitled = session.title == NewSession::DEFAULT_TITLE;
+        let task = self
+            .inner
+            .store
+            .create_task(NewTask::from_request(session.id.clone(), request))
+            .await?;
+        self.inner.metrics.submitted();
+        if created || untitled {
+            self.spawn_title(session.id.clone(), task.message.clone());
+        }
+        Ok(Submitted {
+            task,
+            session_created: created,
+        })
+    }
+
+    async fn resolve_session(&self, request: &TaskRequest) -> Result<(Session, bool)> {
+        let store = &self.inner.store;
+        if let Some(id) = &request.session_id {
+            return match store.get_session(id).await {
+                Ok(s) => Ok((s, false)),
+                Err(e) if e.kind() == ErrorKind::NotFound => Err(Error::not_found(format!(
+                    "session {id} does not exist; leave `session_id` out to start a new one"
+                ))),
+                Err(e) => Err(e),
+            };
+        }
+        let Some(key) = &request.channel_key else {
+            let session = store
+                .create_session(NewSession::new(&request.channel_type))
+                .await?;
+            return Ok((session, true));
+        };
+        if let Some(s) = store.find_session(&request.channel_type, key).await? {
+            return Ok((s, false));
+        }
+        match store
+            .create_session(NewSession::new(&request.channel_type).with_key(key.clone()))
+            .await
+        {
+            Ok(s) => Ok((s, true)),
+            // Another request for the same key won the race: use its session.
+            Err(e) if e.kind() == ErrorKind::Conflict => store
+                .find_session(&request.channel_type, key)
+                .await?
+                .map(|s| (s, false))
+                .ok_or(e),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn spawn_title(&self, session: SessionId, message: String) {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let mut title = inner.titles.title(&message).await;
+            if title.trim().is_empty() {
+                title = crate::title::first_words(&message);
+            }
+            // Set only if nobody renamed the session meanwhile.
+            match inner.store.get_session(&session).await {
+                Ok(s) if s.title == NewSession::DEFAULT_TITLE => {}
+                _ => return,
+            }
+            if let Err(e) = inner.store.set_session_title(&session, &title).await {
+                tracing::warn!(%session, error = %e, "cannot store the session title");
+                return;
+            }
+            inner
+                .hub
+                .notify(anywork_core::ws::ServerMessage::SessionTitle {
+                    session_id: session,
+                    title,
+                });
+        });
+    }
+
+    fn enqueue(&self, task: Task) {
+        let mut queues = lock(&self.inner.queues);
+        if let Some(queue) = queues.get_mut(&task.session_id) {
+            queue.push_back(task);
+            return;
+        }
+        let session = task.session_id.clone();
+        queues.insert(session.clone(), VecDeque::from([task]));
+        drop(queues);
+        tokio::spawn(run::session_runner(self.inner.clone(), session));
+    }
+
+    /// Cancels a task in any active state and returns it as stored afterwards: a pending task
+    /// becomes `canceled` at once; a running one is stopped on its worker first.
+    /// `Conflict` ("Cannot cancel task in status: …") when it is already over.
+    pub async fn cancel(&self, task_id: TaskId) -> Result<Task> {
+        for _ in 0..5 {
+            let task = self.inner.store.get_task(task_id).await?;
+            if task.status.is_terminal() {
+                return Err(Error::conflict(format!(
+                    "Cannot cancel task in status: {}",
+                    task.status
+                )));
+            }
+            let run = lock(&self.inner.runs).get(&task_id).cloned();
+            if let Some(run) = run {
+                let (ack, done) = oneshot::channel();
+                if run.send(Control::Cancel(ack)).await.is_ok() {
+                    let wait = self.inner.config.cancel_grace + Duration::from_secs(5);
+                    let _ = tokio::time::timeout(wait, done).await;
+                    return self.inner.store.get_task(task_id).await;
+                }
+                continue;
+            }
+            // Not running here: queued, or left by a server that is gone.
+            match self
+                .inner
+                .finish_unrun(&task, TaskOutcome::canceled())
+                .await
+            {
+                Ok(task) => {
+                    if let Some(queue) = lock(&self.inner.queues).get_mut(&task.session_id) {
+                        queue.retain(|t| t.id != task_id);
+                    }
+                    return Ok(task);
+                }
+                Err(e) if e.kind() == ErrorKind::Conflict => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::conflict(format!(
+            "task {task_id} kept changing while it was being canceled; try again"
+        )))
+    }
+
+    /// Answers a task's `input_required` event; the run continues.
+    pub async fn respond(&self, task_id: TaskId, response: InputResponse) -> Result<()> {
+        let run = lock(&self.inner.runs).get(&task_id).cloned();
+        let Some(run) = run else {
+            let task = self.inner.store.get_task(task_id).await?;
+            return Err(Error::conflict(format!(
+                "task {task_id} is {} and not waiting for input",
+                task.status
+            )));
+        };
+        let (ack, done) = oneshot::channel();
+        run.send(Control::Input(response, ack))
+            .await
+            .map_err(|_| Error::conflict(format!("task {task_id} has just ended")))?;
+        done.await
+            .map_err(|_| Error::conflict(format!("task {task_id} has just ended")))?
+    }
+
+    /// Stops taking tasks and waits up to `grace` for running ones to end. Tasks still running
+    /// afterwards keep their lease, which expires; a later start fails them with the reason.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.closing.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + grace;
+        while self.running() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.inner.stopped.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Inner {
+    /// Appends events to the log, then publishes them with their seqs.
+    async fn record(&self, task: &Task, events: Vec<TaskEvent>) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let n = events.len() as u64;
+        let logs = events.iter().cloned().map(NewTaskLog::now).collect();
+        let last = self.store.append_logs(task.id, logs).await?;
+        self.publish(task, last + 1 - n, events);
+        Ok(())
+    }
+
+    /// Changes the task's status and appends `events` in one write, then publishes them.
+    async fn transition(
+        &self,
+        task: &Task,
+        expected: TaskStatus,
+        change: TaskChange,
+        events: Vec<TaskEvent>,
+    ) -> Result<Task> {
+        let n = events.len() as u64;
+        let logs = events.iter().cloned().map(NewTaskLog::now).collect();
+        let (stored, last) = self
+            .store
+            .update_task_and_append(task.id, expected, change, logs)
+            .await?;
+        self.publish(task, last + 1 - n, events);
+        Ok(stored)
+    }
+
+    /// Publishes events the store has just numbered `first..`. Only `record` and `transition`
+    /// call it: what is published was stored.
+    fn publish(&self, task: &Task, first: u64, events: Vec<TaskEvent>) {
+        self.hub
+            .publish(events.into_iter().enumerate().map(|(i, event)| LiveEvent {
+                task_id: task.id,
+                session_id: task.session_id.clone(),
+                seq: first + i as u64,
+                event,
+            }));
+    }
+
+    /// Ends a task no run of this server holds (queued, or orphaned) with `outcome`.
+    async fn finish_unrun(&self, task: &Task, outcome: TaskOutcome) -> Result<Task> {
+        let stored = self
+            .transition(
+                task,
+                task.status,
+                TaskChange::finish(outcome.clone()),
+                vec![TaskEvent::Done(outcome.clone())],
+            )
+            .await?;
+        self.after_finish(&stored, outcome).await;
+        if !lock(&self.runs).contains_key(&task.id) {
+            self.hub.close(task.id);
+        }
+        Ok(stored)
+    }
+}

@@ -1,0 +1,323 @@
+//! The operations an API calls on the engine — REST and WebSocket handlers, a channel's HTTP
+//! route, an embedder's own code — so that none of them needs the store, the driver or the
+//! worker client: sessions (list, create, rename, delete with its tasks and worker), a task and
+//! its log, its events as a stream, the conversation as the worker keeps it, the workspace
+//! documents, inbound channel requests, workers and metrics.
+
+use std::str::FromStr;
+use std::sync::Weak;
+
+use anywork_core::ws::ServerMessage;
+use anywork_core::{
+    Error, ErrorKind, Inbound, InboundRequest, NewSession, Page, Result, Session, SessionId,
+    SessionSummary, Task, TaskId, TaskLog, WorkerEndpoint, WorkerInfo, session::validate_title,
+};
+use futures_util::Stream;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+use super::{Dispatcher, Inner, Submitted};
+use crate::hub::LiveEvent;
+
+/// What [`Dispatcher::inbound`] did with a channel's request.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum InboundOutcome {
+    /// The channel made a task of it, now queued.
+    Submitted(Box<Submitted>),
+    /// The channel had nothing to do (a bot's own comment, an ignored event type).
+    Skipped {
+        /// Why, as the channel says.
+        reason: String,
+    },
+}
+
+/// A workspace-wide document the workers keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum WorkspaceDoc {
+    /// `SOUL.md`: who the agent is.
+    Soul,
+    /// `AGENTS.md`: how the agent works.
+    Agents,
+}
+
+impl WorkspaceDoc {
+    /// The name in the worker API's path (`soul`, `agents`).
+    pub fn slug(self) -> &'static str {
+        match self {
+            WorkspaceDoc::Soul => "soul",
+            WorkspaceDoc::Agents => "agents",
+        }
+    }
+}
+
+impl FromStr for WorkspaceDoc {
+    type Err = Error;
+
+    /// `soul` or `agents`; anything else is `NotFound` saying which exist.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "soul" => Ok(WorkspaceDoc::Soul),
+            "agents" => Ok(WorkspaceDoc::Agents),
+            _ => Err(Error::not_found(format!(
+                "no workspace file {s:?}; use `soul` or `agents`"
+            ))),
+        }
+    }
+}
+
+/// A workspace document as a worker answered it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
+pub struct DocFile {
+    /// Its file name (`SOUL.md`).
+    #[serde(default)]
+    pub file: String,
+    /// Its text.
+    #[serde(default)]
+    pub content: String,
+}
+
+/// The session id used to reach a worker for workspace-wide files.
+fn workspace_session() -> SessionId {
+    SessionId::new("workspace").unwrap_or_else(|_| SessionId::generate())
+}
+
+impl Dispatcher {
+    /// Sessions, most recently active first, with their task counts.
+    pub async fn sessions(&self, page: Page) -> Result<Vec<SessionSummary>> {
+        self.inner.store.list_sessions(page).await
+    }
+
+    /// One session; `NotFound` if there is none.
+    pub async fn session(&self, id: &SessionId) -> Result<Session> {
+        self.inner.store.get_session(id).await
+    }
+
+    /// Stores a new session (no task yet). `InvalidInput` for a bad channel type or title.
+    pub async fn create_session(&self, session: NewSession) -> Result<Session> {
+        anywork_core::spec::validate_name("channel type", &session.channel_type)?;
+        validate_title(&session.title)?;
+        self.inner.store.create_session(session).await
+    }
+
+    /// Renames a session to `title` (trimmed). `InvalidInput` for an empty or bad title,
+    /// `NotFound` for an unknown session.
+    pub async fn rename_session(&self, id: &SessionId, title: &str) -> Result<()> {
+        if title.trim().is_empty() {
+            return Err(Error::invalid_input("`title` must not be empty"));
+        }
+        validate_title(title)?;
+        self.inner.store.set_session_title(id, title.trim()).await
+    }
+
+    /// Deletes a session for good: its active tasks are canceled (so no worker keeps working
+    /// for it), the session and its tasks are deleted, and the driver purges its worker and
+    /// workspace storage. A failed purge is logged and does not undo the deletion.
+    pub async fn delete_session(&self, id: &SessionId) -> Result<()> {
+        let store = &self.inner.store;
+        store.get_session(id).await?;
+        let mut offset = 0;
+        loop {
+            let page = Page { limit: 500, offset };
+            let tasks = store.tasks_by_session(id, page).await?;
+            for t in tasks.iter().filter(|t| t.status.is_active()) {
+                if let Err(e) = self.cancel(t.id).await
+                    && e.kind() != ErrorKind::Conflict
+                {
+                    tracing::warn!(task = %t.id, error = %e, "cannot cancel a task of a deleted session");
+                }
+            }
+            if tasks.len() < page.limit as usize {
+                break;
+            }
+            offset += page.limit;
+        }
+        store.delete_session(id).await?;
+        // The session is gone for good: its worker and its workspace storage (volume, claim) too.
+        if let Err(e) = self.inner.driver.purge(id).await {
+            tracing::warn!(session = %id, error = %e, "cannot purge the session's worker and workspace");
+        }
+        Ok(())
+    }
+
+    /// A session's tasks, oldest first; `NotFound` for an unknown session.
+    pub async fn session_tasks(&self, id: &SessionId, page: Page) -> Result<Vec<Task>> {
+        let store = &self.inner.store;
+        store.get_session(id).await?;
+        store.tasks_by_session(id, page).await
+    }
+
+    /// The conversation as the session's worker keeps it (a JSON array of messages). A worker
+    /// that cannot be reached gives an empty conversation; `NotFound` for an unknown session.
+    pub async fn session_messages(&self, id: &SessionId) -> Result<Value> {
+        self.inner.store.get_session(id).await?;
+        let history = async {
+            let worker = self.inner.driver.get_worker(id).await?;
+            self.inner.client.messages(&worker, id).await
+        };
+        Ok(match history.await {
+            Ok(v) => v.get("messages").cloned().unwrap_or(v),
+            Err(e) => {
+                tracing::info!(session = %id, error = %e, "no history from the worker");
+                json!([])
+            }
+        })
+    }
+
+    /// One task; `NotFound` if there is none.
+    pub async fn task(&self, id: TaskId) -> Result<Task> {
+        self.inner.store.get_task(id).await
+    }
+
+    /// The task's log entries with seq > `after`, at most `limit`; `NotFound` for an unknown
+    /// task.
+    pub async fn task_logs(&self, id: TaskId, after: u64, limit: u32) -> Result<Vec<TaskLog>> {
+        let store = &self.inner.store;
+        store.get_task(id).await?;
+        store.read_logs(id, after, limit).await
+    }
+
+    /// The task's events with seq > `after`, in seq order with no gap and no duplicate: first
+    /// from the log, then live. Ends after the `done` event (or soon after a task found over
+    /// whose `done` never comes). An unknown task gives one `NotFound` error. Dropping the
+    /// stream stops following.
+    pub fn events(
+        &self,
+        task_id: TaskId,
+        after: u64,
+    ) -> impl Stream<Item = Result<LiveEvent>> + Send + 'static {
+        let d = self.clone();
+        crate::follow::into_stream(move |out| async move {
+            crate::follow::follow(&d, task_id, after, &out).await
+        })
+    }
+
+    /// Passes an inbound HTTP request to the channel registered for `channel_type`, which
+    /// verifies and parses it; a task it makes is submitted (with that channel type).
+    /// `NotFound` when no such channel is registered; the channel's own errors otherwise.
+    pub async fn inbound(
+        &self,
+        channel_type: &str,
+        request: InboundRequest,
+    ) -> Result<InboundOutcome> {
+        let channel = self.channel(channel_type).cloned().ok_or_else(|| {
+            Error::not_found(format!("no channel of type {channel_type:?} is configured"))
+        })?;
+        match channel.parse(request).await? {
+            Inbound::Task(mut request) => {
+                request.channel_type = channel_type.to_owned();
+                Ok(InboundOutcome::Submitted(Box::new(
+                    self.submit(*request).await?,
+                )))
+            }
+            Inbound::Skip { reason } => Ok(InboundOutcome::Skipped { reason }),
+            // Follow-ups, answers and handshakes are wired with the channels' endpoint.
+            other => Ok(InboundOutcome::Skipped {
+                reason: format!("this server does not handle {other:?} yet"),
+            }),
+        }
+    }
+
+    /// A workspace document, from any healthy worker.
+    pub async fn workspace_doc(&self, doc: WorkspaceDoc) -> Result<DocFile> {
+        let worker = self.any_worker(&workspace_session()).await?;
+        let answer = self.inner.client.get_doc(&worker, doc.slug()).await?;
+        doc_file(answer)
+    }
+
+    /// Writes a workspace document through any healthy worker; returns it as written.
+    pub async fn put_workspace_doc(&self, doc: WorkspaceDoc, content: &str) -> Result<DocFile> {
+        let worker = self.any_worker(&workspace_session()).await?;
+        let answer = self
+            .inner
+            .client
+            .put_doc(&worker, doc.slug(), content)
+            .await?;
+        let mut file = doc_file(answer)?;
+        file.content = content.to_owned();
+        Ok(file)
+    }
+
+    /// A worker to ask about workspace-wide things (`SOUL.md`, `AGENTS.md`): a healthy one the
+    /// driver knows, else the one of `fallback`.
+    async fn any_worker(&self, fallback: &SessionId) -> Result<WorkerEndpoint> {
+        if let Ok(workers) = self.inner.driver.list().await
+            && let Some(w) = workers.into_iter().find(|w| w.healthy)
+        {
+            return Ok(w.endpoint);
+        }
+        self.inner.driver.get_worker(fallback).await
+    }
+
+    /// The workers the driver runs.
+    pub async fn workers(&self) -> Result<Vec<WorkerInfo>> {
+        self.inner.driver.list().await
+    }
+
+    /// Session notices (`session_title`) from now on, for every session: a WebSocket
+    /// connection passes on those of the sessions it chatted in.
+    pub fn notices(&self) -> broadcast::Receiver<ServerMessage> {
+        self.inner.hub.notices()
+    }
+
+    /// Registers this dispatcher's metrics (see [`metrics`](crate::metrics)) in `registry`.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        self.inner.metrics.register(
+            registry,
+            Gauges {
+                inner: std::sync::Arc::downgrade(&self.inner),
+            },
+        );
+    }
+}
+
+fn doc_file(answer: Value) -> Result<DocFile> {
+    serde_json::from_value(answer).map_err(|e| {
+        Error::new(
+            ErrorKind::Protocol,
+            format!("the worker answered a workspace file that is not {{file, content}}: {e}"),
+        )
+    })
+}
+
+/// The gauges read at scrape time: tasks running here and tasks queued.
+#[derive(Debug)]
+struct Gauges {
+    inner: Weak<Inner>,
+}
+
+impl Collector for Gauges {
+    fn encode(
+        &self,
+        mut encoder: DescriptorEncoder<'_>,
+    ) -> std::result::Result<(), std::fmt::Error> {
+        let Some(inner) = self.inner.upgrade() else {
+            return Ok(());
+        };
+        let d = Dispatcher { inner };
+        for (name, help, value) in [
+            (
+                "anywork_tasks_running",
+                "Tasks running on this server",
+                d.running(),
+            ),
+            (
+                "anywork_queue_depth",
+                "Tasks waiting behind another task of their session or for a slot",
+                d.queue_depth(),
+            ),
+        ] {
+            let gauge = ConstGauge::new(value as i64);
+            let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            gauge.encode(metric)?;
+        }
+        Ok(())
+    }
+}

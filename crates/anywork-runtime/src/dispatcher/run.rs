@@ -1,0 +1,451 @@
+//! The run of one task: a session's runner takes its queue in order; `Run` gets the worker,
+//! moves the task to `running` with a lease, calls `/prepare` and `/chat`, and reads the event
+//! stream to its end in one `select!` loop with the control messages (cancel, input answers),
+//! lease renewal and the timeout. It is the only writer of its task's status.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anywork_core::worker_api::{CancelRequest, ChatRequest, InputAnswer, PrepareRequest};
+use anywork_core::{
+    Error, ErrorKind, InputResponse, Result, SessionId, Task, TaskChange, TaskEvent, TaskOutcome,
+    TaskStatus, Timestamp, WorkerEndpoint,
+};
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+
+use super::retry::retry;
+use super::{Control, Inner, lock};
+use crate::worker_client::ChatStream;
+
+/// Runs the queued tasks of `session`, one after the other, each once it has a permit.
+pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
+    loop {
+        let next = {
+            let mut queues = lock(&inner.queues);
+            match queues.get_mut(&session).and_then(VecDeque::pop_front) {
+                Some(t) => t,
+                None => {
+                    queues.remove(&session);
+                    return;
+                }
+            }
+        };
+        let Ok(_permit) = inner.permits.clone().acquire_owned().await else {
+            return;
+        };
+        let id = next.id;
+        if let Err(e) = run_task(&inner, next).await {
+            tracing::error!(task = %id, error = %e, "task run failed in the dispatcher");
+        }
+    }
+}
+
+/// Runs `task` as queued (`pending`). One canceled meanwhile, or taken by another server,
+/// fails the `pending → running` compare-and-set and is left alone.
+async fn run_task(inner: &Arc<Inner>, task: Task) -> Result<()> {
+    let task_id = task.id;
+    let (tx, rx) = mpsc::channel(8);
+    lock(&inner.runs).insert(task_id, tx);
+    inner.metrics.started();
+    let mut run = Run {
+        inner: inner.clone(),
+        task,
+        status: TaskStatus::Pending,
+        control: rx,
+        cancel_acks: Vec::new(),
+        started: Instant::now(),
+    };
+    let result = run.execute().await;
+    lock(&inner.runs).remove(&task_id);
+    inner.metrics.stopped();
+    // Anyone who asked to cancel learns it is over.
+    for ack in run.cancel_acks.drain(..) {
+        let _ = ack.send(());
+    }
+    inner.hub.close(task_id);
+    result
+}
+
+/// One run of one task.
+struct Run {
+    inner: Arc<Inner>,
+    task: Task,
+    /// The status as stored (this run is its only writer while the task is active).
+    status: TaskStatus,
+    control: mpsc::Receiver<Control>,
+    cancel_acks: Vec<oneshot::Sender<()>>,
+    started: Instant,
+}
+
+/// Why the run stops before the worker's `done`.
+enum Stop {
+    Canceled,
+    Failed(String),
+}
+
+impl Run {
+    fn deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.started + self.inner.config.task_timeout)
+    }
+
+    fn lease_expiry(&self) -> Timestamp {
+        Timestamp::now().plus_millis(self.inner.config.lease_ttl.as_millis() as i64)
+    }
+
+    async fn execute(&mut self) -> Result<()> {
+        let (inner, session) = (self.inner.clone(), self.task.session_id.clone());
+        let get_worker =
+            async move { retry(&inner.config.retry, || inner.driver.get_worker(&session)).await };
+        let endpoint = match self.until_stopped(get_worker).await {
+            Ok(w) => w,
+            Err(stop) => return self.stop_before_running(stop).await,
+        };
+        // pending → running, with the worker and a lease.
+        let change = TaskChange::to(TaskStatus::Running)
+            .worker(endpoint.worker_id.clone())
+            .lease(self.inner.config.owner.clone(), self.lease_expiry());
+        let running = vec![TaskEvent::Status {
+            status: TaskStatus::Running,
+        }];
+        match self
+            .inner
+            .transition(&self.task, TaskStatus::Pending, change, running)
+            .await
+        {
+            Ok(t) => self.task = t,
+            // Canceled meanwhile, or another server took it.
+            Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidTransition) => {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+        self.status = TaskStatus::Running;
+
+        let (inner, task, worker) = (self.inner.clone(), self.task.clone(), endpoint.clone());
+        let start = async move { start_chat(&inner, &task, &worker).await };
+        let stream = match self.until_stopped(start).await {
+            Ok(s) => s,
+            Err(stop) => return self.finish(stop_outcome(stop)).await,
+        };
+        self.follow(stream, endpoint).await
+    }
+
+    /// Runs a step before the chat stream exists, while watching for cancel and the timeout.
+    async fn until_stopped<T>(
+        &mut self,
+        work: impl std::future::Future<Output = Result<T>>,
+    ) -> std::result::Result<T, Stop> {
+        tokio::pin!(work);
+        let deadline = self.deadline();
+        loop {
+            tokio::select! {
+                out = &mut work => return out.map_err(|e| Stop::Failed(e.message().to_owned())),
+                ctl = self.control.recv() => match ctl {
+                    Some(Control::Cancel(ack)) => {
+                        self.cancel_acks.push(ack);
+                        return Err(Stop::Canceled);
+                    }
+                    Some(Control::Input(_, ack)) => {
+                        let _ = ack.send(Err(Error::conflict("the task is not waiting for input")));
+                    }
+                    None => return Err(Stop::Canceled),
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(Stop::Failed(self.timeout_message()));
+                }
+            }
+        }
+    }
+
+    fn timeout_message(&self) -> String {
+        format!(
+            "the task timed out after {} s (the per-task timeout)",
+            self.inner.config.task_timeout.as_secs_f64()
+        )
+    }
+
+    /// Ends a task that never got to run: pending → canceled/failed.
+    async fn stop_before_running(&mut self, stop: Stop) -> Result<()> {
+        match self
+            .inner
+            .finish_unrun(&self.task, stop_outcome(stop))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidTransition) => {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads the chat stream to its end, handling control messages, the lease and the timeout.
+    async fn follow(&mut self, stream: ChatStream, worker: WorkerEndpoint) -> Result<()> {
+        // The stream is read by its own task, so that while one batch is being stored the
+        // next events queue up and are stored together.
+        let mut stream = StreamReader::spawn(stream, self.inner.config.max_batch.max(1) * 4);
+        let lease_every = (self.inner.config.lease_ttl / 3).max(Duration::from_millis(100));
+        let mut lease =
+            tokio::time::interval_at(tokio::time::Instant::now() + lease_every, lease_every);
+        let deadline = self.deadline();
+        let mut stopping: Option<(Stop, tokio::time::Instant)> = None;
+        let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+        loop {
+            let stop_at = stopping.as_ref().map_or(far, |(_, at)| *at);
+            tokio::select! {
+                biased;
+                ctl = self.control.recv(), if stopping.is_none() => match ctl {
+                    Some(Control::Cancel(ack)) => {
+                        self.cancel_acks.push(ack);
+                        self.ask_worker_to_cancel(&worker).await;
+                        stopping = Some((Stop::Canceled, tokio::time::Instant::now() + self.inner.config.cancel_grace));
+                    }
+                    Some(Control::Input(response, ack)) => {
+                        let r = self.answer(&worker, response).await;
+                        let _ = ack.send(r);
+                    }
+                    None => {}
+                },
+                _ = lease.tick() => {
+                    let until = self.lease_expiry();
+                    if let Err(e) = self.inner.store.renew_lease(self.task.id, &self.inner.config.owner, until).await {
+                        if e.kind() == ErrorKind::Conflict {
+                            // Someone else ended or took the task: stop quietly.
+                            tracing::warn!(task = %self.task.id, error = %e, "lost the lease; leaving the task");
+                            self.ask_worker_to_cancel(&worker).await;
+                            return Ok(());
+                        }
+                        tracing::warn!(task = %self.task.id, error = %e, "cannot renew the lease");
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline), if stopping.is_none() => {
+                    self.ask_worker_to_cancel(&worker).await;
+                    stopping = Some((Stop::Failed(self.timeout_message()), tokio::time::Instant::now() + self.inner.config.cancel_grace));
+                }
+                _ = tokio::time::sleep_until(stop_at), if stopping.is_some() => {
+                    let (stop, _) = stopping.take().unwrap_or((Stop::Canceled, far));
+                    return self.finish(stop_outcome(stop)).await;
+                }
+                item = stream.events.recv() => {
+                    let first = match item {
+                        Some(Ok(event)) => event,
+                        Some(Err(e)) => {
+                            let outcome = match stopping.take() {
+                                Some((stop, _)) => stop_outcome(stop),
+                                None => TaskOutcome::failed(format!("lost the worker mid-task: {}", e.message())),
+                            };
+                            return self.finish(outcome).await;
+                        }
+                        None => {
+                            let outcome = match stopping.take() {
+                                Some((stop, _)) => stop_outcome(stop),
+                                None => TaskOutcome::failed("the worker ended the stream without a result"),
+                            };
+                            return self.finish(outcome).await;
+                        }
+                    };
+                    // Take whatever else is ready, so that bursts are stored in one batch.
+                    let mut batch = vec![first];
+                    let mut broken = None;
+                    while batch.len() < self.inner.config.max_batch && !batch.last().is_some_and(TaskEvent::is_terminal) {
+                        match stream.events.try_recv() {
+                            Ok(Ok(e)) => batch.push(e),
+                            Ok(Err(e)) => { broken = Some(e); break; }
+                            Err(_) => break,
+                        }
+                    }
+                    let done = match batch.last() {
+                        Some(TaskEvent::Done(_)) => match batch.pop() { Some(TaskEvent::Done(o)) => Some(o), _ => None },
+                        _ => None,
+                    };
+                    let asks = batch.iter().any(|e| matches!(e, TaskEvent::InputRequired(_)));
+                    if asks && self.status == TaskStatus::Running {
+                        self.set_status(TaskStatus::InputRequired, batch).await?;
+                    } else {
+                        self.record(batch).await?;
+                    }
+                    if let Some(mut outcome) = done {
+                        if let Some((Stop::Failed(reason), _)) = stopping.take() {
+                            // Timed out: the worker's "canceled" is our "failed".
+                            if outcome.status == TaskStatus::Canceled {
+                                outcome.status = TaskStatus::Failed;
+                                outcome.error = Some(reason);
+                            }
+                        }
+                        return self.finish(outcome).await;
+                    }
+                    if let Some(e) = broken {
+                        let outcome = match stopping.take() {
+                            Some((stop, _)) => stop_outcome(stop),
+                            None => TaskOutcome::failed(format!("lost the worker mid-task: {}", e.message())),
+                        };
+                        return self.finish(outcome).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn ask_worker_to_cancel(&self, worker: &WorkerEndpoint) {
+        if let Err(e) = self
+            .inner
+            .client
+            .cancel(
+                worker,
+                &CancelRequest {
+                    task_id: self.task.id,
+                },
+            )
+            .await
+        {
+            tracing::warn!(task = %self.task.id, error = %e, "the worker did not take the cancel");
+        }
+    }
+
+    async fn answer(&mut self, worker: &WorkerEndpoint, response: InputResponse) -> Result<()> {
+        if self.status != TaskStatus::InputRequired {
+            return Err(Error::conflict(format!(
+                "task {} is {} and not waiting for input",
+                self.task.id, self.status
+            )));
+        }
+        let answer = InputAnswer {
+            task_id: self.task.id,
+            request_id: response.request_id,
+            answer: (!response.answer.is_empty()).then_some(response.answer),
+            allow: response.allow,
+        };
+        self.inner.client.input(worker, &answer).await?;
+        self.set_status(
+            TaskStatus::Running,
+            vec![TaskEvent::Status {
+                status: TaskStatus::Running,
+            }],
+        )
+        .await
+    }
+
+    /// Moves the task to `status`, renewing the lease, with `events` in the same write.
+    async fn set_status(&mut self, status: TaskStatus, events: Vec<TaskEvent>) -> Result<()> {
+        let change =
+            TaskChange::to(status).lease(self.inner.config.owner.clone(), self.lease_expiry());
+        self.task = self
+            .inner
+            .transition(&self.task, self.status, change, events)
+            .await?;
+        self.status = status;
+        Ok(())
+    }
+
+    /// Appends events to the log and publishes them with their seqs.
+    async fn record(&self, events: Vec<TaskEvent>) -> Result<()> {
+        self.inner.record(&self.task, events).await
+    }
+
+    /// Records the outcome (the final status and the `done` event in one write), then
+    /// delivers it.
+    async fn finish(&mut self, mut outcome: TaskOutcome) -> Result<()> {
+        if outcome.duration_ms == 0 {
+            outcome.duration_ms = self.started.elapsed().as_millis() as u64;
+        }
+        if outcome.status == TaskStatus::Completed && self.status == TaskStatus::InputRequired {
+            // The worker finished without the answer it asked for; pass through running.
+            self.set_status(TaskStatus::Running, Vec::new()).await?;
+        }
+        if !outcome.status.is_terminal() {
+            outcome = TaskOutcome::failed(format!(
+                "the worker ended the task as {}, which is not a final status",
+                outcome.status
+            ));
+        }
+        let task = match self
+            .inner
+            .transition(
+                &self.task,
+                self.status,
+                TaskChange::finish(outcome.clone()),
+                vec![TaskEvent::Done(outcome.clone())],
+            )
+            .await
+        {
+            Ok(t) => t,
+            Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidTransition) => {
+                tracing::warn!(task = %self.task.id, error = %e, "the task was ended elsewhere");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        self.task = task;
+        self.inner.after_finish(&self.task, outcome).await;
+        Ok(())
+    }
+}
+
+fn stop_outcome(stop: Stop) -> TaskOutcome {
+    match stop {
+        Stop::Canceled => TaskOutcome::canceled(),
+        Stop::Failed(reason) => TaskOutcome::failed(reason),
+    }
+}
+
+/// A chat stream read by a task of its own into a queue; the task stops when this is dropped.
+struct StreamReader {
+    events: mpsc::Receiver<Result<TaskEvent>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl StreamReader {
+    fn spawn(mut stream: ChatStream, capacity: usize) -> Self {
+        let (tx, events) = mpsc::channel(capacity);
+        let reader = tokio::spawn(async move {
+            while let Some(item) = stream.next().await {
+                if tx.send(item).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Self { events, reader }
+    }
+}
+
+impl Drop for StreamReader {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// `/prepare` with the channel's defaults merged in, then `/chat`; both retried on errors
+/// that may pass.
+async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Result<ChatStream> {
+    let mut skills = task.skills.clone();
+    let mut mcp_servers = task.mcp_servers.clone();
+    if let Some(channel) = inner.channels.get(&task.channel_type) {
+        let defaults = channel.defaults();
+        for skill in defaults.skills {
+            if !skills.iter().any(|s| s.name == skill.name) {
+                skills.push(skill);
+            }
+        }
+        for (name, server) in defaults.mcp_servers {
+            mcp_servers.entry(name).or_insert(server);
+        }
+    }
+    let prepare = PrepareRequest {
+        session_id: task.session_id.clone(),
+        skills: Some(skills),
+        mcp_servers: Some(mcp_servers),
+        soul: None,
+    };
+    retry(&inner.config.retry, || {
+        inner.client.prepare(worker, &prepare)
+    })
+    .await?;
+    let chat = ChatRequest {
+        task_id: task.id,
+        session_id: task.session_id.clone(),
+        message: task.message.clone(),
+    };
+    retry(&inner.config.retry, || inner.client.chat(worker, &chat)).await
+}

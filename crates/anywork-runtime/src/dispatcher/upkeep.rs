@@ -1,0 +1,216 @@
+//! Upkeep: the tasks a previous run left pending are queued again at start; tasks whose lease
+//! expired (their server is gone) are failed with the reason, at start and then periodically;
+//! the driver is asked now and then to stop the idle workers of sessions with no work.
+
+use std::collections::HashSet;
+use std::sync::Weak;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anywork_core::worker_api::CancelRequest;
+use anywork_core::{Page, Result, SessionId, TaskOutcome, TaskStatus, Timestamp};
+
+use super::{Dispatcher, Inner, lock};
+
+impl Dispatcher {
+    pub(super) async fn requeue_pending(&self) -> Result<()> {
+        let mut offset = 0;
+        loop {
+            let page = Page { limit: 500, offset };
+            let tasks = self
+                .inner
+                .store
+                .tasks_by_status(TaskStatus::Pending, page)
+                .await?;
+            let n = tasks.len() as u32;
+            for t in tasks {
+                self.enqueue(t);
+            }
+            if n < page.limit {
+                return Ok(());
+            }
+            offset += n;
+        }
+    }
+
+    /// Fails the active tasks whose lease expired (their server is gone). Returns how many.
+    pub async fn recover_expired(&self) -> usize {
+        let inner = &self.inner;
+        let expired = match inner.store.expired_leases(Timestamp::now(), 100).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read expired leases");
+                return 0;
+            }
+        };
+        let mut n = 0;
+        for task in expired {
+            if lock(&inner.runs).contains_key(&task.id) {
+                continue;
+            }
+            let owner = task
+                .lease
+                .as_ref()
+                .map(|l| l.owner.clone())
+                .unwrap_or_default();
+            let reason = format!(
+                "the server running this task ({owner}) stopped before it finished; it was {} \
+                 on worker {}",
+                task.status,
+                task.worker_id.as_deref().unwrap_or("(none)")
+            );
+            tracing::warn!(task = %task.id, %reason, "recovering an orphaned task");
+            // The worker may still be running it: ask it to stop, best effort.
+            if let Some(worker_id) = &task.worker_id
+                && let Ok(workers) = inner.driver.list().await
+                && let Some(w) = workers.iter().find(|w| &w.endpoint.worker_id == worker_id)
+            {
+                let _ = inner
+                    .client
+                    .cancel(&w.endpoint, &CancelRequest { task_id: task.id })
+                    .await;
+            }
+            if inner
+                .finish_unrun(&task, TaskOutcome::failed(reason))
+                .await
+                .is_ok()
+            {
+                n += 1;
+            }
+        }
+        n
+    }
+    /// The sessions that need their worker: a task queued (`pending`), running or waiting
+    /// for input, on this server or another one sharing the store.
+    pub async fn busy_sessions(&self) -> Result<Vec<SessionId>> {
+        let inner = &self.inner;
+        let mut busy = HashSet::new();
+        for status in [
+            TaskStatus::Pending,
+            TaskStatus::Running,
+            TaskStatus::InputRequired,
+        ] {
+            let mut offset = 0;
+            loop {
+                let page = Page {
+                    offset,
+                    limit: 1000,
+                };
+                let tasks = inner.store.tasks_by_status(status, page).await?;
+                let n = tasks.len() as u32;
+                busy.extend(tasks.into_iter().map(|t| t.session_id));
+                if n < page.limit {
+                    break;
+                }
+                offset += n;
+            }
+        }
+        Ok(busy.into_iter().collect())
+    }
+
+    /// Asks the driver to stop the idle workers of sessions that are not busy. Returns the
+    /// sessions whose workers were stopped.
+    pub async fn reap_idle(&self) -> Result<Vec<SessionId>> {
+        let busy = self.busy_sessions().await?;
+        let reaped = self.inner.driver.reap_idle(&busy).await?;
+        if !reaped.is_empty() {
+            tracing::info!(count = reaped.len(), "stopped idle workers");
+        }
+        Ok(reaped)
+    }
+}
+
+pub(super) async fn reap_loop(inner: Weak<Inner>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Err(e) = (Dispatcher { inner }).reap_idle().await {
+            tracing::warn!(error = %e, "reaping idle workers failed");
+        }
+    }
+}
+
+pub(super) async fn recovery_loop(inner: Weak<Inner>) {
+    let period = match inner.upgrade() {
+        Some(i) => (i.config.lease_ttl / 2).max(Duration::from_millis(200)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        Dispatcher { inner }.recover_expired().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use anywork_core::{ContainerDriver, Error, TaskRequest, TaskStore, WorkerEndpoint};
+
+    use super::*;
+    use crate::{Backoff, DispatcherConfig};
+
+    /// A driver whose workers never come up, and which records what the reaper is told.
+    #[derive(Default)]
+    struct RecordingDriver {
+        told_busy: Mutex<Vec<Vec<SessionId>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl ContainerDriver for RecordingDriver {
+        fn name(&self) -> &str {
+            "recording"
+        }
+        async fn get_worker(&self, _: &SessionId) -> Result<WorkerEndpoint> {
+            Err(Error::unavailable("no workers here"))
+        }
+        async fn release(&self, _: &SessionId) -> Result<()> {
+            Ok(())
+        }
+        async fn is_healthy(&self, _: &WorkerEndpoint) -> bool {
+            false
+        }
+        async fn list(&self) -> Result<Vec<anywork_core::WorkerInfo>> {
+            Ok(Vec::new())
+        }
+        async fn reap_idle(&self, busy: &[SessionId]) -> Result<Vec<SessionId>> {
+            lock(&self.told_busy).push(busy.to_vec());
+            Ok(Vec::new())
+        }
+    }
+
+    #[tokio::test]
+    async fn the_reaper_spares_sessions_with_work_and_only_those() {
+        let driver = Arc::new(RecordingDriver::default());
+        let store: Arc<dyn TaskStore> = Arc::new(anywork_store::MemoryStore::new());
+        let config = DispatcherConfig {
+            retry: Backoff::new(1000, Duration::from_millis(100), Duration::from_millis(100)),
+            reap_every: None,
+            ..DispatcherConfig::default()
+        };
+        let d = Dispatcher::builder(store.clone(), driver.clone())
+            .config(config)
+            .start()
+            .await
+            .unwrap();
+        // A session whose task waits for a worker, and one whose only task is over.
+        let waiting = d.submit(TaskRequest::new("web", "hi")).await.unwrap().task;
+        let over = d.submit(TaskRequest::new("web", "bye")).await.unwrap().task;
+        d.cancel(over.id).await.unwrap();
+        d.reap_idle().await.unwrap();
+        let told = lock(&driver.told_busy).pop().unwrap();
+        assert!(told.contains(&waiting.session_id), "{told:?}");
+        assert!(!told.contains(&over.session_id), "{told:?}");
+        d.cancel(waiting.id).await.unwrap();
+        d.reap_idle().await.unwrap();
+        let told = lock(&driver.told_busy).pop().unwrap();
+        assert!(told.is_empty(), "{told:?}");
+    }
+}

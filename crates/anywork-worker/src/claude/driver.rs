@@ -1,0 +1,483 @@
+//! The driver: one task per run that reads the CLI's stdout, answers control messages,
+//! enforces the timeout and sends exactly one `done`.
+
+use std::collections::HashMap;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anywork_core::{
+    Error, ExecutionControl, ExecutionRequest, InputResponse, Result, TaskEvent, TaskOutcome,
+    TaskStatus,
+};
+use async_trait::async_trait;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until};
+
+use super::config::ClaudeCodeConfig;
+use super::process::{EXIT_GRACE, Group, KillOnDrop, Line, Proc};
+use super::session_files::{forget_session_id, valid_session_id, write_session_id};
+use super::stream_json::{
+    TurnResult, assistant_events, init_events, permission_request, preview, str_at, user_events,
+    user_line,
+};
+use super::{HISTORY_LOST, LINE_TOO_LONG};
+
+/// How long an interrupted run may take to send its `result` before it is killed.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(1);
+
+pub(super) enum ControlMsg {
+    Cancel,
+    Respond(InputResponse, oneshot::Sender<Result<()>>),
+}
+
+/// [`ExecutionControl`] of one run: messages to its driver.
+pub(super) struct Control {
+    pub(super) tx: mpsc::Sender<ControlMsg>,
+}
+
+#[async_trait]
+impl ExecutionControl for Control {
+    async fn cancel(&self) -> Result<()> {
+        // A run that is over needs no cancel.
+        let _ = self.tx.send(ControlMsg::Cancel).await;
+        Ok(())
+    }
+
+    async fn respond(&self, response: InputResponse) -> Result<()> {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let over = || Error::not_found("the run is over; there is nothing to answer");
+        self.tx
+            .send(ControlMsg::Respond(response, reply_tx))
+            .await
+            .map_err(|_| over())?;
+        reply_rx.await.unwrap_or_else(|_| Err(over()))
+    }
+}
+
+pub(super) struct Driver {
+    pub(super) config: Arc<ClaudeCodeConfig>,
+    pub(super) request: ExecutionRequest,
+    pub(super) system_prompt: Option<String>,
+    pub(super) tx: mpsc::Sender<TaskEvent>,
+    pub(super) control: mpsc::Receiver<ControlMsg>,
+    pub(super) control_open: bool,
+    pub(super) group: Arc<Group>,
+    pub(super) started: Instant,
+    pub(super) deadline: Instant,
+    /// The CLI session id as stored in the workspace.
+    pub(super) session_id: Option<String>,
+    pub(super) canceled: bool,
+    pub(super) timed_out: bool,
+    pub(super) interrupts: u64,
+    /// Open permission requests: request id → the tool's input.
+    pub(super) pending: HashMap<String, Value>,
+}
+
+/// How one process ended.
+enum Attempt {
+    /// The stream's reader went away; the process group was killed.
+    Gone,
+    /// `--resume` named a conversation the CLI does not have.
+    ResumeNotFound(String),
+    /// The run is over.
+    Ended(TaskOutcome),
+}
+
+impl Driver {
+    pub(super) async fn run(mut self, mut proc: Proc) {
+        let _kill = KillOnDrop(self.group.clone());
+        let outcome = loop {
+            match self.attempt(&mut proc).await {
+                Attempt::Gone => {
+                    tracing::info!(task = %self.request.task_id, "event stream dropped; claude killed");
+                    return;
+                }
+                Attempt::Ended(outcome) => break outcome,
+                Attempt::ResumeNotFound(message) => {
+                    tracing::warn!(task = %self.request.task_id, "{message}; starting a new conversation");
+                    forget_session_id(&self.request.workspace);
+                    self.session_id = None;
+                    let lost = TaskEvent::Error {
+                        message: format!(
+                            "Claude Code no longer has this session's conversation ({message}); \
+                             the earlier history is lost and a new conversation was started"
+                        ),
+                        code: Some(HISTORY_LOST.to_owned()),
+                    };
+                    if !self.emit(lost).await {
+                        return;
+                    }
+                    match Proc::spawn(
+                        &self.config,
+                        &self.request.workspace,
+                        self.system_prompt.as_deref(),
+                        None,
+                    ) {
+                        Ok(fresh) => {
+                            proc = fresh;
+                            self.group.set(Some(proc.pgid));
+                            proc.send(user_line(&self.request.message));
+                        }
+                        Err(e) => break TaskOutcome::failed(e.to_string()),
+                    }
+                }
+            }
+        };
+        let mut outcome = outcome;
+        if outcome.duration_ms == 0 {
+            outcome.duration_ms =
+                u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        }
+        tracing::info!(task = %self.request.task_id, status = %outcome.status, "claude run ended");
+        let _ = self.tx.send(TaskEvent::Done(outcome)).await;
+    }
+
+    /// Drives `proc` until its stdout closes, then reaps it.
+    async fn attempt(&mut self, proc: &mut Proc) -> Attempt {
+        let mut result: Option<TurnResult> = None;
+        let mut resume_missing: Option<String> = None;
+        let mut kill_at: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                biased;
+                () = self.tx.closed() => {
+                    self.group.kill();
+                    proc.reap().await;
+                    self.group.set(None);
+                    return Attempt::Gone;
+                }
+                command = self.control.recv(), if self.control_open => match command {
+                    Some(command) => self.on_command(command, proc, result.is_some(), &mut kill_at),
+                    None => self.control_open = false,
+                },
+                () = sleep_until(self.deadline), if !self.timed_out => self.time_out(),
+                () = sleep_until(kill_at.unwrap_or(self.deadline)), if kill_at.is_some() => {
+                    kill_at = None;
+                    tracing::info!(pid = proc.pgid.as_raw(), "killing claude's process group");
+                    self.group.kill();
+                }
+                line = proc.stdout.next_line() => match line {
+                    Ok(Some(Line::Complete(line))) => {
+                        let had_end = result.is_some() || resume_missing.is_some();
+                        if !self.on_line(&line, proc, &mut result, &mut resume_missing).await {
+                            self.group.kill();
+                            proc.reap().await;
+                            self.group.set(None);
+                            return Attempt::Gone;
+                        }
+                        if !had_end && (result.is_some() || resume_missing.is_some()) {
+                            // The turn is over: let the CLI exit.
+                            proc.close_stdin();
+                            kill_at = Some(Instant::now() + EXIT_GRACE);
+                        }
+                    }
+                    Ok(Some(Line::TooLong(bytes))) => {
+                        let event = TaskEvent::Error {
+                            message: format!(
+                                "skipped a line of Claude Code output of {bytes} bytes (limit {})",
+                                self.config.max_line_bytes
+                            ),
+                            code: Some(LINE_TOO_LONG.to_owned()),
+                        };
+                        if !self.emit(event).await {
+                            self.group.kill();
+                            proc.reap().await;
+                            self.group.set(None);
+                            return Attempt::Gone;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!("cannot read claude's stdout: {e}");
+                        break;
+                    }
+                },
+            }
+        }
+
+        let status = proc.reap().await;
+        self.group.set(None);
+        let stderr = proc.stderr_tail().await;
+        tracing::debug!(?status, "claude exited");
+        if let Some(message) = resume_missing
+            && result.is_none()
+            && !self.canceled
+            && !self.timed_out
+        {
+            return Attempt::ResumeNotFound(message);
+        }
+        Attempt::Ended(self.outcome(result, status, &stderr))
+    }
+
+    fn time_out(&mut self) {
+        self.timed_out = true;
+        tracing::warn!(
+            task = %self.request.task_id,
+            timeout = ?self.config.timeout,
+            "claude timed out; killing its process group"
+        );
+        self.group.kill();
+    }
+
+    /// Sends `event`; `false` when the stream's reader is gone. Gives up (and times the run
+    /// out) if the reader does not take it before the deadline.
+    async fn emit(&mut self, event: TaskEvent) -> bool {
+        if self.timed_out {
+            return self.tx.send(event).await.is_ok();
+        }
+        tokio::select! {
+            sent = self.tx.send(event) => sent.is_ok(),
+            () = sleep_until(self.deadline) => {
+                self.time_out();
+                true
+            }
+        }
+    }
+
+    fn on_command(
+        &mut self,
+        command: ControlMsg,
+        proc: &mut Proc,
+        ended: bool,
+        kill_at: &mut Option<Instant>,
+    ) {
+        match command {
+            ControlMsg::Cancel => {
+                if ended || self.canceled {
+                    return;
+                }
+                self.canceled = true;
+                self.interrupts += 1;
+                let line = json!({
+                    "type": "control_request",
+                    "request_id": format!("anywork-interrupt-{}", self.interrupts),
+                    "request": {"subtype": "interrupt"},
+                });
+                tracing::info!(task = %self.request.task_id, "interrupting claude");
+                if proc.send(line.to_string()) {
+                    *kill_at = Some(Instant::now() + INTERRUPT_GRACE);
+                } else {
+                    self.group.kill();
+                }
+            }
+            ControlMsg::Respond(response, reply) => {
+                let _ = reply.send(self.respond(response, proc));
+            }
+        }
+    }
+
+    fn respond(&mut self, response: InputResponse, proc: &mut Proc) -> Result<()> {
+        let Some(input) = self.pending.remove(&response.request_id) else {
+            return Err(Error::not_found(format!(
+                "no input request `{}` is waiting for an answer",
+                response.request_id
+            )));
+        };
+        let answer = response.answer.trim();
+        let allow = response.allow.unwrap_or_else(|| {
+            matches!(
+                answer.to_ascii_lowercase().as_str(),
+                "allow" | "yes" | "y" | "approve" | "ok" | "true"
+            )
+        });
+        let decision = if allow {
+            json!({"behavior": "allow", "updatedInput": input})
+        } else {
+            let message = if answer.is_empty() {
+                "Denied by the user"
+            } else {
+                answer
+            };
+            json!({"behavior": "deny", "message": message})
+        };
+        let line = json!({
+            "type": "control_response",
+            "response": {
+                "subtype": "success",
+                "request_id": response.request_id,
+                "response": decision,
+            },
+        });
+        if proc.send(line.to_string()) {
+            Ok(())
+        } else {
+            Err(Error::conflict(
+                "the run is ending; the answer came too late",
+            ))
+        }
+    }
+
+    /// Handles one stdout line; `false` when the stream's reader is gone.
+    async fn on_line(
+        &mut self,
+        line: &[u8],
+        proc: &mut Proc,
+        result: &mut Option<TurnResult>,
+        resume_missing: &mut Option<String>,
+    ) -> bool {
+        let value: Value = match serde_json::from_slice(line) {
+            Ok(value @ Value::Object(_)) => value,
+            _ => {
+                if !line.iter().all(u8::is_ascii_whitespace) {
+                    tracing::debug!(line = %preview(line), "ignored a non-JSON line from claude");
+                }
+                return true;
+            }
+        };
+        let kind = str_at(&value, "type").unwrap_or_default();
+        let events = match kind {
+            "system" if str_at(&value, "subtype") == Some("init") => {
+                self.remember_session(str_at(&value, "session_id"));
+                init_events(&value)
+            }
+            "assistant" => assistant_events(&value),
+            "user" => user_events(&value),
+            "result" => {
+                if result.is_some() || resume_missing.is_some() {
+                    tracing::debug!("ignored a second result line");
+                    return true;
+                }
+                let turn = TurnResult::parse(&value);
+                if proc.resumed
+                    && turn.is_error
+                    && let Some(message) = turn.no_conversation()
+                {
+                    *resume_missing = Some(message);
+                    return true;
+                }
+                self.remember_session(turn.session_id.as_deref());
+                let mut events = vec![TaskEvent::Usage {
+                    usage: turn.usage,
+                    cost_usd: turn.cost_usd,
+                }];
+                if turn.is_error && !self.canceled {
+                    events.push(TaskEvent::Error {
+                        message: turn.error_message(),
+                        code: Some(turn.code.clone()),
+                    });
+                }
+                *result = Some(turn);
+                events
+            }
+            "control_request" => match permission_request(&value) {
+                Some((request, input)) => {
+                    self.pending.insert(request.request_id.clone(), input);
+                    vec![TaskEvent::InputRequired(request)]
+                }
+                None => {
+                    let request_id = value.get("request_id").cloned().unwrap_or(Value::Null);
+                    let subtype = value
+                        .pointer("/request/subtype")
+                        .and_then(Value::as_str)
+                        .unwrap_or("?");
+                    tracing::debug!(
+                        subtype,
+                        "refused an unsupported control request from claude"
+                    );
+                    let refusal = json!({
+                        "type": "control_response",
+                        "response": {
+                            "subtype": "error",
+                            "request_id": request_id,
+                            "error": format!("AnyWork does not support `{subtype}` requests"),
+                        },
+                    });
+                    proc.send(refusal.to_string());
+                    Vec::new()
+                }
+            },
+            "control_cancel_request" => {
+                if let Some(id) = str_at(&value, "request_id") {
+                    self.pending.remove(id);
+                }
+                Vec::new()
+            }
+            "control_response" => {
+                let response = value.get("response").unwrap_or(&Value::Null);
+                tracing::debug!(%response, "claude answered a control request");
+                Vec::new()
+            }
+            other => {
+                tracing::debug!(kind = other, "ignored a claude output line");
+                Vec::new()
+            }
+        };
+        for event in events {
+            if !self.emit(event).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Stores a new CLI session id in the workspace.
+    fn remember_session(&mut self, id: Option<&str>) {
+        let Some(id) = id.filter(|id| valid_session_id(id)) else {
+            return;
+        };
+        if self.session_id.as_deref() == Some(id) {
+            return;
+        }
+        match write_session_id(&self.request.workspace, id) {
+            Ok(()) => self.session_id = Some(id.to_owned()),
+            Err(e) => tracing::warn!(
+                workspace = %self.request.workspace.display(),
+                "cannot store the Claude Code session id: {e}"
+            ),
+        }
+    }
+
+    fn outcome(
+        &self,
+        result: Option<TurnResult>,
+        status: Option<ExitStatus>,
+        stderr: &str,
+    ) -> TaskOutcome {
+        if let Some(turn) = result {
+            let mut outcome = TaskOutcome {
+                status: if self.canceled {
+                    TaskStatus::Canceled
+                } else if turn.is_error {
+                    TaskStatus::Failed
+                } else {
+                    TaskStatus::Completed
+                },
+                result: None,
+                structured_output: turn.structured_output.clone(),
+                error: None,
+                cost_usd: turn.cost_usd,
+                usage: turn.usage,
+                num_turns: turn.num_turns,
+                duration_ms: turn.duration_ms,
+            };
+            if !turn.is_error {
+                outcome.result = turn.text.clone();
+            } else if !self.canceled {
+                let mut error = turn.error_message();
+                if turn.errors.is_empty() && turn.text.is_none() && !stderr.is_empty() {
+                    error = format!("{error}: {stderr}");
+                }
+                outcome.error = Some(error);
+            }
+            return outcome;
+        }
+        if self.timed_out {
+            return TaskOutcome::failed(format!("timed out after {:?}", self.config.timeout));
+        }
+        if self.canceled {
+            return TaskOutcome::canceled();
+        }
+        let how = match status {
+            Some(status) => format!("exited ({status})"),
+            None => "ended".to_owned(),
+        };
+        let mut error = format!("Claude Code {how} without a result");
+        if !stderr.is_empty() {
+            error.push_str(": ");
+            error.push_str(stderr);
+        }
+        TaskOutcome::failed(error)
+    }
+}

@@ -1,0 +1,211 @@
+//! [`ClaudeCodeExecutor`]: runs tasks with the Claude Code CLI (`claude`), one process per task.
+//!
+//! The CLI runs in its long-lived stream-json mode, so that a run can be interrupted and can ask
+//! for permissions:
+//!
+//! ```text
+//! claude --input-format stream-json --output-format stream-json --verbose --max-turns N
+//!        [--model=M] [--resume=<id>] [--append-system-prompt=<SOUL.md + AGENTS.md>]
+//!        (--dangerously-skip-permissions | --permission-prompt-tool stdio)
+//! ```
+//!
+//! The child runs in the session workspace, in its own process group, with a cleared
+//! environment: `PATH` and a few locale/proxy/CA variables are kept, then come the API key and
+//! base URL, `DISABLE_TELEMETRY=1`, `DISABLE_ERROR_REPORTING=1`, `DISABLE_AUTOUPDATER=1`,
+//! `CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1`, `IS_SANDBOX=1` (the CLI refuses
+//! `--dangerously-skip-permissions` as root without it), the configured extra variables, and
+//! last `HOME=<ws>/.home` and `CLAUDE_CONFIG_DIR=<ws>/.claude-state` (so that `--resume` finds
+//! the conversation after a worker restart).
+//!
+//! The user's message is written as one stdin line; when the turn's `result` line arrives,
+//! stdin is closed and the CLI exits. Each stdout line becomes zero or more [`TaskEvent`]s:
+//!
+//! | line | events |
+//! |---|---|
+//! | `system`/`init` | [`TaskEvent::Init`], plus an [`TaskEvent::Error`] (code `mcp_server_failed`) per MCP server whose status is `failed` |
+//! | `assistant` | per content block: `text` → [`TaskEvent::Text`], `thinking` → [`TaskEvent::Thinking`], `tool_use` (also `server_tool_use`, `mcp_tool_use`) → [`TaskEvent::ToolCall`]. Text and thinking of sub-agents (`parent_tool_use_id` set) are left out; their tool calls are kept. The synthetic line the CLI writes for an API error (`is_api_error_message`/`error`, model `<synthetic>`) is skipped: the `result` line that follows carries the same text |
+//! | `user` | per `tool_result` block: [`TaskEvent::ToolResult`] (string content, or the text parts of a block array joined with `\n`) |
+//! | `result` | [`TaskEvent::Usage`]; when `is_error` (and the run was not canceled) an [`TaskEvent::Error`] whose code is `terminal_reason` (`api_error`, `max_turns`, ...); and at the very end [`TaskEvent::Done`] |
+//! | `control_request`/`can_use_tool` | [`TaskEvent::InputRequired`] (kind [`InputKind::Permission`](anywork_core::InputKind::Permission)); other control requests are answered with an error |
+//! | anything else, non-JSON lines | ignored (logged at debug level) |
+//!
+//! Success is judged by `is_error`, never by `subtype` (which says `success` for API errors).
+//!
+//! The conversation continues across tasks: the CLI's `session_id` is kept in
+//! `<ws>/sessions/claude-session-id` and passed to `--resume` next time. If the CLI no longer
+//! knows it (`No conversation found with session ID`), the id is forgotten, an
+//! [`TaskEvent::Error`] with code [`HISTORY_LOST`] is sent and the message runs again in a new
+//! conversation, in the same task.
+//!
+//! Every run ends with exactly one [`TaskEvent::Done`], sent after the CLI has exited:
+//! `canceled` after [`ExecutionControl::cancel`](anywork_core::ExecutionControl::cancel) (an `interrupt` control request, then SIGKILL
+//! to the process group if no `result` came within a second), `failed` with "timed out after
+//! ..." when [`ClaudeCodeConfig::timeout`] passes (the process group is killed), and `failed`
+//! with the tail of stderr when the CLI exits without a `result`. Dropping the event stream
+//! kills the process group at once.
+
+mod config;
+mod driver;
+mod process;
+mod session_files;
+mod stream_json;
+
+use std::collections::HashMap;
+use std::fs;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use anywork_core::{Error, ErrorKind, Execution, ExecutionRequest, Executor, Result, TaskEvent};
+use async_trait::async_trait;
+use futures_util::Stream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use config::INSTALL_HINT;
+pub use config::{ClaudeCodeConfig, PermissionMode};
+use driver::{Control, Driver};
+use process::{Group, Proc};
+use session_files::{ensure_dir, read_session_id, system_prompt};
+use stream_json::user_line;
+
+/// Folder of the session workspace that holds the remembered CLI session id.
+pub const SESSIONS_DIR: &str = "sessions";
+/// File (inside [`SESSIONS_DIR`]) that remembers the CLI's `session_id` for `--resume`.
+pub const SESSION_ID_FILE: &str = "claude-session-id";
+/// Folder of the workspace used as `CLAUDE_CONFIG_DIR` (transcripts, `.claude.json`).
+pub const CONFIG_DIR: &str = ".claude-state";
+/// Folder of the workspace used as the CLI's `HOME`.
+pub const HOME_DIR: &str = ".home";
+/// [`TaskEvent::Error`] code sent when the CLI lost the conversation and a new one was started.
+pub const HISTORY_LOST: &str = "history_lost";
+/// [`TaskEvent::Error`] code sent per MCP server that failed to start.
+pub const MCP_SERVER_FAILED: &str = "mcp_server_failed";
+/// [`TaskEvent::Error`] code sent when a stdout line was longer than
+/// [`ClaudeCodeConfig::max_line_bytes`] and was skipped.
+pub const LINE_TOO_LONG: &str = "line_too_long";
+
+/// Events buffered between the driver and the stream's reader.
+const EVENT_BUFFER: usize = 64;
+
+/// Runs tasks with the Claude Code CLI; see the [module documentation](self).
+#[derive(Debug, Clone)]
+pub struct ClaudeCodeExecutor {
+    config: Arc<ClaudeCodeConfig>,
+}
+
+impl ClaudeCodeExecutor {
+    /// An executor with `config`.
+    pub fn new(config: ClaudeCodeConfig) -> Self {
+        Self {
+            config: Arc::new(config),
+        }
+    }
+
+    /// Its settings.
+    pub fn config(&self) -> &ClaudeCodeConfig {
+        &self.config
+    }
+}
+
+#[async_trait]
+impl Executor for ClaudeCodeExecutor {
+    fn name(&self) -> &str {
+        "claude-code"
+    }
+
+    async fn start(&self, request: ExecutionRequest) -> Result<Execution> {
+        let config = self.config.clone();
+        if !config.binary.is_file() {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "Claude Code CLI not found at `{}`; {INSTALL_HINT}",
+                    config.binary.display()
+                ),
+            ));
+        }
+        // Absolute, so that `HOME` and `CLAUDE_CONFIG_DIR` do not depend on the child's cwd.
+        let workspace = fs::canonicalize(&request.workspace)
+            .ok()
+            .filter(|ws| ws.is_dir())
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "the session workspace `{}` is not a directory",
+                    request.workspace.display()
+                ))
+            })?;
+        let mut request = request;
+        request.workspace = workspace.clone();
+        for dir in [HOME_DIR, CONFIG_DIR, SESSIONS_DIR] {
+            ensure_dir(&workspace.join(dir))?;
+        }
+        let session_id = read_session_id(&workspace);
+        let system_prompt = system_prompt(&workspace);
+
+        let group = Arc::new(Group::default());
+        let proc = Proc::spawn(
+            &config,
+            &workspace,
+            system_prompt.as_deref(),
+            session_id.as_deref(),
+        )?;
+        group.set(Some(proc.pgid));
+        tracing::info!(
+            task = %request.task_id,
+            session = %request.session_id,
+            pid = proc.pgid.as_raw(),
+            resume = session_id.is_some(),
+            "claude started"
+        );
+        proc.send(user_line(&request.message));
+
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let (control_tx, control_rx) = mpsc::channel(16);
+        let started = Instant::now();
+        let driver = Driver {
+            deadline: started + config.timeout,
+            config,
+            request,
+            system_prompt,
+            tx,
+            control: control_rx,
+            control_open: true,
+            group: group.clone(),
+            started,
+            session_id,
+            canceled: false,
+            timed_out: false,
+            interrupts: 0,
+            pending: HashMap::new(),
+        };
+        tokio::spawn(driver.run(proc));
+        Ok(Execution {
+            events: Box::pin(Events {
+                rx,
+                group: group.clone(),
+            }),
+            control: Arc::new(Control { tx: control_tx }),
+        })
+    }
+}
+
+/// The event stream handed out: the driver's channel, and a kill of the process group on drop.
+struct Events {
+    rx: mpsc::Receiver<TaskEvent>,
+    group: Arc<Group>,
+}
+
+impl Stream for Events {
+    type Item = TaskEvent;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<TaskEvent>> {
+        self.get_mut().rx.poll_recv(cx)
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        self.group.kill();
+    }
+}

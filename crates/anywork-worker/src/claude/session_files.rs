@@ -1,0 +1,166 @@
+//! What a run keeps in the session workspace: the remembered CLI session id, and the
+//! `SOUL.md` / `AGENTS.md` of the system prompt.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anywork_core::{Error, Result};
+
+use super::{SESSION_ID_FILE, SESSIONS_DIR};
+
+/// Most bytes read from each of `SOUL.md` and `AGENTS.md` for the system prompt (one argument
+/// may not exceed 128 KiB on Linux).
+const MAX_PROMPT_FILE_BYTES: usize = 48 * 1024;
+
+pub(super) fn ensure_dir(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(Error::invalid_input(format!(
+            "`{}` exists and is not a directory",
+            path.display()
+        ))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(path).map_err(|e| {
+            Error::storage(format!("cannot create `{}`: {e}", path.display())).with_source(e)
+        }),
+        Err(e) => {
+            Err(Error::storage(format!("cannot inspect `{}`: {e}", path.display())).with_source(e))
+        }
+    }
+}
+
+/// Whether `id` can be a CLI session id (it becomes a command-line argument).
+pub(super) fn valid_session_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn session_id_path(workspace: &Path) -> PathBuf {
+    workspace.join(SESSIONS_DIR).join(SESSION_ID_FILE)
+}
+
+/// The remembered CLI session id; `None` if missing, not a regular file or not valid.
+pub(super) fn read_session_id(workspace: &Path) -> Option<String> {
+    let path = session_id_path(workspace);
+    let meta = fs::symlink_metadata(&path).ok()?;
+    if !meta.is_file() || meta.len() > 1024 {
+        return None;
+    }
+    let text = fs::read_to_string(&path).ok()?;
+    let id = text.trim();
+    valid_session_id(id).then(|| id.to_owned())
+}
+
+/// Stores `id` atomically (a new temporary file, then a rename; links are not followed).
+pub(super) fn write_session_id(workspace: &Path, id: &str) -> io::Result<()> {
+    let dir = workspace.join(SESSIONS_DIR);
+    if !fs::symlink_metadata(&dir)?.is_dir() {
+        return Err(io::Error::other(format!(
+            "`{}` is not a directory",
+            dir.display()
+        )));
+    }
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tmp = dir.join(format!(
+        ".{SESSION_ID_FILE}.{}.{nanos}.{}.tmp",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = (|| {
+        let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        file.write_all(format!("{id}\n").as_bytes())?;
+        file.sync_all()?;
+        fs::rename(&tmp, dir.join(SESSION_ID_FILE))
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
+}
+
+pub(super) fn forget_session_id(workspace: &Path) {
+    match fs::remove_file(session_id_path(workspace)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!("cannot forget the Claude Code session id: {e}"),
+    }
+}
+
+/// `SOUL.md` and then `AGENTS.md` of the workspace, for `--append-system-prompt`.
+pub(super) fn system_prompt(workspace: &Path) -> Option<String> {
+    let parts: Vec<String> = ["SOUL.md", "AGENTS.md"]
+        .iter()
+        .filter_map(|name| read_prompt_file(&workspace.join(name)))
+        .collect();
+    (!parts.is_empty()).then(|| parts.join("\n\n"))
+}
+
+/// A regular file's text (not through a link), at most [`MAX_PROMPT_FILE_BYTES`], without NULs.
+fn read_prompt_file(path: &Path) -> Option<String> {
+    if !fs::symlink_metadata(path).ok()?.is_file() {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    File::open(path)
+        .ok()?
+        .take(MAX_PROMPT_FILE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    let truncated = bytes.len() > MAX_PROMPT_FILE_BYTES;
+    bytes.truncate(MAX_PROMPT_FILE_BYTES);
+    let mut text = String::from_utf8_lossy(&bytes).replace('\0', "");
+    if truncated {
+        // Drop a possibly cut last character.
+        text.pop();
+        text.push_str("\n[truncated]");
+    }
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_are_checked() {
+        assert!(valid_session_id("9cac2560-04ac-45bc-beba-b00e1f4532d0"));
+        assert!(!valid_session_id(""));
+        assert!(!valid_session_id("--model=x"));
+        assert!(!valid_session_id("a b"));
+        assert!(!valid_session_id("../x"));
+        let ws = tempfile::tempdir().unwrap();
+        fs::create_dir(ws.path().join(SESSIONS_DIR)).unwrap();
+        assert_eq!(read_session_id(ws.path()), None);
+        write_session_id(ws.path(), "abc-1").unwrap();
+        assert_eq!(read_session_id(ws.path()).as_deref(), Some("abc-1"));
+        forget_session_id(ws.path());
+        assert_eq!(read_session_id(ws.path()), None);
+    }
+    #[test]
+    fn prompt_files_are_bounded_and_not_followed() {
+        let ws = tempfile::tempdir().unwrap();
+        assert_eq!(system_prompt(ws.path()), None);
+        fs::write(ws.path().join("SOUL.md"), "soul\0 text").unwrap();
+        fs::write(
+            ws.path().join("AGENTS.md"),
+            "é".repeat(MAX_PROMPT_FILE_BYTES),
+        )
+        .unwrap();
+        let prompt = system_prompt(ws.path()).unwrap();
+        assert!(prompt.starts_with("soul text\n\n"));
+        assert!(prompt.ends_with("[truncated]"));
+        assert!(prompt.len() < 2 * MAX_PROMPT_FILE_BYTES);
+        fs::remove_file(ws.path().join("SOUL.md")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", ws.path().join("SOUL.md")).unwrap();
+        assert!(!system_prompt(ws.path()).unwrap().starts_with("soul"));
+    }
+}
