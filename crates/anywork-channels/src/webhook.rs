@@ -16,7 +16,7 @@
 //!   ([`SessionMode::GetOrCreate`]); without one, a fresh `wh-xxxxxxxx` session is made
 //!   ([`SessionMode::CreateNew`]).
 //! - `skills`: names and/or inline objects; names come back as name-only
-//!   [`SkillSpec`](anywork_core::SkillSpec)s that the caller resolves
+//!   [`SkillSpec`]s that the caller resolves
 //!   ([`TaskRequest::resolve_skills`]). `mcp_servers`: the original's list, the map form,
 //!   `[]`, `{}` or `null`.
 //! - `callback_url` (+ `callback_auth`, sent as the `Authorization` header) becomes the
