@@ -14,11 +14,11 @@
 //! anywork = { version = "0.1", features = ["postgres", "docker", "server"] }
 //! ```
 
-pub use anywork_core as core;
 #[cfg(feature = "channels")]
 pub use anywork_channels as channels;
 #[cfg(feature = "conformance")]
 pub use anywork_conformance as conformance;
+pub use anywork_core as core;
 #[cfg(feature = "drivers")]
 pub use anywork_drivers as drivers;
 #[cfg(feature = "runtime")]
