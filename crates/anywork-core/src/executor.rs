@@ -16,6 +16,7 @@ pub type EventStream = Pin<Box<dyn Stream<Item = TaskEvent> + Send + 'static>>;
 
 /// One run of an agent. Build it with [`ExecutionRequest::new`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ExecutionRequest {
     /// The task.
     pub task_id: TaskId,

@@ -139,12 +139,7 @@ async fn chat(
         Ok(dir)
     })
     .await?;
-    let request = ExecutionRequest {
-        task_id: body.task_id,
-        session_id: body.session_id,
-        message: body.message,
-        workspace: dir,
-    };
+    let request = ExecutionRequest::new(body.task_id, body.session_id, body.message, dir);
     let events = run::spawn(guard, request);
     // A zero interval would send comments without pause.
     let interval = state

@@ -120,12 +120,12 @@ async fn run_tools(
     }
     fake.push(Reply::text("done"));
     let mut execution = exec
-        .start(ExecutionRequest {
-            task_id: TaskId::generate(),
-            session_id: SessionId::new("s-mine").unwrap(),
-            message: "go".into(),
-            workspace: ws.to_path_buf(),
-        })
+        .start(ExecutionRequest::new(
+            TaskId::generate(),
+            SessionId::new("s-mine").unwrap(),
+            "go",
+            ws,
+        ))
         .await
         .unwrap();
     let mut events = Vec::new();
