@@ -106,7 +106,9 @@ fn not_built(executor: &str) -> Error {
 fn native(vars: &HashMap<String, String>, sandbox: &Sandbox) -> Result<Arc<dyn Executor>> {
     let config =
         NativeConfig::from_lookup(|name| vars.get(name).cloned())?.with_sandbox(sandbox.clone());
-    Ok(Arc::new(NativeExecutor::new(config)?))
+    let executor = NativeExecutor::new(config)?;
+    tracing::info!(executor = "native", model = %executor.model(), "executor ready");
+    Ok(Arc::new(executor))
 }
 
 #[cfg(not(feature = "native"))]
@@ -117,6 +119,20 @@ fn native(_vars: &HashMap<String, String>, _sandbox: &Sandbox) -> Result<Arc<dyn
 #[cfg(feature = "claude-code")]
 fn claude(vars: &HashMap<String, String>, sandbox: &Sandbox) -> Result<Arc<dyn Executor>> {
     let config = ClaudeCodeConfig::from_vars(vars.clone())?.with_sandbox(sandbox.clone());
+    let model = config.model.as_deref().unwrap_or("the CLI's default");
+    let chosen = ["ANTHROPIC_MODEL", "MODEL"]
+        .iter()
+        .any(|name| vars.contains_key(*name));
+    tracing::info!(
+        executor = "claude-code",
+        model,
+        "executor ready ({})",
+        if chosen {
+            "model as configured"
+        } else {
+            "default model: set ANTHROPIC_MODEL to choose another"
+        }
+    );
     Ok(Arc::new(ClaudeCodeExecutor::new(config)))
 }
 

@@ -104,6 +104,25 @@ async fn run(executor: &ClaudeCodeExecutor, ws: &Path, message: &str) -> Vec<Tas
     events
 }
 
+/// Every text piece, joined.
+fn texts(events: &[TaskEvent]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            TaskEvent::Text { text } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Where the first tool call is.
+fn call_position(events: &[TaskEvent]) -> usize {
+    events
+        .iter()
+        .position(|e| matches!(e, TaskEvent::ToolCall { .. }))
+        .expect("a tool call")
+}
+
 /// The `Done` outcome, checking that there is exactly one and that it is last.
 fn done(events: &[TaskEvent]) -> &TaskOutcome {
     let dones = events.iter().filter(|e| e.is_terminal()).count();
@@ -220,9 +239,22 @@ async fn write_tool_writes_a_file_and_streams_events() {
         matches!(e, TaskEvent::ToolResult { tool_use_id, is_error: false, content }
             if tool_use_id == "toolu_write_1" && !content.is_empty())
     });
-    let first_text =
-        position(&|e| matches!(e, TaskEvent::Text { text } if text == "I'll create the file."));
-    let last_text = position(&|e| matches!(e, TaskEvent::Text { text } if text == "done"));
+    // Text streams in pieces (`--include-partial-messages`), each sent once.
+    let first_text = position(&|e| matches!(e, TaskEvent::Text { .. }));
+    let last_text = events
+        .iter()
+        .rposition(|e| matches!(e, TaskEvent::Text { .. }))
+        .unwrap();
+    assert_eq!(
+        texts(&events[..call_position(&events)]),
+        "I'll create the file."
+    );
+    assert_eq!(texts(&events), "I'll create the file.done");
+    let pieces = events
+        .iter()
+        .filter(|e| matches!(e, TaskEvent::Text { .. }))
+        .count();
+    assert!(pieces > 2, "the text came in pieces: {events:#?}");
     let usage = position(&|e| {
         matches!(e, TaskEvent::Usage { usage, cost_usd: Some(cost) }
             if usage.input_tokens > 0 && usage.output_tokens > 0 && *cost > 0.0)
@@ -253,6 +285,54 @@ async fn write_tool_writes_a_file_and_streams_events() {
         !ws.path().join(".home/.claude").exists(),
         "state goes to CLAUDE_CONFIG_DIR, not HOME"
     );
+}
+
+/// The CLI's `total_cost_usd` adds up every run of a resumed conversation; a task's cost is
+/// its own run's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_task_reports_its_own_cost_in_a_resumed_conversation() {
+    let Some(claude) = claude_cli("each_task_reports_its_own_cost_in_a_resumed_conversation")
+    else {
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    let ws = workspace();
+    // The same usage twice: the same cost twice, not a growing sum.
+    fake.push(Reply::text("first").with_usage(20_000, 1_000));
+    fake.push(Reply::text("second").with_usage(20_000, 1_000));
+    fake.push(Reply::error(
+        401,
+        "authentication_error",
+        "invalid x-api-key",
+    ));
+    let executor = ClaudeCodeExecutor::new(config(&claude, &fake));
+
+    let first = done(&run(&executor, ws.path(), "one").await).clone();
+    let second = done(&run(&executor, ws.path(), "two").await).clone();
+    let c1 = first.cost_usd.expect("a cost");
+    let c2 = second.cost_usd.expect("a cost");
+    assert!(c1 > 0.0, "{first:?}");
+    assert!(
+        (c1 - c2).abs() < 1e-9,
+        "task 2 costs its own run ({c2}), not the conversation's total ({})",
+        c1 + c2
+    );
+    // A failed run that called the model for nothing costs nothing of the earlier runs.
+    let failed_events = run(&executor, ws.path(), "three").await;
+    let failed = done(&failed_events);
+    assert_eq!(failed.status, TaskStatus::Failed, "{failed:?}");
+    assert!(
+        failed.cost_usd.is_none_or(|c| c < c1 / 2.0),
+        "the failed task does not carry the earlier cost: {failed:?}"
+    );
+    let usage_costs: Vec<f64> = failed_events
+        .iter()
+        .filter_map(|e| match e {
+            TaskEvent::Usage { cost_usd, .. } => *cost_usd,
+            _ => None,
+        })
+        .collect();
+    assert!(usage_costs.iter().all(|c| *c < c1 / 2.0), "{usage_costs:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,6 +25,10 @@ pub enum PermissionMode {
     Prompt,
 }
 
+/// The model the CLI gets when neither `ANTHROPIC_MODEL` nor `MODEL` names one: an alias the
+/// CLI resolves to its current Sonnet (left alone, the CLI picks its most expensive model).
+pub const DEFAULT_MODEL: &str = "sonnet";
+
 /// Settings of [`ClaudeCodeExecutor`](super::ClaudeCodeExecutor).
 #[derive(Clone)]
 #[non_exhaustive]
@@ -111,7 +115,8 @@ impl ClaudeCodeConfig {
     ///
     /// - the binary: `CLAUDE_BIN`, else `claude` on `PATH` (an error says what to install or
     ///   set when neither is found);
-    /// - `ANTHROPIC_API_KEY`, `ANTHROPIC_BASE_URL`, `ANTHROPIC_MODEL` (→ `model`);
+    /// - `ANTHROPIC_API_KEY`, `ANTHROPIC_BASE_URL`, `ANTHROPIC_MODEL` or else `MODEL`
+    ///   (→ `model`; [`DEFAULT_MODEL`] when neither is set, so the model is always explicit);
     /// - `CLAUDE_MAX_TURNS`, `CLAUDE_TIMEOUT_SECS`, `CLAUDE_PERMISSION_MODE`
     ///   (`skip` or `prompt`).
     ///
@@ -124,7 +129,11 @@ impl ClaudeCodeConfig {
         let mut config = Self::new(binary);
         config.api_key = get("ANTHROPIC_API_KEY");
         config.base_url = get("ANTHROPIC_BASE_URL");
-        config.model = get("ANTHROPIC_MODEL");
+        config.model = Some(
+            get("ANTHROPIC_MODEL")
+                .or_else(|| get("MODEL"))
+                .unwrap_or_else(|| DEFAULT_MODEL.to_owned()),
+        );
         if let Some(turns) = get("CLAUDE_MAX_TURNS") {
             config.max_turns = turns
                 .trim()
@@ -294,6 +303,21 @@ mod tests {
         assert!(
             ClaudeCodeConfig::from_vars(vars(&[("PATH", &path), ("CLAUDE_MAX_TURNS", "x")]))
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn the_model_is_always_explicit() {
+        let with = |pairs: &[(&str, &str)]| {
+            let mut vars: Vec<(String, String)> = vec![("CLAUDE_BIN".into(), "/bin/sh".into())];
+            vars.extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            ClaudeCodeConfig::from_vars(vars).unwrap().model
+        };
+        assert_eq!(with(&[]).as_deref(), Some(DEFAULT_MODEL));
+        assert_eq!(with(&[("MODEL", "m-plain")]).as_deref(), Some("m-plain"));
+        assert_eq!(
+            with(&[("MODEL", "m-plain"), ("ANTHROPIC_MODEL", "m-anthropic")]).as_deref(),
+            Some("m-anthropic")
         );
     }
 }

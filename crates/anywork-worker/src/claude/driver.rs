@@ -17,10 +17,12 @@ use tokio::time::{Instant, sleep_until};
 
 use super::config::ClaudeCodeConfig;
 use super::process::{EXIT_GRACE, Group, KillOnDrop, Line, Proc};
-use super::session_files::{forget_session_id, valid_session_id, write_session_id};
+use super::session_files::{
+    forget_session_id, read_session_cost, valid_session_id, write_session_cost, write_session_id,
+};
 use super::stream_json::{
-    TurnResult, assistant_events, init_events, permission_request, preview, str_at, user_events,
-    user_line,
+    TurnResult, assistant_events, init_events, permission_request, preview, str_at, text_delta,
+    user_events, user_line,
 };
 use super::{HISTORY_LOST, LINE_TOO_LONG};
 
@@ -73,6 +75,9 @@ pub(super) struct Driver {
     pub(super) interrupts: u64,
     /// Open permission requests: request id → the tool's input.
     pub(super) pending: HashMap<String, Value>,
+    /// Text was streamed (`stream_event` deltas) since the last `assistant` line, so that
+    /// line's text blocks are not sent a second time.
+    pub(super) streamed_text: bool,
 }
 
 /// How one process ended.
@@ -332,14 +337,30 @@ impl Driver {
                 self.remember_session(str_at(&value, "session_id"));
                 init_events(&value)
             }
-            "assistant" => assistant_events(&value),
+            "stream_event" => match text_delta(&value) {
+                Some(text) => {
+                    self.streamed_text = true;
+                    vec![TaskEvent::text(text)]
+                }
+                None => Vec::new(),
+            },
+            "assistant" => {
+                let sub_agent = value
+                    .get("parent_tool_use_id")
+                    .is_some_and(|p| !p.is_null());
+                let streamed = self.streamed_text && !sub_agent;
+                if !sub_agent {
+                    self.streamed_text = false;
+                }
+                assistant_events(&value, streamed)
+            }
             "user" => user_events(&value),
             "result" => {
                 if result.is_some() || resume_missing.is_some() {
                     tracing::debug!("ignored a second result line");
                     return true;
                 }
-                let turn = TurnResult::parse(&value);
+                let mut turn = TurnResult::parse(&value);
                 if proc.resumed
                     && turn.is_error
                     && let Some(message) = turn.no_conversation()
@@ -348,6 +369,7 @@ impl Driver {
                     return true;
                 }
                 self.remember_session(turn.session_id.as_deref());
+                turn.cost_usd = self.own_cost(&turn, proc.resumed);
                 let mut events = vec![TaskEvent::Usage {
                     usage: turn.usage,
                     cost_usd: turn.cost_usd,
@@ -410,6 +432,27 @@ impl Driver {
             }
         }
         true
+    }
+
+    /// This run's own cost. The CLI's `total_cost_usd` adds up every run of a resumed
+    /// conversation, so the total remembered after the previous run is taken off; a new
+    /// conversation's total is its own. A resumed conversation with no remembered total (it
+    /// was started by an older worker) has no known cost of its own: `None`, never a sum of
+    /// earlier tasks.
+    fn own_cost(&self, turn: &TurnResult, resumed: bool) -> Option<f64> {
+        let total = turn.cost_usd?;
+        let session = turn.session_id.as_deref().filter(|id| valid_session_id(id));
+        let before = match (resumed, session) {
+            (false, _) => Some(0.0),
+            (true, Some(id)) => read_session_cost(&self.request.workspace, id),
+            (true, None) => None,
+        };
+        if let Some(id) = session
+            && let Err(e) = write_session_cost(&self.request.workspace, id, total)
+        {
+            tracing::warn!("cannot remember the Claude Code session's cost: {e}");
+        }
+        before.map(|before| (total - before).max(0.0))
     }
 
     /// Stores a new CLI session id in the workspace.

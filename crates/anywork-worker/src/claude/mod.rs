@@ -4,7 +4,8 @@
 //! for permissions:
 //!
 //! ```text
-//! claude --input-format stream-json --output-format stream-json --verbose --max-turns N
+//! claude --input-format stream-json --output-format stream-json --verbose
+//!        --include-partial-messages --max-turns N
 //!        [--model=M] [--resume=<id>] [--append-system-prompt=<SOUL.md + AGENTS.md>]
 //!        (--dangerously-skip-permissions | --permission-prompt-tool stdio)
 //!        [--settings=<sandbox settings>] [--mcp-config=<ws>/.claude-state/anywork-mcp.json
@@ -45,7 +46,8 @@
 //! | line | events |
 //! |---|---|
 //! | `system`/`init` | [`TaskEvent::Init`], plus an [`TaskEvent::Error`] (code `mcp_server_failed`) per MCP server whose status is `failed` |
-//! | `assistant` | per content block: `text` → [`TaskEvent::Text`], `thinking` → [`TaskEvent::Thinking`], `tool_use` (also `server_tool_use`, `mcp_tool_use`) → [`TaskEvent::ToolCall`]. Text and thinking of sub-agents (`parent_tool_use_id` set) are left out; their tool calls are kept. The synthetic line the CLI writes for an API error (`is_api_error_message`/`error`, model `<synthetic>`) is skipped: the `result` line that follows carries the same text |
+//! | `stream_event` (`--include-partial-messages`) | a top-level `text_delta` → [`TaskEvent::Text`] with that piece, as the model writes it; other raw events are ignored |
+//! | `assistant` | per content block (text blocks only when their text was not streamed): `text` → [`TaskEvent::Text`], `thinking` → [`TaskEvent::Thinking`], `tool_use` (also `server_tool_use`, `mcp_tool_use`) → [`TaskEvent::ToolCall`]. Text and thinking of sub-agents (`parent_tool_use_id` set) are left out; their tool calls are kept. The synthetic line the CLI writes for an API error (`is_api_error_message`/`error`, model `<synthetic>`) is skipped: the `result` line that follows carries the same text |
 //! | `user` | per `tool_result` block: [`TaskEvent::ToolResult`] (string content, or the text parts of a block array joined with `\n`) |
 //! | `result` | [`TaskEvent::Usage`]; when `is_error` (and the run was not canceled) an [`TaskEvent::Error`] whose code is `terminal_reason` (`api_error`, `max_turns`, ...); and at the very end [`TaskEvent::Done`] |
 //! | `control_request`/`can_use_tool` | [`TaskEvent::InputRequired`] (kind [`InputKind::Permission`](anywork_core::InputKind::Permission)); other control requests are answered with an error |
@@ -86,7 +88,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use config::INSTALL_HINT;
-pub use config::{ClaudeCodeConfig, PermissionMode};
+pub use config::{ClaudeCodeConfig, DEFAULT_MODEL, PermissionMode};
 pub use confine::MCP_CONFIG_FILE;
 use driver::{Control, Driver};
 use process::{Group, Proc};
@@ -209,6 +211,7 @@ impl Executor for ClaudeCodeExecutor {
             timed_out: false,
             interrupts: 0,
             pending: HashMap::new(),
+            streamed_text: false,
         };
         tokio::spawn(driver.run(proc));
         Ok(Execution {

@@ -113,6 +113,8 @@ impl Proc {
             "--output-format",
             "stream-json",
             "--verbose",
+            // Text arrives as it is generated (`stream_event` lines), not per finished block.
+            "--include-partial-messages",
             "--max-turns",
         ])
         .arg(config.max_turns.max(1).to_string());

@@ -61,6 +61,37 @@ pub(super) fn read_session_id(workspace: &Path) -> Option<String> {
 
 /// Stores `id` atomically (a new temporary file, then a rename; links are not followed).
 pub(super) fn write_session_id(workspace: &Path, id: &str) -> io::Result<()> {
+    write_state_file(workspace, SESSION_ID_FILE, &format!("{id}\n"))
+}
+
+/// File (inside [`SESSIONS_DIR`]) with the CLI session's cumulative cost after the last run:
+/// `<session id> <total_cost_usd>`.
+const SESSION_COST_FILE: &str = "claude-session-cost";
+
+/// The cumulative cost the CLI reported for `session` after its last run, if remembered.
+pub(super) fn read_session_cost(workspace: &Path, session: &str) -> Option<f64> {
+    let path = workspace.join(SESSIONS_DIR).join(SESSION_COST_FILE);
+    let meta = fs::symlink_metadata(&path).ok()?;
+    if !meta.is_file() || meta.len() > 1024 {
+        return None;
+    }
+    let text = fs::read_to_string(&path).ok()?;
+    let (id, cost) = text.trim().split_once(' ')?;
+    (id == session).then(|| cost.parse().ok()).flatten()
+}
+
+/// Remembers `total` as `session`'s cumulative cost.
+pub(super) fn write_session_cost(workspace: &Path, session: &str, total: f64) -> io::Result<()> {
+    write_state_file(
+        workspace,
+        SESSION_COST_FILE,
+        &format!("{session} {total}\n"),
+    )
+}
+
+/// Writes `<ws>/sessions/<name>` atomically (a new 0600 temporary file, then a rename; links
+/// are not followed).
+fn write_state_file(workspace: &Path, name: &str, contents: &str) -> io::Result<()> {
     let dir = workspace.join(SESSIONS_DIR);
     if !fs::symlink_metadata(&dir)?.is_dir() {
         return Err(io::Error::other(format!(
@@ -73,7 +104,7 @@ pub(super) fn write_session_id(workspace: &Path, id: &str) -> io::Result<()> {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     let tmp = dir.join(format!(
-        ".{SESSION_ID_FILE}.{}.{nanos}.{}.tmp",
+        ".{name}.{}.{nanos}.{}.tmp",
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
@@ -83,9 +114,9 @@ pub(super) fn write_session_id(workspace: &Path, id: &str) -> io::Result<()> {
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
-        file.write_all(format!("{id}\n").as_bytes())?;
+        file.write_all(contents.as_bytes())?;
         file.sync_all()?;
-        fs::rename(&tmp, dir.join(SESSION_ID_FILE))
+        fs::rename(&tmp, dir.join(name))
     })();
     if written.is_err() {
         let _ = fs::remove_file(&tmp);

@@ -72,8 +72,9 @@ pub(super) fn init_events(line: &Value) -> Vec<TaskEvent> {
     events
 }
 
-/// `assistant` → text, thinking and tool calls, one per content block.
-pub(super) fn assistant_events(line: &Value) -> Vec<TaskEvent> {
+/// `assistant` → text, thinking and tool calls, one per content block. With `streamed`, text
+/// blocks are left out: their text was already sent piece by piece ([`text_delta`]).
+pub(super) fn assistant_events(line: &Value, streamed: bool) -> Vec<TaskEvent> {
     let synthetic_error = line.get("is_api_error_message").and_then(Value::as_bool) == Some(true)
         || line.get("error").is_some_and(|e| !e.is_null())
         || line.pointer("/message/model").and_then(Value::as_str) == Some("<synthetic>");
@@ -89,7 +90,7 @@ pub(super) fn assistant_events(line: &Value) -> Vec<TaskEvent> {
     blocks
         .iter()
         .filter_map(|block| match str_at(block, "type")? {
-            "text" if !sub_agent => {
+            "text" if !sub_agent && !streamed => {
                 let text = str_at(block, "text")?;
                 (!text.is_empty()).then(|| TaskEvent::text(text))
             }
@@ -107,6 +108,25 @@ pub(super) fn assistant_events(line: &Value) -> Vec<TaskEvent> {
             _ => None,
         })
         .collect()
+}
+
+/// A `stream_event` line (`--include-partial-messages`): the text of a top-level
+/// `content_block_delta`/`text_delta`, streamed while the model writes. Sub-agents' streams
+/// and every other raw event (block starts and stops, thinking and tool-input deltas) give
+/// `None`: their content arrives whole in the `assistant` line.
+pub(super) fn text_delta(line: &Value) -> Option<&str> {
+    if line.get("parent_tool_use_id").is_some_and(|p| !p.is_null()) {
+        return None;
+    }
+    let event = line.get("event")?;
+    if str_at(event, "type") != Some("content_block_delta") {
+        return None;
+    }
+    let delta = event.get("delta")?;
+    (str_at(delta, "type") == Some("text_delta"))
+        .then(|| str_at(delta, "text"))
+        .flatten()
+        .filter(|t| !t.is_empty())
 }
 
 /// `user` → one [`TaskEvent::ToolResult`] per `tool_result` block.
@@ -276,11 +296,12 @@ mod tests {
 
     #[test]
     fn assistant_blocks_map_to_events() {
-        let events = assistant_events(&line(
+        let blocks = line(
             r#"{"type":"assistant","parent_tool_use_id":null,"message":{"content":[
                 {"type":"thinking","thinking":"hmm"},{"type":"text","text":"hi"},
                 {"type":"tool_use","id":"t1","name":"Write","input":{"a":1}},{"type":"image"}]}}"#,
-        ));
+        );
+        let events = assistant_events(&blocks, false);
         assert_eq!(
             events,
             vec![
@@ -296,19 +317,66 @@ mod tests {
         let synthetic = line(
             r#"{"type":"assistant","message":{"model":"<synthetic>","content":[{"type":"text","text":"API Error: 500"}]},"error":"server_error","is_api_error_message":true}"#,
         );
-        assert!(assistant_events(&synthetic).is_empty());
+        assert!(assistant_events(&synthetic, false).is_empty());
         let sub_agent = line(
             r#"{"type":"assistant","parent_tool_use_id":"toolu_9","message":{"content":[{"type":"text","text":"inner"},{"type":"tool_use","id":"t2","name":"Read"}]}}"#,
         );
         assert_eq!(
-            assistant_events(&sub_agent),
+            assistant_events(&sub_agent, false),
             vec![TaskEvent::ToolCall {
                 id: "t2".into(),
                 name: "Read".into(),
                 input: json!({})
             }]
         );
-        assert!(assistant_events(&json!({"message": {"content": "text"}})).is_empty());
+        assert!(assistant_events(&json!({"message": {"content": "text"}}), false).is_empty());
+        // Streamed text is not sent again; the rest of the blocks are.
+        let streamed = assistant_events(&blocks, true);
+        assert_eq!(streamed.len(), 2, "{streamed:?}");
+        assert!(!streamed.contains(&TaskEvent::text("hi")));
+    }
+
+    #[test]
+    fn only_top_level_text_deltas_stream() {
+        let delta = |parent: &str, delta: &str| {
+            line(&format!(
+                r#"{{"type":"stream_event","parent_tool_use_id":{parent},"event":{{"type":"content_block_delta","index":0,"delta":{delta}}}}}"#
+            ))
+        };
+        assert_eq!(
+            text_delta(&delta("null", r#"{"type":"text_delta","text":"Hel"}"#)),
+            Some("Hel")
+        );
+        assert_eq!(
+            text_delta(&delta(
+                r#""toolu_1""#,
+                r#"{"type":"text_delta","text":"x"}"#
+            )),
+            None
+        );
+        assert_eq!(
+            text_delta(&delta("null", r#"{"type":"text_delta","text":""}"#)),
+            None
+        );
+        assert_eq!(
+            text_delta(&delta(
+                "null",
+                r#"{"type":"input_json_delta","partial_json":"{"}"#
+            )),
+            None
+        );
+        assert_eq!(
+            text_delta(&delta(
+                "null",
+                r#"{"type":"thinking_delta","thinking":"hm"}"#
+            )),
+            None
+        );
+        let start = line(
+            r#"{"type":"stream_event","event":{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}}"#,
+        );
+        assert_eq!(text_delta(&start), None);
+        assert_eq!(text_delta(&json!({"type":"stream_event"})), None);
     }
 
     #[test]

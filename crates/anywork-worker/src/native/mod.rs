@@ -71,6 +71,11 @@ impl std::fmt::Debug for NativeExecutor {
 }
 
 impl NativeExecutor {
+    /// The model it calls.
+    pub fn model(&self) -> &str {
+        &self.config.model
+    }
+
     /// An executor with `config` (checked with [`NativeConfig::validate`]).
     pub fn new(config: NativeConfig) -> Result<Self> {
         config.validate()?;
