@@ -89,6 +89,10 @@ pub enum TaskEvent {
         /// A stable code, when there is one (`api_error`, `max_turns`).
         code: Option<String>,
     },
+    /// What the task waits for, told while it waits (a worker being created, a model call
+    /// being retried); not terminal, never stored as a result. Wire: `progress`, content =
+    /// message, metadata = the rest of [`Progress`].
+    Progress(Progress),
     /// The run is over: exactly one per run, always last. Wire: `done`, content = result text.
     Done(TaskOutcome),
     /// An event type this version does not know, kept as it came.
@@ -168,6 +172,60 @@ pub struct InputResponse {
     pub allow: Option<bool>,
 }
 
+/// What a [`TaskEvent::Progress`] tells.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct Progress {
+    /// What is in progress: [`Progress::WORKER`], [`Progress::MODEL_RETRY`], ...
+    pub stage: String,
+    /// For people: what happens and, for a retry, why and when the next try comes.
+    #[serde(skip)]
+    pub message: String,
+    /// The attempt about to be made (1 = the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// How many attempts there will be at most.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// How long until the next try, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_in_ms: Option<u64>,
+    /// Why the previous attempt failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Progress {
+    /// A worker is being found or created for the task.
+    pub const WORKER: &'static str = "worker";
+    /// A model call failed and will be tried again.
+    pub const MODEL_RETRY: &'static str = "model_retry";
+
+    /// `message` at `stage`.
+    pub fn new(stage: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            stage: stage.into(),
+            message: message.into(),
+            ..Self::default()
+        }
+    }
+
+    /// The attempt about to be made, of at most `max`.
+    pub fn attempt(mut self, attempt: u32, max: u32) -> Self {
+        self.attempt = Some(attempt);
+        self.max_attempts = Some(max);
+        self
+    }
+
+    /// The next try comes in `ms` milliseconds, after `reason`.
+    pub fn retry(mut self, ms: u64, reason: impl Into<String>) -> Self {
+        self.retry_in_ms = Some(ms);
+        self.reason = Some(reason.into());
+        self
+    }
+}
+
 impl TaskEvent {
     /// The wire type name (`text`, `tool_call`, ...).
     pub fn kind(&self) -> &str {
@@ -181,6 +239,7 @@ impl TaskEvent {
             TaskEvent::Usage { .. } => "usage",
             TaskEvent::Status { .. } => "status",
             TaskEvent::Error { .. } => "error",
+            TaskEvent::Progress(_) => "progress",
             TaskEvent::Done(_) => "done",
             TaskEvent::Other(w) => &w.kind,
         }
@@ -277,6 +336,10 @@ impl From<TaskEvent> for WireEvent {
             }
             TaskEvent::Status { status } => ("status", status.as_str().to_owned(), empty_object()),
             TaskEvent::Error { message, code } => ("error", message, meta(ErrorMeta { code })),
+            TaskEvent::Progress(progress) => {
+                let message = progress.message.clone();
+                ("progress", message, meta(progress))
+            }
             TaskEvent::Done(mut outcome) => {
                 let content = outcome.result.take().unwrap_or_default();
                 ("done", content, meta(outcome))
@@ -355,6 +418,11 @@ impl TryFrom<WireEvent> for TaskEvent {
                     message: content,
                     code: m.code,
                 }
+            }
+            "progress" => {
+                let mut progress: Progress = parse(&kind, metadata)?;
+                progress.message = content;
+                TaskEvent::Progress(progress)
             }
             "done" => {
                 let mut outcome: TaskOutcome = parse(&kind, metadata)?;

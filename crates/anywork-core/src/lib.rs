@@ -45,7 +45,8 @@ pub use delivery::{
 pub use driver::{ContainerDriver, WorkerEndpoint, WorkerInfo};
 pub use error::{Error, ErrorKind, Result};
 pub use event::{
-    AgentInit, InputKind, InputRequest, InputResponse, McpServerStatus, TaskEvent, WireEvent,
+    AgentInit, InputKind, InputRequest, InputResponse, McpServerStatus, Progress, TaskEvent,
+    WireEvent,
 };
 pub use executor::{EventStream, Execution, ExecutionControl, ExecutionRequest, Executor};
 pub use ids::{SessionId, TaskId, Timestamp};

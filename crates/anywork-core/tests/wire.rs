@@ -117,6 +117,28 @@ fn input_required_usage_status_error() {
 }
 
 #[test]
+fn progress_tells_what_a_task_waits_for() {
+    golden(
+        TaskEvent::Progress(
+            anywork_core::Progress::new(
+                anywork_core::Progress::MODEL_RETRY,
+                "the model API is overloaded (529); trying again in 2 s (attempt 2 of 5)",
+            )
+            .attempt(2, 5)
+            .retry(2000, "overloaded"),
+        ),
+        json!({"type": "progress",
+               "content": "the model API is overloaded (529); trying again in 2 s (attempt 2 of 5)",
+               "metadata": {"stage": "model_retry", "attempt": 2, "max_attempts": 5,
+                            "retry_in_ms": 2000, "reason": "overloaded"}}),
+    );
+    golden(
+        TaskEvent::Progress(anywork_core::Progress::new("worker", "starting a worker")),
+        json!({"type": "progress", "content": "starting a worker", "metadata": {"stage": "worker"}}),
+    );
+}
+
+#[test]
 fn done_carries_the_outcome() {
     let mut outcome = TaskOutcome::completed("The answer is 42.");
     outcome.cost_usd = Some(0.01);
@@ -159,9 +181,9 @@ fn the_original_workers_done_event_is_understood() {
 
 #[test]
 fn unknown_types_are_kept_and_bad_metadata_is_refused() {
-    let raw = json!({"type": "progress", "content": "50%", "metadata": {"pct": 50}});
+    let raw = json!({"type": "percent_done", "content": "50%", "metadata": {"pct": 50}});
     let e: TaskEvent = serde_json::from_value(raw.clone()).unwrap();
-    assert_eq!(e.kind(), "progress");
+    assert_eq!(e.kind(), "percent_done");
     assert_eq!(serde_json::to_value(&e).unwrap(), raw);
 
     let err = serde_json::from_value::<TaskEvent>(

@@ -287,6 +287,63 @@ async fn write_tool_writes_a_file_and_streams_events() {
     );
 }
 
+/// A failed model call the CLI retries is told as progress; a refused key is not retried
+/// for minutes (as the CLI would by default) but fails the task at once, saying what to fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_are_told_and_a_refused_key_fails_at_once() {
+    let Some(claude) = claude_cli("retries_are_told_and_a_refused_key_fails_at_once") else {
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    let ws = workspace();
+    // The CLI's own retry settings (no CLAUDE_CODE_MAX_RETRIES=0 here).
+    let retrying = || {
+        ClaudeCodeConfig::new(&claude)
+            .with_api_key("test")
+            .with_base_url(fake.url())
+            .with_max_turns(5)
+            .with_timeout(RUN_LIMIT)
+    };
+    fake.push(Reply::error(529, "overloaded_error", "Overloaded"));
+    fake.push(Reply::text("fine now"));
+    let events = run(&ClaudeCodeExecutor::new(retrying()), ws.path(), "hi").await;
+    assert_eq!(done(&events).status, TaskStatus::Completed, "{events:#?}");
+    let progress: Vec<&anywork_core::Progress> = events
+        .iter()
+        .filter_map(|e| match e {
+            TaskEvent::Progress(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(progress.len(), 1, "{events:#?}");
+    assert_eq!(progress[0].stage, anywork_core::Progress::MODEL_RETRY);
+    assert_eq!(progress[0].attempt, Some(1));
+    assert!(
+        progress[0].reason.as_deref().unwrap().contains("529"),
+        "{progress:?}"
+    );
+
+    fake.clear_requests();
+    fake.set_responder(|_| Reply::error(401, "authentication_error", "invalid x-api-key"));
+    let events = run(&ClaudeCodeExecutor::new(retrying()), ws.path(), "again").await;
+    let outcome = done(&events);
+    assert_eq!(outcome.status, TaskStatus::Failed, "{events:#?}");
+    let error = outcome.error.as_deref().unwrap();
+    assert!(error.contains("check ANTHROPIC_API_KEY"), "{error}");
+    assert!(
+        error_codes(&events)
+            .iter()
+            .any(|(code, _)| code == "auth_failed"),
+        "{events:#?}"
+    );
+    assert!(
+        fake.request_count() <= 2,
+        "the CLI was stopped instead of retrying ten times: {} requests",
+        fake.request_count()
+    );
+    assert_no_processes(ws.path(), Duration::from_secs(2)).await;
+}
+
 /// The CLI's `total_cost_usd` adds up every run of a resumed conversation; a task's cost is
 /// its own run's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

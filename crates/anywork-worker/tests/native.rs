@@ -446,6 +446,44 @@ async fn overloaded_is_retried_and_bad_requests_fail_at_once() {
         assert_eq!(done.result.as_deref(), Some("ok after retry"));
         assert_eq!(done.num_turns, 1);
         assert_eq!(fake.request_count(), 3);
+        // Each retry is told while the task waits: attempt, delay and reason.
+        let retries: Vec<&anywork_core::Progress> = events
+            .iter()
+            .filter_map(|e| match e {
+                TaskEvent::Progress(p) if p.stage == anywork_core::Progress::MODEL_RETRY => Some(p),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(retries.len(), 2, "{flavor:?}: {events:#?}");
+        assert_eq!(retries[0].attempt, Some(2));
+        assert_eq!(retries[1].attempt, Some(3));
+        assert!(
+            retries[0].reason.as_deref().unwrap().contains("529"),
+            "{retries:?}"
+        );
+        assert!(retries[1].message.contains("429"), "{retries:?}");
+        assert!(
+            retries
+                .iter()
+                .all(|p| p.retry_in_ms.is_some() && p.max_attempts.is_some())
+        );
+
+        // A refused key is not retried, and says what to fix.
+        let ws = tempfile::tempdir().unwrap();
+        fake.clear_requests();
+        fake.push(Reply::error(
+            401,
+            "authentication_error",
+            "invalid x-api-key",
+        ));
+        fake.push(Reply::text("never"));
+        let events = run(&executor(&fake, flavor), ws.path(), "hi").await;
+        let done = outcome(&events);
+        assert_eq!(done.status, TaskStatus::Failed);
+        let error = done.error.as_deref().unwrap();
+        assert!(error.contains("check the key"), "{error}");
+        assert_eq!(fake.request_count(), 1, "a 401 is not retried");
+        fake.clear_queue();
 
         let ws = tempfile::tempdir().unwrap();
         fake.clear_requests();

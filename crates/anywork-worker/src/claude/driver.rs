@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anywork_core::{
-    Error, ExecutionControl, ExecutionRequest, InputResponse, Result, TaskEvent, TaskOutcome,
-    TaskStatus,
+    Error, ExecutionControl, ExecutionRequest, InputResponse, Progress, Result, TaskEvent,
+    TaskOutcome, TaskStatus,
 };
 use async_trait::async_trait;
 use serde_json::{Value, json};
@@ -78,6 +78,8 @@ pub(super) struct Driver {
     /// Text was streamed (`stream_event` deltas) since the last `assistant` line, so that
     /// line's text blocks are not sent a second time.
     pub(super) streamed_text: bool,
+    /// Why the run was stopped early as failed (the model API refused the credentials).
+    pub(super) fatal: Option<String>,
 }
 
 /// How one process ended.
@@ -333,6 +335,7 @@ impl Driver {
         };
         let kind = str_at(&value, "type").unwrap_or_default();
         let events = match kind {
+            "system" if str_at(&value, "subtype") == Some("api_retry") => self.api_retry(&value),
             "system" if str_at(&value, "subtype") == Some("init") => {
                 self.remember_session(str_at(&value, "session_id"));
                 init_events(&value)
@@ -434,6 +437,52 @@ impl Driver {
         true
     }
 
+    /// A `system`/`api_retry` line: the CLI retries a failed model call. Told as progress;
+    /// but a refused credential (401/403) is never retried — the CLI would try for minutes —:
+    /// the run is stopped at once and fails saying what to fix.
+    fn api_retry(&mut self, line: &Value) -> Vec<TaskEvent> {
+        let count = |key: &str| line.get(key).and_then(Value::as_u64);
+        let status = count("error_status");
+        let reason = str_at(line, "error").unwrap_or("error").to_owned();
+        if matches!(status, Some(401 | 403)) {
+            let message = format!(
+                "the model API refused the credentials ({} {reason}): check ANTHROPIC_API_KEY \
+                 (and ANTHROPIC_BASE_URL) and that the key may use this model",
+                status.unwrap_or_default()
+            );
+            tracing::warn!(task = %self.request.task_id, "{message}; stopping claude");
+            self.fatal = Some(message.clone());
+            self.group.kill();
+            return vec![TaskEvent::Error {
+                message,
+                code: Some("auth_failed".to_owned()),
+            }];
+        }
+        let attempt = count("attempt")
+            .and_then(|a| u32::try_from(a).ok())
+            .unwrap_or(1);
+        let max = count("max_retries")
+            .and_then(|a| u32::try_from(a).ok())
+            .unwrap_or(attempt);
+        let delay = count("retry_delay_ms").unwrap_or(0);
+        let what = match status {
+            Some(status) => format!("{status} {reason}"),
+            None => reason.clone(),
+        };
+        vec![TaskEvent::Progress(
+            Progress::new(
+                Progress::MODEL_RETRY,
+                format!(
+                    "the model call failed ({what}); Claude Code tries again in {:.1} s \
+                     (retry {attempt} of {max})",
+                    delay as f64 / 1000.0
+                ),
+            )
+            .attempt(attempt, max)
+            .retry(delay, what),
+        )]
+    }
+
     /// This run's own cost. The CLI's `total_cost_usd` adds up every run of a resumed
     /// conversation, so the total remembered after the previous run is taken off; a new
     /// conversation's total is its own. A resumed conversation with no remembered total (it
@@ -478,6 +527,9 @@ impl Driver {
         status: Option<ExitStatus>,
         stderr: &str,
     ) -> TaskOutcome {
+        if let Some(reason) = &self.fatal {
+            return TaskOutcome::failed(reason.clone());
+        }
         if let Some(turn) = result {
             let mut outcome = TaskOutcome {
                 status: if self.canceled {

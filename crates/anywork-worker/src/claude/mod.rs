@@ -49,6 +49,7 @@
 //! | `stream_event` (`--include-partial-messages`) | a top-level `text_delta` → [`TaskEvent::Text`] with that piece, as the model writes it; other raw events are ignored |
 //! | `assistant` | per content block (text blocks only when their text was not streamed): `text` → [`TaskEvent::Text`], `thinking` → [`TaskEvent::Thinking`], `tool_use` (also `server_tool_use`, `mcp_tool_use`) → [`TaskEvent::ToolCall`]. Text and thinking of sub-agents (`parent_tool_use_id` set) are left out; their tool calls are kept. The synthetic line the CLI writes for an API error (`is_api_error_message`/`error`, model `<synthetic>`) is skipped: the `result` line that follows carries the same text |
 //! | `user` | per `tool_result` block: [`TaskEvent::ToolResult`] (string content, or the text parts of a block array joined with `\n`) |
+//! | `system`/`api_retry` | [`TaskEvent::Progress`] (stage `model_retry`: attempt, delay, reason); a 401/403 instead stops the CLI at once and fails the run with what to fix (an [`TaskEvent::Error`] with code `auth_failed`) |
 //! | `result` | [`TaskEvent::Usage`]; when `is_error` (and the run was not canceled) an [`TaskEvent::Error`] whose code is `terminal_reason` (`api_error`, `max_turns`, ...); and at the very end [`TaskEvent::Done`] |
 //! | `control_request`/`can_use_tool` | [`TaskEvent::InputRequired`] (kind [`InputKind::Permission`](anywork_core::InputKind::Permission)); other control requests are answered with an error |
 //! | anything else, non-JSON lines | ignored (logged at debug level) |
@@ -212,6 +213,7 @@ impl Executor for ClaudeCodeExecutor {
             interrupts: 0,
             pending: HashMap::new(),
             streamed_text: false,
+            fatal: None,
         };
         tokio::spawn(driver.run(proc));
         Ok(Execution {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anywork_core::spec::McpServers;
 use anywork_core::{
-    AgentInit, ExecutionRequest, InputKind, InputRequest, InputResponse, McpServerConfig,
+    AgentInit, ExecutionRequest, InputKind, InputRequest, InputResponse, McpServerConfig, Progress,
     TaskEvent, TaskOutcome, TokenUsage,
 };
 use serde_json::{Value, json};
@@ -422,6 +422,22 @@ impl Run {
                         error = %failure.message,
                         "model call failed; retrying"
                     );
+                    let next = attempt + 1;
+                    let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+                    self.emit(TaskEvent::Progress(
+                        Progress::new(
+                            Progress::MODEL_RETRY,
+                            format!(
+                                "the model call failed ({}); trying again in {:.1} s (attempt {next} of {})",
+                                failure.message,
+                                wait.as_secs_f64(),
+                                retry.max_attempts
+                            ),
+                        )
+                        .attempt(next, retry.max_attempts)
+                        .retry(wait_ms, failure.message.clone()),
+                    ))
+                    .await;
                     tokio::time::sleep(wait).await;
                 }
                 Err(mut failure) => {

@@ -251,10 +251,17 @@ pub fn http_failure(status: u16, headers: &reqwest::header::HeaderMap, body: &st
         .and_then(|v| v.pointer("/error/type").and_then(Value::as_str))
         .map(str::to_owned);
     let detail = api_message.unwrap_or_else(|| truncate_chars(body.trim(), 500));
-    let message = match error_type {
+    let mut message = match error_type {
         Some(t) => format!("model API error {status} ({t}): {detail}"),
         None => format!("model API error {status}: {detail}"),
     };
+    if matches!(status, 401 | 403) {
+        // Never retried: only a new key or new rights fix it.
+        message.push_str(
+            " — the model API refused the credentials: check the key (ANTHROPIC_API_KEY, or \
+             API_KEY with API_BASE_URL) and that it may use this model",
+        );
+    }
     ApiFailure {
         message,
         retryable: retryable_status(status),
