@@ -31,14 +31,34 @@ pub async fn serve(
         .await
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`). Call once, at the start of `main`.
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`). `LOG_FORMAT=json` writes one JSON
+/// object per line (timestamp, level, target, fields, span); the default is text, coloured
+/// only when stderr is a terminal. An unknown `LOG_FORMAT` is refused. Call once, at the start
+/// of `main`.
 #[cfg(feature = "binary")]
-pub fn init_tracing() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+pub fn init_tracing() -> Result<(), String> {
+    use std::io::IsTerminal as _;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let format = std::env::var("LOG_FORMAT").unwrap_or_default();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format.trim().to_ascii_lowercase().as_str() {
+        "" | "text" => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        "json" => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        other => {
+            return Err(format!(
+                "LOG_FORMAT={other:?} is not known: use `text` (the default) or `json`"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Completes on Ctrl-C or SIGTERM (what `docker stop` and Kubernetes send), logging it.

@@ -28,7 +28,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    anywork_http::init_tracing();
+    anywork_http::init_tracing().map_err(anyhow::Error::msg)?;
     let args = Args::parse();
     // SANDBOX, SANDBOX_NETWORK, SANDBOX_HIDE (+ the workspace root: other sessions), CHILD_ENV.
     let sandbox = Sandbox::detect(SandboxConfig::from_env()?.with_hidden(&args.workspace_dir))

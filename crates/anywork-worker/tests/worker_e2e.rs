@@ -293,3 +293,67 @@ async fn native_executor_calls_mcp_tools_on_both_providers() {
         assert_eq!(outcome.num_turns, 2);
     }
 }
+
+/// `LOG_FORMAT=json`: one JSON object per log line; text logs carry no colour codes when
+/// stderr is not a terminal; an unknown format is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_json_lines_or_plain_text() {
+    use tokio::io::AsyncBufReadExt as _;
+    async fn first_lines(format: &str) -> (Vec<String>, Option<i32>) {
+        let ws = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = tokio::process::Command::new(anywork_test::bins::worker_bin())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("LOG_FORMAT", format)
+            .env("RUST_LOG", "info")
+            .env("EXECUTOR", "native")
+            .env("API_KEY", "k")
+            .env("API_BASE_URL", "http://127.0.0.1:9/v1")
+            .env("MODEL", "m")
+            .env("SANDBOX", "off")
+            .env("WORKER_PORT", port.to_string())
+            .env("WORKSPACE_DIR", ws.path())
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the worker");
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            match tokio::time::timeout(std::time::Duration::from_secs(20), lines.next_line()).await
+            {
+                Ok(Ok(Some(line))) => seen.push(line),
+                _ => break,
+            }
+        }
+        let _ = child.start_kill();
+        let status = child.wait().await.ok().and_then(|s| s.code());
+        (seen, status)
+    }
+
+    let (json_lines, _) = first_lines("json").await;
+    assert!(!json_lines.is_empty(), "the worker logged something");
+    for line in &json_lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["timestamp"].is_string() && v["level"].is_string(), "{v}");
+    }
+    let (text_lines, _) = first_lines("text").await;
+    assert!(!text_lines.is_empty());
+    assert!(
+        text_lines.iter().all(|l| !l.contains('\u{1b}')),
+        "no ANSI escapes without a terminal: {text_lines:?}"
+    );
+    let (refused, status) = first_lines("xml").await;
+    assert_ne!(status, Some(0));
+    assert!(
+        refused.iter().any(|l| l.contains("LOG_FORMAT")),
+        "the error names the setting: {refused:?}"
+    );
+}

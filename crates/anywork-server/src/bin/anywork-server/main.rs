@@ -12,7 +12,7 @@ use config::Config;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    anywork_http::init_tracing();
+    anywork_http::init_tracing().map_err(anyhow::Error::msg)?;
     let config = Config::parse();
     let built = config.build().await?;
     let addr = SocketAddr::new(config.host, config.port);
