@@ -58,6 +58,26 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// A fake model on the network's gateway (the host, as the containers see it) and a
+    /// driver whose workers call it.
+    async fn driver_with_fake_model(&self) -> (FakeLlm, DockerDriver) {
+        let probe = DockerDriver::connect(self.config("http://unused/v1"))
+            .await
+            .unwrap();
+        let gateway = probe
+            .network_gateway()
+            .await
+            .unwrap()
+            .expect("the network has a gateway");
+        let fake = FakeLlm::start_on(gateway).await;
+        let driver = DockerDriver::connect(self.config(&format!("{}/v1", fake.url())))
+            .await
+            .unwrap();
+        (fake, driver)
+    }
+}
+
 impl Drop for Pool {
     fn drop(&mut self) {
         remove_pool(&self.prefix, &self.network);
@@ -166,20 +186,8 @@ async fn chats_through_a_container_and_keeps_the_workspace_across_reaping() {
         return;
     }
     let pool = Pool::new("chat");
-    // The fake model listens on the network's gateway: the host, as the containers see it.
-    let probe = DockerDriver::connect(pool.config("http://unused/v1"))
-        .await
-        .unwrap();
-    let gateway = probe
-        .network_gateway()
-        .await
-        .unwrap()
-        .expect("the network has a gateway");
-    let fake = FakeLlm::start_on(gateway).await;
+    let (fake, driver) = pool.driver_with_fake_model().await;
     fake.push(Reply::text("Hello from inside the container"));
-    let driver = DockerDriver::connect(pool.config(&format!("{}/v1", fake.url())))
-        .await
-        .unwrap();
     let http = reqwest::Client::new();
     let s = sid("chat");
 
@@ -384,7 +392,7 @@ async fn a_missing_image_is_not_found_with_how_to_build_it() {
     let e = driver.get_worker(&sid("img")).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
     assert!(e.to_string().contains(&config.image), "{e}");
-    assert!(e.to_string().contains("build-test-image.sh"), "{e}");
+    assert!(e.to_string().contains("build-worker-image.sh"), "{e}");
 }
 
 #[tokio::test]
@@ -460,24 +468,13 @@ async fn the_agent_gets_a_real_shell_with_git_and_claude_in_the_image() {
         return;
     }
     let pool = Pool::new("shell");
-    let probe = DockerDriver::connect(pool.config("http://unused/v1"))
-        .await
-        .unwrap();
-    let gateway = probe
-        .network_gateway()
-        .await
-        .unwrap()
-        .expect("the network has a gateway");
-    let fake = FakeLlm::start_on(gateway).await;
+    let (fake, driver) = pool.driver_with_fake_model().await;
     let command = "echo sum=$((6*7)); set -o pipefail; git --version; \
                    (claude --version || echo no-claude) | head -n1; echo shell=$BASH_VERSION";
     fake.push_all([
         Reply::tool_use("t1", "bash", json!({ "command": command })),
         Reply::text("ran it"),
     ]);
-    let driver = DockerDriver::connect(pool.config(&format!("{}/v1", fake.url())))
-        .await
-        .unwrap();
     let s = sid("shell");
     let worker = driver.get_worker(&s).await.unwrap();
     let sse = chat(

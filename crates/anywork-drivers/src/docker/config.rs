@@ -23,7 +23,7 @@ pub struct DockerConfig {
     /// uses the local socket.
     pub docker_host: Option<String>,
     /// Worker image (`DOCKER_WORKER_IMAGE`, default `anywork-worker:latest`). It is never
-    /// pulled: build it (`deploy/build-test-image.sh`, or `deploy/Dockerfile.worker`).
+    /// pulled: build it (`deploy/build-worker-image.sh`, or `deploy/Dockerfile.worker`).
     pub image: String,
     /// User-defined bridge network of the workers, created if missing (`DOCKER_NETWORK`,
     /// default `anywork`).

@@ -427,7 +427,7 @@ impl DockerDriver {
             Err(e) if status_of(&e) == Some(404) && is_missing_image(&e) => {
                 Err(Error::not_found(format!(
                     "the worker image {image} is not on the Docker engine: build it \
-                     (deploy/build-test-image.sh <path to anywork-worker> {image}, or docker \
+                     (deploy/build-worker-image.sh <path to anywork-worker> {image}, or docker \
                      build -f deploy/Dockerfile.worker -t {image} .) or set DOCKER_WORKER_IMAGE",
                     image = self.config.image
                 )))
