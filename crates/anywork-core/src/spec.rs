@@ -375,11 +375,21 @@ struct NamedMcpObject {
 }
 
 /// An entry of the list form: a catalog name, or an object with a `name`.
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum NamedMcp {
     Name(String),
     Object(NamedMcpObject),
+}
+
+impl<'de> Deserialize<'de> for NamedMcp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(name) => Ok(NamedMcp::Name(name)),
+            other => serde_json::from_value(other)
+                .map(NamedMcp::Object)
+                .map_err(D::Error::custom),
+        }
+    }
 }
 
 struct McpServersVisitor;
