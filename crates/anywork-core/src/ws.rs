@@ -23,8 +23,13 @@ pub enum ClientMessage {
         /// Skills for this task.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         skills: Vec<SkillSpec>,
-        /// MCP servers for this task.
-        #[serde(default, skip_serializing_if = "McpServers::is_empty")]
+        /// MCP servers for this task: names of the server's catalog, in any form
+        /// [`deserialize_mcp_servers_any`](crate::spec::deserialize_mcp_servers_any) takes.
+        #[serde(
+            default,
+            skip_serializing_if = "McpServers::is_empty",
+            deserialize_with = "crate::spec::deserialize_mcp_servers_any"
+        )]
         mcp_servers: McpServers,
     },
     /// Keep-alive; answered by [`ServerMessage::Pong`].

@@ -20,6 +20,7 @@ mod dispatcher;
 mod follow;
 mod hub;
 pub mod metrics;
+mod outbound;
 pub mod title;
 pub mod worker_client;
 

@@ -106,6 +106,16 @@ impl TestServer {
         config: DispatcherConfig,
         titles: impl TitleGenerator,
     ) -> TestServer {
+        Self::start_full(worker_url, config, titles, ApiOptions::default()).await
+    }
+
+    /// A server with its own API options (token, limits, CORS origins).
+    pub async fn start_full(
+        worker_url: &str,
+        config: DispatcherConfig,
+        titles: impl TitleGenerator,
+        options: ApiOptions,
+    ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open_in_dir(dir.path()).await.unwrap());
         let driver = Arc::new(StaticDriver::new(worker_url).unwrap());
@@ -115,7 +125,7 @@ impl TestServer {
             .start()
             .await
             .unwrap();
-        let state = AppState::new(dispatcher, ApiOptions::default());
+        let state = AppState::new(dispatcher, options);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
