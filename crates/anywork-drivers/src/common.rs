@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use anywork_core::worker_api::{HEALTH_PATH, WorkerHealth};
-use anywork_core::{Error, ErrorKind, Result, SessionId};
+use anywork_core::worker_api::{HEALTH_PATH, SECRET_HEADER, WorkerHealth};
+use anywork_core::{Error, ErrorKind, Result, SessionId, WorkerEndpoint};
 use tokio::sync::OwnedMutexGuard;
 
 /// A name fragment for `session_id` that container, volume, pod and label syntaxes all accept:
@@ -100,7 +100,8 @@ impl IdleClock {
     }
 }
 
-/// Asks workers for `GET /health`, each request bounded by a timeout.
+/// Asks workers for `GET /health` (with their secret, so that they tell their busy sessions),
+/// each request bounded by a timeout.
 #[derive(Debug, Clone)]
 pub struct HealthCheck {
     client: reqwest::Client,
@@ -118,27 +119,33 @@ impl HealthCheck {
         Ok(Self { client, timeout })
     }
 
-    /// The worker's health at `base_url`, or `None` if it does not answer in time or not
+    /// The health of the worker at `endpoint`, or `None` if it does not answer in time or not
     /// with a 2xx and a health document.
-    pub async fn check(&self, base_url: &str) -> Option<WorkerHealth> {
-        let response = self
+    pub async fn check(&self, endpoint: &WorkerEndpoint) -> Option<WorkerHealth> {
+        let mut request = self
             .client
-            .get(format!("{base_url}{HEALTH_PATH}"))
-            .send()
-            .await
-            .ok()?;
+            .get(format!("{}{HEALTH_PATH}", endpoint.base_url));
+        if let Some(secret) = &endpoint.secret {
+            request = request.header(SECRET_HEADER, secret.expose());
+        }
+        let response = request.send().await.ok()?;
         if !response.status().is_success() {
             return None;
         }
         response.json().await.ok()
     }
 
-    /// Polls `base_url`'s `/health` until it answers, for at most `within`.
-    pub async fn wait_ready(&self, base_url: &str, within: Duration) -> Result<WorkerHealth> {
+    /// Polls `endpoint`'s `/health` until it answers, for at most `within`.
+    pub async fn wait_ready(
+        &self,
+        endpoint: &WorkerEndpoint,
+        within: Duration,
+    ) -> Result<WorkerHealth> {
+        let base_url = &endpoint.base_url;
         let deadline = Instant::now() + within;
         let mut pause = Duration::from_millis(10);
         loop {
-            if let Some(health) = self.check(base_url).await {
+            if let Some(health) = self.check(endpoint).await {
                 return Ok(health);
             }
             if Instant::now() + pause > deadline {
@@ -298,7 +305,7 @@ mod tests {
         let check = HealthCheck::new(Duration::from_millis(100)).unwrap();
         let url = format!("http://127.0.0.1:{port}");
         let e = check
-            .wait_ready(&url, Duration::from_millis(300))
+            .wait_ready(&WorkerEndpoint::new("w", &url), Duration::from_millis(300))
             .await
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Unavailable);

@@ -1,8 +1,11 @@
-//! [`StaticDriver`]: every session uses one worker at a fixed URL (`STATIC_WORKER_URL`).
+//! [`StaticDriver`]: every session uses one worker at a fixed URL (`STATIC_WORKER_URL`),
+//! called with its secret (`STATIC_WORKER_SECRET`, the worker's `WORKER_SECRET`) when one is
+//! set.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anywork_core::worker_api::WorkerSecret;
 use anywork_core::{
     ContainerDriver, Error, ErrorKind, Result, SessionId, WorkerEndpoint, WorkerInfo,
 };
@@ -43,13 +46,18 @@ impl StaticDriver {
             .build()
             .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
         Ok(Self {
-            endpoint: WorkerEndpoint {
-                worker_id: format!("static:{base_url}"),
-                base_url,
-            },
+            endpoint: WorkerEndpoint::new(format!("static:{base_url}"), base_url),
             client,
             healthy_at: Arc::default(),
         })
+    }
+
+    /// The same driver, calling the worker with `secret` (the worker's `WORKER_SECRET`).
+    /// Without one the worker must have none either: it then accepts calls from anyone who
+    /// reaches it.
+    pub fn with_secret(mut self, secret: Option<WorkerSecret>) -> Self {
+        self.endpoint.secret = secret;
+        self
     }
 
     /// The one endpoint.

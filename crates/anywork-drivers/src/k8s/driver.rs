@@ -91,10 +91,7 @@ impl K8sDriver {
                 }
             }
         };
-        Some(WorkerEndpoint {
-            worker_id: name,
-            base_url,
-        })
+        Some(WorkerEndpoint::new(name, base_url))
     }
 
     async fn find(&self, name: &str) -> Result<Found> {
@@ -519,7 +516,7 @@ impl ContainerDriver for K8sDriver {
                 .max(self.config.health_timeout)
         };
         self.health
-            .wait_ready(&endpoint.base_url, within)
+            .wait_ready(&endpoint, within)
             .await
             .map_err(|e| {
                 let hint = match self.config.addressing {
@@ -559,7 +556,7 @@ impl ContainerDriver for K8sDriver {
     }
 
     async fn is_healthy(&self, endpoint: &WorkerEndpoint) -> bool {
-        self.health.check(&endpoint.base_url).await.is_some()
+        self.health.check(&endpoint).await.is_some()
     }
 
     async fn list(&self) -> Result<Vec<WorkerInfo>> {
@@ -568,7 +565,7 @@ impl ContainerDriver for K8sDriver {
             let endpoint = self.endpoint_of(&pod)?;
             let ready = is_ready(&pod);
             Some(async move {
-                let healthy = ready && self.health.check(&endpoint.base_url).await.is_some();
+                let healthy = ready && self.health.check(&endpoint).await.is_some();
                 WorkerInfo {
                     endpoint,
                     session_id: Some(session),
@@ -588,7 +585,7 @@ impl ContainerDriver for K8sDriver {
                 continue;
             }
             let health = match self.endpoint_of(&pod) {
-                Some(e) if is_ready(&pod) => self.health.check(&e.base_url).await,
+                Some(e) if is_ready(&pod) => self.health.check(&e).await,
                 _ => None,
             };
             let _guard = self.locks.lock(&session).await;
