@@ -8,6 +8,7 @@
 //! | `POST /cancel` | `{task_id}` | `{"status": <final status>, "task_id"}`, or 202 `canceling` |
 //! | `POST /input` | `{task_id, request_id, answer?, allow?}` | `{"status":"accepted"}` |
 //! | `GET /sessions/{id}/messages` | | `{"messages":[..]}` |
+//! | `DELETE /sessions/{id}` | | `{"status":"deleted","session_id"}`; 409 while a task runs in it |
 //! | `GET /sessions/{id}/files` | | `{"files":[{path,size,modified}]}` |
 //! | `GET /workspace/{soul\|agents}?session_id=` | | `{"file":"SOUL.md","content":..}` |
 //! | `PUT /workspace/{soul\|agents}?session_id=` | `{content}` | `{"file":"SOUL.md","status":"saved"}` |
@@ -41,7 +42,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -60,6 +61,7 @@ pub fn router(state: WorkerState) -> Router {
         .route(CHAT_PATH, post(chat))
         .route(CANCEL_PATH, post(cancel))
         .route(INPUT_PATH, post(input))
+        .route("/sessions/{id}", delete(delete_session))
         .route("/sessions/{id}/messages", get(messages))
         .route("/sessions/{id}/files", get(files))
         .route("/workspace/{file}", get(get_doc).put(put_doc));
@@ -253,6 +255,30 @@ async fn messages(
     let workspace = state.workspace().clone();
     let messages = blocking(move || workspace.history(&session)).await?;
     Ok(Json(json!({ "messages": messages })))
+}
+
+/// Deletes the session's whole workspace. The session is held busy meanwhile, so no task
+/// starts in it; one running already makes this a 409.
+async fn delete_session(
+    State(state): State<WorkerState>,
+    PathParam(id): PathParam<String>,
+) -> Result<Json<Value>, ApiError> {
+    let session = session_param(id)?;
+    let hold = state
+        .reserve(anywork_core::TaskId::generate(), &session)
+        .map_err(|e| {
+            Error::conflict(format!(
+                "cannot delete session {session} while a task runs in it: {}",
+                e.message()
+            ))
+        })?;
+    let workspace = state.workspace().clone();
+    let target = session.clone();
+    blocking(move || workspace.delete_session(&target)).await?;
+    drop(hold);
+    Ok(Json(
+        json!({ "status": "deleted", "session_id": session.as_str() }),
+    ))
 }
 
 async fn files(

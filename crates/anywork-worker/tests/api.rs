@@ -1211,3 +1211,107 @@ async fn closing_the_connection_frees_the_session() {
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The worker's secret
+
+#[tokio::test]
+async fn with_a_secret_every_call_but_health_needs_it() {
+    use anywork_core::worker_api::{SECRET_HEADER, WorkerSecret};
+    let secret = WorkerSecret::generate();
+    let h = harness_with(|c| c.with_secret(Some(secret.clone())));
+    let send = |uri: &str, method: &str, key: Option<&str>, body: Option<Value>| {
+        let mut builder = Request::builder().method(method).uri(uri);
+        if let Some(key) = key {
+            builder = builder.header(SECRET_HEADER, key);
+        }
+        let request = match body {
+            Some(b) => builder
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(b.to_string())),
+            None => builder.body(Body::empty()),
+        }
+        .unwrap();
+        let app = h.app.clone();
+        async move { json_of(app.oneshot(request).await.unwrap()).await }
+    };
+    let wrong = "0".repeat(64);
+    let prepare = json!({"session_id": "s1"});
+    let chat = json!({"task_id": TaskId::generate(), "session_id": "s1", "message": "hi"});
+    for key in [None, Some(wrong.as_str()), Some("")] {
+        for (method, uri, body) in [
+            ("POST", "/prepare", Some(prepare.clone())),
+            ("POST", "/chat", Some(chat.clone())),
+            ("POST", "/cancel", Some(json!({"task_id": TaskId::generate()}))),
+            ("GET", "/sessions/s1/messages", None),
+            ("GET", "/sessions/s1/files", None),
+            ("GET", "/workspace/soul", None),
+            ("PUT", "/workspace/soul", Some(json!({"content": "evil"}))),
+            ("DELETE", "/sessions/s1", None),
+            ("GET", "/no/such/route", None),
+        ] {
+            let (status, body) = send(uri, method, key, body).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {uri} {key:?}");
+            assert_error(&body, "unauthorized", "X-AnyWork-Worker-Secret");
+        }
+        // /health answers probes, and says nothing more.
+        let (status, body) = send("/health", "GET", key, None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, json!({"status": "ok"}));
+    }
+    assert!(!h.session_dir("s1").exists(), "nothing was done");
+    assert_eq!(
+        std::fs::read_to_string(h.root().join("SOUL.md")).unwrap(),
+        DEFAULT_SOUL
+    );
+
+    // With the secret, everything works.
+    let key = Some(secret.expose());
+    let (status, _) = send("/prepare", "POST", key, Some(prepare)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, health) = send("/health", "GET", key, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(health["executor"], "scripted");
+    assert!(health["busy_sessions"].is_array());
+    let (status, body) = send("/workspace/soul", "GET", key, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["content"], DEFAULT_SOUL);
+}
+
+#[test]
+fn the_secret_comes_from_the_variable_or_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secret");
+    std::fs::write(&file, "0123456789abcdef0123\n").unwrap();
+    let path = file.to_str().unwrap().to_owned();
+    let lookup = |vars: Vec<(&'static str, String)>| {
+        move |name: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.clone())
+        }
+    };
+    assert_eq!(WorkerConfig::secret_from_lookup(lookup(vec![])).unwrap(), None);
+    let from_file =
+        WorkerConfig::secret_from_lookup(lookup(vec![("WORKER_SECRET_FILE", path.clone())]))
+            .unwrap()
+            .unwrap();
+    assert_eq!(from_file.expose(), "0123456789abcdef0123");
+    let from_var = WorkerConfig::secret_from_lookup(lookup(vec![
+        ("WORKER_SECRET", "abcdefabcdefabcdef".into()),
+        ("WORKER_SECRET_FILE", path),
+    ]))
+    .unwrap()
+    .unwrap();
+    assert_eq!(from_var.expose(), "abcdefabcdefabcdef", "the variable wins");
+    let short = WorkerConfig::secret_from_lookup(lookup(vec![("WORKER_SECRET", "short".into())]))
+        .unwrap_err();
+    assert!(short.to_string().contains("at least 16"), "{short}");
+    let missing = WorkerConfig::secret_from_lookup(lookup(vec![(
+        "WORKER_SECRET_FILE",
+        "/nonexistent/secret".into(),
+    )]))
+    .unwrap_err();
+    assert!(missing.to_string().contains("/nonexistent/secret"), "{missing}");
+    assert!(!format!("{from_var:?}").contains("abcdef"), "Debug redacts");
+}
