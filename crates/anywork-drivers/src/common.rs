@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use anywork_core::worker_api::{HEALTH_PATH, SECRET_HEADER, WorkerHealth};
+use anywork_core::worker_api::{HEALTH_PATH, SECRET_HEADER, SESSIONS_PATH, WorkerHealth};
 use anywork_core::{Error, ErrorKind, Result, SessionId, WorkerEndpoint};
 use tokio::sync::OwnedMutexGuard;
 
@@ -163,6 +163,52 @@ impl HealthCheck {
             pause = (pause * 2).min(Duration::from_millis(200));
         }
     }
+}
+
+/// `DELETE /sessions/:id` on the worker at `endpoint` (with its secret): the worker deletes
+/// the session's whole workspace. `Conflict` while a task runs in it, `NotFound` when the worker
+/// has no such route, `Unauthorized` when it refuses the secret.
+pub async fn delete_session_workspace(
+    client: &reqwest::Client,
+    endpoint: &WorkerEndpoint,
+    session_id: &SessionId,
+) -> Result<()> {
+    let mut url = reqwest::Url::parse(&endpoint.base_url)
+        .map_err(|e| Error::internal(format!("worker URL {}: {e}", endpoint.base_url)))?;
+    url.path_segments_mut()
+        .map_err(|()| Error::internal(format!("worker URL {} has no path", endpoint.base_url)))?
+        .pop_if_empty()
+        .push(SESSIONS_PATH.trim_start_matches('/'))
+        .push(session_id.as_str());
+    let mut request = client.delete(url);
+    if let Some(secret) = &endpoint.secret {
+        request = request.header(SECRET_HEADER, secret.expose());
+    }
+    let response = request.send().await.map_err(|e| {
+        Error::unavailable(format!(
+            "worker {} did not answer DELETE /sessions/:id: {e}",
+            endpoint.worker_id
+        ))
+    })?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let body = response.text().await.unwrap_or_default();
+    let kind = match status.as_u16() {
+        409 => ErrorKind::Conflict,
+        404 | 405 => ErrorKind::NotFound,
+        401 | 403 => ErrorKind::Unauthorized,
+        _ => ErrorKind::Unavailable,
+    };
+    Err(Error::new(
+        kind,
+        format!(
+            "worker {} answered DELETE /sessions/{session_id} with {status}: {}",
+            endpoint.worker_id,
+            body.chars().take(300).collect::<String>()
+        ),
+    ))
 }
 
 /// Whether an idle worker may be stopped: idle past `ttl`, no busy task for its session in

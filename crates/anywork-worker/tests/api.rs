@@ -1315,3 +1315,87 @@ fn the_secret_comes_from_the_variable_or_a_file() {
     assert!(missing.to_string().contains("/nonexistent/secret"), "{missing}");
     assert!(!format!("{from_var:?}").contains("abcdef"), "Debug redacts");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Deleting a session
+
+#[tokio::test]
+async fn deleting_a_session_removes_its_whole_workspace_and_nothing_else() {
+    let h = harness();
+    h.exec.script("hold", Script::new(vec![Step::Hang]));
+    // Two sessions with history, files and a custom soul.
+    for s in ["doomed", "kept"] {
+        let (status, _) = h
+            .call(
+                "POST",
+                "/prepare",
+                Some(json!({"session_id": s, "soul": "custom soul"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        h.chat_ok(TaskId::generate(), s, "hello").await.rest().await;
+        std::fs::write(h.session_dir(s).join("files").join("notes.txt"), "x").unwrap();
+    }
+    let doomed = h.session_dir("doomed");
+    for f in ["SOUL.md", "AGENTS.md", "sessions/history.jsonl", "files/notes.txt"] {
+        assert!(doomed.join(f).exists(), "{f}");
+    }
+
+    // Refused while a task runs in it.
+    let task = TaskId::generate();
+    let running = h.chat_ok(task, "doomed", "hold").await;
+    let (status, body) = h.call("DELETE", "/sessions/doomed", None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_error(&body, "conflict", "while a task runs");
+    assert!(doomed.exists());
+    let (status, _) = h.call("POST", "/cancel", Some(json!({"task_id": task}))).await;
+    assert_eq!(status, StatusCode::OK);
+    running.rest().await;
+    h.wait_idle().await;
+
+    let (status, body) = h.call("DELETE", "/sessions/doomed", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({"status": "deleted", "session_id": "doomed"}));
+    assert!(!doomed.exists(), "nothing of the session is left");
+    let (_, history) = h.call("GET", "/sessions/doomed/messages", None).await;
+    assert_eq!(history["messages"], json!([]));
+    // Deleting again is fine.
+    let (status, _) = h.call("DELETE", "/sessions/doomed", None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Ids that look like paths name a folder inside the root, never the root or a sibling.
+    for uri in [
+        "/sessions/..",
+        "/sessions/.",
+        "/sessions/%2E%2E",
+        "/sessions/..%2F..%2Fetc",
+        "/sessions/%2E%2E%2Fkept",
+        "/sessions/kept%2F..%2F..",
+    ] {
+        let (status, body) = h.call("DELETE", uri, None).await;
+        assert!(
+            status == StatusCode::OK || status.is_client_error(),
+            "{uri}: {status} {body}"
+        );
+    }
+    let (status, _) = h.call("DELETE", "/sessions/", None).await;
+    assert!(status.is_client_error());
+    assert!(h.session_dir("kept").join("files/notes.txt").exists());
+    assert!(h.root().join("SOUL.md").exists());
+    assert!(h.root().join("AGENTS.md").exists());
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_session_folder_replaced_by_a_link_is_unlinked_not_followed() {
+    let h = harness();
+    let outside = h.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("precious"), "keep me").unwrap();
+    std::fs::create_dir_all(h.root()).unwrap();
+    std::os::unix::fs::symlink(&outside, h.session_dir("linked")).unwrap();
+    let (status, body) = h.call("DELETE", "/sessions/linked", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(!h.session_dir("linked").exists());
+    assert_eq!(read(&outside.join("precious")), "keep me");
+}
