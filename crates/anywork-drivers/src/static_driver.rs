@@ -1,8 +1,11 @@
-//! [`StaticDriver`]: every session uses one worker at a fixed URL (`STATIC_WORKER_URL`).
+//! [`StaticDriver`]: every session uses one worker at a fixed URL (`STATIC_WORKER_URL`),
+//! called with its secret (`STATIC_WORKER_SECRET`, the worker's `WORKER_SECRET`) when one is
+//! set.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anywork_core::worker_api::WorkerSecret;
 use anywork_core::{
     ContainerDriver, Error, ErrorKind, Result, SessionId, WorkerEndpoint, WorkerInfo,
 };
@@ -25,6 +28,10 @@ impl StaticDriver {
     /// found by the dispatcher's next call to it, which fails and is retried.
     pub const HEALTH_FRESH: Duration = Duration::from_secs(1);
 
+    /// How long [`purge`](ContainerDriver::purge) waits for a task still running in the
+    /// session to end.
+    pub const PURGE_WAIT: Duration = Duration::from_secs(10);
+
     /// A driver for the worker at `url` (`http://host:port`, no path).
     pub fn new(url: &str) -> Result<Self> {
         let base_url = url.trim_end_matches('/').to_owned();
@@ -43,13 +50,18 @@ impl StaticDriver {
             .build()
             .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
         Ok(Self {
-            endpoint: WorkerEndpoint {
-                worker_id: format!("static:{base_url}"),
-                base_url,
-            },
+            endpoint: WorkerEndpoint::new(format!("static:{base_url}"), base_url),
             client,
             healthy_at: Arc::default(),
         })
+    }
+
+    /// The same driver, calling the worker with `secret` (the worker's `WORKER_SECRET`).
+    /// Without one the worker must have none either: it then accepts calls from anyone who
+    /// reaches it.
+    pub fn with_secret(mut self, secret: Option<WorkerSecret>) -> Self {
+        self.endpoint.secret = secret;
+        self
     }
 
     /// The one endpoint.
@@ -86,6 +98,31 @@ impl ContainerDriver for StaticDriver {
     async fn release(&self, _session_id: &SessionId) -> Result<()> {
         // The worker is shared; nothing to stop.
         Ok(())
+    }
+
+    /// Asks the worker to delete the session's workspace (`DELETE /sessions/:id`), waiting
+    /// while a task still runs in it (a canceled task ending). A worker without that route (the
+    /// original AnyWork's) keeps the files: that is logged, not an error.
+    async fn purge(&self, session_id: &SessionId) -> Result<()> {
+        let deadline = Instant::now() + Self::PURGE_WAIT;
+        loop {
+            match crate::common::delete_session_workspace(&self.client, &self.endpoint, session_id)
+                .await
+            {
+                Err(e) if e.kind() == ErrorKind::Conflict && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    tracing::warn!(
+                        session = %session_id,
+                        "the worker has no DELETE /sessions/:id: the session's workspace stays \
+                         on its disk"
+                    );
+                    return Ok(());
+                }
+                other => return other,
+            }
+        }
     }
 
     async fn is_healthy(&self, endpoint: &WorkerEndpoint) -> bool {
