@@ -63,6 +63,10 @@ pub struct ChatRequest {
 pub struct CancelRequest {
     /// The task.
     pub task_id: TaskId,
+    /// Its session: what the original AnyWork's worker cancels by (it has no task ids). This
+    /// worker goes by `task_id` and ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<SessionId>,
 }
 
 /// Answers a task's `input_required` event.

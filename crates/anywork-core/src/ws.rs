@@ -7,7 +7,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::event::{InputResponse, TaskEvent, WireEvent};
 use crate::ids::{SessionId, TaskId};
-use crate::spec::{McpServers, SkillSpec};
+use crate::spec::{McpServers, SkillSpec, deserialize_mcp_servers_any, deserialize_skills_any};
 
 /// A message from the browser.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -20,11 +20,21 @@ pub enum ClientMessage {
         session_id: Option<SessionId>,
         /// The text.
         message: String,
-        /// Skills for this task.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        /// Skills for this task: names (`["code-review"]`, resolved by the server) and/or
+        /// inline objects; `[]` or `null` for none.
+        #[serde(
+            default,
+            skip_serializing_if = "Vec::is_empty",
+            deserialize_with = "deserialize_skills_any"
+        )]
         skills: Vec<SkillSpec>,
-        /// MCP servers for this task.
-        #[serde(default, skip_serializing_if = "McpServers::is_empty")]
+        /// MCP servers for this task: the original's list (`[{"name", "transport", …}]`), the
+        /// map by name, `[]`, `{}` or `null`.
+        #[serde(
+            default,
+            skip_serializing_if = "McpServers::is_empty",
+            deserialize_with = "deserialize_mcp_servers_any"
+        )]
         mcp_servers: McpServers,
     },
     /// Keep-alive; answered by [`ServerMessage::Pong`].

@@ -41,6 +41,10 @@ pub struct Config {
     /// Workspace root of the local worker (default: DB_DIR/workspace).
     #[arg(long, env = "WORKSPACE_DIR")]
     pub workspace_dir: Option<PathBuf>,
+    /// Folder of the skills a request may name (`"skills": ["code-review"]`): one folder per
+    /// skill holding its SKILL.md (front matter `name`, `description`) and its files.
+    #[arg(long, env = "SKILLS_DIR")]
+    pub skills_dir: Option<PathBuf>,
     /// Key of an OpenAI-compatible API (titles; also the native executor's).
     #[arg(long, env = "API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -111,7 +115,7 @@ impl Config {
                 let (url, warn) = self.start_local_worker().await?;
                 warning = warn;
                 (
-                    Arc::new(anywork_drivers::StaticDriver::new(&url)?),
+                    Arc::new(anywork_drivers::StaticDriver::new(&url)?.named("local")),
                     Some(url),
                 )
             }
@@ -137,9 +141,13 @@ impl Config {
         config.lease_ttl = Duration::from_secs(self.lease_ttl_seconds.max(1));
         config.reap_every = (self.reap_interval_seconds > 0)
             .then(|| Duration::from_secs(self.reap_interval_seconds));
-        let dispatcher = Dispatcher::builder(store, driver)
+        let mut builder = Dispatcher::builder(store, driver)
             .config(config)
-            .titles(self.titles()?)
+            .titles(self.titles()?);
+        if let Some(dir) = self.skills_dir.as_ref().filter(|d| !d.as_os_str().is_empty()) {
+            builder = builder.skills(anywork_runtime::SkillsDir::new(dir));
+        }
+        let dispatcher = builder
             .start()
             .await
             .context("cannot start the dispatcher")?;
