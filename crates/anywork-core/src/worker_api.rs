@@ -85,15 +85,20 @@ pub struct InputAnswer {
     pub allow: Option<bool>,
 }
 
-/// `GET /health`.
+/// `GET /health`. The original AnyWork's worker answers
+/// `{status, engine, workspace, active_sessions}`: read as `executor` = `engine`, no version
+/// and no busy session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerHealth {
     /// `ok`.
     pub status: String,
     /// Worker version.
+    #[serde(default)]
     pub version: String,
     /// Executor name.
+    #[serde(default, alias = "engine")]
     pub executor: String,
     /// Sessions with a running task.
+    #[serde(default)]
     pub busy_sessions: Vec<SessionId>,
 }

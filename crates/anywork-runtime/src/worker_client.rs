@@ -321,16 +321,14 @@ impl OriginalAdapter {
     }
 
     /// The `done` an original-protocol worker leaves out after a failed run (it sends only an
-    /// `error`); `None` when the stream had its `done` or is not of the original protocol.
+    /// `error`); `None` when the stream had its `done`, is not of the original protocol, or
+    /// ended with no error (a stream cut short, which the run reports).
     fn finish(&mut self) -> Option<TaskEvent> {
         if self.done || !self.original {
             return None;
         }
+        let error = self.last_error.clone()?;
         self.done = true;
-        let error = self
-            .last_error
-            .clone()
-            .unwrap_or_else(|| "the worker ended the stream without a result".to_owned());
         Some(TaskEvent::Done(TaskOutcome::failed(error)))
     }
 }
@@ -388,6 +386,10 @@ mod tests {
             panic!("not done")
         };
         assert_eq!((o.status, o.error.as_deref()), (TaskStatus::Failed, Some("boom")));
+        assert_eq!(a.finish(), None);
+        // Cut short without an error: no done made up here (the run says the worker was lost).
+        let mut a = OriginalAdapter::default();
+        a.event("text", r#"{"content":"half","metadata":{}}"#).unwrap();
         assert_eq!(a.finish(), None);
     }
 

@@ -360,11 +360,18 @@ impl Run {
                         self.record(batch).await?;
                     }
                     if let Some(outcome) = done {
-                        if let Some((Stop::Failed(failure), _)) = stopping.take()
-                            && outcome.status == TaskStatus::Canceled
-                        {
-                            // Timed out: the worker's "canceled" is our "failed".
-                            return self.stop(Stop::Failed(failure)).await;
+                        match stopping.take() {
+                            // Timed out: the worker's "canceled" (or "failed", for the
+                            // original's interrupted run) is our "failed", for our reason.
+                            Some((Stop::Failed(failure), _)) if outcome.status != TaskStatus::Completed => {
+                                return self.stop(Stop::Failed(failure)).await;
+                            }
+                            // Canceled: a worker that reports its interrupted run as failed
+                            // (the original's) ran no further than asked.
+                            Some((Stop::Canceled, _)) if outcome.status == TaskStatus::Failed => {
+                                return self.stop(Stop::Canceled).await;
+                            }
+                            _ => {}
                         }
                         return self.finish(outcome).await;
                     }
