@@ -132,6 +132,10 @@ pub struct ChatRequest {
 pub struct CancelRequest {
     /// The task.
     pub task_id: TaskId,
+    /// Its session: what the original AnyWork's worker cancels by (it has no task ids). This
+    /// worker goes by `task_id` and ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<SessionId>,
 }
 
 /// Answers a task's `input_required` event.
@@ -151,7 +155,8 @@ pub struct InputAnswer {
 }
 
 /// `GET /health`. Without the worker's secret only `status` is answered (the others are then
-/// empty).
+/// empty). The original AnyWork's worker answers `{status, engine, workspace, active_sessions}`:
+/// read as `executor` = `engine`, no version and no busy session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerHealth {
     /// `ok`.
@@ -160,7 +165,7 @@ pub struct WorkerHealth {
     #[serde(default)]
     pub version: String,
     /// Executor name.
-    #[serde(default)]
+    #[serde(default, alias = "engine")]
     pub executor: String,
     /// Sessions with a running task.
     #[serde(default)]

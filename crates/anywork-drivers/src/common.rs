@@ -149,10 +149,12 @@ impl HealthCheck {
                 return Ok(health);
             }
             if Instant::now() + pause > deadline {
+                // The address goes to the log only: this message reaches clients.
+                tracing::warn!(%base_url, "a new worker did not answer GET {HEALTH_PATH} in time");
                 return Err(Error::new(
                     ErrorKind::Unavailable,
                     format!(
-                        "the worker at {base_url} did not answer GET {HEALTH_PATH} within {:.1} s \
+                        "the new worker did not answer GET {HEALTH_PATH} within {:.1} s \
                          (each try {:.1} s)",
                         within.as_secs_f64(),
                         self.timeout.as_secs_f64()

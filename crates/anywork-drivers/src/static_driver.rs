@@ -15,6 +15,9 @@ use async_trait::async_trait;
 #[derive(Debug, Clone)]
 pub struct StaticDriver {
     endpoint: WorkerEndpoint,
+    /// What [`ContainerDriver::name`] reports: `static`, or `local` for a server's in-process
+    /// worker.
+    name: &'static str,
     client: reqwest::Client,
     /// When `/health` last answered: `get_worker` trusts it for [`Self::HEALTH_FRESH`].
     healthy_at: Arc<Mutex<Option<Instant>>>,
@@ -50,7 +53,9 @@ impl StaticDriver {
             .build()
             .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
         Ok(Self {
-            endpoint: WorkerEndpoint::new(format!("static:{base_url}"), base_url),
+            // Not the URL: the worker id reaches clients (a task's `workerId`).
+            endpoint: WorkerEndpoint::new("static-worker", base_url),
+            name: "static",
             client,
             healthy_at: Arc::default(),
         })
@@ -64,6 +69,14 @@ impl StaticDriver {
         self
     }
 
+    /// The same driver reporting `name` (e.g. `local` for a worker inside the server process):
+    /// its [`name`](ContainerDriver::name), and its worker id `<name>-worker`.
+    pub fn named(mut self, name: &'static str) -> Self {
+        self.name = name;
+        self.endpoint.worker_id = format!("{name}-worker");
+        self
+    }
+
     /// The one endpoint.
     pub fn endpoint(&self) -> &WorkerEndpoint {
         &self.endpoint
@@ -73,7 +86,7 @@ impl StaticDriver {
 #[async_trait]
 impl ContainerDriver for StaticDriver {
     fn name(&self) -> &str {
-        "static"
+        self.name
     }
 
     async fn get_worker(&self, _session_id: &SessionId) -> Result<WorkerEndpoint> {
@@ -85,13 +98,15 @@ impl ContainerDriver for StaticDriver {
         if fresh || self.is_healthy(&self.endpoint).await {
             Ok(self.endpoint.clone())
         } else {
-            Err(Error::new(
-                ErrorKind::Unavailable,
-                format!(
-                    "the worker at {} does not answer GET /health: start it, or fix STATIC_WORKER_URL",
-                    self.endpoint.base_url
-                ),
-            ))
+            // The address stays in the server log: this message reaches clients.
+            tracing::warn!(url = %self.endpoint.base_url, driver = self.name, "the worker does not answer GET /health");
+            let what = if self.name == "static" {
+                "the worker (STATIC_WORKER_URL) does not answer GET /health: start it, or fix \
+                 STATIC_WORKER_URL"
+            } else {
+                "the worker does not answer GET /health: see the server log, or restart the server"
+            };
+            Err(Error::new(ErrorKind::Unavailable, what))
         }
     }
 

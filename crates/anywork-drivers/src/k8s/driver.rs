@@ -342,10 +342,7 @@ impl K8sDriver {
     }
 
     fn remember_secret(&self, session_id: &SessionId, secret: Option<WorkerSecret>) {
-        let mut known = self
-            .known_secrets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut known = self.known_secrets.lock().unwrap_or_else(|e| e.into_inner());
         match secret {
             Some(s) => known.insert(session_id.clone(), s),
             None => known.remove(session_id),

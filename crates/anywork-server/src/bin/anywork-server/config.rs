@@ -47,6 +47,10 @@ pub struct Config {
     /// Workspace root of the local worker (default: DB_DIR/workspace).
     #[arg(long, env = "WORKSPACE_DIR")]
     pub workspace_dir: Option<PathBuf>,
+    /// Folder of the skills a request may name (`"skills": ["code-review"]`): one folder per
+    /// skill holding its SKILL.md (front matter `name`, `description`) and its files.
+    #[arg(long, env = "SKILLS_DIR")]
+    pub skills_dir: Option<PathBuf>,
     /// Key of an OpenAI-compatible API (titles; also the native executor's).
     #[arg(long, env = "API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -196,7 +200,11 @@ impl Config {
                 let (url, warn) = self.start_local_worker(secret.clone()).await?;
                 warning = warn;
                 (
-                    Arc::new(anywork_drivers::StaticDriver::new(&url)?.with_secret(Some(secret))),
+                    Arc::new(
+                        anywork_drivers::StaticDriver::new(&url)?
+                            .with_secret(Some(secret))
+                            .named("local"),
+                    ),
                     Some(url),
                 )
             }
@@ -224,9 +232,17 @@ impl Config {
             .then(|| Duration::from_secs(self.reap_interval_seconds));
         config.outbound = outbound;
         config.mcp = mcp;
-        let dispatcher = Dispatcher::builder(store, driver)
+        let mut builder = Dispatcher::builder(store, driver)
             .config(config)
-            .titles(self.titles()?)
+            .titles(self.titles()?);
+        if let Some(dir) = self
+            .skills_dir
+            .as_ref()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            builder = builder.skills(anywork_runtime::SkillsDir::new(dir));
+        }
+        let dispatcher = builder
             .start()
             .await
             .context("cannot start the dispatcher")?;
@@ -259,9 +275,8 @@ impl Config {
         let Some(path) = &self.api_token_file else {
             return Ok(None);
         };
-        let text = std::fs::read_to_string(path).with_context(|| {
-            format!("cannot read ANYWORK_API_TOKEN_FILE {}", path.display())
-        })?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read ANYWORK_API_TOKEN_FILE {}", path.display()))?;
         match ApiToken::new(&text) {
             Some(t) => Ok(Some(t)),
             None => bail!("ANYWORK_API_TOKEN_FILE {} is empty", path.display()),
