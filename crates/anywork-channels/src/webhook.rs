@@ -287,6 +287,7 @@ impl WebhookChannel {
             task.push_notification = Some(PushNotification {
                 url,
                 authorization: body.callback_auth.filter(|a| !a.is_empty()),
+                events: Vec::new(),
             });
         }
         let mut meta = serde_json::Map::new();

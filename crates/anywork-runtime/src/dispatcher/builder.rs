@@ -10,6 +10,7 @@ use std::time::Duration;
 use anywork_core::{Channel, ContainerDriver, Error, Result, TaskId, TaskStore};
 use tokio::sync::Semaphore;
 
+use super::outbox::{OutboxConfig, delivery_loop};
 use super::retry::Backoff;
 use super::upkeep::{reap_loop, recovery_loop};
 use super::{Dispatcher, Inner};
@@ -43,6 +44,8 @@ pub struct DispatcherConfig {
     /// How often the driver is asked to stop idle workers ([`ContainerDriver::reap_idle`]);
     /// `None` never.
     pub reap_every: Option<Duration>,
+    /// How the outbox sends channel deliveries and push notifications.
+    pub outbox: OutboxConfig,
 }
 
 impl Default for DispatcherConfig {
@@ -57,6 +60,7 @@ impl Default for DispatcherConfig {
             control_timeout: Duration::from_secs(30),
             max_batch: 256,
             reap_every: Some(Duration::from_secs(30)),
+            outbox: OutboxConfig::default(),
         }
     }
 }
@@ -69,6 +73,7 @@ pub struct DispatcherBuilder {
     config: DispatcherConfig,
     channels: HashMap<String, Arc<dyn Channel>>,
     titles: Arc<dyn TitleGenerator>,
+    push_secret: Option<String>,
 }
 
 impl std::fmt::Debug for DispatcherBuilder {
@@ -93,6 +98,7 @@ impl Dispatcher {
             config: DispatcherConfig::default(),
             channels: HashMap::new(),
             titles: Arc::new(FirstWords),
+            push_secret: None,
         }
     }
 }
@@ -111,14 +117,24 @@ impl DispatcherBuilder {
         self
     }
 
+    /// Signs push notifications with `secret`: `X-AnyWork-Timestamp` and
+    /// `X-AnyWork-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">`, the scheme
+    /// the generic webhook checks. Without it pushes go unsigned (their `Authorization`
+    /// header, if the task gave one, still goes).
+    pub fn push_signing_secret(mut self, secret: impl Into<String>) -> Self {
+        self.push_secret = Some(secret.into()).filter(|s: &String| !s.is_empty());
+        self
+    }
+
     /// Sets how session titles are made (default: [`FirstWords`]).
     pub fn titles(mut self, titles: impl TitleGenerator) -> Self {
         self.titles = Arc::new(titles);
         self
     }
 
-    /// Starts the dispatcher: its background recovery loop, and the tasks a previous run left
-    /// pending are queued again. Needs a Tokio runtime.
+    /// Starts the dispatcher: its background loops (lease recovery, the outbox sender, the
+    /// idle-worker reaper), and the tasks a previous run left pending are queued again (the
+    /// deliveries it left are sent by the outbox sender). Needs a Tokio runtime.
     pub async fn start(self) -> Result<Dispatcher> {
         let client = WorkerClient::new(self.config.control_timeout)?;
         let http = reqwest::Client::builder()
@@ -142,11 +158,16 @@ impl DispatcherBuilder {
                 runs: Mutex::new(HashMap::new()),
                 closing: AtomicBool::new(false),
                 stopped: AtomicBool::new(false),
+                hooks: Default::default(),
+                outbox_wake: Arc::new(tokio::sync::Notify::new()),
+                push_secret: self.push_secret,
+                answered: Mutex::new(Default::default()),
             }),
         };
         dispatcher.requeue_pending().await?;
         dispatcher.recover_expired().await;
         tokio::spawn(recovery_loop(Arc::downgrade(&dispatcher.inner)));
+        tokio::spawn(delivery_loop(Arc::downgrade(&dispatcher.inner)));
         if let Some(every) = dispatcher.inner.config.reap_every {
             tokio::spawn(reap_loop(Arc::downgrade(&dispatcher.inner), every));
         }
