@@ -17,7 +17,11 @@ pub struct PushNotification {
     /// URL to POST to.
     pub url: String,
     /// Value of the `Authorization` header, if any (a secret: hidden by `Debug`).
-    #[serde(default, alias = "auth_header", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        alias = "auth_header",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub authorization: Option<String>,
     /// The statuses to tell (`completed`, `failed`, `canceled`, `input_required`); empty:
     /// the final status only, whatever it is.

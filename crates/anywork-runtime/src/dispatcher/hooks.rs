@@ -80,7 +80,9 @@ impl Hooks {
         {
             let mut queues = lock(&self.queues);
             if let Some(q) = queues.get_mut(&task.id) {
-                if q.last_progress.is_some_and(|t| t.elapsed() < PROGRESS_EVERY) {
+                if q.last_progress
+                    .is_some_and(|t| t.elapsed() < PROGRESS_EVERY)
+                {
                     return;
                 }
                 q.last_progress = Some(Instant::now());

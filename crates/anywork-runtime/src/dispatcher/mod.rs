@@ -221,7 +221,10 @@ impl Dispatcher {
         let (session, created) = self.resolve_session(&request).await?;
         let untitled = session.title == NewSession::DEFAULT_TITLE;
         let keyed = request.idempotency_key.is_some();
-        let (channel_type, key) = (request.channel_type.clone(), request.idempotency_key.clone());
+        let (channel_type, key) = (
+            request.channel_type.clone(),
+            request.idempotency_key.clone(),
+        );
         let task = match self
             .inner
             .store

@@ -9,9 +9,9 @@ use std::sync::Weak;
 
 use anywork_core::ws::ServerMessage;
 use anywork_core::{
-    Error, ErrorKind, Inbound, InboundRequest, InputKind, InputRequest, InputResponse,
-    NewSession, Page, Result, Session, SessionId, SessionSummary, Task, TaskEvent, TaskId,
-    TaskLog, TaskRequest, TaskStatus, WorkerEndpoint, WorkerInfo, session::validate_title,
+    Error, ErrorKind, Inbound, InboundRequest, InputKind, InputRequest, InputResponse, NewSession,
+    Page, Result, Session, SessionId, SessionSummary, Task, TaskEvent, TaskId, TaskLog,
+    TaskRequest, TaskStatus, WorkerEndpoint, WorkerInfo, session::validate_title,
 };
 use futures_util::Stream;
 use prometheus_client::collector::Collector;

@@ -153,7 +153,7 @@ fn outcome_of(task: &Task) -> Option<TaskOutcome> {
     o.error = task.error.clone();
     o.structured_output = task.structured_output.clone();
     o.cost_usd = task.cost_usd;
-    o.usage = task.usage.clone();
+    o.usage = task.usage;
     o.num_turns = task.num_turns;
     o.duration_ms = task.duration_ms.unwrap_or_default();
     Some(o)
@@ -324,7 +324,10 @@ fn push_status(url: &str, status: u16, headers: &reqwest::header::HeaderMap) -> 
         404 => ErrorKind::NotFound,
         _ => ErrorKind::InvalidInput,
     };
-    let next = if matches!(kind, ErrorKind::RateLimited | ErrorKind::Timeout | ErrorKind::Unavailable) {
+    let next = if matches!(
+        kind,
+        ErrorKind::RateLimited | ErrorKind::Timeout | ErrorKind::Unavailable
+    ) {
         "it will be tried again"
     } else {
         "it will not be tried again unless retried by hand (POST /api/deliveries/:id/retry)"
@@ -353,7 +356,11 @@ impl Dispatcher {
     /// Sends a dead delivery again, with a fresh attempt budget; returns it (redacted).
     /// `NotFound` if unknown, `Conflict` if it is not dead.
     pub async fn retry_delivery(&self, id: anywork_core::DeliveryId) -> Result<Delivery> {
-        let mut d = self.inner.store.retry_delivery(id, Timestamp::now()).await?;
+        let mut d = self
+            .inner
+            .store
+            .retry_delivery(id, Timestamp::now())
+            .await?;
         self.inner.outbox_wake.notify_one();
         d.target = d.target.redacted();
         Ok(d)

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use anywork_core::{
-    DeliveryId, DeliveryStatus, Error, InboundRequest, InputResponse, NewSession, Page, PushNotification, SessionId, SkillSpec,
-    TaskId, TaskRequest, WireTask, spec::McpServers,
+    DeliveryId, DeliveryStatus, Error, InboundRequest, InputResponse, NewSession, Page,
+    PushNotification, SessionId, SkillSpec, TaskId, TaskRequest, WireTask, spec::McpServers,
 };
 use anywork_http::{ApiError, JsonBody, PathParam, QueryParams};
 use anywork_runtime::{InboundOutcome, WorkspaceDoc};

@@ -92,8 +92,19 @@ pub struct TestServer {
     pub url: String,
     pub state: AppState,
     pub http: reqwest::Client,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// What a [`TestServer::start_full`] is made of besides its worker.
+#[derive(Default)]
+pub struct Setup {
+    pub config: DispatcherConfig,
+    pub channels: Vec<Arc<dyn anywork_core::Channel>>,
+    /// The SQLite directory (kept by the caller, e.g. to restart on it); a temp dir if `None`.
+    pub db_dir: Option<std::path::PathBuf>,
+    pub push_secret: Option<String>,
+    pub options: ApiOptions,
 }
 
 impl TestServer {
@@ -106,16 +117,40 @@ impl TestServer {
         config: DispatcherConfig,
         titles: impl TitleGenerator,
     ) -> TestServer {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SqliteStore::open_in_dir(dir.path()).await.unwrap());
+        let setup = Setup {
+            config,
+            ..Setup::default()
+        };
+        Self::start_full(worker_url, setup, titles).await
+    }
+
+    /// A server with channels, a store directory, a push secret and API options of choice.
+    pub async fn start_full(
+        worker_url: &str,
+        setup: Setup,
+        titles: impl TitleGenerator,
+    ) -> TestServer {
+        let (dir, path) = match setup.db_dir {
+            Some(p) => (None, p),
+            None => {
+                let d = tempfile::tempdir().unwrap();
+                let p = d.path().to_owned();
+                (Some(d), p)
+            }
+        };
+        let store = Arc::new(SqliteStore::open_in_dir(&path).await.unwrap());
         let driver = Arc::new(StaticDriver::new(worker_url).unwrap());
-        let dispatcher = Dispatcher::builder(store, driver)
-            .config(config)
-            .titles(titles)
-            .start()
-            .await
-            .unwrap();
-        let state = AppState::new(dispatcher, ApiOptions::default());
+        let mut builder = Dispatcher::builder(store, driver)
+            .config(setup.config)
+            .titles(titles);
+        for c in setup.channels {
+            builder = builder.channel(c);
+        }
+        if let Some(secret) = setup.push_secret {
+            builder = builder.push_signing_secret(secret);
+        }
+        let dispatcher = builder.start().await.unwrap();
+        let state = AppState::new(dispatcher, setup.options);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
