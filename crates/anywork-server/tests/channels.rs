@@ -308,6 +308,52 @@ async fn the_webhook_runs_the_originals_body_and_the_callback_gets_a_signed_outc
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_question_reaches_the_callback_and_the_next_request_answers_it() {
+    let fake = FakeLlm::start().await;
+    fake.push(Reply::tool_use(
+        "call_1",
+        "ask_user",
+        json!({"question": "Which environment?", "options": ["staging", "prod"]}),
+    ));
+    fake.push(Reply::text("Deployed to staging."));
+    let worker = WorkerProcess::start(&fake).await;
+    let setup = Setup {
+        config: fast(),
+        channels: vec![webhook(None)],
+        ..Setup::default()
+    };
+    let server = TestServer::start_full(&worker.url, setup, FirstWords).await;
+    let receiver = Receiver::start(&[]).await;
+    let path = "/api/channel/webhook/webhook";
+    let body = json!({"message": "deploy it", "callback_url": receiver.url});
+    let (s, created) = post_raw(&server, path, &[], body.to_string()).await;
+    assert_eq!(s, 202, "{created}");
+    let hits = receiver.wait_hits(1).await;
+    assert_eq!(hits[0].body["status"], "input_required");
+    assert_eq!(hits[0].body["input"]["prompt"], "Which environment?");
+    assert_eq!(hits[0].body["input"]["options"], json!(["staging", "prod"]));
+    assert_eq!(hits[0].headers["x-anywork-event"], "input_required");
+    assert!(
+        !hits[0].headers.contains_key("x-anywork-signature"),
+        "no signing secret, no signature"
+    );
+
+    let answer = json!({"message": "staging", "session_id": created["sessionId"]});
+    let (s, answered) = post_raw(&server, path, &[], answer.to_string()).await;
+    assert_eq!(s, 202, "{answered}");
+    assert_eq!(answered["answered"], true);
+    assert_eq!(answered["taskId"], created["taskId"]);
+    let hits = receiver.wait_hits(2).await;
+    assert_eq!(hits[1].body["status"], "completed");
+    assert_eq!(hits[1].body["result"], "Deployed to staging.");
+    assert_ne!(
+        hits[0].headers["idempotency-key"],
+        hits[1].headers["idempotency-key"]
+    );
+    assert!(fake.last_request().unwrap().contains_text("staging"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_is_retried_after_500_and_no_sooner_than_retry_after() {
     let fake = FakeLlm::start().await;
     fake.set_responder(|_| Reply::text("pushed"));

@@ -481,7 +481,13 @@ impl Inner {
         let mut after = task.clone();
         after.status = expected;
         let deliveries = match change.apply(&mut after) {
-            Ok(()) => outbox::deliveries_for(self, &after),
+            Ok(()) => {
+                let question = events.iter().rev().find_map(|e| match e {
+                    TaskEvent::InputRequired(r) => Some(r),
+                    _ => None,
+                });
+                outbox::deliveries_for(self, &after, question)
+            }
             // The store refuses the change the same way.
             Err(_) => Vec::new(),
         };

@@ -16,8 +16,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anywork_core::{
-    Delivery, DeliveryAttempt, DeliveryTarget, Error, ErrorKind, NewDelivery, PushNotification,
-    Result, Task, TaskOutcome, TaskStatus, Timestamp, WireTask,
+    Delivery, DeliveryAttempt, DeliveryTarget, Error, ErrorKind, InputRequest, NewDelivery,
+    PushNotification, Result, Task, TaskOutcome, TaskStatus, Timestamp, WireTask,
 };
 use serde_json::{Value, json};
 
@@ -105,7 +105,11 @@ pub(super) fn channel_payload(outcome: &TaskOutcome) -> Value {
 /// The deliveries that tell of `after` (the task as the change leaves it): its channel's,
 /// when it ended and a channel of its type is registered, and its push notification's, when
 /// the receiver wants this status.
-pub(super) fn deliveries_for(inner: &Inner, after: &Task) -> Vec<NewDelivery> {
+pub(super) fn deliveries_for(
+    inner: &Inner,
+    after: &Task,
+    question: Option<&InputRequest>,
+) -> Vec<NewDelivery> {
     let mut out = Vec::new();
     if after.status.is_terminal()
         && inner.channels.contains_key(&after.channel_type)
@@ -121,7 +125,14 @@ pub(super) fn deliveries_for(inner: &Inner, after: &Task) -> Vec<NewDelivery> {
     if let Some(push) = &after.push_notification
         && push.wants(after.status)
     {
-        out.push(NewDelivery::new(push_target(push), push_body(after)));
+        let mut body = push_body(after);
+        if let Some(q) = question.filter(|_| after.status == TaskStatus::InputRequired) {
+            body["input"] = json!({
+                "request_id": q.request_id, "kind": q.kind, "prompt": q.prompt,
+                "options": q.options, "tool_name": q.tool_name,
+            });
+        }
+        out.push(NewDelivery::new(push_target(push), body));
     }
     out
 }
@@ -134,7 +145,8 @@ fn push_target(push: &PushNotification) -> DeliveryTarget {
     }
 }
 
-/// The body of a push: the task in the REST shape (`GET /api/tasks/:id`) at that status.
+/// The body of a push: the task in the REST shape (`GET /api/tasks/:id`) at that status
+/// (with `input: {request_id, kind, prompt, options, tool_name}` when it asks something).
 fn push_body(task: &Task) -> Value {
     serde_json::to_value(WireTask::from(task)).unwrap_or(Value::Null)
 }

@@ -152,8 +152,16 @@ const OPS: &[Op] = &[
         body: None,
         ok: (200, "DeliveryList"),
         query: &[
-            ("status", "string", "pending, failed, sent or dead (all when absent)"),
-            ("limit", "integer", "at most this many (default 100, at most 500)"),
+            (
+                "status",
+                "string",
+                "pending, failed, sent or dead (all when absent)",
+            ),
+            (
+                "limit",
+                "integer",
+                "at most this many (default 100, at most 500)",
+            ),
             ("offset", "integer", "skip this many"),
         ],
     },
