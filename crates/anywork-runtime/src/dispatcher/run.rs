@@ -454,7 +454,12 @@ impl Drop for StreamReader {
 async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Result<ChatStream> {
     let mut skills = task.skills.clone();
     let mut mcp_servers = task.mcp_servers.clone();
+    let mut repository = None;
     if let Some(channel) = inner.channels.get(&task.channel_type) {
+        repository = channel.workspace_repository(task).await?;
+        if let Some(r) = &repository {
+            r.validate()?;
+        }
         let defaults = channel.defaults();
         for skill in defaults.skills {
             if !skills.iter().any(|s| s.name == skill.name) {
@@ -465,11 +470,23 @@ async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Resu
             mcp_servers.entry(name).or_insert(server);
         }
     }
+    let mut message = task.message.clone();
+    if let Some(r) = &repository {
+        message.push_str(&format!(
+            "\n\n(The repository is checked out in the folder `{}` of your working directory{}.)",
+            r.dir,
+            r.git_ref
+                .as_deref()
+                .map(|g| format!(", at `{g}`"))
+                .unwrap_or_default()
+        ));
+    }
     let prepare = PrepareRequest {
         session_id: task.session_id.clone(),
         skills: Some(skills),
         mcp_servers: Some(mcp_servers),
         soul: None,
+        repository,
     };
     retry(&inner.config.retry, || {
         inner.client.prepare(worker, &prepare)
@@ -478,7 +495,7 @@ async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Resu
     let chat = ChatRequest {
         task_id: task.id,
         session_id: task.session_id.clone(),
-        message: task.message.clone(),
+        message,
     };
     retry(&inner.config.retry, || inner.client.chat(worker, &chat)).await
 }
