@@ -919,3 +919,99 @@ async fn a_slack_mention_is_answered_in_its_thread_with_reactions_and_retries_ru
     let (s, b) = slack_event(&server, &stray, None).await;
     assert_eq!((s, &b["skipped"]), (200, &json!(true)), "{b}");
 }
+
+fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The file at `rel` under any session folder of the worker's workspace.
+fn find_in_workspace(root: &std::path::Path, rel: &str) -> Option<String> {
+    std::fs::read_dir(root)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .find_map(|e| std::fs::read_to_string(e.path().join(rel)).ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_request_comment_works_in_the_pull_requests_head_refreshed_per_task() {
+    // A repository with a pull request (refs/pull/5/head), served as a bare repo over file://.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    git(&src, &["init", "-q", "-b", "main"]);
+    std::fs::write(src.join("README.md"), "base").unwrap();
+    git(&src, &["add", "."]);
+    git(&src, &["commit", "-q", "-m", "base"]);
+    git(&src, &["checkout", "-q", "-b", "feature"]);
+    std::fs::write(src.join("README.md"), "pr v1").unwrap();
+    git(&src, &["commit", "-q", "-am", "v1"]);
+    let bare = tmp.path().join("bare.git");
+    git(
+        tmp.path(),
+        &["clone", "-q", "--bare", src.to_str().unwrap(), "bare.git"],
+    );
+    let head = git(&src, &["rev-parse", "HEAD"]);
+    git(&bare, &["update-ref", "refs/pull/5/head", &head]);
+
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| Reply::text("Looked at it."));
+    let ws = tmp.path().join("workspace");
+    std::fs::create_dir_all(&ws).unwrap();
+    let worker = WorkerProcess::start_in(&fake, &ws).await;
+    let gh = FakeGithub::start().await;
+    gh.allow_token(GH_TOKEN);
+    let setup = Setup {
+        config: fast(),
+        channels: vec![github(&gh.url())],
+        ..Setup::default()
+    };
+    let server = TestServer::start_full(&worker.url, setup, FirstWords).await;
+    let event = |comment: u64, body: &str| {
+        let mut p = issue_comment(5, comment, body);
+        p["issue"]["pull_request"] =
+            json!({"url": format!("https://api.github.com/repos/{REPO}/pulls/5")});
+        p["repository"]["clone_url"] = json!(format!("file://{}", bare.display()));
+        p
+    };
+
+    let c1 = gh.add_comment(REPO, 5, "octocat", "@anywork review this");
+    let (s, first) = github_event(&server, &event(c1, "@anywork review this"), "pr-1").await;
+    assert_eq!(s, 202, "{first}");
+    let done = server.wait_final(first["taskId"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        find_in_workspace(&ws, "hello-world/README.md").as_deref(),
+        Some("pr v1")
+    );
+    let asked = fake.last_request().unwrap();
+    assert!(
+        asked.contains_text("checked out in the folder `hello-world`"),
+        "the agent is told where the repository is"
+    );
+
+    // The pull request moves on; the next task starts from its new head.
+    std::fs::write(src.join("README.md"), "pr v2").unwrap();
+    git(&src, &["commit", "-q", "-am", "v2"]);
+    git(&src, &["push", "-q", bare.to_str().unwrap(), "feature"]);
+    let head = git(&src, &["rev-parse", "HEAD"]);
+    git(&bare, &["update-ref", "refs/pull/5/head", &head]);
+    let c2 = gh.add_comment(REPO, 5, "octocat", "@anywork again please");
+    let (s, second) = github_event(&server, &event(c2, "@anywork again please"), "pr-2").await;
+    assert_eq!(s, 202, "{second}");
+    assert_eq!(second["sessionId"], first["sessionId"]);
+    server.wait_final(second["taskId"].as_str().unwrap()).await;
+    assert_eq!(
+        find_in_workspace(&ws, "hello-world/README.md").as_deref(),
+        Some("pr v2")
+    );
+}
