@@ -24,8 +24,8 @@ pub mod title;
 pub mod worker_client;
 
 pub use dispatcher::{
-    Backoff, Dispatcher, DispatcherBuilder, DispatcherConfig, DocFile, InboundOutcome, Submitted,
-    WorkspaceDoc,
+    Backoff, Dispatcher, DispatcherBuilder, DispatcherConfig, DocFile, InboundOutcome, Retention,
+    RetentionRound, Submitted, WorkspaceDoc,
 };
 pub use hub::LiveEvent;
 pub use title::{FirstWords, ModelTitles, TitleGenerator};

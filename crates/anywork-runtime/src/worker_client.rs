@@ -22,6 +22,24 @@ pub type ChatStream = Pin<Box<dyn Stream<Item = Result<TaskEvent>> + Send>>;
 pub struct WorkerClient {
     http: reqwest::Client,
     control_timeout: Duration,
+    stream_idle_timeout: Duration,
+}
+
+/// Why reading a `/chat` stream's bytes stopped.
+#[derive(Debug)]
+enum ReadError {
+    Http(reqwest::Error),
+    /// Nothing arrived for this long, not even a keep-alive comment.
+    Idle(Duration),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Http(e) => e.fmt(f),
+            ReadError::Idle(d) => write!(f, "nothing arrived for {} s", d.as_secs_f64()),
+        }
+    }
 }
 
 impl WorkerClient {
@@ -37,7 +55,16 @@ impl WorkerClient {
         Ok(Self {
             http,
             control_timeout,
+            stream_idle_timeout: Duration::from_secs(60),
         })
+    }
+
+    /// A `/chat` stream that sends nothing for `idle` (no event and no keep-alive comment,
+    /// which workers send every 15 s) ends with a `Timeout` error: the worker is hung or the
+    /// connection stalled. Default 60 s.
+    pub fn with_stream_idle_timeout(mut self, idle: Duration) -> Self {
+        self.stream_idle_timeout = idle.max(Duration::from_millis(10));
+        self
     }
 
     /// `POST /prepare`.
@@ -57,8 +84,18 @@ impl WorkerClient {
             .map_err(|e| transport_error(worker, CHAT_PATH, e))?;
         let response = check(worker, CHAT_PATH, response).await?;
         let worker_id = worker.worker_id.clone();
-        let stream = response
-            .bytes_stream()
+        let idle = self.stream_idle_timeout;
+        // Every chunk, keep-alive comments included, proves the worker alive.
+        let bytes = futures_util::stream::unfold(Some(response.bytes_stream()), move |s| async move {
+            let mut s = s?;
+            match tokio::time::timeout(idle, s.next()).await {
+                Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(s))),
+                Ok(Some(Err(e))) => Some((Err(ReadError::Http(e)), None)),
+                Ok(None) => None,
+                Err(_) => Some((Err(ReadError::Idle(idle)), None)),
+            }
+        });
+        let stream = Box::pin(bytes)
             .eventsource()
             .filter_map(move |item| {
                 let worker_id = worker_id.clone();
@@ -80,6 +117,17 @@ impl WorkerClient {
                                     )
                                 }),
                         ),
+                        Err(eventsource_stream::EventStreamError::Transport(ReadError::Idle(d))) => {
+                            Some(Err(Error::new(
+                                ErrorKind::Timeout,
+                                format!(
+                                    "worker {worker_id} sent nothing for {} s, not even a \
+                                     keep-alive: it is hung or the connection to it stalled \
+                                     (STREAM_IDLE_TIMEOUT_SECONDS)",
+                                    d.as_secs_f64()
+                                ),
+                            )))
+                        }
                         Err(e) => Some(Err(Error::unavailable(format!(
                             "the connection to worker {worker_id} broke: {e}"
                         )))),

@@ -57,10 +57,12 @@ pub fn router(state: WorkerState) -> Router {
         .route("/sessions/{id}/messages", get(messages))
         .route("/sessions/{id}/files", get(files))
         .route("/workspace/{file}", get(get_doc).put(put_doc));
-    anywork_http::limit_body(routes, limit)
-        .fallback(anywork_http::no_route)
-        .method_not_allowed_fallback(anywork_http::method_not_allowed)
-        .with_state(state)
+    anywork_http::limit_uri(
+        anywork_http::limit_body(routes, limit)
+            .fallback(anywork_http::no_route)
+            .method_not_allowed_fallback(anywork_http::method_not_allowed),
+    )
+    .with_state(state)
 }
 
 /// Serves the worker's API on `listener` until `shutdown` completes (with TCP_NODELAY, so

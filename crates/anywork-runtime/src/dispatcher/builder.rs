@@ -10,6 +10,7 @@ use std::time::Duration;
 use anywork_core::{Channel, ContainerDriver, Error, Result, TaskId, TaskStore};
 use tokio::sync::Semaphore;
 
+use super::retention::{Retention, retention_loop};
 use super::retry::Backoff;
 use super::upkeep::{reap_loop, recovery_loop};
 use super::{Dispatcher, Inner};
@@ -36,6 +37,9 @@ pub struct DispatcherConfig {
     pub owner: String,
     /// Retries of worker calls.
     pub retry: Backoff,
+    /// Retries of a run's store writes that failed for a reason that may pass (a locked
+    /// database, an outage); after the last one the run stops and says why.
+    pub store_retry: Backoff,
     /// Timeout of worker control calls (`/prepare`, `/cancel`, `/input`).
     pub control_timeout: Duration,
     /// Events appended to the log in one batch, at most.
@@ -43,6 +47,11 @@ pub struct DispatcherConfig {
     /// How often the driver is asked to stop idle workers ([`ContainerDriver::reap_idle`]);
     /// `None` never.
     pub reap_every: Option<Duration>,
+    /// How long finished tasks' logs are kept, and how often the store's size is measured.
+    pub retention: Retention,
+    /// A worker's `/chat` stream silent for this long (no event, not even a keep-alive
+    /// comment; workers send one every 15 s) fails its task with the reason.
+    pub stream_idle_timeout: Duration,
 }
 
 impl Default for DispatcherConfig {
@@ -54,9 +63,12 @@ impl Default for DispatcherConfig {
             cancel_grace: Duration::from_secs(5),
             owner: format!("server-{}", TaskId::generate()),
             retry: Backoff::default(),
+            store_retry: Backoff::new(10, Duration::from_millis(200), Duration::from_secs(5)),
             control_timeout: Duration::from_secs(30),
             max_batch: 256,
             reap_every: Some(Duration::from_secs(30)),
+            retention: Retention::default(),
+            stream_idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -120,7 +132,8 @@ impl DispatcherBuilder {
     /// Starts the dispatcher: its background recovery loop, and the tasks a previous run left
     /// pending are queued again. Needs a Tokio runtime.
     pub async fn start(self) -> Result<Dispatcher> {
-        let client = WorkerClient::new(self.config.control_timeout)?;
+        let client = WorkerClient::new(self.config.control_timeout)?
+            .with_stream_idle_timeout(self.config.stream_idle_timeout);
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
@@ -141,12 +154,14 @@ impl DispatcherBuilder {
                 permits,
                 runs: Mutex::new(HashMap::new()),
                 closing: AtomicBool::new(false),
+                last_words: Mutex::new(HashMap::new()),
                 stopped: AtomicBool::new(false),
             }),
         };
         dispatcher.requeue_pending().await?;
         dispatcher.recover_expired().await;
         tokio::spawn(recovery_loop(Arc::downgrade(&dispatcher.inner)));
+        tokio::spawn(retention_loop(Arc::downgrade(&dispatcher.inner)));
         if let Some(every) = dispatcher.inner.config.reap_every {
             tokio::spawn(reap_loop(Arc::downgrade(&dispatcher.inner), every));
         }

@@ -19,11 +19,13 @@
 //! - `run.rs`: the run of one task. `retry.rs`: [`Backoff`] and retries.
 //! - `deliver.rs`: channel delivery and push notifications after a task ends.
 //! - `upkeep.rs`: recovery of expired leases, re-queueing at start, the idle-worker reaper.
+//! - `retention.rs`: deleting finished tasks' logs by age and size, the store size metric.
 //! - `ops.rs`: the operations an API calls (sessions, logs, events, workspace docs, inbound).
 
 mod builder;
 mod deliver;
 mod ops;
+mod retention;
 mod retry;
 mod run;
 mod upkeep;
@@ -43,12 +45,17 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 pub use builder::{DispatcherBuilder, DispatcherConfig};
 pub use ops::{DocFile, InboundOutcome, WorkspaceDoc};
+pub use retention::{Retention, RetentionRound};
 pub use retry::Backoff;
 
 use crate::hub::{Hub, LiveEvent};
 use crate::metrics::Metrics;
 use crate::title::TitleGenerator;
 use crate::worker_client::WorkerClient;
+
+/// The longest [`Dispatcher::cancel`] waits for a running task to end before it answers
+/// with the task still active (HTTP: 202 `canceling`).
+pub const CANCEL_ANSWER_WAIT: Duration = Duration::from_secs(2);
 
 /// What [`Dispatcher::submit`] did.
 #[derive(Debug, Clone)]
@@ -80,6 +87,9 @@ struct Inner {
     permits: Arc<Semaphore>,
     runs: Mutex<HashMap<TaskId, mpsc::Sender<Control>>>,
     closing: AtomicBool,
+    /// Why runs that could not store their outcome ended: recovery gives that reason when
+    /// the task's lease runs out, rather than blaming a server crash.
+    last_words: Mutex<HashMap<TaskId, String>>,
     /// Set by `shutdown`: the background loops end.
     stopped: AtomicBool,
 }
@@ -270,8 +280,10 @@ impl Dispatcher {
     }
 
     /// Cancels a task in any active state and returns it as stored afterwards: a pending task
-    /// becomes `canceled` at once; a running one is stopped on its worker first.
-    /// `Conflict` ("Cannot cancel task in status: …") when it is already over.
+    /// becomes `canceled` at once; a running one is stopped on its worker first, and if it has
+    /// not ended within [`CANCEL_ANSWER_WAIT`] it is returned still active (its run goes on
+    /// stopping it: the worker's grace, then `canceled` anyway). `Conflict` ("Cannot cancel
+    /// task in status: …") when it is already over.
     pub async fn cancel(&self, task_id: TaskId) -> Result<Task> {
         for _ in 0..5 {
             let task = self.inner.store.get_task(task_id).await?;
@@ -285,7 +297,7 @@ impl Dispatcher {
             if let Some(run) = run {
                 let (ack, done) = oneshot::channel();
                 if run.send(Control::Cancel(ack)).await.is_ok() {
-                    let wait = self.inner.config.cancel_grace + Duration::from_secs(5);
+                    let wait = CANCEL_ANSWER_WAIT.min(self.inner.config.cancel_grace + Duration::from_secs(1));
                     let _ = tokio::time::timeout(wait, done).await;
                     return self.inner.store.get_task(task_id).await;
                 }

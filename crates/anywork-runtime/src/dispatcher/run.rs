@@ -15,7 +15,7 @@ use anywork_core::{
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
-use super::retry::retry;
+use super::retry::{retry, retry_if};
 use super::{Control, Inner, lock};
 use crate::worker_client::ChatStream;
 
@@ -36,15 +36,45 @@ pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
             return;
         };
         let id = next.id;
-        if let Err(e) = run_task(&inner, next).await {
-            tracing::error!(task = %id, error = %e, "task run failed in the dispatcher");
+        let retry_after = inner.config.store_retry.max;
+        match run_task(&inner, next.clone()).await {
+            Ok(()) => {}
+            Err(Failure::NotStarted(e)) => {
+                // The store could not take `pending → running`: the task is still pending.
+                // It goes back to the head of its session's queue, after a pause.
+                tracing::warn!(task = %id, error = %e, "cannot start the task; it is queued again");
+                drop(_permit);
+                tokio::time::sleep(retry_after).await;
+                lock(&inner.queues)
+                    .entry(session.clone())
+                    .or_default()
+                    .push_front(next);
+            }
+            Err(Failure::Store(e)) => {
+                tracing::error!(task = %id, error = %e, "task run failed in the dispatcher");
+            }
         }
+    }
+}
+
+/// Why a run ended without recording its task's outcome.
+enum Failure {
+    /// The store refused `pending → running` after retries: the task is still pending.
+    NotStarted(Error),
+    /// Another store error after retries; the task's lease runs out and recovery ends it with
+    /// the reason kept in `Inner::last_words`.
+    Store(Error),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure::Store(e)
     }
 }
 
 /// Runs `task` as queued (`pending`). One canceled meanwhile, or taken by another server,
 /// fails the `pending → running` compare-and-set and is left alone.
-async fn run_task(inner: &Arc<Inner>, task: Task) -> Result<()> {
+async fn run_task(inner: &Arc<Inner>, task: Task) -> std::result::Result<(), Failure> {
     let task_id = task.id;
     let (tx, rx) = mpsc::channel(8);
     lock(&inner.runs).insert(task_id, tx);
@@ -94,13 +124,13 @@ impl Run {
         Timestamp::now().plus_millis(self.inner.config.lease_ttl.as_millis() as i64)
     }
 
-    async fn execute(&mut self) -> Result<()> {
+    async fn execute(&mut self) -> std::result::Result<(), Failure> {
         let (inner, session) = (self.inner.clone(), self.task.session_id.clone());
         let get_worker =
             async move { retry(&inner.config.retry, || inner.driver.get_worker(&session)).await };
         let endpoint = match self.until_stopped(get_worker).await {
             Ok(w) => w,
-            Err(stop) => return self.stop_before_running(stop).await,
+            Err(stop) => return Ok(self.stop_before_running(stop).await?),
         };
         // pending → running, with the worker and a lease.
         let change = TaskChange::to(TaskStatus::Running)
@@ -109,17 +139,21 @@ impl Run {
         let running = vec![TaskEvent::Status {
             status: TaskStatus::Running,
         }];
-        match self
-            .inner
-            .transition(&self.task, TaskStatus::Pending, change, running)
-            .await
-        {
+        let (inner, task) = (&self.inner, &self.task);
+        let started = retry_if(
+            &inner.config.store_retry,
+            || inner.transition(task, TaskStatus::Pending, change.clone(), running.clone()),
+            Error::is_retryable,
+        )
+        .await;
+        match started {
             Ok(t) => self.task = t,
             // Canceled meanwhile, or another server took it.
             Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidTransition) => {
                 return Ok(());
             }
-            Err(e) => return Err(e),
+            Err(e) if e.is_retryable() => return Err(Failure::NotStarted(e)),
+            Err(e) => return Err(e.into()),
         }
         self.status = TaskStatus::Running;
 
@@ -127,9 +161,9 @@ impl Run {
         let start = async move { start_chat(&inner, &task, &worker).await };
         let stream = match self.until_stopped(start).await {
             Ok(s) => s,
-            Err(stop) => return self.finish(stop_outcome(stop)).await,
+            Err(stop) => return Ok(self.finish(stop_outcome(stop)).await?),
         };
-        self.follow(stream, endpoint).await
+        Ok(self.follow(stream, endpoint).await?)
     }
 
     /// Runs a step before the chat stream exists, while watching for cancel and the timeout.
@@ -196,11 +230,16 @@ impl Run {
             let stop_at = stopping.as_ref().map_or(far, |(_, at)| *at);
             tokio::select! {
                 biased;
-                ctl = self.control.recv(), if stopping.is_none() => match ctl {
+                ctl = self.control.recv() => match ctl {
                     Some(Control::Cancel(ack)) => {
                         self.cancel_acks.push(ack);
-                        self.ask_worker_to_cancel(&worker).await;
-                        stopping = Some((Stop::Canceled, tokio::time::Instant::now() + self.inner.config.cancel_grace));
+                        if stopping.is_none() {
+                            self.ask_worker_to_cancel(&worker);
+                            stopping = Some((Stop::Canceled, tokio::time::Instant::now() + self.inner.config.cancel_grace));
+                        }
+                    }
+                    Some(Control::Input(_, ack)) if stopping.is_some() => {
+                        let _ = ack.send(Err(Error::conflict("the task is being stopped")));
                     }
                     Some(Control::Input(response, ack)) => {
                         let r = self.answer(&worker, response).await;
@@ -214,14 +253,14 @@ impl Run {
                         if e.kind() == ErrorKind::Conflict {
                             // Someone else ended or took the task: stop quietly.
                             tracing::warn!(task = %self.task.id, error = %e, "lost the lease; leaving the task");
-                            self.ask_worker_to_cancel(&worker).await;
+                            self.ask_worker_to_cancel(&worker);
                             return Ok(());
                         }
                         tracing::warn!(task = %self.task.id, error = %e, "cannot renew the lease");
                     }
                 }
                 _ = tokio::time::sleep_until(deadline), if stopping.is_none() => {
-                    self.ask_worker_to_cancel(&worker).await;
+                    self.ask_worker_to_cancel(&worker);
                     stopping = Some((Stop::Failed(self.timeout_message()), tokio::time::Instant::now() + self.inner.config.cancel_grace));
                 }
                 _ = tokio::time::sleep_until(stop_at), if stopping.is_some() => {
@@ -234,7 +273,11 @@ impl Run {
                         Some(Err(e)) => {
                             let outcome = match stopping.take() {
                                 Some((stop, _)) => stop_outcome(stop),
-                                None => TaskOutcome::failed(format!("lost the worker mid-task: {}", e.message())),
+                                None => {
+                                    // It may still be running there (hung, or cut off).
+                                    self.ask_worker_to_cancel(&worker);
+                                    TaskOutcome::failed(format!("lost the worker mid-task: {}", e.message()))
+                                }
                             };
                             return self.finish(outcome).await;
                         }
@@ -261,10 +304,19 @@ impl Run {
                         _ => None,
                     };
                     let asks = batch.iter().any(|e| matches!(e, TaskEvent::InputRequired(_)));
-                    if asks && self.status == TaskStatus::Running {
-                        self.set_status(TaskStatus::InputRequired, batch).await?;
+                    let stored = if asks && self.status == TaskStatus::Running {
+                        self.set_status(TaskStatus::InputRequired, batch).await
                     } else {
-                        self.record(batch).await?;
+                        self.record(batch).await
+                    };
+                    if let Err(e) = stored {
+                        // The store stayed down through every retry: stop the run and say why.
+                        self.ask_worker_to_cancel(&worker);
+                        let reason = format!(
+                            "the task's events could not be stored ({}); the run was stopped",
+                            e.message()
+                        );
+                        return self.finish(TaskOutcome::failed(reason)).await;
                     }
                     if let Some(mut outcome) = done {
                         if let Some((Stop::Failed(reason), _)) = stopping.take() {
@@ -279,7 +331,10 @@ impl Run {
                     if let Some(e) = broken {
                         let outcome = match stopping.take() {
                             Some((stop, _)) => stop_outcome(stop),
-                            None => TaskOutcome::failed(format!("lost the worker mid-task: {}", e.message())),
+                            None => {
+                                self.ask_worker_to_cancel(&worker);
+                                TaskOutcome::failed(format!("lost the worker mid-task: {}", e.message()))
+                            }
                         };
                         return self.finish(outcome).await;
                     }
@@ -288,20 +343,15 @@ impl Run {
         }
     }
 
-    async fn ask_worker_to_cancel(&self, worker: &WorkerEndpoint) {
-        if let Err(e) = self
-            .inner
-            .client
-            .cancel(
-                worker,
-                &CancelRequest {
-                    task_id: self.task.id,
-                },
-            )
-            .await
-        {
-            tracing::warn!(task = %self.task.id, error = %e, "the worker did not take the cancel");
-        }
+    /// Asks the worker to stop the task, off the run loop: a hung worker must not hold up
+    /// the loop (its grace, the idle timeout and the lease go on).
+    fn ask_worker_to_cancel(&self, worker: &WorkerEndpoint) {
+        let (client, worker, task_id) = (self.inner.client.clone(), worker.clone(), self.task.id);
+        tokio::spawn(async move {
+            if let Err(e) = client.cancel(&worker, &CancelRequest { task_id }).await {
+                tracing::warn!(task = %task_id, error = %e, "the worker did not take the cancel");
+            }
+        });
     }
 
     async fn answer(&mut self, worker: &WorkerEndpoint, response: InputResponse) -> Result<()> {
@@ -331,17 +381,27 @@ impl Run {
     async fn set_status(&mut self, status: TaskStatus, events: Vec<TaskEvent>) -> Result<()> {
         let change =
             TaskChange::to(status).lease(self.inner.config.owner.clone(), self.lease_expiry());
-        self.task = self
-            .inner
-            .transition(&self.task, self.status, change, events)
-            .await?;
+        let (inner, task, from) = (&self.inner, &self.task, self.status);
+        self.task = retry_if(
+            &inner.config.store_retry,
+            || inner.transition(task, from, change.clone(), events.clone()),
+            Error::is_retryable,
+        )
+        .await?;
         self.status = status;
         Ok(())
     }
 
-    /// Appends events to the log and publishes them with their seqs.
+    /// Appends events to the log and publishes them with their seqs, retrying store errors
+    /// that may pass.
     async fn record(&self, events: Vec<TaskEvent>) -> Result<()> {
-        self.inner.record(&self.task, events).await
+        let (inner, task) = (&self.inner, &self.task);
+        retry_if(
+            &inner.config.store_retry,
+            || inner.record(task, events.clone()),
+            Error::is_retryable,
+        )
+        .await
     }
 
     /// Records the outcome (the final status and the `done` event in one write), then
@@ -360,22 +420,42 @@ impl Run {
                 outcome.status
             ));
         }
-        let task = match self
-            .inner
-            .transition(
-                &self.task,
-                self.status,
-                TaskChange::finish(outcome.clone()),
-                vec![TaskEvent::Done(outcome.clone())],
-            )
-            .await
-        {
+        let (inner, task, from) = (&self.inner, &self.task, self.status);
+        let finished = retry_if(
+            &inner.config.store_retry,
+            || {
+                inner.transition(
+                    task,
+                    from,
+                    TaskChange::finish(outcome.clone()),
+                    vec![TaskEvent::Done(outcome.clone())],
+                )
+            },
+            Error::is_retryable,
+        )
+        .await;
+        let task = match finished {
             Ok(t) => t,
             Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidTransition) => {
                 tracing::warn!(task = %self.task.id, error = %e, "the task was ended elsewhere");
                 return Ok(());
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                // The lease runs out and recovery records the outcome; it gives this reason.
+                let reason = match &outcome.error {
+                    Some(error) => format!(
+                        "{error} (and the outcome could not be stored: {})",
+                        e.message()
+                    ),
+                    None => format!(
+                        "the task ended as {} but the store refused its outcome: {}",
+                        outcome.status,
+                        e.message()
+                    ),
+                };
+                lock(&self.inner.last_words).insert(self.task.id, reason);
+                return Err(e);
+            }
         };
         self.task = task;
         self.inner.after_finish(&self.task, outcome).await;

@@ -53,12 +53,14 @@ impl Dispatcher {
                 .as_ref()
                 .map(|l| l.owner.clone())
                 .unwrap_or_default();
-            let reason = format!(
-                "the server running this task ({owner}) stopped before it finished; it was {} \
-                 on worker {}",
-                task.status,
-                task.worker_id.as_deref().unwrap_or("(none)")
-            );
+            let reason = lock(&inner.last_words).get(&task.id).cloned().unwrap_or_else(|| {
+                format!(
+                    "the server running this task ({owner}) stopped before it finished; it was \
+                     {} on worker {}",
+                    task.status,
+                    task.worker_id.as_deref().unwrap_or("(none)")
+                )
+            });
             tracing::warn!(task = %task.id, %reason, "recovering an orphaned task");
             // The worker may still be running it: ask it to stop, best effort.
             if let Some(worker_id) = &task.worker_id
@@ -75,6 +77,7 @@ impl Dispatcher {
                 .await
                 .is_ok()
             {
+                lock(&inner.last_words).remove(&task.id);
                 n += 1;
             }
         }

@@ -192,10 +192,12 @@ pub fn ui_router() -> Router {
 /// and CORS for [`ApiOptions::cors_origins`].
 pub fn router(state: AppState) -> Router {
     let cors = cors_layer(&state.options().cors_origins);
-    let app = api_router(state.clone())
-        .merge(ws_router(state))
-        .merge(ui_router())
-        .fallback(anywork_http::no_route);
+    let app = anywork_http::limit_uri(
+        api_router(state.clone())
+            .merge(ws_router(state))
+            .merge(ui_router())
+            .fallback(anywork_http::no_route),
+    );
     match cors {
         Some(cors) => app.layer(cors).layer(middleware::from_fn(preflight_status)),
         None => app,

@@ -46,9 +46,19 @@ impl WorkerProcess {
     }
 
     pub async fn start_in(fake: &FakeLlm, workspace: &Path) -> WorkerProcess {
+        Self::start_with_env(fake, workspace, &[]).await
+    }
+
+    /// A worker with extra environment variables (e.g. `SSE_KEEP_ALIVE_SECONDS`).
+    pub async fn start_with_env(
+        fake: &FakeLlm,
+        workspace: &Path,
+        env: &[(&str, &str)],
+    ) -> WorkerProcess {
         let port = free_port();
         let child = tokio::process::Command::new(anywork_test::bins::worker_bin())
             .env_clear()
+            .envs(env.iter().copied())
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOME", workspace)
             .env("WORKER_HOST", "127.0.0.1")
@@ -108,6 +118,17 @@ impl TestServer {
     ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open_in_dir(dir.path()).await.unwrap());
+        Self::start_on(dir, store, worker_url, config, titles).await
+    }
+
+    /// The server over `store` (kept in `dir`, removed with the server).
+    pub async fn start_on(
+        dir: tempfile::TempDir,
+        store: Arc<dyn anywork_core::TaskStore>,
+        worker_url: &str,
+        config: DispatcherConfig,
+        titles: impl TitleGenerator,
+    ) -> TestServer {
         let driver = Arc::new(StaticDriver::new(worker_url).unwrap());
         let dispatcher = Dispatcher::builder(store, driver)
             .config(config)
