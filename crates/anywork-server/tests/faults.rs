@@ -172,7 +172,8 @@ async fn a_frozen_worker_is_noticed_and_cancel_answers_at_once() {
             .await;
     let mut config = DispatcherConfig::default();
     config.stream_idle_timeout = Duration::from_secs(2);
-    config.cancel_grace = Duration::from_secs(1);
+    // Longer than the cancel's answer (2 s at most): the answer comes before the end.
+    config.cancel_grace = Duration::from_secs(4);
     let server = TestServer::start_with(&worker.url, config, FirstWords).await;
 
     // Alive but quiet (the model hangs): keep-alives hold it past the idle timeout.
@@ -262,7 +263,7 @@ async fn a_task_whose_start_failed_is_queued_again() {
     assert_gap_free_with_one_done(&logs);
     let running = logs
         .iter()
-        .filter(|l| l["type"] == "status" && l["metadata"]["status"] == "running")
+        .filter(|l| l["type"] == "status" && l["content"] == "running")
         .count();
     assert_eq!(running, 1, "{logs:?}");
 }
@@ -317,4 +318,38 @@ async fn a_follower_whose_run_ended_without_done_reads_it_from_the_log() {
     let seqs: Vec<u64> = events.iter().filter_map(|e| e["seq"].as_u64()).collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
     assert_gap_free_with_one_done(&server.logs(&task).await);
+}
+
+/// Issue 15, item 8: a WebSocket message over the limit closes the socket with 1009 ("too
+/// big") and a reason, not a bare disconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_websocket_message_closes_with_1009() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let server = TestServer::start_with(&url, DispatcherConfig::default(), FirstWords).await;
+    let ws_url = format!("{}/ws", server.url.replacen("http://", "ws://", 1));
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    let huge = format!(
+        "{{\"type\":\"chat\",\"message\":\"{}\"}}",
+        "x".repeat(3 * 1024 * 1024)
+    );
+    // The server may close before the whole message is written.
+    let _ = ws.send(Message::Text(huge.into())).await;
+    let close = tokio::time::timeout(WAIT, async {
+        while let Some(msg) = ws.next().await {
+            match msg {
+                Ok(Message::Close(frame)) => return frame,
+                Ok(_) => continue,
+                Err(e) => panic!("no close frame, but {e}"),
+            }
+        }
+        None
+    })
+    .await
+    .expect("a close frame in time")
+    .expect("a close frame with a code");
+    assert_eq!(close.code, CloseCode::Size, "{close:?}");
+    assert!(close.reason.contains("limit"), "{close:?}");
 }
