@@ -11,6 +11,14 @@ use common::{WAIT, WorkerProcess, free_port, wait_healthy};
 use serde_json::{Value, json};
 
 fn start_server(db_dir: &std::path::Path, worker_url: &str) -> (tokio::process::Child, String) {
+    start_server_with(db_dir, worker_url, "1")
+}
+
+fn start_server_with(
+    db_dir: &std::path::Path,
+    worker_url: &str,
+    lease_ttl_seconds: &str,
+) -> (tokio::process::Child, String) {
     let port = free_port();
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_anywork-server"))
         .env_clear()
@@ -19,7 +27,7 @@ fn start_server(db_dir: &std::path::Path, worker_url: &str) -> (tokio::process::
         .env("DB_DIR", db_dir)
         .env("CONTAINER_DRIVER", "static")
         .env("STATIC_WORKER_URL", worker_url)
-        .env("LEASE_TTL_SECONDS", "1")
+        .env("LEASE_TTL_SECONDS", lease_ttl_seconds)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true)
@@ -102,4 +110,74 @@ async fn a_killed_server_leaves_no_task_running_forever() {
         "the queued task ran after the restart: {t2}"
     );
     assert_eq!(t2["result"], "recovered");
+}
+
+async fn post(url: &str, body: Value) -> Value {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/api/tasks"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    r.json().await.unwrap()
+}
+
+/// Issue 15, defects 4 and 5: after kill -9, the restarted server knows its previous run's
+/// leases are dead (its name is kept in DB_DIR), so the 30 tasks it was running end as
+/// interrupted at once — with the default 30 s lease, long before it expires — and each
+/// session's queued task starts only after its interrupted one ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_interrupted_tasks_end_first_and_sessions_keep_their_order() {
+    const SESSIONS: usize = 30;
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| Reply::hang());
+    let worker = WorkerProcess::start(&fake).await;
+    let db = tempfile::tempdir().unwrap();
+    let (mut server, url) = start_server_with(db.path(), &worker.url, "30");
+    wait_healthy(&format!("{url}/api/health")).await;
+
+    let mut pairs = Vec::new();
+    for i in 0..SESSIONS {
+        let first = post(&url, json!({"message": format!("long job {i}")})).await;
+        let session = first["sessionId"].as_str().unwrap().to_owned();
+        let queued = post(
+            &url,
+            json!({"message": format!("next {i}"), "session_id": session}),
+        )
+        .await;
+        pairs.push((
+            first["taskId"].as_str().unwrap().to_owned(),
+            queued["taskId"].as_str().unwrap().to_owned(),
+        ));
+    }
+    for (first, _) in &pairs {
+        wait_status(&url, first, &["running"]).await;
+    }
+    assert!(fake.wait_for_requests(SESSIONS, WAIT).await);
+
+    server.kill().await.unwrap();
+    fake.set_responder(|_| Reply::text("next done"));
+    let (_server, url) = start_server_with(db.path(), &worker.url, "30");
+    wait_healthy(&format!("{url}/api/health")).await;
+
+    for (first, queued) in &pairs {
+        // Within WAIT (20 s), shorter than the lease: settled by the restart, not by expiry.
+        let first = wait_status(&url, first, &["failed", "completed", "canceled"]).await;
+        assert_eq!(first["status"], "failed", "{first}");
+        let error = first["error"].as_str().unwrap();
+        assert!(error.starts_with("interrupted"), "{error}");
+        let queued = wait_status(&url, queued, &["failed", "completed", "canceled"]).await;
+        assert_eq!(queued["status"], "completed", "{queued}");
+        let ended = first["finishedAt"].as_i64().unwrap();
+        let started = queued["startedAt"].as_i64().unwrap();
+        assert!(
+            started >= ended,
+            "the queued task started ({started}) before the interrupted one ended ({ended})"
+        );
+        let logs = get(&format!("{url}/api/tasks/{}/logs?limit=500", first["id"].as_str().unwrap())).await;
+        let logs = logs["logs"].as_array().unwrap();
+        assert_eq!(logs.iter().filter(|l| l["type"] == "done").count(), 1);
+        assert_eq!(logs.last().unwrap()["type"], "done");
+    }
 }

@@ -35,6 +35,10 @@ pub struct DispatcherConfig {
     pub cancel_grace: Duration,
     /// This server's name in leases (unique per process).
     pub owner: String,
+    /// Lease owners known to be gone — typically this server's previous incarnation, whose
+    /// name the binary keeps in its data folder: their tasks are ended as interrupted at start,
+    /// without waiting for their leases to expire.
+    pub dead_owners: Vec<String>,
     /// Retries of worker calls.
     pub retry: Backoff,
     /// Retries of a run's store writes that failed for a reason that may pass (a locked
@@ -62,6 +66,7 @@ impl Default for DispatcherConfig {
             lease_ttl: Duration::from_secs(30),
             cancel_grace: Duration::from_secs(5),
             owner: format!("server-{}", TaskId::generate()),
+            dead_owners: Vec::new(),
             retry: Backoff::default(),
             store_retry: Backoff::new(10, Duration::from_millis(200), Duration::from_secs(5)),
             control_timeout: Duration::from_secs(30),
@@ -155,11 +160,14 @@ impl DispatcherBuilder {
                 runs: Mutex::new(HashMap::new()),
                 closing: AtomicBool::new(false),
                 last_words: Mutex::new(HashMap::new()),
+                held: Mutex::new(HashMap::new()),
                 stopped: AtomicBool::new(false),
             }),
         };
+        // What a previous server left running is settled (or waited for) before any pending
+        // task of its session is queued.
+        dispatcher.settle_at_start().await?;
         dispatcher.requeue_pending().await?;
-        dispatcher.recover_expired().await;
         tokio::spawn(recovery_loop(Arc::downgrade(&dispatcher.inner)));
         tokio::spawn(retention_loop(Arc::downgrade(&dispatcher.inner)));
         if let Some(every) = dispatcher.inner.config.reap_every {

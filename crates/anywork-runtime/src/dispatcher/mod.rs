@@ -19,12 +19,15 @@
 //! - `run.rs`: the run of one task. `retry.rs`: [`Backoff`] and retries.
 //! - `deliver.rs`: channel delivery and push notifications after a task ends.
 //! - `upkeep.rs`: recovery of expired leases, re-queueing at start, the idle-worker reaper.
+//! - `restart.rs`: at start, ending a dead previous server's tasks as interrupted and holding
+//!   back sessions whose task another server holds.
 //! - `retention.rs`: deleting finished tasks' logs by age and size, the store size metric.
 //! - `ops.rs`: the operations an API calls (sessions, logs, events, workspace docs, inbound).
 
 mod builder;
 mod deliver;
 mod ops;
+mod restart;
 mod retention;
 mod retry;
 mod run;
@@ -90,6 +93,8 @@ struct Inner {
     /// Why runs that could not store their outcome ended: recovery gives that reason when
     /// the task's lease runs out, rather than blaming a server crash.
     last_words: Mutex<HashMap<TaskId, String>>,
+    /// Sessions whose pending tasks wait for tasks another server holds (found at start).
+    held: Mutex<HashMap<SessionId, Vec<TaskId>>>,
     /// Set by `shutdown`: the background loops end.
     stopped: AtomicBool,
 }

@@ -32,6 +32,8 @@ pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
                 }
             }
         };
+        // A task another server still holds in this session ends first.
+        super::restart::wait_until_session_is_free(&inner, &session).await;
         let Ok(_permit) = inner.permits.clone().acquire_owned().await else {
             return;
         };

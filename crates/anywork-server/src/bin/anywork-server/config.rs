@@ -98,6 +98,8 @@ pub struct Built {
     pub state: AppState,
     /// Where the local worker listens, when there is one.
     pub local_worker: Option<String>,
+    /// The claim on DB_DIR (held while the server runs).
+    pub instance: Option<crate::instance::Instance>,
 }
 
 /// The values of `CONTAINER_DRIVER`: every driver is compiled into the binary.
@@ -156,6 +158,14 @@ impl Config {
             .then(|| Duration::from_secs(self.reap_interval_seconds));
         config.retention = self.retention()?;
         config.stream_idle_timeout = Duration::from_secs(self.stream_idle_timeout_seconds.max(1));
+        let instance = crate::instance::claim(&self.db_dir, &config.owner)?;
+        match &instance {
+            Some(i) => config.dead_owners.extend(i.previous.clone()),
+            None => tracing::warn!(
+                db_dir = %self.db_dir.display(),
+                "another server runs on this DB_DIR: after a crash, its tasks end only when their leases expire"
+            ),
+        }
         let dispatcher = Dispatcher::builder(store, driver)
             .config(config)
             .titles(self.titles()?)
@@ -174,6 +184,7 @@ impl Config {
         Ok(Built {
             state: AppState::new(dispatcher, options),
             local_worker,
+            instance,
         })
     }
 

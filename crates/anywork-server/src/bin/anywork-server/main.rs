@@ -2,6 +2,7 @@
 //! store, driver, dispatcher and API; the library crates do the work.
 
 mod config;
+mod instance;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -20,6 +21,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {addr} (set SERVER_HOST / SERVER_PORT)"))?;
     let dispatcher = built.state.dispatcher().clone();
+    if let Some(previous) = built.instance.as_ref().and_then(|i| i.previous.as_deref()) {
+        tracing::info!(previous, "this server's previous run ended; its tasks were settled");
+    }
     tracing::info!(
         url = %format!("http://{addr}"),
         driver = dispatcher.driver_name(),
