@@ -19,15 +19,23 @@ fn start_server_with(
     worker_url: &str,
     lease_ttl_seconds: &str,
 ) -> (tokio::process::Child, String) {
+    start_server_env(db_dir, worker_url, &[("LEASE_TTL_SECONDS", lease_ttl_seconds)])
+}
+
+fn start_server_env(
+    db_dir: &std::path::Path,
+    worker_url: &str,
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, String) {
     let port = free_port();
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_anywork-server"))
         .env_clear()
+        .envs(env.iter().copied())
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("SERVER_PORT", port.to_string())
         .env("DB_DIR", db_dir)
         .env("CONTAINER_DRIVER", "static")
         .env("STATIC_WORKER_URL", worker_url)
-        .env("LEASE_TTL_SECONDS", lease_ttl_seconds)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true)
@@ -180,4 +188,132 @@ async fn after_kill_9_interrupted_tasks_end_first_and_sessions_keep_their_order(
         assert_eq!(logs.iter().filter(|l| l["type"] == "done").count(), 1);
         assert_eq!(logs.last().unwrap()["type"], "done");
     }
+}
+
+/// Issue 15, defect 6: SIGTERM shuts down in order. New tasks are refused (503), the queued
+/// task is not started (it runs after the restart), the running task that can finish does,
+/// and its WebSocket follower sees its `done` before the socket closes with 1001; the task
+/// that cannot finish within SHUTDOWN_GRACE_SECONDS is recorded as interrupted by the
+/// shutdown; an open long-poll answers instead of holding the exit up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_running_work_finish_and_closes_cleanly() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|r| {
+        if r.contains_text("finishes soon") {
+            Reply::text("finished in the grace").with_event_delay(Duration::from_millis(700))
+        } else if r.contains_text("queued behind") {
+            Reply::text("ran after the restart")
+        } else {
+            Reply::hang()
+        }
+    });
+    let worker = WorkerProcess::start(&fake).await;
+    let db = tempfile::tempdir().unwrap();
+    let env = [("LEASE_TTL_SECONDS", "30"), ("SHUTDOWN_GRACE_SECONDS", "4")];
+    let (mut server, url) = start_server_env(db.path(), &worker.url, &env);
+    wait_healthy(&format!("{url}/api/health")).await;
+
+    // A hanging task with a task queued behind it, and a long-poll on the queued one.
+    let hang = post(&url, json!({"message": "never ends"})).await;
+    let hang_id = hang["taskId"].as_str().unwrap().to_owned();
+    let queued = post(
+        &url,
+        json!({"message": "queued behind", "session_id": hang["sessionId"]}),
+    )
+    .await;
+    let queued_id = queued["taskId"].as_str().unwrap().to_owned();
+    wait_status(&url, &hang_id, &["running"]).await;
+    let poll = tokio::spawn({
+        let url = format!("{url}/api/tasks/{queued_id}/logs?after=0&wait=30");
+        async move { reqwest::get(url).await.map(|r| r.status().as_u16()) }
+    });
+
+    // A task that finishes within the grace, followed over the WebSocket.
+    let ws_url = format!("{}/ws", url.replacen("http://", "ws://", 1));
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    ws.send(Message::Text(
+        json!({"type": "chat", "message": "finishes soon"}).to_string().into(),
+    ))
+    .await
+    .unwrap();
+    let mut soon_id = None;
+    while soon_id.is_none() {
+        if let Some(Ok(Message::Text(t))) = ws.next().await {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["type"] == "text" {
+                soon_id = v["task_id"].as_str().map(str::to_owned);
+            }
+        }
+    }
+
+    let pid = server.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+
+    // Intake is closed during the grace.
+    let mut refused = false;
+    for _ in 0..100 {
+        let r = reqwest::Client::new()
+            .post(format!("{url}/api/tasks"))
+            .json(&json!({"message": "too late"}))
+            .send()
+            .await;
+        match r {
+            Ok(r) if r.status() == 503 => {
+                let body: Value = r.json().await.unwrap();
+                assert_eq!(body["error"]["code"], "unavailable", "{body}");
+                refused = true;
+                break;
+            }
+            Ok(r) => assert_eq!(r.status(), 202, "before the signal landed"),
+            Err(_) => break,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "new tasks are refused while shutting down");
+
+    // The follower gets the whole task, then a 1001 close.
+    let mut done = None;
+    let close = loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("in time") {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == "done" {
+                    done = Some(v);
+                }
+            }
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => {}
+            other => panic!("the socket ended without a close frame: {other:?}"),
+        }
+    };
+    let done = done.expect("the done before the close");
+    assert_eq!(done["metadata"]["status"], "completed", "{done}");
+    assert_eq!(close.expect("a close code").code, CloseCode::Away);
+
+    assert_eq!(poll.await.unwrap().expect("the long-poll answered"), 200);
+    let status = tokio::time::timeout(WAIT, server.wait())
+        .await
+        .expect("the server exits")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        !fake.requests().iter().any(|r| r.contains_text("queued behind")),
+        "the queued task was not started during the shutdown"
+    );
+
+    let (_server, url) = start_server_env(db.path(), &worker.url, &env);
+    wait_healthy(&format!("{url}/api/health")).await;
+    let hang = wait_status(&url, &hang_id, &["failed", "completed", "canceled"]).await;
+    assert_eq!(hang["status"], "failed", "{hang}");
+    let error = hang["error"].as_str().unwrap();
+    assert!(error.contains("interrupted") && error.contains("shut down"), "{error}");
+    let soon = wait_status(&url, soon_id.as_deref().unwrap(), &["completed"]).await;
+    assert_eq!(soon["result"], "finished in the grace");
+    let queued = wait_status(&url, &queued_id, &["failed", "completed", "canceled"]).await;
+    assert_eq!(queued["status"], "completed", "{queued}");
+    assert_eq!(queued["result"], "ran after the restart");
 }

@@ -72,6 +72,8 @@ pub struct Submitted {
 
 enum Control {
     Cancel(oneshot::Sender<()>),
+    /// The server is going away: stop the run and record why (a failure, not a cancel).
+    Interrupt(String),
     Input(InputResponse, oneshot::Sender<Result<()>>),
 }
 
@@ -347,15 +349,43 @@ impl Dispatcher {
             .map_err(|_| Error::conflict(format!("task {task_id} has just ended")))?
     }
 
-    /// Stops taking tasks and waits up to `grace` for running ones to end. Tasks still running
-    /// afterwards keep their lease, which expires; a later start fails them with the reason.
+    /// Shuts down in order: new tasks are refused (and `check_ready` fails) and queued ones
+    /// are no longer started (they stay `pending` for the next start); running tasks get up
+    /// to `grace` to finish, their followers still served; those still running then are
+    /// stopped on their workers and recorded as failed, interrupted by the shutdown (within
+    /// the cancel grace). Call it before closing connections, so that followers see the
+    /// `done` of the tasks that finished.
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.closing.store(true, Ordering::Relaxed);
         let deadline = Instant::now() + grace;
         while self.running() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let runs: Vec<_> = lock(&self.inner.runs).values().cloned().collect();
+        if !runs.is_empty() {
+            tracing::warn!(
+                tasks = runs.len(),
+                "tasks still running after the shutdown grace are interrupted"
+            );
+        }
+        let reason = format!(
+            "interrupted: the server shut down before the task finished (it waited {} s, \
+             SHUTDOWN_GRACE_SECONDS); send the message again to retry",
+            grace.as_secs_f64()
+        );
+        for run in runs {
+            let _ = run.try_send(Control::Interrupt(reason.clone()));
+        }
+        let deadline = Instant::now() + self.inner.config.cancel_grace + Duration::from_secs(1);
+        while self.running() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         self.inner.stopped.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) has begun.
+    pub fn is_closing(&self) -> bool {
+        self.inner.closing.load(Ordering::Relaxed)
     }
 }
 

@@ -37,6 +37,11 @@ pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
         let Ok(_permit) = inner.permits.clone().acquire_owned().await else {
             return;
         };
+        if inner.closing.load(std::sync::atomic::Ordering::Relaxed) {
+            // Shutting down: queued tasks stay pending for the next start.
+            lock(&inner.queues).remove(&session);
+            return;
+        }
         let id = next.id;
         let retry_after = inner.config.store_retry.max;
         match run_task(&inner, next.clone()).await {
@@ -183,6 +188,7 @@ impl Run {
                         self.cancel_acks.push(ack);
                         return Err(Stop::Canceled);
                     }
+                    Some(Control::Interrupt(reason)) => return Err(Stop::Failed(reason)),
                     Some(Control::Input(_, ack)) => {
                         let _ = ack.send(Err(Error::conflict("the task is not waiting for input")));
                     }
@@ -238,6 +244,12 @@ impl Run {
                         if stopping.is_none() {
                             self.ask_worker_to_cancel(&worker);
                             stopping = Some((Stop::Canceled, tokio::time::Instant::now() + self.inner.config.cancel_grace));
+                        }
+                    }
+                    Some(Control::Interrupt(reason)) => {
+                        if stopping.is_none() {
+                            self.ask_worker_to_cancel(&worker);
+                            stopping = Some((Stop::Failed(reason), tokio::time::Instant::now() + self.inner.config.cancel_grace));
                         }
                     }
                     Some(Control::Input(_, ack)) if stopping.is_some() => {

@@ -44,6 +44,9 @@ pub struct ApiOptions {
     pub max_body_bytes: usize,
     /// Longest long-poll of `/api/tasks/:id/logs?wait=`.
     pub max_wait: Duration,
+    /// On shutdown ([`serve`]), how long running tasks may take to finish, their followers
+    /// still connected, before they are interrupted and the connections closed.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ApiOptions {
@@ -55,6 +58,7 @@ impl Default for ApiOptions {
             cors_origins: Vec::new(),
             max_body_bytes: 2 * 1024 * 1024,
             max_wait: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -205,16 +209,22 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves [`router`]`(state)` on `listener` until `shutdown` completes (TCP_NODELAY: see
-/// [`anywork_http::serve`]); open WebSocket connections are closed when it does.
+/// [`anywork_http::serve`]), then shuts down in order: the dispatcher stops taking and
+/// starting tasks and gives running ones [`ApiOptions::shutdown_grace`] to finish
+/// ([`Dispatcher::shutdown`]) while their WebSocket followers and long-polls are still
+/// served; then WebSocket connections are closed with 1001 ("going away"), long-polls answer,
+/// and the HTTP server ends.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let closing = state.closing().clone();
+    let (dispatcher, grace) = (state.dispatcher().clone(), state.options().shutdown_grace);
     let shutdown = async move {
         shutdown.await;
-        // WebSocket connections would keep a graceful shutdown waiting forever.
+        dispatcher.shutdown(grace).await;
+        // WebSocket connections and long-polls would keep a graceful shutdown waiting.
         closing.cancel();
     };
     anywork_http::serve(listener, router(state), shutdown).await

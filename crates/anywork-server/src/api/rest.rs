@@ -258,7 +258,11 @@ pub(crate) async fn task_logs(
         // Long-poll: wait for the first new event (or the end of the task's events), then
         // answer from the log.
         let mut events = std::pin::pin!(d.events(id, q.after));
-        let _ = tokio::time::timeout(wait, events.next()).await;
+        // A shutdown ends the wait: the answer is what the log has.
+        tokio::select! {
+            _ = tokio::time::timeout(wait, events.next()) => {}
+            _ = state.closing().cancelled() => {}
+        }
         logs = d.task_logs(id, q.after, limit + 1).await?;
     }
     let has_more = logs.len() > limit as usize;

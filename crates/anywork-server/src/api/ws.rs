@@ -68,7 +68,18 @@ async fn connection(state: AppState, mut socket: WebSocket) {
     loop {
         let out = tokio::select! {
             _ = closing.cancelled() => {
-                let _ = socket.send(Message::Close(None)).await;
+                // Whatever the followers still hold goes out first.
+                let mut out = Vec::new();
+                while let Ok(event) = events.try_recv() {
+                    out.push(event.to_message());
+                }
+                let _ = send_all(&mut socket, &out).await;
+                let _ = socket
+                    .send(Message::Close(Some(CloseFrame {
+                        code: close_code::AWAY,
+                        reason: Utf8Bytes::from_static("the server is shutting down"),
+                    })))
+                    .await;
                 break;
             }
             incoming = socket.recv() => match incoming {

@@ -174,6 +174,7 @@ impl Config {
             .context("cannot start the dispatcher")?;
         let mut options = ApiOptions::default();
         options.warning = warning;
+        options.shutdown_grace = Duration::from_secs(self.shutdown_grace_seconds);
         options.cors_origins = self
             .cors_origins
             .split(',')

@@ -5,7 +5,6 @@ mod config;
 mod instance;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -30,9 +29,8 @@ async fn main() -> anyhow::Result<()> {
         local_worker = built.local_worker.as_deref().unwrap_or("-"),
         "AnyWork server listening; open the URL in a browser"
     );
+    // On SIGTERM: intake stops, running tasks get SHUTDOWN_GRACE_SECONDS, then connections
+    // close (see `anywork_server::serve`).
     anywork_server::serve(listener, built.state, anywork_http::shutdown_signal()).await?;
-    dispatcher
-        .shutdown(Duration::from_secs(config.shutdown_grace_seconds))
-        .await;
     Ok(())
 }
