@@ -80,14 +80,19 @@ impl Metrics {
     }
 
     pub(crate) fn store_size(&self, bytes: u64, reclaimable: u64) {
-        self.store_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.store_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         self.store_reclaimable
             .set(i64::try_from(reclaimable).unwrap_or(i64::MAX));
     }
 
     pub(crate) fn logs_deleted(&self, tasks: u64, events: u64) {
-        self.retention.get_or_create(&[("what", "tasks")]).inc_by(tasks);
-        self.retention.get_or_create(&[("what", "events")]).inc_by(events);
+        self.retention
+            .get_or_create(&[("what", "tasks")])
+            .inc_by(tasks);
+        self.retention
+            .get_or_create(&[("what", "events")])
+            .inc_by(events);
     }
 
     pub(crate) fn finished(&self, task: &Task) {

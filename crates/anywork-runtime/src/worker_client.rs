@@ -86,54 +86,53 @@ impl WorkerClient {
         let worker_id = worker.worker_id.clone();
         let idle = self.stream_idle_timeout;
         // Every chunk, keep-alive comments included, proves the worker alive.
-        let bytes = futures_util::stream::unfold(Some(response.bytes_stream()), move |s| async move {
-            let mut s = s?;
-            match tokio::time::timeout(idle, s.next()).await {
-                Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(s))),
-                Ok(Some(Err(e))) => Some((Err(ReadError::Http(e)), None)),
-                Ok(None) => None,
-                Err(_) => Some((Err(ReadError::Idle(idle)), None)),
-            }
-        });
-        let stream = Box::pin(bytes)
-            .eventsource()
-            .filter_map(move |item| {
-                let worker_id = worker_id.clone();
-                async move {
-                    match item {
-                        Ok(ev) if ev.data.is_empty() => None,
-                        Ok(ev) => Some(
-                            serde_json::from_str::<WireEvent>(&ev.data)
-                                .map_err(Error::from)
-                                .and_then(TaskEvent::try_from)
-                                .map_err(|e| {
-                                    Error::new(
-                                        ErrorKind::Protocol,
-                                        format!(
-                                            "worker {worker_id} sent an event that is not a task \
-                                             event: {}",
-                                            e.message()
-                                        ),
-                                    )
-                                }),
-                        ),
-                        Err(eventsource_stream::EventStreamError::Transport(ReadError::Idle(d))) => {
-                            Some(Err(Error::new(
-                                ErrorKind::Timeout,
-                                format!(
-                                    "worker {worker_id} sent nothing for {} s, not even a \
-                                     keep-alive: it is hung or the connection to it stalled \
-                                     (STREAM_IDLE_TIMEOUT_SECONDS)",
-                                    d.as_secs_f64()
-                                ),
-                            )))
-                        }
-                        Err(e) => Some(Err(Error::unavailable(format!(
-                            "the connection to worker {worker_id} broke: {e}"
-                        )))),
-                    }
+        let bytes =
+            futures_util::stream::unfold(Some(response.bytes_stream()), move |s| async move {
+                let mut s = s?;
+                match tokio::time::timeout(idle, s.next()).await {
+                    Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(s))),
+                    Ok(Some(Err(e))) => Some((Err(ReadError::Http(e)), None)),
+                    Ok(None) => None,
+                    Err(_) => Some((Err(ReadError::Idle(idle)), None)),
                 }
             });
+        let stream = Box::pin(bytes).eventsource().filter_map(move |item| {
+            let worker_id = worker_id.clone();
+            async move {
+                match item {
+                    Ok(ev) if ev.data.is_empty() => None,
+                    Ok(ev) => Some(
+                        serde_json::from_str::<WireEvent>(&ev.data)
+                            .map_err(Error::from)
+                            .and_then(TaskEvent::try_from)
+                            .map_err(|e| {
+                                Error::new(
+                                    ErrorKind::Protocol,
+                                    format!(
+                                        "worker {worker_id} sent an event that is not a task \
+                                             event: {}",
+                                        e.message()
+                                    ),
+                                )
+                            }),
+                    ),
+                    Err(eventsource_stream::EventStreamError::Transport(ReadError::Idle(d))) => {
+                        Some(Err(Error::new(
+                            ErrorKind::Timeout,
+                            format!(
+                                "worker {worker_id} sent nothing for {} s, not even a \
+                                     keep-alive: it is hung or the connection to it stalled \
+                                     (STREAM_IDLE_TIMEOUT_SECONDS)",
+                                d.as_secs_f64()
+                            ),
+                        )))
+                    }
+                    Err(e) => Some(Err(Error::unavailable(format!(
+                        "the connection to worker {worker_id} broke: {e}"
+                    )))),
+                }
+            }
+        });
         Ok(Box::pin(stream))
     }
 

@@ -177,9 +177,7 @@ async fn a_frozen_worker_is_noticed_and_cancel_answers_at_once() {
     let server = TestServer::start_with(&worker.url, config, FirstWords).await;
 
     // Alive but quiet (the model hangs): keep-alives hold it past the idle timeout.
-    let (_, created) = server
-        .post("/api/tasks", json!({"message": "think"}))
-        .await;
+    let (_, created) = server.post("/api/tasks", json!({"message": "think"})).await;
     let quiet = created["taskId"].as_str().unwrap().to_owned();
     wait_status(&server, &quiet, "running").await;
     assert!(fake.wait_for_requests(1, WAIT).await);
@@ -258,7 +256,10 @@ async fn a_task_whose_start_failed_is_queued_again() {
     let task = server.wait_final(&id).await;
     assert_eq!(task["status"], "completed", "{task}");
     assert_eq!(task["result"], "started in the end");
-    assert!(faults.injected() > 2, "the start was refused more than once");
+    assert!(
+        faults.injected() > 2,
+        "the start was refused more than once"
+    );
     let logs = server.logs(&id).await;
     assert_gap_free_with_one_done(&logs);
     let running = logs

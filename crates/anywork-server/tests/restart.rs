@@ -19,7 +19,11 @@ fn start_server_with(
     worker_url: &str,
     lease_ttl_seconds: &str,
 ) -> (tokio::process::Child, String) {
-    start_server_env(db_dir, worker_url, &[("LEASE_TTL_SECONDS", lease_ttl_seconds)])
+    start_server_env(
+        db_dir,
+        worker_url,
+        &[("LEASE_TTL_SECONDS", lease_ttl_seconds)],
+    )
 }
 
 fn start_server_env(
@@ -183,7 +187,11 @@ async fn after_kill_9_interrupted_tasks_end_first_and_sessions_keep_their_order(
             started >= ended,
             "the queued task started ({started}) before the interrupted one ended ({ended})"
         );
-        let logs = get(&format!("{url}/api/tasks/{}/logs?limit=500", first["id"].as_str().unwrap())).await;
+        let logs = get(&format!(
+            "{url}/api/tasks/{}/logs?limit=500",
+            first["id"].as_str().unwrap()
+        ))
+        .await;
         let logs = logs["logs"].as_array().unwrap();
         assert_eq!(logs.iter().filter(|l| l["type"] == "done").count(), 1);
         assert_eq!(logs.last().unwrap()["type"], "done");
@@ -236,7 +244,9 @@ async fn sigterm_lets_running_work_finish_and_closes_cleanly() {
     let ws_url = format!("{}/ws", url.replacen("http://", "ws://", 1));
     let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
     ws.send(Message::Text(
-        json!({"type": "chat", "message": "finishes soon"}).to_string().into(),
+        json!({"type": "chat", "message": "finishes soon"})
+            .to_string()
+            .into(),
     ))
     .await
     .unwrap();
@@ -251,7 +261,13 @@ async fn sigterm_lets_running_work_finish_and_closes_cleanly() {
     }
 
     let pid = server.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
 
     // Intake is closed during the grace.
     let mut refused = false;
@@ -278,7 +294,10 @@ async fn sigterm_lets_running_work_finish_and_closes_cleanly() {
     // The follower gets the whole task, then a 1001 close.
     let mut done = None;
     let close = loop {
-        match tokio::time::timeout(WAIT, ws.next()).await.expect("in time") {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("in time")
+        {
             Some(Ok(Message::Text(t))) => {
                 let v: Value = serde_json::from_str(&t).unwrap();
                 if v["type"] == "done" {
@@ -301,7 +320,10 @@ async fn sigterm_lets_running_work_finish_and_closes_cleanly() {
         .unwrap();
     assert!(status.success(), "{status}");
     assert!(
-        !fake.requests().iter().any(|r| r.contains_text("queued behind")),
+        !fake
+            .requests()
+            .iter()
+            .any(|r| r.contains_text("queued behind")),
         "the queued task was not started during the shutdown"
     );
 
@@ -310,7 +332,10 @@ async fn sigterm_lets_running_work_finish_and_closes_cleanly() {
     let hang = wait_status(&url, &hang_id, &["failed", "completed", "canceled"]).await;
     assert_eq!(hang["status"], "failed", "{hang}");
     let error = hang["error"].as_str().unwrap();
-    assert!(error.contains("interrupted") && error.contains("shut down"), "{error}");
+    assert!(
+        error.contains("interrupted") && error.contains("shut down"),
+        "{error}"
+    );
     let soon = wait_status(&url, soon_id.as_deref().unwrap(), &["completed"]).await;
     assert_eq!(soon["result"], "finished in the grace");
     let queued = wait_status(&url, &queued_id, &["failed", "completed", "canceled"]).await;

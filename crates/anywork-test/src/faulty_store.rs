@@ -11,8 +11,8 @@ use anywork_core::delivery::{
     DeletedLogs, Delivery, DeliveryAttempt, DeliveryId, DeliveryStatus, NewDelivery, StoreSize,
 };
 use anywork_core::{
-    Error, NewSession, NewTask, NewTaskLog, Page, Result, Session, SessionId, SessionSummary,
-    Task, TaskChange, TaskId, TaskLog, TaskStatus, TaskStore, Timestamp,
+    Error, NewSession, NewTask, NewTaskLog, Page, Result, Session, SessionId, SessionSummary, Task,
+    TaskChange, TaskId, TaskLog, TaskStatus, TaskStore, Timestamp,
 };
 
 /// Wraps a store; writes fail while an outage is injected. Reads always pass through.

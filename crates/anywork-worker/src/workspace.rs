@@ -476,8 +476,10 @@ impl Workspace {
             {
                 // The previous turn never got its answer (the worker stopped mid-run): say so
                 // in the history, so that it does not read as two instructions in a row.
-                let mut marker = serde_json::to_vec(&HistoryMessage::interrupted(open))
-                    .map_err(|e| Error::internal(format!("cannot encode a history message: {e}")))?;
+                let mut marker =
+                    serde_json::to_vec(&HistoryMessage::interrupted(open)).map_err(|e| {
+                        Error::internal(format!("cannot encode a history message: {e}"))
+                    })?;
                 marker.push(b'\n');
                 let first_newline = usize::from(line.first() == Some(&b'\n'));
                 line.splice(first_newline..first_newline, marker);
@@ -975,7 +977,13 @@ mod tests {
         let roles: Vec<Role> = history.iter().map(|m| m.role).collect();
         assert_eq!(
             roles,
-            [Role::User, Role::Assistant, Role::User, Role::Assistant, Role::User],
+            [
+                Role::User,
+                Role::Assistant,
+                Role::User,
+                Role::Assistant,
+                Role::User
+            ],
             "{history:?}"
         );
         assert_eq!(history[3].task_id, t2);

@@ -304,7 +304,8 @@ impl Dispatcher {
             if let Some(run) = run {
                 let (ack, done) = oneshot::channel();
                 if run.send(Control::Cancel(ack)).await.is_ok() {
-                    let wait = CANCEL_ANSWER_WAIT.min(self.inner.config.cancel_grace + Duration::from_secs(1));
+                    let wait = CANCEL_ANSWER_WAIT
+                        .min(self.inner.config.cancel_grace + Duration::from_secs(1));
                     let _ = tokio::time::timeout(wait, done).await;
                     return self.inner.store.get_task(task_id).await;
                 }

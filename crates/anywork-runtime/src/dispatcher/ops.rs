@@ -260,7 +260,11 @@ impl Dispatcher {
     /// writes now ([`TaskStore::check_ready`](anywork_core::TaskStore::check_ready): one small
     /// real write, bounded). `Unavailable` with the reason otherwise.
     pub async fn check_ready(&self) -> Result<()> {
-        if self.inner.closing.load(std::sync::atomic::Ordering::Relaxed) {
+        if self
+            .inner
+            .closing
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
             return Err(Error::unavailable("the server is shutting down"));
         }
         self.inner.store.check_ready().await

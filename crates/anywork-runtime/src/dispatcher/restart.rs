@@ -32,7 +32,9 @@ impl Dispatcher {
                     continue;
                 }
                 if !inner.config.dead_owners.contains(&lease.owner) {
-                    held.entry(task.session_id.clone()).or_default().push(task.id);
+                    held.entry(task.session_id.clone())
+                        .or_default()
+                        .push(task.id);
                     continue;
                 }
                 let reason = format!(
@@ -106,10 +108,7 @@ async fn active(inner: &Inner, status: TaskStatus) -> Result<Vec<Task>> {
     let mut all = Vec::new();
     let mut offset = 0;
     loop {
-        let page = Page {
-            limit: 500,
-            offset,
-        };
+        let page = Page { limit: 500, offset };
         let tasks = inner.store.tasks_by_status(status, page).await?;
         let n = tasks.len() as u32;
         all.extend(tasks);

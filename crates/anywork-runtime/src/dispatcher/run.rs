@@ -246,12 +246,11 @@ impl Run {
                             stopping = Some((Stop::Canceled, tokio::time::Instant::now() + self.inner.config.cancel_grace));
                         }
                     }
-                    Some(Control::Interrupt(reason)) => {
-                        if stopping.is_none() {
-                            self.ask_worker_to_cancel(&worker);
-                            stopping = Some((Stop::Failed(reason), tokio::time::Instant::now() + self.inner.config.cancel_grace));
-                        }
+                    Some(Control::Interrupt(reason)) if stopping.is_none() => {
+                        self.ask_worker_to_cancel(&worker);
+                        stopping = Some((Stop::Failed(reason), tokio::time::Instant::now() + self.inner.config.cancel_grace));
                     }
+                    Some(Control::Interrupt(_)) => {}
                     Some(Control::Input(_, ack)) if stopping.is_some() => {
                         let _ = ack.send(Err(Error::conflict("the task is being stopped")));
                     }

@@ -52,14 +52,17 @@ impl Dispatcher {
                 .as_ref()
                 .map(|l| l.owner.clone())
                 .unwrap_or_default();
-            let reason = lock(&inner.last_words).get(&task.id).cloned().unwrap_or_else(|| {
-                format!(
-                    "the server running this task ({owner}) stopped before it finished; it was \
+            let reason = lock(&inner.last_words)
+                .get(&task.id)
+                .cloned()
+                .unwrap_or_else(|| {
+                    format!(
+                        "the server running this task ({owner}) stopped before it finished; it was \
                      {} on worker {}",
-                    task.status,
-                    task.worker_id.as_deref().unwrap_or("(none)")
-                )
-            });
+                        task.status,
+                        task.worker_id.as_deref().unwrap_or("(none)")
+                    )
+                });
             tracing::warn!(task = %task.id, %reason, "recovering an orphaned task");
             // The worker may still be running it: ask it to stop, best effort.
             self.cancel_on_worker(&task);

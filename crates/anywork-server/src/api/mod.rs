@@ -146,6 +146,7 @@ pub fn api_router(state: AppState) -> Router {
     let limit = state.options().max_body_bytes;
     let api = Router::new()
         .route("/api/health", get(rest::health))
+        .route("/api/health/live", get(rest::live))
         .route("/api/openapi.json", get(rest::openapi))
         .route(
             "/api/sessions",

@@ -45,6 +45,11 @@ pub(crate) async fn health(State(state): State<AppState>) -> Response {
     }
 }
 
+/// Liveness: the process answers (a store outage is not a reason to restart it).
+pub(crate) async fn live() -> Json<Value> {
+    Json(json!({"ok": true}))
+}
+
 pub(crate) async fn openapi() -> Json<Value> {
     Json(super::openapi_document())
 }

@@ -548,9 +548,11 @@ async fn a_failed_purge_does_not_undo_the_deletion() {
 /// empty or plain-text body.
 #[tokio::test]
 async fn huge_waits_bodies_and_uris_answer_json() {
-    let mut options = ApiOptions::default();
-    options.max_body_bytes = 1024;
-    options.max_wait = Duration::from_millis(50);
+    let options = ApiOptions {
+        max_body_bytes: 1024,
+        max_wait: Duration::from_millis(50),
+        ..ApiOptions::default()
+    };
     let (app, state) = app_with(options).await;
     let task = state
         .dispatcher()
@@ -562,7 +564,10 @@ async fn huge_waits_bodies_and_uris_answer_json() {
     for wait in ["1e20", "1e308", "18446744073709551616", "inf", "-5", "NaN"] {
         let uri = format!("/api/tasks/{}/logs?after=0&wait={wait}", task.id);
         let (s, b) = call(&app, Method::GET, &uri, None).await;
-        assert!(s == StatusCode::OK || s == StatusCode::BAD_REQUEST, "{wait}: {s} {b}");
+        assert!(
+            s == StatusCode::OK || s == StatusCode::BAD_REQUEST,
+            "{wait}: {s} {b}"
+        );
         if s == StatusCode::BAD_REQUEST {
             assert_error(&b, "invalid_input");
         }
@@ -573,10 +578,16 @@ async fn huge_waits_bodies_and_uris_answer_json() {
         let (s, b) = call(&app, Method::POST, uri, Some(&big)).await;
         assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{uri}: {b}");
         assert_error(&b, "invalid_input");
-        assert!(b["error"]["message"].as_str().unwrap().contains("1024"), "{b}");
+        assert!(
+            b["error"]["message"].as_str().unwrap().contains("1024"),
+            "{b}"
+        );
     }
     // 414 as JSON.
-    let long = format!("/api/sessions?x={}", "y".repeat(anywork_http::MAX_URI_BYTES));
+    let long = format!(
+        "/api/sessions?x={}",
+        "y".repeat(anywork_http::MAX_URI_BYTES)
+    );
     let (s, b) = call(&app, Method::GET, &long, None).await;
     assert_eq!(s, StatusCode::URI_TOO_LONG, "{b}");
     assert_error(&b, "invalid_input");
@@ -594,5 +605,14 @@ async fn health_is_503_with_the_reason_when_not_ready() {
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{b}");
     assert_eq!(b["status"], "unavailable");
     assert_error(&b, "unavailable");
-    assert!(b["error"]["message"].as_str().unwrap().contains("shutting down"), "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("shutting down"),
+        "{b}"
+    );
+    // Liveness is not readiness: the process still answers.
+    let (s, b) = call(&app, Method::GET, "/api/health/live", None).await;
+    assert_eq!((s, &b["ok"]), (StatusCode::OK, &json!(true)), "{b}");
 }

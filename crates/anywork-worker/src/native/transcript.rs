@@ -160,8 +160,7 @@ pub fn repair(mut messages: Vec<Message>) -> Vec<Message> {
                 // A new instruction right after a turn that never got its answer (the
                 // missing results just added, or a user message ending the conversation so
                 // far): the unfinished turn is marked before it.
-                if new_turn && (had_missing || out.last().is_some_and(|m| m.role == Role::User))
-                {
+                if new_turn && (had_missing || out.last().is_some_and(|m| m.role == Role::User)) {
                     if had_missing {
                         let text = message
                             .content
@@ -278,7 +277,14 @@ mod tests {
         let texts: Vec<String> = fixed.iter().map(Message::text).collect();
         assert_eq!(
             texts,
-            ["one", "done", "delete everything", TURN_INTERRUPTED, "what time is it?", "done"]
+            [
+                "one",
+                "done",
+                "delete everything",
+                TURN_INTERRUPTED,
+                "what time is it?",
+                "done"
+            ]
         );
         let mut open = repair(vec![Message::user_text("one"), Message::user_text("two")]);
         assert_eq!(open.len(), 3);

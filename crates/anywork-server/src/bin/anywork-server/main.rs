@@ -21,7 +21,10 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {addr} (set SERVER_HOST / SERVER_PORT)"))?;
     let dispatcher = built.state.dispatcher().clone();
     if let Some(previous) = built.instance.as_ref().and_then(|i| i.previous.as_deref()) {
-        tracing::info!(previous, "this server's previous run ended; its tasks were settled");
+        tracing::info!(
+            previous,
+            "this server's previous run ended; its tasks were settled"
+        );
     }
     tracing::info!(
         url = %format!("http://{addr}"),
