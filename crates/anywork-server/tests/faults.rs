@@ -354,3 +354,110 @@ async fn an_oversized_websocket_message_closes_with_1009() {
     assert_eq!(close.code, CloseCode::Size, "{close:?}");
     assert!(close.reason.contains("limit"), "{close:?}");
 }
+
+/// A TCP proxy on loopback in front of the worker that can stall (stop forwarding, keep the
+/// connections open) or cut (close every connection) what passes through it.
+struct Proxy {
+    url: String,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl Proxy {
+    async fn start(upstream: &str) -> Proxy {
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let (flag, cuts) = (stalled.clone(), cut.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let ((cr, cw), (sr, sw)) = (client.into_split(), server.into_split());
+                tokio::spawn(pump(cr, sw, flag.clone(), cuts.subscribe()));
+                tokio::spawn(pump(sr, cw, flag.clone(), cuts.subscribe()));
+            }
+        });
+        Proxy { url, stalled, cut }
+    }
+
+    fn stall(&self, on: bool) {
+        self.stalled.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn cut_all(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+}
+
+/// Copies `from` to `to`, holding the bytes while `stalled`, until either side closes or a cut.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
+    mut cut: tokio::sync::watch::Receiver<u64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = tokio::select! {
+            _ = cut.changed() => return,
+            n = from.read(&mut buf) => match n {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+        };
+        while stalled.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::select! {
+                _ = cut.changed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The connection between server and worker stalled (bytes stop, sockets stay open) is the
+/// same silence as a frozen worker: the task fails after the idle timeout with the reason. Cut
+/// (the connections closed), the task fails at once saying the connection broke.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_or_cut_connection_to_the_worker_fails_the_task_with_the_reason() {
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| Reply::hang());
+    let dir = tempfile::tempdir().unwrap();
+    let worker =
+        WorkerProcess::start_with_env(&fake, dir.path(), &[("SSE_KEEP_ALIVE_SECONDS", "0.2")])
+            .await;
+    let proxy = Proxy::start(&worker.url).await;
+    let mut config = DispatcherConfig::default();
+    config.stream_idle_timeout = Duration::from_secs(2);
+    let server = TestServer::start_with(&proxy.url, config, FirstWords).await;
+
+    let (_, created) = server.post("/api/tasks", json!({"message": "one"})).await;
+    let stalled = created["taskId"].as_str().unwrap().to_owned();
+    wait_status(&server, &stalled, "running").await;
+    assert!(fake.wait_for_requests(1, WAIT).await);
+    proxy.stall(true);
+    let failed = server.wait_final(&stalled).await;
+    proxy.stall(false);
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("sent nothing for 2 s"), "{error}");
+    assert_gap_free_with_one_done(&server.logs(&stalled).await);
+
+    let (_, created) = server.post("/api/tasks", json!({"message": "two"})).await;
+    let cut = created["taskId"].as_str().unwrap().to_owned();
+    wait_status(&server, &cut, "running").await;
+    assert!(fake.wait_for_requests(2, WAIT).await);
+    proxy.cut_all();
+    let failed = server.wait_final(&cut).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("lost the worker mid-task"), "{error}");
+    assert_gap_free_with_one_done(&server.logs(&cut).await);
+}
