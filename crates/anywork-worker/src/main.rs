@@ -29,6 +29,10 @@ struct Args {
     /// must be longer).
     #[arg(long, env = "SSE_KEEP_ALIVE_SECONDS", default_value_t = 15.0)]
     keep_alive_seconds: f64,
+    /// Seconds a running task goes on after its server's connection is gone, so that the
+    /// server, restarted, re-attaches to it (`GET /chat/attach`); 0 stops it at once.
+    #[arg(long, env = "DETACH_GRACE_SECONDS", default_value_t = 0)]
+    detach_grace_seconds: u64,
 }
 
 #[tokio::main]
@@ -56,7 +60,8 @@ async fn main() -> anyhow::Result<()> {
     let keep_alive = std::time::Duration::from_secs_f64(args.keep_alive_seconds.min(3600.0));
     let config = WorkerConfig::new(&args.workspace_dir)
         .with_sandbox(sandbox)
-        .with_keep_alive(keep_alive);
+        .with_keep_alive(keep_alive)
+        .with_detach_grace(std::time::Duration::from_secs(args.detach_grace_seconds));
     let state = WorkerState::new(config, executor)
         .with_context(|| format!("cannot use WORKSPACE_DIR {}", args.workspace_dir.display()))?;
     let addr = SocketAddr::new(args.host, args.port);
