@@ -4,8 +4,8 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use anywork_core::worker_api::{
-    CANCEL_PATH, CHAT_PATH, CancelRequest, ChatRequest, INPUT_PATH, InputAnswer, PREPARE_PATH,
-    PrepareRequest,
+    ATTACH_PATH, CANCEL_PATH, CHAT_PATH, CancelRequest, ChatRequest, INPUT_PATH, InputAnswer,
+    PREPARE_PATH, PrepareRequest,
 };
 use anywork_core::{Error, ErrorKind, Result, SessionId, TaskEvent, WireEvent, WorkerEndpoint};
 use eventsource_stream::Eventsource;
@@ -83,6 +83,34 @@ impl WorkerClient {
             .await
             .map_err(|e| transport_error(worker, CHAT_PATH, e))?;
         let response = check(worker, CHAT_PATH, response).await?;
+        Ok(self.events_of(worker, response))
+    }
+
+    /// `GET /chat/attach`: the events of a task the worker still runs (or ran lately) after
+    /// its seq `after` (the worker's count of events, `done` excluded), for a server that lost
+    /// the `/chat` stream. `NotFound` when the worker does not have the task.
+    pub async fn attach(
+        &self,
+        worker: &WorkerEndpoint,
+        task_id: anywork_core::TaskId,
+        after: u64,
+    ) -> Result<ChatStream> {
+        let url = format!(
+            "{}{ATTACH_PATH}?task_id={task_id}&after_seq={after}",
+            worker.base_url
+        );
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| transport_error(worker, ATTACH_PATH, e))?;
+        let response = check(worker, ATTACH_PATH, response).await?;
+        Ok(self.events_of(worker, response))
+    }
+
+    /// The task events of a worker's SSE answer.
+    fn events_of(&self, worker: &WorkerEndpoint, response: reqwest::Response) -> ChatStream {
         let worker_id = worker.worker_id.clone();
         let idle = self.stream_idle_timeout;
         // Every chunk, keep-alive comments included, proves the worker alive.
@@ -133,7 +161,7 @@ impl WorkerClient {
                 }
             }
         });
-        Ok(Box::pin(stream))
+        Box::pin(stream)
     }
 
     /// `POST /cancel`.

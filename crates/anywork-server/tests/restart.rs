@@ -68,7 +68,10 @@ async fn wait_status(url: &str, task: &str, want: &[&str]) -> Value {
 async fn a_killed_server_leaves_no_task_running_forever() {
     let fake = FakeLlm::start().await;
     fake.set_responder(|_| Reply::hang());
-    let worker = WorkerProcess::start(&fake).await;
+    // A worker that stops a run as soon as its server is gone: nothing to re-attach to.
+    let ws = tempfile::tempdir().unwrap();
+    let worker =
+        WorkerProcess::start_with_env(&fake, ws.path(), &[("DETACH_GRACE_SECONDS", "0")]).await;
     let db = tempfile::tempdir().unwrap();
     let (mut server, url) = start_server(db.path(), &worker.url);
     wait_healthy(&format!("{url}/api/health")).await;
@@ -144,7 +147,10 @@ async fn after_kill_9_interrupted_tasks_end_first_and_sessions_keep_their_order(
     const SESSIONS: usize = 30;
     let fake = FakeLlm::start().await;
     fake.set_responder(|_| Reply::hang());
-    let worker = WorkerProcess::start(&fake).await;
+    // A worker that stops a run as soon as its server is gone: nothing to re-attach to.
+    let ws = tempfile::tempdir().unwrap();
+    let worker =
+        WorkerProcess::start_with_env(&fake, ws.path(), &[("DETACH_GRACE_SECONDS", "0")]).await;
     let db = tempfile::tempdir().unwrap();
     let (mut server, url) = start_server_with(db.path(), &worker.url, "30");
     wait_healthy(&format!("{url}/api/health")).await;
@@ -341,4 +347,75 @@ async fn sigterm_lets_running_work_finish_and_closes_cleanly() {
     let queued = wait_status(&url, &queued_id, &["failed", "completed", "canceled"]).await;
     assert_eq!(queued["status"], "completed", "{queued}");
     assert_eq!(queued["result"], "ran after the restart");
+}
+
+/// Issue 15, item 5: resume instead of fail. kill -9 of the server mid-stream, 30 sessions at
+/// once; the worker (a static one) keeps running them; the restarted server takes them back
+/// and re-attaches (`/chat/attach`) from the first event its log lacks: every task completes,
+/// its log gap-free with one `done` and every streamed piece of text exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_running_tasks_resume_and_complete_without_gaps_or_repeats() {
+    const SESSIONS: usize = 30;
+    let answer = "alpha beta gamma delta epsilon zeta";
+    let fake = FakeLlm::start().await;
+    fake.set_responder(move |_| Reply::text(answer).with_event_delay(Duration::from_millis(700)));
+    let worker = WorkerProcess::start(&fake).await;
+    let db = tempfile::tempdir().unwrap();
+    let (mut server, url) = start_server_with(db.path(), &worker.url, "30");
+    wait_healthy(&format!("{url}/api/health")).await;
+
+    let mut ids = Vec::new();
+    for i in 0..SESSIONS {
+        let t = post(&url, json!({"message": format!("speak {i}")})).await;
+        ids.push(t["taskId"].as_str().unwrap().to_owned());
+    }
+    // Kill once every task has stored some of its text, and none has ended.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    'wait: loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "tasks never streamed"
+        );
+        for id in &ids {
+            let logs = get(&format!("{url}/api/tasks/{id}/logs?limit=500")).await;
+            if !logs["logs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|l| l["type"] == "text")
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue 'wait;
+            }
+        }
+        break;
+    }
+    server.kill().await.unwrap();
+    let (_server, url) = start_server_with(db.path(), &worker.url, "30");
+    wait_healthy(&format!("{url}/api/health")).await;
+
+    let mut resumed = 0;
+    for id in &ids {
+        let t = wait_status(&url, id, &["failed", "completed", "canceled"]).await;
+        assert_eq!(t["status"], "completed", "{t}");
+        let logs = get(&format!("{url}/api/tasks/{id}/logs?limit=500")).await;
+        let logs = logs["logs"].as_array().unwrap();
+        for (i, l) in logs.iter().enumerate() {
+            assert_eq!(l["seq"], json!(i as u64 + 1), "{logs:?}");
+        }
+        assert_eq!(logs.iter().filter(|l| l["type"] == "done").count(), 1);
+        assert_eq!(logs.last().unwrap()["type"], "done");
+        let text: String = logs
+            .iter()
+            .filter(|l| l["type"] == "text")
+            .map(|l| l["content"].as_str().unwrap())
+            .collect();
+        assert_eq!(text, answer, "every piece once, in order: {logs:?}");
+        let runs = logs
+            .iter()
+            .filter(|l| l["type"] == "status" && l["content"] == "running")
+            .count();
+        resumed += usize::from(runs == 2);
+    }
+    assert!(resumed > 0, "tasks were taken back and re-attached");
 }

@@ -31,7 +31,7 @@ struct Args {
     keep_alive_seconds: f64,
     /// Seconds a running task goes on after its server's connection is gone, so that the
     /// server, restarted, re-attaches to it (`GET /chat/attach`); 0 stops it at once.
-    #[arg(long, env = "DETACH_GRACE_SECONDS", default_value_t = 0)]
+    #[arg(long, env = "DETACH_GRACE_SECONDS", default_value_t = 120)]
     detach_grace_seconds: u64,
 }
 

@@ -161,6 +161,7 @@ impl DispatcherBuilder {
                 closing: AtomicBool::new(false),
                 last_words: Mutex::new(HashMap::new()),
                 held: Mutex::new(HashMap::new()),
+                resume: Mutex::new(Default::default()),
                 stopped: AtomicBool::new(false),
             }),
         };

@@ -97,6 +97,9 @@ struct Inner {
     last_words: Mutex<HashMap<TaskId, String>>,
     /// Sessions whose pending tasks wait for tasks another server holds (found at start).
     held: Mutex<HashMap<SessionId, Vec<TaskId>>>,
+    /// Tasks taken back from this server's previous run: their runs re-attach to the worker
+    /// (`/chat/attach`) instead of starting a new chat.
+    resume: Mutex<std::collections::HashSet<TaskId>>,
     /// Set by `shutdown`: the background loops end.
     stopped: AtomicBool,
 }

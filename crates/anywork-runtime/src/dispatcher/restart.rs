@@ -1,7 +1,9 @@
 //! What a starting dispatcher does about the work a previous server left behind, before it
 //! queues anything: tasks held by an owner known to be gone
 //! ([`DispatcherConfig::dead_owners`](crate::DispatcherConfig::dead_owners), e.g. this
-//! server's previous incarnation) are ended as interrupted at once, expired leases are
+//! server's previous incarnation) are taken back at once — a running one goes back to
+//! `pending` and its run re-attaches to the worker (`/chat/attach`), which may still be
+//! running it; one waiting for input is ended as interrupted —, expired leases are
 //! recovered, and the sessions of tasks still held by another live-looking owner keep their
 //! pending tasks back until those tasks are over: one task at a time per session holds across
 //! restarts.
@@ -10,7 +12,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anywork_core::worker_api::CancelRequest;
-use anywork_core::{ErrorKind, Page, Result, SessionId, Task, TaskId, TaskOutcome, TaskStatus};
+use anywork_core::{
+    ErrorKind, Page, Result, SessionId, Task, TaskChange, TaskId, TaskOutcome, TaskStatus,
+};
 
 use super::{Dispatcher, Inner, lock};
 
@@ -35,6 +39,24 @@ impl Dispatcher {
                     held.entry(task.session_id.clone())
                         .or_default()
                         .push(task.id);
+                    continue;
+                }
+                // A running task may still be running on its worker, which keeps its events:
+                // back to `pending`, and its run re-attaches instead of starting over.
+                if status == TaskStatus::Running
+                    && task.worker_id.is_some()
+                    && inner
+                        .store
+                        .update_task(
+                            task.id,
+                            TaskStatus::Running,
+                            TaskChange::to(TaskStatus::Pending),
+                        )
+                        .await
+                        .is_ok()
+                {
+                    tracing::info!(task = %task.id, "re-attaching to a task of this server's previous run");
+                    lock(&inner.resume).insert(task.id);
                     continue;
                 }
                 let reason = format!(

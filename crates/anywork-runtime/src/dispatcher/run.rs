@@ -132,6 +132,8 @@ impl Run {
     }
 
     async fn execute(&mut self) -> std::result::Result<(), Failure> {
+        // Taken back from this server's previous run: re-attach rather than start over.
+        let resume = lock(&self.inner.resume).remove(&self.task.id);
         let (inner, session) = (self.inner.clone(), self.task.session_id.clone());
         let get_worker =
             async move { retry(&inner.config.retry, || inner.driver.get_worker(&session)).await };
@@ -165,7 +167,13 @@ impl Run {
         self.status = TaskStatus::Running;
 
         let (inner, task, worker) = (self.inner.clone(), self.task.clone(), endpoint.clone());
-        let start = async move { start_chat(&inner, &task, &worker).await };
+        let start = async move {
+            if resume {
+                attach_chat(&inner, &task, &worker).await
+            } else {
+                start_chat(&inner, &task, &worker).await
+            }
+        };
         let stream = match self.until_stopped(start).await {
             Ok(s) => s,
             Err(stop) => return Ok(self.finish(stop_outcome(stop)).await?),
@@ -507,6 +515,45 @@ impl Drop for StreamReader {
     fn drop(&mut self) {
         self.reader.abort();
     }
+}
+
+/// Re-attaches to a task the worker may still be running (`/chat/attach`), from the first of
+/// its events the log does not have: the log holds the worker's events in order, each once,
+/// plus the server's own `status` events, so the worker's seq to resume after is the count of
+/// the others. A worker that no longer has the task makes it fail as interrupted.
+async fn attach_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Result<ChatStream> {
+    const PAGE: u32 = 500;
+    let (mut seq, mut after) = (0, 0u64);
+    loop {
+        let logs = inner.store.read_logs(task.id, seq, PAGE).await?;
+        after += logs
+            .iter()
+            .filter(|l| !matches!(l.event, TaskEvent::Status { .. }))
+            .count() as u64;
+        seq = logs.last().map_or(seq, |l| l.seq);
+        if logs.len() < PAGE as usize {
+            break;
+        }
+    }
+    tracing::info!(task = %task.id, after, "re-attaching to the worker's run");
+    retry(&inner.config.retry, || {
+        inner.client.attach(worker, task.id, after)
+    })
+    .await
+    .map_err(|e| {
+        if e.kind() == ErrorKind::NotFound {
+            Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "interrupted: the server running this task stopped before it finished, \
+                         and its worker no longer runs it ({}); send the message again to retry",
+                    e.message()
+                ),
+            )
+        } else {
+            e
+        }
+    })
 }
 
 /// `/prepare` with the channel's defaults merged in, then `/chat`; both retried on errors
