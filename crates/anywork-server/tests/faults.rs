@@ -458,6 +458,6 @@ async fn a_stalled_or_cut_connection_to_the_worker_fails_the_task_with_the_reaso
     let failed = server.wait_final(&cut).await;
     assert_eq!(failed["status"], "failed", "{failed}");
     let error = failed["error"].as_str().unwrap();
-    assert!(error.contains("lost the worker mid-task"), "{error}");
+    assert!(error.contains("connection to the worker broke"), "{error}");
     assert_gap_free_with_one_done(&server.logs(&cut).await);
 }

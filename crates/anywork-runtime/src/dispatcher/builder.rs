@@ -7,7 +7,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anywork_core::{Channel, ContainerDriver, Error, Result, TaskId, TaskStore};
+use anywork_core::{
+    Channel, ContainerDriver, McpAccess, OutboundPolicy, Result, TaskId, TaskStore,
+};
 use tokio::sync::Semaphore;
 
 use super::retention::{Retention, retention_loop};
@@ -16,6 +18,7 @@ use super::upkeep::{reap_loop, recovery_loop};
 use super::{Dispatcher, Inner};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::skills::{NoSkills, SkillSource};
 use crate::title::{FirstWords, TitleGenerator};
 use crate::worker_client::WorkerClient;
 
@@ -56,6 +59,13 @@ pub struct DispatcherConfig {
     /// A worker's `/chat` stream silent for this long (no event, not even a keep-alive
     /// comment; workers send one every 15 s) fails its task with the reason.
     pub stream_idle_timeout: Duration,
+    /// Where request-chosen URLs may lead (push notifications, webhook callbacks, HTTP MCP
+    /// servers): checked when a request comes in and again when connecting. Default:
+    /// [`OutboundPolicy::strict`] (https, public addresses only).
+    pub outbound: OutboundPolicy,
+    /// Which MCP servers a request may ask for: entries of the operator's catalog, and its
+    /// own stdio commands only when allowed. Default: an empty catalog, no commands.
+    pub mcp: McpAccess,
 }
 
 impl Default for DispatcherConfig {
@@ -74,6 +84,8 @@ impl Default for DispatcherConfig {
             reap_every: Some(Duration::from_secs(30)),
             retention: Retention::default(),
             stream_idle_timeout: Duration::from_secs(60),
+            outbound: OutboundPolicy::strict(),
+            mcp: McpAccess::default(),
         }
     }
 }
@@ -86,6 +98,7 @@ pub struct DispatcherBuilder {
     config: DispatcherConfig,
     channels: HashMap<String, Arc<dyn Channel>>,
     titles: Arc<dyn TitleGenerator>,
+    skills: Arc<dyn SkillSource>,
 }
 
 impl std::fmt::Debug for DispatcherBuilder {
@@ -110,6 +123,7 @@ impl Dispatcher {
             config: DispatcherConfig::default(),
             channels: HashMap::new(),
             titles: Arc::new(FirstWords),
+            skills: Arc::new(NoSkills),
         }
     }
 }
@@ -134,15 +148,20 @@ impl DispatcherBuilder {
         self
     }
 
+    /// Sets where skills asked for by name come from (default: [`NoSkills`], which refuses
+    /// every name saying how to set `SKILLS_DIR`).
+    pub fn skills(mut self, skills: impl SkillSource) -> Self {
+        self.skills = Arc::new(skills);
+        self
+    }
+
     /// Starts the dispatcher: its background recovery loop, and the tasks a previous run left
     /// pending are queued again. Needs a Tokio runtime.
     pub async fn start(self) -> Result<Dispatcher> {
         let client = WorkerClient::new(self.config.control_timeout)?
             .with_stream_idle_timeout(self.config.stream_idle_timeout);
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
+        let http =
+            crate::outbound::checked_client(self.config.outbound.clone(), Duration::from_secs(30))?;
         let permits = Arc::new(Semaphore::new(self.config.max_concurrent.max(1)));
         let dispatcher = Dispatcher {
             inner: Arc::new(Inner {
@@ -153,6 +172,7 @@ impl DispatcherBuilder {
                 config: self.config,
                 channels: self.channels,
                 titles: self.titles,
+                skills: self.skills,
                 http,
                 metrics: Metrics::default(),
                 queues: Mutex::new(HashMap::new()),

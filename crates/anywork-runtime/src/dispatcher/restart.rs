@@ -111,15 +111,16 @@ impl Dispatcher {
         let Some(worker_id) = task.worker_id.clone() else {
             return;
         };
-        let (inner, task_id) = (self.inner.clone(), task.id);
+        let inner = self.inner.clone();
+        let request = CancelRequest {
+            task_id: task.id,
+            session_id: Some(task.session_id.clone()),
+        };
         tokio::spawn(async move {
             if let Ok(workers) = inner.driver.list().await
                 && let Some(w) = workers.iter().find(|w| w.endpoint.worker_id == worker_id)
             {
-                let _ = inner
-                    .client
-                    .cancel(&w.endpoint, &CancelRequest { task_id })
-                    .await;
+                let _ = inner.client.cancel(&w.endpoint, &request).await;
             }
         });
     }
