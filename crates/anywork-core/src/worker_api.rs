@@ -29,6 +29,11 @@ use crate::spec::{McpServers, SkillSpec};
 pub const PREPARE_PATH: &str = "/prepare";
 /// Path of [`ChatRequest`].
 pub const CHAT_PATH: &str = "/chat";
+/// `GET` with `?task_id=&after_seq=`: a running (or just ended) task's events after the
+/// worker's seq `after_seq`, as the `/chat` stream sends them (each SSE event's `id` is its
+/// seq, from 1), for a server that lost its `/chat` stream and comes back. 404 when the worker
+/// does not have the task.
+pub const ATTACH_PATH: &str = "/chat/attach";
 /// Path of [`CancelRequest`].
 pub const CANCEL_PATH: &str = "/cancel";
 /// Path of [`InputAnswer`].

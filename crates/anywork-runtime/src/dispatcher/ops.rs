@@ -432,6 +432,20 @@ impl Dispatcher {
         self.inner.driver.get_worker(fallback).await
     }
 
+    /// `Ok` when this server can take work: it is not shutting down and its store takes
+    /// writes now ([`TaskStore::check_ready`](anywork_core::TaskStore::check_ready): one small
+    /// real write, bounded). `Unavailable` with the reason otherwise.
+    pub async fn check_ready(&self) -> Result<()> {
+        if self
+            .inner
+            .closing
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(Error::unavailable("the server is shutting down"));
+        }
+        self.inner.store.check_ready().await
+    }
+
     /// The workers the driver runs.
     pub async fn workers(&self) -> Result<Vec<WorkerInfo>> {
         self.inner.driver.list().await

@@ -21,9 +21,17 @@ const OPS: &[Op] = &[
     Op {
         method: "get",
         path: "/api/health",
-        summary: "Server status and version",
+        summary: "Readiness, status and version: 503 with `error` when the store cannot take a write now or the server is shutting down",
         body: None,
         ok: (200, "Health"),
+        query: &[],
+    },
+    Op {
+        method: "get",
+        path: "/api/health/live",
+        summary: "Liveness: 200 while the process answers, whatever the store's state",
+        body: None,
+        ok: (200, "Ok"),
         query: &[],
     },
     Op {
@@ -262,7 +270,7 @@ fn schemas() -> Value {
         "Any": {},
         "Ok": {"type": "object", "properties": {"ok": {"type": "boolean"}}},
         "Success": {"type": "object", "properties": {"success": {"type": "boolean"}}},
-        "Health": {"type": "object", "required": ["status", "version"], "properties": {"status": string, "version": string, "driver": string, "demo": {"type": "boolean"}, "warning": string}},
+        "Health": {"type": "object", "required": ["status", "version"], "properties": {"status": string, "version": string, "driver": string, "demo": {"type": "boolean"}, "warning": string, "error": {"type": "object", "properties": {"code": string, "message": string}}}},
         "Session": session,
         "SessionList": {"type": "object", "properties": {"sessions": {"type": "array", "items": schema_ref("Session")}}},
         "CreateSession": {"type": "object", "properties": {"title": string, "channelType": string}},

@@ -7,10 +7,9 @@ use anywork_core::{
     PushNotification, SessionId, SkillSpec, TaskId, TaskRequest, WireTask,
     spec::{McpServers, deserialize_mcp_servers_any, deserialize_skills_any},
 };
-use anywork_http::{ApiError, JsonBody, PathParam, QueryParams};
+use anywork_http::{ApiError, JsonBody, PathParam, QueryParams, RawBody};
 use anywork_runtime::{InboundOutcome, WorkspaceDoc};
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -23,10 +22,14 @@ use super::dto::{log_json, session_json, summary_json};
 
 type ApiResult<T = Json<Value>> = Result<T, ApiError>;
 
-pub(crate) async fn health(State(state): State<AppState>) -> Json<Value> {
+/// Health and readiness: 200 `ok` when the store takes writes, else 503 with the reason as
+/// `error` (`{code, message}`), so a load balancer stops sending work to a server that
+/// cannot store it.
+pub(crate) async fn health(State(state): State<AppState>) -> Response {
     let options = state.options();
+    let ready = state.dispatcher().check_ready().await;
     let mut body = json!({
-        "status": "ok",
+        "status": if ready.is_ok() { "ok" } else { "unavailable" },
         "version": options.version,
         "driver": state.dispatcher().driver_name(),
         "demo": options.demo,
@@ -34,7 +37,18 @@ pub(crate) async fn health(State(state): State<AppState>) -> Json<Value> {
     if let Some(w) = &options.warning {
         body["warning"] = json!(w);
     }
-    Json(body)
+    match ready {
+        Ok(()) => Json(body).into_response(),
+        Err(e) => {
+            body["error"] = json!({"code": e.kind().as_str(), "message": e.message()});
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+    }
+}
+
+/// Liveness: the process answers (a store outage is not a reason to restart it).
+pub(crate) async fn live() -> Json<Value> {
+    Json(json!({"ok": true}))
 }
 
 pub(crate) async fn openapi() -> Json<Value> {
@@ -91,7 +105,7 @@ pub(crate) struct CreateSession {
 
 pub(crate) async fn create_session(
     State(state): State<AppState>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     // The body is optional: no body (or `{}`) makes an untitled web chat session.
     let body: CreateSession = if body.iter().all(u8::is_ascii_whitespace) {
@@ -258,17 +272,23 @@ pub(crate) async fn task_logs(
     let limit = q.limit.unwrap_or(100).clamp(1, 500);
     // One more than asked, to tell whether there is more.
     let mut logs = d.task_logs(id, q.after, limit + 1).await?;
+    // Clamped before it becomes a `Duration` (which panics past u64::MAX seconds).
+    let max_wait = state.options().max_wait;
     let wait = q
         .wait
         .filter(|w| w.is_finite() && *w > 0.0)
-        .map(|w| Duration::from_secs_f64(w).min(state.options().max_wait));
+        .map(|w| Duration::try_from_secs_f64(w.min(max_wait.as_secs_f64())).unwrap_or(max_wait));
     if logs.is_empty()
         && let Some(wait) = wait
     {
         // Long-poll: wait for the first new event (or the end of the task's events), then
         // answer from the log.
         let mut events = std::pin::pin!(d.events(id, q.after));
-        let _ = tokio::time::timeout(wait, events.next()).await;
+        // A shutdown ends the wait: the answer is what the log has.
+        tokio::select! {
+            _ = tokio::time::timeout(wait, events.next()) => {}
+            _ = state.closing().cancelled() => {}
+        }
         logs = d.task_logs(id, q.after, limit + 1).await?;
     }
     let has_more = logs.len() > limit as usize;
@@ -281,12 +301,20 @@ pub(crate) async fn task_logs(
     })))
 }
 
+/// 200 with the task once it ended; 202 with `status: canceling` when its worker has not
+/// stopped yet (the run goes on stopping it; the `done` event tells the end).
 pub(crate) async fn cancel_task(
     State(state): State<AppState>,
     PathParam(id): PathParam<TaskId>,
-) -> ApiResult<Json<WireTask>> {
+) -> ApiResult<Response> {
     let task = state.dispatcher().cancel(id).await?;
-    Ok(Json(WireTask::from(&task)))
+    if task.status.is_terminal() {
+        return Ok(Json(WireTask::from(&task)).into_response());
+    }
+    let mut body = serde_json::to_value(WireTask::from(&task))
+        .map_err(|e| Error::internal(format!("cannot encode the task: {e}")))?;
+    body["status"] = json!("canceling");
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
 pub(crate) async fn answer_task(

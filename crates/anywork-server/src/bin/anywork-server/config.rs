@@ -10,7 +10,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use anywork_core::worker_api::WorkerSecret;
 use anywork_core::{Channel, ContainerDriver, TaskStore};
-use anywork_runtime::{Dispatcher, DispatcherConfig, FirstWords, ModelTitles, TitleGenerator};
+use anywork_runtime::{
+    Dispatcher, DispatcherConfig, FirstWords, ModelTitles, Retention, TitleGenerator,
+};
 use anywork_server::{ApiOptions, ApiToken, AppState};
 use clap::Parser;
 use clap::builder::BoolishValueParser;
@@ -79,6 +81,21 @@ pub struct Config {
     /// is the driver's (DOCKER_IDLE_TTL_SECONDS, K8S_IDLE_TTL_SECONDS).
     #[arg(long, env = "REAP_INTERVAL_SECONDS", default_value_t = 30)]
     pub reap_interval_seconds: u64,
+    /// Days to keep finished tasks' logs (the task rows stay); 0 keeps them forever.
+    #[arg(long, env = "RETENTION_DAYS", default_value_t = 0.0)]
+    pub retention_days: f64,
+    /// Size budget of the store in MiB: over it, the logs of the tasks finished longest ago
+    /// are deleted (and the space compacted); 0 for no budget.
+    #[arg(long, env = "RETENTION_MAX_MB", default_value_t = 0)]
+    pub retention_max_mb: u64,
+    /// Seconds between retention rounds (which also measure the store for the
+    /// `anywork_store_bytes` metric).
+    #[arg(long, env = "RETENTION_INTERVAL_SECONDS", default_value_t = 60)]
+    pub retention_interval_seconds: u64,
+    /// A worker's event stream silent this long (workers send a keep-alive every 15 s) fails
+    /// its task: the worker is hung or the connection stalled.
+    #[arg(long, env = "STREAM_IDLE_TIMEOUT_SECONDS", default_value_t = 60)]
+    pub stream_idle_timeout_seconds: u64,
     /// Seconds to let running tasks finish on shutdown.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
@@ -143,6 +160,8 @@ pub struct Built {
     pub state: AppState,
     /// Where the local worker listens, when there is one.
     pub local_worker: Option<String>,
+    /// The claim on DB_DIR (held while the server runs).
+    pub instance: Option<crate::instance::Instance>,
 }
 
 /// The values of `CONTAINER_DRIVER`: every driver is compiled into the binary.
@@ -245,6 +264,16 @@ impl Config {
         config.lease_ttl = Duration::from_secs(self.lease_ttl_seconds.max(1));
         config.reap_every = (self.reap_interval_seconds > 0)
             .then(|| Duration::from_secs(self.reap_interval_seconds));
+        config.retention = self.retention()?;
+        config.stream_idle_timeout = Duration::from_secs(self.stream_idle_timeout_seconds.max(1));
+        let instance = crate::instance::claim(&self.db_dir, &config.owner)?;
+        match &instance {
+            Some(i) => config.dead_owners.extend(i.previous.clone()),
+            None => tracing::warn!(
+                db_dir = %self.db_dir.display(),
+                "another server runs on this DB_DIR: after a crash, its tasks end only when their leases expire"
+            ),
+        }
         config.outbound = outbound;
         config.mcp = mcp;
         config.outbox.max_attempts = self.delivery_max_attempts.max(1);
@@ -276,6 +305,7 @@ impl Config {
             .context("cannot start the dispatcher")?;
         let mut options = ApiOptions::default();
         options.warning = warning;
+        options.shutdown_grace = Duration::from_secs(self.shutdown_grace_seconds);
         options.api_token = api_token;
         options.protect_health = self.protect_health;
         options.max_channel_key_bytes = self.max_channel_key_bytes;
@@ -293,6 +323,7 @@ impl Config {
         Ok(Built {
             state: AppState::new(dispatcher, options),
             local_worker,
+            instance,
         })
     }
 
@@ -403,6 +434,22 @@ impl Config {
                 )
             })?;
         Ok(Arc::new(store))
+    }
+
+    fn retention(&self) -> anyhow::Result<Retention> {
+        if !self.retention_days.is_finite() || self.retention_days < 0.0 {
+            bail!(
+                "RETENTION_DAYS={} is not a number of days: use 0 (keep forever) or more",
+                self.retention_days
+            );
+        }
+        let mut retention = Retention::default();
+        retention.max_age = (self.retention_days > 0.0)
+            .then(|| Duration::from_secs_f64((self.retention_days * 86_400.0).min(1e12)));
+        retention.max_bytes =
+            (self.retention_max_mb > 0).then(|| self.retention_max_mb.saturating_mul(1 << 20));
+        retention.every = Duration::from_secs(self.retention_interval_seconds.max(1));
+        Ok(retention)
     }
 
     fn titles(&self) -> anyhow::Result<Arc<dyn TitleGenerator>> {
