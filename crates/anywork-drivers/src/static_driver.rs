@@ -4,7 +4,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anywork_core::{
-    ContainerDriver, Error, ErrorKind, Result, SessionId, WorkerEndpoint, WorkerInfo,
+    ContainerDriver, Error, ErrorKind, Result, SessionId, SetupCheck, WorkerEndpoint, WorkerInfo,
+    worker_api::WorkerHealth,
 };
 use async_trait::async_trait;
 
@@ -95,6 +96,28 @@ impl ContainerDriver for StaticDriver {
             *self.healthy_at.lock().unwrap_or_else(|e| e.into_inner()) = healthy.then(Instant::now);
         }
         healthy
+    }
+
+    /// The worker answers `/health` (and says which executor it runs).
+    async fn check_setup(&self) -> Vec<SetupCheck> {
+        let url = &self.endpoint.base_url;
+        let health = match self.client.get(format!("{url}/health")).send().await {
+            Ok(r) if r.status().is_success() => r.json::<WorkerHealth>().await.ok(),
+            _ => None,
+        };
+        vec![match health {
+            Some(h) => SetupCheck::ok(
+                "worker",
+                format!("the worker at {url} answers (executor {})", h.executor),
+            ),
+            None => SetupCheck::problem(
+                "worker",
+                format!(
+                    "the worker at {url} does not answer GET /health: start it, or fix \
+                     STATIC_WORKER_URL"
+                ),
+            ),
+        }]
     }
 
     async fn list(&self) -> Result<Vec<WorkerInfo>> {

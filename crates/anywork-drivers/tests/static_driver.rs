@@ -114,3 +114,28 @@ async fn a_passed_health_check_is_trusted_briefly_and_a_failed_one_at_once() {
         "a failed check is not cached"
     );
 }
+
+#[tokio::test]
+async fn the_setup_check_asks_the_worker() {
+    let url = serve(Router::new().route(
+        "/health",
+        get(|| async {
+            axum::Json(serde_json::json!({
+                "status": "ok", "version": "1", "executor": "native", "busy_sessions": []
+            }))
+        }),
+    ))
+    .await;
+    let checks = StaticDriver::new(&url).unwrap().check_setup().await;
+    assert_eq!(checks.len(), 1, "{checks:?}");
+    assert!(checks[0].ok, "{checks:?}");
+    assert_eq!(checks[0].name, "worker");
+    assert!(checks[0].message.contains("native"), "{checks:?}");
+
+    let checks = StaticDriver::new("http://127.0.0.1:1")
+        .unwrap()
+        .check_setup()
+        .await;
+    assert!(!checks[0].ok, "{checks:?}");
+    assert!(checks[0].message.contains("STATIC_WORKER_URL"), "{checks:?}");
+}

@@ -10,6 +10,12 @@
 //! | `anywork_task_duration_seconds` | histogram (start to final status) | |
 //! | `anywork_tasks_running` | gauge, read at scrape time | |
 //! | `anywork_queue_depth` | gauge, read at scrape time | |
+//! | `anywork_worker_starts_total` | counter: a task got its worker | `driver` |
+//! | `anywork_worker_failures_total` | counter: an attempt to get a worker failed | `driver` |
+//! | `anywork_worker_start_seconds` | histogram: time for a task to get its worker, retries included | `driver` |
+//!
+//! Every counter counts since this process started: nothing survives a restart (Prometheus'
+//! `rate()` and `increase()` handle the resets).
 
 use anywork_core::{Task, TaskStatus};
 use prometheus_client::collector::Collector;
@@ -21,7 +27,15 @@ use prometheus_client::registry::Registry;
 /// Upper bounds (seconds) of the task duration histogram.
 pub const DURATION_BUCKETS: [f64; 10] = [0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0];
 
+/// Upper bounds (seconds) of the worker start-latency histogram.
+pub const WORKER_START_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0];
+
 type Label = [(&'static str, &'static str); 1];
+type DriverLabel = [(&'static str, String); 1];
+
+fn by_driver(driver: &str) -> DriverLabel {
+    [("driver", driver.to_owned())]
+}
 
 /// What the dispatcher counts. Clones share the counts.
 #[derive(Debug, Clone)]
@@ -30,6 +44,9 @@ pub(crate) struct Metrics {
     finished: Family<Label, Counter>,
     runs: Family<Label, Counter>,
     duration: Histogram,
+    worker_starts: Family<DriverLabel, Counter>,
+    worker_failures: Family<DriverLabel, Counter>,
+    worker_start: Family<DriverLabel, Histogram>,
 }
 
 impl Default for Metrics {
@@ -48,6 +65,11 @@ impl Default for Metrics {
             finished,
             runs,
             duration: Histogram::new(DURATION_BUCKETS),
+            worker_starts: Family::default(),
+            worker_failures: Family::default(),
+            worker_start: Family::new_with_constructor(|| {
+                Histogram::new(WORKER_START_BUCKETS)
+            }),
         }
     }
 }
@@ -63,6 +85,25 @@ impl Metrics {
 
     pub(crate) fn stopped(&self) {
         self.runs.get_or_create(&[("phase", "stopped")]).inc();
+    }
+
+    /// A task got its worker from `driver` after `took` (retries included).
+    pub(crate) fn worker_ready(&self, driver: &str, took: std::time::Duration) {
+        self.worker_starts.get_or_create(&by_driver(driver)).inc();
+        self.worker_start
+            .get_or_create(&by_driver(driver))
+            .observe(took.as_secs_f64());
+    }
+
+    /// An attempt to get a worker from `driver` failed.
+    pub(crate) fn worker_failed(&self, driver: &str) {
+        self.worker_failures.get_or_create(&by_driver(driver)).inc();
+    }
+
+    /// Shows the worker metrics of `driver` from the start (zeros rather than nothing).
+    pub(crate) fn driver(&self, driver: &str) {
+        let _ = self.worker_starts.get_or_create(&by_driver(driver));
+        let _ = self.worker_failures.get_or_create(&by_driver(driver));
     }
 
     pub(crate) fn finished(&self, task: &Task) {
@@ -100,6 +141,21 @@ impl Metrics {
             "anywork_task_duration_seconds",
             "Time from start to final status",
             self.duration.clone(),
+        );
+        registry.register(
+            "anywork_worker_starts",
+            "Tasks that got their worker, by driver",
+            self.worker_starts.clone(),
+        );
+        registry.register(
+            "anywork_worker_failures",
+            "Failed attempts to get a worker, by driver",
+            self.worker_failures.clone(),
+        );
+        registry.register(
+            "anywork_worker_start_seconds",
+            "Time for a task to get its worker (retries included), by driver",
+            self.worker_start.clone(),
         );
         registry.register_collector(Box::new(gauges));
     }

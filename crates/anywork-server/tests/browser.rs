@@ -8,6 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anywork_test::fake_llm::{FakeLlm, Reply};
+use anywork_runtime::Backoff;
 use common::{TestServer, WorkerProcess, free_port};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
@@ -222,6 +223,73 @@ async fn chat_in_the_browser_and_edit_soul() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+    .await;
+    let _ = c.close().await;
+    result
+}
+
+/// Starts chromedriver and a browser on `port`.
+async fn start_browser(driver_bin: &str) -> (tokio::process::Child, Client) {
+    let port = free_port();
+    let driver = tokio::process::Command::new(driver_bin)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start chromedriver");
+    (driver, browser(port).await)
+}
+
+/// Nobody listens at the static worker URL: the banner says so from the start-up check, and
+/// while a task waits, each failed attempt to get its worker shows up in place of the dots
+/// (why, attempt n of m, next try), until the task fails with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_problems_and_worker_progress_are_shown() {
+    let Some(driver_bin) = chromedriver() else {
+        return;
+    };
+    let server = TestServer::without_worker(Backoff::new(
+        3,
+        Duration::from_secs(3),
+        Duration::from_secs(3),
+    ))
+    .await;
+    let (_driver, c) = start_browser(&driver_bin).await;
+    let result = async {
+        c.goto(&server.url).await.unwrap();
+        let banner = wait_text(&c, "#banner .setup-problem[data-check=\"worker\"]", "STATIC_WORKER_URL").await;
+        assert!(banner.contains("static"), "the driver is named: {banner}");
+
+        let input = c.find(Locator::Css("#message-input")).await.unwrap();
+        input.send_keys("Hello while nobody works").await.unwrap();
+        click(&c, "#send").await;
+        let progress = wait_text(&c, ".msg.assistant .working-label.progress", "attempt 2 of 3").await;
+        assert!(progress.contains("STATIC_WORKER_URL"), "the reason: {progress}");
+        assert!(progress.contains("Trying again in 3.0 s"), "{progress}");
+        let stage = c
+            .find(Locator::Css(".msg.assistant .working"))
+            .await
+            .unwrap()
+            .attr("data-stage")
+            .await
+            .unwrap();
+        assert_eq!(stage.as_deref(), Some("worker"));
+        c.wait()
+            .at_most(Duration::from_secs(30))
+            .for_element(Locator::Css(".msg.assistant[data-status=\"failed\"]"))
+            .await
+            .unwrap();
+        let notice = text_of(&c, ".msg.assistant .notice.error").await;
+        assert!(notice.contains("STATIC_WORKER_URL"), "{notice}");
+        assert!(
+            c.find_all(Locator::Css(".working-label.progress"))
+                .await
+                .unwrap()
+                .is_empty(),
+            "the progress line goes with the wait"
+        );
     }
     .await;
     let _ = c.close().await;

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use anywork_runtime::{Backoff, DispatcherConfig, ModelTitles};
+use anywork_runtime::{Backoff, DispatcherConfig, FirstWords, ModelTitles};
 use anywork_test::fake_llm::{FakeLlm, Reply};
 use common::{TestServer, WorkerProcess, Ws};
 use serde_json::{Value, json};
@@ -197,8 +197,14 @@ async fn pending_task_is_canceled_without_touching_a_worker() {
     assert_eq!(task["status"], "canceled");
     assert!(task["startedAt"].is_null(), "it never ran");
     let logs = server.logs(id).await;
-    assert_eq!(logs.len(), 1);
-    assert_eq!(logs[0]["type"], "done");
+    let (progress, rest): (Vec<_>, Vec<_>) =
+        logs.iter().partition(|l| l["type"] == "progress");
+    assert!(
+        progress.iter().all(|p| p["metadata"]["stage"] == "worker"),
+        "only the wait for a worker was told: {progress:?}"
+    );
+    assert_eq!(rest.len(), 1, "{logs:?}");
+    assert_eq!(rest[0]["type"], "done");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,10 +216,53 @@ async fn unreachable_worker_fails_the_task_with_the_reason() {
     ))
     .await;
     let (_, created) = server.post("/api/tasks", json!({"message": "hi"})).await;
-    let task = server.wait_final(created["taskId"].as_str().unwrap()).await;
+    let id = created["taskId"].as_str().unwrap();
+    let task = server.wait_final(id).await;
     assert_eq!(task["status"], "failed");
     let error = task["error"].as_str().unwrap();
     assert!(error.contains("STATIC_WORKER_URL"), "{error}");
+    // While it waited, each failed attempt was told: why, which attempt comes, and when.
+    let progress: Vec<Value> = server
+        .logs(id)
+        .await
+        .into_iter()
+        .filter(|l| l["type"] == "progress" && l["metadata"]["reason"].is_string())
+        .collect();
+    assert_eq!(progress.len(), 2, "attempts 2 and 3 announced: {progress:?}");
+    for (p, attempt) in progress.iter().zip([2, 3]) {
+        let md = &p["metadata"];
+        assert_eq!(md["stage"], "worker", "{p}");
+        assert_eq!(md["attempt"], attempt, "{p}");
+        assert_eq!(md["max_attempts"], 3, "{p}");
+        assert!(md["retry_in_ms"].as_u64().unwrap() > 0, "{p}");
+        assert!(md["reason"].as_str().unwrap().contains("STATIC_WORKER_URL"), "{p}");
+        let text = p["content"].as_str().unwrap();
+        assert!(text.contains(&format!("attempt {attempt} of 3")), "{text}");
+        assert!(text.contains("(static)"), "the driver is named: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_worker_start_is_announced() {
+    // `progress_after` zero: the wait for a worker is always told, before the driver answers.
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| Reply::text("ok"));
+    let worker = WorkerProcess::start(&fake).await;
+    let mut config = DispatcherConfig::default();
+    config.progress_after = Duration::ZERO;
+    let server = TestServer::start_with(&worker.url, config, FirstWords).await;
+    let (_, created) = server.post("/api/tasks", json!({"message": "hi"})).await;
+    let id = created["taskId"].as_str().unwrap();
+    assert_eq!(server.wait_final(id).await["status"], "completed");
+    let logs = server.logs(id).await;
+    assert_eq!(logs[0]["type"], "progress", "{logs:?}");
+    assert_eq!(logs[0]["metadata"]["stage"], "worker");
+    assert_eq!(logs[0]["metadata"]["attempt"], 1);
+    assert!(
+        logs[0]["content"].as_str().unwrap().contains("static"),
+        "{logs:?}"
+    );
+    assert_eq!(logs[1]["type"], "status", "then it runs: {logs:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

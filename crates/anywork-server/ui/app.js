@@ -427,7 +427,7 @@ function newTaskView(id) {
   const t = {
     id, el: msg, blocks: body.firstChild, working, footer, lastSeq: 0, status: "pending",
     finished: false, seg: null, segText: "", answer: "", hasText: false, tools: new Map(),
-    usage: null, prompt: null, notices: [],
+    usage: null, prompt: null, notices: [], progress: null,
   };
   if (id) S.tasks.set(id, t);
   updateIndicator(t);
@@ -444,7 +444,23 @@ function updateIndicator(t) {
   const show = !t.finished && !(t.seg && t.lastType === "text") && !t.prompt;
   t.working.hidden = !show;
   const label = !t.id && !S.wsOpen ? "Connecting…" : t.status === "pending" ? "Waiting for a worker…" : "";
-  t.working.lastChild.textContent = label;
+  showProgress(t, label);
+}
+
+// ---- progress: what a task waits for (a worker being made ready, a model call retried)
+// The last `progress` event stands in the working indicator until any other event comes.
+function setProgress(t, content, md) {
+  t.progress = { text: content || "Working…", stage: md.stage || "", reason: md.reason || "" };
+}
+
+function showProgress(t, fallback) {
+  const label = t.working.lastChild;
+  const p = !t.finished && t.progress;
+  label.classList.toggle("progress", !!p);
+  label.classList.toggle("retry", !!(p && p.reason));
+  t.working.dataset.stage = p ? p.stage : "";
+  label.textContent = p ? clip(p.text, 400) : fallback;
+  label.title = p ? p.text : "";
 }
 
 function addBlock(t, node) {
@@ -675,6 +691,7 @@ function applyEvent(t, ev) {
   const md = ev.metadata && typeof ev.metadata === "object" ? ev.metadata : {};
   const content = ev.content == null ? "" : String(ev.content);
   if (t.finished && ev.type !== "error") return;
+  if (ev.type !== "progress" && ev.type !== "usage") t.progress = null;
   if (t.prompt && (SUPERSEDES_PROMPT.has(ev.type) || (ev.type === "status" && content === "running"))) removePrompt(t, null);
   switch (ev.type) {
     case "init": addInit(t, content, md); break;
@@ -684,6 +701,7 @@ function applyEvent(t, ev) {
     case "tool_result": addToolResult(t, content, md); break;
     case "input_required": showPrompt(t, content, md); break;
     case "usage": t.usage = md; break;
+    case "progress": setProgress(t, content, md); break;
     case "status": if (!TERMINAL.has(content)) t.status = content; break;
     case "error": addNotice(t, content || "Error", "error"); break;
     case "done": finish(t, content, md); break;
@@ -951,8 +969,21 @@ async function loadHealth() {
     banner.appendChild(d);
   }
   if (h.warning) banner.appendChild(el("div", "banner-line warn", h.warning));
+  showSetup(banner, h);
   banner.hidden = !banner.childNodes.length;
   if (h.version) $(".brand").title = "AnyWork " + h.version + (h.driver ? " · " + h.driver : "");
+}
+
+// ---- setup check: what the server found missing at start (per driver), one banner line each
+function showSetup(banner, h) {
+  const problems = (Array.isArray(h.setup) ? h.setup : []).filter((c) => c && !c.ok && c.message !== h.warning);
+  for (const c of problems) {
+    const line = el("div", "banner-line warn setup-problem");
+    line.dataset.check = c.name || "";
+    line.appendChild(el("strong", null, "Setup (" + (h.driver || "server") + ", " + (c.name || "check") + "): "));
+    line.appendChild(document.createTextNode(c.message || ""));
+    banner.appendChild(line);
+  }
 }
 
 // ---- rename

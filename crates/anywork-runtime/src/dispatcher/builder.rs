@@ -40,6 +40,9 @@ pub struct DispatcherConfig {
     pub control_timeout: Duration,
     /// Events appended to the log in one batch, at most.
     pub max_batch: usize,
+    /// How long getting a task's worker may take before a `progress` event says that a worker
+    /// is being made ready (a worker that is up answers well within it; zero: always told).
+    pub progress_after: Duration,
     /// How often the driver is asked to stop idle workers ([`ContainerDriver::reap_idle`]);
     /// `None` never.
     pub reap_every: Option<Duration>,
@@ -56,6 +59,7 @@ impl Default for DispatcherConfig {
             retry: Backoff::default(),
             control_timeout: Duration::from_secs(30),
             max_batch: 256,
+            progress_after: Duration::from_millis(500),
             reap_every: Some(Duration::from_secs(30)),
         }
     }
@@ -126,6 +130,8 @@ impl DispatcherBuilder {
             .build()
             .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
         let permits = Arc::new(Semaphore::new(self.config.max_concurrent.max(1)));
+        let metrics = Metrics::default();
+        metrics.driver(self.driver.name());
         let dispatcher = Dispatcher {
             inner: Arc::new(Inner {
                 store: self.store,
@@ -136,7 +142,7 @@ impl DispatcherBuilder {
                 channels: self.channels,
                 titles: self.titles,
                 http,
-                metrics: Metrics::default(),
+                metrics,
                 queues: Mutex::new(HashMap::new()),
                 permits,
                 runs: Mutex::new(HashMap::new()),

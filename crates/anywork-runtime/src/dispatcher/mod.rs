@@ -121,6 +121,12 @@ impl Dispatcher {
         self.inner.driver.name()
     }
 
+    /// The driver's set-up check ([`ContainerDriver::check_setup`]): what it needs before a
+    /// first task, and what is missing.
+    pub async fn check_setup(&self) -> Vec<anywork_core::SetupCheck> {
+        self.inner.driver.check_setup().await
+    }
+
     /// The configuration.
     pub fn config(&self) -> &DispatcherConfig {
         &self.inner.config

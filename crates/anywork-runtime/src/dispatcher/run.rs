@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anywork_core::worker_api::{CancelRequest, ChatRequest, InputAnswer, PrepareRequest};
 use anywork_core::{
-    Error, ErrorKind, InputResponse, Result, SessionId, Task, TaskChange, TaskEvent, TaskOutcome,
-    TaskStatus, Timestamp, WorkerEndpoint,
+    Error, ErrorKind, InputResponse, Progress, Result, SessionId, Task, TaskChange, TaskEvent,
+    TaskOutcome, TaskStatus, Timestamp, WorkerEndpoint,
 };
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
@@ -95,9 +95,8 @@ impl Run {
     }
 
     async fn execute(&mut self) -> Result<()> {
-        let (inner, session) = (self.inner.clone(), self.task.session_id.clone());
-        let get_worker =
-            async move { retry(&inner.config.retry, || inner.driver.get_worker(&session)).await };
+        let (inner, task) = (self.inner.clone(), self.task.clone());
+        let get_worker = async move { worker_with_progress(&inner, &task).await };
         let endpoint = match self.until_stopped(get_worker).await {
             Ok(w) => w,
             Err(stop) => return self.stop_before_running(stop).await,
@@ -413,6 +412,113 @@ impl StreamReader {
 impl Drop for StreamReader {
     fn drop(&mut self) {
         self.reader.abort();
+    }
+}
+
+/// The session's worker from the driver, retried as `config.retry` says; what the task waits
+/// for is told as `progress` events: that a worker is being made ready (once the driver has
+/// taken `config.progress_after`), and each failed attempt with its reason, the attempt to
+/// come and when.
+async fn worker_with_progress(inner: &Inner, task: &Task) -> Result<WorkerEndpoint> {
+    let policy = inner.config.retry;
+    let max = policy.attempts.max(1);
+    let driver = inner.driver.name().to_owned();
+    let started = Instant::now();
+    let tell = |progress: Progress| async move {
+        if let Err(e) = inner
+            .record(task, vec![TaskEvent::Progress(progress)])
+            .await
+        {
+            tracing::warn!(task = %task.id, error = %e, "cannot record a progress event");
+        }
+    };
+    let mut attempt = 1;
+    loop {
+        let call = inner.driver.get_worker(&task.session_id);
+        tokio::pin!(call);
+        let announce = || {
+            tell(
+                Progress::new(
+                    Progress::WORKER,
+                    format!("Getting a worker ready ({driver})…"),
+                )
+                .attempt(1, max),
+            )
+        };
+        let result = if attempt > 1 {
+            call.await
+        } else if inner.config.progress_after.is_zero() {
+            announce().await;
+            call.await
+        } else {
+            match tokio::time::timeout(inner.config.progress_after, &mut call).await {
+                Ok(r) => r,
+                Err(_) => {
+                    announce().await;
+                    call.await
+                }
+            }
+        };
+        match result {
+            Ok(endpoint) => {
+                inner.metrics.worker_ready(&driver, started.elapsed());
+                tracing::info!(
+                    task = %task.id,
+                    session = %task.session_id,
+                    driver = %driver,
+                    worker = %endpoint.worker_id,
+                    attempts = attempt,
+                    ms = started.elapsed().as_millis() as u64,
+                    "worker ready"
+                );
+                return Ok(endpoint);
+            }
+            Err(e) if attempt < max && (e.is_retryable() || e.kind() == ErrorKind::Conflict) => {
+                inner.metrics.worker_failed(&driver);
+                let wait = policy.delay(attempt);
+                let next = attempt + 1;
+                tracing::warn!(
+                    task = %task.id,
+                    session = %task.session_id,
+                    driver = %driver,
+                    attempt,
+                    wait_ms = wait.as_millis() as u64,
+                    error = %e,
+                    "no worker yet; retrying"
+                );
+                tell(
+                    Progress::new(
+                        Progress::WORKER,
+                        format!(
+                            "The worker is not ready ({driver}): {}. Trying again in {:.1} s \
+                             (attempt {next} of {max}).",
+                            e.message().trim_end_matches('.'),
+                            wait.as_secs_f64()
+                        ),
+                    )
+                    .attempt(next, max)
+                    .retry(
+                        u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                        e.message(),
+                    ),
+                )
+                .await;
+                tokio::time::sleep(wait).await;
+                attempt = next;
+            }
+            Err(e) => {
+                inner.metrics.worker_failed(&driver);
+                tracing::warn!(
+                    task = %task.id,
+                    session = %task.session_id,
+                    driver = %driver,
+                    attempts = attempt,
+                    error = %e,
+                    "no worker for the task"
+                );
+                return Err(e);
+            }
+        }
     }
 }
 

@@ -38,6 +38,10 @@ pub struct ApiOptions {
     pub warning: Option<String>,
     /// Whether the worker answers from the built-in fake model (the UI labels it).
     pub demo: bool,
+    /// The set-up check made at start ([`Dispatcher::check_setup`](anywork_runtime::Dispatcher::check_setup)
+    /// and the server's own findings), reported by `/api/health` as `setup`; the UI shows the
+    /// problems in its banner.
+    pub setup: Vec<anywork_core::SetupCheck>,
     /// Origins allowed by CORS ([`router`] only): empty for none, `*` for any.
     pub cors_origins: Vec<String>,
     /// Largest request body, in bytes.
@@ -52,6 +56,7 @@ impl Default for ApiOptions {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             warning: None,
             demo: false,
+            setup: Vec::new(),
             cors_origins: Vec::new(),
             max_body_bytes: 2 * 1024 * 1024,
             max_wait: Duration::from_secs(30),

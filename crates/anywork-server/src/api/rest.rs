@@ -33,6 +33,7 @@ pub(crate) async fn health(State(state): State<AppState>) -> Json<Value> {
     if let Some(w) = &options.warning {
         body["warning"] = json!(w);
     }
+    body["setup"] = json!(options.setup);
     Json(body)
 }
 

@@ -115,7 +115,9 @@ impl TestServer {
             .start()
             .await
             .unwrap();
-        let state = AppState::new(dispatcher, ApiOptions::default());
+        let mut options = ApiOptions::default();
+        options.setup = dispatcher.check_setup().await;
+        let state = AppState::new(dispatcher, options);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -143,8 +143,23 @@ impl Config {
             .start()
             .await
             .context("cannot start the dispatcher")?;
+        let mut setup = dispatcher.check_setup().await;
+        if driver_name == "local" {
+            setup.push(match &warning {
+                Some(w) => anywork_core::SetupCheck::problem("model", w.clone()),
+                None => anywork_core::SetupCheck::ok("model", "the local worker has a model"),
+            });
+        }
+        for check in &setup {
+            if check.ok {
+                tracing::info!(driver = %driver_name, check = %check.name, "setup: {}", check.message);
+            } else {
+                tracing::warn!(driver = %driver_name, check = %check.name, "setup problem: {}", check.message);
+            }
+        }
         let mut options = ApiOptions::default();
         options.warning = warning;
+        options.setup = setup;
         options.cors_origins = self
             .cors_origins
             .split(',')
