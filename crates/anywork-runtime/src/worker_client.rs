@@ -130,6 +130,37 @@ impl WorkerClient {
         json_body(worker, &path, check(worker, &path, response).await?).await
     }
 
+    /// `GET /workspace/:file?session_id=` — the session's copy.
+    pub async fn get_session_doc(
+        &self,
+        worker: &WorkerEndpoint,
+        file: &str,
+        session: &SessionId,
+    ) -> Result<Value> {
+        self.get(worker, &session_doc_path(file, session)).await
+    }
+
+    /// `PUT /workspace/:file?session_id=` with `{content}` — the session's copy.
+    pub async fn put_session_doc(
+        &self,
+        worker: &WorkerEndpoint,
+        file: &str,
+        session: &SessionId,
+        content: &str,
+    ) -> Result<Value> {
+        let path = session_doc_path(file, session);
+        let url = format!("{}{path}", worker.base_url);
+        let response = self
+            .http
+            .put(&url)
+            .timeout(self.control_timeout)
+            .json(&serde_json::json!({ "content": content }))
+            .send()
+            .await
+            .map_err(|e| transport_error(worker, &path, e))?;
+        json_body(worker, &path, check(worker, &path, response).await?).await
+    }
+
     async fn get(&self, worker: &WorkerEndpoint, path: &str) -> Result<Value> {
         let url = format!("{}{path}", worker.base_url);
         let response = self
@@ -224,4 +255,17 @@ async fn json_body(
             ),
         )
     })
+}
+
+/// `/workspace/:file?session_id=…`, the session id percent-encoded.
+fn session_doc_path(file: &str, session: &SessionId) -> String {
+    let mut encoded = String::new();
+    for b in session.as_str().bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    format!("/workspace/{file}?session_id={encoded}")
 }

@@ -223,6 +223,43 @@ async fn chat_in_the_browser_and_edit_soul() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let heading = text_of(&c, "#doc-heading").await;
+        assert!(heading.contains("defaults for new sessions"), "{heading}");
+
+        // The open session's own SOUL.md, clearly labelled, saved into that session only.
+        let label = text_of(&c, "#doc-scope-session-label").await;
+        assert!(label.contains("This session"), "{label}");
+        click(&c, "#doc-scope-session").await;
+        wait_text(&c, "#doc-heading", "this session").await;
+        wait_text(&c, "#doc-scope-hint", "This session only").await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let editor = c.find(Locator::Css("#doc-editor")).await.unwrap();
+        loop {
+            let value = editor.prop("value").await.unwrap().unwrap_or_default();
+            let disabled = editor.prop("disabled").await.unwrap().unwrap_or_default();
+            if value.contains("# Soul") && disabled == "false" {
+                break; // the session started before the default changed
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the session's SOUL.md never loaded: {value:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        editor.clear().await.unwrap();
+        editor.send_keys("Only this chat is a parrot.").await.unwrap();
+        click(&c, "#doc-save").await;
+        wait_text(&c, "#doc-status", "Saved").await;
+        let (_, sessions) = server.get("/api/sessions").await;
+        let mut found = false;
+        for s in sessions["sessions"].as_array().unwrap() {
+            let id = s["id"].as_str().unwrap();
+            let (_, soul) = server.get(&format!("/api/sessions/{id}/workspace/soul")).await;
+            found |= soul["content"] == "Only this chat is a parrot.";
+        }
+        assert!(found, "one session has its own SOUL.md");
+        let (_, defaults) = server.get("/api/workspace/soul").await;
+        assert_eq!(defaults["content"], "You are a careful pirate.", "the defaults are untouched");
     }
     .await;
     let _ = c.close().await;

@@ -509,3 +509,94 @@ async fn titles_reach_only_the_connections_of_their_session() {
         "another client got: {seen:?}"
     );
 }
+
+/// SOUL.md / AGENTS.md: the defaults live in the server's store (reading or saving them needs
+/// no worker), every new session's workspace starts with them through `/prepare`, a session
+/// keeps its own copy, and a session's files are edited through its running worker only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soul_defaults_live_in_the_store_and_seed_new_sessions() {
+    // No worker at all: the defaults are still read and saved.
+    let offline = TestServer::without_worker(Backoff::none()).await;
+    let (status, soul) = offline.get("/api/workspace/soul").await;
+    assert_eq!(status, 200, "{soul}");
+    assert_eq!(soul["scope"], "defaults");
+    assert!(soul["content"].as_str().unwrap().contains("# Soul"), "{soul}");
+    let r = offline
+        .http
+        .put(format!("{}/api/workspace/agents", offline.url))
+        .json(&json!({"content": "Offline rules"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, agents) = offline.get("/api/workspace/agents").await;
+    assert_eq!(agents["content"], "Offline rules");
+
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| Reply::text("ok"));
+    let worker = WorkerProcess::start(&fake).await;
+    let server = TestServer::start(&worker.url).await;
+    let put = |path: String, content: &'static str| {
+        let http = server.http.clone();
+        let url = format!("{}{path}", server.url);
+        async move {
+            let r = http
+                .put(url)
+                .json(&json!({ "content": content }))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    // A session made before the defaults change keeps what it started with.
+    let (_, first) = server.post("/api/tasks", json!({"message": "one"})).await;
+    server.wait_final(first["taskId"].as_str().unwrap()).await;
+    let old = first["sessionId"].as_str().unwrap().to_owned();
+    let (_, before) = server.get(&format!("/api/sessions/{old}/workspace/soul")).await;
+    assert!(before["content"].as_str().unwrap().contains("# Soul"), "{before}");
+
+    let (status, saved) = put("/api/workspace/soul".into(), "You are a pirate.").await;
+    assert_eq!(status, 200, "{saved}");
+    assert_eq!(saved["scope"], "defaults");
+    put("/api/workspace/agents".into(), "Always answer in rhyme.").await;
+
+    let (_, second) = server.post("/api/tasks", json!({"message": "two"})).await;
+    server.wait_final(second["taskId"].as_str().unwrap()).await;
+    let new = second["sessionId"].as_str().unwrap().to_owned();
+    let (status, soul) = server.get(&format!("/api/sessions/{new}/workspace/soul")).await;
+    assert_eq!(status, 200, "{soul}");
+    assert_eq!(soul["content"], "You are a pirate.", "the new session starts with the default");
+    assert_eq!(soul["scope"], "session");
+    let (_, agents) = server.get(&format!("/api/sessions/{new}/workspace/agents")).await;
+    assert_eq!(agents["content"], "Always answer in rhyme.");
+    let (_, kept) = server.get(&format!("/api/sessions/{old}/workspace/soul")).await;
+    assert_eq!(kept["content"], before["content"], "the older session keeps its own");
+
+    // A session's own edit stays in that session, and survives its next task.
+    let (status, edited) = put(format!("/api/sessions/{new}/workspace/soul"), "Only here.").await;
+    assert_eq!(status, 200, "{edited}");
+    let (_, third) = server
+        .post("/api/tasks", json!({"message": "three", "session_id": new}))
+        .await;
+    server.wait_final(third["taskId"].as_str().unwrap()).await;
+    let (_, soul) = server.get(&format!("/api/sessions/{new}/workspace/soul")).await;
+    assert_eq!(soul["content"], "Only here.");
+    let (_, defaults) = server.get("/api/workspace/soul").await;
+    assert_eq!(defaults["content"], "You are a pirate.");
+
+    // Unknown session: 404; unknown file: 404; no worker running: 409, nothing started.
+    let (status, _) = server.get("/api/sessions/nope/workspace/soul").await;
+    assert_eq!(status, 404);
+    let (status, body) = server.get(&format!("/api/sessions/{new}/workspace/passwd")).await;
+    assert_eq!(status, 404, "{body}");
+    let (_, s) = offline.post("/api/sessions", json!({})).await;
+    let sid = s["id"].as_str().or(s["sessionId"].as_str()).unwrap().to_owned();
+    let (status, body) = offline.get(&format!("/api/sessions/{sid}/workspace/soul")).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("no running worker"),
+        "{body}"
+    );
+}

@@ -1028,7 +1028,41 @@ function startRename() {
 }
 
 // ---- SOUL.md / AGENTS.md editor
-const DOC = { name: "soul", loaded: "", seq: 0 };
+// Two scopes, clearly labelled: the server's defaults (stored; new sessions start with them)
+// or the open session's own files (through its running worker; nothing is started to read them).
+const DOC = { name: "soul", loaded: "", seq: 0, scope: "defaults", session: null };
+const DOC_SCOPE_HINTS = {
+  defaults: "Defaults: sessions created from now on start with these files. Existing sessions keep their own copy.",
+  session: "This session only: the files in this conversation's workspace, used from its next message on.",
+};
+
+function docPath(name) {
+  return DOC.scope === "session" && DOC.session
+    ? "/api/sessions/" + encodeURIComponent(DOC.session) + "/workspace/" + name
+    : "/api/workspace/" + name;
+}
+
+function setDocScope(scope) {
+  if (scope === DOC.scope) return;
+  if (docDirty() && !confirm("Discard unsaved changes?")) {
+    $("#doc-scope-" + DOC.scope).checked = true;
+    return;
+  }
+  DOC.scope = scope;
+  DOC.loaded = $("#doc-editor").value = "";
+  loadDoc(DOC.name);
+}
+
+function showDocScope() {
+  const s = DOC.session && findSession(DOC.session);
+  const title = s ? s.title : "";
+  $("#doc-scope-session").disabled = !DOC.session;
+  $("#doc-scope-session-label").textContent = DOC.session ? "This session" + (title ? ": " + title : "") : "This session (open one first)";
+  $("#doc-scope-" + DOC.scope).checked = true;
+  $("#doc-scope-hint").textContent = DOC_SCOPE_HINTS[DOC.scope];
+  $("#doc-modal").dataset.scope = DOC.scope;
+  $("#doc-heading").textContent = "Soul & instructions · " + (DOC.scope === "session" ? "this session" : "defaults for new sessions");
+}
 const DOC_HINTS = {
   soul: "The agent's personality and voice.",
   agents: "Standing instructions for every task.",
@@ -1057,8 +1091,9 @@ async function loadDoc(name) {
   DOC.loaded = "";
   ed.disabled = true;
   docStatus("Loading…");
+  showDocScope();
   try {
-    const d = await api("GET", "/api/workspace/" + name);
+    const d = await api("GET", docPath(name));
     if (seq !== DOC.seq) return;
     DOC.loaded = d.content || "";
     ed.value = DOC.loaded;
@@ -1066,6 +1101,11 @@ async function loadDoc(name) {
   } catch (e) {
     if (seq !== DOC.seq) return;
     docStatus("Could not load", "error");
+    if (DOC.scope === "session") {
+      // No worker runs for the session now: say so where the text would be, edit nothing.
+      $("#doc-scope-hint").textContent = e.message;
+      return;
+    }
     toast(e.message);
   }
   ed.disabled = false;
@@ -1080,7 +1120,7 @@ async function saveDoc() {
   btn.disabled = true;
   docStatus("Saving…");
   try {
-    const d = await api("PUT", "/api/workspace/" + name, { content });
+    const d = await api("PUT", docPath(name), { content });
     if (name === DOC.name) {
       DOC.loaded = d.content != null ? d.content : content;
       docStatus("Saved", "ok");
@@ -1096,6 +1136,8 @@ async function saveDoc() {
 function openDocs() {
   $("#doc-modal").hidden = false;
   DOC.loaded = $("#doc-editor").value = "";
+  DOC.session = S.current;
+  if (!DOC.session) DOC.scope = "defaults";
   loadDoc("soul");
 }
 
@@ -1169,6 +1211,8 @@ function init() {
   $("#soul-button").addEventListener("click", openDocs);
   $("#doc-close").addEventListener("click", closeDocs);
   $("#doc-save").addEventListener("click", saveDoc);
+  $("#doc-scope-defaults").addEventListener("change", () => setDocScope("defaults"));
+  $("#doc-scope-session").addEventListener("change", () => setDocScope("session"));
   $("#doc-tab-soul").addEventListener("click", () => { if (DOC.name !== "soul") loadDoc("soul"); });
   $("#doc-tab-agents").addEventListener("click", () => { if (DOC.name !== "agents") loadDoc("agents"); });
   $("#doc-modal").addEventListener("mousedown", (e) => { if (e.target.id === "doc-modal") closeDocs(); });

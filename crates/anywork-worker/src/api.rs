@@ -111,6 +111,11 @@ async fn prepare(
 ) -> Result<Json<Value>, ApiError> {
     let workspace = state.workspace().clone();
     blocking(move || {
+        workspace.ensure_session_seeded(
+            &body.session_id,
+            body.default_soul.as_deref(),
+            body.default_agents.as_deref(),
+        )?;
         workspace.prepare(
             &body.session_id,
             &body.skills.unwrap_or_default(),

@@ -538,11 +538,14 @@ async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Resu
             mcp_servers.entry(name).or_insert(server);
         }
     }
+    let (default_soul, default_agents) = inner.saved_defaults().await;
     let prepare = PrepareRequest {
         session_id: task.session_id.clone(),
         skills: Some(skills),
         mcp_servers: Some(mcp_servers),
         soul: None,
+        default_soul,
+        default_agents,
     };
     retry(&inner.config.retry, || {
         inner.client.prepare(worker, &prepare)

@@ -310,7 +310,9 @@ pub(crate) async fn get_workspace_doc(
 ) -> ApiResult {
     let doc: WorkspaceDoc = file.parse()?;
     let doc = state.dispatcher().workspace_doc(doc).await?;
-    Ok(Json(json!({"file": doc.file, "content": doc.content})))
+    Ok(Json(
+        json!({"file": doc.file, "content": doc.content, "scope": "defaults"}),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -329,7 +331,38 @@ pub(crate) async fn put_workspace_doc(
         .dispatcher()
         .put_workspace_doc(doc, &body.content)
         .await?;
-    Ok(Json(json!({"file": doc.file, "content": doc.content})))
+    Ok(Json(
+        json!({"file": doc.file, "content": doc.content, "scope": "defaults"}),
+    ))
+}
+
+/// `GET /api/sessions/:id/workspace/:file`: the session's own copy, from its running worker
+/// (409 when none runs: nothing is started to read it).
+pub(crate) async fn get_session_doc(
+    State(state): State<AppState>,
+    PathParam((id, file)): PathParam<(SessionId, String)>,
+) -> ApiResult {
+    let doc: WorkspaceDoc = file.parse()?;
+    let doc = state.dispatcher().session_doc(&id, doc).await?;
+    Ok(Json(
+        json!({"file": doc.file, "content": doc.content, "scope": "session", "sessionId": id}),
+    ))
+}
+
+/// `PUT /api/sessions/:id/workspace/:file`.
+pub(crate) async fn put_session_doc(
+    State(state): State<AppState>,
+    PathParam((id, file)): PathParam<(SessionId, String)>,
+    JsonBody(body): JsonBody<DocBody>,
+) -> ApiResult {
+    let doc: WorkspaceDoc = file.parse()?;
+    let doc = state
+        .dispatcher()
+        .put_session_doc(&id, doc, &body.content)
+        .await?;
+    Ok(Json(
+        json!({"file": doc.file, "content": doc.content, "scope": "session", "sessionId": id}),
+    ))
 }
 
 pub(crate) async fn workers(State(state): State<AppState>) -> ApiResult {
