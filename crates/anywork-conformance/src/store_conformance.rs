@@ -130,23 +130,39 @@ pub async fn settings_are_kept_by_key(store: Store) {
     store.put_setting("workspace.soul", "first").await.unwrap();
     store.put_setting("workspace.agents", "").await.unwrap();
     assert_eq!(
-        store.get_setting("workspace.soul").await.unwrap().as_deref(),
+        store
+            .get_setting("workspace.soul")
+            .await
+            .unwrap()
+            .as_deref(),
         Some("first")
     );
     assert_eq!(
-        store.get_setting("workspace.agents").await.unwrap().as_deref(),
+        store
+            .get_setting("workspace.agents")
+            .await
+            .unwrap()
+            .as_deref(),
         Some(""),
         "an empty value is a value"
     );
     let text = "Ünïcødé ✓ 'quotes' \"and\" \\ backslashes\n".repeat(2000);
     store.put_setting("workspace.soul", &text).await.unwrap();
     assert_eq!(
-        store.get_setting("workspace.soul").await.unwrap().as_deref(),
+        store
+            .get_setting("workspace.soul")
+            .await
+            .unwrap()
+            .as_deref(),
         Some(text.as_str()),
         "replaced, byte for byte"
     );
     assert_eq!(
-        store.get_setting("workspace.agents").await.unwrap().as_deref(),
+        store
+            .get_setting("workspace.agents")
+            .await
+            .unwrap()
+            .as_deref(),
         Some("")
     );
     for bad in ["", "with space", &"k".repeat(129)] {

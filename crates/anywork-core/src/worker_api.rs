@@ -28,6 +28,9 @@ pub const INPUT_PATH: &str = "/input";
 /// Path of the health check.
 pub const HEALTH_PATH: &str = "/health";
 
+/// Largest file uploaded into a session's `files/` through the worker API (25 MiB).
+pub const MAX_UPLOAD_BYTES: usize = 25 * 1024 * 1024;
+
 /// The default `SOUL.md` (who the agent is) of a workspace, until someone edits it.
 pub const DEFAULT_SOUL: &str = "\
 # Soul

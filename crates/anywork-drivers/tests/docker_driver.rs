@@ -402,15 +402,28 @@ async fn a_missing_image_is_not_found_with_how_to_build_it() {
     assert!(!image.ok, "{checks:?}");
     assert!(image.message.contains(&config.image), "{image:?}");
     assert!(image.message.contains("build-worker-image.sh"), "{image:?}");
-    assert!(by_name("model").ok, "the pool's workers get API_KEY: {checks:?}");
+    assert!(
+        by_name("model").ok,
+        "the pool's workers get API_KEY: {checks:?}"
+    );
 
     // With the image there and no model for the workers, the model is what is missing.
     let mut config = pool.config("http://127.0.0.1:9/v1");
     config.env.clear();
-    let checks = DockerDriver::connect(config).await.unwrap().check_setup().await;
-    assert!(checks.iter().find(|c| c.name == "image").unwrap().ok, "{checks:?}");
+    let checks = DockerDriver::connect(config)
+        .await
+        .unwrap()
+        .check_setup()
+        .await;
+    assert!(
+        checks.iter().find(|c| c.name == "image").unwrap().ok,
+        "{checks:?}"
+    );
     let model = checks.iter().find(|c| c.name == "model").unwrap();
-    assert!(!model.ok && model.message.contains("ANTHROPIC_API_KEY"), "{model:?}");
+    assert!(
+        !model.ok && model.message.contains("ANTHROPIC_API_KEY"),
+        "{model:?}"
+    );
 }
 
 #[tokio::test]

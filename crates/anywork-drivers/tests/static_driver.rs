@@ -137,5 +137,8 @@ async fn the_setup_check_asks_the_worker() {
         .check_setup()
         .await;
     assert!(!checks[0].ok, "{checks:?}");
-    assert!(checks[0].message.contains("STATIC_WORKER_URL"), "{checks:?}");
+    assert!(
+        checks[0].message.contains("STATIC_WORKER_URL"),
+        "{checks:?}"
+    );
 }

@@ -13,6 +13,10 @@
 //! | `anywork_worker_starts_total` | counter: a task got its worker | `driver` |
 //! | `anywork_worker_failures_total` | counter: an attempt to get a worker failed | `driver` |
 //! | `anywork_worker_start_seconds` | histogram: time for a task to get its worker, retries included | `driver` |
+//! | `anywork_model_tokens_total` | counter: tokens of finished tasks | `model`, `kind`: input, output, cache_read, cache_write |
+//! | `anywork_model_cost_usd_total` | counter: cost of finished tasks, US dollars | `model` |
+//! | `anywork_model_retries_total` | counter: model calls retried (progress `model_retry`) | `model` |
+//! | `anywork_model_errors_total` | counter: model API errors told by an `error` event | `model`, `code` |
 //!
 //! Every counter counts since this process started: nothing survives a restart (Prometheus'
 //! `rate()` and `increase()` handle the resets).
@@ -28,7 +32,8 @@ use prometheus_client::registry::Registry;
 pub const DURATION_BUCKETS: [f64; 10] = [0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0];
 
 /// Upper bounds (seconds) of the worker start-latency histogram.
-pub const WORKER_START_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0];
+pub const WORKER_START_BUCKETS: [f64; 10] =
+    [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0];
 
 type Label = [(&'static str, &'static str); 1];
 type DriverLabel = [(&'static str, String); 1];
@@ -47,6 +52,10 @@ pub(crate) struct Metrics {
     worker_starts: Family<DriverLabel, Counter>,
     worker_failures: Family<DriverLabel, Counter>,
     worker_start: Family<DriverLabel, Histogram>,
+    tokens: Family<[(&'static str, String); 2], Counter>,
+    cost: Family<[(&'static str, String); 1], Counter<f64, std::sync::atomic::AtomicU64>>,
+    model_retries: Family<[(&'static str, String); 1], Counter>,
+    model_errors: Family<[(&'static str, String); 2], Counter>,
 }
 
 impl Default for Metrics {
@@ -67,9 +76,11 @@ impl Default for Metrics {
             duration: Histogram::new(DURATION_BUCKETS),
             worker_starts: Family::default(),
             worker_failures: Family::default(),
-            worker_start: Family::new_with_constructor(|| {
-                Histogram::new(WORKER_START_BUCKETS)
-            }),
+            worker_start: Family::new_with_constructor(|| Histogram::new(WORKER_START_BUCKETS)),
+            tokens: Family::default(),
+            cost: Family::default(),
+            model_retries: Family::default(),
+            model_errors: Family::default(),
         }
     }
 }
@@ -98,6 +109,46 @@ impl Metrics {
     /// An attempt to get a worker from `driver` failed.
     pub(crate) fn worker_failed(&self, driver: &str) {
         self.worker_failures.get_or_create(&by_driver(driver)).inc();
+    }
+
+    /// A finished task of `model` used `usage` and cost `cost_usd`.
+    pub(crate) fn model_usage(
+        &self,
+        model: &str,
+        usage: &anywork_core::TokenUsage,
+        cost_usd: Option<f64>,
+    ) {
+        for (kind, n) in [
+            ("input", usage.input_tokens),
+            ("output", usage.output_tokens),
+            ("cache_read", usage.cache_read_input_tokens),
+            ("cache_write", usage.cache_creation_input_tokens),
+        ] {
+            if n > 0 {
+                self.tokens
+                    .get_or_create(&[("model", model.to_owned()), ("kind", kind.to_owned())])
+                    .inc_by(n);
+            }
+        }
+        if let Some(cost) = cost_usd.filter(|c| c.is_finite() && *c > 0.0) {
+            self.cost
+                .get_or_create(&[("model", model.to_owned())])
+                .inc_by(cost);
+        }
+    }
+
+    /// A call to `model` is being retried.
+    pub(crate) fn model_retry(&self, model: &str) {
+        self.model_retries
+            .get_or_create(&[("model", model.to_owned())])
+            .inc();
+    }
+
+    /// `model`'s API failed with `code`.
+    pub(crate) fn model_error(&self, model: &str, code: &str) {
+        self.model_errors
+            .get_or_create(&[("model", model.to_owned()), ("code", code.to_owned())])
+            .inc();
     }
 
     /// Shows the worker metrics of `driver` from the start (zeros rather than nothing).
@@ -156,6 +207,26 @@ impl Metrics {
             "anywork_worker_start_seconds",
             "Time for a task to get its worker (retries included), by driver",
             self.worker_start.clone(),
+        );
+        registry.register(
+            "anywork_model_tokens",
+            "Tokens used by finished tasks, by model and kind",
+            self.tokens.clone(),
+        );
+        registry.register(
+            "anywork_model_cost_usd",
+            "Cost of finished tasks in US dollars, by model",
+            self.cost.clone(),
+        );
+        registry.register(
+            "anywork_model_retries",
+            "Model calls retried, by model",
+            self.model_retries.clone(),
+        );
+        registry.register(
+            "anywork_model_errors",
+            "Model API errors told by tasks, by model and code",
+            self.model_errors.clone(),
         );
         registry.register_collector(Box::new(gauges));
     }

@@ -161,6 +161,78 @@ impl WorkerClient {
         json_body(worker, &path, check(worker, &path, response).await?).await
     }
 
+    /// `GET /sessions/:id/files`: the session's `files/` listing.
+    pub async fn list_files(&self, worker: &WorkerEndpoint, session: &SessionId) -> Result<Value> {
+        self.get(
+            worker,
+            &format!("/sessions/{}/files", encode(session.as_str())),
+        )
+        .await
+    }
+
+    /// `GET /sessions/:id/files/*path`: one file's bytes (`path` relative to `files/`).
+    pub async fn read_file(
+        &self,
+        worker: &WorkerEndpoint,
+        session: &SessionId,
+        path: &str,
+    ) -> Result<Vec<u8>> {
+        let path = format!(
+            "/sessions/{}/files/{}",
+            encode(session.as_str()),
+            encode_path(path)
+        );
+        self.get_bytes(worker, &path).await
+    }
+
+    /// `GET /sessions/:id/files.zip`: the session's `files/` as a zip.
+    pub async fn zip_files(&self, worker: &WorkerEndpoint, session: &SessionId) -> Result<Vec<u8>> {
+        let path = format!("/sessions/{}/files.zip", encode(session.as_str()));
+        self.get_bytes(worker, &path).await
+    }
+
+    /// `PUT /sessions/:id/files/*path` with the file's bytes.
+    pub async fn write_file(
+        &self,
+        worker: &WorkerEndpoint,
+        session: &SessionId,
+        path: &str,
+        bytes: Vec<u8>,
+    ) -> Result<Value> {
+        let path = format!(
+            "/sessions/{}/files/{}",
+            encode(session.as_str()),
+            encode_path(path)
+        );
+        let url = format!("{}{path}", worker.base_url);
+        let response = self
+            .http
+            .put(&url)
+            .timeout(FILE_TIMEOUT)
+            .body(bytes)
+            .send()
+            .await
+            .map_err(|e| transport_error(worker, &path, e))?;
+        json_body(worker, &path, check(worker, &path, response).await?).await
+    }
+
+    async fn get_bytes(&self, worker: &WorkerEndpoint, path: &str) -> Result<Vec<u8>> {
+        let url = format!("{}{path}", worker.base_url);
+        let response = self
+            .http
+            .get(&url)
+            .timeout(FILE_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| transport_error(worker, path, e))?;
+        let response = check(worker, path, response).await?;
+        response
+            .bytes()
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|e| transport_error(worker, path, e))
+    }
+
     async fn get(&self, worker: &WorkerEndpoint, path: &str) -> Result<Value> {
         let url = format!("{}{path}", worker.base_url);
         let response = self
@@ -257,15 +329,28 @@ async fn json_body(
     })
 }
 
-/// `/workspace/:file?session_id=…`, the session id percent-encoded.
-fn session_doc_path(file: &str, session: &SessionId) -> String {
-    let mut encoded = String::new();
-    for b in session.as_str().bytes() {
+/// How long a file transfer with a worker may take.
+const FILE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `s` percent-encoded for a URL path segment or query value.
+fn encode(s: &str) -> String {
+    let mut encoded = String::with_capacity(s.len());
+    for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
             encoded.push(char::from(b));
         } else {
             encoded.push_str(&format!("%{b:02X}"));
         }
     }
-    format!("/workspace/{file}?session_id={encoded}")
+    encoded
+}
+
+/// A `/`-separated path, each segment percent-encoded.
+fn encode_path(path: &str) -> String {
+    path.split('/').map(encode).collect::<Vec<_>>().join("/")
+}
+
+/// `/workspace/:file?session_id=…`, the session id percent-encoded.
+fn session_doc_path(file: &str, session: &SessionId) -> String {
+    format!("/workspace/{file}?session_id={}", encode(session.as_str()))
 }

@@ -601,7 +601,7 @@ fn symlink_refused(path: &Path) -> Error {
 }
 
 /// Creates `base/segs[0]/segs[1]/...` one component at a time; refuses links and files on the way.
-fn ensure_dirs(base: &Path, segs: &[&str]) -> Result<PathBuf> {
+pub(crate) fn ensure_dirs(base: &Path, segs: &[&str]) -> Result<PathBuf> {
     let mut path = base.to_path_buf();
     for seg in segs {
         path.push(seg);
@@ -749,7 +749,7 @@ fn write_temp(dir: &Path, name: &str, bytes: &[u8], sync: bool) -> Result<PathBu
 }
 
 /// Replaces `dir/name` with `bytes` atomically; refuses when `dir/name` is a link or folder.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     let dest = dir.join(name);
     check_file_slot(&dest)?;
     let tmp = write_temp(dir, name, bytes, true)?;

@@ -593,9 +593,9 @@ impl DockerDriver {
         match self.wait_ready_watching(&endpoint, within).await {
             Ok(()) => Ok(endpoint),
             Err(NotReady::Stopped(why)) => Err(self.not_ready(&endpoint.worker_id, &why).await),
-            Err(NotReady::Mute) => {
-                Err(self.not_ready(&endpoint.worker_id, &self.mute_for(within)).await)
-            }
+            Err(NotReady::Mute) => Err(self
+                .not_ready(&endpoint.worker_id, &self.mute_for(within))
+                .await),
         }
     }
 

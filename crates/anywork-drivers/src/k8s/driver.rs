@@ -565,13 +565,17 @@ impl ContainerDriver for K8sDriver {
     /// The API server answers for the namespace's pods, and the workers get a model.
     async fn check_setup(&self) -> Vec<SetupCheck> {
         let ns = &self.config.namespace;
-        let mut checks = vec![match self.pods.list(&ListParams::default().limit(1)).await {
-            Ok(_) => SetupCheck::ok("cluster", format!("the Kubernetes API answers for namespace {ns}")),
-            Err(e) => SetupCheck::problem(
-                "cluster",
-                self.api_error(e, "list", "pods", ns).message(),
-            ),
-        }];
+        let mut checks = vec![
+            match self.pods.list(&ListParams::default().limit(1)).await {
+                Ok(_) => SetupCheck::ok(
+                    "cluster",
+                    format!("the Kubernetes API answers for namespace {ns}"),
+                ),
+                Err(e) => {
+                    SetupCheck::problem("cluster", self.api_error(e, "list", "pods", ns).message())
+                }
+            },
+        ];
         checks.push(match &self.config.worker_secret {
             Some(secret) => SetupCheck::ok(
                 "model",

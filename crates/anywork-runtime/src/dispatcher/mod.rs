@@ -194,6 +194,13 @@ impl Dispatcher {
             .create_task(NewTask::from_request(session.id.clone(), request))
             .await?;
         self.inner.metrics.submitted();
+        tracing::info!(
+            task = %task.id,
+            session = %task.session_id,
+            channel = %task.channel_type,
+            new_session = created,
+            "task submitted"
+        );
         if created || untitled {
             self.spawn_title(session.id.clone(), task.message.clone());
         }
@@ -401,6 +408,14 @@ impl Inner {
                 vec![TaskEvent::Done(outcome.clone())],
             )
             .await?;
+        tracing::info!(
+            task = %task.id,
+            session = %task.session_id,
+            status = %stored.status,
+            ran = false,
+            error = outcome.error.as_deref().unwrap_or(""),
+            "task finished"
+        );
         self.after_finish(&stored, outcome).await;
         if !lock(&self.runs).contains_key(&task.id) {
             self.hub.close(task.id);

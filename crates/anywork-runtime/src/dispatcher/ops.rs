@@ -303,6 +303,46 @@ impl Dispatcher {
         Ok(file)
     }
 
+    /// The session's `files/` listing (`{files: [{path, size, modified}], truncated}`), from
+    /// its worker (started if it is not running: the files live on its workspace).
+    pub async fn session_files(&self, session: &SessionId) -> Result<Value> {
+        self.inner.store.get_session(session).await?;
+        let worker = self.inner.driver.get_worker(session).await?;
+        self.inner.client.list_files(&worker, session).await
+    }
+
+    /// One file of the session's `files/` (`path` relative to it).
+    pub async fn session_file(&self, session: &SessionId, path: &str) -> Result<Vec<u8>> {
+        anywork_core::spec::validate_relative_path(path)?;
+        self.inner.store.get_session(session).await?;
+        let worker = self.inner.driver.get_worker(session).await?;
+        self.inner.client.read_file(&worker, session, path).await
+    }
+
+    /// The session's `files/` as a zip.
+    pub async fn session_files_zip(&self, session: &SessionId) -> Result<Vec<u8>> {
+        self.inner.store.get_session(session).await?;
+        let worker = self.inner.driver.get_worker(session).await?;
+        self.inner.client.zip_files(&worker, session).await
+    }
+
+    /// Writes (uploads) `bytes` as `files/<path>` of the session; the worker refuses
+    /// traversal, links and files over its upload limit.
+    pub async fn put_session_file(
+        &self,
+        session: &SessionId,
+        path: &str,
+        bytes: Vec<u8>,
+    ) -> Result<Value> {
+        anywork_core::spec::validate_relative_path(path)?;
+        self.inner.store.get_session(session).await?;
+        let worker = self.inner.driver.get_worker(session).await?;
+        self.inner
+            .client
+            .write_file(&worker, session, path, bytes)
+            .await
+    }
+
     /// The healthy worker that serves `session` now (its own, or a shared one), without
     /// starting one.
     pub(super) async fn running_worker(&self, session: &SessionId) -> Result<WorkerEndpoint> {
@@ -319,6 +359,25 @@ impl Dispatcher {
                      read and changed while it runs"
                 ))
             })
+    }
+
+    /// The tasks not yet over (pending, running, waiting for input), oldest first, at most
+    /// `limit` of each status.
+    pub async fn active_tasks(&self, limit: u32) -> Result<Vec<Task>> {
+        let mut tasks = Vec::new();
+        for status in [
+            anywork_core::TaskStatus::Running,
+            anywork_core::TaskStatus::InputRequired,
+            anywork_core::TaskStatus::Pending,
+        ] {
+            tasks.extend(
+                self.inner
+                    .store
+                    .tasks_by_status(status, Page::first(limit))
+                    .await?,
+            );
+        }
+        Ok(tasks)
     }
 
     /// The workers the driver runs.
@@ -356,7 +415,10 @@ impl Inner {
                     None
                 })
         };
-        (get(WorkspaceDoc::Soul).await, get(WorkspaceDoc::Agents).await)
+        (
+            get(WorkspaceDoc::Soul).await,
+            get(WorkspaceDoc::Agents).await,
+        )
     }
 }
 

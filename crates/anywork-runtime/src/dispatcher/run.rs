@@ -56,6 +56,7 @@ async fn run_task(inner: &Arc<Inner>, task: Task) -> Result<()> {
         control: rx,
         cancel_acks: Vec::new(),
         started: Instant::now(),
+        model: String::new(),
     };
     let result = run.execute().await;
     lock(&inner.runs).remove(&task_id);
@@ -77,6 +78,8 @@ struct Run {
     control: mpsc::Receiver<Control>,
     cancel_acks: Vec<oneshot::Sender<()>>,
     started: Instant,
+    /// The model the agent said it uses (its `init` event), for the metrics.
+    model: String,
 }
 
 /// Why the run stops before the worker's `done`.
@@ -121,6 +124,13 @@ impl Run {
             Err(e) => return Err(e),
         }
         self.status = TaskStatus::Running;
+        tracing::info!(
+            task = %self.task.id,
+            session = %self.task.session_id,
+            worker = %endpoint.worker_id,
+            waited_ms = self.started.elapsed().as_millis() as u64,
+            "task started"
+        );
 
         let (inner, task, worker) = (self.inner.clone(), self.task.clone(), endpoint.clone());
         let start = async move { start_chat(&inner, &task, &worker).await };
@@ -259,6 +269,7 @@ impl Run {
                         Some(TaskEvent::Done(_)) => match batch.pop() { Some(TaskEvent::Done(o)) => Some(o), _ => None },
                         _ => None,
                     };
+                    self.count(&batch);
                     let asks = batch.iter().any(|e| matches!(e, TaskEvent::InputRequired(_)));
                     if asks && self.status == TaskStatus::Running {
                         self.set_status(TaskStatus::InputRequired, batch).await?;
@@ -284,6 +295,34 @@ impl Run {
                     }
                 }
             }
+        }
+    }
+
+    /// Counts what the events tell about the model: its name, retries, API errors.
+    fn count(&mut self, batch: &[TaskEvent]) {
+        for event in batch {
+            match event {
+                TaskEvent::Init(init) if !init.model.is_empty() => {
+                    self.model = init.model.clone();
+                }
+                TaskEvent::Progress(p) if p.stage == Progress::MODEL_RETRY => {
+                    self.inner.metrics.model_retry(self.model_label());
+                }
+                TaskEvent::Error {
+                    code: Some(code), ..
+                } => {
+                    self.inner.metrics.model_error(self.model_label(), code);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn model_label(&self) -> &str {
+        if self.model.is_empty() {
+            "unknown"
+        } else {
+            &self.model
         }
     }
 
@@ -377,6 +416,18 @@ impl Run {
             Err(e) => return Err(e),
         };
         self.task = task;
+        self.inner
+            .metrics
+            .model_usage(self.model_label(), &outcome.usage, outcome.cost_usd);
+        tracing::info!(
+            task = %self.task.id,
+            session = %self.task.session_id,
+            status = %self.task.status,
+            duration_ms = outcome.duration_ms,
+            cost_usd = outcome.cost_usd.unwrap_or(0.0),
+            error = outcome.error.as_deref().unwrap_or(""),
+            "task finished"
+        );
         self.inner.after_finish(&self.task, outcome).await;
         Ok(())
     }

@@ -3,6 +3,7 @@
 //! [`ws_router`], [`ui_router`]) or all together ([`router`]).
 
 pub mod dto;
+mod http_metrics;
 mod openapi;
 mod rest;
 #[cfg(test)]
@@ -75,6 +76,7 @@ struct StateInner {
     dispatcher: Dispatcher,
     options: ApiOptions,
     websockets: Gauge,
+    http_requests: http_metrics::HttpRequests,
     metrics: Registry,
     closing: tokio_util::sync::CancellationToken,
 }
@@ -91,11 +93,18 @@ impl AppState {
             "Open WebSocket connections",
             websockets.clone(),
         );
+        let http_requests = http_metrics::HttpRequests::default();
+        metrics.register(
+            "anywork_http_requests",
+            "API requests answered, by method, route pattern and status",
+            http_requests.clone(),
+        );
         Self {
             inner: Arc::new(StateInner {
                 dispatcher,
                 options,
                 websockets,
+                http_requests,
                 metrics,
                 closing: tokio_util::sync::CancellationToken::new(),
             }),
@@ -124,6 +133,10 @@ impl AppState {
 
     fn metrics(&self) -> &Registry {
         &self.inner.metrics
+    }
+
+    fn http_requests(&self) -> &http_metrics::HttpRequests {
+        &self.inner.http_requests
     }
 
     fn ws_opened(&self) -> WsGuard {
@@ -174,9 +187,22 @@ pub fn api_router(state: AppState) -> Router {
             "/api/sessions/{id}/workspace/{file}",
             get(rest::get_session_doc).put(rest::put_session_doc),
         )
+        .route("/api/sessions/{id}/files", get(rest::session_files))
+        .route("/api/sessions/{id}/files.zip", get(rest::session_files_zip))
+        .route(
+            "/api/sessions/{id}/files/{*path}",
+            get(rest::session_file).put(rest::put_session_file).layer(
+                axum::extract::DefaultBodyLimit::max(anywork_core::worker_api::MAX_UPLOAD_BYTES),
+            ),
+        )
         .route("/api/admin/workers", get(rest::workers))
+        .route("/api/admin/tasks", get(rest::active_tasks))
         .route("/metrics", get(rest::metrics))
-        .method_not_allowed_fallback(anywork_http::method_not_allowed);
+        .method_not_allowed_fallback(anywork_http::method_not_allowed)
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            http_metrics::count,
+        ));
     anywork_http::limit_body(api, limit).with_state(state)
 }
 

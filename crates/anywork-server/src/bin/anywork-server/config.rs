@@ -81,6 +81,12 @@ pub struct Built {
     pub state: AppState,
     /// Where the local worker listens, when there is one.
     pub local_worker: Option<String>,
+    /// The store, for the start-up line (credentials left out).
+    pub store: String,
+    /// The executor, for the start-up line.
+    pub executor: String,
+    /// The model, for the start-up line.
+    pub model: String,
 }
 
 /// The values of `CONTAINER_DRIVER`: every driver is compiled into the binary.
@@ -96,6 +102,10 @@ impl Config {
             (None, Some(url)) if !url.trim().is_empty() => "static".to_owned(),
             (None, _) => "local".to_owned(),
         };
+        let mut executor = std::env::var("EXECUTOR")
+            .ok()
+            .filter(|e| !e.trim().is_empty())
+            .unwrap_or_else(|| "chosen by each worker from its model variables".to_owned());
         let (driver, local_worker): (Arc<dyn ContainerDriver>, Option<String>) = match driver_name
             .as_str()
         {
@@ -108,8 +118,9 @@ impl Config {
                 (Arc::new(anywork_drivers::StaticDriver::new(url)?), None)
             }
             "local" => {
-                let (url, warn) = self.start_local_worker().await?;
+                let (url, warn, name) = self.start_local_worker().await?;
                 warning = warn;
+                executor = name;
                 (
                     Arc::new(anywork_drivers::StaticDriver::new(&url)?),
                     Some(url),
@@ -170,7 +181,29 @@ impl Config {
         Ok(Built {
             state: AppState::new(dispatcher, options),
             local_worker,
+            store: self.store_description(),
+            executor,
+            model: model_description(),
         })
+    }
+
+    /// The store in force, without credentials: `postgres://host/db`, `sqlite:…`, `memory:`.
+    fn store_description(&self) -> String {
+        match self
+            .database_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+        {
+            Some(url) => match url.split_once("://") {
+                Some((scheme, rest)) => {
+                    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+                    let host = host.split('?').next().unwrap_or(host);
+                    format!("{scheme}://{host}")
+                }
+                None => url.split('?').next().unwrap_or(url).to_owned(),
+            },
+            None => format!("sqlite:{}", self.db_dir.join("anywork.db").display()),
+        }
     }
 
     async fn store(&self) -> anyhow::Result<Arc<dyn TaskStore>> {
@@ -208,9 +241,9 @@ impl Config {
         }
     }
 
-    /// Starts the in-process worker on a loopback port; returns its URL, and the warning to
-    /// show when no model is configured.
-    async fn start_local_worker(&self) -> anyhow::Result<(String, Option<String>)> {
+    /// Starts the in-process worker on a loopback port; returns its URL, the warning to
+    /// show when no model is configured, and the executor's name.
+    async fn start_local_worker(&self) -> anyhow::Result<(String, Option<String>, String)> {
         let workspace = self
             .workspace_dir
             .clone()
@@ -226,6 +259,7 @@ impl Config {
                 )
             }
         };
+        let executor_name = executor.name().to_owned();
         let state = anywork_worker::WorkerState::new(
             anywork_worker::WorkerConfig::new(&workspace),
             executor,
@@ -241,8 +275,17 @@ impl Config {
             std::future::pending(),
         ));
         tracing::info!(%url, workspace = %workspace.display(), "local worker started");
-        Ok((url, warning))
+        Ok((url, warning, executor_name))
     }
+}
+
+/// The model the workers are told to use (`ANTHROPIC_MODEL`, then `MODEL`), for the start-up
+/// line; each executor logs the one it resolves.
+fn model_description() -> String {
+    ["ANTHROPIC_MODEL", "MODEL"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|m| !m.trim().is_empty()))
+        .unwrap_or_else(|| "the executor's default (Claude Code: sonnet)".to_owned())
 }
 
 /// The executor of a local worker with no model: every task fails saying what to set.
