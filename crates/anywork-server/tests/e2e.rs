@@ -68,7 +68,7 @@ async fn websocket_chat_streams_events_and_the_log_has_the_same_gap_free() {
     assert_eq!(stored["status"], "completed");
     assert_eq!(stored["result"], "Hello from the fake model.");
     assert_eq!(stored["numTurns"], 1);
-    assert!(stored["workerId"].as_str().unwrap().starts_with("static:"));
+    assert_eq!(stored["workerId"], "static-worker");
     let (_, sessions) = server.get("/api/sessions").await;
     assert_eq!(sessions["sessions"][0]["id"], session.as_str());
     assert_eq!(sessions["sessions"][0]["title"], "Please say hello to me");
@@ -471,7 +471,13 @@ async fn push_notification_is_posted_when_the_task_ends() {
     let fake = FakeLlm::start().await;
     fake.set_responder(|_| Reply::text("pushed"));
     let worker = WorkerProcess::start(&fake).await;
-    let server = TestServer::start(&worker.url).await;
+    // The receiver is on loopback over http: the operator allows it.
+    let mut config = anywork_runtime::DispatcherConfig::default();
+    config.outbound = anywork_core::OutboundPolicy::strict()
+        .with_http(true)
+        .allow_list("127.0.0.1")
+        .unwrap();
+    let server = TestServer::start_with(&worker.url, config, anywork_runtime::FirstWords).await;
     // A receiver that fails once (503), then records.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Option<String>, Value)>(4);
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));

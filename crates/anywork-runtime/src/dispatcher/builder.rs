@@ -7,7 +7,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anywork_core::{Channel, ContainerDriver, Error, Result, TaskId, TaskStore};
+use anywork_core::{
+    Channel, ContainerDriver, McpAccess, OutboundPolicy, Result, TaskId, TaskStore,
+};
 use tokio::sync::Semaphore;
 
 use super::retry::Backoff;
@@ -15,6 +17,7 @@ use super::upkeep::{reap_loop, recovery_loop};
 use super::{Dispatcher, Inner};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::skills::{NoSkills, SkillSource};
 use crate::title::{FirstWords, TitleGenerator};
 use crate::worker_client::WorkerClient;
 
@@ -46,6 +49,13 @@ pub struct DispatcherConfig {
     /// How often the driver is asked to stop idle workers ([`ContainerDriver::reap_idle`]);
     /// `None` never.
     pub reap_every: Option<Duration>,
+    /// Where request-chosen URLs may lead (push notifications, webhook callbacks, HTTP MCP
+    /// servers): checked when a request comes in and again when connecting. Default:
+    /// [`OutboundPolicy::strict`] (https, public addresses only).
+    pub outbound: OutboundPolicy,
+    /// Which MCP servers a request may ask for: entries of the operator's catalog, and its
+    /// own stdio commands only when allowed. Default: an empty catalog, no commands.
+    pub mcp: McpAccess,
 }
 
 impl Default for DispatcherConfig {
@@ -61,6 +71,8 @@ impl Default for DispatcherConfig {
             max_batch: 256,
             progress_after: Duration::from_millis(500),
             reap_every: Some(Duration::from_secs(30)),
+            outbound: OutboundPolicy::strict(),
+            mcp: McpAccess::default(),
         }
     }
 }
@@ -73,6 +85,7 @@ pub struct DispatcherBuilder {
     config: DispatcherConfig,
     channels: HashMap<String, Arc<dyn Channel>>,
     titles: Arc<dyn TitleGenerator>,
+    skills: Arc<dyn SkillSource>,
 }
 
 impl std::fmt::Debug for DispatcherBuilder {
@@ -97,6 +110,7 @@ impl Dispatcher {
             config: DispatcherConfig::default(),
             channels: HashMap::new(),
             titles: Arc::new(FirstWords),
+            skills: Arc::new(NoSkills),
         }
     }
 }
@@ -121,14 +135,19 @@ impl DispatcherBuilder {
         self
     }
 
+    /// Sets where skills asked for by name come from (default: [`NoSkills`], which refuses
+    /// every name saying how to set `SKILLS_DIR`).
+    pub fn skills(mut self, skills: impl SkillSource) -> Self {
+        self.skills = Arc::new(skills);
+        self
+    }
+
     /// Starts the dispatcher: its background recovery loop, and the tasks a previous run left
     /// pending are queued again. Needs a Tokio runtime.
     pub async fn start(self) -> Result<Dispatcher> {
         let client = WorkerClient::new(self.config.control_timeout)?;
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
+        let http =
+            crate::outbound::checked_client(self.config.outbound.clone(), Duration::from_secs(30))?;
         let permits = Arc::new(Semaphore::new(self.config.max_concurrent.max(1)));
         let metrics = Metrics::default();
         metrics.driver(self.driver.name());
@@ -141,6 +160,7 @@ impl DispatcherBuilder {
                 config: self.config,
                 channels: self.channels,
                 titles: self.titles,
+                skills: self.skills,
                 http,
                 metrics,
                 queues: Mutex::new(HashMap::new()),

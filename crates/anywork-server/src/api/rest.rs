@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use anywork_core::{
     Error, InboundRequest, InputResponse, NewSession, Page, PushNotification, SessionId, SkillSpec,
-    TaskId, TaskRequest, WireTask, spec::McpServers,
+    TaskId, TaskRequest, WireTask,
+    spec::{McpServers, deserialize_mcp_servers_any, deserialize_skills_any},
 };
 use anywork_http::{ApiError, JsonBody, PathParam, QueryParams};
 use anywork_runtime::{InboundOutcome, WorkspaceDoc};
@@ -178,9 +179,11 @@ pub(crate) struct CreateTask {
     channel_key: Option<String>,
     #[serde(default)]
     channel_meta: Value,
-    #[serde(default)]
+    /// Names and/or inline objects, as the original's clients send them.
+    #[serde(default, deserialize_with = "deserialize_skills_any")]
     skills: Vec<SkillSpec>,
-    #[serde(default)]
+    /// The original's list, the map by name, `[]`, `{}` or `null`.
+    #[serde(default, deserialize_with = "deserialize_mcp_servers_any")]
     mcp_servers: McpServers,
     #[serde(default)]
     push_notification: Option<PushNotification>,
@@ -190,6 +193,24 @@ pub(crate) async fn create_task(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<CreateTask>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
+    let options = state.options();
+    if let Some(key) = &body.channel_key
+        && key.len() > options.max_channel_key_bytes
+    {
+        return Err(Error::invalid_input(format!(
+            "`channel_key` is longer than {} bytes",
+            options.max_channel_key_bytes
+        ))
+        .into());
+    }
+    let meta_len = serde_json::to_string(&body.channel_meta).map_or(0, |s| s.len());
+    if meta_len > options.max_channel_meta_bytes {
+        return Err(Error::invalid_input(format!(
+            "`channel_meta` is larger than {} bytes of JSON",
+            options.max_channel_meta_bytes
+        ))
+        .into());
+    }
     let mut request = TaskRequest::new(
         body.channel_type.unwrap_or_else(|| "api".to_owned()),
         body.message,
@@ -374,6 +395,12 @@ pub(crate) async fn active_tasks(State(state): State<AppState>) -> ApiResult {
         "running": state.dispatcher().running(),
         "queueDepth": state.dispatcher().queue_depth(),
     })))
+}
+
+/// `GET /api/skills`: `{"skills": [{name, description}], "invalid": [{name, error}]}`.
+pub(crate) async fn skills(State(state): State<AppState>) -> ApiResult {
+    let catalog = state.dispatcher().skill_catalog().await?;
+    Ok(Json(json!(catalog)))
 }
 
 pub(crate) async fn workers(State(state): State<AppState>) -> ApiResult {

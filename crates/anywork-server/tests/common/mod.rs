@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anywork_drivers::StaticDriver;
-use anywork_runtime::{Backoff, Dispatcher, DispatcherConfig, FirstWords, TitleGenerator};
+use anywork_runtime::{
+    Backoff, Dispatcher, DispatcherBuilder, DispatcherConfig, FirstWords, TitleGenerator,
+};
 use anywork_server::{ApiOptions, AppState};
 use anywork_store::SqliteStore;
 use anywork_test::fake_llm::FakeLlm;
@@ -106,17 +108,44 @@ impl TestServer {
         config: DispatcherConfig,
         titles: impl TitleGenerator,
     ) -> TestServer {
+        Self::start_full(worker_url, config, titles, ApiOptions::default()).await
+    }
+
+    /// A server with its own API options (token, limits, CORS origins).
+    pub async fn start_full(
+        worker_url: &str,
+        config: DispatcherConfig,
+        titles: impl TitleGenerator,
+        options: ApiOptions,
+    ) -> TestServer {
+        Self::start_custom_with(worker_url, |b| b.config(config).titles(titles), options).await
+    }
+
+    /// The server with the dispatcher's builder set up by `setup` (skills, channels, …).
+    pub async fn start_custom(
+        worker_url: &str,
+        setup: impl FnOnce(DispatcherBuilder) -> DispatcherBuilder,
+    ) -> TestServer {
+        Self::start_custom_with(worker_url, setup, ApiOptions::default()).await
+    }
+
+    /// The server with its builder set up by `setup` and its own API options.
+    pub async fn start_custom_with(
+        worker_url: &str,
+        setup: impl FnOnce(DispatcherBuilder) -> DispatcherBuilder,
+        options: ApiOptions,
+    ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open_in_dir(dir.path()).await.unwrap());
         let driver = Arc::new(StaticDriver::new(worker_url).unwrap());
-        let dispatcher = Dispatcher::builder(store, driver)
-            .config(config)
-            .titles(titles)
+        let dispatcher = setup(Dispatcher::builder(store, driver))
             .start()
             .await
             .unwrap();
-        let mut options = ApiOptions::default();
-        options.setup = dispatcher.check_setup().await;
+        let mut options = options;
+        if options.setup.is_empty() {
+            options.setup = dispatcher.check_setup().await;
+        }
         let state = AppState::new(dispatcher, options);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
