@@ -229,6 +229,103 @@ impl WorkerClient {
         json_body(worker, &path, check(worker, &path, response).await?).await
     }
 
+    /// `GET /workspace/:file?session_id=` — the session's copy.
+    pub async fn get_session_doc(
+        &self,
+        worker: &WorkerEndpoint,
+        file: &str,
+        session: &SessionId,
+    ) -> Result<Value> {
+        self.get(worker, &session_doc_path(file, session)).await
+    }
+
+    /// `PUT /workspace/:file?session_id=` with `{content}` — the session's copy.
+    pub async fn put_session_doc(
+        &self,
+        worker: &WorkerEndpoint,
+        file: &str,
+        session: &SessionId,
+        content: &str,
+    ) -> Result<Value> {
+        let path = session_doc_path(file, session);
+        let response = self
+            .request(reqwest::Method::PUT, worker, &path)
+            .timeout(self.control_timeout)
+            .json(&serde_json::json!({ "content": content }))
+            .send()
+            .await
+            .map_err(|e| transport_error(worker, &path, e))?;
+        json_body(worker, &path, check(worker, &path, response).await?).await
+    }
+
+    /// `GET /sessions/:id/files`: the session's `files/` listing.
+    pub async fn list_files(&self, worker: &WorkerEndpoint, session: &SessionId) -> Result<Value> {
+        self.get(
+            worker,
+            &format!("/sessions/{}/files", encode(session.as_str())),
+        )
+        .await
+    }
+
+    /// `GET /sessions/:id/files/*path`: one file's bytes (`path` relative to `files/`).
+    pub async fn read_file(
+        &self,
+        worker: &WorkerEndpoint,
+        session: &SessionId,
+        path: &str,
+    ) -> Result<Vec<u8>> {
+        let path = format!(
+            "/sessions/{}/files/{}",
+            encode(session.as_str()),
+            encode_path(path)
+        );
+        self.get_bytes(worker, &path).await
+    }
+
+    /// `GET /sessions/:id/files.zip`: the session's `files/` as a zip.
+    pub async fn zip_files(&self, worker: &WorkerEndpoint, session: &SessionId) -> Result<Vec<u8>> {
+        let path = format!("/sessions/{}/files.zip", encode(session.as_str()));
+        self.get_bytes(worker, &path).await
+    }
+
+    /// `PUT /sessions/:id/files/*path` with the file's bytes.
+    pub async fn write_file(
+        &self,
+        worker: &WorkerEndpoint,
+        session: &SessionId,
+        path: &str,
+        bytes: Vec<u8>,
+    ) -> Result<Value> {
+        let path = format!(
+            "/sessions/{}/files/{}",
+            encode(session.as_str()),
+            encode_path(path)
+        );
+        let response = self
+            .request(reqwest::Method::PUT, worker, &path)
+            .timeout(FILE_TIMEOUT)
+            .body(bytes)
+            .send()
+            .await
+            .map_err(|e| transport_error(worker, &path, e))?;
+        json_body(worker, &path, check(worker, &path, response).await?).await
+    }
+
+    async fn get_bytes(&self, worker: &WorkerEndpoint, path: &str) -> Result<Vec<u8>> {
+        let response = self
+            .request(reqwest::Method::GET, worker, path)
+            .timeout(FILE_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| transport_error(worker, path, e))?;
+        let response = check(worker, path, response).await?;
+        response
+            .bytes()
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|e| transport_error(worker, path, e))
+    }
+
     /// A request to `path` of `worker`, with its secret.
     fn request(
         &self,
@@ -358,6 +455,32 @@ async fn json_body(
             format!("the worker answered {path} with something that is not the expected JSON"),
         )
     })
+}
+
+/// How long a file transfer with a worker may take.
+const FILE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `s` percent-encoded for a URL path segment or query value.
+fn encode(s: &str) -> String {
+    let mut encoded = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    encoded
+}
+
+/// A `/`-separated path, each segment percent-encoded.
+fn encode_path(path: &str) -> String {
+    path.split('/').map(encode).collect::<Vec<_>>().join("/")
+}
+
+/// `/workspace/:file?session_id=…`, the session id percent-encoded.
+fn session_doc_path(file: &str, session: &SessionId) -> String {
+    format!("/workspace/{file}?session_id={}", encode(session.as_str()))
 }
 
 /// Reads `/chat` events in this worker API's form and in the original AnyWork's (see

@@ -66,6 +66,15 @@ pub fn router(state: WorkerState) -> Router {
         .route("/sessions/{id}", delete(delete_session))
         .route("/sessions/{id}/messages", get(messages))
         .route("/sessions/{id}/files", get(files))
+        .route("/sessions/{id}/files.zip", get(files_zip))
+        .route(
+            "/sessions/{id}/files/{*path}",
+            get(read_file)
+                .put(write_file)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    crate::files::MAX_UPLOAD_BYTES,
+                )),
+        )
         .route("/workspace/{file}", get(get_doc).put(put_doc));
     anywork_http::limit_uri(
         anywork_http::limit_body(routes, limit)
@@ -162,6 +171,11 @@ async fn prepare(
         r.validate()?;
     }
     let dir = blocking(move || {
+        workspace.ensure_session_seeded(
+            &body.session_id,
+            body.default_soul.as_deref(),
+            body.default_agents.as_deref(),
+        )?;
         workspace.prepare(
             &body.session_id,
             &body.skills.unwrap_or_default(),
@@ -331,6 +345,63 @@ async fn files(
     let value = serde_json::to_value(&listing)
         .map_err(|e| Error::internal(format!("cannot encode the file list: {e}")))?;
     Ok(Json(value))
+}
+
+/// `GET /sessions/{id}/files/{*path}`: the file's bytes.
+async fn read_file(
+    State(state): State<WorkerState>,
+    PathParam((id, path)): PathParam<(String, String)>,
+) -> Result<Response, ApiError> {
+    let session = session_param(id)?;
+    let workspace = state.workspace().clone();
+    let bytes = blocking(move || crate::files::read_file(&workspace, &session, &path)).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        bytes,
+    )
+        .into_response())
+}
+
+/// `PUT /sessions/{id}/files/{*path}`: the body becomes the file (at most
+/// [`MAX_UPLOAD_BYTES`](crate::files::MAX_UPLOAD_BYTES)).
+async fn write_file(
+    State(state): State<WorkerState>,
+    PathParam((id, path)): PathParam<(String, String)>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body.map_err(|rej| {
+        ApiError::with_status(
+            rej.status(),
+            Error::invalid_input(format!(
+                "the upload was not read ({}): a file in files/ is at most {} bytes",
+                rej.body_text(),
+                crate::files::MAX_UPLOAD_BYTES
+            )),
+        )
+    })?;
+    let session = session_param(id)?;
+    let workspace = state.workspace().clone();
+    let size = body.len();
+    let (p, session_for_write) = (path.clone(), session.clone());
+    blocking(move || crate::files::write_file(&workspace, &session_for_write, &p, &body)).await?;
+    Ok(Json(
+        json!({ "path": path, "size": size, "status": "saved" }),
+    ))
+}
+
+/// `GET /sessions/{id}/files.zip`: the session's `files/` as a zip.
+async fn files_zip(
+    State(state): State<WorkerState>,
+    PathParam(id): PathParam<String>,
+) -> Result<Response, ApiError> {
+    let session = session_param(id)?;
+    let workspace = state.workspace().clone();
+    let bytes = blocking(move || crate::files::zip_files(&workspace, &session)).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/zip")],
+        bytes,
+    )
+        .into_response())
 }
 
 /// Query of `/workspace/{file}`.

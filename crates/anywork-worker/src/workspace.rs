@@ -70,25 +70,11 @@ pub const FILES_DIR: &str = "files";
 /// Folder of skills inside a session workspace (also written below `.claude/`).
 pub const SKILLS_DIR: &str = "skills";
 
-/// The persona written to `<root>/SOUL.md` when it is missing.
-pub const DEFAULT_SOUL: &str = "\
-# Soul
-
-You are a capable, careful assistant working inside a private workspace.
-
-- Be helpful and direct. Answer the question that was asked; say so when you are unsure.
-- Work in the `files/` folder of your workspace unless you are told otherwise.
-- Before doing anything destructive or irreversible, explain what you are about to do.
-- Keep the user informed of progress on long tasks, and finish with a short summary.
-";
+/// The persona written to `<root>/SOUL.md` when it is missing (the server's default too).
+pub const DEFAULT_SOUL: &str = anywork_core::worker_api::DEFAULT_SOUL;
 
 /// The instructions written to `<root>/AGENTS.md` when it is missing.
-pub const DEFAULT_AGENTS: &str = "\
-# Agents
-
-Instructions for agents working in this workspace. Edit this file to add project
-conventions, commands to run and rules to follow.
-";
+pub const DEFAULT_AGENTS: &str = anywork_core::worker_api::DEFAULT_AGENTS;
 
 /// Most files listed by [`Workspace::list_files`]; the listing says when it stopped early.
 pub const MAX_LISTED_FILES: usize = 10_000;
@@ -264,6 +250,18 @@ impl Workspace {
     /// Creates the workspace of `session` if needed: its folders, and `SOUL.md` and
     /// `AGENTS.md` copied from the worker-level defaults. Returns its directory.
     pub fn ensure_session(&self, session: &SessionId) -> Result<PathBuf> {
+        self.ensure_session_seeded(session, None, None)
+    }
+
+    /// [`ensure_session`](Self::ensure_session), where a missing `SOUL.md` / `AGENTS.md` of
+    /// the session starts as `soul` / `agents` when given (the server's defaults) instead of
+    /// the worker-level files. A session that has its own keeps it.
+    pub fn ensure_session_seeded(
+        &self,
+        session: &SessionId,
+        soul: Option<&str>,
+        agents: Option<&str>,
+    ) -> Result<PathBuf> {
         self.create_root()?;
         let ws = ensure_dirs(&self.root, &[&encode_session_id(session)])?;
         private_dir(&ws)?;
@@ -278,7 +276,14 @@ impl Workspace {
         for doc in [WorkspaceDoc::Soul, WorkspaceDoc::Agents] {
             let path = ws.join(doc.file_name());
             if !check_file_slot(&path)? {
-                let text = self.default_doc(doc)?;
+                let seed = match doc {
+                    WorkspaceDoc::Soul => soul,
+                    WorkspaceDoc::Agents => agents,
+                };
+                let text = match seed {
+                    Some(text) => text.to_owned(),
+                    None => self.default_doc(doc)?,
+                };
                 write_new_atomic(&ws, doc.file_name(), text.as_bytes())?;
             }
         }
@@ -648,7 +653,7 @@ fn symlink_refused(path: &Path) -> Error {
 }
 
 /// Creates `base/segs[0]/segs[1]/...` one component at a time; refuses links and files on the way.
-fn ensure_dirs(base: &Path, segs: &[&str]) -> Result<PathBuf> {
+pub(crate) fn ensure_dirs(base: &Path, segs: &[&str]) -> Result<PathBuf> {
     let mut path = base.to_path_buf();
     for seg in segs {
         path.push(seg);
@@ -796,7 +801,7 @@ fn write_temp(dir: &Path, name: &str, bytes: &[u8], sync: bool) -> Result<PathBu
 }
 
 /// Replaces `dir/name` with `bytes` atomically; refuses when `dir/name` is a link or folder.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     let dest = dir.join(name);
     check_file_slot(&dest)?;
     let tmp = write_temp(dir, name, bytes, true)?;

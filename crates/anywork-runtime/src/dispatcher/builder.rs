@@ -52,6 +52,9 @@ pub struct DispatcherConfig {
     pub control_timeout: Duration,
     /// Events appended to the log in one batch, at most.
     pub max_batch: usize,
+    /// How long getting a task's worker may take before a `progress` event says that a worker
+    /// is being made ready (a worker that is up answers well within it; zero: always told).
+    pub progress_after: Duration,
     /// How often the driver is asked to stop idle workers ([`ContainerDriver::reap_idle`]);
     /// `None` never.
     pub reap_every: Option<Duration>,
@@ -84,6 +87,7 @@ impl Default for DispatcherConfig {
             store_retry: Backoff::new(10, Duration::from_millis(200), Duration::from_secs(5)),
             control_timeout: Duration::from_secs(30),
             max_batch: 256,
+            progress_after: Duration::from_millis(500),
             reap_every: Some(Duration::from_secs(30)),
             retention: Retention::default(),
             stream_idle_timeout: Duration::from_secs(60),
@@ -179,6 +183,8 @@ impl DispatcherBuilder {
         let http =
             crate::outbound::checked_client(self.config.outbound.clone(), Duration::from_secs(30))?;
         let permits = Arc::new(Semaphore::new(self.config.max_concurrent.max(1)));
+        let metrics = Metrics::default();
+        metrics.driver(self.driver.name());
         let dispatcher = Dispatcher {
             inner: Arc::new(Inner {
                 store: self.store,
@@ -190,7 +196,7 @@ impl DispatcherBuilder {
                 titles: self.titles,
                 skills: self.skills,
                 http,
-                metrics: Metrics::default(),
+                metrics,
                 queues: Mutex::new(HashMap::new()),
                 permits,
                 runs: Mutex::new(HashMap::new()),

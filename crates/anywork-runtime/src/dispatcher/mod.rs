@@ -160,6 +160,12 @@ impl Dispatcher {
         self.inner.driver.name()
     }
 
+    /// The driver's set-up check ([`ContainerDriver::check_setup`]): what it needs before a
+    /// first task, and what is missing.
+    pub async fn check_setup(&self) -> Vec<anywork_core::SetupCheck> {
+        self.inner.driver.check_setup().await
+    }
+
     /// The configuration.
     pub fn config(&self) -> &DispatcherConfig {
         &self.inner.config
@@ -273,6 +279,13 @@ impl Dispatcher {
             Err(e) => return Err(e),
         };
         self.inner.metrics.submitted();
+        tracing::info!(
+            task = %task.id,
+            session = %task.session_id,
+            channel = %task.channel_type,
+            new_session = created,
+            "task submitted"
+        );
         if created || untitled {
             self.spawn_title(session.id.clone(), task.message.clone());
         }
@@ -663,6 +676,14 @@ impl Inner {
                 before,
             )
             .await?;
+        tracing::info!(
+            task = %task.id,
+            session = %task.session_id,
+            status = %stored.status,
+            ran = false,
+            error = outcome.error.as_deref().unwrap_or(""),
+            "task finished"
+        );
         self.after_finish(&stored);
         if !lock(&self.runs).contains_key(&task.id) {
             self.hub.close(task.id);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anywork_core::worker_api::{CancelRequest, ChatRequest, InputAnswer, PrepareRequest};
 use anywork_core::{
-    Error, ErrorKind, InputResponse, McpServerConfig, Result, SessionId, SkillSpec, Task,
+    Error, ErrorKind, InputResponse, McpServerConfig, Progress, Result, SessionId, SkillSpec, Task,
     TaskChange, TaskEvent, TaskOutcome, TaskStatus, Timestamp, WorkerEndpoint,
 };
 use futures_util::StreamExt;
@@ -94,6 +94,7 @@ async fn run_task(inner: &Arc<Inner>, task: Task) -> std::result::Result<(), Run
         cancel_acks: Vec::new(),
         started: Instant::now(),
         answer: String::new(),
+        model: String::new(),
     };
     let result = run.execute().await;
     lock(&inner.runs).remove(&task_id);
@@ -117,6 +118,8 @@ struct Run {
     started: Instant,
     /// The assistant's text since the run started (what `on_progress` shows).
     answer: String,
+    /// The model the agent said it uses (its `init` event), for the metrics.
+    model: String,
 }
 
 /// Why the run stops before the worker's `done`.
@@ -271,9 +274,8 @@ impl Run {
     async fn execute(&mut self) -> std::result::Result<(), RunError> {
         // Taken back from this server's previous run: re-attach rather than start over.
         let resume = lock(&self.inner.resume).remove(&self.task.id);
-        let (inner, session) = (self.inner.clone(), self.task.session_id.clone());
-        let get_worker =
-            async move { retry(&inner.config.retry, || inner.driver.get_worker(&session)).await };
+        let (inner, task) = (self.inner.clone(), self.task.clone());
+        let get_worker = async move { worker_with_progress(&inner, &task).await };
         let endpoint = match self.until_stopped(get_worker, Failure::no_worker).await {
             Ok(w) => w,
             Err(stop) => return Ok(self.stop_before_running(stop).await?),
@@ -314,6 +316,13 @@ impl Run {
             Err(e) => return Err(e.into()),
         }
         self.status = TaskStatus::Running;
+        tracing::info!(
+            task = %self.task.id,
+            session = %self.task.session_id,
+            worker = %endpoint.worker_id,
+            waited_ms = self.started.elapsed().as_millis() as u64,
+            "task started"
+        );
 
         let (inner, task, worker) = (self.inner.clone(), self.task.clone(), endpoint.clone());
         let start = async move {
@@ -488,6 +497,7 @@ impl Run {
                         Some(TaskEvent::Done(_)) => match batch.pop() { Some(TaskEvent::Done(o)) => Some(o), _ => None },
                         _ => None,
                     };
+                    self.count(&batch);
                     let asks: Vec<_> = batch
                         .iter()
                         .filter_map(|e| match e {
@@ -547,6 +557,34 @@ impl Run {
                     }
                 }
             }
+        }
+    }
+
+    /// Counts what the events tell about the model: its name, retries, API errors.
+    fn count(&mut self, batch: &[TaskEvent]) {
+        for event in batch {
+            match event {
+                TaskEvent::Init(init) if !init.model.is_empty() => {
+                    self.model = init.model.clone();
+                }
+                TaskEvent::Progress(p) if p.stage == Progress::MODEL_RETRY => {
+                    self.inner.metrics.model_retry(self.model_label());
+                }
+                TaskEvent::Error {
+                    code: Some(code), ..
+                } => {
+                    self.inner.metrics.model_error(self.model_label(), code);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn model_label(&self) -> &str {
+        if self.model.is_empty() {
+            "unknown"
+        } else {
+            &self.model
         }
     }
 
@@ -685,6 +723,18 @@ impl Run {
             }
         };
         self.task = task;
+        self.inner
+            .metrics
+            .model_usage(self.model_label(), &outcome.usage, outcome.cost_usd);
+        tracing::info!(
+            task = %self.task.id,
+            session = %self.task.session_id,
+            status = %self.task.status,
+            duration_ms = outcome.duration_ms,
+            cost_usd = outcome.cost_usd.unwrap_or(0.0),
+            error = outcome.error.as_deref().unwrap_or(""),
+            "task finished"
+        );
         self.inner.after_finish(&self.task);
         Ok(())
     }
@@ -754,6 +804,106 @@ async fn attach_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Res
         inner.client.attach(worker, task.id, after)
     })
     .await
+}
+
+/// The session's worker from the driver, retried as `config.retry` says; what the task waits
+/// for is told as `progress` events: that a worker is being made ready (once the driver has
+/// taken `config.progress_after`), and each failed attempt with its reason, the attempt to
+/// come and when.
+async fn worker_with_progress(inner: &Inner, task: &Task) -> Result<WorkerEndpoint> {
+    let policy = inner.config.retry;
+    let max = policy.attempts.max(1);
+    let driver = inner.driver.name().to_owned();
+    let started = Instant::now();
+    let tell = |progress: Progress| async move {
+        if let Err(e) = inner
+            .record(task, vec![TaskEvent::Progress(progress)])
+            .await
+        {
+            tracing::warn!(task = %task.id, error = %e, "cannot record a progress event");
+        }
+    };
+    let mut attempt = 1;
+    loop {
+        let call = inner.driver.get_worker(&task.session_id);
+        tokio::pin!(call);
+        let announce = || {
+            tell(
+                Progress::new(
+                    Progress::WORKER,
+                    format!("Getting a worker ready ({driver})…"),
+                )
+                .attempt(1, max),
+            )
+        };
+        let result = if attempt > 1 {
+            call.await
+        } else if inner.config.progress_after.is_zero() {
+            announce().await;
+            call.await
+        } else {
+            match tokio::time::timeout(inner.config.progress_after, &mut call).await {
+                Ok(r) => r,
+                Err(_) => {
+                    announce().await;
+                    call.await
+                }
+            }
+        };
+        match result {
+            Ok(endpoint) => {
+                inner.metrics.worker_ready(&driver, started.elapsed());
+                tracing::info!(
+                    task = %task.id,
+                    session = %task.session_id,
+                    driver = %driver,
+                    worker = %endpoint.worker_id,
+                    attempts = attempt,
+                    ms = started.elapsed().as_millis() as u64,
+                    "worker ready"
+                );
+                return Ok(endpoint);
+            }
+            Err(e) if attempt < max && (e.is_retryable() || e.kind() == ErrorKind::Conflict) => {
+                inner.metrics.worker_failed(&driver);
+                let wait = policy.delay(attempt);
+                let next = attempt + 1;
+                tracing::warn!(
+                    task = %task.id,
+                    session = %task.session_id,
+                    driver = %driver,
+                    attempt,
+                    wait_ms = wait.as_millis() as u64,
+                    error = %e,
+                    "no worker yet; retrying"
+                );
+                tell(
+                    Progress::new(
+                        Progress::WORKER,
+                        format!(
+                            "The worker is not ready ({driver}): {}. Trying again in {:.1} s \
+                             (attempt {next} of {max}).",
+                            e.message().trim_end_matches('.'),
+                            wait.as_secs_f64()
+                        ),
+                    )
+                    .attempt(next, max)
+                    .retry(
+                        u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                        e.message(),
+                    ),
+                )
+                .await;
+                tokio::time::sleep(wait).await;
+                attempt = next;
+            }
+            Err(e) => {
+                // Logged with the task's failure (`Failure::no_worker`).
+                inner.metrics.worker_failed(&driver);
+                return Err(e);
+            }
+        }
+    }
 }
 
 /// The skill with its `SKILL.md` among its files (`content` empty): the form both the
@@ -826,12 +976,15 @@ async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Resu
                 .unwrap_or_default()
         ));
     }
+    let (default_soul, default_agents) = inner.saved_defaults().await;
     let prepare = PrepareRequest {
         session_id: task.session_id.clone(),
         skills: Some(skills.into_iter().map(files_form).collect()),
         mcp_servers: Some(mcp_servers),
         soul: None,
         repository,
+        default_soul,
+        default_agents,
     };
     retry(&inner.config.retry, || {
         inner.client.prepare(worker, &prepare)

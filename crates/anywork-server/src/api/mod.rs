@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod dto;
+mod http_metrics;
 mod openapi;
 mod rest;
 #[cfg(test)]
@@ -40,6 +41,10 @@ pub struct ApiOptions {
     pub warning: Option<String>,
     /// Whether the worker answers from the built-in fake model (the UI labels it).
     pub demo: bool,
+    /// The set-up check made at start ([`Dispatcher::check_setup`](anywork_runtime::Dispatcher::check_setup)
+    /// and the server's own findings), reported by `/api/health` as `setup`; the UI shows the
+    /// problems in its banner.
+    pub setup: Vec<anywork_core::SetupCheck>,
     /// Origins allowed by CORS ([`router`] only): empty for none, `*` for any.
     pub cors_origins: Vec<String>,
     /// Largest request body, in bytes.
@@ -73,6 +78,7 @@ impl Default for ApiOptions {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             warning: None,
             demo: false,
+            setup: Vec::new(),
             cors_origins: Vec::new(),
             max_body_bytes: 2 * 1024 * 1024,
             channel_max_body_bytes: 1024 * 1024,
@@ -99,6 +105,7 @@ struct StateInner {
     dispatcher: Dispatcher,
     options: ApiOptions,
     websockets: Gauge,
+    http_requests: http_metrics::HttpRequests,
     metrics: Registry,
     closing: tokio_util::sync::CancellationToken,
     /// Open WebSocket connections per client address.
@@ -117,11 +124,18 @@ impl AppState {
             "Open WebSocket connections",
             websockets.clone(),
         );
+        let http_requests = http_metrics::HttpRequests::default();
+        metrics.register(
+            "anywork_http_requests",
+            "API requests answered, by method, route pattern and status",
+            http_requests.clone(),
+        );
         Self {
             inner: Arc::new(StateInner {
                 dispatcher,
                 options,
                 websockets,
+                http_requests,
                 metrics,
                 closing: tokio_util::sync::CancellationToken::new(),
                 ws_clients: Default::default(),
@@ -151,6 +165,10 @@ impl AppState {
 
     fn metrics(&self) -> &Registry {
         &self.inner.metrics
+    }
+
+    fn http_requests(&self) -> &http_metrics::HttpRequests {
+        &self.inner.http_requests
     }
 
     /// Counts a new connection from `client`; `None` when that client has its most already.
@@ -227,10 +245,27 @@ pub fn api_router(state: AppState) -> Router {
             "/api/workspace/{file}",
             get(rest::get_workspace_doc).put(rest::put_workspace_doc),
         )
+        .route(
+            "/api/sessions/{id}/workspace/{file}",
+            get(rest::get_session_doc).put(rest::put_session_doc),
+        )
+        .route("/api/sessions/{id}/files", get(rest::session_files))
+        .route("/api/sessions/{id}/files.zip", get(rest::session_files_zip))
+        .route(
+            "/api/sessions/{id}/files/{*path}",
+            get(rest::session_file).put(rest::put_session_file).layer(
+                axum::extract::DefaultBodyLimit::max(anywork_core::worker_api::MAX_UPLOAD_BYTES),
+            ),
+        )
         .route("/api/skills", get(rest::skills))
         .route("/api/admin/workers", get(rest::workers))
+        .route("/api/admin/tasks", get(rest::active_tasks))
         .route("/metrics", get(rest::metrics))
         .method_not_allowed_fallback(anywork_http::method_not_allowed)
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            http_metrics::count,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::guard_api,

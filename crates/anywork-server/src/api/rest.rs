@@ -37,6 +37,7 @@ pub(crate) async fn health(State(state): State<AppState>) -> Response {
     if let Some(w) = &options.warning {
         body["warning"] = json!(w);
     }
+    body["setup"] = json!(options.setup);
     match ready {
         Ok(()) => Json(body).into_response(),
         Err(e) => {
@@ -183,7 +184,8 @@ pub(crate) async fn session_messages(
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateTask {
     message: String,
-    #[serde(default)]
+    /// `sessionId` as the answers spell it, or `session_id`.
+    #[serde(default, alias = "sessionId")]
     session_id: Option<SessionId>,
     #[serde(default)]
     channel_type: Option<String>,
@@ -443,7 +445,9 @@ pub(crate) async fn get_workspace_doc(
 ) -> ApiResult {
     let doc: WorkspaceDoc = file.parse()?;
     let doc = state.dispatcher().workspace_doc(doc).await?;
-    Ok(Json(json!({"file": doc.file, "content": doc.content})))
+    Ok(Json(
+        json!({"file": doc.file, "content": doc.content, "scope": "defaults"}),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -462,7 +466,48 @@ pub(crate) async fn put_workspace_doc(
         .dispatcher()
         .put_workspace_doc(doc, &body.content)
         .await?;
-    Ok(Json(json!({"file": doc.file, "content": doc.content})))
+    Ok(Json(
+        json!({"file": doc.file, "content": doc.content, "scope": "defaults"}),
+    ))
+}
+
+/// `GET /api/sessions/:id/workspace/:file`: the session's own copy, from its running worker
+/// (409 when none runs: nothing is started to read it).
+pub(crate) async fn get_session_doc(
+    State(state): State<AppState>,
+    PathParam((id, file)): PathParam<(SessionId, String)>,
+) -> ApiResult {
+    let doc: WorkspaceDoc = file.parse()?;
+    let doc = state.dispatcher().session_doc(&id, doc).await?;
+    Ok(Json(
+        json!({"file": doc.file, "content": doc.content, "scope": "session", "sessionId": id}),
+    ))
+}
+
+/// `PUT /api/sessions/:id/workspace/:file`.
+pub(crate) async fn put_session_doc(
+    State(state): State<AppState>,
+    PathParam((id, file)): PathParam<(SessionId, String)>,
+    JsonBody(body): JsonBody<DocBody>,
+) -> ApiResult {
+    let doc: WorkspaceDoc = file.parse()?;
+    let doc = state
+        .dispatcher()
+        .put_session_doc(&id, doc, &body.content)
+        .await?;
+    Ok(Json(
+        json!({"file": doc.file, "content": doc.content, "scope": "session", "sessionId": id}),
+    ))
+}
+
+/// `GET /api/admin/tasks`: the tasks not over yet (running, waiting for input, queued).
+pub(crate) async fn active_tasks(State(state): State<AppState>) -> ApiResult {
+    let tasks = state.dispatcher().active_tasks(200).await?;
+    Ok(Json(json!({
+        "tasks": tasks.iter().map(WireTask::from).collect::<Vec<_>>(),
+        "running": state.dispatcher().running(),
+        "queueDepth": state.dispatcher().queue_depth(),
+    })))
 }
 
 /// `GET /api/skills`: `{"skills": [{name, description}], "invalid": [{name, error}]}`.
@@ -480,4 +525,113 @@ pub(crate) async fn workers(State(state): State<AppState>) -> ApiResult {
         "running": state.dispatcher().running(),
         "queueDepth": state.dispatcher().queue_depth(),
     })))
+}
+
+/// `GET /api/sessions/:id/files`: the session's `files/` listing.
+pub(crate) async fn session_files(
+    State(state): State<AppState>,
+    PathParam(id): PathParam<SessionId>,
+) -> ApiResult {
+    Ok(Json(state.dispatcher().session_files(&id).await?))
+}
+
+/// `GET /api/sessions/:id/files/*path`: one file, as an attachment unless `?inline=1`.
+pub(crate) async fn session_file(
+    State(state): State<AppState>,
+    PathParam((id, path)): PathParam<(SessionId, String)>,
+    QueryParams(q): QueryParams<FileQuery>,
+) -> ApiResult<Response> {
+    let bytes = state.dispatcher().session_file(&id, &path).await?;
+    let name = path.rsplit('/').next().unwrap_or("file");
+    Ok(file_response(
+        bytes,
+        "application/octet-stream",
+        name,
+        q.inline.unwrap_or(false),
+    ))
+}
+
+/// `GET /api/sessions/:id/files.zip`: the session's `files/` as a zip.
+pub(crate) async fn session_files_zip(
+    State(state): State<AppState>,
+    PathParam(id): PathParam<SessionId>,
+) -> ApiResult<Response> {
+    let bytes = state.dispatcher().session_files_zip(&id).await?;
+    Ok(file_response(bytes, "application/zip", "files.zip", false))
+}
+
+/// `PUT /api/sessions/:id/files/*path`: the body becomes `files/<path>` (25 MiB at most).
+pub(crate) async fn put_session_file(
+    State(state): State<AppState>,
+    PathParam((id, path)): PathParam<(SessionId, String)>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> ApiResult {
+    let body = body.map_err(|rej| {
+        ApiError::with_status(
+            rej.status(),
+            Error::invalid_input(format!(
+                "the upload was not read ({}): a file in files/ is at most {} bytes",
+                rej.body_text(),
+                anywork_core::worker_api::MAX_UPLOAD_BYTES
+            )),
+        )
+    })?;
+    Ok(Json(
+        state
+            .dispatcher()
+            .put_session_file(&id, &path, body.to_vec())
+            .await?,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileQuery {
+    #[serde(default, deserialize_with = "flag")]
+    inline: Option<bool>,
+}
+
+/// `1`/`true` or `0`/`false`.
+fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    let s = String::deserialize(d)?;
+    match s.as_str() {
+        "1" | "true" => Ok(Some(true)),
+        "0" | "false" => Ok(Some(false)),
+        other => Err(serde::de::Error::custom(format!(
+            "inline is 1 or 0, not {other:?}"
+        ))),
+    }
+}
+
+/// A download: never rendered by the browser as a page of this origin (`nosniff`, a sandbox
+/// CSP), inline as plain text when asked, else an attachment named `name`.
+fn file_response(bytes: Vec<u8>, content_type: &str, name: &str, inline: bool) -> Response {
+    let safe: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let (content_type, disposition) = if inline {
+        ("text/plain; charset=utf-8".to_owned(), "inline".to_owned())
+    } else {
+        (
+            content_type.to_owned(),
+            format!("attachment; filename=\"{safe}\""),
+        )
+    };
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CONTENT_DISPOSITION, disposition),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned()),
+            (header::CONTENT_SECURITY_POLICY, "sandbox".to_owned()),
+        ],
+        bytes,
+    )
+        .into_response()
 }

@@ -377,7 +377,8 @@ async fn every_documented_route_exists_and_metrics_render() {
         let uri = path
             .replace("{id}", "00000000-0000-7000-8000-000000000000")
             .replace("{type}", "nope")
-            .replace("{file}", "nope");
+            .replace("{file}", "nope")
+            .replace("{path}", "notes.txt");
         let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap();
         let (_, b) = call(&app, method.clone(), &uri, Some("{}")).await;
         assert_ne!(
@@ -387,9 +388,37 @@ async fn every_documented_route_exists_and_metrics_render() {
         );
         assert!(doc["paths"][path][method.as_str().to_ascii_lowercase()].is_object());
     }
+    // The WebSocket messages are described too.
+    assert!(
+        doc["paths"]["/ws"]["get"].is_object(),
+        "{}",
+        doc["paths"]["/ws"]
+    );
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(
+        schemas["WsClientMessage"]["oneOf"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+    assert!(
+        schemas["WsServerMessage"]["oneOf"]
+            .as_array()
+            .unwrap()
+            .len()
+            >= 5
+    );
+    assert!(schemas["CreateTask"]["properties"]["sessionId"].is_object());
     let (s, text) = call(&app, Method::GET, "/metrics", None).await;
     assert_eq!(s, StatusCode::OK);
     let text = text.as_str().unwrap();
+    assert!(
+        text.contains(
+            "anywork_http_requests_total{method=\"GET\",route=\"/api/openapi.json\",status=\"200\"}"
+        ),
+        "{text}"
+    );
     assert!(text.contains("anywork_tasks_submitted_total 0"), "{text}");
     assert!(text.contains("anywork_queue_depth 0"));
     let (s, b) = call(&app, Method::GET, "/api/workspace/secrets", None).await;

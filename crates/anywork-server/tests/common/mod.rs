@@ -214,7 +214,11 @@ impl TestServer {
             builder = customize(builder);
         }
         let dispatcher = builder.start().await.unwrap();
-        let state = AppState::new(dispatcher, setup.options);
+        let mut options = setup.options;
+        if options.setup.is_empty() {
+            options.setup = dispatcher.check_setup().await;
+        }
+        let state = AppState::new(dispatcher, options);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

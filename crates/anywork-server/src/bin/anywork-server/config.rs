@@ -162,6 +162,12 @@ pub struct Built {
     pub local_worker: Option<String>,
     /// The claim on DB_DIR (held while the server runs).
     pub instance: Option<crate::instance::Instance>,
+    /// The store, for the start-up line (credentials left out).
+    pub store: String,
+    /// The executor, for the start-up line.
+    pub executor: String,
+    /// The model, for the start-up line.
+    pub model: String,
 }
 
 /// The values of `CONTAINER_DRIVER`: every driver is compiled into the binary.
@@ -199,6 +205,10 @@ impl Config {
             (None, Some(url)) if !url.trim().is_empty() => "static".to_owned(),
             (None, _) => "local".to_owned(),
         };
+        let mut executor = std::env::var("EXECUTOR")
+            .ok()
+            .filter(|e| !e.trim().is_empty())
+            .unwrap_or_else(|| "chosen by each worker from its model variables".to_owned());
         let (driver, local_worker): (Arc<dyn ContainerDriver>, Option<String>) = match driver_name
             .as_str()
         {
@@ -231,8 +241,9 @@ impl Config {
             "local" => {
                 // A fresh secret each start: only this process knows it.
                 let secret = WorkerSecret::generate();
-                let (url, warn) = self.start_local_worker(secret.clone()).await?;
+                let (url, warn, name) = self.start_local_worker(secret.clone()).await?;
                 warning = warn;
+                executor = name;
                 (
                     Arc::new(
                         anywork_drivers::StaticDriver::new(&url)?
@@ -303,9 +314,24 @@ impl Config {
             .start()
             .await
             .context("cannot start the dispatcher")?;
+        let mut setup = dispatcher.check_setup().await;
+        if driver_name == "local" {
+            setup.push(match &warning {
+                Some(w) => anywork_core::SetupCheck::problem("model", w.clone()),
+                None => anywork_core::SetupCheck::ok("model", "the local worker has a model"),
+            });
+        }
+        for check in &setup {
+            if check.ok {
+                tracing::info!(driver = %driver_name, check = %check.name, "setup: {}", check.message);
+            } else {
+                tracing::warn!(driver = %driver_name, check = %check.name, "setup problem: {}", check.message);
+            }
+        }
         let mut options = ApiOptions::default();
         options.warning = warning;
         options.shutdown_grace = Duration::from_secs(self.shutdown_grace_seconds);
+        options.setup = setup;
         options.api_token = api_token;
         options.protect_health = self.protect_health;
         options.max_channel_key_bytes = self.max_channel_key_bytes;
@@ -324,7 +350,29 @@ impl Config {
             state: AppState::new(dispatcher, options),
             local_worker,
             instance,
+            store: self.store_description(),
+            executor,
+            model: model_description(),
         })
+    }
+
+    /// The store in force, without credentials: `postgres://host/db`, `sqlite:…`, `memory:`.
+    fn store_description(&self) -> String {
+        match self
+            .database_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+        {
+            Some(url) => match url.split_once("://") {
+                Some((scheme, rest)) => {
+                    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+                    let host = host.split('?').next().unwrap_or(host);
+                    format!("{scheme}://{host}")
+                }
+                None => url.split('?').next().unwrap_or(url).to_owned(),
+            },
+            None => format!("sqlite:{}", self.db_dir.join("anywork.db").display()),
+        }
     }
 
     /// ANYWORK_API_TOKEN, else the content of ANYWORK_API_TOKEN_FILE.
@@ -466,12 +514,12 @@ impl Config {
         }
     }
 
-    /// Starts the in-process worker on a loopback port; returns its URL, and the warning to
-    /// show when no model is configured.
+    /// Starts the in-process worker on a loopback port; returns its URL, the warning to
+    /// show when no model is configured, and the executor's name.
     async fn start_local_worker(
         &self,
         secret: WorkerSecret,
-    ) -> anyhow::Result<(String, Option<String>)> {
+    ) -> anyhow::Result<(String, Option<String>, String)> {
         let workspace = self
             .workspace_dir
             .clone()
@@ -487,6 +535,7 @@ impl Config {
                 )
             }
         };
+        let executor_name = executor.name().to_owned();
         let state = anywork_worker::WorkerState::new(
             anywork_worker::WorkerConfig::new(&workspace).with_secret(Some(secret)),
             executor,
@@ -502,8 +551,17 @@ impl Config {
             std::future::pending(),
         ));
         tracing::info!(%url, workspace = %workspace.display(), "local worker started");
-        Ok((url, warning))
+        Ok((url, warning, executor_name))
     }
+}
+
+/// The model the workers are told to use (`ANTHROPIC_MODEL`, then `MODEL`), for the start-up
+/// line; each executor logs the one it resolves.
+fn model_description() -> String {
+    ["ANTHROPIC_MODEL", "MODEL"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|m| !m.trim().is_empty()))
+        .unwrap_or_else(|| "the executor's default (Claude Code: sonnet)".to_owned())
 }
 
 /// The executor of a local worker with no model: every task fails saying what to set.

@@ -29,6 +29,9 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(
         url = %format!("http://{addr}"),
         driver = dispatcher.driver_name(),
+        executor = %built.executor,
+        model = %built.model,
+        store = %built.store,
         local_worker = built.local_worker.as_deref().unwrap_or("-"),
         "AnyWork server listening; open the URL in a browser"
     );
