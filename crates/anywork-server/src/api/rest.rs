@@ -10,6 +10,7 @@ use anywork_core::{
 use anywork_http::{ApiError, JsonBody, PathParam, QueryParams, RawBody};
 use anywork_runtime::{InboundOutcome, WorkspaceDoc};
 use axum::Json;
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
