@@ -320,7 +320,7 @@ async fn request_supplied_mcp_commands_are_refused_and_catalog_names_work() {
             },
             "docs": {
                 "type": "http",
-                "url": "https://docs.example/mcp",
+                "url": "https://127.0.0.1:1/mcp",
                 "headers": {"Authorization": {"file": secret_file}}
             }
         })
@@ -476,7 +476,8 @@ async fn ssrf_targets_are_refused_at_intake_with_the_reason() {
                 json!({"message": "hi", "mcp_servers": {"x": {"type": "http", "url": url}}}),
             )
             .await;
-        assert_eq!(status, 400, "MCP {url}: {body}");
+        // (422: a URL that is not http(s) is refused by the body's parser already.)
+        assert!(matches!(status, 400 | 422), "MCP {url}: {body}");
     }
     assert_eq!(server.dispatcher().queue_depth() + server.dispatcher().running(), 0);
 }
@@ -622,7 +623,7 @@ async fn configured_secrets_appear_in_no_answer_row_or_log_line() {
         json!({"mcpServers": {
             "calc": {"command": anywork_test::bins::test_mcp_server(),
                      "env": {"CALC_TOKEN": {"env": "CALC_SECRET"}, "PLAIN": format!("{MARKER}-plain")}},
-            "docs": {"type": "http", "url": "https://docs.example/mcp",
+            "docs": {"type": "http", "url": "https://127.0.0.1:1/mcp",
                      "headers": {"Authorization": {"file": header_file}}},
             "broken": {"command": "true", "env": {"K": {"file": dir.path().join("missing")}}}
         }})
