@@ -83,7 +83,10 @@ pub struct CatalogServer {
 
 impl CatalogServer {
     /// The config with every value read by `reader` (or replaced by `redact`).
-    fn config(&self, mut value: impl FnMut(&SecretValue) -> Result<String>) -> Result<McpServerConfig> {
+    fn config(
+        &self,
+        mut value: impl FnMut(&SecretValue) -> Result<String>,
+    ) -> Result<McpServerConfig> {
         let mut raw = serde_json::Map::new();
         if let Some(kind) = &self.kind {
             raw.insert("type".into(), kind.clone().into());
@@ -211,6 +214,7 @@ impl McpCatalog {
 /// servers: when their URL passes the outbound policy, checked by the caller with the URLs
 /// [`admit`](Self::admit) returns).
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct McpAccess {
     /// The operator's servers.
     pub catalog: McpCatalog,
@@ -219,6 +223,15 @@ pub struct McpAccess {
 }
 
 impl McpAccess {
+    /// Requests may name entries of `catalog`, and start their own commands only when
+    /// `allow_request_commands`.
+    pub fn new(catalog: McpCatalog, allow_request_commands: bool) -> Self {
+        Self {
+            catalog,
+            allow_request_commands,
+        }
+    }
+
     /// Checks a request's servers and replaces each that names a catalog entry (a name-only
     /// reference, or any entry whose name is in the catalog) by its
     /// [stored form](McpCatalog::stored_form). Returns the URLs of the request's own HTTP
@@ -314,7 +327,10 @@ mod tests {
     fn stored_form_holds_no_value_and_resolve_reads_them() {
         let c = catalog();
         let stored = serde_json::to_string(&c.stored_form("calc").unwrap()).unwrap();
-        assert!(!stored.contains("s3cret") && !stored.contains("fast"), "{stored}");
+        assert!(
+            !stored.contains("s3cret") && !stored.contains("fast"),
+            "{stored}"
+        );
         assert!(stored.contains("python3"), "{stored}");
         let resolved = c.resolve("calc", &reader).unwrap();
         let McpServerConfig::Stdio { env, .. } = resolved else {
@@ -351,11 +367,17 @@ mod tests {
             serde_json::from_value(json!({"evil": {"command": "sh", "args": ["-c", "id"]}}))
                 .unwrap();
         let err = access.admit(&mut raw).unwrap_err();
-        assert!(err.message().contains("ALLOW_REQUEST_MCP_COMMANDS"), "{err}");
+        assert!(
+            err.message().contains("ALLOW_REQUEST_MCP_COMMANDS"),
+            "{err}"
+        );
         assert!(err.message().contains("calc, docs"), "{err}");
         let mut unknown: McpServers = serde_json::from_value(json!({"nope": {}})).unwrap();
         let err = access.admit(&mut unknown).unwrap_err();
-        assert!(err.message().contains("not in the server's MCP catalog"), "{err}");
+        assert!(
+            err.message().contains("not in the server's MCP catalog"),
+            "{err}"
+        );
         let open = McpAccess {
             catalog: McpCatalog::new(),
             allow_request_commands: true,

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anywork_core::worker_api::{CancelRequest, ChatRequest, InputAnswer, PrepareRequest};
 use anywork_core::{
-    Error, ErrorKind, InputResponse, McpServerConfig, Result, SessionId, Task, TaskChange, TaskEvent, TaskOutcome,
-    TaskStatus, Timestamp, WorkerEndpoint,
+    Error, ErrorKind, InputResponse, McpServerConfig, Result, SessionId, Task, TaskChange,
+    TaskEvent, TaskOutcome, TaskStatus, Timestamp, WorkerEndpoint,
 };
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};

@@ -44,7 +44,7 @@ pub(crate) async fn upgrade(
 ) -> Response {
     let access = match auth::check_ws(&state, &headers) {
         Ok(a) => a,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let client = extensions
         .get::<ConnectInfo<SocketAddr>>()
@@ -109,7 +109,9 @@ async fn authenticate(state: &AppState, socket: &mut WebSocket) -> bool {
             send {\"type\":\"auth\",\"token\":\"…\"} first, or the subprotocol \
             anywork.token.<token>, or Authorization: Bearer <token>", "metadata": {"code": "unauthorized"}})
     };
-    let _ = socket.send(Message::Text(Utf8Bytes::from(reply.to_string()))).await;
+    let _ = socket
+        .send(Message::Text(Utf8Bytes::from(reply.to_string())))
+        .await;
     if !ok {
         let _ = socket.send(Message::Close(None)).await;
     }

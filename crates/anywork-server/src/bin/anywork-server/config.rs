@@ -234,9 +234,8 @@ impl Config {
         let Some(path) = &self.api_token_file else {
             return Ok(None);
         };
-        let text = std::fs::read_to_string(path).with_context(|| {
-            format!("cannot read ANYWORK_API_TOKEN_FILE {}", path.display())
-        })?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read ANYWORK_API_TOKEN_FILE {}", path.display()))?;
         match ApiToken::new(&text) {
             Some(t) => Ok(Some(t)),
             None => bail!("ANYWORK_API_TOKEN_FILE {} is empty", path.display()),
@@ -245,15 +244,14 @@ impl Config {
 
     /// The MCP catalog of MCP_SERVERS_FILE and ALLOW_REQUEST_MCP_COMMANDS.
     fn mcp_access(&self) -> anyhow::Result<anywork_core::McpAccess> {
-        let mut access = anywork_core::McpAccess::default();
-        access.allow_request_commands = self.allow_request_mcp_commands;
+        let mut catalog = anywork_core::McpCatalog::new();
         if let Some(path) = &self.mcp_servers_file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read MCP_SERVERS_FILE {}", path.display()))?;
-            access.catalog = anywork_core::McpCatalog::from_json(&text)
+            catalog = anywork_core::McpCatalog::from_json(&text)
                 .with_context(|| format!("MCP_SERVERS_FILE {}", path.display()))?;
             tracing::info!(
-                servers = %access.catalog.names().collect::<Vec<_>>().join(", "),
+                servers = %catalog.names().collect::<Vec<_>>().join(", "),
                 "MCP catalog loaded"
             );
         }
@@ -262,7 +260,10 @@ impl Config {
                 "ALLOW_REQUEST_MCP_COMMANDS=1: API callers may start any command on the workers"
             );
         }
-        Ok(access)
+        Ok(anywork_core::McpAccess::new(
+            catalog,
+            self.allow_request_mcp_commands,
+        ))
     }
 
     async fn store(&self) -> anyhow::Result<Arc<dyn TaskStore>> {
