@@ -858,3 +858,55 @@ async fn configured_secrets_appear_in_no_answer_row_or_log_line() {
         assert!(!line.contains(MARKER), "a log line holds a secret: {line}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_loopback_bind_without_a_token_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_anywork-server"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("SERVER_HOST", "0.0.0.0")
+            .env("SERVER_PORT", free_port().to_string())
+            .env("DB_DIR", dir.path())
+            .env("CONTAINER_DRIVER", "static")
+            .env("STATIC_WORKER_URL", "http://127.0.0.1:9")
+            .env("RUST_LOG", "warn");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd
+    };
+    let out = run(&[]).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not a loopback address") && stderr.contains("ANYWORK_API_TOKEN"),
+        "{stderr}"
+    );
+    let out = run(&[("ANYWORK_API_TOKEN_FILE", "/nonexistent/token")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ANYWORK_API_TOKEN_FILE"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // With a token (or the explicit opt-out) it starts and serves.
+    for extra in [
+        [("ANYWORK_API_TOKEN", TOKEN)],
+        [("ANYWORK_INSECURE_NO_AUTH", "1")],
+    ] {
+        let port = free_port();
+        let mut cmd = tokio::process::Command::from(run(&extra));
+        let _child = cmd
+            .env("SERVER_PORT", port.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        wait_healthy(&format!("http://127.0.0.1:{port}/api/health")).await;
+    }
+}
