@@ -910,3 +910,41 @@ async fn a_non_loopback_bind_without_a_token_is_refused_at_start() {
         wait_healthy(&format!("http://127.0.0.1:{port}/api/health")).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_rebinding_to_a_loopback_server_without_a_token_is_refused() {
+    let mut options = ApiOptions::default();
+    options.loopback_hosts_only = true;
+    let server = server_with(DispatcherConfig::default(), options).await;
+    let http = reqwest::Client::new();
+    let port = server.url.rsplit(':').next().unwrap().to_owned();
+    let evil = format!("rebound.evil.example:{port}");
+    let (status, body, _) = send(
+        http.post(format!("{}/api/sessions", server.url))
+            .header("host", &evil)
+            .json(&json!({})),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(error_code(&body), "forbidden_host");
+    assert!(error_message(&body).contains("ANYWORK_API_TOKEN"), "{body}");
+    let origin = format!("http://{evil}");
+    let (status, body) = ws_connect(&server.url, &[("host", &evil), ("origin", &origin)])
+        .await
+        .expect_err("refused");
+    assert_eq!(status, 403, "{body}");
+    // Loopback names work.
+    for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}")] {
+        let (status, body, _) = send(
+            http.get(format!("{}/api/sessions", server.url))
+                .header("host", &host),
+        )
+        .await;
+        assert_eq!(status, 200, "{host}: {body}");
+    }
+    let (mut ws, _) = ws_connect(&server.url, &[]).await.unwrap();
+    ws.send(Message::Text(r#"{"type":"ping"}"#.into()))
+        .await
+        .unwrap();
+    assert_eq!(ws_next(&mut ws).await.unwrap()["type"], "pong");
+}

@@ -154,6 +154,9 @@ pub(crate) async fn guard_api(
     request: Request,
     next: Next,
 ) -> Response {
+    if let Some(refused) = check_host(&state, request.headers()) {
+        return refused;
+    }
     let path = request.uri().path().to_owned();
     if let Some(token) = &state.options().api_token
         && !is_open(&state, &path)
@@ -169,6 +172,40 @@ pub(crate) async fn guard_api(
         return refused;
     }
     next.run(request).await
+}
+
+/// `403` for a `Host` that is not loopback when [`loopback_hosts_only`](super::ApiOptions::loopback_hosts_only):
+/// a page whose name was rebound to 127.0.0.1 still sends its own name.
+fn check_host(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+    if !state.options().loopback_hosts_only {
+        return None;
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    }
+    .trim_end_matches('.')
+    .to_ascii_lowercase();
+    let loopback = name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!loopback).then(|| {
+        refuse(
+            StatusCode::FORBIDDEN,
+            "forbidden_host",
+            format!(
+                "this server answers only to localhost names without an API token (Host {host:?}); \
+                 set ANYWORK_API_TOKEN to reach it by another name"
+            ),
+        )
+    })
 }
 
 /// `415` for a state-changing request whose body is not declared JSON.
@@ -227,6 +264,9 @@ pub(crate) enum WsAccess {
 
 /// The checks of `/ws` before the upgrade: `Origin`, then the token.
 pub(crate) fn check_ws(state: &AppState, headers: &HeaderMap) -> Result<WsAccess, Box<Response>> {
+    if let Some(refused) = check_host(state, headers) {
+        return Err(Box::new(refused));
+    }
     if let Some(origin) = headers.get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
         if !origin_allowed(state, origin, headers) {

@@ -207,6 +207,8 @@ impl Config {
             .context("cannot start the dispatcher")?;
         let mut options = ApiOptions::default();
         options.warning = warning;
+        // Without a token, a loopback server answers only to loopback names (DNS rebinding).
+        options.loopback_hosts_only = api_token.is_none() && self.host.is_loopback();
         options.api_token = api_token;
         options.protect_health = self.protect_health;
         options.max_channel_key_bytes = self.max_channel_key_bytes;
