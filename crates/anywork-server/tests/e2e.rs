@@ -68,7 +68,7 @@ async fn websocket_chat_streams_events_and_the_log_has_the_same_gap_free() {
     assert_eq!(stored["status"], "completed");
     assert_eq!(stored["result"], "Hello from the fake model.");
     assert_eq!(stored["numTurns"], 1);
-    assert!(stored["workerId"].as_str().unwrap().starts_with("static:"));
+    assert_eq!(stored["workerId"], "static-worker");
     let (_, sessions) = server.get("/api/sessions").await;
     assert_eq!(sessions["sessions"][0]["id"], session.as_str());
     assert_eq!(sessions["sessions"][0]["title"], "Please say hello to me");

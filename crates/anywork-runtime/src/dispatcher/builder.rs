@@ -17,6 +17,7 @@ use super::upkeep::{reap_loop, recovery_loop};
 use super::{Dispatcher, Inner};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::skills::{NoSkills, SkillSource};
 use crate::title::{FirstWords, TitleGenerator};
 use crate::worker_client::WorkerClient;
 
@@ -80,6 +81,7 @@ pub struct DispatcherBuilder {
     config: DispatcherConfig,
     channels: HashMap<String, Arc<dyn Channel>>,
     titles: Arc<dyn TitleGenerator>,
+    skills: Arc<dyn SkillSource>,
 }
 
 impl std::fmt::Debug for DispatcherBuilder {
@@ -104,6 +106,7 @@ impl Dispatcher {
             config: DispatcherConfig::default(),
             channels: HashMap::new(),
             titles: Arc::new(FirstWords),
+            skills: Arc::new(NoSkills),
         }
     }
 }
@@ -128,6 +131,13 @@ impl DispatcherBuilder {
         self
     }
 
+    /// Sets where skills asked for by name come from (default: [`NoSkills`], which refuses
+    /// every name saying how to set `SKILLS_DIR`).
+    pub fn skills(mut self, skills: impl SkillSource) -> Self {
+        self.skills = Arc::new(skills);
+        self
+    }
+
     /// Starts the dispatcher: its background recovery loop, and the tasks a previous run left
     /// pending are queued again. Needs a Tokio runtime.
     pub async fn start(self) -> Result<Dispatcher> {
@@ -144,6 +154,7 @@ impl DispatcherBuilder {
                 config: self.config,
                 channels: self.channels,
                 titles: self.titles,
+                skills: self.skills,
                 http,
                 metrics: Metrics::default(),
                 queues: Mutex::new(HashMap::new()),

@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 
 use anywork_core::{
     Channel, ContainerDriver, Error, ErrorKind, InputResponse, NewSession, NewTask, NewTaskLog,
-    Result, Session, SessionId, Task, TaskChange, TaskEvent, TaskId, TaskOutcome, TaskRequest,
-    TaskStatus, TaskStore,
+    Result, Session, SessionId, SkillSpec, Task, TaskChange, TaskEvent, TaskId, TaskOutcome,
+    TaskRequest, TaskStatus, TaskStore,
 };
 use futures_util::Stream;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -73,6 +73,7 @@ struct Inner {
     config: DispatcherConfig,
     channels: HashMap<String, Arc<dyn Channel>>,
     titles: Arc<dyn TitleGenerator>,
+    skills: Arc<dyn crate::skills::SkillSource>,
     http: reqwest::Client,
     metrics: Metrics,
     /// Sessions with a runner, and the tasks waiting behind the running one.
@@ -175,11 +176,12 @@ impl Dispatcher {
     }
 
     /// Stores the request's task as `pending` (and its session if new), not queued yet.
-    async fn store_new(&self, request: TaskRequest) -> Result<Submitted> {
+    async fn store_new(&self, mut request: TaskRequest) -> Result<Submitted> {
         if self.inner.closing.load(Ordering::Relaxed) {
             return Err(Error::unavailable("the server is shutting down"));
         }
-        let mut request = request;
+        request.validate_shape()?;
+        self.resolve_skills(&mut request).await?;
         request.validate()?;
         self.admit(&mut request).await?;
         let (session, created) = self.resolve_session(&request).await?;
@@ -212,6 +214,48 @@ impl Dispatcher {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Replaces the request's skills given by name with the skills from the [`SkillSource`],
+    /// and checks that the name-only default skills of its channel resolve too: an unknown
+    /// or broken skill refuses the request before anything is stored.
+    ///
+    /// [`SkillSource`]: crate::skills::SkillSource
+    async fn resolve_skills(&self, request: &mut TaskRequest) -> Result<()> {
+        let defaults = self
+            .channel(&request.channel_type)
+            .map(|c| c.defaults().skills)
+            .unwrap_or_default();
+        let mut names: Vec<String> = request
+            .unresolved_skills()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        names.extend(
+            defaults
+                .iter()
+                .filter(|s| s.is_name_only())
+                .map(|s| s.name.clone()),
+        );
+        if names.is_empty() {
+            return Ok(());
+        }
+        let resolved = self.inner.resolve_skill_names(names).await?;
+        request.resolve_skills(|name| {
+            resolved
+                .iter()
+                .find(|s| s.name == name)
+                .cloned()
+                .ok_or_else(|| Error::internal(format!("skill {name:?} was not resolved")))
+        })
+    }
+
+    /// What can be asked for by name (`GET /api/skills`).
+    pub async fn skill_catalog(&self) -> Result<crate::skills::SkillCatalog> {
+        let skills = self.inner.skills.clone();
+        tokio::task::spawn_blocking(move || skills.catalog())
+            .await
+            .map_err(|e| Error::internal(format!("the skills listing stopped: {e}")))?
     }
 
     async fn resolve_session(&self, request: &TaskRequest) -> Result<(Session, bool)> {
@@ -360,6 +404,19 @@ impl Dispatcher {
 }
 
 impl Inner {
+    /// Resolves skill names through the skill source, off the async threads.
+    async fn resolve_skill_names(&self, names: Vec<String>) -> Result<Vec<SkillSpec>> {
+        let skills = self.skills.clone();
+        tokio::task::spawn_blocking(move || {
+            names
+                .iter()
+                .map(|n| skills.resolve(n))
+                .collect::<Result<Vec<_>>>()
+        })
+        .await
+        .map_err(|e| Error::internal(format!("resolving skills stopped: {e}")))?
+    }
+
     /// Appends events to the log, then publishes them with their seqs.
     async fn record(&self, task: &Task, events: Vec<TaskEvent>) -> Result<()> {
         if events.is_empty() {
@@ -404,12 +461,23 @@ impl Inner {
 
     /// Ends a task no run of this server holds (queued, or orphaned) with `outcome`.
     async fn finish_unrun(&self, task: &Task, outcome: TaskOutcome) -> Result<Task> {
+        self.finish_unrun_with(task, outcome, Vec::new()).await
+    }
+
+    /// [`finish_unrun`](Self::finish_unrun) with `before` written just ahead of the `done`.
+    async fn finish_unrun_with(
+        &self,
+        task: &Task,
+        outcome: TaskOutcome,
+        mut before: Vec<TaskEvent>,
+    ) -> Result<Task> {
+        before.push(TaskEvent::Done(outcome.clone()));
         let stored = self
             .transition(
                 task,
                 task.status,
                 TaskChange::finish(outcome.clone()),
-                vec![TaskEvent::Done(outcome.clone())],
+                before,
             )
             .await?;
         self.after_finish(&stored, outcome).await;

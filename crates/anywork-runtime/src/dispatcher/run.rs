@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anywork_core::worker_api::{CancelRequest, ChatRequest, InputAnswer, PrepareRequest};
 use anywork_core::{
-    Error, ErrorKind, InputResponse, McpServerConfig, Result, SessionId, Task, TaskChange,
-    TaskEvent, TaskOutcome, TaskStatus, Timestamp, WorkerEndpoint,
+    Error, ErrorKind, InputResponse, McpServerConfig, Result, SessionId, SkillSpec, Task,
+    TaskChange, TaskEvent, TaskOutcome, TaskStatus, Timestamp, WorkerEndpoint,
 };
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
@@ -82,7 +82,92 @@ struct Run {
 /// Why the run stops before the worker's `done`.
 enum Stop {
     Canceled,
-    Failed(String),
+    Failed(Failure),
+}
+
+/// A failure of the dispatcher's own, outside the executor (no worker, the worker lost, a
+/// protocol error, the timeout): what the client is told — in the task's `error` and in an
+/// `error` event before `done` — says what failed and what to do, with the task id and
+/// never an internal address; the details go to the server log.
+struct Failure {
+    /// A stable code for the `error` event (`worker_unavailable`, `worker_lost`, …).
+    code: &'static str,
+    /// The message for the client.
+    message: String,
+}
+
+impl Failure {
+    fn new(code: &'static str, task: &Task, what: impl std::fmt::Display) -> Self {
+        Self {
+            code,
+            message: format!("{what} (task {}; the server log has the details)", task.id),
+        }
+    }
+
+    /// No worker for the task: the driver's message says what to fix.
+    fn no_worker(task: &Task, e: &Error) -> Self {
+        tracing::warn!(task = %task.id, session = %task.session_id, error = %e, "no worker for the task");
+        Self::new(
+            "worker_unavailable",
+            task,
+            format_args!(
+                "No worker could be had for this session: {}. Send the message again once it is fixed",
+                e.message().trim_end_matches('.')
+            ),
+        )
+    }
+
+    /// `/prepare` or `/chat` refused or unanswered.
+    fn not_started(task: &Task, e: &Error) -> Self {
+        tracing::warn!(task = %task.id, session = %task.session_id, error = %e, "the worker did not start the task");
+        let code = match e.kind() {
+            ErrorKind::Protocol => "worker_protocol",
+            ErrorKind::InvalidInput => "worker_refused",
+            _ => "worker_unavailable",
+        };
+        Self::new(
+            code,
+            task,
+            format_args!(
+                "The worker could not start this task: {}. Check the task's skills and MCP \
+                 servers, or send the message again",
+                e.message().trim_end_matches('.')
+            ),
+        )
+    }
+
+    /// The event stream broke or carried something that is not an event.
+    fn lost(task: &Task, e: &Error) -> Self {
+        tracing::warn!(task = %task.id, session = %task.session_id, error = %e, "lost the worker mid-task");
+        if e.kind() == ErrorKind::Protocol {
+            return Self::new(
+                "worker_protocol",
+                task,
+                format_args!(
+                    "The worker sent something this server does not understand ({}); use a \
+                     worker of the server's version",
+                    e.message().trim_end_matches('.')
+                ),
+            );
+        }
+        Self::new(
+            "worker_lost",
+            task,
+            "The connection to the worker broke while the task ran; what it did so far is in \
+             the log. Send the message again to go on",
+        )
+    }
+
+    /// The stream ended without `done`.
+    fn no_result(task: &Task) -> Self {
+        tracing::warn!(task = %task.id, session = %task.session_id, "the worker ended the stream without a result");
+        Self::new(
+            "worker_lost",
+            task,
+            "The worker ended the task without a result (it may have restarted). Send the \
+             message again to go on",
+        )
+    }
 }
 
 impl Run {
@@ -98,7 +183,7 @@ impl Run {
         let (inner, session) = (self.inner.clone(), self.task.session_id.clone());
         let get_worker =
             async move { retry(&inner.config.retry, || inner.driver.get_worker(&session)).await };
-        let endpoint = match self.until_stopped(get_worker).await {
+        let endpoint = match self.until_stopped(get_worker, Failure::no_worker).await {
             Ok(w) => w,
             Err(stop) => return self.stop_before_running(stop).await,
         };
@@ -125,9 +210,9 @@ impl Run {
 
         let (inner, task, worker) = (self.inner.clone(), self.task.clone(), endpoint.clone());
         let start = async move { start_chat(&inner, &task, &worker).await };
-        let stream = match self.until_stopped(start).await {
+        let stream = match self.until_stopped(start, Failure::not_started).await {
             Ok(s) => s,
-            Err(stop) => return self.finish(stop_outcome(stop)).await,
+            Err(stop) => return self.stop(stop).await,
         };
         self.follow(stream, endpoint).await
     }
@@ -136,12 +221,13 @@ impl Run {
     async fn until_stopped<T>(
         &mut self,
         work: impl std::future::Future<Output = Result<T>>,
+        failure: impl FnOnce(&Task, &Error) -> Failure,
     ) -> std::result::Result<T, Stop> {
         tokio::pin!(work);
         let deadline = self.deadline();
         loop {
             tokio::select! {
-                out = &mut work => return out.map_err(|e| Stop::Failed(e.message().to_owned())),
+                out = &mut work => return out.map_err(|e| Stop::Failed(failure(&self.task, &e))),
                 ctl = self.control.recv() => match ctl {
                     Some(Control::Cancel(ack)) => {
                         self.cancel_acks.push(ack);
@@ -153,24 +239,31 @@ impl Run {
                     None => return Err(Stop::Canceled),
                 },
                 _ = tokio::time::sleep_until(deadline) => {
-                    return Err(Stop::Failed(self.timeout_message()));
+                    return Err(Stop::Failed(self.timeout_failure()));
                 }
             }
         }
     }
 
-    fn timeout_message(&self) -> String {
-        format!(
-            "the task timed out after {} s (the per-task timeout)",
-            self.inner.config.task_timeout.as_secs_f64()
+    fn timeout_failure(&self) -> Failure {
+        tracing::warn!(task = %self.task.id, "the task timed out");
+        Failure::new(
+            "timeout",
+            &self.task,
+            format_args!(
+                "The task ran longer than the per-task timeout of {} s and was stopped \
+                 (TASK_TIMEOUT_SECONDS sets it)",
+                self.inner.config.task_timeout.as_secs_f64()
+            ),
         )
     }
 
     /// Ends a task that never got to run: pending → canceled/failed.
     async fn stop_before_running(&mut self, stop: Stop) -> Result<()> {
+        let (outcome, before) = stop_outcome(stop);
         match self
             .inner
-            .finish_unrun(&self.task, stop_outcome(stop))
+            .finish_unrun_with(&self.task, outcome, before)
             .await
         {
             Ok(_) => Ok(()),
@@ -222,28 +315,28 @@ impl Run {
                 }
                 _ = tokio::time::sleep_until(deadline), if stopping.is_none() => {
                     self.ask_worker_to_cancel(&worker).await;
-                    stopping = Some((Stop::Failed(self.timeout_message()), tokio::time::Instant::now() + self.inner.config.cancel_grace));
+                    stopping = Some((Stop::Failed(self.timeout_failure()), tokio::time::Instant::now() + self.inner.config.cancel_grace));
                 }
                 _ = tokio::time::sleep_until(stop_at), if stopping.is_some() => {
                     let (stop, _) = stopping.take().unwrap_or((Stop::Canceled, far));
-                    return self.finish(stop_outcome(stop)).await;
+                    return self.stop(stop).await;
                 }
                 item = stream.events.recv() => {
                     let first = match item {
                         Some(Ok(event)) => event,
                         Some(Err(e)) => {
-                            let outcome = match stopping.take() {
-                                Some((stop, _)) => stop_outcome(stop),
-                                None => TaskOutcome::failed(format!("lost the worker mid-task: {}", e.message())),
+                            let stop = match stopping.take() {
+                                Some((stop, _)) => stop,
+                                None => Stop::Failed(Failure::lost(&self.task, &e)),
                             };
-                            return self.finish(outcome).await;
+                            return self.stop(stop).await;
                         }
                         None => {
-                            let outcome = match stopping.take() {
-                                Some((stop, _)) => stop_outcome(stop),
-                                None => TaskOutcome::failed("the worker ended the stream without a result"),
+                            let stop = match stopping.take() {
+                                Some((stop, _)) => stop,
+                                None => Stop::Failed(Failure::no_result(&self.task)),
                             };
-                            return self.finish(outcome).await;
+                            return self.stop(stop).await;
                         }
                     };
                     // Take whatever else is ready, so that bursts are stored in one batch.
@@ -266,22 +359,28 @@ impl Run {
                     } else {
                         self.record(batch).await?;
                     }
-                    if let Some(mut outcome) = done {
-                        if let Some((Stop::Failed(reason), _)) = stopping.take() {
-                            // Timed out: the worker's "canceled" is our "failed".
-                            if outcome.status == TaskStatus::Canceled {
-                                outcome.status = TaskStatus::Failed;
-                                outcome.error = Some(reason);
+                    if let Some(outcome) = done {
+                        match stopping.take() {
+                            // Timed out: the worker's "canceled" (or "failed", for the
+                            // original's interrupted run) is our "failed", for our reason.
+                            Some((Stop::Failed(failure), _)) if outcome.status != TaskStatus::Completed => {
+                                return self.stop(Stop::Failed(failure)).await;
                             }
+                            // Canceled: a worker that reports its interrupted run as failed
+                            // (the original's) ran no further than asked.
+                            Some((Stop::Canceled, _)) if outcome.status == TaskStatus::Failed => {
+                                return self.stop(Stop::Canceled).await;
+                            }
+                            _ => {}
                         }
                         return self.finish(outcome).await;
                     }
                     if let Some(e) = broken {
-                        let outcome = match stopping.take() {
-                            Some((stop, _)) => stop_outcome(stop),
-                            None => TaskOutcome::failed(format!("lost the worker mid-task: {}", e.message())),
+                        let stop = match stopping.take() {
+                            Some((stop, _)) => stop,
+                            None => Stop::Failed(Failure::lost(&self.task, &e)),
                         };
-                        return self.finish(outcome).await;
+                        return self.stop(stop).await;
                     }
                 }
             }
@@ -296,6 +395,7 @@ impl Run {
                 worker,
                 &CancelRequest {
                     task_id: self.task.id,
+                    session_id: Some(self.task.session_id.clone()),
                 },
             )
             .await
@@ -344,9 +444,24 @@ impl Run {
         self.inner.record(&self.task, events).await
     }
 
+    /// Ends the run for `stop`: canceled, or failed with an `error` event before `done`.
+    async fn stop(&mut self, stop: Stop) -> Result<()> {
+        let (outcome, before) = stop_outcome(stop);
+        self.finish_with(outcome, before).await
+    }
+
     /// Records the outcome (the final status and the `done` event in one write), then
     /// delivers it.
-    async fn finish(&mut self, mut outcome: TaskOutcome) -> Result<()> {
+    async fn finish(&mut self, outcome: TaskOutcome) -> Result<()> {
+        self.finish_with(outcome, Vec::new()).await
+    }
+
+    /// [`finish`](Self::finish) with `before` written just ahead of the `done`.
+    async fn finish_with(
+        &mut self,
+        mut outcome: TaskOutcome,
+        mut before: Vec<TaskEvent>,
+    ) -> Result<()> {
         if outcome.duration_ms == 0 {
             outcome.duration_ms = self.started.elapsed().as_millis() as u64;
         }
@@ -366,7 +481,10 @@ impl Run {
                 &self.task,
                 self.status,
                 TaskChange::finish(outcome.clone()),
-                vec![TaskEvent::Done(outcome.clone())],
+                {
+                    before.push(TaskEvent::Done(outcome.clone()));
+                    before
+                },
             )
             .await
         {
@@ -383,10 +501,18 @@ impl Run {
     }
 }
 
-fn stop_outcome(stop: Stop) -> TaskOutcome {
+/// The outcome of `stop`, and the events that go just before its `done`: an `error` for a
+/// failure, so that a client that shows errors (the original's web client) shows it.
+fn stop_outcome(stop: Stop) -> (TaskOutcome, Vec<TaskEvent>) {
     match stop {
-        Stop::Canceled => TaskOutcome::canceled(),
-        Stop::Failed(reason) => TaskOutcome::failed(reason),
+        Stop::Canceled => (TaskOutcome::canceled(), Vec::new()),
+        Stop::Failed(Failure { code, message }) => (
+            TaskOutcome::failed(message.clone()),
+            vec![TaskEvent::Error {
+                message,
+                code: Some(code.to_owned()),
+            }],
+        ),
     }
 }
 
@@ -414,6 +540,16 @@ impl Drop for StreamReader {
     fn drop(&mut self) {
         self.reader.abort();
     }
+}
+
+/// The skill with its `SKILL.md` among its files (`content` empty): the form both the
+/// original AnyWork's worker (which requires `files`) and this one take.
+fn files_form(mut skill: SkillSpec) -> SkillSpec {
+    if !skill.content.is_empty() {
+        let content = std::mem::take(&mut skill.content);
+        skill.files.insert("SKILL.md".to_owned(), content);
+    }
+    skill
 }
 
 /// `/prepare` with the channel's defaults merged in, then `/chat`; both retried on errors
@@ -446,9 +582,23 @@ async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Resu
     let mcp_servers = config
         .mcp
         .resolve(&mcp_servers, &crate::outbound::read_secret)?;
+    // Default skills given by name are read now, so that a skill edited on disk is current.
+    let names: Vec<String> = skills
+        .iter()
+        .filter(|s| s.is_name_only())
+        .map(|s| s.name.clone())
+        .collect();
+    if !names.is_empty() {
+        let resolved = inner.resolve_skill_names(names).await?;
+        for skill in &mut skills {
+            if let Some(r) = resolved.iter().find(|r| r.name == skill.name) {
+                *skill = r.clone();
+            }
+        }
+    }
     let prepare = PrepareRequest {
         session_id: task.session_id.clone(),
-        skills: Some(skills),
+        skills: Some(skills.into_iter().map(files_form).collect()),
         mcp_servers: Some(mcp_servers),
         soul: None,
     };

@@ -222,6 +222,7 @@ pub fn api_router(state: AppState) -> Router {
             "/api/workspace/{file}",
             get(rest::get_workspace_doc).put(rest::put_workspace_doc),
         )
+        .route("/api/skills", get(rest::skills))
         .route("/api/admin/workers", get(rest::workers))
         .route("/metrics", get(rest::metrics))
         .method_not_allowed_fallback(anywork_http::method_not_allowed)

@@ -168,6 +168,14 @@ const OPS: &[Op] = &[
     },
     Op {
         method: "get",
+        path: "/api/skills",
+        summary: "Skills a request may name (from SKILLS_DIR), and folders there that cannot be used",
+        body: None,
+        ok: (200, "Skills"),
+        query: &[],
+    },
+    Op {
+        method: "get",
         path: "/api/openapi.json",
         summary: "This document",
         body: None,
@@ -208,7 +216,16 @@ fn schemas() -> Value {
     let log = json!({"type": "object", "required": ["seq", "type", "content", "metadata", "timestamp"], "properties": {
         "seq": int, "type": {"type": "string", "description": "init, text, thinking, tool_call, tool_result, input_required, usage, status, error, done"},
         "content": string, "metadata": {"type": "object"}, "timestamp": int}});
-    let skill = json!({"type": "object", "required": ["name", "content"], "properties": {"name": string, "content": string, "files": {"type": "object"}}});
+    let skill = json!({"oneOf": [
+        {"type": "string", "description": "a skill's name, resolved from the server's SKILLS_DIR"},
+        {"type": "object", "required": ["name"], "properties": {"name": string, "content": string, "files": {"type": "object"}}}]});
+    let mcp_entry = json!({"type": "object", "required": ["name"], "properties": {
+        "name": string, "transport": {"type": "string", "enum": ["stdio", "http", "sse"]}, "command": string,
+        "args": {"type": "array", "items": string}, "env": {"type": "object"}, "url": string, "headers": {"type": "object"}}});
+    let mcp_servers = json!({"oneOf": [
+        {"type": "array", "items": mcp_entry, "description": "the original AnyWork's list"},
+        {"type": "object", "description": "as in .mcp.json's mcpServers"},
+        {"type": "null"}]});
     json!({
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {"code": string, "message": string}}}},
         "Any": {},
@@ -224,7 +241,7 @@ fn schemas() -> Value {
         "TaskAccepted": {"type": "object", "required": ["taskId"], "properties": {"taskId": string, "sessionId": string, "status": status}},
         "CreateTask": {"type": "object", "required": ["message"], "additionalProperties": false, "properties": {
             "message": string, "session_id": string, "channel_type": string, "channel_key": string, "channel_meta": {},
-            "skills": {"type": "array", "items": skill}, "mcp_servers": {"type": "object", "description": "as in .mcp.json's mcpServers"},
+            "skills": {"type": ["array", "null"], "items": skill}, "mcp_servers": mcp_servers,
             "push_notification": {"type": "object", "required": ["url"], "properties": {"url": string, "authorization": string}}}},
         "TaskLog": log,
         "LogPage": {"type": "object", "properties": {"logs": {"type": "array", "items": schema_ref("TaskLog")}, "hasMore": {"type": "boolean"}, "next": int}},
@@ -232,6 +249,9 @@ fn schemas() -> Value {
         "Messages": {"type": "object", "properties": {"messages": {"type": "array", "items": {"type": "object"}}}},
         "WorkspaceFile": {"type": "object", "properties": {"file": string, "content": string}},
         "WorkspaceContent": {"type": "object", "required": ["content"], "properties": {"content": string}},
+        "Skills": {"type": "object", "properties": {
+            "skills": {"type": "array", "items": {"type": "object", "required": ["name", "description"], "properties": {"name": string, "description": string}}},
+            "invalid": {"type": "array", "items": {"type": "object", "properties": {"name": string, "error": string}}}}},
         "Workers": {"type": "object", "properties": {"driver": string, "workers": {"type": "array", "items": {"type": "object"}}, "running": int, "queueDepth": int}},
     })
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anywork_core::{
     Error, InboundRequest, InputResponse, NewSession, Page, PushNotification, SessionId, SkillSpec,
     TaskId, TaskRequest, WireTask,
-    spec::{McpServers, deserialize_mcp_servers_any},
+    spec::{McpServers, deserialize_mcp_servers_any, deserialize_skills_any},
 };
 use anywork_http::{ApiError, JsonBody, PathParam, QueryParams};
 use anywork_runtime::{InboundOutcome, WorkspaceDoc};
@@ -177,8 +177,10 @@ pub(crate) struct CreateTask {
     channel_key: Option<String>,
     #[serde(default)]
     channel_meta: Value,
-    #[serde(default)]
+    /// Names and/or inline objects, as the original's clients send them.
+    #[serde(default, deserialize_with = "deserialize_skills_any")]
     skills: Vec<SkillSpec>,
+    /// The original's list, the map by name, `[]`, `{}` or `null`.
     #[serde(default, deserialize_with = "deserialize_mcp_servers_any")]
     mcp_servers: McpServers,
     #[serde(default)]
@@ -348,6 +350,12 @@ pub(crate) async fn put_workspace_doc(
         .put_workspace_doc(doc, &body.content)
         .await?;
     Ok(Json(json!({"file": doc.file, "content": doc.content})))
+}
+
+/// `GET /api/skills`: `{"skills": [{name, description}], "invalid": [{name, error}]}`.
+pub(crate) async fn skills(State(state): State<AppState>) -> ApiResult {
+    let catalog = state.dispatcher().skill_catalog().await?;
+    Ok(Json(json!(catalog)))
 }
 
 pub(crate) async fn workers(State(state): State<AppState>) -> ApiResult {

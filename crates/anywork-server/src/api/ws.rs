@@ -1,5 +1,11 @@
 //! `/ws`: chat, follow and resume tasks, cancel, answer input requests.
 //!
+//! A chat is answered by `task_created` (after `session_created` for a new session), or by
+//! one `error` with `metadata {code, created: false}` when it is refused: nothing was made,
+//! no `done` follows. The refusal echoes the chat's `session_id` and the client's own
+//! `request_id` (any string or number the client adds to its message), so that a client
+//! knows which of its messages it answers.
+//!
 //! One Tokio task per connection reads the socket and writes what the followers and the hub
 //! send it; each followed task has a follower task that ends with the task's `done`. An idle
 //! connection holds no follower, only small socket buffers.
@@ -252,9 +258,15 @@ impl Connection {
         let Ok(value) = serde_json::from_str::<serde_json::Value>(text) else {
             return vec![ServerMessage::error("Invalid JSON")];
         };
+        let context = RequestContext::of(&value);
         let message = match serde_json::from_value::<ClientMessage>(value) {
             Ok(m) => m,
-            Err(e) => return vec![ServerMessage::error(format!("Invalid message: {e}"))],
+            Err(e) => {
+                return vec![context.refused(
+                    "invalid_message",
+                    format!("Invalid message: {e}; nothing was created"),
+                )];
+            }
         };
         match message {
             ClientMessage::Ping => vec![ServerMessage::Pong],
@@ -263,7 +275,10 @@ impl Connection {
                 message,
                 skills,
                 mcp_servers,
-            } => self.chat(session_id, message, skills, mcp_servers).await,
+            } => {
+                self.chat(&context, session_id, message, skills, mcp_servers)
+                    .await
+            }
             ClientMessage::Resume { task_id, after_seq } => {
                 match self.state.dispatcher().task(task_id).await {
                     Ok(task) => {
@@ -298,13 +313,14 @@ impl Connection {
 
     async fn chat(
         &mut self,
+        context: &RequestContext,
         session_id: Option<SessionId>,
         message: String,
         skills: Vec<anywork_core::SkillSpec>,
         mcp_servers: anywork_core::spec::McpServers,
     ) -> Vec<ServerMessage> {
         let mut request = TaskRequest::new(WEBCHAT, message);
-        request.session_id = session_id.clone();
+        request.session_id = session_id;
         request.skills = skills;
         request.mcp_servers = mcp_servers;
         match self.state.dispatcher().submit_and_follow(request).await {
@@ -324,7 +340,13 @@ impl Connection {
                 self.spawn_follower(task.id, events);
                 out
             }
-            Err(e) => vec![task_error(session_id, None, &e)],
+            Err(e) => vec![context.refused(
+                e.kind().as_str(),
+                format!(
+                    "{}; nothing was created",
+                    e.message().trim_end_matches(['.', ' '])
+                ),
+            )],
         }
     }
 
@@ -377,6 +399,37 @@ fn rate_limited(state: &AppState) -> ServerMessage {
             ),
             code: Some("rate_limited".to_owned()),
         },
+    }
+}
+
+/// What a client sent along with a message that identifies it: its `session_id` and its own
+/// `request_id`, echoed in a refusal.
+struct RequestContext {
+    session_id: Option<SessionId>,
+    request_id: Option<serde_json::Value>,
+}
+
+impl RequestContext {
+    fn of(value: &serde_json::Value) -> Self {
+        Self {
+            session_id: value
+                .get("session_id")
+                .and_then(serde_json::Value::as_str)
+                .and_then(|s| SessionId::new(s).ok()),
+            request_id: value
+                .get("request_id")
+                .filter(|v| v.is_string() || v.is_number())
+                .cloned(),
+        }
+    }
+
+    fn refused(&self, code: &str, message: String) -> ServerMessage {
+        ServerMessage::Refused {
+            session_id: self.session_id.clone(),
+            request_id: self.request_id.clone(),
+            code: code.to_owned(),
+            message,
+        }
     }
 }
 

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anywork_drivers::StaticDriver;
-use anywork_runtime::{Backoff, Dispatcher, DispatcherConfig, FirstWords, TitleGenerator};
+use anywork_runtime::{
+    Backoff, Dispatcher, DispatcherBuilder, DispatcherConfig, FirstWords, TitleGenerator,
+};
 use anywork_server::{ApiOptions, AppState};
 use anywork_store::SqliteStore;
 use anywork_test::fake_llm::FakeLlm;
@@ -116,12 +118,27 @@ impl TestServer {
         titles: impl TitleGenerator,
         options: ApiOptions,
     ) -> TestServer {
+        Self::start_custom_with(worker_url, |b| b.config(config).titles(titles), options).await
+    }
+
+    /// The server with the dispatcher's builder set up by `setup` (skills, channels, …).
+    pub async fn start_custom(
+        worker_url: &str,
+        setup: impl FnOnce(DispatcherBuilder) -> DispatcherBuilder,
+    ) -> TestServer {
+        Self::start_custom_with(worker_url, setup, ApiOptions::default()).await
+    }
+
+    /// The server with its builder set up by `setup` and its own API options.
+    pub async fn start_custom_with(
+        worker_url: &str,
+        setup: impl FnOnce(DispatcherBuilder) -> DispatcherBuilder,
+        options: ApiOptions,
+    ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open_in_dir(dir.path()).await.unwrap());
         let driver = Arc::new(StaticDriver::new(worker_url).unwrap());
-        let dispatcher = Dispatcher::builder(store, driver)
-            .config(config)
-            .titles(titles)
+        let dispatcher = setup(Dispatcher::builder(store, driver))
             .start()
             .await
             .unwrap();

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use anywork_core::worker_api::WorkerSecret;
 use anywork_core::{ContainerDriver, TaskStore};
 use anywork_runtime::{Dispatcher, DispatcherConfig, FirstWords, ModelTitles, TitleGenerator};
 use anywork_server::{ApiOptions, ApiToken, AppState};
@@ -39,9 +40,17 @@ pub struct Config {
     /// URL of the worker for the static driver (`http://127.0.0.1:8080`).
     #[arg(long, env = "STATIC_WORKER_URL")]
     pub static_worker_url: Option<String>,
+    /// Secret of the static worker (the worker's WORKER_SECRET), sent on every call to it.
+    /// Without one the worker must have none either, and accepts calls from anyone.
+    #[arg(long, env = "STATIC_WORKER_SECRET", hide_env_values = true)]
+    pub static_worker_secret: Option<String>,
     /// Workspace root of the local worker (default: DB_DIR/workspace).
     #[arg(long, env = "WORKSPACE_DIR")]
     pub workspace_dir: Option<PathBuf>,
+    /// Folder of the skills a request may name (`"skills": ["code-review"]`): one folder per
+    /// skill holding its SKILL.md (front matter `name`, `description`) and its files.
+    #[arg(long, env = "SKILLS_DIR")]
+    pub skills_dir: Option<PathBuf>,
     /// Key of an OpenAI-compatible API (titles; also the native executor's).
     #[arg(long, env = "API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -165,13 +174,37 @@ impl Config {
                         .as_deref()
                         .filter(|u| !u.trim().is_empty())
                         .context("CONTAINER_DRIVER=static needs STATIC_WORKER_URL (e.g. http://127.0.0.1:8080)")?;
-                (Arc::new(anywork_drivers::StaticDriver::new(url)?), None)
+                let secret = match self
+                    .static_worker_secret
+                    .as_deref()
+                    .filter(|s| !s.trim().is_empty())
+                {
+                    Some(s) => Some(WorkerSecret::new(s).context("STATIC_WORKER_SECRET")?),
+                    None => {
+                        tracing::warn!(
+                            "no STATIC_WORKER_SECRET: the worker at STATIC_WORKER_URL is called \
+                             without a secret, so it must accept calls from anyone who reaches \
+                             it; set the same secret here and as its WORKER_SECRET"
+                        );
+                        None
+                    }
+                };
+                (
+                    Arc::new(anywork_drivers::StaticDriver::new(url)?.with_secret(secret)),
+                    None,
+                )
             }
             "local" => {
-                let (url, warn) = self.start_local_worker().await?;
+                // A fresh secret each start: only this process knows it.
+                let secret = WorkerSecret::generate();
+                let (url, warn) = self.start_local_worker(secret.clone()).await?;
                 warning = warn;
                 (
-                    Arc::new(anywork_drivers::StaticDriver::new(&url)?),
+                    Arc::new(
+                        anywork_drivers::StaticDriver::new(&url)?
+                            .with_secret(Some(secret))
+                            .named("local"),
+                    ),
                     Some(url),
                 )
             }
@@ -199,9 +232,17 @@ impl Config {
             .then(|| Duration::from_secs(self.reap_interval_seconds));
         config.outbound = outbound;
         config.mcp = mcp;
-        let dispatcher = Dispatcher::builder(store, driver)
+        let mut builder = Dispatcher::builder(store, driver)
             .config(config)
-            .titles(self.titles()?)
+            .titles(self.titles()?);
+        if let Some(dir) = self
+            .skills_dir
+            .as_ref()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            builder = builder.skills(anywork_runtime::SkillsDir::new(dir));
+        }
+        let dispatcher = builder
             .start()
             .await
             .context("cannot start the dispatcher")?;
@@ -305,7 +346,10 @@ impl Config {
 
     /// Starts the in-process worker on a loopback port; returns its URL, and the warning to
     /// show when no model is configured.
-    async fn start_local_worker(&self) -> anyhow::Result<(String, Option<String>)> {
+    async fn start_local_worker(
+        &self,
+        secret: WorkerSecret,
+    ) -> anyhow::Result<(String, Option<String>)> {
         let workspace = self
             .workspace_dir
             .clone()
@@ -322,7 +366,7 @@ impl Config {
             }
         };
         let state = anywork_worker::WorkerState::new(
-            anywork_worker::WorkerConfig::new(&workspace),
+            anywork_worker::WorkerConfig::new(&workspace).with_secret(Some(secret)),
             executor,
         )
         .with_context(|| format!("cannot use WORKSPACE_DIR {}", workspace.display()))?;
