@@ -26,9 +26,13 @@ fn skills_dir() -> tempfile::TempDir {
     dir
 }
 
+/// The server as a drop-in operator runs it: the original's clients send their own MCP
+/// commands, which only `ALLOW_REQUEST_MCP_COMMANDS=1` lets through (see docs/security.md).
 async fn server_with_skills(worker: &str, skills: &Path) -> TestServer {
     let skills = SkillsDir::new(skills);
-    TestServer::start_custom(worker, move |b| b.skills(skills)).await
+    let mut config = DispatcherConfig::default();
+    config.mcp = anywork_core::McpAccess::new(anywork_core::McpCatalog::new(), true);
+    TestServer::start_custom(worker, move |b| b.skills(skills).config(config)).await
 }
 
 /// Messages up to the `done` of the chat just sent (after its `task_created`).
