@@ -144,8 +144,12 @@ fn wrong_token() -> Response {
 fn is_open(state: &AppState, path: &str) -> bool {
     let public = matches!(path, "/api/health" | "/metrics") && !state.options().protect_health;
     // Channels verify their own senders (signatures, shared secrets).
-    let webhook = path.starts_with("/api/channel/") && path.ends_with("/webhook");
-    public || webhook
+    public || is_webhook(path)
+}
+
+/// Whether `path` is a channel webhook (`/api/channel/{type}/webhook`).
+fn is_webhook(path: &str) -> bool {
+    path.starts_with("/api/channel/") && path.ends_with("/webhook")
 }
 
 /// Middleware of [`api_router`](super::api_router): the token, then the JSON-only rule.
@@ -154,10 +158,13 @@ pub(crate) async fn guard_api(
     request: Request,
     next: Next,
 ) -> Response {
-    if let Some(refused) = check_host(&state, request.headers()) {
+    let path = request.uri().path().to_owned();
+    // Channel webhooks verify their senders themselves, and may come through a tunnel.
+    if !is_webhook(&path)
+        && let Some(refused) = check_host(&state, request.headers())
+    {
         return refused;
     }
-    let path = request.uri().path().to_owned();
     if let Some(token) = &state.options().api_token
         && !is_open(&state, &path)
     {
@@ -167,8 +174,9 @@ pub(crate) async fn guard_api(
             Presented::Wrong => return wrong_token(),
         }
     }
-    let webhook = path.starts_with("/api/channel/");
-    if !webhook && let Some(refused) = check_content_type(&request) {
+    if !is_webhook(&path)
+        && let Some(refused) = check_content_type(&request)
+    {
         return refused;
     }
     next.run(request).await
