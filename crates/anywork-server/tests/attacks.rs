@@ -956,3 +956,80 @@ async fn dns_rebinding_to_a_loopback_server_without_a_token_is_refused() {
         .unwrap();
     assert_eq!(ws_next(&mut ws).await.unwrap()["type"], "pong");
 }
+
+/// A channel whose every task gets the catalog entry `calc` as a default MCP server.
+struct CatalogDefaults;
+
+#[async_trait::async_trait]
+impl anywork_core::Channel for CatalogDefaults {
+    fn channel_type(&self) -> &str {
+        "defaults"
+    }
+
+    async fn parse(
+        &self,
+        request: anywork_core::InboundRequest,
+    ) -> anywork_core::Result<anywork_core::Inbound> {
+        let text = String::from_utf8_lossy(&request.body).into_owned();
+        Ok(anywork_core::Inbound::Task(Box::new(
+            anywork_core::TaskRequest::new("defaults", text),
+        )))
+    }
+
+    fn defaults(&self) -> anywork_core::ChannelDefaults {
+        anywork_core::ChannelDefaults::default()
+            .with_mcp_server("calc", anywork_core::McpServerConfig::catalog_ref())
+    }
+
+    async fn deliver(
+        &self,
+        _task: &anywork_core::Task,
+        _outcome: &anywork_core::TaskOutcome,
+    ) -> anywork_core::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_default_mcp_servers_come_from_the_catalog() {
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| Reply::text("done"));
+    let workspace = tempfile::tempdir().unwrap();
+    let worker = WorkerProcess::start_in(&fake, workspace.path()).await;
+    let secret_file = workspace.path().join("calc-token");
+    std::fs::write(&secret_file, "calc-file-secret\n").unwrap();
+    let catalog = McpCatalog::from_json(
+        &json!({"calc": {"command": anywork_test::bins::test_mcp_server(),
+                         "env": {"CALC_TOKEN": {"file": secret_file}}}})
+        .to_string(),
+    )
+    .unwrap();
+    let mut config = DispatcherConfig::default();
+    config.mcp = McpAccess::new(catalog, false);
+    let server = TestServer::start_custom(&worker.url, move |b| {
+        b.config(config).channel(Arc::new(CatalogDefaults))
+    })
+    .await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/channel/defaults/webhook", server.url))
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let body: Value = r.json().await.unwrap();
+    let task = server.wait_final(body["taskId"].as_str().unwrap()).await;
+    assert_eq!(task["status"], "completed", "{task}");
+    let session = body["sessionId"].as_str().unwrap();
+    let mcp_file = std::fs::read_dir(workspace.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join(".mcp.json"))
+        .find(|p| p.is_file() && p.to_string_lossy().contains(session))
+        .expect("the session's .mcp.json");
+    let mcp: Value = serde_json::from_str(&std::fs::read_to_string(mcp_file).unwrap()).unwrap();
+    assert_eq!(
+        mcp["mcpServers"]["calc"]["env"]["CALC_TOKEN"],
+        "calc-file-secret"
+    );
+}
