@@ -164,7 +164,11 @@ fn malformed_bodies_are_refused_with_the_reason() {
             r#"{"message":"x","skills":"code-review"}"#,
             "invalid webhook body",
         ),
-        (r#"{"message":"x","mcp_servers":[{"name":"a"}]}"#, "command"),
+        // (`[{"name":"a"}]` alone names the server's MCP catalog entry `a`.)
+        (
+            r#"{"message":"x","mcp_servers":[{"name":"a","transport":"stdio"}]}"#,
+            "command",
+        ),
         (
             r#"{"message":"x","callback_url":"ftp://x"}"#,
             "callback_url",
@@ -209,6 +213,15 @@ fn mcp_servers_and_skills_come_in_every_form() {
         t.mcp_servers["calc"],
         McpServerConfig::Stdio { .. }
     ));
+    // Names of the server's MCP catalog, resolved (or refused) by the dispatcher.
+    let body = json!({"message": "x", "mcp_servers": ["docs", {"name": "calc"}]});
+    let t = task(
+        channel()
+            .parse_at(&with_secret(&body.to_string()), NOW)
+            .unwrap(),
+    );
+    assert!(t.mcp_servers["docs"].is_catalog_ref());
+    assert!(t.mcp_servers["calc"].is_catalog_ref());
 }
 
 #[test]

@@ -214,6 +214,7 @@ impl McpCatalog {
 /// servers: when their URL passes the outbound policy, checked by the caller with the URLs
 /// [`admit`](Self::admit) returns).
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct McpAccess {
     /// The operator's servers.
     pub catalog: McpCatalog,
@@ -222,6 +223,15 @@ pub struct McpAccess {
 }
 
 impl McpAccess {
+    /// Requests may name entries of `catalog`, and start their own commands only when
+    /// `allow_request_commands`.
+    pub fn new(catalog: McpCatalog, allow_request_commands: bool) -> Self {
+        Self {
+            catalog,
+            allow_request_commands,
+        }
+    }
+
     /// Checks a request's servers and replaces each that names a catalog entry (a name-only
     /// reference, or any entry whose name is in the catalog) by its
     /// [stored form](McpCatalog::stored_form). Returns the URLs of the request's own HTTP

@@ -82,15 +82,37 @@ pub(crate) fn checked_client(policy: OutboundPolicy, timeout: Duration) -> Resul
 /// the name resolves to). For a clear `400` when the request comes in; the connection itself
 /// is checked again by [`checked_client`].
 pub(crate) async fn check_url(policy: &OutboundPolicy, what: &str, url: &str) -> Result<()> {
+    let host = check_literal(policy, what, url)?;
+    if let Some(name) = host {
+        resolve_checked(policy, what, &name).await?;
+    }
+    Ok(())
+}
+
+/// [`check_url`] for a URL another machine connects to (an HTTP MCP server, reached by the
+/// worker): a name that does not resolve here is let through (the worker's network may know
+/// it; it cannot reach further than the agent's own tools), a name resolving to a refused
+/// address is not.
+pub(crate) async fn check_remote_url(policy: &OutboundPolicy, what: &str, url: &str) -> Result<()> {
+    let host = check_literal(policy, what, url)?;
+    if let Some(name) = host
+        && let Ok(addrs) = tokio::net::lookup_host((name.as_str(), 0)).await
+    {
+        for addr in addrs {
+            policy.check_addr(what, &name, addr.ip())?;
+        }
+    }
+    Ok(())
+}
+
+/// The scheme and a literal address of `url`; the host name still to resolve, if any.
+fn check_literal(policy: &OutboundPolicy, what: &str, url: &str) -> Result<Option<String>> {
     let parsed = reqwest::Url::parse(url)
         .map_err(|e| Error::invalid_input(format!("{what}: {url:?} is not a URL: {e}")))?;
     let host = parsed.host_str().unwrap_or("");
     policy.check_target(what, parsed.scheme(), host)?;
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    if bare.parse::<std::net::IpAddr>().is_err() && !policy.host_allowed(bare) {
-        resolve_checked(policy, what, bare).await?;
-    }
-    Ok(())
+    Ok((bare.parse::<std::net::IpAddr>().is_err() && !policy.host_allowed(bare)).then(|| bare.to_owned()))
 }
 
 /// Reads MCP catalog secrets from the server's environment and files. Errors name the

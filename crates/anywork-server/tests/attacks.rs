@@ -177,8 +177,7 @@ async fn websocket_needs_the_token_as_header_subprotocol_or_first_message() {
     let bearer_wrong = "Bearer nope".to_owned();
     let (status, body) = ws_connect(&server.url, &[("authorization", &bearer_wrong)])
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(status, 401, "{body}");
     assert_eq!(error_code(&body), "unauthorized");
     let (status, _) = ws_connect(
@@ -186,8 +185,7 @@ async fn websocket_needs_the_token_as_header_subprotocol_or_first_message() {
         &[("sec-websocket-protocol", "anywork, anywork.token.nope")],
     )
     .await
-    .err()
-    .expect("refused");
+    .expect_err("refused");
     assert_eq!(status, 401);
 
     // No token: the first message must authenticate; anything else closes the connection.
@@ -358,7 +356,7 @@ async fn request_supplied_mcp_commands_are_refused_and_catalog_names_work() {
             },
             "docs": {
                 "type": "http",
-                "url": "https://docs.example/mcp",
+                "url": "https://127.0.0.1:1/mcp",
                 "headers": {"Authorization": {"file": secret_file}}
             }
         })
@@ -366,10 +364,7 @@ async fn request_supplied_mcp_commands_are_refused_and_catalog_names_work() {
     )
     .unwrap();
     let mut config = DispatcherConfig::default();
-    config.mcp = McpAccess {
-        catalog,
-        allow_request_commands: false,
-    };
+    config.mcp = McpAccess::new(catalog, false);
     let server =
         TestServer::start_with_options(&worker.url, config, FirstWords, ApiOptions::default())
             .await;
@@ -657,7 +652,7 @@ async fn limits_on_what_a_caller_can_make_the_server_store_or_do() {
     assert!(limited["content"].as_str().unwrap().contains("per second"));
     // Connections per client address: the third is refused, the first two work.
     let _second = server.ws().await;
-    let (status, body) = ws_connect(&server.url, &[]).await.err().expect("refused");
+    let (status, body) = ws_connect(&server.url, &[]).await.expect_err("refused");
     assert_eq!(status, 429, "{body}");
     assert_eq!(error_code(&body), "rate_limited");
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -692,7 +687,7 @@ async fn configured_secrets_appear_in_no_answer_row_or_log_line() {
         json!({"mcpServers": {
             "calc": {"command": anywork_test::bins::test_mcp_server(),
                      "env": {"CALC_TOKEN": {"env": "CALC_SECRET"}, "PLAIN": format!("{MARKER}-plain")}},
-            "docs": {"type": "http", "url": "https://docs.example/mcp",
+            "docs": {"type": "http", "url": "https://127.0.0.1:1/mcp",
                      "headers": {"Authorization": {"file": header_file}}},
             "broken": {"command": "true", "env": {"K": {"file": dir.path().join("missing")}}}
         }})
@@ -865,4 +860,179 @@ async fn configured_secrets_appear_in_no_answer_row_or_log_line() {
     for line in logs.lines() {
         assert!(!line.contains(MARKER), "a log line holds a secret: {line}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_loopback_bind_without_a_token_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_anywork-server"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("SERVER_HOST", "0.0.0.0")
+            .env("SERVER_PORT", free_port().to_string())
+            .env("DB_DIR", dir.path())
+            .env("CONTAINER_DRIVER", "static")
+            .env("STATIC_WORKER_URL", "http://127.0.0.1:9")
+            .env("RUST_LOG", "warn");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd
+    };
+    let out = run(&[]).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not a loopback address") && stderr.contains("ANYWORK_API_TOKEN"),
+        "{stderr}"
+    );
+    let out = run(&[("ANYWORK_API_TOKEN_FILE", "/nonexistent/token")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ANYWORK_API_TOKEN_FILE"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // With a token (or the explicit opt-out) it starts and serves.
+    for extra in [
+        [("ANYWORK_API_TOKEN", TOKEN)],
+        [("ANYWORK_INSECURE_NO_AUTH", "1")],
+    ] {
+        let port = free_port();
+        let mut cmd = tokio::process::Command::from(run(&extra));
+        let _child = cmd
+            .env("SERVER_PORT", port.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        wait_healthy(&format!("http://127.0.0.1:{port}/api/health")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_rebinding_to_a_loopback_server_without_a_token_is_refused() {
+    let mut options = ApiOptions::default();
+    options.loopback_hosts_only = true;
+    let server = server_with(DispatcherConfig::default(), options).await;
+    let http = reqwest::Client::new();
+    let port = server.url.rsplit(':').next().unwrap().to_owned();
+    let evil = format!("rebound.evil.example:{port}");
+    let (status, body, _) = send(
+        http.post(format!("{}/api/sessions", server.url))
+            .header("host", &evil)
+            .json(&json!({})),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(error_code(&body), "forbidden_host");
+    assert!(error_message(&body).contains("ANYWORK_API_TOKEN"), "{body}");
+    let origin = format!("http://{evil}");
+    let (status, body) = ws_connect(&server.url, &[("host", &evil), ("origin", &origin)])
+        .await
+        .expect_err("refused");
+    assert_eq!(status, 403, "{body}");
+    // Webhooks (their own verification) may come through a tunnel under another name.
+    let (status, body, _) = send(
+        http.post(format!("{}/api/channel/webhook/webhook", server.url))
+            .header("host", &evil)
+            .json(&json!({"message": "x"})),
+    )
+    .await;
+    assert_ne!(status, 403, "{body}");
+    // Loopback names work.
+    for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}")] {
+        let (status, body, _) = send(
+            http.get(format!("{}/api/sessions", server.url))
+                .header("host", &host),
+        )
+        .await;
+        assert_eq!(status, 200, "{host}: {body}");
+    }
+    let (mut ws, _) = ws_connect(&server.url, &[]).await.unwrap();
+    ws.send(Message::Text(r#"{"type":"ping"}"#.into()))
+        .await
+        .unwrap();
+    assert_eq!(ws_next(&mut ws).await.unwrap()["type"], "pong");
+}
+
+/// A channel whose every task gets the catalog entry `calc` as a default MCP server.
+struct CatalogDefaults;
+
+#[async_trait::async_trait]
+impl anywork_core::Channel for CatalogDefaults {
+    fn channel_type(&self) -> &str {
+        "defaults"
+    }
+
+    async fn parse(
+        &self,
+        request: anywork_core::InboundRequest,
+    ) -> anywork_core::Result<anywork_core::Inbound> {
+        let text = String::from_utf8_lossy(&request.body).into_owned();
+        Ok(anywork_core::Inbound::Task(Box::new(
+            anywork_core::TaskRequest::new("defaults", text),
+        )))
+    }
+
+    fn defaults(&self) -> anywork_core::ChannelDefaults {
+        anywork_core::ChannelDefaults::default()
+            .with_mcp_server("calc", anywork_core::McpServerConfig::catalog_ref())
+    }
+
+    async fn deliver(
+        &self,
+        _task: &anywork_core::Task,
+        _outcome: &anywork_core::TaskOutcome,
+    ) -> anywork_core::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_default_mcp_servers_come_from_the_catalog() {
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| Reply::text("done"));
+    let workspace = tempfile::tempdir().unwrap();
+    let worker = WorkerProcess::start_in(&fake, workspace.path()).await;
+    let secret_file = workspace.path().join("calc-token");
+    std::fs::write(&secret_file, "calc-file-secret\n").unwrap();
+    let catalog = McpCatalog::from_json(
+        &json!({"calc": {"command": anywork_test::bins::test_mcp_server(),
+                         "env": {"CALC_TOKEN": {"file": secret_file}}}})
+        .to_string(),
+    )
+    .unwrap();
+    let mut config = DispatcherConfig::default();
+    config.mcp = McpAccess::new(catalog, false);
+    let server = TestServer::start_custom(&worker.url, move |b| {
+        b.config(config).channel(Arc::new(CatalogDefaults))
+    })
+    .await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/channel/defaults/webhook", server.url))
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let body: Value = r.json().await.unwrap();
+    let task = server.wait_final(body["taskId"].as_str().unwrap()).await;
+    assert_eq!(task["status"], "completed", "{task}");
+    let session = body["sessionId"].as_str().unwrap();
+    let mcp_file = std::fs::read_dir(workspace.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join(".mcp.json"))
+        .find(|p| p.is_file() && p.to_string_lossy().contains(session))
+        .expect("the session's .mcp.json");
+    let mcp: Value = serde_json::from_str(&std::fs::read_to_string(mcp_file).unwrap()).unwrap();
+    assert_eq!(
+        mcp["mcpServers"]["calc"]["env"]["CALC_TOKEN"],
+        "calc-file-secret"
+    );
 }

@@ -505,3 +505,74 @@ async fn session_links_search_export_usage_and_files() {
     let _ = c.close().await;
     result
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ui_asks_for_the_api_token_once_and_uses_it() {
+    const TOKEN: &str = "browser-t0ken";
+    let Some(driver_bin) = chromedriver() else {
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| Reply::text("Answered with a token."));
+    let worker = WorkerProcess::start(&fake).await;
+    let mut options = anywork_server::ApiOptions::default();
+    options.api_token = anywork_server::ApiToken::new(TOKEN);
+    let server = TestServer::start_full(
+        &worker.url,
+        anywork_runtime::DispatcherConfig::default(),
+        anywork_runtime::FirstWords,
+        options,
+    )
+    .await;
+    let port = free_port();
+    let _driver = tokio::process::Command::new(&driver_bin)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start chromedriver");
+    let c = browser(port).await;
+    let result = async {
+        c.goto(&server.url).await.unwrap();
+        // The first API call gets 401: the UI prompts for the token.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(text) = c.get_alert_text().await {
+                assert!(text.contains("ANYWORK_API_TOKEN"), "{text}");
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no token prompt");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        c.send_alert_text(TOKEN).await.unwrap();
+        c.accept_alert().await.unwrap();
+        let stored = c
+            .execute("return localStorage.getItem('anywork.apiToken')", vec![])
+            .await
+            .unwrap();
+        assert_eq!(stored, json!(TOKEN));
+        // REST and the WebSocket (token as subprotocol) work: a chat is answered.
+        c.wait()
+            .for_element(Locator::Css("#message-input"))
+            .await
+            .unwrap();
+        wait_text(&c, "#conn-status", "Connected").await;
+        let input = c.find(Locator::Css("#message-input")).await.unwrap();
+        input.send_keys("Hello with a token").await.unwrap();
+        click(&c, "#send").await;
+        wait_text(&c, ".msg.assistant .content", "Answered with a token.").await;
+        // Kept: a reload asks nothing.
+        c.refresh().await.unwrap();
+        wait_text(
+            &c,
+            "#session-list .session-item .session-title",
+            "Hello with a token",
+        )
+        .await;
+        assert!(c.get_alert_text().await.is_err(), "asked again");
+    }
+    .await;
+    let _ = c.close().await;
+    result
+}

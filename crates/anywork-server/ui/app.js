@@ -58,6 +58,8 @@ function askToken() {
     tokenAsk = Promise.resolve().then(() => {
       const t = (window.prompt("This AnyWork server needs its API token (ANYWORK_API_TOKEN):") || "").trim();
       try { if (t) localStorage.setItem(TOKEN_KEY, t); else localStorage.removeItem(TOKEN_KEY); } catch (_) { /* private mode */ }
+      // The WebSocket reconnects carrying the new token.
+      if (t && S.ws) { try { S.ws.close(); } catch (_) { /* already closed */ } }
       setTimeout(() => { tokenAsk = null; }, 0);
       return t;
     });

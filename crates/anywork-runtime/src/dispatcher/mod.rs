@@ -301,8 +301,12 @@ impl Dispatcher {
     async fn admit(&self, request: &mut TaskRequest) -> Result<()> {
         let config = &self.inner.config;
         for (name, url) in config.mcp.admit(&mut request.mcp_servers)? {
-            crate::outbound::check_url(&config.outbound, &format!("MCP server {name:?}"), &url)
-                .await?;
+            crate::outbound::check_remote_url(
+                &config.outbound,
+                &format!("MCP server {name:?}"),
+                &url,
+            )
+            .await?;
         }
         if let Some(push) = &request.push_notification {
             crate::outbound::check_url(&config.outbound, "push_notification.url", &push.url)

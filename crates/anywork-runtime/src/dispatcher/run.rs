@@ -944,8 +944,12 @@ async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Resu
         if let McpServerConfig::Http { url, .. } | McpServerConfig::Sse { url, .. } = server
             && !config.mcp.catalog.contains(name)
         {
-            crate::outbound::check_url(&config.outbound, &format!("MCP server {name:?}"), url)
-                .await?;
+            crate::outbound::check_remote_url(
+                &config.outbound,
+                &format!("MCP server {name:?}"),
+                url,
+            )
+            .await?;
         }
     }
     let mcp_servers = config

@@ -144,8 +144,12 @@ fn wrong_token() -> Response {
 fn is_open(state: &AppState, path: &str) -> bool {
     let public = matches!(path, "/api/health" | "/metrics") && !state.options().protect_health;
     // Channels verify their own senders (signatures, shared secrets).
-    let webhook = path.starts_with("/api/channel/") && path.ends_with("/webhook");
-    public || webhook
+    public || is_webhook(path)
+}
+
+/// Whether `path` is a channel webhook (`/api/channel/{type}/webhook`).
+fn is_webhook(path: &str) -> bool {
+    path.starts_with("/api/channel/") && path.ends_with("/webhook")
 }
 
 /// Middleware of [`api_router`](super::api_router): the token, then the JSON-only rule.
@@ -155,6 +159,12 @@ pub(crate) async fn guard_api(
     next: Next,
 ) -> Response {
     let path = request.uri().path().to_owned();
+    // Channel webhooks verify their senders themselves, and may come through a tunnel.
+    if !is_webhook(&path)
+        && let Some(refused) = check_host(&state, request.headers())
+    {
+        return refused;
+    }
     if let Some(token) = &state.options().api_token
         && !is_open(&state, &path)
     {
@@ -164,8 +174,7 @@ pub(crate) async fn guard_api(
             Presented::Wrong => return wrong_token(),
         }
     }
-    let webhook = path.starts_with("/api/channel/");
-    if !webhook
+    if !is_webhook(&path)
         && !is_upload(&request, &path)
         && let Some(refused) = check_content_type(&request)
     {
@@ -184,6 +193,40 @@ fn is_upload(request: &Request, path: &str) -> bool {
             .splitn(5, '/')
             .nth(4)
             .is_some_and(|rest| rest.starts_with("files/"))
+}
+
+/// `403` for a `Host` that is not loopback when [`loopback_hosts_only`](super::ApiOptions::loopback_hosts_only):
+/// a page whose name was rebound to 127.0.0.1 still sends its own name.
+fn check_host(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+    if !state.options().loopback_hosts_only {
+        return None;
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    }
+    .trim_end_matches('.')
+    .to_ascii_lowercase();
+    let loopback = name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!loopback).then(|| {
+        refuse(
+            StatusCode::FORBIDDEN,
+            "forbidden_host",
+            format!(
+                "this server answers only to localhost names without an API token (Host {host:?}); \
+                 set ANYWORK_API_TOKEN to reach it by another name"
+            ),
+        )
+    })
 }
 
 /// `415` for a state-changing request whose body is not declared JSON.
@@ -241,18 +284,21 @@ pub(crate) enum WsAccess {
 }
 
 /// The checks of `/ws` before the upgrade: `Origin`, then the token.
-pub(crate) fn check_ws(state: &AppState, headers: &HeaderMap) -> Result<WsAccess, Response> {
+pub(crate) fn check_ws(state: &AppState, headers: &HeaderMap) -> Result<WsAccess, Box<Response>> {
+    if let Some(refused) = check_host(state, headers) {
+        return Err(Box::new(refused));
+    }
     if let Some(origin) = headers.get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
         if !origin_allowed(state, origin, headers) {
-            return Err(refuse(
+            return Err(Box::new(refuse(
                 StatusCode::FORBIDDEN,
                 "forbidden_origin",
                 format!(
                     "a WebSocket from origin {origin:?} is not allowed: only pages of this server \
                      or of an origin listed in CORS_ORIGINS may connect"
                 ),
-            ));
+            )));
         }
     }
     let Some(token) = &state.options().api_token else {
@@ -261,12 +307,11 @@ pub(crate) fn check_ws(state: &AppState, headers: &HeaderMap) -> Result<WsAccess
     match presented(token, headers) {
         Presented::Valid => Ok(WsAccess::Authenticated),
         Presented::None => Ok(WsAccess::AwaitAuth),
-        Presented::Wrong => Err(wrong_token()),
+        Presented::Wrong => Err(Box::new(wrong_token())),
     }
 }
 
-/// Whether a first WebSocket message `text` is an `auth` message with the right token:
-/// `Some(true)` right, `Some(false)` wrong or not an `auth` message.
+/// Whether a first WebSocket message `text` is an `auth` message with the right token.
 pub(crate) fn ws_auth_message(state: &AppState, text: &str) -> bool {
     let Some(token) = &state.options().api_token else {
         return true;

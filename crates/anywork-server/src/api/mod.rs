@@ -70,6 +70,10 @@ pub struct ApiOptions {
     pub ws_messages_per_second: u32,
     /// Open WebSocket connections per client address; more are refused with 429. 0: no limit.
     pub max_ws_per_client: usize,
+    /// Refuse (403) API and WebSocket requests whose `Host` is not a loopback name or address
+    /// (`localhost`, `127.0.0.1`, `[::1]`): against DNS rebinding, for a server on loopback
+    /// without a token (the binary sets it then).
+    pub loopback_hosts_only: bool,
 }
 
 impl Default for ApiOptions {
@@ -90,6 +94,7 @@ impl Default for ApiOptions {
             max_channel_meta_bytes: 16 * 1024,
             ws_messages_per_second: 20,
             max_ws_per_client: 32,
+            loopback_hosts_only: false,
         }
     }
 }

@@ -426,7 +426,17 @@ pub fn openapi_document() -> Value {
             "license": {"name": "MIT"},
         },
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "ANYWORK_API_TOKEN, when the server has one (401 without it). /api/health, /metrics (unless ANYWORK_PROTECT_HEALTH) and the channel webhooks are open."
+                }
+            }
+        },
+        "security": [{"bearer": []}, {}],
     })
 }
 

@@ -40,8 +40,25 @@ impl Channel for TestChannel {
                 reason: "asked to skip".into(),
             });
         }
-        let mut task = TaskRequest::new("whatever", body);
+        let mut task = TaskRequest::new("whatever", body.clone());
         task.channel_key = Some("thread-1".into());
+        // What a webhook sender may ask for: a callback URL, its own MCP command.
+        if let Some(url) = body.strip_prefix("callback ") {
+            task.push_notification = Some(anywork_core::PushNotification {
+                url: url.to_owned(),
+                authorization: Some("Bearer x".into()),
+            });
+        }
+        if body == "mcp-command" {
+            task.mcp_servers.insert(
+                "evil".into(),
+                anywork_core::McpServerConfig::Stdio {
+                    command: "sh".into(),
+                    args: vec!["-c".into(), "id".into()],
+                    env: Default::default(),
+                },
+            );
+        }
         Ok(Inbound::Task(Box::new(task)))
     }
 
@@ -365,6 +382,24 @@ async fn channel_webhook_routes_verifies_and_skips() {
     let (s, b) = call(&app, Method::POST, "/api/channel/slack/webhook", Some("{}")).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_error(&b, "not_found");
+    // A sender's callback URL and MCP servers pass the same rules as an API caller's.
+    for (body, needle) in [
+        ("callback https://169.254.169.254/latest", "link-local"),
+        ("callback http://hooks.example/x", "plain http"),
+        ("mcp-command", "may not start a command"),
+    ] {
+        let res = app.clone().oneshot(webhook("s", body)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{body}");
+        let answer: Value =
+            serde_json::from_slice(&to_bytes(res.into_body(), 1 << 16).await.unwrap()).unwrap();
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(needle),
+            "{body}: {answer}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -332,6 +332,8 @@ impl Config {
         options.warning = warning;
         options.shutdown_grace = Duration::from_secs(self.shutdown_grace_seconds);
         options.setup = setup;
+        // Without a token, a loopback server answers only to loopback names (DNS rebinding).
+        options.loopback_hosts_only = api_token.is_none() && self.host.is_loopback();
         options.api_token = api_token;
         options.protect_health = self.protect_health;
         options.max_channel_key_bytes = self.max_channel_key_bytes;
@@ -393,15 +395,14 @@ impl Config {
 
     /// The MCP catalog of MCP_SERVERS_FILE and ALLOW_REQUEST_MCP_COMMANDS.
     fn mcp_access(&self) -> anyhow::Result<anywork_core::McpAccess> {
-        let mut access = anywork_core::McpAccess::default();
-        access.allow_request_commands = self.allow_request_mcp_commands;
+        let mut catalog = anywork_core::McpCatalog::new();
         if let Some(path) = &self.mcp_servers_file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read MCP_SERVERS_FILE {}", path.display()))?;
-            access.catalog = anywork_core::McpCatalog::from_json(&text)
+            catalog = anywork_core::McpCatalog::from_json(&text)
                 .with_context(|| format!("MCP_SERVERS_FILE {}", path.display()))?;
             tracing::info!(
-                servers = %access.catalog.names().collect::<Vec<_>>().join(", "),
+                servers = %catalog.names().collect::<Vec<_>>().join(", "),
                 "MCP catalog loaded"
             );
         }
@@ -410,7 +411,10 @@ impl Config {
                 "ALLOW_REQUEST_MCP_COMMANDS=1: API callers may start any command on the workers"
             );
         }
-        Ok(access)
+        Ok(anywork_core::McpAccess::new(
+            catalog,
+            self.allow_request_mcp_commands,
+        ))
     }
 
     /// The shipped channels that are on: the webhook unless disabled (with a warning when it
