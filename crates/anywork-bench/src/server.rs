@@ -405,6 +405,14 @@ impl TaskStore for Instrumented {
         let f = self.inner.check_ready();
         self.call("check_ready", true, f).await
     }
+    async fn get_setting(&self, key: &str) -> anywork_core::Result<Option<String>> {
+        let f = self.inner.get_setting(key);
+        self.call("get_setting", false, f).await
+    }
+    async fn put_setting(&self, key: &str, value: &str) -> anywork_core::Result<()> {
+        let f = self.inner.put_setting(key, value);
+        self.call("put_setting", true, f).await
+    }
 }
 
 /// An in-process worker like [`start_worker`]'s whose HTTP calls are timed (request to response

@@ -267,4 +267,11 @@ impl TaskStore for FaultyStore {
         self.write("check_ready")?;
         self.inner.check_ready().await
     }
+    async fn get_setting(&self, key: &str) -> Result<Option<String>> {
+        self.inner.get_setting(key).await
+    }
+    async fn put_setting(&self, key: &str, value: &str) -> Result<()> {
+        self.write("put_setting")?;
+        self.inner.put_setting(key, value).await
+    }
 }
