@@ -194,7 +194,12 @@ async fn a_frozen_worker_is_noticed_and_cancel_answers_at_once() {
     assert!(error.contains("sent nothing for 2 s"), "{error}");
     assert_gap_free_with_one_done(&server.logs(&quiet).await);
 
-    // Cancel of a task on a frozen worker: answered at once, ended after the grace.
+    // Cancel of a task on a frozen worker: answered at once, ended after the grace. A server
+    // whose idle timeout is longer than the grace, so that it is the cancel that ends it.
+    let mut config = DispatcherConfig::default();
+    config.stream_idle_timeout = Duration::from_secs(60);
+    config.cancel_grace = Duration::from_secs(4);
+    let server = TestServer::start_with(&worker.url, config, FirstWords).await;
     let (_, created) = server.post("/api/tasks", json!({"message": "again"})).await;
     let stuck = created["taskId"].as_str().unwrap().to_owned();
     wait_status(&server, &stuck, "running").await;

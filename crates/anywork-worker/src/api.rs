@@ -171,16 +171,12 @@ async fn prepare(
         r.validate()?;
     }
     let dir = blocking(move || {
-        workspace.ensure_session_seeded(
-            &body.session_id,
-            body.default_soul.as_deref(),
-            body.default_agents.as_deref(),
-        )?;
-        workspace.prepare(
+        workspace.prepare_seeded(
             &body.session_id,
             &body.skills.unwrap_or_default(),
             &body.mcp_servers.unwrap_or_default(),
             body.soul.as_deref(),
+            (body.default_soul.as_deref(), body.default_agents.as_deref()),
         )
     })
     .await?;

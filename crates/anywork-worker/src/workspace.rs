@@ -307,6 +307,20 @@ impl Workspace {
         mcp_servers: &McpServers,
         soul: Option<&str>,
     ) -> Result<PathBuf> {
+        self.prepare_seeded(session, skills, mcp_servers, soul, (None, None))
+    }
+
+    /// [`prepare`](Self::prepare) of a session that, when new, starts with `defaults`
+    /// (`SOUL.md`, `AGENTS.md`; see [`ensure_session_seeded`](Self::ensure_session_seeded)).
+    /// Nothing is written when the request is refused.
+    pub fn prepare_seeded(
+        &self,
+        session: &SessionId,
+        skills: &[SkillSpec],
+        mcp_servers: &McpServers,
+        soul: Option<&str>,
+        defaults: (Option<&str>, Option<&str>),
+    ) -> Result<PathBuf> {
         validate_skills(skills)?;
         validate_mcp_servers(mcp_servers)?;
         let session_lock = {
@@ -321,7 +335,7 @@ impl Workspace {
         let _serial = session_lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let ws = self.ensure_session(session)?;
+        let ws = self.ensure_session_seeded(session, defaults.0, defaults.1)?;
         let skill_roots = [
             ensure_dirs(&ws, &[".claude", SKILLS_DIR])?,
             ensure_dirs(&ws, &[SKILLS_DIR])?,
