@@ -614,6 +614,7 @@ async fn a_failed_purge_does_not_undo_the_deletion() {
 async fn huge_waits_bodies_and_uris_answer_json() {
     let options = ApiOptions {
         max_body_bytes: 1024,
+        channel_max_body_bytes: 1024,
         max_wait: Duration::from_millis(50),
         ..ApiOptions::default()
     };
