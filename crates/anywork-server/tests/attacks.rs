@@ -177,8 +177,7 @@ async fn websocket_needs_the_token_as_header_subprotocol_or_first_message() {
     let bearer_wrong = "Bearer nope".to_owned();
     let (status, body) = ws_connect(&server.url, &[("authorization", &bearer_wrong)])
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(status, 401, "{body}");
     assert_eq!(error_code(&body), "unauthorized");
     let (status, _) = ws_connect(
@@ -186,8 +185,7 @@ async fn websocket_needs_the_token_as_header_subprotocol_or_first_message() {
         &[("sec-websocket-protocol", "anywork, anywork.token.nope")],
     )
     .await
-    .err()
-    .expect("refused");
+    .expect_err("refused");
     assert_eq!(status, 401);
 
     // No token: the first message must authenticate; anything else closes the connection.
@@ -656,7 +654,7 @@ async fn limits_on_what_a_caller_can_make_the_server_store_or_do() {
     assert!(limited["content"].as_str().unwrap().contains("per second"));
     // Connections per client address: the third is refused, the first two work.
     let _second = server.ws().await;
-    let (status, body) = ws_connect(&server.url, &[]).await.err().expect("refused");
+    let (status, body) = ws_connect(&server.url, &[]).await.expect_err("refused");
     assert_eq!(status, 429, "{body}");
     assert_eq!(error_code(&body), "rate_limited");
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -226,18 +226,18 @@ pub(crate) enum WsAccess {
 }
 
 /// The checks of `/ws` before the upgrade: `Origin`, then the token.
-pub(crate) fn check_ws(state: &AppState, headers: &HeaderMap) -> Result<WsAccess, Response> {
+pub(crate) fn check_ws(state: &AppState, headers: &HeaderMap) -> Result<WsAccess, Box<Response>> {
     if let Some(origin) = headers.get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
         if !origin_allowed(state, origin, headers) {
-            return Err(refuse(
+            return Err(Box::new(refuse(
                 StatusCode::FORBIDDEN,
                 "forbidden_origin",
                 format!(
                     "a WebSocket from origin {origin:?} is not allowed: only pages of this server \
                      or of an origin listed in CORS_ORIGINS may connect"
                 ),
-            ));
+            )));
         }
     }
     let Some(token) = &state.options().api_token else {
@@ -246,7 +246,7 @@ pub(crate) fn check_ws(state: &AppState, headers: &HeaderMap) -> Result<WsAccess
     match presented(token, headers) {
         Presented::Valid => Ok(WsAccess::Authenticated),
         Presented::None => Ok(WsAccess::AwaitAuth),
-        Presented::Wrong => Err(wrong_token()),
+        Presented::Wrong => Err(Box::new(wrong_token())),
     }
 }
 

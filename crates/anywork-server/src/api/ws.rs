@@ -50,7 +50,7 @@ pub(crate) async fn upgrade(
 ) -> Response {
     let access = match auth::check_ws(&state, &headers) {
         Ok(a) => a,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let client = extensions
         .get::<ConnectInfo<SocketAddr>>()
