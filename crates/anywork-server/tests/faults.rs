@@ -171,8 +171,8 @@ async fn a_frozen_worker_is_noticed_and_cancel_answers_at_once() {
         WorkerProcess::start_with_env(&fake, dir.path(), &[("SSE_KEEP_ALIVE_SECONDS", "0.2")])
             .await;
     let mut config = DispatcherConfig::default();
-    config.stream_idle_timeout = Duration::from_secs(2);
-    // Longer than the cancel's answer (2 s at most): the answer comes before the end.
+    // Both longer than the cancel's answer (2 s at most): the answer comes before the end.
+    config.stream_idle_timeout = Duration::from_secs(3);
     config.cancel_grace = Duration::from_secs(4);
     let server = TestServer::start_with(&worker.url, config, FirstWords).await;
 
@@ -191,7 +191,7 @@ async fn a_frozen_worker_is_noticed_and_cancel_answers_at_once() {
     signal(&worker.child, "-CONT");
     assert_eq!(failed["status"], "failed", "{failed}");
     let error = failed["error"].as_str().unwrap();
-    assert!(error.contains("sent nothing for 2 s"), "{error}");
+    assert!(error.contains("sent nothing for 3 s"), "{error}");
     assert_gap_free_with_one_done(&server.logs(&quiet).await);
 
     // Cancel of a task on a frozen worker: answered at once, ended after the grace. A server
