@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::ids::SessionId;
+use crate::worker_api::WorkerSecret;
 
 /// How to reach a worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -13,6 +14,28 @@ pub struct WorkerEndpoint {
     pub worker_id: String,
     /// Base URL of its HTTP API, without a trailing slash (`http://10.0.0.5:8080`).
     pub base_url: String,
+    /// The secret the worker requires on every call
+    /// ([`SECRET_HEADER`](crate::worker_api::SECRET_HEADER)); `None` for a worker that has
+    /// none. Never serialized: it must not reach an API answer.
+    #[serde(skip)]
+    pub secret: Option<WorkerSecret>,
+}
+
+impl WorkerEndpoint {
+    /// An endpoint without a secret.
+    pub fn new(worker_id: impl Into<String>, base_url: impl Into<String>) -> Self {
+        Self {
+            worker_id: worker_id.into(),
+            base_url: base_url.into(),
+            secret: None,
+        }
+    }
+
+    /// The same endpoint, with `secret`.
+    pub fn with_secret(mut self, secret: Option<WorkerSecret>) -> Self {
+        self.secret = secret;
+        self
+    }
 }
 
 /// A worker as listed by a driver.
@@ -30,6 +53,10 @@ pub struct WorkerInfo {
 ///
 /// Errors: `Unavailable` when the engine or API cannot be reached, `RateLimited` on a quota,
 /// `NotFound` when the worker image is missing, each with a message that says what to fix.
+///
+/// The endpoints it gives carry the worker's [`secret`](WorkerEndpoint::secret): a
+/// per-session driver generates one for each worker it creates and hands it to the worker
+/// where its engine does not show it to others.
 #[async_trait]
 pub trait ContainerDriver: Send + Sync + 'static {
     /// Short name (`static`, `docker`, `k8s`).

@@ -8,11 +8,19 @@
 //! | `POST /input` | [`InputAnswer`] | `{"status":"accepted"}` |
 //! | `GET /health` | | [`WorkerHealth`] |
 //! | `GET /sessions/:id/messages` | | `{"messages":[...]}` |
+//! | `DELETE /sessions/:id` | | `{"status":"deleted","session_id"}` (409 while a task runs in it) |
 //!
 //! Errors are `{"error":{"code","message"}}` with the code from
 //! [`ErrorKind::as_str`](crate::ErrorKind::as_str).
+//!
+//! A worker that has a [`WorkerSecret`] (`WORKER_SECRET` / `WORKER_SECRET_FILE`) refuses
+//! every call that does not carry it in [`SECRET_HEADER`] with 401 `unauthorized`; only
+//! `GET /health` stays open, and without the secret it answers `{"status":"ok"}` alone.
+
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
 
 use crate::ids::{SessionId, TaskId};
 use crate::spec::{McpServers, SkillSpec};
@@ -27,6 +35,67 @@ pub const CANCEL_PATH: &str = "/cancel";
 pub const INPUT_PATH: &str = "/input";
 /// Path of the health check.
 pub const HEALTH_PATH: &str = "/health";
+/// Prefix of a session's routes (`/sessions/:id`, `/sessions/:id/messages`).
+pub const SESSIONS_PATH: &str = "/sessions";
+
+/// The header that carries the worker's secret on every call from the server.
+pub const SECRET_HEADER: &str = "x-anywork-worker-secret";
+
+/// The shared secret between the server and one worker. Its `Debug` never shows the value;
+/// [`matches`](Self::matches) compares in constant time.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct WorkerSecret(String);
+
+impl WorkerSecret {
+    /// Shortest secret accepted from configuration.
+    pub const MIN_LEN: usize = 16;
+
+    /// A new random secret: 64 hex digits (244 random bits from the OS generator).
+    pub fn generate() -> Self {
+        Self(format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        ))
+    }
+
+    /// A secret from configuration (surrounding whitespace, e.g. a file's newline, is
+    /// ignored). `InvalidInput` when it is shorter than [`MIN_LEN`](Self::MIN_LEN) or holds
+    /// characters a header cannot carry.
+    pub fn new(value: impl AsRef<str>) -> crate::Result<Self> {
+        let value = value.as_ref().trim();
+        if value.len() < Self::MIN_LEN {
+            return Err(crate::Error::invalid_input(format!(
+                "a worker secret must have at least {} characters (it has {}); generate one \
+                 with `openssl rand -hex 32`",
+                Self::MIN_LEN,
+                value.len()
+            )));
+        }
+        if !value.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(crate::Error::invalid_input(
+                "a worker secret may only hold visible ASCII characters (no spaces)",
+            ));
+        }
+        Ok(Self(value.to_owned()))
+    }
+
+    /// The value, to send or to store.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `presented` is this secret, in time that does not depend on where they differ.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        self.0.as_bytes().ct_eq(presented).into()
+    }
+}
+
+impl fmt::Debug for WorkerSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WorkerSecret(<redacted>)")
+    }
+}
 
 /// Sets up a session's workspace before a run. Replaces what the previous call set up.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,9 +154,9 @@ pub struct InputAnswer {
     pub allow: Option<bool>,
 }
 
-/// `GET /health`. The original AnyWork's worker answers
-/// `{status, engine, workspace, active_sessions}`: read as `executor` = `engine`, no version
-/// and no busy session.
+/// `GET /health`. Without the worker's secret only `status` is answered (the others are then
+/// empty). The original AnyWork's worker answers `{status, engine, workspace, active_sessions}`:
+/// read as `executor` = `engine`, no version and no busy session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerHealth {
     /// `ok`.

@@ -7,7 +7,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::event::{InputResponse, TaskEvent, WireEvent};
 use crate::ids::{SessionId, TaskId};
-use crate::spec::{McpServers, SkillSpec, deserialize_mcp_servers_any, deserialize_skills_any};
+use crate::spec::{McpServers, SkillSpec, deserialize_skills_any};
 
 /// A message from the browser.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,12 +28,12 @@ pub enum ClientMessage {
             deserialize_with = "deserialize_skills_any"
         )]
         skills: Vec<SkillSpec>,
-        /// MCP servers for this task: the original's list (`[{"name", "transport", …}]`), the
-        /// map by name, `[]`, `{}` or `null`.
+        /// MCP servers for this task: names of the server's catalog, in any form
+        /// [`deserialize_mcp_servers_any`](crate::spec::deserialize_mcp_servers_any) takes.
         #[serde(
             default,
             skip_serializing_if = "McpServers::is_empty",
-            deserialize_with = "deserialize_mcp_servers_any"
+            deserialize_with = "crate::spec::deserialize_mcp_servers_any"
         )]
         mcp_servers: McpServers,
     },

@@ -1,8 +1,11 @@
-//! [`StaticDriver`]: every session uses one worker at a fixed URL (`STATIC_WORKER_URL`).
+//! [`StaticDriver`]: every session uses one worker at a fixed URL (`STATIC_WORKER_URL`),
+//! called with its secret (`STATIC_WORKER_SECRET`, the worker's `WORKER_SECRET`) when one is
+//! set.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anywork_core::worker_api::WorkerSecret;
 use anywork_core::{
     ContainerDriver, Error, ErrorKind, Result, SessionId, WorkerEndpoint, WorkerInfo,
 };
@@ -28,6 +31,10 @@ impl StaticDriver {
     /// found by the dispatcher's next call to it, which fails and is retried.
     pub const HEALTH_FRESH: Duration = Duration::from_secs(1);
 
+    /// How long [`purge`](ContainerDriver::purge) waits for a task still running in the
+    /// session to end.
+    pub const PURGE_WAIT: Duration = Duration::from_secs(10);
+
     /// A driver for the worker at `url` (`http://host:port`, no path).
     pub fn new(url: &str) -> Result<Self> {
         let base_url = url.trim_end_matches('/').to_owned();
@@ -46,15 +53,20 @@ impl StaticDriver {
             .build()
             .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
         Ok(Self {
-            endpoint: WorkerEndpoint {
-                // Not the URL: the worker id reaches clients (a task's `workerId`).
-                worker_id: "static-worker".to_owned(),
-                base_url,
-            },
+            // Not the URL: the worker id reaches clients (a task's `workerId`).
+            endpoint: WorkerEndpoint::new("static-worker", base_url),
             name: "static",
             client,
             healthy_at: Arc::default(),
         })
+    }
+
+    /// The same driver, calling the worker with `secret` (the worker's `WORKER_SECRET`).
+    /// Without one the worker must have none either: it then accepts calls from anyone who
+    /// reaches it.
+    pub fn with_secret(mut self, secret: Option<WorkerSecret>) -> Self {
+        self.endpoint.secret = secret;
+        self
     }
 
     /// The same driver reporting `name` (e.g. `local` for a worker inside the server process):
@@ -101,6 +113,31 @@ impl ContainerDriver for StaticDriver {
     async fn release(&self, _session_id: &SessionId) -> Result<()> {
         // The worker is shared; nothing to stop.
         Ok(())
+    }
+
+    /// Asks the worker to delete the session's workspace (`DELETE /sessions/:id`), waiting
+    /// while a task still runs in it (a canceled task ending). A worker without that route (the
+    /// original AnyWork's) keeps the files: that is logged, not an error.
+    async fn purge(&self, session_id: &SessionId) -> Result<()> {
+        let deadline = Instant::now() + Self::PURGE_WAIT;
+        loop {
+            match crate::common::delete_session_workspace(&self.client, &self.endpoint, session_id)
+                .await
+            {
+                Err(e) if e.kind() == ErrorKind::Conflict && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    tracing::warn!(
+                        session = %session_id,
+                        "the worker has no DELETE /sessions/:id: the session's workspace stays \
+                         on its disk"
+                    );
+                    return Ok(());
+                }
+                other => return other,
+            }
+        }
     }
 
     async fn is_healthy(&self, endpoint: &WorkerEndpoint) -> bool {

@@ -21,6 +21,7 @@ mod dispatcher;
 mod follow;
 mod hub;
 pub mod metrics;
+mod outbound;
 pub mod skills;
 pub mod title;
 pub mod worker_client;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anywork_core::worker_api::{
     CANCEL_PATH, CHAT_PATH, CancelRequest, ChatRequest, INPUT_PATH, InputAnswer, PREPARE_PATH,
-    PrepareRequest,
+    PrepareRequest, SECRET_HEADER,
 };
 use anywork_core::{
     Error, ErrorKind, Result, SessionId, TaskEvent, TaskOutcome, WireEvent, WorkerEndpoint,
@@ -19,7 +19,8 @@ use serde_json::Value;
 /// stream breaks.
 pub type ChatStream = Pin<Box<dyn Stream<Item = Result<TaskEvent>> + Send>>;
 
-/// Talks to workers. Cheap to clone (one connection pool).
+/// Talks to workers, each call carrying the endpoint's secret ([`SECRET_HEADER`]) when it has
+/// one. Cheap to clone (one connection pool).
 #[derive(Debug, Clone)]
 pub struct WorkerClient {
     http: reqwest::Client,
@@ -55,10 +56,8 @@ impl WorkerClient {
     /// `error` and then either nothing or a `done` with empty metadata; such a run ends here
     /// with a failed `done` carrying the error.
     pub async fn chat(&self, worker: &WorkerEndpoint, request: &ChatRequest) -> Result<ChatStream> {
-        let url = format!("{}{CHAT_PATH}", worker.base_url);
         let response = self
-            .http
-            .post(&url)
+            .request(reqwest::Method::POST, worker, CHAT_PATH)
             .json(request)
             .send()
             .await
@@ -141,10 +140,8 @@ impl WorkerClient {
         content: &str,
     ) -> Result<Value> {
         let path = format!("/workspace/{file}");
-        let url = format!("{}{path}", worker.base_url);
         let response = self
-            .http
-            .put(&url)
+            .request(reqwest::Method::PUT, worker, &path)
             .timeout(self.control_timeout)
             .json(&serde_json::json!({ "content": content }))
             .send()
@@ -153,11 +150,25 @@ impl WorkerClient {
         json_body(worker, &path, check(worker, &path, response).await?).await
     }
 
-    async fn get(&self, worker: &WorkerEndpoint, path: &str) -> Result<Value> {
-        let url = format!("{}{path}", worker.base_url);
-        let response = self
+    /// A request to `path` of `worker`, with its secret.
+    fn request(
+        &self,
+        method: reqwest::Method,
+        worker: &WorkerEndpoint,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        let builder = self
             .http
-            .get(&url)
+            .request(method, format!("{}{path}", worker.base_url));
+        match &worker.secret {
+            Some(secret) => builder.header(SECRET_HEADER, secret.expose()),
+            None => builder,
+        }
+    }
+
+    async fn get(&self, worker: &WorkerEndpoint, path: &str) -> Result<Value> {
+        let response = self
+            .request(reqwest::Method::GET, worker, path)
             .timeout(self.control_timeout)
             .send()
             .await
@@ -171,10 +182,8 @@ impl WorkerClient {
         path: &str,
         body: &T,
     ) -> Result<reqwest::Response> {
-        let url = format!("{}{path}", worker.base_url);
         let response = self
-            .http
-            .post(&url)
+            .request(reqwest::Method::POST, worker, path)
             .timeout(self.control_timeout)
             .json(body)
             .send()

@@ -395,7 +395,13 @@ async fn push_notification_is_posted_when_the_task_ends() {
     let fake = FakeLlm::start().await;
     fake.set_responder(|_| Reply::text("pushed"));
     let worker = WorkerProcess::start(&fake).await;
-    let server = TestServer::start(&worker.url).await;
+    // The receiver is on loopback over http: the operator allows it.
+    let mut config = anywork_runtime::DispatcherConfig::default();
+    config.outbound = anywork_core::OutboundPolicy::strict()
+        .with_http(true)
+        .allow_list("127.0.0.1")
+        .unwrap();
+    let server = TestServer::start_with(&worker.url, config, anywork_runtime::FirstWords).await;
     // A receiver that fails once (503), then records.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Option<String>, Value)>(4);
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));

@@ -44,14 +44,38 @@ function toast(msg, kind = "error") {
   setTimeout(() => t.remove(), 5000);
 }
 
-async function api(method, path, body) {
+// ---- API token (ANYWORK_API_TOKEN): asked for once on a 401, kept in localStorage.
+const TOKEN_KEY = "anywork.apiToken";
+function apiToken() {
+  try { return localStorage.getItem(TOKEN_KEY) || ""; } catch (_) { return ""; }
+}
+let tokenAsk = null;
+function askToken() {
+  // One prompt for all the requests that were refused together.
+  if (!tokenAsk) {
+    tokenAsk = Promise.resolve().then(() => {
+      const t = (window.prompt("This AnyWork server needs its API token (ANYWORK_API_TOKEN):") || "").trim();
+      try { if (t) localStorage.setItem(TOKEN_KEY, t); else localStorage.removeItem(TOKEN_KEY); } catch (_) { /* private mode */ }
+      setTimeout(() => { tokenAsk = null; }, 0);
+      return t;
+    });
+  }
+  return tokenAsk;
+}
+
+async function api(method, path, body, retried) {
   const opts = { method, headers: { accept: "application/json" } };
   if (body !== undefined) {
     opts.headers["content-type"] = "application/json";
     opts.body = JSON.stringify(body);
   }
+  const token = apiToken();
+  if (token) opts.headers.authorization = "Bearer " + token;
   let r;
   try { r = await fetch(path, opts); } catch (e) { throw new Error("Network error: " + e.message); }
+  if (r.status === 401 && !retried) {
+    if (await askToken()) return api(method, path, body, true);
+  }
   const data = await r.json().catch(() => ({}));
   if (!r.ok) throw new Error((data && data.error && data.error.message) || r.status + " " + r.statusText);
   return data;
@@ -887,7 +911,9 @@ function connect() {
   clearTimeout(S.retry);
   const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
   let ws;
-  try { ws = new WebSocket(url); } catch (_) { scheduleReconnect(); return; }
+  const token = apiToken();
+  // The token rides in a subprotocol (browsers cannot set headers on a WebSocket).
+  try { ws = token ? new WebSocket(url, ["anywork", "anywork.token." + token]) : new WebSocket(url); } catch (_) { scheduleReconnect(); return; }
   S.ws = ws;
   ws.onopen = () => {
     if (S.ws !== ws) return;

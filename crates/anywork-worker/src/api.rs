@@ -8,9 +8,15 @@
 //! | `POST /cancel` | `{task_id}` | `{"status": <final status>, "task_id"}`, or 202 `canceling` |
 //! | `POST /input` | `{task_id, request_id, answer?, allow?}` | `{"status":"accepted"}` |
 //! | `GET /sessions/{id}/messages` | | `{"messages":[..]}` |
+//! | `DELETE /sessions/{id}` | | `{"status":"deleted","session_id"}`; 409 while a task runs in it |
 //! | `GET /sessions/{id}/files` | | `{"files":[{path,size,modified}]}` |
 //! | `GET /workspace/{soul\|agents}?session_id=` | | `{"file":"SOUL.md","content":..}` |
 //! | `PUT /workspace/{soul\|agents}?session_id=` | `{content}` | `{"file":"SOUL.md","status":"saved"}` |
+//!
+//! With a [secret](crate::WorkerConfig::secret) every call but `GET /health` must carry it in
+//! the `X-AnyWork-Worker-Secret` header ([`SECRET_HEADER`]), else it is answered 401
+//! `unauthorized` (compared in constant time); `/health` without it answers only
+//! `{"status":"ok"}`.
 //!
 //! Errors are `{"error":{"code":<ErrorKind::as_str>,"message":..}}` with the status of
 //! [`status_for`]; bodies that cannot be read answer 400 (bad JSON), 413 (too large), 415 (not
@@ -27,15 +33,16 @@ use std::sync::Arc;
 
 use anywork_core::worker_api::{
     CANCEL_PATH, CHAT_PATH, CancelRequest, ChatRequest, HEALTH_PATH, INPUT_PATH, InputAnswer,
-    PREPARE_PATH, PrepareRequest,
+    PREPARE_PATH, PrepareRequest, SECRET_HEADER,
 };
 use anywork_core::{Error, ErrorKind, ExecutionRequest, InputResponse, SessionId};
 pub use anywork_http::{ApiError, JsonBody, PathParam, QueryParams, status_for};
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -54,13 +61,45 @@ pub fn router(state: WorkerState) -> Router {
         .route(CHAT_PATH, post(chat))
         .route(CANCEL_PATH, post(cancel))
         .route(INPUT_PATH, post(input))
+        .route("/sessions/{id}", delete(delete_session))
         .route("/sessions/{id}/messages", get(messages))
         .route("/sessions/{id}/files", get(files))
         .route("/workspace/{file}", get(get_doc).put(put_doc));
     anywork_http::limit_body(routes, limit)
         .fallback(anywork_http::no_route)
         .method_not_allowed_fallback(anywork_http::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_secret,
+        ))
         .with_state(state)
+}
+
+/// Whether `headers` carry the worker's secret (always, for a worker without one).
+fn authorized(state: &WorkerState, headers: &HeaderMap) -> bool {
+    match &state.config().secret {
+        None => true,
+        Some(secret) => headers
+            .get(SECRET_HEADER)
+            .is_some_and(|v| secret.matches(v.as_bytes())),
+    }
+}
+
+/// Refuses every call without the secret, except `GET /health` (which then says little).
+async fn require_secret(
+    State(state): State<WorkerState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if request.uri().path() == HEALTH_PATH || authorized(&state, request.headers()) {
+        return next.run(request).await;
+    }
+    ApiError::from(Error::unauthorized(
+        "this worker requires its secret in the X-AnyWork-Worker-Secret header: the server \
+         sends the one its driver gave the worker (for a static worker, set \
+         STATIC_WORKER_SECRET on the server to the worker's WORKER_SECRET)",
+    ))
+    .into_response()
 }
 
 /// Serves the worker's API on `listener` until `shutdown` completes (with TCP_NODELAY, so
@@ -90,7 +129,11 @@ fn session_param(id: String) -> Result<SessionId, ApiError> {
 // ---------------------------------------------------------------------------------------------
 // Handlers
 
-async fn health(State(state): State<WorkerState>) -> Json<Value> {
+async fn health(State(state): State<WorkerState>, headers: HeaderMap) -> Json<Value> {
+    if !authorized(&state, &headers) {
+        // Enough for probes; what runs here is for the server only.
+        return Json(json!({ "status": "ok" }));
+    }
     let busy: Vec<String> = state
         .busy_sessions()
         .into_iter()
@@ -212,6 +255,30 @@ async fn messages(
     let workspace = state.workspace().clone();
     let messages = blocking(move || workspace.history(&session)).await?;
     Ok(Json(json!({ "messages": messages })))
+}
+
+/// Deletes the session's whole workspace. The session is held busy meanwhile, so no task
+/// starts in it; one running already makes this a 409.
+async fn delete_session(
+    State(state): State<WorkerState>,
+    PathParam(id): PathParam<String>,
+) -> Result<Json<Value>, ApiError> {
+    let session = session_param(id)?;
+    let hold = state
+        .reserve(anywork_core::TaskId::generate(), &session)
+        .map_err(|e| {
+            Error::conflict(format!(
+                "cannot delete session {session} while a task runs in it: {}",
+                e.message()
+            ))
+        })?;
+    let workspace = state.workspace().clone();
+    let target = session.clone();
+    blocking(move || workspace.delete_session(&target)).await?;
+    drop(hold);
+    Ok(Json(
+        json!({ "status": "deleted", "session_id": session.as_str() }),
+    ))
 }
 
 async fn files(

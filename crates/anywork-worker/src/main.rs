@@ -33,8 +33,11 @@ async fn main() -> anyhow::Result<()> {
     // SANDBOX, SANDBOX_NETWORK, SANDBOX_HIDE (+ the workspace root: other sessions), CHILD_ENV.
     let sandbox = Sandbox::detect(SandboxConfig::from_env()?.with_hidden(&args.workspace_dir))
         .context("cannot start without the sandbox SANDBOX asks for")?;
+    let file_vars = anywork_worker::select::env_file_vars(|name| std::env::var(name).ok())
+        .context("cannot read the worker's variables")?;
     let vars = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .chain(file_vars)
         .chain(
             args.executor
                 .clone()
@@ -42,7 +45,17 @@ async fn main() -> anyhow::Result<()> {
         );
     let executor = anywork_worker::executor_with_sandbox(vars, &sandbox)
         .context("cannot choose an executor")?;
-    let config = WorkerConfig::new(&args.workspace_dir).with_sandbox(sandbox);
+    let secret = WorkerConfig::secret_from_lookup(|name| std::env::var(name).ok())
+        .context("cannot read the worker secret")?;
+    if secret.is_none() {
+        tracing::warn!(
+            "no WORKER_SECRET (or WORKER_SECRET_FILE): this worker accepts calls from anyone \
+             who reaches its port; set one, and the same on the server (STATIC_WORKER_SECRET)"
+        );
+    }
+    let config = WorkerConfig::new(&args.workspace_dir)
+        .with_sandbox(sandbox)
+        .with_secret(secret);
     let state = WorkerState::new(config, executor)
         .with_context(|| format!("cannot use WORKSPACE_DIR {}", args.workspace_dir.display()))?;
     let addr = SocketAddr::new(args.host, args.port);

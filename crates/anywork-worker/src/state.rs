@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use anywork_core::worker_api::WorkerSecret;
 use anywork_core::{Error, ExecutionControl, Executor, Result, SessionId, TaskId, TaskStatus};
 use tokio::sync::{Notify, watch};
 
@@ -34,6 +35,10 @@ pub struct WorkerConfig {
     /// executor (see [`crate::select::executor_with_sandbox`]); the default says that none
     /// was configured.
     pub sandbox: Sandbox,
+    /// The secret every call but `GET /health` must carry
+    /// ([`SECRET_HEADER`](anywork_core::worker_api::SECRET_HEADER)); `None` accepts every
+    /// call (only for a worker that nobody else can reach).
+    pub secret: Option<WorkerSecret>,
 }
 
 impl WorkerConfig {
@@ -50,7 +55,35 @@ impl WorkerConfig {
             control_timeout: Duration::from_secs(10),
             event_buffer: 64,
             sandbox: Sandbox::default(),
+            secret: None,
         }
+    }
+
+    /// Sets [`secret`](Self::secret).
+    pub fn with_secret(mut self, secret: Option<WorkerSecret>) -> Self {
+        self.secret = secret;
+        self
+    }
+
+    /// Reads the secret from `WORKER_SECRET`, or else the file named by `WORKER_SECRET_FILE`,
+    /// through `lookup`; `None` when neither is set. `InvalidInput` for a secret that is too
+    /// short or a file that cannot be read.
+    pub fn secret_from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<WorkerSecret>> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        if let Some(value) = get("WORKER_SECRET") {
+            return WorkerSecret::new(value).map(Some);
+        }
+        let Some(path) = get("WORKER_SECRET_FILE") else {
+            return Ok(None);
+        };
+        let value = std::fs::read_to_string(path.trim()).map_err(|e| {
+            Error::invalid_input(format!("cannot read WORKER_SECRET_FILE {path}: {e}"))
+        })?;
+        WorkerSecret::new(value)
+            .map(Some)
+            .map_err(|e| Error::invalid_input(format!("WORKER_SECRET_FILE {path}: {}", e.message())))
     }
 
     /// Sets [`sandbox`](Self::sandbox).

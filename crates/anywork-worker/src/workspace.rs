@@ -459,6 +459,28 @@ impl Workspace {
             .map_err(|e| io_error("cannot append to", &path, e))
     }
 
+    /// Deletes the whole workspace of `session` (its `SOUL.md`, `AGENTS.md`, `.mcp.json`,
+    /// history, skills and files); `false` when it had none. The folder's name comes from
+    /// [`encode_session_id`], so no id reaches outside the root; a symbolic link planted in
+    /// its place is removed, never followed.
+    pub fn delete_session(&self, session: &SessionId) -> Result<bool> {
+        let dir = self.session_dir(session);
+        match fs::symlink_metadata(&dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_error("cannot read", &dir, e)),
+            Ok(m) if m.is_dir() => {
+                fs::remove_dir_all(&dir)
+                    .map_err(|e| io_error("cannot delete the session workspace", &dir, e))?;
+                Ok(true)
+            }
+            Ok(_) => {
+                fs::remove_file(&dir)
+                    .map_err(|e| io_error("cannot delete the session workspace", &dir, e))?;
+                Ok(true)
+            }
+        }
+    }
+
     /// The session's history, oldest first; lines that do not parse (such as a torn last line)
     /// are skipped. Unknown sessions have an empty history.
     pub fn history(&self, session: &SessionId) -> Result<Vec<HistoryMessage>> {

@@ -1211,3 +1211,191 @@ async fn closing_the_connection_frees_the_session() {
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The worker's secret
+
+#[tokio::test]
+async fn with_a_secret_every_call_but_health_needs_it() {
+    use anywork_core::worker_api::{SECRET_HEADER, WorkerSecret};
+    let secret = WorkerSecret::generate();
+    let h = harness_with(|c| c.with_secret(Some(secret.clone())));
+    let send = |uri: &str, method: &str, key: Option<&str>, body: Option<Value>| {
+        let mut builder = Request::builder().method(method).uri(uri);
+        if let Some(key) = key {
+            builder = builder.header(SECRET_HEADER, key);
+        }
+        let request = match body {
+            Some(b) => builder
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(b.to_string())),
+            None => builder.body(Body::empty()),
+        }
+        .unwrap();
+        let app = h.app.clone();
+        async move { json_of(app.oneshot(request).await.unwrap()).await }
+    };
+    let wrong = "0".repeat(64);
+    let prepare = json!({"session_id": "s1"});
+    let chat = json!({"task_id": TaskId::generate(), "session_id": "s1", "message": "hi"});
+    for key in [None, Some(wrong.as_str()), Some("")] {
+        for (method, uri, body) in [
+            ("POST", "/prepare", Some(prepare.clone())),
+            ("POST", "/chat", Some(chat.clone())),
+            ("POST", "/cancel", Some(json!({"task_id": TaskId::generate()}))),
+            ("GET", "/sessions/s1/messages", None),
+            ("GET", "/sessions/s1/files", None),
+            ("GET", "/workspace/soul", None),
+            ("PUT", "/workspace/soul", Some(json!({"content": "evil"}))),
+            ("DELETE", "/sessions/s1", None),
+            ("GET", "/no/such/route", None),
+        ] {
+            let (status, body) = send(uri, method, key, body).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {uri} {key:?}");
+            assert_error(&body, "unauthorized", "X-AnyWork-Worker-Secret");
+        }
+        // /health answers probes, and says nothing more.
+        let (status, body) = send("/health", "GET", key, None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, json!({"status": "ok"}));
+    }
+    assert!(!h.session_dir("s1").exists(), "nothing was done");
+    assert_eq!(
+        std::fs::read_to_string(h.root().join("SOUL.md")).unwrap(),
+        DEFAULT_SOUL
+    );
+
+    // With the secret, everything works.
+    let key = Some(secret.expose());
+    let (status, _) = send("/prepare", "POST", key, Some(prepare)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, health) = send("/health", "GET", key, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(health["executor"], "scripted");
+    assert!(health["busy_sessions"].is_array());
+    let (status, body) = send("/workspace/soul", "GET", key, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["content"], DEFAULT_SOUL);
+}
+
+#[test]
+fn the_secret_comes_from_the_variable_or_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secret");
+    std::fs::write(&file, "0123456789abcdef0123\n").unwrap();
+    let path = file.to_str().unwrap().to_owned();
+    let lookup = |vars: Vec<(&'static str, String)>| {
+        move |name: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.clone())
+        }
+    };
+    assert_eq!(WorkerConfig::secret_from_lookup(lookup(vec![])).unwrap(), None);
+    let from_file =
+        WorkerConfig::secret_from_lookup(lookup(vec![("WORKER_SECRET_FILE", path.clone())]))
+            .unwrap()
+            .unwrap();
+    assert_eq!(from_file.expose(), "0123456789abcdef0123");
+    let from_var = WorkerConfig::secret_from_lookup(lookup(vec![
+        ("WORKER_SECRET", "abcdefabcdefabcdef".into()),
+        ("WORKER_SECRET_FILE", path),
+    ]))
+    .unwrap()
+    .unwrap();
+    assert_eq!(from_var.expose(), "abcdefabcdefabcdef", "the variable wins");
+    let short = WorkerConfig::secret_from_lookup(lookup(vec![("WORKER_SECRET", "short".into())]))
+        .unwrap_err();
+    assert!(short.to_string().contains("at least 16"), "{short}");
+    let missing = WorkerConfig::secret_from_lookup(lookup(vec![(
+        "WORKER_SECRET_FILE",
+        "/nonexistent/secret".into(),
+    )]))
+    .unwrap_err();
+    assert!(missing.to_string().contains("/nonexistent/secret"), "{missing}");
+    assert!(!format!("{from_var:?}").contains("abcdef"), "Debug redacts");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deleting a session
+
+#[tokio::test]
+async fn deleting_a_session_removes_its_whole_workspace_and_nothing_else() {
+    let h = harness();
+    h.exec.script("hold", Script::new(vec![Step::Hang]));
+    // Two sessions with history, files and a custom soul.
+    for s in ["doomed", "kept"] {
+        let (status, _) = h
+            .call(
+                "POST",
+                "/prepare",
+                Some(json!({"session_id": s, "soul": "custom soul"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        h.chat_ok(TaskId::generate(), s, "hello").await.rest().await;
+        std::fs::write(h.session_dir(s).join("files").join("notes.txt"), "x").unwrap();
+    }
+    let doomed = h.session_dir("doomed");
+    for f in ["SOUL.md", "AGENTS.md", "sessions/history.jsonl", "files/notes.txt"] {
+        assert!(doomed.join(f).exists(), "{f}");
+    }
+
+    // Refused while a task runs in it.
+    let task = TaskId::generate();
+    let running = h.chat_ok(task, "doomed", "hold").await;
+    let (status, body) = h.call("DELETE", "/sessions/doomed", None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_error(&body, "conflict", "while a task runs");
+    assert!(doomed.exists());
+    let (status, _) = h.call("POST", "/cancel", Some(json!({"task_id": task}))).await;
+    assert_eq!(status, StatusCode::OK);
+    running.rest().await;
+    h.wait_idle().await;
+
+    let (status, body) = h.call("DELETE", "/sessions/doomed", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({"status": "deleted", "session_id": "doomed"}));
+    assert!(!doomed.exists(), "nothing of the session is left");
+    let (_, history) = h.call("GET", "/sessions/doomed/messages", None).await;
+    assert_eq!(history["messages"], json!([]));
+    // Deleting again is fine.
+    let (status, _) = h.call("DELETE", "/sessions/doomed", None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Ids that look like paths name a folder inside the root, never the root or a sibling.
+    for uri in [
+        "/sessions/..",
+        "/sessions/.",
+        "/sessions/%2E%2E",
+        "/sessions/..%2F..%2Fetc",
+        "/sessions/%2E%2E%2Fkept",
+        "/sessions/kept%2F..%2F..",
+    ] {
+        let (status, body) = h.call("DELETE", uri, None).await;
+        assert!(
+            status == StatusCode::OK || status.is_client_error(),
+            "{uri}: {status} {body}"
+        );
+    }
+    let (status, _) = h.call("DELETE", "/sessions/", None).await;
+    assert!(status.is_client_error());
+    assert!(h.session_dir("kept").join("files/notes.txt").exists());
+    assert!(h.root().join("SOUL.md").exists());
+    assert!(h.root().join("AGENTS.md").exists());
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_session_folder_replaced_by_a_link_is_unlinked_not_followed() {
+    let h = harness();
+    let outside = h.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("precious"), "keep me").unwrap();
+    std::fs::create_dir_all(h.root()).unwrap();
+    std::os::unix::fs::symlink(&outside, h.session_dir("linked")).unwrap();
+    let (status, body) = h.call("DELETE", "/sessions/linked", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(!h.session_dir("linked").exists());
+    assert_eq!(read(&outside.join("precious")), "keep me");
+}

@@ -20,14 +20,22 @@
 //!
 //! The server reaches a worker at `http://<container IP on the network>:<port>`: run it on the
 //! Docker host itself, or in a container on the same network.
+//!
+//! Each container gets its own random [`WorkerSecret`], required on every call, and the secret
+//! variables of its environment (the model keys: names with `KEY`, `TOKEN`, `SECRET`,
+//! `PASSWORD`) as files copied into its volume before it starts ([`secret`]): `docker inspect`
+//! shows only the files' paths, never the values.
 
 mod config;
 mod errors;
+pub mod secret;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Mutex;
 use std::time::Duration;
 
+use anywork_core::worker_api::WorkerSecret;
 use anywork_core::{
     ContainerDriver, Error, ErrorKind, Result, SessionId, WorkerEndpoint, WorkerInfo,
 };
@@ -40,9 +48,10 @@ use bollard::models::{
     NetworkingConfig, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder,
-    LogsOptionsBuilder, RemoveContainerOptionsBuilder, RemoveVolumeOptions,
-    StopContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, DownloadFromContainerOptionsBuilder,
+    ListContainersOptionsBuilder, ListNetworksOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveVolumeOptions, StopContainerOptionsBuilder,
+    UploadToContainerOptionsBuilder,
 };
 use futures_util::StreamExt;
 use tokio::sync::OnceCell;
@@ -72,6 +81,8 @@ pub struct DockerDriver {
     idle: IdleClock,
     /// The network's id, once ensured (names can be ambiguous on old engines).
     network_id: OnceCell<String>,
+    /// The secret of each container this driver made or read back, by container id.
+    secrets: Mutex<HashMap<String, WorkerSecret>>,
 }
 
 impl std::fmt::Debug for DockerDriver {
@@ -115,6 +126,7 @@ impl DockerDriver {
             locks: SessionLocks::default(),
             idle: IdleClock::default(),
             network_id: OnceCell::new(),
+            secrets: Mutex::default(),
         })
     }
 
@@ -182,10 +194,10 @@ impl DockerDriver {
             .ip_address
             .as_deref()
             .filter(|ip| !ip.is_empty())?;
-        Some(WorkerEndpoint {
-            worker_id: id.to_owned(),
-            base_url: format!("http://{ip}:{}", self.config.worker_port),
-        })
+        Some(WorkerEndpoint::new(
+            id,
+            format!("http://{ip}:{}", self.config.worker_port),
+        ))
     }
 
     /// The id of the workers' bridge network, created unless it exists. Engines before API
@@ -322,6 +334,10 @@ impl DockerDriver {
     }
 
     async fn remove_by_id(&self, id: &str) -> Result<()> {
+        self.secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
         match self
             .docker
             .remove_container(
@@ -362,12 +378,23 @@ impl DockerDriver {
         let mut env: Vec<String> = c
             .env
             .iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "WORKER_HOST" | "WORKER_PORT" | "WORKSPACE_DIR"))
+            .filter(|(k, _)| !Self::DRIVER_ENV.contains(&k.as_str()))
+            .filter(|(k, _)| !secret::is_secret_name(k))
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         env.push("WORKER_HOST=0.0.0.0".into());
         env.push(format!("WORKER_PORT={}", c.worker_port));
         env.push(format!("WORKSPACE_DIR={WORKSPACE_MOUNT}"));
+        env.push(format!(
+            "WORKER_SECRET_FILE={WORKSPACE_MOUNT}/{}",
+            secret::SECRET_FILE
+        ));
+        if self.secret_env().next().is_some() {
+            env.push(format!(
+                "WORKER_ENV_FILE={WORKSPACE_MOUNT}/{}",
+                secret::ENV_FILE
+            ));
+        }
         let host_config = HostConfig {
             binds: Some(vec![format!("{volume}:{WORKSPACE_MOUNT}")]),
             network_mode: Some(network_id.to_owned()),
@@ -407,6 +434,98 @@ impl DockerDriver {
         }
     }
 
+    /// Variables the driver sets itself.
+    const DRIVER_ENV: &'static [&'static str] = &[
+        "WORKER_HOST",
+        "WORKER_PORT",
+        "WORKSPACE_DIR",
+        "WORKER_SECRET",
+        "WORKER_SECRET_FILE",
+        "WORKER_ENV_FILE",
+    ];
+
+    /// The worker variables that hold secrets: they go to a file, not the environment.
+    fn secret_env(&self) -> impl Iterator<Item = &(String, String)> {
+        self.config
+            .env
+            .iter()
+            .filter(|(k, _)| !Self::DRIVER_ENV.contains(&k.as_str()) && secret::is_secret_name(k))
+    }
+
+    fn cached_secret(&self, id: &str) -> Option<WorkerSecret> {
+        self.secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    fn remember_secret(&self, id: &str, secret: WorkerSecret) {
+        self.secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned(), secret);
+    }
+
+    /// Copies a new secret (and the secret variables) into the created container's volume.
+    async fn give_secret(&self, id: &str) -> Result<()> {
+        let worker_secret = WorkerSecret::generate();
+        let env: serde_json::Map<String, serde_json::Value> = self
+            .secret_env()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        let env = serde_json::to_vec(&env)
+            .map_err(|e| Error::internal(format!("cannot encode the worker's variables: {e}")))?;
+        let mut files: Vec<(&str, &[u8])> =
+            vec![(secret::SECRET_FILE, worker_secret.expose().as_bytes())];
+        if self.secret_env().next().is_some() {
+            files.push((secret::ENV_FILE, &env));
+        }
+        let tar = secret::archive(&files, &self.config.user);
+        self.docker
+            .upload_to_container(
+                id,
+                Some(
+                    UploadToContainerOptionsBuilder::new()
+                        .path(WORKSPACE_MOUNT)
+                        .build(),
+                ),
+                bollard::body_full(tar.into()),
+            )
+            .await
+            .map_err(|e| self.engine_err(&format!("copy the secret into container {id}"), e))?;
+        self.remember_secret(id, worker_secret);
+        Ok(())
+    }
+
+    /// The secret of container `id`: remembered, or read back from its volume (a container
+    /// another driver instance made). `None` when it has none (made by an older version, or
+    /// its creator has not copied it in yet).
+    async fn secret_of(&self, id: &str) -> Option<WorkerSecret> {
+        if let Some(s) = self.cached_secret(id) {
+            return Some(s);
+        }
+        let path = format!("{WORKSPACE_MOUNT}/{}", secret::SECRET_FILE);
+        let mut stream = self.docker.download_from_container(
+            id,
+            Some(DownloadFromContainerOptionsBuilder::new().path(&path).build()),
+        );
+        let mut tar = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(bytes) if tar.len() < 64 * 1024 => tar.extend_from_slice(&bytes),
+                Ok(_) => return None,
+                Err(e) => {
+                    tracing::debug!(container = %id, error = %e, "no worker secret to read back");
+                    return None;
+                }
+            }
+        }
+        let found = secret::secret_from_archive(&tar).ok()?;
+        self.remember_secret(id, found.clone());
+        Some(found)
+    }
+
     /// Creates the container, or finds the one a concurrent creator (another process) made
     /// under the same name.
     async fn create(&self, session_id: &SessionId) -> Result<Option<String>> {
@@ -421,7 +540,13 @@ impl DockerDriver {
             )
             .await;
         match created {
-            Ok(c) => Ok(Some(c.id)),
+            Ok(c) => match self.give_secret(&c.id).await {
+                Ok(()) => Ok(Some(c.id)),
+                Err(e) => {
+                    let _ = self.remove_by_id(&c.id).await;
+                    Err(e)
+                }
+            },
             // Someone else created it (or is removing a stale one) meanwhile.
             Err(e) if status_of(&e) == Some(409) => Ok(None),
             Err(e) if status_of(&e) == Some(404) && is_missing_image(&e) => {
@@ -453,7 +578,7 @@ impl DockerDriver {
             .as_ref()
             .and_then(|n| n.networks.as_ref());
         match self.endpoint_of(id, networks) {
-            Some(endpoint) => Ok(endpoint),
+            Some(endpoint) => Ok(endpoint.with_secret(self.secret_of(id).await)),
             None => Err(self.not_ready(id, "it has no address on the network").await),
         }
     }
@@ -515,9 +640,21 @@ impl DockerDriver {
     async fn obtain(&self, session_id: &SessionId) -> Result<WorkerEndpoint> {
         // A few rounds: a conflict with a concurrent creator or remover is resolved by looking
         // again.
-        for _ in 0..5 {
+        for round in 0..5 {
             match self.find(session_id).await? {
                 Found::Running(endpoint, up_for) => {
+                    let Some(worker_secret) = self.secret_of(&endpoint.worker_id).await else {
+                        // Made without a secret (an older version): replace it; the workspace
+                        // stays on the volume.
+                        tracing::warn!(
+                            session = %session_id,
+                            container = %endpoint.worker_id,
+                            "the worker container has no secret; replacing it"
+                        );
+                        self.remove_by_id(&endpoint.worker_id).await?;
+                        continue;
+                    };
+                    let endpoint = endpoint.with_secret(Some(worker_secret));
                     // A worker still within its start-up time is waited for; one past it
                     // answers `/health` now or is wedged, and is replaced (its workspace
                     // stays on the volume).
@@ -525,7 +662,7 @@ impl DockerDriver {
                         Some(up) => self.config.ready_timeout.saturating_sub(up),
                         None => self.config.ready_timeout,
                     };
-                    match self.health.wait_ready(&endpoint.base_url, boot_left).await {
+                    match self.health.wait_ready(&endpoint, boot_left).await {
                         Ok(_) => return Ok(endpoint),
                         Err(_) if boot_left.is_zero() => {
                             tracing::warn!(
@@ -541,6 +678,16 @@ impl DockerDriver {
                     }
                 }
                 Found::Created(id) => {
+                    if self.secret_of(&id).await.is_none() {
+                        // Its creator (another process) is copying the secret in, or died
+                        // before it did: wait a little, then start over.
+                        if round < 3 {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        } else {
+                            self.remove_by_id(&id).await?;
+                        }
+                        continue;
+                    }
                     let endpoint = self.start(&id).await?;
                     return self.ready(endpoint).await;
                 }
@@ -567,7 +714,7 @@ impl DockerDriver {
     async fn ready(&self, endpoint: WorkerEndpoint) -> Result<WorkerEndpoint> {
         match self
             .health
-            .wait_ready(&endpoint.base_url, self.config.ready_timeout)
+            .wait_ready(&endpoint, self.config.ready_timeout)
             .await
         {
             Ok(_) => Ok(endpoint),
@@ -575,8 +722,17 @@ impl DockerDriver {
         }
     }
 
-    /// The running workers of this pool, with their session.
+    /// The running workers of this pool, with their session and secret.
     async fn running(&self) -> Result<Vec<(Option<SessionId>, WorkerEndpoint)>> {
+        let mut out = Vec::new();
+        for (session, endpoint) in self.running_containers().await? {
+            let worker_secret = self.secret_of(&endpoint.worker_id).await;
+            out.push((session, endpoint.with_secret(worker_secret)));
+        }
+        Ok(out)
+    }
+
+    async fn running_containers(&self) -> Result<Vec<(Option<SessionId>, WorkerEndpoint)>> {
         let mut filters = self.pool_filter();
         filters.insert("status".into(), vec!["running".into()]);
         let containers = self
@@ -647,7 +803,7 @@ impl ContainerDriver for DockerDriver {
     }
 
     async fn is_healthy(&self, endpoint: &WorkerEndpoint) -> bool {
-        self.health.check(&endpoint.base_url).await.is_some()
+        self.health.check(&endpoint).await.is_some()
     }
 
     async fn list(&self) -> Result<Vec<WorkerInfo>> {
@@ -655,7 +811,7 @@ impl ContainerDriver for DockerDriver {
         let checks = running
             .into_iter()
             .map(|(session_id, endpoint)| async move {
-                let healthy = self.health.check(&endpoint.base_url).await.is_some();
+                let healthy = self.health.check(&endpoint).await.is_some();
                 WorkerInfo {
                     endpoint,
                     session_id,
@@ -676,7 +832,7 @@ impl ContainerDriver for DockerDriver {
             .collect();
         let mut reaped = Vec::new();
         for (session_id, endpoint) in candidates {
-            let health = self.health.check(&endpoint.base_url).await;
+            let health = self.health.check(&endpoint).await;
             let _guard = self.locks.lock(&session_id).await;
             // Looked at again under the lock: a get_worker may have come in meanwhile.
             if !may_reap(

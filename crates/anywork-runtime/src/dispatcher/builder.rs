@@ -7,7 +7,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anywork_core::{Channel, ContainerDriver, Error, Result, TaskId, TaskStore};
+use anywork_core::{
+    Channel, ContainerDriver, McpAccess, OutboundPolicy, Result, TaskId, TaskStore,
+};
 use tokio::sync::Semaphore;
 
 use super::retry::Backoff;
@@ -44,6 +46,13 @@ pub struct DispatcherConfig {
     /// How often the driver is asked to stop idle workers ([`ContainerDriver::reap_idle`]);
     /// `None` never.
     pub reap_every: Option<Duration>,
+    /// Where request-chosen URLs may lead (push notifications, webhook callbacks, HTTP MCP
+    /// servers): checked when a request comes in and again when connecting. Default:
+    /// [`OutboundPolicy::strict`] (https, public addresses only).
+    pub outbound: OutboundPolicy,
+    /// Which MCP servers a request may ask for: entries of the operator's catalog, and its
+    /// own stdio commands only when allowed. Default: an empty catalog, no commands.
+    pub mcp: McpAccess,
 }
 
 impl Default for DispatcherConfig {
@@ -58,6 +67,8 @@ impl Default for DispatcherConfig {
             control_timeout: Duration::from_secs(30),
             max_batch: 256,
             reap_every: Some(Duration::from_secs(30)),
+            outbound: OutboundPolicy::strict(),
+            mcp: McpAccess::default(),
         }
     }
 }
@@ -131,10 +142,10 @@ impl DispatcherBuilder {
     /// pending are queued again. Needs a Tokio runtime.
     pub async fn start(self) -> Result<Dispatcher> {
         let client = WorkerClient::new(self.config.control_timeout)?;
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
+        let http = crate::outbound::checked_client(
+            self.config.outbound.clone(),
+            Duration::from_secs(30),
+        )?;
         let permits = Arc::new(Semaphore::new(self.config.max_concurrent.max(1)));
         let dispatcher = Dispatcher {
             inner: Arc::new(Inner {

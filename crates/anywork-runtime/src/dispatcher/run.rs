@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anywork_core::worker_api::{CancelRequest, ChatRequest, InputAnswer, PrepareRequest};
 use anywork_core::{
-    Error, ErrorKind, InputResponse, Result, SessionId, SkillSpec, Task, TaskChange, TaskEvent, TaskOutcome,
+    Error, ErrorKind, InputResponse, McpServerConfig, Result, SessionId, SkillSpec, Task, TaskChange, TaskEvent, TaskOutcome,
     TaskStatus, Timestamp, WorkerEndpoint,
 };
 use futures_util::StreamExt;
@@ -578,6 +578,20 @@ async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Resu
             }
         }
     }
+    // Catalog entries get their secrets now (never stored); the request's own HTTP servers
+    // are checked again, as names may resolve differently by now.
+    let config = &inner.config;
+    for (name, server) in &mcp_servers {
+        if let McpServerConfig::Http { url, .. } | McpServerConfig::Sse { url, .. } = server
+            && !config.mcp.catalog.contains(name)
+        {
+            crate::outbound::check_url(&config.outbound, &format!("MCP server {name:?}"), url)
+                .await?;
+        }
+    }
+    let mcp_servers = config
+        .mcp
+        .resolve(&mcp_servers, &crate::outbound::read_secret)?;
     let prepare = PrepareRequest {
         session_id: task.session_id.clone(),
         skills: Some(skills.into_iter().map(files_form).collect()),

@@ -2,6 +2,7 @@
 //! [`Dispatcher`]. Offered in pieces an embedder can mount alone ([`api_router`],
 //! [`ws_router`], [`ui_router`]) or all together ([`router`]).
 
+pub mod auth;
 pub mod dto;
 mod openapi;
 mod rest;
@@ -25,6 +26,7 @@ use axum::routing::{get, post};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 pub use anywork_http::{ApiError, status_for};
+pub use auth::ApiToken;
 pub use openapi::openapi_document;
 
 /// Options of the HTTP API. Start from [`Default`] and set the fields you need: new fields may
@@ -44,6 +46,19 @@ pub struct ApiOptions {
     pub max_body_bytes: usize,
     /// Longest long-poll of `/api/tasks/:id/logs?wait=`.
     pub max_wait: Duration,
+    /// The API token every route but the open ones requires (see [`auth`]); `None`: no token.
+    pub api_token: Option<ApiToken>,
+    /// Whether `/api/health` and `/metrics` need the token too.
+    pub protect_health: bool,
+    /// Longest `channel_key` of `POST /api/tasks`, in bytes.
+    pub max_channel_key_bytes: usize,
+    /// Largest `channel_meta` of `POST /api/tasks`, in bytes of JSON.
+    pub max_channel_meta_bytes: usize,
+    /// WebSocket messages a connection may send per second (a burst of twice as many is
+    /// allowed); more are answered with a `rate_limited` error, the connection stays. 0: no limit.
+    pub ws_messages_per_second: u32,
+    /// Open WebSocket connections per client address; more are refused with 429. 0: no limit.
+    pub max_ws_per_client: usize,
 }
 
 impl Default for ApiOptions {
@@ -55,6 +70,12 @@ impl Default for ApiOptions {
             cors_origins: Vec::new(),
             max_body_bytes: 2 * 1024 * 1024,
             max_wait: Duration::from_secs(30),
+            api_token: None,
+            protect_health: false,
+            max_channel_key_bytes: 256,
+            max_channel_meta_bytes: 16 * 1024,
+            ws_messages_per_second: 20,
+            max_ws_per_client: 32,
         }
     }
 }
@@ -72,6 +93,8 @@ struct StateInner {
     websockets: Gauge,
     metrics: Registry,
     closing: tokio_util::sync::CancellationToken,
+    /// Open WebSocket connections per client address.
+    ws_clients: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
 }
 
 impl AppState {
@@ -93,6 +116,7 @@ impl AppState {
                 websockets,
                 metrics,
                 closing: tokio_util::sync::CancellationToken::new(),
+                ws_clients: Default::default(),
             }),
         }
     }
@@ -121,18 +145,46 @@ impl AppState {
         &self.inner.metrics
     }
 
-    fn ws_opened(&self) -> WsGuard {
+    /// Counts a new connection from `client`; `None` when that client has its most already.
+    fn ws_opened(&self, client: Option<std::net::IpAddr>) -> Option<WsGuard> {
+        if let Some(ip) = client {
+            let max = self.options().max_ws_per_client;
+            let mut clients = self
+                .inner
+                .ws_clients
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let open = clients.entry(ip).or_default();
+            if max > 0 && *open >= max {
+                return None;
+            }
+            *open += 1;
+        }
         self.inner.websockets.inc();
-        WsGuard(self.clone())
+        Some(WsGuard(self.clone(), client))
     }
 }
 
-/// Counts a WebSocket connection while it lives.
-struct WsGuard(AppState);
+/// Counts a WebSocket connection (and its client's) while it lives.
+struct WsGuard(AppState, Option<std::net::IpAddr>);
 
 impl Drop for WsGuard {
     fn drop(&mut self) {
         self.0.inner.websockets.dec();
+        if let Some(ip) = self.1 {
+            let mut clients = self
+                .0
+                .inner
+                .ws_clients
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(open) = clients.get_mut(&ip) {
+                *open = open.saturating_sub(1);
+                if *open == 0 {
+                    clients.remove(&ip);
+                }
+            }
+        }
     }
 }
 
@@ -168,7 +220,8 @@ pub fn api_router(state: AppState) -> Router {
         .route("/api/skills", get(rest::skills))
         .route("/api/admin/workers", get(rest::workers))
         .route("/metrics", get(rest::metrics))
-        .method_not_allowed_fallback(anywork_http::method_not_allowed);
+        .method_not_allowed_fallback(anywork_http::method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), auth::guard_api));
     anywork_http::limit_body(api, limit).with_state(state)
 }
 
@@ -204,7 +257,8 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves [`router`]`(state)` on `listener` until `shutdown` completes (TCP_NODELAY: see
-/// [`anywork_http::serve`]); open WebSocket connections are closed when it does.
+/// [`anywork_http::serve`]); open WebSocket connections are closed when it does. Clients'
+/// addresses are known to the handlers (the per-client WebSocket limit).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
@@ -216,7 +270,15 @@ pub async fn serve(
         // WebSocket connections would keep a graceful shutdown waiting forever.
         closing.cancel();
     };
-    anywork_http::serve(listener, router(state), shutdown).await
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 /// CORS for `origins` (`*` for any), or none when the list is empty.

@@ -191,6 +191,24 @@ pub(crate) async fn create_task(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<CreateTask>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
+    let options = state.options();
+    if let Some(key) = &body.channel_key
+        && key.len() > options.max_channel_key_bytes
+    {
+        return Err(Error::invalid_input(format!(
+            "`channel_key` is longer than {} bytes",
+            options.max_channel_key_bytes
+        ))
+        .into());
+    }
+    let meta_len = serde_json::to_string(&body.channel_meta).map_or(0, |s| s.len());
+    if meta_len > options.max_channel_meta_bytes {
+        return Err(Error::invalid_input(format!(
+            "`channel_meta` is larger than {} bytes of JSON",
+            options.max_channel_meta_bytes
+        ))
+        .into());
+    }
     let mut request = TaskRequest::new(
         body.channel_type.unwrap_or_else(|| "api".to_owned()),
         body.message,

@@ -15,14 +15,17 @@ use std::collections::{HashMap, HashSet};
 use anywork_core::ws::{ClientMessage, ServerMessage};
 use anywork_core::{Error, SessionId, TaskId, TaskRequest};
 use anywork_runtime::LiveEvent;
-use axum::extract::State;
+use std::net::SocketAddr;
+
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{Extensions, HeaderMap, StatusCode};
 use axum::response::Response;
 use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::AppState;
+use super::{AppState, auth};
 
 /// Channel type of tasks made over the WebSocket.
 pub const WEBCHAT: &str = "webchat";
@@ -36,14 +39,122 @@ const WRITE_BATCH_EVENTS: usize = 64;
 /// Largest client message.
 const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
 
-pub(crate) async fn upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+/// How long a connection that must authenticate with its first message may take to send it.
+const AUTH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+pub(crate) async fn upgrade(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    extensions: Extensions,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let access = match auth::check_ws(&state, &headers) {
+        Ok(a) => a,
+        Err(refused) => return refused,
+    };
+    let client = extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let Some(guard) = state.ws_opened(client) else {
+        return auth::refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "too many WebSocket connections from this address (at most {}); close some first",
+                state.options().max_ws_per_client
+            ),
+        );
+    };
+    // The subprotocol a browser offered is answered (it must be, or the browser fails the
+    // connection): `anywork`, else the token one it sent alone.
+    let mut protocols = vec![std::borrow::Cow::Borrowed(auth::WS_PROTOCOL)];
+    if let Some(p) = auth::ws_token_protocol(&headers) {
+        protocols.push(std::borrow::Cow::Owned(p));
+    }
     // Small buffers: most connections sit idle; they grow when a message needs it. Messages
     // that are ready together are written together (see `connection`), up to this much.
-    ws.read_buffer_size(4 * 1024)
+    ws.protocols(protocols)
+        .read_buffer_size(4 * 1024)
         .write_buffer_size(WRITE_BATCH_BYTES)
         .max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES)
-        .on_upgrade(move |socket| connection(state, socket))
+        .on_upgrade(move |socket| async move {
+            let _guard = guard;
+            let mut socket = socket;
+            if let auth::WsAccess::AwaitAuth = access
+                && !authenticate(&state, &mut socket).await
+            {
+                return;
+            }
+            connection(state, socket).await
+        })
+}
+
+/// Waits for the first message, which must be `{"type":"auth","token":…}`; an error and a
+/// close otherwise.
+async fn authenticate(state: &AppState, socket: &mut WebSocket) -> bool {
+    let first = tokio::time::timeout(AUTH_WAIT, async {
+        loop {
+            match socket.recv().await {
+                Some(Ok(Message::Text(text))) => return Some(text),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten();
+    let ok = first
+        .as_ref()
+        .is_some_and(|t| auth::ws_auth_message(state, t.as_str()));
+    let reply = if ok {
+        serde_json::json!({"type": "authenticated"})
+    } else {
+        serde_json::json!({"type": "error", "content": "this server requires its API token: \
+            send {\"type\":\"auth\",\"token\":\"…\"} first, or the subprotocol \
+            anywork.token.<token>, or Authorization: Bearer <token>", "metadata": {"code": "unauthorized"}})
+    };
+    let _ = socket.send(Message::Text(Utf8Bytes::from(reply.to_string()))).await;
+    if !ok {
+        let _ = socket.send(Message::Close(None)).await;
+    }
+    ok
+}
+
+/// Messages a connection may send: `rate` per second, bursts of twice as many.
+struct RateLimit {
+    rate: f64,
+    tokens: f64,
+    last: tokio::time::Instant,
+}
+
+impl RateLimit {
+    fn new(per_second: u32) -> Self {
+        let rate = f64::from(per_second);
+        Self {
+            rate,
+            tokens: rate * 2.0,
+            last: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Takes one message's token; false when there is none.
+    fn take(&mut self) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate * 2.0);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 struct Connection {
@@ -59,7 +170,7 @@ struct Connection {
 }
 
 async fn connection(state: AppState, mut socket: WebSocket) {
-    let _guard = state.ws_opened();
+    let mut limit = RateLimit::new(state.options().ws_messages_per_second);
     let (events_tx, mut events) = mpsc::channel::<LiveEvent>(64);
     let (replies_tx, mut replies) = mpsc::channel::<ServerMessage>(16);
     let mut notices = state.dispatcher().notices();
@@ -78,6 +189,7 @@ async fn connection(state: AppState, mut socket: WebSocket) {
                 break;
             }
             incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Text(_))) if !limit.take() => vec![rate_limited(&conn.state)],
                 Some(Ok(Message::Text(text))) => conn.handle(text.as_str()).await,
                 Some(Ok(Message::Binary(_))) => vec![ServerMessage::error("Binary messages are not supported; send JSON text")],
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
@@ -301,6 +413,21 @@ impl RequestContext {
             code: code.to_owned(),
             message,
         }
+    }
+}
+
+fn rate_limited(state: &AppState) -> ServerMessage {
+    ServerMessage::Event {
+        session_id: None,
+        task_id: None,
+        seq: None,
+        event: anywork_core::TaskEvent::Error {
+            message: format!(
+                "too many messages: at most {} per second on one connection; this one was dropped, send it again later",
+                state.options().ws_messages_per_second
+            ),
+            code: Some("rate_limited".to_owned()),
+        },
     }
 }
 

@@ -108,13 +108,31 @@ impl TestServer {
         config: DispatcherConfig,
         titles: impl TitleGenerator,
     ) -> TestServer {
-        Self::start_custom(worker_url, |b| b.config(config).titles(titles)).await
+        Self::start_full(worker_url, config, titles, ApiOptions::default()).await
+    }
+
+    /// A server with its own API options (token, limits, CORS origins).
+    pub async fn start_full(
+        worker_url: &str,
+        config: DispatcherConfig,
+        titles: impl TitleGenerator,
+        options: ApiOptions,
+    ) -> TestServer {
+        Self::start_custom_with(worker_url, |b| b.config(config).titles(titles), options).await
     }
 
     /// The server with the dispatcher's builder set up by `setup` (skills, channels, …).
     pub async fn start_custom(
         worker_url: &str,
         setup: impl FnOnce(DispatcherBuilder) -> DispatcherBuilder,
+    ) -> TestServer {
+        Self::start_custom_with(worker_url, setup, ApiOptions::default()).await
+    }
+
+    async fn start_custom_with(
+        worker_url: &str,
+        setup: impl FnOnce(DispatcherBuilder) -> DispatcherBuilder,
+        options: ApiOptions,
     ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open_in_dir(dir.path()).await.unwrap());
@@ -123,7 +141,7 @@ impl TestServer {
             .start()
             .await
             .unwrap();
-        let state = AppState::new(dispatcher, ApiOptions::default());
+        let state = AppState::new(dispatcher, options);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

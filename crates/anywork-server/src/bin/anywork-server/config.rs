@@ -8,10 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use anywork_core::worker_api::WorkerSecret;
 use anywork_core::{ContainerDriver, TaskStore};
 use anywork_runtime::{Dispatcher, DispatcherConfig, FirstWords, ModelTitles, TitleGenerator};
-use anywork_server::{ApiOptions, AppState};
+use anywork_server::{ApiOptions, ApiToken, AppState};
 use clap::Parser;
+use clap::builder::BoolishValueParser;
 
 /// The AnyWork server: dispatcher, REST + WebSocket API and web UI.
 #[derive(Debug, Clone, Parser)]
@@ -38,6 +40,10 @@ pub struct Config {
     /// URL of the worker for the static driver (`http://127.0.0.1:8080`).
     #[arg(long, env = "STATIC_WORKER_URL")]
     pub static_worker_url: Option<String>,
+    /// Secret of the static worker (the worker's WORKER_SECRET), sent on every call to it.
+    /// Without one the worker must have none either, and accepts calls from anyone.
+    #[arg(long, env = "STATIC_WORKER_SECRET", hide_env_values = true)]
+    pub static_worker_secret: Option<String>,
     /// Workspace root of the local worker (default: DB_DIR/workspace).
     #[arg(long, env = "WORKSPACE_DIR")]
     pub workspace_dir: Option<PathBuf>,
@@ -86,6 +92,43 @@ pub struct Config {
     /// Seconds to let running tasks finish on shutdown.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
+    /// The API token every REST route and the WebSocket require (Authorization: Bearer).
+    #[arg(long, env = "ANYWORK_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// A file holding the API token (e.g. a mounted secret); used when ANYWORK_API_TOKEN is unset.
+    #[arg(long, env = "ANYWORK_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// Run without a token on a non-loopback address, on purpose.
+    #[arg(long, env = "ANYWORK_INSECURE_NO_AUTH", value_parser = BoolishValueParser::new(), num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    pub insecure_no_auth: bool,
+    /// /api/health and /metrics require the token too.
+    #[arg(long, env = "ANYWORK_PROTECT_HEALTH", value_parser = BoolishValueParser::new(), num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    pub protect_health: bool,
+    /// The MCP servers requests may name (JSON: {"name": {"command","args","env"} or {"url","headers"}}).
+    #[arg(long, env = "MCP_SERVERS_FILE")]
+    pub mcp_servers_file: Option<PathBuf>,
+    /// Let requests start their own MCP stdio commands (they run on the worker).
+    #[arg(long, env = "ALLOW_REQUEST_MCP_COMMANDS", value_parser = BoolishValueParser::new(), num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    pub allow_request_mcp_commands: bool,
+    /// Allow plain http:// for request-chosen URLs (push notifications, callbacks, HTTP MCP).
+    #[arg(long, env = "ALLOW_HTTP_CALLBACKS", value_parser = BoolishValueParser::new(), num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    pub allow_http_callbacks: bool,
+    /// Hosts and networks request-chosen URLs may reach although internal (comma-separated:
+    /// `hooks.internal`, `*.corp`, `10.1.0.0/16`, `127.0.0.1`).
+    #[arg(long, env = "OUTBOUND_ALLOW", default_value = "")]
+    pub outbound_allow: String,
+    /// Longest `channel_key` of POST /api/tasks, in bytes.
+    #[arg(long, env = "MAX_CHANNEL_KEY_BYTES", default_value_t = 256)]
+    pub max_channel_key_bytes: usize,
+    /// Largest `channel_meta` of POST /api/tasks, in bytes of JSON.
+    #[arg(long, env = "MAX_CHANNEL_META_BYTES", default_value_t = 16384)]
+    pub max_channel_meta_bytes: usize,
+    /// WebSocket messages per second per connection (0: no limit).
+    #[arg(long, env = "WS_MESSAGES_PER_SECOND", default_value_t = 20)]
+    pub ws_messages_per_second: u32,
+    /// Open WebSocket connections per client address (0: no limit).
+    #[arg(long, env = "WS_MAX_CONNECTIONS_PER_CLIENT", default_value_t = 32)]
+    pub ws_max_connections_per_client: usize,
 }
 
 /// A built server: the API state and, with the local driver, the worker it runs.
@@ -103,6 +146,28 @@ const DRIVERS: &str = "local, static, docker, k8s";
 impl Config {
     /// Store, driver, dispatcher and API state, ready to serve.
     pub async fn build(&self) -> anyhow::Result<Built> {
+        let api_token = self.api_token()?;
+        if api_token.is_none() && !self.host.is_loopback() {
+            if self.insecure_no_auth {
+                tracing::warn!(
+                    host = %self.host,
+                    "NO API TOKEN on a non-loopback address (ANYWORK_INSECURE_NO_AUTH=1): anyone who \
+                     reaches this port can run agents"
+                );
+            } else {
+                bail!(
+                    "SERVER_HOST={} is not a loopback address and no API token is set: anyone who \
+                     reaches the port could run agents. Set ANYWORK_API_TOKEN (or \
+                     ANYWORK_API_TOKEN_FILE), or ANYWORK_INSECURE_NO_AUTH=1 to run without one on purpose",
+                    self.host
+                );
+            }
+        }
+        let mcp = self.mcp_access()?;
+        let outbound = anywork_core::OutboundPolicy::strict()
+            .with_http(self.allow_http_callbacks)
+            .allow_list(&self.outbound_allow)
+            .context("OUTBOUND_ALLOW")?;
         let store = self.store().await?;
         let mut warning = None;
         let driver_name = match (&self.container_driver, &self.static_worker_url) {
@@ -119,13 +184,37 @@ impl Config {
                         .as_deref()
                         .filter(|u| !u.trim().is_empty())
                         .context("CONTAINER_DRIVER=static needs STATIC_WORKER_URL (e.g. http://127.0.0.1:8080)")?;
-                (Arc::new(anywork_drivers::StaticDriver::new(url)?), None)
+                let secret = match self
+                    .static_worker_secret
+                    .as_deref()
+                    .filter(|s| !s.trim().is_empty())
+                {
+                    Some(s) => Some(WorkerSecret::new(s).context("STATIC_WORKER_SECRET")?),
+                    None => {
+                        tracing::warn!(
+                            "no STATIC_WORKER_SECRET: the worker at STATIC_WORKER_URL is called \
+                             without a secret, so it must accept calls from anyone who reaches \
+                             it; set the same secret here and as its WORKER_SECRET"
+                        );
+                        None
+                    }
+                };
+                (
+                    Arc::new(anywork_drivers::StaticDriver::new(url)?.with_secret(secret)),
+                    None,
+                )
             }
             "local" => {
-                let (url, warn) = self.start_local_worker().await?;
+                // A fresh secret each start: only this process knows it.
+                let secret = WorkerSecret::generate();
+                let (url, warn) = self.start_local_worker(secret.clone()).await?;
                 warning = warn;
                 (
-                    Arc::new(anywork_drivers::StaticDriver::new(&url)?.named("local")),
+                    Arc::new(
+                        anywork_drivers::StaticDriver::new(&url)?
+                            .with_secret(Some(secret))
+                            .named("local"),
+                    ),
                     Some(url),
                 )
             }
@@ -151,6 +240,8 @@ impl Config {
         config.lease_ttl = Duration::from_secs(self.lease_ttl_seconds.max(1));
         config.reap_every = (self.reap_interval_seconds > 0)
             .then(|| Duration::from_secs(self.reap_interval_seconds));
+        config.outbound = outbound;
+        config.mcp = mcp;
         let mut builder = Dispatcher::builder(store, driver)
             .config(config)
             .titles(self.titles()?);
@@ -163,6 +254,12 @@ impl Config {
             .context("cannot start the dispatcher")?;
         let mut options = ApiOptions::default();
         options.warning = warning;
+        options.api_token = api_token;
+        options.protect_health = self.protect_health;
+        options.max_channel_key_bytes = self.max_channel_key_bytes;
+        options.max_channel_meta_bytes = self.max_channel_meta_bytes;
+        options.ws_messages_per_second = self.ws_messages_per_second;
+        options.max_ws_per_client = self.ws_max_connections_per_client;
         options.cors_origins = self
             .cors_origins
             .split(',')
@@ -174,6 +271,45 @@ impl Config {
             state: AppState::new(dispatcher, options),
             local_worker,
         })
+    }
+
+    /// ANYWORK_API_TOKEN, else the content of ANYWORK_API_TOKEN_FILE.
+    fn api_token(&self) -> anyhow::Result<Option<ApiToken>> {
+        if let Some(token) = self.api_token.as_deref().and_then(ApiToken::new) {
+            return Ok(Some(token));
+        }
+        let Some(path) = &self.api_token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!("cannot read ANYWORK_API_TOKEN_FILE {}", path.display())
+        })?;
+        match ApiToken::new(&text) {
+            Some(t) => Ok(Some(t)),
+            None => bail!("ANYWORK_API_TOKEN_FILE {} is empty", path.display()),
+        }
+    }
+
+    /// The MCP catalog of MCP_SERVERS_FILE and ALLOW_REQUEST_MCP_COMMANDS.
+    fn mcp_access(&self) -> anyhow::Result<anywork_core::McpAccess> {
+        let mut access = anywork_core::McpAccess::default();
+        access.allow_request_commands = self.allow_request_mcp_commands;
+        if let Some(path) = &self.mcp_servers_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read MCP_SERVERS_FILE {}", path.display()))?;
+            access.catalog = anywork_core::McpCatalog::from_json(&text)
+                .with_context(|| format!("MCP_SERVERS_FILE {}", path.display()))?;
+            tracing::info!(
+                servers = %access.catalog.names().collect::<Vec<_>>().join(", "),
+                "MCP catalog loaded"
+            );
+        }
+        if self.allow_request_mcp_commands {
+            tracing::warn!(
+                "ALLOW_REQUEST_MCP_COMMANDS=1: API callers may start any command on the workers"
+            );
+        }
+        Ok(access)
     }
 
     async fn store(&self) -> anyhow::Result<Arc<dyn TaskStore>> {
@@ -215,7 +351,10 @@ impl Config {
 
     /// Starts the in-process worker on a loopback port; returns its URL, and the warning to
     /// show when no model is configured.
-    async fn start_local_worker(&self) -> anyhow::Result<(String, Option<String>)> {
+    async fn start_local_worker(
+        &self,
+        secret: WorkerSecret,
+    ) -> anyhow::Result<(String, Option<String>)> {
         let workspace = self
             .workspace_dir
             .clone()
@@ -232,7 +371,7 @@ impl Config {
             }
         };
         let state = anywork_worker::WorkerState::new(
-            anywork_worker::WorkerConfig::new(&workspace),
+            anywork_worker::WorkerConfig::new(&workspace).with_secret(Some(secret)),
             executor,
         )
         .with_context(|| format!("cannot use WORKSPACE_DIR {}", workspace.display()))?;
