@@ -7,6 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use anywork_core::McpCatalog;
 use anywork_runtime::{Backoff, DispatcherConfig, SkillsDir};
 use anywork_test::original_worker::{OriginalEvent, OriginalWorker, Script};
 use common::{TestServer, Ws};
@@ -26,9 +27,24 @@ fn skills_dir() -> tempfile::TempDir {
     dir
 }
 
+/// The server with `skills` as its SKILLS_DIR and an MCP catalog (MCP_SERVERS_FILE) holding
+/// the servers the original's clients below name: what an operator moving from the original
+/// sets up, since this server runs no command a request brings on its own.
 async fn server_with_skills(worker: &str, skills: &Path) -> TestServer {
     let skills = SkillsDir::new(skills);
-    TestServer::start_custom(worker, move |b| b.skills(skills)).await
+    let mut config = DispatcherConfig::default();
+    config.mcp.catalog = McpCatalog::from_json(
+        &json!({
+            "github": {"command": "npx", "args": ["-y", "@modelcontextprotocol/server-github"],
+                       "env": {"GITHUB_TOKEN": "t"}},
+            "docs": {"type": "http", "url": "https://docs.example/mcp",
+                     "headers": {"Authorization": "Bearer x"}},
+            "calc": {"command": "python3", "args": ["calc.py"]},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    TestServer::start_custom(worker, move |b| b.skills(skills).config(config)).await
 }
 
 /// Messages up to the `done` of the chat just sent (after its `task_created`).
