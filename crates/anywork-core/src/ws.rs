@@ -237,8 +237,7 @@ impl TryFrom<FlatServerMessage> for ServerMessage {
             "pong" => ServerMessage::Pong,
             "error"
                 if f.task_id.is_none()
-                    && f
-                        .metadata
+                    && f.metadata
                         .as_ref()
                         .and_then(|m| m.get("created"))
                         .and_then(Value::as_bool)

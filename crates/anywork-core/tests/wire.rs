@@ -294,10 +294,7 @@ fn websocket_client_messages() {
         panic!("not a chat")
     };
     assert!(skills[0].is_name_only() && skills[0].name == "code-review");
-    assert_eq!(
-        mcp_servers.keys().collect::<Vec<_>>(),
-        ["docs", "github"]
-    );
+    assert_eq!(mcp_servers.keys().collect::<Vec<_>>(), ["docs", "github"]);
 }
 
 #[test]
@@ -437,7 +434,6 @@ fn the_original_workers_health_and_cancel_are_understood() {
         serde_json::to_value(&cancel).unwrap(),
         json!({"task_id": id.to_string(), "session_id": "s1"})
     );
-    let bare: CancelRequest =
-        serde_json::from_value(json!({"task_id": id.to_string()})).unwrap();
+    let bare: CancelRequest = serde_json::from_value(json!({"task_id": id.to_string()})).unwrap();
     assert_eq!(bare.session_id, None);
 }

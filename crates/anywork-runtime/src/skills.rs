@@ -182,8 +182,8 @@ impl SkillsDir {
         let entries = fs::read_dir(dir)
             .map_err(|e| self.refuse(name, format!("cannot list {}: {e}", dir.display())))?;
         for entry in entries {
-            let entry =
-                entry.map_err(|e| self.refuse(name, format!("cannot list {}: {e}", dir.display())))?;
+            let entry = entry
+                .map_err(|e| self.refuse(name, format!("cannot list {}: {e}", dir.display())))?;
             let file_name = entry.file_name();
             let Some(file_name) = file_name.to_str() else {
                 return Err(self.refuse(
@@ -215,10 +215,7 @@ impl SkillsDir {
             anywork_core::spec::validate_relative_path(&rel)
                 .map_err(|e| self.refuse(name, e.message()))?;
             if files.len() >= self.max_files {
-                return Err(self.refuse(
-                    name,
-                    format!("it has more than {} files", self.max_files),
-                ));
+                return Err(self.refuse(name, format!("it has more than {} files", self.max_files)));
             }
             *total = total.saturating_add(meta.len());
             if *total > self.max_bytes {
@@ -305,9 +302,11 @@ pub(crate) fn parse_front_matter(text: &str) -> std::result::Result<FrontMatter,
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut lines = text.lines();
     if lines.next().map(str::trim_end) != Some("---") {
-        return Err("it does not start with a front matter block (a line `---`, then \
+        return Err(
+            "it does not start with a front matter block (a line `---`, then \
                     `name: …` and `description: …`, then `---`)"
-            .into());
+                .into(),
+        );
     }
     let mut fields: Vec<(String, String)> = Vec::new();
     let mut closed = false;
@@ -447,9 +446,16 @@ mod tests {
         let quoted =
             "---\nname: \"b\"\ndescription: 'It''s b: with a colon'\nlicense: MIT\n---\nbody";
         let f = parse_front_matter(quoted).unwrap();
-        assert_eq!((f.name.as_str(), f.description.as_str()), ("b", "It's b: with a colon"));
-        let folded = "---\nname: c\ndescription: >\n  Line one\n  line two.\nmetadata:\n  k: v\n---\n";
-        assert_eq!(parse_front_matter(folded).unwrap().description, "Line one line two.");
+        assert_eq!(
+            (f.name.as_str(), f.description.as_str()),
+            ("b", "It's b: with a colon")
+        );
+        let folded =
+            "---\nname: c\ndescription: >\n  Line one\n  line two.\nmetadata:\n  k: v\n---\n";
+        assert_eq!(
+            parse_front_matter(folded).unwrap().description,
+            "Line one line two."
+        );
         for (bad, needle) in [
             ("no front matter", "does not start"),
             ("---\nname: a\ndescription: d\n", "not closed"),
@@ -496,7 +502,13 @@ mod tests {
             ("wrong-name", &[("SKILL.md", &skill_md("other", "d"))]),
             ("no-front", &[("SKILL.md", "just text")]),
             ("no-md", &[("README.md", "x")]),
-            ("big", &[("SKILL.md", &skill_md("big", "d")), ("blob.txt", &"x".repeat(2000))]),
+            (
+                "big",
+                &[
+                    ("SKILL.md", &skill_md("big", "d")),
+                    ("blob.txt", &"x".repeat(2000)),
+                ],
+            ),
         ]);
         fs::create_dir_all(dir.path().join("binary")).unwrap();
         fs::write(dir.path().join("binary/SKILL.md"), skill_md("binary", "d")).unwrap();
@@ -529,8 +541,17 @@ mod tests {
         let catalog = skills.catalog().unwrap();
         assert!(catalog.skills.is_empty());
         let invalid: Vec<&str> = catalog.invalid.iter().map(|i| i.name.as_str()).collect();
-        assert_eq!(invalid, ["big", "binary", "linked", "no-front", "no-md", "wrong-name"]);
-        assert!(SkillsDir::new(dir.path().join("none")).catalog().unwrap().skills.is_empty());
+        assert_eq!(
+            invalid,
+            ["big", "binary", "linked", "no-front", "no-md", "wrong-name"]
+        );
+        assert!(
+            SkillsDir::new(dir.path().join("none"))
+                .catalog()
+                .unwrap()
+                .skills
+                .is_empty()
+        );
         let err = NoSkills.resolve("x").unwrap_err();
         assert!(err.message().contains("SKILLS_DIR"), "{err}");
     }

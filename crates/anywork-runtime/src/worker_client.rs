@@ -351,7 +351,8 @@ mod tests {
     fn original_events_take_their_type_from_the_event_line() {
         let mut a = OriginalAdapter::default();
         assert_eq!(
-            a.event("text", r#"{"content":"Hi","metadata":{}}"#).unwrap(),
+            a.event("text", r#"{"content":"Hi","metadata":{}}"#)
+                .unwrap(),
             TaskEvent::text("Hi")
         );
         let call = a
@@ -372,7 +373,10 @@ mod tests {
         };
         assert_eq!(o.status, TaskStatus::Completed);
         assert_eq!(o.result.as_deref(), Some("Hi"));
-        assert_eq!((o.cost_usd, o.num_turns, o.duration_ms), (Some(0.25), 2, 1500));
+        assert_eq!(
+            (o.cost_usd, o.num_turns, o.duration_ms),
+            (Some(0.25), 2, 1500)
+        );
         assert_eq!(a.finish(), None);
     }
 
@@ -394,11 +398,15 @@ mod tests {
         let TaskEvent::Done(o) = a.event("done", r#"{"content":"","metadata":{}}"#).unwrap() else {
             panic!("not done")
         };
-        assert_eq!((o.status, o.error.as_deref()), (TaskStatus::Failed, Some("boom")));
+        assert_eq!(
+            (o.status, o.error.as_deref()),
+            (TaskStatus::Failed, Some("boom"))
+        );
         assert_eq!(a.finish(), None);
         // Cut short without an error: no done made up here (the run says the worker was lost).
         let mut a = OriginalAdapter::default();
-        a.event("text", r#"{"content":"half","metadata":{}}"#).unwrap();
+        a.event("text", r#"{"content":"half","metadata":{}}"#)
+            .unwrap();
         assert_eq!(a.finish(), None);
     }
 

@@ -162,15 +162,20 @@ async fn a_refused_chat_answers_with_an_error_that_echoes_the_request_and_create
     let root = skills.path().display().to_string();
 
     // An unknown skill: the error names it and the folder looked in.
-    ws.send(json!({"type":"chat","message":"x","skills":["nope"],"mcp_servers":[],"request_id":"r-1"}))
-        .await;
+    ws.send(
+        json!({"type":"chat","message":"x","skills":["nope"],"mcp_servers":[],"request_id":"r-1"}),
+    )
+    .await;
     let refused = next_not_title(&mut ws).await;
     assert_eq!(refused["type"], "error", "{refused}");
     assert_eq!(refused["request_id"], "r-1");
     assert_eq!(refused["metadata"]["created"], false);
     assert_eq!(refused["metadata"]["code"], "invalid_input");
     let content = refused["content"].as_str().unwrap();
-    assert!(content.contains("\"nope\"") && content.contains(&root), "{content}");
+    assert!(
+        content.contains("\"nope\"") && content.contains(&root),
+        "{content}"
+    );
     assert!(content.contains("nothing was created"), "{content}");
 
     // Invalid front matter: named likewise.
@@ -199,7 +204,10 @@ async fn a_refused_chat_answers_with_an_error_that_echoes_the_request_and_create
     ws.send(json!({"type":"chat","request_id":"r-2"})).await;
     let refused = next_not_title(&mut ws).await;
     assert_eq!(
-        (refused["request_id"].as_str(), refused["metadata"]["code"].as_str()),
+        (
+            refused["request_id"].as_str(),
+            refused["metadata"]["code"].as_str()
+        ),
         (Some("r-2"), Some("invalid_message"))
     );
     ws.send(json!({"type":"chat","message":"x","mcp_servers":[{"name":"a","transport":"stdio"}]}))
@@ -300,9 +308,7 @@ async fn the_original_worker_runs_tasks_with_their_cost_turns_and_duration() {
         OriginalEvent::error("max turns reached"),
     ]));
     let (_, created) = server.post("/api/tasks", json!({"message": "hi"})).await;
-    let task = server
-        .wait_final(created["taskId"].as_str().unwrap())
-        .await;
+    let task = server.wait_final(created["taskId"].as_str().unwrap()).await;
     assert_eq!(task["status"], "failed");
     assert_eq!(task["error"], "max turns reached");
     // An exception: `error`, then a `done` with empty metadata.
@@ -311,10 +317,11 @@ async fn the_original_worker_runs_tasks_with_their_cost_turns_and_duration() {
         OriginalEvent::empty_done(),
     ]));
     let (_, created) = server.post("/api/tasks", json!({"message": "hi"})).await;
-    let task = server
-        .wait_final(created["taskId"].as_str().unwrap())
-        .await;
-    assert_eq!((task["status"].as_str(), task["error"].as_str()), (Some("failed"), Some("boom")));
+    let task = server.wait_final(created["taskId"].as_str().unwrap()).await;
+    assert_eq!(
+        (task["status"].as_str(), task["error"].as_str()),
+        (Some("failed"), Some("boom"))
+    );
 
     // Cancel reaches the original worker in its form (by session) and ends the run canceled.
     worker.push(Script {
@@ -325,10 +332,15 @@ async fn the_original_worker_runs_tasks_with_their_cost_turns_and_duration() {
     let id = created["taskId"].as_str().unwrap().to_owned();
     let deadline = tokio::time::Instant::now() + common::WAIT;
     while !server.logs(&id).await.iter().any(|l| l["type"] == "text") {
-        assert!(tokio::time::Instant::now() < deadline, "the run never started");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run never started"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (status, canceled) = server.post(&format!("/api/tasks/{id}/cancel"), json!({})).await;
+    let (status, canceled) = server
+        .post(&format!("/api/tasks/{id}/cancel"), json!({}))
+        .await;
     assert_eq!(status, 200, "{canceled}");
     let task = server.wait_final(&id).await;
     assert_eq!(task["status"], "canceled", "{task}");
@@ -375,7 +387,10 @@ async fn dispatcher_failures_reach_clients_as_an_error_before_done_without_addre
     let (task, error, done) = error_then_done(&mut ws, "one").await;
     assert_eq!(error["metadata"]["code"], "worker_protocol");
     let message = error["content"].as_str().unwrap();
-    assert!(message.contains(&task) && message.contains("version"), "{message}");
+    assert!(
+        message.contains(&task) && message.contains("version"),
+        "{message}"
+    );
     assert_no_address(message, &url);
     assert_eq!(done["metadata"]["status"], "failed");
     assert_eq!(done["metadata"]["error"], message);
@@ -407,7 +422,10 @@ async fn dispatcher_failures_reach_clients_as_an_error_before_done_without_addre
     assert_eq!(health["driver"], "static");
     let (_, workers) = server.get("/api/admin/workers").await;
     assert_eq!(workers["driver"], "static");
-    assert_eq!(workers["workers"][0]["endpoint"]["worker_id"], "static-worker");
+    assert_eq!(
+        workers["workers"][0]["endpoint"]["worker_id"],
+        "static-worker"
+    );
     assert_eq!(stored_worker(&server, &task).await, "static-worker");
 }
 

@@ -99,13 +99,12 @@ impl DockerConfig {
                 .map(|v| v.trim().to_owned())
                 .filter(|v| !v.is_empty())
         };
-        let mut c =
-            Self::new(
-                // WORKER_IMAGE: the original AnyWork's name.
-                set("DOCKER_WORKER_IMAGE")
-                    .or_else(|| set("WORKER_IMAGE"))
-                    .unwrap_or_else(|| "anywork-worker:latest".into()),
-            );
+        let mut c = Self::new(
+            // WORKER_IMAGE: the original AnyWork's name.
+            set("DOCKER_WORKER_IMAGE")
+                .or_else(|| set("WORKER_IMAGE"))
+                .unwrap_or_else(|| "anywork-worker:latest".into()),
+        );
         c.docker_host = set("DOCKER_HOST");
         if let Some(v) = set("DOCKER_NETWORK") {
             c.network = v;

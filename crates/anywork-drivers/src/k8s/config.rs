@@ -142,12 +142,14 @@ impl K8sConfig {
         let get = |name: &str| var(name).map(|v| v.trim().to_owned());
         let set = |name: &str| get(name).filter(|v| !v.is_empty());
         // WORKER_IMAGE, WORKER_PORT, K8S_PVC_STORAGE_CLASS: the original AnyWork's names.
-        let image = set("K8S_WORKER_IMAGE").or_else(|| set("WORKER_IMAGE")).ok_or_else(|| {
-            Error::invalid_input(
-                "CONTAINER_DRIVER=k8s needs K8S_WORKER_IMAGE, the worker image \
+        let image = set("K8S_WORKER_IMAGE")
+            .or_else(|| set("WORKER_IMAGE"))
+            .ok_or_else(|| {
+                Error::invalid_input(
+                    "CONTAINER_DRIVER=k8s needs K8S_WORKER_IMAGE, the worker image \
                  (e.g. ghcr.io/anywork/anywork-worker:0.1.0)",
-            )
-        })?;
+                )
+            })?;
         let mut config = Self::new(
             set("K8S_NAMESPACE").unwrap_or_else(|| "anywork".into()),
             image,

@@ -142,10 +142,8 @@ impl DispatcherBuilder {
     /// pending are queued again. Needs a Tokio runtime.
     pub async fn start(self) -> Result<Dispatcher> {
         let client = WorkerClient::new(self.config.control_timeout)?;
-        let http = crate::outbound::checked_client(
-            self.config.outbound.clone(),
-            Duration::from_secs(30),
-        )?;
+        let http =
+            crate::outbound::checked_client(self.config.outbound.clone(), Duration::from_secs(30))?;
         let permits = Arc::new(Semaphore::new(self.config.max_concurrent.max(1)));
         let dispatcher = Dispatcher {
             inner: Arc::new(Inner {

@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 
 use anywork_core::{
     Channel, ContainerDriver, Error, ErrorKind, InputResponse, NewSession, NewTask, NewTaskLog,
-    Result, Session, SessionId, SkillSpec, Task, TaskChange, TaskEvent, TaskId, TaskOutcome, TaskRequest,
-    TaskStatus, TaskStore,
+    Result, Session, SessionId, SkillSpec, Task, TaskChange, TaskEvent, TaskId, TaskOutcome,
+    TaskRequest, TaskStatus, TaskStore,
 };
 use futures_util::Stream;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -473,7 +473,12 @@ impl Inner {
     ) -> Result<Task> {
         before.push(TaskEvent::Done(outcome.clone()));
         let stored = self
-            .transition(task, task.status, TaskChange::finish(outcome.clone()), before)
+            .transition(
+                task,
+                task.status,
+                TaskChange::finish(outcome.clone()),
+                before,
+            )
             .await?;
         self.after_finish(&stored, outcome).await;
         if !lock(&self.runs).contains_key(&task.id) {

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anywork_core::worker_api::{CancelRequest, ChatRequest, InputAnswer, PrepareRequest};
 use anywork_core::{
-    Error, ErrorKind, InputResponse, McpServerConfig, Result, SessionId, SkillSpec, Task, TaskChange, TaskEvent, TaskOutcome,
-    TaskStatus, Timestamp, WorkerEndpoint,
+    Error, ErrorKind, InputResponse, McpServerConfig, Result, SessionId, SkillSpec, Task,
+    TaskChange, TaskEvent, TaskOutcome, TaskStatus, Timestamp, WorkerEndpoint,
 };
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
@@ -457,7 +457,11 @@ impl Run {
     }
 
     /// [`finish`](Self::finish) with `before` written just ahead of the `done`.
-    async fn finish_with(&mut self, mut outcome: TaskOutcome, mut before: Vec<TaskEvent>) -> Result<()> {
+    async fn finish_with(
+        &mut self,
+        mut outcome: TaskOutcome,
+        mut before: Vec<TaskEvent>,
+    ) -> Result<()> {
         if outcome.duration_ms == 0 {
             outcome.duration_ms = self.started.elapsed().as_millis() as u64;
         }

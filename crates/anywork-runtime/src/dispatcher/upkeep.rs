@@ -67,10 +67,13 @@ impl Dispatcher {
             {
                 let _ = inner
                     .client
-                    .cancel(&w.endpoint, &CancelRequest {
-                        task_id: task.id,
-                        session_id: Some(task.session_id.clone()),
-                    })
+                    .cancel(
+                        &w.endpoint,
+                        &CancelRequest {
+                            task_id: task.id,
+                            session_id: Some(task.session_id.clone()),
+                        },
+                    )
                     .await;
             }
             if inner

@@ -221,7 +221,10 @@ pub fn api_router(state: AppState) -> Router {
         .route("/api/admin/workers", get(rest::workers))
         .route("/metrics", get(rest::metrics))
         .method_not_allowed_fallback(anywork_http::method_not_allowed)
-        .layer(middleware::from_fn_with_state(state.clone(), auth::guard_api));
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::guard_api,
+        ));
     anywork_http::limit_body(api, limit).with_state(state)
 }
 

@@ -115,7 +115,9 @@ async fn authenticate(state: &AppState, socket: &mut WebSocket) -> bool {
             send {\"type\":\"auth\",\"token\":\"…\"} first, or the subprotocol \
             anywork.token.<token>, or Authorization: Bearer <token>", "metadata": {"code": "unauthorized"}})
     };
-    let _ = socket.send(Message::Text(Utf8Bytes::from(reply.to_string()))).await;
+    let _ = socket
+        .send(Message::Text(Utf8Bytes::from(reply.to_string())))
+        .await;
     if !ok {
         let _ = socket.send(Message::Close(None)).await;
     }

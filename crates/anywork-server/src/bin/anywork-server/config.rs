@@ -245,7 +245,11 @@ impl Config {
         let mut builder = Dispatcher::builder(store, driver)
             .config(config)
             .titles(self.titles()?);
-        if let Some(dir) = self.skills_dir.as_ref().filter(|d| !d.as_os_str().is_empty()) {
+        if let Some(dir) = self
+            .skills_dir
+            .as_ref()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
             builder = builder.skills(anywork_runtime::SkillsDir::new(dir));
         }
         let dispatcher = builder
@@ -281,9 +285,8 @@ impl Config {
         let Some(path) = &self.api_token_file else {
             return Ok(None);
         };
-        let text = std::fs::read_to_string(path).with_context(|| {
-            format!("cannot read ANYWORK_API_TOKEN_FILE {}", path.display())
-        })?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read ANYWORK_API_TOKEN_FILE {}", path.display()))?;
         match ApiToken::new(&text) {
             Some(t) => Ok(Some(t)),
             None => bail!("ANYWORK_API_TOKEN_FILE {} is empty", path.display()),
@@ -336,7 +339,10 @@ impl Config {
     fn titles(&self) -> anyhow::Result<Arc<dyn TitleGenerator>> {
         let model = self.title_model.as_deref().or(self.model.as_deref());
         let key = self.title_api_key.as_ref().or(self.api_key.as_ref());
-        let base = self.title_api_base_url.as_ref().or(self.api_base_url.as_ref());
+        let base = self
+            .title_api_base_url
+            .as_ref()
+            .or(self.api_base_url.as_ref());
         match (key, base, model) {
             (Some(key), Some(base), Some(model))
                 if !key.trim().is_empty()
@@ -474,8 +480,16 @@ mod tests {
         assert_eq!(c.workspace_dir, Some(PathBuf::from("/srv/ws")));
         assert_eq!(c.anthropic_api_key.as_deref(), Some("sk-ant"));
         assert_eq!(
-            (c.api_key.as_deref(), c.api_base_url.as_deref(), c.model.as_deref()),
-            (Some("sk-or"), Some("https://openrouter.ai/api/v1"), Some("m"))
+            (
+                c.api_key.as_deref(),
+                c.api_base_url.as_deref(),
+                c.model.as_deref()
+            ),
+            (
+                Some("sk-or"),
+                Some("https://openrouter.ai/api/v1"),
+                Some("m")
+            )
         );
         assert_eq!(c.title_model.as_deref(), Some("t"));
         // The worker's model settings follow the configuration.
@@ -508,13 +522,16 @@ mod tests {
         assert_eq!(k8s.idle_ttl, Duration::from_secs(600));
         assert_eq!(k8s.worker_port, 9090);
         assert!(
-            format!("{:?}", k8s.storage).contains("Pvc") && format!("{:?}", k8s.storage).contains("fast"),
+            format!("{:?}", k8s.storage).contains("Pvc")
+                && format!("{:?}", k8s.storage).contains("fast"),
             "{:?}",
             k8s.storage
         );
         // The original's WORKER_IMAGE names the image of both per-session drivers.
-        let original: &'static [(&str, &str)] =
-            &[("WORKER_IMAGE", "anywork-worker:old"), ("WORKER_PORT", "9090")];
+        let original: &'static [(&str, &str)] = &[
+            ("WORKER_IMAGE", "anywork-worker:old"),
+            ("WORKER_PORT", "9090"),
+        ];
         let k8s = anywork_drivers::K8sConfig::from_lookup(lookup(original)).unwrap();
         assert_eq!(k8s.image, "anywork-worker:old");
         let docker = anywork_drivers::DockerConfig::from_lookup(lookup(original)).unwrap();
@@ -550,7 +567,10 @@ mod tests {
         // No CONTAINER_DRIVER nor STATIC_WORKER_URL: the worker runs in-process, named so.
         assert_eq!(d.driver_name(), "local");
         assert!(data.path().join("anywork.db").exists());
-        assert!(workspace.is_dir(), "WORKSPACE_DIR is the local worker's root");
+        assert!(
+            workspace.is_dir(),
+            "WORKSPACE_DIR is the local worker's root"
+        );
         // API_KEY + API_BASE_URL + MODEL: the in-process worker's native executor on that API.
         let (submitted, events) = d
             .submit_and_follow(anywork_core::TaskRequest::new("api", "Say hello"))
@@ -560,20 +580,30 @@ mod tests {
         assert!(events.iter().all(Result::is_ok), "{events:?}");
         let task = d.task(submitted.task.id).await.unwrap();
         assert_eq!(task.result.as_deref(), Some("Hello back."), "{task:?}");
-        assert!(fake.requests().iter().any(|r| r.model() == Some("agent-model")));
+        assert!(
+            fake.requests()
+                .iter()
+                .any(|r| r.model() == Some("agent-model"))
+        );
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while d.session(&task.session_id).await.unwrap().title != "Greeting Title" {
-            assert!(tokio::time::Instant::now() < deadline, "no title from TITLE_MODEL");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no title from TITLE_MODEL"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
 
         // STATIC_WORKER_URL alone means the static driver; CONTAINER_DRIVER=static needs it.
         let db = |dir: &tempfile::TempDir| dir.path().to_str().unwrap().to_owned();
         let other = tempfile::tempdir().unwrap();
-        let built = parse(&[("DB_DIR", &db(&other)), ("STATIC_WORKER_URL", "http://127.0.0.1:9")])
-            .build()
-            .await
-            .unwrap();
+        let built = parse(&[
+            ("DB_DIR", &db(&other)),
+            ("STATIC_WORKER_URL", "http://127.0.0.1:9"),
+        ])
+        .build()
+        .await
+        .unwrap();
         assert_eq!(built.state.dispatcher().driver_name(), "static");
         let other = tempfile::tempdir().unwrap();
         let err = parse(&[("DB_DIR", &db(&other)), ("CONTAINER_DRIVER", "static")])
@@ -586,6 +616,9 @@ mod tests {
             .build()
             .await
             .unwrap_err();
-        assert!(format!("{err:#}").contains("local, static, docker, k8s"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("local, static, docker, k8s"),
+            "{err:#}"
+        );
     }
 }
