@@ -83,7 +83,10 @@ pub struct CatalogServer {
 
 impl CatalogServer {
     /// The config with every value read by `reader` (or replaced by `redact`).
-    fn config(&self, mut value: impl FnMut(&SecretValue) -> Result<String>) -> Result<McpServerConfig> {
+    fn config(
+        &self,
+        mut value: impl FnMut(&SecretValue) -> Result<String>,
+    ) -> Result<McpServerConfig> {
         let mut raw = serde_json::Map::new();
         if let Some(kind) = &self.kind {
             raw.insert("type".into(), kind.clone().into());
@@ -314,7 +317,10 @@ mod tests {
     fn stored_form_holds_no_value_and_resolve_reads_them() {
         let c = catalog();
         let stored = serde_json::to_string(&c.stored_form("calc").unwrap()).unwrap();
-        assert!(!stored.contains("s3cret") && !stored.contains("fast"), "{stored}");
+        assert!(
+            !stored.contains("s3cret") && !stored.contains("fast"),
+            "{stored}"
+        );
         assert!(stored.contains("python3"), "{stored}");
         let resolved = c.resolve("calc", &reader).unwrap();
         let McpServerConfig::Stdio { env, .. } = resolved else {
@@ -351,11 +357,17 @@ mod tests {
             serde_json::from_value(json!({"evil": {"command": "sh", "args": ["-c", "id"]}}))
                 .unwrap();
         let err = access.admit(&mut raw).unwrap_err();
-        assert!(err.message().contains("ALLOW_REQUEST_MCP_COMMANDS"), "{err}");
+        assert!(
+            err.message().contains("ALLOW_REQUEST_MCP_COMMANDS"),
+            "{err}"
+        );
         assert!(err.message().contains("calc, docs"), "{err}");
         let mut unknown: McpServers = serde_json::from_value(json!({"nope": {}})).unwrap();
         let err = access.admit(&mut unknown).unwrap_err();
-        assert!(err.message().contains("not in the server's MCP catalog"), "{err}");
+        assert!(
+            err.message().contains("not in the server's MCP catalog"),
+            "{err}"
+        );
         let open = McpAccess {
             catalog: McpCatalog::new(),
             allow_request_commands: true,

@@ -261,9 +261,14 @@ async fn creates_a_locked_down_pod_and_an_owned_service() {
         json!({"WORKER_SECRET": worker_secret.expose()})
     );
     assert_eq!(worker_secret.expose().len(), 64);
-    assert!(!format!("{w:?}").contains(worker_secret.expose()), "Debug redacts it");
     assert!(
-        !serde_json::to_string(&w).unwrap().contains(worker_secret.expose()),
+        !format!("{w:?}").contains(worker_secret.expose()),
+        "Debug redacts it"
+    );
+    assert!(
+        !serde_json::to_string(&w)
+            .unwrap()
+            .contains(worker_secret.expose()),
         "never serialized"
     );
     assert_eq!(

@@ -147,16 +147,18 @@ async fn calls_carry_the_secret_and_purge_deletes_the_session_on_the_worker() {
             )
             .route(
                 "/sessions/{id}",
-                delete(move |Path(id): Path<String>, headers: HeaderMap| async move {
-                    if !ok2(&headers) {
-                        return StatusCode::UNAUTHORIZED;
-                    }
-                    if asks.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
-                        return StatusCode::CONFLICT;
-                    }
-                    deleted.lock().unwrap().push(id);
-                    StatusCode::OK
-                }),
+                delete(
+                    move |Path(id): Path<String>, headers: HeaderMap| async move {
+                        if !ok2(&headers) {
+                            return StatusCode::UNAUTHORIZED;
+                        }
+                        if asks.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+                            return StatusCode::CONFLICT;
+                        }
+                        deleted.lock().unwrap().push(id);
+                        StatusCode::OK
+                    },
+                ),
             )
     };
     let url = serve(router).await;
@@ -178,7 +180,8 @@ async fn calls_carry_the_secret_and_purge_deletes_the_session_on_the_worker() {
     assert_eq!(e.kind(), ErrorKind::Unauthorized, "{e}");
 
     // A worker without the route (the original's) keeps its files: not an error.
-    let plain = serve(Router::new().route("/health", get(|| async { "{\"status\":\"ok\"}" }))).await;
+    let plain =
+        serve(Router::new().route("/health", get(|| async { "{\"status\":\"ok\"}" }))).await;
     StaticDriver::new(&plain)
         .unwrap()
         .purge(&sid("c"))

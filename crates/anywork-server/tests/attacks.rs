@@ -37,9 +37,7 @@ fn with_token() -> ApiOptions {
     options
 }
 
-async fn send(
-    req: reqwest::RequestBuilder,
-) -> (u16, Value, reqwest::header::HeaderMap) {
+async fn send(req: reqwest::RequestBuilder) -> (u16, Value, reqwest::header::HeaderMap) {
     let r = req.send().await.unwrap();
     let status = r.status().as_u16();
     let headers = r.headers().clone();
@@ -96,7 +94,10 @@ async fn ws_next(
     >,
 ) -> Option<Value> {
     loop {
-        match tokio::time::timeout(WAIT, ws.next()).await.expect("a message in time") {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a message in time")
+        {
             Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
             Some(Ok(_)) => continue,
@@ -129,13 +130,21 @@ async fn api_calls_without_or_with_a_wrong_token_are_refused() {
     // The legitimate calls.
     let (status, body, _) = send(http.get(&sessions).bearer_auth(TOKEN)).await;
     assert_eq!(status, 200, "{body}");
-    let (status, body, _) =
-        send(http.post(&sessions).bearer_auth(TOKEN).json(&json!({"title": "t"}))).await;
+    let (status, body, _) = send(
+        http.post(&sessions)
+            .bearer_auth(TOKEN)
+            .json(&json!({"title": "t"})),
+    )
+    .await;
     assert_eq!(status, 201, "{body}");
     // Health and metrics stay open; the UI loads without the token (it asks for it).
     let (status, _, _) = send(http.get(format!("{}/api/health", server.url))).await;
     assert_eq!(status, 200);
-    let r = http.get(format!("{}/metrics", server.url)).send().await.unwrap();
+    let r = http
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let r = http.get(format!("{}/", server.url)).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -146,10 +155,17 @@ async fn api_calls_without_or_with_a_wrong_token_are_refused() {
     let guarded = server_with(DispatcherConfig::default(), options).await;
     let (status, _, _) = send(http.get(format!("{}/api/health", guarded.url))).await;
     assert_eq!(status, 401);
-    let (status, _, _) =
-        send(http.get(format!("{}/api/health", guarded.url)).bearer_auth(TOKEN)).await;
+    let (status, _, _) = send(
+        http.get(format!("{}/api/health", guarded.url))
+            .bearer_auth(TOKEN),
+    )
+    .await;
     assert_eq!(status, 200);
-    let r = http.get(format!("{}/metrics", guarded.url)).send().await.unwrap();
+    let r = http
+        .get(format!("{}/metrics", guarded.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
 }
 
@@ -161,8 +177,7 @@ async fn websocket_needs_the_token_as_header_subprotocol_or_first_message() {
     let bearer_wrong = "Bearer nope".to_owned();
     let (status, body) = ws_connect(&server.url, &[("authorization", &bearer_wrong)])
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(status, 401, "{body}");
     assert_eq!(error_code(&body), "unauthorized");
     let (status, _) = ws_connect(
@@ -170,42 +185,52 @@ async fn websocket_needs_the_token_as_header_subprotocol_or_first_message() {
         &[("sec-websocket-protocol", "anywork, anywork.token.nope")],
     )
     .await
-    .err()
-    .expect("refused");
+    .expect_err("refused");
     assert_eq!(status, 401);
 
     // No token: the first message must authenticate; anything else closes the connection.
     let (mut ws, _) = ws_connect(&server.url, &[]).await.unwrap();
     ws.send(Message::Text(
-        json!({"type": "chat", "message": "run something"}).to_string().into(),
+        json!({"type": "chat", "message": "run something"})
+            .to_string()
+            .into(),
     ))
     .await
     .unwrap();
     let reply = ws_next(&mut ws).await.expect("an error");
     assert_eq!(reply["type"], "error", "{reply}");
-    assert!(reply["content"].as_str().unwrap().contains("API token"), "{reply}");
+    assert!(
+        reply["content"].as_str().unwrap().contains("API token"),
+        "{reply}"
+    );
     assert!(ws_next(&mut ws).await.is_none(), "the connection is closed");
-    assert_eq!(server.dispatcher().queue_depth() + server.dispatcher().running(), 0);
+    assert_eq!(
+        server.dispatcher().queue_depth() + server.dispatcher().running(),
+        0
+    );
 
     // The legitimate ways in: header, subprotocol (echoed as `anywork`), first message.
     let bearer = format!("Bearer {TOKEN}");
     let (mut ws, _) = ws_connect(&server.url, &[("authorization", &bearer)])
         .await
         .unwrap();
-    ws.send(Message::Text(r#"{"type":"ping"}"#.into())).await.unwrap();
+    ws.send(Message::Text(r#"{"type":"ping"}"#.into()))
+        .await
+        .unwrap();
     assert_eq!(ws_next(&mut ws).await.unwrap()["type"], "pong");
 
     let protocols = format!("anywork, anywork.token.{TOKEN}");
-    let (mut ws, response) =
-        ws_connect(&server.url, &[("sec-websocket-protocol", &protocols)])
-            .await
-            .unwrap();
+    let (mut ws, response) = ws_connect(&server.url, &[("sec-websocket-protocol", &protocols)])
+        .await
+        .unwrap();
     assert_eq!(
         response.headers()["sec-websocket-protocol"],
         "anywork",
         "the browser's offered protocol is answered, not the token"
     );
-    ws.send(Message::Text(r#"{"type":"ping"}"#.into())).await.unwrap();
+    ws.send(Message::Text(r#"{"type":"ping"}"#.into()))
+        .await
+        .unwrap();
     assert_eq!(ws_next(&mut ws).await.unwrap()["type"], "pong");
 
     let (mut ws, _) = ws_connect(&server.url, &[]).await.unwrap();
@@ -215,7 +240,9 @@ async fn websocket_needs_the_token_as_header_subprotocol_or_first_message() {
     .await
     .unwrap();
     assert_eq!(ws_next(&mut ws).await.unwrap()["type"], "authenticated");
-    ws.send(Message::Text(r#"{"type":"ping"}"#.into())).await.unwrap();
+    ws.send(Message::Text(r#"{"type":"ping"}"#.into()))
+        .await
+        .unwrap();
     assert_eq!(ws_next(&mut ws).await.unwrap()["type"], "pong");
 }
 
@@ -250,7 +277,9 @@ async fn foreign_origin_websocket_is_refused() {
         let (mut ws, _) = ws_connect(&server.url, &headers)
             .await
             .unwrap_or_else(|e| panic!("{headers:?} refused: {e:?}"));
-        ws.send(Message::Text(r#"{"type":"ping"}"#.into())).await.unwrap();
+        ws.send(Message::Text(r#"{"type":"ping"}"#.into()))
+            .await
+            .unwrap();
         assert_eq!(ws_next(&mut ws).await.unwrap()["type"], "pong");
     }
 }
@@ -275,7 +304,10 @@ async fn cross_site_form_posts_are_refused() {
         .await;
         assert_eq!(status, 415, "{content_type}: {answer}");
         assert_eq!(error_code(&answer), "unsupported_media_type");
-        assert!(error_message(&answer).contains("application/json"), "{answer}");
+        assert!(
+            error_message(&answer).contains("application/json"),
+            "{answer}"
+        );
     }
     let (status, answer, _) = send(
         http.post(format!("{}/api/tasks", server.url))
@@ -285,7 +317,11 @@ async fn cross_site_form_posts_are_refused() {
     .await;
     assert_eq!(status, 415, "{answer}");
     let (_, list, _) = send(http.get(&sessions)).await;
-    assert_eq!(list["sessions"].as_array().unwrap().len(), 0, "nothing was made");
+    assert_eq!(
+        list["sessions"].as_array().unwrap().len(),
+        0,
+        "nothing was made"
+    );
 
     // The legitimate calls: JSON, and a POST with no body at all.
     let (status, answer, _) = send(http.post(&sessions).json(&json!({"title": "ok"}))).await;
@@ -332,8 +368,8 @@ async fn request_supplied_mcp_commands_are_refused_and_catalog_names_work() {
         catalog,
         allow_request_commands: false,
     };
-    let server = TestServer::start_full(&worker.url, config, FirstWords, ApiOptions::default())
-        .await;
+    let server =
+        TestServer::start_full(&worker.url, config, FirstWords, ApiOptions::default()).await;
 
     // The attack of the issue, over REST (map and list forms) and over the WebSocket.
     for servers in [
@@ -341,7 +377,10 @@ async fn request_supplied_mcp_commands_are_refused_and_catalog_names_work() {
         json!([{"name": "evil", "transport": "stdio", "command": "sh", "args": ["-c", "id"]}]),
     ] {
         let (status, body) = server
-            .post("/api/tasks", json!({"message": "hi", "mcp_servers": servers}))
+            .post(
+                "/api/tasks",
+                json!({"message": "hi", "mcp_servers": servers}),
+            )
             .await;
         assert_eq!(status, 400, "{body}");
         let message = error_message(&body);
@@ -350,10 +389,16 @@ async fn request_supplied_mcp_commands_are_refused_and_catalog_names_work() {
         assert!(message.contains("calc, docs"), "{body}");
     }
     let (status, body) = server
-        .post("/api/tasks", json!({"message": "hi", "mcp_servers": ["nope"]}))
+        .post(
+            "/api/tasks",
+            json!({"message": "hi", "mcp_servers": ["nope"]}),
+        )
         .await;
     assert_eq!(status, 400, "{body}");
-    assert!(error_message(&body).contains("not in the server's MCP catalog"), "{body}");
+    assert!(
+        error_message(&body).contains("not in the server's MCP catalog"),
+        "{body}"
+    );
     let mut ws = server.ws().await;
     ws.send(json!({"type": "chat", "message": "hi",
         "mcp_servers": {"evil": {"command": "sh", "args": ["-c", "id"]}}}))
@@ -361,10 +406,16 @@ async fn request_supplied_mcp_commands_are_refused_and_catalog_names_work() {
     let reply = ws.recv().await;
     assert_eq!(reply["type"], "error", "{reply}");
     assert!(
-        reply["content"].as_str().unwrap().contains("may not start a command"),
+        reply["content"]
+            .as_str()
+            .unwrap()
+            .contains("may not start a command"),
         "{reply}"
     );
-    assert_eq!(server.dispatcher().queue_depth() + server.dispatcher().running(), 0);
+    assert_eq!(
+        server.dispatcher().queue_depth() + server.dispatcher().running(),
+        0
+    );
 
     // Catalog names work in every form; a request's own config for a catalog name is
     // replaced by the catalog's.
@@ -386,7 +437,10 @@ async fn request_supplied_mcp_commands_are_refused_and_catalog_names_work() {
         .find(|p| p.is_file() && p.to_string_lossy().contains(session))
         .expect("the session's .mcp.json");
     let mcp: Value = serde_json::from_str(&std::fs::read_to_string(mcp_file).unwrap()).unwrap();
-    assert_eq!(mcp["mcpServers"]["calc"]["env"]["CALC_TOKEN"], path_value.as_str());
+    assert_eq!(
+        mcp["mcpServers"]["calc"]["env"]["CALC_TOKEN"],
+        path_value.as_str()
+    );
     assert_eq!(
         mcp["mcpServers"]["docs"]["headers"]["Authorization"],
         "Bearer from-a-file"
@@ -399,7 +453,10 @@ async fn request_supplied_mcp_commands_are_refused_and_catalog_names_work() {
         .await
         .unwrap();
     let row = serde_json::to_string(&stored).unwrap();
-    assert!(!row.contains(&path_value) && !row.contains("from-a-file"), "{row}");
+    assert!(
+        !row.contains(&path_value) && !row.contains("from-a-file"),
+        "{row}"
+    );
     assert!(row.contains(McpCatalog::REDACTED), "{row}");
 }
 
@@ -422,7 +479,9 @@ async fn receiver(
             answer()
         }
     });
-    let listener = tokio::net::TcpListener::bind(format!("{ip}:0")).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(format!("{ip}:0"))
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
     (addr, hits)
@@ -478,7 +537,10 @@ async fn ssrf_targets_are_refused_at_intake_with_the_reason() {
             .await;
         assert_eq!(status, 400, "MCP {url}: {body}");
     }
-    assert_eq!(server.dispatcher().queue_depth() + server.dispatcher().running(), 0);
+    assert_eq!(
+        server.dispatcher().queue_depth() + server.dispatcher().running(),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -525,7 +587,11 @@ async fn push_notifications_reach_allowed_receivers_only_and_never_follow_a_redi
         inner_hits.lock().unwrap().is_empty(),
         "the redirect into 127.0.0.2 was followed"
     );
-    assert_eq!(bouncer_hits.lock().unwrap().len(), 1, "a refused redirect is not retried");
+    assert_eq!(
+        bouncer_hits.lock().unwrap().len(),
+        1,
+        "a refused redirect is not retried"
+    );
 
     // Control: the same redirect to an address the operator allows is followed.
     let mut config = DispatcherConfig::default();
@@ -585,14 +651,12 @@ async fn limits_on_what_a_caller_can_make_the_server_store_or_do() {
     assert!(limited["content"].as_str().unwrap().contains("per second"));
     // Connections per client address: the third is refused, the first two work.
     let _second = server.ws().await;
-    let (status, body) = ws_connect(&server.url, &[]).await.err().expect("refused");
+    let (status, body) = ws_connect(&server.url, &[]).await.expect_err("refused");
     assert_eq!(status, 429, "{body}");
     assert_eq!(error_code(&body), "rate_limited");
     tokio::time::sleep(Duration::from_secs(1)).await;
     ws.send(json!({"type": "ping"})).await;
-    let m = ws
-        .recv_until(|m| m["type"] == "pong")
-        .await;
+    let m = ws.recv_until(|m| m["type"] == "pong").await;
     assert_eq!(m.last().unwrap()["type"], "pong");
 }
 
@@ -658,7 +722,9 @@ async fn configured_secrets_appear_in_no_answer_row_or_log_line() {
     let token = format!("{MARKER}-token");
     let mut answers = Vec::new();
     let mut call = async |method: reqwest::Method, path: &str, body: Option<Value>| {
-        let mut req = http.request(method, format!("{url}{path}")).bearer_auth(&token);
+        let mut req = http
+            .request(method, format!("{url}{path}"))
+            .bearer_auth(&token);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -666,7 +732,10 @@ async fn configured_secrets_appear_in_no_answer_row_or_log_line() {
         let status = r.status().as_u16();
         let text = r.text().await.unwrap();
         answers.push(format!("{path}: {text}"));
-        (status, serde_json::from_str::<Value>(&text).unwrap_or(Value::Null))
+        (
+            status,
+            serde_json::from_str::<Value>(&text).unwrap_or(Value::Null),
+        )
     };
     let mut tasks = Vec::new();
     for (message, servers) in [
@@ -704,7 +773,12 @@ async fn configured_secrets_appear_in_no_answer_row_or_log_line() {
             assert!(tokio::time::Instant::now() < deadline, "{task} never ended");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        call(reqwest::Method::GET, &format!("/api/tasks/{task}/logs?limit=500"), None).await;
+        call(
+            reqwest::Method::GET,
+            &format!("/api/tasks/{task}/logs?limit=500"),
+            None,
+        )
+        .await;
     }
     assert_eq!(statuses[0].0, "completed", "{statuses:?}");
     assert_eq!(statuses[1].0, "failed", "{statuses:?}");
@@ -717,10 +791,25 @@ async fn configured_secrets_appear_in_no_answer_row_or_log_line() {
     for s in sessions["sessions"].as_array().unwrap() {
         let id = s["id"].as_str().unwrap();
         call(reqwest::Method::GET, &format!("/api/sessions/{id}"), None).await;
-        call(reqwest::Method::GET, &format!("/api/sessions/{id}/tasks"), None).await;
-        call(reqwest::Method::GET, &format!("/api/sessions/{id}/messages"), None).await;
+        call(
+            reqwest::Method::GET,
+            &format!("/api/sessions/{id}/tasks"),
+            None,
+        )
+        .await;
+        call(
+            reqwest::Method::GET,
+            &format!("/api/sessions/{id}/messages"),
+            None,
+        )
+        .await;
     }
-    for path in ["/api/health", "/api/admin/workers", "/metrics", "/api/openapi.json"] {
+    for path in [
+        "/api/health",
+        "/api/admin/workers",
+        "/metrics",
+        "/api/openapi.json",
+    ] {
         call(reqwest::Method::GET, path, None).await;
     }
     // A webhook with a wrong secret, and a wrong token: their errors must not echo secrets.
@@ -741,7 +830,10 @@ async fn configured_secrets_appear_in_no_answer_row_or_log_line() {
     answers.push(r.text().await.unwrap());
 
     for answer in &answers {
-        assert!(!answer.contains(MARKER), "an API answer holds a secret: {answer}");
+        assert!(
+            !answer.contains(MARKER),
+            "an API answer holds a secret: {answer}"
+        );
     }
     // Every stored row: the SQLite files, byte for byte.
     let mut files = 0;

@@ -1187,7 +1187,11 @@ fn missing_secret(st: &FakeState, key: &Key) -> Option<String> {
         .as_array()?
         .iter()
         .flat_map(|c| c["env"].as_array().cloned().unwrap_or_default())
-        .filter_map(|e| e["valueFrom"]["secretKeyRef"]["name"].as_str().map(str::to_owned))
+        .filter_map(|e| {
+            e["valueFrom"]["secretKeyRef"]["name"]
+                .as_str()
+                .map(str::to_owned)
+        })
         .find(|name| {
             !st.objects
                 .contains_key(&(Resource::Secrets, ns.clone(), name.clone()))

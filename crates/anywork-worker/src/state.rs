@@ -81,9 +81,9 @@ impl WorkerConfig {
         let value = std::fs::read_to_string(path.trim()).map_err(|e| {
             Error::invalid_input(format!("cannot read WORKER_SECRET_FILE {path}: {e}"))
         })?;
-        WorkerSecret::new(value)
-            .map(Some)
-            .map_err(|e| Error::invalid_input(format!("WORKER_SECRET_FILE {path}: {}", e.message())))
+        WorkerSecret::new(value).map(Some).map_err(|e| {
+            Error::invalid_input(format!("WORKER_SECRET_FILE {path}: {}", e.message()))
+        })
     }
 
     /// Sets [`sandbox`](Self::sandbox).

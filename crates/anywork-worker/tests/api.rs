@@ -1242,7 +1242,11 @@ async fn with_a_secret_every_call_but_health_needs_it() {
         for (method, uri, body) in [
             ("POST", "/prepare", Some(prepare.clone())),
             ("POST", "/chat", Some(chat.clone())),
-            ("POST", "/cancel", Some(json!({"task_id": TaskId::generate()}))),
+            (
+                "POST",
+                "/cancel",
+                Some(json!({"task_id": TaskId::generate()})),
+            ),
             ("GET", "/sessions/s1/messages", None),
             ("GET", "/sessions/s1/files", None),
             ("GET", "/workspace/soul", None),
@@ -1291,7 +1295,10 @@ fn the_secret_comes_from_the_variable_or_a_file() {
                 .map(|(_, v)| v.clone())
         }
     };
-    assert_eq!(WorkerConfig::secret_from_lookup(lookup(vec![])).unwrap(), None);
+    assert_eq!(
+        WorkerConfig::secret_from_lookup(lookup(vec![])).unwrap(),
+        None
+    );
     let from_file =
         WorkerConfig::secret_from_lookup(lookup(vec![("WORKER_SECRET_FILE", path.clone())]))
             .unwrap()
@@ -1312,7 +1319,10 @@ fn the_secret_comes_from_the_variable_or_a_file() {
         "/nonexistent/secret".into(),
     )]))
     .unwrap_err();
-    assert!(missing.to_string().contains("/nonexistent/secret"), "{missing}");
+    assert!(
+        missing.to_string().contains("/nonexistent/secret"),
+        "{missing}"
+    );
     assert!(!format!("{from_var:?}").contains("abcdef"), "Debug redacts");
 }
 
@@ -1337,7 +1347,12 @@ async fn deleting_a_session_removes_its_whole_workspace_and_nothing_else() {
         std::fs::write(h.session_dir(s).join("files").join("notes.txt"), "x").unwrap();
     }
     let doomed = h.session_dir("doomed");
-    for f in ["SOUL.md", "AGENTS.md", "sessions/history.jsonl", "files/notes.txt"] {
+    for f in [
+        "SOUL.md",
+        "AGENTS.md",
+        "sessions/history.jsonl",
+        "files/notes.txt",
+    ] {
         assert!(doomed.join(f).exists(), "{f}");
     }
 
@@ -1348,7 +1363,9 @@ async fn deleting_a_session_removes_its_whole_workspace_and_nothing_else() {
     assert_eq!(status, StatusCode::CONFLICT);
     assert_error(&body, "conflict", "while a task runs");
     assert!(doomed.exists());
-    let (status, _) = h.call("POST", "/cancel", Some(json!({"task_id": task}))).await;
+    let (status, _) = h
+        .call("POST", "/cancel", Some(json!({"task_id": task})))
+        .await;
     assert_eq!(status, StatusCode::OK);
     running.rest().await;
     h.wait_idle().await;

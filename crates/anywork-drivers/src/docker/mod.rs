@@ -508,7 +508,11 @@ impl DockerDriver {
         let path = format!("{WORKSPACE_MOUNT}/{}", secret::SECRET_FILE);
         let mut stream = self.docker.download_from_container(
             id,
-            Some(DownloadFromContainerOptionsBuilder::new().path(&path).build()),
+            Some(
+                DownloadFromContainerOptionsBuilder::new()
+                    .path(&path)
+                    .build(),
+            ),
         );
         let mut tar = Vec::new();
         while let Some(chunk) = stream.next().await {
@@ -803,7 +807,7 @@ impl ContainerDriver for DockerDriver {
     }
 
     async fn is_healthy(&self, endpoint: &WorkerEndpoint) -> bool {
-        self.health.check(&endpoint).await.is_some()
+        self.health.check(endpoint).await.is_some()
     }
 
     async fn list(&self) -> Result<Vec<WorkerInfo>> {

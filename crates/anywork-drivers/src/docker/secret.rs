@@ -45,7 +45,11 @@ pub fn archive(files: &[(&str, &[u8])], user: &str) -> Vec<u8> {
         put(&mut header, 100, format!("{mode:07o}\0").as_bytes());
         put(&mut header, 108, format!("{uid:07o}\0").as_bytes());
         put(&mut header, 116, format!("{gid:07o}\0").as_bytes());
-        put(&mut header, 124, format!("{:011o}\0", content.len()).as_bytes());
+        put(
+            &mut header,
+            124,
+            format!("{:011o}\0", content.len()).as_bytes(),
+        );
         put(&mut header, 136, format!("{:011o}\0", 0).as_bytes());
         header[156] = b'0';
         put(&mut header, 257, b"ustar\x0000");
@@ -121,7 +125,12 @@ mod tests {
 
     #[test]
     fn keys_are_secret_names() {
-        for name in ["API_KEY", "ANTHROPIC_API_KEY", "GITHUB_TOKEN", "DB_PASSWORD"] {
+        for name in [
+            "API_KEY",
+            "ANTHROPIC_API_KEY",
+            "GITHUB_TOKEN",
+            "DB_PASSWORD",
+        ] {
             assert!(is_secret_name(name), "{name}");
         }
         for name in ["MODEL", "API_BASE_URL", "EXECUTOR", "RUST_LOG"] {

@@ -342,10 +342,7 @@ impl K8sDriver {
     }
 
     fn remember_secret(&self, session_id: &SessionId, secret: Option<WorkerSecret>) {
-        let mut known = self
-            .known_secrets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut known = self.known_secrets.lock().unwrap_or_else(|e| e.into_inner());
         match secret {
             Some(s) => known.insert(session_id.clone(), s),
             None => known.remove(session_id),
@@ -654,7 +651,7 @@ impl ContainerDriver for K8sDriver {
     }
 
     async fn is_healthy(&self, endpoint: &WorkerEndpoint) -> bool {
-        self.health.check(&endpoint).await.is_some()
+        self.health.check(endpoint).await.is_some()
     }
 
     async fn list(&self) -> Result<Vec<WorkerInfo>> {

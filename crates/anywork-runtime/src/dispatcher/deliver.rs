@@ -71,8 +71,7 @@ async fn push_outcome(
     let response = request.send().await.map_err(|e| {
         // A refused address or redirect will not pass on a retry.
         let chain = error_chain(&e);
-        let refused =
-            e.is_redirect() || chain.contains("requests may only reach public addresses");
+        let refused = e.is_redirect() || chain.contains("requests may only reach public addresses");
         let message = format!("push notification to {host}: {chain}");
         if refused {
             Error::invalid_input(message)

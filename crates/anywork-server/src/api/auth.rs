@@ -149,7 +149,11 @@ fn is_open(state: &AppState, path: &str) -> bool {
 }
 
 /// Middleware of [`api_router`](super::api_router): the token, then the JSON-only rule.
-pub(crate) async fn guard_api(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub(crate) async fn guard_api(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
     let path = request.uri().path().to_owned();
     if let Some(token) = &state.options().api_token
         && !is_open(&state, &path)
@@ -185,7 +189,12 @@ fn check_content_type(request: &Request) -> Option<Response> {
         .is_some_and(|v| v.trim() != "0")
         || headers.contains_key(header::TRANSFER_ENCODING);
     let json = |ct: &str| {
-        let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let essence = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         essence == "application/json"
             || (essence.starts_with("application/") && essence.ends_with("+json"))
     };
@@ -200,7 +209,9 @@ fn check_content_type(request: &Request) -> Option<Response> {
             format!(
                 "{} requests take a JSON body: send `Content-Type: application/json` (got {})",
                 request.method(),
-                content_type.as_deref().map_or("none".to_owned(), |c| format!("{c:?}"))
+                content_type
+                    .as_deref()
+                    .map_or("none".to_owned(), |c| format!("{c:?}"))
             ),
         )
     })
@@ -215,6 +226,7 @@ pub(crate) enum WsAccess {
 }
 
 /// The checks of `/ws` before the upgrade: `Origin`, then the token.
+#[allow(clippy::result_large_err)] // built once per connection, refused as it is
 pub(crate) fn check_ws(state: &AppState, headers: &HeaderMap) -> Result<WsAccess, Response> {
     if let Some(origin) = headers.get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
@@ -254,7 +266,10 @@ pub(crate) fn ws_auth_message(state: &AppState, text: &str) -> bool {
 /// `Origin` is this server's (same host and port as the `Host` header) or listed.
 fn origin_allowed(state: &AppState, origin: &str, headers: &HeaderMap) -> bool {
     let listed = &state.options().cors_origins;
-    if listed.iter().any(|o| o == "*" || o.trim_end_matches('/') == origin) {
+    if listed
+        .iter()
+        .any(|o| o == "*" || o.trim_end_matches('/') == origin)
+    {
         return true;
     }
     let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
