@@ -7,7 +7,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::event::{InputResponse, TaskEvent, WireEvent};
 use crate::ids::{SessionId, TaskId};
-use crate::spec::{McpServers, SkillSpec, deserialize_skills_any};
+use crate::spec::{McpServers, SkillSpec, deserialize_mcp_servers_any, deserialize_skills_any};
 
 /// A message from the browser.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,11 +29,13 @@ pub enum ClientMessage {
         )]
         skills: Vec<SkillSpec>,
         /// MCP servers for this task: names of the server's catalog, in any form
-        /// [`deserialize_mcp_servers_any`](crate::spec::deserialize_mcp_servers_any) takes.
+        /// [`deserialize_mcp_servers_any`](crate::spec::deserialize_mcp_servers_any) takes —
+        /// the original's list (`[{"name", "transport", …}]`), the map by name, `[]`, `{}` or
+        /// `null`.
         #[serde(
             default,
             skip_serializing_if = "McpServers::is_empty",
-            deserialize_with = "crate::spec::deserialize_mcp_servers_any"
+            deserialize_with = "deserialize_mcp_servers_any"
         )]
         mcp_servers: McpServers,
     },

@@ -201,6 +201,21 @@ impl Dispatcher {
         })
     }
 
+    /// What a request may ask for: MCP servers from the catalog (its own commands only when
+    /// allowed; its own HTTP servers and its push URL only where the outbound policy allows).
+    async fn admit(&self, request: &mut TaskRequest) -> Result<()> {
+        let config = &self.inner.config;
+        for (name, url) in config.mcp.admit(&mut request.mcp_servers)? {
+            crate::outbound::check_url(&config.outbound, &format!("MCP server {name:?}"), &url)
+                .await?;
+        }
+        if let Some(push) = &request.push_notification {
+            crate::outbound::check_url(&config.outbound, "push_notification.url", &push.url)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Replaces the request's skills given by name with the skills from the [`SkillSource`],
     /// and checks that the name-only default skills of its channel resolve too: an unknown
     /// or broken skill refuses the request before anything is stored.
@@ -241,21 +256,6 @@ impl Dispatcher {
         tokio::task::spawn_blocking(move || skills.catalog())
             .await
             .map_err(|e| Error::internal(format!("the skills listing stopped: {e}")))?
-    }
-
-    /// What a request may ask for: MCP servers from the catalog (its own commands only when
-    /// allowed; its own HTTP servers and its push URL only where the outbound policy allows).
-    async fn admit(&self, request: &mut TaskRequest) -> Result<()> {
-        let config = &self.inner.config;
-        for (name, url) in config.mcp.admit(&mut request.mcp_servers)? {
-            crate::outbound::check_url(&config.outbound, &format!("MCP server {name:?}"), &url)
-                .await?;
-        }
-        if let Some(push) = &request.push_notification {
-            crate::outbound::check_url(&config.outbound, "push_notification.url", &push.url)
-                .await?;
-        }
-        Ok(())
     }
 
     async fn resolve_session(&self, request: &TaskRequest) -> Result<(Session, bool)> {

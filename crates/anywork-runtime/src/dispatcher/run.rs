@@ -568,20 +568,6 @@ async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Resu
             mcp_servers.entry(name).or_insert(server);
         }
     }
-    // Default skills given by name are read now, so that a skill edited on disk is current.
-    let names: Vec<String> = skills
-        .iter()
-        .filter(|s| s.is_name_only())
-        .map(|s| s.name.clone())
-        .collect();
-    if !names.is_empty() {
-        let resolved = inner.resolve_skill_names(names).await?;
-        for skill in &mut skills {
-            if let Some(r) = resolved.iter().find(|r| r.name == skill.name) {
-                *skill = r.clone();
-            }
-        }
-    }
     // Catalog entries get their secrets now (never stored); the request's own HTTP servers
     // are checked again, as names may resolve differently by now.
     let config = &inner.config;
@@ -596,6 +582,20 @@ async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Resu
     let mcp_servers = config
         .mcp
         .resolve(&mcp_servers, &crate::outbound::read_secret)?;
+    // Default skills given by name are read now, so that a skill edited on disk is current.
+    let names: Vec<String> = skills
+        .iter()
+        .filter(|s| s.is_name_only())
+        .map(|s| s.name.clone())
+        .collect();
+    if !names.is_empty() {
+        let resolved = inner.resolve_skill_names(names).await?;
+        for skill in &mut skills {
+            if let Some(r) = resolved.iter().find(|r| r.name == skill.name) {
+                *skill = r.clone();
+            }
+        }
+    }
     let prepare = PrepareRequest {
         session_id: task.session_id.clone(),
         skills: Some(skills.into_iter().map(files_form).collect()),

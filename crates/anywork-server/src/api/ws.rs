@@ -387,6 +387,21 @@ impl Connection {
     }
 }
 
+fn rate_limited(state: &AppState) -> ServerMessage {
+    ServerMessage::Event {
+        session_id: None,
+        task_id: None,
+        seq: None,
+        event: anywork_core::TaskEvent::Error {
+            message: format!(
+                "too many messages: at most {} per second on one connection; this one was dropped, send it again later",
+                state.options().ws_messages_per_second
+            ),
+            code: Some("rate_limited".to_owned()),
+        },
+    }
+}
+
 /// What a client sent along with a message that identifies it: its `session_id` and its own
 /// `request_id`, echoed in a refusal.
 struct RequestContext {
@@ -415,21 +430,6 @@ impl RequestContext {
             code: code.to_owned(),
             message,
         }
-    }
-}
-
-fn rate_limited(state: &AppState) -> ServerMessage {
-    ServerMessage::Event {
-        session_id: None,
-        task_id: None,
-        seq: None,
-        event: anywork_core::TaskEvent::Error {
-            message: format!(
-                "too many messages: at most {} per second on one connection; this one was dropped, send it again later",
-                state.options().ws_messages_per_second
-            ),
-            code: Some("rate_limited".to_owned()),
-        },
     }
 }
 

@@ -129,7 +129,8 @@ impl TestServer {
         Self::start_custom_with(worker_url, setup, ApiOptions::default()).await
     }
 
-    async fn start_custom_with(
+    /// The server with its builder set up by `setup` and its own API options.
+    pub async fn start_custom_with(
         worker_url: &str,
         setup: impl FnOnce(DispatcherBuilder) -> DispatcherBuilder,
         options: ApiOptions,
