@@ -7,7 +7,6 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use anywork_core::McpCatalog;
 use anywork_runtime::{Backoff, DispatcherConfig, SkillsDir};
 use anywork_test::original_worker::{OriginalEvent, OriginalWorker, Script};
 use common::{TestServer, Ws};
@@ -27,24 +26,17 @@ fn skills_dir() -> tempfile::TempDir {
     dir
 }
 
-/// The server with `skills` as its SKILLS_DIR and an MCP catalog (MCP_SERVERS_FILE) holding
-/// the servers the original's clients below name: what an operator moving from the original
-/// sets up, since this server runs no command a request brings on its own.
+/// The server as an operator moving from the original runs it: skills from a folder, and the
+/// original's request-supplied MCP commands allowed on purpose (`ALLOW_REQUEST_MCP_COMMANDS=1`;
+/// by default a request may only name the server's catalog, see tests/attacks.rs).
 async fn server_with_skills(worker: &str, skills: &Path) -> TestServer {
     let skills = SkillsDir::new(skills);
     let mut config = DispatcherConfig::default();
-    config.mcp.catalog = McpCatalog::from_json(
-        &json!({
-            "github": {"command": "npx", "args": ["-y", "@modelcontextprotocol/server-github"],
-                       "env": {"GITHUB_TOKEN": "t"}},
-            "docs": {"type": "http", "url": "https://docs.example/mcp",
-                     "headers": {"Authorization": "Bearer x"}},
-            "calc": {"command": "python3", "args": ["calc.py"]},
-        })
-        .to_string(),
-    )
-    .unwrap();
-    TestServer::start_custom(worker, move |b| b.skills(skills).config(config)).await
+    config.mcp.allow_request_commands = true;
+    // The original's clients name HTTP servers this offline machine cannot resolve: an
+    // operator's allow-list entry (OUTBOUND_ALLOW) admits a host without resolving it.
+    config.outbound = anywork_core::OutboundPolicy::strict().allow_host("docs.example");
+    TestServer::start_custom(worker, move |b| b.config(config).skills(skills)).await
 }
 
 /// Messages up to the `done` of the chat just sent (after its `task_created`).
