@@ -28,7 +28,7 @@ const TOKEN: &str = "t0ken-for-the-attack-suite";
 /// run does not matter), with `options`.
 async fn server_with(config: DispatcherConfig, options: ApiOptions) -> TestServer {
     let url = format!("http://127.0.0.1:{}", free_port());
-    TestServer::start_full(&url, config, FirstWords, options).await
+    TestServer::start_with_options(&url, config, FirstWords, options).await
 }
 
 fn with_token() -> ApiOptions {
@@ -369,7 +369,8 @@ async fn request_supplied_mcp_commands_are_refused_and_catalog_names_work() {
         allow_request_commands: false,
     };
     let server =
-        TestServer::start_full(&worker.url, config, FirstWords, ApiOptions::default()).await;
+        TestServer::start_with_options(&worker.url, config, FirstWords, ApiOptions::default())
+            .await;
 
     // The attack of the issue, over REST (map and list forms) and over the WebSocket.
     for servers in [

@@ -3,7 +3,7 @@
 //! | method and path | body | answer |
 //! | --- | --- | --- |
 //! | `GET /health` | | `{"status":"ok","version","executor","busy_sessions":[..],"sandbox"}` |
-//! | `POST /prepare` | `{session_id, skills?, mcp_servers?, soul?}` | `{"status":"ready"}` |
+//! | `POST /prepare` | `{session_id, skills?, mcp_servers?, soul?, repository?: {url, git_ref?, dir, token?}}` (the repository is fetched shallowly into `dir` and checked out, each time) | `{"status":"ready"}` |
 //! | `POST /chat` | `{task_id, session_id, message}` | `text/event-stream` of [`TaskEvent`](anywork_core::TaskEvent)s |
 //! | `POST /cancel` | `{task_id}` | `{"status": <final status>, "task_id"}`, or 202 `canceling` |
 //! | `POST /input` | `{task_id, request_id, answer?, allow?}` | `{"status":"accepted"}` |
@@ -153,7 +153,11 @@ async fn prepare(
     JsonBody(body): JsonBody<PrepareRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let workspace = state.workspace().clone();
-    blocking(move || {
+    let repository = body.repository;
+    if let Some(r) = &repository {
+        r.validate()?;
+    }
+    let dir = blocking(move || {
         workspace.prepare(
             &body.session_id,
             &body.skills.unwrap_or_default(),
@@ -162,6 +166,9 @@ async fn prepare(
         )
     })
     .await?;
+    if let Some(repo) = repository {
+        crate::git::checkout(&dir, &repo).await?;
+    }
     Ok(Json(json!({ "status": "ready" })))
 }
 

@@ -12,6 +12,7 @@ use anywork_core::{
 };
 use tokio::sync::Semaphore;
 
+use super::outbox::{OutboxConfig, delivery_loop};
 use super::retry::Backoff;
 use super::upkeep::{reap_loop, recovery_loop};
 use super::{Dispatcher, Inner};
@@ -53,6 +54,8 @@ pub struct DispatcherConfig {
     /// Which MCP servers a request may ask for: entries of the operator's catalog, and its
     /// own stdio commands only when allowed. Default: an empty catalog, no commands.
     pub mcp: McpAccess,
+    /// How the outbox sends channel deliveries and push notifications.
+    pub outbox: OutboxConfig,
 }
 
 impl Default for DispatcherConfig {
@@ -69,6 +72,7 @@ impl Default for DispatcherConfig {
             reap_every: Some(Duration::from_secs(30)),
             outbound: OutboundPolicy::strict(),
             mcp: McpAccess::default(),
+            outbox: OutboxConfig::default(),
         }
     }
 }
@@ -82,6 +86,7 @@ pub struct DispatcherBuilder {
     channels: HashMap<String, Arc<dyn Channel>>,
     titles: Arc<dyn TitleGenerator>,
     skills: Arc<dyn SkillSource>,
+    push_secret: Option<String>,
 }
 
 impl std::fmt::Debug for DispatcherBuilder {
@@ -107,6 +112,7 @@ impl Dispatcher {
             channels: HashMap::new(),
             titles: Arc::new(FirstWords),
             skills: Arc::new(NoSkills),
+            push_secret: None,
         }
     }
 }
@@ -125,6 +131,15 @@ impl DispatcherBuilder {
         self
     }
 
+    /// Signs push notifications with `secret`: `X-AnyWork-Timestamp` and
+    /// `X-AnyWork-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">`, the scheme
+    /// the generic webhook checks. Without it pushes go unsigned (their `Authorization`
+    /// header, if the task gave one, still goes).
+    pub fn push_signing_secret(mut self, secret: impl Into<String>) -> Self {
+        self.push_secret = Some(secret.into()).filter(|s: &String| !s.is_empty());
+        self
+    }
+
     /// Sets how session titles are made (default: [`FirstWords`]).
     pub fn titles(mut self, titles: impl TitleGenerator) -> Self {
         self.titles = Arc::new(titles);
@@ -138,8 +153,9 @@ impl DispatcherBuilder {
         self
     }
 
-    /// Starts the dispatcher: its background recovery loop, and the tasks a previous run left
-    /// pending are queued again. Needs a Tokio runtime.
+    /// Starts the dispatcher: its background loops (lease recovery, the outbox sender, the
+    /// idle-worker reaper), and the tasks a previous run left pending are queued again (the
+    /// deliveries it left are sent by the outbox sender). Needs a Tokio runtime.
     pub async fn start(self) -> Result<Dispatcher> {
         let client = WorkerClient::new(self.config.control_timeout)?;
         let http =
@@ -162,11 +178,16 @@ impl DispatcherBuilder {
                 runs: Mutex::new(HashMap::new()),
                 closing: AtomicBool::new(false),
                 stopped: AtomicBool::new(false),
+                hooks: Default::default(),
+                outbox_wake: Arc::new(tokio::sync::Notify::new()),
+                push_secret: self.push_secret,
+                answered: Mutex::new(Default::default()),
             }),
         };
         dispatcher.requeue_pending().await?;
         dispatcher.recover_expired().await;
         tokio::spawn(recovery_loop(Arc::downgrade(&dispatcher.inner)));
+        tokio::spawn(delivery_loop(Arc::downgrade(&dispatcher.inner)));
         if let Some(every) = dispatcher.inner.config.reap_every {
             tokio::spawn(reap_loop(Arc::downgrade(&dispatcher.inner), every));
         }

@@ -56,6 +56,7 @@ async fn run_task(inner: &Arc<Inner>, task: Task) -> Result<()> {
         control: rx,
         cancel_acks: Vec::new(),
         started: Instant::now(),
+        answer: String::new(),
     };
     let result = run.execute().await;
     lock(&inner.runs).remove(&task_id);
@@ -77,6 +78,8 @@ struct Run {
     control: mpsc::Receiver<Control>,
     cancel_acks: Vec<oneshot::Sender<()>>,
     started: Instant,
+    /// The assistant's text since the run started (what `on_progress` shows).
+    answer: String,
 }
 
 /// Why the run stops before the worker's `done`.
@@ -171,6 +174,11 @@ impl Failure {
 }
 
 impl Run {
+    /// The task's channel, when one of its type is registered.
+    fn channel(&self) -> Option<Arc<dyn anywork_core::Channel>> {
+        self.inner.channels.get(&self.task.channel_type).cloned()
+    }
+
     fn deadline(&self) -> tokio::time::Instant {
         tokio::time::Instant::from_std(self.started + self.inner.config.task_timeout)
     }
@@ -196,10 +204,15 @@ impl Run {
         }];
         match self
             .inner
-            .transition(&self.task, TaskStatus::Pending, change, running)
+            .transition_and_enqueue(&self.task, TaskStatus::Pending, change, running)
             .await
         {
-            Ok(t) => self.task = t,
+            Ok(t) => {
+                self.task = t;
+                if let Some(channel) = self.channel() {
+                    self.inner.hooks.started(&channel, &self.task);
+                }
+            }
             // Canceled meanwhile, or another server took it.
             Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidTransition) => {
                 return Ok(());
@@ -353,11 +366,31 @@ impl Run {
                         Some(TaskEvent::Done(_)) => match batch.pop() { Some(TaskEvent::Done(o)) => Some(o), _ => None },
                         _ => None,
                     };
-                    let asks = batch.iter().any(|e| matches!(e, TaskEvent::InputRequired(_)));
-                    if asks && self.status == TaskStatus::Running {
+                    let asks: Vec<_> = batch
+                        .iter()
+                        .filter_map(|e| match e {
+                            TaskEvent::InputRequired(r) => Some(r.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    let before = self.answer.len();
+                    for e in &batch {
+                        if let TaskEvent::Text { text } = e {
+                            self.answer.push_str(text);
+                        }
+                    }
+                    if !asks.is_empty() && self.status == TaskStatus::Running {
                         self.set_status(TaskStatus::InputRequired, batch).await?;
                     } else {
                         self.record(batch).await?;
+                    }
+                    if let Some(channel) = self.channel() {
+                        if self.answer.len() > before {
+                            self.inner.hooks.progress(&channel, &self.task, &self.answer);
+                        }
+                        for request in &asks {
+                            self.inner.hooks.input_required(&channel, &self.task, request);
+                        }
                     }
                     if let Some(outcome) = done {
                         match stopping.take() {
@@ -433,7 +466,7 @@ impl Run {
             TaskChange::to(status).lease(self.inner.config.owner.clone(), self.lease_expiry());
         self.task = self
             .inner
-            .transition(&self.task, self.status, change, events)
+            .transition_and_enqueue(&self.task, self.status, change, events)
             .await?;
         self.status = status;
         Ok(())
@@ -477,7 +510,7 @@ impl Run {
         }
         let task = match self
             .inner
-            .transition(
+            .transition_and_enqueue(
                 &self.task,
                 self.status,
                 TaskChange::finish(outcome.clone()),
@@ -496,7 +529,7 @@ impl Run {
             Err(e) => return Err(e),
         };
         self.task = task;
-        self.inner.after_finish(&self.task, outcome).await;
+        self.inner.after_finish(&self.task);
         Ok(())
     }
 }
@@ -557,7 +590,12 @@ fn files_form(mut skill: SkillSpec) -> SkillSpec {
 async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Result<ChatStream> {
     let mut skills = task.skills.clone();
     let mut mcp_servers = task.mcp_servers.clone();
+    let mut repository = None;
     if let Some(channel) = inner.channels.get(&task.channel_type) {
+        repository = channel.workspace_repository(task).await?;
+        if let Some(r) = &repository {
+            r.validate()?;
+        }
         let defaults = channel.defaults();
         for skill in defaults.skills {
             if !skills.iter().any(|s| s.name == skill.name) {
@@ -596,11 +634,23 @@ async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Resu
             }
         }
     }
+    let mut message = task.message.clone();
+    if let Some(r) = &repository {
+        message.push_str(&format!(
+            "\n\n(The repository is checked out in the folder `{}` of your working directory{}.)",
+            r.dir,
+            r.git_ref
+                .as_deref()
+                .map(|g| format!(", at `{g}`"))
+                .unwrap_or_default()
+        ));
+    }
     let prepare = PrepareRequest {
         session_id: task.session_id.clone(),
         skills: Some(skills.into_iter().map(files_form).collect()),
         mcp_servers: Some(mcp_servers),
         soul: None,
+        repository,
     };
     retry(&inner.config.retry, || {
         inner.client.prepare(worker, &prepare)
@@ -609,7 +659,7 @@ async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Resu
     let chat = ChatRequest {
         task_id: task.id,
         session_id: task.session_id.clone(),
-        message: task.message.clone(),
+        message,
     };
     retry(&inner.config.retry, || inner.client.chat(worker, &chat)).await
 }

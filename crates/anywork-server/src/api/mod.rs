@@ -44,6 +44,9 @@ pub struct ApiOptions {
     pub cors_origins: Vec<String>,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
+    /// Largest body of a channel event (`POST /api/channel/:type/webhook`), in bytes; a
+    /// larger one is refused with 413 before any channel reads it.
+    pub channel_max_body_bytes: usize,
     /// Longest long-poll of `/api/tasks/:id/logs?wait=`.
     pub max_wait: Duration,
     /// The API token every route but the open ones requires (see [`auth`]); `None`: no token.
@@ -69,6 +72,7 @@ impl Default for ApiOptions {
             demo: false,
             cors_origins: Vec::new(),
             max_body_bytes: 2 * 1024 * 1024,
+            channel_max_body_bytes: 1024 * 1024,
             max_wait: Duration::from_secs(30),
             api_token: None,
             protect_health: false,
@@ -212,7 +216,8 @@ pub fn api_router(state: AppState) -> Router {
         .route("/api/tasks/{id}/logs", get(rest::task_logs))
         .route("/api/tasks/{id}/cancel", post(rest::cancel_task))
         .route("/api/tasks/{id}/input", post(rest::answer_task))
-        .route("/api/channel/{type}/webhook", post(rest::channel_webhook))
+        .route("/api/deliveries", get(rest::list_deliveries))
+        .route("/api/deliveries/{id}/retry", post(rest::retry_delivery))
         .route(
             "/api/workspace/{file}",
             get(rest::get_workspace_doc).put(rest::put_workspace_doc),
@@ -225,7 +230,15 @@ pub fn api_router(state: AppState) -> Router {
             state.clone(),
             auth::guard_api,
         ));
-    anywork_http::limit_body(api, limit).with_state(state)
+    // The channel endpoint reads its body itself, with its own limit; channels verify their
+    // senders themselves (signatures), not with the API token.
+    let channels = Router::new()
+        .route("/api/channel/{type}/webhook", post(rest::channel_webhook))
+        .method_not_allowed_fallback(anywork_http::method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    anywork_http::limit_body(api, limit)
+        .merge(channels)
+        .with_state(state)
 }
 
 /// The WebSocket endpoint `/ws` (chat, follow, resume, cancel, input answers).

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use anywork_core::{
-    Error, InboundRequest, InputResponse, NewSession, Page, PushNotification, SessionId, SkillSpec,
-    TaskId, TaskRequest, WireTask,
+    DeliveryId, DeliveryStatus, Error, InboundRequest, InputResponse, NewSession, Page,
+    PushNotification, SessionId, SkillSpec, TaskId, TaskRequest, WireTask,
     spec::{McpServers, deserialize_mcp_servers_any, deserialize_skills_any},
 };
 use anywork_http::{ApiError, JsonBody, PathParam, QueryParams};
@@ -298,18 +298,59 @@ pub(crate) async fn answer_task(
     Ok(Json(json!({"ok": true})))
 }
 
+/// `POST /api/channel/:type/webhook`. The body is read here, up to
+/// [`ApiOptions::channel_max_body_bytes`](super::ApiOptions), so that an oversized one is
+/// refused (413) before any channel sees it; then the channel verifies it (401) and parses
+/// it (400). Nothing of the body or its headers is logged.
 pub(crate) async fn channel_webhook(
     State(state): State<AppState>,
     PathParam(channel_type): PathParam<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> ApiResult<Response> {
+    if state.dispatcher().channel(&channel_type).is_none() {
+        return Err(Error::not_found(format!(
+            "no channel of type {:?} is configured",
+            channel_type.chars().take(64).collect::<String>()
+        ))
+        .into());
+    }
+    let limit = state.options().channel_max_body_bytes;
+    let too_large = || {
+        ApiError::with_status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Error::invalid_input(format!(
+                "the request body is larger than the channel limit of {limit} bytes"
+            )),
+        )
+    };
+    if headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > limit)
+    {
+        return Err(too_large());
+    }
+    let mut chunks = body.into_data_stream();
+    let mut body = Vec::new();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::from(Error::invalid_input(format!(
+                "the request body could not be read: {e}"
+            )))
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
     let request = InboundRequest::new(
         headers
             .iter()
             .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
             .collect(),
-        body.to_vec(),
+        body,
     );
     match state.dispatcher().inbound(&channel_type, request).await? {
         InboundOutcome::Submitted(submitted) => Ok((
@@ -317,11 +358,55 @@ pub(crate) async fn channel_webhook(
             Json(json!({"taskId": submitted.task.id, "sessionId": submitted.task.session_id})),
         )
             .into_response()),
+        InboundOutcome::Answered { task } => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"taskId": task.id, "sessionId": task.session_id, "answered": true})),
+        )
+            .into_response()),
+        InboundOutcome::Responded(body) => Ok(Json(body).into_response()),
         InboundOutcome::Skipped { reason } => {
             Ok(Json(json!({"ok": true, "skipped": true, "reason": reason})).into_response())
         }
         other => Err(Error::internal(format!("unexpected inbound outcome {other:?}")).into()),
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DeliveriesQuery {
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    limit: Option<u32>,
+    #[serde(default)]
+    offset: Option<u32>,
+}
+
+/// `GET /api/deliveries?status=pending|failed|sent|dead&limit=&offset=`: the outbox, oldest
+/// first, secrets redacted.
+pub(crate) async fn list_deliveries(
+    State(state): State<AppState>,
+    QueryParams(q): QueryParams<DeliveriesQuery>,
+) -> ApiResult {
+    let status = match q.status.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        Some(s) => Some(s.parse::<DeliveryStatus>()?),
+        None => None,
+    };
+    let page = Page {
+        limit: q.limit.unwrap_or(100).clamp(1, 500),
+        offset: q.offset.unwrap_or(0),
+    };
+    let list = state.dispatcher().deliveries(status, page).await?;
+    Ok(Json(json!({"deliveries": list})))
+}
+
+/// `POST /api/deliveries/:id/retry`: a dead delivery is sent again with a fresh budget.
+pub(crate) async fn retry_delivery(
+    State(state): State<AppState>,
+    PathParam(id): PathParam<DeliveryId>,
+) -> ApiResult {
+    let delivery = state.dispatcher().retry_delivery(id).await?;
+    Ok(Json(json!(delivery)))
 }
 
 pub(crate) async fn get_workspace_doc(

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use anywork_core::worker_api::WorkerSecret;
-use anywork_core::{ContainerDriver, TaskStore};
+use anywork_core::{Channel, ContainerDriver, TaskStore};
 use anywork_runtime::{Dispatcher, DispatcherConfig, FirstWords, ModelTitles, TitleGenerator};
 use anywork_server::{ApiOptions, ApiToken, AppState};
 use clap::Parser;
@@ -129,6 +129,21 @@ pub struct Config {
     /// Open WebSocket connections per client address (0: no limit).
     #[arg(long, env = "WS_MAX_CONNECTIONS_PER_CLIENT", default_value_t = 32)]
     pub ws_max_connections_per_client: usize,
+    /// Shipped channels to leave off, comma-separated (`webhook`, `github`, `slack`). The
+    /// webhook is on by default; GitHub and Slack are on once their variables are set
+    /// (GITHUB_*, SLACK_*; see docs/channels.md).
+    #[arg(long, env = "DISABLED_CHANNELS", default_value = "")]
+    pub disabled_channels: String,
+    /// Largest body of a channel event, in bytes (larger ones: 413).
+    #[arg(long, env = "CHANNEL_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub channel_max_body_bytes: usize,
+    /// Key that push notifications (webhook `callback_url`, `push_notification`) are signed
+    /// with (X-AnyWork-Signature); default: WEBHOOK_SECRET.
+    #[arg(long, env = "PUSH_SIGNING_SECRET", hide_env_values = true)]
+    pub push_signing_secret: Option<String>,
+    /// Attempts of a delivery (a channel answer, a push) before it is dead.
+    #[arg(long, env = "DELIVERY_MAX_ATTEMPTS", default_value_t = 8)]
+    pub delivery_max_attempts: u32,
 }
 
 /// A built server: the API state and, with the local driver, the worker it runs.
@@ -242,6 +257,8 @@ impl Config {
             .then(|| Duration::from_secs(self.reap_interval_seconds));
         config.outbound = outbound;
         config.mcp = mcp;
+        config.outbox.max_attempts = self.delivery_max_attempts.max(1);
+        let env = |name: &str| std::env::var(name).ok();
         let mut builder = Dispatcher::builder(store, driver)
             .config(config)
             .titles(self.titles()?);
@@ -251,6 +268,17 @@ impl Config {
             .filter(|d| !d.as_os_str().is_empty())
         {
             builder = builder.skills(anywork_runtime::SkillsDir::new(dir));
+        }
+        for channel in self.channels(env)? {
+            builder = builder.channel(channel);
+        }
+        let push_secret = self
+            .push_signing_secret
+            .clone()
+            .or_else(|| env("WEBHOOK_SECRET"))
+            .filter(|s| !s.trim().is_empty());
+        if let Some(secret) = push_secret {
+            builder = builder.push_signing_secret(secret);
         }
         let dispatcher = builder
             .start()
@@ -264,6 +292,7 @@ impl Config {
         options.max_channel_meta_bytes = self.max_channel_meta_bytes;
         options.ws_messages_per_second = self.ws_messages_per_second;
         options.max_ws_per_client = self.ws_max_connections_per_client;
+        options.channel_max_body_bytes = self.channel_max_body_bytes.max(1);
         options.cors_origins = self
             .cors_origins
             .split(',')
@@ -315,6 +344,56 @@ impl Config {
             );
         }
         Ok(access)
+    }
+
+    /// The shipped channels that are on: the webhook unless disabled (with a warning when it
+    /// is open), GitHub and Slack when configured and not disabled. `var` reads a variable.
+    pub fn channels(
+        &self,
+        var: impl Fn(&str) -> Option<String> + Copy,
+    ) -> anyhow::Result<Vec<Arc<dyn Channel>>> {
+        use anywork_channels::{github, slack, webhook};
+        let mut off = Vec::new();
+        for name in self.disabled_channels.split(',').map(str::trim) {
+            match name.to_ascii_lowercase().as_str() {
+                "" => {}
+                n @ ("webhook" | "github" | "slack") => off.push(n.to_owned()),
+                other => bail!(
+                    "DISABLED_CHANNELS names {other:?}, which is not a channel: use webhook, \
+                     github and/or slack"
+                ),
+            }
+        }
+        let on = |name: &str| !off.iter().any(|o| o == name);
+        let limit = self.channel_max_body_bytes.max(1);
+        let mut channels: Vec<Arc<dyn Channel>> = Vec::new();
+        if on(webhook::CHANNEL_TYPE) {
+            let mut config = webhook::WebhookConfig::from_lookup(var)?;
+            config.max_body_bytes = limit;
+            let channel = webhook::WebhookChannel::new(config);
+            if channel.is_open() {
+                tracing::warn!(
+                    "the generic webhook (/api/channel/webhook/webhook) is open: anyone who \
+                     reaches it can run tasks. Set WEBHOOK_SECRET, or DISABLED_CHANNELS=webhook"
+                );
+            }
+            channels.push(Arc::new(channel));
+        }
+        if on(github::CHANNEL_TYPE)
+            && let Some(mut config) = github::GithubConfig::from_lookup(var)?
+        {
+            config.max_body_bytes = limit;
+            tracing::info!(trigger = %config.trigger, api = %config.api_url, "GitHub channel on");
+            channels.push(Arc::new(github::GithubChannel::new(config)));
+        }
+        if on(slack::CHANNEL_TYPE)
+            && let Some(mut config) = slack::SlackConfig::from_lookup(var)?
+        {
+            config.max_body_bytes = limit;
+            tracing::info!(api = %config.api_url, "Slack channel on");
+            channels.push(Arc::new(slack::SlackChannel::new(config)));
+        }
+        Ok(channels)
     }
 
     async fn store(&self) -> anyhow::Result<Arc<dyn TaskStore>> {
