@@ -622,6 +622,46 @@ mod tests {
         assert!(err.message().contains("K8S_WORKER_IMAGE"), "{err}");
     }
 
+    #[tokio::test]
+    async fn webhook_secret_guards_the_generic_webhook_as_in_the_original() {
+        let config = parse(&[]);
+        let channels = config
+            .channels(|name| (name == "WEBHOOK_SECRET").then(|| "s3cret".to_owned()))
+            .unwrap();
+        let webhook = channels
+            .iter()
+            .find(|c| c.channel_type() == "webhook")
+            .expect("the webhook is on by default");
+        // The original's body, with its list of MCP servers and skills by name.
+        let body = serde_json::json!({"message": "review PR 7", "session_id": "wh-1",
+            "skills": ["code-review"],
+            "mcp_servers": [{"name": "docs", "transport": "http", "url": "https://d.example/mcp"}]})
+        .to_string();
+        let unsigned = anywork_core::InboundRequest::new(Vec::new(), body.clone());
+        let err = webhook.parse(unsigned).await.unwrap_err();
+        assert_eq!(err.kind(), anywork_core::ErrorKind::Unauthorized, "{err}");
+        let wrong = anywork_core::InboundRequest::new(Vec::new(), body.clone())
+            .with_header("x-webhook-secret", "nope");
+        assert!(webhook.parse(wrong).await.is_err());
+        let signed = anywork_core::InboundRequest::new(Vec::new(), body)
+            .with_header("x-webhook-secret", "s3cret");
+        let anywork_core::Inbound::Task(task) = webhook.parse(signed).await.unwrap() else {
+            panic!("not a task")
+        };
+        assert_eq!(task.message, "review PR 7");
+        assert_eq!(task.unresolved_skills(), ["code-review"]);
+        assert!(task.mcp_servers.contains_key("docs"));
+        // Without WEBHOOK_SECRET the webhook is open, as the original's was (with a warning).
+        let open = parse(&[]).channels(|_| None).unwrap();
+        let open = open.iter().find(|c| c.channel_type() == "webhook").unwrap();
+        let body = serde_json::json!({"message": "hi"}).to_string();
+        assert!(
+            open.parse(anywork_core::InboundRequest::new(Vec::new(), body))
+                .await
+                .is_ok()
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_originals_settings_build_the_server_they_describe() {
         let fake = FakeLlm::start().await;
