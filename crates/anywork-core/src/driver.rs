@@ -49,6 +49,39 @@ pub struct WorkerInfo {
     pub healthy: bool,
 }
 
+/// One finding of a driver's set-up check ([`ContainerDriver::check_setup`]): what was
+/// looked at, whether it is fine, and for people what was found or what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SetupCheck {
+    /// What was checked: `engine`, `image`, `model`, `cluster`, `worker`, …
+    pub name: String,
+    /// Whether it is fine.
+    pub ok: bool,
+    /// What was found; for a problem, what to do about it.
+    pub message: String,
+}
+
+impl SetupCheck {
+    /// `name` is fine: `message` says what was found.
+    pub fn ok(name: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            ok: true,
+            message: message.into(),
+        }
+    }
+
+    /// `name` is a problem: `message` says what to fix.
+    pub fn problem(name: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            ok: false,
+            message: message.into(),
+        }
+    }
+}
+
 /// Gives each session a worker: a fixed URL, a container, or a pod.
 ///
 /// Errors: `Unavailable` when the engine or API cannot be reached, `RateLimited` on a quota,
@@ -87,6 +120,14 @@ pub trait ContainerDriver: Send + Sync + 'static {
 
     /// The workers this driver knows, including ones adopted after a restart.
     async fn list(&self) -> Result<Vec<WorkerInfo>>;
+
+    /// Looks at what the driver needs before a first task (its engine or cluster answers,
+    /// the worker image is there, a model is configured for the workers, …) and says what
+    /// is missing. Called at start-up, for the log and the UI; never fails: an unreachable
+    /// backend is a finding. The default finds nothing to check.
+    async fn check_setup(&self) -> Vec<SetupCheck> {
+        Vec::new()
+    }
 
     /// Stops the workers nobody asked for (through [`get_worker`](Self::get_worker)) for
     /// longer than the driver's idle TTL — except those of the `busy` sessions (a task running

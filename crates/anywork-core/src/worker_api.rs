@@ -29,6 +29,11 @@ use crate::spec::{McpServers, SkillSpec};
 pub const PREPARE_PATH: &str = "/prepare";
 /// Path of [`ChatRequest`].
 pub const CHAT_PATH: &str = "/chat";
+/// `GET` with `?task_id=&after_seq=`: a running (or just ended) task's events after the
+/// worker's seq `after_seq`, as the `/chat` stream sends them (each SSE event's `id` is its
+/// seq, from 1), for a server that lost its `/chat` stream and comes back. 404 when the worker
+/// does not have the task.
+pub const ATTACH_PATH: &str = "/chat/attach";
 /// Path of [`CancelRequest`].
 pub const CANCEL_PATH: &str = "/cancel";
 /// Path of [`InputAnswer`].
@@ -97,6 +102,29 @@ impl fmt::Debug for WorkerSecret {
     }
 }
 
+/// Largest file uploaded into a session's `files/` through the worker API (25 MiB).
+pub const MAX_UPLOAD_BYTES: usize = 25 * 1024 * 1024;
+
+/// The default `SOUL.md` (who the agent is) of a workspace, until someone edits it.
+pub const DEFAULT_SOUL: &str = "\
+# Soul
+
+You are a capable, careful assistant working inside a private workspace.
+
+- Be helpful and direct. Answer the question that was asked; say so when you are unsure.
+- Work in the `files/` folder of your workspace unless you are told otherwise.
+- Before doing anything destructive or irreversible, explain what you are about to do.
+- Keep the user informed of progress on long tasks, and finish with a short summary.
+";
+
+/// The default `AGENTS.md` (how the agent works) of a workspace, until someone edits it.
+pub const DEFAULT_AGENTS: &str = "\
+# Agents
+
+Instructions for agents working in this workspace. Edit this file to add project
+conventions, commands to run and rules to follow.
+";
+
 /// Sets up a session's workspace before a run. Replaces what the previous call set up.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -112,6 +140,13 @@ pub struct PrepareRequest {
     /// Replaces the session's `SOUL.md` when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub soul: Option<String>,
+    /// The `SOUL.md` a new session starts with (the server's default), in place of the
+    /// worker's own; a session that has one keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_soul: Option<String>,
+    /// The `AGENTS.md` a new session starts with, likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_agents: Option<String>,
     /// A git repository to check out (or refresh) in the session's workspace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repository: Option<RepoCheckout>,

@@ -15,8 +15,8 @@ use crate::spec::{McpServers, SkillSpec, deserialize_mcp_servers_any, deserializ
 pub enum ClientMessage {
     /// Send a message; without `session_id` a new session is made.
     Chat {
-        /// Session to continue.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        /// Session to continue (`sessionId` is taken too, as the REST answers spell it).
+        #[serde(default, alias = "sessionId", skip_serializing_if = "Option::is_none")]
         session_id: Option<SessionId>,
         /// The text.
         message: String,
@@ -44,19 +44,22 @@ pub enum ClientMessage {
     /// After a reconnect: replay a task's events after `after_seq`, then follow it live.
     Resume {
         /// The task to follow.
+        #[serde(alias = "taskId")]
         task_id: TaskId,
         /// The last seq the client saw (0 for all).
-        #[serde(default)]
+        #[serde(default, alias = "afterSeq")]
         after_seq: u64,
     },
     /// Cancel a task.
     Cancel {
         /// The task.
+        #[serde(alias = "taskId")]
         task_id: TaskId,
     },
     /// Answer an `input_required` event.
     InputResponse {
         /// The waiting task.
+        #[serde(alias = "taskId")]
         task_id: TaskId,
         /// The answer.
         #[serde(flatten)]

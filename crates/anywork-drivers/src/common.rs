@@ -167,6 +167,35 @@ impl HealthCheck {
     }
 }
 
+/// Whether the workers' environment names a model: a key for the Claude Code or native
+/// executor (`ANTHROPIC_API_KEY`, `API_KEY`, …) or the built-in demo. `where_to_set` tells
+/// where the variables come from for this driver.
+pub fn model_setup<'a>(
+    vars: impl IntoIterator<Item = &'a str>,
+    where_to_set: &str,
+) -> anywork_core::SetupCheck {
+    const KEYS: [&str; 5] = [
+        "ANTHROPIC_API_KEY",
+        "API_KEY",
+        "ANTHROPIC_AUTH_TOKEN",
+        "CLAUDE_CODE_OAUTH_TOKEN",
+        "DEMO",
+    ];
+    let found: Vec<&str> = vars.into_iter().filter(|v| KEYS.contains(v)).collect();
+    if found.is_empty() {
+        anywork_core::SetupCheck::problem(
+            "model",
+            format!(
+                "no model is configured for the workers: every task will fail. Set \
+                 ANTHROPIC_API_KEY (Claude Code or the native executor), or API_KEY with \
+                 API_BASE_URL and MODEL (any OpenAI-compatible API), {where_to_set}"
+            ),
+        )
+    } else {
+        anywork_core::SetupCheck::ok("model", format!("workers get {}", found.join(", ")))
+    }
+}
+
 /// `DELETE /sessions/:id` on the worker at `endpoint` (with its secret): the worker deletes
 /// the session's whole workspace. `Conflict` while a task runs in it, `NotFound` when the worker
 /// has no such route, `Unauthorized` when it refuses the secret.

@@ -5,9 +5,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anywork_core::worker_api::WorkerSecret;
+use anywork_core::worker_api::{SECRET_HEADER, WorkerSecret};
 use anywork_core::{
-    ContainerDriver, Error, ErrorKind, Result, SessionId, WorkerEndpoint, WorkerInfo,
+    ContainerDriver, Error, ErrorKind, Result, SessionId, SetupCheck, WorkerEndpoint, WorkerInfo,
+    worker_api::WorkerHealth,
 };
 use async_trait::async_trait;
 
@@ -147,6 +148,47 @@ impl ContainerDriver for StaticDriver {
             *self.healthy_at.lock().unwrap_or_else(|e| e.into_inner()) = healthy.then(Instant::now);
         }
         healthy
+    }
+
+    /// The worker answers `/health` (and says which executor it runs, when it takes the
+    /// secret).
+    async fn check_setup(&self) -> Vec<SetupCheck> {
+        let url = &self.endpoint.base_url;
+        let mut request = self.client.get(format!("{url}/health"));
+        if let Some(secret) = &self.endpoint.secret {
+            request = request.header(SECRET_HEADER, secret.expose());
+        }
+        let health = match request.send().await {
+            // Answered; the executor is told with the secret only.
+            Ok(r) if r.status().is_success() => {
+                Some(r.json::<WorkerHealth>().await.ok().map(|h| h.executor))
+            }
+            _ => None,
+        };
+        let (what, fix) = if self.name == "static" {
+            (
+                format!("the worker at {url}"),
+                "start it, or fix STATIC_WORKER_URL",
+            )
+        } else {
+            (
+                "the worker".to_owned(),
+                "see the server log, or restart the server",
+            )
+        };
+        vec![match health {
+            Some(h) => SetupCheck::ok(
+                "worker",
+                match h {
+                    Some(executor) => format!("{what} answers (executor {executor})"),
+                    None => format!("{what} answers"),
+                },
+            ),
+            None => SetupCheck::problem(
+                "worker",
+                format!("{what} does not answer GET /health: {fix}"),
+            ),
+        }]
     }
 
     async fn list(&self) -> Result<Vec<WorkerInfo>> {

@@ -407,6 +407,37 @@ async fn a_missing_image_is_not_found_with_how_to_build_it() {
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
     assert!(e.to_string().contains(&config.image), "{e}");
     assert!(e.to_string().contains("build-worker-image.sh"), "{e}");
+
+    // The set-up check finds it before any task: the engine answers, the image is missing.
+    let checks = driver.check_setup().await;
+    let by_name = |n: &str| checks.iter().find(|c| c.name == n).cloned().unwrap();
+    assert!(by_name("engine").ok, "{checks:?}");
+    let image = by_name("image");
+    assert!(!image.ok, "{checks:?}");
+    assert!(image.message.contains(&config.image), "{image:?}");
+    assert!(image.message.contains("build-worker-image.sh"), "{image:?}");
+    assert!(
+        by_name("model").ok,
+        "the pool's workers get API_KEY: {checks:?}"
+    );
+
+    // With the image there and no model for the workers, the model is what is missing.
+    let mut config = pool.config("http://127.0.0.1:9/v1");
+    config.env.clear();
+    let checks = DockerDriver::connect(config)
+        .await
+        .unwrap()
+        .check_setup()
+        .await;
+    assert!(
+        checks.iter().find(|c| c.name == "image").unwrap().ok,
+        "{checks:?}"
+    );
+    let model = checks.iter().find(|c| c.name == "model").unwrap();
+    assert!(
+        !model.ok && model.message.contains("ANTHROPIC_API_KEY"),
+        "{model:?}"
+    );
 }
 
 #[tokio::test]
@@ -428,14 +459,22 @@ async fn a_worker_that_cannot_start_is_reported_with_its_output() {
     let mut config = pool.config("http://127.0.0.1:9/v1");
     // No model configured: the worker exits at once, saying which variable to set.
     config.env.clear();
-    config.ready_timeout = Duration::from_secs(5);
+    // A long start-up allowance: the dead container is noticed, not waited out (the call
+    // below would otherwise take ten minutes and the message would be about /health).
+    config.ready_timeout = Duration::from_secs(600);
     let driver = DockerDriver::connect(config).await.unwrap();
     let s = sid("bad");
     let e = driver.get_worker(&s).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    let message = e.to_string();
+    assert!(message.contains("API_KEY"), "the worker's own message: {e}");
     assert!(
-        e.to_string().contains("API_KEY"),
-        "the worker's own message: {e}"
+        message.contains("stopped before the worker answered") && message.contains("exited"),
+        "the container's end is told: {e}"
+    );
+    assert!(
+        !message.contains("/health") && !message.contains("http://"),
+        "no health wait, no internal address: {e}"
     );
     assert!(
         containers_named(&driver.container_name(&s)).is_empty(),

@@ -116,6 +116,34 @@ async fn a_passed_health_check_is_trusted_briefly_and_a_failed_one_at_once() {
 }
 
 #[tokio::test]
+async fn the_setup_check_asks_the_worker() {
+    let url = serve(Router::new().route(
+        "/health",
+        get(|| async {
+            axum::Json(serde_json::json!({
+                "status": "ok", "version": "1", "executor": "native", "busy_sessions": []
+            }))
+        }),
+    ))
+    .await;
+    let checks = StaticDriver::new(&url).unwrap().check_setup().await;
+    assert_eq!(checks.len(), 1, "{checks:?}");
+    assert!(checks[0].ok, "{checks:?}");
+    assert_eq!(checks[0].name, "worker");
+    assert!(checks[0].message.contains("native"), "{checks:?}");
+
+    let checks = StaticDriver::new("http://127.0.0.1:1")
+        .unwrap()
+        .check_setup()
+        .await;
+    assert!(!checks[0].ok, "{checks:?}");
+    assert!(
+        checks[0].message.contains("STATIC_WORKER_URL"),
+        "{checks:?}"
+    );
+}
+
+#[tokio::test]
 async fn calls_carry_the_secret_and_purge_deletes_the_session_on_the_worker() {
     use std::sync::{Arc, Mutex};
 

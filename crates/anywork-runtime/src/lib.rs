@@ -30,7 +30,7 @@ pub use dispatcher::outbox::headers as push_headers;
 pub use dispatcher::outbox::sign as sign_push;
 pub use dispatcher::{
     Backoff, Dispatcher, DispatcherBuilder, DispatcherConfig, DocFile, InboundOutcome,
-    OutboxConfig, Submitted, WorkspaceDoc,
+    OutboxConfig, Retention, RetentionRound, Submitted, WorkspaceDoc,
 };
 pub use hub::LiveEvent;
 pub use skills::{NoSkills, SkillCatalog, SkillInfo, SkillSource, SkillsDir};

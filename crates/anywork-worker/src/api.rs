@@ -5,6 +5,7 @@
 //! | `GET /health` | | `{"status":"ok","version","executor","busy_sessions":[..],"sandbox"}` |
 //! | `POST /prepare` | `{session_id, skills?, mcp_servers?, soul?, repository?: {url, git_ref?, dir, token?}}` (the repository is fetched shallowly into `dir` and checked out, each time) | `{"status":"ready"}` |
 //! | `POST /chat` | `{task_id, session_id, message}` | `text/event-stream` of [`TaskEvent`](anywork_core::TaskEvent)s |
+//! | `GET /chat/attach?task_id=&after_seq=` | | the same stream from the event after seq `after_seq` (SSE `id`s are seqs), for a client that lost it; 404 if the task is unknown |
 //! | `POST /cancel` | `{task_id}` | `{"status": <final status>, "task_id"}`, or 202 `canceling` |
 //! | `POST /input` | `{task_id, request_id, answer?, allow?}` | `{"status":"accepted"}` |
 //! | `GET /sessions/{id}/messages` | | `{"messages":[..]}` |
@@ -32,8 +33,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use anywork_core::worker_api::{
-    CANCEL_PATH, CHAT_PATH, CancelRequest, ChatRequest, HEALTH_PATH, INPUT_PATH, InputAnswer,
-    PREPARE_PATH, PrepareRequest, SECRET_HEADER,
+    ATTACH_PATH, CANCEL_PATH, CHAT_PATH, CancelRequest, ChatRequest, HEALTH_PATH, INPUT_PATH,
+    InputAnswer, PREPARE_PATH, PrepareRequest, SECRET_HEADER,
 };
 use anywork_core::{Error, ErrorKind, ExecutionRequest, InputResponse, SessionId};
 pub use anywork_http::{ApiError, JsonBody, PathParam, QueryParams, status_for};
@@ -59,20 +60,32 @@ pub fn router(state: WorkerState) -> Router {
         .route(HEALTH_PATH, get(health))
         .route(PREPARE_PATH, post(prepare))
         .route(CHAT_PATH, post(chat))
+        .route(ATTACH_PATH, get(attach))
         .route(CANCEL_PATH, post(cancel))
         .route(INPUT_PATH, post(input))
         .route("/sessions/{id}", delete(delete_session))
         .route("/sessions/{id}/messages", get(messages))
         .route("/sessions/{id}/files", get(files))
+        .route("/sessions/{id}/files.zip", get(files_zip))
+        .route(
+            "/sessions/{id}/files/{*path}",
+            get(read_file)
+                .put(write_file)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    crate::files::MAX_UPLOAD_BYTES,
+                )),
+        )
         .route("/workspace/{file}", get(get_doc).put(put_doc));
-    anywork_http::limit_body(routes, limit)
-        .fallback(anywork_http::no_route)
-        .method_not_allowed_fallback(anywork_http::method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            require_secret,
-        ))
-        .with_state(state)
+    anywork_http::limit_uri(
+        anywork_http::limit_body(routes, limit)
+            .fallback(anywork_http::no_route)
+            .method_not_allowed_fallback(anywork_http::method_not_allowed)
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                require_secret,
+            )),
+    )
+    .with_state(state)
 }
 
 /// Whether `headers` carry the worker's secret (always, for a worker without one).
@@ -158,6 +171,11 @@ async fn prepare(
         r.validate()?;
     }
     let dir = blocking(move || {
+        workspace.ensure_session_seeded(
+            &body.session_id,
+            body.default_soul.as_deref(),
+            body.default_agents.as_deref(),
+        )?;
         workspace.prepare(
             &body.session_id,
             &body.skills.unwrap_or_default(),
@@ -190,16 +208,45 @@ async fn chat(
     })
     .await?;
     let request = ExecutionRequest::new(body.task_id, body.session_id, body.message, dir);
-    let events = run::spawn(guard, request);
+    // The client is attached before the run starts.
+    let events = run::journal_stream(guard.journal().clone(), 0);
+    run::spawn(guard, request);
+    Ok(sse(&state, events))
+}
+
+/// An SSE answer of `events`, with keep-alive comments.
+fn sse(
+    state: &WorkerState,
+    events: impl futures_util::Stream<
+        Item = Result<axum::response::sse::Event, std::convert::Infallible>,
+    > + Send
+    + 'static,
+) -> Response {
     // A zero interval would send comments without pause.
     let interval = state
         .config()
         .keep_alive
         .max(std::time::Duration::from_millis(100));
-    let keep_alive = KeepAlive::new().interval(interval);
-    Ok(Sse::new(run::sse_stream(events))
-        .keep_alive(keep_alive)
-        .into_response())
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(interval))
+        .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct AttachQuery {
+    task_id: anywork_core::TaskId,
+    #[serde(default)]
+    after_seq: usize,
+}
+
+/// `GET /chat/attach?task_id=&after_seq=`: the run's events after `after_seq`, live, to its
+/// `done`; 404 when this worker does not have the task (any more).
+async fn attach(
+    State(state): State<WorkerState>,
+    QueryParams(q): QueryParams<AttachQuery>,
+) -> Result<Response, ApiError> {
+    let journal = state.journal(q.task_id)?;
+    Ok(sse(&state, run::journal_stream(journal, q.after_seq)))
 }
 
 async fn cancel(
@@ -298,6 +345,63 @@ async fn files(
     let value = serde_json::to_value(&listing)
         .map_err(|e| Error::internal(format!("cannot encode the file list: {e}")))?;
     Ok(Json(value))
+}
+
+/// `GET /sessions/{id}/files/{*path}`: the file's bytes.
+async fn read_file(
+    State(state): State<WorkerState>,
+    PathParam((id, path)): PathParam<(String, String)>,
+) -> Result<Response, ApiError> {
+    let session = session_param(id)?;
+    let workspace = state.workspace().clone();
+    let bytes = blocking(move || crate::files::read_file(&workspace, &session, &path)).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        bytes,
+    )
+        .into_response())
+}
+
+/// `PUT /sessions/{id}/files/{*path}`: the body becomes the file (at most
+/// [`MAX_UPLOAD_BYTES`](crate::files::MAX_UPLOAD_BYTES)).
+async fn write_file(
+    State(state): State<WorkerState>,
+    PathParam((id, path)): PathParam<(String, String)>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body.map_err(|rej| {
+        ApiError::with_status(
+            rej.status(),
+            Error::invalid_input(format!(
+                "the upload was not read ({}): a file in files/ is at most {} bytes",
+                rej.body_text(),
+                crate::files::MAX_UPLOAD_BYTES
+            )),
+        )
+    })?;
+    let session = session_param(id)?;
+    let workspace = state.workspace().clone();
+    let size = body.len();
+    let (p, session_for_write) = (path.clone(), session.clone());
+    blocking(move || crate::files::write_file(&workspace, &session_for_write, &p, &body)).await?;
+    Ok(Json(
+        json!({ "path": path, "size": size, "status": "saved" }),
+    ))
+}
+
+/// `GET /sessions/{id}/files.zip`: the session's `files/` as a zip.
+async fn files_zip(
+    State(state): State<WorkerState>,
+    PathParam(id): PathParam<String>,
+) -> Result<Response, ApiError> {
+    let session = session_param(id)?;
+    let workspace = state.workspace().clone();
+    let bytes = blocking(move || crate::files::zip_files(&workspace, &session)).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/zip")],
+        bytes,
+    )
+        .into_response())
 }
 
 /// Query of `/workspace/{file}`.

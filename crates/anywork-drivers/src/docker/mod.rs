@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use anywork_core::worker_api::WorkerSecret;
 use anywork_core::{
-    ContainerDriver, Error, ErrorKind, Result, SessionId, WorkerEndpoint, WorkerInfo,
+    ContainerDriver, Error, ErrorKind, Result, SessionId, SetupCheck, WorkerEndpoint, WorkerInfo,
 };
 use async_trait::async_trait;
 use bollard::Docker;
@@ -91,6 +91,17 @@ impl std::fmt::Debug for DockerDriver {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
+}
+
+/// How often the state of a starting container is looked at while its worker is awaited.
+const CONTAINER_WATCH_EVERY: Duration = Duration::from_millis(250);
+
+/// Why a started container did not become a worker.
+enum NotReady {
+    /// Its worker did not answer `/health` in time.
+    Mute,
+    /// The container stopped (exited, died, removed): what happened.
+    Stopped(String),
 }
 
 /// What `get_worker` found under the session's name.
@@ -625,6 +636,14 @@ impl DockerDriver {
         }
         let _ = self.remove_by_id(id).await;
         let logs = logs.trim();
+        tracing::warn!(
+            container = %id,
+            image = %self.config.image,
+            state = %state,
+            why,
+            output = %logs,
+            "a worker container did not become ready"
+        );
         Error::new(
             ErrorKind::Unavailable,
             format!(
@@ -666,8 +685,8 @@ impl DockerDriver {
                         Some(up) => self.config.ready_timeout.saturating_sub(up),
                         None => self.config.ready_timeout,
                     };
-                    match self.health.wait_ready(&endpoint, boot_left).await {
-                        Ok(_) => return Ok(endpoint),
+                    match self.wait_ready_watching(&endpoint, boot_left).await {
+                        Ok(()) => return Ok(endpoint),
                         Err(_) if boot_left.is_zero() => {
                             tracing::warn!(
                                 session = %session_id,
@@ -676,8 +695,13 @@ impl DockerDriver {
                             );
                             self.remove_by_id(&endpoint.worker_id).await?;
                         }
-                        Err(e) => {
-                            return Err(self.not_ready(&endpoint.worker_id, &e.to_string()).await);
+                        Err(NotReady::Stopped(why)) => {
+                            return Err(self.not_ready(&endpoint.worker_id, &why).await);
+                        }
+                        Err(NotReady::Mute) => {
+                            return Err(self
+                                .not_ready(&endpoint.worker_id, &self.mute_for(boot_left))
+                                .await);
                         }
                     }
                 }
@@ -716,13 +740,61 @@ impl DockerDriver {
     }
 
     async fn ready(&self, endpoint: WorkerEndpoint) -> Result<WorkerEndpoint> {
-        match self
-            .health
-            .wait_ready(&endpoint, self.config.ready_timeout)
-            .await
-        {
-            Ok(_) => Ok(endpoint),
-            Err(e) => Err(self.not_ready(&endpoint.worker_id, &e.to_string()).await),
+        let within = self.config.ready_timeout;
+        match self.wait_ready_watching(&endpoint, within).await {
+            Ok(()) => Ok(endpoint),
+            Err(NotReady::Stopped(why)) => Err(self.not_ready(&endpoint.worker_id, &why).await),
+            Err(NotReady::Mute) => Err(self
+                .not_ready(&endpoint.worker_id, &self.mute_for(within))
+                .await),
+        }
+    }
+
+    /// Why a worker is not ready after `within` of silence (no address: the message reaches
+    /// users).
+    fn mute_for(&self, within: Duration) -> String {
+        format!(
+            "it did not answer GET /health within {:.1} s",
+            within.as_secs_f64()
+        )
+    }
+
+    /// Waits for the worker to answer `/health`, for at most `within`, while watching its
+    /// container: one that stops meanwhile (the worker exited, was killed or removed) ends
+    /// the wait at once instead of after the whole ready timeout.
+    async fn wait_ready_watching(
+        &self,
+        endpoint: &WorkerEndpoint,
+        within: Duration,
+    ) -> std::result::Result<(), NotReady> {
+        let health = self.health.wait_ready(endpoint, within);
+        let stopped = self.until_stopped(&endpoint.worker_id);
+        tokio::select! {
+            r = health => r.map(|_| ()).map_err(|_| NotReady::Mute),
+            why = stopped => Err(NotReady::Stopped(why)),
+        }
+    }
+
+    /// Returns once the container is no longer running, with what happened to it; never
+    /// returns while it runs (errors of the engine are looked past: the health wait bounds
+    /// the whole).
+    async fn until_stopped(&self, id: &str) -> String {
+        loop {
+            tokio::time::sleep(CONTAINER_WATCH_EVERY).await;
+            match self.docker.inspect_container(id, None).await {
+                Ok(c) => match c.state.as_ref().and_then(|s| s.status) {
+                    Some(
+                        ContainerStateStatusEnum::RUNNING
+                        | ContainerStateStatusEnum::CREATED
+                        | ContainerStateStatusEnum::RESTARTING,
+                    ) => {}
+                    _ => return "its container stopped before the worker answered".into(),
+                },
+                Err(e) if status_of(&e) == Some(404) => {
+                    return "its container was removed before the worker answered".into();
+                }
+                Err(_) => {}
+            }
         }
     }
 
@@ -808,6 +880,50 @@ impl ContainerDriver for DockerDriver {
 
     async fn is_healthy(&self, endpoint: &WorkerEndpoint) -> bool {
         self.health.check(endpoint).await.is_some()
+    }
+
+    /// The engine answers, the worker image is on it, and the workers get a model.
+    async fn check_setup(&self) -> Vec<SetupCheck> {
+        let mut checks = Vec::new();
+        match self.docker.version().await {
+            Ok(v) => checks.push(SetupCheck::ok(
+                "engine",
+                format!(
+                    "Docker engine {} at {}",
+                    v.version.unwrap_or_default(),
+                    errors::engine_location(&self.config)
+                ),
+            )),
+            Err(e) => {
+                checks.push(SetupCheck::problem(
+                    "engine",
+                    unreachable_engine(&self.config, &e).message(),
+                ));
+                return checks;
+            }
+        }
+        let image = &self.config.image;
+        checks.push(match self.docker.inspect_image(image).await {
+            Ok(_) => SetupCheck::ok("image", format!("worker image {image} is on the engine")),
+            Err(e) if status_of(&e) == Some(404) => SetupCheck::problem(
+                "image",
+                format!(
+                    "the worker image {image} is not on the Docker engine: build it \
+                     (deploy/build-worker-image.sh <path to anywork-worker> {image}) or set \
+                     DOCKER_WORKER_IMAGE"
+                ),
+            ),
+            Err(e) => SetupCheck::problem(
+                "image",
+                self.engine_err(&format!("inspect image {image}"), e)
+                    .message(),
+            ),
+        });
+        checks.push(crate::common::model_setup(
+            self.config.env.iter().map(|(k, _)| k.as_str()),
+            "on the server (they are passed on to the containers) or in DOCKER_WORKER_ENV",
+        ));
+        checks
     }
 
     async fn list(&self) -> Result<Vec<WorkerInfo>> {

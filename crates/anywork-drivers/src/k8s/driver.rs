@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anywork_core::worker_api::WorkerSecret;
 use anywork_core::{
-    ContainerDriver, Error, ErrorKind, Result, SessionId, WorkerEndpoint, WorkerInfo,
+    ContainerDriver, Error, ErrorKind, Result, SessionId, SetupCheck, WorkerEndpoint, WorkerInfo,
 };
 use async_trait::async_trait;
 use k8s_openapi::api::core::v1::Pod;
@@ -652,6 +652,33 @@ impl ContainerDriver for K8sDriver {
 
     async fn is_healthy(&self, endpoint: &WorkerEndpoint) -> bool {
         self.health.check(endpoint).await.is_some()
+    }
+
+    /// The API server answers for the namespace's pods, and the workers get a model.
+    async fn check_setup(&self) -> Vec<SetupCheck> {
+        let ns = &self.config.namespace;
+        let mut checks = vec![
+            match self.pods.list(&ListParams::default().limit(1)).await {
+                Ok(_) => SetupCheck::ok(
+                    "cluster",
+                    format!("the Kubernetes API answers for namespace {ns}"),
+                ),
+                Err(e) => {
+                    SetupCheck::problem("cluster", self.api_error(e, "list", "pods", ns).message())
+                }
+            },
+        ];
+        checks.push(match &self.config.worker_secret {
+            Some(secret) => SetupCheck::ok(
+                "model",
+                format!("workers get the keys of the Secret {secret} (its content is not read)"),
+            ),
+            None => crate::common::model_setup(
+                self.config.worker_env.iter().map(|(k, _)| k.as_str()),
+                "in a Secret named by K8S_WORKER_SECRET",
+            ),
+        });
+        checks
     }
 
     async fn list(&self) -> Result<Vec<WorkerInfo>> {

@@ -22,6 +22,9 @@
 //! - `outbox.rs`: the outbox sender (channel deliveries and push notifications, retried,
 //!   dead-lettered) and the deliveries API.
 //! - `upkeep.rs`: recovery of expired leases, re-queueing at start, the idle-worker reaper.
+//! - `restart.rs`: at start, ending a dead previous server's tasks as interrupted and holding
+//!   back sessions whose task another server holds.
+//! - `retention.rs`: deleting finished tasks' logs by age and size, the store size metric.
 //! - `ops.rs`: the operations an API calls (sessions, logs, events, workspace docs, inbound).
 
 mod builder;
@@ -29,6 +32,8 @@ mod deliver;
 mod hooks;
 mod ops;
 pub(crate) mod outbox;
+mod restart;
+mod retention;
 mod retry;
 mod run;
 mod upkeep;
@@ -49,12 +54,17 @@ use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 pub use builder::{DispatcherBuilder, DispatcherConfig};
 pub use ops::{DocFile, InboundOutcome, WorkspaceDoc};
 pub use outbox::OutboxConfig;
+pub use retention::{Retention, RetentionRound};
 pub use retry::Backoff;
 
 use crate::hub::{Hub, LiveEvent};
 use crate::metrics::Metrics;
 use crate::title::TitleGenerator;
 use crate::worker_client::WorkerClient;
+
+/// The longest [`Dispatcher::cancel`] waits for a running task to end before it answers
+/// with the task still active (HTTP: 202 `canceling`).
+pub const CANCEL_ANSWER_WAIT: Duration = Duration::from_secs(2);
 
 /// What [`Dispatcher::submit`] did.
 #[derive(Debug, Clone)]
@@ -71,6 +81,8 @@ pub struct Submitted {
 
 enum Control {
     Cancel(oneshot::Sender<()>),
+    /// The server is going away: stop the run and record why (a failure, not a cancel).
+    Interrupt(String),
     Input(InputResponse, oneshot::Sender<Result<()>>),
 }
 
@@ -90,6 +102,14 @@ struct Inner {
     permits: Arc<Semaphore>,
     runs: Mutex<HashMap<TaskId, mpsc::Sender<Control>>>,
     closing: AtomicBool,
+    /// Why runs that could not store their outcome ended: recovery gives that reason when
+    /// the task's lease runs out, rather than blaming a server crash.
+    last_words: Mutex<HashMap<TaskId, String>>,
+    /// Sessions whose pending tasks wait for tasks another server holds (found at start).
+    held: Mutex<HashMap<SessionId, Vec<TaskId>>>,
+    /// Tasks taken back from this server's previous run: their runs re-attach to the worker
+    /// (`/chat/attach`) instead of starting a new chat.
+    resume: Mutex<std::collections::HashSet<TaskId>>,
     /// Set by `shutdown`: the background loops end.
     stopped: AtomicBool,
     /// The channel hooks of running tasks.
@@ -138,6 +158,12 @@ impl Dispatcher {
     /// The name of the container driver (`static`, `docker`, `k8s`, …).
     pub fn driver_name(&self) -> &str {
         self.inner.driver.name()
+    }
+
+    /// The driver's set-up check ([`ContainerDriver::check_setup`]): what it needs before a
+    /// first task, and what is missing.
+    pub async fn check_setup(&self) -> Vec<anywork_core::SetupCheck> {
+        self.inner.driver.check_setup().await
     }
 
     /// The configuration.
@@ -253,6 +279,13 @@ impl Dispatcher {
             Err(e) => return Err(e),
         };
         self.inner.metrics.submitted();
+        tracing::info!(
+            task = %task.id,
+            session = %task.session_id,
+            channel = %task.channel_type,
+            new_session = created,
+            "task submitted"
+        );
         if created || untitled {
             self.spawn_title(session.id.clone(), task.message.clone());
         }
@@ -426,8 +459,10 @@ impl Dispatcher {
     }
 
     /// Cancels a task in any active state and returns it as stored afterwards: a pending task
-    /// becomes `canceled` at once; a running one is stopped on its worker first.
-    /// `Conflict` ("Cannot cancel task in status: …") when it is already over.
+    /// becomes `canceled` at once; a running one is stopped on its worker first, and if it has
+    /// not ended within [`CANCEL_ANSWER_WAIT`] it is returned still active (its run goes on
+    /// stopping it: the worker's grace, then `canceled` anyway). `Conflict` ("Cannot cancel
+    /// task in status: …") when it is already over.
     pub async fn cancel(&self, task_id: TaskId) -> Result<Task> {
         for _ in 0..5 {
             let task = self.inner.store.get_task(task_id).await?;
@@ -441,7 +476,8 @@ impl Dispatcher {
             if let Some(run) = run {
                 let (ack, done) = oneshot::channel();
                 if run.send(Control::Cancel(ack)).await.is_ok() {
-                    let wait = self.inner.config.cancel_grace + Duration::from_secs(5);
+                    let wait = CANCEL_ANSWER_WAIT
+                        .min(self.inner.config.cancel_grace + Duration::from_secs(1));
                     let _ = tokio::time::timeout(wait, done).await;
                     return self.inner.store.get_task(task_id).await;
                 }
@@ -486,15 +522,43 @@ impl Dispatcher {
             .map_err(|_| Error::conflict(format!("task {task_id} has just ended")))?
     }
 
-    /// Stops taking tasks and waits up to `grace` for running ones to end. Tasks still running
-    /// afterwards keep their lease, which expires; a later start fails them with the reason.
+    /// Shuts down in order: new tasks are refused (and `check_ready` fails) and queued ones
+    /// are no longer started (they stay `pending` for the next start); running tasks get up
+    /// to `grace` to finish, their followers still served; those still running then are
+    /// stopped on their workers and recorded as failed, interrupted by the shutdown (within
+    /// the cancel grace). Call it before closing connections, so that followers see the
+    /// `done` of the tasks that finished.
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.closing.store(true, Ordering::Relaxed);
         let deadline = Instant::now() + grace;
         while self.running() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let runs: Vec<_> = lock(&self.inner.runs).values().cloned().collect();
+        if !runs.is_empty() {
+            tracing::warn!(
+                tasks = runs.len(),
+                "tasks still running after the shutdown grace are interrupted"
+            );
+        }
+        let reason = format!(
+            "interrupted: the server shut down before the task finished (it waited {} s, \
+             SHUTDOWN_GRACE_SECONDS); send the message again to retry",
+            grace.as_secs_f64()
+        );
+        for run in runs {
+            let _ = run.try_send(Control::Interrupt(reason.clone()));
+        }
+        let deadline = Instant::now() + self.inner.config.cancel_grace + Duration::from_secs(1);
+        while self.running() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         self.inner.stopped.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) has begun.
+    pub fn is_closing(&self) -> bool {
+        self.inner.closing.load(Ordering::Relaxed)
     }
 }
 
@@ -612,6 +676,14 @@ impl Inner {
                 before,
             )
             .await?;
+        tracing::info!(
+            task = %task.id,
+            session = %task.session_id,
+            status = %stored.status,
+            ran = false,
+            error = outcome.error.as_deref().unwrap_or(""),
+            "task finished"
+        );
         self.after_finish(&stored);
         if !lock(&self.runs).contains_key(&task.id) {
             self.hub.close(task.id);

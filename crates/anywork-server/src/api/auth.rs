@@ -165,10 +165,25 @@ pub(crate) async fn guard_api(
         }
     }
     let webhook = path.starts_with("/api/channel/");
-    if !webhook && let Some(refused) = check_content_type(&request) {
+    if !webhook
+        && !is_upload(&request, &path)
+        && let Some(refused) = check_content_type(&request)
+    {
         return refused;
     }
     next.run(request).await
+}
+
+/// A file upload (`PUT /api/sessions/:id/files/<path>`) takes raw bytes of any type: no form
+/// can send a `PUT`, and a page of another origin needs the CORS preflight this server
+/// refuses unless `cors_origins` lets it.
+fn is_upload(request: &Request, path: &str) -> bool {
+    request.method() == Method::PUT
+        && path.starts_with("/api/sessions/")
+        && path
+            .splitn(5, '/')
+            .nth(4)
+            .is_some_and(|rest| rest.starts_with("files/"))
 }
 
 /// `415` for a state-changing request whose body is not declared JSON.

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod dto;
+mod http_metrics;
 mod openapi;
 mod rest;
 #[cfg(test)]
@@ -40,6 +41,10 @@ pub struct ApiOptions {
     pub warning: Option<String>,
     /// Whether the worker answers from the built-in fake model (the UI labels it).
     pub demo: bool,
+    /// The set-up check made at start ([`Dispatcher::check_setup`](anywork_runtime::Dispatcher::check_setup)
+    /// and the server's own findings), reported by `/api/health` as `setup`; the UI shows the
+    /// problems in its banner.
+    pub setup: Vec<anywork_core::SetupCheck>,
     /// Origins allowed by CORS ([`router`] only): empty for none, `*` for any.
     pub cors_origins: Vec<String>,
     /// Largest request body, in bytes.
@@ -49,6 +54,9 @@ pub struct ApiOptions {
     pub channel_max_body_bytes: usize,
     /// Longest long-poll of `/api/tasks/:id/logs?wait=`.
     pub max_wait: Duration,
+    /// On shutdown ([`serve`]), how long running tasks may take to finish, their followers
+    /// still connected, before they are interrupted and the connections closed.
+    pub shutdown_grace: Duration,
     /// The API token every route but the open ones requires (see [`auth`]); `None`: no token.
     pub api_token: Option<ApiToken>,
     /// Whether `/api/health` and `/metrics` need the token too.
@@ -70,10 +78,12 @@ impl Default for ApiOptions {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             warning: None,
             demo: false,
+            setup: Vec::new(),
             cors_origins: Vec::new(),
             max_body_bytes: 2 * 1024 * 1024,
             channel_max_body_bytes: 1024 * 1024,
             max_wait: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
             api_token: None,
             protect_health: false,
             max_channel_key_bytes: 256,
@@ -95,6 +105,7 @@ struct StateInner {
     dispatcher: Dispatcher,
     options: ApiOptions,
     websockets: Gauge,
+    http_requests: http_metrics::HttpRequests,
     metrics: Registry,
     closing: tokio_util::sync::CancellationToken,
     /// Open WebSocket connections per client address.
@@ -113,11 +124,18 @@ impl AppState {
             "Open WebSocket connections",
             websockets.clone(),
         );
+        let http_requests = http_metrics::HttpRequests::default();
+        metrics.register(
+            "anywork_http_requests",
+            "API requests answered, by method, route pattern and status",
+            http_requests.clone(),
+        );
         Self {
             inner: Arc::new(StateInner {
                 dispatcher,
                 options,
                 websockets,
+                http_requests,
                 metrics,
                 closing: tokio_util::sync::CancellationToken::new(),
                 ws_clients: Default::default(),
@@ -147,6 +165,10 @@ impl AppState {
 
     fn metrics(&self) -> &Registry {
         &self.inner.metrics
+    }
+
+    fn http_requests(&self) -> &http_metrics::HttpRequests {
+        &self.inner.http_requests
     }
 
     /// Counts a new connection from `client`; `None` when that client has its most already.
@@ -198,6 +220,7 @@ pub fn api_router(state: AppState) -> Router {
     let limit = state.options().max_body_bytes;
     let api = Router::new()
         .route("/api/health", get(rest::health))
+        .route("/api/health/live", get(rest::live))
         .route("/api/openapi.json", get(rest::openapi))
         .route(
             "/api/sessions",
@@ -222,10 +245,27 @@ pub fn api_router(state: AppState) -> Router {
             "/api/workspace/{file}",
             get(rest::get_workspace_doc).put(rest::put_workspace_doc),
         )
+        .route(
+            "/api/sessions/{id}/workspace/{file}",
+            get(rest::get_session_doc).put(rest::put_session_doc),
+        )
+        .route("/api/sessions/{id}/files", get(rest::session_files))
+        .route("/api/sessions/{id}/files.zip", get(rest::session_files_zip))
+        .route(
+            "/api/sessions/{id}/files/{*path}",
+            get(rest::session_file).put(rest::put_session_file).layer(
+                axum::extract::DefaultBodyLimit::max(anywork_core::worker_api::MAX_UPLOAD_BYTES),
+            ),
+        )
         .route("/api/skills", get(rest::skills))
         .route("/api/admin/workers", get(rest::workers))
+        .route("/api/admin/tasks", get(rest::active_tasks))
         .route("/metrics", get(rest::metrics))
         .method_not_allowed_fallback(anywork_http::method_not_allowed)
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            http_metrics::count,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::guard_api,
@@ -262,10 +302,12 @@ pub fn ui_router() -> Router {
 /// and CORS for [`ApiOptions::cors_origins`].
 pub fn router(state: AppState) -> Router {
     let cors = cors_layer(&state.options().cors_origins);
-    let app = api_router(state.clone())
-        .merge(ws_router(state))
-        .merge(ui_router())
-        .fallback(anywork_http::no_route);
+    let app = anywork_http::limit_uri(
+        api_router(state.clone())
+            .merge(ws_router(state))
+            .merge(ui_router())
+            .fallback(anywork_http::no_route),
+    );
     match cors {
         Some(cors) => app.layer(cors).layer(middleware::from_fn(preflight_status)),
         None => app,
@@ -273,17 +315,23 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves [`router`]`(state)` on `listener` until `shutdown` completes (TCP_NODELAY: see
-/// [`anywork_http::serve`]); open WebSocket connections are closed when it does. Clients'
-/// addresses are known to the handlers (the per-client WebSocket limit).
+/// [`anywork_http::serve`]), then shuts down in order: the dispatcher stops taking and
+/// starting tasks and gives running ones [`ApiOptions::shutdown_grace`] to finish
+/// ([`Dispatcher::shutdown`]) while their WebSocket followers and long-polls are still
+/// served; then WebSocket connections are closed with 1001 ("going away"), long-polls answer,
+/// and the HTTP server ends. Clients' addresses are known to the handlers (the per-client
+/// WebSocket limit).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let closing = state.closing().clone();
+    let (dispatcher, grace) = (state.dispatcher().clone(), state.options().shutdown_grace);
     let shutdown = async move {
         shutdown.await;
-        // WebSocket connections would keep a graceful shutdown waiting forever.
+        dispatcher.shutdown(grace).await;
+        // WebSocket connections and long-polls would keep a graceful shutdown waiting.
         closing.cancel();
     };
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {

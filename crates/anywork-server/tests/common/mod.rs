@@ -48,9 +48,19 @@ impl WorkerProcess {
     }
 
     pub async fn start_in(fake: &FakeLlm, workspace: &Path) -> WorkerProcess {
+        Self::start_with_env(fake, workspace, &[]).await
+    }
+
+    /// A worker with extra environment variables (e.g. `SSE_KEEP_ALIVE_SECONDS`).
+    pub async fn start_with_env(
+        fake: &FakeLlm,
+        workspace: &Path,
+        env: &[(&str, &str)],
+    ) -> WorkerProcess {
         let port = free_port();
         let child = tokio::process::Command::new(anywork_test::bins::worker_bin())
             .env_clear()
+            .envs(env.iter().copied())
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOME", workspace)
             .env("WORKER_HOST", "127.0.0.1")
@@ -107,6 +117,9 @@ pub struct Setup {
     pub db_dir: Option<std::path::PathBuf>,
     pub push_secret: Option<String>,
     pub options: ApiOptions,
+    /// The store (and the folder it lives in, removed with the server); SQLite in `db_dir` or
+    /// a temp dir if `None`.
+    pub store: Option<(tempfile::TempDir, Arc<dyn anywork_core::TaskStore>)>,
     /// Anything else on the dispatcher's builder (skills, …), applied last.
     pub customize: Option<Box<dyn FnOnce(DispatcherBuilder) -> DispatcherBuilder + Send>>,
 }
@@ -155,21 +168,38 @@ impl TestServer {
         Self::start_full(worker_url, setup, FirstWords).await
     }
 
+    /// The server over `store` (kept in `dir`, removed with the server).
+    pub async fn start_on(
+        dir: tempfile::TempDir,
+        store: Arc<dyn anywork_core::TaskStore>,
+        worker_url: &str,
+        config: DispatcherConfig,
+        titles: impl TitleGenerator,
+    ) -> TestServer {
+        let setup = Setup {
+            config,
+            store: Some((dir, store)),
+            ..Setup::default()
+        };
+        Self::start_full(worker_url, setup, titles).await
+    }
+
     /// A server with channels, a store directory, a push secret and API options of choice.
     pub async fn start_full(
         worker_url: &str,
         setup: Setup,
         titles: impl TitleGenerator,
     ) -> TestServer {
-        let (dir, path) = match setup.db_dir {
-            Some(p) => (None, p),
-            None => {
-                let d = tempfile::tempdir().unwrap();
-                let p = d.path().to_owned();
-                (Some(d), p)
-            }
-        };
-        let store = Arc::new(SqliteStore::open_in_dir(&path).await.unwrap());
+        let (dir, store): (Option<tempfile::TempDir>, Arc<dyn anywork_core::TaskStore>) =
+            match (setup.store, setup.db_dir) {
+                (Some((d, s)), _) => (Some(d), s),
+                (None, Some(p)) => (None, Arc::new(SqliteStore::open_in_dir(&p).await.unwrap())),
+                (None, None) => {
+                    let d = tempfile::tempdir().unwrap();
+                    let s = SqliteStore::open_in_dir(d.path()).await.unwrap();
+                    (Some(d), Arc::new(s))
+                }
+            };
         let driver = Arc::new(StaticDriver::new(worker_url).unwrap());
         let mut builder = Dispatcher::builder(store, driver)
             .config(setup.config)
@@ -184,7 +214,11 @@ impl TestServer {
             builder = customize(builder);
         }
         let dispatcher = builder.start().await.unwrap();
-        let state = AppState::new(dispatcher, setup.options);
+        let mut options = setup.options;
+        if options.setup.is_empty() {
+            options.setup = dispatcher.check_setup().await;
+        }
+        let state = AppState::new(dispatcher, options);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

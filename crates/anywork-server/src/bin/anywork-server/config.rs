@@ -10,7 +10,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use anywork_core::worker_api::WorkerSecret;
 use anywork_core::{Channel, ContainerDriver, TaskStore};
-use anywork_runtime::{Dispatcher, DispatcherConfig, FirstWords, ModelTitles, TitleGenerator};
+use anywork_runtime::{
+    Dispatcher, DispatcherConfig, FirstWords, ModelTitles, Retention, TitleGenerator,
+};
 use anywork_server::{ApiOptions, ApiToken, AppState};
 use clap::Parser;
 use clap::builder::BoolishValueParser;
@@ -89,6 +91,21 @@ pub struct Config {
     /// is the driver's (DOCKER_IDLE_TTL_SECONDS, K8S_IDLE_TTL_SECONDS).
     #[arg(long, env = "REAP_INTERVAL_SECONDS", default_value_t = 30)]
     pub reap_interval_seconds: u64,
+    /// Days to keep finished tasks' logs (the task rows stay); 0 keeps them forever.
+    #[arg(long, env = "RETENTION_DAYS", default_value_t = 0.0)]
+    pub retention_days: f64,
+    /// Size budget of the store in MiB: over it, the logs of the tasks finished longest ago
+    /// are deleted (and the space compacted); 0 for no budget.
+    #[arg(long, env = "RETENTION_MAX_MB", default_value_t = 0)]
+    pub retention_max_mb: u64,
+    /// Seconds between retention rounds (which also measure the store for the
+    /// `anywork_store_bytes` metric).
+    #[arg(long, env = "RETENTION_INTERVAL_SECONDS", default_value_t = 60)]
+    pub retention_interval_seconds: u64,
+    /// A worker's event stream silent this long (workers send a keep-alive every 15 s) fails
+    /// its task: the worker is hung or the connection stalled.
+    #[arg(long, env = "STREAM_IDLE_TIMEOUT_SECONDS", default_value_t = 60)]
+    pub stream_idle_timeout_seconds: u64,
     /// Seconds to let running tasks finish on shutdown.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
@@ -153,6 +170,14 @@ pub struct Built {
     pub state: AppState,
     /// Where the local worker listens, when there is one.
     pub local_worker: Option<String>,
+    /// The claim on DB_DIR (held while the server runs).
+    pub instance: Option<crate::instance::Instance>,
+    /// The store, for the start-up line (credentials left out).
+    pub store: String,
+    /// The executor, for the start-up line.
+    pub executor: String,
+    /// The model, for the start-up line.
+    pub model: String,
 }
 
 /// The values of `CONTAINER_DRIVER`: every driver is compiled into the binary.
@@ -190,6 +215,10 @@ impl Config {
             (None, Some(url)) if !url.trim().is_empty() => "static".to_owned(),
             (None, _) => "local".to_owned(),
         };
+        let mut executor = std::env::var("EXECUTOR")
+            .ok()
+            .filter(|e| !e.trim().is_empty())
+            .unwrap_or_else(|| "chosen by each worker from its model variables".to_owned());
         let (driver, local_worker): (Arc<dyn ContainerDriver>, Option<String>) = match driver_name
             .as_str()
         {
@@ -222,8 +251,9 @@ impl Config {
             "local" => {
                 // A fresh secret each start: only this process knows it.
                 let secret = WorkerSecret::generate();
-                let (url, warn) = self.start_local_worker(secret.clone()).await?;
+                let (url, warn, name) = self.start_local_worker(secret.clone()).await?;
                 warning = warn;
+                executor = name;
                 (
                     Arc::new(
                         anywork_drivers::StaticDriver::new(&url)?
@@ -255,6 +285,16 @@ impl Config {
         config.lease_ttl = Duration::from_secs(self.lease_ttl_seconds.max(1));
         config.reap_every = (self.reap_interval_seconds > 0)
             .then(|| Duration::from_secs(self.reap_interval_seconds));
+        config.retention = self.retention()?;
+        config.stream_idle_timeout = Duration::from_secs(self.stream_idle_timeout_seconds.max(1));
+        let instance = crate::instance::claim(&self.db_dir, &config.owner)?;
+        match &instance {
+            Some(i) => config.dead_owners.extend(i.previous.clone()),
+            None => tracing::warn!(
+                db_dir = %self.db_dir.display(),
+                "another server runs on this DB_DIR: after a crash, its tasks end only when their leases expire"
+            ),
+        }
         config.outbound = outbound;
         config.mcp = mcp;
         config.outbox.max_attempts = self.delivery_max_attempts.max(1);
@@ -284,8 +324,24 @@ impl Config {
             .start()
             .await
             .context("cannot start the dispatcher")?;
+        let mut setup = dispatcher.check_setup().await;
+        if driver_name == "local" {
+            setup.push(match &warning {
+                Some(w) => anywork_core::SetupCheck::problem("model", w.clone()),
+                None => anywork_core::SetupCheck::ok("model", "the local worker has a model"),
+            });
+        }
+        for check in &setup {
+            if check.ok {
+                tracing::info!(driver = %driver_name, check = %check.name, "setup: {}", check.message);
+            } else {
+                tracing::warn!(driver = %driver_name, check = %check.name, "setup problem: {}", check.message);
+            }
+        }
         let mut options = ApiOptions::default();
         options.warning = warning;
+        options.shutdown_grace = Duration::from_secs(self.shutdown_grace_seconds);
+        options.setup = setup;
         options.api_token = api_token;
         options.protect_health = self.protect_health;
         options.max_channel_key_bytes = self.max_channel_key_bytes;
@@ -303,7 +359,30 @@ impl Config {
         Ok(Built {
             state: AppState::new(dispatcher, options),
             local_worker,
+            instance,
+            store: self.store_description(),
+            executor,
+            model: model_description(),
         })
+    }
+
+    /// The store in force, without credentials: `postgres://host/db`, `sqlite:…`, `memory:`.
+    fn store_description(&self) -> String {
+        match self
+            .database_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+        {
+            Some(url) => match url.split_once("://") {
+                Some((scheme, rest)) => {
+                    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+                    let host = host.split('?').next().unwrap_or(host);
+                    format!("{scheme}://{host}")
+                }
+                None => url.split('?').next().unwrap_or(url).to_owned(),
+            },
+            None => format!("sqlite:{}", self.db_dir.join("anywork.db").display()),
+        }
     }
 
     /// ANYWORK_API_TOKEN, else the content of ANYWORK_API_TOKEN_FILE.
@@ -417,6 +496,22 @@ impl Config {
         Ok(Arc::new(store))
     }
 
+    fn retention(&self) -> anyhow::Result<Retention> {
+        if !self.retention_days.is_finite() || self.retention_days < 0.0 {
+            bail!(
+                "RETENTION_DAYS={} is not a number of days: use 0 (keep forever) or more",
+                self.retention_days
+            );
+        }
+        let mut retention = Retention::default();
+        retention.max_age = (self.retention_days > 0.0)
+            .then(|| Duration::from_secs_f64((self.retention_days * 86_400.0).min(1e12)));
+        retention.max_bytes =
+            (self.retention_max_mb > 0).then(|| self.retention_max_mb.saturating_mul(1 << 20));
+        retention.every = Duration::from_secs(self.retention_interval_seconds.max(1));
+        Ok(retention)
+    }
+
     fn titles(&self) -> anyhow::Result<Arc<dyn TitleGenerator>> {
         let model = self.title_model.as_deref().or(self.model.as_deref());
         let key = self.title_api_key.as_ref().or(self.api_key.as_ref());
@@ -436,12 +531,12 @@ impl Config {
         }
     }
 
-    /// Starts the in-process worker on a loopback port; returns its URL, and the warning to
-    /// show when no model is configured.
+    /// Starts the in-process worker on a loopback port; returns its URL, the warning to
+    /// show when no model is configured, and the executor's name.
     async fn start_local_worker(
         &self,
         secret: WorkerSecret,
-    ) -> anyhow::Result<(String, Option<String>)> {
+    ) -> anyhow::Result<(String, Option<String>, String)> {
         let workspace = self
             .workspace_dir
             .clone()
@@ -457,6 +552,7 @@ impl Config {
                 )
             }
         };
+        let executor_name = executor.name().to_owned();
         let state = anywork_worker::WorkerState::new(
             anywork_worker::WorkerConfig::new(&workspace).with_secret(Some(secret)),
             executor,
@@ -472,7 +568,7 @@ impl Config {
             std::future::pending(),
         ));
         tracing::info!(%url, workspace = %workspace.display(), "local worker started");
-        Ok((url, warning))
+        Ok((url, warning, executor_name))
     }
 }
 
@@ -497,6 +593,15 @@ impl Config {
         }
         vars
     }
+}
+
+/// The model the workers are told to use (`ANTHROPIC_MODEL`, then `MODEL`), for the start-up
+/// line; each executor logs the one it resolves.
+fn model_description() -> String {
+    ["ANTHROPIC_MODEL", "MODEL"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|m| !m.trim().is_empty()))
+        .unwrap_or_else(|| "the executor's default (Claude Code: sonnet)".to_owned())
 }
 
 /// The executor of a local worker with no model: every task fails saying what to set.
