@@ -398,9 +398,10 @@ async fn dispatcher_failures_reach_clients_as_an_error_before_done_without_addre
     assert_eq!(stored["error"], message);
 
     // A route the original worker lacks: 502 to the client, not 404, and no address.
+    let session = stored["sessionId"].as_str().unwrap();
     let r = server
         .http
-        .get(format!("{}/api/workspace/soul", server.url))
+        .get(format!("{}/api/sessions/{session}/files", server.url))
         .send()
         .await
         .unwrap();
