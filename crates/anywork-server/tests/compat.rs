@@ -469,3 +469,86 @@ async fn no_worker_and_a_timeout_fail_with_an_error_event_that_says_what_to_do()
     );
     assert_eq!(done["metadata"]["status"], "failed");
 }
+
+/// A channel whose every task gets the skills `defaults` names.
+struct DefaultsChannel {
+    kind: &'static str,
+    defaults: Vec<&'static str>,
+}
+
+#[async_trait::async_trait]
+impl anywork_core::Channel for DefaultsChannel {
+    fn channel_type(&self) -> &str {
+        self.kind
+    }
+
+    async fn parse(
+        &self,
+        _request: anywork_core::InboundRequest,
+    ) -> anywork_core::Result<anywork_core::Inbound> {
+        Ok(anywork_core::Inbound::Skip {
+            reason: "not used".into(),
+        })
+    }
+
+    fn defaults(&self) -> anywork_core::ChannelDefaults {
+        let skills = self
+            .defaults
+            .iter()
+            .map(|n| anywork_core::SkillSpec::named(*n))
+            .collect();
+        anywork_core::ChannelDefaults::new(skills, Default::default())
+    }
+
+    async fn deliver(
+        &self,
+        _task: &anywork_core::Task,
+        _outcome: &anywork_core::TaskOutcome,
+    ) -> anywork_core::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_default_skills_are_resolved_by_name_the_same_way() {
+    let worker = OriginalWorker::start().await;
+    let skills = skills_dir();
+    let dir = SkillsDir::new(skills.path());
+    let server = TestServer::start_custom(&worker.url(), move |b| {
+        b.skills(dir)
+            .channel(std::sync::Arc::new(DefaultsChannel {
+                kind: "reviews",
+                defaults: vec!["code-review"],
+            }))
+            .channel(std::sync::Arc::new(DefaultsChannel {
+                kind: "broken",
+                defaults: vec!["missing-skill"],
+            }))
+    })
+    .await;
+    let d = server.dispatcher();
+    let submitted = d
+        .submit(anywork_core::TaskRequest::new("reviews", "look at this"))
+        .await
+        .unwrap();
+    let task = server.wait_final(&submitted.task.id.to_string()).await;
+    assert_eq!(task["status"], "completed", "{task}");
+    let prepare = worker.bodies("POST /prepare").pop().unwrap();
+    assert_eq!(prepare["skills"][0]["name"], "code-review");
+    assert_eq!(
+        prepare["skills"][0]["files"]["scripts/lint.sh"],
+        "#!/bin/sh\necho lint\n"
+    );
+    // A default that does not resolve refuses the channel's requests, saying which and where.
+    let err = d
+        .submit(anywork_core::TaskRequest::new("broken", "hi"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("missing-skill")
+            && err.message().contains(&skills.path().display().to_string()),
+        "{err}"
+    );
+    let (_, sessions) = server.get("/api/sessions").await;
+    assert_eq!(sessions["sessions"].as_array().unwrap().len(), 1);
+}

@@ -84,3 +84,70 @@ async fn main() -> anyhow::Result<()> {
     serve(listener, state, anywork_http::shutdown_signal()).await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    //! The original AnyWork worker's variables, set as its users set them. They become flags
+    //! through the clap definitions themselves, so that no test changes the environment.
+
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(vars: &[(&str, &str)]) -> Args {
+        let command = Args::command();
+        let mut args = vec!["anywork-worker".to_owned()];
+        for (name, value) in vars {
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_env() == Some(std::ffi::OsStr::new(name)))
+                .unwrap_or_else(|| panic!("no setting reads {name}"));
+            args.push(format!("--{}={value}", arg.get_long().unwrap()));
+        }
+        Args::try_parse_from(args).unwrap()
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn the_original_workers_variables_keep_their_meaning() {
+        let args = parse(&[("WORKER_PORT", "8181"), ("WORKSPACE_DIR", "/workspace")]);
+        assert_eq!(args.port, 8181);
+        assert_eq!(args.workspace_dir, PathBuf::from("/workspace"));
+
+        // API_KEY + API_BASE_URL + MODEL: a third-party provider, through the native executor.
+        let native = anywork_worker::executor_from_vars(vars(&[
+            ("API_KEY", "sk-or"),
+            ("API_BASE_URL", "https://openrouter.ai/api/v1"),
+            ("MODEL", "anthropic/claude-sonnet-4"),
+        ]))
+        .unwrap();
+        assert_eq!(native.name(), "native");
+        // ANTHROPIC_API_KEY: Claude Code when its CLI is there (CLAUDE_BIN), else native.
+        let mut anthropic = vars(&[("ANTHROPIC_API_KEY", "sk-ant")]);
+        let cli = std::env::var("CLAUDE_BIN")
+            .ok()
+            .filter(|p| std::path::Path::new(p).is_file());
+        if let Some(cli) = &cli {
+            anthropic.push(("CLAUDE_BIN".into(), cli.clone()));
+        }
+        let executor = anywork_worker::executor_from_vars(anthropic).unwrap();
+        if cli.is_some() {
+            assert_eq!(executor.name(), "claude-code");
+        } else {
+            assert!(matches!(executor.name(), "claude-code" | "native"));
+        }
+        // Neither: refused, naming the variables.
+        let err = anywork_worker::executor_from_vars(vars(&[]))
+            .err()
+            .expect("no model, no executor");
+        assert!(
+            err.message().contains("ANTHROPIC_API_KEY") && err.message().contains("API_KEY"),
+            "{err}"
+        );
+    }
+}

@@ -99,8 +99,12 @@ impl DockerConfig {
                 .map(|v| v.trim().to_owned())
                 .filter(|v| !v.is_empty())
         };
-        let mut c =
-            Self::new(set("DOCKER_WORKER_IMAGE").unwrap_or_else(|| "anywork-worker:latest".into()));
+        let mut c = Self::new(
+            // WORKER_IMAGE: the original AnyWork's name.
+            set("DOCKER_WORKER_IMAGE")
+                .or_else(|| set("WORKER_IMAGE"))
+                .unwrap_or_else(|| "anywork-worker:latest".into()),
+        );
         c.docker_host = set("DOCKER_HOST");
         if let Some(v) = set("DOCKER_NETWORK") {
             c.network = v;
@@ -108,8 +112,12 @@ impl DockerConfig {
         if let Some(v) = set("DOCKER_NAME_PREFIX") {
             c.name_prefix = v;
         }
-        if let Some(v) = set("DOCKER_WORKER_PORT") {
-            c.worker_port = parse("DOCKER_WORKER_PORT", &v)?;
+        // WORKER_PORT: the original AnyWork's name.
+        for name in ["DOCKER_WORKER_PORT", "WORKER_PORT"] {
+            if let Some(v) = set(name) {
+                c.worker_port = parse(name, &v)?;
+                break;
+            }
         }
         if let Some(v) = set("DOCKER_MEMORY_MB") {
             c.memory_bytes = optional("DOCKER_MEMORY_MB", &v)?.map(|mb: i64| mb * 1024 * 1024);

@@ -141,12 +141,15 @@ impl K8sConfig {
     pub fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let get = |name: &str| var(name).map(|v| v.trim().to_owned());
         let set = |name: &str| get(name).filter(|v| !v.is_empty());
-        let image = set("K8S_WORKER_IMAGE").ok_or_else(|| {
-            Error::invalid_input(
-                "CONTAINER_DRIVER=k8s needs K8S_WORKER_IMAGE, the worker image \
+        // WORKER_IMAGE, WORKER_PORT, K8S_PVC_STORAGE_CLASS: the original AnyWork's names.
+        let image = set("K8S_WORKER_IMAGE")
+            .or_else(|| set("WORKER_IMAGE"))
+            .ok_or_else(|| {
+                Error::invalid_input(
+                    "CONTAINER_DRIVER=k8s needs K8S_WORKER_IMAGE, the worker image \
                  (e.g. ghcr.io/anywork/anywork-worker:0.1.0)",
-            )
-        })?;
+                )
+            })?;
         let mut config = Self::new(
             set("K8S_NAMESPACE").unwrap_or_else(|| "anywork".into()),
             image,
@@ -160,7 +163,7 @@ impl K8sConfig {
                 size_limit: set("K8S_EMPTYDIR_SIZE_LIMIT"),
             },
             Some("pvc") => WorkspaceStorage::Pvc {
-                storage_class: set("K8S_STORAGE_CLASS"),
+                storage_class: set("K8S_STORAGE_CLASS").or_else(|| set("K8S_PVC_STORAGE_CLASS")),
                 size: set("K8S_STORAGE_SIZE").unwrap_or_else(|| "5Gi".into()),
             },
             Some(other) => {
@@ -189,8 +192,11 @@ impl K8sConfig {
                 *slot = Some(v).filter(|v| !v.is_empty());
             }
         }
-        if let Some(s) = set("K8S_WORKER_PORT") {
-            config.worker_port = parse_num("K8S_WORKER_PORT", &s)?;
+        for name in ["K8S_WORKER_PORT", "WORKER_PORT"] {
+            if let Some(s) = set(name) {
+                config.worker_port = parse_num(name, &s)?;
+                break;
+            }
         }
         config.worker_secret = set("K8S_WORKER_SECRET");
         for name in PASSED_THROUGH_ENV {

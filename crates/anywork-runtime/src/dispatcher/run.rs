@@ -172,8 +172,8 @@ impl Failure {
             code,
             task,
             format_args!(
-                "The worker could not start this task: {}. Check the task's skills and MCP \
-                 servers, or send the message again",
+                "The worker could not set up or start this task: {}. Check the task's skills, MCP \
+                 servers and repository, or send the message again",
                 e.message().trim_end_matches('.')
             ),
         )

@@ -52,18 +52,18 @@ impl Dispatcher {
                 .as_ref()
                 .map(|l| l.owner.clone())
                 .unwrap_or_default();
+            // The worker's id stays in the log: the reason reaches clients.
             let reason = lock(&inner.last_words)
                 .get(&task.id)
                 .cloned()
                 .unwrap_or_else(|| {
                     format!(
-                        "the server running this task ({owner}) stopped before it finished; it was \
-                     {} on worker {}",
-                        task.status,
-                        task.worker_id.as_deref().unwrap_or("(none)")
+                        "the server running this task ({owner}) stopped before it finished; it \
+                         was {}. Send the message again to go on (task {})",
+                        task.status, task.id
                     )
                 });
-            tracing::warn!(task = %task.id, %reason, "recovering an orphaned task");
+            tracing::warn!(task = %task.id, worker = task.worker_id.as_deref().unwrap_or("(none)"), %reason, "recovering an orphaned task");
             // The worker may still be running it: ask it to stop, best effort.
             self.cancel_on_worker(&task);
             if inner

@@ -53,6 +53,10 @@ pub struct Config {
     /// skill holding its SKILL.md (front matter `name`, `description`) and its files.
     #[arg(long, env = "SKILLS_DIR")]
     pub skills_dir: Option<PathBuf>,
+    /// Anthropic key of the in-process worker (`CONTAINER_DRIVER=local`): the Claude Code
+    /// executor when the `claude` CLI is found, else the native one.
+    #[arg(long, env = "ANTHROPIC_API_KEY", hide_env_values = true)]
+    pub anthropic_api_key: Option<String>,
     /// Key of an OpenAI-compatible API (titles; also the native executor's).
     #[arg(long, env = "API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -65,6 +69,12 @@ pub struct Config {
     /// Model that writes session titles.
     #[arg(long, env = "TITLE_MODEL")]
     pub title_model: Option<String>,
+    /// Key of the title model's API, when not API_KEY's.
+    #[arg(long, env = "TITLE_API_KEY", hide_env_values = true)]
+    pub title_api_key: Option<String>,
+    /// Base URL of the title model's API, when not API_BASE_URL.
+    #[arg(long, env = "TITLE_API_BASE_URL")]
+    pub title_api_base_url: Option<String>,
     /// Tasks running at once.
     #[arg(long, env = "MAX_CONCURRENT_TASKS", default_value_t = 64)]
     pub max_concurrent_tasks: usize,
@@ -506,7 +516,12 @@ impl Config {
 
     fn titles(&self) -> anyhow::Result<Arc<dyn TitleGenerator>> {
         let model = self.title_model.as_deref().or(self.model.as_deref());
-        match (&self.api_key, &self.api_base_url, model) {
+        let key = self.title_api_key.as_ref().or(self.api_key.as_ref());
+        let base = self
+            .title_api_base_url
+            .as_ref()
+            .or(self.api_base_url.as_ref());
+        match (key, base, model) {
             (Some(key), Some(base), Some(model))
                 if !key.trim().is_empty()
                     && !base.trim().is_empty()
@@ -528,7 +543,7 @@ impl Config {
             .workspace_dir
             .clone()
             .unwrap_or_else(|| self.db_dir.join("workspace"));
-        let (executor, warning) = match anywork_worker::executor_from_env() {
+        let (executor, warning) = match anywork_worker::executor_from_vars(self.worker_vars()) {
             Ok(e) => (e, None),
             Err(e) => {
                 tracing::warn!("{}", e.message());
@@ -559,6 +574,29 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The environment of the in-process worker's executor: the process's, with the model
+    /// settings as this configuration has them (flags or variables).
+    fn worker_vars(&self) -> Vec<(String, String)> {
+        const MODEL_VARS: [&str; 4] = ["ANTHROPIC_API_KEY", "API_KEY", "API_BASE_URL", "MODEL"];
+        let mut vars: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| !MODEL_VARS.contains(&k.as_str()))
+            .collect();
+        for (name, value) in MODEL_VARS.iter().zip([
+            &self.anthropic_api_key,
+            &self.api_key,
+            &self.api_base_url,
+            &self.model,
+        ]) {
+            if let Some(v) = value {
+                vars.push(((*name).to_owned(), v.clone()));
+            }
+        }
+        vars
+    }
+}
+
 /// The model the workers are told to use (`ANTHROPIC_MODEL`, then `MODEL`), for the start-up
 /// line; each executor logs the one it resolves.
 fn model_description() -> String {
@@ -582,5 +620,233 @@ impl anywork_core::Executor for Unconfigured {
         _request: anywork_core::ExecutionRequest,
     ) -> anywork_core::Result<anywork_core::Execution> {
         Err(anywork_core::Error::invalid_input(self.0.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every variable of the original AnyWork, set as its users set it, and what it does. The
+    //! variables become flags through the clap definitions themselves (the flag that reads
+    //! each), so that no test changes the process environment.
+
+    use super::*;
+    use anywork_test::fake_llm::{FakeLlm, Reply};
+    use clap::CommandFactory;
+
+    /// The configuration as if only `vars` were set (each through the flag that reads it).
+    fn parse(vars: &[(&str, &str)]) -> Config {
+        let command = Config::command();
+        let mut args = vec!["anywork-server".to_owned()];
+        for (name, value) in vars {
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_env() == Some(std::ffi::OsStr::new(name)))
+                .unwrap_or_else(|| panic!("no setting reads {name}"));
+            args.push(format!("--{}={value}", arg.get_long().unwrap()));
+        }
+        Config::try_parse_from(args).unwrap()
+    }
+
+    #[test]
+    fn every_server_variable_of_the_original_is_read() {
+        let c = parse(&[
+            ("SERVER_PORT", "4321"),
+            ("DB_DIR", "/srv/anywork"),
+            ("CONTAINER_DRIVER", "static"),
+            ("STATIC_WORKER_URL", "http://worker:8080"),
+            ("WORKSPACE_DIR", "/srv/ws"),
+            ("ANTHROPIC_API_KEY", "sk-ant"),
+            ("API_KEY", "sk-or"),
+            ("API_BASE_URL", "https://openrouter.ai/api/v1"),
+            ("MODEL", "m"),
+            ("TITLE_MODEL", "t"),
+        ]);
+        assert_eq!(c.port, 4321);
+        assert_eq!(c.db_dir, PathBuf::from("/srv/anywork"));
+        assert_eq!(c.container_driver.as_deref(), Some("static"));
+        assert_eq!(c.static_worker_url.as_deref(), Some("http://worker:8080"));
+        assert_eq!(c.workspace_dir, Some(PathBuf::from("/srv/ws")));
+        assert_eq!(c.anthropic_api_key.as_deref(), Some("sk-ant"));
+        assert_eq!(
+            (
+                c.api_key.as_deref(),
+                c.api_base_url.as_deref(),
+                c.model.as_deref()
+            ),
+            (
+                Some("sk-or"),
+                Some("https://openrouter.ai/api/v1"),
+                Some("m")
+            )
+        );
+        assert_eq!(c.title_model.as_deref(), Some("t"));
+        // The worker's model settings follow the configuration.
+        let vars = c.worker_vars();
+        assert!(vars.contains(&("ANTHROPIC_API_KEY".into(), "sk-ant".into())));
+        assert!(vars.contains(&("MODEL".into(), "m".into())));
+    }
+
+    #[test]
+    fn the_drivers_read_the_originals_k8s_and_worker_variables() {
+        let vars = [
+            ("K8S_NAMESPACE", "team-a"),
+            ("K8S_WORKER_IMAGE", "registry/anywork-worker:1"),
+            ("K8S_WORKSPACE_STORAGE", "pvc"),
+            ("K8S_IDLE_TTL_SECONDS", "600"),
+            ("K8S_PVC_STORAGE_CLASS", "fast"),
+            ("WORKER_PORT", "9090"),
+        ];
+        let lookup = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let vars: &'static [(&str, &str)] = Box::leak(Box::new(vars));
+        let k8s = anywork_drivers::K8sConfig::from_lookup(lookup(vars)).unwrap();
+        assert_eq!(k8s.namespace, "team-a");
+        assert_eq!(k8s.image, "registry/anywork-worker:1");
+        assert_eq!(k8s.idle_ttl, Duration::from_secs(600));
+        assert_eq!(k8s.worker_port, 9090);
+        assert!(
+            format!("{:?}", k8s.storage).contains("Pvc")
+                && format!("{:?}", k8s.storage).contains("fast"),
+            "{:?}",
+            k8s.storage
+        );
+        // The original's WORKER_IMAGE names the image of both per-session drivers.
+        let original: &'static [(&str, &str)] = &[
+            ("WORKER_IMAGE", "anywork-worker:old"),
+            ("WORKER_PORT", "9090"),
+        ];
+        let k8s = anywork_drivers::K8sConfig::from_lookup(lookup(original)).unwrap();
+        assert_eq!(k8s.image, "anywork-worker:old");
+        let docker = anywork_drivers::DockerConfig::from_lookup(lookup(original)).unwrap();
+        assert_eq!(docker.image, "anywork-worker:old");
+        assert_eq!(docker.worker_port, 9090);
+        let err = anywork_drivers::K8sConfig::from_lookup(lookup(&[])).unwrap_err();
+        assert!(err.message().contains("K8S_WORKER_IMAGE"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn webhook_secret_guards_the_generic_webhook_as_in_the_original() {
+        let config = parse(&[]);
+        let channels = config
+            .channels(|name| (name == "WEBHOOK_SECRET").then(|| "s3cret".to_owned()))
+            .unwrap();
+        let webhook = channels
+            .iter()
+            .find(|c| c.channel_type() == "webhook")
+            .expect("the webhook is on by default");
+        // The original's body, with its list of MCP servers and skills by name.
+        let body = serde_json::json!({"message": "review PR 7", "session_id": "wh-1",
+            "skills": ["code-review"],
+            "mcp_servers": [{"name": "docs", "transport": "http", "url": "https://d.example/mcp"}]})
+        .to_string();
+        let unsigned = anywork_core::InboundRequest::new(Vec::new(), body.clone());
+        let err = webhook.parse(unsigned).await.unwrap_err();
+        assert_eq!(err.kind(), anywork_core::ErrorKind::Unauthorized, "{err}");
+        let wrong = anywork_core::InboundRequest::new(Vec::new(), body.clone())
+            .with_header("x-webhook-secret", "nope");
+        assert!(webhook.parse(wrong).await.is_err());
+        let signed = anywork_core::InboundRequest::new(Vec::new(), body)
+            .with_header("x-webhook-secret", "s3cret");
+        let anywork_core::Inbound::Task(task) = webhook.parse(signed).await.unwrap() else {
+            panic!("not a task")
+        };
+        assert_eq!(task.message, "review PR 7");
+        assert_eq!(task.unresolved_skills(), ["code-review"]);
+        assert!(task.mcp_servers.contains_key("docs"));
+        // Without WEBHOOK_SECRET the webhook is open, as the original's was (with a warning).
+        let open = parse(&[]).channels(|_| None).unwrap();
+        let open = open.iter().find(|c| c.channel_type() == "webhook").unwrap();
+        let body = serde_json::json!({"message": "hi"}).to_string();
+        assert!(
+            open.parse(anywork_core::InboundRequest::new(Vec::new(), body))
+                .await
+                .is_ok()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_originals_settings_build_the_server_they_describe() {
+        let fake = FakeLlm::start().await;
+        fake.set_responder(|req| {
+            if req.model() == Some("title-model") {
+                Reply::text("Greeting Title")
+            } else {
+                Reply::text("Hello back.")
+            }
+        });
+        let data = tempfile::tempdir().unwrap();
+        let workspace = data.path().join("elsewhere");
+        let base = format!("{}/v1", fake.url());
+        let c = parse(&[
+            ("DB_DIR", data.path().to_str().unwrap()),
+            ("WORKSPACE_DIR", workspace.to_str().unwrap()),
+            ("API_KEY", "sk-test"),
+            ("API_BASE_URL", &base),
+            ("MODEL", "agent-model"),
+            ("TITLE_MODEL", "title-model"),
+        ]);
+        let built = c.build().await.unwrap();
+        let d = built.state.dispatcher().clone();
+        // No CONTAINER_DRIVER nor STATIC_WORKER_URL: the worker runs in-process, named so.
+        assert_eq!(d.driver_name(), "local");
+        assert!(data.path().join("anywork.db").exists());
+        assert!(
+            workspace.is_dir(),
+            "WORKSPACE_DIR is the local worker's root"
+        );
+        // API_KEY + API_BASE_URL + MODEL: the in-process worker's native executor on that API.
+        let (submitted, events) = d
+            .submit_and_follow(anywork_core::TaskRequest::new("api", "Say hello"))
+            .await
+            .unwrap();
+        let events: Vec<_> = futures_util::StreamExt::collect::<Vec<_>>(events).await;
+        assert!(events.iter().all(Result::is_ok), "{events:?}");
+        let task = d.task(submitted.task.id).await.unwrap();
+        assert_eq!(task.result.as_deref(), Some("Hello back."), "{task:?}");
+        assert!(
+            fake.requests()
+                .iter()
+                .any(|r| r.model() == Some("agent-model"))
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while d.session(&task.session_id).await.unwrap().title != "Greeting Title" {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no title from TITLE_MODEL"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // STATIC_WORKER_URL alone means the static driver; CONTAINER_DRIVER=static needs it.
+        let db = |dir: &tempfile::TempDir| dir.path().to_str().unwrap().to_owned();
+        let other = tempfile::tempdir().unwrap();
+        let built = parse(&[
+            ("DB_DIR", &db(&other)),
+            ("STATIC_WORKER_URL", "http://127.0.0.1:9"),
+        ])
+        .build()
+        .await
+        .unwrap();
+        assert_eq!(built.state.dispatcher().driver_name(), "static");
+        let other = tempfile::tempdir().unwrap();
+        let err = parse(&[("DB_DIR", &db(&other)), ("CONTAINER_DRIVER", "static")])
+            .build()
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("STATIC_WORKER_URL"), "{err:#}");
+        let other = tempfile::tempdir().unwrap();
+        let err = parse(&[("DB_DIR", &db(&other)), ("CONTAINER_DRIVER", "cloudrun")])
+            .build()
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("local, static, docker, k8s"),
+            "{err:#}"
+        );
     }
 }
