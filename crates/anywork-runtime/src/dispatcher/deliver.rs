@@ -13,3 +13,37 @@ impl Inner {
         self.hooks.close(task.id);
     }
 }
+
+/// `scheme://host[:port]` of a URL (no user info, path or query, which may hold secrets).
+pub(super) fn url_host(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => format!(
+            "{}://{}{}",
+            u.scheme(),
+            u.host_str().unwrap_or(""),
+            u.port().map(|p| format!(":{p}")).unwrap_or_default()
+        ),
+        Err(_) => "<not a URL>".to_owned(),
+    }
+}
+
+/// An error with its sources, `: `-separated, without URLs.
+pub(super) fn error_chain(e: &reqwest::Error) -> String {
+    let mut out = if e.is_redirect() {
+        "redirect refused"
+    } else if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "cannot connect"
+    } else {
+        "request failed"
+    }
+    .to_owned();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

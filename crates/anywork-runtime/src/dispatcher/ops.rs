@@ -92,6 +92,30 @@ impl WorkspaceDoc {
             WorkspaceDoc::Agents => "agents",
         }
     }
+
+    /// The file name (`SOUL.md`, `AGENTS.md`).
+    pub fn file_name(self) -> &'static str {
+        match self {
+            WorkspaceDoc::Soul => "SOUL.md",
+            WorkspaceDoc::Agents => "AGENTS.md",
+        }
+    }
+
+    /// The store setting holding the default of new sessions.
+    pub fn setting_key(self) -> &'static str {
+        match self {
+            WorkspaceDoc::Soul => "workspace.soul",
+            WorkspaceDoc::Agents => "workspace.agents",
+        }
+    }
+
+    /// The built-in default, until one is saved.
+    pub fn builtin(self) -> &'static str {
+        match self {
+            WorkspaceDoc::Soul => anywork_core::worker_api::DEFAULT_SOUL,
+            WorkspaceDoc::Agents => anywork_core::worker_api::DEFAULT_AGENTS,
+        }
+    }
 }
 
 impl FromStr for WorkspaceDoc {
@@ -119,11 +143,6 @@ pub struct DocFile {
     /// Its text.
     #[serde(default)]
     pub content: String,
-}
-
-/// The session id used to reach a worker for workspace-wide files.
-fn workspace_session() -> SessionId {
-    SessionId::new("workspace").unwrap_or_else(|_| SessionId::generate())
 }
 
 impl Dispatcher {
@@ -401,35 +420,154 @@ impl Dispatcher {
         }
     }
 
-    /// A workspace document, from any healthy worker.
+    /// The default of `doc` that new sessions start with, kept in the store (the built-in
+    /// text until someone saves one). No worker is asked, none is started.
     pub async fn workspace_doc(&self, doc: WorkspaceDoc) -> Result<DocFile> {
-        let worker = self.any_worker(&workspace_session()).await?;
-        let answer = self.inner.client.get_doc(&worker, doc.slug()).await?;
-        doc_file(answer)
+        let content = match self.inner.store.get_setting(doc.setting_key()).await? {
+            Some(text) => text,
+            None => doc.builtin().to_owned(),
+        };
+        Ok(DocFile {
+            file: doc.file_name().to_owned(),
+            content,
+        })
     }
 
-    /// Writes a workspace document through any healthy worker; returns it as written.
+    /// Saves the default of `doc` in the store: every session created from now on starts with
+    /// it (handed to its workspace by `/prepare`); existing sessions keep their own copy.
     pub async fn put_workspace_doc(&self, doc: WorkspaceDoc, content: &str) -> Result<DocFile> {
-        let worker = self.any_worker(&workspace_session()).await?;
+        self.inner
+            .store
+            .put_setting(doc.setting_key(), content)
+            .await?;
+        Ok(DocFile {
+            file: doc.file_name().to_owned(),
+            content: content.to_owned(),
+        })
+    }
+
+    /// `doc` as the session has it in its workspace, from the session's running worker.
+    /// No worker is started: `Conflict` when none runs for the session now.
+    pub async fn session_doc(&self, session: &SessionId, doc: WorkspaceDoc) -> Result<DocFile> {
+        self.inner.store.get_session(session).await?;
+        let worker = self.running_worker(session).await?;
         let answer = self
             .inner
             .client
-            .put_doc(&worker, doc.slug(), content)
+            .get_session_doc(&worker, doc.slug(), session)
+            .await?;
+        doc_file(answer)
+    }
+
+    /// Writes `doc` into the session's workspace through its running worker (it applies to
+    /// the session's next task). `Conflict` when no worker runs for the session now.
+    pub async fn put_session_doc(
+        &self,
+        session: &SessionId,
+        doc: WorkspaceDoc,
+        content: &str,
+    ) -> Result<DocFile> {
+        self.inner.store.get_session(session).await?;
+        let worker = self.running_worker(session).await?;
+        let answer = self
+            .inner
+            .client
+            .put_session_doc(&worker, doc.slug(), session, content)
             .await?;
         let mut file = doc_file(answer)?;
         file.content = content.to_owned();
         Ok(file)
     }
 
-    /// A worker to ask about workspace-wide things (`SOUL.md`, `AGENTS.md`): a healthy one the
-    /// driver knows, else the one of `fallback`.
-    async fn any_worker(&self, fallback: &SessionId) -> Result<WorkerEndpoint> {
-        if let Ok(workers) = self.inner.driver.list().await
-            && let Some(w) = workers.into_iter().find(|w| w.healthy)
-        {
-            return Ok(w.endpoint);
+    /// The session's `files/` listing (`{files: [{path, size, modified}], truncated}`), from
+    /// its worker (started if it is not running: the files live on its workspace).
+    pub async fn session_files(&self, session: &SessionId) -> Result<Value> {
+        self.inner.store.get_session(session).await?;
+        let worker = self.inner.driver.get_worker(session).await?;
+        self.inner.client.list_files(&worker, session).await
+    }
+
+    /// One file of the session's `files/` (`path` relative to it).
+    pub async fn session_file(&self, session: &SessionId, path: &str) -> Result<Vec<u8>> {
+        anywork_core::spec::validate_relative_path(path)?;
+        self.inner.store.get_session(session).await?;
+        let worker = self.inner.driver.get_worker(session).await?;
+        self.inner.client.read_file(&worker, session, path).await
+    }
+
+    /// The session's `files/` as a zip.
+    pub async fn session_files_zip(&self, session: &SessionId) -> Result<Vec<u8>> {
+        self.inner.store.get_session(session).await?;
+        let worker = self.inner.driver.get_worker(session).await?;
+        self.inner.client.zip_files(&worker, session).await
+    }
+
+    /// Writes (uploads) `bytes` as `files/<path>` of the session; the worker refuses
+    /// traversal, links and files over its upload limit.
+    pub async fn put_session_file(
+        &self,
+        session: &SessionId,
+        path: &str,
+        bytes: Vec<u8>,
+    ) -> Result<Value> {
+        anywork_core::spec::validate_relative_path(path)?;
+        self.inner.store.get_session(session).await?;
+        let worker = self.inner.driver.get_worker(session).await?;
+        self.inner
+            .client
+            .write_file(&worker, session, path, bytes)
+            .await
+    }
+
+    /// The healthy worker that serves `session` now (its own, or a shared one), without
+    /// starting one.
+    pub(super) async fn running_worker(&self, session: &SessionId) -> Result<WorkerEndpoint> {
+        let workers = self.inner.driver.list().await?;
+        workers
+            .into_iter()
+            .filter(|w| w.healthy)
+            .find(|w| w.session_id.as_ref().is_none_or(|s| s == session))
+            .map(|w| w.endpoint)
+            .ok_or_else(|| {
+                Error::conflict(format!(
+                    "session {session} has no running worker now (it is started by the \
+                     session's next message and stopped when idle): its workspace files can be \
+                     read and changed while it runs"
+                ))
+            })
+    }
+
+    /// The tasks not yet over (pending, running, waiting for input), oldest first, at most
+    /// `limit` of each status.
+    pub async fn active_tasks(&self, limit: u32) -> Result<Vec<Task>> {
+        let mut tasks = Vec::new();
+        for status in [
+            anywork_core::TaskStatus::Running,
+            anywork_core::TaskStatus::InputRequired,
+            anywork_core::TaskStatus::Pending,
+        ] {
+            tasks.extend(
+                self.inner
+                    .store
+                    .tasks_by_status(status, Page::first(limit))
+                    .await?,
+            );
         }
-        self.inner.driver.get_worker(fallback).await
+        Ok(tasks)
+    }
+
+    /// `Ok` when this server can take work: it is not shutting down and its store takes
+    /// writes now ([`TaskStore::check_ready`](anywork_core::TaskStore::check_ready): one small
+    /// real write, bounded). `Unavailable` with the reason otherwise.
+    pub async fn check_ready(&self) -> Result<()> {
+        if self
+            .inner
+            .closing
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(Error::unavailable("the server is shutting down"));
+        }
+        self.inner.store.check_ready().await
     }
 
     /// The workers the driver runs.
@@ -451,6 +589,26 @@ impl Dispatcher {
                 inner: std::sync::Arc::downgrade(&self.inner),
             },
         );
+    }
+}
+
+impl Inner {
+    /// The defaults saved in the store, for `/prepare` (`None` where none was saved; a store
+    /// that cannot be read is logged and the worker's own defaults apply).
+    pub(super) async fn saved_defaults(&self) -> (Option<String>, Option<String>) {
+        let get = |doc: WorkspaceDoc| async move {
+            self.store
+                .get_setting(doc.setting_key())
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot read the default {}", doc.file_name());
+                    None
+                })
+        };
+        (
+            get(WorkspaceDoc::Soul).await,
+            get(WorkspaceDoc::Agents).await,
+        )
     }
 }
 

@@ -271,6 +271,17 @@ impl Inner {
             DeliveryTarget::Push {
                 url, authorization, ..
             } => {
+                // Checked again at send time (the policy may have changed since the task came
+                // in); the client checks every resolved address and redirect too, so the
+                // caller's `Authorization` only goes where the policy allows.
+                let host = super::deliver::url_host(url);
+                let parsed = reqwest::Url::parse(url)
+                    .map_err(|e| Error::invalid_input(format!("push URL: {e}")))?;
+                self.config.outbound.check_target(
+                    "push_notification.url",
+                    parsed.scheme(),
+                    parsed.host_str().unwrap_or(""),
+                )?;
                 let body = serde_json::to_vec(&delivery.payload)
                     .map_err(|e| Error::internal(format!("push body: {e}")))?;
                 let event = delivery.payload["status"].as_str().unwrap_or("").to_owned();
@@ -291,10 +302,17 @@ impl Inner {
                         .header(headers::SIGNATURE, sign(secret.as_bytes(), &ts, &body));
                 }
                 let response = request.body(body).send().await.map_err(|e| {
-                    let e = e.without_url();
-                    Error::unavailable(format!("push to {url} could not be sent: {e}"))
+                    // A refused address or redirect will not pass on a retry.
+                    let chain = super::deliver::error_chain(&e);
+                    let message = format!("push to {host} could not be sent: {chain}");
+                    if e.is_redirect() || chain.contains("requests may only reach public addresses")
+                    {
+                        Error::invalid_input(message)
+                    } else {
+                        Error::unavailable(message)
+                    }
                 })?;
-                push_status(url, response.status().as_u16(), response.headers())
+                push_status(&host, response.status().as_u16(), response.headers())
             }
         }
     }
@@ -319,7 +337,7 @@ pub fn sign(secret: &[u8], ts: &str, body: &[u8]) -> String {
 
 /// The result of a push by the receiver's status: 2xx sent; 408, 429 and 5xx tried again
 /// (no sooner than `Retry-After`); any other answer is a refusal that will not pass.
-fn push_status(url: &str, status: u16, headers: &reqwest::header::HeaderMap) -> Result<()> {
+fn push_status(host: &str, status: u16, headers: &reqwest::header::HeaderMap) -> Result<()> {
     if (200..300).contains(&status) {
         return Ok(());
     }
@@ -344,7 +362,7 @@ fn push_status(url: &str, status: u16, headers: &reqwest::header::HeaderMap) -> 
     } else {
         "it will not be tried again unless retried by hand (POST /api/deliveries/:id/retry)"
     };
-    let mut e = Error::new(kind, format!("push to {url} answered {status}; {next}"));
+    let mut e = Error::new(kind, format!("push to {host} answered {status}; {next}"));
     if let Some(w) = retry_after {
         e = e.with_retry_after(w);
     }

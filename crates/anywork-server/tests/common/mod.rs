@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anywork_drivers::StaticDriver;
-use anywork_runtime::{Backoff, Dispatcher, DispatcherConfig, FirstWords, TitleGenerator};
+use anywork_runtime::{
+    Backoff, Dispatcher, DispatcherBuilder, DispatcherConfig, FirstWords, TitleGenerator,
+};
 use anywork_server::{ApiOptions, AppState};
 use anywork_store::SqliteStore;
 use anywork_test::fake_llm::FakeLlm;
@@ -46,9 +48,19 @@ impl WorkerProcess {
     }
 
     pub async fn start_in(fake: &FakeLlm, workspace: &Path) -> WorkerProcess {
+        Self::start_with_env(fake, workspace, &[]).await
+    }
+
+    /// A worker with extra environment variables (e.g. `SSE_KEEP_ALIVE_SECONDS`).
+    pub async fn start_with_env(
+        fake: &FakeLlm,
+        workspace: &Path,
+        env: &[(&str, &str)],
+    ) -> WorkerProcess {
         let port = free_port();
         let child = tokio::process::Command::new(anywork_test::bins::worker_bin())
             .env_clear()
+            .envs(env.iter().copied())
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOME", workspace)
             .env("WORKER_HOST", "127.0.0.1")
@@ -105,6 +117,11 @@ pub struct Setup {
     pub db_dir: Option<std::path::PathBuf>,
     pub push_secret: Option<String>,
     pub options: ApiOptions,
+    /// The store (and the folder it lives in, removed with the server); SQLite in `db_dir` or
+    /// a temp dir if `None`.
+    pub store: Option<(tempfile::TempDir, Arc<dyn anywork_core::TaskStore>)>,
+    /// Anything else on the dispatcher's builder (skills, …), applied last.
+    pub customize: Option<Box<dyn FnOnce(DispatcherBuilder) -> DispatcherBuilder + Send>>,
 }
 
 impl TestServer {
@@ -124,21 +141,65 @@ impl TestServer {
         Self::start_full(worker_url, setup, titles).await
     }
 
+    /// A server with its own API options (token, limits, CORS origins).
+    pub async fn start_with_options(
+        worker_url: &str,
+        config: DispatcherConfig,
+        titles: impl TitleGenerator,
+        options: ApiOptions,
+    ) -> TestServer {
+        let setup = Setup {
+            config,
+            options,
+            ..Setup::default()
+        };
+        Self::start_full(worker_url, setup, titles).await
+    }
+
+    /// The server with the dispatcher's builder set up by `customize` (skills, …).
+    pub async fn start_custom(
+        worker_url: &str,
+        customize: impl FnOnce(DispatcherBuilder) -> DispatcherBuilder + Send + 'static,
+    ) -> TestServer {
+        let setup = Setup {
+            customize: Some(Box::new(customize)),
+            ..Setup::default()
+        };
+        Self::start_full(worker_url, setup, FirstWords).await
+    }
+
+    /// The server over `store` (kept in `dir`, removed with the server).
+    pub async fn start_on(
+        dir: tempfile::TempDir,
+        store: Arc<dyn anywork_core::TaskStore>,
+        worker_url: &str,
+        config: DispatcherConfig,
+        titles: impl TitleGenerator,
+    ) -> TestServer {
+        let setup = Setup {
+            config,
+            store: Some((dir, store)),
+            ..Setup::default()
+        };
+        Self::start_full(worker_url, setup, titles).await
+    }
+
     /// A server with channels, a store directory, a push secret and API options of choice.
     pub async fn start_full(
         worker_url: &str,
         setup: Setup,
         titles: impl TitleGenerator,
     ) -> TestServer {
-        let (dir, path) = match setup.db_dir {
-            Some(p) => (None, p),
-            None => {
-                let d = tempfile::tempdir().unwrap();
-                let p = d.path().to_owned();
-                (Some(d), p)
-            }
-        };
-        let store = Arc::new(SqliteStore::open_in_dir(&path).await.unwrap());
+        let (dir, store): (Option<tempfile::TempDir>, Arc<dyn anywork_core::TaskStore>) =
+            match (setup.store, setup.db_dir) {
+                (Some((d, s)), _) => (Some(d), s),
+                (None, Some(p)) => (None, Arc::new(SqliteStore::open_in_dir(&p).await.unwrap())),
+                (None, None) => {
+                    let d = tempfile::tempdir().unwrap();
+                    let s = SqliteStore::open_in_dir(d.path()).await.unwrap();
+                    (Some(d), Arc::new(s))
+                }
+            };
         let driver = Arc::new(StaticDriver::new(worker_url).unwrap());
         let mut builder = Dispatcher::builder(store, driver)
             .config(setup.config)
@@ -149,8 +210,15 @@ impl TestServer {
         if let Some(secret) = setup.push_secret {
             builder = builder.push_signing_secret(secret);
         }
+        if let Some(customize) = setup.customize {
+            builder = customize(builder);
+        }
         let dispatcher = builder.start().await.unwrap();
-        let state = AppState::new(dispatcher, setup.options);
+        let mut options = setup.options;
+        if options.setup.is_empty() {
+            options.setup = dispatcher.check_setup().await;
+        }
+        let state = AppState::new(dispatcher, options);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
