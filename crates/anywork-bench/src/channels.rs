@@ -1,6 +1,7 @@
 //! Channel intake: signed generic-webhook requests at a fixed rate against the in-process
 //! server (SQLite, the webhook channel with a secret, an in-process worker on the fake model,
-//! so the tasks really run meanwhile), timing each request to its `202`.
+//! so the tasks really run meanwhile, `--max-concurrent` at a time), timing each request to
+//! its `202`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +28,10 @@ pub struct Options {
     /// Sign with X-AnyWork-Signature (HMAC of timestamp + body) instead of X-Webhook-Secret.
     #[arg(long)]
     hmac: bool,
+    /// Tasks running at once meanwhile (the rest wait in their queues): low, so that what is
+    /// measured is the intake, not the agent runs competing for the CPU.
+    #[arg(long, default_value_t = 1)]
+    max_concurrent: usize,
 }
 
 const SECRET: &str = "bench-webhook-secret";
@@ -39,7 +44,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let store = Arc::new(anywork_store::SqliteStore::open_in_dir(dir.path()).await?);
     let driver = Arc::new(anywork_drivers::StaticDriver::new(&worker.url)?);
     let mut config = DispatcherConfig::default();
-    config.max_concurrent = 256;
+    config.max_concurrent = options.max_concurrent.max(1);
     config.reap_every = None;
     let channel = WebhookChannel::new(WebhookConfig::new().with_secret(SECRET));
     let dispatcher = Dispatcher::builder(store, driver)
@@ -62,14 +67,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         .pool_max_idle_per_host(1024)
         .build()?;
     println!(
-        "channels  webhook intake → 202, {} verification, {} req/s offered for {} s (SQLite, tasks run meanwhile)",
+        "channels  webhook intake → 202, {} verification, {} req/s offered for {} s (SQLite; {} task(s) run at a time meanwhile)",
         if options.hmac {
             "HMAC signature"
         } else {
             "X-Webhook-Secret"
         },
         options.rate,
-        options.seconds
+        options.seconds,
+        options.max_concurrent
     );
     offer(&http, &url, options.rate, 1, options.hmac).await?;
     let started = Instant::now();

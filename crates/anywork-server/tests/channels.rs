@@ -34,6 +34,8 @@ fn fast() -> DispatcherConfig {
     c.outbox.initial_backoff = Duration::from_millis(100);
     c.outbox.max_backoff = Duration::from_millis(400);
     c.outbox.poll_every = Duration::from_millis(50);
+    // The receivers and fakes listen on loopback over http.
+    c.outbound = anywork_core::OutboundPolicy::allow_all();
     c
 }
 
@@ -538,9 +540,12 @@ const GH_SECRET: &str = "gh-webhook-secret";
 const GH_TOKEN: &str = "ghp_e2e_token";
 const REPO: &str = "octo-org/hello-world";
 
-fn github(api: &str) -> Arc<dyn Channel> {
+/// The GitHub channel on the fake API; `checkout`: the repository in the workspace (the
+/// payloads' clone URL must then be reachable: a `file://` one).
+fn github(api: &str, checkout: bool) -> Arc<dyn Channel> {
     let mut c = GithubConfig::new(GH_SECRET, GithubAuth::Token(GH_TOKEN.into()));
     c.api_url = api.to_owned();
+    c.checkout = checkout;
     Arc::new(GithubChannel::new(c))
 }
 
@@ -624,7 +629,7 @@ async fn a_github_mention_is_answered_by_editing_the_placeholder_and_a_redeliver
     gh.allow_token(GH_TOKEN);
     let setup = Setup {
         config: fast(),
-        channels: vec![github(&gh.url())],
+        channels: vec![github(&gh.url(), false)],
         ..Setup::default()
     };
     let server = TestServer::start_full(&worker.url, setup, FirstWords).await;
@@ -729,7 +734,7 @@ async fn a_question_is_posted_on_github_and_the_next_comment_answers_it() {
     gh.allow_token(GH_TOKEN);
     let setup = Setup {
         config: fast(),
-        channels: vec![github(&gh.url())],
+        channels: vec![github(&gh.url(), false)],
         ..Setup::default()
     };
     let server = TestServer::start_full(&worker.url, setup, FirstWords).await;
@@ -972,7 +977,7 @@ async fn a_pull_request_comment_works_in_the_pull_requests_head_refreshed_per_ta
     gh.allow_token(GH_TOKEN);
     let setup = Setup {
         config: fast(),
-        channels: vec![github(&gh.url())],
+        channels: vec![github(&gh.url(), true)],
         ..Setup::default()
     };
     let server = TestServer::start_full(&worker.url, setup, FirstWords).await;

@@ -50,7 +50,8 @@ pub struct ApiOptions {
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
     /// Largest body of a channel event (`POST /api/channel/:type/webhook`), in bytes; a
-    /// larger one is refused with 413 before any channel reads it.
+    /// larger one is refused with 413 before any channel reads it. Never more than
+    /// `max_body_bytes`.
     pub channel_max_body_bytes: usize,
     /// Longest long-poll of `/api/tasks/:id/logs?wait=`.
     pub max_wait: Duration,

@@ -346,7 +346,11 @@ pub(crate) async fn channel_webhook(
         ))
         .into());
     }
-    let limit = state.options().channel_max_body_bytes;
+    // The channel limit, within the API's own.
+    let limit = state
+        .options()
+        .channel_max_body_bytes
+        .min(state.options().max_body_bytes);
     let too_large = || {
         ApiError::with_status(
             StatusCode::PAYLOAD_TOO_LARGE,
