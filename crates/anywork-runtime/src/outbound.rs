@@ -112,7 +112,10 @@ fn check_literal(policy: &OutboundPolicy, what: &str, url: &str) -> Result<Optio
     let host = parsed.host_str().unwrap_or("");
     policy.check_target(what, parsed.scheme(), host)?;
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    Ok((bare.parse::<std::net::IpAddr>().is_err() && !policy.host_allowed(bare)).then(|| bare.to_owned()))
+    Ok(
+        (bare.parse::<std::net::IpAddr>().is_err() && !policy.host_allowed(bare))
+            .then(|| bare.to_owned()),
+    )
 }
 
 /// Reads MCP catalog secrets from the server's environment and files. Errors name the

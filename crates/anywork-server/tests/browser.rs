@@ -517,7 +517,7 @@ async fn the_ui_asks_for_the_api_token_once_and_uses_it() {
     let worker = WorkerProcess::start(&fake).await;
     let mut options = anywork_server::ApiOptions::default();
     options.api_token = anywork_server::ApiToken::new(TOKEN);
-    let server = TestServer::start_full(
+    let server = TestServer::start_with_options(
         &worker.url,
         anywork_runtime::DispatcherConfig::default(),
         anywork_runtime::FirstWords,

@@ -44,10 +44,9 @@ impl Channel for TestChannel {
         task.channel_key = Some("thread-1".into());
         // What a webhook sender may ask for: a callback URL, its own MCP command.
         if let Some(url) = body.strip_prefix("callback ") {
-            task.push_notification = Some(anywork_core::PushNotification {
-                url: url.to_owned(),
-                authorization: Some("Bearer x".into()),
-            });
+            let mut push = anywork_core::PushNotification::new(url);
+            push.authorization = Some("Bearer x".into());
+            task.push_notification = Some(push);
         }
         if body == "mcp-command" {
             task.mcp_servers.insert(
