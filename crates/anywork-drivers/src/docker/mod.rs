@@ -879,7 +879,7 @@ impl ContainerDriver for DockerDriver {
     }
 
     async fn is_healthy(&self, endpoint: &WorkerEndpoint) -> bool {
-        self.health.check(&endpoint).await.is_some()
+        self.health.check(endpoint).await.is_some()
     }
 
     /// The engine answers, the worker image is on it, and the workers get a model.

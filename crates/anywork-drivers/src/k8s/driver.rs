@@ -651,7 +651,7 @@ impl ContainerDriver for K8sDriver {
     }
 
     async fn is_healthy(&self, endpoint: &WorkerEndpoint) -> bool {
-        self.health.check(&endpoint).await.is_some()
+        self.health.check(endpoint).await.is_some()
     }
 
     /// The API server answers for the namespace's pods, and the workers get a model.

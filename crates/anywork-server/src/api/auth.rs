@@ -241,6 +241,7 @@ pub(crate) enum WsAccess {
 }
 
 /// The checks of `/ws` before the upgrade: `Origin`, then the token.
+#[allow(clippy::result_large_err)] // the refusal is the response itself, built once per upgrade
 pub(crate) fn check_ws(state: &AppState, headers: &HeaderMap) -> Result<WsAccess, Response> {
     if let Some(origin) = headers.get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");

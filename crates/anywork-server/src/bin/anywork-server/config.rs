@@ -333,8 +333,10 @@ impl Config {
 
     /// The MCP catalog of MCP_SERVERS_FILE and ALLOW_REQUEST_MCP_COMMANDS.
     fn mcp_access(&self) -> anyhow::Result<anywork_core::McpAccess> {
-        let mut access = anywork_core::McpAccess::default();
-        access.allow_request_commands = self.allow_request_mcp_commands;
+        let mut access = anywork_core::McpAccess {
+            allow_request_commands: self.allow_request_mcp_commands,
+            ..Default::default()
+        };
         if let Some(path) = &self.mcp_servers_file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read MCP_SERVERS_FILE {}", path.display()))?;
