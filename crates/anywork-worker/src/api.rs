@@ -163,16 +163,13 @@ async fn prepare(
 ) -> Result<Json<Value>, ApiError> {
     let workspace = state.workspace().clone();
     blocking(move || {
-        workspace.ensure_session_seeded(
-            &body.session_id,
-            body.default_soul.as_deref(),
-            body.default_agents.as_deref(),
-        )?;
-        workspace.prepare(
+        workspace.prepare_seeded(
             &body.session_id,
             &body.skills.unwrap_or_default(),
             &body.mcp_servers.unwrap_or_default(),
             body.soul.as_deref(),
+            body.default_soul.as_deref(),
+            body.default_agents.as_deref(),
         )
     })
     .await?;

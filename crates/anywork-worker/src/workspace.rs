@@ -292,6 +292,22 @@ impl Workspace {
         mcp_servers: &McpServers,
         soul: Option<&str>,
     ) -> Result<PathBuf> {
+        self.prepare_seeded(session, skills, mcp_servers, soul, None, None)
+    }
+
+    /// [`prepare`](Self::prepare) for a session whose missing `SOUL.md` / `AGENTS.md` start
+    /// as `default_soul` / `default_agents` when given (the server's defaults; see
+    /// [`ensure_session_seeded`](Self::ensure_session_seeded)). Nothing is written when the
+    /// request is refused.
+    pub fn prepare_seeded(
+        &self,
+        session: &SessionId,
+        skills: &[SkillSpec],
+        mcp_servers: &McpServers,
+        soul: Option<&str>,
+        default_soul: Option<&str>,
+        default_agents: Option<&str>,
+    ) -> Result<PathBuf> {
         validate_skills(skills)?;
         validate_mcp_servers(mcp_servers)?;
         let session_lock = {
@@ -306,7 +322,7 @@ impl Workspace {
         let _serial = session_lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let ws = self.ensure_session(session)?;
+        let ws = self.ensure_session_seeded(session, default_soul, default_agents)?;
         let skill_roots = [
             ensure_dirs(&ws, &[".claude", SKILLS_DIR])?,
             ensure_dirs(&ws, &[SKILLS_DIR])?,
