@@ -1842,5 +1842,11 @@ mod keep_alive {
         async fn check_ready(&self) -> Result<()> {
             self.store.check_ready().await
         }
+        async fn get_setting(&self, key: &str) -> Result<Option<String>> {
+            self.store.get_setting(key).await
+        }
+        async fn put_setting(&self, key: &str, value: &str) -> Result<()> {
+            self.store.put_setting(key, value).await
+        }
     }
 }
