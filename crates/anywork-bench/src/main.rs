@@ -5,8 +5,10 @@
 //! cargo run --release -p anywork-bench -- worker     # see docs/benchmarks.md
 //! cargo run --release -p anywork-bench -- server
 //! cargo run --release -p anywork-bench -- docker     # needs a Docker engine
+//! cargo run --release -p anywork-bench -- channels   # webhook intake at 500 req/s
 //! ```
 
+mod channels;
 mod docker;
 mod server;
 mod stats;
@@ -29,6 +31,8 @@ enum Command {
     /// Server: dispatch overhead (WebSocket chat → executor start) and tasks/s with N
     /// concurrent sessions on SQLite, RSS per idle WebSocket session of the server binary.
     Server(server::Options),
+    /// Channels: signed generic-webhook requests at a fixed rate → `202`, p50/p99, req/s.
+    Channels(channels::Options),
     /// Docker driver: cold `get_worker` (create + start + ready) and warm reuse, p50/p99.
     Docker(docker::Options),
 }
@@ -39,5 +43,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Worker(options) => worker::run(options).await,
         Command::Server(options) => server::run(options).await,
         Command::Docker(options) => docker::run(options).await,
+        Command::Channels(options) => channels::run(options).await,
     }
 }

@@ -380,6 +380,7 @@ pub async fn task_round_trips_every_field(store: Store) {
     new.push_notification = Some(PushNotification {
         url: "http://127.0.0.1:9/cb".into(),
         authorization: Some("Bearer t".into()),
+        events: Vec::new(),
     });
     let created = store.create_task(new.clone()).await.unwrap();
     assert_eq!(created, new.clone().into_task());

@@ -246,7 +246,9 @@ impl OutboundPolicy {
         self.allow_http
     }
 
-    fn host_allowed(&self, host: &str) -> bool {
+    /// Whether `host` is on the operator's allow-list (then any address it resolves to is
+    /// allowed, and it need not be resolved to be checked).
+    pub fn host_allowed(&self, host: &str) -> bool {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         self.allow_hosts.iter().any(|pattern| {
             pattern == "*"

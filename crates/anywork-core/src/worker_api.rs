@@ -29,6 +29,11 @@ use crate::spec::{McpServers, SkillSpec};
 pub const PREPARE_PATH: &str = "/prepare";
 /// Path of [`ChatRequest`].
 pub const CHAT_PATH: &str = "/chat";
+/// `GET` with `?task_id=&after_seq=`: a running (or just ended) task's events after the
+/// worker's seq `after_seq`, as the `/chat` stream sends them (each SSE event's `id` is its
+/// seq, from 1), for a server that lost its `/chat` stream and comes back. 404 when the worker
+/// does not have the task.
+pub const ATTACH_PATH: &str = "/chat/attach";
 /// Path of [`CancelRequest`].
 pub const CANCEL_PATH: &str = "/cancel";
 /// Path of [`InputAnswer`].
@@ -142,6 +147,81 @@ pub struct PrepareRequest {
     /// The `AGENTS.md` a new session starts with, likewise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_agents: Option<String>,
+    /// A git repository to check out (or refresh) in the session's workspace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<RepoCheckout>,
+}
+
+/// A git repository a task works in: checked out shallowly (depth 1) in the folder `dir` of
+/// the session's workspace, and brought to `git_ref` again before each task (local changes to
+/// tracked files are dropped; untracked files stay). Built with [`RepoCheckout::new`].
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RepoCheckout {
+    /// The clone URL (`https://…`, or `file://…` in tests).
+    pub url: String,
+    /// What to check out: a branch, a tag or a full ref (`refs/pull/12/head`); the remote's
+    /// `HEAD` when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
+    /// The folder inside the workspace (one plain name, e.g. the repository's name).
+    pub dir: String,
+    /// A token for HTTPS (sent as `x-access-token` basic auth, never written to disk); a
+    /// secret, hidden by `Debug`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+impl RepoCheckout {
+    /// `url` checked out in `dir`, at the remote's `HEAD`, without a token.
+    pub fn new(url: impl Into<String>, dir: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            git_ref: None,
+            dir: dir.into(),
+            token: None,
+        }
+    }
+
+    /// Checks the URL (`https://`, `http://` or `file://`, no spaces), the ref (no spaces,
+    /// no leading `-`, no `..`) and the folder (one plain name).
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |what: &str| crate::Error::invalid_input(format!("repository checkout: {what}"));
+        if !["https://", "http://", "file://"]
+            .iter()
+            .any(|p| self.url.starts_with(p))
+            || self
+                .url
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(bad(
+                "the URL must be https://, http:// or file:// without spaces",
+            ));
+        }
+        if let Some(r) = &self.git_ref
+            && (r.is_empty()
+                || r.starts_with('-')
+                || r.contains("..")
+                || r.chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || c == ':'))
+        {
+            return Err(bad("the ref must be a branch, tag or refs/… name"));
+        }
+        crate::spec::validate_name("repository folder", &self.dir)
+    }
+}
+
+impl std::fmt::Debug for RepoCheckout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RepoCheckout")
+            .field("url", &self.url)
+            .field("git_ref", &self.git_ref)
+            .field("dir", &self.dir)
+            .field("token", &self.token.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
 }
 
 /// Runs one task; answered with a stream of events.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anywork_core::worker_api::ChatRequest;
-use anywork_core::{ContainerDriver, ErrorKind, SessionId, TaskId};
+use anywork_core::{ContainerDriver, ErrorKind, SessionId, TaskId, WorkerEndpoint};
 use anywork_drivers::{DockerConfig, DockerDriver};
 use anywork_test::docker_image::{TEST_IMAGE, docker_engine, ensure_worker_image, remove_pool};
 use anywork_test::driver_conformance::{self, DriverSuite};
@@ -163,6 +163,21 @@ async fn passes_the_driver_conformance_suite() {
     );
 }
 
+/// A client that calls `worker` with its secret (the worker refuses calls without it).
+fn authed(worker: &WorkerEndpoint) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(secret) = &worker.secret {
+        headers.insert(
+            anywork_core::worker_api::SECRET_HEADER,
+            secret.expose().parse().expect("a secret is a header value"),
+        );
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("HTTP client")
+}
+
 /// Sends `message` to the worker's `/chat` and returns the SSE body.
 async fn chat(http: &reqwest::Client, base: &str, session: &SessionId, message: &str) -> String {
     let request = ChatRequest {
@@ -188,12 +203,11 @@ async fn chats_through_a_container_and_keeps_the_workspace_across_reaping() {
     let pool = Pool::new("chat");
     let (fake, driver) = pool.driver_with_fake_model().await;
     fake.push(Reply::text("Hello from inside the container"));
-    let http = reqwest::Client::new();
     let s = sid("chat");
 
     let w1 = driver.get_worker(&s).await.unwrap();
     let soul = "You are the container test's agent.";
-    let put = http
+    let put = authed(&w1)
         .put(format!("{}/workspace/soul?session_id={s}", w1.base_url))
         .json(&json!({ "content": soul }))
         .send()
@@ -201,7 +215,7 @@ async fn chats_through_a_container_and_keeps_the_workspace_across_reaping() {
         .unwrap();
     assert!(put.status().is_success(), "{}", put.status());
 
-    let sse = chat(&http, &w1.base_url, &s, "Say hello").await;
+    let sse = chat(&authed(&w1), &w1.base_url, &s, "Say hello").await;
     assert!(
         sse.contains("Hello from inside the container"),
         "the model's answer is streamed back: {sse}"
@@ -227,7 +241,7 @@ async fn chats_through_a_container_and_keeps_the_workspace_across_reaping() {
     // The next request gets a new container on the same workspace.
     let w2 = driver.get_worker(&s).await.unwrap();
     assert_ne!(w2.worker_id, w1.worker_id, "a new container");
-    let doc: Value = http
+    let doc: Value = authed(&w2)
         .get(format!("{}/workspace/soul?session_id={s}", w2.base_url))
         .send()
         .await
@@ -236,7 +250,7 @@ async fn chats_through_a_container_and_keeps_the_workspace_across_reaping() {
         .await
         .unwrap();
     assert_eq!(doc["content"], soul, "SOUL.md survived: {doc}");
-    let history: Value = http
+    let history: Value = authed(&w2)
         .get(format!("{}/sessions/{s}/messages", w2.base_url))
         .send()
         .await
@@ -264,7 +278,7 @@ async fn chats_through_a_container_and_keeps_the_workspace_across_reaping() {
 
     // The session could start over, on an empty workspace.
     let w3 = driver.get_worker(&s).await.unwrap();
-    let doc: Value = http
+    let doc: Value = authed(&w3)
         .get(format!("{}/workspace/soul?session_id={s}", w3.base_url))
         .send()
         .await
@@ -516,13 +530,7 @@ async fn the_agent_gets_a_real_shell_with_git_and_claude_in_the_image() {
     ]);
     let s = sid("shell");
     let worker = driver.get_worker(&s).await.unwrap();
-    let sse = chat(
-        &reqwest::Client::new(),
-        &worker.base_url,
-        &s,
-        "Run the checks",
-    )
-    .await;
+    let sse = chat(&authed(&worker), &worker.base_url, &s, "Run the checks").await;
     assert!(sse.contains("ran it"), "{sse}");
     let results: Vec<String> = fake
         .requests()

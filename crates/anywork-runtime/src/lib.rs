@@ -26,9 +26,11 @@ pub mod skills;
 pub mod title;
 pub mod worker_client;
 
+pub use dispatcher::outbox::headers as push_headers;
+pub use dispatcher::outbox::sign as sign_push;
 pub use dispatcher::{
-    Backoff, Dispatcher, DispatcherBuilder, DispatcherConfig, DocFile, InboundOutcome, Submitted,
-    WorkspaceDoc,
+    Backoff, Dispatcher, DispatcherBuilder, DispatcherConfig, DocFile, InboundOutcome,
+    OutboxConfig, Retention, RetentionRound, Submitted, WorkspaceDoc,
 };
 pub use hub::LiveEvent;
 pub use skills::{NoSkills, SkillCatalog, SkillInfo, SkillSource, SkillsDir};

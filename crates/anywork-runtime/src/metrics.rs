@@ -10,6 +10,9 @@
 //! | `anywork_task_duration_seconds` | histogram (start to final status) | |
 //! | `anywork_tasks_running` | gauge, read at scrape time | |
 //! | `anywork_queue_depth` | gauge, read at scrape time | |
+//! | `anywork_store_bytes` | gauge, measured every retention round | |
+//! | `anywork_store_reclaimable_bytes` | gauge, free space compaction can give back | |
+//! | `anywork_retention_deleted_total` | counter | `what`: tasks, events |
 //! | `anywork_worker_starts_total` | counter: a task got its worker | `driver` |
 //! | `anywork_worker_failures_total` | counter: an attempt to get a worker failed | `driver` |
 //! | `anywork_worker_start_seconds` | histogram: time for a task to get its worker, retries included | `driver` |
@@ -25,6 +28,7 @@ use anywork_core::{Task, TaskStatus};
 use prometheus_client::collector::Collector;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -49,6 +53,9 @@ pub(crate) struct Metrics {
     finished: Family<Label, Counter>,
     runs: Family<Label, Counter>,
     duration: Histogram,
+    store_bytes: Gauge,
+    store_reclaimable: Gauge,
+    retention: Family<Label, Counter>,
     worker_starts: Family<DriverLabel, Counter>,
     worker_failures: Family<DriverLabel, Counter>,
     worker_start: Family<DriverLabel, Histogram>,
@@ -69,11 +76,18 @@ impl Default for Metrics {
         for phase in ["started", "stopped"] {
             let _ = runs.get_or_create(&[("phase", phase)]);
         }
+        let retention = Family::<Label, Counter>::default();
+        for what in ["tasks", "events"] {
+            let _ = retention.get_or_create(&[("what", what)]);
+        }
         Self {
             submitted: Counter::default(),
             finished,
             runs,
             duration: Histogram::new(DURATION_BUCKETS),
+            store_bytes: Gauge::default(),
+            store_reclaimable: Gauge::default(),
+            retention,
             worker_starts: Family::default(),
             worker_failures: Family::default(),
             worker_start: Family::new_with_constructor(|| Histogram::new(WORKER_START_BUCKETS)),
@@ -96,6 +110,22 @@ impl Metrics {
 
     pub(crate) fn stopped(&self) {
         self.runs.get_or_create(&[("phase", "stopped")]).inc();
+    }
+
+    pub(crate) fn store_size(&self, bytes: u64, reclaimable: u64) {
+        self.store_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.store_reclaimable
+            .set(i64::try_from(reclaimable).unwrap_or(i64::MAX));
+    }
+
+    pub(crate) fn logs_deleted(&self, tasks: u64, events: u64) {
+        self.retention
+            .get_or_create(&[("what", "tasks")])
+            .inc_by(tasks);
+        self.retention
+            .get_or_create(&[("what", "events")])
+            .inc_by(events);
     }
 
     /// A task got its worker from `driver` after `took` (retries included).
@@ -192,6 +222,21 @@ impl Metrics {
             "anywork_task_duration_seconds",
             "Time from start to final status",
             self.duration.clone(),
+        );
+        registry.register(
+            "anywork_store_bytes",
+            "Bytes the task store takes on disk (0 until measured, or when it cannot tell)",
+            self.store_bytes.clone(),
+        );
+        registry.register(
+            "anywork_store_reclaimable_bytes",
+            "Of those, free bytes inside the store that compaction can give back",
+            self.store_reclaimable.clone(),
+        );
+        registry.register(
+            "anywork_retention_deleted",
+            "Finished tasks' logs deleted by retention: tasks and events",
+            self.retention.clone(),
         );
         registry.register(
             "anywork_worker_starts",

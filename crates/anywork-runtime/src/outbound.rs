@@ -87,7 +87,7 @@ pub(crate) async fn check_url(policy: &OutboundPolicy, what: &str, url: &str) ->
     let host = parsed.host_str().unwrap_or("");
     policy.check_target(what, parsed.scheme(), host)?;
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    if bare.parse::<std::net::IpAddr>().is_err() {
+    if bare.parse::<std::net::IpAddr>().is_err() && !policy.host_allowed(bare) {
         resolve_checked(policy, what, bare).await?;
     }
     Ok(())

@@ -4,8 +4,8 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use anywork_core::worker_api::{
-    CANCEL_PATH, CHAT_PATH, CancelRequest, ChatRequest, INPUT_PATH, InputAnswer, PREPARE_PATH,
-    PrepareRequest, SECRET_HEADER,
+    ATTACH_PATH, CANCEL_PATH, CHAT_PATH, CancelRequest, ChatRequest, INPUT_PATH, InputAnswer,
+    PREPARE_PATH, PrepareRequest, SECRET_HEADER,
 };
 use anywork_core::{
     Error, ErrorKind, Result, SessionId, TaskEvent, TaskOutcome, WireEvent, WorkerEndpoint,
@@ -25,6 +25,24 @@ pub type ChatStream = Pin<Box<dyn Stream<Item = Result<TaskEvent>> + Send>>;
 pub struct WorkerClient {
     http: reqwest::Client,
     control_timeout: Duration,
+    stream_idle_timeout: Duration,
+}
+
+/// Why reading a `/chat` stream's bytes stopped.
+#[derive(Debug)]
+enum ReadError {
+    Http(reqwest::Error),
+    /// Nothing arrived for this long, not even a keep-alive comment.
+    Idle(Duration),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Http(e) => e.fmt(f),
+            ReadError::Idle(d) => write!(f, "nothing arrived for {} s", d.as_secs_f64()),
+        }
+    }
 }
 
 impl WorkerClient {
@@ -40,7 +58,16 @@ impl WorkerClient {
         Ok(Self {
             http,
             control_timeout,
+            stream_idle_timeout: Duration::from_secs(60),
         })
+    }
+
+    /// A `/chat` stream that sends nothing for `idle` (no event and no keep-alive comment,
+    /// which workers send every 15 s) ends with a `Timeout` error: the worker is hung or the
+    /// connection stalled. Default 60 s.
+    pub fn with_stream_idle_timeout(mut self, idle: Duration) -> Self {
+        self.stream_idle_timeout = idle.max(Duration::from_millis(10));
+        self
     }
 
     /// `POST /prepare`.
@@ -63,8 +90,45 @@ impl WorkerClient {
             .await
             .map_err(|e| transport_error(worker, CHAT_PATH, e))?;
         let response = check(worker, CHAT_PATH, response).await?;
+        Ok(self.events_of(worker, response))
+    }
+
+    /// `GET /chat/attach`: the events of a task the worker still runs (or ran lately) after
+    /// its seq `after` (the worker's count of events, `done` excluded), for a server that lost
+    /// the `/chat` stream. `NotFound` when the worker does not have the task.
+    pub async fn attach(
+        &self,
+        worker: &WorkerEndpoint,
+        task_id: anywork_core::TaskId,
+        after: u64,
+    ) -> Result<ChatStream> {
+        let path = format!("{ATTACH_PATH}?task_id={task_id}&after_seq={after}");
+        let response = self
+            .request(reqwest::Method::GET, worker, &path)
+            .send()
+            .await
+            .map_err(|e| transport_error(worker, ATTACH_PATH, e))?;
+        let response = check(worker, ATTACH_PATH, response).await?;
+        Ok(self.events_of(worker, response))
+    }
+
+    /// The task events of a worker's SSE answer; silence past the idle timeout ends them with
+    /// a `Timeout` error.
+    fn events_of(&self, worker: &WorkerEndpoint, response: reqwest::Response) -> ChatStream {
         let worker_id = worker.worker_id.clone();
-        let events = response.bytes_stream().eventsource();
+        let idle = self.stream_idle_timeout;
+        // Every chunk, keep-alive comments included, proves the worker alive.
+        let bytes =
+            futures_util::stream::unfold(Some(response.bytes_stream()), move |s| async move {
+                let mut s = s?;
+                match tokio::time::timeout(idle, s.next()).await {
+                    Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(s))),
+                    Ok(Some(Err(e))) => Some((Err(ReadError::Http(e)), None)),
+                    Ok(None) => None,
+                    Err(_) => Some((Err(ReadError::Idle(idle)), None)),
+                }
+            });
+        let events = Box::pin(bytes).eventsource();
         let state = (Box::pin(events), OriginalAdapter::default(), false);
         let stream = futures_util::stream::unfold(state, move |(mut events, mut adapter, over)| {
             let worker_id = worker_id.clone();
@@ -86,6 +150,21 @@ impl WorkerClient {
                             let over = item.is_err();
                             return Some((item, (events, adapter, over)));
                         }
+                        Some(Err(eventsource_stream::EventStreamError::Transport(
+                            ReadError::Idle(d),
+                        ))) => {
+                            tracing::warn!(worker = %worker_id, "the worker's stream went silent");
+                            let err = Error::new(
+                                ErrorKind::Timeout,
+                                format!(
+                                    "the worker sent nothing for {} s, not even a keep-alive: it \
+                                     is hung or the connection to it stalled \
+                                     (STREAM_IDLE_TIMEOUT_SECONDS)",
+                                    d.as_secs_f64()
+                                ),
+                            );
+                            return Some((Err(err), (events, adapter, true)));
+                        }
                         Some(Err(e)) => {
                             tracing::warn!(worker = %worker_id, error = %e, "the connection to the worker broke");
                             let err = Error::unavailable("the connection to the worker broke");
@@ -100,7 +179,7 @@ impl WorkerClient {
                 }
             }
         });
-        Ok(Box::pin(stream))
+        Box::pin(stream)
     }
 
     /// `POST /cancel`.

@@ -26,9 +26,17 @@ fn skills_dir() -> tempfile::TempDir {
     dir
 }
 
+/// The server as an operator moving from the original runs it: skills from a folder, and the
+/// original's request-supplied MCP commands allowed on purpose (`ALLOW_REQUEST_MCP_COMMANDS=1`;
+/// by default a request may only name the server's catalog, see tests/attacks.rs).
 async fn server_with_skills(worker: &str, skills: &Path) -> TestServer {
     let skills = SkillsDir::new(skills);
-    TestServer::start_custom(worker, move |b| b.skills(skills)).await
+    let mut config = DispatcherConfig::default();
+    config.mcp.allow_request_commands = true;
+    // The original's clients name HTTP servers this offline machine cannot resolve: an
+    // operator's allow-list entry (OUTBOUND_ALLOW) admits a host without resolving it.
+    config.outbound = anywork_core::OutboundPolicy::strict().allow_host("docs.example");
+    TestServer::start_custom(worker, move |b| b.config(config).skills(skills)).await
 }
 
 /// Messages up to the `done` of the chat just sent (after its `task_created`).

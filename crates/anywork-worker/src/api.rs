@@ -3,8 +3,9 @@
 //! | method and path | body | answer |
 //! | --- | --- | --- |
 //! | `GET /health` | | `{"status":"ok","version","executor","busy_sessions":[..],"sandbox"}` |
-//! | `POST /prepare` | `{session_id, skills?, mcp_servers?, soul?}` | `{"status":"ready"}` |
+//! | `POST /prepare` | `{session_id, skills?, mcp_servers?, soul?, repository?: {url, git_ref?, dir, token?}}` (the repository is fetched shallowly into `dir` and checked out, each time) | `{"status":"ready"}` |
 //! | `POST /chat` | `{task_id, session_id, message}` | `text/event-stream` of [`TaskEvent`](anywork_core::TaskEvent)s |
+//! | `GET /chat/attach?task_id=&after_seq=` | | the same stream from the event after seq `after_seq` (SSE `id`s are seqs), for a client that lost it; 404 if the task is unknown |
 //! | `POST /cancel` | `{task_id}` | `{"status": <final status>, "task_id"}`, or 202 `canceling` |
 //! | `POST /input` | `{task_id, request_id, answer?, allow?}` | `{"status":"accepted"}` |
 //! | `GET /sessions/{id}/messages` | | `{"messages":[..]}` |
@@ -32,8 +33,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use anywork_core::worker_api::{
-    CANCEL_PATH, CHAT_PATH, CancelRequest, ChatRequest, HEALTH_PATH, INPUT_PATH, InputAnswer,
-    PREPARE_PATH, PrepareRequest, SECRET_HEADER,
+    ATTACH_PATH, CANCEL_PATH, CHAT_PATH, CancelRequest, ChatRequest, HEALTH_PATH, INPUT_PATH,
+    InputAnswer, PREPARE_PATH, PrepareRequest, SECRET_HEADER,
 };
 use anywork_core::{Error, ErrorKind, ExecutionRequest, InputResponse, SessionId};
 pub use anywork_http::{ApiError, JsonBody, PathParam, QueryParams, status_for};
@@ -59,6 +60,7 @@ pub fn router(state: WorkerState) -> Router {
         .route(HEALTH_PATH, get(health))
         .route(PREPARE_PATH, post(prepare))
         .route(CHAT_PATH, post(chat))
+        .route(ATTACH_PATH, get(attach))
         .route(CANCEL_PATH, post(cancel))
         .route(INPUT_PATH, post(input))
         .route("/sessions/{id}", delete(delete_session))
@@ -74,14 +76,16 @@ pub fn router(state: WorkerState) -> Router {
                 )),
         )
         .route("/workspace/{file}", get(get_doc).put(put_doc));
-    anywork_http::limit_body(routes, limit)
-        .fallback(anywork_http::no_route)
-        .method_not_allowed_fallback(anywork_http::method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            require_secret,
-        ))
-        .with_state(state)
+    anywork_http::limit_uri(
+        anywork_http::limit_body(routes, limit)
+            .fallback(anywork_http::no_route)
+            .method_not_allowed_fallback(anywork_http::method_not_allowed)
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                require_secret,
+            )),
+    )
+    .with_state(state)
 }
 
 /// Whether `headers` carry the worker's secret (always, for a worker without one).
@@ -162,7 +166,11 @@ async fn prepare(
     JsonBody(body): JsonBody<PrepareRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let workspace = state.workspace().clone();
-    blocking(move || {
+    let repository = body.repository;
+    if let Some(r) = &repository {
+        r.validate()?;
+    }
+    let dir = blocking(move || {
         workspace.prepare_seeded(
             &body.session_id,
             &body.skills.unwrap_or_default(),
@@ -173,6 +181,9 @@ async fn prepare(
         )
     })
     .await?;
+    if let Some(repo) = repository {
+        crate::git::checkout(&dir, &repo).await?;
+    }
     Ok(Json(json!({ "status": "ready" })))
 }
 
@@ -194,16 +205,45 @@ async fn chat(
     })
     .await?;
     let request = ExecutionRequest::new(body.task_id, body.session_id, body.message, dir);
-    let events = run::spawn(guard, request);
+    // The client is attached before the run starts.
+    let events = run::journal_stream(guard.journal().clone(), 0);
+    run::spawn(guard, request);
+    Ok(sse(&state, events))
+}
+
+/// An SSE answer of `events`, with keep-alive comments.
+fn sse(
+    state: &WorkerState,
+    events: impl futures_util::Stream<
+        Item = Result<axum::response::sse::Event, std::convert::Infallible>,
+    > + Send
+    + 'static,
+) -> Response {
     // A zero interval would send comments without pause.
     let interval = state
         .config()
         .keep_alive
         .max(std::time::Duration::from_millis(100));
-    let keep_alive = KeepAlive::new().interval(interval);
-    Ok(Sse::new(run::sse_stream(events))
-        .keep_alive(keep_alive)
-        .into_response())
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(interval))
+        .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct AttachQuery {
+    task_id: anywork_core::TaskId,
+    #[serde(default)]
+    after_seq: usize,
+}
+
+/// `GET /chat/attach?task_id=&after_seq=`: the run's events after `after_seq`, live, to its
+/// `done`; 404 when this worker does not have the task (any more).
+async fn attach(
+    State(state): State<WorkerState>,
+    QueryParams(q): QueryParams<AttachQuery>,
+) -> Result<Response, ApiError> {
+    let journal = state.journal(q.task_id)?;
+    Ok(sse(&state, run::journal_stream(journal, q.after_seq)))
 }
 
 async fn cancel(

@@ -24,6 +24,15 @@ struct Args {
     /// `claude-code` or `native`; by default chosen from the model settings.
     #[arg(long, env = "EXECUTOR")]
     executor: Option<String>,
+    /// Seconds between SSE keep-alive comments on a running task's stream: they tell the
+    /// server the worker is alive when the agent is quiet (its STREAM_IDLE_TIMEOUT_SECONDS
+    /// must be longer).
+    #[arg(long, env = "SSE_KEEP_ALIVE_SECONDS", default_value_t = 15.0)]
+    keep_alive_seconds: f64,
+    /// Seconds a running task goes on after its server's connection is gone, so that the
+    /// server, restarted, re-attaches to it (`GET /chat/attach`); 0 stops it at once.
+    #[arg(long, env = "DETACH_GRACE_SECONDS", default_value_t = 120)]
+    detach_grace_seconds: u64,
 }
 
 #[tokio::main]
@@ -53,9 +62,18 @@ async fn main() -> anyhow::Result<()> {
              who reaches its port; set one, and the same on the server (STATIC_WORKER_SECRET)"
         );
     }
+    if !args.keep_alive_seconds.is_finite() || args.keep_alive_seconds <= 0.0 {
+        anyhow::bail!(
+            "SSE_KEEP_ALIVE_SECONDS={} is not a positive number of seconds",
+            args.keep_alive_seconds
+        );
+    }
+    let keep_alive = std::time::Duration::from_secs_f64(args.keep_alive_seconds.min(3600.0));
     let config = WorkerConfig::new(&args.workspace_dir)
         .with_sandbox(sandbox)
-        .with_secret(secret);
+        .with_secret(secret)
+        .with_keep_alive(keep_alive)
+        .with_detach_grace(std::time::Duration::from_secs(args.detach_grace_seconds));
     let state = WorkerState::new(config, executor)
         .with_context(|| format!("cannot use WORKSPACE_DIR {}", args.workspace_dir.display()))?;
     let addr = SocketAddr::new(args.host, args.port);

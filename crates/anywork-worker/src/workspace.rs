@@ -48,6 +48,21 @@ pub const AGENTS_FILE: &str = "AGENTS.md";
 pub const MCP_FILE: &str = ".mcp.json";
 /// Folder of the worker's conversation history inside a session workspace.
 pub const SESSIONS_DIR: &str = "sessions";
+/// How much of the end of `history.jsonl` is read to find the last message.
+const HISTORY_TAIL_BYTES: u64 = 256 * 1024;
+
+/// The task of the last whole message in `tail` when it is a user message: a turn that was
+/// never answered.
+fn unanswered_turn(tail: &[u8]) -> Option<anywork_core::TaskId> {
+    let text = String::from_utf8_lossy(tail);
+    let last = text
+        .lines()
+        .rev()
+        .filter(|l| !l.trim().is_empty())
+        .find_map(|l| serde_json::from_str::<HistoryMessage>(l).ok())?;
+    (last.role == crate::history::Role::User).then_some(last.task_id)
+}
+
 /// Name of the history file inside [`SESSIONS_DIR`].
 pub const HISTORY_FILE: &str = "history.jsonl";
 /// Folder of the agent's working files inside a session workspace.
@@ -468,12 +483,27 @@ impl Workspace {
             .map_err(|e| io_error("cannot read", &path, e))?
             .len();
         if len > 0 {
-            let mut last = [0u8; 1];
-            file.seek(SeekFrom::Start(len - 1))
-                .and_then(|_| file.read_exact(&mut last))
+            // Read the tail: the last byte (a torn line?) and the last whole message.
+            let tail_len = len.min(HISTORY_TAIL_BYTES);
+            let mut tail = vec![0u8; tail_len as usize];
+            file.seek(SeekFrom::Start(len - tail_len))
+                .and_then(|_| file.read_exact(&mut tail))
                 .map_err(|e| io_error("cannot read", &path, e))?;
-            if last[0] != b'\n' {
+            if tail.last() != Some(&b'\n') {
                 line.insert(0, b'\n');
+            }
+            if message.role == crate::history::Role::User
+                && let Some(open) = unanswered_turn(&tail)
+            {
+                // The previous turn never got its answer (the worker stopped mid-run): say so
+                // in the history, so that it does not read as two instructions in a row.
+                let mut marker =
+                    serde_json::to_vec(&HistoryMessage::interrupted(open)).map_err(|e| {
+                        Error::internal(format!("cannot encode a history message: {e}"))
+                    })?;
+                marker.push(b'\n');
+                let first_newline = usize::from(line.first() == Some(&b'\n'));
+                line.splice(first_newline..first_newline, marker);
             }
         }
         file.write_all(&line)
@@ -953,6 +983,56 @@ mod tests {
             }
             assert_eq!(mode_of(&root.join("SOUL.md")), 0o600);
         }
+    }
+
+    /// Issue 15, item 7: a turn the worker never answered (it was killed mid-run) is marked
+    /// as interrupted when the next turn starts, so the history never shows two user
+    /// instructions in a row; answered turns and torn lines are left as they are.
+    #[test]
+    fn an_unanswered_turn_is_marked_interrupted_when_the_next_one_starts() {
+        use crate::history::{INTERRUPTED, Role};
+        let tmp = tempfile::tempdir().unwrap();
+        let ws = Workspace::new(tmp.path());
+        ws.init().unwrap();
+        let session = sid("s-7");
+        let (t1, t2, t3) = (
+            anywork_core::TaskId::generate(),
+            anywork_core::TaskId::generate(),
+            anywork_core::TaskId::generate(),
+        );
+        ws.append_history(&session, &HistoryMessage::user(t1, "first"))
+            .unwrap();
+        let mut answer = HistoryMessage::interrupted(t1);
+        answer.status = Some(anywork_core::TaskStatus::Completed);
+        answer.error = None;
+        answer.content = "answered".into();
+        ws.append_history(&session, &answer).unwrap();
+        ws.append_history(&session, &HistoryMessage::user(t2, "delete the files"))
+            .unwrap();
+        // The worker dies here, mid-write of something: a torn line.
+        let path = ws.session_dir(&session).join("sessions/history.jsonl");
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"role\":\"assis").unwrap();
+        drop(f);
+        ws.append_history(&session, &HistoryMessage::user(t3, "what time is it?"))
+            .unwrap();
+        let history = ws.history(&session).unwrap();
+        let roles: Vec<Role> = history.iter().map(|m| m.role).collect();
+        assert_eq!(
+            roles,
+            [
+                Role::User,
+                Role::Assistant,
+                Role::User,
+                Role::Assistant,
+                Role::User
+            ],
+            "{history:?}"
+        );
+        assert_eq!(history[3].task_id, t2);
+        assert_eq!(history[3].status, Some(anywork_core::TaskStatus::Failed));
+        assert_eq!(history[3].error.as_deref(), Some(INTERRUPTED));
+        assert_eq!(history[4].content, "what time is it?");
     }
 
     #[test]

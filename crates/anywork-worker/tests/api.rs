@@ -324,6 +324,8 @@ async fn json_of(response: Response) -> (StatusCode, Value) {
 struct SseEvent {
     name: String,
     data: Value,
+    /// The SSE `id`: the event's seq in the run.
+    id: Option<String>,
 }
 
 struct SseReader {
@@ -351,9 +353,12 @@ impl SseReader {
             if let Some(end) = self.buf.find("\n\n") {
                 let block: String = self.buf.drain(..end + 2).collect();
                 let mut name = None;
+                let mut id = None;
                 let mut data = String::new();
                 for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("event:") {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = Some(v.trim_start().to_owned());
+                    } else if let Some(v) = line.strip_prefix("event:") {
                         name = Some(v.trim_start().to_owned());
                     } else if let Some(v) = line.strip_prefix("data:") {
                         data.push_str(v.trim_start());
@@ -364,7 +369,7 @@ impl SseReader {
                 };
                 let data: Value = serde_json::from_str(&data).unwrap();
                 assert_eq!(data["type"], name.as_str(), "event name matches data.type");
-                return Some(SseEvent { name, data });
+                return Some(SseEvent { name, data, id });
             }
             let chunk = self.body.next().await?.unwrap();
             self.buf.push_str(std::str::from_utf8(&chunk).unwrap());
@@ -710,6 +715,68 @@ async fn client_disconnect_stops_the_run_and_frees_the_session() {
     assert_eq!(messages.len(), 4, "{messages:?}");
     assert_eq!(messages[1]["status"], "canceled");
     assert_eq!(messages[1]["content"], "working");
+}
+
+/// Issue 15, item 5: with a detach grace, a run outlives its client: a client that lost the
+/// stream attaches again (`GET /chat/attach`) from the last seq it had and gets the rest, up
+/// to the `done`, with no gap and no repeat; the journal of a run that ended is still there
+/// for a late attach; an unknown task is 404.
+#[tokio::test]
+async fn a_run_outlives_its_client_and_a_client_attaches_again() {
+    let h = harness_with(|c| c.with_detach_grace(Duration::from_secs(30)));
+    h.exec.script(
+        "long",
+        Script::new(vec![
+            emit(TaskEvent::text("one")),
+            Step::Sleep(Duration::from_millis(300)),
+            emit(TaskEvent::text("two")),
+            emit(TaskEvent::text("three")),
+            done("all"),
+        ]),
+    );
+    let task = TaskId::generate();
+    let mut sse = h.chat_ok(task, "s", "long").await;
+    let first = sse.next().await.unwrap();
+    assert_eq!(
+        (first.data["content"].as_str(), first.id.as_deref()),
+        (Some("one"), Some("1"))
+    );
+    drop(sse);
+
+    let attach = |after: u64| {
+        let request = Request::builder()
+            .uri(format!("/chat/attach?task_id={task}&after_seq={after}"))
+            .body(Body::empty())
+            .unwrap();
+        h.send(request)
+    };
+    let response = attach(1).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let rest = SseReader::new(response).rest().await;
+    assert_eq!(names(&rest), ["text", "text", "done"], "{rest:?}");
+    let ids: Vec<&str> = rest.iter().map(|e| e.id.as_deref().unwrap()).collect();
+    assert_eq!(ids, ["2", "3", "4"]);
+    assert_eq!(done_of(&rest)["content"], "all");
+    assert_eq!(
+        done_of(&rest)["metadata"]["status"],
+        "completed",
+        "the run was not stopped"
+    );
+    h.wait_idle().await;
+
+    // Ended: the whole journal is still there for a while.
+    let all = SseReader::new(attach(0).await).rest().await;
+    assert_eq!(names(&all), ["text", "text", "text", "done"]);
+
+    let (status, body) = h
+        .call(
+            "GET",
+            &format!("/chat/attach?task_id={}", TaskId::generate()),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_error(&body, "not_found", "not running");
 }
 
 #[tokio::test]

@@ -9,8 +9,9 @@ use std::sync::Weak;
 
 use anywork_core::ws::ServerMessage;
 use anywork_core::{
-    Error, ErrorKind, Inbound, InboundRequest, NewSession, Page, Result, Session, SessionId,
-    SessionSummary, Task, TaskId, TaskLog, WorkerEndpoint, WorkerInfo, session::validate_title,
+    Error, ErrorKind, Inbound, InboundRequest, InputKind, InputRequest, InputResponse, NewSession,
+    Page, Result, Session, SessionId, SessionSummary, Task, TaskEvent, TaskId, TaskLog,
+    TaskRequest, TaskStatus, WorkerEndpoint, WorkerInfo, session::validate_title,
 };
 use futures_util::Stream;
 use prometheus_client::collector::Collector;
@@ -21,7 +22,34 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use super::{Dispatcher, Inner, Submitted};
+use super::{Dispatcher, Inner, Submitted, lock};
+
+/// What a channel asked for, once parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Task,
+    FollowUp,
+    AnswerOnly,
+}
+
+/// Idempotency keys of answers kept in memory.
+const ANSWERED_KEYS: usize = 4096;
+
+impl Inner {
+    fn was_answered(&self, channel_type: &str, key: &str) -> bool {
+        lock(&self.answered)
+            .iter()
+            .any(|(c, k)| c == channel_type && k == key)
+    }
+
+    fn remember_answer(&self, channel_type: &str, key: String) {
+        let mut keys = lock(&self.answered);
+        if keys.len() >= ANSWERED_KEYS {
+            keys.pop_front();
+        }
+        keys.push_back((channel_type.to_owned(), key));
+    }
+}
 use crate::hub::LiveEvent;
 
 /// What [`Dispatcher::inbound`] did with a channel's request.
@@ -35,6 +63,15 @@ pub enum InboundOutcome {
         /// Why, as the channel says.
         reason: String,
     },
+    /// The request answered the question a task of its session was waiting on; the task
+    /// goes on.
+    Answered {
+        /// The task that was waiting.
+        task: Box<Task>,
+    },
+    /// The channel answers the sender with this JSON (HTTP 200) and nothing else happens: a
+    /// handshake such as Slack's `url_verification`.
+    Responded(Value),
 }
 
 /// A workspace-wide document the workers keep.
@@ -219,7 +256,10 @@ impl Dispatcher {
     }
 
     /// Passes an inbound HTTP request to the channel registered for `channel_type`, which
-    /// verifies and parses it; a task it makes is submitted (with that channel type).
+    /// verifies and parses it, then does what the [`Channel`](anywork_core::Channel) trait
+    /// says of what it returns: a request whose session has a task waiting for input answers
+    /// it; otherwise a `Task` is submitted, a `FollowUp` only into an existing session, an
+    /// `AnswerOnly` not at all; a repeated idempotency key gives the first task back.
     /// `NotFound` when no such channel is registered; the channel's own errors otherwise.
     pub async fn inbound(
         &self,
@@ -229,18 +269,154 @@ impl Dispatcher {
         let channel = self.channel(channel_type).cloned().ok_or_else(|| {
             Error::not_found(format!("no channel of type {channel_type:?} is configured"))
         })?;
-        match channel.parse(request).await? {
-            Inbound::Task(mut request) => {
-                request.channel_type = channel_type.to_owned();
+        let (mut request, kind) = match channel.parse(request).await? {
+            Inbound::Task(r) => (r, Kind::Task),
+            Inbound::FollowUp(r) => (r, Kind::FollowUp),
+            Inbound::AnswerOnly(r) => (r, Kind::AnswerOnly),
+            Inbound::Respond(body) => return Ok(InboundOutcome::Responded(body)),
+            Inbound::Skip { reason } => return Ok(InboundOutcome::Skipped { reason }),
+            other => {
+                return Ok(InboundOutcome::Skipped {
+                    reason: format!("this server does not handle {other:?}"),
+                });
+            }
+        };
+        request.channel_type = channel_type.to_owned();
+        let key = request.idempotency_key.clone();
+        if let Some(key) = &key {
+            if let Some(first) = self
+                .inner
+                .store
+                .find_task_by_idempotency_key(channel_type, key)
+                .await?
+            {
+                return Ok(InboundOutcome::Submitted(Box::new(Submitted {
+                    task: first,
+                    session_created: false,
+                    duplicate: true,
+                })));
+            }
+            if self.inner.was_answered(channel_type, key) {
+                return Ok(InboundOutcome::Skipped {
+                    reason: "this event answered a question already".into(),
+                });
+            }
+        }
+        let session = self.inbound_session(&request).await?;
+        if let Some(session) = &session
+            && let Some(task) = self.answer_waiting(session, &request).await?
+        {
+            if let Some(key) = key {
+                self.inner.remember_answer(channel_type, key);
+            }
+            return Ok(InboundOutcome::Answered {
+                task: Box::new(task),
+            });
+        }
+        match (kind, session) {
+            (Kind::Task, _) => Ok(InboundOutcome::Submitted(Box::new(
+                self.submit(*request).await?,
+            ))),
+            (Kind::FollowUp, Some(session)) => {
+                request.session_id = Some(session.id);
+                request.session_mode = anywork_core::SessionMode::Existing;
                 Ok(InboundOutcome::Submitted(Box::new(
                     self.submit(*request).await?,
                 )))
             }
-            Inbound::Skip { reason } => Ok(InboundOutcome::Skipped { reason }),
-            // Follow-ups, answers and handshakes are wired with the channels' endpoint.
-            other => Ok(InboundOutcome::Skipped {
-                reason: format!("this server does not handle {other:?} yet"),
+            (Kind::FollowUp, None) => Ok(InboundOutcome::Skipped {
+                reason: "a follow-up where no session of this channel exists".into(),
             }),
+            (Kind::AnswerOnly, _) => Ok(InboundOutcome::Skipped {
+                reason: "nothing there waits for an answer".into(),
+            }),
+        }
+    }
+
+    /// The stored session an inbound request belongs to, if it exists yet.
+    async fn inbound_session(&self, request: &TaskRequest) -> Result<Option<Session>> {
+        let store = &self.inner.store;
+        if let Some(id) = &request.session_id {
+            return match store.get_session(id).await {
+                Ok(s) => Ok(Some(s)),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            };
+        }
+        match &request.channel_key {
+            Some(key) => store.find_session(&request.channel_type, key).await,
+            None => Ok(None),
+        }
+    }
+
+    /// If a task of `session` waits for input, answers it with the request's words and
+    /// returns it. `None` when nothing waits (or it stopped waiting meanwhile).
+    async fn answer_waiting(
+        &self,
+        session: &Session,
+        request: &TaskRequest,
+    ) -> Result<Option<Task>> {
+        let mut offset = 0;
+        let waiting = loop {
+            let page = Page { limit: 200, offset };
+            let tasks = self
+                .inner
+                .store
+                .tasks_by_status(TaskStatus::InputRequired, page)
+                .await?;
+            let n = tasks.len() as u32;
+            if let Some(t) = tasks.into_iter().find(|t| t.session_id == session.id) {
+                break Some(t);
+            }
+            if n < page.limit {
+                break None;
+            }
+            offset += n;
+        };
+        let Some(task) = waiting else {
+            return Ok(None);
+        };
+        let Some(question) = self.open_question(task.id).await? else {
+            return Ok(None);
+        };
+        let answer = request.answer_text().trim().to_owned();
+        let allow = (question.kind == InputKind::Permission).then(|| {
+            let first = answer
+                .split(|c: char| !c.is_alphanumeric())
+                .find(|w| !w.is_empty())
+                .unwrap_or("")
+                .to_ascii_lowercase();
+            matches!(first.as_str(), "yes" | "y" | "allow" | "ok")
+        });
+        let response = InputResponse {
+            request_id: question.request_id,
+            answer,
+            allow,
+        };
+        match self.respond(task.id, response).await {
+            Ok(()) => Ok(Some(task)),
+            // It stopped waiting meanwhile (answered elsewhere, ended): treat the request as new.
+            Err(e) if e.kind() == ErrorKind::Conflict => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The last question a task asked, from its log.
+    async fn open_question(&self, task_id: TaskId) -> Result<Option<InputRequest>> {
+        let mut after = 0;
+        let mut last = None;
+        loop {
+            let logs = self.inner.store.read_logs(task_id, after, 500).await?;
+            let n = logs.len();
+            for l in logs {
+                after = l.seq;
+                if let TaskEvent::InputRequired(r) = l.event {
+                    last = Some(r);
+                }
+            }
+            if n < 500 {
+                return Ok(last);
+            }
         }
     }
 
@@ -378,6 +554,20 @@ impl Dispatcher {
             );
         }
         Ok(tasks)
+    }
+
+    /// `Ok` when this server can take work: it is not shutting down and its store takes
+    /// writes now ([`TaskStore::check_ready`](anywork_core::TaskStore::check_ready): one small
+    /// real write, bounded). `Unavailable` with the reason otherwise.
+    pub async fn check_ready(&self) -> Result<()> {
+        if self
+            .inner
+            .closing
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(Error::unavailable("the server is shutting down"));
+        }
+        self.inner.store.check_ready().await
     }
 
     /// The workers the driver runs.

@@ -15,7 +15,7 @@ use anywork_core::{
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
-use super::retry::retry;
+use super::retry::{retry, retry_if};
 use super::{Control, Inner, lock};
 use crate::worker_client::ChatStream;
 
@@ -32,19 +32,56 @@ pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
                 }
             }
         };
+        // A task another server still holds in this session ends first.
+        super::restart::wait_until_session_is_free(&inner, &session).await;
         let Ok(_permit) = inner.permits.clone().acquire_owned().await else {
             return;
         };
-        let id = next.id;
-        if let Err(e) = run_task(&inner, next).await {
-            tracing::error!(task = %id, error = %e, "task run failed in the dispatcher");
+        if inner.closing.load(std::sync::atomic::Ordering::Relaxed) {
+            // Shutting down: queued tasks stay pending for the next start.
+            lock(&inner.queues).remove(&session);
+            return;
         }
+        let id = next.id;
+        let retry_after = inner.config.store_retry.max;
+        match run_task(&inner, next.clone()).await {
+            Ok(()) => {}
+            Err(RunError::NotStarted(e)) => {
+                // The store could not take `pending → running`: the task is still pending.
+                // It goes back to the head of its session's queue, after a pause.
+                tracing::warn!(task = %id, error = %e, "cannot start the task; it is queued again");
+                drop(_permit);
+                tokio::time::sleep(retry_after).await;
+                lock(&inner.queues)
+                    .entry(session.clone())
+                    .or_default()
+                    .push_front(next);
+            }
+            Err(RunError::Store(e)) => {
+                tracing::error!(task = %id, error = %e, "task run failed in the dispatcher");
+            }
+        }
+    }
+}
+
+/// Why a run ended without recording its task's outcome.
+enum RunError {
+    /// The store refused `pending → running` after retries: the task is still pending.
+    NotStarted(Error),
+    /// Another store error after retries; the task's lease runs out and recovery ends it with
+    /// the reason kept in `Inner::last_words`.
+    Store(Error),
+}
+
+impl From<Error> for RunError {
+    fn from(e: Error) -> Self {
+        RunError::Store(e)
     }
 }
 
 /// Runs `task` as queued (`pending`). One canceled meanwhile, or taken by another server,
 /// fails the `pending → running` compare-and-set and is left alone.
-async fn run_task(inner: &Arc<Inner>, task: Task) -> Result<()> {
+async fn run_task(inner: &Arc<Inner>, task: Task) -> std::result::Result<(), RunError> {
     let task_id = task.id;
     let (tx, rx) = mpsc::channel(8);
     lock(&inner.runs).insert(task_id, tx);
@@ -56,6 +93,7 @@ async fn run_task(inner: &Arc<Inner>, task: Task) -> Result<()> {
         control: rx,
         cancel_acks: Vec::new(),
         started: Instant::now(),
+        answer: String::new(),
         model: String::new(),
     };
     let result = run.execute().await;
@@ -78,6 +116,8 @@ struct Run {
     control: mpsc::Receiver<Control>,
     cancel_acks: Vec<oneshot::Sender<()>>,
     started: Instant,
+    /// The assistant's text since the run started (what `on_progress` shows).
+    answer: String,
     /// The model the agent said it uses (its `init` event), for the metrics.
     model: String,
 }
@@ -142,6 +182,17 @@ impl Failure {
     /// The event stream broke or carried something that is not an event.
     fn lost(task: &Task, e: &Error) -> Self {
         tracing::warn!(task = %task.id, session = %task.session_id, error = %e, "lost the worker mid-task");
+        if e.kind() == ErrorKind::Timeout {
+            // The stream went silent (no keep-alive): the worker is hung or cut off.
+            return Self::new(
+                "worker_silent",
+                task,
+                format_args!(
+                    "{}; what it did so far is in the log. Send the message again to go on",
+                    e.message().trim_end_matches('.')
+                ),
+            );
+        }
         if e.kind() == ErrorKind::Protocol {
             return Self::new(
                 "worker_protocol",
@@ -161,6 +212,39 @@ impl Failure {
         )
     }
 
+    /// The run was stopped from outside (the server shutting down): `message` says why.
+    fn interrupted(task: &Task, message: &str) -> Self {
+        Self::new("interrupted", task, message)
+    }
+
+    /// The store refused the task's events through every retry.
+    fn store(task: &Task, e: &Error) -> Self {
+        tracing::warn!(task = %task.id, error = %e, "the task's events could not be stored");
+        Self::new(
+            "store_unavailable",
+            task,
+            format_args!(
+                "The task's events could not be stored ({}); the run was stopped. Send the \
+                 message again once the store is back",
+                e.message().trim_end_matches('.')
+            ),
+        )
+    }
+
+    /// A re-attach after a restart failed: the worker no longer runs the task.
+    fn not_resumed(task: &Task, e: &Error) -> Self {
+        tracing::warn!(task = %task.id, error = %e, "cannot re-attach to the task's run");
+        Self::new(
+            "interrupted",
+            task,
+            format_args!(
+                "interrupted: the server running this task stopped before it finished, and its \
+                 worker no longer runs it ({}); send the message again to retry",
+                e.message().trim_end_matches('.')
+            ),
+        )
+    }
+
     /// The stream ended without `done`.
     fn no_result(task: &Task) -> Self {
         tracing::warn!(task = %task.id, session = %task.session_id, "the worker ended the stream without a result");
@@ -174,6 +258,11 @@ impl Failure {
 }
 
 impl Run {
+    /// The task's channel, when one of its type is registered.
+    fn channel(&self) -> Option<Arc<dyn anywork_core::Channel>> {
+        self.inner.channels.get(&self.task.channel_type).cloned()
+    }
+
     fn deadline(&self) -> tokio::time::Instant {
         tokio::time::Instant::from_std(self.started + self.inner.config.task_timeout)
     }
@@ -182,12 +271,14 @@ impl Run {
         Timestamp::now().plus_millis(self.inner.config.lease_ttl.as_millis() as i64)
     }
 
-    async fn execute(&mut self) -> Result<()> {
+    async fn execute(&mut self) -> std::result::Result<(), RunError> {
+        // Taken back from this server's previous run: re-attach rather than start over.
+        let resume = lock(&self.inner.resume).remove(&self.task.id);
         let (inner, task) = (self.inner.clone(), self.task.clone());
         let get_worker = async move { worker_with_progress(&inner, &task).await };
         let endpoint = match self.until_stopped(get_worker, Failure::no_worker).await {
             Ok(w) => w,
-            Err(stop) => return self.stop_before_running(stop).await,
+            Err(stop) => return Ok(self.stop_before_running(stop).await?),
         };
         // pending → running, with the worker and a lease.
         let change = TaskChange::to(TaskStatus::Running)
@@ -196,17 +287,33 @@ impl Run {
         let running = vec![TaskEvent::Status {
             status: TaskStatus::Running,
         }];
-        match self
-            .inner
-            .transition(&self.task, TaskStatus::Pending, change, running)
-            .await
-        {
-            Ok(t) => self.task = t,
+        let (inner, task) = (&self.inner, &self.task);
+        let started = retry_if(
+            &inner.config.store_retry,
+            || {
+                inner.transition_and_enqueue(
+                    task,
+                    TaskStatus::Pending,
+                    change.clone(),
+                    running.clone(),
+                )
+            },
+            Error::is_retryable,
+        )
+        .await;
+        match started {
+            Ok(t) => {
+                self.task = t;
+                if let Some(channel) = self.channel() {
+                    self.inner.hooks.started(&channel, &self.task);
+                }
+            }
             // Canceled meanwhile, or another server took it.
             Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidTransition) => {
                 return Ok(());
             }
-            Err(e) => return Err(e),
+            Err(e) if e.is_retryable() => return Err(RunError::NotStarted(e)),
+            Err(e) => return Err(e.into()),
         }
         self.status = TaskStatus::Running;
         tracing::info!(
@@ -218,12 +325,23 @@ impl Run {
         );
 
         let (inner, task, worker) = (self.inner.clone(), self.task.clone(), endpoint.clone());
-        let start = async move { start_chat(&inner, &task, &worker).await };
-        let stream = match self.until_stopped(start, Failure::not_started).await {
-            Ok(s) => s,
-            Err(stop) => return self.stop(stop).await,
+        let start = async move {
+            if resume {
+                attach_chat(&inner, &task, &worker).await
+            } else {
+                start_chat(&inner, &task, &worker).await
+            }
         };
-        self.follow(stream, endpoint).await
+        let failure = if resume {
+            Failure::not_resumed
+        } else {
+            Failure::not_started
+        };
+        let stream = match self.until_stopped(start, failure).await {
+            Ok(s) => s,
+            Err(stop) => return Ok(self.stop(stop).await?),
+        };
+        Ok(self.follow(stream, endpoint).await?)
     }
 
     /// Runs a step before the chat stream exists, while watching for cancel and the timeout.
@@ -241,6 +359,9 @@ impl Run {
                     Some(Control::Cancel(ack)) => {
                         self.cancel_acks.push(ack);
                         return Err(Stop::Canceled);
+                    }
+                    Some(Control::Interrupt(reason)) => {
+                        return Err(Stop::Failed(Failure::interrupted(&self.task, &reason)));
                     }
                     Some(Control::Input(_, ack)) => {
                         let _ = ack.send(Err(Error::conflict("the task is not waiting for input")));
@@ -298,11 +419,21 @@ impl Run {
             let stop_at = stopping.as_ref().map_or(far, |(_, at)| *at);
             tokio::select! {
                 biased;
-                ctl = self.control.recv(), if stopping.is_none() => match ctl {
+                ctl = self.control.recv() => match ctl {
                     Some(Control::Cancel(ack)) => {
                         self.cancel_acks.push(ack);
-                        self.ask_worker_to_cancel(&worker).await;
-                        stopping = Some((Stop::Canceled, tokio::time::Instant::now() + self.inner.config.cancel_grace));
+                        if stopping.is_none() {
+                            self.ask_worker_to_cancel(&worker);
+                            stopping = Some((Stop::Canceled, tokio::time::Instant::now() + self.inner.config.cancel_grace));
+                        }
+                    }
+                    Some(Control::Interrupt(reason)) if stopping.is_none() => {
+                        self.ask_worker_to_cancel(&worker);
+                        stopping = Some((Stop::Failed(Failure::interrupted(&self.task, &reason)), tokio::time::Instant::now() + self.inner.config.cancel_grace));
+                    }
+                    Some(Control::Interrupt(_)) => {}
+                    Some(Control::Input(_, ack)) if stopping.is_some() => {
+                        let _ = ack.send(Err(Error::conflict("the task is being stopped")));
                     }
                     Some(Control::Input(response, ack)) => {
                         let r = self.answer(&worker, response).await;
@@ -316,14 +447,14 @@ impl Run {
                         if e.kind() == ErrorKind::Conflict {
                             // Someone else ended or took the task: stop quietly.
                             tracing::warn!(task = %self.task.id, error = %e, "lost the lease; leaving the task");
-                            self.ask_worker_to_cancel(&worker).await;
+                            self.ask_worker_to_cancel(&worker);
                             return Ok(());
                         }
                         tracing::warn!(task = %self.task.id, error = %e, "cannot renew the lease");
                     }
                 }
                 _ = tokio::time::sleep_until(deadline), if stopping.is_none() => {
-                    self.ask_worker_to_cancel(&worker).await;
+                    self.ask_worker_to_cancel(&worker);
                     stopping = Some((Stop::Failed(self.timeout_failure()), tokio::time::Instant::now() + self.inner.config.cancel_grace));
                 }
                 _ = tokio::time::sleep_until(stop_at), if stopping.is_some() => {
@@ -336,7 +467,11 @@ impl Run {
                         Some(Err(e)) => {
                             let stop = match stopping.take() {
                                 Some((stop, _)) => stop,
-                                None => Stop::Failed(Failure::lost(&self.task, &e)),
+                                None => {
+                                    // It may still be running there (hung, or cut off).
+                                    self.ask_worker_to_cancel(&worker);
+                                    Stop::Failed(Failure::lost(&self.task, &e))
+                                }
                             };
                             return self.stop(stop).await;
                         }
@@ -363,11 +498,36 @@ impl Run {
                         _ => None,
                     };
                     self.count(&batch);
-                    let asks = batch.iter().any(|e| matches!(e, TaskEvent::InputRequired(_)));
-                    if asks && self.status == TaskStatus::Running {
-                        self.set_status(TaskStatus::InputRequired, batch).await?;
+                    let asks: Vec<_> = batch
+                        .iter()
+                        .filter_map(|e| match e {
+                            TaskEvent::InputRequired(r) => Some(r.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    let before = self.answer.len();
+                    for e in &batch {
+                        if let TaskEvent::Text { text } = e {
+                            self.answer.push_str(text);
+                        }
+                    }
+                    let stored = if !asks.is_empty() && self.status == TaskStatus::Running {
+                        self.set_status(TaskStatus::InputRequired, batch).await
                     } else {
-                        self.record(batch).await?;
+                        self.record(batch).await
+                    };
+                    if let Err(e) = stored {
+                        // The store stayed down through every retry: stop the run and say why.
+                        self.ask_worker_to_cancel(&worker);
+                        return self.stop(Stop::Failed(Failure::store(&self.task, &e))).await;
+                    }
+                    if let Some(channel) = self.channel() {
+                        if self.answer.len() > before {
+                            self.inner.hooks.progress(&channel, &self.task, &self.answer);
+                        }
+                        for request in &asks {
+                            self.inner.hooks.input_required(&channel, &self.task, request);
+                        }
                     }
                     if let Some(outcome) = done {
                         match stopping.take() {
@@ -388,7 +548,10 @@ impl Run {
                     if let Some(e) = broken {
                         let stop = match stopping.take() {
                             Some((stop, _)) => stop,
-                            None => Stop::Failed(Failure::lost(&self.task, &e)),
+                            None => {
+                                self.ask_worker_to_cancel(&worker);
+                                Stop::Failed(Failure::lost(&self.task, &e))
+                            }
                         };
                         return self.stop(stop).await;
                     }
@@ -425,21 +588,19 @@ impl Run {
         }
     }
 
-    async fn ask_worker_to_cancel(&self, worker: &WorkerEndpoint) {
-        if let Err(e) = self
-            .inner
-            .client
-            .cancel(
-                worker,
-                &CancelRequest {
-                    task_id: self.task.id,
-                    session_id: Some(self.task.session_id.clone()),
-                },
-            )
-            .await
-        {
-            tracing::warn!(task = %self.task.id, error = %e, "the worker did not take the cancel");
-        }
+    /// Asks the worker to stop the task, off the run loop: a hung worker must not hold up
+    /// the loop (its grace, the idle timeout and the lease go on).
+    fn ask_worker_to_cancel(&self, worker: &WorkerEndpoint) {
+        let (client, worker) = (self.inner.client.clone(), worker.clone());
+        let request = CancelRequest {
+            task_id: self.task.id,
+            session_id: Some(self.task.session_id.clone()),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = client.cancel(&worker, &request).await {
+                tracing::warn!(task = %request.task_id, error = %e, "the worker did not take the cancel");
+            }
+        });
     }
 
     async fn answer(&mut self, worker: &WorkerEndpoint, response: InputResponse) -> Result<()> {
@@ -469,17 +630,27 @@ impl Run {
     async fn set_status(&mut self, status: TaskStatus, events: Vec<TaskEvent>) -> Result<()> {
         let change =
             TaskChange::to(status).lease(self.inner.config.owner.clone(), self.lease_expiry());
-        self.task = self
-            .inner
-            .transition(&self.task, self.status, change, events)
-            .await?;
+        let (inner, task, from) = (&self.inner, &self.task, self.status);
+        self.task = retry_if(
+            &inner.config.store_retry,
+            || inner.transition_and_enqueue(task, from, change.clone(), events.clone()),
+            Error::is_retryable,
+        )
+        .await?;
         self.status = status;
         Ok(())
     }
 
-    /// Appends events to the log and publishes them with their seqs.
+    /// Appends events to the log and publishes them with their seqs, retrying store errors
+    /// that may pass.
     async fn record(&self, events: Vec<TaskEvent>) -> Result<()> {
-        self.inner.record(&self.task, events).await
+        let (inner, task) = (&self.inner, &self.task);
+        retry_if(
+            &inner.config.store_retry,
+            || inner.record(task, events.clone()),
+            Error::is_retryable,
+        )
+        .await
     }
 
     /// Ends the run for `stop`: canceled, or failed with an `error` event before `done`.
@@ -513,25 +684,43 @@ impl Run {
                 outcome.status
             ));
         }
-        let task = match self
-            .inner
-            .transition(
-                &self.task,
-                self.status,
-                TaskChange::finish(outcome.clone()),
-                {
-                    before.push(TaskEvent::Done(outcome.clone()));
-                    before
-                },
-            )
-            .await
-        {
+        before.push(TaskEvent::Done(outcome.clone()));
+        let (inner, task, from) = (&self.inner, &self.task, self.status);
+        let finished = retry_if(
+            &inner.config.store_retry,
+            || {
+                inner.transition_and_enqueue(
+                    task,
+                    from,
+                    TaskChange::finish(outcome.clone()),
+                    before.clone(),
+                )
+            },
+            Error::is_retryable,
+        )
+        .await;
+        let task = match finished {
             Ok(t) => t,
             Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidTransition) => {
                 tracing::warn!(task = %self.task.id, error = %e, "the task was ended elsewhere");
                 return Ok(());
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                // The lease runs out and recovery records the outcome; it gives this reason.
+                let reason = match &outcome.error {
+                    Some(error) => format!(
+                        "{error} (and the outcome could not be stored: {})",
+                        e.message()
+                    ),
+                    None => format!(
+                        "the task ended as {} but the store refused its outcome: {}",
+                        outcome.status,
+                        e.message()
+                    ),
+                };
+                lock(&self.inner.last_words).insert(self.task.id, reason);
+                return Err(e);
+            }
         };
         self.task = task;
         self.inner
@@ -546,7 +735,7 @@ impl Run {
             error = outcome.error.as_deref().unwrap_or(""),
             "task finished"
         );
-        self.inner.after_finish(&self.task, outcome).await;
+        self.inner.after_finish(&self.task);
         Ok(())
     }
 }
@@ -590,6 +779,31 @@ impl Drop for StreamReader {
     fn drop(&mut self) {
         self.reader.abort();
     }
+}
+
+/// Re-attaches to a task the worker may still be running (`/chat/attach`), from the first of
+/// its events the log does not have: the log holds the worker's events in order, each once,
+/// plus the server's own `status` events, so the worker's seq to resume after is the count of
+/// the others.
+async fn attach_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Result<ChatStream> {
+    const PAGE: u32 = 500;
+    let (mut seq, mut after) = (0, 0u64);
+    loop {
+        let logs = inner.store.read_logs(task.id, seq, PAGE).await?;
+        after += logs
+            .iter()
+            .filter(|l| !matches!(l.event, TaskEvent::Status { .. }))
+            .count() as u64;
+        seq = logs.last().map_or(seq, |l| l.seq);
+        if logs.len() < PAGE as usize {
+            break;
+        }
+    }
+    tracing::info!(task = %task.id, after, "re-attaching to the worker's run");
+    retry(&inner.config.retry, || {
+        inner.client.attach(worker, task.id, after)
+    })
+    .await
 }
 
 /// The session's worker from the driver, retried as `config.retry` says; what the task waits
@@ -707,7 +921,12 @@ fn files_form(mut skill: SkillSpec) -> SkillSpec {
 async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Result<ChatStream> {
     let mut skills = task.skills.clone();
     let mut mcp_servers = task.mcp_servers.clone();
+    let mut repository = None;
     if let Some(channel) = inner.channels.get(&task.channel_type) {
+        repository = channel.workspace_repository(task).await?;
+        if let Some(r) = &repository {
+            r.validate()?;
+        }
         let defaults = channel.defaults();
         for skill in defaults.skills {
             if !skills.iter().any(|s| s.name == skill.name) {
@@ -746,12 +965,24 @@ async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Resu
             }
         }
     }
+    let mut message = task.message.clone();
+    if let Some(r) = &repository {
+        message.push_str(&format!(
+            "\n\n(The repository is checked out in the folder `{}` of your working directory{}.)",
+            r.dir,
+            r.git_ref
+                .as_deref()
+                .map(|g| format!(", at `{g}`"))
+                .unwrap_or_default()
+        ));
+    }
     let (default_soul, default_agents) = inner.saved_defaults().await;
     let prepare = PrepareRequest {
         session_id: task.session_id.clone(),
         skills: Some(skills.into_iter().map(files_form).collect()),
         mcp_servers: Some(mcp_servers),
         soul: None,
+        repository,
         default_soul,
         default_agents,
     };
@@ -762,7 +993,7 @@ async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Resu
     let chat = ChatRequest {
         task_id: task.id,
         session_id: task.session_id.clone(),
-        message: task.message.clone(),
+        message,
     };
     retry(&inner.config.retry, || inner.client.chat(worker, &chat)).await
 }

@@ -49,8 +49,14 @@ pub struct ApiOptions {
     pub cors_origins: Vec<String>,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
+    /// Largest body of a channel event (`POST /api/channel/:type/webhook`), in bytes; a
+    /// larger one is refused with 413 before any channel reads it.
+    pub channel_max_body_bytes: usize,
     /// Longest long-poll of `/api/tasks/:id/logs?wait=`.
     pub max_wait: Duration,
+    /// On shutdown ([`serve`]), how long running tasks may take to finish, their followers
+    /// still connected, before they are interrupted and the connections closed.
+    pub shutdown_grace: Duration,
     /// The API token every route but the open ones requires (see [`auth`]); `None`: no token.
     pub api_token: Option<ApiToken>,
     /// Whether `/api/health` and `/metrics` need the token too.
@@ -75,7 +81,9 @@ impl Default for ApiOptions {
             setup: Vec::new(),
             cors_origins: Vec::new(),
             max_body_bytes: 2 * 1024 * 1024,
+            channel_max_body_bytes: 1024 * 1024,
             max_wait: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
             api_token: None,
             protect_health: false,
             max_channel_key_bytes: 256,
@@ -212,6 +220,7 @@ pub fn api_router(state: AppState) -> Router {
     let limit = state.options().max_body_bytes;
     let api = Router::new()
         .route("/api/health", get(rest::health))
+        .route("/api/health/live", get(rest::live))
         .route("/api/openapi.json", get(rest::openapi))
         .route(
             "/api/sessions",
@@ -230,7 +239,8 @@ pub fn api_router(state: AppState) -> Router {
         .route("/api/tasks/{id}/logs", get(rest::task_logs))
         .route("/api/tasks/{id}/cancel", post(rest::cancel_task))
         .route("/api/tasks/{id}/input", post(rest::answer_task))
-        .route("/api/channel/{type}/webhook", post(rest::channel_webhook))
+        .route("/api/deliveries", get(rest::list_deliveries))
+        .route("/api/deliveries/{id}/retry", post(rest::retry_delivery))
         .route(
             "/api/workspace/{file}",
             get(rest::get_workspace_doc).put(rest::put_workspace_doc),
@@ -260,7 +270,15 @@ pub fn api_router(state: AppState) -> Router {
             state.clone(),
             auth::guard_api,
         ));
-    anywork_http::limit_body(api, limit).with_state(state)
+    // The channel endpoint reads its body itself, with its own limit; channels verify their
+    // senders themselves (signatures), not with the API token.
+    let channels = Router::new()
+        .route("/api/channel/{type}/webhook", post(rest::channel_webhook))
+        .method_not_allowed_fallback(anywork_http::method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    anywork_http::limit_body(api, limit)
+        .merge(channels)
+        .with_state(state)
 }
 
 /// The WebSocket endpoint `/ws` (chat, follow, resume, cancel, input answers).
@@ -284,10 +302,12 @@ pub fn ui_router() -> Router {
 /// and CORS for [`ApiOptions::cors_origins`].
 pub fn router(state: AppState) -> Router {
     let cors = cors_layer(&state.options().cors_origins);
-    let app = api_router(state.clone())
-        .merge(ws_router(state))
-        .merge(ui_router())
-        .fallback(anywork_http::no_route);
+    let app = anywork_http::limit_uri(
+        api_router(state.clone())
+            .merge(ws_router(state))
+            .merge(ui_router())
+            .fallback(anywork_http::no_route),
+    );
     match cors {
         Some(cors) => app.layer(cors).layer(middleware::from_fn(preflight_status)),
         None => app,
@@ -295,17 +315,23 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves [`router`]`(state)` on `listener` until `shutdown` completes (TCP_NODELAY: see
-/// [`anywork_http::serve`]); open WebSocket connections are closed when it does. Clients'
-/// addresses are known to the handlers (the per-client WebSocket limit).
+/// [`anywork_http::serve`]), then shuts down in order: the dispatcher stops taking and
+/// starting tasks and gives running ones [`ApiOptions::shutdown_grace`] to finish
+/// ([`Dispatcher::shutdown`]) while their WebSocket followers and long-polls are still
+/// served; then WebSocket connections are closed with 1001 ("going away"), long-polls answer,
+/// and the HTTP server ends. Clients' addresses are known to the handlers (the per-client
+/// WebSocket limit).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let closing = state.closing().clone();
+    let (dispatcher, grace) = (state.dispatcher().clone(), state.options().shutdown_grace);
     let shutdown = async move {
         shutdown.await;
-        // WebSocket connections would keep a graceful shutdown waiting forever.
+        dispatcher.shutdown(grace).await;
+        // WebSocket connections and long-polls would keep a graceful shutdown waiting.
         closing.cancel();
     };
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {

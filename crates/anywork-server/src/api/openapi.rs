@@ -21,9 +21,17 @@ const OPS: &[Op] = &[
     Op {
         method: "get",
         path: "/api/health",
-        summary: "Server status and version",
+        summary: "Readiness, status and version: 503 with `error` when the store cannot take a write now or the server is shutting down",
         body: None,
         ok: (200, "Health"),
+        query: &[],
+    },
+    Op {
+        method: "get",
+        path: "/api/health/live",
+        summary: "Liveness: 200 while the process answers, whatever the store's state",
+        body: None,
+        ok: (200, "Ok"),
         query: &[],
     },
     Op {
@@ -137,9 +145,40 @@ const OPS: &[Op] = &[
     Op {
         method: "post",
         path: "/api/channel/{type}/webhook",
-        summary: "Inbound event of a channel (verified and parsed by the channel)",
+        summary: "Inbound event of a channel (verified and parsed by the channel): 202 \
+                  {taskId, sessionId} before the agent runs; 200 {ok, skipped} when there is \
+                  nothing to do; 404 unknown type, 401 bad signature, 400 malformed, 413 too large",
         body: Some("Any"),
         ok: (202, "TaskAccepted"),
+        query: &[],
+    },
+    Op {
+        method: "get",
+        path: "/api/deliveries",
+        summary: "The outbox: channel answers and push notifications, oldest first (secrets \
+                  redacted)",
+        body: None,
+        ok: (200, "DeliveryList"),
+        query: &[
+            (
+                "status",
+                "string",
+                "pending, failed, sent or dead (all when absent)",
+            ),
+            (
+                "limit",
+                "integer",
+                "at most this many (default 100, at most 500)",
+            ),
+            ("offset", "integer", "skip this many"),
+        ],
+    },
+    Op {
+        method: "post",
+        path: "/api/deliveries/{id}/retry",
+        summary: "Send a dead delivery again, with a fresh attempt budget (409 if not dead)",
+        body: None,
+        ok: (200, "Delivery"),
         query: &[],
     },
     Op {
@@ -300,7 +339,7 @@ fn schemas() -> Value {
         "Any": {},
         "Ok": {"type": "object", "properties": {"ok": {"type": "boolean"}}},
         "Success": {"type": "object", "properties": {"success": {"type": "boolean"}}},
-        "Health": {"type": "object", "required": ["status", "version"], "properties": {"status": string, "version": string, "driver": string, "demo": {"type": "boolean"}, "warning": string,
+        "Health": {"type": "object", "required": ["status", "version"], "properties": {"status": string, "version": string, "driver": string, "demo": {"type": "boolean"}, "warning": string, "error": {"type": "object", "properties": {"code": string, "message": string}},
             "setup": {"type": "array", "description": "the set-up check made at start, per driver (engine, image, model, cluster, worker)",
                 "items": {"type": "object", "properties": {"name": string, "ok": {"type": "boolean"}, "message": string}}}}},
         "Session": session,
@@ -313,7 +352,14 @@ fn schemas() -> Value {
         "CreateTask": {"type": "object", "required": ["message"], "additionalProperties": false, "properties": {
             "message": string, "session_id": string, "sessionId": {"type": "string", "description": "the same as session_id, as answers spell it"}, "channel_type": string, "channel_key": string, "channel_meta": {},
             "skills": {"type": ["array", "null"], "items": skill}, "mcp_servers": mcp_servers,
-            "push_notification": {"type": "object", "required": ["url"], "properties": {"url": string, "authorization": string}}}},
+            "push_notification": {"type": "object", "required": ["url"], "properties": {"url": string,
+                "authorization": {"type": "string", "description": "sent as the Authorization header; also spelled auth_header"},
+                "events": {"type": "array", "items": string, "description": "statuses to push (running, input_required, completed, failed, canceled); default: the final one"}}}}},
+        "Delivery": {"type": "object", "properties": {"id": string, "task_id": string,
+            "target": {"type": "object", "description": "{kind: channel, channel_type} or {kind: push, url, authorization: [redacted], events}"},
+            "payload": {}, "status": string, "attempts": int, "next_attempt_at": int, "last_error": string,
+            "created_at": int, "updated_at": int}},
+        "DeliveryList": {"type": "object", "properties": {"deliveries": {"type": "array", "items": schema_ref("Delivery")}}},
         "TaskLog": log,
         "LogPage": {"type": "object", "properties": {"logs": {"type": "array", "items": schema_ref("TaskLog")}, "hasMore": {"type": "boolean"}, "next": int}},
         "InputResponse": {"type": "object", "required": ["request_id"], "properties": {"request_id": string, "answer": string, "allow": {"type": "boolean"}}},

@@ -17,7 +17,7 @@ use anywork_core::{Error, SessionId, TaskId, TaskRequest};
 use anywork_runtime::LiveEvent;
 use std::net::SocketAddr;
 
-use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{Extensions, HeaderMap, StatusCode};
 use axum::response::Response;
@@ -187,7 +187,18 @@ async fn connection(state: AppState, mut socket: WebSocket) {
     loop {
         let out = tokio::select! {
             _ = closing.cancelled() => {
-                let _ = socket.send(Message::Close(None)).await;
+                // Whatever the followers still hold goes out first.
+                let mut out = Vec::new();
+                while let Ok(event) = events.try_recv() {
+                    out.push(event.to_message());
+                }
+                let _ = send_all(&mut socket, &out).await;
+                let _ = socket
+                    .send(Message::Close(Some(CloseFrame {
+                        code: close_code::AWAY,
+                        reason: Utf8Bytes::from_static("the server is shutting down"),
+                    })))
+                    .await;
                 break;
             }
             incoming = socket.recv() => match incoming {
@@ -195,6 +206,18 @@ async fn connection(state: AppState, mut socket: WebSocket) {
                 Some(Ok(Message::Text(text))) => conn.handle(text.as_str()).await,
                 Some(Ok(Message::Binary(_))) => vec![ServerMessage::error("Binary messages are not supported; send JSON text")],
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Err(e)) if is_too_large(&e) => {
+                    // Say why before closing: 1009, "message too big".
+                    let _ = socket
+                        .send(Message::Close(Some(CloseFrame {
+                            code: close_code::SIZE,
+                            reason: Utf8Bytes::from(format!(
+                                "a message is larger than the limit of {MAX_MESSAGE_BYTES} bytes"
+                            )),
+                        })))
+                        .await;
+                    break;
+                }
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
             },
             Some(event) = events.recv() => {
@@ -227,6 +250,12 @@ async fn connection(state: AppState, mut socket: WebSocket) {
     for (_, follower) in conn.followers.drain() {
         follower.abort();
     }
+}
+
+/// Whether a read failed because a frame or message was over the size limit.
+fn is_too_large(e: &axum::Error) -> bool {
+    let text = e.to_string();
+    text.contains("Space limit exceeded") || text.contains("too long") || text.contains("too big")
 }
 
 /// Sends `messages` with one flush at the end.

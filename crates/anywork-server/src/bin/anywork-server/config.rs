@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use anywork_core::worker_api::WorkerSecret;
-use anywork_core::{ContainerDriver, TaskStore};
-use anywork_runtime::{Dispatcher, DispatcherConfig, FirstWords, ModelTitles, TitleGenerator};
+use anywork_core::{Channel, ContainerDriver, TaskStore};
+use anywork_runtime::{
+    Dispatcher, DispatcherConfig, FirstWords, ModelTitles, Retention, TitleGenerator,
+};
 use anywork_server::{ApiOptions, ApiToken, AppState};
 use clap::Parser;
 use clap::builder::BoolishValueParser;
@@ -79,6 +81,21 @@ pub struct Config {
     /// is the driver's (DOCKER_IDLE_TTL_SECONDS, K8S_IDLE_TTL_SECONDS).
     #[arg(long, env = "REAP_INTERVAL_SECONDS", default_value_t = 30)]
     pub reap_interval_seconds: u64,
+    /// Days to keep finished tasks' logs (the task rows stay); 0 keeps them forever.
+    #[arg(long, env = "RETENTION_DAYS", default_value_t = 0.0)]
+    pub retention_days: f64,
+    /// Size budget of the store in MiB: over it, the logs of the tasks finished longest ago
+    /// are deleted (and the space compacted); 0 for no budget.
+    #[arg(long, env = "RETENTION_MAX_MB", default_value_t = 0)]
+    pub retention_max_mb: u64,
+    /// Seconds between retention rounds (which also measure the store for the
+    /// `anywork_store_bytes` metric).
+    #[arg(long, env = "RETENTION_INTERVAL_SECONDS", default_value_t = 60)]
+    pub retention_interval_seconds: u64,
+    /// A worker's event stream silent this long (workers send a keep-alive every 15 s) fails
+    /// its task: the worker is hung or the connection stalled.
+    #[arg(long, env = "STREAM_IDLE_TIMEOUT_SECONDS", default_value_t = 60)]
+    pub stream_idle_timeout_seconds: u64,
     /// Seconds to let running tasks finish on shutdown.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
@@ -119,6 +136,21 @@ pub struct Config {
     /// Open WebSocket connections per client address (0: no limit).
     #[arg(long, env = "WS_MAX_CONNECTIONS_PER_CLIENT", default_value_t = 32)]
     pub ws_max_connections_per_client: usize,
+    /// Shipped channels to leave off, comma-separated (`webhook`, `github`, `slack`). The
+    /// webhook is on by default; GitHub and Slack are on once their variables are set
+    /// (GITHUB_*, SLACK_*; see docs/channels.md).
+    #[arg(long, env = "DISABLED_CHANNELS", default_value = "")]
+    pub disabled_channels: String,
+    /// Largest body of a channel event, in bytes (larger ones: 413).
+    #[arg(long, env = "CHANNEL_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub channel_max_body_bytes: usize,
+    /// Key that push notifications (webhook `callback_url`, `push_notification`) are signed
+    /// with (X-AnyWork-Signature); default: WEBHOOK_SECRET.
+    #[arg(long, env = "PUSH_SIGNING_SECRET", hide_env_values = true)]
+    pub push_signing_secret: Option<String>,
+    /// Attempts of a delivery (a channel answer, a push) before it is dead.
+    #[arg(long, env = "DELIVERY_MAX_ATTEMPTS", default_value_t = 8)]
+    pub delivery_max_attempts: u32,
 }
 
 /// A built server: the API state and, with the local driver, the worker it runs.
@@ -128,6 +160,8 @@ pub struct Built {
     pub state: AppState,
     /// Where the local worker listens, when there is one.
     pub local_worker: Option<String>,
+    /// The claim on DB_DIR (held while the server runs).
+    pub instance: Option<crate::instance::Instance>,
     /// The store, for the start-up line (credentials left out).
     pub store: String,
     /// The executor, for the start-up line.
@@ -241,8 +275,20 @@ impl Config {
         config.lease_ttl = Duration::from_secs(self.lease_ttl_seconds.max(1));
         config.reap_every = (self.reap_interval_seconds > 0)
             .then(|| Duration::from_secs(self.reap_interval_seconds));
+        config.retention = self.retention()?;
+        config.stream_idle_timeout = Duration::from_secs(self.stream_idle_timeout_seconds.max(1));
+        let instance = crate::instance::claim(&self.db_dir, &config.owner)?;
+        match &instance {
+            Some(i) => config.dead_owners.extend(i.previous.clone()),
+            None => tracing::warn!(
+                db_dir = %self.db_dir.display(),
+                "another server runs on this DB_DIR: after a crash, its tasks end only when their leases expire"
+            ),
+        }
         config.outbound = outbound;
         config.mcp = mcp;
+        config.outbox.max_attempts = self.delivery_max_attempts.max(1);
+        let env = |name: &str| std::env::var(name).ok();
         let mut builder = Dispatcher::builder(store, driver)
             .config(config)
             .titles(self.titles()?);
@@ -252,6 +298,17 @@ impl Config {
             .filter(|d| !d.as_os_str().is_empty())
         {
             builder = builder.skills(anywork_runtime::SkillsDir::new(dir));
+        }
+        for channel in self.channels(env)? {
+            builder = builder.channel(channel);
+        }
+        let push_secret = self
+            .push_signing_secret
+            .clone()
+            .or_else(|| env("WEBHOOK_SECRET"))
+            .filter(|s| !s.trim().is_empty());
+        if let Some(secret) = push_secret {
+            builder = builder.push_signing_secret(secret);
         }
         let dispatcher = builder
             .start()
@@ -273,6 +330,7 @@ impl Config {
         }
         let mut options = ApiOptions::default();
         options.warning = warning;
+        options.shutdown_grace = Duration::from_secs(self.shutdown_grace_seconds);
         options.setup = setup;
         options.api_token = api_token;
         options.protect_health = self.protect_health;
@@ -280,6 +338,7 @@ impl Config {
         options.max_channel_meta_bytes = self.max_channel_meta_bytes;
         options.ws_messages_per_second = self.ws_messages_per_second;
         options.max_ws_per_client = self.ws_max_connections_per_client;
+        options.channel_max_body_bytes = self.channel_max_body_bytes.max(1);
         options.cors_origins = self
             .cors_origins
             .split(',')
@@ -290,6 +349,7 @@ impl Config {
         Ok(Built {
             state: AppState::new(dispatcher, options),
             local_worker,
+            instance,
             store: self.store_description(),
             executor,
             model: model_description(),
@@ -355,6 +415,56 @@ impl Config {
         Ok(access)
     }
 
+    /// The shipped channels that are on: the webhook unless disabled (with a warning when it
+    /// is open), GitHub and Slack when configured and not disabled. `var` reads a variable.
+    pub fn channels(
+        &self,
+        var: impl Fn(&str) -> Option<String> + Copy,
+    ) -> anyhow::Result<Vec<Arc<dyn Channel>>> {
+        use anywork_channels::{github, slack, webhook};
+        let mut off = Vec::new();
+        for name in self.disabled_channels.split(',').map(str::trim) {
+            match name.to_ascii_lowercase().as_str() {
+                "" => {}
+                n @ ("webhook" | "github" | "slack") => off.push(n.to_owned()),
+                other => bail!(
+                    "DISABLED_CHANNELS names {other:?}, which is not a channel: use webhook, \
+                     github and/or slack"
+                ),
+            }
+        }
+        let on = |name: &str| !off.iter().any(|o| o == name);
+        let limit = self.channel_max_body_bytes.max(1);
+        let mut channels: Vec<Arc<dyn Channel>> = Vec::new();
+        if on(webhook::CHANNEL_TYPE) {
+            let mut config = webhook::WebhookConfig::from_lookup(var)?;
+            config.max_body_bytes = limit;
+            let channel = webhook::WebhookChannel::new(config);
+            if channel.is_open() {
+                tracing::warn!(
+                    "the generic webhook (/api/channel/webhook/webhook) is open: anyone who \
+                     reaches it can run tasks. Set WEBHOOK_SECRET, or DISABLED_CHANNELS=webhook"
+                );
+            }
+            channels.push(Arc::new(channel));
+        }
+        if on(github::CHANNEL_TYPE)
+            && let Some(mut config) = github::GithubConfig::from_lookup(var)?
+        {
+            config.max_body_bytes = limit;
+            tracing::info!(trigger = %config.trigger, api = %config.api_url, "GitHub channel on");
+            channels.push(Arc::new(github::GithubChannel::new(config)));
+        }
+        if on(slack::CHANNEL_TYPE)
+            && let Some(mut config) = slack::SlackConfig::from_lookup(var)?
+        {
+            config.max_body_bytes = limit;
+            tracing::info!(api = %config.api_url, "Slack channel on");
+            channels.push(Arc::new(slack::SlackChannel::new(config)));
+        }
+        Ok(channels)
+    }
+
     async fn store(&self) -> anyhow::Result<Arc<dyn TaskStore>> {
         if let Some(url) = self
             .database_url
@@ -374,6 +484,22 @@ impl Config {
                 )
             })?;
         Ok(Arc::new(store))
+    }
+
+    fn retention(&self) -> anyhow::Result<Retention> {
+        if !self.retention_days.is_finite() || self.retention_days < 0.0 {
+            bail!(
+                "RETENTION_DAYS={} is not a number of days: use 0 (keep forever) or more",
+                self.retention_days
+            );
+        }
+        let mut retention = Retention::default();
+        retention.max_age = (self.retention_days > 0.0)
+            .then(|| Duration::from_secs_f64((self.retention_days * 86_400.0).min(1e12)));
+        retention.max_bytes =
+            (self.retention_max_mb > 0).then(|| self.retention_max_mb.saturating_mul(1 << 20));
+        retention.every = Duration::from_secs(self.retention_interval_seconds.max(1));
+        Ok(retention)
     }
 
     fn titles(&self) -> anyhow::Result<Arc<dyn TitleGenerator>> {
