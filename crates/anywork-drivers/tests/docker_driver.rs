@@ -464,7 +464,13 @@ async fn a_worker_that_cannot_start_is_reported_with_its_output() {
     config.ready_timeout = Duration::from_secs(600);
     let driver = DockerDriver::connect(config).await.unwrap();
     let s = sid("bad");
+    let asked = std::time::Instant::now();
     let e = driver.get_worker(&s).await.unwrap_err();
+    // Printed for the record (not asserted): the time to tell a dead worker.
+    eprintln!(
+        "a worker that cannot start was reported after {:?}",
+        asked.elapsed()
+    );
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
     let message = e.to_string();
     assert!(message.contains("API_KEY"), "the worker's own message: {e}");

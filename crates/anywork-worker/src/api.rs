@@ -176,7 +176,8 @@ async fn prepare(
             &body.skills.unwrap_or_default(),
             &body.mcp_servers.unwrap_or_default(),
             body.soul.as_deref(),
-            (body.default_soul.as_deref(), body.default_agents.as_deref()),
+            body.default_soul.as_deref(),
+            body.default_agents.as_deref(),
         )
     })
     .await?;

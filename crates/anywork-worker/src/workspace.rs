@@ -307,19 +307,21 @@ impl Workspace {
         mcp_servers: &McpServers,
         soul: Option<&str>,
     ) -> Result<PathBuf> {
-        self.prepare_seeded(session, skills, mcp_servers, soul, (None, None))
+        self.prepare_seeded(session, skills, mcp_servers, soul, None, None)
     }
 
-    /// [`prepare`](Self::prepare) of a session that, when new, starts with `defaults`
-    /// (`SOUL.md`, `AGENTS.md`; see [`ensure_session_seeded`](Self::ensure_session_seeded)).
-    /// Nothing is written when the request is refused.
+    /// [`prepare`](Self::prepare) for a session whose missing `SOUL.md` / `AGENTS.md` start
+    /// as `default_soul` / `default_agents` when given (the server's defaults; see
+    /// [`ensure_session_seeded`](Self::ensure_session_seeded)). Nothing is written when the
+    /// request is refused.
     pub fn prepare_seeded(
         &self,
         session: &SessionId,
         skills: &[SkillSpec],
         mcp_servers: &McpServers,
         soul: Option<&str>,
-        defaults: (Option<&str>, Option<&str>),
+        default_soul: Option<&str>,
+        default_agents: Option<&str>,
     ) -> Result<PathBuf> {
         validate_skills(skills)?;
         validate_mcp_servers(mcp_servers)?;
@@ -335,7 +337,7 @@ impl Workspace {
         let _serial = session_lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let ws = self.ensure_session_seeded(session, defaults.0, defaults.1)?;
+        let ws = self.ensure_session_seeded(session, default_soul, default_agents)?;
         let skill_roots = [
             ensure_dirs(&ws, &[".claude", SKILLS_DIR])?,
             ensure_dirs(&ws, &[SKILLS_DIR])?,
