@@ -5,8 +5,10 @@
 //! cargo run --release -p anywork-bench -- worker     # see docs/benchmarks.md
 //! cargo run --release -p anywork-bench -- server
 //! cargo run --release -p anywork-bench -- docker     # needs a Docker engine
+//! cargo run -p anywork-bench -- claude               # Claude Code warm vs cold; needs the CLI
 //! ```
 
+mod claude;
 mod docker;
 mod server;
 mod stats;
@@ -29,6 +31,9 @@ enum Command {
     /// Server: dispatch overhead (WebSocket chat → executor start) and tasks/s with N
     /// concurrent sessions on SQLite, RSS per idle WebSocket session of the server binary.
     Server(server::Options),
+    /// Claude Code: a session's next task in its warm CLI against a new CLI per task (first
+    /// event, done, AnyWork's part), a new session's first event, resident memory under the cap.
+    Claude(claude::Options),
     /// Docker driver: cold `get_worker` (create + start + ready) and warm reuse, p50/p99.
     Docker(docker::Options),
 }
@@ -39,5 +44,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Worker(options) => worker::run(options).await,
         Command::Server(options) => server::run(options).await,
         Command::Docker(options) => docker::run(options).await,
+        Command::Claude(options) => claude::run(options).await,
     }
 }
