@@ -5,9 +5,11 @@
 //! cargo run --release -p anywork-bench -- worker     # see docs/benchmarks.md
 //! cargo run --release -p anywork-bench -- server
 //! cargo run --release -p anywork-bench -- docker     # needs a Docker engine
+//! cargo run --release -p anywork-bench -- channels   # webhook intake at 500 req/s
 //! cargo run -p anywork-bench -- claude               # Claude Code warm vs cold; needs the CLI
 //! ```
 
+mod channels;
 mod claude;
 mod docker;
 mod server;
@@ -34,6 +36,8 @@ enum Command {
     /// Claude Code: a session's next task in its warm CLI against a new CLI per task (first
     /// event, done, AnyWork's part), a new session's first event, resident memory under the cap.
     Claude(claude::Options),
+    /// Channels: signed generic-webhook requests at a fixed rate → `202`, p50/p99, req/s.
+    Channels(channels::Options),
     /// Docker driver: cold `get_worker` (create + start + ready) and warm reuse, p50/p99.
     Docker(docker::Options),
 }
@@ -45,5 +49,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Server(options) => server::run(options).await,
         Command::Docker(options) => docker::run(options).await,
         Command::Claude(options) => claude::run(options).await,
+        Command::Channels(options) => channels::run(options).await,
     }
 }

@@ -20,7 +20,9 @@
 //!   ([`TaskRequest::resolve_skills`]). `mcp_servers`: the original's list, the map form,
 //!   `[]`, `{}` or `null`.
 //! - `callback_url` (+ `callback_auth`, sent as the `Authorization` header) becomes the
-//!   task's push notification; the outcome is POSTed there by the caller's outbox. That is
+//!   task's push notification; the outcome is POSTed there by the caller's outbox, and so is
+//!   a question the task asks (status `input_required`, with `input`); the next request with
+//!   the task's `session_id` answers it. That is
 //!   the whole delivery of this channel: [`Channel::deliver`] has nothing to do.
 //! - `event`, `source` and `meta` are kept in the task's `channel_meta`.
 //! - An `Idempotency-Key` header (1 to 200 visible ASCII characters) makes a resent request
@@ -287,6 +289,11 @@ impl WebhookChannel {
             task.push_notification = Some(PushNotification {
                 url,
                 authorization: body.callback_auth.filter(|a| !a.is_empty()),
+                // The outcome, and any question the task asks (answered by the next request
+                // with this session's `session_id`).
+                events: ["input_required", "completed", "failed", "canceled"]
+                    .map(str::to_owned)
+                    .to_vec(),
             });
         }
         let mut meta = serde_json::Map::new();

@@ -46,7 +46,7 @@ macro_rules! store_conformance_tests {
             failed_deliveries_retry_die_and_are_retried_by_hand,
             retention_deletes_whole_logs_of_finished_tasks_only,
             settled_deliveries_are_deleted_by_age_open_ones_never,
-            readiness_size_and_compaction);
+            readiness_size_and_compaction, settings_are_kept_by_key);
 
         #[test]
         fn matches_the_memory_model_on_random_operations() {
@@ -121,6 +121,56 @@ async fn all_logs(store: &Store, task: TaskId) -> Vec<anywork_core::TaskLog> {
         out.extend(page);
     }
     out
+}
+
+/// Settings: unset is `None`, a put replaces, keys are independent, any text survives, and a
+/// bad key is `InvalidInput`.
+pub async fn settings_are_kept_by_key(store: Store) {
+    assert_eq!(store.get_setting("workspace.soul").await.unwrap(), None);
+    store.put_setting("workspace.soul", "first").await.unwrap();
+    store.put_setting("workspace.agents", "").await.unwrap();
+    assert_eq!(
+        store
+            .get_setting("workspace.soul")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("first")
+    );
+    assert_eq!(
+        store
+            .get_setting("workspace.agents")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(""),
+        "an empty value is a value"
+    );
+    let text = "Ünïcødé ✓ 'quotes' \"and\" \\ backslashes\n".repeat(2000);
+    store.put_setting("workspace.soul", &text).await.unwrap();
+    assert_eq!(
+        store
+            .get_setting("workspace.soul")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(text.as_str()),
+        "replaced, byte for byte"
+    );
+    assert_eq!(
+        store
+            .get_setting("workspace.agents")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("")
+    );
+    for bad in ["", "with space", &"k".repeat(129)] {
+        let e = store.put_setting(bad, "x").await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad:?}: {e}");
+        let e = store.get_setting(bad).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad:?}: {e}");
+    }
 }
 
 /// Create, read, rename, touch; unknown ids are `NotFound`, duplicates `Conflict`.
@@ -330,6 +380,7 @@ pub async fn task_round_trips_every_field(store: Store) {
     new.push_notification = Some(PushNotification {
         url: "http://127.0.0.1:9/cb".into(),
         authorization: Some("Bearer t".into()),
+        events: Vec::new(),
     });
     let created = store.create_task(new.clone()).await.unwrap();
     assert_eq!(created, new.clone().into_task());

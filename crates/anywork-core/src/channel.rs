@@ -181,6 +181,16 @@ pub trait Channel: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The git repository the task works in, checked out in the session's workspace (and
+    /// refreshed) before the task runs: e.g. the repository of a GitHub issue, at a pull
+    /// request's head. `None` (the default): none. An error fails the task with its message.
+    async fn workspace_repository(
+        &self,
+        _task: &Task,
+    ) -> Result<Option<crate::worker_api::RepoCheckout>> {
+        Ok(None)
+    }
+
     /// Delivers a finished task's outcome back (a comment, a reply, a callback). Errors that
     /// are [`retryable`](crate::Error::is_retryable) may be tried again by the caller, no
     /// sooner than [`retry_after`](crate::Error::retry_after) when set; others are final.

@@ -14,6 +14,8 @@
 //! - [`spec`]: what a task asks the worker to set up ([`SkillSpec`], [`McpServerConfig`]), and
 //!   the request forms clients send for them ([`SkillRef`], `deserialize_*_any`).
 //! - [`worker_api`]: the worker's HTTP API, shared by the worker and the server.
+//! - [`mcp_catalog`]: the operator's MCP servers ([`McpCatalog`]) and which a request may name
+//!   ([`McpAccess`]).
 //! - [`outbound`]: which addresses a request-chosen URL may reach (no SSRF).
 //! - [`rest`]: [`WireTask`], the task as REST clients and push receivers see it.
 //! - [`error`]: the one [`Error`] type, with a matchable [`ErrorKind`].
@@ -26,6 +28,7 @@ pub mod event;
 pub mod executor;
 pub mod ids;
 pub mod log;
+pub mod mcp_catalog;
 pub mod outbound;
 pub mod outcome;
 pub mod rest;
@@ -42,7 +45,7 @@ pub use delivery::{
     DeletedLogs, Delivery, DeliveryAttempt, DeliveryId, DeliveryStatus, DeliveryTarget,
     NewDelivery, StoreSize,
 };
-pub use driver::{ContainerDriver, WorkerEndpoint, WorkerInfo};
+pub use driver::{ContainerDriver, SetupCheck, WorkerEndpoint, WorkerInfo};
 pub use error::{Error, ErrorKind, Result};
 pub use event::{
     AgentInit, InputKind, InputRequest, InputResponse, McpServerStatus, Progress, TaskEvent,
@@ -51,6 +54,8 @@ pub use event::{
 pub use executor::{EventStream, Execution, ExecutionControl, ExecutionRequest, Executor};
 pub use ids::{SessionId, TaskId, Timestamp};
 pub use log::{NewTaskLog, TaskLog};
+pub use mcp_catalog::{CatalogServer, McpAccess, McpCatalog, SecretReader, SecretValue};
+pub use outbound::OutboundPolicy;
 pub use outcome::{TaskOutcome, TokenUsage};
 pub use rest::WireTask;
 pub use session::{NewSession, Page, Session, SessionSummary};

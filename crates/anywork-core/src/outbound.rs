@@ -246,7 +246,9 @@ impl OutboundPolicy {
         self.allow_http
     }
 
-    fn host_allowed(&self, host: &str) -> bool {
+    /// Whether `host` is on the operator's allow-list (then any address it resolves to is
+    /// allowed, and it need not be resolved to be checked).
+    pub fn host_allowed(&self, host: &str) -> bool {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         self.allow_hosts.iter().any(|pattern| {
             pattern == "*"
@@ -266,7 +268,7 @@ impl OutboundPolicy {
             "http" if self.allow_http => {}
             "http" => {
                 return Err(Error::invalid_input(format!(
-                    "{what}: plain http is not allowed; use https (an operator may allow http with OUTBOUND_ALLOW_HTTP=1)"
+                    "{what}: plain http is not allowed; use https (an operator may allow http with ALLOW_HTTP_CALLBACKS=1)"
                 )));
             }
             other => {
@@ -358,7 +360,7 @@ mod tests {
         let p = OutboundPolicy::strict();
         assert!(p.check_target("push", "https", "example.com").is_ok());
         let err = p.check_target("push", "http", "example.com").unwrap_err();
-        assert!(err.message().contains("OUTBOUND_ALLOW_HTTP"), "{err}");
+        assert!(err.message().contains("ALLOW_HTTP_CALLBACKS"), "{err}");
         assert!(p.check_target("push", "file", "x").is_err());
         assert!(p.check_target("push", "gopher", "x").is_err());
         let err = p

@@ -168,6 +168,10 @@ struct RawMcp {
 impl TryFrom<RawMcp> for McpServerConfig {
     type Error = Error;
     fn try_from(raw: RawMcp) -> Result<Self> {
+        if raw.kind.is_none() && raw.command.is_none() && raw.url.is_none() {
+            // `{}` (or `{"name": "docs"}` in the list form): a catalog entry by name.
+            return Ok(McpServerConfig::catalog_ref());
+        }
         let kind = raw
             .kind
             .as_deref()
@@ -220,6 +224,9 @@ impl From<McpServerConfig> for RawMcp {
             url: None,
             headers: BTreeMap::new(),
         };
+        if c.is_catalog_ref() {
+            return empty();
+        }
         match c {
             McpServerConfig::Stdio { command, args, env } => RawMcp {
                 kind: Some("stdio".into()),
@@ -241,6 +248,25 @@ impl From<McpServerConfig> for RawMcp {
                 ..empty()
             },
         }
+    }
+}
+
+impl McpServerConfig {
+    /// A reference to the server's MCP catalog entry of the same name (see
+    /// [`McpAccess`](crate::mcp_catalog::McpAccess)): what a request sends as `{}` in the map
+    /// form, `"name"` or `{"name": "…"}` in the list form. Serialized as `{}`; never sent to a
+    /// worker (the dispatcher replaces it with the entry or refuses the request).
+    pub fn catalog_ref() -> Self {
+        McpServerConfig::Stdio {
+            command: String::new(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+        }
+    }
+
+    /// Whether this is a [`catalog_ref`](Self::catalog_ref).
+    pub fn is_catalog_ref(&self) -> bool {
+        matches!(self, McpServerConfig::Stdio { command, args, env } if command.is_empty() && args.is_empty() && env.is_empty())
     }
 }
 
@@ -342,10 +368,28 @@ where
 
 /// One entry of the list form: a name and the server's fields.
 #[derive(Deserialize)]
-struct NamedMcp {
+struct NamedMcpObject {
     name: String,
     #[serde(flatten)]
     raw: RawMcp,
+}
+
+/// An entry of the list form: a catalog name, or an object with a `name`.
+enum NamedMcp {
+    Name(String),
+    Object(NamedMcpObject),
+}
+
+impl<'de> Deserialize<'de> for NamedMcp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(name) => Ok(NamedMcp::Name(name)),
+            other => serde_json::from_value(other)
+                .map(NamedMcp::Object)
+                .map_err(D::Error::custom),
+        }
+    }
 }
 
 struct McpServersVisitor;
@@ -396,6 +440,13 @@ impl<'de> serde::de::Visitor<'de> for McpServersVisitor {
         use serde::de::Error as _;
         let mut servers = McpServers::new();
         while let Some(entry) = seq.next_element::<NamedMcp>()? {
+            let entry = match entry {
+                NamedMcp::Object(o) => o,
+                NamedMcp::Name(name) => NamedMcpObject {
+                    name,
+                    raw: McpServerConfig::catalog_ref().into(),
+                },
+            };
             validate_name("MCP server name", &entry.name).map_err(A::Error::custom)?;
             let config = McpServerConfig::try_from(entry.raw)
                 .map_err(|e| A::Error::custom(format!("MCP server {:?}: {e}", entry.name)))?;

@@ -268,4 +268,33 @@ pub trait TaskStore: Send + Sync + 'static {
     async fn check_ready(&self) -> Result<()> {
         self.list_sessions(Page::first(1)).await.map(drop)
     }
+
+    /// The server-wide setting `key` (e.g. `workspace.soul`, the default `SOUL.md` of new
+    /// sessions), `None` when it was never set. The default answers `None` (nothing is kept).
+    async fn get_setting(&self, key: &str) -> Result<Option<String>> {
+        let _ = key;
+        Ok(None)
+    }
+
+    /// Sets `key` to `value`, replacing what it was. Keys are 1 to 128 printable ASCII
+    /// characters (`InvalidInput` otherwise, see [`validate_setting_key`]); values are any
+    /// text. The default refuses, saying that this store keeps no settings.
+    async fn put_setting(&self, key: &str, value: &str) -> Result<()> {
+        let _ = value;
+        validate_setting_key(key)?;
+        Err(Error::internal(format!(
+            "this TaskStore keeps no settings, so {key} cannot be saved: implement \
+             get_setting and put_setting, or use a store from anywork-store"
+        )))
+    }
+}
+
+/// Checks a settings key: 1 to 128 printable ASCII characters, no spaces.
+pub fn validate_setting_key(key: &str) -> Result<()> {
+    if key.is_empty() || key.len() > 128 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::invalid_input(format!(
+            "a setting key is 1 to 128 printable ASCII characters without spaces, not {key:?}"
+        )));
+    }
+    Ok(())
 }

@@ -10,14 +10,97 @@ pub use crate::outcome::TokenUsage;
 use crate::spec::{McpServers, SkillSpec, validate_mcp_servers};
 use crate::status::TaskStatus;
 
-/// Where to POST the outcome when a task ends (a webhook's `callback_url`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Where to POST the outcome when a task ends (a webhook's `callback_url`, the
+/// `push_notification` of `POST /api/tasks`). Sent through the outbox as a signed POST.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PushNotification {
     /// URL to POST to.
     pub url: String,
-    /// Value of the `Authorization` header, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Value of the `Authorization` header, if any (a secret: hidden by `Debug`).
+    #[serde(
+        default,
+        alias = "auth_header",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub authorization: Option<String>,
+    /// The statuses to tell (`completed`, `failed`, `canceled`, `input_required`); empty:
+    /// the final status only, whatever it is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<String>,
+}
+
+impl PushNotification {
+    /// A push of the final status to `url`, with no `Authorization` header.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            authorization: None,
+            events: Vec::new(),
+        }
+    }
+
+    /// Whether the receiver wants to hear of `status`: a final status when it named no
+    /// events, else the statuses it named.
+    pub fn wants(&self, status: TaskStatus) -> bool {
+        if self.events.is_empty() {
+            status.is_terminal()
+        } else {
+            self.events.iter().any(|e| e == status.as_str())
+        }
+    }
+}
+
+impl PushNotification {
+    /// Checks the URL (`http://` or `https://`, at most 2048 characters, no spaces) and the
+    /// event names; `InvalidInput` saying what to fix.
+    pub fn validate(&self) -> Result<()> {
+        let url = self.url.as_str();
+        if !(url.starts_with("https://") || url.starts_with("http://"))
+            || url.len() > 2048
+            || url.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(Error::invalid_input(
+                "the push notification `url` must be an http:// or https:// URL of at most \
+                 2048 characters",
+            ));
+        }
+        if let Some(auth) = &self.authorization
+            && auth.chars().any(char::is_control)
+        {
+            return Err(Error::invalid_input(
+                "the push notification's authorization header may not contain control characters",
+            ));
+        }
+        for e in &self.events {
+            let known = [
+                TaskStatus::Running,
+                TaskStatus::InputRequired,
+                TaskStatus::Completed,
+                TaskStatus::Failed,
+                TaskStatus::Canceled,
+            ];
+            if !known.iter().any(|s| s.as_str() == e) {
+                return Err(Error::invalid_input(format!(
+                    "push notification event {e:?} is unknown: use running, input_required, \
+                     completed, failed or canceled"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for PushNotification {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushNotification")
+            .field("url", &self.url)
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "[redacted]"),
+            )
+            .field("events", &self.events)
+            .finish()
+    }
 }
 
 /// Who is running a task, and until when, so that a crashed server's tasks can be found.
@@ -223,6 +306,9 @@ impl TaskRequest {
         }
         if let Some(key) = &self.idempotency_key {
             validate_idempotency_key(key)?;
+        }
+        if let Some(push) = &self.push_notification {
+            push.validate()?;
         }
         validate_mcp_servers(&self.mcp_servers)
     }

@@ -7,7 +7,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::event::{InputResponse, TaskEvent, WireEvent};
 use crate::ids::{SessionId, TaskId};
-use crate::spec::{McpServers, SkillSpec};
+use crate::spec::{McpServers, SkillSpec, deserialize_mcp_servers_any, deserialize_skills_any};
 
 /// A message from the browser.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -15,16 +15,28 @@ use crate::spec::{McpServers, SkillSpec};
 pub enum ClientMessage {
     /// Send a message; without `session_id` a new session is made.
     Chat {
-        /// Session to continue.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        /// Session to continue (`sessionId` is taken too, as the REST answers spell it).
+        #[serde(default, alias = "sessionId", skip_serializing_if = "Option::is_none")]
         session_id: Option<SessionId>,
         /// The text.
         message: String,
-        /// Skills for this task.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        /// Skills for this task: names (`["code-review"]`, resolved by the server) and/or
+        /// inline objects; `[]` or `null` for none.
+        #[serde(
+            default,
+            skip_serializing_if = "Vec::is_empty",
+            deserialize_with = "deserialize_skills_any"
+        )]
         skills: Vec<SkillSpec>,
-        /// MCP servers for this task.
-        #[serde(default, skip_serializing_if = "McpServers::is_empty")]
+        /// MCP servers for this task: names of the server's catalog, in any form
+        /// [`deserialize_mcp_servers_any`](crate::spec::deserialize_mcp_servers_any) takes —
+        /// the original's list (`[{"name", "transport", …}]`), the map by name, `[]`, `{}` or
+        /// `null`.
+        #[serde(
+            default,
+            skip_serializing_if = "McpServers::is_empty",
+            deserialize_with = "deserialize_mcp_servers_any"
+        )]
         mcp_servers: McpServers,
     },
     /// Keep-alive; answered by [`ServerMessage::Pong`].
@@ -32,19 +44,22 @@ pub enum ClientMessage {
     /// After a reconnect: replay a task's events after `after_seq`, then follow it live.
     Resume {
         /// The task to follow.
+        #[serde(alias = "taskId")]
         task_id: TaskId,
         /// The last seq the client saw (0 for all).
-        #[serde(default)]
+        #[serde(default, alias = "afterSeq")]
         after_seq: u64,
     },
     /// Cancel a task.
     Cancel {
         /// The task.
+        #[serde(alias = "taskId")]
         task_id: TaskId,
     },
     /// Answer an `input_required` event.
     InputResponse {
         /// The waiting task.
+        #[serde(alias = "taskId")]
         task_id: TaskId,
         /// The answer.
         #[serde(flatten)]
@@ -89,6 +104,21 @@ pub enum ServerMessage {
     },
     /// Answer to a ping: `{type}`.
     Pong,
+    /// A client message refused before anything was made of it (a chat that created no
+    /// session and no task, a message that does not parse):
+    /// `{type:"error", content, metadata:{code, created:false}, session_id?, request_id?}`.
+    /// It echoes the `session_id` and `request_id` the client sent, so that a client waiting
+    /// for its chat's `task_created` knows that this one is its answer and no `done` follows.
+    Refused {
+        /// The session the client named, when it named a valid one.
+        session_id: Option<SessionId>,
+        /// The client's own `request_id` (any JSON string or number), echoed.
+        request_id: Option<Value>,
+        /// A stable code (`not_found`, `invalid_input`, `invalid_message`, …).
+        code: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
 }
 
 impl ServerMessage {
@@ -117,6 +147,8 @@ struct FlatServerMessage {
     task_id: Option<TaskId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    request_id: Option<Value>,
 }
 
 impl FlatServerMessage {
@@ -128,6 +160,7 @@ impl FlatServerMessage {
             session_id: None,
             task_id: None,
             seq: None,
+            request_id: None,
         }
     }
 }
@@ -149,6 +182,7 @@ impl From<ServerMessage> for FlatServerMessage {
                     session_id,
                     task_id,
                     seq,
+                    request_id: None,
                 }
             }
             ServerMessage::SessionCreated { session_id } => FlatServerMessage {
@@ -169,6 +203,18 @@ impl From<ServerMessage> for FlatServerMessage {
                 ..Self::control("session_title")
             },
             ServerMessage::Pong => Self::control("pong"),
+            ServerMessage::Refused {
+                session_id,
+                request_id,
+                code,
+                message,
+            } => FlatServerMessage {
+                content: Some(message),
+                metadata: Some(serde_json::json!({"code": code, "created": false})),
+                session_id,
+                request_id,
+                ..Self::control("error")
+            },
         }
     }
 }
@@ -194,6 +240,27 @@ impl TryFrom<FlatServerMessage> for ServerMessage {
                 title: f.content.unwrap_or_default(),
             },
             "pong" => ServerMessage::Pong,
+            "error"
+                if f.task_id.is_none()
+                    && f.metadata
+                        .as_ref()
+                        .and_then(|m| m.get("created"))
+                        .and_then(Value::as_bool)
+                        == Some(false) =>
+            {
+                ServerMessage::Refused {
+                    code: f
+                        .metadata
+                        .as_ref()
+                        .and_then(|m| m.get("code"))
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned(),
+                    message: f.content.unwrap_or_default(),
+                    session_id: f.session_id,
+                    request_id: f.request_id,
+                }
+            }
             _ => ServerMessage::Event {
                 event: TaskEvent::try_from(WireEvent {
                     kind: f.kind,

@@ -267,6 +267,34 @@ fn websocket_client_messages() {
     );
     assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"chat"}"#).is_err());
     assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"dance"}"#).is_err());
+    // The original web client's and server's chat forms.
+    let original: ClientMessage = serde_json::from_value(json!({"type": "chat",
+        "session_id": null, "message": "hi", "skills": [], "mcp_servers": []}))
+    .unwrap();
+    assert_eq!(
+        original,
+        ClientMessage::Chat {
+            session_id: None,
+            message: "hi".into(),
+            skills: vec![],
+            mcp_servers: Default::default(),
+        }
+    );
+    let ClientMessage::Chat {
+        skills,
+        mcp_servers,
+        ..
+    } = serde_json::from_value(json!({"type": "chat", "message": "hi",
+        "skills": ["code-review"],
+        "mcp_servers": [{"name": "github", "transport": "stdio", "command": "npx",
+                         "args": ["-y", "gh"], "env": {"T": "x"}},
+                        {"name": "docs", "transport": "http", "url": "https://d.example/mcp"}]}))
+    .unwrap()
+    else {
+        panic!("not a chat")
+    };
+    assert!(skills[0].is_name_only() && skills[0].name == "code-review");
+    assert_eq!(mcp_servers.keys().collect::<Vec<_>>(), ["docs", "github"]);
 }
 
 #[test]
@@ -299,6 +327,17 @@ fn websocket_server_messages() {
         (
             ServerMessage::error("Invalid JSON"),
             json!({"type": "error", "content": "Invalid JSON", "metadata": {}}),
+        ),
+        (
+            ServerMessage::Refused {
+                session_id: Some(s.clone()),
+                request_id: Some(json!("r-7")),
+                code: "not_found".into(),
+                message: "session s1 does not exist".into(),
+            },
+            json!({"type": "error", "content": "session s1 does not exist",
+                   "metadata": {"code": "not_found", "created": false},
+                   "session_id": "s1", "request_id": "r-7"}),
         ),
         (
             ServerMessage::Event {
@@ -372,4 +411,29 @@ fn rest_task() {
     );
     let back: anywork_core::WireTask = serde_json::from_value(expected).unwrap();
     assert_eq!(back, wire, "clients can read it back");
+}
+
+#[test]
+fn the_original_workers_health_and_cancel_are_understood() {
+    use anywork_core::worker_api::{CancelRequest, WorkerHealth};
+    let health: WorkerHealth = serde_json::from_value(json!({"status": "ok",
+        "engine": "claude-agent-sdk", "workspace": "/workspace", "active_sessions": 2}))
+    .unwrap();
+    assert_eq!(
+        (health.status.as_str(), health.executor.as_str()),
+        ("ok", "claude-agent-sdk")
+    );
+    assert!(health.busy_sessions.is_empty());
+    // The cancel carries the session too: the original's worker cancels by session.
+    let id = TaskId::generate();
+    let cancel = CancelRequest {
+        task_id: id,
+        session_id: Some(SessionId::new("s1").unwrap()),
+    };
+    assert_eq!(
+        serde_json::to_value(&cancel).unwrap(),
+        json!({"task_id": id.to_string(), "session_id": "s1"})
+    );
+    let bare: CancelRequest = serde_json::from_value(json!({"task_id": id.to_string()})).unwrap();
+    assert_eq!(bare.session_id, None);
 }

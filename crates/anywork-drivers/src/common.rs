@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use anywork_core::worker_api::{HEALTH_PATH, WorkerHealth};
-use anywork_core::{Error, ErrorKind, Result, SessionId};
+use anywork_core::worker_api::{HEALTH_PATH, SECRET_HEADER, SESSIONS_PATH, WorkerHealth};
+use anywork_core::{Error, ErrorKind, Result, SessionId, WorkerEndpoint};
 use tokio::sync::OwnedMutexGuard;
 
 /// A name fragment for `session_id` that container, volume, pod and label syntaxes all accept:
@@ -100,7 +100,8 @@ impl IdleClock {
     }
 }
 
-/// Asks workers for `GET /health`, each request bounded by a timeout.
+/// Asks workers for `GET /health` (with their secret, so that they tell their busy sessions),
+/// each request bounded by a timeout.
 #[derive(Debug, Clone)]
 pub struct HealthCheck {
     client: reqwest::Client,
@@ -118,34 +119,42 @@ impl HealthCheck {
         Ok(Self { client, timeout })
     }
 
-    /// The worker's health at `base_url`, or `None` if it does not answer in time or not
+    /// The health of the worker at `endpoint`, or `None` if it does not answer in time or not
     /// with a 2xx and a health document.
-    pub async fn check(&self, base_url: &str) -> Option<WorkerHealth> {
-        let response = self
+    pub async fn check(&self, endpoint: &WorkerEndpoint) -> Option<WorkerHealth> {
+        let mut request = self
             .client
-            .get(format!("{base_url}{HEALTH_PATH}"))
-            .send()
-            .await
-            .ok()?;
+            .get(format!("{}{HEALTH_PATH}", endpoint.base_url));
+        if let Some(secret) = &endpoint.secret {
+            request = request.header(SECRET_HEADER, secret.expose());
+        }
+        let response = request.send().await.ok()?;
         if !response.status().is_success() {
             return None;
         }
         response.json().await.ok()
     }
 
-    /// Polls `base_url`'s `/health` until it answers, for at most `within`.
-    pub async fn wait_ready(&self, base_url: &str, within: Duration) -> Result<WorkerHealth> {
+    /// Polls `endpoint`'s `/health` until it answers, for at most `within`.
+    pub async fn wait_ready(
+        &self,
+        endpoint: &WorkerEndpoint,
+        within: Duration,
+    ) -> Result<WorkerHealth> {
+        let base_url = &endpoint.base_url;
         let deadline = Instant::now() + within;
         let mut pause = Duration::from_millis(10);
         loop {
-            if let Some(health) = self.check(base_url).await {
+            if let Some(health) = self.check(endpoint).await {
                 return Ok(health);
             }
             if Instant::now() + pause > deadline {
+                // The address goes to the log only: this message reaches clients.
+                tracing::warn!(%base_url, "a new worker did not answer GET {HEALTH_PATH} in time");
                 return Err(Error::new(
                     ErrorKind::Unavailable,
                     format!(
-                        "the worker at {base_url} did not answer GET {HEALTH_PATH} within {:.1} s \
+                        "the new worker did not answer GET {HEALTH_PATH} within {:.1} s \
                          (each try {:.1} s)",
                         within.as_secs_f64(),
                         self.timeout.as_secs_f64()
@@ -156,6 +165,81 @@ impl HealthCheck {
             pause = (pause * 2).min(Duration::from_millis(200));
         }
     }
+}
+
+/// Whether the workers' environment names a model: a key for the Claude Code or native
+/// executor (`ANTHROPIC_API_KEY`, `API_KEY`, …) or the built-in demo. `where_to_set` tells
+/// where the variables come from for this driver.
+pub fn model_setup<'a>(
+    vars: impl IntoIterator<Item = &'a str>,
+    where_to_set: &str,
+) -> anywork_core::SetupCheck {
+    const KEYS: [&str; 5] = [
+        "ANTHROPIC_API_KEY",
+        "API_KEY",
+        "ANTHROPIC_AUTH_TOKEN",
+        "CLAUDE_CODE_OAUTH_TOKEN",
+        "DEMO",
+    ];
+    let found: Vec<&str> = vars.into_iter().filter(|v| KEYS.contains(v)).collect();
+    if found.is_empty() {
+        anywork_core::SetupCheck::problem(
+            "model",
+            format!(
+                "no model is configured for the workers: every task will fail. Set \
+                 ANTHROPIC_API_KEY (Claude Code or the native executor), or API_KEY with \
+                 API_BASE_URL and MODEL (any OpenAI-compatible API), {where_to_set}"
+            ),
+        )
+    } else {
+        anywork_core::SetupCheck::ok("model", format!("workers get {}", found.join(", ")))
+    }
+}
+
+/// `DELETE /sessions/:id` on the worker at `endpoint` (with its secret): the worker deletes
+/// the session's whole workspace. `Conflict` while a task runs in it, `NotFound` when the worker
+/// has no such route, `Unauthorized` when it refuses the secret.
+pub async fn delete_session_workspace(
+    client: &reqwest::Client,
+    endpoint: &WorkerEndpoint,
+    session_id: &SessionId,
+) -> Result<()> {
+    let mut url = reqwest::Url::parse(&endpoint.base_url)
+        .map_err(|e| Error::internal(format!("worker URL {}: {e}", endpoint.base_url)))?;
+    url.path_segments_mut()
+        .map_err(|()| Error::internal(format!("worker URL {} has no path", endpoint.base_url)))?
+        .pop_if_empty()
+        .push(SESSIONS_PATH.trim_start_matches('/'))
+        .push(session_id.as_str());
+    let mut request = client.delete(url);
+    if let Some(secret) = &endpoint.secret {
+        request = request.header(SECRET_HEADER, secret.expose());
+    }
+    let response = request.send().await.map_err(|e| {
+        Error::unavailable(format!(
+            "worker {} did not answer DELETE /sessions/:id: {e}",
+            endpoint.worker_id
+        ))
+    })?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let body = response.text().await.unwrap_or_default();
+    let kind = match status.as_u16() {
+        409 => ErrorKind::Conflict,
+        404 | 405 => ErrorKind::NotFound,
+        401 | 403 => ErrorKind::Unauthorized,
+        _ => ErrorKind::Unavailable,
+    };
+    Err(Error::new(
+        kind,
+        format!(
+            "worker {} answered DELETE /sessions/{session_id} with {status}: {}",
+            endpoint.worker_id,
+            body.chars().take(300).collect::<String>()
+        ),
+    ))
 }
 
 /// Whether an idle worker may be stopped: idle past `ttl`, no busy task for its session in
@@ -289,7 +373,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn wait_ready_names_the_url_when_nothing_answers() {
+    async fn wait_ready_says_what_failed_but_not_the_url() {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -298,11 +382,13 @@ mod tests {
         let check = HealthCheck::new(Duration::from_millis(100)).unwrap();
         let url = format!("http://127.0.0.1:{port}");
         let e = check
-            .wait_ready(&url, Duration::from_millis(300))
+            .wait_ready(&WorkerEndpoint::new("w", &url), Duration::from_millis(300))
             .await
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Unavailable);
-        assert!(e.to_string().contains(&url), "{e}");
+        // The message reaches clients: it says what failed, the URL stays in the log.
+        assert!(e.to_string().contains("did not answer GET /health"), "{e}");
+        assert!(!e.to_string().contains(&url), "{e}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anywork_core::worker_api::ChatRequest;
-use anywork_core::{ContainerDriver, ErrorKind, SessionId, TaskId};
+use anywork_core::{ContainerDriver, ErrorKind, SessionId, TaskId, WorkerEndpoint};
 use anywork_drivers::{DockerConfig, DockerDriver};
 use anywork_test::docker_image::{TEST_IMAGE, docker_engine, ensure_worker_image, remove_pool};
 use anywork_test::driver_conformance::{self, DriverSuite};
@@ -163,6 +163,21 @@ async fn passes_the_driver_conformance_suite() {
     );
 }
 
+/// A client that calls `worker` with its secret (the worker refuses calls without it).
+fn authed(worker: &WorkerEndpoint) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(secret) = &worker.secret {
+        headers.insert(
+            anywork_core::worker_api::SECRET_HEADER,
+            secret.expose().parse().expect("a secret is a header value"),
+        );
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("HTTP client")
+}
+
 /// Sends `message` to the worker's `/chat` and returns the SSE body.
 async fn chat(http: &reqwest::Client, base: &str, session: &SessionId, message: &str) -> String {
     let request = ChatRequest {
@@ -188,12 +203,11 @@ async fn chats_through_a_container_and_keeps_the_workspace_across_reaping() {
     let pool = Pool::new("chat");
     let (fake, driver) = pool.driver_with_fake_model().await;
     fake.push(Reply::text("Hello from inside the container"));
-    let http = reqwest::Client::new();
     let s = sid("chat");
 
     let w1 = driver.get_worker(&s).await.unwrap();
     let soul = "You are the container test's agent.";
-    let put = http
+    let put = authed(&w1)
         .put(format!("{}/workspace/soul?session_id={s}", w1.base_url))
         .json(&json!({ "content": soul }))
         .send()
@@ -201,7 +215,7 @@ async fn chats_through_a_container_and_keeps_the_workspace_across_reaping() {
         .unwrap();
     assert!(put.status().is_success(), "{}", put.status());
 
-    let sse = chat(&http, &w1.base_url, &s, "Say hello").await;
+    let sse = chat(&authed(&w1), &w1.base_url, &s, "Say hello").await;
     assert!(
         sse.contains("Hello from inside the container"),
         "the model's answer is streamed back: {sse}"
@@ -227,7 +241,7 @@ async fn chats_through_a_container_and_keeps_the_workspace_across_reaping() {
     // The next request gets a new container on the same workspace.
     let w2 = driver.get_worker(&s).await.unwrap();
     assert_ne!(w2.worker_id, w1.worker_id, "a new container");
-    let doc: Value = http
+    let doc: Value = authed(&w2)
         .get(format!("{}/workspace/soul?session_id={s}", w2.base_url))
         .send()
         .await
@@ -236,7 +250,7 @@ async fn chats_through_a_container_and_keeps_the_workspace_across_reaping() {
         .await
         .unwrap();
     assert_eq!(doc["content"], soul, "SOUL.md survived: {doc}");
-    let history: Value = http
+    let history: Value = authed(&w2)
         .get(format!("{}/sessions/{s}/messages", w2.base_url))
         .send()
         .await
@@ -264,7 +278,7 @@ async fn chats_through_a_container_and_keeps_the_workspace_across_reaping() {
 
     // The session could start over, on an empty workspace.
     let w3 = driver.get_worker(&s).await.unwrap();
-    let doc: Value = http
+    let doc: Value = authed(&w3)
         .get(format!("{}/workspace/soul?session_id={s}", w3.base_url))
         .send()
         .await
@@ -393,6 +407,37 @@ async fn a_missing_image_is_not_found_with_how_to_build_it() {
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
     assert!(e.to_string().contains(&config.image), "{e}");
     assert!(e.to_string().contains("build-worker-image.sh"), "{e}");
+
+    // The set-up check finds it before any task: the engine answers, the image is missing.
+    let checks = driver.check_setup().await;
+    let by_name = |n: &str| checks.iter().find(|c| c.name == n).cloned().unwrap();
+    assert!(by_name("engine").ok, "{checks:?}");
+    let image = by_name("image");
+    assert!(!image.ok, "{checks:?}");
+    assert!(image.message.contains(&config.image), "{image:?}");
+    assert!(image.message.contains("build-worker-image.sh"), "{image:?}");
+    assert!(
+        by_name("model").ok,
+        "the pool's workers get API_KEY: {checks:?}"
+    );
+
+    // With the image there and no model for the workers, the model is what is missing.
+    let mut config = pool.config("http://127.0.0.1:9/v1");
+    config.env.clear();
+    let checks = DockerDriver::connect(config)
+        .await
+        .unwrap()
+        .check_setup()
+        .await;
+    assert!(
+        checks.iter().find(|c| c.name == "image").unwrap().ok,
+        "{checks:?}"
+    );
+    let model = checks.iter().find(|c| c.name == "model").unwrap();
+    assert!(
+        !model.ok && model.message.contains("ANTHROPIC_API_KEY"),
+        "{model:?}"
+    );
 }
 
 #[tokio::test]
@@ -414,14 +459,22 @@ async fn a_worker_that_cannot_start_is_reported_with_its_output() {
     let mut config = pool.config("http://127.0.0.1:9/v1");
     // No model configured: the worker exits at once, saying which variable to set.
     config.env.clear();
-    config.ready_timeout = Duration::from_secs(5);
+    // A long start-up allowance: the dead container is noticed, not waited out (the call
+    // below would otherwise take ten minutes and the message would be about /health).
+    config.ready_timeout = Duration::from_secs(600);
     let driver = DockerDriver::connect(config).await.unwrap();
     let s = sid("bad");
     let e = driver.get_worker(&s).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    let message = e.to_string();
+    assert!(message.contains("API_KEY"), "the worker's own message: {e}");
     assert!(
-        e.to_string().contains("API_KEY"),
-        "the worker's own message: {e}"
+        message.contains("stopped before the worker answered") && message.contains("exited"),
+        "the container's end is told: {e}"
+    );
+    assert!(
+        !message.contains("/health") && !message.contains("http://"),
+        "no health wait, no internal address: {e}"
     );
     assert!(
         containers_named(&driver.container_name(&s)).is_empty(),
@@ -477,13 +530,7 @@ async fn the_agent_gets_a_real_shell_with_git_and_claude_in_the_image() {
     ]);
     let s = sid("shell");
     let worker = driver.get_worker(&s).await.unwrap();
-    let sse = chat(
-        &reqwest::Client::new(),
-        &worker.base_url,
-        &s,
-        "Run the checks",
-    )
-    .await;
+    let sse = chat(&authed(&worker), &worker.base_url, &s, "Run the checks").await;
     assert!(sse.contains("ran it"), "{sse}");
     let results: Vec<String> = fake
         .requests()

@@ -15,6 +15,7 @@ const IMAGE: &str = "ghcr.io/anywork/anywork-worker:test";
 const PODS: &str = "/api/v1/namespaces/anywork/pods";
 const SERVICES: &str = "/api/v1/namespaces/anywork/services";
 const PVCS: &str = "/api/v1/namespaces/anywork/persistentvolumeclaims";
+const SECRETS: &str = "/api/v1/namespaces/anywork/secrets";
 const SELECTOR: &str = "app.kubernetes.io/managed-by=anywork,app.kubernetes.io/component=worker";
 
 fn free_port() -> u16 {
@@ -34,6 +35,11 @@ fn config() -> K8sConfig {
     c.worker_secret = Some("anywork-model-keys".into());
     c.worker_env = vec![("MODEL".into(), "claude-test".into())];
     c
+}
+
+/// The configuration of `d`, for a second driver (a restarted server).
+fn config_like(d: &K8sDriver) -> K8sConfig {
+    d.config().clone()
 }
 
 fn client(url: &str) -> kube::Client {
@@ -65,16 +71,17 @@ fn dedup_polls(mut c: Vec<(String, String)>) -> Vec<(String, String)> {
     c
 }
 
+/// The plain `value`s of a container's env (those taken from a Secret are left out).
 fn env_of(container: &Value) -> Vec<(String, String)> {
     container["env"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| {
-            (
+        .filter_map(|e| {
+            Some((
                 e["name"].as_str().unwrap().to_owned(),
-                e["value"].as_str().unwrap().to_owned(),
-            )
+                e["value"].as_str()?.to_owned(),
+            ))
         })
         .collect()
 }
@@ -140,6 +147,8 @@ async fn creates_a_locked_down_pod_and_an_owned_service() {
     assert!(name.starts_with("anywork-owner-repo-12-"), "{name}");
     let pod_path = format!("{PODS}/{name}");
     let svc_path = format!("{SERVICES}/{name}");
+    let secret_name = d.auth_secret_name(&s);
+    assert_eq!(secret_name, format!("{name}-auth"));
 
     let w = d.get_worker(&s).await.unwrap();
 
@@ -148,6 +157,8 @@ async fn creates_a_locked_down_pod_and_an_owned_service() {
         dedup_polls(calls(&reqs)),
         vec![
             call("GET", &pod_path),
+            call("GET", &format!("{SECRETS}/{secret_name}")),
+            call("POST", SECRETS),
             call("POST", PODS),
             call("GET", &pod_path),
             call("GET", &svc_path),
@@ -225,6 +236,41 @@ async fn creates_a_locked_down_pod_and_an_owned_service() {
         ctr["envFrom"],
         json!([{"secretRef": {"name": "anywork-model-keys", "optional": false}}])
     );
+    // The worker's own secret comes from the session's Secret, created before the pod; the
+    // pod spec names it and never holds the value.
+    let worker_secret = w.secret.clone().expect("the endpoint carries the secret");
+    assert_eq!(
+        ctr["env"].as_array().unwrap().last().unwrap(),
+        &json!({"name": "WORKER_SECRET", "valueFrom": {"secretKeyRef": {
+            "name": secret_name, "key": "WORKER_SECRET", "optional": false}}})
+    );
+    assert!(!pod.to_string().contains(worker_secret.expose()));
+    let sent = reqs
+        .iter()
+        .find(|r| r.is("POST", SECRETS))
+        .unwrap()
+        .body
+        .clone()
+        .unwrap();
+    assert_eq!(sent["kind"], "Secret");
+    assert_eq!(sent["type"], "Opaque");
+    assert_eq!(sent["metadata"]["name"], secret_name.as_str());
+    assert_eq!(sent["metadata"]["labels"], pod["metadata"]["labels"]);
+    assert_eq!(
+        sent["stringData"],
+        json!({"WORKER_SECRET": worker_secret.expose()})
+    );
+    assert_eq!(worker_secret.expose().len(), 64);
+    assert!(
+        !format!("{w:?}").contains(worker_secret.expose()),
+        "Debug redacts it"
+    );
+    assert!(
+        !serde_json::to_string(&w)
+            .unwrap()
+            .contains(worker_secret.expose()),
+        "never serialized"
+    );
     assert_eq!(
         ctr["resources"],
         json!({
@@ -296,6 +342,9 @@ async fn creates_a_locked_down_pod_and_an_owned_service() {
         calls(&fake.requests()),
         vec![call("GET", &pod_path), call("GET", &svc_path)]
     );
+    // A restarted server reads the secret back from the Secret.
+    let again = driver(&fake, config_like(&d));
+    assert_eq!(again.get_worker(&s).await.unwrap().secret, w.secret);
 
     // Deleting the pod (kubectl) garbage-collects its service.
     assert!(fake.delete(Resource::Pods, NS, &name));
@@ -324,7 +373,7 @@ async fn pvc_storage_makes_a_claim_that_outlives_the_pod() {
         [
             call("GET", &format!("{PODS}/{name}")),
             call("POST", PVCS),
-            call("POST", PODS),
+            call("GET", &format!("{SECRETS}/{name}-auth")),
         ],
         "the claim exists before the pod that mounts it"
     );
@@ -365,7 +414,7 @@ async fn pvc_storage_makes_a_claim_that_outlives_the_pod() {
         json!({"name": "workspace", "persistentVolumeClaim": {"claimName": pvc_name, "readOnly": false}})
     );
 
-    // Release deletes pod and service, never the claim.
+    // Release deletes pod, service and secret, never the claim.
     fake.clear_requests();
     d.release(&s).await.unwrap();
     assert_eq!(
@@ -373,8 +422,10 @@ async fn pvc_storage_makes_a_claim_that_outlives_the_pod() {
         vec![
             call("DELETE", &format!("{PODS}/{name}")),
             call("DELETE", &format!("{SERVICES}/{name}")),
+            call("DELETE", &format!("{SECRETS}/{name}-auth")),
         ]
     );
+    assert!(fake.names(Resource::Secrets, NS).is_empty());
     assert!(fake.object(Resource::Pods, NS, &name).is_none());
     assert!(
         fake.object(Resource::PersistentVolumeClaims, NS, &pvc_name)
@@ -419,6 +470,7 @@ async fn purge_deletes_pod_service_and_claim() {
         vec![
             call("DELETE", &format!("{PODS}/{name}")),
             call("DELETE", &format!("{SERVICES}/{name}")),
+            call("DELETE", &format!("{SECRETS}/{name}-auth")),
             call("DELETE", &format!("{PVCS}/{pvc_name}")),
         ],
         "the claim is deleted after the pod that mounts it"
@@ -450,6 +502,7 @@ async fn purge_tolerates_404_and_is_idempotent() {
     let expected = vec![
         call("DELETE", &format!("{PODS}/{name}")),
         call("DELETE", &format!("{SERVICES}/{name}")),
+        call("DELETE", &format!("{SECRETS}/{name}-auth")),
         call("DELETE", &format!("{PVCS}/{}", d.pvc_name(&s))),
     ];
     d.purge(&s).await.unwrap();
@@ -477,6 +530,7 @@ async fn purge_with_emptydir_storage_makes_no_claim_request() {
         vec![
             call("DELETE", &format!("{PODS}/{name}")),
             call("DELETE", &format!("{SERVICES}/{name}")),
+            call("DELETE", &format!("{SECRETS}/{name}-auth")),
         ]
     );
     assert!(fake.names(Resource::Pods, NS).is_empty());
@@ -516,6 +570,7 @@ async fn release_of_unknown_sessions_tolerates_404() {
         vec![
             call("DELETE", &format!("{PODS}/{name}")),
             call("DELETE", &format!("{SERVICES}/{name}")),
+            call("DELETE", &format!("{SECRETS}/{name}-auth")),
         ]
     );
 }
@@ -541,7 +596,18 @@ async fn a_restarted_driver_lists_and_adopts_by_label_selector() {
     fake.clear_requests();
     let mut listed = second.list().await.unwrap();
     let reqs = fake.requests();
-    assert_eq!(calls(&reqs), vec![call("GET", PODS)]);
+    let mut secret_reads = vec![
+        call("GET", &format!("{SECRETS}/{}", second.auth_secret_name(&a))),
+        call("GET", &format!("{SECRETS}/{}", second.auth_secret_name(&b))),
+    ];
+    let mut read = calls(&reqs[1..]);
+    secret_reads.sort();
+    read.sort();
+    assert_eq!(
+        (calls(&reqs[..1]), read),
+        (vec![call("GET", PODS)], secret_reads),
+        "one list, then each worker's secret is read back"
+    );
     assert_eq!(
         reqs[0].query_param("labelSelector").as_deref(),
         Some(SELECTOR)
@@ -814,6 +880,7 @@ async fn the_reaper_spares_workers_that_report_a_busy_session() {
             call("GET", PODS),
             call("DELETE", &format!("{PODS}/{name}")),
             call("DELETE", &format!("{SERVICES}/{name}")),
+            call("DELETE", &format!("{SECRETS}/{name}-auth")),
         ]
     );
     assert_eq!(

@@ -114,3 +114,105 @@ async fn a_passed_health_check_is_trusted_briefly_and_a_failed_one_at_once() {
         "a failed check is not cached"
     );
 }
+
+#[tokio::test]
+async fn the_setup_check_asks_the_worker() {
+    let url = serve(Router::new().route(
+        "/health",
+        get(|| async {
+            axum::Json(serde_json::json!({
+                "status": "ok", "version": "1", "executor": "native", "busy_sessions": []
+            }))
+        }),
+    ))
+    .await;
+    let checks = StaticDriver::new(&url).unwrap().check_setup().await;
+    assert_eq!(checks.len(), 1, "{checks:?}");
+    assert!(checks[0].ok, "{checks:?}");
+    assert_eq!(checks[0].name, "worker");
+    assert!(checks[0].message.contains("native"), "{checks:?}");
+
+    let checks = StaticDriver::new("http://127.0.0.1:1")
+        .unwrap()
+        .check_setup()
+        .await;
+    assert!(!checks[0].ok, "{checks:?}");
+    assert!(
+        checks[0].message.contains("STATIC_WORKER_URL"),
+        "{checks:?}"
+    );
+}
+
+#[tokio::test]
+async fn calls_carry_the_secret_and_purge_deletes_the_session_on_the_worker() {
+    use std::sync::{Arc, Mutex};
+
+    use anywork_core::worker_api::{SECRET_HEADER, WorkerSecret};
+    use axum::extract::Path;
+    use axum::http::HeaderMap;
+    use axum::routing::delete;
+
+    let secret = WorkerSecret::generate();
+    // A worker that wants the secret, and is busy with the session for its first two asks.
+    let deleted: Arc<Mutex<Vec<String>>> = Arc::default();
+    let asks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let router = {
+        let (expected, deleted) = (secret.expose().to_owned(), deleted.clone());
+        let ok = move |headers: &HeaderMap| {
+            headers.get(SECRET_HEADER).and_then(|v| v.to_str().ok()) == Some(expected.as_str())
+        };
+        let ok2 = ok.clone();
+        Router::new()
+            .route(
+                "/health",
+                get(move |headers: HeaderMap| async move {
+                    if ok(&headers) {
+                        r#"{"status":"ok","version":"1","executor":"x","busy_sessions":[]}"#
+                    } else {
+                        r#"{"status":"ok"}"#
+                    }
+                }),
+            )
+            .route(
+                "/sessions/{id}",
+                delete(
+                    move |Path(id): Path<String>, headers: HeaderMap| async move {
+                        if !ok2(&headers) {
+                            return StatusCode::UNAUTHORIZED;
+                        }
+                        if asks.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+                            return StatusCode::CONFLICT;
+                        }
+                        deleted.lock().unwrap().push(id);
+                        StatusCode::OK
+                    },
+                ),
+            )
+    };
+    let url = serve(router).await;
+    let driver = StaticDriver::new(&url)
+        .unwrap()
+        .with_secret(Some(secret.clone()));
+    let w = driver.get_worker(&sid("a")).await.unwrap();
+    assert_eq!(w.secret.as_ref(), Some(&secret), "the endpoint carries it");
+
+    driver.purge(&sid("owner/repo#12")).await.unwrap();
+    assert_eq!(*deleted.lock().unwrap(), vec!["owner/repo#12".to_owned()]);
+
+    // Without the secret the worker refuses, and purge says so.
+    let e = StaticDriver::new(&url)
+        .unwrap()
+        .purge(&sid("b"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unauthorized, "{e}");
+
+    // A worker without the route (the original's) keeps its files: not an error.
+    let plain =
+        serve(Router::new().route("/health", get(|| async { "{\"status\":\"ok\"}" }))).await;
+    StaticDriver::new(&plain)
+        .unwrap()
+        .purge(&sid("c"))
+        .await
+        .unwrap();
+}

@@ -127,6 +127,59 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     }
 }
 
+/// The raw request body (for signatures computed over its bytes); one over the body limit
+/// answers a JSON [`ApiError`] (413 naming the limit), like [`JsonBody`].
+#[derive(Debug)]
+pub struct RawBody(pub axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let limit = req.extensions().get::<BodyLimit>().map(|l| l.0);
+        match axum::body::Bytes::from_request(req, state).await {
+            Ok(bytes) => Ok(Self(bytes)),
+            Err(rej) if rej.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(invalid(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                match limit {
+                    Some(limit) => {
+                        format!("the request body is larger than the limit of {limit} bytes")
+                    }
+                    None => "the request body is larger than the server's limit".to_owned(),
+                },
+            )),
+            Err(rej) => Err(invalid(rej.status(), rej.body_text())),
+        }
+    }
+}
+
+/// The longest request target (path and query) [`limit_uri`] lets through.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// Answers requests whose path and query are longer than [`MAX_URI_BYTES`] with a JSON 414
+/// (`invalid_input`) before any route sees them.
+pub fn limit_uri<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    router.layer(axum::middleware::from_fn(uri_guard))
+}
+
+async fn uri_guard(request: Request, next: axum::middleware::Next) -> Response {
+    let len = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    if len > MAX_URI_BYTES {
+        return invalid(
+            StatusCode::URI_TOO_LONG,
+            format!(
+                "the request's path and query take {len} bytes; the limit is {MAX_URI_BYTES}: \
+                 send large values in a request body"
+            ),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
 /// A path parameter; a bad one answers a JSON [`ApiError`] (400).
 #[derive(Debug)]
 pub struct PathParam<T>(pub T);

@@ -10,8 +10,8 @@
 mod extract;
 
 pub use extract::{
-    ApiError, JsonBody, PathParam, QueryParams, limit_body, method_not_allowed, no_route,
-    status_for,
+    ApiError, JsonBody, MAX_URI_BYTES, PathParam, QueryParams, RawBody, limit_body, limit_uri,
+    method_not_allowed, no_route, status_for,
 };
 
 use std::future::Future;

@@ -175,8 +175,37 @@ impl Follower<'_> {
                     }
                 }
                 Err(RecvError::Closed) => {
-                    self.catch_up().await?;
-                    return Ok(());
+                    if self.catch_up().await? || over {
+                        return Ok(());
+                    }
+                    // The run ended without its `done` reaching the store (it stayed down
+                    // through the run's retries): whoever records the outcome later (lease
+                    // recovery) writes it to the log, where this follower reads it.
+                    return self.poll_log().await;
+                }
+            }
+        }
+    }
+
+    /// Reads the log every [`POLL_EVERY`] until `done` was sent or `out` closed; `Unavailable`
+    /// when the task is over and its `done` is still missing after [`OVER_GRACE`]. A store
+    /// error ends it with that error, which the follower's client gets.
+    async fn poll_log(&mut self) -> Result<()> {
+        let mut over_since: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::time::sleep(POLL_EVERY).await;
+            if self.out.is_closed() || self.catch_up().await? {
+                return Ok(());
+            }
+            let task = self.dispatcher.store().get_task(self.task_id).await?;
+            if task.status.is_terminal() {
+                let since = *over_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= OVER_GRACE {
+                    return Err(anywork_core::Error::unavailable(format!(
+                        "task {} ended as {} but its last events were not stored; read the \
+                         task for its outcome",
+                        self.task_id, task.status
+                    )));
                 }
             }
         }

@@ -13,6 +13,7 @@
 //!   [`events`](Dispatcher::events); inbound channel requests; workspace documents; metrics.
 //! - [`LiveEvent`]: a stored event of a task, with its seq.
 //! - [`title`]: [`TitleGenerator`] and the two that ship ([`FirstWords`], [`ModelTitles`]).
+//! - [`skills`]: skills asked for by name ([`SkillSource`], [`SkillsDir`]: `SKILLS_DIR`).
 //! - [`metrics`]: what [`Dispatcher::register_metrics`] registers (`prometheus-client`).
 //! - [`worker_client`]: [`WorkerClient`], the client side of the worker HTTP API.
 
@@ -20,14 +21,19 @@ mod dispatcher;
 mod follow;
 mod hub;
 pub mod metrics;
+mod outbound;
+pub mod skills;
 pub mod title;
 pub mod worker_client;
 
+pub use dispatcher::outbox::headers as push_headers;
+pub use dispatcher::outbox::sign as sign_push;
 pub use dispatcher::{
-    Backoff, Dispatcher, DispatcherBuilder, DispatcherConfig, DocFile, InboundOutcome, Submitted,
-    WorkspaceDoc,
+    Backoff, Dispatcher, DispatcherBuilder, DispatcherConfig, DocFile, InboundOutcome,
+    OutboxConfig, Retention, RetentionRound, Submitted, WorkspaceDoc,
 };
 pub use hub::LiveEvent;
+pub use skills::{NoSkills, SkillCatalog, SkillInfo, SkillSource, SkillsDir};
 pub use title::{FirstWords, ModelTitles, TitleGenerator};
 pub use worker_client::WorkerClient;
 

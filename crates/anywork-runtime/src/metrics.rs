@@ -10,18 +10,41 @@
 //! | `anywork_task_duration_seconds` | histogram (start to final status) | |
 //! | `anywork_tasks_running` | gauge, read at scrape time | |
 //! | `anywork_queue_depth` | gauge, read at scrape time | |
+//! | `anywork_store_bytes` | gauge, measured every retention round | |
+//! | `anywork_store_reclaimable_bytes` | gauge, free space compaction can give back | |
+//! | `anywork_retention_deleted_total` | counter | `what`: tasks, events |
+//! | `anywork_worker_starts_total` | counter: a task got its worker | `driver` |
+//! | `anywork_worker_failures_total` | counter: an attempt to get a worker failed | `driver` |
+//! | `anywork_worker_start_seconds` | histogram: time for a task to get its worker, retries included | `driver` |
+//! | `anywork_model_tokens_total` | counter: tokens of finished tasks | `model`, `kind`: input, output, cache_read, cache_write |
+//! | `anywork_model_cost_usd_total` | counter: cost of finished tasks, US dollars | `model` |
+//! | `anywork_model_retries_total` | counter: model calls retried (progress `model_retry`) | `model` |
+//! | `anywork_model_errors_total` | counter: model API errors told by an `error` event | `model`, `code` |
+//!
+//! Every counter counts since this process started: nothing survives a restart (Prometheus'
+//! `rate()` and `increase()` handle the resets).
 
 use anywork_core::{Task, TaskStatus};
 use prometheus_client::collector::Collector;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// Upper bounds (seconds) of the task duration histogram.
 pub const DURATION_BUCKETS: [f64; 10] = [0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0];
 
+/// Upper bounds (seconds) of the worker start-latency histogram.
+pub const WORKER_START_BUCKETS: [f64; 10] =
+    [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0];
+
 type Label = [(&'static str, &'static str); 1];
+type DriverLabel = [(&'static str, String); 1];
+
+fn by_driver(driver: &str) -> DriverLabel {
+    [("driver", driver.to_owned())]
+}
 
 /// What the dispatcher counts. Clones share the counts.
 #[derive(Debug, Clone)]
@@ -30,6 +53,16 @@ pub(crate) struct Metrics {
     finished: Family<Label, Counter>,
     runs: Family<Label, Counter>,
     duration: Histogram,
+    store_bytes: Gauge,
+    store_reclaimable: Gauge,
+    retention: Family<Label, Counter>,
+    worker_starts: Family<DriverLabel, Counter>,
+    worker_failures: Family<DriverLabel, Counter>,
+    worker_start: Family<DriverLabel, Histogram>,
+    tokens: Family<[(&'static str, String); 2], Counter>,
+    cost: Family<[(&'static str, String); 1], Counter<f64, std::sync::atomic::AtomicU64>>,
+    model_retries: Family<[(&'static str, String); 1], Counter>,
+    model_errors: Family<[(&'static str, String); 2], Counter>,
 }
 
 impl Default for Metrics {
@@ -43,11 +76,25 @@ impl Default for Metrics {
         for phase in ["started", "stopped"] {
             let _ = runs.get_or_create(&[("phase", phase)]);
         }
+        let retention = Family::<Label, Counter>::default();
+        for what in ["tasks", "events"] {
+            let _ = retention.get_or_create(&[("what", what)]);
+        }
         Self {
             submitted: Counter::default(),
             finished,
             runs,
             duration: Histogram::new(DURATION_BUCKETS),
+            store_bytes: Gauge::default(),
+            store_reclaimable: Gauge::default(),
+            retention,
+            worker_starts: Family::default(),
+            worker_failures: Family::default(),
+            worker_start: Family::new_with_constructor(|| Histogram::new(WORKER_START_BUCKETS)),
+            tokens: Family::default(),
+            cost: Family::default(),
+            model_retries: Family::default(),
+            model_errors: Family::default(),
         }
     }
 }
@@ -63,6 +110,81 @@ impl Metrics {
 
     pub(crate) fn stopped(&self) {
         self.runs.get_or_create(&[("phase", "stopped")]).inc();
+    }
+
+    pub(crate) fn store_size(&self, bytes: u64, reclaimable: u64) {
+        self.store_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.store_reclaimable
+            .set(i64::try_from(reclaimable).unwrap_or(i64::MAX));
+    }
+
+    pub(crate) fn logs_deleted(&self, tasks: u64, events: u64) {
+        self.retention
+            .get_or_create(&[("what", "tasks")])
+            .inc_by(tasks);
+        self.retention
+            .get_or_create(&[("what", "events")])
+            .inc_by(events);
+    }
+
+    /// A task got its worker from `driver` after `took` (retries included).
+    pub(crate) fn worker_ready(&self, driver: &str, took: std::time::Duration) {
+        self.worker_starts.get_or_create(&by_driver(driver)).inc();
+        self.worker_start
+            .get_or_create(&by_driver(driver))
+            .observe(took.as_secs_f64());
+    }
+
+    /// An attempt to get a worker from `driver` failed.
+    pub(crate) fn worker_failed(&self, driver: &str) {
+        self.worker_failures.get_or_create(&by_driver(driver)).inc();
+    }
+
+    /// A finished task of `model` used `usage` and cost `cost_usd`.
+    pub(crate) fn model_usage(
+        &self,
+        model: &str,
+        usage: &anywork_core::TokenUsage,
+        cost_usd: Option<f64>,
+    ) {
+        for (kind, n) in [
+            ("input", usage.input_tokens),
+            ("output", usage.output_tokens),
+            ("cache_read", usage.cache_read_input_tokens),
+            ("cache_write", usage.cache_creation_input_tokens),
+        ] {
+            if n > 0 {
+                self.tokens
+                    .get_or_create(&[("model", model.to_owned()), ("kind", kind.to_owned())])
+                    .inc_by(n);
+            }
+        }
+        if let Some(cost) = cost_usd.filter(|c| c.is_finite() && *c > 0.0) {
+            self.cost
+                .get_or_create(&[("model", model.to_owned())])
+                .inc_by(cost);
+        }
+    }
+
+    /// A call to `model` is being retried.
+    pub(crate) fn model_retry(&self, model: &str) {
+        self.model_retries
+            .get_or_create(&[("model", model.to_owned())])
+            .inc();
+    }
+
+    /// `model`'s API failed with `code`.
+    pub(crate) fn model_error(&self, model: &str, code: &str) {
+        self.model_errors
+            .get_or_create(&[("model", model.to_owned()), ("code", code.to_owned())])
+            .inc();
+    }
+
+    /// Shows the worker metrics of `driver` from the start (zeros rather than nothing).
+    pub(crate) fn driver(&self, driver: &str) {
+        let _ = self.worker_starts.get_or_create(&by_driver(driver));
+        let _ = self.worker_failures.get_or_create(&by_driver(driver));
     }
 
     pub(crate) fn finished(&self, task: &Task) {
@@ -100,6 +222,56 @@ impl Metrics {
             "anywork_task_duration_seconds",
             "Time from start to final status",
             self.duration.clone(),
+        );
+        registry.register(
+            "anywork_store_bytes",
+            "Bytes the task store takes on disk (0 until measured, or when it cannot tell)",
+            self.store_bytes.clone(),
+        );
+        registry.register(
+            "anywork_store_reclaimable_bytes",
+            "Of those, free bytes inside the store that compaction can give back",
+            self.store_reclaimable.clone(),
+        );
+        registry.register(
+            "anywork_retention_deleted",
+            "Finished tasks' logs deleted by retention: tasks and events",
+            self.retention.clone(),
+        );
+        registry.register(
+            "anywork_worker_starts",
+            "Tasks that got their worker, by driver",
+            self.worker_starts.clone(),
+        );
+        registry.register(
+            "anywork_worker_failures",
+            "Failed attempts to get a worker, by driver",
+            self.worker_failures.clone(),
+        );
+        registry.register(
+            "anywork_worker_start_seconds",
+            "Time for a task to get its worker (retries included), by driver",
+            self.worker_start.clone(),
+        );
+        registry.register(
+            "anywork_model_tokens",
+            "Tokens used by finished tasks, by model and kind",
+            self.tokens.clone(),
+        );
+        registry.register(
+            "anywork_model_cost_usd",
+            "Cost of finished tasks in US dollars, by model",
+            self.cost.clone(),
+        );
+        registry.register(
+            "anywork_model_retries",
+            "Model calls retried, by model",
+            self.model_retries.clone(),
+        );
+        registry.register(
+            "anywork_model_errors",
+            "Model API errors told by tasks, by model and code",
+            self.model_errors.clone(),
         );
         registry.register_collector(Box::new(gauges));
     }

@@ -4,10 +4,12 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use anywork_core::worker_api::{
-    CANCEL_PATH, CHAT_PATH, CancelRequest, ChatRequest, INPUT_PATH, InputAnswer, PREPARE_PATH,
-    PrepareRequest,
+    ATTACH_PATH, CANCEL_PATH, CHAT_PATH, CancelRequest, ChatRequest, INPUT_PATH, InputAnswer,
+    PREPARE_PATH, PrepareRequest, SECRET_HEADER,
 };
-use anywork_core::{Error, ErrorKind, Result, SessionId, TaskEvent, WireEvent, WorkerEndpoint};
+use anywork_core::{
+    Error, ErrorKind, Result, SessionId, TaskEvent, TaskOutcome, WireEvent, WorkerEndpoint,
+};
 use eventsource_stream::Eventsource;
 use futures_util::{Stream, StreamExt};
 use serde::Serialize;
@@ -17,11 +19,30 @@ use serde_json::Value;
 /// stream breaks.
 pub type ChatStream = Pin<Box<dyn Stream<Item = Result<TaskEvent>> + Send>>;
 
-/// Talks to workers. Cheap to clone (one connection pool).
+/// Talks to workers, each call carrying the endpoint's secret ([`SECRET_HEADER`]) when it has
+/// one. Cheap to clone (one connection pool).
 #[derive(Debug, Clone)]
 pub struct WorkerClient {
     http: reqwest::Client,
     control_timeout: Duration,
+    stream_idle_timeout: Duration,
+}
+
+/// Why reading a `/chat` stream's bytes stopped.
+#[derive(Debug)]
+enum ReadError {
+    Http(reqwest::Error),
+    /// Nothing arrived for this long, not even a keep-alive comment.
+    Idle(Duration),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Http(e) => e.fmt(f),
+            ReadError::Idle(d) => write!(f, "nothing arrived for {} s", d.as_secs_f64()),
+        }
+    }
 }
 
 impl WorkerClient {
@@ -37,7 +58,16 @@ impl WorkerClient {
         Ok(Self {
             http,
             control_timeout,
+            stream_idle_timeout: Duration::from_secs(60),
         })
+    }
+
+    /// A `/chat` stream that sends nothing for `idle` (no event and no keep-alive comment,
+    /// which workers send every 15 s) ends with a `Timeout` error: the worker is hung or the
+    /// connection stalled. Default 60 s.
+    pub fn with_stream_idle_timeout(mut self, idle: Duration) -> Self {
+        self.stream_idle_timeout = idle.max(Duration::from_millis(10));
+        self
     }
 
     /// `POST /prepare`.
@@ -46,47 +76,110 @@ impl WorkerClient {
     }
 
     /// `POST /chat`: the worker's SSE stream of task events.
+    ///
+    /// Workers that speak the original AnyWork's protocol are understood too: their events
+    /// carry their type only on the SSE `event:` line (`data: {"content", "metadata"}`), their
+    /// `done` has `{result, cost_usd, num_turns, duration_ms}`, and a failed run sends an
+    /// `error` and then either nothing or a `done` with empty metadata; such a run ends here
+    /// with a failed `done` carrying the error.
     pub async fn chat(&self, worker: &WorkerEndpoint, request: &ChatRequest) -> Result<ChatStream> {
-        let url = format!("{}{CHAT_PATH}", worker.base_url);
         let response = self
-            .http
-            .post(&url)
+            .request(reqwest::Method::POST, worker, CHAT_PATH)
             .json(request)
             .send()
             .await
             .map_err(|e| transport_error(worker, CHAT_PATH, e))?;
         let response = check(worker, CHAT_PATH, response).await?;
+        Ok(self.events_of(worker, response))
+    }
+
+    /// `GET /chat/attach`: the events of a task the worker still runs (or ran lately) after
+    /// its seq `after` (the worker's count of events, `done` excluded), for a server that lost
+    /// the `/chat` stream. `NotFound` when the worker does not have the task.
+    pub async fn attach(
+        &self,
+        worker: &WorkerEndpoint,
+        task_id: anywork_core::TaskId,
+        after: u64,
+    ) -> Result<ChatStream> {
+        let path = format!("{ATTACH_PATH}?task_id={task_id}&after_seq={after}");
+        let response = self
+            .request(reqwest::Method::GET, worker, &path)
+            .send()
+            .await
+            .map_err(|e| transport_error(worker, ATTACH_PATH, e))?;
+        let response = check(worker, ATTACH_PATH, response).await?;
+        Ok(self.events_of(worker, response))
+    }
+
+    /// The task events of a worker's SSE answer; silence past the idle timeout ends them with
+    /// a `Timeout` error.
+    fn events_of(&self, worker: &WorkerEndpoint, response: reqwest::Response) -> ChatStream {
         let worker_id = worker.worker_id.clone();
-        let stream = response
-            .bytes_stream()
-            .eventsource()
-            .filter_map(move |item| {
-                let worker_id = worker_id.clone();
-                async move {
-                    match item {
-                        Ok(ev) if ev.data.is_empty() => None,
-                        Ok(ev) => Some(
-                            serde_json::from_str::<WireEvent>(&ev.data)
-                                .map_err(Error::from)
-                                .and_then(TaskEvent::try_from)
-                                .map_err(|e| {
-                                    Error::new(
-                                        ErrorKind::Protocol,
-                                        format!(
-                                            "worker {worker_id} sent an event that is not a task \
-                                             event: {}",
-                                            e.message()
-                                        ),
-                                    )
-                                }),
-                        ),
-                        Err(e) => Some(Err(Error::unavailable(format!(
-                            "the connection to worker {worker_id} broke: {e}"
-                        )))),
-                    }
+        let idle = self.stream_idle_timeout;
+        // Every chunk, keep-alive comments included, proves the worker alive.
+        let bytes =
+            futures_util::stream::unfold(Some(response.bytes_stream()), move |s| async move {
+                let mut s = s?;
+                match tokio::time::timeout(idle, s.next()).await {
+                    Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(s))),
+                    Ok(Some(Err(e))) => Some((Err(ReadError::Http(e)), None)),
+                    Ok(None) => None,
+                    Err(_) => Some((Err(ReadError::Idle(idle)), None)),
                 }
             });
-        Ok(Box::pin(stream))
+        let events = Box::pin(bytes).eventsource();
+        let state = (Box::pin(events), OriginalAdapter::default(), false);
+        let stream = futures_util::stream::unfold(state, move |(mut events, mut adapter, over)| {
+            let worker_id = worker_id.clone();
+            async move {
+                if over {
+                    return None;
+                }
+                loop {
+                    match events.next().await {
+                        Some(Ok(ev)) if ev.data.is_empty() => continue,
+                        Some(Ok(ev)) => {
+                            let item = adapter.event(&ev.event, &ev.data).map_err(|e| {
+                                tracing::warn!(worker = %worker_id, error = %e, data = %ev.data.chars().take(300).collect::<String>(), "the worker sent an event that is not a task event");
+                                Error::new(
+                                    ErrorKind::Protocol,
+                                    format!("the worker sent an event that is not a task event: {}", e.message()),
+                                )
+                            });
+                            let over = item.is_err();
+                            return Some((item, (events, adapter, over)));
+                        }
+                        Some(Err(eventsource_stream::EventStreamError::Transport(
+                            ReadError::Idle(d),
+                        ))) => {
+                            tracing::warn!(worker = %worker_id, "the worker's stream went silent");
+                            let err = Error::new(
+                                ErrorKind::Timeout,
+                                format!(
+                                    "the worker sent nothing for {} s, not even a keep-alive: it \
+                                     is hung or the connection to it stalled \
+                                     (STREAM_IDLE_TIMEOUT_SECONDS)",
+                                    d.as_secs_f64()
+                                ),
+                            );
+                            return Some((Err(err), (events, adapter, true)));
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(worker = %worker_id, error = %e, "the connection to the worker broke");
+                            let err = Error::unavailable("the connection to the worker broke");
+                            return Some((Err(err), (events, adapter, true)));
+                        }
+                        None => {
+                            return adapter
+                                .finish()
+                                .map(|done| (Ok(done), (events, adapter, true)));
+                        }
+                    }
+                }
+            }
+        });
+        Box::pin(stream)
     }
 
     /// `POST /cancel`.
@@ -100,9 +193,17 @@ impl WorkerClient {
     }
 
     /// `GET /sessions/:id/messages`: the conversation as the worker keeps it.
+    /// A worker of the original AnyWork has it at `GET /sessions/:id`, asked when this path is
+    /// missing.
     pub async fn messages(&self, worker: &WorkerEndpoint, session: &SessionId) -> Result<Value> {
         let path = format!("/sessions/{}/messages", session.as_str());
-        self.get(worker, &path).await
+        match self.get(worker, &path).await {
+            Err(e) if e.kind() == ErrorKind::Protocol => {
+                self.get(worker, &format!("/sessions/{}", session.as_str()))
+                    .await
+            }
+            other => other,
+        }
     }
 
     /// `GET /workspace/:file` (`soul` or `agents`).
@@ -118,10 +219,8 @@ impl WorkerClient {
         content: &str,
     ) -> Result<Value> {
         let path = format!("/workspace/{file}");
-        let url = format!("{}{path}", worker.base_url);
         let response = self
-            .http
-            .put(&url)
+            .request(reqwest::Method::PUT, worker, &path)
             .timeout(self.control_timeout)
             .json(&serde_json::json!({ "content": content }))
             .send()
@@ -130,11 +229,122 @@ impl WorkerClient {
         json_body(worker, &path, check(worker, &path, response).await?).await
     }
 
-    async fn get(&self, worker: &WorkerEndpoint, path: &str) -> Result<Value> {
-        let url = format!("{}{path}", worker.base_url);
+    /// `GET /workspace/:file?session_id=` — the session's copy.
+    pub async fn get_session_doc(
+        &self,
+        worker: &WorkerEndpoint,
+        file: &str,
+        session: &SessionId,
+    ) -> Result<Value> {
+        self.get(worker, &session_doc_path(file, session)).await
+    }
+
+    /// `PUT /workspace/:file?session_id=` with `{content}` — the session's copy.
+    pub async fn put_session_doc(
+        &self,
+        worker: &WorkerEndpoint,
+        file: &str,
+        session: &SessionId,
+        content: &str,
+    ) -> Result<Value> {
+        let path = session_doc_path(file, session);
         let response = self
+            .request(reqwest::Method::PUT, worker, &path)
+            .timeout(self.control_timeout)
+            .json(&serde_json::json!({ "content": content }))
+            .send()
+            .await
+            .map_err(|e| transport_error(worker, &path, e))?;
+        json_body(worker, &path, check(worker, &path, response).await?).await
+    }
+
+    /// `GET /sessions/:id/files`: the session's `files/` listing.
+    pub async fn list_files(&self, worker: &WorkerEndpoint, session: &SessionId) -> Result<Value> {
+        self.get(
+            worker,
+            &format!("/sessions/{}/files", encode(session.as_str())),
+        )
+        .await
+    }
+
+    /// `GET /sessions/:id/files/*path`: one file's bytes (`path` relative to `files/`).
+    pub async fn read_file(
+        &self,
+        worker: &WorkerEndpoint,
+        session: &SessionId,
+        path: &str,
+    ) -> Result<Vec<u8>> {
+        let path = format!(
+            "/sessions/{}/files/{}",
+            encode(session.as_str()),
+            encode_path(path)
+        );
+        self.get_bytes(worker, &path).await
+    }
+
+    /// `GET /sessions/:id/files.zip`: the session's `files/` as a zip.
+    pub async fn zip_files(&self, worker: &WorkerEndpoint, session: &SessionId) -> Result<Vec<u8>> {
+        let path = format!("/sessions/{}/files.zip", encode(session.as_str()));
+        self.get_bytes(worker, &path).await
+    }
+
+    /// `PUT /sessions/:id/files/*path` with the file's bytes.
+    pub async fn write_file(
+        &self,
+        worker: &WorkerEndpoint,
+        session: &SessionId,
+        path: &str,
+        bytes: Vec<u8>,
+    ) -> Result<Value> {
+        let path = format!(
+            "/sessions/{}/files/{}",
+            encode(session.as_str()),
+            encode_path(path)
+        );
+        let response = self
+            .request(reqwest::Method::PUT, worker, &path)
+            .timeout(FILE_TIMEOUT)
+            .body(bytes)
+            .send()
+            .await
+            .map_err(|e| transport_error(worker, &path, e))?;
+        json_body(worker, &path, check(worker, &path, response).await?).await
+    }
+
+    async fn get_bytes(&self, worker: &WorkerEndpoint, path: &str) -> Result<Vec<u8>> {
+        let response = self
+            .request(reqwest::Method::GET, worker, path)
+            .timeout(FILE_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| transport_error(worker, path, e))?;
+        let response = check(worker, path, response).await?;
+        response
+            .bytes()
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|e| transport_error(worker, path, e))
+    }
+
+    /// A request to `path` of `worker`, with its secret.
+    fn request(
+        &self,
+        method: reqwest::Method,
+        worker: &WorkerEndpoint,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        let builder = self
             .http
-            .get(&url)
+            .request(method, format!("{}{path}", worker.base_url));
+        match &worker.secret {
+            Some(secret) => builder.header(SECRET_HEADER, secret.expose()),
+            None => builder,
+        }
+    }
+
+    async fn get(&self, worker: &WorkerEndpoint, path: &str) -> Result<Value> {
+        let response = self
+            .request(reqwest::Method::GET, worker, path)
             .timeout(self.control_timeout)
             .send()
             .await
@@ -148,10 +358,8 @@ impl WorkerClient {
         path: &str,
         body: &T,
     ) -> Result<reqwest::Response> {
-        let url = format!("{}{path}", worker.base_url);
         let response = self
-            .http
-            .post(&url)
+            .request(reqwest::Method::POST, worker, path)
             .timeout(self.control_timeout)
             .json(body)
             .send()
@@ -161,19 +369,23 @@ impl WorkerClient {
     }
 }
 
+/// What a client may see of a failed request to a worker: what failed, never where (the
+/// worker's address goes to the server log only).
 fn transport_error(worker: &WorkerEndpoint, path: &str, e: reqwest::Error) -> Error {
-    let kind = if e.is_timeout() {
-        ErrorKind::Timeout
+    tracing::warn!(worker = %worker.worker_id, path, error = %e, "a worker call failed");
+    let (kind, what) = if e.is_timeout() {
+        (ErrorKind::Timeout, "did not answer in time")
+    } else if e.is_connect() {
+        (ErrorKind::Unavailable, "could not be reached")
     } else {
-        ErrorKind::Unavailable
+        (ErrorKind::Unavailable, "broke the connection")
     };
-    Error::new(
-        kind,
-        format!("worker {} did not answer {path}: {e}", worker.worker_id),
-    )
+    Error::new(kind, format!("the worker {what} ({path})"))
 }
 
-/// Turns a non-2xx answer into an error of the matching kind, with the worker's message.
+/// Turns a non-2xx answer into an error of the matching kind, with the worker's message. A
+/// route the worker does not have (404 without this worker API's JSON error, or 405) is a
+/// `Protocol` error: the worker is another kind or version, not the thing asked for missing.
 async fn check(
     worker: &WorkerEndpoint,
     path: &str,
@@ -184,15 +396,39 @@ async fn check(
         return Ok(response);
     }
     let body = response.text().await.unwrap_or_default();
-    let message = serde_json::from_str::<Value>(&body)
-        .ok()
-        .and_then(|v| {
-            v.pointer("/error/message")
-                .or_else(|| v.get("error"))
-                .and_then(Value::as_str)
-                .map(str::to_owned)
+    let json = serde_json::from_str::<Value>(&body).ok();
+    let api_message = json
+        .as_ref()
+        .and_then(|v| v.pointer("/error/message"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let message = api_message
+        .clone()
+        .or_else(|| {
+            json.as_ref()
+                .and_then(|v| v.get("error").or_else(|| v.get("detail")))
+                .map(|e| match e {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
         })
         .unwrap_or_else(|| body.chars().take(300).collect());
+    tracing::warn!(worker = %worker.worker_id, path, %status, %message, "a worker call was refused");
+    let missing_route = (status.as_u16() == 404
+        && api_message
+            .as_deref()
+            .is_none_or(|m| m.starts_with("no route for")))
+        || status.as_u16() == 405;
+    if missing_route {
+        return Err(Error::new(
+            ErrorKind::Protocol,
+            format!(
+                "the worker has no {path} (it answered {status}): it is another kind or version \
+                 of worker; run anywork-worker {} for this to work",
+                env!("CARGO_PKG_VERSION")
+            ),
+        ));
+    }
     let kind = match status.as_u16() {
         404 => ErrorKind::NotFound,
         409 => ErrorKind::Conflict,
@@ -203,10 +439,7 @@ async fn check(
     };
     Err(Error::new(
         kind,
-        format!(
-            "worker {} answered {path} with {status}: {message}",
-            worker.worker_id
-        ),
+        format!("the worker answered {path} with {status}: {message}"),
     ))
 }
 
@@ -216,12 +449,180 @@ async fn json_body(
     response: reqwest::Response,
 ) -> Result<Value> {
     response.json().await.map_err(|e| {
+        tracing::warn!(worker = %worker.worker_id, path, error = %e, "a worker answered bad JSON");
         Error::new(
             ErrorKind::Protocol,
-            format!(
-                "worker {} answered {path} with bad JSON: {e}",
-                worker.worker_id
-            ),
+            format!("the worker answered {path} with something that is not the expected JSON"),
         )
     })
+}
+
+/// How long a file transfer with a worker may take.
+const FILE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `s` percent-encoded for a URL path segment or query value.
+fn encode(s: &str) -> String {
+    let mut encoded = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    encoded
+}
+
+/// A `/`-separated path, each segment percent-encoded.
+fn encode_path(path: &str) -> String {
+    path.split('/').map(encode).collect::<Vec<_>>().join("/")
+}
+
+/// `/workspace/:file?session_id=…`, the session id percent-encoded.
+fn session_doc_path(file: &str, session: &SessionId) -> String {
+    format!("/workspace/{file}?session_id={}", encode(session.as_str()))
+}
+
+/// Reads `/chat` events in this worker API's form and in the original AnyWork's (see
+/// [`WorkerClient::chat`]).
+#[derive(Debug, Default)]
+struct OriginalAdapter {
+    /// An event came without `type` in its data: the worker speaks the original protocol.
+    original: bool,
+    /// The last `error` event's text.
+    last_error: Option<String>,
+    /// A `done` came.
+    done: bool,
+}
+
+impl OriginalAdapter {
+    /// One SSE event: `kind` from its `event:` line (`message` when absent), `data` its data.
+    fn event(&mut self, kind: &str, data: &str) -> Result<TaskEvent> {
+        let mut value: Value = serde_json::from_str(data)?;
+        let Some(object) = value.as_object_mut() else {
+            return Err(Error::invalid_input("the data is not a JSON object"));
+        };
+        if !object.contains_key("type") {
+            if kind.is_empty() || kind == "message" {
+                return Err(Error::invalid_input(
+                    "the event has no type: neither a `type` in its data nor an `event:` line",
+                ));
+            }
+            self.original = true;
+            object.insert("type".into(), Value::String(kind.to_owned()));
+        }
+        let original_done_without_result = self.original
+            && kind == "done"
+            && object
+                .get("metadata")
+                .and_then(Value::as_object)
+                .is_none_or(|m| !m.contains_key("result") && !m.contains_key("status"));
+        let wire: WireEvent = serde_json::from_value(value)?;
+        let event = TaskEvent::try_from(wire)?;
+        match &event {
+            TaskEvent::Error { message, .. } => self.last_error = Some(message.clone()),
+            TaskEvent::Done(_) => self.done = true,
+            _ => {}
+        }
+        if original_done_without_result && let Some(error) = &self.last_error {
+            // The original's failed run: `error`, then a `done` with nothing in it.
+            return Ok(TaskEvent::Done(TaskOutcome::failed(error.clone())));
+        }
+        Ok(event)
+    }
+
+    /// The `done` an original-protocol worker leaves out after a failed run (it sends only an
+    /// `error`); `None` when the stream had its `done`, is not of the original protocol, or
+    /// ended with no error (a stream cut short, which the run reports).
+    fn finish(&mut self) -> Option<TaskEvent> {
+        if self.done || !self.original {
+            return None;
+        }
+        let error = self.last_error.clone()?;
+        self.done = true;
+        Some(TaskEvent::Done(TaskOutcome::failed(error)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anywork_core::TaskStatus;
+
+    #[test]
+    fn original_events_take_their_type_from_the_event_line() {
+        let mut a = OriginalAdapter::default();
+        assert_eq!(
+            a.event("text", r#"{"content":"Hi","metadata":{}}"#)
+                .unwrap(),
+            TaskEvent::text("Hi")
+        );
+        let call = a
+            .event(
+                "tool_call",
+                r#"{"content":"Bash","metadata":{"tool_id":"t1","input":{"command":"ls"}}}"#,
+            )
+            .unwrap();
+        assert!(matches!(call, TaskEvent::ToolCall { ref name, .. } if name == "Bash"));
+        let TaskEvent::Done(o) = a
+            .event(
+                "done",
+                r#"{"content":"","metadata":{"result":"Hi","cost_usd":0.25,"num_turns":2,"duration_ms":1500}}"#,
+            )
+            .unwrap()
+        else {
+            panic!("not done")
+        };
+        assert_eq!(o.status, TaskStatus::Completed);
+        assert_eq!(o.result.as_deref(), Some("Hi"));
+        assert_eq!(
+            (o.cost_usd, o.num_turns, o.duration_ms),
+            (Some(0.25), 2, 1500)
+        );
+        assert_eq!(a.finish(), None);
+    }
+
+    #[test]
+    fn an_original_failed_run_ends_failed_with_its_error() {
+        // A non-success result: only an `error`, then the stream ends.
+        let mut a = OriginalAdapter::default();
+        a.event("error", r#"{"content":"max turns reached","metadata":{}}"#)
+            .unwrap();
+        let Some(TaskEvent::Done(o)) = a.finish() else {
+            panic!("no done")
+        };
+        assert_eq!(o.status, TaskStatus::Failed);
+        assert_eq!(o.error.as_deref(), Some("max turns reached"));
+        // An exception: `error`, then a `done` with empty metadata.
+        let mut a = OriginalAdapter::default();
+        a.event("error", r#"{"content":"boom","metadata":{}}"#)
+            .unwrap();
+        let TaskEvent::Done(o) = a.event("done", r#"{"content":"","metadata":{}}"#).unwrap() else {
+            panic!("not done")
+        };
+        assert_eq!(
+            (o.status, o.error.as_deref()),
+            (TaskStatus::Failed, Some("boom"))
+        );
+        assert_eq!(a.finish(), None);
+        // Cut short without an error: no done made up here (the run says the worker was lost).
+        let mut a = OriginalAdapter::default();
+        a.event("text", r#"{"content":"half","metadata":{}}"#)
+            .unwrap();
+        assert_eq!(a.finish(), None);
+    }
+
+    #[test]
+    fn this_workers_events_are_read_as_they_are() {
+        let mut a = OriginalAdapter::default();
+        let e = a
+            .event("message", r#"{"type":"text","content":"x","metadata":{}}"#)
+            .unwrap();
+        assert_eq!(e, TaskEvent::text("x"));
+        // Our worker's stream without a done is the run loop's business, not a failed done.
+        assert_eq!(a.finish(), None);
+        for bad in [r#"{"content":"x"}"#, "[1]", "not json"] {
+            assert!(a.event("message", bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -11,4 +11,4 @@
 pub mod api;
 
 pub use anywork_runtime as runtime;
-pub use api::{ApiOptions, AppState, api_router, router, serve, ui_router, ws_router};
+pub use api::{ApiOptions, ApiToken, AppState, api_router, router, serve, ui_router, ws_router};

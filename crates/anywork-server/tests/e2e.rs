@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use anywork_runtime::{Backoff, DispatcherConfig, ModelTitles};
+use anywork_runtime::{Backoff, DispatcherConfig, FirstWords, ModelTitles};
 use anywork_test::fake_llm::{FakeLlm, Reply};
 use common::{TestServer, WorkerProcess, Ws};
 use serde_json::{Value, json};
@@ -68,7 +68,7 @@ async fn websocket_chat_streams_events_and_the_log_has_the_same_gap_free() {
     assert_eq!(stored["status"], "completed");
     assert_eq!(stored["result"], "Hello from the fake model.");
     assert_eq!(stored["numTurns"], 1);
-    assert!(stored["workerId"].as_str().unwrap().starts_with("static:"));
+    assert_eq!(stored["workerId"], "static-worker");
     let (_, sessions) = server.get("/api/sessions").await;
     assert_eq!(sessions["sessions"][0]["id"], session.as_str());
     assert_eq!(sessions["sessions"][0]["title"], "Please say hello to me");
@@ -197,8 +197,13 @@ async fn pending_task_is_canceled_without_touching_a_worker() {
     assert_eq!(task["status"], "canceled");
     assert!(task["startedAt"].is_null(), "it never ran");
     let logs = server.logs(id).await;
-    assert_eq!(logs.len(), 1);
-    assert_eq!(logs[0]["type"], "done");
+    let (progress, rest): (Vec<_>, Vec<_>) = logs.iter().partition(|l| l["type"] == "progress");
+    assert!(
+        progress.iter().all(|p| p["metadata"]["stage"] == "worker"),
+        "only the wait for a worker was told: {progress:?}"
+    );
+    assert_eq!(rest.len(), 1, "{logs:?}");
+    assert_eq!(rest[0]["type"], "done");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,10 +215,81 @@ async fn unreachable_worker_fails_the_task_with_the_reason() {
     ))
     .await;
     let (_, created) = server.post("/api/tasks", json!({"message": "hi"})).await;
-    let task = server.wait_final(created["taskId"].as_str().unwrap()).await;
+    let id = created["taskId"].as_str().unwrap();
+    let task = server.wait_final(id).await;
     assert_eq!(task["status"], "failed");
     let error = task["error"].as_str().unwrap();
     assert!(error.contains("STATIC_WORKER_URL"), "{error}");
+    // While it waited, each failed attempt was told: why, which attempt comes, and when.
+    let progress: Vec<Value> = server
+        .logs(id)
+        .await
+        .into_iter()
+        .filter(|l| l["type"] == "progress" && l["metadata"]["reason"].is_string())
+        .collect();
+    assert_eq!(
+        progress.len(),
+        2,
+        "attempts 2 and 3 announced: {progress:?}"
+    );
+    for (p, attempt) in progress.iter().zip([2, 3]) {
+        let md = &p["metadata"];
+        assert_eq!(md["stage"], "worker", "{p}");
+        assert_eq!(md["attempt"], attempt, "{p}");
+        assert_eq!(md["max_attempts"], 3, "{p}");
+        assert!(md["retry_in_ms"].as_u64().unwrap() > 0, "{p}");
+        assert!(
+            md["reason"].as_str().unwrap().contains("STATIC_WORKER_URL"),
+            "{p}"
+        );
+        let text = p["content"].as_str().unwrap();
+        assert!(text.contains(&format!("attempt {attempt} of 3")), "{text}");
+        assert!(text.contains("(static)"), "the driver is named: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_worker_start_is_announced() {
+    // `progress_after` zero: the wait for a worker is always told, before the driver answers.
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| Reply::text("ok"));
+    let worker = WorkerProcess::start(&fake).await;
+    let mut config = DispatcherConfig::default();
+    config.progress_after = Duration::ZERO;
+    let server = TestServer::start_with(&worker.url, config, FirstWords).await;
+    let (_, created) = server.post("/api/tasks", json!({"message": "hi"})).await;
+    let id = created["taskId"].as_str().unwrap();
+    assert_eq!(server.wait_final(id).await["status"], "completed");
+    let logs = server.logs(id).await;
+    assert_eq!(logs[0]["type"], "progress", "{logs:?}");
+    assert_eq!(logs[0]["metadata"]["stage"], "worker");
+    assert_eq!(logs[0]["metadata"]["attempt"], 1);
+    assert!(
+        logs[0]["content"].as_str().unwrap().contains("static"),
+        "{logs:?}"
+    );
+    assert_eq!(logs[1]["type"], "status", "then it runs: {logs:?}");
+
+    // The metrics: the worker start, the model's tokens, the request by route pattern.
+    let text = server
+        .http
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "anywork_worker_starts_total{driver=\"static\"} 1",
+        "anywork_worker_failures_total{driver=\"static\"} 0",
+        "anywork_worker_start_seconds_count{driver=\"static\"} 1",
+        "anywork_model_tokens_total{model=\"fake-model\",kind=\"input\"}",
+        "anywork_http_requests_total{method=\"POST\",route=\"/api/tasks\",status=\"202\"} 1",
+        "anywork_http_requests_total{method=\"GET\",route=\"/api/tasks/{id}\",status=\"200\"}",
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -395,7 +471,13 @@ async fn push_notification_is_posted_when_the_task_ends() {
     let fake = FakeLlm::start().await;
     fake.set_responder(|_| Reply::text("pushed"));
     let worker = WorkerProcess::start(&fake).await;
-    let server = TestServer::start(&worker.url).await;
+    // The receiver is on loopback over http: the operator allows it.
+    let mut config = anywork_runtime::DispatcherConfig::default();
+    config.outbound = anywork_core::OutboundPolicy::strict()
+        .with_http(true)
+        .allow_list("127.0.0.1")
+        .unwrap();
+    let server = TestServer::start_with(&worker.url, config, anywork_runtime::FirstWords).await;
     // A receiver that fails once (503), then records.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Option<String>, Value)>(4);
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -459,4 +541,251 @@ async fn titles_reach_only_the_connections_of_their_session() {
         seen.iter().all(|v| v["type"] == "pong"),
         "another client got: {seen:?}"
     );
+}
+
+/// SOUL.md / AGENTS.md: the defaults live in the server's store (reading or saving them needs
+/// no worker), every new session's workspace starts with them through `/prepare`, a session
+/// keeps its own copy, and a session's files are edited through its running worker only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soul_defaults_live_in_the_store_and_seed_new_sessions() {
+    // No worker at all: the defaults are still read and saved.
+    let offline = TestServer::without_worker(Backoff::none()).await;
+    let (status, soul) = offline.get("/api/workspace/soul").await;
+    assert_eq!(status, 200, "{soul}");
+    assert_eq!(soul["scope"], "defaults");
+    assert!(
+        soul["content"].as_str().unwrap().contains("# Soul"),
+        "{soul}"
+    );
+    let r = offline
+        .http
+        .put(format!("{}/api/workspace/agents", offline.url))
+        .json(&json!({"content": "Offline rules"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, agents) = offline.get("/api/workspace/agents").await;
+    assert_eq!(agents["content"], "Offline rules");
+
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| Reply::text("ok"));
+    let worker = WorkerProcess::start(&fake).await;
+    let server = TestServer::start(&worker.url).await;
+    let put = |path: String, content: &'static str| {
+        let http = server.http.clone();
+        let url = format!("{}{path}", server.url);
+        async move {
+            let r = http
+                .put(url)
+                .json(&json!({ "content": content }))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    // A session made before the defaults change keeps what it started with.
+    let (_, first) = server.post("/api/tasks", json!({"message": "one"})).await;
+    server.wait_final(first["taskId"].as_str().unwrap()).await;
+    let old = first["sessionId"].as_str().unwrap().to_owned();
+    let (_, before) = server
+        .get(&format!("/api/sessions/{old}/workspace/soul"))
+        .await;
+    assert!(
+        before["content"].as_str().unwrap().contains("# Soul"),
+        "{before}"
+    );
+
+    let (status, saved) = put("/api/workspace/soul".into(), "You are a pirate.").await;
+    assert_eq!(status, 200, "{saved}");
+    assert_eq!(saved["scope"], "defaults");
+    put("/api/workspace/agents".into(), "Always answer in rhyme.").await;
+
+    let (_, second) = server.post("/api/tasks", json!({"message": "two"})).await;
+    server.wait_final(second["taskId"].as_str().unwrap()).await;
+    let new = second["sessionId"].as_str().unwrap().to_owned();
+    let (status, soul) = server
+        .get(&format!("/api/sessions/{new}/workspace/soul"))
+        .await;
+    assert_eq!(status, 200, "{soul}");
+    assert_eq!(
+        soul["content"], "You are a pirate.",
+        "the new session starts with the default"
+    );
+    assert_eq!(soul["scope"], "session");
+    let (_, agents) = server
+        .get(&format!("/api/sessions/{new}/workspace/agents"))
+        .await;
+    assert_eq!(agents["content"], "Always answer in rhyme.");
+    let (_, kept) = server
+        .get(&format!("/api/sessions/{old}/workspace/soul"))
+        .await;
+    assert_eq!(
+        kept["content"], before["content"],
+        "the older session keeps its own"
+    );
+
+    // A session's own edit stays in that session, and survives its next task.
+    let (status, edited) = put(format!("/api/sessions/{new}/workspace/soul"), "Only here.").await;
+    assert_eq!(status, 200, "{edited}");
+    let (_, third) = server
+        .post("/api/tasks", json!({"message": "three", "sessionId": new}))
+        .await;
+    server.wait_final(third["taskId"].as_str().unwrap()).await;
+    let (_, soul) = server
+        .get(&format!("/api/sessions/{new}/workspace/soul"))
+        .await;
+    assert_eq!(soul["content"], "Only here.");
+    let (_, defaults) = server.get("/api/workspace/soul").await;
+    assert_eq!(defaults["content"], "You are a pirate.");
+
+    // Unknown session: 404; unknown file: 404; no worker running: 409, nothing started.
+    let (status, _) = server.get("/api/sessions/nope/workspace/soul").await;
+    assert_eq!(status, 404);
+    let (status, body) = server
+        .get(&format!("/api/sessions/{new}/workspace/passwd"))
+        .await;
+    assert_eq!(status, 404, "{body}");
+    let (_, s) = offline.post("/api/sessions", json!({})).await;
+    let sid = s["id"]
+        .as_str()
+        .or(s["sessionId"].as_str())
+        .unwrap()
+        .to_owned();
+    let (status, body) = offline
+        .get(&format!("/api/sessions/{sid}/workspace/soul"))
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no running worker"),
+        "{body}"
+    );
+}
+
+/// The workspace file panel's API, through the server to a real worker: upload into files/,
+/// list, download, show as text, the folder as a zip; traversal and oversized uploads refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_files_are_listed_downloaded_zipped_and_uploaded() {
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| Reply::text("ok"));
+    let worker = WorkerProcess::start(&fake).await;
+    let server = TestServer::start(&worker.url).await;
+    let (_, created) = server.post("/api/tasks", json!({"message": "hi"})).await;
+    server.wait_final(created["taskId"].as_str().unwrap()).await;
+    let sid = created["sessionId"].as_str().unwrap().to_owned();
+    let base = format!("{}/api/sessions/{sid}/files", server.url);
+    let put = |path: &str, body: Vec<u8>| {
+        let req = server.http.put(format!("{base}/{path}")).body(body);
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (status, saved) = put("notes/plan%20one.md", b"# Plan\nstep 1\n".to_vec()).await;
+    assert_eq!(status, 200, "{saved}");
+    assert_eq!(saved["path"], "notes/plan one.md");
+    let (status, _) = put("data.bin", vec![0, 159, 146, 150, 255]).await;
+    assert_eq!(status, 200);
+
+    let (status, list) = server.get(&format!("/api/sessions/{sid}/files")).await;
+    assert_eq!(status, 200, "{list}");
+    let paths: Vec<&str> = list["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["data.bin", "notes/plan one.md"]);
+    assert_eq!(list["files"][1]["size"], 14);
+
+    let r = server
+        .http
+        .get(format!("{base}/notes/plan%20one.md"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let disposition = r.headers()["content-disposition"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(disposition.starts_with("attachment"), "{disposition}");
+    assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"# Plan\nstep 1\n");
+    let r = server
+        .http
+        .get(format!("{base}/data.bin?inline=1"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    assert_eq!(r.bytes().await.unwrap().as_ref(), [0, 159, 146, 150, 255]);
+
+    // The zip opens with Python's zipfile, with both files intact.
+    let r = server.http.get(format!("{base}.zip")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/zip");
+    let zip = r.bytes().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f.zip"), &zip).unwrap();
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); assert z.testzip() is None; \
+             print(sorted(z.namelist())); print(z.read('notes/plan one.md').decode())",
+        )
+        .arg(dir.path().join("f.zip"))
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("['data.bin', 'notes/plan one.md']"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("step 1"), "{stdout}");
+
+    // Traversal, absolute paths and oversized uploads are refused with a JSON error.
+    // (Dot segments are resolved by HTTP clients; encoded slashes reach the server.)
+    for bad in [
+        "..%2Fescape.txt",
+        "notes%2F..%2F..%2Fescape.txt",
+        "%2Fetc%2Fpasswd",
+        "a%5Cb",
+    ] {
+        let (status, body) = put(bad, b"x".to_vec()).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_input", "{bad}: {body}");
+    }
+    let (status, body) = server
+        .get(&format!("/api/sessions/{sid}/files/..%2FSOUL.md"))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = put(
+        "big.bin",
+        vec![7; anywork_core::worker_api::MAX_UPLOAD_BYTES + 1],
+    )
+    .await;
+    assert_eq!(status, 413);
+    let (status, body) = server
+        .get(&format!("/api/sessions/{sid}/files/missing.txt"))
+        .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, _) = server.get("/api/sessions/nope/files").await;
+    assert_eq!(status, 404);
 }

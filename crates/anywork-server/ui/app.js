@@ -14,6 +14,8 @@ const S = {
   pending: [],           // chats sent (or queued until the socket opens), waiting for task_created
   loading: -1,           // view whose history is being fetched
   refreshTimer: null,
+  search: "",            // sidebar filter (titles)
+  usage: null,           // cost and tokens of the open session
 };
 
 // ---- small helpers
@@ -44,14 +46,38 @@ function toast(msg, kind = "error") {
   setTimeout(() => t.remove(), 5000);
 }
 
-async function api(method, path, body) {
+// ---- API token (ANYWORK_API_TOKEN): asked for once on a 401, kept in localStorage.
+const TOKEN_KEY = "anywork.apiToken";
+function apiToken() {
+  try { return localStorage.getItem(TOKEN_KEY) || ""; } catch (_) { return ""; }
+}
+let tokenAsk = null;
+function askToken() {
+  // One prompt for all the requests that were refused together.
+  if (!tokenAsk) {
+    tokenAsk = Promise.resolve().then(() => {
+      const t = (window.prompt("This AnyWork server needs its API token (ANYWORK_API_TOKEN):") || "").trim();
+      try { if (t) localStorage.setItem(TOKEN_KEY, t); else localStorage.removeItem(TOKEN_KEY); } catch (_) { /* private mode */ }
+      setTimeout(() => { tokenAsk = null; }, 0);
+      return t;
+    });
+  }
+  return tokenAsk;
+}
+
+async function api(method, path, body, retried) {
   const opts = { method, headers: { accept: "application/json" } };
   if (body !== undefined) {
     opts.headers["content-type"] = "application/json";
     opts.body = JSON.stringify(body);
   }
+  const token = apiToken();
+  if (token) opts.headers.authorization = "Bearer " + token;
   let r;
   try { r = await fetch(path, opts); } catch (e) { throw new Error("Network error: " + e.message); }
+  if (r.status === 401 && !retried) {
+    if (await askToken()) return api(method, path, body, true);
+  }
   const data = await r.json().catch(() => ({}));
   if (!r.ok) throw new Error((data && data.error && data.error.message) || r.status + " " + r.statusText);
   return data;
@@ -299,7 +325,10 @@ function renderSidebar() {
     return;
   }
   let group = null;
-  for (const s of S.sessions) {
+  const q = (S.search || "").trim().toLowerCase();
+  const shown = q ? S.sessions.filter((s) => (s.title || "").toLowerCase().includes(q)) : S.sessions;
+  if (!shown.length) nav.appendChild(el("div", "side-empty", "No conversation matches “" + S.search.trim() + "”"));
+  for (const s of shown) {
     const g = groupOf(s.last_active || s.created_at || 0);
     if (g !== group) { group = g; nav.appendChild(el("div", "side-group", g)); }
     const item = el("div", "session-item" + (s.id === S.current ? " active" : ""));
@@ -345,6 +374,7 @@ function setSessionTitle(id, title) {
 function setHeader(title) {
   $("#chat-title").textContent = title || "New chat";
   document.title = title && S.current ? title + " · AnyWork" : "AnyWork";
+  filesFollowSession();
 }
 
 async function deleteSession(id) {
@@ -397,6 +427,8 @@ function clearEmpty() {
 
 function newChat() {
   S.current = null;
+  setRoute(null);
+  showUsage();
   resetPanel();
   setHeader(null);
   renderSidebar();
@@ -427,7 +459,7 @@ function newTaskView(id) {
   const t = {
     id, el: msg, blocks: body.firstChild, working, footer, lastSeq: 0, status: "pending",
     finished: false, seg: null, segText: "", answer: "", hasText: false, tools: new Map(),
-    usage: null, prompt: null, notices: [],
+    usage: null, prompt: null, notices: [], progress: null,
   };
   if (id) S.tasks.set(id, t);
   updateIndicator(t);
@@ -444,7 +476,23 @@ function updateIndicator(t) {
   const show = !t.finished && !(t.seg && t.lastType === "text") && !t.prompt;
   t.working.hidden = !show;
   const label = !t.id && !S.wsOpen ? "Connecting…" : t.status === "pending" ? "Waiting for a worker…" : "";
-  t.working.lastChild.textContent = label;
+  showProgress(t, label);
+}
+
+// ---- progress: what a task waits for (a worker being made ready, a model call retried)
+// The last `progress` event stands in the working indicator until any other event comes.
+function setProgress(t, content, md) {
+  t.progress = { text: content || "Working…", stage: md.stage || "", reason: md.reason || "" };
+}
+
+function showProgress(t, fallback) {
+  const label = t.working.lastChild;
+  const p = !t.finished && t.progress;
+  label.classList.toggle("progress", !!p);
+  label.classList.toggle("retry", !!(p && p.reason));
+  t.working.dataset.stage = p ? p.stage : "";
+  label.textContent = p ? clip(p.text, 400) : fallback;
+  label.title = p ? p.text : "";
 }
 
 function addBlock(t, node) {
@@ -554,6 +602,7 @@ function finish(t, content, md) {
   t.el.dataset.status = status;
   updateIndicator(t);
   updateCancel();
+  if (!S.loading || S.loading !== S.view) filesFollowSession();
 }
 
 function renderFooter(t, md) {
@@ -675,6 +724,7 @@ function applyEvent(t, ev) {
   const md = ev.metadata && typeof ev.metadata === "object" ? ev.metadata : {};
   const content = ev.content == null ? "" : String(ev.content);
   if (t.finished && ev.type !== "error") return;
+  if (ev.type !== "progress" && ev.type !== "usage") t.progress = null;
   if (t.prompt && (SUPERSEDES_PROMPT.has(ev.type) || (ev.type === "status" && content === "running"))) removePrompt(t, null);
   switch (ev.type) {
     case "init": addInit(t, content, md); break;
@@ -684,6 +734,7 @@ function applyEvent(t, ev) {
     case "tool_result": addToolResult(t, content, md); break;
     case "input_required": showPrompt(t, content, md); break;
     case "usage": t.usage = md; break;
+    case "progress": setProgress(t, content, md); break;
     case "status": if (!TERMINAL.has(content)) t.status = content; break;
     case "error": addNotice(t, content || "Error", "error"); break;
     case "done": finish(t, content, md); break;
@@ -716,6 +767,7 @@ function onMessage(m) {
     return;
   }
   if (m.type === "done") touchSession(m.session_id, { running: false, active_task_count: 0 });
+  if (m.type === "done" && m.session_id === S.current && S.tasks.has(m.task_id) && !S.tasks.get(m.task_id).finished) addUsage(m.metadata || {});
   if (m.session_id && m.session_id !== S.current) return;
   const t = S.tasks.get(m.task_id);
   if (!t) return; // not rendered yet: the resume after loading replays it
@@ -734,6 +786,7 @@ function onSessionCreated(m) {
   }
   if (p && p.view === S.view && !S.current) {
     S.current = m.session_id;
+    setRoute(m.session_id);
     setHeader(findSession(m.session_id).title);
   }
   renderSidebar();
@@ -775,11 +828,18 @@ async function fetchLogs(taskId) {
 async function openSession(id) {
   closeSidebar();
   S.current = id;
+  setRoute(id);
   resetPanel();
   const view = S.view;
   S.loading = view;
   const s = findSession(id);
   setHeader(s ? s.title : "");
+  if (!s) {
+    // Opened from a link (#/s/<id>): its title comes from the server.
+    api("GET", "/api/sessions/" + encodeURIComponent(id))
+      .then((d) => { if (S.current === id && d && d.title) setHeader(d.title); })
+      .catch(() => {});
+  }
   renderSidebar();
   const m = messages();
   const loading = el("div", "loading", "Loading…");
@@ -788,7 +848,7 @@ async function openSession(id) {
   try {
     tasks = (await api("GET", "/api/sessions/" + encodeURIComponent(id) + "/tasks")).tasks || [];
   } catch (e) {
-    if (view === S.view) { S.loading = -1; loading.remove(); toast(e.message); showEmpty(); }
+    if (view === S.view) { S.loading = -1; loading.remove(); toast(e.message); newChat(); }
     return;
   }
   if (view !== S.view) return;
@@ -812,6 +872,8 @@ async function openSession(id) {
     }
   });
   if (!tasks.length) showEmpty();
+  S.usage = usageOf(tasks);
+  showUsage();
   scrollBottom(true);
   updateCancel();
   resumeAll();
@@ -887,7 +949,9 @@ function connect() {
   clearTimeout(S.retry);
   const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
   let ws;
-  try { ws = new WebSocket(url); } catch (_) { scheduleReconnect(); return; }
+  const token = apiToken();
+  // The token rides in a subprotocol (browsers cannot set headers on a WebSocket).
+  try { ws = token ? new WebSocket(url, ["anywork", "anywork.token." + token]) : new WebSocket(url); } catch (_) { scheduleReconnect(); return; }
   S.ws = ws;
   ws.onopen = () => {
     if (S.ws !== ws) return;
@@ -951,8 +1015,21 @@ async function loadHealth() {
     banner.appendChild(d);
   }
   if (h.warning) banner.appendChild(el("div", "banner-line warn", h.warning));
+  showSetup(banner, h);
   banner.hidden = !banner.childNodes.length;
   if (h.version) $(".brand").title = "AnyWork " + h.version + (h.driver ? " · " + h.driver : "");
+}
+
+// ---- setup check: what the server found missing at start (per driver), one banner line each
+function showSetup(banner, h) {
+  const problems = (Array.isArray(h.setup) ? h.setup : []).filter((c) => c && !c.ok && c.message !== h.warning);
+  for (const c of problems) {
+    const line = el("div", "banner-line warn setup-problem");
+    line.dataset.check = c.name || "";
+    line.appendChild(el("strong", null, "Setup (" + (h.driver || "server") + ", " + (c.name || "check") + "): "));
+    line.appendChild(document.createTextNode(c.message || ""));
+    banner.appendChild(line);
+  }
 }
 
 // ---- rename
@@ -997,7 +1074,41 @@ function startRename() {
 }
 
 // ---- SOUL.md / AGENTS.md editor
-const DOC = { name: "soul", loaded: "", seq: 0 };
+// Two scopes, clearly labelled: the server's defaults (stored; new sessions start with them)
+// or the open session's own files (through its running worker; nothing is started to read them).
+const DOC = { name: "soul", loaded: "", seq: 0, scope: "defaults", session: null };
+const DOC_SCOPE_HINTS = {
+  defaults: "Defaults: sessions created from now on start with these files. Existing sessions keep their own copy.",
+  session: "This session only: the files in this conversation's workspace, used from its next message on.",
+};
+
+function docPath(name) {
+  return DOC.scope === "session" && DOC.session
+    ? "/api/sessions/" + encodeURIComponent(DOC.session) + "/workspace/" + name
+    : "/api/workspace/" + name;
+}
+
+function setDocScope(scope) {
+  if (scope === DOC.scope) return;
+  if (docDirty() && !confirm("Discard unsaved changes?")) {
+    $("#doc-scope-" + DOC.scope).checked = true;
+    return;
+  }
+  DOC.scope = scope;
+  DOC.loaded = $("#doc-editor").value = "";
+  loadDoc(DOC.name);
+}
+
+function showDocScope() {
+  const s = DOC.session && findSession(DOC.session);
+  const title = s ? s.title : "";
+  $("#doc-scope-session").disabled = !DOC.session;
+  $("#doc-scope-session-label").textContent = DOC.session ? "This session" + (title ? ": " + title : "") : "This session (open one first)";
+  $("#doc-scope-" + DOC.scope).checked = true;
+  $("#doc-scope-hint").textContent = DOC_SCOPE_HINTS[DOC.scope];
+  $("#doc-modal").dataset.scope = DOC.scope;
+  $("#doc-heading").textContent = "Soul & instructions · " + (DOC.scope === "session" ? "this session" : "defaults for new sessions");
+}
 const DOC_HINTS = {
   soul: "The agent's personality and voice.",
   agents: "Standing instructions for every task.",
@@ -1026,8 +1137,9 @@ async function loadDoc(name) {
   DOC.loaded = "";
   ed.disabled = true;
   docStatus("Loading…");
+  showDocScope();
   try {
-    const d = await api("GET", "/api/workspace/" + name);
+    const d = await api("GET", docPath(name));
     if (seq !== DOC.seq) return;
     DOC.loaded = d.content || "";
     ed.value = DOC.loaded;
@@ -1035,6 +1147,11 @@ async function loadDoc(name) {
   } catch (e) {
     if (seq !== DOC.seq) return;
     docStatus("Could not load", "error");
+    if (DOC.scope === "session") {
+      // No worker runs for the session now: say so where the text would be, edit nothing.
+      $("#doc-scope-hint").textContent = e.message;
+      return;
+    }
     toast(e.message);
   }
   ed.disabled = false;
@@ -1049,7 +1166,7 @@ async function saveDoc() {
   btn.disabled = true;
   docStatus("Saving…");
   try {
-    const d = await api("PUT", "/api/workspace/" + name, { content });
+    const d = await api("PUT", docPath(name), { content });
     if (name === DOC.name) {
       DOC.loaded = d.content != null ? d.content : content;
       docStatus("Saved", "ok");
@@ -1065,6 +1182,8 @@ async function saveDoc() {
 function openDocs() {
   $("#doc-modal").hidden = false;
   DOC.loaded = $("#doc-editor").value = "";
+  DOC.session = S.current;
+  if (!DOC.session) DOC.scope = "defaults";
   loadDoc("soul");
 }
 
@@ -1072,6 +1191,261 @@ function closeDocs() {
   if (docDirty() && !confirm("Discard unsaved changes?")) return;
   $("#doc-modal").hidden = true;
   DOC.seq++;
+}
+
+// ---- workspace files: the open session's files/ folder (list, open text, download, zip, upload)
+const FILES = { open: false, seq: 0 };
+const MAX_VIEW = 1024 * 1024;
+
+function filesBase(id) { return "/api/sessions/" + encodeURIComponent(id) + "/files"; }
+
+// fetch with the API token when the server has one (links cannot carry it: downloads go
+// through fetch, then a blob).
+function authedFetch(url, opts = {}) {
+  const token = typeof apiToken === "function" ? apiToken() : "";
+  const headers = Object.assign({}, opts.headers || {});
+  if (token) headers.authorization = "Bearer " + token;
+  return fetch(url, Object.assign({}, opts, { headers }));
+}
+
+async function errorOf(r) {
+  const d = await r.json().catch(() => ({}));
+  return new Error((d.error && d.error.message) || r.status + " " + r.statusText);
+}
+
+async function download(e) {
+  const a = e.target.closest("a[download]");
+  if (!a) return;
+  e.preventDefault();
+  try {
+    const r = await authedFetch(a.href);
+    if (!r.ok) throw await errorOf(r);
+    const blob = await r.blob();
+    const link = el("a");
+    link.href = URL.createObjectURL(blob);
+    link.download = a.getAttribute("download") || "download";
+    document.body.appendChild(link);
+    link.click();
+    setTimeout(() => { URL.revokeObjectURL(link.href); link.remove(); }, 1000);
+  } catch (err) { toast(err.message); }
+}
+function filePath(path) { return path.split("/").map(encodeURIComponent).join("/"); }
+
+function humanSize(n) {
+  if (n < 1024) return n + " B";
+  if (n < 1024 * 1024) return (n / 1024).toFixed(1) + " KB";
+  return (n / 1024 / 1024).toFixed(1) + " MB";
+}
+
+async function loadFiles() {
+  const list = $("#files-list");
+  const note = $("#files-note");
+  const seq = ++FILES.seq;
+  list.textContent = "";
+  $("#files-viewer").hidden = true;
+  const id = S.current;
+  $("#files-zip").hidden = !id;
+  $(".files-upload").hidden = !id;
+  if (!id) { note.textContent = "Open a conversation to see its files."; return; }
+  $("#files-zip").href = filesBase(id) + ".zip";
+  note.textContent = "Loading…";
+  let d;
+  try { d = await api("GET", filesBase(id)); } catch (e) {
+    if (seq === FILES.seq) note.textContent = e.message;
+    return;
+  }
+  if (seq !== FILES.seq) return;
+  const files = d.files || [];
+  note.textContent = files.length ? files.length + (files.length === 1 ? " file" : " files") + " in files/" + (d.truncated ? " (list cut short)" : "") : "No files yet. Upload some, or ask the agent to write into files/.";
+  for (const f of files) {
+    const li = el("li", "file-item");
+    li.dataset.path = f.path;
+    const name = button("file-name", f.path, () => viewFile(id, f));
+    name.title = "Open " + f.path;
+    const size = el("span", "file-size muted small", humanSize(f.size || 0));
+    const dl = el("a", "file-download", "Download");
+    dl.href = filesBase(id) + "/" + filePath(f.path);
+    dl.setAttribute("download", f.path.split("/").pop());
+    li.append(name, size, dl);
+    list.appendChild(li);
+  }
+}
+
+async function viewFile(id, f) {
+  const viewer = $("#files-viewer");
+  $("#files-viewer-name").textContent = f.path;
+  const text = $("#files-viewer-text");
+  viewer.hidden = false;
+  if ((f.size || 0) > MAX_VIEW) { text.textContent = "Too large to show here (" + humanSize(f.size) + "): download it."; return; }
+  text.textContent = "Loading…";
+  try {
+    const r = await authedFetch(filesBase(id) + "/" + filePath(f.path) + "?inline=1");
+    if (!r.ok) throw await errorOf(r);
+    const bytes = new Uint8Array(await r.arrayBuffer());
+    let shown;
+    try { shown = new TextDecoder("utf-8", { fatal: true }).decode(bytes); } catch (_) { shown = null; }
+    text.textContent = shown == null || shown.includes("\u0000") ? "Not a text file: download it." : shown;
+  } catch (e) { text.textContent = e.message; }
+}
+
+async function uploadFiles(input) {
+  const id = S.current;
+  if (!id) return;
+  const picked = [...input.files];
+  input.value = "";
+  for (const file of picked) {
+    try {
+      const r = await authedFetch(filesBase(id) + "/" + filePath(file.name), { method: "PUT", body: file, headers: { "content-type": "application/octet-stream" } });
+      if (!r.ok) throw await errorOf(r);
+      toast("Uploaded " + file.name + " to files/", "info");
+    } catch (e) { toast(file.name + ": " + e.message); }
+  }
+  loadFiles();
+}
+
+function openFiles() { FILES.open = true; $("#files-panel").hidden = false; loadFiles(); }
+function closeFiles() { FILES.open = false; $("#files-panel").hidden = true; }
+function filesFollowSession() { if (FILES.open) loadFiles(); }
+
+// ---- admin page (#/admin): workers with health, running and queued tasks, a task's timeline
+async function showAdmin() {
+  $("#admin-page").hidden = false;
+  const [w, t] = await Promise.all([
+    api("GET", "/api/admin/workers").catch((e) => ({ error: e.message })),
+    api("GET", "/api/admin/tasks").catch((e) => ({ error: e.message })),
+  ]);
+  const wb = $("#admin-workers tbody");
+  wb.textContent = "";
+  if (w.error) wb.appendChild(adminRow([w.error]));
+  for (const x of w.workers || []) {
+    const tr = adminRow([x.endpoint && x.endpoint.worker_id, x.session_id || "(shared)", x.healthy ? "healthy" : "not answering"]);
+    tr.dataset.healthy = x.healthy ? "true" : "false";
+    wb.appendChild(tr);
+  }
+  if (!w.error && !(w.workers || []).length) wb.appendChild(adminRow(["No worker runs now (" + (w.driver || "") + ")"]));
+  $("#admin-load").textContent = (w.driver ? "driver " + w.driver + " · " : "") + (t.running || 0) + " running · " + (t.queueDepth || 0) + " queued here";
+  const tb = $("#admin-tasks tbody");
+  tb.textContent = "";
+  if (t.error) tb.appendChild(adminRow([t.error]));
+  for (const x of t.tasks || []) {
+    const tr = adminRow([x.id, x.status, x.sessionId, clip(String(x.message || "").replace(/\s+/g, " "), 80), relTime(Math.floor((x.startedAt || x.createdAt || 0) / 1000))]);
+    tr.classList.add("admin-task");
+    tr.dataset.taskId = x.id;
+    tr.addEventListener("click", () => { $("#admin-task-id").value = x.id; showTimeline(x.id); });
+    tb.appendChild(tr);
+  }
+  if (!t.error && !(t.tasks || []).length) tb.appendChild(adminRow(["Nothing running or queued"]));
+}
+
+function adminRow(cells) {
+  const tr = el("tr");
+  for (const c of cells) tr.appendChild(el("td", null, c == null ? "" : String(c)));
+  return tr;
+}
+
+async function showTimeline(taskId) {
+  const list = $("#admin-timeline");
+  list.textContent = "";
+  if (!taskId) return;
+  let logs;
+  try { logs = await fetchLogs(taskId); } catch (e) { list.appendChild(el("li", "muted", e.message)); return; }
+  let first = null;
+  for (const ev of logs) {
+    if (first == null) first = ev.timestamp || 0;
+    const li = el("li", "timeline-item");
+    li.dataset.type = ev.type;
+    li.appendChild(el("span", "timeline-at muted small", "+" + Math.max(0, (ev.timestamp || 0) - first) + "s"));
+    li.appendChild(el("span", "timeline-type", ev.type));
+    const md = ev.metadata || {};
+    const what = ev.type === "tool_call" ? (ev.content || "") + " " + JSON.stringify(md.input || {}) : ev.type === "done" ? (md.status || "") + (md.error ? ": " + md.error : "") : ev.content || "";
+    li.appendChild(el("span", "timeline-text", clip(String(what), 300)));
+    list.appendChild(li);
+  }
+  if (!logs.length) list.appendChild(el("li", "muted", "No events"));
+}
+
+function hideAdmin() { $("#admin-page").hidden = true; }
+
+// ---- per-session URLs: #/s/<id> names the open conversation (reload keeps it, links share it)
+function routeSession() {
+  const m = /^#\/s\/(.+)$/.exec(location.hash || "");
+  if (!m) return null;
+  try { return decodeURIComponent(m[1]); } catch (_) { return null; }
+}
+
+function setRoute(id) {
+  const want = id ? "#/s/" + encodeURIComponent(id) : "";
+  if ((location.hash || "") === want) return;
+  history.replaceState(null, "", want || location.pathname + location.search);
+}
+
+function onHashChange() {
+  if (location.hash === "#/admin") { showAdmin(); return; }
+  hideAdmin();
+  const id = routeSession();
+  if (id && id !== S.current) openSession(id);
+  else if (!id && S.current) newChat();
+}
+
+// ---- cost and tokens: of the open conversation (header), summed from its tasks
+function usageOf(tasks) {
+  const u = { cost: 0, input: 0, output: 0 };
+  for (const t of tasks) {
+    u.cost += Number(t.costUsd || 0);
+    const usage = t.usage || {};
+    u.input += Number(usage.input_tokens || 0);
+    u.output += Number(usage.output_tokens || 0);
+  }
+  return u;
+}
+
+function addUsage(md) {
+  if (!S.usage) S.usage = { cost: 0, input: 0, output: 0 };
+  S.usage.cost += Number(md.cost_usd || 0);
+  const usage = md.usage || {};
+  S.usage.input += Number(usage.input_tokens || 0);
+  S.usage.output += Number(usage.output_tokens || 0);
+  showUsage();
+}
+
+function showUsage() {
+  const u = S.current && S.usage;
+  const box = $("#session-usage");
+  $("#export-button").hidden = !S.current;
+  if (!u || (!u.cost && !u.input && !u.output)) { box.textContent = ""; return; }
+  const tokens = u.input + u.output;
+  box.textContent = "$" + u.cost.toFixed(4) + " · " + (tokens >= 1000 ? (tokens / 1000).toFixed(1) + "k" : tokens) + " tokens";
+  box.title = "This conversation: $" + u.cost.toFixed(6) + ", " + u.input + " input and " + u.output + " output tokens";
+}
+
+// ---- export: the open conversation as a Markdown file
+async function exportMarkdown() {
+  const id = S.current;
+  if (!id) return;
+  let tasks;
+  try { tasks = (await api("GET", "/api/sessions/" + encodeURIComponent(id) + "/tasks?limit=500")).tasks || []; } catch (e) { toast(e.message); return; }
+  const s = findSession(id);
+  const title = (s && s.title) || "Conversation";
+  const lines = ["# " + title, "", "_Exported from AnyWork on " + new Date().toISOString() + " (session " + id + ")_", ""];
+  for (const t of tasks) {
+    lines.push("## You", "", t.message || "", "");
+    lines.push("## Agent", "");
+    if (t.result) lines.push(t.result, "");
+    if (t.status === "failed") lines.push("> **Failed:** " + String(t.error || "the task failed").replace(/\n/g, "\n> "), "");
+    if (t.status === "canceled") lines.push("> _Canceled_", "");
+    if (!TERMINAL.has(t.status)) lines.push("> _Still " + t.status + "_", "");
+  }
+  const u = usageOf(tasks);
+  if (u.cost || u.input || u.output) lines.push("---", "", "Cost: $" + u.cost.toFixed(4) + " · " + u.input + " input / " + u.output + " output tokens", "");
+  const blob = new Blob([lines.join("\n")], { type: "text/markdown;charset=utf-8" });
+  const a = el("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = (title.replace(/[^\w\- ]+/g, "").trim().replace(/\s+/g, "-") || "conversation") + ".md";
+  document.body.appendChild(a);
+  a.click();
+  setTimeout(() => { URL.revokeObjectURL(a.href); a.remove(); }, 1000);
+  // The last export, for scripts and tests (the download itself leaves the page).
+  window.AnyWorkLastExport = lines.join("\n");
 }
 
 // ---- layout
@@ -1135,9 +1509,23 @@ function init() {
     if (b) copyText(b.closest(".code-block").querySelector("code").textContent, b);
   });
 
+  $("#export-button").addEventListener("click", exportMarkdown);
+  $("#session-search").addEventListener("input", (e) => { S.search = e.target.value; renderSidebar(); });
+  window.addEventListener("hashchange", onHashChange);
+  $("#admin-refresh").addEventListener("click", showAdmin);
+  $("#admin-close").addEventListener("click", (e) => { e.preventDefault(); hideAdmin(); setRoute(S.current); });
+  $("#admin-timeline-form").addEventListener("submit", (e) => { e.preventDefault(); showTimeline($("#admin-task-id").value.trim()); });
+  $("#files-button").addEventListener("click", () => (FILES.open ? closeFiles() : openFiles()));
+  $("#files-close").addEventListener("click", closeFiles);
+  $("#files-refresh").addEventListener("click", loadFiles);
+  $("#files-viewer-close").addEventListener("click", () => { $("#files-viewer").hidden = true; });
+  $("#files-upload").addEventListener("change", (e) => uploadFiles(e.target));
+  $("#files-panel").addEventListener("click", download);
   $("#soul-button").addEventListener("click", openDocs);
   $("#doc-close").addEventListener("click", closeDocs);
   $("#doc-save").addEventListener("click", saveDoc);
+  $("#doc-scope-defaults").addEventListener("change", () => setDocScope("defaults"));
+  $("#doc-scope-session").addEventListener("change", () => setDocScope("session"));
   $("#doc-tab-soul").addEventListener("click", () => { if (DOC.name !== "soul") loadDoc("soul"); });
   $("#doc-tab-agents").addEventListener("click", () => { if (DOC.name !== "agents") loadDoc("agents"); });
   $("#doc-modal").addEventListener("mousedown", (e) => { if (e.target.id === "doc-modal") closeDocs(); });
@@ -1154,9 +1542,13 @@ function init() {
   setConn("connecting");
   connect();
   loadHealth();
+  const routed = routeSession();
+  if (routed) openSession(routed);
+  if (location.hash === "#/admin") showAdmin();
   loadSessions()
     .then(() => {
-      if (S.current || S.pending.length) return;
+      if (S.current) { renderSidebar(); setHeader((findSession(S.current) || {}).title || $("#chat-title").textContent); return; }
+      if (S.pending.length) return;
       if (S.sessions.length) openSession(S.sessions[0].id);
       else newChat();
     })

@@ -27,6 +27,7 @@ struct Inner {
     deliveries: BTreeMap<u64, Delivery>,
     delivery_seq: HashMap<DeliveryId, u64>,
     next_delivery_seq: u64,
+    settings: HashMap<String, String>,
 }
 
 /// A task's log: its events in seq order, and the last seq ever given (which survives the
@@ -149,6 +150,19 @@ fn delivery_not_found(id: DeliveryId) -> Error {
 
 #[async_trait]
 impl TaskStore for MemoryStore {
+    async fn get_setting(&self, key: &str) -> Result<Option<String>> {
+        anywork_core::store::validate_setting_key(key)?;
+        Ok(self.lock().settings.get(key).cloned())
+    }
+
+    async fn put_setting(&self, key: &str, value: &str) -> Result<()> {
+        anywork_core::store::validate_setting_key(key)?;
+        self.lock()
+            .settings
+            .insert(key.to_owned(), value.to_owned());
+        Ok(())
+    }
+
     async fn create_session(&self, new: NewSession) -> Result<Session> {
         validate_title(&new.title)?;
         let mut inner = self.lock();

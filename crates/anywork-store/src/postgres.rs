@@ -20,6 +20,11 @@ const MIGRATIONS: Embedded = Embedded(&[
         "outbox dedupe retention",
         include_str!("../migrations/postgres/0002_outbox_dedupe_retention.sql"),
     ),
+    (
+        3,
+        "settings",
+        include_str!("../migrations/postgres/0003_settings.sql"),
+    ),
 ]);
 
 /// How long a write waits for a pooled connection (the server down: each attempt to reach

@@ -401,6 +401,11 @@ macro_rules! impl_sql_store {
                 expires_at: anywork_core::Timestamp,
             },
             AppendLogs(anywork_core::TaskId, Vec<(String, String, i64)>),
+            PutSetting {
+                key: String,
+                value: String,
+                at: anywork_core::Timestamp,
+            },
         }
 
         /// What a [`WriteOp`] returns.
@@ -749,6 +754,20 @@ macro_rules! impl_sql_store {
                     Ok(Reply::Unit)
                 }
                 WriteOp::AppendLogs(id, rows) => Ok(Reply::Seq(append_in(conn, *id, rows).await?)),
+                WriteOp::PutSetting { key, value, at } => {
+                    sqlx::query(
+                        "INSERT INTO settings (key, value, updated_at) VALUES ($1, $2, $3) \
+                         ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
+                         updated_at = excluded.updated_at",
+                    )
+                    .bind(key)
+                    .bind(value)
+                    .bind(at.0)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| db_err("save setting", e))?;
+                    Ok(Reply::Unit)
+                }
             }
         }
 
@@ -1031,6 +1050,26 @@ macro_rules! impl_sql_store {
 
         #[async_trait::async_trait]
         impl anywork_core::TaskStore for $store {
+            async fn get_setting(&self, key: &str) -> anywork_core::Result<Option<String>> {
+                anywork_core::store::validate_setting_key(key)?;
+                let row = sqlx::query("SELECT value FROM settings WHERE key = $1")
+                    .bind(key)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|e| $crate::sql::db_err("read setting", e))?;
+                row.as_ref().map(|r| Cols(r).str("value")).transpose()
+            }
+
+            async fn put_setting(&self, key: &str, value: &str) -> anywork_core::Result<()> {
+                anywork_core::store::validate_setting_key(key)?;
+                let op = WriteOp::PutSetting {
+                    key: key.to_owned(),
+                    value: value.to_owned(),
+                    at: anywork_core::Timestamp::now(),
+                };
+                self.write(op).await.map(drop)
+            }
+
             async fn create_session(
                 &self,
                 new: anywork_core::NewSession,

@@ -28,6 +28,11 @@ const MIGRATIONS: Embedded = Embedded(&[
         "outbox dedupe retention",
         include_str!("../migrations/sqlite/0002_outbox_dedupe_retention.sql"),
     ),
+    (
+        3,
+        "settings",
+        include_str!("../migrations/sqlite/0003_settings.sql"),
+    ),
 ]);
 
 /// Writes one transaction may hold at most (group commit).

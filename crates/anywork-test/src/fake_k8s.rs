@@ -1,7 +1,8 @@
-//! A fake Kubernetes API server on loopback: pods, services and persistentvolumeclaims in
-//! namespaces, in memory, answering as the real API does, and recording every request.
+//! A fake Kubernetes API server on loopback: pods, services, persistentvolumeclaims and secrets
+//! in namespaces, in memory, answering as the real API does, and recording every request.
 //!
-//! What it implements, under `/api/v1/namespaces/{ns}/{pods|services|persistentvolumeclaims}`:
+//! What it implements, under
+//! `/api/v1/namespaces/{ns}/{pods|services|persistentvolumeclaims|secrets}`:
 //!
 //! - `POST` on a collection creates (201): `uid`, `resourceVersion`, `creationTimestamp` are
 //!   set, names and label values are validated (422 `Invalid`), an existing name answers 409
@@ -12,6 +13,10 @@
 //!   garbage-collects the objects whose `ownerReferences` name its uid.
 //!
 //! Errors are `Status` objects (`{"kind":"Status","status":"Failure","reason":…,"code":…}`).
+//!
+//! A secret's `stringData` is stored base64-encoded in `data`, as the API server does. A pod
+//! whose container takes an env var from a secret that does not exist (`secretKeyRef`) stays
+//! waiting in `CreateContainerConfigError`, as the kubelet leaves it.
 //!
 //! A created pod is `Pending`; after [`FakeK8s::set_pod_start`]'s delay it becomes `Running`
 //! and `Ready` — and then a tiny worker answering `GET /health` (a
@@ -50,6 +55,8 @@ pub enum Resource {
     Services,
     /// `persistentvolumeclaims`
     PersistentVolumeClaims,
+    /// `secrets`
+    Secrets,
 }
 
 impl Resource {
@@ -59,6 +66,7 @@ impl Resource {
             Resource::Pods => "pods",
             Resource::Services => "services",
             Resource::PersistentVolumeClaims => "persistentvolumeclaims",
+            Resource::Secrets => "secrets",
         }
     }
 
@@ -68,6 +76,7 @@ impl Resource {
             Resource::Pods => "Pod",
             Resource::Services => "Service",
             Resource::PersistentVolumeClaims => "PersistentVolumeClaim",
+            Resource::Secrets => "Secret",
         }
     }
 
@@ -76,6 +85,7 @@ impl Resource {
             Resource::Pods,
             Resource::Services,
             Resource::PersistentVolumeClaims,
+            Resource::Secrets,
         ]
         .into_iter()
         .find(|r| r.plural() == s)
@@ -927,6 +937,22 @@ fn create_object(
             Resource::PersistentVolumeClaims => {
                 obj["status"] = json!({"phase": "Bound"});
             }
+            Resource::Secrets => {
+                use base64::Engine as _;
+                let string_data = obj
+                    .as_object_mut()
+                    .and_then(|o| o.remove("stringData"))
+                    .and_then(|v| v.as_object().cloned())
+                    .unwrap_or_default();
+                for (k, v) in string_data {
+                    let encoded = base64::engine::general_purpose::STANDARD
+                        .encode(v.as_str().unwrap_or_default());
+                    obj["data"][k] = json!(encoded);
+                }
+                if obj["type"].is_null() {
+                    obj["type"] = json!("Opaque");
+                }
+            }
         }
         st.objects.insert(key, obj.clone());
         st.pod_start
@@ -1065,6 +1091,31 @@ async fn kubelet(
                 && o["metadata"]["deletionTimestamp"].is_null()
         })
     };
+    // The kubelet retries a container whose secret is missing until it appears.
+    loop {
+        let missing = {
+            let mut st = shared.lock();
+            if !same_pod(&st) {
+                return;
+            }
+            let missing = missing_secret(&st, &key);
+            if let (Some(secret), Some(o)) = (&missing, st.objects.get_mut(&key)) {
+                o["status"]["containerStatuses"] = json!([{
+                    "name": container, "image": image, "imageID": "", "ready": false,
+                    "restartCount": 0, "started": false,
+                    "state": {"waiting": {
+                        "reason": "CreateContainerConfigError",
+                        "message": format!("secret \"{secret}\" not found"),
+                    }},
+                }]);
+            }
+            missing
+        };
+        if missing.is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     if let PodStart::ImagePullBackOff(_) = start {
         let mut st = shared.lock();
         if same_pod(&st)
@@ -1126,6 +1177,25 @@ async fn kubelet(
         });
     }
     st.workers.insert(uid, worker);
+}
+
+/// The first secret that the pod under `key` takes a variable from and that does not exist.
+fn missing_secret(st: &FakeState, key: &Key) -> Option<String> {
+    let pod = st.objects.get(key)?;
+    let ns = &key.1;
+    pod["spec"]["containers"]
+        .as_array()?
+        .iter()
+        .flat_map(|c| c["env"].as_array().cloned().unwrap_or_default())
+        .filter_map(|e| {
+            e["valueFrom"]["secretKeyRef"]["name"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .find(|name| {
+            !st.objects
+                .contains_key(&(Resource::Secrets, ns.clone(), name.clone()))
+        })
 }
 
 /// A worker's `GET /health` on `addr`; each connection gets one answer and is closed.

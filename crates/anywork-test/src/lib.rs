@@ -13,6 +13,8 @@
 //!   keep state, record every request and inject faults ([`fake_http`]: what they share).
 //! - [`fake_llm`]: a scriptable fake of the Anthropic Messages API and of OpenAI chat
 //!   completions on loopback, which records every request.
+//! - [`faulty_store`]: [`FaultyStore`](faulty_store::FaultyStore), a store wrapper that
+//!   injects outages (writes failing with `Unavailable` for a while, or the next N).
 //! - [`original_worker`]: a stand-in of the original AnyWork's Python worker (its `/prepare`
 //!   map form, SSE with the type on the `event:` line, its `/health` shape).
 
@@ -23,6 +25,7 @@ pub mod fake_http;
 pub mod fake_k8s;
 pub mod fake_llm;
 pub mod fake_slack;
+pub mod faulty_store;
 pub mod original_worker;
 
 pub use anywork_conformance::{driver_conformance, store_conformance, store_conformance_tests};

@@ -37,6 +37,8 @@ pub struct OriginalEvent {
     pub content: String,
     /// `data.metadata`.
     pub metadata: Value,
+    /// Sent as the `data:` line instead of `{content, metadata}` (a broken worker).
+    pub raw_data: Option<String>,
 }
 
 impl OriginalEvent {
@@ -53,6 +55,19 @@ impl OriginalEvent {
     /// An `error` (the original sends it instead of `done` when the run fails).
     pub fn error(content: impl Into<String>) -> Self {
         Self::new("error", content, json!({}))
+    }
+
+    /// The `done` the original sends after an exception (its `error` came first): no metadata.
+    pub fn empty_done() -> Self {
+        Self::new("done", "", json!({}))
+    }
+
+    /// An event whose `data:` line is `data` as it is (e.g. not JSON).
+    pub fn raw(kind: &str, data: &str) -> Self {
+        Self {
+            raw_data: Some(data.to_owned()),
+            ..Self::new(kind, "", json!({}))
+        }
     }
 
     /// A successful `done` with the original's metadata.
@@ -75,11 +90,15 @@ impl OriginalEvent {
             kind: kind.into(),
             content: content.into(),
             metadata,
+            raw_data: None,
         }
     }
 
     fn frame(&self) -> String {
-        let data = json!({ "content": self.content, "metadata": self.metadata });
+        let data = match &self.raw_data {
+            Some(raw) => raw.clone(),
+            None => json!({ "content": self.content, "metadata": self.metadata }).to_string(),
+        };
         format!("event: {}\ndata: {data}\n\n", self.kind)
     }
 }
@@ -91,7 +110,9 @@ pub struct Script {
     pub events: Vec<OriginalEvent>,
     /// Pause before each event.
     pub delay: Duration,
-    /// After the events, keep the stream open (a hung worker) instead of ending it.
+    /// After the events, keep the stream open (a hung worker, or one working on) instead of
+    /// ending it. A `/cancel` of the session then ends it as the original does after an
+    /// interrupt: an `error` (the SDK's non-success result) and no `done`.
     pub hang: bool,
 }
 
@@ -122,6 +143,8 @@ struct Inner {
     received: Vec<Received>,
     histories: HashMap<String, Vec<Value>>,
     sessions: Vec<String>,
+    /// Hanging streams by session, ended by `/cancel`.
+    interrupts: HashMap<String, Vec<oneshot::Sender<()>>>,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -313,8 +336,14 @@ async fn chat(State(state): State<Shared>, bytes: Bytes) -> Response {
             ])
         })
     };
+    let (interrupt, interrupted) = oneshot::channel();
+    lock(&state)
+        .interrupts
+        .entry(session.clone())
+        .or_default()
+        .push(interrupt);
     let history = state.clone();
-    let stream = async_stream(script, move |events| {
+    let stream = async_stream(script, interrupted, move |events| {
         let mut inner = lock(&history);
         let log = inner.histories.entry(session.clone()).or_default();
         log.push(json!({ "role": "user", "content": message }));
@@ -336,6 +365,7 @@ async fn chat(State(state): State<Shared>, bytes: Bytes) -> Response {
 /// The script as a byte stream; `finished` runs once every event was sent.
 fn async_stream(
     script: Script,
+    interrupted: oneshot::Receiver<()>,
     finished: impl FnOnce(&[OriginalEvent]) + Send + 'static,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
@@ -350,7 +380,13 @@ fn async_stream(
         }
         finished(&script.events);
         if script.hang {
-            tx.closed().await;
+            tokio::select! {
+                _ = tx.closed() => {}
+                Ok(()) = interrupted => {
+                    let error = OriginalEvent::error("error_during_execution");
+                    let _ = tx.send(Ok(Bytes::from(error.frame()))).await;
+                }
+            }
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
@@ -363,6 +399,15 @@ async fn cancel(State(state): State<Shared>, bytes: Bytes) -> Response {
     };
     if !body.get("session_id").is_some_and(Value::is_string) {
         return unprocessable(&state, ROUTE, body, "session_id is a required string");
+    }
+    let session = body
+        .get("session_id")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let interrupts = lock(&state).interrupts.remove(&session).unwrap_or_default();
+    for interrupt in interrupts {
+        let _ = interrupt.send(());
     }
     record(&state, ROUTE, body, 200);
     axum::Json(json!({ "status": "canceled" })).into_response()

@@ -3,14 +3,21 @@
 //! | method and path | body | answer |
 //! | --- | --- | --- |
 //! | `GET /health` | | `{"status":"ok","version","executor","busy_sessions":[..],"sandbox"}` |
-//! | `POST /prepare` | `{session_id, skills?, mcp_servers?, soul?}` | `{"status":"ready"}` |
+//! | `POST /prepare` | `{session_id, skills?, mcp_servers?, soul?, repository?: {url, git_ref?, dir, token?}}` (the repository is fetched shallowly into `dir` and checked out, each time) | `{"status":"ready"}` |
 //! | `POST /chat` | `{task_id, session_id, message}` | `text/event-stream` of [`TaskEvent`](anywork_core::TaskEvent)s |
+//! | `GET /chat/attach?task_id=&after_seq=` | | the same stream from the event after seq `after_seq` (SSE `id`s are seqs), for a client that lost it; 404 if the task is unknown |
 //! | `POST /cancel` | `{task_id}` | `{"status": <final status>, "task_id"}`, or 202 `canceling` |
 //! | `POST /input` | `{task_id, request_id, answer?, allow?}` | `{"status":"accepted"}` |
 //! | `GET /sessions/{id}/messages` | | `{"messages":[..]}` |
+//! | `DELETE /sessions/{id}` | | `{"status":"deleted","session_id"}`; 409 while a task runs in it |
 //! | `GET /sessions/{id}/files` | | `{"files":[{path,size,modified}]}` |
 //! | `GET /workspace/{soul\|agents}?session_id=` | | `{"file":"SOUL.md","content":..}` |
 //! | `PUT /workspace/{soul\|agents}?session_id=` | `{content}` | `{"file":"SOUL.md","status":"saved"}` |
+//!
+//! With a [secret](crate::WorkerConfig::secret) every call but `GET /health` must carry it in
+//! the `X-AnyWork-Worker-Secret` header ([`SECRET_HEADER`]), else it is answered 401
+//! `unauthorized` (compared in constant time); `/health` without it answers only
+//! `{"status":"ok"}`.
 //!
 //! Errors are `{"error":{"code":<ErrorKind::as_str>,"message":..}}` with the status of
 //! [`status_for`]; bodies that cannot be read answer 400 (bad JSON), 413 (too large), 415 (not
@@ -26,16 +33,17 @@ use std::future::Future;
 use std::sync::Arc;
 
 use anywork_core::worker_api::{
-    CANCEL_PATH, CHAT_PATH, CancelRequest, ChatRequest, HEALTH_PATH, INPUT_PATH, InputAnswer,
-    PREPARE_PATH, PrepareRequest,
+    ATTACH_PATH, CANCEL_PATH, CHAT_PATH, CancelRequest, ChatRequest, HEALTH_PATH, INPUT_PATH,
+    InputAnswer, PREPARE_PATH, PrepareRequest, SECRET_HEADER,
 };
 use anywork_core::{Error, ErrorKind, ExecutionRequest, InputResponse, SessionId};
 pub use anywork_http::{ApiError, JsonBody, PathParam, QueryParams, status_for};
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -52,15 +60,59 @@ pub fn router(state: WorkerState) -> Router {
         .route(HEALTH_PATH, get(health))
         .route(PREPARE_PATH, post(prepare))
         .route(CHAT_PATH, post(chat))
+        .route(ATTACH_PATH, get(attach))
         .route(CANCEL_PATH, post(cancel))
         .route(INPUT_PATH, post(input))
+        .route("/sessions/{id}", delete(delete_session))
         .route("/sessions/{id}/messages", get(messages))
         .route("/sessions/{id}/files", get(files))
+        .route("/sessions/{id}/files.zip", get(files_zip))
+        .route(
+            "/sessions/{id}/files/{*path}",
+            get(read_file)
+                .put(write_file)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    crate::files::MAX_UPLOAD_BYTES,
+                )),
+        )
         .route("/workspace/{file}", get(get_doc).put(put_doc));
-    anywork_http::limit_body(routes, limit)
-        .fallback(anywork_http::no_route)
-        .method_not_allowed_fallback(anywork_http::method_not_allowed)
-        .with_state(state)
+    anywork_http::limit_uri(
+        anywork_http::limit_body(routes, limit)
+            .fallback(anywork_http::no_route)
+            .method_not_allowed_fallback(anywork_http::method_not_allowed)
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                require_secret,
+            )),
+    )
+    .with_state(state)
+}
+
+/// Whether `headers` carry the worker's secret (always, for a worker without one).
+fn authorized(state: &WorkerState, headers: &HeaderMap) -> bool {
+    match &state.config().secret {
+        None => true,
+        Some(secret) => headers
+            .get(SECRET_HEADER)
+            .is_some_and(|v| secret.matches(v.as_bytes())),
+    }
+}
+
+/// Refuses every call without the secret, except `GET /health` (which then says little).
+async fn require_secret(
+    State(state): State<WorkerState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if request.uri().path() == HEALTH_PATH || authorized(&state, request.headers()) {
+        return next.run(request).await;
+    }
+    ApiError::from(Error::unauthorized(
+        "this worker requires its secret in the X-AnyWork-Worker-Secret header: the server \
+         sends the one its driver gave the worker (for a static worker, set \
+         STATIC_WORKER_SECRET on the server to the worker's WORKER_SECRET)",
+    ))
+    .into_response()
 }
 
 /// Serves the worker's API on `listener` until `shutdown` completes (with TCP_NODELAY, so
@@ -90,7 +142,11 @@ fn session_param(id: String) -> Result<SessionId, ApiError> {
 // ---------------------------------------------------------------------------------------------
 // Handlers
 
-async fn health(State(state): State<WorkerState>) -> Json<Value> {
+async fn health(State(state): State<WorkerState>, headers: HeaderMap) -> Json<Value> {
+    if !authorized(&state, &headers) {
+        // Enough for probes; what runs here is for the server only.
+        return Json(json!({ "status": "ok" }));
+    }
     let busy: Vec<String> = state
         .busy_sessions()
         .into_iter()
@@ -110,7 +166,16 @@ async fn prepare(
     JsonBody(body): JsonBody<PrepareRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let workspace = state.workspace().clone();
-    blocking(move || {
+    let repository = body.repository;
+    if let Some(r) = &repository {
+        r.validate()?;
+    }
+    let dir = blocking(move || {
+        workspace.ensure_session_seeded(
+            &body.session_id,
+            body.default_soul.as_deref(),
+            body.default_agents.as_deref(),
+        )?;
         workspace.prepare(
             &body.session_id,
             &body.skills.unwrap_or_default(),
@@ -119,6 +184,9 @@ async fn prepare(
         )
     })
     .await?;
+    if let Some(repo) = repository {
+        crate::git::checkout(&dir, &repo).await?;
+    }
     Ok(Json(json!({ "status": "ready" })))
 }
 
@@ -140,16 +208,45 @@ async fn chat(
     })
     .await?;
     let request = ExecutionRequest::new(body.task_id, body.session_id, body.message, dir);
-    let events = run::spawn(guard, request);
+    // The client is attached before the run starts.
+    let events = run::journal_stream(guard.journal().clone(), 0);
+    run::spawn(guard, request);
+    Ok(sse(&state, events))
+}
+
+/// An SSE answer of `events`, with keep-alive comments.
+fn sse(
+    state: &WorkerState,
+    events: impl futures_util::Stream<
+        Item = Result<axum::response::sse::Event, std::convert::Infallible>,
+    > + Send
+    + 'static,
+) -> Response {
     // A zero interval would send comments without pause.
     let interval = state
         .config()
         .keep_alive
         .max(std::time::Duration::from_millis(100));
-    let keep_alive = KeepAlive::new().interval(interval);
-    Ok(Sse::new(run::sse_stream(events))
-        .keep_alive(keep_alive)
-        .into_response())
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(interval))
+        .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct AttachQuery {
+    task_id: anywork_core::TaskId,
+    #[serde(default)]
+    after_seq: usize,
+}
+
+/// `GET /chat/attach?task_id=&after_seq=`: the run's events after `after_seq`, live, to its
+/// `done`; 404 when this worker does not have the task (any more).
+async fn attach(
+    State(state): State<WorkerState>,
+    QueryParams(q): QueryParams<AttachQuery>,
+) -> Result<Response, ApiError> {
+    let journal = state.journal(q.task_id)?;
+    Ok(sse(&state, run::journal_stream(journal, q.after_seq)))
 }
 
 async fn cancel(
@@ -214,6 +311,30 @@ async fn messages(
     Ok(Json(json!({ "messages": messages })))
 }
 
+/// Deletes the session's whole workspace. The session is held busy meanwhile, so no task
+/// starts in it; one running already makes this a 409.
+async fn delete_session(
+    State(state): State<WorkerState>,
+    PathParam(id): PathParam<String>,
+) -> Result<Json<Value>, ApiError> {
+    let session = session_param(id)?;
+    let hold = state
+        .reserve(anywork_core::TaskId::generate(), &session)
+        .map_err(|e| {
+            Error::conflict(format!(
+                "cannot delete session {session} while a task runs in it: {}",
+                e.message()
+            ))
+        })?;
+    let workspace = state.workspace().clone();
+    let target = session.clone();
+    blocking(move || workspace.delete_session(&target)).await?;
+    drop(hold);
+    Ok(Json(
+        json!({ "status": "deleted", "session_id": session.as_str() }),
+    ))
+}
+
 async fn files(
     State(state): State<WorkerState>,
     PathParam(id): PathParam<String>,
@@ -224,6 +345,63 @@ async fn files(
     let value = serde_json::to_value(&listing)
         .map_err(|e| Error::internal(format!("cannot encode the file list: {e}")))?;
     Ok(Json(value))
+}
+
+/// `GET /sessions/{id}/files/{*path}`: the file's bytes.
+async fn read_file(
+    State(state): State<WorkerState>,
+    PathParam((id, path)): PathParam<(String, String)>,
+) -> Result<Response, ApiError> {
+    let session = session_param(id)?;
+    let workspace = state.workspace().clone();
+    let bytes = blocking(move || crate::files::read_file(&workspace, &session, &path)).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        bytes,
+    )
+        .into_response())
+}
+
+/// `PUT /sessions/{id}/files/{*path}`: the body becomes the file (at most
+/// [`MAX_UPLOAD_BYTES`](crate::files::MAX_UPLOAD_BYTES)).
+async fn write_file(
+    State(state): State<WorkerState>,
+    PathParam((id, path)): PathParam<(String, String)>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body.map_err(|rej| {
+        ApiError::with_status(
+            rej.status(),
+            Error::invalid_input(format!(
+                "the upload was not read ({}): a file in files/ is at most {} bytes",
+                rej.body_text(),
+                crate::files::MAX_UPLOAD_BYTES
+            )),
+        )
+    })?;
+    let session = session_param(id)?;
+    let workspace = state.workspace().clone();
+    let size = body.len();
+    let (p, session_for_write) = (path.clone(), session.clone());
+    blocking(move || crate::files::write_file(&workspace, &session_for_write, &p, &body)).await?;
+    Ok(Json(
+        json!({ "path": path, "size": size, "status": "saved" }),
+    ))
+}
+
+/// `GET /sessions/{id}/files.zip`: the session's `files/` as a zip.
+async fn files_zip(
+    State(state): State<WorkerState>,
+    PathParam(id): PathParam<String>,
+) -> Result<Response, ApiError> {
+    let session = session_param(id)?;
+    let workspace = state.workspace().clone();
+    let bytes = blocking(move || crate::files::zip_files(&workspace, &session)).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/zip")],
+        bytes,
+    )
+        .into_response())
 }
 
 /// Query of `/workspace/{file}`.

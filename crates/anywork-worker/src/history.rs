@@ -73,6 +73,26 @@ impl HistoryMessage {
     }
 }
 
+/// The error of the assistant message that marks a turn the worker never finished.
+pub const INTERRUPTED: &str =
+    "interrupted: the worker stopped before this turn finished; its instruction was not completed";
+
+impl HistoryMessage {
+    /// The assistant message written for `task_id`'s turn when the worker stopped before it
+    /// ended (found when the next turn starts): `failed`, with [`INTERRUPTED`] as the error.
+    pub fn interrupted(task_id: TaskId) -> Self {
+        Self {
+            role: Role::Assistant,
+            content: String::new(),
+            task_id,
+            timestamp: Timestamp::now(),
+            tool_calls: Vec::new(),
+            status: Some(TaskStatus::Failed),
+            error: Some(INTERRUPTED.to_owned()),
+        }
+    }
+}
+
 /// Parses `history.jsonl`, skipping blank lines and lines that do not parse (a torn last line).
 pub fn parse_history(text: &str) -> Vec<HistoryMessage> {
     text.lines()

@@ -21,6 +21,8 @@
 pub mod api;
 #[cfg(feature = "claude-code")]
 pub mod claude;
+pub mod files;
+pub mod git;
 pub mod history;
 #[cfg(feature = "native")]
 pub mod native;

@@ -24,6 +24,15 @@ struct Args {
     /// `claude-code` or `native`; by default chosen from the model settings.
     #[arg(long, env = "EXECUTOR")]
     executor: Option<String>,
+    /// Seconds between SSE keep-alive comments on a running task's stream: they tell the
+    /// server the worker is alive when the agent is quiet (its STREAM_IDLE_TIMEOUT_SECONDS
+    /// must be longer).
+    #[arg(long, env = "SSE_KEEP_ALIVE_SECONDS", default_value_t = 15.0)]
+    keep_alive_seconds: f64,
+    /// Seconds a running task goes on after its server's connection is gone, so that the
+    /// server, restarted, re-attaches to it (`GET /chat/attach`); 0 stops it at once.
+    #[arg(long, env = "DETACH_GRACE_SECONDS", default_value_t = 120)]
+    detach_grace_seconds: u64,
 }
 
 #[tokio::main]
@@ -33,8 +42,11 @@ async fn main() -> anyhow::Result<()> {
     // SANDBOX, SANDBOX_NETWORK, SANDBOX_HIDE (+ the workspace root: other sessions), CHILD_ENV.
     let sandbox = Sandbox::detect(SandboxConfig::from_env()?.with_hidden(&args.workspace_dir))
         .context("cannot start without the sandbox SANDBOX asks for")?;
+    let file_vars = anywork_worker::select::env_file_vars(|name| std::env::var(name).ok())
+        .context("cannot read the worker's variables")?;
     let vars = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .chain(file_vars)
         .chain(
             args.executor
                 .clone()
@@ -42,7 +54,26 @@ async fn main() -> anyhow::Result<()> {
         );
     let executor = anywork_worker::executor_with_sandbox(vars, &sandbox)
         .context("cannot choose an executor")?;
-    let config = WorkerConfig::new(&args.workspace_dir).with_sandbox(sandbox);
+    let secret = WorkerConfig::secret_from_lookup(|name| std::env::var(name).ok())
+        .context("cannot read the worker secret")?;
+    if secret.is_none() {
+        tracing::warn!(
+            "no WORKER_SECRET (or WORKER_SECRET_FILE): this worker accepts calls from anyone \
+             who reaches its port; set one, and the same on the server (STATIC_WORKER_SECRET)"
+        );
+    }
+    if !args.keep_alive_seconds.is_finite() || args.keep_alive_seconds <= 0.0 {
+        anyhow::bail!(
+            "SSE_KEEP_ALIVE_SECONDS={} is not a positive number of seconds",
+            args.keep_alive_seconds
+        );
+    }
+    let keep_alive = std::time::Duration::from_secs_f64(args.keep_alive_seconds.min(3600.0));
+    let config = WorkerConfig::new(&args.workspace_dir)
+        .with_sandbox(sandbox)
+        .with_secret(secret)
+        .with_keep_alive(keep_alive)
+        .with_detach_grace(std::time::Duration::from_secs(args.detach_grace_seconds));
     let state = WorkerState::new(config, executor)
         .with_context(|| format!("cannot use WORKSPACE_DIR {}", args.workspace_dir.display()))?;
     let addr = SocketAddr::new(args.host, args.port);

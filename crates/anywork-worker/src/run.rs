@@ -1,14 +1,19 @@
 //! Driving one run: the executor's events to the SSE client, with exactly one `done` at the end.
 //!
-//! Each `/chat` spawns one driver task that owns the executor's event stream. It forwards
-//! events through a bounded channel to the response body and ends the run in one of four ways:
+//! Each `/chat` spawns one driver task that owns the executor's event stream. It writes the
+//! events into the run's [`Journal`] (numbered from 1), which every client of the run reads
+//! from — the `/chat` response, and `/chat/attach` for a client that lost its stream — and
+//! ends the run in one of four ways:
 //!
 //! - the executor sends `done`: forwarded (after a cancel, a `failed` done becomes `canceled`);
 //! - the executor's stream ends without `done`: a `failed` done is sent ("the executor ended
 //!   without a result"), or `canceled` if a cancel was asked for;
 //! - `/cancel` was called and the stream has not ended within the grace period: the stream is
 //!   dropped (executors kill their processes on drop) and a `canceled` done is sent;
-//! - the client went away (the body was dropped): the stream is dropped at once.
+//! - no client has been attached for [`WorkerConfig::detach_grace`] (zero by default: as
+//!   soon as the client went away): the stream is dropped.
+//!
+//! [`WorkerConfig::detach_grace`]: crate::WorkerConfig::detach_grace
 //!
 //! In every case the executor's stream is dropped first, then the assistant's history message
 //! is written, then the session is freed, and only then is `done` sent, so a client that
@@ -22,7 +27,6 @@ use anywork_core::{
 };
 use axum::response::sse::Event;
 use futures_util::{Stream, StreamExt};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::history::Recorder;
@@ -31,11 +35,62 @@ use crate::state::RunGuard;
 /// The `error` of the `failed` done sent when the executor's stream ends without one.
 pub const NO_RESULT: &str = "the executor ended without a result";
 
-/// Starts driving `request` and returns the receiving end of its events.
-pub(crate) fn spawn(guard: RunGuard, request: ExecutionRequest) -> mpsc::Receiver<TaskEvent> {
-    let (tx, rx) = mpsc::channel(guard.state().config().event_buffer.max(1));
-    tokio::spawn(drive(guard, request, tx));
-    rx
+/// The events of one run, numbered from 1 in the order they happened, kept for as long as
+/// the run (and, with a detach grace, a while after it), so that any number of clients can
+/// read them from any point.
+#[derive(Debug, Default)]
+pub(crate) struct Journal {
+    events: std::sync::Mutex<Vec<TaskEvent>>,
+    grew: tokio::sync::Notify,
+    readers: std::sync::atomic::AtomicUsize,
+}
+
+impl Journal {
+    fn push(&self, event: TaskEvent) {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(event);
+        self.grew.notify_waiters();
+    }
+
+    /// The event at `index` (seq `index + 1`), once there is one.
+    fn get(&self, index: usize) -> Option<TaskEvent> {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(index)
+            .cloned()
+    }
+
+    fn readers(&self) -> usize {
+        self.readers.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A client reading a journal; counted while it lives.
+struct Reader(std::sync::Arc<Journal>);
+
+impl Reader {
+    fn new(journal: std::sync::Arc<Journal>) -> Self {
+        journal
+            .readers
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(journal)
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.0
+            .readers
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Starts driving `request`; its events go to the guard's journal.
+pub(crate) fn spawn(guard: RunGuard, request: ExecutionRequest) {
+    tokio::spawn(drive(guard, request));
 }
 
 enum End {
@@ -45,23 +100,47 @@ enum End {
     Disconnected,
 }
 
-async fn drive(guard: RunGuard, request: ExecutionRequest, tx: mpsc::Sender<TaskEvent>) {
+/// Ends the journal with a `failed` done if the run never wrote one (its task panicked).
+struct LastWord {
+    journal: std::sync::Arc<Journal>,
+    said: bool,
+}
+
+impl Drop for LastWord {
+    fn drop(&mut self) {
+        if !self.said {
+            self.journal.push(TaskEvent::Done(TaskOutcome::failed(
+                "the worker lost the run before it ended",
+            )));
+        }
+    }
+}
+
+async fn drive(guard: RunGuard, request: ExecutionRequest) {
+    let journal = guard.journal().clone();
+    let mut last_word = LastWord {
+        journal: journal.clone(),
+        said: false,
+    };
+    // Declared after `last_word`, so dropped before it on a panic: the session is free
+    // before the made-up `done` goes out.
+    let guard = guard;
     let started = Instant::now();
     let task_id = guard.task_id();
     let session_id = guard.session_id().clone();
     let mut recorder = Recorder::default();
     tracing::info!(task = %task_id, session = %session_id, "run started");
 
-    let end = run(&guard, request, &tx, &mut recorder).await;
+    let end = run(&guard, request, &journal, &mut recorder).await;
     // The executor's stream is gone now (it lived inside `run`).
 
     let elapsed = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let (mut outcome, from_executor, disconnected) = match end {
-        End::Outcome(outcome, from_executor) => (outcome, from_executor, false),
+    let (mut outcome, from_executor) = match end {
+        End::Outcome(outcome, from_executor) => (outcome, from_executor),
         End::Disconnected => {
             let mut outcome = TaskOutcome::canceled();
             outcome.error = Some("the client disconnected before the run ended".into());
-            (outcome, false, true)
+            (outcome, false)
         }
     };
     if !from_executor {
@@ -89,8 +168,22 @@ async fn drive(guard: RunGuard, request: ExecutionRequest, tx: mpsc::Sender<Task
     let status = outcome.status;
     guard.finish(status);
     tracing::info!(task = %task_id, session = %session_id, status = %status.as_str(), "run ended");
-    if !disconnected {
-        let _ = tx.send(TaskEvent::Done(outcome)).await;
+    // Also after a disconnect: a client re-attaching reads how the run ended.
+    journal.push(TaskEvent::Done(outcome));
+    last_word.said = true;
+}
+
+/// Completes once no client has read the journal for `grace` (checked every 100 ms at most).
+async fn abandoned(journal: &Journal, grace: Duration) {
+    let mut alone_since: Option<Instant> = None;
+    loop {
+        if journal.readers() > 0 {
+            alone_since = None;
+        } else if alone_since.get_or_insert_with(Instant::now).elapsed() >= grace {
+            return;
+        }
+        tokio::time::sleep(grace.clamp(Duration::from_millis(10), Duration::from_millis(100)))
+            .await;
     }
 }
 
@@ -105,20 +198,22 @@ async fn sleep_until(deadline: Option<Instant>) {
 async fn run(
     guard: &RunGuard,
     request: ExecutionRequest,
-    tx: &mpsc::Sender<TaskEvent>,
+    journal: &Journal,
     recorder: &mut Recorder,
 ) -> End {
     let state = guard.state();
     let cancel = guard.cancel_signal();
     let grace: Duration = state.config().cancel_grace;
     let executor = state.executor().clone();
+    let gone = abandoned(journal, state.config().detach_grace);
+    tokio::pin!(gone);
 
     let Execution {
         mut events,
         control,
     } = tokio::select! {
         biased;
-        _ = tx.closed() => return End::Disconnected,
+        _ = &mut gone => return End::Disconnected,
         _ = cancel.notified() => return End::Outcome(TaskOutcome::canceled(), false),
         started = executor.start(request) => match started {
             Ok(execution) => execution,
@@ -132,11 +227,10 @@ async fn run(
     state.set_control(guard.task_id(), control.clone());
 
     let mut deadline: Option<Instant> = None;
-    let mut pending: Option<TaskEvent> = None;
     loop {
         tokio::select! {
             biased;
-            _ = tx.closed() => return End::Disconnected,
+            _ = &mut gone => return End::Disconnected,
             _ = sleep_until(deadline) => {
                 tracing::warn!(
                     task = %guard.task_id(),
@@ -154,15 +248,7 @@ async fn run(
                     }
                 });
             }
-            permit = tx.reserve(), if pending.is_some() => match permit {
-                Ok(permit) => {
-                    if let Some(event) = pending.take() {
-                        permit.send(event);
-                    }
-                }
-                Err(_) => return End::Disconnected,
-            },
-            event = events.next(), if pending.is_none() => match event {
+            event = events.next() => match event {
                 None => {
                     let outcome = if deadline.is_some() {
                         TaskOutcome::canceled()
@@ -176,7 +262,7 @@ async fn run(
                 }
                 Some(event) => {
                     recorder.observe(&event);
-                    pending = Some(event);
+                    journal.push(event);
                 }
             },
         }
@@ -219,25 +305,30 @@ pub(crate) fn sse_event(event: &TaskEvent) -> Event {
     Event::default().event(kind).data(data)
 }
 
-/// The response body's events: everything the driver sends, up to and including the first
-/// `done`. Should the driver vanish without one, a `failed` done is made up here.
-pub(crate) fn sse_stream(
-    rx: mpsc::Receiver<TaskEvent>,
+/// A client's events of a run: those of the journal after seq `after`, then each as it
+/// comes, up to and including the `done`. Each SSE event's `id` is its seq. The client counts
+/// as attached (see [`abandoned`]) from this call until the stream is dropped.
+pub(crate) fn journal_stream(
+    journal: std::sync::Arc<Journal>,
+    after: usize,
 ) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
-    futures_util::stream::unfold(Some(rx), |rx| async move {
-        let mut rx = rx?;
-        match rx.recv().await {
-            Some(event) => {
-                let next = if event.is_terminal() { None } else { Some(rx) };
-                Some((Ok(sse_event(&event)), next))
+    let reader = Reader::new(journal);
+    futures_util::stream::unfold(Some((reader, after)), |state| async move {
+        let (reader, next) = state?;
+        let journal = reader.0.clone();
+        let event = loop {
+            let grew = journal.grew.notified();
+            tokio::pin!(grew);
+            // Registered before the look, so that a push in between is not missed.
+            grew.as_mut().enable();
+            if let Some(event) = journal.get(next) {
+                break event;
             }
-            None => {
-                let done = TaskEvent::Done(TaskOutcome::failed(
-                    "the worker lost the run before it ended",
-                ));
-                Some((Ok(sse_event(&done)), None))
-            }
-        }
+            grew.await;
+        };
+        let seq = next + 1;
+        let more = (!event.is_terminal()).then_some((reader, seq));
+        Some((Ok(sse_event(&event).id(seq.to_string())), more))
     })
 }
 

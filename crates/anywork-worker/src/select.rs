@@ -76,6 +76,24 @@ pub fn executor_with_sandbox(
     }
 }
 
+/// The variables of the file named by `WORKER_ENV_FILE` (a JSON object of strings), read
+/// through `lookup`; none when it is unset. Drivers put the model keys there so that they are
+/// not in the container's environment; give them to [`executor_with_sandbox`] after the
+/// process environment (they win).
+pub fn env_file_vars(lookup: impl Fn(&str) -> Option<String>) -> Result<Vec<(String, String)>> {
+    let Some(path) = lookup("WORKER_ENV_FILE").filter(|p| !p.trim().is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let text = std::fs::read_to_string(path.trim())
+        .map_err(|e| Error::invalid_input(format!("cannot read WORKER_ENV_FILE {path}: {e}")))?;
+    let vars: HashMap<String, String> = serde_json::from_str(&text).map_err(|e| {
+        Error::invalid_input(format!(
+            "WORKER_ENV_FILE {path} is not a JSON object of strings: {e}"
+        ))
+    })?;
+    Ok(vars.into_iter().collect())
+}
+
 /// The executors of this build, as `EXECUTOR` names them.
 #[cfg(not(all(feature = "claude-code", feature = "native")))]
 const BUILT_IN: &[&str] = &[

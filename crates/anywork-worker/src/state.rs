@@ -6,9 +6,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use anywork_core::worker_api::WorkerSecret;
 use anywork_core::{Error, ExecutionControl, Executor, Result, SessionId, TaskId, TaskStatus};
 use tokio::sync::{Notify, watch};
 
+use crate::run::Journal;
 use crate::sandbox::Sandbox;
 use crate::workspace::Workspace;
 
@@ -27,13 +29,22 @@ pub struct WorkerConfig {
     pub keep_alive: Duration,
     /// Longest wait for [`ExecutionControl::respond`] (default 10 s).
     pub control_timeout: Duration,
-    /// Events buffered between a run and its SSE client (default 64).
+    /// Unused: a run keeps its events in a journal its clients read at their own pace. Kept
+    /// so that existing configurations compile.
     pub event_buffer: usize,
+    /// How long a run goes on with no client attached (the server went away) before it is
+    /// canceled; a server coming back re-attaches within it (`GET /chat/attach`). Default
+    /// zero: a run stops as soon as its client is gone.
+    pub detach_grace: Duration,
     /// The sandbox the executor confines its processes with, as `/health` reports it
     /// (`"sandbox": "bwrap"` or `"none: <reason>"`). Give it the same [`Sandbox`] as the
     /// executor (see [`crate::select::executor_with_sandbox`]); the default says that none
     /// was configured.
     pub sandbox: Sandbox,
+    /// The secret every call but `GET /health` must carry
+    /// ([`SECRET_HEADER`](anywork_core::worker_api::SECRET_HEADER)); `None` accepts every
+    /// call (only for a worker that nobody else can reach).
+    pub secret: Option<WorkerSecret>,
 }
 
 impl WorkerConfig {
@@ -49,8 +60,37 @@ impl WorkerConfig {
             keep_alive: Duration::from_secs(15),
             control_timeout: Duration::from_secs(10),
             event_buffer: 64,
+            detach_grace: Duration::ZERO,
             sandbox: Sandbox::default(),
+            secret: None,
         }
+    }
+
+    /// Sets [`secret`](Self::secret).
+    pub fn with_secret(mut self, secret: Option<WorkerSecret>) -> Self {
+        self.secret = secret;
+        self
+    }
+
+    /// Reads the secret from `WORKER_SECRET`, or else the file named by `WORKER_SECRET_FILE`,
+    /// through `lookup`; `None` when neither is set. `InvalidInput` for a secret that is too
+    /// short or a file that cannot be read.
+    pub fn secret_from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<WorkerSecret>> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        if let Some(value) = get("WORKER_SECRET") {
+            return WorkerSecret::new(value).map(Some);
+        }
+        let Some(path) = get("WORKER_SECRET_FILE") else {
+            return Ok(None);
+        };
+        let value = std::fs::read_to_string(path.trim()).map_err(|e| {
+            Error::invalid_input(format!("cannot read WORKER_SECRET_FILE {path}: {e}"))
+        })?;
+        WorkerSecret::new(value).map(Some).map_err(|e| {
+            Error::invalid_input(format!("WORKER_SECRET_FILE {path}: {}", e.message()))
+        })
     }
 
     /// Sets [`sandbox`](Self::sandbox).
@@ -83,6 +123,12 @@ impl WorkerConfig {
         self
     }
 
+    /// Sets [`detach_grace`](Self::detach_grace).
+    pub fn with_detach_grace(mut self, grace: Duration) -> Self {
+        self.detach_grace = grace;
+        self
+    }
+
     /// Sets [`event_buffer`](Self::event_buffer) (at least 1).
     pub fn with_event_buffer(mut self, events: usize) -> Self {
         self.event_buffer = events.max(1);
@@ -108,9 +154,16 @@ struct Inner {
 struct Runs {
     tasks: HashMap<TaskId, RunEntry>,
     sessions: HashMap<SessionId, TaskId>,
+    /// Journals of runs that ended, newest last, for a client re-attaching late.
+    ended: std::collections::VecDeque<(TaskId, Arc<Journal>, std::time::Instant)>,
 }
 
+/// Ended runs' journals kept at most, and for how long.
+const ENDED_KEPT: usize = 256;
+const ENDED_FOR: Duration = Duration::from_secs(600);
+
 struct RunEntry {
+    journal: Arc<Journal>,
     control: Option<Arc<dyn ExecutionControl>>,
     cancel: Arc<Notify>,
     ended: watch::Receiver<Option<TaskStatus>>,
@@ -194,9 +247,11 @@ impl WorkerState {
         }
         let cancel = Arc::new(Notify::new());
         let (ended_tx, ended_rx) = watch::channel(None);
+        let journal = Arc::new(Journal::default());
         runs.tasks.insert(
             task_id,
             RunEntry {
+                journal: journal.clone(),
                 control: None,
                 cancel: cancel.clone(),
                 ended: ended_rx,
@@ -205,6 +260,7 @@ impl WorkerState {
         runs.sessions.insert(session_id.clone(), task_id);
         Ok(RunGuard {
             state: self.clone(),
+            journal,
             task_id,
             session_id: session_id.clone(),
             cancel,
@@ -218,6 +274,19 @@ impl WorkerState {
         if let Some(entry) = self.runs().tasks.get_mut(&task_id) {
             entry.control = Some(control);
         }
+    }
+
+    /// The journal of a running task, or of one that ended lately; `NotFound` otherwise.
+    pub(crate) fn journal(&self, task_id: TaskId) -> Result<Arc<Journal>> {
+        let runs = self.runs();
+        if let Some(entry) = runs.tasks.get(&task_id) {
+            return Ok(entry.journal.clone());
+        }
+        runs.ended
+            .iter()
+            .find(|(id, _, at)| *id == task_id && at.elapsed() < ENDED_FOR)
+            .map(|(_, j, _)| j.clone())
+            .ok_or_else(|| not_running(task_id))
     }
 
     /// The cancel signal and end watch of a running task; `NotFound` when it is not running.
@@ -257,6 +326,7 @@ fn not_running(task_id: TaskId) -> Error {
 /// Holds a session busy for one run; frees it when dropped, however the run ends.
 pub(crate) struct RunGuard {
     state: WorkerState,
+    journal: Arc<Journal>,
     task_id: TaskId,
     session_id: SessionId,
     cancel: Arc<Notify>,
@@ -280,6 +350,11 @@ impl RunGuard {
         &self.session_id
     }
 
+    /// The run's events, for its clients.
+    pub(crate) fn journal(&self) -> &Arc<Journal> {
+        &self.journal
+    }
+
     /// Fires when `/cancel` asks this run to stop.
     pub(crate) fn cancel_signal(&self) -> Arc<Notify> {
         self.cancel.clone()
@@ -293,8 +368,25 @@ impl RunGuard {
 
 impl Drop for RunGuard {
     fn drop(&mut self) {
+        let keep = !self.state.config().detach_grace.is_zero();
         let mut runs = self.state.runs();
         runs.tasks.remove(&self.task_id);
+        if keep {
+            // A client that lost the stream may come back for the end of it.
+            while runs.ended.len() >= ENDED_KEPT
+                || runs
+                    .ended
+                    .front()
+                    .is_some_and(|(_, _, at)| at.elapsed() >= ENDED_FOR)
+            {
+                runs.ended.pop_front();
+            }
+            runs.ended.push_back((
+                self.task_id,
+                self.journal.clone(),
+                std::time::Instant::now(),
+            ));
+        }
         if runs.sessions.get(&self.session_id) == Some(&self.task_id) {
             runs.sessions.remove(&self.session_id);
         }

@@ -48,6 +48,21 @@ pub const AGENTS_FILE: &str = "AGENTS.md";
 pub const MCP_FILE: &str = ".mcp.json";
 /// Folder of the worker's conversation history inside a session workspace.
 pub const SESSIONS_DIR: &str = "sessions";
+/// How much of the end of `history.jsonl` is read to find the last message.
+const HISTORY_TAIL_BYTES: u64 = 256 * 1024;
+
+/// The task of the last whole message in `tail` when it is a user message: a turn that was
+/// never answered.
+fn unanswered_turn(tail: &[u8]) -> Option<anywork_core::TaskId> {
+    let text = String::from_utf8_lossy(tail);
+    let last = text
+        .lines()
+        .rev()
+        .filter(|l| !l.trim().is_empty())
+        .find_map(|l| serde_json::from_str::<HistoryMessage>(l).ok())?;
+    (last.role == crate::history::Role::User).then_some(last.task_id)
+}
+
 /// Name of the history file inside [`SESSIONS_DIR`].
 pub const HISTORY_FILE: &str = "history.jsonl";
 /// Folder of the agent's working files inside a session workspace.
@@ -55,25 +70,11 @@ pub const FILES_DIR: &str = "files";
 /// Folder of skills inside a session workspace (also written below `.claude/`).
 pub const SKILLS_DIR: &str = "skills";
 
-/// The persona written to `<root>/SOUL.md` when it is missing.
-pub const DEFAULT_SOUL: &str = "\
-# Soul
-
-You are a capable, careful assistant working inside a private workspace.
-
-- Be helpful and direct. Answer the question that was asked; say so when you are unsure.
-- Work in the `files/` folder of your workspace unless you are told otherwise.
-- Before doing anything destructive or irreversible, explain what you are about to do.
-- Keep the user informed of progress on long tasks, and finish with a short summary.
-";
+/// The persona written to `<root>/SOUL.md` when it is missing (the server's default too).
+pub const DEFAULT_SOUL: &str = anywork_core::worker_api::DEFAULT_SOUL;
 
 /// The instructions written to `<root>/AGENTS.md` when it is missing.
-pub const DEFAULT_AGENTS: &str = "\
-# Agents
-
-Instructions for agents working in this workspace. Edit this file to add project
-conventions, commands to run and rules to follow.
-";
+pub const DEFAULT_AGENTS: &str = anywork_core::worker_api::DEFAULT_AGENTS;
 
 /// Most files listed by [`Workspace::list_files`]; the listing says when it stopped early.
 pub const MAX_LISTED_FILES: usize = 10_000;
@@ -249,6 +250,18 @@ impl Workspace {
     /// Creates the workspace of `session` if needed: its folders, and `SOUL.md` and
     /// `AGENTS.md` copied from the worker-level defaults. Returns its directory.
     pub fn ensure_session(&self, session: &SessionId) -> Result<PathBuf> {
+        self.ensure_session_seeded(session, None, None)
+    }
+
+    /// [`ensure_session`](Self::ensure_session), where a missing `SOUL.md` / `AGENTS.md` of
+    /// the session starts as `soul` / `agents` when given (the server's defaults) instead of
+    /// the worker-level files. A session that has its own keeps it.
+    pub fn ensure_session_seeded(
+        &self,
+        session: &SessionId,
+        soul: Option<&str>,
+        agents: Option<&str>,
+    ) -> Result<PathBuf> {
         self.create_root()?;
         let ws = ensure_dirs(&self.root, &[&encode_session_id(session)])?;
         private_dir(&ws)?;
@@ -263,7 +276,14 @@ impl Workspace {
         for doc in [WorkspaceDoc::Soul, WorkspaceDoc::Agents] {
             let path = ws.join(doc.file_name());
             if !check_file_slot(&path)? {
-                let text = self.default_doc(doc)?;
+                let seed = match doc {
+                    WorkspaceDoc::Soul => soul,
+                    WorkspaceDoc::Agents => agents,
+                };
+                let text = match seed {
+                    Some(text) => text.to_owned(),
+                    None => self.default_doc(doc)?,
+                };
                 write_new_atomic(&ws, doc.file_name(), text.as_bytes())?;
             }
         }
@@ -447,16 +467,53 @@ impl Workspace {
             .map_err(|e| io_error("cannot read", &path, e))?
             .len();
         if len > 0 {
-            let mut last = [0u8; 1];
-            file.seek(SeekFrom::Start(len - 1))
-                .and_then(|_| file.read_exact(&mut last))
+            // Read the tail: the last byte (a torn line?) and the last whole message.
+            let tail_len = len.min(HISTORY_TAIL_BYTES);
+            let mut tail = vec![0u8; tail_len as usize];
+            file.seek(SeekFrom::Start(len - tail_len))
+                .and_then(|_| file.read_exact(&mut tail))
                 .map_err(|e| io_error("cannot read", &path, e))?;
-            if last[0] != b'\n' {
+            if tail.last() != Some(&b'\n') {
                 line.insert(0, b'\n');
+            }
+            if message.role == crate::history::Role::User
+                && let Some(open) = unanswered_turn(&tail)
+            {
+                // The previous turn never got its answer (the worker stopped mid-run): say so
+                // in the history, so that it does not read as two instructions in a row.
+                let mut marker =
+                    serde_json::to_vec(&HistoryMessage::interrupted(open)).map_err(|e| {
+                        Error::internal(format!("cannot encode a history message: {e}"))
+                    })?;
+                marker.push(b'\n');
+                let first_newline = usize::from(line.first() == Some(&b'\n'));
+                line.splice(first_newline..first_newline, marker);
             }
         }
         file.write_all(&line)
             .map_err(|e| io_error("cannot append to", &path, e))
+    }
+
+    /// Deletes the whole workspace of `session` (its `SOUL.md`, `AGENTS.md`, `.mcp.json`,
+    /// history, skills and files); `false` when it had none. The folder's name comes from
+    /// [`encode_session_id`], so no id reaches outside the root; a symbolic link planted in
+    /// its place is removed, never followed.
+    pub fn delete_session(&self, session: &SessionId) -> Result<bool> {
+        let dir = self.session_dir(session);
+        match fs::symlink_metadata(&dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_error("cannot read", &dir, e)),
+            Ok(m) if m.is_dir() => {
+                fs::remove_dir_all(&dir)
+                    .map_err(|e| io_error("cannot delete the session workspace", &dir, e))?;
+                Ok(true)
+            }
+            Ok(_) => {
+                fs::remove_file(&dir)
+                    .map_err(|e| io_error("cannot delete the session workspace", &dir, e))?;
+                Ok(true)
+            }
+        }
     }
 
     /// The session's history, oldest first; lines that do not parse (such as a torn last line)
@@ -596,7 +653,7 @@ fn symlink_refused(path: &Path) -> Error {
 }
 
 /// Creates `base/segs[0]/segs[1]/...` one component at a time; refuses links and files on the way.
-fn ensure_dirs(base: &Path, segs: &[&str]) -> Result<PathBuf> {
+pub(crate) fn ensure_dirs(base: &Path, segs: &[&str]) -> Result<PathBuf> {
     let mut path = base.to_path_buf();
     for seg in segs {
         path.push(seg);
@@ -744,7 +801,7 @@ fn write_temp(dir: &Path, name: &str, bytes: &[u8], sync: bool) -> Result<PathBu
 }
 
 /// Replaces `dir/name` with `bytes` atomically; refuses when `dir/name` is a link or folder.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     let dest = dir.join(name);
     check_file_slot(&dest)?;
     let tmp = write_temp(dir, name, bytes, true)?;
@@ -910,6 +967,56 @@ mod tests {
             }
             assert_eq!(mode_of(&root.join("SOUL.md")), 0o600);
         }
+    }
+
+    /// Issue 15, item 7: a turn the worker never answered (it was killed mid-run) is marked
+    /// as interrupted when the next turn starts, so the history never shows two user
+    /// instructions in a row; answered turns and torn lines are left as they are.
+    #[test]
+    fn an_unanswered_turn_is_marked_interrupted_when_the_next_one_starts() {
+        use crate::history::{INTERRUPTED, Role};
+        let tmp = tempfile::tempdir().unwrap();
+        let ws = Workspace::new(tmp.path());
+        ws.init().unwrap();
+        let session = sid("s-7");
+        let (t1, t2, t3) = (
+            anywork_core::TaskId::generate(),
+            anywork_core::TaskId::generate(),
+            anywork_core::TaskId::generate(),
+        );
+        ws.append_history(&session, &HistoryMessage::user(t1, "first"))
+            .unwrap();
+        let mut answer = HistoryMessage::interrupted(t1);
+        answer.status = Some(anywork_core::TaskStatus::Completed);
+        answer.error = None;
+        answer.content = "answered".into();
+        ws.append_history(&session, &answer).unwrap();
+        ws.append_history(&session, &HistoryMessage::user(t2, "delete the files"))
+            .unwrap();
+        // The worker dies here, mid-write of something: a torn line.
+        let path = ws.session_dir(&session).join("sessions/history.jsonl");
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"role\":\"assis").unwrap();
+        drop(f);
+        ws.append_history(&session, &HistoryMessage::user(t3, "what time is it?"))
+            .unwrap();
+        let history = ws.history(&session).unwrap();
+        let roles: Vec<Role> = history.iter().map(|m| m.role).collect();
+        assert_eq!(
+            roles,
+            [
+                Role::User,
+                Role::Assistant,
+                Role::User,
+                Role::Assistant,
+                Role::User
+            ],
+            "{history:?}"
+        );
+        assert_eq!(history[3].task_id, t2);
+        assert_eq!(history[3].status, Some(anywork_core::TaskStatus::Failed));
+        assert_eq!(history[3].error.as_deref(), Some(INTERRUPTED));
+        assert_eq!(history[4].content, "what time is it?");
     }
 
     #[test]

@@ -324,6 +324,8 @@ async fn json_of(response: Response) -> (StatusCode, Value) {
 struct SseEvent {
     name: String,
     data: Value,
+    /// The SSE `id`: the event's seq in the run.
+    id: Option<String>,
 }
 
 struct SseReader {
@@ -351,9 +353,12 @@ impl SseReader {
             if let Some(end) = self.buf.find("\n\n") {
                 let block: String = self.buf.drain(..end + 2).collect();
                 let mut name = None;
+                let mut id = None;
                 let mut data = String::new();
                 for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("event:") {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = Some(v.trim_start().to_owned());
+                    } else if let Some(v) = line.strip_prefix("event:") {
                         name = Some(v.trim_start().to_owned());
                     } else if let Some(v) = line.strip_prefix("data:") {
                         data.push_str(v.trim_start());
@@ -364,7 +369,7 @@ impl SseReader {
                 };
                 let data: Value = serde_json::from_str(&data).unwrap();
                 assert_eq!(data["type"], name.as_str(), "event name matches data.type");
-                return Some(SseEvent { name, data });
+                return Some(SseEvent { name, data, id });
             }
             let chunk = self.body.next().await?.unwrap();
             self.buf.push_str(std::str::from_utf8(&chunk).unwrap());
@@ -710,6 +715,68 @@ async fn client_disconnect_stops_the_run_and_frees_the_session() {
     assert_eq!(messages.len(), 4, "{messages:?}");
     assert_eq!(messages[1]["status"], "canceled");
     assert_eq!(messages[1]["content"], "working");
+}
+
+/// Issue 15, item 5: with a detach grace, a run outlives its client: a client that lost the
+/// stream attaches again (`GET /chat/attach`) from the last seq it had and gets the rest, up
+/// to the `done`, with no gap and no repeat; the journal of a run that ended is still there
+/// for a late attach; an unknown task is 404.
+#[tokio::test]
+async fn a_run_outlives_its_client_and_a_client_attaches_again() {
+    let h = harness_with(|c| c.with_detach_grace(Duration::from_secs(30)));
+    h.exec.script(
+        "long",
+        Script::new(vec![
+            emit(TaskEvent::text("one")),
+            Step::Sleep(Duration::from_millis(300)),
+            emit(TaskEvent::text("two")),
+            emit(TaskEvent::text("three")),
+            done("all"),
+        ]),
+    );
+    let task = TaskId::generate();
+    let mut sse = h.chat_ok(task, "s", "long").await;
+    let first = sse.next().await.unwrap();
+    assert_eq!(
+        (first.data["content"].as_str(), first.id.as_deref()),
+        (Some("one"), Some("1"))
+    );
+    drop(sse);
+
+    let attach = |after: u64| {
+        let request = Request::builder()
+            .uri(format!("/chat/attach?task_id={task}&after_seq={after}"))
+            .body(Body::empty())
+            .unwrap();
+        h.send(request)
+    };
+    let response = attach(1).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let rest = SseReader::new(response).rest().await;
+    assert_eq!(names(&rest), ["text", "text", "done"], "{rest:?}");
+    let ids: Vec<&str> = rest.iter().map(|e| e.id.as_deref().unwrap()).collect();
+    assert_eq!(ids, ["2", "3", "4"]);
+    assert_eq!(done_of(&rest)["content"], "all");
+    assert_eq!(
+        done_of(&rest)["metadata"]["status"],
+        "completed",
+        "the run was not stopped"
+    );
+    h.wait_idle().await;
+
+    // Ended: the whole journal is still there for a while.
+    let all = SseReader::new(attach(0).await).rest().await;
+    assert_eq!(names(&all), ["text", "text", "text", "done"]);
+
+    let (status, body) = h
+        .call(
+            "GET",
+            &format!("/chat/attach?task_id={}", TaskId::generate()),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_error(&body, "not_found", "not running");
 }
 
 #[tokio::test]
@@ -1210,4 +1277,209 @@ async fn closing_the_connection_frees_the_session() {
     assert_eq!(h.exec.dropped(), 1);
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The worker's secret
+
+#[tokio::test]
+async fn with_a_secret_every_call_but_health_needs_it() {
+    use anywork_core::worker_api::{SECRET_HEADER, WorkerSecret};
+    let secret = WorkerSecret::generate();
+    let h = harness_with(|c| c.with_secret(Some(secret.clone())));
+    let send = |uri: &str, method: &str, key: Option<&str>, body: Option<Value>| {
+        let mut builder = Request::builder().method(method).uri(uri);
+        if let Some(key) = key {
+            builder = builder.header(SECRET_HEADER, key);
+        }
+        let request = match body {
+            Some(b) => builder
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(b.to_string())),
+            None => builder.body(Body::empty()),
+        }
+        .unwrap();
+        let app = h.app.clone();
+        async move { json_of(app.oneshot(request).await.unwrap()).await }
+    };
+    let wrong = "0".repeat(64);
+    let prepare = json!({"session_id": "s1"});
+    let chat = json!({"task_id": TaskId::generate(), "session_id": "s1", "message": "hi"});
+    for key in [None, Some(wrong.as_str()), Some("")] {
+        for (method, uri, body) in [
+            ("POST", "/prepare", Some(prepare.clone())),
+            ("POST", "/chat", Some(chat.clone())),
+            (
+                "POST",
+                "/cancel",
+                Some(json!({"task_id": TaskId::generate()})),
+            ),
+            ("GET", "/sessions/s1/messages", None),
+            ("GET", "/sessions/s1/files", None),
+            ("GET", "/workspace/soul", None),
+            ("PUT", "/workspace/soul", Some(json!({"content": "evil"}))),
+            ("DELETE", "/sessions/s1", None),
+            ("GET", "/no/such/route", None),
+        ] {
+            let (status, body) = send(uri, method, key, body).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {uri} {key:?}");
+            assert_error(&body, "unauthorized", "X-AnyWork-Worker-Secret");
+        }
+        // /health answers probes, and says nothing more.
+        let (status, body) = send("/health", "GET", key, None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, json!({"status": "ok"}));
+    }
+    assert!(!h.session_dir("s1").exists(), "nothing was done");
+    assert_eq!(
+        std::fs::read_to_string(h.root().join("SOUL.md")).unwrap(),
+        DEFAULT_SOUL
+    );
+
+    // With the secret, everything works.
+    let key = Some(secret.expose());
+    let (status, _) = send("/prepare", "POST", key, Some(prepare)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, health) = send("/health", "GET", key, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(health["executor"], "scripted");
+    assert!(health["busy_sessions"].is_array());
+    let (status, body) = send("/workspace/soul", "GET", key, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["content"], DEFAULT_SOUL);
+}
+
+#[test]
+fn the_secret_comes_from_the_variable_or_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secret");
+    std::fs::write(&file, "0123456789abcdef0123\n").unwrap();
+    let path = file.to_str().unwrap().to_owned();
+    let lookup = |vars: Vec<(&'static str, String)>| {
+        move |name: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.clone())
+        }
+    };
+    assert_eq!(
+        WorkerConfig::secret_from_lookup(lookup(vec![])).unwrap(),
+        None
+    );
+    let from_file =
+        WorkerConfig::secret_from_lookup(lookup(vec![("WORKER_SECRET_FILE", path.clone())]))
+            .unwrap()
+            .unwrap();
+    assert_eq!(from_file.expose(), "0123456789abcdef0123");
+    let from_var = WorkerConfig::secret_from_lookup(lookup(vec![
+        ("WORKER_SECRET", "abcdefabcdefabcdef".into()),
+        ("WORKER_SECRET_FILE", path),
+    ]))
+    .unwrap()
+    .unwrap();
+    assert_eq!(from_var.expose(), "abcdefabcdefabcdef", "the variable wins");
+    let short = WorkerConfig::secret_from_lookup(lookup(vec![("WORKER_SECRET", "short".into())]))
+        .unwrap_err();
+    assert!(short.to_string().contains("at least 16"), "{short}");
+    let missing = WorkerConfig::secret_from_lookup(lookup(vec![(
+        "WORKER_SECRET_FILE",
+        "/nonexistent/secret".into(),
+    )]))
+    .unwrap_err();
+    assert!(
+        missing.to_string().contains("/nonexistent/secret"),
+        "{missing}"
+    );
+    assert!(!format!("{from_var:?}").contains("abcdef"), "Debug redacts");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deleting a session
+
+#[tokio::test]
+async fn deleting_a_session_removes_its_whole_workspace_and_nothing_else() {
+    let h = harness();
+    h.exec.script("hold", Script::new(vec![Step::Hang]));
+    // Two sessions with history, files and a custom soul.
+    for s in ["doomed", "kept"] {
+        let (status, _) = h
+            .call(
+                "POST",
+                "/prepare",
+                Some(json!({"session_id": s, "soul": "custom soul"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        h.chat_ok(TaskId::generate(), s, "hello").await.rest().await;
+        std::fs::write(h.session_dir(s).join("files").join("notes.txt"), "x").unwrap();
+    }
+    let doomed = h.session_dir("doomed");
+    for f in [
+        "SOUL.md",
+        "AGENTS.md",
+        "sessions/history.jsonl",
+        "files/notes.txt",
+    ] {
+        assert!(doomed.join(f).exists(), "{f}");
+    }
+
+    // Refused while a task runs in it.
+    let task = TaskId::generate();
+    let running = h.chat_ok(task, "doomed", "hold").await;
+    let (status, body) = h.call("DELETE", "/sessions/doomed", None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_error(&body, "conflict", "while a task runs");
+    assert!(doomed.exists());
+    let (status, _) = h
+        .call("POST", "/cancel", Some(json!({"task_id": task})))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    running.rest().await;
+    h.wait_idle().await;
+
+    let (status, body) = h.call("DELETE", "/sessions/doomed", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({"status": "deleted", "session_id": "doomed"}));
+    assert!(!doomed.exists(), "nothing of the session is left");
+    let (_, history) = h.call("GET", "/sessions/doomed/messages", None).await;
+    assert_eq!(history["messages"], json!([]));
+    // Deleting again is fine.
+    let (status, _) = h.call("DELETE", "/sessions/doomed", None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Ids that look like paths name a folder inside the root, never the root or a sibling.
+    for uri in [
+        "/sessions/..",
+        "/sessions/.",
+        "/sessions/%2E%2E",
+        "/sessions/..%2F..%2Fetc",
+        "/sessions/%2E%2E%2Fkept",
+        "/sessions/kept%2F..%2F..",
+    ] {
+        let (status, body) = h.call("DELETE", uri, None).await;
+        assert!(
+            status == StatusCode::OK || status.is_client_error(),
+            "{uri}: {status} {body}"
+        );
+    }
+    let (status, _) = h.call("DELETE", "/sessions/", None).await;
+    assert!(status.is_client_error());
+    assert!(h.session_dir("kept").join("files/notes.txt").exists());
+    assert!(h.root().join("SOUL.md").exists());
+    assert!(h.root().join("AGENTS.md").exists());
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_session_folder_replaced_by_a_link_is_unlinked_not_followed() {
+    let h = harness();
+    let outside = h.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("precious"), "keep me").unwrap();
+    std::fs::create_dir_all(h.root()).unwrap();
+    std::os::unix::fs::symlink(&outside, h.session_dir("linked")).unwrap();
+    let (status, body) = h.call("DELETE", "/sessions/linked", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(!h.session_dir("linked").exists());
+    assert_eq!(read(&outside.join("precious")), "keep me");
 }

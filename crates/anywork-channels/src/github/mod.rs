@@ -33,6 +33,7 @@
 mod app;
 
 use anywork_core::channel::{Channel, Inbound, InboundRequest};
+use anywork_core::worker_api::RepoCheckout;
 use anywork_core::{Error, ErrorKind, InputRequest, Result, Task, TaskOutcome, TaskRequest};
 use reqwest::Method;
 use serde::Deserialize;
@@ -109,6 +110,9 @@ pub struct GithubConfig {
     pub bot_login: Option<String>,
     /// Largest body accepted, in bytes (GitHub caps payloads at 25 MB; 1 MiB by default).
     pub max_body_bytes: usize,
+    /// `GITHUB_CHECKOUT`: check the repository out in the session's workspace before each
+    /// task (default `true`).
+    pub checkout: bool,
 }
 
 impl std::fmt::Debug for GithubConfig {
@@ -120,6 +124,7 @@ impl std::fmt::Debug for GithubConfig {
             .field("api_url", &self.api_url)
             .field("bot_login", &self.bot_login)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("checkout", &self.checkout)
             .finish()
     }
 }
@@ -139,6 +144,7 @@ impl GithubConfig {
             api_url: Self::DEFAULT_API_URL.into(),
             bot_login: None,
             max_body_bytes: 1 << 20,
+            checkout: true,
         }
     }
 
@@ -223,6 +229,9 @@ impl GithubConfig {
             c.api_url = u;
         }
         c.bot_login = set("GITHUB_BOT_LOGIN").map(|l| l.trim().to_owned());
+        if let Some(v) = set("GITHUB_CHECKOUT") {
+            c.checkout = crate::config::parse_bool("GITHUB_CHECKOUT", &v)?;
+        }
         Ok(Some(c))
     }
 }
@@ -960,6 +969,46 @@ impl Channel for GithubChannel {
         );
         self.post(task, &target, &token, body, PostKind::Question, rid)
             .await
+    }
+
+    /// The repository, checked out with the channel's token (or installation token):
+    /// a pull request's head (`refs/pull/N/head`) for a pull request, else the default
+    /// branch.
+    async fn workspace_repository(&self, task: &Task) -> Result<Option<RepoCheckout>> {
+        if !self.config.checkout {
+            return Ok(None);
+        }
+        let meta = &task.channel_meta;
+        let Some(url) = meta["clone_url"].as_str() else {
+            return Ok(None);
+        };
+        let target = Target::from_meta(meta)?;
+        let name = target.repo.rsplit('/').next().unwrap_or("repo");
+        let mut dir: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(64)
+            .collect();
+        dir = dir.trim_start_matches(['-', '_']).to_owned();
+        if dir.is_empty() {
+            dir = "repo".into();
+        }
+        let mut checkout = RepoCheckout::new(url, dir);
+        checkout.git_ref = if meta["pull_request"] == json!(true) {
+            Some(format!("refs/pull/{}/head", target.number))
+        } else {
+            meta["default_branch"].as_str().map(str::to_owned)
+        };
+        if url.starts_with("https://") || url.starts_with("http://") {
+            checkout.token = Some(self.token(&target).await?);
+        }
+        Ok(Some(checkout))
     }
 
     async fn deliver(&self, task: &Task, outcome: &TaskOutcome) -> Result<()> {

@@ -18,7 +18,7 @@ pub(super) fn is_missing_image(e: &DockerError) -> bool {
         if message.to_ascii_lowercase().contains("image"))
 }
 
-fn engine_location(config: &DockerConfig) -> String {
+pub(super) fn engine_location(config: &DockerConfig) -> String {
     config
         .docker_host
         .clone()

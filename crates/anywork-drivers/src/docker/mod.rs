@@ -20,16 +20,24 @@
 //!
 //! The server reaches a worker at `http://<container IP on the network>:<port>`: run it on the
 //! Docker host itself, or in a container on the same network.
+//!
+//! Each container gets its own random [`WorkerSecret`], required on every call, and the secret
+//! variables of its environment (the model keys: names with `KEY`, `TOKEN`, `SECRET`,
+//! `PASSWORD`) as files copied into its volume before it starts ([`secret`]): `docker inspect`
+//! shows only the files' paths, never the values.
 
 mod config;
 mod errors;
+pub mod secret;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Mutex;
 use std::time::Duration;
 
+use anywork_core::worker_api::WorkerSecret;
 use anywork_core::{
-    ContainerDriver, Error, ErrorKind, Result, SessionId, WorkerEndpoint, WorkerInfo,
+    ContainerDriver, Error, ErrorKind, Result, SessionId, SetupCheck, WorkerEndpoint, WorkerInfo,
 };
 use async_trait::async_trait;
 use bollard::Docker;
@@ -40,9 +48,10 @@ use bollard::models::{
     NetworkingConfig, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder,
-    LogsOptionsBuilder, RemoveContainerOptionsBuilder, RemoveVolumeOptions,
-    StopContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, DownloadFromContainerOptionsBuilder,
+    ListContainersOptionsBuilder, ListNetworksOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveVolumeOptions, StopContainerOptionsBuilder,
+    UploadToContainerOptionsBuilder,
 };
 use futures_util::StreamExt;
 use tokio::sync::OnceCell;
@@ -72,6 +81,8 @@ pub struct DockerDriver {
     idle: IdleClock,
     /// The network's id, once ensured (names can be ambiguous on old engines).
     network_id: OnceCell<String>,
+    /// The secret of each container this driver made or read back, by container id.
+    secrets: Mutex<HashMap<String, WorkerSecret>>,
 }
 
 impl std::fmt::Debug for DockerDriver {
@@ -80,6 +91,17 @@ impl std::fmt::Debug for DockerDriver {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
+}
+
+/// How often the state of a starting container is looked at while its worker is awaited.
+const CONTAINER_WATCH_EVERY: Duration = Duration::from_millis(250);
+
+/// Why a started container did not become a worker.
+enum NotReady {
+    /// Its worker did not answer `/health` in time.
+    Mute,
+    /// The container stopped (exited, died, removed): what happened.
+    Stopped(String),
 }
 
 /// What `get_worker` found under the session's name.
@@ -115,6 +137,7 @@ impl DockerDriver {
             locks: SessionLocks::default(),
             idle: IdleClock::default(),
             network_id: OnceCell::new(),
+            secrets: Mutex::default(),
         })
     }
 
@@ -182,10 +205,10 @@ impl DockerDriver {
             .ip_address
             .as_deref()
             .filter(|ip| !ip.is_empty())?;
-        Some(WorkerEndpoint {
-            worker_id: id.to_owned(),
-            base_url: format!("http://{ip}:{}", self.config.worker_port),
-        })
+        Some(WorkerEndpoint::new(
+            id,
+            format!("http://{ip}:{}", self.config.worker_port),
+        ))
     }
 
     /// The id of the workers' bridge network, created unless it exists. Engines before API
@@ -322,6 +345,10 @@ impl DockerDriver {
     }
 
     async fn remove_by_id(&self, id: &str) -> Result<()> {
+        self.secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
         match self
             .docker
             .remove_container(
@@ -362,12 +389,23 @@ impl DockerDriver {
         let mut env: Vec<String> = c
             .env
             .iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "WORKER_HOST" | "WORKER_PORT" | "WORKSPACE_DIR"))
+            .filter(|(k, _)| !Self::DRIVER_ENV.contains(&k.as_str()))
+            .filter(|(k, _)| !secret::is_secret_name(k))
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         env.push("WORKER_HOST=0.0.0.0".into());
         env.push(format!("WORKER_PORT={}", c.worker_port));
         env.push(format!("WORKSPACE_DIR={WORKSPACE_MOUNT}"));
+        env.push(format!(
+            "WORKER_SECRET_FILE={WORKSPACE_MOUNT}/{}",
+            secret::SECRET_FILE
+        ));
+        if self.secret_env().next().is_some() {
+            env.push(format!(
+                "WORKER_ENV_FILE={WORKSPACE_MOUNT}/{}",
+                secret::ENV_FILE
+            ));
+        }
         let host_config = HostConfig {
             binds: Some(vec![format!("{volume}:{WORKSPACE_MOUNT}")]),
             network_mode: Some(network_id.to_owned()),
@@ -407,6 +445,102 @@ impl DockerDriver {
         }
     }
 
+    /// Variables the driver sets itself.
+    const DRIVER_ENV: &'static [&'static str] = &[
+        "WORKER_HOST",
+        "WORKER_PORT",
+        "WORKSPACE_DIR",
+        "WORKER_SECRET",
+        "WORKER_SECRET_FILE",
+        "WORKER_ENV_FILE",
+    ];
+
+    /// The worker variables that hold secrets: they go to a file, not the environment.
+    fn secret_env(&self) -> impl Iterator<Item = &(String, String)> {
+        self.config
+            .env
+            .iter()
+            .filter(|(k, _)| !Self::DRIVER_ENV.contains(&k.as_str()) && secret::is_secret_name(k))
+    }
+
+    fn cached_secret(&self, id: &str) -> Option<WorkerSecret> {
+        self.secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    fn remember_secret(&self, id: &str, secret: WorkerSecret) {
+        self.secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned(), secret);
+    }
+
+    /// Copies a new secret (and the secret variables) into the created container's volume.
+    async fn give_secret(&self, id: &str) -> Result<()> {
+        let worker_secret = WorkerSecret::generate();
+        let env: serde_json::Map<String, serde_json::Value> = self
+            .secret_env()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        let env = serde_json::to_vec(&env)
+            .map_err(|e| Error::internal(format!("cannot encode the worker's variables: {e}")))?;
+        let mut files: Vec<(&str, &[u8])> =
+            vec![(secret::SECRET_FILE, worker_secret.expose().as_bytes())];
+        if self.secret_env().next().is_some() {
+            files.push((secret::ENV_FILE, &env));
+        }
+        let tar = secret::archive(&files, &self.config.user);
+        self.docker
+            .upload_to_container(
+                id,
+                Some(
+                    UploadToContainerOptionsBuilder::new()
+                        .path(WORKSPACE_MOUNT)
+                        .build(),
+                ),
+                bollard::body_full(tar.into()),
+            )
+            .await
+            .map_err(|e| self.engine_err(&format!("copy the secret into container {id}"), e))?;
+        self.remember_secret(id, worker_secret);
+        Ok(())
+    }
+
+    /// The secret of container `id`: remembered, or read back from its volume (a container
+    /// another driver instance made). `None` when it has none (made by an older version, or
+    /// its creator has not copied it in yet).
+    async fn secret_of(&self, id: &str) -> Option<WorkerSecret> {
+        if let Some(s) = self.cached_secret(id) {
+            return Some(s);
+        }
+        let path = format!("{WORKSPACE_MOUNT}/{}", secret::SECRET_FILE);
+        let mut stream = self.docker.download_from_container(
+            id,
+            Some(
+                DownloadFromContainerOptionsBuilder::new()
+                    .path(&path)
+                    .build(),
+            ),
+        );
+        let mut tar = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(bytes) if tar.len() < 64 * 1024 => tar.extend_from_slice(&bytes),
+                Ok(_) => return None,
+                Err(e) => {
+                    tracing::debug!(container = %id, error = %e, "no worker secret to read back");
+                    return None;
+                }
+            }
+        }
+        let found = secret::secret_from_archive(&tar).ok()?;
+        self.remember_secret(id, found.clone());
+        Some(found)
+    }
+
     /// Creates the container, or finds the one a concurrent creator (another process) made
     /// under the same name.
     async fn create(&self, session_id: &SessionId) -> Result<Option<String>> {
@@ -421,7 +555,13 @@ impl DockerDriver {
             )
             .await;
         match created {
-            Ok(c) => Ok(Some(c.id)),
+            Ok(c) => match self.give_secret(&c.id).await {
+                Ok(()) => Ok(Some(c.id)),
+                Err(e) => {
+                    let _ = self.remove_by_id(&c.id).await;
+                    Err(e)
+                }
+            },
             // Someone else created it (or is removing a stale one) meanwhile.
             Err(e) if status_of(&e) == Some(409) => Ok(None),
             Err(e) if status_of(&e) == Some(404) && is_missing_image(&e) => {
@@ -453,7 +593,7 @@ impl DockerDriver {
             .as_ref()
             .and_then(|n| n.networks.as_ref());
         match self.endpoint_of(id, networks) {
-            Some(endpoint) => Ok(endpoint),
+            Some(endpoint) => Ok(endpoint.with_secret(self.secret_of(id).await)),
             None => Err(self.not_ready(id, "it has no address on the network").await),
         }
     }
@@ -496,6 +636,14 @@ impl DockerDriver {
         }
         let _ = self.remove_by_id(id).await;
         let logs = logs.trim();
+        tracing::warn!(
+            container = %id,
+            image = %self.config.image,
+            state = %state,
+            why,
+            output = %logs,
+            "a worker container did not become ready"
+        );
         Error::new(
             ErrorKind::Unavailable,
             format!(
@@ -515,9 +663,21 @@ impl DockerDriver {
     async fn obtain(&self, session_id: &SessionId) -> Result<WorkerEndpoint> {
         // A few rounds: a conflict with a concurrent creator or remover is resolved by looking
         // again.
-        for _ in 0..5 {
+        for round in 0..5 {
             match self.find(session_id).await? {
                 Found::Running(endpoint, up_for) => {
+                    let Some(worker_secret) = self.secret_of(&endpoint.worker_id).await else {
+                        // Made without a secret (an older version): replace it; the workspace
+                        // stays on the volume.
+                        tracing::warn!(
+                            session = %session_id,
+                            container = %endpoint.worker_id,
+                            "the worker container has no secret; replacing it"
+                        );
+                        self.remove_by_id(&endpoint.worker_id).await?;
+                        continue;
+                    };
+                    let endpoint = endpoint.with_secret(Some(worker_secret));
                     // A worker still within its start-up time is waited for; one past it
                     // answers `/health` now or is wedged, and is replaced (its workspace
                     // stays on the volume).
@@ -525,8 +685,8 @@ impl DockerDriver {
                         Some(up) => self.config.ready_timeout.saturating_sub(up),
                         None => self.config.ready_timeout,
                     };
-                    match self.health.wait_ready(&endpoint.base_url, boot_left).await {
-                        Ok(_) => return Ok(endpoint),
+                    match self.wait_ready_watching(&endpoint, boot_left).await {
+                        Ok(()) => return Ok(endpoint),
                         Err(_) if boot_left.is_zero() => {
                             tracing::warn!(
                                 session = %session_id,
@@ -535,12 +695,27 @@ impl DockerDriver {
                             );
                             self.remove_by_id(&endpoint.worker_id).await?;
                         }
-                        Err(e) => {
-                            return Err(self.not_ready(&endpoint.worker_id, &e.to_string()).await);
+                        Err(NotReady::Stopped(why)) => {
+                            return Err(self.not_ready(&endpoint.worker_id, &why).await);
+                        }
+                        Err(NotReady::Mute) => {
+                            return Err(self
+                                .not_ready(&endpoint.worker_id, &self.mute_for(boot_left))
+                                .await);
                         }
                     }
                 }
                 Found::Created(id) => {
+                    if self.secret_of(&id).await.is_none() {
+                        // Its creator (another process) is copying the secret in, or died
+                        // before it did: wait a little, then start over.
+                        if round < 3 {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        } else {
+                            self.remove_by_id(&id).await?;
+                        }
+                        continue;
+                    }
                     let endpoint = self.start(&id).await?;
                     return self.ready(endpoint).await;
                 }
@@ -565,18 +740,75 @@ impl DockerDriver {
     }
 
     async fn ready(&self, endpoint: WorkerEndpoint) -> Result<WorkerEndpoint> {
-        match self
-            .health
-            .wait_ready(&endpoint.base_url, self.config.ready_timeout)
-            .await
-        {
-            Ok(_) => Ok(endpoint),
-            Err(e) => Err(self.not_ready(&endpoint.worker_id, &e.to_string()).await),
+        let within = self.config.ready_timeout;
+        match self.wait_ready_watching(&endpoint, within).await {
+            Ok(()) => Ok(endpoint),
+            Err(NotReady::Stopped(why)) => Err(self.not_ready(&endpoint.worker_id, &why).await),
+            Err(NotReady::Mute) => Err(self
+                .not_ready(&endpoint.worker_id, &self.mute_for(within))
+                .await),
         }
     }
 
-    /// The running workers of this pool, with their session.
+    /// Why a worker is not ready after `within` of silence (no address: the message reaches
+    /// users).
+    fn mute_for(&self, within: Duration) -> String {
+        format!(
+            "it did not answer GET /health within {:.1} s",
+            within.as_secs_f64()
+        )
+    }
+
+    /// Waits for the worker to answer `/health`, for at most `within`, while watching its
+    /// container: one that stops meanwhile (the worker exited, was killed or removed) ends
+    /// the wait at once instead of after the whole ready timeout.
+    async fn wait_ready_watching(
+        &self,
+        endpoint: &WorkerEndpoint,
+        within: Duration,
+    ) -> std::result::Result<(), NotReady> {
+        let health = self.health.wait_ready(endpoint, within);
+        let stopped = self.until_stopped(&endpoint.worker_id);
+        tokio::select! {
+            r = health => r.map(|_| ()).map_err(|_| NotReady::Mute),
+            why = stopped => Err(NotReady::Stopped(why)),
+        }
+    }
+
+    /// Returns once the container is no longer running, with what happened to it; never
+    /// returns while it runs (errors of the engine are looked past: the health wait bounds
+    /// the whole).
+    async fn until_stopped(&self, id: &str) -> String {
+        loop {
+            tokio::time::sleep(CONTAINER_WATCH_EVERY).await;
+            match self.docker.inspect_container(id, None).await {
+                Ok(c) => match c.state.as_ref().and_then(|s| s.status) {
+                    Some(
+                        ContainerStateStatusEnum::RUNNING
+                        | ContainerStateStatusEnum::CREATED
+                        | ContainerStateStatusEnum::RESTARTING,
+                    ) => {}
+                    _ => return "its container stopped before the worker answered".into(),
+                },
+                Err(e) if status_of(&e) == Some(404) => {
+                    return "its container was removed before the worker answered".into();
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// The running workers of this pool, with their session and secret.
     async fn running(&self) -> Result<Vec<(Option<SessionId>, WorkerEndpoint)>> {
+        let mut out = Vec::new();
+        for (session, endpoint) in self.running_containers().await? {
+            let worker_secret = self.secret_of(&endpoint.worker_id).await;
+            out.push((session, endpoint.with_secret(worker_secret)));
+        }
+        Ok(out)
+    }
+
+    async fn running_containers(&self) -> Result<Vec<(Option<SessionId>, WorkerEndpoint)>> {
         let mut filters = self.pool_filter();
         filters.insert("status".into(), vec!["running".into()]);
         let containers = self
@@ -647,7 +879,51 @@ impl ContainerDriver for DockerDriver {
     }
 
     async fn is_healthy(&self, endpoint: &WorkerEndpoint) -> bool {
-        self.health.check(&endpoint.base_url).await.is_some()
+        self.health.check(&endpoint).await.is_some()
+    }
+
+    /// The engine answers, the worker image is on it, and the workers get a model.
+    async fn check_setup(&self) -> Vec<SetupCheck> {
+        let mut checks = Vec::new();
+        match self.docker.version().await {
+            Ok(v) => checks.push(SetupCheck::ok(
+                "engine",
+                format!(
+                    "Docker engine {} at {}",
+                    v.version.unwrap_or_default(),
+                    errors::engine_location(&self.config)
+                ),
+            )),
+            Err(e) => {
+                checks.push(SetupCheck::problem(
+                    "engine",
+                    unreachable_engine(&self.config, &e).message(),
+                ));
+                return checks;
+            }
+        }
+        let image = &self.config.image;
+        checks.push(match self.docker.inspect_image(image).await {
+            Ok(_) => SetupCheck::ok("image", format!("worker image {image} is on the engine")),
+            Err(e) if status_of(&e) == Some(404) => SetupCheck::problem(
+                "image",
+                format!(
+                    "the worker image {image} is not on the Docker engine: build it \
+                     (deploy/build-worker-image.sh <path to anywork-worker> {image}) or set \
+                     DOCKER_WORKER_IMAGE"
+                ),
+            ),
+            Err(e) => SetupCheck::problem(
+                "image",
+                self.engine_err(&format!("inspect image {image}"), e)
+                    .message(),
+            ),
+        });
+        checks.push(crate::common::model_setup(
+            self.config.env.iter().map(|(k, _)| k.as_str()),
+            "on the server (they are passed on to the containers) or in DOCKER_WORKER_ENV",
+        ));
+        checks
     }
 
     async fn list(&self) -> Result<Vec<WorkerInfo>> {
@@ -655,7 +931,7 @@ impl ContainerDriver for DockerDriver {
         let checks = running
             .into_iter()
             .map(|(session_id, endpoint)| async move {
-                let healthy = self.health.check(&endpoint.base_url).await.is_some();
+                let healthy = self.health.check(&endpoint).await.is_some();
                 WorkerInfo {
                     endpoint,
                     session_id,
@@ -676,7 +952,7 @@ impl ContainerDriver for DockerDriver {
             .collect();
         let mut reaped = Vec::new();
         for (session_id, endpoint) in candidates {
-            let health = self.health.check(&endpoint.base_url).await;
+            let health = self.health.check(&endpoint).await;
             let _guard = self.locks.lock(&session_id).await;
             // Looked at again under the lock: a get_worker may have come in meanwhile.
             if !may_reap(

@@ -3,8 +3,9 @@
 
 use std::time::{Duration, Instant};
 
+use anywork_core::worker_api::WorkerSecret;
 use anywork_core::{
-    ContainerDriver, Error, ErrorKind, Result, SessionId, WorkerEndpoint, WorkerInfo,
+    ContainerDriver, Error, ErrorKind, Result, SessionId, SetupCheck, WorkerEndpoint, WorkerInfo,
 };
 use async_trait::async_trait;
 use k8s_openapi::api::core::v1::Pod;
@@ -14,7 +15,7 @@ use crate::common::{HealthCheck, IdleClock, SessionLocks, may_reap};
 
 use super::K8sDriver;
 use super::config::{Addressing, K8sConfig, WorkspaceStorage};
-use super::manifests::SESSION_ANNOTATION;
+use super::manifests::{SESSION_ANNOTATION, WORKER_SECRET_KEY};
 
 /// What the driver found under a session's pod name.
 enum Found {
@@ -61,7 +62,9 @@ impl K8sDriver {
         Ok(Self {
             pods: Api::namespaced(client.clone(), ns),
             services: Api::namespaced(client.clone(), ns),
-            pvcs: Api::namespaced(client, ns),
+            pvcs: Api::namespaced(client.clone(), ns),
+            secrets: Api::namespaced(client, ns),
+            known_secrets: std::sync::Mutex::default(),
             health: HealthCheck::new(config.health_timeout)?,
             locks: SessionLocks::default(),
             clock: IdleClock::default(),
@@ -91,10 +94,7 @@ impl K8sDriver {
                 }
             }
         };
-        Some(WorkerEndpoint {
-            worker_id: name,
-            base_url,
-        })
+        Some(WorkerEndpoint::new(name, base_url))
     }
 
     async fn find(&self, name: &str) -> Result<Found> {
@@ -272,6 +272,91 @@ impl K8sDriver {
         }
     }
 
+    /// The worker secret of `session_id`: remembered, else read from its Secret, else (when
+    /// `create`) a new one stored in a new Secret. `None` when there is none and `create` is
+    /// false (a pod made before workers had secrets).
+    async fn session_secret(
+        &self,
+        session_id: &SessionId,
+        create: bool,
+    ) -> Result<Option<WorkerSecret>> {
+        if let Some(s) = self.remembered_secret(session_id) {
+            return Ok(Some(s));
+        }
+        let name = self.auth_secret_name(session_id);
+        for _ in 0..3 {
+            let existing = self
+                .secrets
+                .get_opt(&name)
+                .await
+                .map_err(|e| self.api_error(e, "get", "secrets", &name))?;
+            if let Some(existing) = existing {
+                let value = existing
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(WORKER_SECRET_KEY))
+                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                    .or_else(|| {
+                        existing
+                            .string_data
+                            .as_ref()
+                            .and_then(|d| d.get(WORKER_SECRET_KEY).cloned())
+                    })
+                    .ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::Protocol,
+                            format!("Secret {name} has no key {WORKER_SECRET_KEY}"),
+                        )
+                    })?;
+                let secret = WorkerSecret::new(value)?;
+                self.remember_secret(session_id, Some(secret.clone()));
+                return Ok(Some(secret));
+            }
+            if !create {
+                return Ok(None);
+            }
+            let secret = WorkerSecret::generate();
+            let manifest = self.auth_secret_manifest(session_id, &secret);
+            match self.secrets.create(&PostParams::default(), &manifest).await {
+                Ok(_) => {
+                    self.remember_secret(session_id, Some(secret.clone()));
+                    return Ok(Some(secret));
+                }
+                // Another server made it meanwhile: read theirs.
+                Err(e) if api_code(&e) == Some(409) => {}
+                Err(e) => return Err(self.api_error(e, "create", "secrets", &name)),
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Conflict,
+            format!("Secret {name} keeps being replaced by someone else; try again"),
+        ))
+    }
+
+    fn remembered_secret(&self, session_id: &SessionId) -> Option<WorkerSecret> {
+        self.known_secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(session_id)
+            .cloned()
+    }
+
+    fn remember_secret(&self, session_id: &SessionId, secret: Option<WorkerSecret>) {
+        let mut known = self.known_secrets.lock().unwrap_or_else(|e| e.into_inner());
+        match secret {
+            Some(s) => known.insert(session_id.clone(), s),
+            None => known.remove(session_id),
+        };
+    }
+
+    async fn delete_secret(&self, name: &str) -> Result<()> {
+        match self.secrets.delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(e) if api_code(&e) == Some(404) => Ok(()),
+            Err(e) => Err(self.api_error(e, "delete", "secrets", name)),
+        }
+    }
+
     async fn delete_pod(&self, name: &str) -> Result<()> {
         match self.pods.delete(name, &DeleteParams::default()).await {
             Ok(_) => Ok(()),
@@ -296,11 +381,14 @@ impl K8sDriver {
         }
     }
 
-    /// Deletes the session's pod and service (the PVC stays).
+    /// Deletes the session's pod, service and secret (the PVC stays).
     async fn remove(&self, session_id: &SessionId) -> Result<()> {
         let name = self.pod_name(session_id);
         self.delete_pod(&name).await?;
         self.delete_service(&name).await?;
+        self.remember_secret(session_id, None);
+        self.delete_secret(&self.auth_secret_name(session_id))
+            .await?;
         self.clock.forget(session_id);
         Ok(())
     }
@@ -327,6 +415,7 @@ impl K8sDriver {
                 }
                 Found::Missing => {
                     self.ensure_pvc(session_id).await?;
+                    self.session_secret(session_id, true).await?;
                     let manifest = self.pod_manifest(session_id);
                     match self.pods.create(&PostParams::default(), &manifest).await {
                         Ok(_) => return Ok((self.wait_pod_ready(&name, deadline).await?, false)),
@@ -503,12 +592,15 @@ impl ContainerDriver for K8sDriver {
         let deadline = Instant::now() + self.config.ready_timeout;
         let (pod, reused) = self.ready_pod(session_id, deadline).await?;
         self.ensure_service(session_id, &pod).await?;
-        let endpoint = self.endpoint_of(&pod).ok_or_else(|| {
-            Error::internal(format!(
-                "pod {} is Ready without an address",
-                self.pod_name(session_id)
-            ))
-        })?;
+        let endpoint = self
+            .endpoint_of(&pod)
+            .ok_or_else(|| {
+                Error::internal(format!(
+                    "pod {} is Ready without an address",
+                    self.pod_name(session_id)
+                ))
+            })?
+            .with_secret(self.session_secret(session_id, false).await?);
         // A new worker may need a moment after Ready (DNS, its listener); one that was
         // serving already gets a short grace, not the whole ready timeout.
         let within = if reused {
@@ -519,7 +611,7 @@ impl ContainerDriver for K8sDriver {
                 .max(self.config.health_timeout)
         };
         self.health
-            .wait_ready(&endpoint.base_url, within)
+            .wait_ready(&endpoint, within)
             .await
             .map_err(|e| {
                 let hint = match self.config.addressing {
@@ -559,7 +651,34 @@ impl ContainerDriver for K8sDriver {
     }
 
     async fn is_healthy(&self, endpoint: &WorkerEndpoint) -> bool {
-        self.health.check(&endpoint.base_url).await.is_some()
+        self.health.check(&endpoint).await.is_some()
+    }
+
+    /// The API server answers for the namespace's pods, and the workers get a model.
+    async fn check_setup(&self) -> Vec<SetupCheck> {
+        let ns = &self.config.namespace;
+        let mut checks = vec![
+            match self.pods.list(&ListParams::default().limit(1)).await {
+                Ok(_) => SetupCheck::ok(
+                    "cluster",
+                    format!("the Kubernetes API answers for namespace {ns}"),
+                ),
+                Err(e) => {
+                    SetupCheck::problem("cluster", self.api_error(e, "list", "pods", ns).message())
+                }
+            },
+        ];
+        checks.push(match &self.config.worker_secret {
+            Some(secret) => SetupCheck::ok(
+                "model",
+                format!("workers get the keys of the Secret {secret} (its content is not read)"),
+            ),
+            None => crate::common::model_setup(
+                self.config.worker_env.iter().map(|(k, _)| k.as_str()),
+                "in a Secret named by K8S_WORKER_SECRET",
+            ),
+        });
+        checks
     }
 
     async fn list(&self) -> Result<Vec<WorkerInfo>> {
@@ -568,7 +687,9 @@ impl ContainerDriver for K8sDriver {
             let endpoint = self.endpoint_of(&pod)?;
             let ready = is_ready(&pod);
             Some(async move {
-                let healthy = ready && self.health.check(&endpoint.base_url).await.is_some();
+                let secret = self.session_secret(&session, false).await.ok().flatten();
+                let endpoint = endpoint.with_secret(secret);
+                let healthy = ready && self.health.check(&endpoint).await.is_some();
                 WorkerInfo {
                     endpoint,
                     session_id: Some(session),
@@ -588,7 +709,10 @@ impl ContainerDriver for K8sDriver {
                 continue;
             }
             let health = match self.endpoint_of(&pod) {
-                Some(e) if is_ready(&pod) => self.health.check(&e.base_url).await,
+                Some(e) if is_ready(&pod) => {
+                    let secret = self.session_secret(&session, false).await.ok().flatten();
+                    self.health.check(&e.with_secret(secret)).await
+                }
                 _ => None,
             };
             let _guard = self.locks.lock(&session).await;

@@ -5,12 +5,14 @@ use std::collections::BTreeMap;
 
 use anywork_core::SessionId;
 use anywork_core::worker_api::HEALTH_PATH;
+use anywork_core::worker_api::WorkerSecret;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar,
-    HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    EnvVarSource, HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec,
     PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretEnvSource, SecurityContext, Service, ServicePort,
-    ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+    ResourceRequirements, SeccompProfile, Secret, SecretEnvSource, SecretKeySelector,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -37,6 +39,8 @@ pub const SESSION_ANNOTATION: &str = "anywork.dev/session-id";
 pub const WORKSPACE_MOUNT: &str = "/workspace";
 /// The worker container's name.
 pub const CONTAINER_NAME: &str = "worker";
+/// The key of the worker's secret in its session's Secret, and the variable it becomes.
+pub const WORKER_SECRET_KEY: &str = "WORKER_SECRET";
 
 impl K8sDriver {
     /// The name of `session_id`'s Pod and Service.
@@ -47,6 +51,25 @@ impl K8sDriver {
     /// The name of `session_id`'s workspace claim (with `pvc` storage).
     pub fn pvc_name(&self, session_id: &SessionId) -> String {
         format!("{}-ws", self.pod_name(session_id))
+    }
+
+    /// The name of `session_id`'s Secret holding its worker's secret.
+    pub fn auth_secret_name(&self, session_id: &SessionId) -> String {
+        format!("{}-auth", self.pod_name(session_id))
+    }
+
+    /// The Secret the driver creates for `session_id`: its worker's secret under
+    /// [`WORKER_SECRET_KEY`], which the pod takes as an env var (`secretKeyRef`).
+    pub fn auth_secret_manifest(&self, session_id: &SessionId, secret: &WorkerSecret) -> Secret {
+        Secret {
+            metadata: self.meta(self.auth_secret_name(session_id), session_id),
+            string_data: Some(BTreeMap::from([(
+                WORKER_SECRET_KEY.to_owned(),
+                secret.expose().to_owned(),
+            )])),
+            type_: Some("Opaque".into()),
+            ..Secret::default()
+        }
     }
 
     /// The label selector that finds this driver's worker pods.
@@ -94,7 +117,24 @@ impl K8sDriver {
             // The image's home is on the read-only root filesystem.
             env_var("HOME", "/tmp"),
         ];
-        env.extend(c.worker_env.iter().map(|(k, v)| env_var(k, v)));
+        env.extend(
+            c.worker_env
+                .iter()
+                .filter(|(k, _)| k != WORKER_SECRET_KEY && k != "WORKER_SECRET_FILE")
+                .map(|(k, v)| env_var(k, v)),
+        );
+        env.push(EnvVar {
+            name: WORKER_SECRET_KEY.to_owned(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: self.auth_secret_name(session_id),
+                    key: WORKER_SECRET_KEY.to_owned(),
+                    optional: Some(false),
+                }),
+                ..EnvVarSource::default()
+            }),
+        });
         let workspace_volume = match &c.storage {
             WorkspaceStorage::EmptyDir { size_limit } => Volume {
                 name: "workspace".into(),

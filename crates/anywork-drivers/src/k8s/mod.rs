@@ -9,6 +9,10 @@
 //!   an emptyDir `/tmp`, all capabilities dropped, seccomp `RuntimeDefault`) and probed on
 //!   `/health`;
 //! - a **Service** selecting it, owned by the Pod (deleting the Pod garbage-collects it);
+//! - a **Secret** `<prefix><slug>-auth` holding the worker's own random secret
+//!   (`WORKER_SECRET`, which the pod takes with `secretKeyRef`): the worker refuses calls
+//!   without it. It is created before the pod and deleted with it; the Pod spec names it but
+//!   never holds the value, so whoever may `get pods` does not learn it;
 //! - with `K8S_WORKSPACE_STORAGE=pvc`, a **PersistentVolumeClaim** `<prefix><slug>-ws` for the
 //!   workspace. It is not owned by the Pod: it survives release and reaping, so the session's
 //!   next worker finds its files. [`purge`](anywork_core::ContainerDriver::purge) (a deleted
@@ -20,17 +24,22 @@
 //! creates one, then waits until it is Ready and answers `/health`. `list` finds pods by label
 //! selector (so a restarted server adopts them); terminating pods, and with `pod-ip`
 //! addressing pods without an IP yet, are not listed. `release` and `reap_idle` delete the pod
-//! and its Service, `purge` also the claim (a 404 is fine everywhere).
+//! its Service and its Secret, `purge` also the claim (a 404 is fine everywhere).
 //!
 //! The API calls it makes, and so the RBAC it needs (`deploy/k8s/rbac.yaml`): pods `get`,
-//! `list`, `create`, `delete`; services `get`, `create`, `delete`; persistentvolumeclaims
-//! `create`, `delete`.
+//! `list`, `create`, `delete`; services `get`, `create`, `delete`; secrets `get`, `create`,
+//! `delete`; persistentvolumeclaims `create`, `delete`.
 
 mod config;
 mod driver;
 mod manifests;
 
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use anywork_core::SessionId;
+use anywork_core::worker_api::WorkerSecret;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service};
 use kube::api::Api;
 
 use crate::common::{HealthCheck, IdleClock, SessionLocks};
@@ -43,7 +52,7 @@ pub use config::{Addressing, K8sConfig, PASSED_THROUGH_ENV, Resources, Workspace
 pub use driver::client_for;
 pub use manifests::{
     COMPONENT, COMPONENT_LABEL, CONTAINER_NAME, MANAGED_BY, MANAGED_BY_LABEL, SESSION_ANNOTATION,
-    SESSION_LABEL, WORKSPACE_MOUNT,
+    SESSION_LABEL, WORKER_SECRET_KEY, WORKSPACE_MOUNT,
 };
 
 /// One Pod and one Service per session; see the [module docs](self).
@@ -52,6 +61,9 @@ pub struct K8sDriver {
     pods: Api<Pod>,
     services: Api<Service>,
     pvcs: Api<PersistentVolumeClaim>,
+    secrets: Api<Secret>,
+    /// The worker secret of each session, as created or read from its Secret.
+    known_secrets: Mutex<HashMap<SessionId, WorkerSecret>>,
     health: HealthCheck,
     locks: SessionLocks,
     clock: IdleClock,

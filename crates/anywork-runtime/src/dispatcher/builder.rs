@@ -7,14 +7,19 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anywork_core::{Channel, ContainerDriver, Error, Result, TaskId, TaskStore};
+use anywork_core::{
+    Channel, ContainerDriver, McpAccess, OutboundPolicy, Result, TaskId, TaskStore,
+};
 use tokio::sync::Semaphore;
 
+use super::outbox::{OutboxConfig, delivery_loop};
+use super::retention::{Retention, retention_loop};
 use super::retry::Backoff;
 use super::upkeep::{reap_loop, recovery_loop};
 use super::{Dispatcher, Inner};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::skills::{NoSkills, SkillSource};
 use crate::title::{FirstWords, TitleGenerator};
 use crate::worker_client::WorkerClient;
 
@@ -34,15 +39,39 @@ pub struct DispatcherConfig {
     pub cancel_grace: Duration,
     /// This server's name in leases (unique per process).
     pub owner: String,
+    /// Lease owners known to be gone — typically this server's previous incarnation, whose
+    /// name the binary keeps in its data folder: their tasks are ended as interrupted at start,
+    /// without waiting for their leases to expire.
+    pub dead_owners: Vec<String>,
     /// Retries of worker calls.
     pub retry: Backoff,
+    /// Retries of a run's store writes that failed for a reason that may pass (a locked
+    /// database, an outage); after the last one the run stops and says why.
+    pub store_retry: Backoff,
     /// Timeout of worker control calls (`/prepare`, `/cancel`, `/input`).
     pub control_timeout: Duration,
     /// Events appended to the log in one batch, at most.
     pub max_batch: usize,
+    /// How long getting a task's worker may take before a `progress` event says that a worker
+    /// is being made ready (a worker that is up answers well within it; zero: always told).
+    pub progress_after: Duration,
     /// How often the driver is asked to stop idle workers ([`ContainerDriver::reap_idle`]);
     /// `None` never.
     pub reap_every: Option<Duration>,
+    /// How long finished tasks' logs are kept, and how often the store's size is measured.
+    pub retention: Retention,
+    /// A worker's `/chat` stream silent for this long (no event, not even a keep-alive
+    /// comment; workers send one every 15 s) fails its task with the reason.
+    pub stream_idle_timeout: Duration,
+    /// Where request-chosen URLs may lead (push notifications, webhook callbacks, HTTP MCP
+    /// servers): checked when a request comes in and again when connecting. Default:
+    /// [`OutboundPolicy::strict`] (https, public addresses only).
+    pub outbound: OutboundPolicy,
+    /// Which MCP servers a request may ask for: entries of the operator's catalog, and its
+    /// own stdio commands only when allowed. Default: an empty catalog, no commands.
+    pub mcp: McpAccess,
+    /// How the outbox sends channel deliveries and push notifications.
+    pub outbox: OutboxConfig,
 }
 
 impl Default for DispatcherConfig {
@@ -53,10 +82,18 @@ impl Default for DispatcherConfig {
             lease_ttl: Duration::from_secs(30),
             cancel_grace: Duration::from_secs(5),
             owner: format!("server-{}", TaskId::generate()),
+            dead_owners: Vec::new(),
             retry: Backoff::default(),
+            store_retry: Backoff::new(10, Duration::from_millis(200), Duration::from_secs(5)),
             control_timeout: Duration::from_secs(30),
             max_batch: 256,
+            progress_after: Duration::from_millis(500),
             reap_every: Some(Duration::from_secs(30)),
+            retention: Retention::default(),
+            stream_idle_timeout: Duration::from_secs(60),
+            outbound: OutboundPolicy::strict(),
+            mcp: McpAccess::default(),
+            outbox: OutboxConfig::default(),
         }
     }
 }
@@ -69,6 +106,8 @@ pub struct DispatcherBuilder {
     config: DispatcherConfig,
     channels: HashMap<String, Arc<dyn Channel>>,
     titles: Arc<dyn TitleGenerator>,
+    skills: Arc<dyn SkillSource>,
+    push_secret: Option<String>,
 }
 
 impl std::fmt::Debug for DispatcherBuilder {
@@ -93,6 +132,8 @@ impl Dispatcher {
             config: DispatcherConfig::default(),
             channels: HashMap::new(),
             titles: Arc::new(FirstWords),
+            skills: Arc::new(NoSkills),
+            push_secret: None,
         }
     }
 }
@@ -111,21 +152,39 @@ impl DispatcherBuilder {
         self
     }
 
+    /// Signs push notifications with `secret`: `X-AnyWork-Timestamp` and
+    /// `X-AnyWork-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">`, the scheme
+    /// the generic webhook checks. Without it pushes go unsigned (their `Authorization`
+    /// header, if the task gave one, still goes).
+    pub fn push_signing_secret(mut self, secret: impl Into<String>) -> Self {
+        self.push_secret = Some(secret.into()).filter(|s: &String| !s.is_empty());
+        self
+    }
+
     /// Sets how session titles are made (default: [`FirstWords`]).
     pub fn titles(mut self, titles: impl TitleGenerator) -> Self {
         self.titles = Arc::new(titles);
         self
     }
 
-    /// Starts the dispatcher: its background recovery loop, and the tasks a previous run left
-    /// pending are queued again. Needs a Tokio runtime.
+    /// Sets where skills asked for by name come from (default: [`NoSkills`], which refuses
+    /// every name saying how to set `SKILLS_DIR`).
+    pub fn skills(mut self, skills: impl SkillSource) -> Self {
+        self.skills = Arc::new(skills);
+        self
+    }
+
+    /// Starts the dispatcher: its background loops (lease recovery, the outbox sender, the
+    /// idle-worker reaper), and the tasks a previous run left pending are queued again (the
+    /// deliveries it left are sent by the outbox sender). Needs a Tokio runtime.
     pub async fn start(self) -> Result<Dispatcher> {
-        let client = WorkerClient::new(self.config.control_timeout)?;
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
+        let client = WorkerClient::new(self.config.control_timeout)?
+            .with_stream_idle_timeout(self.config.stream_idle_timeout);
+        let http =
+            crate::outbound::checked_client(self.config.outbound.clone(), Duration::from_secs(30))?;
         let permits = Arc::new(Semaphore::new(self.config.max_concurrent.max(1)));
+        let metrics = Metrics::default();
+        metrics.driver(self.driver.name());
         let dispatcher = Dispatcher {
             inner: Arc::new(Inner {
                 store: self.store,
@@ -135,18 +194,30 @@ impl DispatcherBuilder {
                 config: self.config,
                 channels: self.channels,
                 titles: self.titles,
+                skills: self.skills,
                 http,
-                metrics: Metrics::default(),
+                metrics,
                 queues: Mutex::new(HashMap::new()),
                 permits,
                 runs: Mutex::new(HashMap::new()),
                 closing: AtomicBool::new(false),
+                last_words: Mutex::new(HashMap::new()),
+                held: Mutex::new(HashMap::new()),
+                resume: Mutex::new(Default::default()),
                 stopped: AtomicBool::new(false),
+                hooks: Default::default(),
+                outbox_wake: Arc::new(tokio::sync::Notify::new()),
+                push_secret: self.push_secret,
+                answered: Mutex::new(Default::default()),
             }),
         };
+        // What a previous server left running is settled (or waited for) before any pending
+        // task of its session is queued.
+        dispatcher.settle_at_start().await?;
         dispatcher.requeue_pending().await?;
-        dispatcher.recover_expired().await;
         tokio::spawn(recovery_loop(Arc::downgrade(&dispatcher.inner)));
+        tokio::spawn(delivery_loop(Arc::downgrade(&dispatcher.inner)));
+        tokio::spawn(retention_loop(Arc::downgrade(&dispatcher.inner)));
         if let Some(every) = dispatcher.inner.config.reap_every {
             tokio::spawn(reap_loop(Arc::downgrade(&dispatcher.inner), every));
         }

@@ -1,76 +1,49 @@
-//! After a task ends: its metrics, the delivery of its outcome to its channel, and the push
-//! notification to its URL, each retried on errors that may pass. Runs after the outcome is
-//! stored, off the run's path.
+//! After a task ends: its metrics, and the end of its hook queue (the hooks already queued
+//! still run). Its outcome is on its way out already: the deliveries were enqueued with the
+//! final status (see `outbox.rs`).
 
-use std::time::Duration;
-
-use anywork_core::{Error, Result, Task, TaskOutcome, WireTask};
+use anywork_core::Task;
 
 use super::Inner;
-use super::retry::{Backoff, retry_if};
 
 impl Inner {
-    /// Metrics, channel delivery and the push notification of a task that ended.
-    pub(super) async fn after_finish(&self, task: &Task, outcome: TaskOutcome) {
+    /// Metrics and the end of the hooks of a task that ended.
+    pub(super) fn after_finish(&self, task: &Task) {
         self.metrics.finished(task);
-        let channel = self.channels.get(&task.channel_type).cloned();
-        if channel.is_none() && task.push_notification.is_none() {
-            return;
-        }
-        let task = task.clone();
-        let http = self.http.clone();
-        let backoff = Backoff::new(4, Duration::from_millis(500), Duration::from_secs(10));
-        tokio::spawn(async move {
-            if let Some(channel) = channel
-                && let Err(e) = retry_if(
-                    &backoff,
-                    || channel.deliver(&task, &outcome),
-                    Error::is_retryable,
-                )
-                .await
-            {
-                tracing::warn!(task = %task.id, error = %e, "channel delivery failed");
-            }
-            if let Some(push) = &task.push_notification
-                && let Err(e) = retry_if(
-                    &backoff,
-                    || push_outcome(&http, push, &task),
-                    Error::is_retryable,
-                )
-                .await
-            {
-                tracing::warn!(task = %task.id, url = %push.url, error = %e, "push notification failed");
-            }
-        });
+        self.hooks.close(task.id);
     }
 }
 
-/// POSTs the finished task (the REST task shape) to its push-notification URL.
-async fn push_outcome(
-    http: &reqwest::Client,
-    push: &anywork_core::PushNotification,
-    task: &Task,
-) -> Result<()> {
-    let mut request = http.post(&push.url).json(&WireTask::from(task));
-    if let Some(auth) = &push.authorization {
-        request = request.header(reqwest::header::AUTHORIZATION, auth);
+/// `scheme://host[:port]` of a URL (no user info, path or query, which may hold secrets).
+pub(super) fn url_host(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => format!(
+            "{}://{}{}",
+            u.scheme(),
+            u.host_str().unwrap_or(""),
+            u.port().map(|p| format!(":{p}")).unwrap_or_default()
+        ),
+        Err(_) => "<not a URL>".to_owned(),
     }
-    let response = request
-        .send()
-        .await
-        .map_err(|e| Error::unavailable(format!("push notification to {}: {e}", push.url)))?;
-    let status = response.status();
-    if status.is_success() {
-        Ok(())
-    } else if status.is_server_error() || status.as_u16() == 429 {
-        Err(Error::unavailable(format!(
-            "push notification to {} answered {status}",
-            push.url
-        )))
+}
+
+/// An error with its sources, `: `-separated, without URLs.
+pub(super) fn error_chain(e: &reqwest::Error) -> String {
+    let mut out = if e.is_redirect() {
+        "redirect refused"
+    } else if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "cannot connect"
     } else {
-        Err(Error::invalid_input(format!(
-            "push notification to {} answered {status}",
-            push.url
-        )))
+        "request failed"
     }
+    .to_owned();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }

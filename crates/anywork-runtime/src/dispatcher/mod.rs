@@ -17,13 +17,23 @@
 //! - `builder.rs`: [`DispatcherConfig`], [`DispatcherBuilder`], start-up.
 //! - this file: submit, cancel, respond, shutdown; the store-then-publish primitives.
 //! - `run.rs`: the run of one task. `retry.rs`: [`Backoff`] and retries.
-//! - `deliver.rs`: channel delivery and push notifications after a task ends.
+//! - `deliver.rs`: what happens after a task ends (metrics, the end of its hooks).
+//! - `hooks.rs`: the channel hooks of a task, in order, off the run's path.
+//! - `outbox.rs`: the outbox sender (channel deliveries and push notifications, retried,
+//!   dead-lettered) and the deliveries API.
 //! - `upkeep.rs`: recovery of expired leases, re-queueing at start, the idle-worker reaper.
+//! - `restart.rs`: at start, ending a dead previous server's tasks as interrupted and holding
+//!   back sessions whose task another server holds.
+//! - `retention.rs`: deleting finished tasks' logs by age and size, the store size metric.
 //! - `ops.rs`: the operations an API calls (sessions, logs, events, workspace docs, inbound).
 
 mod builder;
 mod deliver;
+mod hooks;
 mod ops;
+pub(crate) mod outbox;
+mod restart;
+mod retention;
 mod retry;
 mod run;
 mod upkeep;
@@ -35,20 +45,26 @@ use std::time::{Duration, Instant};
 
 use anywork_core::{
     Channel, ContainerDriver, Error, ErrorKind, InputResponse, NewSession, NewTask, NewTaskLog,
-    Result, Session, SessionId, Task, TaskChange, TaskEvent, TaskId, TaskOutcome, TaskRequest,
-    TaskStatus, TaskStore,
+    Result, Session, SessionId, SessionMode, SkillSpec, Task, TaskChange, TaskEvent, TaskId,
+    TaskOutcome, TaskRequest, TaskStatus, TaskStore,
 };
 use futures_util::Stream;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
 pub use builder::{DispatcherBuilder, DispatcherConfig};
 pub use ops::{DocFile, InboundOutcome, WorkspaceDoc};
+pub use outbox::OutboxConfig;
+pub use retention::{Retention, RetentionRound};
 pub use retry::Backoff;
 
 use crate::hub::{Hub, LiveEvent};
 use crate::metrics::Metrics;
 use crate::title::TitleGenerator;
 use crate::worker_client::WorkerClient;
+
+/// The longest [`Dispatcher::cancel`] waits for a running task to end before it answers
+/// with the task still active (HTTP: 202 `canceling`).
+pub const CANCEL_ANSWER_WAIT: Duration = Duration::from_secs(2);
 
 /// What [`Dispatcher::submit`] did.
 #[derive(Debug, Clone)]
@@ -58,10 +74,15 @@ pub struct Submitted {
     pub task: Task,
     /// Whether the request made a new session.
     pub session_created: bool,
+    /// Whether the request repeated an earlier one (same channel and idempotency key): `task`
+    /// is the first one's, and nothing new was stored or queued.
+    pub duplicate: bool,
 }
 
 enum Control {
     Cancel(oneshot::Sender<()>),
+    /// The server is going away: stop the run and record why (a failure, not a cancel).
+    Interrupt(String),
     Input(InputResponse, oneshot::Sender<Result<()>>),
 }
 
@@ -73,6 +94,7 @@ struct Inner {
     config: DispatcherConfig,
     channels: HashMap<String, Arc<dyn Channel>>,
     titles: Arc<dyn TitleGenerator>,
+    skills: Arc<dyn crate::skills::SkillSource>,
     http: reqwest::Client,
     metrics: Metrics,
     /// Sessions with a runner, and the tasks waiting behind the running one.
@@ -80,8 +102,25 @@ struct Inner {
     permits: Arc<Semaphore>,
     runs: Mutex<HashMap<TaskId, mpsc::Sender<Control>>>,
     closing: AtomicBool,
+    /// Why runs that could not store their outcome ended: recovery gives that reason when
+    /// the task's lease runs out, rather than blaming a server crash.
+    last_words: Mutex<HashMap<TaskId, String>>,
+    /// Sessions whose pending tasks wait for tasks another server holds (found at start).
+    held: Mutex<HashMap<SessionId, Vec<TaskId>>>,
+    /// Tasks taken back from this server's previous run: their runs re-attach to the worker
+    /// (`/chat/attach`) instead of starting a new chat.
+    resume: Mutex<std::collections::HashSet<TaskId>>,
     /// Set by `shutdown`: the background loops end.
     stopped: AtomicBool,
+    /// The channel hooks of running tasks.
+    hooks: hooks::Hooks,
+    /// Wakes the outbox sender when something was enqueued.
+    outbox_wake: Arc<Notify>,
+    /// The key push notifications are signed with, if any.
+    push_secret: Option<String>,
+    /// Idempotency keys of inbound requests that answered a question (no task records them),
+    /// newest last, so that a resent answer does not start a task.
+    answered: Mutex<VecDeque<(String, String)>>,
 }
 
 /// Schedules and runs tasks. Cheap to clone.
@@ -121,6 +160,12 @@ impl Dispatcher {
         self.inner.driver.name()
     }
 
+    /// The driver's set-up check ([`ContainerDriver::check_setup`]): what it needs before a
+    /// first task, and what is missing.
+    pub async fn check_setup(&self) -> Vec<anywork_core::SetupCheck> {
+        self.inner.driver.check_setup().await
+    }
+
     /// The configuration.
     pub fn config(&self) -> &DispatcherConfig {
         &self.inner.config
@@ -148,9 +193,17 @@ impl Dispatcher {
 
     /// Stores a task as `pending` and queues it. The session is `request.session_id` (which
     /// must exist), else the one found by `channel_key`, else a new one.
+    ///
+    /// A request with an `idempotency_key` that a task of its channel already has stores
+    /// nothing: the first task comes back with [`Submitted::duplicate`] set.
     pub async fn submit(&self, request: TaskRequest) -> Result<Submitted> {
         let submitted = self.store_new(request).await?;
-        self.enqueue(submitted.task.clone());
+        if !submitted.duplicate {
+            if let Some(channel) = self.inner.channels.get(&submitted.task.channel_type) {
+                self.inner.hooks.accepted(channel, &submitted.task);
+            }
+            self.enqueue(submitted.task.clone());
+        }
         Ok(submitted)
     }
 
@@ -166,7 +219,12 @@ impl Dispatcher {
     )> {
         let submitted = self.store_new(request).await?;
         let live = self.inner.hub.subscribe(submitted.task.id);
-        self.enqueue(submitted.task.clone());
+        if !submitted.duplicate {
+            if let Some(channel) = self.inner.channels.get(&submitted.task.channel_type) {
+                self.inner.hooks.accepted(channel, &submitted.task);
+            }
+            self.enqueue(submitted.task.clone());
+        }
         let (d, task) = (self.clone(), submitted.task.clone());
         let events = crate::follow::into_stream(move |out| async move {
             crate::follow::follow_submitted(&d, &task, live, &out).await
@@ -175,36 +233,167 @@ impl Dispatcher {
     }
 
     /// Stores the request's task as `pending` (and its session if new), not queued yet.
-    async fn store_new(&self, request: TaskRequest) -> Result<Submitted> {
+    async fn store_new(&self, mut request: TaskRequest) -> Result<Submitted> {
         if self.inner.closing.load(Ordering::Relaxed) {
             return Err(Error::unavailable("the server is shutting down"));
         }
+        request.validate_shape()?;
+        self.resolve_skills(&mut request).await?;
         request.validate()?;
+        if let Some(first) = self.first_with_key(&request).await? {
+            return Ok(Submitted {
+                task: first,
+                session_created: false,
+                duplicate: true,
+            });
+        }
+        self.admit(&mut request).await?;
         let (session, created) = self.resolve_session(&request).await?;
         let untitled = session.title == NewSession::DEFAULT_TITLE;
-        let task = self
+        let keyed = request.idempotency_key.is_some();
+        let (channel_type, key) = (
+            request.channel_type.clone(),
+            request.idempotency_key.clone(),
+        );
+        let task = match self
             .inner
             .store
             .create_task(NewTask::from_request(session.id.clone(), request))
-            .await?;
+            .await
+        {
+            Ok(t) => t,
+            // The same event arrived twice at once and the other copy stored it first.
+            Err(e) if keyed && e.kind() == ErrorKind::Conflict => {
+                let first = self
+                    .inner
+                    .store
+                    .find_task_by_idempotency_key(&channel_type, key.as_deref().unwrap_or(""))
+                    .await?
+                    .ok_or(e)?;
+                return Ok(Submitted {
+                    task: first,
+                    session_created: false,
+                    duplicate: true,
+                });
+            }
+            Err(e) => return Err(e),
+        };
         self.inner.metrics.submitted();
+        tracing::info!(
+            task = %task.id,
+            session = %task.session_id,
+            channel = %task.channel_type,
+            new_session = created,
+            "task submitted"
+        );
         if created || untitled {
             self.spawn_title(session.id.clone(), task.message.clone());
         }
         Ok(Submitted {
             task,
             session_created: created,
+            duplicate: false,
         })
+    }
+
+    /// What a request may ask for: MCP servers from the catalog (its own commands only when
+    /// allowed; its own HTTP servers and its push URL only where the outbound policy allows).
+    async fn admit(&self, request: &mut TaskRequest) -> Result<()> {
+        let config = &self.inner.config;
+        for (name, url) in config.mcp.admit(&mut request.mcp_servers)? {
+            crate::outbound::check_url(&config.outbound, &format!("MCP server {name:?}"), &url)
+                .await?;
+        }
+        if let Some(push) = &request.push_notification {
+            crate::outbound::check_url(&config.outbound, "push_notification.url", &push.url)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the request's skills given by name with the skills from the [`SkillSource`],
+    /// and checks that the name-only default skills of its channel resolve too: an unknown
+    /// or broken skill refuses the request before anything is stored.
+    ///
+    /// [`SkillSource`]: crate::skills::SkillSource
+    async fn resolve_skills(&self, request: &mut TaskRequest) -> Result<()> {
+        let defaults = self
+            .channel(&request.channel_type)
+            .map(|c| c.defaults().skills)
+            .unwrap_or_default();
+        let mut names: Vec<String> = request
+            .unresolved_skills()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        names.extend(
+            defaults
+                .iter()
+                .filter(|s| s.is_name_only())
+                .map(|s| s.name.clone()),
+        );
+        if names.is_empty() {
+            return Ok(());
+        }
+        let resolved = self.inner.resolve_skill_names(names).await?;
+        request.resolve_skills(|name| {
+            resolved
+                .iter()
+                .find(|s| s.name == name)
+                .cloned()
+                .ok_or_else(|| Error::internal(format!("skill {name:?} was not resolved")))
+        })
+    }
+
+    /// What can be asked for by name (`GET /api/skills`).
+    pub async fn skill_catalog(&self) -> Result<crate::skills::SkillCatalog> {
+        let skills = self.inner.skills.clone();
+        tokio::task::spawn_blocking(move || skills.catalog())
+            .await
+            .map_err(|e| Error::internal(format!("the skills listing stopped: {e}")))?
+    }
+
+    /// The task already created in this request's channel with its idempotency key.
+    async fn first_with_key(&self, request: &TaskRequest) -> Result<Option<Task>> {
+        match &request.idempotency_key {
+            Some(key) => {
+                self.inner
+                    .store
+                    .find_task_by_idempotency_key(&request.channel_type, key)
+                    .await
+            }
+            None => Ok(None),
+        }
     }
 
     async fn resolve_session(&self, request: &TaskRequest) -> Result<(Session, bool)> {
         let store = &self.inner.store;
         if let Some(id) = &request.session_id {
+            let mode = request.session_mode;
             return match store.get_session(id).await {
-                Ok(s) => Ok((s, false)),
-                Err(e) if e.kind() == ErrorKind::NotFound => Err(Error::not_found(format!(
-                    "session {id} does not exist; leave `session_id` out to start a new one"
+                Ok(_) if mode == SessionMode::CreateNew => Err(Error::conflict(format!(
+                    "session {id} exists already; send the request again for a fresh one"
                 ))),
+                Ok(s) => Ok((s, false)),
+                Err(e) if e.kind() == ErrorKind::NotFound && mode == SessionMode::Existing => {
+                    Err(Error::not_found(format!(
+                        "session {id} does not exist; leave `session_id` out to start a new one"
+                    )))
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    let new = NewSession::new(&request.channel_type).with_id(id.clone());
+                    match store.create_session(new).await {
+                        Ok(s) => Ok((s, true)),
+                        // Created meanwhile by another request: continue it.
+                        Err(e)
+                            if e.kind() == ErrorKind::Conflict
+                                && mode == SessionMode::GetOrCreate =>
+                        {
+                            Ok((store.get_session(id).await?, false))
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
                 Err(e) => Err(e),
             };
         }
@@ -270,8 +459,10 @@ impl Dispatcher {
     }
 
     /// Cancels a task in any active state and returns it as stored afterwards: a pending task
-    /// becomes `canceled` at once; a running one is stopped on its worker first.
-    /// `Conflict` ("Cannot cancel task in status: …") when it is already over.
+    /// becomes `canceled` at once; a running one is stopped on its worker first, and if it has
+    /// not ended within [`CANCEL_ANSWER_WAIT`] it is returned still active (its run goes on
+    /// stopping it: the worker's grace, then `canceled` anyway). `Conflict` ("Cannot cancel
+    /// task in status: …") when it is already over.
     pub async fn cancel(&self, task_id: TaskId) -> Result<Task> {
         for _ in 0..5 {
             let task = self.inner.store.get_task(task_id).await?;
@@ -285,7 +476,8 @@ impl Dispatcher {
             if let Some(run) = run {
                 let (ack, done) = oneshot::channel();
                 if run.send(Control::Cancel(ack)).await.is_ok() {
-                    let wait = self.inner.config.cancel_grace + Duration::from_secs(5);
+                    let wait = CANCEL_ANSWER_WAIT
+                        .min(self.inner.config.cancel_grace + Duration::from_secs(1));
                     let _ = tokio::time::timeout(wait, done).await;
                     return self.inner.store.get_task(task_id).await;
                 }
@@ -330,19 +522,60 @@ impl Dispatcher {
             .map_err(|_| Error::conflict(format!("task {task_id} has just ended")))?
     }
 
-    /// Stops taking tasks and waits up to `grace` for running ones to end. Tasks still running
-    /// afterwards keep their lease, which expires; a later start fails them with the reason.
+    /// Shuts down in order: new tasks are refused (and `check_ready` fails) and queued ones
+    /// are no longer started (they stay `pending` for the next start); running tasks get up
+    /// to `grace` to finish, their followers still served; those still running then are
+    /// stopped on their workers and recorded as failed, interrupted by the shutdown (within
+    /// the cancel grace). Call it before closing connections, so that followers see the
+    /// `done` of the tasks that finished.
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.closing.store(true, Ordering::Relaxed);
         let deadline = Instant::now() + grace;
         while self.running() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let runs: Vec<_> = lock(&self.inner.runs).values().cloned().collect();
+        if !runs.is_empty() {
+            tracing::warn!(
+                tasks = runs.len(),
+                "tasks still running after the shutdown grace are interrupted"
+            );
+        }
+        let reason = format!(
+            "interrupted: the server shut down before the task finished (it waited {} s, \
+             SHUTDOWN_GRACE_SECONDS); send the message again to retry",
+            grace.as_secs_f64()
+        );
+        for run in runs {
+            let _ = run.try_send(Control::Interrupt(reason.clone()));
+        }
+        let deadline = Instant::now() + self.inner.config.cancel_grace + Duration::from_secs(1);
+        while self.running() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         self.inner.stopped.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) has begun.
+    pub fn is_closing(&self) -> bool {
+        self.inner.closing.load(Ordering::Relaxed)
     }
 }
 
 impl Inner {
+    /// Resolves skill names through the skill source, off the async threads.
+    async fn resolve_skill_names(&self, names: Vec<String>) -> Result<Vec<SkillSpec>> {
+        let skills = self.skills.clone();
+        tokio::task::spawn_blocking(move || {
+            names
+                .iter()
+                .map(|n| skills.resolve(n))
+                .collect::<Result<Vec<_>>>()
+        })
+        .await
+        .map_err(|e| Error::internal(format!("resolving skills stopped: {e}")))?
+    }
+
     /// Appends events to the log, then publishes them with their seqs.
     async fn record(&self, task: &Task, events: Vec<TaskEvent>) -> Result<()> {
         if events.is_empty() {
@@ -373,6 +606,43 @@ impl Inner {
         Ok(stored)
     }
 
+    /// [`transition`](Self::transition) that also enqueues, in the same store transaction,
+    /// the deliveries that tell of the new status (the outcome to the task's channel, its
+    /// push notification), and wakes the outbox sender.
+    async fn transition_and_enqueue(
+        &self,
+        task: &Task,
+        expected: TaskStatus,
+        change: TaskChange,
+        events: Vec<TaskEvent>,
+    ) -> Result<Task> {
+        let mut after = task.clone();
+        after.status = expected;
+        let deliveries = match change.apply(&mut after) {
+            Ok(()) => {
+                let question = events.iter().rev().find_map(|e| match e {
+                    TaskEvent::InputRequired(r) => Some(r),
+                    _ => None,
+                });
+                outbox::deliveries_for(self, &after, question)
+            }
+            // The store refuses the change the same way.
+            Err(_) => Vec::new(),
+        };
+        if deliveries.is_empty() {
+            return self.transition(task, expected, change, events).await;
+        }
+        let n = events.len() as u64;
+        let logs = events.iter().cloned().map(NewTaskLog::now).collect();
+        let (stored, last) = self
+            .store
+            .update_task_and_enqueue(task.id, expected, change, logs, deliveries)
+            .await?;
+        self.publish(task, last + 1 - n, events);
+        self.outbox_wake.notify_one();
+        Ok(stored)
+    }
+
     /// Publishes events the store has just numbered `first..`. Only `record` and `transition`
     /// call it: what is published was stored.
     fn publish(&self, task: &Task, first: u64, events: Vec<TaskEvent>) {
@@ -387,15 +657,34 @@ impl Inner {
 
     /// Ends a task no run of this server holds (queued, or orphaned) with `outcome`.
     async fn finish_unrun(&self, task: &Task, outcome: TaskOutcome) -> Result<Task> {
+        self.finish_unrun_with(task, outcome, Vec::new()).await
+    }
+
+    /// [`finish_unrun`](Self::finish_unrun) with `before` written just ahead of the `done`.
+    async fn finish_unrun_with(
+        &self,
+        task: &Task,
+        outcome: TaskOutcome,
+        mut before: Vec<TaskEvent>,
+    ) -> Result<Task> {
+        before.push(TaskEvent::Done(outcome.clone()));
         let stored = self
-            .transition(
+            .transition_and_enqueue(
                 task,
                 task.status,
                 TaskChange::finish(outcome.clone()),
-                vec![TaskEvent::Done(outcome.clone())],
+                before,
             )
             .await?;
-        self.after_finish(&stored, outcome).await;
+        tracing::info!(
+            task = %task.id,
+            session = %task.session_id,
+            status = %stored.status,
+            ran = false,
+            error = outcome.error.as_deref().unwrap_or(""),
+            "task finished"
+        );
+        self.after_finish(&stored);
         if !lock(&self.runs).contains_key(&task.id) {
             self.hub.close(task.id);
         }

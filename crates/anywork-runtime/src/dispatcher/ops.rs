@@ -9,8 +9,9 @@ use std::sync::Weak;
 
 use anywork_core::ws::ServerMessage;
 use anywork_core::{
-    Error, ErrorKind, Inbound, InboundRequest, NewSession, Page, Result, Session, SessionId,
-    SessionSummary, Task, TaskId, TaskLog, WorkerEndpoint, WorkerInfo, session::validate_title,
+    Error, ErrorKind, Inbound, InboundRequest, InputKind, InputRequest, InputResponse, NewSession,
+    Page, Result, Session, SessionId, SessionSummary, Task, TaskEvent, TaskId, TaskLog,
+    TaskRequest, TaskStatus, WorkerEndpoint, WorkerInfo, session::validate_title,
 };
 use futures_util::Stream;
 use prometheus_client::collector::Collector;
@@ -21,7 +22,34 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use super::{Dispatcher, Inner, Submitted};
+use super::{Dispatcher, Inner, Submitted, lock};
+
+/// What a channel asked for, once parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Task,
+    FollowUp,
+    AnswerOnly,
+}
+
+/// Idempotency keys of answers kept in memory.
+const ANSWERED_KEYS: usize = 4096;
+
+impl Inner {
+    fn was_answered(&self, channel_type: &str, key: &str) -> bool {
+        lock(&self.answered)
+            .iter()
+            .any(|(c, k)| c == channel_type && k == key)
+    }
+
+    fn remember_answer(&self, channel_type: &str, key: String) {
+        let mut keys = lock(&self.answered);
+        if keys.len() >= ANSWERED_KEYS {
+            keys.pop_front();
+        }
+        keys.push_back((channel_type.to_owned(), key));
+    }
+}
 use crate::hub::LiveEvent;
 
 /// What [`Dispatcher::inbound`] did with a channel's request.
@@ -35,6 +63,15 @@ pub enum InboundOutcome {
         /// Why, as the channel says.
         reason: String,
     },
+    /// The request answered the question a task of its session was waiting on; the task
+    /// goes on.
+    Answered {
+        /// The task that was waiting.
+        task: Box<Task>,
+    },
+    /// The channel answers the sender with this JSON (HTTP 200) and nothing else happens: a
+    /// handshake such as Slack's `url_verification`.
+    Responded(Value),
 }
 
 /// A workspace-wide document the workers keep.
@@ -53,6 +90,30 @@ impl WorkspaceDoc {
         match self {
             WorkspaceDoc::Soul => "soul",
             WorkspaceDoc::Agents => "agents",
+        }
+    }
+
+    /// The file name (`SOUL.md`, `AGENTS.md`).
+    pub fn file_name(self) -> &'static str {
+        match self {
+            WorkspaceDoc::Soul => "SOUL.md",
+            WorkspaceDoc::Agents => "AGENTS.md",
+        }
+    }
+
+    /// The store setting holding the default of new sessions.
+    pub fn setting_key(self) -> &'static str {
+        match self {
+            WorkspaceDoc::Soul => "workspace.soul",
+            WorkspaceDoc::Agents => "workspace.agents",
+        }
+    }
+
+    /// The built-in default, until one is saved.
+    pub fn builtin(self) -> &'static str {
+        match self {
+            WorkspaceDoc::Soul => anywork_core::worker_api::DEFAULT_SOUL,
+            WorkspaceDoc::Agents => anywork_core::worker_api::DEFAULT_AGENTS,
         }
     }
 }
@@ -82,11 +143,6 @@ pub struct DocFile {
     /// Its text.
     #[serde(default)]
     pub content: String,
-}
-
-/// The session id used to reach a worker for workspace-wide files.
-fn workspace_session() -> SessionId {
-    SessionId::new("workspace").unwrap_or_else(|_| SessionId::generate())
 }
 
 impl Dispatcher {
@@ -200,7 +256,10 @@ impl Dispatcher {
     }
 
     /// Passes an inbound HTTP request to the channel registered for `channel_type`, which
-    /// verifies and parses it; a task it makes is submitted (with that channel type).
+    /// verifies and parses it, then does what the [`Channel`](anywork_core::Channel) trait
+    /// says of what it returns: a request whose session has a task waiting for input answers
+    /// it; otherwise a `Task` is submitted, a `FollowUp` only into an existing session, an
+    /// `AnswerOnly` not at all; a repeated idempotency key gives the first task back.
     /// `NotFound` when no such channel is registered; the channel's own errors otherwise.
     pub async fn inbound(
         &self,
@@ -210,50 +269,305 @@ impl Dispatcher {
         let channel = self.channel(channel_type).cloned().ok_or_else(|| {
             Error::not_found(format!("no channel of type {channel_type:?} is configured"))
         })?;
-        match channel.parse(request).await? {
-            Inbound::Task(mut request) => {
-                request.channel_type = channel_type.to_owned();
+        let (mut request, kind) = match channel.parse(request).await? {
+            Inbound::Task(r) => (r, Kind::Task),
+            Inbound::FollowUp(r) => (r, Kind::FollowUp),
+            Inbound::AnswerOnly(r) => (r, Kind::AnswerOnly),
+            Inbound::Respond(body) => return Ok(InboundOutcome::Responded(body)),
+            Inbound::Skip { reason } => return Ok(InboundOutcome::Skipped { reason }),
+            other => {
+                return Ok(InboundOutcome::Skipped {
+                    reason: format!("this server does not handle {other:?}"),
+                });
+            }
+        };
+        request.channel_type = channel_type.to_owned();
+        let key = request.idempotency_key.clone();
+        if let Some(key) = &key {
+            if let Some(first) = self
+                .inner
+                .store
+                .find_task_by_idempotency_key(channel_type, key)
+                .await?
+            {
+                return Ok(InboundOutcome::Submitted(Box::new(Submitted {
+                    task: first,
+                    session_created: false,
+                    duplicate: true,
+                })));
+            }
+            if self.inner.was_answered(channel_type, key) {
+                return Ok(InboundOutcome::Skipped {
+                    reason: "this event answered a question already".into(),
+                });
+            }
+        }
+        let session = self.inbound_session(&request).await?;
+        if let Some(session) = &session
+            && let Some(task) = self.answer_waiting(session, &request).await?
+        {
+            if let Some(key) = key {
+                self.inner.remember_answer(channel_type, key);
+            }
+            return Ok(InboundOutcome::Answered {
+                task: Box::new(task),
+            });
+        }
+        match (kind, session) {
+            (Kind::Task, _) => Ok(InboundOutcome::Submitted(Box::new(
+                self.submit(*request).await?,
+            ))),
+            (Kind::FollowUp, Some(session)) => {
+                request.session_id = Some(session.id);
+                request.session_mode = anywork_core::SessionMode::Existing;
                 Ok(InboundOutcome::Submitted(Box::new(
                     self.submit(*request).await?,
                 )))
             }
-            Inbound::Skip { reason } => Ok(InboundOutcome::Skipped { reason }),
-            // Follow-ups, answers and handshakes are wired with the channels' endpoint.
-            other => Ok(InboundOutcome::Skipped {
-                reason: format!("this server does not handle {other:?} yet"),
+            (Kind::FollowUp, None) => Ok(InboundOutcome::Skipped {
+                reason: "a follow-up where no session of this channel exists".into(),
+            }),
+            (Kind::AnswerOnly, _) => Ok(InboundOutcome::Skipped {
+                reason: "nothing there waits for an answer".into(),
             }),
         }
     }
 
-    /// A workspace document, from any healthy worker.
-    pub async fn workspace_doc(&self, doc: WorkspaceDoc) -> Result<DocFile> {
-        let worker = self.any_worker(&workspace_session()).await?;
-        let answer = self.inner.client.get_doc(&worker, doc.slug()).await?;
-        doc_file(answer)
+    /// The stored session an inbound request belongs to, if it exists yet.
+    async fn inbound_session(&self, request: &TaskRequest) -> Result<Option<Session>> {
+        let store = &self.inner.store;
+        if let Some(id) = &request.session_id {
+            return match store.get_session(id).await {
+                Ok(s) => Ok(Some(s)),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            };
+        }
+        match &request.channel_key {
+            Some(key) => store.find_session(&request.channel_type, key).await,
+            None => Ok(None),
+        }
     }
 
-    /// Writes a workspace document through any healthy worker; returns it as written.
+    /// If a task of `session` waits for input, answers it with the request's words and
+    /// returns it. `None` when nothing waits (or it stopped waiting meanwhile).
+    async fn answer_waiting(
+        &self,
+        session: &Session,
+        request: &TaskRequest,
+    ) -> Result<Option<Task>> {
+        let mut offset = 0;
+        let waiting = loop {
+            let page = Page { limit: 200, offset };
+            let tasks = self
+                .inner
+                .store
+                .tasks_by_status(TaskStatus::InputRequired, page)
+                .await?;
+            let n = tasks.len() as u32;
+            if let Some(t) = tasks.into_iter().find(|t| t.session_id == session.id) {
+                break Some(t);
+            }
+            if n < page.limit {
+                break None;
+            }
+            offset += n;
+        };
+        let Some(task) = waiting else {
+            return Ok(None);
+        };
+        let Some(question) = self.open_question(task.id).await? else {
+            return Ok(None);
+        };
+        let answer = request.answer_text().trim().to_owned();
+        let allow = (question.kind == InputKind::Permission).then(|| {
+            let first = answer
+                .split(|c: char| !c.is_alphanumeric())
+                .find(|w| !w.is_empty())
+                .unwrap_or("")
+                .to_ascii_lowercase();
+            matches!(first.as_str(), "yes" | "y" | "allow" | "ok")
+        });
+        let response = InputResponse {
+            request_id: question.request_id,
+            answer,
+            allow,
+        };
+        match self.respond(task.id, response).await {
+            Ok(()) => Ok(Some(task)),
+            // It stopped waiting meanwhile (answered elsewhere, ended): treat the request as new.
+            Err(e) if e.kind() == ErrorKind::Conflict => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The last question a task asked, from its log.
+    async fn open_question(&self, task_id: TaskId) -> Result<Option<InputRequest>> {
+        let mut after = 0;
+        let mut last = None;
+        loop {
+            let logs = self.inner.store.read_logs(task_id, after, 500).await?;
+            let n = logs.len();
+            for l in logs {
+                after = l.seq;
+                if let TaskEvent::InputRequired(r) = l.event {
+                    last = Some(r);
+                }
+            }
+            if n < 500 {
+                return Ok(last);
+            }
+        }
+    }
+
+    /// The default of `doc` that new sessions start with, kept in the store (the built-in
+    /// text until someone saves one). No worker is asked, none is started.
+    pub async fn workspace_doc(&self, doc: WorkspaceDoc) -> Result<DocFile> {
+        let content = match self.inner.store.get_setting(doc.setting_key()).await? {
+            Some(text) => text,
+            None => doc.builtin().to_owned(),
+        };
+        Ok(DocFile {
+            file: doc.file_name().to_owned(),
+            content,
+        })
+    }
+
+    /// Saves the default of `doc` in the store: every session created from now on starts with
+    /// it (handed to its workspace by `/prepare`); existing sessions keep their own copy.
     pub async fn put_workspace_doc(&self, doc: WorkspaceDoc, content: &str) -> Result<DocFile> {
-        let worker = self.any_worker(&workspace_session()).await?;
+        self.inner
+            .store
+            .put_setting(doc.setting_key(), content)
+            .await?;
+        Ok(DocFile {
+            file: doc.file_name().to_owned(),
+            content: content.to_owned(),
+        })
+    }
+
+    /// `doc` as the session has it in its workspace, from the session's running worker.
+    /// No worker is started: `Conflict` when none runs for the session now.
+    pub async fn session_doc(&self, session: &SessionId, doc: WorkspaceDoc) -> Result<DocFile> {
+        self.inner.store.get_session(session).await?;
+        let worker = self.running_worker(session).await?;
         let answer = self
             .inner
             .client
-            .put_doc(&worker, doc.slug(), content)
+            .get_session_doc(&worker, doc.slug(), session)
+            .await?;
+        doc_file(answer)
+    }
+
+    /// Writes `doc` into the session's workspace through its running worker (it applies to
+    /// the session's next task). `Conflict` when no worker runs for the session now.
+    pub async fn put_session_doc(
+        &self,
+        session: &SessionId,
+        doc: WorkspaceDoc,
+        content: &str,
+    ) -> Result<DocFile> {
+        self.inner.store.get_session(session).await?;
+        let worker = self.running_worker(session).await?;
+        let answer = self
+            .inner
+            .client
+            .put_session_doc(&worker, doc.slug(), session, content)
             .await?;
         let mut file = doc_file(answer)?;
         file.content = content.to_owned();
         Ok(file)
     }
 
-    /// A worker to ask about workspace-wide things (`SOUL.md`, `AGENTS.md`): a healthy one the
-    /// driver knows, else the one of `fallback`.
-    async fn any_worker(&self, fallback: &SessionId) -> Result<WorkerEndpoint> {
-        if let Ok(workers) = self.inner.driver.list().await
-            && let Some(w) = workers.into_iter().find(|w| w.healthy)
-        {
-            return Ok(w.endpoint);
+    /// The session's `files/` listing (`{files: [{path, size, modified}], truncated}`), from
+    /// its worker (started if it is not running: the files live on its workspace).
+    pub async fn session_files(&self, session: &SessionId) -> Result<Value> {
+        self.inner.store.get_session(session).await?;
+        let worker = self.inner.driver.get_worker(session).await?;
+        self.inner.client.list_files(&worker, session).await
+    }
+
+    /// One file of the session's `files/` (`path` relative to it).
+    pub async fn session_file(&self, session: &SessionId, path: &str) -> Result<Vec<u8>> {
+        anywork_core::spec::validate_relative_path(path)?;
+        self.inner.store.get_session(session).await?;
+        let worker = self.inner.driver.get_worker(session).await?;
+        self.inner.client.read_file(&worker, session, path).await
+    }
+
+    /// The session's `files/` as a zip.
+    pub async fn session_files_zip(&self, session: &SessionId) -> Result<Vec<u8>> {
+        self.inner.store.get_session(session).await?;
+        let worker = self.inner.driver.get_worker(session).await?;
+        self.inner.client.zip_files(&worker, session).await
+    }
+
+    /// Writes (uploads) `bytes` as `files/<path>` of the session; the worker refuses
+    /// traversal, links and files over its upload limit.
+    pub async fn put_session_file(
+        &self,
+        session: &SessionId,
+        path: &str,
+        bytes: Vec<u8>,
+    ) -> Result<Value> {
+        anywork_core::spec::validate_relative_path(path)?;
+        self.inner.store.get_session(session).await?;
+        let worker = self.inner.driver.get_worker(session).await?;
+        self.inner
+            .client
+            .write_file(&worker, session, path, bytes)
+            .await
+    }
+
+    /// The healthy worker that serves `session` now (its own, or a shared one), without
+    /// starting one.
+    pub(super) async fn running_worker(&self, session: &SessionId) -> Result<WorkerEndpoint> {
+        let workers = self.inner.driver.list().await?;
+        workers
+            .into_iter()
+            .filter(|w| w.healthy)
+            .find(|w| w.session_id.as_ref().is_none_or(|s| s == session))
+            .map(|w| w.endpoint)
+            .ok_or_else(|| {
+                Error::conflict(format!(
+                    "session {session} has no running worker now (it is started by the \
+                     session's next message and stopped when idle): its workspace files can be \
+                     read and changed while it runs"
+                ))
+            })
+    }
+
+    /// The tasks not yet over (pending, running, waiting for input), oldest first, at most
+    /// `limit` of each status.
+    pub async fn active_tasks(&self, limit: u32) -> Result<Vec<Task>> {
+        let mut tasks = Vec::new();
+        for status in [
+            anywork_core::TaskStatus::Running,
+            anywork_core::TaskStatus::InputRequired,
+            anywork_core::TaskStatus::Pending,
+        ] {
+            tasks.extend(
+                self.inner
+                    .store
+                    .tasks_by_status(status, Page::first(limit))
+                    .await?,
+            );
         }
-        self.inner.driver.get_worker(fallback).await
+        Ok(tasks)
+    }
+
+    /// `Ok` when this server can take work: it is not shutting down and its store takes
+    /// writes now ([`TaskStore::check_ready`](anywork_core::TaskStore::check_ready): one small
+    /// real write, bounded). `Unavailable` with the reason otherwise.
+    pub async fn check_ready(&self) -> Result<()> {
+        if self
+            .inner
+            .closing
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(Error::unavailable("the server is shutting down"));
+        }
+        self.inner.store.check_ready().await
     }
 
     /// The workers the driver runs.
@@ -275,6 +589,26 @@ impl Dispatcher {
                 inner: std::sync::Arc::downgrade(&self.inner),
             },
         );
+    }
+}
+
+impl Inner {
+    /// The defaults saved in the store, for `/prepare` (`None` where none was saved; a store
+    /// that cannot be read is logged and the worker's own defaults apply).
+    pub(super) async fn saved_defaults(&self) -> (Option<String>, Option<String>) {
+        let get = |doc: WorkspaceDoc| async move {
+            self.store
+                .get_setting(doc.setting_key())
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot read the default {}", doc.file_name());
+                    None
+                })
+        };
+        (
+            get(WorkspaceDoc::Soul).await,
+            get(WorkspaceDoc::Agents).await,
+        )
     }
 }
 

@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 
 use anywork_core::worker_api::{CancelRequest, ChatRequest, InputAnswer, PrepareRequest};
 use anywork_core::{
-    Error, ErrorKind, InputResponse, Result, SessionId, Task, TaskChange, TaskEvent, TaskOutcome,
-    TaskStatus, Timestamp, WorkerEndpoint,
+    Error, ErrorKind, InputResponse, McpServerConfig, Progress, Result, SessionId, SkillSpec, Task,
+    TaskChange, TaskEvent, TaskOutcome, TaskStatus, Timestamp, WorkerEndpoint,
 };
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
-use super::retry::retry;
+use super::retry::{retry, retry_if};
 use super::{Control, Inner, lock};
 use crate::worker_client::ChatStream;
 
@@ -32,19 +32,56 @@ pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
                 }
             }
         };
+        // A task another server still holds in this session ends first.
+        super::restart::wait_until_session_is_free(&inner, &session).await;
         let Ok(_permit) = inner.permits.clone().acquire_owned().await else {
             return;
         };
-        let id = next.id;
-        if let Err(e) = run_task(&inner, next).await {
-            tracing::error!(task = %id, error = %e, "task run failed in the dispatcher");
+        if inner.closing.load(std::sync::atomic::Ordering::Relaxed) {
+            // Shutting down: queued tasks stay pending for the next start.
+            lock(&inner.queues).remove(&session);
+            return;
         }
+        let id = next.id;
+        let retry_after = inner.config.store_retry.max;
+        match run_task(&inner, next.clone()).await {
+            Ok(()) => {}
+            Err(RunError::NotStarted(e)) => {
+                // The store could not take `pending → running`: the task is still pending.
+                // It goes back to the head of its session's queue, after a pause.
+                tracing::warn!(task = %id, error = %e, "cannot start the task; it is queued again");
+                drop(_permit);
+                tokio::time::sleep(retry_after).await;
+                lock(&inner.queues)
+                    .entry(session.clone())
+                    .or_default()
+                    .push_front(next);
+            }
+            Err(RunError::Store(e)) => {
+                tracing::error!(task = %id, error = %e, "task run failed in the dispatcher");
+            }
+        }
+    }
+}
+
+/// Why a run ended without recording its task's outcome.
+enum RunError {
+    /// The store refused `pending → running` after retries: the task is still pending.
+    NotStarted(Error),
+    /// Another store error after retries; the task's lease runs out and recovery ends it with
+    /// the reason kept in `Inner::last_words`.
+    Store(Error),
+}
+
+impl From<Error> for RunError {
+    fn from(e: Error) -> Self {
+        RunError::Store(e)
     }
 }
 
 /// Runs `task` as queued (`pending`). One canceled meanwhile, or taken by another server,
 /// fails the `pending → running` compare-and-set and is left alone.
-async fn run_task(inner: &Arc<Inner>, task: Task) -> Result<()> {
+async fn run_task(inner: &Arc<Inner>, task: Task) -> std::result::Result<(), RunError> {
     let task_id = task.id;
     let (tx, rx) = mpsc::channel(8);
     lock(&inner.runs).insert(task_id, tx);
@@ -56,6 +93,8 @@ async fn run_task(inner: &Arc<Inner>, task: Task) -> Result<()> {
         control: rx,
         cancel_acks: Vec::new(),
         started: Instant::now(),
+        answer: String::new(),
+        model: String::new(),
     };
     let result = run.execute().await;
     lock(&inner.runs).remove(&task_id);
@@ -77,15 +116,153 @@ struct Run {
     control: mpsc::Receiver<Control>,
     cancel_acks: Vec<oneshot::Sender<()>>,
     started: Instant,
+    /// The assistant's text since the run started (what `on_progress` shows).
+    answer: String,
+    /// The model the agent said it uses (its `init` event), for the metrics.
+    model: String,
 }
 
 /// Why the run stops before the worker's `done`.
 enum Stop {
     Canceled,
-    Failed(String),
+    Failed(Failure),
+}
+
+/// A failure of the dispatcher's own, outside the executor (no worker, the worker lost, a
+/// protocol error, the timeout): what the client is told — in the task's `error` and in an
+/// `error` event before `done` — says what failed and what to do, with the task id and
+/// never an internal address; the details go to the server log.
+struct Failure {
+    /// A stable code for the `error` event (`worker_unavailable`, `worker_lost`, …).
+    code: &'static str,
+    /// The message for the client.
+    message: String,
+}
+
+impl Failure {
+    fn new(code: &'static str, task: &Task, what: impl std::fmt::Display) -> Self {
+        Self {
+            code,
+            message: format!("{what} (task {}; the server log has the details)", task.id),
+        }
+    }
+
+    /// No worker for the task: the driver's message says what to fix.
+    fn no_worker(task: &Task, e: &Error) -> Self {
+        tracing::warn!(task = %task.id, session = %task.session_id, error = %e, "no worker for the task");
+        Self::new(
+            "worker_unavailable",
+            task,
+            format_args!(
+                "No worker could be had for this session: {}. Send the message again once it is fixed",
+                e.message().trim_end_matches('.')
+            ),
+        )
+    }
+
+    /// `/prepare` or `/chat` refused or unanswered.
+    fn not_started(task: &Task, e: &Error) -> Self {
+        tracing::warn!(task = %task.id, session = %task.session_id, error = %e, "the worker did not start the task");
+        let code = match e.kind() {
+            ErrorKind::Protocol => "worker_protocol",
+            ErrorKind::InvalidInput => "worker_refused",
+            _ => "worker_unavailable",
+        };
+        Self::new(
+            code,
+            task,
+            format_args!(
+                "The worker could not start this task: {}. Check the task's skills and MCP \
+                 servers, or send the message again",
+                e.message().trim_end_matches('.')
+            ),
+        )
+    }
+
+    /// The event stream broke or carried something that is not an event.
+    fn lost(task: &Task, e: &Error) -> Self {
+        tracing::warn!(task = %task.id, session = %task.session_id, error = %e, "lost the worker mid-task");
+        if e.kind() == ErrorKind::Timeout {
+            // The stream went silent (no keep-alive): the worker is hung or cut off.
+            return Self::new(
+                "worker_silent",
+                task,
+                format_args!(
+                    "{}; what it did so far is in the log. Send the message again to go on",
+                    e.message().trim_end_matches('.')
+                ),
+            );
+        }
+        if e.kind() == ErrorKind::Protocol {
+            return Self::new(
+                "worker_protocol",
+                task,
+                format_args!(
+                    "The worker sent something this server does not understand ({}); use a \
+                     worker of the server's version",
+                    e.message().trim_end_matches('.')
+                ),
+            );
+        }
+        Self::new(
+            "worker_lost",
+            task,
+            "The connection to the worker broke while the task ran; what it did so far is in \
+             the log. Send the message again to go on",
+        )
+    }
+
+    /// The run was stopped from outside (the server shutting down): `message` says why.
+    fn interrupted(task: &Task, message: &str) -> Self {
+        Self::new("interrupted", task, message)
+    }
+
+    /// The store refused the task's events through every retry.
+    fn store(task: &Task, e: &Error) -> Self {
+        tracing::warn!(task = %task.id, error = %e, "the task's events could not be stored");
+        Self::new(
+            "store_unavailable",
+            task,
+            format_args!(
+                "The task's events could not be stored ({}); the run was stopped. Send the \
+                 message again once the store is back",
+                e.message().trim_end_matches('.')
+            ),
+        )
+    }
+
+    /// A re-attach after a restart failed: the worker no longer runs the task.
+    fn not_resumed(task: &Task, e: &Error) -> Self {
+        tracing::warn!(task = %task.id, error = %e, "cannot re-attach to the task's run");
+        Self::new(
+            "interrupted",
+            task,
+            format_args!(
+                "interrupted: the server running this task stopped before it finished, and its \
+                 worker no longer runs it ({}); send the message again to retry",
+                e.message().trim_end_matches('.')
+            ),
+        )
+    }
+
+    /// The stream ended without `done`.
+    fn no_result(task: &Task) -> Self {
+        tracing::warn!(task = %task.id, session = %task.session_id, "the worker ended the stream without a result");
+        Self::new(
+            "worker_lost",
+            task,
+            "The worker ended the task without a result (it may have restarted). Send the \
+             message again to go on",
+        )
+    }
 }
 
 impl Run {
+    /// The task's channel, when one of its type is registered.
+    fn channel(&self) -> Option<Arc<dyn anywork_core::Channel>> {
+        self.inner.channels.get(&self.task.channel_type).cloned()
+    }
+
     fn deadline(&self) -> tokio::time::Instant {
         tokio::time::Instant::from_std(self.started + self.inner.config.task_timeout)
     }
@@ -94,13 +271,14 @@ impl Run {
         Timestamp::now().plus_millis(self.inner.config.lease_ttl.as_millis() as i64)
     }
 
-    async fn execute(&mut self) -> Result<()> {
-        let (inner, session) = (self.inner.clone(), self.task.session_id.clone());
-        let get_worker =
-            async move { retry(&inner.config.retry, || inner.driver.get_worker(&session)).await };
-        let endpoint = match self.until_stopped(get_worker).await {
+    async fn execute(&mut self) -> std::result::Result<(), RunError> {
+        // Taken back from this server's previous run: re-attach rather than start over.
+        let resume = lock(&self.inner.resume).remove(&self.task.id);
+        let (inner, task) = (self.inner.clone(), self.task.clone());
+        let get_worker = async move { worker_with_progress(&inner, &task).await };
+        let endpoint = match self.until_stopped(get_worker, Failure::no_worker).await {
             Ok(w) => w,
-            Err(stop) => return self.stop_before_running(stop).await,
+            Err(stop) => return Ok(self.stop_before_running(stop).await?),
         };
         // pending → running, with the worker and a lease.
         let change = TaskChange::to(TaskStatus::Running)
@@ -109,43 +287,81 @@ impl Run {
         let running = vec![TaskEvent::Status {
             status: TaskStatus::Running,
         }];
-        match self
-            .inner
-            .transition(&self.task, TaskStatus::Pending, change, running)
-            .await
-        {
-            Ok(t) => self.task = t,
+        let (inner, task) = (&self.inner, &self.task);
+        let started = retry_if(
+            &inner.config.store_retry,
+            || {
+                inner.transition_and_enqueue(
+                    task,
+                    TaskStatus::Pending,
+                    change.clone(),
+                    running.clone(),
+                )
+            },
+            Error::is_retryable,
+        )
+        .await;
+        match started {
+            Ok(t) => {
+                self.task = t;
+                if let Some(channel) = self.channel() {
+                    self.inner.hooks.started(&channel, &self.task);
+                }
+            }
             // Canceled meanwhile, or another server took it.
             Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidTransition) => {
                 return Ok(());
             }
-            Err(e) => return Err(e),
+            Err(e) if e.is_retryable() => return Err(RunError::NotStarted(e)),
+            Err(e) => return Err(e.into()),
         }
         self.status = TaskStatus::Running;
+        tracing::info!(
+            task = %self.task.id,
+            session = %self.task.session_id,
+            worker = %endpoint.worker_id,
+            waited_ms = self.started.elapsed().as_millis() as u64,
+            "task started"
+        );
 
         let (inner, task, worker) = (self.inner.clone(), self.task.clone(), endpoint.clone());
-        let start = async move { start_chat(&inner, &task, &worker).await };
-        let stream = match self.until_stopped(start).await {
-            Ok(s) => s,
-            Err(stop) => return self.finish(stop_outcome(stop)).await,
+        let start = async move {
+            if resume {
+                attach_chat(&inner, &task, &worker).await
+            } else {
+                start_chat(&inner, &task, &worker).await
+            }
         };
-        self.follow(stream, endpoint).await
+        let failure = if resume {
+            Failure::not_resumed
+        } else {
+            Failure::not_started
+        };
+        let stream = match self.until_stopped(start, failure).await {
+            Ok(s) => s,
+            Err(stop) => return Ok(self.stop(stop).await?),
+        };
+        Ok(self.follow(stream, endpoint).await?)
     }
 
     /// Runs a step before the chat stream exists, while watching for cancel and the timeout.
     async fn until_stopped<T>(
         &mut self,
         work: impl std::future::Future<Output = Result<T>>,
+        failure: impl FnOnce(&Task, &Error) -> Failure,
     ) -> std::result::Result<T, Stop> {
         tokio::pin!(work);
         let deadline = self.deadline();
         loop {
             tokio::select! {
-                out = &mut work => return out.map_err(|e| Stop::Failed(e.message().to_owned())),
+                out = &mut work => return out.map_err(|e| Stop::Failed(failure(&self.task, &e))),
                 ctl = self.control.recv() => match ctl {
                     Some(Control::Cancel(ack)) => {
                         self.cancel_acks.push(ack);
                         return Err(Stop::Canceled);
+                    }
+                    Some(Control::Interrupt(reason)) => {
+                        return Err(Stop::Failed(Failure::interrupted(&self.task, &reason)));
                     }
                     Some(Control::Input(_, ack)) => {
                         let _ = ack.send(Err(Error::conflict("the task is not waiting for input")));
@@ -153,24 +369,31 @@ impl Run {
                     None => return Err(Stop::Canceled),
                 },
                 _ = tokio::time::sleep_until(deadline) => {
-                    return Err(Stop::Failed(self.timeout_message()));
+                    return Err(Stop::Failed(self.timeout_failure()));
                 }
             }
         }
     }
 
-    fn timeout_message(&self) -> String {
-        format!(
-            "the task timed out after {} s (the per-task timeout)",
-            self.inner.config.task_timeout.as_secs_f64()
+    fn timeout_failure(&self) -> Failure {
+        tracing::warn!(task = %self.task.id, "the task timed out");
+        Failure::new(
+            "timeout",
+            &self.task,
+            format_args!(
+                "The task ran longer than the per-task timeout of {} s and was stopped \
+                 (TASK_TIMEOUT_SECONDS sets it)",
+                self.inner.config.task_timeout.as_secs_f64()
+            ),
         )
     }
 
     /// Ends a task that never got to run: pending → canceled/failed.
     async fn stop_before_running(&mut self, stop: Stop) -> Result<()> {
+        let (outcome, before) = stop_outcome(stop);
         match self
             .inner
-            .finish_unrun(&self.task, stop_outcome(stop))
+            .finish_unrun_with(&self.task, outcome, before)
             .await
         {
             Ok(_) => Ok(()),
@@ -196,11 +419,21 @@ impl Run {
             let stop_at = stopping.as_ref().map_or(far, |(_, at)| *at);
             tokio::select! {
                 biased;
-                ctl = self.control.recv(), if stopping.is_none() => match ctl {
+                ctl = self.control.recv() => match ctl {
                     Some(Control::Cancel(ack)) => {
                         self.cancel_acks.push(ack);
-                        self.ask_worker_to_cancel(&worker).await;
-                        stopping = Some((Stop::Canceled, tokio::time::Instant::now() + self.inner.config.cancel_grace));
+                        if stopping.is_none() {
+                            self.ask_worker_to_cancel(&worker);
+                            stopping = Some((Stop::Canceled, tokio::time::Instant::now() + self.inner.config.cancel_grace));
+                        }
+                    }
+                    Some(Control::Interrupt(reason)) if stopping.is_none() => {
+                        self.ask_worker_to_cancel(&worker);
+                        stopping = Some((Stop::Failed(Failure::interrupted(&self.task, &reason)), tokio::time::Instant::now() + self.inner.config.cancel_grace));
+                    }
+                    Some(Control::Interrupt(_)) => {}
+                    Some(Control::Input(_, ack)) if stopping.is_some() => {
+                        let _ = ack.send(Err(Error::conflict("the task is being stopped")));
                     }
                     Some(Control::Input(response, ack)) => {
                         let r = self.answer(&worker, response).await;
@@ -214,36 +447,40 @@ impl Run {
                         if e.kind() == ErrorKind::Conflict {
                             // Someone else ended or took the task: stop quietly.
                             tracing::warn!(task = %self.task.id, error = %e, "lost the lease; leaving the task");
-                            self.ask_worker_to_cancel(&worker).await;
+                            self.ask_worker_to_cancel(&worker);
                             return Ok(());
                         }
                         tracing::warn!(task = %self.task.id, error = %e, "cannot renew the lease");
                     }
                 }
                 _ = tokio::time::sleep_until(deadline), if stopping.is_none() => {
-                    self.ask_worker_to_cancel(&worker).await;
-                    stopping = Some((Stop::Failed(self.timeout_message()), tokio::time::Instant::now() + self.inner.config.cancel_grace));
+                    self.ask_worker_to_cancel(&worker);
+                    stopping = Some((Stop::Failed(self.timeout_failure()), tokio::time::Instant::now() + self.inner.config.cancel_grace));
                 }
                 _ = tokio::time::sleep_until(stop_at), if stopping.is_some() => {
                     let (stop, _) = stopping.take().unwrap_or((Stop::Canceled, far));
-                    return self.finish(stop_outcome(stop)).await;
+                    return self.stop(stop).await;
                 }
                 item = stream.events.recv() => {
                     let first = match item {
                         Some(Ok(event)) => event,
                         Some(Err(e)) => {
-                            let outcome = match stopping.take() {
-                                Some((stop, _)) => stop_outcome(stop),
-                                None => TaskOutcome::failed(format!("lost the worker mid-task: {}", e.message())),
+                            let stop = match stopping.take() {
+                                Some((stop, _)) => stop,
+                                None => {
+                                    // It may still be running there (hung, or cut off).
+                                    self.ask_worker_to_cancel(&worker);
+                                    Stop::Failed(Failure::lost(&self.task, &e))
+                                }
                             };
-                            return self.finish(outcome).await;
+                            return self.stop(stop).await;
                         }
                         None => {
-                            let outcome = match stopping.take() {
-                                Some((stop, _)) => stop_outcome(stop),
-                                None => TaskOutcome::failed("the worker ended the stream without a result"),
+                            let stop = match stopping.take() {
+                                Some((stop, _)) => stop,
+                                None => Stop::Failed(Failure::no_result(&self.task)),
                             };
-                            return self.finish(outcome).await;
+                            return self.stop(stop).await;
                         }
                     };
                     // Take whatever else is ready, so that bursts are stored in one batch.
@@ -260,48 +497,110 @@ impl Run {
                         Some(TaskEvent::Done(_)) => match batch.pop() { Some(TaskEvent::Done(o)) => Some(o), _ => None },
                         _ => None,
                     };
-                    let asks = batch.iter().any(|e| matches!(e, TaskEvent::InputRequired(_)));
-                    if asks && self.status == TaskStatus::Running {
-                        self.set_status(TaskStatus::InputRequired, batch).await?;
-                    } else {
-                        self.record(batch).await?;
+                    self.count(&batch);
+                    let asks: Vec<_> = batch
+                        .iter()
+                        .filter_map(|e| match e {
+                            TaskEvent::InputRequired(r) => Some(r.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    let before = self.answer.len();
+                    for e in &batch {
+                        if let TaskEvent::Text { text } = e {
+                            self.answer.push_str(text);
+                        }
                     }
-                    if let Some(mut outcome) = done {
-                        if let Some((Stop::Failed(reason), _)) = stopping.take() {
-                            // Timed out: the worker's "canceled" is our "failed".
-                            if outcome.status == TaskStatus::Canceled {
-                                outcome.status = TaskStatus::Failed;
-                                outcome.error = Some(reason);
+                    let stored = if !asks.is_empty() && self.status == TaskStatus::Running {
+                        self.set_status(TaskStatus::InputRequired, batch).await
+                    } else {
+                        self.record(batch).await
+                    };
+                    if let Err(e) = stored {
+                        // The store stayed down through every retry: stop the run and say why.
+                        self.ask_worker_to_cancel(&worker);
+                        return self.stop(Stop::Failed(Failure::store(&self.task, &e))).await;
+                    }
+                    if let Some(channel) = self.channel() {
+                        if self.answer.len() > before {
+                            self.inner.hooks.progress(&channel, &self.task, &self.answer);
+                        }
+                        for request in &asks {
+                            self.inner.hooks.input_required(&channel, &self.task, request);
+                        }
+                    }
+                    if let Some(outcome) = done {
+                        match stopping.take() {
+                            // Timed out: the worker's "canceled" (or "failed", for the
+                            // original's interrupted run) is our "failed", for our reason.
+                            Some((Stop::Failed(failure), _)) if outcome.status != TaskStatus::Completed => {
+                                return self.stop(Stop::Failed(failure)).await;
                             }
+                            // Canceled: a worker that reports its interrupted run as failed
+                            // (the original's) ran no further than asked.
+                            Some((Stop::Canceled, _)) if outcome.status == TaskStatus::Failed => {
+                                return self.stop(Stop::Canceled).await;
+                            }
+                            _ => {}
                         }
                         return self.finish(outcome).await;
                     }
                     if let Some(e) = broken {
-                        let outcome = match stopping.take() {
-                            Some((stop, _)) => stop_outcome(stop),
-                            None => TaskOutcome::failed(format!("lost the worker mid-task: {}", e.message())),
+                        let stop = match stopping.take() {
+                            Some((stop, _)) => stop,
+                            None => {
+                                self.ask_worker_to_cancel(&worker);
+                                Stop::Failed(Failure::lost(&self.task, &e))
+                            }
                         };
-                        return self.finish(outcome).await;
+                        return self.stop(stop).await;
                     }
                 }
             }
         }
     }
 
-    async fn ask_worker_to_cancel(&self, worker: &WorkerEndpoint) {
-        if let Err(e) = self
-            .inner
-            .client
-            .cancel(
-                worker,
-                &CancelRequest {
-                    task_id: self.task.id,
-                },
-            )
-            .await
-        {
-            tracing::warn!(task = %self.task.id, error = %e, "the worker did not take the cancel");
+    /// Counts what the events tell about the model: its name, retries, API errors.
+    fn count(&mut self, batch: &[TaskEvent]) {
+        for event in batch {
+            match event {
+                TaskEvent::Init(init) if !init.model.is_empty() => {
+                    self.model = init.model.clone();
+                }
+                TaskEvent::Progress(p) if p.stage == Progress::MODEL_RETRY => {
+                    self.inner.metrics.model_retry(self.model_label());
+                }
+                TaskEvent::Error {
+                    code: Some(code), ..
+                } => {
+                    self.inner.metrics.model_error(self.model_label(), code);
+                }
+                _ => {}
+            }
         }
+    }
+
+    fn model_label(&self) -> &str {
+        if self.model.is_empty() {
+            "unknown"
+        } else {
+            &self.model
+        }
+    }
+
+    /// Asks the worker to stop the task, off the run loop: a hung worker must not hold up
+    /// the loop (its grace, the idle timeout and the lease go on).
+    fn ask_worker_to_cancel(&self, worker: &WorkerEndpoint) {
+        let (client, worker) = (self.inner.client.clone(), worker.clone());
+        let request = CancelRequest {
+            task_id: self.task.id,
+            session_id: Some(self.task.session_id.clone()),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = client.cancel(&worker, &request).await {
+                tracing::warn!(task = %request.task_id, error = %e, "the worker did not take the cancel");
+            }
+        });
     }
 
     async fn answer(&mut self, worker: &WorkerEndpoint, response: InputResponse) -> Result<()> {
@@ -331,22 +630,47 @@ impl Run {
     async fn set_status(&mut self, status: TaskStatus, events: Vec<TaskEvent>) -> Result<()> {
         let change =
             TaskChange::to(status).lease(self.inner.config.owner.clone(), self.lease_expiry());
-        self.task = self
-            .inner
-            .transition(&self.task, self.status, change, events)
-            .await?;
+        let (inner, task, from) = (&self.inner, &self.task, self.status);
+        self.task = retry_if(
+            &inner.config.store_retry,
+            || inner.transition_and_enqueue(task, from, change.clone(), events.clone()),
+            Error::is_retryable,
+        )
+        .await?;
         self.status = status;
         Ok(())
     }
 
-    /// Appends events to the log and publishes them with their seqs.
+    /// Appends events to the log and publishes them with their seqs, retrying store errors
+    /// that may pass.
     async fn record(&self, events: Vec<TaskEvent>) -> Result<()> {
-        self.inner.record(&self.task, events).await
+        let (inner, task) = (&self.inner, &self.task);
+        retry_if(
+            &inner.config.store_retry,
+            || inner.record(task, events.clone()),
+            Error::is_retryable,
+        )
+        .await
+    }
+
+    /// Ends the run for `stop`: canceled, or failed with an `error` event before `done`.
+    async fn stop(&mut self, stop: Stop) -> Result<()> {
+        let (outcome, before) = stop_outcome(stop);
+        self.finish_with(outcome, before).await
     }
 
     /// Records the outcome (the final status and the `done` event in one write), then
     /// delivers it.
-    async fn finish(&mut self, mut outcome: TaskOutcome) -> Result<()> {
+    async fn finish(&mut self, outcome: TaskOutcome) -> Result<()> {
+        self.finish_with(outcome, Vec::new()).await
+    }
+
+    /// [`finish`](Self::finish) with `before` written just ahead of the `done`.
+    async fn finish_with(
+        &mut self,
+        mut outcome: TaskOutcome,
+        mut before: Vec<TaskEvent>,
+    ) -> Result<()> {
         if outcome.duration_ms == 0 {
             outcome.duration_ms = self.started.elapsed().as_millis() as u64;
         }
@@ -360,33 +684,74 @@ impl Run {
                 outcome.status
             ));
         }
-        let task = match self
-            .inner
-            .transition(
-                &self.task,
-                self.status,
-                TaskChange::finish(outcome.clone()),
-                vec![TaskEvent::Done(outcome.clone())],
-            )
-            .await
-        {
+        before.push(TaskEvent::Done(outcome.clone()));
+        let (inner, task, from) = (&self.inner, &self.task, self.status);
+        let finished = retry_if(
+            &inner.config.store_retry,
+            || {
+                inner.transition_and_enqueue(
+                    task,
+                    from,
+                    TaskChange::finish(outcome.clone()),
+                    before.clone(),
+                )
+            },
+            Error::is_retryable,
+        )
+        .await;
+        let task = match finished {
             Ok(t) => t,
             Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidTransition) => {
                 tracing::warn!(task = %self.task.id, error = %e, "the task was ended elsewhere");
                 return Ok(());
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                // The lease runs out and recovery records the outcome; it gives this reason.
+                let reason = match &outcome.error {
+                    Some(error) => format!(
+                        "{error} (and the outcome could not be stored: {})",
+                        e.message()
+                    ),
+                    None => format!(
+                        "the task ended as {} but the store refused its outcome: {}",
+                        outcome.status,
+                        e.message()
+                    ),
+                };
+                lock(&self.inner.last_words).insert(self.task.id, reason);
+                return Err(e);
+            }
         };
         self.task = task;
-        self.inner.after_finish(&self.task, outcome).await;
+        self.inner
+            .metrics
+            .model_usage(self.model_label(), &outcome.usage, outcome.cost_usd);
+        tracing::info!(
+            task = %self.task.id,
+            session = %self.task.session_id,
+            status = %self.task.status,
+            duration_ms = outcome.duration_ms,
+            cost_usd = outcome.cost_usd.unwrap_or(0.0),
+            error = outcome.error.as_deref().unwrap_or(""),
+            "task finished"
+        );
+        self.inner.after_finish(&self.task);
         Ok(())
     }
 }
 
-fn stop_outcome(stop: Stop) -> TaskOutcome {
+/// The outcome of `stop`, and the events that go just before its `done`: an `error` for a
+/// failure, so that a client that shows errors (the original's web client) shows it.
+fn stop_outcome(stop: Stop) -> (TaskOutcome, Vec<TaskEvent>) {
     match stop {
-        Stop::Canceled => TaskOutcome::canceled(),
-        Stop::Failed(reason) => TaskOutcome::failed(reason),
+        Stop::Canceled => (TaskOutcome::canceled(), Vec::new()),
+        Stop::Failed(Failure { code, message }) => (
+            TaskOutcome::failed(message.clone()),
+            vec![TaskEvent::Error {
+                message,
+                code: Some(code.to_owned()),
+            }],
+        ),
     }
 }
 
@@ -416,12 +781,152 @@ impl Drop for StreamReader {
     }
 }
 
+/// Re-attaches to a task the worker may still be running (`/chat/attach`), from the first of
+/// its events the log does not have: the log holds the worker's events in order, each once,
+/// plus the server's own `status` events, so the worker's seq to resume after is the count of
+/// the others.
+async fn attach_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Result<ChatStream> {
+    const PAGE: u32 = 500;
+    let (mut seq, mut after) = (0, 0u64);
+    loop {
+        let logs = inner.store.read_logs(task.id, seq, PAGE).await?;
+        after += logs
+            .iter()
+            .filter(|l| !matches!(l.event, TaskEvent::Status { .. }))
+            .count() as u64;
+        seq = logs.last().map_or(seq, |l| l.seq);
+        if logs.len() < PAGE as usize {
+            break;
+        }
+    }
+    tracing::info!(task = %task.id, after, "re-attaching to the worker's run");
+    retry(&inner.config.retry, || {
+        inner.client.attach(worker, task.id, after)
+    })
+    .await
+}
+
+/// The session's worker from the driver, retried as `config.retry` says; what the task waits
+/// for is told as `progress` events: that a worker is being made ready (once the driver has
+/// taken `config.progress_after`), and each failed attempt with its reason, the attempt to
+/// come and when.
+async fn worker_with_progress(inner: &Inner, task: &Task) -> Result<WorkerEndpoint> {
+    let policy = inner.config.retry;
+    let max = policy.attempts.max(1);
+    let driver = inner.driver.name().to_owned();
+    let started = Instant::now();
+    let tell = |progress: Progress| async move {
+        if let Err(e) = inner
+            .record(task, vec![TaskEvent::Progress(progress)])
+            .await
+        {
+            tracing::warn!(task = %task.id, error = %e, "cannot record a progress event");
+        }
+    };
+    let mut attempt = 1;
+    loop {
+        let call = inner.driver.get_worker(&task.session_id);
+        tokio::pin!(call);
+        let announce = || {
+            tell(
+                Progress::new(
+                    Progress::WORKER,
+                    format!("Getting a worker ready ({driver})…"),
+                )
+                .attempt(1, max),
+            )
+        };
+        let result = if attempt > 1 {
+            call.await
+        } else if inner.config.progress_after.is_zero() {
+            announce().await;
+            call.await
+        } else {
+            match tokio::time::timeout(inner.config.progress_after, &mut call).await {
+                Ok(r) => r,
+                Err(_) => {
+                    announce().await;
+                    call.await
+                }
+            }
+        };
+        match result {
+            Ok(endpoint) => {
+                inner.metrics.worker_ready(&driver, started.elapsed());
+                tracing::info!(
+                    task = %task.id,
+                    session = %task.session_id,
+                    driver = %driver,
+                    worker = %endpoint.worker_id,
+                    attempts = attempt,
+                    ms = started.elapsed().as_millis() as u64,
+                    "worker ready"
+                );
+                return Ok(endpoint);
+            }
+            Err(e) if attempt < max && (e.is_retryable() || e.kind() == ErrorKind::Conflict) => {
+                inner.metrics.worker_failed(&driver);
+                let wait = policy.delay(attempt);
+                let next = attempt + 1;
+                tracing::warn!(
+                    task = %task.id,
+                    session = %task.session_id,
+                    driver = %driver,
+                    attempt,
+                    wait_ms = wait.as_millis() as u64,
+                    error = %e,
+                    "no worker yet; retrying"
+                );
+                tell(
+                    Progress::new(
+                        Progress::WORKER,
+                        format!(
+                            "The worker is not ready ({driver}): {}. Trying again in {:.1} s \
+                             (attempt {next} of {max}).",
+                            e.message().trim_end_matches('.'),
+                            wait.as_secs_f64()
+                        ),
+                    )
+                    .attempt(next, max)
+                    .retry(
+                        u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                        e.message(),
+                    ),
+                )
+                .await;
+                tokio::time::sleep(wait).await;
+                attempt = next;
+            }
+            Err(e) => {
+                // Logged with the task's failure (`Failure::no_worker`).
+                inner.metrics.worker_failed(&driver);
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// The skill with its `SKILL.md` among its files (`content` empty): the form both the
+/// original AnyWork's worker (which requires `files`) and this one take.
+fn files_form(mut skill: SkillSpec) -> SkillSpec {
+    if !skill.content.is_empty() {
+        let content = std::mem::take(&mut skill.content);
+        skill.files.insert("SKILL.md".to_owned(), content);
+    }
+    skill
+}
+
 /// `/prepare` with the channel's defaults merged in, then `/chat`; both retried on errors
 /// that may pass.
 async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Result<ChatStream> {
     let mut skills = task.skills.clone();
     let mut mcp_servers = task.mcp_servers.clone();
+    let mut repository = None;
     if let Some(channel) = inner.channels.get(&task.channel_type) {
+        repository = channel.workspace_repository(task).await?;
+        if let Some(r) = &repository {
+            r.validate()?;
+        }
         let defaults = channel.defaults();
         for skill in defaults.skills {
             if !skills.iter().any(|s| s.name == skill.name) {
@@ -432,11 +937,54 @@ async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Resu
             mcp_servers.entry(name).or_insert(server);
         }
     }
+    // Catalog entries get their secrets now (never stored); the request's own HTTP servers
+    // are checked again, as names may resolve differently by now.
+    let config = &inner.config;
+    for (name, server) in &mcp_servers {
+        if let McpServerConfig::Http { url, .. } | McpServerConfig::Sse { url, .. } = server
+            && !config.mcp.catalog.contains(name)
+        {
+            crate::outbound::check_url(&config.outbound, &format!("MCP server {name:?}"), url)
+                .await?;
+        }
+    }
+    let mcp_servers = config
+        .mcp
+        .resolve(&mcp_servers, &crate::outbound::read_secret)?;
+    // Default skills given by name are read now, so that a skill edited on disk is current.
+    let names: Vec<String> = skills
+        .iter()
+        .filter(|s| s.is_name_only())
+        .map(|s| s.name.clone())
+        .collect();
+    if !names.is_empty() {
+        let resolved = inner.resolve_skill_names(names).await?;
+        for skill in &mut skills {
+            if let Some(r) = resolved.iter().find(|r| r.name == skill.name) {
+                *skill = r.clone();
+            }
+        }
+    }
+    let mut message = task.message.clone();
+    if let Some(r) = &repository {
+        message.push_str(&format!(
+            "\n\n(The repository is checked out in the folder `{}` of your working directory{}.)",
+            r.dir,
+            r.git_ref
+                .as_deref()
+                .map(|g| format!(", at `{g}`"))
+                .unwrap_or_default()
+        ));
+    }
+    let (default_soul, default_agents) = inner.saved_defaults().await;
     let prepare = PrepareRequest {
         session_id: task.session_id.clone(),
-        skills: Some(skills),
+        skills: Some(skills.into_iter().map(files_form).collect()),
         mcp_servers: Some(mcp_servers),
         soul: None,
+        repository,
+        default_soul,
+        default_agents,
     };
     retry(&inner.config.retry, || {
         inner.client.prepare(worker, &prepare)
@@ -445,7 +993,7 @@ async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Resu
     let chat = ChatRequest {
         task_id: task.id,
         session_id: task.session_id.clone(),
-        message: task.message.clone(),
+        message,
     };
     retry(&inner.config.retry, || inner.client.chat(worker, &chat)).await
 }

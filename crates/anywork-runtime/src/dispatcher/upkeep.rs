@@ -7,7 +7,6 @@ use std::sync::Weak;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anywork_core::worker_api::CancelRequest;
 use anywork_core::{Page, Result, SessionId, TaskOutcome, TaskStatus, Timestamp};
 
 use super::{Dispatcher, Inner, lock};
@@ -53,28 +52,26 @@ impl Dispatcher {
                 .as_ref()
                 .map(|l| l.owner.clone())
                 .unwrap_or_default();
-            let reason = format!(
-                "the server running this task ({owner}) stopped before it finished; it was {} \
-                 on worker {}",
-                task.status,
-                task.worker_id.as_deref().unwrap_or("(none)")
-            );
+            let reason = lock(&inner.last_words)
+                .get(&task.id)
+                .cloned()
+                .unwrap_or_else(|| {
+                    format!(
+                        "the server running this task ({owner}) stopped before it finished; it was \
+                     {} on worker {}",
+                        task.status,
+                        task.worker_id.as_deref().unwrap_or("(none)")
+                    )
+                });
             tracing::warn!(task = %task.id, %reason, "recovering an orphaned task");
             // The worker may still be running it: ask it to stop, best effort.
-            if let Some(worker_id) = &task.worker_id
-                && let Ok(workers) = inner.driver.list().await
-                && let Some(w) = workers.iter().find(|w| &w.endpoint.worker_id == worker_id)
-            {
-                let _ = inner
-                    .client
-                    .cancel(&w.endpoint, &CancelRequest { task_id: task.id })
-                    .await;
-            }
+            self.cancel_on_worker(&task);
             if inner
                 .finish_unrun(&task, TaskOutcome::failed(reason))
                 .await
                 .is_ok()
             {
+                lock(&inner.last_words).remove(&task.id);
                 n += 1;
             }
         }

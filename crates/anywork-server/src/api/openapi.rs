@@ -21,9 +21,17 @@ const OPS: &[Op] = &[
     Op {
         method: "get",
         path: "/api/health",
-        summary: "Server status and version",
+        summary: "Readiness, status and version: 503 with `error` when the store cannot take a write now or the server is shutting down",
         body: None,
         ok: (200, "Health"),
+        query: &[],
+    },
+    Op {
+        method: "get",
+        path: "/api/health/live",
+        summary: "Liveness: 200 while the process answers, whatever the store's state",
+        body: None,
+        ok: (200, "Ok"),
         query: &[],
     },
     Op {
@@ -137,15 +145,46 @@ const OPS: &[Op] = &[
     Op {
         method: "post",
         path: "/api/channel/{type}/webhook",
-        summary: "Inbound event of a channel (verified and parsed by the channel)",
+        summary: "Inbound event of a channel (verified and parsed by the channel): 202 \
+                  {taskId, sessionId} before the agent runs; 200 {ok, skipped} when there is \
+                  nothing to do; 404 unknown type, 401 bad signature, 400 malformed, 413 too large",
         body: Some("Any"),
         ok: (202, "TaskAccepted"),
         query: &[],
     },
     Op {
         method: "get",
+        path: "/api/deliveries",
+        summary: "The outbox: channel answers and push notifications, oldest first (secrets \
+                  redacted)",
+        body: None,
+        ok: (200, "DeliveryList"),
+        query: &[
+            (
+                "status",
+                "string",
+                "pending, failed, sent or dead (all when absent)",
+            ),
+            (
+                "limit",
+                "integer",
+                "at most this many (default 100, at most 500)",
+            ),
+            ("offset", "integer", "skip this many"),
+        ],
+    },
+    Op {
+        method: "post",
+        path: "/api/deliveries/{id}/retry",
+        summary: "Send a dead delivery again, with a fresh attempt budget (409 if not dead)",
+        body: None,
+        ok: (200, "Delivery"),
+        query: &[],
+    },
+    Op {
+        method: "get",
         path: "/api/workspace/{file}",
-        summary: "SOUL.md (file=soul) or AGENTS.md (file=agents)",
+        summary: "The default SOUL.md (file=soul) or AGENTS.md (file=agents) new sessions start with (kept by the server)",
         body: None,
         ok: (200, "WorkspaceFile"),
         query: &[],
@@ -153,9 +192,69 @@ const OPS: &[Op] = &[
     Op {
         method: "put",
         path: "/api/workspace/{file}",
-        summary: "Replace SOUL.md or AGENTS.md",
+        summary: "Replace the default SOUL.md or AGENTS.md of sessions created from now on",
         body: Some("WorkspaceContent"),
         ok: (200, "WorkspaceFile"),
+        query: &[],
+    },
+    Op {
+        method: "get",
+        path: "/api/sessions/{id}/workspace/{file}",
+        summary: "The session's own SOUL.md or AGENTS.md, from its running worker (409 when none runs; none is started)",
+        body: None,
+        ok: (200, "WorkspaceFile"),
+        query: &[],
+    },
+    Op {
+        method: "put",
+        path: "/api/sessions/{id}/workspace/{file}",
+        summary: "Replace the session's own SOUL.md or AGENTS.md (409 when no worker runs for it)",
+        body: Some("WorkspaceContent"),
+        ok: (200, "WorkspaceFile"),
+        query: &[],
+    },
+    Op {
+        method: "get",
+        path: "/api/sessions/{id}/files",
+        summary: "The session's files/ folder: every file with its size and time (the session's worker is started if needed)",
+        body: None,
+        ok: (200, "FileList"),
+        query: &[],
+    },
+    Op {
+        method: "get",
+        path: "/api/sessions/{id}/files.zip",
+        summary: "The session's files/ folder as a zip",
+        body: None,
+        ok: (200, "Binary"),
+        query: &[],
+    },
+    Op {
+        method: "get",
+        path: "/api/sessions/{id}/files/{path}",
+        summary: "One file of files/ (path may hold slashes): an attachment, or text/plain with inline=1",
+        body: None,
+        ok: (200, "Binary"),
+        query: &[(
+            "inline",
+            "string",
+            "1: show as plain text instead of downloading",
+        )],
+    },
+    Op {
+        method: "put",
+        path: "/api/sessions/{id}/files/{path}",
+        summary: "Upload: the raw body becomes files/<path> (25 MiB at most; .., absolute paths and links refused)",
+        body: Some("Binary"),
+        ok: (200, "FileSaved"),
+        query: &[],
+    },
+    Op {
+        method: "get",
+        path: "/api/admin/tasks",
+        summary: "Tasks not over yet (running, waiting for input, queued) and the dispatcher's load",
+        body: None,
+        ok: (200, "ActiveTasks"),
         query: &[],
     },
     Op {
@@ -164,6 +263,14 @@ const OPS: &[Op] = &[
         summary: "The driver's workers and the dispatcher's load",
         body: None,
         ok: (200, "Workers"),
+        query: &[],
+    },
+    Op {
+        method: "get",
+        path: "/api/skills",
+        summary: "Skills a request may name (from SKILLS_DIR), and folders there that cannot be used",
+        body: None,
+        ok: (200, "Skills"),
         query: &[],
     },
     Op {
@@ -187,6 +294,15 @@ pub(crate) fn documented_paths() -> Vec<(&'static str, &'static str)> {
     OPS.iter().map(|o| (o.method, o.path)).collect()
 }
 
+/// The media type of a schema: raw bytes for `Binary`, else JSON.
+fn media(schema: &str) -> &'static str {
+    if schema == "Binary" {
+        "application/octet-stream"
+    } else {
+        "application/json"
+    }
+}
+
 fn schema_ref(name: &str) -> Value {
     json!({"$ref": format!("#/components/schemas/{name}")})
 }
@@ -208,13 +324,24 @@ fn schemas() -> Value {
     let log = json!({"type": "object", "required": ["seq", "type", "content", "metadata", "timestamp"], "properties": {
         "seq": int, "type": {"type": "string", "description": "init, text, thinking, tool_call, tool_result, input_required, usage, status, error, done"},
         "content": string, "metadata": {"type": "object"}, "timestamp": int}});
-    let skill = json!({"type": "object", "required": ["name", "content"], "properties": {"name": string, "content": string, "files": {"type": "object"}}});
+    let skill = json!({"oneOf": [
+        {"type": "string", "description": "a skill's name, resolved from the server's SKILLS_DIR"},
+        {"type": "object", "required": ["name"], "properties": {"name": string, "content": string, "files": {"type": "object"}}}]});
+    let mcp_entry = json!({"type": "object", "required": ["name"], "properties": {
+        "name": string, "transport": {"type": "string", "enum": ["stdio", "http", "sse"]}, "command": string,
+        "args": {"type": "array", "items": string}, "env": {"type": "object"}, "url": string, "headers": {"type": "object"}}});
+    let mcp_servers = json!({"oneOf": [
+        {"type": "array", "items": mcp_entry, "description": "the original AnyWork's list"},
+        {"type": "object", "description": "as in .mcp.json's mcpServers"},
+        {"type": "null"}]});
     json!({
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {"code": string, "message": string}}}},
         "Any": {},
         "Ok": {"type": "object", "properties": {"ok": {"type": "boolean"}}},
         "Success": {"type": "object", "properties": {"success": {"type": "boolean"}}},
-        "Health": {"type": "object", "required": ["status", "version"], "properties": {"status": string, "version": string, "driver": string, "demo": {"type": "boolean"}, "warning": string}},
+        "Health": {"type": "object", "required": ["status", "version"], "properties": {"status": string, "version": string, "driver": string, "demo": {"type": "boolean"}, "warning": string, "error": {"type": "object", "properties": {"code": string, "message": string}},
+            "setup": {"type": "array", "description": "the set-up check made at start, per driver (engine, image, model, cluster, worker)",
+                "items": {"type": "object", "properties": {"name": string, "ok": {"type": "boolean"}, "message": string}}}}},
         "Session": session,
         "SessionList": {"type": "object", "properties": {"sessions": {"type": "array", "items": schema_ref("Session")}}},
         "CreateSession": {"type": "object", "properties": {"title": string, "channelType": string}},
@@ -223,15 +350,32 @@ fn schemas() -> Value {
         "TaskList": {"type": "object", "properties": {"tasks": {"type": "array", "items": schema_ref("Task")}}},
         "TaskAccepted": {"type": "object", "required": ["taskId"], "properties": {"taskId": string, "sessionId": string, "status": status}},
         "CreateTask": {"type": "object", "required": ["message"], "additionalProperties": false, "properties": {
-            "message": string, "session_id": string, "channel_type": string, "channel_key": string, "channel_meta": {},
-            "skills": {"type": "array", "items": skill}, "mcp_servers": {"type": "object", "description": "as in .mcp.json's mcpServers"},
-            "push_notification": {"type": "object", "required": ["url"], "properties": {"url": string, "authorization": string}}}},
+            "message": string, "session_id": string, "sessionId": {"type": "string", "description": "the same as session_id, as answers spell it"}, "channel_type": string, "channel_key": string, "channel_meta": {},
+            "skills": {"type": ["array", "null"], "items": skill}, "mcp_servers": mcp_servers,
+            "push_notification": {"type": "object", "required": ["url"], "properties": {"url": string,
+                "authorization": {"type": "string", "description": "sent as the Authorization header; also spelled auth_header"},
+                "events": {"type": "array", "items": string, "description": "statuses to push (running, input_required, completed, failed, canceled); default: the final one"}}}}},
+        "Delivery": {"type": "object", "properties": {"id": string, "task_id": string,
+            "target": {"type": "object", "description": "{kind: channel, channel_type} or {kind: push, url, authorization: [redacted], events}"},
+            "payload": {}, "status": string, "attempts": int, "next_attempt_at": int, "last_error": string,
+            "created_at": int, "updated_at": int}},
+        "DeliveryList": {"type": "object", "properties": {"deliveries": {"type": "array", "items": schema_ref("Delivery")}}},
         "TaskLog": log,
         "LogPage": {"type": "object", "properties": {"logs": {"type": "array", "items": schema_ref("TaskLog")}, "hasMore": {"type": "boolean"}, "next": int}},
         "InputResponse": {"type": "object", "required": ["request_id"], "properties": {"request_id": string, "answer": string, "allow": {"type": "boolean"}}},
         "Messages": {"type": "object", "properties": {"messages": {"type": "array", "items": {"type": "object"}}}},
-        "WorkspaceFile": {"type": "object", "properties": {"file": string, "content": string}},
+        "WorkspaceFile": {"type": "object", "properties": {"file": string, "content": string,
+            "scope": {"enum": ["defaults", "session"], "description": "defaults: what new sessions start with; session: that session's own file"},
+            "sessionId": string}},
         "WorkspaceContent": {"type": "object", "required": ["content"], "properties": {"content": string}},
+        "ActiveTasks": {"type": "object", "properties": {"tasks": {"type": "array", "items": schema_ref("Task")}, "running": int, "queueDepth": int}},
+        "FileList": {"type": "object", "properties": {"files": {"type": "array", "items": {"type": "object",
+            "properties": {"path": string, "size": int, "modified": int}}}, "truncated": {"type": "boolean"}}},
+        "FileSaved": {"type": "object", "properties": {"path": string, "size": int, "status": string}},
+        "Binary": {"type": "string", "format": "binary"},
+        "Skills": {"type": "object", "properties": {
+            "skills": {"type": "array", "items": {"type": "object", "required": ["name", "description"], "properties": {"name": string, "description": string}}},
+            "invalid": {"type": "array", "items": {"type": "object", "properties": {"name": string, "error": string}}}}},
         "Workers": {"type": "object", "properties": {"driver": string, "workers": {"type": "array", "items": {"type": "object"}}, "running": int, "queueDepth": int}},
     })
 }
@@ -254,16 +398,24 @@ pub fn openapi_document() -> Value {
             "summary": op.summary,
             "parameters": params,
             "responses": {
-                op.ok.0.to_string(): {"description": "OK", "content": {"application/json": {"schema": schema_ref(op.ok.1)}}},
+                op.ok.0.to_string(): {"description": "OK", "content": {media(op.ok.1): {"schema": schema_ref(op.ok.1)}}},
                 "4XX": error.clone(),
                 "5XX": error,
             },
         });
         if let Some(body) = op.body {
-            operation["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema_ref(body)}}});
+            operation["requestBody"] =
+                json!({"required": true, "content": {media(body): {"schema": schema_ref(body)}}});
         }
         let entry = paths.entry(op.path.to_owned()).or_insert_with(|| json!({}));
         entry[op.method] = operation;
+    }
+    paths.insert("/ws".to_owned(), websocket_path());
+    let mut components = schemas();
+    if let Some(map) = components.as_object_mut() {
+        for (name, schema) in websocket_schemas() {
+            map.insert(name.to_owned(), schema);
+        }
     }
     json!({
         "openapi": "3.1.0",
@@ -274,8 +426,65 @@ pub fn openapi_document() -> Value {
             "license": {"name": "MIT"},
         },
         "paths": paths,
-        "components": {"schemas": schemas()},
+        "components": {"schemas": components},
     })
+}
+
+/// `/ws`: the upgrade, and the messages each way as schemas (`WsClientMessage`,
+/// `WsServerMessage`): JSON text frames, flat, with a `type`.
+fn websocket_path() -> Value {
+    json!({"get": {
+        "summary": "WebSocket: chat and live task events. After the upgrade each text frame is one JSON message: the client sends WsClientMessage, the server sends WsServerMessage.",
+        "parameters": [],
+        "responses": {
+            "101": {"description": "Switching protocols; then WsClientMessage frames in, WsServerMessage frames out",
+                "content": {"application/json": {"schema": schema_ref("WsServerMessage")}}},
+            "4XX": {"description": "Error", "content": {"application/json": {"schema": schema_ref("Error")}}},
+        },
+        "x-websocket-client-messages": schema_ref("WsClientMessage"),
+        "x-websocket-server-messages": schema_ref("WsServerMessage"),
+    }})
+}
+
+fn websocket_schemas() -> Vec<(&'static str, Value)> {
+    let string = json!({"type": "string"});
+    let kind = |t: &str| json!({"const": t});
+    let id_desc = |what: &str| json!({"type": "string", "description": format!("{what} (camelCase spelling taken too)")});
+    let client = json!({"oneOf": [
+        {"type": "object", "required": ["type", "message"], "properties": {"type": kind("chat"), "message": string,
+            "session_id": id_desc("session to continue; without it a new session is made"),
+            "skills": {"type": "array"}, "mcp_servers": {"type": "object"}}},
+        {"type": "object", "required": ["type"], "properties": {"type": kind("ping")}},
+        {"type": "object", "required": ["type", "task_id"], "properties": {"type": kind("resume"),
+            "task_id": id_desc("the task to follow"), "after_seq": {"type": "integer", "description": "replay events after this seq (0: all)"}}},
+        {"type": "object", "required": ["type", "task_id"], "properties": {"type": kind("cancel"), "task_id": id_desc("the task")}},
+        {"type": "object", "required": ["type", "task_id", "request_id"], "properties": {"type": kind("input_response"),
+            "task_id": id_desc("the waiting task"), "request_id": string, "answer": string, "allow": {"type": "boolean"}}},
+    ]});
+    let event_types = [
+        "init",
+        "text",
+        "thinking",
+        "tool_call",
+        "tool_result",
+        "input_required",
+        "usage",
+        "status",
+        "error",
+        "progress",
+        "done",
+    ];
+    let server = json!({"oneOf": [
+        {"type": "object", "required": ["type", "session_id"], "properties": {"type": kind("session_created"), "session_id": string}},
+        {"type": "object", "required": ["type", "session_id", "task_id"], "properties": {"type": kind("task_created"), "session_id": string, "task_id": string}},
+        {"type": "object", "required": ["type", "session_id", "content"], "properties": {"type": kind("session_title"), "session_id": string, "content": string}},
+        {"type": "object", "required": ["type"], "properties": {"type": kind("pong")}},
+        {"type": "object", "required": ["type", "task_id", "seq"], "description": "a task event, as stored in its log (see TaskLog); progress: what the task waits for (metadata stage, attempt, max_attempts, retry_in_ms, reason)",
+            "properties": {"type": {"enum": event_types}, "content": string, "metadata": {"type": "object"},
+                "session_id": string, "task_id": string, "seq": {"type": "integer"}}},
+        {"type": "object", "required": ["type", "content"], "description": "a refused client message", "properties": {"type": kind("error"), "content": string}},
+    ]});
+    vec![("WsClientMessage", client), ("WsServerMessage", server)]
 }
 
 #[cfg(test)]

@@ -3,10 +3,11 @@
 use std::time::Duration;
 
 use anywork_core::{
-    Error, InboundRequest, InputResponse, NewSession, Page, PushNotification, SessionId, SkillSpec,
-    TaskId, TaskRequest, WireTask, spec::McpServers,
+    DeliveryId, DeliveryStatus, Error, InboundRequest, InputResponse, NewSession, Page,
+    PushNotification, SessionId, SkillSpec, TaskId, TaskRequest, WireTask,
+    spec::{McpServers, deserialize_mcp_servers_any, deserialize_skills_any},
 };
-use anywork_http::{ApiError, JsonBody, PathParam, QueryParams};
+use anywork_http::{ApiError, JsonBody, PathParam, QueryParams, RawBody};
 use anywork_runtime::{InboundOutcome, WorkspaceDoc};
 use axum::Json;
 use axum::body::Bytes;
@@ -22,10 +23,14 @@ use super::dto::{log_json, session_json, summary_json};
 
 type ApiResult<T = Json<Value>> = Result<T, ApiError>;
 
-pub(crate) async fn health(State(state): State<AppState>) -> Json<Value> {
+/// Health and readiness: 200 `ok` when the store takes writes, else 503 with the reason as
+/// `error` (`{code, message}`), so a load balancer stops sending work to a server that
+/// cannot store it.
+pub(crate) async fn health(State(state): State<AppState>) -> Response {
     let options = state.options();
+    let ready = state.dispatcher().check_ready().await;
     let mut body = json!({
-        "status": "ok",
+        "status": if ready.is_ok() { "ok" } else { "unavailable" },
         "version": options.version,
         "driver": state.dispatcher().driver_name(),
         "demo": options.demo,
@@ -33,7 +38,19 @@ pub(crate) async fn health(State(state): State<AppState>) -> Json<Value> {
     if let Some(w) = &options.warning {
         body["warning"] = json!(w);
     }
-    Json(body)
+    body["setup"] = json!(options.setup);
+    match ready {
+        Ok(()) => Json(body).into_response(),
+        Err(e) => {
+            body["error"] = json!({"code": e.kind().as_str(), "message": e.message()});
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+    }
+}
+
+/// Liveness: the process answers (a store outage is not a reason to restart it).
+pub(crate) async fn live() -> Json<Value> {
+    Json(json!({"ok": true}))
 }
 
 pub(crate) async fn openapi() -> Json<Value> {
@@ -90,7 +107,7 @@ pub(crate) struct CreateSession {
 
 pub(crate) async fn create_session(
     State(state): State<AppState>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     // The body is optional: no body (or `{}`) makes an untitled web chat session.
     let body: CreateSession = if body.iter().all(u8::is_ascii_whitespace) {
@@ -168,7 +185,8 @@ pub(crate) async fn session_messages(
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateTask {
     message: String,
-    #[serde(default)]
+    /// `sessionId` as the answers spell it, or `session_id`.
+    #[serde(default, alias = "sessionId")]
     session_id: Option<SessionId>,
     #[serde(default)]
     channel_type: Option<String>,
@@ -176,9 +194,11 @@ pub(crate) struct CreateTask {
     channel_key: Option<String>,
     #[serde(default)]
     channel_meta: Value,
-    #[serde(default)]
+    /// Names and/or inline objects, as the original's clients send them.
+    #[serde(default, deserialize_with = "deserialize_skills_any")]
     skills: Vec<SkillSpec>,
-    #[serde(default)]
+    /// The original's list, the map by name, `[]`, `{}` or `null`.
+    #[serde(default, deserialize_with = "deserialize_mcp_servers_any")]
     mcp_servers: McpServers,
     #[serde(default)]
     push_notification: Option<PushNotification>,
@@ -188,6 +208,24 @@ pub(crate) async fn create_task(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<CreateTask>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
+    let options = state.options();
+    if let Some(key) = &body.channel_key
+        && key.len() > options.max_channel_key_bytes
+    {
+        return Err(Error::invalid_input(format!(
+            "`channel_key` is longer than {} bytes",
+            options.max_channel_key_bytes
+        ))
+        .into());
+    }
+    let meta_len = serde_json::to_string(&body.channel_meta).map_or(0, |s| s.len());
+    if meta_len > options.max_channel_meta_bytes {
+        return Err(Error::invalid_input(format!(
+            "`channel_meta` is larger than {} bytes of JSON",
+            options.max_channel_meta_bytes
+        ))
+        .into());
+    }
     let mut request = TaskRequest::new(
         body.channel_type.unwrap_or_else(|| "api".to_owned()),
         body.message,
@@ -237,17 +275,23 @@ pub(crate) async fn task_logs(
     let limit = q.limit.unwrap_or(100).clamp(1, 500);
     // One more than asked, to tell whether there is more.
     let mut logs = d.task_logs(id, q.after, limit + 1).await?;
+    // Clamped before it becomes a `Duration` (which panics past u64::MAX seconds).
+    let max_wait = state.options().max_wait;
     let wait = q
         .wait
         .filter(|w| w.is_finite() && *w > 0.0)
-        .map(|w| Duration::from_secs_f64(w).min(state.options().max_wait));
+        .map(|w| Duration::try_from_secs_f64(w.min(max_wait.as_secs_f64())).unwrap_or(max_wait));
     if logs.is_empty()
         && let Some(wait) = wait
     {
         // Long-poll: wait for the first new event (or the end of the task's events), then
         // answer from the log.
         let mut events = std::pin::pin!(d.events(id, q.after));
-        let _ = tokio::time::timeout(wait, events.next()).await;
+        // A shutdown ends the wait: the answer is what the log has.
+        tokio::select! {
+            _ = tokio::time::timeout(wait, events.next()) => {}
+            _ = state.closing().cancelled() => {}
+        }
         logs = d.task_logs(id, q.after, limit + 1).await?;
     }
     let has_more = logs.len() > limit as usize;
@@ -260,12 +304,20 @@ pub(crate) async fn task_logs(
     })))
 }
 
+/// 200 with the task once it ended; 202 with `status: canceling` when its worker has not
+/// stopped yet (the run goes on stopping it; the `done` event tells the end).
 pub(crate) async fn cancel_task(
     State(state): State<AppState>,
     PathParam(id): PathParam<TaskId>,
-) -> ApiResult<Json<WireTask>> {
+) -> ApiResult<Response> {
     let task = state.dispatcher().cancel(id).await?;
-    Ok(Json(WireTask::from(&task)))
+    if task.status.is_terminal() {
+        return Ok(Json(WireTask::from(&task)).into_response());
+    }
+    let mut body = serde_json::to_value(WireTask::from(&task))
+        .map_err(|e| Error::internal(format!("cannot encode the task: {e}")))?;
+    body["status"] = json!("canceling");
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
 pub(crate) async fn answer_task(
@@ -277,18 +329,59 @@ pub(crate) async fn answer_task(
     Ok(Json(json!({"ok": true})))
 }
 
+/// `POST /api/channel/:type/webhook`. The body is read here, up to
+/// [`ApiOptions::channel_max_body_bytes`](super::ApiOptions), so that an oversized one is
+/// refused (413) before any channel sees it; then the channel verifies it (401) and parses
+/// it (400). Nothing of the body or its headers is logged.
 pub(crate) async fn channel_webhook(
     State(state): State<AppState>,
     PathParam(channel_type): PathParam<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> ApiResult<Response> {
+    if state.dispatcher().channel(&channel_type).is_none() {
+        return Err(Error::not_found(format!(
+            "no channel of type {:?} is configured",
+            channel_type.chars().take(64).collect::<String>()
+        ))
+        .into());
+    }
+    let limit = state.options().channel_max_body_bytes;
+    let too_large = || {
+        ApiError::with_status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Error::invalid_input(format!(
+                "the request body is larger than the channel limit of {limit} bytes"
+            )),
+        )
+    };
+    if headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > limit)
+    {
+        return Err(too_large());
+    }
+    let mut chunks = body.into_data_stream();
+    let mut body = Vec::new();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::from(Error::invalid_input(format!(
+                "the request body could not be read: {e}"
+            )))
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
     let request = InboundRequest::new(
         headers
             .iter()
             .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
             .collect(),
-        body.to_vec(),
+        body,
     );
     match state.dispatcher().inbound(&channel_type, request).await? {
         InboundOutcome::Submitted(submitted) => Ok((
@@ -296,11 +389,55 @@ pub(crate) async fn channel_webhook(
             Json(json!({"taskId": submitted.task.id, "sessionId": submitted.task.session_id})),
         )
             .into_response()),
+        InboundOutcome::Answered { task } => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"taskId": task.id, "sessionId": task.session_id, "answered": true})),
+        )
+            .into_response()),
+        InboundOutcome::Responded(body) => Ok(Json(body).into_response()),
         InboundOutcome::Skipped { reason } => {
             Ok(Json(json!({"ok": true, "skipped": true, "reason": reason})).into_response())
         }
         other => Err(Error::internal(format!("unexpected inbound outcome {other:?}")).into()),
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DeliveriesQuery {
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    limit: Option<u32>,
+    #[serde(default)]
+    offset: Option<u32>,
+}
+
+/// `GET /api/deliveries?status=pending|failed|sent|dead&limit=&offset=`: the outbox, oldest
+/// first, secrets redacted.
+pub(crate) async fn list_deliveries(
+    State(state): State<AppState>,
+    QueryParams(q): QueryParams<DeliveriesQuery>,
+) -> ApiResult {
+    let status = match q.status.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        Some(s) => Some(s.parse::<DeliveryStatus>()?),
+        None => None,
+    };
+    let page = Page {
+        limit: q.limit.unwrap_or(100).clamp(1, 500),
+        offset: q.offset.unwrap_or(0),
+    };
+    let list = state.dispatcher().deliveries(status, page).await?;
+    Ok(Json(json!({"deliveries": list})))
+}
+
+/// `POST /api/deliveries/:id/retry`: a dead delivery is sent again with a fresh budget.
+pub(crate) async fn retry_delivery(
+    State(state): State<AppState>,
+    PathParam(id): PathParam<DeliveryId>,
+) -> ApiResult {
+    let delivery = state.dispatcher().retry_delivery(id).await?;
+    Ok(Json(json!(delivery)))
 }
 
 pub(crate) async fn get_workspace_doc(
@@ -309,7 +446,9 @@ pub(crate) async fn get_workspace_doc(
 ) -> ApiResult {
     let doc: WorkspaceDoc = file.parse()?;
     let doc = state.dispatcher().workspace_doc(doc).await?;
-    Ok(Json(json!({"file": doc.file, "content": doc.content})))
+    Ok(Json(
+        json!({"file": doc.file, "content": doc.content, "scope": "defaults"}),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -328,7 +467,54 @@ pub(crate) async fn put_workspace_doc(
         .dispatcher()
         .put_workspace_doc(doc, &body.content)
         .await?;
-    Ok(Json(json!({"file": doc.file, "content": doc.content})))
+    Ok(Json(
+        json!({"file": doc.file, "content": doc.content, "scope": "defaults"}),
+    ))
+}
+
+/// `GET /api/sessions/:id/workspace/:file`: the session's own copy, from its running worker
+/// (409 when none runs: nothing is started to read it).
+pub(crate) async fn get_session_doc(
+    State(state): State<AppState>,
+    PathParam((id, file)): PathParam<(SessionId, String)>,
+) -> ApiResult {
+    let doc: WorkspaceDoc = file.parse()?;
+    let doc = state.dispatcher().session_doc(&id, doc).await?;
+    Ok(Json(
+        json!({"file": doc.file, "content": doc.content, "scope": "session", "sessionId": id}),
+    ))
+}
+
+/// `PUT /api/sessions/:id/workspace/:file`.
+pub(crate) async fn put_session_doc(
+    State(state): State<AppState>,
+    PathParam((id, file)): PathParam<(SessionId, String)>,
+    JsonBody(body): JsonBody<DocBody>,
+) -> ApiResult {
+    let doc: WorkspaceDoc = file.parse()?;
+    let doc = state
+        .dispatcher()
+        .put_session_doc(&id, doc, &body.content)
+        .await?;
+    Ok(Json(
+        json!({"file": doc.file, "content": doc.content, "scope": "session", "sessionId": id}),
+    ))
+}
+
+/// `GET /api/admin/tasks`: the tasks not over yet (running, waiting for input, queued).
+pub(crate) async fn active_tasks(State(state): State<AppState>) -> ApiResult {
+    let tasks = state.dispatcher().active_tasks(200).await?;
+    Ok(Json(json!({
+        "tasks": tasks.iter().map(WireTask::from).collect::<Vec<_>>(),
+        "running": state.dispatcher().running(),
+        "queueDepth": state.dispatcher().queue_depth(),
+    })))
+}
+
+/// `GET /api/skills`: `{"skills": [{name, description}], "invalid": [{name, error}]}`.
+pub(crate) async fn skills(State(state): State<AppState>) -> ApiResult {
+    let catalog = state.dispatcher().skill_catalog().await?;
+    Ok(Json(json!(catalog)))
 }
 
 pub(crate) async fn workers(State(state): State<AppState>) -> ApiResult {
@@ -340,4 +526,113 @@ pub(crate) async fn workers(State(state): State<AppState>) -> ApiResult {
         "running": state.dispatcher().running(),
         "queueDepth": state.dispatcher().queue_depth(),
     })))
+}
+
+/// `GET /api/sessions/:id/files`: the session's `files/` listing.
+pub(crate) async fn session_files(
+    State(state): State<AppState>,
+    PathParam(id): PathParam<SessionId>,
+) -> ApiResult {
+    Ok(Json(state.dispatcher().session_files(&id).await?))
+}
+
+/// `GET /api/sessions/:id/files/*path`: one file, as an attachment unless `?inline=1`.
+pub(crate) async fn session_file(
+    State(state): State<AppState>,
+    PathParam((id, path)): PathParam<(SessionId, String)>,
+    QueryParams(q): QueryParams<FileQuery>,
+) -> ApiResult<Response> {
+    let bytes = state.dispatcher().session_file(&id, &path).await?;
+    let name = path.rsplit('/').next().unwrap_or("file");
+    Ok(file_response(
+        bytes,
+        "application/octet-stream",
+        name,
+        q.inline.unwrap_or(false),
+    ))
+}
+
+/// `GET /api/sessions/:id/files.zip`: the session's `files/` as a zip.
+pub(crate) async fn session_files_zip(
+    State(state): State<AppState>,
+    PathParam(id): PathParam<SessionId>,
+) -> ApiResult<Response> {
+    let bytes = state.dispatcher().session_files_zip(&id).await?;
+    Ok(file_response(bytes, "application/zip", "files.zip", false))
+}
+
+/// `PUT /api/sessions/:id/files/*path`: the body becomes `files/<path>` (25 MiB at most).
+pub(crate) async fn put_session_file(
+    State(state): State<AppState>,
+    PathParam((id, path)): PathParam<(SessionId, String)>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> ApiResult {
+    let body = body.map_err(|rej| {
+        ApiError::with_status(
+            rej.status(),
+            Error::invalid_input(format!(
+                "the upload was not read ({}): a file in files/ is at most {} bytes",
+                rej.body_text(),
+                anywork_core::worker_api::MAX_UPLOAD_BYTES
+            )),
+        )
+    })?;
+    Ok(Json(
+        state
+            .dispatcher()
+            .put_session_file(&id, &path, body.to_vec())
+            .await?,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileQuery {
+    #[serde(default, deserialize_with = "flag")]
+    inline: Option<bool>,
+}
+
+/// `1`/`true` or `0`/`false`.
+fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    let s = String::deserialize(d)?;
+    match s.as_str() {
+        "1" | "true" => Ok(Some(true)),
+        "0" | "false" => Ok(Some(false)),
+        other => Err(serde::de::Error::custom(format!(
+            "inline is 1 or 0, not {other:?}"
+        ))),
+    }
+}
+
+/// A download: never rendered by the browser as a page of this origin (`nosniff`, a sandbox
+/// CSP), inline as plain text when asked, else an attachment named `name`.
+fn file_response(bytes: Vec<u8>, content_type: &str, name: &str, inline: bool) -> Response {
+    let safe: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let (content_type, disposition) = if inline {
+        ("text/plain; charset=utf-8".to_owned(), "inline".to_owned())
+    } else {
+        (
+            content_type.to_owned(),
+            format!("attachment; filename=\"{safe}\""),
+        )
+    };
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CONTENT_DISPOSITION, disposition),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned()),
+            (header::CONTENT_SECURITY_POLICY, "sandbox".to_owned()),
+        ],
+        bytes,
+    )
+        .into_response()
 }

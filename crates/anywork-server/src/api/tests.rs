@@ -377,7 +377,8 @@ async fn every_documented_route_exists_and_metrics_render() {
         let uri = path
             .replace("{id}", "00000000-0000-7000-8000-000000000000")
             .replace("{type}", "nope")
-            .replace("{file}", "nope");
+            .replace("{file}", "nope")
+            .replace("{path}", "notes.txt");
         let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap();
         let (_, b) = call(&app, method.clone(), &uri, Some("{}")).await;
         assert_ne!(
@@ -387,9 +388,37 @@ async fn every_documented_route_exists_and_metrics_render() {
         );
         assert!(doc["paths"][path][method.as_str().to_ascii_lowercase()].is_object());
     }
+    // The WebSocket messages are described too.
+    assert!(
+        doc["paths"]["/ws"]["get"].is_object(),
+        "{}",
+        doc["paths"]["/ws"]
+    );
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(
+        schemas["WsClientMessage"]["oneOf"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+    assert!(
+        schemas["WsServerMessage"]["oneOf"]
+            .as_array()
+            .unwrap()
+            .len()
+            >= 5
+    );
+    assert!(schemas["CreateTask"]["properties"]["sessionId"].is_object());
     let (s, text) = call(&app, Method::GET, "/metrics", None).await;
     assert_eq!(s, StatusCode::OK);
     let text = text.as_str().unwrap();
+    assert!(
+        text.contains(
+            "anywork_http_requests_total{method=\"GET\",route=\"/api/openapi.json\",status=\"200\"}"
+        ),
+        "{text}"
+    );
     assert!(text.contains("anywork_tasks_submitted_total 0"), "{text}");
     assert!(text.contains("anywork_queue_depth 0"));
     let (s, b) = call(&app, Method::GET, "/api/workspace/secrets", None).await;
@@ -542,4 +571,77 @@ async fn a_failed_purge_does_not_undo_the_deletion() {
     assert_eq!(driver.purged.lock().unwrap().len(), 1);
     let (s, _) = call(&app, Method::GET, &format!("/api/sessions/{id}"), None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+/// Issue 15, item 8: hostile query values and sizes answer JSON errors, never a panic or an
+/// empty or plain-text body.
+#[tokio::test]
+async fn huge_waits_bodies_and_uris_answer_json() {
+    let options = ApiOptions {
+        max_body_bytes: 1024,
+        max_wait: Duration::from_millis(50),
+        ..ApiOptions::default()
+    };
+    let (app, state) = app_with(options).await;
+    let task = state
+        .dispatcher()
+        .submit(TaskRequest::new("api", "hi"))
+        .await
+        .unwrap()
+        .task;
+    // Far past what a `Duration` holds: clamped to the longest wait, not a panic.
+    for wait in ["1e20", "1e308", "18446744073709551616", "inf", "-5", "NaN"] {
+        let uri = format!("/api/tasks/{}/logs?after=0&wait={wait}", task.id);
+        let (s, b) = call(&app, Method::GET, &uri, None).await;
+        assert!(
+            s == StatusCode::OK || s == StatusCode::BAD_REQUEST,
+            "{wait}: {s} {b}"
+        );
+        if s == StatusCode::BAD_REQUEST {
+            assert_error(&b, "invalid_input");
+        }
+    }
+    // 413 from the routes that take the raw body, as JSON naming the limit.
+    let big = "x".repeat(4096);
+    for uri in ["/api/sessions", "/api/channel/test/webhook"] {
+        let (s, b) = call(&app, Method::POST, uri, Some(&big)).await;
+        assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{uri}: {b}");
+        assert_error(&b, "invalid_input");
+        assert!(
+            b["error"]["message"].as_str().unwrap().contains("1024"),
+            "{b}"
+        );
+    }
+    // 414 as JSON.
+    let long = format!(
+        "/api/sessions?x={}",
+        "y".repeat(anywork_http::MAX_URI_BYTES)
+    );
+    let (s, b) = call(&app, Method::GET, &long, None).await;
+    assert_eq!(s, StatusCode::URI_TOO_LONG, "{b}");
+    assert_error(&b, "invalid_input");
+}
+
+/// Issue 15, item 1: health is a readiness check — 503 with the reason while the server is
+/// shutting down (or its store cannot write), 200 otherwise.
+#[tokio::test]
+async fn health_is_503_with_the_reason_when_not_ready() {
+    let (app, state) = app_with(ApiOptions::default()).await;
+    let (s, b) = call(&app, Method::GET, "/api/health", None).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    state.dispatcher().shutdown(Duration::ZERO).await;
+    let (s, b) = call(&app, Method::GET, "/api/health", None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{b}");
+    assert_eq!(b["status"], "unavailable");
+    assert_error(&b, "unavailable");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("shutting down"),
+        "{b}"
+    );
+    // Liveness is not readiness: the process still answers.
+    let (s, b) = call(&app, Method::GET, "/api/health/live", None).await;
+    assert_eq!((s, &b["ok"]), (StatusCode::OK, &json!(true)), "{b}");
 }

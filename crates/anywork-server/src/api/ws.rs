@@ -1,5 +1,11 @@
 //! `/ws`: chat, follow and resume tasks, cancel, answer input requests.
 //!
+//! A chat is answered by `task_created` (after `session_created` for a new session), or by
+//! one `error` with `metadata {code, created: false}` when it is refused: nothing was made,
+//! no `done` follows. The refusal echoes the chat's `session_id` and the client's own
+//! `request_id` (any string or number the client adds to its message), so that a client
+//! knows which of its messages it answers.
+//!
 //! One Tokio task per connection reads the socket and writes what the followers and the hub
 //! send it; each followed task has a follower task that ends with the task's `done`. An idle
 //! connection holds no follower, only small socket buffers.
@@ -9,14 +15,17 @@ use std::collections::{HashMap, HashSet};
 use anywork_core::ws::{ClientMessage, ServerMessage};
 use anywork_core::{Error, SessionId, TaskId, TaskRequest};
 use anywork_runtime::LiveEvent;
-use axum::extract::State;
-use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use std::net::SocketAddr;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{Extensions, HeaderMap, StatusCode};
 use axum::response::Response;
 use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::AppState;
+use super::{AppState, auth};
 
 /// Channel type of tasks made over the WebSocket.
 pub const WEBCHAT: &str = "webchat";
@@ -30,14 +39,124 @@ const WRITE_BATCH_EVENTS: usize = 64;
 /// Largest client message.
 const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
 
-pub(crate) async fn upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+/// How long a connection that must authenticate with its first message may take to send it.
+const AUTH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+pub(crate) async fn upgrade(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    extensions: Extensions,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let access = match auth::check_ws(&state, &headers) {
+        Ok(a) => a,
+        Err(refused) => return refused,
+    };
+    let client = extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let Some(guard) = state.ws_opened(client) else {
+        return auth::refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "too many WebSocket connections from this address (at most {}); close some first",
+                state.options().max_ws_per_client
+            ),
+        );
+    };
+    // The subprotocol a browser offered is answered (it must be, or the browser fails the
+    // connection): `anywork`, else the token one it sent alone.
+    let mut protocols = vec![std::borrow::Cow::Borrowed(auth::WS_PROTOCOL)];
+    if let Some(p) = auth::ws_token_protocol(&headers) {
+        protocols.push(std::borrow::Cow::Owned(p));
+    }
     // Small buffers: most connections sit idle; they grow when a message needs it. Messages
     // that are ready together are written together (see `connection`), up to this much.
-    ws.read_buffer_size(4 * 1024)
+    ws.protocols(protocols)
+        .read_buffer_size(4 * 1024)
         .write_buffer_size(WRITE_BATCH_BYTES)
         .max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES)
-        .on_upgrade(move |socket| connection(state, socket))
+        .on_upgrade(move |socket| async move {
+            let _guard = guard;
+            let mut socket = socket;
+            if let auth::WsAccess::AwaitAuth = access
+                && !authenticate(&state, &mut socket).await
+            {
+                return;
+            }
+            connection(state, socket).await
+        })
+}
+
+/// Waits for the first message, which must be `{"type":"auth","token":…}`; an error and a
+/// close otherwise.
+async fn authenticate(state: &AppState, socket: &mut WebSocket) -> bool {
+    let first = tokio::time::timeout(AUTH_WAIT, async {
+        loop {
+            match socket.recv().await {
+                Some(Ok(Message::Text(text))) => return Some(text),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten();
+    let ok = first
+        .as_ref()
+        .is_some_and(|t| auth::ws_auth_message(state, t.as_str()));
+    let reply = if ok {
+        serde_json::json!({"type": "authenticated"})
+    } else {
+        serde_json::json!({"type": "error", "content": "this server requires its API token: \
+            send {\"type\":\"auth\",\"token\":\"…\"} first, or the subprotocol \
+            anywork.token.<token>, or Authorization: Bearer <token>", "metadata": {"code": "unauthorized"}})
+    };
+    let _ = socket
+        .send(Message::Text(Utf8Bytes::from(reply.to_string())))
+        .await;
+    if !ok {
+        let _ = socket.send(Message::Close(None)).await;
+    }
+    ok
+}
+
+/// Messages a connection may send: `rate` per second, bursts of twice as many.
+struct RateLimit {
+    rate: f64,
+    tokens: f64,
+    last: tokio::time::Instant,
+}
+
+impl RateLimit {
+    fn new(per_second: u32) -> Self {
+        let rate = f64::from(per_second);
+        Self {
+            rate,
+            tokens: rate * 2.0,
+            last: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Takes one message's token; false when there is none.
+    fn take(&mut self) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate * 2.0);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 struct Connection {
@@ -53,7 +172,7 @@ struct Connection {
 }
 
 async fn connection(state: AppState, mut socket: WebSocket) {
-    let _guard = state.ws_opened();
+    let mut limit = RateLimit::new(state.options().ws_messages_per_second);
     let (events_tx, mut events) = mpsc::channel::<LiveEvent>(64);
     let (replies_tx, mut replies) = mpsc::channel::<ServerMessage>(16);
     let mut notices = state.dispatcher().notices();
@@ -68,13 +187,37 @@ async fn connection(state: AppState, mut socket: WebSocket) {
     loop {
         let out = tokio::select! {
             _ = closing.cancelled() => {
-                let _ = socket.send(Message::Close(None)).await;
+                // Whatever the followers still hold goes out first.
+                let mut out = Vec::new();
+                while let Ok(event) = events.try_recv() {
+                    out.push(event.to_message());
+                }
+                let _ = send_all(&mut socket, &out).await;
+                let _ = socket
+                    .send(Message::Close(Some(CloseFrame {
+                        code: close_code::AWAY,
+                        reason: Utf8Bytes::from_static("the server is shutting down"),
+                    })))
+                    .await;
                 break;
             }
             incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Text(_))) if !limit.take() => vec![rate_limited(&conn.state)],
                 Some(Ok(Message::Text(text))) => conn.handle(text.as_str()).await,
                 Some(Ok(Message::Binary(_))) => vec![ServerMessage::error("Binary messages are not supported; send JSON text")],
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Err(e)) if is_too_large(&e) => {
+                    // Say why before closing: 1009, "message too big".
+                    let _ = socket
+                        .send(Message::Close(Some(CloseFrame {
+                            code: close_code::SIZE,
+                            reason: Utf8Bytes::from(format!(
+                                "a message is larger than the limit of {MAX_MESSAGE_BYTES} bytes"
+                            )),
+                        })))
+                        .await;
+                    break;
+                }
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
             },
             Some(event) = events.recv() => {
@@ -109,6 +252,12 @@ async fn connection(state: AppState, mut socket: WebSocket) {
     }
 }
 
+/// Whether a read failed because a frame or message was over the size limit.
+fn is_too_large(e: &axum::Error) -> bool {
+    let text = e.to_string();
+    text.contains("Space limit exceeded") || text.contains("too long") || text.contains("too big")
+}
+
 /// Sends `messages` with one flush at the end.
 async fn send_all(socket: &mut WebSocket, messages: &[ServerMessage]) -> Result<(), axum::Error> {
     use futures_util::SinkExt as _;
@@ -138,9 +287,15 @@ impl Connection {
         let Ok(value) = serde_json::from_str::<serde_json::Value>(text) else {
             return vec![ServerMessage::error("Invalid JSON")];
         };
+        let context = RequestContext::of(&value);
         let message = match serde_json::from_value::<ClientMessage>(value) {
             Ok(m) => m,
-            Err(e) => return vec![ServerMessage::error(format!("Invalid message: {e}"))],
+            Err(e) => {
+                return vec![context.refused(
+                    "invalid_message",
+                    format!("Invalid message: {e}; nothing was created"),
+                )];
+            }
         };
         match message {
             ClientMessage::Ping => vec![ServerMessage::Pong],
@@ -149,7 +304,10 @@ impl Connection {
                 message,
                 skills,
                 mcp_servers,
-            } => self.chat(session_id, message, skills, mcp_servers).await,
+            } => {
+                self.chat(&context, session_id, message, skills, mcp_servers)
+                    .await
+            }
             ClientMessage::Resume { task_id, after_seq } => {
                 match self.state.dispatcher().task(task_id).await {
                     Ok(task) => {
@@ -184,13 +342,14 @@ impl Connection {
 
     async fn chat(
         &mut self,
+        context: &RequestContext,
         session_id: Option<SessionId>,
         message: String,
         skills: Vec<anywork_core::SkillSpec>,
         mcp_servers: anywork_core::spec::McpServers,
     ) -> Vec<ServerMessage> {
         let mut request = TaskRequest::new(WEBCHAT, message);
-        request.session_id = session_id.clone();
+        request.session_id = session_id;
         request.skills = skills;
         request.mcp_servers = mcp_servers;
         match self.state.dispatcher().submit_and_follow(request).await {
@@ -210,7 +369,13 @@ impl Connection {
                 self.spawn_follower(task.id, events);
                 out
             }
-            Err(e) => vec![task_error(session_id, None, &e)],
+            Err(e) => vec![context.refused(
+                e.kind().as_str(),
+                format!(
+                    "{}; nothing was created",
+                    e.message().trim_end_matches(['.', ' '])
+                ),
+            )],
         }
     }
 
@@ -248,6 +413,52 @@ impl Connection {
             }
         });
         self.followers.insert(task_id, handle);
+    }
+}
+
+fn rate_limited(state: &AppState) -> ServerMessage {
+    ServerMessage::Event {
+        session_id: None,
+        task_id: None,
+        seq: None,
+        event: anywork_core::TaskEvent::Error {
+            message: format!(
+                "too many messages: at most {} per second on one connection; this one was dropped, send it again later",
+                state.options().ws_messages_per_second
+            ),
+            code: Some("rate_limited".to_owned()),
+        },
+    }
+}
+
+/// What a client sent along with a message that identifies it: its `session_id` and its own
+/// `request_id`, echoed in a refusal.
+struct RequestContext {
+    session_id: Option<SessionId>,
+    request_id: Option<serde_json::Value>,
+}
+
+impl RequestContext {
+    fn of(value: &serde_json::Value) -> Self {
+        Self {
+            session_id: value
+                .get("session_id")
+                .and_then(serde_json::Value::as_str)
+                .and_then(|s| SessionId::new(s).ok()),
+            request_id: value
+                .get("request_id")
+                .filter(|v| v.is_string() || v.is_number())
+                .cloned(),
+        }
+    }
+
+    fn refused(&self, code: &str, message: String) -> ServerMessage {
+        ServerMessage::Refused {
+            session_id: self.session_id.clone(),
+            request_id: self.request_id.clone(),
+            code: code.to_owned(),
+            message,
+        }
     }
 }
 

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anywork_drivers::StaticDriver;
-use anywork_runtime::{Backoff, Dispatcher, DispatcherConfig, FirstWords, TitleGenerator};
+use anywork_runtime::{
+    Backoff, Dispatcher, DispatcherBuilder, DispatcherConfig, FirstWords, TitleGenerator,
+};
 use anywork_server::{ApiOptions, AppState};
 use anywork_store::SqliteStore;
 use anywork_test::fake_llm::FakeLlm;
@@ -46,9 +48,19 @@ impl WorkerProcess {
     }
 
     pub async fn start_in(fake: &FakeLlm, workspace: &Path) -> WorkerProcess {
+        Self::start_with_env(fake, workspace, &[]).await
+    }
+
+    /// A worker with extra environment variables (e.g. `SSE_KEEP_ALIVE_SECONDS`).
+    pub async fn start_with_env(
+        fake: &FakeLlm,
+        workspace: &Path,
+        env: &[(&str, &str)],
+    ) -> WorkerProcess {
         let port = free_port();
         let child = tokio::process::Command::new(anywork_test::bins::worker_bin())
             .env_clear()
+            .envs(env.iter().copied())
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOME", workspace)
             .env("WORKER_HOST", "127.0.0.1")
@@ -92,8 +104,24 @@ pub struct TestServer {
     pub url: String,
     pub state: AppState,
     pub http: reqwest::Client,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// What a [`TestServer::start_full`] is made of besides its worker.
+#[derive(Default)]
+pub struct Setup {
+    pub config: DispatcherConfig,
+    pub channels: Vec<Arc<dyn anywork_core::Channel>>,
+    /// The SQLite directory (kept by the caller, e.g. to restart on it); a temp dir if `None`.
+    pub db_dir: Option<std::path::PathBuf>,
+    pub push_secret: Option<String>,
+    pub options: ApiOptions,
+    /// The store (and the folder it lives in, removed with the server); SQLite in `db_dir` or
+    /// a temp dir if `None`.
+    pub store: Option<(tempfile::TempDir, Arc<dyn anywork_core::TaskStore>)>,
+    /// Anything else on the dispatcher's builder (skills, …), applied last.
+    pub customize: Option<Box<dyn FnOnce(DispatcherBuilder) -> DispatcherBuilder + Send>>,
 }
 
 impl TestServer {
@@ -106,16 +134,91 @@ impl TestServer {
         config: DispatcherConfig,
         titles: impl TitleGenerator,
     ) -> TestServer {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SqliteStore::open_in_dir(dir.path()).await.unwrap());
+        let setup = Setup {
+            config,
+            ..Setup::default()
+        };
+        Self::start_full(worker_url, setup, titles).await
+    }
+
+    /// A server with its own API options (token, limits, CORS origins).
+    pub async fn start_with_options(
+        worker_url: &str,
+        config: DispatcherConfig,
+        titles: impl TitleGenerator,
+        options: ApiOptions,
+    ) -> TestServer {
+        let setup = Setup {
+            config,
+            options,
+            ..Setup::default()
+        };
+        Self::start_full(worker_url, setup, titles).await
+    }
+
+    /// The server with the dispatcher's builder set up by `customize` (skills, …).
+    pub async fn start_custom(
+        worker_url: &str,
+        customize: impl FnOnce(DispatcherBuilder) -> DispatcherBuilder + Send + 'static,
+    ) -> TestServer {
+        let setup = Setup {
+            customize: Some(Box::new(customize)),
+            ..Setup::default()
+        };
+        Self::start_full(worker_url, setup, FirstWords).await
+    }
+
+    /// The server over `store` (kept in `dir`, removed with the server).
+    pub async fn start_on(
+        dir: tempfile::TempDir,
+        store: Arc<dyn anywork_core::TaskStore>,
+        worker_url: &str,
+        config: DispatcherConfig,
+        titles: impl TitleGenerator,
+    ) -> TestServer {
+        let setup = Setup {
+            config,
+            store: Some((dir, store)),
+            ..Setup::default()
+        };
+        Self::start_full(worker_url, setup, titles).await
+    }
+
+    /// A server with channels, a store directory, a push secret and API options of choice.
+    pub async fn start_full(
+        worker_url: &str,
+        setup: Setup,
+        titles: impl TitleGenerator,
+    ) -> TestServer {
+        let (dir, store): (Option<tempfile::TempDir>, Arc<dyn anywork_core::TaskStore>) =
+            match (setup.store, setup.db_dir) {
+                (Some((d, s)), _) => (Some(d), s),
+                (None, Some(p)) => (None, Arc::new(SqliteStore::open_in_dir(&p).await.unwrap())),
+                (None, None) => {
+                    let d = tempfile::tempdir().unwrap();
+                    let s = SqliteStore::open_in_dir(d.path()).await.unwrap();
+                    (Some(d), Arc::new(s))
+                }
+            };
         let driver = Arc::new(StaticDriver::new(worker_url).unwrap());
-        let dispatcher = Dispatcher::builder(store, driver)
-            .config(config)
-            .titles(titles)
-            .start()
-            .await
-            .unwrap();
-        let state = AppState::new(dispatcher, ApiOptions::default());
+        let mut builder = Dispatcher::builder(store, driver)
+            .config(setup.config)
+            .titles(titles);
+        for c in setup.channels {
+            builder = builder.channel(c);
+        }
+        if let Some(secret) = setup.push_secret {
+            builder = builder.push_signing_secret(secret);
+        }
+        if let Some(customize) = setup.customize {
+            builder = customize(builder);
+        }
+        let dispatcher = builder.start().await.unwrap();
+        let mut options = setup.options;
+        if options.setup.is_empty() {
+            options.setup = dispatcher.check_setup().await;
+        }
+        let state = AppState::new(dispatcher, options);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -255,6 +255,9 @@ impl Run {
             .await;
         }
 
+        // A previous turn cut off mid-run (the worker was killed) is marked as such, so the
+        // model does not take its instruction as still to do.
+        transcript::close_unanswered_turn(&mut history);
         let first = Message::user_text(self.request.message.clone());
         self.record(&first).await;
         history.push(first);

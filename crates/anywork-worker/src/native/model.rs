@@ -74,6 +74,14 @@ impl Message {
         }
     }
 
+    /// An assistant message with one text part.
+    pub fn assistant_text(text: impl Into<String>) -> Self {
+        Self {
+            role: Role::Assistant,
+            content: vec![Part::Text { text: text.into() }],
+        }
+    }
+
     /// The text parts joined.
     pub fn text(&self) -> String {
         self.content

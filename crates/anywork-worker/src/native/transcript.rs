@@ -20,6 +20,13 @@ pub const DIR: &str = "sessions";
 pub const FILE: &str = "native-transcript.jsonl";
 /// Most messages sent back to the model; older turns are left out.
 pub const MAX_MESSAGES: usize = 1000;
+/// What the assistant is made to have said after a turn that never finished (the worker
+/// stopped mid-run), so that the next turn does not read as a second instruction on top of
+/// the first and carry the unfinished one out again.
+pub const TURN_INTERRUPTED: &str = "[This turn was interrupted before it finished: the \
+     instruction above was not completed and will not be resumed. Do not carry it out unless \
+     the user asks for it again.]";
+
 /// The result given to a tool call that never got one.
 pub const INTERRUPTED: &str = "the tool call was interrupted before it finished; no result";
 
@@ -88,6 +95,14 @@ pub fn append(workspace: &Path, message: &Message) -> io::Result<()> {
     file.flush()
 }
 
+/// Ends a conversation whose last turn never got its answer (it ends with a user message)
+/// with [`TURN_INTERRUPTED`], before a new instruction is added.
+pub fn close_unanswered_turn(messages: &mut Vec<Message>) {
+    if messages.last().is_some_and(|m| m.role == Role::User) {
+        messages.push(Message::assistant_text(TURN_INTERRUPTED));
+    }
+}
+
 /// Whether `m` is a user message with text of its own (a clean place to start).
 fn is_user_turn(m: &Message) -> bool {
     m.role == Role::User
@@ -122,6 +137,7 @@ pub fn repair(mut messages: Vec<Message>) -> Vec<Message> {
                 }
             }
             Role::User => {
+                let new_turn = is_user_turn(&message);
                 let answerable: HashSet<&String> = open_calls.iter().collect();
                 let mut answered = Vec::new();
                 message.content.retain(|p| match p {
@@ -137,8 +153,31 @@ pub fn repair(mut messages: Vec<Message>) -> Vec<Message> {
                 open_calls.retain(|id| !answered.contains(id));
                 // Missing results go first, ahead of any text.
                 let missing: Vec<Part> = open_calls.drain(..).map(interrupted).collect();
-                if !missing.is_empty() {
+                let had_missing = !missing.is_empty();
+                if had_missing {
                     message.content.splice(0..0, missing);
+                }
+                // A new instruction right after a turn that never got its answer (the
+                // missing results just added, or a user message ending the conversation so
+                // far): the unfinished turn is marked before it.
+                if new_turn && (had_missing || out.last().is_some_and(|m| m.role == Role::User)) {
+                    if had_missing {
+                        let text = message
+                            .content
+                            .iter()
+                            .filter(|p| !matches!(p, Part::ToolResult { .. }))
+                            .cloned()
+                            .collect();
+                        message
+                            .content
+                            .retain(|p| matches!(p, Part::ToolResult { .. }));
+                        out.push(message);
+                        message = Message {
+                            role: Role::User,
+                            content: text,
+                        };
+                    }
+                    out.push(Message::assistant_text(TURN_INTERRUPTED));
                 }
                 if !message.content.is_empty() {
                     out.push(message);
@@ -202,19 +241,58 @@ mod tests {
             Message::user_text("next"),
             call("b"),
         ]);
-        assert_eq!(fixed.len(), 5, "{fixed:?}");
+        assert_eq!(fixed.len(), 7, "{fixed:?}");
         assert!(matches!(&fixed[1].content[0], Part::ToolUse { id, .. } if id == "a"));
         assert!(
             matches!(&fixed[2].content[0], Part::ToolResult { tool_use_id, is_error: true, .. } if tool_use_id == "a")
         );
-        assert!(matches!(&fixed[2].content[1], Part::Text { .. }));
-        assert!(matches!(&fixed[3].content[0], Part::ToolUse { id, .. } if id == "b"));
+        assert_eq!(fixed[2].content.len(), 1);
+        // The turn cut off at its tool call is marked before the next instruction.
+        assert_eq!(fixed[3].role, Role::Assistant);
+        assert_eq!(fixed[3].text(), TURN_INTERRUPTED);
+        assert_eq!(fixed[4].text(), "next");
+        assert!(matches!(&fixed[5].content[0], Part::ToolUse { id, .. } if id == "b"));
         assert!(
-            matches!(&fixed[4].content[0], Part::ToolResult { tool_use_id, .. } if tool_use_id == "b")
+            matches!(&fixed[6].content[0], Part::ToolResult { tool_use_id, .. } if tool_use_id == "b")
         );
         let fixed = repair(vec![Message::user_text("hi"), call("c")]);
         assert_eq!(fixed.len(), 3);
         assert_eq!(fixed[2].role, Role::User);
+    }
+
+    /// Issue 15, item 7: two instructions in a row (the first never answered: the worker was
+    /// killed) are separated by a note that the first was interrupted, so the model does not
+    /// carry it out again; a conversation that ends unanswered is closed the same way before
+    /// the next instruction.
+    #[test]
+    fn an_unanswered_instruction_is_marked_interrupted() {
+        let answered = Message::assistant_text("done");
+        let fixed = repair(vec![
+            Message::user_text("one"),
+            answered.clone(),
+            Message::user_text("delete everything"),
+            Message::user_text("what time is it?"),
+            answered.clone(),
+        ]);
+        let texts: Vec<String> = fixed.iter().map(Message::text).collect();
+        assert_eq!(
+            texts,
+            [
+                "one",
+                "done",
+                "delete everything",
+                TURN_INTERRUPTED,
+                "what time is it?",
+                "done"
+            ]
+        );
+        let mut open = repair(vec![Message::user_text("one"), Message::user_text("two")]);
+        assert_eq!(open.len(), 3);
+        close_unanswered_turn(&mut open);
+        assert_eq!(open.len(), 4);
+        assert_eq!(open[3].text(), TURN_INTERRUPTED);
+        close_unanswered_turn(&mut open);
+        assert_eq!(open.len(), 4, "an answered conversation is left alone");
     }
 
     #[test]
@@ -228,7 +306,9 @@ mod tests {
         assert_eq!(load(dir.path()).len(), 1);
         append(dir.path(), &Message::user_text("two")).unwrap();
         let loaded = load(dir.path());
-        assert_eq!(loaded.len(), 2);
-        assert_eq!(loaded[1].text(), "two");
+        // "one" was never answered: marked so before "two".
+        assert_eq!(loaded.len(), 3);
+        assert_eq!(loaded[1].text(), TURN_INTERRUPTED);
+        assert_eq!(loaded[2].text(), "two");
     }
 }

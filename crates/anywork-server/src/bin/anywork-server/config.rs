@@ -8,10 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use anywork_core::{ContainerDriver, TaskStore};
-use anywork_runtime::{Dispatcher, DispatcherConfig, FirstWords, ModelTitles, TitleGenerator};
-use anywork_server::{ApiOptions, AppState};
+use anywork_core::worker_api::WorkerSecret;
+use anywork_core::{Channel, ContainerDriver, TaskStore};
+use anywork_runtime::{
+    Dispatcher, DispatcherConfig, FirstWords, ModelTitles, Retention, TitleGenerator,
+};
+use anywork_server::{ApiOptions, ApiToken, AppState};
 use clap::Parser;
+use clap::builder::BoolishValueParser;
 
 /// The AnyWork server: dispatcher, REST + WebSocket API and web UI.
 #[derive(Debug, Clone, Parser)]
@@ -38,9 +42,17 @@ pub struct Config {
     /// URL of the worker for the static driver (`http://127.0.0.1:8080`).
     #[arg(long, env = "STATIC_WORKER_URL")]
     pub static_worker_url: Option<String>,
+    /// Secret of the static worker (the worker's WORKER_SECRET), sent on every call to it.
+    /// Without one the worker must have none either, and accepts calls from anyone.
+    #[arg(long, env = "STATIC_WORKER_SECRET", hide_env_values = true)]
+    pub static_worker_secret: Option<String>,
     /// Workspace root of the local worker (default: DB_DIR/workspace).
     #[arg(long, env = "WORKSPACE_DIR")]
     pub workspace_dir: Option<PathBuf>,
+    /// Folder of the skills a request may name (`"skills": ["code-review"]`): one folder per
+    /// skill holding its SKILL.md (front matter `name`, `description`) and its files.
+    #[arg(long, env = "SKILLS_DIR")]
+    pub skills_dir: Option<PathBuf>,
     /// Key of an OpenAI-compatible API (titles; also the native executor's).
     #[arg(long, env = "API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -72,9 +84,76 @@ pub struct Config {
     /// is the driver's (DOCKER_IDLE_TTL_SECONDS, K8S_IDLE_TTL_SECONDS).
     #[arg(long, env = "REAP_INTERVAL_SECONDS", default_value_t = 30)]
     pub reap_interval_seconds: u64,
+    /// Days to keep finished tasks' logs (the task rows stay); 0 keeps them forever.
+    #[arg(long, env = "RETENTION_DAYS", default_value_t = 0.0)]
+    pub retention_days: f64,
+    /// Size budget of the store in MiB: over it, the logs of the tasks finished longest ago
+    /// are deleted (and the space compacted); 0 for no budget.
+    #[arg(long, env = "RETENTION_MAX_MB", default_value_t = 0)]
+    pub retention_max_mb: u64,
+    /// Seconds between retention rounds (which also measure the store for the
+    /// `anywork_store_bytes` metric).
+    #[arg(long, env = "RETENTION_INTERVAL_SECONDS", default_value_t = 60)]
+    pub retention_interval_seconds: u64,
+    /// A worker's event stream silent this long (workers send a keep-alive every 15 s) fails
+    /// its task: the worker is hung or the connection stalled.
+    #[arg(long, env = "STREAM_IDLE_TIMEOUT_SECONDS", default_value_t = 60)]
+    pub stream_idle_timeout_seconds: u64,
     /// Seconds to let running tasks finish on shutdown.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
+    /// The API token every REST route and the WebSocket require (Authorization: Bearer).
+    #[arg(long, env = "ANYWORK_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// A file holding the API token (e.g. a mounted secret); used when ANYWORK_API_TOKEN is unset.
+    #[arg(long, env = "ANYWORK_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// Run without a token on a non-loopback address, on purpose.
+    #[arg(long, env = "ANYWORK_INSECURE_NO_AUTH", value_parser = BoolishValueParser::new(), num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    pub insecure_no_auth: bool,
+    /// /api/health and /metrics require the token too.
+    #[arg(long, env = "ANYWORK_PROTECT_HEALTH", value_parser = BoolishValueParser::new(), num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    pub protect_health: bool,
+    /// The MCP servers requests may name (JSON: {"name": {"command","args","env"} or {"url","headers"}}).
+    #[arg(long, env = "MCP_SERVERS_FILE")]
+    pub mcp_servers_file: Option<PathBuf>,
+    /// Let requests start their own MCP stdio commands (they run on the worker).
+    #[arg(long, env = "ALLOW_REQUEST_MCP_COMMANDS", value_parser = BoolishValueParser::new(), num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    pub allow_request_mcp_commands: bool,
+    /// Allow plain http:// for request-chosen URLs (push notifications, callbacks, HTTP MCP).
+    #[arg(long, env = "ALLOW_HTTP_CALLBACKS", value_parser = BoolishValueParser::new(), num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    pub allow_http_callbacks: bool,
+    /// Hosts and networks request-chosen URLs may reach although internal (comma-separated:
+    /// `hooks.internal`, `*.corp`, `10.1.0.0/16`, `127.0.0.1`).
+    #[arg(long, env = "OUTBOUND_ALLOW", default_value = "")]
+    pub outbound_allow: String,
+    /// Longest `channel_key` of POST /api/tasks, in bytes.
+    #[arg(long, env = "MAX_CHANNEL_KEY_BYTES", default_value_t = 256)]
+    pub max_channel_key_bytes: usize,
+    /// Largest `channel_meta` of POST /api/tasks, in bytes of JSON.
+    #[arg(long, env = "MAX_CHANNEL_META_BYTES", default_value_t = 16384)]
+    pub max_channel_meta_bytes: usize,
+    /// WebSocket messages per second per connection (0: no limit).
+    #[arg(long, env = "WS_MESSAGES_PER_SECOND", default_value_t = 20)]
+    pub ws_messages_per_second: u32,
+    /// Open WebSocket connections per client address (0: no limit).
+    #[arg(long, env = "WS_MAX_CONNECTIONS_PER_CLIENT", default_value_t = 32)]
+    pub ws_max_connections_per_client: usize,
+    /// Shipped channels to leave off, comma-separated (`webhook`, `github`, `slack`). The
+    /// webhook is on by default; GitHub and Slack are on once their variables are set
+    /// (GITHUB_*, SLACK_*; see docs/channels.md).
+    #[arg(long, env = "DISABLED_CHANNELS", default_value = "")]
+    pub disabled_channels: String,
+    /// Largest body of a channel event, in bytes (larger ones: 413).
+    #[arg(long, env = "CHANNEL_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub channel_max_body_bytes: usize,
+    /// Key that push notifications (webhook `callback_url`, `push_notification`) are signed
+    /// with (X-AnyWork-Signature); default: WEBHOOK_SECRET.
+    #[arg(long, env = "PUSH_SIGNING_SECRET", hide_env_values = true)]
+    pub push_signing_secret: Option<String>,
+    /// Attempts of a delivery (a channel answer, a push) before it is dead.
+    #[arg(long, env = "DELIVERY_MAX_ATTEMPTS", default_value_t = 8)]
+    pub delivery_max_attempts: u32,
 }
 
 /// A built server: the API state and, with the local driver, the worker it runs.
@@ -84,6 +163,14 @@ pub struct Built {
     pub state: AppState,
     /// Where the local worker listens, when there is one.
     pub local_worker: Option<String>,
+    /// The claim on DB_DIR (held while the server runs).
+    pub instance: Option<crate::instance::Instance>,
+    /// The store, for the start-up line (credentials left out).
+    pub store: String,
+    /// The executor, for the start-up line.
+    pub executor: String,
+    /// The model, for the start-up line.
+    pub model: String,
 }
 
 /// The values of `CONTAINER_DRIVER`: every driver is compiled into the binary.
@@ -122,9 +209,35 @@ impl Config {
 impl Config {
     /// Store, driver, dispatcher and API state, ready to serve.
     pub async fn build(&self) -> anyhow::Result<Built> {
+        let api_token = self.api_token()?;
+        if api_token.is_none() && !self.host.is_loopback() {
+            if self.insecure_no_auth {
+                tracing::warn!(
+                    host = %self.host,
+                    "NO API TOKEN on a non-loopback address (ANYWORK_INSECURE_NO_AUTH=1): anyone who \
+                     reaches this port can run agents"
+                );
+            } else {
+                bail!(
+                    "SERVER_HOST={} is not a loopback address and no API token is set: anyone who \
+                     reaches the port could run agents. Set ANYWORK_API_TOKEN (or \
+                     ANYWORK_API_TOKEN_FILE), or ANYWORK_INSECURE_NO_AUTH=1 to run without one on purpose",
+                    self.host
+                );
+            }
+        }
+        let mcp = self.mcp_access()?;
+        let outbound = anywork_core::OutboundPolicy::strict()
+            .with_http(self.allow_http_callbacks)
+            .allow_list(&self.outbound_allow)
+            .context("OUTBOUND_ALLOW")?;
         let store = self.store().await?;
         let mut warning = None;
         let driver_name = self.driver_name();
+        let mut executor = std::env::var("EXECUTOR")
+            .ok()
+            .filter(|e| !e.trim().is_empty())
+            .unwrap_or_else(|| "chosen by each worker from its model variables".to_owned());
         let (driver, local_worker): (Arc<dyn ContainerDriver>, Option<String>) = match driver_name
             .as_str()
         {
@@ -134,13 +247,38 @@ impl Config {
                         .as_deref()
                         .filter(|u| !u.trim().is_empty())
                         .context("CONTAINER_DRIVER=static needs STATIC_WORKER_URL (e.g. http://127.0.0.1:8080)")?;
-                (Arc::new(anywork_drivers::StaticDriver::new(url)?), None)
+                let secret = match self
+                    .static_worker_secret
+                    .as_deref()
+                    .filter(|s| !s.trim().is_empty())
+                {
+                    Some(s) => Some(WorkerSecret::new(s).context("STATIC_WORKER_SECRET")?),
+                    None => {
+                        tracing::warn!(
+                            "no STATIC_WORKER_SECRET: the worker at STATIC_WORKER_URL is called \
+                             without a secret, so it must accept calls from anyone who reaches \
+                             it; set the same secret here and as its WORKER_SECRET"
+                        );
+                        None
+                    }
+                };
+                (
+                    Arc::new(anywork_drivers::StaticDriver::new(url)?.with_secret(secret)),
+                    None,
+                )
             }
             "local" => {
-                let (url, warn) = self.start_local_worker().await?;
+                // A fresh secret each start: only this process knows it.
+                let secret = WorkerSecret::generate();
+                let (url, warn, name) = self.start_local_worker(secret.clone()).await?;
                 warning = warn;
+                executor = name;
                 (
-                    Arc::new(anywork_drivers::StaticDriver::new(&url)?),
+                    Arc::new(
+                        anywork_drivers::StaticDriver::new(&url)?
+                            .with_secret(Some(secret))
+                            .named("local"),
+                    ),
                     Some(url),
                 )
             }
@@ -171,14 +309,70 @@ impl Config {
         config.lease_ttl = Duration::from_secs(self.lease_ttl_seconds.max(1));
         config.reap_every = (self.reap_interval_seconds > 0)
             .then(|| Duration::from_secs(self.reap_interval_seconds));
-        let dispatcher = Dispatcher::builder(store, driver)
+        config.retention = self.retention()?;
+        config.stream_idle_timeout = Duration::from_secs(self.stream_idle_timeout_seconds.max(1));
+        let instance = crate::instance::claim(&self.db_dir, &config.owner)?;
+        match &instance {
+            Some(i) => config.dead_owners.extend(i.previous.clone()),
+            None => tracing::warn!(
+                db_dir = %self.db_dir.display(),
+                "another server runs on this DB_DIR: after a crash, its tasks end only when their leases expire"
+            ),
+        }
+        config.outbound = outbound;
+        config.mcp = mcp;
+        config.outbox.max_attempts = self.delivery_max_attempts.max(1);
+        let env = |name: &str| std::env::var(name).ok();
+        let mut builder = Dispatcher::builder(store, driver)
             .config(config)
-            .titles(self.titles()?)
+            .titles(self.titles()?);
+        if let Some(dir) = self
+            .skills_dir
+            .as_ref()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            builder = builder.skills(anywork_runtime::SkillsDir::new(dir));
+        }
+        for channel in self.channels(env)? {
+            builder = builder.channel(channel);
+        }
+        let push_secret = self
+            .push_signing_secret
+            .clone()
+            .or_else(|| env("WEBHOOK_SECRET"))
+            .filter(|s| !s.trim().is_empty());
+        if let Some(secret) = push_secret {
+            builder = builder.push_signing_secret(secret);
+        }
+        let dispatcher = builder
             .start()
             .await
             .context("cannot start the dispatcher")?;
+        let mut setup = dispatcher.check_setup().await;
+        if driver_name == "local" {
+            setup.push(match &warning {
+                Some(w) => anywork_core::SetupCheck::problem("model", w.clone()),
+                None => anywork_core::SetupCheck::ok("model", "the local worker has a model"),
+            });
+        }
+        for check in &setup {
+            if check.ok {
+                tracing::info!(driver = %driver_name, check = %check.name, "setup: {}", check.message);
+            } else {
+                tracing::warn!(driver = %driver_name, check = %check.name, "setup problem: {}", check.message);
+            }
+        }
         let mut options = ApiOptions::default();
         options.warning = warning;
+        options.shutdown_grace = Duration::from_secs(self.shutdown_grace_seconds);
+        options.setup = setup;
+        options.api_token = api_token;
+        options.protect_health = self.protect_health;
+        options.max_channel_key_bytes = self.max_channel_key_bytes;
+        options.max_channel_meta_bytes = self.max_channel_meta_bytes;
+        options.ws_messages_per_second = self.ws_messages_per_second;
+        options.max_ws_per_client = self.ws_max_connections_per_client;
+        options.channel_max_body_bytes = self.channel_max_body_bytes.max(1);
         options.cors_origins = self
             .cors_origins
             .split(',')
@@ -189,7 +383,118 @@ impl Config {
         Ok(Built {
             state: AppState::new(dispatcher, options),
             local_worker,
+            instance,
+            store: self.store_description(),
+            executor,
+            model: model_description(),
         })
+    }
+
+    /// The store in force, without credentials: `postgres://host/db`, `sqlite:…`, `memory:`.
+    fn store_description(&self) -> String {
+        match self
+            .database_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+        {
+            Some(url) => match url.split_once("://") {
+                Some((scheme, rest)) => {
+                    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+                    let host = host.split('?').next().unwrap_or(host);
+                    format!("{scheme}://{host}")
+                }
+                None => url.split('?').next().unwrap_or(url).to_owned(),
+            },
+            None => format!("sqlite:{}", self.db_dir.join("anywork.db").display()),
+        }
+    }
+
+    /// ANYWORK_API_TOKEN, else the content of ANYWORK_API_TOKEN_FILE.
+    fn api_token(&self) -> anyhow::Result<Option<ApiToken>> {
+        if let Some(token) = self.api_token.as_deref().and_then(ApiToken::new) {
+            return Ok(Some(token));
+        }
+        let Some(path) = &self.api_token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read ANYWORK_API_TOKEN_FILE {}", path.display()))?;
+        match ApiToken::new(&text) {
+            Some(t) => Ok(Some(t)),
+            None => bail!("ANYWORK_API_TOKEN_FILE {} is empty", path.display()),
+        }
+    }
+
+    /// The MCP catalog of MCP_SERVERS_FILE and ALLOW_REQUEST_MCP_COMMANDS.
+    fn mcp_access(&self) -> anyhow::Result<anywork_core::McpAccess> {
+        let mut access = anywork_core::McpAccess::default();
+        access.allow_request_commands = self.allow_request_mcp_commands;
+        if let Some(path) = &self.mcp_servers_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read MCP_SERVERS_FILE {}", path.display()))?;
+            access.catalog = anywork_core::McpCatalog::from_json(&text)
+                .with_context(|| format!("MCP_SERVERS_FILE {}", path.display()))?;
+            tracing::info!(
+                servers = %access.catalog.names().collect::<Vec<_>>().join(", "),
+                "MCP catalog loaded"
+            );
+        }
+        if self.allow_request_mcp_commands {
+            tracing::warn!(
+                "ALLOW_REQUEST_MCP_COMMANDS=1: API callers may start any command on the workers"
+            );
+        }
+        Ok(access)
+    }
+
+    /// The shipped channels that are on: the webhook unless disabled (with a warning when it
+    /// is open), GitHub and Slack when configured and not disabled. `var` reads a variable.
+    pub fn channels(
+        &self,
+        var: impl Fn(&str) -> Option<String> + Copy,
+    ) -> anyhow::Result<Vec<Arc<dyn Channel>>> {
+        use anywork_channels::{github, slack, webhook};
+        let mut off = Vec::new();
+        for name in self.disabled_channels.split(',').map(str::trim) {
+            match name.to_ascii_lowercase().as_str() {
+                "" => {}
+                n @ ("webhook" | "github" | "slack") => off.push(n.to_owned()),
+                other => bail!(
+                    "DISABLED_CHANNELS names {other:?}, which is not a channel: use webhook, \
+                     github and/or slack"
+                ),
+            }
+        }
+        let on = |name: &str| !off.iter().any(|o| o == name);
+        let limit = self.channel_max_body_bytes.max(1);
+        let mut channels: Vec<Arc<dyn Channel>> = Vec::new();
+        if on(webhook::CHANNEL_TYPE) {
+            let mut config = webhook::WebhookConfig::from_lookup(var)?;
+            config.max_body_bytes = limit;
+            let channel = webhook::WebhookChannel::new(config);
+            if channel.is_open() {
+                tracing::warn!(
+                    "the generic webhook (/api/channel/webhook/webhook) is open: anyone who \
+                     reaches it can run tasks. Set WEBHOOK_SECRET, or DISABLED_CHANNELS=webhook"
+                );
+            }
+            channels.push(Arc::new(channel));
+        }
+        if on(github::CHANNEL_TYPE)
+            && let Some(mut config) = github::GithubConfig::from_lookup(var)?
+        {
+            config.max_body_bytes = limit;
+            tracing::info!(trigger = %config.trigger, api = %config.api_url, "GitHub channel on");
+            channels.push(Arc::new(github::GithubChannel::new(config)));
+        }
+        if on(slack::CHANNEL_TYPE)
+            && let Some(mut config) = slack::SlackConfig::from_lookup(var)?
+        {
+            config.max_body_bytes = limit;
+            tracing::info!(api = %config.api_url, "Slack channel on");
+            channels.push(Arc::new(slack::SlackChannel::new(config)));
+        }
+        Ok(channels)
     }
 
     async fn store(&self) -> anyhow::Result<Arc<dyn TaskStore>> {
@@ -213,6 +518,22 @@ impl Config {
         Ok(Arc::new(store))
     }
 
+    fn retention(&self) -> anyhow::Result<Retention> {
+        if !self.retention_days.is_finite() || self.retention_days < 0.0 {
+            bail!(
+                "RETENTION_DAYS={} is not a number of days: use 0 (keep forever) or more",
+                self.retention_days
+            );
+        }
+        let mut retention = Retention::default();
+        retention.max_age = (self.retention_days > 0.0)
+            .then(|| Duration::from_secs_f64((self.retention_days * 86_400.0).min(1e12)));
+        retention.max_bytes =
+            (self.retention_max_mb > 0).then(|| self.retention_max_mb.saturating_mul(1 << 20));
+        retention.every = Duration::from_secs(self.retention_interval_seconds.max(1));
+        Ok(retention)
+    }
+
     fn titles(&self) -> anyhow::Result<Arc<dyn TitleGenerator>> {
         let model = self.title_model.as_deref().or(self.model.as_deref());
         match (&self.api_key, &self.api_base_url, model) {
@@ -227,9 +548,12 @@ impl Config {
         }
     }
 
-    /// Starts the in-process worker on a loopback port; returns its URL, and the warning to
-    /// show when no model is configured.
-    async fn start_local_worker(&self) -> anyhow::Result<(String, Option<String>)> {
+    /// Starts the in-process worker on a loopback port; returns its URL, the warning to
+    /// show when no model is configured, and the executor's name.
+    async fn start_local_worker(
+        &self,
+        secret: WorkerSecret,
+    ) -> anyhow::Result<(String, Option<String>, String)> {
         let workspace = self
             .workspace_dir
             .clone()
@@ -245,8 +569,9 @@ impl Config {
                 )
             }
         };
+        let executor_name = executor.name().to_owned();
         let state = anywork_worker::WorkerState::new(
-            anywork_worker::WorkerConfig::new(&workspace),
+            anywork_worker::WorkerConfig::new(&workspace).with_secret(Some(secret)),
             executor,
         )
         .with_context(|| format!("cannot use WORKSPACE_DIR {}", workspace.display()))?;
@@ -260,8 +585,17 @@ impl Config {
             std::future::pending(),
         ));
         tracing::info!(%url, workspace = %workspace.display(), "local worker started");
-        Ok((url, warning))
+        Ok((url, warning, executor_name))
     }
+}
+
+/// The model the workers are told to use (`ANTHROPIC_MODEL`, then `MODEL`), for the start-up
+/// line; each executor logs the one it resolves.
+fn model_description() -> String {
+    ["ANTHROPIC_MODEL", "MODEL"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|m| !m.trim().is_empty()))
+        .unwrap_or_else(|| "the executor's default (Claude Code: sonnet)".to_owned())
 }
 
 /// The executor of a local worker with no model: every task fails saying what to set.

@@ -2,9 +2,9 @@
 //! store, driver, dispatcher and API; the library crates do the work.
 
 mod config;
+mod instance;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -25,15 +25,23 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {addr} (set SERVER_HOST / SERVER_PORT)"))?;
     let dispatcher = built.state.dispatcher().clone();
+    if let Some(previous) = built.instance.as_ref().and_then(|i| i.previous.as_deref()) {
+        tracing::info!(
+            previous,
+            "this server's previous run ended; its tasks were settled"
+        );
+    }
     tracing::info!(
         url = %format!("http://{addr}"),
         driver = dispatcher.driver_name(),
+        executor = %built.executor,
+        model = %built.model,
+        store = %built.store,
         local_worker = built.local_worker.as_deref().unwrap_or("-"),
         "AnyWork server listening; open the URL in a browser"
     );
+    // On SIGTERM: intake stops, running tasks get SHUTDOWN_GRACE_SECONDS, then connections
+    // close (see `anywork_server::serve`).
     anywork_server::serve(listener, built.state, anywork_http::shutdown_signal()).await?;
-    dispatcher
-        .shutdown(Duration::from_secs(config.shutdown_grace_seconds))
-        .await;
     Ok(())
 }

@@ -1,0 +1,270 @@
+//! [`FaultyStore`]: a [`TaskStore`] wrapper that injects store outages — every write failing
+//! with `Unavailable` (as a locked or full SQLite file, or a stopped PostgreSQL, does) for a
+//! while, or the next N writes — so the runtime's retries and recovery can be tested against
+//! a real store underneath.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anywork_core::delivery::{
+    DeletedLogs, Delivery, DeliveryAttempt, DeliveryId, DeliveryStatus, NewDelivery, StoreSize,
+};
+use anywork_core::{
+    Error, NewSession, NewTask, NewTaskLog, Page, Result, Session, SessionId, SessionSummary, Task,
+    TaskChange, TaskId, TaskLog, TaskStatus, TaskStore, Timestamp,
+};
+
+/// Wraps a store; writes fail while an outage is injected. Reads always pass through.
+pub struct FaultyStore {
+    inner: Arc<dyn TaskStore>,
+    down_until: Mutex<Option<Instant>>,
+    /// The operations an outage hits (by method name); `None` for every write.
+    only: Mutex<Option<Vec<&'static str>>>,
+    fail_next: AtomicU64,
+    injected: AtomicU64,
+}
+
+impl std::fmt::Debug for FaultyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultyStore")
+            .field("injected", &self.injected())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FaultyStore {
+    /// Wraps `inner`, healthy.
+    pub fn new(inner: Arc<dyn TaskStore>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            down_until: Mutex::new(None),
+            only: Mutex::new(None),
+            fail_next: AtomicU64::new(0),
+            injected: AtomicU64::new(0),
+        })
+    }
+
+    /// Every write fails for `d` from now on (`Duration::ZERO` ends an outage).
+    pub fn down_for(&self, d: Duration) {
+        *self.down_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + d);
+    }
+
+    /// Only the writes of these methods (`"append_logs"`, `"update_task_and_append"`, …)
+    /// fail for `d` from now on; the others pass.
+    pub fn down_for_ops(&self, ops: &[&'static str], d: Duration) {
+        *self.only.lock().unwrap_or_else(|e| e.into_inner()) = Some(ops.to_vec());
+        self.down_for(d);
+    }
+
+    /// Every write fails until [`up`](Self::up).
+    pub fn down(&self) {
+        self.down_for(Duration::from_secs(86_400 * 365));
+    }
+
+    /// Ends the outage.
+    pub fn up(&self) {
+        *self.down_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.only.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.fail_next.store(0, Ordering::SeqCst);
+    }
+
+    /// The next `n` writes fail, then writes pass again.
+    pub fn fail_next_writes(&self, n: u64) {
+        self.fail_next.store(n, Ordering::SeqCst);
+    }
+
+    /// Writes failed on purpose so far.
+    pub fn injected(&self) -> u64 {
+        self.injected.load(Ordering::SeqCst)
+    }
+
+    fn write(&self, op: &str) -> Result<()> {
+        let hit = self
+            .only
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_none_or(|ops| ops.contains(&op));
+        let down = hit
+            && self
+                .down_until
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|until| Instant::now() < until);
+        let counted = !down
+            && self
+                .fail_next
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+        if down || counted {
+            self.injected.fetch_add(1, Ordering::SeqCst);
+            return Err(Error::unavailable(
+                "injected outage: the database is locked (another process holds the write \
+                 lock); try again",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl TaskStore for FaultyStore {
+    async fn create_session(&self, new: NewSession) -> Result<Session> {
+        self.write("create_session")?;
+        self.inner.create_session(new).await
+    }
+    async fn get_session(&self, id: &SessionId) -> Result<Session> {
+        self.inner.get_session(id).await
+    }
+    async fn find_session(&self, channel_type: &str, channel_key: &str) -> Result<Option<Session>> {
+        self.inner.find_session(channel_type, channel_key).await
+    }
+    async fn list_sessions(&self, page: Page) -> Result<Vec<SessionSummary>> {
+        self.inner.list_sessions(page).await
+    }
+    async fn set_session_title(&self, id: &SessionId, title: &str) -> Result<()> {
+        self.write("set_session_title")?;
+        self.inner.set_session_title(id, title).await
+    }
+    async fn touch_session(&self, id: &SessionId, at: Timestamp) -> Result<()> {
+        self.write("touch_session")?;
+        self.inner.touch_session(id, at).await
+    }
+    async fn delete_session(&self, id: &SessionId) -> Result<()> {
+        self.write("delete_session")?;
+        self.inner.delete_session(id).await
+    }
+    async fn create_task(&self, new: NewTask) -> Result<Task> {
+        self.write("create_task")?;
+        self.inner.create_task(new).await
+    }
+    async fn find_task_by_idempotency_key(
+        &self,
+        channel_type: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<Task>> {
+        self.inner
+            .find_task_by_idempotency_key(channel_type, idempotency_key)
+            .await
+    }
+    async fn get_task(&self, id: TaskId) -> Result<Task> {
+        self.inner.get_task(id).await
+    }
+    async fn update_task(
+        &self,
+        id: TaskId,
+        expected: TaskStatus,
+        change: TaskChange,
+    ) -> Result<Task> {
+        self.write("update_task")?;
+        self.inner.update_task(id, expected, change).await
+    }
+    async fn update_task_and_append(
+        &self,
+        id: TaskId,
+        expected: TaskStatus,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+    ) -> Result<(Task, u64)> {
+        self.write("update_task_and_append")?;
+        self.inner
+            .update_task_and_append(id, expected, change, logs)
+            .await
+    }
+    async fn update_task_and_enqueue(
+        &self,
+        id: TaskId,
+        expected: TaskStatus,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+        deliveries: Vec<NewDelivery>,
+    ) -> Result<(Task, u64)> {
+        self.write("update_task_and_enqueue")?;
+        self.inner
+            .update_task_and_enqueue(id, expected, change, logs, deliveries)
+            .await
+    }
+    async fn tasks_by_session(&self, session_id: &SessionId, page: Page) -> Result<Vec<Task>> {
+        self.inner.tasks_by_session(session_id, page).await
+    }
+    async fn tasks_by_status(&self, status: TaskStatus, page: Page) -> Result<Vec<Task>> {
+        self.inner.tasks_by_status(status, page).await
+    }
+    async fn renew_lease(&self, id: TaskId, owner: &str, expires_at: Timestamp) -> Result<()> {
+        self.write("renew_lease")?;
+        self.inner.renew_lease(id, owner, expires_at).await
+    }
+    async fn expired_leases(&self, now: Timestamp, limit: u32) -> Result<Vec<Task>> {
+        self.inner.expired_leases(now, limit).await
+    }
+    async fn append_logs(&self, task_id: TaskId, logs: Vec<NewTaskLog>) -> Result<u64> {
+        self.write("append_logs")?;
+        self.inner.append_logs(task_id, logs).await
+    }
+    async fn read_logs(&self, task_id: TaskId, after: u64, limit: u32) -> Result<Vec<TaskLog>> {
+        self.inner.read_logs(task_id, after, limit).await
+    }
+    async fn claim_deliveries(
+        &self,
+        owner: &str,
+        now: Timestamp,
+        until: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<Delivery>> {
+        self.write("claim_deliveries")?;
+        self.inner.claim_deliveries(owner, now, until, limit).await
+    }
+    async fn record_delivery_attempt(
+        &self,
+        id: DeliveryId,
+        owner: &str,
+        attempt: DeliveryAttempt,
+        at: Timestamp,
+    ) -> Result<Delivery> {
+        self.write("record_delivery_attempt")?;
+        self.inner
+            .record_delivery_attempt(id, owner, attempt, at)
+            .await
+    }
+    async fn get_delivery(&self, id: DeliveryId) -> Result<Delivery> {
+        self.inner.get_delivery(id).await
+    }
+    async fn list_deliveries(
+        &self,
+        status: Option<DeliveryStatus>,
+        page: Page,
+    ) -> Result<Vec<Delivery>> {
+        self.inner.list_deliveries(status, page).await
+    }
+    async fn retry_delivery(&self, id: DeliveryId, now: Timestamp) -> Result<Delivery> {
+        self.write("retry_delivery")?;
+        self.inner.retry_delivery(id, now).await
+    }
+    async fn delete_settled_deliveries(&self, before: Timestamp, limit: u32) -> Result<u64> {
+        self.write("delete_settled_deliveries")?;
+        self.inner.delete_settled_deliveries(before, limit).await
+    }
+    async fn delete_finished_logs(
+        &self,
+        finished_before: Timestamp,
+        max_tasks: u32,
+        now: Timestamp,
+    ) -> Result<DeletedLogs> {
+        self.write("delete_finished_logs")?;
+        self.inner
+            .delete_finished_logs(finished_before, max_tasks, now)
+            .await
+    }
+    async fn compact(&self) -> Result<u64> {
+        self.write("compact")?;
+        self.inner.compact().await
+    }
+    async fn store_size(&self) -> Result<Option<StoreSize>> {
+        self.inner.store_size().await
+    }
+    async fn check_ready(&self) -> Result<()> {
+        self.write("check_ready")?;
+        self.inner.check_ready().await
+    }
+}

@@ -1,0 +1,211 @@
+//! The repository a task works in ([`RepoCheckout`] of `/prepare`): fetched shallowly (depth 1)
+//! into a folder of the session's workspace and checked out, again before every task, so the
+//! agent always starts from the ref it was asked about. Git runs with an empty environment
+//! (no model keys), no prompts and a timeout; a token goes in an HTTP header through git's
+//! environment-based configuration, never on the command line or into `.git/config`, and is
+//! scrubbed from every error.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anywork_core::worker_api::RepoCheckout;
+use anywork_core::{Error, ErrorKind, Result};
+
+/// Longest time one git command may take.
+pub const GIT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Checks `repo` out in `workspace/<repo.dir>` (creating it), or refreshes it there.
+pub async fn checkout(workspace: &Path, repo: &RepoCheckout) -> Result<()> {
+    repo.validate()?;
+    let dir = workspace.join(&repo.dir);
+    if let Ok(meta) = std::fs::symlink_metadata(&dir)
+        && !meta.is_dir()
+    {
+        return Err(Error::invalid_input(format!(
+            "{} in the workspace is not a folder: the repository cannot be checked out there",
+            repo.dir
+        )));
+    }
+    if !dir.join(".git").is_dir() {
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            Error::internal(format!(
+                "cannot create the repository folder {}: {e}",
+                repo.dir
+            ))
+        })?;
+        git(&dir, &["init", "-q"], None).await?;
+    }
+    let target = repo.git_ref.as_deref().unwrap_or("HEAD");
+    git(
+        &dir,
+        &[
+            "fetch",
+            "-q",
+            "--depth",
+            "1",
+            "--no-tags",
+            &repo.url,
+            target,
+        ],
+        repo.token.as_deref(),
+    )
+    .await?;
+    git(
+        &dir,
+        &["checkout", "-q", "-f", "--detach", "FETCH_HEAD"],
+        None,
+    )
+    .await
+}
+
+async fn git(dir: &Path, args: &[&str], token: Option<&str>) -> Result<()> {
+    let mut cmd = tokio::process::Command::new("git");
+    cmd.current_dir(dir)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", dir)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(token) = token {
+        let basic = base64(format!("x-access-token:{token}").as_bytes());
+        cmd.env("GIT_CONFIG_COUNT", "1")
+            .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+            .env(
+                "GIT_CONFIG_VALUE_0",
+                format!("Authorization: Basic {basic}"),
+            );
+    }
+    let what = args.first().copied().unwrap_or("git");
+    let out = match tokio::time::timeout(GIT_TIMEOUT, cmd.output()).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => {
+            return Err(Error::unavailable(format!(
+                "cannot run git {what} (is git installed on the worker?): {e}"
+            )));
+        }
+        Err(_) => {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!("git {what} took longer than {} s", GIT_TIMEOUT.as_secs()),
+            ));
+        }
+    };
+    if out.status.success() {
+        return Ok(());
+    }
+    let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    if let Some(token) = token.filter(|t| !t.is_empty()) {
+        stderr = stderr.replace(token, "[redacted]");
+    }
+    let tail: String = stderr
+        .lines()
+        .rev()
+        .take(3)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join(" / ");
+    Err(Error::unavailable(format!(
+        "git {what} failed ({}): {tail}",
+        out.status
+    )))
+}
+
+/// Standard base64 with padding (the one header that needs it).
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_the_rfc_examples() {
+        for (plain, coded) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(plain.as_bytes()), coded);
+        }
+    }
+
+    fn run(dir: &Path, args: &[&str]) {
+        let ok = std::process::Command::new("git")
+            .current_dir(dir)
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.com")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.com")
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "git {args:?}");
+    }
+
+    #[tokio::test]
+    async fn a_repository_is_checked_out_then_refreshed_to_its_ref() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        run(&src, &["init", "-q", "-b", "main"]);
+        std::fs::write(src.join("README.md"), "one").unwrap();
+        run(&src, &["add", "."]);
+        run(&src, &["commit", "-q", "-m", "one"]);
+        let ws = tmp.path().join("ws");
+        std::fs::create_dir_all(&ws).unwrap();
+        let mut repo = RepoCheckout::new(format!("file://{}", src.display()), "demo");
+        repo.git_ref = Some("main".into());
+        checkout(&ws, &repo).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(ws.join("demo/README.md")).unwrap(),
+            "one"
+        );
+        // Local edits to tracked files are dropped; a new commit arrives.
+        std::fs::write(ws.join("demo/README.md"), "local edit").unwrap();
+        std::fs::write(src.join("README.md"), "two").unwrap();
+        run(&src, &["commit", "-q", "-am", "two"]);
+        checkout(&ws, &repo).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(ws.join("demo/README.md")).unwrap(),
+            "two"
+        );
+        // A ref that does not exist fails with git's words, and a token never shows.
+        repo.git_ref = Some("nope".into());
+        repo.token = Some("tok-123".into());
+        let e = checkout(&ws, &repo).await.unwrap_err();
+        assert!(e.message().contains("git fetch failed"), "{e}");
+        assert!(!e.message().contains("tok-123"));
+        assert!(!format!("{repo:?}").contains("tok-123"));
+    }
+}
