@@ -6,9 +6,11 @@
 //! cargo run --release -p anywork-bench -- server
 //! cargo run --release -p anywork-bench -- docker     # needs a Docker engine
 //! cargo run --release -p anywork-bench -- channels   # webhook intake at 500 req/s
+//! cargo run -p anywork-bench -- claude               # Claude Code warm vs cold; needs the CLI
 //! ```
 
 mod channels;
+mod claude;
 mod docker;
 mod server;
 mod stats;
@@ -31,6 +33,9 @@ enum Command {
     /// Server: dispatch overhead (WebSocket chat → executor start) and tasks/s with N
     /// concurrent sessions on SQLite, RSS per idle WebSocket session of the server binary.
     Server(server::Options),
+    /// Claude Code: a session's next task in its warm CLI against a new CLI per task (first
+    /// event, done, AnyWork's part), a new session's first event, resident memory under the cap.
+    Claude(claude::Options),
     /// Channels: signed generic-webhook requests at a fixed rate → `202`, p50/p99, req/s.
     Channels(channels::Options),
     /// Docker driver: cold `get_worker` (create + start + ready) and warm reuse, p50/p99.
@@ -43,6 +48,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Worker(options) => worker::run(options).await,
         Command::Server(options) => server::run(options).await,
         Command::Docker(options) => docker::run(options).await,
+        Command::Claude(options) => claude::run(options).await,
         Command::Channels(options) => channels::run(options).await,
     }
 }

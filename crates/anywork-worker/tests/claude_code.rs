@@ -280,6 +280,9 @@ async fn write_tool_writes_a_file_and_streams_events() {
     assert!(requests[0].contains_text("Be brief."), "AGENTS.md too");
     assert_eq!(requests[0].header("x-api-key"), Some("test"));
     assert_eq!(requests[0].model(), Some("-claude-test-model"));
+    // The process waits for the session's next task until the executor goes.
+    assert_eq!(processes_in(ws.path()).len(), 1, "one warm process");
+    drop(executor);
     assert_no_processes(ws.path(), Duration::from_secs(2)).await;
     assert!(
         !ws.path().join(".home/.claude").exists(),
@@ -451,6 +454,7 @@ async fn second_task_resumes_the_conversation_even_after_a_restart() {
     );
 
     // A worker restart: a new executor finds the conversation through the workspace.
+    drop(executor);
     let restarted = ClaudeCodeExecutor::new(config(&claude, &fake));
     let third = run(&restarted, ws.path(), "are you still there?").await;
     assert_eq!(done(&third).status, TaskStatus::Completed, "{third:#?}");
@@ -922,6 +926,7 @@ async fn sandboxed_cli_keeps_its_tools_in_the_workspace() {
     assert!(!mcp_env.contains(KEY_MARKER), "{mcp_env}");
     let mcp_db = std::fs::read_to_string(ws.join("mcp-db.txt")).unwrap();
     assert!(mcp_db.contains("No such file or directory"), "{mcp_db}");
+    drop(executor);
     assert_no_processes(&ws, Duration::from_secs(5)).await;
 }
 
@@ -987,6 +992,212 @@ async fn sandboxed_cli_cancel_kills_everything() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warm processes, with the real CLI.
+
+/// The pid of the one CLI process running in `ws`.
+fn only_process(ws: &Path) -> i32 {
+    let pids = processes_in(ws);
+    assert_eq!(pids.len(), 1, "one process in {}: {pids:?}", ws.display());
+    pids[0]
+}
+
+fn outcome_cost(events: &[TaskEvent]) -> f64 {
+    done(events).cost_usd.expect("a cost")
+}
+
+/// Two tasks of one session run in one process; the second sees the first's conversation and
+/// costs its own turn only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_process_runs_the_sessions_next_task_with_its_context() {
+    let Some(claude) = claude_cli("warm_process_runs_the_sessions_next_task_with_its_context")
+    else {
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    fake.push(Reply::text("Noted: PLUM.").with_usage(20_000, 1_000));
+    fake.push(Reply::text("The word was PLUM.").with_usage(20_000, 1_000));
+    let ws = workspace();
+    let executor = ClaudeCodeExecutor::new(config(&claude, &fake));
+
+    let first = run(&executor, ws.path(), "remember the word PLUM").await;
+    assert_eq!(done(&first).status, TaskStatus::Completed, "{first:#?}");
+    let pid = only_process(ws.path());
+    let stats = executor.warm_stats();
+    assert_eq!(
+        (stats.started, stats.idle, stats.running),
+        (1, 1, 0),
+        "{stats:?}"
+    );
+
+    let second = run(&executor, ws.path(), "which word?").await;
+    assert_eq!(done(&second).status, TaskStatus::Completed, "{second:#?}");
+    assert_eq!(done(&second).result.as_deref(), Some("The word was PLUM."));
+    assert_eq!(only_process(ws.path()), pid, "the same process");
+    let stats = executor.warm_stats();
+    assert_eq!((stats.started, stats.reused), (1, 1), "{stats:?}");
+    // Each turn starts with its own init, of the same conversation.
+    assert_eq!(
+        init(&second).agent_session_id,
+        init(&first).agent_session_id
+    );
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 2);
+    for text in ["remember the word PLUM", "Noted: PLUM.", "which word?"] {
+        assert!(requests[1].contains_text(text), "turn 2 sees {text:?}");
+    }
+    assert!(requests[1].contains_text(SOUL_MARKER));
+    let (c1, c2) = (outcome_cost(&first), outcome_cost(&second));
+    assert!(c1 > 0.0);
+    assert!(
+        (c1 - c2).abs() < c1 * 0.2,
+        "task 2 costs its own turn ({c2}), not both ({})",
+        c1 + c2
+    );
+    drop(executor);
+    assert_no_processes(ws.path(), Duration::from_secs(2)).await;
+}
+
+/// A warm process goes after the idle window; the next task starts a new one that resumes
+/// the conversation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_process_is_released_after_the_idle_window() {
+    let Some(claude) = claude_cli("warm_process_is_released_after_the_idle_window") else {
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    fake.push(Reply::text("first answer"));
+    fake.push(Reply::text("second answer"));
+    let ws = workspace();
+    let executor =
+        ClaudeCodeExecutor::new(config(&claude, &fake).with_warm_idle(Duration::from_millis(500)));
+    let first = run(&executor, ws.path(), "hello").await;
+    assert_eq!(done(&first).status, TaskStatus::Completed);
+    assert_no_processes(ws.path(), Duration::from_secs(10)).await;
+    let stats = executor.warm_stats();
+    assert_eq!((stats.released, stats.idle), (1, 0), "{stats:?}");
+
+    let second = run(&executor, ws.path(), "again").await;
+    assert_eq!(done(&second).status, TaskStatus::Completed);
+    assert_eq!(executor.warm_stats().started, 2);
+    assert!(fake.last_request().unwrap().contains_text("first answer"));
+}
+
+/// With a cap of two resident processes, a third session's task releases the least recently
+/// used idle one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_cap_releases_the_least_recently_used() {
+    let Some(claude) = claude_cli("warm_cap_releases_the_least_recently_used") else {
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| Reply::text("ok"));
+    let (a, b, c) = (workspace(), workspace(), workspace());
+    let executor = ClaudeCodeExecutor::new(config(&claude, &fake).with_warm_max(2));
+    for ws in [&a, &b] {
+        assert_eq!(
+            done(&run(&executor, ws.path(), "hi").await).status,
+            TaskStatus::Completed
+        );
+    }
+    let b_pid = only_process(b.path());
+    only_process(a.path());
+    // a is used again: b becomes the least recently used.
+    assert_eq!(
+        done(&run(&executor, a.path(), "hi").await).status,
+        TaskStatus::Completed
+    );
+    assert_eq!(
+        done(&run(&executor, c.path(), "hi").await).status,
+        TaskStatus::Completed
+    );
+    assert_no_processes(b.path(), Duration::from_secs(5)).await;
+    only_process(a.path());
+    only_process(c.path());
+    let stats = executor.warm_stats();
+    assert_eq!(
+        (stats.started, stats.reused, stats.released, stats.idle),
+        (3, 1, 1, 2),
+        "{stats:?}"
+    );
+    assert!(!processes_in(b.path()).contains(&b_pid));
+}
+
+/// A canceled turn does not leave its process for the next task, which runs well in a new one
+/// with the conversation so far.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canceled_warm_turn_does_not_poison_the_next() {
+    let Some(claude) = claude_cli("canceled_warm_turn_does_not_poison_the_next") else {
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    fake.push(Reply::text("Noted: PEAR."));
+    fake.push(Reply::text("a long story that never ends").hanging());
+    fake.push(Reply::text("The word was PEAR."));
+    let ws = workspace();
+    let executor = ClaudeCodeExecutor::new(config(&claude, &fake));
+    let first = run(&executor, ws.path(), "remember the word PEAR").await;
+    assert_eq!(done(&first).status, TaskStatus::Completed);
+    let pid = only_process(ws.path());
+
+    let mut execution = executor
+        .start(request(ws.path(), "tell me a long story"))
+        .await
+        .unwrap();
+    assert!(fake.wait_for_requests(2, Duration::from_secs(60)).await);
+    assert_eq!(only_process(ws.path()), pid, "the warm process runs it");
+    execution.control.cancel().await.unwrap();
+    let events = collect(&mut execution).await;
+    assert_eq!(done(&events).status, TaskStatus::Canceled, "{events:#?}");
+    assert_no_processes(ws.path(), Duration::from_secs(2)).await;
+
+    let third = run(&executor, ws.path(), "which word?").await;
+    assert_eq!(done(&third).status, TaskStatus::Completed, "{third:#?}");
+    assert_eq!(done(&third).result.as_deref(), Some("The word was PEAR."));
+    assert!(error_codes(&third).is_empty(), "{third:#?}");
+    assert!(fake.last_request().unwrap().contains_text("Noted: PEAR."));
+    let stats = executor.warm_stats();
+    assert_eq!((stats.started, stats.reused), (2, 1), "{stats:?}");
+}
+
+/// A warm process is not reused once the session's skills changed, nor after its workspace
+/// was removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_skills_or_removed_workspace_release_the_warm_process() {
+    let Some(claude) = claude_cli("changed_skills_or_removed_workspace_release_the_warm_process")
+    else {
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| Reply::text("ok"));
+    let ws = workspace();
+    let executor = ClaudeCodeExecutor::new(config(&claude, &fake));
+    let first = run(&executor, ws.path(), "hi").await;
+    assert!(init(&first).skills.iter().all(|s| s != "greet"));
+    let old = only_process(ws.path());
+    let skill = ws.path().join(".claude/skills/greet");
+    std::fs::create_dir_all(&skill).unwrap();
+    std::fs::write(
+        skill.join("SKILL.md"),
+        "---\nname: greet\ndescription: Greets the user warmly\n---\n\nSay hello.\n",
+    )
+    .unwrap();
+    let second = run(&executor, ws.path(), "greet me").await;
+    assert!(
+        init(&second).skills.iter().any(|s| s == "greet"),
+        "{second:#?}"
+    );
+    assert_ne!(only_process(ws.path()), old, "a new process");
+    assert_eq!(executor.warm_stats().started, 2);
+
+    // The session's workspace is purged (moved away here, to watch its processes).
+    let moved = tempfile::tempdir().unwrap();
+    let gone = moved.path().join("purged");
+    std::fs::rename(ws.path(), &gone).unwrap();
+    assert_no_processes(&gone, Duration::from_secs(15)).await;
+    assert_eq!(executor.warm_stats().idle, 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1057,7 +1268,12 @@ echo '{"type":"result","subtype":"success","is_error":false,"result":"ok","num_t
 sleep 30"#,
     );
     let ws = workspace();
-    let executor = ClaudeCodeExecutor::new(ClaudeCodeConfig::new(bin).with_max_line_bytes(1024));
+    // One process per task: the hung exit is what is tested.
+    let executor = ClaudeCodeExecutor::new(
+        ClaudeCodeConfig::new(bin)
+            .with_max_line_bytes(1024)
+            .with_warm_max(0),
+    );
     let started = Instant::now();
     let events = run(&executor, ws.path(), "hi").await;
     assert!(
@@ -1077,4 +1293,92 @@ sleep 30"#,
     assert_eq!(outcome.result.as_deref(), Some("ok"));
     assert_eq!(outcome.num_turns, 1);
     assert_no_processes(ws.path(), Duration::from_secs(1)).await;
+}
+
+/// A stand-in for the long-lived CLI: one `init` and one `result` per stdin line, its pid and
+/// turn in the result, a cumulative cost of 1.0 per turn; with `die-on-second` in its
+/// workspace it exits silently on its second line.
+const LONG_LIVED: &str = r#"n=0
+while read -r line; do
+  n=$((n+1))
+  if [ "$n" -eq 2 ] && [ -e die-on-second ]; then exit 1; fi
+  echo '{"type":"system","subtype":"init","session_id":"warm-script-1","model":"m","tools":[]}'
+  echo "{\"type\":\"result\",\"subtype\":\"success\",\"is_error\":false,\"result\":\"pid $$ turn $n\",\"num_turns\":1,\"duration_ms\":1,\"total_cost_usd\":$n,\"session_id\":\"warm-script-1\",\"usage\":{\"input_tokens\":1,\"output_tokens\":1}}"
+done"#;
+
+fn result_text(events: &[TaskEvent]) -> String {
+    let outcome = done(events);
+    assert_eq!(outcome.status, TaskStatus::Completed, "{events:#?}");
+    outcome.result.clone().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn warm_turns_share_a_process_and_cost_their_own_turn() {
+    let bin_dir = tempfile::tempdir().unwrap();
+    let bin = script(bin_dir.path(), LONG_LIVED);
+    let ws = workspace();
+    let executor = ClaudeCodeExecutor::new(ClaudeCodeConfig::new(bin));
+    let mut pids = Vec::new();
+    for turn in 1..=3 {
+        let events = run(&executor, ws.path(), "hi").await;
+        let text = result_text(&events);
+        let (pid, n) = text
+            .strip_prefix("pid ")
+            .and_then(|t| t.split_once(" turn "))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert_eq!(n, turn.to_string(), "{text}");
+        pids.push(pid.to_owned());
+        assert_eq!(
+            done(&events).cost_usd,
+            Some(1.0),
+            "turn {turn}: {events:#?}"
+        );
+    }
+    assert!(pids.iter().all(|p| *p == pids[0]), "{pids:?}");
+    let stats = executor.warm_stats();
+    assert_eq!((stats.started, stats.reused), (1, 2), "{stats:?}");
+    drop(executor);
+    assert_no_processes(ws.path(), Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn a_warm_process_that_dies_silently_is_replaced_in_the_same_task() {
+    let bin_dir = tempfile::tempdir().unwrap();
+    let bin = script(bin_dir.path(), LONG_LIVED);
+    let ws = workspace();
+    std::fs::write(ws.path().join("die-on-second"), "").unwrap();
+    let executor = ClaudeCodeExecutor::new(ClaudeCodeConfig::new(bin));
+    assert!(result_text(&run(&executor, ws.path(), "one").await).ends_with("turn 1"));
+    let events = run(&executor, ws.path(), "two").await;
+    assert!(
+        result_text(&events).ends_with("turn 1"),
+        "a new process: {events:#?}"
+    );
+    assert!(error_codes(&events).is_empty(), "{events:#?}");
+    let stats = executor.warm_stats();
+    assert_eq!((stats.started, stats.reused), (2, 1), "{stats:?}");
+}
+
+#[tokio::test]
+async fn a_failed_turn_is_not_kept_warm() {
+    let bin_dir = tempfile::tempdir().unwrap();
+    let bin = script(
+        bin_dir.path(),
+        r#"while read -r line; do
+  echo '{"type":"result","subtype":"success","is_error":true,"terminal_reason":"api_error","result":"API Error: 500","session_id":"s-fail","usage":{"input_tokens":1,"output_tokens":1}}'
+done"#,
+    );
+    let ws = workspace();
+    let executor = ClaudeCodeExecutor::new(ClaudeCodeConfig::new(bin));
+    for _ in 0..2 {
+        let events = run(&executor, ws.path(), "hi").await;
+        assert_eq!(done(&events).status, TaskStatus::Failed, "{events:#?}");
+        assert_no_processes(ws.path(), Duration::from_secs(3)).await;
+    }
+    let stats = executor.warm_stats();
+    assert_eq!(
+        (stats.started, stats.reused, stats.idle),
+        (2, 0, 0),
+        "{stats:?}"
+    );
 }

@@ -57,6 +57,13 @@ pub struct ClaudeCodeConfig {
     /// sandbox (with the network, for the model API) and its `Bash` tool in Claude Code's own
     /// sandbox inside it; see the [module documentation](super).
     pub sandbox: Sandbox,
+    /// How long a session's CLI process stays up after a successful turn, waiting for the
+    /// session's next task (default 5 min; zero: one process per task). See
+    /// [the module documentation](super#warm-processes).
+    pub warm_idle: Duration,
+    /// Most CLI processes resident per worker between tasks, running ones included (default
+    /// 4; zero: one process per task). Past it, the least recently used idle one is released.
+    pub warm_max: usize,
 }
 
 impl fmt::Debug for ClaudeCodeConfig {
@@ -75,6 +82,8 @@ impl fmt::Debug for ClaudeCodeConfig {
             )
             .field("max_line_bytes", &self.max_line_bytes)
             .field("sandbox", &self.sandbox.status())
+            .field("warm_idle", &self.warm_idle)
+            .field("warm_max", &self.warm_max)
             .finish()
     }
 }
@@ -86,6 +95,10 @@ impl ClaudeCodeConfig {
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
     /// Default of [`max_line_bytes`](Self::max_line_bytes): 16 MiB.
     pub const DEFAULT_MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
+    /// Default of [`warm_idle`](Self::warm_idle): 5 minutes.
+    pub const DEFAULT_WARM_IDLE: Duration = Duration::from_secs(300);
+    /// Default of [`warm_max`](Self::warm_max): about 4 × 200 MB of resident CLIs.
+    pub const DEFAULT_WARM_MAX: usize = 4;
 
     /// Defaults, with the CLI at `binary`.
     pub fn new(binary: impl Into<PathBuf>) -> Self {
@@ -100,6 +113,8 @@ impl ClaudeCodeConfig {
             extra_env: Vec::new(),
             max_line_bytes: Self::DEFAULT_MAX_LINE_BYTES,
             sandbox: Sandbox::default(),
+            warm_idle: Self::DEFAULT_WARM_IDLE,
+            warm_max: Self::DEFAULT_WARM_MAX,
         }
     }
 
@@ -118,7 +133,9 @@ impl ClaudeCodeConfig {
     /// - `ANTHROPIC_API_KEY`, `ANTHROPIC_BASE_URL`, `ANTHROPIC_MODEL` or else `MODEL`
     ///   (→ `model`; [`DEFAULT_MODEL`] when neither is set, so the model is always explicit);
     /// - `CLAUDE_MAX_TURNS`, `CLAUDE_TIMEOUT_SECS`, `CLAUDE_PERMISSION_MODE`
-    ///   (`skip` or `prompt`).
+    ///   (`skip` or `prompt`);
+    /// - `CLAUDE_WARM_IDLE_SECONDS` (→ [`warm_idle`](Self::warm_idle)) and `CLAUDE_WARM_MAX`
+    ///   (→ [`warm_max`](Self::warm_max)); `0` in either turns warm processes off.
     ///
     /// Empty values count as unset.
     pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self> {
@@ -165,7 +182,39 @@ impl ClaudeCodeConfig {
                 }
             };
         }
+        if let Some(secs) = get("CLAUDE_WARM_IDLE_SECONDS") {
+            let secs: u64 = secs.trim().parse().map_err(|_| {
+                Error::invalid_input(format!(
+                    "CLAUDE_WARM_IDLE_SECONDS must be a number of seconds (0: off), not `{secs}`"
+                ))
+            })?;
+            config.warm_idle = Duration::from_secs(secs);
+        }
+        if let Some(max) = get("CLAUDE_WARM_MAX") {
+            config.warm_max = max.trim().parse().map_err(|_| {
+                Error::invalid_input(format!(
+                    "CLAUDE_WARM_MAX must be a number of processes (0: off), not `{max}`"
+                ))
+            })?;
+        }
         Ok(config)
+    }
+
+    /// Whether a session's CLI process may stay up between its tasks.
+    pub fn warm(&self) -> bool {
+        self.warm_max > 0 && !self.warm_idle.is_zero()
+    }
+
+    /// Sets [`warm_idle`](Self::warm_idle).
+    pub fn with_warm_idle(mut self, idle: Duration) -> Self {
+        self.warm_idle = idle;
+        self
+    }
+
+    /// Sets [`warm_max`](Self::warm_max).
+    pub fn with_warm_max(mut self, max: usize) -> Self {
+        self.warm_max = max;
+        self
     }
 
     /// Sets [`model`](Self::model).
@@ -292,8 +341,13 @@ mod tests {
             ("CLAUDE_MAX_TURNS", "7"),
             ("CLAUDE_PERMISSION_MODE", "prompt"),
             ("CLAUDE_TIMEOUT_SECS", "60"),
+            ("CLAUDE_WARM_IDLE_SECONDS", "30"),
+            ("CLAUDE_WARM_MAX", "2"),
         ]))
         .unwrap();
+        assert_eq!(config.warm_idle, Duration::from_secs(30));
+        assert_eq!(config.warm_max, 2);
+        assert!(config.warm());
         assert_eq!(config.binary, bin);
         assert_eq!(config.api_key.as_deref(), Some("k"));
         assert_eq!(config.max_turns, 7);
@@ -304,6 +358,19 @@ mod tests {
             ClaudeCodeConfig::from_vars(vars(&[("PATH", &path), ("CLAUDE_MAX_TURNS", "x")]))
                 .is_err()
         );
+        assert!(
+            ClaudeCodeConfig::from_vars(vars(&[("PATH", &path), ("CLAUDE_WARM_MAX", "-1")]))
+                .is_err()
+        );
+        let cold = ClaudeCodeConfig::from_vars(vars(&[
+            ("PATH", &path),
+            ("CLAUDE_WARM_IDLE_SECONDS", "0"),
+        ]))
+        .unwrap();
+        assert!(!cold.warm());
+        let default = ClaudeCodeConfig::from_vars(vars(&[("PATH", &path)])).unwrap();
+        assert_eq!(default.warm_idle, ClaudeCodeConfig::DEFAULT_WARM_IDLE);
+        assert_eq!(default.warm_max, ClaudeCodeConfig::DEFAULT_WARM_MAX);
     }
 
     #[test]

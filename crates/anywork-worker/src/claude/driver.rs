@@ -24,6 +24,7 @@ use super::stream_json::{
     TurnResult, assistant_events, init_events, permission_request, preview, str_at, text_delta,
     user_events, user_line,
 };
+use super::warm::{Fingerprint, Running, Warm};
 use super::{HISTORY_LOST, LINE_TOO_LONG};
 
 /// How long an interrupted run may take to send its `result` before it is killed.
@@ -80,6 +81,10 @@ pub(super) struct Driver {
     pub(super) streamed_text: bool,
     /// Why the run was stopped early as failed (the model API refused the credentials).
     pub(super) fatal: Option<String>,
+    /// Counts this run in the warm pool; where a process that finished well goes.
+    pub(super) running: Running,
+    /// What the process was started with.
+    pub(super) fingerprint: Fingerprint,
 }
 
 /// How one process ended.
@@ -90,6 +95,10 @@ enum Attempt {
     ResumeNotFound(String),
     /// The run is over.
     Ended(TaskOutcome),
+    /// The run is over and the process stays up for the session's next task.
+    Kept(TaskOutcome),
+    /// A warm process ended before answering: the run starts again in a new one.
+    WarmLost,
 }
 
 impl Driver {
@@ -102,6 +111,20 @@ impl Driver {
                     return;
                 }
                 Attempt::Ended(outcome) => break outcome,
+                Attempt::Kept(outcome) => {
+                    // Not killed with the event stream any more: it belongs to the pool.
+                    self.group.set(None);
+                    let warm = Warm::new(proc, self.fingerprint, self.session_id.clone());
+                    self.running.keep(self.request.workspace.clone(), warm);
+                    break outcome;
+                }
+                Attempt::WarmLost => {
+                    tracing::warn!(task = %self.request.task_id, "the warm claude ended before answering; starting a new one");
+                    match self.respawn(self.session_id.clone()) {
+                        Ok(fresh) => proc = fresh,
+                        Err(e) => break TaskOutcome::failed(e.to_string()),
+                    }
+                }
                 Attempt::ResumeNotFound(message) => {
                     tracing::warn!(task = %self.request.task_id, "{message}; starting a new conversation");
                     forget_session_id(&self.request.workspace);
@@ -116,17 +139,8 @@ impl Driver {
                     if !self.emit(lost).await {
                         return;
                     }
-                    match Proc::spawn(
-                        &self.config,
-                        &self.request.workspace,
-                        self.system_prompt.as_deref(),
-                        None,
-                    ) {
-                        Ok(fresh) => {
-                            proc = fresh;
-                            self.group.set(Some(proc.pgid));
-                            proc.send(user_line(&self.request.message));
-                        }
+                    match self.respawn(None) {
+                        Ok(fresh) => proc = fresh,
                         Err(e) => break TaskOutcome::failed(e.to_string()),
                     }
                 }
@@ -138,14 +152,43 @@ impl Driver {
                 u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         }
         tracing::info!(task = %self.request.task_id, status = %outcome.status, "claude run ended");
+        self.running.finish();
         let _ = self.tx.send(TaskEvent::Done(outcome)).await;
     }
 
-    /// Drives `proc` until its stdout closes, then reaps it.
+    /// A new process for this run, the message written to it.
+    fn respawn(&mut self, resume: Option<String>) -> Result<Proc> {
+        let proc = Proc::spawn(
+            &self.config,
+            &self.request.workspace,
+            self.system_prompt.as_deref(),
+            resume.as_deref(),
+        )?;
+        self.running.pool().started();
+        self.group.set(Some(proc.pgid));
+        proc.send(user_line(&self.request.message));
+        Ok(proc)
+    }
+
+    /// Whether the process that just ended its turn with `result` may wait for the session's
+    /// next task: only after a clean, successful turn.
+    fn keepable(&self, result: Option<&TurnResult>) -> bool {
+        self.running.pool().keeps()
+            && result.is_some_and(|turn| !turn.is_error)
+            && !self.canceled
+            && !self.timed_out
+            && self.fatal.is_none()
+            && self.pending.is_empty()
+            && !self.tx.is_closed()
+    }
+
+    /// Drives `proc` until its turn is over and it is kept, or until its stdout closes (then
+    /// reaps it).
     async fn attempt(&mut self, proc: &mut Proc) -> Attempt {
         let mut result: Option<TurnResult> = None;
         let mut resume_missing: Option<String> = None;
         let mut kill_at: Option<Instant> = None;
+        let mut lines = 0u64;
         loop {
             tokio::select! {
                 biased;
@@ -167,6 +210,7 @@ impl Driver {
                 }
                 line = proc.stdout.next_line() => match line {
                     Ok(Some(Line::Complete(line))) => {
+                        lines += 1;
                         let had_end = result.is_some() || resume_missing.is_some();
                         if !self.on_line(&line, proc, &mut result, &mut resume_missing).await {
                             self.group.kill();
@@ -175,6 +219,13 @@ impl Driver {
                             return Attempt::Gone;
                         }
                         if !had_end && (result.is_some() || resume_missing.is_some()) {
+                            if result.is_some() {
+                                proc.turns += 1;
+                            }
+                            if resume_missing.is_none() && self.keepable(result.as_ref()) {
+                                let outcome = self.outcome(result, None, "");
+                                return Attempt::Kept(outcome);
+                            }
                             // The turn is over: let the CLI exit.
                             proc.close_stdin();
                             kill_at = Some(Instant::now() + EXIT_GRACE);
@@ -208,6 +259,10 @@ impl Driver {
         self.group.set(None);
         let stderr = proc.stderr_tail().await;
         tracing::debug!(?status, "claude exited");
+        if proc.turns > 0 && lines == 0 && !self.canceled && !self.timed_out && self.fatal.is_none()
+        {
+            return Attempt::WarmLost;
+        }
         if let Some(message) = resume_missing
             && result.is_none()
             && !self.canceled
@@ -365,6 +420,7 @@ impl Driver {
                 }
                 let mut turn = TurnResult::parse(&value);
                 if proc.resumed
+                    && proc.turns == 0
                     && turn.is_error
                     && let Some(message) = turn.no_conversation()
                 {
@@ -372,7 +428,7 @@ impl Driver {
                     return true;
                 }
                 self.remember_session(turn.session_id.as_deref());
-                turn.cost_usd = self.own_cost(&turn, proc.resumed);
+                turn.cost_usd = self.own_cost(&turn, proc);
                 let mut events = vec![TaskEvent::Usage {
                     usage: turn.usage,
                     cost_usd: turn.cost_usd,
@@ -484,18 +540,24 @@ impl Driver {
     }
 
     /// This run's own cost. The CLI's `total_cost_usd` adds up every run of a resumed
-    /// conversation, so the total remembered after the previous run is taken off; a new
-    /// conversation's total is its own. A resumed conversation with no remembered total (it
-    /// was started by an older worker) has no known cost of its own: `None`, never a sum of
-    /// earlier tasks.
-    fn own_cost(&self, turn: &TurnResult, resumed: bool) -> Option<f64> {
+    /// conversation (and every turn of a warm process), so the total after the previous run is
+    /// taken off: the process's own after its previous turn, else the one remembered in the
+    /// workspace; a new conversation's total is its own. A resumed conversation with no
+    /// remembered total (it was started by an older worker) has no known cost of its own:
+    /// `None`, never a sum of earlier tasks.
+    fn own_cost(&self, turn: &TurnResult, proc: &mut Proc) -> Option<f64> {
         let total = turn.cost_usd?;
         let session = turn.session_id.as_deref().filter(|id| valid_session_id(id));
-        let before = match (resumed, session) {
-            (false, _) => Some(0.0),
-            (true, Some(id)) => read_session_cost(&self.request.workspace, id),
-            (true, None) => None,
+        let before = if proc.turns > 0 {
+            proc.last_total_cost
+        } else {
+            match (proc.resumed, session) {
+                (false, _) => Some(0.0),
+                (true, Some(id)) => read_session_cost(&self.request.workspace, id),
+                (true, None) => None,
+            }
         };
+        proc.last_total_cost = Some(total);
         if let Some(id) = session
             && let Err(e) = write_session_cost(&self.request.workspace, id, total)
         {

@@ -1,4 +1,5 @@
-//! [`ClaudeCodeExecutor`]: runs tasks with the Claude Code CLI (`claude`), one process per task.
+//! [`ClaudeCodeExecutor`]: runs tasks with the Claude Code CLI (`claude`), one process per
+//! session, kept warm between its tasks.
 //!
 //! The CLI runs in its long-lived stream-json mode, so that a run can be interrupted and can ask
 //! for permissions:
@@ -40,8 +41,10 @@
 //!   `.mcp.json` ([`MCP_CONFIG_FILE`], mode 0600, passed with `--strict-mcp-config`), so the
 //!   model keys reach them only when their own `env` names them.
 //!
-//! The user's message is written as one stdin line; when the turn's `result` line arrives,
-//! stdin is closed and the CLI exits. Each stdout line becomes zero or more [`TaskEvent`]s:
+//! The user's message is written as one stdin line; when the turn's `result` line arrives the
+//! task is over: after a successful turn the process stays up for the session's next task
+//! (see [Warm processes](#warm-processes)), otherwise stdin is closed and the CLI exits. Each
+//! stdout line becomes zero or more [`TaskEvent`]s:
 //!
 //! | line | events |
 //! |---|---|
@@ -62,7 +65,36 @@
 //! [`TaskEvent::Error`] with code [`HISTORY_LOST`] is sent and the message runs again in a new
 //! conversation, in the same task.
 //!
-//! Every run ends with exactly one [`TaskEvent::Done`], sent after the CLI has exited:
+//! # Warm processes
+//!
+//! Starting the CLI costs about half a second before its first line (≈ 1 s with the bundled
+//! binary on a busy machine). So a session's process is kept between its tasks: after a
+//! turn that ended well (`result` with `is_error: false`, not canceled, not timed out) it
+//! waits, and the session's next task is written to its stdin as the next turn (which starts
+//! with its own `init` and ends with its own `result`). It is released (stdin closed, then
+//! its process group killed):
+//!
+//! - after [`ClaudeCodeConfig::warm_idle`] without a task (`CLAUDE_WARM_IDLE_SECONDS`,
+//!   default 300 s);
+//! - past [`ClaudeCodeConfig::warm_max`] resident processes per worker, running ones
+//!   included (`CLAUDE_WARM_MAX`, default 4): the least recently used idle one goes first;
+//! - when the session's workspace folder is removed or replaced (session deleted, workspace
+//!   purged), or the CLI exited on its own;
+//! - at the next task, when what the process was started with changed: the system prompt
+//!   (`SOUL.md`, `AGENTS.md`), `.mcp.json`, `CLAUDE.md` or anything under `.claude/`
+//!   (skills, settings, agents, commands), or the remembered conversation id;
+//! - when the executor (its last clone) is dropped.
+//!
+//! A turn that failed, was canceled (interrupted) or timed out never leaves its process for
+//! the next task: it exits as above. A task's cost is the difference of the process's
+//! cumulative `total_cost_usd` since its previous turn. If a warm process dies before
+//! writing anything for a task, the task runs again in a new process (`--resume`).
+//! Streaming and confinement are the same as for a new process: it is the same process.
+//! Either setting at `0` turns warm processes off (one process per task).
+//! [`ClaudeCodeExecutor::warm_stats`] counts processes started, reused and released.
+//!
+//! Every run ends with exactly one [`TaskEvent::Done`], sent after the CLI has exited (or,
+//! for a warm process, once its turn is over):
 //! `canceled` after [`ExecutionControl::cancel`](anywork_core::ExecutionControl::cancel) (an `interrupt` control request, then SIGKILL
 //! to the process group if no `result` came within a second), `failed` with "timed out after
 //! ..." when [`ClaudeCodeConfig::timeout`] passes (the process group is killed), and `failed`
@@ -75,6 +107,7 @@ mod driver;
 mod process;
 mod session_files;
 mod stream_json;
+mod warm;
 
 use std::collections::HashMap;
 use std::fs;
@@ -95,6 +128,8 @@ use driver::{Control, Driver};
 use process::{Group, Proc};
 use session_files::{ensure_dir, read_session_id, system_prompt};
 use stream_json::user_line;
+use warm::Pool;
+pub use warm::WarmStats;
 
 /// Folder of the session workspace that holds the remembered CLI session id.
 pub const SESSIONS_DIR: &str = "sessions";
@@ -116,9 +151,21 @@ pub const LINE_TOO_LONG: &str = "line_too_long";
 const EVENT_BUFFER: usize = 64;
 
 /// Runs tasks with the Claude Code CLI; see the [module documentation](self).
-#[derive(Debug, Clone)]
+///
+/// Clones share their warm processes; they are released when the last clone is dropped.
+#[derive(Clone)]
 pub struct ClaudeCodeExecutor {
     config: Arc<ClaudeCodeConfig>,
+    pool: Arc<Pool>,
+}
+
+impl std::fmt::Debug for ClaudeCodeExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaudeCodeExecutor")
+            .field("config", &self.config)
+            .field("warm", &self.pool.stats())
+            .finish()
+    }
 }
 
 impl ClaudeCodeExecutor {
@@ -131,14 +178,21 @@ impl ClaudeCodeExecutor {
                  network and the API key in their environment"
             );
         }
+        let pool = Pool::new(config.warm_idle, config.warm_max);
         Self {
             config: Arc::new(config),
+            pool,
         }
     }
 
     /// Its settings.
     pub fn config(&self) -> &ClaudeCodeConfig {
         &self.config
+    }
+
+    /// Counters of its CLI processes: started, reused warm, released, idle and running now.
+    pub fn warm_stats(&self) -> WarmStats {
+        self.pool.stats()
     }
 }
 
@@ -176,22 +230,41 @@ impl Executor for ClaudeCodeExecutor {
         }
         let session_id = read_session_id(&workspace);
         let system_prompt = system_prompt(&workspace);
+        let fingerprint = warm::fingerprint(&workspace, system_prompt.as_deref());
 
         let group = Arc::new(Group::default());
-        let proc = Proc::spawn(
-            &config,
-            &workspace,
-            system_prompt.as_deref(),
-            session_id.as_deref(),
-        )?;
+        let (warm, running) = self
+            .pool
+            .begin(&workspace, fingerprint, session_id.as_deref());
+        let proc = match warm {
+            Some(proc) => {
+                tracing::info!(
+                    task = %request.task_id,
+                    session = %request.session_id,
+                    pid = proc.pgid.as_raw(),
+                    "claude is warm"
+                );
+                proc
+            }
+            None => {
+                let proc = Proc::spawn(
+                    &config,
+                    &workspace,
+                    system_prompt.as_deref(),
+                    session_id.as_deref(),
+                )?;
+                self.pool.started();
+                tracing::info!(
+                    task = %request.task_id,
+                    session = %request.session_id,
+                    pid = proc.pgid.as_raw(),
+                    resume = session_id.is_some(),
+                    "claude started"
+                );
+                proc
+            }
+        };
         group.set(Some(proc.pgid));
-        tracing::info!(
-            task = %request.task_id,
-            session = %request.session_id,
-            pid = proc.pgid.as_raw(),
-            resume = session_id.is_some(),
-            "claude started"
-        );
         proc.send(user_line(&request.message));
 
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
@@ -214,6 +287,8 @@ impl Executor for ClaudeCodeExecutor {
             pending: HashMap::new(),
             streamed_text: false,
             fatal: None,
+            running,
+            fingerprint,
         };
         tokio::spawn(driver.run(proc));
         Ok(Execution {

@@ -66,7 +66,7 @@ impl Group {
     }
 }
 
-fn kill_group(pgid: Pid) {
+pub(super) fn kill_group(pgid: Pid) {
     match killpg(pgid, Signal::SIGKILL) {
         Ok(()) | Err(Errno::ESRCH) => {}
         Err(e) => tracing::warn!(
@@ -96,6 +96,10 @@ pub(super) struct Proc {
     pub(super) stderr_task: JoinHandle<()>,
     /// Whether it was started with `--resume`.
     pub(super) resumed: bool,
+    /// Turns it finished (a warm process has at least one).
+    pub(super) turns: u32,
+    /// The CLI's cumulative `total_cost_usd` after its last turn.
+    pub(super) last_total_cost: Option<f64>,
 }
 
 impl Proc {
@@ -212,7 +216,14 @@ impl Proc {
             stderr: tail,
             stderr_task,
             resumed: resume.is_some(),
+            turns: 0,
+            last_total_cost: None,
         })
+    }
+
+    /// Whether the process is still running.
+    pub(super) fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Queues one stdin line; `false` when stdin is closed.

@@ -61,7 +61,7 @@ pub(super) fn read_session_id(workspace: &Path) -> Option<String> {
 
 /// Stores `id` atomically (a new temporary file, then a rename; links are not followed).
 pub(super) fn write_session_id(workspace: &Path, id: &str) -> io::Result<()> {
-    write_state_file(workspace, SESSION_ID_FILE, &format!("{id}\n"))
+    write_state_file(workspace, SESSION_ID_FILE, &format!("{id}\n"), true)
 }
 
 /// File (inside [`SESSIONS_DIR`]) with the CLI session's cumulative cost after the last run:
@@ -80,18 +80,21 @@ pub(super) fn read_session_cost(workspace: &Path, session: &str) -> Option<f64> 
     (id == session).then(|| cost.parse().ok()).flatten()
 }
 
-/// Remembers `total` as `session`'s cumulative cost.
+/// Remembers `total` as `session`'s cumulative cost. Not synced to disk: it is written after
+/// every turn, in the path of the task's `done`, and losing it to a crash only leaves the next
+/// resumed task without a cost.
 pub(super) fn write_session_cost(workspace: &Path, session: &str, total: f64) -> io::Result<()> {
     write_state_file(
         workspace,
         SESSION_COST_FILE,
         &format!("{session} {total}\n"),
+        false,
     )
 }
 
-/// Writes `<ws>/sessions/<name>` atomically (a new 0600 temporary file, then a rename; links
-/// are not followed).
-fn write_state_file(workspace: &Path, name: &str, contents: &str) -> io::Result<()> {
+/// Writes `<ws>/sessions/<name>` atomically (a new 0600 temporary file, synced when `durable`,
+/// then a rename; links are not followed).
+fn write_state_file(workspace: &Path, name: &str, contents: &str, durable: bool) -> io::Result<()> {
     let dir = workspace.join(SESSIONS_DIR);
     if !fs::symlink_metadata(&dir)?.is_dir() {
         return Err(io::Error::other(format!(
@@ -115,7 +118,9 @@ fn write_state_file(workspace: &Path, name: &str, contents: &str) -> io::Result<
             .mode(0o600)
             .open(&tmp)?;
         file.write_all(contents.as_bytes())?;
-        file.sync_all()?;
+        if durable {
+            file.sync_all()?;
+        }
         fs::rename(&tmp, dir.join(name))
     })();
     if written.is_err() {

@@ -75,9 +75,12 @@ pub struct Config {
     /// Base URL of the title model's API, when not API_BASE_URL.
     #[arg(long, env = "TITLE_API_BASE_URL")]
     pub title_api_base_url: Option<String>,
-    /// Tasks running at once.
-    #[arg(long, env = "MAX_CONCURRENT_TASKS", default_value_t = 64)]
-    pub max_concurrent_tasks: usize,
+    /// Tasks running at once (0: no limit). Default per driver: no limit for `local` and
+    /// `static` (one worker takes every session's task, at most one per session, so the
+    /// sessions bound it; set a limit if that worker cannot take them all), 64 for `docker`
+    /// and `k8s` (each running task holds a container or pod).
+    #[arg(long, env = "MAX_CONCURRENT_TASKS")]
+    pub max_concurrent_tasks: Option<usize>,
     /// A task running longer fails with the reason.
     #[arg(long, env = "TASK_TIMEOUT_SECONDS", default_value_t = 1800)]
     pub task_timeout_seconds: u64,
@@ -183,6 +186,36 @@ pub struct Built {
 /// The values of `CONTAINER_DRIVER`: every driver is compiled into the binary.
 const DRIVERS: &str = "local, static, docker, k8s";
 
+/// `MAX_CONCURRENT_TASKS` meaning no limit (the dispatcher's semaphore needs a number).
+pub const UNLIMITED_TASKS: usize = 1 << 20;
+/// Default `MAX_CONCURRENT_TASKS` of the container drivers (`docker`, `k8s`).
+pub const CONTAINER_DRIVER_TASKS: usize = 64;
+
+impl Config {
+    /// The driver named by `CONTAINER_DRIVER`, else `static` when `STATIC_WORKER_URL` is set,
+    /// else `local` (lowercase, as given: not checked here).
+    pub fn driver_name(&self) -> String {
+        match (&self.container_driver, &self.static_worker_url) {
+            (Some(d), _) => d.trim().to_ascii_lowercase(),
+            (None, Some(url)) if !url.trim().is_empty() => "static".to_owned(),
+            (None, _) => "local".to_owned(),
+        }
+    }
+
+    /// Tasks running at once with `driver`: `MAX_CONCURRENT_TASKS` when set (0: no limit),
+    /// else the driver's default (see the flag's help).
+    pub fn max_concurrent(&self, driver: &str) -> usize {
+        match self.max_concurrent_tasks {
+            Some(0) => UNLIMITED_TASKS,
+            Some(n) => n.min(UNLIMITED_TASKS),
+            None => match driver {
+                "docker" | "k8s" | "kubernetes" => CONTAINER_DRIVER_TASKS,
+                _ => UNLIMITED_TASKS,
+            },
+        }
+    }
+}
+
 impl Config {
     /// Store, driver, dispatcher and API state, ready to serve.
     pub async fn build(&self) -> anyhow::Result<Built> {
@@ -210,11 +243,7 @@ impl Config {
             .context("OUTBOUND_ALLOW")?;
         let store = self.store().await?;
         let mut warning = None;
-        let driver_name = match (&self.container_driver, &self.static_worker_url) {
-            (Some(d), _) => d.trim().to_ascii_lowercase(),
-            (None, Some(url)) if !url.trim().is_empty() => "static".to_owned(),
-            (None, _) => "local".to_owned(),
-        };
+        let driver_name = self.driver_name();
         let mut executor = std::env::var("EXECUTOR")
             .ok()
             .filter(|e| !e.trim().is_empty())
@@ -280,7 +309,12 @@ impl Config {
             other => bail!("CONTAINER_DRIVER={other:?} is not a driver: use one of {DRIVERS}"),
         };
         let mut config = DispatcherConfig::default();
-        config.max_concurrent = self.max_concurrent_tasks.max(1);
+        config.max_concurrent = self.max_concurrent(&driver_name);
+        tracing::info!(
+            driver = %driver_name,
+            max_concurrent_tasks = config.max_concurrent,
+            "task concurrency"
+        );
         config.task_timeout = Duration::from_secs(self.task_timeout_seconds.max(1));
         config.lease_ttl = Duration::from_secs(self.lease_ttl_seconds.max(1));
         config.reap_every = (self.reap_interval_seconds > 0)
@@ -847,6 +881,56 @@ mod tests {
         assert!(
             format!("{err:#}").contains("local, static, docker, k8s"),
             "{err:#}"
+        );
+    }
+
+    fn parse_args(args: &[&str]) -> Config {
+        let mut all = vec!["anywork-server"];
+        all.extend_from_slice(args);
+        Config::try_parse_from(all).unwrap()
+    }
+
+    #[test]
+    fn max_concurrent_tasks_defaults_per_driver() {
+        // Not set: no limit for the in-process and static workers, bounded for containers.
+        let config = parse_args(&[]);
+        if config.max_concurrent_tasks.is_some()
+            || config.container_driver.is_some()
+            || config.static_worker_url.is_some()
+        {
+            eprintln!("the driver or MAX_CONCURRENT_TASKS is set in the environment; skipping");
+        } else {
+            assert_eq!(config.driver_name(), "local");
+            assert_eq!(config.max_concurrent("local"), UNLIMITED_TASKS);
+            let static_ = parse_args(&["--static-worker-url", "http://127.0.0.1:8080"]);
+            assert_eq!(static_.driver_name(), "static");
+            assert_eq!(static_.max_concurrent("static"), UNLIMITED_TASKS);
+            for driver in ["docker", "k8s"] {
+                let config = parse_args(&["--container-driver", driver]);
+                assert_eq!(
+                    config.max_concurrent(&config.driver_name()),
+                    CONTAINER_DRIVER_TASKS
+                );
+            }
+        }
+        // Set: the same for every driver; 0 is no limit.
+        let set = parse_args(&[
+            "--max-concurrent-tasks",
+            "8",
+            "--container-driver",
+            "DOCKER",
+        ]);
+        assert_eq!(set.driver_name(), "docker");
+        assert_eq!(set.max_concurrent("docker"), 8);
+        assert_eq!(set.max_concurrent("local"), 8);
+        let zero = parse_args(&["--max-concurrent-tasks", "0"]);
+        assert_eq!(zero.max_concurrent("docker"), UNLIMITED_TASKS);
+        assert_eq!(
+            parse_args(&["--max-concurrent-tasks", "99999999999"]).max_concurrent("k8s"),
+            UNLIMITED_TASKS
+        );
+        assert!(
+            Config::try_parse_from(["anywork-server", "--max-concurrent-tasks", "-1"]).is_err()
         );
     }
 }

@@ -10,6 +10,11 @@ use anyhow::Context;
 use clap::Parser;
 use config::Config;
 
+/// With the `mimalloc` feature, mimalloc replaces the system allocator.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     anywork_http::init_tracing().map_err(anyhow::Error::msg)?;
