@@ -465,14 +465,7 @@ impl Run {
                     let first = match item {
                         Some(Ok(event)) => event,
                         Some(Err(e)) => {
-                            let stop = match stopping.take() {
-                                Some((stop, _)) => stop,
-                                None => {
-                                    // It may still be running there (hung, or cut off).
-                                    self.ask_worker_to_cancel(&worker);
-                                    Stop::Failed(Failure::lost(&self.task, &e))
-                                }
-                            };
+                            let stop = self.stop_after_broken_stream(stopping.take(), &worker, &e);
                             return self.stop(stop).await;
                         }
                         None => {
@@ -546,13 +539,7 @@ impl Run {
                         return self.finish(outcome).await;
                     }
                     if let Some(e) = broken {
-                        let stop = match stopping.take() {
-                            Some((stop, _)) => stop,
-                            None => {
-                                self.ask_worker_to_cancel(&worker);
-                                Stop::Failed(Failure::lost(&self.task, &e))
-                            }
-                        };
+                        let stop = self.stop_after_broken_stream(stopping.take(), &worker, &e);
                         return self.stop(stop).await;
                     }
                 }
@@ -585,6 +572,24 @@ impl Run {
             "unknown"
         } else {
             &self.model
+        }
+    }
+
+    /// How a run whose event stream broke ends: as already asked (`stopping`), else failed as
+    /// lost — and the worker is asked to cancel, as the task may still run there (hung, or
+    /// cut off from us).
+    fn stop_after_broken_stream(
+        &self,
+        stopping: Option<(Stop, tokio::time::Instant)>,
+        worker: &WorkerEndpoint,
+        e: &Error,
+    ) -> Stop {
+        match stopping {
+            Some((stop, _)) => stop,
+            None => {
+                self.ask_worker_to_cancel(worker);
+                Stop::Failed(Failure::lost(&self.task, e))
+            }
         }
     }
 
