@@ -417,6 +417,9 @@ async fn a_receiver_down_past_the_budget_is_dead_until_retried_through_the_api()
     let worker = WorkerProcess::start(&fake).await;
     let mut config = fast();
     config.outbox.max_attempts = 3;
+    // Settled deliveries are deleted by the retention round the test runs itself.
+    config.retention.settled_deliveries_max_age = Some(Duration::ZERO);
+    config.retention.every = Duration::from_secs(3600);
     let setup = Setup {
         config,
         ..Setup::default()
@@ -466,6 +469,18 @@ async fn a_receiver_down_past_the_budget_is_dead_until_retried_through_the_api()
         .post(&format!("/api/deliveries/{id}/retry"), json!({}))
         .await;
     assert_error(s, &b, 409, "conflict");
+
+    // Retention deletes the settled delivery (here: any age); the task stays.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let round = server.dispatcher().run_retention().await.unwrap();
+    assert_eq!(round.deliveries, 1, "{round:?}");
+    let (_, sent) = server.get("/api/deliveries?status=sent").await;
+    assert!(
+        !sent.to_string().contains(id),
+        "the settled delivery is gone: {sent}"
+    );
+    let (s, _) = server.get(&format!("/api/tasks/{task}")).await;
+    assert_eq!(s, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

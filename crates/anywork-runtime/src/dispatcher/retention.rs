@@ -1,7 +1,8 @@
 //! Retention and the store's size: finished tasks' logs older than [`Retention::max_age`] are
 //! deleted, and while the store is over [`Retention::max_bytes`] the logs of the tasks that
 //! finished longest ago go first; space freed is given back ([`TaskStore::compact`]). The size
-//! is measured on every round, for the `anywork_store_bytes` metric.
+//! is measured on every round, for the `anywork_store_bytes` metric. Settled deliveries of the
+//! outbox (`sent`, `dead`) older than [`Retention::settled_deliveries_max_age`] are deleted too.
 //!
 //! [`TaskStore::compact`]: anywork_core::TaskStore::compact
 
@@ -29,6 +30,9 @@ pub struct Retention {
     pub max_bytes: Option<u64>,
     /// How often retention runs and the store's size is measured.
     pub every: Duration,
+    /// Outbox deliveries settled (`sent`, or `dead`: no longer retried unless asked) longer
+    /// ago than this are deleted; `None` keeps them. Open ones are never deleted.
+    pub settled_deliveries_max_age: Option<Duration>,
 }
 
 impl Default for Retention {
@@ -37,6 +41,7 @@ impl Default for Retention {
             max_age: None,
             max_bytes: None,
             every: Duration::from_secs(60),
+            settled_deliveries_max_age: Some(Duration::from_secs(7 * 86_400)),
         }
     }
 }
@@ -53,6 +58,8 @@ pub struct RetentionRound {
     pub compacted_bytes: u64,
     /// The store's size afterwards, when it can tell.
     pub store_bytes: Option<u64>,
+    /// Settled outbox deliveries deleted.
+    pub deliveries: u64,
 }
 
 impl Dispatcher {
@@ -77,6 +84,23 @@ impl Dispatcher {
                 if deleted.tasks < u64::from(BATCH) {
                     break;
                 }
+            }
+        }
+        if let Some(age) = policy.settled_deliveries_max_age {
+            let before =
+                Timestamp::now().plus_millis(-(age.as_millis().min(i64::MAX as u128) as i64));
+            loop {
+                let deleted = store.delete_settled_deliveries(before, BATCH).await?;
+                round.deliveries += deleted;
+                if deleted < u64::from(BATCH) {
+                    break;
+                }
+            }
+            if round.deliveries > 0 {
+                tracing::info!(
+                    deliveries = round.deliveries,
+                    "retention deleted settled deliveries"
+                );
             }
         }
         if round.tasks > 0 {

@@ -105,6 +105,10 @@ pub struct Config {
     /// `anywork_store_bytes` metric).
     #[arg(long, env = "RETENTION_INTERVAL_SECONDS", default_value_t = 60)]
     pub retention_interval_seconds: u64,
+    /// Days to keep settled outbox deliveries (sent, or dead and not retried); 0 keeps them
+    /// forever.
+    #[arg(long, env = "DELIVERY_RETENTION_DAYS", default_value_t = 7.0)]
+    pub delivery_retention_days: f64,
     /// A worker's event stream silent this long (workers send a keep-alive every 15 s) fails
     /// its task: the worker is hung or the connection stalled.
     #[arg(long, env = "STREAM_IDLE_TIMEOUT_SECONDS", default_value_t = 60)]
@@ -545,6 +549,14 @@ impl Config {
         retention.max_bytes =
             (self.retention_max_mb > 0).then(|| self.retention_max_mb.saturating_mul(1 << 20));
         retention.every = Duration::from_secs(self.retention_interval_seconds.max(1));
+        if !self.delivery_retention_days.is_finite() || self.delivery_retention_days < 0.0 {
+            bail!(
+                "DELIVERY_RETENTION_DAYS={} is not a number of days: use 0 (keep forever) or more",
+                self.delivery_retention_days
+            );
+        }
+        retention.settled_deliveries_max_age = (self.delivery_retention_days > 0.0)
+            .then(|| Duration::from_secs_f64((self.delivery_retention_days * 86_400.0).min(1e12)));
         Ok(retention)
     }
 
