@@ -12,7 +12,8 @@
 //! | `anywork_queue_depth` | gauge, read at scrape time | |
 //! | `anywork_store_bytes` | gauge, measured every retention round | |
 //! | `anywork_store_reclaimable_bytes` | gauge, free space compaction can give back | |
-//! | `anywork_retention_deleted_total` | counter | `what`: tasks, events |
+//! | `anywork_retention_deleted_total` | counter | `what`: tasks, events, deliveries |
+//! | `anywork_delivery_attempts_total` | counter: outbox delivery attempts by result | `result`: sent, retry, dead |
 //! | `anywork_worker_starts_total` | counter: a task got its worker | `driver` |
 //! | `anywork_worker_failures_total` | counter: an attempt to get a worker failed | `driver` |
 //! | `anywork_worker_start_seconds` | histogram: time for a task to get its worker, retries included | `driver` |
@@ -56,6 +57,7 @@ pub(crate) struct Metrics {
     store_bytes: Gauge,
     store_reclaimable: Gauge,
     retention: Family<Label, Counter>,
+    deliveries: Family<Label, Counter>,
     worker_starts: Family<DriverLabel, Counter>,
     worker_failures: Family<DriverLabel, Counter>,
     worker_start: Family<DriverLabel, Histogram>,
@@ -77,8 +79,12 @@ impl Default for Metrics {
             let _ = runs.get_or_create(&[("phase", phase)]);
         }
         let retention = Family::<Label, Counter>::default();
-        for what in ["tasks", "events"] {
+        for what in ["tasks", "events", "deliveries"] {
             let _ = retention.get_or_create(&[("what", what)]);
+        }
+        let deliveries = Family::<Label, Counter>::default();
+        for result in ["sent", "retry", "dead"] {
+            let _ = deliveries.get_or_create(&[("result", result)]);
         }
         Self {
             submitted: Counter::default(),
@@ -88,6 +94,7 @@ impl Default for Metrics {
             store_bytes: Gauge::default(),
             store_reclaimable: Gauge::default(),
             retention,
+            deliveries,
             worker_starts: Family::default(),
             worker_failures: Family::default(),
             worker_start: Family::new_with_constructor(|| Histogram::new(WORKER_START_BUCKETS)),
@@ -126,6 +133,18 @@ impl Metrics {
         self.retention
             .get_or_create(&[("what", "events")])
             .inc_by(events);
+    }
+
+    /// Settled outbox deliveries deleted by retention.
+    pub(crate) fn deliveries_deleted(&self, n: u64) {
+        self.retention
+            .get_or_create(&[("what", "deliveries")])
+            .inc_by(n);
+    }
+
+    /// One outbox delivery attempt ended as `result` (`sent`, `retry`, `dead`).
+    pub(crate) fn delivery_attempt(&self, result: &'static str) {
+        self.deliveries.get_or_create(&[("result", result)]).inc();
     }
 
     /// A task got its worker from `driver` after `took` (retries included).
@@ -235,8 +254,13 @@ impl Metrics {
         );
         registry.register(
             "anywork_retention_deleted",
-            "Finished tasks' logs deleted by retention: tasks and events",
+            "Deleted by retention: finished tasks' logs (tasks, events) and settled deliveries",
             self.retention.clone(),
+        );
+        registry.register(
+            "anywork_delivery_attempts",
+            "Outbox delivery attempts (channel answers, push notifications) by result",
+            self.deliveries.clone(),
         );
         registry.register(
             "anywork_worker_starts",

@@ -481,6 +481,25 @@ async fn a_receiver_down_past_the_budget_is_dead_until_retried_through_the_api()
     );
     let (s, _) = server.get(&format!("/api/tasks/{task}")).await;
     assert_eq!(s, 200);
+
+    // The attempts and the deletion are counted.
+    let metrics = server
+        .http
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"anywork_delivery_attempts_total{result="retry"} 2"#,
+        r#"anywork_delivery_attempts_total{result="dead"} 1"#,
+        r#"anywork_delivery_attempts_total{result="sent"} 1"#,
+        r#"anywork_retention_deleted_total{what="deliveries"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -238,6 +238,11 @@ impl Inner {
                 }
             }
         };
+        self.metrics.delivery_attempt(match &attempt {
+            DeliveryAttempt::Sent => "sent",
+            DeliveryAttempt::Dead { .. } => "dead",
+            _ => "retry",
+        });
         if let Err(e) = self
             .store
             .record_delivery_attempt(delivery.id, &self.config.owner, attempt, Timestamp::now())

@@ -97,6 +97,7 @@ impl Dispatcher {
                 }
             }
             if round.deliveries > 0 {
+                inner.metrics.deliveries_deleted(round.deliveries);
                 tracing::info!(
                     deliveries = round.deliveries,
                     "retention deleted settled deliveries"
