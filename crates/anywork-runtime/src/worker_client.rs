@@ -218,15 +218,8 @@ impl WorkerClient {
         file: &str,
         content: &str,
     ) -> Result<Value> {
-        let path = format!("/workspace/{file}");
-        let response = self
-            .request(reqwest::Method::PUT, worker, &path)
-            .timeout(self.control_timeout)
-            .json(&serde_json::json!({ "content": content }))
-            .send()
+        self.put_content(worker, &format!("/workspace/{file}"), content)
             .await
-            .map_err(|e| transport_error(worker, &path, e))?;
-        json_body(worker, &path, check(worker, &path, response).await?).await
     }
 
     /// `GET /workspace/:file?session_id=` — the session's copy.
@@ -247,15 +240,25 @@ impl WorkerClient {
         session: &SessionId,
         content: &str,
     ) -> Result<Value> {
-        let path = session_doc_path(file, session);
+        self.put_content(worker, &session_doc_path(file, session), content)
+            .await
+    }
+
+    /// `PUT path` with `{content}`, answered with JSON.
+    async fn put_content(
+        &self,
+        worker: &WorkerEndpoint,
+        path: &str,
+        content: &str,
+    ) -> Result<Value> {
         let response = self
-            .request(reqwest::Method::PUT, worker, &path)
+            .request(reqwest::Method::PUT, worker, path)
             .timeout(self.control_timeout)
             .json(&serde_json::json!({ "content": content }))
             .send()
             .await
-            .map_err(|e| transport_error(worker, &path, e))?;
-        json_body(worker, &path, check(worker, &path, response).await?).await
+            .map_err(|e| transport_error(worker, path, e))?;
+        json_body(worker, path, check(worker, path, response).await?).await
     }
 
     /// `GET /sessions/:id/files`: the session's `files/` listing.
