@@ -227,6 +227,7 @@ async fn creates_a_locked_down_pod_and_an_owned_service() {
             ("WORKER_HOST".into(), "0.0.0.0".into()),
             ("WORKER_PORT".into(), port.to_string()),
             ("WORKSPACE_DIR".into(), "/workspace".into()),
+            ("WORKER_SESSION_ID".into(), "Owner/Repo#12".into()),
             ("TMPDIR".into(), "/tmp".into()),
             ("HOME".into(), "/tmp".into()),
             ("MODEL".into(), "claude-test".into()),
