@@ -25,6 +25,11 @@ use serde_json::json;
 mod outbox;
 pub use outbox::*;
 
+// The cases of session search and usage totals.
+#[path = "store_conformance_search.rs"]
+mod search;
+pub use search::*;
+
 /// Generates one `#[tokio::test]` per conformance case, plus the model-based property test,
 /// calling `$factory()` for a fresh store each time.
 #[macro_export]
@@ -46,7 +51,8 @@ macro_rules! store_conformance_tests {
             failed_deliveries_retry_die_and_are_retried_by_hand,
             retention_deletes_whole_logs_of_finished_tasks_only,
             settled_deliveries_are_deleted_by_age_open_ones_never,
-            readiness_size_and_compaction, settings_are_kept_by_key);
+            readiness_size_and_compaction, settings_are_kept_by_key,
+            sessions_are_searched_by_title, usage_totals_sum_every_task);
 
         #[test]
         fn matches_the_memory_model_on_random_operations() {

@@ -58,7 +58,7 @@ pub use mcp_catalog::{CatalogServer, McpAccess, McpCatalog, SecretReader, Secret
 pub use outbound::OutboundPolicy;
 pub use outcome::{TaskOutcome, TokenUsage};
 pub use rest::WireTask;
-pub use session::{NewSession, Page, Session, SessionSummary};
+pub use session::{NewSession, Page, Session, SessionSummary, UsageTotals};
 pub use spec::{McpServerConfig, SkillRef, SkillSpec};
 pub use status::TaskStatus;
 pub use store::TaskStore;

@@ -8,7 +8,7 @@ use crate::delivery::{
 use crate::error::{Error, Result};
 use crate::ids::{SessionId, TaskId, Timestamp};
 use crate::log::{NewTaskLog, TaskLog};
-use crate::session::{NewSession, Page, Session, SessionSummary};
+use crate::session::{NewSession, Page, Session, SessionSummary, UsageTotals, title_matches};
 use crate::status::TaskStatus;
 use crate::task::{NewTask, Task, TaskChange};
 
@@ -43,6 +43,87 @@ pub trait TaskStore: Send + Sync + 'static {
 
     /// Sessions with their task counts, most recently active first (ties: newest id first).
     async fn list_sessions(&self, page: Page) -> Result<Vec<SessionSummary>>;
+
+    /// Sessions whose title contains `query` ignoring case, in the order of
+    /// [`list_sessions`](Self::list_sessions) and paged the same way. `query` is literal text
+    /// (`%`, `_` and `\` are no wildcards); case is ignored for ASCII letters on every store,
+    /// and for other letters where the backend folds them (memory and PostgreSQL with a UTF-8
+    /// locale do, SQLite does not). An empty `query` lists every session.
+    ///
+    /// The default pages through `list_sessions` and filters: right, but it reads every
+    /// session; the shipped stores filter in the database.
+    async fn search_sessions(&self, query: &str, page: Page) -> Result<Vec<SessionSummary>> {
+        const CHUNK: u32 = 500;
+        let (skip, want) = (page.offset as usize, page.limit as usize);
+        let mut found = Vec::new();
+        let mut offset = 0u32;
+        loop {
+            let rows = self
+                .list_sessions(Page {
+                    limit: CHUNK,
+                    offset,
+                })
+                .await?;
+            let last = rows.len() < CHUNK as usize;
+            found.extend(
+                rows.into_iter()
+                    .filter(|s| title_matches(&s.session.title, query)),
+            );
+            if last || found.len() >= skip.saturating_add(want) {
+                break;
+            }
+            offset = offset.saturating_add(CHUNK);
+        }
+        Ok(found.into_iter().skip(skip).take(want).collect())
+    }
+
+    /// Cost and tokens summed over every task of every session, with the session and task
+    /// counts: the figures behind a "total" display. Deleting a session takes its tasks out of
+    /// the totals; deleting a task's log (retention) does not.
+    ///
+    /// The default reads every session and task page by page, so it is right but slow on a
+    /// large store; the shipped stores sum in the database.
+    async fn usage_totals(&self) -> Result<UsageTotals> {
+        const CHUNK: u32 = 1000;
+        let mut totals = UsageTotals::default();
+        let mut offset = 0u32;
+        loop {
+            let n = self
+                .list_sessions(Page {
+                    limit: CHUNK,
+                    offset,
+                })
+                .await?
+                .len();
+            totals.sessions += n as u64;
+            if n < CHUNK as usize {
+                break;
+            }
+            offset = offset.saturating_add(CHUNK);
+        }
+        for status in TaskStatus::ALL {
+            let mut offset = 0u32;
+            loop {
+                let tasks = self
+                    .tasks_by_status(
+                        status,
+                        Page {
+                            limit: CHUNK,
+                            offset,
+                        },
+                    )
+                    .await?;
+                for t in &tasks {
+                    totals.add_task(t);
+                }
+                if tasks.len() < CHUNK as usize {
+                    break;
+                }
+                offset = offset.saturating_add(CHUNK);
+            }
+        }
+        Ok(totals)
+    }
 
     /// Renames a session; `NotFound` if unknown.
     async fn set_session_title(&self, id: &SessionId, title: &str) -> Result<()>;

@@ -4,11 +4,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
-use anywork_core::session::validate_title;
+use anywork_core::session::{title_matches, validate_title};
 use anywork_core::{
     DeletedLogs, Delivery, DeliveryAttempt, DeliveryId, DeliveryStatus, Error, Lease, NewDelivery,
     NewSession, NewTask, NewTaskLog, Page, Result, Session, SessionId, SessionSummary, Task,
-    TaskChange, TaskId, TaskLog, TaskStatus, TaskStore, Timestamp,
+    TaskChange, TaskId, TaskLog, TaskStatus, TaskStore, Timestamp, UsageTotals,
 };
 use async_trait::async_trait;
 
@@ -68,6 +68,32 @@ fn window<T>(mut rows: Vec<T>, page: Page) -> Vec<T> {
 }
 
 impl Inner {
+    /// The sessions `keep` accepts with their task counts, in list order, windowed.
+    fn summaries(&self, keep: impl Fn(&Session) -> bool, page: Page) -> Vec<SessionSummary> {
+        let mut rows: Vec<SessionSummary> = self
+            .sessions
+            .values()
+            .filter(|s| keep(s))
+            .map(|s| {
+                let tasks = self.tasks.values().filter(|t| t.session_id == s.id);
+                let (mut total, mut active) = (0, 0);
+                for t in tasks {
+                    total += 1;
+                    active += u64::from(t.status.is_active());
+                }
+                SessionSummary {
+                    session: s.clone(),
+                    task_count: total,
+                    active_task_count: active,
+                }
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            (b.session.last_active, &b.session.id).cmp(&(a.session.last_active, &a.session.id))
+        });
+        window(rows, page)
+    }
+
     fn task(&self, id: TaskId) -> Result<&Task> {
         self.tasks.get(&id).ok_or_else(|| task_not_found(id))
     }
@@ -208,28 +234,25 @@ impl TaskStore for MemoryStore {
     }
 
     async fn list_sessions(&self, page: Page) -> Result<Vec<SessionSummary>> {
+        Ok(self.lock().summaries(|_| true, page))
+    }
+
+    async fn search_sessions(&self, query: &str, page: Page) -> Result<Vec<SessionSummary>> {
+        Ok(self
+            .lock()
+            .summaries(|s| title_matches(&s.title, query), page))
+    }
+
+    async fn usage_totals(&self) -> Result<UsageTotals> {
         let inner = self.lock();
-        let mut rows: Vec<SessionSummary> = inner
-            .sessions
-            .values()
-            .map(|s| {
-                let tasks = inner.tasks.values().filter(|t| t.session_id == s.id);
-                let (mut total, mut active) = (0, 0);
-                for t in tasks {
-                    total += 1;
-                    active += u64::from(t.status.is_active());
-                }
-                SessionSummary {
-                    session: s.clone(),
-                    task_count: total,
-                    active_task_count: active,
-                }
-            })
-            .collect();
-        rows.sort_by(|a, b| {
-            (b.session.last_active, &b.session.id).cmp(&(a.session.last_active, &a.session.id))
-        });
-        Ok(window(rows, page))
+        let mut totals = UsageTotals {
+            sessions: inner.sessions.len() as u64,
+            ..UsageTotals::default()
+        };
+        for t in inner.tasks.values() {
+            totals.add_task(t);
+        }
+        Ok(totals)
     }
 
     async fn set_session_title(&self, id: &SessionId, title: &str) -> Result<()> {

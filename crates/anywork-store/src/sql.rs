@@ -1022,6 +1022,54 @@ macro_rules! impl_sql_store {
                 write_alone(&mut conn, op).await
             }
 
+            /// Sessions with their task counts, most recently active first; only those whose
+            /// title contains `query` (ignoring case, literally) when there is one.
+            async fn session_summaries(
+                &self,
+                query: Option<&str>,
+                page: anywork_core::Page,
+            ) -> anywork_core::Result<Vec<anywork_core::SessionSummary>> {
+                let pattern = query
+                    .filter(|q| !q.is_empty())
+                    .map(anywork_core::session::like_contains_pattern);
+                // LOWER on both sides: the two backends fold the same letters on both.
+                let filter = if pattern.is_some() {
+                    "WHERE LOWER(s.title) LIKE LOWER($3) ESCAPE '\\'"
+                } else {
+                    ""
+                };
+                let sql = format!(
+                    "SELECT s.id, s.channel_type, s.channel_key, s.title, s.created_at, \
+                     s.last_active, \
+                     (SELECT COUNT(*) FROM tasks t WHERE t.session_id = s.id) AS task_count, \
+                     (SELECT COUNT(*) FROM tasks t WHERE t.session_id = s.id \
+                       AND t.status IN {}) AS active_task_count \
+                     FROM sessions s {filter} ORDER BY s.last_active DESC, s.id DESC \
+                     LIMIT $1 OFFSET $2",
+                    $crate::sql::ACTIVE
+                );
+                let mut q = sqlx::query(&sql)
+                    .bind(i64::from(page.limit))
+                    .bind(i64::from(page.offset));
+                if let Some(p) = &pattern {
+                    q = q.bind(p.as_str());
+                }
+                let rows = q
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| $crate::sql::db_err("list sessions", e))?;
+                rows.iter()
+                    .map(|row| {
+                        let count = |c: &str| Cols(row).i64(c).map($crate::sql::to_u64);
+                        Ok(anywork_core::SessionSummary {
+                            session: session_from_row(row)?,
+                            task_count: count("task_count")?,
+                            active_task_count: count("active_task_count")?,
+                        })
+                    })
+                    .collect()
+            }
+
             /// Tasks whose `column` equals `value`, oldest first. `column` is one of ours,
             /// never the caller's.
             async fn tasks_where(
@@ -1120,32 +1168,46 @@ macro_rules! impl_sql_store {
                 &self,
                 page: anywork_core::Page,
             ) -> anywork_core::Result<Vec<anywork_core::SessionSummary>> {
-                let sql = format!(
-                    "SELECT s.id, s.channel_type, s.channel_key, s.title, s.created_at, \
-                     s.last_active, \
-                     (SELECT COUNT(*) FROM tasks t WHERE t.session_id = s.id) AS task_count, \
-                     (SELECT COUNT(*) FROM tasks t WHERE t.session_id = s.id \
-                       AND t.status IN {}) AS active_task_count \
-                     FROM sessions s ORDER BY s.last_active DESC, s.id DESC \
-                     LIMIT $1 OFFSET $2",
-                    $crate::sql::ACTIVE
-                );
-                let rows = sqlx::query(&sql)
-                    .bind(i64::from(page.limit))
-                    .bind(i64::from(page.offset))
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(|e| $crate::sql::db_err("list sessions", e))?;
-                rows.iter()
-                    .map(|row| {
-                        let count = |c: &str| Cols(row).i64(c).map($crate::sql::to_u64);
-                        Ok(anywork_core::SessionSummary {
-                            session: session_from_row(row)?,
-                            task_count: count("task_count")?,
-                            active_task_count: count("active_task_count")?,
-                        })
-                    })
-                    .collect()
+                self.session_summaries(None, page).await
+            }
+
+            async fn search_sessions(
+                &self,
+                query: &str,
+                page: anywork_core::Page,
+            ) -> anywork_core::Result<Vec<anywork_core::SessionSummary>> {
+                self.session_summaries(Some(query), page).await
+            }
+
+            async fn usage_totals(&self) -> anywork_core::Result<anywork_core::UsageTotals> {
+                // SUM of a BIGINT is NUMERIC on PostgreSQL: cast back for one decoder.
+                let row = sqlx::query(
+                    "SELECT (SELECT COUNT(*) FROM sessions) AS sessions, COUNT(*) AS tasks, \
+                     CAST(COALESCE(SUM(cost_usd), 0.0) AS DOUBLE PRECISION) AS cost_usd, \
+                     CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT) AS input_tokens, \
+                     CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) AS output_tokens, \
+                     CAST(COALESCE(SUM(cache_creation_input_tokens), 0) AS BIGINT) \
+                       AS cache_creation_input_tokens, \
+                     CAST(COALESCE(SUM(cache_read_input_tokens), 0) AS BIGINT) \
+                       AS cache_read_input_tokens \
+                     FROM tasks",
+                )
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| $crate::sql::db_err("sum usage", e))?;
+                let n = |c: &str| Cols(&row).i64(c).map($crate::sql::to_u64);
+                let cost: f64 = Cols(&row).get("cost_usd")?;
+                Ok(anywork_core::UsageTotals {
+                    sessions: n("sessions")?,
+                    tasks: n("tasks")?,
+                    cost_usd: cost,
+                    usage: anywork_core::TokenUsage {
+                        input_tokens: n("input_tokens")?,
+                        output_tokens: n("output_tokens")?,
+                        cache_creation_input_tokens: n("cache_creation_input_tokens")?,
+                        cache_read_input_tokens: n("cache_read_input_tokens")?,
+                    },
+                })
             }
 
             async fn set_session_title(
