@@ -628,7 +628,11 @@ impl Inner {
                     TaskEvent::InputRequired(r) => Some(r),
                     _ => None,
                 });
-                outbox::deliveries_for(self, &after, question)
+                let done = events.iter().rev().find_map(|e| match e {
+                    TaskEvent::Done(o) => Some(o),
+                    _ => None,
+                });
+                outbox::deliveries_for(self, &after, question, done)
             }
             // The store refuses the change the same way.
             Err(_) => Vec::new(),
