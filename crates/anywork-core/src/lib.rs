@@ -64,5 +64,5 @@ pub use rest::WireTask;
 pub use session::{NewSession, Page, Session, SessionSummary, UsageTotals};
 pub use spec::{McpServerConfig, SkillRef, SkillSpec};
 pub use status::TaskStatus;
-pub use store::TaskStore;
+pub use store::{ChangeFeed, Claim, FeedItem, LogChange, TaskStore};
 pub use task::{Lease, NewTask, PushNotification, SessionMode, Task, TaskChange, TaskRequest};
