@@ -667,7 +667,7 @@ impl Inner {
         let mut after = task.clone();
         after.status = TaskStatus::Pending;
         let deliveries = match change.apply(&mut after) {
-            Ok(()) => outbox::deliveries_for(self, &after, None),
+            Ok(()) => outbox::deliveries_for(self, &after, None, None),
             Err(_) => Vec::new(),
         };
         let woken = !deliveries.is_empty();
