@@ -850,6 +850,8 @@ impl ServerProcess {
             .env("DB_DIR", db_dir)
             .env("CONTAINER_DRIVER", "static")
             .env("STATIC_WORKER_URL", worker_url)
+            // Every connection of the benchmark comes from 127.0.0.1.
+            .env("WS_MAX_CONNECTIONS_PER_CLIENT", "0")
             // sqlx warns of every slow pool acquire under load; only errors matter here.
             .env("RUST_LOG", "error")
             .stdout(std::process::Stdio::null())

@@ -213,8 +213,8 @@ async fn idle_until(ws: &mut Ws, at: Instant) -> anyhow::Result<()> {
     }
 }
 
-/// When one session chats: its `k`-th chat at `start + phase + k * every`, while before `end`
-/// (or as soon as the previous one is done, if that is later).
+/// When one session chats: its `k`-th chat at `start + phase + k * every` (or as soon as the
+/// previous one is done, if that is later), while before `end`.
 struct Schedule {
     start: Instant,
     phase: Duration,
@@ -229,7 +229,9 @@ async fn session(url: String, i: usize, ws: Ws, plan: Schedule, tally: Arc<Tally
     let mut session_id: Option<String> = None;
     for k in 0u32.. {
         let at = plan.start + plan.phase + plan.every * k;
-        if at >= plan.end {
+        // A session behind its schedule (its chats take longer than `every`) sends no chat
+        // after the end either: the run lasts the duration plus the chats in flight.
+        if at >= plan.end || Instant::now() >= plan.end {
             break;
         }
         if let Some(conn) = ws.as_mut()
