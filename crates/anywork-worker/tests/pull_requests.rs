@@ -598,15 +598,19 @@ async fn the_claude_code_cli_opens_a_pull_request_through_the_workers_mcp_server
         ),
         Reply::text("Opened it."),
     ]);
-    let (events, raw) = w.chat("gh-claude", "change the greeting and open a PR").await;
+    let (events, raw) = w
+        .chat("gh-claude", "change the greeting and open a PR")
+        .await;
     let outcome = done(&events);
     let results = tool_results(&events);
-    assert_eq!(outcome.status.as_str(), "completed", "{outcome:?} {results:#?}");
+    assert_eq!(
+        outcome.status.as_str(),
+        "completed",
+        "{outcome:?} {results:#?}"
+    );
     assert!(
         results.iter().any(|(text, is_error)| !is_error
-            && text.contains(
-                "Opened pull request #100: https://github.com/octo/hello/pull/100"
-            )),
+            && text.contains("Opened pull request #100: https://github.com/octo/hello/pull/100")),
         "{results:#?}"
     );
     assert_eq!(outcome.pull_requests.len(), 1, "{outcome:?}");
@@ -614,7 +618,11 @@ async fn the_claude_code_cli_opens_a_pull_request_through_the_workers_mcp_server
     let pulls = w.gh.pulls();
     assert_eq!(pulls.len(), 1);
     assert_eq!(
-        (pulls[0].head.as_str(), pulls[0].base.as_str(), pulls[0].title.as_str()),
+        (
+            pulls[0].head.as_str(),
+            pulls[0].base.as_str(),
+            pulls[0].title.as_str()
+        ),
         ("claude/greeting", "main", "Claude's greeting")
     );
     assert_eq!(
