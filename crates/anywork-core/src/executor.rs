@@ -176,3 +176,48 @@ pub trait Executor: Send + Sync + 'static {
     /// failures after the start arrive as a `failed` [`TaskEvent::Done`].
     async fn start(&self, request: ExecutionRequest) -> Result<Execution>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn branch_names_are_plain() {
+        for ok in ["fix/readme", "anywork/gh-1-abc", "v1.2_x", "a"] {
+            validate_branch(ok).unwrap();
+        }
+        let long = "a".repeat(101);
+        for bad in [
+            "", "../main", "a..b", "/a", "a/", "a//b", "-x", "a/.b", "a.", "a.lock", "HEAD", "a b",
+            "a:b", "a~1", "a^", "a?", "a*", "a\\b", "a@{1}", "é", &long,
+        ] {
+            let e = validate_branch(bad).unwrap_err();
+            assert!(e.message().contains("is not allowed"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn requests_need_a_one_line_title() {
+        let ok = OpenPullRequest {
+            title: "Fix".into(),
+            ..Default::default()
+        };
+        ok.validate().unwrap();
+        for title in ["", "  ", "a\nb"] {
+            let r = OpenPullRequest {
+                title: title.into(),
+                ..Default::default()
+            };
+            assert!(r.validate().is_err(), "{title:?}");
+        }
+        let bad_branch = OpenPullRequest {
+            branch: Some("..".into()),
+            ..ok.clone()
+        };
+        assert!(bad_branch.validate().is_err());
+        let unknown = serde_json::from_value::<OpenPullRequest>(
+            serde_json::json!({"title": "x", "force": true}),
+        );
+        assert!(unknown.is_err(), "unknown arguments are refused");
+    }
+}

@@ -3,7 +3,7 @@
 //! | method and path | body | answer |
 //! | --- | --- | --- |
 //! | `GET /health` | | `{"status":"ok","version","executor","busy_sessions":[..],"sandbox"}` |
-//! | `POST /prepare` | `{session_id, skills?, mcp_servers?, soul?, repository?: {url, git_ref?, dir, token?}}` (the repository is fetched shallowly into `dir` and checked out, each time) | `{"status":"ready"}` |
+//! | `POST /prepare` | `{session_id, skills?, mcp_servers?, soul?, repository?: {url, git_ref?, dir, token?, pull_requests?: {api_url, repository, base}}}` (the repository is fetched shallowly into `dir` and checked out, each time; with a token and `pull_requests`, the session's tasks get the [pull-request tool](crate::pull_request)) | `{"status":"ready"}` |
 //! | `POST /chat` | `{task_id, session_id, message}` | `text/event-stream` of [`TaskEvent`](anywork_core::TaskEvent)s |
 //! | `GET /chat/attach?task_id=&after_seq=` | | the same stream from the event after seq `after_seq` (SSE `id`s are seqs), for a client that lost it; 404 if the task is unknown |
 //! | `POST /cancel` | `{task_id}` | `{"status": <final status>, "task_id"}`, or 202 `canceling` |
@@ -13,6 +13,7 @@
 //! | `GET /sessions/{id}/files` | | `{"files":[{path,size,modified}]}` |
 //! | `GET /workspace/{soul\|agents}?session_id=` | | `{"file":"SOUL.md","content":..}` |
 //! | `PUT /workspace/{soul\|agents}?session_id=` | `{content}` | `{"file":"SOUL.md","status":"saved"}` |
+//! | `POST /mcp/pull-requests` | MCP JSON-RPC (streamable HTTP) | the pull-request tool for the agent's CLI; takes the session's tool secret as a Bearer token instead of the worker's secret |
 //!
 //! With a [secret](crate::WorkerConfig::secret) every call but `GET /health` must carry it in
 //! the `X-AnyWork-Worker-Secret` header ([`SECRET_HEADER`]), else it is answered 401

@@ -3,7 +3,9 @@
 //! agent always starts from the ref it was asked about. Git runs with an empty environment
 //! (no model keys), no prompts and a timeout; a token goes in an HTTP header through git's
 //! environment-based configuration, never on the command line or into `.git/config`, and is
-//! scrubbed from every error.
+//! scrubbed from every error. What the agent may have written into the checkout's `.git`
+//! does not act when git runs there: the configuration is reset before each fetch, `$HOME`'s
+//! is not read, and hooks and file-system monitors are off.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -28,7 +30,15 @@ pub async fn checkout(workspace: &Path, repo: &RepoCheckout) -> Result<String> {
             repo.dir
         )));
     }
-    if !dir.join(".git").is_dir() {
+    let git_dir = dir.join(".git");
+    match std::fs::symlink_metadata(&git_dir) {
+        Ok(meta) if meta.is_dir() => {}
+        // A link or a `gitdir:` file would send git (and the token) to another repository.
+        Ok(_) => std::fs::remove_file(&git_dir)
+            .map_err(|e| Error::internal(format!("cannot replace {}/.git: {e}", repo.dir)))?,
+        Err(_) => {}
+    }
+    if !git_dir.is_dir() {
         std::fs::create_dir_all(&dir).map_err(|e| {
             Error::internal(format!(
                 "cannot create the repository folder {}: {e}",
@@ -37,6 +47,12 @@ pub async fn checkout(workspace: &Path, repo: &RepoCheckout) -> Result<String> {
         })?;
         git(&dir, &["init", "-q"], None).await?;
     }
+    reset_config(&git_dir).map_err(|e| {
+        Error::internal(format!(
+            "cannot reset the configuration of {}/.git: {e}",
+            repo.dir
+        ))
+    })?;
     let target = repo.git_ref.as_deref().unwrap_or("HEAD");
     git(
         &dir,
@@ -62,6 +78,22 @@ pub async fn checkout(workspace: &Path, repo: &RepoCheckout) -> Result<String> {
     Ok(sha.trim().to_owned())
 }
 
+/// The agent can write anything into the checkout's `.git`: before git runs there with the
+/// token, its configuration is put back to git's defaults (no URL rewrite, proxy, helper or
+/// filter of the agent's), and what would point git elsewhere is removed.
+fn reset_config(git_dir: &Path) -> std::io::Result<()> {
+    for name in ["config", "commondir", "config.worktree"] {
+        let path = git_dir.join(name);
+        if std::fs::symlink_metadata(&path).is_ok() {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    std::fs::write(
+        git_dir.join("config"),
+        "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n",
+    )
+}
+
 async fn git(dir: &Path, args: &[&str], token: Option<&str>) -> Result<()> {
     git_output(dir, args, token, &[]).await.map(|_| ())
 }
@@ -83,6 +115,15 @@ pub(crate) async fn git_output(
         .env("HOME", dir)
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_CONFIG_NOSYSTEM", "1")
+        // Not `$HOME/.gitconfig`: HOME is the checkout, whose files the repository and the
+        // agent choose.
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_COUNT", if token.is_some() { "3" } else { "2" })
+        // No hook or file-system monitor of the agent's runs outside its sandbox.
+        .env("GIT_CONFIG_KEY_0", "core.hooksPath")
+        .env("GIT_CONFIG_VALUE_0", "/dev/null")
+        .env("GIT_CONFIG_KEY_1", "core.fsmonitor")
+        .env("GIT_CONFIG_VALUE_1", "false")
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -90,12 +131,10 @@ pub(crate) async fn git_output(
         .kill_on_drop(true);
     if let Some(token) = token {
         let basic = base64(format!("x-access-token:{token}").as_bytes());
-        cmd.env("GIT_CONFIG_COUNT", "1")
-            .env("GIT_CONFIG_KEY_0", "http.extraHeader")
-            .env(
-                "GIT_CONFIG_VALUE_0",
-                format!("Authorization: Basic {basic}"),
-            );
+        cmd.env("GIT_CONFIG_KEY_2", "http.extraHeader").env(
+            "GIT_CONFIG_VALUE_2",
+            format!("Authorization: Basic {basic}"),
+        );
     }
     let what = args.first().copied().unwrap_or("git");
     let out = match tokio::time::timeout(GIT_TIMEOUT, cmd.output()).await {

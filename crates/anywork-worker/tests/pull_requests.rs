@@ -50,6 +50,24 @@ struct World {
 
 impl World {
     async fn start() -> Self {
+        Self::start_with(|llm| {
+            let mut config = NativeConfig::new(
+                Provider::Anthropic {
+                    api_key: "test-key".into(),
+                    base_url: llm.url(),
+                },
+                "claude-sonnet-4-5",
+            );
+            config.request_timeout = Duration::from_secs(20);
+            std::sync::Arc::new(NativeExecutor::new(config).unwrap())
+        })
+        .await
+    }
+
+    /// A world whose worker runs `executor(&fake model)` and knows its own URL.
+    async fn start_with(
+        executor: impl FnOnce(&FakeLlm) -> std::sync::Arc<dyn anywork_core::Executor>,
+    ) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let src = tmp.path().join("src");
         std::fs::create_dir_all(&src).unwrap();
@@ -75,19 +93,15 @@ impl World {
         let gh = FakeGithub::start().await;
         gh.allow_token(TOKEN);
         let llm = FakeLlm::start().await;
-        let mut config = NativeConfig::new(
-            Provider::Anthropic {
-                api_key: "test-key".into(),
-                base_url: llm.url(),
-            },
-            "claude-sonnet-4-5",
-        );
-        config.request_timeout = Duration::from_secs(20);
-        let exec = std::sync::Arc::new(NativeExecutor::new(config).unwrap());
+        let exec = executor(&llm);
         let ws = tmp.path().join("workspace");
-        let state = WorkerState::new(WorkerConfig::new(&ws), exec).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = WorkerState::new(
+            WorkerConfig::new(&ws).with_self_url(Some(url.clone())),
+            exec,
+        )
+        .unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(anywork_worker::serve(listener, state, async move {
             let _ = stopped.await;
@@ -503,4 +517,138 @@ fn anywork_test_base64(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_agent_writes_into_git_does_not_act_when_the_checkout_is_refreshed() {
+    let w = World::start().await;
+    w.prepare("gh-refresh", w.repository(true, true)).await;
+    let checkout = std::fs::read_dir(w.workspace())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("hello"))
+        .find(|p| p.join("README.md").is_file())
+        .unwrap();
+    // A hook that would run outside the sandbox, and three ways to send the fetch (and its
+    // token) elsewhere: the repository's config, a proxy, and a `.gitconfig` where HOME is.
+    let marker = w.tmp.path().join("hook-ran");
+    let hook = checkout.join(".git/hooks/post-checkout");
+    std::fs::write(&hook, format!("#!/bin/sh\ntouch {}\n", marker.display())).unwrap();
+    std::process::Command::new("chmod")
+        .arg("755")
+        .arg(&hook)
+        .status()
+        .unwrap();
+    let rewrite = format!(
+        "[url \"http://127.0.0.1:9/\"]\n\tinsteadOf = {}\n[http]\n\tproxy = http://127.0.0.1:9\n",
+        w.git.url()
+    );
+    let config = checkout.join(".git/config");
+    let old = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{old}{rewrite}")).unwrap();
+    std::fs::write(checkout.join(".gitconfig"), &rewrite).unwrap();
+    let before = w.git.requests().len();
+
+    w.prepare("gh-refresh", w.repository(true, true)).await;
+    assert!(
+        w.git.requests().len() > before,
+        "the fetch reached the real server"
+    );
+    assert!(!marker.exists(), "the agent's hook did not run");
+    let config = std::fs::read_to_string(checkout.join(".git/config")).unwrap();
+    assert!(
+        !config.contains("insteadOf") && !config.contains(TOKEN),
+        "{config}"
+    );
+}
+
+/// The same tool for the Claude Code CLI: an MCP server on the worker's own API, listed in
+/// the CLI's MCP configuration with the session's tool secret (never the token).
+#[cfg(feature = "claude-code")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claude_code_cli_opens_a_pull_request_through_the_workers_mcp_server() {
+    use anywork_worker::{ClaudeCodeConfig, ClaudeCodeExecutor};
+    let Some(claude) = anywork_test::bins::claude_cli(
+        "the_claude_code_cli_opens_a_pull_request_through_the_workers_mcp_server",
+    ) else {
+        return;
+    };
+    let w = World::start_with(|llm| {
+        std::sync::Arc::new(ClaudeCodeExecutor::new(
+            ClaudeCodeConfig::new(&claude)
+                .with_api_key("test")
+                .with_base_url(llm.url())
+                .with_max_turns(6)
+                .with_timeout(Duration::from_secs(120))
+                .with_env("CLAUDE_CODE_MAX_RETRIES", "0"),
+        ))
+    })
+    .await;
+    w.prepare("gh-claude", w.repository(true, true)).await;
+    w.llm.push_all([
+        Reply::tool_use(
+            "toolu_w1",
+            "Write",
+            json!({"file_path": "{cwd}/hello/README.md", "content": "hello from claude\n"}),
+        ),
+        Reply::tool_use(
+            "toolu_pr1",
+            "mcp__anywork__open_pull_request",
+            json!({"title": "Claude's greeting", "body": "Made by the CLI.", "branch": "claude/greeting"}),
+        ),
+        Reply::text("Opened it."),
+    ]);
+    let (events, raw) = w
+        .chat("gh-claude", "change the greeting and open a PR")
+        .await;
+    let outcome = done(&events);
+    let results = tool_results(&events);
+    assert_eq!(
+        outcome.status.as_str(),
+        "completed",
+        "{outcome:?} {results:#?}"
+    );
+    assert!(
+        results.iter().any(|(text, is_error)| !is_error
+            && text.contains("Opened pull request #100: https://github.com/octo/hello/pull/100")),
+        "{results:#?}"
+    );
+    assert_eq!(outcome.pull_requests.len(), 1, "{outcome:?}");
+    assert_eq!(outcome.pull_requests[0].branch, "claude/greeting");
+    let pulls = w.gh.pulls();
+    assert_eq!(pulls.len(), 1);
+    assert_eq!(
+        (
+            pulls[0].head.as_str(),
+            pulls[0].base.as_str(),
+            pulls[0].title.as_str()
+        ),
+        ("claude/greeting", "main", "Claude's greeting")
+    );
+    assert_eq!(
+        git(&w.bare, &["show", "claude/greeting:README.md"]),
+        "hello from claude"
+    );
+    // The CLI saw the tool secret, not the token.
+    assert!(!raw.contains(TOKEN));
+    assert_eq!(files_holding(&w.workspace(), TOKEN), Vec::<PathBuf>::new());
+    for request in w.llm.requests() {
+        assert!(!request.contains_text(TOKEN));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mcp_endpoint_wants_the_sessions_secret() {
+    let w = World::start().await;
+    let client = &w.http;
+    let url = format!("{}/mcp/pull-requests", w.url);
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-03-26", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    for auth in [None, Some("Bearer nope"), Some(&*format!("Bearer {TOKEN}"))] {
+        let mut r = client.post(&url).json(&init);
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        assert_eq!(r.send().await.unwrap().status(), 401, "{auth:?}");
+    }
 }

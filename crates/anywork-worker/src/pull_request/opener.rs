@@ -317,7 +317,6 @@ impl PrivateRepo {
     fn env(&self) -> Vec<(&'static str, &OsStr)> {
         vec![
             ("GIT_DIR", self.dir.as_os_str()),
-            ("GIT_CONFIG_GLOBAL", OsStr::new("/dev/null")),
             ("GIT_AUTHOR_NAME", OsStr::new(COMMITTER_NAME)),
             ("GIT_AUTHOR_EMAIL", OsStr::new(COMMITTER_EMAIL)),
             ("GIT_COMMITTER_NAME", OsStr::new(COMMITTER_NAME)),
