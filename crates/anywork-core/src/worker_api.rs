@@ -46,6 +46,11 @@ pub const SESSIONS_PATH: &str = "/sessions";
 /// The header that carries the worker's secret on every call from the server.
 pub const SECRET_HEADER: &str = "x-anywork-worker-secret";
 
+/// Environment variable a driver that starts one worker per session (Docker, Kubernetes) sets
+/// to that session's id, so that the worker can get ready for its first task before it comes
+/// (a spare Claude Code CLI). A worker that serves many sessions has none.
+pub const SESSION_ENV: &str = "WORKER_SESSION_ID";
+
 /// The shared secret between the server and one worker. Its `Debug` never shows the value;
 /// [`matches`](Self::matches) compares in constant time.
 #[derive(Clone, PartialEq, Eq, Hash)]

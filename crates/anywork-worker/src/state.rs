@@ -226,6 +226,24 @@ impl WorkerState {
         })
     }
 
+    /// Gets ready for the first task of `session`, the one session this worker serves (a
+    /// container per session, `WORKER_SESSION_ID`): creates its workspace folders (not its
+    /// `SOUL.md` / `AGENTS.md`, which `/prepare` may bring from the server) and lets the
+    /// executor start ahead what that task needs ([`Executor::prestart`]; Claude Code: a spare
+    /// CLI). Call it before serving, so that no task of the session runs meanwhile. Returns
+    /// whether the executor started something.
+    pub async fn prestart(&self, session: &SessionId) -> Result<bool> {
+        let workspace = self.inner.workspace.clone();
+        let id = session.clone();
+        let dir = tokio::task::spawn_blocking(move || workspace.ensure_session_dirs(&id))
+            .await
+            .map_err(|e| Error::internal(format!("preparing the workspace panicked: {e}")))??;
+        self.inner
+            .executor
+            .prestart(&dir, self.inner.workspace.root())
+            .await
+    }
+
     /// The configuration.
     pub fn config(&self) -> &WorkerConfig {
         &self.inner.config

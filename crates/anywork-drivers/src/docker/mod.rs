@@ -397,6 +397,10 @@ impl DockerDriver {
         env.push(format!("WORKER_PORT={}", c.worker_port));
         env.push(format!("WORKSPACE_DIR={WORKSPACE_MOUNT}"));
         env.push(format!(
+            "{}={session_id}",
+            anywork_core::worker_api::SESSION_ENV
+        ));
+        env.push(format!(
             "WORKER_SECRET_FILE={WORKSPACE_MOUNT}/{}",
             secret::SECRET_FILE
         ));
@@ -453,6 +457,7 @@ impl DockerDriver {
         "WORKER_SECRET",
         "WORKER_SECRET_FILE",
         "WORKER_ENV_FILE",
+        anywork_core::worker_api::SESSION_ENV,
     ];
 
     /// The worker variables that hold secrets: they go to a file, not the environment.
