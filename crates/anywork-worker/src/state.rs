@@ -185,6 +185,8 @@ struct Runs {
     sessions: HashMap<SessionId, TaskId>,
     /// Journals of runs that ended, newest last, for a client re-attaching late.
     ended: std::collections::VecDeque<(TaskId, Arc<Journal>, std::time::Instant)>,
+    /// The prepare key (`x-anywork-prepare-key`) of each session's last `/prepare`, applied.
+    prepared: HashMap<SessionId, String>,
 }
 
 /// Ended runs' journals kept at most, and for how long.
@@ -386,6 +388,28 @@ impl WorkerState {
             opened: Arc::default(),
             serves_tool: false,
         })
+    }
+
+    /// Records that `session`'s workspace is as the `/prepare` with `key` left it (`None`: a
+    /// `/prepare` without a key, or one under way or failed, whose state has no name).
+    pub(crate) fn set_prepared(&self, session: &SessionId, key: Option<String>) {
+        let mut runs = self.runs();
+        match key {
+            Some(key) => {
+                runs.prepared.insert(session.clone(), key);
+            }
+            None => {
+                runs.prepared.remove(session);
+            }
+        }
+    }
+
+    /// Whether `session`'s last `/prepare` carried `key` and nothing undid it since.
+    pub(crate) fn is_prepared(&self, session: &SessionId, key: &str) -> bool {
+        self.runs()
+            .prepared
+            .get(session)
+            .is_some_and(|k| k.as_str() == key)
     }
 
     /// Records the control handle of a started run.

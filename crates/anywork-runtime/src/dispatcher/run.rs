@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::retry::{retry, retry_if};
 use super::{Control, Inner, lock};
-use crate::worker_client::ChatStream;
+use crate::worker_client::{ChatStart, ChatStream, PreparedBody};
 
 /// Runs the queued tasks of `session`, one after the other, each once it has a permit. The
 /// queue is a hint: a task starts only through the store's claim ([`TaskStore::claim_task`]),
@@ -1059,14 +1059,47 @@ async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Resu
         default_soul,
         default_agents,
     };
-    retry(&inner.config.retry, || {
-        inner.client.prepare(worker, &prepare)
-    })
-    .await?;
+    let prepare = PreparedBody::new(&prepare)?;
     let chat = ChatRequest {
         task_id: task.id,
         session_id: task.session_id.clone(),
         message,
     };
-    retry(&inner.config.retry, || inner.client.chat(worker, &chat)).await
+    let client = &inner.client;
+    // `/prepare` only when what it carries changed since this worker acknowledged it; the
+    // worker refuses the chat if its state is not that one (restarted, replaced), and then
+    // gets `/prepare` and the chat once more.
+    let mut skipped = client.is_prepared(worker, &prepare);
+    loop {
+        if !skipped {
+            retry(&inner.config.retry, || {
+                client.prepare_body(worker, &prepare)
+            })
+            .await?;
+            inner.metrics.prepare("sent");
+        }
+        let key = client
+            .is_prepared(worker, &prepare)
+            .then(|| prepare.key())
+            .flatten();
+        let started = retry(&inner.config.retry, || {
+            client.chat_prepared(worker, &chat, key)
+        })
+        .await?;
+        match started {
+            ChatStart::Started(stream) => {
+                if skipped {
+                    inner.metrics.prepare("skipped");
+                }
+                return Ok(stream);
+            }
+            ChatStart::NotPrepared if skipped => skipped = false,
+            ChatStart::NotPrepared => {
+                return Err(Error::new(
+                    ErrorKind::Protocol,
+                    "the worker refused the chat as unprepared right after its /prepare",
+                ));
+            }
+        }
+    }
 }
