@@ -12,6 +12,7 @@
 mod channels;
 mod claude;
 mod docker;
+mod replicas;
 mod server;
 mod stats;
 mod worker;
@@ -40,6 +41,9 @@ enum Command {
     Channels(channels::Options),
     /// Docker driver: cold `get_worker` (create + start + ready) and warm reuse, p50/p99.
     Docker(docker::Options),
+    /// Replicas: N servers on one PostgreSQL — tasks/s, dispatch latency, and the latency of
+    /// events followed on another replica than the one running the task.
+    Replicas(replicas::Options),
 }
 
 #[tokio::main]
@@ -50,5 +54,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Docker(options) => docker::run(options).await,
         Command::Claude(options) => claude::run(options).await,
         Command::Channels(options) => channels::run(options).await,
+        Command::Replicas(options) => replicas::run(options).await,
     }
 }

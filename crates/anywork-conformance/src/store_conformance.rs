@@ -53,6 +53,7 @@ macro_rules! store_conformance_tests {
             settled_deliveries_are_deleted_by_age_open_ones_never,
             readiness_size_and_compaction, settings_are_kept_by_key,
             claims_start_the_oldest_task_of_a_free_session,
+            taking_over_an_expired_lease_loses_to_a_renewal,
             concurrent_claimers_start_one_task_per_session);
 
         #[test]
