@@ -58,6 +58,7 @@ macro_rules! store_conformance_tests {
             readiness_size_and_compaction, settings_are_kept_by_key,
             sessions_are_searched_by_title, usage_totals_sum_every_task,
             claims_start_the_oldest_task_of_a_free_session,
+            taking_over_an_expired_lease_loses_to_a_renewal,
             concurrent_claimers_start_one_task_per_session);
 
         #[test]

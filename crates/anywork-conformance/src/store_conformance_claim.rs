@@ -220,3 +220,69 @@ pub async fn concurrent_claimers_start_one_task_per_session(store: Store) {
         assert_eq!(ids, sorted, "session {s} ran in order");
     }
 }
+
+/// Taking over an expired lease is a compare-and-set on the lease too: it loses to the
+/// owner's renewal that came first, and of two servers taking it over, one wins.
+pub async fn taking_over_an_expired_lease_loses_to_a_renewal(store: Store) {
+    store.create_session(new_session("s1", 1)).await.unwrap();
+    let a = store.create_task(new_task("s1", 1, 1)).await.unwrap();
+    let Claim::Claimed(a, _) = store
+        .claim_task(
+            a.id,
+            TaskChange::to(TaskStatus::Running).lease("srv-1", Timestamp(100)),
+            Vec::new(),
+            Vec::new(),
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("claimed");
+    };
+    let expired = a.lease.clone();
+    // The owner renews before the recovery's write lands: the recovery loses.
+    store
+        .renew_lease(a.id, "srv-1", Timestamp(300))
+        .await
+        .unwrap();
+    let take_over =
+        || TaskChange::finish(TaskOutcome::failed("its server stopped")).if_lease(expired.clone());
+    let lost = store
+        .update_task(a.id, TaskStatus::Running, take_over())
+        .await
+        .unwrap_err();
+    assert_eq!(lost.kind(), ErrorKind::Conflict, "{lost}");
+    assert_eq!(
+        store.get_task(a.id).await.unwrap().status,
+        TaskStatus::Running
+    );
+    // With the lease as read, two servers race: one wins.
+    let current = store.get_task(a.id).await.unwrap().lease;
+    let attempts: Vec<_> = (0..2)
+        .map(|_| {
+            let (store, lease) = (store.clone(), current.clone());
+            tokio::spawn(async move {
+                store
+                    .update_task_and_append(
+                        a.id,
+                        TaskStatus::Running,
+                        TaskChange::finish(TaskOutcome::failed("its server stopped"))
+                            .if_lease(lease),
+                        vec![NewTaskLog::now(TaskEvent::Done(TaskOutcome::failed(
+                            "its server stopped",
+                        )))],
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let mut wins = 0;
+    for a in attempts {
+        match a.await.unwrap() {
+            Ok(_) => wins += 1,
+            Err(e) => assert_eq!(e.kind(), ErrorKind::Conflict, "{e}"),
+        }
+    }
+    assert_eq!(wins, 1);
+    let logs = store.read_logs(a.id, 0, 10).await.unwrap();
+    assert_eq!(logs.len(), 1, "one done: {logs:?}");
+}

@@ -100,6 +100,9 @@ async fn start_replica(db: &Database, worker_url: &str) -> Replica {
         .env("CONTAINER_DRIVER", "static")
         .env("STATIC_WORKER_URL", worker_url)
         .env("LEASE_TTL_SECONDS", "2")
+        // The push receiver is on loopback over http.
+        .env("ALLOW_HTTP_CALLBACKS", "true")
+        .env("OUTBOUND_ALLOW", "127.0.0.1")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true)
@@ -118,12 +121,15 @@ async fn start_replica(db: &Database, worker_url: &str) -> Replica {
 #[derive(Clone)]
 struct Pool {
     urls: Arc<Mutex<Vec<String>>>,
+    /// Where the tasks sent over REST ask for their push notification.
+    hook: String,
 }
 
 impl Pool {
-    fn new(replicas: &[Replica]) -> Pool {
+    fn new(replicas: &[Replica], hook: &str) -> Pool {
         Pool {
             urls: Arc::new(Mutex::new(replicas.iter().map(|r| r.url.clone()).collect())),
+            hook: hook.to_owned(),
         }
     }
 
@@ -242,7 +248,7 @@ async fn send_and_follow(
     for attempt in 0..20 {
         let (url, other) = pool.pick(i + attempt);
         if k.is_multiple_of(2) {
-            let mut body = json!({ "message": message });
+            let mut body = json!({ "message": message, "push_notification": {"url": pool.hook} });
             if let Some(s) = session {
                 body["session_id"] = json!(s);
             }
@@ -460,6 +466,55 @@ async fn check(
     statuses
 }
 
+/// A push receiver on loopback: the task ids it was sent, each time it was sent one.
+async fn push_receiver() -> (String, Arc<Mutex<Vec<String>>>) {
+    let got: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+            let seen = seen.clone();
+            async move {
+                let id = body["id"].as_str().unwrap_or_default().to_owned();
+                seen.lock().unwrap().push(id);
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (hook, got)
+}
+
+/// Every settled task sent over REST had its push delivered once, by one of the replicas.
+async fn pushed_once(pushes: &Mutex<Vec<String>>, sessions: &[Vec<Sent>]) {
+    let want: HashSet<String> = sessions
+        .iter()
+        .flat_map(|s| s.iter().step_by(2).map(|t| t.task.clone()))
+        .collect();
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let got: HashSet<String> = pushes.lock().unwrap().iter().cloned().collect();
+        if want.is_subset(&got) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pushes missing: {:?}",
+            want.difference(&got).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Past the senders' next poll, where a second sender would have sent a copy.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pushes = pushes.lock().unwrap().clone();
+    for task in &want {
+        let n = pushes.iter().filter(|p| *p == task).count();
+        assert_eq!(n, 1, "task {task} was pushed {n} times");
+    }
+}
+
 fn slow_script(delay_ms: u64) -> Script {
     Script {
         events: vec![
@@ -482,11 +537,13 @@ async fn three_replicas_run_each_task_once_in_session_order_and_survive_a_kill_9
     for _ in 0..3 {
         replicas.push(start_replica(&db, &worker.url()).await);
     }
-    let pool = Pool::new(&replicas);
+    let (hook, pushes) = push_receiver().await;
+    let pool = Pool::new(&replicas, &hook);
 
-    // Three healthy replicas: everything completes.
+    // Three healthy replicas: everything completes, and each push goes out once.
     let sent = load(&pool, "calm", 6, 4).await;
     let statuses = check(&pool, &worker, &sent).await;
+    pushed_once(&pushes, &sent).await;
     assert_eq!(statuses.len(), 24);
     assert!(statuses.values().all(|s| s == "completed"), "{statuses:?}");
 

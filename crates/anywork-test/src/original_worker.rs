@@ -135,6 +135,8 @@ pub struct Received {
     pub body: Value,
     /// The status it answered.
     pub status: u16,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -261,6 +263,7 @@ fn record(state: &Shared, route: &str, body: Value, status: u16) {
         route: route.into(),
         body,
         status,
+        at: std::time::Instant::now(),
     });
 }
 
@@ -332,6 +335,7 @@ async fn chat(State(state): State<Shared>, bytes: Bytes) -> Response {
             route: ROUTE.into(),
             body,
             status: 200,
+            at: std::time::Instant::now(),
         });
         if !inner.sessions.contains(&session) {
             inner.sessions.push(session.clone());
@@ -428,6 +432,7 @@ async fn health(State(state): State<Shared>) -> Response {
             route: "GET /health".into(),
             body: Value::Null,
             status: 200,
+            at: std::time::Instant::now(),
         });
         inner.sessions.len()
     };

@@ -708,16 +708,33 @@ impl Inner {
         &self,
         task: &Task,
         outcome: TaskOutcome,
+        before: Vec<TaskEvent>,
+    ) -> Result<Task> {
+        self.finish_unrun_change(task, TaskChange::finish(outcome), before)
+            .await
+    }
+
+    /// Ends a task whose lease expired, as [`finish_unrun`](Self::finish_unrun) does, if
+    /// its lease is still the expired one: an owner that renewed it meanwhile keeps it
+    /// (`Conflict`), and of several servers recovering it at once one wins.
+    async fn finish_expired(&self, task: &Task, outcome: TaskOutcome) -> Result<Task> {
+        let change = TaskChange::finish(outcome).if_lease(task.lease.clone());
+        self.finish_unrun_change(task, change, Vec::new()).await
+    }
+
+    async fn finish_unrun_change(
+        &self,
+        task: &Task,
+        change: TaskChange,
         mut before: Vec<TaskEvent>,
     ) -> Result<Task> {
+        let outcome = change
+            .outcome
+            .clone()
+            .ok_or_else(|| Error::internal("finishing a task without its outcome"))?;
         before.push(TaskEvent::Done(outcome.clone()));
         let stored = self
-            .transition_and_enqueue(
-                task,
-                task.status,
-                TaskChange::finish(outcome.clone()),
-                before,
-            )
+            .transition_and_enqueue(task, task.status, change, before)
             .await?;
         tracing::info!(
             task = %task.id,

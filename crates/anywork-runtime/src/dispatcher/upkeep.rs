@@ -63,16 +63,22 @@ impl Dispatcher {
                         task.status, task.id
                     )
                 });
-            tracing::warn!(task = %task.id, worker = task.worker_id.as_deref().unwrap_or("(none)"), %reason, "recovering an orphaned task");
-            // The worker may still be running it: ask it to stop, best effort.
-            self.cancel_on_worker(&task);
-            if inner
-                .finish_unrun(&task, TaskOutcome::failed(reason))
+            // Only if the lease is still the expired one: of several servers recovering it,
+            // one wins, and an owner that renewed meanwhile keeps its task.
+            match inner
+                .finish_expired(&task, TaskOutcome::failed(reason.clone()))
                 .await
-                .is_ok()
             {
-                lock(&inner.last_words).remove(&task.id);
-                n += 1;
+                Ok(_) => {
+                    tracing::warn!(task = %task.id, worker = task.worker_id.as_deref().unwrap_or("(none)"), %reason, "recovered an orphaned task");
+                    // The worker may still be running it: ask it to stop, best effort.
+                    self.cancel_on_worker(&task);
+                    lock(&inner.last_words).remove(&task.id);
+                    n += 1;
+                }
+                Err(e) => {
+                    tracing::debug!(task = %task.id, error = %e, "an expired lease was renewed or recovered elsewhere");
+                }
             }
         }
         n
