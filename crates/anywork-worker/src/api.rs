@@ -2,7 +2,7 @@
 //!
 //! | method and path | body | answer |
 //! | --- | --- | --- |
-//! | `GET /health` | | `{"status":"ok","version","executor","busy_sessions":[..],"sandbox"}` |
+//! | `GET /health` | | `{"status":"ok","version","executor","busy_sessions":[..],"idle_ms","sandbox"}` |
 //! | `POST /prepare` | `{session_id, skills?, mcp_servers?, soul?, repository?: {url, git_ref?, dir, token?}}` (the repository is fetched shallowly into `dir` and checked out, each time) | `{"status":"ready"}` |
 //! | `POST /chat` | `{task_id, session_id, message}` | `text/event-stream` of [`TaskEvent`](anywork_core::TaskEvent)s |
 //! | `GET /chat/attach?task_id=&after_seq=` | | the same stream from the event after seq `after_seq` (SSE `id`s are seqs), for a client that lost it; 404 if the task is unknown |
@@ -104,7 +104,12 @@ async fn require_secret(
     request: Request,
     next: Next,
 ) -> Response {
-    if request.uri().path() == HEALTH_PATH || authorized(&state, request.headers()) {
+    if request.uri().path() == HEALTH_PATH {
+        return next.run(request).await;
+    }
+    if authorized(&state, request.headers()) {
+        // Any server's call is a use: the idle time /health reports counts from it.
+        state.touch();
         return next.run(request).await;
     }
     ApiError::from(Error::unauthorized(
@@ -157,6 +162,7 @@ async fn health(State(state): State<WorkerState>, headers: HeaderMap) -> Json<Va
         "version": env!("CARGO_PKG_VERSION"),
         "executor": state.executor().name(),
         "busy_sessions": busy,
+        "idle_ms": u64::try_from(state.idle_for().as_millis()).unwrap_or(u64::MAX),
         "sandbox": state.config().sandbox.status(),
     }))
 }

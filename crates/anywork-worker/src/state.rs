@@ -148,6 +148,8 @@ struct Inner {
     workspace: Workspace,
     executor: Arc<dyn Executor>,
     runs: Mutex<Runs>,
+    /// When the worker last served a call (other than `GET /health`) or ended a task.
+    last_used: Mutex<std::time::Instant>,
 }
 
 #[derive(Default)]
@@ -191,6 +193,7 @@ impl WorkerState {
                 workspace,
                 executor,
                 runs: Mutex::new(Runs::default()),
+                last_used: Mutex::new(std::time::Instant::now()),
             }),
         })
     }
@@ -215,6 +218,28 @@ impl WorkerState {
         let mut sessions: Vec<SessionId> = self.runs().sessions.keys().cloned().collect();
         sessions.sort();
         sessions
+    }
+
+    /// The worker is used now (a call other than `GET /health`, or a task ending).
+    pub fn touch(&self) {
+        *self
+            .inner
+            .last_used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+    }
+
+    /// How long the worker has been idle: zero while a task runs, else the time since it was
+    /// last [touched](Self::touch) (or started).
+    pub fn idle_for(&self) -> Duration {
+        if !self.runs().sessions.is_empty() {
+            return Duration::ZERO;
+        }
+        self.inner
+            .last_used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
     }
 
     /// Whether `session` has a running task.
@@ -368,6 +393,7 @@ impl RunGuard {
 
 impl Drop for RunGuard {
     fn drop(&mut self) {
+        self.state.touch();
         let keep = !self.state.config().detach_grace.is_zero();
         let mut runs = self.state.runs();
         runs.tasks.remove(&self.task_id);
