@@ -371,4 +371,10 @@ pub struct WorkerHealth {
     /// Sessions with a running task.
     #[serde(default)]
     pub busy_sessions: Vec<SessionId>,
+    /// Milliseconds since the worker last served a call other than `GET /health` or ended a
+    /// task (0 while one runs): how long it has been idle whichever server used it, which a
+    /// driver's idle reaper on another server cannot know by itself. `None` from a worker
+    /// that does not say (older ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_ms: Option<u64>,
 }

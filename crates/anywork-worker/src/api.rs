@@ -2,7 +2,7 @@
 //!
 //! | method and path | body | answer |
 //! | --- | --- | --- |
-//! | `GET /health` | | `{"status":"ok","version","executor","busy_sessions":[..],"sandbox"}` |
+//! | `GET /health` | | `{"status":"ok","version","executor","busy_sessions":[..],"idle_ms","sandbox"}` |
 //! | `POST /prepare` | `{session_id, skills?, mcp_servers?, soul?, repository?: {url, git_ref?, dir, token?, pull_requests?: {api_url, repository, base}}}` (the repository is fetched shallowly into `dir` and checked out, each time; with a token and `pull_requests`, the session's tasks get the [pull-request tool](crate::pull_request)) | `{"status":"ready","prepared"?}` (`prepared`: the request's `X-AnyWork-Prepare-Key`, remembered) |
 //! | `POST /chat` | `{task_id, session_id, message}` | `text/event-stream` of [`TaskEvent`](anywork_core::TaskEvent)s; 412 when its `X-AnyWork-Prepare-Key` is not the session's last prepare's |
 //! | `GET /chat/attach?task_id=&after_seq=` | | the same stream from the event after seq `after_seq` (SSE `id`s are seqs), for a client that lost it; 404 if the task is unknown |
@@ -113,10 +113,12 @@ async fn require_secret(
 ) -> Response {
     // The tool endpoint checks its own per-session secret: the agent's CLI calls it.
     let path = request.uri().path();
-    if path == HEALTH_PATH
-        || path == crate::pull_request::MCP_PATH
-        || authorized(&state, request.headers())
-    {
+    if path == HEALTH_PATH || path == crate::pull_request::MCP_PATH {
+        return next.run(request).await;
+    }
+    if authorized(&state, request.headers()) {
+        // Any server's call is a use: the idle time /health reports counts from it.
+        state.touch();
         return next.run(request).await;
     }
     ApiError::from(Error::unauthorized(
@@ -169,6 +171,7 @@ async fn health(State(state): State<WorkerState>, headers: HeaderMap) -> Json<Va
         "version": env!("CARGO_PKG_VERSION"),
         "executor": state.executor().name(),
         "busy_sessions": busy,
+        "idle_ms": u64::try_from(state.idle_for().as_millis()).unwrap_or(u64::MAX),
         "sandbox": state.config().sandbox.status(),
     }))
 }

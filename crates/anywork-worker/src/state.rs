@@ -165,6 +165,8 @@ struct Inner {
     /// Per session: the secret of its tool endpoint, and the running task's pull-request tool.
     #[allow(clippy::type_complexity)]
     tools: Mutex<HashMap<SessionId, (String, Option<Arc<dyn anywork_core::PullRequestOpener>>)>>,
+    /// When the worker last served a call (other than `GET /health`) or ended a task.
+    last_used: Mutex<std::time::Instant>,
 }
 
 /// A session's repository, as the last `/prepare` checked it out.
@@ -224,6 +226,7 @@ impl WorkerState {
                 runs: Mutex::new(Runs::default()),
                 repos: Mutex::new(HashMap::new()),
                 tools: Mutex::new(HashMap::new()),
+                last_used: Mutex::new(std::time::Instant::now()),
             }),
         })
     }
@@ -266,6 +269,28 @@ impl WorkerState {
         let mut sessions: Vec<SessionId> = self.runs().sessions.keys().cloned().collect();
         sessions.sort();
         sessions
+    }
+
+    /// The worker is used now (a call other than `GET /health`, or a task ending).
+    pub fn touch(&self) {
+        *self
+            .inner
+            .last_used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+    }
+
+    /// How long the worker has been idle: zero while a task runs, else the time since it was
+    /// last [touched](Self::touch) (or started).
+    pub fn idle_for(&self) -> Duration {
+        if !self.runs().sessions.is_empty() {
+            return Duration::ZERO;
+        }
+        self.inner
+            .last_used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
     }
 
     /// Whether `session` has a running task.
@@ -546,6 +571,7 @@ impl Drop for RunGuard {
         if self.serves_tool {
             self.state.set_session_tool(&self.session_id, None);
         }
+        self.state.touch();
         let keep = !self.state.config().detach_grace.is_zero();
         let mut runs = self.state.runs();
         runs.tasks.remove(&self.task_id);

@@ -1181,18 +1181,25 @@ async fn bad_bodies_are_4xx_json_that_says_what_is_wrong() {
 #[tokio::test]
 async fn health_names_the_executor_and_busy_sessions() {
     let h = harness();
-    let (status, body) = h.call("GET", "/health", None).await;
+    let (status, mut body) = h.call("GET", "/health", None).await;
     assert_eq!(status, StatusCode::OK);
+    let idle = body.as_object_mut().unwrap().remove("idle_ms");
+    let idle = idle.and_then(|v| v.as_u64()).expect("idle_ms, a number");
     assert_eq!(
         body,
         json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"),
                "executor": "scripted", "busy_sessions": [],
                "sandbox": format!("none: {}", anywork_worker::sandbox::NOT_CONFIGURED)})
     );
+    // Asking for /health is not a use: the idle time goes on.
+    let (_, again) = h.call("GET", "/health", None).await;
+    assert!(again["idle_ms"].as_u64().unwrap() >= idle, "{again}");
     h.exec.script("hang", Script::new(vec![Step::Hang]));
     let task = TaskId::generate();
     let sse = h.chat_ok(task, "x/y", "hang").await;
     assert_eq!(h.busy().await, vec![json!("x/y")]);
+    let (_, running) = h.call("GET", "/health", None).await;
+    assert_eq!(running["idle_ms"], 0, "not idle while a task runs");
     let (status, _) = h
         .call("POST", "/cancel", Some(json!({"task_id": task})))
         .await;
