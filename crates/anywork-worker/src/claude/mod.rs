@@ -371,7 +371,15 @@ impl Executor for ClaudeCodeExecutor {
         let session_id = read_session_id(&workspace);
         let prompt = spare_system_prompt(&workspace, defaults);
         let fingerprint = warm::fingerprint(&workspace, prompt.as_deref());
-        let mut proc = Proc::spawn(config, &workspace, prompt.as_deref(), session_id.as_deref())?;
+        // No pull-request tool: it belongs to a task; a task that has one does not match the
+        // spare's fingerprint and gets a process of its own.
+        let mut proc = Proc::spawn(
+            config,
+            &workspace,
+            prompt.as_deref(),
+            session_id.as_deref(),
+            None,
+        )?;
         proc.spare = true;
         self.pool.started();
         tracing::info!(
