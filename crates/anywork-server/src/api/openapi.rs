@@ -451,7 +451,7 @@ pub fn openapi_document() -> Value {
                 "bearer": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "ANYWORK_API_TOKEN, when the server has one (401 without it). /api/health, /metrics (unless ANYWORK_PROTECT_HEALTH) and the channel webhooks are open."
+                    "description": "ANYWORK_API_TOKEN, when the server has one (401 without it). /api/health/live (always), /api/health, /metrics (unless ANYWORK_PROTECT_HEALTH) and the channel webhooks are open."
                 }
             }
         },

@@ -223,6 +223,13 @@ impl ClaudeCodeExecutor {
     }
 }
 
+/// The worker's MCP server of the pull-request tool for this run, as `.mcp.json` has it.
+pub(super) fn tool_mcp(request: &ExecutionRequest) -> Option<(String, serde_json::Value)> {
+    let server = request.pull_requests.as_ref()?.mcp_server()?;
+    let value = serde_json::to_value(server).ok()?;
+    Some((crate::pull_request::MCP_SERVER_NAME.to_owned(), value))
+}
+
 #[async_trait]
 impl Executor for ClaudeCodeExecutor {
     fn name(&self) -> &str {
@@ -257,7 +264,16 @@ impl Executor for ClaudeCodeExecutor {
         }
         let session_id = read_session_id(&workspace);
         let system_prompt = system_prompt(&workspace);
-        let fingerprint = warm::fingerprint(&workspace, system_prompt.as_deref());
+        let tool_mcp = tool_mcp(&request);
+        // A warm process serves the next task only with the same tool server.
+        let keyed = match &tool_mcp {
+            Some((name, server)) => Some(format!(
+                "{}\0{name}\0{server}",
+                system_prompt.as_deref().unwrap_or("")
+            )),
+            None => system_prompt.clone(),
+        };
+        let fingerprint = warm::fingerprint(&workspace, keyed.as_deref());
 
         let group = Arc::new(Group::default());
         let (warm, running) = self
@@ -279,6 +295,7 @@ impl Executor for ClaudeCodeExecutor {
                     &workspace,
                     system_prompt.as_deref(),
                     session_id.as_deref(),
+                    tool_mcp.as_ref(),
                 )?;
                 self.pool.started();
                 tracing::info!(
@@ -354,7 +371,15 @@ impl Executor for ClaudeCodeExecutor {
         let session_id = read_session_id(&workspace);
         let prompt = spare_system_prompt(&workspace, defaults);
         let fingerprint = warm::fingerprint(&workspace, prompt.as_deref());
-        let mut proc = Proc::spawn(config, &workspace, prompt.as_deref(), session_id.as_deref())?;
+        // No pull-request tool: it belongs to a task; a task that has one does not match the
+        // spare's fingerprint and gets a process of its own.
+        let mut proc = Proc::spawn(
+            config,
+            &workspace,
+            prompt.as_deref(),
+            session_id.as_deref(),
+            None,
+        )?;
         proc.spare = true;
         self.pool.started();
         tracing::info!(
