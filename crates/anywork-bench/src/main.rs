@@ -13,6 +13,7 @@
 mod channels;
 mod claude;
 mod docker;
+mod replicas;
 mod server;
 mod soak;
 mod stats;
@@ -46,6 +47,9 @@ enum Command {
     /// 10 minutes; its RSS, fds and store size over time go to a CSV and a PNG plot. Fails on
     /// any error or lost task.
     Soak(soak::Options),
+    /// Replicas: N servers on one PostgreSQL — tasks/s, dispatch latency, and the latency of
+    /// events followed on another replica than the one running the task.
+    Replicas(replicas::Options),
 }
 
 #[tokio::main]
@@ -57,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Claude(options) => claude::run(options).await,
         Command::Channels(options) => channels::run(options).await,
         Command::Soak(options) => soak::run(options).await,
+        Command::Replicas(options) => replicas::run(options).await,
     };
     if let Err(e) = result {
         // Exit now: dropping the runtime would wait for whatever a failed run left hanging

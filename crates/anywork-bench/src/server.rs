@@ -290,6 +290,23 @@ impl TaskStore for Instrumented {
         let f = self.inner.expired_leases(now, limit);
         self.call("expired_leases", false, f).await
     }
+    async fn claim_task(
+        &self,
+        id: TaskId,
+        change: TaskChange,
+        logs: Vec<anywork_core::NewTaskLog>,
+        deliveries: Vec<anywork_core::NewDelivery>,
+    ) -> anywork_core::Result<anywork_core::Claim> {
+        let f = self.inner.claim_task(id, change, logs, deliveries);
+        self.call("claim_task", true, f).await
+    }
+    async fn claimable(&self, limit: u32) -> anywork_core::Result<Vec<Task>> {
+        let f = self.inner.claimable(limit);
+        self.call("claimable", false, f).await
+    }
+    fn change_feed(&self) -> Option<anywork_core::ChangeFeed> {
+        self.inner.change_feed()
+    }
     async fn append_logs(
         &self,
         task_id: TaskId,

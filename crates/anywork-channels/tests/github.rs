@@ -908,3 +908,69 @@ fn configuration_is_read_from_the_environment_names() {
     .unwrap_err();
     assert!(e.to_string().contains("GITHUB_APP_INSTALLATION_ID"), "{e}");
 }
+
+#[tokio::test]
+async fn the_checkout_carries_the_pull_request_target_and_the_reply_links_what_was_opened() {
+    let gh = FakeGithub::start().await;
+    gh.allow_token(TOKEN);
+    let ch = GithubChannel::new(config(&gh.url()));
+
+    // An issue: pull requests go into the default branch, with the channel's token.
+    let issue_task = stored_task(
+        &ch,
+        &issue_comment(3, 31, user("octocat", "User"), "@anywork fix it"),
+        "issue_comment",
+    );
+    let checkout = ch.workspace_repository(&issue_task).await.unwrap().unwrap();
+    assert_eq!(checkout.token.as_deref(), Some(TOKEN));
+    let target = checkout
+        .pull_requests
+        .clone()
+        .expect("a pull request target");
+    assert_eq!(
+        (
+            target.api_url.as_str(),
+            target.repository.as_str(),
+            target.base.as_str()
+        ),
+        (gh.url().as_str(), REPO, "main")
+    );
+    checkout.validate().unwrap();
+    assert!(!format!("{checkout:?}").contains(TOKEN));
+
+    // A review comment: into the pull request's base.
+    let payload = json!({
+        "action": "created",
+        "comment": {"id": 77, "body": "@anywork tidy this", "user": user("octocat", "User"), "path": "a.rs", "line": 1, "diff_hunk": "@@"},
+        "pull_request": {"number": 8, "title": "t", "head": {"ref": "feature", "sha": "abc"}, "base": {"ref": "release-1.x", "sha": "def"}},
+        "repository": repository()
+    });
+    let review_task = stored_task(&ch, &payload, "pull_request_review_comment");
+    let checkout = ch
+        .workspace_repository(&review_task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(checkout.git_ref.as_deref(), Some("refs/pull/8/head"));
+    assert_eq!(checkout.pull_requests.unwrap().base, "release-1.x");
+
+    // The answer, then a line per pull request the worker reported.
+    let mut outcome = TaskOutcome::completed("I fixed it.");
+    outcome.pull_requests = vec![anywork_core::PullRequestLink {
+        repository: REPO.into(),
+        number: 12,
+        url: format!("https://github.com/{REPO}/pull/12"),
+        branch: "anywork/fix".into(),
+        base: "main".into(),
+    }];
+    ch.deliver(&issue_task, &outcome).await.unwrap();
+    let ours = gh.comments_on(REPO, 3);
+    assert_eq!(ours.len(), 1);
+    assert!(
+        ours[0].body.starts_with(&format!(
+            "I fixed it.\n\nOpened pull request #12: https://github.com/{REPO}/pull/12\n\n<sub>"
+        )),
+        "{}",
+        ours[0].body
+    );
+}

@@ -2,7 +2,7 @@
 //!
 //! | call | body | answer |
 //! |---|---|---|
-//! | `POST /prepare` | [`PrepareRequest`] | `{"status":"ready"}` |
+//! | `POST /prepare` | [`PrepareRequest`] | [`PrepareReply`]: `{"status":"ready"}` (+ `prepared`) |
 //! | `POST /chat` | [`ChatRequest`] | SSE: `event: <type>` / `data: <TaskEvent JSON>`, ending in one `done` |
 //! | `POST /cancel` | [`CancelRequest`] | `{"status": <final status>, "task_id"}` (202 while still canceling) |
 //! | `POST /input` | [`InputAnswer`] | `{"status":"accepted"}` |
@@ -45,6 +45,40 @@ pub const SESSIONS_PATH: &str = "/sessions";
 
 /// The header that carries the worker's secret on every call from the server.
 pub const SECRET_HEADER: &str = "x-anywork-worker-secret";
+
+/// Environment variable a driver that starts one worker per session (Docker, Kubernetes) sets
+/// to that session's id, so that the worker can get ready for its first task before it comes
+/// (a spare Claude Code CLI). A worker that serves many sessions has none.
+pub const SESSION_ENV: &str = "WORKER_SESSION_ID";
+
+/// The header of a prepare key: a short opaque string the server derives from what a
+/// [`PrepareRequest`] carries, so that it can leave out `/prepare` when nothing changed.
+///
+/// - On `POST /prepare`: the worker remembers the key for the session once the request is
+///   applied (in memory: a restarted worker has none) and answers it as
+///   [`PrepareReply::prepared`]; a `/prepare` without the header forgets the session's key.
+///   A worker that does not answer the key (an older one, or the original AnyWork's) gets
+///   `/prepare` before every task.
+/// - On `POST /chat`: the worker refuses the chat with 412 ([`NOT_PREPARED_STATUS`]) unless the
+///   session's last `/prepare` on this worker process carried this key and nothing since
+///   (a `DELETE /sessions/:id`) undid it; the server then sends `/prepare` and the chat again.
+///   A chat without the header is taken as before.
+pub const PREPARE_KEY_HEADER: &str = "x-anywork-prepare-key";
+
+/// The status of a `/chat` refused because the session's workspace is not in the state its
+/// [`PREPARE_KEY_HEADER`] names (`412 Precondition Failed`).
+pub const NOT_PREPARED_STATUS: u16 = 412;
+
+/// The answer of `POST /prepare`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareReply {
+    /// `ready`.
+    pub status: String,
+    /// The request's [`PREPARE_KEY_HEADER`], once applied; absent without one (and from
+    /// workers that do not keep keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared: Option<String>,
+}
 
 /// The shared secret between the server and one worker. Its `Debug` never shows the value;
 /// [`matches`](Self::matches) compares in constant time.
@@ -171,6 +205,58 @@ pub struct RepoCheckout {
     /// secret, hidden by `Debug`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// Where pull requests from this checkout go. With a [`token`](Self::token), the worker
+    /// offers the agent a tool that commits its changes on a new branch, pushes it with the
+    /// token and opens a pull request through this API; the token never reaches the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_requests: Option<PullRequestTarget>,
+}
+
+/// The forge API that opens pull requests for a [`RepoCheckout`] (GitHub's REST API:
+/// `POST {api_url}/repos/{repository}/pulls`, with the checkout's token as a Bearer token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullRequestTarget {
+    /// The REST API's base URL, e.g. `https://api.github.com` (from the server's
+    /// configuration, never from the agent).
+    pub api_url: String,
+    /// `owner/name`.
+    pub repository: String,
+    /// The branch pull requests ask to merge into (the default branch, or a pull request's
+    /// base).
+    pub base: String,
+}
+
+impl PullRequestTarget {
+    /// Checks the API URL (`http(s)://`, no spaces), the repository (`owner/name` of plain
+    /// characters) and the base branch.
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |what: &str| crate::Error::invalid_input(format!("pull request target: {what}"));
+        if !(self.api_url.starts_with("https://") || self.api_url.starts_with("http://"))
+            || self
+                .api_url
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(bad(
+                "the API URL must be https:// or http:// without spaces",
+            ));
+        }
+        let part_ok = |p: &str| {
+            !p.is_empty()
+                && p.len() <= 100
+                && p != "."
+                && p != ".."
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        };
+        match self.repository.split_once('/') {
+            Some((owner, name)) if part_ok(owner) && part_ok(name) => {}
+            _ => return Err(bad("the repository must be owner/name")),
+        }
+        crate::executor::validate_branch(&self.base)
+            .map_err(|_| bad("the base must be a plain branch name"))
+    }
 }
 
 impl RepoCheckout {
@@ -181,6 +267,7 @@ impl RepoCheckout {
             git_ref: None,
             dir: dir.into(),
             token: None,
+            pull_requests: None,
         }
     }
 
@@ -209,6 +296,9 @@ impl RepoCheckout {
         {
             return Err(bad("the ref must be a branch, tag or refs/… name"));
         }
+        if let Some(target) = &self.pull_requests {
+            target.validate()?;
+        }
         crate::spec::validate_name("repository folder", &self.dir)
     }
 }
@@ -220,6 +310,7 @@ impl std::fmt::Debug for RepoCheckout {
             .field("git_ref", &self.git_ref)
             .field("dir", &self.dir)
             .field("token", &self.token.as_ref().map(|_| "[redacted]"))
+            .field("pull_requests", &self.pull_requests)
             .finish()
     }
 }
@@ -280,4 +371,10 @@ pub struct WorkerHealth {
     /// Sessions with a running task.
     #[serde(default)]
     pub busy_sessions: Vec<SessionId>,
+    /// Milliseconds since the worker last served a call other than `GET /health` or ended a
+    /// task (0 while one runs): how long it has been idle whichever server used it, which a
+    /// driver's idle reaper on another server cannot know by itself. `None` from a worker
+    /// that does not say (older ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_ms: Option<u64>,
 }

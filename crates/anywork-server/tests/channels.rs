@@ -1054,3 +1054,122 @@ async fn a_pull_request_comment_works_in_the_pull_requests_head_refreshed_per_ta
         Some("pr v2")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_opens_a_pull_request_with_the_channels_token_and_the_reply_links_it() {
+    // The repository behind a token, over git's smart HTTP, as GitHub serves it.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    git(&src, &["init", "-q", "-b", "main"]);
+    std::fs::write(src.join("README.md"), "Hello\n").unwrap();
+    git(&src, &["add", "."]);
+    git(&src, &["commit", "-q", "-m", "base"]);
+    let served = tmp.path().join("served");
+    std::fs::create_dir_all(served.join("octo-org")).unwrap();
+    let bare = served.join("octo-org/hello-world.git");
+    git(
+        tmp.path(),
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            src.to_str().unwrap(),
+            bare.to_str().unwrap(),
+        ],
+    );
+    let git_server = anywork_test::fake_git::GitHttpServer::start(&served, GH_TOKEN).await;
+
+    let fake = FakeLlm::start().await;
+    fake.push_all([
+        Reply::tool_use(
+            "t1",
+            "write_file",
+            json!({"path": "hello-world/README.md", "content": "Hello, world\n"}),
+        ),
+        Reply::tool_use(
+            "t2",
+            "open_pull_request",
+            json!({"title": "Fix the greeting", "body": "As asked in #7.", "branch": "anywork/fix-greeting"}),
+        ),
+        Reply::text("Done: the greeting is fixed."),
+    ]);
+    let ws = tmp.path().join("workspace");
+    std::fs::create_dir_all(&ws).unwrap();
+    let worker = WorkerProcess::start_in(&fake, &ws).await;
+    let gh = FakeGithub::start().await;
+    gh.allow_token(GH_TOKEN);
+    let setup = Setup {
+        config: fast(),
+        channels: vec![github(&gh.url(), true)],
+        ..Setup::default()
+    };
+    let server = TestServer::start_full(&worker.url, setup, FirstWords).await;
+
+    let c = gh.add_comment(REPO, 7, "octocat", "@anywork fix the greeting please");
+    let mut event = issue_comment(7, c, "@anywork fix the greeting please");
+    event["repository"]["clone_url"] = json!(git_server.repo_url("octo-org/hello-world.git"));
+    let (s, accepted) = github_event(&server, &event, "open-pr-1").await;
+    assert_eq!(s, 202, "{accepted}");
+    let task_id = accepted["taskId"].as_str().unwrap().to_owned();
+    let done = server.wait_final(&task_id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+
+    // The reply links the pull request, from what the worker reported.
+    let ours = wait_comment(&gh, 7, |b| b.contains("Opened pull request")).await;
+    let reply = ours
+        .iter()
+        .find(|b| b.contains("Opened pull request"))
+        .unwrap();
+    assert!(reply.contains("Done: the greeting is fixed."), "{reply}");
+    assert!(
+        reply
+            .contains("Opened pull request #100: https://github.com/octo-org/hello-world/pull/100"),
+        "{reply}"
+    );
+    // Exactly one pull request, into the default branch, with the channel's token.
+    let pulls = gh.pulls();
+    assert_eq!(pulls.len(), 1, "{pulls:?}");
+    assert_eq!(
+        (
+            pulls[0].head.as_str(),
+            pulls[0].base.as_str(),
+            pulls[0].title.as_str(),
+            pulls[0].body.as_deref()
+        ),
+        (
+            "anywork/fix-greeting",
+            "main",
+            "Fix the greeting",
+            Some("As asked in #7.")
+        )
+    );
+    let create = gh
+        .requests()
+        .into_iter()
+        .find(|r| r.line() == "POST /repos/octo-org/hello-world/pulls")
+        .unwrap();
+    assert_eq!(
+        create.header("authorization"),
+        Some(format!("Bearer {GH_TOKEN}").as_str())
+    );
+    assert_eq!(
+        git(&bare, &["show", "anywork/fix-greeting:README.md"]),
+        "Hello, world"
+    );
+    assert!(git_server.pushed());
+
+    // The token is in no task log, and the agent was never given it.
+    let logs = server.logs(&task_id).await;
+    let text = serde_json::to_string(&logs).unwrap();
+    assert!(text.contains("open_pull_request"), "{text}");
+    assert!(!text.contains(GH_TOKEN), "the token is in the task logs");
+    for request in fake.requests() {
+        assert!(!request.contains_text(GH_TOKEN));
+    }
+    let done_log = logs.iter().rev().find(|l| l["type"] == "done").unwrap();
+    assert_eq!(
+        done_log["metadata"]["pull_requests"][0]["number"], 100,
+        "{done_log}"
+    );
+}

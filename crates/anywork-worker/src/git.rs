@@ -3,7 +3,9 @@
 //! agent always starts from the ref it was asked about. Git runs with an empty environment
 //! (no model keys), no prompts and a timeout; a token goes in an HTTP header through git's
 //! environment-based configuration, never on the command line or into `.git/config`, and is
-//! scrubbed from every error.
+//! scrubbed from every error. What the agent may have written into the checkout's `.git`
+//! does not act when git runs there: the configuration is reset before each fetch, `$HOME`'s
+//! is not read, and hooks and file-system monitors are off.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -15,8 +17,9 @@ use anywork_core::{Error, ErrorKind, Result};
 /// Longest time one git command may take.
 pub const GIT_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Checks `repo` out in `workspace/<repo.dir>` (creating it), or refreshes it there.
-pub async fn checkout(workspace: &Path, repo: &RepoCheckout) -> Result<()> {
+/// Checks `repo` out in `workspace/<repo.dir>` (creating it), or refreshes it there; answers
+/// the commit checked out.
+pub async fn checkout(workspace: &Path, repo: &RepoCheckout) -> Result<String> {
     repo.validate()?;
     let dir = workspace.join(&repo.dir);
     if let Ok(meta) = std::fs::symlink_metadata(&dir)
@@ -27,7 +30,15 @@ pub async fn checkout(workspace: &Path, repo: &RepoCheckout) -> Result<()> {
             repo.dir
         )));
     }
-    if !dir.join(".git").is_dir() {
+    let git_dir = dir.join(".git");
+    match std::fs::symlink_metadata(&git_dir) {
+        Ok(meta) if meta.is_dir() => {}
+        // A link or a `gitdir:` file would send git (and the token) to another repository.
+        Ok(_) => std::fs::remove_file(&git_dir)
+            .map_err(|e| Error::internal(format!("cannot replace {}/.git: {e}", repo.dir)))?,
+        Err(_) => {}
+    }
+    if !git_dir.is_dir() {
         std::fs::create_dir_all(&dir).map_err(|e| {
             Error::internal(format!(
                 "cannot create the repository folder {}: {e}",
@@ -36,6 +47,12 @@ pub async fn checkout(workspace: &Path, repo: &RepoCheckout) -> Result<()> {
         })?;
         git(&dir, &["init", "-q"], None).await?;
     }
+    reset_config(&git_dir).map_err(|e| {
+        Error::internal(format!(
+            "cannot reset the configuration of {}/.git: {e}",
+            repo.dir
+        ))
+    })?;
     let target = repo.git_ref.as_deref().unwrap_or("HEAD");
     git(
         &dir,
@@ -56,10 +73,40 @@ pub async fn checkout(workspace: &Path, repo: &RepoCheckout) -> Result<()> {
         &["checkout", "-q", "-f", "--detach", "FETCH_HEAD"],
         None,
     )
-    .await
+    .await?;
+    let sha = git_output(&dir, &["rev-parse", "HEAD"], None, &[]).await?;
+    Ok(sha.trim().to_owned())
+}
+
+/// The agent can write anything into the checkout's `.git`: before git runs there with the
+/// token, its configuration is put back to git's defaults (no URL rewrite, proxy, helper or
+/// filter of the agent's), and what would point git elsewhere is removed.
+fn reset_config(git_dir: &Path) -> std::io::Result<()> {
+    for name in ["config", "commondir", "config.worktree"] {
+        let path = git_dir.join(name);
+        if std::fs::symlink_metadata(&path).is_ok() {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    std::fs::write(
+        git_dir.join("config"),
+        "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n",
+    )
 }
 
 async fn git(dir: &Path, args: &[&str], token: Option<&str>) -> Result<()> {
+    git_output(dir, args, token, &[]).await.map(|_| ())
+}
+
+/// Runs git in `dir` with an empty environment but `PATH`, `env` and, with a `token`, the
+/// HTTP header that carries it; answers its standard output. A failure's message holds the
+/// end of git's standard error, with the token scrubbed.
+pub(crate) async fn git_output(
+    dir: &Path,
+    args: &[&str],
+    token: Option<&str>,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Result<String> {
     let mut cmd = tokio::process::Command::new("git");
     cmd.current_dir(dir)
         .args(args)
@@ -68,18 +115,26 @@ async fn git(dir: &Path, args: &[&str], token: Option<&str>) -> Result<()> {
         .env("HOME", dir)
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_CONFIG_NOSYSTEM", "1")
+        // Not `$HOME/.gitconfig`: HOME is the checkout, whose files the repository and the
+        // agent choose.
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_COUNT", if token.is_some() { "3" } else { "2" })
+        // No hook or file-system monitor of the agent's runs outside its sandbox.
+        .env("GIT_CONFIG_KEY_0", "core.hooksPath")
+        .env("GIT_CONFIG_VALUE_0", "/dev/null")
+        .env("GIT_CONFIG_KEY_1", "core.fsmonitor")
+        .env("GIT_CONFIG_VALUE_1", "false")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     if let Some(token) = token {
         let basic = base64(format!("x-access-token:{token}").as_bytes());
-        cmd.env("GIT_CONFIG_COUNT", "1")
-            .env("GIT_CONFIG_KEY_0", "http.extraHeader")
-            .env(
-                "GIT_CONFIG_VALUE_0",
-                format!("Authorization: Basic {basic}"),
-            );
+        cmd.env("GIT_CONFIG_KEY_2", "http.extraHeader").env(
+            "GIT_CONFIG_VALUE_2",
+            format!("Authorization: Basic {basic}"),
+        );
     }
     let what = args.first().copied().unwrap_or("git");
     let out = match tokio::time::timeout(GIT_TIMEOUT, cmd.output()).await {
@@ -97,7 +152,7 @@ async fn git(dir: &Path, args: &[&str], token: Option<&str>) -> Result<()> {
         }
     };
     if out.status.success() {
-        return Ok(());
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
     let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
     if let Some(token) = token.filter(|t| !t.is_empty()) {
@@ -119,7 +174,7 @@ async fn git(dir: &Path, args: &[&str], token: Option<&str>) -> Result<()> {
 }
 
 /// Standard base64 with padding (the one header that needs it).
-fn base64(bytes: &[u8]) -> String {
+pub(crate) fn base64(bytes: &[u8]) -> String {
     crate::workspace::base64_encode(
         bytes,
         b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",

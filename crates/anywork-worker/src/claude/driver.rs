@@ -25,7 +25,7 @@ use super::stream_json::{
     user_events, user_line,
 };
 use super::warm::{Fingerprint, Running, Warm};
-use super::{HISTORY_LOST, LINE_TOO_LONG};
+use super::{HISTORY_LOST, LINE_TOO_LONG, tool_mcp};
 
 /// How long an interrupted run may take to send its `result` before it is killed.
 const INTERRUPT_GRACE: Duration = Duration::from_secs(1);
@@ -97,7 +97,7 @@ enum Attempt {
     Ended(TaskOutcome),
     /// The run is over and the process stays up for the session's next task.
     Kept(TaskOutcome),
-    /// A warm process ended before answering: the run starts again in a new one.
+    /// A warm (or spare) process ended before answering: the run starts again in a new one.
     WarmLost,
 }
 
@@ -163,6 +163,7 @@ impl Driver {
             &self.request.workspace,
             self.system_prompt.as_deref(),
             resume.as_deref(),
+            tool_mcp(&self.request).as_ref(),
         )?;
         self.running.pool().started();
         self.group.set(Some(proc.pgid));
@@ -259,7 +260,13 @@ impl Driver {
         self.group.set(None);
         let stderr = proc.stderr_tail().await;
         tracing::debug!(?status, "claude exited");
-        if proc.turns > 0 && lines == 0 && !self.canceled && !self.timed_out && self.fatal.is_none()
+        // A process started before this task (warm, or a spare) that ended without a line
+        // is the process's failure, not the task's.
+        if (proc.turns > 0 || proc.spare)
+            && lines == 0
+            && !self.canceled
+            && !self.timed_out
+            && self.fatal.is_none()
         {
             return Attempt::WarmLost;
         }
@@ -608,6 +615,7 @@ impl Driver {
                 usage: turn.usage,
                 num_turns: turn.num_turns,
                 duration_ms: turn.duration_ms,
+                pull_requests: Vec::new(),
             };
             if !turn.is_error {
                 outcome.result = turn.text.clone();

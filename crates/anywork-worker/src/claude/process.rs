@@ -100,6 +100,8 @@ pub(super) struct Proc {
     pub(super) turns: u32,
     /// The CLI's cumulative `total_cost_usd` after its last turn.
     pub(super) last_total_cost: Option<f64>,
+    /// Started ahead of its session's first task (a spare), not for a task.
+    pub(super) spare: bool,
 }
 
 impl Proc {
@@ -108,6 +110,7 @@ impl Proc {
         workspace: &Path,
         system_prompt: Option<&str>,
         resume: Option<&str>,
+        tool_mcp: Option<&(String, serde_json::Value)>,
     ) -> Result<Proc> {
         // In the sandbox when it is confined; always with the network (the model API).
         let mut cmd: Command = config.sandbox.wrapped(&config.binary, workspace, true);
@@ -139,7 +142,7 @@ impl Proc {
         if let Some(settings) = sandbox_settings(&config.sandbox, workspace) {
             cmd.arg(format!("--settings={settings}"));
         }
-        if let Some(mcp) = mcp_config(workspace, &config.sandbox) {
+        if let Some(mcp) = mcp_config(workspace, &config.sandbox, tool_mcp) {
             let mut flag = std::ffi::OsString::from("--mcp-config=");
             flag.push(mcp.as_os_str());
             cmd.arg(flag).arg("--strict-mcp-config");
@@ -218,6 +221,7 @@ impl Proc {
             resumed: resume.is_some(),
             turns: 0,
             last_total_cost: None,
+            spare: false,
         })
     }
 
