@@ -54,7 +54,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    match Args::parse().command {
+    let result = match Args::parse().command {
         Command::Worker(options) => worker::run(options).await,
         Command::Server(options) => server::run(options).await,
         Command::Docker(options) => docker::run(options).await,
@@ -62,5 +62,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Channels(options) => channels::run(options).await,
         Command::Soak(options) => soak::run(options).await,
         Command::Replicas(options) => replicas::run(options).await,
+    };
+    if let Err(e) = result {
+        // Exit now: dropping the runtime would wait for whatever a failed run left hanging
+        // (a soak whose server stopped answering kept the process alive).
+        eprintln!("Error: {e:?}");
+        std::process::exit(1);
     }
+    Ok(())
 }
