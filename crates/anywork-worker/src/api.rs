@@ -365,6 +365,7 @@ async fn delete_session(
     let workspace = state.workspace().clone();
     let target = session.clone();
     blocking(move || workspace.delete_session(&target)).await?;
+    state.forget_session(&session);
     drop(hold);
     Ok(Json(
         json!({ "status": "deleted", "session_id": session.as_str() }),
