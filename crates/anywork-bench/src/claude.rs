@@ -27,6 +27,10 @@ pub struct Options {
     /// `CLAUDE_WARM_MAX` of the memory figure.
     #[arg(long, default_value_t = 4)]
     warm_max: usize,
+    /// Seconds between a one-session worker's start and its first task (the spare's head
+    /// start).
+    #[arg(long, default_value_t = 3.0)]
+    spare_settle_seconds: f64,
     /// The `claude` CLI (default: CLAUDE_BIN, else the claude-agent-sdk wheel's binary).
     #[arg(long, env = "CLAUDE_BIN")]
     claude_bin: Option<PathBuf>,
@@ -84,7 +88,17 @@ async fn chat(
 }
 
 fn executor(fake: &FakeLlm, bin: &Path, warm_max: usize) -> Arc<ClaudeCodeExecutor> {
+    executor_with(fake, bin, warm_max, true)
+}
+
+fn executor_with(
+    fake: &FakeLlm,
+    bin: &Path,
+    warm_max: usize,
+    spare: bool,
+) -> Arc<ClaudeCodeExecutor> {
     let config = ClaudeCodeConfig::new(bin.to_path_buf())
+        .with_spare(spare)
         .with_api_key("bench")
         .with_base_url(fake.url())
         .with_env("CLAUDE_CODE_MAX_RETRIES", "0")
@@ -155,6 +169,62 @@ async fn new_sessions(fake: &FakeLlm, bin: &Path, tasks: usize) -> anyhow::Resul
     }
     println!(
         "new session      /chat -> first event (init): {}",
+        summarize(&mut firsts).context("no samples")?
+    );
+    Ok(())
+}
+
+/// A worker per session, as with Docker or Kubernetes (`WORKER_SESSION_ID`): the worker
+/// starts, gets ready for its session (`WorkerState::prestart`, a spare CLI when `spare`), and
+/// after `settle` (the container's other start-up work, the server's health polls) gets the
+/// session's `/prepare` and first `/chat`. Measures `/chat` → first event.
+async fn worker_per_session(
+    fake: &FakeLlm,
+    bin: &Path,
+    tasks: usize,
+    spare: bool,
+    settle: Duration,
+) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let mut firsts = Vec::new();
+    let mut used = 0;
+    for i in 0..tasks {
+        let executor = executor_with(fake, bin, ClaudeCodeConfig::DEFAULT_WARM_MAX, spare);
+        let dir = tempfile::tempdir()?;
+        let state = anywork_worker::WorkerState::new(
+            anywork_worker::WorkerConfig::new(dir.path()),
+            executor.clone(),
+        )?;
+        let session = format!("one-{i}");
+        state
+            .prestart(&anywork_core::SessionId::new(&session)?)
+            .await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let server = tokio::spawn(anywork_worker::serve(
+            listener,
+            state,
+            std::future::pending(),
+        ));
+        tokio::time::sleep(settle).await;
+        client
+            .post(format!("{url}/prepare"))
+            .json(&json!({"session_id": session}))
+            .send()
+            .await?
+            .error_for_status()?;
+        firsts.push(chat(&client, &url, &session, "hi").await?.first_event);
+        used += executor.warm_stats().spares_used;
+        server.abort();
+        drop(executor);
+    }
+    let name = if spare {
+        "one-session worker, spare"
+    } else {
+        "one-session worker, no spare"
+    };
+    println!(
+        "{name:30} /chat -> first event (init): {} (spares used: {used} of {tasks})",
         summarize(&mut firsts).context("no samples")?
     );
     Ok(())
@@ -249,6 +319,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     )
     .await?;
     new_sessions(&fake, &bin, options.tasks).await?;
+    let settle = Duration::from_secs_f64(options.spare_settle_seconds);
+    worker_per_session(&fake, &bin, options.tasks, false, settle).await?;
+    worker_per_session(&fake, &bin, options.tasks, true, settle).await?;
     memory(&fake, &bin, options.sessions, options.warm_max).await?;
     Ok(())
 }

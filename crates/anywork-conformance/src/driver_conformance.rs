@@ -8,10 +8,14 @@
 //! ```
 //!
 //! `make` must return a new driver over the same backend each time it is called (the same
-//! Docker daemon, the same API server): the suite checks that a second instance adopts the
-//! first one's workers — what a restarted server does. Every session the suite makes has a
-//! fresh random id, and the suite purges them at the end (workers and workspaces), so it can
-//! run against a shared engine.
+//! Docker daemon, the same API server), sharing no memory with the others: the suite checks
+//! that a second instance adopts the first one's workers — what a restarted server does —
+//! and, for per-session drivers, that two instances used at once behave as the replicas of a
+//! scaled-out server need: racing `get_worker` calls for one session make one worker with one
+//! secret, a worker one replaced is what the other hands out next, and one's reaper leaves a
+//! worker the other used within the TTL. Every session the suite makes has a fresh random
+//! id, and the suite purges them at the end (workers and workspaces), so it can run against
+//! a shared engine.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -74,6 +78,40 @@ async fn workers_of(driver: &dyn ContainerDriver, s: &SessionId) -> Vec<WorkerEn
         .filter(|w| w.session_id.as_ref() == Some(s))
         .map(|w| w.endpoint)
         .collect()
+}
+
+/// Uses the worker as a server does, with the endpoint's secret (`GET
+/// /sessions/{id}/messages`): panics unless the worker takes the call, so a wrong secret
+/// fails here.
+async fn use_worker(endpoint: &WorkerEndpoint, s: &SessionId) {
+    let mut request = reqwest::Client::new()
+        .get(format!("{}/sessions/{s}/messages", endpoint.base_url))
+        .timeout(Duration::from_secs(10));
+    if let Some(secret) = &endpoint.secret {
+        request = request.header(anywork_core::worker_api::SECRET_HEADER, secret.expose());
+    }
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("worker {}: {e}", endpoint.worker_id));
+    assert!(
+        response.status().is_success(),
+        "worker {} refused a call with the secret its driver gave: {}",
+        endpoint.worker_id,
+        response.status()
+    );
+}
+
+/// Waits until `w` stops answering (`within` at most).
+async fn until_stopped(d: &dyn ContainerDriver, w: &WorkerEndpoint, within: Duration, what: &str) {
+    let deadline = tokio::time::Instant::now() + within;
+    while d.is_healthy(w).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} still answers after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Runs every case of the suite; panics with the first broken guarantee.
@@ -145,6 +183,46 @@ where
     );
     if suite.per_session {
         assert_eq!(workers_of(a, &s1).await.len(), 1);
+    }
+
+    // Two instances at once (two replicas of a server): racing calls for one session from
+    // both make one worker, and both hand it out with the same secret.
+    let s4 = session("two");
+    made.push(s4.clone());
+    if suite.per_session {
+        let calls = (0..3).flat_map(|_| [d.get_worker(&s4), a.get_worker(&s4)]);
+        let results: Vec<WorkerEndpoint> = futures_util::future::join_all(calls)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|e| panic!("get_worker from two instances: {e}")))
+            .collect();
+        let first = results[0].clone();
+        assert!(
+            results.iter().all(|w| *w == first),
+            "two instances racing for one session got {:?}",
+            results
+                .iter()
+                .map(|w| (&w.worker_id, &w.base_url, w.secret.is_some()))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(workers_of(d, &s4).await.len(), 1, "one worker for s4");
+        assert_eq!(workers_of(a, &s4).await, vec![first.clone()]);
+        use_worker(&first, &s4).await;
+
+        // One instance replaces the worker; the other hands out the new one (its address and
+        // secret), not the one it knew.
+        a.release(&s4)
+            .await
+            .expect("release from the other instance");
+        until_stopped(d, &first, suite.stop_within, "a released worker").await;
+        let fresh = get(a, &s4).await;
+        let seen = get(d, &s4).await;
+        assert_eq!(
+            seen, fresh,
+            "the other instance hands out the replaced worker"
+        );
+        assert_ne!(seen.secret, first.secret, "a new worker has a new secret");
+        use_worker(&seen, &s4).await;
     }
 
     // Releasing.
@@ -228,6 +306,10 @@ where
         made.push(busy.clone());
         get(d, &idle).await;
         get(d, &busy).await;
+        // Asked for again (a reuse, quick) right before the reaper looks: making `busy`'s
+        // worker may have taken longer than the TTL on a loaded machine.
+        get(d, &idle).await;
+        get(d, &busy).await;
         assert!(
             d.reap_idle(&[])
                 .await
@@ -256,6 +338,30 @@ where
             d.is_healthy(&back).await,
             "a reaped session gets a new worker"
         );
+
+        // One instance's reaper and a worker the other one uses: the worker's own idle time
+        // counts, not only the reaper's clock.
+        if suite.per_session {
+            let shared = get(a, &s4).await;
+            assert_eq!(get(d, &s4).await, shared);
+            tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+            use_worker(&shared, &s4).await;
+            let reaped = d.reap_idle(&[]).await.expect("reap");
+            assert!(
+                !reaped.contains(&s4),
+                "one instance reaped a worker the other used just now"
+            );
+            assert_eq!(workers_of(a, &s4).await, vec![shared.clone()]);
+            tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+            let reaped = d.reap_idle(&[]).await.expect("reap");
+            assert!(
+                reaped.contains(&s4),
+                "a worker idle for every instance is reaped: {reaped:?}"
+            );
+            until_stopped(a, &shared, suite.stop_within, "a reaped worker").await;
+            let next = get(a, &s4).await;
+            use_worker(&next, &s4).await;
+        }
     }
 
     for s in &made {

@@ -1,6 +1,6 @@
 //! [`Executor`]: what runs an agent inside a worker.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -175,6 +175,18 @@ pub trait Executor: Send + Sync + 'static {
     /// Starts a run. Errors here mean it never started (bad configuration, missing binary);
     /// failures after the start arrive as a `failed` [`TaskEvent::Done`].
     async fn start(&self, request: ExecutionRequest) -> Result<Execution>;
+
+    /// Starts ahead of time what the first run in `workspace` will need, so that it does not
+    /// wait for it (Claude Code: a spare CLI process bound to that workspace). A worker calls
+    /// it only for the one session it serves alone (a container per session), before that
+    /// session's first task. `defaults` holds the worker's `SOUL.md` and `AGENTS.md`, which a
+    /// workspace without its own will start with. Returns whether anything was started; what
+    /// was started is used only if the workspace still matches when the run comes, else it is
+    /// released. The default starts nothing.
+    async fn prestart(&self, workspace: &Path, defaults: &Path) -> Result<bool> {
+        let _ = (workspace, defaults);
+        Ok(false)
+    }
 }
 
 #[cfg(test)]

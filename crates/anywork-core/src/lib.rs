@@ -61,8 +61,8 @@ pub use mcp_catalog::{CatalogServer, McpAccess, McpCatalog, SecretReader, Secret
 pub use outbound::OutboundPolicy;
 pub use outcome::{PullRequestLink, TaskOutcome, TokenUsage};
 pub use rest::WireTask;
-pub use session::{NewSession, Page, Session, SessionSummary};
+pub use session::{NewSession, Page, Session, SessionSummary, UsageTotals};
 pub use spec::{McpServerConfig, SkillRef, SkillSpec};
 pub use status::TaskStatus;
-pub use store::TaskStore;
+pub use store::{ChangeFeed, Claim, FeedItem, LogChange, TaskStore};
 pub use task::{Lease, NewTask, PushNotification, SessionMode, Task, TaskChange, TaskRequest};

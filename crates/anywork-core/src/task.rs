@@ -425,6 +425,10 @@ pub struct TaskChange {
     pub outcome: Option<TaskOutcome>,
     /// Sets the error without a whole outcome (e.g. a recovered task that failed).
     pub error: Option<String>,
+    /// Applies only while the task's lease is still exactly this one (`Conflict`
+    /// otherwise): how a server that takes over an expired lease loses to the owner's renewal
+    /// that came first.
+    pub if_lease: Option<Lease>,
 }
 
 impl TaskChange {
@@ -437,6 +441,7 @@ impl TaskChange {
             lease: None,
             outcome: None,
             error: None,
+            if_lease: None,
         }
     }
 
@@ -469,6 +474,12 @@ impl TaskChange {
         self
     }
 
+    /// Applies only while the task's lease is still `lease` (the field `if_lease`).
+    pub fn if_lease(mut self, lease: Option<Lease>) -> Self {
+        self.if_lease = lease;
+        self
+    }
+
     /// Sets the error text.
     pub fn error(mut self, error: impl Into<String>) -> Self {
         self.error = Some(error.into());
@@ -478,6 +489,14 @@ impl TaskChange {
     /// Applies the change to `task` after checking that `task.status` may become
     /// `self.status`. Stores call this so that every backend has the same semantics.
     pub fn apply(&self, task: &mut Task) -> Result<()> {
+        if let Some(lease) = &self.if_lease
+            && task.lease.as_ref() != Some(lease)
+        {
+            return Err(Error::conflict(format!(
+                "task {} is no longer leased by {} until {}: its lease was renewed or taken",
+                task.id, lease.owner, lease.expires_at.0
+            )));
+        }
         task.status.check_transition(self.status)?;
         if let Some(outcome) = &self.outcome
             && outcome.status != self.status

@@ -2,7 +2,7 @@
 //!
 //! | call | body | answer |
 //! |---|---|---|
-//! | `POST /prepare` | [`PrepareRequest`] | `{"status":"ready"}` |
+//! | `POST /prepare` | [`PrepareRequest`] | [`PrepareReply`]: `{"status":"ready"}` (+ `prepared`) |
 //! | `POST /chat` | [`ChatRequest`] | SSE: `event: <type>` / `data: <TaskEvent JSON>`, ending in one `done` |
 //! | `POST /cancel` | [`CancelRequest`] | `{"status": <final status>, "task_id"}` (202 while still canceling) |
 //! | `POST /input` | [`InputAnswer`] | `{"status":"accepted"}` |
@@ -45,6 +45,40 @@ pub const SESSIONS_PATH: &str = "/sessions";
 
 /// The header that carries the worker's secret on every call from the server.
 pub const SECRET_HEADER: &str = "x-anywork-worker-secret";
+
+/// Environment variable a driver that starts one worker per session (Docker, Kubernetes) sets
+/// to that session's id, so that the worker can get ready for its first task before it comes
+/// (a spare Claude Code CLI). A worker that serves many sessions has none.
+pub const SESSION_ENV: &str = "WORKER_SESSION_ID";
+
+/// The header of a prepare key: a short opaque string the server derives from what a
+/// [`PrepareRequest`] carries, so that it can leave out `/prepare` when nothing changed.
+///
+/// - On `POST /prepare`: the worker remembers the key for the session once the request is
+///   applied (in memory: a restarted worker has none) and answers it as
+///   [`PrepareReply::prepared`]; a `/prepare` without the header forgets the session's key.
+///   A worker that does not answer the key (an older one, or the original AnyWork's) gets
+///   `/prepare` before every task.
+/// - On `POST /chat`: the worker refuses the chat with 412 ([`NOT_PREPARED_STATUS`]) unless the
+///   session's last `/prepare` on this worker process carried this key and nothing since
+///   (a `DELETE /sessions/:id`) undid it; the server then sends `/prepare` and the chat again.
+///   A chat without the header is taken as before.
+pub const PREPARE_KEY_HEADER: &str = "x-anywork-prepare-key";
+
+/// The status of a `/chat` refused because the session's workspace is not in the state its
+/// [`PREPARE_KEY_HEADER`] names (`412 Precondition Failed`).
+pub const NOT_PREPARED_STATUS: u16 = 412;
+
+/// The answer of `POST /prepare`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareReply {
+    /// `ready`.
+    pub status: String,
+    /// The request's [`PREPARE_KEY_HEADER`], once applied; absent without one (and from
+    /// workers that do not keep keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared: Option<String>,
+}
 
 /// The shared secret between the server and one worker. Its `Debug` never shows the value;
 /// [`matches`](Self::matches) compares in constant time.
@@ -337,4 +371,10 @@ pub struct WorkerHealth {
     /// Sessions with a running task.
     #[serde(default)]
     pub busy_sessions: Vec<SessionId>,
+    /// Milliseconds since the worker last served a call other than `GET /health` or ended a
+    /// task (0 while one runs): how long it has been idle whichever server used it, which a
+    /// driver's idle reaper on another server cannot know by itself. `None` from a worker
+    /// that does not say (older ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_ms: Option<u64>,
 }

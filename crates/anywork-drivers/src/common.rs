@@ -242,8 +242,10 @@ pub async fn delete_session_workspace(
     ))
 }
 
-/// Whether an idle worker may be stopped: idle past `ttl`, no busy task for its session in
-/// the dispatcher's view (`busy`), and its `/health` (when it answers) reports no busy session.
+/// Whether an idle worker may be stopped: idle past `ttl` both in this driver's clock
+/// (`idle_for`) and by the worker's own account (its `/health`'s `idle_ms`: another
+/// server may have used it since this one did), no busy task for its session in the
+/// dispatcher's view (`busy`), and its `/health` (when it answers) reports no busy session.
 pub fn may_reap(
     session_id: &SessionId,
     idle_for: Duration,
@@ -251,7 +253,10 @@ pub fn may_reap(
     busy: &[SessionId],
     health: Option<&WorkerHealth>,
 ) -> bool {
-    idle_for >= ttl
+    let worker_idle = health
+        .and_then(|h| h.idle_ms)
+        .map_or(Duration::MAX, Duration::from_millis);
+    idle_for.min(worker_idle) >= ttl
         && !busy.contains(session_id)
         && health.is_none_or(|h| h.busy_sessions.is_empty())
 }
@@ -332,6 +337,7 @@ mod tests {
             version: "0".into(),
             executor: "native".into(),
             busy_sessions: busy,
+            idle_ms: None,
         };
         assert!(may_reap(&s, idle, ttl, &[], None));
         assert!(may_reap(
@@ -349,6 +355,25 @@ mod tests {
             ttl,
             &[],
             Some(&health(vec![s.clone()]))
+        ));
+        // Another server used the worker 10 s ago: not idle, whatever this driver's clock says.
+        let used_elsewhere = WorkerHealth {
+            idle_ms: Some(10_000),
+            ..health(vec![])
+        };
+        assert!(!may_reap(&s, idle, ttl, &[], Some(&used_elsewhere)));
+        let idle_everywhere = WorkerHealth {
+            idle_ms: Some(61_000),
+            ..health(vec![])
+        };
+        assert!(may_reap(&s, idle, ttl, &[], Some(&idle_everywhere)));
+        // The worker's word does not make a worker this driver just handed out reapable.
+        assert!(!may_reap(
+            &s,
+            Duration::from_secs(1),
+            ttl,
+            &[],
+            Some(&idle_everywhere)
         ));
     }
 

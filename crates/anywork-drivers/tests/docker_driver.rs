@@ -131,7 +131,9 @@ async fn passes_the_driver_conformance_suite() {
     }
     let pool = Pool::new("conf");
     // Nothing calls the model here; the worker only needs a model configured to start.
-    let config = pool.config("http://127.0.0.1:9/v1");
+    let mut config = pool.config("http://127.0.0.1:9/v1");
+    // Long enough that a reuse and the reaper's look fit in it on a loaded engine.
+    config.idle_ttl = Duration::from_secs(3);
     driver_conformance::run(DriverSuite::per_session().idle_ttl(config.idle_ttl), || {
         let config = config.clone();
         async move {

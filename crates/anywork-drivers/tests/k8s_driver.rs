@@ -768,12 +768,15 @@ async fn a_failed_pod_is_replaced() {
     let w2 = d.get_worker(&s).await.unwrap();
     let seq = dedup_polls(calls(&fake.requests()));
     let pod_path = format!("{PODS}/{name}");
+    // The worker secret is read from the API before the new pod, not remembered: another
+    // server may have replaced the Secret since.
     assert_eq!(
-        seq[..4],
+        seq[..5],
         [
             call("GET", &pod_path),
             call("DELETE", &pod_path),
             call("GET", &pod_path),
+            call("GET", &format!("{SECRETS}/{name}-auth")),
             call("POST", PODS),
         ]
     );

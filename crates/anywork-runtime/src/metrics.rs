@@ -16,6 +16,7 @@
 //! | `anywork_delivery_attempts_total` | counter: outbox delivery attempts by result | `result`: sent, retry, dead |
 //! | `anywork_worker_starts_total` | counter: a task got its worker | `driver` |
 //! | `anywork_worker_failures_total` | counter: an attempt to get a worker failed | `driver` |
+//! | `anywork_worker_prepares_total` | counter: a task's worker `/prepare`, sent or left out (unchanged since the worker acknowledged it) | `result`: sent, skipped |
 //! | `anywork_worker_start_seconds` | histogram: time for a task to get its worker, retries included | `driver` |
 //! | `anywork_model_tokens_total` | counter: tokens of finished tasks | `model`, `kind`: input, output, cache_read, cache_write |
 //! | `anywork_model_cost_usd_total` | counter: cost of finished tasks, US dollars | `model` |
@@ -61,6 +62,7 @@ pub(crate) struct Metrics {
     worker_starts: Family<DriverLabel, Counter>,
     worker_failures: Family<DriverLabel, Counter>,
     worker_start: Family<DriverLabel, Histogram>,
+    prepares: Family<Label, Counter>,
     tokens: Family<[(&'static str, String); 2], Counter>,
     cost: Family<[(&'static str, String); 1], Counter<f64, std::sync::atomic::AtomicU64>>,
     model_retries: Family<[(&'static str, String); 1], Counter>,
@@ -86,7 +88,12 @@ impl Default for Metrics {
         for result in ["sent", "retry", "dead"] {
             let _ = deliveries.get_or_create(&[("result", result)]);
         }
+        let prepares = Family::<Label, Counter>::default();
+        for result in ["sent", "skipped"] {
+            let _ = prepares.get_or_create(&[("result", result)]);
+        }
         Self {
+            prepares,
             submitted: Counter::default(),
             finished,
             runs,
@@ -200,6 +207,11 @@ impl Metrics {
             .inc();
     }
 
+    /// A task's `/prepare` was sent (`sent`) or left out as unchanged (`skipped`).
+    pub(crate) fn prepare(&self, result: &'static str) {
+        self.prepares.get_or_create(&[("result", result)]).inc();
+    }
+
     /// Shows the worker metrics of `driver` from the start (zeros rather than nothing).
     pub(crate) fn driver(&self, driver: &str) {
         let _ = self.worker_starts.get_or_create(&by_driver(driver));
@@ -271,6 +283,11 @@ impl Metrics {
             "anywork_worker_failures",
             "Failed attempts to get a worker, by driver",
             self.worker_failures.clone(),
+        );
+        registry.register(
+            "anywork_worker_prepares",
+            "Worker /prepare calls of tasks, sent or left out as unchanged",
+            self.prepares.clone(),
         );
         registry.register(
             "anywork_worker_start_seconds",

@@ -1,11 +1,15 @@
 //! [`WorkerClient`]: the server's side of the worker HTTP API (`anywork_core::worker_api`).
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anywork_core::worker_api::{
     ATTACH_PATH, CANCEL_PATH, CHAT_PATH, CancelRequest, ChatRequest, INPUT_PATH, InputAnswer,
-    PREPARE_PATH, PrepareRequest, SECRET_HEADER,
+    NOT_PREPARED_STATUS, PREPARE_KEY_HEADER, PREPARE_PATH, PrepareReply, PrepareRequest,
+    SECRET_HEADER,
 };
 use anywork_core::{
     Error, ErrorKind, Result, SessionId, TaskEvent, TaskOutcome, WireEvent, WorkerEndpoint,
@@ -20,12 +24,61 @@ use serde_json::Value;
 pub type ChatStream = Pin<Box<dyn Stream<Item = Result<TaskEvent>> + Send>>;
 
 /// Talks to workers, each call carrying the endpoint's secret ([`SECRET_HEADER`]) when it has
-/// one. Cheap to clone (one connection pool).
+/// one. Cheap to clone (one connection pool, one record of prepared sessions).
 #[derive(Debug, Clone)]
 pub struct WorkerClient {
     http: reqwest::Client,
     control_timeout: Duration,
     stream_idle_timeout: Duration,
+    /// The prepare key each worker acknowledged last, by (worker URL, session).
+    prepared: Arc<Mutex<HashMap<(String, SessionId), String>>>,
+}
+
+/// Sessions whose prepare key is remembered at most; past it the record starts over (a
+/// forgotten session costs one `/prepare`).
+const PREPARED_KEPT: usize = 100_000;
+
+/// A `/prepare` encoded once, with its key ([`PREPARE_KEY_HEADER`]) when it may be left out
+/// while unchanged: a request that checks out a repository is sent before every task (the
+/// checkout is refreshed each time).
+#[derive(Debug, Clone)]
+pub struct PreparedBody {
+    session: SessionId,
+    body: Vec<u8>,
+    key: Option<String>,
+}
+
+impl PreparedBody {
+    /// `request`, encoded.
+    pub fn new(request: &PrepareRequest) -> Result<Self> {
+        let body = serde_json::to_vec(request)
+            .map_err(|e| Error::internal(format!("cannot encode /prepare: {e}")))?;
+        let key = request.repository.is_none().then(|| {
+            // Only compared with what this process sent: a hash of the bytes sent is enough.
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            body.hash(&mut h);
+            format!("{:016x}-{:x}", h.finish(), body.len())
+        });
+        Ok(Self {
+            session: request.session_id.clone(),
+            body,
+            key,
+        })
+    }
+
+    /// The key, when the request may be left out while unchanged.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+}
+
+/// How a `/chat` began.
+pub enum ChatStart {
+    /// The worker took it: its events.
+    Started(ChatStream),
+    /// The worker refused it: the session is not prepared as the chat's prepare key says
+    /// (the worker restarted, or another worker answers at that address now).
+    NotPrepared,
 }
 
 /// Why reading a `/chat` stream's bytes stopped.
@@ -59,6 +112,7 @@ impl WorkerClient {
             http,
             control_timeout,
             stream_idle_timeout: Duration::from_secs(60),
+            prepared: Arc::default(),
         })
     }
 
@@ -72,7 +126,73 @@ impl WorkerClient {
 
     /// `POST /prepare`.
     pub async fn prepare(&self, worker: &WorkerEndpoint, request: &PrepareRequest) -> Result<()> {
-        self.post(worker, PREPARE_PATH, request).await.map(drop)
+        self.prepare_body(worker, &PreparedBody::new(request)?)
+            .await
+    }
+
+    /// `POST /prepare` of an encoded request, with its key; the key is remembered for the
+    /// worker and session when the worker answers it back (this worker API's workers do;
+    /// older and original ones do not, and get every `/prepare`).
+    pub async fn prepare_body(
+        &self,
+        worker: &WorkerEndpoint,
+        prepared: &PreparedBody,
+    ) -> Result<()> {
+        let record = (worker.base_url.clone(), prepared.session.clone());
+        // Unknown until the worker says, whatever happens to this call.
+        self.lock_prepared().remove(&record);
+        let mut request = self
+            .request(reqwest::Method::POST, worker, PREPARE_PATH)
+            .timeout(self.control_timeout)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(prepared.body.clone());
+        if let Some(key) = &prepared.key {
+            request = request.header(PREPARE_KEY_HEADER, key);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| transport_error(worker, PREPARE_PATH, e))?;
+        let response = check(worker, PREPARE_PATH, response).await?;
+        // The answer only matters for its key: anything else is an answer without one.
+        let reply = response.bytes().await.ok();
+        let acknowledged = reply
+            .and_then(|b| serde_json::from_slice::<PrepareReply>(&b).ok())
+            .and_then(|r| r.prepared);
+        if let Some(key) = acknowledged
+            && prepared.key.as_ref() == Some(&key)
+        {
+            let mut map = self.lock_prepared();
+            if map.len() >= PREPARED_KEPT {
+                map.clear();
+            }
+            map.insert(record, key);
+        }
+        Ok(())
+    }
+
+    /// Whether `worker` acknowledged `prepared`'s key last for its session: then `/prepare`
+    /// may be left out and the chat sent with [`chat_prepared`](Self::chat_prepared).
+    pub fn is_prepared(&self, worker: &WorkerEndpoint, prepared: &PreparedBody) -> bool {
+        let Some(key) = &prepared.key else {
+            return false;
+        };
+        self.lock_prepared()
+            .get(&(worker.base_url.clone(), prepared.session.clone()))
+            .is_some_and(|k| k == key)
+    }
+
+    /// Forgets what `worker` acknowledged for `session` (it refused a chat as unprepared).
+    pub fn forget_prepared(&self, worker: &WorkerEndpoint, session: &SessionId) {
+        self.lock_prepared()
+            .remove(&(worker.base_url.clone(), session.clone()));
+    }
+
+    fn lock_prepared(&self) -> std::sync::MutexGuard<'_, HashMap<(String, SessionId), String>> {
+        // One insert or remove at a time: consistent even after a panic.
+        self.prepared
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// `POST /chat`: the worker's SSE stream of task events.
@@ -83,14 +203,40 @@ impl WorkerClient {
     /// `error` and then either nothing or a `done` with empty metadata; such a run ends here
     /// with a failed `done` carrying the error.
     pub async fn chat(&self, worker: &WorkerEndpoint, request: &ChatRequest) -> Result<ChatStream> {
-        let response = self
+        match self.chat_prepared(worker, request, None).await? {
+            ChatStart::Started(stream) => Ok(stream),
+            ChatStart::NotPrepared => Err(Error::new(
+                ErrorKind::Protocol,
+                "the worker refused a chat as unprepared though it was sent no prepare key",
+            )),
+        }
+    }
+
+    /// [`chat`](Self::chat) that asks the worker to refuse it unless the session's workspace
+    /// is as the `/prepare` of `prepare_key` left it ([`ChatStart::NotPrepared`]).
+    pub async fn chat_prepared(
+        &self,
+        worker: &WorkerEndpoint,
+        request: &ChatRequest,
+        prepare_key: Option<&str>,
+    ) -> Result<ChatStart> {
+        let mut builder = self
             .request(reqwest::Method::POST, worker, CHAT_PATH)
-            .json(request)
+            .json(request);
+        if let Some(key) = prepare_key {
+            builder = builder.header(PREPARE_KEY_HEADER, key);
+        }
+        let response = builder
             .send()
             .await
             .map_err(|e| transport_error(worker, CHAT_PATH, e))?;
+        if prepare_key.is_some() && response.status().as_u16() == NOT_PREPARED_STATUS {
+            tracing::debug!(worker = %worker.worker_id, session = %request.session_id, "the worker has the session unprepared; preparing it again");
+            self.forget_prepared(worker, &request.session_id);
+            return Ok(ChatStart::NotPrepared);
+        }
         let response = check(worker, CHAT_PATH, response).await?;
-        Ok(self.events_of(worker, response))
+        Ok(ChatStart::Started(self.events_of(worker, response)))
     }
 
     /// `GET /chat/attach`: the events of a task the worker still runs (or ran lately) after

@@ -140,6 +140,8 @@ async fn api_calls_without_or_with_a_wrong_token_are_refused() {
     // Health and metrics stay open; the UI loads without the token (it asks for it).
     let (status, _, _) = send(http.get(format!("{}/api/health", server.url))).await;
     assert_eq!(status, 200);
+    let (status, body, _) = send(http.get(format!("{}/api/health/live", server.url))).await;
+    assert_eq!((status, &body), (200, &json!({"ok": true})));
     let r = http
         .get(format!("{}/metrics", server.url))
         .send()
@@ -155,6 +157,9 @@ async fn api_calls_without_or_with_a_wrong_token_are_refused() {
     let guarded = server_with(DispatcherConfig::default(), options).await;
     let (status, _, _) = send(http.get(format!("{}/api/health", guarded.url))).await;
     assert_eq!(status, 401);
+    // Liveness stays open (a Kubernetes probe carries no token), and says nothing more.
+    let (status, body, _) = send(http.get(format!("{}/api/health/live", guarded.url))).await;
+    assert_eq!((status, &body), (200, &json!({"ok": true})));
     let (status, _, _) = send(
         http.get(format!("{}/api/health", guarded.url))
             .bearer_auth(TOKEN),

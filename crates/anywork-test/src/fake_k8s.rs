@@ -19,9 +19,11 @@
 //! waiting in `CreateContainerConfigError`, as the kubelet leaves it.
 //!
 //! A created pod is `Pending`; after [`FakeK8s::set_pod_start`]'s delay it becomes `Running`
-//! and `Ready` — and then a tiny worker answering `GET /health` (a
-//! [`WorkerHealth`] document) listens on a loopback address of its own (`127.x.y.z`, all of
-//! 127/8 being local on Linux) at the pod's first container port, which becomes the pod's
+//! and `Ready` — and then a tiny worker answering `GET /health` (a [`WorkerHealth`]
+//! document, with `idle_ms`) and `GET /sessions/{id}/messages`, and requiring the
+//! secret of its `WORKER_SECRET` variable as the real worker does, listens on a loopback
+//! address of its own (`127.x.y.z`, all of 127/8 being local on Linux) at the pod's first
+//! container port, which becomes the pod's
 //! `podIP`. Deleting the pod stops that worker, so a driver's released worker really stops
 //! answering. Every connection to it is closed after one answer (no keep-alive survives).
 //!
@@ -36,7 +38,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anywork_core::SessionId;
-use anywork_core::worker_api::{HEALTH_PATH, WorkerHealth};
+use anywork_core::worker_api::{HEALTH_PATH, SECRET_HEADER, WorkerHealth};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -223,6 +225,16 @@ struct FakeWorker {
     addr: SocketAddr,
     busy: Arc<Mutex<Vec<SessionId>>>,
     task: JoinHandle<()>,
+}
+
+/// What a fake pod's worker knows: its secret (from its `WORKER_SECRET` variable, resolved
+/// from the Secret at start as the kubelet does), its busy sessions, and when it was last
+/// used.
+#[derive(Debug)]
+struct WorkerCore {
+    secret: Option<String>,
+    busy: Arc<Mutex<Vec<SessionId>>>,
+    last_used: Mutex<std::time::Instant>,
 }
 
 impl Drop for FakeWorker {
@@ -1132,10 +1144,17 @@ async fn kubelet(
         }
         return;
     }
+    let secret = {
+        let st = shared.lock();
+        if !same_pod(&st) {
+            return;
+        }
+        worker_secret(&st, &key)
+    };
     let mut worker = None;
     for _ in 0..64 {
         let ip = next_loopback();
-        match start_worker(SocketAddr::new(IpAddr::V4(ip), port)).await {
+        match start_worker(SocketAddr::new(IpAddr::V4(ip), port), secret.clone()).await {
             Ok(w) => {
                 worker = Some(w);
                 break;
@@ -1179,6 +1198,31 @@ async fn kubelet(
     st.workers.insert(uid, worker);
 }
 
+/// The value of the pod's `WORKER_SECRET` variable: its `secretKeyRef` read from the Secret
+/// now (the container's environment is fixed when it starts), or a plain value.
+fn worker_secret(st: &FakeState, key: &Key) -> Option<String> {
+    use base64::Engine as _;
+    let pod = st.objects.get(key)?;
+    let var = pod["spec"]["containers"][0]["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == "WORKER_SECRET")?;
+    if let Some(v) = var["value"].as_str() {
+        return Some(v.to_owned());
+    }
+    let from = &var["valueFrom"]["secretKeyRef"];
+    let secret = st.objects.get(&(
+        Resource::Secrets,
+        key.1.clone(),
+        from["name"].as_str()?.to_owned(),
+    ))?;
+    let encoded = secret["data"][from["key"].as_str()?].as_str()?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    String::from_utf8(bytes).ok()
+}
+
 /// The first secret that the pod under `key` takes a variable from and that does not exist.
 fn missing_secret(st: &FakeState, key: &Key) -> Option<String> {
     let pod = st.objects.get(key)?;
@@ -1198,30 +1242,35 @@ fn missing_secret(st: &FakeState, key: &Key) -> Option<String> {
         })
 }
 
-/// A worker's `GET /health` on `addr`; each connection gets one answer and is closed.
-async fn start_worker(addr: SocketAddr) -> std::io::Result<FakeWorker> {
+/// A worker on `addr` requiring `secret` as the real one does: `GET /health` (the whole
+/// [`WorkerHealth`] with the secret, `{"status":"ok"}` alone without it), and with the secret
+/// `GET /sessions/{id}/messages` (no messages; a use: `idle_ms` counts from the last
+/// one); 401 without it, 404 for anything else. Each connection gets one answer and is closed.
+async fn start_worker(addr: SocketAddr, secret: Option<String>) -> std::io::Result<FakeWorker> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let busy: Arc<Mutex<Vec<SessionId>>> = Arc::default();
-    let task = {
-        let busy = busy.clone();
-        tokio::spawn(async move {
-            let mut connections = tokio::task::JoinSet::new();
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => {
-                        let Ok((stream, _)) = accepted else { continue };
-                        connections.spawn(answer(stream, busy.clone()));
-                    }
-                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
+    let core = Arc::new(WorkerCore {
+        secret,
+        busy: busy.clone(),
+        last_used: Mutex::new(std::time::Instant::now()),
+    });
+    let task = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    connections.spawn(answer(stream, core.clone()));
                 }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
-        })
-    };
+        }
+    });
     Ok(FakeWorker { addr, busy, task })
 }
 
-async fn answer(mut stream: tokio::net::TcpStream, busy: Arc<Mutex<Vec<SessionId>>>) {
+async fn answer(mut stream: tokio::net::TcpStream, core: Arc<WorkerCore>) {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
@@ -1231,16 +1280,52 @@ async fn answer(mut stream: tokio::net::TcpStream, busy: Arc<Mutex<Vec<SessionId
         }
     }
     let head = String::from_utf8_lossy(&buf);
-    let mut first = head.lines().next().unwrap_or_default().split_whitespace();
+    let mut lines = head.lines();
+    let mut first = lines.next().unwrap_or_default().split_whitespace();
     let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+    let presented = lines
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case(SECRET_HEADER))
+        .map(|(_, value)| value.trim().to_owned());
+    let authorized = core.secret.is_none() || presented == core.secret;
+    let is_messages = path
+        .strip_prefix("/sessions/")
+        .and_then(|rest| rest.strip_suffix("/messages"))
+        .is_some_and(|id| !id.is_empty() && !id.contains('/'));
     let (code, body) = if method == "GET" && path == HEALTH_PATH {
-        let health = WorkerHealth {
-            status: "ok".into(),
-            version: "fake".into(),
-            executor: "fake".into(),
-            busy_sessions: busy.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        let body = if authorized {
+            let busy = core.busy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let idle = if busy.is_empty() {
+                core.last_used
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .elapsed()
+                    .as_millis()
+            } else {
+                0
+            };
+            serde_json::to_string(&WorkerHealth {
+                status: "ok".into(),
+                version: "fake".into(),
+                executor: "fake".into(),
+                busy_sessions: busy,
+                idle_ms: Some(u64::try_from(idle).unwrap_or(u64::MAX)),
+            })
+            .unwrap_or_default()
+        } else {
+            r#"{"status":"ok"}"#.to_owned()
         };
-        ("200 OK", serde_json::to_string(&health).unwrap_or_default())
+        ("200 OK", body)
+    } else if !authorized {
+        (
+            "401 Unauthorized",
+            r#"{"error":{"code":"unauthorized","message":"this worker requires its secret"}}"#
+                .to_owned(),
+        )
+    } else if method == "GET" && is_messages {
+        *core.last_used.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+        ("200 OK", r#"{"messages":[]}"#.to_owned())
     } else {
         ("404 Not Found", r#"{"error":"not found"}"#.to_owned())
     };

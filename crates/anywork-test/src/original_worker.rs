@@ -135,11 +135,15 @@ pub struct Received {
     pub body: Value,
     /// The status it answered.
     pub status: u16,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
 struct Inner {
     scripts: VecDeque<Script>,
+    /// What a `/chat` plays when no script is queued (`None`: one `text` and a `done`).
+    default_script: Option<Script>,
     received: Vec<Received>,
     histories: HashMap<String, Vec<Value>>,
     sessions: Vec<String>,
@@ -207,6 +211,11 @@ impl OriginalWorker {
         lock(&self.inner).scripts.push_back(script);
     }
 
+    /// What every `/chat` plays when no script is queued.
+    pub fn set_default(&self, script: Script) {
+        lock(&self.inner).default_script = Some(script);
+    }
+
     /// Every request so far.
     pub fn received(&self) -> Vec<Received> {
         lock(&self.inner).received.clone()
@@ -254,6 +263,7 @@ fn record(state: &Shared, route: &str, body: Value, status: u16) {
         route: route.into(),
         body,
         status,
+        at: std::time::Instant::now(),
     });
 }
 
@@ -325,11 +335,13 @@ async fn chat(State(state): State<Shared>, bytes: Bytes) -> Response {
             route: ROUTE.into(),
             body,
             status: 200,
+            at: std::time::Instant::now(),
         });
         if !inner.sessions.contains(&session) {
             inner.sessions.push(session.clone());
         }
-        inner.scripts.pop_front().unwrap_or_else(|| {
+        let default = inner.default_script.clone();
+        inner.scripts.pop_front().or(default).unwrap_or_else(|| {
             Script::of([
                 OriginalEvent::text("ok"),
                 OriginalEvent::done("ok", 0.0, 1, 1),
@@ -420,6 +432,7 @@ async fn health(State(state): State<Shared>) -> Response {
             route: "GET /health".into(),
             body: Value::Null,
             status: 200,
+            at: std::time::Instant::now(),
         });
         inner.sessions.len()
     };

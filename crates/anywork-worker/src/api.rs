@@ -2,9 +2,9 @@
 //!
 //! | method and path | body | answer |
 //! | --- | --- | --- |
-//! | `GET /health` | | `{"status":"ok","version","executor","busy_sessions":[..],"sandbox"}` |
-//! | `POST /prepare` | `{session_id, skills?, mcp_servers?, soul?, repository?: {url, git_ref?, dir, token?, pull_requests?: {api_url, repository, base}}}` (the repository is fetched shallowly into `dir` and checked out, each time; with a token and `pull_requests`, the session's tasks get the [pull-request tool](crate::pull_request)) | `{"status":"ready"}` |
-//! | `POST /chat` | `{task_id, session_id, message}` | `text/event-stream` of [`TaskEvent`](anywork_core::TaskEvent)s |
+//! | `GET /health` | | `{"status":"ok","version","executor","busy_sessions":[..],"idle_ms","sandbox"}` |
+//! | `POST /prepare` | `{session_id, skills?, mcp_servers?, soul?, repository?: {url, git_ref?, dir, token?, pull_requests?: {api_url, repository, base}}}` (the repository is fetched shallowly into `dir` and checked out, each time; with a token and `pull_requests`, the session's tasks get the [pull-request tool](crate::pull_request)) | `{"status":"ready","prepared"?}` (`prepared`: the request's `X-AnyWork-Prepare-Key`, remembered) |
+//! | `POST /chat` | `{task_id, session_id, message}` | `text/event-stream` of [`TaskEvent`](anywork_core::TaskEvent)s; 412 when its `X-AnyWork-Prepare-Key` is not the session's last prepare's |
 //! | `GET /chat/attach?task_id=&after_seq=` | | the same stream from the event after seq `after_seq` (SSE `id`s are seqs), for a client that lost it; 404 if the task is unknown |
 //! | `POST /cancel` | `{task_id}` | `{"status": <final status>, "task_id"}`, or 202 `canceling` |
 //! | `POST /input` | `{task_id, request_id, answer?, allow?}` | `{"status":"accepted"}` |
@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 use anywork_core::worker_api::{
     ATTACH_PATH, CANCEL_PATH, CHAT_PATH, CancelRequest, ChatRequest, HEALTH_PATH, INPUT_PATH,
-    InputAnswer, PREPARE_PATH, PrepareRequest, SECRET_HEADER,
+    InputAnswer, PREPARE_KEY_HEADER, PREPARE_PATH, PrepareReply, PrepareRequest, SECRET_HEADER,
 };
 use anywork_core::{Error, ErrorKind, ExecutionRequest, InputResponse, SessionId};
 pub use anywork_http::{ApiError, JsonBody, PathParam, QueryParams, status_for};
@@ -113,10 +113,12 @@ async fn require_secret(
 ) -> Response {
     // The tool endpoint checks its own per-session secret: the agent's CLI calls it.
     let path = request.uri().path();
-    if path == HEALTH_PATH
-        || path == crate::pull_request::MCP_PATH
-        || authorized(&state, request.headers())
-    {
+    if path == HEALTH_PATH || path == crate::pull_request::MCP_PATH {
+        return next.run(request).await;
+    }
+    if authorized(&state, request.headers()) {
+        // Any server's call is a use: the idle time /health reports counts from it.
+        state.touch();
         return next.run(request).await;
     }
     ApiError::from(Error::unauthorized(
@@ -169,20 +171,35 @@ async fn health(State(state): State<WorkerState>, headers: HeaderMap) -> Json<Va
         "version": env!("CARGO_PKG_VERSION"),
         "executor": state.executor().name(),
         "busy_sessions": busy,
+        "idle_ms": u64::try_from(state.idle_for().as_millis()).unwrap_or(u64::MAX),
         "sandbox": state.config().sandbox.status(),
     }))
 }
 
+/// The request's prepare key ([`PREPARE_KEY_HEADER`]), if it has a usable one.
+fn prepare_key(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(PREPARE_KEY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|k| !k.is_empty())
+}
+
 async fn prepare(
     State(state): State<WorkerState>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<PrepareRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PrepareReply>, ApiError> {
+    let key = prepare_key(&headers).map(str::to_owned);
     let workspace = state.workspace().clone();
     let repository = body.repository;
     let session_id = body.session_id.clone();
     if let Some(r) = &repository {
         r.validate()?;
     }
+    // Whatever happens from here, the session's state is no longer the one of its last key
+    // until this request is fully applied.
+    let session = body.session_id.clone();
+    state.set_prepared(&session, None);
     let dir = blocking(move || {
         workspace.prepare_seeded(
             &body.session_id,
@@ -201,15 +218,32 @@ async fn prepare(
         }
         None => state.clear_session_repo(&session_id),
     }
-    Ok(Json(json!({ "status": "ready" })))
+    state.set_prepared(&session, key.clone());
+    Ok(Json(PrepareReply {
+        status: "ready".to_owned(),
+        prepared: key,
+    }))
 }
 
 async fn chat(
     State(state): State<WorkerState>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<ChatRequest>,
 ) -> Result<Response, ApiError> {
     if body.message.trim().is_empty() {
         return Err(Error::invalid_input("`message` must not be empty").into());
+    }
+    if let Some(key) = prepare_key(&headers)
+        && !state.is_prepared(&body.session_id, key)
+    {
+        return Err(ApiError::with_status(
+            StatusCode::PRECONDITION_FAILED,
+            Error::conflict(format!(
+                "session {} is not prepared as this chat expects (this worker restarted, or \
+                 the session was prepared otherwise or deleted since): send /prepare again",
+                body.session_id
+            )),
+        ));
     }
     #[allow(unused_mut)]
     let mut guard = state.reserve(body.task_id, &body.session_id)?;
@@ -364,6 +398,7 @@ async fn delete_session(
         })?;
     let workspace = state.workspace().clone();
     let target = session.clone();
+    state.set_prepared(&session, None);
     blocking(move || workspace.delete_session(&target)).await?;
     state.forget_session(&session);
     drop(hold);

@@ -33,6 +33,11 @@ struct Args {
     /// server, restarted, re-attaches to it (`GET /chat/attach`); 0 stops it at once.
     #[arg(long, env = "DETACH_GRACE_SECONDS", default_value_t = 120)]
     detach_grace_seconds: u64,
+    /// The one session this worker serves, when its driver starts a worker per session
+    /// (Docker, Kubernetes set it): its first task is got ready for at start (Claude Code: a
+    /// spare CLI, unless CLAUDE_SPARE=0).
+    #[arg(long, env = anywork_core::worker_api::SESSION_ENV)]
+    session_id: Option<anywork_core::SessionId>,
 }
 
 #[tokio::main]
@@ -89,6 +94,18 @@ async fn main() -> anyhow::Result<()> {
         .with_self_url(Some(self_url));
     let state = WorkerState::new(config, executor)
         .with_context(|| format!("cannot use WORKSPACE_DIR {}", args.workspace_dir.display()))?;
+    if let Some(session) = &args.session_id {
+        // Before serving: no task of the session can run meanwhile. Only a head start, so a
+        // failure is logged, not fatal.
+        match state.prestart(session).await {
+            Ok(started) => {
+                tracing::info!(%session, started, "got ready for the session's first task")
+            }
+            Err(e) => {
+                tracing::warn!(%session, "cannot get ready for the session's first task: {e}")
+            }
+        }
+    }
     tracing::info!(%addr, executor = state.executor().name(), "worker listening");
     serve(listener, state, anywork_http::shutdown_signal()).await?;
     Ok(())

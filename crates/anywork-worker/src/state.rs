@@ -165,6 +165,8 @@ struct Inner {
     /// Per session: the secret of its tool endpoint, and the running task's pull-request tool.
     #[allow(clippy::type_complexity)]
     tools: Mutex<HashMap<SessionId, (String, Option<Arc<dyn anywork_core::PullRequestOpener>>)>>,
+    /// When the worker last served a call (other than `GET /health`) or ended a task.
+    last_used: Mutex<std::time::Instant>,
 }
 
 /// A session's repository, as the last `/prepare` checked it out.
@@ -185,6 +187,8 @@ struct Runs {
     sessions: HashMap<SessionId, TaskId>,
     /// Journals of runs that ended, newest last, for a client re-attaching late.
     ended: std::collections::VecDeque<(TaskId, Arc<Journal>, std::time::Instant)>,
+    /// The prepare key (`x-anywork-prepare-key`) of each session's last `/prepare`, applied.
+    prepared: HashMap<SessionId, String>,
 }
 
 /// Ended runs' journals kept at most, and for how long.
@@ -222,8 +226,27 @@ impl WorkerState {
                 runs: Mutex::new(Runs::default()),
                 repos: Mutex::new(HashMap::new()),
                 tools: Mutex::new(HashMap::new()),
+                last_used: Mutex::new(std::time::Instant::now()),
             }),
         })
+    }
+
+    /// Gets ready for the first task of `session`, the one session this worker serves (a
+    /// container per session, `WORKER_SESSION_ID`): creates its workspace folders (not its
+    /// `SOUL.md` / `AGENTS.md`, which `/prepare` may bring from the server) and lets the
+    /// executor start ahead what that task needs ([`Executor::prestart`]; Claude Code: a spare
+    /// CLI). Call it before serving, so that no task of the session runs meanwhile. Returns
+    /// whether the executor started something.
+    pub async fn prestart(&self, session: &SessionId) -> Result<bool> {
+        let workspace = self.inner.workspace.clone();
+        let id = session.clone();
+        let dir = tokio::task::spawn_blocking(move || workspace.ensure_session_dirs(&id))
+            .await
+            .map_err(|e| Error::internal(format!("preparing the workspace panicked: {e}")))??;
+        self.inner
+            .executor
+            .prestart(&dir, self.inner.workspace.root())
+            .await
     }
 
     /// The configuration.
@@ -246,6 +269,28 @@ impl WorkerState {
         let mut sessions: Vec<SessionId> = self.runs().sessions.keys().cloned().collect();
         sessions.sort();
         sessions
+    }
+
+    /// The worker is used now (a call other than `GET /health`, or a task ending).
+    pub fn touch(&self) {
+        *self
+            .inner
+            .last_used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+    }
+
+    /// How long the worker has been idle: zero while a task runs, else the time since it was
+    /// last [touched](Self::touch) (or started).
+    pub fn idle_for(&self) -> Duration {
+        if !self.runs().sessions.is_empty() {
+            return Duration::ZERO;
+        }
+        self.inner
+            .last_used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
     }
 
     /// Whether `session` has a running task.
@@ -375,6 +420,28 @@ impl WorkerState {
             opened: Arc::default(),
             serves_tool: false,
         })
+    }
+
+    /// Records that `session`'s workspace is as the `/prepare` with `key` left it (`None`: a
+    /// `/prepare` without a key, or one under way or failed, whose state has no name).
+    pub(crate) fn set_prepared(&self, session: &SessionId, key: Option<String>) {
+        let mut runs = self.runs();
+        match key {
+            Some(key) => {
+                runs.prepared.insert(session.clone(), key);
+            }
+            None => {
+                runs.prepared.remove(session);
+            }
+        }
+    }
+
+    /// Whether `session`'s last `/prepare` carried `key` and nothing undid it since.
+    pub(crate) fn is_prepared(&self, session: &SessionId, key: &str) -> bool {
+        self.runs()
+            .prepared
+            .get(session)
+            .is_some_and(|k| k.as_str() == key)
     }
 
     /// Records the control handle of a started run.
@@ -511,6 +578,7 @@ impl Drop for RunGuard {
         if self.serves_tool {
             self.state.set_session_tool(&self.session_id, None);
         }
+        self.state.touch();
         let keep = !self.state.config().detach_grace.is_zero();
         let mut runs = self.state.runs();
         runs.tasks.remove(&self.task_id);

@@ -272,17 +272,7 @@ impl Workspace {
         soul: Option<&str>,
         agents: Option<&str>,
     ) -> Result<PathBuf> {
-        self.create_root()?;
-        let ws = ensure_dirs(&self.root, &[&encode_session_id(session)])?;
-        private_dir(&ws)?;
-        for dirs in [
-            &[SESSIONS_DIR][..],
-            &[FILES_DIR],
-            &[SKILLS_DIR],
-            &[".claude", SKILLS_DIR],
-        ] {
-            ensure_dirs(&ws, dirs)?;
-        }
+        let ws = self.ensure_session_dirs(session)?;
         for doc in [WorkspaceDoc::Soul, WorkspaceDoc::Agents] {
             let path = ws.join(doc.file_name());
             if !check_file_slot(&path)? {
@@ -296,6 +286,24 @@ impl Workspace {
                 };
                 write_new_atomic(&ws, doc.file_name(), text.as_bytes())?;
             }
+        }
+        Ok(ws)
+    }
+
+    /// The folders of `session`'s workspace, created if needed, without its `SOUL.md` and
+    /// `AGENTS.md` (which [`ensure_session_seeded`](Self::ensure_session_seeded) adds later,
+    /// from the server's defaults when it has some). Returns its directory.
+    pub fn ensure_session_dirs(&self, session: &SessionId) -> Result<PathBuf> {
+        self.create_root()?;
+        let ws = ensure_dirs(&self.root, &[&encode_session_id(session)])?;
+        private_dir(&ws)?;
+        for dirs in [
+            &[SESSIONS_DIR][..],
+            &[FILES_DIR],
+            &[SKILLS_DIR],
+            &[".claude", SKILLS_DIR],
+        ] {
+            ensure_dirs(&ws, dirs)?;
         }
         Ok(ws)
     }

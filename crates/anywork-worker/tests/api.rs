@@ -913,6 +913,110 @@ async fn prepare_writes_skills_twice_and_mcp_json_and_replaces_on_the_next_call(
     );
 }
 
+impl Harness {
+    /// A request with `headers` and a JSON body.
+    async fn call_with(
+        &self,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: Value,
+    ) -> (StatusCode, Value, Option<Response>) {
+        let mut builder = Request::builder()
+            .method("POST")
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/json");
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let response = self
+            .send(builder.body(Body::from(body.to_string())).unwrap())
+            .await;
+        let is_stream = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.to_str().unwrap().starts_with("text/event-stream"));
+        if is_stream {
+            return (response.status(), Value::Null, Some(response));
+        }
+        let (status, value) = json_of(response).await;
+        (status, value, None)
+    }
+
+    /// A chat with the prepare key `key`: its status, and the stream read to its end.
+    async fn keyed_chat(&self, session: &str, key: Option<&str>) -> (StatusCode, Value) {
+        let headers: Vec<(&str, &str)> = key
+            .map(|k| vec![("x-anywork-prepare-key", k)])
+            .unwrap_or_default();
+        let body = json!({"task_id": TaskId::generate(), "session_id": session, "message": "hi"});
+        let (status, value, stream) = self.call_with("/chat", &headers, body).await;
+        if let Some(stream) = stream {
+            let events = SseReader::new(stream).rest().await;
+            assert_eq!(events.last().unwrap().name, "done");
+            self.wait_idle().await;
+        }
+        (status, value)
+    }
+}
+
+#[tokio::test]
+async fn a_prepare_key_is_answered_and_a_chat_expecting_another_is_refused_with_412() {
+    let h = harness();
+    let session = "s";
+    let body = json!({"session_id": session, "skills": [{"name": "greet", "content": "hi"}]});
+    let key = [("x-anywork-prepare-key", "k1")];
+    let (status, reply, _) = h.call_with("/prepare", &key, body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert_eq!(reply, json!({"status": "ready", "prepared": "k1"}));
+
+    // The key it was prepared with: accepted; another (or a session never prepared): 412.
+    assert_eq!(h.keyed_chat(session, Some("k1")).await.0, StatusCode::OK);
+    let (status, reply) = h.keyed_chat(session, Some("k2")).await;
+    assert_eq!(status, StatusCode::PRECONDITION_FAILED, "{reply}");
+    assert_error(&reply, "conflict", "not prepared");
+    assert_eq!(
+        h.keyed_chat("other", Some("k1")).await.0,
+        StatusCode::PRECONDITION_FAILED
+    );
+    // Without a key, as every chat was before: taken.
+    assert_eq!(h.keyed_chat(session, None).await.0, StatusCode::OK);
+    assert_eq!(
+        h.exec.started.lock().unwrap().len(),
+        2,
+        "refused chats never started"
+    );
+
+    // A prepare without a key forgets the session's key; a refused prepare too.
+    let (status, reply, _) = h.call_with("/prepare", &[], body.clone()).await;
+    assert_eq!(
+        (status, reply),
+        (StatusCode::OK, json!({"status": "ready"}))
+    );
+    assert_eq!(
+        h.keyed_chat(session, Some("k1")).await.0,
+        StatusCode::PRECONDITION_FAILED
+    );
+    h.call_with("/prepare", &key, body.clone()).await;
+    let bad = json!({"session_id": session, "skills": [{"name": "../x", "content": "x"}]});
+    let (status, _, _) = h
+        .call_with("/prepare", &[("x-anywork-prepare-key", "k3")], bad)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        h.keyed_chat(session, Some("k1")).await.0,
+        StatusCode::PRECONDITION_FAILED
+    );
+
+    // Deleting the session's workspace forgets its key.
+    h.call_with("/prepare", &key, body).await;
+    assert_eq!(h.keyed_chat(session, Some("k1")).await.0, StatusCode::OK);
+    let (status, _) = h.call("DELETE", "/sessions/s", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        h.keyed_chat(session, Some("k1")).await.0,
+        StatusCode::PRECONDITION_FAILED
+    );
+}
+
 #[tokio::test]
 async fn prepare_refuses_paths_that_escape_and_writes_nothing() {
     let h = harness();
@@ -1077,18 +1181,25 @@ async fn bad_bodies_are_4xx_json_that_says_what_is_wrong() {
 #[tokio::test]
 async fn health_names_the_executor_and_busy_sessions() {
     let h = harness();
-    let (status, body) = h.call("GET", "/health", None).await;
+    let (status, mut body) = h.call("GET", "/health", None).await;
     assert_eq!(status, StatusCode::OK);
+    let idle = body.as_object_mut().unwrap().remove("idle_ms");
+    let idle = idle.and_then(|v| v.as_u64()).expect("idle_ms, a number");
     assert_eq!(
         body,
         json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"),
                "executor": "scripted", "busy_sessions": [],
                "sandbox": format!("none: {}", anywork_worker::sandbox::NOT_CONFIGURED)})
     );
+    // Asking for /health is not a use: the idle time goes on.
+    let (_, again) = h.call("GET", "/health", None).await;
+    assert!(again["idle_ms"].as_u64().unwrap() >= idle, "{again}");
     h.exec.script("hang", Script::new(vec![Step::Hang]));
     let task = TaskId::generate();
     let sse = h.chat_ok(task, "x/y", "hang").await;
     assert_eq!(h.busy().await, vec![json!("x/y")]);
+    let (_, running) = h.call("GET", "/health", None).await;
+    assert_eq!(running["idle_ms"], 0, "not idle while a task runs");
     let (status, _) = h
         .call("POST", "/cancel", Some(json!({"task_id": task})))
         .await;

@@ -15,6 +15,7 @@ use anywork_test::fake_llm::{FakeLlm, Reply};
 use anywork_worker::claude::{HISTORY_LOST, LINE_TOO_LONG, SESSION_ID_FILE, SESSIONS_DIR};
 use anywork_worker::{
     ClaudeCodeConfig, ClaudeCodeExecutor, PermissionMode, Sandbox, SandboxConfig, SandboxMode,
+    Workspace, WorkspaceDoc,
 };
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -1201,6 +1202,158 @@ async fn changed_skills_or_removed_workspace_release_the_warm_process() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// A spare process for a one-session worker, with the real CLI.
+
+/// A worker root whose default SOUL.md holds [`SOUL_MARKER`], and the folders (only) of
+/// `session`'s workspace, as `WorkerState::prestart` leaves them.
+fn spare_root(session: &SessionId) -> (tempfile::TempDir, Workspace, PathBuf) {
+    let root = tempfile::tempdir().unwrap();
+    let workspace = Workspace::new(root.path());
+    workspace.init().unwrap();
+    workspace
+        .write_doc(
+            None,
+            WorkspaceDoc::Soul,
+            &format!("# Soul\n\nYou are careful. {SOUL_MARKER}\n"),
+        )
+        .unwrap();
+    let ws = workspace.ensure_session_dirs(session).unwrap();
+    (root, workspace, ws)
+}
+
+/// What the model is sent, with `ws` written as `<ws>`, for comparing two runs.
+fn prompt_strings(request: &anywork_test::fake_llm::RecordedRequest, ws: &Path) -> Vec<String> {
+    fn visit(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::String(s) => out.push(s.clone()),
+            Value::Array(items) => items.iter().for_each(|i| visit(i, out)),
+            Value::Object(map) => map.values().for_each(|i| visit(i, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for part in ["system", "messages"] {
+        visit(&request.body[part], &mut out);
+    }
+    let ws = std::fs::canonicalize(ws).unwrap().display().to_string();
+    // The CLI's folder of the project under CLAUDE_CONFIG_DIR: the path, `/` and `.` as `-`.
+    let project: String = ws
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    out.iter()
+        .map(|s| s.replace(&ws, "<ws>").replace(&project, "<project>"))
+        .collect()
+}
+
+/// The spare runs the session's first task: no new process, and the model is sent the same
+/// system prompt and messages as by a CLI started for the task (the default SOUL.md, written
+/// into the workspace only after the spare started).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spare_runs_the_first_task_as_a_new_process_would() {
+    let Some(claude) = claude_cli("a_spare_runs_the_first_task_as_a_new_process_would") else {
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| Reply::text("Hello from the fake."));
+    let session = SessionId::new("s-spare").unwrap();
+    let (root, workspace, ws) = spare_root(&session);
+    let executor = ClaudeCodeExecutor::new(config(&claude, &fake));
+    assert!(executor.prestart(&ws, root.path()).await.unwrap());
+    let pid = only_process(&ws);
+    assert!(!ws.join("SOUL.md").exists(), "left for /prepare to write");
+    let stats = executor.warm_stats();
+    assert_eq!(
+        (stats.started, stats.spares, stats.idle),
+        (1, 1, 1),
+        "{stats:?}"
+    );
+
+    // What /prepare (no server defaults) and /chat do, then the task.
+    workspace
+        .ensure_session_seeded(&session, None, None)
+        .unwrap();
+    let events = run(&executor, &ws, "hello spare").await;
+    assert_eq!(done(&events).status, TaskStatus::Completed, "{events:#?}");
+    assert_eq!(texts(&events), "Hello from the fake.");
+    assert_eq!(only_process(&ws), pid, "the spare ran it");
+    let stats = executor.warm_stats();
+    assert_eq!((stats.started, stats.spares_used), (1, 1), "{stats:?}");
+    let with_spare = fake.last_request().unwrap();
+    assert!(with_spare.contains_text(SOUL_MARKER));
+
+    // The same first task in a CLI started for it.
+    let other = SessionId::new("s-no-spare").unwrap();
+    let ws2 = workspace.ensure_session(&other).unwrap();
+    let cold = ClaudeCodeExecutor::new(config(&claude, &fake).with_spare(false));
+    assert!(!cold.prestart(&ws2, root.path()).await.unwrap(), "off");
+    let events = run(&cold, &ws2, "hello spare").await;
+    assert_eq!(done(&events).status, TaskStatus::Completed, "{events:#?}");
+    let without = fake.last_request().unwrap();
+    let (a, b) = (
+        prompt_strings(&with_spare, &ws),
+        prompt_strings(&without, &ws2),
+    );
+    let differ: Vec<(usize, &String, Option<&String>)> = a
+        .iter()
+        .enumerate()
+        .filter(|(i, s)| b.get(*i) != Some(*s))
+        .map(|(i, s)| (i, s, b.get(i)))
+        .collect();
+    assert!(
+        differ.is_empty() && a.len() == b.len(),
+        "the spare's first request is the one a new process sends; differing: {differ:#?}"
+    );
+    drop(executor);
+    drop(cold);
+    assert_no_processes(&ws, Duration::from_secs(2)).await;
+}
+
+/// When `/prepare` brings the server's own SOUL.md default (or skills, MCP servers), the spare
+/// does not match the workspace any more: it is released and the task runs in a new CLI with
+/// what was prepared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spare_is_released_when_prepare_brings_other_settings() {
+    let Some(claude) = claude_cli("a_spare_is_released_when_prepare_brings_other_settings") else {
+        return;
+    };
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| Reply::text("ok"));
+    let session = SessionId::new("s-spare-2").unwrap();
+    let (root, workspace, ws) = spare_root(&session);
+    let executor = ClaudeCodeExecutor::new(config(&claude, &fake));
+    assert!(executor.prestart(&ws, root.path()).await.unwrap());
+    let spare = only_process(&ws);
+    workspace
+        .ensure_session_seeded(&session, Some("Server soul SERVER-SOUL-5e1d"), None)
+        .unwrap();
+    let events = run(&executor, &ws, "hi").await;
+    assert_eq!(done(&events).status, TaskStatus::Completed, "{events:#?}");
+    let request = fake.last_request().unwrap();
+    assert!(request.contains_text("SERVER-SOUL-5e1d"));
+    assert!(
+        !request.contains_text(SOUL_MARKER),
+        "not the worker's default"
+    );
+    let stats = executor.warm_stats();
+    assert_eq!(
+        (stats.started, stats.spares, stats.spares_used),
+        (2, 1, 0),
+        "{stats:?}"
+    );
+    wait_gone(&ws, spare).await;
+}
+
+/// Waits until process `pid` no longer runs in `ws`; panics after 5 s.
+async fn wait_gone(ws: &Path, pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while processes_in(ws).contains(&pid) {
+        assert!(Instant::now() < deadline, "process {pid} was not released");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Without the real CLI.
 
 #[tokio::test]
@@ -1381,4 +1534,115 @@ done"#,
         (2, 0, 0),
         "{stats:?}"
     );
+}
+
+/// `WorkerState::prestart` (a worker serving one session) creates the session's folders but
+/// not its SOUL.md, so the server's defaults still apply at `/prepare`; the spare then runs
+/// the first task. Off with `CLAUDE_SPARE=0`; never past the cap, never pushing out a warm
+/// process.
+#[tokio::test]
+async fn a_spare_is_started_within_the_cap_and_can_be_turned_off() {
+    let bin_dir = tempfile::tempdir().unwrap();
+    let bin = script(bin_dir.path(), LONG_LIVED);
+    let root = tempfile::tempdir().unwrap();
+    let session = SessionId::new("s-one").unwrap();
+
+    let off = std::sync::Arc::new(ClaudeCodeExecutor::new(
+        ClaudeCodeConfig::new(&bin).with_spare(false),
+    ));
+    let state = anywork_worker::WorkerState::new(
+        anywork_worker::WorkerConfig::new(root.path()),
+        off.clone(),
+    )
+    .unwrap();
+    assert!(!state.prestart(&session).await.unwrap());
+    let ws = root
+        .path()
+        .join(anywork_worker::encode_session_id(&session));
+    assert!(ws.join(".claude/skills").is_dir(), "the folders are made");
+    assert!(processes_in(&ws).is_empty());
+    drop(state);
+
+    let executor = std::sync::Arc::new(ClaudeCodeExecutor::new(ClaudeCodeConfig::new(&bin)));
+    let state = anywork_worker::WorkerState::new(
+        anywork_worker::WorkerConfig::new(root.path()),
+        executor.clone(),
+    )
+    .unwrap();
+    assert!(state.prestart(&session).await.unwrap());
+    assert!(
+        !state.prestart(&session).await.unwrap(),
+        "one spare per session"
+    );
+    let spare = only_process(&ws);
+    assert!(!ws.join("SOUL.md").exists());
+    state
+        .workspace()
+        .prepare_seeded(
+            &session,
+            &[],
+            &Default::default(),
+            None,
+            Some("server soul"),
+            None,
+        )
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(ws.join("SOUL.md")).unwrap(),
+        "server soul",
+        "the server's default applies"
+    );
+    // The prompt changed (the server's SOUL.md): the spare goes, a new process runs it.
+    let events = run(&executor, &ws, "hi").await;
+    assert!(result_text(&events).ends_with("turn 1"));
+    wait_gone(&ws, spare).await;
+    let stats = executor.warm_stats();
+    assert_eq!(
+        (stats.spares, stats.spares_used, stats.started),
+        (1, 0, 2),
+        "{stats:?}"
+    );
+
+    // A cap of one, taken by a warm process of another session: no spare.
+    let capped = ClaudeCodeExecutor::new(ClaudeCodeConfig::new(&bin).with_warm_max(1));
+    let a = workspace();
+    assert!(result_text(&run(&capped, a.path(), "hi").await).ends_with("turn 1"));
+    let b = workspace();
+    assert!(!capped.prestart(b.path(), root.path()).await.unwrap());
+    assert!(processes_in(b.path()).is_empty());
+    only_process(a.path());
+    // Room for it: the spare runs b's first task, in its own process.
+    let roomy = ClaudeCodeExecutor::new(ClaudeCodeConfig::new(&bin).with_warm_max(2));
+    assert!(roomy.prestart(b.path(), root.path()).await.unwrap());
+    let spare = only_process(b.path());
+    let text = result_text(&run(&roomy, b.path(), "hi").await);
+    assert_eq!(text, format!("pid {spare} turn 1"));
+    let stats = roomy.warm_stats();
+    assert_eq!((stats.started, stats.spares_used), (1, 1), "{stats:?}");
+}
+
+/// A spare that dies before writing anything for its task is replaced in the same task.
+#[tokio::test]
+async fn a_spare_that_dies_silently_is_replaced_in_the_same_task() {
+    let bin_dir = tempfile::tempdir().unwrap();
+    let bin = script(
+        bin_dir.path(),
+        &format!("if [ -e die-first ]; then rm die-first; read -r line; exit 1; fi\n{LONG_LIVED}"),
+    );
+    let root = tempfile::tempdir().unwrap();
+    let ws = workspace();
+    std::fs::write(ws.path().join("die-first"), "").unwrap();
+    let executor = ClaudeCodeExecutor::new(ClaudeCodeConfig::new(bin));
+    assert!(executor.prestart(ws.path(), root.path()).await.unwrap());
+    let spare = only_process(ws.path());
+    let events = run(&executor, ws.path(), "hi").await;
+    let text = result_text(&events);
+    assert!(text.ends_with("turn 1"), "{text}");
+    assert!(
+        !text.contains(&format!("pid {spare} ")),
+        "a new process: {text}"
+    );
+    assert!(error_codes(&events).is_empty(), "{events:#?}");
+    let stats = executor.warm_stats();
+    assert_eq!((stats.started, stats.spares_used), (2, 1), "{stats:?}");
 }

@@ -96,6 +96,11 @@ impl std::fmt::Debug for DockerDriver {
 /// How often the state of a starting container is looked at while its worker is awaited.
 const CONTAINER_WATCH_EVERY: Duration = Duration::from_millis(250);
 
+/// How long a container another server created may stay unstarted without its secret (its
+/// creator is copying the secret in) before it counts as left by a creator that died. The
+/// copy is one request; this is far above it even on a loaded engine.
+const CREATOR_GRACE: Duration = Duration::from_secs(20);
+
 /// Why a started container did not become a worker.
 enum NotReady {
     /// Its worker did not answer `/health` in time.
@@ -109,8 +114,9 @@ enum Found {
     Nothing,
     /// Running, for this long (`None`: the engine did not say).
     Running(WorkerEndpoint, Option<Duration>),
-    /// Created but not started (a creator that died, or one in another process).
-    Created(String),
+    /// Created but not started (a creator in another process, or one that died), this long
+    /// ago (`None`: the engine did not say).
+    Created(String, Option<Duration>),
     /// Exited, dead, paused, or unusable: remove it and create anew.
     Stale(String),
 }
@@ -317,7 +323,13 @@ impl DockerDriver {
                     None => Found::Stale(id),
                 }
             }
-            Some(ContainerStateStatusEnum::CREATED) => Found::Created(id),
+            Some(ContainerStateStatusEnum::CREATED) => {
+                let age = c
+                    .created
+                    .as_deref()
+                    .and_then(|t| crate::common::age_of_rfc3339(t, std::time::SystemTime::now()));
+                Found::Created(id, age)
+            }
             _ => Found::Stale(id),
         })
     }
@@ -397,6 +409,10 @@ impl DockerDriver {
         env.push(format!("WORKER_PORT={}", c.worker_port));
         env.push(format!("WORKSPACE_DIR={WORKSPACE_MOUNT}"));
         env.push(format!(
+            "{}={session_id}",
+            anywork_core::worker_api::SESSION_ENV
+        ));
+        env.push(format!(
             "WORKER_SECRET_FILE={WORKSPACE_MOUNT}/{}",
             secret::SECRET_FILE
         ));
@@ -453,6 +469,7 @@ impl DockerDriver {
         "WORKER_SECRET",
         "WORKER_SECRET_FILE",
         "WORKER_ENV_FILE",
+        anywork_core::worker_api::SESSION_ENV,
     ];
 
     /// The worker variables that hold secrets: they go to a file, not the environment.
@@ -662,8 +679,11 @@ impl DockerDriver {
     /// Makes, adopts or repairs the session's worker; the caller holds the session lock.
     async fn obtain(&self, session_id: &SessionId) -> Result<WorkerEndpoint> {
         // A few rounds: a conflict with a concurrent creator or remover is resolved by looking
-        // again.
-        for round in 0..5 {
+        // again. Waiting for another process's creator to finish is not a round.
+        let mut round = 0;
+        let waiting_since = std::time::Instant::now();
+        while round < 5 {
+            round += 1;
             match self.find(session_id).await? {
                 Found::Running(endpoint, up_for) => {
                     let Some(worker_secret) = self.secret_of(&endpoint.worker_id).await else {
@@ -705,13 +725,23 @@ impl DockerDriver {
                         }
                     }
                 }
-                Found::Created(id) => {
+                Found::Created(id, age) => {
                     if self.secret_of(&id).await.is_none() {
-                        // Its creator (another process) is copying the secret in, or died
-                        // before it did: wait a little, then start over.
-                        if round < 3 {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        // Its creator (another server) is copying the secret in: wait for it
+                        // to start the container (then adopt it) rather than remove it under
+                        // that creator's feet. Only a container left unstarted past the
+                        // creator's grace is its dead creator's, and is replaced.
+                        let young = age.unwrap_or_default() < CREATOR_GRACE;
+                        if young && waiting_since.elapsed() < CREATOR_GRACE {
+                            round -= 1;
+                            tokio::time::sleep(CONTAINER_WATCH_EVERY).await;
                         } else {
+                            tracing::warn!(
+                                session = %session_id,
+                                container = %id,
+                                "a worker container was created but never given its secret \
+                                 (its creator died?); replacing it"
+                            );
                             self.remove_by_id(&id).await?;
                         }
                         continue;

@@ -272,56 +272,19 @@ impl K8sDriver {
         }
     }
 
-    /// The worker secret of `session_id`: remembered, else read from its Secret, else (when
-    /// `create`) a new one stored in a new Secret. `None` when there is none and `create` is
-    /// false (a pod made before workers had secrets).
-    async fn session_secret(
-        &self,
-        session_id: &SessionId,
-        create: bool,
-    ) -> Result<Option<WorkerSecret>> {
-        if let Some(s) = self.remembered_secret(session_id) {
-            return Ok(Some(s));
-        }
+    /// The worker secret of the session's next pod, from the API: read from its Secret, else
+    /// a new one stored in a new Secret (a concurrent creator's 409 makes this read theirs).
+    /// Never from memory: another server may have deleted the Secret (with its pod) since.
+    async fn ensure_session_secret(&self, session_id: &SessionId) -> Result<WorkerSecret> {
         let name = self.auth_secret_name(session_id);
         for _ in 0..3 {
-            let existing = self
-                .secrets
-                .get_opt(&name)
-                .await
-                .map_err(|e| self.api_error(e, "get", "secrets", &name))?;
-            if let Some(existing) = existing {
-                let value = existing
-                    .data
-                    .as_ref()
-                    .and_then(|d| d.get(WORKER_SECRET_KEY))
-                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-                    .or_else(|| {
-                        existing
-                            .string_data
-                            .as_ref()
-                            .and_then(|d| d.get(WORKER_SECRET_KEY).cloned())
-                    })
-                    .ok_or_else(|| {
-                        Error::new(
-                            ErrorKind::Protocol,
-                            format!("Secret {name} has no key {WORKER_SECRET_KEY}"),
-                        )
-                    })?;
-                let secret = WorkerSecret::new(value)?;
-                self.remember_secret(session_id, Some(secret.clone()));
-                return Ok(Some(secret));
-            }
-            if !create {
-                return Ok(None);
+            if let Some(existing) = self.read_session_secret(session_id).await? {
+                return Ok(existing);
             }
             let secret = WorkerSecret::generate();
             let manifest = self.auth_secret_manifest(session_id, &secret);
             match self.secrets.create(&PostParams::default(), &manifest).await {
-                Ok(_) => {
-                    self.remember_secret(session_id, Some(secret.clone()));
-                    return Ok(Some(secret));
-                }
+                Ok(_) => return Ok(secret),
                 // Another server made it meanwhile: read theirs.
                 Err(e) if api_code(&e) == Some(409) => {}
                 Err(e) => return Err(self.api_error(e, "create", "secrets", &name)),
@@ -333,15 +296,64 @@ impl K8sDriver {
         ))
     }
 
-    fn remembered_secret(&self, session_id: &SessionId) -> Option<WorkerSecret> {
+    /// The session's Secret as the API has it now; `None` when there is none.
+    async fn read_session_secret(&self, session_id: &SessionId) -> Result<Option<WorkerSecret>> {
+        let name = self.auth_secret_name(session_id);
+        let Some(existing) = self
+            .secrets
+            .get_opt(&name)
+            .await
+            .map_err(|e| self.api_error(e, "get", "secrets", &name))?
+        else {
+            return Ok(None);
+        };
+        let value = existing
+            .data
+            .as_ref()
+            .and_then(|d| d.get(WORKER_SECRET_KEY))
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            .or_else(|| {
+                existing
+                    .string_data
+                    .as_ref()
+                    .and_then(|d| d.get(WORKER_SECRET_KEY).cloned())
+            })
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Protocol,
+                    format!("Secret {name} has no key {WORKER_SECRET_KEY}"),
+                )
+            })?;
+        WorkerSecret::new(value).map(Some)
+    }
+
+    /// The worker secret `pod` started with: remembered for that very pod (by uid), else read
+    /// from the session's Secret. Keyed by the pod, not the session: another server may have
+    /// replaced the pod and its Secret since this one last looked, and a secret remembered for
+    /// the old pod would be refused by the new one. `None` for a pod without a secret (made
+    /// before workers had secrets).
+    async fn secret_for(&self, session_id: &SessionId, pod: &Pod) -> Result<Option<WorkerSecret>> {
+        let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+        if let Some(s) = self.remembered_secret(session_id, uid) {
+            return Ok(Some(s));
+        }
+        let secret = self.read_session_secret(session_id).await?;
+        if let Some(s) = &secret {
+            self.remember_secret(session_id, Some((uid.to_owned(), s.clone())));
+        }
+        Ok(secret)
+    }
+
+    fn remembered_secret(&self, session_id: &SessionId, pod_uid: &str) -> Option<WorkerSecret> {
         self.known_secrets
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(session_id)
-            .cloned()
+            .filter(|(uid, _)| !uid.is_empty() && uid == pod_uid)
+            .map(|(_, s)| s.clone())
     }
 
-    fn remember_secret(&self, session_id: &SessionId, secret: Option<WorkerSecret>) {
+    fn remember_secret(&self, session_id: &SessionId, secret: Option<(String, WorkerSecret)>) {
         let mut known = self.known_secrets.lock().unwrap_or_else(|e| e.into_inner());
         match secret {
             Some(s) => known.insert(session_id.clone(), s),
@@ -415,10 +427,16 @@ impl K8sDriver {
                 }
                 Found::Missing => {
                     self.ensure_pvc(session_id).await?;
-                    self.session_secret(session_id, true).await?;
+                    let secret = self.ensure_session_secret(session_id).await?;
                     let manifest = self.pod_manifest(session_id);
                     match self.pods.create(&PostParams::default(), &manifest).await {
-                        Ok(_) => return Ok((self.wait_pod_ready(&name, deadline).await?, false)),
+                        Ok(created) => {
+                            // The pod starts with the Secret as it is now: its secret.
+                            if let Some(uid) = created.metadata.uid {
+                                self.remember_secret(session_id, Some((uid, secret)));
+                            }
+                            return Ok((self.wait_pod_ready(&name, deadline).await?, false));
+                        }
                         // Another server created it between our get and create: adopt it.
                         Err(e) if api_code(&e) == Some(409) => {}
                         Err(e) => return Err(self.api_error(e, "create", "pods", &name)),
@@ -600,7 +618,7 @@ impl ContainerDriver for K8sDriver {
                     self.pod_name(session_id)
                 ))
             })?
-            .with_secret(self.session_secret(session_id, false).await?);
+            .with_secret(self.secret_for(session_id, &pod).await?);
         // A new worker may need a moment after Ready (DNS, its listener); one that was
         // serving already gets a short grace, not the whole ready timeout.
         let within = if reused {
@@ -687,7 +705,7 @@ impl ContainerDriver for K8sDriver {
             let endpoint = self.endpoint_of(&pod)?;
             let ready = is_ready(&pod);
             Some(async move {
-                let secret = self.session_secret(&session, false).await.ok().flatten();
+                let secret = self.secret_for(&session, &pod).await.ok().flatten();
                 let endpoint = endpoint.with_secret(secret);
                 let healthy = ready && self.health.check(&endpoint).await.is_some();
                 WorkerInfo {
@@ -710,7 +728,7 @@ impl ContainerDriver for K8sDriver {
             }
             let health = match self.endpoint_of(&pod) {
                 Some(e) if is_ready(&pod) => {
-                    let secret = self.session_secret(&session, false).await.ok().flatten();
+                    let secret = self.secret_for(&session, &pod).await.ok().flatten();
                     self.health.check(&e.with_secret(secret)).await
                 }
                 _ => None,

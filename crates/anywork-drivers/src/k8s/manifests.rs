@@ -113,6 +113,7 @@ impl K8sDriver {
             env_var("WORKER_HOST", "0.0.0.0"),
             env_var("WORKER_PORT", &c.worker_port.to_string()),
             env_var("WORKSPACE_DIR", WORKSPACE_MOUNT),
+            env_var(anywork_core::worker_api::SESSION_ENV, session_id.as_str()),
             env_var("TMPDIR", "/tmp"),
             // The image's home is on the read-only root filesystem.
             env_var("HOME", "/tmp"),
@@ -120,7 +121,11 @@ impl K8sDriver {
         env.extend(
             c.worker_env
                 .iter()
-                .filter(|(k, _)| k != WORKER_SECRET_KEY && k != "WORKER_SECRET_FILE")
+                .filter(|(k, _)| {
+                    k != WORKER_SECRET_KEY
+                        && k != "WORKER_SECRET_FILE"
+                        && k != anywork_core::worker_api::SESSION_ENV
+                })
                 .map(|(k, v)| env_var(k, v)),
         );
         env.push(EnvVar {

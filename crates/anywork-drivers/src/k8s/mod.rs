@@ -62,8 +62,9 @@ pub struct K8sDriver {
     services: Api<Service>,
     pvcs: Api<PersistentVolumeClaim>,
     secrets: Api<Secret>,
-    /// The worker secret of each session, as created or read from its Secret.
-    known_secrets: Mutex<HashMap<SessionId, WorkerSecret>>,
+    /// The worker secret of each session's pod (by the pod's uid), as created or read from
+    /// its Secret.
+    known_secrets: Mutex<HashMap<SessionId, (String, WorkerSecret)>>,
     health: HealthCheck,
     locks: SessionLocks,
     clock: IdleClock,

@@ -24,11 +24,14 @@
 //! - `upkeep.rs`: recovery of expired leases, re-queueing at start, the idle-worker reaper.
 //! - `restart.rs`: at start, ending a dead previous server's tasks as interrupted and holding
 //!   back sessions whose task another server holds.
+//! - `feed.rs`: live events of tasks run by other servers sharing the store (the store's
+//!   change feed, read into the hub).
 //! - `retention.rs`: deleting finished tasks' logs by age and size, the store size metric.
 //! - `ops.rs`: the operations an API calls (sessions, logs, events, workspace docs, inbound).
 
 mod builder;
 mod deliver;
+mod feed;
 mod hooks;
 mod ops;
 pub(crate) mod outbox;
@@ -651,6 +654,38 @@ impl Inner {
         Ok(stored)
     }
 
+    /// Starts `task` through the store's claim ([`TaskStore::claim_task`]): `pending →
+    /// running` with `change` and `events` (and the deliveries the new status calls for) if
+    /// it is its session's turn on every server sharing the store; publishes the events when
+    /// it was.
+    async fn claim(
+        &self,
+        task: &Task,
+        change: TaskChange,
+        events: Vec<TaskEvent>,
+    ) -> Result<anywork_core::Claim> {
+        let mut after = task.clone();
+        after.status = TaskStatus::Pending;
+        let deliveries = match change.apply(&mut after) {
+            Ok(()) => outbox::deliveries_for(self, &after, None, None),
+            Err(_) => Vec::new(),
+        };
+        let woken = !deliveries.is_empty();
+        let n = events.len() as u64;
+        let logs = events.iter().cloned().map(NewTaskLog::now).collect();
+        let claim = self
+            .store
+            .claim_task(task.id, change, logs, deliveries)
+            .await?;
+        if let anywork_core::Claim::Claimed(stored, last) = &claim {
+            self.publish(stored, last + 1 - n, events);
+            if woken {
+                self.outbox_wake.notify_one();
+            }
+        }
+        Ok(claim)
+    }
+
     /// Publishes events the store has just numbered `first..`. Only `record` and `transition`
     /// call it: what is published was stored.
     fn publish(&self, task: &Task, first: u64, events: Vec<TaskEvent>) {
@@ -673,16 +708,33 @@ impl Inner {
         &self,
         task: &Task,
         outcome: TaskOutcome,
+        before: Vec<TaskEvent>,
+    ) -> Result<Task> {
+        self.finish_unrun_change(task, TaskChange::finish(outcome), before)
+            .await
+    }
+
+    /// Ends a task whose lease expired, as [`finish_unrun`](Self::finish_unrun) does, if
+    /// its lease is still the expired one: an owner that renewed it meanwhile keeps it
+    /// (`Conflict`), and of several servers recovering it at once one wins.
+    async fn finish_expired(&self, task: &Task, outcome: TaskOutcome) -> Result<Task> {
+        let change = TaskChange::finish(outcome).if_lease(task.lease.clone());
+        self.finish_unrun_change(task, change, Vec::new()).await
+    }
+
+    async fn finish_unrun_change(
+        &self,
+        task: &Task,
+        change: TaskChange,
         mut before: Vec<TaskEvent>,
     ) -> Result<Task> {
+        let outcome = change
+            .outcome
+            .clone()
+            .ok_or_else(|| Error::internal("finishing a task without its outcome"))?;
         before.push(TaskEvent::Done(outcome.clone()));
         let stored = self
-            .transition_and_enqueue(
-                task,
-                task.status,
-                TaskChange::finish(outcome.clone()),
-                before,
-            )
+            .transition_and_enqueue(task, task.status, change, before)
             .await?;
         tracing::info!(
             task = %task.id,

@@ -63,16 +63,22 @@ impl Dispatcher {
                         task.status, task.id
                     )
                 });
-            tracing::warn!(task = %task.id, worker = task.worker_id.as_deref().unwrap_or("(none)"), %reason, "recovering an orphaned task");
-            // The worker may still be running it: ask it to stop, best effort.
-            self.cancel_on_worker(&task);
-            if inner
-                .finish_unrun(&task, TaskOutcome::failed(reason))
+            // Only if the lease is still the expired one: of several servers recovering it,
+            // one wins, and an owner that renewed meanwhile keeps its task.
+            match inner
+                .finish_expired(&task, TaskOutcome::failed(reason.clone()))
                 .await
-                .is_ok()
             {
-                lock(&inner.last_words).remove(&task.id);
-                n += 1;
+                Ok(_) => {
+                    tracing::warn!(task = %task.id, worker = task.worker_id.as_deref().unwrap_or("(none)"), %reason, "recovered an orphaned task");
+                    // The worker may still be running it: ask it to stop, best effort.
+                    self.cancel_on_worker(&task);
+                    lock(&inner.last_words).remove(&task.id);
+                    n += 1;
+                }
+                Err(e) => {
+                    tracing::debug!(task = %task.id, error = %e, "an expired lease was renewed or recovered elsewhere");
+                }
             }
         }
         n
@@ -129,6 +135,52 @@ pub(super) async fn reap_loop(inner: Weak<Inner>, every: Duration) {
         }
     }
 }
+
+/// Now and then, queues here the pending tasks of free sessions that no runner here has:
+/// tasks accepted by another server (busy, or gone), or waiting behind a task another server
+/// ran. Whichever server claims one first runs it.
+pub(super) async fn claim_loop(inner: Weak<Inner>) {
+    let period = match inner.upgrade() {
+        Some(i) => i.config.claim_every.max(Duration::from_millis(10)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        if inner.closing.load(Ordering::Relaxed) {
+            continue;
+        }
+        Dispatcher { inner }.queue_claimable().await;
+    }
+}
+
+impl Dispatcher {
+    /// Queues the claimable tasks of sessions that have no runner here. Returns how many.
+    pub(super) async fn queue_claimable(&self) -> usize {
+        let tasks = match self.inner.store.claimable(CLAIM_BATCH).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the tasks waiting to start");
+                return 0;
+            }
+        };
+        let mut n = 0;
+        for task in tasks {
+            if lock(&self.inner.queues).contains_key(&task.session_id) {
+                continue;
+            }
+            self.enqueue(task);
+            n += 1;
+        }
+        n
+    }
+}
+
+/// How many claimable tasks one look takes.
+const CLAIM_BATCH: u32 = 200;
 
 pub(super) async fn recovery_loop(inner: Weak<Inner>) {
     let period = match inner.upgrade() {

@@ -7,7 +7,8 @@
 //!   `/ws`, as `Authorization: Bearer <token>`; a browser's WebSocket may carry it as the
 //!   subprotocol `anywork.token.<token>` (the server answers with `anywork` when offered), or
 //!   send `{"type":"auth","token":"…"}` as its first message. Compared in constant time.
-//! - Open without the token: `/api/health` and `/metrics` (unless
+//! - Open without the token: `/api/health/live` (`{"ok":true}` and nothing else: what a
+//!   liveness probe, which carries no token, asks), `/api/health` and `/metrics` (unless
 //!   [`protect_health`](super::ApiOptions::protect_health)), and the channel webhooks
 //!   (`/api/channel/{type}/webhook`), which verify their senders themselves (signatures).
 //! - `/ws`: a browser's `Origin` must be the server's own (same host and port as `Host`) or
@@ -142,9 +143,12 @@ fn wrong_token() -> Response {
 
 /// Whether `path` is open without the token.
 fn is_open(state: &AppState, path: &str) -> bool {
+    // Liveness tells nothing but that the process answers: open even with protect_health,
+    // since a probe without the token would otherwise restart a healthy server.
+    let live = path == "/api/health/live";
     let public = matches!(path, "/api/health" | "/metrics") && !state.options().protect_health;
     // Channels verify their own senders (signatures, shared secrets).
-    public || is_webhook(path)
+    live || public || is_webhook(path)
 }
 
 /// Whether `path` is a channel webhook (`/api/channel/{type}/webhook`).

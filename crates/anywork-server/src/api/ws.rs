@@ -36,6 +36,9 @@ const WRITE_BATCH_BYTES: usize = 16 * 1024;
 /// Most events taken off the queue for one flush.
 const WRITE_BATCH_EVENTS: usize = 64;
 
+/// Events and replies queued for a connection before its followers wait.
+const OUTBOX_CAPACITY: usize = 64;
+
 /// Largest client message.
 const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
 
@@ -161,36 +164,70 @@ impl RateLimit {
 
 struct Connection {
     state: AppState,
-    /// Events of followed tasks, from their follower tasks.
-    events: mpsc::Sender<LiveEvent>,
-    /// Replies made off the connection task (cancel, input answers).
-    replies: mpsc::Sender<ServerMessage>,
+    /// What followers and spawned requests send this connection; made with the first of them
+    /// (an idle connection has none: a channel's first block costs kilobytes).
+    outbox: Option<mpsc::Sender<Outgoing>>,
+    /// The receiving end of a new `outbox`, for the connection's loop to take.
+    new_inbox: Option<mpsc::Receiver<Outgoing>>,
     followers: HashMap<TaskId, JoinHandle<()>>,
     /// Sessions this connection chatted in or resumed a task of: the only ones whose notices
     /// (titles) it gets, so that one client never learns of another's sessions.
     sessions: HashSet<SessionId>,
 }
 
+/// What the connection's helpers send it. Boxed, so that a channel's block of slots (32 of
+/// them, kept as long as the channel) is small.
+enum Outgoing {
+    /// An event of a followed task, from its follower.
+    Event(Box<LiveEvent>),
+    /// A reply made off the connection task (cancel, input answers, a follow's error).
+    Reply(Box<ServerMessage>),
+}
+
+impl Outgoing {
+    fn into_message(self, followers: &mut HashMap<TaskId, JoinHandle<()>>) -> ServerMessage {
+        match self {
+            Outgoing::Event(event) => {
+                if let anywork_core::TaskEvent::Done(_) = event.event {
+                    followers.remove(&event.task_id);
+                }
+                event.to_message()
+            }
+            Outgoing::Reply(reply) => *reply,
+        }
+    }
+}
+
+/// The next of `inbox`; never, while there is none.
+async fn next_of(inbox: &mut Option<mpsc::Receiver<Outgoing>>) -> Option<Outgoing> {
+    match inbox {
+        Some(inbox) => inbox.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn connection(state: AppState, mut socket: WebSocket) {
     let mut limit = RateLimit::new(state.options().ws_messages_per_second);
-    let (events_tx, mut events) = mpsc::channel::<LiveEvent>(64);
-    let (replies_tx, mut replies) = mpsc::channel::<ServerMessage>(16);
+    let mut inbox: Option<mpsc::Receiver<Outgoing>> = None;
     let mut notices = state.dispatcher().notices();
     let closing = state.closing().clone();
     let mut conn = Connection {
         state,
-        events: events_tx,
-        replies: replies_tx,
+        outbox: None,
+        new_inbox: None,
         followers: HashMap::new(),
         sessions: HashSet::new(),
     };
     loop {
+        if inbox.is_none() {
+            inbox = conn.new_inbox.take();
+        }
         let out = tokio::select! {
             _ = closing.cancelled() => {
                 // Whatever the followers still hold goes out first.
                 let mut out = Vec::new();
-                while let Ok(event) = events.try_recv() {
-                    out.push(event.to_message());
+                while let Some(Ok(item)) = inbox.as_mut().map(mpsc::Receiver::try_recv) {
+                    out.push(item.into_message(&mut conn.followers));
                 }
                 let _ = send_all(&mut socket, &out).await;
                 let _ = socket
@@ -203,7 +240,9 @@ async fn connection(state: AppState, mut socket: WebSocket) {
             }
             incoming = socket.recv() => match incoming {
                 Some(Ok(Message::Text(_))) if !limit.take() => vec![rate_limited(&conn.state)],
-                Some(Ok(Message::Text(text))) => conn.handle(text.as_str()).await,
+                // Boxed: the handling of a message is much larger than an idle connection's
+                // state, which would otherwise be as large as it.
+                Some(Ok(Message::Text(text))) => Box::pin(conn.handle(text.as_str())).await,
                 Some(Ok(Message::Binary(_))) => vec![ServerMessage::error("Binary messages are not supported; send JSON text")],
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 Some(Err(e)) if is_too_large(&e) => {
@@ -220,22 +259,17 @@ async fn connection(state: AppState, mut socket: WebSocket) {
                 }
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
             },
-            Some(event) = events.recv() => {
+            Some(item) = next_of(&mut inbox) => {
                 // Whatever else is ready goes out in the same write.
-                let mut out = Vec::new();
-                let mut next = Some(event);
-                while let Some(event) = next.take() {
-                    if let anywork_core::TaskEvent::Done(_) = event.event {
-                        conn.followers.remove(&event.task_id);
-                    }
-                    out.push(event.to_message());
-                    if out.len() < WRITE_BATCH_EVENTS {
-                        next = events.try_recv().ok();
+                let mut out = vec![item.into_message(&mut conn.followers)];
+                while out.len() < WRITE_BATCH_EVENTS {
+                    match inbox.as_mut().map(mpsc::Receiver::try_recv) {
+                        Some(Ok(item)) => out.push(item.into_message(&mut conn.followers)),
+                        _ => break,
                     }
                 }
                 out
             }
-            Some(reply) = replies.recv() => vec![reply],
             notice = notices.recv() => match notice {
                 Ok(n) if conn.concerns(&n) => vec![n],
                 Ok(_) => continue,
@@ -275,6 +309,17 @@ async fn send_all(socket: &mut WebSocket, messages: &[ServerMessage]) -> Result<
 }
 
 impl Connection {
+    /// The sender to this connection, made with its channel on first use.
+    fn outbox(&mut self) -> mpsc::Sender<Outgoing> {
+        if let Some(outbox) = &self.outbox {
+            return outbox.clone();
+        }
+        let (tx, rx) = mpsc::channel(OUTBOX_CAPACITY);
+        self.outbox = Some(tx.clone());
+        self.new_inbox = Some(rx);
+        tx
+    }
+
     /// Whether `notice` is for this connection.
     fn concerns(&self, notice: &ServerMessage) -> bool {
         match notice {
@@ -319,20 +364,22 @@ impl Connection {
                 }
             }
             ClientMessage::Cancel { task_id } => {
-                let (d, replies) = (self.state.dispatcher().clone(), self.replies.clone());
+                let (d, replies) = (self.state.dispatcher().clone(), self.outbox());
                 // Cancel waits for the worker; keep reading meanwhile.
                 tokio::spawn(async move {
                     if let Err(e) = d.cancel(task_id).await {
-                        let _ = replies.send(task_error(None, Some(task_id), &e)).await;
+                        let error = task_error(None, Some(task_id), &e);
+                        let _ = replies.send(Outgoing::Reply(Box::new(error))).await;
                     }
                 });
                 vec![]
             }
             ClientMessage::InputResponse { task_id, response } => {
-                let (d, replies) = (self.state.dispatcher().clone(), self.replies.clone());
+                let (d, replies) = (self.state.dispatcher().clone(), self.outbox());
                 tokio::spawn(async move {
                     if let Err(e) = d.respond(task_id, response).await {
-                        let _ = replies.send(task_error(None, Some(task_id), &e)).await;
+                        let error = task_error(None, Some(task_id), &e);
+                        let _ = replies.send(Outgoing::Reply(Box::new(error))).await;
                     }
                 });
                 vec![]
@@ -395,18 +442,19 @@ impl Connection {
             old.abort();
         }
         self.followers.retain(|_, h| !h.is_finished());
-        let (out, replies) = (self.events.clone(), self.replies.clone());
+        let out = self.outbox();
         let handle = tokio::spawn(async move {
             let mut events = std::pin::pin!(events);
             while let Some(item) = events.next().await {
                 match item {
                     Ok(event) => {
-                        if out.send(event).await.is_err() {
+                        if out.send(Outgoing::Event(Box::new(event))).await.is_err() {
                             return;
                         }
                     }
                     Err(e) => {
-                        let _ = replies.send(task_error(None, Some(task_id), &e)).await;
+                        let error = task_error(None, Some(task_id), &e);
+                        let _ = out.send(Outgoing::Reply(Box::new(error))).await;
                         return;
                     }
                 }

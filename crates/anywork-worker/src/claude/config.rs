@@ -64,6 +64,11 @@ pub struct ClaudeCodeConfig {
     /// Most CLI processes resident per worker between tasks, running ones included (default
     /// 4; zero: one process per task). Past it, the least recently used idle one is released.
     pub warm_max: usize,
+    /// Whether a worker that serves one session (`WORKER_SESSION_ID`: a container per
+    /// session) starts that session's CLI ahead of its first task, as a spare (default on;
+    /// `CLAUDE_SPARE=0` turns it off). It counts against [`warm_max`](Self::warm_max) and
+    /// needs warm processes on. See [the module documentation](super#a-spare-process).
+    pub spare: bool,
 }
 
 impl fmt::Debug for ClaudeCodeConfig {
@@ -84,6 +89,7 @@ impl fmt::Debug for ClaudeCodeConfig {
             .field("sandbox", &self.sandbox.status())
             .field("warm_idle", &self.warm_idle)
             .field("warm_max", &self.warm_max)
+            .field("spare", &self.spare)
             .finish()
     }
 }
@@ -115,6 +121,7 @@ impl ClaudeCodeConfig {
             sandbox: Sandbox::default(),
             warm_idle: Self::DEFAULT_WARM_IDLE,
             warm_max: Self::DEFAULT_WARM_MAX,
+            spare: true,
         }
     }
 
@@ -135,7 +142,8 @@ impl ClaudeCodeConfig {
     /// - `CLAUDE_MAX_TURNS`, `CLAUDE_TIMEOUT_SECS`, `CLAUDE_PERMISSION_MODE`
     ///   (`skip` or `prompt`);
     /// - `CLAUDE_WARM_IDLE_SECONDS` (→ [`warm_idle`](Self::warm_idle)) and `CLAUDE_WARM_MAX`
-    ///   (→ [`warm_max`](Self::warm_max)); `0` in either turns warm processes off.
+    ///   (→ [`warm_max`](Self::warm_max)); `0` in either turns warm processes off;
+    /// - `CLAUDE_SPARE` (`1`/`true`/`on` or `0`/`false`/`off`, → [`spare`](Self::spare)).
     ///
     /// Empty values count as unset.
     pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self> {
@@ -197,6 +205,17 @@ impl ClaudeCodeConfig {
                 ))
             })?;
         }
+        if let Some(spare) = get("CLAUDE_SPARE") {
+            config.spare = match spare.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "on" | "yes" => true,
+                "0" | "false" | "off" | "no" => false,
+                _ => {
+                    return Err(Error::invalid_input(format!(
+                        "CLAUDE_SPARE must be 1 (on) or 0 (off), not `{spare}`"
+                    )));
+                }
+            };
+        }
         Ok(config)
     }
 
@@ -214,6 +233,12 @@ impl ClaudeCodeConfig {
     /// Sets [`warm_max`](Self::warm_max).
     pub fn with_warm_max(mut self, max: usize) -> Self {
         self.warm_max = max;
+        self
+    }
+
+    /// Sets [`spare`](Self::spare).
+    pub fn with_spare(mut self, spare: bool) -> Self {
+        self.spare = spare;
         self
     }
 
@@ -343,8 +368,10 @@ mod tests {
             ("CLAUDE_TIMEOUT_SECS", "60"),
             ("CLAUDE_WARM_IDLE_SECONDS", "30"),
             ("CLAUDE_WARM_MAX", "2"),
+            ("CLAUDE_SPARE", "off"),
         ]))
         .unwrap();
+        assert!(!config.spare);
         assert_eq!(config.warm_idle, Duration::from_secs(30));
         assert_eq!(config.warm_max, 2);
         assert!(config.warm());
@@ -371,6 +398,11 @@ mod tests {
         let default = ClaudeCodeConfig::from_vars(vars(&[("PATH", &path)])).unwrap();
         assert_eq!(default.warm_idle, ClaudeCodeConfig::DEFAULT_WARM_IDLE);
         assert_eq!(default.warm_max, ClaudeCodeConfig::DEFAULT_WARM_MAX);
+        assert!(default.spare, "a spare by default");
+        assert!(
+            ClaudeCodeConfig::from_vars(vars(&[("PATH", &path), ("CLAUDE_SPARE", "maybe")]))
+                .is_err()
+        );
     }
 
     #[test]

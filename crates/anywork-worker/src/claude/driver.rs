@@ -97,7 +97,7 @@ enum Attempt {
     Ended(TaskOutcome),
     /// The run is over and the process stays up for the session's next task.
     Kept(TaskOutcome),
-    /// A warm process ended before answering: the run starts again in a new one.
+    /// A warm (or spare) process ended before answering: the run starts again in a new one.
     WarmLost,
 }
 
@@ -260,7 +260,13 @@ impl Driver {
         self.group.set(None);
         let stderr = proc.stderr_tail().await;
         tracing::debug!(?status, "claude exited");
-        if proc.turns > 0 && lines == 0 && !self.canceled && !self.timed_out && self.fatal.is_none()
+        // A process started before this task (warm, or a spare) that ended without a line
+        // is the process's failure, not the task's.
+        if (proc.turns > 0 || proc.spare)
+            && lines == 0
+            && !self.canceled
+            && !self.timed_out
+            && self.fatal.is_none()
         {
             return Attempt::WarmLost;
         }

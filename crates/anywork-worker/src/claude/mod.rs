@@ -93,6 +93,32 @@
 //! Either setting at `0` turns warm processes off (one process per task).
 //! [`ClaudeCodeExecutor::warm_stats`] counts processes started, reused and released.
 //!
+//! # A spare process
+//!
+//! A new session's first task would wait for a CLI to start. The CLI cannot be started
+//! neutrally and bound to a session later: its working directory, `HOME`,
+//! `CLAUDE_CONFIG_DIR` (where its transcripts go, found again by `--resume` from the same
+//! path), system prompt, MCP configuration and sandbox binds are all fixed when it starts, and
+//! all belong to one session's workspace. So a spare is started only where the worker knows its
+//! session before the first task: a worker that serves one session alone (Docker, Kubernetes:
+//! the driver sets [`SESSION_ENV`](anywork_core::worker_api::SESSION_ENV)). At start, before
+//! it serves, the worker creates that session's workspace folders and
+//! [`prestart`](anywork_core::Executor::prestart)s: the CLI is started exactly as for a task
+//! (same command, environment and confinement), with the system prompt the first task will
+//! have — the session's own `SOUL.md` / `AGENTS.md`, else the worker's defaults a new session
+//! is given — and waits as an idle [warm process](#warm-processes) of that workspace. The
+//! first task takes it only if its workspace fingerprint still matches (the same checks as for
+//! a warm process); when `/prepare` brought something else (the server's saved
+//! `SOUL.md` / `AGENTS.md` defaults, skills, MCP servers), it is released and a CLI is started
+//! as usual. A worker serving many sessions (the static driver, local mode) starts no spare.
+//!
+//! A spare counts against [`ClaudeCodeConfig::warm_max`] and is started only when one more
+//! process fits under it (it never pushes out a session's warm process); it goes after
+//! [`ClaudeCodeConfig::warm_idle`] like any idle process. `CLAUDE_SPARE=0`
+//! ([`ClaudeCodeConfig::spare`]) or warm processes off turn it off. If it dies before its task
+//! writes anything, the task runs in a new process. [`WarmStats`] counts spares started and
+//! used.
+//!
 //! Every run ends with exactly one [`TaskEvent::Done`], sent after the CLI has exited (or,
 //! for a warm process, once its turn is over):
 //! `canceled` after [`ExecutionControl::cancel`](anywork_core::ExecutionControl::cancel) (an `interrupt` control request, then SIGKILL
@@ -111,6 +137,7 @@ mod warm;
 
 use std::collections::HashMap;
 use std::fs;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -126,10 +153,10 @@ pub use config::{ClaudeCodeConfig, DEFAULT_MODEL, PermissionMode};
 pub use confine::MCP_CONFIG_FILE;
 use driver::{Control, Driver};
 use process::{Group, Proc};
-use session_files::{ensure_dir, read_session_id, system_prompt};
+use session_files::{ensure_dir, read_session_id, spare_system_prompt, system_prompt};
 use stream_json::user_line;
-use warm::Pool;
 pub use warm::WarmStats;
+use warm::{Pool, Warm};
 
 /// Folder of the session workspace that holds the remembered CLI session id.
 pub const SESSIONS_DIR: &str = "sessions";
@@ -315,6 +342,55 @@ impl Executor for ClaudeCodeExecutor {
             }),
             control: Arc::new(Control { tx: control_tx }),
         })
+    }
+
+    /// Starts a spare CLI for `workspace` (see [A spare process](self#a-spare-process)).
+    async fn prestart(&self, workspace: &Path, defaults: &Path) -> Result<bool> {
+        let config = &self.config;
+        if !config.spare || !config.binary.is_file() {
+            return Ok(false);
+        }
+        let workspace = fs::canonicalize(workspace)
+            .ok()
+            .filter(|ws| ws.is_dir())
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "the session workspace `{}` is not a directory",
+                    workspace.display()
+                ))
+            })?;
+        if !self.pool.has_room_for_spare(&workspace) {
+            return Ok(false);
+        }
+        for dir in [HOME_DIR, CONFIG_DIR, SESSIONS_DIR] {
+            ensure_dir(&workspace.join(dir))?;
+        }
+        // What the first task will find: the session's own SOUL.md / AGENTS.md, else the
+        // worker's defaults it will be given. If `/prepare` brings others (the server's
+        // defaults, skills, MCP servers), the fingerprint differs and the spare is released.
+        let session_id = read_session_id(&workspace);
+        let prompt = spare_system_prompt(&workspace, defaults);
+        let fingerprint = warm::fingerprint(&workspace, prompt.as_deref());
+        // No pull-request tool: it belongs to a task; a task that has one does not match the
+        // spare's fingerprint and gets a process of its own.
+        let mut proc = Proc::spawn(
+            config,
+            &workspace,
+            prompt.as_deref(),
+            session_id.as_deref(),
+            None,
+        )?;
+        proc.spare = true;
+        self.pool.started();
+        tracing::info!(
+            pid = proc.pgid.as_raw(),
+            workspace = %workspace.display(),
+            resume = session_id.is_some(),
+            "claude spare started for the session's first task"
+        );
+        self.pool
+            .offer_spare(workspace, Warm::new(proc, fingerprint, session_id));
+        Ok(true)
     }
 }
 

@@ -100,6 +100,8 @@ pub(super) struct Proc {
     pub(super) turns: u32,
     /// The CLI's cumulative `total_cost_usd` after its last turn.
     pub(super) last_total_cost: Option<f64>,
+    /// Started ahead of its session's first task (a spare), not for a task.
+    pub(super) spare: bool,
 }
 
 impl Proc {
@@ -219,6 +221,7 @@ impl Proc {
             resumed: resume.is_some(),
             turns: 0,
             last_total_cost: None,
+            spare: false,
         })
     }
 

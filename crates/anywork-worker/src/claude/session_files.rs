@@ -146,6 +146,24 @@ pub(super) fn system_prompt(workspace: &Path) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join("\n\n"))
 }
 
+/// The system prompt a task in `workspace` will have once its `SOUL.md` and `AGENTS.md`
+/// exist: each the workspace's own when present, else the worker's default in `defaults`
+/// (which a new session's workspace is given when the server sends none).
+pub(super) fn spare_system_prompt(workspace: &Path, defaults: &Path) -> Option<String> {
+    let parts: Vec<String> = ["SOUL.md", "AGENTS.md"]
+        .iter()
+        .filter_map(|name| {
+            let own = workspace.join(name);
+            if fs::symlink_metadata(&own).is_ok() {
+                read_prompt_file(&own)
+            } else {
+                read_prompt_file(&defaults.join(name))
+            }
+        })
+        .collect();
+    (!parts.is_empty()).then(|| parts.join("\n\n"))
+}
+
 /// A regular file's text (not through a link), at most [`MAX_PROMPT_FILE_BYTES`], without NULs.
 fn read_prompt_file(path: &Path) -> Option<String> {
     if !fs::symlink_metadata(path).ok()?.is_file() {

@@ -119,6 +119,10 @@ pub struct WarmStats {
     pub idle: usize,
     /// Processes running a task right now.
     pub running: usize,
+    /// Spare processes started ahead of their session's first task.
+    pub spares: u64,
+    /// Tasks that ran in a spare process.
+    pub spares_used: u64,
 }
 
 #[derive(Default)]
@@ -136,6 +140,8 @@ pub(super) struct Pool {
     started: AtomicU64,
     reused: AtomicU64,
     released: AtomicU64,
+    spares: AtomicU64,
+    spares_used: AtomicU64,
 }
 
 impl Pool {
@@ -148,6 +154,8 @@ impl Pool {
             started: AtomicU64::new(0),
             reused: AtomicU64::new(0),
             released: AtomicU64::new(0),
+            spares: AtomicU64::new(0),
+            spares_used: AtomicU64::new(0),
         })
     }
 
@@ -167,6 +175,8 @@ impl Pool {
             released: self.released.load(Ordering::Relaxed),
             idle: state.idle.len(),
             running: state.running,
+            spares: self.spares.load(Ordering::Relaxed),
+            spares_used: self.spares_used.load(Ordering::Relaxed),
         }
     }
 
@@ -219,7 +229,11 @@ impl Pool {
         };
         match reused {
             Some(proc) => {
-                self.reused.fetch_add(1, Ordering::Relaxed);
+                if proc.spare && proc.turns == 0 {
+                    self.spares_used.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.reused.fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::debug!(pid = proc.pgid.as_raw(), "reusing a warm claude");
                 (Some(proc), guard)
             }
@@ -251,6 +265,35 @@ impl Pool {
             self.release(warm, why);
         }
         self.start_reaper();
+    }
+
+    /// Whether a spare may be started for `workspace`: warm processes are on, nothing waits
+    /// for it yet, and one more process stays within the cap (a spare never pushes out a
+    /// session's warm process).
+    pub(super) fn has_room_for_spare(&self, workspace: &Path) -> bool {
+        let state = self.lock();
+        self.enabled()
+            && !state.idle.contains_key(workspace)
+            && state.idle.len() + state.running < self.max
+    }
+
+    /// Keeps `spare`, just started for `workspace`, for that workspace's first task; it is
+    /// released if the room was taken meanwhile.
+    pub(super) fn offer_spare(self: &Arc<Self>, workspace: PathBuf, spare: Warm) {
+        self.spares.fetch_add(1, Ordering::Relaxed);
+        let taken = {
+            let mut state = self.lock();
+            if state.idle.contains_key(&workspace) || state.idle.len() + state.running >= self.max {
+                Some(spare)
+            } else {
+                state.idle.insert(workspace, spare);
+                None
+            }
+        };
+        match taken {
+            Some(spare) => self.release(spare, "no room left for a spare"),
+            None => self.start_reaper(),
+        }
     }
 
     /// Whether `warm` processes should be kept at all.
