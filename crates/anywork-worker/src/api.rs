@@ -400,6 +400,7 @@ async fn delete_session(
     let target = session.clone();
     state.set_prepared(&session, None);
     blocking(move || workspace.delete_session(&target)).await?;
+    state.forget_session(&session);
     drop(hold);
     Ok(Json(
         json!({ "status": "deleted", "session_id": session.as_str() }),

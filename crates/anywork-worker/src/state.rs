@@ -323,6 +323,13 @@ impl WorkerState {
         lock(&self.inner.repos).remove(session);
     }
 
+    /// Forgets everything about `session` (it was deleted): its repository and its tool
+    /// endpoint's secret.
+    pub(crate) fn forget_session(&self, session: &SessionId) {
+        self.clear_session_repo(session);
+        lock(&self.inner.tools).remove(session);
+    }
+
     /// `session`'s repository, if the last `/prepare` checked one out.
     #[cfg_attr(not(feature = "pull-requests"), allow(dead_code))]
     pub(crate) fn session_repo(&self, session: &SessionId) -> Option<SessionRepo> {
