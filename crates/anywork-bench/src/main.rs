@@ -7,12 +7,14 @@
 //! cargo run --release -p anywork-bench -- docker     # needs a Docker engine
 //! cargo run --release -p anywork-bench -- channels   # webhook intake at 500 req/s
 //! cargo run -p anywork-bench -- claude               # Claude Code warm vs cold; needs the CLI
+//! scripts/soak.sh [--store postgres]                 # 1,000 sessions for 10 min: docs/soak-*.csv/png
 //! ```
 
 mod channels;
 mod claude;
 mod docker;
 mod server;
+mod soak;
 mod stats;
 mod worker;
 
@@ -40,6 +42,10 @@ enum Command {
     Channels(channels::Options),
     /// Docker driver: cold `get_worker` (create + start + ready) and warm reuse, p50/p99.
     Docker(docker::Options),
+    /// Soak: the server binary holds 1,000 WebSocket sessions chatting at a steady rate for
+    /// 10 minutes; its RSS, fds and store size over time go to a CSV and a PNG plot. Fails on
+    /// any error or lost task.
+    Soak(soak::Options),
 }
 
 #[tokio::main]
@@ -50,5 +56,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Docker(options) => docker::run(options).await,
         Command::Claude(options) => claude::run(options).await,
         Command::Channels(options) => channels::run(options).await,
+        Command::Soak(options) => soak::run(options).await,
     }
 }

@@ -77,7 +77,7 @@ enum StoreKind {
     Memory,
 }
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// How long any one WebSocket message may take before the benchmark gives up.
 const WAIT: Duration = Duration::from_secs(120);
@@ -290,6 +290,23 @@ impl TaskStore for Instrumented {
         let f = self.inner.expired_leases(now, limit);
         self.call("expired_leases", false, f).await
     }
+    async fn claim_task(
+        &self,
+        id: TaskId,
+        change: TaskChange,
+        logs: Vec<anywork_core::NewTaskLog>,
+        deliveries: Vec<anywork_core::NewDelivery>,
+    ) -> anywork_core::Result<anywork_core::Claim> {
+        let f = self.inner.claim_task(id, change, logs, deliveries);
+        self.call("claim_task", true, f).await
+    }
+    async fn claimable(&self, limit: u32) -> anywork_core::Result<Vec<Task>> {
+        let f = self.inner.claimable(limit);
+        self.call("claimable", false, f).await
+    }
+    fn change_feed(&self) -> Option<anywork_core::ChangeFeed> {
+        self.inner.change_feed()
+    }
     async fn append_logs(
         &self,
         task_id: TaskId,
@@ -478,7 +495,7 @@ impl ContainerDriver for TimedDriver {
 
 // --- WebSocket client -------------------------------------------------------------------
 
-async fn connect(http_url: &str) -> anyhow::Result<Ws> {
+pub(crate) async fn connect(http_url: &str) -> anyhow::Result<Ws> {
     let url = format!("{}/ws", http_url.replacen("http://", "ws://", 1));
     // Nagle off, as the server has it: small frames must not wait for delayed ACKs. A small
     // read buffer: the default (128 KiB) is zeroed on every read, which costs the load
@@ -510,15 +527,15 @@ async fn recv(ws: &mut Ws) -> anyhow::Result<Value> {
 }
 
 /// What the client saw of one chat.
-struct ChatTimes {
-    task: TaskId,
-    sent: Instant,
-    created: Instant,
-    done: Instant,
+pub(crate) struct ChatTimes {
+    pub task: TaskId,
+    pub sent: Instant,
+    pub created: Instant,
+    pub done: Instant,
 }
 
 /// Sends one chat and reads up to its `done`; returns the times and the session.
-async fn chat(
+pub(crate) async fn chat(
     ws: &mut Ws,
     session: Option<&str>,
     message: &str,
@@ -793,9 +810,95 @@ async fn dispatch(fake: &FakeLlm, options: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+// --- the server binary ------------------------------------------------------------------
+
+/// `given`, else the `anywork-server` next to this binary.
+pub(crate) fn server_bin(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(b) => Ok(b.to_path_buf()),
+        None => Ok(std::env::current_exe()?.with_file_name("anywork-server")),
+    }
+}
+
+/// The release server binary running as its own process on a free loopback port, with the
+/// static driver to `worker_url`; killed when dropped.
+pub(crate) struct ServerProcess {
+    child: tokio::process::Child,
+    pub pid: u32,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+}
+
+impl ServerProcess {
+    /// Starts `bin` with `DB_DIR=db_dir` and `env` added to a clean environment, and waits
+    /// (10 s at most) until `/api/health` answers.
+    pub async fn start(
+        bin: &Path,
+        db_dir: &Path,
+        worker_url: &str,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut command = tokio::process::Command::new(bin);
+        command
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("SERVER_HOST", "127.0.0.1")
+            .env("SERVER_PORT", port.to_string())
+            .env("DB_DIR", db_dir)
+            .env("CONTAINER_DRIVER", "static")
+            .env("STATIC_WORKER_URL", worker_url)
+            // sqlx warns of every slow pool acquire under load; only errors matter here.
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true);
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let pid = child.id().context("no pid")?;
+        let url = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !client
+            .get(format!("{url}/api/health"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            if let Some(status) = child.try_wait()? {
+                bail!("the server exited at start: {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("the server did not come up");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Self { child, pid, url })
+    }
+
+    /// `Err` when the process has ended.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        match self.child.try_wait()? {
+            Some(status) => bail!("the server process ended: {status}"),
+            None => Ok(()),
+        }
+    }
+
+    /// Kills the process and waits for it.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+}
+
 // --- memory per idle session ------------------------------------------------------------
 
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+pub(crate) fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
         .lines()
@@ -850,39 +953,14 @@ async fn chat_then_idle(mut ws: Ws, i: usize) -> anyhow::Result<Ws> {
 async fn memory(fake: &FakeLlm, options: &Options, bin: &Path) -> anyhow::Result<()> {
     let worker = start_worker(native(fake)).await?;
     let db = tempfile::tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut child = tokio::process::Command::new(bin)
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .env("SERVER_HOST", "127.0.0.1")
-        .env("SERVER_PORT", port.to_string())
-        .env("DB_DIR", db.path())
-        .env("CONTAINER_DRIVER", "static")
-        .env("STATIC_WORKER_URL", &worker.url)
-        .env("MAX_CONCURRENT_TASKS", options.max_concurrent.to_string())
-        // sqlx warns of every slow pool acquire under load; only errors matter here.
-        .env("RUST_LOG", "error")
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
-    let pid = child.id().context("no pid")?;
-    let url = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !client
-        .get(format!("{url}/api/health"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
-        if Instant::now() > deadline {
-            bail!("the server did not come up");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let server = ServerProcess::start(
+        bin,
+        db.path(),
+        &worker.url,
+        &[("MAX_CONCURRENT_TASKS", options.max_concurrent.to_string())],
+    )
+    .await?;
+    let (pid, url) = (server.pid, server.url.clone());
     // Warm-up: a few sessions with a chat each, then closed.
     for i in 0..5 {
         let ws = connect(&url).await?;
@@ -960,7 +1038,7 @@ async fn memory(fake: &FakeLlm, options: &Options, bin: &Path) -> anyhow::Result
         cpu.as_secs_f64() / wall.as_secs_f64() * 100.0,
         switches as f64 / tasks as f64
     );
-    child.kill().await?;
+    server.stop().await?;
     drop(worker);
     Ok(())
 }
@@ -973,10 +1051,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         dispatch(&fake, &options).await?;
     }
     if !options.no_memory {
-        let bin = match &options.server_bin {
-            Some(b) => b.clone(),
-            None => std::env::current_exe()?.with_file_name("anywork-server"),
-        };
+        let bin = server_bin(options.server_bin.as_deref())?;
         memory(&fake, &options, &bin).await?;
     }
     Ok(())
