@@ -151,6 +151,15 @@ fn range(values: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
     (lo - if log { pad } else { 0.0 }, hi + pad)
 }
 
+/// Tick labels: one per decade on a log axis (so that they fall on 1, 10, 100…).
+fn labels(log: bool, lo: f64, hi: f64) -> usize {
+    if log {
+        ((hi.floor() - lo.ceil()) as usize + 1).clamp(2, 10)
+    } else {
+        8
+    }
+}
+
 const COLORS: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
@@ -188,8 +197,8 @@ fn draw(
         .y_desc(&panel.y_label)
         .x_label_formatter(&x_format)
         .y_label_formatter(&y_format)
-        .x_labels(8)
-        .y_labels(8)
+        .x_labels(labels(panel.log_x, x0, x1))
+        .y_labels(labels(panel.log_y, y0, y1))
         .label_style(("sans-serif", 14))
         .axis_desc_style(("sans-serif", 15))
         .light_line_style(WHITE.mix(0.0))

@@ -211,7 +211,8 @@ pub async fn spawn(bench: &Path) -> anyhow::Result<StandIn> {
 mod tests {
     use super::*;
     use anywork_core::WorkerEndpoint;
-    use anywork_core::{ChatRequest, PrepareRequest, SessionId, TaskEvent, TaskId, TaskStatus};
+    use anywork_core::worker_api::{ChatRequest, PrepareRequest};
+    use anywork_core::{SessionId, TaskEvent, TaskId, TaskStatus};
     use anywork_runtime::WorkerClient;
     use futures_util::StreamExt;
 
