@@ -8,6 +8,7 @@
 //! cargo run --release -p anywork-bench -- docker     # needs a Docker engine
 //! cargo run --release -p anywork-bench -- channels   # webhook intake at 500 req/s
 //! cargo run -p anywork-bench -- claude               # Claude Code warm vs cold; needs the CLI
+//! scripts/soak.sh [--store postgres]                 # 1,000 sessions for 10 min: docs/soak-*.csv/png
 //! ```
 
 mod channels;
@@ -17,6 +18,7 @@ mod load;
 mod plot;
 mod procfs;
 mod server;
+mod soak;
 mod standin;
 mod stats;
 mod worker;
@@ -54,6 +56,10 @@ enum Command {
     /// The stand-in worker alone (the original AnyWork's worker protocol, answering at once;
     /// `load` starts it).
     StandIn(standin::Options),
+    /// Soak: the server binary holds 1,000 WebSocket sessions chatting at a steady rate for
+    /// 10 minutes; its RSS, fds and store size over time go to a CSV and a PNG plot. Fails on
+    /// any error or lost task.
+    Soak(soak::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,6 +79,7 @@ fn main() -> anyhow::Result<()> {
             Command::Docker(options) => docker::run(options).await,
             Command::Claude(options) => claude::run(options).await,
             Command::Channels(options) => channels::run(options).await,
+            Command::Soak(options) => soak::run(options).await,
             Command::Load(options) => load::run(options).await,
             Command::StandIn(options) => standin::run(options).await,
         }

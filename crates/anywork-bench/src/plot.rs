@@ -100,14 +100,24 @@ pub fn png(path: &Path, panels: &[Panel], columns: usize) -> anyhow::Result<()> 
     font()?;
     let columns = columns.clamp(1, panels.len().max(1));
     let rows = panels.len().div_ceil(columns).max(1);
-    let root =
-        BitMapBackend::new(path, (640 * columns as u32, 420 * rows as u32)).into_drawing_area();
-    root.fill(&WHITE)?;
-    for (panel, area) in panels.iter().zip(root.split_evenly((rows, columns))) {
-        draw(&area, panel).with_context(|| format!("panel {}", panel.title))?;
+    let (w, h) = (640 * columns as u32, 420 * rows as u32);
+    let mut pixels = vec![0u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, (w, h)).into_drawing_area();
+        root.fill(&WHITE)?;
+        for (panel, area) in panels.iter().zip(root.split_evenly((rows, columns))) {
+            draw(&area, panel).with_context(|| format!("panel {}", panel.title))?;
+        }
+        root.present()?;
     }
-    root.present()
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), w, h);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(&pixels)?;
+    writer.finish()?;
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{Context, bail, ensure};
 use anywork_core::{
     ContainerDriver, Execution, ExecutionRequest, Executor, NewSession, NewTask, NewTaskLog, Page,
     Session, SessionId, SessionSummary, Task, TaskChange, TaskId, TaskLog, TaskStatus, TaskStore,
@@ -16,12 +16,14 @@ use anywork_runtime::{Dispatcher, DispatcherConfig};
 use anywork_server::{ApiOptions, AppState};
 use anywork_test::fake_llm::{FakeLlm, Reply};
 use anywork_worker::{WorkerConfig, WorkerState};
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::procfs::{ServerProcess, context_switches, cpu_time, mib, rss_kib};
 use crate::stats::{ms, summarize};
 use crate::worker::{Worker, native, start_worker};
-use crate::ws::{ChatTimes, Ws, chat, connect, idle_connection};
 
 /// Options of `anywork-bench server`.
 #[derive(Debug, clap::Args)]
@@ -74,6 +76,11 @@ enum StoreKind {
     /// The in-memory store (what the dispatcher costs without a database).
     Memory,
 }
+
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How long any one WebSocket message may take before the benchmark gives up.
+const WAIT: Duration = Duration::from_secs(120);
 
 // --- instrumentation --------------------------------------------------------------------
 
@@ -283,6 +290,23 @@ impl TaskStore for Instrumented {
         let f = self.inner.expired_leases(now, limit);
         self.call("expired_leases", false, f).await
     }
+    async fn claim_task(
+        &self,
+        id: TaskId,
+        change: TaskChange,
+        logs: Vec<anywork_core::NewTaskLog>,
+        deliveries: Vec<anywork_core::NewDelivery>,
+    ) -> anywork_core::Result<anywork_core::Claim> {
+        let f = self.inner.claim_task(id, change, logs, deliveries);
+        self.call("claim_task", true, f).await
+    }
+    async fn claimable(&self, limit: u32) -> anywork_core::Result<Vec<Task>> {
+        let f = self.inner.claimable(limit);
+        self.call("claimable", false, f).await
+    }
+    fn change_feed(&self) -> Option<anywork_core::ChangeFeed> {
+        self.inner.change_feed()
+    }
     async fn append_logs(
         &self,
         task_id: TaskId,
@@ -469,6 +493,91 @@ impl ContainerDriver for TimedDriver {
     }
 }
 
+// --- WebSocket client -------------------------------------------------------------------
+
+pub(crate) async fn connect(http_url: &str) -> anyhow::Result<Ws> {
+    let url = format!("{}/ws", http_url.replacen("http://", "ws://", 1));
+    // Nagle off, as the server has it: small frames must not wait for delayed ACKs. A small
+    // read buffer: the default (128 KiB) is zeroed on every read, which costs the load
+    // generator CPU that the server under test then lacks.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(8 * 1024);
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
+        .await
+        .context("connect /ws")?;
+    Ok(ws)
+}
+
+async fn send(ws: &mut Ws, v: &Value) -> anyhow::Result<()> {
+    ws.send(Message::Text(v.to_string().into())).await?;
+    Ok(())
+}
+
+/// The next JSON text message.
+async fn recv(ws: &mut Ws) -> anyhow::Result<Value> {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .context("no WebSocket message in time")?
+            .context("the server closed the WebSocket")??;
+        if let Message::Text(t) = msg {
+            return Ok(serde_json::from_str(&t)?);
+        }
+    }
+}
+
+/// What the client saw of one chat.
+pub(crate) struct ChatTimes {
+    pub task: TaskId,
+    pub sent: Instant,
+    pub created: Instant,
+    pub done: Instant,
+}
+
+/// Sends one chat and reads up to its `done`; returns the times and the session.
+pub(crate) async fn chat(
+    ws: &mut Ws,
+    session: Option<&str>,
+    message: &str,
+) -> anyhow::Result<(ChatTimes, String)> {
+    let mut request = json!({"type": "chat", "message": message});
+    if let Some(s) = session {
+        request["session_id"] = json!(s);
+    }
+    let sent = Instant::now();
+    send(ws, &request).await?;
+    let mut session = session.map(str::to_owned);
+    let mut task: Option<(TaskId, Instant)> = None;
+    loop {
+        let v = recv(ws).await?;
+        match v["type"].as_str().unwrap_or_default() {
+            "session_created" => session = v["session_id"].as_str().map(str::to_owned),
+            "task_created" => {
+                let id: TaskId = serde_json::from_value(v["task_id"].clone())?;
+                task = Some((id, Instant::now()));
+            }
+            "done" if task.is_some_and(|(id, _)| v["task_id"] == json!(id)) => {
+                let done = Instant::now();
+                let status = v["metadata"]["status"].as_str().unwrap_or_default();
+                ensure!(status == "completed", "a task ended {status}: {v}");
+                let (task, created) = task.context("done before task_created")?;
+                let session = session.context("no session_created")?;
+                return Ok((
+                    ChatTimes {
+                        task,
+                        sent,
+                        created,
+                        done,
+                    },
+                    session,
+                ));
+            }
+            "error" if v["task_id"].is_null() || task.is_none() => bail!("server error: {v}"),
+            _ => {}
+        }
+    }
+}
+
 /// A session doing `chats` chats one after the other, once `go` says so: back to back, or
 /// with `pace = (phase, interval)` the k-th chat is sent at `go + phase + k * interval` (or when
 /// the previous one is done, if later).
@@ -564,6 +673,22 @@ fn report(
     Ok(())
 }
 
+/// User + system CPU time of this process so far (Linux: `/proc/self/stat`, 100 ticks/s).
+fn cpu_time() -> anyhow::Result<Duration> {
+    process_cpu_time("self")
+}
+
+/// User + system CPU time of process `pid` (a number, or `self`).
+fn process_cpu_time(pid: &str) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command (which may hold spaces) start at the last ')'.
+    let rest = &stat[stat.rfind(')').context("bad /proc/self/stat")? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here (from 1).
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    Ok(Duration::from_millis(ticks * 10))
+}
+
 /// The executor's events per task, and the time from its first to its last event.
 fn print_events(prefix: &str, events: &EventTimes) {
     let all = std::mem::take(&mut *lock(events));
@@ -646,9 +771,9 @@ async fn dispatch(fake: &FakeLlm, options: &Options) -> anyhow::Result<()> {
     lock(&starts).clear();
     timings.clear();
 
-    let cpu = cpu_time("self")?;
+    let cpu = cpu_time()?;
     let (chats, wall) = round(&url, n, k, None).await?;
-    let cpu = cpu_time("self")? - cpu;
+    let cpu = cpu_time()? - cpu;
     report(
         &format!("burst {n}x{k}"),
         &chats,
@@ -663,9 +788,9 @@ async fn dispatch(fake: &FakeLlm, options: &Options) -> anyhow::Result<()> {
 
     for &interval in options.interval_ms.iter().filter(|&&i| i > 0) {
         let every = Duration::from_millis(interval);
-        let cpu = cpu_time("self")?;
+        let cpu = cpu_time()?;
         let (chats, wall) = round(&url, n, k, Some(every)).await?;
-        let cpu = cpu_time("self")? - cpu;
+        let cpu = cpu_time()? - cpu;
         let offered = n as f64 / every.as_secs_f64();
         report(
             &format!("paced {offered:.0}/s"),
@@ -685,7 +810,136 @@ async fn dispatch(fake: &FakeLlm, options: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+// --- the server binary ------------------------------------------------------------------
+
+/// `given`, else the `anywork-server` next to this binary.
+pub(crate) fn server_bin(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(b) => Ok(b.to_path_buf()),
+        None => Ok(std::env::current_exe()?.with_file_name("anywork-server")),
+    }
+}
+
+/// The release server binary running as its own process on a free loopback port, with the
+/// static driver to `worker_url`; killed when dropped.
+pub(crate) struct ServerProcess {
+    child: tokio::process::Child,
+    pub pid: u32,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+}
+
+impl ServerProcess {
+    /// Starts `bin` with `DB_DIR=db_dir` and `env` added to a clean environment, and waits
+    /// (10 s at most) until `/api/health` answers.
+    pub async fn start(
+        bin: &Path,
+        db_dir: &Path,
+        worker_url: &str,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut command = tokio::process::Command::new(bin);
+        command
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("SERVER_HOST", "127.0.0.1")
+            .env("SERVER_PORT", port.to_string())
+            .env("DB_DIR", db_dir)
+            .env("CONTAINER_DRIVER", "static")
+            .env("STATIC_WORKER_URL", worker_url)
+            // sqlx warns of every slow pool acquire under load; only errors matter here.
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true);
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let pid = child.id().context("no pid")?;
+        let url = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !client
+            .get(format!("{url}/api/health"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            if let Some(status) = child.try_wait()? {
+                bail!("the server exited at start: {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("the server did not come up");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Self { child, pid, url })
+    }
+
+    /// `Err` when the process has ended.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        match self.child.try_wait()? {
+            Some(status) => bail!("the server process ended: {status}"),
+            None => Ok(()),
+        }
+    }
+
+    /// Kills the process and waits for it.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+}
+
 // --- memory per idle session ------------------------------------------------------------
+
+pub(crate) fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .context("no VmRSS")?;
+    Ok(line.trim().trim_end_matches("kB").trim().parse()?)
+}
+
+/// Context switches (voluntary and not) of all threads of `pid` so far.
+fn context_switches(pid: u32) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for thread in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Ok(status) = std::fs::read_to_string(thread?.path().join("status")) else {
+            continue; // the thread has just ended
+        };
+        for line in status.lines() {
+            if let Some(n) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += n.trim().parse::<u64>()?;
+            }
+        }
+    }
+    Ok(total)
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// Opens a connection and has one ping answered (so it is fully set up).
+async fn idle_connection(url: String) -> anyhow::Result<Ws> {
+    let mut ws = connect(&url).await?;
+    send(&mut ws, &json!({"type": "ping"})).await?;
+    loop {
+        if recv(&mut ws).await?["type"] == "pong" {
+            return Ok(ws);
+        }
+    }
+}
 
 /// One chat, then reads whatever else comes (other sessions' titles) until quiet.
 async fn chat_then_idle(mut ws: Ws, i: usize) -> anyhow::Result<Ws> {
@@ -698,10 +952,11 @@ async fn chat_then_idle(mut ws: Ws, i: usize) -> anyhow::Result<Ws> {
 
 async fn memory(fake: &FakeLlm, options: &Options, bin: &Path) -> anyhow::Result<()> {
     let worker = start_worker(native(fake)).await?;
-    let server = ServerProcess::spawn(
+    let db = tempfile::tempdir()?;
+    let server = ServerProcess::start(
         bin,
+        db.path(),
         &worker.url,
-        None,
         &[("MAX_CONCURRENT_TASKS", options.max_concurrent.to_string())],
     )
     .await?;
@@ -769,13 +1024,10 @@ async fn memory(fake: &FakeLlm, options: &Options, bin: &Path) -> anyhow::Result
     // Throughput of the binary alone, with its own CPU time (the benchmark, the worker and the
     // fake share the other core(s)).
     let (n, k) = (options.sessions, options.chats);
-    let (cpu, switches) = (cpu_time(&pid.to_string())?, context_switches(pid)?);
+    let (cpu, switches) = (process_cpu_time(&pid.to_string())?, context_switches(pid)?);
     let (chats, wall) = round(&url, n, k, None).await?;
-    let cpu = cpu_time(&pid.to_string())? - cpu;
-    let switches = {
-        let (v, i) = context_switches(pid)?;
-        (v + i).saturating_sub(switches.0 + switches.1)
-    };
+    let cpu = process_cpu_time(&pid.to_string())? - cpu;
+    let switches = context_switches(pid)?.saturating_sub(switches);
     let tasks = chats.len();
     println!(
         "server  binary, burst {n}x{k}: {tasks} tasks in {} = {:.0} tasks/s; server process CPU \
@@ -786,7 +1038,7 @@ async fn memory(fake: &FakeLlm, options: &Options, bin: &Path) -> anyhow::Result
         cpu.as_secs_f64() / wall.as_secs_f64() * 100.0,
         switches as f64 / tasks as f64
     );
-    server.kill().await?;
+    server.stop().await?;
     drop(worker);
     Ok(())
 }
@@ -799,10 +1051,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         dispatch(&fake, &options).await?;
     }
     if !options.no_memory {
-        let bin = match &options.server_bin {
-            Some(b) => b.clone(),
-            None => std::env::current_exe()?.with_file_name("anywork-server"),
-        };
+        let bin = server_bin(options.server_bin.as_deref())?;
         memory(&fake, &options, &bin).await?;
     }
     Ok(())

@@ -62,14 +62,12 @@ pub async fn idle_connection(url: String) -> anyhow::Result<Ws> {
 
 /// What the client saw of one chat.
 pub struct ChatTimes {
-    pub task: TaskId,
     pub sent: Instant,
     /// CLOCK_MONOTONIC ns when the chat was sent (see [`mono_ns`]).
     pub sent_ns: u64,
     /// CLOCK_MONOTONIC ns when the stand-in worker got the task's `/chat`, from the stamp
     /// in its `text` event (`None` for another worker).
     pub worker_ns: Option<u64>,
-    pub created: Instant,
     pub done: Instant,
 }
 
@@ -97,7 +95,7 @@ pub async fn chat(
     let sent_ns = mono_ns();
     ws.send(request).await?;
     let mut session = session.map(str::to_owned);
-    let mut task: Option<(TaskId, Instant)> = None;
+    let mut task: Option<TaskId> = None;
     let mut worker_ns = None;
     loop {
         let v = recv(ws).await?;
@@ -105,7 +103,7 @@ pub async fn chat(
             "session_created" => session = v["session_id"].as_str().map(str::to_owned),
             "task_created" => {
                 let id: TaskId = serde_json::from_value(v["task_id"].clone())?;
-                task = Some((id, Instant::now()));
+                task = Some(id);
             }
             "text" => {
                 if let Some(ns) = v["content"]
@@ -116,19 +114,17 @@ pub async fn chat(
                     worker_ns = Some(ns);
                 }
             }
-            "done" if task.is_some_and(|(id, _)| v["task_id"] == json!(id)) => {
+            "done" if task.is_some_and(|id| v["task_id"] == json!(id)) => {
                 let done = Instant::now();
                 let status = v["metadata"]["status"].as_str().unwrap_or_default();
                 ensure!(status == "completed", "a task ended {status}: {v}");
-                let (task, created) = task.context("done before task_created")?;
+                task.context("done before task_created")?;
                 let session = session.context("no session_created")?;
                 return Ok((
                     ChatTimes {
-                        task,
                         sent,
                         sent_ns,
                         worker_ns,
-                        created,
                         done,
                     },
                     session,

@@ -25,6 +25,15 @@ use serde_json::json;
 mod outbox;
 pub use outbox::*;
 
+// The cases of session search and usage totals.
+#[path = "store_conformance_search.rs"]
+mod search;
+pub use search::*;
+// The cases of task claims across servers.
+#[path = "store_conformance_claim.rs"]
+mod claim;
+pub use claim::*;
+
 /// Generates one `#[tokio::test]` per conformance case, plus the model-based property test,
 /// calling `$factory()` for a fresh store each time.
 #[macro_export]
@@ -46,7 +55,10 @@ macro_rules! store_conformance_tests {
             failed_deliveries_retry_die_and_are_retried_by_hand,
             retention_deletes_whole_logs_of_finished_tasks_only,
             settled_deliveries_are_deleted_by_age_open_ones_never,
-            readiness_size_and_compaction, settings_are_kept_by_key);
+            readiness_size_and_compaction, settings_are_kept_by_key,
+            sessions_are_searched_by_title, usage_totals_sum_every_task,
+            claims_start_the_oldest_task_of_a_free_session,
+            concurrent_claimers_start_one_task_per_session);
 
         #[test]
         fn matches_the_memory_model_on_random_operations() {
@@ -1757,6 +1769,21 @@ mod keep_alive {
         }
         async fn tasks_by_session(&self, id: &SessionId, page: Page) -> Result<Vec<Task>> {
             self.store.tasks_by_session(id, page).await
+        }
+        async fn claim_task(
+            &self,
+            id: TaskId,
+            change: TaskChange,
+            logs: Vec<anywork_core::NewTaskLog>,
+            deliveries: Vec<anywork_core::NewDelivery>,
+        ) -> anywork_core::Result<anywork_core::Claim> {
+            self.store.claim_task(id, change, logs, deliveries).await
+        }
+        async fn claimable(&self, limit: u32) -> Result<Vec<Task>> {
+            self.store.claimable(limit).await
+        }
+        fn change_feed(&self) -> Option<anywork_core::ChangeFeed> {
+            self.store.change_feed()
         }
         async fn tasks_by_status(&self, s: TaskStatus, page: Page) -> Result<Vec<Task>> {
             self.store.tasks_by_status(s, page).await

@@ -51,15 +51,18 @@ pub use event::{
     AgentInit, InputKind, InputRequest, InputResponse, McpServerStatus, Progress, TaskEvent,
     WireEvent,
 };
-pub use executor::{EventStream, Execution, ExecutionControl, ExecutionRequest, Executor};
+pub use executor::{
+    EventStream, Execution, ExecutionControl, ExecutionRequest, Executor, OpenPullRequest,
+    PullRequestOpener,
+};
 pub use ids::{SessionId, TaskId, Timestamp};
 pub use log::{NewTaskLog, TaskLog};
 pub use mcp_catalog::{CatalogServer, McpAccess, McpCatalog, SecretReader, SecretValue};
 pub use outbound::OutboundPolicy;
-pub use outcome::{TaskOutcome, TokenUsage};
+pub use outcome::{PullRequestLink, TaskOutcome, TokenUsage};
 pub use rest::WireTask;
-pub use session::{NewSession, Page, Session, SessionSummary};
+pub use session::{NewSession, Page, Session, SessionSummary, UsageTotals};
 pub use spec::{McpServerConfig, SkillRef, SkillSpec};
 pub use status::TaskStatus;
-pub use store::TaskStore;
+pub use store::{ChangeFeed, Claim, FeedItem, LogChange, TaskStore};
 pub use task::{Lease, NewTask, PushNotification, SessionMode, Task, TaskChange, TaskRequest};

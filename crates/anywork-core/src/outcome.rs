@@ -38,6 +38,25 @@ pub struct TaskOutcome {
     /// Wall-clock time of the run.
     #[serde(default)]
     pub duration_ms: u64,
+    /// Pull requests the run opened (through the worker's credentialed tool), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pull_requests: Vec<PullRequestLink>,
+}
+
+/// A pull request a run opened: reported by the worker that pushed the branch and called the
+/// API, never taken from the agent's words.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullRequestLink {
+    /// `owner/name`.
+    pub repository: String,
+    /// Its number.
+    pub number: u64,
+    /// Its web page.
+    pub url: String,
+    /// The branch pushed (the pull request's head).
+    pub branch: String,
+    /// The branch it asks to merge into.
+    pub base: String,
 }
 
 fn completed_status() -> TaskStatus {
@@ -77,6 +96,7 @@ impl TaskOutcome {
             usage: TokenUsage::default(),
             num_turns: 0,
             duration_ms: 0,
+            pull_requests: Vec::new(),
         }
     }
 }

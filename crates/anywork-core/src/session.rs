@@ -53,6 +53,51 @@ pub struct SessionSummary {
     pub active_task_count: u64,
 }
 
+/// Cost and tokens summed over every stored task (all sessions): what the UI shows as the
+/// total. Tasks without a known cost add nothing to `cost_usd`.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct UsageTotals {
+    /// Sessions stored.
+    pub sessions: u64,
+    /// Tasks stored, in any status.
+    pub tasks: u64,
+    /// Sum of the tasks' `cost_usd`, in US dollars.
+    pub cost_usd: f64,
+    /// Sum of the tasks' token counts.
+    pub usage: crate::TokenUsage,
+}
+
+impl UsageTotals {
+    /// Adds one task's cost and tokens (not its count).
+    pub fn add_task(&mut self, task: &crate::Task) {
+        self.tasks += 1;
+        self.cost_usd += task.cost_usd.unwrap_or(0.0);
+        self.usage.add(&task.usage);
+    }
+}
+
+/// Makes `query` a SQL `LIKE` pattern that matches titles containing it literally: `\`, `%`
+/// and `_` are escaped with `\` (use `ESCAPE '\'`), and it is wrapped in `%…%`.
+pub fn like_contains_pattern(query: &str) -> String {
+    let mut p = String::with_capacity(query.len() + 2);
+    p.push('%');
+    for c in query.chars() {
+        if matches!(c, '\\' | '%' | '_') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p.push('%');
+    p
+}
+
+/// Whether `title` contains `query`, ignoring case: the match every store's
+/// [`search_sessions`](crate::TaskStore::search_sessions) makes (Unicode lowercase here;
+/// SQLite folds ASCII letters only).
+pub fn title_matches(title: &str, query: &str) -> bool {
+    title.to_lowercase().contains(&query.to_lowercase())
+}
+
 /// What a store needs to create a session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewSession {

@@ -8,7 +8,7 @@ use crate::delivery::{
 use crate::error::{Error, Result};
 use crate::ids::{SessionId, TaskId, Timestamp};
 use crate::log::{NewTaskLog, TaskLog};
-use crate::session::{NewSession, Page, Session, SessionSummary};
+use crate::session::{NewSession, Page, Session, SessionSummary, UsageTotals, title_matches};
 use crate::status::TaskStatus;
 use crate::task::{NewTask, Task, TaskChange};
 
@@ -43,6 +43,87 @@ pub trait TaskStore: Send + Sync + 'static {
 
     /// Sessions with their task counts, most recently active first (ties: newest id first).
     async fn list_sessions(&self, page: Page) -> Result<Vec<SessionSummary>>;
+
+    /// Sessions whose title contains `query` ignoring case, in the order of
+    /// [`list_sessions`](Self::list_sessions) and paged the same way. `query` is literal text
+    /// (`%`, `_` and `\` are no wildcards); case is ignored for ASCII letters on every store,
+    /// and for other letters where the backend folds them (memory and PostgreSQL with a UTF-8
+    /// locale do, SQLite does not). An empty `query` lists every session.
+    ///
+    /// The default pages through `list_sessions` and filters: right, but it reads every
+    /// session; the shipped stores filter in the database.
+    async fn search_sessions(&self, query: &str, page: Page) -> Result<Vec<SessionSummary>> {
+        const CHUNK: u32 = 500;
+        let (skip, want) = (page.offset as usize, page.limit as usize);
+        let mut found = Vec::new();
+        let mut offset = 0u32;
+        loop {
+            let rows = self
+                .list_sessions(Page {
+                    limit: CHUNK,
+                    offset,
+                })
+                .await?;
+            let last = rows.len() < CHUNK as usize;
+            found.extend(
+                rows.into_iter()
+                    .filter(|s| title_matches(&s.session.title, query)),
+            );
+            if last || found.len() >= skip.saturating_add(want) {
+                break;
+            }
+            offset = offset.saturating_add(CHUNK);
+        }
+        Ok(found.into_iter().skip(skip).take(want).collect())
+    }
+
+    /// Cost and tokens summed over every task of every session, with the session and task
+    /// counts: the figures behind a "total" display. Deleting a session takes its tasks out of
+    /// the totals; deleting a task's log (retention) does not.
+    ///
+    /// The default reads every session and task page by page, so it is right but slow on a
+    /// large store; the shipped stores sum in the database.
+    async fn usage_totals(&self) -> Result<UsageTotals> {
+        const CHUNK: u32 = 1000;
+        let mut totals = UsageTotals::default();
+        let mut offset = 0u32;
+        loop {
+            let n = self
+                .list_sessions(Page {
+                    limit: CHUNK,
+                    offset,
+                })
+                .await?
+                .len();
+            totals.sessions += n as u64;
+            if n < CHUNK as usize {
+                break;
+            }
+            offset = offset.saturating_add(CHUNK);
+        }
+        for status in TaskStatus::ALL {
+            let mut offset = 0u32;
+            loop {
+                let tasks = self
+                    .tasks_by_status(
+                        status,
+                        Page {
+                            limit: CHUNK,
+                            offset,
+                        },
+                    )
+                    .await?;
+                for t in &tasks {
+                    totals.add_task(t);
+                }
+                if tasks.len() < CHUNK as usize {
+                    break;
+                }
+                offset = offset.saturating_add(CHUNK);
+            }
+        }
+        Ok(totals)
+    }
 
     /// Renames a session; `NotFound` if unknown.
     async fn set_session_title(&self, id: &SessionId, title: &str) -> Result<()>;
@@ -136,6 +217,120 @@ pub trait TaskStore: Send + Sync + 'static {
     /// Active tasks whose lease expired at or before `now`, oldest first: the ones a crashed
     /// server left behind.
     async fn expired_leases(&self, now: Timestamp, limit: u32) -> Result<Vec<Task>>;
+
+    /// Starts task `id` if it is its session's turn: atomically moves it from `pending` to
+    /// `running` with `change` (a change to `running` with a lease: the claimer as owner),
+    /// appends `logs` (the `running` status event) and enqueues `deliveries` in the same
+    /// transaction — but only if it is the OLDEST pending task of its session and no task of
+    /// the session is `running` or `input_required`. That is how one task at a time per
+    /// session and FIFO order hold across servers sharing the store: every start of a task
+    /// goes through here (PostgreSQL locks the session's row `FOR UPDATE` for the claim, so
+    /// two claimers of one session take turns; SQLite and memory have one writer).
+    ///
+    /// Returns [`Claim::Claimed`] with the task as stored and the seq of the last appended
+    /// event; otherwise nothing changed and the answer says why: [`Claim::Busy`] (the task
+    /// that holds the session), [`Claim::NotFirst`] (an older pending task of the session,
+    /// which must start first), [`Claim::NotPending`] (the task as stored: canceled, or
+    /// started by another server). `NotFound` for an unknown task, `InvalidInput` for a
+    /// change that is not to `running` with a lease, `Conflict` if a delivery id exists.
+    ///
+    /// The default is built on the other methods and is NOT atomic across servers (the
+    /// compare-and-set on `pending → running` still keeps a task from running twice, but two
+    /// servers may run two tasks of one session at once): right for one server only.
+    async fn claim_task(
+        &self,
+        id: TaskId,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+        deliveries: Vec<NewDelivery>,
+    ) -> Result<Claim> {
+        check_claim(&change)?;
+        let task = self.get_task(id).await?;
+        if task.status != TaskStatus::Pending {
+            return Ok(Claim::NotPending(task));
+        }
+        let mut offset = 0;
+        loop {
+            let page = Page { limit: 500, offset };
+            let tasks = self.tasks_by_session(&task.session_id, page).await?;
+            let n = tasks.len() as u32;
+            for other in tasks {
+                match other.status {
+                    TaskStatus::Running | TaskStatus::InputRequired => {
+                        return Ok(Claim::Busy(other));
+                    }
+                    TaskStatus::Pending
+                        if (other.created_at, other.id) < (task.created_at, task.id) =>
+                    {
+                        return Ok(Claim::NotFirst(other));
+                    }
+                    _ => {}
+                }
+            }
+            if n < page.limit {
+                break;
+            }
+            offset += n;
+        }
+        match self
+            .update_task_and_enqueue(id, TaskStatus::Pending, change, logs, deliveries)
+            .await
+        {
+            Ok((task, last)) => Ok(Claim::Claimed(task, last)),
+            Err(e) if e.kind() == crate::ErrorKind::Conflict => {
+                Ok(Claim::NotPending(self.get_task(id).await?))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Work any server may start: the oldest `pending` task of each session that has no task
+    /// `running` or `input_required`, oldest first, at most `limit`. A server calls it now and
+    /// then (and when told that a task ended) and claims each with
+    /// [`claim_task`](Self::claim_task), so that a task accepted by one server runs even when
+    /// that server is busy or gone. The default is built on `tasks_by_status`.
+    async fn claimable(&self, limit: u32) -> Result<Vec<Task>> {
+        let mut busy = std::collections::HashSet::new();
+        for status in [TaskStatus::Running, TaskStatus::InputRequired] {
+            let mut offset = 0;
+            loop {
+                let page = Page { limit: 500, offset };
+                let tasks = self.tasks_by_status(status, page).await?;
+                let n = tasks.len() as u32;
+                busy.extend(tasks.into_iter().map(|t| t.session_id));
+                if n < page.limit {
+                    break;
+                }
+                offset += n;
+            }
+        }
+        let mut out = Vec::new();
+        let mut offset = 0;
+        loop {
+            let page = Page { limit: 500, offset };
+            let tasks = self.tasks_by_status(TaskStatus::Pending, page).await?;
+            let n = tasks.len() as u32;
+            for task in tasks {
+                if out.len() >= limit as usize {
+                    return Ok(out);
+                }
+                if busy.insert(task.session_id.clone()) {
+                    out.push(task);
+                }
+            }
+            if n < page.limit {
+                return Ok(out);
+            }
+            offset += n;
+        }
+    }
+
+    /// A feed of the events appended to task logs by any server sharing the store, for
+    /// followers on this server of tasks run elsewhere (PostgreSQL: `LISTEN/NOTIFY`). `None`
+    /// (the default) when the store has none: followers then read the log by polling.
+    fn change_feed(&self) -> Option<ChangeFeed> {
+        None
+    }
 
     /// Appends events to a task's log in order and returns the seq of the last one (the
     /// current last seq when `logs` is empty). The store numbers them: the first event of a
@@ -288,6 +483,63 @@ pub trait TaskStore: Send + Sync + 'static {
         )))
     }
 }
+
+/// What [`TaskStore::claim_task`] did.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Claim {
+    /// The task is now `running` for the claimer; the seq of the last event appended.
+    Claimed(Task, u64),
+    /// This task of the session is `running` or `input_required`: nothing changed.
+    Busy(Task),
+    /// This older pending task of the session starts first: nothing changed.
+    NotFirst(Task),
+    /// The task is no longer pending (canceled, or started by another server), as stored.
+    NotPending(Task),
+}
+
+/// Checks that `change` is what [`TaskStore::claim_task`] takes: to `running`, with a lease.
+pub fn check_claim(change: &TaskChange) -> Result<()> {
+    if change.status != TaskStatus::Running || change.lease.is_none() {
+        return Err(Error::invalid_input(format!(
+            "a claim moves a task to running with a lease, not to {}{}",
+            change.status,
+            if change.lease.is_none() {
+                " without a lease"
+            } else {
+                ""
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// One append to a task's log, told by [`TaskStore::change_feed`]: events `first..=last`
+/// are in the log of `task_id` (read them with [`TaskStore::read_logs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogChange {
+    /// The task whose log grew.
+    pub task_id: TaskId,
+    /// The seq of the first event appended.
+    pub first: u64,
+    /// The seq of the last event appended (the log's last seq then).
+    pub last: u64,
+}
+
+/// What a [`ChangeFeed`] tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FeedItem {
+    /// A log grew.
+    Changed(LogChange),
+    /// Changes may have been missed (the store's listener reconnected, or this subscriber
+    /// fell behind): a follower reads its log from the last seq it has.
+    Gap,
+}
+
+/// A subscription to the log changes of every server sharing the store; it ends when the
+/// store is dropped.
+pub type ChangeFeed = std::pin::Pin<Box<dyn futures_core::Stream<Item = FeedItem> + Send>>;
 
 /// Checks a settings key: 1 to 128 printable ASCII characters, no spaces.
 pub fn validate_setting_key(key: &str) -> Result<()> {

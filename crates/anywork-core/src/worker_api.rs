@@ -171,6 +171,58 @@ pub struct RepoCheckout {
     /// secret, hidden by `Debug`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// Where pull requests from this checkout go. With a [`token`](Self::token), the worker
+    /// offers the agent a tool that commits its changes on a new branch, pushes it with the
+    /// token and opens a pull request through this API; the token never reaches the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_requests: Option<PullRequestTarget>,
+}
+
+/// The forge API that opens pull requests for a [`RepoCheckout`] (GitHub's REST API:
+/// `POST {api_url}/repos/{repository}/pulls`, with the checkout's token as a Bearer token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullRequestTarget {
+    /// The REST API's base URL, e.g. `https://api.github.com` (from the server's
+    /// configuration, never from the agent).
+    pub api_url: String,
+    /// `owner/name`.
+    pub repository: String,
+    /// The branch pull requests ask to merge into (the default branch, or a pull request's
+    /// base).
+    pub base: String,
+}
+
+impl PullRequestTarget {
+    /// Checks the API URL (`http(s)://`, no spaces), the repository (`owner/name` of plain
+    /// characters) and the base branch.
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |what: &str| crate::Error::invalid_input(format!("pull request target: {what}"));
+        if !(self.api_url.starts_with("https://") || self.api_url.starts_with("http://"))
+            || self
+                .api_url
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(bad(
+                "the API URL must be https:// or http:// without spaces",
+            ));
+        }
+        let part_ok = |p: &str| {
+            !p.is_empty()
+                && p.len() <= 100
+                && p != "."
+                && p != ".."
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        };
+        match self.repository.split_once('/') {
+            Some((owner, name)) if part_ok(owner) && part_ok(name) => {}
+            _ => return Err(bad("the repository must be owner/name")),
+        }
+        crate::executor::validate_branch(&self.base)
+            .map_err(|_| bad("the base must be a plain branch name"))
+    }
 }
 
 impl RepoCheckout {
@@ -181,6 +233,7 @@ impl RepoCheckout {
             git_ref: None,
             dir: dir.into(),
             token: None,
+            pull_requests: None,
         }
     }
 
@@ -209,6 +262,9 @@ impl RepoCheckout {
         {
             return Err(bad("the ref must be a branch, tag or refs/… name"));
         }
+        if let Some(target) = &self.pull_requests {
+            target.validate()?;
+        }
         crate::spec::validate_name("repository folder", &self.dir)
     }
 }
@@ -220,6 +276,7 @@ impl std::fmt::Debug for RepoCheckout {
             .field("git_ref", &self.git_ref)
             .field("dir", &self.dir)
             .field("token", &self.token.as_ref().map(|_| "[redacted]"))
+            .field("pull_requests", &self.pull_requests)
             .finish()
     }
 }

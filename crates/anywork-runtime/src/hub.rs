@@ -135,6 +135,13 @@ impl Hub {
         self.tasks().remove(&task_id);
     }
 
+    /// Whether anyone follows `task_id` here.
+    pub(crate) fn is_followed(&self, task_id: TaskId) -> bool {
+        self.tasks()
+            .get(&task_id)
+            .is_some_and(|s| s.receiver_count() > 0)
+    }
+
     /// Tasks with a live channel (for metrics and leak checks).
     pub(crate) fn live_tasks(&self) -> usize {
         self.tasks().len()

@@ -362,9 +362,11 @@ async fn setup_problems_and_worker_progress_are_shown() {
     result
 }
 
-/// Per-session URLs (#/s/<id>; a reload keeps the conversation), search by title, the
-/// conversation exported as Markdown, its tokens in the header, and the workspace file panel
-/// (a file uploaded into files/ is listed, opened as text, and offered for download).
+/// Per-session URLs (#/s/<id>; a reload keeps the conversation), search by title (on the
+/// server: a session beyond the first loaded page is found), the conversation exported as
+/// Markdown, its tokens in the header, the total of all sessions in the sidebar, and the
+/// workspace file panel (a file uploaded into files/ is listed, opened as text, and offered
+/// for download).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_links_search_export_usage_and_files() {
     let Some(driver_bin) = chromedriver() else {
@@ -380,6 +382,18 @@ async fn session_links_search_export_usage_and_files() {
     });
     let worker = WorkerProcess::start(&fake).await;
     let server = TestServer::start(&worker.url).await;
+    // One old session, then more than a page of the sidebar (50) of newer ones: the old one
+    // is not loaded until searched for.
+    let (status, _) = server
+        .post("/api/sessions", json!({"title": "Needle in the haystack"}))
+        .await;
+    assert_eq!(status, 201);
+    for i in 0..55 {
+        let (status, _) = server
+            .post("/api/sessions", json!({"title": format!("Filler {i}")}))
+            .await;
+        assert_eq!(status, 201);
+    }
     let (_driver, c) = start_browser(&driver_bin).await;
     let result = async {
         c.goto(&server.url).await.unwrap();
@@ -411,6 +425,34 @@ async fn session_links_search_export_usage_and_files() {
         );
         let usage = wait_text(&c, "#session-usage", "tokens").await;
         assert!(usage.contains('$'), "{usage}");
+        // The total of all sessions, as the server sums it.
+        let (_, totals) = server.get("/api/usage").await;
+        assert_eq!(totals["tasks"], 2, "{totals}");
+        let cost = format!("${:.4}", totals["costUsd"].as_f64().unwrap());
+        let tokens = totals["usage"]["input_tokens"].as_u64().unwrap()
+            + totals["usage"]["output_tokens"].as_u64().unwrap();
+        assert!(tokens > 0, "{totals}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            // Both tasks counted (the box is refreshed after each done).
+            let title = c
+                .find(Locator::Css("#usage-total"))
+                .await
+                .unwrap()
+                .attr("title")
+                .await
+                .unwrap()
+                .unwrap_or_default();
+            if title.contains("58 conversations (2 tasks)") {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "total: {title}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let total = text_of(&c, "#usage-total").await;
+        assert!(total.starts_with("Total "), "{total}");
+        assert!(total.contains(&cost), "{total} shows {cost}");
+        assert!(total.contains("tokens"), "{total}");
 
         // A shared link opens that conversation in a fresh page.
         let (_, sessions) = server.get("/api/sessions").await;
@@ -430,6 +472,17 @@ async fn session_links_search_export_usage_and_files() {
 
         // Search by title.
         wait_text(&c, "#session-list .session-title", "Bananas").await;
+        for el in c
+            .find_all(Locator::Css("#session-list .session-title"))
+            .await
+            .unwrap()
+        {
+            let title = el.text().await.unwrap();
+            assert!(
+                !title.contains("Needle"),
+                "loaded with the first page: {title}"
+            );
+        }
         let search = c.find(Locator::Css("#session-search")).await.unwrap();
         search.send_keys("banan").await.unwrap();
         let titles = c
@@ -438,9 +491,26 @@ async fn session_links_search_export_usage_and_files() {
             .unwrap();
         assert_eq!(titles.len(), 1);
         assert!(titles[0].text().await.unwrap().contains("Bananas"));
+        // A session beyond the loaded page: found by the server's search.
+        search.clear().await.unwrap();
+        search.send_keys("HAYSTACK").await.unwrap();
+        wait_text(&c, "#session-list .session-title", "Needle in the haystack").await;
+        assert_eq!(
+            c.find_all(Locator::Css("#session-list .session-title"))
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        click(&c, "#session-list .session-item").await;
+        wait_text(&c, "#chat-title", "Needle in the haystack").await;
         search.clear().await.unwrap();
         search.send_keys("nothing like this").await.unwrap();
         wait_text(&c, "#session-list .side-empty", "No conversation matches").await;
+        c.goto(&format!("{}/#/s/{apples}", server.url))
+            .await
+            .unwrap();
+        wait_text(&c, ".msg.assistant .content", "Apples are red.").await;
 
         // Export as Markdown.
         click(&c, "#export-button").await;

@@ -244,8 +244,8 @@ async fn a_store_outage_mid_run_is_retried_and_the_task_completes() {
     assert_eq!(t["status"], "completed", "{t}");
 }
 
-/// A task whose `pending → running` the store refused (after the run's retries) is queued
-/// again and runs once the store is back, instead of staying pending until a restart.
+/// A task whose claim (`pending → running`) the store refused (after the run's retries) is
+/// queued again and runs once the store is back, instead of staying pending until a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_whose_start_failed_is_queued_again() {
     let fake = FakeLlm::start().await;
@@ -254,7 +254,7 @@ async fn a_task_whose_start_failed_is_queued_again() {
     let mut config = DispatcherConfig::default();
     config.store_retry = Backoff::new(2, Duration::from_millis(50), Duration::from_millis(100));
     let (server, faults) = server_over_faults(&worker.url, config).await;
-    faults.down_for_ops(&["update_task_and_append"], Duration::from_millis(1500));
+    faults.down_for_ops(&["claim_task"], Duration::from_millis(1500));
     let (s, created) = server.post("/api/tasks", json!({"message": "hi"})).await;
     assert_eq!(s, 202, "{created}");
     let id = created["taskId"].as_str().unwrap().to_owned();

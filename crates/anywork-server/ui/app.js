@@ -14,7 +14,10 @@ const S = {
   pending: [],           // chats sent (or queued until the socket opens), waiting for task_created
   loading: -1,           // view whose history is being fetched
   refreshTimer: null,
-  search: "",            // sidebar filter (titles)
+  search: "",            // sidebar search (titles)
+  searchRows: null,      // the server's answer to the search (null: none yet)
+  searchMore: false, searchSeq: 0, searchTimer: null,
+  total: null, totalTimer: null, // cost and tokens of all sessions (GET /api/usage)
   usage: null,           // cost and tokens of the open session
 };
 
@@ -305,6 +308,59 @@ async function loadSessions(append = false) {
   renderSidebar();
 }
 
+// Search by title on the server (debounced), so that sessions not loaded yet are found; the
+// loaded ones are filtered at once meanwhile.
+function onSearchInput(value) {
+  S.search = value;
+  clearTimeout(S.searchTimer);
+  S.searchSeq++;
+  S.searchRows = null;
+  renderSidebar();
+  if (!value.trim()) return;
+  S.searchTimer = setTimeout(() => searchSessions(false).catch((e) => toast(e.message)), 250);
+}
+
+async function searchSessions(append) {
+  const q = S.search.trim();
+  if (!q) return;
+  const seq = ++S.searchSeq;
+  const offset = append && S.searchRows ? S.searchRows.length : 0;
+  const data = await api("GET", "/api/sessions?limit=50&offset=" + offset + "&q=" + encodeURIComponent(q));
+  if (seq !== S.searchSeq) return; // the text changed meanwhile
+  const rows = data.sessions || [];
+  if (append && S.searchRows) {
+    const known = new Set(S.searchRows.map((r) => r.id));
+    S.searchRows.push(...rows.filter((r) => !known.has(r.id)));
+  } else S.searchRows = rows;
+  S.searchMore = rows.length === 50;
+  renderSidebar();
+}
+
+// ---- total cost and tokens of all conversations (sidebar), from the server
+async function loadTotal() {
+  S.total = await api("GET", "/api/usage");
+  showTotal();
+}
+
+function loadTotalSoon() {
+  clearTimeout(S.totalTimer);
+  S.totalTimer = setTimeout(() => loadTotal().catch(() => {}), 300);
+}
+
+const tokenCount = (n) => (n >= 1000 ? (n / 1000).toFixed(1) + "k" : String(n));
+
+function showTotal() {
+  const t = S.total;
+  const box = $("#usage-total");
+  if (!t || !t.tasks) { box.textContent = ""; box.hidden = true; return; }
+  const u = t.usage || {};
+  const input = Number(u.input_tokens || 0), output = Number(u.output_tokens || 0);
+  const cost = Number(t.costUsd || 0);
+  box.hidden = false;
+  box.textContent = "Total $" + cost.toFixed(4) + " · " + tokenCount(input + output) + " tokens";
+  box.title = "All " + t.sessions + " conversations (" + t.tasks + " tasks): $" + cost.toFixed(6) + ", " + input + " input and " + output + " output tokens";
+}
+
 function refreshSessionsSoon() {
   clearTimeout(S.refreshTimer);
   S.refreshTimer = setTimeout(() => loadSessions().catch(() => {}), 400);
@@ -328,7 +384,16 @@ function renderSidebar() {
   }
   let group = null;
   const q = (S.search || "").trim().toLowerCase();
-  const shown = q ? S.sessions.filter((s) => (s.title || "").toLowerCase().includes(q)) : S.sessions;
+  let shown = S.sessions, more = S.moreSessions;
+  if (q && S.searchRows) {
+    // The server's rows, with what this page knows live (running, a new title) on top.
+    shown = S.searchRows.map((r) => findSession(r.id) || r);
+    more = S.searchMore;
+  } else if (q) {
+    shown = S.sessions.filter((s) => (s.title || "").toLowerCase().includes(q));
+    more = false;
+  }
+  nav.dataset.search = q ? (S.searchRows ? "server" : "local") : "";
   if (!shown.length) nav.appendChild(el("div", "side-empty", "No conversation matches “" + S.search.trim() + "”"));
   for (const s of shown) {
     const g = groupOf(s.last_active || s.created_at || 0);
@@ -349,8 +414,9 @@ function renderSidebar() {
     item.appendChild(del);
     nav.appendChild(item);
   }
-  if (S.moreSessions) {
-    nav.appendChild(button("side-more", "Show more", () => loadSessions(true).catch((e) => toast(e.message))));
+  if (more) {
+    const next = q ? () => searchSessions(true) : () => loadSessions(true);
+    nav.appendChild(button("side-more", "Show more", () => next().catch((e) => toast(e.message))));
   }
 }
 
@@ -386,6 +452,8 @@ async function deleteSession(id) {
     await api("DELETE", "/api/sessions/" + encodeURIComponent(id));
   } catch (e) { toast(e.message); return; }
   S.sessions = S.sessions.filter((x) => x.id !== id);
+  if (S.searchRows) S.searchRows = S.searchRows.filter((x) => x.id !== id);
+  loadTotalSoon();
   if (S.current === id) newChat();
   else renderSidebar();
 }
@@ -768,7 +836,7 @@ function onMessage(m) {
     }
     return;
   }
-  if (m.type === "done") touchSession(m.session_id, { running: false, active_task_count: 0 });
+  if (m.type === "done") { touchSession(m.session_id, { running: false, active_task_count: 0 }); loadTotalSoon(); }
   if (m.type === "done" && m.session_id === S.current && S.tasks.has(m.task_id) && !S.tasks.get(m.task_id).finished) addUsage(m.metadata || {});
   if (m.session_id && m.session_id !== S.current) return;
   const t = S.tasks.get(m.task_id);
@@ -834,7 +902,7 @@ async function openSession(id) {
   resetPanel();
   const view = S.view;
   S.loading = view;
-  const s = findSession(id);
+  const s = findSession(id) || (S.searchRows || []).find((r) => r.id === id);
   setHeader(s ? s.title : "");
   if (!s) {
     // Opened from a link (#/s/<id>): its title comes from the server.
@@ -1416,7 +1484,7 @@ function showUsage() {
   $("#export-button").hidden = !S.current;
   if (!u || (!u.cost && !u.input && !u.output)) { box.textContent = ""; return; }
   const tokens = u.input + u.output;
-  box.textContent = "$" + u.cost.toFixed(4) + " · " + (tokens >= 1000 ? (tokens / 1000).toFixed(1) + "k" : tokens) + " tokens";
+  box.textContent = "$" + u.cost.toFixed(4) + " · " + tokenCount(tokens) + " tokens";
   box.title = "This conversation: $" + u.cost.toFixed(6) + ", " + u.input + " input and " + u.output + " output tokens";
 }
 
@@ -1512,7 +1580,7 @@ function init() {
   });
 
   $("#export-button").addEventListener("click", exportMarkdown);
-  $("#session-search").addEventListener("input", (e) => { S.search = e.target.value; renderSidebar(); });
+  $("#session-search").addEventListener("input", (e) => onSearchInput(e.target.value));
   window.addEventListener("hashchange", onHashChange);
   $("#admin-refresh").addEventListener("click", showAdmin);
   $("#admin-close").addEventListener("click", (e) => { e.preventDefault(); hideAdmin(); setRoute(S.current); });
@@ -1539,11 +1607,13 @@ function init() {
     if (!$("#doc-modal").hidden) { e.preventDefault(); closeDocs(); } else closeSidebar();
   });
 
-  setInterval(() => { if (!document.hidden) renderSidebar(); }, 60000);
+  // Relative times age; the total also counts tasks other pages and channels ran.
+  setInterval(() => { if (!document.hidden) { renderSidebar(); loadTotalSoon(); } }, 60000);
 
   setConn("connecting");
   connect();
   loadHealth();
+  loadTotal().catch(() => {});
   const routed = routeSession();
   if (routed) openSession(routed);
   if (location.hash === "#/admin") showAdmin();

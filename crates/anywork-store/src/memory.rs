@@ -4,11 +4,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
-use anywork_core::session::validate_title;
+use anywork_core::session::{title_matches, validate_title};
 use anywork_core::{
-    DeletedLogs, Delivery, DeliveryAttempt, DeliveryId, DeliveryStatus, Error, Lease, NewDelivery,
-    NewSession, NewTask, NewTaskLog, Page, Result, Session, SessionId, SessionSummary, Task,
-    TaskChange, TaskId, TaskLog, TaskStatus, TaskStore, Timestamp,
+    Claim, DeletedLogs, Delivery, DeliveryAttempt, DeliveryId, DeliveryStatus, Error, Lease,
+    NewDelivery, NewSession, NewTask, NewTaskLog, Page, Result, Session, SessionId, SessionSummary,
+    Task, TaskChange, TaskId, TaskLog, TaskStatus, TaskStore, Timestamp, UsageTotals,
 };
 use async_trait::async_trait;
 
@@ -68,6 +68,32 @@ fn window<T>(mut rows: Vec<T>, page: Page) -> Vec<T> {
 }
 
 impl Inner {
+    /// The sessions `keep` accepts with their task counts, in list order, windowed.
+    fn summaries(&self, keep: impl Fn(&Session) -> bool, page: Page) -> Vec<SessionSummary> {
+        let mut rows: Vec<SessionSummary> = self
+            .sessions
+            .values()
+            .filter(|s| keep(s))
+            .map(|s| {
+                let tasks = self.tasks.values().filter(|t| t.session_id == s.id);
+                let (mut total, mut active) = (0, 0);
+                for t in tasks {
+                    total += 1;
+                    active += u64::from(t.status.is_active());
+                }
+                SessionSummary {
+                    session: s.clone(),
+                    task_count: total,
+                    active_task_count: active,
+                }
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            (b.session.last_active, &b.session.id).cmp(&(a.session.last_active, &a.session.id))
+        });
+        window(rows, page)
+    }
+
     fn task(&self, id: TaskId) -> Result<&Task> {
         self.tasks.get(&id).ok_or_else(|| task_not_found(id))
     }
@@ -88,6 +114,33 @@ impl Inner {
         change.apply(&mut updated)?;
         *task = updated.clone();
         Ok(updated)
+    }
+
+    fn update_and_enqueue(
+        &mut self,
+        id: TaskId,
+        expected: TaskStatus,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+        deliveries: Vec<NewDelivery>,
+    ) -> Result<(Task, u64)> {
+        // Every check before the first change: a failure changes nothing.
+        self.task(id)?;
+        for (i, d) in deliveries.iter().enumerate() {
+            if self.delivery_seq.contains_key(&d.id) || deliveries[..i].iter().any(|o| o.id == d.id)
+            {
+                return Err(Error::conflict(format!("delivery {} already exists", d.id)));
+            }
+        }
+        let task = self.update(id, expected, change)?;
+        let last = self.append(id, logs)?;
+        for d in deliveries {
+            self.next_delivery_seq += 1;
+            let seq = self.next_delivery_seq;
+            self.delivery_seq.insert(d.id, seq);
+            self.deliveries.insert(seq, d.into_delivery(id));
+        }
+        Ok((task, last))
     }
 
     fn append(&mut self, task_id: TaskId, logs: Vec<NewTaskLog>) -> Result<u64> {
@@ -208,28 +261,25 @@ impl TaskStore for MemoryStore {
     }
 
     async fn list_sessions(&self, page: Page) -> Result<Vec<SessionSummary>> {
+        Ok(self.lock().summaries(|_| true, page))
+    }
+
+    async fn search_sessions(&self, query: &str, page: Page) -> Result<Vec<SessionSummary>> {
+        Ok(self
+            .lock()
+            .summaries(|s| title_matches(&s.title, query), page))
+    }
+
+    async fn usage_totals(&self) -> Result<UsageTotals> {
         let inner = self.lock();
-        let mut rows: Vec<SessionSummary> = inner
-            .sessions
-            .values()
-            .map(|s| {
-                let tasks = inner.tasks.values().filter(|t| t.session_id == s.id);
-                let (mut total, mut active) = (0, 0);
-                for t in tasks {
-                    total += 1;
-                    active += u64::from(t.status.is_active());
-                }
-                SessionSummary {
-                    session: s.clone(),
-                    task_count: total,
-                    active_task_count: active,
-                }
-            })
-            .collect();
-        rows.sort_by(|a, b| {
-            (b.session.last_active, &b.session.id).cmp(&(a.session.last_active, &a.session.id))
-        });
-        Ok(window(rows, page))
+        let mut totals = UsageTotals {
+            sessions: inner.sessions.len() as u64,
+            ..UsageTotals::default()
+        };
+        for t in inner.tasks.values() {
+            totals.add_task(t);
+        }
+        Ok(totals)
     }
 
     async fn set_session_title(&self, id: &SessionId, title: &str) -> Result<()> {
@@ -342,25 +392,8 @@ impl TaskStore for MemoryStore {
         logs: Vec<NewTaskLog>,
         deliveries: Vec<NewDelivery>,
     ) -> Result<(Task, u64)> {
-        let mut inner = self.lock();
-        // Every check before the first change: a failure changes nothing.
-        inner.task(id)?;
-        for (i, d) in deliveries.iter().enumerate() {
-            if inner.delivery_seq.contains_key(&d.id)
-                || deliveries[..i].iter().any(|o| o.id == d.id)
-            {
-                return Err(Error::conflict(format!("delivery {} already exists", d.id)));
-            }
-        }
-        let task = inner.update(id, expected, change)?;
-        let last = inner.append(id, logs)?;
-        for d in deliveries {
-            inner.next_delivery_seq += 1;
-            let seq = inner.next_delivery_seq;
-            inner.delivery_seq.insert(d.id, seq);
-            inner.deliveries.insert(seq, d.into_delivery(id));
-        }
-        Ok((task, last))
+        self.lock()
+            .update_and_enqueue(id, expected, change, logs, deliveries)
     }
 
     async fn tasks_by_session(&self, session_id: &SessionId, page: Page) -> Result<Vec<Task>> {
@@ -411,6 +444,73 @@ impl TaskStore for MemoryStore {
             })
             .cloned()
             .collect();
+        rows.sort_by_key(|t| (t.created_at, t.id));
+        rows.truncate(limit as usize);
+        Ok(rows)
+    }
+
+    async fn claim_task(
+        &self,
+        id: TaskId,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+        deliveries: Vec<NewDelivery>,
+    ) -> Result<Claim> {
+        anywork_core::store::check_claim(&change)?;
+        let mut inner = self.lock();
+        let task = inner.task(id)?;
+        if task.status != TaskStatus::Pending {
+            return Ok(Claim::NotPending(task.clone()));
+        }
+        let key = (task.created_at, task.id);
+        let mut first: Option<&Task> = None;
+        for other in inner
+            .tasks
+            .values()
+            .filter(|t| t.session_id == task.session_id)
+        {
+            match other.status {
+                TaskStatus::Running | TaskStatus::InputRequired => {
+                    return Ok(Claim::Busy(other.clone()));
+                }
+                TaskStatus::Pending
+                    if (other.created_at, other.id) < key
+                        && first.is_none_or(|f| {
+                            (other.created_at, other.id) < (f.created_at, f.id)
+                        }) =>
+                {
+                    first = Some(other);
+                }
+                _ => {}
+            }
+        }
+        if let Some(first) = first {
+            return Ok(Claim::NotFirst(first.clone()));
+        }
+        let (task, last) =
+            inner.update_and_enqueue(id, TaskStatus::Pending, change, logs, deliveries)?;
+        Ok(Claim::Claimed(task, last))
+    }
+
+    async fn claimable(&self, limit: u32) -> Result<Vec<Task>> {
+        let inner = self.lock();
+        let busy: std::collections::HashSet<&SessionId> = inner
+            .tasks
+            .values()
+            .filter(|t| matches!(t.status, TaskStatus::Running | TaskStatus::InputRequired))
+            .map(|t| &t.session_id)
+            .collect();
+        let mut oldest: HashMap<&SessionId, &Task> = HashMap::new();
+        for task in inner.tasks.values() {
+            if task.status != TaskStatus::Pending || busy.contains(&task.session_id) {
+                continue;
+            }
+            let slot = oldest.entry(&task.session_id).or_insert(task);
+            if (task.created_at, task.id) < (slot.created_at, slot.id) {
+                *slot = task;
+            }
+        }
+        let mut rows: Vec<Task> = oldest.into_values().cloned().collect();
         rows.sort_by_key(|t| (t.created_at, t.id));
         rows.truncate(limit as usize);
         Ok(rows)

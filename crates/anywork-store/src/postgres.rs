@@ -3,9 +3,12 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use anywork_core::{Error, Result};
+use std::sync::{Arc, Mutex};
+
+use anywork_core::{ChangeFeed, Error, FeedItem, LogChange, Result};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
+use tokio::sync::mpsc;
 
 use crate::sql::{Embedded, db_err};
 
@@ -47,6 +50,137 @@ const TABLES: &str = "('sessions', 'tasks', 'task_logs', 'deliveries', 'store_he
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// The subscribers of the change feed, and whether its listener runs.
+    feed: Arc<Mutex<Feed>>,
+}
+
+/// The change feed's state: one `LISTEN` connection per store, fanned out to subscribers.
+#[derive(Debug, Default)]
+struct Feed {
+    subscribers: Vec<Subscriber>,
+    listening: bool,
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    tx: mpsc::Sender<FeedItem>,
+    /// A change was dropped because this subscriber was full: it is told `Gap` next.
+    owes_gap: bool,
+}
+
+/// Changes a subscriber may have unread before it is told `Gap` instead.
+const FEED_QUEUE: usize = 1024;
+
+/// How long the listener waits before it connects again after a failure.
+const LISTEN_RETRY: Duration = Duration::from_millis(500);
+
+fn lock_feed(feed: &Mutex<Feed>) -> std::sync::MutexGuard<'_, Feed> {
+    feed.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Feed {
+    /// Tells every subscriber `item`; drops the ones that are gone.
+    fn send(&mut self, item: FeedItem) {
+        self.subscribers.retain_mut(|s| {
+            if s.owes_gap {
+                match s.tx.try_send(FeedItem::Gap) {
+                    Ok(()) => s.owes_gap = false,
+                    Err(mpsc::error::TrySendError::Full(_)) => return true,
+                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                }
+            }
+            match s.tx.try_send(item) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    s.owes_gap = true;
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+    }
+}
+
+/// A subscriber's end of the feed.
+struct FeedStream(mpsc::Receiver<FeedItem>);
+
+impl futures_core::Stream for FeedStream {
+    type Item = FeedItem;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<FeedItem>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// Parses a `TASK_ID:FIRST:LAST` payload.
+fn parse_change(payload: &str) -> Option<LogChange> {
+    let mut parts = payload.split(':');
+    let task_id = parts.next()?.parse().ok()?;
+    let first = parts.next()?.parse().ok()?;
+    let last = parts.next()?.parse().ok()?;
+    Some(LogChange {
+        task_id,
+        first,
+        last,
+    })
+}
+
+/// Listens on the log channel and fans the changes out, until no subscriber is left. Each
+/// (re)connection is told as `Gap`: what was appended meanwhile was not heard.
+async fn listen(pool: PgPool, feed: Arc<Mutex<Feed>>) {
+    loop {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for log changes; trying again");
+                tokio::time::sleep(LISTEN_RETRY).await;
+                if stop_listening(&feed) {
+                    return;
+                }
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(crate::sql::LOG_CHANNEL).await {
+            tracing::warn!(error = %e, "cannot listen for log changes; trying again");
+            tokio::time::sleep(LISTEN_RETRY).await;
+            continue;
+        }
+        lock_feed(&feed).send(FeedItem::Gap);
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(n)) => {
+                    if let Some(change) = parse_change(n.payload()) {
+                        lock_feed(&feed).send(FeedItem::Changed(change));
+                    }
+                }
+                // The connection broke: the next call connects again; what was sent
+                // meanwhile is lost.
+                Ok(None) => lock_feed(&feed).send(FeedItem::Gap),
+                Err(e) => {
+                    tracing::warn!(error = %e, "listening for log changes failed; trying again");
+                    lock_feed(&feed).send(FeedItem::Gap);
+                    tokio::time::sleep(LISTEN_RETRY).await;
+                    break;
+                }
+            }
+            if stop_listening(&feed) {
+                return;
+            }
+        }
+    }
+}
+
+/// Whether the listener may stop (nobody subscribes any more); marks it stopped if so.
+fn stop_listening(feed: &Mutex<Feed>) -> bool {
+    let mut feed = lock_feed(feed);
+    feed.subscribers.retain(|s| !s.tx.is_closed());
+    if feed.subscribers.is_empty() {
+        feed.listening = false;
+        return true;
+    }
+    false
 }
 
 impl PostgresStore {
@@ -77,7 +211,10 @@ impl PostgresStore {
             .run(&pool)
             .await
             .map_err(|e| Error::storage(format!("migrating the PostgreSQL schema failed: {e}")))?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            feed: Arc::default(),
+        })
     }
 }
 
@@ -86,10 +223,33 @@ crate::sql::impl_sql_store!(
     Postgres,
     "BEGIN",
     " FOR UPDATE",
-    " FOR UPDATE SKIP LOCKED"
+    " FOR UPDATE SKIP LOCKED",
+    true
 );
 
 impl PostgresStore {
+    /// The change feed: a `LISTEN` on the log channel (one connection of the pool, taken on
+    /// the first subscription and given back when the last subscriber is gone), fed by the
+    /// `pg_notify` each append sends in its transaction.
+    fn subscribe(&self) -> Option<ChangeFeed> {
+        let (tx, rx) = mpsc::channel(FEED_QUEUE);
+        let mut feed = lock_feed(&self.feed);
+        feed.subscribers.push(Subscriber {
+            tx,
+            owes_gap: false,
+        });
+        if !feed.listening {
+            // Outside a runtime there is nobody to feed.
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                feed.subscribers.pop();
+                return None;
+            };
+            feed.listening = true;
+            runtime.spawn(listen(self.pool.clone(), self.feed.clone()));
+        }
+        Some(Box::pin(FeedStream(rx)))
+    }
+
     /// Every write runs in a transaction of its own: PostgreSQL takes concurrent writers.
     async fn write(&self, op: WriteOp) -> Result<Reply> {
         self.write_on_pool(&op).await

@@ -36,6 +36,10 @@ pub(crate) const TERMINAL: &str = "('completed', 'failed', 'canceled')";
 pub(crate) const TOUCH_SESSION: &str = "UPDATE sessions SET last_active = \
     CASE WHEN last_active < $1 THEN $1 ELSE last_active END WHERE id = $2";
 
+/// The `LISTEN/NOTIFY` channel of log appends; payload `TASK_ID:FIRST_SEQ:LAST_SEQ`.
+#[allow(dead_code)]
+pub(crate) const LOG_CHANNEL: &str = "anywork_logs";
+
 pub(crate) const ACTIVE: &str = "('pending', 'running', 'input_required')";
 
 /// Migrations compiled into the binary (no `sqlx::migrate!` macro, so no proc-macro build).
@@ -185,8 +189,10 @@ pub(crate) fn event_from_row(kind: &str, payload: &str) -> TaskEvent {
 /// - `$for_update`: the row-lock suffix of a `SELECT` inside a write transaction.
 /// - `$skip_locked`: the suffix of a `SELECT` that picks rows to work on while other servers
 ///   do the same (`FOR UPDATE SKIP LOCKED` on PostgreSQL; SQLite has one writer at a time).
+/// - `$notify`: whether each log append also sends `pg_notify` on [`LOG_CHANNEL`] (in the
+///   same transaction, so it is delivered on commit): PostgreSQL's change feed.
 macro_rules! impl_sql_store {
-    ($store:ty, $db:ty, $begin:expr, $for_update:expr, $skip_locked:expr) => {
+    ($store:ty, $db:ty, $begin:expr, $for_update:expr, $skip_locked:expr, $notify:expr) => {
         type Row = <$db as sqlx::Database>::Row;
 
         /// Typed reads of one row's columns; a value that does not decode is reported with
@@ -401,6 +407,12 @@ macro_rules! impl_sql_store {
                 expires_at: anywork_core::Timestamp,
             },
             AppendLogs(anywork_core::TaskId, Vec<(String, String, i64)>),
+            ClaimTask {
+                id: anywork_core::TaskId,
+                change: Box<anywork_core::TaskChange>,
+                rows: Vec<(String, String, i64)>,
+                deliveries: Vec<anywork_core::Delivery>,
+            },
             PutSetting {
                 key: String,
                 value: String,
@@ -419,6 +431,7 @@ macro_rules! impl_sql_store {
             Deliveries(Vec<anywork_core::Delivery>),
             Count(u64),
             DeletedLogs(anywork_core::DeletedLogs),
+            Claim(Box<anywork_core::Claim>),
         }
 
         fn unexpected_reply(reply: Reply) -> anywork_core::Error {
@@ -754,6 +767,81 @@ macro_rules! impl_sql_store {
                     Ok(Reply::Unit)
                 }
                 WriteOp::AppendLogs(id, rows) => Ok(Reply::Seq(append_in(conn, *id, rows).await?)),
+                WriteOp::ClaimTask {
+                    id,
+                    change,
+                    rows,
+                    deliveries,
+                } => {
+                    use anywork_core::Claim;
+                    let ctx = "claim a task";
+                    let claim = |c| Ok(Reply::Claim(Box::new(c)));
+                    let row = sqlx::query("SELECT session_id FROM tasks WHERE id = $1")
+                        .bind(id.to_string())
+                        .fetch_optional(&mut *conn)
+                        .await
+                        .map_err(|e| db_err(ctx, e))?
+                        .ok_or_else(|| {
+                            anywork_core::Error::not_found(format!("task {id} not found"))
+                        })?;
+                    let session = Cols(&row).str("session_id")?;
+                    // The session's row lock makes claimers of one session take turns (on
+                    // PostgreSQL; SQLite has one writer): what they read next is settled.
+                    sqlx::query(&format!(
+                        "SELECT id FROM sessions WHERE id = $1{}",
+                        $for_update
+                    ))
+                    .bind(&session)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(|e| db_err(ctx, e))?;
+                    let task = lock_task(conn, *id).await?;
+                    if task.status != anywork_core::TaskStatus::Pending {
+                        return claim(Claim::NotPending(task));
+                    }
+                    let busy = sqlx::query(&format!(
+                        "SELECT {} FROM tasks WHERE session_id = $1 \
+                         AND status IN ('running', 'input_required') LIMIT 1",
+                        $crate::sql::TASK_COLUMNS
+                    ))
+                    .bind(&session)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(|e| db_err(ctx, e))?;
+                    if let Some(row) = busy {
+                        return claim(Claim::Busy(task_from_row(&row)?));
+                    }
+                    let first = sqlx::query(&format!(
+                        "SELECT {} FROM tasks WHERE session_id = $1 AND status = 'pending' \
+                         ORDER BY created_at, id LIMIT 1",
+                        $crate::sql::TASK_COLUMNS
+                    ))
+                    .bind(&session)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(|e| db_err(ctx, e))?;
+                    if let Some(row) = first {
+                        let first = task_from_row(&row)?;
+                        if first.id != *id {
+                            return claim(Claim::NotFirst(first));
+                        }
+                    }
+                    for (i, d) in deliveries.iter().enumerate() {
+                        let dup_in_op = deliveries[..i].iter().any(|o| o.id == d.id);
+                        if dup_in_op || delivery_exists(conn, d.id).await? {
+                            return Err(anywork_core::Error::conflict(format!(
+                                "delivery {} already exists",
+                                d.id
+                            )));
+                        }
+                    }
+                    let task = update_in(conn, *id, anywork_core::TaskStatus::Pending, change).await?;
+                    let last = append_in(conn, *id, rows).await?;
+                    for d in deliveries {
+                        insert_delivery(conn, d).await?;
+                    }
+                    claim(Claim::Claimed(task, last))
+                }
                 WriteOp::PutSetting { key, value, at } => {
                     sqlx::query(
                         "INSERT INTO settings (key, value, updated_at) VALUES ($1, $2, $3) \
@@ -865,6 +953,15 @@ macro_rules! impl_sql_store {
                 });
                 insert
                     .build()
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| $crate::sql::db_err(ctx, e))?;
+            }
+            if $notify && count > 0 {
+                let payload = format!("{id}:{}:{last}", last - count + 1);
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind($crate::sql::LOG_CHANNEL)
+                    .bind(payload)
                     .execute(&mut *conn)
                     .await
                     .map_err(|e| $crate::sql::db_err(ctx, e))?;
@@ -1022,6 +1119,54 @@ macro_rules! impl_sql_store {
                 write_alone(&mut conn, op).await
             }
 
+            /// Sessions with their task counts, most recently active first; only those whose
+            /// title contains `query` (ignoring case, literally) when there is one.
+            async fn session_summaries(
+                &self,
+                query: Option<&str>,
+                page: anywork_core::Page,
+            ) -> anywork_core::Result<Vec<anywork_core::SessionSummary>> {
+                let pattern = query
+                    .filter(|q| !q.is_empty())
+                    .map(anywork_core::session::like_contains_pattern);
+                // LOWER on both sides: the two backends fold the same letters on both.
+                let filter = if pattern.is_some() {
+                    "WHERE LOWER(s.title) LIKE LOWER($3) ESCAPE '\\'"
+                } else {
+                    ""
+                };
+                let sql = format!(
+                    "SELECT s.id, s.channel_type, s.channel_key, s.title, s.created_at, \
+                     s.last_active, \
+                     (SELECT COUNT(*) FROM tasks t WHERE t.session_id = s.id) AS task_count, \
+                     (SELECT COUNT(*) FROM tasks t WHERE t.session_id = s.id \
+                       AND t.status IN {}) AS active_task_count \
+                     FROM sessions s {filter} ORDER BY s.last_active DESC, s.id DESC \
+                     LIMIT $1 OFFSET $2",
+                    $crate::sql::ACTIVE
+                );
+                let mut q = sqlx::query(&sql)
+                    .bind(i64::from(page.limit))
+                    .bind(i64::from(page.offset));
+                if let Some(p) = &pattern {
+                    q = q.bind(p.as_str());
+                }
+                let rows = q
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| $crate::sql::db_err("list sessions", e))?;
+                rows.iter()
+                    .map(|row| {
+                        let count = |c: &str| Cols(row).i64(c).map($crate::sql::to_u64);
+                        Ok(anywork_core::SessionSummary {
+                            session: session_from_row(row)?,
+                            task_count: count("task_count")?,
+                            active_task_count: count("active_task_count")?,
+                        })
+                    })
+                    .collect()
+            }
+
             /// Tasks whose `column` equals `value`, oldest first. `column` is one of ours,
             /// never the caller's.
             async fn tasks_where(
@@ -1120,32 +1265,46 @@ macro_rules! impl_sql_store {
                 &self,
                 page: anywork_core::Page,
             ) -> anywork_core::Result<Vec<anywork_core::SessionSummary>> {
-                let sql = format!(
-                    "SELECT s.id, s.channel_type, s.channel_key, s.title, s.created_at, \
-                     s.last_active, \
-                     (SELECT COUNT(*) FROM tasks t WHERE t.session_id = s.id) AS task_count, \
-                     (SELECT COUNT(*) FROM tasks t WHERE t.session_id = s.id \
-                       AND t.status IN {}) AS active_task_count \
-                     FROM sessions s ORDER BY s.last_active DESC, s.id DESC \
-                     LIMIT $1 OFFSET $2",
-                    $crate::sql::ACTIVE
-                );
-                let rows = sqlx::query(&sql)
-                    .bind(i64::from(page.limit))
-                    .bind(i64::from(page.offset))
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(|e| $crate::sql::db_err("list sessions", e))?;
-                rows.iter()
-                    .map(|row| {
-                        let count = |c: &str| Cols(row).i64(c).map($crate::sql::to_u64);
-                        Ok(anywork_core::SessionSummary {
-                            session: session_from_row(row)?,
-                            task_count: count("task_count")?,
-                            active_task_count: count("active_task_count")?,
-                        })
-                    })
-                    .collect()
+                self.session_summaries(None, page).await
+            }
+
+            async fn search_sessions(
+                &self,
+                query: &str,
+                page: anywork_core::Page,
+            ) -> anywork_core::Result<Vec<anywork_core::SessionSummary>> {
+                self.session_summaries(Some(query), page).await
+            }
+
+            async fn usage_totals(&self) -> anywork_core::Result<anywork_core::UsageTotals> {
+                // SUM of a BIGINT is NUMERIC on PostgreSQL: cast back for one decoder.
+                let row = sqlx::query(
+                    "SELECT (SELECT COUNT(*) FROM sessions) AS sessions, COUNT(*) AS tasks, \
+                     CAST(COALESCE(SUM(cost_usd), 0.0) AS DOUBLE PRECISION) AS cost_usd, \
+                     CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT) AS input_tokens, \
+                     CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) AS output_tokens, \
+                     CAST(COALESCE(SUM(cache_creation_input_tokens), 0) AS BIGINT) \
+                       AS cache_creation_input_tokens, \
+                     CAST(COALESCE(SUM(cache_read_input_tokens), 0) AS BIGINT) \
+                       AS cache_read_input_tokens \
+                     FROM tasks",
+                )
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| $crate::sql::db_err("sum usage", e))?;
+                let n = |c: &str| Cols(&row).i64(c).map($crate::sql::to_u64);
+                let cost: f64 = Cols(&row).get("cost_usd")?;
+                Ok(anywork_core::UsageTotals {
+                    sessions: n("sessions")?,
+                    tasks: n("tasks")?,
+                    cost_usd: cost,
+                    usage: anywork_core::TokenUsage {
+                        input_tokens: n("input_tokens")?,
+                        output_tokens: n("output_tokens")?,
+                        cache_creation_input_tokens: n("cache_creation_input_tokens")?,
+                        cache_read_input_tokens: n("cache_read_input_tokens")?,
+                    },
+                })
             }
 
             async fn set_session_title(
@@ -1321,6 +1480,57 @@ macro_rules! impl_sql_store {
                     .fetch_all(&self.pool)
                     .await
                     .map_err(|e| $crate::sql::db_err("find expired leases", e))?
+                    .iter()
+                    .map(task_from_row)
+                    .collect()
+            }
+
+            async fn claim_task(
+                &self,
+                id: anywork_core::TaskId,
+                change: anywork_core::TaskChange,
+                logs: Vec<anywork_core::NewTaskLog>,
+                deliveries: Vec<anywork_core::NewDelivery>,
+            ) -> anywork_core::Result<anywork_core::Claim> {
+                anywork_core::store::check_claim(&change)?;
+                let op = WriteOp::ClaimTask {
+                    id,
+                    change: Box::new(change),
+                    rows: encode_logs(logs)?,
+                    deliveries: deliveries.into_iter().map(|d| d.into_delivery(id)).collect(),
+                };
+                match self.write(op).await? {
+                    Reply::Claim(claim) => Ok(*claim),
+                    other => Err(unexpected_reply(other)),
+                }
+            }
+
+            fn change_feed(&self) -> Option<anywork_core::ChangeFeed> {
+                self.subscribe()
+            }
+
+            async fn claimable(
+                &self,
+                limit: u32,
+            ) -> anywork_core::Result<Vec<anywork_core::Task>> {
+                let sql = format!(
+                    "SELECT {} FROM tasks t WHERE t.status = 'pending' \
+                     AND NOT EXISTS (SELECT 1 FROM tasks o WHERE o.session_id = t.session_id \
+                       AND (o.status IN ('running', 'input_required') \
+                         OR (o.status = 'pending' AND (o.created_at < t.created_at \
+                           OR (o.created_at = t.created_at AND o.id < t.id))))) \
+                     ORDER BY t.created_at, t.id LIMIT $1",
+                    $crate::sql::TASK_COLUMNS
+                        .split(", ")
+                        .map(|c| format!("t.{c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                sqlx::query(&sql)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| $crate::sql::db_err("find claimable tasks", e))?
                     .iter()
                     .map(task_from_row)
                     .collect()

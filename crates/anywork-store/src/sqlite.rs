@@ -622,4 +622,11 @@ async fn shared(
     Ok(replies)
 }
 
-crate::sql::impl_sql_store!(SqliteStore, Sqlite, "BEGIN IMMEDIATE", "", "");
+crate::sql::impl_sql_store!(SqliteStore, Sqlite, "BEGIN IMMEDIATE", "", "", false);
+
+impl SqliteStore {
+    /// No change feed: one server per SQLite file, whose followers hear its own runs.
+    fn subscribe(&self) -> Option<anywork_core::ChangeFeed> {
+        None
+    }
+}

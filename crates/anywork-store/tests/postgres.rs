@@ -83,3 +83,87 @@ async fn bad_url_is_a_clear_error() {
         "unreachable database is retryable: {err}"
     );
 }
+
+/// The change feed: an append through one store (one server) is told to the feed of another
+/// store on the same database (another server), with its task and seq range, after a `Gap`
+/// for the start of listening; SQLite and memory have no feed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_are_told_to_the_change_feed_of_other_stores() {
+    use anywork_core::{
+        FeedItem, LogChange, NewSession, NewTask, NewTaskLog, TaskEvent, TaskRequest,
+    };
+    use futures_util::StreamExt;
+
+    let url = database_url();
+    let name = format!("t_{}", uuid_simple());
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query(&format!("CREATE SCHEMA {name}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let _schema = Schema {
+        url: url.clone(),
+        name: name.clone(),
+    };
+    let connect = || {
+        let options = PgConnectOptions::from_str(&url)
+            .unwrap()
+            .options([("search_path", name.as_str())]);
+        PostgresStore::connect_with(options, 2)
+    };
+    // Two stores on one schema: two servers on one database.
+    let (writer, reader) = (connect().await.unwrap(), connect().await.unwrap());
+    let session = writer
+        .create_session(NewSession::new("webchat"))
+        .await
+        .unwrap();
+    let task = writer
+        .create_task(NewTask::from_request(
+            session.id.clone(),
+            TaskRequest::new("webchat", "hi"),
+        ))
+        .await
+        .unwrap();
+    let mut feed = reader.change_feed().expect("PostgreSQL has a change feed");
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), feed.next())
+        .await
+        .expect("the feed starts")
+        .expect("an item");
+    assert_eq!(first, FeedItem::Gap, "listening begins with a gap");
+    let logs = (0..3)
+        .map(|i| NewTaskLog::now(TaskEvent::text(format!("e{i}"))))
+        .collect();
+    writer.append_logs(task.id, logs).await.unwrap();
+    writer
+        .append_logs(task.id, vec![NewTaskLog::now(TaskEvent::text("e3"))])
+        .await
+        .unwrap();
+    let mut changes = Vec::new();
+    while changes.len() < 2 {
+        let item = tokio::time::timeout(std::time::Duration::from_secs(10), feed.next())
+            .await
+            .expect("the appends are told")
+            .expect("an item");
+        match item {
+            FeedItem::Changed(c) if c.task_id == task.id => changes.push(c),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        changes,
+        vec![
+            LogChange {
+                task_id: task.id,
+                first: 1,
+                last: 3
+            },
+            LogChange {
+                task_id: task.id,
+                first: 4,
+                last: 4
+            },
+        ]
+    );
+    assert!(anywork_store::MemoryStore::new().change_feed().is_none());
+}

@@ -1,6 +1,6 @@
 //! A fake of the GitHub REST API on loopback, enough for a channel that comments: issue
 //! comments and pull-request review comments (create, reply, edit, list with `since` and
-//! pages), reactions, and GitHub App installation tokens (the JWT is checked against the
+//! pages), reactions, pull requests (create), and GitHub App installation tokens (the JWT is checked against the
 //! app's key, as GitHub does). It records every request and injects faults.
 //!
 //! Authentication: every call needs `Authorization: Bearer <token>` with a token allowed by
@@ -78,6 +78,25 @@ pub struct GhReaction {
     pub content: String,
 }
 
+/// A pull request opened through the fake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GhPull {
+    /// `owner/name`.
+    pub repo: String,
+    /// Its number.
+    pub number: u64,
+    /// `title` as sent.
+    pub title: String,
+    /// `head` (the branch) as sent.
+    pub head: String,
+    /// `base` as sent.
+    pub base: String,
+    /// `body` as sent.
+    pub body: Option<String>,
+    /// `draft` as sent.
+    pub draft: bool,
+}
+
 struct App {
     id: String,
     public_key: Vec<u8>,
@@ -92,6 +111,7 @@ struct GhState {
     next_id: u64,
     comments: Vec<GhComment>,
     reactions: Vec<GhReaction>,
+    pulls: Vec<GhPull>,
     requests: Vec<Recorded>,
     faults: Vec<Fault>,
     login: String,
@@ -128,6 +148,7 @@ impl FakeGithub {
             next_id: 1000,
             comments: Vec::new(),
             reactions: Vec::new(),
+            pulls: Vec::new(),
             requests: Vec::new(),
             faults: Vec::new(),
             login: "anywork[bot]".into(),
@@ -238,6 +259,11 @@ impl FakeGithub {
     /// Every reaction, in order.
     pub fn reactions(&self) -> Vec<GhReaction> {
         lock(&self.state).reactions.clone()
+    }
+
+    /// Every pull request opened, in order. Numbers start at 100.
+    pub fn pulls(&self) -> Vec<GhPull> {
+        lock(&self.state).pulls.clone()
     }
 
     /// Every request, oldest first.
@@ -523,6 +549,40 @@ async fn handle(
                 }
                 None => message(404, "Not Found"),
             }
+        }
+        ("POST", ["repos", o, r, "pulls"]) => {
+            let field = |k: &str| req.body[k].as_str().map(str::to_owned);
+            let (Some(title), Some(head), Some(base)) =
+                (field("title"), field("head"), field("base"))
+            else {
+                return message(422, "Validation Failed");
+            };
+            let repo = format!("{o}/{r}");
+            if s.pulls.iter().any(|p| p.repo == repo && p.head == head) {
+                return reply(
+                    422,
+                    json!({"message": "Validation Failed", "errors": [{"resource": "PullRequest",
+                        "code": "custom", "message": format!("A pull request already exists for {o}:{head}.")}]}),
+                );
+            }
+            let number = 100 + s.pulls.len() as u64;
+            let pull = GhPull {
+                repo: repo.clone(),
+                number,
+                title,
+                head,
+                base,
+                body: field("body"),
+                draft: req.body["draft"].as_bool().unwrap_or(false),
+            };
+            let v = json!({
+                "number": number, "state": "open", "title": pull.title, "body": pull.body,
+                "draft": pull.draft,
+                "html_url": format!("https://github.com/{repo}/pull/{number}"),
+                "head": {"ref": pull.head}, "base": {"ref": pull.base},
+            });
+            s.pulls.push(pull);
+            reply(201, v)
         }
         ("POST", ["repos", o, r, rest @ .., "reactions"]) => {
             let target = match rest {

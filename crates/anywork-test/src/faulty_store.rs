@@ -198,6 +198,22 @@ impl TaskStore for FaultyStore {
     async fn expired_leases(&self, now: Timestamp, limit: u32) -> Result<Vec<Task>> {
         self.inner.expired_leases(now, limit).await
     }
+    async fn claim_task(
+        &self,
+        id: TaskId,
+        change: TaskChange,
+        logs: Vec<anywork_core::NewTaskLog>,
+        deliveries: Vec<anywork_core::NewDelivery>,
+    ) -> anywork_core::Result<anywork_core::Claim> {
+        self.write("claim_task")?;
+        self.inner.claim_task(id, change, logs, deliveries).await
+    }
+    async fn claimable(&self, limit: u32) -> Result<Vec<Task>> {
+        self.inner.claimable(limit).await
+    }
+    fn change_feed(&self) -> Option<anywork_core::ChangeFeed> {
+        self.inner.change_feed()
+    }
     async fn append_logs(&self, task_id: TaskId, logs: Vec<NewTaskLog>) -> Result<u64> {
         self.write("append_logs")?;
         self.inner.append_logs(task_id, logs).await

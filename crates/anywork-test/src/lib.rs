@@ -20,6 +20,7 @@
 
 pub mod bins;
 pub mod docker_image;
+pub mod fake_git;
 pub mod fake_github;
 pub mod fake_http;
 pub mod fake_k8s;

@@ -140,6 +140,8 @@ pub struct Received {
 #[derive(Default)]
 struct Inner {
     scripts: VecDeque<Script>,
+    /// What a `/chat` plays when no script is queued (`None`: one `text` and a `done`).
+    default_script: Option<Script>,
     received: Vec<Received>,
     histories: HashMap<String, Vec<Value>>,
     sessions: Vec<String>,
@@ -205,6 +207,11 @@ impl OriginalWorker {
     /// Queues what the next `/chat` plays.
     pub fn push(&self, script: Script) {
         lock(&self.inner).scripts.push_back(script);
+    }
+
+    /// What every `/chat` plays when no script is queued.
+    pub fn set_default(&self, script: Script) {
+        lock(&self.inner).default_script = Some(script);
     }
 
     /// Every request so far.
@@ -329,7 +336,8 @@ async fn chat(State(state): State<Shared>, bytes: Bytes) -> Response {
         if !inner.sessions.contains(&session) {
             inner.sessions.push(session.clone());
         }
-        inner.scripts.pop_front().unwrap_or_else(|| {
+        let default = inner.default_script.clone();
+        inner.scripts.pop_front().or(default).unwrap_or_else(|| {
             Script::of([
                 OriginalEvent::text("ok"),
                 OriginalEvent::done("ok", 0.0, 1, 1),

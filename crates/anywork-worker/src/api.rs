@@ -75,7 +75,13 @@ pub fn router(state: WorkerState) -> Router {
                     crate::files::MAX_UPLOAD_BYTES,
                 )),
         )
-        .route("/workspace/{file}", get(get_doc).put(put_doc));
+        .route("/workspace/{file}", get(get_doc).put(put_doc))
+        .route(
+            crate::pull_request::MCP_PATH,
+            post(crate::pull_request::mcp_endpoint)
+                .get(crate::pull_request::mcp_no_stream)
+                .delete(crate::pull_request::mcp_no_stream),
+        );
     anywork_http::limit_uri(
         anywork_http::limit_body(routes, limit)
             .fallback(anywork_http::no_route)
@@ -104,7 +110,12 @@ async fn require_secret(
     request: Request,
     next: Next,
 ) -> Response {
-    if request.uri().path() == HEALTH_PATH || authorized(&state, request.headers()) {
+    // The tool endpoint checks its own per-session secret: the agent's CLI calls it.
+    let path = request.uri().path();
+    if path == HEALTH_PATH
+        || path == crate::pull_request::MCP_PATH
+        || authorized(&state, request.headers())
+    {
         return next.run(request).await;
     }
     ApiError::from(Error::unauthorized(
@@ -167,6 +178,7 @@ async fn prepare(
 ) -> Result<Json<Value>, ApiError> {
     let workspace = state.workspace().clone();
     let repository = body.repository;
+    let session_id = body.session_id.clone();
     if let Some(r) = &repository {
         r.validate()?;
     }
@@ -181,8 +193,12 @@ async fn prepare(
         )
     })
     .await?;
-    if let Some(repo) = repository {
-        crate::git::checkout(&dir, &repo).await?;
+    match repository {
+        Some(repo) => {
+            let base = crate::git::checkout(&dir, &repo).await?;
+            state.set_session_repo(&session_id, repo, &dir, base);
+        }
+        None => state.clear_session_repo(&session_id),
     }
     Ok(Json(json!({ "status": "ready" })))
 }
@@ -194,7 +210,8 @@ async fn chat(
     if body.message.trim().is_empty() {
         return Err(Error::invalid_input("`message` must not be empty").into());
     }
-    let guard = state.reserve(body.task_id, &body.session_id)?;
+    #[allow(unused_mut)]
+    let mut guard = state.reserve(body.task_id, &body.session_id)?;
     let workspace = state.workspace().clone();
     let session_id = body.session_id.clone();
     let user = HistoryMessage::user(body.task_id, body.message.clone());
@@ -204,7 +221,28 @@ async fn chat(
         Ok(dir)
     })
     .await?;
-    let request = ExecutionRequest::new(body.task_id, body.session_id, body.message, dir);
+    #[allow(unused_mut)]
+    let mut request = ExecutionRequest::new(body.task_id, body.session_id, body.message, dir);
+    #[cfg(feature = "pull-requests")]
+    if let Some(repo) = state.session_repo(&request.session_id) {
+        let mcp = state.config().self_url.as_ref().map(|u| {
+            (
+                format!("{u}{}", crate::pull_request::MCP_PATH),
+                state.session_tool_secret(&request.session_id),
+            )
+        });
+        if let Some(tool) = crate::pull_request::TaskPullRequests::new(
+            repo,
+            request.session_id.clone(),
+            request.task_id,
+            guard.opened().clone(),
+            mcp,
+        ) {
+            let tool: Arc<dyn anywork_core::PullRequestOpener> = Arc::new(tool);
+            guard.serve_tool(tool.clone());
+            request = request.with_pull_requests(Some(tool));
+        }
+    }
     // The client is attached before the run starts.
     let events = run::journal_stream(guard.journal().clone(), 0);
     run::spawn(guard, request);

@@ -15,8 +15,9 @@ use anywork_core::{Error, ErrorKind, Result};
 /// Longest time one git command may take.
 pub const GIT_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Checks `repo` out in `workspace/<repo.dir>` (creating it), or refreshes it there.
-pub async fn checkout(workspace: &Path, repo: &RepoCheckout) -> Result<()> {
+/// Checks `repo` out in `workspace/<repo.dir>` (creating it), or refreshes it there; answers
+/// the commit checked out.
+pub async fn checkout(workspace: &Path, repo: &RepoCheckout) -> Result<String> {
     repo.validate()?;
     let dir = workspace.join(&repo.dir);
     if let Ok(meta) = std::fs::symlink_metadata(&dir)
@@ -56,10 +57,24 @@ pub async fn checkout(workspace: &Path, repo: &RepoCheckout) -> Result<()> {
         &["checkout", "-q", "-f", "--detach", "FETCH_HEAD"],
         None,
     )
-    .await
+    .await?;
+    let sha = git_output(&dir, &["rev-parse", "HEAD"], None, &[]).await?;
+    Ok(sha.trim().to_owned())
 }
 
 async fn git(dir: &Path, args: &[&str], token: Option<&str>) -> Result<()> {
+    git_output(dir, args, token, &[]).await.map(|_| ())
+}
+
+/// Runs git in `dir` with an empty environment but `PATH`, `env` and, with a `token`, the
+/// HTTP header that carries it; answers its standard output. A failure's message holds the
+/// end of git's standard error, with the token scrubbed.
+pub(crate) async fn git_output(
+    dir: &Path,
+    args: &[&str],
+    token: Option<&str>,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Result<String> {
     let mut cmd = tokio::process::Command::new("git");
     cmd.current_dir(dir)
         .args(args)
@@ -68,8 +83,9 @@ async fn git(dir: &Path, args: &[&str], token: Option<&str>) -> Result<()> {
         .env("HOME", dir)
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_CONFIG_NOSYSTEM", "1")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     if let Some(token) = token {
@@ -97,7 +113,7 @@ async fn git(dir: &Path, args: &[&str], token: Option<&str>) -> Result<()> {
         }
     };
     if out.status.success() {
-        return Ok(());
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
     let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
     if let Some(token) = token.filter(|t| !t.is_empty()) {
@@ -119,7 +135,7 @@ async fn git(dir: &Path, args: &[&str], token: Option<&str>) -> Result<()> {
 }
 
 /// Standard base64 with padding (the one header that needs it).
-fn base64(bytes: &[u8]) -> String {
+pub(crate) fn base64(bytes: &[u8]) -> String {
     crate::workspace::base64_encode(
         bytes,
         b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",

@@ -26,6 +26,7 @@ pub mod git;
 pub mod history;
 #[cfg(feature = "native")]
 pub mod native;
+pub mod pull_request;
 mod run;
 pub mod sandbox;
 pub mod select;

@@ -69,17 +69,26 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let keep_alive = std::time::Duration::from_secs_f64(args.keep_alive_seconds.min(3600.0));
-    let config = WorkerConfig::new(&args.workspace_dir)
-        .with_sandbox(sandbox)
-        .with_secret(secret)
-        .with_keep_alive(keep_alive)
-        .with_detach_grace(std::time::Duration::from_secs(args.detach_grace_seconds));
-    let state = WorkerState::new(config, executor)
-        .with_context(|| format!("cannot use WORKSPACE_DIR {}", args.workspace_dir.display()))?;
     let addr = SocketAddr::new(args.host, args.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (set WORKER_HOST / WORKER_PORT)"))?;
+    // Where the agent's CLI reaches this worker (the pull-request tool's MCP endpoint).
+    let local = listener.local_addr().unwrap_or(addr);
+    let self_ip = match local.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => std::net::Ipv4Addr::LOCALHOST.into(),
+        ip if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    let self_url = format!("http://{}", SocketAddr::new(self_ip, local.port()));
+    let config = WorkerConfig::new(&args.workspace_dir)
+        .with_sandbox(sandbox)
+        .with_secret(secret)
+        .with_keep_alive(keep_alive)
+        .with_detach_grace(std::time::Duration::from_secs(args.detach_grace_seconds))
+        .with_self_url(Some(self_url));
+    let state = WorkerState::new(config, executor)
+        .with_context(|| format!("cannot use WORKSPACE_DIR {}", args.workspace_dir.display()))?;
     tracing::info!(%addr, executor = state.executor().name(), "worker listening");
     serve(listener, state, anywork_http::shutdown_signal()).await?;
     Ok(())

@@ -153,6 +153,12 @@ async fn drive(guard: RunGuard, request: ExecutionRequest) {
     if outcome.duration_ms == 0 {
         outcome.duration_ms = elapsed;
     }
+    // Reported by the worker's own tool, whatever the executor said.
+    for link in guard.opened_links() {
+        if !outcome.pull_requests.contains(&link) {
+            outcome.pull_requests.push(link);
+        }
+    }
 
     let message = recorder.assistant_message(task_id, &outcome);
     let workspace = guard.state().workspace().clone();

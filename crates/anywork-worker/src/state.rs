@@ -6,8 +6,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use anywork_core::worker_api::WorkerSecret;
-use anywork_core::{Error, ExecutionControl, Executor, Result, SessionId, TaskId, TaskStatus};
+use anywork_core::worker_api::{RepoCheckout, WorkerSecret};
+use anywork_core::{
+    Error, ExecutionControl, Executor, PullRequestLink, Result, SessionId, TaskId, TaskStatus,
+};
 use tokio::sync::{Notify, watch};
 
 use crate::run::Journal;
@@ -45,6 +47,10 @@ pub struct WorkerConfig {
     /// ([`SECRET_HEADER`](anywork_core::worker_api::SECRET_HEADER)); `None` accepts every
     /// call (only for a worker that nobody else can reach).
     pub secret: Option<WorkerSecret>,
+    /// The worker's own API as the agent's processes reach it (e.g. `http://127.0.0.1:8080`):
+    /// where the Claude Code CLI finds the MCP server of the pull-request tool. `None`: only
+    /// executors that run tools in the worker itself (native) offer that tool.
+    pub self_url: Option<String>,
 }
 
 impl WorkerConfig {
@@ -63,7 +69,14 @@ impl WorkerConfig {
             detach_grace: Duration::ZERO,
             sandbox: Sandbox::default(),
             secret: None,
+            self_url: None,
         }
+    }
+
+    /// Sets [`self_url`](Self::self_url) (a trailing `/` is dropped).
+    pub fn with_self_url(mut self, url: Option<String>) -> Self {
+        self.self_url = url.map(|u| u.trim_end_matches('/').to_owned());
+        self
     }
 
     /// Sets [`secret`](Self::secret).
@@ -148,6 +161,22 @@ struct Inner {
     workspace: Workspace,
     executor: Arc<dyn Executor>,
     runs: Mutex<Runs>,
+    repos: Mutex<HashMap<SessionId, SessionRepo>>,
+    /// Per session: the secret of its tool endpoint, and the running task's pull-request tool.
+    #[allow(clippy::type_complexity)]
+    tools: Mutex<HashMap<SessionId, (String, Option<Arc<dyn anywork_core::PullRequestOpener>>)>>,
+}
+
+/// A session's repository, as the last `/prepare` checked it out.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "pull-requests"), allow(dead_code))]
+pub(crate) struct SessionRepo {
+    /// What was asked (with its credentials).
+    pub(crate) checkout: RepoCheckout,
+    /// The checkout's folder.
+    pub(crate) dir: PathBuf,
+    /// The commit checked out.
+    pub(crate) base: String,
 }
 
 #[derive(Default)]
@@ -191,6 +220,8 @@ impl WorkerState {
                 workspace,
                 executor,
                 runs: Mutex::new(Runs::default()),
+                repos: Mutex::new(HashMap::new()),
+                tools: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -220,6 +251,74 @@ impl WorkerState {
     /// Whether `session` has a running task.
     pub fn is_busy(&self, session: &SessionId) -> bool {
         self.runs().sessions.contains_key(session)
+    }
+
+    /// Remembers the repository `/prepare` checked out for `session` in `workspace` at
+    /// commit `base`.
+    pub(crate) fn set_session_repo(
+        &self,
+        session: &SessionId,
+        checkout: RepoCheckout,
+        workspace: &std::path::Path,
+        base: String,
+    ) {
+        let dir = workspace.join(&checkout.dir);
+        lock(&self.inner.repos).insert(
+            session.clone(),
+            SessionRepo {
+                checkout,
+                dir,
+                base,
+            },
+        );
+    }
+
+    /// Forgets `session`'s repository (a `/prepare` without one).
+    pub(crate) fn clear_session_repo(&self, session: &SessionId) {
+        lock(&self.inner.repos).remove(session);
+    }
+
+    /// `session`'s repository, if the last `/prepare` checked one out.
+    #[cfg_attr(not(feature = "pull-requests"), allow(dead_code))]
+    pub(crate) fn session_repo(&self, session: &SessionId) -> Option<SessionRepo> {
+        lock(&self.inner.repos).get(session).cloned()
+    }
+
+    /// The secret that calls `session`'s tool endpoint (made on first use, then the same for
+    /// the session's life in this worker, so that a warm CLI process keeps a valid one).
+    pub(crate) fn session_tool_secret(&self, session: &SessionId) -> String {
+        lock(&self.inner.tools)
+            .entry(session.clone())
+            .or_insert_with(|| (WorkerSecret::generate().expose().to_owned(), None))
+            .0
+            .clone()
+    }
+
+    /// Sets (or, with `None`, clears) the tool `session`'s endpoint serves.
+    pub(crate) fn set_session_tool(
+        &self,
+        session: &SessionId,
+        opener: Option<Arc<dyn anywork_core::PullRequestOpener>>,
+    ) {
+        if let Some(entry) = lock(&self.inner.tools).get_mut(session) {
+            entry.1 = opener;
+        }
+    }
+
+    /// The session that `presented` is the tool secret of (compared in constant time), and
+    /// its running task's tool if it has one.
+    pub(crate) fn tool_for_secret(
+        &self,
+        presented: &str,
+    ) -> Option<(SessionId, Option<Arc<dyn anywork_core::PullRequestOpener>>)> {
+        let tools = lock(&self.inner.tools);
+        let mut found = None;
+        for (session, (secret, opener)) in tools.iter() {
+            if constant_time_eq(secret.as_bytes(), presented.as_bytes()) {
+                found = Some((session.clone(), opener.clone()));
+            }
+        }
+        found
     }
 
     fn runs(&self) -> MutexGuard<'_, Runs> {
@@ -266,6 +365,8 @@ impl WorkerState {
             cancel,
             ended: ended_tx,
             status: None,
+            opened: Arc::default(),
+            serves_tool: false,
         })
     }
 
@@ -317,6 +418,15 @@ impl WorkerState {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Whether `a` equals `b`, in time that depends only on their lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 fn not_running(task_id: TaskId) -> Error {
     Error::not_found(format!(
         "task {task_id} is not running on this worker (unknown or already ended)"
@@ -332,9 +442,32 @@ pub(crate) struct RunGuard {
     cancel: Arc<Notify>,
     ended: watch::Sender<Option<TaskStatus>>,
     status: Option<TaskStatus>,
+    /// Pull requests the run's tool opened, for its outcome.
+    opened: Arc<Mutex<Vec<PullRequestLink>>>,
+    /// Whether the session's tool endpoint serves this run's tool (cleared when it ends).
+    serves_tool: bool,
 }
 
 impl RunGuard {
+    /// Where the run's pull-request tool records what it opened.
+    #[cfg_attr(not(feature = "pull-requests"), allow(dead_code))]
+    pub(crate) fn opened(&self) -> &Arc<Mutex<Vec<PullRequestLink>>> {
+        &self.opened
+    }
+
+    /// The pull requests opened so far.
+    pub(crate) fn opened_links(&self) -> Vec<PullRequestLink> {
+        lock(&self.opened).clone()
+    }
+
+    /// Serves `opener` on the session's tool endpoint while the run lasts.
+    #[cfg_attr(not(feature = "pull-requests"), allow(dead_code))]
+    pub(crate) fn serve_tool(&mut self, opener: Arc<dyn anywork_core::PullRequestOpener>) {
+        self.state.session_tool_secret(&self.session_id);
+        self.state.set_session_tool(&self.session_id, Some(opener));
+        self.serves_tool = true;
+    }
+
     /// The worker state this run belongs to.
     pub(crate) fn state(&self) -> &WorkerState {
         &self.state
@@ -368,6 +501,9 @@ impl RunGuard {
 
 impl Drop for RunGuard {
     fn drop(&mut self) {
+        if self.serves_tool {
+            self.state.set_session_tool(&self.session_id, None);
+        }
         let keep = !self.state.config().detach_grace.is_zero();
         let mut runs = self.state.runs();
         runs.tasks.remove(&self.task_id);

@@ -33,7 +33,7 @@
 mod app;
 
 use anywork_core::channel::{Channel, Inbound, InboundRequest};
-use anywork_core::worker_api::RepoCheckout;
+use anywork_core::worker_api::{PullRequestTarget, RepoCheckout};
 use anywork_core::{Error, ErrorKind, InputRequest, Result, Task, TaskOutcome, TaskRequest};
 use reqwest::Method;
 use serde::Deserialize;
@@ -281,6 +281,7 @@ struct Issue {
     /// Present (an object) when an issue is a pull request.
     pull_request: Option<Value>,
     head: Option<GitRef>,
+    base: Option<GitRef>,
 }
 
 #[derive(Deserialize)]
@@ -582,6 +583,9 @@ impl GithubChannel {
         if let Some(head) = &issue.head {
             obj.insert("head_ref".into(), json!(head.name));
             obj.insert("head_sha".into(), json!(head.sha));
+        }
+        if let Some(name) = issue.base.as_ref().and_then(|b| b.name.as_ref()) {
+            obj.insert("base_ref".into(), json!(name));
         }
 
         let own_words = strip_mentions(&text, trigger);
@@ -1007,6 +1011,19 @@ impl Channel for GithubChannel {
         };
         if url.starts_with("https://") || url.starts_with("http://") {
             checkout.token = Some(self.token(&target).await?);
+            // The agent may open pull requests with the same token: into the pull request's
+            // base, else the default branch.
+            let base = meta["base_ref"]
+                .as_str()
+                .or(meta["default_branch"].as_str())
+                .filter(|b| anywork_core::executor::validate_branch(b).is_ok());
+            if let Some(base) = base {
+                checkout.pull_requests = Some(PullRequestTarget {
+                    api_url: self.config.api_url.clone(),
+                    repository: target.repo.clone(),
+                    base: base.to_owned(),
+                });
+            }
         }
         Ok(Some(checkout))
     }
@@ -1018,9 +1035,18 @@ impl Channel for GithubChannel {
             "\n\n…(cut: the whole answer is in AnyWork, task {})",
             task.id
         );
+        // The links the worker reported come after the answer, never cut off with it.
+        let mut text = truncate(&posts::outcome_text(outcome), MAX_COMMENT_BYTES, &note);
+        for pr in outcome.pull_requests.iter().take(20) {
+            text.push_str(&format!(
+                "\n\nOpened pull request #{}: {}",
+                pr.number,
+                truncate(&pr.url, 300, "…")
+            ));
+        }
         let body = format!(
             "{}\n\n<sub>{}</sub>\n{}",
-            truncate(&posts::outcome_text(outcome), MAX_COMMENT_BYTES, &note),
+            text,
             posts::footer(task, outcome),
             marker(task, PostKind::Result, None)
         );

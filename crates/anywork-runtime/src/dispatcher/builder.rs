@@ -15,7 +15,7 @@ use tokio::sync::Semaphore;
 use super::outbox::{OutboxConfig, delivery_loop};
 use super::retention::{Retention, retention_loop};
 use super::retry::Backoff;
-use super::upkeep::{reap_loop, recovery_loop};
+use super::upkeep::{claim_loop, reap_loop, recovery_loop};
 use super::{Dispatcher, Inner};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -58,6 +58,11 @@ pub struct DispatcherConfig {
     /// How often the driver is asked to stop idle workers ([`ContainerDriver::reap_idle`]);
     /// `None` never.
     pub reap_every: Option<Duration>,
+    /// How often the store is asked for pending tasks of free sessions that no runner here
+    /// has (accepted by another server sharing the store, or waiting behind a task that
+    /// another server ran): they are queued here and claimed by whichever server gets to
+    /// them first ([`TaskStore::claim_task`]). Also when a task ends here.
+    pub claim_every: Duration,
     /// How long finished tasks' logs are kept, and how often the store's size is measured.
     pub retention: Retention,
     /// A worker's `/chat` stream silent for this long (no event, not even a keep-alive
@@ -89,6 +94,7 @@ impl Default for DispatcherConfig {
             max_batch: 256,
             progress_after: Duration::from_millis(500),
             reap_every: Some(Duration::from_secs(30)),
+            claim_every: Duration::from_secs(1),
             retention: Retention::default(),
             stream_idle_timeout: Duration::from_secs(60),
             outbound: OutboundPolicy::strict(),
@@ -216,6 +222,13 @@ impl DispatcherBuilder {
         dispatcher.settle_at_start().await?;
         dispatcher.requeue_pending().await?;
         tokio::spawn(recovery_loop(Arc::downgrade(&dispatcher.inner)));
+        tokio::spawn(claim_loop(Arc::downgrade(&dispatcher.inner)));
+        if let Some(feed) = dispatcher.inner.store.change_feed() {
+            tokio::spawn(super::feed::feed_loop(
+                Arc::downgrade(&dispatcher.inner),
+                feed,
+            ));
+        }
         tokio::spawn(delivery_loop(Arc::downgrade(&dispatcher.inner)));
         tokio::spawn(retention_loop(Arc::downgrade(&dispatcher.inner)));
         if let Some(every) = dispatcher.inner.config.reap_every {

@@ -24,11 +24,14 @@
 //! - `upkeep.rs`: recovery of expired leases, re-queueing at start, the idle-worker reaper.
 //! - `restart.rs`: at start, ending a dead previous server's tasks as interrupted and holding
 //!   back sessions whose task another server holds.
+//! - `feed.rs`: live events of tasks run by other servers sharing the store (the store's
+//!   change feed, read into the hub).
 //! - `retention.rs`: deleting finished tasks' logs by age and size, the store size metric.
 //! - `ops.rs`: the operations an API calls (sessions, logs, events, workspace docs, inbound).
 
 mod builder;
 mod deliver;
+mod feed;
 mod hooks;
 mod ops;
 pub(crate) mod outbox;
@@ -628,7 +631,11 @@ impl Inner {
                     TaskEvent::InputRequired(r) => Some(r),
                     _ => None,
                 });
-                outbox::deliveries_for(self, &after, question)
+                let done = events.iter().rev().find_map(|e| match e {
+                    TaskEvent::Done(o) => Some(o),
+                    _ => None,
+                });
+                outbox::deliveries_for(self, &after, question, done)
             }
             // The store refuses the change the same way.
             Err(_) => Vec::new(),
@@ -645,6 +652,38 @@ impl Inner {
         self.publish(task, last + 1 - n, events);
         self.outbox_wake.notify_one();
         Ok(stored)
+    }
+
+    /// Starts `task` through the store's claim ([`TaskStore::claim_task`]): `pending →
+    /// running` with `change` and `events` (and the deliveries the new status calls for) if
+    /// it is its session's turn on every server sharing the store; publishes the events when
+    /// it was.
+    async fn claim(
+        &self,
+        task: &Task,
+        change: TaskChange,
+        events: Vec<TaskEvent>,
+    ) -> Result<anywork_core::Claim> {
+        let mut after = task.clone();
+        after.status = TaskStatus::Pending;
+        let deliveries = match change.apply(&mut after) {
+            Ok(()) => outbox::deliveries_for(self, &after, None, None),
+            Err(_) => Vec::new(),
+        };
+        let woken = !deliveries.is_empty();
+        let n = events.len() as u64;
+        let logs = events.iter().cloned().map(NewTaskLog::now).collect();
+        let claim = self
+            .store
+            .claim_task(task.id, change, logs, deliveries)
+            .await?;
+        if let anywork_core::Claim::Claimed(stored, last) = &claim {
+            self.publish(stored, last + 1 - n, events);
+            if woken {
+                self.outbox_wake.notify_one();
+            }
+        }
+        Ok(claim)
     }
 
     /// Publishes events the store has just numbered `first..`. Only `record` and `transition`

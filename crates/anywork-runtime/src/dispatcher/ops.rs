@@ -11,7 +11,8 @@ use anywork_core::ws::ServerMessage;
 use anywork_core::{
     Error, ErrorKind, Inbound, InboundRequest, InputKind, InputRequest, InputResponse, NewSession,
     Page, Result, Session, SessionId, SessionSummary, Task, TaskEvent, TaskId, TaskLog,
-    TaskRequest, TaskStatus, WorkerEndpoint, WorkerInfo, session::validate_title,
+    TaskRequest, TaskStatus, UsageTotals, WorkerEndpoint, WorkerInfo, session::MAX_TITLE_CHARS,
+    session::validate_title,
 };
 use futures_util::Stream;
 use prometheus_client::collector::Collector;
@@ -149,6 +150,23 @@ impl Dispatcher {
     /// Sessions, most recently active first, with their task counts.
     pub async fn sessions(&self, page: Page) -> Result<Vec<SessionSummary>> {
         self.inner.store.list_sessions(page).await
+    }
+
+    /// Sessions whose title contains `query` (ignoring case, literally), ordered and paged
+    /// as [`sessions`](Self::sessions). `InvalidInput` for a query longer than a title may be.
+    pub async fn search_sessions(&self, query: &str, page: Page) -> Result<Vec<SessionSummary>> {
+        if query.chars().count() > MAX_TITLE_CHARS {
+            return Err(Error::invalid_input(format!(
+                "the search text is longer than a title may be ({MAX_TITLE_CHARS} characters): \
+                 shorten it"
+            )));
+        }
+        self.inner.store.search_sessions(query, page).await
+    }
+
+    /// Cost and tokens of every task of every session, with the session and task counts.
+    pub async fn usage_totals(&self) -> Result<UsageTotals> {
+        self.inner.store.usage_totals().await
     }
 
     /// One session; `NotFound` if there is none.

@@ -104,17 +104,22 @@ pub(super) fn channel_payload(outcome: &TaskOutcome) -> Value {
 
 /// The deliveries that tell of `after` (the task as the change leaves it): its channel's,
 /// when it ended and a channel of its type is registered, and its push notification's, when
-/// the receiver wants this status.
+/// the receiver wants this status. `done`: the outcome the worker reported, whose pull
+/// requests (not stored on the task) go to the channel.
 pub(super) fn deliveries_for(
     inner: &Inner,
     after: &Task,
     question: Option<&InputRequest>,
+    done: Option<&TaskOutcome>,
 ) -> Vec<NewDelivery> {
     let mut out = Vec::new();
     if after.status.is_terminal()
         && inner.channels.contains_key(&after.channel_type)
-        && let Some(outcome) = outcome_of(after)
+        && let Some(mut outcome) = outcome_of(after)
     {
+        if let Some(done) = done {
+            outcome.pull_requests = done.pull_requests.clone();
+        }
         out.push(NewDelivery::new(
             DeliveryTarget::Channel {
                 channel_type: after.channel_type.clone(),

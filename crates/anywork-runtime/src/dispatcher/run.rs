@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use anywork_core::worker_api::{CancelRequest, ChatRequest, InputAnswer, PrepareRequest};
 use anywork_core::{
-    Error, ErrorKind, InputResponse, McpServerConfig, Progress, Result, SessionId, SkillSpec, Task,
-    TaskChange, TaskEvent, TaskOutcome, TaskStatus, Timestamp, WorkerEndpoint,
+    Claim, Error, ErrorKind, InputResponse, McpServerConfig, Progress, Result, SessionId,
+    SkillSpec, Task, TaskChange, TaskEvent, TaskId, TaskOutcome, TaskStatus, Timestamp,
+    WorkerEndpoint,
 };
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
@@ -19,7 +20,12 @@ use super::retry::{retry, retry_if};
 use super::{Control, Inner, lock};
 use crate::worker_client::ChatStream;
 
-/// Runs the queued tasks of `session`, one after the other, each once it has a permit.
+/// Runs the queued tasks of `session`, one after the other, each once it has a permit. The
+/// queue is a hint: a task starts only through the store's claim ([`TaskStore::claim_task`]),
+/// which refuses it while another task of the session is active (on any server) or an older
+/// one is pending; a hint that is no longer pending is dropped.
+///
+/// [`TaskStore::claim_task`]: anywork_core::TaskStore::claim_task
 pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
     loop {
         let next = {
@@ -32,6 +38,12 @@ pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
                 }
             }
         };
+        // Started or ended meanwhile (by another server, or canceled): nothing to do.
+        match inner.store.get_task(next.id).await {
+            Ok(t) if t.status != TaskStatus::Pending => continue,
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            _ => {}
+        }
         // A task another server still holds in this session ends first.
         super::restart::wait_until_session_is_free(&inner, &session).await;
         let Ok(_permit) = inner.permits.clone().acquire_owned().await else {
@@ -44,18 +56,28 @@ pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
         }
         let id = next.id;
         let retry_after = inner.config.store_retry.max;
-        match run_task(&inner, next.clone()).await {
+        match run_task(&inner, next).await {
             Ok(()) => {}
-            Err(RunError::NotStarted(e)) => {
+            Err(RunError::NotStarted(e, task)) => {
                 // The store could not take `pending → running`: the task is still pending.
                 // It goes back to the head of its session's queue, after a pause.
-                tracing::warn!(task = %id, error = %e, "cannot start the task; it is queued again");
+                tracing::warn!(task = %task.id, error = %e, "cannot start the task; it is queued again");
                 drop(_permit);
                 tokio::time::sleep(retry_after).await;
                 lock(&inner.queues)
                     .entry(session.clone())
                     .or_default()
-                    .push_front(next);
+                    .push_front(task);
+            }
+            Err(RunError::Busy(task, holder)) => {
+                // Another server runs a task of this session: this one waits, without a
+                // permit, until that one is over.
+                drop(_permit);
+                lock(&inner.queues)
+                    .entry(session.clone())
+                    .or_default()
+                    .push_front(task);
+                wait_until_over(&inner, holder).await;
             }
             Err(RunError::Store(e)) => {
                 tracing::error!(task = %id, error = %e, "task run failed in the dispatcher");
@@ -64,10 +86,32 @@ pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
     }
 }
 
+/// How often a session whose task another server runs looks whether it is over.
+const BUSY_POLL: Duration = Duration::from_millis(100);
+
+/// Waits until task `id` is no longer active (or gone, or the server is closing).
+async fn wait_until_over(inner: &Inner, id: TaskId) {
+    loop {
+        if inner.closing.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        match inner.store.get_task(id).await {
+            Ok(t) if t.status.is_active() => {}
+            Ok(_) => return,
+            Err(e) if e.kind() == ErrorKind::NotFound => return,
+            Err(_) => {}
+        }
+        tokio::time::sleep(BUSY_POLL).await;
+    }
+}
+
 /// Why a run ended without recording its task's outcome.
 enum RunError {
     /// The store refused `pending → running` after retries: the task is still pending.
-    NotStarted(Error),
+    NotStarted(Error, Task),
+    /// Another task of the session (the id) is active, run by another server: the task is
+    /// still pending.
+    Busy(Task, TaskId),
     /// Another store error after retries; the task's lease runs out and recovery ends it with
     /// the reason kept in `Inner::last_words`.
     Store(Error),
@@ -82,21 +126,22 @@ impl From<Error> for RunError {
 /// Runs `task` as queued (`pending`). One canceled meanwhile, or taken by another server,
 /// fails the `pending → running` compare-and-set and is left alone.
 async fn run_task(inner: &Arc<Inner>, task: Task) -> std::result::Result<(), RunError> {
-    let task_id = task.id;
     let (tx, rx) = mpsc::channel(8);
-    lock(&inner.runs).insert(task_id, tx);
+    lock(&inner.runs).insert(task.id, tx.clone());
     inner.metrics.started();
     let mut run = Run {
         inner: inner.clone(),
         task,
         status: TaskStatus::Pending,
         control: rx,
+        control_tx: tx,
         cancel_acks: Vec::new(),
         started: Instant::now(),
         answer: String::new(),
         model: String::new(),
     };
     let result = run.execute().await;
+    let task_id = run.task.id;
     lock(&inner.runs).remove(&task_id);
     inner.metrics.stopped();
     // Anyone who asked to cancel learns it is over.
@@ -114,6 +159,8 @@ struct Run {
     /// The status as stored (this run is its only writer while the task is active).
     status: TaskStatus,
     control: mpsc::Receiver<Control>,
+    /// The sender of `control`, for re-registering the run under another task of the session.
+    control_tx: mpsc::Sender<Control>,
     cancel_acks: Vec<oneshot::Sender<()>>,
     started: Instant,
     /// The assistant's text since the run started (what `on_progress` shows).
@@ -272,49 +319,66 @@ impl Run {
     }
 
     async fn execute(&mut self) -> std::result::Result<(), RunError> {
-        // Taken back from this server's previous run: re-attach rather than start over.
-        let resume = lock(&self.inner.resume).remove(&self.task.id);
         let (inner, task) = (self.inner.clone(), self.task.clone());
         let get_worker = async move { worker_with_progress(&inner, &task).await };
         let endpoint = match self.until_stopped(get_worker, Failure::no_worker).await {
             Ok(w) => w,
             Err(stop) => return Ok(self.stop_before_running(stop).await?),
         };
-        // pending → running, with the worker and a lease.
-        let change = TaskChange::to(TaskStatus::Running)
-            .worker(endpoint.worker_id.clone())
-            .lease(self.inner.config.owner.clone(), self.lease_expiry());
-        let running = vec![TaskEvent::Status {
-            status: TaskStatus::Running,
-        }];
-        let (inner, task) = (&self.inner, &self.task);
-        let started = retry_if(
-            &inner.config.store_retry,
-            || {
-                inner.transition_and_enqueue(
-                    task,
-                    TaskStatus::Pending,
-                    change.clone(),
-                    running.clone(),
-                )
-            },
-            Error::is_retryable,
-        )
-        .await;
-        match started {
-            Ok(t) => {
-                self.task = t;
-                if let Some(channel) = self.channel() {
-                    self.inner.hooks.started(&channel, &self.task);
+        // pending → running, with the worker and a lease, if it is the session's turn.
+        loop {
+            let change = TaskChange::to(TaskStatus::Running)
+                .worker(endpoint.worker_id.clone())
+                .lease(self.inner.config.owner.clone(), self.lease_expiry());
+            let running = vec![TaskEvent::Status {
+                status: TaskStatus::Running,
+            }];
+            let (inner, task) = (&self.inner, &self.task);
+            let claimed = retry_if(
+                &inner.config.store_retry,
+                || inner.claim(task, change.clone(), running.clone()),
+                Error::is_retryable,
+            )
+            .await;
+            match claimed {
+                Ok(Claim::Claimed(t, _)) => {
+                    self.task = t;
+                    if let Some(channel) = self.channel() {
+                        self.inner.hooks.started(&channel, &self.task);
+                    }
+                    break;
                 }
+                Ok(Claim::NotFirst(first)) => {
+                    // An older task of the session (accepted by another server) starts
+                    // first: this run takes it over, and this one waits at the head of the
+                    // queue.
+                    let session = self.task.session_id.clone();
+                    let waiting = std::mem::replace(&mut self.task, first);
+                    {
+                        let mut runs = lock(&self.inner.runs);
+                        runs.remove(&waiting.id);
+                        runs.insert(self.task.id, self.control_tx.clone());
+                    }
+                    lock(&self.inner.queues)
+                        .entry(session)
+                        .or_default()
+                        .push_front(waiting);
+                }
+                Ok(Claim::Busy(holder)) => {
+                    return Err(RunError::Busy(self.task.clone(), holder.id));
+                }
+                // Canceled meanwhile, started by another server, or deleted.
+                Ok(Claim::NotPending(_)) => return Ok(()),
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+                Err(e) if e.is_retryable() => {
+                    return Err(RunError::NotStarted(e, self.task.clone()));
+                }
+                Err(e) => return Err(e.into()),
             }
-            // Canceled meanwhile, or another server took it.
-            Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidTransition) => {
-                return Ok(());
-            }
-            Err(e) if e.is_retryable() => return Err(RunError::NotStarted(e)),
-            Err(e) => return Err(e.into()),
         }
+        // Taken back from this server's previous run: re-attach rather than start over.
+        let resume = lock(&self.inner.resume).remove(&self.task.id);
         self.status = TaskStatus::Running;
         tracing::info!(
             task = %self.task.id,

@@ -130,6 +130,52 @@ pub(super) async fn reap_loop(inner: Weak<Inner>, every: Duration) {
     }
 }
 
+/// Now and then, queues here the pending tasks of free sessions that no runner here has:
+/// tasks accepted by another server (busy, or gone), or waiting behind a task another server
+/// ran. Whichever server claims one first runs it.
+pub(super) async fn claim_loop(inner: Weak<Inner>) {
+    let period = match inner.upgrade() {
+        Some(i) => i.config.claim_every.max(Duration::from_millis(10)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        if inner.closing.load(Ordering::Relaxed) {
+            continue;
+        }
+        Dispatcher { inner }.queue_claimable().await;
+    }
+}
+
+impl Dispatcher {
+    /// Queues the claimable tasks of sessions that have no runner here. Returns how many.
+    pub(super) async fn queue_claimable(&self) -> usize {
+        let tasks = match self.inner.store.claimable(CLAIM_BATCH).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the tasks waiting to start");
+                return 0;
+            }
+        };
+        let mut n = 0;
+        for task in tasks {
+            if lock(&self.inner.queues).contains_key(&task.session_id) {
+                continue;
+            }
+            self.enqueue(task);
+            n += 1;
+        }
+        n
+    }
+}
+
+/// How many claimable tasks one look takes.
+const CLAIM_BATCH: u32 = 200;
+
 pub(super) async fn recovery_loop(inner: Weak<Inner>) {
     let period = match inner.upgrade() {
         Some(i) => (i.config.lease_ttl / 2).max(Duration::from_millis(200)),

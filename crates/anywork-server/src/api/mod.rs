@@ -239,6 +239,7 @@ pub fn api_router(state: AppState) -> Router {
                 .delete(rest::delete_session),
         )
         .route("/api/sessions/{id}/tasks", get(rest::session_tasks))
+        .route("/api/usage", get(rest::usage))
         .route("/api/sessions/{id}/messages", get(rest::session_messages))
         .route("/api/tasks", post(rest::create_task))
         .route("/api/tasks/{id}", get(rest::get_task))

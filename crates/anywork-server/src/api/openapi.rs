@@ -37,10 +37,26 @@ const OPS: &[Op] = &[
     Op {
         method: "get",
         path: "/api/sessions",
-        summary: "Sessions, most recently active first",
+        summary: "Sessions, most recently active first; with q, only those whose title contains q (ignoring case)",
         body: None,
         ok: (200, "SessionList"),
-        query: PAGE,
+        query: &[
+            (
+                "q",
+                "string",
+                "Search: title contains this text, case ignored, % and _ literal (at most 500 characters)",
+            ),
+            ("limit", "integer", "Page size"),
+            ("offset", "integer", "Rows to skip"),
+        ],
+    },
+    Op {
+        method: "get",
+        path: "/api/usage",
+        summary: "Cost and tokens summed over every task of every session",
+        body: None,
+        ok: (200, "UsageTotals"),
+        query: &[],
     },
     Op {
         method: "post",
@@ -376,6 +392,9 @@ fn schemas() -> Value {
         "Skills": {"type": "object", "properties": {
             "skills": {"type": "array", "items": {"type": "object", "required": ["name", "description"], "properties": {"name": string, "description": string}}},
             "invalid": {"type": "array", "items": {"type": "object", "properties": {"name": string, "error": string}}}}},
+        "UsageTotals": {"type": "object", "required": ["sessions", "tasks", "costUsd", "usage"], "properties": {
+            "sessions": int, "tasks": int, "costUsd": {"type": "number", "description": "US dollars; tasks without a known cost add nothing"},
+            "usage": {"type": "object", "properties": {"input_tokens": int, "output_tokens": int, "cache_creation_input_tokens": int, "cache_read_input_tokens": int}}}},
         "Workers": {"type": "object", "properties": {"driver": string, "workers": {"type": "array", "items": {"type": "object"}}, "running": int, "queueDepth": int}},
     })
 }

@@ -86,14 +86,48 @@ impl PageQuery {
     }
 }
 
+#[derive(Debug, Deserialize)]
+pub(crate) struct SessionQuery {
+    /// Only sessions whose title contains this (ignoring case); empty or absent: all.
+    #[serde(default)]
+    q: Option<String>,
+    // Not `#[serde(flatten)]` of a PageQuery: flattened numbers do not parse from a query.
+    #[serde(default)]
+    limit: Option<u32>,
+    #[serde(default)]
+    offset: Option<u32>,
+}
+
+/// `GET /api/sessions[?q=...]`: the list, or a search by title, paged.
 pub(crate) async fn list_sessions(
     State(state): State<AppState>,
-    QueryParams(q): QueryParams<PageQuery>,
+    QueryParams(q): QueryParams<SessionQuery>,
 ) -> ApiResult {
-    let sessions = state.dispatcher().sessions(q.page(50, 500)).await?;
+    let page = PageQuery {
+        limit: q.limit,
+        offset: q.offset,
+    }
+    .page(50, 500);
+    let query = q.q.as_deref().map(str::trim).unwrap_or_default();
+    let sessions = if query.is_empty() {
+        state.dispatcher().sessions(page).await?
+    } else {
+        state.dispatcher().search_sessions(query, page).await?
+    };
     Ok(Json(
         json!({"sessions": sessions.iter().map(summary_json).collect::<Vec<_>>()}),
     ))
+}
+
+/// `GET /api/usage`: cost and tokens summed over every session's tasks.
+pub(crate) async fn usage(State(state): State<AppState>) -> ApiResult {
+    let t = state.dispatcher().usage_totals().await?;
+    Ok(Json(json!({
+        "sessions": t.sessions,
+        "tasks": t.tasks,
+        "costUsd": t.cost_usd,
+        "usage": t.usage,
+    })))
 }
 
 #[derive(Debug, Deserialize)]

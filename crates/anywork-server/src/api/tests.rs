@@ -82,9 +82,17 @@ async fn app_over(
     driver: Arc<dyn ContainerDriver>,
     options: ApiOptions,
 ) -> (axum::Router, AppState) {
+    app_on(Arc::new(MemoryStore::new()), driver, options).await
+}
+
+async fn app_on(
+    store: Arc<dyn anywork_core::TaskStore>,
+    driver: Arc<dyn ContainerDriver>,
+    options: ApiOptions,
+) -> (axum::Router, AppState) {
     let mut config = DispatcherConfig::default();
     config.retry = Backoff::new(1000, Duration::from_millis(200), Duration::from_millis(200));
-    let dispatcher = Dispatcher::builder(Arc::new(MemoryStore::new()), driver)
+    let dispatcher = Dispatcher::builder(store, driver)
         .config(config)
         .channel(Arc::new(TestChannel::default()))
         .start()
@@ -227,6 +235,128 @@ async fn sessions_crud_and_errors() {
     )
     .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+/// `GET /api/sessions?q=`: titles containing the text, case ignored, `%` literal, paged past
+/// the first page; a too long text is a 400.
+#[tokio::test]
+async fn sessions_are_searched_by_title() {
+    let app = app().await;
+    for i in 0..60 {
+        let title = match i % 3 {
+            0 => format!("Quarterly report {i}"),
+            1 => format!("Groceries {i}"),
+            _ => format!("100% REPORT {i}"),
+        };
+        let (s, _) = call(
+            &app,
+            Method::POST,
+            "/api/sessions",
+            Some(&json!({ "title": title }).to_string()),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED);
+    }
+    let titles = |b: &Value| -> Vec<String> {
+        b["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["title"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (s, b) = call(&app, Method::GET, "/api/sessions?q=RePoRt&limit=500", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let found = titles(&b);
+    assert_eq!(found.len(), 40);
+    assert!(found.iter().all(|t| t.to_lowercase().contains("report")));
+    assert_eq!(b["sessions"][0]["task_count"], 0, "rows as in the list");
+
+    // Paged like the list: the second page holds what the first (default 50) did not.
+    let (_, first) = call(&app, Method::GET, "/api/sessions?q=report&limit=30", None).await;
+    let (_, second) = call(
+        &app,
+        Method::GET,
+        "/api/sessions?q=report&limit=30&offset=30",
+        None,
+    )
+    .await;
+    let mut paged = titles(&first);
+    paged.extend(titles(&second));
+    assert_eq!(paged, found);
+
+    // % is text, not a wildcard (URL-encoded as %25).
+    let (_, b) = call(&app, Method::GET, "/api/sessions?q=0%25%20rep", None).await;
+    assert_eq!(titles(&b).len(), 20);
+    let (_, b) = call(&app, Method::GET, "/api/sessions?q=gro%25ies", None).await;
+    assert!(titles(&b).is_empty());
+    // An empty (or blank) q is the plain list.
+    let (_, b) = call(&app, Method::GET, "/api/sessions?q=%20&limit=500", None).await;
+    assert_eq!(titles(&b).len(), 60);
+
+    let long = "a".repeat(501);
+    let (s, b) = call(&app, Method::GET, &format!("/api/sessions?q={long}"), None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_error(&b, "invalid_input");
+    let (s, _) = call(&app, Method::GET, "/api/sessions?q=x&limit=nope", None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
+/// `GET /api/usage`: cost and tokens of every task of every session, and the counts.
+#[tokio::test]
+async fn usage_totals_sum_all_sessions() {
+    use anywork_core::{NewSession, NewTask, TaskChange, TaskStatus, TaskStore};
+    let store = Arc::new(MemoryStore::new());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let driver = Arc::new(StaticDriver::new(&format!("http://127.0.0.1:{port}")).unwrap());
+    let (app, _) = app_on(store.clone(), driver, ApiOptions::default()).await;
+
+    let (s, b) = call(&app, Method::GET, "/api/usage", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["tasks"], 0);
+    assert_eq!(b["costUsd"], 0.0);
+
+    // Two sessions with a finished task each, as a run leaves them.
+    for (n, cost, input) in [(1u64, 0.25, 100u64), (2, 0.5, 1000)] {
+        let session = store
+            .create_session(NewSession::new("webchat"))
+            .await
+            .unwrap();
+        let task = store
+            .create_task(NewTask::from_request(
+                session.id,
+                TaskRequest::new("webchat", format!("task {n}")),
+            ))
+            .await
+            .unwrap();
+        store
+            .update_task(
+                task.id,
+                TaskStatus::Pending,
+                TaskChange::to(TaskStatus::Running),
+            )
+            .await
+            .unwrap();
+        let mut outcome = TaskOutcome::completed("ok");
+        outcome.cost_usd = Some(cost);
+        outcome.usage.input_tokens = input;
+        outcome.usage.output_tokens = n;
+        store
+            .update_task(task.id, TaskStatus::Running, TaskChange::finish(outcome))
+            .await
+            .unwrap();
+    }
+    let (s, b) = call(&app, Method::GET, "/api/usage", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["sessions"], 2);
+    assert_eq!(b["tasks"], 2);
+    assert_eq!(b["costUsd"], 0.75);
+    assert_eq!(b["usage"]["input_tokens"], 1100);
+    assert_eq!(b["usage"]["output_tokens"], 3);
 }
 
 #[tokio::test]

@@ -57,14 +57,33 @@ pub(super) fn sandbox_settings(sandbox: &Sandbox, workspace: &Path) -> Option<St
 /// ([`SECRET_ENV`]) do not reach it unless its own `env` names them; returns its path for
 /// `--mcp-config` (with `--strict-mcp-config`). `None` when the workspace has no readable
 /// `.mcp.json` (the CLI then reads it, or reports it, itself).
-pub(super) fn mcp_config(workspace: &Path, sandbox: &Sandbox) -> Option<PathBuf> {
+///
+/// `extra`: a server of the worker's own (the pull-request tool's), added under its name
+/// (replacing one of that name), with or without a `.mcp.json`.
+pub(super) fn mcp_config(
+    workspace: &Path,
+    sandbox: &Sandbox,
+    extra: Option<&(String, Value)>,
+) -> Option<PathBuf> {
     let source = workspace.join(".mcp.json");
-    let meta = fs::symlink_metadata(&source).ok()?;
-    if !meta.is_file() || meta.len() > MAX_MCP_JSON {
-        return None;
-    }
-    let mut doc: Value = serde_json::from_str(&fs::read_to_string(&source).ok()?).ok()?;
+    let read = || -> Option<Value> {
+        let meta = fs::symlink_metadata(&source).ok()?;
+        if !meta.is_file() || meta.len() > MAX_MCP_JSON {
+            return None;
+        }
+        let doc: Value = serde_json::from_str(&fs::read_to_string(&source).ok()?).ok()?;
+        doc.get("mcpServers")?.as_object()?;
+        Some(doc)
+    };
+    let mut doc = match (read(), extra) {
+        (Some(doc), _) => doc,
+        (None, Some(_)) => serde_json::json!({"mcpServers": {}}),
+        (None, None) => return None,
+    };
     let servers = doc.get_mut("mcpServers")?.as_object_mut()?;
+    if let Some((name, server)) = extra {
+        servers.insert(name.clone(), server.clone());
+    }
     let path_var = sandbox
         .config()
         .child_env
@@ -142,7 +161,7 @@ mod tests {
     fn stdio_servers_lose_the_keys_they_do_not_name() {
         let ws = tempfile::tempdir().unwrap();
         fs::create_dir(ws.path().join(CONFIG_DIR)).unwrap();
-        assert_eq!(mcp_config(ws.path(), &Sandbox::default()), None);
+        assert_eq!(mcp_config(ws.path(), &Sandbox::default(), None), None);
         fs::write(
             ws.path().join(".mcp.json"),
             json!({"mcpServers": {
@@ -153,7 +172,7 @@ mod tests {
             .to_string(),
         )
         .unwrap();
-        let path = mcp_config(ws.path(), &Sandbox::default()).unwrap();
+        let path = mcp_config(ws.path(), &Sandbox::default(), None).unwrap();
         let mode = fs::metadata(&path).unwrap().permissions();
         assert_eq!(
             std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,

@@ -25,7 +25,7 @@ use super::stream_json::{
     user_events, user_line,
 };
 use super::warm::{Fingerprint, Running, Warm};
-use super::{HISTORY_LOST, LINE_TOO_LONG};
+use super::{HISTORY_LOST, LINE_TOO_LONG, tool_mcp};
 
 /// How long an interrupted run may take to send its `result` before it is killed.
 const INTERRUPT_GRACE: Duration = Duration::from_secs(1);
@@ -163,6 +163,7 @@ impl Driver {
             &self.request.workspace,
             self.system_prompt.as_deref(),
             resume.as_deref(),
+            tool_mcp(&self.request).as_ref(),
         )?;
         self.running.pool().started();
         self.group.set(Some(proc.pgid));
@@ -608,6 +609,7 @@ impl Driver {
                 usage: turn.usage,
                 num_turns: turn.num_turns,
                 duration_ms: turn.duration_ms,
+                pull_requests: Vec::new(),
             };
             if !turn.is_error {
                 outcome.result = turn.text.clone();

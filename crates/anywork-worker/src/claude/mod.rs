@@ -196,6 +196,13 @@ impl ClaudeCodeExecutor {
     }
 }
 
+/// The worker's MCP server of the pull-request tool for this run, as `.mcp.json` has it.
+pub(super) fn tool_mcp(request: &ExecutionRequest) -> Option<(String, serde_json::Value)> {
+    let server = request.pull_requests.as_ref()?.mcp_server()?;
+    let value = serde_json::to_value(server).ok()?;
+    Some((crate::pull_request::MCP_SERVER_NAME.to_owned(), value))
+}
+
 #[async_trait]
 impl Executor for ClaudeCodeExecutor {
     fn name(&self) -> &str {
@@ -230,7 +237,16 @@ impl Executor for ClaudeCodeExecutor {
         }
         let session_id = read_session_id(&workspace);
         let system_prompt = system_prompt(&workspace);
-        let fingerprint = warm::fingerprint(&workspace, system_prompt.as_deref());
+        let tool_mcp = tool_mcp(&request);
+        // A warm process serves the next task only with the same tool server.
+        let keyed = match &tool_mcp {
+            Some((name, server)) => Some(format!(
+                "{}\0{name}\0{server}",
+                system_prompt.as_deref().unwrap_or("")
+            )),
+            None => system_prompt.clone(),
+        };
+        let fingerprint = warm::fingerprint(&workspace, keyed.as_deref());
 
         let group = Arc::new(Group::default());
         let (warm, running) = self
@@ -252,6 +268,7 @@ impl Executor for ClaudeCodeExecutor {
                     &workspace,
                     system_prompt.as_deref(),
                     session_id.as_deref(),
+                    tool_mcp.as_ref(),
                 )?;
                 self.pool.started();
                 tracing::info!(

@@ -108,6 +108,7 @@ impl Proc {
         workspace: &Path,
         system_prompt: Option<&str>,
         resume: Option<&str>,
+        tool_mcp: Option<&(String, serde_json::Value)>,
     ) -> Result<Proc> {
         // In the sandbox when it is confined; always with the network (the model API).
         let mut cmd: Command = config.sandbox.wrapped(&config.binary, workspace, true);
@@ -139,7 +140,7 @@ impl Proc {
         if let Some(settings) = sandbox_settings(&config.sandbox, workspace) {
             cmd.arg(format!("--settings={settings}"));
         }
-        if let Some(mcp) = mcp_config(workspace, &config.sandbox) {
+        if let Some(mcp) = mcp_config(workspace, &config.sandbox, tool_mcp) {
             let mut flag = std::ffi::OsString::from("--mcp-config=");
             flag.push(mcp.as_os_str());
             cmd.arg(flag).arg("--strict-mcp-config");

@@ -22,6 +22,7 @@ use super::skills::{self, Skill};
 use super::tools::ToolOutcome;
 use super::tools::{self, Builtins};
 use super::{pricing, transcript};
+use crate::pull_request;
 
 /// Name of the tool that asks the user.
 pub const ASK_USER: &str = "ask_user";
@@ -232,6 +233,13 @@ impl Run {
         tools.push(ask_user_def());
         if !skills.is_empty() {
             tools.push(skill_def(&skills));
+        }
+        if let Some(opener) = &self.request.pull_requests {
+            tools.push(ToolDef {
+                name: pull_request::TOOL_NAME.to_owned(),
+                description: pull_request::description(opener.folder()),
+                input_schema: pull_request::input_schema(),
+            });
         }
         tools.extend(mcp.tools());
 
@@ -488,6 +496,13 @@ impl Run {
                     )),
                 }
             }
+            pull_request::TOOL_NAME => match &self.request.pull_requests {
+                Some(opener) => match pull_request::call(opener.as_ref(), input).await {
+                    Ok(text) => ToolOutcome::ok(text),
+                    Err(e) => ToolOutcome::error(e),
+                },
+                None => ToolOutcome::error(format!("there is no tool named {name:?}")),
+            },
             _ if mcp.has_tool(name) => mcp.call(name, input).await,
             _ => match builtins.call(name, &input).await {
                 Some(outcome) => outcome,

@@ -1,0 +1,222 @@
+//! The cases of task claims: one running task per session, in FIFO order, across claimers.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use anywork_core::{
+    Claim, ErrorKind, NewTaskLog, Task, TaskChange, TaskEvent, TaskId, TaskOutcome, TaskStatus,
+    Timestamp,
+};
+
+use super::{Store, new_session, new_task};
+
+fn claim_change(owner: &str) -> TaskChange {
+    TaskChange::to(TaskStatus::Running)
+        .worker(format!("w-{owner}"))
+        .lease(owner, Timestamp(i64::MAX / 2))
+}
+
+fn running_event() -> Vec<NewTaskLog> {
+    vec![NewTaskLog::now(TaskEvent::Status {
+        status: TaskStatus::Running,
+    })]
+}
+
+fn id_of(claim: &Claim) -> (&'static str, TaskId) {
+    match claim {
+        Claim::Claimed(t, _) => ("claimed", t.id),
+        Claim::Busy(t) => ("busy", t.id),
+        Claim::NotFirst(t) => ("not_first", t.id),
+        Claim::NotPending(t) => ("not_pending", t.id),
+        _ => ("other", TaskId::generate()),
+    }
+}
+
+async fn claim(store: &Store, task: &Task, owner: &str) -> Claim {
+    store
+        .claim_task(task.id, claim_change(owner), running_event(), Vec::new())
+        .await
+        .expect("claim")
+}
+
+/// A claim starts a session's oldest pending task, with its event, only while no task of the
+/// session is running or waiting for input; otherwise it changes nothing and says why.
+pub async fn claims_start_the_oldest_task_of_a_free_session(store: Store) {
+    store.create_session(new_session("s1", 1)).await.unwrap();
+    store.create_session(new_session("s2", 1)).await.unwrap();
+    let a = store.create_task(new_task("s1", 1, 10)).await.unwrap();
+    let b = store.create_task(new_task("s1", 2, 20)).await.unwrap();
+    let c = store.create_task(new_task("s2", 3, 30)).await.unwrap();
+    let ids = |tasks: Vec<Task>| tasks.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    assert_eq!(ids(store.claimable(10).await.unwrap()), vec![a.id, c.id]);
+    assert_eq!(ids(store.claimable(1).await.unwrap()), vec![a.id]);
+
+    // b is not first: a is older.
+    assert_eq!(
+        id_of(&claim(&store, &b, "srv-1").await),
+        ("not_first", a.id)
+    );
+    assert_eq!(
+        store.get_task(b.id).await.unwrap().status,
+        TaskStatus::Pending
+    );
+
+    // a starts, with the lease, the worker and its event.
+    let Claim::Claimed(started, last) = claim(&store, &a, "srv-1").await else {
+        panic!("a is claimed");
+    };
+    assert_eq!(started.status, TaskStatus::Running);
+    assert_eq!(started.lease.as_ref().unwrap().owner, "srv-1");
+    assert_eq!(started.worker_id.as_deref(), Some("w-srv-1"));
+    assert!(started.started_at.is_some());
+    assert_eq!(last, 1);
+    assert_eq!(store.get_task(a.id).await.unwrap(), started);
+    let logs = store.read_logs(a.id, 0, 10).await.unwrap();
+    assert_eq!(logs.len(), 1);
+    assert!(matches!(
+        logs[0].event,
+        TaskEvent::Status {
+            status: TaskStatus::Running
+        }
+    ));
+
+    // While a runs (or waits for input), b waits; s2 is not held up.
+    assert_eq!(id_of(&claim(&store, &b, "srv-2").await), ("busy", a.id));
+    assert_eq!(
+        id_of(&claim(&store, &a, "srv-2").await),
+        ("not_pending", a.id)
+    );
+    assert_eq!(ids(store.claimable(10).await.unwrap()), vec![c.id]);
+    store
+        .update_task(
+            a.id,
+            TaskStatus::Running,
+            TaskChange::to(TaskStatus::InputRequired),
+        )
+        .await
+        .unwrap();
+    assert_eq!(id_of(&claim(&store, &b, "srv-2").await), ("busy", a.id));
+    assert_eq!(id_of(&claim(&store, &c, "srv-2").await), ("claimed", c.id));
+    store
+        .update_task(
+            a.id,
+            TaskStatus::InputRequired,
+            TaskChange::finish(TaskOutcome::canceled()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids(store.claimable(10).await.unwrap()), vec![b.id]);
+    assert_eq!(id_of(&claim(&store, &b, "srv-2").await), ("claimed", b.id));
+    assert!(store.claimable(10).await.unwrap().is_empty());
+
+    // What a claim refuses.
+    let bad = store
+        .claim_task(
+            b.id,
+            TaskChange::to(TaskStatus::Running),
+            Vec::new(),
+            Vec::new(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(bad.kind(), ErrorKind::InvalidInput, "{bad}");
+    let gone = store
+        .claim_task(
+            TaskId::generate(),
+            claim_change("srv-1"),
+            Vec::new(),
+            Vec::new(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(gone.kind(), ErrorKind::NotFound, "{gone}");
+}
+
+/// Two claimers racing over the same sessions (as two servers do): every task starts exactly
+/// once, in its session's order, and never while another task of its session runs.
+pub async fn concurrent_claimers_start_one_task_per_session(store: Store) {
+    const SESSIONS: usize = 4;
+    const PER_SESSION: usize = 6;
+    let mut n = 0u128;
+    for s in 0..SESSIONS {
+        store
+            .create_session(new_session(&format!("c{s}"), 1))
+            .await
+            .unwrap();
+    }
+    // Interleaved creation, so that sessions' tasks are mixed in time.
+    for i in 0..PER_SESSION {
+        for s in 0..SESSIONS {
+            n += 1;
+            store
+                .create_task(new_task(&format!("c{s}"), n, (i * SESSIONS + s) as i64))
+                .await
+                .unwrap();
+        }
+    }
+    let total = SESSIONS * PER_SESSION;
+    // (session, task) in the order claims succeeded.
+    let started: Arc<Mutex<Vec<(String, TaskId)>>> = Arc::default();
+    let claimers: Vec<_> = ["srv-a", "srv-b"]
+        .into_iter()
+        .map(|owner| {
+            let (store, started) = (store.clone(), started.clone());
+            tokio::spawn(async move {
+                let mut rounds = 0;
+                while started.lock().unwrap().len() < total {
+                    rounds += 1;
+                    assert!(rounds < 10_000, "the claimers make no progress");
+                    let candidates = store.claimable(100).await.expect("claimable");
+                    for task in candidates {
+                        let Claim::Claimed(t, _) = claim(&store, &task, owner).await else {
+                            continue;
+                        };
+                        let active = store
+                            .tasks_by_session(&t.session_id, anywork_core::Page::first(100))
+                            .await
+                            .unwrap()
+                            .into_iter()
+                            .filter(|o| {
+                                matches!(o.status, TaskStatus::Running | TaskStatus::InputRequired)
+                            })
+                            .count();
+                        assert_eq!(active, 1, "one running task in {}", t.session_id);
+                        started
+                            .lock()
+                            .unwrap()
+                            .push((t.session_id.to_string(), t.id));
+                        tokio::task::yield_now().await;
+                        store
+                            .update_task(
+                                t.id,
+                                TaskStatus::Running,
+                                TaskChange::finish(TaskOutcome::completed("ok")),
+                            )
+                            .await
+                            .expect("finish");
+                    }
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    for c in claimers {
+        c.await.expect("claimer");
+    }
+    let started = started.lock().unwrap().clone();
+    assert_eq!(started.len(), total, "every task started once");
+    let mut seen = std::collections::HashSet::new();
+    assert!(
+        started.iter().all(|(_, id)| seen.insert(*id)),
+        "a task started twice"
+    );
+    let mut per_session: HashMap<String, Vec<TaskId>> = HashMap::new();
+    for (s, id) in started {
+        per_session.entry(s).or_default().push(id);
+    }
+    for (s, ids) in per_session {
+        let mut sorted = ids.clone();
+        sorted.sort_by_key(|id| id.0);
+        assert_eq!(ids, sorted, "session {s} ran in order");
+    }
+}

@@ -1,0 +1,100 @@
+//! Live events of tasks run by other servers sharing the store: the store's change feed
+//! ([`TaskStore::change_feed`], PostgreSQL `LISTEN/NOTIFY`) tells which log grew up to which
+//! seq; for a task followed here and not run here, the new events are read from the log and
+//! published on the hub, where its followers take them as if the run were local. Followers
+//! still read the log when their task is quiet for a while, so a lost notification delays
+//! events but loses none; a `Gap` (the listener reconnected) re-reads every followed task.
+//!
+//! [`TaskStore::change_feed`]: anywork_core::TaskStore::change_feed
+
+use std::collections::HashMap;
+use std::sync::Weak;
+use std::sync::atomic::Ordering;
+
+use anywork_core::{ChangeFeed, FeedItem, SessionId, TaskEvent, TaskId};
+use futures_util::StreamExt;
+
+use super::{Inner, lock};
+use crate::hub::LiveEvent;
+
+/// Events read per log page.
+const PAGE: u32 = 500;
+
+/// Tasks followed here and run elsewhere: their session and the last seq published here.
+type Known = HashMap<TaskId, (SessionId, u64)>;
+
+pub(super) async fn feed_loop(inner: Weak<Inner>, mut feed: ChangeFeed) {
+    let mut known = Known::new();
+    while let Some(item) = feed.next().await {
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        match item {
+            FeedItem::Changed(change) => {
+                let id = change.task_id;
+                if !inner.hub.is_followed(id) || lock(&inner.runs).contains_key(&id) {
+                    known.remove(&id);
+                    continue;
+                }
+                let after = known
+                    .get(&id)
+                    .map_or(change.first.saturating_sub(1), |k| k.1);
+                if change.last > after {
+                    forward(&inner, &mut known, id, after).await;
+                }
+            }
+            FeedItem::Gap => {
+                known.retain(|id, _| inner.hub.is_followed(*id));
+                let tasks: Vec<(TaskId, u64)> = known.iter().map(|(id, k)| (*id, k.1)).collect();
+                for (id, after) in tasks {
+                    forward(&inner, &mut known, id, after).await;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Publishes the events of `id` after `after` from the log.
+async fn forward(inner: &Inner, known: &mut Known, id: TaskId, mut after: u64) {
+    let session = match known.get(&id) {
+        Some((s, _)) => s.clone(),
+        None => match inner.store.get_task(id).await {
+            Ok(t) => t.session_id,
+            Err(e) => {
+                tracing::debug!(task = %id, error = %e, "cannot read a followed task");
+                return;
+            }
+        },
+    };
+    loop {
+        let logs = match inner.store.read_logs(id, after, PAGE).await {
+            Ok(l) => l,
+            Err(e) => {
+                // Its followers read the log themselves when it stays quiet.
+                tracing::debug!(task = %id, error = %e, "cannot read a followed task's log");
+                break;
+            }
+        };
+        let n = logs.len();
+        let done = logs.iter().any(|l| matches!(l.event, TaskEvent::Done(_)));
+        if let Some(last) = logs.last() {
+            after = last.seq;
+        }
+        inner.hub.publish(logs.into_iter().map(|l| LiveEvent {
+            task_id: id,
+            session_id: session.clone(),
+            seq: l.seq,
+            event: l.event,
+        }));
+        if done {
+            known.remove(&id);
+            return;
+        }
+        if n < PAGE as usize {
+            break;
+        }
+    }
+    known.insert(id, (session, after));
+}

@@ -1,0 +1,528 @@
+//! Scale-out with the real `anywork-server` binary: three replicas on one PostgreSQL database
+//! (a fresh one per test, on the server `ANYWORK_TEST_DATABASE_URL` names; without it these
+//! tests fail), the static driver to one stand-in worker, load spread round-robin over REST
+//! and WebSocket, and each task followed by a client on another replica than the one that
+//! took it. Checked: no task lost or run twice (the worker sees each task id once), each
+//! session's tasks reach the worker in the order they were sent, every log is gap-free with
+//! one `done` at its end, and every client saw every event of its task. Then the same with
+//! one replica killed (`kill -9`) mid-load: the survivors settle its tasks within the lease.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anywork_test::original_worker::{OriginalEvent, OriginalWorker, Script};
+use common::{free_port, wait_healthy};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+/// How long a whole load may take to settle.
+const SETTLE: Duration = Duration::from_secs(90);
+
+fn database_url() -> String {
+    std::env::var("ANYWORK_TEST_DATABASE_URL").expect(
+        "ANYWORK_TEST_DATABASE_URL is not set: run the tests with scripts/test.sh, which starts \
+         PostgreSQL, or point it at a database you own",
+    )
+}
+
+/// A database of its own on the test server, dropped with this.
+struct Database {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl Database {
+    async fn create() -> Database {
+        let admin = database_url();
+        let name = format!("replicas_{}", anywork_core::TaskId::generate().0.simple());
+        let pool = sqlx::PgPool::connect(&admin)
+            .await
+            .expect("connect to the test database server");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&pool)
+            .await
+            .expect("create the test database");
+        pool.close().await;
+        let (base, query) = match admin.split_once('?') {
+            Some((b, q)) => (b, format!("?{q}")),
+            None => (admin.as_str(), String::new()),
+        };
+        let base = base.rsplit_once('/').map_or(base, |(b, _)| b);
+        let url = format!("{base}/{name}{query}");
+        Database { admin, name, url }
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(rt) = rt {
+                rt.block_on(async {
+                    if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
+                        let _ =
+                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                                .execute(&pool)
+                                .await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
+/// One `anywork-server` process.
+struct Replica {
+    child: tokio::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_replica(db: &Database, worker_url: &str) -> Replica {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_anywork-server"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SERVER_PORT", port.to_string())
+        .env("DB_DIR", dir.path())
+        .env("DATABASE_URL", &db.url)
+        .env("CONTAINER_DRIVER", "static")
+        .env("STATIC_WORKER_URL", worker_url)
+        .env("LEASE_TTL_SECONDS", "2")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start anywork-server");
+    let url = format!("http://127.0.0.1:{port}");
+    wait_healthy(&format!("{url}/api/health")).await;
+    Replica {
+        child,
+        url,
+        _dir: dir,
+    }
+}
+
+/// The replicas a load balancer still sends to.
+#[derive(Clone)]
+struct Pool {
+    urls: Arc<Mutex<Vec<String>>>,
+}
+
+impl Pool {
+    fn new(replicas: &[Replica]) -> Pool {
+        Pool {
+            urls: Arc::new(Mutex::new(replicas.iter().map(|r| r.url.clone()).collect())),
+        }
+    }
+
+    /// The `i`-th replica round-robin, and the one after it.
+    fn pick(&self, i: usize) -> (String, String) {
+        let urls = self.urls.lock().unwrap();
+        (
+            urls[i % urls.len()].clone(),
+            urls[(i + 1) % urls.len()].clone(),
+        )
+    }
+
+    fn remove(&self, url: &str) {
+        self.urls.lock().unwrap().retain(|u| u != url);
+    }
+
+    fn first(&self) -> String {
+        self.urls.lock().unwrap()[0].clone()
+    }
+}
+
+/// A task as sent: its session, the order within the session, and what its client saw.
+#[derive(Debug, Clone)]
+struct Sent {
+    task: String,
+    session: String,
+    /// seq → event type, as the client received them.
+    seen: BTreeMap<u64, String>,
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(url: &str) -> Option<Ws> {
+    let ws = format!("{}/ws", url.replacen("http://", "ws://", 1));
+    tokio_tungstenite::connect_async(ws)
+        .await
+        .ok()
+        .map(|(s, _)| s)
+}
+
+/// The next JSON message; `None` when the socket ended or broke.
+async fn next(ws: &mut Ws) -> Option<Value> {
+    loop {
+        match tokio::time::timeout(SETTLE, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).ok(),
+            Ok(Some(Ok(_))) => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// Records the events of `task` among `messages`; whether its `done` was among them.
+fn note(seen: &mut BTreeMap<u64, String>, task: &str, messages: &[Value]) -> bool {
+    let mut done = false;
+    for m in messages.iter().filter(|m| m["task_id"] == task) {
+        if let Some(seq) = m["seq"].as_u64() {
+            seen.insert(seq, m["type"].as_str().unwrap_or_default().to_owned());
+        }
+        done |= m["type"] == "done";
+    }
+    done
+}
+
+/// Follows `task` from `pool`, starting on `first` with what `ws` already has, resuming on
+/// another replica after the last seq seen when the connection breaks, until its `done`.
+async fn follow(pool: &Pool, task: &str, mut ws: Option<Ws>, seen: &mut BTreeMap<u64, String>) {
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    let mut attempt = 0;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "task {task}: no done within {SETTLE:?}; seen {seen:?}"
+        );
+        let mut socket = match ws.take() {
+            Some(s) => s,
+            None => {
+                attempt += 1;
+                let (url, _) = pool.pick(attempt);
+                let Some(mut s) = connect(&url).await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                let after = seen.keys().next_back().copied().unwrap_or(0);
+                let resume = json!({"type": "resume", "task_id": task, "after_seq": after});
+                if s.send(Message::Text(resume.to_string().into()))
+                    .await
+                    .is_err()
+                {
+                    continue;
+                }
+                s
+            }
+        };
+        while let Some(m) = next(&mut socket).await {
+            if note(seen, task, std::slice::from_ref(&m)) {
+                return;
+            }
+        }
+        // The replica went away: resume elsewhere.
+    }
+}
+
+/// Sends one task of `session` (`None`: a new session) to the `i`-th replica — over REST
+/// for even `k`, over WebSocket (`chat`) for odd — and follows it to its `done` from another
+/// replica (REST) or on the chat's own socket, resuming elsewhere if that breaks. Retries
+/// on another replica when the chosen one is down.
+async fn send_and_follow(
+    pool: &Pool,
+    i: usize,
+    k: usize,
+    session: Option<&str>,
+    message: &str,
+) -> (Sent, tokio::task::JoinHandle<Sent>) {
+    let http = reqwest::Client::new();
+    for attempt in 0..20 {
+        let (url, other) = pool.pick(i + attempt);
+        if k.is_multiple_of(2) {
+            let mut body = json!({ "message": message });
+            if let Some(s) = session {
+                body["session_id"] = json!(s);
+            }
+            let Ok(r) = http
+                .post(format!("{url}/api/tasks"))
+                .json(&body)
+                .send()
+                .await
+            else {
+                continue;
+            };
+            assert_eq!(r.status(), 202, "task refused by {url}");
+            let created: Value = r.json().await.unwrap();
+            let sent = Sent {
+                task: created["taskId"].as_str().unwrap().to_owned(),
+                session: created["sessionId"].as_str().unwrap().to_owned(),
+                seen: BTreeMap::new(),
+            };
+            let (pool, mut out) = (pool.clone(), sent.clone());
+            let follower = tokio::spawn(async move {
+                let ws = connect(&other).await;
+                let ws = match ws {
+                    Some(mut s) => {
+                        let resume = json!({"type": "resume", "task_id": out.task, "after_seq": 0});
+                        s.send(Message::Text(resume.to_string().into()))
+                            .await
+                            .ok()
+                            .map(|()| s)
+                    }
+                    None => None,
+                };
+                let task = out.task.clone();
+                follow(&pool, &task, ws, &mut out.seen).await;
+                out
+            });
+            return (sent, follower);
+        }
+        let Some(mut ws) = connect(&url).await else {
+            continue;
+        };
+        let mut chat = json!({"type": "chat", "message": message});
+        if let Some(s) = session {
+            chat["session_id"] = json!(s);
+        }
+        if ws
+            .send(Message::Text(chat.to_string().into()))
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        let mut before = Vec::new();
+        let created = loop {
+            match next(&mut ws).await {
+                Some(m) if m["type"] == "task_created" => break Some(m),
+                Some(m) if m["type"] == "error" && m["task_id"].is_null() => {
+                    panic!("chat refused by {url}: {m}")
+                }
+                Some(m) => before.push(m),
+                None => break None,
+            }
+        };
+        // The replica died before it answered: the chat may or may not have been taken;
+        // a lost chat is the client's to send again, as with any broken connection.
+        let Some(created) = created else { continue };
+        let mut sent = Sent {
+            task: created["task_id"].as_str().unwrap().to_owned(),
+            session: created["session_id"].as_str().unwrap().to_owned(),
+            seen: BTreeMap::new(),
+        };
+        let done = note(&mut sent.seen, &sent.task, &before);
+        let (pool, mut out) = (pool.clone(), sent.clone());
+        let follower = tokio::spawn(async move {
+            if !done {
+                let task = out.task.clone();
+                follow(&pool, &task, Some(ws), &mut out.seen).await;
+            }
+            out
+        });
+        return (sent, follower);
+    }
+    panic!("no replica took the task");
+}
+
+/// `sessions` sessions of `per_session` tasks each, sent concurrently across the pool (each
+/// session's tasks one after the other, each without waiting for the previous to end).
+/// Returns what every client saw, by session, in the order sent.
+async fn load(pool: &Pool, tag: &str, sessions: usize, per_session: usize) -> Vec<Vec<Sent>> {
+    let runs: Vec<_> = (0..sessions)
+        .map(|s| {
+            let (pool, tag) = (pool.clone(), tag.to_owned());
+            tokio::spawn(async move {
+                let mut session: Option<String> = None;
+                let mut followers = Vec::new();
+                for k in 0..per_session {
+                    let message = format!("{tag} s{s} k{k}");
+                    let (sent, follower) =
+                        send_and_follow(&pool, s + k, k, session.as_deref(), &message).await;
+                    session = Some(sent.session.clone());
+                    followers.push(follower);
+                    // Creation times in distinct milliseconds: the order sent is the order
+                    // stored.
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                }
+                let mut out = Vec::new();
+                for f in followers {
+                    out.push(f.await.expect("follower"));
+                }
+                out
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for r in runs {
+        all.push(r.await.expect("session load"));
+    }
+    all
+}
+
+async fn get(url: &str) -> Value {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
+/// Checks the invariants over what was sent; returns the final status of each task.
+async fn check(
+    pool: &Pool,
+    worker: &OriginalWorker,
+    sessions: &[Vec<Sent>],
+) -> HashMap<String, String> {
+    let url = pool.first();
+    let chats: Vec<(String, String)> = worker
+        .bodies("POST /chat")
+        .iter()
+        .map(|b| {
+            (
+                b["task_id"].as_str().unwrap_or_default().to_owned(),
+                b["session_id"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let mut times: HashMap<&str, usize> = HashMap::new();
+    for (task, _) in &chats {
+        *times.entry(task.as_str()).or_default() += 1;
+    }
+    let mut statuses = HashMap::new();
+    for session in sessions {
+        for sent in session {
+            let task = get(&format!("{url}/api/tasks/{}", sent.task)).await;
+            let status = task["status"].as_str().unwrap_or_default().to_owned();
+            assert!(
+                ["completed", "failed", "canceled"].contains(&status.as_str()),
+                "task {} not settled: {task}",
+                sent.task
+            );
+            // Run at most once; a completed task ran exactly once.
+            let ran = times.get(sent.task.as_str()).copied().unwrap_or(0);
+            assert!(
+                ran <= 1,
+                "task {} reached the worker {ran} times",
+                sent.task
+            );
+            if status == "completed" {
+                assert_eq!(ran, 1, "task {} completed without a run", sent.task);
+            }
+            // The log: seqs 1..=n, one done, last.
+            let logs = get(&format!(
+                "{url}/api/tasks/{}/logs?after=0&limit=500",
+                sent.task
+            ))
+            .await;
+            let logs = logs["logs"].as_array().unwrap().clone();
+            let seqs: Vec<u64> = logs.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+            assert_eq!(
+                seqs,
+                (1..=logs.len() as u64).collect::<Vec<_>>(),
+                "task {}: gaps in {seqs:?}",
+                sent.task
+            );
+            let dones = logs.iter().filter(|l| l["type"] == "done").count();
+            assert_eq!(dones, 1, "task {}: {logs:?}", sent.task);
+            assert_eq!(logs.last().unwrap()["type"], "done", "task {}", sent.task);
+            // The client saw every event of the log.
+            let logged: BTreeMap<u64, String> = logs
+                .iter()
+                .map(|l| {
+                    (
+                        l["seq"].as_u64().unwrap(),
+                        l["type"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                sent.seen, logged,
+                "task {}: the client's events differ from the log",
+                sent.task
+            );
+            statuses.insert(sent.task.clone(), status);
+        }
+        // The session's tasks reached the worker in the order sent.
+        let order: Vec<&str> = session.iter().map(|s| s.task.as_str()).collect();
+        let ran: Vec<&str> = chats
+            .iter()
+            .filter(|(t, _)| order.contains(&t.as_str()))
+            .map(|(t, _)| t.as_str())
+            .collect();
+        let expected: Vec<&str> = order.iter().copied().filter(|t| ran.contains(t)).collect();
+        assert_eq!(
+            ran, expected,
+            "session {} ran out of order",
+            session[0].session
+        );
+        let sessions: HashSet<&str> = session.iter().map(|s| s.session.as_str()).collect();
+        assert_eq!(sessions.len(), 1, "one session per run of sends");
+    }
+    statuses
+}
+
+fn slow_script(delay_ms: u64) -> Script {
+    Script {
+        events: vec![
+            OriginalEvent::text("one "),
+            OriginalEvent::text("two "),
+            OriginalEvent::text("three"),
+            OriginalEvent::done("one two three", 0.0, 1, 1),
+        ],
+        delay: Duration::from_millis(delay_ms),
+        hang: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_run_each_task_once_in_session_order_and_survive_a_kill_9() {
+    let db = Database::create().await;
+    let worker = OriginalWorker::start().await;
+    worker.set_default(slow_script(30));
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(start_replica(&db, &worker.url()).await);
+    }
+    let pool = Pool::new(&replicas);
+
+    // Three healthy replicas: everything completes.
+    let sent = load(&pool, "calm", 6, 4).await;
+    let statuses = check(&pool, &worker, &sent).await;
+    assert_eq!(statuses.len(), 24);
+    assert!(statuses.values().all(|s| s == "completed"), "{statuses:?}");
+
+    // Again, with the first replica killed while it runs tasks.
+    worker.set_default(slow_script(120));
+    let victim = replicas[0].url.clone();
+    let loader = {
+        let pool = pool.clone();
+        tokio::spawn(async move { load(&pool, "kill", 6, 4).await })
+    };
+    // Kill it once this load is under way (its tasks spread round-robin, some run there).
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while worker.bodies("POST /chat").len() < 24 + 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the load did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pool.remove(&victim);
+    replicas[0].child.start_kill().expect("kill -9");
+    let _ = replicas[0].child.wait().await;
+    let sent = loader.await.expect("load");
+    let statuses = check(&pool, &worker, &sent).await;
+    assert!(!statuses.is_empty());
+    // Whatever the victim was running failed with the reason; the rest completed.
+    for (task, status) in &statuses {
+        if status != "completed" {
+            let t = get(&format!("{}/api/tasks/{task}", pool.first())).await;
+            assert_eq!(status, "failed", "{t}");
+            let error = t["error"].as_str().unwrap_or_default();
+            assert!(error.contains("stopped before it finished"), "{t}");
+        }
+    }
+    assert!(
+        statuses.values().filter(|s| *s == "completed").count() >= statuses.len() / 2,
+        "most tasks completed on the survivors: {statuses:?}"
+    );
+}
