@@ -4,6 +4,7 @@
 //! ```sh
 //! cargo run --release -p anywork-bench -- worker     # see docs/benchmarks.md
 //! cargo run --release -p anywork-bench -- server
+//! bash scripts/bench-load.sh                           # `load`: the server binary under load
 //! cargo run --release -p anywork-bench -- docker     # needs a Docker engine
 //! cargo run --release -p anywork-bench -- channels   # webhook intake at 500 req/s
 //! cargo run -p anywork-bench -- claude               # Claude Code warm vs cold; needs the CLI
@@ -14,10 +15,15 @@ mod channels;
 mod claude;
 mod docker;
 mod replicas;
+mod load;
+mod plot;
+mod procfs;
 mod server;
 mod soak;
+mod standin;
 mod stats;
 mod worker;
+mod ws;
 
 use clap::{Parser, Subcommand};
 
@@ -43,6 +49,14 @@ enum Command {
     Channels(channels::Options),
     /// Docker driver: cold `get_worker` (create + start + ready) and warm reuse, p50/p99.
     Docker(docker::Options),
+    /// The release server binary under WebSocket load (this process) with a stand-in worker
+    /// (a process of its own): tasks/s, dispatch and chat → done p50/p99, the server's CPU
+    /// and context switches per task, RSS per idle and per chatted session, at each number
+    /// of sessions; a markdown table and a PNG plot.
+    Load(load::Options),
+    /// The stand-in worker alone (the original AnyWork's worker protocol, answering at once;
+    /// `load` starts it).
+    StandIn(standin::Options),
     /// Soak: the server binary holds 1,000 WebSocket sessions chatting at a steady rate for
     /// 10 minutes; its RSS, fds and store size over time go to a CSV and a PNG plot. Fails on
     /// any error or lost task.
@@ -52,17 +66,29 @@ enum Command {
     Replicas(replicas::Options),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let result = match Args::parse().command {
-        Command::Worker(options) => worker::run(options).await,
-        Command::Server(options) => server::run(options).await,
-        Command::Docker(options) => docker::run(options).await,
-        Command::Claude(options) => claude::run(options).await,
-        Command::Channels(options) => channels::run(options).await,
-        Command::Soak(options) => soak::run(options).await,
-        Command::Replicas(options) => replicas::run(options).await,
-    };
+fn main() -> anyhow::Result<()> {
+    let command = Args::parse().command;
+    // The load generator and the stand-in worker each take one thread, so that the server
+    // under test has the other core(s).
+    let runtime = match command {
+        Command::Load(_) | Command::StandIn(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build()?;
+    let result = runtime.block_on(async move {
+        match command {
+            Command::Worker(options) => worker::run(options).await,
+            Command::Server(options) => server::run(options).await,
+            Command::Docker(options) => docker::run(options).await,
+            Command::Claude(options) => claude::run(options).await,
+            Command::Channels(options) => channels::run(options).await,
+            Command::Soak(options) => soak::run(options).await,
+            Command::Replicas(options) => replicas::run(options).await,
+            Command::Load(options) => load::run(options).await,
+            Command::StandIn(options) => standin::run(options).await,
+        }
+    });
     if let Err(e) = result {
         // Exit now: dropping the runtime would wait for whatever a failed run left hanging
         // (a soak whose server stopped answering kept the process alive).

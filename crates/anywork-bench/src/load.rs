@@ -1,0 +1,644 @@
+//! `anywork-bench load`: the release `anywork-server` binary under WebSocket load, in three
+//! processes: this one (the load generator, one thread), the server (its own process, static
+//! driver) and the stand-in worker ([`crate::standin`], its own process, one thread).
+//!
+//! For each number of sessions S (a fresh server and store each time):
+//! 1. a short warm-up (5 sessions, one chat each, closed), then the server's RSS (*base*);
+//! 2. S WebSockets opened, each with a `ping` answered: RSS → memory per idle WebSocket;
+//! 3. one chat on each (it makes the session), `--first-chats` at a time: RSS → per session;
+//! 4. the measured run: all S sessions at once, T chats each back to back (each waits for the
+//!    previous `done`). Dispatch = the stand-in's CLOCK_MONOTONIC stamp of its `/chat` − the
+//!    client's stamp just before it sent the chat frame (same clock, same machine); chat →
+//!    done at the client; tasks/s = tasks / (first chat sent → last done). The server
+//!    process's CPU (`/proc/PID/stat` utime + stime) and context switches (`/proc/PID/task/*/
+//!    status`) over the run, per task; optionally `strace -c -f -p` or `perf stat -p` over it;
+//! 5. the connections closed: RSS (what is returned).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use futures_util::StreamExt;
+
+use crate::plot::{self, Panel};
+use crate::procfs::{self, ServerProcess, context_switches, cpu_time, rss_kib};
+use crate::standin::{self, StandIn};
+use crate::stats::{Summary, summarize};
+use crate::ws::{self, ChatTimes, Ws};
+
+/// Options of `anywork-bench load`.
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Numbers of sessions, one level each (a fresh server and store per level).
+    #[arg(long, value_delimiter = ',', default_value = "1,50,200,1000")]
+    sessions: Vec<usize>,
+    /// Chats per session in the measured run, one after the other.
+    #[arg(long, default_value_t = 20)]
+    turns: usize,
+    /// At least this many tasks per measured run: fewer sessions do more turns.
+    #[arg(long, default_value_t = 200)]
+    min_tasks: usize,
+    /// Runs of each level (the table gives the range).
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// First chats (which make the sessions) in flight at once.
+    #[arg(long, default_value_t = 200)]
+    first_chats: usize,
+    /// Stores, each level runs on each (interleaved): `sqlite` (a temporary folder per level),
+    /// `postgres` (at `--database-url`; one database for every level).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "sqlite")]
+    stores: Vec<Store>,
+    /// PostgreSQL URL for `--stores postgres` (the server's DATABASE_URL).
+    #[arg(long, env = "ANYWORK_BENCH_DATABASE_URL")]
+    database_url: Option<String>,
+    /// MAX_CONCURRENT_TASKS of the server (default: the server's own default).
+    #[arg(long)]
+    max_concurrent: Option<usize>,
+    /// The release server binary (default: next to this binary).
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// `strace -c -f -p` the server over the measured run: syscalls per task by kind (the run
+    /// is slowed down; its other figures are marked).
+    #[arg(long)]
+    strace: bool,
+    /// `perf stat -e EVENTS -p` the server over the measured run: counts per task (e.g.
+    /// `task-clock,context-switches,page-faults`, and `probe_libc:malloc` once
+    /// `perf probe -x <libc> --add malloc` made it: allocations per task).
+    #[arg(long)]
+    perf_events: Option<String>,
+    /// Write the tables (markdown) to this file.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Draw dispatch, tasks/s and memory against sessions into this PNG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Wait after opening or closing connections before reading the RSS.
+    #[arg(long, default_value_t = 2000)]
+    settle_ms: u64,
+}
+
+/// The server's store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Store {
+    Sqlite,
+    Postgres,
+}
+
+impl Store {
+    fn label(self) -> &'static str {
+        match self {
+            Store::Sqlite => "SQLite",
+            Store::Postgres => "PostgreSQL",
+        }
+    }
+}
+
+/// The figures of one measured run.
+struct Level {
+    sessions: usize,
+    turns: usize,
+    tasks: usize,
+    wall: Duration,
+    dispatch: Summary,
+    done: Summary,
+    /// Server CPU (user + system) over the run.
+    cpu: Duration,
+    /// Server context switches over the run: (voluntary, involuntary).
+    switches: (u64, u64),
+    /// The stand-in's and this process's CPU over the run.
+    standin_cpu: Duration,
+    loadgen_cpu: Duration,
+    /// Worker calls over the run by route.
+    worker_calls: Vec<(String, u64)>,
+    threads: usize,
+    rss_base: u64,
+    rss_idle: u64,
+    rss_sessions: u64,
+    rss_loaded: u64,
+    rss_closed: u64,
+    traced: Option<String>,
+}
+
+impl Level {
+    fn tasks_per_s(&self) -> f64 {
+        self.tasks as f64 / self.wall.as_secs_f64()
+    }
+    fn cpu_per_task_ms(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1000.0 / self.tasks as f64
+    }
+    fn switches_per_task(&self) -> (f64, f64) {
+        let t = self.tasks as f64;
+        (self.switches.0 as f64 / t, self.switches.1 as f64 / t)
+    }
+    fn per_idle_kib(&self) -> f64 {
+        self.rss_idle.saturating_sub(self.rss_base) as f64 / self.sessions as f64
+    }
+    fn per_session_kib(&self) -> f64 {
+        self.rss_sessions.saturating_sub(self.rss_base) as f64 / self.sessions as f64
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// What every level shares.
+struct Bench {
+    options: Options,
+    server_bin: PathBuf,
+    standin: StandIn,
+}
+
+impl Bench {
+    async fn server(&self, store: Store) -> anyhow::Result<ServerProcess> {
+        let mut env = Vec::new();
+        if let Some(n) = self.options.max_concurrent {
+            env.push(("MAX_CONCURRENT_TASKS", n.to_string()));
+        }
+        let database_url = match store {
+            Store::Sqlite => None,
+            Store::Postgres => Some(
+                self.options
+                    .database_url
+                    .as_deref()
+                    .context("--stores postgres needs --database-url")?,
+            ),
+        };
+        ServerProcess::spawn(&self.server_bin, &self.standin.url, database_url, &env).await
+    }
+
+    async fn settle(&self) {
+        tokio::time::sleep(Duration::from_millis(self.options.settle_ms)).await;
+    }
+}
+
+/// A session's measured turns, once `go` opens.
+async fn turns(
+    mut ws: Ws,
+    session: String,
+    turns: usize,
+    go: Arc<tokio::sync::Barrier>,
+) -> anyhow::Result<(Ws, Vec<ChatTimes>)> {
+    go.wait().await;
+    let mut out = Vec::with_capacity(turns);
+    for i in 0..turns {
+        let (times, _) = ws::chat(&mut ws, Some(&session), &format!("turn {i}")).await?;
+        out.push(times);
+    }
+    Ok((ws, out))
+}
+
+/// A tool attached to the server over the measured run, stopped with SIGINT.
+struct Attached {
+    child: tokio::process::Child,
+    out: tempfile::NamedTempFile,
+}
+
+impl Attached {
+    async fn start(program: &str, args: &[&str]) -> anyhow::Result<Self> {
+        let out = tempfile::NamedTempFile::new()?;
+        let child = tokio::process::Command::new(program)
+            .args(args)
+            .arg("-o")
+            .arg(out.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {program}"))?;
+        // Attaching to every thread takes a moment.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(Self { child, out })
+    }
+
+    async fn stop(mut self) -> anyhow::Result<String> {
+        if let Some(pid) = self.child.id() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        }
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .context("the attached tool did not stop")??;
+        Ok(std::fs::read_to_string(self.out.path())?)
+    }
+}
+
+/// `strace -c` output as "per task" lines, most calls first.
+fn strace_per_task(summary: &str, tasks: usize) -> String {
+    let mut rows: Vec<(f64, String, f64)> = Vec::new();
+    for line in summary.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // % time, seconds, usecs/call, calls, [errors,] syscall
+        if f.len() >= 5 && f[0].parse::<f64>().is_ok() {
+            let name = f[f.len() - 1];
+            if name == "total" {
+                continue;
+            }
+            if let Ok(calls) = f[3].parse::<f64>() {
+                let seconds: f64 = f[1].parse().unwrap_or(0.0);
+                rows.push((calls / tasks as f64, name.to_owned(), seconds));
+            }
+        }
+    }
+    rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let total: f64 = rows.iter().map(|r| r.0).sum();
+    let mut out = format!("{total:.1} syscalls per task:");
+    for (per, name, _) in rows.iter().filter(|r| r.0 >= 0.05) {
+        let _ = write!(out, " {name} {per:.2},");
+    }
+    out.pop();
+    out
+}
+
+/// `perf stat` counters divided by the tasks.
+fn perf_per_task(summary: &str, tasks: usize) -> String {
+    let mut out = String::from("perf stat per task:");
+    for line in summary.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() >= 2
+            && let Ok(v) = f[0].replace(',', "").parse::<f64>()
+        {
+            let name = if f[1] == "msec" { f[2] } else { f[1] };
+            let unit = if f[1] == "msec" { " ms" } else { "" };
+            let _ = write!(out, " {name} {:.3}{unit},", v / tasks as f64);
+        }
+    }
+    out.pop();
+    out
+}
+
+async fn level(bench: &Bench, store: Store, sessions: usize) -> anyhow::Result<Level> {
+    let o = &bench.options;
+    let turns_each = o.turns.max(o.min_tasks.div_ceil(sessions)).max(1);
+    let server = bench.server(store).await?;
+    let (pid, url) = (server.pid, server.url.clone());
+
+    // 1. Warm-up.
+    for i in 0..5 {
+        let mut ws = ws::connect(&url).await?;
+        ws::chat(&mut ws, None, &format!("warm-up {i}")).await?;
+        let _ = ws.close(None).await;
+    }
+    bench.settle().await;
+    let rss_base = rss_kib(pid)?;
+
+    // 2. Idle connections.
+    let opened: Vec<_> =
+        futures_util::stream::iter((0..sessions).map(|_| ws::idle_connection(url.clone())))
+            .buffer_unordered(64)
+            .collect()
+            .await;
+    let conns = opened.into_iter().collect::<anyhow::Result<Vec<Ws>>>()?;
+    bench.settle().await;
+    let rss_idle = rss_kib(pid)?;
+
+    // 3. One chat each: the sessions.
+    let made: Vec<_> =
+        futures_util::stream::iter(conns.into_iter().enumerate().map(|(i, mut ws)| async move {
+            let (_, session) = ws::chat(&mut ws, None, &format!("hello {i}")).await?;
+            anyhow::Ok((ws, session))
+        }))
+        .buffer_unordered(o.first_chats.max(1))
+        .collect()
+        .await;
+    let made = made.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    bench.settle().await;
+    let rss_sessions = rss_kib(pid)?;
+
+    // 4. The measured run.
+    let pid_s = pid.to_string();
+    let standin_pid = bench.standin.pid.to_string();
+    let attached = if o.strace {
+        Some(Attached::start("strace", &["-c", "-f", "-p", &pid_s]).await?)
+    } else if let Some(events) = &o.perf_events {
+        Some(Attached::start("perf", &["stat", "-e", events, "-p", &pid_s]).await?)
+    } else {
+        None
+    };
+    let calls_before = bench.standin.stats().await?;
+    let go = Arc::new(tokio::sync::Barrier::new(sessions + 1));
+    let clients: Vec<_> = made
+        .into_iter()
+        .map(|(ws, session)| tokio::spawn(turns(ws, session, turns_each, go.clone())))
+        .collect();
+    let (cpu0, sw0) = (cpu_time(&pid_s)?, context_switches(pid)?);
+    let (standin0, self0) = (cpu_time(&standin_pid)?, cpu_time("self")?);
+    go.wait().await;
+    let started = Instant::now();
+    let mut conns = Vec::with_capacity(sessions);
+    let mut chats = Vec::with_capacity(sessions * turns_each);
+    for c in clients {
+        let (ws, times) = c.await??;
+        conns.push(ws);
+        chats.extend(times);
+    }
+    let wall = started.elapsed();
+    let cpu = cpu_time(&pid_s)? - cpu0;
+    let sw1 = context_switches(pid)?;
+    let (standin_cpu, loadgen_cpu) = (
+        cpu_time(&standin_pid)? - standin0,
+        cpu_time("self")? - self0,
+    );
+    let threads = procfs::threads(pid);
+    let traced = match attached {
+        Some(a) => {
+            let text = a.stop().await?;
+            Some(if o.strace {
+                strace_per_task(&text, chats.len())
+            } else {
+                perf_per_task(&text, chats.len())
+            })
+        }
+        None => None,
+    };
+    let calls_after = bench.standin.stats().await?;
+    let worker_calls = calls_after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - calls_before.get(k).copied().unwrap_or(0)))
+        .filter(|(_, v)| *v > 0)
+        .collect();
+    let rss_loaded = rss_kib(pid)?;
+
+    // 5. Closed.
+    drop(conns);
+    bench.settle().await;
+    let rss_closed = rss_kib(pid)?;
+    server.kill().await?;
+
+    let tasks = chats.len();
+    let mut dispatch: Vec<Duration> = chats.iter().filter_map(ChatTimes::dispatch).collect();
+    ensure!(
+        dispatch.len() == tasks,
+        "{} of {tasks} tasks carried no stand-in stamp: is the worker the stand-in?",
+        tasks - dispatch.len()
+    );
+    let mut done: Vec<Duration> = chats
+        .iter()
+        .map(|c| c.done.saturating_duration_since(c.sent))
+        .collect();
+    Ok(Level {
+        sessions,
+        turns: turns_each,
+        tasks,
+        wall,
+        dispatch: summarize(&mut dispatch).context("no tasks")?,
+        done: summarize(&mut done).context("no tasks")?,
+        cpu,
+        switches: (sw1.0.saturating_sub(sw0.0), sw1.1.saturating_sub(sw0.1)),
+        standin_cpu,
+        loadgen_cpu,
+        worker_calls,
+        threads,
+        rss_base,
+        rss_idle,
+        rss_sessions,
+        rss_loaded,
+        rss_closed,
+        traced,
+    })
+}
+
+fn print(label: &str, l: &Level) {
+    let (v, i) = l.switches_per_task();
+    let per_task = |d: Duration| d.as_secs_f64() * 1000.0 / l.tasks as f64;
+    println!(
+        "load  {label} {}x{}: {} tasks in {:.2} s = {:.0} tasks/s; dispatch p50 {:.2} p99 {:.2} \
+         ms; chat->done p50 {:.2} p99 {:.2} ms",
+        l.sessions,
+        l.turns,
+        l.tasks,
+        l.wall.as_secs_f64(),
+        l.tasks_per_s(),
+        ms(l.dispatch.p50),
+        ms(l.dispatch.p99),
+        ms(l.done.p50),
+        ms(l.done.p99),
+    );
+    println!(
+        "load  {label} {}x{}: server CPU {:.3} ms/task ({:.0}% of one core), context switches \
+         {:.1} voluntary + {:.1} involuntary per task, {} threads; stand-in {:.3} ms/task, \
+         load generator {:.3} ms/task",
+        l.sessions,
+        l.turns,
+        l.cpu_per_task_ms(),
+        l.cpu.as_secs_f64() / l.wall.as_secs_f64() * 100.0,
+        v,
+        i,
+        l.threads,
+        per_task(l.standin_cpu),
+        per_task(l.loadgen_cpu),
+    );
+    let calls: Vec<String> = l
+        .worker_calls
+        .iter()
+        .map(|(k, n)| format!("{k} {:.2}", *n as f64 / l.tasks as f64))
+        .collect();
+    println!(
+        "load  {label} {}x{}: worker calls per task: {}",
+        l.sessions,
+        l.turns,
+        calls.join(", ")
+    );
+    println!(
+        "load  {label} {}x{}: server RSS base {}, {} idle WebSockets {} ({:.1} KiB each), after \
+         one chat each {} ({:.1} KiB per session), after the run {}, after closing {}",
+        l.sessions,
+        l.turns,
+        procfs::mib(l.rss_base),
+        l.sessions,
+        procfs::mib(l.rss_idle),
+        l.per_idle_kib(),
+        procfs::mib(l.rss_sessions),
+        l.per_session_kib(),
+        procfs::mib(l.rss_loaded),
+        procfs::mib(l.rss_closed),
+    );
+    if let Some(t) = &l.traced {
+        println!("load  {label} {}x{}: {t}", l.sessions, l.turns);
+    }
+}
+
+/// `a` or `a–b` over the runs.
+fn span(values: &[f64], digits: usize) -> String {
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if (hi - lo).abs() < 0.5 * 10f64.powi(-(digits as i32)) {
+        format!("{lo:.digits$}")
+    } else {
+        format!("{lo:.digits$}–{hi:.digits$}")
+    }
+}
+
+fn table(label: &str, levels: &[Vec<Level>], note: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| {label}: sessions × turns | tasks/s | dispatch p50 / p99 ms | chat→done p50 / p99 ms \
+         | server CPU ms/task | ctx switches/task (vol + invol) | RSS base → idle WS → sessions → \
+         closed MiB | KiB per idle WS | KiB per session |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    for runs in levels {
+        let Some(first) = runs.first() else { continue };
+        let f =
+            |g: &dyn Fn(&Level) -> f64, d: usize| span(&runs.iter().map(g).collect::<Vec<_>>(), d);
+        let mib = |g: &dyn Fn(&Level) -> u64| f(&|l| g(l) as f64 / 1024.0, 1);
+        let _ = writeln!(
+            out,
+            "| {} × {}{} | {} | {} / {} | {} / {} | {} | {} + {} | {} → {} → {} → {} | {} | {} |",
+            first.sessions,
+            first.turns,
+            note,
+            f(&Level::tasks_per_s, 0),
+            f(&|l| ms(l.dispatch.p50), 2),
+            f(&|l| ms(l.dispatch.p99), 1),
+            f(&|l| ms(l.done.p50), 2),
+            f(&|l| ms(l.done.p99), 1),
+            f(&Level::cpu_per_task_ms, 3),
+            f(&|l| l.switches_per_task().0, 1),
+            f(&|l| l.switches_per_task().1, 1),
+            mib(&|l| l.rss_base),
+            mib(&|l| l.rss_idle),
+            mib(&|l| l.rss_sessions),
+            mib(&|l| l.rss_closed),
+            f(&Level::per_idle_kib, 1),
+            f(&Level::per_session_kib, 1),
+        );
+    }
+    out
+}
+
+/// The median run of each level, by tasks/s.
+fn medians(levels: &[Vec<Level>]) -> Vec<&Level> {
+    levels
+        .iter()
+        .filter_map(|runs| {
+            let mut sorted: Vec<&Level> = runs.iter().collect();
+            sorted.sort_by(|a, b| a.tasks_per_s().total_cmp(&b.tasks_per_s()));
+            sorted.get(sorted.len() / 2).copied()
+        })
+        .collect()
+}
+
+fn draw(path: &Path, results: &[(Store, Vec<Vec<Level>>)]) -> anyhow::Result<()> {
+    let mut dispatch = Panel::new("dispatch (chat sent -> worker got /chat)", "sessions", "ms")
+        .log_x()
+        .log_y();
+    let mut rate = Panel::new(
+        "tasks/s (all sessions chatting at once)",
+        "sessions",
+        "tasks/s",
+    )
+    .log_x();
+    let mut rss = Panel::new("server RSS", "sessions", "MiB").log_x().log_y();
+    let mut per = Panel::new("server memory per session", "sessions", "KiB").log_x();
+    for (store, levels) in results {
+        let mid = medians(levels);
+        let x = |g: &dyn Fn(&Level) -> f64| -> Vec<(f64, f64)> {
+            mid.iter().map(|l| (l.sessions as f64, g(l))).collect()
+        };
+        let name = store.label();
+        dispatch = dispatch
+            .series(&format!("{name} p50"), x(&|l| ms(l.dispatch.p50)))
+            .series(&format!("{name} p99"), x(&|l| ms(l.dispatch.p99)));
+        rate = rate.series(name, x(&Level::tasks_per_s));
+        rss = rss
+            .series(
+                &format!("{name}, idle WebSockets"),
+                x(&|l| l.rss_idle as f64 / 1024.0),
+            )
+            .series(
+                &format!("{name}, after one chat each"),
+                x(&|l| l.rss_sessions as f64 / 1024.0),
+            )
+            .series(
+                &format!("{name}, after closing"),
+                x(&|l| l.rss_closed as f64 / 1024.0),
+            );
+        per = per
+            .series(
+                &format!("{name}, per idle WebSocket"),
+                x(&Level::per_idle_kib),
+            )
+            .series(
+                &format!("{name}, per session (one chat)"),
+                x(&Level::per_session_kib),
+            );
+    }
+    plot::png(path, &[dispatch, rate, rss, per], 2)
+}
+
+/// Runs every level and prints, writes and draws the figures.
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let nofile = procfs::raise_nofile();
+    let most = options.sessions.iter().copied().max().unwrap_or(0);
+    ensure!(
+        nofile as usize > most + 100,
+        "{most} sessions need {} open files in this process and in the server; the limit is \
+         {nofile}",
+        most + 100
+    );
+    let exe = std::env::current_exe()?;
+    let server_bin = match &options.server_bin {
+        Some(b) => b.clone(),
+        None => exe.with_file_name("anywork-server"),
+    };
+    let standin = standin::spawn(&exe).await?;
+    println!(
+        "load  server {} (MAX_CONCURRENT_TASKS {}), stand-in worker {} (pid {}), open-file \
+         limit {nofile}",
+        server_bin.display(),
+        options
+            .max_concurrent
+            .map_or("default".to_owned(), |n| n.to_string()),
+        standin.url,
+        standin.pid
+    );
+    let bench = Bench {
+        options,
+        server_bin,
+        standin,
+    };
+    let o = &bench.options;
+    let mut results: Vec<(Store, Vec<Vec<Level>>)> = o
+        .stores
+        .iter()
+        .map(|&s| (s, o.sessions.iter().map(|_| Vec::new()).collect()))
+        .collect();
+    // Interleaved over the repeats and the stores, so that a busy spell of the machine does
+    // not fall on one level only.
+    for _ in 0..o.repeat.max(1) {
+        for (i, &sessions) in o.sessions.iter().enumerate() {
+            for (store, levels) in &mut results {
+                let l = level(&bench, *store, sessions.max(1)).await?;
+                print(store.label(), &l);
+                levels[i].push(l);
+            }
+        }
+    }
+    let note = if o.strace {
+        " (under strace)"
+    } else if o.perf_events.is_some() {
+        " (under perf stat)"
+    } else {
+        ""
+    };
+    let mut tables = String::new();
+    for (store, levels) in &results {
+        tables.push_str(&table(store.label(), levels, note));
+        tables.push('\n');
+    }
+    println!("\n{tables}");
+    if let Some(path) = &o.markdown {
+        std::fs::write(path, &tables)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &o.plot {
+        draw(path, &results)?;
+        println!("load  plot: {}", path.display());
+    }
+    Ok(())
+}

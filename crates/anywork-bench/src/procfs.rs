@@ -1,0 +1,144 @@
+//! Figures of a process from `/proc` (Linux), and the release server binary as a process of
+//! its own.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// User + system CPU time of process `pid` (a number, or `self`), all its threads, those that
+/// ended included (`/proc/PID/stat` fields 14 and 15, in clock ticks).
+pub fn cpu_time(pid: &str) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command (which may hold spaces) start at the last ')'.
+    let rest = &stat[stat.rfind(')').context("bad /proc/PID/stat")? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here (from 1).
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // /proc counts in USER_HZ, 100 on Linux whatever the kernel's own tick.
+    Ok(Duration::from_millis(ticks * 10))
+}
+
+/// VmRSS of `pid` in KiB.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .context("no VmRSS")?;
+    Ok(line.trim().trim_end_matches("kB").trim().parse()?)
+}
+
+/// Context switches of all live threads of `pid` so far: (voluntary, involuntary), from each
+/// `/proc/PID/task/TID/status` (a thread that has ended takes its count with it).
+pub fn context_switches(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let (mut voluntary, mut involuntary) = (0, 0);
+    for thread in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Ok(status) = std::fs::read_to_string(thread?.path().join("status")) else {
+            continue; // the thread has just ended
+        };
+        for line in status.lines() {
+            if let Some(n) = line.strip_prefix("voluntary_ctxt_switches:") {
+                voluntary += n.trim().parse::<u64>()?;
+            } else if let Some(n) = line.strip_prefix("nonvoluntary_ctxt_switches:") {
+                involuntary += n.trim().parse::<u64>()?;
+            }
+        }
+    }
+    Ok((voluntary, involuntary))
+}
+
+/// Threads of `pid` now.
+pub fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
+}
+
+/// Raises this process's open-file limit to its hard limit (children inherit it); returns it.
+pub fn raise_nofile() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
+    };
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(0, |(soft, _)| soft)
+}
+
+pub fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// The `anywork-server` binary in its own process, with the static driver to `worker_url`,
+/// on SQLite in a temporary directory or on `database_url`; killed when dropped.
+pub struct ServerProcess {
+    pub url: String,
+    pub pid: u32,
+    child: tokio::process::Child,
+    _db: tempfile::TempDir,
+}
+
+impl ServerProcess {
+    /// Starts the binary and waits until `/api/health` answers. `env` is added last (e.g.
+    /// `MAX_CONCURRENT_TASKS`). WebSocket limits per client and per second are off: every
+    /// connection of a benchmark comes from 127.0.0.1.
+    pub async fn spawn(
+        bin: &Path,
+        worker_url: &str,
+        database_url: Option<&str>,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
+        let db = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut command = tokio::process::Command::new(bin);
+        command
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("SERVER_HOST", "127.0.0.1")
+            .env("SERVER_PORT", port.to_string())
+            .env("DB_DIR", db.path())
+            .env("CONTAINER_DRIVER", "static")
+            .env("STATIC_WORKER_URL", worker_url)
+            .env("WS_MAX_CONNECTIONS_PER_CLIENT", "0")
+            .env("WS_MESSAGES_PER_SECOND", "0")
+            // sqlx warns of every slow pool acquire under load; only errors matter here.
+            .env("RUST_LOG", "error");
+        if let Some(url) = database_url {
+            command.env("DATABASE_URL", url);
+        }
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let pid = child.id().context("no pid")?;
+        let url = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !client
+            .get(format!("{url}/api/health"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            if Instant::now() > deadline {
+                bail!("the server did not come up");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Self {
+            url,
+            pid,
+            child,
+            _db: db,
+        })
+    }
+
+    pub async fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+}
