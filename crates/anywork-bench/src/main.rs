@@ -14,10 +14,10 @@
 mod channels;
 mod claude;
 mod docker;
-mod replicas;
 mod load;
 mod plot;
 mod procfs;
+mod replicas;
 mod server;
 mod soak;
 mod standin;
