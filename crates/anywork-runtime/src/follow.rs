@@ -77,8 +77,7 @@ pub(crate) async fn follow(
     after: u64,
     out: &mpsc::Sender<LiveEvent>,
 ) -> Result<()> {
-    let store = dispatcher.store();
-    let task = store.get_task(task_id).await?;
+    let task = read_task(dispatcher, task_id).await?;
     // Subscribe before reading: whatever the read misses arrives live.
     let mut live = dispatcher.hub().subscribe(task_id);
     let mut follower = Follower {
@@ -95,7 +94,7 @@ pub(crate) async fn follow(
     // after that. A task found over is followed a little longer, so its `done` is not missed;
     // one whose `done` never comes (its server died in between) ends the follow after
     // `OVER_GRACE`.
-    let over = store.get_task(task_id).await?.status.is_terminal();
+    let over = read_task(dispatcher, task_id).await?.status.is_terminal();
     if over && (follower.saw_done().await? || follower.catch_up().await?) {
         return Ok(());
     }
@@ -123,6 +122,18 @@ pub(crate) async fn follow_submitted(
     follower.pump(&mut live, false).await
 }
 
+/// The task, again after a failure that may pass (see [`Follower::read_logs`]); `NotFound`
+/// at once.
+async fn read_task(dispatcher: &Dispatcher, task_id: TaskId) -> Result<anywork_core::Task> {
+    let store = dispatcher.store();
+    crate::dispatcher::retry_if(
+        &dispatcher.config().store_retry,
+        || store.get_task(task_id),
+        anywork_core::Error::is_retryable,
+    )
+    .await
+}
+
 struct Follower<'a> {
     dispatcher: &'a Dispatcher,
     task_id: TaskId,
@@ -145,13 +156,18 @@ impl Follower<'_> {
             } else {
                 match tokio::time::timeout(POLL_EVERY, live.recv()).await {
                     Ok(next) => next,
-                    // Quiet for a while: the run may be on another server sharing the
-                    // store, whose events never reach this hub. Read the log instead.
+                    // Quiet for a while. A run of this server publishes every event here
+                    // (a lagging subscription says so): nothing to read. Otherwise the run may
+                    // be on another server sharing the store, whose events reach this hub
+                    // only through the store's change feed, if it has one: read the log.
                     Err(_) => {
+                        if self.dispatcher.runs_here(self.task_id) {
+                            continue;
+                        }
                         if self.catch_up().await? {
                             return Ok(());
                         }
-                        let task = self.dispatcher.store().get_task(self.task_id).await?;
+                        let task = self.get_task().await?;
                         over = task.status.is_terminal();
                         continue;
                     }
@@ -197,7 +213,7 @@ impl Follower<'_> {
             if self.out.is_closed() || self.catch_up().await? {
                 return Ok(());
             }
-            let task = self.dispatcher.store().get_task(self.task_id).await?;
+            let task = self.get_task().await?;
             if task.status.is_terminal() {
                 let since = *over_since.get_or_insert_with(tokio::time::Instant::now);
                 if since.elapsed() >= OVER_GRACE {
@@ -211,14 +227,29 @@ impl Follower<'_> {
         }
     }
 
+    /// Reads the log after `after`, again after a failure that may pass (a pool timeout, a
+    /// database restarting) as the run's own store writes are retried
+    /// ([`store_retry`](crate::DispatcherConfig::store_retry)): the run goes on meanwhile,
+    /// and a follow ended by the first failure would leave its client without the `done`.
+    async fn read_logs(&self, after: u64, limit: u32) -> Result<Vec<anywork_core::TaskLog>> {
+        let store = self.dispatcher.store();
+        crate::dispatcher::retry_if(
+            &self.dispatcher.config().store_retry,
+            || store.read_logs(self.task_id, after, limit),
+            anywork_core::Error::is_retryable,
+        )
+        .await
+    }
+
+    /// The task, read as [`read_logs`](Self::read_logs) reads the log.
+    async fn get_task(&self) -> Result<anywork_core::Task> {
+        read_task(self.dispatcher, self.task_id).await
+    }
+
     /// Sends what the log has after `last`. `Ok(true)` once `done` was sent or `out` closed.
     async fn catch_up(&mut self) -> Result<bool> {
         loop {
-            let logs = self
-                .dispatcher
-                .store()
-                .read_logs(self.task_id, self.last, PAGE)
-                .await?;
+            let logs = self.read_logs(self.last, PAGE).await?;
             let n = logs.len();
             for log in logs {
                 let event = LiveEvent {
@@ -242,11 +273,7 @@ impl Follower<'_> {
         if self.last == 0 {
             return Ok(false);
         }
-        let logs = self
-            .dispatcher
-            .store()
-            .read_logs(self.task_id, self.last - 1, 1)
-            .await?;
+        let logs = self.read_logs(self.last - 1, 1).await?;
         Ok(logs
             .first()
             .is_some_and(|l| matches!(l.event, TaskEvent::Done(_))))

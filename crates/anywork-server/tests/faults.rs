@@ -326,6 +326,64 @@ async fn a_follower_whose_run_ended_without_done_reads_it_from_the_log() {
     assert_gap_free_with_one_done(&server.logs(&task).await);
 }
 
+/// A follower whose reads of the task and its log fail for a while (a database pool timing
+/// out under load) reads again, as the run's writes do, and its client gets every event and
+/// the `done`, instead of an error while the task goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_whose_store_reads_fail_for_a_while_still_gets_every_event() {
+    let fake = FakeLlm::start().await;
+    fake.push(Reply::text("one two three"));
+    let worker = WorkerProcess::start(&fake).await;
+    let mut config = DispatcherConfig::default();
+    config.store_retry = Backoff::new(6, Duration::from_millis(20), Duration::from_millis(50));
+    let (server, faults) = server_over_faults(&worker.url, config).await;
+    let mut ws = server.ws().await;
+    let (_, task, _) = ws.chat(None, "speak").await;
+    ws.events_until_done(&task).await;
+    let logs = server.logs(&task).await;
+    assert_gap_free_with_one_done(&logs);
+
+    // A client coming back for the whole task while the store fails its next log reads.
+    let before = faults.injected();
+    faults.fail_next_log_reads(4);
+    let mut again = server.ws().await;
+    again
+        .send(json!({"type": "resume", "task_id": task, "after_seq": 0}))
+        .await;
+    let events = again.events_until_done(&task).await;
+    assert_eq!(
+        faults.injected() - before,
+        4,
+        "the reads failed as injected"
+    );
+    assert!(
+        events.iter().all(|e| e["type"] != "error"),
+        "no error reached the client: {events:?}"
+    );
+    let seqs: Vec<u64> = events.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    let want: Vec<u64> = (1..=logs.len() as u64).collect();
+    assert_eq!(seqs, want, "every event once, in order: {events:?}");
+    assert_eq!(events.last().unwrap()["type"], "done", "{events:?}");
+
+    // Log reads that keep failing past the retries end the follow with the error: the client is
+    // told, not left waiting.
+    faults.fail_next_log_reads(1_000);
+    let mut third = server.ws().await;
+    third
+        .send(json!({"type": "resume", "task_id": task, "after_seq": 0}))
+        .await;
+    let error = third.recv_until(|v| v["type"] == "error").await;
+    let error = error.last().unwrap();
+    assert!(
+        error["content"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unreachable"),
+        "{error}"
+    );
+    faults.fail_next_log_reads(0);
+}
+
 /// Issue 15, item 8: a WebSocket message over the limit closes the socket with 1009 ("too
 /// big") and a reason, not a bare disconnect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,9 +15,11 @@ use anywork_core::{
     TaskChange, TaskId, TaskLog, TaskStatus, TaskStore, Timestamp,
 };
 
-/// Wraps a store; writes fail while an outage is injected. Reads always pass through.
+/// Wraps a store; writes fail while an outage is injected. Reads pass through, but for the
+/// log reads made to fail by [`fail_next_log_reads`](Self::fail_next_log_reads).
 pub struct FaultyStore {
     inner: Arc<dyn TaskStore>,
+    fail_reads: AtomicU64,
     down_until: Mutex<Option<Instant>>,
     /// The operations an outage hits (by method name); `None` for every write.
     only: Mutex<Option<Vec<&'static str>>>,
@@ -38,6 +40,7 @@ impl FaultyStore {
     pub fn new(inner: Arc<dyn TaskStore>) -> Arc<Self> {
         Arc::new(Self {
             inner,
+            fail_reads: AtomicU64::new(0),
             down_until: Mutex::new(None),
             only: Mutex::new(None),
             fail_next: AtomicU64::new(0),
@@ -72,6 +75,27 @@ impl FaultyStore {
     /// The next `n` writes fail, then writes pass again.
     pub fn fail_next_writes(&self, n: u64) {
         self.fail_next.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` log reads (`read_logs`) fail with `Unavailable`, as a pool that timed out
+    /// waiting for a connection does; then they pass.
+    pub fn fail_next_log_reads(&self, n: u64) {
+        self.fail_reads.store(n, Ordering::SeqCst);
+    }
+
+    fn read(&self) -> Result<()> {
+        if self
+            .fail_reads
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            self.injected.fetch_add(1, Ordering::SeqCst);
+            return Err(Error::unavailable(
+                "injected outage: database unreachable (pool timed out while waiting for an \
+                 open connection)",
+            ));
+        }
+        Ok(())
     }
 
     /// Writes failed on purpose so far.
@@ -219,6 +243,7 @@ impl TaskStore for FaultyStore {
         self.inner.append_logs(task_id, logs).await
     }
     async fn read_logs(&self, task_id: TaskId, after: u64, limit: u32) -> Result<Vec<TaskLog>> {
+        self.read()?;
         self.inner.read_logs(task_id, after, limit).await
     }
     async fn claim_deliveries(

@@ -59,6 +59,7 @@ pub use ops::{DocFile, InboundOutcome, WorkspaceDoc};
 pub use outbox::OutboxConfig;
 pub use retention::{Retention, RetentionRound};
 pub use retry::Backoff;
+pub(crate) use retry::retry_if;
 
 use crate::hub::{Hub, LiveEvent};
 use crate::metrics::Metrics;
@@ -156,6 +157,12 @@ impl Dispatcher {
     /// The live event hub (inside the crate only).
     pub(crate) fn hub(&self) -> &Hub {
         &self.inner.hub
+    }
+
+    /// Whether this server runs `task_id` now: its events reach the hub here, and a follower
+    /// needs no log reads to see them.
+    pub(crate) fn runs_here(&self, task_id: TaskId) -> bool {
+        lock(&self.inner.runs).contains_key(&task_id)
     }
 
     /// The name of the container driver (`static`, `docker`, `k8s`, …).

@@ -61,7 +61,7 @@ where
 
 /// Calls `call` until it succeeds, fails with an error `again` refuses, or the attempts run
 /// out, waiting as `policy` says between attempts.
-pub(super) async fn retry_if<T, F, Fut>(
+pub(crate) async fn retry_if<T, F, Fut>(
     policy: &Backoff,
     mut call: F,
     again: impl Fn(&Error) -> bool,
