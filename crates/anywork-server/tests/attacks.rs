@@ -723,6 +723,19 @@ async fn configured_secrets_appear_in_no_answer_row_or_log_line() {
         .kill_on_drop(true)
         .spawn()
         .expect("start anywork-server");
+    // Read its logs as they come: at debug level they fill a pipe's buffer within a minute,
+    // and a server whose log writes block stops answering.
+    let drain = |pipe: Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>| {
+        tokio::spawn(async move {
+            let mut all = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = tokio::io::AsyncReadExt::read_to_end(&mut pipe, &mut all).await;
+            }
+            all
+        })
+    };
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
     let url = format!("http://127.0.0.1:{port}");
     wait_healthy(&format!("{url}/api/health")).await;
     let http = reqwest::Client::new();
@@ -859,9 +872,9 @@ async fn configured_secrets_appear_in_no_answer_row_or_log_line() {
     assert!(files > 0, "the database files were read");
     // Every log line.
     child.start_kill().unwrap();
-    let output = child.wait_with_output().await.unwrap();
-    let logs = String::from_utf8_lossy(&output.stderr).into_owned()
-        + &String::from_utf8_lossy(&output.stdout);
+    child.wait().await.unwrap();
+    let logs = String::from_utf8_lossy(&stderr.await.unwrap()).into_owned()
+        + &String::from_utf8_lossy(&stdout.await.unwrap());
     assert!(logs.lines().count() > 10, "logs were captured: {logs}");
     for line in logs.lines() {
         assert!(!line.contains(MARKER), "a log line holds a secret: {line}");
