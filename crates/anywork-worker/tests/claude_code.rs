@@ -998,11 +998,18 @@ async fn sandboxed_cli_cancel_kills_everything() {
 // ---------------------------------------------------------------------------------------------
 // Warm processes, with the real CLI.
 
-/// The pid of the one CLI process running in `ws`.
-fn only_process(ws: &Path) -> i32 {
-    let pids = processes_in(ws);
-    assert_eq!(pids.len(), 1, "one process in {}: {pids:?}", ws.display());
-    pids[0]
+/// The pid of the one CLI process running in `ws`. A short-lived child of it (a script's
+/// `rm`) may be seen beside it for a moment: the listing is read again until it is gone.
+async fn only_process(ws: &Path) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pids = processes_in(ws);
+        if pids.len() == 1 || Instant::now() > deadline {
+            assert_eq!(pids.len(), 1, "one process in {}: {pids:?}", ws.display());
+            return pids[0];
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn outcome_cost(events: &[TaskEvent]) -> f64 {
@@ -1025,7 +1032,7 @@ async fn warm_process_runs_the_sessions_next_task_with_its_context() {
 
     let first = run(&executor, ws.path(), "remember the word PLUM").await;
     assert_eq!(done(&first).status, TaskStatus::Completed, "{first:#?}");
-    let pid = only_process(ws.path());
+    let pid = only_process(ws.path()).await;
     let stats = executor.warm_stats();
     assert_eq!(
         (stats.started, stats.idle, stats.running),
@@ -1036,7 +1043,7 @@ async fn warm_process_runs_the_sessions_next_task_with_its_context() {
     let second = run(&executor, ws.path(), "which word?").await;
     assert_eq!(done(&second).status, TaskStatus::Completed, "{second:#?}");
     assert_eq!(done(&second).result.as_deref(), Some("The word was PLUM."));
-    assert_eq!(only_process(ws.path()), pid, "the same process");
+    assert_eq!(only_process(ws.path()).await, pid, "the same process");
     let stats = executor.warm_stats();
     assert_eq!((stats.started, stats.reused), (1, 1), "{stats:?}");
     // Each turn starts with its own init, of the same conversation.
@@ -1103,8 +1110,8 @@ async fn warm_cap_releases_the_least_recently_used() {
             TaskStatus::Completed
         );
     }
-    let b_pid = only_process(b.path());
-    only_process(a.path());
+    let b_pid = only_process(b.path()).await;
+    only_process(a.path()).await;
     // a is used again: b becomes the least recently used.
     assert_eq!(
         done(&run(&executor, a.path(), "hi").await).status,
@@ -1115,8 +1122,8 @@ async fn warm_cap_releases_the_least_recently_used() {
         TaskStatus::Completed
     );
     assert_no_processes(b.path(), Duration::from_secs(5)).await;
-    only_process(a.path());
-    only_process(c.path());
+    only_process(a.path()).await;
+    only_process(c.path()).await;
     let stats = executor.warm_stats();
     assert_eq!(
         (stats.started, stats.reused, stats.released, stats.idle),
@@ -1141,14 +1148,18 @@ async fn canceled_warm_turn_does_not_poison_the_next() {
     let executor = ClaudeCodeExecutor::new(config(&claude, &fake));
     let first = run(&executor, ws.path(), "remember the word PEAR").await;
     assert_eq!(done(&first).status, TaskStatus::Completed);
-    let pid = only_process(ws.path());
+    let pid = only_process(ws.path()).await;
 
     let mut execution = executor
         .start(request(ws.path(), "tell me a long story"))
         .await
         .unwrap();
     assert!(fake.wait_for_requests(2, Duration::from_secs(60)).await);
-    assert_eq!(only_process(ws.path()), pid, "the warm process runs it");
+    assert_eq!(
+        only_process(ws.path()).await,
+        pid,
+        "the warm process runs it"
+    );
     execution.control.cancel().await.unwrap();
     let events = collect(&mut execution).await;
     assert_eq!(done(&events).status, TaskStatus::Canceled, "{events:#?}");
@@ -1177,7 +1188,7 @@ async fn changed_skills_or_removed_workspace_release_the_warm_process() {
     let executor = ClaudeCodeExecutor::new(config(&claude, &fake));
     let first = run(&executor, ws.path(), "hi").await;
     assert!(init(&first).skills.iter().all(|s| s != "greet"));
-    let old = only_process(ws.path());
+    let old = only_process(ws.path()).await;
     let skill = ws.path().join(".claude/skills/greet");
     std::fs::create_dir_all(&skill).unwrap();
     std::fs::write(
@@ -1190,7 +1201,7 @@ async fn changed_skills_or_removed_workspace_release_the_warm_process() {
         init(&second).skills.iter().any(|s| s == "greet"),
         "{second:#?}"
     );
-    assert_ne!(only_process(ws.path()), old, "a new process");
+    assert_ne!(only_process(ws.path()).await, old, "a new process");
     assert_eq!(executor.warm_stats().started, 2);
 
     // The session's workspace is purged (moved away here, to watch its processes).
@@ -1260,7 +1271,7 @@ async fn a_spare_runs_the_first_task_as_a_new_process_would() {
     let (root, workspace, ws) = spare_root(&session);
     let executor = ClaudeCodeExecutor::new(config(&claude, &fake));
     assert!(executor.prestart(&ws, root.path()).await.unwrap());
-    let pid = only_process(&ws);
+    let pid = only_process(&ws).await;
     assert!(!ws.join("SOUL.md").exists(), "left for /prepare to write");
     let stats = executor.warm_stats();
     assert_eq!(
@@ -1276,7 +1287,7 @@ async fn a_spare_runs_the_first_task_as_a_new_process_would() {
     let events = run(&executor, &ws, "hello spare").await;
     assert_eq!(done(&events).status, TaskStatus::Completed, "{events:#?}");
     assert_eq!(texts(&events), "Hello from the fake.");
-    assert_eq!(only_process(&ws), pid, "the spare ran it");
+    assert_eq!(only_process(&ws).await, pid, "the spare ran it");
     let stats = executor.warm_stats();
     assert_eq!((stats.started, stats.spares_used), (1, 1), "{stats:?}");
     let with_spare = fake.last_request().unwrap();
@@ -1323,7 +1334,7 @@ async fn a_spare_is_released_when_prepare_brings_other_settings() {
     let (root, workspace, ws) = spare_root(&session);
     let executor = ClaudeCodeExecutor::new(config(&claude, &fake));
     assert!(executor.prestart(&ws, root.path()).await.unwrap());
-    let spare = only_process(&ws);
+    let spare = only_process(&ws).await;
     workspace
         .ensure_session_seeded(&session, Some("Server soul SERVER-SOUL-5e1d"), None)
         .unwrap();
@@ -1574,7 +1585,7 @@ async fn a_spare_is_started_within_the_cap_and_can_be_turned_off() {
         !state.prestart(&session).await.unwrap(),
         "one spare per session"
     );
-    let spare = only_process(&ws);
+    let spare = only_process(&ws).await;
     assert!(!ws.join("SOUL.md").exists());
     state
         .workspace()
@@ -1610,11 +1621,11 @@ async fn a_spare_is_started_within_the_cap_and_can_be_turned_off() {
     let b = workspace();
     assert!(!capped.prestart(b.path(), root.path()).await.unwrap());
     assert!(processes_in(b.path()).is_empty());
-    only_process(a.path());
+    only_process(a.path()).await;
     // Room for it: the spare runs b's first task, in its own process.
     let roomy = ClaudeCodeExecutor::new(ClaudeCodeConfig::new(&bin).with_warm_max(2));
     assert!(roomy.prestart(b.path(), root.path()).await.unwrap());
-    let spare = only_process(b.path());
+    let spare = only_process(b.path()).await;
     let text = result_text(&run(&roomy, b.path(), "hi").await);
     assert_eq!(text, format!("pid {spare} turn 1"));
     let stats = roomy.warm_stats();
@@ -1634,7 +1645,7 @@ async fn a_spare_that_dies_silently_is_replaced_in_the_same_task() {
     std::fs::write(ws.path().join("die-first"), "").unwrap();
     let executor = ClaudeCodeExecutor::new(ClaudeCodeConfig::new(bin));
     assert!(executor.prestart(ws.path(), root.path()).await.unwrap());
-    let spare = only_process(ws.path());
+    let spare = only_process(ws.path()).await;
     let events = run(&executor, ws.path(), "hi").await;
     let text = result_text(&events);
     assert!(text.ends_with("turn 1"), "{text}");
