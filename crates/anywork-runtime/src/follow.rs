@@ -161,6 +161,9 @@ impl Follower<'_> {
                     // be on another server sharing the store, whose events reach this hub
                     // only through the store's change feed, if it has one: read the log.
                     Err(_) => {
+                        if self.out.is_closed() {
+                            return Ok(());
+                        }
                         if self.dispatcher.runs_here(self.task_id) {
                             continue;
                         }
