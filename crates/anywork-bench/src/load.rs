@@ -24,7 +24,8 @@ use anyhow::{Context, ensure};
 use futures_util::StreamExt;
 
 use crate::plot::{self, Panel};
-use crate::procfs::{self, ServerProcess, context_switches, cpu_time, rss_kib};
+use crate::procfs::{self, context_switches, cpu_time, rss_kib};
+use crate::server::ServerProcess;
 use crate::standin::{self, StandIn};
 use crate::stats::{Summary, summarize};
 use crate::ws::{self, ChatTimes, Ws};
@@ -153,21 +154,25 @@ struct Bench {
 }
 
 impl Bench {
-    async fn server(&self, store: Store) -> anyhow::Result<ServerProcess> {
-        let mut env = Vec::new();
+    /// The server binary on a fresh store: SQLite in the returned folder, or PostgreSQL.
+    async fn server(&self, store: Store) -> anyhow::Result<(ServerProcess, tempfile::TempDir)> {
+        // Per second as well as per client: every connection comes from 127.0.0.1.
+        let mut env = vec![("WS_MESSAGES_PER_SECOND", "0".to_owned())];
         if let Some(n) = self.options.max_concurrent {
             env.push(("MAX_CONCURRENT_TASKS", n.to_string()));
         }
-        let database_url = match store {
-            Store::Sqlite => None,
-            Store::Postgres => Some(
-                self.options
-                    .database_url
-                    .as_deref()
-                    .context("--stores postgres needs --database-url")?,
-            ),
-        };
-        ServerProcess::spawn(&self.server_bin, &self.standin.url, database_url, &env).await
+        if store == Store::Postgres {
+            let url = self
+                .options
+                .database_url
+                .clone()
+                .context("--stores postgres needs --database-url")?;
+            env.push(("DATABASE_URL", url));
+        }
+        let db = tempfile::tempdir()?;
+        let server =
+            ServerProcess::start(&self.server_bin, db.path(), &self.standin.url, &env).await?;
+        Ok((server, db))
     }
 
     async fn settle(&self) {
@@ -273,7 +278,7 @@ fn perf_per_task(summary: &str, tasks: usize) -> String {
 async fn level(bench: &Bench, store: Store, sessions: usize) -> anyhow::Result<Level> {
     let o = &bench.options;
     let turns_each = o.turns.max(o.min_tasks.div_ceil(sessions)).max(1);
-    let server = bench.server(store).await?;
+    let (server, _db) = bench.server(store).await?;
     let (pid, url) = (server.pid, server.url.clone());
 
     // 1. Warm-up.
@@ -366,7 +371,7 @@ async fn level(bench: &Bench, store: Store, sessions: usize) -> anyhow::Result<L
     drop(conns);
     bench.settle().await;
     let rss_closed = rss_kib(pid)?;
-    server.kill().await?;
+    server.stop().await?;
 
     let tasks = chats.len();
     let mut dispatch: Vec<Duration> = chats.iter().filter_map(ChatTimes::dispatch).collect();

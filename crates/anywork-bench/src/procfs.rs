@@ -1,10 +1,9 @@
-//! Figures of a process from `/proc` (Linux), and the release server binary as a process of
-//! its own.
+//! Figures of a process from `/proc` (Linux). The server binary as a process of its own is
+//! [`crate::server::ServerProcess`].
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 /// User + system CPU time of process `pid` (a number, or `self`), all its threads, those that
 /// ended included (`/proc/PID/stat` fields 14 and 15, in clock ticks).
@@ -65,80 +64,4 @@ pub fn raise_nofile() -> u64 {
 
 pub fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
-}
-
-/// The `anywork-server` binary in its own process, with the static driver to `worker_url`,
-/// on SQLite in a temporary directory or on `database_url`; killed when dropped.
-pub struct ServerProcess {
-    pub url: String,
-    pub pid: u32,
-    child: tokio::process::Child,
-    _db: tempfile::TempDir,
-}
-
-impl ServerProcess {
-    /// Starts the binary and waits until `/api/health` answers. `env` is added last (e.g.
-    /// `MAX_CONCURRENT_TASKS`). WebSocket limits per client and per second are off: every
-    /// connection of a benchmark comes from 127.0.0.1.
-    pub async fn spawn(
-        bin: &Path,
-        worker_url: &str,
-        database_url: Option<&str>,
-        env: &[(&str, String)],
-    ) -> anyhow::Result<Self> {
-        let db = tempfile::tempdir()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let mut command = tokio::process::Command::new(bin);
-        command
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .env("SERVER_HOST", "127.0.0.1")
-            .env("SERVER_PORT", port.to_string())
-            .env("DB_DIR", db.path())
-            .env("CONTAINER_DRIVER", "static")
-            .env("STATIC_WORKER_URL", worker_url)
-            .env("WS_MAX_CONNECTIONS_PER_CLIENT", "0")
-            .env("WS_MESSAGES_PER_SECOND", "0")
-            // sqlx warns of every slow pool acquire under load; only errors matter here.
-            .env("RUST_LOG", "error");
-        if let Some(url) = database_url {
-            command.env("DATABASE_URL", url);
-        }
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        let child = command
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let pid = child.id().context("no pid")?;
-        let url = format!("http://127.0.0.1:{port}");
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !client
-            .get(format!("{url}/api/health"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            if Instant::now() > deadline {
-                bail!("the server did not come up");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(Self {
-            url,
-            pid,
-            child,
-            _db: db,
-        })
-    }
-
-    pub async fn kill(mut self) -> anyhow::Result<()> {
-        self.child.kill().await?;
-        Ok(())
-    }
 }
