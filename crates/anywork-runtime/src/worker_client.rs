@@ -98,6 +98,9 @@ impl std::fmt::Display for ReadError {
     }
 }
 
+/// Idle connections kept to one worker address.
+const MAX_IDLE_CONNECTIONS_PER_WORKER: usize = 256;
+
 impl WorkerClient {
     /// A client whose control calls (`/prepare`, `/cancel`, `/input`, reads) give up after
     /// `control_timeout`; `/chat` streams have no overall timeout (the dispatcher has one).
@@ -106,6 +109,10 @@ impl WorkerClient {
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(60))
+            // One shared worker may have taken a thousand `/chat`s at once: keep enough idle
+            // connections for the next round of a busy server, not all of them (each holds
+            // buffers and a descriptor on both sides for the idle timeout).
+            .pool_max_idle_per_host(MAX_IDLE_CONNECTIONS_PER_WORKER)
             .build()
             .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
         Ok(Self {

@@ -75,9 +75,10 @@ pub struct Config {
     /// Base URL of the title model's API, when not API_BASE_URL.
     #[arg(long, env = "TITLE_API_BASE_URL")]
     pub title_api_base_url: Option<String>,
-    /// Tasks running at once (0: no limit). Default per driver: no limit for `local` and
-    /// `static` (one worker takes every session's task, at most one per session, so the
-    /// sessions bound it; set a limit if that worker cannot take them all), 64 for `docker`
+    /// Tasks running at once (0: no limit). Default per driver: 1,024 for `local` and
+    /// `static` (one worker takes every session's task, at most one per session; the bound
+    /// keeps a burst of thousands of sessions from holding thousands of worker connections
+    /// and store calls at once — the rest wait in the queue, in order), 64 for `docker`
     /// and `k8s` (each running task holds a container or pod).
     #[arg(long, env = "MAX_CONCURRENT_TASKS")]
     pub max_concurrent_tasks: Option<usize>,
@@ -194,6 +195,12 @@ const DRIVERS: &str = "local, static, docker, k8s";
 pub const UNLIMITED_TASKS: usize = 1 << 20;
 /// Default `MAX_CONCURRENT_TASKS` of the container drivers (`docker`, `k8s`).
 pub const CONTAINER_DRIVER_TASKS: usize = 64;
+/// Default `MAX_CONCURRENT_TASKS` of the drivers with one shared worker (`local`, `static`):
+/// far above what a worker answers at once, low enough that a burst of new sessions waits in
+/// the queue instead of holding a worker connection and store calls each (10,000 at once
+/// made PostgreSQL's pool refuse new chats after its 5 s wait, and SQLite's server grow to
+/// 790 MiB).
+pub const SHARED_WORKER_TASKS: usize = 1024;
 
 impl Config {
     /// The driver named by `CONTAINER_DRIVER`, else `static` when `STATIC_WORKER_URL` is set,
@@ -214,7 +221,7 @@ impl Config {
             Some(n) => n.min(UNLIMITED_TASKS),
             None => match driver {
                 "docker" | "k8s" | "kubernetes" => CONTAINER_DRIVER_TASKS,
-                _ => UNLIMITED_TASKS,
+                _ => SHARED_WORKER_TASKS,
             },
         }
     }
@@ -913,10 +920,10 @@ mod tests {
             eprintln!("the driver or MAX_CONCURRENT_TASKS is set in the environment; skipping");
         } else {
             assert_eq!(config.driver_name(), "local");
-            assert_eq!(config.max_concurrent("local"), UNLIMITED_TASKS);
+            assert_eq!(config.max_concurrent("local"), SHARED_WORKER_TASKS);
             let static_ = parse_args(&["--static-worker-url", "http://127.0.0.1:8080"]);
             assert_eq!(static_.driver_name(), "static");
-            assert_eq!(static_.max_concurrent("static"), UNLIMITED_TASKS);
+            assert_eq!(static_.max_concurrent("static"), SHARED_WORKER_TASKS);
             for driver in ["docker", "k8s"] {
                 let config = parse_args(&["--container-driver", driver]);
                 assert_eq!(
