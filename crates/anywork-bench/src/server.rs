@@ -318,6 +318,18 @@ impl TaskStore for Instrumented {
         let f = self.inner.append_logs(task_id, logs);
         self.call("append_logs", true, f).await
     }
+    async fn append_logs_while_active(
+        &self,
+        task_id: TaskId,
+        logs: Vec<NewTaskLog>,
+    ) -> anywork_core::Result<u64> {
+        // A run's appends: counted with the others.
+        if let Some(t) = &self.timings {
+            lock(&t.1).push(logs.len());
+        }
+        let f = self.inner.append_logs_while_active(task_id, logs);
+        self.call("append_logs", true, f).await
+    }
     async fn read_logs(
         &self,
         task_id: TaskId,

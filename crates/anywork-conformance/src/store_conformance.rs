@@ -59,7 +59,8 @@ macro_rules! store_conformance_tests {
             sessions_are_searched_by_title, usage_totals_sum_every_task,
             claims_start_the_oldest_task_of_a_free_session,
             taking_over_an_expired_lease_loses_to_a_renewal,
-            concurrent_claimers_start_one_task_per_session);
+            concurrent_claimers_start_one_task_per_session,
+            a_finished_task_takes_no_more_events);
 
         #[test]
         fn matches_the_memory_model_on_random_operations() {
@@ -1226,6 +1227,8 @@ mod model {
         Append {
             t: u8,
             n: u8,
+            /// Through `append_logs_while_active`.
+            active: bool,
         },
         Read {
             t: u8,
@@ -1290,7 +1293,11 @@ mod model {
                     at,
                 }
             }),
-            (t.clone(), 0u8..5).prop_map(|(t, n)| Op::Append { t, n }),
+            (t.clone(), 0u8..5, any::<bool>()).prop_map(|(t, n, active)| Op::Append {
+                t,
+                n,
+                active
+            }),
             (t.clone(), 0u8..8, 0u8..4).prop_map(|(t, after, limit)| Op::Read { t, after, limit }),
             (s.clone(), at.clone()).prop_map(|(s, at)| Op::Touch { s, at }),
             (s.clone(), "[a-z ]{0,8}").prop_map(|(s, title)| Op::Title { s, title }),
@@ -1364,12 +1371,15 @@ mod model {
                     Out::Task(Box::new(t))
                 })
             }
-            Op::Append { t, n } => out(
-                store
-                    .append_logs(tid(t), text_logs("e", usize::from(n)))
-                    .await,
-                Out::Seq,
-            ),
+            Op::Append { t, n, active } => {
+                let logs = text_logs("e", usize::from(n));
+                let appended = if active {
+                    store.append_logs_while_active(tid(t), logs).await
+                } else {
+                    store.append_logs(tid(t), logs).await
+                };
+                out(appended, Out::Seq)
+            }
             Op::Read { t, after, limit } => out(
                 store
                     .read_logs(tid(t), u64::from(after), u32::from(limit))
@@ -1797,6 +1807,9 @@ mod keep_alive {
         }
         async fn append_logs(&self, id: TaskId, logs: Vec<NewTaskLog>) -> Result<u64> {
             self.store.append_logs(id, logs).await
+        }
+        async fn append_logs_while_active(&self, id: TaskId, logs: Vec<NewTaskLog>) -> Result<u64> {
+            self.store.append_logs_while_active(id, logs).await
         }
         async fn read_logs(&self, id: TaskId, after: u64, limit: u32) -> Result<Vec<TaskLog>> {
             self.store.read_logs(id, after, limit).await

@@ -286,3 +286,103 @@ pub async fn taking_over_an_expired_lease_loses_to_a_renewal(store: Store) {
     let logs = store.read_logs(a.id, 0, 10).await.unwrap();
     assert_eq!(logs.len(), 1, "one done: {logs:?}");
 }
+
+/// `append_logs_while_active` appends while the task is pending, running or waiting for
+/// input, and never after its end: a run appending while another server ends the task (a
+/// cancel) either lands before the `done` or is refused with `Conflict`, so the log ends at
+/// its one `done`.
+pub async fn a_finished_task_takes_no_more_events(store: Store) {
+    store.create_session(new_session("s1", 1)).await.unwrap();
+    let a = store.create_task(new_task("s1", 1, 1)).await.unwrap();
+    let text = |s: &str| vec![NewTaskLog::now(TaskEvent::text(s))];
+    assert_eq!(
+        store
+            .append_logs_while_active(a.id, text("waiting"))
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(matches!(
+        claim(&store, &a, "srv-1").await,
+        Claim::Claimed(..)
+    ));
+    assert_eq!(
+        store
+            .append_logs_while_active(a.id, Vec::new())
+            .await
+            .unwrap(),
+        2,
+        "an empty append reads the last seq"
+    );
+    // One appender goes on while another server cancels the task.
+    let appender = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            // Until refused: the end lands while this goes on.
+            let mut i = 0u64;
+            loop {
+                let event = NewTaskLog::now(TaskEvent::text(format!("e{i}")));
+                match store.append_logs_while_active(a.id, vec![event]).await {
+                    Ok(_) => tokio::task::yield_now().await,
+                    Err(e) => return e,
+                }
+                i += 1;
+            }
+        })
+    };
+    tokio::task::yield_now().await;
+    store
+        .update_task_and_append(
+            a.id,
+            TaskStatus::Running,
+            TaskChange::finish(TaskOutcome::canceled()),
+            vec![NewTaskLog::now(TaskEvent::Done(TaskOutcome::canceled()))],
+        )
+        .await
+        .unwrap();
+    let refused = appender.await.unwrap();
+    assert_eq!(refused.kind(), ErrorKind::Conflict, "{refused}");
+    let mut logs = Vec::new();
+    loop {
+        let page = store.read_logs(a.id, logs.len() as u64, 500).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        logs.extend(page);
+    }
+    let seqs: Vec<u64> = logs.iter().map(|l| l.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=logs.len() as u64).collect::<Vec<_>>(),
+        "gap-free"
+    );
+    let dones = logs
+        .iter()
+        .filter(|l| matches!(l.event, TaskEvent::Done(_)))
+        .count();
+    assert_eq!(dones, 1);
+    assert!(
+        matches!(logs.last().map(|l| &l.event), Some(TaskEvent::Done(_))),
+        "the done is last"
+    );
+    // Over: refused, also empty, and nothing lands.
+    for logs in [text("late"), Vec::new()] {
+        let e = store
+            .append_logs_while_active(a.id, logs)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+    }
+    assert!(
+        store
+            .read_logs(a.id, seqs.len() as u64, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let ghost = store
+        .append_logs_while_active(TaskId::generate(), text("x"))
+        .await
+        .unwrap_err();
+    assert_eq!(ghost.kind(), ErrorKind::NotFound, "{ghost}");
+}

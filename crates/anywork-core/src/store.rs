@@ -338,6 +338,25 @@ pub trait TaskStore: Send + Sync + 'static {
     /// `NotFound` if the task is unknown.
     async fn append_logs(&self, task_id: TaskId, logs: Vec<NewTaskLog>) -> Result<u64>;
 
+    /// [`append_logs`](Self::append_logs) only while the task is active (`pending`,
+    /// `running`, `input_required`): once it is over — its `done` is in the log, whichever
+    /// server wrote it — `Conflict`, and nothing is appended (also with `logs` empty). What
+    /// a run writes goes through here, so a task another server ended (a cancel, lease
+    /// recovery) keeps its `done` last. The shipped stores check and append in one step (the
+    /// SQL stores under the task's row lock, which the end of a task takes too).
+    ///
+    /// The default reads the task, then appends: right for one server only (an end written
+    /// by another server in between is not seen).
+    async fn append_logs_while_active(
+        &self,
+        task_id: TaskId,
+        logs: Vec<NewTaskLog>,
+    ) -> Result<u64> {
+        let task = self.get_task(task_id).await?;
+        check_log_open(&task)?;
+        self.append_logs(task_id, logs).await
+    }
+
     /// Up to `limit` events with seq greater than `after`, in seq order; empty for an unknown
     /// task (callers that must tell the two apart check the task first).
     async fn read_logs(&self, task_id: TaskId, after: u64, limit: u32) -> Result<Vec<TaskLog>>;
@@ -498,6 +517,17 @@ pub enum Claim {
     NotPending(Task),
 }
 
+/// `Conflict` when `task` is over: what [`TaskStore::append_logs_while_active`] answers then.
+pub fn check_log_open(task: &Task) -> Result<()> {
+    if task.status.is_active() {
+        return Ok(());
+    }
+    Err(Error::conflict(format!(
+        "task {} is {}: its log ends at its done, nothing more is appended",
+        task.id, task.status
+    )))
+}
+
 /// Checks that `change` is what [`TaskStore::claim_task`] takes: to `running`, with a lease.
 pub fn check_claim(change: &TaskChange) -> Result<()> {
     if change.status != TaskStatus::Running || change.lease.is_none() {
@@ -535,6 +565,10 @@ pub enum FeedItem {
     /// Changes may have been missed (the store's listener reconnected, or this subscriber
     /// fell behind): a follower reads its log from the last seq it has.
     Gap,
+    /// The task's log got its `done` (told right after the [`Changed`](Self::Changed) of
+    /// that append): the task is over, whichever server ended it. A server that runs it
+    /// stops its run at once.
+    Ended(TaskId),
 }
 
 /// A subscription to the log changes of every server sharing the store; it ends when the

@@ -6,6 +6,11 @@
 //! session's tasks reach the worker in the order they were sent, every log is gap-free with
 //! one `done` at its end, and every client saw every event of its task. Then the same with
 //! one replica killed (`kill -9`) mid-load: the survivors settle its tasks within the lease.
+//!
+//! Also two replicas in this process (two dispatchers, each with its own PostgreSQL pool and
+//! `LISTEN`, on one database): a cancel through the replica that does not run a streaming task
+//! stops the run on the other at once, with a lease far too long for its renewal to be what
+//! noticed it.
 
 mod common;
 
@@ -15,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anywork_test::original_worker::{OriginalEvent, OriginalWorker, Script};
-use common::{free_port, wait_healthy};
+use common::{TestServer, free_port, wait_healthy};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -582,4 +587,155 @@ async fn three_replicas_run_each_task_once_in_session_order_and_survive_a_kill_9
         statuses.values().filter(|s| *s == "completed").count() >= statuses.len() / 2,
         "most tasks completed on the survivors: {statuses:?}"
     );
+}
+
+/// A replica in this process on `db`, named `owner` (its lease owner), with a lease of 60 s:
+/// its first renewal comes after 20 s.
+async fn replica_in_process(db: &Database, worker_url: &str, owner: &str) -> TestServer {
+    let store = anywork_store::PostgresStore::connect(&db.url, 8)
+        .await
+        .expect("connect to the test database");
+    let mut config = anywork_runtime::DispatcherConfig::default();
+    config.owner = owner.to_owned();
+    config.lease_ttl = Duration::from_secs(60);
+    TestServer::start_on(
+        tempfile::tempdir().unwrap(),
+        Arc::new(store),
+        worker_url,
+        config,
+        anywork_runtime::FirstWords,
+    )
+    .await
+}
+
+/// Polls `ready` every 20 ms until it holds; fails after `patience`, saying `what`.
+async fn eventually<F, Fut>(patience: Duration, what: &str, mut ready: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + patience;
+    while !ready().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} (waited {patience:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Issue 18: a cancel made on the replica that does not run the task reaches the one that
+/// runs it through the store's change feed, not at its next lease renewal (20 s away here):
+/// its worker is asked to cancel within the test's patience, its run stops, the log ends
+/// with the one `done`, and a WebSocket follower on the running replica gets that `done`.
+/// Here the worker has gone quiet (it thinks): only the feed can tell the running replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_on_one_replica_stops_the_quiet_run_on_the_other_at_once() {
+    let script = Script {
+        events: (0..5)
+            .map(|i| OriginalEvent::text(format!("w{i} ")))
+            .collect(),
+        delay: Duration::from_millis(20),
+        hang: true,
+    };
+    // The `running` status and the five texts: the worker is quiet from there.
+    cancel_through_the_other_replica(script, 6).await;
+}
+
+/// The same while the worker streams a text every 5 ms: the running replica keeps
+/// appending until it learns of the cancel, and nothing of it lands after the `done` (without
+/// the store's refusal of appends to a finished task, one often did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_on_one_replica_stops_the_streaming_run_on_the_other_at_once() {
+    let script = Script {
+        events: (0..12_000)
+            .map(|i| OriginalEvent::text(format!("w{i} ")))
+            .collect(),
+        delay: Duration::from_millis(5),
+        hang: true,
+    };
+    cancel_through_the_other_replica(script, 5).await;
+}
+
+/// Two replicas in this process, a task whose `/chat` plays `script`, canceled through the
+/// replica that does not run it once its log has `logged` events; checks what issue 18 asks.
+async fn cancel_through_the_other_replica(script: Script, logged: usize) {
+    const PATIENCE: Duration = Duration::from_secs(10);
+    let db = Database::create().await;
+    let worker = OriginalWorker::start().await;
+    worker.set_default(script);
+    let a = replica_in_process(&db, &worker.url(), "replica-a").await;
+    let b = replica_in_process(&db, &worker.url(), "replica-b").await;
+
+    let (status, created) = a.post("/api/tasks", json!({"message": "go on"})).await;
+    assert_eq!(status, 202, "{created}");
+    let task = created["taskId"].as_str().unwrap().to_owned();
+    let id: anywork_core::TaskId = task.parse().unwrap();
+    eventually(PATIENCE, "the task did not start", || async {
+        a.logs(&task).await.len() >= logged
+    })
+    .await;
+    // Either replica may have claimed it: the lease says which.
+    let stored = a.dispatcher().task(id).await.unwrap();
+    let holder = stored.lease.as_ref().map(|l| l.owner.clone());
+    let (owner, other) = match holder.as_deref() {
+        Some("replica-a") => (&a, &b),
+        Some("replica-b") => (&b, &a),
+        _ => panic!("the running task has no lease of ours: {stored:?}"),
+    };
+    assert_eq!(owner.dispatcher().running(), 1);
+    assert_eq!(other.dispatcher().running(), 0);
+    let mut follower = owner.ws().await;
+    follower
+        .send(json!({"type": "resume", "task_id": task, "after_seq": 0}))
+        .await;
+    let first = follower.recv().await;
+    assert_eq!(first["task_id"], task.as_str(), "{first}");
+
+    let (status, canceled) = other
+        .post(&format!("/api/tasks/{task}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{canceled}");
+    assert_eq!(canceled["status"], "canceled", "{canceled}");
+
+    // The running replica learns it long before a lease renewal.
+    eventually(PATIENCE, "the worker was not asked to cancel", || async {
+        worker
+            .bodies("POST /cancel")
+            .iter()
+            .any(|b| b["task_id"] == task.as_str())
+    })
+    .await;
+    eventually(PATIENCE, "the run did not stop", || async {
+        owner.dispatcher().running() == 0
+    })
+    .await;
+    let events = follower.events_until_done(&task).await;
+    let done = events.last().unwrap();
+    assert_eq!(done["metadata"]["status"], "canceled", "{done}");
+
+    // The run is over: the log is final. Gap-free, one done, last.
+    let mut logs: Vec<Value> = Vec::new();
+    loop {
+        let after = logs.last().map_or(0, |l| l["seq"].as_u64().unwrap());
+        let (_, page) = owner
+            .get(&format!("/api/tasks/{task}/logs?after={after}&limit=500"))
+            .await;
+        let page = page["logs"].as_array().cloned().unwrap_or_default();
+        if page.is_empty() {
+            break;
+        }
+        logs.extend(page);
+    }
+    let seqs: Vec<u64> = logs.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=logs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(logs.iter().filter(|l| l["type"] == "done").count(), 1);
+    assert_eq!(logs.last().unwrap()["type"], "done", "{logs:?}");
+    assert_eq!(
+        logs.last().unwrap()["seq"],
+        done["seq"],
+        "the follower's done is the log's"
+    );
+    assert_eq!(owner.wait_final(&task).await["status"], "canceled");
+    assert_eq!(worker.bodies("POST /chat").len(), 1, "the task ran once");
 }

@@ -520,6 +520,16 @@ impl TaskStore for MemoryStore {
         self.lock().append(task_id, logs)
     }
 
+    async fn append_logs_while_active(
+        &self,
+        task_id: TaskId,
+        logs: Vec<NewTaskLog>,
+    ) -> Result<u64> {
+        let mut inner = self.lock();
+        anywork_core::store::check_log_open(inner.task(task_id)?)?;
+        inner.append(task_id, logs)
+    }
+
     async fn read_logs(&self, task_id: TaskId, after: u64, limit: u32) -> Result<Vec<TaskLog>> {
         let inner = self.lock();
         let Some(log) = inner.logs.get(&task_id) else {

@@ -114,17 +114,22 @@ impl futures_core::Stream for FeedStream {
     }
 }
 
-/// Parses a `TASK_ID:FIRST:LAST` payload.
-fn parse_change(payload: &str) -> Option<LogChange> {
+/// Parses a `TASK_ID:FIRST:LAST` payload, `:done` after it when the append held the task's
+/// `done` (an older server sends no such suffix, and ignores it).
+fn parse_change(payload: &str) -> Option<(LogChange, bool)> {
     let mut parts = payload.split(':');
     let task_id = parts.next()?.parse().ok()?;
     let first = parts.next()?.parse().ok()?;
     let last = parts.next()?.parse().ok()?;
-    Some(LogChange {
-        task_id,
-        first,
-        last,
-    })
+    let ended = parts.next() == Some("done");
+    Some((
+        LogChange {
+            task_id,
+            first,
+            last,
+        },
+        ended,
+    ))
 }
 
 /// Listens on the log channel and fans the changes out, until no subscriber is left. Each
@@ -151,8 +156,12 @@ async fn listen(pool: PgPool, feed: Arc<Mutex<Feed>>) {
         loop {
             match listener.try_recv().await {
                 Ok(Some(n)) => {
-                    if let Some(change) = parse_change(n.payload()) {
-                        lock_feed(&feed).send(FeedItem::Changed(change));
+                    if let Some((change, ended)) = parse_change(n.payload()) {
+                        let mut feed = lock_feed(&feed);
+                        feed.send(FeedItem::Changed(change));
+                        if ended {
+                            feed.send(FeedItem::Ended(change.task_id));
+                        }
                     }
                 }
                 // The connection broke: the next call connects again; what was sent

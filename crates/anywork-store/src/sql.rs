@@ -407,6 +407,8 @@ macro_rules! impl_sql_store {
                 expires_at: anywork_core::Timestamp,
             },
             AppendLogs(anywork_core::TaskId, Vec<(String, String, i64)>),
+            /// `AppendLogs` refused (`Conflict`) once the task is over.
+            AppendLogsWhileActive(anywork_core::TaskId, Vec<(String, String, i64)>),
             ClaimTask {
                 id: anywork_core::TaskId,
                 change: Box<anywork_core::TaskChange>,
@@ -611,7 +613,7 @@ macro_rules! impl_sql_store {
                     }
                     let task = update_in(conn, *id, *expected, change).await?;
                     let last = match rows {
-                        Some(rows) => append_in(conn, *id, rows).await?,
+                        Some(rows) => append_in(conn, *id, rows, false).await?,
                         None => 0,
                     };
                     for d in deliveries {
@@ -766,7 +768,12 @@ macro_rules! impl_sql_store {
                     }
                     Ok(Reply::Unit)
                 }
-                WriteOp::AppendLogs(id, rows) => Ok(Reply::Seq(append_in(conn, *id, rows).await?)),
+                WriteOp::AppendLogs(id, rows) => {
+                    Ok(Reply::Seq(append_in(conn, *id, rows, false).await?))
+                }
+                WriteOp::AppendLogsWhileActive(id, rows) => {
+                    Ok(Reply::Seq(append_in(conn, *id, rows, true).await?))
+                }
                 WriteOp::ClaimTask {
                     id,
                     change,
@@ -836,7 +843,7 @@ macro_rules! impl_sql_store {
                         }
                     }
                     let task = update_in(conn, *id, anywork_core::TaskStatus::Pending, change).await?;
-                    let last = append_in(conn, *id, rows).await?;
+                    let last = append_in(conn, *id, rows, false).await?;
                     for d in deliveries {
                         insert_delivery(conn, d).await?;
                     }
@@ -917,26 +924,53 @@ macro_rules! impl_sql_store {
         }
 
         /// Appends `rows` to `task_id`'s log inside the transaction on `conn`; the last seq.
+        /// With `while_active`, only while the task is active (`Conflict` otherwise).
         async fn append_in(
             conn: &mut Conn,
             task_id: anywork_core::TaskId,
             rows: &[(String, String, i64)],
+            while_active: bool,
         ) -> anywork_core::Result<u64> {
             let ctx = "append logs";
             let id = task_id.to_string();
             let count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
             // Reserving the seq range first also takes the task's row lock, which serializes
-            // appenders of one task so that seqs commit in order, gap-free. With no rows, this
+            // appenders of one task so that seqs commit in order, gap-free, and orders the
+            // append after a status change of the task's in flight (its `done`: PostgreSQL
+            // checks the status again on the row as that change left it). With no rows, this
             // reads the last seq (and `NotFound` for an unknown task).
-            let row = sqlx::query(
-                "UPDATE tasks SET last_seq = last_seq + $1 WHERE id = $2 RETURNING last_seq",
-            )
-            .bind(count)
-            .bind(&id)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(|e| $crate::sql::db_err(ctx, e))?
-            .ok_or_else(|| anywork_core::Error::not_found(format!("task {task_id} not found")))?;
+            let sql = if while_active {
+                format!(
+                    "UPDATE tasks SET last_seq = last_seq + $1 WHERE id = $2 AND status IN {} \
+                     RETURNING last_seq",
+                    $crate::sql::ACTIVE
+                )
+            } else {
+                "UPDATE tasks SET last_seq = last_seq + $1 WHERE id = $2 RETURNING last_seq"
+                    .to_owned()
+            };
+            let row = sqlx::query(&sql)
+                .bind(count)
+                .bind(&id)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(|e| $crate::sql::db_err(ctx, e))?;
+            let row = match row {
+                Some(row) => row,
+                None if while_active => {
+                    // Tell "no such task" apart from "over".
+                    let task = lock_task(conn, task_id).await?;
+                    anywork_core::store::check_log_open(&task)?;
+                    return Err(anywork_core::Error::conflict(format!(
+                        "task {task_id} changed while its events were appended"
+                    )));
+                }
+                None => {
+                    return Err(anywork_core::Error::not_found(format!(
+                        "task {task_id} not found"
+                    )));
+                }
+            };
             let last = Cols(&row).i64("last_seq")?;
             let mut seq = last - count;
             for chunk in rows.chunks($crate::sql::LOG_CHUNK) {
@@ -958,7 +992,13 @@ macro_rules! impl_sql_store {
                     .map_err(|e| $crate::sql::db_err(ctx, e))?;
             }
             if $notify && count > 0 {
-                let payload = format!("{id}:{}:{last}", last - count + 1);
+                // `:done` tells the servers that run the task that it is over (FeedItem::Ended).
+                let ends = rows.iter().any(|(kind, _, _)| kind == "done");
+                let payload = format!(
+                    "{id}:{}:{last}{}",
+                    last - count + 1,
+                    if ends { ":done" } else { "" }
+                );
                 sqlx::query("SELECT pg_notify($1, $2)")
                     .bind($crate::sql::LOG_CHANNEL)
                     .bind(payload)
@@ -1553,6 +1593,23 @@ macro_rules! impl_sql_store {
                     return Ok($crate::sql::to_u64(Cols(&row).i64("last_seq")?));
                 }
                 match self.write(WriteOp::AppendLogs(task_id, encode_logs(logs)?)).await? {
+                    Reply::Seq(last) => Ok(last),
+                    other => Err(unexpected_reply(other)),
+                }
+            }
+
+            async fn append_logs_while_active(
+                &self,
+                task_id: anywork_core::TaskId,
+                logs: Vec<anywork_core::NewTaskLog>,
+            ) -> anywork_core::Result<u64> {
+                if logs.is_empty() {
+                    let task = self.get_task(task_id).await?;
+                    anywork_core::store::check_log_open(&task)?;
+                    return self.append_logs(task_id, logs).await;
+                }
+                let op = WriteOp::AppendLogsWhileActive(task_id, encode_logs(logs)?);
+                match self.write(op).await? {
                     Reply::Seq(last) => Ok(last),
                     other => Err(unexpected_reply(other)),
                 }

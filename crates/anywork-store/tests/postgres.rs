@@ -86,11 +86,13 @@ async fn bad_url_is_a_clear_error() {
 
 /// The change feed: an append through one store (one server) is told to the feed of another
 /// store on the same database (another server), with its task and seq range, after a `Gap`
-/// for the start of listening; SQLite and memory have no feed.
+/// for the start of listening; the append of the task's `done` is followed by `Ended` (what
+/// stops the task's run on the server that runs it). SQLite and memory have no feed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_are_told_to_the_change_feed_of_other_stores() {
     use anywork_core::{
-        FeedItem, LogChange, NewSession, NewTask, NewTaskLog, TaskEvent, TaskRequest,
+        FeedItem, LogChange, NewSession, NewTask, NewTaskLog, TaskChange, TaskEvent, TaskOutcome,
+        TaskRequest, TaskStatus,
     };
     use futures_util::StreamExt;
 
@@ -139,30 +141,42 @@ async fn appends_are_told_to_the_change_feed_of_other_stores() {
         .append_logs(task.id, vec![NewTaskLog::now(TaskEvent::text("e3"))])
         .await
         .unwrap();
-    let mut changes = Vec::new();
-    while changes.len() < 2 {
+    // Another server cancels it: its `done` ends the log.
+    writer
+        .update_task_and_append(
+            task.id,
+            TaskStatus::Pending,
+            TaskChange::finish(TaskOutcome::canceled()),
+            vec![NewTaskLog::now(TaskEvent::Done(TaskOutcome::canceled()))],
+        )
+        .await
+        .unwrap();
+    let mut told = Vec::new();
+    while told.last() != Some(&FeedItem::Ended(task.id)) {
         let item = tokio::time::timeout(std::time::Duration::from_secs(10), feed.next())
             .await
             .expect("the appends are told")
             .expect("an item");
         match item {
-            FeedItem::Changed(c) if c.task_id == task.id => changes.push(c),
+            FeedItem::Changed(c) if c.task_id == task.id => told.push(item),
+            FeedItem::Ended(id) if id == task.id => told.push(item),
             _ => {}
         }
     }
+    let change = |first, last| {
+        FeedItem::Changed(LogChange {
+            task_id: task.id,
+            first,
+            last,
+        })
+    };
     assert_eq!(
-        changes,
+        told,
         vec![
-            LogChange {
-                task_id: task.id,
-                first: 1,
-                last: 3
-            },
-            LogChange {
-                task_id: task.id,
-                first: 4,
-                last: 4
-            },
+            change(1, 3),
+            change(4, 4),
+            change(5, 5),
+            FeedItem::Ended(task.id)
         ]
     );
     assert!(anywork_store::MemoryStore::new().change_feed().is_none());

@@ -54,7 +54,8 @@ impl FaultyStore {
     }
 
     /// Only the writes of these methods (`"append_logs"`, `"update_task_and_append"`, …)
-    /// fail for `d` from now on; the others pass.
+    /// fail for `d` from now on; the others pass. `append_logs_while_active` (how a run
+    /// writes its events) counts as `"append_logs"`.
     pub fn down_for_ops(&self, ops: &[&'static str], d: Duration) {
         *self.only.lock().unwrap_or_else(|e| e.into_inner()) = Some(ops.to_vec());
         self.down_for(d);
@@ -241,6 +242,14 @@ impl TaskStore for FaultyStore {
     async fn append_logs(&self, task_id: TaskId, logs: Vec<NewTaskLog>) -> Result<u64> {
         self.write("append_logs")?;
         self.inner.append_logs(task_id, logs).await
+    }
+    async fn append_logs_while_active(
+        &self,
+        task_id: TaskId,
+        logs: Vec<NewTaskLog>,
+    ) -> Result<u64> {
+        self.write("append_logs")?;
+        self.inner.append_logs_while_active(task_id, logs).await
     }
     async fn read_logs(&self, task_id: TaskId, after: u64, limit: u32) -> Result<Vec<TaskLog>> {
         self.read()?;

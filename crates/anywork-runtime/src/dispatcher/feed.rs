@@ -5,6 +5,12 @@
 //! still read the log when their task is quiet for a while, so a lost notification delays
 //! events but loses none; a `Gap` (the listener reconnected) re-reads every followed task.
 //!
+//! The feed also tells when a task's log got its `done` ([`FeedItem::Ended`]): a task run
+//! here and ended by another server (a cancel there, lease recovery) has its run stopped at
+//! once (`Control::Ended`: the worker is asked to cancel, the chat stream dropped, nothing
+//! more written). After a `Gap` the tasks run here are read once for the same reason. A lost
+//! notification leaves it to the run's next lease renewal, which then fails.
+//!
 //! [`TaskStore::change_feed`]: anywork_core::TaskStore::change_feed
 
 use std::collections::HashMap;
@@ -14,7 +20,7 @@ use std::sync::atomic::Ordering;
 use anywork_core::{ChangeFeed, FeedItem, SessionId, TaskEvent, TaskId};
 use futures_util::StreamExt;
 
-use super::{Inner, lock};
+use super::{Control, Inner, lock};
 use crate::hub::LiveEvent;
 
 /// Events read per log page.
@@ -44,14 +50,38 @@ pub(super) async fn feed_loop(inner: Weak<Inner>, mut feed: ChangeFeed) {
                     forward(&inner, &mut known, id, after).await;
                 }
             }
+            FeedItem::Ended(id) => end_run(&inner, id),
             FeedItem::Gap => {
                 known.retain(|id, _| inner.hub.is_followed(*id));
                 let tasks: Vec<(TaskId, u64)> = known.iter().map(|(id, k)| (*id, k.1)).collect();
                 for (id, after) in tasks {
                     forward(&inner, &mut known, id, after).await;
                 }
+                end_runs_of_ended_tasks(&inner).await;
             }
             _ => {}
+        }
+    }
+}
+
+/// Stops the run of `id` here, if any: its task is over (whoever ended it). A run that wrote
+/// the `done` itself is ending anyway and never reads this.
+fn end_run(inner: &Inner, id: TaskId) {
+    let run = lock(&inner.runs).get(&id).cloned();
+    if let Some(run) = run {
+        // A full queue (a burst of control messages) leaves it to the lease renewal.
+        let _ = run.try_send(Control::Ended);
+    }
+}
+
+/// After a `Gap` (an `Ended` may have been missed): stops the runs here whose task is over.
+async fn end_runs_of_ended_tasks(inner: &Inner) {
+    let running: Vec<TaskId> = lock(&inner.runs).keys().copied().collect();
+    for id in running {
+        match inner.store.get_task(id).await {
+            Ok(task) if task.status.is_terminal() => end_run(inner, id),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(task = %id, error = %e, "cannot read a task run here"),
         }
     }
 }

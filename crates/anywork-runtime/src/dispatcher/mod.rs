@@ -88,6 +88,9 @@ enum Control {
     /// The server is going away: stop the run and record why (a failure, not a cancel).
     Interrupt(String),
     Input(InputResponse, oneshot::Sender<Result<()>>),
+    /// Another server ended the task (its `done` is in the log, told by the store's change
+    /// feed): the run stops at once, asks the worker to cancel and writes nothing more.
+    Ended,
 }
 
 struct Inner {
@@ -590,14 +593,16 @@ impl Inner {
         .map_err(|e| Error::internal(format!("resolving skills stopped: {e}")))?
     }
 
-    /// Appends events to the log, then publishes them with their seqs.
+    /// Appends events to the log while the task is active, then publishes them with their
+    /// seqs. `Conflict` once the task is over (ended by another server sharing the store):
+    /// nothing is written after its `done`.
     async fn record(&self, task: &Task, events: Vec<TaskEvent>) -> Result<()> {
         if events.is_empty() {
             return Ok(());
         }
         let n = events.len() as u64;
         let logs = events.iter().cloned().map(NewTaskLog::now).collect();
-        let last = self.store.append_logs(task.id, logs).await?;
+        let last = self.store.append_logs_while_active(task.id, logs).await?;
         self.publish(task, last + 1 - n, events);
         Ok(())
     }

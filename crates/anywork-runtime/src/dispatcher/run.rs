@@ -1,7 +1,10 @@
 //! The run of one task: a session's runner takes its queue in order; `Run` gets the worker,
 //! moves the task to `running` with a lease, calls `/prepare` and `/chat`, and reads the event
-//! stream to its end in one `select!` loop with the control messages (cancel, input answers),
-//! lease renewal and the timeout. It is the only writer of its task's status.
+//! stream to its end in one `select!` loop with the control messages (cancel, input answers,
+//! the end of the task by another server), lease renewal and the timeout. It is the only
+//! writer of its task's status while the task runs here; a task ended by another server
+//! sharing the store (a cancel there, lease recovery) stops its run here at once, and the
+//! run writes nothing after that end (its appends are refused once the task is over).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -173,6 +176,8 @@ struct Run {
 enum Stop {
     Canceled,
     Failed(Failure),
+    /// Another server ended the task: its outcome and `done` are stored; nothing to write.
+    Ended,
 }
 
 /// A failure of the dispatcher's own, outside the executor (no worker, the worker lost, a
@@ -403,6 +408,11 @@ impl Run {
         };
         let stream = match self.until_stopped(start, failure).await {
             Ok(s) => s,
+            Err(Stop::Ended) => {
+                // The chat may have reached the worker.
+                self.left_to_another_server(&endpoint);
+                return Ok(());
+            }
             Err(stop) => return Ok(self.stop(stop).await?),
         };
         Ok(self.follow(stream, endpoint).await?)
@@ -430,6 +440,7 @@ impl Run {
                     Some(Control::Input(_, ack)) => {
                         let _ = ack.send(Err(Error::conflict("the task is not waiting for input")));
                     }
+                    Some(Control::Ended) => return Err(Stop::Ended),
                     None => return Err(Stop::Canceled),
                 },
                 _ = tokio::time::sleep_until(deadline) => {
@@ -454,7 +465,9 @@ impl Run {
 
     /// Ends a task that never got to run: pending → canceled/failed.
     async fn stop_before_running(&mut self, stop: Stop) -> Result<()> {
-        let (outcome, before) = stop_outcome(stop);
+        let Some((outcome, before)) = stop_outcome(stop) else {
+            return Ok(());
+        };
         match self
             .inner
             .finish_unrun_with(&self.task, outcome, before)
@@ -502,6 +515,10 @@ impl Run {
                     Some(Control::Input(response, ack)) => {
                         let r = self.answer(&worker, response).await;
                         let _ = ack.send(r);
+                    }
+                    Some(Control::Ended) => {
+                        self.left_to_another_server(&worker);
+                        return Ok(());
                     }
                     None => {}
                 },
@@ -574,6 +591,12 @@ impl Run {
                         self.record(batch).await
                     };
                     if let Err(e) = stored {
+                        if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidTransition) {
+                            // Over: another server ended the task before this batch (its
+                            // change feed has not told us yet). The batch is not stored.
+                            self.left_to_another_server(&worker);
+                            return Ok(());
+                        }
                         // The store stayed down through every retry: stop the run and say why.
                         self.ask_worker_to_cancel(&worker);
                         return self.stop(Stop::Failed(Failure::store(&self.task, &e))).await;
@@ -657,6 +680,18 @@ impl Run {
         }
     }
 
+    /// Leaves a task another server ended (a cancel there, lease recovery): the worker is
+    /// asked to stop it, and the caller returns without writing anything (its outcome and
+    /// `done` are stored already), which drops the chat stream.
+    fn left_to_another_server(&self, worker: &WorkerEndpoint) {
+        tracing::info!(
+            task = %self.task.id,
+            session = %self.task.session_id,
+            "the task was ended by another server; its run here stops"
+        );
+        self.ask_worker_to_cancel(worker);
+    }
+
     /// Asks the worker to stop the task, off the run loop: a hung worker must not hold up
     /// the loop (its grace, the idle timeout and the lease go on).
     fn ask_worker_to_cancel(&self, worker: &WorkerEndpoint) {
@@ -722,10 +757,13 @@ impl Run {
         .await
     }
 
-    /// Ends the run for `stop`: canceled, or failed with an `error` event before `done`.
+    /// Ends the run for `stop`: canceled, or failed with an `error` event before `done`;
+    /// nothing for a task another server ended.
     async fn stop(&mut self, stop: Stop) -> Result<()> {
-        let (outcome, before) = stop_outcome(stop);
-        self.finish_with(outcome, before).await
+        match stop_outcome(stop) {
+            Some((outcome, before)) => self.finish_with(outcome, before).await,
+            None => Ok(()),
+        }
     }
 
     /// Records the outcome (the final status and the `done` event in one write), then
@@ -810,17 +848,19 @@ impl Run {
 }
 
 /// The outcome of `stop`, and the events that go just before its `done`: an `error` for a
-/// failure, so that a client that shows errors (the original's web client) shows it.
-fn stop_outcome(stop: Stop) -> (TaskOutcome, Vec<TaskEvent>) {
+/// failure, so that a client that shows errors (the original's web client) shows it. `None`
+/// when another server ended the task (its outcome is stored).
+fn stop_outcome(stop: Stop) -> Option<(TaskOutcome, Vec<TaskEvent>)> {
     match stop {
-        Stop::Canceled => (TaskOutcome::canceled(), Vec::new()),
-        Stop::Failed(Failure { code, message }) => (
+        Stop::Canceled => Some((TaskOutcome::canceled(), Vec::new())),
+        Stop::Failed(Failure { code, message }) => Some((
             TaskOutcome::failed(message.clone()),
             vec![TaskEvent::Error {
                 message,
                 code: Some(code.to_owned()),
             }],
-        ),
+        )),
+        Stop::Ended => None,
     }
 }
 
