@@ -24,7 +24,7 @@ use anyhow::{Context, ensure};
 use futures_util::StreamExt;
 
 use crate::plot::{self, Panel};
-use crate::procfs::{self, context_switches, cpu_time, rss_kib};
+use crate::procfs::{self, context_switches, cpu_time, rss_anon_kib, rss_kib};
 use crate::server::ServerProcess;
 use crate::standin::{self, StandIn};
 use crate::stats::{Summary, summarize};
@@ -61,6 +61,10 @@ pub struct Options {
     /// The release server binary (default: next to this binary).
     #[arg(long)]
     server_bin: Option<PathBuf>,
+    /// `NAME=VALUE` added to the server's environment (repeatable), e.g.
+    /// `GLIBC_TUNABLES=glibc.malloc.trim_threshold=131072` to compare allocator settings.
+    #[arg(long, value_parser = parse_env)]
+    server_env: Vec<(String, String)>,
     /// `strace -c -f -p` the server over the measured run: syscalls per task by kind (the run
     /// is slowed down; its other figures are marked).
     #[arg(long)]
@@ -79,6 +83,14 @@ pub struct Options {
     /// Wait after opening or closing connections before reading the RSS.
     #[arg(long, default_value_t = 2000)]
     settle_ms: u64,
+}
+
+/// `NAME=VALUE` of `--server-env`.
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("{s:?} is not NAME=VALUE")),
+    }
 }
 
 /// The server's store.
@@ -120,6 +132,10 @@ struct Level {
     rss_sessions: u64,
     rss_loaded: u64,
     rss_closed: u64,
+    /// The anonymous part (`RssAnon`: the heap, stacks; not the binary's mapped pages) at the
+    /// base and after closing.
+    anon_base: u64,
+    anon_closed: u64,
     traced: Option<String>,
 }
 
@@ -160,6 +176,9 @@ impl Bench {
         let mut env = vec![("WS_MESSAGES_PER_SECOND", "0".to_owned())];
         if let Some(n) = self.options.max_concurrent {
             env.push(("MAX_CONCURRENT_TASKS", n.to_string()));
+        }
+        for (name, value) in &self.options.server_env {
+            env.push((name.as_str(), value.clone()));
         }
         if store == Store::Postgres {
             let url = self
@@ -288,7 +307,7 @@ async fn level(bench: &Bench, store: Store, sessions: usize) -> anyhow::Result<L
         let _ = ws.close(None).await;
     }
     bench.settle().await;
-    let rss_base = rss_kib(pid)?;
+    let (rss_base, anon_base) = (rss_kib(pid)?, rss_anon_kib(pid)?);
 
     // 2. Idle connections.
     let opened: Vec<_> =
@@ -370,7 +389,7 @@ async fn level(bench: &Bench, store: Store, sessions: usize) -> anyhow::Result<L
     // 5. Closed.
     drop(conns);
     bench.settle().await;
-    let rss_closed = rss_kib(pid)?;
+    let (rss_closed, anon_closed) = (rss_kib(pid)?, rss_anon_kib(pid)?);
     server.stop().await?;
 
     let tasks = chats.len();
@@ -402,6 +421,8 @@ async fn level(bench: &Bench, store: Store, sessions: usize) -> anyhow::Result<L
         rss_sessions,
         rss_loaded,
         rss_closed,
+        anon_base,
+        anon_closed,
         traced,
     })
 }
@@ -449,7 +470,8 @@ fn print(label: &str, l: &Level) {
     );
     println!(
         "load  {label} {}x{}: server RSS base {}, {} idle WebSockets {} ({:.1} KiB each), after \
-         one chat each {} ({:.1} KiB per session), after the run {}, after closing {}",
+         one chat each {} ({:.1} KiB per session), after the run {}, after closing {}; \
+         anonymous (RssAnon) base {}, after closing {}",
         l.sessions,
         l.turns,
         procfs::mib(l.rss_base),
@@ -460,6 +482,8 @@ fn print(label: &str, l: &Level) {
         l.per_session_kib(),
         procfs::mib(l.rss_loaded),
         procfs::mib(l.rss_closed),
+        procfs::mib(l.anon_base),
+        procfs::mib(l.anon_closed),
     );
     if let Some(t) = &l.traced {
         println!("load  {label} {}x{}: {t}", l.sessions, l.turns);
@@ -483,9 +507,9 @@ fn table(label: &str, levels: &[Vec<Level>], note: &str) -> String {
         out,
         "| {label}: sessions × turns | tasks/s | dispatch p50 / p99 ms | chat→done p50 / p99 ms \
          | server CPU ms/task | ctx switches/task (vol + invol) | RSS base → idle WS → sessions → \
-         closed MiB | KiB per idle WS | KiB per session |"
+         closed MiB | RssAnon base → closed MiB | KiB per idle WS | KiB per session |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
     for runs in levels {
         let Some(first) = runs.first() else { continue };
         let f =
@@ -493,7 +517,8 @@ fn table(label: &str, levels: &[Vec<Level>], note: &str) -> String {
         let mib = |g: &dyn Fn(&Level) -> u64| f(&|l| g(l) as f64 / 1024.0, 1);
         let _ = writeln!(
             out,
-            "| {} × {}{} | {} | {} / {} | {} / {} | {} | {} + {} | {} → {} → {} → {} | {} | {} |",
+            "| {} × {}{} | {} | {} / {} | {} / {} | {} | {} + {} | {} → {} → {} → {} | {} → {} | {} \
+             | {} |",
             first.sessions,
             first.turns,
             note,
@@ -509,6 +534,8 @@ fn table(label: &str, levels: &[Vec<Level>], note: &str) -> String {
             mib(&|l| l.rss_idle),
             mib(&|l| l.rss_sessions),
             mib(&|l| l.rss_closed),
+            mib(&|l| l.anon_base),
+            mib(&|l| l.anon_closed),
             f(&Level::per_idle_kib, 1),
             f(&Level::per_session_kib, 1),
         );
@@ -646,4 +673,26 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         println!("load  plot: {}", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_env_is_name_equals_value() {
+        assert_eq!(
+            parse_env("GLIBC_TUNABLES=glibc.malloc.arena_max=2").unwrap(),
+            (
+                "GLIBC_TUNABLES".to_owned(),
+                "glibc.malloc.arena_max=2".to_owned()
+            )
+        );
+        assert_eq!(
+            parse_env("EMPTY=").unwrap(),
+            ("EMPTY".to_owned(), String::new())
+        );
+        assert!(parse_env("NO_VALUE").is_err());
+        assert!(parse_env("=value").is_err());
+    }
 }

@@ -20,11 +20,23 @@ pub fn cpu_time(pid: &str) -> anyhow::Result<Duration> {
 
 /// VmRSS of `pid` in KiB.
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// RssAnon of `pid` in KiB: the resident anonymous memory (heap, stacks), without the pages of
+/// the binary and libraries that are mapped from files (shared page cache, which the kernel
+/// maps in batches around each page a program touches).
+pub fn rss_anon_kib(pid: u32) -> anyhow::Result<u64> {
+    status_kib(pid, "RssAnon")
+}
+
+/// A `… kB` field of `/proc/PID/status`.
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .context("no VmRSS")?;
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
     Ok(line.trim().trim_end_matches("kB").trim().parse()?)
 }
 
@@ -64,4 +76,21 @@ pub fn raise_nofile() -> u64 {
 
 pub fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_anonymous_part_of_the_rss_is_read_apart() {
+        let pid = std::process::id();
+        // Touch memory of our own so that there is an anonymous part to see.
+        let held = std::hint::black_box(vec![1u8; 8 << 20]);
+        let (rss, anon) = (rss_kib(pid).unwrap(), rss_anon_kib(pid).unwrap());
+        assert!(anon >= 8 * 1024, "RssAnon {anon} KiB with 8 MiB held");
+        assert!(anon <= rss, "RssAnon {anon} KiB above VmRSS {rss} KiB");
+        assert!(status_kib(pid, "NoSuchField").is_err());
+        drop(held);
+    }
 }

@@ -418,6 +418,29 @@ async fn an_oversized_websocket_message_closes_with_1009() {
     assert!(close.reason.contains("limit"), "{close:?}");
 }
 
+/// The server reads the socket 1 KiB at a time (an idle connection keeps only that much): a
+/// message a thousand times larger still arrives whole, and the connection goes on after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_far_larger_than_the_read_buffer_arrives_whole() {
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let server = TestServer::start_with(&url, DispatcherConfig::default(), FirstWords).await;
+    let mut ws = server.ws().await;
+    // Not one repeated byte: a misplaced or lost chunk would show in the comparison.
+    let message: String = (0..1024 * 1024)
+        .map(|i: u32| char::from(b'a' + (i % 23) as u8))
+        .collect();
+    let (_, task, _) = ws.chat(None, &message).await;
+    let (status, stored) = server.get(&format!("/api/tasks/{task}")).await;
+    assert_eq!(status, 200, "{stored}");
+    assert!(
+        stored["message"].as_str() == Some(message.as_str()),
+        "the message came in altered"
+    );
+    ws.send(json!({"type": "ping"})).await;
+    let pong = ws.recv_until(|v| v["type"] == "pong").await;
+    assert_eq!(pong.last().unwrap()["type"], "pong");
+}
+
 /// A TCP proxy on loopback in front of the worker that can stall (stop forwarding, keep the
 /// connections open) or cut (close every connection) what passes through it.
 struct Proxy {

@@ -8,7 +8,9 @@
 //!
 //! One Tokio task per connection reads the socket and writes what the followers and the hub
 //! send it; each followed task has a follower task that ends with the task's `done`. An idle
-//! connection holds no follower, only small socket buffers.
+//! connection holds no follower, only its task (1.4 KB: the socket's state is held once, the
+//! helpers borrow it) and tungstenite's 1 KiB read buffer — 2.9 KB in all with Tokio's and
+//! hyper's share (docs/benchmarks.md, "Memory per idle WebSocket").
 
 use std::collections::{HashMap, HashSet};
 
@@ -22,7 +24,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{Extensions, HeaderMap, StatusCode};
 use axum::response::Response;
 use futures_util::{Stream, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 
 use super::{AppState, auth};
@@ -41,6 +43,12 @@ const OUTBOX_CAPACITY: usize = 64;
 
 /// Largest client message.
 const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
+
+/// Bytes read from the socket at a time, and the read buffer every connection keeps for its
+/// life (tungstenite zero-fills all of it on the first read, so an idle connection holds it
+/// resident). Client messages are small (a chat is a few hundred bytes); a larger one is read in
+/// several reads of this size into a buffer as large as its frame.
+const READ_BUFFER_BYTES: usize = 1024;
 
 /// How long a connection that must authenticate with its first message may take to send it.
 const AUTH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -77,19 +85,23 @@ pub(crate) async fn upgrade(
     // Small buffers: most connections sit idle; they grow when a message needs it. Messages
     // that are ready together are written together (see `connection`), up to this much.
     ws.protocols(protocols)
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BATCH_BYTES)
         .max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES)
-        .on_upgrade(move |socket| async move {
-            let _guard = guard;
-            let mut socket = socket;
-            if let auth::WsAccess::AwaitAuth = access
-                && !authenticate(&state, &mut socket).await
-            {
-                return;
+        .on_upgrade(move |mut socket| async move {
+            // `socket` lives here, once, for the whole connection: the helpers borrow it. (An
+            // async fn keeps its own copies of what is moved into it, so passing it on would
+            // make each idle connection's task hundreds of bytes larger.) `guard` counts the
+            // connection until this block ends.
+            let authenticated = match access {
+                auth::WsAccess::Authenticated => true,
+                auth::WsAccess::AwaitAuth => authenticate(&state, &mut socket).await,
+            };
+            if authenticated {
+                connection(state, &mut socket).await;
             }
-            connection(state, socket).await
+            drop(guard);
         })
 }
 
@@ -206,7 +218,32 @@ async fn next_of(inbox: &mut Option<mpsc::Receiver<Outgoing>>) -> Option<Outgoin
     }
 }
 
-async fn connection(state: AppState, mut socket: WebSocket) {
+/// The next notice for a connection that chatted in `sessions` (see [`concerns`]); `None` when
+/// the hub is gone. Boxed: a notice is large, and a connection waiting for one would otherwise
+/// keep room for it in its idle state.
+async fn next_notice(
+    notices: &mut broadcast::Receiver<ServerMessage>,
+    sessions: &HashSet<SessionId>,
+) -> Option<Box<ServerMessage>> {
+    loop {
+        match notices.recv().await {
+            Ok(notice) if concerns(sessions, &notice) => return Some(Box::new(notice)),
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return None,
+        }
+    }
+}
+
+/// Whether `notice` is for a connection that chatted in `sessions`: titles only of those.
+fn concerns(sessions: &HashSet<SessionId>, notice: &ServerMessage) -> bool {
+    match notice {
+        ServerMessage::SessionTitle { session_id, .. } => sessions.contains(session_id),
+        _ => true,
+    }
+}
+
+/// Serves one connection until it closes. Borrows `socket` (see `upgrade`).
+async fn connection(state: AppState, socket: &mut WebSocket) {
     let mut limit = RateLimit::new(state.options().ws_messages_per_second);
     let mut inbox: Option<mpsc::Receiver<Outgoing>> = None;
     let mut notices = state.dispatcher().notices();
@@ -229,7 +266,7 @@ async fn connection(state: AppState, mut socket: WebSocket) {
                 while let Some(Ok(item)) = inbox.as_mut().map(mpsc::Receiver::try_recv) {
                     out.push(item.into_message(&mut conn.followers));
                 }
-                let _ = send_all(&mut socket, &out).await;
+                let _ = send_all(socket, &out).await;
                 let _ = socket
                     .send(Message::Close(Some(CloseFrame {
                         code: close_code::AWAY,
@@ -270,14 +307,12 @@ async fn connection(state: AppState, mut socket: WebSocket) {
                 }
                 out
             }
-            notice = notices.recv() => match notice {
-                Ok(n) if conn.concerns(&n) => vec![n],
-                Ok(_) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            notice = next_notice(&mut notices, &conn.sessions) => match notice {
+                Some(n) => vec![*n],
+                None => break,
             },
         };
-        if send_all(&mut socket, &out).await.is_err() {
+        if send_all(socket, &out).await.is_err() {
             break;
         }
     }
@@ -318,14 +353,6 @@ impl Connection {
         self.outbox = Some(tx.clone());
         self.new_inbox = Some(rx);
         tx
-    }
-
-    /// Whether `notice` is for this connection.
-    fn concerns(&self, notice: &ServerMessage) -> bool {
-        match notice {
-            ServerMessage::SessionTitle { session_id, .. } => self.sessions.contains(session_id),
-            _ => true,
-        }
     }
 
     async fn handle(&mut self, text: &str) -> Vec<ServerMessage> {

@@ -15,6 +15,12 @@ use config::Config;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// With the `jemalloc` feature (part of `cli`, the default) and not `mimalloc`, jemalloc
+/// replaces the system allocator: it returns freed memory to the system (glibc keeps it).
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     anywork_http::init_tracing().map_err(anyhow::Error::msg)?;
