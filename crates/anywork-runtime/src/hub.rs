@@ -159,8 +159,15 @@ impl Hub {
     }
 }
 
+/// Events a follower may fall behind before it re-reads the log. A task's channel allocates
+/// all its slots when its first follower subscribes and keeps them until the last one leaves;
+/// at 1,024 that was ≈ 40 KiB per followed task, so 10,000 queued WebSocket chats held
+/// ≈ 500 MiB (anywork-bench load, 10,000 sessions). A follower that lags reads the log, which
+/// holds every event, so a small window costs a read now and then, never an event.
+const FOLLOW_WINDOW: usize = 128;
+
 impl Default for Hub {
     fn default() -> Self {
-        Self::new(1024)
+        Self::new(FOLLOW_WINDOW)
     }
 }
