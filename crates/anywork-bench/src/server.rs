@@ -183,6 +183,13 @@ struct Instrumented {
 }
 
 impl Instrumented {
+    /// Records the size of one appended batch of log rows.
+    fn count_batch(&self, rows: usize) {
+        if let Some(t) = &self.timings {
+            lock(&t.1).push(rows);
+        }
+    }
+
     async fn call<T>(&self, name: &'static str, write: bool, f: impl Future<Output = T>) -> T {
         let started = Instant::now();
         let guard = match (&self.writes, write) {
@@ -312,9 +319,7 @@ impl TaskStore for Instrumented {
         task_id: TaskId,
         logs: Vec<NewTaskLog>,
     ) -> anywork_core::Result<u64> {
-        if let Some(t) = &self.timings {
-            lock(&t.1).push(logs.len());
-        }
+        self.count_batch(logs.len());
         let f = self.inner.append_logs(task_id, logs);
         self.call("append_logs", true, f).await
     }
@@ -324,9 +329,7 @@ impl TaskStore for Instrumented {
         logs: Vec<NewTaskLog>,
     ) -> anywork_core::Result<u64> {
         // A run's appends: counted with the others.
-        if let Some(t) = &self.timings {
-            lock(&t.1).push(logs.len());
-        }
+        self.count_batch(logs.len());
         let f = self.inner.append_logs_while_active(task_id, logs);
         self.call("append_logs", true, f).await
     }
