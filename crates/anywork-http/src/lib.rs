@@ -4,29 +4,31 @@
 //! - [`ApiError`] (`{"error":{"code","message"}}` with the status of [`status_for`]) and
 //!   extractors whose rejections are such errors: [`JsonBody`], [`PathParam`], [`QueryParams`];
 //!   [`limit_body`]; the fallbacks [`no_route`] and [`method_not_allowed`].
-//! - [`serve`]: an axum app on a listener with TCP_NODELAY and a graceful shutdown.
+//! - [`serve`]: an axum app on a listener with TCP_NODELAY and a graceful shutdown;
+//!   [`listener`], the listener it uses, whose refusals made by hyper itself (400, 414,
+//!   431, 505 before any route runs) carry a JSON error body too.
 //! - With feature `binary`, what a `main` needs: [`init_tracing`] and [`shutdown_signal`].
 
 mod extract;
+mod listen;
 
 pub use extract::{
     ApiError, JsonBody, MAX_URI_BYTES, PathParam, QueryParams, RawBody, limit_body, limit_uri,
     method_not_allowed, no_route, status_for,
 };
+pub use listen::{JsonErrors, JsonListener, listener};
 
 use std::future::Future;
 
 /// Serves `app` on `listener` until `shutdown` completes, with TCP_NODELAY: small frames (SSE
-/// events, WebSocket messages) would otherwise wait for the peer's delayed ACK (~40 ms).
+/// events, WebSocket messages) would otherwise wait for the peer's delayed ACK (~40 ms), and
+/// hyper's own refusals as JSON errors ([`listener`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app)
+    axum::serve(self::listener(listener), app)
         .with_graceful_shutdown(shutdown)
         .await
 }

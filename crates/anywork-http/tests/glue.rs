@@ -154,3 +154,92 @@ async fn unknown_routes_and_methods_and_errors_say_so() {
         "make a new one",
     );
 }
+
+/// Sends `request` raw over TCP to `app` served by [`anywork_http::serve`] and reads until the
+/// server closes the connection.
+async fn raw(request: Vec<u8>) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(anywork_http::serve(listener, app(), std::future::pending()));
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // hyper may answer before it has read everything (a head too large): a failed write is fine.
+    let _ = tcp.write_all(&request).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tcp.read_to_end(&mut out),
+    )
+    .await
+    .expect("the server closes the connection after refusing");
+    server.abort();
+    String::from_utf8(out).unwrap()
+}
+
+/// The JSON body of the last response in `answers`, checked against its `content-length`.
+fn last_json_body(answers: &str) -> Value {
+    let (head, body) = answers.rsplit_once("\r\n\r\n").expect("a complete answer");
+    let head = head
+        .rsplit("HTTP/1.1 ")
+        .next()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(head.contains("content-type: application/json"), "{answers}");
+    assert!(
+        head.contains(&format!("content-length: {}\r\n", body.len()))
+            || head.ends_with(&format!("content-length: {}", body.len())),
+        "{answers}"
+    );
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answers}"))
+}
+
+/// Issue 15, item 8: what hyper refuses before any route runs — a request target over its
+/// 64 KiB, a head over its read buffer, a malformed request line or header, a version other
+/// than 1.x — is a
+/// JSON error too, also after good requests on the same connection.
+#[tokio::test]
+async fn refusals_below_the_router_are_json_errors() {
+    let long = format!(
+        "GET /items/1?n={} HTTP/1.1\r\nhost: x\r\n\r\n",
+        "9".repeat(70_000)
+    );
+    let answers =
+        raw(format!("GET /items/7?n=3 HTTP/1.1\r\nhost: x\r\n\r\n{long}").into_bytes()).await;
+    assert!(answers.starts_with("HTTP/1.1 200 OK\r\n"), "{answers}");
+    assert!(answers.contains("\r\n\r\n7/3HTTP/1.1 414 "), "{answers}");
+    let body = last_json_body(&answers);
+    assert_eq!(body["error"]["code"], "invalid_input", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("request body"),
+        "{body}"
+    );
+
+    let big_head = format!(
+        "GET /items/1?n=2 HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(600_000)
+    );
+    let answers = raw(big_head.into_bytes()).await;
+    assert!(answers.starts_with("HTTP/1.1 431 "), "{answers}");
+    assert!(
+        last_json_body(&answers)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("headers")
+    );
+
+    for (request, status) in [
+        (&b"G\x01T / HTTP/1.1\r\nhost: x\r\n\r\n"[..], "400"),
+        (b"GET / HTTP/1.1\r\nbad header\r\n\r\n", "400"),
+        (b"GET / HTTP/2.5\r\nhost: x\r\n\r\n", "400"),
+    ] {
+        let answers = raw(request.to_vec()).await;
+        assert!(
+            answers.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{answers}"
+        );
+        assert_eq!(last_json_body(&answers)["error"]["code"], "invalid_input");
+    }
+}

@@ -639,6 +639,34 @@ async fn limits_on_what_a_caller_can_make_the_server_store_or_do() {
         .await;
     assert_eq!(status, 400, "{body}");
     assert!(error_message(&body).contains("channel_meta"), "{body}");
+    // A long request target: over the API's 8 KiB (the router's check) and over hyper's own
+    // 64 KiB (refused before any route runs; raw, as no HTTP client sends such a target): both
+    // JSON 414s.
+    let url = format!("{}/api/tasks?x={}", server.url, "y".repeat(20_000));
+    let (status, body, _) = send(reqwest::Client::new().get(url)).await;
+    assert_eq!(status, 414);
+    assert_eq!(error_code(&body), "invalid_input");
+    assert!(error_message(&body).contains("request body"));
+    let answer = {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let addr = server.url.trim_start_matches("http://");
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let target = format!("/api/tasks?x={}", "y".repeat(70_000));
+        let request = format!("GET {target} HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+        let _ = tcp.write_all(request.as_bytes()).await;
+        let mut out = Vec::new();
+        tokio::time::timeout(WAIT, tcp.read_to_end(&mut out))
+            .await
+            .expect("the server closes after refusing")
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    };
+    assert!(answer.starts_with("HTTP/1.1 414 "), "{answer}");
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.contains("content-type: application/json"), "{head}");
+    let body: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(error_code(&body), "invalid_input", "{body}");
+    assert!(error_message(&body).contains("request body"), "{body}");
 
     // Messages per second: the burst passes, then a rate_limited error; the connection stays.
     let mut ws = server.ws().await;

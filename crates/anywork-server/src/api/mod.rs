@@ -321,8 +321,8 @@ pub fn router(state: AppState) -> Router {
     }
 }
 
-/// Serves [`router`]`(state)` on `listener` until `shutdown` completes (TCP_NODELAY: see
-/// [`anywork_http::serve`]), then shuts down in order: the dispatcher stops taking and
+/// Serves [`router`]`(state)` on `listener` until `shutdown` completes (TCP_NODELAY and hyper's
+/// own refusals as JSON: see [`anywork_http::listener`]), then shuts down in order: the dispatcher stops taking and
 /// starting tasks and gives running ones [`ApiOptions::shutdown_grace`] to finish
 /// ([`Dispatcher::shutdown`]) while their WebSocket followers and long-polls are still
 /// served; then WebSocket connections are closed with 1001 ("going away"), long-polls answer,
@@ -341,11 +341,8 @@ pub async fn serve(
         // WebSocket connections and long-polls would keep a graceful shutdown waiting.
         closing.cancel();
     };
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     axum::serve(
-        listener,
+        anywork_http::listener(listener),
         router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
