@@ -16,12 +16,24 @@ pub trait TitleGenerator: Send + Sync + 'static {
     /// A title for a session whose first message is `message`: one line, never empty (the
     /// dispatcher falls back to [`first_words`] if it is).
     async fn title(&self, message: &str) -> String;
+
+    /// The title at once, when this generator makes it without I/O: a new session is then
+    /// stored with it (no second write to set it later). `None`, the default, stores the session
+    /// with the default title and sets [`title`](Self::title)'s answer when it comes.
+    fn title_now(&self, message: &str) -> Option<String> {
+        let _ = message;
+        None
+    }
 }
 
 #[async_trait]
 impl<T: TitleGenerator + ?Sized> TitleGenerator for std::sync::Arc<T> {
     async fn title(&self, message: &str) -> String {
         (**self).title(message).await
+    }
+
+    fn title_now(&self, message: &str) -> Option<String> {
+        (**self).title_now(message)
     }
 }
 
@@ -33,6 +45,10 @@ pub struct FirstWords;
 impl TitleGenerator for FirstWords {
     async fn title(&self, message: &str) -> String {
         first_words(message)
+    }
+
+    fn title_now(&self, message: &str) -> Option<String> {
+        Some(first_words(message)).filter(|t| !t.trim().is_empty())
     }
 }
 

@@ -261,7 +261,9 @@ impl Dispatcher {
             });
         }
         self.admit(&mut request).await?;
-        let (session, created) = self.resolve_session(&request).await?;
+        // A title known at once goes into the new session's row (one write, not two).
+        let title_now = self.inner.titles.title_now(&request.message);
+        let (session, created) = self.resolve_session(&request, title_now.as_deref()).await?;
         let untitled = session.title == NewSession::DEFAULT_TITLE;
         let keyed = request.idempotency_key.is_some();
         let (channel_type, key) = (
@@ -299,7 +301,14 @@ impl Dispatcher {
             new_session = created,
             "task submitted"
         );
-        if created || untitled {
+        if created && title_now.as_deref() == Some(session.title.as_str()) {
+            self.inner
+                .hub
+                .notify(anywork_core::ws::ServerMessage::SessionTitle {
+                    session_id: session.id.clone(),
+                    title: session.title.clone(),
+                });
+        } else if created || untitled {
             self.spawn_title(session.id.clone(), task.message.clone());
         }
         Ok(Submitted {
@@ -383,8 +392,19 @@ impl Dispatcher {
         }
     }
 
-    async fn resolve_session(&self, request: &TaskRequest) -> Result<(Session, bool)> {
+    /// The request's session, and whether it was created now (with `title` if given).
+    async fn resolve_session(
+        &self,
+        request: &TaskRequest,
+        title: Option<&str>,
+    ) -> Result<(Session, bool)> {
         let store = &self.inner.store;
+        let titled = |mut new: NewSession| {
+            if let Some(title) = title {
+                title.clone_into(&mut new.title);
+            }
+            new
+        };
         if let Some(id) = &request.session_id {
             let mode = request.session_mode;
             return match store.get_session(id).await {
@@ -399,7 +419,7 @@ impl Dispatcher {
                 }
                 Err(e) if e.kind() == ErrorKind::NotFound => {
                     let new = NewSession::new(&request.channel_type).with_id(id.clone());
-                    match store.create_session(new).await {
+                    match store.create_session(titled(new)).await {
                         Ok(s) => Ok((s, true)),
                         // Created meanwhile by another request: continue it.
                         Err(e)
@@ -416,7 +436,7 @@ impl Dispatcher {
         }
         let Some(key) = &request.channel_key else {
             let session = store
-                .create_session(NewSession::new(&request.channel_type))
+                .create_session(titled(NewSession::new(&request.channel_type)))
                 .await?;
             return Ok((session, true));
         };
@@ -424,7 +444,9 @@ impl Dispatcher {
             return Ok((s, false));
         }
         match store
-            .create_session(NewSession::new(&request.channel_type).with_key(key.clone()))
+            .create_session(titled(
+                NewSession::new(&request.channel_type).with_key(key.clone()),
+            ))
             .await
         {
             Ok(s) => Ok((s, true)),

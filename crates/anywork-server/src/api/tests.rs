@@ -810,3 +810,37 @@ async fn health_is_503_with_the_reason_when_not_ready() {
     let (s, b) = call(&app, Method::GET, "/api/health/live", None).await;
     assert_eq!((s, &b["ok"]), (StatusCode::OK, &json!(true)), "{b}");
 }
+
+/// A title made without I/O (first words, the default) goes into the new session's row in the
+/// same write: the session has it as soon as the task is accepted, and nothing sets it later
+/// (one write fewer per new session; `set_session_title` fails here if anything calls it).
+#[tokio::test]
+async fn a_first_words_title_is_stored_with_the_new_session() {
+    let store = anywork_test::faulty_store::FaultyStore::new(Arc::new(MemoryStore::new()));
+    store.down_for_ops(&["set_session_title"], Duration::from_secs(3600));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let driver = Arc::new(StaticDriver::new(&format!("http://127.0.0.1:{port}")).unwrap());
+    let (app, _state) = app_on(store.clone(), driver, ApiOptions::default()).await;
+    let (s, created) = call(
+        &app,
+        Method::POST,
+        "/api/tasks",
+        Some(r#"{"message":"Please say hello to me"}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{created}");
+    let session = created["sessionId"].as_str().unwrap();
+    let (_, got) = call(&app, Method::GET, &format!("/api/sessions/{session}"), None).await;
+    assert_eq!(got["title"], "Please say hello to me", "{got}");
+    // Room for a title task, had one been spawned, to run (and fail on the injected outage).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        store.injected(),
+        0,
+        "the title was set again after creation"
+    );
+}
