@@ -423,7 +423,9 @@ async fn a_missing_image_is_not_found_with_how_to_build_it() {
         "the pool's workers get API_KEY: {checks:?}"
     );
 
-    // With the image there and no model for the workers, the model is what is missing.
+    // With the image there and no model for the workers, the model is what is missing. (Built
+    // here: on a fresh machine no other test may have built it yet.)
+    ensure_worker_image(TEST_IMAGE);
     let mut config = pool.config("http://127.0.0.1:9/v1");
     config.env.clear();
     let checks = DockerDriver::connect(config)
