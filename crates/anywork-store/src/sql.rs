@@ -1143,7 +1143,17 @@ macro_rules! impl_sql_store {
                 .begin_with($begin)
                 .await
                 .map_err(|e| $crate::sql::db_err(ctx, e))?;
-            let reply = apply(&mut tx, op).await?;
+            let reply = match apply(&mut tx, op).await {
+                Ok(reply) => reply,
+                Err(e) => {
+                    // Rolled back now, not when the connection is next used: a dropped
+                    // transaction's rollback waits for that, and until then its row locks
+                    // stand (PostgreSQL's `SKIP LOCKED` claims skipped a delivery that a
+                    // refused retry had locked: a flaky conformance case under load).
+                    let _ = tx.rollback().await;
+                    return Err(e);
+                }
+            };
             tx.commit().await.map_err(|e| $crate::sql::db_err(ctx, e))?;
             Ok(reply)
         }
