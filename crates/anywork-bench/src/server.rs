@@ -247,6 +247,10 @@ impl TaskStore for Instrumented {
         let f = self.inner.get_task(id);
         self.call("get_task", false, f).await
     }
+    async fn task_status(&self, id: TaskId) -> anywork_core::Result<TaskStatus> {
+        let f = self.inner.task_status(id);
+        self.call("task_status", false, f).await
+    }
     async fn update_task(
         &self,
         id: TaskId,
