@@ -9,6 +9,8 @@
 #   bash scripts/bench-load.sh growth    # 10 → 100 → 1,000 → 10,000 sessions on SQLite and on
 #                                        # PostgreSQL (its own, started here): table + PNG
 #   bash scripts/bench-load.sh breakdown # strace -c and perf stat of the server at 200 × 20
+#   bash scripts/bench-load.sh callgrind # instructions (callgrind Ir) and SQL statements per
+#                                        # task at 20 × 10, repeatable on a loaded machine
 #   bash scripts/bench-load.sh load ARGS # `anywork-bench load ARGS` (see `--help`)
 #
 # Outputs: target/bench-load/*.md and docs/img/load-growth.png.
@@ -49,11 +51,17 @@ case "$what" in
         "$bench" load --sessions 200 --turns 20 --perf-events "$events" --settle-ms 500 "$@"
         "$bench" load --sessions 200 --turns 20 --strace --settle-ms 500 "$@"
         ;;
+    callgrind)
+        # The profiles stay in $out/callgrind for callgrind_annotate.
+        "$bench" load --sessions 20 --turns 10 --min-tasks 0 --settle-ms 500 --callgrind \
+            --callgrind-dir "$out/callgrind" "$@"
+        "$bench" load --sessions 20 --turns 10 --min-tasks 0 --settle-ms 500 --count-sql "$@"
+        ;;
     load)
         "$bench" load "$@"
         ;;
     *)
-        echo "usage: $0 cost|growth|breakdown|load [anywork-bench load options]" >&2
+        echo "usage: $0 cost|growth|breakdown|callgrind|load [anywork-bench load options]" >&2
         exit 2
         ;;
 esac

@@ -13,6 +13,12 @@
 //!    process's CPU (`/proc/PID/stat` utime + stime) and context switches (`/proc/PID/task/*/
 //!    status`) over the run, per task; optionally `strace -c -f -p` or `perf stat -p` over it;
 //! 5. the connections closed: RSS (what is returned).
+//!
+//! `--callgrind` runs the server under `valgrind --tool=callgrind` with instrumentation off
+//! until the measured run, on over it, and dumped at its end: instructions (Ir) per task, a
+//! figure that a loaded machine does not change (the run is ~50× slower: use few sessions and
+//! turns, e.g. `--sessions 20 --turns 10 --min-tasks 0`). `--count-sql` counts the statements
+//! the server runs over the measured run (sqlx's statement log, `sqlx::query` at debug).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -25,7 +31,7 @@ use futures_util::StreamExt;
 
 use crate::plot::{self, Panel};
 use crate::procfs::{self, context_switches, cpu_time, rss_anon_kib, rss_kib};
-use crate::server::ServerProcess;
+use crate::server::{Launch, ServerProcess};
 use crate::standin::{self, StandIn};
 use crate::stats::{Summary, summarize};
 use crate::ws::{self, ChatTimes, Ws};
@@ -83,6 +89,18 @@ pub struct Options {
     /// Wait after opening or closing connections before reading the RSS.
     #[arg(long, default_value_t = 2000)]
     settle_ms: u64,
+    /// Run the server under `valgrind --tool=callgrind`, instrumented over the measured run
+    /// only: instructions per task (its time figures are then meaningless).
+    #[arg(long, conflicts_with_all = ["strace", "perf_events", "count_sql"])]
+    callgrind: bool,
+    /// Keep the callgrind profile of each run in this folder (`callgrind_annotate` reads it);
+    /// by default it is deleted with the run's store.
+    #[arg(long, requires = "callgrind")]
+    callgrind_dir: Option<PathBuf>,
+    /// Count the SQL statements the server runs over the measured run (sqlx logs each one at
+    /// debug level, which costs CPU: other figures are marked).
+    #[arg(long, conflicts_with_all = ["strace", "perf_events"])]
+    count_sql: bool,
 }
 
 /// `NAME=VALUE` of `--server-env`.
@@ -124,6 +142,10 @@ struct Level {
     /// The stand-in's and this process's CPU over the run.
     standin_cpu: Duration,
     loadgen_cpu: Duration,
+    /// Server instructions over the run (`--callgrind`).
+    instructions: Option<u64>,
+    /// SQL statements over the run (`--count-sql`).
+    statements: Option<u64>,
     /// Worker calls over the run by route.
     worker_calls: Vec<(String, u64)>,
     threads: usize,
@@ -171,7 +193,11 @@ struct Bench {
 
 impl Bench {
     /// The server binary on a fresh store: SQLite in the returned folder, or PostgreSQL.
-    async fn server(&self, store: Store) -> anyhow::Result<(ServerProcess, tempfile::TempDir)> {
+    async fn server(
+        &self,
+        store: Store,
+        sessions: usize,
+    ) -> anyhow::Result<(ServerProcess, tempfile::TempDir, Probes)> {
         // Per second as well as per client: every connection comes from 127.0.0.1.
         let mut env = vec![("WS_MESSAGES_PER_SECOND", "0".to_owned())];
         if let Some(n) = self.options.max_concurrent {
@@ -189,14 +215,109 @@ impl Bench {
             env.push(("DATABASE_URL", url));
         }
         let db = tempfile::tempdir()?;
-        let server =
-            ServerProcess::start(&self.server_bin, db.path(), &self.standin.url, &env).await?;
-        Ok((server, db))
+        let mut launch = Launch::default();
+        let mut probes = Probes::default();
+        if self.options.callgrind {
+            static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = match &self.options.callgrind_dir {
+                Some(d) => {
+                    std::fs::create_dir_all(d)?;
+                    d.clone()
+                }
+                None => db.path().to_owned(),
+            };
+            let out = dir.join(format!(
+                "callgrind.{}-{sessions}-{run}.out",
+                store.label().to_lowercase()
+            ));
+            launch.wrapper = vec![
+                "valgrind".to_owned(),
+                "--tool=callgrind".to_owned(),
+                "--instr-atstart=no".to_owned(),
+                format!("--callgrind-out-file={}", out.display()),
+            ];
+            launch.stderr = Some(std::fs::File::create(dir.join(format!(
+                "valgrind.{}-{sessions}-{run}.log",
+                store.label().to_lowercase()
+            )))?);
+            launch.startup = Some(Duration::from_secs(120));
+            probes.callgrind = Some(out);
+        }
+        if self.options.count_sql {
+            env.push(("RUST_LOG", "error,sqlx::query=debug".to_owned()));
+            let log = tempfile::NamedTempFile::new()?;
+            launch.stderr = Some(log.reopen()?);
+            probes.sql_log = Some(log);
+        }
+        let server = ServerProcess::start_with(
+            &self.server_bin,
+            db.path(),
+            &self.standin.url,
+            &env,
+            &launch,
+        )
+        .await?;
+        Ok((server, db, probes))
     }
 
     async fn settle(&self) {
         tokio::time::sleep(Duration::from_millis(self.options.settle_ms)).await;
     }
+}
+
+/// What `--callgrind` and `--count-sql` read.
+#[derive(Default)]
+struct Probes {
+    /// The callgrind output file; its first dump is `<file>.1`.
+    callgrind: Option<PathBuf>,
+    /// The server's stderr with sqlx's statement log.
+    sql_log: Option<tempfile::NamedTempFile>,
+}
+
+impl Probes {
+    /// Statements logged so far.
+    fn statements(&self) -> anyhow::Result<Option<u64>> {
+        let Some(log) = &self.sql_log else {
+            return Ok(None);
+        };
+        let text = std::fs::read(log.path())?;
+        let needle = b" sqlx::query:";
+        Ok(Some(
+            text.windows(needle.len()).filter(|w| *w == needle).count() as u64,
+        ))
+    }
+}
+
+/// `callgrind_control ARGS PID`.
+async fn callgrind_control(pid: u32, args: &[&str]) -> anyhow::Result<()> {
+    let out = tokio::process::Command::new("callgrind_control")
+        .args(args)
+        .arg(pid.to_string())
+        // vgdb finds the server's FIFOs in the server's TMPDIR (unset: /tmp).
+        .env("TMPDIR", "/tmp")
+        .output()
+        .await
+        .context("cannot run callgrind_control (valgrind's)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && text.contains("OK"),
+        "callgrind_control {args:?} {pid} failed: {text}"
+    );
+    Ok(())
+}
+
+/// The total of the first event (Ir) of a callgrind dump.
+fn callgrind_total(path: &Path) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the callgrind dump {}", path.display()))?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("totals:")
+                .or_else(|| l.strip_prefix("summary:"))
+        })
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no totals in {}", path.display()))
 }
 
 /// A session's measured turns, once `go` opens.
@@ -297,7 +418,7 @@ fn perf_per_task(summary: &str, tasks: usize) -> String {
 async fn level(bench: &Bench, store: Store, sessions: usize) -> anyhow::Result<Level> {
     let o = &bench.options;
     let turns_each = o.turns.max(o.min_tasks.div_ceil(sessions)).max(1);
-    let (server, _db) = bench.server(store).await?;
+    let (server, _db, probes) = bench.server(store, sessions).await?;
     let (pid, url) = (server.pid, server.url.clone());
 
     // 1. Warm-up.
@@ -350,6 +471,11 @@ async fn level(bench: &Bench, store: Store, sessions: usize) -> anyhow::Result<L
         .collect();
     let (cpu0, sw0) = (cpu_time(&pid_s)?, context_switches(pid)?);
     let (standin0, self0) = (cpu_time(&standin_pid)?, cpu_time("self")?);
+    if probes.callgrind.is_some() {
+        callgrind_control(pid, &["-i", "on"]).await?;
+        callgrind_control(pid, &["-z"]).await?;
+    }
+    let statements0 = probes.statements()?;
     go.wait().await;
     let started = Instant::now();
     let mut conns = Vec::with_capacity(sessions);
@@ -360,6 +486,24 @@ async fn level(bench: &Bench, store: Store, sessions: usize) -> anyhow::Result<L
         chats.extend(times);
     }
     let wall = started.elapsed();
+    if probes.callgrind.is_some() || probes.sql_log.is_some() {
+        // What the last tasks do after their `done` (hooks, the outbox) is theirs too.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let instructions = match &probes.callgrind {
+        Some(out) => {
+            callgrind_control(pid, &["-d"]).await?;
+            callgrind_control(pid, &["-i", "off"]).await?;
+            let mut dump = out.clone().into_os_string();
+            dump.push(".1");
+            Some(callgrind_total(Path::new(&dump))?)
+        }
+        None => None,
+    };
+    let statements = match (statements0, probes.statements()?) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
     let cpu = cpu_time(&pid_s)? - cpu0;
     let sw1 = context_switches(pid)?;
     let (standin_cpu, loadgen_cpu) = (
@@ -414,6 +558,8 @@ async fn level(bench: &Bench, store: Store, sessions: usize) -> anyhow::Result<L
         switches: (sw1.0.saturating_sub(sw0.0), sw1.1.saturating_sub(sw0.1)),
         standin_cpu,
         loadgen_cpu,
+        instructions,
+        statements,
         worker_calls,
         threads,
         rss_base,
@@ -487,6 +633,23 @@ fn print(label: &str, l: &Level) {
     );
     if let Some(t) = &l.traced {
         println!("load  {label} {}x{}: {t}", l.sessions, l.turns);
+    }
+    if let Some(ir) = l.instructions {
+        println!(
+            "load  {label} {}x{}: callgrind: {ir} instructions (Ir) in the server over the run, \
+             {:.3}M per task",
+            l.sessions,
+            l.turns,
+            ir as f64 / l.tasks as f64 / 1e6
+        );
+    }
+    if let Some(n) = l.statements {
+        println!(
+            "load  {label} {}x{}: {n} SQL statements over the run, {:.2} per task",
+            l.sessions,
+            l.turns,
+            n as f64 / l.tasks as f64
+        );
     }
 }
 
@@ -653,6 +816,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     let note = if o.strace {
         " (under strace)"
+    } else if o.callgrind {
+        " (under callgrind)"
+    } else if o.count_sql {
+        " (logging SQL)"
     } else if o.perf_events.is_some() {
         " (under perf stat)"
     } else {

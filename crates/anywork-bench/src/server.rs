@@ -247,6 +247,10 @@ impl TaskStore for Instrumented {
         let f = self.inner.get_task(id);
         self.call("get_task", false, f).await
     }
+    async fn task_status(&self, id: TaskId) -> anywork_core::Result<TaskStatus> {
+        let f = self.inner.task_status(id);
+        self.call("task_status", false, f).await
+    }
     async fn update_task(
         &self,
         id: TaskId,
@@ -835,6 +839,17 @@ pub(crate) fn server_bin(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// How [`ServerProcess::start_with`] runs the binary.
+#[derive(Debug, Default)]
+pub(crate) struct Launch {
+    /// A program and its arguments that run the binary (e.g. `valgrind --tool=callgrind`).
+    pub wrapper: Vec<String>,
+    /// Where the server's stderr goes (default: this process's).
+    pub stderr: Option<std::fs::File>,
+    /// How long it may take to answer `/api/health` (default 10 s).
+    pub startup: Option<Duration>,
+}
+
 /// The release server binary running as its own process on a free loopback port, with the
 /// static driver to `worker_url`; killed when dropped.
 pub(crate) struct ServerProcess {
@@ -853,10 +868,31 @@ impl ServerProcess {
         worker_url: &str,
         env: &[(&str, String)],
     ) -> anyhow::Result<Self> {
+        Self::start_with(bin, db_dir, worker_url, env, &Launch::default()).await
+    }
+
+    /// [`start`](Self::start), run through `launch`.
+    pub async fn start_with(
+        bin: &Path,
+        db_dir: &Path,
+        worker_url: &str,
+        env: &[(&str, String)],
+        launch: &Launch,
+    ) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let mut command = tokio::process::Command::new(bin);
+        let mut command = match launch.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = tokio::process::Command::new(program);
+                c.args(args).arg(bin);
+                c
+            }
+            None => tokio::process::Command::new(bin),
+        };
+        if let Some(file) = &launch.stderr {
+            command.stderr(file.try_clone()?);
+        }
         command
             .env_clear()
             .env("PATH", "/usr/bin:/bin")
@@ -880,7 +916,7 @@ impl ServerProcess {
         let pid = child.id().context("no pid")?;
         let url = format!("http://127.0.0.1:{port}");
         let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + launch.startup.unwrap_or(Duration::from_secs(10));
         while !client
             .get(format!("{url}/api/health"))
             .send()

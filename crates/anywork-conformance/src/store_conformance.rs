@@ -41,7 +41,8 @@ macro_rules! store_conformance_tests {
     ($factory:path) => {
         $crate::store_conformance_tests!(@cases $factory;
             sessions_crud, session_keys_are_unique_per_channel, list_sessions_order_and_pages,
-            task_round_trips_every_field, status_changes_are_compare_and_set,
+            task_round_trips_every_field, task_status_is_the_stored_status,
+            status_changes_are_compare_and_set,
             illegal_transitions_are_refused, one_winner_among_concurrent_updates,
             leases_renew_and_expire, tasks_by_session_and_status,
             logs_are_numbered_from_one_and_read_after_seq,
@@ -450,6 +451,61 @@ pub async fn task_round_trips_every_field(store: Store) {
         .await
         .unwrap_err();
     assert_eq!(orphan.kind(), ErrorKind::NotFound);
+}
+
+/// `task_status` is the status `get_task` has, through every change; `NotFound` for an
+/// unknown task.
+pub async fn task_status_is_the_stored_status(store: Store) {
+    let task = session_with_task(&store, "s-status", 1).await;
+    assert_eq!(
+        store.task_status(task.id).await.unwrap(),
+        TaskStatus::Pending
+    );
+    store
+        .update_task(
+            task.id,
+            TaskStatus::Pending,
+            TaskChange::to(TaskStatus::Running).lease("server-a", Timestamp(30)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.task_status(task.id).await.unwrap(),
+        TaskStatus::Running
+    );
+    store
+        .update_task(
+            task.id,
+            TaskStatus::Running,
+            TaskChange::to(TaskStatus::InputRequired),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.task_status(task.id).await.unwrap(),
+        TaskStatus::InputRequired
+    );
+    let done = store
+        .update_task(
+            task.id,
+            TaskStatus::InputRequired,
+            TaskChange::finish(TaskOutcome::canceled()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.status, TaskStatus::Canceled);
+    assert_eq!(
+        store.task_status(task.id).await.unwrap(),
+        store.get_task(task.id).await.unwrap().status
+    );
+    assert_eq!(
+        store
+            .task_status(TaskId(uuid_from(999)))
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::NotFound
+    );
 }
 
 /// A stale `expected` status loses and changes nothing.
@@ -1765,6 +1821,9 @@ mod keep_alive {
         }
         async fn get_task(&self, id: TaskId) -> Result<Task> {
             self.store.get_task(id).await
+        }
+        async fn task_status(&self, id: TaskId) -> Result<TaskStatus> {
+            self.store.task_status(id).await
         }
         async fn update_task(&self, id: TaskId, exp: TaskStatus, c: TaskChange) -> Result<Task> {
             self.store.update_task(id, exp, c).await

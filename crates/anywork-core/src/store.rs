@@ -156,6 +156,13 @@ pub trait TaskStore: Send + Sync + 'static {
     /// The task with `id`, or `NotFound`.
     async fn get_task(&self, id: TaskId) -> Result<Task>;
 
+    /// The status of the task with `id`, or `NotFound`: for a caller that needs nothing else
+    /// (a SQL store reads one column instead of the whole row and decoding its JSON). The
+    /// default reads the whole task.
+    async fn task_status(&self, id: TaskId) -> Result<TaskStatus> {
+        Ok(self.get_task(id).await?.status)
+    }
+
     /// Atomically applies `change` if the task's status is still `expected`: a lost race gives
     /// `Conflict` and changes nothing; an illegal transition gives `InvalidTransition`.
     /// Returns the task as stored after the change.

@@ -122,6 +122,13 @@ pub enum ServerMessage {
 }
 
 impl ServerMessage {
+    /// The message's JSON text, byte for byte what `serde_json::to_string` writes, without
+    /// the copy of the whole message that serializing through `Serialize` makes (it flattens
+    /// a clone).
+    pub fn into_json(self) -> serde_json::Result<String> {
+        serde_json::to_string(&FlatServerMessage::from(self))
+    }
+
     /// An error not tied to a task (`{"type":"error","content":message}`).
     pub fn error(message: impl Into<String>) -> Self {
         ServerMessage::Event {

@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use anywork_core::{Result, TaskEvent, TaskId};
+use anywork_core::{Result, TaskEvent, TaskId, TaskStatus};
 use futures_util::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
@@ -94,7 +94,7 @@ pub(crate) async fn follow(
     // after that. A task found over is followed a little longer, so its `done` is not missed;
     // one whose `done` never comes (its server died in between) ends the follow after
     // `OVER_GRACE`.
-    let over = read_task(dispatcher, task_id).await?.status.is_terminal();
+    let over = read_status(dispatcher, task_id).await?.is_terminal();
     if over && (follower.saw_done().await? || follower.catch_up().await?) {
         return Ok(());
     }
@@ -129,6 +129,17 @@ async fn read_task(dispatcher: &Dispatcher, task_id: TaskId) -> Result<anywork_c
     crate::dispatcher::retry_if(
         &dispatcher.config().store_retry,
         || store.get_task(task_id),
+        anywork_core::Error::is_retryable,
+    )
+    .await
+}
+
+/// The task's status, read as [`read_task`] reads the task.
+async fn read_status(dispatcher: &Dispatcher, task_id: TaskId) -> Result<TaskStatus> {
+    let store = dispatcher.store();
+    crate::dispatcher::retry_if(
+        &dispatcher.config().store_retry,
+        || store.task_status(task_id),
         anywork_core::Error::is_retryable,
     )
     .await
@@ -170,8 +181,7 @@ impl Follower<'_> {
                         if self.catch_up().await? {
                             return Ok(());
                         }
-                        let task = self.get_task().await?;
-                        over = task.status.is_terminal();
+                        over = self.status().await?.is_terminal();
                         continue;
                     }
                 }
@@ -216,14 +226,14 @@ impl Follower<'_> {
             if self.out.is_closed() || self.catch_up().await? {
                 return Ok(());
             }
-            let task = self.get_task().await?;
-            if task.status.is_terminal() {
+            let status = self.status().await?;
+            if status.is_terminal() {
                 let since = *over_since.get_or_insert_with(tokio::time::Instant::now);
                 if since.elapsed() >= OVER_GRACE {
                     return Err(anywork_core::Error::unavailable(format!(
                         "task {} ended as {} but its last events were not stored; read the \
                          task for its outcome",
-                        self.task_id, task.status
+                        self.task_id, status
                     )));
                 }
             }
@@ -244,9 +254,9 @@ impl Follower<'_> {
         .await
     }
 
-    /// The task, read as [`read_logs`](Self::read_logs) reads the log.
-    async fn get_task(&self) -> Result<anywork_core::Task> {
-        read_task(self.dispatcher, self.task_id).await
+    /// The task's status, read as [`read_logs`](Self::read_logs) reads the log.
+    async fn status(&self) -> Result<TaskStatus> {
+        read_status(self.dispatcher, self.task_id).await
     }
 
     /// Sends what the log has after `last`. `Ok(true)` once `done` was sent or `out` closed.

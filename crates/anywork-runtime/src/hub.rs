@@ -30,11 +30,16 @@ pub struct LiveEvent {
 impl LiveEvent {
     /// The WebSocket form.
     pub fn to_message(&self) -> ServerMessage {
+        self.clone().into_message()
+    }
+
+    /// The WebSocket form, without copying the event.
+    pub fn into_message(self) -> ServerMessage {
         ServerMessage::Event {
-            session_id: Some(self.session_id.clone()),
+            session_id: Some(self.session_id),
             task_id: Some(self.task_id),
             seq: Some(self.seq),
-            event: self.event.clone(),
+            event: self.event,
         }
     }
 }

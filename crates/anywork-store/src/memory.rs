@@ -348,6 +348,10 @@ impl TaskStore for MemoryStore {
         self.lock().task(id).cloned()
     }
 
+    async fn task_status(&self, id: TaskId) -> Result<TaskStatus> {
+        Ok(self.lock().task(id)?.status)
+    }
+
     async fn find_task_by_idempotency_key(
         &self,
         channel_type: &str,

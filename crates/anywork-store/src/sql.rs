@@ -611,14 +611,15 @@ macro_rules! impl_sql_store {
                             )));
                         }
                     }
-                    let task = update_in(conn, *id, *expected, change).await?;
-                    let last = match rows {
-                        Some(rows) => append_in(conn, *id, rows, false).await?,
-                        None => 0,
-                    };
+                    let locked = lock_task(conn, *id).await?;
+                    let appended = rows.as_deref().unwrap_or_default();
+                    let (task, last) =
+                        update_locked(conn, locked, *expected, change, appended).await?;
+                    insert_logs(conn, *id, appended, last).await?;
                     for d in deliveries {
                         insert_delivery(conn, d).await?;
                     }
+                    let last = if rows.is_some() { $crate::sql::to_u64(last) } else { 0 };
                     Ok(Reply::Task(Box::new(task), last))
                 }
                 WriteOp::ClaimDeliveries {
@@ -783,54 +784,68 @@ macro_rules! impl_sql_store {
                     use anywork_core::Claim;
                     let ctx = "claim a task";
                     let claim = |c| Ok(Reply::Claim(Box::new(c)));
-                    let row = sqlx::query("SELECT session_id FROM tasks WHERE id = $1")
-                        .bind(id.to_string())
+                    #[allow(clippy::const_is_empty)]
+                    let row_locks = !$for_update.is_empty();
+                    if row_locks {
+                        // The session's row lock makes claimers of one session take turns
+                        // (PostgreSQL): what they read next is settled.
+                        let row = sqlx::query("SELECT session_id FROM tasks WHERE id = $1")
+                            .bind(id.to_string())
+                            .fetch_optional(&mut *conn)
+                            .await
+                            .map_err(|e| db_err(ctx, e))?
+                            .ok_or_else(|| {
+                                anywork_core::Error::not_found(format!("task {id} not found"))
+                            })?;
+                        let session = Cols(&row).str("session_id")?;
+                        sqlx::query(&format!(
+                            "SELECT id FROM sessions WHERE id = $1{}",
+                            $for_update
+                        ))
+                        .bind(&session)
                         .fetch_optional(&mut *conn)
                         .await
-                        .map_err(|e| db_err(ctx, e))?
-                        .ok_or_else(|| {
-                            anywork_core::Error::not_found(format!("task {id} not found"))
-                        })?;
-                    let session = Cols(&row).str("session_id")?;
-                    // The session's row lock makes claimers of one session take turns (on
-                    // PostgreSQL; SQLite has one writer): what they read next is settled.
-                    sqlx::query(&format!(
-                        "SELECT id FROM sessions WHERE id = $1{}",
-                        $for_update
-                    ))
-                    .bind(&session)
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(|e| db_err(ctx, e))?;
+                        .map_err(|e| db_err(ctx, e))?;
+                    }
+                    // SQLite has one writer at a time (this transaction): nothing to lock,
+                    // and the task's row names its session.
                     let task = lock_task(conn, *id).await?;
+                    let session = task.session_id.as_str().to_owned();
                     if task.status != anywork_core::TaskStatus::Pending {
                         return claim(Claim::NotPending(task));
                     }
-                    let busy = sqlx::query(&format!(
-                        "SELECT {} FROM tasks WHERE session_id = $1 \
-                         AND status IN ('running', 'input_required') LIMIT 1",
-                        $crate::sql::TASK_COLUMNS
-                    ))
-                    .bind(&session)
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(|e| db_err(ctx, e))?;
-                    if let Some(row) = busy {
-                        return claim(Claim::Busy(task_from_row(&row)?));
-                    }
+                    // One read for both questions: an active task of the session sorts
+                    // first (busy), else its oldest pending one (whose turn it is). Most
+                    // often that is this task: its id and status tell, and only another
+                    // task's whole row is read.
                     let first = sqlx::query(&format!(
-                        "SELECT {} FROM tasks WHERE session_id = $1 AND status = 'pending' \
-                         ORDER BY created_at, id LIMIT 1",
-                        $crate::sql::TASK_COLUMNS
+                        "SELECT id, status FROM tasks WHERE session_id = $1 AND status IN {} \
+                         ORDER BY CASE WHEN status = 'pending' THEN 1 ELSE 0 END, \
+                         created_at, id LIMIT 1",
+                        $crate::sql::ACTIVE
                     ))
                     .bind(&session)
                     .fetch_optional(&mut *conn)
                     .await
                     .map_err(|e| db_err(ctx, e))?;
                     if let Some(row) = first {
-                        let first = task_from_row(&row)?;
-                        if first.id != *id {
-                            return claim(Claim::NotFirst(first));
+                        let (first, status): (anywork_core::TaskId, anywork_core::TaskStatus) =
+                            (Cols(&row).parse("id")?, Cols(&row).parse("status")?);
+                        if first != *id || status != anywork_core::TaskStatus::Pending {
+                            let other = sqlx::query(&format!(
+                                "SELECT {} FROM tasks WHERE id = $1",
+                                $crate::sql::TASK_COLUMNS
+                            ))
+                            .bind(first.to_string())
+                            .fetch_one(&mut *conn)
+                            .await
+                            .map_err(|e| db_err(ctx, e))?;
+                            let other = task_from_row(&other)?;
+                            return claim(if status == anywork_core::TaskStatus::Pending {
+                                Claim::NotFirst(other)
+                            } else {
+                                Claim::Busy(other)
+                            });
                         }
                     }
                     for (i, d) in deliveries.iter().enumerate() {
@@ -842,12 +857,20 @@ macro_rules! impl_sql_store {
                             )));
                         }
                     }
-                    let task = update_in(conn, *id, anywork_core::TaskStatus::Pending, change).await?;
-                    let last = append_in(conn, *id, rows, false).await?;
+                    // The task row read above is the locked one: no second read.
+                    let (task, last) = update_locked(
+                        conn,
+                        task,
+                        anywork_core::TaskStatus::Pending,
+                        change,
+                        rows,
+                    )
+                    .await?;
+                    insert_logs(conn, *id, rows, last).await?;
                     for d in deliveries {
                         insert_delivery(conn, d).await?;
                     }
-                    claim(Claim::Claimed(task, last))
+                    claim(Claim::Claimed(task, $crate::sql::to_u64(last)))
                 }
                 WriteOp::PutSetting { key, value, at } => {
                     sqlx::query(
@@ -866,16 +889,20 @@ macro_rules! impl_sql_store {
             }
         }
 
-        /// The compare-and-set of `update_task`, inside the transaction on `conn`.
-        async fn update_in(
+        /// The compare-and-set of `update_task` on `task`, its row as locked by
+        /// [`lock_task`] inside the transaction on `conn`, reserving the seqs of `rows` in the
+        /// same `UPDATE` (which [`insert_logs`] then writes): the task as changed and its last
+        /// seq.
+        async fn update_locked(
             conn: &mut Conn,
-            id: anywork_core::TaskId,
+            mut task: anywork_core::Task,
             expected: anywork_core::TaskStatus,
             change: &anywork_core::TaskChange,
-        ) -> anywork_core::Result<anywork_core::Task> {
+            rows: &[(String, String, i64)],
+        ) -> anywork_core::Result<(anywork_core::Task, i64)> {
             use $crate::sql::to_i64;
             let ctx = "update task";
-            let mut task = lock_task(conn, id).await?;
+            let id = task.id;
             if task.status != expected {
                 return Err(anywork_core::Error::conflict(format!(
                     "task {id} is {} now, not {expected}",
@@ -886,13 +913,14 @@ macro_rules! impl_sql_store {
             let structured = task.structured_output.as_ref().map(json_text).transpose()?;
             let result = task.result.as_ref().map(json_text).transpose()?;
             let error = task.error.as_ref().map(json_text).transpose()?;
+            let count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
             let done = sqlx::query(
                 "UPDATE tasks SET status = $1, result = $2, structured_output = $3, \
                  error = $4, cost_usd = $5, input_tokens = $6, output_tokens = $7, \
                  cache_creation_input_tokens = $8, cache_read_input_tokens = $9, \
                  num_turns = $10, duration_ms = $11, worker_id = $12, lease_owner = $13, \
-                 lease_expires_at = $14, started_at = $15, finished_at = $16 \
-                 WHERE id = $17 AND status = $18",
+                 lease_expires_at = $14, started_at = $15, finished_at = $16, \
+                 last_seq = last_seq + $19 WHERE id = $17 AND status = $18 RETURNING last_seq",
             )
             .bind(task.status.as_str())
             .bind(result)
@@ -912,15 +940,16 @@ macro_rules! impl_sql_store {
             .bind(task.finished_at.map(|t| t.0))
             .bind(id.to_string())
             .bind(expected.as_str())
-            .execute(&mut *conn)
+            .bind(count)
+            .fetch_optional(&mut *conn)
             .await
             .map_err(|e| $crate::sql::db_err(ctx, e))?;
-            if done.rows_affected() == 0 {
+            let Some(row) = done else {
                 return Err(anywork_core::Error::conflict(format!(
                     "task {id} changed concurrently"
                 )));
-            }
-            Ok(task)
+            };
+            Ok((task, Cols(&row).i64("last_seq")?))
         }
 
         /// Appends `rows` to `task_id`'s log inside the transaction on `conn`; the last seq.
@@ -972,6 +1001,24 @@ macro_rules! impl_sql_store {
                 }
             };
             let last = Cols(&row).i64("last_seq")?;
+            insert_logs(conn, task_id, rows, last).await?;
+            Ok($crate::sql::to_u64(last))
+        }
+
+        /// Writes `rows`, whose seqs were reserved up to `last`, to `task_id`'s log inside the
+        /// transaction on `conn` (and tells the change feed, on PostgreSQL).
+        async fn insert_logs(
+            conn: &mut Conn,
+            task_id: anywork_core::TaskId,
+            rows: &[(String, String, i64)],
+            last: i64,
+        ) -> anywork_core::Result<()> {
+            let ctx = "append logs";
+            if rows.is_empty() {
+                return Ok(());
+            }
+            let id = task_id.to_string();
+            let count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
             let mut seq = last - count;
             for chunk in rows.chunks($crate::sql::LOG_CHUNK) {
                 let mut insert = sqlx::QueryBuilder::<$db>::new(
@@ -1006,7 +1053,7 @@ macro_rules! impl_sql_store {
                     .await
                     .map_err(|e| $crate::sql::db_err(ctx, e))?;
             }
-            Ok($crate::sql::to_u64(last))
+            Ok(())
         }
 
         async fn lock_task(
@@ -1410,6 +1457,21 @@ macro_rules! impl_sql_store {
                         anywork_core::Error::not_found(format!("task {id} not found"))
                     })?;
                 task_from_row(&row)
+            }
+
+            async fn task_status(
+                &self,
+                id: anywork_core::TaskId,
+            ) -> anywork_core::Result<anywork_core::TaskStatus> {
+                let row = sqlx::query("SELECT status FROM tasks WHERE id = $1")
+                    .bind(id.to_string())
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|e| $crate::sql::db_err("read task status", e))?
+                    .ok_or_else(|| {
+                        anywork_core::Error::not_found(format!("task {id} not found"))
+                    })?;
+                Cols(&row).parse("status")
             }
 
             async fn find_task_by_idempotency_key(

@@ -176,6 +176,9 @@ impl TaskStore for FaultyStore {
     async fn get_task(&self, id: TaskId) -> Result<Task> {
         self.inner.get_task(id).await
     }
+    async fn task_status(&self, id: TaskId) -> Result<TaskStatus> {
+        self.inner.task_status(id).await
+    }
     async fn update_task(
         &self,
         id: TaskId,

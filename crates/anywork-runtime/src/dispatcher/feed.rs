@@ -78,8 +78,8 @@ fn end_run(inner: &Inner, id: TaskId) {
 async fn end_runs_of_ended_tasks(inner: &Inner) {
     let running: Vec<TaskId> = lock(&inner.runs).keys().copied().collect();
     for id in running {
-        match inner.store.get_task(id).await {
-            Ok(task) if task.status.is_terminal() => end_run(inner, id),
+        match inner.store.task_status(id).await {
+            Ok(status) if status.is_terminal() => end_run(inner, id),
             Ok(_) => {}
             Err(e) => tracing::debug!(task = %id, error = %e, "cannot read a task run here"),
         }

@@ -151,8 +151,8 @@ pub(super) async fn wait_until_session_is_free(inner: &Inner, session: &SessionI
         };
         let mut active = Vec::new();
         for id in ids {
-            match inner.store.get_task(id).await {
-                Ok(t) if t.status.is_active() => active.push(id),
+            match inner.store.task_status(id).await {
+                Ok(status) if status.is_active() => active.push(id),
                 Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
                 Err(_) => active.push(id),

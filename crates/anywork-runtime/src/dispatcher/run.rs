@@ -42,8 +42,8 @@ pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
             }
         };
         // Started or ended meanwhile (by another server, or canceled): nothing to do.
-        match inner.store.get_task(next.id).await {
-            Ok(t) if t.status != TaskStatus::Pending => continue,
+        match inner.store.task_status(next.id).await {
+            Ok(status) if status != TaskStatus::Pending => continue,
             Err(e) if e.kind() == ErrorKind::NotFound => continue,
             _ => {}
         }
@@ -59,7 +59,9 @@ pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
         }
         let id = next.id;
         let retry_after = inner.config.store_retry.max;
-        match run_task(&inner, next).await {
+        // Boxed: a run's future is large, and this runner's (spawned per busy session, and
+        // copied whole by each move Tokio makes of it) would otherwise be as large.
+        match Box::pin(run_task(&inner, next)).await {
             Ok(()) => {}
             Err(RunError::NotStarted(e, task)) => {
                 // The store could not take `pending → running`: the task is still pending.
@@ -98,8 +100,8 @@ async fn wait_until_over(inner: &Inner, id: TaskId) {
         if inner.closing.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
-        match inner.store.get_task(id).await {
-            Ok(t) if t.status.is_active() => {}
+        match inner.store.task_status(id).await {
+            Ok(status) if status.is_active() => {}
             Ok(_) => return,
             Err(e) if e.kind() == ErrorKind::NotFound => return,
             Err(_) => {}

@@ -203,7 +203,7 @@ impl Outgoing {
                 if let anywork_core::TaskEvent::Done(_) = event.event {
                     followers.remove(&event.task_id);
                 }
-                event.to_message()
+                event.into_message()
             }
             Outgoing::Reply(reply) => *reply,
         }
@@ -266,7 +266,7 @@ async fn connection(state: AppState, socket: &mut WebSocket) {
                 while let Some(Ok(item)) = inbox.as_mut().map(mpsc::Receiver::try_recv) {
                     out.push(item.into_message(&mut conn.followers));
                 }
-                let _ = send_all(socket, &out).await;
+                let _ = send_all(socket, out).await;
                 let _ = socket
                     .send(Message::Close(Some(CloseFrame {
                         code: close_code::AWAY,
@@ -312,7 +312,7 @@ async fn connection(state: AppState, socket: &mut WebSocket) {
                 None => break,
             },
         };
-        if send_all(socket, &out).await.is_err() {
+        if send_all(socket, out).await.is_err() {
             break;
         }
     }
@@ -328,13 +328,13 @@ fn is_too_large(e: &axum::Error) -> bool {
 }
 
 /// Sends `messages` with one flush at the end.
-async fn send_all(socket: &mut WebSocket, messages: &[ServerMessage]) -> Result<(), axum::Error> {
+async fn send_all(socket: &mut WebSocket, messages: Vec<ServerMessage>) -> Result<(), axum::Error> {
     use futures_util::SinkExt as _;
     if messages.is_empty() {
         return Ok(());
     }
     for message in messages {
-        let text = serde_json::to_string(message).unwrap_or_else(|e| {
+        let text = message.into_json().unwrap_or_else(|e| {
             serde_json::json!({"type": "error", "content": format!("cannot encode a message: {e}")})
                 .to_string()
         });
@@ -356,17 +356,25 @@ impl Connection {
     }
 
     async fn handle(&mut self, text: &str) -> Vec<ServerMessage> {
-        let Ok(value) = serde_json::from_str::<serde_json::Value>(text) else {
-            return vec![ServerMessage::error("Invalid JSON")];
-        };
-        let context = RequestContext::of(&value);
-        let message = match serde_json::from_value::<ClientMessage>(value) {
+        // Parsed once, straight into a message; the text is read again for the refusal's
+        // context only when something is refused.
+        let message = match serde_json::from_str::<ClientMessage>(text) {
             Ok(m) => m,
-            Err(e) => {
-                return vec![context.refused(
-                    "invalid_message",
-                    format!("Invalid message: {e}; nothing was created"),
-                )];
+            // Read as before this shortcut: a JSON value first (what is not JSON is told so),
+            // then the message from it (whose errors name no text positions).
+            Err(_) => {
+                let Ok(value) = serde_json::from_str::<serde_json::Value>(text) else {
+                    return vec![ServerMessage::error("Invalid JSON")];
+                };
+                match serde_json::from_value::<ClientMessage>(value.clone()) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        return vec![RequestContext::of(&value).refused(
+                            "invalid_message",
+                            format!("Invalid message: {e}; nothing was created"),
+                        )];
+                    }
+                }
             }
         };
         match message {
@@ -377,7 +385,7 @@ impl Connection {
                 skills,
                 mcp_servers,
             } => {
-                self.chat(&context, session_id, message, skills, mcp_servers)
+                self.chat(text, session_id, message, skills, mcp_servers)
                     .await
             }
             ClientMessage::Resume { task_id, after_seq } => {
@@ -414,9 +422,10 @@ impl Connection {
         }
     }
 
+    /// A chat; `text` is the client's message, whose context a refusal echoes.
     async fn chat(
         &mut self,
-        context: &RequestContext,
+        text: &str,
         session_id: Option<SessionId>,
         message: String,
         skills: Vec<anywork_core::SkillSpec>,
@@ -443,7 +452,7 @@ impl Connection {
                 self.spawn_follower(task.id, events);
                 out
             }
-            Err(e) => vec![context.refused(
+            Err(e) => vec![RequestContext::of_text(text).refused(
                 e.kind().as_str(),
                 format!(
                     "{}; nothing was created",
@@ -514,6 +523,17 @@ struct RequestContext {
 }
 
 impl RequestContext {
+    /// The context of a message that parsed as JSON.
+    fn of_text(text: &str) -> Self {
+        match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(value) => Self::of(&value),
+            Err(_) => Self {
+                session_id: None,
+                request_id: None,
+            },
+        }
+    }
+
     fn of(value: &serde_json::Value) -> Self {
         Self {
             session_id: value
