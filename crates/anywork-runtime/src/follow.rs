@@ -167,7 +167,7 @@ impl Follower<'_> {
                         if self.dispatcher.runs_here(self.task_id) {
                             continue;
                         }
-                        if self.catch_up().await? {
+                        if self.fallback_catch_up("quiet").await? {
                             return Ok(());
                         }
                         let task = self.get_task().await?;
@@ -213,7 +213,7 @@ impl Follower<'_> {
         let mut over_since: Option<tokio::time::Instant> = None;
         loop {
             tokio::time::sleep(POLL_EVERY).await;
-            if self.out.is_closed() || self.catch_up().await? {
+            if self.out.is_closed() || self.fallback_catch_up("closed").await? {
                 return Ok(());
             }
             let task = self.get_task().await?;
@@ -269,6 +269,17 @@ impl Follower<'_> {
                 return Ok(false);
             }
         }
+    }
+
+    /// [`catch_up`](Self::catch_up) because nothing came live (`why`), counted with whether
+    /// it found events (what the live path did not bring).
+    async fn fallback_catch_up(&mut self, why: &'static str) -> Result<bool> {
+        let before = self.last;
+        let over = self.catch_up().await?;
+        self.dispatcher
+            .metrics()
+            .fallback_read(why, self.last != before);
+        Ok(over)
     }
 
     /// Whether the event at `last` (what the caller already has) is the task's `done`.

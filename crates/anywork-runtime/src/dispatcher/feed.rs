@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::sync::Weak;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use anywork_core::{ChangeFeed, FeedItem, SessionId, TaskEvent, TaskId};
 use futures_util::StreamExt;
@@ -30,8 +31,19 @@ const PAGE: u32 = 500;
 type Known = HashMap<TaskId, (SessionId, u64)>;
 
 pub(super) async fn feed_loop(inner: Weak<Inner>, mut feed: ChangeFeed) {
+    // Changes are taken off the feed as they come, with their arrival time, so that the
+    // wait of each before its read is measured.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, FeedItem)>(1024);
+    let reader = tokio::spawn(async move {
+        while let Some(item) = feed.next().await {
+            if tx.send((Instant::now(), item)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let _reader = AbortOnDrop(reader);
     let mut known = Known::new();
-    while let Some(item) = feed.next().await {
+    while let Some((arrived, item)) = rx.recv().await {
         let Some(inner) = inner.upgrade() else { return };
         if inner.stopped.load(Ordering::Relaxed) {
             return;
@@ -40,6 +52,7 @@ pub(super) async fn feed_loop(inner: Weak<Inner>, mut feed: ChangeFeed) {
             FeedItem::Changed(change) => {
                 let id = change.task_id;
                 if !inner.hub.is_followed(id) || lock(&inner.runs).contains_key(&id) {
+                    inner.metrics.feed_change("skipped");
                     known.remove(&id);
                     continue;
                 }
@@ -47,7 +60,10 @@ pub(super) async fn feed_loop(inner: Weak<Inner>, mut feed: ChangeFeed) {
                     .get(&id)
                     .map_or(change.first.saturating_sub(1), |k| k.1);
                 if change.last > after {
-                    forward(&inner, &mut known, id, after).await;
+                    inner.metrics.feed_change("read");
+                    forward(&inner, &mut known, id, after, arrived).await;
+                } else {
+                    inner.metrics.feed_change("covered");
                 }
             }
             FeedItem::Ended(id) => end_run(&inner, id),
@@ -55,7 +71,7 @@ pub(super) async fn feed_loop(inner: Weak<Inner>, mut feed: ChangeFeed) {
                 known.retain(|id, _| inner.hub.is_followed(*id));
                 let tasks: Vec<(TaskId, u64)> = known.iter().map(|(id, k)| (*id, k.1)).collect();
                 for (id, after) in tasks {
-                    forward(&inner, &mut known, id, after).await;
+                    forward(&inner, &mut known, id, after, arrived).await;
                 }
                 end_runs_of_ended_tasks(&inner).await;
             }
@@ -86,8 +102,17 @@ async fn end_runs_of_ended_tasks(inner: &Inner) {
     }
 }
 
-/// Publishes the events of `id` after `after` from the log.
-async fn forward(inner: &Inner, known: &mut Known, id: TaskId, mut after: u64) {
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Publishes the events of `id` after `after` from the log, for a change that `arrived`.
+async fn forward(inner: &Inner, known: &mut Known, id: TaskId, mut after: u64, arrived: Instant) {
     let session = match known.get(&id) {
         Some((s, _)) => s.clone(),
         None => match inner.store.get_task(id).await {
@@ -99,7 +124,13 @@ async fn forward(inner: &Inner, known: &mut Known, id: TaskId, mut after: u64) {
         },
     };
     loop {
-        let logs = match inner.store.read_logs(id, after, PAGE).await {
+        let started = Instant::now();
+        let read = inner.store.read_logs(id, after, PAGE).await;
+        inner.metrics.feed_read(
+            started.saturating_duration_since(arrived),
+            started.elapsed(),
+        );
+        let logs = match read {
             Ok(l) => l,
             Err(e) => {
                 // Its followers read the log themselves when it stays quiet.

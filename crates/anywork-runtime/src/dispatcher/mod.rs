@@ -162,6 +162,11 @@ impl Dispatcher {
         &self.inner.hub
     }
 
+    /// The dispatcher's metrics (inside the crate only).
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
     /// Whether this server runs `task_id` now: its events reach the hub here, and a follower
     /// needs no log reads to see them.
     pub(crate) fn runs_here(&self, task_id: TaskId) -> bool {
