@@ -79,7 +79,7 @@ pub(crate) async fn follow(
 ) -> Result<()> {
     let task = read_task(dispatcher, task_id).await?;
     // Subscribe before reading: whatever the read misses arrives live.
-    let mut live = dispatcher.hub().subscribe(task_id);
+    let mut live = dispatcher.hub().subscribe(task_id, &task.session_id);
     let mut follower = Follower {
         dispatcher,
         task_id,
@@ -437,7 +437,7 @@ mod tests {
     #[tokio::test]
     async fn a_submitted_task_followed_live_survives_falling_behind() {
         let (d, task) = with_task().await;
-        let live = d.hub().subscribe(task.id);
+        let live = d.hub().subscribe(task.id, &task.session_id);
         // More events than the channel holds (1024), all published before anyone reads.
         let mut events: Vec<TaskEvent> =
             (0..1100).map(|i| TaskEvent::text(format!("{i}"))).collect();

@@ -51,7 +51,7 @@ pub(super) async fn feed_loop(inner: Weak<Inner>, mut feed: ChangeFeed) {
         match item {
             FeedItem::Changed(change) => {
                 let id = change.task_id;
-                if !inner.hub.is_followed(id) || lock(&inner.runs).contains_key(&id) {
+                if !inner.hub.is_followed(id) || inner.runs_here(id) {
                     inner.metrics.feed_change("skipped");
                     known.remove(&id);
                     continue;
@@ -83,7 +83,7 @@ pub(super) async fn feed_loop(inner: Weak<Inner>, mut feed: ChangeFeed) {
 /// Stops the run of `id` here, if any: its task is over (whoever ended it). A run that wrote
 /// the `done` itself is ending anyway and never reads this.
 fn end_run(inner: &Inner, id: TaskId) {
-    let run = lock(&inner.runs).get(&id).cloned();
+    let run = lock(&inner.runs).get(&id).map(|r| r.control.clone());
     if let Some(run) = run {
         // A full queue (a burst of control messages) leaves it to the lease renewal.
         let _ = run.try_send(Control::Ended);
