@@ -147,6 +147,7 @@ impl Hub {
     }
 
     /// Whether anyone follows `task_id` here.
+    #[cfg(test)]
     pub(crate) fn is_followed(&self, task_id: TaskId) -> bool {
         self.followed_session(task_id).is_some()
     }

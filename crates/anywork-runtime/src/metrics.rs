@@ -256,6 +256,21 @@ impl Metrics {
         self.feed_read.observe(took.as_secs_f64());
     }
 
+    /// Log pages read by the change feed so far.
+    #[cfg(test)]
+    pub(crate) fn feed_reads(&self) -> u64 {
+        self.feed_reads.get()
+    }
+
+    /// Changes the change feed took in so far.
+    #[cfg(test)]
+    pub(crate) fn feed_changes_told(&self) -> u64 {
+        ["read", "covered", "skipped"]
+            .into_iter()
+            .map(|o| self.feed_changes.get_or_create(&[("outcome", o)]).get())
+            .sum()
+    }
+
     /// A follower read the log because nothing came live (`why`: `quiet`, `closed`), and
     /// found events or nothing.
     pub(crate) fn fallback_read(&self, why: &'static str, found_events: bool) {
