@@ -239,6 +239,10 @@ impl Forwarder {
         if let Some(last) = logs.last() {
             r.last = r.last.max(last.seq);
         }
+        if !r.wants_read() {
+            // The changes told during the read were served by it.
+            r.since = None;
+        }
         let session = r.session.clone();
         inner.hub.publish(logs.into_iter().map(|l| LiveEvent {
             task_id: id,
