@@ -322,8 +322,86 @@ async fn arrivals(mut ws: Ws, task: String) -> anyhow::Result<BTreeMap<u64, Inst
     }
 }
 
+/// The change feed's and the followers' counters (`anywork_feed_*`, `anywork_follow_*`),
+/// summed over the replicas' `/metrics`: series name with its labels → value.
+async fn feed_counters(urls: &[String]) -> anyhow::Result<BTreeMap<String, f64>> {
+    let http = reqwest::Client::new();
+    let mut out = BTreeMap::new();
+    for url in urls {
+        let text = http
+            .get(format!("{url}/metrics"))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        for line in text.lines() {
+            if !(line.starts_with("anywork_feed_") || line.starts_with("anywork_follow_")) {
+                continue;
+            }
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            if let Ok(v) = value.parse::<f64>() {
+                *out.entry(series.to_owned()).or_insert(0.0) += v;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Prints what the change feed and the followers did between two [`feed_counters`].
+fn print_feed_counts(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) {
+    let d = |name: &str| {
+        after.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0)
+    };
+    let changes = |outcome: &str| {
+        d(&format!(
+            "anywork_feed_changes_total{{outcome=\"{outcome}\"}}"
+        ))
+    };
+    let (read, covered, skipped) = (changes("read"), changes("covered"), changes("skipped"));
+    let reads = d("anywork_feed_log_reads_total");
+    let followed = read + covered;
+    println!(
+        "  change feed (all replicas): {} changes of followed remote tasks ({read} read, \
+         {covered} covered by another read), {skipped} skipped; {reads} log reads = {:.2} per \
+         followed change",
+        followed,
+        if followed > 0.0 {
+            reads / followed
+        } else {
+            0.0
+        }
+    );
+    let n = d("anywork_feed_wait_seconds_count");
+    if n > 0.0 {
+        let le = |h: &str, b: &str| d(&format!("anywork_feed_{h}_seconds_bucket{{le=\"{b}\"}}"));
+        println!(
+            "  change feed: wait before the read mean {:.2} ms ({:.1} % ≤ 5 ms), read mean {:.2} ms ({:.1} % ≤ 5 ms)",
+            d("anywork_feed_wait_seconds_sum") / n * 1000.0,
+            le("wait", "0.005") / n * 100.0,
+            d("anywork_feed_read_seconds_sum") / n * 1000.0,
+            le("read", "0.005") / n * 100.0,
+        );
+    }
+    let fallback = |why: &str, found: &str| {
+        d(&format!(
+            "anywork_follow_fallback_reads_total{{why=\"{why}\",found=\"{found}\"}}"
+        ))
+    };
+    println!(
+        "  followers' fallback log reads: quiet {} (found events: {}), after their live channel closed {} (found events: {})",
+        fallback("quiet", "events") + fallback("quiet", "nothing"),
+        fallback("quiet", "events"),
+        fallback("closed", "events") + fallback("closed", "nothing"),
+        fallback("closed", "events"),
+    );
+}
+
 /// A chat on replica B followed there and on replica A: how much later A sees each event.
 async fn cross(options: &Options, urls: &[String], worker: &OriginalWorker) -> anyhow::Result<()> {
+    let counters = feed_counters(urls).await?;
     let mut events = vec![OriginalEvent::text("x"); 10];
     events.push(OriginalEvent::done("x", 0.0, 1, 1));
     worker.set_default(Script {
@@ -376,6 +454,7 @@ async fn cross(options: &Options, urls: &[String], worker: &OriginalWorker) -> a
             "  cross-replica: an event seen by a follower on another replica later than by one on the running replica: {s}"
         );
     }
+    print_feed_counts(&counters, &feed_counters(urls).await?);
     Ok(())
 }
 

@@ -79,7 +79,7 @@ pub(crate) async fn follow(
 ) -> Result<()> {
     let task = read_task(dispatcher, task_id).await?;
     // Subscribe before reading: whatever the read misses arrives live.
-    let mut live = dispatcher.hub().subscribe(task_id);
+    let mut live = dispatcher.hub().subscribe(task_id, &task.session_id);
     let mut follower = Follower {
         dispatcher,
         task_id,
@@ -178,7 +178,7 @@ impl Follower<'_> {
                         if self.dispatcher.runs_here(self.task_id) {
                             continue;
                         }
-                        if self.catch_up().await? {
+                        if self.fallback_catch_up("quiet").await? {
                             return Ok(());
                         }
                         over = self.status().await?.is_terminal();
@@ -223,7 +223,7 @@ impl Follower<'_> {
         let mut over_since: Option<tokio::time::Instant> = None;
         loop {
             tokio::time::sleep(POLL_EVERY).await;
-            if self.out.is_closed() || self.catch_up().await? {
+            if self.out.is_closed() || self.fallback_catch_up("closed").await? {
                 return Ok(());
             }
             let status = self.status().await?;
@@ -279,6 +279,17 @@ impl Follower<'_> {
                 return Ok(false);
             }
         }
+    }
+
+    /// [`catch_up`](Self::catch_up) because nothing came live (`why`), counted with whether
+    /// it found events (what the live path did not bring).
+    async fn fallback_catch_up(&mut self, why: &'static str) -> Result<bool> {
+        let before = self.last;
+        let over = self.catch_up().await?;
+        self.dispatcher
+            .metrics()
+            .fallback_read(why, self.last != before);
+        Ok(over)
     }
 
     /// Whether the event at `last` (what the caller already has) is the task's `done`.
@@ -436,7 +447,7 @@ mod tests {
     #[tokio::test]
     async fn a_submitted_task_followed_live_survives_falling_behind() {
         let (d, task) = with_task().await;
-        let live = d.hub().subscribe(task.id);
+        let live = d.hub().subscribe(task.id, &task.session_id);
         // More events than the channel holds (1024), all published before anyone reads.
         let mut events: Vec<TaskEvent> =
             (0..1100).map(|i| TaskEvent::text(format!("{i}"))).collect();

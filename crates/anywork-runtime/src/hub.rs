@@ -44,11 +44,17 @@ impl LiveEvent {
     }
 }
 
-type TaskChannels = Mutex<HashMap<TaskId, broadcast::Sender<Arc<LiveEvent>>>>;
+/// A followed task's channel, and its session (what the change feed needs to publish the
+/// events of a task run elsewhere without reading the task).
+#[derive(Debug)]
+struct TaskChannel {
+    sender: broadcast::Sender<Arc<LiveEvent>>,
+    session: SessionId,
+}
 
-fn lock(
-    tasks: &TaskChannels,
-) -> MutexGuard<'_, HashMap<TaskId, broadcast::Sender<Arc<LiveEvent>>>> {
+type TaskChannels = Mutex<HashMap<TaskId, TaskChannel>>;
+
+fn lock(tasks: &TaskChannels) -> MutexGuard<'_, HashMap<TaskId, TaskChannel>> {
     // A panic while holding this lock cannot leave the map inconsistent.
     tasks.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -86,7 +92,7 @@ impl Drop for Subscription {
         let mut tasks = lock(&self.tasks);
         if tasks
             .get(&self.task_id)
-            .is_some_and(|s| s.receiver_count() == 0)
+            .is_some_and(|c| c.sender.receiver_count() == 0)
         {
             tasks.remove(&self.task_id);
         }
@@ -105,16 +111,21 @@ impl Hub {
         }
     }
 
-    fn tasks(&self) -> MutexGuard<'_, HashMap<TaskId, broadcast::Sender<Arc<LiveEvent>>>> {
+    fn tasks(&self) -> MutexGuard<'_, HashMap<TaskId, TaskChannel>> {
         lock(&self.tasks)
     }
 
-    /// Follows `task_id` from now on. Pair with a log read to get what came before.
-    pub(crate) fn subscribe(&self, task_id: TaskId) -> Subscription {
+    /// Follows `task_id` of `session_id` from now on. Pair with a log read to get what came
+    /// before.
+    pub(crate) fn subscribe(&self, task_id: TaskId, session_id: &SessionId) -> Subscription {
         let live = self
             .tasks()
             .entry(task_id)
-            .or_insert_with(|| broadcast::channel(self.capacity).0)
+            .or_insert_with(|| TaskChannel {
+                sender: broadcast::channel(self.capacity).0,
+                session: session_id.clone(),
+            })
+            .sender
             .subscribe();
         Subscription {
             tasks: self.tasks.clone(),
@@ -127,7 +138,7 @@ impl Hub {
     pub(crate) fn publish(&self, events: impl IntoIterator<Item = LiveEvent>) {
         let mut events = events.into_iter().peekable();
         let Some(first) = events.peek() else { return };
-        let sender = self.tasks().get(&first.task_id).cloned();
+        let sender = self.tasks().get(&first.task_id).map(|c| c.sender.clone());
         if let Some(sender) = sender {
             for event in events {
                 let _ = sender.send(Arc::new(event));
@@ -141,10 +152,17 @@ impl Hub {
     }
 
     /// Whether anyone follows `task_id` here.
+    #[cfg(test)]
     pub(crate) fn is_followed(&self, task_id: TaskId) -> bool {
+        self.followed_session(task_id).is_some()
+    }
+
+    /// The session of `task_id` if anyone follows it here.
+    pub(crate) fn followed_session(&self, task_id: TaskId) -> Option<SessionId> {
         self.tasks()
             .get(&task_id)
-            .is_some_and(|s| s.receiver_count() > 0)
+            .filter(|c| c.sender.receiver_count() > 0)
+            .map(|c| c.session.clone())
     }
 
     /// Tasks with a live channel (for metrics and leak checks).

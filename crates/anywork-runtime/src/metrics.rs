@@ -22,6 +22,11 @@
 //! | `anywork_model_cost_usd_total` | counter: cost of finished tasks, US dollars | `model` |
 //! | `anywork_model_retries_total` | counter: model calls retried (progress `model_retry`) | `model` |
 //! | `anywork_model_errors_total` | counter: model API errors told by an `error` event | `model`, `code` |
+//! | `anywork_feed_changes_total` | counter: log appends told by the store's change feed (other servers' runs) | `outcome`: read (started a log read), covered (its events were read, or are being read, by a read of another change), skipped (nobody follows the task here, or it runs here) |
+//! | `anywork_feed_log_reads_total` | counter: log pages the change feed read | |
+//! | `anywork_feed_wait_seconds` | histogram: from a change's arrival on this server to the start of the log read that forwards it | |
+//! | `anywork_feed_read_seconds` | histogram: one log read of the change feed | |
+//! | `anywork_follow_fallback_reads_total` | counter: log reads of a follower that got nothing live for a while (`quiet`) or whose live channel closed before the `done` (`closed`) | `why`: quiet, closed; `found`: events, nothing |
 //!
 //! Every counter counts since this process started: nothing survives a restart (Prometheus'
 //! `rate()` and `increase()` handle the resets).
@@ -36,6 +41,9 @@ use prometheus_client::registry::Registry;
 
 /// Upper bounds (seconds) of the task duration histogram.
 pub const DURATION_BUCKETS: [f64; 10] = [0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0];
+
+/// Upper bounds (seconds) of the change feed's wait and read histograms.
+pub const FEED_BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
 
 /// Upper bounds (seconds) of the worker start-latency histogram.
 pub const WORKER_START_BUCKETS: [f64; 10] =
@@ -67,6 +75,11 @@ pub(crate) struct Metrics {
     cost: Family<[(&'static str, String); 1], Counter<f64, std::sync::atomic::AtomicU64>>,
     model_retries: Family<[(&'static str, String); 1], Counter>,
     model_errors: Family<[(&'static str, String); 2], Counter>,
+    feed_changes: Family<Label, Counter>,
+    feed_reads: Counter,
+    feed_wait: Histogram,
+    feed_read: Histogram,
+    fallback_reads: Family<[(&'static str, &'static str); 2], Counter>,
 }
 
 impl Default for Metrics {
@@ -92,7 +105,22 @@ impl Default for Metrics {
         for result in ["sent", "skipped"] {
             let _ = prepares.get_or_create(&[("result", result)]);
         }
+        let feed_changes = Family::<Label, Counter>::default();
+        for outcome in ["read", "covered", "skipped"] {
+            let _ = feed_changes.get_or_create(&[("outcome", outcome)]);
+        }
+        let fallback_reads = Family::<[(&'static str, &'static str); 2], Counter>::default();
+        for why in ["quiet", "closed"] {
+            for found in ["events", "nothing"] {
+                let _ = fallback_reads.get_or_create(&[("why", why), ("found", found)]);
+            }
+        }
         Self {
+            feed_changes,
+            feed_reads: Counter::default(),
+            feed_wait: Histogram::new(FEED_BUCKETS),
+            feed_read: Histogram::new(FEED_BUCKETS),
+            fallback_reads,
             prepares,
             submitted: Counter::default(),
             finished,
@@ -212,6 +240,46 @@ impl Metrics {
         self.prepares.get_or_create(&[("result", result)]).inc();
     }
 
+    /// A change told by the store's change feed was handled as `outcome` (`read`, `covered`,
+    /// `skipped`).
+    pub(crate) fn feed_change(&self, outcome: &'static str) {
+        self.feed_changes
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
+    }
+
+    /// The change feed read one log page, which took `took`, for a change that had waited
+    /// `waited` since it arrived here.
+    pub(crate) fn feed_read(&self, waited: std::time::Duration, took: std::time::Duration) {
+        self.feed_reads.inc();
+        self.feed_wait.observe(waited.as_secs_f64());
+        self.feed_read.observe(took.as_secs_f64());
+    }
+
+    /// Log pages read by the change feed so far.
+    #[cfg(test)]
+    pub(crate) fn feed_reads(&self) -> u64 {
+        self.feed_reads.get()
+    }
+
+    /// Changes the change feed took in so far.
+    #[cfg(test)]
+    pub(crate) fn feed_changes_told(&self) -> u64 {
+        ["read", "covered", "skipped"]
+            .into_iter()
+            .map(|o| self.feed_changes.get_or_create(&[("outcome", o)]).get())
+            .sum()
+    }
+
+    /// A follower read the log because nothing came live (`why`: `quiet`, `closed`), and
+    /// found events or nothing.
+    pub(crate) fn fallback_read(&self, why: &'static str, found_events: bool) {
+        let found = if found_events { "events" } else { "nothing" };
+        self.fallback_reads
+            .get_or_create(&[("why", why), ("found", found)])
+            .inc();
+    }
+
     /// Shows the worker metrics of `driver` from the start (zeros rather than nothing).
     pub(crate) fn driver(&self, driver: &str) {
         let _ = self.worker_starts.get_or_create(&by_driver(driver));
@@ -313,6 +381,32 @@ impl Metrics {
             "anywork_model_errors",
             "Model API errors told by tasks, by model and code",
             self.model_errors.clone(),
+        );
+        registry.register(
+            "anywork_feed_changes",
+            "Log appends told by the store's change feed, by what this server did with them",
+            self.feed_changes.clone(),
+        );
+        registry.register(
+            "anywork_feed_log_reads",
+            "Log pages read by the change feed to forward other servers' events",
+            self.feed_reads.clone(),
+        );
+        registry.register(
+            "anywork_feed_wait_seconds",
+            "Time from a change's arrival here to the start of the log read that forwards it",
+            self.feed_wait.clone(),
+        );
+        registry.register(
+            "anywork_feed_read_seconds",
+            "Time of one log read of the change feed",
+            self.feed_read.clone(),
+        );
+        registry.register(
+            "anywork_follow_fallback_reads",
+            "Log reads of followers that got nothing live for a while (quiet) or whose live \
+             channel closed before the done (closed), by whether they found events",
+            self.fallback_reads.clone(),
         );
         registry.register_collector(Box::new(gauges));
     }

@@ -93,6 +93,26 @@ enum Control {
     Ended,
 }
 
+/// A run of this server, as others reach it.
+#[derive(Debug, Clone)]
+struct RunHandle {
+    /// Its control messages.
+    control: mpsc::Sender<Control>,
+    /// Whether it holds its task (claimed it, `pending → running`): until then the run only
+    /// waits for a worker, and the task may yet be claimed and run by another server, whose
+    /// events reach this server through the store's change feed.
+    claimed: bool,
+}
+
+impl RunHandle {
+    fn new(control: mpsc::Sender<Control>) -> Self {
+        Self {
+            control,
+            claimed: false,
+        }
+    }
+}
+
 struct Inner {
     store: Arc<dyn TaskStore>,
     driver: Arc<dyn ContainerDriver>,
@@ -107,7 +127,8 @@ struct Inner {
     /// Sessions with a runner, and the tasks waiting behind the running one.
     queues: Mutex<HashMap<SessionId, VecDeque<Task>>>,
     permits: Arc<Semaphore>,
-    runs: Mutex<HashMap<TaskId, mpsc::Sender<Control>>>,
+    /// The runs of this server, by their task.
+    runs: Mutex<HashMap<TaskId, RunHandle>>,
     closing: AtomicBool,
     /// Why runs that could not store their outcome ended: recovery gives that reason when
     /// the task's lease runs out, rather than blaming a server crash.
@@ -162,10 +183,15 @@ impl Dispatcher {
         &self.inner.hub
     }
 
+    /// The dispatcher's metrics (inside the crate only).
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
     /// Whether this server runs `task_id` now: its events reach the hub here, and a follower
     /// needs no log reads to see them.
     pub(crate) fn runs_here(&self, task_id: TaskId) -> bool {
-        lock(&self.inner.runs).contains_key(&task_id)
+        self.inner.runs_here(task_id)
     }
 
     /// The name of the container driver (`static`, `docker`, `k8s`, …).
@@ -231,7 +257,10 @@ impl Dispatcher {
         impl Stream<Item = Result<LiveEvent>> + Send + 'static,
     )> {
         let submitted = self.store_new(request).await?;
-        let live = self.inner.hub.subscribe(submitted.task.id);
+        let live = self
+            .inner
+            .hub
+            .subscribe(submitted.task.id, &submitted.task.session_id);
         if !submitted.duplicate {
             if let Some(channel) = self.inner.channels.get(&submitted.task.channel_type) {
                 self.inner.hooks.accepted(channel, &submitted.task);
@@ -511,7 +540,9 @@ impl Dispatcher {
                     task.status
                 )));
             }
-            let run = lock(&self.inner.runs).get(&task_id).cloned();
+            let run = lock(&self.inner.runs)
+                .get(&task_id)
+                .map(|r| r.control.clone());
             if let Some(run) = run {
                 let (ack, done) = oneshot::channel();
                 if run.send(Control::Cancel(ack)).await.is_ok() {
@@ -545,7 +576,9 @@ impl Dispatcher {
 
     /// Answers a task's `input_required` event; the run continues.
     pub async fn respond(&self, task_id: TaskId, response: InputResponse) -> Result<()> {
-        let run = lock(&self.inner.runs).get(&task_id).cloned();
+        let run = lock(&self.inner.runs)
+            .get(&task_id)
+            .map(|r| r.control.clone());
         let Some(run) = run else {
             let task = self.inner.store.get_task(task_id).await?;
             return Err(Error::conflict(format!(
@@ -573,7 +606,10 @@ impl Dispatcher {
         while self.running() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let runs: Vec<_> = lock(&self.inner.runs).values().cloned().collect();
+        let runs: Vec<_> = lock(&self.inner.runs)
+            .values()
+            .map(|r| r.control.clone())
+            .collect();
         if !runs.is_empty() {
             tracing::warn!(
                 tasks = runs.len(),
@@ -602,6 +638,12 @@ impl Dispatcher {
 }
 
 impl Inner {
+    /// Whether a run of this server holds `task_id` (claimed it): it publishes the task's
+    /// events here as it stores them.
+    fn runs_here(&self, task_id: TaskId) -> bool {
+        lock(&self.runs).get(&task_id).is_some_and(|r| r.claimed)
+    }
+
     /// Resolves skill names through the skill source, off the async threads.
     async fn resolve_skill_names(&self, names: Vec<String>) -> Result<Vec<SkillSpec>> {
         let skills = self.skills.clone();

@@ -132,7 +132,7 @@ impl From<Error> for RunError {
 /// fails the `pending → running` compare-and-set and is left alone.
 async fn run_task(inner: &Arc<Inner>, task: Task) -> std::result::Result<(), RunError> {
     let (tx, rx) = mpsc::channel(8);
-    lock(&inner.runs).insert(task.id, tx.clone());
+    lock(&inner.runs).insert(task.id, super::RunHandle::new(tx.clone()));
     inner.metrics.started();
     let mut run = Run {
         inner: inner.clone(),
@@ -144,6 +144,7 @@ async fn run_task(inner: &Arc<Inner>, task: Task) -> std::result::Result<(), Run
         started: Instant::now(),
         answer: String::new(),
         model: String::new(),
+        owned: false,
     };
     let result = run.execute().await;
     let task_id = run.task.id;
@@ -153,7 +154,13 @@ async fn run_task(inner: &Arc<Inner>, task: Task) -> std::result::Result<(), Run
     for ack in run.cancel_acks.drain(..) {
         let _ = ack.send(());
     }
-    inner.hub.close(task_id);
+    // The end of the live stream here, if this run ran the task or ended it. A run that
+    // never held its task (another server claimed it while this one got the worker, or it
+    // waits behind another server's task) leaves its followers alone: the task goes on
+    // elsewhere, and they get its events through the store's change feed.
+    if run.owned {
+        inner.hub.close(task_id);
+    }
     result
 }
 
@@ -172,6 +179,9 @@ struct Run {
     answer: String,
     /// The model the agent said it uses (its `init` event), for the metrics.
     model: String,
+    /// Whether this run claimed its task or ended it before it ran: the task's live
+    /// stream here ends with this run.
+    owned: bool,
 }
 
 /// Why the run stops before the worker's `done`.
@@ -350,6 +360,10 @@ impl Run {
             match claimed {
                 Ok(Claim::Claimed(t, _)) => {
                     self.task = t;
+                    self.owned = true;
+                    if let Some(run) = lock(&self.inner.runs).get_mut(&self.task.id) {
+                        run.claimed = true;
+                    }
                     if let Some(channel) = self.channel() {
                         self.inner.hooks.started(&channel, &self.task);
                     }
@@ -364,7 +378,7 @@ impl Run {
                     {
                         let mut runs = lock(&self.inner.runs);
                         runs.remove(&waiting.id);
-                        runs.insert(self.task.id, self.control_tx.clone());
+                        runs.insert(self.task.id, super::RunHandle::new(self.control_tx.clone()));
                     }
                     lock(&self.inner.queues)
                         .entry(session)
@@ -475,7 +489,10 @@ impl Run {
             .finish_unrun_with(&self.task, outcome, before)
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.owned = true;
+                Ok(())
+            }
             Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidTransition) => {
                 Ok(())
             }
@@ -1143,5 +1160,118 @@ async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Resu
                 ));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use anywork_core::{ContainerDriver, NewTaskLog, TaskRequest, TaskStore, WorkerInfo};
+    use anywork_store::MemoryStore;
+    use tokio::sync::{Notify, Semaphore};
+
+    use super::*;
+    use crate::hub::LiveEvent;
+    use crate::{Dispatcher, DispatcherConfig};
+
+    /// A driver whose `get_worker` says it was asked, then waits for a permit and answers with
+    /// an address where nothing listens.
+    struct GatedDriver {
+        asked: Notify,
+        gate: Semaphore,
+    }
+
+    impl Default for GatedDriver {
+        fn default() -> Self {
+            Self {
+                asked: Notify::new(),
+                gate: Semaphore::new(0),
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ContainerDriver for GatedDriver {
+        fn name(&self) -> &str {
+            "gated"
+        }
+        async fn get_worker(&self, _: &SessionId) -> Result<WorkerEndpoint> {
+            self.asked.notify_one();
+            self.gate
+                .acquire()
+                .await
+                .map_err(|_| Error::unavailable("closed"))?
+                .forget();
+            Ok(WorkerEndpoint::new("w", "http://127.0.0.1:9"))
+        }
+        async fn release(&self, _: &SessionId) -> Result<()> {
+            Ok(())
+        }
+        async fn is_healthy(&self, _: &WorkerEndpoint) -> bool {
+            false
+        }
+        async fn list(&self) -> Result<Vec<WorkerInfo>> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// Another server claims a task while the run here still waits for the worker: the run
+    /// here loses the claim and ends, and the task's followers here go on following it (they
+    /// get its events through the change feed). The run did not hold the task meanwhile, so
+    /// it did not stand for it either: the feed forwards the task's events.
+    #[tokio::test]
+    async fn a_run_that_loses_the_claim_leaves_the_followers_here_following() {
+        let store = Arc::new(MemoryStore::new());
+        let driver = Arc::new(GatedDriver::default());
+        let config = DispatcherConfig {
+            retry: crate::Backoff::none(),
+            reap_every: None,
+            ..Default::default()
+        };
+        let d = Dispatcher::builder(store.clone(), driver.clone())
+            .config(config)
+            .start()
+            .await
+            .unwrap();
+        let task = d.submit(TaskRequest::new("web", "hi")).await.unwrap().task;
+        driver.asked.notified().await;
+        assert_eq!(d.running(), 1, "the run here waits for the worker");
+        assert!(!d.runs_here(task.id), "a run that has not claimed its task");
+        let mut live = d.hub().subscribe(task.id, &task.session_id);
+
+        // The other server claims it and runs it.
+        let change = TaskChange::to(TaskStatus::Running)
+            .lease("other-server", Timestamp::now().plus_millis(60_000));
+        let running = NewTaskLog::now(TaskEvent::Status {
+            status: TaskStatus::Running,
+        });
+        let claim = store
+            .claim_task(task.id, change, vec![running], Vec::new())
+            .await
+            .unwrap();
+        assert!(matches!(claim, Claim::Claimed(..)), "{claim:?}");
+        driver.gate.add_permits(1);
+        while d.running() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            d.hub().is_followed(task.id),
+            "the task's live channel here stays open"
+        );
+        // What the change feed publishes reaches the follower.
+        d.hub().publish([LiveEvent {
+            task_id: task.id,
+            session_id: task.session_id.clone(),
+            seq: 2,
+            event: TaskEvent::text("from the other server"),
+        }]);
+        let got = live.recv().await.unwrap();
+        assert_eq!(got.event, TaskEvent::text("from the other server"));
+        assert_eq!(
+            store.get_task(task.id).await.unwrap().status,
+            TaskStatus::Running,
+            "the task is the other server's"
+        );
     }
 }
