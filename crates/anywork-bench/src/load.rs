@@ -74,6 +74,12 @@ pub struct Options {
     /// `perf probe -x <libc> --add malloc` made it: allocations per task).
     #[arg(long)]
     perf_events: Option<String>,
+    /// Run the server under `valgrind --tool=callgrind` with its instrumentation on over the
+    /// measured run only (`callgrind_control -i on|off`), the counts dumped into this folder:
+    /// instructions (Ir) per task, a figure that the load of the machine does not change (the
+    /// run is ~50× slower: use small levels, and read no other figure of it).
+    #[arg(long)]
+    callgrind: Option<PathBuf>,
     /// Write the tables (markdown) to this file.
     #[arg(long)]
     markdown: Option<PathBuf>,
@@ -137,6 +143,8 @@ struct Level {
     anon_base: u64,
     anon_closed: u64,
     traced: Option<String>,
+    /// Instructions the server executed over the run (`--callgrind`).
+    instructions: Option<u64>,
 }
 
 impl Level {
@@ -189,8 +197,27 @@ impl Bench {
             env.push(("DATABASE_URL", url));
         }
         let db = tempfile::tempdir()?;
-        let server =
-            ServerProcess::start(&self.server_bin, db.path(), &self.standin.url, &env).await?;
+        let (wrapper, up_within) = match &self.options.callgrind {
+            Some(dir) => (
+                vec![
+                    "valgrind".to_owned(),
+                    "--tool=callgrind".to_owned(),
+                    "--instr-atstart=no".to_owned(),
+                    format!("--callgrind-out-file={}/callgrind.out.%p", dir.display()),
+                ],
+                Duration::from_secs(300),
+            ),
+            None => (Vec::new(), Duration::from_secs(10)),
+        };
+        let server = ServerProcess::start_under(
+            &wrapper,
+            up_within,
+            &self.server_bin,
+            db.path(),
+            &self.standin.url,
+            &env,
+        )
+        .await?;
         Ok((server, db))
     }
 
@@ -343,6 +370,9 @@ async fn level(bench: &Bench, store: Store, sessions: usize) -> anyhow::Result<L
         None
     };
     let calls_before = bench.standin.stats().await?;
+    if o.callgrind.is_some() {
+        callgrind_control(&["-i", "on", &pid_s]).await?;
+    }
     let go = Arc::new(tokio::sync::Barrier::new(sessions + 1));
     let clients: Vec<_> = made
         .into_iter()
@@ -360,6 +390,13 @@ async fn level(bench: &Bench, store: Store, sessions: usize) -> anyhow::Result<L
         chats.extend(times);
     }
     let wall = started.elapsed();
+    let instructions = match &o.callgrind {
+        Some(dir) => {
+            callgrind_control(&["-i", "off", &pid_s]).await?;
+            Some(callgrind_dump(dir, &pid_s).await?)
+        }
+        None => None,
+    };
     let cpu = cpu_time(&pid_s)? - cpu0;
     let sw1 = context_switches(pid)?;
     let (standin_cpu, loadgen_cpu) = (
@@ -424,7 +461,54 @@ async fn level(bench: &Bench, store: Store, sessions: usize) -> anyhow::Result<L
         anon_base,
         anon_closed,
         traced,
+        instructions,
     })
+}
+
+async fn callgrind_control(args: &[&str]) -> anyhow::Result<()> {
+    let status = tokio::process::Command::new("callgrind_control")
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .await
+        .context("cannot run callgrind_control")?;
+    ensure!(status.success(), "callgrind_control {args:?}: {status}");
+    Ok(())
+}
+
+/// Dumps the counts of the server `pid` into `dir` and returns its instructions (the dump's
+/// `totals:` line, whose first and only event is Ir).
+async fn callgrind_dump(dir: &Path, pid: &str) -> anyhow::Result<u64> {
+    let before: Vec<PathBuf> = dumps(dir, pid)?;
+    callgrind_control(&["-d", pid]).await?;
+    let new = dumps(dir, pid)?
+        .into_iter()
+        .find(|p| !before.contains(p))
+        .context("callgrind wrote no dump")?;
+    let text = std::fs::read_to_string(&new)?;
+    // `totals:` (at the end) counts the run; the header's `summary:` may be 0.
+    let totals = text
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("totals:"))
+        .with_context(|| format!("no totals in {}", new.display()))?;
+    Ok(totals
+        .split_whitespace()
+        .next()
+        .context("empty totals")?
+        .parse()?)
+}
+
+fn dumps(dir: &Path, pid: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let prefix = format!("callgrind.out.{pid}");
+    Ok(std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .collect())
 }
 
 fn print(label: &str, l: &Level) {
@@ -487,6 +571,14 @@ fn print(label: &str, l: &Level) {
     );
     if let Some(t) = &l.traced {
         println!("load  {label} {}x{}: {t}", l.sessions, l.turns);
+    }
+    if let Some(ir) = l.instructions {
+        println!(
+            "load  {label} {}x{}: callgrind: {ir} instructions over the run, {:.0} per task",
+            l.sessions,
+            l.turns,
+            ir as f64 / l.tasks as f64
+        );
     }
 }
 
@@ -651,7 +743,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             }
         }
     }
-    let note = if o.strace {
+    let note = if o.callgrind.is_some() {
+        " (under callgrind)"
+    } else if o.strace {
         " (under strace)"
     } else if o.perf_events.is_some() {
         " (under perf stat)"

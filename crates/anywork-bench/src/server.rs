@@ -853,10 +853,31 @@ impl ServerProcess {
         worker_url: &str,
         env: &[(&str, String)],
     ) -> anyhow::Result<Self> {
+        Self::start_under(&[], Duration::from_secs(10), bin, db_dir, worker_url, env).await
+    }
+
+    /// [`start`](Self::start) as the last argument of `wrapper` (e.g. `valgrind
+    /// --tool=callgrind …`, which runs the server in its own process: the pid is the
+    /// server's), waiting `up_within` for `/api/health`.
+    pub async fn start_under(
+        wrapper: &[String],
+        up_within: Duration,
+        bin: &Path,
+        db_dir: &Path,
+        worker_url: &str,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let mut command = tokio::process::Command::new(bin);
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = tokio::process::Command::new(program);
+                c.args(args).arg(bin);
+                c
+            }
+            None => tokio::process::Command::new(bin),
+        };
         command
             .env_clear()
             .env("PATH", "/usr/bin:/bin")
@@ -880,7 +901,7 @@ impl ServerProcess {
         let pid = child.id().context("no pid")?;
         let url = format!("http://127.0.0.1:{port}");
         let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + up_within;
         while !client
             .get(format!("{url}/api/health"))
             .send()
