@@ -168,14 +168,20 @@ impl Follower<'_> {
                 match tokio::time::timeout(POLL_EVERY, live.recv()).await {
                     Ok(next) => next,
                     // Quiet for a while. A run of this server publishes every event here
-                    // (a lagging subscription says so): nothing to read. Otherwise the run may
-                    // be on another server sharing the store, whose events reach this hub
-                    // only through the store's change feed, if it has one: read the log.
+                    // (a lagging subscription says so), and so will the run of a task queued
+                    // here: nothing to read (a queued task's log is empty, and thousands of
+                    // queued followers reading it made each dispatch cost grow with the
+                    // queue). Otherwise the run may be on another server sharing the store,
+                    // whose events reach this hub only through the store's change feed, if it
+                    // has one: read the log.
                     Err(_) => {
                         if self.out.is_closed() {
                             return Ok(());
                         }
-                        if self.dispatcher.runs_here(self.task_id) {
+                        if self
+                            .dispatcher
+                            .runs_or_queues(self.task_id, &self.session_id)
+                        {
                             continue;
                         }
                         if self.fallback_catch_up("quiet").await? {

@@ -16,7 +16,8 @@ use anywork_core::{
 };
 
 /// Wraps a store; writes fail while an outage is injected. Reads pass through, but for the
-/// log reads made to fail by [`fail_next_log_reads`](Self::fail_next_log_reads).
+/// log reads made to fail by [`fail_next_log_reads`](Self::fail_next_log_reads); log reads are
+/// counted ([`log_reads`](Self::log_reads)).
 pub struct FaultyStore {
     inner: Arc<dyn TaskStore>,
     fail_reads: AtomicU64,
@@ -25,6 +26,7 @@ pub struct FaultyStore {
     only: Mutex<Option<Vec<&'static str>>>,
     fail_next: AtomicU64,
     injected: AtomicU64,
+    log_reads: AtomicU64,
 }
 
 impl std::fmt::Debug for FaultyStore {
@@ -45,6 +47,7 @@ impl FaultyStore {
             only: Mutex::new(None),
             fail_next: AtomicU64::new(0),
             injected: AtomicU64::new(0),
+            log_reads: AtomicU64::new(0),
         })
     }
 
@@ -97,6 +100,12 @@ impl FaultyStore {
             ));
         }
         Ok(())
+    }
+
+    /// Log reads (`read_logs` calls) so far, failed ones included: what followers cost the
+    /// store.
+    pub fn log_reads(&self) -> u64 {
+        self.log_reads.load(Ordering::SeqCst)
     }
 
     /// Writes failed on purpose so far.
@@ -255,6 +264,7 @@ impl TaskStore for FaultyStore {
         self.inner.append_logs_while_active(task_id, logs).await
     }
     async fn read_logs(&self, task_id: TaskId, after: u64, limit: u32) -> Result<Vec<TaskLog>> {
+        self.log_reads.fetch_add(1, Ordering::SeqCst);
         self.read()?;
         self.inner.read_logs(task_id, after, limit).await
     }

@@ -194,6 +194,17 @@ impl Dispatcher {
         self.inner.runs_here(task_id)
     }
 
+    /// Whether this server runs `task_id` now or has it queued (in its session's queue, or
+    /// next there and waiting for a permit): either way its events will reach the hub here,
+    /// unless another server sharing the store claims it first (then the store's change feed
+    /// brings them, and once the runner here finds it taken, the task is no longer queued).
+    pub(crate) fn runs_or_queues(&self, task_id: TaskId, session: &SessionId) -> bool {
+        self.runs_here(task_id)
+            || lock(&self.inner.queues)
+                .get(session)
+                .is_some_and(|q| q.iter().any(|t| t.id == task_id))
+    }
+
     /// The name of the container driver (`static`, `docker`, `k8s`, …).
     pub fn driver_name(&self) -> &str {
         self.inner.driver.name()

@@ -28,13 +28,19 @@ use crate::worker_client::{ChatStart, ChatStream, PreparedBody};
 /// which refuses it while another task of the session is active (on any server) or an older
 /// one is pending; a hint that is no longer pending is dropped.
 ///
+/// The next task stays at the head of its queue until it has its permit: while it waits it
+/// counts in [`queue_depth`](super::Dispatcher::queue_depth), and its followers know that its
+/// events will be published here ([`Dispatcher::runs_or_queues`](super::Dispatcher::runs_or_queues)),
+/// so they do not read the log while it waits (thousands of queued chats did, twice a second
+/// each: store reads per task grew with the length of the queue).
+///
 /// [`TaskStore::claim_task`]: anywork_core::TaskStore::claim_task
 pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
     loop {
-        let next = {
+        let head = {
             let mut queues = lock(&inner.queues);
-            match queues.get_mut(&session).and_then(VecDeque::pop_front) {
-                Some(t) => t,
+            match queues.get(&session).and_then(VecDeque::front) {
+                Some(t) => t.id,
                 None => {
                     queues.remove(&session);
                     return;
@@ -42,9 +48,15 @@ pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
             }
         };
         // Started or ended meanwhile (by another server, or canceled): nothing to do.
-        match inner.store.task_status(next.id).await {
-            Ok(status) if status != TaskStatus::Pending => continue,
-            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+        match inner.store.task_status(head).await {
+            Ok(status) if status != TaskStatus::Pending => {
+                forget(&inner, &session, head);
+                continue;
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                forget(&inner, &session, head);
+                continue;
+            }
             _ => {}
         }
         // A task another server still holds in this session ends first.
@@ -57,10 +69,17 @@ pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
             lock(&inner.queues).remove(&session);
             return;
         }
+        // The head, unless it was canceled meanwhile: then the one after it (the claim
+        // checks it as it would have checked the first).
+        let next = lock(&inner.queues)
+            .get_mut(&session)
+            .and_then(VecDeque::pop_front);
+        let Some(next) = next else { continue };
         let id = next.id;
         let retry_after = inner.config.store_retry.max;
-        // Boxed: a run's future is large, and this runner's (spawned per busy session, and
-        // copied whole by each move Tokio makes of it) would otherwise be as large.
+        // Boxed: a run's future is large, and a runner waiting for its permit would otherwise
+        // hold room for the whole run (kilobytes per queued session), copied whole by each
+        // move Tokio makes of it.
         match Box::pin(run_task(&inner, next)).await {
             Ok(()) => {}
             Err(RunError::NotStarted(e, task)) => {
@@ -88,6 +107,13 @@ pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
                 tracing::error!(task = %id, error = %e, "task run failed in the dispatcher");
             }
         }
+    }
+}
+
+/// Drops task `id` from the queue of `session` (it will not run here).
+fn forget(inner: &Inner, session: &SessionId, id: TaskId) {
+    if let Some(queue) = lock(&inner.queues).get_mut(session) {
+        queue.retain(|t| t.id != id);
     }
 }
 
