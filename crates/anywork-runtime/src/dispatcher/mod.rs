@@ -194,12 +194,14 @@ impl Dispatcher {
         self.inner.runs_here(task_id)
     }
 
-    /// Whether this server runs `task_id` now or has it queued (in its session's queue, or
-    /// next there and waiting for a permit): either way its events will reach the hub here,
-    /// unless another server sharing the store claims it first (then the store's change feed
-    /// brings them, and once the runner here finds it taken, the task is no longer queued).
+    /// Whether this server runs `task_id` now, is about to (a run that waits for its worker
+    /// before it claims the task), or has it queued (in its session's queue, or next there and
+    /// waiting for a permit): either way its events will reach the hub here, unless another
+    /// server sharing the store claims it first (then the store's change feed brings them —
+    /// it skips only tasks claimed here — and once the run or runner here finds the task
+    /// taken, it no longer holds it).
     pub(crate) fn runs_or_queues(&self, task_id: TaskId, session: &SessionId) -> bool {
-        self.runs_here(task_id)
+        lock(&self.inner.runs).contains_key(&task_id)
             || lock(&self.inner.queues)
                 .get(session)
                 .is_some_and(|q| q.iter().any(|t| t.id == task_id))
