@@ -188,8 +188,8 @@ impl Dispatcher {
         &self.inner.metrics
     }
 
-    /// Whether this server runs `task_id` now: its events reach the hub here, and a follower
-    /// needs no log reads to see them.
+    /// Whether a run of this server has claimed `task_id` (what the change feed skips).
+    #[cfg(test)]
     pub(crate) fn runs_here(&self, task_id: TaskId) -> bool {
         self.inner.runs_here(task_id)
     }
