@@ -303,9 +303,7 @@ impl Dispatcher {
             });
         }
         self.admit(&mut request).await?;
-        // A title known at once goes into the new session's row (one write, not two).
-        let title_now = self.inner.titles.title_now(&request.message);
-        let (session, created) = self.resolve_session(&request, title_now.as_deref()).await?;
+        let (session, created) = self.resolve_session(&request).await?;
         let untitled = session.title == NewSession::DEFAULT_TITLE;
         let keyed = request.idempotency_key.is_some();
         let (channel_type, key) = (
@@ -343,7 +341,8 @@ impl Dispatcher {
             new_session = created,
             "task submitted"
         );
-        if created && title_now.as_deref() == Some(session.title.as_str()) {
+        // Created with a title already (`title_now`): nothing to set, only to announce.
+        if created && !untitled {
             self.inner
                 .hub
                 .notify(anywork_core::ws::ServerMessage::SessionTitle {
@@ -434,16 +433,14 @@ impl Dispatcher {
         }
     }
 
-    /// The request's session, and whether it was created now (with `title` if given).
-    async fn resolve_session(
-        &self,
-        request: &TaskRequest,
-        title: Option<&str>,
-    ) -> Result<(Session, bool)> {
+    /// The request's session, and whether it was created now. A new session gets its title
+    /// in the same write when the generator has one at once
+    /// ([`title_now`](crate::TitleGenerator::title_now)), made only for sessions created.
+    async fn resolve_session(&self, request: &TaskRequest) -> Result<(Session, bool)> {
         let store = &self.inner.store;
         let titled = |mut new: NewSession| {
-            if let Some(title) = title {
-                title.clone_into(&mut new.title);
+            if let Some(title) = self.inner.titles.title_now(&request.message) {
+                new.title = title;
             }
             new
         };
