@@ -68,14 +68,18 @@ impl Channel for TestChannel {
 }
 
 async fn app_with(options: ApiOptions) -> (axum::Router, AppState) {
-    // A worker that never answers: tasks stay pending while the driver is retried.
+    app_over(silent_driver(), options).await
+}
+
+/// The static driver to a worker that never answers (a free port nobody listens on): tasks
+/// stay pending while the driver is retried.
+fn silent_driver() -> Arc<dyn ContainerDriver> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let driver = Arc::new(StaticDriver::new(&format!("http://127.0.0.1:{port}")).unwrap());
-    app_over(driver, options).await
+    Arc::new(StaticDriver::new(&format!("http://127.0.0.1:{port}")).unwrap())
 }
 
 async fn app_over(
@@ -307,12 +311,7 @@ async fn sessions_are_searched_by_title() {
 async fn usage_totals_sum_all_sessions() {
     use anywork_core::{NewSession, NewTask, TaskChange, TaskStatus, TaskStore};
     let store = Arc::new(MemoryStore::new());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let driver = Arc::new(StaticDriver::new(&format!("http://127.0.0.1:{port}")).unwrap());
+    let driver = silent_driver();
     let (app, _) = app_on(store.clone(), driver, ApiOptions::default()).await;
 
     let (s, b) = call(&app, Method::GET, "/api/usage", None).await;
@@ -818,12 +817,7 @@ async fn health_is_503_with_the_reason_when_not_ready() {
 async fn a_first_words_title_is_stored_with_the_new_session() {
     let store = anywork_test::faulty_store::FaultyStore::new(Arc::new(MemoryStore::new()));
     store.down_for_ops(&["set_session_title"], Duration::from_secs(3600));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let driver = Arc::new(StaticDriver::new(&format!("http://127.0.0.1:{port}")).unwrap());
+    let driver = silent_driver();
     let (app, _state) = app_on(store.clone(), driver, ApiOptions::default()).await;
     let (s, created) = call(
         &app,
