@@ -251,6 +251,31 @@ impl TaskStore for Instrumented {
         let f = self.inner.task_status(id);
         self.call("task_status", false, f).await
     }
+    async fn task_status_for_start(
+        &self,
+        id: TaskId,
+    ) -> anywork_core::Result<(TaskStatus, Option<Timestamp>)> {
+        let f = self.inner.task_status_for_start(id);
+        self.call("task_status_for_start", false, f).await
+    }
+    async fn hold_idle_session(
+        &self,
+        session_id: &SessionId,
+        owner: &str,
+        now: Timestamp,
+        until: Timestamp,
+    ) -> anywork_core::Result<bool> {
+        let f = self.inner.hold_idle_session(session_id, owner, now, until);
+        self.call("hold_idle_session", true, f).await
+    }
+    async fn release_idle_hold(
+        &self,
+        session_id: &SessionId,
+        owner: &str,
+    ) -> anywork_core::Result<()> {
+        let f = self.inner.release_idle_hold(session_id, owner);
+        self.call("release_idle_hold", true, f).await
+    }
     async fn update_task(
         &self,
         id: TaskId,

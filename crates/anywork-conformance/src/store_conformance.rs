@@ -61,7 +61,9 @@ macro_rules! store_conformance_tests {
             claims_start_the_oldest_task_of_a_free_session,
             taking_over_an_expired_lease_loses_to_a_renewal,
             concurrent_claimers_start_one_task_per_session,
-            a_finished_task_takes_no_more_events);
+            a_finished_task_takes_no_more_events,
+            the_reaper_holds_only_idle_sessions,
+            a_hold_and_a_new_task_never_miss_each_other);
 
         #[test]
         fn matches_the_memory_model_on_random_operations() {
@@ -1824,6 +1826,26 @@ mod keep_alive {
         }
         async fn task_status(&self, id: TaskId) -> Result<TaskStatus> {
             self.store.task_status(id).await
+        }
+        async fn task_status_for_start(
+            &self,
+            id: TaskId,
+        ) -> Result<(TaskStatus, Option<Timestamp>)> {
+            self.store.task_status_for_start(id).await
+        }
+        async fn hold_idle_session(
+            &self,
+            session_id: &SessionId,
+            owner: &str,
+            now: Timestamp,
+            until: Timestamp,
+        ) -> Result<bool> {
+            self.store
+                .hold_idle_session(session_id, owner, now, until)
+                .await
+        }
+        async fn release_idle_hold(&self, session_id: &SessionId, owner: &str) -> Result<()> {
+            self.store.release_idle_hold(session_id, owner).await
         }
         async fn update_task(&self, id: TaskId, exp: TaskStatus, c: TaskChange) -> Result<Task> {
             self.store.update_task(id, exp, c).await

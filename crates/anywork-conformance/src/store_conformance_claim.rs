@@ -8,7 +8,7 @@ use anywork_core::{
     Timestamp,
 };
 
-use super::{Store, new_session, new_task};
+use super::{Store, new_session, new_task, sid};
 
 fn claim_change(owner: &str) -> TaskChange {
     TaskChange::to(TaskStatus::Running)
@@ -385,4 +385,203 @@ pub async fn a_finished_task_takes_no_more_events(store: Store) {
         .await
         .unwrap_err();
     assert_eq!(ghost.kind(), ErrorKind::NotFound, "{ghost}");
+}
+
+/// The idle reaper's hold: taken only on a session with no task pending, running or waiting
+/// for input, and no live hold of another owner; told with the status of the session's tasks
+/// until its owner lets go or it runs out.
+pub async fn the_reaper_holds_only_idle_sessions(store: Store) {
+    let (now, until) = (Timestamp(1_000), Timestamp(61_000));
+    let err = store
+        .hold_idle_session(&sid("nobody"), "reaper-a", now, until)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+
+    store.create_session(new_session("s1", 1)).await.unwrap();
+    let a = store.create_task(new_task("s1", 1, 1)).await.unwrap();
+    assert_eq!(
+        store.task_status_for_start(a.id).await.unwrap(),
+        (TaskStatus::Pending, None)
+    );
+    // Pending, running, waiting for input: the session needs its worker.
+    assert!(
+        !store
+            .hold_idle_session(&a.session_id, "reaper-a", now, until)
+            .await
+            .unwrap()
+    );
+    let Claim::Claimed(a, _) = claim(&store, &a, "srv-1").await else {
+        panic!("claim")
+    };
+    assert!(
+        !store
+            .hold_idle_session(&a.session_id, "reaper-a", now, until)
+            .await
+            .unwrap()
+    );
+    let a = store
+        .update_task(
+            a.id,
+            TaskStatus::Running,
+            TaskChange::to(TaskStatus::InputRequired),
+        )
+        .await
+        .unwrap();
+    assert!(
+        !store
+            .hold_idle_session(&a.session_id, "reaper-a", now, until)
+            .await
+            .unwrap()
+    );
+    store
+        .update_task(
+            a.id,
+            TaskStatus::InputRequired,
+            TaskChange::finish(TaskOutcome::canceled()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.task_status_for_start(a.id).await.unwrap(),
+        (TaskStatus::Canceled, None),
+        "nothing held yet"
+    );
+
+    // Idle: held, and told with the session's tasks.
+    assert!(
+        store
+            .hold_idle_session(&a.session_id, "reaper-a", now, until)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.task_status_for_start(a.id).await.unwrap(),
+        (TaskStatus::Canceled, Some(until))
+    );
+    // A task may still be created meanwhile; its runner reads the hold.
+    let b = store.create_task(new_task("s1", 2, 2)).await.unwrap();
+    assert_eq!(
+        store.task_status_for_start(b.id).await.unwrap(),
+        (TaskStatus::Pending, Some(until))
+    );
+    store
+        .update_task(
+            b.id,
+            TaskStatus::Pending,
+            TaskChange::finish(TaskOutcome::canceled()),
+        )
+        .await
+        .unwrap();
+    // Another owner waits for the end of a live hold; the owner extends its own.
+    assert!(
+        !store
+            .hold_idle_session(
+                &a.session_id,
+                "reaper-b",
+                Timestamp(60_999),
+                Timestamp(99_000)
+            )
+            .await
+            .unwrap()
+    );
+    let longer = Timestamp(71_000);
+    assert!(
+        store
+            .hold_idle_session(&a.session_id, "reaper-a", now, longer)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.task_status_for_start(b.id).await.unwrap(),
+        (TaskStatus::Canceled, Some(longer))
+    );
+    // Only the owner lets go.
+    store
+        .release_idle_hold(&a.session_id, "reaper-b")
+        .await
+        .unwrap();
+    assert_eq!(
+        store.task_status_for_start(b.id).await.unwrap().1,
+        Some(longer)
+    );
+    store
+        .release_idle_hold(&a.session_id, "reaper-a")
+        .await
+        .unwrap();
+    assert_eq!(store.task_status_for_start(b.id).await.unwrap().1, None);
+    store
+        .release_idle_hold(&a.session_id, "reaper-a")
+        .await
+        .unwrap();
+
+    // A hold that ran out (its reaper died) is anybody's to take.
+    assert!(
+        store
+            .hold_idle_session(&a.session_id, "reaper-a", now, until)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .hold_idle_session(&a.session_id, "reaper-b", until, Timestamp(120_000))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.task_status_for_start(a.id).await.unwrap().1,
+        Some(Timestamp(120_000))
+    );
+    let err = store
+        .task_status_for_start(TaskId::generate())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+}
+
+/// A hold and a task created at the same moment never miss each other: either the hold is
+/// refused (it saw the task), or the task's runner, reading after the task was stored, sees
+/// the hold. Otherwise a reaper could stop the worker a new task has just been given.
+pub async fn a_hold_and_a_new_task_never_miss_each_other(store: Store) {
+    const ROUNDS: u128 = 40;
+    let (now, until) = (Timestamp(1_000), Timestamp(61_000));
+    let mut held = 0;
+    for n in 1..=ROUNDS {
+        let session = format!("race{n}");
+        store
+            .create_session(new_session(&session, 1))
+            .await
+            .unwrap();
+        let reaper = {
+            let store = store.clone();
+            let id = sid(&session);
+            tokio::spawn(async move {
+                store
+                    .hold_idle_session(&id, "reaper", now, until)
+                    .await
+                    .expect("hold")
+            })
+        };
+        let runner = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let task = store
+                    .create_task(new_task(&session, n, 2))
+                    .await
+                    .expect("create");
+                store.task_status_for_start(task.id).await.expect("read")
+            })
+        };
+        let got_hold = reaper.await.expect("reaper");
+        let (status, hold) = runner.await.expect("runner");
+        assert_eq!(status, TaskStatus::Pending);
+        if got_hold {
+            held += 1;
+            assert_eq!(hold, Some(until), "round {n}: the runner missed the hold");
+        } else {
+            assert_eq!(hold, None, "round {n}: refused, yet a hold is told");
+        }
+    }
+    // Not asserted (the scheduler decides), but worth seeing when the case is run alone.
+    eprintln!("{held} of {ROUNDS} holds came before their task");
 }

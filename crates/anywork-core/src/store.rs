@@ -291,6 +291,61 @@ pub trait TaskStore: Send + Sync + 'static {
         }
     }
 
+    /// The idle reaper's hold on a session: takes it for `owner` until `until` if
+    /// `session_id` has no task `pending`, `running` or `input_required` and no other owner
+    /// holds it past `now` (the same owner extends its hold), and answers whether it did. It
+    /// is one conditional write, ordered with [`create_task`](Self::create_task) (on
+    /// PostgreSQL both take the session's row lock), so of a hold and a task created at the
+    /// same moment either the hold sees the task and is refused, or the task's runner sees
+    /// the hold ([`task_status_for_start`](Self::task_status_for_start)) and waits for it to
+    /// end before it asks the driver for the session's worker. A reaper stops a worker only
+    /// while it holds its session, then lets go ([`release_idle_hold`](Self::release_idle_hold));
+    /// one that dies meanwhile leaves the hold to run out at `until`. `NotFound` for an
+    /// unknown session.
+    ///
+    /// The default holds nothing: it answers whether the session has no active task (read
+    /// with `tasks_by_session`), which is right for one server only.
+    async fn hold_idle_session(
+        &self,
+        session_id: &SessionId,
+        owner: &str,
+        now: Timestamp,
+        until: Timestamp,
+    ) -> Result<bool> {
+        let _ = (owner, now, until);
+        self.get_session(session_id).await?;
+        let mut offset = 0;
+        loop {
+            let page = Page { limit: 500, offset };
+            let tasks = self.tasks_by_session(session_id, page).await?;
+            let n = tasks.len() as u32;
+            if tasks.iter().any(|t| t.status.is_active()) {
+                return Ok(false);
+            }
+            if n < page.limit {
+                return Ok(true);
+            }
+            offset += n;
+        }
+    }
+
+    /// Ends `owner`'s hold on `session_id` ([`hold_idle_session`](Self::hold_idle_session)):
+    /// the session's tasks may get its worker again. Nothing happens if `owner` holds none
+    /// (another owner's hold stays). The default does nothing.
+    async fn release_idle_hold(&self, session_id: &SessionId, owner: &str) -> Result<()> {
+        let _ = (session_id, owner);
+        Ok(())
+    }
+
+    /// The status of task `id` and, when the reaper holds its session
+    /// ([`hold_idle_session`](Self::hold_idle_session)), when that hold runs out (it may be
+    /// past: compare with the clock): what a runner reads before it asks the driver for the
+    /// task's worker, in one read. `NotFound` for an unknown task. The default reads the
+    /// status and tells no hold.
+    async fn task_status_for_start(&self, id: TaskId) -> Result<(TaskStatus, Option<Timestamp>)> {
+        Ok((self.task_status(id).await?, None))
+    }
+
     /// Work any server may start: the oldest `pending` task of each session that has no task
     /// `running` or `input_required`, oldest first, at most `limit`. A server calls it now and
     /// then (and when told that a task ended) and claims each with

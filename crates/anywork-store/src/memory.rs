@@ -28,6 +28,8 @@ struct Inner {
     delivery_seq: HashMap<DeliveryId, u64>,
     next_delivery_seq: u64,
     settings: HashMap<String, String>,
+    /// The idle reaper's holds on sessions: owner and end.
+    idle_holds: HashMap<SessionId, (String, Timestamp)>,
 }
 
 /// A task's log: its events in seq order, and the last seq ever given (which survives the
@@ -309,6 +311,7 @@ impl TaskStore for MemoryStore {
             .sessions
             .remove(id)
             .ok_or_else(|| session_not_found(id))?;
+        inner.idle_holds.remove(id);
         let doomed: Vec<TaskId> = inner
             .tasks
             .values()
@@ -350,6 +353,53 @@ impl TaskStore for MemoryStore {
 
     async fn task_status(&self, id: TaskId) -> Result<TaskStatus> {
         Ok(self.lock().task(id)?.status)
+    }
+
+    async fn hold_idle_session(
+        &self,
+        session_id: &SessionId,
+        owner: &str,
+        now: Timestamp,
+        until: Timestamp,
+    ) -> Result<bool> {
+        let mut inner = self.lock();
+        if !inner.sessions.contains_key(session_id) {
+            return Err(session_not_found(session_id));
+        }
+        let held_by_other = inner
+            .idle_holds
+            .get(session_id)
+            .is_some_and(|(o, end)| o != owner && *end > now);
+        let active = inner
+            .tasks
+            .values()
+            .any(|t| &t.session_id == session_id && t.status.is_active());
+        if held_by_other || active {
+            return Ok(false);
+        }
+        inner
+            .idle_holds
+            .insert(session_id.clone(), (owner.to_owned(), until));
+        Ok(true)
+    }
+
+    async fn release_idle_hold(&self, session_id: &SessionId, owner: &str) -> Result<()> {
+        let mut inner = self.lock();
+        if inner
+            .idle_holds
+            .get(session_id)
+            .is_some_and(|(o, _)| o == owner)
+        {
+            inner.idle_holds.remove(session_id);
+        }
+        Ok(())
+    }
+
+    async fn task_status_for_start(&self, id: TaskId) -> Result<(TaskStatus, Option<Timestamp>)> {
+        let inner = self.lock();
+        let task = inner.task(id)?;
+        let hold = inner.idle_holds.get(&task.session_id).map(|(_, end)| *end);
+        Ok((task.status, hold))
     }
 
     async fn find_task_by_idempotency_key(

@@ -28,6 +28,11 @@ const MIGRATIONS: Embedded = Embedded(&[
         "settings",
         include_str!("../migrations/postgres/0003_settings.sql"),
     ),
+    (
+        4,
+        "idle hold",
+        include_str!("../migrations/postgres/0004_idle_hold.sql"),
+    ),
 ]);
 
 /// How long a write waits for a pooled connection (the server down: each attempt to reach

@@ -420,6 +420,17 @@ macro_rules! impl_sql_store {
                 value: String,
                 at: anywork_core::Timestamp,
             },
+            /// Answers `Count(1)` when held, `Count(0)` when refused.
+            HoldIdleSession {
+                session: anywork_core::SessionId,
+                owner: String,
+                now: anywork_core::Timestamp,
+                until: anywork_core::Timestamp,
+            },
+            ReleaseIdleHold {
+                session: anywork_core::SessionId,
+                owner: String,
+            },
         }
 
         /// What a [`WriteOp`] returns.
@@ -884,6 +895,59 @@ macro_rules! impl_sql_store {
                     .execute(&mut *conn)
                     .await
                     .map_err(|e| db_err("save setting", e))?;
+                    Ok(Reply::Unit)
+                }
+                WriteOp::HoldIdleSession {
+                    session,
+                    owner,
+                    now,
+                    until,
+                } => {
+                    let ctx = "hold an idle session";
+                    // The session's row lock (PostgreSQL) orders the hold with `create_task`,
+                    // which takes it too (it touches the session): the conditional UPDATE
+                    // below, a statement of its own, sees every task created before it.
+                    let found = sqlx::query(&format!(
+                        "SELECT id FROM sessions WHERE id = $1{}",
+                        $for_update
+                    ))
+                    .bind(session.as_str())
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(|e| db_err(ctx, e))?;
+                    if found.is_none() {
+                        return Err(anywork_core::Error::not_found(format!(
+                            "session {session} not found"
+                        )));
+                    }
+                    let done = sqlx::query(&format!(
+                        "UPDATE sessions SET idle_hold_owner = $2, idle_hold_until = $3 \
+                         WHERE id = $1 \
+                         AND (idle_hold_until IS NULL OR idle_hold_until <= $4 \
+                           OR idle_hold_owner = $2) \
+                         AND NOT EXISTS (SELECT 1 FROM tasks \
+                           WHERE session_id = $1 AND status IN {})",
+                        $crate::sql::ACTIVE
+                    ))
+                    .bind(session.as_str())
+                    .bind(owner)
+                    .bind(until.0)
+                    .bind(now.0)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| db_err(ctx, e))?;
+                    Ok(Reply::Count(done.rows_affected()))
+                }
+                WriteOp::ReleaseIdleHold { session, owner } => {
+                    sqlx::query(
+                        "UPDATE sessions SET idle_hold_owner = NULL, idle_hold_until = NULL \
+                         WHERE id = $1 AND idle_hold_owner = $2",
+                    )
+                    .bind(session.as_str())
+                    .bind(owner)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| db_err("release an idle hold", e))?;
                     Ok(Reply::Unit)
                 }
             }
@@ -1472,6 +1536,58 @@ macro_rules! impl_sql_store {
                         anywork_core::Error::not_found(format!("task {id} not found"))
                     })?;
                 Cols(&row).parse("status")
+            }
+
+            async fn hold_idle_session(
+                &self,
+                session_id: &anywork_core::SessionId,
+                owner: &str,
+                now: anywork_core::Timestamp,
+                until: anywork_core::Timestamp,
+            ) -> anywork_core::Result<bool> {
+                let op = WriteOp::HoldIdleSession {
+                    session: session_id.clone(),
+                    owner: owner.to_owned(),
+                    now,
+                    until,
+                };
+                match self.write(op).await? {
+                    Reply::Count(n) => Ok(n > 0),
+                    other => Err(unexpected_reply(other)),
+                }
+            }
+
+            async fn release_idle_hold(
+                &self,
+                session_id: &anywork_core::SessionId,
+                owner: &str,
+            ) -> anywork_core::Result<()> {
+                let op = WriteOp::ReleaseIdleHold {
+                    session: session_id.clone(),
+                    owner: owner.to_owned(),
+                };
+                self.write(op).await.map(drop)
+            }
+
+            async fn task_status_for_start(
+                &self,
+                id: anywork_core::TaskId,
+            ) -> anywork_core::Result<(
+                anywork_core::TaskStatus,
+                Option<anywork_core::Timestamp>,
+            )> {
+                let row = sqlx::query(
+                    "SELECT t.status, s.idle_hold_until FROM tasks t \
+                     JOIN sessions s ON s.id = t.session_id WHERE t.id = $1",
+                )
+                .bind(id.to_string())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| $crate::sql::db_err("read task status", e))?
+                .ok_or_else(|| {
+                    anywork_core::Error::not_found(format!("task {id} not found"))
+                })?;
+                Ok((Cols(&row).parse("status")?, Cols(&row).opt_time("idle_hold_until")?))
             }
 
             async fn find_task_by_idempotency_key(

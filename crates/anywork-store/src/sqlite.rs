@@ -33,6 +33,11 @@ const MIGRATIONS: Embedded = Embedded(&[
         "settings",
         include_str!("../migrations/sqlite/0003_settings.sql"),
     ),
+    (
+        4,
+        "idle hold",
+        include_str!("../migrations/sqlite/0004_idle_hold.sql"),
+    ),
 ]);
 
 /// Writes one transaction may hold at most (group commit).

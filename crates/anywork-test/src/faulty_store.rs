@@ -188,6 +188,25 @@ impl TaskStore for FaultyStore {
     async fn task_status(&self, id: TaskId) -> Result<TaskStatus> {
         self.inner.task_status(id).await
     }
+    async fn task_status_for_start(&self, id: TaskId) -> Result<(TaskStatus, Option<Timestamp>)> {
+        self.inner.task_status_for_start(id).await
+    }
+    async fn hold_idle_session(
+        &self,
+        session_id: &SessionId,
+        owner: &str,
+        now: Timestamp,
+        until: Timestamp,
+    ) -> Result<bool> {
+        self.write("hold_idle_session")?;
+        self.inner
+            .hold_idle_session(session_id, owner, now, until)
+            .await
+    }
+    async fn release_idle_hold(&self, session_id: &SessionId, owner: &str) -> Result<()> {
+        self.write("release_idle_hold")?;
+        self.inner.release_idle_hold(session_id, owner).await
+    }
     async fn update_task(
         &self,
         id: TaskId,
