@@ -22,7 +22,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anywork_core::{ContainerDriver, SessionId, WorkerEndpoint};
+use anywork_core::{ContainerDriver, ReapGuard, SessionId, WorkerEndpoint};
 
 /// What the driver under test is.
 #[derive(Debug, Clone, Default)]
@@ -319,13 +319,40 @@ where
             "workers used just now are not reaped"
         );
         tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+        // The guard is asked last, and a session it keeps keeps its worker.
+        let keep = RecordingGuard::new(false);
         let reaped = d
-            .reap_idle(std::slice::from_ref(&busy))
+            .reap_idle_guarded(std::slice::from_ref(&busy), &keep)
+            .await
+            .expect("reap");
+        assert!(
+            reaped.is_empty(),
+            "a worker whose session the guard keeps is reaped: {reaped:?}"
+        );
+        assert!(
+            keep.held().contains(&idle),
+            "the guard is asked before a stop"
+        );
+        assert!(!keep.held().contains(&busy), "{:?}", keep.held());
+        assert!(
+            keep.released().is_empty(),
+            "nothing held, nothing to release"
+        );
+        assert_eq!(workers_of(d, &idle).await.len(), 1);
+        let give = RecordingGuard::new(true);
+        let reaped = d
+            .reap_idle_guarded(std::slice::from_ref(&busy), &give)
             .await
             .expect("reap");
         assert!(
             reaped.contains(&idle),
             "an idle worker is reaped: {reaped:?}"
+        );
+        assert!(give.held().contains(&idle), "{:?}", give.held());
+        assert_eq!(
+            give.released(),
+            give.held(),
+            "each hold is released after the stop"
         );
         assert!(
             !reaped.contains(&busy),
@@ -373,5 +400,42 @@ where
         for s in &made {
             assert!(workers_of(d, s).await.is_empty(), "{s} purged");
         }
+    }
+}
+
+/// A [`ReapGuard`] that gives every session or none, and records what it was asked and told.
+struct RecordingGuard {
+    give: bool,
+    held: std::sync::Mutex<Vec<SessionId>>,
+    released: std::sync::Mutex<Vec<SessionId>>,
+}
+
+impl RecordingGuard {
+    fn new(give: bool) -> Self {
+        Self {
+            give,
+            held: Default::default(),
+            released: Default::default(),
+        }
+    }
+
+    fn held(&self) -> Vec<SessionId> {
+        self.held.lock().unwrap().clone()
+    }
+
+    fn released(&self) -> Vec<SessionId> {
+        self.released.lock().unwrap().clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl ReapGuard for RecordingGuard {
+    async fn hold(&self, session_id: &SessionId) -> bool {
+        self.held.lock().unwrap().push(session_id.clone());
+        self.give
+    }
+
+    async fn release(&self, session_id: &SessionId) {
+        self.released.lock().unwrap().push(session_id.clone());
     }
 }

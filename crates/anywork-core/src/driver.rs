@@ -82,6 +82,35 @@ impl SetupCheck {
     }
 }
 
+/// What a driver's idle reaper asks before it stops a session's worker, and tells once it is
+/// done: the runtime holds the session in the shared store meanwhile
+/// ([`TaskStore::hold_idle_session`](crate::TaskStore::hold_idle_session)), so that a task
+/// arriving at that moment either keeps the worker (the hold is refused) or waits until the
+/// stop is over and then gets a new one, on whichever server it runs.
+#[async_trait]
+pub trait ReapGuard: Send + Sync {
+    /// Whether the worker of `session_id` may be stopped now. `true` holds the session: none
+    /// of its tasks asks for a worker until [`release`](Self::release) (or the hold runs out).
+    async fn hold(&self, session_id: &SessionId) -> bool;
+
+    /// The reaper is done with `session_id` (its worker stopped, or the stop failed).
+    async fn release(&self, session_id: &SessionId);
+}
+
+/// A [`ReapGuard`] that lets every stop happen: for one server without a shared store, and
+/// for [`ContainerDriver::reap_idle`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unguarded;
+
+#[async_trait]
+impl ReapGuard for Unguarded {
+    async fn hold(&self, _: &SessionId) -> bool {
+        true
+    }
+
+    async fn release(&self, _: &SessionId) {}
+}
+
 /// Gives each session a worker: a fixed URL, a container, or a pod.
 ///
 /// Errors: `Unavailable` when the engine or API cannot be reached, `RateLimited` on a quota,
@@ -139,5 +168,22 @@ pub trait ContainerDriver: Send + Sync + 'static {
     async fn reap_idle(&self, busy: &[SessionId]) -> Result<Vec<SessionId>> {
         let _ = busy;
         Ok(Vec::new())
+    }
+
+    /// [`reap_idle`](Self::reap_idle) asking `guard` before each stop (after the driver's
+    /// own checks, right before the worker goes) and telling it after: a worker whose
+    /// session the guard does not give is left alone. What the runtime calls, so that
+    /// servers sharing a store do not stop a worker a task has just been given.
+    ///
+    /// The default ignores the guard and calls `reap_idle`: a driver that stops workers
+    /// implements this (and `reap_idle` as this with [`Unguarded`]) to be safe with several
+    /// servers.
+    async fn reap_idle_guarded(
+        &self,
+        busy: &[SessionId],
+        guard: &dyn ReapGuard,
+    ) -> Result<Vec<SessionId>> {
+        let _ = guard;
+        self.reap_idle(busy).await
     }
 }

@@ -45,7 +45,7 @@ pub use delivery::{
     DeletedLogs, Delivery, DeliveryAttempt, DeliveryId, DeliveryStatus, DeliveryTarget,
     NewDelivery, StoreSize,
 };
-pub use driver::{ContainerDriver, SetupCheck, WorkerEndpoint, WorkerInfo};
+pub use driver::{ContainerDriver, ReapGuard, SetupCheck, Unguarded, WorkerEndpoint, WorkerInfo};
 pub use error::{Error, ErrorKind, Result};
 pub use event::{
     AgentInit, InputKind, InputRequest, InputResponse, McpServerStatus, Progress, TaskEvent,

@@ -739,3 +739,239 @@ async fn cancel_through_the_other_replica(script: Script, logged: usize) {
     assert_eq!(owner.wait_final(&task).await["status"], "canceled");
     assert_eq!(worker.bodies("POST /chat").len(), 1, "the task ran once");
 }
+
+/// A container engine shared by the drivers of two replicas, as the Docker engine or the
+/// Kubernetes API is: a worker (a stand-in) per session, made on demand, one at a time. Its
+/// reaper ignores the busy sessions the runtime read (by the time of a stop that read may be
+/// stale), so that only the store's hold decides; once it holds a session it waits — until a
+/// replica asks for that session's worker, or 2 s — before the stop. A replica that asks
+/// meanwhile is handed the worker about to go and gets it only once it is gone: the race of a
+/// stop by name with a replica that has just started using the worker.
+#[derive(Default)]
+struct Engine {
+    workers: Mutex<HashMap<anywork_core::SessionId, Arc<OriginalWorker>>>,
+    /// The workers made, by URL (their ids), in order.
+    made: Mutex<Vec<String>>,
+    creating: tokio::sync::Mutex<()>,
+    /// Sessions held by the reaper, their worker about to be stopped.
+    reaping: Mutex<HashSet<anywork_core::SessionId>>,
+    /// Told when the reaper holds a session.
+    held: tokio::sync::Notify,
+    /// Told when a replica asks for a worker being reaped.
+    asked_while_reaping: tokio::sync::Notify,
+}
+
+impl Engine {
+    fn worker_of(&self, session: &anywork_core::SessionId) -> Option<Arc<OriginalWorker>> {
+        self.workers.lock().unwrap().get(session).cloned()
+    }
+
+    fn made(&self) -> Vec<String> {
+        self.made.lock().unwrap().clone()
+    }
+}
+
+struct EngineDriver(Arc<Engine>);
+
+#[async_trait::async_trait]
+impl anywork_core::ContainerDriver for EngineDriver {
+    fn name(&self) -> &str {
+        "engine"
+    }
+
+    async fn get_worker(
+        &self,
+        session: &anywork_core::SessionId,
+    ) -> anywork_core::Result<anywork_core::WorkerEndpoint> {
+        let engine = &self.0;
+        let _creating = engine.creating.lock().await;
+        if let Some(worker) = engine.worker_of(session) {
+            let url = worker.url();
+            drop(worker);
+            if engine.reaping.lock().unwrap().contains(session) {
+                engine.asked_while_reaping.notify_one();
+                while engine.reaping.lock().unwrap().contains(session) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            return Ok(anywork_core::WorkerEndpoint::new(url.clone(), url));
+        }
+        let worker = OriginalWorker::start().await;
+        let url = worker.url();
+        engine
+            .workers
+            .lock()
+            .unwrap()
+            .insert(session.clone(), Arc::new(worker));
+        engine.made.lock().unwrap().push(url.clone());
+        Ok(anywork_core::WorkerEndpoint::new(url.clone(), url))
+    }
+
+    async fn release(&self, session: &anywork_core::SessionId) -> anywork_core::Result<()> {
+        self.0.workers.lock().unwrap().remove(session);
+        Ok(())
+    }
+
+    async fn is_healthy(&self, _: &anywork_core::WorkerEndpoint) -> bool {
+        true
+    }
+
+    async fn list(&self) -> anywork_core::Result<Vec<anywork_core::WorkerInfo>> {
+        Ok(Vec::new())
+    }
+
+    async fn reap_idle_guarded(
+        &self,
+        _busy: &[anywork_core::SessionId],
+        guard: &dyn anywork_core::ReapGuard,
+    ) -> anywork_core::Result<Vec<anywork_core::SessionId>> {
+        let engine = &self.0;
+        let sessions: Vec<_> = engine.workers.lock().unwrap().keys().cloned().collect();
+        let mut reaped = Vec::new();
+        for session in sessions {
+            if !guard.hold(&session).await {
+                continue;
+            }
+            engine.reaping.lock().unwrap().insert(session.clone());
+            engine.held.notify_one();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                engine.asked_while_reaping.notified(),
+            )
+            .await;
+            // Dropped: the stand-in stops listening.
+            let gone = engine.workers.lock().unwrap().remove(&session);
+            drop(gone);
+            engine.reaping.lock().unwrap().remove(&session);
+            guard.release(&session).await;
+            reaped.push(session);
+        }
+        Ok(reaped)
+    }
+}
+
+/// A replica in this process on `db`, named `owner`, whose workers come from `engine`; its
+/// reaper runs when the test says, and a worker call that fails is not retried.
+async fn engine_replica(
+    db: &Database,
+    engine: &Arc<Engine>,
+    owner: &str,
+) -> anywork_runtime::Dispatcher {
+    let store = anywork_store::PostgresStore::connect(&db.url, 8)
+        .await
+        .expect("connect to the test database");
+    let mut config = anywork_runtime::DispatcherConfig::default();
+    config.owner = owner.to_owned();
+    config.lease_ttl = Duration::from_secs(60);
+    config.reap_every = None;
+    config.retry = anywork_runtime::Backoff::none();
+    anywork_runtime::Dispatcher::builder(Arc::new(store), Arc::new(EngineDriver(engine.clone())))
+        .config(config)
+        .start()
+        .await
+        .expect("start a replica")
+}
+
+/// The task once it is over.
+async fn finished(d: &anywork_runtime::Dispatcher, id: anywork_core::TaskId) -> anywork_core::Task {
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let task = d.task(id).await.expect("read the task");
+        if task.status.is_terminal() {
+            return task;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "task {id} never ended: {task:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Issue 18: the idle reaper on all replicas is safe. A task that comes while its session's
+/// worker is being reaped, through another replica, waits for the stop and runs on a new
+/// worker (it is never handed the one going away, which the engine here would make fail);
+/// a task that came first keeps the worker (the reaper's hold is refused). No task fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_comes_while_its_session_is_reaped_keeps_a_working_worker() {
+    let db = Database::create().await;
+    let engine = Arc::new(Engine::default());
+    let a = engine_replica(&db, &engine, "replica-a").await;
+    let b = engine_replica(&db, &engine, "replica-b").await;
+    let in_session = |session: &anywork_core::SessionId, text: &str| {
+        let mut request = anywork_core::TaskRequest::new("web", text);
+        request.session_id = Some(session.clone());
+        request
+    };
+
+    // A session with a worker.
+    let first = a
+        .submit(anywork_core::TaskRequest::new("web", "one"))
+        .await
+        .unwrap()
+        .task;
+    let session = first.session_id.clone();
+    assert_eq!(
+        finished(&a, first.id).await.status,
+        anywork_core::TaskStatus::Completed
+    );
+    let w1 = engine.made()[0].clone();
+
+    // A task that came first (running through the other replica, the worker busy with it):
+    // the reaper's hold is refused and the worker stays.
+    engine.worker_of(&session).unwrap().push(Script {
+        events: vec![OriginalEvent::text("thinking")],
+        delay: Duration::ZERO,
+        hang: true,
+    });
+    let second = b.submit(in_session(&session, "two")).await.unwrap().task;
+    eventually(SETTLE, "the second task did not start", || async {
+        b.task(second.id).await.unwrap().status == anywork_core::TaskStatus::Running
+    })
+    .await;
+    assert_eq!(
+        a.reap_idle().await.unwrap(),
+        Vec::<anywork_core::SessionId>::new()
+    );
+    assert_eq!(engine.made(), vec![w1.clone()], "the worker stays");
+    b.cancel(second.id).await.unwrap();
+    let second = finished(&b, second.id).await;
+    assert_eq!(
+        second.status,
+        anywork_core::TaskStatus::Canceled,
+        "{second:?}"
+    );
+    assert_eq!(second.worker_id.as_deref(), Some(w1.as_str()));
+
+    // The reaper holds the idle session; a task comes through the other replica meanwhile.
+    let reaper = {
+        let a = a.clone();
+        tokio::spawn(async move { a.reap_idle().await })
+    };
+    engine.held.notified().await;
+    let third = b.submit(in_session(&session, "three")).await.unwrap().task;
+    let reaped = reaper.await.unwrap().unwrap();
+    assert_eq!(reaped, vec![session.clone()], "the idle worker was reaped");
+    let third = finished(&b, third.id).await;
+    assert_eq!(
+        third.status,
+        anywork_core::TaskStatus::Completed,
+        "{third:?}"
+    );
+    let made = engine.made();
+    assert_eq!(made.len(), 2, "{made:?}");
+    assert_eq!(
+        third.worker_id.as_deref(),
+        Some(made[1].as_str()),
+        "a new worker"
+    );
+    let w2 = engine
+        .worker_of(&session)
+        .expect("the session's worker is up");
+    assert!(
+        w2.bodies("POST /chat")
+            .iter()
+            .any(|c| c["task_id"] == third.id.to_string().as_str()),
+        "the new worker ran the task"
+    );
+}

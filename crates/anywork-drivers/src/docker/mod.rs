@@ -37,7 +37,8 @@ use std::time::Duration;
 
 use anywork_core::worker_api::WorkerSecret;
 use anywork_core::{
-    ContainerDriver, Error, ErrorKind, Result, SessionId, SetupCheck, WorkerEndpoint, WorkerInfo,
+    ContainerDriver, Error, ErrorKind, ReapGuard, Result, SessionId, SetupCheck, Unguarded,
+    WorkerEndpoint, WorkerInfo,
 };
 use async_trait::async_trait;
 use bollard::Docker;
@@ -972,6 +973,14 @@ impl ContainerDriver for DockerDriver {
     }
 
     async fn reap_idle(&self, busy: &[SessionId]) -> Result<Vec<SessionId>> {
+        self.reap_idle_guarded(busy, &Unguarded).await
+    }
+
+    async fn reap_idle_guarded(
+        &self,
+        busy: &[SessionId],
+        guard: &dyn ReapGuard,
+    ) -> Result<Vec<SessionId>> {
         let ttl = self.config.idle_ttl;
         let candidates: Vec<(SessionId, WorkerEndpoint)> = self
             .running()
@@ -994,7 +1003,13 @@ impl ContainerDriver for DockerDriver {
             ) {
                 continue;
             }
-            self.remove_container(&session_id).await?;
+            // Last: a task of the session that arrives from here on waits for the release.
+            if !guard.hold(&session_id).await {
+                continue;
+            }
+            let removed = self.remove_container(&session_id).await;
+            guard.release(&session_id).await;
+            removed?;
             reaped.push(session_id);
         }
         self.locks.prune();

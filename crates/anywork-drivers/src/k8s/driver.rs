@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use anywork_core::worker_api::WorkerSecret;
 use anywork_core::{
-    ContainerDriver, Error, ErrorKind, Result, SessionId, SetupCheck, WorkerEndpoint, WorkerInfo,
+    ContainerDriver, Error, ErrorKind, ReapGuard, Result, SessionId, SetupCheck, Unguarded,
+    WorkerEndpoint, WorkerInfo,
 };
 use async_trait::async_trait;
 use k8s_openapi::api::core::v1::Pod;
@@ -719,6 +720,14 @@ impl ContainerDriver for K8sDriver {
     }
 
     async fn reap_idle(&self, busy: &[SessionId]) -> Result<Vec<SessionId>> {
+        self.reap_idle_guarded(busy, &Unguarded).await
+    }
+
+    async fn reap_idle_guarded(
+        &self,
+        busy: &[SessionId],
+        guard: &dyn ReapGuard,
+    ) -> Result<Vec<SessionId>> {
         let ttl = self.config.idle_ttl;
         let mut reaped = Vec::new();
         let mut failed = None;
@@ -741,8 +750,12 @@ impl ContainerDriver for K8sDriver {
                 ttl,
                 busy,
                 health.as_ref(),
-            ) {
-                match self.remove(&session).await {
+            ) && guard.hold(&session).await
+            {
+                // Held: a task of the session that arrives from here on waits for the release.
+                let removed = self.remove(&session).await;
+                guard.release(&session).await;
+                match removed {
                     Ok(()) => reaped.push(session),
                     Err(e) => {
                         failed.get_or_insert(e);

@@ -58,6 +58,12 @@ pub struct DispatcherConfig {
     /// How often the driver is asked to stop idle workers ([`ContainerDriver::reap_idle`]);
     /// `None` never.
     pub reap_every: Option<Duration>,
+    /// How long the reaper holds an idle session in the store while the driver stops its
+    /// worker ([`TaskStore::hold_idle_session`]): a task of the session that arrives
+    /// meanwhile waits, on every server, until the stop is over (or, if this server dies
+    /// mid-stop, until the hold runs out). Longer than the driver's slowest stop (Docker:
+    /// its stop grace plus the removal).
+    pub reap_hold: Duration,
     /// How often the store is asked for pending tasks of free sessions that no runner here
     /// has (accepted by another server sharing the store, or waiting behind a task that
     /// another server ran): they are queued here and claimed by whichever server gets to
@@ -94,6 +100,7 @@ impl Default for DispatcherConfig {
             max_batch: 256,
             progress_after: Duration::from_millis(500),
             reap_every: Some(Duration::from_secs(30)),
+            reap_hold: Duration::from_secs(60),
             claim_every: Duration::from_secs(1),
             retention: Retention::default(),
             stream_idle_timeout: Duration::from_secs(60),

@@ -48,13 +48,25 @@ pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
             }
         };
         // Started or ended meanwhile (by another server, or canceled): nothing to do.
-        match inner.store.task_status(head).await {
-            Ok(status) if status != TaskStatus::Pending => {
+        match inner.store.task_status_for_start(head).await {
+            Ok((status, _)) if status != TaskStatus::Pending => {
                 forget(&inner, &session, head);
                 continue;
             }
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 forget(&inner, &session, head);
+                continue;
+            }
+            Ok((_, Some(until))) if until > Timestamp::now() => {
+                // A reaper (here or on another server) is stopping the session's worker: the
+                // driver is asked for one once that is over. The hold was taken before this
+                // task was stored (no hold is given while a task of the session is pending),
+                // so the worker the driver hands out next is a new one.
+                if inner.closing.load(std::sync::atomic::Ordering::Relaxed) {
+                    lock(&inner.queues).remove(&session);
+                    return;
+                }
+                tokio::time::sleep(BUSY_POLL).await;
                 continue;
             }
             _ => {}
@@ -75,6 +87,15 @@ pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
             .get_mut(&session)
             .and_then(VecDeque::pop_front);
         let Some(next) = next else { continue };
+        if next.id != head {
+            // The head was canceled meanwhile: the next one is looked at as the head was
+            // (it may have been stored while the session's worker was being reaped).
+            lock(&inner.queues)
+                .entry(session.clone())
+                .or_default()
+                .push_front(next);
+            continue;
+        }
         let id = next.id;
         let retry_after = inner.config.store_retry.max;
         // Boxed: a run's future is large, and a runner waiting for its permit would otherwise

@@ -7,7 +7,9 @@ use std::sync::Weak;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anywork_core::{Page, Result, SessionId, TaskOutcome, TaskStatus, Timestamp};
+use anywork_core::{
+    ErrorKind, Page, ReapGuard, Result, SessionId, TaskOutcome, TaskStatus, Timestamp,
+};
 
 use super::{Dispatcher, Inner, lock};
 
@@ -112,14 +114,65 @@ impl Dispatcher {
     }
 
     /// Asks the driver to stop the idle workers of sessions that are not busy. Returns the
-    /// sessions whose workers were stopped.
+    /// sessions whose workers were stopped. Each stop happens while this server holds the
+    /// session in the store ([`TaskStore::hold_idle_session`]): a task that arrives
+    /// meanwhile, on any server, waits until it is over and then gets a new worker, and a
+    /// task that came first keeps the worker.
+    ///
+    /// [`TaskStore::hold_idle_session`]: anywork_core::TaskStore::hold_idle_session
     pub async fn reap_idle(&self) -> Result<Vec<SessionId>> {
         let busy = self.busy_sessions().await?;
-        let reaped = self.inner.driver.reap_idle(&busy).await?;
+        let guard = StoreGuard { inner: &self.inner };
+        let reaped = self.inner.driver.reap_idle_guarded(&busy, &guard).await?;
         if !reaped.is_empty() {
             tracing::info!(count = reaped.len(), "stopped idle workers");
         }
         Ok(reaped)
+    }
+}
+
+/// The reaper's hold on a session, in the store.
+struct StoreGuard<'a> {
+    inner: &'a Inner,
+}
+
+#[async_trait::async_trait]
+impl ReapGuard for StoreGuard<'_> {
+    async fn hold(&self, session_id: &SessionId) -> bool {
+        let inner = self.inner;
+        let now = Timestamp::now();
+        let until = now.plus_millis(inner.config.reap_hold.as_millis() as i64);
+        match inner
+            .store
+            .hold_idle_session(session_id, &inner.config.owner, now, until)
+            .await
+        {
+            Ok(held) => {
+                if !held {
+                    tracing::debug!(session = %session_id, "a task came for the idle session; its worker stays");
+                }
+                held
+            }
+            // A worker of a session the store does not know (deleted, or never stored):
+            // no task of it can start, nothing to hold.
+            Err(e) if e.kind() == ErrorKind::NotFound => true,
+            Err(e) => {
+                tracing::warn!(session = %session_id, error = %e, "cannot hold the idle session; its worker stays");
+                false
+            }
+        }
+    }
+
+    async fn release(&self, session_id: &SessionId) {
+        let inner = self.inner;
+        if let Err(e) = inner
+            .store
+            .release_idle_hold(session_id, &inner.config.owner)
+            .await
+        {
+            // It runs out by itself; the session's tasks wait until then.
+            tracing::warn!(session = %session_id, error = %e, "cannot release the hold on a reaped session");
+        }
     }
 }
 
