@@ -124,11 +124,22 @@ pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
                     .push_front(task);
                 wait_until_over(&inner, holder).await;
             }
+            Err(RunError::Store(e)) if ended_elsewhere(&e) => {
+                // A write of the run lost to the end of its task (a cancel while it waited
+                // for input, another server's cancel, lease recovery): expected.
+                tracing::info!(task = %id, error = %e, "the task ended before its run's last write");
+            }
             Err(RunError::Store(e)) => {
                 tracing::error!(task = %id, error = %e, "task run failed in the dispatcher");
             }
         }
     }
+}
+
+/// Whether a run's write failed because its task had ended already (a compare-and-set lost
+/// to a cancel, another server or lease recovery): expected, never an error of the run.
+fn ended_elsewhere(e: &Error) -> bool {
+    matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidTransition)
 }
 
 /// Drops task `id` from the queue of `session` (it will not run here).
@@ -476,7 +487,14 @@ impl Run {
                 self.left_to_another_server(&endpoint);
                 return Ok(());
             }
-            Err(stop) => return Ok(self.stop(stop).await?),
+            Err(stop) => {
+                if matches!(stop, Stop::Canceled) {
+                    // The chat may have reached the worker before the cancel reached the
+                    // run (its answer not read yet): it must not go on there.
+                    self.ask_worker_to_cancel(&endpoint);
+                }
+                return Ok(self.stop(stop).await?);
+            }
         };
         Ok(self.follow(stream, endpoint).await?)
     }
@@ -767,8 +785,15 @@ impl Run {
             session_id: Some(self.task.session_id.clone()),
         };
         tokio::spawn(async move {
-            if let Err(e) = client.cancel(&worker, &request).await {
-                tracing::warn!(task = %request.task_id, error = %e, "the worker did not take the cancel");
+            match client.cancel(&worker, &request).await {
+                Ok(()) => {}
+                // Never started there (stopped before its chat), or over already.
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    tracing::debug!(task = %request.task_id, error = %e, "the worker does not run the task");
+                }
+                Err(e) => {
+                    tracing::warn!(task = %request.task_id, error = %e, "the worker did not take the cancel");
+                }
             }
         });
     }
@@ -849,7 +874,16 @@ impl Run {
         }
         if outcome.status == TaskStatus::Completed && self.status == TaskStatus::InputRequired {
             // The worker finished without the answer it asked for; pass through running.
-            self.set_status(TaskStatus::Running, Vec::new()).await?;
+            match self.set_status(TaskStatus::Running, Vec::new()).await {
+                Ok(()) => {}
+                Err(e) if ended_elsewhere(&e) => {
+                    // Ended while it waited for input (a cancel on another server, lease
+                    // recovery): its outcome and `done` are stored; expected, not an error.
+                    tracing::info!(task = %self.task.id, error = %e, "the task was ended while it waited for input");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
         }
         if !outcome.status.is_terminal() {
             outcome = TaskOutcome::failed(format!(
@@ -874,7 +908,7 @@ impl Run {
         .await;
         let task = match finished {
             Ok(t) => t,
-            Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidTransition) => {
+            Err(e) if ended_elsewhere(&e) => {
                 tracing::warn!(task = %self.task.id, error = %e, "the task was ended elsewhere");
                 return Ok(());
             }
@@ -1214,6 +1248,8 @@ async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Resu
 mod tests {
     use std::sync::Arc;
 
+    use std::sync::Mutex;
+
     use anywork_core::{ContainerDriver, NewTaskLog, TaskRequest, TaskStore, WorkerInfo};
     use anywork_store::MemoryStore;
     use tokio::sync::{Notify, Semaphore};
@@ -1320,5 +1356,251 @@ mod tests {
             TaskStatus::Running,
             "the task is the other server's"
         );
+    }
+
+    /// A worker on loopback that speaks just enough HTTP for a run: `/prepare` answers `{}`,
+    /// or never (`prepare_hangs`); `/chat` streams `first`, then waits for `go` and streams
+    /// `then` and ends; `/cancel` answers `{}`. It records the paths it was asked for.
+    struct FakeWorker {
+        url: String,
+        paths: Arc<Mutex<Vec<String>>>,
+        /// Told when a request came in.
+        asked: Arc<Notify>,
+        go: Arc<Notify>,
+    }
+
+    impl FakeWorker {
+        async fn start(prepare_hangs: bool, first: Vec<TaskEvent>, then: Vec<TaskEvent>) -> Self {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let (paths, asked, go) = (
+                Arc::default(),
+                Arc::new(Notify::new()),
+                Arc::new(Notify::new()),
+            );
+            let worker = Self {
+                url,
+                paths: Arc::clone(&paths),
+                asked: Arc::clone(&asked),
+                go: Arc::clone(&go),
+            };
+            let sse = |events: &[TaskEvent]| {
+                events
+                    .iter()
+                    .map(|e| format!("data: {}\n\n", serde_json::to_string(e).unwrap()))
+                    .collect::<String>()
+            };
+            let (first, then) = (sse(&first), sse(&then));
+            tokio::spawn(async move {
+                while let Ok((mut conn, _)) = listener.accept().await {
+                    let (paths, asked, go) = (paths.clone(), asked.clone(), go.clone());
+                    let (first, then) = (first.clone(), then.clone());
+                    tokio::spawn(async move {
+                        // The request head, then its body (by its length), read and dropped.
+                        let mut request = Vec::new();
+                        let mut buf = [0u8; 4096];
+                        let head_end = loop {
+                            let Ok(n) = conn.read(&mut buf).await else {
+                                return;
+                            };
+                            if n == 0 {
+                                return;
+                            }
+                            request.extend_from_slice(&buf[..n]);
+                            if let Some(i) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&request[..head_end]).to_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        while request.len() < head_end + length {
+                            let Ok(n) = conn.read(&mut buf).await else {
+                                return;
+                            };
+                            if n == 0 {
+                                return;
+                            }
+                            request.extend_from_slice(&buf[..n]);
+                        }
+                        let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                        lock(&paths).push(path.clone());
+                        asked.notify_waiters();
+                        let json = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                                    content-length: 2\r\nconnection: close\r\n\r\n{}";
+                        match path.as_str() {
+                            "/prepare" if prepare_hangs => std::future::pending::<()>().await,
+                            "/chat" => {
+                                let start = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                                             connection: close\r\n\r\n";
+                                let _ = conn.write_all(format!("{start}{first}").as_bytes()).await;
+                                go.notified().await;
+                                let _ = conn.write_all(then.as_bytes()).await;
+                            }
+                            _ => {
+                                let _ = conn.write_all(json.as_bytes()).await;
+                            }
+                        }
+                        let _ = conn.shutdown().await;
+                    });
+                }
+            });
+            worker
+        }
+
+        fn paths(&self) -> Vec<String> {
+            lock(&self.paths).clone()
+        }
+
+        /// Waits until `path` was asked for.
+        async fn until_asked(&self, path: &str) {
+            loop {
+                let asked = self.asked.notified();
+                if self.paths().iter().any(|p| p == path) {
+                    return;
+                }
+                asked.await;
+            }
+        }
+    }
+
+    fn quick_dispatcher(store: Arc<MemoryStore>, worker: &FakeWorker) -> crate::DispatcherBuilder {
+        let driver = Arc::new(anywork_drivers::StaticDriver::new(&worker.url).unwrap());
+        let config = DispatcherConfig {
+            retry: crate::Backoff::none(),
+            reap_every: None,
+            ..Default::default()
+        };
+        Dispatcher::builder(store, driver).config(config)
+    }
+
+    /// `f`, or a panic after 30 s: a guard against a hang, not a timing.
+    async fn guard<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(30), f)
+            .await
+            .expect("hung for 30 s")
+    }
+
+    /// A cancel while the run waits for the worker's `/prepare` (its chat not sent yet) stops
+    /// the run at once: the cancel answers with the task canceled (not after the prepare's
+    /// 30 s timeout), the log ends with its `done`, no chat is ever sent, and the worker is
+    /// asked to cancel (a chat in flight would have reached it).
+    #[tokio::test]
+    async fn a_cancel_during_prepare_cancels_at_once() {
+        let worker = FakeWorker::start(true, Vec::new(), Vec::new()).await;
+        let store = Arc::new(MemoryStore::new());
+        let d = quick_dispatcher(store.clone(), &worker)
+            .start()
+            .await
+            .unwrap();
+        let task = d.submit(TaskRequest::new("web", "hi")).await.unwrap().task;
+        guard(worker.until_asked("/prepare")).await;
+        assert_eq!(
+            store.get_task(task.id).await.unwrap().status,
+            TaskStatus::Running
+        );
+
+        let canceled = guard(d.cancel(task.id)).await.unwrap();
+        assert_eq!(canceled.status, TaskStatus::Canceled, "{canceled:?}");
+        assert_eq!(d.running(), 0, "the run is over");
+        let logs = store.read_logs(task.id, 0, 100).await.unwrap();
+        assert!(
+            matches!(&logs.last().unwrap().event, TaskEvent::Done(o) if o.status == TaskStatus::Canceled),
+            "{logs:?}"
+        );
+        assert_eq!(
+            logs.iter()
+                .filter(|l| matches!(l.event, TaskEvent::Done(_)))
+                .count(),
+            1
+        );
+        guard(worker.until_asked("/cancel")).await;
+        assert!(
+            !worker.paths().iter().any(|p| p == "/chat"),
+            "{:?}",
+            worker.paths()
+        );
+    }
+
+    /// Counts the events logged at error level.
+    #[derive(Clone, Default)]
+    struct Errors(Arc<Mutex<Vec<String>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Errors {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            if *event.metadata().level() == tracing::Level::ERROR {
+                lock(&self.0).push(format!("{event:?}"));
+            }
+        }
+    }
+
+    /// A task that ends while it waits for input (another server cancels it) and whose worker
+    /// then finishes anyway: the run's last write loses to that end, which is expected, so
+    /// nothing is logged at error level, and the task stays canceled with one `done`.
+    #[tokio::test]
+    async fn a_task_ended_while_waiting_for_input_logs_no_error() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let errors = Errors::default();
+        let _logging =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(errors.clone()));
+        let ask = TaskEvent::InputRequired(anywork_core::InputRequest {
+            request_id: "q1".into(),
+            kind: anywork_core::InputKind::Question,
+            prompt: "Which one?".into(),
+            tool_name: None,
+            input: None,
+            options: Vec::new(),
+        });
+        let done = TaskEvent::Done(TaskOutcome::completed("did it anyway"));
+        let worker = FakeWorker::start(false, vec![ask], vec![done]).await;
+        let store = Arc::new(MemoryStore::new());
+        let d = quick_dispatcher(store.clone(), &worker)
+            .start()
+            .await
+            .unwrap();
+        let task = d.submit(TaskRequest::new("web", "hi")).await.unwrap().task;
+        guard(async {
+            while store.task_status(task.id).await.unwrap() != TaskStatus::InputRequired {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        // Another server cancels it (this store has no change feed to tell the run).
+        store
+            .update_task_and_append(
+                task.id,
+                TaskStatus::InputRequired,
+                TaskChange::finish(TaskOutcome::canceled()),
+                vec![NewTaskLog::now(TaskEvent::Done(TaskOutcome::canceled()))],
+            )
+            .await
+            .unwrap();
+        worker.go.notify_one();
+        guard(async {
+            while d.running() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert_eq!(
+            store.task_status(task.id).await.unwrap(),
+            TaskStatus::Canceled
+        );
+        let logs = store.read_logs(task.id, 0, 100).await.unwrap();
+        assert_eq!(
+            logs.iter()
+                .filter(|l| matches!(l.event, TaskEvent::Done(_)))
+                .count(),
+            1
+        );
+        assert!(lock(&errors.0).is_empty(), "{:?}", lock(&errors.0));
     }
 }
