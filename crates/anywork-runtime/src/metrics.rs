@@ -23,6 +23,7 @@
 //! | `anywork_model_retries_total` | counter: model calls retried (progress `model_retry`) | `model` |
 //! | `anywork_model_errors_total` | counter: model API errors told by an `error` event | `model`, `code` |
 //! | `anywork_feed_changes_total` | counter: log appends told by the store's change feed (other servers' runs) | `outcome`: read (started a log read), covered (its events were read, or are being read, by a read of another change), skipped (nobody follows the task here, or it runs here) |
+//! | `anywork_feed_tasks` | gauge: tasks followed here and run elsewhere that the change feed keeps track of (an entry each; bounded, swept of tasks nobody follows here any more) | |
 //! | `anywork_feed_log_reads_total` | counter: log pages the change feed read | |
 //! | `anywork_feed_wait_seconds` | histogram: from a change's arrival on this server to the start of the log read that forwards it | |
 //! | `anywork_feed_read_seconds` | histogram: one log read of the change feed | |
@@ -77,6 +78,7 @@ pub(crate) struct Metrics {
     model_errors: Family<[(&'static str, String); 2], Counter>,
     feed_changes: Family<Label, Counter>,
     feed_reads: Counter,
+    feed_tasks: Gauge,
     feed_wait: Histogram,
     feed_read: Histogram,
     fallback_reads: Family<[(&'static str, &'static str); 2], Counter>,
@@ -118,6 +120,7 @@ impl Default for Metrics {
         Self {
             feed_changes,
             feed_reads: Counter::default(),
+            feed_tasks: Gauge::default(),
             feed_wait: Histogram::new(FEED_BUCKETS),
             feed_read: Histogram::new(FEED_BUCKETS),
             fallback_reads,
@@ -256,6 +259,17 @@ impl Metrics {
         self.feed_read.observe(took.as_secs_f64());
     }
 
+    /// The change feed keeps track of `n` remote tasks now.
+    pub(crate) fn feed_tasks(&self, n: usize) {
+        self.feed_tasks.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Remote tasks the change feed keeps track of now.
+    #[cfg(test)]
+    pub(crate) fn feed_tasks_now(&self) -> i64 {
+        self.feed_tasks.get()
+    }
+
     /// Log pages read by the change feed so far.
     #[cfg(test)]
     pub(crate) fn feed_reads(&self) -> u64 {
@@ -391,6 +405,11 @@ impl Metrics {
             "anywork_feed_log_reads",
             "Log pages read by the change feed to forward other servers' events",
             self.feed_reads.clone(),
+        );
+        registry.register(
+            "anywork_feed_tasks",
+            "Tasks followed here and run elsewhere that the change feed keeps track of",
+            self.feed_tasks.clone(),
         );
         registry.register(
             "anywork_feed_wait_seconds",

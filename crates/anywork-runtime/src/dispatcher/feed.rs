@@ -44,9 +44,22 @@ const PAGE: u32 = 500;
 /// Log reads of the feed under way at once (each of another task).
 const READS_AT_ONCE: usize = 4;
 
+/// How often the feed drops the entries of tasks nobody follows here any more (their
+/// followers left while the task was quiet: no change came to drop them), and of tasks
+/// that run here now.
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
+
+/// Remote tasks the feed keeps track of, at most: past it, the quiet ones heard of longest
+/// ago go first. A task dropped while followed loses nothing: its next change makes a new
+/// entry from that change's first seq (the log up to there was published, or its followers
+/// read it), and a follower reads the log itself when its task is quiet.
+const MAX_REMOTES: usize = 10_000;
+
 /// A task followed here and run elsewhere.
 struct Remote {
     session: SessionId,
+    /// When the feed last told of it or read it.
+    touched: Instant,
     /// The last seq published here.
     last: u64,
     /// The highest seq the feed told of.
@@ -86,21 +99,25 @@ struct Forwarder {
 pub(super) async fn feed_loop(inner: Weak<Inner>, mut feed: ChangeFeed) {
     let mut forwarder = Forwarder::default();
     let mut reads: FuturesUnordered<ReadFuture> = FuturesUnordered::new();
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let step = tokio::select! {
             item = feed.next() => match item {
-                Some(item) => Ok((item, Instant::now())),
+                Some(item) => Step::Told(item, Instant::now()),
                 None => return,
             },
-            Some(read) = reads.next(), if !reads.is_empty() => Err(read),
+            Some(read) = reads.next(), if !reads.is_empty() => Step::Read(read),
+            _ = sweep.tick() => Step::Sweep,
         };
         let Some(inner) = inner.upgrade() else { return };
         if inner.stopped.load(Ordering::Relaxed) {
             return;
         }
         match step {
-            Ok((item, arrived)) => forwarder.told(&inner, item, arrived),
-            Err(read) => forwarder.read_done(&inner, read),
+            Step::Told(item, arrived) => forwarder.told(&inner, item, arrived),
+            Step::Read(read) => forwarder.read_done(&inner, read),
+            Step::Sweep => forwarder.sweep(&inner, MAX_REMOTES),
         }
         while reads.len() < READS_AT_ONCE {
             let Some((id, after, waited)) = forwarder.next_read() else {
@@ -109,6 +126,13 @@ pub(super) async fn feed_loop(inner: Weak<Inner>, mut feed: ChangeFeed) {
             reads.push(Box::pin(read(inner.clone(), id, after, waited)));
         }
     }
+}
+
+/// What woke the feed loop.
+enum Step {
+    Told(FeedItem, Instant),
+    Read(Read),
+    Sweep,
 }
 
 /// Reads the log of `id` after `after` (one page).
@@ -159,6 +183,7 @@ impl Forwarder {
         };
         let r = self.remotes.entry(id).or_insert_with(|| Remote {
             session,
+            touched: arrived,
             // Its followers read the log up to here themselves when they subscribed.
             last: change.first.saturating_sub(1),
             told: 0,
@@ -168,6 +193,7 @@ impl Forwarder {
             since: None,
         });
         let was_waiting = r.queued || r.reading || r.told > r.last || r.again;
+        r.touched = arrived;
         r.told = r.told.max(change.last);
         if r.told <= r.last {
             // Its events were read already.
@@ -179,6 +205,30 @@ impl Forwarder {
             .metrics
             .feed_change(if was_waiting { "covered" } else { "read" });
         self.queue(id);
+    }
+
+    /// Drops the entries of tasks nobody follows here any more or that run here now, then,
+    /// past `max` entries, the quiet ones (nothing to read) heard of longest ago. Entries
+    /// with a read under way or waiting stay: their read ends them.
+    fn sweep(&mut self, inner: &Inner, max: usize) {
+        let busy = |r: &Remote| r.reading || r.queued || r.wants_read();
+        self.remotes.retain(|id, r| {
+            busy(r) || (inner.hub.followed_session(*id).is_some() && !inner.runs_here(*id))
+        });
+        if self.remotes.len() > max {
+            let mut quiet: Vec<(Instant, TaskId)> = self
+                .remotes
+                .iter()
+                .filter(|(_, r)| !busy(r))
+                .map(|(id, r)| (r.touched, *id))
+                .collect();
+            quiet.sort_unstable();
+            let excess = self.remotes.len() - max;
+            for (_, id) in quiet.into_iter().take(excess) {
+                self.remotes.remove(&id);
+            }
+        }
+        inner.metrics.feed_tasks(self.remotes.len());
     }
 
     /// Puts `id` in line for a read if it wants one and is not in line yet.
@@ -221,6 +271,7 @@ impl Forwarder {
             return;
         };
         r.reading = false;
+        r.touched = Instant::now();
         let logs = match read.logs {
             Ok(logs) => logs,
             Err(e) => {
@@ -627,5 +678,69 @@ mod tests {
             task_reads,
             "no task was read for its session"
         );
+    }
+
+    /// A task whose followers left while it was quiet (so no change came to drop it) is
+    /// forgotten by the feed's next sweep; a task still followed stays and is still forwarded.
+    #[tokio::test]
+    async fn tasks_nobody_follows_any_more_are_forgotten() {
+        let (store, feed) = FedStore::new();
+        let (d, left) = remote_task(&store).await;
+        let kept = new_running_task(&store).await;
+        let mut left_live = follow(&d, &left);
+        let mut kept_live = follow(&d, &kept);
+        append(&store, &feed, left.id, TaskEvent::text("l")).await;
+        append(&store, &feed, kept.id, TaskEvent::text("k")).await;
+        assert_eq!(next(&mut left_live).await.0, 1);
+        assert_eq!(next(&mut kept_live).await.0, 1);
+        let tracked = |n: i64| {
+            let d = d.clone();
+            guard(async move {
+                while d.metrics().feed_tasks_now() != n {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
+        tracked(2).await;
+        // Its followers leave; the task stays quiet.
+        drop(left_live);
+        tracked(1).await;
+        append(&store, &feed, kept.id, TaskEvent::text("k2")).await;
+        assert_eq!(next(&mut kept_live).await, (2, TaskEvent::text("k2")));
+    }
+
+    /// Past the bound, the quiet entries heard of longest ago go first; entries with a read to
+    /// do stay.
+    #[tokio::test]
+    async fn the_feed_keeps_at_most_its_bound_of_quiet_tasks() {
+        let (store, _feed) = FedStore::new();
+        let (d, first) = remote_task(&store).await;
+        let mut tasks = vec![first];
+        for _ in 0..3 {
+            tasks.push(new_running_task(&store).await);
+        }
+        let _live: Vec<Subscription> = tasks.iter().map(|t| follow(&d, t)).collect();
+        let mut forwarder = Forwarder::default();
+        let start = Instant::now();
+        for (i, t) in tasks.iter().enumerate() {
+            let change = LogChange {
+                task_id: t.id,
+                first: 1,
+                last: 1,
+            };
+            forwarder.changed(&d.inner, change, start + Duration::from_millis(i as u64));
+        }
+        // The last one has a read to do; the first three were read up to their last seq.
+        for t in &tasks[..3] {
+            let r = forwarder.remotes.get_mut(&t.id).unwrap();
+            (r.last, r.queued) = (1, false);
+        }
+        forwarder.sweep(&d.inner, 2);
+        let mut left: Vec<TaskId> = forwarder.remotes.keys().copied().collect();
+        left.sort();
+        let mut want = vec![tasks[2].id, tasks[3].id];
+        want.sort();
+        assert_eq!(left, want, "the two quiet ones heard of first went");
+        assert_eq!(d.metrics().feed_tasks_now(), 2);
     }
 }
