@@ -1,19 +1,24 @@
 //! Channel intake: signed generic-webhook requests at a fixed rate against the in-process
 //! server (SQLite, the webhook channel with a secret, an in-process worker on the fake model,
 //! so the tasks really run meanwhile, `--max-concurrent` at a time), timing each request to
-//! its `202`.
+//! its `202`. After the run: where the time went (the handler's own time, the SQLite
+//! writer's queue and group commits, its WAL checkpoints, and which slow requests overlapped
+//! a checkpoint); `--phases` adds every store call's times.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use anywork_channels::verify::hmac_sha256;
 use anywork_channels::webhook::{WebhookChannel, WebhookConfig};
 use anywork_runtime::{Dispatcher, DispatcherConfig};
+use anywork_core::TaskStore;
 use anywork_server::{ApiOptions, AppState};
+use anywork_store::WriterStats;
 use anywork_test::fake_llm::{FakeLlm, Reply};
 
-use crate::stats::summarize;
+use crate::server::{Instrumented, Timings, lock};
+use crate::stats::{ms, summarize};
 use crate::worker::{native, start_worker};
 
 /// Options of `anywork-bench channels`.
@@ -32,7 +37,16 @@ pub struct Options {
     /// measured is the intake, not the agent runs competing for the CPU.
     #[arg(long, default_value_t = 1)]
     max_concurrent: usize,
+    /// Also time every store call (p50/p99 per method).
+    #[arg(long)]
+    phases: bool,
 }
+
+/// A request's start and how long it took.
+type Sample = (Instant, Duration);
+
+/// Requests at least this slow are looked at one by one (the target's p99 bound).
+const SLOW: Duration = Duration::from_millis(5);
 
 const SECRET: &str = "bench-webhook-secret";
 
@@ -41,7 +55,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     fake.set_responder(|_| Reply::text("ok"));
     let worker = start_worker(native(&fake)).await?;
     let dir = tempfile::tempdir()?;
-    let store = Arc::new(anywork_store::SqliteStore::open_in_dir(dir.path()).await?);
+    let sqlite = anywork_store::SqliteStore::open_in_dir(dir.path()).await?;
+    let timings = Arc::new(Timings::default());
+    let store: Arc<dyn TaskStore> = if options.phases {
+        Arc::new(Instrumented::timed(Arc::new(sqlite.clone()), timings.clone()))
+    } else {
+        Arc::new(sqlite.clone())
+    };
     let driver = Arc::new(anywork_drivers::StaticDriver::new(&worker.url)?);
     let mut config = DispatcherConfig::default();
     config.max_concurrent = options.max_concurrent.max(1);
@@ -58,11 +78,27 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         "http://{}/api/channel/webhook/webhook",
         listener.local_addr()?
     );
-    tokio::spawn(anywork_server::serve(
-        listener,
-        state,
-        std::future::pending(),
+    // The server's own router and listener, with each request's time in the handler noted.
+    let handled: Arc<Mutex<Vec<Sample>>> = Arc::default();
+    let noted = handled.clone();
+    let app = anywork_server::router(state).layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let noted = noted.clone();
+            async move {
+                let t = Instant::now();
+                let answer = next.run(req).await;
+                lock(&noted).push((t, t.elapsed()));
+                answer
+            }
+        },
     ));
+    tokio::spawn(async move {
+        axum::serve(
+            anywork_http::listener(listener),
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+    });
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(1024)
         .build()?;
@@ -78,31 +114,110 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         options.max_concurrent
     );
     offer(&http, &url, options.rate, 1, options.hmac).await?;
+    timings.clear();
+    lock(&handled).clear();
+    let writer_before = sqlite.writer_stats().unwrap_or_default();
     let started = Instant::now();
-    let (mut samples, errors) = offer(&http, &url, options.rate, options.seconds, options.hmac)
+    let (samples, errors) = offer(&http, &url, options.rate, options.seconds, options.hmac)
         .await
         .context("measured run")?;
     let wall = started.elapsed();
+    let writer = sqlite
+        .writer_stats()
+        .unwrap_or_default()
+        .since(&writer_before);
     let n = samples.len();
-    let summary = summarize(&mut samples).context("no samples")?;
+    let mut latencies: Vec<Duration> = samples.iter().map(|s| s.1).collect();
+    let summary = summarize(&mut latencies).context("no samples")?;
     println!(
         "  202s: {summary}; {:.0} req/s answered over {:.1} s; {errors} errors",
         n as f64 / wall.as_secs_f64(),
         wall.as_secs_f64()
     );
+    let mut in_handler: Vec<Duration> = lock(&handled).iter().map(|s| s.1).collect();
+    if let Some(h) = summarize(&mut in_handler) {
+        println!("  in the handler (router in, response out): {h}");
+    }
+    print_writer(&writer);
+    print_slow(&samples, &writer);
+    if options.phases {
+        timings.print("  store");
+    }
     ensure!(errors == 0, "{errors} requests did not get 202");
     Ok(())
 }
 
+/// `p50 / p99` of a histogram (bucket ends: powers of two of µs).
+fn quantiles(h: &anywork_store::sqlite_stats::Histogram) -> String {
+    format!(
+        "n={} p50≤{} p99≤{} max≤{}",
+        h.count(),
+        ms(h.quantile(0.5)),
+        ms(h.quantile(0.99)),
+        ms(h.quantile(1.0))
+    )
+}
+
+/// What the SQLite writer and the checkpoints did during the run.
+fn print_writer(w: &WriterStats) {
+    let at_least = Duration::from_micros(4096);
+    println!(
+        "  writer: {} writes in {} groups; queued → group start: {}, {} writes waited ≥ 4.1 ms",
+        w.writes,
+        w.batches,
+        quantiles(&w.queue_wait),
+        w.queue_wait.at_least(at_least)
+    );
+    println!(
+        "  group commit, no checkpoint meanwhile: {} ({} ≥ 4.1 ms); during a background checkpoint: {} ({} ≥ 4.1 ms)",
+        quantiles(&w.batch_time),
+        w.batch_time.at_least(at_least),
+        quantiles(&w.batch_time_during_checkpoint),
+        w.batch_time_during_checkpoint.at_least(at_least)
+    );
+    println!(
+        "  checkpoints by the writer: {} ({}), {} writes waited behind them; in the background: {} ({})",
+        w.writer_checkpoints,
+        quantiles(&w.writer_checkpoint_time),
+        w.writes_behind_checkpoint,
+        w.background_checkpoints,
+        quantiles(&w.background_checkpoint_time)
+    );
+}
+
+/// The requests that took at least [`SLOW`], by what overlapped them: a checkpoint by the
+/// writer (every write waits), a background checkpoint only, or neither.
+fn print_slow(samples: &[Sample], w: &WriterStats) {
+    let overlaps = |s: &Sample, by_writer: bool| {
+        w.checkpoints
+            .iter()
+            .filter(|c| c.by_writer == by_writer)
+            .any(|c| c.at < s.0 + s.1 && s.0 < c.at + c.took)
+    };
+    let slow: Vec<&Sample> = samples.iter().filter(|s| s.1 >= SLOW).collect();
+    let writer = slow.iter().filter(|s| overlaps(s, true)).count();
+    let background = slow
+        .iter()
+        .filter(|s| !overlaps(s, true) && overlaps(s, false))
+        .count();
+    println!(
+        "  requests ≥ {}: {} of {}; overlapping a checkpoint by the writer: {writer}, a background checkpoint only: {background}, neither: {}",
+        ms(SLOW),
+        slow.len(),
+        samples.len(),
+        slow.len() - writer - background
+    );
+}
+
 /// Sends `rate` requests a second for `seconds`, each on its own task at its slot; returns
-/// the latencies of the 202s and the number of other answers.
+/// the start and latency of each 202 and the number of other answers.
 async fn offer(
     http: &reqwest::Client,
     url: &str,
     rate: u64,
     seconds: u64,
     hmac: bool,
-) -> anyhow::Result<(Vec<Duration>, usize)> {
+) -> anyhow::Result<(Vec<Sample>, usize)> {
     let total = rate * seconds;
     let every = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     let start = tokio::time::Instant::now();
@@ -133,7 +248,7 @@ async fn offer(
             }
             let t = Instant::now();
             let status = req.body(body).send().await.map(|r| r.status().as_u16());
-            (status, t.elapsed())
+            (status, (t, t.elapsed()))
         }));
     }
     let mut samples = Vec::with_capacity(handles.len());

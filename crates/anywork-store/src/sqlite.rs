@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anywork_core::{Error, ErrorKind, Result, StoreSize};
 use sqlx::sqlite::{
@@ -16,6 +16,7 @@ use sqlx::{ConnectOptions as _, Connection as _, Sqlite, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::sql::{Embedded, db_err};
+use crate::sqlite_stats::{Counters, WriterStats};
 
 const MIGRATIONS: Embedded = Embedded(&[
     (
@@ -111,6 +112,8 @@ pub struct SqliteStore {
     /// The group-commit writer; `None` for an in-memory database (one connection only),
     /// whose writes take a pooled connection each.
     writer: Option<mpsc::Sender<Job>>,
+    /// What the writer and the checkpoints did; `None` in memory.
+    counters: Option<Arc<Counters>>,
     /// The database file; `None` in memory.
     path: Option<PathBuf>,
 }
@@ -129,6 +132,8 @@ enum Work {
 struct Job {
     work: Work,
     reply: oneshot::Sender<Result<Reply>>,
+    /// When it was queued.
+    queued: Instant,
 }
 
 impl SqliteStore {
@@ -209,9 +214,8 @@ impl SqliteStore {
             .run(&pool)
             .await
             .map_err(|e| Error::storage(format!("migrating the SQLite schema failed: {e}")))?;
-        let writer = if in_memory {
-            None
-        } else {
+        let counters = (!in_memory).then(|| Arc::new(Counters::default()));
+        let writer = if let Some(counters) = &counters {
             // The writer never checkpoints on commit: the WAL fsyncs of a checkpoint would
             // hold up every write queued behind it. A background task checkpoints instead.
             // A reopened writer must find the file, never make an empty one.
@@ -224,11 +228,31 @@ impl SqliteStore {
             .await?;
             let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
             let wal_frames = Arc::new(AtomicI64::new(0));
-            tokio::spawn(write_loop(writer, rx, wal_frames.clone()));
-            tokio::spawn(checkpoint_loop(pool.clone(), tx.downgrade(), wal_frames));
+            tokio::spawn(write_loop(writer, rx, wal_frames.clone(), counters.clone()));
+            tokio::spawn(checkpoint_loop(
+                pool.clone(),
+                tx.downgrade(),
+                wal_frames,
+                counters.clone(),
+            ));
             Some(tx)
+        } else {
+            None
         };
-        Ok(Self { pool, writer, path })
+        Ok(Self {
+            pool,
+            writer,
+            counters,
+            path,
+        })
+    }
+
+    /// What the writer and the WAL checkpoints have done since the store was opened: how long
+    /// writes waited for the writer, how long its group commits took, and each checkpoint
+    /// with its time and whether the writes waited for it. `None` for an in-memory database
+    /// (no writer of its own). For diagnosis: counting costs a few atomic additions per write.
+    pub fn writer_stats(&self) -> Option<WriterStats> {
+        self.counters.as_ref().map(|c| c.snapshot())
     }
 
     async fn write(&self, op: WriteOp) -> Result<Reply> {
@@ -256,7 +280,15 @@ impl SqliteStore {
             || Error::unavailable("the SQLite writer has stopped; restart the server to reopen it");
         let writer = self.writer.as_ref().ok_or_else(gone)?;
         let (reply, answer) = oneshot::channel();
-        writer.send(Job { work, reply }).await.map_err(|_| gone())?;
+        let queued = Instant::now();
+        writer
+            .send(Job {
+                work,
+                reply,
+                queued,
+            })
+            .await
+            .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
     }
 
@@ -528,9 +560,29 @@ impl Writer {
 
 /// The writer: takes the work queued so far, runs consecutive writes in one transaction and
 /// maintenance statements alone, in order, answers each. Ends when every store handle is gone.
-async fn write_loop(mut writer: Writer, mut jobs: mpsc::Receiver<Job>, wal_frames: Arc<AtomicI64>) {
+async fn write_loop(
+    mut writer: Writer,
+    mut jobs: mpsc::Receiver<Job>,
+    wal_frames: Arc<AtomicI64>,
+    counters: Arc<Counters>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    // The end of the writer's last checkpoint, while writes queued before it are served.
+    let mut checkpoint_ended: Option<Instant> = None;
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let started = Instant::now();
+        for job in &batch {
+            counters.queue_wait.record(started - job.queued);
+        }
+        if let Some(end) = checkpoint_ended {
+            let behind = batch.iter().filter(|j| j.queued < end).count();
+            counters
+                .writes_behind_checkpoint
+                .fetch_add(behind as u64, Ordering::Relaxed);
+            if batch.last().is_none_or(|j| j.queued >= end) {
+                checkpoint_ended = None;
+            }
+        }
         let mut replies = Vec::with_capacity(batch.len());
         let mut start = 0;
         while start < batch.len() {
@@ -546,7 +598,24 @@ async fn write_loop(mut writer: Writer, mut jobs: mpsc::Receiver<Job>, wal_frame
                 })
                 .collect();
             if !writes.is_empty() {
+                let (bg_started, bg_ended) = (
+                    counters.background_started.load(Ordering::Relaxed),
+                    counters.background_ended.load(Ordering::Relaxed),
+                );
+                let t = Instant::now();
                 replies.extend(writer.run_batch(&writes).await);
+                let took = t.elapsed();
+                let overlapped = bg_started != bg_ended
+                    || counters.background_started.load(Ordering::Relaxed) != bg_started;
+                if overlapped {
+                    counters.batch_time_during_checkpoint.record(took);
+                } else {
+                    counters.batch_time.record(took);
+                }
+                counters.batches.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .writes
+                    .fetch_add(writes.len() as u64, Ordering::Relaxed);
             }
             if let Some(Job {
                 work: Work::Raw(sql),
@@ -564,9 +633,12 @@ async fn write_loop(mut writer: Writer, mut jobs: mpsc::Receiver<Job>, wal_frame
         // it cannot start over; the writer, who alone appends, checkpoints it to the end.
         if wal_frames.load(Ordering::Relaxed) >= WAL_LIMIT_FRAMES {
             wal_frames.store(0, Ordering::Relaxed);
+            let at = Instant::now();
             if let Err(e) = writer.raw("PRAGMA wal_checkpoint(PASSIVE)").await {
                 tracing::warn!(error = %e, "SQLite checkpoint failed");
             }
+            counters.checkpoint(at, true);
+            checkpoint_ended = Some(Instant::now());
         }
     }
     if let Some(conn) = writer.conn.take() {
@@ -581,16 +653,21 @@ async fn checkpoint_loop(
     pool: SqlitePool,
     writer: mpsc::WeakSender<Job>,
     wal_frames: Arc<AtomicI64>,
+    counters: Arc<Counters>,
 ) {
     loop {
         tokio::time::sleep(CHECKPOINT_EVERY).await;
         if writer.upgrade().is_none() {
             return;
         }
-        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+        let at = Instant::now();
+        counters.background_started.fetch_add(1, Ordering::Relaxed);
+        let done = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
             .fetch_one(&pool)
-            .await
-        {
+            .await;
+        counters.background_ended.fetch_add(1, Ordering::Relaxed);
+        counters.checkpoint(at, false);
+        match done {
             Ok((_busy, frames, _done)) => wal_frames.store(frames, Ordering::Relaxed),
             Err(e) => tracing::warn!(error = %e, "SQLite checkpoint failed"),
         }
