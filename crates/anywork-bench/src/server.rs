@@ -297,6 +297,17 @@ impl TaskStore for Instrumented {
         let f = self.inner.tasks_by_status(status, page);
         self.call("tasks_by_status", false, f).await
     }
+    async fn tasks_by_session_in_status(
+        &self,
+        session_id: &SessionId,
+        status: TaskStatus,
+        page: Page,
+    ) -> anywork_core::Result<Vec<Task>> {
+        let f = self
+            .inner
+            .tasks_by_session_in_status(session_id, status, page);
+        self.call("tasks_by_session_in_status", false, f).await
+    }
     async fn renew_lease(
         &self,
         id: TaskId,
