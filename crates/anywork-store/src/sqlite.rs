@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use anywork_core::{Error, ErrorKind, Result, StoreSize};
@@ -42,8 +42,14 @@ const MAX_BATCH: usize = 256;
 /// How often the WAL is copied into the database file, off the writer.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
-/// WAL length (4 KiB pages) at which the writer checkpoints it to the end itself.
+/// WAL length (4 KiB pages) past which the writer checkpoints it to the end itself, so that
+/// the WAL starts over: at its first idle moment (no write queued) after a background
+/// checkpoint found the WAL this long, when that checkpoint has just copied nearly all of it.
 const WAL_LIMIT_FRAMES: i64 = 8192;
+
+/// WAL length past which the writer checkpoints without waiting for an idle moment (a writer
+/// that never finds one would let the WAL grow without end).
+const WAL_HARD_LIMIT_FRAMES: i64 = 4 * WAL_LIMIT_FRAMES;
 
 /// Free pages one compaction step gives back (8 MiB of 4 KiB pages): the writer does one
 /// step at a time between other writes.
@@ -227,12 +233,12 @@ impl SqliteStore {
             )
             .await?;
             let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-            let wal_frames = Arc::new(AtomicI64::new(0));
-            tokio::spawn(write_loop(writer, rx, wal_frames.clone(), counters.clone()));
+            let wal = Arc::new(WalState::default());
+            tokio::spawn(write_loop(writer, rx, wal.clone(), counters.clone()));
             tokio::spawn(checkpoint_loop(
                 pool.clone(),
                 tx.downgrade(),
-                wal_frames,
+                wal,
                 counters.clone(),
             ));
             Some(tx)
@@ -510,6 +516,21 @@ impl Writer {
         reply
     }
 
+    /// A passive checkpoint: the WAL's length and how much of it is in the database file
+    /// now, in frames.
+    async fn checkpoint(&mut self) -> Result<(i64, i64)> {
+        let done = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(self.conn().await?)
+            .await;
+        match done {
+            Ok((_busy, frames, copied)) => Ok((frames, copied)),
+            Err(e) => {
+                self.recover().await;
+                Err(db_err("WAL checkpoint", e))
+            }
+        }
+    }
+
     /// A statement outside any transaction.
     async fn raw(&mut self, sql: &str) -> Result<Reply> {
         let done = sqlx::query(sql).execute(self.conn().await?).await;
@@ -558,12 +579,22 @@ impl Writer {
     }
 }
 
+/// What the background checkpoints tell the writer.
+#[derive(Debug, Default)]
+struct WalState {
+    /// The WAL's length (frames) at the last background checkpoint.
+    frames: AtomicI64,
+    /// A background checkpoint found the WAL past [`WAL_LIMIT_FRAMES`] and copied it: the
+    /// writer should start it over at its next idle moment.
+    restart_due: AtomicBool,
+}
+
 /// The writer: takes the work queued so far, runs consecutive writes in one transaction and
 /// maintenance statements alone, in order, answers each. Ends when every store handle is gone.
 async fn write_loop(
     mut writer: Writer,
     mut jobs: mpsc::Receiver<Job>,
-    wal_frames: Arc<AtomicI64>,
+    wal: Arc<WalState>,
     counters: Arc<Counters>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -631,13 +662,22 @@ async fn write_loop(
         }
         // Under steady writes the background checkpoint never sees the end of the WAL, so
         // it cannot start over; the writer, who alone appends, checkpoints it to the end.
-        if wal_frames.load(Ordering::Relaxed) >= WAL_LIMIT_FRAMES {
-            wal_frames.store(0, Ordering::Relaxed);
+        // Every write waits meanwhile (a copy of what the background checkpoint left, and two
+        // fsyncs), so it does so when none is queued, right after a background checkpoint
+        // copied the rest — or at once if the WAL grew far past its limit.
+        let due = wal.restart_due.load(Ordering::Relaxed) && jobs.is_empty();
+        if due || wal.frames.load(Ordering::Relaxed) >= WAL_HARD_LIMIT_FRAMES {
+            wal.restart_due.store(false, Ordering::Relaxed);
+            wal.frames.store(0, Ordering::Relaxed);
             let at = Instant::now();
-            if let Err(e) = writer.raw("PRAGMA wal_checkpoint(PASSIVE)").await {
-                tracing::warn!(error = %e, "SQLite checkpoint failed");
-            }
-            counters.checkpoint(at, true);
+            let frames = match writer.checkpoint().await {
+                Ok(frames) => frames,
+                Err(e) => {
+                    tracing::warn!(error = %e, "SQLite checkpoint failed");
+                    (0, 0)
+                }
+            };
+            counters.checkpoint(at, true, frames);
             checkpoint_ended = Some(Instant::now());
         }
     }
@@ -652,7 +692,7 @@ async fn write_loop(
 async fn checkpoint_loop(
     pool: SqlitePool,
     writer: mpsc::WeakSender<Job>,
-    wal_frames: Arc<AtomicI64>,
+    wal: Arc<WalState>,
     counters: Arc<Counters>,
 ) {
     loop {
@@ -666,10 +706,18 @@ async fn checkpoint_loop(
             .fetch_one(&pool)
             .await;
         counters.background_ended.fetch_add(1, Ordering::Relaxed);
-        counters.checkpoint(at, false);
         match done {
-            Ok((_busy, frames, _done)) => wal_frames.store(frames, Ordering::Relaxed),
-            Err(e) => tracing::warn!(error = %e, "SQLite checkpoint failed"),
+            Ok((_busy, frames, copied)) => {
+                counters.checkpoint(at, false, (frames, copied));
+                wal.frames.store(frames, Ordering::Relaxed);
+                if frames >= WAL_LIMIT_FRAMES {
+                    wal.restart_due.store(true, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                counters.checkpoint(at, false, (0, 0));
+                tracing::warn!(error = %e, "SQLite checkpoint failed");
+            }
         }
     }
 }

@@ -118,6 +118,10 @@ pub struct Checkpoint {
     pub took: Duration,
     /// Whether the writer ran it (every write waited meanwhile), not the background task.
     pub by_writer: bool,
+    /// The WAL's length then, in frames (pages); 0 if it failed.
+    pub wal_frames: u64,
+    /// How many of those frames are in the database file after it; 0 if it failed.
+    pub checkpointed: u64,
 }
 
 /// What [`SqliteStore::writer_stats`](crate::SqliteStore::writer_stats) reports: counts since
@@ -207,8 +211,9 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    /// Records a checkpoint that started at `at` and has just ended.
-    pub(crate) fn checkpoint(&self, at: Instant, by_writer: bool) {
+    /// Records a checkpoint that started at `at` and has just ended with the WAL `frames`
+    /// long, of which `frames.1` are checkpointed.
+    pub(crate) fn checkpoint(&self, at: Instant, by_writer: bool, frames: (i64, i64)) {
         let took = at.elapsed();
         if by_writer {
             self.writer_checkpoint_time.record(took);
@@ -226,6 +231,8 @@ impl Counters {
             at,
             took,
             by_writer,
+            wal_frames: u64::try_from(frames.0).unwrap_or(0),
+            checkpointed: u64::try_from(frames.1).unwrap_or(0),
         });
     }
 
@@ -293,11 +300,11 @@ mod tests {
         let c = Counters::default();
         c.queue_wait.record(Duration::from_micros(10));
         let t0 = Instant::now();
-        c.checkpoint(t0, false);
+        c.checkpoint(t0, false, (10, 10));
         let before = c.snapshot();
         c.queue_wait.record(Duration::from_micros(10));
         c.queue_wait.record(Duration::from_millis(20));
-        c.checkpoint(t0 + Duration::from_millis(1), true);
+        c.checkpoint(t0 + Duration::from_millis(1), true, (20, 12));
         let delta = c.snapshot().since(&before);
         assert_eq!(delta.queue_wait.count(), 2);
         assert_eq!(delta.queue_wait.at_least(Duration::from_millis(16)), 1);
@@ -305,5 +312,9 @@ mod tests {
         assert_eq!(delta.background_checkpoints, 0);
         assert_eq!(delta.checkpoints.len(), 1);
         assert!(delta.checkpoints[0].by_writer);
+        assert_eq!(
+            (delta.checkpoints[0].wal_frames, delta.checkpoints[0].checkpointed),
+            (20, 12)
+        );
     }
 }
