@@ -40,6 +40,27 @@ pub struct Options {
     /// Also time every store call (p50/p99 per method).
     #[arg(long)]
     phases: bool,
+    /// Send the requests from a process of its own (one thread), so that the client does not
+    /// share the server's runtime; its times are CLOCK_MONOTONIC, the same clock as here.
+    #[arg(long)]
+    client_process: bool,
+}
+
+/// Options of the hidden `anywork-bench channels-client` (what `--client-process` runs).
+#[derive(Debug, clap::Args)]
+pub struct ClientOptions {
+    /// The webhook's URL.
+    #[arg(long)]
+    url: String,
+    /// Requests per second.
+    #[arg(long)]
+    rate: u64,
+    /// Seconds.
+    #[arg(long)]
+    seconds: u64,
+    /// Sign with X-AnyWork-Signature instead of sending X-Webhook-Secret.
+    #[arg(long)]
+    hmac: bool,
 }
 
 /// A request's start and how long it took.
@@ -103,7 +124,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         .pool_max_idle_per_host(1024)
         .build()?;
     println!(
-        "channels  webhook intake → 202, {} verification, {} req/s offered for {} s (SQLite; {} task(s) run at a time meanwhile)",
+        "channels  webhook intake → 202, {} verification, {} req/s offered for {} s (SQLite; {} task(s) run at a time meanwhile; client {})",
         if options.hmac {
             "HMAC signature"
         } else {
@@ -111,16 +132,29 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         },
         options.rate,
         options.seconds,
-        options.max_concurrent
+        options.max_concurrent,
+        if options.client_process {
+            "in a process of its own"
+        } else {
+            "in this process"
+        }
     );
-    offer(&http, &url, options.rate, 1, options.hmac).await?;
+    let send = |seconds| {
+        let (http, url) = (&http, &url);
+        async move {
+            if options.client_process {
+                offer_from_process(url, options.rate, seconds, options.hmac).await
+            } else {
+                offer(http, url, options.rate, seconds, options.hmac).await
+            }
+        }
+    };
+    send(1).await?;
     timings.clear();
     lock(&handled).clear();
     let writer_before = sqlite.writer_stats().unwrap_or_default();
     let started = Instant::now();
-    let (samples, errors) = offer(&http, &url, options.rate, options.seconds, options.hmac)
-        .await
-        .context("measured run")?;
+    let (samples, errors) = send(options.seconds).await.context("measured run")?;
     let wall = started.elapsed();
     let writer = sqlite
         .writer_stats()
@@ -183,6 +217,18 @@ fn print_writer(w: &WriterStats) {
         w.background_checkpoints,
         quantiles(&w.background_checkpoint_time)
     );
+    let longest = w.checkpoints.iter().map(|c| c.wal_frames).max().unwrap_or(0);
+    let by_writer: Vec<String> = w
+        .checkpoints
+        .iter()
+        .filter(|c| c.by_writer)
+        .take(12)
+        .map(|c| format!("{} ({} frames)", ms(c.took), c.wal_frames))
+        .collect();
+    println!(
+        "  longest WAL at a checkpoint: {longest} frames; the writer's checkpoints: [{}]",
+        by_writer.join(", ")
+    );
 }
 
 /// The requests that took at least [`SLOW`], by what overlapped them: a checkpoint by the
@@ -209,6 +255,82 @@ fn print_slow(samples: &[Sample], w: &WriterStats) {
     );
 }
 
+/// `anywork-bench channels-client`: [`offer`] from this process, then one line per request on
+/// stdout: its CLOCK_MONOTONIC start in ns, its latency in ns and its status (0: no answer).
+pub async fn client(options: ClientOptions) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()?;
+    let (now, mono) = (Instant::now(), crate::standin::mono_ns());
+    let answers = offer_all(
+        &http,
+        &options.url,
+        options.rate,
+        options.seconds,
+        options.hmac,
+    )
+    .await?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for (status, (at, took)) in answers {
+        let at = mono + u64::try_from(at.saturating_duration_since(now).as_nanos())?;
+        writeln!(out, "{at} {} {status}", took.as_nanos())?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// [`offer`] from a child process (`channels-client`): the same requests and answers, timed
+/// there.
+async fn offer_from_process(
+    url: &str,
+    rate: u64,
+    seconds: u64,
+    hmac: bool,
+) -> anyhow::Result<(Vec<Sample>, usize)> {
+    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    command.args([
+        "channels-client",
+        "--url",
+        url,
+        "--rate",
+        &rate.to_string(),
+        "--seconds",
+        &seconds.to_string(),
+    ]);
+    if hmac {
+        command.arg("--hmac");
+    }
+    let out = command
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await
+        .context("run the client process")?;
+    ensure!(out.status.success(), "the client process failed: {}", out.status);
+    let (now, mono) = (Instant::now(), crate::standin::mono_ns());
+    let mut samples = Vec::new();
+    let mut errors = 0;
+    for line in String::from_utf8(out.stdout)?.lines() {
+        let f: Vec<u64> = line
+            .split(' ')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("bad line from the client process: {line:?}"))?;
+        let [at, took, status] = f[..] else {
+            anyhow::bail!("bad line from the client process: {line:?}");
+        };
+        let at = now
+            .checked_sub(Duration::from_nanos(mono.saturating_sub(at)))
+            .context("a start before this process's clock")?;
+        if status == 202 {
+            samples.push((at, Duration::from_nanos(took)));
+        } else {
+            errors += 1;
+        }
+    }
+    Ok((samples, errors))
+}
+
 /// Sends `rate` requests a second for `seconds`, each on its own task at its slot; returns
 /// the start and latency of each 202 and the number of other answers.
 async fn offer(
@@ -218,6 +340,24 @@ async fn offer(
     seconds: u64,
     hmac: bool,
 ) -> anyhow::Result<(Vec<Sample>, usize)> {
+    let answers = offer_all(http, url, rate, seconds, hmac).await?;
+    let errors = answers.iter().filter(|(status, _)| *status != 202).count();
+    let samples = answers
+        .into_iter()
+        .filter(|(status, _)| *status == 202)
+        .map(|(_, sample)| sample)
+        .collect();
+    Ok((samples, errors))
+}
+
+/// Every request of [`offer`] with its status (0 when no answer came) and its time.
+async fn offer_all(
+    http: &reqwest::Client,
+    url: &str,
+    rate: u64,
+    seconds: u64,
+    hmac: bool,
+) -> anyhow::Result<Vec<(u16, Sample)>> {
     let total = rate * seconds;
     let every = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     let start = tokio::time::Instant::now();
@@ -247,17 +387,17 @@ async fn offer(
                 req = req.header("x-webhook-secret", SECRET);
             }
             let t = Instant::now();
-            let status = req.body(body).send().await.map(|r| r.status().as_u16());
+            let status = req
+                .body(body)
+                .send()
+                .await
+                .map_or(0, |r| r.status().as_u16());
             (status, (t, t.elapsed()))
         }));
     }
-    let mut samples = Vec::with_capacity(handles.len());
-    let mut errors = 0;
+    let mut answers = Vec::with_capacity(handles.len());
     for h in handles {
-        match h.await? {
-            (Ok(202), d) => samples.push(d),
-            _ => errors += 1,
-        }
+        answers.push(h.await?);
     }
-    Ok((samples, errors))
+    Ok(answers)
 }
