@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use anywork_channels::verify::hmac_sha256;
 use anywork_channels::webhook::{WebhookChannel, WebhookConfig};
-use anywork_runtime::{Dispatcher, DispatcherConfig};
 use anywork_core::TaskStore;
+use anywork_runtime::{Dispatcher, DispatcherConfig};
 use anywork_server::{ApiOptions, AppState};
 use anywork_store::WriterStats;
 use anywork_test::fake_llm::{FakeLlm, Reply};
@@ -79,7 +79,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let sqlite = anywork_store::SqliteStore::open_in_dir(dir.path()).await?;
     let timings = Arc::new(Timings::default());
     let store: Arc<dyn TaskStore> = if options.phases {
-        Arc::new(Instrumented::timed(Arc::new(sqlite.clone()), timings.clone()))
+        Arc::new(Instrumented::timed(
+            Arc::new(sqlite.clone()),
+            timings.clone(),
+        ))
     } else {
         Arc::new(sqlite.clone())
     };
@@ -217,7 +220,12 @@ fn print_writer(w: &WriterStats) {
         w.background_checkpoints,
         quantiles(&w.background_checkpoint_time)
     );
-    let longest = w.checkpoints.iter().map(|c| c.wal_frames).max().unwrap_or(0);
+    let longest = w
+        .checkpoints
+        .iter()
+        .map(|c| c.wal_frames)
+        .max()
+        .unwrap_or(0);
     let by_writer: Vec<String> = w
         .checkpoints
         .iter()
@@ -306,7 +314,11 @@ async fn offer_from_process(
         .output()
         .await
         .context("run the client process")?;
-    ensure!(out.status.success(), "the client process failed: {}", out.status);
+    ensure!(
+        out.status.success(),
+        "the client process failed: {}",
+        out.status
+    );
     let (now, mono) = (Instant::now(), crate::standin::mono_ns());
     let mut samples = Vec::new();
     let mut errors = 0;

@@ -1923,7 +1923,9 @@ mod keep_alive {
             status: TaskStatus,
             page: Page,
         ) -> Result<Vec<Task>> {
-            self.store.tasks_by_session_in_status(id, status, page).await
+            self.store
+                .tasks_by_session_in_status(id, status, page)
+                .await
         }
         async fn claim_task(
             &self,

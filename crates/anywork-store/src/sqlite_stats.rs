@@ -313,7 +313,10 @@ mod tests {
         assert_eq!(delta.checkpoints.len(), 1);
         assert!(delta.checkpoints[0].by_writer);
         assert_eq!(
-            (delta.checkpoints[0].wal_frames, delta.checkpoints[0].checkpointed),
+            (
+                delta.checkpoints[0].wal_frames,
+                delta.checkpoints[0].checkpointed
+            ),
             (20, 12)
         );
     }

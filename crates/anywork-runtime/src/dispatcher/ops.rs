@@ -369,9 +369,7 @@ impl Dispatcher {
             };
         }
         match &request.channel_key {
-            Some(key) => Ok(found(
-                store.find_session(&request.channel_type, key).await?,
-            )),
+            Some(key) => Ok(found(store.find_session(&request.channel_type, key).await?)),
             None => Ok(Known::Unknown),
         }
     }
