@@ -1,19 +1,24 @@
 //! Channel intake: signed generic-webhook requests at a fixed rate against the in-process
 //! server (SQLite, the webhook channel with a secret, an in-process worker on the fake model,
 //! so the tasks really run meanwhile, `--max-concurrent` at a time), timing each request to
-//! its `202`.
+//! its `202`. After the run: where the time went (the handler's own time, the SQLite
+//! writer's queue and group commits, its WAL checkpoints, and which slow requests overlapped
+//! a checkpoint); `--phases` adds every store call's times.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use anywork_channels::verify::hmac_sha256;
 use anywork_channels::webhook::{WebhookChannel, WebhookConfig};
+use anywork_core::TaskStore;
 use anywork_runtime::{Dispatcher, DispatcherConfig};
 use anywork_server::{ApiOptions, AppState};
+use anywork_store::WriterStats;
 use anywork_test::fake_llm::{FakeLlm, Reply};
 
-use crate::stats::summarize;
+use crate::server::{Instrumented, Timings, lock};
+use crate::stats::{ms, summarize};
 use crate::worker::{native, start_worker};
 
 /// Options of `anywork-bench channels`.
@@ -32,7 +37,37 @@ pub struct Options {
     /// measured is the intake, not the agent runs competing for the CPU.
     #[arg(long, default_value_t = 1)]
     max_concurrent: usize,
+    /// Also time every store call (p50/p99 per method).
+    #[arg(long)]
+    phases: bool,
+    /// Send the requests from a process of its own (one thread), so that the client does not
+    /// share the server's runtime; its times are CLOCK_MONOTONIC, the same clock as here.
+    #[arg(long)]
+    client_process: bool,
 }
+
+/// Options of the hidden `anywork-bench channels-client` (what `--client-process` runs).
+#[derive(Debug, clap::Args)]
+pub struct ClientOptions {
+    /// The webhook's URL.
+    #[arg(long)]
+    url: String,
+    /// Requests per second.
+    #[arg(long)]
+    rate: u64,
+    /// Seconds.
+    #[arg(long)]
+    seconds: u64,
+    /// Sign with X-AnyWork-Signature instead of sending X-Webhook-Secret.
+    #[arg(long)]
+    hmac: bool,
+}
+
+/// A request's start and how long it took.
+type Sample = (Instant, Duration);
+
+/// Requests at least this slow are looked at one by one (the target's p99 bound).
+const SLOW: Duration = Duration::from_millis(5);
 
 const SECRET: &str = "bench-webhook-secret";
 
@@ -41,7 +76,16 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     fake.set_responder(|_| Reply::text("ok"));
     let worker = start_worker(native(&fake)).await?;
     let dir = tempfile::tempdir()?;
-    let store = Arc::new(anywork_store::SqliteStore::open_in_dir(dir.path()).await?);
+    let sqlite = anywork_store::SqliteStore::open_in_dir(dir.path()).await?;
+    let timings = Arc::new(Timings::default());
+    let store: Arc<dyn TaskStore> = if options.phases {
+        Arc::new(Instrumented::timed(
+            Arc::new(sqlite.clone()),
+            timings.clone(),
+        ))
+    } else {
+        Arc::new(sqlite.clone())
+    };
     let driver = Arc::new(anywork_drivers::StaticDriver::new(&worker.url)?);
     let mut config = DispatcherConfig::default();
     config.max_concurrent = options.max_concurrent.max(1);
@@ -58,16 +102,32 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         "http://{}/api/channel/webhook/webhook",
         listener.local_addr()?
     );
-    tokio::spawn(anywork_server::serve(
-        listener,
-        state,
-        std::future::pending(),
+    // The server's own router and listener, with each request's time in the handler noted.
+    let handled: Arc<Mutex<Vec<Sample>>> = Arc::default();
+    let noted = handled.clone();
+    let app = anywork_server::router(state).layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let noted = noted.clone();
+            async move {
+                let t = Instant::now();
+                let answer = next.run(req).await;
+                lock(&noted).push((t, t.elapsed()));
+                answer
+            }
+        },
     ));
+    tokio::spawn(async move {
+        axum::serve(
+            anywork_http::listener(listener),
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+    });
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(1024)
         .build()?;
     println!(
-        "channels  webhook intake → 202, {} verification, {} req/s offered for {} s (SQLite; {} task(s) run at a time meanwhile)",
+        "channels  webhook intake → 202, {} verification, {} req/s offered for {} s (SQLite; {} task(s) run at a time meanwhile; client {})",
         if options.hmac {
             "HMAC signature"
         } else {
@@ -75,34 +135,241 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         },
         options.rate,
         options.seconds,
-        options.max_concurrent
+        options.max_concurrent,
+        if options.client_process {
+            "in a process of its own"
+        } else {
+            "in this process"
+        }
     );
-    offer(&http, &url, options.rate, 1, options.hmac).await?;
+    let send = |seconds| {
+        let (http, url) = (&http, &url);
+        async move {
+            if options.client_process {
+                offer_from_process(url, options.rate, seconds, options.hmac).await
+            } else {
+                offer(http, url, options.rate, seconds, options.hmac).await
+            }
+        }
+    };
+    send(1).await?;
+    timings.clear();
+    lock(&handled).clear();
+    let writer_before = sqlite.writer_stats().unwrap_or_default();
     let started = Instant::now();
-    let (mut samples, errors) = offer(&http, &url, options.rate, options.seconds, options.hmac)
-        .await
-        .context("measured run")?;
+    let (samples, errors) = send(options.seconds).await.context("measured run")?;
     let wall = started.elapsed();
+    let writer = sqlite
+        .writer_stats()
+        .unwrap_or_default()
+        .since(&writer_before);
     let n = samples.len();
-    let summary = summarize(&mut samples).context("no samples")?;
+    let mut latencies: Vec<Duration> = samples.iter().map(|s| s.1).collect();
+    let summary = summarize(&mut latencies).context("no samples")?;
     println!(
         "  202s: {summary}; {:.0} req/s answered over {:.1} s; {errors} errors",
         n as f64 / wall.as_secs_f64(),
         wall.as_secs_f64()
     );
+    let mut in_handler: Vec<Duration> = lock(&handled).iter().map(|s| s.1).collect();
+    if let Some(h) = summarize(&mut in_handler) {
+        println!("  in the handler (router in, response out): {h}");
+    }
+    print_writer(&writer);
+    print_slow(&samples, &writer);
+    if options.phases {
+        timings.print("  store");
+    }
     ensure!(errors == 0, "{errors} requests did not get 202");
     Ok(())
 }
 
+/// `p50 / p99` of a histogram (bucket ends: powers of two of µs).
+fn quantiles(h: &anywork_store::sqlite_stats::Histogram) -> String {
+    format!(
+        "n={} p50≤{} p99≤{} max≤{}",
+        h.count(),
+        ms(h.quantile(0.5)),
+        ms(h.quantile(0.99)),
+        ms(h.quantile(1.0))
+    )
+}
+
+/// What the SQLite writer and the checkpoints did during the run.
+fn print_writer(w: &WriterStats) {
+    let at_least = Duration::from_micros(4096);
+    println!(
+        "  writer: {} writes in {} groups; queued → group start: {}, {} writes waited ≥ 4.1 ms",
+        w.writes,
+        w.batches,
+        quantiles(&w.queue_wait),
+        w.queue_wait.at_least(at_least)
+    );
+    println!(
+        "  group commit, no checkpoint meanwhile: {} ({} ≥ 4.1 ms); during a background checkpoint: {} ({} ≥ 4.1 ms)",
+        quantiles(&w.batch_time),
+        w.batch_time.at_least(at_least),
+        quantiles(&w.batch_time_during_checkpoint),
+        w.batch_time_during_checkpoint.at_least(at_least)
+    );
+    println!(
+        "  checkpoints by the writer: {} ({}), {} writes waited behind them; in the background: {} ({})",
+        w.writer_checkpoints,
+        quantiles(&w.writer_checkpoint_time),
+        w.writes_behind_checkpoint,
+        w.background_checkpoints,
+        quantiles(&w.background_checkpoint_time)
+    );
+    let longest = w
+        .checkpoints
+        .iter()
+        .map(|c| c.wal_frames)
+        .max()
+        .unwrap_or(0);
+    let by_writer: Vec<String> = w
+        .checkpoints
+        .iter()
+        .filter(|c| c.by_writer)
+        .take(12)
+        .map(|c| format!("{} ({} frames)", ms(c.took), c.wal_frames))
+        .collect();
+    println!(
+        "  longest WAL at a checkpoint: {longest} frames; the writer's checkpoints: [{}]",
+        by_writer.join(", ")
+    );
+}
+
+/// The requests that took at least [`SLOW`], by what overlapped them: a checkpoint by the
+/// writer (every write waits), a background checkpoint only, or neither.
+fn print_slow(samples: &[Sample], w: &WriterStats) {
+    let overlaps = |s: &Sample, by_writer: bool| {
+        w.checkpoints
+            .iter()
+            .filter(|c| c.by_writer == by_writer)
+            .any(|c| c.at < s.0 + s.1 && s.0 < c.at + c.took)
+    };
+    let slow: Vec<&Sample> = samples.iter().filter(|s| s.1 >= SLOW).collect();
+    let writer = slow.iter().filter(|s| overlaps(s, true)).count();
+    let background = slow
+        .iter()
+        .filter(|s| !overlaps(s, true) && overlaps(s, false))
+        .count();
+    println!(
+        "  requests ≥ {}: {} of {}; overlapping a checkpoint by the writer: {writer}, a background checkpoint only: {background}, neither: {}",
+        ms(SLOW),
+        slow.len(),
+        samples.len(),
+        slow.len() - writer - background
+    );
+}
+
+/// `anywork-bench channels-client`: [`offer`] from this process, then one line per request on
+/// stdout: its CLOCK_MONOTONIC start in ns, its latency in ns and its status (0: no answer).
+pub async fn client(options: ClientOptions) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()?;
+    let (now, mono) = (Instant::now(), crate::standin::mono_ns());
+    let answers = offer_all(
+        &http,
+        &options.url,
+        options.rate,
+        options.seconds,
+        options.hmac,
+    )
+    .await?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for (status, (at, took)) in answers {
+        let at = mono + u64::try_from(at.saturating_duration_since(now).as_nanos())?;
+        writeln!(out, "{at} {} {status}", took.as_nanos())?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// [`offer`] from a child process (`channels-client`): the same requests and answers, timed
+/// there.
+async fn offer_from_process(
+    url: &str,
+    rate: u64,
+    seconds: u64,
+    hmac: bool,
+) -> anyhow::Result<(Vec<Sample>, usize)> {
+    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    command.args([
+        "channels-client",
+        "--url",
+        url,
+        "--rate",
+        &rate.to_string(),
+        "--seconds",
+        &seconds.to_string(),
+    ]);
+    if hmac {
+        command.arg("--hmac");
+    }
+    let out = command
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await
+        .context("run the client process")?;
+    ensure!(
+        out.status.success(),
+        "the client process failed: {}",
+        out.status
+    );
+    let (now, mono) = (Instant::now(), crate::standin::mono_ns());
+    let mut samples = Vec::new();
+    let mut errors = 0;
+    for line in String::from_utf8(out.stdout)?.lines() {
+        let f: Vec<u64> = line
+            .split(' ')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("bad line from the client process: {line:?}"))?;
+        let [at, took, status] = f[..] else {
+            anyhow::bail!("bad line from the client process: {line:?}");
+        };
+        let at = now
+            .checked_sub(Duration::from_nanos(mono.saturating_sub(at)))
+            .context("a start before this process's clock")?;
+        if status == 202 {
+            samples.push((at, Duration::from_nanos(took)));
+        } else {
+            errors += 1;
+        }
+    }
+    Ok((samples, errors))
+}
+
 /// Sends `rate` requests a second for `seconds`, each on its own task at its slot; returns
-/// the latencies of the 202s and the number of other answers.
+/// the start and latency of each 202 and the number of other answers.
 async fn offer(
     http: &reqwest::Client,
     url: &str,
     rate: u64,
     seconds: u64,
     hmac: bool,
-) -> anyhow::Result<(Vec<Duration>, usize)> {
+) -> anyhow::Result<(Vec<Sample>, usize)> {
+    let answers = offer_all(http, url, rate, seconds, hmac).await?;
+    let errors = answers.iter().filter(|(status, _)| *status != 202).count();
+    let samples = answers
+        .into_iter()
+        .filter(|(status, _)| *status == 202)
+        .map(|(_, sample)| sample)
+        .collect();
+    Ok((samples, errors))
+}
+
+/// Every request of [`offer`] with its status (0 when no answer came) and its time.
+async fn offer_all(
+    http: &reqwest::Client,
+    url: &str,
+    rate: u64,
+    seconds: u64,
+    hmac: bool,
+) -> anyhow::Result<Vec<(u16, Sample)>> {
     let total = rate * seconds;
     let every = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     let start = tokio::time::Instant::now();
@@ -132,17 +399,17 @@ async fn offer(
                 req = req.header("x-webhook-secret", SECRET);
             }
             let t = Instant::now();
-            let status = req.body(body).send().await.map(|r| r.status().as_u16());
-            (status, t.elapsed())
+            let status = req
+                .body(body)
+                .send()
+                .await
+                .map_or(0, |r| r.status().as_u16());
+            (status, (t, t.elapsed()))
         }));
     }
-    let mut samples = Vec::with_capacity(handles.len());
-    let mut errors = 0;
+    let mut answers = Vec::with_capacity(handles.len());
     for h in handles {
-        match h.await? {
-            (Ok(202), d) => samples.push(d),
-            _ => errors += 1,
-        }
+        answers.push(h.await?);
     }
-    Ok((samples, errors))
+    Ok(answers)
 }

@@ -47,6 +47,10 @@ enum Command {
     Claude(claude::Options),
     /// Channels: signed generic-webhook requests at a fixed rate → `202`, p50/p99, req/s.
     Channels(channels::Options),
+    /// The load generator of `channels --client-process`, run by it: requests at a fixed rate
+    /// to a URL, one line per request on stdout.
+    #[command(hide = true)]
+    ChannelsClient(channels::ClientOptions),
     /// Docker driver: cold `get_worker` (create + start + ready) and warm reuse, p50/p99.
     Docker(docker::Options),
     /// The release server binary under WebSocket load (this process) with a stand-in worker
@@ -71,7 +75,9 @@ fn main() -> anyhow::Result<()> {
     // The load generator and the stand-in worker each take one thread, so that the server
     // under test has the other core(s).
     let runtime = match command {
-        Command::Load(_) | Command::StandIn(_) => tokio::runtime::Builder::new_current_thread(),
+        Command::Load(_) | Command::StandIn(_) | Command::ChannelsClient(_) => {
+            tokio::runtime::Builder::new_current_thread()
+        }
         _ => tokio::runtime::Builder::new_multi_thread(),
     }
     .enable_all()
@@ -83,6 +89,7 @@ fn main() -> anyhow::Result<()> {
             Command::Docker(options) => docker::run(options).await,
             Command::Claude(options) => claude::run(options).await,
             Command::Channels(options) => channels::run(options).await,
+            Command::ChannelsClient(options) => channels::client(options).await,
             Command::Soak(options) => soak::run(options).await,
             Command::Replicas(options) => replicas::run(options).await,
             Command::Load(options) => load::run(options).await,

@@ -121,13 +121,13 @@ impl Executor for Stamping {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Durations per named call, and the events per `append_logs` call.
 #[derive(Default)]
-struct Timings(
+pub(crate) struct Timings(
     Mutex<HashMap<&'static str, Vec<Duration>>>,
     Mutex<Vec<usize>>,
 );
@@ -144,12 +144,12 @@ impl Timings {
         out
     }
 
-    fn clear(&self) {
+    pub(crate) fn clear(&self) {
         lock(&self.0).clear();
         lock(&self.1).clear();
     }
 
-    fn print(&self, prefix: &str) {
+    pub(crate) fn print(&self, prefix: &str) {
         let batches = std::mem::take(&mut *lock(&self.1));
         if !batches.is_empty() {
             let events: usize = batches.iter().sum();
@@ -176,13 +176,22 @@ impl Timings {
 
 /// A store that times every call (`--phases`) and, with `--serialize-writes`, lets one write
 /// at a time through, in-process (an experiment: SQLite then never answers `SQLITE_BUSY`).
-struct Instrumented {
+pub(crate) struct Instrumented {
     inner: Arc<dyn TaskStore>,
     timings: Option<Arc<Timings>>,
     writes: Option<tokio::sync::Mutex<()>>,
 }
 
 impl Instrumented {
+    /// `inner` with every call timed into `timings`.
+    pub(crate) fn timed(inner: Arc<dyn TaskStore>, timings: Arc<Timings>) -> Self {
+        Self {
+            inner,
+            timings: Some(timings),
+            writes: None,
+        }
+    }
+
     /// Records the size of one appended batch of log rows.
     fn count_batch(&self, rows: usize) {
         if let Some(t) = &self.timings {
@@ -312,6 +321,17 @@ impl TaskStore for Instrumented {
     ) -> anywork_core::Result<Vec<Task>> {
         let f = self.inner.tasks_by_status(status, page);
         self.call("tasks_by_status", false, f).await
+    }
+    async fn tasks_by_session_in_status(
+        &self,
+        session_id: &SessionId,
+        status: TaskStatus,
+        page: Page,
+    ) -> anywork_core::Result<Vec<Task>> {
+        let f = self
+            .inner
+            .tasks_by_session_in_status(session_id, status, page);
+        self.call("tasks_by_session_in_status", false, f).await
     }
     async fn renew_lease(
         &self,

@@ -45,6 +45,7 @@ macro_rules! store_conformance_tests {
             status_changes_are_compare_and_set,
             illegal_transitions_are_refused, one_winner_among_concurrent_updates,
             leases_renew_and_expire, tasks_by_session_and_status,
+            a_sessions_tasks_in_one_status,
             logs_are_numbered_from_one_and_read_after_seq,
             concurrent_appenders_get_gap_free_seqs, ten_thousand_logs,
             delete_session_cascades, unicode_and_large_payloads, bad_input_is_refused_cleanly,
@@ -914,6 +915,71 @@ pub async fn tasks_by_session_and_status(store: Store) {
     );
 }
 
+/// `tasks_by_session_in_status`: only that session's tasks in that status, oldest first,
+/// paged; nothing for another status or an unknown session.
+pub async fn a_sessions_tasks_in_one_status(store: Store) {
+    store.create_session(new_session("a", 1)).await.unwrap();
+    store.create_session(new_session("b", 1)).await.unwrap();
+    for (s, n, at) in [("a", 1, 30), ("a", 2, 10), ("b", 3, 20), ("a", 4, 20)] {
+        store.create_task(new_task(s, n, at)).await.unwrap();
+    }
+    let t = |n| TaskId(uuid_from(n));
+    // Task 2 (session a) and task 3 (session b) ask a question.
+    for n in [2, 3] {
+        store
+            .update_task(
+                t(n),
+                TaskStatus::Pending,
+                TaskChange::to(TaskStatus::Running),
+            )
+            .await
+            .unwrap();
+        store
+            .update_task(
+                t(n),
+                TaskStatus::Running,
+                TaskChange::to(TaskStatus::InputRequired),
+            )
+            .await
+            .unwrap();
+    }
+    let ids = |ts: Vec<Task>| ts.iter().map(|t| t.id).collect::<Vec<_>>();
+    let of = |s: &'static str, status, page| {
+        let store = store.clone();
+        async move {
+            ids(store
+                .tasks_by_session_in_status(&sid(s), status, page)
+                .await
+                .unwrap())
+        }
+    };
+    let all = Page::first(10);
+    assert_eq!(of("a", TaskStatus::InputRequired, all).await, vec![t(2)]);
+    assert_eq!(of("b", TaskStatus::InputRequired, all).await, vec![t(3)]);
+    assert_eq!(of("a", TaskStatus::Pending, all).await, vec![t(4), t(1)]);
+    assert_eq!(
+        of(
+            "a",
+            TaskStatus::Pending,
+            Page {
+                limit: 1,
+                offset: 1
+            }
+        )
+        .await,
+        vec![t(1)]
+    );
+    assert!(of("b", TaskStatus::Pending, all).await.is_empty());
+    assert!(of("a", TaskStatus::Completed, all).await.is_empty());
+    assert!(of("zzz", TaskStatus::Pending, all).await.is_empty());
+    // The task as stored, not just its id.
+    let waiting = store
+        .tasks_by_session_in_status(&sid("a"), TaskStatus::InputRequired, all)
+        .await
+        .unwrap();
+    assert_eq!(waiting, vec![store.get_task(t(2)).await.unwrap()]);
+}
+
 /// The first event is seq 1 (so `after=0` returns it), and `after`/`limit` are exact.
 pub async fn logs_are_numbered_from_one_and_read_after_seq(store: Store) {
     let task = session_with_task(&store, "s1", 1).await;
@@ -1314,6 +1380,10 @@ mod model {
         ByStatus {
             status: TaskStatus,
         },
+        BySessionInStatus {
+            s: u8,
+            status: TaskStatus,
+        },
         Renew {
             t: u8,
             owner: bool,
@@ -1361,8 +1431,9 @@ mod model {
             (s.clone(), "[a-z ]{0,8}").prop_map(|(s, title)| Op::Title { s, title }),
             s.clone().prop_map(|s| Op::Delete { s }),
             (0u8..5, 0u8..5).prop_map(|(limit, offset)| Op::List { limit, offset }),
-            s.prop_map(|s| Op::BySession { s }),
+            s.clone().prop_map(|s| Op::BySession { s }),
             status().prop_map(|status| Op::ByStatus { status }),
+            (s, status()).prop_map(|(s, status)| Op::BySessionInStatus { s, status }),
             (t, any::<bool>(), at.clone()).prop_map(|(t, owner, at)| Op::Renew { t, owner, at }),
             at.prop_map(|at| Op::Expired { at }),
         ]
@@ -1472,6 +1543,12 @@ mod model {
             ),
             Op::ByStatus { status } => out(
                 store.tasks_by_status(status, Page::first(100)).await,
+                Out::Tasks,
+            ),
+            Op::BySessionInStatus { s, status } => out(
+                store
+                    .tasks_by_session_in_status(&sname(s), status, Page::first(100))
+                    .await,
                 Out::Tasks,
             ),
             Op::Renew { t, owner, at } => {
@@ -1861,6 +1938,16 @@ mod keep_alive {
         }
         async fn tasks_by_session(&self, id: &SessionId, page: Page) -> Result<Vec<Task>> {
             self.store.tasks_by_session(id, page).await
+        }
+        async fn tasks_by_session_in_status(
+            &self,
+            id: &SessionId,
+            status: TaskStatus,
+            page: Page,
+        ) -> Result<Vec<Task>> {
+            self.store
+                .tasks_by_session_in_status(id, status, page)
+                .await
         }
         async fn claim_task(
             &self,

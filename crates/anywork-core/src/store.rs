@@ -217,6 +217,43 @@ pub trait TaskStore: Send + Sync + 'static {
     /// Tasks in `status`, oldest first.
     async fn tasks_by_status(&self, status: TaskStatus, page: Page) -> Result<Vec<Task>>;
 
+    /// A session's tasks in `status`, oldest first: the question a session's next message
+    /// may answer is its task in `input_required` (one at most, since one task of a session
+    /// runs at a time). Empty for an unknown session.
+    ///
+    /// The default pages through [`tasks_by_session`](Self::tasks_by_session) and filters:
+    /// right, but it reads every task of the session; the shipped stores ask the database for
+    /// the session's tasks in that status only.
+    async fn tasks_by_session_in_status(
+        &self,
+        session_id: &SessionId,
+        status: TaskStatus,
+        page: Page,
+    ) -> Result<Vec<Task>> {
+        const CHUNK: u32 = 500;
+        let (skip, want) = (page.offset as usize, page.limit as usize);
+        let mut found = Vec::new();
+        let mut offset = 0u32;
+        loop {
+            let tasks = self
+                .tasks_by_session(
+                    session_id,
+                    Page {
+                        limit: CHUNK,
+                        offset,
+                    },
+                )
+                .await?;
+            let last = tasks.len() < CHUNK as usize;
+            found.extend(tasks.into_iter().filter(|t| t.status == status));
+            if last || found.len() >= skip.saturating_add(want) {
+                break;
+            }
+            offset = offset.saturating_add(CHUNK);
+        }
+        Ok(found.into_iter().skip(skip).take(want).collect())
+    }
+
     /// Extends the lease of an active task held by `owner`. `Conflict` if another owner holds
     /// it, it has no lease, or it is no longer active.
     async fn renew_lease(&self, id: TaskId, owner: &str, expires_at: Timestamp) -> Result<()>;

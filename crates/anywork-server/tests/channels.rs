@@ -355,6 +355,68 @@ async fn a_webhook_question_reaches_the_callback_and_the_next_request_answers_it
     assert!(fake.last_request().unwrap().contains_text("staging"));
 }
 
+/// The store reads of inbound events: a new webhook session is not read at all (its creation
+/// checks the id), an event for an existing session reads it once (the submit uses what the
+/// lookup found), and the question an event answers is found with one query by session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_event_reads_its_session_once_and_finds_its_question_by_session() {
+    let fake = FakeLlm::start().await;
+    fake.push(Reply::tool_use(
+        "call_1",
+        "ask_user",
+        json!({"question": "Which environment?"}),
+    ));
+    fake.push(Reply::text("Deployed to staging."));
+    fake.push(Reply::text("Done again."));
+    let worker = WorkerProcess::start(&fake).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite: Arc<dyn anywork_core::TaskStore> = Arc::new(
+        anywork_store::SqliteStore::open_in_dir(dir.path())
+            .await
+            .unwrap(),
+    );
+    let store = anywork_test::faulty_store::FaultyStore::new(sqlite);
+    let setup = Setup {
+        config: fast(),
+        channels: vec![webhook(None)],
+        store: Some((dir, store.clone())),
+        ..Setup::default()
+    };
+    let server = TestServer::start_full(&worker.url, setup, FirstWords).await;
+    let receiver = Receiver::start(&[]).await;
+    let path = "/api/channel/webhook/webhook";
+    let sessions_read = || store.reads("get_session") + store.reads("find_session");
+
+    let before = sessions_read();
+    let body = json!({"message": "deploy it", "callback_url": receiver.url});
+    let (s, created) = post_raw(&server, path, &[], body.to_string()).await;
+    assert_eq!(s, 202, "{created}");
+    assert_eq!(sessions_read(), before, "a new session is not read");
+    let hits = receiver.wait_hits(1).await;
+    assert_eq!(hits[0].body["status"], "input_required");
+
+    let (before, by_session) = (sessions_read(), store.reads("tasks_by_session_in_status"));
+    let answer = json!({"message": "staging", "session_id": created["sessionId"]});
+    let (s, answered) = post_raw(&server, path, &[], answer.to_string()).await;
+    assert_eq!(s, 202, "{answered}");
+    assert_eq!(answered["answered"], true);
+    assert_eq!(answered["taskId"], created["taskId"]);
+    assert_eq!(sessions_read(), before + 1, "the session is read once");
+    assert_eq!(store.reads("tasks_by_session_in_status"), by_session + 1);
+    server.wait_final(created["taskId"].as_str().unwrap()).await;
+
+    // A new task in the existing session: read once, not again to submit it.
+    let before = sessions_read();
+    let again = json!({"message": "once more", "session_id": created["sessionId"]});
+    let (s, next) = post_raw(&server, path, &[], again.to_string()).await;
+    assert_eq!(s, 202, "{next}");
+    assert_eq!(next["sessionId"], created["sessionId"]);
+    assert_ne!(next["taskId"], created["taskId"]);
+    assert_eq!(sessions_read(), before + 1, "the session is read once");
+    let done = server.wait_final(next["taskId"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_is_retried_after_500_and_no_sooner_than_retry_after() {
     let fake = FakeLlm::start().await;

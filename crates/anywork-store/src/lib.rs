@@ -14,6 +14,8 @@ mod postgres;
 mod sql;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+#[cfg(feature = "sqlite")]
+pub mod sqlite_stats;
 
 use std::sync::Arc;
 
@@ -24,6 +26,8 @@ pub use memory::MemoryStore;
 pub use postgres::PostgresStore;
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteOptions, SqliteStore};
+#[cfg(feature = "sqlite")]
+pub use sqlite_stats::WriterStats;
 
 /// Opens the store a URL names: `memory:`, `sqlite:PATH` / `sqlite::memory:` (feature
 /// `sqlite`), or `postgres://...` / `postgresql://...` (feature `postgres`).

@@ -462,6 +462,23 @@ impl TaskStore for MemoryStore {
         Ok(window(rows, page))
     }
 
+    async fn tasks_by_session_in_status(
+        &self,
+        session_id: &SessionId,
+        status: TaskStatus,
+        page: Page,
+    ) -> Result<Vec<Task>> {
+        let inner = self.lock();
+        let mut rows: Vec<Task> = inner
+            .tasks
+            .values()
+            .filter(|t| &t.session_id == session_id && t.status == status)
+            .cloned()
+            .collect();
+        rows.sort_by_key(|t| (t.created_at, t.id));
+        Ok(window(rows, page))
+    }
+
     async fn tasks_by_status(&self, status: TaskStatus, page: Page) -> Result<Vec<Task>> {
         let inner = self.lock();
         let mut rows: Vec<Task> = inner

@@ -1677,6 +1677,32 @@ macro_rules! impl_sql_store {
                 self.tasks_where("status", status.as_str(), page).await
             }
 
+            async fn tasks_by_session_in_status(
+                &self,
+                session_id: &anywork_core::SessionId,
+                status: anywork_core::TaskStatus,
+                page: anywork_core::Page,
+            ) -> anywork_core::Result<Vec<anywork_core::Task>> {
+                // The session's index (`tasks_session`) finds its tasks; the status is checked
+                // on those rows only.
+                let sql = format!(
+                    "SELECT {} FROM tasks WHERE session_id = $1 AND status = $2 \
+                     ORDER BY created_at, id LIMIT $3 OFFSET $4",
+                    $crate::sql::TASK_COLUMNS
+                );
+                sqlx::query(&sql)
+                    .bind(session_id.as_str())
+                    .bind(status.as_str())
+                    .bind(i64::from(page.limit))
+                    .bind(i64::from(page.offset))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| $crate::sql::db_err("list a session's tasks", e))?
+                    .iter()
+                    .map(task_from_row)
+                    .collect()
+            }
+
             async fn renew_lease(
                 &self,
                 id: anywork_core::TaskId,

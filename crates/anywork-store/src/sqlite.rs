@@ -4,8 +4,8 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
 
 use anywork_core::{Error, ErrorKind, Result, StoreSize};
 use sqlx::sqlite::{
@@ -16,6 +16,7 @@ use sqlx::{ConnectOptions as _, Connection as _, Sqlite, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::sql::{Embedded, db_err};
+use crate::sqlite_stats::{Counters, WriterStats};
 
 const MIGRATIONS: Embedded = Embedded(&[
     (
@@ -46,8 +47,14 @@ const MAX_BATCH: usize = 256;
 /// How often the WAL is copied into the database file, off the writer.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
-/// WAL length (4 KiB pages) at which the writer checkpoints it to the end itself.
+/// WAL length (4 KiB pages) past which the writer checkpoints it to the end itself, so that
+/// the WAL starts over: at its first idle moment (no write queued) after a background
+/// checkpoint found the WAL this long, when that checkpoint has just copied nearly all of it.
 const WAL_LIMIT_FRAMES: i64 = 8192;
+
+/// WAL length past which the writer checkpoints without waiting for an idle moment (a writer
+/// that never finds one would let the WAL grow without end).
+const WAL_HARD_LIMIT_FRAMES: i64 = 4 * WAL_LIMIT_FRAMES;
 
 /// Free pages one compaction step gives back (8 MiB of 4 KiB pages): the writer does one
 /// step at a time between other writes.
@@ -116,6 +123,8 @@ pub struct SqliteStore {
     /// The group-commit writer; `None` for an in-memory database (one connection only),
     /// whose writes take a pooled connection each.
     writer: Option<mpsc::Sender<Job>>,
+    /// What the writer and the checkpoints did; `None` in memory.
+    counters: Option<Arc<Counters>>,
     /// The database file; `None` in memory.
     path: Option<PathBuf>,
 }
@@ -134,6 +143,8 @@ enum Work {
 struct Job {
     work: Work,
     reply: oneshot::Sender<Result<Reply>>,
+    /// When it was queued.
+    queued: Instant,
 }
 
 impl SqliteStore {
@@ -214,9 +225,8 @@ impl SqliteStore {
             .run(&pool)
             .await
             .map_err(|e| Error::storage(format!("migrating the SQLite schema failed: {e}")))?;
-        let writer = if in_memory {
-            None
-        } else {
+        let counters = (!in_memory).then(|| Arc::new(Counters::default()));
+        let writer = if let Some(counters) = &counters {
             // The writer never checkpoints on commit: the WAL fsyncs of a checkpoint would
             // hold up every write queued behind it. A background task checkpoints instead.
             // A reopened writer must find the file, never make an empty one.
@@ -228,12 +238,32 @@ impl SqliteStore {
             )
             .await?;
             let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-            let wal_frames = Arc::new(AtomicI64::new(0));
-            tokio::spawn(write_loop(writer, rx, wal_frames.clone()));
-            tokio::spawn(checkpoint_loop(pool.clone(), tx.downgrade(), wal_frames));
+            let wal = Arc::new(WalState::default());
+            tokio::spawn(write_loop(writer, rx, wal.clone(), counters.clone()));
+            tokio::spawn(checkpoint_loop(
+                pool.clone(),
+                tx.downgrade(),
+                wal,
+                counters.clone(),
+            ));
             Some(tx)
+        } else {
+            None
         };
-        Ok(Self { pool, writer, path })
+        Ok(Self {
+            pool,
+            writer,
+            counters,
+            path,
+        })
+    }
+
+    /// What the writer and the WAL checkpoints have done since the store was opened: how long
+    /// writes waited for the writer, how long its group commits took, and each checkpoint
+    /// with its time and whether the writes waited for it. `None` for an in-memory database
+    /// (no writer of its own). For diagnosis: counting costs a few atomic additions per write.
+    pub fn writer_stats(&self) -> Option<WriterStats> {
+        self.counters.as_ref().map(|c| c.snapshot())
     }
 
     async fn write(&self, op: WriteOp) -> Result<Reply> {
@@ -261,7 +291,15 @@ impl SqliteStore {
             || Error::unavailable("the SQLite writer has stopped; restart the server to reopen it");
         let writer = self.writer.as_ref().ok_or_else(gone)?;
         let (reply, answer) = oneshot::channel();
-        writer.send(Job { work, reply }).await.map_err(|_| gone())?;
+        let queued = Instant::now();
+        writer
+            .send(Job {
+                work,
+                reply,
+                queued,
+            })
+            .await
+            .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
     }
 
@@ -483,6 +521,21 @@ impl Writer {
         reply
     }
 
+    /// A passive checkpoint: the WAL's length and how much of it is in the database file
+    /// now, in frames.
+    async fn checkpoint(&mut self) -> Result<(i64, i64)> {
+        let done = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(self.conn().await?)
+            .await;
+        match done {
+            Ok((_busy, frames, copied)) => Ok((frames, copied)),
+            Err(e) => {
+                self.recover().await;
+                Err(db_err("WAL checkpoint", e))
+            }
+        }
+    }
+
     /// A statement outside any transaction.
     async fn raw(&mut self, sql: &str) -> Result<Reply> {
         let done = sqlx::query(sql).execute(self.conn().await?).await;
@@ -531,11 +584,41 @@ impl Writer {
     }
 }
 
+/// What the background checkpoints tell the writer.
+#[derive(Debug, Default)]
+struct WalState {
+    /// The WAL's length (frames) at the last background checkpoint.
+    frames: AtomicI64,
+    /// A background checkpoint found the WAL past [`WAL_LIMIT_FRAMES`] and copied it: the
+    /// writer should start it over at its next idle moment.
+    restart_due: AtomicBool,
+}
+
 /// The writer: takes the work queued so far, runs consecutive writes in one transaction and
 /// maintenance statements alone, in order, answers each. Ends when every store handle is gone.
-async fn write_loop(mut writer: Writer, mut jobs: mpsc::Receiver<Job>, wal_frames: Arc<AtomicI64>) {
+async fn write_loop(
+    mut writer: Writer,
+    mut jobs: mpsc::Receiver<Job>,
+    wal: Arc<WalState>,
+    counters: Arc<Counters>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    // The end of the writer's last checkpoint, while writes queued before it are served.
+    let mut checkpoint_ended: Option<Instant> = None;
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let started = Instant::now();
+        for job in &batch {
+            counters.queue_wait.record(started - job.queued);
+        }
+        if let Some(end) = checkpoint_ended {
+            let behind = batch.iter().filter(|j| j.queued < end).count();
+            counters
+                .writes_behind_checkpoint
+                .fetch_add(behind as u64, Ordering::Relaxed);
+            if batch.last().is_none_or(|j| j.queued >= end) {
+                checkpoint_ended = None;
+            }
+        }
         let mut replies = Vec::with_capacity(batch.len());
         let mut start = 0;
         while start < batch.len() {
@@ -551,7 +634,24 @@ async fn write_loop(mut writer: Writer, mut jobs: mpsc::Receiver<Job>, wal_frame
                 })
                 .collect();
             if !writes.is_empty() {
+                let (bg_started, bg_ended) = (
+                    counters.background_started.load(Ordering::Relaxed),
+                    counters.background_ended.load(Ordering::Relaxed),
+                );
+                let t = Instant::now();
                 replies.extend(writer.run_batch(&writes).await);
+                let took = t.elapsed();
+                let overlapped = bg_started != bg_ended
+                    || counters.background_started.load(Ordering::Relaxed) != bg_started;
+                if overlapped {
+                    counters.batch_time_during_checkpoint.record(took);
+                } else {
+                    counters.batch_time.record(took);
+                }
+                counters.batches.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .writes
+                    .fetch_add(writes.len() as u64, Ordering::Relaxed);
             }
             if let Some(Job {
                 work: Work::Raw(sql),
@@ -567,11 +667,23 @@ async fn write_loop(mut writer: Writer, mut jobs: mpsc::Receiver<Job>, wal_frame
         }
         // Under steady writes the background checkpoint never sees the end of the WAL, so
         // it cannot start over; the writer, who alone appends, checkpoints it to the end.
-        if wal_frames.load(Ordering::Relaxed) >= WAL_LIMIT_FRAMES {
-            wal_frames.store(0, Ordering::Relaxed);
-            if let Err(e) = writer.raw("PRAGMA wal_checkpoint(PASSIVE)").await {
-                tracing::warn!(error = %e, "SQLite checkpoint failed");
-            }
+        // Every write waits meanwhile (a copy of what the background checkpoint left, and two
+        // fsyncs), so it does so when none is queued, right after a background checkpoint
+        // copied the rest — or at once if the WAL grew far past its limit.
+        let due = wal.restart_due.load(Ordering::Relaxed) && jobs.is_empty();
+        if due || wal.frames.load(Ordering::Relaxed) >= WAL_HARD_LIMIT_FRAMES {
+            wal.restart_due.store(false, Ordering::Relaxed);
+            wal.frames.store(0, Ordering::Relaxed);
+            let at = Instant::now();
+            let frames = match writer.checkpoint().await {
+                Ok(frames) => frames,
+                Err(e) => {
+                    tracing::warn!(error = %e, "SQLite checkpoint failed");
+                    (0, 0)
+                }
+            };
+            counters.checkpoint(at, true, frames);
+            checkpoint_ended = Some(Instant::now());
         }
     }
     if let Some(conn) = writer.conn.take() {
@@ -585,19 +697,32 @@ async fn write_loop(mut writer: Writer, mut jobs: mpsc::Receiver<Job>, wal_frame
 async fn checkpoint_loop(
     pool: SqlitePool,
     writer: mpsc::WeakSender<Job>,
-    wal_frames: Arc<AtomicI64>,
+    wal: Arc<WalState>,
+    counters: Arc<Counters>,
 ) {
     loop {
         tokio::time::sleep(CHECKPOINT_EVERY).await;
         if writer.upgrade().is_none() {
             return;
         }
-        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+        let at = Instant::now();
+        counters.background_started.fetch_add(1, Ordering::Relaxed);
+        let done = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
             .fetch_one(&pool)
-            .await
-        {
-            Ok((_busy, frames, _done)) => wal_frames.store(frames, Ordering::Relaxed),
-            Err(e) => tracing::warn!(error = %e, "SQLite checkpoint failed"),
+            .await;
+        counters.background_ended.fetch_add(1, Ordering::Relaxed);
+        match done {
+            Ok((_busy, frames, copied)) => {
+                counters.checkpoint(at, false, (frames, copied));
+                wal.frames.store(frames, Ordering::Relaxed);
+                if frames >= WAL_LIMIT_FRAMES {
+                    wal.restart_due.store(true, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                counters.checkpoint(at, false, (0, 0));
+                tracing::warn!(error = %e, "SQLite checkpoint failed");
+            }
         }
     }
 }

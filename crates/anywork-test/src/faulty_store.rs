@@ -1,7 +1,8 @@
 //! [`FaultyStore`]: a [`TaskStore`] wrapper that injects store outages — every write failing
 //! with `Unavailable` (as a locked or full SQLite file, or a stopped PostgreSQL, does) for a
 //! while, or the next N writes — so the runtime's retries and recovery can be tested against
-//! a real store underneath.
+//! a real store underneath. It also counts some reads, so that tests can pin how many a
+//! request costs.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +18,8 @@ use anywork_core::{
 
 /// Wraps a store; writes fail while an outage is injected. Reads pass through, but for the
 /// log reads made to fail by [`fail_next_log_reads`](Self::fail_next_log_reads); log reads are
-/// counted ([`log_reads`](Self::log_reads)).
+/// counted ([`log_reads`](Self::log_reads)), and so are session reads and task listings
+/// ([`reads`](Self::reads)).
 pub struct FaultyStore {
     inner: Arc<dyn TaskStore>,
     fail_reads: AtomicU64,
@@ -27,6 +29,7 @@ pub struct FaultyStore {
     fail_next: AtomicU64,
     injected: AtomicU64,
     log_reads: AtomicU64,
+    reads: Mutex<std::collections::HashMap<&'static str, u64>>,
 }
 
 impl std::fmt::Debug for FaultyStore {
@@ -48,7 +51,21 @@ impl FaultyStore {
             fail_next: AtomicU64::new(0),
             injected: AtomicU64::new(0),
             log_reads: AtomicU64::new(0),
+            reads: Mutex::default(),
         })
+    }
+
+    /// How many times `method` was called so far, for the reads that are counted:
+    /// `get_session`, `find_session`, `tasks_by_session`, `tasks_by_status` and
+    /// `tasks_by_session_in_status` (0 for any other name).
+    pub fn reads(&self, method: &str) -> u64 {
+        let reads = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+        reads.get(method).copied().unwrap_or(0)
+    }
+
+    fn count_read(&self, method: &'static str) {
+        let mut reads = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+        *reads.entry(method).or_default() += 1;
     }
 
     /// Every write fails for `d` from now on (`Duration::ZERO` ends an outage).
@@ -149,9 +166,11 @@ impl TaskStore for FaultyStore {
         self.inner.create_session(new).await
     }
     async fn get_session(&self, id: &SessionId) -> Result<Session> {
+        self.count_read("get_session");
         self.inner.get_session(id).await
     }
     async fn find_session(&self, channel_type: &str, channel_key: &str) -> Result<Option<Session>> {
+        self.count_read("find_session");
         self.inner.find_session(channel_type, channel_key).await
     }
     async fn list_sessions(&self, page: Page) -> Result<Vec<SessionSummary>> {
@@ -242,10 +261,23 @@ impl TaskStore for FaultyStore {
             .await
     }
     async fn tasks_by_session(&self, session_id: &SessionId, page: Page) -> Result<Vec<Task>> {
+        self.count_read("tasks_by_session");
         self.inner.tasks_by_session(session_id, page).await
     }
     async fn tasks_by_status(&self, status: TaskStatus, page: Page) -> Result<Vec<Task>> {
+        self.count_read("tasks_by_status");
         self.inner.tasks_by_status(status, page).await
+    }
+    async fn tasks_by_session_in_status(
+        &self,
+        session_id: &SessionId,
+        status: TaskStatus,
+        page: Page,
+    ) -> Result<Vec<Task>> {
+        self.count_read("tasks_by_session_in_status");
+        self.inner
+            .tasks_by_session_in_status(session_id, status, page)
+            .await
     }
     async fn renew_lease(&self, id: TaskId, owner: &str, expires_at: Timestamp) -> Result<()> {
         self.write("renew_lease")?;

@@ -452,6 +452,16 @@ mod tests {
         async fn tasks_by_status(&self, status: TaskStatus, page: Page) -> Result<Vec<Task>> {
             self.inner.tasks_by_status(status, page).await
         }
+        async fn tasks_by_session_in_status(
+            &self,
+            session_id: &SessionId,
+            status: TaskStatus,
+            page: Page,
+        ) -> Result<Vec<Task>> {
+            self.inner
+                .tasks_by_session_in_status(session_id, status, page)
+                .await
+        }
         async fn renew_lease(&self, id: TaskId, owner: &str, until: Timestamp) -> Result<()> {
             self.inner.renew_lease(id, owner, until).await
         }

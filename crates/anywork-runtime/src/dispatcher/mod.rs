@@ -83,6 +83,18 @@ pub struct Submitted {
     pub duplicate: bool,
 }
 
+/// What a caller of [`Dispatcher::submit_known`] found of the request's session when it
+/// looked it up (by `session_id`, else by `channel_key`) just before.
+#[derive(Debug)]
+pub(crate) enum Known {
+    /// It was not looked up.
+    Unknown,
+    /// It exists.
+    Found(Session),
+    /// There was none.
+    Absent,
+}
+
 enum Control {
     Cancel(oneshot::Sender<()>),
     /// The server is going away: stop the run and record why (a failure, not a cancel).
@@ -249,7 +261,16 @@ impl Dispatcher {
     /// A request with an `idempotency_key` that a task of its channel already has stores
     /// nothing: the first task comes back with [`Submitted::duplicate`] set.
     pub async fn submit(&self, request: TaskRequest) -> Result<Submitted> {
-        let submitted = self.store_new(request).await?;
+        self.submit_known(request, Known::Unknown).await
+    }
+
+    /// [`submit`](Self::submit) of a request whose session the caller has just looked up.
+    pub(crate) async fn submit_known(
+        &self,
+        request: TaskRequest,
+        known: Known,
+    ) -> Result<Submitted> {
+        let submitted = self.store_new(request, known).await?;
         if !submitted.duplicate {
             if let Some(channel) = self.inner.channels.get(&submitted.task.channel_type) {
                 self.inner.hooks.accepted(channel, &submitted.task);
@@ -269,7 +290,7 @@ impl Dispatcher {
         Submitted,
         impl Stream<Item = Result<LiveEvent>> + Send + 'static,
     )> {
-        let submitted = self.store_new(request).await?;
+        let submitted = self.store_new(request, Known::Unknown).await?;
         let live = self
             .inner
             .hub
@@ -288,7 +309,7 @@ impl Dispatcher {
     }
 
     /// Stores the request's task as `pending` (and its session if new), not queued yet.
-    async fn store_new(&self, mut request: TaskRequest) -> Result<Submitted> {
+    async fn store_new(&self, mut request: TaskRequest, known: Known) -> Result<Submitted> {
         if self.inner.closing.load(Ordering::Relaxed) {
             return Err(Error::unavailable("the server is shutting down"));
         }
@@ -303,7 +324,7 @@ impl Dispatcher {
             });
         }
         self.admit(&mut request).await?;
-        let (session, created) = self.resolve_session(&request).await?;
+        let (session, created) = self.resolve_session(&request, known).await?;
         let untitled = session.title == NewSession::DEFAULT_TITLE;
         let keyed = request.idempotency_key.is_some();
         let (channel_type, key) = (
@@ -436,7 +457,15 @@ impl Dispatcher {
     /// The request's session, and whether it was created now. A new session gets its title
     /// in the same write when the generator has one at once
     /// ([`title_now`](crate::TitleGenerator::title_now)), made only for sessions created.
-    async fn resolve_session(&self, request: &TaskRequest) -> Result<(Session, bool)> {
+    /// `known` is what the caller found when it looked the session up just before (by
+    /// `session_id`, else by `channel_key`), so that it is not read twice. A session the
+    /// request must create ([`SessionMode::CreateNew`]) is not read at all: the store refuses
+    /// a taken id when it is created.
+    async fn resolve_session(
+        &self,
+        request: &TaskRequest,
+        known: Known,
+    ) -> Result<(Session, bool)> {
         let store = &self.inner.store;
         let titled = |mut new: NewSession| {
             if let Some(title) = self.inner.titles.title_now(&request.message) {
@@ -446,29 +475,38 @@ impl Dispatcher {
         };
         if let Some(id) = &request.session_id {
             let mode = request.session_mode;
-            return match store.get_session(id).await {
-                Ok(_) if mode == SessionMode::CreateNew => Err(Error::conflict(format!(
+            let taken = || {
+                Error::conflict(format!(
                     "session {id} exists already; send the request again for a fresh one"
-                ))),
-                Ok(s) => Ok((s, false)),
-                Err(e) if e.kind() == ErrorKind::NotFound && mode == SessionMode::Existing => {
-                    Err(Error::not_found(format!(
-                        "session {id} does not exist; leave `session_id` out to start a new one"
-                    )))
+                ))
+            };
+            let existing = match (known, mode) {
+                (Known::Found(_), SessionMode::CreateNew) => return Err(taken()),
+                (_, SessionMode::CreateNew) | (Known::Absent, _) => None,
+                (Known::Found(s), _) => Some(s),
+                (Known::Unknown, _) => match store.get_session(id).await {
+                    Ok(s) => Some(s),
+                    Err(e) if e.kind() == ErrorKind::NotFound => None,
+                    Err(e) => return Err(e),
+                },
+            };
+            if let Some(s) = existing {
+                return Ok((s, false));
+            }
+            if mode == SessionMode::Existing {
+                return Err(Error::not_found(format!(
+                    "session {id} does not exist; leave `session_id` out to start a new one"
+                )));
+            }
+            let new = NewSession::new(&request.channel_type).with_id(id.clone());
+            return match store.create_session(titled(new)).await {
+                Ok(s) => Ok((s, true)),
+                Err(e) if e.kind() == ErrorKind::Conflict && mode == SessionMode::CreateNew => {
+                    Err(taken())
                 }
-                Err(e) if e.kind() == ErrorKind::NotFound => {
-                    let new = NewSession::new(&request.channel_type).with_id(id.clone());
-                    match store.create_session(titled(new)).await {
-                        Ok(s) => Ok((s, true)),
-                        // Created meanwhile by another request: continue it.
-                        Err(e)
-                            if e.kind() == ErrorKind::Conflict
-                                && mode == SessionMode::GetOrCreate =>
-                        {
-                            Ok((store.get_session(id).await?, false))
-                        }
-                        Err(e) => Err(e),
-                    }
+                // Created meanwhile by another request: continue it.
+                Err(e) if e.kind() == ErrorKind::Conflict => {
+                    Ok((store.get_session(id).await?, false))
                 }
                 Err(e) => Err(e),
             };
@@ -479,7 +517,12 @@ impl Dispatcher {
                 .await?;
             return Ok((session, true));
         };
-        if let Some(s) = store.find_session(&request.channel_type, key).await? {
+        let existing = match known {
+            Known::Found(s) => Some(s),
+            Known::Absent => None,
+            Known::Unknown => store.find_session(&request.channel_type, key).await?,
+        };
+        if let Some(s) = existing {
             return Ok((s, false));
         }
         match store

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use super::{Dispatcher, Inner, Submitted, lock};
+use super::{Dispatcher, Inner, Known, Submitted, lock};
 
 /// What a channel asked for, once parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -320,8 +320,8 @@ impl Dispatcher {
                 });
             }
         }
-        let session = self.inbound_session(&request).await?;
-        if let Some(session) = &session
+        let known = self.inbound_session(&request).await?;
+        if let Known::Found(session) = &known
             && let Some(task) = self.answer_waiting(session, &request).await?
         {
             if let Some(key) = key {
@@ -331,18 +331,18 @@ impl Dispatcher {
                 task: Box::new(task),
             });
         }
-        match (kind, session) {
-            (Kind::Task, _) => Ok(InboundOutcome::Submitted(Box::new(
-                self.submit(*request).await?,
+        match (kind, known) {
+            (Kind::Task, known) => Ok(InboundOutcome::Submitted(Box::new(
+                self.submit_known(*request, known).await?,
             ))),
-            (Kind::FollowUp, Some(session)) => {
-                request.session_id = Some(session.id);
+            (Kind::FollowUp, Known::Found(session)) => {
+                request.session_id = Some(session.id.clone());
                 request.session_mode = anywork_core::SessionMode::Existing;
                 Ok(InboundOutcome::Submitted(Box::new(
-                    self.submit(*request).await?,
+                    self.submit_known(*request, Known::Found(session)).await?,
                 )))
             }
-            (Kind::FollowUp, None) => Ok(InboundOutcome::Skipped {
+            (Kind::FollowUp, _) => Ok(InboundOutcome::Skipped {
                 reason: "a follow-up where no session of this channel exists".into(),
             }),
             (Kind::AnswerOnly, _) => Ok(InboundOutcome::Skipped {
@@ -351,47 +351,43 @@ impl Dispatcher {
         }
     }
 
-    /// The stored session an inbound request belongs to, if it exists yet.
-    async fn inbound_session(&self, request: &TaskRequest) -> Result<Option<Session>> {
+    /// The stored session an inbound request belongs to, if it exists yet, read once: the
+    /// submit that may follow uses what was found. A session the channel has just named
+    /// for a new conversation ([`SessionMode::CreateNew`](anywork_core::SessionMode)) is not
+    /// read: nothing in it can wait for an answer, and its creation fails if the id is taken.
+    async fn inbound_session(&self, request: &TaskRequest) -> Result<Known> {
         let store = &self.inner.store;
+        let found = |s: Option<Session>| s.map_or(Known::Absent, Known::Found);
         if let Some(id) = &request.session_id {
+            if request.session_mode == anywork_core::SessionMode::CreateNew {
+                return Ok(Known::Absent);
+            }
             return match store.get_session(id).await {
-                Ok(s) => Ok(Some(s)),
-                Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+                Ok(s) => Ok(Known::Found(s)),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(Known::Absent),
                 Err(e) => Err(e),
             };
         }
         match &request.channel_key {
-            Some(key) => store.find_session(&request.channel_type, key).await,
-            None => Ok(None),
+            Some(key) => Ok(found(store.find_session(&request.channel_type, key).await?)),
+            None => Ok(Known::Unknown),
         }
     }
 
     /// If a task of `session` waits for input, answers it with the request's words and
-    /// returns it. `None` when nothing waits (or it stopped waiting meanwhile).
+    /// returns it. `None` when nothing waits (or it stopped waiting meanwhile). One store
+    /// query by session, however many tasks of other sessions wait.
     async fn answer_waiting(
         &self,
         session: &Session,
         request: &TaskRequest,
     ) -> Result<Option<Task>> {
-        let mut offset = 0;
-        let waiting = loop {
-            let page = Page { limit: 200, offset };
-            let tasks = self
-                .inner
-                .store
-                .tasks_by_status(TaskStatus::InputRequired, page)
-                .await?;
-            let n = tasks.len() as u32;
-            if let Some(t) = tasks.into_iter().find(|t| t.session_id == session.id) {
-                break Some(t);
-            }
-            if n < page.limit {
-                break None;
-            }
-            offset += n;
-        };
-        let Some(task) = waiting else {
+        let waiting = self
+            .inner
+            .store
+            .tasks_by_session_in_status(&session.id, TaskStatus::InputRequired, Page::first(1))
+            .await?;
+        let Some(task) = waiting.into_iter().next() else {
             return Ok(None);
         };
         let Some(question) = self.open_question(task.id).await? else {
