@@ -295,9 +295,14 @@ impl Dispatcher {
             }
             self.enqueue(submitted.task.clone());
         }
-        let (d, task) = (self.clone(), submitted.task.clone());
+        // The follower keeps the task's id and session, not the whole task.
+        let (d, task_id, session) = (
+            self.clone(),
+            submitted.task.id,
+            submitted.task.session_id.clone(),
+        );
         let events = crate::follow::into_stream(move |out| async move {
-            crate::follow::follow_submitted(&d, &task, live, &out).await
+            crate::follow::follow_submitted(&d, task_id, session, live, &out).await
         });
         Ok((submitted, events))
     }
