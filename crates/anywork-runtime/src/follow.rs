@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use anywork_core::{Result, TaskEvent, TaskId, TaskStatus};
 use futures_util::Stream;
@@ -34,12 +35,12 @@ pub(crate) fn into_stream<F, Fut>(
     follower: F,
 ) -> impl Stream<Item = Result<LiveEvent>> + Send + 'static
 where
-    F: FnOnce(mpsc::Sender<LiveEvent>) -> Fut,
+    F: FnOnce(mpsc::Sender<Arc<LiveEvent>>) -> Fut,
     Fut: Future<Output = Result<()>> + Send + 'static,
 {
     struct State {
         follower: Option<Pin<Box<dyn Future<Output = Result<()>> + Send>>>,
-        events: mpsc::Receiver<LiveEvent>,
+        events: mpsc::Receiver<Arc<LiveEvent>>,
         error: Option<anywork_core::Error>,
     }
     let (tx, events) = mpsc::channel(QUEUE);
@@ -53,13 +54,13 @@ where
             let Some(follower) = s.follower.as_mut() else {
                 // The follower is done (and its sender dropped): drain, then its error.
                 return match s.events.recv().await {
-                    Some(event) => Some((Ok(event), s)),
+                    Some(event) => Some((Ok(Arc::unwrap_or_clone(event)), s)),
                     None => s.error.take().map(|e| (Err(e), s)),
                 };
             };
             tokio::select! {
                 biased;
-                Some(event) = s.events.recv() => return Some((Ok(event), s)),
+                Some(event) = s.events.recv() => return Some((Ok(Arc::unwrap_or_clone(event)), s)),
                 result = follower => {
                     s.follower = None;
                     s.error = result.err();
@@ -75,7 +76,7 @@ pub(crate) async fn follow(
     dispatcher: &Dispatcher,
     task_id: TaskId,
     after: u64,
-    out: &mpsc::Sender<LiveEvent>,
+    out: &mpsc::Sender<Arc<LiveEvent>>,
 ) -> Result<()> {
     let task = read_task(dispatcher, task_id).await?;
     // Subscribe before reading: whatever the read misses arrives live.
@@ -108,14 +109,15 @@ pub(crate) async fn follow(
 /// falls behind.
 pub(crate) async fn follow_submitted(
     dispatcher: &Dispatcher,
-    task: &anywork_core::Task,
+    task_id: TaskId,
+    session_id: anywork_core::SessionId,
     mut live: Subscription,
-    out: &mpsc::Sender<LiveEvent>,
+    out: &mpsc::Sender<Arc<LiveEvent>>,
 ) -> Result<()> {
     let mut follower = Follower {
         dispatcher,
-        task_id: task.id,
-        session_id: task.session_id.clone(),
+        task_id,
+        session_id,
         last: 0,
         out,
     };
@@ -150,7 +152,7 @@ struct Follower<'a> {
     task_id: TaskId,
     session_id: anywork_core::SessionId,
     last: u64,
-    out: &'a mpsc::Sender<LiveEvent>,
+    out: &'a mpsc::Sender<Arc<LiveEvent>>,
 }
 
 impl Follower<'_> {
@@ -200,7 +202,7 @@ impl Follower<'_> {
                     if event.seq > self.last + 1 && self.catch_up().await? {
                         return Ok(());
                     }
-                    if event.seq == self.last + 1 && self.send((*event).clone()).await? {
+                    if event.seq == self.last + 1 && self.send(event).await? {
                         return Ok(());
                     }
                 }
@@ -271,12 +273,12 @@ impl Follower<'_> {
             let logs = self.read_logs(self.last, PAGE).await?;
             let n = logs.len();
             for log in logs {
-                let event = LiveEvent {
+                let event = Arc::new(LiveEvent {
                     task_id: self.task_id,
                     session_id: self.session_id.clone(),
                     seq: log.seq,
                     event: log.event,
-                };
+                });
                 if self.send(event).await? {
                     return Ok(true);
                 }
@@ -310,7 +312,7 @@ impl Follower<'_> {
     }
 
     /// `Ok(true)` when that was the `done` event, or nobody listens any more.
-    async fn send(&mut self, event: LiveEvent) -> Result<bool> {
+    async fn send(&mut self, event: Arc<LiveEvent>) -> Result<bool> {
         self.last = event.seq;
         let done = matches!(event.event, TaskEvent::Done(_));
         Ok(self.out.send(event).await.is_err() || done)
@@ -319,7 +321,6 @@ impl Follower<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use anywork_core::ErrorKind;
     use anywork_core::{
@@ -472,7 +473,9 @@ mod tests {
         }
         d.hub().close(task.id);
         let (tx, mut rx) = mpsc::channel(2048);
-        follow_submitted(&d, &task, live, &tx).await.unwrap();
+        follow_submitted(&d, task.id, task.session_id.clone(), live, &tx)
+            .await
+            .unwrap();
         drop(tx);
         let mut seqs = Vec::new();
         while let Some(e) = rx.recv().await {

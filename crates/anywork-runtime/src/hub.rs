@@ -13,6 +13,8 @@ use anywork_core::ws::ServerMessage;
 use anywork_core::{SessionId, TaskEvent, TaskId};
 use tokio::sync::broadcast;
 
+use crate::notices::{Notices, Watchers};
+
 /// A stored event of a running task, as fanned out.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -59,11 +61,11 @@ fn lock(tasks: &TaskChannels) -> MutexGuard<'_, HashMap<TaskId, TaskChannel>> {
     tasks.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Per-task broadcast channels plus one channel of session notices.
+/// Per-task broadcast channels plus the watchers of session notices.
 #[derive(Debug)]
 pub(crate) struct Hub {
     tasks: Arc<TaskChannels>,
-    notices: broadcast::Sender<ServerMessage>,
+    watchers: Arc<Watchers>,
     capacity: usize,
 }
 
@@ -103,10 +105,9 @@ impl Hub {
     /// A hub whose followers may fall `capacity` events behind before they must re-read the
     /// log.
     pub(crate) fn new(capacity: usize) -> Self {
-        let (notices, _) = broadcast::channel(256);
         Self {
             tasks: Arc::new(Mutex::new(HashMap::new())),
-            notices,
+            watchers: Arc::default(),
             capacity: capacity.max(16),
         }
     }
@@ -170,15 +171,19 @@ impl Hub {
         self.tasks().len()
     }
 
-    /// Sends a session notice (e.g. `session_title`) to the WebSocket connections, each of
-    /// which passes on those of the sessions it chatted in.
-    pub(crate) fn notify(&self, message: ServerMessage) {
-        let _ = self.notices.send(message);
+    /// Sends a notice of `session` (e.g. `session_title`) to those who watch it.
+    pub(crate) fn notify(&self, session: &SessionId, message: ServerMessage) {
+        self.watchers.notify(session, message);
     }
 
-    /// Receives session notices.
-    pub(crate) fn notices(&self) -> broadcast::Receiver<ServerMessage> {
-        self.notices.subscribe()
+    /// A client's session notices, watching no session yet.
+    pub(crate) fn notices(&self) -> Notices {
+        Notices::new(self.watchers.clone())
+    }
+
+    /// Sessions someone watches (for leak checks).
+    pub(crate) fn watched_sessions(&self) -> usize {
+        self.watchers.watched_sessions()
     }
 }
 

@@ -21,6 +21,7 @@ mod dispatcher;
 mod follow;
 mod hub;
 pub mod metrics;
+mod notices;
 mod outbound;
 pub mod skills;
 pub mod title;
@@ -33,6 +34,7 @@ pub use dispatcher::{
     OutboxConfig, Retention, RetentionRound, Submitted, WorkspaceDoc,
 };
 pub use hub::LiveEvent;
+pub use notices::Notices;
 pub use skills::{NoSkills, SkillCatalog, SkillInfo, SkillSource, SkillsDir};
 pub use title::{FirstWords, ModelTitles, TitleGenerator};
 pub use worker_client::WorkerClient;

@@ -549,6 +549,46 @@ async fn titles_reach_only_the_connections_of_their_session() {
         seen.iter().all(|v| v["type"] == "pong"),
         "another client got: {seen:?}"
     );
+    assert_eq!(server.state.dispatcher().watched_sessions(), 1);
+    // A session renamed later (here: one whose title is still the default when its next task
+    // comes) reaches a connection that only resumed a task of it.
+    let (_, created) = server
+        .post("/api/tasks", json!({"message": "untitled"}))
+        .await;
+    let (untitled, task) = (
+        created["sessionId"].as_str().unwrap().to_owned(),
+        created["taskId"].as_str().unwrap().to_owned(),
+    );
+    let renamed = server
+        .http
+        .patch(format!("{}/api/sessions/{untitled}", server.url))
+        .json(&json!({"title": "New Chat"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(renamed.status(), 200);
+    other
+        .send(json!({"type": "resume", "task_id": task, "after_seq": 0}))
+        .await;
+    other.recv_until(|v| v["type"] == "done").await;
+    assert_eq!(server.state.dispatcher().watched_sessions(), 2);
+    server
+        .post(
+            "/api/tasks",
+            json!({"message": "renamed at last", "session_id": untitled}),
+        )
+        .await;
+    let t = other.recv_until(|v| v["type"] == "session_title").await;
+    assert_eq!(t.last().unwrap()["session_id"], untitled.as_str());
+    assert_eq!(t.last().unwrap()["content"], "renamed at last");
+    drop((ws, other));
+    for _ in 0..100 {
+        if server.state.dispatcher().watched_sessions() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("closed connections still watch sessions");
 }
 
 /// SOUL.md / AGENTS.md: the defaults live in the server's store (reading or saving them needs

@@ -63,6 +63,7 @@ pub(crate) use retry::retry_if;
 
 use crate::hub::{Hub, LiveEvent};
 use crate::metrics::Metrics;
+use crate::notices::Notices;
 use crate::title::TitleGenerator;
 use crate::worker_client::WorkerClient;
 
@@ -270,7 +271,7 @@ impl Dispatcher {
         request: TaskRequest,
         known: Known,
     ) -> Result<Submitted> {
-        let submitted = self.store_new(request, known).await?;
+        let submitted = self.store_new(request, known, None).await?;
         if !submitted.duplicate {
             if let Some(channel) = self.inner.channels.get(&submitted.task.channel_type) {
                 self.inner.hooks.accepted(channel, &submitted.task);
@@ -290,7 +291,21 @@ impl Dispatcher {
         Submitted,
         impl Stream<Item = Result<LiveEvent>> + Send + 'static,
     )> {
-        let submitted = self.store_new(request, Known::Unknown).await?;
+        self.submit_follow_and_watch(request, None).await
+    }
+
+    /// [`submit_and_follow`](Self::submit_and_follow), and `notices` watches the task's session
+    /// from before its title can be announced (a new session's title is announced while it is
+    /// stored).
+    pub async fn submit_follow_and_watch(
+        &self,
+        request: TaskRequest,
+        notices: Option<&mut Notices>,
+    ) -> Result<(
+        Submitted,
+        impl Stream<Item = Result<LiveEvent>> + Send + 'static,
+    )> {
+        let submitted = self.store_new(request, Known::Unknown, notices).await?;
         let live = self
             .inner
             .hub
@@ -301,15 +316,25 @@ impl Dispatcher {
             }
             self.enqueue(submitted.task.clone());
         }
-        let (d, task) = (self.clone(), submitted.task.clone());
+        // The follower keeps the task's id and session, not the whole task.
+        let (d, task_id, session) = (
+            self.clone(),
+            submitted.task.id,
+            submitted.task.session_id.clone(),
+        );
         let events = crate::follow::into_stream(move |out| async move {
-            crate::follow::follow_submitted(&d, &task, live, &out).await
+            crate::follow::follow_submitted(&d, task_id, session, live, &out).await
         });
         Ok((submitted, events))
     }
 
     /// Stores the request's task as `pending` (and its session if new), not queued yet.
-    async fn store_new(&self, mut request: TaskRequest, known: Known) -> Result<Submitted> {
+    async fn store_new(
+        &self,
+        mut request: TaskRequest,
+        known: Known,
+        notices: Option<&mut Notices>,
+    ) -> Result<Submitted> {
         if self.inner.closing.load(Ordering::Relaxed) {
             return Err(Error::unavailable("the server is shutting down"));
         }
@@ -325,6 +350,9 @@ impl Dispatcher {
         }
         self.admit(&mut request).await?;
         let (session, created) = self.resolve_session(&request, known).await?;
+        if let Some(notices) = notices {
+            notices.watch(&session.id);
+        }
         let untitled = session.title == NewSession::DEFAULT_TITLE;
         let keyed = request.idempotency_key.is_some();
         let (channel_type, key) = (
@@ -364,12 +392,13 @@ impl Dispatcher {
         );
         // Created with a title already (`title_now`): nothing to set, only to announce.
         if created && !untitled {
-            self.inner
-                .hub
-                .notify(anywork_core::ws::ServerMessage::SessionTitle {
+            self.inner.hub.notify(
+                &session.id,
+                anywork_core::ws::ServerMessage::SessionTitle {
                     session_id: session.id.clone(),
                     title: session.title.clone(),
-                });
+                },
+            );
         } else if created || untitled {
             self.spawn_title(session.id.clone(), task.message.clone());
         }
@@ -558,12 +587,13 @@ impl Dispatcher {
                 tracing::warn!(%session, error = %e, "cannot store the session title");
                 return;
             }
-            inner
-                .hub
-                .notify(anywork_core::ws::ServerMessage::SessionTitle {
-                    session_id: session,
+            inner.hub.notify(
+                &session,
+                anywork_core::ws::ServerMessage::SessionTitle {
+                    session_id: session.clone(),
                     title,
-                });
+                },
+            );
         });
     }
 

@@ -7,7 +7,6 @@
 use std::str::FromStr;
 use std::sync::Weak;
 
-use anywork_core::ws::ServerMessage;
 use anywork_core::{
     Error, ErrorKind, Inbound, InboundRequest, InputKind, InputRequest, InputResponse, NewSession,
     Page, Result, Session, SessionId, SessionSummary, Task, TaskEvent, TaskId, TaskLog,
@@ -21,7 +20,6 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::broadcast;
 
 use super::{Dispatcher, Inner, Known, Submitted, lock};
 
@@ -52,6 +50,7 @@ impl Inner {
     }
 }
 use crate::hub::LiveEvent;
+use crate::notices::Notices;
 
 /// What [`Dispatcher::inbound`] did with a channel's request.
 #[derive(Debug, Clone)]
@@ -589,10 +588,16 @@ impl Dispatcher {
         self.inner.driver.list().await
     }
 
-    /// Session notices (`session_title`) from now on, for every session: a WebSocket
-    /// connection passes on those of the sessions it chatted in.
-    pub fn notices(&self) -> broadcast::Receiver<ServerMessage> {
+    /// Session notices (`session_title`) for one client: those of the sessions it
+    /// [`watch`](Notices::watch)es (see [`submit_follow_and_watch`](Self::submit_follow_and_watch)).
+    pub fn notices(&self) -> Notices {
         self.inner.hub.notices()
+    }
+
+    /// Sessions a client watches the notices of (0 when no connection is open, for leak
+    /// checks).
+    pub fn watched_sessions(&self) -> usize {
+        self.inner.hub.watched_sessions()
     }
 
     /// Registers this dispatcher's metrics (see [`metrics`](crate::metrics)) in `registry`.

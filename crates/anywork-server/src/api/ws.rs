@@ -12,11 +12,11 @@
 //! helpers borrow it) and tungstenite's 1 KiB read buffer — 2.9 KB in all with Tokio's and
 //! hyper's share (docs/benchmarks.md, "Memory per idle WebSocket").
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use anywork_core::ws::{ClientMessage, ServerMessage};
 use anywork_core::{Error, SessionId, TaskId, TaskRequest};
-use anywork_runtime::LiveEvent;
+use anywork_runtime::{LiveEvent, Notices};
 use std::net::SocketAddr;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
@@ -24,7 +24,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{Extensions, HeaderMap, StatusCode};
 use axum::response::Response;
 use futures_util::{Stream, StreamExt};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::{AppState, auth};
@@ -182,9 +182,9 @@ struct Connection {
     /// The receiving end of a new `outbox`, for the connection's loop to take.
     new_inbox: Option<mpsc::Receiver<Outgoing>>,
     followers: HashMap<TaskId, JoinHandle<()>>,
-    /// Sessions this connection chatted in or resumed a task of: the only ones whose notices
-    /// (titles) it gets, so that one client never learns of another's sessions.
-    sessions: HashSet<SessionId>,
+    /// Notices (titles) of the sessions this connection chatted in or resumed a task of: the
+    /// only ones it gets, so that one client never learns of another's sessions.
+    notices: Notices,
 }
 
 /// What the connection's helpers send it. Boxed, so that a channel's block of slots (32 of
@@ -218,42 +218,24 @@ async fn next_of(inbox: &mut Option<mpsc::Receiver<Outgoing>>) -> Option<Outgoin
     }
 }
 
-/// The next notice for a connection that chatted in `sessions` (see [`concerns`]); `None` when
-/// the hub is gone. Boxed: a notice is large, and a connection waiting for one would otherwise
-/// keep room for it in its idle state.
-async fn next_notice(
-    notices: &mut broadcast::Receiver<ServerMessage>,
-    sessions: &HashSet<SessionId>,
-) -> Option<Box<ServerMessage>> {
-    loop {
-        match notices.recv().await {
-            Ok(notice) if concerns(sessions, &notice) => return Some(Box::new(notice)),
-            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-            Err(broadcast::error::RecvError::Closed) => return None,
-        }
-    }
-}
-
-/// Whether `notice` is for a connection that chatted in `sessions`: titles only of those.
-fn concerns(sessions: &HashSet<SessionId>, notice: &ServerMessage) -> bool {
-    match notice {
-        ServerMessage::SessionTitle { session_id, .. } => sessions.contains(session_id),
-        _ => true,
-    }
+/// The next notice of a session the connection watches. Boxed: a notice is large, and a
+/// connection waiting for one would otherwise keep room for it in its idle state.
+async fn next_notice(notices: &mut Notices) -> Box<ServerMessage> {
+    Box::new(notices.recv().await)
 }
 
 /// Serves one connection until it closes. Borrows `socket` (see `upgrade`).
 async fn connection(state: AppState, socket: &mut WebSocket) {
     let mut limit = RateLimit::new(state.options().ws_messages_per_second);
     let mut inbox: Option<mpsc::Receiver<Outgoing>> = None;
-    let mut notices = state.dispatcher().notices();
     let closing = state.closing().clone();
+    let notices = state.dispatcher().notices();
     let mut conn = Connection {
         state,
         outbox: None,
         new_inbox: None,
         followers: HashMap::new(),
-        sessions: HashSet::new(),
+        notices,
     };
     loop {
         if inbox.is_none() {
@@ -307,10 +289,7 @@ async fn connection(state: AppState, socket: &mut WebSocket) {
                 }
                 out
             }
-            notice = next_notice(&mut notices, &conn.sessions) => match notice {
-                Some(n) => vec![*n],
-                None => break,
-            },
+            notice = next_notice(&mut conn.notices) => vec![*notice],
         };
         if send_all(socket, out).await.is_err() {
             break;
@@ -391,7 +370,7 @@ impl Connection {
             ClientMessage::Resume { task_id, after_seq } => {
                 match self.state.dispatcher().task(task_id).await {
                     Ok(task) => {
-                        self.sessions.insert(task.session_id);
+                        self.notices.watch(&task.session_id);
                         self.follow(task_id, after_seq);
                         vec![]
                     }
@@ -435,10 +414,13 @@ impl Connection {
         request.session_id = session_id;
         request.skills = skills;
         request.mcp_servers = mcp_servers;
-        match self.state.dispatcher().submit_and_follow(request).await {
+        let dispatcher = self.state.dispatcher();
+        match dispatcher
+            .submit_follow_and_watch(request, Some(&mut self.notices))
+            .await
+        {
             Ok((submitted, events)) => {
                 let task = submitted.task;
-                self.sessions.insert(task.session_id.clone());
                 let mut out = Vec::with_capacity(2);
                 if submitted.session_created {
                     out.push(ServerMessage::SessionCreated {
