@@ -621,7 +621,7 @@ impl Inner {
     /// store at most once per [`DEFAULTS_FRESH`] (two statements per task otherwise), and
     /// at once again after this server saved one; a default saved through another server
     /// sharing the store reaches this one's new tasks within [`DEFAULTS_FRESH`].
-    pub(super) async fn saved_defaults(&self) -> (Option<String>, Option<String>) {
+    pub(super) async fn saved_defaults(&self) -> Defaults {
         let generation = {
             let cache = lock(&self.defaults);
             if let Some(fresh) = cache.fresh() {
@@ -637,7 +637,10 @@ impl Inner {
                     tracing::warn!(error = %e, "cannot read the default {}", doc.file_name());
                 })
         };
-        match (get(WorkspaceDoc::Soul).await, get(WorkspaceDoc::Agents).await) {
+        match (
+            get(WorkspaceDoc::Soul).await,
+            get(WorkspaceDoc::Agents).await,
+        ) {
             (Ok(soul), Ok(agents)) => {
                 lock(&self.defaults).keep(generation, (soul.clone(), agents.clone()));
                 (soul, agents)
@@ -650,23 +653,26 @@ impl Inner {
 /// How long the saved defaults read for one task serve the next ones.
 pub(super) const DEFAULTS_FRESH: Duration = Duration::from_secs(1);
 
-/// The saved defaults (SOUL.md, AGENTS.md) as last read from the store, and when.
+/// The saved SOUL.md and AGENTS.md defaults (`None`: none saved).
+type Defaults = (Option<String>, Option<String>);
+
+/// The saved defaults as last read from the store, and when.
 #[derive(Debug, Default)]
 pub(super) struct DefaultsCache {
-    read: Option<(Instant, (Option<String>, Option<String>))>,
+    read: Option<(Instant, Defaults)>,
     /// Counts this server's saves: a read that began before one is not kept.
     generation: u64,
 }
 
 impl DefaultsCache {
-    fn fresh(&self) -> Option<(Option<String>, Option<String>)> {
+    fn fresh(&self) -> Option<Defaults> {
         self.read
             .as_ref()
             .filter(|(at, _)| at.elapsed() < DEFAULTS_FRESH)
             .map(|(_, defaults)| defaults.clone())
     }
 
-    fn keep(&mut self, generation: u64, defaults: (Option<String>, Option<String>)) {
+    fn keep(&mut self, generation: u64, defaults: Defaults) {
         if generation == self.generation {
             self.read = Some((Instant::now(), defaults));
         }
@@ -726,7 +732,7 @@ impl Collector for Gauges {
 mod tests {
     use super::*;
 
-    fn defaults(soul: &str) -> (Option<String>, Option<String>) {
+    fn defaults(soul: &str) -> Defaults {
         (Some(soul.to_owned()), None)
     }
 

@@ -1345,16 +1345,26 @@ mod tests {
 
     #[async_trait::async_trait]
     impl TaskStore for Writes {
-        async fn create_session(&self, new: anywork_core::NewSession) -> Result<anywork_core::Session> {
+        async fn create_session(
+            &self,
+            new: anywork_core::NewSession,
+        ) -> Result<anywork_core::Session> {
             self.inner.create_session(new).await
         }
         async fn get_session(&self, id: &SessionId) -> Result<anywork_core::Session> {
             self.inner.get_session(id).await
         }
-        async fn find_session(&self, channel_type: &str, key: &str) -> Result<Option<anywork_core::Session>> {
+        async fn find_session(
+            &self,
+            channel_type: &str,
+            key: &str,
+        ) -> Result<Option<anywork_core::Session>> {
             self.inner.find_session(channel_type, key).await
         }
-        async fn list_sessions(&self, page: anywork_core::Page) -> Result<Vec<anywork_core::SessionSummary>> {
+        async fn list_sessions(
+            &self,
+            page: anywork_core::Page,
+        ) -> Result<Vec<anywork_core::SessionSummary>> {
             self.inner.list_sessions(page).await
         }
         async fn set_session_title(&self, id: &SessionId, title: &str) -> Result<()> {
@@ -1372,7 +1382,12 @@ mod tests {
         async fn get_task(&self, id: TaskId) -> Result<Task> {
             self.inner.get_task(id).await
         }
-        async fn update_task(&self, id: TaskId, expected: TaskStatus, change: TaskChange) -> Result<Task> {
+        async fn update_task(
+            &self,
+            id: TaskId,
+            expected: TaskStatus,
+            change: TaskChange,
+        ) -> Result<Task> {
             self.inner.update_task(id, expected, change).await
         }
         async fn update_task_and_append(
@@ -1383,12 +1398,22 @@ mod tests {
             logs: Vec<NewTaskLog>,
         ) -> Result<(Task, u64)> {
             self.record(&logs);
-            self.inner.update_task_and_append(id, expected, change, logs).await
+            self.inner
+                .update_task_and_append(id, expected, change, logs)
+                .await
         }
-        async fn tasks_by_session(&self, id: &SessionId, page: anywork_core::Page) -> Result<Vec<Task>> {
+        async fn tasks_by_session(
+            &self,
+            id: &SessionId,
+            page: anywork_core::Page,
+        ) -> Result<Vec<Task>> {
             self.inner.tasks_by_session(id, page).await
         }
-        async fn tasks_by_status(&self, status: TaskStatus, page: anywork_core::Page) -> Result<Vec<Task>> {
+        async fn tasks_by_status(
+            &self,
+            status: TaskStatus,
+            page: anywork_core::Page,
+        ) -> Result<Vec<Task>> {
             self.inner.tasks_by_status(status, page).await
         }
         async fn renew_lease(&self, id: TaskId, owner: &str, until: Timestamp) -> Result<()> {
@@ -1401,7 +1426,12 @@ mod tests {
             self.record(&logs);
             self.inner.append_logs(id, logs).await
         }
-        async fn read_logs(&self, id: TaskId, after: u64, limit: u32) -> Result<Vec<anywork_core::TaskLog>> {
+        async fn read_logs(
+            &self,
+            id: TaskId,
+            after: u64,
+            limit: u32,
+        ) -> Result<Vec<anywork_core::TaskLog>> {
             self.inner.read_logs(id, after, limit).await
         }
     }
@@ -1418,7 +1448,9 @@ mod tests {
                     let mut request = Vec::new();
                     let mut buf = [0u8; 4096];
                     let (head, body_len) = loop {
-                        let Ok(n) = socket.read(&mut buf).await else { return };
+                        let Ok(n) = socket.read(&mut buf).await else {
+                            return;
+                        };
                         if n == 0 {
                             return;
                         }
@@ -1434,7 +1466,9 @@ mod tests {
                         }
                     };
                     while request.len() < body_len {
-                        let Ok(n) = socket.read(&mut buf).await else { return };
+                        let Ok(n) = socket.read(&mut buf).await else {
+                            return;
+                        };
                         if n == 0 {
                             return;
                         }
@@ -1471,7 +1505,8 @@ mod tests {
             inner: MemoryStore::new(),
             appends: Default::default(),
         });
-        let driver = Arc::new(anywork_drivers::StaticDriver::new(&one_write_worker().await).unwrap());
+        let driver =
+            Arc::new(anywork_drivers::StaticDriver::new(&one_write_worker().await).unwrap());
         let d = Dispatcher::builder(store.clone(), driver)
             .config(DispatcherConfig {
                 reap_every: None,
@@ -1495,7 +1530,10 @@ mod tests {
         let writes = store.appends.lock().unwrap().clone();
         assert_eq!(
             writes,
-            vec![vec!["status".to_owned()], vec!["text".to_owned(), "done".to_owned()]],
+            vec![
+                vec!["status".to_owned()],
+                vec!["text".to_owned(), "done".to_owned()]
+            ],
             "the `running` with the claim, then the text with the outcome"
         );
         let logs = store.read_logs(task.id, 0, 10).await.unwrap();
