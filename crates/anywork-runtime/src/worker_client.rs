@@ -32,7 +32,13 @@ pub struct WorkerClient {
     stream_idle_timeout: Duration,
     /// The prepare key each worker acknowledged last, by (worker URL, session).
     prepared: Arc<Mutex<HashMap<(String, SessionId), String>>>,
+    /// The URLs of the per-task routes (`/prepare`, `/chat`) by worker URL, parsed once: a
+    /// parse is ≈ 6k instructions, and reqwest parses a string URL on every request.
+    routes: Arc<Mutex<Routes>>,
 }
+
+/// Parsed route URLs by worker URL.
+type Routes = HashMap<String, Vec<(&'static str, reqwest::Url)>>;
 
 /// Sessions whose prepare key is remembered at most; past it the record starts over (a
 /// forgotten session costs one `/prepare`).
@@ -98,6 +104,11 @@ impl std::fmt::Display for ReadError {
     }
 }
 
+fn lock_routes<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Inserts only: consistent even after a panic.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Idle connections kept to one worker address.
 const MAX_IDLE_CONNECTIONS_PER_WORKER: usize = 256;
 
@@ -120,6 +131,7 @@ impl WorkerClient {
             control_timeout,
             stream_idle_timeout: Duration::from_secs(60),
             prepared: Arc::default(),
+            routes: Arc::default(),
         })
     }
 
@@ -149,7 +161,7 @@ impl WorkerClient {
         // Unknown until the worker says, whatever happens to this call.
         self.lock_prepared().remove(&record);
         let mut request = self
-            .request(reqwest::Method::POST, worker, PREPARE_PATH)
+            .route(worker, PREPARE_PATH)
             .timeout(self.control_timeout)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(prepared.body.clone());
@@ -227,9 +239,7 @@ impl WorkerClient {
         request: &ChatRequest,
         prepare_key: Option<&str>,
     ) -> Result<ChatStart> {
-        let mut builder = self
-            .request(reqwest::Method::POST, worker, CHAT_PATH)
-            .json(request);
+        let mut builder = self.route(worker, CHAT_PATH).json(request);
         if let Some(key) = prepare_key {
             builder = builder.header(PREPARE_KEY_HEADER, key);
         }
@@ -492,6 +502,38 @@ impl WorkerClient {
         let builder = self
             .http
             .request(method, format!("{}{path}", worker.base_url));
+        match &worker.secret {
+            Some(secret) => builder.header(SECRET_HEADER, secret.expose()),
+            None => builder,
+        }
+    }
+
+    /// A `POST` to the per-task route `path` of `worker`, with its secret: the URL is the
+    /// one [`request`](Self::request) makes, parsed once per worker and route.
+    fn route(&self, worker: &WorkerEndpoint, path: &'static str) -> reqwest::RequestBuilder {
+        let kept = lock_routes(&self.routes)
+            .get(worker.base_url.as_str())
+            .and_then(|urls| urls.iter().find(|(p, _)| *p == path))
+            .map(|(_, url)| url.clone());
+        let url = match kept {
+            Some(url) => url,
+            None => match reqwest::Url::parse(&format!("{}{path}", worker.base_url)) {
+                Ok(url) => {
+                    let mut routes = lock_routes(&self.routes);
+                    if routes.len() >= PREPARED_KEPT {
+                        routes.clear();
+                    }
+                    routes
+                        .entry(worker.base_url.clone())
+                        .or_default()
+                        .push((path, url.clone()));
+                    url
+                }
+                // reqwest says what is wrong with it.
+                Err(_) => return self.request(reqwest::Method::POST, worker, path),
+            },
+        };
+        let builder = self.http.post(url);
         match &worker.secret {
             Some(secret) => builder.header(SECRET_HEADER, secret.expose()),
             None => builder,

@@ -222,6 +222,7 @@ impl DispatcherBuilder {
                 outbox_wake: Arc::new(tokio::sync::Notify::new()),
                 push_secret: self.push_secret,
                 answered: Mutex::new(Default::default()),
+                defaults: Mutex::new(Default::default()),
             }),
         };
         // What a previous server left running is settled (or waited for) before any pending

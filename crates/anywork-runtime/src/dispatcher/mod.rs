@@ -162,6 +162,8 @@ struct Inner {
     /// Idempotency keys of inbound requests that answered a question (no task records them),
     /// newest last, so that a resent answer does not start a task.
     answered: Mutex<VecDeque<(String, String)>>,
+    /// The saved defaults of new workspaces, as last read for a `/prepare`.
+    defaults: Mutex<ops::DefaultsCache>,
 }
 
 /// Schedules and runs tasks. Cheap to clone.

@@ -6,6 +6,7 @@
 
 use std::str::FromStr;
 use std::sync::Weak;
+use std::time::{Duration, Instant};
 
 use anywork_core::{
     Error, ErrorKind, Inbound, InboundRequest, InputKind, InputRequest, InputResponse, NewSession,
@@ -449,10 +450,14 @@ impl Dispatcher {
     /// Saves the default of `doc` in the store: every session created from now on starts with
     /// it (handed to its workspace by `/prepare`); existing sessions keep their own copy.
     pub async fn put_workspace_doc(&self, doc: WorkspaceDoc, content: &str) -> Result<DocFile> {
-        self.inner
+        let saved = self
+            .inner
             .store
             .put_setting(doc.setting_key(), content)
-            .await?;
+            .await;
+        // Whether or not it was stored, the next task reads the store again.
+        lock(&self.inner.defaults).forget();
+        saved?;
         Ok(DocFile {
             file: doc.file_name().to_owned(),
             content: content.to_owned(),
@@ -613,21 +618,70 @@ impl Dispatcher {
 
 impl Inner {
     /// The defaults saved in the store, for `/prepare` (`None` where none was saved; a store
-    /// that cannot be read is logged and the worker's own defaults apply).
-    pub(super) async fn saved_defaults(&self) -> (Option<String>, Option<String>) {
+    /// that cannot be read is logged and the worker's own defaults apply). Read from the
+    /// store at most once per [`DEFAULTS_FRESH`] (two statements per task otherwise), and
+    /// at once again after this server saved one; a default saved through another server
+    /// sharing the store reaches this one's new tasks within [`DEFAULTS_FRESH`].
+    pub(super) async fn saved_defaults(&self) -> Defaults {
+        let generation = {
+            let cache = lock(&self.defaults);
+            if let Some(fresh) = cache.fresh() {
+                return fresh;
+            }
+            cache.generation
+        };
         let get = |doc: WorkspaceDoc| async move {
             self.store
                 .get_setting(doc.setting_key())
                 .await
-                .unwrap_or_else(|e| {
+                .map_err(|e| {
                     tracing::warn!(error = %e, "cannot read the default {}", doc.file_name());
-                    None
                 })
         };
-        (
+        match (
             get(WorkspaceDoc::Soul).await,
             get(WorkspaceDoc::Agents).await,
-        )
+        ) {
+            (Ok(soul), Ok(agents)) => {
+                lock(&self.defaults).keep(generation, (soul.clone(), agents.clone()));
+                (soul, agents)
+            }
+            (soul, agents) => (soul.ok().flatten(), agents.ok().flatten()),
+        }
+    }
+}
+
+/// How long the saved defaults read for one task serve the next ones.
+pub(super) const DEFAULTS_FRESH: Duration = Duration::from_secs(1);
+
+/// The saved SOUL.md and AGENTS.md defaults (`None`: none saved).
+type Defaults = (Option<String>, Option<String>);
+
+/// The saved defaults as last read from the store, and when.
+#[derive(Debug, Default)]
+pub(super) struct DefaultsCache {
+    read: Option<(Instant, Defaults)>,
+    /// Counts this server's saves: a read that began before one is not kept.
+    generation: u64,
+}
+
+impl DefaultsCache {
+    fn fresh(&self) -> Option<Defaults> {
+        self.read
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < DEFAULTS_FRESH)
+            .map(|(_, defaults)| defaults.clone())
+    }
+
+    fn keep(&mut self, generation: u64, defaults: Defaults) {
+        if generation == self.generation {
+            self.read = Some((Instant::now(), defaults));
+        }
+    }
+
+    fn forget(&mut self) {
+        self.read = None;
+        self.generation += 1;
     }
 }
 
@@ -672,5 +726,41 @@ impl Collector for Gauges {
             gauge.encode(metric)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults(soul: &str) -> Defaults {
+        (Some(soul.to_owned()), None)
+    }
+
+    #[test]
+    fn saved_defaults_serve_the_next_tasks_until_a_save_here() {
+        let mut cache = DefaultsCache::default();
+        assert_eq!(cache.fresh(), None, "nothing read yet");
+        let generation = cache.generation;
+        cache.keep(generation, defaults("first"));
+        assert_eq!(cache.fresh(), Some(defaults("first")));
+        // A save on this server: the next task reads the store again.
+        cache.forget();
+        assert_eq!(cache.fresh(), None);
+        // A read that began before the save is not kept: it may hold the old text.
+        cache.keep(generation, defaults("old"));
+        assert_eq!(cache.fresh(), None);
+        cache.keep(cache.generation, defaults("new"));
+        assert_eq!(cache.fresh(), Some(defaults("new")));
+    }
+
+    #[test]
+    fn saved_defaults_are_read_again_once_stale() {
+        let mut cache = DefaultsCache::default();
+        let read_at = Instant::now()
+            .checked_sub(DEFAULTS_FRESH)
+            .expect("the clock is past the freshness window");
+        cache.read = Some((read_at, defaults("stale")));
+        assert_eq!(cache.fresh(), None);
     }
 }

@@ -651,7 +651,7 @@ impl Run {
                             Err(_) => break,
                         }
                     }
-                    let done = match batch.last() {
+                    let mut done = match batch.last() {
                         Some(TaskEvent::Done(_)) => match batch.pop() { Some(TaskEvent::Done(o)) => Some(o), _ => None },
                         _ => None,
                     };
@@ -668,6 +668,19 @@ impl Run {
                         if let TaskEvent::Text { text } = e {
                             self.answer.push_str(text);
                         }
+                    }
+                    // A batch that ends the task as the worker says is stored with its
+                    // `done`, in the one write of the outcome (a store call, and its log
+                    // rows in one insert, fewer per task).
+                    if let Some(outcome) =
+                        done.take_if(|o| asks.is_empty() && ends_as_told(stopping.as_ref(), o))
+                    {
+                        if let Some(channel) = self.channel()
+                            && self.answer.len() > before
+                        {
+                            self.inner.hooks.progress(&channel, &self.task, &self.answer);
+                        }
+                        return self.finish_with(outcome, batch).await;
                     }
                     let stored = if !asks.is_empty() && self.status == TaskStatus::Running {
                         self.set_status(TaskStatus::InputRequired, batch).await
@@ -944,6 +957,18 @@ impl Run {
         );
         self.inner.after_finish(&self.task);
         Ok(())
+    }
+}
+
+/// Whether the worker's `outcome` is the task's, given the stop asked for meanwhile: a timed
+/// out run whose worker says "canceled" (or "failed", as the original's interrupted run does)
+/// failed for our reason, and a canceled run whose worker says "failed" (the original's) ran
+/// no further than asked — those end as [`stop`](Run::stop) says instead.
+fn ends_as_told(stopping: Option<&(Stop, tokio::time::Instant)>, outcome: &TaskOutcome) -> bool {
+    match stopping {
+        Some((Stop::Failed(_), _)) => outcome.status == TaskStatus::Completed,
+        Some((Stop::Canceled, _)) => outcome.status != TaskStatus::Failed,
+        _ => true,
     }
 }
 
@@ -1602,5 +1627,222 @@ mod tests {
             1
         );
         assert!(lock(&errors.0).is_empty(), "{:?}", lock(&errors.0));
+    }
+
+    /// A store that writes through to memory and records, per write, the types of the
+    /// events it appended: how many writes the events of a task took.
+    struct Writes {
+        inner: MemoryStore,
+        appends: std::sync::Mutex<Vec<Vec<String>>>,
+    }
+
+    impl Writes {
+        fn record(&self, logs: &[NewTaskLog]) {
+            let kinds = logs
+                .iter()
+                .map(|l| anywork_core::WireEvent::from(l.event.clone()).kind)
+                .collect();
+            self.appends.lock().unwrap().push(kinds);
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl TaskStore for Writes {
+        async fn create_session(
+            &self,
+            new: anywork_core::NewSession,
+        ) -> Result<anywork_core::Session> {
+            self.inner.create_session(new).await
+        }
+        async fn get_session(&self, id: &SessionId) -> Result<anywork_core::Session> {
+            self.inner.get_session(id).await
+        }
+        async fn find_session(
+            &self,
+            channel_type: &str,
+            key: &str,
+        ) -> Result<Option<anywork_core::Session>> {
+            self.inner.find_session(channel_type, key).await
+        }
+        async fn list_sessions(
+            &self,
+            page: anywork_core::Page,
+        ) -> Result<Vec<anywork_core::SessionSummary>> {
+            self.inner.list_sessions(page).await
+        }
+        async fn set_session_title(&self, id: &SessionId, title: &str) -> Result<()> {
+            self.inner.set_session_title(id, title).await
+        }
+        async fn touch_session(&self, id: &SessionId, at: Timestamp) -> Result<()> {
+            self.inner.touch_session(id, at).await
+        }
+        async fn delete_session(&self, id: &SessionId) -> Result<()> {
+            self.inner.delete_session(id).await
+        }
+        async fn create_task(&self, new: anywork_core::NewTask) -> Result<Task> {
+            self.inner.create_task(new).await
+        }
+        async fn get_task(&self, id: TaskId) -> Result<Task> {
+            self.inner.get_task(id).await
+        }
+        async fn update_task(
+            &self,
+            id: TaskId,
+            expected: TaskStatus,
+            change: TaskChange,
+        ) -> Result<Task> {
+            self.inner.update_task(id, expected, change).await
+        }
+        async fn update_task_and_append(
+            &self,
+            id: TaskId,
+            expected: TaskStatus,
+            change: TaskChange,
+            logs: Vec<NewTaskLog>,
+        ) -> Result<(Task, u64)> {
+            self.record(&logs);
+            self.inner
+                .update_task_and_append(id, expected, change, logs)
+                .await
+        }
+        async fn tasks_by_session(
+            &self,
+            id: &SessionId,
+            page: anywork_core::Page,
+        ) -> Result<Vec<Task>> {
+            self.inner.tasks_by_session(id, page).await
+        }
+        async fn tasks_by_status(
+            &self,
+            status: TaskStatus,
+            page: anywork_core::Page,
+        ) -> Result<Vec<Task>> {
+            self.inner.tasks_by_status(status, page).await
+        }
+        async fn renew_lease(&self, id: TaskId, owner: &str, until: Timestamp) -> Result<()> {
+            self.inner.renew_lease(id, owner, until).await
+        }
+        async fn expired_leases(&self, now: Timestamp, limit: u32) -> Result<Vec<Task>> {
+            self.inner.expired_leases(now, limit).await
+        }
+        async fn append_logs(&self, id: TaskId, logs: Vec<NewTaskLog>) -> Result<u64> {
+            self.record(&logs);
+            self.inner.append_logs(id, logs).await
+        }
+        async fn read_logs(
+            &self,
+            id: TaskId,
+            after: u64,
+            limit: u32,
+        ) -> Result<Vec<anywork_core::TaskLog>> {
+            self.inner.read_logs(id, after, limit).await
+        }
+    }
+
+    /// A worker of the original's protocol that sends each `/chat` its whole stream in one
+    /// write (a `text`, then a completed `done`), as a fast worker's stream arrives.
+    async fn one_write_worker() -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    let (head, body_len) = loop {
+                        let Ok(n) = socket.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        request.extend_from_slice(&buf[..n]);
+                        if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&request[..end]).to_lowercase();
+                            let len = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            break (head, end + 4 + len);
+                        }
+                    };
+                    while request.len() < body_len {
+                        let Ok(n) = socket.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        request.extend_from_slice(&buf[..n]);
+                    }
+                    let (kind, body) = if head.starts_with("post /chat") {
+                        (
+                            "text/event-stream",
+                            "event: text\ndata: {\"content\":\"hello\",\"metadata\":{}}\n\n\
+                             event: done\ndata: {\"content\":\"\",\"metadata\":{\"result\":\"hello\",\
+                             \"cost_usd\":0.0,\"num_turns\":1,\"duration_ms\":1}}\n\n",
+                        )
+                    } else {
+                        ("application/json", "{\"status\":\"ready\"}")
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: {kind}\r\ncontent-length: {}\r\n\
+                         connection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = socket.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        url
+    }
+
+    /// The events that end a task, arriving together, are stored with its outcome in one
+    /// write (its `done` last), not in a write of their own before it; the log stays
+    /// gap-free and complete.
+    #[tokio::test]
+    async fn a_batch_that_ends_the_task_is_stored_with_its_outcome_in_one_write() {
+        let store = Arc::new(Writes {
+            inner: MemoryStore::new(),
+            appends: Default::default(),
+        });
+        let driver =
+            Arc::new(anywork_drivers::StaticDriver::new(&one_write_worker().await).unwrap());
+        let d = Dispatcher::builder(store.clone(), driver)
+            .config(DispatcherConfig {
+                reap_every: None,
+                ..Default::default()
+            })
+            .start()
+            .await
+            .unwrap();
+        let task = d.submit(TaskRequest::new("web", "hi")).await.unwrap().task;
+        let mut tries = 0;
+        let done = loop {
+            let t = store.get_task(task.id).await.unwrap();
+            if t.status.is_terminal() {
+                break t;
+            }
+            tries += 1;
+            assert!(tries < 1_000, "the task never ended: {t:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(done.status, TaskStatus::Completed, "{done:?}");
+        let writes = store.appends.lock().unwrap().clone();
+        assert_eq!(
+            writes,
+            vec![
+                vec!["status".to_owned()],
+                vec!["text".to_owned(), "done".to_owned()]
+            ],
+            "the `running` with the claim, then the text with the outcome"
+        );
+        let logs = store.read_logs(task.id, 0, 10).await.unwrap();
+        let seqs: Vec<u64> = logs.iter().map(|l| l.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
+        assert_eq!(logs[1].event, TaskEvent::text("hello"));
+        assert!(matches!(logs[2].event, TaskEvent::Done(_)), "{logs:?}");
     }
 }
