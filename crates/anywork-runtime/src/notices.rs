@@ -14,7 +14,9 @@ use anywork_core::SessionId;
 use anywork_core::ws::ServerMessage;
 use tokio::sync::mpsc;
 
-type Sink = mpsc::UnboundedSender<ServerMessage>;
+/// Boxed: a queue's block holds 32 slots from its first notice on, and a `ServerMessage` is
+/// large (the block would cost every connection that chatted kilobytes).
+type Sink = mpsc::UnboundedSender<Box<ServerMessage>>;
 
 /// Per session, the watchers' sinks, each under its [`Notices`]' id.
 #[derive(Debug, Default)]
@@ -37,7 +39,7 @@ impl Watchers {
         };
         // A sink whose receiver is gone (its `Notices` is being dropped) is skipped and
         // forgotten.
-        watchers.retain(|(_, sink)| sink.send(message.clone()).is_ok());
+        watchers.retain(|(_, sink)| sink.send(Box::new(message.clone())).is_ok());
         if watchers.is_empty() {
             sessions.remove(session);
         }
@@ -56,7 +58,7 @@ pub struct Notices {
     watchers: Arc<Watchers>,
     id: u64,
     sessions: HashSet<SessionId>,
-    queue: Option<(Sink, mpsc::UnboundedReceiver<ServerMessage>)>,
+    queue: Option<(Sink, mpsc::UnboundedReceiver<Box<ServerMessage>>)>,
 }
 
 impl Notices {
@@ -94,7 +96,7 @@ impl Notices {
     }
 
     /// The next notice; waits forever while no session is watched.
-    pub async fn recv(&mut self) -> ServerMessage {
+    pub async fn recv(&mut self) -> Box<ServerMessage> {
         match &mut self.queue {
             // The queue holds a sender of its own, so it never closes.
             Some((_, queue)) => match queue.recv().await {
@@ -155,9 +157,9 @@ mod tests {
         watchers.notify(&s2, title("s2", "two"));
         watchers.notify(&s1, title("s1", "one"));
         watchers.notify(&sid("s3"), title("s3", "nobody's"));
-        assert_eq!(a.recv().await, title("s1", "one"));
-        assert_eq!(b.recv().await, title("s2", "two"));
-        assert_eq!(b.recv().await, title("s1", "one"));
+        assert_eq!(*a.recv().await, title("s1", "one"));
+        assert_eq!(*b.recv().await, title("s2", "two"));
+        assert_eq!(*b.recv().await, title("s1", "one"));
         let nothing = tokio::time::timeout(std::time::Duration::from_millis(50), async {
             tokio::join!(a.recv(), idle.recv())
         });
@@ -187,7 +189,7 @@ mod tests {
             watchers.notify(&s, title("s", &format!("t{i}")));
         }
         for i in 0..1_000 {
-            assert_eq!(slow.recv().await, title("s", &format!("t{i}")));
+            assert_eq!(*slow.recv().await, title("s", &format!("t{i}")));
         }
         drop(slow);
         assert_eq!(watchers.watched_sessions(), 0);

@@ -218,12 +218,6 @@ async fn next_of(inbox: &mut Option<mpsc::Receiver<Outgoing>>) -> Option<Outgoin
     }
 }
 
-/// The next notice of a session the connection watches. Boxed: a notice is large, and a
-/// connection waiting for one would otherwise keep room for it in its idle state.
-async fn next_notice(notices: &mut Notices) -> Box<ServerMessage> {
-    Box::new(notices.recv().await)
-}
-
 /// Serves one connection until it closes. Borrows `socket` (see `upgrade`).
 async fn connection(state: AppState, socket: &mut WebSocket) {
     let mut limit = RateLimit::new(state.options().ws_messages_per_second);
@@ -289,7 +283,7 @@ async fn connection(state: AppState, socket: &mut WebSocket) {
                 }
                 out
             }
-            notice = next_notice(&mut conn.notices) => vec![*notice],
+            notice = conn.notices.recv() => vec![*notice],
         };
         if send_all(socket, out).await.is_err() {
             break;
