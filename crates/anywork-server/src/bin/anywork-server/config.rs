@@ -95,6 +95,11 @@ pub struct Config {
     /// is the driver's (DOCKER_IDLE_TTL_SECONDS, K8S_IDLE_TTL_SECONDS).
     #[arg(long, env = "REAP_INTERVAL_SECONDS", default_value_t = 30)]
     pub reap_interval_seconds: u64,
+    /// Seconds the reaper holds an idle session in the store while its worker is stopped (a
+    /// task of that session waits meanwhile, on every replica); if the replica dies mid-stop,
+    /// the hold runs out after this long. Longer than the driver's slowest stop.
+    #[arg(long, env = "REAP_HOLD_SECONDS", default_value_t = 60)]
+    pub reap_hold_seconds: u64,
     /// Days to keep finished tasks' logs (the task rows stay); 0 keeps them forever.
     #[arg(long, env = "RETENTION_DAYS", default_value_t = 0.0)]
     pub retention_days: f64,
@@ -330,6 +335,7 @@ impl Config {
         config.lease_ttl = Duration::from_secs(self.lease_ttl_seconds.max(1));
         config.reap_every = (self.reap_interval_seconds > 0)
             .then(|| Duration::from_secs(self.reap_interval_seconds));
+        config.reap_hold = Duration::from_secs(self.reap_hold_seconds.max(1));
         config.retention = self.retention()?;
         config.stream_idle_timeout = Duration::from_secs(self.stream_idle_timeout_seconds.max(1));
         let instance = crate::instance::claim(&self.db_dir, &config.owner)?;
@@ -737,6 +743,14 @@ mod tests {
         let vars = c.worker_vars();
         assert!(vars.contains(&("ANTHROPIC_API_KEY".into(), "sk-ant".into())));
         assert!(vars.contains(&("MODEL".into(), "m".into())));
+    }
+
+    #[test]
+    fn the_reaper_settings_are_read() {
+        let c = parse(&[("REAP_INTERVAL_SECONDS", "5"), ("REAP_HOLD_SECONDS", "120")]);
+        assert_eq!((c.reap_interval_seconds, c.reap_hold_seconds), (5, 120));
+        let c = parse(&[]);
+        assert_eq!((c.reap_interval_seconds, c.reap_hold_seconds), (30, 60));
     }
 
     #[test]
