@@ -1276,6 +1276,22 @@ macro_rules! impl_sql_store {
         }
 
         impl $store {
+            /// The row `sql` (with the task's id as `$1`) reads of task `id`; `NotFound` when
+            /// there is none, `ctx` naming the read in a database error.
+            async fn task_row(
+                &self,
+                sql: &str,
+                id: anywork_core::TaskId,
+                ctx: &'static str,
+            ) -> anywork_core::Result<Row> {
+                sqlx::query(sql)
+                    .bind(id.to_string())
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|e| $crate::sql::db_err(ctx, e))?
+                    .ok_or_else(|| anywork_core::Error::not_found(format!("task {id} not found")))
+            }
+
             /// Runs `op` in a transaction of its own on a pooled connection.
             async fn write_on_pool(&self, op: &WriteOp) -> anywork_core::Result<Reply> {
                 let mut conn = self
@@ -1518,29 +1534,16 @@ macro_rules! impl_sql_store {
                     "SELECT {} FROM tasks WHERE id = $1",
                     $crate::sql::TASK_COLUMNS
                 );
-                let row = sqlx::query(&sql)
-                    .bind(id.to_string())
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(|e| $crate::sql::db_err("read task", e))?
-                    .ok_or_else(|| {
-                        anywork_core::Error::not_found(format!("task {id} not found"))
-                    })?;
-                task_from_row(&row)
+                task_from_row(&self.task_row(&sql, id, "read task").await?)
             }
 
             async fn task_status(
                 &self,
                 id: anywork_core::TaskId,
             ) -> anywork_core::Result<anywork_core::TaskStatus> {
-                let row = sqlx::query("SELECT status FROM tasks WHERE id = $1")
-                    .bind(id.to_string())
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(|e| $crate::sql::db_err("read task status", e))?
-                    .ok_or_else(|| {
-                        anywork_core::Error::not_found(format!("task {id} not found"))
-                    })?;
+                let row = self
+                    .task_row("SELECT status FROM tasks WHERE id = $1", id, "read task status")
+                    .await?;
                 Cols(&row).parse("status")
             }
 
@@ -1582,17 +1585,14 @@ macro_rules! impl_sql_store {
                 anywork_core::TaskStatus,
                 Option<anywork_core::Timestamp>,
             )> {
-                let row = sqlx::query(
-                    "SELECT t.status, s.idle_hold_until FROM tasks t \
-                     JOIN sessions s ON s.id = t.session_id WHERE t.id = $1",
-                )
-                .bind(id.to_string())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(|e| $crate::sql::db_err("read task status", e))?
-                .ok_or_else(|| {
-                    anywork_core::Error::not_found(format!("task {id} not found"))
-                })?;
+                let row = self
+                    .task_row(
+                        "SELECT t.status, s.idle_hold_until FROM tasks t \
+                         JOIN sessions s ON s.id = t.session_id WHERE t.id = $1",
+                        id,
+                        "read task status",
+                    )
+                    .await?;
                 Ok((Cols(&row).parse("status")?, Cols(&row).opt_time("idle_hold_until")?))
             }
 
@@ -1802,14 +1802,9 @@ macro_rules! impl_sql_store {
                 logs: Vec<anywork_core::NewTaskLog>,
             ) -> anywork_core::Result<u64> {
                 if logs.is_empty() {
-                    let row = sqlx::query("SELECT last_seq FROM tasks WHERE id = $1")
-                        .bind(task_id.to_string())
-                        .fetch_optional(&self.pool)
-                        .await
-                        .map_err(|e| $crate::sql::db_err("append logs", e))?
-                        .ok_or_else(|| {
-                            anywork_core::Error::not_found(format!("task {task_id} not found"))
-                        })?;
+                    let row = self
+                        .task_row("SELECT last_seq FROM tasks WHERE id = $1", task_id, "append logs")
+                        .await?;
                     return Ok($crate::sql::to_u64(Cols(&row).i64("last_seq")?));
                 }
                 match self.write(WriteOp::AppendLogs(task_id, encode_logs(logs)?)).await? {
