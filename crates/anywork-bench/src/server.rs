@@ -236,6 +236,18 @@ impl TaskStore for Instrumented {
         let f = self.inner.list_sessions(page);
         self.call("list_sessions", false, f).await
     }
+    async fn search_sessions(
+        &self,
+        query: &str,
+        page: Page,
+    ) -> anywork_core::Result<Vec<SessionSummary>> {
+        let f = self.inner.search_sessions(query, page);
+        self.call("search_sessions", false, f).await
+    }
+    async fn usage_totals(&self) -> anywork_core::Result<anywork_core::UsageTotals> {
+        let f = self.inner.usage_totals();
+        self.call("usage_totals", false, f).await
+    }
     async fn set_session_title(&self, id: &SessionId, title: &str) -> anywork_core::Result<()> {
         let f = self.inner.set_session_title(id, title);
         self.call("set_session_title", true, f).await

@@ -13,6 +13,9 @@
 //! // tests/conformance.rs of your store crate (dev-dependencies: anywork-conformance, tokio)
 //! async fn fresh() -> std::sync::Arc<dyn anywork_core::TaskStore> { /* a new, empty store */ }
 //! anywork_conformance::store_conformance_tests!(fresh);
+//! // or, when the store needs something alive beside it (a directory, a schema), return
+//! // `store_conformance::Fresh::new(store).keeping(dir)`: the cases call the store itself,
+//! // never a wrapper that could miss one of the trait's methods.
 //! ```
 
 pub mod driver_conformance;

@@ -1,7 +1,8 @@
 //! The conformance suite every [`TaskStore`] passes.
 //!
 //! Use [`store_conformance_tests!`](crate::store_conformance_tests) in a test file with a
-//! factory `async fn() -> Arc<dyn TaskStore>` that returns a fresh, empty store each call:
+//! factory `async fn() -> Arc<dyn TaskStore>` (or `-> Fresh`, for a store that needs
+//! something kept alive beside it, see [`Fresh`]) that returns a fresh, empty store each call:
 //!
 //! ```ignore
 //! async fn fresh() -> Arc<dyn TaskStore> { Arc::new(MemoryStore::new()) }
@@ -68,14 +69,17 @@ macro_rules! store_conformance_tests {
 
         #[test]
         fn matches_the_memory_model_on_random_operations() {
-            $crate::store_conformance::model_check(|| Box::pin($factory()));
+            $crate::store_conformance::model_check(|| {
+                Box::pin(async { ::std::convert::Into::into($factory().await) })
+            });
         }
     };
     (@cases $factory:path; $($case:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
-                $crate::store_conformance::$case($factory().await).await;
+                $crate::store_conformance::run_case($factory, $crate::store_conformance::$case)
+                    .await;
             }
         )*
     };
@@ -1564,7 +1568,7 @@ mod model {
     /// Runs random operation sequences on fresh stores from `factory` and on the in-memory
     /// model side by side; every call must give the same result. Cases: `PROPTEST_CASES`
     /// (default 32).
-    pub fn model_check(factory: impl Fn() -> Pin<Box<dyn Future<Output = Store> + Send>>) {
+    pub fn model_check(factory: impl Fn() -> Pin<Box<dyn Future<Output = super::Fresh> + Send>>) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -1581,14 +1585,24 @@ mod model {
         };
         proptest!(config, |(ops in proptest::collection::vec(op(), 1..60))| {
             rt.block_on(async {
-                let store = factory().await;
+                let (store, guard) = factory().await.into_parts();
                 let model: Store = Arc::new(crate::store_conformance::MemoryModel::default());
+                let mut result = Ok(());
                 for (i, op) in ops.iter().enumerate() {
                     let got = apply(&store, op).await;
                     let want = apply(&model, op).await;
-                    prop_assert_eq!(got, want, "op #{} {:?}", i, op);
+                    result = (|| -> Result<(), proptest::test_runner::TestCaseError> {
+                        prop_assert_eq!(got, want, "op #{} {:?}", i, op);
+                        Ok(())
+                    })();
+                    if result.is_err() {
+                        break;
+                    }
                 }
-                Ok(())
+                // The store before what it needs (its directory, its schema).
+                drop(store);
+                drop(guard);
+                result
             })?;
         });
     }
@@ -1845,218 +1859,59 @@ mod memory_model {
     }
 }
 
-pub use keep_alive::KeepAlive;
+/// A fresh store for one case, with whatever must outlive the case (a temporary directory,
+/// a test schema). The suite calls the store itself, not a wrapper around it: a wrapper
+/// that forwarded the trait's methods would run the trait's default for any method it
+/// forgot, and the case would check the default instead of the store.
+///
+/// A factory returns a `Fresh`, or just the store (`Arc<dyn TaskStore>` converts):
+///
+/// ```ignore
+/// async fn fresh() -> Fresh {
+///     let dir = tempfile::tempdir().unwrap();
+///     let store = SqliteStore::open_in_dir(dir.path()).await.unwrap();
+///     Fresh::new(store).keeping(dir)
+/// }
+/// ```
+pub struct Fresh {
+    store: Store,
+    guard: Option<Box<dyn Send + Sync>>,
+}
 
-mod keep_alive {
-    use super::*;
-    use anywork_core::{
-        DeletedLogs, Delivery, DeliveryAttempt, DeliveryId, DeliveryStatus, NewDelivery, Result,
-        SessionSummary, StoreSize, TaskLog,
-    };
-    use async_trait::async_trait;
-
-    /// A store together with something that must live as long as it (a temporary
-    /// directory, a test schema); dropped together.
-    pub struct KeepAlive<S> {
-        store: S,
-        _guard: Box<dyn Send + Sync>,
+impl Fresh {
+    /// A store with nothing to keep alive beside it.
+    pub fn new(store: impl TaskStore + 'static) -> Self {
+        let store: Store = Arc::new(store);
+        store.into()
     }
 
-    impl<S: TaskStore> KeepAlive<S> {
-        /// Wraps `store`, keeping `guard` alive until the wrapper is dropped.
-        pub fn new(store: S, guard: impl Send + Sync + 'static) -> Self {
-            Self {
-                store,
-                _guard: Box::new(guard),
-            }
-        }
+    /// Keeps `guard` alive until the case has ended; it is dropped after the case (the store
+    /// may be dropped before it, never after the case).
+    pub fn keeping(mut self, guard: impl Send + Sync + 'static) -> Self {
+        self.guard = Some(Box::new(guard));
+        self
     }
 
-    #[async_trait]
-    impl<S: TaskStore> TaskStore for KeepAlive<S> {
-        async fn create_session(&self, new: NewSession) -> Result<Session> {
-            self.store.create_session(new).await
-        }
-        async fn get_session(&self, id: &SessionId) -> Result<Session> {
-            self.store.get_session(id).await
-        }
-        async fn find_session(&self, ct: &str, key: &str) -> Result<Option<Session>> {
-            self.store.find_session(ct, key).await
-        }
-        async fn list_sessions(&self, page: Page) -> Result<Vec<SessionSummary>> {
-            self.store.list_sessions(page).await
-        }
-        async fn set_session_title(&self, id: &SessionId, title: &str) -> Result<()> {
-            self.store.set_session_title(id, title).await
-        }
-        async fn touch_session(&self, id: &SessionId, at: Timestamp) -> Result<()> {
-            self.store.touch_session(id, at).await
-        }
-        async fn delete_session(&self, id: &SessionId) -> Result<()> {
-            self.store.delete_session(id).await
-        }
-        async fn create_task(&self, new: NewTask) -> Result<Task> {
-            self.store.create_task(new).await
-        }
-        async fn get_task(&self, id: TaskId) -> Result<Task> {
-            self.store.get_task(id).await
-        }
-        async fn task_status(&self, id: TaskId) -> Result<TaskStatus> {
-            self.store.task_status(id).await
-        }
-        async fn task_status_for_start(
-            &self,
-            id: TaskId,
-        ) -> Result<(TaskStatus, Option<Timestamp>)> {
-            self.store.task_status_for_start(id).await
-        }
-        async fn hold_idle_session(
-            &self,
-            session_id: &SessionId,
-            owner: &str,
-            now: Timestamp,
-            until: Timestamp,
-        ) -> Result<bool> {
-            self.store
-                .hold_idle_session(session_id, owner, now, until)
-                .await
-        }
-        async fn release_idle_hold(&self, session_id: &SessionId, owner: &str) -> Result<()> {
-            self.store.release_idle_hold(session_id, owner).await
-        }
-        async fn update_task(&self, id: TaskId, exp: TaskStatus, c: TaskChange) -> Result<Task> {
-            self.store.update_task(id, exp, c).await
-        }
-        async fn update_task_and_append(
-            &self,
-            id: TaskId,
-            exp: TaskStatus,
-            c: TaskChange,
-            logs: Vec<NewTaskLog>,
-        ) -> Result<(Task, u64)> {
-            self.store.update_task_and_append(id, exp, c, logs).await
-        }
-        async fn tasks_by_session(&self, id: &SessionId, page: Page) -> Result<Vec<Task>> {
-            self.store.tasks_by_session(id, page).await
-        }
-        async fn tasks_by_session_in_status(
-            &self,
-            id: &SessionId,
-            status: TaskStatus,
-            page: Page,
-        ) -> Result<Vec<Task>> {
-            self.store
-                .tasks_by_session_in_status(id, status, page)
-                .await
-        }
-        async fn claim_task(
-            &self,
-            id: TaskId,
-            change: TaskChange,
-            logs: Vec<anywork_core::NewTaskLog>,
-            deliveries: Vec<anywork_core::NewDelivery>,
-        ) -> anywork_core::Result<anywork_core::Claim> {
-            self.store.claim_task(id, change, logs, deliveries).await
-        }
-        async fn claimable(&self, limit: u32) -> Result<Vec<Task>> {
-            self.store.claimable(limit).await
-        }
-        fn change_feed(&self) -> Option<anywork_core::ChangeFeed> {
-            self.store.change_feed()
-        }
-        async fn tasks_by_status(&self, s: TaskStatus, page: Page) -> Result<Vec<Task>> {
-            self.store.tasks_by_status(s, page).await
-        }
-        async fn renew_lease(&self, id: TaskId, owner: &str, at: Timestamp) -> Result<()> {
-            self.store.renew_lease(id, owner, at).await
-        }
-        async fn expired_leases(&self, now: Timestamp, limit: u32) -> Result<Vec<Task>> {
-            self.store.expired_leases(now, limit).await
-        }
-        async fn append_logs(&self, id: TaskId, logs: Vec<NewTaskLog>) -> Result<u64> {
-            self.store.append_logs(id, logs).await
-        }
-        async fn append_logs_while_active(&self, id: TaskId, logs: Vec<NewTaskLog>) -> Result<u64> {
-            self.store.append_logs_while_active(id, logs).await
-        }
-        async fn read_logs(&self, id: TaskId, after: u64, limit: u32) -> Result<Vec<TaskLog>> {
-            self.store.read_logs(id, after, limit).await
-        }
-        async fn find_task_by_idempotency_key(&self, ct: &str, key: &str) -> Result<Option<Task>> {
-            self.store.find_task_by_idempotency_key(ct, key).await
-        }
-        async fn update_task_and_enqueue(
-            &self,
-            id: TaskId,
-            exp: TaskStatus,
-            c: TaskChange,
-            logs: Vec<NewTaskLog>,
-            deliveries: Vec<NewDelivery>,
-        ) -> Result<(Task, u64)> {
-            self.store
-                .update_task_and_enqueue(id, exp, c, logs, deliveries)
-                .await
-        }
-        async fn claim_deliveries(
-            &self,
-            owner: &str,
-            now: Timestamp,
-            until: Timestamp,
-            limit: u32,
-        ) -> Result<Vec<Delivery>> {
-            self.store.claim_deliveries(owner, now, until, limit).await
-        }
-        async fn record_delivery_attempt(
-            &self,
-            id: DeliveryId,
-            owner: &str,
-            attempt: DeliveryAttempt,
-            at: Timestamp,
-        ) -> Result<Delivery> {
-            self.store
-                .record_delivery_attempt(id, owner, attempt, at)
-                .await
-        }
-        async fn get_delivery(&self, id: DeliveryId) -> Result<Delivery> {
-            self.store.get_delivery(id).await
-        }
-        async fn list_deliveries(
-            &self,
-            status: Option<DeliveryStatus>,
-            page: Page,
-        ) -> Result<Vec<Delivery>> {
-            self.store.list_deliveries(status, page).await
-        }
-        async fn retry_delivery(&self, id: DeliveryId, now: Timestamp) -> Result<Delivery> {
-            self.store.retry_delivery(id, now).await
-        }
-        async fn delete_settled_deliveries(&self, before: Timestamp, limit: u32) -> Result<u64> {
-            self.store.delete_settled_deliveries(before, limit).await
-        }
-        async fn delete_finished_logs(
-            &self,
-            before: Timestamp,
-            max_tasks: u32,
-            now: Timestamp,
-        ) -> Result<DeletedLogs> {
-            self.store
-                .delete_finished_logs(before, max_tasks, now)
-                .await
-        }
-        async fn compact(&self) -> Result<u64> {
-            self.store.compact().await
-        }
-        async fn store_size(&self) -> Result<Option<StoreSize>> {
-            self.store.store_size().await
-        }
-        async fn check_ready(&self) -> Result<()> {
-            self.store.check_ready().await
-        }
-        async fn get_setting(&self, key: &str) -> Result<Option<String>> {
-            self.store.get_setting(key).await
-        }
-        async fn put_setting(&self, key: &str, value: &str) -> Result<()> {
-            self.store.put_setting(key, value).await
-        }
+    /// The store, and what must be dropped only after the case.
+    pub fn into_parts(self) -> (Store, impl Send + Sync) {
+        (self.store, self.guard)
     }
+}
+
+impl From<Store> for Fresh {
+    fn from(store: Store) -> Self {
+        Self { store, guard: None }
+    }
+}
+
+/// Runs one case on a fresh store from `fresh`, dropping the store before its guard. Used by
+/// [`store_conformance_tests!`](crate::store_conformance_tests).
+pub async fn run_case<F, Fut>(fresh: impl FnOnce() -> Fut, case: impl FnOnce(Store) -> F)
+where
+    Fut: Future<Output: Into<Fresh>>,
+    F: Future<Output = ()>,
+{
+    let (store, guard) = fresh().await.into().into_parts();
+    case(store).await;
+    drop(guard);
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anywork_core::TaskStore;
 use anywork_store::PostgresStore;
-use anywork_test::store_conformance::KeepAlive;
+use anywork_test::store_conformance::Fresh;
 use sqlx::postgres::PgConnectOptions;
 
 fn database_url() -> String {
@@ -45,7 +45,7 @@ impl Drop for Schema {
     }
 }
 
-async fn fresh() -> Arc<dyn TaskStore> {
+async fn fresh() -> Fresh {
     let url = database_url();
     let name = format!("t_{}", uuid_simple());
     let admin = sqlx::PgPool::connect(&url)
@@ -62,7 +62,7 @@ async fn fresh() -> Arc<dyn TaskStore> {
     let store = PostgresStore::connect_with(options, 8)
         .await
         .expect("open PostgresStore");
-    Arc::new(KeepAlive::new(store, Schema { url, name }))
+    Fresh::new(store).keeping(Schema { url, name })
 }
 
 fn uuid_simple() -> String {

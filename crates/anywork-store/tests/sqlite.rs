@@ -4,14 +4,14 @@ use std::sync::Arc;
 
 use anywork_core::TaskStore;
 use anywork_store::SqliteStore;
-use anywork_test::store_conformance::KeepAlive;
+use anywork_test::store_conformance::Fresh;
 
-async fn fresh() -> Arc<dyn TaskStore> {
+async fn fresh() -> Fresh {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = SqliteStore::open_in_dir(dir.path())
         .await
         .expect("open SQLite");
-    Arc::new(KeepAlive::new(store, dir))
+    Fresh::new(store).keeping(dir)
 }
 
 anywork_test::store_conformance_tests!(fresh);

@@ -176,6 +176,12 @@ impl TaskStore for FaultyStore {
     async fn list_sessions(&self, page: Page) -> Result<Vec<SessionSummary>> {
         self.inner.list_sessions(page).await
     }
+    async fn search_sessions(&self, query: &str, page: Page) -> Result<Vec<SessionSummary>> {
+        self.inner.search_sessions(query, page).await
+    }
+    async fn usage_totals(&self) -> Result<anywork_core::UsageTotals> {
+        self.inner.usage_totals().await
+    }
     async fn set_session_title(&self, id: &SessionId, title: &str) -> Result<()> {
         self.write("set_session_title")?;
         self.inner.set_session_title(id, title).await
