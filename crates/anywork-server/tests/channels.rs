@@ -966,7 +966,11 @@ async fn a_slack_mention_is_answered_in_its_thread_with_reactions_and_retries_ru
     );
     let task = created["taskId"].as_str().unwrap().to_owned();
 
-    let texts = wait_bot_text(&api, |t| t.starts_with("There are *12* tests.")).await;
+    // The answer, not a progress update that shows the same text above "Working on it…".
+    let texts = wait_bot_text(&api, |t| {
+        t.starts_with("There are *12* tests.") && !t.contains("Working on it")
+    })
+    .await;
     assert_eq!(
         texts.len(),
         1,
