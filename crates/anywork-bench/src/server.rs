@@ -264,6 +264,14 @@ impl TaskStore for Instrumented {
         let f = self.inner.create_task(new);
         self.call("create_task", true, f).await
     }
+    async fn create_session_with_task(
+        &self,
+        session: NewSession,
+        task: NewTask,
+    ) -> anywork_core::Result<(Session, Task)> {
+        let f = self.inner.create_session_with_task(session, task);
+        self.call("create_session_with_task", true, f).await
+    }
     async fn get_task(&self, id: TaskId) -> anywork_core::Result<Task> {
         let f = self.inner.get_task(id);
         self.call("get_task", false, f).await

@@ -30,6 +30,10 @@ pub use outbox::*;
 #[path = "store_conformance_search.rs"]
 mod search;
 pub use search::*;
+// The cases of a new session created with its first task in one write.
+#[path = "store_conformance_first_task.rs"]
+mod first_task;
+pub use first_task::*;
 // The cases of task claims across servers.
 #[path = "store_conformance_claim.rs"]
 mod claim;
@@ -65,7 +69,10 @@ macro_rules! store_conformance_tests {
             concurrent_claimers_start_one_task_per_session,
             a_finished_task_takes_no_more_events,
             the_reaper_holds_only_idle_sessions,
-            a_hold_and_a_new_task_never_miss_each_other);
+            a_hold_and_a_new_task_never_miss_each_other,
+            a_session_and_its_first_task_are_created_together,
+            a_refused_session_with_its_task_stores_nothing,
+            concurrent_first_tasks_make_one_session_each_key);
 
         #[test]
         fn matches_the_memory_model_on_random_operations() {
@@ -1343,6 +1350,15 @@ mod model {
             at: i64,
             key: Option<u8>,
         },
+        /// A session and its first task in one write.
+        CreateWithTask {
+            s: u8,
+            key: Option<u8>,
+            at: i64,
+            t: u8,
+            task_at: i64,
+            task_key: Option<u8>,
+        },
         FindByKey {
             key: u8,
         },
@@ -1416,6 +1432,22 @@ mod model {
                 proptest::option::of(0u8..3)
             )
                 .prop_map(|(s, t, at, key)| Op::CreateTask { s, t, at, key }),
+            (
+                s.clone(),
+                proptest::option::of(0u8..2),
+                at.clone(),
+                t.clone(),
+                at.clone(),
+                proptest::option::of(0u8..3)
+            )
+                .prop_map(|(s, key, at, t, task_at, task_key)| Op::CreateWithTask {
+                    s,
+                    key,
+                    at,
+                    t,
+                    task_at,
+                    task_key
+                }),
             (0u8..3).prop_map(|key| Op::FindByKey { key }),
             (t.clone(), status(), status(), at.clone()).prop_map(|(t, expected, to, at)| {
                 Op::Update {
@@ -1449,6 +1481,7 @@ mod model {
         Err(ErrorKind),
         Session(Session),
         Task(Box<Task>),
+        Created(Session, Box<Task>),
         Seq(u64),
         Logs(Vec<(u64, TaskEvent)>),
         Sessions(Vec<(Session, u64, u64)>),
@@ -1476,6 +1509,22 @@ mod model {
                 let mut n = new_task(sname(s).as_str(), u128::from(t) + 1, at);
                 n.idempotency_key = key.map(|k| format!("event-{k}"));
                 out(store.create_task(n).await, |t| Out::Task(Box::new(t)))
+            }
+            Op::CreateWithTask {
+                s,
+                key,
+                at,
+                t,
+                task_at,
+                task_key,
+            } => {
+                let mut n = new_session(sname(s).as_str(), at);
+                n.channel_key = key.map(|k| format!("key{k}"));
+                let mut task = new_task(sname(s).as_str(), u128::from(t) + 1, task_at);
+                task.idempotency_key = task_key.map(|k| format!("event-{k}"));
+                out(store.create_session_with_task(n, task).await, |(s, t)| {
+                    Out::Created(s, Box::new(t))
+                })
             }
             Op::FindByKey { key } => out(
                 store
@@ -1743,6 +1792,36 @@ mod memory_model {
             let t = new.into_task();
             st.1.push(t.clone());
             Ok(t)
+        }
+        async fn create_session_with_task(
+            &self,
+            session: NewSession,
+            task: NewTask,
+        ) -> Result<(Session, Task)> {
+            anywork_core::store::check_first_task(&session, &task)?;
+            validate_title(&session.title)?;
+            let mut st = self.state.lock().unwrap();
+            let session_clash = st.0.iter().any(|s| {
+                s.id == session.id
+                    || (session.channel_key.is_some()
+                        && s.channel_type == session.channel_type
+                        && s.channel_key == session.channel_key)
+            });
+            let task_clash = st.1.iter().any(|t| {
+                t.id == task.id
+                    || (task.idempotency_key.is_some()
+                        && t.channel_type == task.channel_type
+                        && t.idempotency_key == task.idempotency_key)
+            });
+            if session_clash || task_clash {
+                return Err(Error::conflict("exists"));
+            }
+            let mut s = session.into_session();
+            s.last_active = s.last_active.max(task.created_at);
+            let t = task.into_task();
+            st.0.push(s.clone());
+            st.1.push(t.clone());
+            Ok((s, t))
         }
         async fn get_task(&self, id: TaskId) -> Result<Task> {
             let st = self.state.lock().unwrap();

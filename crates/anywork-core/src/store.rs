@@ -140,6 +140,30 @@ pub trait TaskStore: Send + Sync + 'static {
     /// [`find_task_by_idempotency_key`](Self::find_task_by_idempotency_key)).
     async fn create_task(&self, new: NewTask) -> Result<Task>;
 
+    /// [`create_session`](Self::create_session) and [`create_task`](Self::create_task) of
+    /// its first task in one write: both are stored or neither. What a request that starts a
+    /// new session uses (one store write instead of two). `task.session_id` must be
+    /// `session.id` (`InvalidInput` otherwise). `Conflict` as the two calls give it — the
+    /// session's id or its `(channel_type, channel_key)` is taken, or the task's id or its
+    /// idempotency key is — and then NOTHING is stored: neither the session nor the task.
+    /// Returns both as stored (the session's `last_active` moved to the task's `created_at`,
+    /// as `create_task` touches it).
+    ///
+    /// The default makes the two calls, so it is not atomic: a task refused after its session
+    /// was created leaves that session behind (what two separate calls leave). The shipped
+    /// stores write both in one transaction.
+    async fn create_session_with_task(
+        &self,
+        session: NewSession,
+        task: NewTask,
+    ) -> Result<(Session, Task)> {
+        check_first_task(&session, &task)?;
+        let mut session = self.create_session(session).await?;
+        let task = self.create_task(task).await?;
+        session.last_active = session.last_active.max(task.created_at);
+        Ok((session, task))
+    }
+
     /// The task a channel created with `idempotency_key`, if any: what a duplicate event is
     /// answered with. The key stays taken as long as the task exists (deleting its log keeps
     /// it; deleting its session frees it). The default finds nothing, which is right for a
@@ -625,6 +649,18 @@ pub fn check_log_open(task: &Task) -> Result<()> {
         "task {} is {}: its log ends at its done, nothing more is appended",
         task.id, task.status
     )))
+}
+
+/// Checks that `task` is the first task of `session` as
+/// [`TaskStore::create_session_with_task`] takes them: it names that session.
+pub fn check_first_task(session: &NewSession, task: &NewTask) -> Result<()> {
+    if task.session_id != session.id {
+        return Err(Error::invalid_input(format!(
+            "the first task of session {} names session {}",
+            session.id, task.session_id
+        )));
+    }
+    Ok(())
 }
 
 /// Checks that `change` is what [`TaskStore::claim_task`] takes: to `running`, with a lease.

@@ -53,6 +53,48 @@ impl MemoryStore {
     }
 }
 
+impl Inner {
+    /// `Conflict` if `new`'s id, or its `(channel_type, channel_key)`, is taken.
+    fn check_new_session(&self, new: &NewSession) -> Result<()> {
+        if self.sessions.contains_key(&new.id) {
+            return Err(Error::conflict(format!(
+                "session {} already exists",
+                new.id
+            )));
+        }
+        if let Some(key) = &new.channel_key
+            && self
+                .sessions
+                .values()
+                .any(|s| s.channel_type == new.channel_type && s.channel_key.as_ref() == Some(key))
+        {
+            return Err(Error::conflict(format!(
+                "a {} session with key {key:?} already exists",
+                new.channel_type
+            )));
+        }
+        Ok(())
+    }
+
+    /// `Conflict` if `new`'s id, or its idempotency key in its channel, is taken.
+    fn check_new_task(&self, new: &NewTask) -> Result<()> {
+        if self.tasks.contains_key(&new.id) {
+            return Err(Error::conflict(format!("task {} already exists", new.id)));
+        }
+        if let Some(key) = &new.idempotency_key
+            && self.tasks.values().any(|t| {
+                t.channel_type == new.channel_type && t.idempotency_key.as_ref() == Some(key)
+            })
+        {
+            return Err(Error::conflict(format!(
+                "a {} task with idempotency key {key:?} already exists",
+                new.channel_type
+            )));
+        }
+        Ok(())
+    }
+}
+
 fn session_not_found(id: &SessionId) -> Error {
     Error::not_found(format!("session {id} not found"))
 }
@@ -221,26 +263,29 @@ impl TaskStore for MemoryStore {
     async fn create_session(&self, new: NewSession) -> Result<Session> {
         validate_title(&new.title)?;
         let mut inner = self.lock();
-        if inner.sessions.contains_key(&new.id) {
-            return Err(Error::conflict(format!(
-                "session {} already exists",
-                new.id
-            )));
-        }
-        if let Some(key) = &new.channel_key
-            && inner
-                .sessions
-                .values()
-                .any(|s| s.channel_type == new.channel_type && s.channel_key.as_ref() == Some(key))
-        {
-            return Err(Error::conflict(format!(
-                "a {} session with key {key:?} already exists",
-                new.channel_type
-            )));
-        }
+        inner.check_new_session(&new)?;
         let session = new.into_session();
         inner.sessions.insert(session.id.clone(), session.clone());
         Ok(session)
+    }
+
+    async fn create_session_with_task(
+        &self,
+        session: NewSession,
+        task: NewTask,
+    ) -> Result<(Session, Task)> {
+        anywork_core::store::check_first_task(&session, &task)?;
+        validate_title(&session.title)?;
+        let mut inner = self.lock();
+        // Every check before the first change: a conflict stores nothing.
+        inner.check_new_session(&session)?;
+        inner.check_new_task(&task)?;
+        let mut session = session.into_session();
+        session.last_active = session.last_active.max(task.created_at);
+        let task = task.into_task();
+        inner.sessions.insert(session.id.clone(), session.clone());
+        inner.tasks.insert(task.id, task.clone());
+        Ok((session, task))
     }
 
     async fn get_session(&self, id: &SessionId) -> Result<Session> {
@@ -324,19 +369,7 @@ impl TaskStore for MemoryStore {
 
     async fn create_task(&self, new: NewTask) -> Result<Task> {
         let mut inner = self.lock();
-        if inner.tasks.contains_key(&new.id) {
-            return Err(Error::conflict(format!("task {} already exists", new.id)));
-        }
-        if let Some(key) = &new.idempotency_key
-            && inner.tasks.values().any(|t| {
-                t.channel_type == new.channel_type && t.idempotency_key.as_ref() == Some(key)
-            })
-        {
-            return Err(Error::conflict(format!(
-                "a {} task with idempotency key {key:?} already exists",
-                new.channel_type
-            )));
-        }
+        inner.check_new_task(&new)?;
         let session = inner
             .sessions
             .get_mut(&new.session_id)

@@ -32,6 +32,25 @@ pub(crate) const OPEN: &str = "('pending', 'failed')";
 /// Statuses of a finished task.
 pub(crate) const TERMINAL: &str = "('completed', 'failed', 'canceled')";
 
+/// Inserts a session: id, channel type and key, title, created at, last active.
+pub(crate) const INSERT_SESSION: &str = "INSERT INTO sessions (id, channel_type, channel_key, \
+    title, created_at, last_active) VALUES ($1, $2, $3, $4, $5, $6)";
+
+/// [`INSERT_SESSION`] that inserts nothing (no error) when the id or the channel key is taken.
+pub(crate) const INSERT_SESSION_IF_FREE: &str = "INSERT INTO sessions (id, channel_type, \
+    channel_key, title, created_at, last_active) VALUES ($1, $2, $3, $4, $5, $6) \
+    ON CONFLICT DO NOTHING";
+
+/// Inserts a new task's columns (the others keep their defaults).
+pub(crate) const INSERT_TASK: &str = "INSERT INTO tasks (id, session_id, channel_type, \
+    channel_meta, status, message, skills, mcp_servers, push_notification, idempotency_key, \
+    created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+
+/// [`INSERT_TASK`] that inserts nothing (no error) when the id or the idempotency key is taken.
+pub(crate) const INSERT_TASK_IF_FREE: &str = "INSERT INTO tasks (id, session_id, channel_type, \
+    channel_meta, status, message, skills, mcp_servers, push_notification, idempotency_key, \
+    created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING";
+
 /// Moves a session's `last_active` forward to `$1` (never back); session id `$2`.
 pub(crate) const TOUCH_SESSION: &str = "UPDATE sessions SET last_active = \
     CASE WHEN last_active < $1 THEN $1 ELSE last_active END WHERE id = $2";
@@ -377,6 +396,8 @@ macro_rules! impl_sql_store {
             TouchSession(anywork_core::SessionId, anywork_core::Timestamp),
             DeleteSession(anywork_core::SessionId),
             CreateTask(Box<anywork_core::Task>),
+            /// A new session and its first task, both or neither.
+            CreateSessionWithTask(Box<anywork_core::Session>, Box<anywork_core::Task>),
             UpdateTask {
                 id: anywork_core::TaskId,
                 expected: anywork_core::TaskStatus,
@@ -445,6 +466,7 @@ macro_rules! impl_sql_store {
             Unit,
             Session(anywork_core::Session),
             Task(Box<anywork_core::Task>, u64),
+            Created(Box<anywork_core::Session>, Box<anywork_core::Task>),
             Seq(u64),
             Delivery(Box<anywork_core::Delivery>),
             Deliveries(Vec<anywork_core::Delivery>),
@@ -474,19 +496,9 @@ macro_rules! impl_sql_store {
             use $crate::sql::db_err;
             match op {
                 WriteOp::CreateSession(session) => {
-                    sqlx::query(
-                        "INSERT INTO sessions (id, channel_type, channel_key, title, created_at, \
-                         last_active) VALUES ($1, $2, $3, $4, $5, $6)",
-                    )
-                    .bind(session.id.as_str())
-                    .bind(&session.channel_type)
-                    .bind(&session.channel_key)
-                    .bind(&session.title)
-                    .bind(session.created_at.0)
-                    .bind(session.last_active.0)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(|e| db_err(&format!("create session {}", session.id), e))?;
+                    insert_session(conn, session, $crate::sql::INSERT_SESSION)
+                        .await
+                        .map_err(|e| db_err(&format!("create session {}", session.id), e))?;
                     Ok(Reply::Session(session.clone()))
                 }
                 WriteOp::SetSessionTitle(id, title) => {
@@ -557,35 +569,9 @@ macro_rules! impl_sql_store {
                 }
                 WriteOp::CreateTask(task) => {
                     let ctx = "create task";
-                    let push = task.push_notification.as_ref().map(json_text).transpose()?;
-                    sqlx::query(
-                        "INSERT INTO tasks (id, session_id, channel_type, channel_meta, status, \
-                         message, skills, mcp_servers, push_notification, idempotency_key, \
-                         created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                    )
-                    .bind(task.id.to_string())
-                    .bind(task.session_id.as_str())
-                    .bind(&task.channel_type)
-                    .bind(json_text(&task.channel_meta)?)
-                    .bind(task.status.as_str())
-                    .bind(json_text(&task.message)?)
-                    .bind(json_text(&task.skills)?)
-                    .bind(json_text(&task.mcp_servers)?)
-                    .bind(push)
-                    .bind(&task.idempotency_key)
-                    .bind(task.created_at.0)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(|e| {
-                        let what = match &task.idempotency_key {
-                            Some(key) => format!(
-                                "create task {} (idempotency key {key:?} of channel {})",
-                                task.id, task.channel_type
-                            ),
-                            None => format!("create task {}", task.id),
-                        };
-                        db_err(&what, e)
-                    })?;
+                    insert_task(conn, task, $crate::sql::INSERT_TASK)
+                        .await?
+                        .map_err(|e| db_err(&creating_task(task), e))?;
                     // After the insert, so that a duplicate id is `Conflict` before a missing
                     // session is `NotFound`, as in every store.
                     let touched = sqlx::query(
@@ -609,6 +595,41 @@ macro_rules! impl_sql_store {
                         )));
                     }
                     Ok(Reply::Task(task.clone(), 0))
+                }
+                WriteOp::CreateSessionWithTask(session, task) => {
+                    // Both inserts skip a row whose id or unique key is taken instead of
+                    // failing, so that a conflict leaves the transaction usable (PostgreSQL
+                    // aborts one on a failed statement): the session is taken back if its
+                    // task is refused, and the conflict writes nothing.
+                    let what = || format!("create session {}", session.id);
+                    let made = insert_session(conn, session, $crate::sql::INSERT_SESSION_IF_FREE)
+                        .await
+                        .map_err(|e| db_err(&what(), e))?;
+                    if made == 0 {
+                        return Err(anywork_core::Error::conflict(match &session.channel_key {
+                            Some(key) => format!(
+                                "{}: already exists (its id, or a {} session with key {key:?})",
+                                what(),
+                                session.channel_type
+                            ),
+                            None => format!("{}: already exists", what()),
+                        }));
+                    }
+                    let made = insert_task(conn, task, $crate::sql::INSERT_TASK_IF_FREE)
+                        .await?
+                        .map_err(|e| db_err(&creating_task(task), e))?;
+                    if made == 0 {
+                        sqlx::query("DELETE FROM sessions WHERE id = $1")
+                            .bind(session.id.as_str())
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(|e| db_err(&what(), e))?;
+                        return Err(anywork_core::Error::conflict(format!(
+                            "{}: already exists",
+                            creating_task(task)
+                        )));
+                    }
+                    Ok(Reply::Created(session.clone(), task.clone()))
                 }
                 WriteOp::UpdateTask {
                     id,
@@ -956,6 +977,62 @@ macro_rules! impl_sql_store {
                     .map_err(|e| db_err("release an idle hold", e))?;
                     Ok(Reply::Unit)
                 }
+            }
+        }
+
+        /// Inserts `session` with `sql` (one of [`INSERT_SESSION`](crate::sql::INSERT_SESSION)
+        /// and its `_IF_FREE` form): the rows inserted.
+        async fn insert_session(
+            conn: &mut Conn,
+            session: &anywork_core::Session,
+            sql: &str,
+        ) -> Result<u64, sqlx::Error> {
+            let done = sqlx::query(sql)
+                .bind(session.id.as_str())
+                .bind(&session.channel_type)
+                .bind(&session.channel_key)
+                .bind(&session.title)
+                .bind(session.created_at.0)
+                .bind(session.last_active.0)
+                .execute(&mut *conn)
+                .await?;
+            Ok(done.rows_affected())
+        }
+
+        /// Inserts `task` with `sql` (one of [`INSERT_TASK`](crate::sql::INSERT_TASK) and its
+        /// `_IF_FREE` form): the rows inserted, or the database's error (the outer `Err` is a
+        /// column that does not encode).
+        async fn insert_task(
+            conn: &mut Conn,
+            task: &anywork_core::Task,
+            sql: &str,
+        ) -> anywork_core::Result<Result<u64, sqlx::Error>> {
+            let push = task.push_notification.as_ref().map(json_text).transpose()?;
+            let done = sqlx::query(sql)
+                .bind(task.id.to_string())
+                .bind(task.session_id.as_str())
+                .bind(&task.channel_type)
+                .bind(json_text(&task.channel_meta)?)
+                .bind(task.status.as_str())
+                .bind(json_text(&task.message)?)
+                .bind(json_text(&task.skills)?)
+                .bind(json_text(&task.mcp_servers)?)
+                .bind(push)
+                .bind(&task.idempotency_key)
+                .bind(task.created_at.0)
+                .execute(&mut *conn)
+                .await;
+            Ok(done.map(|d| d.rows_affected()))
+        }
+
+        /// How a failed insert of `task` is named in its error.
+        fn creating_task(task: &anywork_core::Task) -> String {
+            match &task.idempotency_key {
+                Some(key) => format!(
+                    "create task {} (idempotency key {key:?} of channel {})",
+                    task.id, task.channel_type
+                ),
+                None => format!("create task {}", task.id),
             }
         }
 
@@ -1522,6 +1599,24 @@ macro_rules! impl_sql_store {
             ) -> anywork_core::Result<anywork_core::Task> {
                 match self.write(WriteOp::CreateTask(Box::new(new.into_task()))).await? {
                     Reply::Task(t, _) => Ok(*t),
+                    other => Err(unexpected_reply(other)),
+                }
+            }
+
+            async fn create_session_with_task(
+                &self,
+                session: anywork_core::NewSession,
+                task: anywork_core::NewTask,
+            ) -> anywork_core::Result<(anywork_core::Session, anywork_core::Task)> {
+                anywork_core::store::check_first_task(&session, &task)?;
+                anywork_core::session::validate_title(&session.title)?;
+                let task = task.into_task();
+                let mut session = session.into_session();
+                // What `create_task` does to the session's `last_active`, in the insert.
+                session.last_active = session.last_active.max(task.created_at);
+                let op = WriteOp::CreateSessionWithTask(Box::new(session), Box::new(task));
+                match self.write(op).await? {
+                    Reply::Created(s, t) => Ok((*s, *t)),
                     other => Err(unexpected_reply(other)),
                 }
             }

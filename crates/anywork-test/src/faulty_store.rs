@@ -198,6 +198,14 @@ impl TaskStore for FaultyStore {
         self.write("create_task")?;
         self.inner.create_task(new).await
     }
+    async fn create_session_with_task(
+        &self,
+        session: NewSession,
+        task: NewTask,
+    ) -> Result<(Session, Task)> {
+        self.write("create_session_with_task")?;
+        self.inner.create_session_with_task(session, task).await
+    }
     async fn find_task_by_idempotency_key(
         &self,
         channel_type: &str,

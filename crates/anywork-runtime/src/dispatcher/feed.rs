@@ -423,6 +423,13 @@ mod tests {
         async fn create_task(&self, new: NewTask) -> Result<Task> {
             self.inner.create_task(new).await
         }
+        async fn create_session_with_task(
+            &self,
+            session: NewSession,
+            task: NewTask,
+        ) -> Result<(Session, Task)> {
+            self.inner.create_session_with_task(session, task).await
+        }
         async fn get_task(&self, id: TaskId) -> Result<Task> {
             self.task_reads.fetch_add(1, Ordering::Relaxed);
             self.inner.get_task(id).await

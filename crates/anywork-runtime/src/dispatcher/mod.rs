@@ -39,6 +39,8 @@ mod restart;
 mod retention;
 mod retry;
 mod run;
+#[cfg(test)]
+mod submit_tests;
 mod upkeep;
 
 use std::collections::{HashMap, VecDeque};
@@ -94,6 +96,44 @@ pub(crate) enum Known {
     Found(Session),
     /// There was none.
     Absent,
+}
+
+/// What [`Dispatcher::resolve_session`] found for a request.
+enum Resolved {
+    /// The stored session the request continues.
+    Found(Session),
+    /// A session to create in the same store write as the request's task, and what a
+    /// `Conflict` on it means.
+    Create(NewSession, IfTaken),
+}
+
+impl Resolved {
+    /// The session's id.
+    fn id(&self) -> &SessionId {
+        match self {
+            Self::Found(s) => &s.id,
+            Self::Create(new, _) => &new.id,
+        }
+    }
+}
+
+/// What a request does when the session it would create was taken meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IfTaken {
+    /// Continues it (created by another request for the same id or channel key).
+    Continue,
+    /// Fails (`Conflict`): the request must make the session itself.
+    Refuse,
+    /// Nothing to look up: the session's id is fresh, so a conflict is the task's.
+    Fresh,
+}
+
+/// The `Conflict` of a request that must create session `id` ([`SessionMode::CreateNew`])
+/// when it exists already.
+fn session_taken(id: &SessionId) -> Error {
+    Error::conflict(format!(
+        "session {id} exists already; send the request again for a fresh one"
+    ))
 }
 
 enum Control {
@@ -351,39 +391,51 @@ impl Dispatcher {
             });
         }
         self.admit(&mut request).await?;
-        let (session, created) = self.resolve_session(&request, known).await?;
+        let resolved = self.resolve_session(&request, known).await?;
         if let Some(notices) = notices {
-            notices.watch(&session.id);
+            notices.watch(resolved.id());
         }
-        let untitled = session.title == NewSession::DEFAULT_TITLE;
-        let keyed = request.idempotency_key.is_some();
         let (channel_type, key) = (
             request.channel_type.clone(),
             request.idempotency_key.clone(),
         );
-        let task = match self
-            .inner
-            .store
-            .create_task(NewTask::from_request(session.id.clone(), request))
-            .await
-        {
-            Ok(t) => t,
-            // The same event arrived twice at once and the other copy stored it first.
-            Err(e) if keyed && e.kind() == ErrorKind::Conflict => {
-                let first = self
-                    .inner
-                    .store
-                    .find_task_by_idempotency_key(&channel_type, key.as_deref().unwrap_or(""))
-                    .await?
-                    .ok_or(e)?;
-                return Ok(Submitted {
-                    task: first,
-                    session_created: false,
-                    duplicate: true,
-                });
-            }
-            Err(e) => return Err(e),
+        let store = &self.inner.store;
+        let new_task = NewTask::from_request(resolved.id().clone(), request);
+        let (session, created, task) = match resolved {
+            Resolved::Found(session) => match store.create_task(new_task).await {
+                Ok(task) => (session, false, task),
+                Err(e) if e.kind() == ErrorKind::Conflict => {
+                    return self.duplicate_of(e, &channel_type, key.as_deref()).await;
+                }
+                Err(e) => return Err(e),
+            },
+            // The session and its first task in one store write.
+            Resolved::Create(new, if_taken) => match store
+                .create_session_with_task(new.clone(), new_task.clone())
+                .await
+            {
+                Ok((session, task)) => (session, true, task),
+                Err(e) if e.kind() == ErrorKind::Conflict => {
+                    // Nothing was stored. Either the session was taken meanwhile (another
+                    // request made it first), or the task was (the same event arrived twice
+                    // at once and the other copy stored it first).
+                    let Some(session) = self.taken_session(&new, if_taken).await? else {
+                        return self.duplicate_of(e, &channel_type, key.as_deref()).await;
+                    };
+                    let mut new_task = new_task;
+                    new_task.session_id = session.id.clone();
+                    match store.create_task(new_task).await {
+                        Ok(task) => (session, false, task),
+                        Err(e) if e.kind() == ErrorKind::Conflict => {
+                            return self.duplicate_of(e, &channel_type, key.as_deref()).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            },
         };
+        let untitled = session.title == NewSession::DEFAULT_TITLE;
         self.inner.metrics.submitted();
         tracing::info!(
             task = %task.id,
@@ -485,18 +537,60 @@ impl Dispatcher {
         }
     }
 
-    /// The request's session, and whether it was created now. A new session gets its title
-    /// in the same write when the generator has one at once
-    /// ([`title_now`](crate::TitleGenerator::title_now)), made only for sessions created.
-    /// `known` is what the caller found when it looked the session up just before (by
-    /// `session_id`, else by `channel_key`), so that it is not read twice. A session the
+    /// The task already stored by the first copy of a request with idempotency key `key`,
+    /// as the answer to a copy whose task the store refused with `e` (a `Conflict`); `e`
+    /// when there is no key or no such task.
+    async fn duplicate_of(
+        &self,
+        e: Error,
+        channel_type: &str,
+        key: Option<&str>,
+    ) -> Result<Submitted> {
+        let Some(key) = key else {
+            return Err(e);
+        };
+        let first = self
+            .inner
+            .store
+            .find_task_by_idempotency_key(channel_type, key)
+            .await?
+            .ok_or(e)?;
+        Ok(Submitted {
+            task: first,
+            session_created: false,
+            duplicate: true,
+        })
+    }
+
+    /// After the store refused to create `new` with its first task (`Conflict`, nothing
+    /// stored): the session another request created meanwhile, to continue (`None` when
+    /// `new` is not taken: the conflict was the task's). `if_taken` says whether it may be
+    /// continued.
+    async fn taken_session(&self, new: &NewSession, if_taken: IfTaken) -> Result<Option<Session>> {
+        let store = &self.inner.store;
+        let found = match (if_taken, &new.channel_key) {
+            (IfTaken::Fresh, _) => return Ok(None),
+            (_, Some(key)) => store.find_session(&new.channel_type, key).await?,
+            (_, None) => match store.get_session(&new.id).await {
+                Ok(s) => Some(s),
+                Err(e) if e.kind() == ErrorKind::NotFound => None,
+                Err(e) => return Err(e),
+            },
+        };
+        match found {
+            Some(_) if if_taken == IfTaken::Refuse => Err(session_taken(&new.id)),
+            found => Ok(found),
+        }
+    }
+
+    /// The request's session: the stored one it continues, or the one to create with its
+    /// task. A new session gets its title in the same write when the generator has one at
+    /// once ([`title_now`](crate::TitleGenerator::title_now)), made only for sessions to
+    /// create. `known` is what the caller found when it looked the session up just before
+    /// (by `session_id`, else by `channel_key`), so that it is not read twice. A session the
     /// request must create ([`SessionMode::CreateNew`]) is not read at all: the store refuses
     /// a taken id when it is created.
-    async fn resolve_session(
-        &self,
-        request: &TaskRequest,
-        known: Known,
-    ) -> Result<(Session, bool)> {
+    async fn resolve_session(&self, request: &TaskRequest, known: Known) -> Result<Resolved> {
         let store = &self.inner.store;
         let titled = |mut new: NewSession| {
             if let Some(title) = self.inner.titles.title_now(&request.message) {
@@ -506,13 +600,8 @@ impl Dispatcher {
         };
         if let Some(id) = &request.session_id {
             let mode = request.session_mode;
-            let taken = || {
-                Error::conflict(format!(
-                    "session {id} exists already; send the request again for a fresh one"
-                ))
-            };
             let existing = match (known, mode) {
-                (Known::Found(_), SessionMode::CreateNew) => return Err(taken()),
+                (Known::Found(_), SessionMode::CreateNew) => return Err(session_taken(id)),
                 (_, SessionMode::CreateNew) | (Known::Absent, _) => None,
                 (Known::Found(s), _) => Some(s),
                 (Known::Unknown, _) => match store.get_session(id).await {
@@ -522,7 +611,7 @@ impl Dispatcher {
                 },
             };
             if let Some(s) = existing {
-                return Ok((s, false));
+                return Ok(Resolved::Found(s));
             }
             if mode == SessionMode::Existing {
                 return Err(Error::not_found(format!(
@@ -530,23 +619,17 @@ impl Dispatcher {
                 )));
             }
             let new = NewSession::new(&request.channel_type).with_id(id.clone());
-            return match store.create_session(titled(new)).await {
-                Ok(s) => Ok((s, true)),
-                Err(e) if e.kind() == ErrorKind::Conflict && mode == SessionMode::CreateNew => {
-                    Err(taken())
-                }
+            let if_taken = if mode == SessionMode::CreateNew {
+                IfTaken::Refuse
+            } else {
                 // Created meanwhile by another request: continue it.
-                Err(e) if e.kind() == ErrorKind::Conflict => {
-                    Ok((store.get_session(id).await?, false))
-                }
-                Err(e) => Err(e),
+                IfTaken::Continue
             };
+            return Ok(Resolved::Create(titled(new), if_taken));
         }
         let Some(key) = &request.channel_key else {
-            let session = store
-                .create_session(titled(NewSession::new(&request.channel_type)))
-                .await?;
-            return Ok((session, true));
+            let new = NewSession::new(&request.channel_type);
+            return Ok(Resolved::Create(titled(new), IfTaken::Fresh));
         };
         let existing = match known {
             Known::Found(s) => Some(s),
@@ -554,23 +637,11 @@ impl Dispatcher {
             Known::Unknown => store.find_session(&request.channel_type, key).await?,
         };
         if let Some(s) = existing {
-            return Ok((s, false));
+            return Ok(Resolved::Found(s));
         }
-        match store
-            .create_session(titled(
-                NewSession::new(&request.channel_type).with_key(key.clone()),
-            ))
-            .await
-        {
-            Ok(s) => Ok((s, true)),
-            // Another request for the same key won the race: use its session.
-            Err(e) if e.kind() == ErrorKind::Conflict => store
-                .find_session(&request.channel_type, key)
-                .await?
-                .map(|s| (s, false))
-                .ok_or(e),
-            Err(e) => Err(e),
-        }
+        // Another request for the same key may win the race: then its session is used.
+        let new = NewSession::new(&request.channel_type).with_key(key.clone());
+        Ok(Resolved::Create(titled(new), IfTaken::Continue))
     }
 
     fn spawn_title(&self, session: SessionId, message: String) {

@@ -1682,6 +1682,13 @@ mod tests {
         async fn create_task(&self, new: anywork_core::NewTask) -> Result<Task> {
             self.inner.create_task(new).await
         }
+        async fn create_session_with_task(
+            &self,
+            session: anywork_core::NewSession,
+            task: anywork_core::NewTask,
+        ) -> Result<(anywork_core::Session, Task)> {
+            self.inner.create_session_with_task(session, task).await
+        }
         async fn get_task(&self, id: TaskId) -> Result<Task> {
             self.inner.get_task(id).await
         }
