@@ -33,6 +33,10 @@ pub use search::*;
 #[path = "store_conformance_claim.rs"]
 mod claim;
 pub use claim::*;
+// The cases of the lean claim and update (no task read back).
+#[path = "store_conformance_lean.rs"]
+mod lean;
+pub use lean::*;
 
 /// Generates one `#[tokio::test]` per conformance case, plus the model-based property test,
 /// calling `$factory()` for a fresh store each time.
@@ -64,7 +68,11 @@ macro_rules! store_conformance_tests {
             concurrent_claimers_start_one_task_per_session,
             a_finished_task_takes_no_more_events,
             the_reaper_holds_only_idle_sessions,
-            a_hold_and_a_new_task_never_miss_each_other);
+            a_hold_and_a_new_task_never_miss_each_other,
+            lean_claims_store_and_answer_as_claims_do,
+            lean_claims_enqueue_with_the_claim_or_not_at_all,
+            lean_updates_store_what_the_change_sets,
+            concurrent_lean_claimers_start_one_task_per_session);
 
         #[test]
         fn matches_the_memory_model_on_random_operations() {
@@ -1958,6 +1966,17 @@ mod keep_alive {
         ) -> anywork_core::Result<anywork_core::Claim> {
             self.store.claim_task(id, change, logs, deliveries).await
         }
+        async fn claim_task_lean(
+            &self,
+            id: TaskId,
+            change: TaskChange,
+            logs: Vec<anywork_core::NewTaskLog>,
+            deliveries: Vec<anywork_core::NewDelivery>,
+        ) -> anywork_core::Result<anywork_core::Claim<()>> {
+            self.store
+                .claim_task_lean(id, change, logs, deliveries)
+                .await
+        }
         async fn claimable(&self, limit: u32) -> Result<Vec<Task>> {
             self.store.claimable(limit).await
         }
@@ -1995,6 +2014,18 @@ mod keep_alive {
         ) -> Result<(Task, u64)> {
             self.store
                 .update_task_and_enqueue(id, exp, c, logs, deliveries)
+                .await
+        }
+        async fn update_task_lean(
+            &self,
+            id: TaskId,
+            exp: TaskStatus,
+            c: TaskChange,
+            logs: Vec<NewTaskLog>,
+            deliveries: Vec<NewDelivery>,
+        ) -> Result<u64> {
+            self.store
+                .update_task_lean(id, exp, c, logs, deliveries)
                 .await
         }
         async fn claim_deliveries(
