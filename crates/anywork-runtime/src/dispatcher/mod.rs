@@ -850,8 +850,8 @@ impl Inner {
         }
     }
 
-    /// Publishes events the store has just numbered `first..`. Only `record` and `transition`
-    /// call it: what is published was stored.
+    /// Publishes events the store has just numbered `first..`. Only `record`, `claim` and
+    /// `transition_and_enqueue` call it: what is published was stored.
     fn publish(&self, task: &Task, first: u64, events: Vec<TaskEvent>) {
         self.hub
             .publish(events.into_iter().enumerate().map(|(i, event)| LiveEvent {
