@@ -376,6 +376,16 @@ impl TaskStore for Instrumented {
         let f = self.inner.claim_task(id, change, logs, deliveries);
         self.call("claim_task", true, f).await
     }
+    async fn claim_task_lean(
+        &self,
+        id: TaskId,
+        change: TaskChange,
+        logs: Vec<anywork_core::NewTaskLog>,
+        deliveries: Vec<anywork_core::NewDelivery>,
+    ) -> anywork_core::Result<anywork_core::Claim<()>> {
+        let f = self.inner.claim_task_lean(id, change, logs, deliveries);
+        self.call("claim_task_lean", true, f).await
+    }
     async fn claimable(&self, limit: u32) -> anywork_core::Result<Vec<Task>> {
         let f = self.inner.claimable(limit);
         self.call("claimable", false, f).await
@@ -431,6 +441,19 @@ impl TaskStore for Instrumented {
             .inner
             .update_task_and_enqueue(id, expected, change, logs, deliveries);
         self.call("update_task_and_enqueue", true, f).await
+    }
+    async fn update_task_lean(
+        &self,
+        id: TaskId,
+        expected: TaskStatus,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+        deliveries: Vec<anywork_core::NewDelivery>,
+    ) -> anywork_core::Result<u64> {
+        let f = self
+            .inner
+            .update_task_lean(id, expected, change, logs, deliveries);
+        self.call("update_task_lean", true, f).await
     }
     async fn claim_deliveries(
         &self,

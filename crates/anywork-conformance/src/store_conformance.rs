@@ -38,6 +38,10 @@ pub use first_task::*;
 #[path = "store_conformance_claim.rs"]
 mod claim;
 pub use claim::*;
+// The cases of the lean claim and update (no task read back).
+#[path = "store_conformance_lean.rs"]
+mod lean;
+pub use lean::*;
 
 /// Generates one `#[tokio::test]` per conformance case, plus the model-based property test,
 /// calling `$factory()` for a fresh store each time.
@@ -72,7 +76,11 @@ macro_rules! store_conformance_tests {
             a_hold_and_a_new_task_never_miss_each_other,
             a_session_and_its_first_task_are_created_together,
             a_refused_session_with_its_task_stores_nothing,
-            concurrent_first_tasks_make_one_session_each_key);
+            concurrent_first_tasks_make_one_session_each_key,
+            lean_claims_store_and_answer_as_claims_do,
+            lean_claims_enqueue_with_the_claim_or_not_at_all,
+            lean_updates_store_what_the_change_sets,
+            concurrent_lean_claimers_start_one_task_per_session);
 
         #[test]
         fn matches_the_memory_model_on_random_operations() {

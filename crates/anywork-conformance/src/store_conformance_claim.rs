@@ -135,6 +135,16 @@ pub async fn claims_start_the_oldest_task_of_a_free_session(store: Store) {
 /// Two claimers racing over the same sessions (as two servers do): every task starts exactly
 /// once, in its session's order, and never while another task of its session runs.
 pub async fn concurrent_claimers_start_one_task_per_session(store: Store) {
+    concurrent_claimers(store, false).await;
+}
+
+/// [`concurrent_claimers_start_one_task_per_session`] with
+/// [`claim_task_lean`](anywork_core::TaskStore::claim_task_lean).
+pub async fn concurrent_lean_claimers_start_one_task_per_session(store: Store) {
+    concurrent_claimers(store, true).await;
+}
+
+async fn concurrent_claimers(store: Store, lean: bool) {
     const SESSIONS: usize = 4;
     const PER_SESSION: usize = 6;
     let mut n = 0u128;
@@ -168,8 +178,25 @@ pub async fn concurrent_claimers_start_one_task_per_session(store: Store) {
                     assert!(rounds < 10_000, "the claimers make no progress");
                     let candidates = store.claimable(100).await.expect("claimable");
                     for task in candidates {
-                        let Claim::Claimed(t, _) = claim(&store, &task, owner).await else {
-                            continue;
+                        let t = if lean {
+                            let claimed = store
+                                .claim_task_lean(
+                                    task.id,
+                                    claim_change(owner),
+                                    running_event(),
+                                    Vec::new(),
+                                )
+                                .await
+                                .expect("lean claim");
+                            let Claim::Claimed((), _) = claimed else {
+                                continue;
+                            };
+                            task
+                        } else {
+                            let Claim::Claimed(t, _) = claim(&store, &task, owner).await else {
+                                continue;
+                            };
+                            t
                         };
                         let active = store
                             .tasks_by_session(&t.session_id, anywork_core::Page::first(100))

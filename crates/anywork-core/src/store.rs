@@ -352,6 +352,48 @@ pub trait TaskStore: Send + Sync + 'static {
         }
     }
 
+    /// [`claim_task`](Self::claim_task) for a caller that needs only the seq of the last
+    /// event appended, not the task as stored (a runner has its task, and applies `change`
+    /// to its copy): the same checks, guarantees and answers, except that
+    /// [`Claim::Claimed`] carries `()` instead of the task. A SQL store then neither reads
+    /// nor decodes the task's row on the way (one conditional `UPDATE … RETURNING last_seq`
+    /// claims it when it is the session's turn).
+    ///
+    /// The default calls `claim_task` and drops the task.
+    async fn claim_task_lean(
+        &self,
+        id: TaskId,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+        deliveries: Vec<NewDelivery>,
+    ) -> Result<Claim<()>> {
+        Ok(self
+            .claim_task(id, change, logs, deliveries)
+            .await?
+            .map(drop))
+    }
+
+    /// [`update_task_and_enqueue`](Self::update_task_and_enqueue) for a caller that needs
+    /// only the seq of the last event of the task's log after the write (the current last
+    /// seq when `logs` is empty), not the task as stored: the same compare-and-set, errors
+    /// and transaction (the change, its events and its deliveries commit together or not at
+    /// all). A SQL store then neither reads nor decodes the task's row: one
+    /// `UPDATE … WHERE id = … AND status = … RETURNING last_seq` writes what `change` sets.
+    ///
+    /// The default calls `update_task_and_enqueue` and drops the task.
+    async fn update_task_lean(
+        &self,
+        id: TaskId,
+        expected: TaskStatus,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+        deliveries: Vec<NewDelivery>,
+    ) -> Result<u64> {
+        self.update_task_and_enqueue(id, expected, change, logs, deliveries)
+            .await
+            .map(|(_, last)| last)
+    }
+
     /// The idle reaper's hold on a session: takes it for `owner` until `until` if
     /// `session_id` has no task `pending`, `running` or `input_required` and no other owner
     /// holds it past `now` (the same owner extends its hold), and answers whether it did. It
@@ -626,18 +668,32 @@ pub trait TaskStore: Send + Sync + 'static {
     }
 }
 
-/// What [`TaskStore::claim_task`] did.
+/// What [`TaskStore::claim_task`] did. `T` is what a claimed task comes back as: the task as
+/// stored (`Claim`, the default), or nothing (`Claim<()>`, from
+/// [`TaskStore::claim_task_lean`]).
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
-pub enum Claim {
+pub enum Claim<T = Task> {
     /// The task is now `running` for the claimer; the seq of the last event appended.
-    Claimed(Task, u64),
+    Claimed(T, u64),
     /// This task of the session is `running` or `input_required`: nothing changed.
     Busy(Task),
     /// This older pending task of the session starts first: nothing changed.
     NotFirst(Task),
     /// The task is no longer pending (canceled, or started by another server), as stored.
     NotPending(Task),
+}
+
+impl<T> Claim<T> {
+    /// The same answer with `f` applied to what a claimed task comes back as.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Claim<U> {
+        match self {
+            Claim::Claimed(t, last) => Claim::Claimed(f(t), last),
+            Claim::Busy(t) => Claim::Busy(t),
+            Claim::NotFirst(t) => Claim::NotFirst(t),
+            Claim::NotPending(t) => Claim::NotPending(t),
+        }
+    }
 }
 
 /// `Conflict` when `task` is over: what [`TaskStore::append_logs_while_active`] answers then.

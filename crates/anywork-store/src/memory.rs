@@ -146,7 +146,7 @@ impl Inner {
         self.tasks.get_mut(&id).ok_or_else(|| task_not_found(id))
     }
 
-    fn update(&mut self, id: TaskId, expected: TaskStatus, change: TaskChange) -> Result<Task> {
+    fn update(&mut self, id: TaskId, expected: TaskStatus, change: TaskChange) -> Result<&Task> {
         let task = self.task_mut(id)?;
         if task.status != expected {
             return Err(Error::conflict(format!(
@@ -156,8 +156,8 @@ impl Inner {
         }
         let mut updated = task.clone();
         change.apply(&mut updated)?;
-        *task = updated.clone();
-        Ok(updated)
+        *task = updated;
+        Ok(task)
     }
 
     fn update_and_enqueue(
@@ -168,6 +168,19 @@ impl Inner {
         logs: Vec<NewTaskLog>,
         deliveries: Vec<NewDelivery>,
     ) -> Result<(Task, u64)> {
+        let last = self.update_lean(id, expected, change, logs, deliveries)?;
+        Ok((self.task(id)?.clone(), last))
+    }
+
+    /// [`update_and_enqueue`](Self::update_and_enqueue) without a copy of the task.
+    fn update_lean(
+        &mut self,
+        id: TaskId,
+        expected: TaskStatus,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+        deliveries: Vec<NewDelivery>,
+    ) -> Result<u64> {
         // Every check before the first change: a failure changes nothing.
         self.task(id)?;
         for (i, d) in deliveries.iter().enumerate() {
@@ -176,7 +189,7 @@ impl Inner {
                 return Err(Error::conflict(format!("delivery {} already exists", d.id)));
             }
         }
-        let task = self.update(id, expected, change)?;
+        self.update(id, expected, change)?;
         let last = self.append(id, logs)?;
         for d in deliveries {
             self.next_delivery_seq += 1;
@@ -184,7 +197,39 @@ impl Inner {
             self.delivery_seq.insert(d.id, seq);
             self.deliveries.insert(seq, d.into_delivery(id));
         }
-        Ok((task, last))
+        Ok(last)
+    }
+
+    /// Why task `id` may not be claimed now (not pending, its session busy, an older
+    /// pending task of its session), or `None` when it may.
+    fn not_its_turn<T>(&self, id: TaskId) -> Result<Option<Claim<T>>> {
+        let task = self.task(id)?;
+        if task.status != TaskStatus::Pending {
+            return Ok(Some(Claim::NotPending(task.clone())));
+        }
+        let key = (task.created_at, task.id);
+        let mut first: Option<&Task> = None;
+        for other in self
+            .tasks
+            .values()
+            .filter(|t| t.session_id == task.session_id)
+        {
+            match other.status {
+                TaskStatus::Running | TaskStatus::InputRequired => {
+                    return Ok(Some(Claim::Busy(other.clone())));
+                }
+                TaskStatus::Pending
+                    if (other.created_at, other.id) < key
+                        && first.is_none_or(|f| {
+                            (other.created_at, other.id) < (f.created_at, f.id)
+                        }) =>
+                {
+                    first = Some(other);
+                }
+                _ => {}
+            }
+        }
+        Ok(first.map(|first| Claim::NotFirst(first.clone())))
     }
 
     fn append(&mut self, task_id: TaskId, logs: Vec<NewTaskLog>) -> Result<u64> {
@@ -457,7 +502,7 @@ impl TaskStore for MemoryStore {
         expected: TaskStatus,
         change: TaskChange,
     ) -> Result<Task> {
-        self.lock().update(id, expected, change)
+        self.lock().update(id, expected, change).cloned()
     }
 
     async fn update_task_and_append(
@@ -481,6 +526,18 @@ impl TaskStore for MemoryStore {
     ) -> Result<(Task, u64)> {
         self.lock()
             .update_and_enqueue(id, expected, change, logs, deliveries)
+    }
+
+    async fn update_task_lean(
+        &self,
+        id: TaskId,
+        expected: TaskStatus,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+        deliveries: Vec<NewDelivery>,
+    ) -> Result<u64> {
+        self.lock()
+            .update_lean(id, expected, change, logs, deliveries)
     }
 
     async fn tasks_by_session(&self, session_id: &SessionId, page: Page) -> Result<Vec<Task>> {
@@ -562,38 +619,27 @@ impl TaskStore for MemoryStore {
     ) -> Result<Claim> {
         anywork_core::store::check_claim(&change)?;
         let mut inner = self.lock();
-        let task = inner.task(id)?;
-        if task.status != TaskStatus::Pending {
-            return Ok(Claim::NotPending(task.clone()));
+        if let Some(not_now) = inner.not_its_turn(id)? {
+            return Ok(not_now);
         }
-        let key = (task.created_at, task.id);
-        let mut first: Option<&Task> = None;
-        for other in inner
-            .tasks
-            .values()
-            .filter(|t| t.session_id == task.session_id)
-        {
-            match other.status {
-                TaskStatus::Running | TaskStatus::InputRequired => {
-                    return Ok(Claim::Busy(other.clone()));
-                }
-                TaskStatus::Pending
-                    if (other.created_at, other.id) < key
-                        && first.is_none_or(|f| {
-                            (other.created_at, other.id) < (f.created_at, f.id)
-                        }) =>
-                {
-                    first = Some(other);
-                }
-                _ => {}
-            }
+        let last = inner.update_lean(id, TaskStatus::Pending, change, logs, deliveries)?;
+        Ok(Claim::Claimed(inner.task(id)?.clone(), last))
+    }
+
+    async fn claim_task_lean(
+        &self,
+        id: TaskId,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+        deliveries: Vec<NewDelivery>,
+    ) -> Result<Claim<()>> {
+        anywork_core::store::check_claim(&change)?;
+        let mut inner = self.lock();
+        if let Some(not_now) = inner.not_its_turn(id)? {
+            return Ok(not_now);
         }
-        if let Some(first) = first {
-            return Ok(Claim::NotFirst(first.clone()));
-        }
-        let (task, last) =
-            inner.update_and_enqueue(id, TaskStatus::Pending, change, logs, deliveries)?;
-        Ok(Claim::Claimed(task, last))
+        let last = inner.update_lean(id, TaskStatus::Pending, change, logs, deliveries)?;
+        Ok(Claim::Claimed((), last))
     }
 
     async fn claimable(&self, limit: u32) -> Result<Vec<Task>> {

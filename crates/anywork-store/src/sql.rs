@@ -404,6 +404,9 @@ macro_rules! impl_sql_store {
                 change: Box<anywork_core::TaskChange>,
                 rows: Option<Vec<(String, String, i64)>>,
                 deliveries: Vec<anywork_core::Delivery>,
+                /// Answer `Seq` (the last seq) without reading the task's row when the
+                /// compare-and-set succeeds (`update_task_lean`).
+                lean: bool,
             },
             ClaimDeliveries {
                 owner: String,
@@ -441,6 +444,9 @@ macro_rules! impl_sql_store {
                 change: Box<anywork_core::TaskChange>,
                 rows: Vec<(String, String, i64)>,
                 deliveries: Vec<anywork_core::Delivery>,
+                /// Answer `Seq` (the last seq) without reading the task's row when the task
+                /// is claimed (`claim_task_lean`).
+                lean: bool,
             },
             PutSetting {
                 key: String,
@@ -637,20 +643,31 @@ macro_rules! impl_sql_store {
                     change,
                     rows,
                     deliveries,
+                    lean,
                 } => {
                     // Duplicate delivery ids are found before anything is written, so that
                     // the failure stays "logical" (the op writes nothing).
-                    for (i, d) in deliveries.iter().enumerate() {
-                        let dup_in_op = deliveries[..i].iter().any(|o| o.id == d.id);
-                        if dup_in_op || delivery_exists(conn, d.id).await? {
-                            return Err(anywork_core::Error::conflict(format!(
-                                "delivery {} already exists",
-                                d.id
-                            )));
+                    if let Some(dup) = duplicate_delivery(conn, deliveries).await? {
+                        return Err(anywork_core::Error::conflict(format!(
+                            "delivery {dup} already exists"
+                        )));
+                    }
+                    let appended = rows.as_deref().unwrap_or_default();
+                    if *lean {
+                        // Without reading the row; when it does not apply (a lost race, an
+                        // illegal change, an unknown task), the read below tells why.
+                        let count = i64::try_from(appended.len()).unwrap_or(i64::MAX);
+                        if let Some(last) =
+                            update_lean(conn, *id, *expected, change, count, false).await?
+                        {
+                            insert_logs(conn, *id, appended, last).await?;
+                            for d in deliveries {
+                                insert_delivery(conn, d).await?;
+                            }
+                            return Ok(Reply::Seq($crate::sql::to_u64(last)));
                         }
                     }
                     let locked = lock_task(conn, *id).await?;
-                    let appended = rows.as_deref().unwrap_or_default();
                     let (task, last) =
                         update_locked(conn, locked, *expected, change, appended).await?;
                     insert_logs(conn, *id, appended, last).await?;
@@ -818,6 +835,7 @@ macro_rules! impl_sql_store {
                     change,
                     rows,
                     deliveries,
+                    lean,
                 } => {
                     use anywork_core::Claim;
                     let ctx = "claim a task";
@@ -844,6 +862,22 @@ macro_rules! impl_sql_store {
                         .fetch_optional(&mut *conn)
                         .await
                         .map_err(|e| db_err(ctx, e))?;
+                    }
+                    if *lean && duplicate_delivery(conn, deliveries).await?.is_none() {
+                        // One statement claims the task if it is pending and its session's
+                        // turn, without reading its row; otherwise (nothing written) the
+                        // reads below tell why.
+                        let count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
+                        let pending = anywork_core::TaskStatus::Pending;
+                        if let Some(last) =
+                            update_lean(conn, *id, pending, change, count, true).await?
+                        {
+                            insert_logs(conn, *id, rows, last).await?;
+                            for d in deliveries {
+                                insert_delivery(conn, d).await?;
+                            }
+                            return Ok(Reply::Seq($crate::sql::to_u64(last)));
+                        }
                     }
                     // SQLite has one writer at a time (this transaction): nothing to lock,
                     // and the task's row names its session.
@@ -886,14 +920,10 @@ macro_rules! impl_sql_store {
                             });
                         }
                     }
-                    for (i, d) in deliveries.iter().enumerate() {
-                        let dup_in_op = deliveries[..i].iter().any(|o| o.id == d.id);
-                        if dup_in_op || delivery_exists(conn, d.id).await? {
-                            return Err(anywork_core::Error::conflict(format!(
-                                "delivery {} already exists",
-                                d.id
-                            )));
-                        }
+                    if let Some(dup) = duplicate_delivery(conn, deliveries).await? {
+                        return Err(anywork_core::Error::conflict(format!(
+                            "delivery {dup} already exists"
+                        )));
                     }
                     // The task row read above is the locked one: no second read.
                     let (task, last) = update_locked(
@@ -1097,6 +1127,121 @@ macro_rules! impl_sql_store {
                 )));
             };
             Ok((task, Cols(&row).i64("last_seq")?))
+        }
+
+        /// The compare-and-set of `update_task` without reading the task's row: one
+        /// `UPDATE … WHERE id = … AND status = expected [AND the lease is change.if_lease]
+        /// RETURNING last_seq` that sets what `change` sets (as [`TaskChange::apply`] does)
+        /// and reserves `count` seqs. With `turn`, only if it is the task's session's turn
+        /// (no task of the session `running` or `input_required`, no older `pending` one):
+        /// the claim. `None` when it did not apply, with nothing written: the task is unknown,
+        /// not `expected`, not leased as required, not its session's turn, or the change is
+        /// one `apply` refuses from `expected` (checked here, not written) — the caller then
+        /// reads the row to answer why.
+        ///
+        /// [`TaskChange::apply`]: anywork_core::TaskChange::apply
+        async fn update_lean(
+            conn: &mut Conn,
+            id: anywork_core::TaskId,
+            expected: anywork_core::TaskStatus,
+            change: &anywork_core::TaskChange,
+            count: i64,
+            turn: bool,
+        ) -> anywork_core::Result<Option<i64>> {
+            use anywork_core::TaskStatus;
+            use $crate::sql::to_i64;
+            if expected.check_transition(change.status).is_err()
+                || change
+                    .outcome
+                    .as_ref()
+                    .is_some_and(|o| o.status != change.status)
+            {
+                return Ok(None);
+            }
+            let status = change.status;
+            let mut q = sqlx::QueryBuilder::<$db>::new("UPDATE tasks SET status = ");
+            q.push_bind(status.as_str());
+            q.push(", last_seq = last_seq + ").push_bind(count);
+            if let Some(worker) = &change.worker_id {
+                q.push(", worker_id = ").push_bind(worker.as_str());
+            }
+            if status == TaskStatus::Running {
+                q.push(", started_at = COALESCE(started_at, ")
+                    .push_bind(change.at.0)
+                    .push(")");
+            }
+            if status.is_terminal() || status == TaskStatus::Pending {
+                q.push(", lease_owner = NULL, lease_expires_at = NULL");
+            } else if let Some(lease) = &change.lease {
+                q.push(", lease_owner = ").push_bind(lease.owner.as_str());
+                q.push(", lease_expires_at = ").push_bind(lease.expires_at.0);
+            }
+            if status.is_terminal() {
+                q.push(", finished_at = ").push_bind(change.at.0);
+            }
+            if let Some(o) = &change.outcome {
+                let result = o.result.as_ref().map(json_text).transpose()?;
+                let structured = o.structured_output.as_ref().map(json_text).transpose()?;
+                q.push(", result = ").push_bind(result);
+                q.push(", structured_output = ").push_bind(structured);
+                q.push(", cost_usd = ").push_bind(o.cost_usd);
+                q.push(", input_tokens = ").push_bind(to_i64(o.usage.input_tokens));
+                q.push(", output_tokens = ").push_bind(to_i64(o.usage.output_tokens));
+                q.push(", cache_creation_input_tokens = ")
+                    .push_bind(to_i64(o.usage.cache_creation_input_tokens));
+                q.push(", cache_read_input_tokens = ")
+                    .push_bind(to_i64(o.usage.cache_read_input_tokens));
+                q.push(", num_turns = ").push_bind(i64::from(o.num_turns));
+                q.push(", duration_ms = ").push_bind(to_i64(o.duration_ms));
+            }
+            // `apply` copies the outcome's error, then the change's own over it.
+            let error = match (&change.error, &change.outcome) {
+                (Some(e), _) => Some(Some(e)),
+                (None, Some(o)) => Some(o.error.as_ref()),
+                (None, None) => None,
+            };
+            if let Some(error) = error {
+                q.push(", error = ")
+                    .push_bind(error.map(json_text).transpose()?);
+            }
+            q.push(" WHERE id = ").push_bind(id.to_string());
+            q.push(" AND status = ").push_bind(expected.as_str());
+            if let Some(lease) = &change.if_lease {
+                q.push(" AND lease_owner = ").push_bind(lease.owner.as_str());
+                q.push(" AND lease_expires_at = ").push_bind(lease.expires_at.0);
+            }
+            if turn {
+                // `=` chains, not `IN (…)`: see STATUS_IS_ACTIVE.
+                q.push(
+                    " AND NOT EXISTS (SELECT 1 FROM tasks o \
+                     WHERE o.session_id = tasks.session_id \
+                     AND (o.status = 'running' OR o.status = 'input_required' \
+                       OR (o.status = 'pending' AND (o.created_at < tasks.created_at \
+                         OR (o.created_at = tasks.created_at AND o.id < tasks.id)))))",
+                );
+            }
+            q.push(" RETURNING last_seq");
+            let row = q
+                .build()
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(|e| $crate::sql::db_err("update task", e))?;
+            row.map(|row| Cols(&row).i64("last_seq")).transpose()
+        }
+
+        /// The first of `deliveries` whose id is taken (in the table, or by an earlier one of
+        /// them), if any.
+        async fn duplicate_delivery(
+            conn: &mut Conn,
+            deliveries: &[anywork_core::Delivery],
+        ) -> anywork_core::Result<Option<anywork_core::DeliveryId>> {
+            for (i, d) in deliveries.iter().enumerate() {
+                let dup_in_op = deliveries[..i].iter().any(|o| o.id == d.id);
+                if dup_in_op || delivery_exists(conn, d.id).await? {
+                    return Ok(Some(d.id));
+                }
+            }
+            Ok(None)
         }
 
         /// Appends `rows` to `task_id`'s log inside the transaction on `conn`; the last seq.
@@ -1723,6 +1868,7 @@ macro_rules! impl_sql_store {
                     change: Box::new(change),
                     rows: None,
                     deliveries: Vec::new(),
+                    lean: false,
                 };
                 match self.write(op).await? {
                     Reply::Task(t, _) => Ok(*t),
@@ -1755,9 +1901,32 @@ macro_rules! impl_sql_store {
                     change: Box::new(change),
                     rows: Some(encode_logs(logs)?),
                     deliveries: deliveries.into_iter().map(|d| d.into_delivery(id)).collect(),
+                    lean: false,
                 };
                 match self.write(op).await? {
                     Reply::Task(t, last) => Ok((*t, last)),
+                    other => Err(unexpected_reply(other)),
+                }
+            }
+
+            async fn update_task_lean(
+                &self,
+                id: anywork_core::TaskId,
+                expected: anywork_core::TaskStatus,
+                change: anywork_core::TaskChange,
+                logs: Vec<anywork_core::NewTaskLog>,
+                deliveries: Vec<anywork_core::NewDelivery>,
+            ) -> anywork_core::Result<u64> {
+                let op = WriteOp::UpdateTask {
+                    id,
+                    expected,
+                    change: Box::new(change),
+                    rows: Some(encode_logs(logs)?),
+                    deliveries: deliveries.into_iter().map(|d| d.into_delivery(id)).collect(),
+                    lean: true,
+                };
+                match self.write(op).await? {
+                    Reply::Seq(last) | Reply::Task(_, last) => Ok(last),
                     other => Err(unexpected_reply(other)),
                 }
             }
@@ -1853,9 +2022,33 @@ macro_rules! impl_sql_store {
                     change: Box::new(change),
                     rows: encode_logs(logs)?,
                     deliveries: deliveries.into_iter().map(|d| d.into_delivery(id)).collect(),
+                    lean: false,
                 };
                 match self.write(op).await? {
                     Reply::Claim(claim) => Ok(*claim),
+                    other => Err(unexpected_reply(other)),
+                }
+            }
+
+            async fn claim_task_lean(
+                &self,
+                id: anywork_core::TaskId,
+                change: anywork_core::TaskChange,
+                logs: Vec<anywork_core::NewTaskLog>,
+                deliveries: Vec<anywork_core::NewDelivery>,
+            ) -> anywork_core::Result<anywork_core::Claim<()>> {
+                use anywork_core::Claim;
+                anywork_core::store::check_claim(&change)?;
+                let op = WriteOp::ClaimTask {
+                    id,
+                    change: Box::new(change),
+                    rows: encode_logs(logs)?,
+                    deliveries: deliveries.into_iter().map(|d| d.into_delivery(id)).collect(),
+                    lean: true,
+                };
+                match self.write(op).await? {
+                    Reply::Seq(last) => Ok(Claim::Claimed((), last)),
+                    Reply::Claim(claim) => Ok((*claim).map(drop)),
                     other => Err(unexpected_reply(other)),
                 }
             }

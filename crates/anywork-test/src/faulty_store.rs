@@ -75,7 +75,9 @@ impl FaultyStore {
 
     /// Only the writes of these methods (`"append_logs"`, `"update_task_and_append"`, …)
     /// fail for `d` from now on; the others pass. `append_logs_while_active` (how a run
-    /// writes its events) counts as `"append_logs"`.
+    /// writes its events) counts as `"append_logs"`, `claim_task_lean` (how a run starts) as
+    /// `"claim_task"` and `update_task_lean` (how a run changes its status) as
+    /// `"update_task_and_enqueue"`.
     pub fn down_for_ops(&self, ops: &[&'static str], d: Duration) {
         *self.only.lock().unwrap_or_else(|e| e.into_inner()) = Some(ops.to_vec());
         self.down_for(d);
@@ -274,6 +276,19 @@ impl TaskStore for FaultyStore {
             .update_task_and_enqueue(id, expected, change, logs, deliveries)
             .await
     }
+    async fn update_task_lean(
+        &self,
+        id: TaskId,
+        expected: TaskStatus,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+        deliveries: Vec<NewDelivery>,
+    ) -> Result<u64> {
+        self.write("update_task_and_enqueue")?;
+        self.inner
+            .update_task_lean(id, expected, change, logs, deliveries)
+            .await
+    }
     async fn tasks_by_session(&self, session_id: &SessionId, page: Page) -> Result<Vec<Task>> {
         self.count_read("tasks_by_session");
         self.inner.tasks_by_session(session_id, page).await
@@ -309,6 +324,18 @@ impl TaskStore for FaultyStore {
     ) -> anywork_core::Result<anywork_core::Claim> {
         self.write("claim_task")?;
         self.inner.claim_task(id, change, logs, deliveries).await
+    }
+    async fn claim_task_lean(
+        &self,
+        id: TaskId,
+        change: TaskChange,
+        logs: Vec<anywork_core::NewTaskLog>,
+        deliveries: Vec<anywork_core::NewDelivery>,
+    ) -> anywork_core::Result<anywork_core::Claim<()>> {
+        self.write("claim_task")?;
+        self.inner
+            .claim_task_lean(id, change, logs, deliveries)
+            .await
     }
     async fn claimable(&self, limit: u32) -> Result<Vec<Task>> {
         self.inner.claimable(limit).await

@@ -453,6 +453,29 @@ mod tests {
                 .update_task_and_append(id, expected, change, logs)
                 .await
         }
+        async fn update_task_lean(
+            &self,
+            id: TaskId,
+            expected: TaskStatus,
+            change: TaskChange,
+            logs: Vec<NewTaskLog>,
+            deliveries: Vec<anywork_core::NewDelivery>,
+        ) -> Result<u64> {
+            self.inner
+                .update_task_lean(id, expected, change, logs, deliveries)
+                .await
+        }
+        async fn claim_task_lean(
+            &self,
+            id: TaskId,
+            change: TaskChange,
+            logs: Vec<NewTaskLog>,
+            deliveries: Vec<anywork_core::NewDelivery>,
+        ) -> Result<anywork_core::Claim<()>> {
+            self.inner
+                .claim_task_lean(id, change, logs, deliveries)
+                .await
+        }
         async fn tasks_by_session(&self, id: &SessionId, page: Page) -> Result<Vec<Task>> {
             self.inner.tasks_by_session(id, page).await
         }

@@ -828,26 +828,14 @@ impl Inner {
     }
 
     /// Changes the task's status and appends `events` in one write, then publishes them.
-    async fn transition(
-        &self,
-        task: &Task,
-        expected: TaskStatus,
-        change: TaskChange,
-        events: Vec<TaskEvent>,
-    ) -> Result<Task> {
-        let n = events.len() as u64;
-        let logs = events.iter().cloned().map(NewTaskLog::now).collect();
-        let (stored, last) = self
-            .store
-            .update_task_and_append(task.id, expected, change, logs)
-            .await?;
-        self.publish(task, last + 1 - n, events);
-        Ok(stored)
-    }
-
-    /// [`transition`](Self::transition) that also enqueues, in the same store transaction,
-    /// the deliveries that tell of the new status (the outcome to the task's channel, its
-    /// push notification), and wakes the outbox sender.
+    /// Also enqueues, in the same store transaction, the deliveries that tell of the new
+    /// status (the outcome to the task's channel, its push notification), and wakes the
+    /// outbox sender when there are any.
+    ///
+    /// Returns the task as stored after the change: `task` with `change` applied, as the
+    /// store applied it ([`TaskStore::update_task_lean`] does not read the row back; the
+    /// compare-and-set on `expected` — and on the lease, for a change with `if_lease` — is
+    /// what makes the two agree).
     async fn transition_and_enqueue(
         &self,
         task: &Task,
@@ -857,7 +845,8 @@ impl Inner {
     ) -> Result<Task> {
         let mut after = task.clone();
         after.status = expected;
-        let deliveries = match change.apply(&mut after) {
+        let applied = change.apply(&mut after);
+        let deliveries = match applied {
             Ok(()) => {
                 let question = events.iter().rev().find_map(|e| match e {
                     TaskEvent::InputRequired(r) => Some(r),
@@ -872,24 +861,30 @@ impl Inner {
             // The store refuses the change the same way.
             Err(_) => Vec::new(),
         };
-        if deliveries.is_empty() {
-            return self.transition(task, expected, change, events).await;
-        }
+        let woken = !deliveries.is_empty();
         let n = events.len() as u64;
         let logs = events.iter().cloned().map(NewTaskLog::now).collect();
-        let (stored, last) = self
+        let last = self
             .store
-            .update_task_and_enqueue(task.id, expected, change, logs, deliveries)
+            .update_task_lean(task.id, expected, change, logs, deliveries)
             .await?;
         self.publish(task, last + 1 - n, events);
-        self.outbox_wake.notify_one();
-        Ok(stored)
+        if woken {
+            self.outbox_wake.notify_one();
+        }
+        match applied {
+            Ok(()) => Ok(after),
+            // The store took a change this copy refused (a copy older than the store's row):
+            // the task as stored.
+            Err(_) => self.store.get_task(task.id).await,
+        }
     }
 
-    /// Starts `task` through the store's claim ([`TaskStore::claim_task`]): `pending →
+    /// Starts `task` through the store's claim ([`TaskStore::claim_task_lean`]): `pending →
     /// running` with `change` and `events` (and the deliveries the new status calls for) if
     /// it is its session's turn on every server sharing the store; publishes the events when
-    /// it was.
+    /// it was. A claimed task comes back as `task` with `change` applied (the store does not
+    /// read it back: its compare-and-set on `pending` makes the two agree).
     async fn claim(
         &self,
         task: &Task,
@@ -898,7 +893,8 @@ impl Inner {
     ) -> Result<anywork_core::Claim> {
         let mut after = task.clone();
         after.status = TaskStatus::Pending;
-        let deliveries = match change.apply(&mut after) {
+        let applied = change.apply(&mut after);
+        let deliveries = match applied {
             Ok(()) => outbox::deliveries_for(self, &after, None, None),
             Err(_) => Vec::new(),
         };
@@ -907,19 +903,26 @@ impl Inner {
         let logs = events.iter().cloned().map(NewTaskLog::now).collect();
         let claim = self
             .store
-            .claim_task(task.id, change, logs, deliveries)
+            .claim_task_lean(task.id, change, logs, deliveries)
             .await?;
-        if let anywork_core::Claim::Claimed(stored, last) = &claim {
-            self.publish(stored, last + 1 - n, events);
-            if woken {
-                self.outbox_wake.notify_one();
-            }
+        let anywork_core::Claim::Claimed((), last) = claim else {
+            return Ok(claim.map(|()| after));
+        };
+        self.publish(task, last + 1 - n, events);
+        if woken {
+            self.outbox_wake.notify_one();
         }
-        Ok(claim)
+        match applied {
+            Ok(()) => Ok(anywork_core::Claim::Claimed(after, last)),
+            Err(_) => Ok(anywork_core::Claim::Claimed(
+                self.store.get_task(task.id).await?,
+                last,
+            )),
+        }
     }
 
-    /// Publishes events the store has just numbered `first..`. Only `record` and `transition`
-    /// call it: what is published was stored.
+    /// Publishes events the store has just numbered `first..`. Only `record`, `claim` and
+    /// `transition_and_enqueue` call it: what is published was stored.
     fn publish(&self, task: &Task, first: u64, events: Vec<TaskEvent>) {
         self.hub
             .publish(events.into_iter().enumerate().map(|(i, event)| LiveEvent {

@@ -1630,19 +1630,22 @@ mod tests {
     }
 
     /// A store that writes through to memory and records, per write, the types of the
-    /// events it appended: how many writes the events of a task took.
+    /// events it appended (how many writes the events of a task took) and the method.
+    #[derive(Default)]
     struct Writes {
         inner: MemoryStore,
         appends: std::sync::Mutex<Vec<Vec<String>>>,
+        methods: std::sync::Mutex<Vec<&'static str>>,
     }
 
     impl Writes {
-        fn record(&self, logs: &[NewTaskLog]) {
+        fn record(&self, method: &'static str, logs: &[NewTaskLog]) {
             let kinds = logs
                 .iter()
                 .map(|l| anywork_core::WireEvent::from(l.event.clone()).kind)
                 .collect();
             self.appends.lock().unwrap().push(kinds);
+            self.methods.lock().unwrap().push(method);
         }
     }
 
@@ -1707,9 +1710,34 @@ mod tests {
             change: TaskChange,
             logs: Vec<NewTaskLog>,
         ) -> Result<(Task, u64)> {
-            self.record(&logs);
+            self.record("update_task_and_append", &logs);
             self.inner
                 .update_task_and_append(id, expected, change, logs)
+                .await
+        }
+        async fn update_task_lean(
+            &self,
+            id: TaskId,
+            expected: TaskStatus,
+            change: TaskChange,
+            logs: Vec<NewTaskLog>,
+            deliveries: Vec<anywork_core::NewDelivery>,
+        ) -> Result<u64> {
+            self.record("update_task_lean", &logs);
+            self.inner
+                .update_task_lean(id, expected, change, logs, deliveries)
+                .await
+        }
+        async fn claim_task_lean(
+            &self,
+            id: TaskId,
+            change: TaskChange,
+            logs: Vec<NewTaskLog>,
+            deliveries: Vec<anywork_core::NewDelivery>,
+        ) -> Result<anywork_core::Claim<()>> {
+            self.record("claim_task_lean", &logs);
+            self.inner
+                .claim_task_lean(id, change, logs, deliveries)
                 .await
         }
         async fn tasks_by_session(
@@ -1733,7 +1761,7 @@ mod tests {
             self.inner.expired_leases(now, limit).await
         }
         async fn append_logs(&self, id: TaskId, logs: Vec<NewTaskLog>) -> Result<u64> {
-            self.record(&logs);
+            self.record("append_logs", &logs);
             self.inner.append_logs(id, logs).await
         }
         async fn read_logs(
@@ -1806,15 +1834,8 @@ mod tests {
         url
     }
 
-    /// The events that end a task, arriving together, are stored with its outcome in one
-    /// write (its `done` last), not in a write of their own before it; the log stays
-    /// gap-free and complete.
-    #[tokio::test]
-    async fn a_batch_that_ends_the_task_is_stored_with_its_outcome_in_one_write() {
-        let store = Arc::new(Writes {
-            inner: MemoryStore::new(),
-            appends: Default::default(),
-        });
+    /// Runs one task of the one-write worker on `store` to its end; the task as stored.
+    async fn run_one(store: &Arc<Writes>) -> Task {
         let driver =
             Arc::new(anywork_drivers::StaticDriver::new(&one_write_worker().await).unwrap());
         let d = Dispatcher::builder(store.clone(), driver)
@@ -1837,6 +1858,32 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         assert_eq!(done.status, TaskStatus::Completed, "{done:?}");
+        done
+    }
+
+    /// The claim and the outcome go through the lean writes, which do not read the task
+    /// back (a SQL store reads and decodes no task row for them); the run applies each
+    /// change to its own copy, which ends as the task stored.
+    #[tokio::test]
+    async fn a_run_claims_and_finishes_without_reading_its_task_back() {
+        let store = Arc::new(Writes::default());
+        let done = run_one(&store).await;
+        assert_eq!(
+            *store.methods.lock().unwrap(),
+            vec!["claim_task_lean", "update_task_lean"]
+        );
+        assert!(done.started_at.is_some() && done.finished_at.is_some());
+        assert!(done.worker_id.is_some(), "{done:?}");
+        assert_eq!(done.result.as_deref(), Some("hello"), "{done:?}");
+    }
+
+    /// The events that end a task, arriving together, are stored with its outcome in one
+    /// write (its `done` last), not in a write of their own before it; the log stays
+    /// gap-free and complete.
+    #[tokio::test]
+    async fn a_batch_that_ends_the_task_is_stored_with_its_outcome_in_one_write() {
+        let store = Arc::new(Writes::default());
+        let task = run_one(&store).await;
         let writes = store.appends.lock().unwrap().clone();
         assert_eq!(
             writes,
