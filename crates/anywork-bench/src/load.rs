@@ -101,6 +101,11 @@ pub struct Options {
     /// debug level, which costs CPU: other figures are marked).
     #[arg(long, conflicts_with_all = ["strace", "perf_events"])]
     count_sql: bool,
+    /// The stand-in acknowledges `/prepare` keys as AnyWork's own worker does, so the server
+    /// leaves `/prepare` out while it is unchanged; by default it answers as the original's
+    /// worker (every task gets a `/prepare`).
+    #[arg(long)]
+    standin_prepare_keys: bool,
 }
 
 /// `NAME=VALUE` of `--server-env`.
@@ -781,7 +786,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         Some(b) => b.clone(),
         None => exe.with_file_name("anywork-server"),
     };
-    let standin = standin::spawn(&exe).await?;
+    let standin = standin::spawn(&exe, options.standin_prepare_keys).await?;
     println!(
         "load  server {} (MAX_CONCURRENT_TASKS {}), stand-in worker {} (pid {}), open-file \
          limit {nofile}",

@@ -9,19 +9,25 @@
 //! generator reads it from the WebSocket and subtracts the time it sent the chat (dispatch).
 //! `GET /stats` counts the requests by route (what the server asks of a worker per task).
 //!
+//! With `--prepare-keys` it also speaks this project's worker API on one point, as
+//! `anywork-worker` does: `/prepare` answers back the request's `X-AnyWork-Prepare-Key` and
+//! remembers it for the session, and a `/chat` that names a key the session was not prepared
+//! with is refused with `412`. The server then leaves `/prepare` out while what it carries
+//! is unchanged (one worker call per task instead of two).
+//!
 //! `anywork-bench stand-in` runs it as a process of its own (it prints `listening <url>`);
 //! [`spawn`] starts that process.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
@@ -33,7 +39,13 @@ pub struct Options {
     /// Port on 127.0.0.1 (0: any free one).
     #[arg(long, default_value_t = 0)]
     port: u16,
+    /// Acknowledge `/prepare` keys as AnyWork's own worker does (see the module's text).
+    #[arg(long)]
+    prepare_keys: bool,
 }
+
+/// The header of a prepare key (`anywork_core::worker_api::PREPARE_KEY_HEADER`).
+const KEY_HEADER: &str = anywork_core::worker_api::PREPARE_KEY_HEADER;
 
 /// The prefix of the `text` event's content; the rest is the CLOCK_MONOTONIC ns of arrival.
 pub const STAMP: &str = "recv ";
@@ -56,7 +68,14 @@ struct Counts {
     other: AtomicU64,
 }
 
-type Shared = Arc<Counts>;
+/// What the handlers share: the counts, and with `--prepare-keys` each session's key.
+#[derive(Default)]
+struct Stand {
+    counts: Counts,
+    keys: Option<Mutex<HashMap<String, String>>>,
+}
+
+type Shared = Arc<Stand>;
 
 fn router(counts: Shared) -> Router {
     Router::new()
@@ -81,22 +100,54 @@ fn unprocessable(why: &str) -> Response {
     (StatusCode::UNPROCESSABLE_ENTITY, axum::Json(detail)).into_response()
 }
 
-async fn prepare(State(counts): State<Shared>, bytes: Bytes) -> Response {
-    counts.prepare.fetch_add(1, Ordering::Relaxed);
-    if object(&bytes).is_none() {
-        return unprocessable("body is not a JSON object");
-    }
-    axum::Json(json!({ "status": "ready" })).into_response()
+fn key_of(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(KEY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
-async fn chat(State(counts): State<Shared>, bytes: Bytes) -> Response {
-    let arrived = mono_ns();
-    counts.chat.fetch_add(1, Ordering::Relaxed);
+fn lock_keys(
+    m: &Mutex<HashMap<String, String>>,
+) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn prepare(State(stand): State<Shared>, headers: HeaderMap, bytes: Bytes) -> Response {
+    stand.counts.prepare.fetch_add(1, Ordering::Relaxed);
     let Some(body) = object(&bytes) else {
         return unprocessable("body is not a JSON object");
     };
-    if !body["session_id"].is_string() || !body["message"].is_string() {
+    let (Some(keys), Some(session)) = (&stand.keys, body["session_id"].as_str()) else {
+        return axum::Json(json!({ "status": "ready" })).into_response();
+    };
+    let key = key_of(&headers);
+    let mut keys = lock_keys(keys);
+    match &key {
+        Some(k) => keys.insert(session.to_owned(), k.clone()),
+        None => keys.remove(session),
+    };
+    axum::Json(json!({ "status": "ready", "prepared": key })).into_response()
+}
+
+async fn chat(State(stand): State<Shared>, headers: HeaderMap, bytes: Bytes) -> Response {
+    let arrived = mono_ns();
+    stand.counts.chat.fetch_add(1, Ordering::Relaxed);
+    let Some(body) = object(&bytes) else {
+        return unprocessable("body is not a JSON object");
+    };
+    let Some(session) = body["session_id"].as_str() else {
         return unprocessable("session_id and message are required strings");
+    };
+    if !body["message"].is_string() {
+        return unprocessable("session_id and message are required strings");
+    }
+    if let (Some(keys), Some(key)) = (&stand.keys, key_of(&headers))
+        && lock_keys(keys).get(session) != Some(&key)
+    {
+        let error = json!({"error": {"code": "conflict", "message":
+            format!("session {session} is not prepared as this chat expects: send /prepare again")}});
+        return (StatusCode::PRECONDITION_FAILED, axum::Json(error)).into_response();
     }
     // The whole stream at once: the original sends these two events for a one-block answer.
     let sse = format!(
@@ -111,16 +162,16 @@ async fn chat(State(counts): State<Shared>, bytes: Bytes) -> Response {
         .into_response()
 }
 
-async fn cancel(State(counts): State<Shared>, bytes: Bytes) -> Response {
-    counts.cancel.fetch_add(1, Ordering::Relaxed);
+async fn cancel(State(stand): State<Shared>, bytes: Bytes) -> Response {
+    stand.counts.cancel.fetch_add(1, Ordering::Relaxed);
     if object(&bytes).is_none_or(|b| !b["session_id"].is_string()) {
         return unprocessable("session_id is a required string");
     }
     axum::Json(json!({ "status": "canceled" })).into_response()
 }
 
-async fn health(State(counts): State<Shared>) -> Response {
-    counts.health.fetch_add(1, Ordering::Relaxed);
+async fn health(State(stand): State<Shared>) -> Response {
+    stand.counts.health.fetch_add(1, Ordering::Relaxed);
     axum::Json(json!({
         "status": "ok",
         "engine": "claude-agent-sdk",
@@ -130,12 +181,13 @@ async fn health(State(counts): State<Shared>) -> Response {
     .into_response()
 }
 
-async fn other(State(counts): State<Shared>) -> Response {
-    counts.other.fetch_add(1, Ordering::Relaxed);
+async fn other(State(stand): State<Shared>) -> Response {
+    stand.counts.other.fetch_add(1, Ordering::Relaxed);
     StatusCode::NOT_FOUND.into_response()
 }
 
-async fn stats(State(counts): State<Shared>) -> Response {
+async fn stats(State(stand): State<Shared>) -> Response {
+    let counts = &stand.counts;
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
     axum::Json(json!({
         "prepare": get(&counts.prepare),
@@ -148,18 +200,22 @@ async fn stats(State(counts): State<Shared>) -> Response {
 }
 
 /// Serves on `listener` until the process ends.
-async fn serve(listener: tokio::net::TcpListener) -> std::io::Result<()> {
+async fn serve(listener: tokio::net::TcpListener, prepare_keys: bool) -> std::io::Result<()> {
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, router(Arc::default())).await
+    let stand = Stand {
+        counts: Counts::default(),
+        keys: prepare_keys.then(Mutex::default),
+    };
+    axum::serve(listener, router(Arc::new(stand))).await
 }
 
 /// Serves until killed (`anywork-bench stand-in`); run it on a current-thread runtime.
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", options.port)).await?;
     println!("listening http://{}", listener.local_addr()?);
-    serve(listener).await?;
+    serve(listener, options.prepare_keys).await?;
     Ok(())
 }
 
@@ -181,10 +237,12 @@ impl StandIn {
     }
 }
 
-/// Starts `bench stand-in` and waits for its address.
-pub async fn spawn(bench: &Path) -> anyhow::Result<StandIn> {
+/// Starts `bench stand-in` (with `--prepare-keys` if `prepare_keys`) and waits for its
+/// address.
+pub async fn spawn(bench: &Path, prepare_keys: bool) -> anyhow::Result<StandIn> {
     let mut child = tokio::process::Command::new(bench)
         .arg("stand-in")
+        .args(prepare_keys.then_some("--prepare-keys"))
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -217,9 +275,13 @@ mod tests {
     use futures_util::StreamExt;
 
     async fn start() -> WorkerEndpoint {
+        start_with(false).await
+    }
+
+    async fn start_with(prepare_keys: bool) -> WorkerEndpoint {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(serve(listener));
+        tokio::spawn(serve(listener, prepare_keys));
         WorkerEndpoint {
             worker_id: url.clone(),
             base_url: url,
@@ -280,5 +342,53 @@ mod tests {
             .unwrap();
         assert_eq!(stats["prepare"], 1);
         assert_eq!(stats["chat"], 2);
+    }
+
+    /// With `--prepare-keys` the server's client leaves `/prepare` out once the stand-in
+    /// acknowledged its key, and a chat with a key the session was not prepared with is
+    /// refused (the client then prepares again), as with AnyWork's own worker; without it the
+    /// stand-in acknowledges nothing (the original's worker).
+    #[tokio::test]
+    async fn prepare_keys_are_acknowledged_and_checked_only_when_asked_for() {
+        use anywork_runtime::worker_client::{ChatStart, PreparedBody};
+        let client = WorkerClient::new(std::time::Duration::from_secs(5)).unwrap();
+        let prepare = |skill: &str| -> PreparedBody {
+            let request: PrepareRequest = serde_json::from_value(json!({
+                "session_id": "s1", "skills": [{"name": skill, "content": "x"}], "mcp_servers": {}
+            }))
+            .unwrap();
+            PreparedBody::new(&request).unwrap()
+        };
+        let request = ChatRequest {
+            task_id: TaskId::generate(),
+            session_id: SessionId::new("s1").unwrap(),
+            message: "hi".into(),
+        };
+        let (first, second) = (prepare("a"), prepare("b"));
+
+        let original = start_with(false).await;
+        client.prepare_body(&original, &first).await.unwrap();
+        assert!(
+            !client.is_prepared(&original, &first),
+            "nothing acknowledged"
+        );
+
+        let keyed = start_with(true).await;
+        client.prepare_body(&keyed, &first).await.unwrap();
+        assert!(client.is_prepared(&keyed, &first));
+        assert!(
+            !client.is_prepared(&keyed, &second),
+            "another body, another key"
+        );
+        let started = client
+            .chat_prepared(&keyed, &request, first.key())
+            .await
+            .unwrap();
+        assert!(matches!(started, ChatStart::Started(_)));
+        let refused = client
+            .chat_prepared(&keyed, &request, second.key())
+            .await
+            .unwrap();
+        assert!(matches!(refused, ChatStart::NotPrepared));
     }
 }
