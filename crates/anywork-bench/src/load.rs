@@ -12,7 +12,9 @@
 //!    done at the client; tasks/s = tasks / (first chat sent → last done). The server
 //!    process's CPU (`/proc/PID/stat` utime + stime) and context switches (`/proc/PID/task/*/
 //!    status`) over the run, per task; optionally `strace -c -f -p` or `perf stat -p` over it;
-//! 5. the connections closed: RSS (what is returned).
+//! 5. the connections closed: RSS and RssAnon (what is returned), again at each
+//!    `--after-close-ms` delay (past jemalloc's decay: what the server keeps), then
+//!    `--at-rest-cmd` if given.
 //!
 //! `--callgrind` runs the server under `valgrind --tool=callgrind` with instrumentation off
 //! until the measured run, on over it, and dumped at its end: instructions (Ir) per task, a
