@@ -12,7 +12,9 @@
 //!    done at the client; tasks/s = tasks / (first chat sent → last done). The server
 //!    process's CPU (`/proc/PID/stat` utime + stime) and context switches (`/proc/PID/task/*/
 //!    status`) over the run, per task; optionally `strace -c -f -p` or `perf stat -p` over it;
-//! 5. the connections closed: RSS (what is returned).
+//! 5. the connections closed: RSS and RssAnon (what is returned), again at each
+//!    `--after-close-ms` delay (past jemalloc's decay: what the server keeps), then
+//!    `--at-rest-cmd` if given.
 //!
 //! `--callgrind` runs the server under `valgrind --tool=callgrind` with instrumentation off
 //! until the measured run, on over it, and dumped at its end: instructions (Ir) per task, a
@@ -89,6 +91,18 @@ pub struct Options {
     /// Wait after opening or closing connections before reading the RSS.
     #[arg(long, default_value_t = 2000)]
     settle_ms: u64,
+    /// Read the server's RSS and RssAnon again these many milliseconds after the connections
+    /// closed (comma-separated, from the close), e.g. `15000,30000`: past jemalloc's decay of
+    /// freed pages (`dirty_decay_ms`, 10 s), what the server keeps rather than what it has not
+    /// given back yet.
+    #[arg(long, value_delimiter = ',')]
+    after_close_ms: Vec<u64>,
+    /// A shell command run once the readings after the close are done, before the server
+    /// stops, with the server's pid in `SERVER_PID`: e.g. gdb calling the allocators' own
+    /// statistics (`_rjem_malloc_stats_print`, glibc's `malloc_stats`), which the server
+    /// prints on its stderr.
+    #[arg(long)]
+    at_rest_cmd: Option<String>,
     /// Run the server under `valgrind --tool=callgrind`, instrumented over the measured run
     /// only: instructions per task (its time figures are then meaningless).
     #[arg(long, conflicts_with_all = ["strace", "perf_events", "count_sql"])]
@@ -163,6 +177,8 @@ struct Level {
     /// base and after closing.
     anon_base: u64,
     anon_closed: u64,
+    /// `--after-close-ms`: (ms after the close, RSS, RssAnon).
+    later: Vec<(u64, u64, u64)>,
     traced: Option<String>,
 }
 
@@ -537,8 +553,26 @@ async fn level(bench: &Bench, store: Store, sessions: usize) -> anyhow::Result<L
 
     // 5. Closed.
     drop(conns);
+    let closed = Instant::now();
     bench.settle().await;
     let (rss_closed, anon_closed) = (rss_kib(pid)?, rss_anon_kib(pid)?);
+    let mut later = Vec::new();
+    let mut delays = o.after_close_ms.clone();
+    delays.sort_unstable();
+    for ms in delays {
+        tokio::time::sleep_until((closed + Duration::from_millis(ms)).into()).await;
+        later.push((ms, rss_kib(pid)?, rss_anon_kib(pid)?));
+    }
+    if let Some(cmd) = &o.at_rest_cmd {
+        let status = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .env("SERVER_PID", pid.to_string())
+            .status()
+            .await
+            .context("cannot run --at-rest-cmd")?;
+        ensure!(status.success(), "--at-rest-cmd failed: {status}");
+    }
     server.stop().await?;
 
     let tasks = chats.len();
@@ -574,6 +608,7 @@ async fn level(bench: &Bench, store: Store, sessions: usize) -> anyhow::Result<L
         rss_closed,
         anon_base,
         anon_closed,
+        later,
         traced,
     })
 }
@@ -636,6 +671,26 @@ fn print(label: &str, l: &Level) {
         procfs::mib(l.anon_base),
         procfs::mib(l.anon_closed),
     );
+    if !l.later.is_empty() {
+        let later: Vec<String> = l
+            .later
+            .iter()
+            .map(|&(ms, rss, anon)| {
+                format!(
+                    "{:.1} s: {} (RssAnon {})",
+                    ms as f64 / 1000.0,
+                    procfs::mib(rss),
+                    procfs::mib(anon)
+                )
+            })
+            .collect();
+        println!(
+            "load  {label} {}x{}: server RSS after closing + {}",
+            l.sessions,
+            l.turns,
+            later.join(", + ")
+        );
+    }
     if let Some(t) = &l.traced {
         println!("load  {label} {}x{}: {t}", l.sessions, l.turns);
     }
@@ -671,11 +726,21 @@ fn span(values: &[f64], digits: usize) -> String {
 
 fn table(label: &str, levels: &[Vec<Level>], note: &str) -> String {
     let mut out = String::new();
+    // `--after-close-ms`: the same delays in every run.
+    let delays: Vec<u64> = levels
+        .iter()
+        .find_map(|runs| runs.first())
+        .map(|l| l.later.iter().map(|r| r.0).collect())
+        .unwrap_or_default();
+    let later_head: String = delays
+        .iter()
+        .map(|&ms| format!(" → +{} s", ms as f64 / 1000.0))
+        .collect();
     let _ = writeln!(
         out,
         "| {label}: sessions × turns | tasks/s | dispatch p50 / p99 ms | chat→done p50 / p99 ms \
          | server CPU ms/task | ctx switches/task (vol + invol) | RSS base → idle WS → sessions → \
-         closed MiB | RssAnon base → closed MiB | KiB per idle WS | KiB per session |"
+         closed MiB | RssAnon base → closed{later_head} MiB | KiB per idle WS | KiB per session |"
     );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
     for runs in levels {
@@ -683,10 +748,13 @@ fn table(label: &str, levels: &[Vec<Level>], note: &str) -> String {
         let f =
             |g: &dyn Fn(&Level) -> f64, d: usize| span(&runs.iter().map(g).collect::<Vec<_>>(), d);
         let mib = |g: &dyn Fn(&Level) -> u64| f(&|l| g(l) as f64 / 1024.0, 1);
+        let later: String = (0..delays.len())
+            .map(|i| format!(" → {}", mib(&|l| l.later.get(i).map_or(0, |r| r.2))))
+            .collect();
         let _ = writeln!(
             out,
-            "| {} × {}{} | {} | {} / {} | {} / {} | {} | {} + {} | {} → {} → {} → {} | {} → {} | {} \
-             | {} |",
+            "| {} × {}{} | {} | {} / {} | {} / {} | {} | {} + {} | {} → {} → {} → {} | {} → {}{} | \
+             {} | {} |",
             first.sessions,
             first.turns,
             note,
@@ -704,6 +772,7 @@ fn table(label: &str, levels: &[Vec<Level>], note: &str) -> String {
             mib(&|l| l.rss_closed),
             mib(&|l| l.anon_base),
             mib(&|l| l.anon_closed),
+            later,
             f(&Level::per_idle_kib, 1),
             f(&Level::per_session_kib, 1),
         );
@@ -866,5 +935,64 @@ mod tests {
         );
         assert!(parse_env("NO_VALUE").is_err());
         assert!(parse_env("=value").is_err());
+    }
+
+    fn level(later: Vec<(u64, u64, u64)>) -> Level {
+        let d = Duration::from_millis(10);
+        let summary = || Summary {
+            n: 1,
+            p50: d,
+            p99: d,
+            max: d,
+        };
+        Level {
+            sessions: 1000,
+            turns: 2,
+            tasks: 2000,
+            wall: Duration::from_secs(1),
+            dispatch: summary(),
+            done: summary(),
+            cpu: Duration::from_secs(1),
+            switches: (0, 0),
+            standin_cpu: Duration::ZERO,
+            loadgen_cpu: Duration::ZERO,
+            instructions: None,
+            statements: None,
+            worker_calls: Vec::new(),
+            threads: 1,
+            rss_base: 20 * 1024,
+            rss_idle: 23 * 1024,
+            rss_sessions: 40 * 1024,
+            rss_loaded: 80 * 1024,
+            rss_closed: 80 * 1024,
+            anon_base: 4 * 1024,
+            anon_closed: 60 * 1024,
+            later,
+            traced: None,
+        }
+    }
+
+    #[test]
+    fn the_readings_after_the_close_get_their_columns() {
+        let runs = vec![vec![
+            level(vec![
+                (15_000, 40 * 1024, 20 * 1024),
+                (30_000, 30 * 1024, 10 * 1024),
+            ]),
+            level(vec![
+                (15_000, 40 * 1024, 22 * 1024),
+                (30_000, 30 * 1024, 10 * 1024),
+            ]),
+        ]];
+        let out = table("SQLite", &runs, "");
+        assert!(
+            out.contains("RssAnon base → closed → +15 s → +30 s MiB"),
+            "{out}"
+        );
+        assert!(out.contains("| 4.0 → 60.0 → 20.0–22.0 → 10.0 |"), "{out}");
+        // Without them, the table is as it was.
+        let plain = table("SQLite", &[vec![level(Vec::new())]], "");
+        assert!(plain.contains("RssAnon base → closed MiB"), "{plain}");
+        assert!(plain.contains("| 4.0 → 60.0 |"), "{plain}");
     }
 }

@@ -32,6 +32,9 @@ impl StaticDriver {
     /// found by the dispatcher's next call to it, which fails and is retried.
     pub const HEALTH_FRESH: Duration = Duration::from_secs(1);
 
+    /// Idle connections the health checks keep to the worker.
+    const HEALTH_IDLE_CONNECTIONS: usize = 4;
+
     /// How long [`purge`](ContainerDriver::purge) waits for a task still running in the
     /// session to end.
     pub const PURGE_WAIT: Duration = Duration::from_secs(10);
@@ -51,6 +54,11 @@ impl StaticDriver {
         }
         let client = reqwest::Client::builder()
             .timeout(Self::HEALTH_TIMEOUT)
+            // Once the check is stale, every task asking for the worker checks at once: after
+            // a 10,000-session burst ≈ 250 connections stayed open, idle, for reqwest's 90 s
+            // (docs/benchmarks.md, "Memory after the connections close"). A few suffice.
+            .pool_max_idle_per_host(Self::HEALTH_IDLE_CONNECTIONS)
+            .pool_idle_timeout(Duration::from_secs(15))
             .build()
             .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
         Ok(Self {

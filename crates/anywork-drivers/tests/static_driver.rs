@@ -216,3 +216,72 @@ async fn calls_carry_the_secret_and_purge_deletes_the_session_on_the_worker() {
         .await
         .unwrap();
 }
+
+/// A worker whose `/health` answers after 200 ms on keep-alive connections; counts the
+/// connections open now.
+async fn slow_health_worker() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let open = Arc::new(AtomicUsize::new(0));
+    let counter = open.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let open = counter.clone();
+            open.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                loop {
+                    match socket.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        let body = "{\"status\":\"ok\"}";
+                        let reply = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                             content-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if socket.write_all(reply.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (format!("http://{addr}"), open)
+}
+
+#[tokio::test]
+async fn a_burst_of_health_checks_leaves_few_connections_open() {
+    use std::sync::atomic::Ordering;
+    let (url, open) = slow_health_worker().await;
+    let driver = std::sync::Arc::new(StaticDriver::new(&url).unwrap());
+    // Many tasks asking for the worker at once while its check is stale: a connection each.
+    let mut checks = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let driver = driver.clone();
+        checks.spawn(async move { driver.is_healthy(driver.endpoint()).await });
+    }
+    while let Some(healthy) = checks.join_next().await {
+        assert!(healthy.unwrap());
+    }
+    // Those past the few kept idle close at once (they used to stay for reqwest's 90 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while open.load(Ordering::SeqCst) > 4 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        open.load(Ordering::SeqCst) <= 4,
+        "{} connections to the worker still open after the burst",
+        open.load(Ordering::SeqCst)
+    );
+}

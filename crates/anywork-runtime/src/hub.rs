@@ -14,6 +14,7 @@ use anywork_core::{SessionId, TaskEvent, TaskId};
 use tokio::sync::broadcast;
 
 use crate::notices::{Notices, Watchers};
+use crate::shrink::Shrink;
 
 /// A stored event of a running task, as fanned out.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,6 +98,7 @@ impl Drop for Subscription {
             .is_some_and(|c| c.sender.receiver_count() == 0)
         {
             tasks.remove(&self.task_id);
+            tasks.shrink_when_sparse();
         }
     }
 }
@@ -149,7 +151,9 @@ impl Hub {
 
     /// The task is over: followers get what is buffered, then the end of the stream.
     pub(crate) fn close(&self, task_id: TaskId) {
-        self.tasks().remove(&task_id);
+        let mut tasks = self.tasks();
+        tasks.remove(&task_id);
+        tasks.shrink_when_sparse();
     }
 
     /// Whether anyone follows `task_id` here.
@@ -169,6 +173,12 @@ impl Hub {
     /// Tasks with a live channel (for metrics and leak checks).
     pub(crate) fn live_tasks(&self) -> usize {
         self.tasks().len()
+    }
+
+    /// Channels the task map has room for (for tests of its shrinking).
+    #[cfg(test)]
+    fn task_room(&self) -> usize {
+        self.tasks().capacity()
     }
 
     /// Sends a notice of `session` (e.g. `session_title`) to those who watch it.
@@ -197,5 +207,31 @@ const FOLLOW_WINDOW: usize = 128;
 impl Default for Hub {
     fn default() -> Self {
         Self::new(FOLLOW_WINDOW)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_task_map_gives_its_room_back_after_a_burst() {
+        let hub = Hub::default();
+        let session = SessionId::new("s").unwrap();
+        let ids: Vec<TaskId> = (0..5_000).map(|_| TaskId::generate()).collect();
+        // Half end while followed (`close`), half when their follower leaves.
+        let subscriptions: Vec<Subscription> =
+            ids.iter().map(|&id| hub.subscribe(id, &session)).collect();
+        assert!(hub.task_room() >= 5_000);
+        for &id in &ids[..2_500] {
+            hub.close(id);
+        }
+        drop(subscriptions);
+        assert_eq!(hub.live_tasks(), 0);
+        assert!(
+            hub.task_room() <= crate::shrink::KEEP,
+            "an idle hub kept room for {} task channels",
+            hub.task_room()
+        );
     }
 }

@@ -23,6 +23,7 @@ mod hub;
 pub mod metrics;
 mod notices;
 mod outbound;
+mod shrink;
 pub mod skills;
 pub mod title;
 pub mod worker_client;

@@ -14,6 +14,8 @@ use anywork_core::SessionId;
 use anywork_core::ws::ServerMessage;
 use tokio::sync::mpsc;
 
+use crate::shrink::Shrink;
+
 /// Boxed: a queue's block holds 32 slots from its first notice on, and a `ServerMessage` is
 /// large (the block would cost every connection that chatted kilobytes).
 type Sink = mpsc::UnboundedSender<Box<ServerMessage>>;
@@ -42,6 +44,7 @@ impl Watchers {
         watchers.retain(|(_, sink)| sink.send(Box::new(message.clone())).is_ok());
         if watchers.is_empty() {
             sessions.remove(session);
+            sessions.shrink_when_sparse();
         }
     }
 
@@ -122,6 +125,7 @@ impl Drop for Notices {
                 }
             }
         }
+        sessions.shrink_when_sparse();
     }
 }
 
@@ -166,6 +170,26 @@ mod tests {
         assert!(
             nothing.await.is_err(),
             "a got s1's once; idle watches nothing"
+        );
+    }
+
+    #[test]
+    fn the_watchers_map_gives_its_room_back_when_the_clients_leave() {
+        let watchers = Arc::new(Watchers::default());
+        let clients: Vec<Notices> = (0..5_000)
+            .map(|i| {
+                let mut n = Notices::new(watchers.clone());
+                n.watch(&sid(&format!("s{i}")));
+                n
+            })
+            .collect();
+        assert!(watchers.lock().capacity() >= 5_000);
+        drop(clients);
+        assert_eq!(watchers.watched_sessions(), 0);
+        assert!(
+            watchers.lock().capacity() <= crate::shrink::KEEP,
+            "no watcher left, room for {} sessions kept",
+            watchers.lock().capacity()
         );
     }
 

@@ -112,6 +112,13 @@ fn lock_routes<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Idle connections kept to one worker address.
 const MAX_IDLE_CONNECTIONS_PER_WORKER: usize = 256;
 
+/// How long a connection to a worker stays open unused. Each keeps the buffers its `/chat`
+/// streams grew (≈ 50 KiB): 256 of them held ≈ 13 MiB after a 10,000-session burst on SQLite
+/// (≈ 6 MiB on PostgreSQL) until they closed, a minute after their last use at 60 s
+/// (docs/benchmarks.md, "Memory after the connections close"). A busy server reuses its
+/// connections long before this; after a lull the next task opens a new one.
+const WORKER_POOL_IDLE: Duration = Duration::from_secs(15);
+
 impl WorkerClient {
     /// A client whose control calls (`/prepare`, `/cancel`, `/input`, reads) give up after
     /// `control_timeout`; `/chat` streams have no overall timeout (the dispatcher has one).
@@ -119,7 +126,7 @@ impl WorkerClient {
         let http = reqwest::Client::builder()
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(WORKER_POOL_IDLE)
             // One shared worker may have taken a thousand `/chat`s at once: keep enough idle
             // connections for the next round of a busy server, not all of them (each holds
             // buffers and a descriptor on both sides for the idle timeout).

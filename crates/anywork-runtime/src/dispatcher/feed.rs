@@ -37,6 +37,7 @@ use futures_util::stream::FuturesUnordered;
 
 use super::{Control, Inner, lock};
 use crate::hub::LiveEvent;
+use crate::shrink::Shrink;
 
 /// Events read per log page.
 const PAGE: u32 = 500;
@@ -228,6 +229,9 @@ impl Forwarder {
                 self.remotes.remove(&id);
             }
         }
+        // Room taken by a burst of followed tasks goes back once they are over.
+        self.remotes.shrink_when_sparse();
+        self.ready.shrink_when_sparse();
         inner.metrics.feed_tasks(self.remotes.len());
     }
 
@@ -303,6 +307,7 @@ impl Forwarder {
         }));
         if done || inner.hub.followed_session(id).is_none() {
             self.remotes.remove(&id);
+            self.remotes.shrink_when_sparse();
             return;
         }
         self.queue(id);

@@ -14,6 +14,7 @@ use anywork_core::{Channel, InputRequest, Task, TaskId};
 use tokio::sync::{mpsc, oneshot};
 
 use super::lock;
+use crate::shrink::Shrink;
 
 /// Progress hooks of one task are at least this far apart.
 pub(super) const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -165,5 +166,7 @@ async fn run_hooks(
             tracing::warn!(task = %task_id, channel = channel.channel_type(), hook = name, error = %e, "channel hook failed");
         }
     }
-    lock(&queues).remove(&task_id);
+    let mut queues = lock(&queues);
+    queues.remove(&task_id);
+    queues.shrink_when_sparse();
 }

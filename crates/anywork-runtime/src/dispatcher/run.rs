@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::retry::{retry, retry_if};
 use super::{Control, Inner, lock};
+use crate::shrink::Shrink;
 use crate::worker_client::{ChatStart, ChatStream, PreparedBody};
 
 /// Runs the queued tasks of `session`, one after the other, each once it has a permit. The
@@ -43,6 +44,7 @@ pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
                 Some(t) => t.id,
                 None => {
                     queues.remove(&session);
+                    queues.shrink_when_sparse();
                     return;
                 }
             }
@@ -206,7 +208,11 @@ async fn run_task(inner: &Arc<Inner>, task: Task) -> std::result::Result<(), Run
     };
     let result = run.execute().await;
     let task_id = run.task.id;
-    lock(&inner.runs).remove(&task_id);
+    {
+        let mut runs = lock(&inner.runs);
+        runs.remove(&task_id);
+        runs.shrink_when_sparse();
+    }
     inner.metrics.stopped();
     // Anyone who asked to cancel learns it is over.
     for ack in run.cancel_acks.drain(..) {
