@@ -3,7 +3,6 @@
 //! these tests fail: a missing database must never pass silently.
 
 use std::str::FromStr;
-use std::sync::Arc;
 
 use anywork_core::TaskStore;
 use anywork_store::PostgresStore;

@@ -1,7 +1,5 @@
 //! The conformance suite on [`SqliteStore`], each case on a fresh database file.
 
-use std::sync::Arc;
-
 use anywork_core::TaskStore;
 use anywork_store::SqliteStore;
 use anywork_test::store_conformance::Fresh;
