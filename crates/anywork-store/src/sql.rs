@@ -380,6 +380,45 @@ macro_rules! impl_sql_store {
                 .collect()
         }
 
+        /// The `UpdateTask` of a status change with its events and deliveries (`lean`: answer
+        /// the last seq only).
+        fn update_op(
+            id: anywork_core::TaskId,
+            expected: anywork_core::TaskStatus,
+            change: anywork_core::TaskChange,
+            logs: Vec<anywork_core::NewTaskLog>,
+            deliveries: Vec<anywork_core::NewDelivery>,
+            lean: bool,
+        ) -> anywork_core::Result<WriteOp> {
+            Ok(WriteOp::UpdateTask {
+                id,
+                expected,
+                change: Box::new(change),
+                rows: Some(encode_logs(logs)?),
+                deliveries: deliveries.into_iter().map(|d| d.into_delivery(id)).collect(),
+                lean,
+            })
+        }
+
+        /// The `ClaimTask` of a claim with its events and deliveries (`lean`: answer the last
+        /// seq only when claimed).
+        fn claim_op(
+            id: anywork_core::TaskId,
+            change: anywork_core::TaskChange,
+            logs: Vec<anywork_core::NewTaskLog>,
+            deliveries: Vec<anywork_core::NewDelivery>,
+            lean: bool,
+        ) -> anywork_core::Result<WriteOp> {
+            anywork_core::store::check_claim(&change)?;
+            Ok(WriteOp::ClaimTask {
+                id,
+                change: Box::new(change),
+                rows: encode_logs(logs)?,
+                deliveries: deliveries.into_iter().map(|d| d.into_delivery(id)).collect(),
+                lean,
+            })
+        }
+
         fn json_text<T: serde::Serialize>(value: &T) -> anywork_core::Result<String> {
             serde_json::to_string(value)
                 .map_err(|e| anywork_core::Error::internal(format!("cannot encode JSON: {e}")))
@@ -1895,14 +1934,7 @@ macro_rules! impl_sql_store {
                 logs: Vec<anywork_core::NewTaskLog>,
                 deliveries: Vec<anywork_core::NewDelivery>,
             ) -> anywork_core::Result<(anywork_core::Task, u64)> {
-                let op = WriteOp::UpdateTask {
-                    id,
-                    expected,
-                    change: Box::new(change),
-                    rows: Some(encode_logs(logs)?),
-                    deliveries: deliveries.into_iter().map(|d| d.into_delivery(id)).collect(),
-                    lean: false,
-                };
+                let op = update_op(id, expected, change, logs, deliveries, false)?;
                 match self.write(op).await? {
                     Reply::Task(t, last) => Ok((*t, last)),
                     other => Err(unexpected_reply(other)),
@@ -1917,14 +1949,7 @@ macro_rules! impl_sql_store {
                 logs: Vec<anywork_core::NewTaskLog>,
                 deliveries: Vec<anywork_core::NewDelivery>,
             ) -> anywork_core::Result<u64> {
-                let op = WriteOp::UpdateTask {
-                    id,
-                    expected,
-                    change: Box::new(change),
-                    rows: Some(encode_logs(logs)?),
-                    deliveries: deliveries.into_iter().map(|d| d.into_delivery(id)).collect(),
-                    lean: true,
-                };
+                let op = update_op(id, expected, change, logs, deliveries, true)?;
                 match self.write(op).await? {
                     Reply::Seq(last) | Reply::Task(_, last) => Ok(last),
                     other => Err(unexpected_reply(other)),
@@ -2016,14 +2041,7 @@ macro_rules! impl_sql_store {
                 logs: Vec<anywork_core::NewTaskLog>,
                 deliveries: Vec<anywork_core::NewDelivery>,
             ) -> anywork_core::Result<anywork_core::Claim> {
-                anywork_core::store::check_claim(&change)?;
-                let op = WriteOp::ClaimTask {
-                    id,
-                    change: Box::new(change),
-                    rows: encode_logs(logs)?,
-                    deliveries: deliveries.into_iter().map(|d| d.into_delivery(id)).collect(),
-                    lean: false,
-                };
+                let op = claim_op(id, change, logs, deliveries, false)?;
                 match self.write(op).await? {
                     Reply::Claim(claim) => Ok(*claim),
                     other => Err(unexpected_reply(other)),
@@ -2038,14 +2056,7 @@ macro_rules! impl_sql_store {
                 deliveries: Vec<anywork_core::NewDelivery>,
             ) -> anywork_core::Result<anywork_core::Claim<()>> {
                 use anywork_core::Claim;
-                anywork_core::store::check_claim(&change)?;
-                let op = WriteOp::ClaimTask {
-                    id,
-                    change: Box::new(change),
-                    rows: encode_logs(logs)?,
-                    deliveries: deliveries.into_iter().map(|d| d.into_delivery(id)).collect(),
-                    lean: true,
-                };
+                let op = claim_op(id, change, logs, deliveries, true)?;
                 match self.write(op).await? {
                     Reply::Seq(last) => Ok(Claim::Claimed((), last)),
                     Reply::Claim(claim) => Ok((*claim).map(drop)),
