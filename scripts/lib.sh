@@ -3,6 +3,14 @@
 
 log() { printf '\n==> %s\n' "$*" >&2; }
 
+# Free disk where the build goes, and the build's size so far: a run that fails with "No space
+# left on device" then shows how much there was.
+report_disk() {
+    local target="${CARGO_TARGET_DIR:-target}"
+    mkdir -p "$target"
+    log "disk: $(df -h --output=avail "$target" | tail -1 | tr -d ' ') free; target $(du -sh "$target" 2>/dev/null | cut -f1)"
+}
+
 as_root() {
     if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
         echo "need root to run: $*" >&2

@@ -25,6 +25,8 @@ ensure_chromium
 # --- Rust checks and tests ----------------------------------------------------------------
 command -v cargo >/dev/null || { echo "cargo is missing: install Rust from https://rustup.rs" >&2; exit 1; }
 
+report_disk
+
 log "cargo fmt --check"
 cargo fmt --all --check
 
@@ -38,6 +40,7 @@ log "dependency budget (cargo tree, unique crates)"
 check_dependency_budget
 
 log "cargo test (all features)"
+report_disk
 cargo test --workspace --all-features --locked "$@"
 
 # --- deploy files ---------------------------------------------------------------------------
