@@ -1341,6 +1341,7 @@ mod model {
     //! [`MemoryModel`]-backed reference, compared call by call.
 
     use super::*;
+    use anywork_core::Claim;
     use proptest::prelude::*;
     use std::future::Future;
     use std::pin::Pin;
@@ -1375,6 +1376,21 @@ mod model {
             expected: TaskStatus,
             to: TaskStatus,
             at: i64,
+        },
+        /// `update_task_lean` with `n` events.
+        UpdateLean {
+            t: u8,
+            expected: TaskStatus,
+            to: TaskStatus,
+            at: i64,
+            n: u8,
+        },
+        /// `claim_task` (or `claim_task_lean`) with `n` events.
+        Claim {
+            t: u8,
+            at: i64,
+            n: u8,
+            lean: bool,
         },
         Append {
             t: u8,
@@ -1465,6 +1481,21 @@ mod model {
                     at,
                 }
             }),
+            (t.clone(), status(), status(), at.clone(), 0u8..3).prop_map(
+                |(t, expected, to, at, n)| Op::UpdateLean {
+                    t,
+                    expected,
+                    to,
+                    at,
+                    n
+                }
+            ),
+            (t.clone(), at.clone(), 0u8..3, any::<bool>()).prop_map(|(t, at, n, lean)| Op::Claim {
+                t,
+                at,
+                n,
+                lean
+            }),
             (t.clone(), 0u8..5, any::<bool>()).prop_map(|(t, n, active)| Op::Append {
                 t,
                 n,
@@ -1490,6 +1521,8 @@ mod model {
         Session(Session),
         Task(Box<Task>),
         Created(Session, Box<Task>),
+        /// What a claim did; the claimed task as stored, or `None` from the lean claim.
+        Claimed(Claim<Option<Box<Task>>>),
         Seq(u64),
         Logs(Vec<(u64, TaskEvent)>),
         Sessions(Vec<(Session, u64, u64)>),
@@ -1501,6 +1534,24 @@ mod model {
         match r {
             Ok(v) => f(v),
             Err(e) => Out::Err(e.kind()),
+        }
+    }
+
+    /// The change an update to `to` at `at` makes: a lease and a worker for `running`, an
+    /// outcome for a terminal status.
+    fn change_to(to: TaskStatus, at: i64) -> TaskChange {
+        if to.is_terminal() {
+            return TaskChange::finish(TaskOutcome {
+                status: to,
+                ..TaskOutcome::completed(format!("r{at}"))
+            })
+            .at(Timestamp(at));
+        }
+        let change = TaskChange::to(to).at(Timestamp(at));
+        if to == TaskStatus::Running {
+            change.lease("owner", Timestamp(at + 10)).worker("w")
+        } else {
+            change
         }
     }
 
@@ -1545,21 +1596,44 @@ mod model {
                 expected,
                 to,
                 at,
-            } => {
-                let mut change = TaskChange::to(to).at(Timestamp(at));
-                if to == TaskStatus::Running {
-                    change = change.lease("owner", Timestamp(at + 10)).worker("w");
+            } => out(
+                store.update_task(tid(t), expected, change_to(to, at)).await,
+                |t| Out::Task(Box::new(t)),
+            ),
+            Op::UpdateLean {
+                t,
+                expected,
+                to,
+                at,
+                n,
+            } => out(
+                store
+                    .update_task_lean(
+                        tid(t),
+                        expected,
+                        change_to(to, at),
+                        text_logs("u", usize::from(n)),
+                        Vec::new(),
+                    )
+                    .await,
+                Out::Seq,
+            ),
+            Op::Claim { t, at, n, lean } => {
+                let change = change_to(TaskStatus::Running, at);
+                let logs = text_logs("c", usize::from(n));
+                if lean {
+                    out(
+                        store
+                            .claim_task_lean(tid(t), change, logs, Vec::new())
+                            .await,
+                        |c| Out::Claimed(c.map(|()| None)),
+                    )
+                } else {
+                    out(
+                        store.claim_task(tid(t), change, logs, Vec::new()).await,
+                        |c| Out::Claimed(c.map(|t| Some(Box::new(t)))),
+                    )
                 }
-                if to.is_terminal() {
-                    change = TaskChange::finish(TaskOutcome {
-                        status: to,
-                        ..TaskOutcome::completed(format!("r{at}"))
-                    })
-                    .at(Timestamp(at));
-                }
-                out(store.update_task(tid(t), expected, change).await, |t| {
-                    Out::Task(Box::new(t))
-                })
             }
             Op::Append { t, n, active } => {
                 let logs = text_logs("e", usize::from(n));
