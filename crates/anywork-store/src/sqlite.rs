@@ -70,6 +70,12 @@ pub struct SqliteOptions {
     /// A cap on the database file, in pages (`PRAGMA max_page_count`); a write past it fails
     /// as on a full disk. Default: none (the disk is the limit).
     pub max_page_count: Option<u64>,
+    /// How long the writer's connection may sit unused before it is closed (the next write
+    /// opens a new one), and how old a read connection may grow before it is replaced (they
+    /// take turns, so none sits idle for long). Each connection holds a page cache of up to
+    /// 2 MB (SQLite's default `cache_size`) in the C library's allocator, which gives that
+    /// memory back only when the whole connection is freed. Default: 30 s.
+    pub idle_close: Duration,
 }
 
 impl Default for SqliteOptions {
@@ -77,6 +83,7 @@ impl Default for SqliteOptions {
         Self {
             busy_timeout: Duration::from_secs(10),
             max_page_count: None,
+            idle_close: Duration::from_secs(30),
         }
     }
 }
@@ -91,6 +98,12 @@ impl SqliteOptions {
     /// Sets [`max_page_count`](Self::max_page_count).
     pub fn max_page_count(mut self, pages: u64) -> Self {
         self.max_page_count = Some(pages);
+        self
+    }
+
+    /// Sets [`idle_close`](Self::idle_close).
+    pub fn idle_close(mut self, after: Duration) -> Self {
+        self.idle_close = after;
         self
     }
 }
@@ -211,9 +224,15 @@ impl SqliteStore {
         let mut pool = SqlitePoolOptions::new()
             .max_connections(max_connections)
             .min_connections(1);
-        if in_memory {
-            pool = pool.idle_timeout(None).max_lifetime(None);
-        }
+        pool = if in_memory {
+            pool.idle_timeout(None).max_lifetime(None)
+        } else {
+            // The read connections take turns (the checkpoints alone read every 500 ms), so
+            // none of them stays idle for long: each is replaced once it is `idle_close` old
+            // instead, and with it its page cache.
+            pool.idle_timeout(settings.idle_close)
+                .max_lifetime(settings.idle_close)
+        };
         let pool = pool
             .connect_with(options.clone())
             .await
@@ -239,7 +258,13 @@ impl SqliteStore {
             .await?;
             let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
             let wal = Arc::new(WalState::default());
-            tokio::spawn(write_loop(writer, rx, wal.clone(), counters.clone()));
+            tokio::spawn(write_loop(
+                writer,
+                rx,
+                wal.clone(),
+                counters.clone(),
+                settings.idle_close,
+            ));
             tokio::spawn(checkpoint_loop(
                 pool.clone(),
                 tx.downgrade(),
@@ -493,6 +518,16 @@ impl Writer {
             .ok_or_else(|| Error::internal("SQLite writer connection missing"))
     }
 
+    /// Closes the connection (the next write opens a new one): what it held, its page cache
+    /// and its statements, goes back to the system with it.
+    async fn close(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && let Err(e) = conn.close().await
+        {
+            tracing::debug!(error = %e, "closing the idle SQLite writer connection");
+        }
+    }
+
     /// After a database error: makes sure the next transaction starts on a clean connection.
     /// A failed transaction is rolled back when dropped; if SQLite had already rolled it back
     /// itself (it does on a full disk or an I/O error), that rollback fails and the
@@ -601,11 +636,29 @@ async fn write_loop(
     mut jobs: mpsc::Receiver<Job>,
     wal: Arc<WalState>,
     counters: Arc<Counters>,
+    idle_close: Duration,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // The end of the writer's last checkpoint, while writes queued before it are served.
     let mut checkpoint_ended: Option<Instant> = None;
-    while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    loop {
+        // An open connection waits `idle_close` for work, then closes (`recv_many` is
+        // cancel-safe: nothing queued is lost to the timeout).
+        let received = if writer.conn.is_some() {
+            match tokio::time::timeout(idle_close, jobs.recv_many(&mut batch, MAX_BATCH)).await {
+                Ok(n) => n,
+                Err(_) => {
+                    writer.close().await;
+                    counters.idle_closes.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
+        } else {
+            jobs.recv_many(&mut batch, MAX_BATCH).await
+        };
+        if received == 0 {
+            break;
+        }
         let started = Instant::now();
         for job in &batch {
             counters.queue_wait.record(started - job.queued);

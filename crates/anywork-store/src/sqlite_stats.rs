@@ -152,6 +152,9 @@ pub struct WriterStats {
     pub background_checkpoint_time: Histogram,
     /// The most recent checkpoints (up to 4,096), oldest first.
     pub checkpoints: Vec<Checkpoint>,
+    /// Times the writer closed its connection after
+    /// [`idle_close`](crate::SqliteOptions::idle_close) without work.
+    pub idle_closes: u64,
 }
 
 impl WriterStats {
@@ -188,6 +191,7 @@ impl WriterStats {
                 .filter(|c| after.is_none_or(|a| c.at > a))
                 .copied()
                 .collect(),
+            idle_closes: self.idle_closes.saturating_sub(earlier.idle_closes),
         }
     }
 }
@@ -205,6 +209,7 @@ pub(crate) struct Counters {
     /// at its start, or the first moved while it ran.
     pub(crate) background_started: AtomicU64,
     pub(crate) background_ended: AtomicU64,
+    pub(crate) idle_closes: AtomicU64,
     writer_checkpoint_time: AtomicHistogram,
     background_checkpoint_time: AtomicHistogram,
     checkpoints: Mutex<VecDeque<Checkpoint>>,
@@ -257,6 +262,7 @@ impl Counters {
                 .iter()
                 .copied()
                 .collect(),
+            idle_closes: self.idle_closes.load(Ordering::Relaxed),
         }
     }
 }

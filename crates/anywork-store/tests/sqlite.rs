@@ -165,3 +165,64 @@ async fn writes_committed_together_still_fail_alone() {
         assert_eq!(logs[0].seq, 1);
     }
 }
+
+/// An idle writer closes its connection (giving its page cache back), and the next write
+/// opens a new one: nothing written before or after is lost.
+#[tokio::test]
+async fn an_idle_writer_closes_its_connection_and_the_next_write_reopens_it() {
+    use anywork_core::{NewSession, NewTask, NewTaskLog, TaskEvent, TaskRequest};
+    use anywork_store::SqliteOptions;
+    use std::time::Duration;
+
+    async fn closes_after(store: &SqliteStore, before: u64) -> u64 {
+        // Waits for the close; a writer that never closes fails after 30 s, not sooner.
+        for _ in 0..600 {
+            let now = store
+                .writer_stats()
+                .expect("a file has a writer")
+                .idle_closes;
+            if now > before {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the idle writer never closed its connection");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open_with(
+        dir.path().join("idle.db"),
+        SqliteOptions::default().idle_close(Duration::from_millis(100)),
+    )
+    .await
+    .unwrap();
+    let session = NewSession::new("webchat");
+    store.create_session(session.clone()).await.unwrap();
+    let closes = closes_after(&store, 0).await;
+
+    // The write after the close reopens the connection.
+    let task = NewTask::from_request(session.id.clone(), TaskRequest::new("webchat", "later"));
+    store.create_task(task.clone()).await.unwrap();
+    store
+        .append_logs(task.id, vec![NewTaskLog::now(TaskEvent::text("after"))])
+        .await
+        .unwrap();
+    assert_eq!(store.get_task(task.id).await.unwrap().message, "later");
+    assert_eq!(
+        store.read_logs(task.id, 0, 10).await.unwrap()[0].event,
+        TaskEvent::text("after")
+    );
+    // It closes again once idle; a closed writer waits for work without closing again.
+    let again = closes_after(&store, closes).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(store.writer_stats().unwrap().idle_closes, again);
+
+    // A store with the default setting keeps its writer open through a short pause.
+    let other = SqliteStore::open_in_dir(dir.path()).await.unwrap();
+    other
+        .create_session(NewSession::new("webchat"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(other.writer_stats().unwrap().idle_closes, 0);
+}
