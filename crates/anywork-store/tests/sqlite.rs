@@ -165,3 +165,41 @@ async fn writes_committed_together_still_fail_alone() {
         assert_eq!(logs[0].seq, 1);
     }
 }
+
+/// The writer runs on a thread of its own, not on the runtime that opened the store: writes
+/// complete while that runtime's only thread is busy (here: not driven at all), so a write
+/// never waits for the tasks queued on the caller's runtime.
+#[test]
+fn writes_do_not_need_the_runtime_that_opened_the_store() {
+    use anywork_core::NewSession;
+    let dir = tempfile::tempdir().unwrap();
+    let opening = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = opening
+        .block_on(SqliteStore::open_in_dir(dir.path()))
+        .unwrap();
+    // From here on nothing drives `opening`: a task spawned on it does not run.
+    let session = NewSession::new("webchat");
+    let id = session.id.clone();
+    let written = std::thread::spawn(move || {
+        let other = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        other.block_on(async move {
+            // A guard against a hang, not a timing assertion: on the opening runtime's
+            // writer this never completes.
+            let write = store.create_session(session);
+            tokio::time::timeout(std::time::Duration::from_secs(60), write)
+                .await
+                .map(|r| r.map(|s| s.id))
+        })
+    })
+    .join()
+    .unwrap();
+    let stored = written.expect("the write completed").unwrap();
+    assert_eq!(stored, id);
+    drop(opening);
+}
