@@ -239,7 +239,7 @@ impl SqliteStore {
             .await?;
             let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
             let wal = Arc::new(WalState::default());
-            spawn_writer(write_loop(writer, rx, wal.clone(), counters.clone()))?;
+            tokio::spawn(write_loop(writer, rx, wal.clone(), counters.clone()));
             tokio::spawn(checkpoint_loop(
                 pool.clone(),
                 tx.downgrade(),
@@ -592,26 +592,6 @@ struct WalState {
     /// A background checkpoint found the WAL past [`WAL_LIMIT_FRAMES`] and copied it: the
     /// writer should start it over at its next idle moment.
     restart_due: AtomicBool,
-}
-
-/// Runs the writer on a thread of its own, with a single-threaded Tokio runtime, not on the
-/// caller's runtime. Every write is several round trips between the writer and SQLite's
-/// connection thread (`BEGIN`, the statements, `COMMIT`), and each one wakes the writer: on
-/// the shared runtime each wake-up waited behind whatever tasks were queued there (request
-/// handlers, running tasks' event streams), so one write could wait several times for the
-/// busy worker threads. On its own thread it is woken by the OS, and only the caller's wait
-/// for the reply is left on the shared runtime. The thread ends with the writer: when every
-/// handle of the store is gone.
-fn spawn_writer(writer: impl Future<Output = ()> + Send + 'static) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .map_err(|e| Error::unavailable(format!("cannot start the SQLite writer: {e}")))?;
-    std::thread::Builder::new()
-        .name("anywork-sqlite-writer".into())
-        .spawn(move || runtime.block_on(writer))
-        .map_err(|e| Error::unavailable(format!("cannot start the SQLite writer thread: {e}")))?;
-    Ok(())
 }
 
 /// The writer: takes the work queued so far, runs consecutive writes in one transaction and
