@@ -688,6 +688,27 @@ fn session_doc_path(file: &str, session: &SessionId) -> String {
     format!("/workspace/{file}?session_id={}", encode(session.as_str()))
 }
 
+/// An SSE event's data as [`WireEvent`] reads it, with its `type` optional (the original
+/// protocol puts it on the `event:` line).
+#[derive(serde::Deserialize)]
+struct RawEvent {
+    /// Present means a string (`null` is an error, as for [`WireEvent`]).
+    #[serde(rename = "type", default, deserialize_with = "some_string")]
+    kind: Option<String>,
+    #[serde(default)]
+    content: String,
+    #[serde(default = "empty_object")]
+    metadata: Value,
+}
+
+fn some_string<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<String>, D::Error> {
+    <String as serde::Deserialize>::deserialize(d).map(Some)
+}
+
+fn empty_object() -> Value {
+    Value::Object(serde_json::Map::new())
+}
+
 /// Reads `/chat` events in this worker API's form and in the original AnyWork's (see
 /// [`WorkerClient::chat`]).
 #[derive(Debug, Default)]
@@ -702,28 +723,39 @@ struct OriginalAdapter {
 
 impl OriginalAdapter {
     /// One SSE event: `kind` from its `event:` line (`message` when absent), `data` its data.
+    /// The data is read straight into the event's parts (no JSON value of the whole object
+    /// on the way): a JSON object with a string `type`, a string `content` and any
+    /// `metadata`, as before; anything else is an error.
     fn event(&mut self, kind: &str, data: &str) -> Result<TaskEvent> {
-        let mut value: Value = serde_json::from_str(data)?;
-        let Some(object) = value.as_object_mut() else {
+        if !data.trim_start().starts_with('{') {
+            // Also what a struct would take as a sequence (`["text","x",{}]`).
+            serde_json::from_str::<serde::de::IgnoredAny>(data)?;
             return Err(Error::invalid_input("the data is not a JSON object"));
-        };
-        if !object.contains_key("type") {
-            if kind.is_empty() || kind == "message" {
-                return Err(Error::invalid_input(
-                    "the event has no type: neither a `type` in its data nor an `event:` line",
-                ));
-            }
-            self.original = true;
-            object.insert("type".into(), Value::String(kind.to_owned()));
         }
+        let raw: RawEvent = serde_json::from_str(data)?;
+        let kind = match raw.kind {
+            Some(kind) => kind,
+            None => {
+                if kind.is_empty() || kind == "message" {
+                    return Err(Error::invalid_input(
+                        "the event has no type: neither a `type` in its data nor an `event:` line",
+                    ));
+                }
+                self.original = true;
+                kind.to_owned()
+            }
+        };
         let original_done_without_result = self.original
             && kind == "done"
-            && object
-                .get("metadata")
-                .and_then(Value::as_object)
+            && raw
+                .metadata
+                .as_object()
                 .is_none_or(|m| !m.contains_key("result") && !m.contains_key("status"));
-        let wire: WireEvent = serde_json::from_value(value)?;
-        let event = TaskEvent::try_from(wire)?;
+        let event = TaskEvent::try_from(WireEvent {
+            kind,
+            content: raw.content,
+            metadata: raw.metadata,
+        })?;
         match &event {
             TaskEvent::Error { message, .. } => self.last_error = Some(message.clone()),
             TaskEvent::Done(_) => self.done = true,
@@ -815,6 +847,84 @@ mod tests {
         a.event("text", r#"{"content":"half","metadata":{}}"#)
             .unwrap();
         assert_eq!(a.finish(), None);
+    }
+
+    /// How events were read before they were parsed straight into their parts: a JSON value
+    /// first, then the wire event from it.
+    fn read_as_before(kind: &str, data: &str) -> Option<TaskEvent> {
+        let mut value: Value = serde_json::from_str(data).ok()?;
+        let object = value.as_object_mut()?;
+        if !object.contains_key("type") {
+            if kind.is_empty() || kind == "message" {
+                return None;
+            }
+            object.insert("type".into(), Value::String(kind.to_owned()));
+        }
+        let wire: WireEvent = serde_json::from_value(value).ok()?;
+        TaskEvent::try_from(wire).ok()
+    }
+
+    #[test]
+    fn events_are_read_and_encoded_as_before_byte_for_byte() {
+        let cases = [
+            (
+                "message",
+                r#"{"type":"text","content":"h\u00e9llo \"q\" \\ \u0000 \ud83e\udd80 \u202e</script>\n","metadata":{}}"#,
+            ),
+            (
+                "message",
+                "{\"type\":\"text\",\"content\":\"raw h\u{e9}llo \u{1F980}\"}",
+            ),
+            (
+                "message",
+                r#" {"metadata":{"z":1,"a":[1.5e300,null,"\t"]},"content":"Write","type":"tool_call"}"#,
+            ),
+            (
+                "message",
+                r#"{"type":"tool_call","content":"Bash","metadata":{"id":"t1","input":{"command":"ls"}}}"#,
+            ),
+            (
+                "message",
+                r#"{"type":"done","content":"The answer","metadata":{"status":"completed","cost_usd":0.01,"num_turns":2,"usage":{"input_tokens":7},"extra":"x"}}"#,
+            ),
+            (
+                "message",
+                r#"{"type":"percent_done","content":"50%","metadata":{"pct":50,"a":"b"}}"#,
+            ),
+            (
+                "message",
+                r#"{"type":"error","content":"boom","metadata":null,"unknown":[1,2]}"#,
+            ),
+            ("text", r#"{"content":"original \u00fc","metadata":{}}"#),
+            ("message", r#"{"type":"text","content":"no metadata"}"#),
+            // Refused both ways.
+            ("message", r#"{"type":null,"content":"x"}"#),
+            ("message", r#"{"type":5,"content":"x"}"#),
+            ("message", r#"{"type":"text","content":null}"#),
+            ("message", r#"["text","x",{}]"#),
+            ("message", r#""text""#),
+            ("message", "{\"type\":\"text\""),
+            (
+                "message",
+                r#"{"type":"tool_result","content":"x","metadata":{"is_error":"no"}}"#,
+            ),
+        ];
+        let mut read = 0;
+        for (kind, data) in cases {
+            let before = read_as_before(kind, data);
+            let now = OriginalAdapter::default().event(kind, data).ok();
+            assert_eq!(now, before, "{data}");
+            if let (Some(now), Some(before)) = (now, before) {
+                read += 1;
+                // What the store and the WebSocket get: the same bytes.
+                assert_eq!(
+                    now.wire_json().unwrap(),
+                    serde_json::to_string(&WireEvent::from(before)).unwrap(),
+                    "{data}"
+                );
+            }
+        }
+        assert_eq!(read, 9);
     }
 
     #[test]
