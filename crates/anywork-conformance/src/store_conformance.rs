@@ -1262,7 +1262,10 @@ pub async fn encoded_logs_read_back_as_their_events(store: Store) {
         .await
         .unwrap();
     assert_eq!(
-        store.append_logs(task.id, logs[1..].to_vec()).await.unwrap(),
+        store
+            .append_logs(task.id, logs[1..].to_vec())
+            .await
+            .unwrap(),
         events.len() as u64
     );
     let read: Vec<TaskEvent> = all_logs(&store, task.id)

@@ -345,7 +345,10 @@ impl TaskEvent {
                 if let Value::Object(map) = &mut metadata {
                     map.remove("result");
                 }
-                (outcome.result.as_deref().unwrap_or_default(), owned(metadata))
+                (
+                    outcome.result.as_deref().unwrap_or_default(),
+                    owned(metadata),
+                )
             }
             TaskEvent::Other(wire) => (&wire.content, Cow::Borrowed(&wire.metadata)),
         };

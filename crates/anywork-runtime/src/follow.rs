@@ -463,13 +463,14 @@ mod tests {
             let logs = chunk.iter().cloned().map(NewTaskLog::now).collect();
             let last = d.store().append_logs(task.id, logs).await.unwrap();
             let first = last + 1 - chunk.len() as u64;
-            d.hub()
-                .publish(chunk.iter().enumerate().map(|(i, e)| LiveEvent::new(
+            d.hub().publish(chunk.iter().enumerate().map(|(i, e)| {
+                LiveEvent::new(
                     task.id,
                     task.session_id.clone(),
                     first + i as u64,
                     e.clone(),
-                )));
+                )
+            }));
         }
         d.hub().close(task.id);
         let (tx, mut rx) = mpsc::channel(2048);

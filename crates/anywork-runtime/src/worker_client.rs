@@ -805,7 +805,9 @@ struct RawEvent {
     metadata: Value,
 }
 
-fn some_string<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<String>, D::Error> {
+fn some_string<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<String>, D::Error> {
     <String as serde::Deserialize>::deserialize(d).map(Some)
 }
 
@@ -970,14 +972,17 @@ mod tests {
         use eventsource_stream::Eventsource;
         // It panics on a BOM (it slices the 3-byte character at its byte 1): given without.
         let input = input.strip_prefix(BOM).unwrap_or(input);
-        let chunks = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
-            input.to_vec(),
-        )]);
+        let chunks =
+            futures_util::stream::iter([Ok::<_, std::convert::Infallible>(input.to_vec())]);
         chunks
             .eventsource()
             .map(|e| {
                 let e = e.unwrap();
-                let kind = if e.event == "message" { String::new() } else { e.event };
+                let kind = if e.event == "message" {
+                    String::new()
+                } else {
+                    e.event
+                };
                 (kind, e.data)
             })
             .collect()
@@ -1001,8 +1006,15 @@ mod tests {
             let whole = sse_events(input, &[]);
             let expected = library_events(input).await;
             // Events without data are skipped by the reader of the stream either way.
-            let expected: Vec<_> = expected.into_iter().filter(|(_, d)| !d.is_empty()).collect();
-            let got: Vec<_> = whole.iter().filter(|(_, d)| !d.is_empty()).cloned().collect();
+            let expected: Vec<_> = expected
+                .into_iter()
+                .filter(|(_, d)| !d.is_empty())
+                .collect();
+            let got: Vec<_> = whole
+                .iter()
+                .filter(|(_, d)| !d.is_empty())
+                .cloned()
+                .collect();
             assert_eq!(got, expected, "{}", String::from_utf8_lossy(input));
             // Cut anywhere (inside a CRLF, a BOM or a character), the same events.
             for a in 0..=input.len() {
@@ -1017,7 +1029,11 @@ mod tests {
             }
         }
         let mut reader = SseReader::default();
-        assert!(reader.feed(b"data: \xff\xfe\n\n", &mut VecDeque::new()).is_err());
+        assert!(
+            reader
+                .feed(b"data: \xff\xfe\n\n", &mut VecDeque::new())
+                .is_err()
+        );
     }
 
     /// How events were read before they were parsed straight into their parts: a JSON value

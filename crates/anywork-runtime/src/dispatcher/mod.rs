@@ -793,11 +793,14 @@ impl Dispatcher {
     }
 }
 
+/// An event with its wire JSON, when it was encoded.
+type Encoded = (TaskEvent, Option<Arc<str>>);
+
 /// `events` as log rows for the store and as they are published, each encoded once
 /// ([`NewTaskLog::now_encoded`]): the store writes the bytes its followers are sent. An event
 /// that cannot be encoded (none can: its JSON is text and numbers) goes without, and is
 /// encoded by the store and by each follower as before.
-fn encode(events: Vec<TaskEvent>) -> (Vec<NewTaskLog>, Vec<(TaskEvent, Option<Arc<str>>)>) {
+fn encode(events: Vec<TaskEvent>) -> (Vec<NewTaskLog>, Vec<Encoded>) {
     events
         .into_iter()
         .map(|event| match NewTaskLog::now_encoded(event.clone()) {
@@ -937,7 +940,7 @@ impl Inner {
 
     /// Publishes events the store has just numbered `first..`. Only `record`, `claim` and
     /// `transition_and_enqueue` call it: what is published was stored.
-    fn publish(&self, task: &Task, first: u64, events: Vec<(TaskEvent, Option<Arc<str>>)>) {
+    fn publish(&self, task: &Task, first: u64, events: Vec<Encoded>) {
         self.hub.publish(
             events
                 .into_iter()
