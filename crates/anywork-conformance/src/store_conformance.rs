@@ -57,7 +57,8 @@ macro_rules! store_conformance_tests {
             a_sessions_tasks_in_one_status,
             logs_are_numbered_from_one_and_read_after_seq,
             concurrent_appenders_get_gap_free_seqs, ten_thousand_logs,
-            delete_session_cascades, unicode_and_large_payloads, bad_input_is_refused_cleanly,
+            delete_session_cascades, unicode_and_large_payloads, encoded_logs_read_back_as_their_events,
+            bad_input_is_refused_cleanly,
             status_change_and_its_event_commit_together,
             idempotency_keys_are_unique_per_channel,
             deliveries_commit_with_the_status_change_or_not_at_all,
@@ -141,10 +142,7 @@ async fn session_with_task(store: &Store, session: &str, n: u128) -> Task {
 
 fn text_logs(prefix: &str, n: usize) -> Vec<NewTaskLog> {
     (0..n)
-        .map(|i| NewTaskLog {
-            event: TaskEvent::text(format!("{prefix}{i}")),
-            timestamp: Timestamp(i as i64),
-        })
+        .map(|i| NewTaskLog::new(TaskEvent::text(format!("{prefix}{i}")), Timestamp(i as i64)))
         .collect()
 }
 
@@ -1020,10 +1018,7 @@ pub async fn logs_are_numbered_from_one_and_read_after_seq(store: Store) {
     let logs: Vec<NewTaskLog> = events
         .iter()
         .enumerate()
-        .map(|(i, e)| NewTaskLog {
-            event: e.clone(),
-            timestamp: Timestamp(1000 + i as i64),
-        })
+        .map(|(i, e)| NewTaskLog::new(e.clone(), Timestamp(1000 + i as i64)))
         .collect();
     assert_eq!(
         store
@@ -1216,6 +1211,69 @@ pub async fn delete_session_cascades(store: Store) {
             .unwrap()
             .is_empty()
     );
+}
+
+/// Events appended with their wire JSON made already ([`NewTaskLog::now_encoded`], what a
+/// run hands the store to share the bytes with its followers) read back as the events, and
+/// as those appended without it, whatever they hold (escapes, NUL, astral planes, metadata).
+pub async fn encoded_logs_read_back_as_their_events(store: Store) {
+    let task = session_with_task(&store, "s1", 1).await;
+    let weird = "h\u{e9}llo \"q\" \\ \u{0} \u{1F980} \u{202e}rtl\u{202c}\n\t</script>";
+    let mut done = TaskOutcome::completed(weird);
+    done.cost_usd = Some(0.5);
+    done.structured_output = Some(json!({"b": weird, "a": [1, 2.5, null]}));
+    let events = vec![
+        TaskEvent::Status {
+            status: TaskStatus::Running,
+        },
+        TaskEvent::text(weird),
+        TaskEvent::ToolCall {
+            id: "toolu_1".into(),
+            name: weird.into(),
+            input: json!({"z": weird, "a": 1}),
+        },
+        TaskEvent::Error {
+            message: weird.into(),
+            code: Some("api_error".into()),
+        },
+        TaskEvent::Other(anywork_core::WireEvent {
+            kind: "custom_\u{1F980}".into(),
+            content: weird.into(),
+            metadata: json!({"k": weird}),
+        }),
+        TaskEvent::Done(done),
+    ];
+    // Encoded and plain logs mixed, in one batch and alone.
+    let logs: Vec<NewTaskLog> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            if i % 2 == 0 {
+                let (log, wire) = NewTaskLog::now_encoded(e.clone()).unwrap();
+                assert_eq!(*wire, e.wire_json().unwrap());
+                log
+            } else {
+                NewTaskLog::now(e.clone())
+            }
+        })
+        .collect();
+    store
+        .append_logs(task.id, logs[..1].to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .append_logs(task.id, logs[1..].to_vec())
+            .await
+            .unwrap(),
+        events.len() as u64
+    );
+    let read: Vec<TaskEvent> = all_logs(&store, task.id)
+        .await
+        .into_iter()
+        .map(|l| l.event)
+        .collect();
+    assert_eq!(read, events);
 }
 
 /// Any Unicode (NUL and astral planes included) and 1 MB payloads round-trip.

@@ -267,6 +267,97 @@ impl TaskEvent {
     pub fn to_wire(&self) -> WireEvent {
         self.clone().into()
     }
+
+    /// The event's wire JSON (`{"type","content","metadata"}`): byte for byte what
+    /// `serde_json::to_string(&self.to_wire())` writes (what the stores keep as a task log's
+    /// payload and the start of an event's WebSocket message), without copying the event
+    /// first. Encoded once, it can be shared by the store and every follower.
+    pub fn wire_json(&self) -> serde_json::Result<String> {
+        #[derive(Serialize)]
+        struct WireRef<'a> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            content: &'a str,
+            metadata: std::borrow::Cow<'a, Value>,
+        }
+        #[derive(Serialize)]
+        struct ToolCallRef<'a> {
+            id: &'a str,
+            input: &'a Value,
+        }
+        #[derive(Serialize)]
+        struct ToolResultRef<'a> {
+            tool_use_id: &'a str,
+            is_error: bool,
+        }
+        #[derive(Serialize)]
+        struct UsageRef<'a> {
+            usage: &'a TokenUsage,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            cost_usd: Option<f64>,
+        }
+        #[derive(Serialize)]
+        struct ErrorRef<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            code: Option<&'a str>,
+        }
+        use std::borrow::Cow;
+        let owned = |v: Value| Cow::Owned(v);
+        let (content, metadata): (&str, Cow<'_, Value>) = match self {
+            TaskEvent::Init(init) => (&init.model, owned(meta(init))),
+            TaskEvent::Text { text } | TaskEvent::Thinking { text } => {
+                (text, owned(empty_object()))
+            }
+            TaskEvent::ToolCall { id, name, input } => {
+                (name, owned(meta(ToolCallRef { id, input })))
+            }
+            TaskEvent::ToolResult {
+                tool_use_id,
+                content,
+                is_error,
+            } => (
+                content,
+                owned(meta(ToolResultRef {
+                    tool_use_id,
+                    is_error: *is_error,
+                })),
+            ),
+            TaskEvent::InputRequired(req) => (&req.prompt, owned(meta(req))),
+            TaskEvent::Usage { usage, cost_usd } => (
+                "",
+                owned(meta(UsageRef {
+                    usage,
+                    cost_usd: *cost_usd,
+                })),
+            ),
+            TaskEvent::Status { status } => (status.as_str(), owned(empty_object())),
+            TaskEvent::Error { message, code } => (
+                message,
+                owned(meta(ErrorRef {
+                    code: code.as_deref(),
+                })),
+            ),
+            TaskEvent::Progress(progress) => (&progress.message, owned(meta(progress))),
+            TaskEvent::Done(outcome) => {
+                // The result is the content, not metadata (`From<TaskEvent> for WireEvent`
+                // takes it out before encoding the rest).
+                let mut metadata = meta(outcome);
+                if let Value::Object(map) = &mut metadata {
+                    map.remove("result");
+                }
+                (
+                    outcome.result.as_deref().unwrap_or_default(),
+                    owned(metadata),
+                )
+            }
+            TaskEvent::Other(wire) => (&wire.content, Cow::Borrowed(&wire.metadata)),
+        };
+        serde_json::to_string(&WireRef {
+            kind: self.kind(),
+            content,
+            metadata,
+        })
+    }
 }
 
 fn meta<T: Serialize>(value: T) -> Value {

@@ -129,6 +129,33 @@ impl ServerMessage {
         serde_json::to_string(&FlatServerMessage::from(self))
     }
 
+    /// The JSON text of the [`ServerMessage::Event`] of an event of `task_id` in `session_id`
+    /// at `seq`, made from the event's wire JSON ([`TaskEvent::wire_json`], as stored in the
+    /// task log) without encoding the event again: byte for byte what
+    /// [`into_json`](Self::into_json) writes (the frame is the wire object with the ids
+    /// after its `metadata`). `None` when `wire_json` is not a JSON object's text.
+    pub fn event_json(
+        session_id: &SessionId,
+        task_id: TaskId,
+        seq: u64,
+        wire_json: &str,
+    ) -> Option<String> {
+        let body = wire_json.strip_suffix('}')?;
+        if !body.starts_with('{') || body.len() < 2 {
+            return None;
+        }
+        let mut out = Vec::with_capacity(wire_json.len() + session_id.as_str().len() + 80);
+        out.extend_from_slice(body.as_bytes());
+        out.extend_from_slice(b",\"session_id\":");
+        serde_json::to_writer(&mut out, session_id.as_str()).ok()?;
+        out.extend_from_slice(b",\"task_id\":");
+        serde_json::to_writer(&mut out, &task_id).ok()?;
+        out.extend_from_slice(b",\"seq\":");
+        serde_json::to_writer(&mut out, &seq).ok()?;
+        out.push(b'}');
+        String::from_utf8(out).ok()
+    }
+
     /// An error not tied to a task (`{"type":"error","content":message}`).
     pub fn error(message: impl Into<String>) -> Self {
         ServerMessage::Event {

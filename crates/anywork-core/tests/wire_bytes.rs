@@ -196,3 +196,38 @@ fn control_frames_are_byte_for_byte() {
         assert_eq!(message.into_json().unwrap(), expected);
     }
 }
+
+#[test]
+fn events_encoded_once_give_the_same_payloads_and_frames() {
+    let s = SessionId::new("s1").unwrap();
+    let t: TaskId = T.parse().unwrap();
+    let events = events();
+    assert_eq!(events.len(), PAYLOADS.len());
+    for ((event, payload), frame) in events.iter().zip(PAYLOADS).zip(FRAMES) {
+        // What a run hands the store, encoded without copying the event.
+        let wire = event.wire_json().unwrap();
+        assert_eq!(&wire, payload);
+        // The frame made from those bytes, without encoding the event again.
+        assert_eq!(
+            ServerMessage::event_json(&s, t, 7, &wire).as_deref(),
+            Some(*frame)
+        );
+    }
+    // Ids that need escaping, and a large seq, as `into_json` writes them.
+    let odd = SessionId::new("owner/repo#12\"q\"\\").unwrap();
+    let wire = TaskEvent::text("x").wire_json().unwrap();
+    let message = ServerMessage::Event {
+        session_id: Some(odd.clone()),
+        task_id: Some(t),
+        seq: Some(u64::MAX),
+        event: TaskEvent::text("x"),
+    };
+    assert_eq!(
+        ServerMessage::event_json(&odd, t, u64::MAX, &wire),
+        Some(message.into_json().unwrap())
+    );
+    // Not an object's text: no frame made of it.
+    for bad in ["", "{", "}", "{}", "[1]"] {
+        assert_eq!(ServerMessage::event_json(&s, t, 1, bad), None, "{bad}");
+    }
+}

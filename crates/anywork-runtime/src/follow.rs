@@ -273,12 +273,12 @@ impl Follower<'_> {
             let logs = self.read_logs(self.last, PAGE).await?;
             let n = logs.len();
             for log in logs {
-                let event = Arc::new(LiveEvent {
-                    task_id: self.task_id,
-                    session_id: self.session_id.clone(),
-                    seq: log.seq,
-                    event: log.event,
-                });
+                let event = Arc::new(LiveEvent::new(
+                    self.task_id,
+                    self.session_id.clone(),
+                    log.seq,
+                    log.event,
+                ));
                 if self.send(event).await? {
                     return Ok(true);
                 }
@@ -400,12 +400,12 @@ mod tests {
             .append_logs(id, vec![NewTaskLog::now(done.clone())])
             .await
             .unwrap();
-        d.hub().publish([LiveEvent {
-            task_id: id,
-            session_id: d.store().get_task(id).await.unwrap().session_id,
+        d.hub().publish([LiveEvent::new(
+            id,
+            d.store().get_task(id).await.unwrap().session_id,
             seq,
-            event: done,
-        }]);
+            done,
+        )]);
         d.hub().close(id);
         let last = rx.recv().await.unwrap();
         assert_eq!(last.seq, 2);
@@ -463,13 +463,14 @@ mod tests {
             let logs = chunk.iter().cloned().map(NewTaskLog::now).collect();
             let last = d.store().append_logs(task.id, logs).await.unwrap();
             let first = last + 1 - chunk.len() as u64;
-            d.hub()
-                .publish(chunk.iter().enumerate().map(|(i, e)| LiveEvent {
-                    task_id: task.id,
-                    session_id: task.session_id.clone(),
-                    seq: first + i as u64,
-                    event: e.clone(),
-                }));
+            d.hub().publish(chunk.iter().enumerate().map(|(i, e)| {
+                LiveEvent::new(
+                    task.id,
+                    task.session_id.clone(),
+                    first + i as u64,
+                    e.clone(),
+                )
+            }));
         }
         d.hub().close(task.id);
         let (tx, mut rx) = mpsc::channel(2048);

@@ -17,7 +17,7 @@ use crate::notices::{Notices, Watchers};
 use crate::shrink::Shrink;
 
 /// A stored event of a running task, as fanned out.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct LiveEvent {
     /// The task.
@@ -28,9 +28,34 @@ pub struct LiveEvent {
     pub seq: u64,
     /// The event.
     pub event: TaskEvent,
+    /// The event's wire JSON as the store got it ([`TaskEvent::wire_json`]), when the run
+    /// that stored it encoded it: encoded once, shared by the store and every follower
+    /// (`None` for events read back from the log, which are encoded when sent).
+    pub(crate) wire: Option<Arc<str>>,
+}
+
+impl PartialEq for LiveEvent {
+    /// The event and where it is; whether its JSON was made already does not matter.
+    fn eq(&self, other: &Self) -> bool {
+        self.task_id == other.task_id
+            && self.session_id == other.session_id
+            && self.seq == other.seq
+            && self.event == other.event
+    }
 }
 
 impl LiveEvent {
+    /// An event read from the log (encoded when sent).
+    pub(crate) fn new(task_id: TaskId, session_id: SessionId, seq: u64, event: TaskEvent) -> Self {
+        Self {
+            task_id,
+            session_id,
+            seq,
+            event,
+            wire: None,
+        }
+    }
+
     /// The WebSocket form.
     pub fn to_message(&self) -> ServerMessage {
         self.clone().into_message()
@@ -44,6 +69,19 @@ impl LiveEvent {
             seq: Some(self.seq),
             event: self.event,
         }
+    }
+
+    /// The WebSocket form's JSON text, byte for byte what
+    /// [`ServerMessage::into_json`] writes of [`to_message`](Self::to_message): made from the
+    /// event's wire JSON when the run shared it (the event is not encoded again), else
+    /// encoded here.
+    pub fn to_json(&self) -> serde_json::Result<String> {
+        if let Some(text) = self.wire.as_deref().and_then(|wire| {
+            ServerMessage::event_json(&self.session_id, self.task_id, self.seq, wire)
+        }) {
+            return Ok(text);
+        }
+        self.to_message().into_json()
     }
 }
 

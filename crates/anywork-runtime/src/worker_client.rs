@@ -1,6 +1,6 @@
 //! [`WorkerClient`]: the server's side of the worker HTTP API (`anywork_core::worker_api`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -14,7 +14,6 @@ use anywork_core::worker_api::{
 use anywork_core::{
     Error, ErrorKind, Result, SessionId, TaskEvent, TaskOutcome, WireEvent, WorkerEndpoint,
 };
-use eventsource_stream::Eventsource;
 use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 use serde_json::Value;
@@ -85,23 +84,6 @@ pub enum ChatStart {
     /// The worker refused it: the session is not prepared as the chat's prepare key says
     /// (the worker restarted, or another worker answers at that address now).
     NotPrepared,
-}
-
-/// Why reading a `/chat` stream's bytes stopped.
-#[derive(Debug)]
-enum ReadError {
-    Http(reqwest::Error),
-    /// Nothing arrived for this long, not even a keep-alive comment.
-    Idle(Duration),
-}
-
-impl std::fmt::Display for ReadError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ReadError::Http(e) => e.fmt(f),
-            ReadError::Idle(d) => write!(f, "nothing arrived for {} s", d.as_secs_f64()),
-        }
-    }
 }
 
 fn lock_routes<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -285,68 +267,78 @@ impl WorkerClient {
     /// The task events of a worker's SSE answer; silence past the idle timeout ends them with
     /// a `Timeout` error.
     fn events_of(&self, worker: &WorkerEndpoint, response: reqwest::Response) -> ChatStream {
-        let worker_id = worker.worker_id.clone();
-        let idle = self.stream_idle_timeout;
-        // Every chunk, keep-alive comments included, proves the worker alive.
-        let bytes =
-            futures_util::stream::unfold(Some(response.bytes_stream()), move |s| async move {
-                let mut s = s?;
-                match tokio::time::timeout(idle, s.next()).await {
-                    Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(s))),
-                    Ok(Some(Err(e))) => Some((Err(ReadError::Http(e)), None)),
-                    Ok(None) => None,
-                    Err(_) => Some((Err(ReadError::Idle(idle)), None)),
-                }
-            });
-        let events = Box::pin(bytes).eventsource();
-        let state = (Box::pin(events), OriginalAdapter::default(), false);
-        let stream = futures_util::stream::unfold(state, move |(mut events, mut adapter, over)| {
-            let worker_id = worker_id.clone();
-            async move {
-                if over {
-                    return None;
-                }
-                loop {
-                    match events.next().await {
-                        Some(Ok(ev)) if ev.data.is_empty() => continue,
-                        Some(Ok(ev)) => {
-                            let item = adapter.event(&ev.event, &ev.data).map_err(|e| {
-                                tracing::warn!(worker = %worker_id, error = %e, data = %ev.data.chars().take(300).collect::<String>(), "the worker sent an event that is not a task event");
-                                Error::new(
-                                    ErrorKind::Protocol,
-                                    format!("the worker sent an event that is not a task event: {}", e.message()),
-                                )
-                            });
-                            let over = item.is_err();
-                            return Some((item, (events, adapter, over)));
-                        }
-                        Some(Err(eventsource_stream::EventStreamError::Transport(
-                            ReadError::Idle(d),
-                        ))) => {
-                            tracing::warn!(worker = %worker_id, "the worker's stream went silent");
-                            let err = Error::new(
-                                ErrorKind::Timeout,
-                                format!(
-                                    "the worker sent nothing for {} s, not even a keep-alive: it \
-                                     is hung or the connection to it stalled \
-                                     (STREAM_IDLE_TIMEOUT_SECONDS)",
-                                    d.as_secs_f64()
-                                ),
-                            );
-                            return Some((Err(err), (events, adapter, true)));
-                        }
-                        Some(Err(e)) => {
-                            tracing::warn!(worker = %worker_id, error = %e, "the connection to the worker broke");
-                            let err = Error::unavailable("the connection to the worker broke");
-                            return Some((Err(err), (events, adapter, true)));
-                        }
-                        None => {
-                            return adapter
-                                .finish()
-                                .map(|done| (Ok(done), (events, adapter, true)));
-                        }
+        struct State<S> {
+            bytes: Pin<Box<S>>,
+            reader: SseReader,
+            ready: VecDeque<SseEvent>,
+            adapter: OriginalAdapter,
+            over: bool,
+            worker_id: String,
+            idle: Duration,
+        }
+        let state = State {
+            bytes: Box::pin(response.bytes_stream()),
+            reader: SseReader::default(),
+            ready: VecDeque::new(),
+            adapter: OriginalAdapter::default(),
+            over: false,
+            worker_id: worker.worker_id.clone(),
+            idle: self.stream_idle_timeout,
+        };
+        let stream = futures_util::stream::unfold(state, |mut s| async move {
+            if s.over {
+                return None;
+            }
+            loop {
+                if let Some(ev) = s.ready.pop_front() {
+                    if ev.data.is_empty() {
+                        continue;
                     }
+                    let item = s.adapter.event(&ev.event, &ev.data).map_err(|e| {
+                        tracing::warn!(worker = %s.worker_id, error = %e, data = %ev.data.chars().take(300).collect::<String>(), "the worker sent an event that is not a task event");
+                        Error::new(
+                            ErrorKind::Protocol,
+                            format!("the worker sent an event that is not a task event: {}", e.message()),
+                        )
+                    });
+                    s.over = item.is_err();
+                    return Some((item, s));
                 }
+                // Every chunk, keep-alive comments included, proves the worker alive.
+                let err = match tokio::time::timeout(s.idle, s.bytes.next()).await {
+                    Ok(Some(Ok(chunk))) => match s.reader.feed(&chunk, &mut s.ready) {
+                        Ok(()) => continue,
+                        Err(e) => {
+                            tracing::warn!(worker = %s.worker_id, error = %e, "the worker's stream is not UTF-8");
+                            Error::new(
+                                ErrorKind::Protocol,
+                                "the worker sent an event that is not a task event: its text is not UTF-8",
+                            )
+                        }
+                    },
+                    Ok(Some(Err(e))) => {
+                        tracing::warn!(worker = %s.worker_id, error = %e, "the connection to the worker broke");
+                        Error::unavailable("the connection to the worker broke")
+                    }
+                    Ok(None) => {
+                        s.over = true;
+                        return s.adapter.finish().map(|done| (Ok(done), s));
+                    }
+                    Err(_) => {
+                        tracing::warn!(worker = %s.worker_id, "the worker's stream went silent");
+                        Error::new(
+                            ErrorKind::Timeout,
+                            format!(
+                                "the worker sent nothing for {} s, not even a keep-alive: it \
+                                 is hung or the connection to it stalled \
+                                 (STREAM_IDLE_TIMEOUT_SECONDS)",
+                                s.idle.as_secs_f64()
+                            ),
+                        )
+                    }
+                };
+                s.over = true;
+                return Some((Err(err), s));
             }
         });
         Box::pin(stream)
@@ -688,6 +680,141 @@ fn session_doc_path(file: &str, session: &SessionId) -> String {
     format!("/workspace/{file}?session_id={}", encode(session.as_str()))
 }
 
+/// One event of a `text/event-stream`: its `event:` field (empty when absent) and its data.
+#[derive(Debug, PartialEq)]
+struct SseEvent {
+    event: String,
+    data: String,
+}
+
+/// Reads a worker's `text/event-stream` into events by the HTML spec's rules: lines end with
+/// CRLF, LF or CR; `event` and `data` fields (one space after the colon dropped), comments
+/// and other fields ignored; a blank line ends an event, which is dropped when it has no
+/// data; a leading BOM is skipped; an event cut off by the end of the stream is dropped.
+/// (What eventsource-stream did, without copying the rest of its buffer once per line.)
+#[derive(Debug, Default)]
+struct SseReader {
+    /// The bytes of a line not ended yet.
+    line: Vec<u8>,
+    /// The `event` field of the event being read.
+    event: String,
+    /// Its data lines, each followed by LF.
+    data: String,
+    /// The last line ended with CR: an LF right after it ends nothing.
+    after_cr: bool,
+    /// Bytes came already (a BOM is skipped only at the start).
+    started: bool,
+}
+
+/// The BOM a stream may start with.
+const BOM: &[u8] = "\u{feff}".as_bytes();
+
+impl SseReader {
+    /// Takes in `chunk`, pushing the events it completes to `out`. An error for a line that
+    /// is not UTF-8.
+    fn feed(
+        &mut self,
+        mut chunk: &[u8],
+        out: &mut VecDeque<SseEvent>,
+    ) -> std::result::Result<(), std::str::Utf8Error> {
+        if !self.started {
+            // The BOM may come split over chunks: held until it is whole or cannot be one.
+            self.line.extend_from_slice(chunk);
+            if self.line.len() < BOM.len() && BOM.starts_with(&self.line) {
+                return Ok(());
+            }
+            self.started = true;
+            let start = std::mem::take(&mut self.line);
+            return self.feed(start.strip_prefix(BOM).unwrap_or(&start), out);
+        }
+        while !chunk.is_empty() {
+            if std::mem::take(&mut self.after_cr) && chunk[0] == b'\n' {
+                chunk = &chunk[1..];
+                continue;
+            }
+            let Some(end) = chunk.iter().position(|&b| b == b'\n' || b == b'\r') else {
+                self.line.extend_from_slice(chunk);
+                break;
+            };
+            if self.line.is_empty() {
+                self.take_line(&chunk[..end], out)?;
+            } else {
+                let mut line = std::mem::take(&mut self.line);
+                line.extend_from_slice(&chunk[..end]);
+                let taken = self.take_line(&line, out);
+                line.clear();
+                self.line = line;
+                taken?;
+            }
+            self.after_cr = chunk[end] == b'\r';
+            chunk = &chunk[end + 1..];
+        }
+        Ok(())
+    }
+
+    fn take_line(
+        &mut self,
+        line: &[u8],
+        out: &mut VecDeque<SseEvent>,
+    ) -> std::result::Result<(), std::str::Utf8Error> {
+        if line.is_empty() {
+            if self.data.is_empty() {
+                self.event.clear();
+            } else {
+                self.data.pop();
+                out.push_back(SseEvent {
+                    event: std::mem::take(&mut self.event),
+                    data: std::mem::take(&mut self.data),
+                });
+            }
+            return Ok(());
+        }
+        if line[0] == b':' {
+            return Ok(());
+        }
+        let line = std::str::from_utf8(line)?;
+        let (field, value) = match line.split_once(':') {
+            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
+            None => (line, ""),
+        };
+        match field {
+            "event" => {
+                self.event.clear();
+                self.event.push_str(value);
+            }
+            "data" => {
+                self.data.push_str(value);
+                self.data.push('\n');
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// An SSE event's data as [`WireEvent`] reads it, with its `type` optional (the original
+/// protocol puts it on the `event:` line).
+#[derive(serde::Deserialize)]
+struct RawEvent {
+    /// Present means a string (`null` is an error, as for [`WireEvent`]).
+    #[serde(rename = "type", default, deserialize_with = "some_string")]
+    kind: Option<String>,
+    #[serde(default)]
+    content: String,
+    #[serde(default = "empty_object")]
+    metadata: Value,
+}
+
+fn some_string<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<String>, D::Error> {
+    <String as serde::Deserialize>::deserialize(d).map(Some)
+}
+
+fn empty_object() -> Value {
+    Value::Object(serde_json::Map::new())
+}
+
 /// Reads `/chat` events in this worker API's form and in the original AnyWork's (see
 /// [`WorkerClient::chat`]).
 #[derive(Debug, Default)]
@@ -702,28 +829,39 @@ struct OriginalAdapter {
 
 impl OriginalAdapter {
     /// One SSE event: `kind` from its `event:` line (`message` when absent), `data` its data.
+    /// The data is read straight into the event's parts (no JSON value of the whole object
+    /// on the way): a JSON object with a string `type`, a string `content` and any
+    /// `metadata`, as before; anything else is an error.
     fn event(&mut self, kind: &str, data: &str) -> Result<TaskEvent> {
-        let mut value: Value = serde_json::from_str(data)?;
-        let Some(object) = value.as_object_mut() else {
+        if !data.trim_start().starts_with('{') {
+            // Also what a struct would take as a sequence (`["text","x",{}]`).
+            serde_json::from_str::<serde::de::IgnoredAny>(data)?;
             return Err(Error::invalid_input("the data is not a JSON object"));
-        };
-        if !object.contains_key("type") {
-            if kind.is_empty() || kind == "message" {
-                return Err(Error::invalid_input(
-                    "the event has no type: neither a `type` in its data nor an `event:` line",
-                ));
-            }
-            self.original = true;
-            object.insert("type".into(), Value::String(kind.to_owned()));
         }
+        let raw: RawEvent = serde_json::from_str(data)?;
+        let kind = match raw.kind {
+            Some(kind) => kind,
+            None => {
+                if kind.is_empty() || kind == "message" {
+                    return Err(Error::invalid_input(
+                        "the event has no type: neither a `type` in its data nor an `event:` line",
+                    ));
+                }
+                self.original = true;
+                kind.to_owned()
+            }
+        };
         let original_done_without_result = self.original
             && kind == "done"
-            && object
-                .get("metadata")
-                .and_then(Value::as_object)
+            && raw
+                .metadata
+                .as_object()
                 .is_none_or(|m| !m.contains_key("result") && !m.contains_key("status"));
-        let wire: WireEvent = serde_json::from_value(value)?;
-        let event = TaskEvent::try_from(wire)?;
+        let event = TaskEvent::try_from(WireEvent {
+            kind,
+            content: raw.content,
+            metadata: raw.metadata,
+        })?;
         match &event {
             TaskEvent::Error { message, .. } => self.last_error = Some(message.clone()),
             TaskEvent::Done(_) => self.done = true,
@@ -815,6 +953,165 @@ mod tests {
         a.event("text", r#"{"content":"half","metadata":{}}"#)
             .unwrap();
         assert_eq!(a.finish(), None);
+    }
+
+    /// `input` read by [`SseReader`] in chunks ending at `cuts`.
+    fn sse_events(input: &[u8], cuts: &[usize]) -> Vec<(String, String)> {
+        let mut reader = SseReader::default();
+        let mut out = VecDeque::new();
+        let mut from = 0;
+        for &cut in cuts.iter().chain([&input.len()]) {
+            reader.feed(&input[from..cut], &mut out).unwrap();
+            from = cut;
+        }
+        out.into_iter().map(|e| (e.event, e.data)).collect()
+    }
+
+    /// `input` read by eventsource-stream in one chunk (the empty type as it names it).
+    async fn library_events(input: &[u8]) -> Vec<(String, String)> {
+        use eventsource_stream::Eventsource;
+        // It panics on a BOM (it slices the 3-byte character at its byte 1): given without.
+        let input = input.strip_prefix(BOM).unwrap_or(input);
+        let chunks =
+            futures_util::stream::iter([Ok::<_, std::convert::Infallible>(input.to_vec())]);
+        chunks
+            .eventsource()
+            .map(|e| {
+                let e = e.unwrap();
+                let kind = if e.event == "message" {
+                    String::new()
+                } else {
+                    e.event
+                };
+                (kind, e.data)
+            })
+            .collect()
+            .await
+    }
+
+    #[tokio::test]
+    async fn the_sse_reader_reads_as_eventsource_stream_did_in_any_chunks() {
+        let streams: [&[u8]; 9] = [
+            b"event: text\ndata: {\"content\":\"x\",\"metadata\":{}}\n\nevent: done\ndata: {}\n\n",
+            b"data: {\"type\":\"text\",\"content\":\"h\xc3\xa9llo \xf0\x9f\xa6\x80\"}\n\n: keep-alive\n\n",
+            "\u{feff}data: after a BOM\r\n\r\ndata:no space\rdata:  two spaces\r\r\n".as_bytes(),
+            b"id: 7\nretry: 10\nevent: x\nunknown: y\ndata: a\ndata\ndata: b\n\n",
+            b"event: lost\n\nevent: kept\ndata: 1\n\n",
+            b"data: \n\n",
+            b"data: cut off\n",
+            b"data: cut off, no newline",
+            b":only a comment\n\n\n\nevent:  sp\ndata:x:y\n\n",
+        ];
+        for input in streams {
+            let whole = sse_events(input, &[]);
+            let expected = library_events(input).await;
+            // Events without data are skipped by the reader of the stream either way.
+            let expected: Vec<_> = expected
+                .into_iter()
+                .filter(|(_, d)| !d.is_empty())
+                .collect();
+            let got: Vec<_> = whole
+                .iter()
+                .filter(|(_, d)| !d.is_empty())
+                .cloned()
+                .collect();
+            assert_eq!(got, expected, "{}", String::from_utf8_lossy(input));
+            // Cut anywhere (inside a CRLF, a BOM or a character), the same events.
+            for a in 0..=input.len() {
+                for b in a..=input.len() {
+                    assert_eq!(
+                        sse_events(input, &[a, b]),
+                        whole,
+                        "{} cut at {a}, {b}",
+                        String::from_utf8_lossy(input)
+                    );
+                }
+            }
+        }
+        let mut reader = SseReader::default();
+        assert!(
+            reader
+                .feed(b"data: \xff\xfe\n\n", &mut VecDeque::new())
+                .is_err()
+        );
+    }
+
+    /// How events were read before they were parsed straight into their parts: a JSON value
+    /// first, then the wire event from it.
+    fn read_as_before(kind: &str, data: &str) -> Option<TaskEvent> {
+        let mut value: Value = serde_json::from_str(data).ok()?;
+        let object = value.as_object_mut()?;
+        if !object.contains_key("type") {
+            if kind.is_empty() || kind == "message" {
+                return None;
+            }
+            object.insert("type".into(), Value::String(kind.to_owned()));
+        }
+        let wire: WireEvent = serde_json::from_value(value).ok()?;
+        TaskEvent::try_from(wire).ok()
+    }
+
+    #[test]
+    fn events_are_read_and_encoded_as_before_byte_for_byte() {
+        let cases = [
+            (
+                "message",
+                r#"{"type":"text","content":"h\u00e9llo \"q\" \\ \u0000 \ud83e\udd80 \u202e</script>\n","metadata":{}}"#,
+            ),
+            (
+                "message",
+                "{\"type\":\"text\",\"content\":\"raw h\u{e9}llo \u{1F980}\"}",
+            ),
+            (
+                "message",
+                r#" {"metadata":{"z":1,"a":[1.5e300,null,"\t"]},"content":"Write","type":"tool_call"}"#,
+            ),
+            (
+                "message",
+                r#"{"type":"tool_call","content":"Bash","metadata":{"id":"t1","input":{"command":"ls"}}}"#,
+            ),
+            (
+                "message",
+                r#"{"type":"done","content":"The answer","metadata":{"status":"completed","cost_usd":0.01,"num_turns":2,"usage":{"input_tokens":7},"extra":"x"}}"#,
+            ),
+            (
+                "message",
+                r#"{"type":"percent_done","content":"50%","metadata":{"pct":50,"a":"b"}}"#,
+            ),
+            (
+                "message",
+                r#"{"type":"error","content":"boom","metadata":null,"unknown":[1,2]}"#,
+            ),
+            ("text", r#"{"content":"original \u00fc","metadata":{}}"#),
+            ("message", r#"{"type":"text","content":"no metadata"}"#),
+            // Refused both ways.
+            ("message", r#"{"type":null,"content":"x"}"#),
+            ("message", r#"{"type":5,"content":"x"}"#),
+            ("message", r#"{"type":"text","content":null}"#),
+            ("message", r#"["text","x",{}]"#),
+            ("message", r#""text""#),
+            ("message", "{\"type\":\"text\""),
+            (
+                "message",
+                r#"{"type":"tool_result","content":"x","metadata":{"is_error":"no"}}"#,
+            ),
+        ];
+        let mut read = 0;
+        for (kind, data) in cases {
+            let before = read_as_before(kind, data);
+            let now = OriginalAdapter::default().event(kind, data).ok();
+            assert_eq!(now, before, "{data}");
+            if let (Some(now), Some(before)) = (now, before) {
+                read += 1;
+                // What the store and the WebSocket get: the same bytes.
+                assert_eq!(
+                    now.wire_json().unwrap(),
+                    serde_json::to_string(&WireEvent::from(before)).unwrap(),
+                    "{data}"
+                );
+            }
+        }
+        assert_eq!(read, 9);
     }
 
     #[test]

@@ -368,12 +368,17 @@ macro_rules! impl_sql_store {
             })
         }
 
-        /// `(type, payload, created_at)` rows for the log table.
+        /// `(type, payload, created_at)` rows for the log table. A log whose wire JSON was
+        /// made already ([`NewTaskLog::now_encoded`](anywork_core::NewTaskLog::now_encoded))
+        /// is written as it is: the same bytes, not encoded a second time.
         fn encode_logs(
             logs: Vec<anywork_core::NewTaskLog>,
         ) -> anywork_core::Result<Vec<(String, String, i64)>> {
             logs.into_iter()
                 .map(|log| {
+                    if let Some(json) = log.wire_json() {
+                        return Ok((log.event.kind().to_owned(), json.to_owned(), log.timestamp.0));
+                    }
                     let wire = anywork_core::WireEvent::from(log.event);
                     Ok((wire.kind.clone(), json_text(&wire)?, log.timestamp.0))
                 })

@@ -299,12 +299,10 @@ impl Forwarder {
             r.since = None;
         }
         let session = r.session.clone();
-        inner.hub.publish(logs.into_iter().map(|l| LiveEvent {
-            task_id: id,
-            session_id: session.clone(),
-            seq: l.seq,
-            event: l.event,
-        }));
+        inner.hub.publish(
+            logs.into_iter()
+                .map(|l| LiveEvent::new(id, session.clone(), l.seq, l.event)),
+        );
         if done || inner.hub.followed_session(id).is_none() {
             self.remotes.remove(&id);
             self.remotes.shrink_when_sparse();

@@ -793,6 +793,23 @@ impl Dispatcher {
     }
 }
 
+/// An event with its wire JSON, when it was encoded.
+type Encoded = (TaskEvent, Option<Arc<str>>);
+
+/// `events` as log rows for the store and as they are published, each encoded once
+/// ([`NewTaskLog::now_encoded`]): the store writes the bytes its followers are sent. An event
+/// that cannot be encoded (none can: its JSON is text and numbers) goes without, and is
+/// encoded by the store and by each follower as before.
+fn encode(events: Vec<TaskEvent>) -> (Vec<NewTaskLog>, Vec<Encoded>) {
+    events
+        .into_iter()
+        .map(|event| match NewTaskLog::now_encoded(event.clone()) {
+            Ok((log, wire)) => (log, (event, Some(wire))),
+            Err(_) => (NewTaskLog::now(event.clone()), (event, None)),
+        })
+        .unzip()
+}
+
 impl Inner {
     /// Whether a run of this server holds `task_id` (claimed it): it publishes the task's
     /// events here as it stores them.
@@ -821,7 +838,7 @@ impl Inner {
             return Ok(());
         }
         let n = events.len() as u64;
-        let logs = events.iter().cloned().map(NewTaskLog::now).collect();
+        let (logs, events) = encode(events);
         let last = self.store.append_logs_while_active(task.id, logs).await?;
         self.publish(task, last + 1 - n, events);
         Ok(())
@@ -863,7 +880,7 @@ impl Inner {
         };
         let woken = !deliveries.is_empty();
         let n = events.len() as u64;
-        let logs = events.iter().cloned().map(NewTaskLog::now).collect();
+        let (logs, events) = encode(events);
         let last = self
             .store
             .update_task_lean(task.id, expected, change, logs, deliveries)
@@ -900,7 +917,7 @@ impl Inner {
         };
         let woken = !deliveries.is_empty();
         let n = events.len() as u64;
-        let logs = events.iter().cloned().map(NewTaskLog::now).collect();
+        let (logs, events) = encode(events);
         let claim = self
             .store
             .claim_task_lean(task.id, change, logs, deliveries)
@@ -923,14 +940,16 @@ impl Inner {
 
     /// Publishes events the store has just numbered `first..`. Only `record`, `claim` and
     /// `transition_and_enqueue` call it: what is published was stored.
-    fn publish(&self, task: &Task, first: u64, events: Vec<TaskEvent>) {
-        self.hub
-            .publish(events.into_iter().enumerate().map(|(i, event)| LiveEvent {
-                task_id: task.id,
-                session_id: task.session_id.clone(),
-                seq: first + i as u64,
-                event,
-            }));
+    fn publish(&self, task: &Task, first: u64, events: Vec<Encoded>) {
+        self.hub.publish(
+            events
+                .into_iter()
+                .enumerate()
+                .map(|(i, (event, wire))| LiveEvent {
+                    wire,
+                    ..LiveEvent::new(task.id, task.session_id.clone(), first + i as u64, event)
+                }),
+        );
     }
 
     /// Ends a task no run of this server holds (queued, or orphaned) with `outcome`.

@@ -1374,12 +1374,12 @@ mod tests {
             "the task's live channel here stays open"
         );
         // What the change feed publishes reaches the follower.
-        d.hub().publish([LiveEvent {
-            task_id: task.id,
-            session_id: task.session_id.clone(),
-            seq: 2,
-            event: TaskEvent::text("from the other server"),
-        }]);
+        d.hub().publish([LiveEvent::new(
+            task.id,
+            task.session_id.clone(),
+            2,
+            TaskEvent::text("from the other server"),
+        )]);
         let got = live.recv().await.unwrap();
         assert_eq!(got.event, TaskEvent::text("from the other server"));
         assert_eq!(

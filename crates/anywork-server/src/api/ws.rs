@@ -197,17 +197,35 @@ enum Outgoing {
 }
 
 impl Outgoing {
-    fn into_message(self, followers: &mut HashMap<TaskId, JoinHandle<()>>) -> ServerMessage {
+    /// The frame's text. An event the run encoded is sent as the bytes the store got, with
+    /// its ids after them ([`LiveEvent::to_json`]), not encoded again.
+    fn into_text(self, followers: &mut HashMap<TaskId, JoinHandle<()>>) -> String {
         match self {
             Outgoing::Event(event) => {
                 if let anywork_core::TaskEvent::Done(_) = event.event {
                     followers.remove(&event.task_id);
                 }
-                event.into_message()
+                event.to_json().unwrap_or_else(|e| encode_failed(&e))
             }
-            Outgoing::Reply(reply) => *reply,
+            Outgoing::Reply(reply) => text_of(*reply),
         }
     }
+}
+
+/// A message's frame text.
+fn text_of(message: ServerMessage) -> String {
+    message.into_json().unwrap_or_else(|e| encode_failed(&e))
+}
+
+/// The frame sent instead of a message that could not be encoded.
+fn encode_failed(e: &serde_json::Error) -> String {
+    serde_json::json!({"type": "error", "content": format!("cannot encode a message: {e}")})
+        .to_string()
+}
+
+/// The frame texts of `messages`.
+fn texts(messages: Vec<ServerMessage>) -> Vec<String> {
+    messages.into_iter().map(text_of).collect()
 }
 
 /// The next of `inbox`; never, while there is none.
@@ -240,7 +258,7 @@ async fn connection(state: AppState, socket: &mut WebSocket) {
                 // Whatever the followers still hold goes out first.
                 let mut out = Vec::new();
                 while let Some(Ok(item)) = inbox.as_mut().map(mpsc::Receiver::try_recv) {
-                    out.push(item.into_message(&mut conn.followers));
+                    out.push(item.into_text(&mut conn.followers));
                 }
                 let _ = send_all(socket, out).await;
                 let _ = socket
@@ -252,11 +270,11 @@ async fn connection(state: AppState, socket: &mut WebSocket) {
                 break;
             }
             incoming = socket.recv() => match incoming {
-                Some(Ok(Message::Text(_))) if !limit.take() => vec![rate_limited(&conn.state)],
+                Some(Ok(Message::Text(_))) if !limit.take() => vec![text_of(rate_limited(&conn.state))],
                 // Boxed: the handling of a message is much larger than an idle connection's
                 // state, which would otherwise be as large as it.
-                Some(Ok(Message::Text(text))) => Box::pin(conn.handle(text.as_str())).await,
-                Some(Ok(Message::Binary(_))) => vec![ServerMessage::error("Binary messages are not supported; send JSON text")],
+                Some(Ok(Message::Text(text))) => texts(Box::pin(conn.handle(text.as_str())).await),
+                Some(Ok(Message::Binary(_))) => vec![text_of(ServerMessage::error("Binary messages are not supported; send JSON text"))],
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 Some(Err(e)) if is_too_large(&e) => {
                     // Say why before closing: 1009, "message too big".
@@ -274,16 +292,16 @@ async fn connection(state: AppState, socket: &mut WebSocket) {
             },
             Some(item) = next_of(&mut inbox) => {
                 // Whatever else is ready goes out in the same write.
-                let mut out = vec![item.into_message(&mut conn.followers)];
+                let mut out = vec![item.into_text(&mut conn.followers)];
                 while out.len() < WRITE_BATCH_EVENTS {
                     match inbox.as_mut().map(mpsc::Receiver::try_recv) {
-                        Some(Ok(item)) => out.push(item.into_message(&mut conn.followers)),
+                        Some(Ok(item)) => out.push(item.into_text(&mut conn.followers)),
                         _ => break,
                     }
                 }
                 out
             }
-            notice = conn.notices.recv() => vec![*notice],
+            notice = conn.notices.recv() => vec![text_of(*notice)],
         };
         if send_all(socket, out).await.is_err() {
             break;
@@ -300,17 +318,13 @@ fn is_too_large(e: &axum::Error) -> bool {
     text.contains("Space limit exceeded") || text.contains("too long") || text.contains("too big")
 }
 
-/// Sends `messages` with one flush at the end.
-async fn send_all(socket: &mut WebSocket, messages: Vec<ServerMessage>) -> Result<(), axum::Error> {
+/// Sends the frames `texts` with one flush at the end.
+async fn send_all(socket: &mut WebSocket, texts: Vec<String>) -> Result<(), axum::Error> {
     use futures_util::SinkExt as _;
-    if messages.is_empty() {
+    if texts.is_empty() {
         return Ok(());
     }
-    for message in messages {
-        let text = message.into_json().unwrap_or_else(|e| {
-            serde_json::json!({"type": "error", "content": format!("cannot encode a message: {e}")})
-                .to_string()
-        });
+    for text in texts {
         socket.feed(Message::Text(Utf8Bytes::from(text))).await?;
     }
     socket.flush().await
