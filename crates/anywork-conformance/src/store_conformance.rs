@@ -1580,7 +1580,7 @@ mod model {
         Task(Box<Task>),
         Created(Session, Box<Task>),
         /// What a claim did; the claimed task as stored, or `None` from the lean claim.
-        Claimed(Claim<Option<Box<Task>>>),
+        Claimed(Box<Claim<Option<Task>>>),
         Seq(u64),
         Logs(Vec<(u64, TaskEvent)>),
         Sessions(Vec<(Session, u64, u64)>),
@@ -1684,12 +1684,12 @@ mod model {
                         store
                             .claim_task_lean(tid(t), change, logs, Vec::new())
                             .await,
-                        |c| Out::Claimed(c.map(|()| None)),
+                        |c| Out::Claimed(Box::new(c.map(|()| None))),
                     )
                 } else {
                     out(
                         store.claim_task(tid(t), change, logs, Vec::new()).await,
-                        |c| Out::Claimed(c.map(|t| Some(Box::new(t)))),
+                        |c| Out::Claimed(Box::new(c.map(Some))),
                     )
                 }
             }
