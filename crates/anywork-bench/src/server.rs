@@ -264,6 +264,18 @@ impl TaskStore for Instrumented {
         let f = self.inner.create_task(new);
         self.call("create_task", true, f).await
     }
+    async fn create_task_claimed(
+        &self,
+        new: NewTask,
+        change: TaskChange,
+        logs: Vec<anywork_core::NewTaskLog>,
+        deliveries: Vec<anywork_core::NewDelivery>,
+    ) -> anywork_core::Result<(Task, Option<u64>)> {
+        let f = self
+            .inner
+            .create_task_claimed(new, change, logs, deliveries);
+        self.call("create_task_claimed", true, f).await
+    }
     async fn create_session_with_task(
         &self,
         session: NewSession,

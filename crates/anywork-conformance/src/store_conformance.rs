@@ -43,6 +43,11 @@ pub use claim::*;
 mod lean;
 pub use lean::*;
 
+// The cases of a new task created already claimed.
+#[path = "store_conformance_create_claimed.rs"]
+mod create_claimed;
+pub use create_claimed::*;
+
 /// Generates one `#[tokio::test]` per conformance case, plus the model-based property test,
 /// calling `$factory()` for a fresh store each time.
 #[macro_export]
@@ -81,7 +86,11 @@ macro_rules! store_conformance_tests {
             lean_claims_store_and_answer_as_claims_do,
             lean_claims_enqueue_with_the_claim_or_not_at_all,
             lean_updates_store_what_the_change_sets,
-            concurrent_lean_claimers_start_one_task_per_session);
+            concurrent_lean_claimers_start_one_task_per_session,
+            a_new_task_of_a_free_session_is_created_claimed,
+            a_new_task_that_must_wait_is_created_pending,
+            a_new_task_of_a_held_session_is_created_pending,
+            create_task_claimed_refuses_as_create_task_does);
 
         #[test]
         fn matches_the_memory_model_on_random_operations() {

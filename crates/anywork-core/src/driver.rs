@@ -128,6 +128,16 @@ pub trait ContainerDriver: Send + Sync + 'static {
     /// otherwise. Concurrent calls for one session create at most one worker.
     async fn get_worker(&self, session_id: &SessionId) -> Result<WorkerEndpoint>;
 
+    /// The worker of `session_id` when the driver can tell it without waiting (no engine
+    /// call, no health check due): what a dispatcher asks before it stores a new task, to
+    /// store it already started ([`TaskStore::create_task_claimed`](crate::TaskStore::create_task_claimed)).
+    /// `None` means "ask [`get_worker`](Self::get_worker)", never "no worker". The default
+    /// answers `None`.
+    fn ready_worker(&self, session_id: &SessionId) -> Option<WorkerEndpoint> {
+        let _ = session_id;
+        None
+    }
+
     /// Lets the worker of `session_id` go (stop it, or forget it). What the driver keeps for
     /// the session (its workspace volume or claim) stays, so the next
     /// [`get_worker`](Self::get_worker) finds the session's files. Releasing an unknown

@@ -352,6 +352,53 @@ pub trait TaskStore: Send + Sync + 'static {
         }
     }
 
+    /// [`create_task`](Self::create_task) and, in the same write, the task's claim
+    /// ([`claim_task_lean`](Self::claim_task_lean) with `change`, `logs` and `deliveries`) when
+    /// it can start at once: no other task of its session is `running`, `input_required` or
+    /// an older `pending` one, and the idle reaper does not hold its session
+    /// ([`hold_idle_session`](Self::hold_idle_session)) past now. What a dispatcher uses for a
+    /// new task it can run right away (it has a permit and the session's worker): one store
+    /// write instead of the create, the runner's status read and the claim.
+    ///
+    /// Returns the task as stored and, when it was claimed, the seq of the last appended
+    /// event (the task is then `running` with `change` applied); `None` when it could not
+    /// start: it is stored `pending` exactly as `create_task` stores it, with no event and no
+    /// delivery, and starts later through `claim_task`. The errors are `create_task`'s
+    /// (nothing stored), and `InvalidInput` for a change that is not a claim's (to `running`
+    /// with a lease).
+    ///
+    /// The default makes the calls one after the other (`create_task`,
+    /// `task_status_for_start`, `claim_task_lean`): a claim that fails after the create
+    /// leaves the task `pending` (answered `None`). The shipped stores do all of it in one
+    /// transaction.
+    async fn create_task_claimed(
+        &self,
+        new: NewTask,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+        deliveries: Vec<NewDelivery>,
+    ) -> Result<(Task, Option<u64>)> {
+        check_claim(&change)?;
+        let mut task = self.create_task(new).await?;
+        match self.task_status_for_start(task.id).await {
+            Ok((TaskStatus::Pending, None)) => {}
+            Ok((TaskStatus::Pending, Some(until))) if until <= Timestamp::now() => {}
+            _ => return Ok((task, None)),
+        }
+        match self
+            .claim_task_lean(task.id, change.clone(), logs, deliveries)
+            .await
+        {
+            Ok(crate::Claim::Claimed((), last)) => {
+                if change.apply(&mut task).is_err() {
+                    task = self.get_task(task.id).await?;
+                }
+                Ok((task, Some(last)))
+            }
+            _ => Ok((task, None)),
+        }
+    }
+
     /// [`claim_task`](Self::claim_task) for a caller that needs only the seq of the last
     /// event appended, not the task as stored (a runner has its task, and applies `change`
     /// to its copy): the same checks, guarantees and answers, except that

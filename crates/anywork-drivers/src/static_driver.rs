@@ -119,6 +119,16 @@ impl ContainerDriver for StaticDriver {
         }
     }
 
+    /// The one worker while its last health check is fresh (what `get_worker` would answer
+    /// without a call).
+    fn ready_worker(&self, _session_id: &SessionId) -> Option<WorkerEndpoint> {
+        self.healthy_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() < Self::HEALTH_FRESH)
+            .then(|| self.endpoint.clone())
+    }
+
     async fn release(&self, _session_id: &SessionId) -> Result<()> {
         // The worker is shared; nothing to stop.
         Ok(())

@@ -425,6 +425,38 @@ impl TaskStore for MemoryStore {
         Ok(task)
     }
 
+    async fn create_task_claimed(
+        &self,
+        new: NewTask,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+        deliveries: Vec<NewDelivery>,
+    ) -> Result<(Task, Option<u64>)> {
+        anywork_core::store::check_claim(&change)?;
+        let now = Timestamp::now();
+        let mut inner = self.lock();
+        inner.check_new_task(&new)?;
+        let session = inner
+            .sessions
+            .get_mut(&new.session_id)
+            .ok_or_else(|| session_not_found(&new.session_id))?;
+        session.last_active = session.last_active.max(new.created_at);
+        let task = new.into_task();
+        let id = task.id;
+        inner.tasks.insert(id, task.clone());
+        let held = inner
+            .idle_holds
+            .get(&task.session_id)
+            .is_some_and(|(_, until)| *until > now);
+        if held || !matches!(inner.not_its_turn::<()>(id), Ok(None)) {
+            return Ok((task, None));
+        }
+        match inner.update_lean(id, TaskStatus::Pending, change, logs, deliveries) {
+            Ok(last) => Ok((inner.task(id)?.clone(), Some(last))),
+            Err(_) => Ok((task, None)),
+        }
+    }
+
     async fn get_task(&self, id: TaskId) -> Result<Task> {
         self.lock().task(id).cloned()
     }

@@ -440,6 +440,16 @@ macro_rules! impl_sql_store {
             TouchSession(anywork_core::SessionId, anywork_core::Timestamp),
             DeleteSession(anywork_core::SessionId),
             CreateTask(Box<anywork_core::Task>),
+            /// A new task, claimed in the same transaction when it can start now
+            /// (`create_task_claimed`).
+            CreateTaskClaimed {
+                task: Box<anywork_core::Task>,
+                change: Box<anywork_core::TaskChange>,
+                rows: Vec<(String, String, i64)>,
+                deliveries: Vec<anywork_core::Delivery>,
+                /// A reaper's hold on the session that ends after this keeps the task pending.
+                now: anywork_core::Timestamp,
+            },
             /// A new session and its first task, both or neither.
             CreateSessionWithTask(Box<anywork_core::Session>, Box<anywork_core::Task>),
             UpdateTask {
@@ -523,6 +533,8 @@ macro_rules! impl_sql_store {
             Count(u64),
             DeletedLogs(anywork_core::DeletedLogs),
             Claim(Box<anywork_core::Claim>),
+            /// `CreateTaskClaimed`: the last seq when the task was claimed.
+            CreatedClaimed(Option<u64>),
         }
 
         fn unexpected_reply(reply: Reply) -> anywork_core::Error {
@@ -645,6 +657,60 @@ macro_rules! impl_sql_store {
                         )));
                     }
                     Ok(Reply::Task(task.clone(), 0))
+                }
+                WriteOp::CreateTaskClaimed {
+                    task,
+                    change,
+                    rows,
+                    deliveries,
+                    now,
+                } => {
+                    let ctx = "create a claimed task";
+                    insert_task(conn, task, $crate::sql::INSERT_TASK)
+                        .await?
+                        .map_err(|e| db_err(&creating_task(task), e))?;
+                    // The touch answers the reaper's hold; on PostgreSQL it takes the
+                    // session's row lock, which claimers of the session take too: the claim
+                    // below sees every task of the session committed before it.
+                    let hold = sqlx::query(&format!(
+                        "{} RETURNING idle_hold_until",
+                        $crate::sql::TOUCH_SESSION
+                    ))
+                    .bind(task.created_at.0)
+                    .bind(task.session_id.as_str())
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(|e| db_err(ctx, e))?;
+                    let Some(hold) = hold else {
+                        // Undo the insert: a logical error writes nothing.
+                        sqlx::query("DELETE FROM tasks WHERE id = $1")
+                            .bind(task.id.to_string())
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(|e| db_err(ctx, e))?;
+                        return Err(anywork_core::Error::not_found(format!(
+                            "session {} not found",
+                            task.session_id
+                        )));
+                    };
+                    let held = Cols(&hold)
+                        .opt_time("idle_hold_until")?
+                        .is_some_and(|until| until > *now);
+                    if held || duplicate_delivery(conn, deliveries).await?.is_some() {
+                        return Ok(Reply::CreatedClaimed(None));
+                    }
+                    let count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
+                    let pending = anywork_core::TaskStatus::Pending;
+                    let Some(last) =
+                        update_lean(conn, task.id, pending, change, count, true).await?
+                    else {
+                        return Ok(Reply::CreatedClaimed(None));
+                    };
+                    insert_logs(conn, task.id, rows, last).await?;
+                    for d in deliveries {
+                        insert_delivery(conn, d).await?;
+                    }
+                    Ok(Reply::CreatedClaimed(Some($crate::sql::to_u64(last))))
                 }
                 WriteOp::CreateSessionWithTask(session, task) => {
                     // Both inserts skip a row whose id or unique key is taken instead of
@@ -1788,6 +1854,37 @@ macro_rules! impl_sql_store {
             ) -> anywork_core::Result<anywork_core::Task> {
                 match self.write(WriteOp::CreateTask(Box::new(new.into_task()))).await? {
                     Reply::Task(t, _) => Ok(*t),
+                    other => Err(unexpected_reply(other)),
+                }
+            }
+
+            async fn create_task_claimed(
+                &self,
+                new: anywork_core::NewTask,
+                change: anywork_core::TaskChange,
+                logs: Vec<anywork_core::NewTaskLog>,
+                deliveries: Vec<anywork_core::NewDelivery>,
+            ) -> anywork_core::Result<(anywork_core::Task, Option<u64>)> {
+                anywork_core::store::check_claim(&change)?;
+                let mut task = new.into_task();
+                let id = task.id;
+                let op = WriteOp::CreateTaskClaimed {
+                    task: Box::new(task.clone()),
+                    change: Box::new(change.clone()),
+                    rows: encode_logs(logs)?,
+                    deliveries: deliveries.into_iter().map(|d| d.into_delivery(id)).collect(),
+                    now: anywork_core::Timestamp::now(),
+                };
+                match self.write(op).await? {
+                    Reply::CreatedClaimed(None) => Ok((task, None)),
+                    Reply::CreatedClaimed(Some(last)) => {
+                        // What the claim's `UPDATE` wrote (the conformance suite holds the
+                        // two to agree).
+                        if change.apply(&mut task).is_err() {
+                            task = self.get_task(id).await?;
+                        }
+                        Ok((task, Some(last)))
+                    }
                     other => Err(unexpected_reply(other)),
                 }
             }

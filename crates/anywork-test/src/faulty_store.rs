@@ -76,7 +76,7 @@ impl FaultyStore {
     /// Only the writes of these methods (`"append_logs"`, `"update_task_and_append"`, …)
     /// fail for `d` from now on; the others pass. `append_logs_while_active` (how a run
     /// writes its events) counts as `"append_logs"`, `claim_task_lean` (how a run starts) as
-    /// `"claim_task"` and `update_task_lean` (how a run changes its status) as
+    /// `"claim_task"`, `create_task_claimed` as `"create_task"` then `"claim_task"` and `update_task_lean` (how a run changes its status) as
     /// `"update_task_and_enqueue"`.
     pub fn down_for_ops(&self, ops: &[&'static str], d: Duration) {
         *self.only.lock().unwrap_or_else(|e| e.into_inner()) = Some(ops.to_vec());
@@ -199,6 +199,23 @@ impl TaskStore for FaultyStore {
     async fn create_task(&self, new: NewTask) -> Result<Task> {
         self.write("create_task")?;
         self.inner.create_task(new).await
+    }
+    /// The create as `"create_task"`, then the claim in it as `"claim_task"`: a claim that
+    /// fails stores the task `pending` (what the store answers when it cannot start it).
+    async fn create_task_claimed(
+        &self,
+        new: NewTask,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+        deliveries: Vec<NewDelivery>,
+    ) -> Result<(Task, Option<u64>)> {
+        self.write("create_task")?;
+        if self.write("claim_task").is_err() {
+            return Ok((self.inner.create_task(new).await?, None));
+        }
+        self.inner
+            .create_task_claimed(new, change, logs, deliveries)
+            .await
     }
     async fn create_session_with_task(
         &self,

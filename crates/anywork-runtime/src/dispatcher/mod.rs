@@ -31,6 +31,7 @@
 
 mod builder;
 mod deliver;
+mod fast;
 mod feed;
 mod hooks;
 mod ops;
@@ -313,12 +314,13 @@ impl Dispatcher {
         request: TaskRequest,
         known: Known,
     ) -> Result<Submitted> {
-        let submitted = self.store_new(request, known, None).await?;
+        let mut start = None;
+        let submitted = self.store_new(request, known, None, &mut start).await?;
         if !submitted.duplicate {
             if let Some(channel) = self.inner.channels.get(&submitted.task.channel_type) {
                 self.inner.hooks.accepted(channel, &submitted.task);
             }
-            self.enqueue(submitted.task.clone());
+            self.start_or_enqueue(&submitted.task, start);
         }
         Ok(submitted)
     }
@@ -347,7 +349,10 @@ impl Dispatcher {
         Submitted,
         impl Stream<Item = Result<LiveEvent>> + Send + 'static,
     )> {
-        let submitted = self.store_new(request, Known::Unknown, notices).await?;
+        let mut start = None;
+        let submitted = self
+            .store_new(request, Known::Unknown, notices, &mut start)
+            .await?;
         let live = self
             .inner
             .hub
@@ -356,7 +361,8 @@ impl Dispatcher {
             if let Some(channel) = self.inner.channels.get(&submitted.task.channel_type) {
                 self.inner.hooks.accepted(channel, &submitted.task);
             }
-            self.enqueue(submitted.task.clone());
+            // After the subscription: a task stored started publishes its `running` here.
+            self.start_or_enqueue(&submitted.task, start);
         }
         // The follower keeps the task's id and session, not the whole task.
         let (d, task_id, session) = (
@@ -370,12 +376,15 @@ impl Dispatcher {
         Ok((submitted, events))
     }
 
-    /// Stores the request's task as `pending` (and its session if new), not queued yet.
+    /// Stores the request's task as `pending` (and its session if new), not queued yet; or,
+    /// when it can start at once, already claimed, with `start` set to what starts its run
+    /// when dropped (see [`fast`]).
     async fn store_new(
         &self,
         mut request: TaskRequest,
         known: Known,
         notices: Option<&mut Notices>,
+        start: &mut Option<fast::FastStart>,
     ) -> Result<Submitted> {
         if self.inner.closing.load(Ordering::Relaxed) {
             return Err(Error::unavailable("the server is shutting down"));
@@ -402,7 +411,7 @@ impl Dispatcher {
         let store = &self.inner.store;
         let new_task = NewTask::from_request(resolved.id().clone(), request);
         let (session, created, task) = match resolved {
-            Resolved::Found(session) => match store.create_task(new_task).await {
+            Resolved::Found(session) => match self.create_task_fast(new_task, start).await {
                 Ok(task) => (session, false, task),
                 Err(e) if e.kind() == ErrorKind::Conflict => {
                     return self.duplicate_of(e, &channel_type, key.as_deref()).await;
@@ -668,6 +677,14 @@ impl Dispatcher {
                 },
             );
         });
+    }
+
+    /// Starts a task stored started (dropping `start` runs it), or queues `task`.
+    fn start_or_enqueue(&self, task: &Task, start: Option<fast::FastStart>) {
+        match start {
+            Some(start) => drop(start),
+            None => self.enqueue(task.clone()),
+        }
     }
 
     fn enqueue(&self, task: Task) {

@@ -138,6 +138,47 @@ pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
     }
 }
 
+/// A new task stored already claimed by this server
+/// ([`TaskStore::create_task_claimed`](anywork_core::TaskStore::create_task_claimed)): its run
+/// starts at once with the worker it was claimed for, holding its permit, with its control
+/// channel registered before the write (a cancel meanwhile waits in it); then the session's
+/// runner goes on with what was queued behind it (the session's queue was reserved for it,
+/// so that no other runner starts beside it).
+pub(super) struct Started {
+    pub(super) task: Task,
+    pub(super) endpoint: WorkerEndpoint,
+    pub(super) permit: tokio::sync::OwnedSemaphorePermit,
+    pub(super) control: (mpsc::Sender<Control>, mpsc::Receiver<Control>),
+}
+
+/// Runs a task stored claimed ([`Started`]), then the rest of its session's queue.
+pub(super) async fn run_started(inner: Arc<Inner>, started: Started) {
+    let Started {
+        task,
+        endpoint,
+        permit,
+        control,
+    } = started;
+    let (id, session) = (task.id, task.session_id.clone());
+    tracing::info!(task = %id, session = %session, worker = %endpoint.worker_id, "task started with its creation");
+    match Box::pin(run_registered(&inner, task, control, Some(endpoint))).await {
+        Ok(()) => {}
+        Err(RunError::Store(e)) if ended_elsewhere(&e) => {
+            tracing::info!(task = %id, error = %e, "the task ended before its run's last write");
+        }
+        Err(RunError::Store(e)) => {
+            tracing::error!(task = %id, error = %e, "task run failed in the dispatcher");
+        }
+        // Only a claim answers these, and this run made none.
+        Err(RunError::NotStarted(e, _)) => {
+            tracing::error!(task = %id, error = %e, "task run failed in the dispatcher");
+        }
+        Err(RunError::Busy(..)) => {}
+    }
+    drop(permit);
+    Box::pin(session_runner(inner, session)).await;
+}
+
 /// Whether a run's write failed because its task had ended already (a compare-and-set lost
 /// to a cancel, another server or lease recovery): expected, never an error of the run.
 fn ended_elsewhere(e: &Error) -> bool {
@@ -193,6 +234,18 @@ impl From<Error> for RunError {
 async fn run_task(inner: &Arc<Inner>, task: Task) -> std::result::Result<(), RunError> {
     let (tx, rx) = mpsc::channel(8);
     lock(&inner.runs).insert(task.id, super::RunHandle::new(tx.clone()));
+    run_registered(inner, task, (tx, rx), None).await
+}
+
+/// The run of `task`, whose control channel is registered in `Inner::runs`: from its
+/// worker and claim, or, when `started` gives the worker, from the claim the task was
+/// stored with ([`TaskStore::create_task_claimed`](anywork_core::TaskStore::create_task_claimed)).
+async fn run_registered(
+    inner: &Arc<Inner>,
+    task: Task,
+    (tx, rx): (mpsc::Sender<Control>, mpsc::Receiver<Control>),
+    started: Option<WorkerEndpoint>,
+) -> std::result::Result<(), RunError> {
     inner.metrics.started();
     let mut run = Run {
         inner: inner.clone(),
@@ -206,7 +259,13 @@ async fn run_task(inner: &Arc<Inner>, task: Task) -> std::result::Result<(), Run
         model: String::new(),
         owned: false,
     };
-    let result = run.execute().await;
+    let result = match started {
+        None => run.execute().await,
+        Some(endpoint) => {
+            run.claimed();
+            run.run_claimed(endpoint).await
+        }
+    };
     let task_id = run.task.id;
     {
         let mut runs = lock(&inner.runs);
@@ -424,13 +483,7 @@ impl Run {
             match claimed {
                 Ok(Claim::Claimed(t, _)) => {
                     self.task = t;
-                    self.owned = true;
-                    if let Some(run) = lock(&self.inner.runs).get_mut(&self.task.id) {
-                        run.claimed = true;
-                    }
-                    if let Some(channel) = self.channel() {
-                        self.inner.hooks.started(&channel, &self.task);
-                    }
+                    self.claimed();
                     break;
                 }
                 Ok(Claim::NotFirst(first)) => {
@@ -462,6 +515,24 @@ impl Run {
                 Err(e) => return Err(e.into()),
             }
         }
+        self.run_claimed(endpoint).await
+    }
+
+    /// The run holds its task now (claimed, `running`): its live stream here ends with it,
+    /// and its channel's hooks hear that it started.
+    fn claimed(&mut self) {
+        self.owned = true;
+        if let Some(run) = lock(&self.inner.runs).get_mut(&self.task.id) {
+            run.claimed = true;
+        }
+        if let Some(channel) = self.channel() {
+            self.inner.hooks.started(&channel, &self.task);
+        }
+    }
+
+    /// The run of a claimed task on `endpoint`: `/prepare` and `/chat` (or the re-attach to
+    /// the worker's run), then the event stream to the end.
+    async fn run_claimed(&mut self, endpoint: WorkerEndpoint) -> std::result::Result<(), RunError> {
         // Taken back from this server's previous run: re-attach rather than start over.
         let resume = lock(&self.inner.resume).remove(&self.task.id);
         self.status = TaskStatus::Running;
@@ -1642,6 +1713,8 @@ mod tests {
         inner: MemoryStore,
         appends: std::sync::Mutex<Vec<Vec<String>>>,
         methods: std::sync::Mutex<Vec<&'static str>>,
+        /// Calls of `task_status_for_start` (a runner's read before it asks for a worker).
+        status_reads: std::sync::atomic::AtomicUsize,
     }
 
     impl Writes {
@@ -1733,6 +1806,26 @@ mod tests {
             self.inner
                 .update_task_lean(id, expected, change, logs, deliveries)
                 .await
+        }
+        async fn create_task_claimed(
+            &self,
+            new: anywork_core::NewTask,
+            change: TaskChange,
+            logs: Vec<NewTaskLog>,
+            deliveries: Vec<anywork_core::NewDelivery>,
+        ) -> Result<(Task, Option<u64>)> {
+            self.record("create_task_claimed", &logs);
+            self.inner
+                .create_task_claimed(new, change, logs, deliveries)
+                .await
+        }
+        async fn task_status_for_start(
+            &self,
+            id: TaskId,
+        ) -> Result<(TaskStatus, Option<Timestamp>)> {
+            self.status_reads
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.task_status_for_start(id).await
         }
         async fn claim_task_lean(
             &self,
@@ -1840,22 +1933,25 @@ mod tests {
         url
     }
 
-    /// Runs one task of the one-write worker on `store` to its end; the task as stored.
-    async fn run_one(store: &Arc<Writes>) -> Task {
+    /// A dispatcher on `store` with the one-write worker behind the static driver.
+    async fn one_write_dispatcher(store: &Arc<Writes>) -> Dispatcher {
         let driver =
             Arc::new(anywork_drivers::StaticDriver::new(&one_write_worker().await).unwrap());
-        let d = Dispatcher::builder(store.clone(), driver)
+        Dispatcher::builder(store.clone(), driver)
             .config(DispatcherConfig {
                 reap_every: None,
                 ..Default::default()
             })
             .start()
             .await
-            .unwrap();
-        let task = d.submit(TaskRequest::new("web", "hi")).await.unwrap().task;
+            .unwrap()
+    }
+
+    /// Waits until task `id` ended completed; the task as stored.
+    async fn until_completed(store: &Arc<Writes>, id: TaskId) -> Task {
         let mut tries = 0;
         let done = loop {
-            let t = store.get_task(task.id).await.unwrap();
+            let t = store.get_task(id).await.unwrap();
             if t.status.is_terminal() {
                 break t;
             }
@@ -1865,6 +1961,61 @@ mod tests {
         };
         assert_eq!(done.status, TaskStatus::Completed, "{done:?}");
         done
+    }
+
+    /// Runs one task of the one-write worker on `store` to its end; the task as stored.
+    async fn run_one(store: &Arc<Writes>) -> Task {
+        let d = one_write_dispatcher(store).await;
+        let task = d.submit(TaskRequest::new("web", "hi")).await.unwrap().task;
+        until_completed(store, task.id).await
+    }
+
+    /// A chat in a session with nothing queued or running here, while the driver knows its
+    /// worker is up, is stored already started: one write (`create_task_claimed`: the task,
+    /// `running` with the worker and the lease, its `running` event) instead of the create,
+    /// the runner's status read and the claim. The submitter is answered with the task as
+    /// accepted, and the log is a claimed task's: `running` first, then the worker's events.
+    #[tokio::test]
+    async fn a_chat_in_an_idle_session_is_stored_started() {
+        let store = Arc::new(Writes::default());
+        let d = one_write_dispatcher(&store).await;
+        // The first chat makes the session (and the driver's health check).
+        let first = d.submit(TaskRequest::new("web", "hi")).await.unwrap().task;
+        until_completed(&store, first.id).await;
+        store.methods.lock().unwrap().clear();
+        store.appends.lock().unwrap().clear();
+        let reads = store.status_reads.load(std::sync::atomic::Ordering::SeqCst);
+
+        let mut again = TaskRequest::new("web", "again");
+        again.session_id = Some(first.session_id.clone());
+        let submitted = d.submit(again).await.unwrap();
+        assert_eq!(submitted.task.status, TaskStatus::Pending, "as accepted");
+        let done = until_completed(&store, submitted.task.id).await;
+        assert_eq!(
+            *store.methods.lock().unwrap(),
+            vec!["create_task_claimed", "update_task_lean"]
+        );
+        assert_eq!(
+            store.status_reads.load(std::sync::atomic::Ordering::SeqCst),
+            reads,
+            "no status read before the start"
+        );
+        assert!(
+            done.worker_id.is_some() && done.started_at.is_some(),
+            "{done:?}"
+        );
+        assert_eq!(done.result.as_deref(), Some("hello"), "{done:?}");
+        let logs = store.read_logs(done.id, 0, 10).await.unwrap();
+        assert_eq!(
+            logs.iter().map(|l| l.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(
+            logs[0].event,
+            TaskEvent::Status {
+                status: TaskStatus::Running
+            }
+        );
     }
 
     /// The claim and the outcome go through the lean writes, which do not read the task
