@@ -14,8 +14,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use anywork_core::{
-    NewTask, NewTaskLog, Result, SessionId, Task, TaskChange, TaskEvent, TaskId, TaskOutcome,
-    TaskStatus, Timestamp, WorkerEndpoint,
+    NewTask, Result, SessionId, Task, TaskChange, TaskEvent, TaskId, TaskOutcome, TaskStatus,
+    Timestamp, WorkerEndpoint,
 };
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
@@ -47,7 +47,7 @@ enum Outcome {
     Claimed {
         task: Task,
         first: u64,
-        events: Vec<TaskEvent>,
+        events: Vec<super::Encoded>,
         woken: bool,
     },
     /// Stored `pending`: it goes to the head of its session's queue.
@@ -81,7 +81,8 @@ impl Dispatcher {
             Err(_) => Vec::new(),
         };
         let woken = !deliveries.is_empty();
-        let logs = events.iter().cloned().map(NewTaskLog::now).collect();
+        let n = events.len() as u64;
+        let (logs, events) = super::encode(events);
         // An error drops `fast`: the reservation is undone.
         let (stored, last) = inner
             .store
@@ -92,7 +93,7 @@ impl Dispatcher {
                 if let Some(run) = lock(&inner.runs).get_mut(&stored.id) {
                     run.claimed = true;
                 }
-                let first = last + 1 - events.len() as u64;
+                let first = last + 1 - n;
                 fast.outcome = Outcome::Claimed {
                     task: stored,
                     first,
