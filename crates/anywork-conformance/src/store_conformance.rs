@@ -1452,6 +1452,13 @@ mod model {
             at: i64,
             n: u8,
         },
+        /// `create_task_claimed` with `n` events.
+        CreateClaimed {
+            s: u8,
+            t: u8,
+            at: i64,
+            n: u8,
+        },
         /// `claim_task` (or `claim_task_lean`) with `n` events.
         Claim {
             t: u8,
@@ -1588,6 +1595,8 @@ mod model {
         Session(Session),
         Task(Box<Task>),
         Created(Session, Box<Task>),
+        /// A task created, and the seq of its last event when it was claimed too.
+        CreatedClaimed(Box<Task>, Option<u64>),
         /// What a claim did; the claimed task as stored, or `None` from the lean claim.
         Claimed(Box<Claim<Option<Task>>>),
         Seq(u64),
@@ -1685,6 +1694,20 @@ mod model {
                     .await,
                 Out::Seq,
             ),
+            Op::CreateClaimed { s, t, at, n } => {
+                let new = new_task(sname(s).as_str(), u128::from(t) + 1, at);
+                out(
+                    store
+                        .create_task_claimed(
+                            new,
+                            change_to(TaskStatus::Running, at),
+                            text_logs("n", usize::from(n)),
+                            Vec::new(),
+                        )
+                        .await,
+                    |(t, last)| Out::CreatedClaimed(Box::new(t), last),
+                )
+            }
             Op::Claim { t, at, n, lean } => {
                 let change = change_to(TaskStatus::Running, at);
                 let logs = text_logs("c", usize::from(n));
