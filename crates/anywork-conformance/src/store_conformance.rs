@@ -75,6 +75,7 @@ macro_rules! store_conformance_tests {
             readiness_size_and_compaction, settings_are_kept_by_key,
             sessions_are_searched_by_title, usage_totals_sum_every_task,
             claims_start_the_oldest_task_of_a_free_session,
+            an_active_task_is_told_before_an_older_pending_one,
             taking_over_an_expired_lease_loses_to_a_renewal,
             concurrent_claimers_start_one_task_per_session,
             a_finished_task_takes_no_more_events,
@@ -1570,6 +1571,8 @@ mod model {
                 n,
                 lean
             }),
+            (s.clone(), t.clone(), at.clone(), 0u8..3)
+                .prop_map(|(s, t, at, n)| Op::CreateClaimed { s, t, at, n }),
             (t.clone(), 0u8..5, any::<bool>()).prop_map(|(t, n, active)| Op::Append {
                 t,
                 n,
@@ -2165,4 +2168,16 @@ where
     let (store, guard) = fresh().await.into().into_parts();
     case(store).await;
     drop(guard);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The trait's default claims (the model implements none) answer as the shipped stores.
+    #[tokio::test]
+    async fn the_default_claim_tells_an_active_task_first() {
+        let model: Store = Arc::new(MemoryModel::default());
+        an_active_task_is_told_before_an_older_pending_one(model).await;
+    }
 }

@@ -132,6 +132,59 @@ pub async fn claims_start_the_oldest_task_of_a_free_session(store: Store) {
     assert_eq!(gone.kind(), ErrorKind::NotFound, "{gone}");
 }
 
+/// A claim refused both ways (an active task, and an older pending one) tells the active
+/// task; without an active task it tells the oldest pending one, whatever the order the
+/// session's tasks are listed in.
+pub async fn an_active_task_is_told_before_an_older_pending_one(store: Store) {
+    store.create_session(new_session("s1", 1)).await.unwrap();
+    // `running` was accepted last, the two pending ones before it; `late` is the newest.
+    let older = store.create_task(new_task("s1", 1, 5)).await.unwrap();
+    let oldest = store.create_task(new_task("s1", 2, 1)).await.unwrap();
+    let running = store.create_task(new_task("s1", 3, 9)).await.unwrap();
+    let late = store.create_task(new_task("s1", 4, 20)).await.unwrap();
+    store
+        .update_task(
+            running.id,
+            TaskStatus::Pending,
+            claim_change("srv-0").at(Timestamp(9)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        id_of(&claim(&store, &late, "srv-1").await),
+        ("busy", running.id)
+    );
+    assert_eq!(
+        id_of(&claim(&store, &older, "srv-1").await),
+        ("busy", running.id)
+    );
+    let lean = store
+        .claim_task_lean(late.id, claim_change("srv-1"), running_event(), Vec::new())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&lean, Claim::Busy(t) if t.id == running.id),
+        "{lean:?}"
+    );
+
+    store
+        .update_task(
+            running.id,
+            TaskStatus::Running,
+            TaskChange::finish(TaskOutcome::canceled()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        id_of(&claim(&store, &late, "srv-1").await),
+        ("not_first", oldest.id)
+    );
+    assert_eq!(
+        id_of(&claim(&store, &older, "srv-1").await),
+        ("not_first", oldest.id)
+    );
+}
+
 /// Two claimers racing over the same sessions (as two servers do): every task starts exactly
 /// once, in its session's order, and never while another task of its session runs.
 pub async fn concurrent_claimers_start_one_task_per_session(store: Store) {

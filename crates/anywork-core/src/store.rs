@@ -317,6 +317,9 @@ pub trait TaskStore: Send + Sync + 'static {
         if task.status != TaskStatus::Pending {
             return Ok(Claim::NotPending(task));
         }
+        // An active task of the session refuses the claim first (`Busy`), else its oldest
+        // pending task older than this one (`NotFirst`), as the shipped stores answer.
+        let mut first: Option<Task> = None;
         let mut offset = 0;
         loop {
             let page = Page { limit: 500, offset };
@@ -328,9 +331,12 @@ pub trait TaskStore: Send + Sync + 'static {
                         return Ok(Claim::Busy(other));
                     }
                     TaskStatus::Pending
-                        if (other.created_at, other.id) < (task.created_at, task.id) =>
+                        if (other.created_at, other.id) < (task.created_at, task.id)
+                            && first.as_ref().is_none_or(|f| {
+                                (other.created_at, other.id) < (f.created_at, f.id)
+                            }) =>
                     {
-                        return Ok(Claim::NotFirst(other));
+                        first = Some(other);
                     }
                     _ => {}
                 }
@@ -339,6 +345,9 @@ pub trait TaskStore: Send + Sync + 'static {
                 break;
             }
             offset += n;
+        }
+        if let Some(first) = first {
+            return Ok(Claim::NotFirst(first));
         }
         match self
             .update_task_and_enqueue(id, TaskStatus::Pending, change, logs, deliveries)
@@ -723,9 +732,11 @@ pub trait TaskStore: Send + Sync + 'static {
 pub enum Claim<T = Task> {
     /// The task is now `running` for the claimer; the seq of the last event appended.
     Claimed(T, u64),
-    /// This task of the session is `running` or `input_required`: nothing changed.
+    /// This task of the session is `running` or `input_required`: nothing changed. An active
+    /// task is told before an older pending one.
     Busy(Task),
-    /// This older pending task of the session starts first: nothing changed.
+    /// This older pending task of the session (its oldest) starts first, and none is
+    /// active: nothing changed.
     NotFirst(Task),
     /// The task is no longer pending (canceled, or started by another server), as stored.
     NotPending(Task),
