@@ -343,6 +343,14 @@ async fn offer_from_process(
     Ok((samples, errors))
 }
 
+/// Prints a request's failure on stderr, for the first 10 of a process.
+fn tell_failure(i: u64, what: &str) {
+    static TOLD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    if TOLD.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 10 {
+        eprintln!("  request {i} did not get 202: {what}");
+    }
+}
+
 /// Sends `rate` requests a second for `seconds`, each on its own task at its slot; returns
 /// the start and latency of each 202 and the number of other answers.
 async fn offer(
@@ -399,12 +407,23 @@ async fn offer_all(
                 req = req.header("x-webhook-secret", SECRET);
             }
             let t = Instant::now();
-            let status = req
-                .body(body)
-                .send()
-                .await
-                .map_or(0, |r| r.status().as_u16());
-            (status, (t, t.elapsed()))
+            let answer = req.body(body).send().await;
+            let took = t.elapsed();
+            let status = match answer {
+                Ok(r) if r.status() == 202 => 202,
+                // What any other answer was, so that a failed run says why (the first few).
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let body = r.text().await.unwrap_or_default();
+                    tell_failure(i, &format!("{status} {body}"));
+                    status
+                }
+                Err(e) => {
+                    tell_failure(i, &format!("no answer: {e:#}"));
+                    0
+                }
+            };
+            (status, (t, took))
         }));
     }
     let mut answers = Vec::with_capacity(handles.len());
