@@ -76,6 +76,19 @@ impl Inner {
         Ok(())
     }
 
+    /// Stores `new` as `create_task` does (its session touched), after its checks.
+    fn insert_new_task(&mut self, new: NewTask) -> Result<Task> {
+        self.check_new_task(&new)?;
+        let session = self
+            .sessions
+            .get_mut(&new.session_id)
+            .ok_or_else(|| session_not_found(&new.session_id))?;
+        session.last_active = session.last_active.max(new.created_at);
+        let task = new.into_task();
+        self.tasks.insert(task.id, task.clone());
+        Ok(task)
+    }
+
     /// `Conflict` if `new`'s id, or its idempotency key in its channel, is taken.
     fn check_new_task(&self, new: &NewTask) -> Result<()> {
         if self.tasks.contains_key(&new.id) {
@@ -413,16 +426,7 @@ impl TaskStore for MemoryStore {
     }
 
     async fn create_task(&self, new: NewTask) -> Result<Task> {
-        let mut inner = self.lock();
-        inner.check_new_task(&new)?;
-        let session = inner
-            .sessions
-            .get_mut(&new.session_id)
-            .ok_or_else(|| session_not_found(&new.session_id))?;
-        session.last_active = session.last_active.max(new.created_at);
-        let task = new.into_task();
-        inner.tasks.insert(task.id, task.clone());
-        Ok(task)
+        self.lock().insert_new_task(new)
     }
 
     async fn create_task_claimed(
@@ -435,15 +439,8 @@ impl TaskStore for MemoryStore {
         anywork_core::store::check_claim(&change)?;
         let now = Timestamp::now();
         let mut inner = self.lock();
-        inner.check_new_task(&new)?;
-        let session = inner
-            .sessions
-            .get_mut(&new.session_id)
-            .ok_or_else(|| session_not_found(&new.session_id))?;
-        session.last_active = session.last_active.max(new.created_at);
-        let task = new.into_task();
+        let task = inner.insert_new_task(new)?;
         let id = task.id;
-        inner.tasks.insert(id, task.clone());
         let held = inner
             .idle_holds
             .get(&task.session_id)

@@ -645,16 +645,7 @@ macro_rules! impl_sql_store {
                     .await
                     .map_err(|e| db_err(ctx, e))?;
                     if touched.rows_affected() == 0 {
-                        // Undo the insert: a logical error writes nothing.
-                        sqlx::query("DELETE FROM tasks WHERE id = $1")
-                            .bind(task.id.to_string())
-                            .execute(&mut *conn)
-                            .await
-                            .map_err(|e| db_err(ctx, e))?;
-                        return Err(anywork_core::Error::not_found(format!(
-                            "session {} not found",
-                            task.session_id
-                        )));
+                        return Err(undo_insert(conn, task, ctx).await);
                     }
                     Ok(Reply::Task(task.clone(), 0))
                 }
@@ -682,16 +673,7 @@ macro_rules! impl_sql_store {
                     .await
                     .map_err(|e| db_err(ctx, e))?;
                     let Some(hold) = hold else {
-                        // Undo the insert: a logical error writes nothing.
-                        sqlx::query("DELETE FROM tasks WHERE id = $1")
-                            .bind(task.id.to_string())
-                            .execute(&mut *conn)
-                            .await
-                            .map_err(|e| db_err(ctx, e))?;
-                        return Err(anywork_core::Error::not_found(format!(
-                            "session {} not found",
-                            task.session_id
-                        )));
+                        return Err(undo_insert(conn, task, ctx).await);
                     };
                     let held = Cols(&hold)
                         .opt_time("idle_hold_until")?
@@ -1163,6 +1145,26 @@ macro_rules! impl_sql_store {
                 .execute(&mut *conn)
                 .await;
             Ok(done.map(|d| d.rows_affected()))
+        }
+
+        /// Undoes the insert of `task` whose session turned out not to exist (a logical error
+        /// writes nothing): its `NotFound`, or the database error of the undo.
+        async fn undo_insert(
+            conn: &mut Conn,
+            task: &anywork_core::Task,
+            ctx: &str,
+        ) -> anywork_core::Error {
+            match sqlx::query("DELETE FROM tasks WHERE id = $1")
+                .bind(task.id.to_string())
+                .execute(&mut *conn)
+                .await
+            {
+                Ok(_) => anywork_core::Error::not_found(format!(
+                    "session {} not found",
+                    task.session_id
+                )),
+                Err(e) => db_err(ctx, e),
+            }
         }
 
         /// How a failed insert of `task` is named in its error.
