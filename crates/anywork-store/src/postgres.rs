@@ -238,7 +238,8 @@ crate::sql::impl_sql_store!(
     "BEGIN",
     " FOR UPDATE",
     " FOR UPDATE SKIP LOCKED",
-    true
+    true,
+    false
 );
 
 impl PostgresStore {
@@ -290,5 +291,87 @@ impl PostgresStore {
             bytes: crate::sql::to_u64(bytes),
             reclaimable_bytes: 0,
         })
+    }
+}
+
+/// PostgreSQL's writes open their transaction with `BEGIN` of their own: every query goes to
+/// the connection as it is (no lead).
+impl<'c, 'a: 'c> sqlx::Executor<'c> for &'c mut crate::sql::Tx<'a, sqlx::PgConnection> {
+    type Database = Postgres;
+
+    fn fetch_many<'e, 'q: 'e, E>(
+        self,
+        query: E,
+    ) -> futures_core::stream::BoxStream<
+        'e,
+        std::result::Result<
+            sqlx::Either<sqlx::postgres::PgQueryResult, sqlx::postgres::PgRow>,
+            sqlx::Error,
+        >,
+    >
+    where
+        'c: 'e,
+        E: 'q + sqlx::Execute<'q, Postgres>,
+    {
+        debug_assert!(self.lead.is_none(), "no lead on PostgreSQL");
+        self.conn.fetch_many(query)
+    }
+
+    fn fetch_optional<'e, 'q: 'e, E>(
+        self,
+        query: E,
+    ) -> futures_core::future::BoxFuture<
+        'e,
+        std::result::Result<Option<sqlx::postgres::PgRow>, sqlx::Error>,
+    >
+    where
+        'c: 'e,
+        E: 'q + sqlx::Execute<'q, Postgres>,
+    {
+        debug_assert!(self.lead.is_none(), "no lead on PostgreSQL");
+        self.conn.fetch_optional(query)
+    }
+
+    fn prepare_with<'e, 'q: 'e>(
+        self,
+        sql: &'q str,
+        parameters: &'e [sqlx::postgres::PgTypeInfo],
+    ) -> futures_core::future::BoxFuture<
+        'e,
+        std::result::Result<sqlx::postgres::PgStatement<'q>, sqlx::Error>,
+    >
+    where
+        'c: 'e,
+    {
+        self.conn.prepare_with(sql, parameters)
+    }
+
+    fn describe<'e, 'q: 'e>(
+        self,
+        sql: &'q str,
+    ) -> futures_core::future::BoxFuture<
+        'e,
+        std::result::Result<sqlx::Describe<Postgres>, sqlx::Error>,
+    >
+    where
+        'c: 'e,
+    {
+        self.conn.describe(sql)
+    }
+}
+
+impl crate::sql::Tx<'_, sqlx::PgConnection> {
+    /// Runs the statement now: PostgreSQL's writes hold nothing back.
+    pub(crate) async fn hold(
+        &mut self,
+        sql: std::borrow::Cow<'static, str>,
+        args: sqlx::postgres::PgArguments,
+        ctx: std::borrow::Cow<'static, str>,
+    ) -> Result<()> {
+        sqlx::query_with(&sql, args)
+            .execute(&mut *self.conn)
+            .await
+            .map(drop)
+            .map_err(|e| db_err(&ctx, e))
     }
 }

@@ -55,6 +55,21 @@ pub(crate) const INSERT_TASK_IF_FREE: &str = "INSERT INTO tasks (id, session_id,
 pub(crate) const TOUCH_SESSION: &str = "UPDATE sessions SET last_active = \
     CASE WHEN last_active < $1 THEN $1 ELSE last_active END WHERE id = $2";
 
+/// SQLite: [`INSERT_TASK`], then [`TOUCH_SESSION`] of the task's session at its creation
+/// (the insert's `$2` and `$11`: one set of arguments for both), in one call.
+pub(crate) const INSERT_TASK_THEN_TOUCH: &str = "INSERT INTO tasks (id, session_id, \
+    channel_type, channel_meta, status, message, skills, mcp_servers, push_notification, \
+    idempotency_key, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11); \
+    UPDATE sessions SET last_active = CASE WHEN last_active < $11 THEN $11 ELSE last_active END \
+    WHERE id = $2";
+
+/// [`INSERT_TASK_THEN_TOUCH`] whose touch returns the session's `idle_hold_until`.
+pub(crate) const INSERT_TASK_THEN_TOUCH_RETURNING: &str = "INSERT INTO tasks (id, session_id, \
+    channel_type, channel_meta, status, message, skills, mcp_servers, push_notification, \
+    idempotency_key, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11); \
+    UPDATE sessions SET last_active = CASE WHEN last_active < $11 THEN $11 ELSE last_active END \
+    WHERE id = $2 RETURNING idle_hold_until";
+
 /// The `LISTEN/NOTIFY` channel of log appends; payload `TASK_ID:FIRST_SEQ:LAST_SEQ`.
 #[allow(dead_code)]
 pub(crate) const LOG_CHANNEL: &str = "anywork_logs";
@@ -66,6 +81,66 @@ pub(crate) const ACTIVE: &str = "('pending', 'running', 'input_required')";
 /// on every run of the statement (≈ 10k instructions), a chain of `=` costs a few compares.
 pub(crate) const STATUS_IS_ACTIVE: &str =
     "(status = 'pending' OR status = 'running' OR status = 'input_required')";
+
+/// A connection inside a write transaction, as the writes ([`WriteOp`]s, in the
+/// `impl_sql_store!` expansion) run their statements on it: an [`Executor`](sqlx::Executor)
+/// that passes every query on to `conn`. On SQLite's writer it saves calls to the
+/// connection's thread (each one a message and a wake-up each way): `lead` (`BEGIN
+/// IMMEDIATE; `) goes ahead of the first statement in the same call, and a statement whose
+/// result no write waits for ([`hold`](Tx::hold): the inserts of logs and deliveries that end
+/// a write) is held back to go with the next call, the `COMMIT` when it is the last.
+#[derive(Debug)]
+pub(crate) struct Tx<'a, C> {
+    pub(crate) conn: &'a mut C,
+    /// Statements (no parameters, each ending in `;`) still to go ahead of the next call.
+    pub(crate) lead: Option<&'static str>,
+    /// Whether `lead` went and succeeded: a transaction is open.
+    pub(crate) begun: bool,
+    /// Whether statements may be held back (only where the writer sends what is held before
+    /// it commits).
+    pub(crate) may_hold: bool,
+    /// The statement held back.
+    #[cfg(feature = "sqlite")]
+    pub(crate) held: Option<Held<'a>>,
+    /// What failed in a call of a query whose own answer was then a stand-in: the lead, or the
+    /// statement held back that went first.
+    pub(crate) failure: Option<Ending>,
+}
+
+/// A statement held back ([`Tx::hold`]), with the context its error is named with.
+#[cfg(feature = "sqlite")]
+#[derive(Debug)]
+pub(crate) struct Held<'a> {
+    pub(crate) sql: Cow<'static, str>,
+    pub(crate) args: sqlx::sqlite::SqliteArguments<'a>,
+    pub(crate) ctx: Cow<'static, str>,
+}
+
+/// Why a write's transaction did not end as the write asked.
+#[derive(Debug)]
+pub(crate) enum Ending {
+    /// Its `BEGIN` failed: nothing began.
+    Begin(sqlx::Error),
+    /// A statement of the write failed, named as the write names it.
+    Write(Error),
+    /// Its `COMMIT` failed.
+    Commit(sqlx::Error),
+}
+
+impl<'a, C> Tx<'a, C> {
+    /// `conn`, already in its transaction: every query goes as it is, when it is made.
+    pub(crate) fn plain(conn: &'a mut C) -> Self {
+        Self {
+            conn,
+            lead: None,
+            begun: true,
+            may_hold: false,
+            #[cfg(feature = "sqlite")]
+            held: None,
+            failure: None,
+        }
+    }
+}
 
 /// Migrations compiled into the binary (no `sqlx::migrate!` macro, so no proc-macro build).
 #[derive(Debug)]
@@ -216,8 +291,18 @@ pub(crate) fn event_from_row(kind: &str, payload: &str) -> TaskEvent {
 ///   do the same (`FOR UPDATE SKIP LOCKED` on PostgreSQL; SQLite has one writer at a time).
 /// - `$notify`: whether each log append also sends `pg_notify` on [`LOG_CHANNEL`] (in the
 ///   same transaction, so it is delivered on commit): PostgreSQL's change feed.
+/// - `$one_call`: whether a query may hold several statements, which then go to the database
+///   in one call (SQLite; PostgreSQL prepares one statement per query).
 macro_rules! impl_sql_store {
-    ($store:ty, $db:ty, $begin:expr, $for_update:expr, $skip_locked:expr, $notify:expr) => {
+    (
+        $store:ty,
+        $db:ty,
+        $begin:expr,
+        $for_update:expr,
+        $skip_locked:expr,
+        $notify:expr,
+        $one_call:expr
+    ) => {
         type Row = <$db as sqlx::Database>::Row;
 
         /// Typed reads of one row's columns; a value that does not decode is reported with
@@ -541,7 +626,8 @@ macro_rules! impl_sql_store {
             anywork_core::Error::internal(format!("store write answered {reply:?}"))
         }
 
-        type Conn = <$db as sqlx::Database>::Connection;
+        /// A connection inside a write's transaction, as the writes see it.
+        type Conn<'a> = $crate::sql::Tx<'a, <$db as sqlx::Database>::Connection>;
 
         /// Whether `e` left the transaction as it was (a check that failed before writing).
         #[allow(dead_code)]
@@ -554,7 +640,10 @@ macro_rules! impl_sql_store {
         }
 
         /// Runs `op` inside the transaction open on `conn`.
-        pub(crate) async fn apply(conn: &mut Conn, op: &WriteOp) -> anywork_core::Result<Reply> {
+        pub(crate) async fn apply<'a>(
+            conn: &mut Conn<'a>,
+            op: &'a WriteOp,
+        ) -> anywork_core::Result<Reply> {
             use $crate::sql::db_err;
             match op {
                 WriteOp::CreateSession(session) => {
@@ -631,20 +720,24 @@ macro_rules! impl_sql_store {
                 }
                 WriteOp::CreateTask(task) => {
                     let ctx = "create task";
-                    insert_task(conn, task, $crate::sql::INSERT_TASK)
-                        .await?
-                        .map_err(|e| db_err(&creating_task(task), e))?;
-                    // After the insert, so that a duplicate id is `Conflict` before a missing
-                    // session is `NotFound`, as in every store.
-                    let touched = sqlx::query(
-                        $crate::sql::TOUCH_SESSION,
-                    )
-                    .bind(task.created_at.0)
-                    .bind(task.session_id.as_str())
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(|e| db_err(ctx, e))?;
-                    if touched.rows_affected() == 0 {
+                    // The touch after the insert, so that a duplicate id is `Conflict` before
+                    // a missing session is `NotFound`, as in every store.
+                    let touched = if $one_call {
+                        let sql = $crate::sql::INSERT_TASK_THEN_TOUCH;
+                        insert_then_touch(conn, task, sql, ctx).await?.0
+                    } else {
+                        insert_task(conn, task, $crate::sql::INSERT_TASK)
+                            .await?
+                            .map_err(|e| db_err(&creating_task(task), e))?;
+                        sqlx::query($crate::sql::TOUCH_SESSION)
+                            .bind(task.created_at.0)
+                            .bind(task.session_id.as_str())
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(|e| db_err(ctx, e))?
+                            .rows_affected()
+                    };
+                    if touched == 0 {
                         return Err(undo_insert(conn, task, ctx).await);
                     }
                     Ok(Reply::Task(task.clone(), 0))
@@ -657,21 +750,26 @@ macro_rules! impl_sql_store {
                     now,
                 } => {
                     let ctx = "create a claimed task";
-                    insert_task(conn, task, $crate::sql::INSERT_TASK)
-                        .await?
-                        .map_err(|e| db_err(&creating_task(task), e))?;
                     // The touch answers the reaper's hold; on PostgreSQL it takes the
                     // session's row lock, which claimers of the session take too: the claim
                     // below sees every task of the session committed before it.
-                    let hold = sqlx::query(&format!(
-                        "{} RETURNING idle_hold_until",
-                        $crate::sql::TOUCH_SESSION
-                    ))
-                    .bind(task.created_at.0)
-                    .bind(task.session_id.as_str())
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(|e| db_err(ctx, e))?;
+                    let hold = if $one_call {
+                        let sql = $crate::sql::INSERT_TASK_THEN_TOUCH_RETURNING;
+                        insert_then_touch(conn, task, sql, ctx).await?.1
+                    } else {
+                        insert_task(conn, task, $crate::sql::INSERT_TASK)
+                            .await?
+                            .map_err(|e| db_err(&creating_task(task), e))?;
+                        sqlx::query(&format!(
+                            "{} RETURNING idle_hold_until",
+                            $crate::sql::TOUCH_SESSION
+                        ))
+                        .bind(task.created_at.0)
+                        .bind(task.session_id.as_str())
+                        .fetch_optional(&mut *conn)
+                        .await
+                        .map_err(|e| db_err(ctx, e))?
+                    };
                     let Some(hold) = hold else {
                         return Err(undo_insert(conn, task, ctx).await);
                     };
@@ -1105,7 +1203,7 @@ macro_rules! impl_sql_store {
         /// Inserts `session` with `sql` (one of [`INSERT_SESSION`](crate::sql::INSERT_SESSION)
         /// and its `_IF_FREE` form): the rows inserted.
         async fn insert_session(
-            conn: &mut Conn,
+            conn: &mut Conn<'_>,
             session: &anywork_core::Session,
             sql: &str,
         ) -> Result<u64, sqlx::Error> {
@@ -1125,12 +1223,56 @@ macro_rules! impl_sql_store {
         /// `_IF_FREE` form): the rows inserted, or the database's error (the outer `Err` is a
         /// column that does not encode).
         async fn insert_task(
-            conn: &mut Conn,
+            conn: &mut Conn<'_>,
             task: &anywork_core::Task,
             sql: &str,
         ) -> anywork_core::Result<Result<u64, sqlx::Error>> {
+            let done = insert_task_query(task, sql)?.execute(&mut *conn).await;
+            Ok(done.map(|d| d.rows_affected()))
+        }
+
+        /// `$one_call` only: `sql` ([`INSERT_TASK_THEN_TOUCH`](crate::sql::INSERT_TASK_THEN_TOUCH)
+        /// or its `_RETURNING` form) in one call: the rows the touch changed, and the row it
+        /// returned. A failed insert is named as in [`insert_task`] (the touch did not run
+        /// then), a failed touch with `ctx`.
+        async fn insert_then_touch(
+            conn: &mut Conn<'_>,
+            task: &anywork_core::Task,
+            sql: &str,
+            ctx: &str,
+        ) -> anywork_core::Result<(u64, Option<Row>)> {
+            use futures_util::StreamExt as _;
+            use sqlx::Executor as _;
+            let query = insert_task_query(task, sql)?;
+            let mut results = (&mut *conn).fetch_many(query);
+            let (mut steps, mut touched, mut row) = (0, 0, None);
+            while let Some(result) = results.next().await {
+                match result {
+                    Ok(sqlx::Either::Left(done)) => {
+                        steps += 1;
+                        if steps == 2 {
+                            touched = done.rows_affected();
+                        }
+                    }
+                    Ok(sqlx::Either::Right(r)) => row = Some(r),
+                    Err(e) if steps == 0 => {
+                        return Err($crate::sql::db_err(&creating_task(task), e));
+                    }
+                    Err(e) => return Err($crate::sql::db_err(ctx, e)),
+                }
+            }
+            Ok((touched, row))
+        }
+
+        /// The insert of `task` with `sql`, its arguments bound.
+        fn insert_task_query<'q>(
+            task: &'q anywork_core::Task,
+            sql: &'q str,
+        ) -> anywork_core::Result<
+            sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>>,
+        > {
             let push = task.push_notification.as_ref().map(json_text).transpose()?;
-            let done = sqlx::query(sql)
+            Ok(sqlx::query(sql)
                 .bind(task.id.to_string())
                 .bind(task.session_id.as_str())
                 .bind(&task.channel_type)
@@ -1141,16 +1283,13 @@ macro_rules! impl_sql_store {
                 .bind(json_text(&task.mcp_servers)?)
                 .bind(push)
                 .bind(&task.idempotency_key)
-                .bind(task.created_at.0)
-                .execute(&mut *conn)
-                .await;
-            Ok(done.map(|d| d.rows_affected()))
+                .bind(task.created_at.0))
         }
 
         /// Undoes the insert of `task` whose session turned out not to exist (a logical error
         /// writes nothing): its `NotFound`, or the database error of the undo.
         async fn undo_insert(
-            conn: &mut Conn,
+            conn: &mut Conn<'_>,
             task: &anywork_core::Task,
             ctx: &str,
         ) -> anywork_core::Error {
@@ -1183,7 +1322,7 @@ macro_rules! impl_sql_store {
         /// same `UPDATE` (which [`insert_logs`] then writes): the task as changed and its last
         /// seq.
         async fn update_locked(
-            conn: &mut Conn,
+            conn: &mut Conn<'_>,
             mut task: anywork_core::Task,
             expected: anywork_core::TaskStatus,
             change: &anywork_core::TaskChange,
@@ -1253,7 +1392,7 @@ macro_rules! impl_sql_store {
         ///
         /// [`TaskChange::apply`]: anywork_core::TaskChange::apply
         async fn update_lean(
-            conn: &mut Conn,
+            conn: &mut Conn<'_>,
             id: anywork_core::TaskId,
             expected: anywork_core::TaskStatus,
             change: &anywork_core::TaskChange,
@@ -1344,7 +1483,7 @@ macro_rules! impl_sql_store {
         /// The first of `deliveries` whose id is taken (in the table, or by an earlier one of
         /// them), if any.
         async fn duplicate_delivery(
-            conn: &mut Conn,
+            conn: &mut Conn<'_>,
             deliveries: &[anywork_core::Delivery],
         ) -> anywork_core::Result<Option<anywork_core::DeliveryId>> {
             for (i, d) in deliveries.iter().enumerate() {
@@ -1358,10 +1497,10 @@ macro_rules! impl_sql_store {
 
         /// Appends `rows` to `task_id`'s log inside the transaction on `conn`; the last seq.
         /// With `while_active`, only while the task is active (`Conflict` otherwise).
-        async fn append_in(
-            conn: &mut Conn,
+        async fn append_in<'a>(
+            conn: &mut Conn<'a>,
             task_id: anywork_core::TaskId,
-            rows: &[(String, String, i64)],
+            rows: &'a [(String, String, i64)],
             while_active: bool,
         ) -> anywork_core::Result<u64> {
             let ctx = "append logs";
@@ -1411,10 +1550,10 @@ macro_rules! impl_sql_store {
 
         /// Writes `rows`, whose seqs were reserved up to `last`, to `task_id`'s log inside the
         /// transaction on `conn` (and tells the change feed, on PostgreSQL).
-        async fn insert_logs(
-            conn: &mut Conn,
+        async fn insert_logs<'a>(
+            conn: &mut Conn<'a>,
             task_id: anywork_core::TaskId,
-            rows: &[(String, String, i64)],
+            rows: &'a [(String, String, i64)],
             last: i64,
         ) -> anywork_core::Result<()> {
             let ctx = "append logs";
@@ -1425,22 +1564,25 @@ macro_rules! impl_sql_store {
             let count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
             let mut seq = last - count;
             for chunk in rows.chunks($crate::sql::LOG_CHUNK) {
-                let mut insert = sqlx::QueryBuilder::<$db>::new(
-                    "INSERT INTO task_logs (task_id, seq, type, payload, created_at) ",
+                // The statement and its arguments as `QueryBuilder::push_values` makes them,
+                // the arguments borrowing the rows (not the builder), so that the insert can be
+                // held back: nothing waits for its result, it may go with the next call.
+                let mut sql = String::from(
+                    "INSERT INTO task_logs (task_id, seq, type, payload, created_at) VALUES ",
                 );
-                insert.push_values(chunk, |mut b, (kind, payload, at)| {
+                let mut args = <$db as sqlx::Database>::Arguments::<'a>::default();
+                let encode = |e| $crate::sql::db_err(ctx, sqlx::Error::Encode(e));
+                for (i, (kind, payload, at)) in chunk.iter().enumerate() {
                     seq += 1;
-                    b.push_bind(id.as_str())
-                        .push_bind(seq)
-                        .push_bind(kind.as_str())
-                        .push_bind(payload.as_str())
-                        .push_bind(*at);
-                });
-                insert
-                    .build()
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(|e| $crate::sql::db_err(ctx, e))?;
+                    sql.push_str(if i == 0 { "(" } else { ", (" });
+                    push_arg(&mut sql, &mut args, id.clone(), "").map_err(encode)?;
+                    push_arg(&mut sql, &mut args, seq, ", ").map_err(encode)?;
+                    push_arg(&mut sql, &mut args, kind.as_str(), ", ").map_err(encode)?;
+                    push_arg(&mut sql, &mut args, payload.as_str(), ", ").map_err(encode)?;
+                    push_arg(&mut sql, &mut args, *at, ", ").map_err(encode)?;
+                    sql.push(')');
+                }
+                conn.hold(sql.into(), args, ctx.into()).await?;
             }
             if $notify && count > 0 {
                 // `:done` tells the servers that run the task that it is over (FeedItem::Ended).
@@ -1460,8 +1602,25 @@ macro_rules! impl_sql_store {
             Ok(())
         }
 
+        /// Adds `value` to `args` and its placeholder to `sql`, after `sep`.
+        fn push_arg<'a, T>(
+            sql: &mut String,
+            args: &mut <$db as sqlx::Database>::Arguments<'a>,
+            value: T,
+            sep: &str,
+        ) -> Result<(), sqlx::error::BoxDynError>
+        where
+            T: 'a + sqlx::Encode<'a, $db> + sqlx::Type<$db>,
+        {
+            use sqlx::Arguments as _;
+            args.add(value)?;
+            sql.push_str(sep);
+            args.format_placeholder(sql)?;
+            Ok(())
+        }
+
         async fn lock_task(
-            conn: &mut Conn,
+            conn: &mut Conn<'_>,
             id: anywork_core::TaskId,
         ) -> anywork_core::Result<anywork_core::Task> {
             let sql = format!(
@@ -1479,7 +1638,7 @@ macro_rules! impl_sql_store {
         }
 
         async fn delivery_exists(
-            conn: &mut Conn,
+            conn: &mut Conn<'_>,
             id: anywork_core::DeliveryId,
         ) -> anywork_core::Result<bool> {
             Ok(sqlx::query("SELECT 1 FROM deliveries WHERE id = $1")
@@ -1490,15 +1649,16 @@ macro_rules! impl_sql_store {
                 .is_some())
         }
 
-        async fn insert_delivery(
-            conn: &mut Conn,
-            d: &anywork_core::Delivery,
+        async fn insert_delivery<'a>(
+            conn: &mut Conn<'a>,
+            d: &'a anywork_core::Delivery,
         ) -> anywork_core::Result<()> {
-            sqlx::query(
-                "INSERT INTO deliveries (id, task_id, kind, address, target, payload, status, \
-                 attempts, next_attempt_at, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            )
+            use sqlx::Execute as _;
+            const SQL: &str = "INSERT INTO deliveries (id, task_id, kind, address, target, \
+                payload, status, attempts, next_attempt_at, created_at, updated_at) \
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+            let ctx = || format!("enqueue delivery {}", d.id);
+            let args = sqlx::query::<$db>(SQL)
             .bind(d.id.to_string())
             .bind(d.task_id.to_string())
             .bind(d.target.kind())
@@ -1510,10 +1670,11 @@ macro_rules! impl_sql_store {
             .bind(d.next_attempt_at.0)
             .bind(d.created_at.0)
             .bind(d.updated_at.0)
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| $crate::sql::db_err(&format!("enqueue delivery {}", d.id), e))?;
-            Ok(())
+            .take_arguments()
+            .map_err(|e| $crate::sql::db_err(&ctx(), sqlx::Error::Encode(e)))?
+            .unwrap_or_default();
+            // Nothing waits for the insert's result: it may go with the next call.
+            conn.hold(SQL.into(), args, ctx().into()).await
         }
 
         /// The delivery `id` read on `db`; `lock` is the row-lock suffix of the `SELECT`.
@@ -1539,7 +1700,7 @@ macro_rules! impl_sql_store {
         }
 
         async fn lock_delivery(
-            conn: &mut Conn,
+            conn: &mut Conn<'_>,
             id: anywork_core::DeliveryId,
         ) -> anywork_core::Result<anywork_core::Delivery> {
             select_delivery(&mut *conn, id, $for_update).await
@@ -1548,7 +1709,7 @@ macro_rules! impl_sql_store {
         /// Writes the mutable fields of `d` back, if it still has status `before` (and, with
         /// `owner`, is still claimed by it): a compare-and-set, `Conflict` when it lost.
         async fn store_delivery(
-            conn: &mut Conn,
+            conn: &mut Conn<'_>,
             d: &anywork_core::Delivery,
             before: anywork_core::DeliveryStatus,
             owner: Option<&str>,
@@ -1585,7 +1746,7 @@ macro_rules! impl_sql_store {
         /// Runs `op` alone in a transaction of its own on `conn`: committed when it succeeds,
         /// rolled back when it fails.
         pub(crate) async fn write_alone(
-            conn: &mut Conn,
+            conn: &mut <$db as sqlx::Database>::Connection,
             op: &WriteOp,
         ) -> anywork_core::Result<Reply> {
             use sqlx::Connection as _;
@@ -1594,7 +1755,7 @@ macro_rules! impl_sql_store {
                 .begin_with($begin)
                 .await
                 .map_err(|e| $crate::sql::db_err(ctx, e))?;
-            let reply = match apply(&mut tx, op).await {
+            let reply = match apply(&mut $crate::sql::Tx::plain(&mut *tx), op).await {
                 Ok(reply) => reply,
                 Err(e) => {
                     // Rolled back now, not when the connection is next used: a dropped

@@ -8,14 +8,20 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use anywork_core::{Error, ErrorKind, Result, StoreSize};
+use futures_core::future::BoxFuture;
+use futures_core::stream::BoxStream;
+use futures_util::{StreamExt as _, TryStreamExt as _, stream};
 use sqlx::sqlite::{
-    SqliteAutoVacuum, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions,
-    SqliteSynchronous,
+    SqliteArguments, SqliteAutoVacuum, SqliteConnectOptions, SqliteConnection, SqliteJournalMode,
+    SqlitePoolOptions, SqliteQueryResult, SqliteRow, SqliteStatement, SqliteSynchronous,
+    SqliteTypeInfo,
 };
-use sqlx::{ConnectOptions as _, Connection as _, Sqlite, SqlitePool};
+use sqlx::{
+    ConnectOptions as _, Connection as _, Describe, Either, Executor as _, Sqlite, SqlitePool,
+};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::sql::{Embedded, db_err};
+use crate::sql::{Embedded, Ending, Held, Tx, db_err};
 use crate::sqlite_stats::{Counters, WriterStats};
 
 const MIGRATIONS: Embedded = Embedded(&[
@@ -529,16 +535,22 @@ impl Writer {
     }
 
     /// After a database error: makes sure the next transaction starts on a clean connection.
-    /// A failed transaction is rolled back when dropped; if SQLite had already rolled it back
-    /// itself (it does on a full disk or an I/O error), that rollback fails and the
-    /// connection still counts itself inside a transaction, refusing every `BEGIN` after.
-    /// Such a connection (or a dead one) is closed; the next write opens a new one.
+    /// The writes open and end their transactions with statements of their own (no sqlx
+    /// `Transaction`, whose count of open transactions a rollback that SQLite had done
+    /// already — it does on a full disk or an I/O error — left wrong, refusing every `BEGIN`
+    /// after), so one more `ROLLBACK` ends whatever transaction a failure left open, and fails
+    /// with "no transaction is active" on a connection that is out of it already. A
+    /// connection on which it fails otherwise (a dead one) is closed; the next write opens a
+    /// new one.
     async fn recover(&mut self) {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
-        // The ping runs after the queued rollback of the dropped transaction.
-        let healthy = conn.ping().await.is_ok() && !conn.is_in_transaction();
+        let healthy = match sqlx::query("ROLLBACK").execute(&mut *conn).await {
+            Ok(_) => true,
+            Err(sqlx::Error::Database(e)) => e.message().contains("no transaction is active"),
+            Err(_) => false,
+        } && !conn.is_in_transaction();
         if !healthy && let Some(conn) = self.conn.take() {
             tracing::warn!("SQLite writer connection left unusable by a failed write; reopening");
             let _ = conn.close().await;
@@ -547,7 +559,7 @@ impl Writer {
 
     /// `op` alone in its own transaction.
     async fn write_alone(&mut self, op: &WriteOp) -> Result<Reply> {
-        let reply = write_alone(self.conn().await?, op).await;
+        let reply = write_one(self.conn().await?, op).await;
         if let Err(e) = &reply
             && !is_logical(e)
         {
@@ -781,35 +793,321 @@ async fn checkpoint_loop(
 }
 
 /// Runs every write of `ops` in one transaction. `Err` (and nothing written) when one of
-/// them failed other than by its own checks, or the commit failed.
+/// them failed other than by its own checks, or the commit failed; the transaction may then
+/// still be open (the caller's [`Writer::recover`] rolls it back).
 async fn shared(
     conn: &mut SqliteConnection,
     ops: &[&WriteOp],
 ) -> std::result::Result<Vec<Result<Reply>>, GroupFailure> {
     let ctx = "group commit";
-    let mut tx = conn
-        .begin_with("BEGIN IMMEDIATE")
-        .await
-        .map_err(|e| GroupFailure::Begin(db_err(ctx, e)))?;
+    let mut tx = Tx::begin(conn);
     let mut replies = Vec::with_capacity(ops.len());
-    for op in ops {
-        match apply(&mut tx, op).await {
-            // dropping `tx` rolls back
-            Err(e) if !is_logical(&e) => return Err(GroupFailure::Batch(e)),
-            reply => replies.push(reply),
+    for (i, op) in ops.iter().enumerate() {
+        let mut reply = apply(&mut tx, op).await.map_err(Ending::Write);
+        // What an op held back goes now, so that its failure is this op's; the last op's
+        // goes with the COMMIT.
+        if reply.is_ok()
+            && i + 1 < ops.len()
+            && let Err(e) = tx.flush().await
+        {
+            reply = Err(e);
+        }
+        if let Some(failure) = tx.failure.take() {
+            reply = Err(failure);
+        }
+        match reply {
+            Ok(reply) => replies.push(Ok(reply)),
+            Err(Ending::Begin(e)) => return Err(GroupFailure::Begin(db_err(ctx, e))),
+            Err(Ending::Write(e)) if is_logical(&e) => replies.push(Err(e)),
+            Err(Ending::Write(e)) => return Err(GroupFailure::Batch(e)),
+            Err(Ending::Commit(e)) => return Err(GroupFailure::Batch(db_err(ctx, e))),
         }
     }
-    tx.commit()
-        .await
-        .map_err(|e| GroupFailure::Batch(db_err(ctx, e)))?;
-    Ok(replies)
+    match tx.commit().await {
+        Ok(()) => Ok(replies),
+        Err(Ending::Begin(e)) => Err(GroupFailure::Begin(db_err(ctx, e))),
+        Err(Ending::Write(e)) if is_logical(&e) => {
+            // The last op's held statement refused by its checks: that op fails, the others
+            // commit (as when it ran before the commit).
+            if let Some(last) = replies.last_mut() {
+                *last = Err(e);
+            }
+            match tx.commit().await {
+                Ok(()) => Ok(replies),
+                Err(Ending::Begin(e) | Ending::Commit(e)) => {
+                    Err(GroupFailure::Batch(db_err(ctx, e)))
+                }
+                Err(Ending::Write(e)) => Err(GroupFailure::Batch(e)),
+            }
+        }
+        Err(Ending::Write(e)) => Err(GroupFailure::Batch(e)),
+        Err(Ending::Commit(e)) => Err(GroupFailure::Batch(db_err(ctx, e))),
+    }
 }
 
-crate::sql::impl_sql_store!(SqliteStore, Sqlite, "BEGIN IMMEDIATE", "", "", false);
+/// Runs `op` alone in a transaction of its own on the writer's connection: committed when it
+/// succeeds, rolled back when it fails (as the shared `write_alone`, without its sqlx
+/// `Transaction`: the `BEGIN IMMEDIATE` goes with the op's first statement, the `COMMIT`
+/// with its last when nothing waits for that one's result).
+async fn write_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<Reply> {
+    let ctx = "write";
+    let mut tx = Tx::begin(conn);
+    let mut ended = match apply(&mut tx, op).await {
+        Ok(reply) => tx.commit().await.map(|()| reply),
+        Err(e) => Err(Ending::Write(e)),
+    };
+    if let Some(failure) = tx.failure.take() {
+        ended = Err(failure);
+    }
+    match ended {
+        Ok(reply) => Ok(reply),
+        Err(Ending::Begin(e)) => Err(db_err(ctx, e)),
+        Err(Ending::Write(e)) => {
+            tx.rollback().await;
+            Err(e)
+        }
+        Err(Ending::Commit(e)) => {
+            tx.rollback().await;
+            Err(db_err(ctx, e))
+        }
+    }
+}
+
+/// What one call to the connection's thread failed in.
+enum Failed {
+    /// The lead (`BEGIN`): nothing after it ran.
+    Lead(sqlx::Error),
+    /// The statement the call was made for.
+    Main(sqlx::Error),
+    /// The statement after it (`COMMIT`).
+    Trail(sqlx::Error),
+}
+
+impl<'a> Tx<'a, SqliteConnection> {
+    /// A transaction on `conn` (the writer's) that begins with its first statement: `BEGIN
+    /// IMMEDIATE` (the write lock at once, so that writers queue on the busy timeout instead
+    /// of failing on lock upgrade) goes to SQLite's thread in the same call.
+    fn begin(conn: &'a mut SqliteConnection) -> Self {
+        Self {
+            conn,
+            lead: Some("BEGIN IMMEDIATE; "),
+            begun: false,
+            may_hold: true,
+            held: None,
+            failure: None,
+        }
+    }
+
+    /// One call to the connection's thread: the lead if it has not gone yet, `sql` with
+    /// `args`, then `trail` (`; COMMIT`) if given. The results of `sql` only; all of them (a
+    /// statement that returns rows is stepped to its end). The statements are told apart by
+    /// their `;` (none of this crate's SQL has one in a literal).
+    async fn call(
+        &mut self,
+        sql: &str,
+        args: Option<SqliteArguments<'_>>,
+        trail: Option<&str>,
+    ) -> std::result::Result<Vec<Either<SqliteQueryResult, SqliteRow>>, Failed> {
+        let lead = self.lead.take();
+        let text: Cow<'_, str> = match (lead, trail) {
+            (None, None) => sql.into(),
+            (lead, trail) => format!("{}{sql}{}", lead.unwrap_or(""), trail.unwrap_or("")).into(),
+        };
+        let led = lead.map_or(0, |l| l.matches(';').count());
+        let ends = led + 1 + sql.matches(';').count();
+        let mut done = 0;
+        let mut out = Vec::new();
+        // Arguments (even none) make sqlx keep the statement prepared.
+        let mut results = self
+            .conn
+            .fetch_many((text.as_ref(), Some(args.unwrap_or_default())));
+        while let Some(result) = results.next().await {
+            match result {
+                Ok(Either::Left(step)) => {
+                    if (led..ends).contains(&done) {
+                        out.push(Either::Left(step));
+                    }
+                    done += 1;
+                    if done == led {
+                        self.begun = true;
+                    }
+                }
+                Ok(Either::Right(row)) => out.push(Either::Right(row)),
+                Err(e) if done < led => return Err(Failed::Lead(e)),
+                Err(e) if done < ends => return Err(Failed::Main(e)),
+                Err(e) => return Err(Failed::Trail(e)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Holds back a statement whose result nobody waits for, to go with the next call (the
+    /// one held before goes first, on its own). Where nothing is held (`may_hold` off) it
+    /// runs now.
+    pub(crate) async fn hold(
+        &mut self,
+        sql: Cow<'static, str>,
+        args: SqliteArguments<'a>,
+        ctx: Cow<'static, str>,
+    ) -> Result<()> {
+        if !self.may_hold {
+            return sqlx::query_with(&sql, args)
+                .execute(&mut *self.conn)
+                .await
+                .map(drop)
+                .map_err(|e| db_err(&ctx, e));
+        }
+        if let Err(e) = self.flush().await {
+            return Err(match e {
+                Ending::Write(e) => e,
+                other => {
+                    self.failure = Some(other);
+                    db_err(&ctx, went_ahead_failed())
+                }
+            });
+        }
+        self.held = Some(Held { sql, args, ctx });
+        Ok(())
+    }
+
+    /// Sends the statement held back, if any, on its own.
+    async fn flush(&mut self) -> std::result::Result<(), Ending> {
+        let Some(held) = self.held.take() else {
+            return Ok(());
+        };
+        match self.call(&held.sql, Some(held.args), None).await {
+            Ok(_) => Ok(()),
+            Err(Failed::Lead(e)) => Err(Ending::Begin(e)),
+            Err(Failed::Main(e) | Failed::Trail(e)) => Err(Ending::Write(db_err(&held.ctx, e))),
+        }
+    }
+
+    /// Commits what the writes did, with the statement held back if any; nothing to do when
+    /// none of them ran a statement.
+    async fn commit(&mut self) -> std::result::Result<(), Ending> {
+        let done = match self.held.take() {
+            Some(held) => {
+                let done = self
+                    .call(&held.sql, Some(held.args), Some("; COMMIT"))
+                    .await;
+                return match done {
+                    Ok(_) => Ok(()),
+                    Err(Failed::Lead(e)) => Err(Ending::Begin(e)),
+                    Err(Failed::Main(e)) => Err(Ending::Write(db_err(&held.ctx, e))),
+                    Err(Failed::Trail(e)) => Err(Ending::Commit(e)),
+                };
+            }
+            None if !self.begun => return Ok(()),
+            None => self.call("COMMIT", None, None).await,
+        };
+        match done {
+            Ok(_) => Ok(()),
+            Err(Failed::Lead(e) | Failed::Main(e) | Failed::Trail(e)) => Err(Ending::Commit(e)),
+        }
+    }
+
+    /// Rolls back what the writes did (its own failure is the next [`Writer::recover`]'s).
+    async fn rollback(&mut self) {
+        self.held = None;
+        if self.begun {
+            let _ = self.call("ROLLBACK", None, None).await;
+            self.begun = false;
+        }
+    }
+}
+
+crate::sql::impl_sql_store!(SqliteStore, Sqlite, "BEGIN IMMEDIATE", "", "", false, true);
 
 impl SqliteStore {
     /// No change feed: one server per SQLite file, whose followers hear its own runs.
     fn subscribe(&self) -> Option<anywork_core::ChangeFeed> {
         None
+    }
+}
+
+/// The stand-in error a query answers when what went ahead of it in its call failed (the
+/// real failure is kept in [`Tx::failure`], and the query did not run).
+fn went_ahead_failed() -> sqlx::Error {
+    sqlx::Error::Protocol("the statements sent ahead of this one failed".into())
+}
+
+impl<'c, 'a: 'c> sqlx::Executor<'c> for &'c mut Tx<'a, SqliteConnection> {
+    type Database = Sqlite;
+
+    fn fetch_many<'e, 'q: 'e, E>(
+        self,
+        mut query: E,
+    ) -> BoxStream<'e, std::result::Result<Either<SqliteQueryResult, SqliteRow>, sqlx::Error>>
+    where
+        'c: 'e,
+        E: 'q + sqlx::Execute<'q, Sqlite>,
+    {
+        if self.lead.is_none() && self.held.is_none() {
+            return self.conn.fetch_many(query);
+        }
+        let sql = query.sql();
+        let args = query.take_arguments();
+        let run = async move {
+            if let Err(e) = self.flush().await {
+                self.failure = Some(e);
+                return vec![Err(went_ahead_failed())];
+            }
+            let args = match args {
+                Ok(args) => args,
+                Err(e) => return vec![Err(sqlx::Error::Encode(e))],
+            };
+            match self.call(sql, args, None).await {
+                Ok(results) => results.into_iter().map(Ok).collect(),
+                Err(Failed::Lead(e)) => {
+                    self.failure = Some(Ending::Begin(e));
+                    vec![Err(went_ahead_failed())]
+                }
+                Err(Failed::Main(e) | Failed::Trail(e)) => vec![Err(e)],
+            }
+        };
+        Box::pin(stream::once(run).flat_map(stream::iter))
+    }
+
+    fn fetch_optional<'e, 'q: 'e, E>(
+        self,
+        query: E,
+    ) -> BoxFuture<'e, std::result::Result<Option<SqliteRow>, sqlx::Error>>
+    where
+        'c: 'e,
+        E: 'q + sqlx::Execute<'q, Sqlite>,
+    {
+        if self.lead.is_none() && self.held.is_none() {
+            return self.conn.fetch_optional(query);
+        }
+        let mut results = self.fetch_many(query);
+        Box::pin(async move {
+            while let Some(result) = results.try_next().await? {
+                if let Either::Right(row) = result {
+                    return Ok(Some(row));
+                }
+            }
+            Ok(None)
+        })
+    }
+
+    fn prepare_with<'e, 'q: 'e>(
+        self,
+        sql: &'q str,
+        parameters: &'e [SqliteTypeInfo],
+    ) -> BoxFuture<'e, std::result::Result<SqliteStatement<'q>, sqlx::Error>>
+    where
+        'c: 'e,
+    {
+        self.conn.prepare_with(sql, parameters)
+    }
+
+    fn describe<'e, 'q: 'e>(
+        self,
+        sql: &'q str,
+    ) -> BoxFuture<'e, std::result::Result<Describe<Sqlite>, sqlx::Error>>
+    where
+        'c: 'e,
+    {
+        self.conn.describe(sql)
     }
 }

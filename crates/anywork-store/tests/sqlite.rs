@@ -226,3 +226,117 @@ async fn an_idle_writer_closes_its_connection_and_the_next_write_reopens_it() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(other.writer_stats().unwrap().idle_closes, 0);
 }
+
+/// A write's last statement goes to SQLite with the `COMMIT` (nothing waits for its result): a
+/// refusal there still fails that write alone, whether it ends a group of writes or runs on
+/// its own, and the writer goes on working.
+#[tokio::test]
+async fn a_write_refused_at_its_last_statement_still_fails_alone() {
+    use anywork_core::{
+        ErrorKind, NewSession, NewTask, NewTaskLog, TaskEvent, TaskRequest, WireEvent,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open_in_dir(dir.path()).await.unwrap();
+    let admin = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        dir.path().join(SqliteStore::FILE_NAME).display()
+    ))
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER refuse_boom BEFORE INSERT ON task_logs WHEN NEW.type = 'boom' \
+         BEGIN SELECT RAISE(ABORT, 'boom is refused'); END",
+    )
+    .execute(&admin)
+    .await
+    .unwrap();
+    let session = store.create_session(NewSession::new("web")).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let new = NewTask::from_request(
+            session.id.clone(),
+            TaskRequest::new("web", format!("task {i}")),
+        );
+        tasks.push(store.create_task(new).await.unwrap().id);
+    }
+    let boom = || {
+        NewTaskLog::now(TaskEvent::Other(WireEvent {
+            kind: "boom".into(),
+            content: String::new(),
+            metadata: serde_json::json!({}),
+        }))
+    };
+    // One group (queued together on this single-threaded runtime), the refused write last.
+    let store_ref = &store;
+    let writes = tasks.iter().enumerate().map(|(i, &id)| async move {
+        let log = if i == 5 {
+            boom()
+        } else {
+            NewTaskLog::now(TaskEvent::text(format!("t{i}")))
+        };
+        store_ref.append_logs(id, vec![log]).await
+    });
+    let results = futures_util::future::join_all(writes).await;
+    for (i, r) in results.iter().enumerate().take(5) {
+        assert_eq!(r.as_ref().ok(), Some(&1), "write {i}: {r:?}");
+    }
+    let refused = results[5].as_ref().unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Storage, "{refused:?}");
+    assert!(refused.message().contains("append logs"), "{refused:?}");
+    // Alone: refused again; the next write of the task lands with the first seq (the refused
+    // ones reserved none).
+    let alone = store.append_logs(tasks[5], vec![boom()]).await.unwrap_err();
+    assert_eq!(alone.kind(), ErrorKind::Storage, "{alone:?}");
+    let text = NewTaskLog::now(TaskEvent::text("after"));
+    assert_eq!(store.append_logs(tasks[5], vec![text]).await.unwrap(), 1);
+    for (i, &id) in tasks.iter().enumerate() {
+        let logs = store.read_logs(id, 0, 10).await.unwrap();
+        assert_eq!(logs.len(), 1, "task {i}: {logs:?}");
+        assert_eq!(logs[0].seq, 1);
+    }
+}
+
+/// A write of more log rows than one insert takes (1,000) sends them in several inserts, each
+/// held back until the next goes, the last with the `COMMIT`: every row lands once, in order,
+/// alone and in a group.
+#[tokio::test]
+async fn writes_of_many_log_rows_land_whole() {
+    use anywork_core::{NewSession, NewTask, NewTaskLog, TaskEvent, TaskRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open_in_dir(dir.path()).await.unwrap();
+    let session = store.create_session(NewSession::new("web")).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let new = NewTask::from_request(
+            session.id.clone(),
+            TaskRequest::new("web", format!("task {i}")),
+        );
+        tasks.push(store.create_task(new).await.unwrap().id);
+    }
+    let logs = |n: usize| {
+        (0..n)
+            .map(|i| NewTaskLog::now(TaskEvent::text(format!("line {i}"))))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        store.append_logs(tasks[0], logs(2_500)).await.unwrap(),
+        2_500
+    );
+    let store_ref = &store;
+    let sizes = [1_500, 1_001];
+    let writes = tasks[1..]
+        .iter()
+        .zip(sizes)
+        .map(|(&id, n)| async move { store_ref.append_logs(id, logs(n)).await });
+    let results = futures_util::future::join_all(writes).await;
+    assert_eq!(results[0].as_ref().ok(), Some(&1_500), "{results:?}");
+    assert_eq!(results[1].as_ref().ok(), Some(&1_001), "{results:?}");
+    for (&id, n) in tasks.iter().zip([2_500, 1_500, 1_001]) {
+        let read = store.read_logs(id, 0, 5_000).await.unwrap();
+        assert_eq!(read.len(), n);
+        for (i, log) in read.iter().enumerate() {
+            assert_eq!(log.seq, i as u64 + 1);
+            assert_eq!(log.event, TaskEvent::text(format!("line {i}")));
+        }
+    }
+}
