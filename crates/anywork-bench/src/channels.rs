@@ -529,14 +529,18 @@ async fn offer_all(
             let answer = req.body(body).send().await;
             let took = t.elapsed();
             let status = match answer {
-                // The task it names, read after the time is taken (`--keys repeat` checks that
-                // a repeated key names the first copy's task).
+                // With a key, the task it names, read after the time is taken (`--keys`
+                // checks that a repeated key names the first copy's task); without one, the
+                // answer is dropped unread, as before `--keys`.
                 Ok(r) if r.status() == 202 => {
-                    let task = r
-                        .json::<serde_json::Value>()
-                        .await
-                        .ok()
-                        .and_then(|v| Some(v.get("taskId")?.as_str()?.to_owned()));
+                    let task = match &key_sent {
+                        Some(_) => r
+                            .json::<serde_json::Value>()
+                            .await
+                            .ok()
+                            .and_then(|v| Some(v.get("taskId")?.as_str()?.to_owned())),
+                        None => None,
+                    };
                     return Answer {
                         status: 202,
                         sample: (t, took),
