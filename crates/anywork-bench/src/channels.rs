@@ -44,6 +44,54 @@ pub struct Options {
     /// share the server's runtime; its times are CLOCK_MONOTONIC, the same clock as here.
     #[arg(long)]
     client_process: bool,
+    /// An `Idempotency-Key` header on each request (a delivery id, as GitHub's and Slack's
+    /// events carry): none, one of its own per request, or one of its own except every 10th
+    /// request, which repeats the key of the request 5 before it (a redelivered event: its
+    /// 202 names the first copy's task).
+    #[arg(long, value_enum, default_value_t = Keys::None)]
+    keys: Keys,
+}
+
+/// What `Idempotency-Key` each request carries (`--keys`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Keys {
+    /// No key.
+    None,
+    /// A key of its own per request.
+    Unique,
+    /// A key of its own, but every 10th request repeats the key of the request 5 before it.
+    Repeat,
+}
+
+impl Keys {
+    /// The key of request `i` of the run tagged `run` (`None`: no header).
+    fn key(self, run: &str, i: u64) -> Option<String> {
+        let of = match self {
+            Self::None => return None,
+            Self::Repeat if i % 10 == 9 => i - 5,
+            Self::Unique | Self::Repeat => i,
+        };
+        Some(format!("bench-{run}-{of}"))
+    }
+
+    fn as_arg(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Unique => "unique",
+            Self::Repeat => "repeat",
+        }
+    }
+}
+
+/// A run's requests: the rate, how long, and what they carry.
+#[derive(Debug, Clone, Copy)]
+struct Offer<'a> {
+    rate: u64,
+    seconds: u64,
+    hmac: bool,
+    keys: Keys,
+    /// Makes the run's keys its own (the warm-up's are not the measured run's).
+    run: &'a str,
 }
 
 /// Options of the hidden `anywork-bench channels-client` (what `--client-process` runs).
@@ -61,6 +109,12 @@ pub struct ClientOptions {
     /// Sign with X-AnyWork-Signature instead of sending X-Webhook-Secret.
     #[arg(long)]
     hmac: bool,
+    /// The `Idempotency-Key` of each request.
+    #[arg(long, value_enum, default_value_t = Keys::None)]
+    keys: Keys,
+    /// Makes the keys of this run its own.
+    #[arg(long, default_value = "")]
+    run: String,
 }
 
 /// A request's start and how long it took.
@@ -127,7 +181,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         .pool_max_idle_per_host(1024)
         .build()?;
     println!(
-        "channels  webhook intake → 202, {} verification, {} req/s offered for {} s (SQLite; {} task(s) run at a time meanwhile; client {})",
+        "channels  webhook intake → 202, {} verification, {} req/s offered for {} s (SQLite; {} task(s) run at a time meanwhile; client {}; Idempotency-Key: {})",
         if options.hmac {
             "HMAC signature"
         } else {
@@ -140,24 +194,38 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             "in a process of its own"
         } else {
             "in this process"
+        },
+        match options.keys {
+            Keys::None => "none",
+            Keys::Unique => "one per request",
+            Keys::Repeat => "one per request, every 10th repeats an earlier one",
         }
     );
-    let send = |seconds| {
+    let send = |seconds, run| {
         let (http, url) = (&http, &url);
+        let offer = Offer {
+            rate: options.rate,
+            seconds,
+            hmac: options.hmac,
+            keys: options.keys,
+            run,
+        };
         async move {
             if options.client_process {
-                offer_from_process(url, options.rate, seconds, options.hmac).await
+                offer_from_process(url, offer).await
             } else {
-                offer(http, url, options.rate, seconds, options.hmac).await
+                self::offer(http, url, offer).await
             }
         }
     };
-    send(1).await?;
+    send(1, "warm-up").await?;
     timings.clear();
     lock(&handled).clear();
     let writer_before = sqlite.writer_stats().unwrap_or_default();
     let started = Instant::now();
-    let (samples, errors) = send(options.seconds).await.context("measured run")?;
+    let (samples, errors) = send(options.seconds, "measured")
+        .await
+        .context("measured run")?;
     let wall = started.elapsed();
     let writer = sqlite
         .writer_stats()
@@ -271,16 +339,21 @@ pub async fn client(options: ClientOptions) -> anyhow::Result<()> {
         .pool_max_idle_per_host(1024)
         .build()?;
     let (now, mono) = (Instant::now(), crate::standin::mono_ns());
-    let answers = offer_all(
-        &http,
-        &options.url,
-        options.rate,
-        options.seconds,
-        options.hmac,
-    )
-    .await?;
+    let offer = Offer {
+        rate: options.rate,
+        seconds: options.seconds,
+        hmac: options.hmac,
+        keys: options.keys,
+        run: &options.run,
+    };
+    let answers = offer_all(&http, &options.url, offer).await?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    for (status, (at, took)) in answers {
+    for Answer {
+        status,
+        sample: (at, took),
+        ..
+    } in answers
+    {
         let at = mono + u64::try_from(at.saturating_duration_since(now).as_nanos())?;
         writeln!(out, "{at} {} {status}", took.as_nanos())?;
     }
@@ -290,23 +363,22 @@ pub async fn client(options: ClientOptions) -> anyhow::Result<()> {
 
 /// [`offer`] from a child process (`channels-client`): the same requests and answers, timed
 /// there.
-async fn offer_from_process(
-    url: &str,
-    rate: u64,
-    seconds: u64,
-    hmac: bool,
-) -> anyhow::Result<(Vec<Sample>, usize)> {
+async fn offer_from_process(url: &str, offer: Offer<'_>) -> anyhow::Result<(Vec<Sample>, usize)> {
     let mut command = tokio::process::Command::new(std::env::current_exe()?);
     command.args([
         "channels-client",
         "--url",
         url,
         "--rate",
-        &rate.to_string(),
+        &offer.rate.to_string(),
         "--seconds",
-        &seconds.to_string(),
+        &offer.seconds.to_string(),
+        "--keys",
+        offer.keys.as_arg(),
+        "--run",
+        offer.run,
     ]);
-    if hmac {
+    if offer.hmac {
         command.arg("--hmac");
     }
     let out = command
@@ -356,39 +428,86 @@ fn tell_failure(i: u64, what: &str) {
 async fn offer(
     http: &reqwest::Client,
     url: &str,
-    rate: u64,
-    seconds: u64,
-    hmac: bool,
+    offer: Offer<'_>,
 ) -> anyhow::Result<(Vec<Sample>, usize)> {
-    let answers = offer_all(http, url, rate, seconds, hmac).await?;
-    let errors = answers.iter().filter(|(status, _)| *status != 202).count();
+    let answers = offer_all(http, url, offer).await?;
+    if offer.keys != Keys::None {
+        check_keys(&answers, offer.run);
+    }
+    let errors = answers.iter().filter(|a| a.status != 202).count();
     let samples = answers
         .into_iter()
-        .filter(|(status, _)| *status == 202)
-        .map(|(_, sample)| sample)
+        .filter(|a| a.status == 202)
+        .map(|a| a.sample)
         .collect();
     Ok((samples, errors))
+}
+
+/// Prints how many tasks the run's 202s named for how many keys: with `--keys repeat`,
+/// every repeated key must name its first copy's task (and no two keys one task).
+fn check_keys(answers: &[Answer], run: &str) {
+    use std::collections::{HashMap, HashSet};
+    let mut by_key: HashMap<&str, HashSet<&str>> = HashMap::new();
+    let mut answered = 0;
+    for a in answers {
+        if let (Some(key), Some(task)) = (&a.key, &a.task) {
+            by_key.entry(key).or_default().insert(task);
+            answered += 1;
+        }
+    }
+    let split = by_key.values().filter(|tasks| tasks.len() > 1).count();
+    let tasks: HashSet<&str> = by_key.values().flatten().copied().collect();
+    println!(
+        "  keys ({run}): {answered} 202s named a task for {} keys: {} tasks, {split} keys answered with more than one task{}",
+        by_key.len(),
+        tasks.len(),
+        if split == 0 && tasks.len() == by_key.len() {
+            " (every repeat named its first copy's task)"
+        } else {
+            " — WRONG: a repeated key must name the first copy's task"
+        }
+    );
+}
+
+/// What a request of [`offer_all`] got.
+struct Answer {
+    /// Its status (0 when no answer came).
+    status: u16,
+    sample: Sample,
+    /// The `Idempotency-Key` it sent.
+    key: Option<String>,
+    /// The task its 202 named.
+    task: Option<String>,
 }
 
 /// Every request of [`offer`] with its status (0 when no answer came) and its time.
 async fn offer_all(
     http: &reqwest::Client,
     url: &str,
-    rate: u64,
-    seconds: u64,
-    hmac: bool,
-) -> anyhow::Result<Vec<(u16, Sample)>> {
+    offer: Offer<'_>,
+) -> anyhow::Result<Vec<Answer>> {
+    let Offer {
+        rate,
+        seconds,
+        hmac,
+        keys,
+        run,
+    } = offer;
     let total = rate * seconds;
     let every = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     let start = tokio::time::Instant::now();
     let mut handles = Vec::with_capacity(total as usize);
     for i in 0..total {
         tokio::time::sleep_until(start + every * i as u32).await;
-        let (http, url) = (http.clone(), url.to_owned());
+        let (http, url, key) = (http.clone(), url.to_owned(), keys.key(run, i));
         handles.push(tokio::spawn(async move {
             let body =
                 format!(r#"{{"message":"bench request {i}","source":"bench","meta":{{"i":{i}}}}}"#);
             let mut req = http.post(&url).header("content-type", "application/json");
+            if let Some(key) = &key {
+                req = req.header("idempotency-key", key);
+            }
+            let key_sent = key;
             if hmac {
                 let ts = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -410,7 +529,25 @@ async fn offer_all(
             let answer = req.body(body).send().await;
             let took = t.elapsed();
             let status = match answer {
-                Ok(r) if r.status() == 202 => 202,
+                // With a key, the task it names, read after the time is taken (`--keys`
+                // checks that a repeated key names the first copy's task); without one, the
+                // answer is dropped unread, as before `--keys`.
+                Ok(r) if r.status() == 202 => {
+                    let task = match &key_sent {
+                        Some(_) => r
+                            .json::<serde_json::Value>()
+                            .await
+                            .ok()
+                            .and_then(|v| Some(v.get("taskId")?.as_str()?.to_owned())),
+                        None => None,
+                    };
+                    return Answer {
+                        status: 202,
+                        sample: (t, took),
+                        key: key_sent,
+                        task,
+                    };
+                }
                 // What any other answer was, so that a failed run says why (the first few).
                 Ok(r) => {
                     let status = r.status().as_u16();
@@ -423,7 +560,12 @@ async fn offer_all(
                     0
                 }
             };
-            (status, (t, took))
+            Answer {
+                status,
+                sample: (t, took),
+                key: key_sent,
+                task: None,
+            }
         }));
     }
     let mut answers = Vec::with_capacity(handles.len());

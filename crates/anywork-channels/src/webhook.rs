@@ -357,6 +357,12 @@ impl Channel for WebhookChannel {
         self.parse_at(&request, verify::unix_now())
     }
 
+    /// Another `wh-xxxxxxxx`: a request without `session_id` always gets a session of its
+    /// own, even when the 8 random hex digits repeat an existing session's.
+    fn fresh_session_id(&self) -> Option<SessionId> {
+        Some(fresh_session_id())
+    }
+
     /// Nothing to do: the outcome reaches the sender through the push notification made
     /// from `callback_url`.
     async fn deliver(&self, _task: &Task, _outcome: &TaskOutcome) -> Result<()> {

@@ -157,6 +157,16 @@ pub trait Channel: Send + Sync + 'static {
         ChannelDefaults::default()
     }
 
+    /// Another id for the new session of a request that [`parse`](Channel::parse) named
+    /// itself (`SessionMode::CreateNew`), when a session with the id it named exists already:
+    /// a random id can repeat (`wh-` and 8 hex digits repeat by chance once a few ten
+    /// thousand sessions have them). The request is then stored with this one instead (a few
+    /// times at most), in a session of its own still. `None` (the default): the request is
+    /// refused with `Conflict`.
+    fn fresh_session_id(&self) -> Option<crate::SessionId> {
+        None
+    }
+
     /// The task was stored (queued): e.g. a 👀 reaction on the message that asked.
     async fn on_accepted(&self, _task: &Task) -> Result<()> {
         Ok(())

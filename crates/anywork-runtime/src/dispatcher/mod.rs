@@ -118,6 +118,14 @@ impl Resolved {
     }
 }
 
+/// What [`Dispatcher::create_with_session`] stored, or the first copy's task instead.
+enum Created {
+    /// The session (`true`: created by this write) and the task.
+    Stored(Session, bool, Task),
+    /// The task of the request's idempotency key, stored by its first copy.
+    Duplicate(Submitted),
+}
+
 /// What a request does when the session it would create was taken meanwhile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum IfTaken {
@@ -392,23 +400,29 @@ impl Dispatcher {
         request.validate_shape()?;
         self.resolve_skills(&mut request).await?;
         request.validate()?;
-        if let Some(first) = self.first_with_key(&request).await? {
-            return Ok(Submitted {
-                task: first,
-                session_created: false,
-                duplicate: true,
-            });
-        }
-        self.admit(&mut request).await?;
-        let resolved = self.resolve_session(&request, known).await?;
-        if let Some(notices) = notices {
+        // A request with an idempotency key is not looked up before it is stored: the store
+        // refuses a key its channel has already (`Conflict`, nothing stored), and only then
+        // is the first copy's task read (`duplicate_of`). A copy that would be refused here
+        // gets the first task too, as when the lookup came first.
+        let resolved = match self.admit(&mut request).await {
+            Ok(()) => self.resolve_session(&request, known).await,
+            Err(e) => Err(e),
+        };
+        let resolved = match resolved {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                let key = request.idempotency_key.as_deref();
+                return self.duplicate_of(e, &request.channel_type, key).await;
+            }
+        };
+        let mut notices = notices;
+        if let Some(notices) = notices.as_deref_mut() {
             notices.watch(resolved.id());
         }
         let (channel_type, key) = (
             request.channel_type.clone(),
             request.idempotency_key.clone(),
         );
-        let store = &self.inner.store;
         let new_task = NewTask::from_request(resolved.id().clone(), request);
         let (session, created, task) = match resolved {
             Resolved::Found(session) => match self.create_task_fast(new_task, start).await {
@@ -419,31 +433,20 @@ impl Dispatcher {
                 Err(e) => return Err(e),
             },
             // The session and its first task in one store write.
-            Resolved::Create(new, if_taken) => match store
-                .create_session_with_task(new.clone(), new_task.clone())
-                .await
-            {
-                Ok((session, task)) => (session, true, task),
-                Err(e) if e.kind() == ErrorKind::Conflict => {
-                    // Nothing was stored. Either the session was taken meanwhile (another
-                    // request made it first), or the task was (the same event arrived twice
-                    // at once and the other copy stored it first).
-                    let Some(session) = self.taken_session(&new, if_taken).await? else {
-                        return self.duplicate_of(e, &channel_type, key.as_deref()).await;
-                    };
-                    let mut new_task = new_task;
-                    new_task.session_id = session.id.clone();
-                    match store.create_task(new_task).await {
-                        Ok(task) => (session, false, task),
-                        Err(e) if e.kind() == ErrorKind::Conflict => {
-                            return self.duplicate_of(e, &channel_type, key.as_deref()).await;
-                        }
-                        Err(e) => return Err(e),
-                    }
+            Resolved::Create(new, if_taken) => {
+                match self
+                    .create_with_session(new, if_taken, new_task, key.as_deref())
+                    .await?
+                {
+                    Created::Stored(session, created, task) => (session, created, task),
+                    Created::Duplicate(first) => return Ok(first),
                 }
-                Err(e) => return Err(e),
-            },
+            }
         };
+        // A fresh session's id drawn again: its notices too (watching one again is a no-op).
+        if let Some(notices) = notices {
+            notices.watch(&session.id);
+        }
         let untitled = session.title == NewSession::DEFAULT_TITLE;
         self.inner.metrics.submitted();
         tracing::info!(
@@ -533,17 +536,102 @@ impl Dispatcher {
             .map_err(|e| Error::internal(format!("the skills listing stopped: {e}")))?
     }
 
-    /// The task already created in this request's channel with its idempotency key.
-    async fn first_with_key(&self, request: &TaskRequest) -> Result<Option<Task>> {
-        match &request.idempotency_key {
-            Some(key) => {
-                self.inner
-                    .store
-                    .find_task_by_idempotency_key(&request.channel_type, key)
-                    .await
+    /// Stores `new` with its first task `new_task` in one write. When the store refuses them
+    /// (`Conflict`, nothing stored): the first copy's task when the request's idempotency
+    /// `key` is taken in its channel (one read); else the session another request created
+    /// meanwhile, continued with the task alone ([`IfTaken::Continue`]); or, when the id the
+    /// channel drew for a session of the request's own ([`IfTaken::Refuse`]) is taken, the
+    /// same write again with another id from the channel
+    /// ([`Channel::fresh_session_id`](anywork_core::Channel::fresh_session_id)), a few times
+    /// at most.
+    async fn create_with_session(
+        &self,
+        mut new: NewSession,
+        if_taken: IfTaken,
+        mut new_task: NewTask,
+        key: Option<&str>,
+    ) -> Result<Created> {
+        /// Ids drawn again for a taken fresh session before the request is refused.
+        const REDRAWS: usize = 3;
+        let store = &self.inner.store;
+        let mut redraws = 0;
+        loop {
+            let e = match store
+                .create_session_with_task(new.clone(), new_task.clone())
+                .await
+            {
+                Ok((session, task)) => return Ok(Created::Stored(session, true, task)),
+                Err(e) if e.kind() == ErrorKind::Conflict => e,
+                Err(e) => return Err(e),
+            };
+            // Nothing was stored. Either the task's key was taken (the same event arrived
+            // twice and the other copy stored it first), or the session was (another
+            // request made it first, or a fresh id repeated an existing one).
+            let e = match self.first_of_key(e, &new.channel_type, key).await? {
+                Ok(first) => return Ok(Created::Duplicate(first)),
+                Err(e) => e,
+            };
+            // A fresh session's id is new: the conflict was the task's.
+            if if_taken == IfTaken::Fresh {
+                return Err(e);
             }
-            None => Ok(None),
+            let taken = self.taken_session(&new).await?;
+            if if_taken == IfTaken::Refuse {
+                if taken.is_none() {
+                    return Err(e);
+                }
+                let again = (redraws < REDRAWS)
+                    .then(|| self.channel(&new.channel_type)?.fresh_session_id())
+                    .flatten()
+                    .filter(|id| *id != new.id);
+                let Some(id) = again else {
+                    return Err(session_taken(&new.id));
+                };
+                redraws += 1;
+                tracing::info!(taken = %new.id, session = %id, "a fresh session id was taken: drawn again");
+                new.id = id.clone();
+                new_task.session_id = id;
+                continue;
+            }
+            // Another request for the same id or channel key made it first: continued.
+            let Some(session) = taken else {
+                return Err(e);
+            };
+            new_task.session_id = session.id.clone();
+            return match store.create_task(new_task).await {
+                Ok(task) => Ok(Created::Stored(session, false, task)),
+                Err(e) if e.kind() == ErrorKind::Conflict => self
+                    .duplicate_of(e, &new.channel_type, key)
+                    .await
+                    .map(Created::Duplicate),
+                Err(e) => Err(e),
+            };
         }
+    }
+
+    /// The task already stored by the first copy of a request with idempotency key `key`
+    /// (`Ok`), or `e` back (`Err`) when there is no key or no such task.
+    async fn first_of_key(
+        &self,
+        e: Error,
+        channel_type: &str,
+        key: Option<&str>,
+    ) -> Result<std::result::Result<Submitted, Error>> {
+        let Some(key) = key else {
+            return Ok(Err(e));
+        };
+        let first = self
+            .inner
+            .store
+            .find_task_by_idempotency_key(channel_type, key)
+            .await?;
+        Ok(first
+            .map(|task| Submitted {
+                task,
+                session_created: false,
+                duplicate: true,
+            })
+            .ok_or(e))
     }
 
     /// The task already stored by the first copy of a request with idempotency key `key`,
@@ -555,40 +643,21 @@ impl Dispatcher {
         channel_type: &str,
         key: Option<&str>,
     ) -> Result<Submitted> {
-        let Some(key) = key else {
-            return Err(e);
-        };
-        let first = self
-            .inner
-            .store
-            .find_task_by_idempotency_key(channel_type, key)
-            .await?
-            .ok_or(e)?;
-        Ok(Submitted {
-            task: first,
-            session_created: false,
-            duplicate: true,
-        })
+        self.first_of_key(e, channel_type, key).await?
     }
 
     /// After the store refused to create `new` with its first task (`Conflict`, nothing
-    /// stored): the session another request created meanwhile, to continue (`None` when
-    /// `new` is not taken: the conflict was the task's). `if_taken` says whether it may be
-    /// continued.
-    async fn taken_session(&self, new: &NewSession, if_taken: IfTaken) -> Result<Option<Session>> {
+    /// stored): the session stored meanwhile with its channel key, else with its id (`None`
+    /// when there is none: the conflict was the task's).
+    async fn taken_session(&self, new: &NewSession) -> Result<Option<Session>> {
         let store = &self.inner.store;
-        let found = match (if_taken, &new.channel_key) {
-            (IfTaken::Fresh, _) => return Ok(None),
-            (_, Some(key)) => store.find_session(&new.channel_type, key).await?,
-            (_, None) => match store.get_session(&new.id).await {
-                Ok(s) => Some(s),
-                Err(e) if e.kind() == ErrorKind::NotFound => None,
-                Err(e) => return Err(e),
+        match &new.channel_key {
+            Some(key) => store.find_session(&new.channel_type, key).await,
+            None => match store.get_session(&new.id).await {
+                Ok(s) => Ok(Some(s)),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
             },
-        };
-        match found {
-            Some(_) if if_taken == IfTaken::Refuse => Err(session_taken(&new.id)),
-            found => Ok(found),
         }
     }
 

@@ -301,35 +301,33 @@ impl Dispatcher {
         };
         request.channel_type = channel_type.to_owned();
         let key = request.idempotency_key.clone();
-        if let Some(key) = &key {
-            if let Some(first) = self
-                .inner
-                .store
-                .find_task_by_idempotency_key(channel_type, key)
-                .await?
-            {
-                return Ok(InboundOutcome::Submitted(Box::new(Submitted {
-                    task: first,
-                    session_created: false,
-                    duplicate: true,
-                })));
-            }
-            if self.inner.was_answered(channel_type, key) {
-                return Ok(InboundOutcome::Skipped {
-                    reason: "this event answered a question already".into(),
-                });
-            }
+        // A repeated event (its idempotency key taken) gets the first copy's task. The key is
+        // looked up only where the copy would do something else than store a task, which the
+        // store refuses for a taken key (then `store_new` reads the first task): before it
+        // answers a waiting question, and before it is skipped. A request that makes a task
+        // reads nothing before its write.
+        if let Some(key) = &key
+            && self.inner.was_answered(channel_type, key)
+        {
+            return Ok(InboundOutcome::Skipped {
+                reason: "this event answered a question already".into(),
+            });
         }
         let known = self.inbound_session(&request).await?;
         if let Known::Found(session) = &known
-            && let Some(task) = self.answer_waiting(session, &request).await?
+            && let Some(task) = self.waiting_task(session).await?
         {
-            if let Some(key) = key {
-                self.inner.remember_answer(channel_type, key);
+            if let Some(first) = self.first_copy(channel_type, key.as_deref()).await? {
+                return Ok(first);
             }
-            return Ok(InboundOutcome::Answered {
-                task: Box::new(task),
-            });
+            if self.answer_waiting(&task, &request).await? {
+                if let Some(key) = key {
+                    self.inner.remember_answer(channel_type, key);
+                }
+                return Ok(InboundOutcome::Answered {
+                    task: Box::new(task),
+                });
+            }
         }
         match (kind, known) {
             (Kind::Task, known) => Ok(InboundOutcome::Submitted(Box::new(
@@ -342,13 +340,43 @@ impl Dispatcher {
                     self.submit_known(*request, Known::Found(session)).await?,
                 )))
             }
-            (Kind::FollowUp, _) => Ok(InboundOutcome::Skipped {
-                reason: "a follow-up where no session of this channel exists".into(),
-            }),
-            (Kind::AnswerOnly, _) => Ok(InboundOutcome::Skipped {
-                reason: "nothing there waits for an answer".into(),
-            }),
+            (Kind::FollowUp, _) => Ok(self
+                .first_copy(channel_type, key.as_deref())
+                .await?
+                .unwrap_or_else(|| InboundOutcome::Skipped {
+                    reason: "a follow-up where no session of this channel exists".into(),
+                })),
+            (Kind::AnswerOnly, _) => Ok(self
+                .first_copy(channel_type, key.as_deref())
+                .await?
+                .unwrap_or_else(|| InboundOutcome::Skipped {
+                    reason: "nothing there waits for an answer".into(),
+                })),
         }
+    }
+
+    /// The first copy's task of a repeated event (its idempotency `key` taken in
+    /// `channel_type`), as the answer to this copy; `None` without a key or such a task.
+    async fn first_copy(
+        &self,
+        channel_type: &str,
+        key: Option<&str>,
+    ) -> Result<Option<InboundOutcome>> {
+        let Some(key) = key else {
+            return Ok(None);
+        };
+        let first = self
+            .inner
+            .store
+            .find_task_by_idempotency_key(channel_type, key)
+            .await?;
+        Ok(first.map(|task| {
+            InboundOutcome::Submitted(Box::new(Submitted {
+                task,
+                session_created: false,
+                duplicate: true,
+            }))
+        }))
     }
 
     /// The stored session an inbound request belongs to, if it exists yet, read once: the
@@ -374,24 +402,22 @@ impl Dispatcher {
         }
     }
 
-    /// If a task of `session` waits for input, answers it with the request's words and
-    /// returns it. `None` when nothing waits (or it stopped waiting meanwhile). One store
-    /// query by session, however many tasks of other sessions wait.
-    async fn answer_waiting(
-        &self,
-        session: &Session,
-        request: &TaskRequest,
-    ) -> Result<Option<Task>> {
+    /// A task of `session` that waits for input, if any: one store query by session, however
+    /// many tasks of other sessions wait.
+    async fn waiting_task(&self, session: &Session) -> Result<Option<Task>> {
         let waiting = self
             .inner
             .store
             .tasks_by_session_in_status(&session.id, TaskStatus::InputRequired, Page::first(1))
             .await?;
-        let Some(task) = waiting.into_iter().next() else {
-            return Ok(None);
-        };
+        Ok(waiting.into_iter().next())
+    }
+
+    /// Answers `task`'s open question with the request's words; `false` when it asks none
+    /// (or it stopped waiting meanwhile).
+    async fn answer_waiting(&self, task: &Task, request: &TaskRequest) -> Result<bool> {
         let Some(question) = self.open_question(task.id).await? else {
-            return Ok(None);
+            return Ok(false);
         };
         let answer = request.answer_text().trim().to_owned();
         let allow = (question.kind == InputKind::Permission).then(|| {
@@ -408,9 +434,9 @@ impl Dispatcher {
             allow,
         };
         match self.respond(task.id, response).await {
-            Ok(()) => Ok(Some(task)),
+            Ok(()) => Ok(true),
             // It stopped waiting meanwhile (answered elsewhere, ended): treat the request as new.
-            Err(e) if e.kind() == ErrorKind::Conflict => Ok(None),
+            Err(e) if e.kind() == ErrorKind::Conflict => Ok(false),
             Err(e) => Err(e),
         }
     }

@@ -5,13 +5,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anywork_core::{
-    ContainerDriver, ErrorKind, NewSession, NewTask, NewTaskLog, Page, Result, Session, SessionId,
-    SessionMode, SessionSummary, Task, TaskChange, TaskId, TaskLog, TaskRequest, TaskStatus,
-    TaskStore, Timestamp, WorkerEndpoint, WorkerInfo,
+    Channel, ContainerDriver, ErrorKind, Inbound, InboundRequest, InputKind, InputRequest,
+    NewSession, NewTask, NewTaskLog, Page, Result, Session, SessionId, SessionMode, SessionSummary,
+    Task, TaskChange, TaskEvent, TaskId, TaskLog, TaskOutcome, TaskRequest, TaskStatus, TaskStore,
+    Timestamp, WorkerEndpoint, WorkerInfo,
 };
 use anywork_store::MemoryStore;
 
-use crate::{Dispatcher, DispatcherConfig};
+use crate::{Dispatcher, DispatcherConfig, InboundOutcome};
 
 /// A memory store that records its intake writes (`create_session`, `create_task`,
 /// `create_session_with_task`, refused ones too) and can hide what is stored from the next
@@ -24,11 +25,19 @@ struct Counted {
     hide_sessions: AtomicU32,
     /// Idempotency-key lookups still to answer "none".
     hide_events: AtomicU32,
+    /// The intake writes and the idempotency-key lookups, in order.
+    calls: Mutex<Vec<&'static str>>,
 }
 
 impl Counted {
     fn wrote(&self, what: &'static str) {
         self.writes.lock().unwrap().push(what);
+        self.calls.lock().unwrap().push(what);
+    }
+
+    /// The intake writes and idempotency-key lookups since the last call, in order.
+    fn take_calls(&self) -> Vec<&'static str> {
+        std::mem::take(&mut *self.calls.lock().unwrap())
     }
 
     /// The intake writes since the last call.
@@ -80,6 +89,10 @@ impl TaskStore for Counted {
         channel_type: &str,
         key: &str,
     ) -> Result<Option<Task>> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push("find_task_by_idempotency_key");
         if Self::hides(&self.hide_events) {
             return Ok(None);
         }
@@ -165,16 +178,82 @@ impl ContainerDriver for NoWorker {
 }
 
 async fn dispatcher(store: Arc<Counted>) -> Dispatcher {
+    dispatcher_with(store, None).await
+}
+
+async fn dispatcher_with(store: Arc<Counted>, channel: Option<Arc<Scripted>>) -> Dispatcher {
     let config = DispatcherConfig {
         retry: crate::Backoff::none(),
         reap_every: None,
         ..Default::default()
     };
-    Dispatcher::builder(store, Arc::new(NoWorker))
-        .config(config)
-        .start()
-        .await
-        .unwrap()
+    let mut builder = Dispatcher::builder(store, Arc::new(NoWorker)).config(config);
+    if let Some(channel) = channel {
+        builder = builder.channel(channel);
+    }
+    builder.start().await.unwrap()
+}
+
+/// A channel (`hook`) whose requests are scripted: each `parse` gives the next one, as a
+/// `Task`; the ids it draws for taken fresh sessions are scripted too.
+#[derive(Default)]
+struct Scripted {
+    requests: Mutex<std::collections::VecDeque<TaskRequest>>,
+    fresh: Mutex<std::collections::VecDeque<SessionId>>,
+}
+
+impl Scripted {
+    fn new(fresh: &[&str]) -> Arc<Self> {
+        Arc::new(Self {
+            requests: Mutex::default(),
+            fresh: Mutex::new(fresh.iter().map(|id| sid(id)).collect()),
+        })
+    }
+
+    /// `session` named fresh by the channel (`CreateNew`), or `channel_key`'s; with
+    /// idempotency key `event`.
+    async fn send(
+        self: &Arc<Self>,
+        d: &Dispatcher,
+        session: Option<&str>,
+        channel_key: Option<&str>,
+        event: Option<&str>,
+    ) -> Result<InboundOutcome> {
+        let mut r = TaskRequest::new("hook", "hello");
+        if let Some(id) = session {
+            r.session_id = Some(sid(id));
+            r.session_mode = SessionMode::CreateNew;
+        }
+        r.channel_key = channel_key.map(str::to_owned);
+        r.idempotency_key = event.map(str::to_owned);
+        self.requests.lock().unwrap().push_back(r);
+        d.inbound("hook", InboundRequest::new(Vec::new(), Vec::new()))
+            .await
+    }
+}
+
+#[async_trait::async_trait]
+impl Channel for Scripted {
+    fn channel_type(&self) -> &str {
+        "hook"
+    }
+    async fn parse(&self, _: InboundRequest) -> Result<Inbound> {
+        let next = self.requests.lock().unwrap().pop_front();
+        Ok(Inbound::Task(Box::new(next.expect("a scripted request"))))
+    }
+    fn fresh_session_id(&self) -> Option<SessionId> {
+        self.fresh.lock().unwrap().pop_front()
+    }
+    async fn deliver(&self, _: &Task, _: &TaskOutcome) -> Result<()> {
+        Ok(())
+    }
+}
+
+fn submitted(outcome: InboundOutcome) -> Box<crate::Submitted> {
+    match outcome {
+        InboundOutcome::Submitted(s) => s,
+        other => panic!("not submitted: {other:?}"),
+    }
 }
 
 fn sid(s: &str) -> SessionId {
@@ -279,9 +358,9 @@ async fn a_session_created_meanwhile_is_continued_or_refused() {
     assert_eq!(store.list_sessions(Page::first(10)).await.unwrap().len(), 2);
 }
 
-/// The same event twice at once: the second copy's lookup missed the first's task, so its
-/// new session and task are refused together and it answers as a duplicate, with the first
-/// task and no session left behind.
+/// The same event again: nothing is looked up before the write, so its new session and task
+/// are refused together and it answers as a duplicate (one lookup after the refusal), with
+/// the first task and no session left behind.
 #[tokio::test]
 async fn an_event_stored_meanwhile_is_a_duplicate_and_leaves_no_session() {
     let store = Arc::new(Counted::default());
@@ -293,7 +372,6 @@ async fn an_event_stored_meanwhile_is_a_duplicate_and_leaves_no_session() {
     let _ = store.take_writes();
 
     for key in [None, Some("o/r#3")] {
-        store.hide_events.store(1, Ordering::SeqCst);
         let mut again = request(None, SessionMode::Existing, key);
         again.idempotency_key = Some("delivery-1".into());
         let again = d.submit(again).await.unwrap();
@@ -302,6 +380,12 @@ async fn an_event_stored_meanwhile_is_a_duplicate_and_leaves_no_session() {
         assert_eq!(again.task.id, first.task.id);
         assert_eq!(store.take_writes(), vec!["create_session_with_task"]);
     }
+    // A lookup that misses the first task (gone meanwhile): the store's refusal is the answer.
+    store.hide_events.store(1, Ordering::SeqCst);
+    let mut again = request(None, SessionMode::Existing, None);
+    again.idempotency_key = Some("delivery-1".into());
+    let e = d.submit(again).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
     assert_eq!(
         store.list_sessions(Page::first(10)).await.unwrap().len(),
         1,
@@ -315,4 +399,165 @@ async fn an_event_stored_meanwhile_is_a_duplicate_and_leaves_no_session() {
             .len(),
         1
     );
+}
+
+/// A session id the channel drew for a request of its own (`CreateNew`) that an existing
+/// session has already (8 random hex digits repeat by chance among a few ten thousand
+/// sessions: a 409 to a valid request in the intake bench) is drawn again from the channel,
+/// and the request stored in a new session of its own; the existing one is not touched. A
+/// channel that draws only taken ids is refused (`Conflict`) after a few.
+#[tokio::test]
+async fn a_fresh_session_id_that_is_taken_is_drawn_again() {
+    let store = Arc::new(Counted::default());
+    let channel = Scripted::new(&["wh-taken002", "wh-fresh001"]);
+    let d = dispatcher_with(store.clone(), Some(channel.clone())).await;
+    for id in ["wh-taken001", "wh-taken002"] {
+        let taken = NewSession::new("hook").with_id(sid(id));
+        store.inner.create_session(taken).await.unwrap();
+    }
+    let _ = store.take_writes();
+
+    let s = submitted(
+        channel
+            .send(&d, Some("wh-taken001"), None, None)
+            .await
+            .unwrap(),
+    );
+    assert!(s.session_created && !s.duplicate);
+    assert_eq!(s.task.session_id, sid("wh-fresh001"));
+    assert_eq!(store.take_writes(), vec!["create_session_with_task"; 3]);
+    for id in ["wh-taken001", "wh-taken002"] {
+        let tasks = store.tasks_by_session(&sid(id), Page::first(10)).await;
+        assert!(tasks.unwrap().is_empty(), "{id} got no task");
+    }
+
+    // Every id the channel draws is taken: refused after 3 draws.
+    let channel = Scripted::new(&["wh-taken002", "wh-taken001", "wh-taken002", "wh-fresh002"]);
+    let d = dispatcher_with(store.clone(), Some(channel.clone())).await;
+    let e = channel
+        .send(&d, Some("wh-taken001"), None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+    assert_eq!(store.take_writes(), vec!["create_session_with_task"; 4]);
+    assert_eq!(channel.fresh.lock().unwrap().len(), 1, "3 draws");
+    assert_eq!(store.list_sessions(Page::first(10)).await.unwrap().len(), 3);
+}
+
+/// An event with a delivery id (`Idempotency-Key`) reads nothing before its write: a new one
+/// is stored at once, and a repeated one is refused by the store and answered with the
+/// first copy's task (one lookup after the refused write), leaving nothing behind — in a new
+/// session of its own and in a session found by its channel key.
+#[tokio::test]
+async fn a_delivery_id_is_looked_up_only_after_the_store_refused_it() {
+    let store = Arc::new(Counted::default());
+    let channel = Scripted::new(&[]);
+    let d = dispatcher_with(store.clone(), Some(channel.clone())).await;
+
+    let first = submitted(
+        channel
+            .send(&d, Some("wh-a0000001"), None, Some("d-1"))
+            .await
+            .unwrap(),
+    );
+    assert!(!first.duplicate && first.session_created);
+    assert_eq!(store.take_calls(), vec!["create_session_with_task"]);
+    let again = submitted(
+        channel
+            .send(&d, Some("wh-a0000002"), None, Some("d-1"))
+            .await
+            .unwrap(),
+    );
+    assert!(again.duplicate && !again.session_created);
+    assert_eq!(again.task.id, first.task.id);
+    assert_eq!(
+        store.take_calls(),
+        vec!["create_session_with_task", "find_task_by_idempotency_key"]
+    );
+
+    // A session found by channel key: the task alone is written, then refused.
+    let first = submitted(
+        channel
+            .send(&d, None, Some("o/r#1"), Some("d-2"))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(store.take_calls(), vec!["create_session_with_task"]);
+    let next = submitted(
+        channel
+            .send(&d, None, Some("o/r#1"), Some("d-3"))
+            .await
+            .unwrap(),
+    );
+    assert!(!next.duplicate);
+    assert_eq!(next.task.session_id, first.task.session_id);
+    assert_eq!(store.take_calls(), vec!["create_task"]);
+    let again = submitted(
+        channel
+            .send(&d, None, Some("o/r#1"), Some("d-2"))
+            .await
+            .unwrap(),
+    );
+    assert!(again.duplicate);
+    assert_eq!(again.task.id, first.task.id);
+    assert_eq!(
+        store.take_calls(),
+        vec!["create_task", "find_task_by_idempotency_key"]
+    );
+    assert_eq!(store.list_sessions(Page::first(10)).await.unwrap().len(), 2);
+    let tasks = store.tasks_by_status(TaskStatus::Pending, Page::first(10));
+    assert_eq!(tasks.await.unwrap().len(), 3);
+}
+
+/// A repeated event whose session has a task waiting for input (the first copy's own task
+/// asked something) gets the first copy's task: it does not answer the question, and
+/// nothing is written.
+#[tokio::test]
+async fn a_repeated_event_does_not_answer_a_waiting_question() {
+    let store = Arc::new(Counted::default());
+    let channel = Scripted::new(&[]);
+    let d = dispatcher_with(store.clone(), Some(channel.clone())).await;
+    let first = submitted(
+        channel
+            .send(&d, None, Some("o/r#9"), Some("d-9"))
+            .await
+            .unwrap(),
+    );
+    let id = first.task.id;
+    store
+        .inner
+        .update_task(id, TaskStatus::Pending, TaskChange::to(TaskStatus::Running))
+        .await
+        .unwrap();
+    let question = InputRequest {
+        request_id: "q-1".into(),
+        kind: InputKind::Question,
+        prompt: "Which environment?".into(),
+        tool_name: None,
+        input: None,
+        options: Vec::new(),
+    };
+    store
+        .inner
+        .update_task_and_append(
+            id,
+            TaskStatus::Running,
+            TaskChange::to(TaskStatus::InputRequired),
+            vec![NewTaskLog::now(TaskEvent::InputRequired(question))],
+        )
+        .await
+        .unwrap();
+    let _ = store.take_calls();
+
+    let again = submitted(
+        channel
+            .send(&d, None, Some("o/r#9"), Some("d-9"))
+            .await
+            .unwrap(),
+    );
+    assert!(again.duplicate);
+    assert_eq!(again.task.id, id);
+    assert_eq!(store.take_calls(), vec!["find_task_by_idempotency_key"]);
+    let task = store.inner.get_task(id).await.unwrap();
+    assert_eq!(task.status, TaskStatus::InputRequired, "still waiting");
 }
