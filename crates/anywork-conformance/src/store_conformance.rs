@@ -91,7 +91,8 @@ macro_rules! store_conformance_tests {
             a_new_task_of_a_free_session_is_created_claimed,
             a_new_task_that_must_wait_is_created_pending,
             a_new_task_of_a_held_session_is_created_pending,
-            create_task_claimed_refuses_as_create_task_does);
+            create_task_claimed_refuses_as_create_task_does,
+            a_task_of_a_deleted_session_is_refused_not_found);
 
         #[test]
         fn matches_the_memory_model_on_random_operations() {

@@ -254,3 +254,71 @@ pub async fn create_task_claimed_refuses_as_create_task_does(store: Store) {
         "nothing stored"
     );
 }
+
+/// A task of a session deleted since it was last seen (what a dispatcher that skips the
+/// session's read before a chat relies on): `create_task` and `create_task_claimed` answer
+/// `NotFound` as for a session that never was, and store nothing — no task, no event, no
+/// delivery, and the session stays gone.
+pub async fn a_task_of_a_deleted_session_is_refused_not_found(store: Store) {
+    store.create_session(new_session("gone", 1)).await.unwrap();
+    let (first, _) = create_claimed(
+        &store,
+        new_task("gone", 1, 10),
+        claim_change("srv-1", 10),
+        vec![push(1)],
+    )
+    .await;
+    store.delete_session(&sid("gone")).await.unwrap();
+    let deliveries = store.list_deliveries(None, Page::first(10)).await.unwrap();
+    let plain = store
+        .create_task(new_task("gone", 2, 20))
+        .await
+        .unwrap_err();
+    assert_eq!(plain.kind(), ErrorKind::NotFound, "{plain}");
+    let claimed = store
+        .create_task_claimed(
+            new_task("gone", 3, 30),
+            claim_change("srv-1", 30),
+            running(),
+            vec![push(3)],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(claimed.kind(), ErrorKind::NotFound, "{claimed}");
+    for n in [1, 2, 3] {
+        assert_eq!(
+            store
+                .get_task(new_task("gone", n, 0).id)
+                .await
+                .unwrap_err()
+                .kind(),
+            ErrorKind::NotFound,
+            "task {n}"
+        );
+        assert!(
+            store
+                .read_logs(new_task("gone", n, 0).id, 0, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    assert_eq!(first.id, new_task("gone", 1, 0).id);
+    assert_eq!(
+        store.list_deliveries(None, Page::first(10)).await.unwrap(),
+        deliveries,
+        "no delivery enqueued"
+    );
+    assert_eq!(
+        store.get_session(&sid("gone")).await.unwrap_err().kind(),
+        ErrorKind::NotFound,
+        "not created again"
+    );
+    assert!(
+        store
+            .tasks_by_session(&sid("gone"), Page::first(10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

@@ -312,6 +312,7 @@ impl Dispatcher {
                     task: first,
                     session_created: false,
                     duplicate: true,
+                    session_titled: false,
                 })));
             }
             if self.inner.was_answered(channel_type, key) {

@@ -185,6 +185,10 @@ struct Connection {
     /// Notices (titles) of the sessions this connection chatted in or resumed a task of: the
     /// only ones it gets, so that one client never learns of another's sessions.
     notices: Notices,
+    /// The session of this connection's last chat, when it was stored with a title: a chat in
+    /// it again is submitted without reading the session first (deleted meanwhile, the chat
+    /// is refused `not_found` as before, by the task's create).
+    known_session: Option<SessionId>,
 }
 
 /// What the connection's helpers send it. Boxed, so that a channel's block of slots (32 of
@@ -248,6 +252,7 @@ async fn connection(state: AppState, socket: &mut WebSocket) {
         new_inbox: None,
         followers: HashMap::new(),
         notices,
+        known_session: None,
     };
     loop {
         if inbox.is_none() {
@@ -418,17 +423,19 @@ impl Connection {
         skills: Vec<anywork_core::SkillSpec>,
         mcp_servers: anywork_core::spec::McpServers,
     ) -> Vec<ServerMessage> {
+        let known = session_id.is_some() && session_id == self.known_session;
         let mut request = TaskRequest::new(WEBCHAT, message);
         request.session_id = session_id;
         request.skills = skills;
         request.mcp_servers = mcp_servers;
         let dispatcher = self.state.dispatcher();
         match dispatcher
-            .submit_follow_and_watch(request, Some(&mut self.notices))
+            .submit_follow_and_watch_known(request, Some(&mut self.notices), known)
             .await
         {
             Ok((submitted, events)) => {
                 let task = submitted.task;
+                self.known_session = submitted.session_titled.then(|| task.session_id.clone());
                 let mut out = Vec::with_capacity(2);
                 if submitted.session_created {
                     out.push(ServerMessage::SessionCreated {
@@ -442,13 +449,18 @@ impl Connection {
                 self.spawn_follower(task.id, events);
                 out
             }
-            Err(e) => vec![RequestContext::of_text(text).refused(
-                e.kind().as_str(),
-                format!(
-                    "{}; nothing was created",
-                    e.message().trim_end_matches(['.', ' '])
-                ),
-            )],
+            Err(e) => {
+                if known {
+                    self.known_session = None;
+                }
+                vec![RequestContext::of_text(text).refused(
+                    e.kind().as_str(),
+                    format!(
+                        "{}; nothing was created",
+                        e.message().trim_end_matches(['.', ' '])
+                    ),
+                )]
+            }
         }
     }
 
