@@ -223,12 +223,11 @@ impl Followers {
         self.streams.retain(|(id, _)| *id != task_id);
     }
 
-    /// The next event of any followed task, with the task's id; pending while there is none
-    /// (also when nothing is followed: a follow added later is polled by the next call).
-    fn poll_next(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<(TaskId, anywork_core::Result<LiveEvent>)> {
+    /// The frame of the next event of any followed task ([`text_of`](Self::text_of)); pending
+    /// while there is none (also when nothing is followed: a follow added later is polled by
+    /// the next call). A frame, not the event: what the connection's loop waits on stays
+    /// small, and so does every idle connection's task.
+    fn poll_text(&mut self, cx: &mut Context<'_>) -> Poll<String> {
         'again: loop {
             let len = self.streams.len();
             for k in 0..len {
@@ -238,7 +237,7 @@ impl Followers {
                 match events.as_mut().poll_next(cx) {
                     Poll::Ready(Some(item)) => {
                         self.next = i + 1;
-                        return Poll::Ready((task_id, item));
+                        return Poll::Ready(self.text_of(task_id, item));
                     }
                     Poll::Ready(None) => {
                         drop(self.streams.swap_remove(i));
@@ -251,10 +250,10 @@ impl Followers {
         }
     }
 
-    /// The next event ready now, if any.
-    fn ready(&mut self) -> Option<(TaskId, anywork_core::Result<LiveEvent>)> {
+    /// The frame of the next event ready now, if any.
+    fn ready(&mut self) -> Option<String> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.poll_next(&mut cx) {
+        match self.poll_text(&mut cx) {
             Poll::Ready(item) => Some(item),
             Poll::Pending => None,
         }
@@ -328,8 +327,8 @@ async fn connection(state: AppState, socket: &mut WebSocket) {
                 while let Some(Ok(item)) = inbox.as_mut().map(mpsc::Receiver::try_recv) {
                     out.push(text_of(*item));
                 }
-                while let Some((task_id, item)) = conn.followers.ready() {
-                    out.push(conn.followers.text_of(task_id, item));
+                while let Some(text) = conn.followers.ready() {
+                    out.push(text);
                 }
                 let _ = send_all(socket, out).await;
                 let _ = socket
@@ -361,12 +360,12 @@ async fn connection(state: AppState, socket: &mut WebSocket) {
                 }
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
             },
-            (task_id, item) = std::future::poll_fn(|cx| conn.followers.poll_next(cx)) => {
+            text = std::future::poll_fn(|cx| conn.followers.poll_text(cx)) => {
                 // Whatever else is ready goes out in the same write.
-                let mut out = vec![conn.followers.text_of(task_id, item)];
+                let mut out = vec![text];
                 while out.len() < WRITE_BATCH_EVENTS {
                     match conn.followers.ready() {
-                        Some((task_id, item)) => out.push(conn.followers.text_of(task_id, item)),
+                        Some(text) => out.push(text),
                         None => break,
                     }
                 }
