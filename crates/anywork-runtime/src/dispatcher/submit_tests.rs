@@ -358,7 +358,8 @@ async fn a_known_session_is_not_read_and_a_deleted_one_is_refused_as_unknown() {
     // Known is only for a session that must exist: a get-or-create one is read.
     let mut get_or_create = known.clone();
     get_or_create.session_mode = SessionMode::GetOrCreate;
-    d.submit_follow_and_watch_known(get_or_create, None, true)
+    let (_, _) = d
+        .submit_follow_and_watch_known(get_or_create, None, true)
         .await
         .unwrap();
     assert_eq!(reads(), before + 2);
