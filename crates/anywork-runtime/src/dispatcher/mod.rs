@@ -471,9 +471,10 @@ impl Dispatcher {
                 Err(e) if e.kind() == ErrorKind::NotFound => return Err(no_session(&id)),
                 Err(e) => return Err(e),
             },
-            // The session and its first task in one store write.
-            Resolved::Create(new, if_taken) => match store
-                .create_session_with_task(new.clone(), new_task.clone())
+            // The session and its first task in one store write (the task stored started
+            // when it can start at once).
+            Resolved::Create(new, if_taken) => match self
+                .create_session_fast(new.clone(), new_task.clone(), start)
                 .await
             {
                 Ok((session, task)) => (Some(session), true, task),
