@@ -284,6 +284,19 @@ impl TaskStore for Instrumented {
         let f = self.inner.create_session_with_task(session, task);
         self.call("create_session_with_task", true, f).await
     }
+    async fn create_session_with_task_claimed(
+        &self,
+        session: NewSession,
+        task: NewTask,
+        change: TaskChange,
+        logs: Vec<anywork_core::NewTaskLog>,
+        deliveries: Vec<anywork_core::NewDelivery>,
+    ) -> anywork_core::Result<(Session, Task, Option<u64>)> {
+        let f = self
+            .inner
+            .create_session_with_task_claimed(session, task, change, logs, deliveries);
+        self.call("create_session_with_task_claimed", true, f).await
+    }
     async fn get_task(&self, id: TaskId) -> anywork_core::Result<Task> {
         let f = self.inner.get_task(id);
         self.call("get_task", false, f).await

@@ -91,7 +91,9 @@ macro_rules! store_conformance_tests {
             a_new_task_of_a_free_session_is_created_claimed,
             a_new_task_that_must_wait_is_created_pending,
             a_new_task_of_a_held_session_is_created_pending,
-            create_task_claimed_refuses_as_create_task_does);
+            create_task_claimed_refuses_as_create_task_does,
+            a_task_of_a_deleted_session_is_refused_not_found,
+            a_new_sessions_first_task_is_created_claimed);
 
         #[test]
         fn matches_the_memory_model_on_random_operations() {
@@ -1453,6 +1455,14 @@ mod model {
             at: i64,
             n: u8,
         },
+        /// `create_session_with_task_claimed` with `n` events.
+        CreateWithTaskClaimed {
+            s: u8,
+            key: Option<u8>,
+            at: i64,
+            t: u8,
+            n: u8,
+        },
         /// `create_task_claimed` with `n` events.
         CreateClaimed {
             s: u8,
@@ -1573,6 +1583,20 @@ mod model {
             }),
             (s.clone(), t.clone(), at.clone(), 0u8..3)
                 .prop_map(|(s, t, at, n)| Op::CreateClaimed { s, t, at, n }),
+            (
+                s.clone(),
+                proptest::option::of(0u8..2),
+                at.clone(),
+                t.clone(),
+                0u8..3
+            )
+                .prop_map(|(s, key, at, t, n)| Op::CreateWithTaskClaimed {
+                    s,
+                    key,
+                    at,
+                    t,
+                    n
+                }),
             (t.clone(), 0u8..5, any::<bool>()).prop_map(|(t, n, active)| Op::Append {
                 t,
                 n,
@@ -1600,6 +1624,9 @@ mod model {
         Created(Session, Box<Task>),
         /// A task created, and the seq of its last event when it was claimed too.
         CreatedClaimed(Box<Task>, Option<u64>),
+        /// A session and its first task created, and the seq of the task's last event when
+        /// it was claimed too.
+        CreatedWithClaimed(Session, Box<Task>, Option<u64>),
         /// What a claim did; the claimed task as stored, or `None` from the lean claim.
         Claimed(Box<Claim<Option<Task>>>),
         Seq(u64),
@@ -1697,6 +1724,23 @@ mod model {
                     .await,
                 Out::Seq,
             ),
+            Op::CreateWithTaskClaimed { s, key, at, t, n } => {
+                let mut session = new_session(sname(s).as_str(), at);
+                session.channel_key = key.map(|k| format!("key{k}"));
+                let task = new_task(sname(s).as_str(), u128::from(t) + 1, at);
+                out(
+                    store
+                        .create_session_with_task_claimed(
+                            session,
+                            task,
+                            change_to(TaskStatus::Running, at),
+                            text_logs("f", usize::from(n)),
+                            Vec::new(),
+                        )
+                        .await,
+                    |(s, t, last)| Out::CreatedWithClaimed(s, Box::new(t), last),
+                )
+            }
             Op::CreateClaimed { s, t, at, n } => {
                 let new = new_task(sname(s).as_str(), u128::from(t) + 1, at);
                 out(

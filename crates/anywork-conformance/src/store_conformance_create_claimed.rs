@@ -254,3 +254,186 @@ pub async fn create_task_claimed_refuses_as_create_task_does(store: Store) {
         "nothing stored"
     );
 }
+
+/// A task of a session deleted since it was last seen (what a dispatcher that skips the
+/// session's read before a chat relies on): `create_task` and `create_task_claimed` answer
+/// `NotFound` as for a session that never was, and store nothing — no task, no event, no
+/// delivery, and the session stays gone.
+pub async fn a_task_of_a_deleted_session_is_refused_not_found(store: Store) {
+    store.create_session(new_session("gone", 1)).await.unwrap();
+    let (first, _) = create_claimed(
+        &store,
+        new_task("gone", 1, 10),
+        claim_change("srv-1", 10),
+        vec![push(1)],
+    )
+    .await;
+    store.delete_session(&sid("gone")).await.unwrap();
+    let deliveries = store.list_deliveries(None, Page::first(10)).await.unwrap();
+    let plain = store
+        .create_task(new_task("gone", 2, 20))
+        .await
+        .unwrap_err();
+    assert_eq!(plain.kind(), ErrorKind::NotFound, "{plain}");
+    let claimed = store
+        .create_task_claimed(
+            new_task("gone", 3, 30),
+            claim_change("srv-1", 30),
+            running(),
+            vec![push(3)],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(claimed.kind(), ErrorKind::NotFound, "{claimed}");
+    for n in [1, 2, 3] {
+        assert_eq!(
+            store
+                .get_task(new_task("gone", n, 0).id)
+                .await
+                .unwrap_err()
+                .kind(),
+            ErrorKind::NotFound,
+            "task {n}"
+        );
+        assert!(
+            store
+                .read_logs(new_task("gone", n, 0).id, 0, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    assert_eq!(first.id, new_task("gone", 1, 0).id);
+    assert_eq!(
+        store.list_deliveries(None, Page::first(10)).await.unwrap(),
+        deliveries,
+        "no delivery enqueued"
+    );
+    assert_eq!(
+        store.get_session(&sid("gone")).await.unwrap_err().kind(),
+        ErrorKind::NotFound,
+        "not created again"
+    );
+    assert!(
+        store
+            .tasks_by_session(&sid("gone"), Page::first(10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// `create_session_with_task_claimed`: the session and its first task in one write, the
+/// task stored claimed (running, worker, lease, its event at seq 1, its deliveries) and the
+/// session as `create_session_with_task` stores it; the task holds its session as a claimed
+/// task does. A taken session id or task id is a `Conflict` that stores nothing (no session,
+/// no task, no event, no delivery); a change that is not a claim's is `InvalidInput`.
+pub async fn a_new_sessions_first_task_is_created_claimed(store: Store) {
+    let session = new_session("first", 1);
+    let new = new_task("first", 1, 10);
+    let change = claim_change("srv-1", 10);
+    let delivery = push(1);
+    let (made, task, last) = store
+        .create_session_with_task_claimed(
+            session.clone(),
+            new.clone(),
+            change.clone(),
+            running(),
+            vec![delivery.clone()],
+        )
+        .await
+        .expect("create_session_with_task_claimed");
+    assert_eq!(last, Some(1));
+    let mut want = new.into_task();
+    change.apply(&mut want).expect("the change applies");
+    assert_eq!(task, want, "the new task with the claim applied");
+    assert_eq!(store.get_task(task.id).await.unwrap(), want, "as stored");
+    assert_eq!(made, store.get_session(&sid("first")).await.unwrap());
+    assert_eq!(made.last_active, Timestamp(10));
+    assert_eq!(made.title, session.title);
+    let logs = store.read_logs(task.id, 0, 10).await.unwrap();
+    assert_eq!(logs.len(), 1);
+    assert_eq!(
+        logs[0].event,
+        TaskEvent::Status {
+            status: TaskStatus::Running
+        }
+    );
+    assert_eq!(
+        store.get_delivery(delivery.id).await.unwrap().task_id,
+        task.id
+    );
+    let (next, last) = create_claimed(
+        &store,
+        new_task("first", 2, 20),
+        claim_change("srv-1", 20),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(last, None, "the first task holds its session");
+    assert_eq!(next.status, TaskStatus::Pending);
+
+    // Refusals store nothing.
+    let deliveries = store.list_deliveries(None, Page::first(10)).await.unwrap();
+    let taken_session = store
+        .create_session_with_task_claimed(
+            new_session("first", 2),
+            new_task("first", 3, 30),
+            claim_change("srv-1", 30),
+            running(),
+            vec![push(3)],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(taken_session.kind(), ErrorKind::Conflict, "{taken_session}");
+    let taken_task = store
+        .create_session_with_task_claimed(
+            new_session("second", 2),
+            new_task("second", 1, 30),
+            claim_change("srv-1", 30),
+            running(),
+            vec![push(4)],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(taken_task.kind(), ErrorKind::Conflict, "{taken_task}");
+    let not_a_claim = store
+        .create_session_with_task_claimed(
+            new_session("third", 2),
+            new_task("third", 5, 30),
+            TaskChange::to(TaskStatus::Running),
+            running(),
+            Vec::new(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(not_a_claim.kind(), ErrorKind::InvalidInput, "{not_a_claim}");
+    for s in ["second", "third"] {
+        assert_eq!(
+            store.get_session(&sid(s)).await.unwrap_err().kind(),
+            ErrorKind::NotFound,
+            "session {s}"
+        );
+    }
+    for n in [3, 5] {
+        assert_eq!(
+            store
+                .get_task(new_task("x", n, 0).id)
+                .await
+                .unwrap_err()
+                .kind(),
+            ErrorKind::NotFound,
+            "task {n}"
+        );
+    }
+    assert_eq!(
+        store.read_logs(task.id, 0, 10).await.unwrap().len(),
+        1,
+        "the first task is untouched"
+    );
+    assert_eq!(
+        store.list_deliveries(None, Page::first(10)).await.unwrap(),
+        deliveries,
+        "no delivery enqueued"
+    );
+}

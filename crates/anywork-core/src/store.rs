@@ -408,6 +408,45 @@ pub trait TaskStore: Send + Sync + 'static {
         }
     }
 
+    /// [`create_session_with_task`](Self::create_session_with_task) with the task stored
+    /// already claimed, as [`create_task_claimed`](Self::create_task_claimed) stores a new
+    /// task of a stored session: the session, its first task `running` with `change` applied,
+    /// `logs` (the `running` event) and `deliveries`, in one write. What a dispatcher uses for
+    /// the first task of a new session when it can run it at once.
+    ///
+    /// Returns both as stored and, when the task was claimed, the seq of the last appended
+    /// event; `None` when it was not (then it is stored `pending` exactly as
+    /// `create_session_with_task` stores it, with no event and no delivery). The errors are
+    /// `create_session_with_task`'s (`Conflict`, and then nothing is stored), and
+    /// `InvalidInput` for a change that is not a claim's (to `running` with a lease).
+    ///
+    /// The default makes the calls one after the other (`create_session_with_task`, then
+    /// `claim_task_lean`): a claim that fails after the create leaves the task `pending`
+    /// (answered `None`). The shipped SQL stores do all of it in one transaction.
+    async fn create_session_with_task_claimed(
+        &self,
+        session: NewSession,
+        task: NewTask,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+        deliveries: Vec<NewDelivery>,
+    ) -> Result<(Session, Task, Option<u64>)> {
+        check_claim(&change)?;
+        let (session, mut task) = self.create_session_with_task(session, task).await?;
+        match self
+            .claim_task_lean(task.id, change.clone(), logs, deliveries)
+            .await
+        {
+            Ok(crate::Claim::Claimed((), last)) => {
+                if change.apply(&mut task).is_err() {
+                    task = self.get_task(task.id).await?;
+                }
+                Ok((session, task, Some(last)))
+            }
+            _ => Ok((session, task, None)),
+        }
+    }
+
     /// [`claim_task`](Self::claim_task) for a caller that needs only the seq of the last
     /// event appended, not the task as stored (a runner has its task, and applies `change`
     /// to its copy): the same checks, guarantees and answers, except that

@@ -216,6 +216,59 @@ async fn a_refused_chat_answers_with_an_error_that_echoes_the_request_and_create
     assert_eq!(next_not_title(&mut ws).await["type"], "pong");
 }
 
+/// A connection chats again in the session of its last chat without the server reading the
+/// session first; when that session was deleted meanwhile (by another client), the chat is
+/// refused as one in a session that never was, nothing is created, and the connection goes
+/// on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_in_a_session_deleted_meanwhile_is_refused_and_creates_nothing() {
+    let worker = OriginalWorker::start().await;
+    let skills = skills_dir();
+    let server = server_with_skills(&worker.url(), skills.path()).await;
+    let mut ws = server.ws().await;
+    let all = chat_to_done(&mut ws, json!({"type":"chat","message":"first"})).await;
+    let session = all[0]["session_id"].as_str().unwrap().to_owned();
+    let all = chat_to_done(
+        &mut ws,
+        json!({"type":"chat","session_id":session,"message":"second"}),
+    )
+    .await;
+    assert_eq!(all.last().unwrap()["metadata"]["status"], "completed");
+
+    let deleted = server
+        .http
+        .delete(format!("{}/api/sessions/{session}", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status().as_u16(), 200);
+    for _ in 0..2 {
+        ws.send(json!({"type":"chat","session_id":session,"message":"third","request_id":"r-3"}))
+            .await;
+        let refused = next_not_title(&mut ws).await;
+        assert_eq!(refused["type"], "error", "{refused}");
+        assert_eq!(refused["session_id"], session.as_str());
+        assert_eq!(refused["request_id"], "r-3");
+        assert_eq!(refused["metadata"]["code"], "not_found");
+        assert_eq!(refused["metadata"]["created"], false);
+        let content = refused["content"].as_str().unwrap();
+        assert!(
+            content.contains("does not exist") && content.contains("nothing was created"),
+            "{content}"
+        );
+    }
+    let (status, _) = server.get(&format!("/api/sessions/{session}")).await;
+    assert_eq!(status, 404, "the session was not made again");
+    assert_eq!(worker.bodies("POST /chat").len(), 2);
+
+    // A new session on the same connection works as before.
+    let all = chat_to_done(&mut ws, json!({"type":"chat","message":"fresh"})).await;
+    assert_eq!(all[0]["type"], "session_created");
+    assert_ne!(all[0]["session_id"], session.as_str());
+    let (_, sessions) = server.get("/api/sessions").await;
+    assert_eq!(sessions["sessions"].as_array().unwrap().len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_api_tasks_takes_every_form_of_mcp_servers_and_skills() {
     let worker = OriginalWorker::start().await;

@@ -129,6 +129,82 @@ async fn resume_after_reconnect_replays_from_the_seq_the_client_saw() {
     );
 }
 
+/// One connection follows several running tasks at once (its own task polls their streams):
+/// each task's events arrive in order, gap-free, with one `done`; a resume of a task it
+/// follows replaces that follow (a replay from the start, and still one `done`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_follows_several_tasks_and_a_resume_replaces_a_follow() {
+    let fake = FakeLlm::start().await;
+    fake.set_responder(|_| {
+        Reply::text("one two three four five six").with_event_delay(Duration::from_millis(30))
+    });
+    let worker = WorkerProcess::start(&fake).await;
+    let server = TestServer::start(&worker.url).await;
+    let mut ws = server.ws().await;
+    let (_, a, _) = ws.chat(None, "first").await;
+    let (_, b, mut seen) = ws.chat(None, "second").await;
+    let (_, c, more) = ws.chat(None, "third").await;
+    seen.extend(more);
+    // Resumed while it runs (its first event seen, the rest to come).
+    let first_of_a = |v: &Value| v["task_id"] == a.as_str() && v["seq"] == 1;
+    if !seen.iter().any(first_of_a) {
+        seen.extend(ws.recv_until(first_of_a).await);
+    }
+    ws.send(json!({"type": "resume", "task_id": a, "after_seq": 0}))
+        .await;
+    let mut dones = std::collections::BTreeMap::<String, u32>::new();
+    for v in &seen {
+        if v["type"] == "done" {
+            *dones
+                .entry(v["task_id"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+    }
+    while dones.len() < 3 {
+        let v = ws.recv().await;
+        if v["type"] == "done" {
+            *dones
+                .entry(v["task_id"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+        seen.push(v);
+    }
+    // Anything a second follow of `a` would still send comes before the pong.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ws.send(json!({"type": "ping"})).await;
+    seen.extend(ws.recv_until(|v| v["type"] == "pong").await);
+    let count_done = |task: &str| {
+        seen.iter()
+            .filter(|v| v["type"] == "done" && v["task_id"] == task)
+            .count()
+    };
+    for task in [&a, &b, &c] {
+        assert_eq!(count_done(task), 1, "one done for {task}: {seen:?}");
+        let seqs: Vec<u64> = seen
+            .iter()
+            .filter(|v| v["task_id"] == task.as_str() && v["seq"].is_u64())
+            .map(|v| v["seq"].as_u64().unwrap())
+            .collect();
+        // The follow's seqs after its last start (the resume replays `a` from seq 1).
+        let from = seqs.iter().rposition(|&s| s == 1).expect("seq 1");
+        assert_eq!(
+            seqs[from..].to_vec(),
+            (1..=(seqs.len() - from) as u64).collect::<Vec<_>>(),
+            "{task}: {seqs:?}"
+        );
+        assert!(seqs.len() - from >= 3, "{task}: {seqs:?}");
+    }
+    let logs = server.logs(&a).await;
+    let a_seqs = seen
+        .iter()
+        .filter(|v| v["task_id"] == a.as_str() && v["seq"].is_u64())
+        .count();
+    assert!(
+        a_seqs >= logs.len(),
+        "the resume replayed the whole log of a"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_a_running_task_and_a_queued_one() {
     let fake = FakeLlm::start().await;

@@ -346,6 +346,34 @@ impl TaskStore for MemoryStore {
         Ok((session, task))
     }
 
+    async fn create_session_with_task_claimed(
+        &self,
+        session: NewSession,
+        task: NewTask,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+        deliveries: Vec<NewDelivery>,
+    ) -> Result<(Session, Task, Option<u64>)> {
+        anywork_core::store::check_first_task(&session, &task)?;
+        anywork_core::store::check_claim(&change)?;
+        validate_title(&session.title)?;
+        let mut inner = self.lock();
+        inner.check_new_session(&session)?;
+        inner.check_new_task(&task)?;
+        let mut session = session.into_session();
+        session.last_active = session.last_active.max(task.created_at);
+        let task = task.into_task();
+        let id = task.id;
+        inner.sessions.insert(session.id.clone(), session.clone());
+        inner.tasks.insert(id, task.clone());
+        // A new session: nothing of it is active or held, the claim is the task's unless it
+        // is refused (a taken delivery id), which leaves it pending.
+        match inner.update_lean(id, TaskStatus::Pending, change, logs, deliveries) {
+            Ok(last) => Ok((session, inner.task(id)?.clone(), Some(last))),
+            Err(_) => Ok((session, task, None)),
+        }
+    }
+
     async fn get_session(&self, id: &SessionId) -> Result<Session> {
         self.lock()
             .sessions

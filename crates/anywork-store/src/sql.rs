@@ -535,8 +535,13 @@ macro_rules! impl_sql_store {
                 /// A reaper's hold on the session that ends after this keeps the task pending.
                 now: anywork_core::Timestamp,
             },
-            /// A new session and its first task, both or neither.
-            CreateSessionWithTask(Box<anywork_core::Session>, Box<anywork_core::Task>),
+            /// A new session and its first task, both or neither; the task claimed in the same
+            /// transaction when the claim is given (`create_session_with_task_claimed`).
+            CreateSessionWithTask(
+                Box<anywork_core::Session>,
+                Box<anywork_core::Task>,
+                Option<Box<FirstClaim>>,
+            ),
             UpdateTask {
                 id: anywork_core::TaskId,
                 expected: anywork_core::TaskStatus,
@@ -605,13 +610,22 @@ macro_rules! impl_sql_store {
             },
         }
 
+        /// The claim of a new session's first task (`create_session_with_task_claimed`).
+        #[derive(Debug)]
+        pub(crate) struct FirstClaim {
+            change: anywork_core::TaskChange,
+            rows: Vec<(String, String, i64)>,
+            deliveries: Vec<anywork_core::Delivery>,
+        }
+
         /// What a [`WriteOp`] returns.
         #[derive(Debug)]
         pub(crate) enum Reply {
             Unit,
             Session(anywork_core::Session),
             Task(Box<anywork_core::Task>, u64),
-            Created(Box<anywork_core::Session>, Box<anywork_core::Task>),
+            /// A new session and its first task; the last seq when the task was claimed.
+            Created(Box<anywork_core::Session>, Box<anywork_core::Task>, Option<u64>),
             Seq(u64),
             Delivery(Box<anywork_core::Delivery>),
             Deliveries(Vec<anywork_core::Delivery>),
@@ -792,7 +806,7 @@ macro_rules! impl_sql_store {
                     }
                     Ok(Reply::CreatedClaimed(Some($crate::sql::to_u64(last))))
                 }
-                WriteOp::CreateSessionWithTask(session, task) => {
+                WriteOp::CreateSessionWithTask(session, task, claim) => {
                     // Both inserts skip a row whose id or unique key is taken instead of
                     // failing, so that a conflict leaves the transaction usable (PostgreSQL
                     // aborts one on a failed statement): the session is taken back if its
@@ -825,7 +839,30 @@ macro_rules! impl_sql_store {
                             creating_task(task)
                         )));
                     }
-                    Ok(Reply::Created(session.clone(), task.clone()))
+                    let Some(claim) = claim else {
+                        return Ok(Reply::Created(session.clone(), task.clone(), None));
+                    };
+                    // The session is new: nothing of it is active or held, so the claim is
+                    // the task's unless a delivery id is taken (then it stays pending).
+                    if duplicate_delivery(conn, &claim.deliveries).await?.is_some() {
+                        return Ok(Reply::Created(session.clone(), task.clone(), None));
+                    }
+                    let count = i64::try_from(claim.rows.len()).unwrap_or(i64::MAX);
+                    let pending = anywork_core::TaskStatus::Pending;
+                    let Some(last) =
+                        update_lean(conn, task.id, pending, &claim.change, count, true).await?
+                    else {
+                        return Ok(Reply::Created(session.clone(), task.clone(), None));
+                    };
+                    insert_logs(conn, task.id, &claim.rows, last).await?;
+                    for d in &claim.deliveries {
+                        insert_delivery(conn, d).await?;
+                    }
+                    Ok(Reply::Created(
+                        session.clone(),
+                        task.clone(),
+                        Some($crate::sql::to_u64(last)),
+                    ))
                 }
                 WriteOp::UpdateTask {
                     id,
@@ -2063,9 +2100,51 @@ macro_rules! impl_sql_store {
                 let mut session = session.into_session();
                 // What `create_task` does to the session's `last_active`, in the insert.
                 session.last_active = session.last_active.max(task.created_at);
-                let op = WriteOp::CreateSessionWithTask(Box::new(session), Box::new(task));
+                let op = WriteOp::CreateSessionWithTask(Box::new(session), Box::new(task), None);
                 match self.write(op).await? {
-                    Reply::Created(s, t) => Ok((*s, *t)),
+                    Reply::Created(s, t, _) => Ok((*s, *t)),
+                    other => Err(unexpected_reply(other)),
+                }
+            }
+
+            async fn create_session_with_task_claimed(
+                &self,
+                session: anywork_core::NewSession,
+                task: anywork_core::NewTask,
+                change: anywork_core::TaskChange,
+                logs: Vec<anywork_core::NewTaskLog>,
+                deliveries: Vec<anywork_core::NewDelivery>,
+            ) -> anywork_core::Result<(
+                anywork_core::Session,
+                anywork_core::Task,
+                Option<u64>,
+            )> {
+                anywork_core::store::check_first_task(&session, &task)?;
+                anywork_core::store::check_claim(&change)?;
+                anywork_core::session::validate_title(&session.title)?;
+                let mut task = task.into_task();
+                let id = task.id;
+                let mut session = session.into_session();
+                session.last_active = session.last_active.max(task.created_at);
+                let claim = FirstClaim {
+                    change: change.clone(),
+                    rows: encode_logs(logs)?,
+                    deliveries: deliveries.into_iter().map(|d| d.into_delivery(id)).collect(),
+                };
+                let op = WriteOp::CreateSessionWithTask(
+                    Box::new(session),
+                    Box::new(task.clone()),
+                    Some(Box::new(claim)),
+                );
+                match self.write(op).await? {
+                    Reply::Created(s, t, None) => Ok((*s, *t, None)),
+                    Reply::Created(s, _, Some(last)) => {
+                        // What the claim's `UPDATE` wrote, as `create_task_claimed` answers.
+                        if change.apply(&mut task).is_err() {
+                            task = self.get_task(id).await?;
+                        }
+                        Ok((*s, task, Some(last)))
+                    }
                     other => Err(unexpected_reply(other)),
                 }
             }

@@ -225,6 +225,25 @@ impl TaskStore for FaultyStore {
         self.write("create_session_with_task")?;
         self.inner.create_session_with_task(session, task).await
     }
+    /// The create as `"create_session_with_task"`, then the claim in it as `"claim_task"`,
+    /// as `create_task_claimed`.
+    async fn create_session_with_task_claimed(
+        &self,
+        session: NewSession,
+        task: NewTask,
+        change: TaskChange,
+        logs: Vec<NewTaskLog>,
+        deliveries: Vec<NewDelivery>,
+    ) -> Result<(Session, Task, Option<u64>)> {
+        self.write("create_session_with_task")?;
+        if self.write("claim_task").is_err() {
+            let (session, task) = self.inner.create_session_with_task(session, task).await?;
+            return Ok((session, task, None));
+        }
+        self.inner
+            .create_session_with_task_claimed(session, task, change, logs, deliveries)
+            .await
+    }
     async fn find_task_by_idempotency_key(
         &self,
         channel_type: &str,

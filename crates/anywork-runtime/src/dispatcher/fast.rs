@@ -7,6 +7,10 @@
 //! (the create, the runner's status-and-hold read, the claim), each a hop to the store's
 //! thread and back. When the store cannot start it (another task of the session is active
 //! or older, the reaper holds the session) it is stored `pending` and queued as any task.
+//! A new session's first task is stored the same way with its session
+//! ([`TaskStore::create_session_with_task_claimed`]).
+//!
+//! [`TaskStore::create_session_with_task_claimed`]: anywork_core::TaskStore::create_session_with_task_claimed
 //!
 //! [`TaskStore::create_task_claimed`]: anywork_core::TaskStore::create_task_claimed
 
@@ -14,8 +18,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use anywork_core::{
-    NewTask, Result, SessionId, Task, TaskChange, TaskEvent, TaskId, TaskOutcome, TaskStatus,
-    Timestamp, WorkerEndpoint,
+    NewSession, NewTask, Result, Session, SessionId, Task, TaskChange, TaskEvent, TaskId,
+    TaskOutcome, TaskStatus, Timestamp, WorkerEndpoint,
 };
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
@@ -37,6 +41,17 @@ pub(super) struct FastStart {
     permit: Option<OwnedSemaphorePermit>,
     control: Option<(mpsc::Sender<Control>, mpsc::Receiver<Control>)>,
     outcome: Outcome,
+}
+
+/// The claim a new task is stored with ([`Dispatcher::claim_of`]).
+struct NewClaim {
+    change: TaskChange,
+    logs: Vec<anywork_core::NewTaskLog>,
+    events: Vec<super::Encoded>,
+    deliveries: Vec<anywork_core::NewDelivery>,
+    woken: bool,
+    /// Events appended with the claim.
+    n: u64,
 }
 
 /// What the create left for [`FastStart`] to hand on.
@@ -67,6 +82,61 @@ impl Dispatcher {
         let Some(mut fast) = self.reserve_start(&new_task.session_id, new_task.id) else {
             return inner.store.create_task(new_task).await;
         };
+        let (accepted, claim) = self.claim_of(&fast, &new_task);
+        // An error drops `fast`: the reservation is undone.
+        let (stored, last) = inner
+            .store
+            .create_task_claimed(new_task, claim.change, claim.logs, claim.deliveries)
+            .await?;
+        self.settle(&mut fast, stored, last, claim.n, claim.events, claim.woken)
+            .await;
+        *start = Some(fast);
+        Ok(accepted)
+    }
+
+    /// [`create_task_fast`](Self::create_task_fast) of a new session's first task: the
+    /// session and its task in one write ([`TaskStore::create_session_with_task_claimed`]
+    /// when the task can start at once, else `create_session_with_task`). Returns the
+    /// session as stored and the task as accepted (`pending`).
+    ///
+    /// [`TaskStore::create_session_with_task_claimed`]: anywork_core::TaskStore::create_session_with_task_claimed
+    pub(super) async fn create_session_fast(
+        &self,
+        session: NewSession,
+        new_task: NewTask,
+        start: &mut Option<FastStart>,
+    ) -> Result<(Session, Task)> {
+        let inner = &self.inner;
+        let Some(mut fast) = self.reserve_start(&new_task.session_id, new_task.id) else {
+            return inner
+                .store
+                .create_session_with_task(session, new_task)
+                .await;
+        };
+        let (accepted, claim) = self.claim_of(&fast, &new_task);
+        // An error (a taken session or task: nothing stored) drops `fast`: the reservation
+        // is undone.
+        let (made, stored, last) = inner
+            .store
+            .create_session_with_task_claimed(
+                session,
+                new_task,
+                claim.change,
+                claim.logs,
+                claim.deliveries,
+            )
+            .await?;
+        self.settle(&mut fast, stored, last, claim.n, claim.events, claim.woken)
+            .await;
+        *start = Some(fast);
+        Ok((made, accepted))
+    }
+
+    /// The claim a new task is stored with by `fast`: to `running` on its worker with this
+    /// server's lease, its `running` event and the deliveries that wants. Also the task as
+    /// accepted (`pending`).
+    fn claim_of(&self, fast: &FastStart, new_task: &NewTask) -> (Task, NewClaim) {
+        let inner = &self.inner;
         let expiry = Timestamp::now().plus_millis(inner.config.lease_ttl.as_millis() as i64);
         let change = TaskChange::to(TaskStatus::Running)
             .worker(fast.endpoint.worker_id.clone())
@@ -83,11 +153,30 @@ impl Dispatcher {
         let woken = !deliveries.is_empty();
         let n = events.len() as u64;
         let (logs, events) = super::encode(events);
-        // An error drops `fast`: the reservation is undone.
-        let (stored, last) = inner
-            .store
-            .create_task_claimed(new_task, change, logs, deliveries)
-            .await?;
+        let claim = NewClaim {
+            change,
+            logs,
+            events,
+            deliveries,
+            woken,
+            n,
+        };
+        (accepted, claim)
+    }
+
+    /// What `fast` hands on once the task is stored: its run when the store claimed it (the
+    /// last seq `last`), else the pending task to its session's runner (a cancel that
+    /// reached the reserved run meanwhile is done here, as on a queued task).
+    async fn settle(
+        &self,
+        fast: &mut FastStart,
+        stored: Task,
+        last: Option<u64>,
+        n: u64,
+        events: Vec<super::Encoded>,
+        woken: bool,
+    ) {
+        let inner = &self.inner;
         match last {
             Some(last) => {
                 if let Some(run) = lock(&inner.runs).get_mut(&stored.id) {
@@ -102,13 +191,14 @@ impl Dispatcher {
                 };
             }
             None => {
-                // Not started: a cancel that reached the reserved run meanwhile is done here,
-                // as it would have been on a queued task.
                 let acks = fast.close_control();
                 if acks.is_empty() {
                     fast.outcome = Outcome::Pending(stored);
                 } else {
-                    if let Err(e) = inner.finish_unrun(&stored, TaskOutcome::canceled()).await {
+                    // Boxed: a rare path, whose future would otherwise make every submit's
+                    // future (moved whole into the WebSocket's box per chat) kilobytes larger.
+                    let finish = Box::pin(inner.finish_unrun(&stored, TaskOutcome::canceled()));
+                    if let Err(e) = finish.await {
                         tracing::warn!(task = %stored.id, error = %e, "cannot cancel the new task");
                         fast.outcome = Outcome::Pending(stored);
                     }
@@ -118,8 +208,6 @@ impl Dispatcher {
                 }
             }
         }
-        *start = Some(fast);
-        Ok(accepted)
     }
 
     /// The reservation of `session`'s start for task `task_id`, when it can start at once:

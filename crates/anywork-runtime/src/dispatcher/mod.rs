@@ -85,6 +85,11 @@ pub struct Submitted {
     /// Whether the request repeated an earlier one (same channel and idempotency key): `task`
     /// is the first one's, and nothing new was stored or queued.
     pub duplicate: bool,
+    /// Whether the task's session had a title of its own (not the default one) when the task
+    /// was stored: a caller that chats in it again may say it knows the session
+    /// ([`submit_follow_and_watch_known`](Dispatcher::submit_follow_and_watch_known)), so
+    /// that it is not read again. False for a duplicate.
+    pub session_titled: bool,
 }
 
 /// What a caller of [`Dispatcher::submit_known`] found of the request's session when it
@@ -97,12 +102,20 @@ pub(crate) enum Known {
     Found(Session),
     /// There was none.
     Absent,
+    /// The caller saw it stored, with a title of its own, on an earlier submit (a WebSocket
+    /// chatting in the session it chatted in before): not read again. If it was deleted
+    /// since, the task's create answers `NotFound` and nothing is stored. Only for a request
+    /// in [`SessionMode::Existing`]; any other is read as [`Known::Unknown`].
+    Stored,
 }
 
 /// What [`Dispatcher::resolve_session`] found for a request.
 enum Resolved {
     /// The stored session the request continues.
     Found(Session),
+    /// The stored session the request continues, as the caller knew it ([`Known::Stored`]):
+    /// not read, titled.
+    Stored(SessionId),
     /// A session to create in the same store write as the request's task, and what a
     /// `Conflict` on it means.
     Create(NewSession, IfTaken),
@@ -113,6 +126,7 @@ impl Resolved {
     fn id(&self) -> &SessionId {
         match self {
             Self::Found(s) => &s.id,
+            Self::Stored(id) => id,
             Self::Create(new, _) => &new.id,
         }
     }
@@ -139,6 +153,13 @@ enum IfTaken {
 
 /// The `Conflict` of a request that must create session `id` ([`SessionMode::CreateNew`])
 /// when it exists already.
+/// The refusal of a request that continues a session that does not exist.
+fn no_session(id: &SessionId) -> Error {
+    Error::not_found(format!(
+        "session {id} does not exist; leave `session_id` out to start a new one"
+    ))
+}
+
 fn session_taken(id: &SessionId) -> Error {
     Error::conflict(format!(
         "session {id} exists already; send the request again for a fresh one"
@@ -357,10 +378,31 @@ impl Dispatcher {
         Submitted,
         impl Stream<Item = Result<LiveEvent>> + Send + 'static,
     )> {
+        self.submit_follow_and_watch_known(request, notices, false)
+            .await
+    }
+
+    /// [`submit_follow_and_watch`](Self::submit_follow_and_watch); with `session_known`, of a
+    /// request in a session (`session_id`, [`SessionMode::Existing`]) that the caller saw
+    /// stored and titled on an earlier submit ([`Submitted::session_titled`]): the session
+    /// is then not read again (a store read per chat less). If it was deleted since, the
+    /// answer is the same `NotFound` as for a session that never was, and nothing is stored.
+    pub async fn submit_follow_and_watch_known(
+        &self,
+        request: TaskRequest,
+        notices: Option<&mut Notices>,
+        session_known: bool,
+    ) -> Result<(
+        Submitted,
+        impl Stream<Item = Result<LiveEvent>> + Send + 'static,
+    )> {
+        let known = if session_known {
+            Known::Stored
+        } else {
+            Known::Unknown
+        };
         let mut start = None;
-        let submitted = self
-            .store_new(request, Known::Unknown, notices, &mut start)
-            .await?;
+        let submitted = self.store_new(request, known, notices, &mut start).await?;
         let live = self
             .inner
             .hub
@@ -424,30 +466,43 @@ impl Dispatcher {
             request.idempotency_key.clone(),
         );
         let new_task = NewTask::from_request(resolved.id().clone(), request);
+        // The session as stored (`None`: known stored and titled, not read).
         let (session, created, task) = match resolved {
             Resolved::Found(session) => match self.create_task_fast(new_task, start).await {
-                Ok(task) => (session, false, task),
+                Ok(task) => (Some(session), false, task),
                 Err(e) if e.kind() == ErrorKind::Conflict => {
                     return self.duplicate_of(e, &channel_type, key.as_deref()).await;
                 }
                 Err(e) => return Err(e),
             },
-            // The session and its first task in one store write.
+            Resolved::Stored(id) => match self.create_task_fast(new_task, start).await {
+                Ok(task) => (None, false, task),
+                Err(e) if e.kind() == ErrorKind::Conflict => {
+                    return self.duplicate_of(e, &channel_type, key.as_deref()).await;
+                }
+                // Deleted since the caller saw it: refused as a session that never was.
+                Err(e) if e.kind() == ErrorKind::NotFound => return Err(no_session(&id)),
+                Err(e) => return Err(e),
+            },
+            // The session and its first task in one store write (the task stored started
+            // when it can start at once).
             Resolved::Create(new, if_taken) => {
                 match self
-                    .create_with_session(new, if_taken, new_task, key.as_deref())
+                    .create_with_session(new, if_taken, new_task, key.as_deref(), start)
                     .await?
                 {
-                    Created::Stored(session, created, task) => (session, created, task),
+                    Created::Stored(session, created, task) => (Some(session), created, task),
                     Created::Duplicate(first) => return Ok(first),
                 }
             }
         };
         // A fresh session's id drawn again: its notices too (watching one again is a no-op).
         if let Some(notices) = notices {
-            notices.watch(&session.id);
+            notices.watch(&task.session_id);
         }
-        let untitled = session.title == NewSession::DEFAULT_TITLE;
+        let untitled = session
+            .as_ref()
+            .is_some_and(|s| s.title == NewSession::DEFAULT_TITLE);
         self.inner.metrics.submitted();
         tracing::info!(
             task = %task.id,
@@ -457,21 +512,24 @@ impl Dispatcher {
             "task submitted"
         );
         // Created with a title already (`title_now`): nothing to set, only to announce.
-        if created && !untitled {
-            self.inner.hub.notify(
+        match &session {
+            Some(session) if created && !untitled => self.inner.hub.notify(
                 &session.id,
                 anywork_core::ws::ServerMessage::SessionTitle {
                     session_id: session.id.clone(),
                     title: session.title.clone(),
                 },
-            );
-        } else if created || untitled {
-            self.spawn_title(session.id.clone(), task.message.clone());
+            ),
+            _ if created || untitled => {
+                self.spawn_title(task.session_id.clone(), task.message.clone());
+            }
+            _ => {}
         }
         Ok(Submitted {
             task,
             session_created: created,
             duplicate: false,
+            session_titled: !untitled,
         })
     }
 
@@ -550,14 +608,15 @@ impl Dispatcher {
         if_taken: IfTaken,
         mut new_task: NewTask,
         key: Option<&str>,
+        start: &mut Option<fast::FastStart>,
     ) -> Result<Created> {
         /// Ids drawn again for a taken fresh session before the request is refused.
         const REDRAWS: usize = 3;
         let store = &self.inner.store;
         let mut redraws = 0;
         loop {
-            let e = match store
-                .create_session_with_task(new.clone(), new_task.clone())
+            let e = match self
+                .create_session_fast(new.clone(), new_task.clone(), start)
                 .await
             {
                 Ok((session, task)) => return Ok(Created::Stored(session, true, task)),
@@ -630,6 +689,7 @@ impl Dispatcher {
                 task,
                 session_created: false,
                 duplicate: true,
+                session_titled: false,
             })
             .ok_or(e))
     }
@@ -679,10 +739,11 @@ impl Dispatcher {
         if let Some(id) = &request.session_id {
             let mode = request.session_mode;
             let existing = match (known, mode) {
+                (Known::Stored, SessionMode::Existing) => return Ok(Resolved::Stored(id.clone())),
                 (Known::Found(_), SessionMode::CreateNew) => return Err(session_taken(id)),
                 (_, SessionMode::CreateNew) | (Known::Absent, _) => None,
                 (Known::Found(s), _) => Some(s),
-                (Known::Unknown, _) => match store.get_session(id).await {
+                (Known::Unknown | Known::Stored, _) => match store.get_session(id).await {
                     Ok(s) => Some(s),
                     Err(e) if e.kind() == ErrorKind::NotFound => None,
                     Err(e) => return Err(e),
@@ -692,9 +753,7 @@ impl Dispatcher {
                 return Ok(Resolved::Found(s));
             }
             if mode == SessionMode::Existing {
-                return Err(Error::not_found(format!(
-                    "session {id} does not exist; leave `session_id` out to start a new one"
-                )));
+                return Err(no_session(id));
             }
             let new = NewSession::new(&request.channel_type).with_id(id.clone());
             let if_taken = if mode == SessionMode::CreateNew {
@@ -712,7 +771,9 @@ impl Dispatcher {
         let existing = match known {
             Known::Found(s) => Some(s),
             Known::Absent => None,
-            Known::Unknown => store.find_session(&request.channel_type, key).await?,
+            Known::Unknown | Known::Stored => {
+                store.find_session(&request.channel_type, key).await?
+            }
         };
         if let Some(s) = existing {
             return Ok(Resolved::Found(s));

@@ -375,6 +375,7 @@ impl Dispatcher {
                 task,
                 session_created: false,
                 duplicate: true,
+                session_titled: false,
             }))
         }))
     }

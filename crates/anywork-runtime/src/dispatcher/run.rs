@@ -1819,6 +1819,19 @@ mod tests {
                 .create_task_claimed(new, change, logs, deliveries)
                 .await
         }
+        async fn create_session_with_task_claimed(
+            &self,
+            session: anywork_core::NewSession,
+            new: anywork_core::NewTask,
+            change: TaskChange,
+            logs: Vec<NewTaskLog>,
+            deliveries: Vec<anywork_core::NewDelivery>,
+        ) -> Result<(anywork_core::Session, Task, Option<u64>)> {
+            self.record("create_session_with_task_claimed", &logs);
+            self.inner
+                .create_session_with_task_claimed(session, new, change, logs, deliveries)
+                .await
+        }
         async fn task_status_for_start(
             &self,
             id: TaskId,
@@ -2016,6 +2029,52 @@ mod tests {
                 status: TaskStatus::Running
             }
         );
+    }
+
+    /// A new session's first chat that can start at once (the driver's health check fresh,
+    /// a permit free) is stored with its session already started, in one write: no status
+    /// read, no claim after it. The first chat of all waits for the driver's first health
+    /// check, so it goes the old way.
+    #[tokio::test]
+    async fn a_new_sessions_first_chat_is_stored_started_with_its_session() {
+        let store = Arc::new(Writes::default());
+        let d = one_write_dispatcher(&store).await;
+        let first = d.submit(TaskRequest::new("web", "hi")).await.unwrap().task;
+        until_completed(&store, first.id).await;
+        store.methods.lock().unwrap().clear();
+        let reads = store.status_reads.load(std::sync::atomic::Ordering::SeqCst);
+
+        let submitted = d.submit(TaskRequest::new("web", "another")).await.unwrap();
+        assert!(submitted.session_created);
+        assert_ne!(submitted.task.session_id, first.session_id);
+        assert_eq!(submitted.task.status, TaskStatus::Pending, "as accepted");
+        let done = until_completed(&store, submitted.task.id).await;
+        assert_eq!(
+            *store.methods.lock().unwrap(),
+            vec!["create_session_with_task_claimed", "update_task_lean"]
+        );
+        assert_eq!(
+            store.status_reads.load(std::sync::atomic::Ordering::SeqCst),
+            reads,
+            "no status read before the start"
+        );
+        assert!(
+            done.worker_id.is_some() && done.started_at.is_some(),
+            "{done:?}"
+        );
+        let logs = store.read_logs(done.id, 0, 10).await.unwrap();
+        assert_eq!(
+            logs.iter().map(|l| l.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(
+            logs[0].event,
+            TaskEvent::Status {
+                status: TaskStatus::Running
+            }
+        );
+        let session = store.get_session(&done.session_id).await.unwrap();
+        assert_eq!(session.last_active, done.created_at);
     }
 
     /// The claim and the outcome go through the lean writes, which do not read the task

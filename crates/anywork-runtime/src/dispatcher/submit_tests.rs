@@ -27,6 +27,8 @@ struct Counted {
     hide_events: AtomicU32,
     /// The intake writes and the idempotency-key lookups, in order.
     calls: Mutex<Vec<&'static str>>,
+    /// `get_session` calls.
+    session_reads: AtomicU32,
 }
 
 impl Counted {
@@ -71,6 +73,7 @@ impl TaskStore for Counted {
         self.inner.create_task(new).await
     }
     async fn get_session(&self, id: &SessionId) -> Result<Session> {
+        self.session_reads.fetch_add(1, Ordering::SeqCst);
         if Self::hides(&self.hide_sessions) {
             return Err(anywork_core::Error::not_found(format!(
                 "session {id} not found"
@@ -560,4 +563,112 @@ async fn a_repeated_event_does_not_answer_a_waiting_question() {
     assert_eq!(store.take_calls(), vec!["find_task_by_idempotency_key"]);
     let task = store.inner.get_task(id).await.unwrap();
     assert_eq!(task.status, TaskStatus::InputRequired, "still waiting");
+}
+
+/// A chat in a session its caller knows stored and titled (a WebSocket's session of its last
+/// chat) writes its task without reading the session; one deleted since is refused as one
+/// that never was (`NotFound`, the same message), with nothing stored and no session made
+/// again. `session_titled` tells the caller when it may say it knows the session: not for an
+/// untitled one (whose title the submit still makes), not for a duplicate.
+#[tokio::test]
+async fn a_known_session_is_not_read_and_a_deleted_one_is_refused_as_unknown() {
+    let store = Arc::new(Counted::default());
+    let d = dispatcher(store.clone()).await;
+    let reads = || store.session_reads.load(Ordering::SeqCst);
+    let (first, _) = d
+        .submit_follow_and_watch_known(request(None, SessionMode::Existing, None), None, false)
+        .await
+        .unwrap();
+    assert!(first.session_created && first.session_titled);
+    let session = first.task.session_id.clone();
+    let _ = store.take_writes();
+
+    let before = reads();
+    let known = request(Some(session.as_str()), SessionMode::Existing, None);
+    let (again, _) = d
+        .submit_follow_and_watch_known(known.clone(), None, true)
+        .await
+        .unwrap();
+    assert!(!again.session_created && again.session_titled);
+    assert_eq!(again.task.session_id, session);
+    assert_eq!(store.take_writes(), vec!["create_task"]);
+    assert_eq!(reads(), before, "the known session was not read");
+
+    // Not known: read as before.
+    let (_, _) = d
+        .submit_follow_and_watch_known(known.clone(), None, false)
+        .await
+        .unwrap();
+    assert_eq!(reads(), before + 1);
+    // Known is only for a session that must exist: a get-or-create one is read.
+    let mut get_or_create = known.clone();
+    get_or_create.session_mode = SessionMode::GetOrCreate;
+    let (_, _) = d
+        .submit_follow_and_watch_known(get_or_create, None, true)
+        .await
+        .unwrap();
+    assert_eq!(reads(), before + 2);
+    let _ = store.take_writes();
+
+    // Deleted meanwhile: the answer of an unknown session, and nothing stored.
+    let unknown = d
+        .submit(request(Some("never-was"), SessionMode::Existing, None))
+        .await
+        .unwrap_err();
+    store.inner.delete_session(&session).await.unwrap();
+    let tasks = |status| {
+        let store = store.clone();
+        async move {
+            store
+                .tasks_by_status(status, Page::first(100))
+                .await
+                .unwrap()
+                .len()
+        }
+    };
+    let pending = tasks(TaskStatus::Pending).await;
+    let refused = d
+        .submit_follow_and_watch_known(known.clone(), None, true)
+        .await
+        .err()
+        .expect("a chat in a deleted session is refused");
+    assert_eq!(refused.kind(), ErrorKind::NotFound);
+    assert_eq!(
+        refused.message(),
+        unknown.message().replace("never-was", session.as_str())
+    );
+    assert_eq!(
+        store.take_writes(),
+        vec!["create_task"],
+        "only the refused create"
+    );
+    assert_eq!(tasks(TaskStatus::Pending).await, pending);
+    assert_eq!(
+        store.inner.get_session(&session).await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+
+    // An untitled session: the caller is told, so that it reads the session next time.
+    let (untitled, _) = d
+        .submit_follow_and_watch_known(request(None, SessionMode::Existing, None), None, false)
+        .await
+        .unwrap();
+    store
+        .inner
+        .set_session_title(&untitled.task.session_id, NewSession::DEFAULT_TITLE)
+        .await
+        .unwrap();
+    let (next, _) = d
+        .submit_follow_and_watch_known(
+            request(
+                Some(untitled.task.session_id.as_str()),
+                SessionMode::Existing,
+                None,
+            ),
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+    assert!(!next.session_titled);
 }

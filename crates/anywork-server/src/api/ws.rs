@@ -6,13 +6,15 @@
 //! `request_id` (any string or number the client adds to its message), so that a client
 //! knows which of its messages it answers.
 //!
-//! One Tokio task per connection reads the socket and writes what the followers and the hub
-//! send it; each followed task has a follower task that ends with the task's `done`. An idle
-//! connection holds no follower, only its task (1.4 KB: the socket's state is held once, the
+//! One Tokio task per connection reads the socket, polls the event streams of the tasks it
+//! follows (no task or channel of their own: an event goes from the task's live channel to
+//! the socket in this one task) and writes them, and what the hub sends it. A followed task's
+//! stream ends with the task's `done`. An idle connection holds no follower, only its task (1.4 KB: the socket's state is held once, the
 //! helpers borrow it) and tungstenite's 1 KiB read buffer — 2.9 KB in all with Tokio's and
 //! hyper's share (docs/benchmarks.md, "Memory per idle WebSocket").
 
-use std::collections::HashMap;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use anywork_core::ws::{ClientMessage, ServerMessage};
 use anywork_core::{Error, SessionId, TaskId, TaskRequest};
@@ -23,9 +25,8 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{ConnectInfo, State};
 use axum::http::{Extensions, HeaderMap, StatusCode};
 use axum::response::Response;
-use futures_util::{Stream, StreamExt};
+use futures_util::Stream;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 use super::{AppState, auth};
 
@@ -38,7 +39,7 @@ const WRITE_BATCH_BYTES: usize = 16 * 1024;
 /// Most events taken off the queue for one flush.
 const WRITE_BATCH_EVENTS: usize = 64;
 
-/// Events and replies queued for a connection before its followers wait.
+/// Replies made off the connection task (cancel, input answers) queued for it.
 const OUTBOX_CAPACITY: usize = 64;
 
 /// Largest client message.
@@ -176,38 +177,103 @@ impl RateLimit {
 
 struct Connection {
     state: AppState,
-    /// What followers and spawned requests send this connection; made with the first of them
-    /// (an idle connection has none: a channel's first block costs kilobytes).
+    /// What spawned requests (cancel, input answers) send this connection; made with the
+    /// first of them (an idle connection, or one that only chats, has none: a channel's first
+    /// block costs kilobytes).
     outbox: Option<mpsc::Sender<Outgoing>>,
     /// The receiving end of a new `outbox`, for the connection's loop to take.
     new_inbox: Option<mpsc::Receiver<Outgoing>>,
-    followers: HashMap<TaskId, JoinHandle<()>>,
+    followers: Followers,
     /// Notices (titles) of the sessions this connection chatted in or resumed a task of: the
     /// only ones it gets, so that one client never learns of another's sessions.
     notices: Notices,
+    /// The session of this connection's last chat, when it was stored with a title: a chat in
+    /// it again is submitted without reading the session first (deleted meanwhile, the chat
+    /// is refused `not_found` as before, by the task's create).
+    known_session: Option<SessionId>,
 }
 
-/// What the connection's helpers send it. Boxed, so that a channel's block of slots (32 of
-/// them, kept as long as the channel) is small.
-enum Outgoing {
-    /// An event of a followed task, from its follower.
-    Event(Box<LiveEvent>),
-    /// A reply made off the connection task (cancel, input answers, a follow's error).
-    Reply(Box<ServerMessage>),
+/// A reply made off the connection task (cancel, input answers). Boxed, so that a channel's
+/// block of slots (32 of them, kept as long as the channel) is small.
+type Outgoing = Box<ServerMessage>;
+
+/// A followed task's events.
+type EventStream = Pin<Box<dyn Stream<Item = anywork_core::Result<LiveEvent>> + Send>>;
+
+/// The event streams of the tasks a connection follows, polled by the connection's task
+/// itself, each in turn; one that ends is dropped. Before, each had a task of its own that
+/// sent every event to the connection through a channel: a task spawned per chat, and a
+/// wake-up of the follower and a hop through that channel per event.
+#[derive(Default)]
+struct Followers {
+    streams: Vec<(TaskId, EventStream)>,
+    /// Where the next poll starts: after the stream that gave the last item, so that one busy
+    /// task does not keep the others waiting.
+    next: usize,
 }
 
-impl Outgoing {
-    /// The frame's text. An event the run encoded is sent as the bytes the store got, with
-    /// its ids after them ([`LiveEvent::to_json`]), not encoded again.
-    fn into_text(self, followers: &mut HashMap<TaskId, JoinHandle<()>>) -> String {
-        match self {
-            Outgoing::Event(event) => {
+impl Followers {
+    /// Follows `task_id` with `events`, instead of its follower so far if any.
+    fn insert(&mut self, task_id: TaskId, events: EventStream) {
+        self.remove(task_id);
+        self.streams.push((task_id, events));
+    }
+
+    fn remove(&mut self, task_id: TaskId) {
+        self.streams.retain(|(id, _)| *id != task_id);
+    }
+
+    /// The frame of the next event of any followed task ([`text_of`](Self::text_of)); pending
+    /// while there is none (also when nothing is followed: a follow added later is polled by
+    /// the next call). A frame, not the event: what the connection's loop waits on stays
+    /// small, and so does every idle connection's task.
+    fn poll_text(&mut self, cx: &mut Context<'_>) -> Poll<String> {
+        'again: loop {
+            let len = self.streams.len();
+            for k in 0..len {
+                let i = (self.next + k) % len;
+                let (task_id, events) = &mut self.streams[i];
+                let task_id = *task_id;
+                match events.as_mut().poll_next(cx) {
+                    Poll::Ready(Some(item)) => {
+                        self.next = i + 1;
+                        return Poll::Ready(self.text_of(task_id, item));
+                    }
+                    Poll::Ready(None) => {
+                        drop(self.streams.swap_remove(i));
+                        continue 'again;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            return Poll::Pending;
+        }
+    }
+
+    /// The frame of the next event ready now, if any.
+    fn ready(&mut self) -> Option<String> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.poll_text(&mut cx) {
+            Poll::Ready(item) => Some(item),
+            Poll::Pending => None,
+        }
+    }
+
+    /// The frame of a followed task's event (or of the error that ended its follow). An event
+    /// the run encoded is sent as the bytes the store got, with its ids after them
+    /// ([`LiveEvent::to_json`]), not encoded again. A task's `done` ends its follow.
+    fn text_of(&mut self, task_id: TaskId, item: anywork_core::Result<LiveEvent>) -> String {
+        match item {
+            Ok(event) => {
                 if let anywork_core::TaskEvent::Done(_) = event.event {
-                    followers.remove(&event.task_id);
+                    self.remove(task_id);
                 }
                 event.to_json().unwrap_or_else(|e| encode_failed(&e))
             }
-            Outgoing::Reply(reply) => text_of(*reply),
+            Err(e) => {
+                self.remove(task_id);
+                text_of(task_error(None, Some(task_id), &e))
+            }
         }
     }
 }
@@ -246,8 +312,9 @@ async fn connection(state: AppState, socket: &mut WebSocket) {
         state,
         outbox: None,
         new_inbox: None,
-        followers: HashMap::new(),
+        followers: Followers::default(),
         notices,
+        known_session: None,
     };
     loop {
         if inbox.is_none() {
@@ -258,7 +325,10 @@ async fn connection(state: AppState, socket: &mut WebSocket) {
                 // Whatever the followers still hold goes out first.
                 let mut out = Vec::new();
                 while let Some(Ok(item)) = inbox.as_mut().map(mpsc::Receiver::try_recv) {
-                    out.push(item.into_text(&mut conn.followers));
+                    out.push(text_of(*item));
+                }
+                while let Some(text) = conn.followers.ready() {
+                    out.push(text);
                 }
                 let _ = send_all(socket, out).await;
                 let _ = socket
@@ -290,12 +360,22 @@ async fn connection(state: AppState, socket: &mut WebSocket) {
                 }
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
             },
-            Some(item) = next_of(&mut inbox) => {
+            text = std::future::poll_fn(|cx| conn.followers.poll_text(cx)) => {
                 // Whatever else is ready goes out in the same write.
-                let mut out = vec![item.into_text(&mut conn.followers)];
+                let mut out = vec![text];
+                while out.len() < WRITE_BATCH_EVENTS {
+                    match conn.followers.ready() {
+                        Some(text) => out.push(text),
+                        None => break,
+                    }
+                }
+                out
+            }
+            Some(item) = next_of(&mut inbox) => {
+                let mut out = vec![text_of(*item)];
                 while out.len() < WRITE_BATCH_EVENTS {
                     match inbox.as_mut().map(mpsc::Receiver::try_recv) {
-                        Some(Ok(item)) => out.push(item.into_text(&mut conn.followers)),
+                        Some(Ok(item)) => out.push(text_of(*item)),
                         _ => break,
                     }
                 }
@@ -306,9 +386,6 @@ async fn connection(state: AppState, socket: &mut WebSocket) {
         if send_all(socket, out).await.is_err() {
             break;
         }
-    }
-    for (_, follower) in conn.followers.drain() {
-        follower.abort();
     }
 }
 
@@ -391,7 +468,7 @@ impl Connection {
                 tokio::spawn(async move {
                     if let Err(e) = d.cancel(task_id).await {
                         let error = task_error(None, Some(task_id), &e);
-                        let _ = replies.send(Outgoing::Reply(Box::new(error))).await;
+                        let _ = replies.send(Box::new(error)).await;
                     }
                 });
                 vec![]
@@ -401,7 +478,7 @@ impl Connection {
                 tokio::spawn(async move {
                     if let Err(e) = d.respond(task_id, response).await {
                         let error = task_error(None, Some(task_id), &e);
-                        let _ = replies.send(Outgoing::Reply(Box::new(error))).await;
+                        let _ = replies.send(Box::new(error)).await;
                     }
                 });
                 vec![]
@@ -418,17 +495,19 @@ impl Connection {
         skills: Vec<anywork_core::SkillSpec>,
         mcp_servers: anywork_core::spec::McpServers,
     ) -> Vec<ServerMessage> {
+        let known = session_id.is_some() && session_id == self.known_session;
         let mut request = TaskRequest::new(WEBCHAT, message);
         request.session_id = session_id;
         request.skills = skills;
         request.mcp_servers = mcp_servers;
         let dispatcher = self.state.dispatcher();
         match dispatcher
-            .submit_follow_and_watch(request, Some(&mut self.notices))
+            .submit_follow_and_watch_known(request, Some(&mut self.notices), known)
             .await
         {
             Ok((submitted, events)) => {
                 let task = submitted.task;
+                self.known_session = submitted.session_titled.then(|| task.session_id.clone());
                 let mut out = Vec::with_capacity(2);
                 if submitted.session_created {
                     out.push(ServerMessage::SessionCreated {
@@ -442,13 +521,18 @@ impl Connection {
                 self.spawn_follower(task.id, events);
                 out
             }
-            Err(e) => vec![RequestContext::of_text(text).refused(
-                e.kind().as_str(),
-                format!(
-                    "{}; nothing was created",
-                    e.message().trim_end_matches(['.', ' '])
-                ),
-            )],
+            Err(e) => {
+                if known {
+                    self.known_session = None;
+                }
+                vec![RequestContext::of_text(text).refused(
+                    e.kind().as_str(),
+                    format!(
+                        "{}; nothing was created",
+                        e.message().trim_end_matches(['.', ' '])
+                    ),
+                )]
+            }
         }
     }
 
@@ -457,36 +541,14 @@ impl Connection {
         self.spawn_follower(task_id, events);
     }
 
-    /// Forwards `events` to this connection as the one follower of `task_id` (a resume
-    /// replaces the old one); an error goes to the client and ends the follow.
+    /// Sends `events` to this connection as the one follow of `task_id` (a resume replaces
+    /// the old one); an error goes to the client and ends the follow.
     fn spawn_follower(
         &mut self,
         task_id: TaskId,
         events: impl Stream<Item = anywork_core::Result<LiveEvent>> + Send + 'static,
     ) {
-        if let Some(old) = self.followers.remove(&task_id) {
-            old.abort();
-        }
-        self.followers.retain(|_, h| !h.is_finished());
-        let out = self.outbox();
-        let handle = tokio::spawn(async move {
-            let mut events = std::pin::pin!(events);
-            while let Some(item) = events.next().await {
-                match item {
-                    Ok(event) => {
-                        if out.send(Outgoing::Event(Box::new(event))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        let error = task_error(None, Some(task_id), &e);
-                        let _ = out.send(Outgoing::Reply(Box::new(error))).await;
-                        return;
-                    }
-                }
-            }
-        });
-        self.followers.insert(task_id, handle);
+        self.followers.insert(task_id, Box::pin(events));
     }
 }
 
