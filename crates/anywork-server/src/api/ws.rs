@@ -14,6 +14,8 @@
 //! hyper's share (docs/benchmarks.md, "Memory per idle WebSocket").
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use anywork_core::ws::{ClientMessage, ServerMessage};
@@ -25,7 +27,8 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{ConnectInfo, State};
 use axum::http::{Extensions, HeaderMap, StatusCode};
 use axum::response::Response;
-use futures_util::Stream;
+use futures_util::stream::SelectAll;
+use futures_util::{Stream, StreamExt as _};
 use tokio::sync::mpsc;
 
 use super::{AppState, auth};
@@ -200,81 +203,134 @@ type Outgoing = Box<ServerMessage>;
 /// A followed task's events.
 type EventStream = Pin<Box<dyn Stream<Item = anywork_core::Result<LiveEvent>> + Send>>;
 
+/// A followed task's events; it ends after the task's `done` or an error (which ends the
+/// follow), or at once when a resume replaced it.
+struct Followed {
+    task_id: TaskId,
+    /// `None` once ended: the stream and what it holds of the hub are dropped then.
+    events: Option<EventStream>,
+}
+
+impl Stream for Followed {
+    type Item = (TaskId, anywork_core::Result<LiveEvent>);
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let Some(events) = this.events.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match events.as_mut().poll_next(cx) {
+            Poll::Ready(Some(item)) => {
+                let last = match &item {
+                    Ok(event) => matches!(event.event, anywork_core::TaskEvent::Done(_)),
+                    Err(_) => true,
+                };
+                if last {
+                    this.events = None;
+                }
+                Poll::Ready(Some((this.task_id, item)))
+            }
+            Poll::Ready(None) => {
+                this.events = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
 /// The event streams of the tasks a connection follows, polled by the connection's task
-/// itself, each in turn; one that ends is dropped. Before, each had a task of its own that
-/// sent every event to the connection through a channel: a task spawned per chat, and a
-/// wake-up of the follower and a hop through that channel per event.
+/// itself; one that ends is dropped. Only the streams that were woken are polled (a
+/// connection that follows many tasks pays per event, not per followed task). Before, each
+/// had a task of its own that sent every event to the connection through a channel: a task
+/// spawned per chat, and a wake-up of the follower and a hop through that channel per event.
 #[derive(Default)]
 struct Followers {
-    streams: Vec<(TaskId, EventStream)>,
-    /// Where the next poll starts: after the stream that gave the last item, so that one busy
-    /// task does not keep the others waiting.
-    next: usize,
+    /// Made with the first follow and dropped when the last one ends: an idle connection
+    /// holds none.
+    streams: Option<SelectAll<Followed>>,
 }
 
 impl Followers {
-    /// Follows `task_id` with `events`, instead of its follower so far if any.
+    /// Follows `task_id` with `events`, instead of its follow so far if any. A replaced
+    /// follow would never be woken again (so never polled to its end and out of the set): the
+    /// set is made again without it, once per resume of a followed task.
     fn insert(&mut self, task_id: TaskId, events: EventStream) {
-        self.remove(task_id);
-        self.streams.push((task_id, events));
+        let mut streams = self.streams.take().unwrap_or_default();
+        let mut replaced = false;
+        for followed in streams.iter_mut() {
+            if followed.task_id == task_id {
+                replaced |= followed.events.take().is_some();
+            }
+        }
+        if replaced {
+            streams = streams.into_iter().filter(|f| f.events.is_some()).collect();
+        }
+        streams.push(Followed {
+            task_id,
+            events: Some(events),
+        });
+        self.streams = Some(streams);
     }
 
-    fn remove(&mut self, task_id: TaskId) {
-        self.streams.retain(|(id, _)| *id != task_id);
-    }
-
-    /// The frame of the next event of any followed task ([`text_of`](Self::text_of)); pending
-    /// while there is none (also when nothing is followed: a follow added later is polled by
-    /// the next call). A frame, not the event: what the connection's loop waits on stays
-    /// small, and so does every idle connection's task.
+    /// The frame of the next event of any followed task ([`frame_of`]); pending while there is
+    /// none (also when nothing is followed: a follow added later is polled by the next call).
+    /// A frame, not the event: what the connection's loop waits on stays small, and so does
+    /// every idle connection's task.
     fn poll_text(&mut self, cx: &mut Context<'_>) -> Poll<String> {
-        'again: loop {
-            let len = self.streams.len();
-            for k in 0..len {
-                let i = (self.next + k) % len;
-                let (task_id, events) = &mut self.streams[i];
-                let task_id = *task_id;
-                match events.as_mut().poll_next(cx) {
-                    Poll::Ready(Some(item)) => {
-                        self.next = i + 1;
-                        return Poll::Ready(self.text_of(task_id, item));
-                    }
-                    Poll::Ready(None) => {
-                        drop(self.streams.swap_remove(i));
-                        continue 'again;
-                    }
-                    Poll::Pending => {}
-                }
-            }
+        let Some(streams) = self.streams.as_mut() else {
             return Poll::Pending;
+        };
+        match streams.poll_next_unpin(cx) {
+            Poll::Ready(Some((task_id, item))) => Poll::Ready(frame_of(task_id, item)),
+            Poll::Ready(None) => {
+                // Every follow ended: the set goes (the next follow makes a new one).
+                self.streams = None;
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 
-    /// The frame of the next event ready now, if any.
+    /// The frame of the next event ready now, if any. The set may answer `Pending` with more
+    /// ready (it yields after polling each of its streams once in a call, waking its caller):
+    /// then it is asked again.
     fn ready(&mut self) -> Option<String> {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.poll_text(&mut cx) {
-            Poll::Ready(item) => Some(item),
-            Poll::Pending => None,
+        let woken = Arc::new(Woken::default());
+        let waker = std::task::Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        loop {
+            woken.0.store(false, Ordering::Relaxed);
+            match self.poll_text(&mut cx) {
+                Poll::Ready(item) => return Some(item),
+                Poll::Pending if woken.0.load(Ordering::Relaxed) => continue,
+                Poll::Pending => return None,
+            }
         }
     }
+}
 
-    /// The frame of a followed task's event (or of the error that ended its follow). An event
-    /// the run encoded is sent as the bytes the store got, with its ids after them
-    /// ([`LiveEvent::to_json`]), not encoded again. A task's `done` ends its follow.
-    fn text_of(&mut self, task_id: TaskId, item: anywork_core::Result<LiveEvent>) -> String {
-        match item {
-            Ok(event) => {
-                if let anywork_core::TaskEvent::Done(_) = event.event {
-                    self.remove(task_id);
-                }
-                event.to_json().unwrap_or_else(|e| encode_failed(&e))
-            }
-            Err(e) => {
-                self.remove(task_id);
-                text_of(task_error(None, Some(task_id), &e))
-            }
-        }
+/// A waker that only notes that it was woken.
+#[derive(Default)]
+struct Woken(AtomicBool);
+
+impl std::task::Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The frame of a followed task's event (or of the error that ended its follow). An event the
+/// run encoded is sent as the bytes the store got, with its ids after them
+/// ([`LiveEvent::to_json`]), not encoded again.
+fn frame_of(task_id: TaskId, item: anywork_core::Result<LiveEvent>) -> String {
+    match item {
+        Ok(event) => event.to_json().unwrap_or_else(|e| encode_failed(&e)),
+        Err(e) => text_of(task_error(None, Some(task_id), &e)),
     }
 }
 
@@ -618,5 +674,92 @@ fn task_error(session_id: Option<SessionId>, task_id: Option<TaskId>, e: &Error)
             message: e.message().to_owned(),
             code: Some(e.kind().as_str().to_owned()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    /// A follow's stream that counts its polls and gives what `rx` sends (as errors: the
+    /// frame names the task either way).
+    fn counted(
+        polls: Arc<AtomicUsize>,
+        mut rx: mpsc::UnboundedReceiver<String>,
+        held: Arc<()>,
+    ) -> EventStream {
+        Box::pin(futures_util::stream::poll_fn(move |cx| {
+            let _held = &held;
+            polls.fetch_add(1, Ordering::SeqCst);
+            rx.poll_recv(cx)
+                .map(|m| m.map(|m| Err(anywork_core::Error::unavailable(m))))
+        }))
+    }
+
+    /// With many tasks followed, an event of one of them polls that one's stream only, not
+    /// every followed task's; an error ends its follow; a resume's follow replaces the old
+    /// one (dropped at once); and the set goes when the last follow ends.
+    /// (A plain test: inside a Tokio task, the channels' cooperative budget would make them
+    /// answer `Pending` after 128 messages until the task yields.)
+    #[test]
+    fn an_event_polls_only_its_own_follow() {
+        let mut followers = Followers::default();
+        let polls = Arc::new(AtomicUsize::new(0));
+        let held = Arc::new(());
+        let mut senders = Vec::new();
+        let ids: Vec<TaskId> = (0..1000).map(|_| TaskId::generate()).collect();
+        for id in &ids {
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders.push(tx);
+            followers.insert(*id, counted(polls.clone(), rx, held.clone()));
+        }
+        assert_eq!(followers.ready(), None);
+        let after_first = polls.load(Ordering::SeqCst);
+        assert_eq!(after_first, 1000, "each polled once, to register its waker");
+
+        senders[500].send("stopped".into()).unwrap();
+        let frame = followers.ready().expect("the event");
+        assert!(frame.contains(&ids[500].to_string()), "{frame}");
+        assert!(frame.contains("stopped"), "{frame}");
+        let polled = polls.load(Ordering::SeqCst) - after_first;
+        assert!(polled <= 2, "{polled} streams polled for one event");
+
+        // The error ended that follow: what its sender sends now goes nowhere.
+        let _ = senders[500].send("after the end".into());
+        assert_eq!(followers.ready(), None);
+
+        // A resume replaces task 7's follow: the old stream is dropped at once, and the new
+        // one gets the task's events.
+        let before = Arc::strong_count(&held);
+        let (tx, rx) = mpsc::unbounded_channel();
+        followers.insert(ids[7], counted(polls.clone(), rx, Arc::new(())));
+        assert_eq!(
+            Arc::strong_count(&held),
+            before - 1,
+            "the old follow dropped"
+        );
+        tx.send("resumed".into()).unwrap();
+        assert!(
+            senders[7].send("old".into()).is_err(),
+            "nobody listens to the old one"
+        );
+        let frame = followers.ready().expect("the new follow's event");
+        assert!(frame.contains("resumed"), "{frame}");
+
+        // Once every follow ended, the set goes: an idle connection holds none.
+        for tx in &senders {
+            let _ = tx.send("end".into());
+        }
+        let mut frames = 0;
+        while followers.ready().is_some() {
+            frames += 1;
+        }
+        assert_eq!(frames, 998, "every other follow's last frame");
+        assert!(
+            followers.streams.is_none(),
+            "the set dropped with its last follow"
+        );
     }
 }
