@@ -249,6 +249,8 @@ struct Followers {
     /// Made with the first follow and dropped when the last one ends: an idle connection
     /// holds none.
     streams: Option<SelectAll<Followed>>,
+    /// The waker [`ready`](Self::ready) polls with, kept while the set is.
+    woken: Option<(Arc<Woken>, std::task::Waker)>,
 }
 
 impl Followers {
@@ -278,35 +280,52 @@ impl Followers {
     /// A frame, not the event: what the connection's loop waits on stays small, and so does
     /// every idle connection's task.
     fn poll_text(&mut self, cx: &mut Context<'_>) -> Poll<String> {
-        let Some(streams) = self.streams.as_mut() else {
-            return Poll::Pending;
-        };
-        match streams.poll_next_unpin(cx) {
-            Poll::Ready(Some((task_id, item))) => Poll::Ready(frame_of(task_id, item)),
-            Poll::Ready(None) => {
-                // Every follow ended: the set goes (the next follow makes a new one).
-                self.streams = None;
-                Poll::Pending
-            }
-            Poll::Pending => Poll::Pending,
+        let polled = poll_set(&mut self.streams, cx);
+        if self.streams.is_none() {
+            self.woken = None;
         }
+        polled
     }
 
     /// The frame of the next event ready now, if any. The set may answer `Pending` with more
     /// ready (it yields after polling each of its streams once in a call, waking its caller):
     /// then it is asked again.
     fn ready(&mut self) -> Option<String> {
-        let woken = Arc::new(Woken::default());
-        let waker = std::task::Waker::from(woken.clone());
-        let mut cx = Context::from_waker(&waker);
-        loop {
+        self.streams.as_ref()?;
+        let (woken, waker) = self.woken.get_or_insert_with(|| {
+            let woken = Arc::new(Woken::default());
+            let waker = std::task::Waker::from(woken.clone());
+            (woken, waker)
+        });
+        let mut cx = Context::from_waker(waker);
+        let text = loop {
             woken.0.store(false, Ordering::Relaxed);
-            match self.poll_text(&mut cx) {
-                Poll::Ready(item) => return Some(item),
+            match poll_set(&mut self.streams, &mut cx) {
+                Poll::Ready(item) => break Some(item),
                 Poll::Pending if woken.0.load(Ordering::Relaxed) => continue,
-                Poll::Pending => return None,
+                Poll::Pending => break None,
             }
+        };
+        if self.streams.is_none() {
+            self.woken = None;
         }
+        text
+    }
+}
+
+/// The frame of the next event of any follow in `streams`; the set goes when every follow in
+/// it ended (the next follow makes a new one).
+fn poll_set(streams: &mut Option<SelectAll<Followed>>, cx: &mut Context<'_>) -> Poll<String> {
+    let Some(set) = streams.as_mut() else {
+        return Poll::Pending;
+    };
+    match set.poll_next_unpin(cx) {
+        Poll::Ready(Some((task_id, item))) => Poll::Ready(frame_of(task_id, item)),
+        Poll::Ready(None) => {
+            *streams = None;
+            Poll::Pending
+        }
+        Poll::Pending => Poll::Pending,
     }
 }
 
