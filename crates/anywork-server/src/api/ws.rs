@@ -780,5 +780,6 @@ mod tests {
             followers.streams.is_none(),
             "the set dropped with its last follow"
         );
+        assert!(followers.woken.is_none(), "and its waker");
     }
 }
