@@ -8,8 +8,9 @@
 //!
 //! One Tokio task per connection reads the socket, polls the event streams of the tasks it
 //! follows (no task or channel of their own: an event goes from the task's live channel to
-//! the socket in this one task) and writes them, and what the hub sends it. A followed task's
-//! stream ends with the task's `done`. An idle connection holds no follower, only its task (1.4 KB: the socket's state is held once, the
+//! the socket in this one task; only the streams that were woken are polled) and writes them,
+//! and what the hub sends it. A followed task's stream ends with the task's `done`. An idle
+//! connection holds no follower, only its task (1.4 KB: the socket's state is held once, the
 //! helpers borrow it) and tungstenite's 1 KiB read buffer — 2.9 KB in all with Tokio's and
 //! hyper's share (docs/benchmarks.md, "Memory per idle WebSocket").
 
