@@ -1976,6 +1976,39 @@ mod tests {
         done
     }
 
+    /// Waits until task `id` completed, and checks that it was stored already started: the
+    /// store's writes since the caller cleared them are `write` then the finish, no status
+    /// was read since `reads` of them, the task has its worker and start, and its log is a
+    /// claimed task's (`running` first, then the worker's events). The task as stored.
+    async fn stored_started(store: &Arc<Writes>, id: TaskId, write: &str, reads: usize) -> Task {
+        let done = until_completed(store, id).await;
+        assert_eq!(
+            *store.methods.lock().unwrap(),
+            vec![write, "update_task_lean"]
+        );
+        assert_eq!(
+            store.status_reads.load(std::sync::atomic::Ordering::SeqCst),
+            reads,
+            "no status read before the start"
+        );
+        assert!(
+            done.worker_id.is_some() && done.started_at.is_some(),
+            "{done:?}"
+        );
+        let logs = store.read_logs(done.id, 0, 10).await.unwrap();
+        assert_eq!(
+            logs.iter().map(|l| l.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(
+            logs[0].event,
+            TaskEvent::Status {
+                status: TaskStatus::Running
+            }
+        );
+        done
+    }
+
     /// Runs one task of the one-write worker on `store` to its end; the task as stored.
     async fn run_one(store: &Arc<Writes>) -> Task {
         let d = one_write_dispatcher(store).await;
@@ -2003,32 +2036,8 @@ mod tests {
         again.session_id = Some(first.session_id.clone());
         let submitted = d.submit(again).await.unwrap();
         assert_eq!(submitted.task.status, TaskStatus::Pending, "as accepted");
-        let done = until_completed(&store, submitted.task.id).await;
-        assert_eq!(
-            *store.methods.lock().unwrap(),
-            vec!["create_task_claimed", "update_task_lean"]
-        );
-        assert_eq!(
-            store.status_reads.load(std::sync::atomic::Ordering::SeqCst),
-            reads,
-            "no status read before the start"
-        );
-        assert!(
-            done.worker_id.is_some() && done.started_at.is_some(),
-            "{done:?}"
-        );
+        let done = stored_started(&store, submitted.task.id, "create_task_claimed", reads).await;
         assert_eq!(done.result.as_deref(), Some("hello"), "{done:?}");
-        let logs = store.read_logs(done.id, 0, 10).await.unwrap();
-        assert_eq!(
-            logs.iter().map(|l| l.seq).collect::<Vec<_>>(),
-            vec![1, 2, 3]
-        );
-        assert_eq!(
-            logs[0].event,
-            TaskEvent::Status {
-                status: TaskStatus::Running
-            }
-        );
     }
 
     /// A new session's first chat that can start at once (the driver's health check fresh,
@@ -2048,31 +2057,13 @@ mod tests {
         assert!(submitted.session_created);
         assert_ne!(submitted.task.session_id, first.session_id);
         assert_eq!(submitted.task.status, TaskStatus::Pending, "as accepted");
-        let done = until_completed(&store, submitted.task.id).await;
-        assert_eq!(
-            *store.methods.lock().unwrap(),
-            vec!["create_session_with_task_claimed", "update_task_lean"]
-        );
-        assert_eq!(
-            store.status_reads.load(std::sync::atomic::Ordering::SeqCst),
+        let done = stored_started(
+            &store,
+            submitted.task.id,
+            "create_session_with_task_claimed",
             reads,
-            "no status read before the start"
-        );
-        assert!(
-            done.worker_id.is_some() && done.started_at.is_some(),
-            "{done:?}"
-        );
-        let logs = store.read_logs(done.id, 0, 10).await.unwrap();
-        assert_eq!(
-            logs.iter().map(|l| l.seq).collect::<Vec<_>>(),
-            vec![1, 2, 3]
-        );
-        assert_eq!(
-            logs[0].event,
-            TaskEvent::Status {
-                status: TaskStatus::Running
-            }
-        );
+        )
+        .await;
         let session = store.get_session(&done.session_id).await.unwrap();
         assert_eq!(session.last_active, done.created_at);
     }
