@@ -60,19 +60,15 @@ async fn connect_picks_the_store_from_the_url() {
     assert_eq!(err.kind(), anywork_core::ErrorKind::InvalidInput);
 }
 
-/// Writes that queue together share one transaction (group commit). One that fails its own
-/// checks fails alone; one the database refuses spoils the shared transaction, which is then
-/// rolled back and redone write by write, so that it still fails alone and every other write
-/// lands exactly once.
-#[tokio::test]
-async fn writes_committed_together_still_fail_alone() {
-    use anywork_core::{
-        ErrorKind, NewSession, NewTask, NewTaskLog, TaskChange, TaskEvent, TaskId, TaskRequest,
-        TaskStatus, WireEvent,
-    };
+/// A store in a new folder whose database refuses, on demand, one kind of log row (a trigger
+/// aborts the insert of a [`boom`] event), with a session and `n` pending tasks in it; the
+/// folder (kept while the test runs), the store and the tasks.
+async fn store_refusing_boom(
+    n: usize,
+) -> (tempfile::TempDir, SqliteStore, Vec<anywork_core::TaskId>) {
+    use anywork_core::{NewSession, NewTask, TaskRequest};
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open_in_dir(dir.path()).await.unwrap();
-    // A database-level refusal on demand: a trigger that aborts one kind of log row.
     let admin = sqlx::SqlitePool::connect(&format!(
         "sqlite://{}",
         dir.path().join(SqliteStore::FILE_NAME).display()
@@ -86,21 +82,36 @@ async fn writes_committed_together_still_fail_alone() {
     .execute(&admin)
     .await
     .unwrap();
-
     let session = store.create_session(NewSession::new("web")).await.unwrap();
     let mut tasks = Vec::new();
-    for i in 0..12 {
+    for i in 0..n {
         let new = NewTask::from_request(
             session.id.clone(),
             TaskRequest::new("web", format!("task {i}")),
         );
         tasks.push(store.create_task(new).await.unwrap().id);
     }
-    let boom = TaskEvent::Other(WireEvent {
+    (dir, store, tasks)
+}
+
+/// The event whose log row [`store_refusing_boom`]'s database refuses.
+fn boom() -> anywork_core::TaskEvent {
+    anywork_core::TaskEvent::Other(anywork_core::WireEvent {
         kind: "boom".into(),
         content: String::new(),
         metadata: serde_json::json!({}),
-    });
+    })
+}
+
+/// Writes that queue together share one transaction (group commit). One that fails its own
+/// checks fails alone; one the database refuses spoils the shared transaction, which is then
+/// rolled back and redone write by write, so that it still fails alone and every other write
+/// lands exactly once.
+#[tokio::test]
+async fn writes_committed_together_still_fail_alone() {
+    use anywork_core::{ErrorKind, NewTaskLog, TaskChange, TaskEvent, TaskId, TaskStatus};
+    let (_dir, store, tasks) = store_refusing_boom(12).await;
+    let boom = boom();
     // Started together on this single-threaded runtime, they all queue before the writer
     // runs, so they form one group.
     let (store_ref, boom) = (&store, &boom);
@@ -232,40 +243,9 @@ async fn an_idle_writer_closes_its_connection_and_the_next_write_reopens_it() {
 /// its own, and the writer goes on working.
 #[tokio::test]
 async fn a_write_refused_at_its_last_statement_still_fails_alone() {
-    use anywork_core::{
-        ErrorKind, NewSession, NewTask, NewTaskLog, TaskEvent, TaskRequest, WireEvent,
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open_in_dir(dir.path()).await.unwrap();
-    let admin = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}",
-        dir.path().join(SqliteStore::FILE_NAME).display()
-    ))
-    .await
-    .unwrap();
-    sqlx::query(
-        "CREATE TRIGGER refuse_boom BEFORE INSERT ON task_logs WHEN NEW.type = 'boom' \
-         BEGIN SELECT RAISE(ABORT, 'boom is refused'); END",
-    )
-    .execute(&admin)
-    .await
-    .unwrap();
-    let session = store.create_session(NewSession::new("web")).await.unwrap();
-    let mut tasks = Vec::new();
-    for i in 0..6 {
-        let new = NewTask::from_request(
-            session.id.clone(),
-            TaskRequest::new("web", format!("task {i}")),
-        );
-        tasks.push(store.create_task(new).await.unwrap().id);
-    }
-    let boom = || {
-        NewTaskLog::now(TaskEvent::Other(WireEvent {
-            kind: "boom".into(),
-            content: String::new(),
-            metadata: serde_json::json!({}),
-        }))
-    };
+    use anywork_core::{ErrorKind, NewTaskLog, TaskEvent};
+    let (_dir, store, tasks) = store_refusing_boom(6).await;
+    let boom = || NewTaskLog::now(boom());
     // One group (queued together on this single-threaded runtime), the refused write last.
     let store_ref = &store;
     let writes = tasks.iter().enumerate().map(|(i, &id)| async move {
