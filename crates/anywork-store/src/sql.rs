@@ -55,6 +55,11 @@ pub(crate) const INSERT_TASK_IF_FREE: &str = "INSERT INTO tasks (id, session_id,
 pub(crate) const TOUCH_SESSION: &str = "UPDATE sessions SET last_active = \
     CASE WHEN last_active < $1 THEN $1 ELSE last_active END WHERE id = $2";
 
+/// [`TOUCH_SESSION`] that returns the session's `idle_hold_until`.
+pub(crate) const TOUCH_SESSION_RETURNING: &str = "UPDATE sessions SET last_active = \
+    CASE WHEN last_active < $1 THEN $1 ELSE last_active END WHERE id = $2 \
+    RETURNING idle_hold_until";
+
 /// SQLite: [`INSERT_TASK`], then [`TOUCH_SESSION`] of the task's session at its creation
 /// (the insert's `$2` and `$11`: one set of arguments for both), in one call.
 pub(crate) const INSERT_TASK_THEN_TOUCH: &str = "INSERT INTO tasks (id, session_id, \
@@ -736,21 +741,7 @@ macro_rules! impl_sql_store {
                     let ctx = "create task";
                     // The touch after the insert, so that a duplicate id is `Conflict` before
                     // a missing session is `NotFound`, as in every store.
-                    let touched = if $one_call {
-                        let sql = $crate::sql::INSERT_TASK_THEN_TOUCH;
-                        insert_then_touch(conn, task, sql, ctx).await?.0
-                    } else {
-                        insert_task(conn, task, $crate::sql::INSERT_TASK)
-                            .await?
-                            .map_err(|e| db_err(&creating_task(task), e))?;
-                        sqlx::query($crate::sql::TOUCH_SESSION)
-                            .bind(task.created_at.0)
-                            .bind(task.session_id.as_str())
-                            .execute(&mut *conn)
-                            .await
-                            .map_err(|e| db_err(ctx, e))?
-                            .rows_affected()
-                    };
+                    let (touched, _) = insert_and_touch(conn, task, false, ctx).await?;
                     if touched == 0 {
                         return Err(undo_insert(conn, task, ctx).await);
                     }
@@ -767,23 +758,7 @@ macro_rules! impl_sql_store {
                     // The touch answers the reaper's hold; on PostgreSQL it takes the
                     // session's row lock, which claimers of the session take too: the claim
                     // below sees every task of the session committed before it.
-                    let hold = if $one_call {
-                        let sql = $crate::sql::INSERT_TASK_THEN_TOUCH_RETURNING;
-                        insert_then_touch(conn, task, sql, ctx).await?.1
-                    } else {
-                        insert_task(conn, task, $crate::sql::INSERT_TASK)
-                            .await?
-                            .map_err(|e| db_err(&creating_task(task), e))?;
-                        sqlx::query(&format!(
-                            "{} RETURNING idle_hold_until",
-                            $crate::sql::TOUCH_SESSION
-                        ))
-                        .bind(task.created_at.0)
-                        .bind(task.session_id.as_str())
-                        .fetch_optional(&mut *conn)
-                        .await
-                        .map_err(|e| db_err(ctx, e))?
-                    };
+                    let (_, hold) = insert_and_touch(conn, task, true, ctx).await?;
                     let Some(hold) = hold else {
                         return Err(undo_insert(conn, task, ctx).await);
                     };
@@ -1266,6 +1241,48 @@ macro_rules! impl_sql_store {
         ) -> anywork_core::Result<Result<u64, sqlx::Error>> {
             let done = insert_task_query(task, sql)?.execute(&mut *conn).await;
             Ok(done.map(|d| d.rows_affected()))
+        }
+
+        /// Inserts `task` and touches its session at the task's creation (in one call where
+        /// the store can, `$one_call`): the rows the touch changed (0: the session is gone),
+        /// and with `returning` the row of the session's `idle_hold_until` it returned. A
+        /// failed insert is named as in [`insert_task`] (the touch did not run then), a
+        /// failed touch with `ctx`.
+        async fn insert_and_touch(
+            conn: &mut Conn<'_>,
+            task: &anywork_core::Task,
+            returning: bool,
+            ctx: &str,
+        ) -> anywork_core::Result<(u64, Option<Row>)> {
+            if $one_call {
+                let sql = if returning {
+                    $crate::sql::INSERT_TASK_THEN_TOUCH_RETURNING
+                } else {
+                    $crate::sql::INSERT_TASK_THEN_TOUCH
+                };
+                return insert_then_touch(conn, task, sql, ctx).await;
+            }
+            insert_task(conn, task, $crate::sql::INSERT_TASK)
+                .await?
+                .map_err(|e| db_err(&creating_task(task), e))?;
+            let touch = if returning {
+                $crate::sql::TOUCH_SESSION_RETURNING
+            } else {
+                $crate::sql::TOUCH_SESSION
+            };
+            let touch = sqlx::query(touch)
+                .bind(task.created_at.0)
+                .bind(task.session_id.as_str());
+            if returning {
+                let row = touch
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(|e| db_err(ctx, e))?;
+                Ok((u64::from(row.is_some()), row))
+            } else {
+                let done = touch.execute(&mut *conn).await.map_err(|e| db_err(ctx, e))?;
+                Ok((done.rows_affected(), None))
+            }
         }
 
         /// `$one_call` only: `sql` ([`INSERT_TASK_THEN_TOUCH`](crate::sql::INSERT_TASK_THEN_TOUCH)
