@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Worker benchmarks: /chat latencies per executor, native per-turn overhead, idle RSS.
+# Worker benchmarks: /chat latencies per executor, native per-turn overhead, idle RSS,
+# memory per idle session (`--memory-only` for the last two).
 # Figures go to docs/benchmarks.md by hand, with this command.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

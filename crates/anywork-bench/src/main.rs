@@ -37,7 +37,7 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Worker: `/chat` → first SSE byte and → `done` per executor, native overhead per model
-    /// turn, idle RSS of the worker binary.
+    /// turn, idle RSS of the worker binary and its memory per idle session.
     Worker(worker::Options),
     /// Server: dispatch overhead (WebSocket chat → executor start) and tasks/s with N
     /// concurrent sessions on SQLite, RSS per idle WebSocket session of the server binary.

@@ -14,6 +14,7 @@ use anywork_worker::{
 use futures_util::StreamExt;
 use serde_json::json;
 
+use crate::procfs::mib;
 use crate::stats::{ms, summarize};
 
 /// Options of `anywork-bench worker`.
@@ -28,9 +29,19 @@ pub struct Options {
     /// The `claude` CLI (default: CLAUDE_BIN, else the claude-agent-sdk wheel's binary).
     #[arg(long, env = "CLAUDE_BIN")]
     claude_bin: Option<PathBuf>,
-    /// The release worker binary for the RSS figure (default: next to this binary).
+    /// The release worker binary for the RSS figures (default: next to this binary).
     #[arg(long)]
     worker_bin: Option<PathBuf>,
+    /// Sessions for the per-session memory of the worker binary (native executor, each
+    /// session chats `--session-turns` times, then all sit idle); 0 skips it.
+    #[arg(long, default_value_t = 1000)]
+    sessions: usize,
+    /// Chats per session in the per-session memory figure.
+    #[arg(long, default_value_t = 2)]
+    session_turns: usize,
+    /// Only the worker binary's memory figures (idle RSS, per idle session): no latencies.
+    #[arg(long)]
+    memory_only: bool,
 }
 
 /// An in-process worker; its workspace lives as long as this.
@@ -198,72 +209,170 @@ fn claude(fake: &FakeLlm, bin: &Path) -> Arc<dyn Executor> {
     Arc::new(ClaudeCodeExecutor::new(config))
 }
 
+/// The release worker binary in a process of its own, on a loopback port, with its own
+/// workspace, the native executor configured against `model_url` (an OpenAI-compatible API).
+struct WorkerProcess {
+    child: tokio::process::Child,
+    url: String,
+    pid: u32,
+    _dir: tempfile::TempDir,
+}
+
+impl WorkerProcess {
+    async fn start(bin: &Path, model_url: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.port()
+        };
+        let child = tokio::process::Command::new(bin)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("API_KEY", "bench")
+            .env("API_BASE_URL", model_url)
+            .env("MODEL", "bench")
+            .env("WORKER_PORT", port.to_string())
+            .env("WORKSPACE_DIR", dir.path())
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let pid = child.id().context("no pid")?;
+        let url = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if client
+                .get(format!("{url}/health"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the worker did not come up");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Self {
+            child,
+            url,
+            pid,
+            _dir: dir,
+        })
+    }
+
+    /// (VmRSS, RssAnon) in KiB.
+    fn memory(&self) -> anyhow::Result<(u64, u64)> {
+        Ok((
+            crate::procfs::rss_kib(self.pid)?,
+            crate::procfs::rss_anon_kib(self.pid)?,
+        ))
+    }
+}
+
 /// RSS of the worker binary after it has started and served `/health`, idle for a second.
 async fn idle_rss(bin: &Path) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?.port()
-    };
-    let mut child = tokio::process::Command::new(bin)
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .env("API_KEY", "bench")
-        .env("API_BASE_URL", "http://127.0.0.1:9/v1")
-        .env("MODEL", "bench")
-        .env("WORKER_PORT", port.to_string())
-        .env("WORKSPACE_DIR", dir.path())
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let mut worker = WorkerProcess::start(bin, "http://127.0.0.1:9/v1").await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (rss, anon) = worker.memory()?;
+    println!(
+        "worker       idle RSS (release binary): {}, RssAnon {}",
+        mib(rss),
+        mib(anon)
+    );
+    worker.child.kill().await?;
+    Ok(())
+}
+
+/// Memory of the worker binary per idle session: `sessions` sessions of the native executor
+/// against the fake model, `turns` chats each (16 sessions at a time), then all idle; the
+/// growth of VmRSS and RssAnon over the warmed-up base, divided by the sessions, after 1 s
+/// and after 15 s of rest.
+async fn session_memory(
+    bin: &Path,
+    fake: &FakeLlm,
+    sessions: usize,
+    turns: usize,
+) -> anyhow::Result<()> {
+    fake.set_responder(|_| Reply::text("Hello from the fake model."));
+    let mut worker = WorkerProcess::start(bin, &format!("{}/v1", fake.url())).await?;
     let client = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{port}/health");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if client
-            .get(&url)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the worker did not come up");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    for i in 0..5 {
+        chat(&client, &worker.url, &format!("warm{i}"), "hi").await?;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let pid = child.id().context("no pid")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .context("no VmRSS")?
-        .trim()
-        .to_owned();
-    println!("worker       idle RSS (release binary): {rss}");
-    child.kill().await?;
+    let base = worker.memory()?;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut runners = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (client, url, next) = (client.clone(), worker.url.clone(), next.clone());
+        runners.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= sessions {
+                    return anyhow::Ok(());
+                }
+                for turn in 0..turns {
+                    let message = format!("turn {turn} of session {i}");
+                    let (_, _, status, _) = chat(&client, &url, &format!("s{i}"), &message).await?;
+                    if status != TaskStatus::Completed {
+                        bail!("session {i}, turn {turn} ended {status}");
+                    }
+                }
+            }
+        });
+    }
+    while let Some(done) = runners.join_next().await {
+        done??;
+    }
+    let per_session = |(rss, anon): (u64, u64)| {
+        let each = |now: u64, then: u64| now.saturating_sub(then) as f64 / sessions as f64;
+        format!(
+            "VmRSS {} → {} ({:.1} KiB per session), RssAnon {} → {} ({:.1} KiB per session)",
+            mib(base.0),
+            mib(rss),
+            each(rss, base.0),
+            mib(base.1),
+            mib(anon),
+            each(anon, base.1)
+        )
+    };
+    let mut rested = 0;
+    for rest in [1, 15] {
+        tokio::time::sleep(Duration::from_secs(rest - rested)).await;
+        rested = rest;
+        println!(
+            "worker       {sessions} idle sessions × {turns} chats, +{rest} s: {}",
+            per_session(worker.memory()?)
+        );
+    }
+    worker.child.kill().await?;
     Ok(())
 }
 
 /// Runs the worker benchmarks and prints one line per figure.
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let fake = FakeLlm::start().await;
-    chat_latency("native", native(&fake), &fake, options.tasks).await?;
-    native_turn_overhead(&fake, options.turns).await?;
-    match options.claude_bin.or_else(anywork_test::bins::find_claude) {
-        Some(bin) => {
-            let tasks = (options.tasks / 10).max(5);
-            chat_latency("claude-code", claude(&fake, &bin), &fake, tasks).await?;
+    if !options.memory_only {
+        chat_latency("native", native(&fake), &fake, options.tasks).await?;
+        native_turn_overhead(&fake, options.turns).await?;
+        match options.claude_bin.or_else(anywork_test::bins::find_claude) {
+            Some(bin) => {
+                let tasks = (options.tasks / 10).max(5);
+                chat_latency("claude-code", claude(&fake, &bin), &fake, tasks).await?;
+            }
+            None => println!("claude-code  skipped: no claude CLI (set CLAUDE_BIN)"),
         }
-        None => println!("claude-code  skipped: no claude CLI (set CLAUDE_BIN)"),
     }
     let worker_bin = match options.worker_bin {
         Some(b) => b,
         None => std::env::current_exe()?.with_file_name("anywork-worker"),
     };
     idle_rss(&worker_bin).await?;
+    if options.sessions > 0 {
+        session_memory(&worker_bin, &fake, options.sessions, options.session_turns).await?;
+    }
     Ok(())
 }
