@@ -15,6 +15,7 @@ use anywork_core::{
     Error, ErrorKind, Result, SessionId, TaskEvent, TaskOutcome, WireEvent, WorkerEndpoint,
 };
 use futures_util::{Stream, StreamExt};
+use reqwest::header::HeaderValue;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -36,8 +37,20 @@ pub struct WorkerClient {
     routes: Arc<Mutex<Routes>>,
 }
 
-/// Parsed route URLs by worker URL.
-type Routes = HashMap<String, Vec<(&'static str, reqwest::Url)>>;
+/// Parsed route URLs by worker URL, each with its `Host` header.
+type Routes = HashMap<String, Vec<(&'static str, reqwest::Url, Option<HeaderValue>)>>;
+
+/// The `Host` header hyper's client would make of `url` (the host, and the port when it is
+/// not the scheme's default), made once per worker and route: hyper makes it with a
+/// `format!` on every request that has none.
+fn host_header(url: &reqwest::Url) -> Option<HeaderValue> {
+    let host = url.host_str()?;
+    let value = match url.port() {
+        Some(port) => HeaderValue::from_str(&format!("{host}:{port}")),
+        None => HeaderValue::from_str(host),
+    };
+    value.ok()
+}
 
 /// Sessions whose prepare key is remembered at most; past it the record starts over (a
 /// forgotten session costs one `/prepare`).
@@ -512,27 +525,32 @@ impl WorkerClient {
     fn route(&self, worker: &WorkerEndpoint, path: &'static str) -> reqwest::RequestBuilder {
         let kept = lock_routes(&self.routes)
             .get(worker.base_url.as_str())
-            .and_then(|urls| urls.iter().find(|(p, _)| *p == path))
-            .map(|(_, url)| url.clone());
-        let url = match kept {
-            Some(url) => url,
+            .and_then(|urls| urls.iter().find(|(p, _, _)| *p == path))
+            .map(|(_, url, host)| (url.clone(), host.clone()));
+        let (url, host) = match kept {
+            Some(kept) => kept,
             None => match reqwest::Url::parse(&format!("{}{path}", worker.base_url)) {
                 Ok(url) => {
+                    let host = host_header(&url);
                     let mut routes = lock_routes(&self.routes);
                     if routes.len() >= PREPARED_KEPT {
                         routes.clear();
                     }
-                    routes
-                        .entry(worker.base_url.clone())
-                        .or_default()
-                        .push((path, url.clone()));
-                    url
+                    routes.entry(worker.base_url.clone()).or_default().push((
+                        path,
+                        url.clone(),
+                        host.clone(),
+                    ));
+                    (url, host)
                 }
                 // reqwest says what is wrong with it.
                 Err(_) => return self.request(reqwest::Method::POST, worker, path),
             },
         };
-        let builder = self.http.post(url);
+        let mut builder = self.http.post(url);
+        if let Some(host) = host {
+            builder = builder.header(reqwest::header::HOST, host);
+        }
         match &worker.secret {
             Some(secret) => builder.header(SECRET_HEADER, secret.expose()),
             None => builder,
@@ -891,6 +909,80 @@ impl OriginalAdapter {
 mod tests {
     use super::*;
     use anywork_core::TaskStatus;
+
+    /// The request heads a one-shot HTTP server got (each answered `200 {}`).
+    async fn heads_of_requests(n: usize) -> (String, tokio::task::JoinHandle<Vec<String>>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let mut heads = Vec::new();
+            while heads.len() < n {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                // One request per connection is enough: each is answered with `close`.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let read = socket.read(&mut buf).await.unwrap();
+                    assert!(read > 0, "the request ended before its head");
+                    head.extend_from_slice(&buf[..read]);
+                }
+                heads.push(String::from_utf8(head).unwrap());
+                socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+                    .await
+                    .unwrap();
+            }
+            heads
+        });
+        (url, server)
+    }
+
+    /// The `Host` lines of a request head.
+    fn host_lines(head: &str) -> Vec<&str> {
+        head.lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("host:"))
+            .collect()
+    }
+
+    /// A per-task route (`/prepare`) carries the `Host` header made once per worker: the one
+    /// hyper makes for a request without it (a control call here), once.
+    #[tokio::test]
+    async fn a_route_request_carries_the_same_host_header_once() {
+        let (url, server) = heads_of_requests(3).await;
+        let client = WorkerClient::new(Duration::from_secs(5)).unwrap();
+        let worker = WorkerEndpoint::new("w", url.clone());
+        let prepare = PrepareRequest {
+            session_id: SessionId::new("s1").unwrap(),
+            skills: None,
+            mcp_servers: None,
+            soul: None,
+            default_soul: None,
+            default_agents: None,
+            repository: None,
+        };
+        client.prepare(&worker, &prepare).await.unwrap();
+        client.prepare(&worker, &prepare).await.unwrap();
+        client.get_doc(&worker, "soul").await.unwrap();
+        let heads = server.await.unwrap();
+        let authority = url.trim_start_matches("http://");
+        for head in &heads {
+            assert_eq!(host_lines(head), [format!("host: {authority}")], "{head}");
+        }
+        assert!(heads[0].starts_with("POST /prepare "), "{}", heads[0]);
+        assert!(heads[2].starts_with("GET /workspace/soul "), "{}", heads[2]);
+    }
+
+    #[test]
+    fn the_host_header_leaves_out_the_default_port() {
+        let host = |u: &str| host_header(&reqwest::Url::parse(u).unwrap()).unwrap();
+        assert_eq!(host("http://worker:80/chat"), "worker");
+        assert_eq!(host("http://worker:8080/chat"), "worker:8080");
+        assert_eq!(host("https://worker/chat"), "worker");
+        assert_eq!(host("https://worker:8443/chat"), "worker:8443");
+        assert_eq!(host("http://[::1]:9000/chat"), "[::1]:9000");
+        assert_eq!(host("http://10.0.0.5:8080/chat"), "10.0.0.5:8080");
+    }
 
     #[test]
     fn original_events_take_their_type_from_the_event_line() {
