@@ -231,3 +231,43 @@ fn events_encoded_once_give_the_same_payloads_and_frames() {
         assert_eq!(ServerMessage::event_json(&s, t, 1, bad), None, "{bad}");
     }
 }
+
+/// A `done` is written straight out (not through a `Value`) unless it has pull requests: the
+/// bytes are those of the `Value` path whatever its fields hold (every usage count, a cost
+/// that is not a finite number, an error to escape, nested structured output).
+#[test]
+fn a_done_written_straight_out_is_byte_for_byte_the_wire_event() {
+    let mut full = TaskOutcome::completed("r\u{e9}sultat \"q\"\n");
+    full.cost_usd = Some(f64::NAN);
+    full.error = Some("half \\ done\t".into());
+    full.num_turns = u32::MAX;
+    full.duration_ms = u64::MAX;
+    full.usage = TokenUsage {
+        input_tokens: 1,
+        output_tokens: 2,
+        cache_creation_input_tokens: 3,
+        cache_read_input_tokens: 4,
+    };
+    full.structured_output = Some(json!({"z": {"b": [1, {"d": 2, "c": 3}], "a": null}, "y": 1.5}));
+    let mut infinite = TaskOutcome::failed("x");
+    infinite.cost_usd = Some(f64::INFINITY);
+    let mut with_pr = TaskOutcome::completed("pr");
+    with_pr.pull_requests.push(anywork_core::PullRequestLink {
+        repository: "o/r".into(),
+        number: 12,
+        url: "https://example.com/o/r/pull/12".into(),
+        branch: "b".into(),
+        base: "main".into(),
+    });
+    for outcome in [
+        full,
+        infinite,
+        with_pr,
+        TaskOutcome::canceled(),
+        TaskOutcome::completed(""),
+    ] {
+        let event = TaskEvent::Done(outcome);
+        let expected = serde_json::to_string(&WireEvent::from(event.clone())).unwrap();
+        assert_eq!(event.wire_json().unwrap(), expected);
+    }
+}

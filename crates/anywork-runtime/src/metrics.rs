@@ -82,6 +82,22 @@ pub(crate) struct Metrics {
     feed_wait: Histogram,
     feed_read: Histogram,
     fallback_reads: Family<[(&'static str, &'static str); 2], Counter>,
+    /// The counters of the fixed labels counted for every task, taken out of their families
+    /// once (a clone shares the family's count): a family's `get_or_create` hashes the label
+    /// and takes its lock on every call.
+    hot: HotCounters,
+}
+
+/// Counters of [`Metrics`]' families that every task counts, by label.
+#[derive(Debug, Clone)]
+struct HotCounters {
+    started: Counter,
+    stopped: Counter,
+    prepare_sent: Counter,
+    prepare_skipped: Counter,
+    completed: Counter,
+    failed: Counter,
+    canceled: Counter,
 }
 
 impl Default for Metrics {
@@ -117,7 +133,19 @@ impl Default for Metrics {
                 let _ = fallback_reads.get_or_create(&[("why", why), ("found", found)]);
             }
         }
+        let counter =
+            |family: &Family<Label, Counter>, label: Label| family.get_or_create(&label).clone();
+        let hot = HotCounters {
+            started: counter(&runs, [("phase", "started")]),
+            stopped: counter(&runs, [("phase", "stopped")]),
+            prepare_sent: counter(&prepares, [("result", "sent")]),
+            prepare_skipped: counter(&prepares, [("result", "skipped")]),
+            completed: counter(&finished, [("status", "completed")]),
+            failed: counter(&finished, [("status", "failed")]),
+            canceled: counter(&finished, [("status", "canceled")]),
+        };
         Self {
+            hot,
             feed_changes,
             feed_reads: Counter::default(),
             feed_tasks: Gauge::default(),
@@ -150,11 +178,11 @@ impl Metrics {
     }
 
     pub(crate) fn started(&self) {
-        self.runs.get_or_create(&[("phase", "started")]).inc();
+        self.hot.started.inc();
     }
 
     pub(crate) fn stopped(&self) {
-        self.runs.get_or_create(&[("phase", "stopped")]).inc();
+        self.hot.stopped.inc();
     }
 
     pub(crate) fn store_size(&self, bytes: u64, reclaimable: u64) {
@@ -240,7 +268,11 @@ impl Metrics {
 
     /// A task's `/prepare` was sent (`sent`) or left out as unchanged (`skipped`).
     pub(crate) fn prepare(&self, result: &'static str) {
-        self.prepares.get_or_create(&[("result", result)]).inc();
+        match result {
+            "sent" => self.hot.prepare_sent.inc(),
+            "skipped" => self.hot.prepare_skipped.inc(),
+            _ => self.prepares.get_or_create(&[("result", result)]).inc(),
+        };
     }
 
     /// A change told by the store's change feed was handled as `outcome` (`read`, `covered`,
@@ -301,13 +333,13 @@ impl Metrics {
     }
 
     pub(crate) fn finished(&self, task: &Task) {
-        let status = match task.status {
-            TaskStatus::Completed => "completed",
-            TaskStatus::Failed => "failed",
-            TaskStatus::Canceled => "canceled",
+        let counter = match task.status {
+            TaskStatus::Completed => &self.hot.completed,
+            TaskStatus::Failed => &self.hot.failed,
+            TaskStatus::Canceled => &self.hot.canceled,
             _ => return,
         };
-        self.finished.get_or_create(&[("status", status)]).inc();
+        counter.inc();
         if let (Some(start), Some(end)) = (task.started_at, task.finished_at) {
             let ms = (end.as_millis() - start.as_millis()).max(0);
             self.duration.observe(ms as f64 / 1000.0);
@@ -478,5 +510,47 @@ mod tests {
         assert!(text.contains("anywork_task_duration_seconds_sum 2.0"));
         assert!(text.contains("anywork_task_duration_seconds_count 1"));
         assert!(text.contains("anywork_tasks_submitted_total 0"), "{text}");
+    }
+
+    /// The counters every task counts (kept out of their families) show in the families'
+    /// lines, under their labels, also through a clone of the metrics.
+    #[test]
+    fn the_kept_counters_count_in_their_families() {
+        let m = Metrics::default();
+        let shared = m.clone();
+        m.started();
+        shared.started();
+        m.stopped();
+        m.prepare("sent");
+        shared.prepare("skipped");
+        shared.prepare("skipped");
+        let mut t = NewTask::from_request(
+            SessionId::new("s").unwrap(),
+            TaskRequest::new("webchat", "hi"),
+        )
+        .into_task();
+        for status in [
+            TaskStatus::Failed,
+            TaskStatus::Canceled,
+            TaskStatus::Canceled,
+        ] {
+            t.status = status;
+            m.finished(&t);
+        }
+        let mut registry = Registry::default();
+        m.register(&mut registry, NoGauges);
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        for line in [
+            "anywork_task_runs_total{phase=\"started\"} 2",
+            "anywork_task_runs_total{phase=\"stopped\"} 1",
+            "anywork_worker_prepares_total{result=\"sent\"} 1",
+            "anywork_worker_prepares_total{result=\"skipped\"} 2",
+            "anywork_tasks_finished_total{status=\"completed\"} 0",
+            "anywork_tasks_finished_total{status=\"failed\"} 1",
+            "anywork_tasks_finished_total{status=\"canceled\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

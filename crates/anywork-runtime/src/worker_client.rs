@@ -15,6 +15,7 @@ use anywork_core::{
     Error, ErrorKind, Result, SessionId, TaskEvent, TaskOutcome, WireEvent, WorkerEndpoint,
 };
 use futures_util::{Stream, StreamExt};
+use reqwest::header::HeaderValue;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -34,10 +35,54 @@ pub struct WorkerClient {
     /// The URLs of the per-task routes (`/prepare`, `/chat`) by worker URL, parsed once: a
     /// parse is ≈ 6k instructions, and reqwest parses a string URL on every request.
     routes: Arc<Mutex<Routes>>,
+    /// hyper's client, for the per-task routes of plain-HTTP workers ([`Self::post_direct`]);
+    /// `None` when the environment names a proxy (reqwest's client, which uses it, does them).
+    direct: Option<Direct>,
+}
+
+/// hyper's pooled HTTP/1 client under reqwest, used directly for the per-task calls
+/// (`/prepare`, `/chat`) to plain-HTTP workers: reqwest parses each request's URL twice more
+/// (its redirect policy and its pending request, ≈ 6k instructions each) and goes through
+/// its retry and redirect layers, ≈ 50k instructions per task in all (docs/benchmarks.md,
+/// "Session 14: per-task CPU"). The same connection settings as reqwest's client.
+type Direct = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+/// Whether the environment names a proxy that reqwest would send a plain-HTTP request
+/// through (its system proxy settings).
+fn proxy_in_env() -> bool {
+    ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
 }
 
 /// Parsed route URLs by worker URL.
-type Routes = HashMap<String, Vec<(&'static str, reqwest::Url)>>;
+type Routes = HashMap<String, Vec<Route>>;
+
+/// A per-task route of a worker, parsed once.
+#[derive(Debug, Clone)]
+struct Route {
+    path: &'static str,
+    url: reqwest::Url,
+    /// Its `Host` header.
+    host: Option<HeaderValue>,
+    /// The URL as hyper takes it, for a plain-HTTP worker.
+    uri: Option<http::Uri>,
+}
+
+/// The `Host` header hyper's client would make of `url` (the host, and the port when it is
+/// not the scheme's default), made once per worker and route: hyper makes it with a
+/// `format!` on every request that has none.
+fn host_header(url: &reqwest::Url) -> Option<HeaderValue> {
+    let host = url.host_str()?;
+    let value = match url.port() {
+        Some(port) => HeaderValue::from_str(&format!("{host}:{port}")),
+        None => HeaderValue::from_str(host),
+    };
+    value.ok()
+}
 
 /// Sessions whose prepare key is remembered at most; past it the record starts over (a
 /// forgotten session costs one `/prepare`).
@@ -49,7 +94,7 @@ const PREPARED_KEPT: usize = 100_000;
 #[derive(Debug, Clone)]
 pub struct PreparedBody {
     session: SessionId,
-    body: Vec<u8>,
+    body: bytes::Bytes,
     key: Option<String>,
 }
 
@@ -66,7 +111,7 @@ impl PreparedBody {
         });
         Ok(Self {
             session: request.session_id.clone(),
-            body,
+            body: body.into(),
             key,
         })
     }
@@ -115,12 +160,23 @@ impl WorkerClient {
             .pool_max_idle_per_host(MAX_IDLE_CONNECTIONS_PER_WORKER)
             .build()
             .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
+        let direct = (!proxy_in_env()).then(|| {
+            let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            connector.set_nodelay(true);
+            connector.set_connect_timeout(Some(Duration::from_secs(5)));
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_timer(hyper_util::rt::TokioTimer::new())
+                .pool_idle_timeout(WORKER_POOL_IDLE)
+                .pool_max_idle_per_host(MAX_IDLE_CONNECTIONS_PER_WORKER)
+                .build(connector)
+        });
         Ok(Self {
             http,
             control_timeout,
             stream_idle_timeout: Duration::from_secs(60),
             prepared: Arc::default(),
             routes: Arc::default(),
+            direct,
         })
     }
 
@@ -149,21 +205,39 @@ impl WorkerClient {
         let record = (worker.base_url.clone(), prepared.session.clone());
         // Unknown until the worker says, whatever happens to this call.
         self.lock_prepared().remove(&record);
-        let mut request = self
-            .route(worker, PREPARE_PATH)
-            .timeout(self.control_timeout)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(prepared.body.clone());
-        if let Some(key) = &prepared.key {
-            request = request.header(PREPARE_KEY_HEADER, key);
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| transport_error(worker, PREPARE_PATH, e))?;
-        let response = check(worker, PREPARE_PATH, response).await?;
+        let deadline = tokio::time::Instant::now() + self.control_timeout;
+        let key = prepared.key.as_deref();
+        let response = match self.post_direct(worker, PREPARE_PATH, prepared.body.clone(), key) {
+            // reqwest's timeout covers the whole call, the answer's body included.
+            Some(sent) => {
+                let response = tokio::time::timeout_at(deadline, sent)
+                    .await
+                    .map_err(|_| timed_out(worker, PREPARE_PATH))??;
+                tokio::time::timeout_at(deadline, check(worker, PREPARE_PATH, response))
+                    .await
+                    .map_err(|_| timed_out(worker, PREPARE_PATH))??
+            }
+            None => {
+                let mut request = self
+                    .route(worker, PREPARE_PATH)
+                    .timeout(self.control_timeout)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(prepared.body.clone());
+                if let Some(key) = key {
+                    request = request.header(PREPARE_KEY_HEADER, key);
+                }
+                let response = request
+                    .send()
+                    .await
+                    .map_err(|e| transport_error(worker, PREPARE_PATH, e))?;
+                check(worker, PREPARE_PATH, response).await?
+            }
+        };
         // The answer only matters for its key: anything else is an answer without one.
-        let reply = response.bytes().await.ok();
+        let reply = tokio::time::timeout_at(deadline, response.bytes())
+            .await
+            .ok()
+            .and_then(|r| r.ok());
         let acknowledged = reply
             .and_then(|b| serde_json::from_slice::<PrepareReply>(&b).ok())
             .and_then(|r| r.prepared);
@@ -228,14 +302,21 @@ impl WorkerClient {
         request: &ChatRequest,
         prepare_key: Option<&str>,
     ) -> Result<ChatStart> {
-        let mut builder = self.route(worker, CHAT_PATH).json(request);
-        if let Some(key) = prepare_key {
-            builder = builder.header(PREPARE_KEY_HEADER, key);
-        }
-        let response = builder
-            .send()
-            .await
-            .map_err(|e| transport_error(worker, CHAT_PATH, e))?;
+        let body = serde_json::to_vec(request)
+            .map_err(|e| Error::internal(format!("cannot encode /chat: {e}")))?;
+        let response = match self.post_direct(worker, CHAT_PATH, body.into(), prepare_key) {
+            Some(sent) => sent.await?,
+            None => {
+                let mut builder = self.route(worker, CHAT_PATH).json(request);
+                if let Some(key) = prepare_key {
+                    builder = builder.header(PREPARE_KEY_HEADER, key);
+                }
+                builder
+                    .send()
+                    .await
+                    .map_err(|e| transport_error(worker, CHAT_PATH, e))?
+            }
+        };
         if prepare_key.is_some() && response.status().as_u16() == NOT_PREPARED_STATUS {
             tracing::debug!(worker = %worker.worker_id, session = %request.session_id, "the worker has the session unprepared; preparing it again");
             self.forget_prepared(worker, &request.session_id);
@@ -510,33 +591,117 @@ impl WorkerClient {
     /// A `POST` to the per-task route `path` of `worker`, with its secret: the URL is the
     /// one [`request`](Self::request) makes, parsed once per worker and route.
     fn route(&self, worker: &WorkerEndpoint, path: &'static str) -> reqwest::RequestBuilder {
-        let kept = lock_routes(&self.routes)
-            .get(worker.base_url.as_str())
-            .and_then(|urls| urls.iter().find(|(p, _)| *p == path))
-            .map(|(_, url)| url.clone());
-        let url = match kept {
-            Some(url) => url,
-            None => match reqwest::Url::parse(&format!("{}{path}", worker.base_url)) {
-                Ok(url) => {
-                    let mut routes = lock_routes(&self.routes);
-                    if routes.len() >= PREPARED_KEPT {
-                        routes.clear();
-                    }
-                    routes
-                        .entry(worker.base_url.clone())
-                        .or_default()
-                        .push((path, url.clone()));
-                    url
-                }
-                // reqwest says what is wrong with it.
-                Err(_) => return self.request(reqwest::Method::POST, worker, path),
-            },
+        // reqwest says what is wrong with a URL that does not parse.
+        let Some(Route { url, host, .. }) = self.route_of(worker, path) else {
+            return self.request(reqwest::Method::POST, worker, path);
         };
-        let builder = self.http.post(url);
+        let mut builder = self.http.post(url);
+        if let Some(host) = host {
+            builder = builder.header(reqwest::header::HOST, host);
+        }
         match &worker.secret {
             Some(secret) => builder.header(SECRET_HEADER, secret.expose()),
             None => builder,
         }
+    }
+
+    /// The route `path` of `worker`, parsed once; `None` when its URL does not parse.
+    fn route_of(&self, worker: &WorkerEndpoint, path: &'static str) -> Option<Route> {
+        let kept = lock_routes(&self.routes)
+            .get(worker.base_url.as_str())
+            .and_then(|routes| routes.iter().find(|r| r.path == path))
+            .cloned();
+        if kept.is_some() {
+            return kept;
+        }
+        let url = reqwest::Url::parse(&format!("{}{path}", worker.base_url)).ok()?;
+        let route = Route {
+            path,
+            host: host_header(&url),
+            uri: (url.scheme() == "http")
+                .then(|| url.as_str().parse::<http::Uri>().ok())
+                .flatten(),
+            url,
+        };
+        let mut routes = lock_routes(&self.routes);
+        if routes.len() >= PREPARED_KEPT {
+            routes.clear();
+        }
+        routes
+            .entry(worker.base_url.clone())
+            .or_default()
+            .push(route.clone());
+        Some(route)
+    }
+
+    /// `POST` of the JSON `body` to the per-task route `path` of a plain-HTTP `worker`, with
+    /// its secret and the prepare `key`, through hyper's client: the request reqwest's
+    /// client sends (the same headers: `accept`, `content-type`, `host`, `content-length`),
+    /// without its layers. `None` when this client does not serve the worker (HTTPS, a
+    /// proxy in the environment, a URL that does not parse): reqwest's does then.
+    fn post_direct(
+        &self,
+        worker: &WorkerEndpoint,
+        path: &'static str,
+        body: bytes::Bytes,
+        key: Option<&str>,
+    ) -> Option<impl std::future::Future<Output = Result<reqwest::Response>> + Send + 'static> {
+        use reqwest::header;
+        let direct = self.direct.as_ref()?;
+        let route = self.route_of(worker, path)?;
+        let uri = route.uri?;
+        let mut request = http::Request::new(http_body_util::Full::new(body));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = uri;
+        let headers = request.headers_mut();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(host) = route.host {
+            headers.insert(header::HOST, host);
+        }
+        if let Some(secret) = &worker.secret {
+            headers.insert(
+                header::HeaderName::from_static(SECRET_HEADER),
+                HeaderValue::from_str(secret.expose()).ok()?,
+            );
+        }
+        if let Some(key) = key {
+            headers.insert(
+                header::HeaderName::from_static(PREPARE_KEY_HEADER),
+                HeaderValue::from_str(key).ok()?,
+            );
+        }
+        let sent = direct.request(request);
+        let (worker_id, url) = (worker.worker_id.clone(), route.url);
+        Some(async move {
+            let response = sent.await.map_err(|e| {
+                tracing::warn!(worker = %worker_id, path, error = %e, "a worker call failed");
+                let what = if e.is_connect() {
+                    "could not be reached"
+                } else {
+                    "broke the connection"
+                };
+                Error::new(
+                    ErrorKind::Unavailable,
+                    format!("the worker {what} ({path})"),
+                )
+            })?;
+            // As a reqwest response (with its URL, which it would parse again otherwise), so
+            // that it is read as reqwest's are.
+            use reqwest::ResponseBuilderExt as _;
+            let (parts, body) = response.into_parts();
+            let mut response = http::Response::builder()
+                .status(parts.status)
+                .version(parts.version)
+                .url(url)
+                .body(reqwest::Body::wrap(body))
+                .map_err(|e| Error::internal(format!("a worker's answer: {e}")))?;
+            *response.headers_mut() = parts.headers;
+            Ok(reqwest::Response::from(response))
+        })
     }
 
     async fn get(&self, worker: &WorkerEndpoint, path: &str) -> Result<Value> {
@@ -578,6 +743,16 @@ fn transport_error(worker: &WorkerEndpoint, path: &str, e: reqwest::Error) -> Er
         (ErrorKind::Unavailable, "broke the connection")
     };
     Error::new(kind, format!("the worker {what} ({path})"))
+}
+
+/// A per-task call that took longer than the control timeout, as [`transport_error`] tells
+/// reqwest's.
+fn timed_out(worker: &WorkerEndpoint, path: &str) -> Error {
+    tracing::warn!(worker = %worker.worker_id, path, "a worker call timed out");
+    Error::new(
+        ErrorKind::Timeout,
+        format!("the worker did not answer in time ({path})"),
+    )
 }
 
 /// Turns a non-2xx answer into an error of the matching kind, with the worker's message. A
@@ -891,6 +1066,148 @@ impl OriginalAdapter {
 mod tests {
     use super::*;
     use anywork_core::TaskStatus;
+
+    /// The request heads a one-shot HTTP server got (each answered `200 {}`).
+    async fn heads_of_requests(n: usize) -> (String, tokio::task::JoinHandle<Vec<String>>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let mut heads = Vec::new();
+            while heads.len() < n {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                // One request per connection is enough: each is answered with `close`.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let read = socket.read(&mut buf).await.unwrap();
+                    assert!(read > 0, "the request ended before its head");
+                    head.extend_from_slice(&buf[..read]);
+                }
+                heads.push(String::from_utf8(head).unwrap());
+                socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+                    .await
+                    .unwrap();
+            }
+            heads
+        });
+        (url, server)
+    }
+
+    /// The `Host` lines of a request head.
+    fn host_lines(head: &str) -> Vec<&str> {
+        head.lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("host:"))
+            .collect()
+    }
+
+    /// A per-task route (`/prepare`) carries the `Host` header made once per worker: the one
+    /// hyper makes for a request without it (a control call here), once.
+    #[tokio::test]
+    async fn a_route_request_carries_the_same_host_header_once() {
+        let (url, server) = heads_of_requests(3).await;
+        let client = WorkerClient::new(Duration::from_secs(5)).unwrap();
+        let worker = WorkerEndpoint::new("w", url.clone());
+        let prepare = PrepareRequest {
+            session_id: SessionId::new("s1").unwrap(),
+            skills: None,
+            mcp_servers: None,
+            soul: None,
+            default_soul: None,
+            default_agents: None,
+            repository: None,
+        };
+        client.prepare(&worker, &prepare).await.unwrap();
+        client.prepare(&worker, &prepare).await.unwrap();
+        client.get_doc(&worker, "soul").await.unwrap();
+        let heads = server.await.unwrap();
+        let authority = url.trim_start_matches("http://");
+        for head in &heads {
+            assert_eq!(host_lines(head), [format!("host: {authority}")], "{head}");
+        }
+        assert!(heads[0].starts_with("POST /prepare "), "{}", heads[0]);
+        assert!(heads[2].starts_with("GET /workspace/soul "), "{}", heads[2]);
+    }
+
+    /// The header lines of a request head (lower-cased), sorted, without its request line.
+    fn header_set(head: &str) -> Vec<String> {
+        let head = head.split("\r\n\r\n").next().unwrap_or_default();
+        let mut lines: Vec<String> = head
+            .lines()
+            .skip(1)
+            .filter(|l| !l.is_empty())
+            .map(str::to_ascii_lowercase)
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    /// `/prepare` and `/chat` through hyper's client (a plain-HTTP worker) send what reqwest's
+    /// client sends for them: the same request line and headers (the secret, the prepare key,
+    /// `content-type`, `accept`, `host`, `content-length`), the same body.
+    #[tokio::test]
+    async fn per_task_calls_send_what_reqwest_sends() {
+        let (url, server) = heads_of_requests(4).await;
+        let direct = WorkerClient::new(Duration::from_secs(5)).unwrap();
+        assert!(direct.direct.is_some() || proxy_in_env());
+        let through_reqwest = WorkerClient {
+            direct: None,
+            ..direct.clone()
+        };
+        let worker = WorkerEndpoint::new("w", url)
+            .with_secret(Some(anywork_core::worker_api::WorkerSecret::generate()));
+        let prepare = PreparedBody::new(&PrepareRequest {
+            session_id: SessionId::new("s1").unwrap(),
+            skills: None,
+            mcp_servers: None,
+            soul: Some("be brief".into()),
+            default_soul: None,
+            default_agents: None,
+            repository: None,
+        })
+        .unwrap();
+        let chat = ChatRequest {
+            task_id: anywork_core::TaskId::generate(),
+            session_id: SessionId::new("s1").unwrap(),
+            message: "hi".into(),
+        };
+        for client in [&direct, &through_reqwest] {
+            client.prepare_body(&worker, &prepare).await.unwrap();
+            // The one-shot server answers `{}`, not an event stream: only the request matters.
+            let _ = client.chat_prepared(&worker, &chat, prepare.key()).await;
+        }
+        let heads = server.await.unwrap();
+        for (ours, theirs) in [(&heads[0], &heads[2]), (&heads[1], &heads[3])] {
+            assert_eq!(ours.lines().next(), theirs.lines().next());
+            assert_eq!(header_set(ours), header_set(theirs), "{ours}\n{theirs}");
+        }
+        assert!(
+            heads[1]
+                .to_ascii_lowercase()
+                .contains("x-anywork-prepare-key: "),
+            "{}",
+            heads[1]
+        );
+        assert!(
+            heads[0]
+                .to_ascii_lowercase()
+                .contains("x-anywork-worker-secret: "),
+            "{}",
+            heads[0]
+        );
+    }
+
+    #[test]
+    fn the_host_header_leaves_out_the_default_port() {
+        let host = |u: &str| host_header(&reqwest::Url::parse(u).unwrap()).unwrap();
+        assert_eq!(host("http://worker:80/chat"), "worker");
+        assert_eq!(host("http://worker:8080/chat"), "worker:8080");
+        assert_eq!(host("https://worker/chat"), "worker");
+        assert_eq!(host("https://worker:8443/chat"), "worker:8443");
+        assert_eq!(host("http://[::1]:9000/chat"), "[::1]:9000");
+        assert_eq!(host("http://10.0.0.5:8080/chat"), "10.0.0.5:8080");
+    }
 
     #[test]
     fn original_events_take_their_type_from_the_event_line() {

@@ -17,6 +17,10 @@ pub(crate) const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_
 /// Rows per multi-row `INSERT` when appending logs (5 parameters each).
 pub(crate) const LOG_CHUNK: usize = 1000;
 
+/// Room for the text of `update_lean`'s statement, its longest (a claim's, with the turn's
+/// `NOT EXISTS`) included, so that it is not grown while written.
+pub(crate) const UPDATE_LEAN_CAPACITY: usize = 640;
+
 pub(crate) const TASK_COLUMNS: &str = "id, session_id, channel_type, channel_meta, status, \
     message, skills, mcp_servers, result, structured_output, error, cost_usd, input_tokens, \
     output_tokens, cache_creation_input_tokens, cache_read_input_tokens, num_turns, duration_ms, \
@@ -1464,70 +1468,91 @@ macro_rules! impl_sql_store {
                 return Ok(None);
             }
             let status = change.status;
-            let mut q = sqlx::QueryBuilder::<$db>::new("UPDATE tasks SET status = ");
-            q.push_bind(status.as_str());
-            q.push(", last_seq = last_seq + ").push_bind(count);
-            if let Some(worker) = &change.worker_id {
-                q.push(", worker_id = ").push_bind(worker.as_str());
-            }
-            if status == TaskStatus::Running {
-                q.push(", started_at = COALESCE(started_at, ")
-                    .push_bind(change.at.0)
-                    .push(")");
-            }
-            if status.is_terminal() || status == TaskStatus::Pending {
-                q.push(", lease_owner = NULL, lease_expires_at = NULL");
-            } else if let Some(lease) = &change.lease {
-                q.push(", lease_owner = ").push_bind(lease.owner.as_str());
-                q.push(", lease_expires_at = ").push_bind(lease.expires_at.0);
-            }
-            if status.is_terminal() {
-                q.push(", finished_at = ").push_bind(change.at.0);
-            }
-            if let Some(o) = &change.outcome {
-                let result = o.result.as_ref().map(json_text).transpose()?;
-                let structured = o.structured_output.as_ref().map(json_text).transpose()?;
-                q.push(", result = ").push_bind(result);
-                q.push(", structured_output = ").push_bind(structured);
-                q.push(", cost_usd = ").push_bind(o.cost_usd);
-                q.push(", input_tokens = ").push_bind(to_i64(o.usage.input_tokens));
-                q.push(", output_tokens = ").push_bind(to_i64(o.usage.output_tokens));
-                q.push(", cache_creation_input_tokens = ")
-                    .push_bind(to_i64(o.usage.cache_creation_input_tokens));
-                q.push(", cache_read_input_tokens = ")
-                    .push_bind(to_i64(o.usage.cache_read_input_tokens));
-                q.push(", num_turns = ").push_bind(i64::from(o.num_turns));
-                q.push(", duration_ms = ").push_bind(to_i64(o.duration_ms));
-            }
+            // Written with `push_arg`, not a `QueryBuilder`: its `push` formats every piece
+            // of text through `write!` (≈ 4k instructions per statement here, twice per task).
+            let mut sql = String::with_capacity($crate::sql::UPDATE_LEAN_CAPACITY);
+            let mut args = <$db as sqlx::Database>::Arguments::<'_>::default();
+            let id = id.to_string();
+            let result = change
+                .outcome
+                .as_ref()
+                .map(|o| {
+                    Ok::<_, anywork_core::Error>((
+                        o.result.as_ref().map(json_text).transpose()?,
+                        o.structured_output.as_ref().map(json_text).transpose()?,
+                    ))
+                })
+                .transpose()?;
             // `apply` copies the outcome's error, then the change's own over it.
             let error = match (&change.error, &change.outcome) {
-                (Some(e), _) => Some(Some(e)),
-                (None, Some(o)) => Some(o.error.as_ref()),
+                (Some(e), _) => Some(Some(json_text(e)?)),
+                (None, Some(o)) => Some(o.error.as_ref().map(json_text).transpose()?),
                 (None, None) => None,
             };
-            if let Some(error) = error {
-                q.push(", error = ")
-                    .push_bind(error.map(json_text).transpose()?);
-            }
-            q.push(" WHERE id = ").push_bind(id.to_string());
-            q.push(" AND status = ").push_bind(expected.as_str());
-            if let Some(lease) = &change.if_lease {
-                q.push(" AND lease_owner = ").push_bind(lease.owner.as_str());
-                q.push(" AND lease_expires_at = ").push_bind(lease.expires_at.0);
-            }
-            if turn {
-                // `=` chains, not `IN (…)`: see STATUS_IS_ACTIVE.
-                q.push(
-                    " AND NOT EXISTS (SELECT 1 FROM tasks o \
-                     WHERE o.session_id = tasks.session_id \
-                     AND (o.status = 'running' OR o.status = 'input_required' \
-                       OR (o.status = 'pending' AND (o.created_at < tasks.created_at \
-                         OR (o.created_at = tasks.created_at AND o.id < tasks.id)))))",
-                );
-            }
-            q.push(" RETURNING last_seq");
-            let row = q
-                .build()
+            let built = (|| -> Result<(), sqlx::error::BoxDynError> {
+                push_arg(&mut sql, &mut args, status.as_str(), "UPDATE tasks SET status = ")?;
+                push_arg(&mut sql, &mut args, count, ", last_seq = last_seq + ")?;
+                if let Some(worker) = &change.worker_id {
+                    push_arg(&mut sql, &mut args, worker.as_str(), ", worker_id = ")?;
+                }
+                if status == TaskStatus::Running {
+                    push_arg(&mut sql, &mut args, change.at.0, ", started_at = COALESCE(started_at, ")?;
+                    sql.push(')');
+                }
+                if status.is_terminal() || status == TaskStatus::Pending {
+                    sql.push_str(", lease_owner = NULL, lease_expires_at = NULL");
+                } else if let Some(lease) = &change.lease {
+                    push_arg(&mut sql, &mut args, lease.owner.as_str(), ", lease_owner = ")?;
+                    push_arg(&mut sql, &mut args, lease.expires_at.0, ", lease_expires_at = ")?;
+                }
+                if status.is_terminal() {
+                    push_arg(&mut sql, &mut args, change.at.0, ", finished_at = ")?;
+                }
+                if let (Some(o), Some((result, structured))) = (&change.outcome, result) {
+                    push_arg(&mut sql, &mut args, result, ", result = ")?;
+                    push_arg(&mut sql, &mut args, structured, ", structured_output = ")?;
+                    push_arg(&mut sql, &mut args, o.cost_usd, ", cost_usd = ")?;
+                    push_arg(&mut sql, &mut args, to_i64(o.usage.input_tokens), ", input_tokens = ")?;
+                    push_arg(&mut sql, &mut args, to_i64(o.usage.output_tokens), ", output_tokens = ")?;
+                    push_arg(
+                        &mut sql,
+                        &mut args,
+                        to_i64(o.usage.cache_creation_input_tokens),
+                        ", cache_creation_input_tokens = ",
+                    )?;
+                    push_arg(
+                        &mut sql,
+                        &mut args,
+                        to_i64(o.usage.cache_read_input_tokens),
+                        ", cache_read_input_tokens = ",
+                    )?;
+                    push_arg(&mut sql, &mut args, i64::from(o.num_turns), ", num_turns = ")?;
+                    push_arg(&mut sql, &mut args, to_i64(o.duration_ms), ", duration_ms = ")?;
+                }
+                if let Some(error) = error {
+                    push_arg(&mut sql, &mut args, error, ", error = ")?;
+                }
+                push_arg(&mut sql, &mut args, id, " WHERE id = ")?;
+                push_arg(&mut sql, &mut args, expected.as_str(), " AND status = ")?;
+                if let Some(lease) = &change.if_lease {
+                    push_arg(&mut sql, &mut args, lease.owner.as_str(), " AND lease_owner = ")?;
+                    push_arg(&mut sql, &mut args, lease.expires_at.0, " AND lease_expires_at = ")?;
+                }
+                if turn {
+                    // `=` chains, not `IN (…)`: see STATUS_IS_ACTIVE.
+                    sql.push_str(
+                        " AND NOT EXISTS (SELECT 1 FROM tasks o \
+                         WHERE o.session_id = tasks.session_id \
+                         AND (o.status = 'running' OR o.status = 'input_required' \
+                           OR (o.status = 'pending' AND (o.created_at < tasks.created_at \
+                             OR (o.created_at = tasks.created_at AND o.id < tasks.id)))))",
+                    );
+                }
+                sql.push_str(" RETURNING last_seq");
+                Ok(())
+            })();
+            built.map_err(|e| $crate::sql::db_err("update task", sqlx::Error::Encode(e)))?;
+            let row = sqlx::query_with(&sql, args)
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(|e| $crate::sql::db_err("update task", e))?;

@@ -486,10 +486,18 @@ impl Dispatcher {
             },
             // The session and its first task in one store write (the task stored started
             // when it can start at once).
+            // Boxed: the largest step of a submit, taken once per new session, whose future
+            // would otherwise make every submit's future (moved whole into the WebSocket's
+            // box per chat) twice as large.
             Resolved::Create(new, if_taken) => {
-                match self
-                    .create_with_session(new, if_taken, new_task, key.as_deref(), start)
-                    .await?
+                match Box::pin(self.create_with_session(
+                    new,
+                    if_taken,
+                    new_task,
+                    key.as_deref(),
+                    start,
+                ))
+                .await?
                 {
                     Created::Stored(session, created, task) => (Some(session), created, task),
                     Created::Duplicate(first) => return Ok(first),
