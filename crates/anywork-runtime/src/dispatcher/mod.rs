@@ -349,7 +349,7 @@ impl Dispatcher {
             if let Some(channel) = self.inner.channels.get(&submitted.task.channel_type) {
                 self.inner.hooks.accepted(channel, &submitted.task);
             }
-            self.start_or_enqueue(&submitted.task, start);
+            self.start_or_enqueue(&submitted.task, start).await;
         }
         Ok(submitted)
     }
@@ -412,7 +412,7 @@ impl Dispatcher {
                 self.inner.hooks.accepted(channel, &submitted.task);
             }
             // After the subscription: a task stored started publishes its `running` here.
-            self.start_or_enqueue(&submitted.task, start);
+            self.start_or_enqueue(&submitted.task, start).await;
         }
         // The follower keeps the task's id and session, not the whole task.
         let (d, task_id, session) = (
@@ -810,9 +810,18 @@ impl Dispatcher {
     }
 
     /// Starts a task stored started (dropping `start` runs it), or queues `task`.
-    fn start_or_enqueue(&self, task: &Task, start: Option<fast::FastStart>) {
+    /// Starts the run of a task stored started (`start`), else queues `task`.
+    ///
+    /// A started run is spawned on this thread and would be polled only once the caller
+    /// stops, after what it does next (a WebSocket writes `task_created` and the `running`
+    /// event to its client first): the dispatch's path would wait for that. So the caller
+    /// yields once and the run goes first, up to its first worker call.
+    async fn start_or_enqueue(&self, task: &Task, start: Option<fast::FastStart>) {
         match start {
-            Some(start) => drop(start),
+            Some(start) => {
+                drop(start);
+                tokio::task::yield_now().await;
+            }
             None => self.enqueue(task.clone()),
         }
     }
