@@ -743,12 +743,18 @@ mod tests {
         let (tx, rx) = mpsc::unbounded_channel();
         let id = TaskId::generate();
         followers.insert(id, counted(Arc::default(), rx, Arc::new(())));
-        assert_eq!(followers.ready_after(vec!["created".into()]), vec!["created"]);
+        assert_eq!(
+            followers.ready_after(vec!["created".into()]),
+            vec!["created"]
+        );
         tx.send("running".into()).unwrap();
         let out = followers.ready_after(vec!["created".into()]);
         assert_eq!(out.len(), 2, "{out:?}");
         assert_eq!(out[0], "created");
-        assert!(out[1].contains("running") && out[1].contains(&id.to_string()), "{out:?}");
+        assert!(
+            out[1].contains("running") && out[1].contains(&id.to_string()),
+            "{out:?}"
+        );
         assert_eq!(followers.ready_after(Vec::new()), Vec::<String>::new());
     }
 
