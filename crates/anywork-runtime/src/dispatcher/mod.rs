@@ -810,7 +810,6 @@ impl Dispatcher {
     }
 
     /// Starts a task stored started (dropping `start` runs it), or queues `task`.
-    /// Starts the run of a task stored started (`start`), else queues `task`.
     ///
     /// A started run is spawned on this thread and would be polled only once the caller
     /// stops, after what it does next (a WebSocket writes `task_created` and the `running`
