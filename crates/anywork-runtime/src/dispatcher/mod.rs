@@ -349,7 +349,7 @@ impl Dispatcher {
             if let Some(channel) = self.inner.channels.get(&submitted.task.channel_type) {
                 self.inner.hooks.accepted(channel, &submitted.task);
             }
-            self.start_or_enqueue(&submitted.task, start).await;
+            self.start_or_enqueue(&submitted.task, start);
         }
         Ok(submitted)
     }
@@ -412,7 +412,17 @@ impl Dispatcher {
                 self.inner.hooks.accepted(channel, &submitted.task);
             }
             // After the subscription: a task stored started publishes its `running` here.
-            self.start_or_enqueue(&submitted.task, start).await;
+            let started = start.is_some();
+            self.start_or_enqueue(&submitted.task, start);
+            if started {
+                // The run was spawned on this thread, where it would be polled only once
+                // the caller stops: after the caller has written `task_created` and the
+                // `running` event to its client (a WebSocket), all on the dispatch's path.
+                // Yielding once lets the run go first, up to its first worker call. (A
+                // plain `submit` does not: its caller answers a webhook or REST request,
+                // whose answer should not wait for the run.)
+                tokio::task::yield_now().await;
+            }
         }
         // The follower keeps the task's id and session, not the whole task.
         let (d, task_id, session) = (
@@ -810,17 +820,9 @@ impl Dispatcher {
     }
 
     /// Starts a task stored started (dropping `start` runs it), or queues `task`.
-    ///
-    /// A started run is spawned on this thread and would be polled only once the caller
-    /// stops, after what it does next (a WebSocket writes `task_created` and the `running`
-    /// event to its client first): the dispatch's path would wait for that. So the caller
-    /// yields once and the run goes first, up to its first worker call.
-    async fn start_or_enqueue(&self, task: &Task, start: Option<fast::FastStart>) {
+    fn start_or_enqueue(&self, task: &Task, start: Option<fast::FastStart>) {
         match start {
-            Some(start) => {
-                drop(start);
-                tokio::task::yield_now().await;
-            }
+            Some(start) => drop(start),
             None => self.enqueue(task.clone()),
         }
     }

@@ -2052,10 +2052,11 @@ mod tests {
             .to_owned()
     }
 
-    /// A chat stored started has its run under way (up to its first worker call) before
-    /// the submitter goes on: the submit lets the run go first instead of leaving it until
-    /// the submitter stops (a WebSocket would answer its client, twice, before the run
-    /// asked the worker anything). The task is stored before its run starts, as before.
+    /// A chat stored started and followed (as a WebSocket's) has its run under way (up to
+    /// its first worker call) before the submitter goes on: the submit lets the run go
+    /// first instead of leaving it until the submitter stops (a WebSocket would answer its
+    /// client, twice, before the run asked the worker anything). The task is stored before
+    /// its run starts, as before.
     #[tokio::test]
     async fn a_run_stored_started_goes_before_its_submitter() {
         let store = Arc::new(Writes::default());
@@ -2068,7 +2069,7 @@ mod tests {
 
         let mut again = TaskRequest::new("web", "again");
         again.session_id = Some(first.session_id.clone());
-        let submitted = d.submit(again).await.unwrap();
+        let (submitted, _events) = d.submit_and_follow(again).await.unwrap();
         // Nothing awaited since the submit: on this one-thread runtime the run ran only if
         // the submit let it.
         assert!(runs_started(&d).ends_with(" 2"), "{}", runs_started(&d));
