@@ -412,7 +412,17 @@ impl Dispatcher {
                 self.inner.hooks.accepted(channel, &submitted.task);
             }
             // After the subscription: a task stored started publishes its `running` here.
+            let started = start.is_some();
             self.start_or_enqueue(&submitted.task, start);
+            if started {
+                // The run was spawned on this thread, where it would be polled only once
+                // the caller stops: after the caller has written `task_created` and the
+                // `running` event to its client (a WebSocket), all on the dispatch's path.
+                // Yielding once lets the run go first, up to its first worker call. (A
+                // plain `submit` does not: its caller answers a webhook or REST request,
+                // whose answer should not wait for the run.)
+                tokio::task::yield_now().await;
+            }
         }
         // The follower keeps the task's id and session, not the whole task.
         let (d, task_id, session) = (

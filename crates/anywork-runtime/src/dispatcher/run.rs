@@ -2040,6 +2040,47 @@ mod tests {
         assert_eq!(done.result.as_deref(), Some("hello"), "{done:?}");
     }
 
+    /// The runs started so far, as the metrics count them.
+    fn runs_started(d: &Dispatcher) -> String {
+        let mut registry = prometheus_client::registry::Registry::default();
+        d.register_metrics(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &registry).unwrap();
+        text.lines()
+            .find(|l| l.starts_with("anywork_task_runs_total{phase=\"started\"}"))
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// A chat stored started and followed (as a WebSocket's) has its run under way (up to
+    /// its first worker call) before the submitter goes on: the submit lets the run go
+    /// first instead of leaving it until the submitter stops (a WebSocket would answer its
+    /// client, twice, before the run asked the worker anything). The task is stored before
+    /// its run starts, as before.
+    #[tokio::test]
+    async fn a_run_stored_started_goes_before_its_submitter() {
+        let store = Arc::new(Writes::default());
+        let d = one_write_dispatcher(&store).await;
+        let first = d.submit(TaskRequest::new("web", "hi")).await.unwrap().task;
+        until_completed(&store, first.id).await;
+        assert!(runs_started(&d).ends_with(" 1"), "{}", runs_started(&d));
+        store.methods.lock().unwrap().clear();
+        let reads = store.status_reads.load(std::sync::atomic::Ordering::SeqCst);
+
+        let mut again = TaskRequest::new("web", "again");
+        again.session_id = Some(first.session_id.clone());
+        let (submitted, _events) = d.submit_and_follow(again).await.unwrap();
+        // Nothing awaited since the submit: on this one-thread runtime the run ran only if
+        // the submit let it.
+        assert!(runs_started(&d).ends_with(" 2"), "{}", runs_started(&d));
+        assert_eq!(
+            store.get_task(submitted.task.id).await.unwrap().status,
+            TaskStatus::Running,
+            "stored (claimed) before its run started"
+        );
+        stored_started(&store, submitted.task.id, "create_task_claimed", reads).await;
+    }
+
     /// A new session's first chat that can start at once (the driver's health check fresh,
     /// a permit free) is stored with its session already started, in one write: no status
     /// read, no claim after it. The first chat of all waits for the driver's first health

@@ -288,6 +288,19 @@ impl Followers {
         polled
     }
 
+    /// `out` (the answer to a client's message) and, in the same write, the frames of the
+    /// events ready now (a chat's `running`, published before its answer is sent): one write
+    /// to the client and one wake-up of it, not one each.
+    fn ready_after(&mut self, mut out: Vec<String>) -> Vec<String> {
+        while out.len() < WRITE_BATCH_EVENTS {
+            match self.ready() {
+                Some(text) => out.push(text),
+                None => break,
+            }
+        }
+        out
+    }
+
     /// The frame of the next event ready now, if any. The set may answer `Pending` with more
     /// ready (it yields after polling each of its streams once in a call, waking its caller):
     /// then it is asked again.
@@ -419,7 +432,10 @@ async fn connection(state: AppState, socket: &mut WebSocket) {
                 Some(Ok(Message::Text(_))) if !limit.take() => vec![text_of(rate_limited(&conn.state))],
                 // Boxed: the handling of a message is much larger than an idle connection's
                 // state, which would otherwise be as large as it.
-                Some(Ok(Message::Text(text))) => texts(Box::pin(conn.handle(text.as_str())).await),
+                Some(Ok(Message::Text(text))) => {
+                    let out = texts(Box::pin(conn.handle(text.as_str())).await);
+                    conn.followers.ready_after(out)
+                }
                 Some(Ok(Message::Binary(_))) => vec![text_of(ServerMessage::error("Binary messages are not supported; send JSON text"))],
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 Some(Err(e)) if is_too_large(&e) => {
@@ -716,6 +732,30 @@ mod tests {
             rx.poll_recv(cx)
                 .map(|m| m.map(|m| Err(anywork_core::Error::unavailable(m))))
         }))
+    }
+
+    /// The answer to a client's message goes out with the events ready by then (a chat's
+    /// `running`) in one write, the answer first; with none ready, the answer alone.
+    #[test]
+    fn an_answer_takes_the_events_ready_with_it() {
+        let mut followers = Followers::default();
+        assert_eq!(followers.ready_after(vec!["answer".into()]), vec!["answer"]);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = TaskId::generate();
+        followers.insert(id, counted(Arc::default(), rx, Arc::new(())));
+        assert_eq!(
+            followers.ready_after(vec!["created".into()]),
+            vec!["created"]
+        );
+        tx.send("running".into()).unwrap();
+        let out = followers.ready_after(vec!["created".into()]);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(out[0], "created");
+        assert!(
+            out[1].contains("running") && out[1].contains(&id.to_string()),
+            "{out:?}"
+        );
+        assert_eq!(followers.ready_after(Vec::new()), Vec::<String>::new());
     }
 
     /// With many tasks followed, an event of one of them polls that one's stream only, not
