@@ -24,6 +24,7 @@ pub mod metrics;
 mod notices;
 mod outbound;
 mod shrink;
+mod task_map;
 pub mod skills;
 pub mod title;
 pub mod worker_client;
