@@ -24,8 +24,8 @@ pub mod metrics;
 mod notices;
 mod outbound;
 mod shrink;
-mod task_map;
 pub mod skills;
+mod task_map;
 pub mod title;
 pub mod worker_client;
 

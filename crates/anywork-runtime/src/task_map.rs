@@ -58,10 +58,16 @@ mod tests {
         // Ids made back to back share their timestamp; their hashes must still differ in the
         // low bits (the bucket) and the top 7 (hashbrown's tag).
         let hasher = TaskIdHasher::default();
-        let hashes: Vec<u64> = (0..4_096).map(|_| hasher.hash_one(TaskId::generate())).collect();
+        let hashes: Vec<u64> = (0..4_096)
+            .map(|_| hasher.hash_one(TaskId::generate()))
+            .collect();
         let buckets: HashSet<u64> = hashes.iter().map(|h| h & 1023).collect();
         let tags: HashSet<u64> = hashes.iter().map(|h| h >> 57).collect();
-        assert!(buckets.len() > 900, "{} of 1024 buckets used", buckets.len());
+        assert!(
+            buckets.len() > 900,
+            "{} of 1024 buckets used",
+            buckets.len()
+        );
         assert_eq!(tags.len(), 128, "{} of 128 tags used", tags.len());
     }
 }

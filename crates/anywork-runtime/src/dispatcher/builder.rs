@@ -18,9 +18,9 @@ use super::retry::Backoff;
 use super::upkeep::{claim_loop, reap_loop, recovery_loop};
 use super::{Dispatcher, Inner};
 use crate::hub::Hub;
-use crate::task_map::TaskMap;
 use crate::metrics::Metrics;
 use crate::skills::{NoSkills, SkillSource};
+use crate::task_map::TaskMap;
 use crate::title::{FirstWords, TitleGenerator};
 use crate::worker_client::WorkerClient;
 
