@@ -6,7 +6,6 @@
 //! dispatcher publishes (the hub is private to this crate); callers get events through
 //! [`Dispatcher::events`](crate::Dispatcher::events).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anywork_core::ws::ServerMessage;
@@ -15,6 +14,7 @@ use tokio::sync::broadcast;
 
 use crate::notices::{Notices, Watchers};
 use crate::shrink::Shrink;
+use crate::task_map::TaskMap;
 
 /// A stored event of a running task, as fanned out.
 #[derive(Debug, Clone)]
@@ -93,9 +93,9 @@ struct TaskChannel {
     session: SessionId,
 }
 
-type TaskChannels = Mutex<HashMap<TaskId, TaskChannel>>;
+type TaskChannels = Mutex<TaskMap<TaskChannel>>;
 
-fn lock(tasks: &TaskChannels) -> MutexGuard<'_, HashMap<TaskId, TaskChannel>> {
+fn lock(tasks: &TaskChannels) -> MutexGuard<'_, TaskMap<TaskChannel>> {
     // A panic while holding this lock cannot leave the map inconsistent.
     tasks.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -146,13 +146,13 @@ impl Hub {
     /// log.
     pub(crate) fn new(capacity: usize) -> Self {
         Self {
-            tasks: Arc::new(Mutex::new(HashMap::new())),
+            tasks: Arc::new(Mutex::new(TaskMap::default())),
             watchers: Arc::default(),
             capacity: capacity.max(16),
         }
     }
 
-    fn tasks(&self) -> MutexGuard<'_, HashMap<TaskId, TaskChannel>> {
+    fn tasks(&self) -> MutexGuard<'_, TaskMap<TaskChannel>> {
         lock(&self.tasks)
     }
 

@@ -25,6 +25,7 @@ mod notices;
 mod outbound;
 mod shrink;
 pub mod skills;
+mod task_map;
 pub mod title;
 pub mod worker_client;
 

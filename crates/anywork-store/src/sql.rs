@@ -18,8 +18,22 @@ pub(crate) const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_
 pub(crate) const LOG_CHUNK: usize = 1000;
 
 /// Room for the text of `update_lean`'s statement, its longest (a claim's, with the turn's
-/// `NOT EXISTS`) included, so that it is not grown while written.
-pub(crate) const UPDATE_LEAN_CAPACITY: usize = 640;
+/// `NOT EXISTS`, and SQLite's read back of `last_seq`) included, so that it is not grown while
+/// written.
+pub(crate) const UPDATE_LEAN_CAPACITY: usize = 704;
+
+/// SQLite: how an `UPDATE tasks … WHERE id = $2 …` that reserves seqs reads the task's new
+/// `last_seq` back — a second statement in the same call, not `RETURNING last_seq` (which
+/// PostgreSQL keeps). SQLite gathers a `RETURNING`'s rows in a temporary b-tree of their own
+/// (opened, its 4 KiB page zeroed, and closed, per statement), and the statement, then counted
+/// as one that may write several rows, gets a statement journal in the group commit's
+/// transaction (each page it changes copied to it first); the `SELECT` by primary key costs
+/// less than both. `changes() = 1`: a row only if the `UPDATE` changed the task's
+/// (`changes()` counts the rows of the last `INSERT`, `UPDATE` or `DELETE` that ended on the
+/// connection, not what triggers did; test
+/// `a_refused_compare_and_set_reads_no_seq_back_in_a_group` in `tests/sqlite.rs`).
+pub(crate) const LAST_SEQ_AFTER_UPDATE: &str =
+    "; SELECT last_seq FROM tasks WHERE id = $2 AND changes() = 1";
 
 pub(crate) const TASK_COLUMNS: &str = "id, session_id, channel_type, channel_meta, status, \
     message, skills, mcp_servers, result, structured_output, error, cost_usd, input_tokens, \
@@ -72,12 +86,13 @@ pub(crate) const INSERT_TASK_THEN_TOUCH: &str = "INSERT INTO tasks (id, session_
     UPDATE sessions SET last_active = CASE WHEN last_active < $11 THEN $11 ELSE last_active END \
     WHERE id = $2";
 
-/// [`INSERT_TASK_THEN_TOUCH`] whose touch returns the session's `idle_hold_until`.
+/// [`INSERT_TASK_THEN_TOUCH`], then the session's `idle_hold_until` if the touch changed it:
+/// read by a third statement, not `RETURNING` (see [`LAST_SEQ_AFTER_UPDATE`]).
 pub(crate) const INSERT_TASK_THEN_TOUCH_RETURNING: &str = "INSERT INTO tasks (id, session_id, \
     channel_type, channel_meta, status, message, skills, mcp_servers, push_notification, \
     idempotency_key, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11); \
     UPDATE sessions SET last_active = CASE WHEN last_active < $11 THEN $11 ELSE last_active END \
-    WHERE id = $2 RETURNING idle_hold_until";
+    WHERE id = $2; SELECT idle_hold_until FROM sessions WHERE id = $2 AND changes() = 1";
 
 /// The `LISTEN/NOTIFY` channel of log appends; payload `TASK_ID:FIRST_SEQ:LAST_SEQ`.
 #[allow(dead_code)]
@@ -1473,6 +1488,7 @@ macro_rules! impl_sql_store {
             let mut sql = String::with_capacity($crate::sql::UPDATE_LEAN_CAPACITY);
             let mut args = <$db as sqlx::Database>::Arguments::<'_>::default();
             let id = id.to_string();
+            let id_again = id.clone();
             let result = change
                 .outcome
                 .as_ref()
@@ -1548,7 +1564,14 @@ macro_rules! impl_sql_store {
                              OR (o.created_at = tasks.created_at AND o.id < tasks.id)))))",
                     );
                 }
-                sql.push_str(" RETURNING last_seq");
+                if $one_call {
+                    // SQLite: see LAST_SEQ_AFTER_UPDATE (the id bound again, as `?`).
+                    let select = "; SELECT last_seq FROM tasks WHERE id = ";
+                    push_arg(&mut sql, &mut args, id_again, select)?;
+                    sql.push_str(" AND changes() = 1");
+                } else {
+                    sql.push_str(" RETURNING last_seq");
+                }
                 Ok(())
             })();
             built.map_err(|e| $crate::sql::db_err("update task", sqlx::Error::Encode(e)))?;
@@ -1590,15 +1613,18 @@ macro_rules! impl_sql_store {
             // append after a status change of the task's in flight (its `done`: PostgreSQL
             // checks the status again on the row as that change left it). With no rows, this
             // reads the last seq (and `NotFound` for an unknown task).
+            let read_back = if $one_call {
+                $crate::sql::LAST_SEQ_AFTER_UPDATE
+            } else {
+                " RETURNING last_seq"
+            };
             let sql = if while_active {
                 format!(
-                    "UPDATE tasks SET last_seq = last_seq + $1 WHERE id = $2 AND {} \
-                     RETURNING last_seq",
+                    "UPDATE tasks SET last_seq = last_seq + $1 WHERE id = $2 AND {}{read_back}",
                     $crate::sql::STATUS_IS_ACTIVE
                 )
             } else {
-                "UPDATE tasks SET last_seq = last_seq + $1 WHERE id = $2 RETURNING last_seq"
-                    .to_owned()
+                format!("UPDATE tasks SET last_seq = last_seq + $1 WHERE id = $2{read_back}")
             };
             let row = sqlx::query(&sql)
                 .bind(count)

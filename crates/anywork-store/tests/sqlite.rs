@@ -276,6 +276,71 @@ async fn a_write_refused_at_its_last_statement_still_fails_alone() {
     }
 }
 
+/// SQLite reads a task's new `last_seq` back with a `SELECT … AND changes() = 1` after its
+/// `UPDATE` rather than with `RETURNING`: a compare-and-set that matches no row reads nothing
+/// back (and reserves no seq), even in a group where the write before it changed a row.
+#[tokio::test]
+async fn a_refused_compare_and_set_reads_no_seq_back_in_a_group() {
+    use anywork_core::{ErrorKind, NewTaskLog, TaskChange, TaskEvent, TaskStatus};
+    let (_dir, store, tasks) = store_refusing_boom(4).await;
+    let logs = |n: usize| -> Vec<NewTaskLog> {
+        (0..n)
+            .map(|i| NewTaskLog::now(TaskEvent::text(format!("e{i}"))))
+            .collect()
+    };
+    let start = |expected| (expected, TaskChange::to(TaskStatus::Running));
+    let store_ref = &store;
+    let writes = tasks.iter().enumerate().map(|(i, &id)| async move {
+        match i {
+            // Task 1 is pending, not running: refused, right after task 0's write.
+            1 => {
+                let (expected, change) = start(TaskStatus::Running);
+                store_ref
+                    .update_task_and_append(id, expected, change, logs(1))
+                    .await
+                    .map(|(_, last)| last)
+            }
+            2 => store_ref.append_logs(id, logs(3)).await,
+            _ => {
+                let (expected, change) = start(TaskStatus::Pending);
+                store_ref
+                    .update_task_and_append(id, expected, change, logs(i + 1))
+                    .await
+                    .map(|(_, last)| last)
+            }
+        }
+    });
+    let results = futures_util::future::join_all(writes).await;
+    let last = |i: usize| results[i].as_ref().copied();
+    assert_eq!(last(0).ok(), Some(1), "{:?}", results[0]);
+    let refused = last(1).unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Conflict, "{refused:?}");
+    assert_eq!(last(2).ok(), Some(3), "{:?}", results[2]);
+    assert_eq!(last(3).ok(), Some(4), "{:?}", results[3]);
+    // The refused task wrote nothing and reserved no seq.
+    let task1 = store.get_task(tasks[1]).await.unwrap();
+    assert_eq!(task1.status, TaskStatus::Pending);
+    assert!(store.read_logs(tasks[1], 0, 10).await.unwrap().is_empty());
+    let (task1, last) = store
+        .update_task_and_append(
+            tasks[1],
+            TaskStatus::Pending,
+            TaskChange::to(TaskStatus::Running),
+            logs(2),
+        )
+        .await
+        .unwrap();
+    assert_eq!((task1.status, last), (TaskStatus::Running, 2));
+    let seqs: Vec<u64> = store
+        .read_logs(tasks[1], 0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.seq)
+        .collect();
+    assert_eq!(seqs, [1, 2]);
+}
+
 /// A write of more log rows than one insert takes (1,000) sends them in several inserts, each
 /// held back until the next goes, the last with the `COMMIT`: every row lands once, in order,
 /// alone and in a group.

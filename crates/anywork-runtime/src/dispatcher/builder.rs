@@ -20,6 +20,7 @@ use super::{Dispatcher, Inner};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::skills::{NoSkills, SkillSource};
+use crate::task_map::TaskMap;
 use crate::title::{FirstWords, TitleGenerator};
 use crate::worker_client::WorkerClient;
 
@@ -212,9 +213,9 @@ impl DispatcherBuilder {
                 metrics,
                 queues: Mutex::new(HashMap::new()),
                 permits,
-                runs: Mutex::new(HashMap::new()),
+                runs: Mutex::new(TaskMap::default()),
                 closing: AtomicBool::new(false),
-                last_words: Mutex::new(HashMap::new()),
+                last_words: Mutex::new(TaskMap::default()),
                 held: Mutex::new(HashMap::new()),
                 resume: Mutex::new(Default::default()),
                 stopped: AtomicBool::new(false),

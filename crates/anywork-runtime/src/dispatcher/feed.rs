@@ -22,7 +22,7 @@
 //!
 //! [`TaskStore::change_feed`]: anywork_core::TaskStore::change_feed
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -38,6 +38,7 @@ use futures_util::stream::FuturesUnordered;
 use super::{Control, Inner, lock};
 use crate::hub::LiveEvent;
 use crate::shrink::Shrink;
+use crate::task_map::TaskMap;
 
 /// Events read per log page.
 const PAGE: u32 = 500;
@@ -92,7 +93,7 @@ type ReadFuture = Pin<Box<dyn Future<Output = Read> + Send>>;
 /// The feed's bookkeeping: which followed remote tasks have events to read.
 #[derive(Default)]
 struct Forwarder {
-    remotes: HashMap<TaskId, Remote>,
+    remotes: TaskMap<Remote>,
     /// Tasks waiting for a read, oldest first (an id may be stale: see `queued`).
     ready: VecDeque<TaskId>,
 }

@@ -6,7 +6,6 @@
 //! channel it [`flush`](Hooks::flush)es the task's hooks, so that the answer never races the
 //! placeholder a hook is still posting.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::lock;
 use crate::shrink::Shrink;
+use crate::task_map::TaskMap;
 
 /// Progress hooks of one task are at least this far apart.
 pub(super) const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -40,7 +40,7 @@ struct Queue {
 /// The hook queues of the tasks that have one.
 #[derive(Default)]
 pub(super) struct Hooks {
-    queues: Arc<Mutex<HashMap<TaskId, Queue>>>,
+    queues: Arc<Mutex<TaskMap<Queue>>>,
 }
 
 impl Hooks {
@@ -139,7 +139,7 @@ async fn run_hooks(
     task_id: TaskId,
     mut rx: mpsc::UnboundedReceiver<Hook>,
     progress: Arc<Mutex<Option<String>>>,
-    queues: Arc<Mutex<HashMap<TaskId, Queue>>>,
+    queues: Arc<Mutex<TaskMap<Queue>>>,
 ) {
     while let Some(hook) = rx.recv().await {
         let (name, result) = match hook {

@@ -67,6 +67,7 @@ pub(crate) use retry::retry_if;
 use crate::hub::{Hub, LiveEvent};
 use crate::metrics::Metrics;
 use crate::notices::Notices;
+use crate::task_map::{TaskMap, TaskSet};
 use crate::title::TitleGenerator;
 use crate::worker_client::WorkerClient;
 
@@ -211,16 +212,16 @@ struct Inner {
     queues: Mutex<HashMap<SessionId, VecDeque<Task>>>,
     permits: Arc<Semaphore>,
     /// The runs of this server, by their task.
-    runs: Mutex<HashMap<TaskId, RunHandle>>,
+    runs: Mutex<TaskMap<RunHandle>>,
     closing: AtomicBool,
     /// Why runs that could not store their outcome ended: recovery gives that reason when
     /// the task's lease runs out, rather than blaming a server crash.
-    last_words: Mutex<HashMap<TaskId, String>>,
+    last_words: Mutex<TaskMap<String>>,
     /// Sessions whose pending tasks wait for tasks another server holds (found at start).
     held: Mutex<HashMap<SessionId, Vec<TaskId>>>,
     /// Tasks taken back from this server's previous run: their runs re-attach to the worker
     /// (`/chat/attach`) instead of starting a new chat.
-    resume: Mutex<std::collections::HashSet<TaskId>>,
+    resume: Mutex<TaskSet>,
     /// Set by `shutdown`: the background loops end.
     stopped: AtomicBool,
     /// The channel hooks of running tasks.
