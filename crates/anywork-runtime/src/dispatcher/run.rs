@@ -2025,19 +2025,25 @@ mod tests {
     async fn a_chat_in_an_idle_session_is_stored_started() {
         let store = Arc::new(Writes::default());
         let d = one_write_dispatcher(&store).await;
-        // The first chat makes the session (and the driver's health check).
-        let first = d.submit(TaskRequest::new("web", "hi")).await.unwrap().task;
-        until_completed(&store, first.id).await;
-        store.methods.lock().unwrap().clear();
-        store.appends.lock().unwrap().clear();
-        let reads = store.status_reads.load(std::sync::atomic::Ordering::SeqCst);
-
-        let mut again = TaskRequest::new("web", "again");
-        again.session_id = Some(first.session_id.clone());
+        let (again, reads) = again_after_a_first_chat(&store, &d).await;
         let submitted = d.submit(again).await.unwrap();
         assert_eq!(submitted.task.status, TaskStatus::Pending, "as accepted");
         let done = stored_started(&store, submitted.task.id, "create_task_claimed", reads).await;
         assert_eq!(done.result.as_deref(), Some("hello"), "{done:?}");
+    }
+
+    /// After a first chat has made a session (and the driver's health check) and completed:
+    /// the next chat's request in that session, and the status reads so far; the writes
+    /// recorded until then are forgotten.
+    async fn again_after_a_first_chat(store: &Arc<Writes>, d: &Dispatcher) -> (TaskRequest, usize) {
+        let first = d.submit(TaskRequest::new("web", "hi")).await.unwrap().task;
+        until_completed(store, first.id).await;
+        store.methods.lock().unwrap().clear();
+        store.appends.lock().unwrap().clear();
+        let reads = store.status_reads.load(std::sync::atomic::Ordering::SeqCst);
+        let mut again = TaskRequest::new("web", "again");
+        again.session_id = Some(first.session_id.clone());
+        (again, reads)
     }
 
     /// The runs started so far, as the metrics count them.
@@ -2061,14 +2067,8 @@ mod tests {
     async fn a_run_stored_started_goes_before_its_submitter() {
         let store = Arc::new(Writes::default());
         let d = one_write_dispatcher(&store).await;
-        let first = d.submit(TaskRequest::new("web", "hi")).await.unwrap().task;
-        until_completed(&store, first.id).await;
+        let (again, reads) = again_after_a_first_chat(&store, &d).await;
         assert!(runs_started(&d).ends_with(" 1"), "{}", runs_started(&d));
-        store.methods.lock().unwrap().clear();
-        let reads = store.status_reads.load(std::sync::atomic::Ordering::SeqCst);
-
-        let mut again = TaskRequest::new("web", "again");
-        again.session_id = Some(first.session_id.clone());
         let (submitted, _events) = d.submit_and_follow(again).await.unwrap();
         // Nothing awaited since the submit: on this one-thread runtime the run ran only if
         // the submit let it.
