@@ -233,6 +233,20 @@ impl Scripted {
         d.inbound("hook", InboundRequest::new(Vec::new(), Vec::new()))
             .await
     }
+
+    /// [`send`](Self::send), whose request must be submitted: its task.
+    async fn submitted(
+        self: &Arc<Self>,
+        d: &Dispatcher,
+        session: Option<&str>,
+        channel_key: Option<&str>,
+        event: Option<&str>,
+    ) -> Box<crate::Submitted> {
+        match self.send(d, session, channel_key, event).await.unwrap() {
+            InboundOutcome::Submitted(s) => s,
+            other => panic!("not submitted: {other:?}"),
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -249,13 +263,6 @@ impl Channel for Scripted {
     }
     async fn deliver(&self, _: &Task, _: &TaskOutcome) -> Result<()> {
         Ok(())
-    }
-}
-
-fn submitted(outcome: InboundOutcome) -> Box<crate::Submitted> {
-    match outcome {
-        InboundOutcome::Submitted(s) => s,
-        other => panic!("not submitted: {other:?}"),
     }
 }
 
@@ -420,12 +427,7 @@ async fn a_fresh_session_id_that_is_taken_is_drawn_again() {
     }
     let _ = store.take_writes();
 
-    let s = submitted(
-        channel
-            .send(&d, Some("wh-taken001"), None, None)
-            .await
-            .unwrap(),
-    );
+    let s = channel.submitted(&d, Some("wh-taken001"), None, None).await;
     assert!(s.session_created && !s.duplicate);
     assert_eq!(s.task.session_id, sid("wh-fresh001"));
     assert_eq!(store.take_writes(), vec!["create_session_with_task"; 3]);
@@ -457,20 +459,14 @@ async fn a_delivery_id_is_looked_up_only_after_the_store_refused_it() {
     let channel = Scripted::new(&[]);
     let d = dispatcher_with(store.clone(), Some(channel.clone())).await;
 
-    let first = submitted(
-        channel
-            .send(&d, Some("wh-a0000001"), None, Some("d-1"))
-            .await
-            .unwrap(),
-    );
+    let first = channel
+        .submitted(&d, Some("wh-a0000001"), None, Some("d-1"))
+        .await;
     assert!(!first.duplicate && first.session_created);
     assert_eq!(store.take_calls(), vec!["create_session_with_task"]);
-    let again = submitted(
-        channel
-            .send(&d, Some("wh-a0000002"), None, Some("d-1"))
-            .await
-            .unwrap(),
-    );
+    let again = channel
+        .submitted(&d, Some("wh-a0000002"), None, Some("d-1"))
+        .await;
     assert!(again.duplicate && !again.session_created);
     assert_eq!(again.task.id, first.task.id);
     assert_eq!(
@@ -479,28 +475,19 @@ async fn a_delivery_id_is_looked_up_only_after_the_store_refused_it() {
     );
 
     // A session found by channel key: the task alone is written, then refused.
-    let first = submitted(
-        channel
-            .send(&d, None, Some("o/r#1"), Some("d-2"))
-            .await
-            .unwrap(),
-    );
+    let first = channel
+        .submitted(&d, None, Some("o/r#1"), Some("d-2"))
+        .await;
     assert_eq!(store.take_calls(), vec!["create_session_with_task"]);
-    let next = submitted(
-        channel
-            .send(&d, None, Some("o/r#1"), Some("d-3"))
-            .await
-            .unwrap(),
-    );
+    let next = channel
+        .submitted(&d, None, Some("o/r#1"), Some("d-3"))
+        .await;
     assert!(!next.duplicate);
     assert_eq!(next.task.session_id, first.task.session_id);
     assert_eq!(store.take_calls(), vec!["create_task"]);
-    let again = submitted(
-        channel
-            .send(&d, None, Some("o/r#1"), Some("d-2"))
-            .await
-            .unwrap(),
-    );
+    let again = channel
+        .submitted(&d, None, Some("o/r#1"), Some("d-2"))
+        .await;
     assert!(again.duplicate);
     assert_eq!(again.task.id, first.task.id);
     assert_eq!(
@@ -520,12 +507,9 @@ async fn a_repeated_event_does_not_answer_a_waiting_question() {
     let store = Arc::new(Counted::default());
     let channel = Scripted::new(&[]);
     let d = dispatcher_with(store.clone(), Some(channel.clone())).await;
-    let first = submitted(
-        channel
-            .send(&d, None, Some("o/r#9"), Some("d-9"))
-            .await
-            .unwrap(),
-    );
+    let first = channel
+        .submitted(&d, None, Some("o/r#9"), Some("d-9"))
+        .await;
     let id = first.task.id;
     store
         .inner
@@ -552,12 +536,9 @@ async fn a_repeated_event_does_not_answer_a_waiting_question() {
         .unwrap();
     let _ = store.take_calls();
 
-    let again = submitted(
-        channel
-            .send(&d, None, Some("o/r#9"), Some("d-9"))
-            .await
-            .unwrap(),
-    );
+    let again = channel
+        .submitted(&d, None, Some("o/r#9"), Some("d-9"))
+        .await;
     assert!(again.duplicate);
     assert_eq!(again.task.id, id);
     assert_eq!(store.take_calls(), vec!["find_task_by_idempotency_key"]);
