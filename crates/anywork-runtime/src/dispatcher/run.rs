@@ -644,9 +644,9 @@ impl Run {
 
     /// Reads the chat stream to its end, handling control messages, the lease and the timeout.
     async fn follow(&mut self, stream: ChatStream, worker: WorkerEndpoint) -> Result<()> {
-        // The stream is read by its own task, so that while one batch is being stored the
-        // next events queue up and are stored together.
-        let mut stream = StreamReader::spawn(stream, self.inner.config.max_batch.max(1) * 4);
+        // While one batch is being stored the stream is read on, so that the next events
+        // queue up and are stored together (by this task: no task of its own per chat).
+        let mut stream = ReadAhead::new(stream, self.inner.config.max_batch.max(1) * 4);
         let lease_every = (self.inner.config.lease_ttl / 3).max(Duration::from_millis(100));
         let mut lease =
             tokio::time::interval_at(tokio::time::Instant::now() + lease_every, lease_every);
@@ -703,7 +703,7 @@ impl Run {
                     let (stop, _) = stopping.take().unwrap_or((Stop::Canceled, far));
                     return self.stop(stop).await;
                 }
-                item = stream.events.recv() => {
+                item = stream.next() => {
                     let first = match item {
                         Some(Ok(event)) => event,
                         Some(Err(e)) => {
@@ -722,10 +722,10 @@ impl Run {
                     let mut batch = vec![first];
                     let mut broken = None;
                     while batch.len() < self.inner.config.max_batch && !batch.last().is_some_and(TaskEvent::is_terminal) {
-                        match stream.events.try_recv() {
-                            Ok(Ok(e)) => batch.push(e),
-                            Ok(Err(e)) => { broken = Some(e); break; }
-                            Err(_) => break,
+                        match stream.ready() {
+                            Some(Ok(e)) => batch.push(e),
+                            Some(Err(e)) => { broken = Some(e); break; }
+                            None => break,
                         }
                     }
                     let mut done = match batch.last() {
@@ -760,9 +760,9 @@ impl Run {
                         return self.finish_with(outcome, batch).await;
                     }
                     let stored = if !asks.is_empty() && self.status == TaskStatus::Running {
-                        self.set_status(TaskStatus::InputRequired, batch).await
+                        stream.reading_while(self.set_status(TaskStatus::InputRequired, batch)).await
                     } else {
-                        self.record(batch).await
+                        stream.reading_while(self.record(batch)).await
                     };
                     if let Err(e) = stored {
                         if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::InvalidTransition) {
@@ -1066,29 +1066,65 @@ fn stop_outcome(stop: Stop) -> Option<(TaskOutcome, Vec<TaskEvent>)> {
     }
 }
 
-/// A chat stream read by a task of its own into a queue; the task stops when this is dropped.
-struct StreamReader {
-    events: mpsc::Receiver<Result<TaskEvent>>,
-    reader: tokio::task::JoinHandle<()>,
+/// A chat stream read by the run's own task, with a queue of the events read ahead of it
+/// while the run stores a batch ([`reading_while`](Self::reading_while)): the next batch is
+/// what came meanwhile, as when a task of its own read the stream into a channel (a task
+/// spawned per chat, and a wake-up of it and a channel hop per read; not any more).
+struct ReadAhead {
+    stream: futures_util::stream::Fuse<ChatStream>,
+    ahead: VecDeque<Result<TaskEvent>>,
+    /// Most events read ahead; past it the stream waits (the channel's capacity before).
+    capacity: usize,
 }
 
-impl StreamReader {
-    fn spawn(mut stream: ChatStream, capacity: usize) -> Self {
-        let (tx, events) = mpsc::channel(capacity);
-        let reader = tokio::spawn(async move {
-            while let Some(item) = stream.next().await {
-                if tx.send(item).await.is_err() {
-                    break;
+impl ReadAhead {
+    fn new(stream: ChatStream, capacity: usize) -> Self {
+        Self {
+            stream: stream.fuse(),
+            ahead: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// The next event: the first read ahead, else the stream's next. `None` at its end.
+    async fn next(&mut self) -> Option<Result<TaskEvent>> {
+        match self.ahead.pop_front() {
+            Some(item) => Some(item),
+            None => self.stream.next().await,
+        }
+    }
+
+    /// The next event if one is ready now: read ahead, or the stream's without waiting.
+    /// `None` also at the stream's end (the next [`next`](Self::next) says so). A stream
+    /// polled here with a waker that does nothing is polled again by the caller's next
+    /// [`next`](Self::next) before it waits, which wakes the caller.
+    fn ready(&mut self) -> Option<Result<TaskEvent>> {
+        if let Some(item) = self.ahead.pop_front() {
+            return Some(item);
+        }
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match self.stream.poll_next_unpin(&mut cx) {
+            std::task::Poll::Ready(item) => item,
+            std::task::Poll::Pending => None,
+        }
+    }
+
+    /// `work`'s output, the stream read into the queue (up to its capacity) meanwhile.
+    async fn reading_while<T>(&mut self, work: impl std::future::Future<Output = T>) -> T {
+        let mut work = std::pin::pin!(work);
+        std::future::poll_fn(|cx| {
+            if let std::task::Poll::Ready(out) = work.as_mut().poll(cx) {
+                return std::task::Poll::Ready(out);
+            }
+            while self.ahead.len() < self.capacity && !self.stream.is_done() {
+                match self.stream.poll_next_unpin(cx) {
+                    std::task::Poll::Ready(Some(item)) => self.ahead.push_back(item),
+                    std::task::Poll::Ready(None) | std::task::Poll::Pending => break,
                 }
             }
-        });
-        Self { events, reader }
-    }
-}
-
-impl Drop for StreamReader {
-    fn drop(&mut self) {
-        self.reader.abort();
+            std::task::Poll::Pending
+        })
+        .await
     }
 }
 
@@ -2146,5 +2182,71 @@ mod tests {
         assert_eq!(seqs, vec![1, 2, 3]);
         assert_eq!(logs[1].event, TaskEvent::text("hello"));
         assert!(matches!(logs[2].event, TaskEvent::Done(_)), "{logs:?}");
+    }
+
+    /// A chat stream fed by hand, and its sender.
+    fn fed_stream() -> (mpsc::UnboundedSender<Result<TaskEvent>>, ChatStream) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        (tx, Box::pin(stream))
+    }
+
+    /// While the run stores a batch, the stream is read on into the queue, up to its
+    /// capacity: what came meanwhile is ready at once afterwards, in order, as one batch (a
+    /// task of its own read the stream into a channel for this before); the rest stays in
+    /// the stream and comes after it, and the end comes once, after everything.
+    #[tokio::test]
+    async fn the_stream_is_read_ahead_while_a_batch_is_stored() {
+        let (tx, stream) = fed_stream();
+        let mut ahead = ReadAhead::new(stream, 2);
+        tx.send(Ok(TaskEvent::text("a"))).unwrap();
+        assert_eq!(ahead.next().await.unwrap().unwrap(), TaskEvent::text("a"));
+        assert!(ahead.ready().is_none(), "nothing more came");
+
+        let (stored, store_done) = oneshot::channel::<&str>();
+        let feeder = async {
+            for text in ["b", "c", "d"] {
+                tx.send(Ok(TaskEvent::text(text))).unwrap();
+                tokio::task::yield_now().await;
+            }
+            stored.send("stored").unwrap();
+        };
+        let (out, ()) = tokio::join!(ahead.reading_while(store_done), feeder);
+        assert_eq!(out.unwrap(), "stored");
+        assert_eq!(ahead.ahead.len(), 2, "read ahead up to the capacity");
+        drop(tx);
+        let mut rest = Vec::new();
+        while let Some(item) = ahead.ready() {
+            rest.push(item.unwrap());
+        }
+        assert_eq!(
+            rest,
+            vec![
+                TaskEvent::text("b"),
+                TaskEvent::text("c"),
+                TaskEvent::text("d")
+            ]
+        );
+        assert!(ahead.next().await.is_none(), "the stream's end");
+        assert!(ahead.next().await.is_none(), "and again, not a panic");
+        assert!(ahead.ready().is_none());
+    }
+
+    /// An item ready at once is handed on without waiting; a stream with nothing ready
+    /// wakes its reader when something comes (the queue's noop poll does not lose it).
+    #[tokio::test]
+    async fn a_stream_polled_for_ready_events_still_wakes_its_reader() {
+        let (tx, stream) = fed_stream();
+        let mut ahead = ReadAhead::new(stream, 4);
+        assert!(ahead.ready().is_none());
+        // From another task, later: only the stream's waker can wake this one.
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tx.send(Err(Error::unavailable("broke"))).unwrap();
+        });
+        let item = tokio::time::timeout(Duration::from_secs(10), ahead.next())
+            .await
+            .expect("woken by the stream");
+        assert_eq!(item.unwrap().unwrap_err().kind(), ErrorKind::Unavailable);
     }
 }
