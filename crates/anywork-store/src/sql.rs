@@ -17,6 +17,10 @@ pub(crate) const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_
 /// Rows per multi-row `INSERT` when appending logs (5 parameters each).
 pub(crate) const LOG_CHUNK: usize = 1000;
 
+/// SQLite: most log rows inserted in the call of the status change that reserves their seqs
+/// (`update_lean`); more go in an insert of their own after it.
+pub(crate) const LOGS_WITH_UPDATE: usize = 4;
+
 /// Room for the text of `update_lean`'s statement, its longest (a claim's, with the turn's
 /// `NOT EXISTS`, and SQLite's read back of `last_seq`) included, so that it is not grown while
 /// written.
@@ -787,14 +791,15 @@ macro_rules! impl_sql_store {
                     if held || duplicate_delivery(conn, deliveries).await?.is_some() {
                         return Ok(Reply::CreatedClaimed(None));
                     }
-                    let count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
                     let pending = anywork_core::TaskStatus::Pending;
-                    let Some(last) =
-                        update_lean(conn, task.id, pending, change, count, true).await?
+                    let Some((last, written)) =
+                        update_lean(conn, task.id, pending, change, rows, true).await?
                     else {
                         return Ok(Reply::CreatedClaimed(None));
                     };
-                    insert_logs(conn, task.id, rows, last).await?;
+                    if !written {
+                        insert_logs(conn, task.id, rows, last).await?;
+                    }
                     for d in deliveries {
                         insert_delivery(conn, d).await?;
                     }
@@ -841,14 +846,16 @@ macro_rules! impl_sql_store {
                     if duplicate_delivery(conn, &claim.deliveries).await?.is_some() {
                         return Ok(Reply::Created(session.clone(), task.clone(), None));
                     }
-                    let count = i64::try_from(claim.rows.len()).unwrap_or(i64::MAX);
                     let pending = anywork_core::TaskStatus::Pending;
-                    let Some(last) =
-                        update_lean(conn, task.id, pending, &claim.change, count, true).await?
+                    let Some((last, written)) =
+                        update_lean(conn, task.id, pending, &claim.change, &claim.rows, true)
+                            .await?
                     else {
                         return Ok(Reply::Created(session.clone(), task.clone(), None));
                     };
-                    insert_logs(conn, task.id, &claim.rows, last).await?;
+                    if !written {
+                        insert_logs(conn, task.id, &claim.rows, last).await?;
+                    }
                     for d in &claim.deliveries {
                         insert_delivery(conn, d).await?;
                     }
@@ -877,11 +884,12 @@ macro_rules! impl_sql_store {
                     if *lean {
                         // Without reading the row; when it does not apply (a lost race, an
                         // illegal change, an unknown task), the read below tells why.
-                        let count = i64::try_from(appended.len()).unwrap_or(i64::MAX);
-                        if let Some(last) =
-                            update_lean(conn, *id, *expected, change, count, false).await?
+                        if let Some((last, written)) =
+                            update_lean(conn, *id, *expected, change, appended, false).await?
                         {
-                            insert_logs(conn, *id, appended, last).await?;
+                            if !written {
+                                insert_logs(conn, *id, appended, last).await?;
+                            }
                             for d in deliveries {
                                 insert_delivery(conn, d).await?;
                             }
@@ -1088,12 +1096,13 @@ macro_rules! impl_sql_store {
                         // One statement claims the task if it is pending and its session's
                         // turn, without reading its row; otherwise (nothing written) the
                         // reads below tell why.
-                        let count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
                         let pending = anywork_core::TaskStatus::Pending;
-                        if let Some(last) =
-                            update_lean(conn, *id, pending, change, count, true).await?
+                        if let Some((last, written)) =
+                            update_lean(conn, *id, pending, change, rows, true).await?
                         {
-                            insert_logs(conn, *id, rows, last).await?;
+                            if !written {
+                                insert_logs(conn, *id, rows, last).await?;
+                            }
                             for d in deliveries {
                                 insert_delivery(conn, d).await?;
                             }
@@ -1469,9 +1478,9 @@ macro_rules! impl_sql_store {
             id: anywork_core::TaskId,
             expected: anywork_core::TaskStatus,
             change: &anywork_core::TaskChange,
-            count: i64,
+            rows: &[(String, String, i64)],
             turn: bool,
-        ) -> anywork_core::Result<Option<i64>> {
+        ) -> anywork_core::Result<Option<(i64, bool)>> {
             use anywork_core::TaskStatus;
             use $crate::sql::to_i64;
             if expected.check_transition(change.status).is_err()
@@ -1482,6 +1491,7 @@ macro_rules! impl_sql_store {
             {
                 return Ok(None);
             }
+            let count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
             let status = change.status;
             // Written with `push_arg`, not a `QueryBuilder`: its `push` formats every piece
             // of text through `write!` (≈ 4k instructions per statement here, twice per task).
@@ -1489,6 +1499,10 @@ macro_rules! impl_sql_store {
             let mut args = <$db as sqlx::Database>::Arguments::<'_>::default();
             let id = id.to_string();
             let id_again = id.clone();
+            // SQLite: a few rows go in the same call (see `push_logs_after_update`); a long
+            // batch is inserted after it by the caller, as on PostgreSQL (a statement text per
+            // row count, each kept prepared: few of them).
+            let with_rows = $one_call && !rows.is_empty() && rows.len() <= $crate::sql::LOGS_WITH_UPDATE;
             let result = change
                 .outcome
                 .as_ref()
@@ -1567,19 +1581,59 @@ macro_rules! impl_sql_store {
                 if $one_call {
                     // SQLite: see LAST_SEQ_AFTER_UPDATE (the id bound again, as `?`).
                     let select = "; SELECT last_seq FROM tasks WHERE id = ";
+                    let logs_id = with_rows.then(|| id_again.clone());
                     push_arg(&mut sql, &mut args, id_again, select)?;
                     sql.push_str(" AND changes() = 1");
+                    if let Some(logs_id) = logs_id {
+                        push_logs_after_update(&mut sql, &mut args, rows, logs_id)?;
+                    }
                 } else {
                     sql.push_str(" RETURNING last_seq");
                 }
                 Ok(())
             })();
             built.map_err(|e| $crate::sql::db_err("update task", sqlx::Error::Encode(e)))?;
+            // Every statement of the call runs (`fetch_optional` on the connection would stop
+            // SQLite's after the first row, before the logs' insert).
             let row = sqlx::query_with(&sql, args)
-                .fetch_optional(&mut *conn)
+                .fetch_all(&mut *conn)
                 .await
-                .map_err(|e| $crate::sql::db_err("update task", e))?;
-            row.map(|row| Cols(&row).i64("last_seq")).transpose()
+                .map_err(|e| $crate::sql::db_err("update task", e))?
+                .into_iter()
+                .next();
+            row.map(|row| Ok((Cols(&row).i64("last_seq")?, with_rows)))
+                .transpose()
+        }
+
+        /// SQLite: the insert of `rows` into the task's log, as the last statement of
+        /// `update_lean`'s call: their seqs counted back from the `last_seq` the `UPDATE`
+        /// just set, and only if it changed the task's row (`changes() = 1`, as the read
+        /// back before it). The logs go in the same call as the change instead of one of
+        /// their own after it: one round trip to SQLite's thread fewer (a wake-up of it and
+        /// one back) per status change with events.
+        fn push_logs_after_update<'a>(
+            sql: &mut String,
+            args: &mut <$db as sqlx::Database>::Arguments<'a>,
+            rows: &'a [(String, String, i64)],
+            id: String,
+        ) -> Result<(), sqlx::error::BoxDynError> {
+            let count = rows.len();
+            sql.push_str(
+                "; INSERT INTO task_logs (task_id, seq, type, payload, created_at) \
+                 SELECT t.id, t.last_seq - v.column1, v.column2, v.column3, v.column4 \
+                 FROM tasks t, (VALUES ",
+            );
+            for (i, (kind, payload, at)) in rows.iter().enumerate() {
+                let back = i64::try_from(count - 1 - i).unwrap_or(i64::MAX);
+                push_arg(sql, args, back, if i == 0 { "(" } else { ", (" })?;
+                push_arg(sql, args, kind.as_str(), ", ")?;
+                push_arg(sql, args, payload.as_str(), ", ")?;
+                push_arg(sql, args, *at, ", ")?;
+                sql.push(')');
+            }
+            push_arg(sql, args, id, ") v WHERE t.id = ")?;
+            sql.push_str(" AND changes() = 1");
+            Ok(())
         }
 
         /// The first of `deliveries` whose id is taken (in the table, or by an earlier one of

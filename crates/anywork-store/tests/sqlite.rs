@@ -385,3 +385,63 @@ async fn writes_of_many_log_rows_land_whole() {
         }
     }
 }
+
+/// A lean status change with a few events inserts them in the call of its `UPDATE` (their
+/// seqs counted back from the `last_seq` it set), and only if the `UPDATE` changed the task:
+/// in one group, a refused compare-and-set right after a write that changed a row inserts
+/// none of its events; the others get their events in order, gap-free, a long batch (more
+/// than go with the `UPDATE`) too.
+#[tokio::test]
+async fn a_lean_change_inserts_its_events_only_if_it_changed_the_task() {
+    use anywork_core::{NewTaskLog, TaskChange, TaskEvent, TaskStatus};
+    let (_dir, store, tasks) = store_refusing_boom(4).await;
+    let logs = |n: usize| -> Vec<NewTaskLog> {
+        (0..n)
+            .map(|i| NewTaskLog::now(TaskEvent::text(format!("e{i}"))))
+            .collect()
+    };
+    let store_ref = &store;
+    let sizes = [1, 2, 4, 6];
+    let writes = tasks.iter().zip(sizes).enumerate().map(|(i, (&id, n))| {
+        // Task 1 is pending, not running: refused, right after task 0's write.
+        let expected = if i == 1 {
+            TaskStatus::Running
+        } else {
+            TaskStatus::Pending
+        };
+        let change = TaskChange::to(TaskStatus::Running);
+        async move {
+            store_ref
+                .update_task_lean(id, expected, change, logs(n), Vec::new())
+                .await
+        }
+    });
+    let results = futures_util::future::join_all(writes).await;
+    assert_eq!(results[0].as_ref().ok(), Some(&1), "{:?}", results[0]);
+    assert!(results[1].is_err(), "{:?}", results[1]);
+    assert_eq!(results[2].as_ref().ok(), Some(&4), "{:?}", results[2]);
+    assert_eq!(results[3].as_ref().ok(), Some(&6), "{:?}", results[3]);
+    let task1 = store.get_task(tasks[1]).await.unwrap();
+    assert_eq!(task1.status, TaskStatus::Pending);
+    assert!(store.read_logs(tasks[1], 0, 10).await.unwrap().is_empty());
+    let again = store
+        .update_task_lean(
+            tasks[1],
+            TaskStatus::Pending,
+            TaskChange::to(TaskStatus::Running),
+            logs(2),
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(again.ok(), Some(2), "no seq was reserved by the refusal");
+    for (i, n) in [(0, 1), (1, 2), (2, 4), (3, 6)] {
+        let read = store.read_logs(tasks[i], 0, 10).await.unwrap();
+        let got: Vec<(u64, TaskEvent)> = read.into_iter().map(|l| (l.seq, l.event)).collect();
+        let want: Vec<(u64, TaskEvent)> = (0..n)
+            .map(|k| (k as u64 + 1, TaskEvent::text(format!("e{k}"))))
+            .collect();
+        assert_eq!(got, want, "task {i}");
+        let task = store.get_task(tasks[i]).await.unwrap();
+        assert_eq!(task.status, TaskStatus::Running);
+    }
+}
