@@ -21,6 +21,9 @@ pub(crate) const LOG_CHUNK: usize = 1000;
 /// (`update_lean`); more go in an insert of their own after it.
 pub(crate) const LOGS_WITH_UPDATE: usize = 4;
 
+/// Room for `push_logs_after_update`'s text besides its rows (16 bytes each: `, (?, ?, ?, ?)`).
+pub(crate) const LOGS_AFTER_UPDATE_CAPACITY: usize = 192;
+
 /// Room for the text of `update_lean`'s statement, its longest (a claim's, with the turn's
 /// `NOT EXISTS`, and SQLite's read back of `last_seq`) included, so that it is not grown while
 /// written.
@@ -1495,14 +1498,20 @@ macro_rules! impl_sql_store {
             let status = change.status;
             // Written with `push_arg`, not a `QueryBuilder`: its `push` formats every piece
             // of text through `write!` (≈ 4k instructions per statement here, twice per task).
-            let mut sql = String::with_capacity($crate::sql::UPDATE_LEAN_CAPACITY);
-            let mut args = <$db as sqlx::Database>::Arguments::<'_>::default();
-            let id = id.to_string();
-            let id_again = id.clone();
             // SQLite: a few rows go in the same call (see `push_logs_after_update`); a long
             // batch is inserted after it by the caller, as on PostgreSQL (a statement text per
             // row count, each kept prepared: few of them).
-            let with_rows = $one_call && !rows.is_empty() && rows.len() <= $crate::sql::LOGS_WITH_UPDATE;
+            let with_rows =
+                $one_call && !rows.is_empty() && rows.len() <= $crate::sql::LOGS_WITH_UPDATE;
+            let room = if with_rows {
+                $crate::sql::LOGS_AFTER_UPDATE_CAPACITY + 16 * rows.len()
+            } else {
+                0
+            };
+            let mut sql = String::with_capacity($crate::sql::UPDATE_LEAN_CAPACITY + room);
+            let mut args = <$db as sqlx::Database>::Arguments::<'_>::default();
+            let id = id.to_string();
+            let id_again = id.clone();
             let result = change
                 .outcome
                 .as_ref()
