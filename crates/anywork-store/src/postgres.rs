@@ -243,6 +243,11 @@ crate::sql::impl_sql_store!(
 );
 
 impl PostgresStore {
+    /// Shared by every server that connects to the database.
+    fn one_process(&self) -> bool {
+        false
+    }
+
     /// The change feed: a `LISTEN` on the log channel (one connection of the pool, taken on
     /// the first subscription and given back when the last subscriber is gone), fed by the
     /// `pg_notify` each append sends in its transaction.

@@ -2480,6 +2480,10 @@ macro_rules! impl_sql_store {
                 self.subscribe()
             }
 
+            fn shared(&self) -> bool {
+                !self.one_process()
+            }
+
             async fn claimable(
                 &self,
                 limit: u32,

@@ -1023,6 +1023,11 @@ impl SqliteStore {
     fn subscribe(&self) -> Option<anywork_core::ChangeFeed> {
         None
     }
+
+    /// One server per SQLite file (docs/scaling.md).
+    fn one_process(&self) -> bool {
+        true
+    }
 }
 
 /// The stand-in error a query answers when what went ahead of it in its call failed (the
