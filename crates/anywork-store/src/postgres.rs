@@ -33,6 +33,11 @@ const MIGRATIONS: Embedded = Embedded(&[
         "idle hold",
         include_str!("../migrations/postgres/0004_idle_hold.sql"),
     ),
+    (
+        5,
+        "active tasks",
+        include_str!("../migrations/postgres/0005_active_tasks.sql"),
+    ),
 ]);
 
 /// How long a write waits for a pooled connection (the server down: each attempt to reach
