@@ -1790,6 +1790,9 @@ mod tests {
         assert!(lock(&errors.0).is_empty(), "{:?}", lock(&errors.0));
     }
 
+    /// The paths a fake worker was asked for, in order.
+    type Paths = Arc<Mutex<Vec<String>>>;
+
     /// A store that writes through to memory and records, per write, the types of the
     /// events it appended (how many writes the events of a task took) and the method.
     #[derive(Default)]
@@ -1805,7 +1808,7 @@ mod tests {
         /// `create_task_claimed` first waits (on a one-server store; up to 10 s) or looks
         /// (otherwise: for 200 ms) for a `/prepare`, and records in `prepared_first` whether
         /// it came before the write.
-        prepare_gate: Option<(Arc<Mutex<Vec<String>>>, Arc<Notify>)>,
+        prepare_gate: Option<(Paths, Arc<Notify>)>,
         prepared_first: Mutex<Vec<bool>>,
     }
 
