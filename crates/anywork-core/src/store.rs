@@ -585,6 +585,15 @@ pub trait TaskStore: Send + Sync + 'static {
         }
     }
 
+    /// Whether other dispatchers (servers) may use the store at the same time. `true`, the
+    /// default, unless the store serves one server only, as SQLite does (docs/scaling.md):
+    /// then whether a session has a task active or queued is known to that server alone, and
+    /// its dispatcher may send a session's `/prepare` before the write that claims its new
+    /// task. (The memory store says `true`: tests share one between dispatchers.)
+    fn shared(&self) -> bool {
+        true
+    }
+
     /// A feed of the events appended to task logs by any server sharing the store, for
     /// followers on this server of tasks run elsewhere (PostgreSQL: `LISTEN/NOTIFY`). `None`
     /// (the default) when the store has none: followers then read the log by polling.

@@ -33,6 +33,11 @@ const MIGRATIONS: Embedded = Embedded(&[
         "idle hold",
         include_str!("../migrations/postgres/0004_idle_hold.sql"),
     ),
+    (
+        5,
+        "active tasks",
+        include_str!("../migrations/postgres/0005_active_tasks.sql"),
+    ),
 ]);
 
 /// How long a write waits for a pooled connection (the server down: each attempt to reach
@@ -243,6 +248,11 @@ crate::sql::impl_sql_store!(
 );
 
 impl PostgresStore {
+    /// Shared by every server that connects to the database.
+    fn one_process(&self) -> bool {
+        false
+    }
+
     /// The change feed: a `LISTEN` on the log channel (one connection of the pool, taken on
     /// the first subscription and given back when the last subscriber is gone), fed by the
     /// `pg_notify` each append sends in its transaction.

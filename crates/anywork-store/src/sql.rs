@@ -27,7 +27,19 @@ pub(crate) const LOGS_AFTER_UPDATE_CAPACITY: usize = 192;
 /// Room for the text of `update_lean`'s statement, its longest (a claim's, with the turn's
 /// `NOT EXISTS`, and SQLite's read back of `last_seq`) included, so that it is not grown while
 /// written.
-pub(crate) const UPDATE_LEAN_CAPACITY: usize = 704;
+pub(crate) const UPDATE_LEAN_CAPACITY: usize = 800;
+
+/// A claim's condition that it is its session's turn: no other task of the session running
+/// or waiting for input, and none pending that came before it. `=` chains, not `IN (…)`:
+/// see [`STATUS_IS_ACTIVE`]. Its first term, as the partial index `tasks_session_active`
+/// states it (migration 0005), lets the database read the session's active tasks alone, not
+/// every task the session ever had: a claim's cost does not grow with the session's history.
+pub(crate) const CLAIM_TURN: &str = " AND NOT EXISTS (SELECT 1 FROM tasks o \
+    WHERE o.session_id = tasks.session_id \
+    AND (o.status = 'pending' OR o.status = 'running' OR o.status = 'input_required') \
+    AND (o.status = 'running' OR o.status = 'input_required' \
+      OR (o.status = 'pending' AND (o.created_at < tasks.created_at \
+        OR (o.created_at = tasks.created_at AND o.id < tasks.id)))))";
 
 /// SQLite: how an `UPDATE tasks … WHERE id = $2 …` that reserves seqs reads the task's new
 /// `last_seq` back — a second statement in the same call, not `RETURNING last_seq` (which
@@ -1578,14 +1590,7 @@ macro_rules! impl_sql_store {
                     push_arg(&mut sql, &mut args, lease.expires_at.0, " AND lease_expires_at = ")?;
                 }
                 if turn {
-                    // `=` chains, not `IN (…)`: see STATUS_IS_ACTIVE.
-                    sql.push_str(
-                        " AND NOT EXISTS (SELECT 1 FROM tasks o \
-                         WHERE o.session_id = tasks.session_id \
-                         AND (o.status = 'running' OR o.status = 'input_required' \
-                           OR (o.status = 'pending' AND (o.created_at < tasks.created_at \
-                             OR (o.created_at = tasks.created_at AND o.id < tasks.id)))))",
-                    );
+                    sql.push_str($crate::sql::CLAIM_TURN);
                 }
                 if $one_call {
                     // SQLite: see LAST_SEQ_AFTER_UPDATE (the id bound again, as `?`).
@@ -2541,6 +2546,10 @@ macro_rules! impl_sql_store {
 
             fn change_feed(&self) -> Option<anywork_core::ChangeFeed> {
                 self.subscribe()
+            }
+
+            fn shared(&self) -> bool {
+                !self.one_process()
             }
 
             async fn claimable(

@@ -45,6 +45,11 @@ const MIGRATIONS: Embedded = Embedded(&[
         "idle hold",
         include_str!("../migrations/sqlite/0004_idle_hold.sql"),
     ),
+    (
+        5,
+        "active tasks",
+        include_str!("../migrations/sqlite/0005_active_tasks.sql"),
+    ),
 ]);
 
 /// Writes one transaction may hold at most (group commit).
@@ -1023,6 +1028,11 @@ impl SqliteStore {
     fn subscribe(&self) -> Option<anywork_core::ChangeFeed> {
         None
     }
+
+    /// One server per SQLite file (docs/scaling.md).
+    fn one_process(&self) -> bool {
+        true
+    }
 }
 
 /// The stand-in error a query answers when what went ahead of it in its call failed (the
@@ -1109,5 +1119,36 @@ impl<'c, 'a: 'c> sqlx::Executor<'c> for &'c mut Tx<'a, SqliteConnection> {
         'c: 'e,
     {
         self.conn.describe(sql)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A claim reads the active tasks of its session alone (the partial index of migration
+    /// 0005), whatever the session's history: its turn's `NOT EXISTS` states the index's
+    /// condition as the index does. A change of either text that loses the index fails here.
+    #[tokio::test]
+    async fn a_claims_turn_reads_the_sessions_active_tasks_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in_dir(dir.path()).await.unwrap();
+        let sql = format!(
+            "EXPLAIN QUERY PLAN UPDATE tasks SET status = 'running' WHERE id = $1 \
+             AND status = 'pending'{}",
+            crate::sql::CLAIM_TURN
+        );
+        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&sql)
+            .bind("t1")
+            .fetch_all(&store.pool)
+            .await
+            .unwrap();
+        let details: Vec<&str> = plan.iter().map(|(_, _, _, d)| d.as_str()).collect();
+        assert!(
+            details
+                .iter()
+                .any(|d| d.starts_with("SEARCH o USING") && d.contains("tasks_session_active")),
+            "{details:?}"
+        );
     }
 }

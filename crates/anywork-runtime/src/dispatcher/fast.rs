@@ -8,7 +8,11 @@
 //! thread and back. When the store cannot start it (another task of the session is active
 //! or older, the reaper holds the session) it is stored `pending` and queued as any task.
 //! A new session's first task is stored the same way with its session
-//! ([`TaskStore::create_session_with_task_claimed`]).
+//! ([`TaskStore::create_session_with_task_claimed`]). On a store that serves this server
+//! only ([`TaskStore::shared`]), a task of a stored session has its `/prepare` sent while it
+//! is written ([`run::EarlyPrepare`]), so that the run's `/chat` follows the write at once.
+//!
+//! [`TaskStore::shared`]: anywork_core::TaskStore::shared
 //!
 //! [`TaskStore::create_session_with_task_claimed`]: anywork_core::TaskStore::create_session_with_task_claimed
 //!
@@ -40,6 +44,9 @@ pub(super) struct FastStart {
     endpoint: WorkerEndpoint,
     permit: Option<OwnedSemaphorePermit>,
     control: Option<(mpsc::Sender<Control>, mpsc::Receiver<Control>)>,
+    /// The session's `/prepare`, on its way while the task is written (a store that serves
+    /// this server only): handed to the run, or aborted.
+    prepare: Option<run::EarlyPrepare>,
     outcome: Outcome,
 }
 
@@ -83,6 +90,15 @@ impl Dispatcher {
             return inner.store.create_task(new_task).await;
         };
         let (accepted, claim) = self.claim_of(&fast, &new_task);
+        if !inner.store.shared() {
+            // Nothing of the session is active or queued here, and no other server uses the
+            // store: the worker may be prepared while the task is written.
+            fast.prepare = Some(run::EarlyPrepare::spawn(
+                inner.clone(),
+                accepted.clone(),
+                fast.endpoint.clone(),
+            ));
+        }
         // An error drops `fast`: the reservation is undone.
         let (stored, last) = inner
             .store
@@ -113,6 +129,8 @@ impl Dispatcher {
                 .create_session_with_task(session, new_task)
                 .await;
         };
+        // No `/prepare` beside this write: a taken session id (the write's `Conflict`) would
+        // be another session's, whose tasks this server knows nothing of.
         let (accepted, claim) = self.claim_of(&fast, &new_task);
         // An error (a taken session or task: nothing stored) drops `fast`: the reservation
         // is undone.
@@ -238,6 +256,7 @@ impl Dispatcher {
             endpoint,
             permit: Some(permit),
             control: Some((tx, rx)),
+            prepare: None,
             outcome: Outcome::Nothing,
         })
     }
@@ -287,6 +306,7 @@ impl Drop for FastStart {
                     endpoint: self.endpoint.clone(),
                     permit,
                     control,
+                    prepare: self.prepare.take(),
                 };
                 runtime.spawn(run::run_started(inner, started));
             }

@@ -149,6 +149,8 @@ pub(super) struct Started {
     pub(super) endpoint: WorkerEndpoint,
     pub(super) permit: tokio::sync::OwnedSemaphorePermit,
     pub(super) control: (mpsc::Sender<Control>, mpsc::Receiver<Control>),
+    /// The session's `/prepare`, sent beside the write ([`EarlyPrepare`]).
+    pub(super) prepare: Option<EarlyPrepare>,
 }
 
 /// Runs a task stored claimed ([`Started`]), then the rest of its session's queue.
@@ -158,10 +160,12 @@ pub(super) async fn run_started(inner: Arc<Inner>, started: Started) {
         endpoint,
         permit,
         control,
+        prepare,
     } = started;
     let (id, session) = (task.id, task.session_id.clone());
     tracing::info!(task = %id, session = %session, worker = %endpoint.worker_id, "task started with its creation");
-    match Box::pin(run_registered(&inner, task, control, Some(endpoint))).await {
+    let started = Some((endpoint, prepare));
+    match Box::pin(run_registered(&inner, task, control, started)).await {
         Ok(()) => {}
         Err(RunError::Store(e)) if ended_elsewhere(&e) => {
             tracing::info!(task = %id, error = %e, "the task ended before its run's last write");
@@ -238,13 +242,14 @@ async fn run_task(inner: &Arc<Inner>, task: Task) -> std::result::Result<(), Run
 }
 
 /// The run of `task`, whose control channel is registered in `Inner::runs`: from its
-/// worker and claim, or, when `started` gives the worker, from the claim the task was
-/// stored with ([`TaskStore::create_task_claimed`](anywork_core::TaskStore::create_task_claimed)).
+/// worker and claim, or, when `started` gives the worker (and the session's `/prepare` if it
+/// was sent beside the write), from the claim the task was stored with
+/// ([`TaskStore::create_task_claimed`](anywork_core::TaskStore::create_task_claimed)).
 async fn run_registered(
     inner: &Arc<Inner>,
     task: Task,
     (tx, rx): (mpsc::Sender<Control>, mpsc::Receiver<Control>),
-    started: Option<WorkerEndpoint>,
+    started: Option<(WorkerEndpoint, Option<EarlyPrepare>)>,
 ) -> std::result::Result<(), RunError> {
     inner.metrics.started();
     let mut run = Run {
@@ -261,9 +266,9 @@ async fn run_registered(
     };
     let result = match started {
         None => run.execute().await,
-        Some(endpoint) => {
+        Some((endpoint, prepare)) => {
             run.claimed();
-            run.run_claimed(endpoint).await
+            run.run_claimed(endpoint, prepare).await
         }
     };
     let task_id = run.task.id;
@@ -515,7 +520,7 @@ impl Run {
                 Err(e) => return Err(e.into()),
             }
         }
-        self.run_claimed(endpoint).await
+        self.run_claimed(endpoint, None).await
     }
 
     /// The run holds its task now (claimed, `running`): its live stream here ends with it,
@@ -530,9 +535,14 @@ impl Run {
         }
     }
 
-    /// The run of a claimed task on `endpoint`: `/prepare` and `/chat` (or the re-attach to
-    /// the worker's run), then the event stream to the end.
-    async fn run_claimed(&mut self, endpoint: WorkerEndpoint) -> std::result::Result<(), RunError> {
+    /// The run of a claimed task on `endpoint`: `/prepare` (unless `prepare` is on its way
+    /// already) and `/chat` (or the re-attach to the worker's run), then the event stream to
+    /// the end.
+    async fn run_claimed(
+        &mut self,
+        endpoint: WorkerEndpoint,
+        prepare: Option<EarlyPrepare>,
+    ) -> std::result::Result<(), RunError> {
         // Taken back from this server's previous run: re-attach rather than start over.
         let resume = lock(&self.inner.resume).remove(&self.task.id);
         self.status = TaskStatus::Running;
@@ -549,7 +559,7 @@ impl Run {
             if resume {
                 attach_chat(&inner, &task, &worker).await
             } else {
-                start_chat(&inner, &task, &worker).await
+                start_chat(&inner, &task, &worker, prepare).await
             }
         };
         let failure = if resume {
@@ -1263,9 +1273,15 @@ fn files_form(mut skill: SkillSpec) -> SkillSpec {
     skill
 }
 
-/// `/prepare` with the channel's defaults merged in, then `/chat`; both retried on errors
-/// that may pass.
-async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Result<ChatStream> {
+/// A task's `/prepare` (with the channel's defaults merged in, catalog secrets and skills
+/// given by name read now) and its `/chat`, encoded.
+struct ChatRequests {
+    prepare: PreparedBody,
+    chat: ChatRequest,
+}
+
+/// `task`'s [`ChatRequests`].
+async fn chat_requests(inner: &Inner, task: &Task) -> Result<ChatRequests> {
     let mut skills = task.skills.clone();
     let mut mcp_servers = task.mcp_servers.clone();
     let mut repository = None;
@@ -1343,19 +1359,87 @@ async fn start_chat(inner: &Inner, task: &Task, worker: &WorkerEndpoint) -> Resu
         session_id: task.session_id.clone(),
         message,
     };
+    Ok(ChatRequests { prepare, chat })
+}
+
+/// A new task's `/prepare`, sent while the write that stores it claimed is under way, so
+/// that the worker is prepared by the time the task is stored and its run sends `/chat`
+/// (issue #16: the prepare's round trip was on every dispatch's path). Only where nothing
+/// of the session can be active or queued but through this server (a store that serves one
+/// server, [`TaskStore::shared`](anywork_core::TaskStore::shared), and the session's start
+/// reserved here): the worker is then never prepared under another task's feet, whatever
+/// the write decides. The prepare carries no task; when the write leaves the task
+/// `pending`, its run prepares again when it starts. Dropped, it is aborted.
+pub(super) struct EarlyPrepare(tokio::task::JoinHandle<Result<(ChatRequests, bool)>>);
+
+impl EarlyPrepare {
+    /// Builds `task`'s requests and sends its `/prepare` to `worker`, on a task of its own.
+    pub(super) fn spawn(inner: Arc<Inner>, task: Task, worker: WorkerEndpoint) -> Self {
+        Self(tokio::spawn(async move {
+            let requests = chat_requests(&inner, &task).await?;
+            let client = &inner.client;
+            let skipped = client.is_prepared(&worker, &requests.prepare);
+            if !skipped {
+                retry(&inner.config.retry, || {
+                    client.prepare_body(&worker, &requests.prepare)
+                })
+                .await?;
+                inner.metrics.prepare("sent");
+            }
+            Ok((requests, skipped))
+        }))
+    }
+
+    /// The requests, and whether the prepare was left out (acknowledged unchanged); the
+    /// prepare's failure, after its retries.
+    async fn finish(mut self) -> Result<(ChatRequests, bool)> {
+        match (&mut self.0).await {
+            Ok(done) => done,
+            Err(e) => Err(Error::internal(format!(
+                "the /prepare sent beside the task's write did not finish: {e}"
+            ))),
+        }
+    }
+}
+
+impl Drop for EarlyPrepare {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `/prepare` (unless `early` sent it already), then `/chat`; both retried on errors that
+/// may pass.
+async fn start_chat(
+    inner: &Inner,
+    task: &Task,
+    worker: &WorkerEndpoint,
+    early: Option<EarlyPrepare>,
+) -> Result<ChatStream> {
     let client = &inner.client;
     // `/prepare` only when what it carries changed since this worker acknowledged it; the
     // worker refuses the chat if its state is not that one (restarted, replaced), and then
     // gets `/prepare` and the chat once more.
-    let mut skipped = client.is_prepared(worker, &prepare);
+    let (ChatRequests { prepare, chat }, mut skipped, mut sent) = match early {
+        Some(early) => {
+            let (requests, skipped) = early.finish().await?;
+            (requests, skipped, !skipped)
+        }
+        None => {
+            let requests = chat_requests(inner, task).await?;
+            let skipped = client.is_prepared(worker, &requests.prepare);
+            (requests, skipped, false)
+        }
+    };
     loop {
-        if !skipped {
+        if !skipped && !sent {
             retry(&inner.config.retry, || {
                 client.prepare_body(worker, &prepare)
             })
             .await?;
             inner.metrics.prepare("sent");
         }
+        sent = false;
         let key = client
             .is_prepared(worker, &prepare)
             .then(|| prepare.key())
@@ -1742,6 +1826,9 @@ mod tests {
         assert!(lock(&errors.0).is_empty(), "{:?}", lock(&errors.0));
     }
 
+    /// The paths a fake worker was asked for, in order.
+    type Paths = Arc<Mutex<Vec<String>>>;
+
     /// A store that writes through to memory and records, per write, the types of the
     /// events it appended (how many writes the events of a task took) and the method.
     #[derive(Default)]
@@ -1751,6 +1838,14 @@ mod tests {
         methods: std::sync::Mutex<Vec<&'static str>>,
         /// Calls of `task_status_for_start` (a runner's read before it asks for a worker).
         status_reads: std::sync::atomic::AtomicUsize,
+        /// Says that it serves one server ([`TaskStore::shared`] `false`).
+        one_server: bool,
+        /// The paths a worker was asked for, and its notice of each request: when set,
+        /// `create_task_claimed` first waits (on a one-server store; up to 10 s) or looks
+        /// (otherwise: for 200 ms) for a `/prepare`, and records in `prepared_first` whether
+        /// it came before the write.
+        prepare_gate: Option<(Paths, Arc<Notify>)>,
+        prepared_first: Mutex<Vec<bool>>,
     }
 
     impl Writes {
@@ -1766,6 +1861,9 @@ mod tests {
 
     #[async_trait::async_trait]
     impl TaskStore for Writes {
+        fn shared(&self) -> bool {
+            !self.one_server
+        }
         async fn create_session(
             &self,
             new: anywork_core::NewSession,
@@ -1850,6 +1948,25 @@ mod tests {
             logs: Vec<NewTaskLog>,
             deliveries: Vec<anywork_core::NewDelivery>,
         ) -> Result<(Task, Option<u64>)> {
+            if let Some((paths, asked)) = &self.prepare_gate {
+                let prepared = || lock(paths).iter().any(|p| p == "/prepare");
+                let wait = if self.one_server {
+                    Duration::from_secs(10)
+                } else {
+                    Duration::from_millis(200)
+                };
+                let _ = tokio::time::timeout(wait, async {
+                    loop {
+                        let next = asked.notified();
+                        if prepared() {
+                            return;
+                        }
+                        next.await;
+                    }
+                })
+                .await;
+                lock(&self.prepared_first).push(prepared());
+            }
             self.record("create_task_claimed", &logs);
             self.inner
                 .create_task_claimed(new, change, logs, deliveries)
@@ -2115,6 +2232,61 @@ mod tests {
             "stored (claimed) before its run started"
         );
         stored_started(&store, submitted.task.id, "create_task_claimed", reads).await;
+    }
+
+    /// The next chat of a session on `store` (a fake worker whose chat completes at once,
+    /// watched by the store's gate): the paths the worker was asked for from that chat's
+    /// submit to its end.
+    async fn paths_of_a_second_chat(one_server: bool) -> (Arc<Writes>, Vec<String>) {
+        let done = TaskEvent::Done(TaskOutcome::completed("done"));
+        let worker = FakeWorker::start(false, vec![done], Vec::new()).await;
+        let store = Arc::new(Writes {
+            one_server,
+            prepare_gate: Some((worker.paths.clone(), worker.asked.clone())),
+            ..Writes::default()
+        });
+        let driver = Arc::new(anywork_drivers::StaticDriver::new(&worker.url).unwrap());
+        let config = DispatcherConfig {
+            retry: crate::Backoff::none(),
+            reap_every: None,
+            ..Default::default()
+        };
+        let d = Dispatcher::builder(store.clone(), driver)
+            .config(config)
+            .start()
+            .await
+            .unwrap();
+        let (again, _) = again_after_a_first_chat(&store, &d).await;
+        lock(&worker.paths).clear();
+        let task = guard(d.submit(again)).await.unwrap().task;
+        let done = guard(until_completed(&store, task.id)).await;
+        assert!(done.worker_id.is_some(), "{done:?}");
+        (store, worker.paths())
+    }
+
+    /// On a store that serves this server only, a chat stored started has the session's
+    /// `/prepare` sent while the task is written, not after: the worker is asked for it
+    /// before the create-and-claim writes (which here waits for it), once, and the chat
+    /// follows.
+    #[tokio::test]
+    async fn a_sole_servers_chat_prepares_its_worker_while_it_is_written() {
+        let (store, paths) = paths_of_a_second_chat(true).await;
+        assert_eq!(*lock(&store.prepared_first), vec![true]);
+        assert_eq!(
+            *store.methods.lock().unwrap(),
+            vec!["create_task_claimed", "update_task_lean"]
+        );
+        assert_eq!(paths, vec!["/prepare", "/chat"]);
+    }
+
+    /// On a store that other servers may share, the session's `/prepare` waits for the
+    /// write that claims the task (another server may run a task of the session on that
+    /// worker): no `/prepare` before the create-and-claim, then one, then the chat.
+    #[tokio::test]
+    async fn a_shared_stores_chat_prepares_its_worker_after_it_is_written() {
+        let (store, paths) = paths_of_a_second_chat(false).await;
+        assert_eq!(*lock(&store.prepared_first), vec![false]);
+        assert_eq!(paths, vec!["/prepare", "/chat"]);
     }
 
     /// A new session's first chat that can start at once (the driver's health check fresh,
