@@ -26,11 +26,14 @@ fn header<'a>(list: &'a str, key: &str) -> Vec<&'a str> {
 /// One `[[package]]` of Cargo.lock: (name, version) → the names and versions it depends on.
 type Packages = BTreeMap<(String, String), Vec<Vec<String>>>;
 
+/// A package being read: its name, version and dependencies so far.
+type Reading = (Option<String>, Option<String>, Vec<Vec<String>>);
+
 fn lock_packages(lock: &str) -> Packages {
     let mut out = Packages::new();
-    let mut current: Option<(Option<String>, Option<String>, Vec<Vec<String>>)> = None;
+    let mut current: Option<Reading> = None;
     let mut in_deps = false;
-    let mut finish = |p: Option<(Option<String>, Option<String>, Vec<Vec<String>>)>| {
+    let mut finish = |p: Option<Reading>| {
         if let Some((Some(name), Some(version), deps)) = p {
             out.insert((name, version), deps);
         }
