@@ -1,17 +1,66 @@
 #!/bin/bash
-# order.sh BIN OUT: the functions BIN (a release anywork-server) runs from exec until /api/health
-# answers and 3 s more (static driver, fresh DB_DIR), under callgrind, as a linker symbol
-# ordering file (mangled names, one a line). Relink with it (LLD only; names carry crate hashes,
-# so make it again after any dependency, compiler or profile change; stale names are skipped):
-#   ANYWORK_SYMBOL_ORDERING_FILE=$PWD/OUT cargo build --release -p anywork-server
+# order.sh OUT BIN...: the linker symbol ordering file of anywork-server (build.rs passes it
+# to LLD as --symbol-ordering-file; crates/anywork-server/symbol-order.txt is the committed
+# one). For each BIN (a release anywork-server), under callgrind, the functions it runs:
+#   - static set-up (the benchmarks'): from exec until /api/health answers, the web UI's page,
+#     three chats in one session over /ws (a first task and two followers; the stand-in worker
+#     of anywork-bench answers them: $BENCH, default BIN's sibling anywork-bench), 35 s more
+#     (the SQLite connections' idle close); the lease reaper every second;
+#   - local set-up (the README's first command, empty DB_DIR): from exec through the start-up
+#     health call to the in-process worker, the web UI's page, 3 s more.
+# OUT = the names of those functions that BIN defines (mangled, one a line), over all BINs,
+# after a header: the compiler and the packages (Cargo.lock) the names were made with, which
+# tests/symbol_order.rs compares with the tree's. Names carry crate hashes that depend on the
+# profile, so give one binary per profile the list should serve, e.g.
+#   cargo build --release --locked -p anywork-server -p anywork-bench          # shipped: fat LTO
+#   cp target/release/anywork-{server,bench} /tmp/fat/
+#   CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+#     cargo build --release --locked -p anywork-server -p anywork-bench      # the benchmarks'
+#   scripts/rss-startup/order.sh crates/anywork-server/symbol-order.txt /tmp/fat/anywork-server target/release/anywork-server
+# Build BINs with ANYWORK_SYMBOL_ORDERING_FILE=off (the layout does not change the names, but
+# this keeps the profile clean). order.sh check LIST BIN: how many of LIST's names BIN has.
 set -e
-BIN=$1; OUT=$2; D=$(mktemp -d); PORT=$((20000 + RANDOM % 20000)); CG=$(mktemp)
-env -i PATH=/usr/bin:/bin SERVER_HOST=127.0.0.1 SERVER_PORT=$PORT DB_DIR=$D HOME=/tmp \
-  CONTAINER_DRIVER=static STATIC_WORKER_URL=http://127.0.0.1:9 RUST_LOG=error \
-  valgrind --tool=callgrind --demangle=no --callgrind-out-file=$CG "$BIN" >/dev/null 2>&1 &
-PID=$!
-for i in $(seq 300); do curl -sf http://127.0.0.1:$PORT/api/health >/dev/null && break; sleep 0.2; done
-sleep 3; kill -INT $PID; wait $PID || true
-grep -oE "^c?fn=\([0-9]+\) .*" $CG | sed -E 's/^c?fn=\([0-9]+\) //' | sort -u > $CG.fns
-nm "$BIN" | awk '$2 ~ /[tT]/ {print $3}' | sort -u | comm -12 $CG.fns - > "$OUT"
-rm -rf $D $CG $CG.fns; wc -l "$OUT"
+HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(cd "$HERE/../.." && pwd)
+names() { nm "$1" | awk '$2 ~ /^[tTwW]$/ {print $3}' | sort -u; }
+if [ "$1" = check ]; then
+  total=$(grep -vc '^#' "$2"); have=$(grep -v '^#' "$2" | sort -u | comm -12 - <(names "$3") | wc -l)
+  echo "$have of $total names in $3 ($((100 * have / total)) %)"; exit 0
+fi
+OUT=$1; shift
+ALL=$(mktemp)
+run() { # BIN MODE: the functions (mangled) BIN ran in MODE, appended to $1.fns
+  local BIN=$1 MODE=$2 D PORT CG PID SPID=
+  D=$(mktemp -d); PORT=$((20000 + RANDOM % 20000)); CG=$(mktemp)
+  # The lease reaper every second instead of every 30 s: its code runs within the profile.
+  local ENVS=(PATH=/usr/bin:/bin SERVER_HOST=127.0.0.1 SERVER_PORT=$PORT DB_DIR=$D HOME=/tmp RUST_LOG=error REAP_INTERVAL_SECONDS=1)
+  if [ "$MODE" = static ]; then
+    local WPORT=$((PORT + 1)) BENCH=${BENCH:-$(dirname "$BIN")/anywork-bench}
+    "$BENCH" stand-in --port $WPORT >/dev/null 2>&1 & SPID=$!
+    ENVS+=(CONTAINER_DRIVER=static STATIC_WORKER_URL=http://127.0.0.1:$WPORT)
+  fi
+  env -i "${ENVS[@]}" valgrind --tool=callgrind --demangle=no --callgrind-out-file=$CG "$BIN" >/dev/null 2>&1 &
+  PID=$!
+  for i in $(seq 600); do curl -sf http://127.0.0.1:$PORT/api/health >/dev/null && break; sleep 0.2; done
+  curl -sf http://127.0.0.1:$PORT/ >/dev/null
+  if [ "$MODE" = static ]; then python3 "$HERE/chat.py" $PORT 3 | tr "\n" " "; fi
+  # static: past the SQLite connections' idle close (30 s) too.
+  if [ "$MODE" = static ]; then sleep 35; else sleep 3; fi
+  kill -INT $PID; wait $PID || true
+  if [ -n "$SPID" ]; then kill $SPID; wait $SPID 2>/dev/null || true; fi
+  grep -oE "^c?fn=\([0-9]+\) .*" $CG | sed -E 's/^c?fn=\([0-9]+\) //' >> $ALL
+  echo "$(basename "$BIN") $MODE: $(grep -cE '^fn=' $CG) functions"
+  rm -rf $D $CG
+}
+LIST=$(mktemp)
+for BIN in "$@"; do
+  : > $ALL
+  run "$BIN" static; run "$BIN" local
+  sort -u $ALL | comm -12 - <(names "$BIN") | tee -a $LIST | wc -l | sed "s|^|names defined in $BIN: |"
+done
+{
+  echo "# anywork-server's linker symbol ordering file (build.rs; made by scripts/rss-startup/order.sh)."
+  echo "# rustc: $(rustc -V)"
+  python3 "$HERE/lockdeps.py" "$ROOT/Cargo.lock" anywork-server | sed 's/^/# lock: /'
+  sort -u $LIST
+} > "$OUT"
+rm -f $ALL $LIST; grep -vc '^#' "$OUT" | sed "s|^|$OUT: |; s|$| names|"

@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anywork_core::{Error, ErrorKind, Result, StoreSize};
@@ -232,16 +232,19 @@ impl SqliteStore {
         if let Some(pages) = settings.max_page_count {
             options = options.pragma("max_page_count", pages.to_string());
         }
-        let mut pool = SqlitePoolOptions::new()
-            .max_connections(max_connections)
-            .min_connections(1);
+        let mut pool = SqlitePoolOptions::new().max_connections(max_connections);
         pool = if in_memory {
-            pool.idle_timeout(None).max_lifetime(None)
+            // The one connection is the database.
+            pool.min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
         } else {
-            // The read connections take turns (the checkpoints alone read every 500 ms), so
-            // none of them stays idle for long: each is replaced once it is `idle_close` old
-            // instead, and with it its page cache.
-            pool.idle_timeout(settings.idle_close)
+            // Under reads the connections take turns, so none of them stays idle for long:
+            // each is replaced once it is `idle_close` old, and with it its page cache. An
+            // idle store (no reads, and no checkpoint since nothing was written) closes them
+            // all after `idle_close`, each with its thread and its page cache.
+            pool.min_connections(0)
+                .idle_timeout(settings.idle_close)
                 .max_lifetime(settings.idle_close)
         };
         let pool = pool
@@ -292,6 +295,12 @@ impl SqliteStore {
             counters,
             path,
         })
+    }
+
+    /// How many read connections are open now (each with a thread and a page cache): none
+    /// once the store has been idle for [`SqliteOptions::idle_close`]. For diagnosis.
+    pub fn open_read_connections(&self) -> u32 {
+        self.pool.size()
     }
 
     /// What the writer and the WAL checkpoints have done since the store was opened: how long
@@ -644,6 +653,10 @@ struct WalState {
     /// A background checkpoint found the WAL past [`WAL_LIMIT_FRAMES`] and copied it: the
     /// writer should start it over at its next idle moment.
     restart_due: AtomicBool,
+    /// Rounds of work the writer has done (each a commit or a maintenance statement): the
+    /// background checkpoint skips its turn while this has not moved since a checkpoint that
+    /// copied the whole WAL, so that an idle store holds no read connection.
+    written: AtomicU64,
 }
 
 /// The writer: takes the work queued so far, runs consecutive writes in one transaction and
@@ -732,6 +745,7 @@ async fn write_loop(
             }
             start = end + 1;
         }
+        wal.written.fetch_add(1, Ordering::Relaxed);
         for (job, reply) in batch.drain(..).zip(replies) {
             let _ = job.reply.send(reply);
         }
@@ -763,18 +777,26 @@ async fn write_loop(
 
 /// Copies the WAL into the database file every [`CHECKPOINT_EVERY`], on a read connection
 /// (a passive checkpoint waits for nobody), and tells the writer how long the WAL is.
-/// Ends with the writer.
+/// Skips its turn when nothing was written since a checkpoint that copied the whole WAL, so
+/// that the read connections of an idle store close (`idle_close`). Ends with the writer.
 async fn checkpoint_loop(
     pool: SqlitePool,
     writer: mpsc::WeakSender<Job>,
     wal: Arc<WalState>,
     counters: Arc<Counters>,
 ) {
+    // `wal.written` when the last checkpoint copied the whole WAL.
+    let mut settled_at: Option<u64> = None;
     loop {
         tokio::time::sleep(CHECKPOINT_EVERY).await;
         if writer.upgrade().is_none() {
             return;
         }
+        let written = wal.written.load(Ordering::Relaxed);
+        if settled_at == Some(written) {
+            continue;
+        }
+        settled_at = None;
         let at = Instant::now();
         counters.background_started.fetch_add(1, Ordering::Relaxed);
         let done = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
@@ -782,7 +804,10 @@ async fn checkpoint_loop(
             .await;
         counters.background_ended.fetch_add(1, Ordering::Relaxed);
         match done {
-            Ok((_busy, frames, copied)) => {
+            Ok((busy, frames, copied)) => {
+                if busy == 0 && copied == frames {
+                    settled_at = Some(written);
+                }
                 counters.checkpoint(at, false, (frames, copied));
                 wal.frames.store(frames, Ordering::Relaxed);
                 if frames >= WAL_LIMIT_FRAMES {

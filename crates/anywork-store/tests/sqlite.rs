@@ -238,6 +238,57 @@ async fn an_idle_writer_closes_its_connection_and_the_next_write_reopens_it() {
     assert_eq!(other.writer_stats().unwrap().idle_closes, 0);
 }
 
+/// An idle store holds no read connection: the background checkpoint skips its turns once it
+/// has copied the whole WAL and nothing was written since, so the pool's connections close
+/// after `idle_close`; the next read opens one, the next write brings the checkpoints back.
+#[tokio::test]
+async fn an_idle_store_closes_its_read_connections_and_stops_checkpointing() {
+    use anywork_core::{NewSession, NewTask, TaskRequest};
+    use anywork_store::SqliteOptions;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open_with(
+        dir.path().join("idle.db"),
+        SqliteOptions::default().idle_close(Duration::from_millis(300)),
+    )
+    .await
+    .unwrap();
+    let session = NewSession::new("webchat");
+    store.create_session(session.clone()).await.unwrap();
+    assert_eq!(store.get_session(&session.id).await.unwrap().id, session.id);
+    // Closes within 30 s, or fails then (not sooner).
+    let mut open = store.open_read_connections();
+    for _ in 0..600 {
+        if open == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        open = store.open_read_connections();
+    }
+    assert_eq!(open, 0, "read connections still open on an idle store");
+    // Three checkpoint periods with nothing written: no checkpoint ran.
+    let before = store.writer_stats().unwrap().background_checkpoints;
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(store.writer_stats().unwrap().background_checkpoints, before);
+    assert_eq!(store.open_read_connections(), 0);
+
+    // A read opens a connection again; a write brings the checkpoints back.
+    assert_eq!(store.get_session(&session.id).await.unwrap().id, session.id);
+    let task = NewTask::from_request(session.id.clone(), TaskRequest::new("webchat", "later"));
+    store.create_task(task.clone()).await.unwrap();
+    let mut now = before;
+    for _ in 0..600 {
+        now = store.writer_stats().unwrap().background_checkpoints;
+        if now > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(now > before, "no checkpoint after a write");
+    assert_eq!(store.get_task(task.id).await.unwrap().message, "later");
+}
+
 /// A write's last statement goes to SQLite with the `COMMIT` (nothing waits for its result): a
 /// refusal there still fails that write alone, whether it ends a group of writes or runs on
 /// its own, and the writer goes on working.
