@@ -1376,17 +1376,7 @@ impl EarlyPrepare {
     /// Builds `task`'s requests and sends its `/prepare` to `worker`, on a task of its own.
     pub(super) fn spawn(inner: Arc<Inner>, task: Task, worker: WorkerEndpoint) -> Self {
         Self(tokio::spawn(async move {
-            let requests = chat_requests(&inner, &task).await?;
-            let client = &inner.client;
-            let skipped = client.is_prepared(&worker, &requests.prepare);
-            if !skipped {
-                retry(&inner.config.retry, || {
-                    client.prepare_body(&worker, &requests.prepare)
-                })
-                .await?;
-                inner.metrics.prepare("sent");
-            }
-            Ok((requests, skipped))
+            prepared(&inner, &task, &worker).await
         }))
     }
 
@@ -1408,6 +1398,35 @@ impl Drop for EarlyPrepare {
     }
 }
 
+/// `task`'s requests, with its `/prepare` sent to `worker` (retried on errors that may pass)
+/// unless what it carries is what this worker acknowledged last: then `true` (left out).
+async fn prepared(
+    inner: &Inner,
+    task: &Task,
+    worker: &WorkerEndpoint,
+) -> Result<(ChatRequests, bool)> {
+    let requests = chat_requests(inner, task).await?;
+    let skipped = inner.client.is_prepared(worker, &requests.prepare);
+    if !skipped {
+        send_prepare(inner, worker, &requests.prepare).await?;
+    }
+    Ok((requests, skipped))
+}
+
+/// `prepare` sent to `worker`, retried on errors that may pass.
+async fn send_prepare(
+    inner: &Inner,
+    worker: &WorkerEndpoint,
+    prepare: &PreparedBody,
+) -> Result<()> {
+    retry(&inner.config.retry, || {
+        inner.client.prepare_body(worker, prepare)
+    })
+    .await?;
+    inner.metrics.prepare("sent");
+    Ok(())
+}
+
 /// `/prepare` (unless `early` sent it already), then `/chat`; both retried on errors that
 /// may pass.
 async fn start_chat(
@@ -1420,26 +1439,11 @@ async fn start_chat(
     // `/prepare` only when what it carries changed since this worker acknowledged it; the
     // worker refuses the chat if its state is not that one (restarted, replaced), and then
     // gets `/prepare` and the chat once more.
-    let (ChatRequests { prepare, chat }, mut skipped, mut sent) = match early {
-        Some(early) => {
-            let (requests, skipped) = early.finish().await?;
-            (requests, skipped, !skipped)
-        }
-        None => {
-            let requests = chat_requests(inner, task).await?;
-            let skipped = client.is_prepared(worker, &requests.prepare);
-            (requests, skipped, false)
-        }
+    let (ChatRequests { prepare, chat }, mut skipped) = match early {
+        Some(early) => early.finish().await?,
+        None => prepared(inner, task, worker).await?,
     };
     loop {
-        if !skipped && !sent {
-            retry(&inner.config.retry, || {
-                client.prepare_body(worker, &prepare)
-            })
-            .await?;
-            inner.metrics.prepare("sent");
-        }
-        sent = false;
         let key = client
             .is_prepared(worker, &prepare)
             .then(|| prepare.key())
@@ -1455,7 +1459,10 @@ async fn start_chat(
                 }
                 return Ok(stream);
             }
-            ChatStart::NotPrepared if skipped => skipped = false,
+            ChatStart::NotPrepared if skipped => {
+                skipped = false;
+                send_prepare(inner, worker, &prepare).await?;
+            }
             ChatStart::NotPrepared => {
                 return Err(Error::new(
                     ErrorKind::Protocol,
