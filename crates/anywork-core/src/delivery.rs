@@ -24,7 +24,7 @@ pub struct DeliveryId(pub Uuid);
 impl DeliveryId {
     /// A fresh id.
     pub fn generate() -> Self {
-        Self(Uuid::now_v7())
+        Self(crate::ids::new_v7())
     }
 }
 

@@ -1,6 +1,8 @@
 //! Identifiers and timestamps.
 
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -21,7 +23,7 @@ impl SessionId {
 
     /// A fresh random id (a UUID v7, so ids sort roughly by creation).
     pub fn generate() -> Self {
-        Self(Uuid::now_v7().to_string())
+        Self(new_v7().to_string())
     }
 
     /// Checks `id` and wraps it; refuses empty, over-long or non-printable ids.
@@ -81,7 +83,7 @@ pub struct TaskId(pub Uuid);
 impl TaskId {
     /// A fresh id.
     pub fn generate() -> Self {
-        Self(Uuid::now_v7())
+        Self(new_v7())
     }
 }
 
@@ -98,6 +100,78 @@ impl std::str::FromStr for TaskId {
             .map(Self)
             .map_err(|e| Error::invalid_input(format!("task id {s:?} is not a UUID: {e}")))
     }
+}
+
+/// A fresh UUID v7 (RFC 9562): 48 bits of Unix milliseconds, a 42-bit counter, 32 random bits.
+///
+/// Laid out as `uuid`'s `Uuid::now_v7` lays them (its counter in `rand_a` and the top of
+/// `rand_b`, reseeded at random each millisecond and counted up within it), so the ids of
+/// this process are unique and strictly increasing, also when the clock steps back (the
+/// last millisecond is kept until the clock passes it). What differs is where the random
+/// bits come from: `uuid` without its `fast-rng` feature asks the OS for 16 bytes for every
+/// id (a `getrandom` syscall per task), this draws them from a keyed pseudo-random function
+/// — std's [`RandomState`] (SipHash-1-3 under a 128-bit key the OS gave once per process)
+/// of the id's millisecond and counter, which no two ids of the process share. Without the
+/// key, the counter's start in a millisecond and the 32 low bits cannot be told from
+/// random; as with `uuid`'s, ids made in one millisecond follow each other by counting.
+pub fn new_v7() -> Uuid {
+    static KEY: OnceLock<RandomState> = OnceLock::new();
+    static CLOCK: Mutex<V7Clock> = Mutex::new(V7Clock { ms: 0, counter: 0 });
+    let key = KEY.get_or_init(RandomState::new);
+    let draw = |ms: u64, counter: u64, purpose: u8| key.hash_one((ms, counter, purpose));
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let (ms, counter) = CLOCK
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .next(now, |ms| draw(ms, 0, V7_RESEED));
+    v7_of(ms, counter, draw(ms, counter, V7_TAIL) as u32)
+}
+
+/// The width of a v7 id's counter (as `uuid`'s).
+const V7_COUNTER_BITS: u32 = 42;
+/// A reseeded counter keeps its top bit clear: room for 2^41 ids in its millisecond.
+const V7_RESEED_MASK: u64 = (1 << (V7_COUNTER_BITS - 1)) - 1;
+/// The pseudo-random function's inputs for a counter's seed and for an id's low bits.
+const V7_RESEED: u8 = 0;
+const V7_TAIL: u8 = 1;
+
+/// The millisecond and counter of the last v7 id made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct V7Clock {
+    ms: u64,
+    counter: u64,
+}
+
+impl V7Clock {
+    /// The millisecond and counter of the next id at the clock's reading `now`: a fresh
+    /// millisecond reseeds the counter with `seed(ms)`; otherwise (the same millisecond, or
+    /// the clock behind the last id's) the counter goes on from the last, and when it runs
+    /// past its 42 bits the id takes the next millisecond, reseeded.
+    fn next(&mut self, now: u64, seed: impl Fn(u64) -> u64) -> (u64, u64) {
+        if now > self.ms {
+            self.ms = now;
+            self.counter = seed(now) & V7_RESEED_MASK;
+        } else {
+            self.counter += 1;
+            if self.counter >> V7_COUNTER_BITS != 0 {
+                self.ms += 1;
+                self.counter = seed(self.ms) & V7_RESEED_MASK;
+            }
+        }
+        (self.ms, self.counter)
+    }
+}
+
+/// The v7 id of millisecond `ms`, counter `counter` (42 bits) and random `tail`.
+fn v7_of(ms: u64, counter: u64, tail: u32) -> Uuid {
+    let ms = u128::from(ms) & ((1 << 48) - 1);
+    let counter = u128::from(counter) & ((1 << V7_COUNTER_BITS) - 1);
+    let rand_a = counter >> 30; // the counter's top 12 bits
+    let rand_b = ((counter & ((1 << 30) - 1)) << 32) | u128::from(tail); // 62 bits
+    Uuid::from_u128((ms << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b)
 }
 
 /// A point in time: milliseconds since the Unix epoch, UTC.
@@ -156,5 +230,84 @@ mod tests {
             "nope".parse::<TaskId>().unwrap_err().kind(),
             crate::ErrorKind::InvalidInput
         );
+    }
+
+    #[test]
+    fn v7_ids_carry_their_version_variant_and_millisecond() {
+        let before = Timestamp::now().as_millis() as u64;
+        let id = new_v7();
+        let after = Timestamp::now().as_millis() as u64;
+        assert_eq!(id.get_version_num(), 7);
+        assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+        let ms = (id.as_u128() >> 80) as u64;
+        assert!(
+            (before..=after).contains(&ms),
+            "{before} <= {ms} <= {after}"
+        );
+        // `uuid` reads the same millisecond back.
+        let (secs, nanos) = id.get_timestamp().expect("a v7 timestamp").to_unix();
+        assert_eq!(secs * 1000 + u64::from(nanos) / 1_000_000, ms);
+        // A task id is one, in the text form clients know.
+        let task = TaskId::generate().to_string();
+        assert_eq!(task.len(), 36);
+        assert_eq!(&task[14..15], "7");
+        assert!(SessionId::generate().as_str().parse::<TaskId>().is_ok());
+    }
+
+    #[test]
+    fn v7_ids_are_unique_and_increasing_across_threads() {
+        let per_thread: Vec<Vec<Uuid>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| (0..20_000).map(|_| new_v7()).collect::<Vec<_>>()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for ids in &per_thread {
+            assert!(ids.windows(2).all(|w| w[0] < w[1]), "increasing per thread");
+        }
+        let all: std::collections::HashSet<Uuid> = per_thread.iter().flatten().copied().collect();
+        assert_eq!(all.len(), 80_000, "no id made twice");
+    }
+
+    #[test]
+    fn v7_ids_low_bits_and_counter_seeds_are_not_a_sequence() {
+        let ids: Vec<u128> = (0..2_000).map(|_| new_v7().as_u128()).collect();
+        // The 32 low bits: random per id, not counted.
+        let tails: std::collections::HashSet<u32> = ids.iter().map(|&id| id as u32).collect();
+        assert!(tails.len() > 1_990, "{} distinct of 2000", tails.len());
+        let steps = ids
+            .windows(2)
+            .filter(|w| (w[1] as u32).wrapping_sub(w[0] as u32) == 1);
+        assert!(steps.count() < 5);
+    }
+
+    #[test]
+    fn a_v7_clock_counts_within_a_millisecond_and_never_goes_back() {
+        let seed = |ms: u64| ms * 1_000 + u64::MAX / 2; // top bits set: the mask must clear them
+        let mut clock = V7Clock { ms: 0, counter: 0 };
+        let first = clock.next(100, seed);
+        assert_eq!(first, (100, seed(100) & V7_RESEED_MASK));
+        assert!(first.1 < 1 << 41);
+        assert_eq!(clock.next(100, seed), (100, first.1 + 1));
+        // The clock stepped back: the last millisecond goes on counting.
+        assert_eq!(clock.next(90, seed), (100, first.1 + 2));
+        // A later millisecond reseeds.
+        assert_eq!(clock.next(101, seed), (101, seed(101) & V7_RESEED_MASK));
+        // A counter at its last value: the next id takes the next millisecond.
+        clock.counter = (1 << V7_COUNTER_BITS) - 1;
+        assert_eq!(clock.next(101, seed), (102, seed(102) & V7_RESEED_MASK));
+        let ids = [
+            v7_of(101, (1 << V7_COUNTER_BITS) - 1, u32::MAX),
+            v7_of(102, 0, 0),
+        ];
+        assert!(ids[0] < ids[1]);
+    }
+
+    #[test]
+    fn a_v7_id_lays_out_its_fields() {
+        let id = v7_of(0x0123_4567_89ab, 0x2aa_5555_5555, 0xdead_beef);
+        assert_eq!(id.get_version_num(), 7);
+        assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+        assert_eq!(id.to_string(), "01234567-89ab-7aa9-9555-5555deadbeef");
     }
 }
