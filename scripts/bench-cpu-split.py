@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""The server's CPU split into user and kernel time over a load run.
+
+    python3 scripts/bench-cpu-split.py ANYWORK_BENCH [anywork-bench load options…]
+
+Runs `ANYWORK_BENCH load OPTIONS`, samples the server's utime and stime
+(/proc/<pid>/stat) every 20 ms, prints the bench's output, then the split over the
+server's whole life and over the window from 15 % to 95 % of its CPU (the measured run,
+without the start and the close). The server is the bench's child named anywork-server.
+"""
+import os
+import subprocess
+import sys
+import time
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    hz = os.sysconf("SC_CLK_TCK")
+    bench = subprocess.Popen(
+        [sys.argv[1], "load"] + sys.argv[2:],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    samples, server = [], None
+    while bench.poll() is None:
+        if server is None:
+            found = subprocess.run(
+                ["pgrep", "-P", str(bench.pid), "anywork-server"],
+                capture_output=True,
+                text=True,
+            ).stdout.split()
+            server = found[0] if found else None
+        if server:
+            try:
+                with open(f"/proc/{server}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                samples.append((time.time(), int(fields[11]), int(fields[12])))
+            except OSError:
+                pass
+        time.sleep(0.02)
+    print(bench.stdout.read())
+    if not samples:
+        sys.exit("no samples of the server")
+    user, system = samples[-1][1], samples[-1][2]
+    print(f"server life: utime {user / hz:.2f} s, stime {system / hz:.2f} s, "
+          f"user share {user / max(1, user + system):.1%}")
+    total = [s[1] + s[2] for s in samples]
+    a = next(i for i, t in enumerate(total) if t >= 0.15 * total[-1])
+    b = next(i for i, t in enumerate(total) if t >= 0.95 * total[-1])
+    du, ds = samples[b][1] - samples[a][1], samples[b][2] - samples[a][2]
+    print(f"window 15-95 % of the CPU ({samples[b][0] - samples[a][0]:.2f} s): "
+          f"utime {du / hz:.2f} s, stime {ds / hz:.2f} s, user share {du / max(1, du + ds):.1%}")
+
+
+if __name__ == "__main__":
+    main()
