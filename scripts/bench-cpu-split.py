@@ -6,12 +6,29 @@
 Runs `ANYWORK_BENCH load OPTIONS`, samples the server's utime and stime
 (/proc/<pid>/stat) every 20 ms, prints the bench's output, then the split over the
 server's whole life and over the window from 15 % to 95 % of its CPU (the measured run,
-without the start and the close). The server is the bench's child named anywork-server.
+without the start and the close), in all and by thread name (Tokio's workers, SQLite's
+connection threads…). The server is the bench's child named anywork-server.
 """
 import os
 import subprocess
 import sys
 import time
+from collections import defaultdict
+
+
+def threads(server):
+    """{tid: (name, utime, stime)} of the server's threads now."""
+    out = {}
+    for tid in os.listdir(f"/proc/{server}/task"):
+        try:
+            with open(f"/proc/{server}/task/{tid}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        out[tid] = (name, int(fields[11]), int(fields[12]))
+    return out
 
 
 def main():
@@ -37,8 +54,8 @@ def main():
             try:
                 with open(f"/proc/{server}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
-                samples.append((time.time(), int(fields[11]), int(fields[12])))
-            except OSError:
+                samples.append((time.time(), int(fields[11]), int(fields[12]), threads(server)))
+            except (OSError, StopIteration):
                 pass
         time.sleep(0.02)
     print(bench.stdout.read())
@@ -53,6 +70,16 @@ def main():
     du, ds = samples[b][1] - samples[a][1], samples[b][2] - samples[a][2]
     print(f"window 15-95 % of the CPU ({samples[b][0] - samples[a][0]:.2f} s): "
           f"utime {du / hz:.2f} s, stime {ds / hz:.2f} s, user share {du / max(1, du + ds):.1%}")
+    by_name = defaultdict(lambda: [0, 0])
+    before, after = samples[a][3], samples[b][3]
+    for tid, (name, u, s) in after.items():
+        _, u0, s0 = before.get(tid, (name, 0, 0))
+        by_name[name][0] += u - u0
+        by_name[name][1] += s - s0
+    for name, (u, s) in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
+        if u + s:
+            print(f"  {name}: {(u + s) / max(1, du + ds):.1%} of the window's CPU "
+                  f"(user {u / hz:.2f} s, system {s / hz:.2f} s)")
 
 
 if __name__ == "__main__":
