@@ -1263,4 +1263,43 @@ mod tests {
             "{details:?}"
         );
     }
+
+    /// The claim of a new task in the call of its insert checks the reaper's hold on the
+    /// task's session by the session's primary key (`sql::NOT_HELD`), not by a scan of the
+    /// sessions, beside the turn's search of the session's active tasks.
+    #[tokio::test]
+    async fn a_claim_in_the_creates_call_reads_its_sessions_hold_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in_dir(dir.path()).await.unwrap();
+        let sql = format!(
+            "EXPLAIN QUERY PLAN UPDATE tasks SET status = 'running' WHERE id = $1 \
+             AND status = 'pending'{}{}$2)",
+            crate::sql::CLAIM_TURN,
+            crate::sql::NOT_HELD
+        );
+        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&sql)
+            .bind("t1")
+            .bind(0_i64)
+            .fetch_all(&store.pool)
+            .await
+            .unwrap();
+        let details: Vec<&str> = plan.iter().map(|(_, _, _, d)| d.as_str()).collect();
+        assert!(
+            details
+                .iter()
+                .any(|d| d.starts_with("SEARCH s USING")
+                    && d.contains("sqlite_autoindex_sessions_1")),
+            "{details:?}"
+        );
+        assert!(
+            details
+                .iter()
+                .any(|d| d.starts_with("SEARCH o USING") && d.contains("tasks_session_active")),
+            "{details:?}"
+        );
+        assert!(
+            !details.iter().any(|d| d.starts_with("SCAN")),
+            "{details:?}"
+        );
+    }
 }
