@@ -113,6 +113,21 @@ pub(crate) const INSERT_TASK_THEN_TOUCH_RETURNING: &str = "INSERT INTO tasks (id
     UPDATE sessions SET last_active = CASE WHEN last_active < $11 THEN $11 ELSE last_active END \
     WHERE id = $2; SELECT idle_hold_until FROM sessions WHERE id = $2 AND changes() = 1";
 
+/// SQLite: [`INSERT_TASK_THEN_TOUCH`] with the insert's arguments anonymous (`?`, bound in
+/// order, so that statements after it in the same call take theirs after its 11: sqlx counts
+/// anonymous parameters across the statements of a call, and named ones not at all), the
+/// touch naming the insert's `$2` and `$11`.
+pub(crate) const INSERT_TASK_THEN_TOUCH_ANON: &str = "INSERT INTO tasks (id, session_id, \
+    channel_type, channel_meta, status, message, skills, mcp_servers, push_notification, \
+    idempotency_key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?); \
+    UPDATE sessions SET last_active = CASE WHEN last_active < $11 THEN $11 ELSE last_active END \
+    WHERE id = $2; ";
+
+/// SQLite's create-claimed in one call: the claim's condition that no reaper's hold on the
+/// task's session lasts past the argument that follows (the write's `now`), then `)`.
+pub(crate) const NOT_HELD: &str = " AND NOT EXISTS (SELECT 1 FROM sessions s \
+    WHERE s.id = tasks.session_id AND s.idle_hold_until > ";
+
 /// The `LISTEN/NOTIFY` channel of log appends; payload `TASK_ID:FIRST_SEQ:LAST_SEQ`.
 #[allow(dead_code)]
 pub(crate) const LOG_CHANNEL: &str = "anywork_logs";
@@ -145,9 +160,22 @@ pub(crate) struct Tx<'a, C> {
     /// The statement held back.
     #[cfg(feature = "sqlite")]
     pub(crate) held: Option<Held<'a>>,
-    /// What failed in a call of a query whose own answer was then a stand-in: the lead, or the
-    /// statement held back that went first.
+    /// What failed in a call of a query whose own answer was then a stand-in: the lead, the
+    /// statement held back that went first, or the `COMMIT` that went after it.
     pub(crate) failure: Option<Ending>,
+    /// Whether the write's transaction may end with the call the write marks as its last
+    /// ([`last_call`](Tx::last_call)): set by SQLite's writer for a write alone and for the
+    /// last write of a group, whose `COMMIT` then goes in that call.
+    pub(crate) end_early: bool,
+    /// The write marked its next call as its last: when that call does what the write hopes
+    /// for, nothing of the write runs after it; when it does not, it wrote nothing (and what
+    /// the write then runs goes in a transaction opened again).
+    pub(crate) last_call: bool,
+    /// The `COMMIT` went with a call ([`end_early`](Tx::end_early)): what the transaction held
+    /// is committed, and what runs after it runs in a new one.
+    pub(crate) ended: bool,
+    /// Calls made to the connection (SQLite: to its thread).
+    pub(crate) calls: u32,
 }
 
 /// A statement held back ([`Tx::hold`]), with the context its error is named with.
@@ -181,7 +209,16 @@ impl<'a, C> Tx<'a, C> {
             #[cfg(feature = "sqlite")]
             held: None,
             failure: None,
+            end_early: false,
+            last_call: false,
+            ended: false,
+            calls: 0,
         }
+    }
+
+    /// Marks the next call as the write's last (see [`last_call`](Tx::last_call)).
+    pub(crate) fn last_call(&mut self) {
+        self.last_call = true;
     }
 }
 
@@ -793,6 +830,14 @@ macro_rules! impl_sql_store {
                     now,
                 } => {
                     let ctx = "create a claimed task";
+                    if $one_call && deliveries.is_empty() {
+                        // SQLite: the insert, the touch and the claim in one call.
+                        if let Some(reply) =
+                            insert_touch_claim(conn, task, change, rows, *now, ctx).await?
+                        {
+                            return Ok(reply);
+                        }
+                    }
                     // The touch answers the reaper's hold; on PostgreSQL it takes the
                     // session's row lock, which claimers of the session take too: the claim
                     // below sees every task of the session committed before it.
@@ -807,8 +852,16 @@ macro_rules! impl_sql_store {
                         return Ok(Reply::CreatedClaimed(None));
                     }
                     let pending = anywork_core::TaskStatus::Pending;
-                    let Some((last, written)) =
-                        update_lean(conn, task.id, pending, change, rows, true).await?
+                    let Some((last, written)) = update_lean(
+                        conn,
+                        task.id,
+                        pending,
+                        change,
+                        rows,
+                        true,
+                        deliveries.is_empty(),
+                    )
+                    .await?
                     else {
                         return Ok(Reply::CreatedClaimed(None));
                     };
@@ -863,7 +916,15 @@ macro_rules! impl_sql_store {
                     }
                     let pending = anywork_core::TaskStatus::Pending;
                     let Some((last, written)) =
-                        update_lean(conn, task.id, pending, &claim.change, &claim.rows, true)
+                        update_lean(
+                            conn,
+                            task.id,
+                            pending,
+                            &claim.change,
+                            &claim.rows,
+                            true,
+                            claim.deliveries.is_empty(),
+                        )
                             .await?
                     else {
                         return Ok(Reply::Created(session.clone(), task.clone(), None));
@@ -900,7 +961,16 @@ macro_rules! impl_sql_store {
                         // Without reading the row; when it does not apply (a lost race, an
                         // illegal change, an unknown task), the read below tells why.
                         if let Some((last, written)) =
-                            update_lean(conn, *id, *expected, change, appended, false).await?
+                            update_lean(
+                                conn,
+                                *id,
+                                *expected,
+                                change,
+                                appended,
+                                false,
+                                deliveries.is_empty(),
+                            )
+                            .await?
                         {
                             if !written {
                                 insert_logs(conn, *id, appended, last).await?;
@@ -1113,7 +1183,8 @@ macro_rules! impl_sql_store {
                         // reads below tell why.
                         let pending = anywork_core::TaskStatus::Pending;
                         if let Some((last, written)) =
-                            update_lean(conn, *id, pending, change, rows, true).await?
+                            update_lean(conn, *id, pending, change, rows, true, deliveries.is_empty())
+                                .await?
                         {
                             if !written {
                                 insert_logs(conn, *id, rows, last).await?;
@@ -1361,6 +1432,90 @@ macro_rules! impl_sql_store {
             Ok((touched, row))
         }
 
+        /// SQLite (`$one_call`): `CreateTaskClaimed` without deliveries in one call: the
+        /// insert of `task`, the touch of its session at the task's creation, and the claim
+        /// with its events ([`push_lean`]), which applies only if no reaper's hold on the
+        /// session lasts past `now` (the hold the two-call path reads back from the touch),
+        /// and it is the session's turn. The call is the write's last ([`Tx::last_call`]):
+        /// the task is stored whether or not it is claimed, and nothing else is written.
+        /// `None` when the claim cannot be tried so (more rows than go with it, a change the
+        /// lean claim does not take): nothing ran, the caller takes the two-call path.
+        ///
+        /// [`Tx::last_call`]: crate::sql::Tx::last_call
+        async fn insert_touch_claim(
+            conn: &mut Conn<'_>,
+            task: &anywork_core::Task,
+            change: &anywork_core::TaskChange,
+            rows: &[(String, String, i64)],
+            now: anywork_core::Timestamp,
+            ctx: &str,
+        ) -> anywork_core::Result<Option<Reply>> {
+            use futures_util::StreamExt as _;
+            use sqlx::Executor as _;
+            let pending = anywork_core::TaskStatus::Pending;
+            if rows.len() > $crate::sql::LOGS_WITH_UPDATE
+                || task.status != pending
+                || !lean_applies(pending, change)
+            {
+                return Ok(None);
+            }
+            let mut sql = String::with_capacity(
+                $crate::sql::INSERT_TASK_THEN_TOUCH_ANON.len()
+                    + $crate::sql::UPDATE_LEAN_CAPACITY
+                    + $crate::sql::NOT_HELD.len()
+                    + lean_room(rows),
+            );
+            sql.push_str($crate::sql::INSERT_TASK_THEN_TOUCH_ANON);
+            let mut args = <$db as sqlx::Database>::Arguments::<'_>::default();
+            push_task_args(&mut args, task)?;
+            push_lean(&mut sql, &mut args, task.id, pending, change, rows, true, Some(now))?;
+            conn.last_call();
+            let mut results = (&mut *conn).fetch_many(sqlx::query_with(&sql, args));
+            // A missing session fails the insert (foreign keys are on for every connection of
+            // the store: `NotFound`), so the touch always finds its row.
+            let (mut steps, mut last) = (0, None);
+            while let Some(result) = results.next().await {
+                match result {
+                    Ok(sqlx::Either::Left(_)) => steps += 1,
+                    Ok(sqlx::Either::Right(row)) => last = Some(Cols(&row).i64("last_seq")?),
+                    Err(e) if steps == 0 => {
+                        return Err($crate::sql::db_err(&creating_task(task), e));
+                    }
+                    Err(e) if steps == 1 => return Err($crate::sql::db_err(ctx, e)),
+                    Err(e) => return Err($crate::sql::db_err("update task", e)),
+                }
+            }
+            Ok(Some(Reply::CreatedClaimed(last.map($crate::sql::to_u64))))
+        }
+
+        /// The arguments of [`INSERT_TASK`](crate::sql::INSERT_TASK)'s columns, in order.
+        fn push_task_args<'a>(
+            args: &mut <$db as sqlx::Database>::Arguments<'a>,
+            task: &'a anywork_core::Task,
+        ) -> anywork_core::Result<()> {
+            use sqlx::Arguments as _;
+            let push = task.push_notification.as_ref().map(json_text).transpose()?;
+            let meta = json_text(&task.channel_meta)?;
+            let message = json_text(&task.message)?;
+            let skills = json_text(&task.skills)?;
+            let mcp = json_text(&task.mcp_servers)?;
+            let added = (|| -> Result<(), sqlx::error::BoxDynError> {
+                args.add(task.id.to_string())?;
+                args.add(task.session_id.as_str())?;
+                args.add(task.channel_type.as_str())?;
+                args.add(meta)?;
+                args.add(task.status.as_str())?;
+                args.add(message)?;
+                args.add(skills)?;
+                args.add(mcp)?;
+                args.add(push)?;
+                args.add(task.idempotency_key.as_deref())?;
+                args.add(task.created_at.0)?;
+                Ok(())
+            })();
+            added.map_err(|e| $crate::sql::db_err("create task", sqlx::Error::Encode(e)))
+        }
+
         /// The insert of `task` with `sql`, its arguments bound.
         fn insert_task_query<'q>(
             task: &'q anywork_core::Task,
@@ -1485,9 +1640,12 @@ macro_rules! impl_sql_store {
         /// the claim. `None` when it did not apply, with nothing written: the task is unknown,
         /// not `expected`, not leased as required, not its session's turn, or the change is
         /// one `apply` refuses from `expected` (checked here, not written) — the caller then
-        /// reads the row to answer why.
+        /// reads the row to answer why. With `last` (the caller has nothing more to write
+        /// when it applies), the call is marked as the write's last ([`Tx::last_call`]: on
+        /// SQLite's writer the `COMMIT` may go with it) when it writes every row of `rows`.
         ///
         /// [`TaskChange::apply`]: anywork_core::TaskChange::apply
+        /// [`Tx::last_call`]: crate::sql::Tx::last_call
         async fn update_lean(
             conn: &mut Conn<'_>,
             id: anywork_core::TaskId,
@@ -1495,17 +1653,70 @@ macro_rules! impl_sql_store {
             change: &anywork_core::TaskChange,
             rows: &[(String, String, i64)],
             turn: bool,
+            last: bool,
         ) -> anywork_core::Result<Option<(i64, bool)>> {
-            use anywork_core::TaskStatus;
-            use $crate::sql::to_i64;
-            if expected.check_transition(change.status).is_err()
-                || change
+            if !lean_applies(expected, change) {
+                return Ok(None);
+            }
+            let room = lean_room(rows);
+            let mut sql = String::with_capacity($crate::sql::UPDATE_LEAN_CAPACITY + room);
+            let mut args = <$db as sqlx::Database>::Arguments::<'_>::default();
+            let with_rows =
+                push_lean(&mut sql, &mut args, id, expected, change, rows, turn, None)?;
+            if last && (with_rows || rows.is_empty()) {
+                conn.last_call();
+            }
+            // Every statement of the call runs (`fetch_optional` on the connection would stop
+            // SQLite's after the first row, before the logs' insert).
+            let row = sqlx::query_with(&sql, args)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(|e| $crate::sql::db_err("update task", e))?
+                .into_iter()
+                .next();
+            row.map(|row| Ok((Cols(&row).i64("last_seq")?, with_rows)))
+                .transpose()
+        }
+
+        /// Whether [`update_lean`] may try `change` from `expected` (else the caller reads
+        /// the row to tell why not).
+        fn lean_applies(
+            expected: anywork_core::TaskStatus,
+            change: &anywork_core::TaskChange,
+        ) -> bool {
+            expected.check_transition(change.status).is_ok()
+                && !change
                     .outcome
                     .as_ref()
                     .is_some_and(|o| o.status != change.status)
-            {
-                return Ok(None);
+        }
+
+        /// Room for the text of the log rows [`push_lean`] may add.
+        fn lean_room(rows: &[(String, String, i64)]) -> usize {
+            if $one_call && !rows.is_empty() && rows.len() <= $crate::sql::LOGS_WITH_UPDATE {
+                $crate::sql::LOGS_AFTER_UPDATE_CAPACITY + 16 * rows.len()
+            } else {
+                0
             }
+        }
+
+        /// Writes [`update_lean`]'s statements (after what `sql` holds already, their
+        /// arguments after `args`'s, as anonymous `?`): whether they insert `rows` too
+        /// (SQLite, a few rows). With `hold` (SQLite's create-claimed in one call), the claim
+        /// applies only if no reaper's hold on the task's session lasts past it.
+        #[allow(clippy::too_many_arguments)]
+        fn push_lean<'a>(
+            sql: &mut String,
+            args: &mut <$db as sqlx::Database>::Arguments<'a>,
+            id: anywork_core::TaskId,
+            expected: anywork_core::TaskStatus,
+            change: &'a anywork_core::TaskChange,
+            rows: &'a [(String, String, i64)],
+            turn: bool,
+            hold: Option<anywork_core::Timestamp>,
+        ) -> anywork_core::Result<bool> {
+            use anywork_core::TaskStatus;
+            use $crate::sql::to_i64;
             let count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
             let status = change.status;
             // Written with `push_arg`, not a `QueryBuilder`: its `push` formats every piece
@@ -1515,13 +1726,6 @@ macro_rules! impl_sql_store {
             // row count, each kept prepared: few of them).
             let with_rows =
                 $one_call && !rows.is_empty() && rows.len() <= $crate::sql::LOGS_WITH_UPDATE;
-            let room = if with_rows {
-                $crate::sql::LOGS_AFTER_UPDATE_CAPACITY + 16 * rows.len()
-            } else {
-                0
-            };
-            let mut sql = String::with_capacity($crate::sql::UPDATE_LEAN_CAPACITY + room);
-            let mut args = <$db as sqlx::Database>::Arguments::<'_>::default();
             let id = id.to_string();
             let id_again = id.clone();
             let result = change
@@ -1541,65 +1745,69 @@ macro_rules! impl_sql_store {
                 (None, None) => None,
             };
             let built = (|| -> Result<(), sqlx::error::BoxDynError> {
-                push_arg(&mut sql, &mut args, status.as_str(), "UPDATE tasks SET status = ")?;
-                push_arg(&mut sql, &mut args, count, ", last_seq = last_seq + ")?;
+                push_arg(&mut *sql, &mut *args, status.as_str(), "UPDATE tasks SET status = ")?;
+                push_arg(&mut *sql, &mut *args, count, ", last_seq = last_seq + ")?;
                 if let Some(worker) = &change.worker_id {
-                    push_arg(&mut sql, &mut args, worker.as_str(), ", worker_id = ")?;
+                    push_arg(&mut *sql, &mut *args, worker.as_str(), ", worker_id = ")?;
                 }
                 if status == TaskStatus::Running {
-                    push_arg(&mut sql, &mut args, change.at.0, ", started_at = COALESCE(started_at, ")?;
+                    push_arg(&mut *sql, &mut *args, change.at.0, ", started_at = COALESCE(started_at, ")?;
                     sql.push(')');
                 }
                 if status.is_terminal() || status == TaskStatus::Pending {
                     sql.push_str(", lease_owner = NULL, lease_expires_at = NULL");
                 } else if let Some(lease) = &change.lease {
-                    push_arg(&mut sql, &mut args, lease.owner.as_str(), ", lease_owner = ")?;
-                    push_arg(&mut sql, &mut args, lease.expires_at.0, ", lease_expires_at = ")?;
+                    push_arg(&mut *sql, &mut *args, lease.owner.as_str(), ", lease_owner = ")?;
+                    push_arg(&mut *sql, &mut *args, lease.expires_at.0, ", lease_expires_at = ")?;
                 }
                 if status.is_terminal() {
-                    push_arg(&mut sql, &mut args, change.at.0, ", finished_at = ")?;
+                    push_arg(&mut *sql, &mut *args, change.at.0, ", finished_at = ")?;
                 }
                 if let (Some(o), Some((result, structured))) = (&change.outcome, result) {
-                    push_arg(&mut sql, &mut args, result, ", result = ")?;
-                    push_arg(&mut sql, &mut args, structured, ", structured_output = ")?;
-                    push_arg(&mut sql, &mut args, o.cost_usd, ", cost_usd = ")?;
-                    push_arg(&mut sql, &mut args, to_i64(o.usage.input_tokens), ", input_tokens = ")?;
-                    push_arg(&mut sql, &mut args, to_i64(o.usage.output_tokens), ", output_tokens = ")?;
+                    push_arg(&mut *sql, &mut *args, result, ", result = ")?;
+                    push_arg(&mut *sql, &mut *args, structured, ", structured_output = ")?;
+                    push_arg(&mut *sql, &mut *args, o.cost_usd, ", cost_usd = ")?;
+                    push_arg(&mut *sql, &mut *args, to_i64(o.usage.input_tokens), ", input_tokens = ")?;
+                    push_arg(&mut *sql, &mut *args, to_i64(o.usage.output_tokens), ", output_tokens = ")?;
                     push_arg(
-                        &mut sql,
-                        &mut args,
+                        &mut *sql,
+                        &mut *args,
                         to_i64(o.usage.cache_creation_input_tokens),
                         ", cache_creation_input_tokens = ",
                     )?;
                     push_arg(
-                        &mut sql,
-                        &mut args,
+                        &mut *sql,
+                        &mut *args,
                         to_i64(o.usage.cache_read_input_tokens),
                         ", cache_read_input_tokens = ",
                     )?;
-                    push_arg(&mut sql, &mut args, i64::from(o.num_turns), ", num_turns = ")?;
-                    push_arg(&mut sql, &mut args, to_i64(o.duration_ms), ", duration_ms = ")?;
+                    push_arg(&mut *sql, &mut *args, i64::from(o.num_turns), ", num_turns = ")?;
+                    push_arg(&mut *sql, &mut *args, to_i64(o.duration_ms), ", duration_ms = ")?;
                 }
                 if let Some(error) = error {
-                    push_arg(&mut sql, &mut args, error, ", error = ")?;
+                    push_arg(&mut *sql, &mut *args, error, ", error = ")?;
                 }
-                push_arg(&mut sql, &mut args, id, " WHERE id = ")?;
-                push_arg(&mut sql, &mut args, expected.as_str(), " AND status = ")?;
+                push_arg(&mut *sql, &mut *args, id, " WHERE id = ")?;
+                push_arg(&mut *sql, &mut *args, expected.as_str(), " AND status = ")?;
                 if let Some(lease) = &change.if_lease {
-                    push_arg(&mut sql, &mut args, lease.owner.as_str(), " AND lease_owner = ")?;
-                    push_arg(&mut sql, &mut args, lease.expires_at.0, " AND lease_expires_at = ")?;
+                    push_arg(&mut *sql, &mut *args, lease.owner.as_str(), " AND lease_owner = ")?;
+                    push_arg(&mut *sql, &mut *args, lease.expires_at.0, " AND lease_expires_at = ")?;
                 }
                 if turn {
                     sql.push_str($crate::sql::CLAIM_TURN);
+                }
+                if let Some(now) = hold {
+                    push_arg(&mut *sql, &mut *args, now.0, $crate::sql::NOT_HELD)?;
+                    sql.push(')');
                 }
                 if $one_call {
                     // SQLite: see LAST_SEQ_AFTER_UPDATE (the id bound again, as `?`).
                     let select = "; SELECT last_seq FROM tasks WHERE id = ";
                     let logs_id = with_rows.then(|| id_again.clone());
-                    push_arg(&mut sql, &mut args, id_again, select)?;
+                    push_arg(&mut *sql, &mut *args, id_again, select)?;
                     sql.push_str(" AND changes() = 1");
                     if let Some(logs_id) = logs_id {
-                        push_logs_after_update(&mut sql, &mut args, rows, logs_id)?;
+                        push_logs_after_update(&mut *sql, &mut *args, rows, logs_id)?;
                     }
                 } else {
                     sql.push_str(" RETURNING last_seq");
@@ -1607,16 +1815,7 @@ macro_rules! impl_sql_store {
                 Ok(())
             })();
             built.map_err(|e| $crate::sql::db_err("update task", sqlx::Error::Encode(e)))?;
-            // Every statement of the call runs (`fetch_optional` on the connection would stop
-            // SQLite's after the first row, before the logs' insert).
-            let row = sqlx::query_with(&sql, args)
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(|e| $crate::sql::db_err("update task", e))?
-                .into_iter()
-                .next();
-            row.map(|row| Ok((Cols(&row).i64("last_seq")?, with_rows)))
-                .transpose()
+            Ok(with_rows)
         }
 
         /// SQLite: the insert of `rows` into the task's log, as the last statement of

@@ -508,6 +508,9 @@ enum GroupFailure {
 struct Writer {
     conn: Option<SqliteConnection>,
     options: SqliteConnectOptions,
+    /// Calls the writes made to the connection's thread, not yet counted in
+    /// [`Counters::calls`].
+    calls: u64,
 }
 
 impl Writer {
@@ -519,6 +522,7 @@ impl Writer {
         Ok(Self {
             conn: Some(conn),
             options,
+            calls: 0,
         })
     }
 
@@ -560,6 +564,7 @@ impl Writer {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
+        self.calls += 1;
         let healthy = match sqlx::query("ROLLBACK").execute(&mut *conn).await {
             Ok(_) => true,
             Err(sqlx::Error::Database(e)) => e.message().contains("no transaction is active"),
@@ -573,7 +578,9 @@ impl Writer {
 
     /// `op` alone in its own transaction.
     async fn write_alone(&mut self, op: &WriteOp) -> Result<Reply> {
-        let reply = write_one(self.conn().await?, op).await;
+        let mut calls = 0;
+        let reply = write_one(self.conn().await?, op, &mut calls).await;
+        self.calls += calls;
         if let Err(e) = &reply
             && !is_logical(e)
         {
@@ -614,13 +621,25 @@ impl Writer {
         if let [op] = ops {
             return vec![self.write_alone(op).await];
         }
+        let mut calls = 0;
         let failure = match self.conn().await {
-            Ok(conn) => match shared(conn, ops).await {
-                Ok(replies) => return replies,
+            Ok(conn) => match shared(conn, ops, &mut calls).await {
+                Ok(replies) => {
+                    self.calls += calls;
+                    // A write run alone after the group was committed with its last call
+                    // may have failed on the database: as after any write alone.
+                    if let Some(Err(e)) = replies.last()
+                        && !is_logical(e)
+                    {
+                        self.recover().await;
+                    }
+                    return replies;
+                }
                 Err(failure) => failure,
             },
             Err(e) => GroupFailure::Begin(e),
         };
+        self.calls += calls;
         self.recover().await;
         match failure {
             GroupFailure::Begin(e) => ops.iter().map(|_| Err(copy(&e))).collect(),
@@ -735,6 +754,9 @@ async fn write_loop(
                 counters
                     .writes
                     .fetch_add(writes.len() as u64, Ordering::Relaxed);
+                counters
+                    .calls
+                    .fetch_add(std::mem::take(&mut writer.calls), Ordering::Relaxed);
             }
             if let Some(Job {
                 work: Work::Raw(sql),
@@ -824,20 +846,41 @@ async fn checkpoint_loop(
 
 /// Runs every write of `ops` in one transaction. `Err` (and nothing written) when one of
 /// them failed other than by its own checks, or the commit failed; the transaction may then
-/// still be open (the caller's [`Writer::recover`] rolls it back).
+/// still be open (the caller's [`Writer::recover`] rolls it back). The calls made to the
+/// connection's thread are added to `calls`.
 async fn shared(
     conn: &mut SqliteConnection,
     ops: &[&WriteOp],
+    calls: &mut u64,
+) -> std::result::Result<Vec<Result<Reply>>, GroupFailure> {
+    let mut tx = Tx::begin(conn);
+    let done = shared_in(&mut tx, ops).await;
+    *calls += u64::from(tx.calls);
+    done
+}
+
+async fn shared_in<'a>(
+    tx: &mut Tx<'a, SqliteConnection>,
+    ops: &[&'a WriteOp],
 ) -> std::result::Result<Vec<Result<Reply>>, GroupFailure> {
     let ctx = "group commit";
-    let mut tx = Tx::begin(conn);
     let mut replies = Vec::with_capacity(ops.len());
     for (i, op) in ops.iter().enumerate() {
-        let mut reply = apply(&mut tx, op).await.map_err(Ending::Write);
+        let last = i + 1 == ops.len();
+        // The group's `COMMIT` may go with the last write's last call.
+        tx.end_early = last;
+        let applied = apply(tx, op).await;
+        if tx.ended {
+            // Committed with that call: every write of the group is in, and what the last
+            // one ran after it (in a transaction of its own) is that write's alone.
+            replies.push(end_alone(tx, applied, "write").await);
+            return Ok(replies);
+        }
+        let mut reply = applied.map_err(Ending::Write);
         // What an op held back goes now, so that its failure is this op's; the last op's
         // goes with the COMMIT.
         if reply.is_ok()
-            && i + 1 < ops.len()
+            && !last
             && let Err(e) = tx.flush().await
         {
             reply = Err(e);
@@ -878,11 +921,26 @@ async fn shared(
 /// Runs `op` alone in a transaction of its own on the writer's connection: committed when it
 /// succeeds, rolled back when it fails (as the shared `write_alone`, without its sqlx
 /// `Transaction`: the `BEGIN IMMEDIATE` goes with the op's first statement, the `COMMIT`
-/// with its last when nothing waits for that one's result).
-async fn write_one(conn: &mut SqliteConnection, op: &WriteOp) -> Result<Reply> {
-    let ctx = "write";
+/// with its last when nothing waits for that one's result, or with the call the op marks as
+/// its last). The calls made to the connection's thread are added to `calls`.
+async fn write_one(conn: &mut SqliteConnection, op: &WriteOp, calls: &mut u64) -> Result<Reply> {
     let mut tx = Tx::begin(conn);
-    let mut ended = match apply(&mut tx, op).await {
+    tx.end_early = true;
+    let applied = apply(&mut tx, op).await;
+    let reply = end_alone(&mut tx, applied, "write").await;
+    *calls += u64::from(tx.calls);
+    reply
+}
+
+/// Ends the transaction of a write that ran alone in it (or ran last in a group committed
+/// with its last call, then alone): commits it when the write succeeded, rolls it back when
+/// it failed.
+async fn end_alone(
+    tx: &mut Tx<'_, SqliteConnection>,
+    applied: Result<Reply>,
+    ctx: &str,
+) -> Result<Reply> {
+    let mut ended = match applied {
         Ok(reply) => tx.commit().await.map(|()| reply),
         Err(e) => Err(Ending::Write(e)),
     };
@@ -925,6 +983,10 @@ impl<'a> Tx<'a, SqliteConnection> {
             may_hold: true,
             held: None,
             failure: None,
+            end_early: false,
+            last_call: false,
+            ended: false,
+            calls: 0,
         }
     }
 
@@ -938,6 +1000,7 @@ impl<'a> Tx<'a, SqliteConnection> {
         args: Option<SqliteArguments<'_>>,
         trail: Option<&str>,
     ) -> std::result::Result<Vec<Either<SqliteQueryResult, SqliteRow>>, Failed> {
+        self.calls += 1;
         let lead = self.lead.take();
         let text: Cow<'_, str> = match (lead, trail) {
             (None, None) => sql.into(),
@@ -1066,6 +1129,12 @@ fn went_ahead_failed() -> sqlx::Error {
     sqlx::Error::Protocol("the statements sent ahead of this one failed".into())
 }
 
+/// The stand-in error a query answers when the `COMMIT` that went after it in its call failed
+/// (the real failure is kept in [`Tx::failure`]; nothing of the transaction is committed).
+fn commit_after_failed() -> sqlx::Error {
+    sqlx::Error::Protocol("the commit sent after this statement failed".into())
+}
+
 impl<'c, 'a: 'c> sqlx::Executor<'c> for &'c mut Tx<'a, SqliteConnection> {
     type Database = Sqlite;
 
@@ -1077,7 +1146,11 @@ impl<'c, 'a: 'c> sqlx::Executor<'c> for &'c mut Tx<'a, SqliteConnection> {
         'c: 'e,
         E: 'q + sqlx::Execute<'q, Sqlite>,
     {
-        if self.lead.is_none() && self.held.is_none() {
+        let ending = std::mem::take(&mut self.last_call)
+            && self.end_early
+            && (self.begun || self.lead.is_some());
+        if self.lead.is_none() && self.held.is_none() && !ending {
+            self.calls += 1;
             return self.conn.fetch_many(query);
         }
         let sql = query.sql();
@@ -1091,13 +1164,25 @@ impl<'c, 'a: 'c> sqlx::Executor<'c> for &'c mut Tx<'a, SqliteConnection> {
                 Ok(args) => args,
                 Err(e) => return vec![Err(sqlx::Error::Encode(e))],
             };
-            match self.call(sql, args, None).await {
-                Ok(results) => results.into_iter().map(Ok).collect(),
+            match self.call(sql, args, ending.then_some("; COMMIT")).await {
+                Ok(results) => {
+                    if ending {
+                        // Committed: whatever runs next opens a transaction of its own.
+                        self.begun = false;
+                        self.ended = true;
+                        self.lead = Some("BEGIN IMMEDIATE; ");
+                    }
+                    results.into_iter().map(Ok).collect()
+                }
                 Err(Failed::Lead(e)) => {
                     self.failure = Some(Ending::Begin(e));
                     vec![Err(went_ahead_failed())]
                 }
-                Err(Failed::Main(e) | Failed::Trail(e)) => vec![Err(e)],
+                Err(Failed::Main(e)) => vec![Err(e)],
+                Err(Failed::Trail(e)) => {
+                    self.failure = Some(Ending::Commit(e));
+                    vec![Err(commit_after_failed())]
+                }
             }
         };
         Box::pin(stream::once(run).flat_map(stream::iter))
@@ -1111,7 +1196,9 @@ impl<'c, 'a: 'c> sqlx::Executor<'c> for &'c mut Tx<'a, SqliteConnection> {
         'c: 'e,
         E: 'q + sqlx::Execute<'q, Sqlite>,
     {
-        if self.lead.is_none() && self.held.is_none() {
+        if self.lead.is_none() && self.held.is_none() && !(self.last_call && self.end_early) {
+            self.last_call = false;
+            self.calls += 1;
             return self.conn.fetch_optional(query);
         }
         let mut results = self.fetch_many(query);
@@ -1173,6 +1260,45 @@ mod tests {
             details
                 .iter()
                 .any(|d| d.starts_with("SEARCH o USING") && d.contains("tasks_session_active")),
+            "{details:?}"
+        );
+    }
+
+    /// The claim of a new task in the call of its insert checks the reaper's hold on the
+    /// task's session by the session's primary key (`sql::NOT_HELD`), not by a scan of the
+    /// sessions, beside the turn's search of the session's active tasks.
+    #[tokio::test]
+    async fn a_claim_in_the_creates_call_reads_its_sessions_hold_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in_dir(dir.path()).await.unwrap();
+        let sql = format!(
+            "EXPLAIN QUERY PLAN UPDATE tasks SET status = 'running' WHERE id = $1 \
+             AND status = 'pending'{}{}$2)",
+            crate::sql::CLAIM_TURN,
+            crate::sql::NOT_HELD
+        );
+        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&sql)
+            .bind("t1")
+            .bind(0_i64)
+            .fetch_all(&store.pool)
+            .await
+            .unwrap();
+        let details: Vec<&str> = plan.iter().map(|(_, _, _, d)| d.as_str()).collect();
+        assert!(
+            details
+                .iter()
+                .any(|d| d.starts_with("SEARCH s USING")
+                    && d.contains("sqlite_autoindex_sessions_1")),
+            "{details:?}"
+        );
+        assert!(
+            details
+                .iter()
+                .any(|d| d.starts_with("SEARCH o USING") && d.contains("tasks_session_active")),
+            "{details:?}"
+        );
+        assert!(
+            !details.iter().any(|d| d.starts_with("SCAN")),
             "{details:?}"
         );
     }

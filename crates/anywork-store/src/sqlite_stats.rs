@@ -133,6 +133,10 @@ pub struct WriterStats {
     pub writes: u64,
     /// Groups of writes the writer committed (a write alone counts as one).
     pub batches: u64,
+    /// Calls the writes made to the writer connection's thread (sqlx runs each SQLite
+    /// connection on a thread of its own: every call is a message to it and a wake-up of it,
+    /// and one back), rollbacks after a failure included.
+    pub calls: u64,
     /// From a write being queued to the writer to its group starting.
     pub queue_wait: Histogram,
     /// How long a group took, `BEGIN` to `COMMIT`, with no background checkpoint at the
@@ -165,6 +169,7 @@ impl WriterStats {
         WriterStats {
             writes: self.writes.saturating_sub(earlier.writes),
             batches: self.batches.saturating_sub(earlier.batches),
+            calls: self.calls.saturating_sub(earlier.calls),
             queue_wait: self.queue_wait.since(&earlier.queue_wait),
             batch_time: self.batch_time.since(&earlier.batch_time),
             batch_time_during_checkpoint: self
@@ -201,6 +206,7 @@ impl WriterStats {
 pub(crate) struct Counters {
     pub(crate) writes: AtomicU64,
     pub(crate) batches: AtomicU64,
+    pub(crate) calls: AtomicU64,
     pub(crate) queue_wait: AtomicHistogram,
     pub(crate) batch_time: AtomicHistogram,
     pub(crate) batch_time_during_checkpoint: AtomicHistogram,
@@ -247,6 +253,7 @@ impl Counters {
         WriterStats {
             writes: self.writes.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
+            calls: self.calls.load(Ordering::Relaxed),
             queue_wait: self.queue_wait.snapshot(),
             batch_time: self.batch_time.snapshot(),
             batch_time_during_checkpoint: self.batch_time_during_checkpoint.snapshot(),

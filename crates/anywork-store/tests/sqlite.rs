@@ -496,3 +496,174 @@ async fn a_lean_change_inserts_its_events_only_if_it_changed_the_task() {
         assert_eq!(task.status, TaskStatus::Running);
     }
 }
+
+/// At one session each write of a chat is one call to SQLite's connection thread (a message
+/// to that thread and a wake-up of it, and one back): the new task stored, its session
+/// touched and the task claimed with its `running` event, `BEGIN` to `COMMIT`, in one; its
+/// end with its events and the `COMMIT` in one. A new task that must wait (another runs) is
+/// one call too, stored pending with no event.
+#[tokio::test]
+async fn each_write_of_a_chat_alone_is_one_call_to_sqlites_thread() {
+    use anywork_core::{
+        NewSession, NewTask, NewTaskLog, TaskChange, TaskEvent, TaskRequest, TaskStatus, Timestamp,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open_in_dir(dir.path()).await.unwrap();
+    let session = store.create_session(NewSession::new("web")).await.unwrap();
+    let calls = |store: &SqliteStore| store.writer_stats().unwrap().calls;
+    let claim = || {
+        let now = Timestamp::now();
+        TaskChange::to(TaskStatus::Running)
+            .at(now)
+            .worker("w-1")
+            .lease("srv-1", now.plus_millis(60_000))
+    };
+    let status = |status| NewTaskLog::now(TaskEvent::Status { status });
+    let chat =
+        |text: &str| NewTask::from_request(session.id.clone(), TaskRequest::new("web", text));
+
+    let before = calls(&store);
+    let (first, last) = store
+        .create_task_claimed(
+            chat("one"),
+            claim(),
+            vec![status(TaskStatus::Running)],
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!((first.status, last), (TaskStatus::Running, Some(1)));
+    assert_eq!(calls(&store) - before, 1, "create, touch and claim");
+
+    let before = calls(&store);
+    let (second, last) = store
+        .create_task_claimed(
+            chat("two"),
+            claim(),
+            vec![status(TaskStatus::Running)],
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!((second.status, last), (TaskStatus::Pending, None));
+    assert_eq!(
+        calls(&store) - before,
+        1,
+        "create and touch, the claim refused"
+    );
+    assert!(store.read_logs(second.id, 0, 10).await.unwrap().is_empty());
+
+    let before = calls(&store);
+    let done = TaskChange::to(TaskStatus::Completed).at(Timestamp::now());
+    let events = vec![
+        NewTaskLog::now(TaskEvent::text("hello")),
+        status(TaskStatus::Completed),
+    ];
+    let last = store
+        .update_task_lean(first.id, TaskStatus::Running, done, events, Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(last, 3);
+    assert_eq!(calls(&store) - before, 1, "the end with its events");
+
+    let stored = store.get_task(first.id).await.unwrap();
+    assert_eq!(stored.status, TaskStatus::Completed);
+    assert_eq!(stored.worker_id.as_deref(), Some("w-1"));
+    let logs: Vec<(u64, TaskEvent)> = store
+        .read_logs(first.id, 0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.seq, l.event))
+        .collect();
+    assert_eq!(
+        logs,
+        [
+            (
+                1,
+                TaskEvent::Status {
+                    status: TaskStatus::Running
+                }
+            ),
+            (2, TaskEvent::text("hello")),
+            (
+                3,
+                TaskEvent::Status {
+                    status: TaskStatus::Completed
+                }
+            ),
+        ]
+    );
+    // Its end lets the second start.
+    let claimed = store
+        .claim_task_lean(
+            second.id,
+            claim(),
+            vec![status(TaskStatus::Running)],
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(claimed, anywork_core::Claim::Claimed((), 1)),
+        "{claimed:?}"
+    );
+}
+
+/// A group of writes commits with its last write's last call. When that write's
+/// compare-and-set did not apply (a claim that is not its session's turn), what it reads and
+/// answers after runs in a transaction of its own: the group's other writes land once, and
+/// the answer is as alone (busy, with the task the group just started).
+#[tokio::test]
+async fn a_group_committed_with_its_last_call_keeps_its_writes_when_that_write_then_reads() {
+    use anywork_core::{Claim, NewTaskLog, TaskChange, TaskEvent, TaskStatus, Timestamp};
+    let (_dir, store, tasks) = store_refusing_boom(3).await;
+    let claim = || {
+        let now = Timestamp::now();
+        TaskChange::to(TaskStatus::Running)
+            .at(now)
+            .worker("w-1")
+            .lease("srv-1", now.plus_millis(60_000))
+    };
+    let running = || {
+        vec![NewTaskLog::now(TaskEvent::Status {
+            status: TaskStatus::Running,
+        })]
+    };
+    let store_ref = &store;
+    // One group (queued together on this single-threaded runtime): the first task claimed,
+    // a log appended to the third, the second task's claim (not its turn) last.
+    let (first, appended, second) = futures_util::join!(
+        store_ref.claim_task_lean(tasks[0], claim(), running(), Vec::new()),
+        store_ref.append_logs(tasks[2], vec![NewTaskLog::now(TaskEvent::text("x"))]),
+        store_ref.claim_task_lean(tasks[1], claim(), running(), Vec::new()),
+    );
+    assert!(matches!(first, Ok(Claim::Claimed((), 1))), "{first:?}");
+    assert_eq!(appended.ok(), Some(1));
+    match second {
+        Ok(Claim::Busy(busy)) => {
+            assert_eq!(busy.id, tasks[0]);
+            assert_eq!(busy.status, TaskStatus::Running);
+        }
+        other => panic!("{other:?}"),
+    }
+    let batches = store.writer_stats().unwrap().batches;
+    assert_eq!(
+        store.task_status(tasks[0]).await.unwrap(),
+        TaskStatus::Running
+    );
+    assert_eq!(
+        store.task_status(tasks[1]).await.unwrap(),
+        TaskStatus::Pending
+    );
+    for (id, n) in [(tasks[0], 1), (tasks[1], 0), (tasks[2], 1)] {
+        assert_eq!(store.read_logs(id, 0, 10).await.unwrap().len(), n);
+    }
+    // Nothing is left open: the next write commits.
+    store
+        .append_logs(tasks[2], vec![NewTaskLog::now(TaskEvent::text("y"))])
+        .await
+        .unwrap();
+    assert_eq!(store.writer_stats().unwrap().batches, batches + 1);
+    assert_eq!(store.read_logs(tasks[2], 0, 10).await.unwrap().len(), 2);
+}
