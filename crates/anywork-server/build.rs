@@ -6,7 +6,12 @@
 //! table was 1.2 MiB for the default build, read in full at start and so resident for the
 //! server's life; `RELR` encodes the same relative relocations as bitmaps in a few KiB
 //! (docs/benchmarks.md, "Server RSS idle"). Needs glibc 2.36 or later at run time (Debian 12,
-//! the images' base) and a linker that knows the flag (LLD 15+, GNU ld 2.38+).
+//! the images' base) and a linker that knows the flag (LLD 15+, GNU ld 2.38+): a probe links
+//! an empty program with it (and, when the build is for the machine it runs on, runs it, so a
+//! build host whose loader predates `DT_RELR` does not get a binary that crashes at start),
+//! and the flag is passed only when that works. `ANYWORK_PACK_RELOCS=off` never passes it.
+//! `tests/binary_layout.rs` checks the linked binary against what this script decided
+//! (`ANYWORK_BUILD_PACK_RELOCS`: `on`, `off` or `refused`).
 //!
 //! **Start-up code first (`symbol-order.txt`).** The page cache maps the binary in folios of
 //! up to 128 KiB, so every function start-up runs makes its whole 128 KiB window resident:
@@ -47,7 +52,24 @@ fn main() {
     if os != "linux" || env != "gnu" {
         return;
     }
-    println!("cargo::rustc-link-arg-bins={PACK_RELOCS}");
+    println!("cargo::rerun-if-env-changed=ANYWORK_PACK_RELOCS");
+    let pack = match std::env::var_os("ANYWORK_PACK_RELOCS").as_deref() {
+        Some(v) if v.is_empty() || v == "off" => "off",
+        _ if linker_takes(&[PACK_RELOCS.to_owned()], true) => "on",
+        _ => {
+            println!(
+                "cargo::warning=not linked with {PACK_RELOCS}: the linker refused it or the \
+                 program it made did not run (glibc before 2.36?); the idle server keeps a \
+                 megabyte more resident"
+            );
+            "refused"
+        }
+    };
+    println!("cargo::rustc-env=ANYWORK_BUILD_PACK_RELOCS={pack}");
+    let base: &[&str] = if pack == "on" { &[PACK_RELOCS] } else { &[] };
+    for flag in base {
+        println!("cargo::rustc-link-arg-bins={flag}");
+    }
     println!("cargo::rerun-if-env-changed=ANYWORK_SYMBOL_ORDERING_FILE");
     let chosen = std::env::var_os("ANYWORK_SYMBOL_ORDERING_FILE");
     let file = match chosen.as_deref() {
@@ -64,7 +86,12 @@ fn main() {
         format!("-Wl,--symbol-ordering-file={}", file.display()),
         "-Wl,--no-warn-symbol-ordering".to_owned(),
     ];
-    if !file.is_file() || !linker_takes(&flags) {
+    let with_base: Vec<String> = base
+        .iter()
+        .map(|f| f.to_string())
+        .chain(flags.iter().cloned())
+        .collect();
+    if !file.is_file() || !linker_takes(&with_base, false) {
         if chosen.is_some() {
             println!(
                 "cargo::warning=ANYWORK_SYMBOL_ORDERING_FILE={} not used: not a file, or the \
@@ -80,8 +107,9 @@ fn main() {
 }
 
 /// Whether linking an empty program for the target, with the package's `RUSTFLAGS` and
-/// configured linker, succeeds with `link_args` added.
-fn linker_takes(link_args: &[String]) -> bool {
+/// configured linker, succeeds with `link_args` added (with `run`: and, when the target is
+/// the host, whether that program then runs).
+fn linker_takes(link_args: &[String], run: bool) -> bool {
     let Some(out) = std::env::var_os("OUT_DIR").map(PathBuf::from) else {
         return false;
     };
@@ -111,10 +139,18 @@ fn linker_takes(link_args: &[String]) -> bool {
     if let Ok(flags) = std::env::var("CARGO_ENCODED_RUSTFLAGS") {
         probe.args(flags.split('\x1f').filter(|f| !f.is_empty()));
     }
-    for arg in std::iter::once(PACK_RELOCS).chain(link_args.iter().map(String::as_str)) {
+    for arg in link_args {
         probe.arg(format!("-Clink-arg={arg}"));
     }
-    probe
+    let linked = probe
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !linked || !run || std::env::var_os("HOST") != std::env::var_os("TARGET") {
+        return linked;
+    }
+    Command::new(out.join("linker_probe"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()

@@ -1,9 +1,11 @@
 #!/bin/bash
 # idle.sh BIN MODE SECONDS...: start the server (local or static), read VmRSS/RssAnon/RssFile/Threads at each time after /api/health answers
+# (SERVER_ENV='A=1 B=2': more variables for the server, e.g. _RJEM_MALLOC_CONF=narenas:1)
 BIN=$1; MODE=$2; shift 2
 D=$(mktemp -d /tmp/rss.XXXX); PORT=$((20000 + RANDOM % 20000))
 ENVS=(PATH=/usr/bin:/bin SERVER_HOST=127.0.0.1 SERVER_PORT=$PORT DB_DIR=$D HOME=/tmp)
 if [ "$MODE" = static ]; then ENVS+=(CONTAINER_DRIVER=static STATIC_WORKER_URL=http://127.0.0.1:9 WS_MAX_CONNECTIONS_PER_CLIENT=0 RUST_LOG=error); fi
+ENVS+=($SERVER_ENV)
 env -i "${ENVS[@]}" $BIN >/dev/null 2>&1 &
 PID=$!
 for i in $(seq 200); do curl -sf http://127.0.0.1:$PORT/api/health >/dev/null && break; sleep 0.05; done
