@@ -1238,6 +1238,17 @@ impl<'c, 'a: 'c> sqlx::Executor<'c> for &'c mut Tx<'a, SqliteConnection> {
 mod tests {
     use super::*;
 
+    /// The details of SQLite's plan for `sql` (an `EXPLAIN QUERY PLAN`), its `$1` bound to a
+    /// task id and its `$2`, if any, to a time.
+    async fn plan_details(store: &SqliteStore, sql: &str) -> Vec<String> {
+        let mut query = sqlx::query_as::<_, (i64, i64, i64, String)>(sql).bind("t1");
+        if sql.contains("$2") {
+            query = query.bind(0_i64);
+        }
+        let plan = query.fetch_all(&store.pool).await.unwrap();
+        plan.into_iter().map(|(_, _, _, detail)| detail).collect()
+    }
+
     /// A claim reads the active tasks of its session alone (the partial index of migration
     /// 0005), whatever the session's history: its turn's `NOT EXISTS` states the index's
     /// condition as the index does. A change of either text that loses the index fails here.
@@ -1250,12 +1261,7 @@ mod tests {
              AND status = 'pending'{}",
             crate::sql::CLAIM_TURN
         );
-        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&sql)
-            .bind("t1")
-            .fetch_all(&store.pool)
-            .await
-            .unwrap();
-        let details: Vec<&str> = plan.iter().map(|(_, _, _, d)| d.as_str()).collect();
+        let details = plan_details(&store, &sql).await;
         assert!(
             details
                 .iter()
@@ -1277,13 +1283,7 @@ mod tests {
             crate::sql::CLAIM_TURN,
             crate::sql::NOT_HELD
         );
-        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&sql)
-            .bind("t1")
-            .bind(0_i64)
-            .fetch_all(&store.pool)
-            .await
-            .unwrap();
-        let details: Vec<&str> = plan.iter().map(|(_, _, _, d)| d.as_str()).collect();
+        let details = plan_details(&store, &sql).await;
         assert!(
             details
                 .iter()
