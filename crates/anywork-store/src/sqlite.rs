@@ -1249,19 +1249,25 @@ mod tests {
         plan.into_iter().map(|(_, _, _, detail)| detail).collect()
     }
 
+    /// [`plan_details`] of a claim's `UPDATE` with its turn's condition, then `more`, on a
+    /// fresh store.
+    async fn claim_plan(more: &str) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in_dir(dir.path()).await.unwrap();
+        let sql = format!(
+            "EXPLAIN QUERY PLAN UPDATE tasks SET status = 'running' WHERE id = $1 \
+             AND status = 'pending'{}{more}",
+            crate::sql::CLAIM_TURN
+        );
+        plan_details(&store, &sql).await
+    }
+
     /// A claim reads the active tasks of its session alone (the partial index of migration
     /// 0005), whatever the session's history: its turn's `NOT EXISTS` states the index's
     /// condition as the index does. A change of either text that loses the index fails here.
     #[tokio::test]
     async fn a_claims_turn_reads_the_sessions_active_tasks_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open_in_dir(dir.path()).await.unwrap();
-        let sql = format!(
-            "EXPLAIN QUERY PLAN UPDATE tasks SET status = 'running' WHERE id = $1 \
-             AND status = 'pending'{}",
-            crate::sql::CLAIM_TURN
-        );
-        let details = plan_details(&store, &sql).await;
+        let details = claim_plan("").await;
         assert!(
             details
                 .iter()
@@ -1275,15 +1281,7 @@ mod tests {
     /// sessions, beside the turn's search of the session's active tasks.
     #[tokio::test]
     async fn a_claim_in_the_creates_call_reads_its_sessions_hold_by_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open_in_dir(dir.path()).await.unwrap();
-        let sql = format!(
-            "EXPLAIN QUERY PLAN UPDATE tasks SET status = 'running' WHERE id = $1 \
-             AND status = 'pending'{}{}$2)",
-            crate::sql::CLAIM_TURN,
-            crate::sql::NOT_HELD
-        );
-        let details = plan_details(&store, &sql).await;
+        let details = claim_plan(&format!("{}$2)", crate::sql::NOT_HELD)).await;
         assert!(
             details
                 .iter()

@@ -182,7 +182,6 @@ async fn writes_committed_together_still_fail_alone() {
 #[tokio::test]
 async fn an_idle_writer_closes_its_connection_and_the_next_write_reopens_it() {
     use anywork_core::{NewSession, NewTask, NewTaskLog, TaskEvent, TaskRequest};
-    use anywork_store::SqliteOptions;
     use std::time::Duration;
 
     async fn closes_after(store: &SqliteStore, before: u64) -> u64 {
@@ -200,15 +199,7 @@ async fn an_idle_writer_closes_its_connection_and_the_next_write_reopens_it() {
         panic!("the idle writer never closed its connection");
     }
 
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open_with(
-        dir.path().join("idle.db"),
-        SqliteOptions::default().idle_close(Duration::from_millis(100)),
-    )
-    .await
-    .unwrap();
-    let session = NewSession::new("webchat");
-    store.create_session(session.clone()).await.unwrap();
+    let (dir, store, session) = idle_closing_store(Duration::from_millis(100)).await;
     let closes = closes_after(&store, 0).await;
 
     // The write after the close reopens the connection.
@@ -238,24 +229,32 @@ async fn an_idle_writer_closes_its_connection_and_the_next_write_reopens_it() {
     assert_eq!(other.writer_stats().unwrap().idle_closes, 0);
 }
 
+/// A store in a temporary directory whose connections close after `idle_close` at rest, with
+/// one session stored.
+async fn idle_closing_store(
+    idle_close: std::time::Duration,
+) -> (tempfile::TempDir, SqliteStore, anywork_core::NewSession) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open_with(
+        dir.path().join("idle.db"),
+        anywork_store::SqliteOptions::default().idle_close(idle_close),
+    )
+    .await
+    .unwrap();
+    let session = anywork_core::NewSession::new("webchat");
+    store.create_session(session.clone()).await.unwrap();
+    (dir, store, session)
+}
+
 /// An idle store holds no read connection: the background checkpoint skips its turns once it
 /// has copied the whole WAL and nothing was written since, so the pool's connections close
 /// after `idle_close`; the next read opens one, the next write brings the checkpoints back.
 #[tokio::test]
 async fn an_idle_store_closes_its_read_connections_and_stops_checkpointing() {
-    use anywork_core::{NewSession, NewTask, TaskRequest};
-    use anywork_store::SqliteOptions;
+    use anywork_core::{NewTask, TaskRequest};
     use std::time::Duration;
 
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open_with(
-        dir.path().join("idle.db"),
-        SqliteOptions::default().idle_close(Duration::from_millis(300)),
-    )
-    .await
-    .unwrap();
-    let session = NewSession::new("webchat");
-    store.create_session(session.clone()).await.unwrap();
+    let (_dir, store, session) = idle_closing_store(Duration::from_millis(300)).await;
     assert_eq!(store.get_session(&session.id).await.unwrap().id, session.id);
     // Closes within 30 s, or fails then (not sooner).
     let mut open = store.open_read_connections();
@@ -497,6 +496,16 @@ async fn a_lean_change_inserts_its_events_only_if_it_changed_the_task() {
     }
 }
 
+/// A claim: `running` now, on worker `w-1`, leased by `srv-1` for a minute.
+fn claim() -> anywork_core::TaskChange {
+    use anywork_core::{TaskChange, TaskStatus, Timestamp};
+    let now = Timestamp::now();
+    TaskChange::to(TaskStatus::Running)
+        .at(now)
+        .worker("w-1")
+        .lease("srv-1", now.plus_millis(60_000))
+}
+
 /// At one session each write of a chat is one call to SQLite's connection thread (a message
 /// to that thread and a wake-up of it, and one back): the new task stored, its session
 /// touched and the task claimed with its `running` event, `BEGIN` to `COMMIT`, in one; its
@@ -511,40 +520,20 @@ async fn each_write_of_a_chat_alone_is_one_call_to_sqlites_thread() {
     let store = SqliteStore::open_in_dir(dir.path()).await.unwrap();
     let session = store.create_session(NewSession::new("web")).await.unwrap();
     let calls = |store: &SqliteStore| store.writer_stats().unwrap().calls;
-    let claim = || {
-        let now = Timestamp::now();
-        TaskChange::to(TaskStatus::Running)
-            .at(now)
-            .worker("w-1")
-            .lease("srv-1", now.plus_millis(60_000))
-    };
     let status = |status| NewTaskLog::now(TaskEvent::Status { status });
     let chat =
         |text: &str| NewTask::from_request(session.id.clone(), TaskRequest::new("web", text));
+    let running = || vec![status(TaskStatus::Running)];
+    let create_claimed =
+        |text: &str| store.create_task_claimed(chat(text), claim(), running(), Vec::new());
 
     let before = calls(&store);
-    let (first, last) = store
-        .create_task_claimed(
-            chat("one"),
-            claim(),
-            vec![status(TaskStatus::Running)],
-            Vec::new(),
-        )
-        .await
-        .unwrap();
+    let (first, last) = create_claimed("one").await.unwrap();
     assert_eq!((first.status, last), (TaskStatus::Running, Some(1)));
     assert_eq!(calls(&store) - before, 1, "create, touch and claim");
 
     let before = calls(&store);
-    let (second, last) = store
-        .create_task_claimed(
-            chat("two"),
-            claim(),
-            vec![status(TaskStatus::Running)],
-            Vec::new(),
-        )
-        .await
-        .unwrap();
+    let (second, last) = create_claimed("two").await.unwrap();
     assert_eq!((second.status, last), (TaskStatus::Pending, None));
     assert_eq!(
         calls(&store) - before,
@@ -596,12 +585,7 @@ async fn each_write_of_a_chat_alone_is_one_call_to_sqlites_thread() {
     );
     // Its end lets the second start.
     let claimed = store
-        .claim_task_lean(
-            second.id,
-            claim(),
-            vec![status(TaskStatus::Running)],
-            Vec::new(),
-        )
+        .claim_task_lean(second.id, claim(), running(), Vec::new())
         .await
         .unwrap();
     assert!(
@@ -616,15 +600,8 @@ async fn each_write_of_a_chat_alone_is_one_call_to_sqlites_thread() {
 /// the answer is as alone (busy, with the task the group just started).
 #[tokio::test]
 async fn a_group_committed_with_its_last_call_keeps_its_writes_when_that_write_then_reads() {
-    use anywork_core::{Claim, NewTaskLog, TaskChange, TaskEvent, TaskStatus, Timestamp};
+    use anywork_core::{Claim, NewTaskLog, TaskEvent, TaskStatus};
     let (_dir, store, tasks) = store_refusing_boom(3).await;
-    let claim = || {
-        let now = Timestamp::now();
-        TaskChange::to(TaskStatus::Running)
-            .at(now)
-            .worker("w-1")
-            .lease("srv-1", now.plus_millis(60_000))
-    };
     let running = || {
         vec![NewTaskLog::now(TaskEvent::Status {
             status: TaskStatus::Running,
