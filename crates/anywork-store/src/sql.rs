@@ -1472,12 +1472,19 @@ macro_rules! impl_sql_store {
             conn.last_call();
             let mut results = (&mut *conn).fetch_many(sqlx::query_with(&sql, args));
             // A missing session fails the insert (foreign keys are on for every connection of
-            // the store: `NotFound`), so the touch always finds its row.
-            let (mut steps, mut last) = (0, None);
+            // the store: `NotFound`), so the touch always finds its row. The third statement
+            // is the claim: it changed the new task's row, or nothing (then the rows were not
+            // inserted either); a claimed task's log ends at the last of `rows`.
+            let (mut steps, mut claimed) = (0, false);
             while let Some(result) = results.next().await {
                 match result {
-                    Ok(sqlx::Either::Left(_)) => steps += 1,
-                    Ok(sqlx::Either::Right(row)) => last = Some(Cols(&row).i64("last_seq")?),
+                    Ok(sqlx::Either::Left(done)) => {
+                        if steps == 2 {
+                            claimed = done.rows_affected() == 1;
+                        }
+                        steps += 1;
+                    }
+                    Ok(sqlx::Either::Right(_)) => {}
                     Err(e) if steps == 0 => {
                         return Err($crate::sql::db_err(&creating_task(task), e));
                     }
@@ -1485,7 +1492,8 @@ macro_rules! impl_sql_store {
                     Err(e) => return Err($crate::sql::db_err("update task", e)),
                 }
             }
-            Ok(Some(Reply::CreatedClaimed(last.map($crate::sql::to_u64))))
+            let last = u64::try_from(rows.len()).unwrap_or(u64::MAX);
+            Ok(Some(Reply::CreatedClaimed(claimed.then_some(last))))
         }
 
         /// The arguments of [`INSERT_TASK`](crate::sql::INSERT_TASK)'s columns, in order.
@@ -1703,7 +1711,8 @@ macro_rules! impl_sql_store {
         /// Writes [`update_lean`]'s statements (after what `sql` holds already, their
         /// arguments after `args`'s, as anonymous `?`): whether they insert `rows` too
         /// (SQLite, a few rows). With `hold` (SQLite's create-claimed in one call), the claim
-        /// applies only if no reaper's hold on the task's session lasts past it.
+        /// applies only if no reaper's hold on the task's session lasts past it, and on SQLite
+        /// nothing is read back (the task is new: its log starts at seq 1).
         #[allow(clippy::too_many_arguments)]
         fn push_lean<'a>(
             sql: &mut String,
@@ -1800,7 +1809,15 @@ macro_rules! impl_sql_store {
                     push_arg(&mut *sql, &mut *args, now.0, $crate::sql::NOT_HELD)?;
                     sql.push(')');
                 }
-                if $one_call {
+                if $one_call && hold.is_some() {
+                    // SQLite's create-claimed: a task inserted in this call, whose log is
+                    // empty (`last_seq` 0): the claim takes seqs 1 to `count`, and the caller
+                    // learns whether it applied from the rows the `UPDATE` changed. Nothing
+                    // to read back, and the rows need no join with the task's row.
+                    if with_rows {
+                        push_new_task_logs(&mut *sql, &mut *args, rows, id_again)?;
+                    }
+                } else if $one_call {
                     // SQLite: see LAST_SEQ_AFTER_UPDATE (the id bound again, as `?`).
                     let select = "; SELECT last_seq FROM tasks WHERE id = ";
                     let logs_id = with_rows.then(|| id_again.clone());
@@ -1846,6 +1863,36 @@ macro_rules! impl_sql_store {
             }
             push_arg(sql, args, id, ") v WHERE t.id = ")?;
             sql.push_str(" AND changes() = 1");
+            Ok(())
+        }
+
+        /// SQLite: the insert of `rows` as the first entries of the log of a task inserted
+        /// in the same call (seqs 1 to `rows.len()`, which the claim before it reserved from
+        /// `last_seq` 0), only if that claim changed the task's row (`changes() = 1`: the
+        /// `UPDATE`'s count until this statement ends). Without the join with `tasks` that
+        /// [`push_logs_after_update`] needs to count the seqs back from `last_seq`.
+        fn push_new_task_logs<'a>(
+            sql: &mut String,
+            args: &mut <$db as sqlx::Database>::Arguments<'a>,
+            rows: &'a [(String, String, i64)],
+            id: String,
+        ) -> Result<(), sqlx::error::BoxDynError> {
+            push_arg(
+                sql,
+                args,
+                id,
+                "; INSERT INTO task_logs (task_id, seq, type, payload, created_at) SELECT ",
+            )?;
+            sql.push_str(", v.column1, v.column2, v.column3, v.column4 FROM (VALUES ");
+            for (i, (kind, payload, at)) in rows.iter().enumerate() {
+                let seq = i64::try_from(i + 1).unwrap_or(i64::MAX);
+                push_arg(sql, args, seq, if i == 0 { "(" } else { ", (" })?;
+                push_arg(sql, args, kind.as_str(), ", ")?;
+                push_arg(sql, args, payload.as_str(), ", ")?;
+                push_arg(sql, args, *at, ", ")?;
+                sql.push(')');
+            }
+            sql.push_str(") v WHERE changes() = 1");
             Ok(())
         }
 

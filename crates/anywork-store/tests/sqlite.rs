@@ -644,3 +644,79 @@ async fn a_group_committed_with_its_last_call_keeps_its_writes_when_that_write_t
     assert_eq!(store.writer_stats().unwrap().batches, batches + 1);
     assert_eq!(store.read_logs(tasks[2], 0, 10).await.unwrap().len(), 2);
 }
+
+/// A new task stored claimed in its create's call takes the first seqs of its log (1 to the
+/// number of its events) without reading them back, and its events only when its claim
+/// applied: in one group after a write that changed a row, a claimed create gets its four
+/// events as seqs 1–4 and answers 4, one that must wait (its session busy) stores none and
+/// reserves none, and a third gets its two; later appends go on after them.
+#[tokio::test]
+async fn a_task_created_claimed_in_a_group_takes_the_first_seqs_of_its_log() {
+    use anywork_core::{NewSession, NewTask, NewTaskLog, TaskEvent, TaskRequest, TaskStatus};
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open_in_dir(dir.path()).await.unwrap();
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        sessions.push(store.create_session(NewSession::new("web")).await.unwrap());
+    }
+    let chat =
+        |i: usize| NewTask::from_request(sessions[i].id.clone(), TaskRequest::new("web", "hi"));
+    let logs = |n: usize| -> Vec<NewTaskLog> {
+        (0..n)
+            .map(|k| NewTaskLog::now(TaskEvent::text(format!("e{k}"))))
+            .collect()
+    };
+    let (busy, last) = store
+        .create_task_claimed(chat(1), claim(), logs(1), Vec::new())
+        .await
+        .unwrap();
+    assert_eq!((busy.status, last), (TaskStatus::Running, Some(1)));
+    let store_ref = &store;
+    let batches = store.writer_stats().unwrap().batches;
+    // One group (queued together on this single-threaded runtime).
+    let (appended, first, waits, second) = futures_util::join!(
+        store_ref.append_logs(busy.id, logs(1)),
+        store_ref.create_task_claimed(chat(0), claim(), logs(4), Vec::new()),
+        store_ref.create_task_claimed(chat(1), claim(), logs(3), Vec::new()),
+        store_ref.create_task_claimed(chat(2), claim(), logs(2), Vec::new()),
+    );
+    assert_eq!(
+        store.writer_stats().unwrap().batches,
+        batches + 1,
+        "one group"
+    );
+    assert_eq!(appended.ok(), Some(2));
+    let (first, last) = first.unwrap();
+    assert_eq!((first.status, last), (TaskStatus::Running, Some(4)));
+    let (waits, last) = waits.unwrap();
+    assert_eq!((waits.status, last), (TaskStatus::Pending, None));
+    let (second, last) = second.unwrap();
+    assert_eq!((second.status, last), (TaskStatus::Running, Some(2)));
+    assert!(store.read_logs(waits.id, 0, 10).await.unwrap().is_empty());
+    for (id, n) in [(first.id, 4), (second.id, 2)] {
+        let stored = store.get_task(id).await.unwrap();
+        assert_eq!(stored.status, TaskStatus::Running);
+        assert_eq!(stored.worker_id.as_deref(), Some("w-1"));
+        assert!(stored.lease.is_some() && stored.started_at.is_some());
+        let read: Vec<(u64, TaskEvent)> = store
+            .read_logs(id, 0, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.seq, l.event))
+            .collect();
+        let want: Vec<(u64, TaskEvent)> = (0..n)
+            .map(|k| (k as u64 + 1, TaskEvent::text(format!("e{k}"))))
+            .collect();
+        assert_eq!(read, want);
+        let next = store.append_logs(id, logs(1)).await.unwrap();
+        assert_eq!(
+            next,
+            n as u64 + 1,
+            "the log goes on after the claim's events"
+        );
+    }
+    let stored = store.get_task(waits.id).await.unwrap();
+    assert_eq!((stored.status, stored.lease), (TaskStatus::Pending, None));
+    assert_eq!(store.append_logs(waits.id, logs(1)).await.unwrap(), 1);
+}
