@@ -113,20 +113,29 @@ pub(crate) const INSERT_TASK_THEN_TOUCH_RETURNING: &str = "INSERT INTO tasks (id
     UPDATE sessions SET last_active = CASE WHEN last_active < $11 THEN $11 ELSE last_active END \
     WHERE id = $2; SELECT idle_hold_until FROM sessions WHERE id = $2 AND changes() = 1";
 
-/// SQLite: [`INSERT_TASK_THEN_TOUCH`] with the insert's arguments anonymous (`?`, bound in
-/// order, so that statements after it in the same call take theirs after its 11: sqlx counts
-/// anonymous parameters across the statements of a call, and named ones not at all), the
-/// touch naming the insert's `$2` and `$11`.
-pub(crate) const INSERT_TASK_THEN_TOUCH_ANON: &str = "INSERT INTO tasks (id, session_id, \
-    channel_type, channel_meta, status, message, skills, mcp_servers, push_notification, \
-    idempotency_key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?); \
-    UPDATE sessions SET last_active = CASE WHEN last_active < $11 THEN $11 ELSE last_active END \
+/// SQLite's create-claimed in one call: the insert of a new task (its arguments anonymous,
+/// `?`, bound in order — id, session, channel type, channel meta, message, skills, MCP
+/// servers, push notification, idempotency key, created at — then those of its status), whose
+/// status is the claim's (the last argument) when the task can start now, else `pending`: no
+/// other task of its session running or waiting for input and none pending before it (the
+/// claim's turn, [`CLAIM_TURN`], with the new task's session, created at (twice) and id), and
+/// no reaper's hold on the session past now (session, now); then the touch of its session
+/// (`$10`, `$2`: named, so that the statements after it take their anonymous arguments after
+/// the insert's 17). Decided in the insert, not by an `UPDATE` of the status after it: the
+/// task's entries in `tasks_status` and `tasks_session_active` are written once instead of
+/// written and moved. A single-row `VALUES` (an `INSERT … SELECT` that reads `tasks` would be
+/// copied to a temporary b-tree first).
+pub(crate) const INSERT_TASK_CLAIMED_THEN_TOUCH: &str = "INSERT INTO tasks (id, session_id, \
+    channel_type, channel_meta, message, skills, mcp_servers, push_notification, \
+    idempotency_key, created_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
+    CASE WHEN NOT EXISTS (SELECT 1 FROM tasks o WHERE o.session_id = ? \
+    AND (o.status = 'pending' OR o.status = 'running' OR o.status = 'input_required') \
+    AND (o.status = 'running' OR o.status = 'input_required' \
+      OR (o.status = 'pending' AND (o.created_at < ? OR (o.created_at = ? AND o.id < ?))))) \
+    AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.id = ? AND s.idle_hold_until > ?) \
+    THEN ? ELSE 'pending' END); \
+    UPDATE sessions SET last_active = CASE WHEN last_active < $10 THEN $10 ELSE last_active END \
     WHERE id = $2; ";
-
-/// SQLite's create-claimed in one call: the claim's condition that no reaper's hold on the
-/// task's session lasts past the argument that follows (the write's `now`), then `)`.
-pub(crate) const NOT_HELD: &str = " AND NOT EXISTS (SELECT 1 FROM sessions s \
-    WHERE s.id = tasks.session_id AND s.idle_hold_until > ";
 
 /// The `LISTEN/NOTIFY` channel of log appends; payload `TASK_ID:FIRST_SEQ:LAST_SEQ`.
 #[allow(dead_code)]
@@ -1433,13 +1442,16 @@ macro_rules! impl_sql_store {
         }
 
         /// SQLite (`$one_call`): `CreateTaskClaimed` without deliveries in one call: the
-        /// insert of `task`, the touch of its session at the task's creation, and the claim
-        /// with its events ([`push_lean`]), which applies only if no reaper's hold on the
-        /// session lasts past `now` (the hold the two-call path reads back from the touch),
-        /// and it is the session's turn. The call is the write's last ([`Tx::last_call`]):
-        /// the task is stored whether or not it is claimed, and nothing else is written.
-        /// `None` when the claim cannot be tried so (more rows than go with it, a change the
-        /// lean claim does not take): nothing ran, the caller takes the two-call path.
+        /// insert of `task`, stored with the claim's status if it is the session's turn and
+        /// no reaper's hold on the session lasts past `now` (the hold the two-call path reads
+        /// back from the touch), else `pending`
+        /// ([`INSERT_TASK_CLAIMED_THEN_TOUCH`](crate::sql::INSERT_TASK_CLAIMED_THEN_TOUCH));
+        /// the touch of its session at the task's creation; and the rest of the claim with its
+        /// events ([`push_lean`]), which applies only if the insert stored that status. The
+        /// call is the write's last ([`Tx::last_call`]): the task is stored whether or not it
+        /// is claimed, and nothing else is written. `None` when the claim cannot be tried so
+        /// (more rows than go with it, a change the lean claim does not take, a claim to
+        /// `pending`): nothing ran, the caller takes the two-call path.
         ///
         /// [`Tx::last_call`]: crate::sql::Tx::last_call
         async fn insert_touch_claim(
@@ -1455,26 +1467,27 @@ macro_rules! impl_sql_store {
             let pending = anywork_core::TaskStatus::Pending;
             if rows.len() > $crate::sql::LOGS_WITH_UPDATE
                 || task.status != pending
+                || change.status == pending
                 || !lean_applies(pending, change)
             {
                 return Ok(None);
             }
             let mut sql = String::with_capacity(
-                $crate::sql::INSERT_TASK_THEN_TOUCH_ANON.len()
+                $crate::sql::INSERT_TASK_CLAIMED_THEN_TOUCH.len()
                     + $crate::sql::UPDATE_LEAN_CAPACITY
-                    + $crate::sql::NOT_HELD.len()
                     + lean_room(rows),
             );
-            sql.push_str($crate::sql::INSERT_TASK_THEN_TOUCH_ANON);
+            sql.push_str($crate::sql::INSERT_TASK_CLAIMED_THEN_TOUCH);
             let mut args = <$db as sqlx::Database>::Arguments::<'_>::default();
-            push_task_args(&mut args, task)?;
-            push_lean(&mut sql, &mut args, task.id, pending, change, rows, true, Some(now))?;
+            push_claimed_task_args(&mut args, task, change.status, now)?;
+            push_lean(&mut sql, &mut args, task.id, pending, change, rows, false, true)?;
             conn.last_call();
             let mut results = (&mut *conn).fetch_many(sqlx::query_with(&sql, args));
             // A missing session fails the insert (foreign keys are on for every connection of
             // the store: `NotFound`), so the touch always finds its row. The third statement
-            // is the claim: it changed the new task's row, or nothing (then the rows were not
-            // inserted either); a claimed task's log ends at the last of `rows`.
+            // is the rest of the claim: it changed the new task's row if the insert stored it
+            // claimed, or nothing (then the rows were not inserted either); a claimed task's
+            // log ends at the last of `rows`.
             let (mut steps, mut claimed) = (0, false);
             while let Some(result) = results.next().await {
                 match result {
@@ -1496,10 +1509,15 @@ macro_rules! impl_sql_store {
             Ok(Some(Reply::CreatedClaimed(claimed.then_some(last))))
         }
 
-        /// The arguments of [`INSERT_TASK`](crate::sql::INSERT_TASK)'s columns, in order.
-        fn push_task_args<'a>(
+        /// The arguments of
+        /// [`INSERT_TASK_CLAIMED_THEN_TOUCH`](crate::sql::INSERT_TASK_CLAIMED_THEN_TOUCH),
+        /// in order: `task`'s columns, those of the claim's turn and of the hold at `now`,
+        /// and the status of the claimed task.
+        fn push_claimed_task_args<'a>(
             args: &mut <$db as sqlx::Database>::Arguments<'a>,
             task: &'a anywork_core::Task,
+            claimed: anywork_core::TaskStatus,
+            now: anywork_core::Timestamp,
         ) -> anywork_core::Result<()> {
             use sqlx::Arguments as _;
             let push = task.push_notification.as_ref().map(json_text).transpose()?;
@@ -1507,18 +1525,27 @@ macro_rules! impl_sql_store {
             let message = json_text(&task.message)?;
             let skills = json_text(&task.skills)?;
             let mcp = json_text(&task.mcp_servers)?;
+            let id = task.id.to_string();
             let added = (|| -> Result<(), sqlx::error::BoxDynError> {
-                args.add(task.id.to_string())?;
+                args.add(id.clone())?;
                 args.add(task.session_id.as_str())?;
                 args.add(task.channel_type.as_str())?;
                 args.add(meta)?;
-                args.add(task.status.as_str())?;
                 args.add(message)?;
                 args.add(skills)?;
                 args.add(mcp)?;
                 args.add(push)?;
                 args.add(task.idempotency_key.as_deref())?;
                 args.add(task.created_at.0)?;
+                // The turn: the session's other active tasks, against this one's place.
+                args.add(task.session_id.as_str())?;
+                args.add(task.created_at.0)?;
+                args.add(task.created_at.0)?;
+                args.add(id)?;
+                // The reaper's hold.
+                args.add(task.session_id.as_str())?;
+                args.add(now.0)?;
+                args.add(claimed.as_str())?;
                 Ok(())
             })();
             added.map_err(|e| $crate::sql::db_err("create task", sqlx::Error::Encode(e)))
@@ -1670,7 +1697,7 @@ macro_rules! impl_sql_store {
             let mut sql = String::with_capacity($crate::sql::UPDATE_LEAN_CAPACITY + room);
             let mut args = <$db as sqlx::Database>::Arguments::<'_>::default();
             let with_rows =
-                push_lean(&mut sql, &mut args, id, expected, change, rows, turn, None)?;
+                push_lean(&mut sql, &mut args, id, expected, change, rows, turn, false)?;
             if last && (with_rows || rows.is_empty()) {
                 conn.last_call();
             }
@@ -1710,9 +1737,10 @@ macro_rules! impl_sql_store {
 
         /// Writes [`update_lean`]'s statements (after what `sql` holds already, their
         /// arguments after `args`'s, as anonymous `?`): whether they insert `rows` too
-        /// (SQLite, a few rows). With `hold` (SQLite's create-claimed in one call), the claim
-        /// applies only if no reaper's hold on the task's session lasts past it, and on SQLite
-        /// nothing is read back (the task is new: its log starts at seq 1).
+        /// (SQLite, a few rows). With `created` (SQLite's create-claimed in one call), the
+        /// task was inserted in the same call with the change's status if it could be claimed
+        /// (else `pending`): the `UPDATE` sets the rest of the change where the task has that
+        /// status, and nothing is read back (the task is new: its log starts at seq 1).
         #[allow(clippy::too_many_arguments)]
         fn push_lean<'a>(
             sql: &mut String,
@@ -1722,7 +1750,7 @@ macro_rules! impl_sql_store {
             change: &'a anywork_core::TaskChange,
             rows: &'a [(String, String, i64)],
             turn: bool,
-            hold: Option<anywork_core::Timestamp>,
+            created: bool,
         ) -> anywork_core::Result<bool> {
             use anywork_core::TaskStatus;
             use $crate::sql::to_i64;
@@ -1754,8 +1782,13 @@ macro_rules! impl_sql_store {
                 (None, None) => None,
             };
             let built = (|| -> Result<(), sqlx::error::BoxDynError> {
-                push_arg(&mut *sql, &mut *args, status.as_str(), "UPDATE tasks SET status = ")?;
-                push_arg(&mut *sql, &mut *args, count, ", last_seq = last_seq + ")?;
+                if created {
+                    // The insert in the same call stored the claimed status, or `pending`.
+                    push_arg(&mut *sql, &mut *args, count, "UPDATE tasks SET last_seq = last_seq + ")?;
+                } else {
+                    push_arg(&mut *sql, &mut *args, status.as_str(), "UPDATE tasks SET status = ")?;
+                    push_arg(&mut *sql, &mut *args, count, ", last_seq = last_seq + ")?;
+                }
                 if let Some(worker) = &change.worker_id {
                     push_arg(&mut *sql, &mut *args, worker.as_str(), ", worker_id = ")?;
                 }
@@ -1797,7 +1830,8 @@ macro_rules! impl_sql_store {
                     push_arg(&mut *sql, &mut *args, error, ", error = ")?;
                 }
                 push_arg(&mut *sql, &mut *args, id, " WHERE id = ")?;
-                push_arg(&mut *sql, &mut *args, expected.as_str(), " AND status = ")?;
+                let was = if created { status } else { expected };
+                push_arg(&mut *sql, &mut *args, was.as_str(), " AND status = ")?;
                 if let Some(lease) = &change.if_lease {
                     push_arg(&mut *sql, &mut *args, lease.owner.as_str(), " AND lease_owner = ")?;
                     push_arg(&mut *sql, &mut *args, lease.expires_at.0, " AND lease_expires_at = ")?;
@@ -1805,11 +1839,7 @@ macro_rules! impl_sql_store {
                 if turn {
                     sql.push_str($crate::sql::CLAIM_TURN);
                 }
-                if let Some(now) = hold {
-                    push_arg(&mut *sql, &mut *args, now.0, $crate::sql::NOT_HELD)?;
-                    sql.push(')');
-                }
-                if $one_call && hold.is_some() {
+                if $one_call && created {
                     // SQLite's create-claimed: a task inserted in this call, whose log is
                     // empty (`last_seq` 0): the claim takes seqs 1 to `count`, and the caller
                     // learns whether it applied from the rows the `UPDATE` changed. Nothing

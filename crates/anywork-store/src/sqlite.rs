@@ -1276,12 +1276,18 @@ mod tests {
         );
     }
 
-    /// The claim of a new task in the call of its insert checks the reaper's hold on the
-    /// task's session by the session's primary key (`sql::NOT_HELD`), not by a scan of the
-    /// sessions, beside the turn's search of the session's active tasks.
+    /// A new task stored claimed in its insert (`sql::INSERT_TASK_CLAIMED_THEN_TOUCH`) checks
+    /// the reaper's hold on its session by the session's primary key, not by a scan of the
+    /// sessions, and its turn by a search of the session's active tasks.
     #[tokio::test]
-    async fn a_claim_in_the_creates_call_reads_its_sessions_hold_by_key() {
-        let details = claim_plan(&format!("{}$2)", crate::sql::NOT_HELD)).await;
+    async fn a_task_created_claimed_reads_its_turn_and_its_sessions_hold_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open_in_dir(dir.path()).await.unwrap();
+        let insert = crate::sql::INSERT_TASK_CLAIMED_THEN_TOUCH
+            .split("; UPDATE")
+            .next()
+            .unwrap();
+        let details = plan_details(&store, &format!("EXPLAIN QUERY PLAN {insert}")).await;
         assert!(
             details
                 .iter()
