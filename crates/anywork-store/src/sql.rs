@@ -118,10 +118,10 @@ pub(crate) const INSERT_TASK_THEN_TOUCH_RETURNING: &str = "INSERT INTO tasks (id
 /// servers, push notification, idempotency key, created at — then those of its status), whose
 /// status is the claim's (the last argument) when the task can start now, else `pending`: no
 /// other task of its session running or waiting for input and none pending before it (the
-/// claim's turn, [`CLAIM_TURN`], with the new task's session, created at (twice) and id), and
-/// no reaper's hold on the session past now (session, now); then the touch of its session
-/// (`$10`, `$2`: named, so that the statements after it take their anonymous arguments after
-/// the insert's 17). Decided in the insert, not by an `UPDATE` of the status after it: the
+/// claim's turn, [`CLAIM_TURN`] word for word with the new task's session, created at (twice)
+/// and id bound; a test in `sqlite.rs` compares them), and no reaper's hold on the session
+/// past now (session, now); then the touch of its session (`$10`, `$2`: named, so that the
+/// statements after it take their anonymous arguments after the insert's 17). Decided in the insert, not by an `UPDATE` of the status after it: the
 /// task's entries in `tasks_status` and `tasks_session_active` are written once instead of
 /// written and moved. A single-row `VALUES` (an `INSERT … SELECT` that reads `tasks` would be
 /// copied to a temporary b-tree first).

@@ -1276,6 +1276,24 @@ mod tests {
         );
     }
 
+    /// A new task's claimed insert states its turn as a claim does (`sql::CLAIM_TURN`, the
+    /// claimed task's columns bound instead): a change of one without the other fails here.
+    #[test]
+    fn a_created_tasks_turn_is_the_claims_turn() {
+        let words = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+        let turn = crate::sql::CLAIM_TURN
+            .replace("tasks.session_id", "?")
+            .replace("tasks.created_at", "?")
+            .replace("tasks.id", "?");
+        let turn = words(&turn);
+        let turn = turn.strip_prefix("AND ").unwrap();
+        let insert = words(crate::sql::INSERT_TASK_CLAIMED_THEN_TOUCH);
+        assert!(
+            insert.contains(&format!("CASE WHEN {turn} AND NOT EXISTS")),
+            "{insert}"
+        );
+    }
+
     /// A new task stored claimed in its insert (`sql::INSERT_TASK_CLAIMED_THEN_TOUCH`) checks
     /// the reaper's hold on its session by the session's primary key, not by a scan of the
     /// sessions, and its turn by a search of the session's active tasks.
