@@ -94,21 +94,17 @@ impl Dispatcher {
         if !inner.store.shared() {
             // Nothing of the session is active or queued here, and no other server uses the
             // store: the worker may be prepared while the task is written.
-            fast.prepare = Some(run::EarlyPrepare::new(
+            fast.prepare = Some(run::EarlyPrepare::spawn(
                 inner.clone(),
                 accepted.clone(),
                 fast.endpoint.clone(),
             ));
         }
         // An error drops `fast`: the reservation is undone.
-        let write =
-            inner
-                .store
-                .create_task_claimed(new_task, claim.change, claim.logs, claim.deliveries);
-        let (stored, last) = match fast.prepare.as_mut() {
-            Some(prepare) => prepare.alongside(write).await?,
-            None => write.await?,
-        };
+        let (stored, last) = inner
+            .store
+            .create_task_claimed(new_task, claim.change, claim.logs, claim.deliveries)
+            .await?;
         self.settle(&mut fast, stored, last, claim.n, claim.events, claim.woken)
             .await;
         *start = Some(fast);

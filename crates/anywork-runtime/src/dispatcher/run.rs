@@ -7,10 +7,7 @@
 //! run writes nothing after that end (its appends are refused once the task is over).
 
 use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use anywork_core::worker_api::{CancelRequest, ChatRequest, InputAnswer, PrepareRequest};
@@ -1387,54 +1384,32 @@ async fn chat_requests(inner: &Inner, task: &Task) -> Result<ChatRequests> {
 /// server, [`TaskStore::shared`](anywork_core::TaskStore::shared), and the session's start
 /// reserved here): the worker is then never prepared under another task's feet, whatever
 /// the write decides. The prepare carries no task; when the write leaves the task
-/// `pending`, its run prepares again when it starts. Dropped, it is given up.
-///
-/// It is not a task of its own: the submitter polls it beside the write
-/// ([`alongside`](Self::alongside)), and the run then takes it over where it got to
-/// ([`finish`](Self::finish)). A task spawned for it cost a task's allocation and scheduling
-/// per chat, and, spawned just before the run's task on the same worker thread, it was
-/// pushed out of that thread's next-task slot and woke the other worker thread to take it.
-pub(super) struct EarlyPrepare(EarlyState);
-
-type PrepareFuture = Pin<Box<dyn Future<Output = Result<(ChatRequests, bool)>> + Send>>;
-
-enum EarlyState {
-    Going(PrepareFuture),
-    Done(Result<(ChatRequests, bool)>),
-}
+/// `pending`, its run prepares again when it starts. Dropped, it is aborted.
+pub(super) struct EarlyPrepare(tokio::task::JoinHandle<Result<(ChatRequests, bool)>>);
 
 impl EarlyPrepare {
-    /// Builds `task`'s requests and sends its `/prepare` to `worker`, as it is polled.
-    pub(super) fn new(inner: Arc<Inner>, task: Task, worker: Arc<WorkerEndpoint>) -> Self {
-        Self(EarlyState::Going(Box::pin(async move {
+    /// Builds `task`'s requests and sends its `/prepare` to `worker`, on a task of its own.
+    pub(super) fn spawn(inner: Arc<Inner>, task: Task, worker: Arc<WorkerEndpoint>) -> Self {
+        Self(tokio::spawn(async move {
             prepared(&inner, &task, &worker).await
-        })))
-    }
-
-    /// `work`'s output, with the prepare polled beside it until either is done (the prepare's
-    /// result kept for [`finish`](Self::finish)).
-    pub(super) async fn alongside<T>(&mut self, work: impl Future<Output = T>) -> T {
-        let mut work = std::pin::pin!(work);
-        std::future::poll_fn(|cx| {
-            let out = work.as_mut().poll(cx);
-            if out.is_pending()
-                && let EarlyState::Going(prepare) = &mut self.0
-                && let Poll::Ready(done) = prepare.as_mut().poll(cx)
-            {
-                self.0 = EarlyState::Done(done);
-            }
-            out
-        })
-        .await
+        }))
     }
 
     /// The requests, and whether the prepare was left out (acknowledged unchanged); the
     /// prepare's failure, after its retries.
-    async fn finish(self) -> Result<(ChatRequests, bool)> {
-        match self.0 {
-            EarlyState::Going(prepare) => prepare.await,
-            EarlyState::Done(done) => done,
+    async fn finish(mut self) -> Result<(ChatRequests, bool)> {
+        match (&mut self.0).await {
+            Ok(done) => done,
+            Err(e) => Err(Error::internal(format!(
+                "the /prepare sent beside the task's write did not finish: {e}"
+            ))),
         }
+    }
+}
+
+impl Drop for EarlyPrepare {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
