@@ -447,9 +447,10 @@ impl TaskChange {
 
     /// The change that records `outcome` (its status included).
     pub fn finish(outcome: TaskOutcome) -> Self {
+        let status = outcome.status;
         Self {
-            outcome: Some(outcome.clone()),
-            ..Self::to(outcome.status)
+            outcome: Some(outcome),
+            ..Self::to(status)
         }
     }
 

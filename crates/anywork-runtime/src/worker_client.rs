@@ -30,8 +30,8 @@ pub struct WorkerClient {
     http: reqwest::Client,
     control_timeout: Duration,
     stream_idle_timeout: Duration,
-    /// The prepare key each worker acknowledged last, by (worker URL, session).
-    prepared: Arc<Mutex<HashMap<(String, SessionId), String>>>,
+    /// The prepare key each worker acknowledged last, by session and worker URL.
+    prepared: Arc<Mutex<PreparedKeys>>,
     /// The URLs of the per-task routes (`/prepare`, `/chat`) by worker URL, parsed once: a
     /// parse is ≈ 6k instructions, and reqwest parses a string URL on every request.
     routes: Arc<Mutex<Routes>>,
@@ -87,6 +87,62 @@ fn host_header(url: &reqwest::Url) -> Option<HeaderValue> {
 /// Sessions whose prepare key is remembered at most; past it the record starts over (a
 /// forgotten session costs one `/prepare`).
 const PREPARED_KEPT: usize = 100_000;
+
+/// Worker URLs remembered per session at most; past it the oldest is forgotten (a session
+/// moves to another worker when its container is replaced).
+const PREPARED_WORKERS_PER_SESSION: usize = 4;
+
+/// The prepare key each worker acknowledged last for a session: by session, then by worker
+/// URL (a session has one worker, rarely a few). Looked up by borrowed ids: the checks made
+/// for every task (twice, plus the forget before each `/prepare`) copy no string, as a map
+/// keyed by the pair `(URL, session)` made them do.
+#[derive(Debug, Default)]
+struct PreparedKeys {
+    sessions: HashMap<SessionId, Vec<(String, String)>>,
+}
+
+impl PreparedKeys {
+    /// The key `worker_url` acknowledged last for `session`.
+    fn get(&self, session: &SessionId, worker_url: &str) -> Option<&str> {
+        self.sessions
+            .get(session)?
+            .iter()
+            .find(|(url, _)| url == worker_url)
+            .map(|(_, key)| key.as_str())
+    }
+
+    /// Remembers `key` as what `worker_url` acknowledged for `session`.
+    fn insert(&mut self, session: &SessionId, worker_url: &str, key: String) {
+        if let Some(workers) = self.sessions.get_mut(session) {
+            match workers.iter_mut().find(|(url, _)| url == worker_url) {
+                Some((_, kept)) => *kept = key,
+                None => {
+                    if workers.len() >= PREPARED_WORKERS_PER_SESSION {
+                        workers.remove(0);
+                    }
+                    workers.push((worker_url.to_owned(), key));
+                }
+            }
+            return;
+        }
+        if self.sessions.len() >= PREPARED_KEPT {
+            self.sessions.clear();
+        }
+        self.sessions
+            .insert(session.clone(), vec![(worker_url.to_owned(), key)]);
+    }
+
+    /// Forgets what `worker_url` acknowledged for `session`.
+    fn remove(&mut self, session: &SessionId, worker_url: &str) {
+        let Some(workers) = self.sessions.get_mut(session) else {
+            return;
+        };
+        workers.retain(|(url, _)| url != worker_url);
+        if workers.is_empty() {
+            self.sessions.remove(session);
+        }
+    }
+}
 
 /// A `/prepare` encoded once, with its key ([`PREPARE_KEY_HEADER`]) when it may be left out
 /// while unchanged: a request that checks out a repository is sent before every task (the
@@ -202,9 +258,9 @@ impl WorkerClient {
         worker: &WorkerEndpoint,
         prepared: &PreparedBody,
     ) -> Result<()> {
-        let record = (worker.base_url.clone(), prepared.session.clone());
         // Unknown until the worker says, whatever happens to this call.
-        self.lock_prepared().remove(&record);
+        self.lock_prepared()
+            .remove(&prepared.session, &worker.base_url);
         let deadline = tokio::time::Instant::now() + self.control_timeout;
         let key = prepared.key.as_deref();
         let response = match self.post_direct(worker, PREPARE_PATH, prepared.body.clone(), key) {
@@ -244,11 +300,8 @@ impl WorkerClient {
         if let Some(key) = acknowledged
             && prepared.key.as_ref() == Some(&key)
         {
-            let mut map = self.lock_prepared();
-            if map.len() >= PREPARED_KEPT {
-                map.clear();
-            }
-            map.insert(record, key);
+            self.lock_prepared()
+                .insert(&prepared.session, &worker.base_url, key);
         }
         Ok(())
     }
@@ -260,17 +313,16 @@ impl WorkerClient {
             return false;
         };
         self.lock_prepared()
-            .get(&(worker.base_url.clone(), prepared.session.clone()))
-            .is_some_and(|k| k == key)
+            .get(&prepared.session, &worker.base_url)
+            .is_some_and(|k| k == key.as_str())
     }
 
     /// Forgets what `worker` acknowledged for `session` (it refused a chat as unprepared).
     pub fn forget_prepared(&self, worker: &WorkerEndpoint, session: &SessionId) {
-        self.lock_prepared()
-            .remove(&(worker.base_url.clone(), session.clone()));
+        self.lock_prepared().remove(session, &worker.base_url);
     }
 
-    fn lock_prepared(&self) -> std::sync::MutexGuard<'_, HashMap<(String, SessionId), String>> {
+    fn lock_prepared(&self) -> std::sync::MutexGuard<'_, PreparedKeys> {
         // One insert or remove at a time: consistent even after a panic.
         self.prepared
             .lock()
@@ -1066,6 +1118,49 @@ impl OriginalAdapter {
 mod tests {
     use super::*;
     use anywork_core::TaskStatus;
+
+    #[test]
+    fn prepare_keys_are_kept_per_session_and_worker() {
+        let (s1, s2) = (SessionId::new("s1").unwrap(), SessionId::new("s2").unwrap());
+        let (a, b) = ("http://10.0.0.1:8080", "http://10.0.0.2:8080");
+        let mut keys = PreparedKeys::default();
+        assert_eq!(keys.get(&s1, a), None);
+        keys.insert(&s1, a, "k1".to_owned());
+        keys.insert(&s1, b, "k2".to_owned());
+        keys.insert(&s2, a, "k3".to_owned());
+        assert_eq!(keys.get(&s1, a), Some("k1"));
+        assert_eq!(keys.get(&s1, b), Some("k2"));
+        assert_eq!(keys.get(&s2, a), Some("k3"));
+        assert_eq!(keys.get(&s2, b), None);
+        // A newer key for the same pair replaces the old one.
+        keys.insert(&s1, a, "k4".to_owned());
+        assert_eq!(keys.get(&s1, a), Some("k4"));
+        // Forgetting one pair leaves the session's other worker and the other session.
+        keys.remove(&s1, a);
+        assert_eq!(keys.get(&s1, a), None);
+        assert_eq!(keys.get(&s1, b), Some("k2"));
+        assert_eq!(keys.get(&s2, a), Some("k3"));
+        keys.remove(&s1, b);
+        assert!(
+            !keys.sessions.contains_key(&s1),
+            "an emptied session is dropped"
+        );
+        keys.remove(&s1, b);
+        // A session that moves from worker to worker keeps only the latest few.
+        let urls: Vec<String> = (0..PREPARED_WORKERS_PER_SESSION + 2)
+            .map(|i| format!("http://10.0.1.{i}:8080"))
+            .collect();
+        for (i, url) in urls.iter().enumerate() {
+            keys.insert(&s2, url, format!("key{i}"));
+        }
+        assert_eq!(keys.sessions[&s2].len(), PREPARED_WORKERS_PER_SESSION);
+        assert_eq!(keys.get(&s2, a), None, "the oldest went first");
+        let last = urls.len() - 1;
+        assert_eq!(
+            keys.get(&s2, &urls[last]),
+            Some(format!("key{last}").as_str())
+        );
+    }
 
     /// The request heads a one-shot HTTP server got (each answered `200 {}`).
     async fn heads_of_requests(n: usize) -> (String, tokio::task::JoinHandle<Vec<String>>) {

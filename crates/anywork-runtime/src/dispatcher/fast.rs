@@ -41,7 +41,8 @@ pub(super) struct FastStart {
     inner: Arc<Inner>,
     session: SessionId,
     task_id: TaskId,
-    endpoint: WorkerEndpoint,
+    /// Shared with the early `/prepare` and the run: one copy of its strings per task.
+    endpoint: Arc<WorkerEndpoint>,
     permit: Option<OwnedSemaphorePermit>,
     control: Option<(mpsc::Sender<Control>, mpsc::Receiver<Control>)>,
     /// The session's `/prepare`, on its way while the task is written (a store that serves
@@ -163,11 +164,8 @@ impl Dispatcher {
             status: TaskStatus::Running,
         }];
         let accepted = new_task.clone().into_task();
-        let mut after = accepted.clone();
-        let deliveries = match change.apply(&mut after) {
-            Ok(()) => outbox::deliveries_for(inner, &after, None, None),
-            Err(_) => Vec::new(),
-        };
+        let deliveries =
+            outbox::deliveries_after(inner, &accepted, TaskStatus::Pending, &change, None, None);
         let woken = !deliveries.is_empty();
         let n = events.len() as u64;
         let (logs, events) = super::encode(events);
@@ -238,7 +236,7 @@ impl Dispatcher {
         {
             return None;
         }
-        let endpoint = inner.driver.ready_worker(session)?;
+        let endpoint = Arc::new(inner.driver.ready_worker(session)?);
         let permit = inner.permits.clone().try_acquire_owned().ok()?;
         {
             let mut queues = lock(&inner.queues);

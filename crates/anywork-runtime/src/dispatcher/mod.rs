@@ -1015,35 +1015,26 @@ impl Inner {
     /// status (the outcome to the task's channel, its push notification), and wakes the
     /// outbox sender when there are any.
     ///
-    /// Returns the task as stored after the change: `task` with `change` applied, as the
-    /// store applied it ([`TaskStore::update_task_lean`] does not read the row back; the
-    /// compare-and-set on `expected` — and on the lease, for a change with `if_lease` — is
-    /// what makes the two agree).
+    /// The caller brings its copy of the task up to date afterwards with
+    /// [`stored_change`](Self::stored_change) ([`TaskStore::update_task_lean`] does not read
+    /// the row back): no copy of the task is made here unless the task has a channel or a
+    /// push receiver to tell.
     async fn transition_and_enqueue(
         &self,
         task: &Task,
         expected: TaskStatus,
         change: TaskChange,
         events: Vec<TaskEvent>,
-    ) -> Result<Task> {
-        let mut after = task.clone();
-        after.status = expected;
-        let applied = change.apply(&mut after);
-        let deliveries = match applied {
-            Ok(()) => {
-                let question = events.iter().rev().find_map(|e| match e {
-                    TaskEvent::InputRequired(r) => Some(r),
-                    _ => None,
-                });
-                let done = events.iter().rev().find_map(|e| match e {
-                    TaskEvent::Done(o) => Some(o),
-                    _ => None,
-                });
-                outbox::deliveries_for(self, &after, question, done)
-            }
-            // The store refuses the change the same way.
-            Err(_) => Vec::new(),
-        };
+    ) -> Result<()> {
+        let question = events.iter().rev().find_map(|e| match e {
+            TaskEvent::InputRequired(r) => Some(r),
+            _ => None,
+        });
+        let done = events.iter().rev().find_map(|e| match e {
+            TaskEvent::Done(o) => Some(o),
+            _ => None,
+        });
+        let deliveries = outbox::deliveries_after(self, task, expected, &change, question, done);
         let woken = !deliveries.is_empty();
         let n = events.len() as u64;
         let (logs, events) = encode(events);
@@ -1055,12 +1046,25 @@ impl Inner {
         if woken {
             self.outbox_wake.notify_one();
         }
-        match applied {
-            Ok(()) => Ok(after),
-            // The store took a change this copy refused (a copy older than the store's row):
-            // the task as stored.
-            Err(_) => self.store.get_task(task.id).await,
+        Ok(())
+    }
+
+    /// Brings `task` (the copy a [`transition_and_enqueue`](Self::transition_and_enqueue)
+    /// from `expected` was made with) to the task as stored after `change`: `change` applied
+    /// in place, as the store applied it (its compare-and-set on `expected`, and on the lease
+    /// for a change with `if_lease`, makes the two agree); read back from the store when this
+    /// copy refuses the change (a copy older than the store's row).
+    async fn stored_change(
+        &self,
+        task: &mut Task,
+        expected: TaskStatus,
+        change: &TaskChange,
+    ) -> Result<()> {
+        task.status = expected;
+        if change.apply(task).is_err() {
+            *task = self.store.get_task(task.id).await?;
         }
+        Ok(())
     }
 
     /// Starts `task` through the store's claim ([`TaskStore::claim_task_lean`]): `pending →
@@ -1153,8 +1157,10 @@ impl Inner {
             .clone()
             .ok_or_else(|| Error::internal("finishing a task without its outcome"))?;
         before.push(TaskEvent::Done(outcome.clone()));
-        let stored = self
-            .transition_and_enqueue(task, task.status, change, before)
+        let mut stored = task.clone();
+        self.transition_and_enqueue(task, task.status, change.clone(), before)
+            .await?;
+        self.stored_change(&mut stored, task.status, &change)
             .await?;
         tracing::info!(
             task = %task.id,

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anywork_core::{
     Delivery, DeliveryAttempt, DeliveryTarget, Error, ErrorKind, InputRequest, NewDelivery,
-    PushNotification, Result, Task, TaskOutcome, TaskStatus, Timestamp, WireTask,
+    PushNotification, Result, Task, TaskChange, TaskOutcome, TaskStatus, Timestamp, WireTask,
 };
 use serde_json::{Value, json};
 
@@ -100,6 +100,29 @@ fn random_u64() -> u64 {
 /// What the outbox holds for a channel delivery.
 pub(super) fn channel_payload(outcome: &TaskOutcome) -> Value {
     json!({ "outcome": outcome })
+}
+
+/// The deliveries that tell of `task` once `change` moves it from `from`
+/// ([`deliveries_for`] of the task as the change leaves it; none when this copy refuses the
+/// change, as the store does). A task with neither a channel of its type registered nor a
+/// push receiver has none whatever the change: it is not copied to find out.
+pub(super) fn deliveries_after(
+    inner: &Inner,
+    task: &Task,
+    from: TaskStatus,
+    change: &TaskChange,
+    question: Option<&InputRequest>,
+    done: Option<&TaskOutcome>,
+) -> Vec<NewDelivery> {
+    if task.push_notification.is_none() && !inner.channels.contains_key(&task.channel_type) {
+        return Vec::new();
+    }
+    let mut after = task.clone();
+    after.status = from;
+    match change.apply(&mut after) {
+        Ok(()) => deliveries_for(inner, &after, question, done),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// The deliveries that tell of `after` (the task as the change leaves it): its channel's,

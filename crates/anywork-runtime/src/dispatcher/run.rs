@@ -146,7 +146,7 @@ pub(super) async fn session_runner(inner: Arc<Inner>, session: SessionId) {
 /// so that no other runner starts beside it).
 pub(super) struct Started {
     pub(super) task: Task,
-    pub(super) endpoint: WorkerEndpoint,
+    pub(super) endpoint: Arc<WorkerEndpoint>,
     pub(super) permit: tokio::sync::OwnedSemaphorePermit,
     pub(super) control: (mpsc::Sender<Control>, mpsc::Receiver<Control>),
     /// The session's `/prepare`, sent beside the write ([`EarlyPrepare`]).
@@ -249,18 +249,20 @@ async fn run_registered(
     inner: &Arc<Inner>,
     task: Task,
     (tx, rx): (mpsc::Sender<Control>, mpsc::Receiver<Control>),
-    started: Option<(WorkerEndpoint, Option<EarlyPrepare>)>,
+    started: Option<(Arc<WorkerEndpoint>, Option<EarlyPrepare>)>,
 ) -> std::result::Result<(), RunError> {
     inner.metrics.started();
+    let has_channel = inner.channels.contains_key(&task.channel_type);
     let mut run = Run {
         inner: inner.clone(),
-        task,
+        task: Arc::new(task),
         status: TaskStatus::Pending,
         control: rx,
         control_tx: tx,
         cancel_acks: Vec::new(),
         started: Instant::now(),
         answer: String::new(),
+        has_channel,
         model: String::new(),
         owned: false,
     };
@@ -295,7 +297,9 @@ async fn run_registered(
 /// One run of one task.
 struct Run {
     inner: Arc<Inner>,
-    task: Task,
+    /// Shared (not copied) with the futures of the run's steps that need it beside the run
+    /// (getting the worker, starting the chat); changed in place once they are done.
+    task: Arc<Task>,
     /// The status as stored (this run is its only writer while the task is active).
     status: TaskStatus,
     control: mpsc::Receiver<Control>,
@@ -303,8 +307,10 @@ struct Run {
     control_tx: mpsc::Sender<Control>,
     cancel_acks: Vec<oneshot::Sender<()>>,
     started: Instant,
-    /// The assistant's text since the run started (what `on_progress` shows).
+    /// The assistant's text since the run started (what `on_progress` shows), kept only
+    /// when the task's channel is registered (`has_channel`).
     answer: String,
+    has_channel: bool,
     /// The model the agent said it uses (its `init` event), for the metrics.
     model: String,
     /// Whether this run claimed its task or ended it before it ran: the task's live
@@ -467,7 +473,7 @@ impl Run {
         let (inner, task) = (self.inner.clone(), self.task.clone());
         let get_worker = async move { worker_with_progress(&inner, &task).await };
         let endpoint = match self.until_stopped(get_worker, Failure::no_worker).await {
-            Ok(w) => w,
+            Ok(w) => Arc::new(w),
             Err(stop) => return Ok(self.stop_before_running(stop).await?),
         };
         // pending → running, with the worker and a lease, if it is the session's turn.
@@ -487,7 +493,7 @@ impl Run {
             .await;
             match claimed {
                 Ok(Claim::Claimed(t, _)) => {
-                    self.task = t;
+                    self.task = Arc::new(t);
                     self.claimed();
                     break;
                 }
@@ -496,7 +502,8 @@ impl Run {
                     // first: this run takes it over, and this one waits at the head of the
                     // queue.
                     let session = self.task.session_id.clone();
-                    let waiting = std::mem::replace(&mut self.task, first);
+                    let waiting = std::mem::replace(&mut self.task, Arc::new(first));
+                    self.has_channel = self.inner.channels.contains_key(&self.task.channel_type);
                     {
                         let mut runs = lock(&self.inner.runs);
                         runs.remove(&waiting.id);
@@ -505,17 +512,17 @@ impl Run {
                     lock(&self.inner.queues)
                         .entry(session)
                         .or_default()
-                        .push_front(waiting);
+                        .push_front(Arc::unwrap_or_clone(waiting));
                 }
                 Ok(Claim::Busy(holder)) => {
-                    return Err(RunError::Busy(self.task.clone(), holder.id));
+                    return Err(RunError::Busy(Task::clone(&self.task), holder.id));
                 }
                 // Canceled meanwhile, started by another server, or deleted.
                 Ok(Claim::NotPending(_)) => return Ok(()),
                 Ok(_) => return Ok(()),
                 Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
                 Err(e) if e.is_retryable() => {
-                    return Err(RunError::NotStarted(e, self.task.clone()));
+                    return Err(RunError::NotStarted(e, Task::clone(&self.task)));
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -540,7 +547,7 @@ impl Run {
     /// the end.
     async fn run_claimed(
         &mut self,
-        endpoint: WorkerEndpoint,
+        endpoint: Arc<WorkerEndpoint>,
         prepare: Option<EarlyPrepare>,
     ) -> std::result::Result<(), RunError> {
         // Taken back from this server's previous run: re-attach rather than start over.
@@ -653,7 +660,7 @@ impl Run {
     }
 
     /// Reads the chat stream to its end, handling control messages, the lease and the timeout.
-    async fn follow(&mut self, stream: ChatStream, worker: WorkerEndpoint) -> Result<()> {
+    async fn follow(&mut self, stream: ChatStream, worker: Arc<WorkerEndpoint>) -> Result<()> {
         // While one batch is being stored the stream is read on, so that the next events
         // queue up and are stored together (by this task: no task of its own per chat).
         let mut stream = ReadAhead::new(stream, self.inner.config.max_batch.max(1) * 4);
@@ -751,9 +758,13 @@ impl Run {
                         })
                         .collect();
                     let before = self.answer.len();
-                    for e in &batch {
-                        if let TaskEvent::Text { text } = e {
-                            self.answer.push_str(text);
+                    // Only a channel's hooks are shown the text so far: without one, none
+                    // is kept.
+                    if self.has_channel {
+                        for e in &batch {
+                            if let TaskEvent::Text { text } = e {
+                                self.answer.push_str(text);
+                            }
                         }
                     }
                     // A batch that ends the task as the worker says is stored with its
@@ -926,12 +937,15 @@ impl Run {
         let change =
             TaskChange::to(status).lease(self.inner.config.owner.clone(), self.lease_expiry());
         let (inner, task, from) = (&self.inner, &self.task, self.status);
-        self.task = retry_if(
+        retry_if(
             &inner.config.store_retry,
             || inner.transition_and_enqueue(task, from, change.clone(), events.clone()),
             Error::is_retryable,
         )
         .await?;
+        inner
+            .stored_change(Arc::make_mut(&mut self.task), from, &change)
+            .await?;
         self.status = status;
         Ok(())
     }
@@ -992,22 +1006,24 @@ impl Run {
             ));
         }
         before.push(TaskEvent::Done(outcome.clone()));
+        let change = TaskChange::finish(outcome.clone());
         let (inner, task, from) = (&self.inner, &self.task, self.status);
         let finished = retry_if(
             &inner.config.store_retry,
-            || {
-                inner.transition_and_enqueue(
-                    task,
-                    from,
-                    TaskChange::finish(outcome.clone()),
-                    before.clone(),
-                )
-            },
+            || inner.transition_and_enqueue(task, from, change.clone(), before.clone()),
             Error::is_retryable,
         )
         .await;
-        let task = match finished {
-            Ok(t) => t,
+        let finished = match finished {
+            Ok(()) => {
+                inner
+                    .stored_change(Arc::make_mut(&mut self.task), from, &change)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match finished {
+            Ok(()) => {}
             Err(e) if ended_elsewhere(&e) => {
                 tracing::warn!(task = %self.task.id, error = %e, "the task was ended elsewhere");
                 return Ok(());
@@ -1028,8 +1044,7 @@ impl Run {
                 lock(&self.inner.last_words).insert(self.task.id, reason);
                 return Err(e);
             }
-        };
-        self.task = task;
+        }
         self.inner
             .metrics
             .model_usage(self.model_label(), &outcome.usage, outcome.cost_usd);
@@ -1374,7 +1389,7 @@ pub(super) struct EarlyPrepare(tokio::task::JoinHandle<Result<(ChatRequests, boo
 
 impl EarlyPrepare {
     /// Builds `task`'s requests and sends its `/prepare` to `worker`, on a task of its own.
-    pub(super) fn spawn(inner: Arc<Inner>, task: Task, worker: WorkerEndpoint) -> Self {
+    pub(super) fn spawn(inner: Arc<Inner>, task: Task, worker: Arc<WorkerEndpoint>) -> Self {
         Self(tokio::spawn(async move {
             prepared(&inner, &task, &worker).await
         }))
