@@ -623,6 +623,9 @@ impl ContainerDriver for TimedDriver {
     async fn list(&self) -> anywork_core::Result<Vec<anywork_core::WorkerInfo>> {
         self.inner.list().await
     }
+    fn reaps_workers(&self) -> bool {
+        self.inner.reaps_workers()
+    }
 }
 
 // --- WebSocket client -------------------------------------------------------------------

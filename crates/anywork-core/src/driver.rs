@@ -174,10 +174,19 @@ pub trait ContainerDriver: Send + Sync + 'static {
     /// session's workspace survives where the driver keeps it (a volume, a PVC); its next
     /// `get_worker` starts a new worker. Returns the sessions whose workers were stopped.
     ///
-    /// Drivers without per-session workers have nothing to reap.
+    /// Drivers without per-session workers have nothing to reap (and say so with
+    /// [`reaps_workers`](Self::reaps_workers)).
     async fn reap_idle(&self, busy: &[SessionId]) -> Result<Vec<SessionId>> {
         let _ = busy;
         Ok(Vec::new())
+    }
+
+    /// Whether [`reap_idle`](Self::reap_idle) can ever stop a worker. A driver without
+    /// per-session workers (one shared worker at a fixed URL) answers `false`, and a
+    /// dispatcher then never asks it, nor reads the busy sessions it would have been told.
+    /// The default answers `true`: a driver that stops workers needs nothing more.
+    fn reaps_workers(&self) -> bool {
+        true
     }
 
     /// [`reap_idle`](Self::reap_idle) asking `guard` before each stop (after the driver's

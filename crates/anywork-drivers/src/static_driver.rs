@@ -134,6 +134,11 @@ impl ContainerDriver for StaticDriver {
         Ok(())
     }
 
+    /// The one worker is shared by every session: never idle, nothing to reap.
+    fn reaps_workers(&self) -> bool {
+        false
+    }
+
     /// Asks the worker to delete the session's workspace (`DELETE /sessions/:id`), waiting
     /// while a task still runs in it (a canceled task ending). A worker without that route (the
     /// original AnyWork's) keeps the files: that is logged, not an error.

@@ -253,6 +253,11 @@ impl PostgresStore {
         false
     }
 
+    /// Other servers write too: every look reads.
+    fn quiet(&self) -> Option<&crate::quiet::Quiet> {
+        None
+    }
+
     /// The change feed: a `LISTEN` on the log channel (one connection of the pool, taken on
     /// the first subscription and given back when the last subscriber is gone), fed by the
     /// `pg_notify` each append sends in its transaction.

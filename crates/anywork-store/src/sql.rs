@@ -2294,6 +2294,15 @@ macro_rules! impl_sql_store {
                     .collect()
             }
 
+            /// Whether `sql` (`SELECT EXISTS(...)`) finds a row.
+            async fn exists(&self, sql: &str, ctx: &str) -> anywork_core::Result<bool> {
+                let (found,): (i64,) = sqlx::query_as(sql)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(|e| $crate::sql::db_err(ctx, e))?;
+                Ok(found != 0)
+            }
+
             /// Tasks whose `column` equals `value`, oldest first. `column` is one of ours,
             /// never the caller's.
             async fn tasks_where(
@@ -2779,7 +2788,13 @@ macro_rules! impl_sql_store {
                     $crate::sql::TASK_COLUMNS,
                     $crate::sql::ACTIVE
                 );
-                sqlx::query(&sql)
+                use $crate::quiet::Look;
+                let mark = match self.quiet().map(|q| q.look(Look::Leases)) {
+                    Some(None) => return Ok(Vec::new()),
+                    Some(mark) => mark,
+                    None => None,
+                };
+                let tasks = sqlx::query(&sql)
                     .bind(now.0)
                     .bind(i64::from(limit))
                     .fetch_all(&self.pool)
@@ -2787,7 +2802,21 @@ macro_rules! impl_sql_store {
                     .map_err(|e| $crate::sql::db_err("find expired leases", e))?
                     .iter()
                     .map(task_from_row)
-                    .collect()
+                    .collect::<anywork_core::Result<Vec<_>>>()?;
+                // With no lease at all, none can expire before something is written.
+                if tasks.is_empty()
+                    && let (Some(q), Some(at)) = (self.quiet(), mark)
+                {
+                    let leased = format!(
+                        "SELECT EXISTS(SELECT 1 FROM tasks WHERE status IN {} \
+                         AND lease_expires_at IS NOT NULL)",
+                        $crate::sql::ACTIVE
+                    );
+                    if !self.exists(&leased, "look for leases").await? {
+                        q.found_nothing(Look::Leases, at);
+                    }
+                }
+                Ok(tasks)
             }
 
             async fn claim_task(
@@ -2845,14 +2874,26 @@ macro_rules! impl_sql_store {
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
-                sqlx::query(&sql)
+                use $crate::quiet::Look;
+                let mark = match self.quiet().map(|q| q.look(Look::Claimable)) {
+                    Some(None) => return Ok(Vec::new()),
+                    Some(mark) => mark,
+                    None => None,
+                };
+                let tasks = sqlx::query(&sql)
                     .bind(i64::from(limit))
                     .fetch_all(&self.pool)
                     .await
                     .map_err(|e| $crate::sql::db_err("find claimable tasks", e))?
                     .iter()
                     .map(task_from_row)
-                    .collect()
+                    .collect::<anywork_core::Result<Vec<_>>>()?;
+                if tasks.is_empty()
+                    && let (Some(q), Some(at)) = (self.quiet(), mark)
+                {
+                    q.found_nothing(Look::Claimable, at);
+                }
+                Ok(tasks)
             }
 
             async fn append_logs(
@@ -2925,16 +2966,35 @@ macro_rules! impl_sql_store {
                 until: anywork_core::Timestamp,
                 limit: u32,
             ) -> anywork_core::Result<Vec<anywork_core::Delivery>> {
+                use $crate::quiet::Look;
+                let mark = match self.quiet().map(|q| q.look(Look::Deliveries)) {
+                    Some(None) => return Ok(Vec::new()),
+                    Some(mark) => mark,
+                    None => None,
+                };
                 let op = WriteOp::ClaimDeliveries {
                     owner: owner.to_owned(),
                     now,
                     until,
                     limit,
                 };
-                match self.write(op).await? {
-                    Reply::Deliveries(d) => Ok(d),
-                    other => Err(unexpected_reply(other)),
+                let claimed = match self.write(op).await? {
+                    Reply::Deliveries(d) => d,
+                    other => return Err(unexpected_reply(other)),
+                };
+                // With no delivery open, none can fall due before something is written.
+                if claimed.is_empty()
+                    && let (Some(q), Some(at)) = (self.quiet(), mark)
+                {
+                    let open = format!(
+                        "SELECT EXISTS(SELECT 1 FROM deliveries WHERE status IN {})",
+                        $crate::sql::OPEN
+                    );
+                    if !self.exists(&open, "look for open deliveries").await? {
+                        q.found_nothing(Look::Deliveries, at);
+                    }
                 }
+                Ok(claimed)
             }
 
             async fn record_delivery_attempt(
@@ -3012,13 +3072,31 @@ macro_rules! impl_sql_store {
                 before: anywork_core::Timestamp,
                 limit: u32,
             ) -> anywork_core::Result<u64> {
-                match self
+                use $crate::quiet::Look;
+                let mark = match self.quiet().map(|q| q.look(Look::Settled)) {
+                    Some(None) => return Ok(0),
+                    Some(mark) => mark,
+                    None => None,
+                };
+                let n = match self
                     .write(WriteOp::DeleteSettledDeliveries { before, limit })
                     .await?
                 {
-                    Reply::Count(n) => Ok(n),
-                    other => Err(unexpected_reply(other)),
+                    Reply::Count(n) => n,
+                    other => return Err(unexpected_reply(other)),
+                };
+                // With no delivery settled, none can age past `before` before something is
+                // written.
+                if n == 0
+                    && let (Some(q), Some(at)) = (self.quiet(), mark)
+                {
+                    let settled = "SELECT EXISTS(SELECT 1 FROM deliveries \
+                                   WHERE status IN ('sent', 'dead'))";
+                    if !self.exists(settled, "look for settled deliveries").await? {
+                        q.found_nothing(Look::Settled, at);
+                    }
                 }
+                Ok(n)
             }
 
             async fn delete_finished_logs(

@@ -21,6 +21,7 @@ use sqlx::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::quiet::Quiet;
 use crate::sql::{Embedded, Ending, Held, Tx, db_err};
 use crate::sqlite_stats::{Counters, WriterStats};
 
@@ -151,6 +152,8 @@ pub struct SqliteStore {
     counters: Option<Arc<Counters>>,
     /// The database file; `None` in memory.
     path: Option<PathBuf>,
+    /// The looks that found nothing since the last change; `None` in memory.
+    quiet: Option<Arc<Quiet>>,
 }
 
 /// What the writer does for a caller.
@@ -259,7 +262,8 @@ impl SqliteStore {
             .await
             .map_err(|e| Error::storage(format!("migrating the SQLite schema failed: {e}")))?;
         let counters = (!in_memory).then(|| Arc::new(Counters::default()));
-        let writer = if let Some(counters) = &counters {
+        let quiet = path.as_ref().map(|_| Arc::new(Quiet::new()));
+        let writer = if let (Some(counters), Some(quiet)) = (&counters, &quiet) {
             // The writer never checkpoints on commit: the WAL fsyncs of a checkpoint would
             // hold up every write queued behind it. A background task checkpoints instead.
             // A reopened writer must find the file, never make an empty one.
@@ -277,6 +281,7 @@ impl SqliteStore {
                 rx,
                 wal.clone(),
                 counters.clone(),
+                quiet.clone(),
                 settings.idle_close,
             ));
             tokio::spawn(checkpoint_loop(
@@ -294,6 +299,7 @@ impl SqliteStore {
             writer,
             counters,
             path,
+            quiet,
         })
     }
 
@@ -402,19 +408,38 @@ impl SqliteStore {
         Ok(crate::sql::to_u64((before - after) * page_size))
     }
 
-    /// Pages in use or free, plus the WAL file.
+    /// Pages in use or free, plus the WAL file. The pages are read again only once the store
+    /// changed (an idle store is not read); the WAL file's length is taken each time.
     async fn measure(&self) -> Result<StoreSize> {
-        let page_size = crate::sql::to_u64(self.pragma("page_size").await?);
-        let pages = crate::sql::to_u64(self.pragma("page_count").await?);
-        let free = crate::sql::to_u64(self.pragma("freelist_count").await?);
+        let mark = self.quiet.as_ref().map(|q| q.mark());
+        let kept = match (&self.quiet, mark) {
+            (Some(q), Some(at)) => q.size(at),
+            _ => None,
+        };
+        let pages = match kept {
+            Some(pages) => pages,
+            None => {
+                let page_size = crate::sql::to_u64(self.pragma("page_size").await?);
+                let pages = crate::sql::to_u64(self.pragma("page_count").await?);
+                let free = crate::sql::to_u64(self.pragma("freelist_count").await?);
+                let pages = StoreSize {
+                    bytes: pages * page_size,
+                    reclaimable_bytes: free * page_size,
+                };
+                if let (Some(q), Some(at)) = (&self.quiet, mark) {
+                    q.measured(at, pages);
+                }
+                pages
+            }
+        };
         let wal = self
             .path
             .as_ref()
             .and_then(|p| std::fs::metadata(sidecar(p, "-wal")).ok())
             .map_or(0, |m| m.len());
         Ok(StoreSize {
-            bytes: pages * page_size + wal,
-            reclaimable_bytes: free * page_size,
+            bytes: pages.bytes + wal,
+            ..pages
         })
     }
 }
@@ -672,9 +697,9 @@ struct WalState {
     /// A background checkpoint found the WAL past [`WAL_LIMIT_FRAMES`] and copied it: the
     /// writer should start it over at its next idle moment.
     restart_due: AtomicBool,
-    /// Rounds of work the writer has done (each a commit or a maintenance statement): the
-    /// background checkpoint skips its turn while this has not moved since a checkpoint that
-    /// copied the whole WAL, so that an idle store holds no read connection.
+    /// Rounds of the writer that wrote something (a commit that wrote a row, a maintenance
+    /// statement): the background checkpoint skips its turn while this has not moved since a
+    /// checkpoint that copied the whole WAL, so that an idle store holds no read connection.
     written: AtomicU64,
 }
 
@@ -685,6 +710,7 @@ async fn write_loop(
     mut jobs: mpsc::Receiver<Job>,
     wal: Arc<WalState>,
     counters: Arc<Counters>,
+    quiet: Arc<Quiet>,
     idle_close: Duration,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -767,7 +793,24 @@ async fn write_loop(
             }
             start = end + 1;
         }
-        wal.written.fetch_add(1, Ordering::Relaxed);
+        // A round whose writes all found nothing to do (the outbox's claim of an idle
+        // server) wrote nothing: no checkpoint is due. One that wrote only the readiness
+        // heartbeat changed nothing the looks that found nothing read.
+        let mut wrote = false;
+        for (job, reply) in batch.iter().zip(&replies) {
+            match writes(&job.work, reply) {
+                Wrote::Nothing => {}
+                Wrote::Heartbeat => wrote = true,
+                Wrote::Rows => {
+                    wrote = true;
+                    quiet.changed();
+                    break;
+                }
+            }
+        }
+        if wrote {
+            wal.written.fetch_add(1, Ordering::Relaxed);
+        }
         for (job, reply) in batch.drain(..).zip(replies) {
             let _ = job.reply.send(reply);
         }
@@ -1120,6 +1163,37 @@ impl SqliteStore {
     /// One server per SQLite file (docs/scaling.md).
     fn one_process(&self) -> bool {
         true
+    }
+
+    /// The looks that found nothing since the last change; `None` in memory.
+    fn quiet(&self) -> Option<&Quiet> {
+        self.quiet.as_deref()
+    }
+}
+
+/// What a job of the writer wrote.
+enum Wrote {
+    /// Nothing: a write that found nothing to do (the outbox's claim, or the deletion of
+    /// settled deliveries, of an idle server).
+    Nothing,
+    /// Only the readiness heartbeat (`check_ready`, each `/api/health`).
+    Heartbeat,
+    /// Rows (or anything else: a maintenance statement, a failure).
+    Rows,
+}
+
+fn writes(work: &Work, reply: &Result<Reply>) -> Wrote {
+    match (work, reply) {
+        (Work::Write(WriteOp::ClaimDeliveries { .. }), Ok(Reply::Deliveries(d)))
+            if d.is_empty() =>
+        {
+            Wrote::Nothing
+        }
+        (Work::Write(WriteOp::DeleteSettledDeliveries { .. }), Ok(Reply::Count(0))) => {
+            Wrote::Nothing
+        }
+        (Work::Write(WriteOp::Heartbeat(_)), Ok(_)) => Wrote::Heartbeat,
+        _ => Wrote::Rows,
     }
 }
 

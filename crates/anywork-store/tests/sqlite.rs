@@ -288,6 +288,71 @@ async fn an_idle_store_closes_its_read_connections_and_stops_checkpointing() {
     assert_eq!(store.get_task(task.id).await.unwrap().message, "later");
 }
 
+/// What an idle server polls (claimable tasks, due deliveries, expired leases, settled
+/// deliveries, the store's size) finds nothing, and is not read or written again while
+/// nothing changes (the readiness heartbeat aside), however late it asks: the read
+/// connections and the writer's stay closed. The first write of a row brings the looks back.
+#[tokio::test]
+async fn an_idle_servers_polls_touch_the_store_once_until_something_changes() {
+    use anywork_core::{NewTask, TaskRequest, Timestamp};
+    use std::time::Duration;
+
+    async fn poll(store: &SqliteStore, now: i64) -> (usize, usize, usize, u64) {
+        let (now, until) = (Timestamp(now), Timestamp(now + 60_000));
+        assert!(store.store_size().await.unwrap().unwrap().bytes > 0);
+        (
+            store.claimable(200).await.unwrap().len(),
+            store
+                .claim_deliveries("srv", now, until, 16)
+                .await
+                .unwrap()
+                .len(),
+            store.expired_leases(now, 100).await.unwrap().len(),
+            store.delete_settled_deliveries(now, 200).await.unwrap(),
+        )
+    }
+
+    let (_dir, store, session) = idle_closing_store(Duration::from_millis(300)).await;
+    assert_eq!(poll(&store, Timestamp::now().0).await, (0, 0, 0, 0));
+    // A readiness check (each `/api/health`) writes its heartbeat only: no look is due again.
+    store.check_ready().await.unwrap();
+    // Every connection closes (within 30 s, or the test fails then).
+    for _ in 0..600 {
+        let idle_closes = store.writer_stats().unwrap().idle_closes;
+        if store.open_read_connections() == 0 && idle_closes > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(store.open_read_connections(), 0);
+    let before = store.writer_stats().unwrap();
+    assert!(
+        before.idle_closes > 0,
+        "the writer's connection stayed open"
+    );
+    // The same looks, a day later: nothing read (a read leaves its connection open for
+    // `idle_close`), nothing sent to the writer.
+    let day = 86_400_000;
+    assert_eq!(poll(&store, Timestamp::now().0 + day).await, (0, 0, 0, 0));
+    assert_eq!(
+        store.open_read_connections(),
+        0,
+        "an idle look read the store"
+    );
+    let after = store.writer_stats().unwrap();
+    assert_eq!(after.writes, before.writes, "an idle look wrote");
+    assert_eq!(after.idle_closes, before.idle_closes);
+
+    let task = NewTask::from_request(session.id.clone(), TaskRequest::new("webchat", "hi"));
+    store.create_task(task.clone()).await.unwrap();
+    let claimable = store.claimable(200).await.unwrap();
+    assert_eq!(
+        claimable.iter().map(|t| t.id).collect::<Vec<_>>(),
+        vec![task.id]
+    );
+    assert!(store.open_read_connections() > 0);
+}
+
 /// A write's last statement goes to SQLite with the `COMMIT` (nothing waits for its result): a
 /// refusal there still fails that write alone, whether it ends a group of writes or runs on
 /// its own, and the writer goes on working.

@@ -57,7 +57,7 @@ pub struct DispatcherConfig {
     /// is being made ready (a worker that is up answers well within it; zero: always told).
     pub progress_after: Duration,
     /// How often the driver is asked to stop idle workers ([`ContainerDriver::reap_idle`]);
-    /// `None` never.
+    /// `None` never, nor with a driver that [reaps none](ContainerDriver::reaps_workers).
     pub reap_every: Option<Duration>,
     /// How long the reaper holds an idle session in the store while the driver stops its
     /// worker ([`TaskStore::hold_idle_session`]): a task of the session that arrives
@@ -240,7 +240,10 @@ impl DispatcherBuilder {
         }
         tokio::spawn(delivery_loop(Arc::downgrade(&dispatcher.inner)));
         tokio::spawn(retention_loop(Arc::downgrade(&dispatcher.inner)));
-        if let Some(every) = dispatcher.inner.config.reap_every {
+        // A driver with nothing to reap gets no reaper: an idle server's store stays unread.
+        if let Some(every) = dispatcher.inner.config.reap_every
+            && dispatcher.inner.driver.reaps_workers()
+        {
             tokio::spawn(reap_loop(Arc::downgrade(&dispatcher.inner), every));
         }
         Ok(dispatcher)

@@ -119,8 +119,14 @@ impl Dispatcher {
     /// meanwhile, on any server, waits until it is over and then gets a new worker, and a
     /// task that came first keeps the worker.
     ///
+    /// A driver that [reaps no workers](anywork_core::ContainerDriver::reaps_workers) is not
+    /// asked, and the store is not read.
+    ///
     /// [`TaskStore::hold_idle_session`]: anywork_core::TaskStore::hold_idle_session
     pub async fn reap_idle(&self) -> Result<Vec<SessionId>> {
+        if !self.inner.driver.reaps_workers() {
+            return Ok(Vec::new());
+        }
         let busy = self.busy_sessions().await?;
         let guard = StoreGuard { inner: &self.inner };
         let reaped = self.inner.driver.reap_idle_guarded(&busy, &guard).await?;
@@ -252,17 +258,27 @@ pub(super) async fn recovery_loop(inner: Weak<Inner>) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicU64;
     use std::sync::{Arc, Mutex};
 
-    use anywork_core::{ContainerDriver, Error, TaskRequest, TaskStore, WorkerEndpoint};
+    use anywork_core::{
+        ContainerDriver, Delivery, DeliveryAttempt, DeliveryId, Error, NewSession, NewTask,
+        NewTaskLog, Session, SessionSummary, Task, TaskChange, TaskId, TaskLog, TaskRequest,
+        TaskStore, WorkerEndpoint,
+    };
 
     use super::*;
     use crate::{Backoff, DispatcherConfig};
 
     /// A driver whose workers never come up, and which records what the reaper is told.
+    /// With `shared_worker`, it has one worker for every session (as the static and local
+    /// drivers): nothing to reap. With `idle`, it has a worker for each of those sessions and
+    /// stops the ones not busy, under the reaper's hold (as Docker and Kubernetes).
     #[derive(Default)]
     struct RecordingDriver {
         told_busy: Mutex<Vec<Vec<SessionId>>>,
+        shared_worker: bool,
+        idle: Mutex<Vec<SessionId>>,
     }
 
     #[async_trait::async_trait]
@@ -283,9 +299,220 @@ mod tests {
             Ok(Vec::new())
         }
         async fn reap_idle(&self, busy: &[SessionId]) -> Result<Vec<SessionId>> {
-            lock(&self.told_busy).push(busy.to_vec());
-            Ok(Vec::new())
+            self.reap_idle_guarded(busy, &anywork_core::Unguarded).await
         }
+        fn reaps_workers(&self) -> bool {
+            !self.shared_worker
+        }
+        async fn reap_idle_guarded(
+            &self,
+            busy: &[SessionId],
+            guard: &dyn ReapGuard,
+        ) -> Result<Vec<SessionId>> {
+            lock(&self.told_busy).push(busy.to_vec());
+            let idle = lock(&self.idle).clone();
+            let mut reaped = Vec::new();
+            for s in idle.into_iter().filter(|s| !busy.contains(s)) {
+                if guard.hold(&s).await {
+                    guard.release(&s).await;
+                    reaped.push(s);
+                }
+            }
+            Ok(reaped)
+        }
+    }
+
+    /// A memory store that counts the reads of tasks by status and the reaper's holds.
+    struct CountingStore {
+        inner: anywork_store::MemoryStore,
+        by_status: AtomicU64,
+        holds: AtomicU64,
+    }
+
+    impl CountingStore {
+        fn new() -> Arc<Self> {
+            Arc::new(Self {
+                inner: anywork_store::MemoryStore::new(),
+                by_status: AtomicU64::new(0),
+                holds: AtomicU64::new(0),
+            })
+        }
+
+        /// (reads of tasks by status, holds) so far.
+        fn counts(&self) -> (u64, u64) {
+            (
+                self.by_status.load(Ordering::Relaxed),
+                self.holds.load(Ordering::Relaxed),
+            )
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl TaskStore for CountingStore {
+        async fn create_session(&self, new: NewSession) -> Result<Session> {
+            self.inner.create_session(new).await
+        }
+        async fn get_session(&self, id: &SessionId) -> Result<Session> {
+            self.inner.get_session(id).await
+        }
+        async fn find_session(&self, channel_type: &str, key: &str) -> Result<Option<Session>> {
+            self.inner.find_session(channel_type, key).await
+        }
+        async fn list_sessions(&self, page: Page) -> Result<Vec<SessionSummary>> {
+            self.inner.list_sessions(page).await
+        }
+        async fn set_session_title(&self, id: &SessionId, title: &str) -> Result<()> {
+            self.inner.set_session_title(id, title).await
+        }
+        async fn touch_session(&self, id: &SessionId, at: Timestamp) -> Result<()> {
+            self.inner.touch_session(id, at).await
+        }
+        async fn delete_session(&self, id: &SessionId) -> Result<()> {
+            self.inner.delete_session(id).await
+        }
+        async fn create_task(&self, new: NewTask) -> Result<Task> {
+            self.inner.create_task(new).await
+        }
+        async fn get_task(&self, id: TaskId) -> Result<Task> {
+            self.inner.get_task(id).await
+        }
+        async fn update_task(
+            &self,
+            id: TaskId,
+            expected: TaskStatus,
+            change: TaskChange,
+        ) -> Result<Task> {
+            self.inner.update_task(id, expected, change).await
+        }
+        async fn update_task_and_append(
+            &self,
+            id: TaskId,
+            expected: TaskStatus,
+            change: TaskChange,
+            logs: Vec<NewTaskLog>,
+        ) -> Result<(Task, u64)> {
+            self.inner
+                .update_task_and_append(id, expected, change, logs)
+                .await
+        }
+        async fn tasks_by_session(&self, id: &SessionId, page: Page) -> Result<Vec<Task>> {
+            self.inner.tasks_by_session(id, page).await
+        }
+        async fn tasks_by_status(&self, status: TaskStatus, page: Page) -> Result<Vec<Task>> {
+            self.by_status.fetch_add(1, Ordering::Relaxed);
+            self.inner.tasks_by_status(status, page).await
+        }
+        async fn renew_lease(&self, id: TaskId, owner: &str, until: Timestamp) -> Result<()> {
+            self.inner.renew_lease(id, owner, until).await
+        }
+        async fn expired_leases(&self, now: Timestamp, limit: u32) -> Result<Vec<Task>> {
+            self.inner.expired_leases(now, limit).await
+        }
+        async fn claimable(&self, limit: u32) -> Result<Vec<Task>> {
+            self.inner.claimable(limit).await
+        }
+        async fn hold_idle_session(
+            &self,
+            session_id: &SessionId,
+            owner: &str,
+            now: Timestamp,
+            until: Timestamp,
+        ) -> Result<bool> {
+            self.holds.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .hold_idle_session(session_id, owner, now, until)
+                .await
+        }
+        async fn release_idle_hold(&self, session_id: &SessionId, owner: &str) -> Result<()> {
+            self.inner.release_idle_hold(session_id, owner).await
+        }
+        async fn append_logs(&self, id: TaskId, logs: Vec<NewTaskLog>) -> Result<u64> {
+            self.inner.append_logs(id, logs).await
+        }
+        async fn read_logs(&self, id: TaskId, after: u64, limit: u32) -> Result<Vec<TaskLog>> {
+            self.inner.read_logs(id, after, limit).await
+        }
+        async fn claim_deliveries(
+            &self,
+            owner: &str,
+            now: Timestamp,
+            until: Timestamp,
+            limit: u32,
+        ) -> Result<Vec<Delivery>> {
+            self.inner.claim_deliveries(owner, now, until, limit).await
+        }
+        async fn record_delivery_attempt(
+            &self,
+            id: DeliveryId,
+            owner: &str,
+            attempt: DeliveryAttempt,
+            at: Timestamp,
+        ) -> Result<Delivery> {
+            self.inner
+                .record_delivery_attempt(id, owner, attempt, at)
+                .await
+        }
+    }
+
+    /// A dispatcher over `store` and `driver`, without a reaper loop of its own (the tests
+    /// call `reap_idle`).
+    async fn dispatcher(store: Arc<dyn TaskStore>, driver: Arc<RecordingDriver>) -> Dispatcher {
+        let config = DispatcherConfig {
+            retry: Backoff::new(1000, Duration::from_millis(100), Duration::from_millis(100)),
+            reap_every: None,
+            ..DispatcherConfig::default()
+        };
+        Dispatcher::builder(store, driver)
+            .config(config)
+            .start()
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_driver_with_nothing_to_reap_is_not_asked_and_the_store_not_read() {
+        let store = CountingStore::new();
+        let driver = Arc::new(RecordingDriver {
+            shared_worker: true,
+            ..RecordingDriver::default()
+        });
+        let d = dispatcher(store.clone(), driver.clone()).await;
+        let waiting = d.submit(TaskRequest::new("web", "hi")).await.unwrap().task;
+        let before = store.counts();
+        assert!(d.reap_idle().await.unwrap().is_empty());
+        assert_eq!(
+            store.counts(),
+            before,
+            "the reaper read the store or held a session"
+        );
+        assert!(lock(&driver.told_busy).is_empty());
+        d.cancel(waiting.id).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_driver_with_workers_is_told_the_busy_sessions_and_stops_under_a_hold() {
+        let store = CountingStore::new();
+        let driver = Arc::new(RecordingDriver::default());
+        let d = dispatcher(store.clone(), driver.clone()).await;
+        // Two sessions with a worker each: one busy (a task waits), one whose task is over.
+        let busy = d.submit(TaskRequest::new("web", "hi")).await.unwrap().task;
+        let over = d.submit(TaskRequest::new("web", "bye")).await.unwrap().task;
+        d.cancel(over.id).await.unwrap();
+        *lock(&driver.idle) = vec![busy.session_id.clone(), over.session_id.clone()];
+        let (reads, holds) = store.counts();
+        let reaped = d.reap_idle().await.unwrap();
+        assert_eq!(reaped, vec![over.session_id.clone()]);
+        let (reads_after, holds_after) = store.counts();
+        // Pending, running and waiting for input: one page each.
+        assert_eq!(reads_after - reads, 3);
+        assert_eq!(
+            holds_after - holds,
+            1,
+            "the stop happened without the store's hold"
+        );
+        let told = lock(&driver.told_busy).pop().unwrap();
+        assert_eq!(told, vec![busy.session_id.clone()]);
+        d.cancel(busy.id).await.unwrap();
     }
 
     #[tokio::test]
