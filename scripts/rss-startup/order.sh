@@ -10,7 +10,7 @@
 #     health call to the in-process worker, the web UI's page, 3 s more.
 # and, first, what an idle server runs: the same two set-ups, and the static one with its
 # worker down (scripts/rss-startup/idle.sh measures that one), from exec through /api/health
-# and 35 s more (the idle close; the reaper), no page, no chat.
+# and 65 s more (the connections' idle close, 30-60 s after last use), no page, no chat.
 # OUT = the names of those functions that BIN defines (mangled, one a line), over all BINs,
 # in two groups, each sorted: what the idle runs ran, then what only the full runs ran (LLD
 # links them in the list's order, so an idle server's code is packed at the front, and the
@@ -53,7 +53,7 @@ run() { # BIN MODE [idle]: the functions (mangled) BIN ran in MODE, appended to 
   PID=$!
   for i in $(seq 600); do curl -sf http://127.0.0.1:$PORT/api/health >/dev/null && break; sleep 0.2; done
   if [ -n "$IDLE" ]; then
-    sleep 35 # what an idle server runs: past the SQLite connections' idle close (30 s) too
+    sleep 65 # what an idle server runs: past the SQLite connections' idle close (checked every 30 s: closed 30-60 s after last use)
   else
     curl -sf http://127.0.0.1:$PORT/ >/dev/null
     if [ "$MODE" = static ]; then python3 "$HERE/chat.py" $PORT 3 | tr "\n" " "; fi
