@@ -2782,18 +2782,18 @@ macro_rules! impl_sql_store {
                 now: anywork_core::Timestamp,
                 limit: u32,
             ) -> anywork_core::Result<Vec<anywork_core::Task>> {
-                let sql = format!(
-                    "SELECT {} FROM tasks WHERE status IN {} AND lease_expires_at IS NOT NULL \
-                     AND lease_expires_at <= $1 ORDER BY created_at, id LIMIT $2",
-                    $crate::sql::TASK_COLUMNS,
-                    $crate::sql::ACTIVE
-                );
                 use $crate::quiet::Look;
                 let mark = match self.quiet().map(|q| q.look(Look::Leases)) {
                     Some(None) => return Ok(Vec::new()),
                     Some(mark) => mark,
                     None => None,
                 };
+                let sql = format!(
+                    "SELECT {} FROM tasks WHERE status IN {} AND lease_expires_at IS NOT NULL \
+                     AND lease_expires_at <= $1 ORDER BY created_at, id LIMIT $2",
+                    $crate::sql::TASK_COLUMNS,
+                    $crate::sql::ACTIVE
+                );
                 let tasks = sqlx::query(&sql)
                     .bind(now.0)
                     .bind(i64::from(limit))
@@ -2861,6 +2861,12 @@ macro_rules! impl_sql_store {
                 &self,
                 limit: u32,
             ) -> anywork_core::Result<Vec<anywork_core::Task>> {
+                use $crate::quiet::Look;
+                let mark = match self.quiet().map(|q| q.look(Look::Claimable)) {
+                    Some(None) => return Ok(Vec::new()),
+                    Some(mark) => mark,
+                    None => None,
+                };
                 let sql = format!(
                     "SELECT {} FROM tasks t WHERE t.status = 'pending' \
                      AND NOT EXISTS (SELECT 1 FROM tasks o WHERE o.session_id = t.session_id \
@@ -2874,12 +2880,6 @@ macro_rules! impl_sql_store {
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
-                use $crate::quiet::Look;
-                let mark = match self.quiet().map(|q| q.look(Look::Claimable)) {
-                    Some(None) => return Ok(Vec::new()),
-                    Some(mark) => mark,
-                    None => None,
-                };
                 let tasks = sqlx::query(&sql)
                     .bind(i64::from(limit))
                     .fetch_all(&self.pool)
