@@ -252,7 +252,6 @@ async fn run_registered(
     started: Option<(Arc<WorkerEndpoint>, Option<EarlyPrepare>)>,
 ) -> std::result::Result<(), RunError> {
     inner.metrics.started();
-    let has_channel = inner.channels.contains_key(&task.channel_type);
     let mut run = Run {
         inner: inner.clone(),
         task: Arc::new(task),
@@ -262,7 +261,6 @@ async fn run_registered(
         cancel_acks: Vec::new(),
         started: Instant::now(),
         answer: String::new(),
-        has_channel,
         model: String::new(),
         owned: false,
     };
@@ -308,9 +306,8 @@ struct Run {
     cancel_acks: Vec<oneshot::Sender<()>>,
     started: Instant,
     /// The assistant's text since the run started (what `on_progress` shows), kept only
-    /// when the task's channel is registered (`has_channel`).
+    /// when the task's channel is registered.
     answer: String,
-    has_channel: bool,
     /// The model the agent said it uses (its `init` event), for the metrics.
     model: String,
     /// Whether this run claimed its task or ended it before it ran: the task's live
@@ -503,7 +500,6 @@ impl Run {
                     // queue.
                     let session = self.task.session_id.clone();
                     let waiting = std::mem::replace(&mut self.task, Arc::new(first));
-                    self.has_channel = self.inner.channels.contains_key(&self.task.channel_type);
                     {
                         let mut runs = lock(&self.inner.runs);
                         runs.remove(&waiting.id);
@@ -760,7 +756,7 @@ impl Run {
                     let before = self.answer.len();
                     // Only a channel's hooks are shown the text so far: without one, none
                     // is kept.
-                    if self.has_channel {
+                    if self.inner.channels.contains_key(&self.task.channel_type) {
                         for e in &batch {
                             if let TaskEvent::Text { text } = e {
                                 self.answer.push_str(text);
