@@ -118,6 +118,8 @@ enum Found {
     /// Created but not started (a creator in another process, or one that died), this long
     /// ago (`None`: the engine did not say).
     Created(String, Option<Duration>),
+    /// Being removed (by another process, or a removal this one asked for): wait for it to go.
+    Removing,
     /// Exited, dead, paused, or unusable: remove it and create anew.
     Stale(String),
 }
@@ -331,6 +333,7 @@ impl DockerDriver {
                     .and_then(|t| crate::common::age_of_rfc3339(t, std::time::SystemTime::now()));
                 Found::Created(id, age)
             }
+            Some(ContainerStateStatusEnum::REMOVING) => Found::Removing,
             _ => Found::Stale(id),
         })
     }
@@ -528,11 +531,12 @@ impl DockerDriver {
     }
 
     /// The secret of container `id`: remembered, or read back from its volume (a container
-    /// another driver instance made). `None` when it has none (made by an older version, or
-    /// its creator has not copied it in yet).
-    async fn secret_of(&self, id: &str) -> Option<WorkerSecret> {
+    /// another driver instance made). `Ok(None)` when it has none (made by an older version, or
+    /// its creator has not copied it in yet); an error when the engine did not answer the read
+    /// (the container is then not taken for one without a secret and replaced).
+    async fn secret_of(&self, id: &str) -> Result<Option<WorkerSecret>> {
         if let Some(s) = self.cached_secret(id) {
-            return Some(s);
+            return Ok(Some(s));
         }
         let path = format!("{WORKSPACE_MOUNT}/{}", secret::SECRET_FILE);
         let mut stream = self.docker.download_from_container(
@@ -547,16 +551,22 @@ impl DockerDriver {
         while let Some(chunk) = stream.next().await {
             match chunk {
                 Ok(bytes) if tar.len() < 64 * 1024 => tar.extend_from_slice(&bytes),
-                Ok(_) => return None,
-                Err(e) => {
+                Ok(_) => return Ok(None),
+                // No such file (or the container is gone meanwhile).
+                Err(e) if status_of(&e) == Some(404) => {
                     tracing::debug!(container = %id, error = %e, "no worker secret to read back");
-                    return None;
+                    return Ok(None);
+                }
+                Err(e) => {
+                    return Err(self.engine_err(&format!("read the secret of container {id}"), e));
                 }
             }
         }
-        let found = secret::secret_from_archive(&tar).ok()?;
+        let Ok(found) = secret::secret_from_archive(&tar) else {
+            return Ok(None);
+        };
         self.remember_secret(id, found.clone());
-        Some(found)
+        Ok(Some(found))
     }
 
     /// Creates the container, or finds the one a concurrent creator (another process) made
@@ -611,7 +621,7 @@ impl DockerDriver {
             .as_ref()
             .and_then(|n| n.networks.as_ref());
         match self.endpoint_of(id, networks) {
-            Some(endpoint) => Ok(endpoint.with_secret(self.secret_of(id).await)),
+            Some(endpoint) => Ok(endpoint.with_secret(self.secret_of(id).await?)),
             None => Err(self.not_ready(id, "it has no address on the network").await),
         }
     }
@@ -680,14 +690,21 @@ impl DockerDriver {
     /// Makes, adopts or repairs the session's worker; the caller holds the session lock.
     async fn obtain(&self, session_id: &SessionId) -> Result<WorkerEndpoint> {
         // A few rounds: a conflict with a concurrent creator or remover is resolved by looking
-        // again. Waiting for another process's creator to finish is not a round.
+        // again. Waiting for another process's creator or remover to finish is not a round,
+        // for up to the creator's grace in all.
         let mut round = 0;
         let waiting_since = std::time::Instant::now();
+        let mut pause = Duration::from_millis(25);
+        let mut wait = || {
+            let this = pause;
+            pause = (pause * 2).min(CONTAINER_WATCH_EVERY);
+            (waiting_since.elapsed() < CREATOR_GRACE, this)
+        };
         while round < 5 {
             round += 1;
             match self.find(session_id).await? {
                 Found::Running(endpoint, up_for) => {
-                    let Some(worker_secret) = self.secret_of(&endpoint.worker_id).await else {
+                    let Some(worker_secret) = self.secret_of(&endpoint.worker_id).await? else {
                         // Made without a secret (an older version): replace it; the workspace
                         // stays on the volume.
                         tracing::warn!(
@@ -727,7 +744,7 @@ impl DockerDriver {
                     }
                 }
                 Found::Created(id, age) => {
-                    if self.secret_of(&id).await.is_none() {
+                    if self.secret_of(&id).await?.is_none() {
                         // Its creator (another server) is copying the secret in: wait for it
                         // to start the container (then adopt it) rather than remove it under
                         // that creator's feet. Only a container left unstarted past the
@@ -751,12 +768,27 @@ impl DockerDriver {
                     return self.ready(endpoint).await;
                 }
                 Found::Stale(id) => self.remove_by_id(&id).await?,
+                Found::Removing => {
+                    let (patient, pause) = wait();
+                    if patient {
+                        round -= 1;
+                    }
+                    tokio::time::sleep(pause).await;
+                }
                 Found::Nothing => {
                     if let Some(id) = self.create(session_id).await? {
                         let endpoint = self.start(&id).await?;
                         return self.ready(endpoint).await;
                     }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // The name is taken by a container that cannot be looked at yet: another
+                    // creator's, whose filesystem the engine is still making (it reserves the
+                    // name first and registers the container after; seconds on a busy
+                    // engine), or one on its way out. Wait for it, as for a creator.
+                    let (patient, pause) = wait();
+                    if patient {
+                        round -= 1;
+                    }
+                    tokio::time::sleep(pause).await;
                 }
             }
         }
@@ -829,12 +861,17 @@ impl DockerDriver {
         }
     }
 
-    /// The running workers of this pool, with their session and secret.
-    async fn running(&self) -> Result<Vec<(Option<SessionId>, WorkerEndpoint)>> {
+    /// The running workers of this pool, with their session and secret, and whether the
+    /// engine answered the read of the secret (unanswered: the endpoint has none, and the
+    /// worker's `/health` cannot be asked).
+    async fn running(&self) -> Result<Vec<(Option<SessionId>, WorkerEndpoint, bool)>> {
         let mut out = Vec::new();
         for (session, endpoint) in self.running_containers().await? {
-            let worker_secret = self.secret_of(&endpoint.worker_id).await;
-            out.push((session, endpoint.with_secret(worker_secret)));
+            let (worker_secret, answered) = match self.secret_of(&endpoint.worker_id).await {
+                Ok(s) => (s, true),
+                Err(_) => (None, false),
+            };
+            out.push((session, endpoint.with_secret(worker_secret), answered));
         }
         Ok(out)
     }
@@ -961,7 +998,7 @@ impl ContainerDriver for DockerDriver {
         let running = self.running().await?;
         let checks = running
             .into_iter()
-            .map(|(session_id, endpoint)| async move {
+            .map(|(session_id, endpoint, _)| async move {
                 let healthy = self.health.check(&endpoint).await.is_some();
                 WorkerInfo {
                     endpoint,
@@ -986,7 +1023,10 @@ impl ContainerDriver for DockerDriver {
             .running()
             .await?
             .into_iter()
-            .filter_map(|(s, e)| Some((s?, e)))
+            // A worker whose secret could not be read cannot tell whether it is busy: looked
+            // at again next round.
+            .filter(|(_, _, answered)| *answered)
+            .filter_map(|(s, e, _)| Some((s?, e)))
             .filter(|(s, _)| self.idle.idle_for(s) >= ttl && !busy.contains(s))
             .collect();
         let mut reaped = Vec::new();
