@@ -2,6 +2,7 @@
 //! called with its secret (`STATIC_WORKER_SECRET`, the worker's `WORKER_SECRET`) when one is
 //! set.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,12 @@ pub struct StaticDriver {
     client: reqwest::Client,
     /// When `/health` last answered: `get_worker` trusts it for [`Self::HEALTH_FRESH`].
     healthy_at: Arc<Mutex<Option<Instant>>>,
+    /// Held by the one check of `get_worker` under way, with when the last one ended and
+    /// whether it passed: the calls that found the answer stale meanwhile take its result
+    /// instead of a check each.
+    checked: Arc<tokio::sync::Mutex<Option<(Instant, bool)>>>,
+    /// A check started by [`ContainerDriver::ready_worker`] is under way.
+    refreshing: Arc<AtomicBool>,
 }
 
 impl StaticDriver {
@@ -67,6 +74,8 @@ impl StaticDriver {
             name: "static",
             client,
             healthy_at: Arc::default(),
+            checked: Arc::default(),
+            refreshing: Arc::default(),
         })
     }
 
@@ -90,6 +99,37 @@ impl StaticDriver {
     pub fn endpoint(&self) -> &WorkerEndpoint {
         &self.endpoint
     }
+
+    /// How long ago `/health` last answered, if its last check passed.
+    fn health_age(&self) -> Option<Duration> {
+        self.healthy_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|at| at.elapsed())
+    }
+
+    fn fresh(&self) -> bool {
+        self.health_age()
+            .is_some_and(|age| age < Self::HEALTH_FRESH)
+    }
+
+    /// Checks `/health` in the background, unless a check started here is under way (or no
+    /// runtime runs this call): what it finds is what `get_worker`'s own check would have
+    /// found, kept the same way.
+    fn refresh(&self) {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.refreshing.store(false, Ordering::Release);
+            return;
+        };
+        let driver = self.clone();
+        runtime.spawn(async move {
+            driver.is_healthy(&driver.endpoint).await;
+            driver.refreshing.store(false, Ordering::Release);
+        });
+    }
 }
 
 #[async_trait]
@@ -99,12 +139,24 @@ impl ContainerDriver for StaticDriver {
     }
 
     async fn get_worker(&self, _session_id: &SessionId) -> Result<WorkerEndpoint> {
-        let fresh = self
-            .healthy_at
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|at| at.elapsed() < Self::HEALTH_FRESH);
-        if fresh || self.is_healthy(&self.endpoint).await {
+        if self.fresh() {
+            return Ok(self.endpoint.clone());
+        }
+        // One check at a time: the calls that wait for it take its answer (a stale answer
+        // under load sent a check per task in flight).
+        let asked = Instant::now();
+        let mut last = self.checked.lock().await;
+        let healthy = match *last {
+            Some((ended, healthy)) if ended >= asked => healthy,
+            _ if self.fresh() => true,
+            _ => {
+                let healthy = self.is_healthy(&self.endpoint).await;
+                *last = Some((Instant::now(), healthy));
+                healthy
+            }
+        };
+        drop(last);
+        if healthy {
             Ok(self.endpoint.clone())
         } else {
             // The address stays in the server log: this message reaches clients.
@@ -120,13 +172,19 @@ impl ContainerDriver for StaticDriver {
     }
 
     /// The one worker while its last health check is fresh (what `get_worker` would answer
-    /// without a call).
+    /// without a call). Past half its freshness the check is made again in the background,
+    /// so that under steady traffic it never goes stale: a stale answer sent every task
+    /// started meanwhile the long way (stored `pending`, queued, its status read back, then
+    /// claimed) until a `get_worker` had checked again.
     fn ready_worker(&self, _session_id: &SessionId) -> Option<WorkerEndpoint> {
-        self.healthy_at
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|at| at.elapsed() < Self::HEALTH_FRESH)
-            .then(|| self.endpoint.clone())
+        let age = self.health_age()?;
+        if age >= Self::HEALTH_FRESH {
+            return None;
+        }
+        if age >= Self::HEALTH_FRESH / 2 {
+            self.refresh();
+        }
+        Some(self.endpoint.clone())
     }
 
     async fn release(&self, _session_id: &SessionId) -> Result<()> {
@@ -220,5 +278,131 @@ impl ContainerDriver for StaticDriver {
             session_id: None,
             healthy: self.is_healthy(&self.endpoint).await,
         }])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use axum::{Router, http::StatusCode, routing::get};
+    use tokio::sync::Semaphore;
+
+    use super::*;
+
+    /// A worker whose `/health` counts the checks and answers `status` once `gate` lets it.
+    async fn worker(checks: Arc<AtomicUsize>, gate: Arc<Semaphore>, status: StatusCode) -> String {
+        let router = Router::new().route(
+            "/health",
+            get(move || {
+                let (checks, gate) = (checks.clone(), gate.clone());
+                async move {
+                    checks.fetch_add(1, Ordering::SeqCst);
+                    drop(gate.acquire().await);
+                    status
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        format!("http://{addr}")
+    }
+
+    fn sid(s: &str) -> SessionId {
+        SessionId::new(s).unwrap()
+    }
+
+    /// Waits (up to 10 s) until `checks` reaches `n`.
+    async fn reach(checks: &AtomicUsize, n: usize) {
+        for _ in 0..1000 {
+            if checks.load(Ordering::SeqCst) >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{} checks, expected {n}", checks.load(Ordering::SeqCst));
+    }
+
+    /// Eight `get_worker` calls while the answer is stale, the check answering `status` only
+    /// once they all are in: the driver and how many checks the worker saw.
+    async fn eight_at_once(status: StatusCode) -> (Vec<Result<WorkerEndpoint>>, usize) {
+        let (checks, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(Semaphore::new(0)));
+        let driver =
+            StaticDriver::new(&worker(checks.clone(), gate.clone(), status).await).unwrap();
+        let calls: Vec<_> = (0..8)
+            .map(|i| {
+                let driver = driver.clone();
+                tokio::spawn(async move { driver.get_worker(&sid(&format!("s{i}"))).await })
+            })
+            .collect();
+        reach(&checks, 1).await;
+        // The other calls come in meanwhile (each sent a check of its own before).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        gate.add_permits(64);
+        let mut answers = Vec::new();
+        for call in calls {
+            answers.push(call.await.unwrap());
+        }
+        (answers, checks.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_that_find_the_health_stale_together_share_one_check() {
+        let (answers, checks) = eight_at_once(StatusCode::OK).await;
+        assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+        assert_eq!(checks, 1, "one check for the eight calls");
+
+        // A failed check fails every call that waited for it, as a check of its own would.
+        let (answers, checks) = eight_at_once(StatusCode::SERVICE_UNAVAILABLE).await;
+        assert!(
+            answers.iter().all(|a| a
+                .as_ref()
+                .is_err_and(|e| e.kind() == ErrorKind::Unavailable)),
+            "{answers:?}"
+        );
+        assert_eq!(checks, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_ready_worker_is_checked_again_before_its_health_goes_stale() {
+        let (checks, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(Semaphore::new(64)));
+        let driver =
+            StaticDriver::new(&worker(checks.clone(), gate, StatusCode::OK).await).unwrap();
+        assert_eq!(driver.ready_worker(&sid("a")), None, "never checked");
+        driver.get_worker(&sid("a")).await.unwrap();
+        assert_eq!(checks.load(Ordering::SeqCst), 1);
+        assert!(driver.ready_worker(&sid("a")).is_some());
+        assert!(!driver.refreshing.load(Ordering::SeqCst), "fresh: no check");
+
+        // Past half its freshness: still ready, and checked again in the background.
+        let set_age = |age: Duration| {
+            *driver.healthy_at.lock().unwrap() = Some(Instant::now().checked_sub(age).unwrap());
+        };
+        set_age(StaticDriver::HEALTH_FRESH * 3 / 5);
+        assert_eq!(
+            driver.ready_worker(&sid("b")),
+            Some(driver.endpoint.clone())
+        );
+        assert!(driver.ready_worker(&sid("c")).is_some());
+        reach(&checks, 2).await;
+        for _ in 0..1000 {
+            if !driver.refreshing.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(checks.load(Ordering::SeqCst), 2, "one check for both");
+        assert!(
+            driver.health_age().unwrap() < StaticDriver::HEALTH_FRESH / 2,
+            "the check's answer is kept"
+        );
+
+        // Stale: not ready (`get_worker` checks), and no check from here.
+        set_age(StaticDriver::HEALTH_FRESH);
+        assert_eq!(driver.ready_worker(&sid("d")), None);
+        assert!(!driver.refreshing.load(Ordering::SeqCst));
+        driver.get_worker(&sid("d")).await.unwrap();
+        assert_eq!(checks.load(Ordering::SeqCst), 3);
     }
 }

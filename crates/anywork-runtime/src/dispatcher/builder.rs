@@ -224,6 +224,7 @@ impl DispatcherBuilder {
                 push_secret: self.push_secret,
                 answered: Mutex::new(Default::default()),
                 defaults: Mutex::new(Default::default()),
+                defaults_read: tokio::sync::Mutex::new(None),
             }),
         };
         // What a previous server left running is settled (or waited for) before any pending

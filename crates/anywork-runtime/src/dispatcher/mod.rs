@@ -235,6 +235,10 @@ struct Inner {
     answered: Mutex<VecDeque<(String, String)>>,
     /// The saved defaults of new workspaces, as last read for a `/prepare`.
     defaults: Mutex<ops::DefaultsCache>,
+    /// Held by the one read of the saved defaults under way, with when the last one ended,
+    /// the cache generation it began in and what it answered: the tasks that find the
+    /// defaults stale meanwhile wait for it and take its answer.
+    defaults_read: tokio::sync::Mutex<Option<ops::DefaultsRead>>,
 }
 
 /// Schedules and runs tasks. Cheap to clone.

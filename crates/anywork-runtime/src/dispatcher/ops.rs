@@ -648,8 +648,17 @@ impl Inner {
     /// that cannot be read is logged and the worker's own defaults apply). Read from the
     /// store at most once per [`DEFAULTS_FRESH`] (two statements per task otherwise), and
     /// at once again after this server saved one; a default saved through another server
-    /// sharing the store reaches this one's new tasks within [`DEFAULTS_FRESH`].
+    /// sharing the store reaches this one's new tasks within [`DEFAULTS_FRESH`]. One read at
+    /// a time: the tasks that find the defaults stale while it is under way wait for it and
+    /// take its answer, also a failed one, unless a save here came after it began (each task
+    /// used to read them itself: at 200 sessions, dozens of reads at every expiry, each a
+    /// pooled connection's three calls to its thread).
     pub(super) async fn saved_defaults(&self) -> Defaults {
+        if let Some(fresh) = lock(&self.defaults).fresh() {
+            return fresh;
+        }
+        let asked = Instant::now();
+        let mut last = self.defaults_read.lock().await;
         let generation = {
             let cache = lock(&self.defaults);
             if let Some(fresh) = cache.fresh() {
@@ -657,6 +666,13 @@ impl Inner {
             }
             cache.generation
         };
+        if let Some(read) = last.as_ref()
+            && read.ended >= asked
+            && read.generation == generation
+        {
+            // The read this call waited for, which failed (a passed one is fresh).
+            return read.answer.clone();
+        }
         let get = |doc: WorkspaceDoc| async move {
             self.store
                 .get_setting(doc.setting_key())
@@ -665,7 +681,7 @@ impl Inner {
                     tracing::warn!(error = %e, "cannot read the default {}", doc.file_name());
                 })
         };
-        match (
+        let answer = match (
             get(WorkspaceDoc::Soul).await,
             get(WorkspaceDoc::Agents).await,
         ) {
@@ -674,8 +690,23 @@ impl Inner {
                 (soul, agents)
             }
             (soul, agents) => (soul.ok().flatten(), agents.ok().flatten()),
-        }
+        };
+        *last = Some(DefaultsRead {
+            ended: Instant::now(),
+            generation,
+            answer: answer.clone(),
+        });
+        answer
     }
+}
+
+/// The last read of the saved defaults: when it ended, the cache generation it began in, and
+/// what it answered.
+#[derive(Debug)]
+pub(super) struct DefaultsRead {
+    ended: Instant,
+    generation: u64,
+    answer: Defaults,
 }
 
 /// How long the saved defaults read for one task serve the next ones.

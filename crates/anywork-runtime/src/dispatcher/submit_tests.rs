@@ -29,6 +29,10 @@ struct Counted {
     calls: Mutex<Vec<&'static str>>,
     /// `get_session` calls.
     session_reads: AtomicU32,
+    /// `get_setting` calls.
+    setting_reads: AtomicU32,
+    /// `get_setting` fails while set.
+    settings_down: std::sync::atomic::AtomicBool,
 }
 
 impl Counted {
@@ -154,6 +158,22 @@ impl TaskStore for Counted {
     }
     async fn read_logs(&self, id: TaskId, after: u64, limit: u32) -> Result<Vec<TaskLog>> {
         self.inner.read_logs(id, after, limit).await
+    }
+    async fn get_setting(&self, key: &str) -> Result<Option<String>> {
+        self.setting_reads.fetch_add(1, Ordering::SeqCst);
+        // A read that takes a while, as a pooled connection's does: other tasks run meanwhile.
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+        if self.settings_down.load(Ordering::SeqCst) {
+            return Err(anywork_core::Error::unavailable(
+                "the settings cannot be read",
+            ));
+        }
+        self.inner.get_setting(key).await
+    }
+    async fn put_setting(&self, key: &str, value: &str) -> Result<()> {
+        self.inner.put_setting(key, value).await
     }
 }
 
@@ -652,4 +672,58 @@ async fn a_known_session_is_not_read_and_a_deleted_one_is_refused_as_unknown() {
         .await
         .unwrap();
     assert!(!next.session_titled);
+}
+
+#[tokio::test]
+async fn tasks_that_find_the_saved_defaults_stale_together_share_one_read() {
+    let store = Arc::new(Counted::default());
+    store
+        .inner
+        .put_setting(crate::WorkspaceDoc::Soul.setting_key(), "be brief")
+        .await
+        .unwrap();
+    let d = dispatcher(store.clone()).await;
+    let inner = &d.inner;
+    let soul = Some("be brief".to_owned());
+
+    // Eight `/prepare`s at once with nothing read yet: one read of each default, shared.
+    let read = futures_util::future::join_all((0..8).map(|_| inner.saved_defaults())).await;
+    assert!(
+        read.iter().all(|(s, a)| *s == soul && a.is_none()),
+        "{read:?}"
+    );
+    assert_eq!(
+        store.setting_reads.load(Ordering::SeqCst),
+        2,
+        "SOUL.md and AGENTS.md once"
+    );
+
+    // Fresh: no read.
+    assert_eq!(inner.saved_defaults().await.0, soul);
+    assert_eq!(store.setting_reads.load(Ordering::SeqCst), 2);
+
+    // Stale again (a save here): the next eight share one read again, and see the new text.
+    d.put_workspace_doc(crate::WorkspaceDoc::Soul, "be thorough")
+        .await
+        .unwrap();
+    let read = futures_util::future::join_all((0..8).map(|_| inner.saved_defaults())).await;
+    assert!(
+        read.iter()
+            .all(|(s, _)| s.as_deref() == Some("be thorough")),
+        "{read:?}"
+    );
+    assert_eq!(store.setting_reads.load(Ordering::SeqCst), 4);
+
+    // A store that cannot be read: the eight share one failed read (the worker's own
+    // defaults apply), and the next task tries again.
+    store.settings_down.store(true, Ordering::SeqCst);
+    d.put_workspace_doc(crate::WorkspaceDoc::Soul, "be kind")
+        .await
+        .unwrap();
+    let read = futures_util::future::join_all((0..8).map(|_| inner.saved_defaults())).await;
+    assert!(read.iter().all(|r| *r == (None, None)), "{read:?}");
+    assert_eq!(store.setting_reads.load(Ordering::SeqCst), 6);
+    store.settings_down.store(false, Ordering::SeqCst);
+    assert_eq!(inner.saved_defaults().await.0.as_deref(), Some("be kind"));
+    assert_eq!(store.setting_reads.load(Ordering::SeqCst), 8);
 }
