@@ -1,6 +1,6 @@
 #!/bin/bash
 # idle.sh BIN MODE SECONDS...: start the server (local or static), read VmRSS/RssAnon/RssFile/Threads at each time after /api/health answers
-# (SERVER_ENV='A=1 B=2': more variables for the server, e.g. _RJEM_MALLOC_CONF=narenas:1)
+# (SERVER_ENV='A=1 B=2': more variables for the server, e.g. MALLOC_CONF=narenas:1)
 BIN=$1; MODE=$2; shift 2
 D=$(mktemp -d /tmp/rss.XXXX); PORT=$((20000 + RANDOM % 20000))
 ENVS=(PATH=/usr/bin:/bin SERVER_HOST=127.0.0.1 SERVER_PORT=$PORT DB_DIR=$D HOME=/tmp)

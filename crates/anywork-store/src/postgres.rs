@@ -258,6 +258,11 @@ impl PostgresStore {
         None
     }
 
+    /// The background looks share the pool with every other read.
+    fn upkeep_pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     /// The change feed: a `LISTEN` on the log channel (one connection of the pool, taken on
     /// the first subscription and given back when the last subscriber is gone), fed by the
     /// `pg_notify` each append sends in its transaction.

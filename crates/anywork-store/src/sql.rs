@@ -2297,7 +2297,7 @@ macro_rules! impl_sql_store {
             /// Whether `sql` (`SELECT EXISTS(...)`) finds a row.
             async fn exists(&self, sql: &str, ctx: &str) -> anywork_core::Result<bool> {
                 let (found,): (i64,) = sqlx::query_as(sql)
-                    .fetch_one(&self.pool)
+                    .fetch_one(self.upkeep_pool())
                     .await
                     .map_err(|e| $crate::sql::db_err(ctx, e))?;
                 Ok(found != 0)
@@ -2307,6 +2307,7 @@ macro_rules! impl_sql_store {
             /// never the caller's.
             async fn tasks_where(
                 &self,
+                pool: &sqlx::Pool<$db>,
                 column: &'static str,
                 value: &str,
                 page: anywork_core::Page,
@@ -2320,7 +2321,7 @@ macro_rules! impl_sql_store {
                     .bind(value)
                     .bind(i64::from(page.limit))
                     .bind(i64::from(page.offset))
-                    .fetch_all(&self.pool)
+                    .fetch_all(pool)
                     .await
                     .map_err(|e| $crate::sql::db_err("list tasks", e))?
                     .iter()
@@ -2726,7 +2727,8 @@ macro_rules! impl_sql_store {
                 session_id: &anywork_core::SessionId,
                 page: anywork_core::Page,
             ) -> anywork_core::Result<Vec<anywork_core::Task>> {
-                self.tasks_where("session_id", session_id.as_str(), page).await
+                self.tasks_where(&self.pool, "session_id", session_id.as_str(), page)
+                    .await
             }
 
             async fn tasks_by_status(
@@ -2734,7 +2736,9 @@ macro_rules! impl_sql_store {
                 status: anywork_core::TaskStatus,
                 page: anywork_core::Page,
             ) -> anywork_core::Result<Vec<anywork_core::Task>> {
-                self.tasks_where("status", status.as_str(), page).await
+                // Start-up, the reaper and recovery: upkeep.
+                self.tasks_where(self.upkeep_pool(), "status", status.as_str(), page)
+                    .await
             }
 
             async fn tasks_by_session_in_status(
@@ -2797,7 +2801,7 @@ macro_rules! impl_sql_store {
                 let tasks = sqlx::query(&sql)
                     .bind(now.0)
                     .bind(i64::from(limit))
-                    .fetch_all(&self.pool)
+                    .fetch_all(self.upkeep_pool())
                     .await
                     .map_err(|e| $crate::sql::db_err("find expired leases", e))?
                     .iter()
@@ -2882,7 +2886,7 @@ macro_rules! impl_sql_store {
                 );
                 let tasks = sqlx::query(&sql)
                     .bind(i64::from(limit))
-                    .fetch_all(&self.pool)
+                    .fetch_all(self.upkeep_pool())
                     .await
                     .map_err(|e| $crate::sql::db_err("find claimable tasks", e))?
                     .iter()

@@ -83,8 +83,9 @@ pub struct SqliteOptions {
     /// as on a full disk. Default: none (the disk is the limit).
     pub max_page_count: Option<u64>,
     /// How long the writer's connection may sit unused before it is closed (the next write
-    /// opens a new one), and how old a read connection may grow before it is replaced (they
-    /// take turns, so none sits idle for long). Each connection holds a page cache of up to
+    /// opens a new one), how old a read connection may grow before it is replaced (they
+    /// take turns, so none sits idle for long), and the longest an unused read connection
+    /// stays open (it closes between `idle_close / 2` and `idle_close` after its last use). Each connection holds a page cache of up to
     /// 2 MB (SQLite's default `cache_size`) in the C library's allocator, which gives that
     /// memory back only when the whole connection is freed. Default: 30 s.
     pub idle_close: Duration,
@@ -145,6 +146,13 @@ impl SqliteOptions {
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// One connection for what the server does on its own, at start and at rest (the
+    /// restart reads, the looks for work, the store's size, the WAL checkpoints), taken in
+    /// turn; `None` in memory (the one pooled connection serves everything). Each read given
+    /// back to a pool holds its connection until a ping on it returns, so the next read
+    /// right after found none idle and opened one more connection, with its thread: start-up
+    /// opened three read connections for reads made one after another.
+    upkeep: Option<SqlitePool>,
     /// The group-commit writer; `None` for an in-memory database (one connection only),
     /// whose writes take a pooled connection each.
     writer: Option<mpsc::Sender<Job>>,
@@ -235,8 +243,8 @@ impl SqliteStore {
         if let Some(pages) = settings.max_page_count {
             options = options.pragma("max_page_count", pages.to_string());
         }
-        let mut pool = SqlitePoolOptions::new().max_connections(max_connections);
-        pool = if in_memory {
+        let pool = SqlitePoolOptions::new().max_connections(max_connections);
+        let pool = if in_memory {
             // The one connection is the database.
             pool.min_connections(1)
                 .idle_timeout(None)
@@ -245,20 +253,38 @@ impl SqliteStore {
             // Under reads the connections take turns, so none of them stays idle for long:
             // each is replaced once it is `idle_close` old, and with it its page cache. An
             // idle store (no reads, and no checkpoint since nothing was written) closes them
-            // all after `idle_close`, each with its thread and its page cache.
+            // all, each with its thread and its page cache: the pool looks every
+            // `idle_close / 2` and closes those unused since its last look, so that a read
+            // connection closes within `idle_close` of its last use (with an idle timeout of
+            // `idle_close`, it looked only every `idle_close`: up to twice that).
             pool.min_connections(0)
-                .idle_timeout(settings.idle_close)
+                .idle_timeout(settings.idle_close / 2)
                 .max_lifetime(settings.idle_close)
         };
-        let pool = pool
-            .connect_with(options.clone())
-            .await
-            .map_err(|e| db_err("open SQLite database", e))?;
+        // On a file, the upkeep connection is opened first (it reports a file that cannot be
+        // opened) and runs the migrations; the other reads open theirs when they come.
+        let (pool, upkeep) = if in_memory {
+            let pool = pool
+                .connect_with(options.clone())
+                .await
+                .map_err(|e| db_err("open SQLite database", e))?;
+            (pool, None)
+        } else {
+            let upkeep = SqlitePoolOptions::new()
+                .max_connections(1)
+                .min_connections(0)
+                .idle_timeout(settings.idle_close / 2)
+                .max_lifetime(settings.idle_close)
+                .connect_with(options.clone())
+                .await
+                .map_err(|e| db_err("open SQLite database", e))?;
+            (pool.connect_lazy_with(options.clone()), Some(upkeep))
+        };
         let migrator = sqlx::migrate::Migrator::new(MIGRATIONS)
             .await
             .map_err(|e| Error::internal(format!("bad embedded migrations: {e}")))?;
         migrator
-            .run(&pool)
+            .run(upkeep.as_ref().unwrap_or(&pool))
             .await
             .map_err(|e| Error::storage(format!("migrating the SQLite schema failed: {e}")))?;
         let counters = (!in_memory).then(|| Arc::new(Counters::default()));
@@ -285,7 +311,7 @@ impl SqliteStore {
                 settings.idle_close,
             ));
             tokio::spawn(checkpoint_loop(
-                pool.clone(),
+                upkeep.clone().unwrap_or_else(|| pool.clone()),
                 tx.downgrade(),
                 wal,
                 counters.clone(),
@@ -296,6 +322,7 @@ impl SqliteStore {
         };
         Ok(Self {
             pool,
+            upkeep,
             writer,
             counters,
             path,
@@ -306,7 +333,7 @@ impl SqliteStore {
     /// How many read connections are open now (each with a thread and a page cache): none
     /// once the store has been idle for [`SqliteOptions::idle_close`]. For diagnosis.
     pub fn open_read_connections(&self) -> u32 {
-        self.pool.size()
+        self.pool.size() + self.upkeep.as_ref().map_or(0, |u| u.size())
     }
 
     /// What the writer and the WAL checkpoints have done since the store was opened: how long
@@ -356,7 +383,7 @@ impl SqliteStore {
 
     async fn pragma(&self, name: &str) -> Result<i64> {
         let (value,): (i64,) = sqlx::query_as(&format!("PRAGMA {name}"))
-            .fetch_one(&self.pool)
+            .fetch_one(self.upkeep_pool())
             .await
             .map_err(|e| db_err(&format!("read PRAGMA {name}"), e))?;
         Ok(value)
@@ -1168,6 +1195,11 @@ impl SqliteStore {
     /// The looks that found nothing since the last change; `None` in memory.
     fn quiet(&self) -> Option<&Quiet> {
         self.quiet.as_deref()
+    }
+
+    /// Where the server's own looks read ([`SqliteStore::upkeep`]).
+    fn upkeep_pool(&self) -> &SqlitePool {
+        self.upkeep.as_ref().unwrap_or(&self.pool)
     }
 }
 

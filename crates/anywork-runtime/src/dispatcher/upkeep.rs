@@ -542,4 +542,31 @@ mod tests {
         let told = lock(&driver.told_busy).pop().unwrap();
         assert!(told.is_empty(), "{told:?}");
     }
+
+    /// What start-up reads (the previous run's tasks, the pending ones, the outbox's first
+    /// claim, retention's first round, the store's size) a SQLite store serves on one read
+    /// connection. Before, it opened three: a read right after another found the first
+    /// connection not yet given back to the pool (a ping on it first) and opened one more,
+    /// with its thread, whose heap the C library keeps.
+    #[tokio::test]
+    async fn start_up_reads_a_sqlite_store_on_one_connection() {
+        let dir = std::env::temp_dir().join(format!("anywork-start-{}", TaskId::generate()));
+        let sqlite = Arc::new(anywork_store::SqliteStore::open_in_dir(&dir).await.unwrap());
+        let store: Arc<dyn TaskStore> = sqlite.clone();
+        let d = dispatcher(store, Arc::new(RecordingDriver::default())).await;
+        // The outbox's claim and retention's deletion of settled deliveries are the writer's
+        // first two writes; their looks and the size's reads follow.
+        for _ in 0..600 {
+            if sqlite.writer_stats().unwrap().writes >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(sqlite.writer_stats().unwrap().writes >= 2);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Connections stay open for `idle_close` (30 s): one opened, one open.
+        assert_eq!(sqlite.open_read_connections(), 1);
+        drop(d);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
