@@ -85,9 +85,10 @@ pub struct SqliteOptions {
     /// How long the writer's connection may sit unused before it is closed (the next write
     /// opens a new one), how old a read connection may grow before it is replaced (they
     /// take turns, so none sits idle for long), and the longest an unused read connection
-    /// stays open (it closes between `idle_close / 2` and `idle_close` after its last use). Each connection holds a page cache of up to
-    /// 2 MB (SQLite's default `cache_size`) in the C library's allocator, which gives that
-    /// memory back only when the whole connection is freed. Default: 30 s.
+    /// stays open (it closes between `idle_close / 2` and `idle_close` after its last use).
+    /// Each connection holds a page cache of up to 2 MB (SQLite's default `cache_size`) in
+    /// the C library's allocator, which gives that memory back only when the whole
+    /// connection is freed. Default: 30 s.
     pub idle_close: Duration,
 }
 
