@@ -340,19 +340,24 @@ async fn the_servers_own_reads_share_one_connection() {
         offset: 0,
     };
     let now = Timestamp::now();
-    for status in [
+    // Start-up's reads of tasks by status, one after another.
+    let none_by_status = async |statuses: &[TaskStatus]| {
+        for status in statuses {
+            assert!(
+                store
+                    .tasks_by_status(*status, page)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+        }
+    };
+    none_by_status(&[
         TaskStatus::Running,
         TaskStatus::InputRequired,
         TaskStatus::Pending,
-    ] {
-        assert!(
-            store
-                .tasks_by_status(status, page)
-                .await
-                .unwrap()
-                .is_empty()
-        );
-    }
+    ])
+    .await;
     assert!(store.expired_leases(now, 100).await.unwrap().is_empty());
     let until = Timestamp(now.0 + 60_000);
     let (claimed, deleted, size, claimable) = tokio::join!(
@@ -365,15 +370,7 @@ async fn the_servers_own_reads_share_one_connection() {
     assert_eq!(deleted.unwrap(), 0);
     assert!(size.unwrap().unwrap().bytes > 0);
     assert!(claimable.unwrap().is_empty());
-    for status in [TaskStatus::Running, TaskStatus::Pending] {
-        assert!(
-            store
-                .tasks_by_status(status, page)
-                .await
-                .unwrap()
-                .is_empty()
-        );
-    }
+    none_by_status(&[TaskStatus::Running, TaskStatus::Pending]).await;
     assert_eq!(store.open_read_connections(), 1);
 }
 
