@@ -303,9 +303,7 @@ mod tests {
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        let (addr, _) = anywork_test::fake_http::serve(router).await;
         format!("http://{addr}")
     }
 

@@ -5,9 +5,7 @@ use anywork_drivers::StaticDriver;
 use axum::{Router, http::StatusCode, routing::get};
 
 async fn serve(router: Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let (addr, _) = anywork_test::fake_http::serve(router).await;
     format!("http://{addr}")
 }
 
